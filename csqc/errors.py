@@ -1,0 +1,43 @@
+"""Errors csqc reports to users.
+
+Every error a user can cause is a ``CsqcError`` with a one-line message that says what to do.
+The CLI maps ``BadInput`` to exit code 2 and every other ``CsqcError`` to exit code 1.
+"""
+from __future__ import annotations
+
+__all__ = ["CsqcError", "BadInput", "CompileError", "VerifyError", "UnsupportedOps"]
+
+
+class CsqcError(Exception):
+    """A failure csqc explains to the user (exit code 1)."""
+
+    exit_code = 1
+
+
+class BadInput(CsqcError):
+    """The user gave a file, option or input that csqc cannot use (exit code 2)."""
+
+    exit_code = 2
+
+
+class CompileError(CsqcError):
+    """A model could not be compiled for a target."""
+
+
+class VerifyError(CsqcError):
+    """Runtimes disagree on a model."""
+
+
+class UnsupportedOps(BadInput):
+    """The captured graph uses operators csqc has no handler for; lists all of them."""
+
+    def __init__(self, unsupported: list[tuple[str, str]]):
+        self.unsupported = unsupported
+        by_op: dict[str, list[str]] = {}
+        for op, where in unsupported:
+            by_op.setdefault(op, []).append(where)
+        parts = [f"{op} (at {', '.join(sorted(set(w))[:4])}{', ...' if len(set(w)) > 4 else ''})" for op, w in sorted(by_op.items())]
+        super().__init__(
+            f"model uses {len(by_op)} unsupported operator(s): " + "; ".join(parts)
+            + ". Replace them or open an issue asking for support."
+        )

@@ -1,0 +1,444 @@
+"""CSQ training layers: bi-level continuous sparsification of weight bits (arXiv 2212.02770).
+
+A CSQ layer with ``N`` candidate bits keeps, per weight, logits of a positive and a negative
+value for every bit position, and per layer logits of a bit-selection mask. Every logit is a
+gate ``sigmoid(T * logit)``; as the temperature ``T`` grows the gates harden into 0/1 without a
+straight-through estimator. ``finalize()`` hardens them for good:
+
+    q = sum_b m_b * 2^b * (p_b - n_b)          W = scale * q / (2^N - 1)
+
+Bit axes are stored least significant first (index ``b`` is worth ``2^b``); the reference
+code's MSB-first order exists only in :mod:`csqc.reference`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import ops
+from .errors import BadInput
+
+__all__ = [
+    "CSQLinear",
+    "CSQConv2d",
+    "ActQuant",
+    "TemperatureSchedule",
+    "BudgetRegularizer",
+    "convert",
+    "csq_layers",
+    "finalize",
+    "set_temperature",
+    "average_bits",
+    "layer_report",
+]
+
+_INIT_LOGIT = 2.0  # |logit| of a bit initialised from float weights: sigmoid(2) = 0.88 at T=1
+
+
+def _mask_to_int(mask: Iterable[bool]) -> int:
+    return sum(1 << b for b, on in enumerate(mask) if on)
+
+
+class _CSQMixin:
+    """Shared state and math of CSQLinear and CSQConv2d (the subclasses define ``_run``)."""
+
+    n_bits: int
+    finalized: bool
+
+    def _init_csq(self, weight_shape: tuple[int, ...], n_bits: int, bias: bool) -> None:
+        if not 1 <= n_bits <= 15:
+            raise BadInput(f"n_bits must be between 1 and 15, got {n_bits}")
+        self.n_bits = n_bits
+        self.finalized = False
+        self.temperature = 1.0
+        shape = tuple(weight_shape) + (n_bits,)
+        self.pweight = nn.Parameter(torch.zeros(shape))
+        self.nweight = nn.Parameter(torch.zeros(shape))
+        self.mask_weight = nn.Parameter(torch.full((n_bits,), _INIT_LOGIT))
+        self.scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("exps", 2.0 ** torch.arange(n_bits, dtype=torch.float32) / (2**n_bits - 1))
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+        self.input_quant: ActQuant | None = None
+        nn.init.kaiming_uniform_(self.pweight[..., 0], a=math.sqrt(5))
+        self.load_float_weight(self.pweight[..., 0].detach().clone())
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape) if self.finalized else tuple(self.pweight.shape[:-1])
+
+    @torch.no_grad()
+    def load_float_weight(self, w: Tensor) -> None:
+        """Initialise bits from a float weight: ``|w|`` rounded to N bits of ``max|w|``."""
+        levels = 2**self.n_bits - 1
+        s = w.abs().max()
+        if s == 0:
+            s = torch.tensor(1.0)
+        mag = torch.round(w.abs() * levels / s).to(torch.int64)
+        bits = torch.stack([(mag >> b) & 1 for b in range(self.n_bits)], dim=-1).float()
+        pos = (w > 0).unsqueeze(-1).float()
+        self.pweight.copy_(torch.where(bits * pos > 0, _INIT_LOGIT, -_INIT_LOGIT))
+        self.nweight.copy_(torch.where(bits * (1 - pos) > 0, _INIT_LOGIT, -_INIT_LOGIT))
+        self.scale.fill_(float(s))
+        self.mask_weight.fill_(_INIT_LOGIT)
+
+    def mask_gate(self) -> Tensor:
+        return torch.sigmoid(self.temperature * self.mask_weight)
+
+    def active_bits(self) -> list[int]:
+        """Active bit positions (0 = least significant), highest first."""
+        if self.finalized:
+            return [b for b in reversed(range(self.n_bits)) if self.active_mask >> b & 1]
+        return [b for b in reversed(range(self.n_bits)) if self.mask_weight[b] > 0]
+
+    def soft_weight(self) -> Tensor:
+        t = self.temperature
+        bits = torch.sigmoid(t * self.pweight) - torch.sigmoid(t * self.nweight)
+        return (bits * (self.mask_gate() * self.exps)).sum(-1) * self.scale
+
+    @torch.no_grad()
+    def integer_weight(self) -> Tensor:
+        """The hardened integer weight ``q`` (what ``finalize`` stores)."""
+        if self.finalized:
+            return self.q.clone()
+        p = (self.pweight > 0).to(torch.int32)
+        n = (self.nweight > 0).to(torch.int32)
+        m = (self.mask_weight > 0).to(torch.int32)
+        weights = m * (2 ** torch.arange(self.n_bits, dtype=torch.int32))
+        return ((p - n) * weights).sum(-1)
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Harden bits and mask: from now on the layer computes ``scale * q / (2^N - 1)``."""
+        if self.finalized:
+            return
+        q = self.integer_weight()
+        self.active_mask = _mask_to_int(bool(v > 0) for v in self.mask_weight)
+        scale = self.scale.detach().clone()
+        del self.pweight, self.nweight, self.mask_weight, self.scale, self.exps
+        self.register_buffer("q", q.to(torch.int16 if self.n_bits <= 14 else torch.int32))
+        self.register_buffer("scale", scale)
+        self.finalized = True
+
+    def float_weight(self) -> Tensor:
+        if self.finalized:
+            return ops.dequantize_weight(self.q, self.scale, self.n_bits)
+        return self.soft_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self._run(x, None if self.finalized else self.soft_weight())
+
+
+class CSQLinear(_CSQMixin, nn.Module):
+    """Linear layer whose weights are CSQ bit sums."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, n_bits: int = 8):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self._init_csq((out_features, in_features), n_bits, bias)
+
+    def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
+        if soft_weight is not None:
+            return F.linear(x, soft_weight, self.bias)
+        return ops.quant_linear(x, self.q, self.scale, self.bias, self.n_bits, self.active_mask)
+
+    weight = property(lambda self: self.float_weight())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, n_bits={self.n_bits}"
+
+
+class CSQConv2d(_CSQMixin, nn.Module):
+    """2-D convolution (stride, padding, dilation, groups incl. depthwise) with CSQ weights."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        n_bits: int = 8,
+    ):
+        nn.Module.__init__(self)
+        pair = nn.modules.utils._pair
+        if in_channels % groups or out_channels % groups:
+            raise BadInput(f"channels ({in_channels}, {out_channels}) must be divisible by groups={groups}")
+        if isinstance(padding, str):
+            raise BadInput("CSQConv2d takes numeric padding, not padding='same'/'valid'")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.padding_mode = "zeros"
+        self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias)
+
+    def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
+        if soft_weight is not None:
+            return F.conv2d(x, soft_weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return ops.quant_conv2d(
+            x, self.q, self.scale, self.bias, self.n_bits, self.active_mask,
+            list(self.stride), list(self.padding), list(self.dilation), self.groups,
+        )
+
+    weight = property(lambda self: self.float_weight())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"bias={self.bias is not None}, n_bits={self.n_bits}"
+        )
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Forward: activation fake-quantization; backward: identity (inside the clip range)."""
+
+    @staticmethod
+    def forward(ctx, x, bits, static_scale):
+        return ops.fake_quant_act(x, bits, static_scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class ActQuant(nn.Module):
+    """Activation quantizer: optional ReLU6 or PACT clip, then a-bit quantization.
+
+    ``mode='dynamic'`` uses the reference's per-tensor ``max|x|`` scale on every call;
+    ``mode='static'`` uses ``static_scale``, which ``calibrate`` sets from data (the max seen).
+    """
+
+    def __init__(self, bits: int, clip: str | None = None, mode: str = "dynamic", pact_alpha: float = 10.0):
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise BadInput(f"activation bits must be between 1 and 8, got {bits}")
+        if clip not in (None, "relu6", "pact"):
+            raise BadInput(f"unknown activation clip {clip!r}: use relu6, pact or none")
+        if mode not in ("dynamic", "static"):
+            raise BadInput(f"unknown activation scale mode {mode!r}: use dynamic or static")
+        self.bits, self.clip, self.mode = bits, clip, mode
+        self.alpha = nn.Parameter(torch.tensor(float(pact_alpha))) if clip == "pact" else None
+        self.static_scale = 0.0
+        self.calibrating = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.clip == "relu6":
+            x = F.hardtanh(x, 0.0, 6.0)
+        elif self.clip == "pact":
+            x = torch.minimum(torch.clamp(x, min=0.0), self.alpha)
+        if self.calibrating:
+            self.static_scale = max(self.static_scale, float(x.detach().abs().max()))
+            return x
+        scale = self.static_scale if self.mode == "static" else 0.0
+        if self.mode == "static" and scale <= 0:
+            raise BadInput("static activation scale is not calibrated: run csqc.layers.calibrate first")
+        if self.training:
+            return _RoundSTE.apply(x, self.bits, scale)
+        return ops.act_quant(x, self.bits, scale)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, clip={self.clip}, mode={self.mode}"
+
+
+@dataclass
+class TemperatureSchedule:
+    """``T = t_max ** (epoch_in_round / epochs_per_round)``, restarted each round (reference)."""
+
+    epochs: int
+    t_max: float = 200.0
+    rounds: int = 1
+
+    def __call__(self, epoch: int) -> float:
+        per_round = max(1, self.epochs // self.rounds)
+        pos = min(epoch % per_round if epoch < per_round * self.rounds else per_round - 1, per_round - 1)
+        return float(self.t_max ** ((pos + 1) / per_round))
+
+
+def csq_layers(model: nn.Module) -> Iterator[tuple[str, _CSQMixin]]:
+    for name, m in model.named_modules():
+        if isinstance(m, _CSQMixin):
+            yield name, m
+
+
+def set_temperature(model: nn.Module, t: float) -> None:
+    for _, m in csq_layers(model):
+        m.temperature = t
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Finalize every CSQ layer of ``model`` in place and return it in eval mode."""
+    for _, m in csq_layers(model):
+        m.finalize()
+    return model.eval()
+
+
+def _weight_count(m: _CSQMixin) -> int:
+    return math.prod(m.weight_shape)
+
+
+def average_bits(model: nn.Module) -> float:
+    """Parameter-weighted average number of active bit positions over all CSQ layers."""
+    total = bits = 0
+    for _, m in csq_layers(model):
+        n = _weight_count(m)
+        total += n
+        bits += n * len(m.active_bits())
+    return bits / total if total else 0.0
+
+
+def layer_report(model: nn.Module) -> list[dict]:
+    """Per-layer bit allocation: name, op, weight shape, active bit positions."""
+    rows = []
+    for name, m in csq_layers(model):
+        rows.append({
+            "name": name,
+            "op": "linear" if isinstance(m, CSQLinear) else "conv2d",
+            "shape": list(m.weight_shape),
+            "n_bits": m.n_bits,
+            "active_bits": m.active_bits(),
+            "params": _weight_count(m),
+            "act_bits": m.input_quant.bits if m.input_quant is not None else None,
+        })
+    return rows
+
+
+class BudgetRegularizer:
+    """Budget-aware bit regularizer (paper Eq. 4) on total model size.
+
+    ``loss = strength * (r - r_target) * sum_l (P_l / P) * sum_b gate(m_lb)`` where ``r`` is the
+    current (hard) size-weighted ratio of kept bits and ``P_l`` the layer's parameter count.
+    Over budget the term pushes mask logits down (prunes bits); under budget its sign flips
+    and bits grow back.
+    """
+
+    def __init__(self, model: nn.Module, target_bits: float, strength: float = 0.5):
+        self.layers = [m for _, m in csq_layers(model)]
+        if not self.layers:
+            raise BadInput("model has no CSQ layers: call csqc.convert first")
+        self.target_bits = float(target_bits)
+        self.strength = strength
+        total = sum(_weight_count(m) for m in self.layers)
+        self.weights = [_weight_count(m) / total for m in self.layers]
+        self.n_max = max(m.n_bits for m in self.layers)
+
+    def ratio(self) -> float:
+        with torch.no_grad():
+            return sum(w * float((m.mask_weight > 0).sum()) for w, m in zip(self.weights, self.layers)) / self.n_max
+
+    def __call__(self) -> Tensor:
+        r_target = self.target_bits / self.n_max
+        r = self.ratio()
+        soft = sum(w * m.mask_gate().sum() for w, m in zip(self.weights, self.layers))
+        return self.strength * (r - r_target) * soft
+
+    @torch.no_grad()
+    def enforce(self) -> list[tuple[str, int]]:
+        """Drop the weakest active bits until the hard budget holds; returns what was dropped.
+
+        The regularizer steers toward the budget; this guarantees it at the end of training.
+        """
+        dropped = []
+        names = {id(m): n for n, m in enumerate(self.layers)}
+        while self.ratio() * self.n_max > self.target_bits + 1e-9:
+            best = None
+            for w, m in zip(self.weights, self.layers):
+                for b in range(m.n_bits):
+                    if m.mask_weight[b] > 0 and (m.mask_weight > 0).sum() > 1:
+                        cost = float(m.mask_weight[b]) * (1 + b) / w  # weak, low and small-layer bits first
+                        key = (cost, names[id(m)], b)
+                        if best is None or key < best[0]:
+                            best = (key, m, b)
+            if best is None:
+                break
+            _, m, b = best
+            m.mask_weight[b] = -abs(float(m.mask_weight[b])) - 1e-3
+            dropped.append((names[id(m)], b))
+        return dropped
+
+
+def convert(
+    model: nn.Module,
+    n_bits: int = 8,
+    act_bits: int | None = None,
+    *,
+    act_clip: str | None = None,
+    act_mode: str = "dynamic",
+    quantize_first_input: bool = False,
+    skip: Iterable[str] = (),
+) -> nn.Module:
+    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` (in place) with a CSQ layer.
+
+    Bits start from the float weights with all ``n_bits`` positions active. With ``act_bits``,
+    the input of each quantized layer is quantized too, except the first layer's (module
+    order) unless ``quantize_first_input``. Layers named in ``skip`` stay float.
+    """
+    skip = set(skip)
+    first = True
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if full in skip or isinstance(child, _CSQMixin):
+                continue
+            if type(child) is nn.Linear:
+                new = CSQLinear(child.in_features, child.out_features, child.bias is not None, n_bits)
+            elif type(child) is nn.Conv2d:
+                if child.padding_mode != "zeros" or isinstance(child.padding, str):
+                    raise BadInput(f"{full}: only zero padding with numeric sizes can be converted")
+                new = CSQConv2d(
+                    child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, child.groups, child.bias is not None, n_bits,
+                )
+            else:
+                continue
+            new.load_float_weight(child.weight.detach())
+            if child.bias is not None:
+                new.bias.data.copy_(child.bias.detach())
+            if act_bits is not None and (not first or quantize_first_input):
+                new.input_quant = ActQuant(act_bits, act_clip, act_mode)
+            first = False
+            setattr(parent, child_name, new)
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Set the static scale of every static ActQuant to the max |x| seen on ``batches``."""
+    quants = [m for m in model.modules() if isinstance(m, ActQuant) and m.mode == "static"]
+    for q in quants:
+        q.calibrating, q.static_scale = True, 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for q in quants:
+            q.calibrating = False
+        model.train(was_training)
+
+
+__all__.append("calibrate")
+
+
+class PACT(nn.Module):
+    """PACT clipping ``min(max(x, 0), alpha)`` with a learned ``alpha`` (reference layout)."""
+
+    def __init__(self, alpha: float = 10.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.minimum(torch.clamp(x, min=0.0), self.alpha)
+
+
+__all__.append("PACT")

@@ -1,0 +1,278 @@
+"""csqc model files: a finalized CSQ model as a self-describing archive that never runs code.
+
+A model file is a zip archive (any name; ``.pt`` is conventional) holding
+  ``csqc-model.json``  manifest: format, version, inputs, outputs, per-layer bit allocation
+  ``program.json``     the ``torch.export`` graph in torch's JSON schema; CSQ layers appear as
+                       ``csqc::quant_linear`` / ``csqc::quant_conv2d`` / ``csqc::act_quant`` ops
+                       that carry the integer weights ``q``, N and the bit mask
+  ``tensors.npz``      every parameter, buffer, constant and example input, read with
+                       ``allow_pickle=False``
+
+Loading never unpickles: torch's own ``torch.export.load`` does (``weights_only=False``), so
+csqc keeps only torch's JSON graph and stores tensors itself.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import layers
+from .errors import BadInput, CsqcError
+
+__all__ = ["MODEL_FORMAT", "CsqcModel", "save", "load", "atomic_write", "check_writable"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "csqc-model"
+MODEL_VERSION = 1
+_MANIFEST, _PROGRAM, _TENSORS = "csqc-model.json", "program.json", "tensors.npz"
+_MAX_MEMBER_BYTES = 8 << 30  # refuse zip bombs: no member may claim more than 8 GiB
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise ``BadInput`` unless ``path`` can be created as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"output folder {parent} is not writable")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result over ``path``; nothing is left on failure."""
+    path = check_writable(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _tensor_spec(name: str, t: torch.Tensor) -> dict:
+    return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
+
+@dataclass
+class CsqcModel:
+    """A loaded model file: the captured program plus its manifest.
+
+    Calling it runs the finalized model in PyTorch (the reference every other runtime is
+    checked against).
+    """
+
+    program: torch.export.ExportedProgram
+    manifest: dict
+    example_inputs: tuple[torch.Tensor, ...]
+    source: str = ""
+    _module: Any = field(default=None, repr=False)
+
+    @property
+    def module(self) -> nn.Module:
+        if self._module is None:
+            self._module = self.program.module()
+        return self._module
+
+    @torch.no_grad()
+    def __call__(self, *inputs):
+        args = [torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in inputs]
+        return self.module(*args)
+
+    @property
+    def input_specs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.manifest.get("layers", [])
+
+    @property
+    def avg_bits(self) -> float:
+        return float(self.manifest.get("avg_bits", 0.0))
+
+
+def _finalized_copy(model: nn.Module) -> nn.Module:
+    if any(not m.finalized for _, m in layers.csq_layers(model)):
+        log.info("model has CSQ layers still in training form; saving a finalized copy")
+        model = layers.finalize(copy.deepcopy(model))
+    return model.eval()
+
+
+def _export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    # The batch dimension stays symbolic so the PyTorch reference runs any batch size; a batch
+    # of 1 would be specialised by torch.export, so capture with 2 rows.
+    wide = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} if t.dim() else {} for t in wide)
+    try:
+        return torch.export.export(model, wide, dynamic_shapes=dynamic)
+    except Exception as e:  # torch raises many types; the user needs the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CsqcError(f"torch.export could not capture the model: {first}") from e
+
+
+def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=None, *,
+         metadata: dict | None = None) -> Path:
+    """Capture ``model`` with ``torch.export`` and write a csqc model file (atomically).
+
+    ``example_inputs`` (a tensor or tuple of tensors) fixes the input shapes the compiler
+    builds for. CSQ layers not yet finalized are finalized in a copy; the caller's model is
+    left as it was.
+    """
+    if isinstance(model, CsqcModel):
+        program, example = model.program, model.example_inputs
+        layer_rows, avg = model.layers, model.avg_bits
+    else:
+        if example_inputs is None:
+            raise BadInput("save needs example_inputs (the input shapes to compile for)")
+        example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        if not all(isinstance(t, torch.Tensor) for t in example):
+            raise BadInput("example_inputs must be tensors")
+        model = _finalized_copy(model)
+        layer_rows, avg = layers.layer_report(model), layers.average_bits(model)
+        program = _export(model, example)
+    from torch._export.serde import serialize as serde
+
+    artifact = serde.serialize(program)
+    tensors: dict[str, np.ndarray] = {}
+    for prefix, table in (("state_dict", program.state_dict), ("constants", program.constants)):
+        for key, value in table.items():
+            if not isinstance(value, torch.Tensor):
+                raise CsqcError(f"cannot save non-tensor constant {key!r} ({type(value).__name__})")
+            tensors[f"{prefix}/{key}"] = value.detach().cpu().contiguous().numpy()
+    for i, t in enumerate(example):
+        tensors[f"example_inputs/{i}"] = t.detach().cpu().numpy()
+    outputs = [_tensor_spec(f"output{i}", t) for i, t in enumerate(_flat_outputs(program.module()(*example)))]
+    manifest = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "torch_version": torch.__version__.split("+")[0],
+        "inputs": [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)],
+        "outputs": outputs,
+        "parameters": sorted(program.graph_signature.parameters),
+        "avg_bits": avg,
+        "layers": layer_rows,
+        "metadata": metadata or {},
+    }
+
+    def write(tmp):
+        buf = io.BytesIO()
+        np.savez(buf, **tensors)
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr(_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            z.writestr(_PROGRAM, artifact.exported_program)
+            z.writestr(_TENSORS, buf.getvalue())
+
+    atomic_write(path, write)
+    return Path(path)
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    raise CsqcError(f"model outputs must be tensors, got {type(out).__name__}")
+
+
+def _read_member(z: zipfile.ZipFile, name: str, path) -> bytes:
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise BadInput(f"{path}: csqc model file is missing {name}; the file is damaged") from None
+    if info.file_size > _MAX_MEMBER_BYTES:
+        raise BadInput(f"{path}: member {name} claims {info.file_size} bytes; refusing")
+    return z.read(name)
+
+
+def load(path: str | os.PathLike, *, model_factory: str | None = None,
+         input_shape: Sequence[int] | None = None) -> CsqcModel:
+    """Load a csqc model file, or import a reference CSQ checkpoint.
+
+    A reference checkpoint (``torch.save({'model': state_dict, ...})``) needs
+    ``model_factory="module:callable"`` (the explicit opt-in to running user code that builds
+    the architecture) and ``input_shape``; it is then loaded with ``weights_only=True``.
+    Anything else is refused without executing any of its content.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory, not a model file")
+    if model_factory is not None:
+        from .reference import import_checkpoint
+
+        return import_checkpoint(path, model_factory, input_shape)
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise BadInput(f"{path}: not a csqc model file (expected a zip archive written by csqc.save)") from None
+    with z:
+        names = set(z.namelist())
+        if _MANIFEST not in names:
+            hint = (" It looks like a torch.save pickle: csqc does not unpickle files. For a reference "
+                    "CSQ checkpoint pass --model-factory module:callable and --input-shape.")
+            raise BadInput(f"{path}: not a csqc model file (no {_MANIFEST}).{hint if any(n.endswith('data.pkl') for n in names) else ''}")
+        try:
+            manifest = json.loads(_read_member(z, _MANIFEST, path))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInput(f"{path}: manifest is not valid JSON; the file is damaged") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT:
+            raise BadInput(f"{path}: not a csqc model file (wrong format tag)")
+        if manifest.get("version") != MODEL_VERSION:
+            raise BadInput(f"{path}: model file version {manifest.get('version')} is not supported "
+                           f"(this csqc reads version {MODEL_VERSION}); re-save it with this csqc")
+        program_json = _read_member(z, _PROGRAM, path)
+        tensor_bytes = _read_member(z, _TENSORS, path)
+    try:
+        with np.load(io.BytesIO(tensor_bytes), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as e:
+        raise BadInput(f"{path}: tensor data is damaged ({type(e).__name__}: {e})") from None
+    state, consts, example = {}, {}, {}
+    for key, arr in arrays.items():
+        kind, _, name = key.partition("/")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if kind == "state_dict":
+            state[name] = t
+        elif kind == "constants":
+            consts[name] = t
+        elif kind == "example_inputs":
+            example[int(name)] = t
+    for name in manifest.get("parameters", []):
+        if name in state:
+            state[name] = nn.Parameter(state[name], requires_grad=False)
+    example_inputs = tuple(example[i] for i in sorted(example))
+    from torch._export.serde import serialize as serde
+
+    from . import ops  # noqa: F401  (registers csqc:: ops the program refers to)
+
+    try:
+        program = serde.deserialize(serde.SerializedArtifact(program_json, state, consts, (example_inputs, {})))
+    except Exception as e:
+        raise BadInput(f"{path}: the captured program could not be read ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or from "
+                       "an incompatible torch version") from None
+    return CsqcModel(program, manifest, example_inputs, source=str(path))

@@ -1,0 +1,106 @@
+"""csqc's torch custom operators: the quantized layers as they appear in a captured graph.
+
+A finalized CSQ layer computes ``W = scale * q / (2^N - 1)`` with integer ``q``. Exporting it as
+plain aten ops would constant-fold ``W`` into a float tensor and lose ``q``, the bit mask and N;
+these ops keep them as explicit arguments so capture reads the integer weights directly and a
+model file stays self-describing.
+
+Numerics (the order of float operations is part of the contract; every runtime repeats it):
+  weight:      W = (float32(q) * scale) / (2^N - 1)
+  activation:  L = 2^a - 1, S = max|x| (dynamic) or the static scale
+               code = round_half_even((|x| * L) / S), clamped to L for a static scale
+               value = (sign(x) * code * S) / L,  and 0 everywhere when S == 0
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "dequantize_weight",
+    "act_codes",
+    "fake_quant_act",
+    "quant_linear",
+    "quant_conv2d",
+    "act_quant",
+]
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, n_bits: int) -> Tensor:
+    """The float weight of a finalized CSQ layer, in csqc's canonical operation order."""
+    scale = scale.to(torch.float32)
+    if scale.numel() > 1:  # per-output-channel scale
+        scale = scale.reshape((-1,) + (1,) * (q.dim() - 1))
+    return (q.to(torch.float32) * scale) / float(2**n_bits - 1)
+
+
+def act_codes(x: Tensor, bits: int, static_scale: float) -> tuple[Tensor, Tensor]:
+    """Signed integer activation codes and the tensor scale ``S`` (see module docstring)."""
+    levels = float(2**bits - 1)
+    x = x.to(torch.float32)
+    if static_scale > 0:
+        s = torch.tensor(static_scale, dtype=torch.float32, device=x.device)
+    else:
+        s = x.abs().amax()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    mag = torch.round((x.abs() * levels) / safe)
+    if static_scale > 0:
+        mag = torch.clamp(mag, max=levels)
+    codes = torch.where(s > 0, torch.sign(x) * mag, torch.zeros_like(x))
+    return codes, s
+
+
+def fake_quant_act(x: Tensor, bits: int, static_scale: float) -> Tensor:
+    codes, s = act_codes(x, bits, static_scale)
+    return (codes * s) / float(2**bits - 1)
+
+
+@torch.library.custom_op("csqc::act_quant", mutates_args=())
+def act_quant(x: Tensor, bits: int, static_scale: float) -> Tensor:
+    """a-bit activation quantization; ``static_scale <= 0`` selects the dynamic max-abs scale."""
+    return fake_quant_act(x, bits, static_scale)
+
+
+@act_quant.register_fake
+def _act_quant_fake(x, bits, static_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("csqc::quant_linear", mutates_args=())
+def quant_linear(
+    x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, n_bits: int, active_mask: int
+) -> Tensor:
+    """Linear layer with CSQ weights; ``active_mask`` bit b set = bit position b is kept."""
+    return torch.nn.functional.linear(x, dequantize_weight(q, scale, n_bits), bias)
+
+
+@quant_linear.register_fake
+def _quant_linear_fake(x, q, scale, bias, n_bits, active_mask):
+    return x.new_empty(tuple(x.shape[:-1]) + (q.shape[0],))
+
+
+@torch.library.custom_op("csqc::quant_conv2d", mutates_args=())
+def quant_conv2d(
+    x: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    n_bits: int,
+    active_mask: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """2-D convolution with CSQ weights (NCHW, weight OIHW)."""
+    w = dequantize_weight(q, scale, n_bits)
+    return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+@quant_conv2d.register_fake
+def _quant_conv2d_fake(x, q, scale, bias, n_bits, active_mask, stride, padding, dilation, groups):
+    n, _, h, w = x.shape
+    kh, kw = q.shape[2], q.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, q.shape[0], oh, ow))

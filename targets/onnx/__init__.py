@@ -1,0 +1,1 @@
+"""ONNX target: exact reference graphs and deployable QDQ models."""

@@ -1,0 +1,54 @@
+"""The csqc command line: help, version, JSON output, exit codes for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from csqc.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    out = run("--help")
+    assert out.exit_code == 0
+    for cmd in ("train",):
+        assert cmd in out.output
+
+
+def test_version():
+    out = run("--version")
+    assert out.exit_code == 0 and "csqc, version" in out.output
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([sys.executable, "-m", "csqc", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "csqc" in proc.stdout
+
+
+def test_train_json(tmp_path):
+    out = run("train", "digits-mlp", "-o", str(tmp_path / "m.pt"), "--epochs", "5", "--json")
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert {"test_accuracy", "avg_bits", "layers"} <= set(data)
+    assert all({"name", "active_bits"} <= set(l) for l in data["layers"])
+    assert (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ("train", "nope", "-o", "x.pt"),
+    ("train", "digits-mlp"),
+    ("train", "digits-mlp", "-o", "/no/such/folder/m.pt"),
+    ("train", "digits-mlp", "-o", "m.pt", "--epochs", "0"),
+    ("train", "digits-mlp", "-o", "m.pt", "--target-bits", "-1"),
+])
+def test_bad_input_exits_2_with_one_line(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(cli, list(args))
+    assert out.exit_code == 2
+    assert "Traceback" not in out.output
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,111 @@
+"""Model files: round trip, safety against code-running pickles, clear errors on bad files."""
+import pickle
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import csqc
+from csqc import modelfile
+
+
+def _small_model():
+    torch.manual_seed(0)
+    model = csqc.convert(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)),
+                         n_bits=6, act_bits=4)
+    return csqc.finalize(model)
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    model = _small_model()
+    path = csqc.save(model, tmp_path / "m.pt", torch.randn(1, 1, 8, 8))
+    loaded = csqc.load(path)
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 8, 8)
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.input_specs == [{"name": "input0", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert [l["active_bits"] for l in loaded.layers] == [list(range(5, -1, -1))] * 2
+    ops = {str(n.target) for n in loaded.program.graph.nodes if n.op == "call_function"}
+    assert {"csqc.quant_conv2d.default", "csqc.quant_linear.default", "csqc.act_quant.default"} <= ops
+
+
+def test_save_finalizes_a_copy_and_leaves_the_training_model(tmp_path):
+    model = csqc.convert(nn.Sequential(nn.Linear(4, 2)), n_bits=4)
+    csqc.save(model, tmp_path / "m.pt", torch.randn(1, 4))
+    assert not model[0].finalized
+    assert csqc.load(tmp_path / "m.pt").layers[0]["n_bits"] == 4
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch SENTINEL_PATH",))
+
+
+def _hostile_pickle(tmp_path, name):
+    sentinel = tmp_path / "pwned"
+    payload = pickle.dumps(_Boom()).replace(b"SENTINEL_PATH", str(sentinel).encode())
+    return payload, sentinel
+
+
+def test_torch_save_pickle_that_would_run_code_is_refused(tmp_path):
+    payload, sentinel = _hostile_pickle(tmp_path, "x")
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:  # the layout torch.save uses
+        z.writestr("evil/data.pkl", payload)
+        z.writestr("evil/version", "3\n")
+    with pytest.raises(csqc.BadInput, match="does not unpickle"):
+        csqc.load(path)
+    assert not sentinel.exists()
+
+
+def test_reference_import_refuses_code_running_pickle(tmp_path):
+    payload, sentinel = _hostile_pickle(tmp_path, "x")
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("evil/data.pkl", payload)
+        z.writestr("evil/byteorder", "little")
+        z.writestr("evil/version", "3\n")
+    with pytest.raises(csqc.BadInput, match="refused"):
+        csqc.load(path, model_factory="csqc.models.reference:resnet20_4bit", input_shape=(1, 3, 32, 32))
+    assert not sentinel.exists()
+
+
+def test_plain_pickle_file_is_refused(tmp_path):
+    payload, sentinel = _hostile_pickle(tmp_path, "x")
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(csqc.BadInput, match="not a csqc model file"):
+        csqc.load(path)
+    assert not sentinel.exists()
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(csqc.BadInput, match="no such file"):
+        csqc.load(tmp_path / "missing.pt")
+    with pytest.raises(csqc.BadInput, match="directory"):
+        csqc.load(tmp_path)
+    good = csqc.save(_small_model(), tmp_path / "m.pt", torch.randn(1, 1, 8, 8))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(csqc.BadInput):
+        csqc.load(truncated)
+    wrong = tmp_path / "wrong.pt"
+    with zipfile.ZipFile(wrong, "w") as z:
+        z.writestr("csqc-model.json", '{"format": "something-else"}')
+    with pytest.raises(csqc.BadInput, match="wrong format"):
+        csqc.load(wrong)
+
+
+def test_failed_save_leaves_no_file(tmp_path):
+    class Unexportable(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export refuses
+                return x
+            return -x
+
+    target = tmp_path / "m.pt"
+    with pytest.raises(csqc.CsqcError, match="torch.export"):
+        csqc.save(Unexportable(), target, torch.randn(1, 3))
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,61 @@
+"""The budget regularizer prunes bits over budget and grows them back under budget."""
+import torch
+from torch import nn
+
+import csqc
+from csqc import layers
+
+
+def _spread_masks(model, low, high):
+    # distinct logits per position, as the task loss leaves them, so bits cross zero one by one
+    for _, m in layers.csq_layers(model):
+        with torch.no_grad():
+            m.mask_weight.copy_(torch.linspace(low, high, m.n_bits))
+
+
+def _step_masks(model, target, steps=300):
+    reg = layers.BudgetRegularizer(model, target, strength=1.0)
+    layers.set_temperature(model, 1.0)
+    opt = torch.optim.SGD([m.mask_weight for _, m in layers.csq_layers(model)], lr=0.5)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        reg().backward()
+        opt.step()
+        history.append(layers.average_bits(model))
+    return history
+
+
+def test_over_budget_prunes_bits():
+    model = csqc.convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), n_bits=8)
+    _spread_masks(model, 0.1, 3.0)
+    assert layers.average_bits(model) == 8
+    history = _step_masks(model, target=3.0)
+    assert history[-1] < 8
+    assert abs(history[-1] - 3.0) <= 1.0
+
+
+def test_under_budget_grows_bits_back():
+    model = csqc.convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), n_bits=8)
+    _spread_masks(model, -3.0, 0.1)  # one bit kept
+    assert layers.average_bits(model) == 1
+    history = _step_masks(model, target=5.0)
+    assert history[-1] > 1
+    assert abs(history[-1] - 5.0) <= 1.0
+
+
+def test_budget_weights_layers_by_size():
+    big, small = nn.Linear(64, 64), nn.Linear(64, 2)
+    model = csqc.convert(nn.Sequential(big, small), n_bits=8)
+    reg = layers.BudgetRegularizer(model, 2.0)
+    reg().backward()
+    g_big = model[0].mask_weight.grad.abs().sum()
+    g_small = model[1].mask_weight.grad.abs().sum()
+    assert g_big > 10 * g_small  # the large layer pays for most of the size
+
+
+def test_enforce_guarantees_the_budget():
+    model = csqc.convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), n_bits=8)
+    reg = layers.BudgetRegularizer(model, 2.5)
+    dropped = reg.enforce()
+    assert dropped and layers.average_bits(model) <= 2.5
