@@ -1,0 +1,123 @@
+"""Bit-level algebra of CSQ weights: signed digits, plane encodings, packing into words.
+
+A CSQ weight is ``q = sum_b d_b 2^b`` over the layer's active positions ``b`` with digits
+``d_b = p_b - n_b`` in {-1, 0, 1}. Two plane encodings are used:
+
+* ``posneg``: a +plane and a -plane per position, ``q = sum_b 2^b (P_b - N_b)``;
+* ``offset``: the bits of the unsigned ``q + z``, ``q = sum_b 2^b U_b - z``, with a correction
+  term ``z * sum(x)`` in the accumulator.
+
+Planes are ``uint8`` 0/1 arrays ``[P, O, K]`` (K = the flattened reduction axis); packed planes
+hold bit ``k % W`` of word ``k // W`` (W = 32 or 64), padded with zero bits.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import CsqcError
+
+__all__ = [
+    "signed_digits", "posneg_planes", "offset_planes", "planes_to_q", "pack_planes", "unpack_planes",
+    "trailing_zero_bits",
+]
+
+
+@lru_cache(maxsize=256)
+def _digit_table(active: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """Every value representable with digits {-1,0,1} on ``active`` -> digits (fewest nonzeros)."""
+    reps: dict[int, tuple[int, ...]] = {0: ()}
+    for b in sorted(active):
+        nxt: dict[int, tuple[int, ...]] = {}
+        for v, digits in reps.items():
+            for d in (0, 1, -1):
+                key, cand = v + d * (1 << b), digits + (d,)
+                old = nxt.get(key)
+                if old is None or sum(map(abs, cand)) < sum(map(abs, old)):
+                    nxt[key] = cand
+        reps = nxt
+    return reps
+
+
+def signed_digits(q: np.ndarray, active_bits) -> np.ndarray:
+    """Digits ``d[len(active), ...]`` in {-1,0,1} with ``q = sum d[i] * 2^active[i]`` (active highest first)."""
+    active = tuple(sorted(active_bits))
+    table = _digit_table(active)
+    values, inverse = np.unique(np.asarray(q, dtype=np.int64), return_inverse=True)
+    missing = [int(v) for v in values if int(v) not in table]
+    if missing:
+        raise CsqcError(f"weights {missing[:5]} cannot be written with bit positions {sorted(active, reverse=True)}")
+    lut = np.array([table[int(v)] for v in values], dtype=np.int8).reshape(len(values), len(active))
+    digits = lut[inverse.reshape(-1)].reshape(*np.shape(q), len(active))
+    return np.moveaxis(digits, -1, 0)[::-1]  # highest position first
+
+
+def posneg_planes(q2d: np.ndarray, active_bits, positions) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """+/- planes for every position in ``positions`` (highest first); masked ones are zero."""
+    digits = signed_digits(q2d, active_bits) if len(active_bits) else np.zeros((0,) + q2d.shape, np.int8)
+    by_pos = dict(zip(sorted(active_bits, reverse=True), digits))
+    planes, spec = [], []
+    zero = np.zeros(q2d.shape, np.uint8)
+    for b in positions:
+        d = by_pos.get(b)
+        planes.append(zero if d is None else (d > 0).astype(np.uint8))
+        planes.append(zero if d is None else (d < 0).astype(np.uint8))
+        spec += [(b, 1), (b, -1)]
+    arr = np.stack(planes) if planes else np.zeros((0,) + q2d.shape, np.uint8)
+    return arr, spec
+
+
+def offset_planes(q2d: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+    """Planes of ``q + z`` (``z = -min q``), all-zero planes dropped, all-one planes folded into ``z``."""
+    q2d = np.asarray(q2d, dtype=np.int64)
+    z = int(-q2d.min()) if q2d.size else 0
+    u = q2d + z
+    top = int(u.max()).bit_length() if u.size else 0
+    planes, spec = [], []
+    for b in reversed(range(top)):
+        p = ((u >> b) & 1).astype(np.uint8)
+        if not p.any():
+            continue
+        if p.all():  # a constant plane is a constant term: fold it into the zero point
+            z -= 1 << b
+            continue
+        planes.append(p)
+        spec.append((b, 1))
+    arr = np.stack(planes) if planes else np.zeros((0,) + q2d.shape, np.uint8)
+    return arr, spec, z
+
+
+def planes_to_q(planes: np.ndarray, spec, zero_point: int = 0) -> np.ndarray:
+    q = np.zeros(planes.shape[1:], dtype=np.int64)
+    for (shift, sign), p in zip(spec, planes):
+        q += sign * (1 << shift) * p.astype(np.int64)
+    return q - zero_point
+
+
+def pack_planes(planes: np.ndarray, word_bits: int = 32) -> np.ndarray:
+    """``[..., K]`` 0/1 -> ``[..., ceil(K/W)]`` words of ``uint{W}`` (zero-padded)."""
+    k = planes.shape[-1]
+    words = -(-k // word_bits)
+    padded = np.zeros(planes.shape[:-1] + (words * word_bits,), np.uint8)
+    padded[..., :k] = planes
+    bits = padded.reshape(planes.shape[:-1] + (words, word_bits)).astype(np.uint64)
+    weights = np.left_shift(np.uint64(1), np.arange(word_bits, dtype=np.uint64))
+    return (bits * weights).sum(axis=-1, dtype=np.uint64).astype(np.dtype(f"uint{word_bits}"))
+
+
+def unpack_planes(words: np.ndarray, k: int, word_bits: int) -> np.ndarray:
+    """Inverse of ``pack_planes``: ``[..., ceil(K/W)]`` words -> ``[..., K]`` uint8 0/1."""
+    w = words.astype(np.uint64)
+    bits = ((w[..., None] >> np.arange(word_bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return bits.reshape(*words.shape[:-1], -1)[..., :k]
+
+
+def trailing_zero_bits(values: np.ndarray) -> int:
+    """Common trailing zero bits of the nonzero ``values`` (0 when all are zero)."""
+    nz = np.abs(np.asarray(values, dtype=np.int64))
+    nz = nz[nz != 0]
+    if nz.size == 0:
+        return 0
+    acc = int(np.bitwise_or.reduce(nz))
+    return (acc & -acc).bit_length() - 1

@@ -1,0 +1,441 @@
+"""Capture: a csqc model (``torch.export`` program) -> csqc IR, through a table of op handlers.
+
+The program is re-exported at a concrete batch size so every shape is static. Each aten (or
+``csqc::``) op maps to one handler in ``HANDLERS``; an op without a handler is collected with
+the module it came from, and capture fails once with the complete list (``UnsupportedOps``).
+IR nodes are named after the module that produced them (``layer1.0.conv1``), so inspect
+tables, verify reports and ONNX tensor names read like the user's model.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import BadInput, CsqcError, UnsupportedOps
+from .ir import Graph, Node, QuantSpec, TensorType, Value, verify
+from .modelfile import CsqcModel
+
+__all__ = ["capture", "HANDLERS"]
+
+log = logging.getLogger(__name__)
+
+_aten = torch.ops.aten
+
+
+class _Unsupported(Exception):
+    """Raised by a handler for a form of a supported op it cannot translate."""
+
+
+@dataclass
+class _Ctx:
+    program: torch.export.ExportedProgram
+    nodes: list[Node] = field(default_factory=list)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # fx node name -> IR value name
+    consts: dict[str, torch.Tensor] = field(default_factory=dict)  # fx placeholder -> tensor
+    nonneg: set[str] = field(default_factory=set)  # IR values known to be >= 0
+    taken: set[str] = field(default_factory=set)
+
+    def name(self, base: str) -> str:
+        base = base.replace("/", ".") or "v"
+        if base not in self.taken:
+            self.taken.add(base)
+            return base
+        i = 1
+        while f"{base}_{i}" in self.taken:
+            i += 1
+        self.taken.add(f"{base}_{i}")
+        return f"{base}_{i}"
+
+    def tensor(self, arg) -> torch.Tensor:
+        """A constant tensor argument (parameter, buffer or lifted constant)."""
+        if isinstance(arg, torch.fx.Node) and arg.name in self.consts:
+            return self.consts[arg.name]
+        raise _Unsupported("expected a constant tensor (parameter or buffer) here")
+
+    def is_const(self, arg) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg.name in self.consts
+
+    def param(self, base: str, array: np.ndarray) -> str:
+        name = self.name(base)
+        self.params[name] = np.ascontiguousarray(array)
+        return name
+
+    def value(self, arg, base: str = "const") -> str:
+        if isinstance(arg, torch.fx.Node):
+            if arg.name in self.env:
+                return self.env[arg.name]
+            if arg.name in self.consts:
+                t = self.consts[arg.name].detach().cpu().numpy()
+                v = self.param(base, t.astype(np.float32) if t.dtype.kind == "f" else t)
+                self.env[arg.name] = v
+                if (t >= 0).all():
+                    self.nonneg.add(v)
+                return v
+        raise _Unsupported(f"unsupported argument {arg!r}")
+
+    def emit(self, fx: torch.fx.Node, op: str, inputs, ttype: TensorType | None = None, attrs=None,
+             quant: QuantSpec | None = None, base: str | None = None, nonneg: bool = False) -> str:
+        name = self.name(base or _module_path(fx) or fx.name)
+        node = Node(name, op, tuple(inputs), ttype or _type_of(fx), attrs or {}, quant, _module_path(fx))
+        self.nodes.append(node)
+        if nonneg:
+            self.nonneg.add(name)
+        return name
+
+
+def _module_path(fx: torch.fx.Node) -> str:
+    stack = fx.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].").replace("L['self']", "").replace("_modules['", "").replace("']", "")
+
+
+def _type_of(fx: torch.fx.Node) -> TensorType:
+    val = fx.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise _Unsupported(f"output of {fx.name} is not a single tensor")
+    return TensorType(tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", ""))
+
+
+def _pair(v, default=None):
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        v = default
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    return v * 2 if len(v) == 1 else v
+
+
+def _arg(fx: torch.fx.Node, i: int, name: str, default=None):
+    if len(fx.args) > i:
+        return fx.args[i]
+    return fx.kwargs.get(name, default)
+
+
+def _active_bits(mask: int, n_bits: int) -> tuple[int, ...]:
+    return tuple(b for b in reversed(range(n_bits)) if mask >> b & 1)
+
+
+def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool) -> str:
+    x, q, scale, bias, n_bits, mask = fx.args[:6]
+    qt, st = ctx.tensor(q), ctx.tensor(scale)
+    out_ch = qt.shape[0]
+    base = _module_path(fx) or fx.name
+    mult = (st.detach().to(torch.float32) / float(2**n_bits - 1)).numpy().astype(np.float32)
+    per_channel = mult.size > 1
+    mult = np.broadcast_to(mult.reshape(-1), (out_ch,)).copy()
+    inputs = [ctx.value(x), ctx.param(f"{base}.weight", qt.detach().numpy()), ctx.param(f"{base}.mult", mult)]
+    if bias is not None:
+        inputs.append(ctx.param(f"{base}.add", ctx.tensor(bias).detach().numpy().astype(np.float32)))
+    attrs = {"weight_shape": tuple(qt.shape), "act": "none"}
+    if conv:
+        stride, padding, dilation, groups = fx.args[6:10]
+        attrs.update(stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), groups=int(groups))
+    spec = QuantSpec(int(n_bits), _active_bits(int(mask), int(n_bits)), "per_channel" if per_channel else "per_tensor")
+    return ctx.emit(fx, "qconv2d" if conv else "qlinear", inputs, attrs=attrs, quant=spec)
+
+
+def _act_quant(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    x, bits, static = fx.args[:3]
+    xv = ctx.value(x)
+    signed = xv not in ctx.nonneg
+    base = (_module_path(fx) or fx.name)
+    t = _type_of(fx)
+    q = ctx.emit(fx, "quantize", [xv], TensorType(t.shape, "int32", int(bits), signed),
+                 {"bits": int(bits), "static_scale": float(static), "signed": signed}, base=f"{base}.quant")
+    return ctx.emit(fx, "dequantize", [q], t, base=f"{base}.dequant", nonneg=not signed)
+
+
+def _float_conv(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    x, w = fx.args[:2]
+    b = _arg(fx, 2, "bias")
+    base = _module_path(fx) or fx.name
+    inputs = [ctx.value(x), ctx.param(f"{base}.weight", ctx.tensor(w).detach().numpy().astype(np.float32))]
+    if b is not None:
+        inputs.append(ctx.param(f"{base}.bias", ctx.tensor(b).detach().numpy().astype(np.float32)))
+    attrs = {"stride": _pair(_arg(fx, 3, "stride", 1)), "padding": _pair(_arg(fx, 4, "padding", 0)),
+             "dilation": _pair(_arg(fx, 5, "dilation", 1)), "groups": int(_arg(fx, 6, "groups", 1)), "act": "none"}
+    if isinstance(_arg(fx, 4, "padding", 0), str):
+        raise _Unsupported("string padding")
+    return ctx.emit(fx, "conv2d", inputs, attrs=attrs)
+
+
+def _float_linear(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    x, w = fx.args[:2]
+    b = _arg(fx, 2, "bias")
+    base = _module_path(fx) or fx.name
+    inputs = [ctx.value(x), ctx.param(f"{base}.weight", ctx.tensor(w).detach().numpy().astype(np.float32))]
+    if b is not None:
+        inputs.append(ctx.param(f"{base}.bias", ctx.tensor(b).detach().numpy().astype(np.float32)))
+    return ctx.emit(fx, "linear", inputs, attrs={"act": "none"})
+
+
+def _batch_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # batch_norm(x, weight, bias, mean, var, training, momentum, eps) and the no_training form
+    if fx.target == _aten._native_batch_norm_legit_no_training.default:
+        x, w, b, mean, var, _, eps = fx.args[:7]
+    else:
+        x, w, b, mean, var, training, _, eps = fx.args[:8]
+        if training:
+            raise _Unsupported("batch_norm in training mode (call model.eval())")
+    var_t = ctx.tensor(var).detach().float().numpy()
+    mean_t = ctx.tensor(mean).detach().float().numpy()
+    c = var_t.shape[0]
+    w_t = ctx.tensor(w).detach().float().numpy() if w is not None else np.ones(c, np.float32)
+    b_t = ctx.tensor(b).detach().float().numpy() if b is not None else np.zeros(c, np.float32)
+    # the inference transform torch uses: x * alpha + (beta - mean * alpha)
+    alpha = (np.float32(1) / np.sqrt(var_t + np.float32(eps))).astype(np.float32) * w_t
+    shift = (b_t - mean_t * alpha).astype(np.float32)
+    base = _module_path(fx) or fx.name
+    return ctx.emit(fx, "batch_norm", [ctx.value(x), ctx.param(f"{base}.mul", alpha), ctx.param(f"{base}.add", shift)])
+
+
+def _clip(ctx: _Ctx, fx: torch.fx.Node, lo, hi) -> str:
+    lo = -np.inf if lo is None else float(lo)
+    hi = np.inf if hi is None else float(hi)
+    xv = ctx.value(fx.args[0])
+    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi}, nonneg=lo >= 0 or xv in ctx.nonneg)
+
+
+def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return ctx.value(fx.args[0])
+
+
+def _binary(op: str):
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        a, b = fx.args[:2]
+        if fx.kwargs.get("alpha", 1) != 1:
+            raise _Unsupported("add with alpha != 1")
+        vals = []
+        for i, v in enumerate((a, b)):
+            if isinstance(v, (int, float)):
+                vals.append(ctx.param(f"{fx.name}.scalar{i}", np.array(v, dtype=np.float32)))
+                if v >= 0:
+                    ctx.nonneg.add(vals[-1])
+            else:
+                vals.append(ctx.value(v))
+        nonneg = all(v in ctx.nonneg for v in vals) if op in ("add", "mul", "minimum") else False
+        if op == "minimum":
+            nonneg = any(v in ctx.nonneg for v in vals) and all(v in ctx.nonneg for v in vals[:1])
+        return ctx.emit(fx, op, vals, base=f"{_module_path(fx) or fx.name}.{op}", nonneg=nonneg)
+
+    return handler
+
+
+def _reshape(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    xv = ctx.value(fx.args[0])
+    return ctx.emit(fx, "reshape", [xv], base=f"{_module_path(fx) or fx.name}.reshape", nonneg=xv in ctx.nonneg)
+
+
+def _permute(ctx: _Ctx, fx: torch.fx.Node, dims=None) -> str:
+    xv = ctx.value(fx.args[0])
+    if dims is None:
+        nd = len(_type_of(fx).shape)
+        dims = [d % nd for d in fx.args[1]]
+    return ctx.emit(fx, "permute", [xv], attrs={"dims": tuple(dims)}, nonneg=xv in ctx.nonneg)
+
+
+def _transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    nd = len(_type_of(fx).shape)
+    d0, d1 = (fx.args[1] % nd, fx.args[2] % nd) if len(fx.args) > 2 else (0, 1)
+    dims = list(range(nd))
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return _permute(ctx, fx, dims)
+
+
+def _pool(op: str):
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        kernel = _pair(fx.args[1])
+        stride = _pair(_arg(fx, 2, "stride"), kernel)
+        padding = _pair(_arg(fx, 3, "padding", 0))
+        attrs = {"kernel": kernel, "stride": stride, "padding": padding}
+        if op == "max_pool2d":
+            attrs["dilation"] = _pair(_arg(fx, 4, "dilation", 1))
+            attrs["ceil_mode"] = bool(_arg(fx, 5, "ceil_mode", False))
+        else:
+            attrs["ceil_mode"] = bool(_arg(fx, 4, "ceil_mode", False))
+            attrs["count_include_pad"] = bool(_arg(fx, 5, "count_include_pad", True))
+            attrs["divisor"] = int(_arg(fx, 6, "divisor_override", None) or 0)
+        if attrs["ceil_mode"]:
+            raise _Unsupported("ceil_mode=True pooling")
+        xv = ctx.value(fx.args[0])
+        return ctx.emit(fx, op, [xv], attrs=attrs, base=f"{_module_path(fx) or fx.name}", nonneg=xv in ctx.nonneg)
+
+    return handler
+
+
+def _adaptive_avg(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    xv = ctx.value(fx.args[0])
+    return ctx.emit(fx, "adaptive_avg_pool2d", [xv], attrs={"output_size": _pair(fx.args[1])}, nonneg=xv in ctx.nonneg)
+
+
+def _mean(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    xv = ctx.value(fx.args[0])
+    nd = len(_type_of(fx.args[0]).shape)
+    dims = tuple(sorted(d % nd for d in fx.args[1]))
+    return ctx.emit(fx, "mean", [xv], attrs={"dims": dims, "keepdim": bool(_arg(fx, 2, "keepdim", False))},
+                    nonneg=xv in ctx.nonneg)
+
+
+def _cat(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    vals = [ctx.value(v) for v in fx.args[0]]
+    nd = len(_type_of(fx).shape)
+    axis = int(_arg(fx, 1, "dim", 0)) % nd
+    return ctx.emit(fx, "cat", vals, attrs={"axis": axis}, nonneg=all(v in ctx.nonneg for v in vals))
+
+
+def _softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    nd = len(_type_of(fx).shape)
+    return ctx.emit(fx, "softmax", [ctx.value(fx.args[0])], attrs={"axis": int(fx.args[1]) % nd}, nonneg=True)
+
+
+def _relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{_module_path(fx) or fx.name}", nonneg=True)
+
+
+def _getitem(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    src, idx = fx.args
+    if idx != 0 or src.name not in ctx.env:
+        raise _Unsupported("only the first output of a multi-output op is supported")
+    return ctx.env[src.name]
+
+
+def _max_pool_with_indices(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    if any(u.args[1] != 0 for u in fx.users):
+        raise _Unsupported("max_pool2d indices are used")
+    kernel = _pair(fx.args[1])
+    attrs = {"kernel": kernel, "stride": _pair(_arg(fx, 2, "stride"), kernel), "padding": _pair(_arg(fx, 3, "padding", 0)),
+             "dilation": _pair(_arg(fx, 4, "dilation", 1)), "ceil_mode": bool(_arg(fx, 5, "ceil_mode", False))}
+    if attrs["ceil_mode"]:
+        raise _Unsupported("ceil_mode=True pooling")
+    xv = ctx.value(fx.args[0])
+    val = fx.meta["val"][0]
+    return ctx.emit(fx, "max_pool2d", [xv], TensorType(tuple(val.shape)), attrs, nonneg=xv in ctx.nonneg)
+
+
+HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
+    torch.ops.csqc.quant_conv2d.default: lambda c, f: _quant_layer(c, f, conv=True),
+    torch.ops.csqc.quant_linear.default: lambda c, f: _quant_layer(c, f, conv=False),
+    torch.ops.csqc.act_quant.default: _act_quant,
+    _aten.conv2d.default: _float_conv,
+    _aten.convolution.default: lambda c, f: _float_conv_convolution(c, f),
+    _aten.linear.default: _float_linear,
+    _aten.batch_norm.default: _batch_norm,
+    _aten._native_batch_norm_legit_no_training.default: _batch_norm,
+    _aten.relu.default: _relu,
+    _aten.relu_.default: _relu,
+    _aten.relu6.default: lambda c, f: _clip(c, f, 0.0, 6.0),
+    _aten.hardtanh.default: lambda c, f: _clip(c, f, _arg(f, 1, "min_val", -1.0), _arg(f, 2, "max_val", 1.0)),
+    _aten.hardtanh_.default: lambda c, f: _clip(c, f, _arg(f, 1, "min_val", -1.0), _arg(f, 2, "max_val", 1.0)),
+    _aten.clamp.default: lambda c, f: _clip(c, f, _arg(f, 1, "min"), _arg(f, 2, "max")),
+    _aten.clamp_.default: lambda c, f: _clip(c, f, _arg(f, 1, "min"), _arg(f, 2, "max")),
+    _aten.clamp_min.default: lambda c, f: _clip(c, f, f.args[1], None),
+    _aten.minimum.default: _binary("minimum"),
+    _aten.add.Tensor: _binary("add"),
+    _aten.add_.Tensor: _binary("add"),
+    _aten.mul.Tensor: _binary("mul"),
+    _aten.mul_.Tensor: _binary("mul"),
+    _aten.cat.default: _cat,
+    _aten.max_pool2d.default: _pool("max_pool2d"),
+    _aten.max_pool2d_with_indices.default: _max_pool_with_indices,
+    _aten.avg_pool2d.default: _pool("avg_pool2d"),
+    _aten.adaptive_avg_pool2d.default: _adaptive_avg,
+    _aten._adaptive_avg_pool2d.default: _adaptive_avg,
+    _aten.mean.dim: _mean,
+    _aten.flatten.using_ints: _reshape,
+    _aten.view.default: _reshape,
+    _aten.reshape.default: _reshape,
+    _aten._unsafe_view.default: _reshape,
+    _aten.squeeze.dim: _reshape,
+    _aten.unsqueeze.default: _reshape,
+    _aten.permute.default: _permute,
+    _aten.transpose.int: _transpose,
+    _aten.t.default: _transpose,
+    _aten.softmax.int: _softmax,
+    _aten._softmax.default: _softmax,
+    _aten.dropout.default: _passthrough,
+    _aten.dropout_.default: _passthrough,
+    _aten.contiguous.default: _passthrough,
+    _aten.clone.default: _passthrough,
+    _aten.alias.default: _passthrough,
+    _aten.detach.default: _passthrough,
+    operator.getitem: _getitem,
+}
+
+
+def _float_conv_convolution(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+    if fx.args[6]:
+        raise _Unsupported("transposed convolution")
+    x, w, b, stride, padding, dilation = fx.args[:6]
+    shim = torch.fx.Node.__new__(torch.fx.Node)
+    shim.__dict__.update(fx.__dict__)
+    shim.args = (x, w, b, stride, padding, dilation, fx.args[8])
+    shim.kwargs = {}
+    return _float_conv(ctx, shim)
+
+
+def _op_name(target) -> str:
+    return getattr(target, "__name__", None) if target is operator.getitem else str(target)
+
+
+def capture(model: CsqcModel, batch: int | None = None) -> Graph:
+    """Translate ``model`` into a verified IR graph with static shapes (batch from the file)."""
+    specs = model.input_specs
+    shapes = [list(s["shape"]) for s in specs]
+    if batch is not None:
+        if batch < 1:
+            raise BadInput(f"batch must be at least 1, got {batch}")
+        for s in shapes:
+            if s:
+                s[0] = batch
+    examples = tuple(torch.zeros(s, dtype=getattr(torch, spec["dtype"])) for s, spec in zip(shapes, specs))
+    try:
+        program = torch.export.export(model.module, examples)
+    except Exception as e:
+        raise CsqcError(f"could not re-capture the model at input shapes {shapes}: {str(e).splitlines()[0]}") from e
+    ctx = _Ctx(program)
+    sig = program.graph_signature
+    const_map = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    tables = {**program.state_dict, **program.constants}
+    inputs: list[Value] = []
+    for fx in program.graph.nodes:
+        if fx.op == "placeholder":
+            if fx.name in const_map:
+                ctx.consts[fx.name] = tables[const_map[fx.name]]
+            else:
+                name = ctx.name(f"input{len(inputs)}")
+                inputs.append(Value(name, _type_of(fx)))
+                ctx.env[fx.name] = name
+    unsupported: list[tuple[str, str]] = []
+    outputs: list[str] = []
+    for fx in program.graph.nodes:
+        if fx.op == "call_function":
+            handler = HANDLERS.get(fx.target)
+            where = _module_path(fx) or fx.name
+            if handler is None:
+                unsupported.append((_op_name(fx.target), where))
+                continue
+            if any(isinstance(a, torch.fx.Node) and a.op == "call_function" and a.name not in ctx.env
+                   for a in fx.all_input_nodes):
+                continue  # depends on an unsupported op: reported there
+            try:
+                ctx.env[fx.name] = handler(ctx, fx)
+            except _Unsupported as e:
+                unsupported.append((f"{_op_name(fx.target)} [{e}]", where))
+        elif fx.op == "output":
+            flat = fx.args[0] if isinstance(fx.args[0], (list, tuple)) else [fx.args[0]]
+            outputs = [ctx.env.get(a.name, "") for a in flat]
+    if unsupported:
+        raise UnsupportedOps(unsupported)
+    name = str(model.manifest.get("metadata", {}).get("recipe") or "model")
+    g = Graph(tuple(inputs), tuple(ctx.nodes), tuple(outputs), ctx.params, name=name)
+    verify(g)
+    return g

@@ -1,0 +1,513 @@
+"""csqc's IR: a typed graph of frozen nodes; quantized layers carry one validated QuantSpec.
+
+Values are named. A value is a graph input, a node output or a parameter (a constant array in
+``Graph.params``). Types are ``TensorType``; a quantized activation is a ``TensorType`` with
+``qbits`` set: its runtime form is a pair (integer codes, float32 scalar ``S``), the value being
+``(codes * S) / L`` with ``L = 2^bits - 1`` (``S`` is ``max|x|`` or the static scale).
+
+Quantized layers (``qconv2d``, ``qlinear``) compute, per output channel ``c``::
+
+    float input:      y = op(x, float32(w)) * mult[c] + add[c]
+    quantized input:  acc = op(codes, w)  (exact integers)
+                      y = ((float32(acc) * S) / L) * mult[c] + add[c]
+    then the fused activation (``attrs['act']``: none, relu, clip)
+
+where ``w`` is the integer weight ``q`` (encoding ``int``) or its plane decomposition
+(``posneg``/``offset``, see ``QuantSpec``). Every runtime repeats this order of float
+operations; the interpreter (``csqc.interpreter``) is the golden model.
+
+The text form (``Graph.text()``) is stable and diffable; ``save``/``load`` use JSON + npz, never
+pickle; ``verify`` checks shapes, dtypes and specs.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .errors import BadInput, CsqcError
+
+__all__ = [
+    "TensorType", "QuantSpec", "Node", "Value", "Graph", "IRError", "OPS", "ENCODINGS",
+    "QUANT_LAYER_OPS", "save_graph", "load_graph", "verify",
+]
+
+ENCODINGS = ("int", "posneg", "offset")
+QUANT_LAYER_OPS = ("qconv2d", "qlinear")
+FLOAT_DTYPES = ("float32",)
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint32", "uint64")
+
+
+class IRError(CsqcError):
+    """The IR is malformed (a verifier finding)."""
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    qbits: int | None = None  # set: a quantized activation (codes + scale)
+    qsigned: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.dtype not in FLOAT_DTYPES + INT_DTYPES:
+            raise IRError(f"unknown dtype {self.dtype!r}")
+        if self.qbits is not None and not 1 <= self.qbits <= 8:
+            raise IRError(f"quantized activation bits must be 1..8, got {self.qbits}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.qbits is not None
+
+    def text(self) -> str:
+        dims = "x".join(map(str, self.shape)) or "scalar"
+        if self.quantized:
+            return f"{'s' if self.qsigned else 'u'}q{self.qbits}[{dims}]"
+        return f"{self.dtype}[{dims}]"
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "qbits": self.qbits, "qsigned": self.qsigned}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorType":
+        return cls(tuple(d["shape"]), d["dtype"], d.get("qbits"), d.get("qsigned", False))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Everything a target needs to know about one quantized layer's bits.
+
+    ``n_bits``: candidate bits N of the CSQ layer. ``active_bits``: kept positions, highest
+    first (non-contiguous allowed). ``weight_scale``: ``per_tensor`` or ``per_channel`` (the
+    values live in the layer's ``mult`` parameter). ``encoding``: ``int`` (weights stored as
+    integers ``q``), ``posneg`` (a +plane and a -plane per bit) or ``offset`` (planes of the
+    unsigned ``q + zero_point``). ``planes``: ``(shift, sign)`` of each stored plane, most
+    significant first, so ``q = sum sign * 2^shift * plane - zero_point``. ``low_shift``:
+    common low zero bits moved into ``mult`` (``q = 2^low_shift * q'``). ``packed_word``: 0
+    for one byte per bit, 32/64 when planes are packed into words along the reduction axis.
+    ``act_*``: the input activation quantization (``act_bits`` None: float input).
+    ``acc_dtype``: accumulator type proved safe by ``accumulator_width``.
+    """
+
+    n_bits: int
+    active_bits: tuple[int, ...]
+    weight_scale: str = "per_tensor"
+    encoding: str = "int"
+    planes: tuple[tuple[int, int], ...] = ()
+    zero_point: int = 0
+    low_shift: int = 0
+    packed_word: int = 0
+    act_bits: int | None = None
+    act_mode: str | None = None
+    act_scale: float = 0.0
+    act_signed: bool = False
+    acc_dtype: str = "int32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "active_bits", tuple(int(b) for b in self.active_bits))
+        object.__setattr__(self, "planes", tuple((int(s), int(g)) for s, g in self.planes))
+        errors = self.problems()
+        if errors:
+            raise IRError("invalid quantization spec: " + "; ".join(errors))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 1 <= self.n_bits <= 15:
+            out.append(f"n_bits {self.n_bits} not in 1..15")
+        if list(self.active_bits) != sorted(set(self.active_bits), reverse=True):
+            out.append(f"active_bits {self.active_bits} must be distinct and highest first")
+        if any(not 0 <= b < self.n_bits for b in self.active_bits):
+            out.append(f"active_bits {self.active_bits} outside 0..{self.n_bits - 1}")
+        if self.weight_scale not in ("per_tensor", "per_channel"):
+            out.append(f"weight_scale {self.weight_scale!r}")
+        if self.encoding not in ENCODINGS:
+            out.append(f"encoding {self.encoding!r} not one of {ENCODINGS}")
+        if self.encoding == "int" and (self.planes or self.packed_word):
+            out.append("encoding 'int' has no planes and is not packed")
+        if self.encoding != "int" and any(g not in (1, -1) or s < 0 for s, g in self.planes):
+            out.append(f"planes {self.planes}: signs must be +-1 and shifts >= 0")
+        if self.encoding == "posneg" and self.zero_point:
+            out.append("posneg encoding has no zero point")
+        if self.encoding == "offset" and any(g != 1 for _, g in self.planes):
+            out.append("offset planes are all positive")
+        if self.packed_word not in (0, 32, 64):
+            out.append(f"packed_word {self.packed_word} not in (0, 32, 64)")
+        if self.act_bits is not None:
+            if not 1 <= self.act_bits <= 8:
+                out.append(f"act_bits {self.act_bits} not in 1..8")
+            if self.act_mode not in ("dynamic", "static"):
+                out.append(f"act_mode {self.act_mode!r}")
+            if self.act_mode == "static" and not self.act_scale > 0:
+                out.append("static activation scale must be positive")
+        elif self.act_mode is not None:
+            out.append("act_mode set without act_bits")
+        if self.acc_dtype not in ("int32", "int64"):
+            out.append(f"acc_dtype {self.acc_dtype!r}")
+        return out
+
+    @property
+    def num_planes(self) -> int:
+        return len(self.planes) if self.encoding != "int" else len(self.active_bits)
+
+    def replace(self, **kw) -> "QuantSpec":
+        return replace(self, **kw)
+
+    def text(self) -> str:
+        bits = ",".join(map(str, self.active_bits)) or "-"
+        parts = [f"N={self.n_bits}", f"bits={{{bits}}}", f"enc={self.encoding}"]
+        if self.encoding != "int":
+            parts.append("planes=[" + ",".join(f"{'+' if g > 0 else '-'}{s}" for s, g in self.planes) + "]")
+        if self.zero_point:
+            parts.append(f"zp={self.zero_point}")
+        if self.low_shift:
+            parts.append(f"shift={self.low_shift}")
+        if self.packed_word:
+            parts.append(f"packed={self.packed_word}")
+        parts.append(f"wscale={self.weight_scale}")
+        if self.act_bits is not None:
+            act = f"act={'s' if self.act_signed else 'u'}{self.act_bits}/{self.act_mode}"
+            parts.append(act + (f"@{self.act_scale:.9g}" if self.act_mode == "static" else ""))
+        if self.acc_dtype != "int32":
+            parts.append(f"acc={self.acc_dtype}")
+        return " ".join(parts)
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["active_bits"], d["planes"] = list(self.active_bits), [list(p) for p in self.planes]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantSpec":
+        d = dict(d)
+        d["planes"] = tuple(tuple(p) for p in d.get("planes", ()))
+        d["active_bits"] = tuple(d.get("active_bits", ()))
+        return cls(**d)
+
+
+def _freeze_attr(v):
+    if isinstance(v, list):
+        return tuple(_freeze_attr(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze_attr(x)) for k, x in v.items()))
+    return v
+
+
+@dataclass(frozen=True)
+class Node:
+    """One operation. ``attrs`` is an immutable mapping of plain values (ints, floats, str, tuples)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    type: TensorType
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    quant: QuantSpec | None = None
+    source: str = ""  # where the node came from (module path), for error messages
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "attrs", MappingProxyType({k: _freeze_attr(v) for k, v in sorted(dict(self.attrs).items())}))
+
+    def replace(self, **kw) -> "Node":
+        return replace(self, **kw)
+
+    def attr(self, key: str, default=None):
+        return self.attrs.get(key, default)
+
+    def __hash__(self):
+        return hash((self.name, self.op, self.inputs))
+
+    def __eq__(self, other):
+        return isinstance(other, Node) and self.text() == other.text()
+
+    def text(self) -> str:
+        attrs = ", ".join(f"{k}={_attr_text(v)}" for k, v in self.attrs.items())
+        s = f"%{self.name}: {self.type.text()} = {self.op}({', '.join('%' + i for i in self.inputs)})"
+        if attrs:
+            s += f" {{{attrs}}}"
+        if self.quant is not None:
+            s += f" <{self.quant.text()}>"
+        return s
+
+
+def _attr_text(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.9g}"
+    if isinstance(v, tuple):
+        return "[" + ",".join(_attr_text(x) for x in v) + "]"
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Value:
+    name: str
+    type: TensorType
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.flags.writeable:
+        a = a.copy()
+        a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True)
+class Graph:
+    inputs: tuple[Value, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...]
+    params: Mapping[str, np.ndarray] = field(default_factory=dict)
+    name: str = "model"
+
+    def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "params", MappingProxyType({k: _readonly(v) for k, v in dict(self.params).items()}))
+
+    # -- queries ---------------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def producers(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    def users(self) -> dict[str, list[Node]]:
+        out: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                out.setdefault(i, []).append(n)
+        return out
+
+    def type_of(self, value: str) -> TensorType:
+        for v in self.inputs:
+            if v.name == value:
+                return v.type
+        if value in self.params:
+            p = self.params[value]
+            return TensorType(p.shape, str(p.dtype))
+        return self.node(value).type
+
+    def quant_layers(self) -> list[Node]:
+        return [n for n in self.nodes if n.op in QUANT_LAYER_OPS]
+
+    # -- rewriting (returns new graphs) ----------------------------------------------------
+    def replace(self, **kw) -> "Graph":
+        return replace(self, **kw)
+
+    def with_params(self, updates: Mapping[str, np.ndarray], remove: Iterable[str] = ()) -> "Graph":
+        params = {k: v for k, v in self.params.items() if k not in set(remove)}
+        params.update(updates)
+        return self.replace(params=params)
+
+    def fresh_name(self, base: str) -> str:
+        taken = {n.name for n in self.nodes} | set(self.params) | {v.name for v in self.inputs}
+        if base not in taken:
+            return base
+        i = 1
+        while f"{base}_{i}" in taken:
+            i += 1
+        return f"{base}_{i}"
+
+    # -- text form -------------------------------------------------------------------------
+    def text(self, params: bool = True) -> str:
+        lines = [f"graph {self.name}("]
+        lines += [f"  %{v.name}: {v.type.text()}," for v in self.inputs]
+        lines.append(") {")
+        if params:
+            for k in sorted(self.params):
+                a = self.params[k]
+                digest = hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:12]
+                lines.append(f"  param %{k}: {a.dtype}[{'x'.join(map(str, a.shape)) or 'scalar'}] sha256:{digest}")
+        lines += ["  " + n.text() for n in self.nodes]
+        lines.append("  return " + ", ".join("%" + o for o in self.outputs))
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    __str__ = text
+
+
+OPS = {
+    # op: (minimum inputs, maximum inputs)  -- documented semantics live in the interpreter
+    "qconv2d": (3, 4), "qlinear": (3, 4), "conv2d": (2, 3), "linear": (2, 3),
+    "quantize": (1, 1), "dequantize": (1, 1), "batch_norm": (3, 3),
+    "relu": (1, 1), "clip": (1, 1), "add": (2, 2), "mul": (2, 2), "cat": (1, 64),
+    "max_pool2d": (1, 1), "avg_pool2d": (1, 1), "adaptive_avg_pool2d": (1, 1),
+    "reshape": (1, 1), "permute": (1, 1), "softmax": (1, 1), "minimum": (2, 2),
+    "mean": (1, 1),
+}
+
+
+def verify(g: Graph) -> None:
+    """Check that ``g`` is well formed: names, topological order, types, specs, parameters."""
+    problems: list[str] = []
+    defined = {v.name for v in g.inputs} | set(g.params)
+    seen_names = set(defined)
+    for v in g.inputs:
+        if v.name in g.params:
+            problems.append(f"input %{v.name} shadows a parameter")
+    for n in g.nodes:
+        where = f"%{n.name} ({n.op})"
+        if n.name in seen_names:
+            problems.append(f"{where}: name defined twice")
+        seen_names.add(n.name)
+        if n.op not in OPS:
+            problems.append(f"{where}: unknown op")
+        else:
+            lo, hi = OPS[n.op]
+            if not lo <= len(n.inputs) <= hi:
+                problems.append(f"{where}: takes {lo}..{hi} inputs, has {len(n.inputs)}")
+        for i in n.inputs:
+            if i not in defined:
+                problems.append(f"{where}: input %{i} is not defined before use")
+        defined.add(n.name)
+        problems += [f"{where}: {p}" for p in _check_node(g, n)]
+    for o in g.outputs:
+        if o not in defined:
+            problems.append(f"output %{o} is not defined")
+    if problems:
+        raise IRError("IR verification failed:\n  " + "\n  ".join(problems[:30]))
+
+
+def _check_node(g: Graph, n: Node) -> list[str]:
+    out = []
+    if n.op in QUANT_LAYER_OPS:
+        q = n.quant
+        if q is None:
+            return ["quantized layer without a QuantSpec"]
+        x_t = _safe_type(g, n.inputs[0])
+        w_name, mult_name = n.inputs[1], n.inputs[2]
+        if w_name not in g.params or mult_name not in g.params:
+            return ["weight and mult must be parameters"]
+        w, mult = g.params[w_name], g.params[mult_name]
+        out_ch = n.type.shape[1] if n.op == "qconv2d" else n.type.shape[-1]
+        if mult.dtype != np.float32 or mult.shape != (out_ch,):
+            out.append(f"mult must be float32[{out_ch}], is {mult.dtype}{list(mult.shape)}")
+        if len(n.inputs) == 4:
+            add = g.params.get(n.inputs[3])
+            if add is None or add.dtype != np.float32 or add.shape != (out_ch,):
+                out.append(f"add must be a float32[{out_ch}] parameter")
+        wshape = tuple(n.attr("weight_shape", ()))
+        if not wshape or wshape[0] != out_ch:
+            out.append(f"weight_shape {wshape} does not match {out_ch} output channels")
+        if q.encoding == "int":
+            if w.dtype.kind != "i" or w.shape != wshape:
+                out.append(f"int weights must be integer {list(wshape)}, are {w.dtype}{list(w.shape)}")
+        else:
+            k = int(np.prod(wshape[1:])) if wshape else 0
+            if q.packed_word:
+                words = -(-k // q.packed_word)
+                expect = (q.num_planes, out_ch, words)
+                if w.dtype != np.dtype(f"uint{q.packed_word}") or w.shape != expect:
+                    out.append(f"packed planes must be uint{q.packed_word}{list(expect)}, are {w.dtype}{list(w.shape)}")
+            elif w.dtype != np.uint8 or w.shape != (q.num_planes, out_ch, k):
+                out.append(f"planes must be uint8[{q.num_planes},{out_ch},{k}], are {w.dtype}{list(w.shape)}")
+        if x_t is not None:
+            if q.act_bits is not None and (x_t.qbits != q.act_bits or x_t.qsigned != q.act_signed):
+                out.append(f"input is {x_t.text()} but spec says act {q.act_bits} bits")
+            if q.act_bits is None and x_t.quantized:
+                out.append("quantized input but spec has no act_bits")
+    elif n.op in ("quantize",):
+        bits = n.attr("bits")
+        if n.type.qbits != bits:
+            out.append("quantize output type must carry its bits")
+    elif n.type.quantized and n.op not in ("quantize", "qconv2d", "qlinear"):
+        out.append("only quantize (or a quantized layer with fused output quantization) yields quantized values")
+    return out
+
+
+def _safe_type(g: Graph, name: str) -> TensorType | None:
+    try:
+        return g.type_of(name)
+    except KeyError:
+        return None
+
+
+# -- serialization: JSON + npz, never pickle --------------------------------------------------
+
+IR_FORMAT, IR_VERSION = "csqc-ir", 1
+
+
+def graph_to_json(g: Graph) -> dict:
+    return {
+        "format": IR_FORMAT,
+        "version": IR_VERSION,
+        "name": g.name,
+        "inputs": [{"name": v.name, "type": v.type.to_json()} for v in g.inputs],
+        "nodes": [
+            {"name": n.name, "op": n.op, "inputs": list(n.inputs), "type": n.type.to_json(),
+             "attrs": {k: _attr_json(v) for k, v in n.attrs.items()},
+             "quant": n.quant.to_json() if n.quant else None, "source": n.source}
+            for n in g.nodes
+        ],
+        "outputs": list(g.outputs),
+    }
+
+
+def _attr_json(v):
+    return [_attr_json(x) for x in v] if isinstance(v, tuple) else v
+
+
+def save_graph(g: Graph, path) -> None:
+    """Write ``g`` as a zip of ``graph.json`` and ``params.npz`` (atomically)."""
+    from .modelfile import atomic_write
+
+    def write(tmp):
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in g.params.items()})
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("graph.json", json.dumps(graph_to_json(g), indent=1))
+            z.writestr("params.npz", buf.getvalue())
+
+    atomic_write(path, write)
+
+
+def load_graph(path) -> Graph:
+    """Read a graph written by ``save_graph``; refuses anything else with ``BadInput``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("graph.json"))
+            with np.load(io.BytesIO(z.read("params.npz")), allow_pickle=False) as npz:
+                params = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError) as e:
+        raise BadInput(f"{path}: not a csqc IR file ({type(e).__name__})") from None
+    return graph_from_json(meta, params, str(path))
+
+
+def graph_from_json(meta: dict, params: dict, where: str = "IR") -> Graph:
+    try:
+        if meta.get("format") != IR_FORMAT or meta.get("version") != IR_VERSION:
+            raise BadInput(f"{where}: not a csqc IR file of version {IR_VERSION}")
+        g = Graph(
+            inputs=tuple(Value(v["name"], TensorType.from_json(v["type"])) for v in meta["inputs"]),
+            nodes=tuple(
+                Node(n["name"], n["op"], tuple(n["inputs"]), TensorType.from_json(n["type"]), n.get("attrs", {}),
+                     QuantSpec.from_json(n["quant"]) if n.get("quant") else None, n.get("source", ""))
+                for n in meta["nodes"]
+            ),
+            outputs=tuple(meta["outputs"]),
+            params=params,
+            name=meta.get("name", "model"),
+        )
+    except BadInput:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IRError) as e:
+        raise BadInput(f"{where}: malformed IR ({type(e).__name__}: {e})") from None
+    try:
+        verify(g)
+    except IRError as e:
+        raise BadInput(f"{where}: {e}") from None
+    return g

@@ -1,0 +1,54 @@
+"""accumulator_width: prove each quantized layer's accumulator cannot overflow, pick its width.
+
+For a layer with activation codes of magnitude at most ``L = 2^a - 1`` the accumulator of
+output ``o`` is bounded by ``L * sum_k |q[o, k]|``; bit-serial kernels also hold the partial
+sums of every plane (``L * sum_planes 2^shift * popcount``) and the offset correction
+``z * L * K``. The largest bound decides ``int32`` (below 2^31) or ``int64``. Float-input layers
+keep ``int32`` (they have no integer accumulator). ``changed``: a width changed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from csqc.bitplanes import unpack_planes
+from csqc.interpreter import decode_weight
+from csqc.ir import Graph, QUANT_LAYER_OPS
+
+from .registry import PassResult, register
+from .rewrite import replace_nodes
+
+__all__ = ["accumulator_width", "accumulator_bound"]
+
+INT32_LIMIT = 2**31 - 1
+
+
+def accumulator_bound(g: Graph, n) -> int:
+    """Worst-case magnitude of any partial sum the layer's kernels can form."""
+    spec = n.quant
+    levels = 2**spec.act_bits - 1 if spec.act_bits else 0
+    shape = n.attr("weight_shape")
+    k = int(np.prod(shape[1:]))
+    q = decode_weight(g, n).reshape(shape[0], -1)
+    bound = int(np.abs(q).sum(axis=1).max(initial=0)) * levels
+    if spec.encoding != "int":
+        w = g.params[n.inputs[1]]
+        planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
+        counts = planes.reshape(len(spec.planes), shape[0], -1).sum(axis=2, dtype=np.int64)
+        plane_sum = sum((1 << s) * counts[i] for i, (s, _) in enumerate(spec.planes)) if spec.planes else 0
+        bound = max(bound, int(np.max(plane_sum, initial=0)) * levels, abs(spec.zero_point) * k * levels)
+    return bound
+
+
+@register()
+def accumulator_width(g: Graph) -> PassResult:
+    """Choose int32 or int64 accumulators from a worst-case bound (see module docstring)."""
+    updated = {}
+    for n in g.nodes:
+        if n.op not in QUANT_LAYER_OPS:
+            continue
+        width = "int64" if n.quant.act_bits and accumulator_bound(g, n) > INT32_LIMIT else "int32"
+        if width != n.quant.acc_dtype:
+            updated[n.name] = n.replace(quant=n.quant.replace(acc_dtype=width))
+    if not updated:
+        return PassResult(g, False)
+    return PassResult(replace_nodes(g, updated), True)

@@ -1,0 +1,67 @@
+"""drop_dead_planes: remove planes that contribute nothing and shift out common low zero bits.
+
+Matches quantized layers. For plane encodings it drops all-zero planes (masked positions,
+and active positions no weight uses) and, for ``offset``, folds all-one planes into the zero
+point. Then, for every encoding, the common trailing zero bits ``k`` of the weights move into
+the scale: ``q = 2^k q'``, ``mult' = mult * 2^k`` (exact in float: a power of two),
+``low_shift += k``. Accumulators are reported scaled back by ``low_shift``, so the pass is
+exact. ``changed``: a plane was dropped or bits were shifted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from csqc.bitplanes import trailing_zero_bits
+from csqc.interpreter import decode_weight
+from csqc.ir import Graph, QUANT_LAYER_OPS
+
+from .registry import PassResult, register
+from .rewrite import replace_nodes
+
+__all__ = ["drop_dead_planes"]
+
+
+@register()
+def drop_dead_planes(g: Graph) -> PassResult:
+    """Drop zero planes; shift common low zero bits into ``mult`` (see module docstring)."""
+    updated, params = {}, {}
+    for n in g.nodes:
+        if n.op not in QUANT_LAYER_OPS or n.quant.packed_word:
+            continue
+        spec = n.quant
+        w = g.params[n.inputs[1]]
+        new_spec, new_w = spec, w
+        if spec.encoding != "int":
+            keep, zp = [], spec.zero_point
+            for i, (shift, _sign) in enumerate(spec.planes):
+                plane = w[i]
+                if not plane.any():
+                    continue
+                if spec.encoding == "offset" and plane.all():
+                    zp -= 1 << shift
+                    continue
+                keep.append(i)
+            if len(keep) != len(spec.planes) or zp != spec.zero_point:
+                new_w = w[keep]
+                new_spec = spec.replace(planes=tuple(spec.planes[i] for i in keep), zero_point=zp)
+        q = decode_weight(g.with_params({n.inputs[1]: new_w}), n.replace(quant=new_spec))
+        k = trailing_zero_bits(q)
+        if k:
+            if new_spec.encoding == "int":
+                new_w = (new_w.astype(np.int64) >> k).astype(new_w.dtype)
+                new_spec = new_spec.replace(low_shift=new_spec.low_shift + k)
+            elif all(s >= k for s, _ in new_spec.planes) and new_spec.zero_point % (1 << k) == 0:
+                new_spec = new_spec.replace(
+                    planes=tuple((s - k, sg) for s, sg in new_spec.planes),
+                    zero_point=new_spec.zero_point >> k, low_shift=new_spec.low_shift + k,
+                )
+            else:
+                k = 0
+            if k:
+                params[n.inputs[2]] = (g.params[n.inputs[2]] * np.float32(2**k)).astype(np.float32)
+        if new_spec is not spec:
+            params[n.inputs[1]] = np.ascontiguousarray(new_w)
+            updated[n.name] = n.replace(quant=new_spec)
+    if not updated:
+        return PassResult(g, False)
+    return PassResult(replace_nodes(g, updated, params=params), True)
