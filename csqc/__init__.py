@@ -6,18 +6,43 @@ Library API (the CLI is a thin layer over it)::
     csqc.train_csq(model, data, target_bits=3.0)                # or csqc.train_recipe("digits-cnn")
     csqc.save(model, "model.pt", example_input)                 # safe, self-describing file
     m = csqc.load("model.pt")                                   # m(x) runs the PyTorch reference
+    csqc.compile(m, target="llvm", output="model.so")           # or "onnx", "cuda"
+    csqc.verify(m, artifact="model.so")                         # every runtime, bit for bit
+    run = csqc.runtime.load("model.so"); y = run(x)             # deployment: numpy + tvm only
+
+Names are imported lazily so that ``csqc.runtime`` works without torch installed.
 """
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .errors import BadInput, CompileError, CsqcError, VerifyError  # noqa: E402
-from .layers import ActQuant, CSQConv2d, CSQLinear, convert, finalize  # noqa: E402
-from .modelfile import CsqcModel, load, save  # noqa: E402
-from .train import evaluate, train_csq, train_recipe  # noqa: E402
+_LAZY = {
+    # name: (module, attribute)
+    "CsqcError": ("errors", "CsqcError"), "BadInput": ("errors", "BadInput"),
+    "CompileError": ("errors", "CompileError"), "VerifyError": ("errors", "VerifyError"),
+    "CSQLinear": ("layers", "CSQLinear"), "CSQConv2d": ("layers", "CSQConv2d"), "ActQuant": ("layers", "ActQuant"),
+    "convert": ("layers", "convert"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),
+    "CsqcModel": ("modelfile", "CsqcModel"), "save": ("modelfile", "save"), "load": ("modelfile", "load"),
+    "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
+    "capture": ("capture", "capture"), "optimize": ("compiler", "optimize"), "compile": ("compiler", "compile"),
+    "inspect": ("compiler", "inspect"), "verify": ("verify", "verify"),
+}
 
-__all__ = [
-    "__version__",
-    "CsqcError", "BadInput", "CompileError", "VerifyError",
-    "CSQLinear", "CSQConv2d", "ActQuant", "convert", "finalize",
-    "CsqcModel", "save", "load",
-    "train_csq", "train_recipe", "evaluate",
-]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+        globals()[name] = value
+        return value
+    if name in ("runtime", "models", "passes", "targets", "ir", "interpreter", "layers", "ops"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'csqc' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

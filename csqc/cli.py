@@ -161,6 +161,172 @@ def train(recipe, output, target_bits, epochs, seed, as_json):
                   f"{result.seconds:.1f}s -> {output}")
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@model_options
+@click.option("--batch", type=int, help="Batch size to analyse (default: the model file's).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart of bits per layer.")
+@click.option("--dump-ir", is_flag=True, help="Print the optimized IR (stable, diffable text).")
+@json_option
+def inspect(model, load_model, batch, plot, dump_ir, as_json):
+    """Per-layer bit allocation, planes, sizes and kernel choice of a model."""
+    from .compiler import inspect as inspect_model
+
+    report = inspect_model(load_model(model), batch=batch)
+    if plot:
+        from .report import plot_bits
+
+        plot_bits(report, plot)
+    if dump_ir:
+        from .compiler import optimize
+
+        click.echo(optimize(load_model(model), "default", batch=batch).text())
+    if as_json:
+        _emit_json({"ok": True, **report.to_json(), **({"plot": plot} if plot else {})})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.model}: quantized layers")
+    for col in ("layer", "weight", "bits", "positions", "planes", "zero % per plane", "packed", "fp32", "act", "kernel"):
+        table.add_column(col, justify="right" if col in ("packed", "fp32", "planes") else "left", no_wrap=True)
+    for r in report.layers:
+        zero = " ".join(f"{100 * z:.0f}" for z in r.plane_zero_fraction[:5]) + (" .." if len(r.plane_zero_fraction) > 5 else "")
+        table.add_row(r.name, f"{r.op[1:]} " + "x".join(map(str, r.weight_shape)), _bits_cell(r.active_bits, r.n_bits),
+                      ",".join(map(str, r.active_bits)) or "-", f"{r.planes} {r.encoding}", zero,
+                      _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32),
+                      f"u{r.act_bits}/{r.act_mode}" if r.act_bits else "float", r.kernel)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(f"average weight bits [bold]{report.avg_bits:.2f}[/], planes {report.avg_planes:.2f}; "
+                  f"quantized weights {_human(report.weight_bytes_packed)} packed vs {_human(report.weight_bytes_fp32)} fp32 "
+                  f"({report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller); "
+                  f"float layers {_human(report.float_weight_bytes)}" + (f"; plot -> {plot}" if plot else ""))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path())
+@model_options
+@click.option("--target", "-t", default="llvm", show_default=True, help="llvm (CPU), cuda or onnx.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Artifact to write (default: MODEL.so / .onnx).")
+@click.option("--batch", type=int, help="Batch size to compile for (default: the model file's).")
+@click.option("--mcpu", help="LLVM CPU name (default: this machine's).")
+@click.option("--kernel", "force_kernel", type=click.Choice(["auto", "bitserial", "bitparallel"]), default="auto",
+              show_default=True, help="Override the per-layer kernel choice.")
+@click.option("--onnx-form", type=click.Choice(["reference", "deploy"]), default="reference", show_default=True)
+@click.option("--check-planes", is_flag=True, help="ONNX: one product per weight bitplane (checks the decomposition).")
+@click.option("--dataset", type=click.Choice(["digits"]), help="Calibration data for --onnx-form deploy.")
+@click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the IR after every pass to this folder.")
+@json_option
+def compile_cmd(model, load_model, target, output, batch, mcpu, force_kernel, onnx_form, check_planes, dataset,
+                dump_ir, as_json):
+    """Compile a model into a deployable artifact."""
+    from .compiler import TARGETS, compile as compile_model
+
+    if target not in TARGETS:
+        raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    loaded = load_model(model)
+    calibration = _dataset_inputs(loaded, dataset, batch) if dataset else None
+    progress = _layer_progress(not as_json and sys.stderr.isatty())
+    with progress as bar:
+        task = bar.add_task("lowering", total=None)
+        result = compile_model(
+            loaded, target, output, batch=batch, mcpu=mcpu, force_kernel=None if force_kernel == "auto" else force_kernel,
+            onnx_form=onnx_form, check_planes=check_planes, calibration=calibration, dump_ir=dump_ir,
+            on_layer=lambda name: bar.update(task, advance=1, description=f"lowered {name}"),
+        )
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    kernels = result.report.get("kernels", {})
+    if kernels:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{result.target}: kernel per quantized layer")
+        table.add_column("layer")
+        table.add_column("kernel")
+        table.add_column("why")
+        for name, info in result.report.get("layers", {}).items():
+            table.add_row(name, info["kernel"], info.get("reason", ""))
+        Console().print(table)
+    extra = f", build {result.report['build_seconds']:.1f}s" if "build_seconds" in result.report else ""
+    click.echo(f"compiled for {result.target} in {result.seconds:.1f}s{extra} -> {result.output} "
+               f"({_human(result.output.stat().st_size)})")
+
+
+def _layer_progress(enabled: bool):
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), disable=not enabled,
+                    transient=True)
+
+
+def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
+    from .data import load_digits_split
+
+    shape = list(model.input_specs[0]["shape"])
+    if batch:
+        shape[0] = batch
+    data = load_digits_split(image=len(shape) == 4)
+    x = data.x_train
+    if list(x.shape[1:]) != shape[1:]:
+        raise BadInput(f"--dataset digits gives inputs of shape {list(x.shape[1:])}; the model takes {shape[1:]}")
+    n = shape[0]
+    return [x[i : i + n] for i in range(0, len(x) - n + 1, n)][:64]
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(), help=".npy (or .npz) input.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the output here (.npy).")
+@click.option("--skip-planes", default=0, show_default=True, type=int,
+              help="Drop this many least significant weight planes per layer (faster, less exact).")
+@json_option
+def run(artifact, input_path, output, skip_planes, as_json):
+    """Run a compiled artifact on an input array."""
+    import numpy as np
+
+    from . import runtime
+
+    model = runtime.load(artifact)
+    x = _read_array(input_path)
+    y = model(x, skip_planes=skip_planes)
+    if output:
+        from .modelfile import atomic_write
+
+        atomic_write(output, lambda tmp: np.save(open(tmp, "wb"), y))
+    if as_json:
+        _emit_json({"ok": True, "output": output, "shape": list(y.shape), "argmax": y.reshape(y.shape[0], -1).argmax(1).tolist()})
+    else:
+        click.echo(f"output {list(y.shape)}" + (f" -> {output}" if output else f": {np.array2string(y, precision=4, threshold=20)}"))
+
+
+def _read_array(path: str):
+    import numpy as np
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise BadInput(f"{path}: not a .npy/.npz array file ({e})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if not data.files:
+                raise BadInput(f"{path}: empty .npz")
+            return data[data.files[0]]
+    return data
+
+
 def main(argv=None):
     # click exits with 2 on usage errors, which is csqc's code for bad usage too
     cli.main(args=argv, prog_name="csqc")

@@ -1,0 +1,118 @@
+"""The compiler driver: model file -> capture -> passes -> target. Library twin of the CLI."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import BadInput, CompileError
+from .ir import Graph
+
+__all__ = ["TARGETS", "CompileResult", "optimize", "compile", "inspect", "to_model"]
+
+log = logging.getLogger(__name__)
+
+# target name -> (IR pipeline it consumes, one-line description)
+TARGETS: dict[str, tuple[str, str]] = {
+    "llvm": ("default", "TVM CPU: bit-serial / bit-parallel kernels, one shared library"),
+    "onnx": ("integer", "ONNX: integer-exact reference graph (or --onnx-form deploy)"),
+}
+
+
+@dataclass
+class CompileResult:
+    target: str
+    output: Path
+    graph: Graph
+    report: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"ok": True, "target": self.target, "output": str(self.output), "seconds": self.seconds, **self.report}
+
+
+def to_model(model, *, model_factory: str | None = None, input_shape=None):
+    """A ``CsqcModel`` from a path, a ``CsqcModel`` or a finalized ``torch.nn.Module``."""
+    from .modelfile import CsqcModel, load
+
+    if isinstance(model, CsqcModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load(model, model_factory=model_factory, input_shape=input_shape)
+    raise BadInput(f"expected a model file path or a CsqcModel, got {type(model).__name__} "
+                   "(save a torch model with csqc.save first)")
+
+
+def optimize(model, pipeline: str = "default", *, batch: int | None = None, dump_dir=None) -> Graph:
+    """Capture ``model`` and run an IR pipeline over it."""
+    from .capture import capture
+    from .passes import run_passes
+
+    graph = capture(to_model(model), batch=batch)
+    graph, _ = run_passes(graph, pipeline, dump_dir=dump_dir)
+    return graph
+
+
+def inspect(model, *, batch: int | None = None):
+    """Per-layer report of the optimized graph (bits, planes, sizes, CPU kernel choice)."""
+    from .report import inspect_graph
+
+    graph = optimize(model, "default", batch=batch)
+    kernels = {}
+    try:
+        from .targets.llvm.lower import _rows, choose_kernel
+        from .interpreter import decode_weight
+
+        for n in graph.quant_layers():
+            kernels[n.name] = choose_kernel(n, _rows(n), decode_weight(graph, n)).kernel
+    except ImportError:  # TVM missing: the report still stands without kernel choices
+        pass
+    return inspect_graph(graph, kernels)
+
+
+def compile(model, target: str = "llvm", output=None, *, batch: int | None = None, pipeline: str | None = None,
+            mcpu: str | None = None, force_kernel: str | None = None, onnx_form: str = "reference",
+            check_planes: bool = False, calibration=None, dump_ir=None,
+            on_layer: Callable[[str], None] | None = None, model_factory=None, input_shape=None) -> CompileResult:
+    """Compile a model for ``target`` and write the artifact to ``output`` (atomically)."""
+    if target not in TARGETS:
+        raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    from .modelfile import check_writable
+
+    model = to_model(model, model_factory=model_factory, input_shape=input_shape)
+    if output is None:
+        stem = Path(model.source).stem if model.source else "model"
+        output = Path(f"{stem}.{ 'onnx' if target == 'onnx' else 'so'}")
+    output = check_writable(output)
+    start = time.perf_counter()
+    graph = optimize(model, pipeline or TARGETS[target][0], batch=batch, dump_dir=dump_ir)
+    if target == "llvm":
+        from .targets.llvm.target import emit_llvm
+
+        report = emit_llvm(graph, output, mcpu=mcpu, force_kernel=force_kernel, on_layer=on_layer)
+    elif target == "onnx":
+        report = _emit_onnx(graph, output, onnx_form, check_planes, calibration)
+    else:  # pragma: no cover - TARGETS is the source of truth
+        raise CompileError(f"target {target} has no emitter")
+    return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
+
+
+def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration) -> dict:
+    from .targets.onnx.reference import emit_reference
+    from .targets.onnx.runner import save_onnx
+
+    if form == "reference":
+        model = emit_reference(graph, check_planes=check_planes)
+        save_onnx(model, output)
+        return {"onnx_form": "reference", "size_bytes": output.stat().st_size}
+    if form == "deploy":
+        from .targets.onnx.deploy import emit_deploy
+
+        if calibration is None:
+            raise BadInput("--onnx-form deploy needs calibration inputs (--dataset digits or --inputs file.npz)")
+        model, report = emit_deploy(graph, calibration)
+        save_onnx(model, output)
+        return {"onnx_form": "deploy", **report}
+    raise BadInput(f"unknown --onnx-form {form!r}: use reference or deploy")

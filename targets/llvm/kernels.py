@@ -1,0 +1,870 @@
+"""TensorIR kernels for the csqc LLVM (CPU) target: bit-serial and bit-parallel dense and conv2d.
+
+Semantics (exact integer math, see the csqc docs): weights are a plane decomposition
+``q[n, k] = sum_p sign_p 2^shift_p plane_p[n, k] - zero_point`` (planes most significant first),
+activations are unsigned codes ``x[m, k]`` in ``[0, 2^act_bits)``, and every kernel computes
+``acc[m, n] = sum_k x[m, k] q[n, k]``.
+
+Kernels are written in TVMScript with compile-time shapes; Python-level parameters (shapes,
+``shifts_signs``, knobs) are captured by closure, so each builder returns a specialised,
+already scheduled ``PrimFunc`` (loops carry their ``parallel``/``vectorized``/``unroll`` kinds;
+the knob dataclasses are the schedule space a tuner can grid-search).  The last parameter of
+every kernel is its output buffer; scalars come right before it.
+
+* :func:`bitserial_dense` -- popcount kernel: packs the activation codes into bit-planes in the
+  same PrimFunc, then for every tile of ``lanes`` outputs accumulates
+  ``popcount(W_p & X_j)`` per activation bit in vector registers (lanes along N), folding the
+  activation bits and the plane coefficient once per plane.  The runtime ``n_planes`` argument
+  stops after the first planes (PrecisionBatching); the test is lane-uniform, once per plane.
+* :func:`bitparallel_dense` -- int8 weights (combined at pack time), u8 x s8 dot products with
+  AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
+* :func:`bitserial_conv2d`, :func:`bitparallel_conv2d` -- implicit GEMM per group (im2col fused
+  into the activation packing, so no im2col buffer); depthwise (one input channel per group)
+  uses a direct int32 kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
+
+__all__ = [
+    "BitserialKnobs",
+    "BitparallelKnobs",
+    "ConvGeometry",
+    "conv_geometry",
+    "cpu_target",
+    "build",
+    "CompiledKernel",
+    "bitserial_dense",
+    "bitparallel_dense",
+    "bitserial_conv2d",
+    "bitparallel_conv2d",
+]
+
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+# Register-sized scratch buffers stay LLVM allocas (promoted to registers).  Without this the
+# TVM 0.27 lowering turns local buffers inside parallel loops into TVMBackendAllocWorkspace
+# calls per task, and accumulators then round-trip through memory on every iteration.
+_ON_STACK = {"disable_lower_builtin": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Knobs (the schedule space)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BitserialKnobs:
+    """Schedule knobs of the bit-serial kernels.
+
+    lanes: outputs per vector tile (16 = one zmm of int32); must match the packed weight layout
+        (conv uses ``effective_lanes(O/groups, lanes)``).
+    word_unroll: packed K-words unrolled in the popcount loop.
+    rows_per_task: rows of M handled by one parallel task (the weight tile stays in L1).
+    pack_chunk: packed words per vector chunk in the activation packer.
+    """
+
+    lanes: int = 16
+    word_unroll: int = 2
+    rows_per_task: int = 8
+    pack_chunk: int = 64
+
+
+@dataclass(frozen=True)
+class BitparallelKnobs:
+    """Schedule knobs of the bit-parallel (int8 VNNI) kernels.
+
+    row_block: rows of M (output pixels for conv) held in registers per tile.
+    col_vectors: 16-output vectors held in registers per tile (row_block * col_vectors zmm
+        accumulators; keep it <= ~24).
+    """
+
+    row_block: int = 4
+    col_vectors: int = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Target, build and run
+# --------------------------------------------------------------------------------------------
+def cpu_target(mcpu: str | None = None, mattr: Sequence[str] | None = None) -> tvm.target.Target:
+    """LLVM target for this CPU.  A generic ``{"kind": "llvm"}`` emits no popcount or VNNI
+    instructions, so the CPU name is always given (detected when ``mcpu`` is None)."""
+    config = {"kind": "llvm", "mcpu": mcpu or tvm.target.codegen.llvm_get_system_cpu()}
+    if mattr:
+        config["mattr"] = list(mattr)
+    return tvm.target.Target(config)
+
+
+class CompiledKernel:
+    """A built kernel callable on numpy arrays and Python ints.
+
+    ``kernel(*inputs)`` takes every parameter except the last (the output buffer, allocated
+    here) and returns the output as a numpy array.
+    """
+
+    def __init__(self, prim_func: tirx.PrimFunc, executable, device):
+        self.prim_func = prim_func
+        self.executable = executable
+        self.module = executable.mod
+        self.device = device
+        out_buffer = prim_func.params[-1]  # TVM 0.27: buffer parameters are the buffers
+        self.output_shape = tuple(int(d) for d in out_buffer.shape)
+        self.output_dtype = str(out_buffer.dtype)
+
+    def _convert(self, args):
+        converted = []
+        for value in args:
+            if isinstance(value, np.ndarray):
+                converted.append(tvm.runtime.tensor(np.ascontiguousarray(value), self.device))
+            else:
+                converted.append(value)
+        return converted
+
+    def __call__(self, *args):
+        out = tvm.runtime.tensor(np.zeros(self.output_shape, self.output_dtype), self.device)
+        self.executable(*self._convert(args), out)
+        return out.numpy()
+
+    def time_us(self, *args, number: int = 100, repeat: int = 10) -> float:
+        """Median run time in microseconds (TVM ``time_evaluator``)."""
+        out = tvm.runtime.tensor(np.zeros(self.output_shape, self.output_dtype), self.device)
+        timer = self.module.time_evaluator("main", self.device, number=number, repeat=repeat)
+        result = timer(*self._convert(args), out)
+        return float(np.median(result.results) * 1e6)
+
+    def assembly(self) -> str:
+        return self.module.inspect_source("asm")
+
+
+def build(prim_func: tirx.PrimFunc, target: tvm.target.Target | None = None) -> CompiledKernel:
+    """Compile a kernel PrimFunc for the CPU and wrap it for numpy use."""
+    target = target or cpu_target()
+    func = prim_func.with_attr("global_symbol", "main")
+    # StorageRewrite re-creates allocations without their annotations (see _ON_STACK); the
+    # kernels' scratch buffers are few and small, so nothing is lost by skipping it.
+    with tvm.transform.PassContext(config={"tirx.disable_storage_rewrite": True}):
+        executable = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    return CompiledKernel(func, executable, tvm.cpu())
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+def _check_planes(shifts_signs, act_bits: int, acc_dtype: str):
+    if not shifts_signs:
+        raise ValueError("at least one weight plane is required")
+    for shift, sign in shifts_signs:
+        if sign not in (1, -1) or not 0 <= shift <= 15:
+            raise ValueError(f"invalid plane (shift={shift}, sign={sign})")
+    if not 1 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be 1..8, got {act_bits}")
+    if acc_dtype not in ("int32", "int64"):
+        raise ValueError(f"acc_dtype must be int32 or int64, got {acc_dtype}")
+
+
+def _plane_coefficient(plane, shifts_signs, dtype: str):
+    """``sign_p * 2^shift_p`` of a plane index expression (a Select chain folded per tile)."""
+    expr = tirx.const(0, dtype)
+    for index in reversed(range(len(shifts_signs))):
+        shift, sign = shifts_signs[index]
+        expr = tirx.Select(plane == index, tirx.const(sign * (1 << shift), dtype), expr)
+    return expr
+
+
+def _fold_activation_bits(counts, lane, act_bits: int):
+    """``sum_j 2^j counts[j, lane]`` (once per plane and tile, not per word)."""
+    expr = counts[0, lane]
+    for bit in range(1, act_bits):
+        expr = expr + (counts[bit, lane] << bit)
+    return expr
+
+
+def _bit_of(code, bit, position):
+    """Bit ``bit`` of a uint8 code moved to bit ``position`` of a uint32 word."""
+    word = tirx.Cast("uint32", code)
+    return ((word >> tirx.Cast("uint32", bit)) & tirx.const(1, "uint32")) << tirx.Cast("uint32", position)
+
+
+def _chunks(total: int, chunk: int) -> tuple[int, int, int]:
+    """(chunk size, number of full chunks, tail size) covering ``total``."""
+    chunk = max(1, min(chunk, total))
+    return chunk, total // chunk, total % chunk
+
+
+def _make_bitserial_core(*, groups: int, rows: int, n_tiles: int, lanes: int, kw: int,
+                         shifts_signs, act_bits: int, acc_dtype: str, knobs: BitserialKnobs,
+                         with_zero_point: bool, weight_at: Callable, plane_at: Callable,
+                         rowsum_at: Callable, store_tile):
+    """The popcount loop nest shared by dense and conv.
+
+    Parallel tasks are (group, output tile, block of rows).  Per row and plane: ``act_bits``
+    vector accumulators of popcounts (``lanes`` outputs each, lane-uniform activation word
+    broadcast), folded into the output accumulator with the plane coefficient; planes at or
+    after ``n_planes`` are skipped with one scalar test per plane.
+    """
+    n_planes_total = len(shifts_signs)
+    rows_per_task = max(1, min(knobs.rows_per_task, rows))
+    row_blocks = -(-rows // rows_per_task)
+    unroll, full_steps, tail_words = _chunks(kw, knobs.word_unroll)
+    tasks = groups * n_tiles * row_blocks
+
+    @T.macro
+    def accumulate_words(weights, planes, counts, g, nt, p, m, first_word, count):
+        for wi in T.unroll(count):
+            for j in T.unroll(act_bits):
+                for lane in T.vectorized(lanes):
+                    counts[j, lane] = counts[j, lane] + T.reinterpret(
+                        "int32",
+                        T.popcount(weight_at(weights, g, nt, p, first_word + wi, lane)
+                                   & plane_at(planes, g, m, j, first_word + wi)),
+                    )
+
+    @T.macro
+    def core(weights, planes, rowsum, out, n_planes, zero_point):
+        for task in T.parallel(tasks):
+            for mi in range(rows_per_task):
+                if (task % row_blocks) * rows_per_task + mi < rows:
+                    total = T.alloc_buffer((lanes,), acc_dtype, scope="local", annotations=_ON_STACK)
+                    counts = T.alloc_buffer((act_bits, lanes), "int32", scope="local", annotations=_ON_STACK)
+                    for lane in T.vectorized(lanes):
+                        total[lane] = T.Cast(acc_dtype, 0)
+                    for p in range(n_planes_total):
+                        if p < n_planes:
+                            for j in T.unroll(act_bits):
+                                for lane in T.vectorized(lanes):
+                                    counts[j, lane] = 0
+                            for step in range(full_steps):
+                                accumulate_words(weights, planes, counts,
+                                                 task // (n_tiles * row_blocks),
+                                                 task // row_blocks % n_tiles, p,
+                                                 (task % row_blocks) * rows_per_task + mi,
+                                                 step * unroll, unroll)
+                            if tail_words > 0:
+                                accumulate_words(weights, planes, counts,
+                                                 task // (n_tiles * row_blocks),
+                                                 task // row_blocks % n_tiles, p,
+                                                 (task % row_blocks) * rows_per_task + mi,
+                                                 full_steps * unroll, tail_words)
+                            for lane in T.vectorized(lanes):
+                                total[lane] = total[lane] + _plane_coefficient(
+                                    p, shifts_signs, acc_dtype) * T.Cast(
+                                    acc_dtype, _fold_activation_bits(counts, lane, act_bits))
+                    if with_zero_point:
+                        for lane in T.vectorized(lanes):
+                            total[lane] = total[lane] - T.Cast(acc_dtype, zero_point) * T.Cast(
+                                acc_dtype, rowsum_at(rowsum, task // (n_tiles * row_blocks),
+                                                     (task % row_blocks) * rows_per_task + mi))
+                    store_tile(out, total, task // (n_tiles * row_blocks),
+                               task // row_blocks % n_tiles,
+                               (task % row_blocks) * rows_per_task + mi)
+
+    return core
+
+
+# --------------------------------------------------------------------------------------------
+# Bit-serial dense
+# --------------------------------------------------------------------------------------------
+def bitserial_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], act_bits: int,
+                    zero_point: bool, acc_dtype: str = "int32",
+                    knobs: BitserialKnobs | None = None) -> tirx.PrimFunc:
+    """Bit-serial dense kernel.
+
+    Signature of the returned PrimFunc::
+
+        main(x: uint8[M, K], w_planes: uint32[ceil(N/lanes), P, KW, lanes],
+             n_planes: int32, zero_point: int32, y: acc_dtype[M, N])
+
+    ``w_planes`` comes from ``packing.pack_weight_planes(planes, lanes=knobs.lanes)``;
+    ``shifts_signs`` lists ``(shift, sign)`` per plane, most significant first.  Only planes
+    ``p < n_planes`` are accumulated (pass P for the exact result).  ``zero_point`` is used only
+    when the kernel is built with ``zero_point=True`` (offset encoding): the kernel then
+    subtracts ``zero_point * sum_k x[m, k]`` whatever ``n_planes`` is.
+    """
+    _check_planes(shifts_signs, act_bits, acc_dtype)
+    with_zero_point = bool(zero_point)  # the PrimFunc has a scalar parameter of the same name
+    knobs = knobs or BitserialKnobs()
+    shifts_signs = [tuple(map(int, item)) for item in shifts_signs]
+    planes_count = len(shifts_signs)
+    lanes = knobs.lanes
+    kw = words_for(K)
+    n_tiles = -(-N // lanes)
+    chunk, full_chunks, tail_chunk = _chunks(kw, knobs.pack_chunk)
+    last_tile_width = N - (n_tiles - 1) * lanes
+
+    @T.macro
+    def pack_chunk(x, planes, m, first_word, size):
+        # Plane j, word w, bit b holds bit j of x[m, b*KW + w]: a contiguous vector load per b.
+        bits = T.alloc_buffer((act_bits, size), "uint32", scope="local", annotations=_ON_STACK)
+        for j in T.unroll(act_bits):
+            for lane in T.vectorized(size):
+                bits[j, lane] = T.uint32(0)
+        for b in range(WORD_BITS):
+            if b * kw + first_word + size <= K:
+                for j in T.unroll(act_bits):
+                    for lane in T.vectorized(size):
+                        bits[j, lane] = bits[j, lane] | _bit_of(x[m, b * kw + first_word + lane], j, b)
+            else:
+                for lane in range(size):
+                    if b * kw + first_word + lane < K:
+                        for j in T.unroll(act_bits):
+                            bits[j, lane] = bits[j, lane] | _bit_of(
+                                x[m, b * kw + first_word + lane], j, b)
+        for j in T.unroll(act_bits):
+            for lane in T.vectorized(size):
+                planes[m, j, first_word + lane] = bits[j, lane]
+
+    def weight_at(weights, g, nt, p, word, lane):
+        return weights[nt, p, word, lane]
+
+    def plane_at(planes, g, m, j, word):
+        return planes[m, j, word]
+
+    def rowsum_at(rowsum, g, m):
+        return rowsum[m]
+
+    @T.macro
+    def store_tile(out, total, g, nt, m):
+        if last_tile_width == lanes:
+            for lane in T.vectorized(lanes):
+                out[m, nt * lanes + lane] = total[lane]
+        else:
+            if nt < n_tiles - 1:
+                for lane in T.vectorized(lanes):
+                    out[m, nt * lanes + lane] = total[lane]
+            else:
+                for lane in range(last_tile_width):
+                    out[m, nt * lanes + lane] = total[lane]
+
+    core = _make_bitserial_core(
+        groups=1, rows=M, n_tiles=n_tiles, lanes=lanes, kw=kw, shifts_signs=shifts_signs,
+        act_bits=act_bits, acc_dtype=acc_dtype, knobs=knobs, with_zero_point=with_zero_point,
+        weight_at=weight_at, plane_at=plane_at, rowsum_at=rowsum_at, store_tile=store_tile)
+
+    @T.prim_func
+    def main(x: T.Buffer((M, K), "uint8"),
+             w_planes: T.Buffer((n_tiles, planes_count, kw, lanes), "uint32"),
+             n_planes: T.int32, zero_point: T.int32,
+             y: T.Buffer((M, N), acc_dtype)):
+        T.func_attr({"tir.noalias": True})
+        act_planes = T.alloc_buffer((M, act_bits, kw), "uint32")
+        rowsum = T.alloc_buffer((M,), "int32")
+        for m in T.parallel(M):
+            for c in range(full_chunks):
+                pack_chunk(x, act_planes, m, c * chunk, chunk)
+            if tail_chunk > 0:
+                pack_chunk(x, act_planes, m, full_chunks * chunk, tail_chunk)
+            if with_zero_point:
+                # sum_k x[m, k] from the planes: A*KW scalar popcounts per row.
+                sums = T.alloc_buffer((1,), "int32", scope="local", annotations=_ON_STACK)
+                sums[0] = 0
+                for j in range(act_bits):
+                    for word in range(kw):
+                        sums[0] = sums[0] + (T.reinterpret("int32", T.popcount(act_planes[m, j, word])) << j)
+                rowsum[m] = sums[0]
+        core(w_planes, act_planes, rowsum, y, n_planes, zero_point)
+
+    return main
+
+
+# --------------------------------------------------------------------------------------------
+# Bit-parallel dense (int8 VNNI)
+# --------------------------------------------------------------------------------------------
+def _vnni(acc, act_word, weight_vector):
+    """acc[i] += sum_{t<4} u8(act_word byte t) * s8(weight byte 4i+t) (16 int32 lanes)."""
+    return T.call_llvm_pure_intrin(
+        "int32x16", _VPDPBUSD, acc,
+        T.reinterpret("int8x64", T.broadcast(act_word, VNNI_LANES)), weight_vector)
+
+
+def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dtype: str = "int32",
+                      knobs: BitparallelKnobs | None = None) -> tirx.PrimFunc:
+    """Bit-parallel dense kernel on weights combined at pack time.
+
+    ``weight_dtype="int8"`` (``vpdpbusd``; requires ``-128 <= q <= 127``)::
+
+        main(x: uint8[M, K], w: int8[ceil(N/16), ceil(K/4), 64], y: int32[M, N])
+
+    ``weight_dtype="int16"`` (vectorized int32 multiply-add fallback for wider q)::
+
+        main(x: uint8[M, K], w: int16[ceil(N/16), K, 16], y: int32[M, N])
+
+    Weights come from ``packing.pack_bitparallel_weight(q)``.  Precision is fixed at pack time
+    (no ``n_planes``: combine fewer planes with ``packing.combine_planes(..., n_planes=)``).
+    """
+    if acc_dtype != "int32":
+        raise ValueError("bit-parallel kernels accumulate in int32 (vpdpbusd); use bit-serial for int64")
+    knobs = knobs or BitparallelKnobs()
+    n_tiles = -(-N // VNNI_LANES)
+    row_block = max(1, min(knobs.row_block, M))
+    row_blocks = -(-M // row_block)
+    last_tile_width = N - (n_tiles - 1) * VNNI_LANES
+
+    @T.macro
+    def store_rows(y, acc, nt, m0, cv):
+        for r in range(row_block):
+            if m0 + r < M:
+                if last_tile_width == VNNI_LANES:
+                    y[m0 + r, T.ramp(nt * VNNI_LANES, 1, VNNI_LANES)] = acc[r, cv]
+                elif nt < n_tiles - 1:
+                    y[m0 + r, T.ramp(nt * VNNI_LANES, 1, VNNI_LANES)] = acc[r, cv]
+                else:
+                    spill = T.alloc_buffer((VNNI_LANES,), "int32", scope="local", annotations=_ON_STACK)
+                    spill[T.ramp(0, 1, VNNI_LANES)] = acc[r, cv]
+                    for lane in range(last_tile_width):
+                        y[m0 + r, nt * VNNI_LANES + lane] = spill[lane]
+
+    if weight_dtype == "int16":
+        @T.prim_func
+        def main16(x: T.Buffer((M, K), "uint8"), w: T.Buffer((n_tiles, K, VNNI_LANES), "int16"),
+                   y: T.Buffer((M, N), "int32")):
+            T.func_attr({"tir.noalias": True})
+            for task in T.parallel(n_tiles * row_blocks):
+                acc = T.alloc_buffer((row_block, 1), "int32x16", scope="local", annotations=_ON_STACK)
+                for r in T.unroll(row_block):
+                    acc[r, 0] = T.broadcast(T.int32(0), VNNI_LANES)
+                for k in range(K):
+                    for r in T.unroll(row_block):
+                        acc[r, 0] = acc[r, 0] + T.broadcast(T.Cast(
+                            "int32", x[T.min((task % row_blocks) * row_block + r, M - 1), k]),
+                            VNNI_LANES) * T.Cast("int32x16", w[task // row_blocks, k, T.ramp(0, 1, VNNI_LANES)])
+                store_rows(y, acc, task // row_blocks, (task % row_blocks) * row_block, 0)
+
+        return main16
+    if weight_dtype != "int8":
+        raise ValueError(f"weight_dtype must be int8 or int16, got {weight_dtype}")
+
+    k_groups = -(-K // 4)
+    col_vectors = max(1, min(knobs.col_vectors, n_tiles))
+    col_blocks = -(-n_tiles // col_vectors)
+
+    @T.macro
+    def vnni_tile(xw, w, y, task):
+        # One int32x16 element per accumulator: LLVM keeps the whole tile in zmm registers.
+        acc = T.alloc_buffer((row_block, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
+        for r in T.unroll(row_block):
+            for cv in T.unroll(col_vectors):
+                acc[r, cv] = T.broadcast(T.int32(0), VNNI_LANES)
+        for kg in range(k_groups):
+            for cv in T.unroll(col_vectors):
+                for r in T.unroll(row_block):
+                    acc[r, cv] = _vnni(
+                        acc[r, cv],
+                        xw[T.min((task % row_blocks) * row_block + r, M - 1), kg],
+                        w[T.min((task // row_blocks) * col_vectors + cv, n_tiles - 1), kg,
+                          T.ramp(0, 1, 4 * VNNI_LANES)])
+        for cv in range(col_vectors):
+            if (task // row_blocks) * col_vectors + cv < n_tiles:
+                store_rows(y, acc, (task // row_blocks) * col_vectors + cv,
+                           (task % row_blocks) * row_block, cv)
+
+    if K % 4 == 0:
+        @T.prim_func
+        def main8(x: T.Buffer((M, K), "uint8"), w: T.Buffer((n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
+                  y: T.Buffer((M, N), "int32")):
+            T.func_attr({"tir.noalias": True})
+            # Four consecutive u8 codes read as one int32 word (broadcast to all lanes).
+            xw = T.decl_buffer((M, k_groups), "int32", data=x.data)
+            for task in T.parallel(col_blocks * row_blocks):
+                vnni_tile(xw, w, y, task)
+
+        return main8
+
+    @T.prim_func
+    def main8_padded(x: T.Buffer((M, K), "uint8"),
+                     w: T.Buffer((n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
+                     y: T.Buffer((M, N), "int32")):
+        T.func_attr({"tir.noalias": True})
+        # K is not a multiple of 4: copy rows into a zero-padded buffer (code 0 adds nothing).
+        x_padded = T.alloc_buffer((M, 4 * k_groups), "uint8")
+        for m in T.parallel(M):
+            for k in T.vectorized(4 * k_groups):
+                x_padded[m, k] = T.uint8(0)
+            for k in T.vectorized(K):
+                x_padded[m, k] = x[m, k]
+        xw = T.decl_buffer((M, k_groups), "int32", data=x_padded.data)
+        for task in T.parallel(col_blocks * row_blocks):
+            vnni_tile(xw, w, y, task)
+
+    return main8_padded
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shapes of an NCHW conv2d (weights ``[O, C/groups, kh, kw]``)."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def padded_h(self) -> int:
+        return self.height + 2 * self.padding[0]
+
+    @property
+    def padded_w(self) -> int:
+        return self.width + 2 * self.padding[1]
+
+    @property
+    def out_h(self) -> int:
+        return (self.padded_h - self.dilation[0] * (self.kernel_h - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def out_w(self) -> int:
+        return (self.padded_w - self.dilation[1] * (self.kernel_w - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def reduction(self) -> int:
+        """K of the implicit GEMM per group."""
+        return self.in_per_group * self.kernel_h * self.kernel_w
+
+    @property
+    def is_depthwise(self) -> bool:
+        """One input channel per group: K = kh*kw, served by the direct int32 kernel."""
+        return self.in_per_group == 1
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if np.isscalar(value) else (int(value[0]), int(value[1]))
+
+
+def conv_geometry(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1) -> ConvGeometry:
+    """Validated :class:`ConvGeometry` from NCHW input and OIHW weight shapes."""
+    batch, channels, height, width = map(int, input_shape)
+    out_channels, in_per_group, kernel_h, kernel_w = map(int, weight_shape)
+    if channels % groups or out_channels % groups or channels // groups != in_per_group:
+        raise ValueError(f"inconsistent groups={groups} for input {input_shape} and weight {weight_shape}")
+    geometry = ConvGeometry(batch, channels, height, width, out_channels, kernel_h, kernel_w,
+                            _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    if geometry.out_h <= 0 or geometry.out_w <= 0:
+        raise ValueError("convolution output is empty")
+    return geometry
+
+
+def _make_zero_pad_copy(geo: ConvGeometry):
+    """Macro copying the NCHW codes into a zero-bordered buffer (code 0 is value 0: exact)."""
+    ph, pw = geo.padding
+
+    @T.macro
+    def pad_copy(x, x_padded):
+        for bc in T.parallel(geo.batch * geo.in_channels):
+            for h in range(geo.padded_h):
+                for w in T.vectorized(geo.padded_w):
+                    x_padded[bc // geo.in_channels, bc % geo.in_channels, h, w] = T.uint8(0)
+            for h in range(geo.height):
+                for w in T.vectorized(geo.width):
+                    x_padded[bc // geo.in_channels, bc % geo.in_channels, h + ph, w + pw] = \
+                        x[bc // geo.in_channels, bc % geo.in_channels, h, w]
+
+    return pad_copy
+
+
+def _make_depthwise_direct(geo: ConvGeometry, weight_of: Callable, chunk: int = 32):
+    """Direct int32 depthwise kernel: for each (batch, output channel) a 2-D stencil vectorized
+    along the output row.  With K = kh*kw (9 for 3x3) a popcount over packed K words would
+    use 9 of 32 bits per word; plain int32 multiply-adds on the codes are cheaper."""
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    taps = geo.kernel_h * geo.kernel_w
+    multiplier = geo.out_per_group
+    width, full, tail = _chunks(geo.out_w, chunk)
+
+    @T.macro
+    def row_chunk(x_padded, y, q, b, o, oh, ow0, size):
+        acc = T.alloc_buffer((size,), "int32", scope="local", annotations=_ON_STACK)
+        for lane in T.vectorized(size):
+            acc[lane] = 0
+        for r in range(geo.kernel_h):
+            for s in range(geo.kernel_w):
+                for lane in T.vectorized(size):
+                    acc[lane] = acc[lane] + q[r * geo.kernel_w + s] * T.Cast(
+                        "int32", x_padded[b, o // multiplier, oh * sh + r * dh, (ow0 + lane) * sw + s * dw])
+        for lane in T.vectorized(size):
+            y[b, o, oh, ow0 + lane] = acc[lane]
+
+    @T.macro
+    def depthwise(x_padded, weights, y, n_planes, zero_point):
+        for task in T.parallel(geo.batch * geo.out_channels):
+            q = T.alloc_buffer((taps,), "int32", scope="local", annotations=_ON_STACK)
+            for t in range(taps):
+                q[t] = weight_of(weights, task % geo.out_channels, t, n_planes, zero_point)
+            for oh in range(geo.out_h):
+                for c in range(full):
+                    row_chunk(x_padded, y, q, task // geo.out_channels, task % geo.out_channels,
+                              oh, c * width, width)
+                if tail > 0:
+                    row_chunk(x_padded, y, q, task // geo.out_channels, task % geo.out_channels,
+                              oh, full * width, tail)
+
+    return depthwise
+
+
+def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int, int]], act_bits: int,
+                     zero_point: bool, stride=1, padding=0, dilation=1, groups=1,
+                     acc_dtype: str = "int32", knobs: BitserialKnobs | None = None) -> tirx.PrimFunc:
+    """Bit-serial NCHW conv2d (implicit GEMM per group; direct kernel for depthwise).
+
+    Signature of the returned PrimFunc::
+
+        main(x: uint8[B, C, H, W], w_planes, n_planes: int32, zero_point: int32,
+             y: acc_dtype[B, O, OH, OW])
+
+    ``w_planes`` is ``packing.pack_conv_weight_planes(planes, groups, knobs.lanes)``
+    (``uint32[G, NT, P, KW, lanes]``, K ordered (c, r, s)), or for depthwise
+    (``C/groups == 1``) ``packing.pack_depthwise_weight_planes(planes)`` (``uint8[O, P, kh*kw]``).
+    The im2col gather is fused into the activation packing: planes are packed along output
+    rows (lanes = output columns), so no im2col buffer is materialised.
+    """
+    _check_planes(shifts_signs, act_bits, acc_dtype)
+    with_zero_point = bool(zero_point)  # the PrimFunc has a scalar parameter of the same name
+    knobs = knobs or BitserialKnobs()
+    shifts_signs = [tuple(map(int, item)) for item in shifts_signs]
+    planes_count = len(shifts_signs)
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, OH, OW, G = geo.out_channels, geo.out_h, geo.out_w, geo.groups
+    Hp, Wp = geo.padded_h, geo.padded_w
+    pad_copy = _make_zero_pad_copy(geo)
+
+    if geo.is_depthwise:
+        if acc_dtype != "int32":
+            raise ValueError("the depthwise direct kernel accumulates in int32")
+        taps = geo.kernel_h * geo.kernel_w
+
+        def weight_of(weights, o, t, n_planes, zp):
+            expr = -zp if with_zero_point else tirx.const(0, "int32")
+            for p in range(planes_count):
+                shift, sign = shifts_signs[p]
+                expr = expr + tirx.Select(p < n_planes, tirx.const(sign * (1 << shift), "int32"),
+                                          tirx.const(0, "int32")) * T.Cast("int32", weights[o, p, t])
+            return expr
+
+        depthwise = _make_depthwise_direct(geo, weight_of)
+
+        @T.prim_func
+        def main_dw(x: T.Buffer((B, C, H, W), "uint8"),
+                    w_planes: T.Buffer((O, planes_count, taps), "uint8"),
+                    n_planes: T.int32, zero_point: T.int32,
+                    y: T.Buffer((B, O, OH, OW), "int32")):
+            T.func_attr({"tir.noalias": True})
+            x_padded = T.alloc_buffer((B, C, Hp, Wp), "uint8")
+            pad_copy(x, x_padded)
+            depthwise(x_padded, w_planes, y, n_planes, zero_point)
+
+        return main_dw
+
+    Cg, Og = geo.in_per_group, geo.out_per_group
+    kh, kwid = geo.kernel_h, geo.kernel_w
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    K = geo.reduction
+    kw = words_for(K)
+    lanes = effective_lanes(Og, knobs.lanes)
+    n_tiles = -(-Og // lanes)
+    rows = B * OH * OW
+    width, full, tail = _chunks(OW, 32)
+
+    @T.macro
+    def pack_row_chunk(x_padded, planes, g, b, oh, word, ow0, size):
+        # One packed word (32 K positions) for `size` output pixels of one output row.
+        bits = T.alloc_buffer((act_bits, size), "uint32", scope="local", annotations=_ON_STACK)
+        for j in T.unroll(act_bits):
+            for lane in T.vectorized(size):
+                bits[j, lane] = T.uint32(0)
+        for bit in range(WORD_BITS):
+            if bit * kw + word < K:
+                for j in T.unroll(act_bits):
+                    for lane in T.vectorized(size):
+                        bits[j, lane] = bits[j, lane] | _bit_of(
+                            x_padded[b, g * Cg + (bit * kw + word) // (kh * kwid),
+                                     oh * sh + (bit * kw + word) // kwid % kh * dh,
+                                     (ow0 + lane) * sw + (bit * kw + word) % kwid * dw], j, bit)
+        for j in T.unroll(act_bits):
+            for lane in T.vectorized(size):
+                planes[g, j, word, (b * OH + oh) * OW + ow0 + lane] = bits[j, lane]
+
+    def weight_at(weights, g, nt, p, word, lane):
+        return weights[g, nt, p, word, lane]
+
+    def plane_at(planes, g, m, j, word):
+        return planes[g, j, word, m]
+
+    def rowsum_at(rowsum, g, m):
+        return rowsum[g, m]
+
+    @T.macro
+    def store_tile(out, total, g, nt, m):
+        for lane in range(lanes):
+            if nt * lanes + lane < Og:
+                out[m // (OH * OW), g * Og + nt * lanes + lane, m // OW % OH, m % OW] = total[lane]
+
+    core = _make_bitserial_core(
+        groups=G, rows=rows, n_tiles=n_tiles, lanes=lanes, kw=kw, shifts_signs=shifts_signs,
+        act_bits=act_bits, acc_dtype=acc_dtype, knobs=knobs, with_zero_point=with_zero_point,
+        weight_at=weight_at, plane_at=plane_at, rowsum_at=rowsum_at, store_tile=store_tile)
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"),
+             w_planes: T.Buffer((G, n_tiles, planes_count, kw, lanes), "uint32"),
+             n_planes: T.int32, zero_point: T.int32,
+             y: T.Buffer((B, O, OH, OW), acc_dtype)):
+        T.func_attr({"tir.noalias": True})
+        x_padded = T.alloc_buffer((B, C, Hp, Wp), "uint8")
+        act_planes = T.alloc_buffer((G, act_bits, kw, rows), "uint32")
+        rowsum = T.alloc_buffer((G, rows), "int32")
+        pad_copy(x, x_padded)
+        for task in T.parallel(G * B * OH):
+            for word in range(kw):
+                for c in range(full):
+                    pack_row_chunk(x_padded, act_planes, task // (B * OH), task // OH % B, task % OH,
+                                   word, c * width, width)
+                if tail > 0:
+                    pack_row_chunk(x_padded, act_planes, task // (B * OH), task // OH % B, task % OH,
+                                   word, full * width, tail)
+            if with_zero_point:
+                for ow in range(OW):
+                    sums = T.alloc_buffer((1,), "int32", scope="local", annotations=_ON_STACK)
+                    sums[0] = 0
+                    for j in range(act_bits):
+                        for word in range(kw):
+                            sums[0] = sums[0] + (T.reinterpret("int32", T.popcount(
+                                act_planes[task // (B * OH), j, word,
+                                           (task // OH % B * OH + task % OH) * OW + ow])) << j)
+                    rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] = sums[0]
+        core(w_planes, act_planes, rowsum, y, n_planes, zero_point)
+
+    return main
+
+
+def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
+                       knobs: BitparallelKnobs | None = None) -> tirx.PrimFunc:
+    """Bit-parallel NCHW conv2d on int8 weights (implicit GEMM with ``vpdpbusd``).
+
+    Signature of the returned PrimFunc::
+
+        main(x: uint8[B, C, H, W], w, y: int32[B, O, OH, OW])
+
+    ``w`` is ``packing.pack_bitparallel_conv_weight(q, groups)``
+    (``int8[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]``, K ordered (r, s, c)); for depthwise
+    (``C/groups == 1``) it is ``int32[O, kh*kw]`` (``q.reshape(O, -1)``) for the direct kernel.
+    The input is first copied to a zero-padded NHWC-like buffer ``[B, Hp, Wp, G, ceil(Cg/4)*4]``
+    so that four consecutive channels form one int32 word for ``vpdpbusd``.
+    """
+    knobs = knobs or BitparallelKnobs()
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, OH, OW, G = geo.out_channels, geo.out_h, geo.out_w, geo.groups
+    Hp, Wp = geo.padded_h, geo.padded_w
+    ph, pw = geo.padding
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    kh, kwid = geo.kernel_h, geo.kernel_w
+
+    if geo.is_depthwise:
+        taps = kh * kwid
+        pad_copy = _make_zero_pad_copy(geo)
+
+        def weight_of(weights, o, t, n_planes, zp):
+            return weights[o, t]
+
+        depthwise = _make_depthwise_direct(geo, weight_of)
+
+        @T.prim_func
+        def main_dw(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
+                    y: T.Buffer((B, O, OH, OW), "int32")):
+            T.func_attr({"tir.noalias": True})
+            x_padded = T.alloc_buffer((B, C, Hp, Wp), "uint8")
+            pad_copy(x, x_padded)
+            depthwise(x_padded, w, y, 0, 0)
+
+        return main_dw
+
+    Cg, Og = geo.in_per_group, geo.out_per_group
+    c_groups = -(-Cg // 4)          # int32 words of 4 channels per group and pixel
+    words_per_pixel = G * c_groups
+    n_tiles = -(-Og // VNNI_LANES)
+    k_groups = kh * kwid * c_groups
+    rows = B * OH * OW
+    row_block = max(1, min(knobs.row_block, rows))
+    row_blocks = -(-rows // row_block)
+    col_vectors = max(1, min(knobs.col_vectors, n_tiles))
+    col_blocks = -(-n_tiles // col_vectors)
+    tasks = G * col_blocks * row_blocks
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"),
+             w: T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
+             y: T.Buffer((B, O, OH, OW), "int32")):
+        T.func_attr({"tir.noalias": True})
+        x_nhwc = T.alloc_buffer((B, Hp, Wp, G, 4 * c_groups), "uint8")
+        for bh in T.parallel(B * Hp):
+            for wc in T.vectorized(Wp * G * 4 * c_groups):
+                x_nhwc[bh // Hp, bh % Hp, wc // (G * 4 * c_groups), wc // (4 * c_groups) % G,
+                       wc % (4 * c_groups)] = T.uint8(0)
+            if ph <= bh % Hp and bh % Hp < H + ph:
+                for c in range(C):
+                    for col in range(W):
+                        x_nhwc[bh // Hp, bh % Hp, col + pw, c // Cg, c % Cg] = \
+                            x[bh // Hp, c, bh % Hp - ph, col]
+        x_words = T.decl_buffer((B * Hp * Wp * words_per_pixel,), "int32", data=x_nhwc.data)
+        for task in T.parallel(tasks):
+            base = T.alloc_buffer((row_block,), "int32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((row_block, col_vectors, VNNI_LANES), "int32", scope="local", annotations=_ON_STACK)
+            for r in range(row_block):
+                # Word offset of the top-left input pixel of output row (clamped) r.
+                base[r] = (((T.min((task % row_blocks) * row_block + r, rows - 1) // (OH * OW)) * Hp
+                            + T.min((task % row_blocks) * row_block + r, rows - 1) // OW % OH * sh) * Wp
+                           + T.min((task % row_blocks) * row_block + r, rows - 1) % OW * sw) \
+                    * words_per_pixel + task // (col_blocks * row_blocks) * c_groups
+            for r in T.unroll(row_block):
+                for cv in T.unroll(col_vectors):
+                    for lane in T.vectorized(VNNI_LANES):
+                        acc[r, cv, lane] = 0
+            for rr in range(kh):
+                for ss in range(kwid):
+                    for cq in range(c_groups):
+                        for cv in T.unroll(col_vectors):
+                            for r in T.unroll(row_block):
+                                acc[r, cv, T.ramp(0, 1, VNNI_LANES)] = _vnni(
+                                    acc[r, cv, T.ramp(0, 1, VNNI_LANES)],
+                                    x_words[base[r] + (rr * dh * Wp + ss * dw) * words_per_pixel + cq],
+                                    w[task // (col_blocks * row_blocks),
+                                      T.min(task // row_blocks % col_blocks * col_vectors + cv, n_tiles - 1),
+                                      (rr * kwid + ss) * c_groups + cq,
+                                      T.ramp(0, 1, 4 * VNNI_LANES)])
+            for r in range(row_block):
+                for cv in range(col_vectors):
+                    for lane in range(VNNI_LANES):
+                        if ((task % row_blocks) * row_block + r < rows
+                                and (task // row_blocks % col_blocks * col_vectors + cv) * VNNI_LANES + lane < Og):
+                            y[((task % row_blocks) * row_block + r) // (OH * OW),
+                              task // (col_blocks * row_blocks) * Og
+                              + (task // row_blocks % col_blocks * col_vectors + cv) * VNNI_LANES + lane,
+                              ((task % row_blocks) * row_block + r) // OW % OH,
+                              ((task % row_blocks) * row_block + r) % OW] = acc[r, cv, lane]
+
+    return main
+

@@ -1,0 +1,214 @@
+"""Numpy packing helpers: weight and activation bit-planes in the layouts of the LLVM kernels.
+
+Bit order along K (shared by weights and activations)
+-----------------------------------------------------
+K values are packed ``word_bits`` per word, *interleaved*: bit ``b`` of word ``w`` holds
+``k = b * KW + w`` with ``KW = ceil(K / word_bits)``.  Any bijection between ``k`` and
+(word, bit) gives the same popcount dot product as long as weights and activations share it;
+this one lets the in-kernel activation packer load ``KW`` consecutive activation codes for
+one bit position as a contiguous vector (no gathers).  Positions ``k >= K`` are zero bits in
+both operands, so padding is exact.
+
+Layouts
+-------
+* bit-serial dense weights: ``[N_tiles, P, KW, lanes]`` uint32.  ``lanes`` output rows form one
+  vector tile (lanes run along N: contiguous vector loads, no horizontal reductions); N is
+  padded with zero rows to ``N_tiles * lanes``.  Planes of a tile are contiguous, so skipping
+  trailing planes at run time (``n_planes``) skips whole memory ranges.
+* bit-serial conv weights: ``[G, N_tiles, P, KW, lanes]`` per group, K ordered ``(c, r, s)``.
+* depthwise (``C/groups == 1``) weights: plain 0/1 bytes ``[O, P, kh*kw]`` for the direct kernel.
+* activation planes (reference of the in-kernel packer): ``[M, A, KW]`` uint32.
+* bit-parallel dense weights: int8 ``[ceil(N/16), ceil(K/4), 64]`` (16 outputs x 4 consecutive K
+  values per 64-byte vector, the operand order of ``vpdpbusd``), or int16 ``[ceil(N/16), K, 16]``
+  when ``q`` does not fit int8.
+* bit-parallel conv weights: int8 ``[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]`` with K ordered
+  ``(r, s, c)`` and channels padded to a multiple of 4 per group (matches the NHWC input copy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "WORD_BITS",
+    "VNNI_LANES",
+    "words_for",
+    "effective_lanes",
+    "pack_bits_along_k",
+    "unpack_bits_along_k",
+    "pack_weight_planes",
+    "unpack_weight_planes",
+    "pack_activation_planes",
+    "pack_conv_weight_planes",
+    "pack_depthwise_weight_planes",
+    "combine_planes",
+    "bitparallel_weight_dtype",
+    "pack_bitparallel_weight",
+    "unpack_bitparallel_weight",
+    "pack_bitparallel_conv_weight",
+]
+
+WORD_BITS = 32
+VNNI_LANES = 16  # int32 outputs per 512-bit vpdpbusd
+_WORD_DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+def words_for(k: int, word_bits: int = WORD_BITS) -> int:
+    """Number of packed words holding ``k`` bits."""
+    return (k + word_bits - 1) // word_bits
+
+
+def effective_lanes(n_outputs: int, lanes: int) -> int:
+    """Vector lanes actually used for ``n_outputs`` rows: ``lanes``, or the next power of two
+    below it when there are fewer outputs (a 4-output group should not pay for 16 lanes)."""
+    needed = 1 << max(0, (n_outputs - 1).bit_length())
+    return max(1, min(lanes, needed))
+
+
+def pack_bits_along_k(bits: np.ndarray, word_bits: int = WORD_BITS) -> np.ndarray:
+    """Pack 0/1 values ``[..., K]`` into words ``[..., KW]`` with the interleaved bit order."""
+    bits = np.asarray(bits)
+    if word_bits not in _WORD_DTYPES:
+        raise ValueError(f"word_bits must be one of {sorted(_WORD_DTYPES)}, got {word_bits}")
+    if bits.size and (bits.min() < 0 or bits.max() > 1):
+        raise ValueError("bit planes must hold only 0 and 1")
+    k = bits.shape[-1]
+    kw = words_for(k, word_bits)
+    padded = np.zeros(bits.shape[:-1] + (kw * word_bits,), dtype=np.uint64)
+    padded[..., :k] = bits
+    by_bit = padded.reshape(bits.shape[:-1] + (word_bits, kw))  # [..., b, w] holds k = b*KW + w
+    shifts = np.arange(word_bits, dtype=np.uint64).reshape((word_bits, 1))
+    words = np.bitwise_or.reduce(by_bit << shifts, axis=-2)
+    return words.astype(_WORD_DTYPES[word_bits])
+
+
+def unpack_bits_along_k(words: np.ndarray, k: int, word_bits: int = WORD_BITS) -> np.ndarray:
+    """Inverse of :func:`pack_bits_along_k`: words ``[..., KW]`` to 0/1 uint8 ``[..., k]``."""
+    words = np.asarray(words).astype(np.uint64)
+    kw = words.shape[-1]
+    shifts = np.arange(word_bits, dtype=np.uint64).reshape((word_bits, 1))
+    by_bit = (words[..., None, :] >> shifts) & np.uint64(1)  # [..., b, w]
+    flat = by_bit.reshape(words.shape[:-1] + (word_bits * kw,))
+    return flat[..., :k].astype(np.uint8)
+
+
+def pack_weight_planes(planes: np.ndarray, word_bits: int = WORD_BITS, lanes: int = 16) -> np.ndarray:
+    """Pack weight planes ``[P, N, K]`` (0/1) into the bit-serial layout
+    ``[ceil(N/lanes), P, KW, lanes]`` (zero rows pad N, zero bits pad K)."""
+    planes = np.asarray(planes)
+    if planes.ndim != 3:
+        raise ValueError(f"planes must be [P, N, K], got shape {planes.shape}")
+    p, n, _ = planes.shape
+    n_tiles = -(-n // lanes)
+    words = pack_bits_along_k(planes, word_bits)  # [P, N, KW]
+    padded = np.zeros((p, n_tiles * lanes, words.shape[-1]), dtype=words.dtype)
+    padded[:, :n] = words
+    tiled = padded.reshape(p, n_tiles, lanes, -1)  # [P, NT, lanes, KW]
+    return np.ascontiguousarray(tiled.transpose(1, 0, 3, 2))
+
+
+def unpack_weight_planes(packed: np.ndarray, n: int, k: int, word_bits: int = WORD_BITS) -> np.ndarray:
+    """Inverse of :func:`pack_weight_planes`: ``[NT, P, KW, lanes]`` to 0/1 ``[P, n, k]``."""
+    packed = np.asarray(packed)
+    n_tiles, p, kw, lanes = packed.shape
+    words = packed.transpose(1, 0, 3, 2).reshape(p, n_tiles * lanes, kw)[:, :n]
+    return unpack_bits_along_k(words, k, word_bits)
+
+
+def pack_activation_planes(codes: np.ndarray, act_bits: int, word_bits: int = WORD_BITS) -> np.ndarray:
+    """Reference packer of unsigned activation codes ``[M, K]`` into planes ``[M, A, KW]``
+    (plane j holds bit j of every code).  The kernels pack in TensorIR; this mirrors it."""
+    codes = np.asarray(codes).astype(np.int64)
+    if codes.size and (codes.min() < 0 or codes.max() >= (1 << act_bits)):
+        raise ValueError(f"activation codes must lie in [0, {(1 << act_bits) - 1}]")
+    bits = np.stack([(codes >> j) & 1 for j in range(act_bits)], axis=1)  # [M, A, K]
+    return pack_bits_along_k(bits, word_bits)
+
+
+def pack_conv_weight_planes(planes: np.ndarray, groups: int, lanes: int = 16,
+                            word_bits: int = WORD_BITS) -> np.ndarray:
+    """Pack conv weight planes ``[P, O, C/groups, kh, kw]`` into ``[G, NT, P, KW, lanes]``
+    with ``lanes = effective_lanes(O/groups, lanes)`` and K ordered ``(c, r, s)``."""
+    planes = np.asarray(planes)
+    p, o = planes.shape[:2]
+    if o % groups:
+        raise ValueError(f"output channels {o} not divisible by groups {groups}")
+    per_group = o // groups
+    lanes = effective_lanes(per_group, lanes)
+    flat = planes.reshape(p, groups, per_group, -1)
+    return np.stack([pack_weight_planes(flat[:, g], word_bits, lanes) for g in range(groups)])
+
+
+def pack_depthwise_weight_planes(planes: np.ndarray) -> np.ndarray:
+    """Depthwise (one input channel per group) planes ``[P, O, 1, kh, kw]`` as bytes
+    ``[O, P, kh*kw]`` for the direct kernel (K is kh*kw: nothing to gain from bit packing)."""
+    planes = np.asarray(planes)
+    p, o = planes.shape[:2]
+    return np.ascontiguousarray(planes.reshape(p, o, -1).transpose(1, 0, 2)).astype(np.uint8)
+
+
+def combine_planes(planes: np.ndarray, shifts_signs, zero_point: int = 0,
+                   n_planes: int | None = None) -> np.ndarray:
+    """Integer weights ``q = sum_p sign_p 2^shift_p plane_p - zero_point`` (int64), using only
+    the first ``n_planes`` planes when given (most significant first)."""
+    planes = np.asarray(planes).astype(np.int64)
+    used = len(shifts_signs) if n_planes is None else min(n_planes, len(shifts_signs))
+    q = np.zeros(planes.shape[1:], dtype=np.int64)
+    for (shift, sign), plane in zip(shifts_signs[:used], planes[:used]):
+        q += sign * (plane << shift)
+    return q - zero_point
+
+
+def bitparallel_weight_dtype(q: np.ndarray) -> str:
+    """``"int8"`` when every weight fits int8 (the vpdpbusd path), else ``"int16"``."""
+    q = np.asarray(q)
+    if q.size == 0 or (q.min() >= -128 and q.max() <= 127):
+        return "int8"
+    if q.min() >= -32768 and q.max() <= 32767:
+        return "int16"
+    raise ValueError("bit-parallel weights must fit int16")
+
+
+def pack_bitparallel_weight(q: np.ndarray, dtype: str | None = None) -> np.ndarray:
+    """Pack integer weights ``q[N, K]`` for the bit-parallel dense kernel: int8
+    ``[ceil(N/16), ceil(K/4), 64]`` or int16 ``[ceil(N/16), K, 16]`` (zero padded)."""
+    q = np.asarray(q)
+    n, k = q.shape
+    dtype = dtype or bitparallel_weight_dtype(q)
+    n_tiles = -(-n // VNNI_LANES)
+    if dtype == "int8":
+        k4 = -(-k // 4)
+        padded = np.zeros((n_tiles * VNNI_LANES, k4 * 4), dtype=np.int8)
+        padded[:n, :k] = q
+        blocked = padded.reshape(n_tiles, VNNI_LANES, k4, 4).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(blocked.reshape(n_tiles, k4, VNNI_LANES * 4))
+    if dtype == "int16":
+        padded = np.zeros((n_tiles * VNNI_LANES, k), dtype=np.int16)
+        padded[:n] = q
+        return np.ascontiguousarray(padded.reshape(n_tiles, VNNI_LANES, k).transpose(0, 2, 1))
+    raise ValueError(f"unsupported bit-parallel weight dtype {dtype}")
+
+
+def unpack_bitparallel_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_bitparallel_weight` (returns int64 ``[n, k]``)."""
+    packed = np.asarray(packed)
+    if packed.dtype == np.int8:
+        n_tiles, k4, _ = packed.shape
+        blocked = packed.reshape(n_tiles, k4, VNNI_LANES, 4).transpose(0, 2, 1, 3)
+        return blocked.reshape(n_tiles * VNNI_LANES, k4 * 4)[:n, :k].astype(np.int64)
+    n_tiles, kk, _ = packed.shape
+    return packed.transpose(0, 2, 1).reshape(n_tiles * VNNI_LANES, kk)[:n, :k].astype(np.int64)
+
+
+def pack_bitparallel_conv_weight(q: np.ndarray, groups: int) -> np.ndarray:
+    """Pack conv weights ``q[O, C/groups, kh, kw]`` (must fit int8) into
+    ``[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]`` with K ordered ``(r, s, c)``."""
+    q = np.asarray(q)
+    o, cg, kh, kw = q.shape
+    if bitparallel_weight_dtype(q) != "int8":
+        raise ValueError("bit-parallel conv weights must fit int8")
+    og = o // groups
+    cg4 = -(-cg // 4) * 4
+    rsc = np.zeros((groups, og, kh, kw, cg4), dtype=np.int64)
+    rsc[..., :cg] = q.reshape(groups, og, cg, kh, kw).transpose(0, 1, 3, 4, 2)
+    flat = rsc.reshape(groups, og, kh * kw * cg4)
+    return np.stack([pack_bitparallel_weight(flat[g], "int8") for g in range(groups)])

@@ -1,0 +1,92 @@
+"""The ``llvm`` target: build a lowered plan into one shared library, write the artifact.
+
+An artifact is a single file: the TVM-built shared library with a zip archive appended
+(``plan.json`` + ``weights.npz``). The dynamic loader ignores trailing bytes and zip readers
+find their directory at the end of the file, so one path serves both, and ``csqc.runtime``
+needs only numpy and the TVM runtime to run it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from csqc.errors import CompileError
+from csqc.ir import Graph
+
+from .lower import Plan, lower_graph
+
+__all__ = ["ARTIFACT_FORMAT", "build_plan", "write_artifact", "emit_llvm"]
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 1
+
+
+def build_plan(plan: Plan, target) -> object:
+    """Compile every PrimFunc of the plan into one TVM executable."""
+    import tvm
+
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in plan.funcs.items()})
+    # see kernels._ON_STACK: storage rewrite would drop the on-stack annotation of scratch buffers
+    with tvm.transform.PassContext(config={"tirx.disable_storage_rewrite": True}):
+        return tvm.compile(mod, target=target)
+
+
+def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict) -> Path:
+    from csqc.modelfile import atomic_write
+
+    doc = {
+        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, **meta,
+        "inputs": plan.inputs, "outputs": plan.outputs, "buffers": plan.buffers,
+        "steps": plan.steps, "layers": plan.layers,
+    }
+    weights = io.BytesIO()
+    np.savez(weights, **plan.weights)
+
+    def write(tmp):
+        with tempfile.TemporaryDirectory() as d:
+            lib = os.path.join(d, "lib.so")
+            executable.export_library(lib)
+            shutil.copyfile(lib, tmp)
+        with zipfile.ZipFile(tmp, "a", zipfile.ZIP_STORED) as z:
+            z.writestr("plan.json", json.dumps(doc))
+            z.writestr("weights.npz", weights.getvalue())
+
+    atomic_write(path, write)
+    return Path(path)
+
+
+def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, force_kernel: str | None = None,
+              on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm") -> dict:
+    """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes)."""
+    from .kernels import cpu_target
+
+    try:
+        target = cpu_target(mcpu, mattr)
+    except Exception as e:
+        raise CompileError(f"invalid CPU target (mcpu={mcpu!r}): {e}") from None
+    t0 = time.perf_counter()
+    plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer)
+    t1 = time.perf_counter()
+    executable = build_plan(plan, target)
+    t2 = time.perf_counter()
+    meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", ""))}, "model": graph.name}
+    write_artifact(plan, executable, output, meta)
+    weight_bytes = sum(int(a.nbytes) for k, a in plan.weights.items() if not k.endswith(".bitplanes"))
+    return {
+        "target": target_kind, "output": str(output), "mcpu": meta["target"]["mcpu"],
+        "kernels": {name: info["kernel"] for name, info in plan.layers.items()},
+        "layers": plan.layers, "functions": len(plan.funcs), "steps": len(plan.steps),
+        "lower_seconds": t1 - t0, "build_seconds": t2 - t1, "weight_bytes": weight_bytes,
+        "size_bytes": Path(output).stat().st_size,
+    }

@@ -1,0 +1,302 @@
+"""Exactness tests of the LLVM (CPU) kernel library against numpy int64 references."""
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from csqc.targets.llvm import kernels, packing
+
+RNG = np.random.default_rng(20240611)
+
+
+# ------------------------------------------------------------------------------------------
+# Test-local plane decompositions (the passes own the real ones)
+# ------------------------------------------------------------------------------------------
+def planes_from_q(q: np.ndarray, bits: int, encoding: str):
+    """(planes [P, ...], shifts_signs, zero_point) with planes most significant first.
+
+    posneg: q in [-(2^bits - 1), 2^bits - 1], one +plane and one -plane per bit.
+    offset: q in [-2^(bits-1), 2^(bits-1) - 1], q + 2^(bits-1) split into its bits.
+    """
+    q = np.asarray(q, dtype=np.int64)
+    planes, shifts_signs = [], []
+    if encoding == "posneg":
+        pos, neg = np.maximum(q, 0), np.maximum(-q, 0)
+        for bit in reversed(range(bits)):
+            planes += [(pos >> bit) & 1, (neg >> bit) & 1]
+            shifts_signs += [(bit, 1), (bit, -1)]
+        zero_point = 0
+    elif encoding == "offset":
+        zero_point = 1 << (bits - 1)
+        unsigned = q + zero_point
+        for bit in reversed(range(bits)):
+            planes.append((unsigned >> bit) & 1)
+            shifts_signs.append((bit, 1))
+    else:
+        raise ValueError(encoding)
+    return np.stack(planes).astype(np.uint8), shifts_signs, zero_point
+
+
+def random_q(shape, bits: int, encoding: str) -> np.ndarray:
+    if encoding == "posneg":
+        return RNG.integers(-(1 << bits) + 1, 1 << bits, shape)
+    return RNG.integers(-(1 << (bits - 1)), 1 << (bits - 1), shape)
+
+
+def dense_reference(x, q):
+    return x.astype(np.int64) @ np.asarray(q, dtype=np.int64).T
+
+
+def conv_reference(x, q, stride, padding, dilation, groups):
+    batch, channels, height, width = x.shape
+    out_channels, per_group, kh, kw = q.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    padded = np.zeros((batch, channels, height + 2 * ph, width + 2 * pw), np.int64)
+    padded[:, :, ph:ph + height, pw:pw + width] = x
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    y = np.zeros((batch, out_channels, out_h, out_w), np.int64)
+    outs_per_group = out_channels // groups
+    for o in range(out_channels):
+        g = o // outs_per_group
+        for r in range(kh):
+            for s in range(kw):
+                patch = padded[:, g * per_group:(g + 1) * per_group,
+                               r * dh:r * dh + sh * (out_h - 1) + 1:sh,
+                               s * dw:s * dw + sw * (out_w - 1) + 1:sw]
+                y[:, o] += np.einsum("bchw,c->bhw", patch, q[o, :, r, s].astype(np.int64))
+    return y
+
+
+_KERNEL_CACHE = {}
+
+
+def built(builder, *args, **kwargs):
+    """Compile once per distinct kernel configuration within the test session."""
+    key = (builder.__name__, repr(args), repr(sorted(kwargs.items())))
+    if key not in _KERNEL_CACHE:
+        _KERNEL_CACHE[key] = kernels.build(builder(*args, **kwargs))
+    return _KERNEL_CACHE[key]
+
+
+# ------------------------------------------------------------------------------------------
+# Packing
+# ------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(
+    n_planes=st.integers(1, 8),
+    n=st.integers(1, 40),
+    k=st.integers(1, 150),
+    lanes=st.sampled_from([4, 8, 16, 32]),
+    word_bits=st.sampled_from([8, 16, 32, 64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_weight_plane_packing_round_trip(n_planes, n, k, lanes, word_bits, seed):
+    planes = np.random.default_rng(seed).integers(0, 2, (n_planes, n, k)).astype(np.uint8)
+    packed = packing.pack_weight_planes(planes, word_bits=word_bits, lanes=lanes)
+    assert packed.shape == (-(-n // lanes), n_planes, packing.words_for(k, word_bits), lanes)
+    np.testing.assert_array_equal(packing.unpack_weight_planes(packed, n, k, word_bits), planes)
+    # Padding is exact: the packed words hold exactly the set bits of the planes.
+    popcounts = sum(bin(int(word)).count("1") for word in packed.ravel())
+    assert popcounts == int(planes.sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 90), seed=st.integers(0, 2**31 - 1))
+def test_bitparallel_packing_round_trip(n, k, seed):
+    rng = np.random.default_rng(seed)
+    for low, high in ((-128, 128), (-3000, 3000)):
+        q = rng.integers(low, high, (n, k))
+        packed = packing.pack_bitparallel_weight(q)
+        np.testing.assert_array_equal(packing.unpack_bitparallel_weight(packed, n, k), q)
+
+
+def test_activation_planes_match_codes():
+    codes = RNG.integers(0, 32, (3, 70))
+    planes = packing.pack_activation_planes(codes, 5)
+    bits = packing.unpack_bits_along_k(planes, 70)  # [M, A, K]
+    np.testing.assert_array_equal((bits * (1 << np.arange(5))[None, :, None]).sum(1), codes)
+
+
+@pytest.mark.parametrize("encoding", ["posneg", "offset"])
+def test_test_helper_decomposition_is_exact(encoding):
+    q = random_q((9, 13), 3, encoding)
+    planes, shifts_signs, zero_point = planes_from_q(q, 3, encoding)
+    np.testing.assert_array_equal(packing.combine_planes(planes, shifts_signs, zero_point), q)
+
+
+# ------------------------------------------------------------------------------------------
+# Bit-serial dense
+# ------------------------------------------------------------------------------------------
+def run_bitserial_dense(x, planes, shifts_signs, act_bits, zero_point, n_planes=None,
+                        acc_dtype="int32", knobs=None):
+    m, k = x.shape
+    n = planes.shape[1]
+    knobs = knobs or kernels.BitserialKnobs()
+    kernel = built(kernels.bitserial_dense, m, n, k, shifts_signs, act_bits,
+                   zero_point is not None and zero_point != 0, acc_dtype=acc_dtype, knobs=knobs)
+    packed = packing.pack_weight_planes(planes, lanes=knobs.lanes)
+    used = len(shifts_signs) if n_planes is None else n_planes
+    return kernel(x.astype(np.uint8), packed, used, zero_point or 0)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("k", [37, 100])
+@pytest.mark.parametrize("encoding,bits", [("posneg", 1), ("posneg", 3), ("offset", 1),
+                                           ("offset", 4), ("offset", 8)])
+def test_bitserial_dense_encodings(m, k, encoding, bits):
+    n, act_bits = 21, 4
+    q = random_q((n, k), bits, encoding)
+    planes, shifts_signs, zero_point = planes_from_q(q, bits, encoding)
+    x = RNG.integers(0, 1 << act_bits, (m, k))
+    y = run_bitserial_dense(x, planes, shifts_signs, act_bits, zero_point)
+    assert y.dtype == np.int32
+    np.testing.assert_array_equal(y, dense_reference(x, q))
+
+
+@pytest.mark.parametrize("act_bits", range(1, 9))
+def test_bitserial_dense_activation_bits(act_bits):
+    m, n, k = 5, 32, 100
+    q = random_q((n, k), 2, "offset")
+    planes, shifts_signs, zero_point = planes_from_q(q, 2, "offset")
+    x = RNG.integers(0, 1 << act_bits, (m, k))
+    np.testing.assert_array_equal(
+        run_bitserial_dense(x, planes, shifts_signs, act_bits, zero_point), dense_reference(x, q))
+
+
+@pytest.mark.parametrize("n_planes_total", range(1, 9))
+def test_bitserial_dense_plane_counts(n_planes_total):
+    m, n, k, act_bits = 1, 19, 37, 3
+    planes = RNG.integers(0, 2, (n_planes_total, n, k)).astype(np.uint8)
+    shifts_signs = [(n_planes_total - 1 - p, 1 if p % 3 else -1) for p in range(n_planes_total)]
+    x = RNG.integers(0, 1 << act_bits, (m, k))
+    q = packing.combine_planes(planes, shifts_signs)
+    np.testing.assert_array_equal(
+        run_bitserial_dense(x, planes, shifts_signs, act_bits, None), dense_reference(x, q))
+
+
+def test_bitserial_dense_non_contiguous_shifts_and_knobs():
+    m, n, k, act_bits = 5, 40, 100, 6
+    shifts_signs = [(7, 1), (2, -1), (0, 1)]
+    planes = RNG.integers(0, 2, (3, n, k)).astype(np.uint8)
+    x = RNG.integers(0, 1 << act_bits, (m, k))
+    q = packing.combine_planes(planes, shifts_signs, 9)
+    for knobs in (kernels.BitserialKnobs(), kernels.BitserialKnobs(lanes=8, word_unroll=3,
+                                                                    rows_per_task=2, pack_chunk=2)):
+        np.testing.assert_array_equal(
+            run_bitserial_dense(x, planes, shifts_signs, act_bits, 9, knobs=knobs), dense_reference(x, q))
+
+
+@pytest.mark.parametrize("encoding,bits", [("offset", 4), ("posneg", 2)])
+def test_bitserial_dense_runtime_plane_count(encoding, bits):
+    m, n, k, act_bits = 5, 24, 100, 4
+    q = random_q((n, k), bits, encoding)
+    planes, shifts_signs, zero_point = planes_from_q(q, bits, encoding)
+    x = RNG.integers(0, 1 << act_bits, (m, k))
+    for used in range(0, len(shifts_signs) + 1):
+        truncated = packing.combine_planes(planes, shifts_signs, zero_point, n_planes=used)
+        y = run_bitserial_dense(x, planes, shifts_signs, act_bits, zero_point, n_planes=used)
+        np.testing.assert_array_equal(y, dense_reference(x, truncated))
+
+
+def test_bitserial_dense_int64_accumulator():
+    m, n, k, act_bits = 2, 16, 300, 8
+    shifts_signs = [(15, 1), (14, 1)]
+    planes = np.ones((2, n, k), np.uint8)
+    x = np.full((m, k), 255)
+    y = run_bitserial_dense(x, planes, shifts_signs, act_bits, None, acc_dtype="int64")
+    assert y.dtype == np.int64
+    expected = dense_reference(x, packing.combine_planes(planes, shifts_signs))
+    assert expected.max() > np.iinfo(np.int32).max  # the int32 kernel would overflow here
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_bitserial_assembly_has_popcount():
+    kernel = built(kernels.bitserial_dense, 1, 32, 64, [(1, 1), (0, 1)], 4, False)
+    assembly = kernel.assembly()
+    assert "vpopcnt" in assembly or "popcnt" in assembly
+
+
+# ------------------------------------------------------------------------------------------
+# Bit-parallel dense
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,k", [(1, 40, 64), (5, 37, 100), (17, 33, 37)])
+def test_bitparallel_dense_int8(m, n, k):
+    q = RNG.integers(-128, 128, (n, k))
+    x = RNG.integers(0, 256, (m, k))
+    assert packing.bitparallel_weight_dtype(q) == "int8"
+    kernel = built(kernels.bitparallel_dense, m, n, k, "int8",
+                   knobs=kernels.BitparallelKnobs(row_block=4, col_vectors=2))
+    y = kernel(x.astype(np.uint8), packing.pack_bitparallel_weight(q))
+    np.testing.assert_array_equal(y, dense_reference(x, q))
+    if "avx512_vnni" in open("/proc/cpuinfo").read():
+        assert "vpdpbusd" in kernel.assembly()
+
+
+def test_bitparallel_dense_from_planes_and_int16():
+    m, n, k, act_bits = 5, 20, 100, 8
+    q = random_q((n, k), 8, "posneg")  # |q| <= 255 needs int16
+    planes, shifts_signs, zero_point = planes_from_q(q, 8, "posneg")
+    combined = packing.combine_planes(planes, shifts_signs, zero_point)
+    assert packing.bitparallel_weight_dtype(combined) == "int16"
+    x = RNG.integers(0, 1 << act_bits, (m, k))
+    kernel = built(kernels.bitparallel_dense, m, n, k, "int16")
+    y = kernel(x.astype(np.uint8), packing.pack_bitparallel_weight(combined))
+    np.testing.assert_array_equal(y, dense_reference(x, q))
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions
+# ------------------------------------------------------------------------------------------
+CONV_CASES = [
+    # input shape, weight shape, stride, padding, dilation, groups
+    ((2, 4, 9, 11), (6, 4, 3, 3), (2, 2), (1, 1), (1, 1), 1),
+    ((1, 4, 10, 10), (8, 2, 3, 3), (1, 1), (1, 1), (2, 2), 2),
+    ((1, 6, 8, 8), (6, 1, 3, 3), (2, 2), (1, 1), (1, 1), 6),       # depthwise
+    ((1, 4, 7, 7), (8, 1, 3, 3), (1, 1), (2, 2), (2, 2), 4),       # depthwise, multiplier 2
+    ((1, 3, 7, 9), (20, 3, 2, 2), (1, 2), (0, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups", CONV_CASES)
+@pytest.mark.parametrize("encoding", ["offset", "posneg"])
+def test_bitserial_conv2d(input_shape, weight_shape, stride, padding, dilation, groups, encoding):
+    act_bits, bits = 3, 2
+    q = random_q(weight_shape, bits, encoding)
+    planes, shifts_signs, zero_point = planes_from_q(q, bits, encoding)
+    x = RNG.integers(0, 1 << act_bits, input_shape)
+    kernel = built(kernels.bitserial_conv2d, input_shape, weight_shape, shifts_signs, act_bits,
+                   zero_point != 0, stride, padding, dilation, groups)
+    geometry = kernels.conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    if geometry.is_depthwise:
+        packed = packing.pack_depthwise_weight_planes(planes)
+    else:
+        packed = packing.pack_conv_weight_planes(planes, groups)
+    for used in (len(shifts_signs), 1):
+        expected = conv_reference(x, packing.combine_planes(planes, shifts_signs, zero_point, used),
+                                  stride, padding, dilation, groups)
+        np.testing.assert_array_equal(kernel(x.astype(np.uint8), packed, used, zero_point), expected)
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups", CONV_CASES)
+def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups):
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding,
+                   dilation, groups)
+    geometry = kernels.conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    if geometry.is_depthwise:
+        packed = q.reshape(weight_shape[0], -1).astype(np.int32)
+    else:
+        packed = packing.pack_bitparallel_conv_weight(q, groups)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packed),
+                                  conv_reference(x, q, stride, padding, dilation, groups))
+
+
+def test_cpu_target_names_the_cpu():
+    target = kernels.cpu_target()
+    assert str(target.attrs["mcpu"]) not in ("", "generic")
