@@ -327,6 +327,99 @@ def _read_array(path: str):
     return data
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@model_options
+@click.option("--artifact", type=click.Path(), help="Time this compiled artifact (default: compile one now).")
+@click.option("--batch", type=int, help="Batch size (default: the model file's).")
+@click.option("--threads", default=2, show_default=True, type=int, help="Threads for every runtime.")
+@click.option("--rounds", default=15, show_default=True, type=int, help="Interleaved timing rounds.")
+@click.option("--sweep-planes", is_flag=True, help="Accuracy/agreement against latency as LSB planes are skipped.")
+@click.option("--dataset", type=click.Choice(["digits"]), help="Real inputs (and accuracy in the sweep).")
+@click.option("--no-baselines", is_flag=True, help="Time csqc only.")
+@json_option
+def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, as_json):
+    """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs."""
+    from .bench import bench as run_bench
+
+    report = run_bench(load_model(model), batch=batch, threads=threads, rounds=rounds, artifact=artifact,
+                       sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines)
+    if as_json:
+        _emit_json({"ok": True, **report.to_json()})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    ratios = report.ratios()
+    table = Table(title=f"{report.model}: batch {report.batch}, {report.threads} threads, CPU {report.cpu} (median)")
+    for col in ("runtime", "median", "weights", "csqc speed-up", "note"):
+        table.add_column(col, justify="right" if col in ("median", "weights", "csqc speed-up") else "left")
+    for r in sorted(report.results, key=lambda r: r.median_us):
+        table.add_row(r.runtime, f"{r.median_us:,.1f} us", _human(r.weight_bytes),
+                      "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", r.note)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    if report.sweep:
+        sweep = Table(title="PrecisionBatching: least significant planes skipped at run time")
+        for col in ("skip", "median", "accuracy", "top-1 agreement with exact"):
+            sweep.add_column(col, justify="right")
+        for row in report.sweep:
+            acc = f"{row['accuracy']:.2%}" if "accuracy" in row else "-"
+            sweep.add_row(str(row["skip_planes"]), f"{row['median_us']:,.1f} us", acc, f"{row['top1_agreement']:.2%}")
+        console.print(sweep)
+    console.print("[dim]Shared, noisy machine: compare ratios from this run, not absolute times.[/]")
+
+
+@cli.command()
+@click.option("--recipe", type=click.Choice(["digits-cnn", "digits-mlp"]), default="digits-cnn", show_default=True)
+@click.option("--out", "out_dir", default="csqc-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the model, artifacts and plot.")
+@json_option
+def demo(recipe, out_dir, as_json):
+    """The whole flow on digits: train, inspect, compile (CPU + ONNX), verify, benchmark."""
+    from pathlib import Path
+
+    import torch
+
+    from .bench import bench as run_bench
+    from .compiler import compile as compile_model, inspect as inspect_model
+    from .modelfile import load, save
+    from .report import plot_bits
+    from .train import train_recipe
+    from .verify import verify as run_verify
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    say = (lambda *a: None) if as_json else click.echo
+    say(f"[1/5] training {recipe} on scikit-learn's digits (CSQ, 3-bit budget)")
+    model, result, example = train_recipe(recipe, progress=not as_json and sys.stderr.isatty())
+    model_path = save(model, out / f"{recipe}.pt", example, metadata={"recipe": recipe})
+    say(f"      test accuracy {result.test_accuracy:.2%} at {result.avg_bits:.2f} average bits; "
+        + "; ".join(f"{l['name']}: bits {','.join(map(str, l['active_bits'])) or '-'}" for l in result.layers))
+    loaded = load(model_path)
+    report = inspect_model(loaded)
+    plot = plot_bits(report, out / f"{recipe}-bits.png")
+    say(f"[2/5] inspect: {report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller weights "
+        f"({report.weight_bytes_packed} B packed), plot -> {plot}")
+    say("[3/5] compiling for the CPU (TVM, bit-serial kernels) and ONNX")
+    art = compile_model(loaded, "llvm", out / f"{recipe}.so")
+    onnx_art = compile_model(loaded, "onnx", out / f"{recipe}.onnx")
+    say(f"      kernels: {art.report['kernels']} -> {art.output}, {onnx_art.output}")
+    say("[4/5] verifying PyTorch, IR interpreter, ONNX Runtime and the CPU artifact on the digits test set")
+    ver = run_verify(loaded, artifact=str(art.output), dataset="digits")
+    say(f"      {'OK' if ver.ok else 'MISMATCH'}: accumulators exact = {ver.accumulators_exact}")
+    say("[5/5] benchmarking (2 threads, median; tiny models mostly measure call overhead)")
+    b = run_bench(loaded, artifact=str(art.output), rounds=10)
+    for r in sorted(b.results, key=lambda r: r.median_us):
+        say(f"      {r.runtime:28s} {r.median_us:10.1f} us")
+    if as_json:
+        _emit_json({"ok": ver.ok, "train": result.to_json(), "inspect": report.to_json(), "verify": ver.to_json(),
+                    "bench": b.to_json(), "outputs": [str(model_path), str(art.output), str(onnx_art.output), str(plot)]})
+    if not ver.ok:
+        raise CsqcError("verification failed: runtimes disagree (see above)")
+
+
 def main(argv=None):
     # click exits with 2 on usage errors, which is csqc's code for bad usage too
     cli.main(args=argv, prog_name="csqc")

@@ -26,9 +26,9 @@ from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node, QUANT_LAYER_OPS
 from csqc.bitplanes import unpack_planes
 
-from . import glue, kernels, packing
+from types import SimpleNamespace
 
-__all__ = ["Plan", "LayerChoice", "choose_kernel", "lower_graph"]
+__all__ = ["Plan", "LayerChoice", "choose_kernel", "cpu_backend", "lower_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,18 @@ def _rows(n: Node) -> int:
     return int(np.prod(shape[:-1]))
 
 
+def cpu_backend() -> SimpleNamespace:
+    """The kernel builders of the CPU target (a GPU target passes its own with the same API)."""
+    from . import glue, kernels, packing
+
+    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel)
+
+
 class _Lowerer:
-    def __init__(self, g: Graph, force_kernel: str | None = None, on_layer: Callable[[str], None] | None = None):
+    def __init__(self, g: Graph, force_kernel: str | None = None, on_layer: Callable[[str], None] | None = None,
+                 backend: SimpleNamespace | None = None):
+        b = backend or cpu_backend()
+        self.glue, self.kernels, self.packing, self.choose_kernel = b.glue, b.kernels, b.packing, b.choose_kernel
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -155,7 +165,7 @@ class _Lowerer:
         bits, static, signed = n.attr("bits"), float(n.attr("static_scale", 0.0)), bool(n.attr("signed"))
         shape = n.type.shape
         key = f"quantize({shape},{bits},{static!r},{signed})"
-        f = self.plan.func(key, lambda: glue.quantize(shape, bits, static, signed))
+        f = self.plan.func(key, lambda: self.glue.quantize(shape, bits, static, signed))
         scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
         pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
         neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed else None
@@ -166,7 +176,7 @@ class _Lowerer:
         pos, neg, scale = self.quant_parts[n.inputs[0]]
         bits = self.producers[n.inputs[0]].attr("bits")
         shape = n.type.shape
-        f = self.plan.func(f"dequantize({shape},{bits},{neg is not None})", lambda: glue.dequantize(shape, bits, neg is not None))
+        f = self.plan.func(f"dequantize({shape},{bits},{neg is not None})", lambda: self.glue.dequantize(shape, bits, neg is not None))
         self.plan.call(f, [pos] + ([neg] if neg else []) + [scale, self.out(n)], n.name)
 
     def _quant_layer(self, n: Node) -> None:
@@ -174,7 +184,7 @@ class _Lowerer:
         g = self.g
         q = decode_weight(g, n)
         rows = _rows(n)
-        choice = choose_kernel(n, rows, q)
+        choice = self.choose_kernel(n, rows, q)
         if self.force and choice.kernel != "float" and spec.act_bits is not None:
             if self.force == "bitparallel" and (spec.acc_dtype == "int64" or np.abs(q).max(initial=0) > 127):
                 pass  # keep the only kernel that is exact for this layer
@@ -192,7 +202,7 @@ class _Lowerer:
             acc = self.plan.buffer(f"{n.name}.accf", shape, _F32)
             self._float_product(n, q.astype(np.float32), acc)
             key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)"
-            f = self.plan.func(key, lambda: glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32", False))
+            f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32", False))
             self.plan.call(f, [acc, mult] + ([add] if add else []) + [self.out(n)], n.name)
             return
         pos, neg, scale = self.quant_parts[n.inputs[0]]
@@ -206,7 +216,7 @@ class _Lowerer:
             self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs)
         levels = 2**spec.act_bits - 1
         key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})"
-        f = self.plan.func(key, lambda: glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype, neg is not None))
+        f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype, neg is not None))
         self.plan.call(f, accs + [scale, mult] + ([add] if add else []) + [self.out(n)], n.name)
 
     op_qconv2d = _quant_layer
@@ -231,22 +241,22 @@ class _Lowerer:
         planes, plane_spec, z = self._planes(n)
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
-        knobs = kernels.BitserialKnobs()
+        knobs = self.kernels.BitserialKnobs()
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             planes5 = planes.reshape(len(plane_spec), *shape)
             if shape[1] == 1 and groups > 1:
-                packed = packing.pack_depthwise_weight_planes(planes5)
+                packed = self.packing.pack_depthwise_weight_planes(planes5)
             else:
-                packed = packing.pack_conv_weight_planes(planes5, groups, knobs.lanes)
+                packed = self.packing.pack_conv_weight_planes(planes5, groups, knobs.lanes)
             key = f"bsconv({tuple(x_shape)},{tuple(shape)},{plane_spec},{spec.act_bits},{bool(z)},{stride},{padding},{dilation},{groups},{spec.acc_dtype})"
-            f = self.plan.func(key, lambda: kernels.bitserial_conv2d(
+            f = self.plan.func(key, lambda: self.kernels.bitserial_conv2d(
                 x_shape, shape, plane_spec, spec.act_bits, bool(z), stride, padding, dilation, groups, spec.acc_dtype, knobs))
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
-            packed = packing.pack_weight_planes(planes.reshape(len(plane_spec), shape[0], k), lanes=knobs.lanes)
+            packed = self.packing.pack_weight_planes(planes.reshape(len(plane_spec), shape[0], k), lanes=knobs.lanes)
             key = f"bsdense({m},{shape[0]},{k},{plane_spec},{spec.act_bits},{bool(z)},{spec.acc_dtype})"
-            f = self.plan.func(key, lambda: kernels.bitserial_dense(m, shape[0], k, plane_spec, spec.act_bits, bool(z), spec.acc_dtype, knobs))
+            f = self.plan.func(key, lambda: self.kernels.bitserial_dense(m, shape[0], k, plane_spec, spec.act_bits, bool(z), spec.acc_dtype, knobs))
         w = self.plan.weight(f"{n.name}.planes", packed)
         info.update(encoding="offset" if z else spec.encoding, zero_point=int(z))
         for c, acc in zip(codes, accs):
@@ -255,20 +265,20 @@ class _Lowerer:
     def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str]) -> None:
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
-        knobs = kernels.BitparallelKnobs()
+        knobs = self.kernels.BitparallelKnobs()
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             depthwise = shape[1] == 1 and groups > 1
             packed = (q.reshape(shape[0], -1).astype(np.int32) if depthwise
-                      else packing.pack_bitparallel_conv_weight(q, groups))
+                      else self.packing.pack_bitparallel_conv_weight(q, groups))
             key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})"
-            f = self.plan.func(key, lambda: kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation, groups, knobs))
+            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation, groups, knobs))
             info["pack"] = "depthwise" if depthwise else "conv"
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
-            packed = packing.pack_bitparallel_weight(q.reshape(shape[0], k), "int8")
+            packed = self.packing.pack_bitparallel_weight(q.reshape(shape[0], k), "int8")
             key = f"bpdense({m},{shape[0]},{k})"
-            f = self.plan.func(key, lambda: kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
+            f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
             info["pack"] = "dense"
         w = self.plan.weight(f"{n.name}.int8", packed)
         # the run-time plane knob re-combines these planes (numpy, cached) instead of recompiling
@@ -298,12 +308,12 @@ class _Lowerer:
         if n.op in ("qconv2d", "conv2d"):
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},False,none)"
-            f = self.plan.func(key, lambda: glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, False, "none", 0.0, 0.0))
+            f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, False, "none", 0.0, 0.0))
             self.plan.call(f, [x, wbuf, out], n.name)
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             key = f"linear_f32({m},{k},{w.shape[0]},False,none)"
-            f = self.plan.func(key, lambda: glue.linear_f32(m, k, w.shape[0], False, "none", 0.0, 0.0))
+            f = self.plan.func(key, lambda: self.glue.linear_f32(m, k, w.shape[0], False, "none", 0.0, 0.0))
             self.plan.call(f, [self._flat(x, m, k), wbuf, self._flat(out, m, w.shape[0])], n.name)
 
     def _flat(self, buf: str, m: int, k: int) -> str:
@@ -326,12 +336,12 @@ class _Lowerer:
         if n.op == "conv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},{has_bias},{act},{lo},{hi})"
-            f = self.plan.func(key, lambda: glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, has_bias, act, lo, hi))
+            f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, has_bias, act, lo, hi))
             self.plan.call(f, args + [y], n.name)
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             key = f"linear_f32({m},{k},{w.shape[0]},{has_bias},{act},{lo},{hi})"
-            f = self.plan.func(key, lambda: glue.linear_f32(m, k, w.shape[0], has_bias, act, lo, hi))
+            f = self.plan.func(key, lambda: self.glue.linear_f32(m, k, w.shape[0], has_bias, act, lo, hi))
             args[0] = self._flat(args[0], m, k)
             self.plan.call(f, args + [self._flat(y, m, w.shape[0])], n.name)
 
@@ -340,13 +350,13 @@ class _Lowerer:
 
     def op_batch_norm(self, n: Node) -> None:
         shape = n.type.shape
-        f = self.plan.func(f"channel_affine({shape},1)", lambda: glue.channel_affine(shape, 1))
+        f = self.plan.func(f"channel_affine({shape},1)", lambda: self.glue.channel_affine(shape, 1))
         self.plan.call(f, [self.ref(n.inputs[0]), self.ref(n.inputs[1]), self.ref(n.inputs[2]), self.out(n)], n.name)
 
     def _unary(self, n: Node) -> None:
         shape = n.type.shape
         lo, hi = (float(n.attr("lo")), float(n.attr("hi"))) if n.op == "clip" else (0.0, 0.0)
-        f = self.plan.func(f"unary({n.op},{shape},{lo},{hi})", lambda: glue.unary(n.op, shape, lo, hi))
+        f = self.plan.func(f"unary({n.op},{shape},{lo},{hi})", lambda: self.glue.unary(n.op, shape, lo, hi))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     op_relu = _unary
@@ -356,7 +366,7 @@ class _Lowerer:
         a, b = (self.ref(i) for i in n.inputs)
         a_shape, b_shape = tuple(self.plan.buffers[a]["shape"]), tuple(self.plan.buffers[b]["shape"])
         shape = n.type.shape
-        f = self.plan.func(f"binary({n.op},{a_shape},{b_shape},{shape})", lambda: glue.binary(n.op, a_shape, b_shape, shape))
+        f = self.plan.func(f"binary({n.op},{a_shape},{b_shape},{shape})", lambda: self.glue.binary(n.op, a_shape, b_shape, shape))
         self.plan.call(f, [a, b, self.out(n)], n.name)
 
     op_add = _binary
@@ -366,43 +376,43 @@ class _Lowerer:
     def op_max_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         k, st, p, d = n.attr("kernel"), n.attr("stride"), n.attr("padding"), n.attr("dilation", (1, 1))
-        f = self.plan.func(f"max_pool2d({s},{k},{st},{p},{d})", lambda: glue.max_pool2d(s, k, st, p, d))
+        f = self.plan.func(f"max_pool2d({s},{k},{st},{p},{d})", lambda: self.glue.max_pool2d(s, k, st, p, d))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_avg_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         k, st, p = n.attr("kernel"), n.attr("stride"), n.attr("padding")
         cip, div = bool(n.attr("count_include_pad", True)), int(n.attr("divisor", 0))
-        f = self.plan.func(f"avg_pool2d({s},{k},{st},{p},{cip},{div})", lambda: glue.avg_pool2d(s, k, st, p, cip, div))
+        f = self.plan.func(f"avg_pool2d({s},{k},{st},{p},{cip},{div})", lambda: self.glue.avg_pool2d(s, k, st, p, cip, div))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_adaptive_avg_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         o = n.attr("output_size")
-        f = self.plan.func(f"adaptive_avg_pool2d({s},{o})", lambda: glue.adaptive_avg_pool2d(s, o))
+        f = self.plan.func(f"adaptive_avg_pool2d({s},{o})", lambda: self.glue.adaptive_avg_pool2d(s, o))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_mean(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         dims, keep = n.attr("dims"), bool(n.attr("keepdim"))
-        f = self.plan.func(f"mean({s},{dims},{keep})", lambda: glue.mean(s, dims, keep))
+        f = self.plan.func(f"mean({s},{dims},{keep})", lambda: self.glue.mean(s, dims, keep))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_softmax(self, n: Node) -> None:
         s = n.type.shape
-        f = self.plan.func(f"softmax({s},{n.attr('axis')})", lambda: glue.softmax(s, n.attr("axis")))
+        f = self.plan.func(f"softmax({s},{n.attr('axis')})", lambda: self.glue.softmax(s, n.attr("axis")))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_cat(self, n: Node) -> None:
         ins = [self.ref(i) for i in n.inputs]
         shapes = tuple(tuple(self.plan.buffers[i]["shape"]) for i in ins)
-        f = self.plan.func(f"concat({shapes},{n.attr('axis')})", lambda: glue.concat(shapes, n.attr("axis")))
+        f = self.plan.func(f"concat({shapes},{n.attr('axis')})", lambda: self.glue.concat(shapes, n.attr("axis")))
         self.plan.call(f, ins + [self.out(n)], n.name)
 
     def op_permute(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         dims = n.attr("dims")
-        f = self.plan.func(f"transpose({s},{dims})", lambda: glue.transpose(s, dims))
+        f = self.plan.func(f"transpose({s},{dims})", lambda: self.glue.transpose(s, dims))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_reshape(self, n: Node) -> None:
@@ -411,8 +421,9 @@ class _Lowerer:
         self.plan.buffer(n.name, n.type.shape, self.plan.buffers[src]["dtype"], alias=root)
 
 
-def lower_graph(g: Graph, *, force_kernel: str | None = None, on_layer: Callable[[str], None] | None = None) -> Plan:
-    """Plan ``g`` (after the default pipeline) for the CPU; builds every PrimFunc."""
+def lower_graph(g: Graph, *, force_kernel: str | None = None, on_layer: Callable[[str], None] | None = None,
+                backend: SimpleNamespace | None = None) -> Plan:
+    """Plan ``g`` (after the default pipeline); builds every PrimFunc with ``backend`` (CPU default)."""
     if force_kernel not in (None, "bitserial", "bitparallel"):
         raise CompileError(f"unknown kernel {force_kernel!r}")
-    return _Lowerer(g, force_kernel, on_layer).lower()
+    return _Lowerer(g, force_kernel, on_layer, backend).lower()

@@ -1,0 +1,82 @@
+"""The speed goals of the CPU target, measured side by side in one process.
+
+    python benchmarks/goals.py [--only NAME ...] [--json out.json]
+
+For each goal model: convert a float model (random init) with csqc.convert, finalize, save,
+compile for the LLVM target and time it against PyTorch fp32, ONNX Runtime fp32 and int8
+(static QDQ u8/s8 per channel; dynamic int8 and MatMulNBits for linear models) on the same
+inputs with 2 threads each. Prints one table per model and a summary of csqc's speed-ups.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import csqc  # noqa: E402
+from csqc.bench import bench  # noqa: E402
+from csqc.models.vision import mobilenet_v2, resnet18, resnet20  # noqa: E402
+
+
+def linear(n, k):
+    return nn.Sequential(nn.Linear(k, n, bias=False))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+
+
+# name -> (float model factory, input shape, n_bits, act_bits, quantize the first layer's input)
+GOALS = {
+    "linear4096-w2a4": (lambda: linear(4096, 4096), (1, 4096), 2, 4, True),
+    "linear4096-w4a8": (lambda: linear(4096, 4096), (1, 4096), 4, 8, True),
+    "mlp784-4096-4096-10-w2a4": (mlp, (1, 784), 2, 4, True),
+    "linear1024-batch64-w2a4": (lambda: linear(1024, 1024), (64, 1024), 2, 4, True),
+    "resnet20-w3a4": (resnet20, (1, 3, 32, 32), 3, 4, False),
+    "mobilenetv2-w3a4": (mobilenet_v2, (1, 3, 224, 224), 3, 4, False),
+    "resnet18-w3a4": (resnet18, (1, 3, 224, 224), 3, 4, False),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="csqc CPU speed goals")
+    parser.add_argument("--only", nargs="*", choices=sorted(GOALS))
+    parser.add_argument("--json", help="also write all reports here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    reports = {}
+    for name in args.only or GOALS:
+        factory, shape, n_bits, act_bits, first = GOALS[name]
+        torch.manual_seed(0)
+        model = csqc.finalize(csqc.convert(factory().eval(), n_bits=n_bits, act_bits=act_bits, quantize_first_input=first))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, f"{name}.pt")
+            csqc.save(model, path, torch.rand(shape))
+            start = time.perf_counter()
+            art = os.path.join(d, f"{name}.so")
+            result = csqc.compile(path, "llvm", art)
+            compile_s = time.perf_counter() - start
+            report = bench(path, artifact=art, threads=2)
+        ratios = report.ratios()
+        print(f"\n== {name}: batch {shape[0]}, compile {compile_s:.1f}s, kernels {sorted(set(result.report['kernels'].values()))}")
+        for r in sorted(report.results, key=lambda r: r.median_us):
+            ratio = "" if r.runtime == "csqc" else f"  csqc is {ratios[r.runtime]:.2f}x"
+            print(f"  {r.runtime:28s} {r.median_us:12.1f} us  {r.weight_bytes / 2**20:8.2f} MiB{ratio}")
+        reports[name] = {**report.to_json(), "compile_seconds": compile_s}
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

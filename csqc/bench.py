@@ -1,0 +1,315 @@
+"""``csqc bench``: csqc's artifact against what users run today, side by side in one process.
+
+Baselines run the float model the CSQ model stands for (its dequantized weights, activation
+quantization removed), on the same inputs, with the same thread count:
+PyTorch fp32 eager, ONNX Runtime fp32, ONNX Runtime int8 (static QDQ, uint8 activations,
+int8 per-channel weights), ONNX Runtime dynamic int8 (models whose layers are all linear),
+and ``MatMulNBits`` 4-bit (linear layers). Rounds are interleaved with short idle gaps so
+thread pools of one runtime do not distort another's timing; medians are reported.
+Machines are shared and noisy: read ratios, not absolute times.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import BadInput, CsqcError
+from .ir import Graph, Node, QUANT_LAYER_OPS, TensorType
+
+__all__ = ["BenchResult", "BenchReport", "float_graph", "torch_runner", "bench"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchResult:
+    runtime: str
+    median_us: float
+    weight_bytes: int
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    model: str
+    batch: int
+    threads: int
+    results: list[BenchResult] = field(default_factory=list)
+    sweep: list[dict] = field(default_factory=list)
+    cpu: str = ""
+
+    def ratios(self) -> dict[str, float]:
+        """Speed-up of csqc over each baseline (baseline time / csqc time)."""
+        mine = next((r for r in self.results if r.runtime == "csqc"), None)
+        if mine is None or mine.median_us <= 0:
+            return {}
+        return {r.runtime: r.median_us / mine.median_us for r in self.results if r.runtime != "csqc"}
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "batch": self.batch, "threads": self.threads, "cpu": self.cpu,
+            "results": [r.__dict__ for r in self.results],
+            "speedup_vs": self.ratios(),
+            **({"sweep_planes": self.sweep} if self.sweep else {}),
+        }
+
+
+def float_graph(g: Graph) -> Graph:
+    """The float model a quantized graph stands for: dequantized weights, no activation quant.
+
+    Works on a graph after the ``none`` or ``integer`` pipeline (weights as integers).
+    """
+    from .interpreter import decode_weight
+
+    nodes, params, rename = [], dict(g.params), {}
+    producers = g.producers()
+    for n in g.nodes:
+        inputs = tuple(rename.get(i, i) for i in n.inputs)
+        if n.op == "quantize":
+            rename[n.name] = inputs[0]
+            continue
+        if n.op == "dequantize":
+            rename[n.name] = inputs[0]
+            continue
+        if n.op in QUANT_LAYER_OPS:
+            q = decode_weight(g, n).astype(np.float32)
+            mult = g.params[n.inputs[2]].astype(np.float32)
+            w = (q * mult.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
+            params[f"{n.name}.wf32"] = w
+            new_inputs = (inputs[0], f"{n.name}.wf32") + ((inputs[3],) if len(inputs) == 4 else ())
+            attrs = {k: v for k, v in n.attrs.items() if k != "weight_shape"}
+            nodes.append(Node(n.name, "conv2d" if n.op == "qconv2d" else "linear", new_inputs, n.type, attrs, None, n.source))
+            continue
+        if n.type.quantized:  # pragma: no cover - only quantize yields quantized values here
+            raise CsqcError(f"cannot build the float twin of {n.name}")
+        nodes.append(n.replace(inputs=inputs))
+    outputs = tuple(rename.get(o, o) for o in g.outputs)
+    from .passes import run_passes
+
+    fg = g.replace(nodes=tuple(nodes), outputs=outputs, params=params)
+    fg, _ = run_passes(fg, ("dce",))
+    del producers
+    return fg
+
+
+def torch_runner(g: Graph) -> Callable[[np.ndarray], np.ndarray]:
+    """PyTorch fp32 eager execution of a float graph (the 'PyTorch fp32' baseline)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = {k: torch.from_numpy(np.array(v)) for k, v in g.params.items()}
+
+    def act(n, y):
+        a = n.attr("act", "none")
+        if a == "relu":
+            return F.relu(y)
+        if a == "clip":
+            return torch.clamp(y, n.attr("clip_lo"), n.attr("clip_hi"))
+        return y
+
+    def chan(v, nd):
+        return v.reshape([1, -1] + [1] * (nd - 2))
+
+    ops = {
+        "conv2d": lambda n, a: act(n, F.conv2d(a[0], a[1], a[2] if len(a) > 2 else None, n.attr("stride"),
+                                               n.attr("padding"), n.attr("dilation"), n.attr("groups"))),
+        "linear": lambda n, a: act(n, F.linear(a[0], a[1], a[2] if len(a) > 2 else None)),
+        "batch_norm": lambda n, a: a[0] * chan(a[1], a[0].dim()) + chan(a[2], a[0].dim()),
+        "relu": lambda n, a: F.relu(a[0]),
+        "clip": lambda n, a: torch.clamp(a[0], n.attr("lo"), n.attr("hi")),
+        "minimum": lambda n, a: torch.minimum(a[0], a[1]),
+        "add": lambda n, a: a[0] + a[1],
+        "mul": lambda n, a: a[0] * a[1],
+        "cat": lambda n, a: torch.cat(a, n.attr("axis")),
+        "max_pool2d": lambda n, a: F.max_pool2d(a[0], n.attr("kernel"), n.attr("stride"), n.attr("padding"), n.attr("dilation")),
+        "avg_pool2d": lambda n, a: F.avg_pool2d(a[0], n.attr("kernel"), n.attr("stride"), n.attr("padding"),
+                                                count_include_pad=n.attr("count_include_pad"), divisor_override=n.attr("divisor") or None),
+        "adaptive_avg_pool2d": lambda n, a: F.adaptive_avg_pool2d(a[0], n.attr("output_size")),
+        "mean": lambda n, a: a[0].mean(dim=n.attr("dims"), keepdim=n.attr("keepdim")),
+        "reshape": lambda n, a: a[0].reshape(n.type.shape),
+        "permute": lambda n, a: a[0].permute(n.attr("dims")),
+        "softmax": lambda n, a: torch.softmax(a[0], n.attr("axis")),
+    }
+
+    @torch.no_grad()
+    def run(x: np.ndarray) -> np.ndarray:
+        env = dict(params)
+        env[g.inputs[0].name] = torch.from_numpy(x)
+        for n in g.nodes:
+            env[n.name] = ops[n.op](n, [env[i] for i in n.inputs])
+        return env[g.outputs[0]].numpy()
+
+    return run
+
+
+def _ort_session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _onnx_baselines(fg: Graph, calib: list[np.ndarray], threads: int, tmp: Path) -> dict[str, tuple[Callable, int, str]]:
+    """fp32, static QDQ int8 (u8/s8 per channel), dynamic int8, MatMulNBits; skipped ones say why."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .targets.onnx.reference import emit_reference
+
+    out: dict[str, tuple[Callable, int, str]] = {}
+    fp32 = emit_reference(fg)
+    fp32_path = tmp / "fp32.onnx"
+    onnx.save(fp32, fp32_path)
+    name = fg.inputs[0].name
+    weight_bytes = sum(int(v.nbytes) for v in fg.params.values())
+
+    def runner(path: Path):
+        sess = _ort_session(path.read_bytes(), threads)
+        return lambda x: sess.run(None, {name: x})[0]
+
+    out["onnxruntime-fp32"] = (runner(fp32_path), weight_bytes, "")
+    pre = tmp / "pre.onnx"
+    try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    except Exception:  # pre-processing is an optimisation; quantize the plain model otherwise
+        pre = fp32_path
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{name: c} for c in calib])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    int8 = tmp / "int8.onnx"
+    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True)
+    out["onnxruntime-int8"] = (runner(int8), weight_bytes // 4, "static QDQ, u8 activations, s8 per-channel weights")
+    linear_only = all(n.op in ("linear", "relu", "clip", "reshape", "softmax") for n in fg.nodes)
+    if linear_only:
+        dyn = tmp / "dyn.onnx"
+        quantize_dynamic(str(fp32_path), str(dyn), weight_type=QuantType.QInt8)
+        out["onnxruntime-int8-dynamic"] = (runner(dyn), weight_bytes // 4, "dynamic int8")
+        try:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            model = onnx.load(fp32_path)
+            q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, accuracy_level=4, bits=4)
+            q.process()
+            nbits = tmp / "nbits.onnx"
+            onnx.save(q.model.model, nbits)
+            out["onnxruntime-matmulnbits-4b"] = (runner(nbits), weight_bytes // 8, "4-bit weights, accuracy level 4")
+        except Exception as e:  # the quantizer's API moves between releases
+            log.warning("MatMulNBits baseline unavailable: %s", e)
+    return out
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():  # warm up every runtime first
+        for _ in range(3):
+            f()
+    for _ in range(rounds):
+        for key, f in fns.items():
+            time.sleep(0.002)  # let the previous runtime's spinning threads go idle
+            t = time.perf_counter()
+            for _ in range(per_round):
+                f()
+            samples[key].append((time.perf_counter() - t) / per_round)
+    return {k: float(np.median(v) * 1e6) for k, v in samples.items()}
+
+
+def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15, artifact: str | None = None,
+          sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True) -> BenchReport:
+    """Compile (unless ``artifact`` is given) and time csqc against the baselines."""
+    from . import runtime
+    from .compiler import optimize, to_model
+
+    if threads < 1:
+        raise BadInput("--threads must be at least 1")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    model = to_model(model)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if artifact is None:
+            from .compiler import compile as compile_model
+
+            artifact = str(tmp / "model.so")
+            compile_model(model, "llvm", artifact, batch=batch)
+        art = runtime.load(artifact)
+        shape = art.inputs[0]["shape"]
+        rng = np.random.default_rng(0)
+        x = rng.random(shape, dtype=np.float32)
+        calib = [rng.random(shape, dtype=np.float32) for _ in range(8)]
+        if dataset == "digits":
+            from .data import load_digits_split
+
+            data = load_digits_split(image=len(shape) == 4)
+            xs = data.x_test[: (len(data.x_test) // shape[0]) * shape[0]].reshape(-1, *shape)
+            x, calib = xs[0], list(xs[:8])
+        weight_bytes = sum(int(a.nbytes) for k, a in art._weights.items() if not k.endswith(".bitplanes"))
+        fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(x)}
+        sizes = {"csqc": (weight_bytes, "")}
+        if baselines:
+            fg = float_graph(optimize(model, "none", batch=shape[0]))
+            fp32_torch = torch_runner(fg)
+            fns["pytorch-fp32"] = lambda: fp32_torch(x)
+            sizes["pytorch-fp32"] = (sum(int(v.nbytes) for v in fg.params.values()), "")
+            for name, (fn, size, note) in _onnx_baselines(fg, calib, threads, tmp).items():
+                fns[name] = (lambda f=fn: f(x))
+                sizes[name] = (size, note)
+        gc.collect()
+        per_round = max(1, int(2e-3 / max(1e-6, _once(fns["csqc"]))))
+        medians = _time_interleaved(fns, rounds, min(per_round, 200))
+        report = BenchReport(model.manifest.get("metadata", {}).get("recipe") or Path(model.source).stem or "model",
+                             shape[0], threads, cpu=art.plan["target"].get("mcpu", ""))
+        for key, us in medians.items():
+            report.results.append(BenchResult(key, us, sizes[key][0], sizes[key][1]))
+        if sweep_planes:
+            report.sweep = _sweep(art, model, shape, dataset)
+    return report
+
+
+def _once(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def _sweep(art, model, shape, dataset) -> list[dict]:
+    """Accuracy (digits) or agreement with the exact output against latency per planes skipped."""
+    rows = []
+    rng = np.random.default_rng(1)
+    if dataset == "digits":
+        from .data import load_digits_split
+
+        data = load_digits_split(image=len(shape) == 4)
+        n = (len(data.x_test) // shape[0]) * shape[0]
+        xs, ys = data.x_test[:n].reshape(-1, *shape), data.y_test[:n].reshape(-1, shape[0])
+    else:
+        xs, ys = rng.random((8, *shape), dtype=np.float32), None
+    exact = [art(x) for x in xs]
+    max_planes = max((info["planes"] for info in art.layers.values()), default=0)
+    for skip in range(0, max_planes + 1):
+        outs = [art(x, skip_planes=skip) for x in xs]
+        row = {"skip_planes": skip, "median_us": art.time_us(xs[0], repeat=30, skip_planes=skip)}
+        if ys is not None:
+            row["accuracy"] = float(np.mean([o.argmax(-1) == y for o, y in zip(outs, ys)]))
+        row["top1_agreement"] = float(np.mean([o.argmax(-1) == e.argmax(-1) for o, e in zip(outs, exact)]))
+        rows.append(row)
+    return rows

@@ -1,0 +1,40 @@
+"""Deploy a compiled csqc model: this script needs only numpy and TVM's runtime, not torch.
+
+    csqc train digits-cnn -o digits-cnn.pt
+    csqc compile digits-cnn.pt --target llvm -o digits-cnn.so
+    python examples/deploy.py digits-cnn.so input.npy [--skip-planes 1]
+
+With no input file it classifies random images of the right shape.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import csqc.runtime
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact")
+    parser.add_argument("input", nargs="?", help=".npy array with the model's input shape")
+    parser.add_argument("--skip-planes", type=int, default=0, help="trade accuracy for speed at run time")
+    args = parser.parse_args()
+
+    model = csqc.runtime.load(args.artifact)
+    spec = model.inputs[0]
+    x = np.load(args.input) if args.input else np.random.default_rng(0).random(spec["shape"], dtype=np.float32)
+    start = time.perf_counter()
+    y = model(x, skip_planes=args.skip_planes)
+    elapsed = (time.perf_counter() - start) * 1e6
+    print(f"input {spec['shape']} -> output {list(y.shape)} in {elapsed:.0f} us")
+    print("predicted classes:", y.reshape(y.shape[0], -1).argmax(1).tolist())
+    print("torch imported:", "torch" in sys.modules)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
