@@ -304,8 +304,10 @@ def _sweep(art, model, shape, dataset) -> list[dict]:
     else:
         xs, ys = rng.random((8, *shape), dtype=np.float32), None
     exact = [art(x) for x in xs]
-    max_planes = max((info["planes"] for info in art.layers.values()), default=0)
-    for skip in range(0, max_planes + 1):
+    # one row per bit position dropped, until every layer is down to its top position
+    levels = max((len(set(info.get("plane_shifts") or range(info["planes"]))) for info in art.layers.values()
+                  if info["kernel"] != "float"), default=1)
+    for skip in range(0, levels):
         outs = [art(x, skip_planes=skip) for x in xs]
         row = {"skip_planes": skip, "median_us": art.time_us(xs[0], repeat=30, skip_planes=skip)}
         if ys is not None:

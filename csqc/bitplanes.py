@@ -110,7 +110,7 @@ def unpack_planes(words: np.ndarray, k: int, word_bits: int) -> np.ndarray:
     """Inverse of ``pack_planes``: ``[..., ceil(K/W)]`` words -> ``[..., K]`` uint8 0/1."""
     w = words.astype(np.uint64)
     bits = ((w[..., None] >> np.arange(word_bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return bits.reshape(*words.shape[:-1], -1)[..., :k]
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * word_bits)[..., :k]  # no -1: P may be 0
 
 
 def trailing_zero_bits(values: np.ndarray) -> int:

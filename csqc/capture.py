@@ -201,7 +201,8 @@ def _clip(ctx: _Ctx, fx: torch.fx.Node, lo, hi) -> str:
     lo = -np.inf if lo is None else float(lo)
     hi = np.inf if hi is None else float(hi)
     xv = ctx.value(fx.args[0])
-    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi}, nonneg=lo >= 0 or xv in ctx.nonneg)
+    # min(max(x, lo), hi) >= 0 needs hi >= 0 as well as lo >= 0 or x >= 0
+    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi}, nonneg=hi >= 0 and (lo >= 0 or xv in ctx.nonneg))
 
 
 def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -221,9 +222,8 @@ def _binary(op: str):
                     ctx.nonneg.add(vals[-1])
             else:
                 vals.append(ctx.value(v))
+        # a sum, product or minimum of non-negative values is non-negative (min(a, b) needs both)
         nonneg = all(v in ctx.nonneg for v in vals) if op in ("add", "mul", "minimum") else False
-        if op == "minimum":
-            nonneg = any(v in ctx.nonneg for v in vals) and all(v in ctx.nonneg for v in vals[:1])
         return ctx.emit(fx, op, vals, base=f"{_module_path(fx) or fx.name}.{op}", nonneg=nonneg)
 
     return handler

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -215,39 +216,52 @@ def _human(n: int) -> str:
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
 @model_options
-@click.option("--target", "-t", default="llvm", show_default=True, help="llvm (CPU), cuda or onnx.")
+@click.option("--target", "-t", default="llvm", show_default=True, help="llvm (CPU), cuda (NVIDIA GPU) or onnx.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Artifact to write (default: MODEL.so / .onnx).")
 @click.option("--batch", type=int, help="Batch size to compile for (default: the model file's).")
-@click.option("--mcpu", help="LLVM CPU name (default: this machine's).")
+@click.option("--mcpu", help="llvm: CPU name (default: this machine's).")
+@click.option("--arch", default="sm_80", show_default=True, help="cuda: GPU architecture (sm_80, sm_90, ...).")
+@click.option("--emit-source", type=click.Path(file_okay=False), help="cuda: also write the CUDA source to this folder.")
 @click.option("--kernel", "force_kernel", type=click.Choice(["auto", "bitserial", "bitparallel"]), default="auto",
               show_default=True, help="Override the per-layer kernel choice.")
-@click.option("--onnx-form", type=click.Choice(["reference", "deploy"]), default="reference", show_default=True)
-@click.option("--check-planes", is_flag=True, help="ONNX: one product per weight bitplane (checks the decomposition).")
-@click.option("--dataset", type=click.Choice(["digits"]), help="Calibration data for --onnx-form deploy.")
+@click.option("--onnx-form", type=click.Choice(["reference", "deploy"]), default="reference", show_default=True,
+              help="onnx: integer-exact reference, or compact QDQ/MatMulNBits model to ship.")
+@click.option("--check-planes", is_flag=True, help="onnx: one product per weight bitplane (checks the decomposition).")
+@click.option("--dataset", type=click.Choice(["digits"]), help="onnx deploy: calibrate on digits and report accuracy.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
+              help="onnx deploy: calibration inputs (.npz) instead of a data set.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the IR after every pass to this folder.")
 @json_option
-def compile_cmd(model, load_model, target, output, batch, mcpu, force_kernel, onnx_form, check_planes, dataset,
-                dump_ir, as_json):
+def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_source, force_kernel, onnx_form,
+                check_planes, dataset, calibration_file, dump_ir, as_json):
     """Compile a model into a deployable artifact."""
     from .compiler import TARGETS, compile as compile_model
 
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if dataset and calibration_file:
+        raise BadInput("give --dataset or --calibration, not both")
     loaded = load_model(model)
-    calibration = _dataset_inputs(loaded, dataset, batch) if dataset else None
+    if target == "onnx":
+        from .cli_onnx import compile_onnx
+
+        if output is None:
+            output = f"{Path(loaded.source).stem if loaded.source else 'model'}.onnx"
+        compile_onnx(loaded, output, deploy=onnx_form == "deploy", check_planes=check_planes, batch=batch,
+                     calibration=dataset or calibration_file, dump_ir=dump_ir, as_json=as_json)
+        return
     progress = _layer_progress(not as_json and sys.stderr.isatty())
     with progress as bar:
         task = bar.add_task("lowering", total=None)
         result = compile_model(
-            loaded, target, output, batch=batch, mcpu=mcpu, force_kernel=None if force_kernel == "auto" else force_kernel,
-            onnx_form=onnx_form, check_planes=check_planes, calibration=calibration, dump_ir=dump_ir,
+            loaded, target, output, batch=batch, mcpu=mcpu, arch=arch, emit_source=emit_source,
+            force_kernel=None if force_kernel == "auto" else force_kernel, dump_ir=dump_ir,
             on_layer=lambda name: bar.update(task, advance=1, description=f"lowered {name}"),
         )
     if as_json:
         _emit_json(result.to_json())
         return
-    kernels = result.report.get("kernels", {})
-    if kernels:
+    if result.report.get("layers"):
         from rich.console import Console
         from rich.table import Table
 
@@ -255,10 +269,14 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, force_kernel, on
         table.add_column("layer")
         table.add_column("kernel")
         table.add_column("why")
-        for name, info in result.report.get("layers", {}).items():
+        for name, info in result.report["layers"].items():
             table.add_row(name, info["kernel"], info.get("reason", ""))
         Console().print(table)
     extra = f", build {result.report['build_seconds']:.1f}s" if "build_seconds" in result.report else ""
+    if target == "cuda":
+        extra += f", {result.report['arch']} device code {_human(result.report['device_code']['bytes'])}"
+        if emit_source:
+            extra += f", source in {emit_source}/kernels.cu"
     click.echo(f"compiled for {result.target} in {result.seconds:.1f}s{extra} -> {result.output} "
                f"({_human(result.output.stat().st_size)})")
 
@@ -282,6 +300,36 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
         raise BadInput(f"--dataset digits gives inputs of shape {list(x.shape[1:])}; the model takes {shape[1:]}")
     n = shape[0]
     return [x[i : i + n] for i in range(0, len(x) - n + 1, n)][:64]
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@model_options
+@click.option("--artifact", type=click.Path(), help="Also run this compiled artifact (.so from llvm/cuda, or .onnx).")
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), help="Inputs to check on (.npz).")
+@click.option("--samples", default=4, show_default=True, type=int, help="Random inputs to check on (without --inputs/--dataset).")
+@click.option("--dataset", type=click.Choice(["digits"]), help="Check on a data set's test split (and report accuracy).")
+@click.option("--batch", type=int, help="Samples per run (default: the artifact's, else the model file's).")
+@click.option("--per-layer", is_flag=True, help="Compare every layer's tensors and name the first that diverges.")
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="Float tolerance, relative to each output's magnitude.")
+@click.option("--rtol", default=1e-4, show_default=True, type=float, help="Elementwise relative float tolerance.")
+@json_option
+def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, per_layer, atol, rtol, as_json):
+    """Check PyTorch, the IR interpreter, ONNX Runtime and an artifact against each other.
+
+    Integer tensors (activation codes, accumulators) must agree exactly; exit code 0 only when
+    every runtime agrees, 1 when one does not.
+    """
+    from .cli_onnx import verify_command
+
+    if inputs_file and dataset:
+        raise BadInput("give --inputs or --dataset, not both")
+    if samples < 1:
+        raise BadInput(f"--samples must be at least 1, got {samples}")
+    code = verify_command(load_model(model), inputs=inputs_file, samples=samples, dataset=dataset, artifact=artifact,
+                          per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, as_json=as_json)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 @cli.command()

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # target name -> (IR pipeline it consumes, one-line description)
 TARGETS: dict[str, tuple[str, str]] = {
     "llvm": ("default", "TVM CPU: bit-serial / bit-parallel kernels, one shared library"),
+    "cuda": ("default", "TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time"),
     "onnx": ("integer", "ONNX: integer-exact reference graph (or --onnx-form deploy)"),
 }
 
@@ -73,12 +74,22 @@ def inspect(model, *, batch: int | None = None):
 
 
 def compile(model, target: str = "llvm", output=None, *, batch: int | None = None, pipeline: str | None = None,
-            mcpu: str | None = None, force_kernel: str | None = None, onnx_form: str = "reference",
-            check_planes: bool = False, calibration=None, dump_ir=None,
+            mcpu: str | None = None, arch: str = "sm_80", emit_source=None, force_kernel: str | None = None,
+            onnx_form: str = "reference",
+            check_planes: bool = False, calibration=None, int4: bool = True, dump_ir=None,
             on_layer: Callable[[str], None] | None = None, model_factory=None, input_shape=None) -> CompileResult:
-    """Compile a model for ``target`` and write the artifact to ``output`` (atomically)."""
+    """Compile a model for ``target`` and write the artifact to ``output`` (atomically).
+
+    ``mcpu``: LLVM CPU name for ``llvm``; ``arch`` (sm_80, sm_90, ...) and ``emit_source`` (a
+    folder for the CUDA source) for ``cuda``; ``onnx_form``, ``check_planes`` and
+    ``calibration`` (arrays, for the deploy form) for ``onnx``.
+    """
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if target == "cuda":  # fail on a missing nvcc or a bad arch before the slow part
+        from .targets.cuda.target import check_toolchain
+
+        check_toolchain(arch)
     from .modelfile import check_writable
 
     model = to_model(model, model_factory=model_factory, input_shape=input_shape)
@@ -92,14 +103,19 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
         from .targets.llvm.target import emit_llvm
 
         report = emit_llvm(graph, output, mcpu=mcpu, force_kernel=force_kernel, on_layer=on_layer)
+    elif target == "cuda":
+        from .targets.cuda.target import emit_cuda
+
+        report = emit_cuda(graph, output, arch=arch, emit_source=emit_source, on_layer=on_layer,
+                           force_kernel=force_kernel)
     elif target == "onnx":
-        report = _emit_onnx(graph, output, onnx_form, check_planes, calibration)
+        report = _emit_onnx(graph, output, onnx_form, check_planes, calibration, int4)
     else:  # pragma: no cover - TARGETS is the source of truth
         raise CompileError(f"target {target} has no emitter")
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
 
 
-def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration) -> dict:
+def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration, int4: bool) -> dict:
     from .targets.onnx.reference import emit_reference
     from .targets.onnx.runner import save_onnx
 
@@ -111,8 +127,8 @@ def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibr
         from .targets.onnx.deploy import emit_deploy
 
         if calibration is None:
-            raise BadInput("--onnx-form deploy needs calibration inputs (--dataset digits or --inputs file.npz)")
-        model, report = emit_deploy(graph, calibration)
+            raise BadInput("--onnx-form deploy needs calibration inputs (--dataset digits or --calibration file.npz)")
+        model, report = emit_deploy(graph, calibration, int4=int4)
         save_onnx(model, output)
         return {"onnx_form": "deploy", **report}
     raise BadInput(f"unknown --onnx-form {form!r}: use reference or deploy")

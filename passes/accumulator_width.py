@@ -33,7 +33,7 @@ def accumulator_bound(g: Graph, n) -> int:
     if spec.encoding != "int":
         w = g.params[n.inputs[1]]
         planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
-        counts = planes.reshape(len(spec.planes), shape[0], -1).sum(axis=2, dtype=np.int64)
+        counts = planes.reshape(len(spec.planes), shape[0], k).sum(axis=2, dtype=np.int64)  # no -1: P may be 0
         plane_sum = sum((1 << s) * counts[i] for i, (s, _) in enumerate(spec.planes)) if spec.planes else 0
         bound = max(bound, int(np.max(plane_sum, initial=0)) * levels, abs(spec.zero_point) * k * levels)
     return bound

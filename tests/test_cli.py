@@ -16,7 +16,7 @@ def run(*args):
 def test_help_lists_commands():
     out = run("--help")
     assert out.exit_code == 0
-    for cmd in ("train",):
+    for cmd in ("train", "inspect", "compile", "verify", "run", "bench", "demo"):
         assert cmd in out.output
 
 
@@ -52,3 +52,40 @@ def test_bad_input_exits_2_with_one_line(args, tmp_path, monkeypatch):
     assert out.exit_code == 2
     assert "Traceback" not in out.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_every_command_takes_json():
+    for cmd in ("train", "inspect", "compile", "verify", "run", "bench", "demo"):
+        out = run(cmd, "--help")
+        assert out.exit_code == 0 and "--json" in out.output, cmd
+
+
+@pytest.mark.parametrize("args", [
+    ("compile", "{model}", "--target", "tpu"),
+    ("compile", "{model}", "--target", "cuda", "--arch", "sm_10"),
+    ("compile", "{model}", "--target", "onnx", "--onnx-form", "deploy", "--dataset", "digits", "--calibration", "c.npz"),
+    ("compile", "missing.pt"),
+    ("verify", "{model}", "--samples", "0"),
+    ("verify", "{model}", "--artifact", "missing.so"),
+    ("verify", "{model}", "--inputs", "x.npz", "--dataset", "digits"),
+    ("run", "missing.so", "--input", "x.npy"),
+    ("inspect", "{model}", "--batch", "0"),
+])
+def test_model_commands_bad_input_exit_2(args, trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, _, _, path = trained("digits-mlp")
+    out = CliRunner().invoke(cli, [a.format(model=path) for a in args])
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output and "error:" in out.output
+    assert not any(p.suffix in (".so", ".onnx") for p in tmp_path.iterdir())
+
+
+def test_cuda_compile_from_the_command_line(trained, tmp_path):
+    _, _, _, path = trained("digits-mlp")
+    out = run("compile", str(path), "--target", "cuda", "--arch", "sm_90", "-o", str(tmp_path / "m-cuda.so"),
+              "--emit-source", str(tmp_path / "src"), "--json")
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["target"] == "cuda" and data["arch"] == "sm_90" and (tmp_path / "m-cuda.so").is_file()
+    assert "__popc" in (tmp_path / "src" / "kernels.cu").read_text()
+    assert any("sm_90" in "".join(entry) for entry in data["device_code"]["entries"])

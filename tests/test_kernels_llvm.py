@@ -259,6 +259,9 @@ CONV_CASES = [
     ((1, 6, 8, 8), (6, 1, 3, 3), (2, 2), (1, 1), (1, 1), 6),       # depthwise
     ((1, 4, 7, 7), (8, 1, 3, 3), (1, 1), (2, 2), (2, 2), 4),       # depthwise, multiplier 2
     ((1, 3, 7, 9), (20, 3, 2, 2), (1, 2), (0, 1), (1, 1), 1),
+    ((1, 6, 9, 8), (24, 6, 1, 1), (2, 2), (0, 0), (1, 1), 1),      # 1x1 strided, Cg % 4 != 0
+    ((2, 5, 9, 7), (7, 5, 3, 3), (3, 3), (1, 1), (1, 1), 1),       # stride 3: fallback kernel
+    ((1, 3, 11, 10), (3, 1, 3, 3), (3, 2), (1, 1), (1, 1), 3),     # depthwise fallback
 ]
 
 
@@ -295,6 +298,32 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
         packed = packing.pack_bitparallel_conv_weight(q, groups)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packed),
                                   conv_reference(x, q, stride, padding, dilation, groups))
+
+
+@pytest.mark.parametrize("channels,vectors,rows", [(4, 4, 1), (8, 3, 5), (12, 2, 100), (24, 1, 2)])
+def test_bitparallel_conv2d_tilings(channels, vectors, rows):
+    input_shape, weight_shape, stride, padding, dilation = (1, 10, 13, 11), (24, 10, 3, 3), (1, 2), (2, 1), (1, 2)
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, input_shape)
+    knobs = kernels.BitparallelKnobs(conv_channels=channels, conv_vectors=vectors, conv_rows=rows)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, 1,
+                   knobs=knobs)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
+                                  conv_reference(x, q, stride, padding, dilation, 1))
+
+
+def test_tune_bitparallel_conv2d_caches_a_candidate():
+    shape, weight_shape = (1, 8, 6, 6), (16, 8, 3, 3)
+    candidates = [(16, 1, 3), (8, 2, 6)]
+    knobs = kernels.tune_bitparallel_conv2d(shape, weight_shape, 1, 1, candidates=candidates,
+                                            number=1, repeat=1)
+    assert (knobs.conv_channels, knobs.conv_vectors, knobs.conv_rows) in candidates
+    assert kernels.tune_bitparallel_conv2d(shape, weight_shape, 1, 1) == knobs  # cached
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, shape)
+    kernel = kernels.build(kernels.bitparallel_conv2d(shape, weight_shape, 1, 1))  # uses the cache
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
+                                  conv_reference(x, q, (1, 1), (1, 1), (1, 1), 1))
 
 
 def test_cpu_target_names_the_cpu():

@@ -79,13 +79,21 @@ class BitserialKnobs:
 class BitparallelKnobs:
     """Schedule knobs of the bit-parallel (int8 VNNI) kernels.
 
-    row_block: rows of M (output pixels for conv) held in registers per tile.
+    row_block: rows of M held in registers per tile (dense; and the conv fallback for
+        strides > 2).
     col_vectors: 16-output vectors held in registers per tile (row_block * col_vectors zmm
         accumulators; keep it <= ~24).
+    conv_channels, conv_vectors, conv_rows: tiling of the (non-depthwise) conv kernel, which
+        puts output pixels on the lanes: output channels x 16-pixel vectors held in registers
+        (their product is the number of zmm accumulators), and output rows per parallel task.
+        0 = per shape (a tuned entry from :func:`tune_bitparallel_conv2d`, else a heuristic).
     """
 
     row_block: int = 4
     col_vectors: int = 2
+    conv_channels: int = 0
+    conv_vectors: int = 0
+    conv_rows: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,14 +207,17 @@ def _chunks(total: int, chunk: int) -> tuple[int, int, int]:
 def _make_bitserial_core(*, groups: int, rows: int, n_tiles: int, lanes: int, kw: int,
                          shifts_signs, act_bits: int, acc_dtype: str, knobs: BitserialKnobs,
                          with_zero_point: bool, weight_at: Callable, plane_at: Callable,
-                         rowsum_at: Callable, store_tile):
+                         rowsum_at: Callable, store_tile, store_block=None):
     """The popcount loop nest shared by dense and conv.
 
     Parallel tasks are (group, output tile, block of rows).  Per row and plane: ``act_bits``
     vector accumulators of popcounts (``lanes`` outputs each, lane-uniform activation word
     broadcast), folded into the output accumulator with the plane coefficient; planes at or
-    after ``n_planes`` are skipped with one scalar test per plane.
+    after ``n_planes`` are skipped with one scalar test per plane.  With ``store_block`` the
+    rows of a task are collected in a ``[rows_per_task, lanes]`` stack tile and stored once per
+    task (``store_block(out, block, g, nt, first_row)``) instead of row by row.
     """
+    blocked = store_block is not None
     n_planes_total = len(shifts_signs)
     rows_per_task = max(1, min(knobs.rows_per_task, rows))
     row_blocks = -(-rows // rows_per_task)
@@ -227,6 +238,7 @@ def _make_bitserial_core(*, groups: int, rows: int, n_tiles: int, lanes: int, kw
     @T.macro
     def core(weights, planes, rowsum, out, n_planes, zero_point):
         for task in T.parallel(tasks):
+            block = T.alloc_buffer((rows_per_task, lanes), acc_dtype, scope="local", annotations=_ON_STACK)
             for mi in range(rows_per_task):
                 if (task % row_blocks) * rows_per_task + mi < rows:
                     total = T.alloc_buffer((lanes,), acc_dtype, scope="local", annotations=_ON_STACK)
@@ -259,9 +271,16 @@ def _make_bitserial_core(*, groups: int, rows: int, n_tiles: int, lanes: int, kw
                             total[lane] = total[lane] - T.Cast(acc_dtype, zero_point) * T.Cast(
                                 acc_dtype, rowsum_at(rowsum, task // (n_tiles * row_blocks),
                                                      (task % row_blocks) * rows_per_task + mi))
-                    store_tile(out, total, task // (n_tiles * row_blocks),
-                               task // row_blocks % n_tiles,
-                               (task % row_blocks) * rows_per_task + mi)
+                    if blocked:
+                        for lane in T.vectorized(lanes):
+                            block[mi, lane] = total[lane]
+                    else:
+                        store_tile(out, total, task // (n_tiles * row_blocks),
+                                   task // row_blocks % n_tiles,
+                                   (task % row_blocks) * rows_per_task + mi)
+            if blocked:
+                store_block(out, block, task // (n_tiles * row_blocks), task // row_blocks % n_tiles,
+                            (task % row_blocks) * rows_per_task)
 
     return core
 
@@ -582,6 +601,103 @@ def _make_zero_pad_copy(geo: ConvGeometry):
     return pad_copy
 
 
+def _phase_pairs(geo: ConvGeometry):
+    """Stride phases ``(a_h, a_w)`` read by some tap, each with the valid column segment
+    ``[lo, lo + n)`` of its phase-split rows (``w = sw*j + a_w - pw`` inside the input) and its
+    slot; padded to 4 entries with the count of real ones.  None for more than 4 (strides > 2)."""
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    ph, pw = geo.padding
+    wq = -(-geo.padded_w // sw)
+    pairs = []
+    for a_h in sorted({r * dh % sh for r in range(geo.kernel_h)}):
+        for a_w in sorted({s * dw % sw for s in range(geo.kernel_w)}):
+            lo = max(0, -(-(pw - a_w) // sw))
+            hi = min(wq, -(-(geo.width + pw - a_w) // sw))
+            pairs.append((a_h, a_w, lo, max(0, hi - lo), len(pairs)))
+    if len(pairs) > 4:
+        return None, 0
+    count = len(pairs)
+    while len(pairs) < 4:
+        pairs.append(pairs[0])
+    return pairs, count
+
+
+def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable):
+    """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
+    copies its channel into a zero-padded, stride-phase-split plane ``xp[B*C, sh, sw, Hq, Wq]``
+    (so strided taps read contiguous runs), then computes every output row of the channel's
+    ``O/C`` output channels as whole-row vectors (contiguous NCHW stores).
+
+    Returns ``(macro, staging shape)`` or None for strides > 2.  With K = kh*kw (9 for 3x3) a
+    popcount over packed K words would use 9 of 32 bits per word; int32 multiply-adds are
+    cheaper."""
+    pairs, n_pairs = _phase_pairs(geo)
+    if pairs is None:
+        return None
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    OH, OW = geo.out_h, geo.out_w
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    ph, pw = geo.padding
+    kh, kwid = geo.kernel_h, geo.kernel_w
+    taps = kh * kwid
+    multiplier = geo.out_per_group
+    Hq, Wq = -(-geo.padded_h // sh), -(-geo.padded_w // sw)
+    P0, P1, P2, P3 = pairs
+    pieces = -(-OW // 64)
+    width = -(-OW // pieces)
+    full, tail = OW // width, OW % width
+
+    @T.macro
+    def copy_pair(x, xp, b, c, pair):
+        for hq in range(Hq):
+            for j in T.vectorized(Wq):
+                xp[b * C + c, pair[0], pair[1], hq, j] = T.uint8(0)
+            if 0 <= hq * sh + pair[0] - ph and hq * sh + pair[0] - ph < H:
+                for j in T.vectorized(pair[3]):
+                    xp[b * C + c, pair[0], pair[1], hq, pair[2] + j] = \
+                        x[b, c, hq * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw]
+
+    @T.macro
+    def row_piece(xp, y, q, b, c, o, oh, ow0, size):
+        acc = T.alloc_buffer((size,), "int32", scope="local", annotations=_ON_STACK)
+        for lane in T.vectorized(size):
+            acc[lane] = 0
+        for r in T.unroll(kh):
+            for s in T.unroll(kwid):
+                for lane in T.vectorized(size):
+                    acc[lane] = acc[lane] + q[r * kwid + s] * T.Cast(
+                        "int32", xp[b * C + c, r * dh % sh, s * dw % sw, oh + r * dh // sh,
+                                    ow0 + lane + s * dw // sw])
+        for lane in T.vectorized(size):
+            y[b, o, oh, ow0 + lane] = acc[lane]
+
+    @T.macro
+    def depthwise(x, xp, weights, y, n_planes, zero_point):
+        for task in T.parallel(B * C):
+            copy_pair(x, xp, task // C, task % C, P0)
+            if n_pairs > 1:
+                copy_pair(x, xp, task // C, task % C, P1)
+            if n_pairs > 2:
+                copy_pair(x, xp, task // C, task % C, P2)
+            if n_pairs > 3:
+                copy_pair(x, xp, task // C, task % C, P3)
+            for m in range(multiplier):
+                q = T.alloc_buffer((taps,), "int32", scope="local", annotations=_ON_STACK)
+                for t in range(taps):
+                    q[t] = weight_of(weights, task % C * multiplier + m, t, n_planes, zero_point)
+                for oh in range(OH):
+                    for piece in range(full):
+                        row_piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh,
+                                  piece * width, width)
+                    if tail > 0:
+                        row_piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh,
+                                  full * width, tail)
+
+    return depthwise, (B * C, sh, sw, Hq, Wq)
+
+
 def _make_depthwise_direct(geo: ConvGeometry, weight_of: Callable, chunk: int = 32):
     """Direct int32 depthwise kernel: for each (batch, output channel) a 2-D stencil vectorized
     along the output row.  With K = kh*kw (9 for 3x3) a popcount over packed K words would
@@ -662,6 +778,21 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
                                           tirx.const(0, "int32")) * T.Cast("int32", weights[o, p, t])
             return expr
 
+        fused = _make_depthwise_fused(geo, weight_of)
+        if fused is not None:
+            depthwise_fused, staging = fused
+
+            @T.prim_func
+            def main_dw_fused(x: T.Buffer((B, C, H, W), "uint8"),
+                              w_planes: T.Buffer((O, planes_count, taps), "uint8"),
+                              n_planes: T.int32, zero_point: T.int32,
+                              y: T.Buffer((B, O, OH, OW), "int32")):
+                T.func_attr({"tir.noalias": True})
+                xp = T.alloc_buffer(staging, "uint8")
+                depthwise_fused(x, xp, w_planes, y, n_planes, zero_point)
+
+            return main_dw_fused
+
         depthwise = _make_depthwise_direct(geo, weight_of)
 
         @T.prim_func
@@ -721,10 +852,31 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
             if nt * lanes + lane < Og:
                 out[m // (OH * OW), g * Og + nt * lanes + lane, m // OW % OH, m % OW] = total[lane]
 
+    rows_per_task = max(1, min(knobs.rows_per_task, rows))
+    OHW = OH * OW
+
+    @T.macro
+    def store_block(out, block, g, nt, m0):
+        # NCHW output: consecutive rows of one channel are contiguous unless the block crosses
+        # an image or the end; then element by element.
+        y_flat = T.decl_buffer((B * O * OHW,), acc_dtype, data=out.data)
+        for lane in range(lanes):
+            if nt * lanes + lane < Og:
+                if m0 % OHW + rows_per_task <= OHW and m0 + rows_per_task <= rows:
+                    for mi in T.vectorized(rows_per_task):
+                        y_flat[(m0 // OHW * O + g * Og + nt * lanes + lane) * OHW + m0 % OHW + mi] = \
+                            block[mi, lane]
+                else:
+                    for mi in range(rows_per_task):
+                        if m0 + mi < rows:
+                            y_flat[((m0 + mi) // OHW * O + g * Og + nt * lanes + lane) * OHW
+                                   + (m0 + mi) % OHW] = block[mi, lane]
+
     core = _make_bitserial_core(
         groups=G, rows=rows, n_tiles=n_tiles, lanes=lanes, kw=kw, shifts_signs=shifts_signs,
         act_bits=act_bits, acc_dtype=acc_dtype, knobs=knobs, with_zero_point=with_zero_point,
-        weight_at=weight_at, plane_at=plane_at, rowsum_at=rowsum_at, store_tile=store_tile)
+        weight_at=weight_at, plane_at=plane_at, rowsum_at=rowsum_at, store_tile=store_tile,
+        store_block=store_block)
 
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
@@ -745,16 +897,213 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
                     pack_row_chunk(x_padded, act_planes, task // (B * OH), task // OH % B, task % OH,
                                    word, full * width, tail)
             if with_zero_point:
-                for ow in range(OW):
-                    sums = T.alloc_buffer((1,), "int32", scope="local", annotations=_ON_STACK)
-                    sums[0] = 0
-                    for j in range(act_bits):
-                        for word in range(kw):
-                            sums[0] = sums[0] + (T.reinterpret("int32", T.popcount(
-                                act_planes[task // (B * OH), j, word,
-                                           (task // OH % B * OH + task % OH) * OW + ow])) << j)
-                    rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] = sums[0]
+                # sum of the codes of each output pixel's patch, vectorized along the row.
+                for ow in T.vectorized(OW):
+                    rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] = 0
+                for j in range(act_bits):
+                    for word in range(kw):
+                        for ow in T.vectorized(OW):
+                            rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] = \
+                                rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] + (
+                                    T.reinterpret("int32", T.popcount(
+                                        act_planes[task // (B * OH), j, word,
+                                                   (task // OH % B * OH + task % OH) * OW + ow])) << j)
         core(w_planes, act_planes, rowsum, y, n_planes, zero_point)
+
+    return main
+
+
+def _vnni_pixels(acc, act_vector, weight_word):
+    """acc[i] += sum_{t<4} u8(act_vector byte 4i+t) * s8(weight_word byte t): 16 output pixels
+    of one output channel (activation words along the lanes, weight word broadcast)."""
+    return T.call_llvm_pure_intrin(
+        "int32x16", _VPDPBUSD, acc, T.reinterpret("int8x64", act_vector),
+        T.reinterpret("int8x64", T.broadcast(weight_word, VNNI_LANES)))
+
+
+# Tuned conv tilings (conv_channels, conv_vectors, conv_rows) per conv shape, filled by
+# :func:`tune_bitparallel_conv2d` in this process.
+_TUNED_CONV: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _conv_key(geo: ConvGeometry) -> tuple:
+    return (geo.batch, geo.in_channels, geo.height, geo.width, geo.out_channels, geo.kernel_h,
+            geo.kernel_w, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+@dataclass(frozen=True)
+class _PixelPlan:
+    """Resolved tiling of the pixels-on-lanes bit-parallel conv (see :func:`_conv_pixel_plan`)."""
+
+    channels: int      # output channels per register tile (weight words broadcast)
+    vectors: int       # 16-pixel vectors per register tile
+    rows: int          # output rows per parallel task
+    chunks: int        # register tiles per task (rows * Wq positions, rounded up)
+
+
+def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
+    """Per-shape tiling: explicit knobs win, else a tuned entry, else the heuristic."""
+    sw = geo.stride[1]
+    wq = -(-geo.padded_w // sw)
+    og = geo.out_per_group
+    channels, vectors, rows = knobs.conv_channels, knobs.conv_vectors, knobs.conv_rows
+    if not (channels and vectors and rows):
+        tuned = _TUNED_CONV.get(_conv_key(geo))
+        if tuned is not None:
+            channels, vectors, rows = (channels or tuned[0], vectors or tuned[1], rows or tuned[2])
+    if not channels:
+        # Largest register tile width that wastes fewest padded output channels.
+        channels = min((4, 8, 12, 16), key=lambda c: (-(-og // c) * c - og, -c))
+    if not vectors:
+        vectors = {16: 1, 12: 2, 8: 2}.get(channels, max(1, 16 // channels))
+        # Small output planes: fewer vectors so the rounding waste stays small.
+        while vectors > 1 and geo.out_h * wq < 2 * 16 * vectors:
+            vectors //= 2
+    if not rows:
+        # About 256 flat positions per task, rows balanced over the tasks, and at least 4
+        # tasks for the thread pool.
+        o_blocks = geo.groups * -(-og // channels) * geo.batch
+        row_tasks = max(1, min(geo.out_h, round(geo.out_h * wq / 256)))
+        while row_tasks < geo.out_h and o_blocks * row_tasks < 4:
+            row_tasks += 1
+        rows = -(-geo.out_h // row_tasks)
+    rows = max(1, min(rows, geo.out_h))
+    chunks = -(-(rows * wq) // (16 * vectors))
+    return _PixelPlan(channels, vectors, rows, chunks)
+
+
+def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> tirx.PrimFunc:
+    """Bit-parallel conv with output pixels on the vector lanes (``vpdpbusd`` with the 4-channel
+    weight word broadcast): the output stays NCHW, so every store is a contiguous vector.
+
+    The input is copied once to int32 words of 4 channels in a zero-padded, stride-phase-split
+    layout ``xs[B, G*ceil(Cg/4), sh, sw, rows, Wq]`` (``Wq = ceil(Wp/sw)``): input column
+    ``w = sw*j + phase``.  Every tap (r, s) of every output row then reads one contiguous run of
+    words: output (oh, ow) of tap (r, s) is at phase ``(r*dh % sh, s*dw % sw)``, row
+    ``oh + r*dh // sh``, column ``ow + s*dw // sw``.  Positions are computed over the flat
+    ``rows x Wq`` domain of a task (columns ``ow >= OW`` are computed and dropped), staged in a
+    small stack tile and copied out row by row.
+    """
+    plan = _conv_pixel_plan(geo, knobs)
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, OH, OW, G = geo.out_channels, geo.out_h, geo.out_w, geo.groups
+    Hp, Wp = geo.padded_h, geo.padded_w
+    ph, pw = geo.padding
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    kh, kwid = geo.kernel_h, geo.kernel_w
+    Cg, Og = geo.in_per_group, geo.out_per_group
+    c_groups = -(-Cg // 4)
+    n_tiles = -(-Og // VNNI_LANES)
+    k_groups = kh * kwid * c_groups
+    Hq, Wq = -(-Hp // sh), -(-Wp // sw)
+    OB, V, NR, NCH = plan.channels, plan.vectors, plan.rows, plan.chunks
+    span = NCH * V * VNNI_LANES            # flat positions computed per task
+    o_blocks = -(-Og // OB)
+    row_tasks = -(-OH // NR)
+    tasks = B * G * o_blocks * row_tasks
+    max_read = ((row_tasks - 1) * NR + (kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + span
+    rows_alloc = max(Hq, -(-max_read // Wq))
+    planes = G * c_groups
+    # Phases actually read by some tap, with the valid column segment [lo, lo + n) of each.
+    pairs = []
+    for a_h in sorted({r * dh % sh for r in range(kh)}):
+        for a_w in sorted({s * dw % sw for s in range(kwid)}):
+            lo = max(0, -(-(pw - a_w) // sw))
+            hi = min(Wq, -(-(W + pw - a_w) // sw))
+            pairs.append((a_h, a_w, lo, max(0, hi - lo), len(pairs)))
+    if len(pairs) > 4:
+        return None
+    n_pairs = len(pairs)
+    while len(pairs) < 4:
+        pairs.append(pairs[0])
+    P0, P1, P2, P3 = pairs
+    partial = Cg % 4 != 0
+
+    def channel_byte(x, b, cq, t, row, col):
+        # Byte t of the word of channels 4*(cq % c_groups) .. +3 (zero past Cg).
+        channel = (cq // c_groups) * Cg + T.min(cq % c_groups * 4 + t, Cg - 1)
+        value = tirx.Cast("uint32", x[b, channel, row, col])
+        if t:
+            value = value << tirx.const(8 * t, "uint32")
+        if partial and t:
+            value = tirx.Select(cq % c_groups * 4 + t < Cg, value, tirx.const(0, "uint32"))
+        return value
+
+    @T.macro
+    def copy_segment(x, xs, b, cq, hq, a_h, a_w, lo, n):
+        # Words of 4 consecutive channels for the valid columns of one staged row.
+        if 0 <= hq * sh + a_h - ph and hq * sh + a_h - ph < H:
+            for j in T.vectorized(n):
+                xs[b, cq, a_h, a_w, hq, lo + j] = (
+                    channel_byte(x, b, cq, 0, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
+                    | channel_byte(x, b, cq, 1, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
+                    | channel_byte(x, b, cq, 2, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
+                    | channel_byte(x, b, cq, 3, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw))
+
+    @T.macro
+    def copy_row(x, xs, b, cq, slot, hq, pair):
+        if slot == pair[4]:
+            for j in T.vectorized(Wq):
+                xs[b, cq, pair[0], pair[1], hq, j] = T.uint32(0)
+            copy_segment(x, xs, b, cq, hq, pair[0], pair[1], pair[2], pair[3])
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"),
+             w: T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
+             y: T.Buffer((B, O, OH, OW), "int32")):
+        T.func_attr({"tir.noalias": True})
+        xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
+        for task in T.parallel(B * planes * n_pairs * rows_alloc):
+            copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
+                     task // rows_alloc % n_pairs, task % rows_alloc, P0)
+            if n_pairs > 1:
+                copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
+                         task // rows_alloc % n_pairs, task % rows_alloc, P1)
+            if n_pairs > 2:
+                copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
+                         task // rows_alloc % n_pairs, task % rows_alloc, P2)
+            if n_pairs > 3:
+                copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
+                         task // rows_alloc % n_pairs, task % rows_alloc, P3)
+        xw = T.decl_buffer((B * planes * sh * sw * rows_alloc * Wq,), "int32", data=xs.data)
+        ww = T.decl_buffer((G * n_tiles * k_groups * VNNI_LANES,), "int32", data=w.data)
+        for task in T.parallel(tasks):
+            tile = T.alloc_buffer((OB, span), "int32", scope="local", annotations=_ON_STACK)
+            acc = T.alloc_buffer((OB, V), "int32x16", scope="local", annotations=_ON_STACK)
+            for chunk in range(NCH):
+                for o in T.unroll(OB):
+                    for v in T.unroll(V):
+                        acc[o, v] = T.broadcast(T.int32(0), VNNI_LANES)
+                for r in T.unroll(kh):
+                    for s in T.unroll(kwid):
+                        for cq in range(c_groups):
+                            for o in T.unroll(OB):
+                                for v in T.unroll(V):
+                                    acc[o, v] = _vnni_pixels(
+                                        acc[o, v],
+                                        xw[T.ramp(((((task // (G * o_blocks * row_tasks)) * planes
+                                                     + task // (o_blocks * row_tasks) % G * c_groups + cq) * sh
+                                                    + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq
+                                                  + (task % row_tasks * NR + r * dh // sh) * Wq + s * dw // sw
+                                                  + chunk * V * VNNI_LANES + v * VNNI_LANES, 1, VNNI_LANES)],
+                                        ww[((task // (o_blocks * row_tasks) % G * n_tiles
+                                             + T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
+                                             // VNNI_LANES) * k_groups + (r * kwid + s) * c_groups + cq)
+                                           * VNNI_LANES
+                                           + T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
+                                           % VNNI_LANES])
+                for o in T.unroll(OB):
+                    for v in T.unroll(V):
+                        tile[o, T.ramp(chunk * V * VNNI_LANES + v * VNNI_LANES, 1, VNNI_LANES)] = acc[o, v]
+            for o in range(OB):
+                if task // row_tasks % o_blocks * OB + o < Og:
+                    for rr in range(NR):
+                        if task % row_tasks * NR + rr < OH:
+                            for ow in T.vectorized(OW):
+                                y[task // (G * o_blocks * row_tasks),
+                                  task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
+                                  task % row_tasks * NR + rr, ow] = tile[o, rr * Wq + ow]
 
     return main
 
@@ -790,6 +1139,19 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
         def weight_of(weights, o, t, n_planes, zp):
             return weights[o, t]
 
+        fused = _make_depthwise_fused(geo, weight_of)
+        if fused is not None:
+            depthwise_fused, staging = fused
+
+            @T.prim_func
+            def main_dw_fused(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
+                              y: T.Buffer((B, O, OH, OW), "int32")):
+                T.func_attr({"tir.noalias": True})
+                xp = T.alloc_buffer(staging, "uint8")
+                depthwise_fused(x, xp, w, y, 0, 0)
+
+            return main_dw_fused
+
         depthwise = _make_depthwise_direct(geo, weight_of)
 
         @T.prim_func
@@ -802,6 +1164,21 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
 
         return main_dw
 
+    plan = _conv_pixel_plan(geo, knobs)
+    wq = -(-geo.padded_w // sw)
+    computed = B * G * -(-geo.out_per_group // plan.channels) * plan.channels \
+        * -(-OH // plan.rows) * plan.chunks * plan.vectors * VNNI_LANES
+    efficiency = B * O * OH * OW / computed
+    explicit = knobs.conv_channels or knobs.conv_vectors or knobs.conv_rows
+    # Small planes with many channels (ResNet-18's 14x14 and 7x7 stages) waste a large share of
+    # the flat pixel domain; the channels-on-lanes kernel below wastes nothing there.
+    if explicit or _conv_key(geo) in _TUNED_CONV or not (efficiency < 0.9 and geo.out_per_group >= 64):
+        pixels = _bitparallel_conv2d_pixels(geo, knobs)
+        if pixels is not None:
+            return pixels
+
+    # Output channels on the lanes: small planes with many channels, and strides > 2 (more
+    # than 4 stride phases).
     Cg, Og = geo.in_per_group, geo.out_per_group
     c_groups = -(-Cg // 4)          # int32 words of 4 channels per group and pixel
     words_per_pixel = G * c_groups
@@ -868,3 +1245,50 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
 
     return main
 
+
+
+def tune_bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
+                            candidates: Sequence[tuple[int, int, int]] | None = None,
+                            number: int = 10, repeat: int = 5, target=None) -> BitparallelKnobs:
+    """Tiny grid search over the conv tiling (conv_channels, conv_vectors, conv_rows) of
+    :func:`bitparallel_conv2d`, timed with ``time_evaluator`` on random codes.  The winner is
+    cached per shape in this process (later builds with knobs left at 0 use it) and returned
+    as knobs.  Depthwise convs have no conv tiling and return the default knobs."""
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    key = _conv_key(geo)
+    if geo.is_depthwise:
+        return BitparallelKnobs()
+    if key in _TUNED_CONV:
+        return BitparallelKnobs(conv_channels=_TUNED_CONV[key][0], conv_vectors=_TUNED_CONV[key][1],
+                                conv_rows=_TUNED_CONV[key][2])
+    if candidates is None:
+        candidates = _conv_candidates(geo)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, tuple(input_shape)).astype(np.uint8)
+    from .packing import pack_bitparallel_conv_weight
+    w = pack_bitparallel_conv_weight(rng.integers(-128, 128, tuple(weight_shape)), groups)
+    best, best_time = None, float("inf")
+    for channels, vectors, rows in candidates:
+        knobs = BitparallelKnobs(conv_channels=channels, conv_vectors=vectors, conv_rows=rows)
+        kernel = build(bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation,
+                                          groups, knobs), target)
+        elapsed = kernel.time_us(x, w, number=number, repeat=repeat)
+        if elapsed < best_time:
+            best, best_time = (channels, vectors, rows), elapsed
+    _TUNED_CONV[key] = best
+    return BitparallelKnobs(conv_channels=best[0], conv_vectors=best[1], conv_rows=best[2])
+
+
+def _conv_candidates(geo: ConvGeometry) -> list[tuple[int, int, int]]:
+    """The grid of :func:`tune_bitparallel_conv2d`: register tiles of 8..24 accumulators and
+    tasks of about 64..512 flat positions."""
+    wq = -(-geo.padded_w // geo.stride[1])
+    found = []
+    for channels, vectors in ((16, 1), (8, 2), (4, 4), (8, 3), (24, 1), (12, 2)):
+        if channels > 2 * geo.out_per_group and channels > 4:
+            continue
+        for positions in (64, 128, 256, 512):
+            rows = max(1, min(geo.out_h, round(positions / wq)))
+            if (channels, vectors, rows) not in found:
+                found.append((channels, vectors, rows))
+    return found

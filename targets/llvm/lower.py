@@ -196,9 +196,11 @@ class _Lowerer:
         add = self.ref(n.inputs[3]) if len(n.inputs) == 4 else None
         act = n.attr("act", "none")
         lo, hi = float(n.attr("clip_lo", 0.0) or 0.0), float(n.attr("clip_hi", 0.0) or 0.0)
-        info = {"kernel": choice.kernel, "reason": choice.reason, "planes": spec.num_planes}
+        info = {"kernel": choice.kernel, "reason": choice.reason, "planes": spec.num_planes,
+                "plane_shifts": [int(shift) for shift, _ in spec.planes]}  # most significant first
         self.plan.layers[n.name] = info
         if choice.kernel == "float":
+            info["tensors"] = {"in": self.ref(n.inputs[0]), "out": n.name}
             acc = self.plan.buffer(f"{n.name}.accf", shape, _F32)
             self._float_product(n, q.astype(np.float32), acc)
             key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)"
@@ -210,6 +212,10 @@ class _Lowerer:
         accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
         if neg:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
+        # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
+        info["tensors"] = {"in": self.ref(self.producers[n.inputs[0]].inputs[0]), "xq": pos, "xq_neg": neg,
+                           "scale": scale, "acc": accs[0], "acc_neg": accs[1] if neg else None,
+                           "acc_shift": spec.low_shift, "out": n.name}
         if choice.kernel == "bitserial":
             self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs)
         else:

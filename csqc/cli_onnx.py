@@ -1,0 +1,130 @@
+"""Library functions behind ``csqc compile --target onnx`` and ``csqc verify``.
+
+``csqc/cli.py`` parses options and calls these; each prints its result (JSON with
+``as_json``, else a short table) and returns what the command needs: ``compile_onnx`` a summary
+dict, ``verify_command`` the exit code (0 all runtimes agree, 1 they do not). Bad options or
+files raise ``BadInput`` (exit code 2 through ``CsqcGroup``).
+"""
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+
+from .errors import BadInput
+from .modelfile import CsqcModel, check_writable
+from .verify import VerifyReport, load_inputs, verify
+
+__all__ = ["compile_onnx", "verify_command", "print_verify_report"]
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+
+
+def _calibration_samples(model: CsqcModel, calibration: str | None, samples: int, seed: int = 0):
+    """Calibration arrays: an ``.npz`` file, ``digits`` (its training split) or random [0, 1)."""
+    if calibration is None:
+        rng = np.random.default_rng(seed)
+        return [rng.random((samples, *s["shape"][1:]), dtype=np.float32) for s in model.input_specs]
+    if calibration == "digits":
+        from .data import load_digits_split
+
+        shape = tuple(model.input_specs[0]["shape"][1:])
+        split = load_digits_split(image=len(shape) == 3)
+        if split.x_train.shape[1:] != shape:
+            raise BadInput(f"the digits data set has samples of shape {list(split.x_train.shape[1:])}, the model takes {list(shape)}")
+        return [split.x_train[:samples]]
+    return [a[:samples] for a in load_inputs(calibration, model)]
+
+
+def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_planes: bool = False,
+                 batch: int | None = None, calibration: str | None = None, calibration_samples: int = 256,
+                 int4: bool = True, dump_ir=None, as_json: bool = False, echo: bool = True) -> dict:
+    """Compile ``model`` to ONNX at ``output`` and return a summary.
+
+    Reference (default): the integer-exact model (``check_planes``: one product per weight
+    bitplane). ``deploy``: the compact QDQ/MatMulNBits model, calibrated on ``calibration``
+    (``digits``, an ``.npz`` file, or random inputs when None); with ``digits`` the summary
+    includes its accuracy next to PyTorch's on the test split.
+    """
+    from .compiler import compile as compile_model
+    from .targets.onnx.deploy import accuracy_cost
+    from .targets.onnx.runner import load_onnx, make_session, run
+
+    check_writable(output)  # fail before the work, not after
+    if calibration_samples < 1:
+        raise BadInput(f"calibration samples must be at least 1, got {calibration_samples}")
+    calib = _calibration_samples(model, calibration, calibration_samples) if deploy else None
+    result = compile_model(model, "onnx", output, batch=batch, onnx_form="deploy" if deploy else "reference",
+                           check_planes=check_planes, calibration=calib, int4=int4, dump_ir=dump_ir)
+    report = {k: v for k, v in result.report.items() if k != "onnx_form"}
+    if deploy:
+        if calibration == "digits":
+            from .data import load_digits_split
+
+            split = load_digits_split(image=len(model.input_specs[0]["shape"]) == 4)
+            ours = run(make_session(load_onnx(output), exact=False), [split.x_test])[0]
+            reference = model(split.x_test).numpy()
+            report = accuracy_cost(report, ours, reference, split.y_test)
+        summary = {"ok": True, "output": str(output), "kind": "deploy", **report}
+    else:
+        graph = result.graph
+        summary = {"ok": True, "output": str(output), "kind": "reference", "check_planes": check_planes,
+                   **report, "batch": graph.inputs[0].type.shape[0],
+                   "layers": [n.name for n in graph.quant_layers()]}
+    summary["seconds"] = result.seconds
+    if echo:
+        if as_json:
+            _echo_json(summary)
+        else:
+            size = f"{summary['size_bytes'] / 1024:.1f} KiB"
+            extra = f" (fp32 {summary['fp32_size_bytes'] / 1024:.1f} KiB)" if deploy else ""
+            acc = (f", accuracy {summary['accuracy']:.2%} vs PyTorch {summary['reference_accuracy']:.2%}"
+                   if deploy and summary.get("accuracy") is not None else "")
+            click.echo(f"wrote {summary['kind']} ONNX model {output}: {size}{extra}{acc}")
+    return summary
+
+
+def print_verify_report(report: VerifyReport) -> None:
+    """A short human-readable table of a verify report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"verify: {report.samples} samples in batches of {report.batch}")
+    for col in ("pair", "kind", "max abs err", "max rel err", "top-1 agree", "ok"):
+        table.add_column(col)
+    for p in report.pairs:
+        top1 = "-" if p.top1_agreement is None else f"{p.top1_agreement:.2%}"
+        table.add_row(f"{p.a} -> {p.b}", p.kind, f"{p.max_abs_error:.3g}", f"{p.max_rel_error:.3g}", top1,
+                      "[green]yes[/]" if p.ok else "[red]NO[/]")
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    for name, acc in report.accuracy.items():
+        console.print(f"accuracy {name}: {acc:.2%}")
+    console.print(f"integer tensors exact: {'[green]yes[/]' if report.accumulators_exact else '[red]NO[/]'}")
+    if report.first_divergence:
+        d = report.first_divergence
+        console.print(f"first divergence: [bold]{d['tensor']}[/] in {d['runtime']} "
+                      f"({d['mismatched']} of {d['checked']} elements, {d['kind']} check)")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print("[green]OK[/]" if report.ok else "[red]FAILED[/]: runtimes disagree")
+
+
+def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int = 4, dataset: str | None = None,
+                   artifact: str | None = None, per_layer: bool = False, batch: int | None = None,
+                   atol: float = 1e-4, rtol: float = 1e-4, as_json: bool = False, echo: bool = True) -> int:
+    """Run ``verify`` with CLI-style options (``inputs`` is an ``.npz`` path); 0 if ok, else 1."""
+    arrays = load_inputs(inputs, model) if inputs else None
+    report = verify(model, inputs=arrays, samples=samples, dataset=dataset, artifact=artifact,
+                    per_layer=per_layer, batch=batch, atol=atol, rtol=rtol)
+    if echo:
+        if as_json:
+            _echo_json(report.to_json())
+        else:
+            print_verify_report(report)
+    return 0 if report.ok else 1

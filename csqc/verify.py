@@ -1,0 +1,625 @@
+"""``csqc verify``: run one model in every runtime on identical batches and compare them.
+
+Runtimes (``RUNTIMES``, extensible): the PyTorch reference (``model(x)``), the IR interpreter
+on the ``integer`` and on the fully optimized ``default`` pipeline, ONNX Runtime on the
+reference ONNX model, and an artifact (``ARTIFACT_RUNNERS``, keyed by file suffix; ``.onnx``
+files run in ONNX Runtime). Dynamic activation scales depend on the whole batch, so every
+runtime sees the same batches.
+
+Two kinds of checks:
+
+* **outputs**, pair by pair along the compilation chain (PyTorch -> interpreter(integer) ->
+  interpreter(default) / ONNX Runtime -> artifact): max abs / rel error, ``atol``/``rtol``,
+  top-1 agreement, accuracy on a labelled data set;
+* **integer tensors**, layer by layer, exactly. A runtime that exposes a layer's tensors
+  (``<layer>.in``, ``.xq``, ``.scale``, ``.acc``, ``.out``) is checked against the golden model
+  fed with *its own* inputs: its codes must equal the interpreter's quantization of its float
+  input, its accumulator the interpreter's integer product of its codes, its output the
+  interpreter's epilogue. This stays exact even where float differences upstream (a
+  convolution summed in another order) flip one activation code across a rounding tie; where
+  the runtime's codes equal the golden run's, the accumulators are therefore equal to the
+  interpreter's bit for bit. ``first_divergence`` names the first layer (graph order) and
+  tensor where a runtime departs from the golden model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import BadInput, CsqcError
+from .interpreter import HANDLERS, QValue, run as interpret
+from .ir import Graph
+from .modelfile import CsqcModel
+
+__all__ = [
+    "verify", "VerifyReport", "PairReport", "Runtime", "RunResult", "RUNTIMES", "DEFAULT_RUNTIMES",
+    "ARTIFACT_RUNNERS", "register_artifact_runner", "load_inputs", "LAYER_TENSORS",
+]
+
+log = logging.getLogger(__name__)
+
+LAYER_TENSORS = ("in", "xq", "scale", "acc", "out")  # stable per-layer names: <layer>.<tensor>
+GOLDEN = "interpreter:integer"
+
+
+# -- runtimes ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    outputs: list[np.ndarray]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # '<layer>.acc' etc., acc scaled back
+
+
+@dataclass
+class Runtime:
+    """A way to run the model on one batch. ``batch`` None: any batch size.
+
+    ``exact`` promises the IR's float operation order in quantized-layer epilogues, so their
+    ``.out`` tensors are compared bit for bit (otherwise within the float tolerance).
+    """
+
+    name: str
+    run: Callable[[list[np.ndarray]], RunResult]
+    batch: int | None = None
+    exact: bool = True
+
+
+class _Context:
+    """The model plus graphs captured per batch size and pipeline (built once, on demand)."""
+
+    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None):
+        self.model = model
+        self.threads = intra_op_num_threads
+        self._captured: dict[int, Graph] = {}
+        self._graphs: dict[tuple[str, int], Graph] = {}
+
+    def graph(self, pipeline: str, batch: int) -> Graph:
+        from .capture import capture
+        from .passes import run_passes
+
+        if (pipeline, batch) not in self._graphs:
+            if batch not in self._captured:
+                self._captured[batch] = capture(self.model, batch=batch)
+            self._graphs[(pipeline, batch)] = run_passes(self._captured[batch], pipeline)[0]
+        return self._graphs[(pipeline, batch)]
+
+
+def _layer_inputs(g: Graph) -> dict[str, tuple[str, str | None]]:
+    """Layer -> (float value it quantizes or reads, quantize node or None)."""
+    producers = g.producers()
+    out = {}
+    for n in g.quant_layers():
+        src = producers.get(n.inputs[0])
+        if src is not None and src.op == "quantize":
+            out[n.name] = (src.inputs[0], src.name)
+        else:
+            out[n.name] = (n.inputs[0], None)
+    return out
+
+
+def interpreter_tensors(g: Graph, record: Mapping, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The stable per-layer tensors of an interpreter run (``record`` from ``interpreter.run``)."""
+    values = {**record, **inputs}
+    tensors = {}
+    for layer, (src, quant) in _layer_inputs(g).items():
+        tensors[f"{layer}.in"] = values[src]
+        tensors[f"{layer}.out"] = values[layer]
+        if quant is not None:
+            tensors[f"{layer}.xq"] = values[f"{quant}.codes"]
+            tensors[f"{layer}.scale"] = np.float32(values[f"{quant}.scale"])
+            tensors[f"{layer}.acc"] = values[f"{layer}.acc"]
+    return tensors
+
+
+def _interpreter_runtime(pipeline: str):
+    def factory(ctx: _Context, batch: int) -> Runtime:
+        g = ctx.graph(pipeline, batch)
+
+        def run(inputs):
+            record: dict = {}
+            outputs = interpret(g, inputs, record=record)
+            named = {v.name: np.asarray(x, np.float32) for v, x in zip(g.inputs, inputs)}
+            return RunResult(outputs, interpreter_tensors(g, record, named))
+
+        return Runtime(f"interpreter:{pipeline}", run, batch)
+
+    return factory
+
+
+def _pytorch_runtime(ctx: _Context, batch: int) -> Runtime:
+    import torch
+
+    def run(inputs):
+        out = ctx.model(*[torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in inputs])
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return RunResult([o.detach().numpy() for o in outs])
+
+    return Runtime("pytorch", run, None, exact=False)
+
+
+def onnx_model_runtime(name: str, model, *, threads: int | None = None, batch: int | None = None) -> Runtime:
+    """A runtime for an ONNX model; csqc models expose their per-layer tensors (metadata)."""
+    from csqc.targets.onnx.reference import layer_table
+    from csqc.targets.onnx.runner import make_session, with_outputs
+
+    table = layer_table(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    wanted: list[tuple[str, str, int]] = []  # (ONNX tensor, stable key, acc shift)
+    for row in table:
+        for key in LAYER_TENSORS:
+            tensor = row.get("input" if key == "in" else key)
+            if tensor:
+                wanted.append((tensor, f"{row['name']}.{key}", row.get("acc_shift", 0) if key == "acc" else 0))
+    fetch = list(dict.fromkeys(t for t, _, _ in wanted if t not in graph_inputs))
+    session = make_session(with_outputs(model, fetch), exact=True, intra_op_num_threads=threads)
+    input_names = [i.name for i in session.get_inputs()]
+    n_outputs = len(model.graph.output)
+    out_names = [o.name for o in session.get_outputs()]
+
+    def run(inputs):
+        feeds = {k: np.ascontiguousarray(x, np.float32) for k, x in zip(input_names, inputs)}
+        values = dict(zip(out_names, session.run(None, feeds)))
+        values.update(feeds)
+        tensors = {}
+        for tensor, key, shift in wanted:
+            v = values[tensor]
+            tensors[key] = (v.astype(np.int64) << shift) if key.endswith(".acc") else v
+        return RunResult([values[n] for n in out_names[:n_outputs]], tensors)
+
+    if batch is None:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return Runtime(name, run, batch)
+
+
+def _onnxruntime_factory(check_planes: bool):
+    def factory(ctx: _Context, batch: int) -> Runtime:
+        from csqc.targets.onnx.reference import emit_reference
+
+        model = emit_reference(ctx.graph("integer", batch), check_planes=check_planes)
+        name = "onnxruntime:planes" if check_planes else "onnxruntime"
+        return onnx_model_runtime(name, model, threads=ctx.threads, batch=batch)
+
+    return factory
+
+
+RUNTIMES: dict[str, Callable[[_Context, int], Runtime]] = {
+    "pytorch": _pytorch_runtime,
+    "interpreter:integer": _interpreter_runtime("integer"),
+    "interpreter:default": _interpreter_runtime("default"),
+    "onnxruntime": _onnxruntime_factory(False),
+    "onnxruntime:planes": _onnxruntime_factory(True),
+}
+DEFAULT_RUNTIMES = ("pytorch", "interpreter:integer", "interpreter:default", "onnxruntime")
+
+# which runtime each one is compared with: one stage of the compilation chain per pair
+_PARENT = {
+    "interpreter:integer": "pytorch",
+    "interpreter:default": "interpreter:integer",
+    "onnxruntime": "interpreter:integer",
+    "onnxruntime:planes": "interpreter:integer",
+    "artifact": "interpreter:default",
+}
+
+
+def _open_onnx_artifact(path: str, ctx_threads: int | None = None) -> Runtime:
+    from csqc.targets.onnx.runner import load_onnx
+
+    return onnx_model_runtime(f"artifact:{Path(path).name}", load_onnx(path), threads=ctx_threads)
+
+
+def _open_tvm_artifact(path: str) -> Runtime:
+    """A compiled TVM artifact (``csqc compile --target llvm|cuda``) and its per-layer buffers."""
+    from . import runtime
+
+    model = runtime.load(path)
+    layers = {name: info["tensors"] for name, info in model.layers.items() if "tensors" in info}
+
+    def run(inputs):
+        record: dict = {}
+        out = model(*[np.ascontiguousarray(x, np.float32) for x in inputs], record=record)
+        tensors = {}
+        for layer, names in layers.items():
+            for key in LAYER_TENSORS:
+                buf = names.get(key)
+                if buf is None:
+                    continue
+                v = record[buf]
+                if key == "xq":
+                    v = v.astype(np.int64) - record[names["xq_neg"]] if names.get("xq_neg") else v
+                elif key == "acc":
+                    v = v.astype(np.int64) - record[names["acc_neg"]] if names.get("acc_neg") else v.astype(np.int64)
+                    v = v << int(names.get("acc_shift", 0))
+                elif key == "scale":
+                    v = np.float32(v.reshape(-1)[0])
+                tensors[f"{layer}.{key}"] = v
+        return RunResult(out if isinstance(out, list) else [out], tensors)
+
+    # the epilogue's float order matches the interpreter's but LLVM may vectorize it
+    # differently: outputs are compared within the tolerance, accumulators exactly
+    return Runtime(f"artifact:{Path(path).name}", run, int(model.inputs[0]["shape"][0]), exact=False)
+
+
+# suffix -> opener(path) -> Runtime; other targets register themselves here
+ARTIFACT_RUNNERS: dict[str, Callable[[str], Runtime]] = {".onnx": _open_onnx_artifact, ".so": _open_tvm_artifact}
+
+
+def register_artifact_runner(suffix: str, opener: Callable[[str], Runtime]) -> None:
+    """Let ``verify(artifact=...)`` run files ending in ``suffix`` through ``opener(path)``."""
+    ARTIFACT_RUNNERS[suffix if suffix.startswith(".") else "." + suffix] = opener
+
+
+def _open_artifact(path: str) -> Runtime:
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{path}: no such artifact")
+    for suffix in sorted(ARTIFACT_RUNNERS, key=len, reverse=True):  # longest match: .tar.gz before .gz
+        if p.name.endswith(suffix):
+            return ARTIFACT_RUNNERS[suffix](str(p))
+    raise BadInput(f"{path}: no runner for this artifact type; known: {', '.join(sorted(ARTIFACT_RUNNERS))}")
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
+    """Arrays from an ``.npz`` (by model input name, else the first arrays in order)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise BadInput(f"{path}: not a readable .npz file ({type(e).__name__})") from None
+    names = [s["name"] for s in model.input_specs]
+    if all(n in arrays for n in names):
+        return [arrays[n] for n in names]
+    if len(arrays) < len(names):
+        raise BadInput(f"{path}: holds {len(arrays)} array(s), the model takes {len(names)} input(s)")
+    return list(arrays.values())[: len(names)]
+
+
+def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: int):
+    """``(arrays per input, labels or None)`` with the sample axis first."""
+    specs = model.input_specs
+    if sum(x is not None for x in (inputs, dataset)) > 1:
+        raise BadInput("give either inputs or a dataset, not both")
+    labels = None
+    if dataset is not None:
+        if dataset != "digits":
+            raise BadInput(f"unknown dataset {dataset!r}; known: digits")
+        from .data import load_digits_split
+
+        shape = tuple(specs[0]["shape"][1:])
+        split = load_digits_split(image=len(shape) == 3)
+        if split.x_test.shape[1:] != shape or len(specs) != 1:
+            raise BadInput(f"the digits data set has samples of shape {list(split.x_test.shape[1:])}, the model takes {list(shape)}")
+        arrays, labels = [split.x_test], split.y_test
+    elif inputs is not None:
+        arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+        if len(arrays) != len(specs):
+            raise BadInput(f"the model takes {len(specs)} input(s), got {len(arrays)}")
+        for a, s in zip(arrays, specs):
+            if tuple(a.shape[1:]) != tuple(s["shape"][1:]):
+                raise BadInput(f"input {s['name']}: samples must have shape {s['shape'][1:]}, got {list(a.shape[1:])}")
+            if not np.isfinite(a).all():
+                raise BadInput(f"input {s['name']} contains NaN or infinity")
+    else:
+        if samples < 1:
+            raise BadInput(f"samples must be at least 1, got {samples}")
+        rng = np.random.default_rng(seed)
+        arrays = [rng.random((samples, *s["shape"][1:]), dtype=np.float32) for s in specs]
+    return [np.asarray(a, np.float32) for a in arrays], labels
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairReport:
+    """Outputs of ``b`` against ``a`` (the earlier stage of the chain) over all batches."""
+
+    a: str
+    b: str
+    kind: str = "exact"  # exact: both follow the IR's float order; float: one is PyTorch
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0  # max |b - a| / max |a|, per output tensor
+    top1_agreement: float | None = None
+    within_tolerance: bool = True  # every element within atol/rtol
+    ok: bool = True  # the pair passes (see verify's docstring)
+    _agree: int = 0
+    _rows: int = 0
+
+    def to_json(self) -> dict:
+        return {"a": self.a, "b": self.b, "kind": self.kind, "ok": self.ok, "max_abs_error": self.max_abs_error,
+                "max_rel_error": self.max_rel_error, "top1_agreement": self.top1_agreement,
+                "within_tolerance": self.within_tolerance}
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    runtimes: list[str]
+    pairs: list[PairReport]
+    accumulators_exact: bool
+    first_divergence: dict | None
+    samples: int
+    batch: int
+    atol: float
+    rtol: float
+    accuracy: dict[str, float] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)  # per layer and runtime (per_layer=True)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((p.max_abs_error for p in self.pairs), default=0.0)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        values = [p.top1_agreement for p in self.pairs if p.top1_agreement is not None]
+        return min(values) if values else None
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok, "runtimes": self.runtimes, "samples": self.samples, "batch": self.batch,
+            "max_abs_error": self.max_abs_error, "top1_agreement": self.top1_agreement,
+            "accumulators_exact": self.accumulators_exact, "first_divergence": self.first_divergence,
+            "pairs": [p.to_json() for p in self.pairs], "accuracy": self.accuracy,
+            "tolerance": {"atol": self.atol, "rtol": self.rtol}, "layers": self.layers, "notes": self.notes,
+        }
+
+
+# -- layer-by-layer checks ------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerStats:
+    layer: str
+    runtime: str
+    checked: dict[str, int] = field(default_factory=dict)  # tensor -> elements compared
+    mismatched: dict[str, int] = field(default_factory=dict)  # tensor -> elements that differ
+    kinds: dict[str, str] = field(default_factory=dict)  # tensor -> exact | float
+    codes_equal_golden_run: bool = True
+
+    def add(self, tensor: str, kind: str, compared: int, bad: int) -> None:
+        self.checked[tensor] = self.checked.get(tensor, 0) + compared
+        self.mismatched[tensor] = self.mismatched.get(tensor, 0) + bad
+        self.kinds[tensor] = kind
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "runtime": self.runtime, "checked": self.checked,
+                "mismatched": self.mismatched, "codes_equal_golden_run": self.codes_equal_golden_run}
+
+
+def _close(a, b, atol, rtol, scale_ref) -> np.ndarray:
+    """Elementwise closeness with ``atol`` relative to the reference's magnitude."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b) <= atol * max(scale_ref, 1.0) + rtol * np.abs(a)
+
+
+def _golden_layer(g: Graph, layer, x) -> tuple[np.ndarray, np.ndarray | None]:
+    """The interpreter's layer on input ``x`` (a QValue or floats): ``(output, accumulator)``."""
+    from . import interpreter
+
+    record: dict = {}
+    # the interpreter's own layer function: its order of float operations is the contract
+    out = interpreter._quant_layer(g, layer, x, record, None)
+    return out, record.get(f"{layer.name}.acc")
+
+
+def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tensors: Mapping[str, np.ndarray],
+                  stats: dict[str, _LayerStats], atol: float, rtol: float) -> None:
+    """Check one batch of one runtime's per-layer tensors against the golden model (see module doc).
+
+    Where the runtime's inputs to a step equal the golden run's, the golden run's own result
+    is the expected value; only after a difference is the step recomputed on the runtime's
+    inputs (the interpreter is slow, and differences are rare).
+    """
+    sources = _layer_inputs(g)
+    synced = True  # the runtime has followed the golden run exactly so far
+    for layer in g.quant_layers():
+        name = layer.name
+        st = stats.setdefault(name, _LayerStats(name, rt.name))
+        t = {k: tensors.get(f"{name}.{k}") for k in LAYER_TENSORS}
+        gold = {k: golden.get(f"{name}.{k}") for k in LAYER_TENSORS}
+        same_in = t["in"] is not None and np.array_equal(t["in"], gold["in"])
+        float_bad = 0  # float elements of this batch outside the tolerance
+        if t["in"] is not None and synced:
+            ok = _close(gold["in"], t["in"], atol, rtol, float(np.abs(gold["in"]).max(initial=0)))
+            float_bad += int(ok.size - ok.sum())
+            st.add("in", "float", ok.size, int(ok.size - ok.sum()))
+        quant = sources[name][1]
+        if quant is not None:
+            qnode = g.node(quant)
+            if t["in"] is not None and t["xq"] is not None:
+                expect = (QValue(gold["xq"], gold["scale"], qnode.attr("bits")) if same_in
+                          else HANDLERS["quantize"](g, qnode, [np.asarray(t["in"], np.float32)]))
+                bad = int((expect.codes != t["xq"].astype(np.int64)).sum())
+                if t["scale"] is not None and np.float32(t["scale"]) != np.float32(expect.scale):
+                    bad += 1
+                st.add("xq", "exact", expect.codes.size, bad)
+            if t["xq"] is None or t["scale"] is None:
+                continue
+            same_codes = (np.array_equal(t["xq"].astype(np.int64), gold["xq"])
+                          and np.float32(t["scale"]) == np.float32(gold["scale"]))
+            if not same_codes:
+                st.codes_equal_golden_run = synced = False  # float differences upstream flipped a code
+                x = QValue(t["xq"].astype(np.int32), np.float32(t["scale"]), qnode.attr("bits"))
+                out, acc = _golden_layer(g, layer, x)
+            else:
+                out, acc = gold["out"], gold["acc"]
+            acc_ok = True
+            if t["acc"] is not None:
+                bad = int((acc != t["acc"]).sum())
+                st.add("acc", "exact", acc.size, bad)
+                acc_ok = bad == 0
+            if t["out"] is not None and acc_ok:
+                if rt.exact:
+                    st.add("out", "exact", out.size, int((out != t["out"]).sum()))
+                else:
+                    ok = _close(out, t["out"], atol, rtol, float(np.abs(out).max(initial=0)))
+                    float_bad += int(ok.size - ok.sum())
+                    st.add("out", "float", ok.size, int(ok.size - ok.sum()))
+            if not acc_ok:
+                synced = False
+        elif t["in"] is not None and t["out"] is not None:
+            out = gold["out"] if same_in else _golden_layer(g, layer, np.asarray(t["in"], np.float32))[0]
+            ok = _close(out, t["out"], atol, rtol, float(np.abs(out).max(initial=0)))
+            float_bad += int(ok.size - ok.sum())
+            st.add("out", "float", ok.size, int(ok.size - ok.sum()))
+        if float_bad:
+            synced = False
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+def verify(
+    model: CsqcModel,
+    *,
+    inputs: Sequence[np.ndarray] | np.ndarray | None = None,
+    samples: int = 4,
+    dataset: str | None = None,
+    artifact: str | None = None,
+    per_layer: bool = False,
+    batch: int | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    min_top1_agreement: float = 0.99,
+    float_rel_tol: float = 0.5,
+    runtimes: Sequence[str] = DEFAULT_RUNTIMES,
+    seed: int = 0,
+    intra_op_num_threads: int | None = None,
+) -> VerifyReport:
+    """Run ``model`` in every runtime on the same batches and compare (see module docstring).
+
+    ``inputs``: arrays (one per model input, samples first); else ``dataset`` ("digits", its
+    test split, with accuracy per runtime); else ``samples`` seeded uniform [0, 1) inputs.
+    ``batch``: samples per run (default: the artifact's, else the model file's batch size).
+    ``atol`` is relative to each output's largest magnitude (at least 1); ``rtol`` elementwise.
+    Pairs of runtimes that both follow the IR's float order (interpreters, ONNX Runtime,
+    artifacts) must agree within ``atol``/``rtol``. PyTorch computes in another float order;
+    a 4-bit activation code then flips on a rounding tie now and then and the flip cascades
+    through the dynamic scales, so the PyTorch pair passes on top-1 agreement (at least
+    ``min_top1_agreement`` for 2-D outputs) and a coarse ``max_rel_error <= float_rel_tol``
+    that still catches a wrong capture or pass; exactness is proved along the IR chain.
+    ``per_layer``: also compare every layer's float input and output with the golden run and
+    list per-layer statistics; ``first_divergence`` is always reported.
+    """
+    if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
+        raise BadInput("atol and rtol must be non-negative numbers")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise BadInput(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(RUNTIMES)}")
+    names = list(dict.fromkeys(runtimes))
+    if GOLDEN not in names:  # the golden interpreter always runs, after the PyTorch reference
+        names.insert(1 if names[:1] == ["pytorch"] else 0, GOLDEN)
+    arrays, labels = _samples(model, inputs, samples, dataset, seed)
+    art = _open_artifact(artifact) if artifact else None
+    n = len(arrays[0])
+    batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    if art and art.batch not in (None, batch):
+        raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
+    ctx = _Context(model, intra_op_num_threads)
+    notes: list[str] = []
+    starts = list(range(0, n, batch))
+    if n % batch and art is not None and art.batch is not None:
+        notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")
+        starts = starts[:-1]
+    if not starts:
+        raise BadInput(f"{n} sample(s) do not fill one batch of {batch}")
+    by_size: dict[int, list[Runtime]] = {}
+    outputs: dict[str, list[list[np.ndarray]]] = {}
+    stats: dict[str, dict[str, _LayerStats]] = {}
+    used = 0
+    for start in starts:
+        chunk = [a[start : start + batch] for a in arrays]
+        size = len(chunk[0])
+        if size not in by_size:
+            by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
+        golden_graph = ctx.graph("integer", size)
+        results = {rt.name: rt.run(chunk) for rt in by_size[size]}
+        golden = results[GOLDEN].tensors
+        for rt in by_size[size]:
+            outputs.setdefault(rt.name, []).append(results[rt.name].outputs)
+            if rt.name != GOLDEN and results[rt.name].tensors:
+                _check_layers(golden_graph, golden, rt, results[rt.name].tensors,
+                              stats.setdefault(rt.name, {}), atol, rtol)
+        used += size
+    runtime_names = [rt.name for rt in by_size[min(by_size)]] if by_size else names
+    runtime_names = [r for r in runtime_names if r in outputs]
+    pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None)
+    for p in pairs:
+        if p.kind == "exact":
+            p.ok = p.within_tolerance
+        else:
+            top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
+            p.ok = top1_ok and p.max_rel_error <= float_rel_tol
+    accuracy = {}
+    if labels is not None:
+        y = labels[:used]
+        for r in runtime_names:
+            logits = np.concatenate([o[0] for o in outputs[r]])
+            accuracy[r] = float((logits.argmax(-1) == y).mean())
+    order = [l.name for l in ctx.graph("integer", batch).quant_layers()] if starts else []
+    exact_ok, first = _summarize(stats, order, per_layer)
+    layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
+    ok = exact_ok and all(p.ok for p in pairs)
+    return VerifyReport(ok, runtime_names, pairs, exact_ok, first, used, batch, atol, rtol, accuracy, layers, notes)
+
+
+def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact_name: str | None) -> list[PairReport]:
+    pairs = []
+    for b in names[1:] if names else []:
+        parent = _PARENT.get("artifact" if b == artifact_name else b)
+        a = parent if parent in names else names[0]
+        if a == b:
+            continue
+        p = PairReport(a, b, "float" if "pytorch" in (a, b) else "exact")
+        for out_a, out_b in zip(outputs[a], outputs[b]):
+            if len(out_a) != len(out_b):
+                raise CsqcError(f"{a} gives {len(out_a)} outputs, {b} gives {len(out_b)}")
+            for ya, yb in zip(out_a, out_b):
+                ya, yb = np.asarray(ya, np.float64), np.asarray(yb, np.float64)
+                if ya.shape != yb.shape:
+                    raise CsqcError(f"{a} and {b} disagree on an output shape: {ya.shape} vs {yb.shape}")
+                err = np.abs(ya - yb)
+                peak = float(np.abs(ya).max(initial=0))
+                p.max_abs_error = max(p.max_abs_error, float(err.max(initial=0)))
+                p.max_rel_error = max(p.max_rel_error, float(err.max(initial=0)) / peak if peak else float(err.max(initial=0)))
+                p.within_tolerance &= bool(_close(ya, yb, atol, rtol, peak).all())
+            if out_a and np.ndim(out_a[0]) == 2:
+                p._agree += int((np.argmax(out_a[0], -1) == np.argmax(out_b[0], -1)).sum())
+                p._rows += len(out_a[0])
+        p.top1_agreement = p._agree / p._rows if p._rows else None
+        pairs.append(p)
+    return pairs
+
+
+def _summarize(stats: dict[str, dict[str, _LayerStats]], order: list[str], per_layer: bool):
+    """``(all exact checks pass, first divergence)``: layers in graph order, tensors in, xq, acc, out."""
+    exact_ok = all(
+        not bad for per_rt in stats.values() for s in per_rt.values()
+        for t, bad in s.mismatched.items() if s.kinds[t] == "exact"
+    )
+    for layer in order:
+        for tensor in LAYER_TENSORS:
+            for runtime, per_rt in stats.items():
+                s = per_rt.get(layer)
+                if s is None or not s.mismatched.get(tensor):
+                    continue
+                if s.kinds[tensor] == "float" and tensor == "in" and not per_layer:
+                    continue  # float inputs are compared only when asked for (per_layer)
+                return exact_ok, {"layer": layer, "tensor": f"{layer}.{tensor}", "runtime": runtime,
+                                  "kind": s.kinds[tensor], "mismatched": s.mismatched[tensor],
+                                  "checked": s.checked[tensor]}
+    return exact_ok, None

@@ -1,0 +1,406 @@
+"""GPU glue kernels of the CUDA target: everything around the quantized products.
+
+Same builder names, arguments and PrimFunc parameter orders as the CPU glue
+(``csqc.targets.llvm.glue``).  Each builder writes its computation with ``te.compute`` (or a
+TOPI compute), then schedules it with TVM's default GPU rules (``tvm.s_tir.dlight``: Matmul,
+GEMV, Reduction, GeneralReduction, then Fallback, which binds any remaining block one output
+per thread).  ``compute_only=True`` returns the unscheduled PrimFunc (the tests build it for
+LLVM and compare it with the interpreter).
+
+Float semantics follow ``csqc.interpreter`` operation by operation (float32, no fused
+multiply-add: the target compiles device code with ``-fmad=false``), e.g. quantization is
+``nearbyint((|x| * L) / s)`` (round half to even, like numpy) and the epilogue is
+``((float(acc - acc_neg) * S) / L) * mult[c] + add[c]`` followed by the activation.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Sequence
+
+import numpy as np
+import tvm
+from tvm import te, tirx, topi
+
+from csqc.targets.llvm.kernels import conv_geometry
+
+__all__ = [
+    "gpu_schedule",
+    "quantize",
+    "dequantize",
+    "epilogue",
+    "conv2d_f32",
+    "linear_f32",
+    "channel_affine",
+    "unary",
+    "binary",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "mean",
+    "softmax",
+    "concat",
+    "transpose",
+]
+
+log = logging.getLogger(__name__)
+
+_F32 = "float32"
+# Schedules are target independent up to the warp size and thread limits shared by sm_70..sm_90.
+_SCHEDULE_TARGET = {"kind": "cuda", "arch": "sm_80"}
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling
+# --------------------------------------------------------------------------------------------
+def gpu_schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Apply the default GPU rules of ``tvm.s_tir.dlight`` to a compute-only PrimFunc."""
+    import tvm.s_tir.dlight as dl
+
+    mod = tvm.IRModule({"main": func})
+    with tvm.target.Target(_SCHEDULE_TARGET):
+        mod = dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+        )(mod)
+    return mod["main"]
+
+
+def _builder(fn=None, *, schedule=None):
+    """Builders return the scheduled PrimFunc (``schedule``, default :func:`gpu_schedule`), or
+    the compute alone with ``compute_only=True``."""
+    if fn is None:
+        return functools.partial(_builder, schedule=schedule)
+
+    @functools.wraps(fn)
+    def build(*args, compute_only: bool = False, **kwargs):
+        func = te.create_prim_func(fn(*args, **kwargs))
+        return func if compute_only else (schedule or gpu_schedule)(func)
+
+    return build
+
+
+def _schedule_quantize(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The tensor-wide ``max|x|`` as one block of 1024 threads (in-thread partial maxima, then
+    a cross-thread reduction through warp shuffles and shared memory); codes one per thread.
+    (dlight's fallback would leave the tensor-wide reduction to a single thread.)"""
+    import tvm.s_tir as s_tir
+
+    from .kernels import schedule_pointwise
+
+    sch = s_tir.Schedule(func)
+    scale = sch.get_sblock("scale")
+    loops = sch.get_loops(scale)
+    if len(loops) > 1:  # dynamic scale: loops are (i, reduction axes...)
+        reduction = sch.fuse(*loops[1:]) if len(loops) > 2 else loops[1]
+        threads = min(1024, 1 << max(0, int(sch.get(reduction).extent) - 1).bit_length())
+        _, inner = sch.split(reduction, [None, threads])
+        sch.bind(loops[0], "blockIdx.x")
+        sch.bind(inner, "threadIdx.x")
+    else:
+        sch.bind(loops[0], "threadIdx.x")
+    for name in ("codes", "codes_neg"):
+        try:
+            block = sch.get_sblock(name)
+        except Exception:  # unsigned quantizer: no codes_neg stage
+            continue
+        schedule_pointwise(sch, block)
+    return sch.mod["main"]
+
+
+def _f32(value: float):
+    return tirx.const(float(np.float32(value)), _F32)
+
+
+def _activation(value, act: str, lo: float, hi: float):
+    if act == "relu":
+        return tirx.max(value, _f32(0.0))
+    if act == "clip":
+        return tirx.min(tirx.max(value, _f32(lo)), _f32(hi))
+    if act in ("none", None):
+        return value
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def _channel_index(index, axis: int):
+    return index[axis]
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    return axis + ndim if axis < 0 else axis
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------------
+@_builder(schedule=_schedule_quantize)
+def quantize(shape, bits: int, static_scale: float, signed: bool):
+    """``main(x: f32[shape], scale: f32[1], codes: u8[shape][, codes_neg: u8[shape]])``.
+
+    ``s`` is ``static_scale`` when > 0, else ``max|x|``; magnitudes are
+    ``nearbyint((|x| * L) / s)`` (clamped to ``L`` with a static scale), 0 when ``s == 0``.
+    ``codes`` holds the magnitudes of positive values, ``codes_neg`` those of negative values
+    (an unsigned quantizer maps negative inputs to 0).
+    """
+    shape = tuple(int(d) for d in shape)
+    levels = _f32(2**bits - 1)
+    x = te.placeholder(shape, _F32, name="x")
+    if static_scale > 0:
+        scale = te.compute((1,), lambda _: _f32(static_scale), name="scale")
+    else:
+        axes = [te.reduce_axis((0, d), f"r{i}") for i, d in enumerate(shape)]
+        scale = te.compute((1,), lambda _: te.max(tirx.abs(x[tuple(axes)]), axis=axes), name="scale")
+
+    def magnitude(index):
+        s = scale[0]
+        mag = tirx.nearbyint((tirx.abs(x[index]) * levels) / s)
+        if static_scale > 0:
+            mag = tirx.min(mag, levels)
+        return tirx.Select(s > _f32(0.0), mag, _f32(0.0))
+
+    pos = te.compute(shape, lambda *i: tirx.Select(x[i] > _f32(0.0), magnitude(i), _f32(0.0)).astype("uint8"),
+                     name="codes")
+    outs = [x, scale, pos]
+    if signed:
+        outs.append(te.compute(shape, lambda *i: tirx.Select(x[i] < _f32(0.0), magnitude(i), _f32(0.0))
+                               .astype("uint8"), name="codes_neg"))
+    return outs
+
+
+@_builder
+def dequantize(shape, bits: int, signed: bool):
+    """``main(codes: u8[shape][, codes_neg], scale: f32[1], y: f32[shape])``:
+    ``(float(codes - codes_neg) * s) / L``."""
+    shape = tuple(int(d) for d in shape)
+    pos = te.placeholder(shape, "uint8", name="codes")
+    neg = te.placeholder(shape, "uint8", name="codes_neg") if signed else None
+    scale = te.placeholder((1,), _F32, name="scale")
+
+    def value(*i):
+        code = pos[i].astype("int32") - (neg[i].astype("int32") if signed else 0)
+        return (code.astype(_F32) * scale[0]) / _f32(2**bits - 1)
+
+    y = te.compute(shape, value, name="y")
+    return [pos] + ([neg] if signed else []) + [scale, y]
+
+
+@_builder
+def epilogue(shape, channel_axis: int, levels: int | None, act: str, clip_lo: float, clip_hi: float,
+             has_add: bool, acc_dtype: str, has_neg: bool):
+    """``main(acc[, acc_neg][, scale: f32[1]], mult: f32[C][, add: f32[C]], y: f32[shape])``:
+    ``((float(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then the activation (without
+    ``levels`` the accumulator is already float: ``acc * mult[c] + add[c]``)."""
+    shape = tuple(int(d) for d in shape)
+    axis = _normalize_axis(channel_axis, len(shape))
+    channels = shape[axis]
+    acc = te.placeholder(shape, acc_dtype, name="acc")
+    acc_neg = te.placeholder(shape, acc_dtype, name="acc_neg") if has_neg else None
+    scale = te.placeholder((1,), _F32, name="scale") if levels is not None else None
+    mult = te.placeholder((channels,), _F32, name="mult")
+    add = te.placeholder((channels,), _F32, name="add") if has_add else None
+
+    def value(*i):
+        total = acc[i] - acc_neg[i] if has_neg else acc[i]
+        v = total.astype(_F32)
+        if levels is not None:
+            v = (v * scale[0]) / _f32(levels)
+        v = v * mult[i[axis]]
+        if has_add:
+            v = v + add[i[axis]]
+        return _activation(v, act, clip_lo, clip_hi)
+
+    y = te.compute(shape, value, name="y")
+    params = [acc] + ([acc_neg] if has_neg else []) + ([scale] if scale is not None else []) + [mult]
+    return params + ([add] if has_add else []) + [y]
+
+
+# --------------------------------------------------------------------------------------------
+# Float layers
+# --------------------------------------------------------------------------------------------
+@_builder
+def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int, has_bias: bool,
+               act: str, lo: float, hi: float):
+    """``main(x: f32[B, C, H, W], w: f32[O, C/g, kh, kw][, bias: f32[O]], y: f32[B, O, OH, OW])``."""
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    (sh, sw), (dh, dw), (ph, pw) = geo.stride, geo.dilation, geo.padding
+    x = te.placeholder(tuple(int(d) for d in input_shape), _F32, name="x")
+    w = te.placeholder(tuple(int(d) for d in weight_shape), _F32, name="w")
+    bias = te.placeholder((geo.out_channels,), _F32, name="bias") if has_bias else None
+    xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], 0.0, name="x_padded")
+    c = te.reduce_axis((0, geo.in_per_group), "c")
+    r, s = te.reduce_axis((0, geo.kernel_h), "r"), te.reduce_axis((0, geo.kernel_w), "s")
+    conv = te.compute(
+        (geo.batch, geo.out_channels, geo.out_h, geo.out_w),
+        lambda n, o, oh, ow: te.sum(
+            xpad[n, o // geo.out_per_group * geo.in_per_group + c, oh * sh + r * dh, ow * sw + s * dw] * w[o, c, r, s],
+            axis=[c, r, s]),
+        name="conv")
+    y = te.compute(conv.shape, lambda n, o, oh, ow: _activation(
+        conv[n, o, oh, ow] + bias[o] if has_bias else conv[n, o, oh, ow], act, lo, hi), name="y")
+    return [x, w] + ([bias] if has_bias else []) + [y]
+
+
+@_builder
+def linear_f32(M: int, K: int, N: int, has_bias: bool, act: str, lo: float, hi: float):
+    """``main(x: f32[M, K], w: f32[N, K][, bias: f32[N]], y: f32[M, N])``."""
+    x = te.placeholder((M, K), _F32, name="x")
+    w = te.placeholder((N, K), _F32, name="w")
+    bias = te.placeholder((N,), _F32, name="bias") if has_bias else None
+    k = te.reduce_axis((0, K), "k")
+    mm = te.compute((M, N), lambda m, n: te.sum(x[m, k] * w[n, k], axis=k), name="matmul")
+    y = te.compute((M, N), lambda m, n: _activation(mm[m, n] + bias[n] if has_bias else mm[m, n], act, lo, hi),
+                   name="y")
+    return [x, w] + ([bias] if has_bias else []) + [y]
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise
+# --------------------------------------------------------------------------------------------
+@_builder
+def channel_affine(shape, axis: int):
+    """``main(x, mult: f32[C], add: f32[C], y)``: ``x * mult[c] + add[c]``."""
+    shape = tuple(int(d) for d in shape)
+    axis = _normalize_axis(axis, len(shape))
+    x = te.placeholder(shape, _F32, name="x")
+    mult = te.placeholder((shape[axis],), _F32, name="mult")
+    add = te.placeholder((shape[axis],), _F32, name="add")
+    y = te.compute(shape, lambda *i: x[i] * mult[i[axis]] + add[i[axis]], name="y")
+    return [x, mult, add, y]
+
+
+@_builder
+def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0):
+    """``main(x, y)`` for ``relu`` or ``clip`` (to ``[lo, hi]``)."""
+    if op not in ("relu", "clip"):
+        raise ValueError(f"unknown unary op {op!r}")
+    x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
+    y = te.compute(x.shape, lambda *i: _activation(x[i], op, lo, hi), name="y")
+    return [x, y]
+
+
+def _broadcast_index(index, in_shape, out_shape):
+    """Index into an operand of ``in_shape`` broadcast (numpy rules) to ``out_shape``."""
+    offset = len(out_shape) - len(in_shape)
+    return tuple(0 if int(d) == 1 and int(out_shape[offset + a]) != 1 else index[offset + a]
+                 for a, d in enumerate(in_shape))
+
+
+@_builder
+def binary(op: str, a_shape, b_shape, out_shape):
+    """``main(a, b, y)`` for ``add``, ``mul`` or ``minimum`` with numpy broadcasting."""
+    fn = {"add": lambda u, v: u + v, "mul": lambda u, v: u * v, "minimum": tirx.min}.get(op)
+    if fn is None:
+        raise ValueError(f"unknown binary op {op!r}")
+    a_shape, b_shape, out_shape = (tuple(int(d) for d in s) for s in (a_shape, b_shape, out_shape))
+    a = te.placeholder(a_shape, _F32, name="a")
+    b = te.placeholder(b_shape, _F32, name="b")
+    y = te.compute(out_shape, lambda *i: fn(a[_broadcast_index(i, a_shape, out_shape)],
+                                            b[_broadcast_index(i, b_shape, out_shape)]), name="y")
+    return [a, b, y]
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling and reductions
+# --------------------------------------------------------------------------------------------
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if np.isscalar(value) else (int(value[0]), int(value[1]))
+
+
+def _pool_geometry(shape, kernel, stride, padding, dilation):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel, stride, padding, dilation))
+    b, c, h, w = map(int, shape)
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow)
+
+
+@_builder
+def max_pool2d(shape, kernel, stride, padding, dilation=(1, 1)):
+    """``main(x: f32[B, C, H, W], y)``: window maximum (padding is -inf)."""
+    (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = _pool_geometry(shape, kernel, stride, padding, dilation)
+    x = te.placeholder((b, c, h, w), _F32, name="x")
+    xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], -np.inf, name="x_padded")
+    r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
+    y = te.compute((b, c, oh, ow), lambda n, ch, i, j: te.max(
+        xpad[n, ch, i * sh + r * dh, j * sw + s * dw], axis=[r, s]), name="y")
+    return [x, y]
+
+
+@_builder
+def avg_pool2d(shape, kernel, stride, padding, count_include_pad: bool = True, divisor: int = 0):
+    """``main(x, y)``: window sum / ``divisor`` (or ``kh*kw``, or the count of real inputs
+    when padding is excluded)."""
+    (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), _, (oh, ow) = _pool_geometry(shape, kernel, stride, padding, 1)
+    x = te.placeholder((b, c, h, w), _F32, name="x")
+    xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], 0.0, name="x_padded")
+    r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
+    total = te.compute((b, c, oh, ow), lambda n, ch, i, j: te.sum(xpad[n, ch, i * sh + r, j * sw + s], axis=[r, s]),
+                       name="window_sum")
+    exclude = not count_include_pad and (ph or pw)
+
+    def count(i, j):
+        rows = tirx.min(i * sh - ph + kh, h) - tirx.max(i * sh - ph, 0)
+        cols = tirx.min(j * sw - pw + kw, w) - tirx.max(j * sw - pw, 0)
+        return (rows * cols).astype(_F32)
+
+    y = te.compute((b, c, oh, ow), lambda n, ch, i, j: total[n, ch, i, j] / (
+        count(i, j) if exclude else _f32(divisor or kh * kw)), name="y")
+    return [x, y]
+
+
+@_builder
+def adaptive_avg_pool2d(shape, output_size):
+    """``main(x, y)``: mean over equal windows (``H, W`` divisible by the output size)."""
+    b, c, h, w = map(int, shape)
+    oh, ow = _pair(output_size)
+    if h % oh or w % ow:
+        raise ValueError(f"adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
+    fh, fw = h // oh, w // ow
+    x = te.placeholder((b, c, h, w), _F32, name="x")
+    r, s = te.reduce_axis((0, fh), "r"), te.reduce_axis((0, fw), "s")
+    total = te.compute((b, c, oh, ow), lambda n, ch, i, j: te.sum(x[n, ch, i * fh + r, j * fw + s], axis=[r, s]),
+                       name="window_sum")
+    y = te.compute(total.shape, lambda *i: total[i] / _f32(fh * fw), name="y")
+    return [x, y]
+
+
+@_builder
+def mean(shape, dims: Sequence[int], keepdim: bool):
+    """``main(x, y)``: mean over ``dims``."""
+    shape = tuple(int(d) for d in shape)
+    dims = sorted(_normalize_axis(int(d), len(shape)) for d in dims)
+    x = te.placeholder(shape, _F32, name="x")
+    axes = {d: te.reduce_axis((0, shape[d]), f"r{d}") for d in dims}
+    kept = [a for a in range(len(shape)) if a not in axes]
+    out_shape = tuple(1 if a in axes else shape[a] for a in range(len(shape))) if keepdim else tuple(shape[a] for a in kept)
+
+    def source(*i):
+        if keepdim:
+            return tuple(axes[a] if a in axes else i[a] for a in range(len(shape)))
+        it = iter(i)
+        return tuple(axes[a] if a in axes else next(it) for a in range(len(shape)))
+
+    total = te.compute(out_shape, lambda *i: te.sum(x[source(*i)], axis=list(axes.values())), name="total")
+    count = int(np.prod([shape[d] for d in dims]))
+    y = te.compute(out_shape, lambda *i: total[i] / _f32(count), name="y")
+    return [x, y]
+
+
+@_builder
+def softmax(shape, axis: int):
+    """``main(x, y)``: ``exp(x - max) / sum(exp(x - max))`` along ``axis``."""
+    x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
+    return [x, topi.nn.softmax(x, axis=_normalize_axis(axis, len(shape)))]
+
+
+@_builder
+def concat(shapes, axis: int):
+    """``main(x0, x1, ..., y)``: concatenation along ``axis``."""
+    inputs = [te.placeholder(tuple(int(d) for d in s), _F32, name=f"x{i}") for i, s in enumerate(shapes)]
+    return inputs + [topi.concatenate(inputs, axis=_normalize_axis(axis, len(shapes[0])))]
+
+
+@_builder
+def transpose(shape, dims: Sequence[int]):
+    """``main(x, y)``: ``y = x.transpose(dims)``."""
+    x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
+    return [x, topi.transpose(x, [int(d) for d in dims])]

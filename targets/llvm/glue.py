@@ -1,0 +1,1047 @@
+"""Scheduled TensorIR "glue" kernels of the csqc LLVM (CPU) target: everything but the integer layers.
+
+The integer (bit-serial / bit-parallel) layers live in :mod:`csqc.targets.llvm.kernels`; this
+module provides the rest of a CPU artifact: activation quantize / dequantize, the float epilogue
+of quantized layers, float convolution and linear layers, elementwise ops with broadcasting,
+pooling, reductions, softmax and layout ops.
+
+Semantics and float32 operation order follow the golden model, :mod:`csqc.interpreter`:
+
+* quantize: ``S = static_scale`` if > 0 else ``max|x|``; ``codes = round_half_even((|x| * L) / S)``
+  (clamped to ``L`` when static), as uint8 magnitudes (pos / neg planes when signed).
+* epilogue: ``y = ((f32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then the activation.
+* pooling / mean: sum, then one division; max pooling pads with -inf.
+
+Exactness: LLVM is allowed to contract ``a * b + c`` into an FMA under TVM's default target
+options, which changes the rounding.  Where the interpreter multiplies and then adds, the product
+goes through ``llvm.arithmetic.fence`` (:func:`_rounded`) so the add sees the rounded product.
+Divisions stay divisions (no reciprocal multiply).  Float conv / linear sums use FMAs and a
+different summation order (within 1e-5 relative, not bit-identical to numpy).
+
+Every builder is a pure function of static shapes and attributes and returns a scheduled
+``tvm.tirx.PrimFunc`` (loops already carry their parallel / vectorized / unrolled kinds: TVM
+0.27's default pipeline schedules nothing).  Buffers are row-major (NCHW for images); the last
+parameter is the output (``quantize`` has two or three outputs: ``scale`` and the codes).
+Compile them with :func:`csqc.targets.llvm.kernels.build`, which disables StorageRewrite so the
+register-sized scratch buffers stay on the stack.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as I
+
+__all__ = [
+    "ConvKnobs",
+    "conv_output_hw",
+    "LinearKnobs",
+    "quantize",
+    "dequantize",
+    "epilogue",
+    "conv2d_f32",
+    "linear_f32",
+    "binary",
+    "unary",
+    "channel_affine",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "mean",
+    "softmax",
+    "concat",
+    "transpose",
+    "copy",
+]
+
+F32 = "float32"
+LANES = 16  # float32 lanes of one AVX-512 register
+# Elementwise work is split into parallel chunks of this many elements; smaller tensors run on
+# one thread (a parallel launch costs a few microseconds, more than the work below this size).
+_CHUNK = 4096
+_MIN_PARALLEL = 32768
+# Register-sized scratch stays an LLVM alloca (see kernels._ON_STACK): without it TVM turns
+# local buffers inside parallel loops into per-task workspace allocations.
+_ON_STACK = {"disable_lower_builtin": True}
+_ACTS = ("none", "relu", "clip")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def _prod(values) -> int:
+    return int(math.prod(int(v) for v in values))
+
+
+def _f32(value: float) -> tirx.PrimExpr:
+    """A float32 constant rounded exactly as ``np.float32(value)``."""
+    return tirx.const(float(np.float32(value)), F32)
+
+
+def _rounded(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 ``value`` rounded before it is used: stops FMA contraction of ``a*b + c``."""
+    return I.call_llvm_pure_intrin(F32, "llvm.arithmetic.fence", value)
+
+
+def _activation(value, act: str, clip_lo, clip_hi):
+    """The interpreter's ``_activation``: relu = max(y, 0); clip = min(max(y, lo), hi)."""
+    if act == "relu":
+        return tirx.Max(value, _f32(0.0))
+    if act == "clip":
+        return tirx.Min(tirx.Max(value, _f32(clip_lo)), _f32(clip_hi))
+    return value
+
+
+def _check_act(act: str):
+    if act not in _ACTS:
+        raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def _flat(buffer) -> tirx.Buffer:
+    """A 1-D view of a parameter buffer (same data)."""
+    return I.decl_buffer((_prod(buffer.shape),), buffer.dtype, data=buffer.data)
+
+
+def _local(shape, dtype=F32):
+    return I.alloc_buffer(shape, dtype, scope="local", annotations=_ON_STACK)
+
+
+def _prim_func(params: Sequence[tuple[str, tuple, str]], body: Callable) -> tirx.PrimFunc:
+    """Build a PrimFunc whose parameters are buffers ``(name, shape, dtype)``; ``body(*buffers)``
+    emits the statements through the IRBuilder."""
+    with IRBuilder() as builder:
+        with I.prim_func():
+            I.func_name("main")
+            I.func_attr({"tir.noalias": True})
+            buffers = [I.arg(name, I.Buffer(tuple(int(s) for s in shape), dtype)) for name, shape, dtype in params]
+            body(*buffers)
+    return builder.get()
+
+
+def _parallel_or_serial(extent: int, work: int):
+    return I.parallel(0, extent) if extent > 1 and work >= _MIN_PARALLEL else I.serial(0, extent)
+
+
+def _vector_span(emit: Callable, row, start, length: int):
+    """``emit(row, col)`` for ``col`` in ``[start, start + length)``: vectors of 16, then one
+    narrower vector for the remainder (no per-lane predicates)."""
+    full, tail = divmod(length, LANES)
+    if full:
+        with I.serial(0, full) as v:
+            with I.vectorized(0, LANES) as lane:
+                emit(row, start + v * LANES + lane)
+    if tail:
+        with I.vectorized(0, tail) as lane:
+            emit(row, start + full * LANES + lane)
+
+
+def _for_each(rows: int, row_len: int, emit: Callable):
+    """Run ``emit(row, col)`` over a ``rows x row_len`` index space.
+
+    Parallel over rows (long rows are cut into chunks of ``_CHUNK``), vectorized along the row.
+    """
+    n_chunks = max(1, -(-row_len // _CHUNK)) if row_len > _CHUNK else 1
+    chunk = row_len if n_chunks == 1 else _CHUNK
+    last = row_len - (n_chunks - 1) * chunk
+    with _parallel_or_serial(rows * n_chunks, rows * row_len) as task:
+        if n_chunks == 1:
+            _vector_span(emit, task, 0, row_len)
+            return
+        row, index = task // n_chunks, task % n_chunks
+        if last == chunk:
+            _vector_span(emit, row, index * chunk, chunk)
+            return
+        with I.If(index < n_chunks - 1):
+            with I.Then():
+                _vector_span(emit, row, index * chunk, chunk)
+            with I.Else():
+                _vector_span(emit, row, index * chunk, last)
+
+
+def _channel_view(shape, axis: int) -> tuple[int, int, int, int]:
+    """``(axis, outer, channels, inner)`` of ``shape`` around ``axis``."""
+    axis = axis % len(shape)
+    return axis, _prod(shape[:axis]), int(shape[axis]), _prod(shape[axis + 1 :])
+
+
+def _for_each_channel(shape, axis: int, emit: Callable):
+    """``emit(flat_index, channel)`` over a tensor, vectorized along the contiguous dimension.
+
+    Rows are ``outer x channels`` when the inner block is at least one vector wide (channel
+    uniform per row, NCHW); otherwise rows are ``outer`` and the channel varies along the row
+    (``[M, C]`` outputs of linear layers).
+    """
+    _, outer, channels, inner = _channel_view(shape, axis)
+    if inner >= LANES:
+        _for_each(outer * channels, inner, lambda row, col: emit(row * inner + col, row % channels))
+    else:
+        row_len = channels * inner
+        _for_each(outer, row_len, lambda row, col: emit(row * row_len + col, col // inner if inner > 1 else col))
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize / dequantize / epilogue
+# --------------------------------------------------------------------------------------------
+def _levels(bits: int) -> int:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8 (uint8 codes), got {bits}")
+    return 2**bits - 1
+
+
+def _emit_abs_max(x_flat, n: int, scale):
+    """``scale[0] = max(|x|)`` (0 for an all-zero tensor).
+
+    Two stages: parallel tasks each keep 64 running maxima in registers (4 independent zmm
+    chains) over a contiguous range, then a short serial pass folds the partials and the
+    elements that do not fill a 64-wide unit.  Max is exact in any order.
+    """
+    unit = 4 * LANES
+    units, remainder = divmod(n, unit)
+    I.buffer_store(scale, _f32(0.0), [0])
+    if units:
+        tasks = min(units, max(1, -(-n // 65536)))
+        per_task = -(-units // tasks)
+        tasks = -(-units // per_task)
+        partial = I.alloc_buffer((tasks * unit,), F32, scope="global")
+        with _parallel_or_serial(tasks, n) as task:
+            running = _local((unit,))
+            with I.vectorized(0, unit) as lane:
+                I.buffer_store(running, _f32(0.0), [lane])
+            with I.serial(0, tirx.min(per_task, units - task * per_task)) as u:
+                with I.vectorized(0, unit) as lane:
+                    value = tirx.abs(x_flat[(task * per_task + u) * unit + lane])
+                    I.buffer_store(running, tirx.Max(running[lane], value), [lane])
+            with I.vectorized(0, unit) as lane:
+                I.buffer_store(partial, running[lane], [task * unit + lane])
+        with I.serial(0, tasks * unit) as i:
+            I.buffer_store(scale, tirx.Max(scale[0], partial[i]), [0])
+    if remainder:
+        with I.serial(0, remainder) as i:
+            I.buffer_store(scale, tirx.Max(scale[0], tirx.abs(x_flat[units * unit + i])), [0])
+
+
+def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool) -> tirx.PrimFunc:
+    """The interpreter's ``_quantize`` as a kernel.
+
+    Parameters: ``x: float32[shape], scale: float32[1], codes_pos: uint8[shape]`` and, when
+    ``signed``, ``codes_neg: uint8[shape]``.  ``scale`` is written with ``S``; codes are the
+    magnitudes ``round_half_even((|x| * L) / S)`` where ``x > 0`` (pos) / ``x < 0`` (neg), 0
+    elsewhere, clamped to ``L`` when the scale is static.  Unsigned activations (``x >= 0`` by
+    the IR) have only ``codes_pos``.
+    """
+    shape = tuple(int(s) for s in shape)
+    levels = _levels(bits)
+    is_static = static_scale > 0
+    n = _prod(shape)
+    params = [("x", shape, F32), ("scale", (1,), F32), ("codes_pos", shape, "uint8")]
+    if signed:
+        params.append(("codes_neg", shape, "uint8"))
+
+    def body(x, scale, codes_pos, codes_neg=None):
+        x_flat, pos_flat = _flat(x), _flat(codes_pos)
+        neg_flat = _flat(codes_neg) if signed else None
+        if is_static:
+            I.buffer_store(scale, _f32(static_scale), [0])
+        else:
+            _emit_abs_max(x_flat, n, scale)
+
+        def emit(_row, i):
+            value = x_flat[i]
+            # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
+            # (llvm.roundeven).  S is read back from the buffer so no constant folding can
+            # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
+            # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
+            magnitude = tirx.round((tirx.abs(value) * _f32(levels)) / scale[0])
+            if is_static:
+                magnitude = tirx.Min(magnitude, _f32(levels))
+            zero = _f32(0.0)
+            I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Select(value > zero, magnitude, zero)), [i])
+            if signed:
+                I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Select(value < zero, magnitude, zero)), [i])
+
+        _for_each(1, n, emit)
+
+    return _prim_func(params, body)
+
+
+def dequantize(shape: Sequence[int], bits: int, signed: bool = False) -> tirx.PrimFunc:
+    """``QValue.dequantize``: ``y = (float32(code) * S) / L``.
+
+    Parameters: ``codes: uint8[shape], scale: float32[1], y: float32[shape]``, or when
+    ``signed``: ``codes_pos, codes_neg, scale, y`` (``code = pos - neg``).
+    """
+    shape = tuple(int(s) for s in shape)
+    levels = _levels(bits)
+    code_params = [("codes_pos", shape, "uint8"), ("codes_neg", shape, "uint8")] if signed else [("codes", shape, "uint8")]
+    params = code_params + [("scale", (1,), F32), ("y", shape, F32)]
+
+    def body(*buffers):
+        *codes, scale, y = buffers
+        code_flats = [_flat(c) for c in codes]
+        y_flat = _flat(y)
+
+        def emit(_row, i):
+            code = tirx.Cast("int32", code_flats[0][i])
+            if signed:
+                code = code - tirx.Cast("int32", code_flats[1][i])
+            I.buffer_store(y_flat, (tirx.Cast(F32, code) * scale[0]) / _f32(levels), [i])
+
+        _for_each(1, _prod(shape), emit)
+
+    return _prim_func(params, body)
+
+
+def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: str, clip_lo: float,
+             clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False) -> tirx.PrimFunc:
+    """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
+
+    Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
+    ``scale: float32[1]`` (when ``levels`` is not None), ``mult: float32[C]``,
+    ``add: float32[C]`` (when ``has_add``), ``y: float32[shape]``; ``C = shape[channel_axis]``.
+
+    ``levels`` is ``L = 2^bits - 1`` of the input activation:
+    ``y = ((float32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then ``act``.
+    ``levels=None`` is a float-input layer: ``acc`` is float32 and ``y = acc * mult[c] + add[c]``.
+    """
+    _check_act(act)
+    shape = tuple(int(s) for s in shape)
+    _, _, channels, _ = _channel_view(shape, channel_axis)
+    if levels is None:
+        acc_dtype, has_neg = F32, False
+    elif acc_dtype not in ("int32", "int64"):
+        raise ValueError(f"acc_dtype must be int32 or int64, got {acc_dtype}")
+    params = [("acc", shape, acc_dtype)]
+    if has_neg:
+        params.append(("acc_neg", shape, acc_dtype))
+    if levels is not None:
+        params.append(("scale", (1,), F32))
+    params.append(("mult", (channels,), F32))
+    if has_add:
+        params.append(("add", (channels,), F32))
+    params.append(("y", shape, F32))
+
+    def body(*buffers):
+        named = dict(zip([p[0] for p in params], buffers))
+        acc_flat, y_flat = _flat(named["acc"]), _flat(named["y"])
+        neg_flat = _flat(named["acc_neg"]) if has_neg else None
+        mult, add = named["mult"], named.get("add")
+
+        def emit(i, c):
+            if levels is None:
+                value = acc_flat[i]
+            else:
+                acc = acc_flat[i] - neg_flat[i] if has_neg else acc_flat[i]
+                value = (tirx.Cast(F32, acc) * named["scale"][0]) / _f32(levels)
+            value = value * mult[c]
+            if add is not None:
+                value = _rounded(value) + add[c]
+            I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [i])
+
+        _for_each_channel(shape, channel_axis, emit)
+
+    return _prim_func(params, body)
+
+
+# --------------------------------------------------------------------------------------------
+# Float convolution and linear layers
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvKnobs:
+    """Register tile of :func:`conv2d_f32`: ``oc_block`` output channels (weights broadcast)
+    x ``segment`` output pixels along a row (vector lanes); ``oc_block * segment / 16`` zmm
+    accumulators (keep <= ~24)."""
+
+    oc_block: int = 8
+    segment: int = 32
+
+
+@dataclass(frozen=True)
+class LinearKnobs:
+    """Register tile of :func:`linear_f32`: ``m_block`` rows x ``n_block`` outputs, each a
+    16-lane partial dot product along K."""
+
+    m_block: int = 4
+    n_block: int = 4
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    a, b = value
+    return int(a), int(b)
+
+
+def conv_output_hw(input_hw, kernel_hw, stride, padding, dilation) -> tuple[int, int]:
+    """``(OH, OW)`` of a convolution (the interpreter's ``_im2col`` arithmetic)."""
+    (h, w), (kh, kw) = input_hw, kernel_hw
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"convolution output would be empty ({oh}x{ow})")
+    return oh, ow
+
+
+def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int, has_bias: bool,
+               act: str = "none", clip_lo: float = 0.0, clip_hi: float = 0.0,
+               knobs: ConvKnobs = ConvKnobs()) -> tirx.PrimFunc:
+    """Float32 grouped conv2d (NCHW), ``y = act(conv(x, w) + b)``.
+
+    Parameters: ``x: f32[N,C,H,W], w: f32[O,C/groups,KH,KW], b: f32[O]`` (when ``has_bias``),
+    ``y: f32[N,O,OH,OW]``.
+
+    Schedule: when the conv pads or strides, a prologue writes the zero-padded input split into
+    stride phases (``xph[n, c, rh, rw, i, j] = xpad[n, c, i*sh + rh, j*sw + rw]``), so every tap
+    reads a contiguous run of pixels.  The main loop is a register tile of ``oc_block`` output
+    channels x ``segment`` pixels of one output row (vectorized along the row; 1x1 convs use
+    the flattened ``OH*OW`` row instead): per tap, ``segment/16`` vector loads, one broadcast
+    weight per channel, ``oc_block * segment/16`` FMAs.  Tiles (batch, channel block, row,
+    segment) are the parallel tasks; the last segment of a row is a narrower vector.
+    """
+    _check_act(act)
+    n, c, h, w = (int(s) for s in input_shape)
+    o, cg, kh, kw = (int(s) for s in weight_shape)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    if c != cg * groups or o % groups:
+        raise ValueError(f"channels {c} -> {o} do not split into {groups} groups of {cg} inputs")
+    oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
+    og = o // groups
+    phased = (sh, sw, ph, pw) != (1, 1, 0, 0)
+    # Source planes: the phased padded input, or x itself.
+    src_h = -(-(h + 2 * ph) // sh) if phased else h
+    src_w = -(-(w + 2 * pw) // sw) if phased else w
+    pointwise = kh == 1 and kw == 1  # the phase (0,0) plane is exactly OH x OW: flatten it
+    rows, row_len = (1, oh * ow) if pointwise else (oh, ow)
+    oc_block = _largest_divisor(o, knobs.oc_block)
+    oc_blocks = o // oc_block
+    tiles = _row_tiles(row_len, knobs.segment)
+
+    params = [("x", (n, c, h, w), F32), ("w", (o, cg, kh, kw), F32)]
+    if has_bias:
+        params.append(("b", (o,), F32))
+    params.append(("y", (n, o, oh, ow), F32))
+
+    def body(x, weight, *rest):
+        bias, y = (rest[0], rest[1]) if has_bias else (None, rest[0])
+        x_flat, y_flat = _flat(x), _flat(y)
+        if phased:
+            src = I.alloc_buffer((n * c * sh * sw * src_h * src_w,), F32, scope="global")
+            _emit_phase_split(x_flat, src, (n, c, h, w), (sh, sw), (ph, pw), (src_h, src_w), 0.0)
+        else:
+            src = x_flat
+
+        def tile(batch, oc0, row, col0, width):
+            acc = _local((oc_block * width,))
+            with I.unroll(0, oc_block) as oi:
+                with I.vectorized(0, width) as lane:
+                    I.buffer_store(acc, _f32(0.0), [oi * width + lane])
+            with I.serial(0, cg) as ic:
+                with I.serial(0, kh) as ki:
+                    with I.unroll(0, kw) as kj:
+                        with I.unroll(0, oc_block) as oi:
+                            with I.vectorized(0, width) as lane:
+                                channel = ((oc0 + oi) // og) * cg + ic
+                                plane = ((batch * c + channel) * sh + (ki * dh) % sh) * sw + (kj * dw) % sw
+                                pixel = (row + (ki * dh) // sh) * src_w + col0 + lane + (kj * dw) // sw
+                                tap = src[plane * (src_h * src_w) + pixel] * weight[oc0 + oi, ic, ki, kj]
+                                I.buffer_store(acc, acc[oi * width + lane] + tap, [oi * width + lane])
+            with I.unroll(0, oc_block) as oi:
+                with I.vectorized(0, width) as lane:
+                    value = acc[oi * width + lane]
+                    if bias is not None:
+                        value = value + bias[oc0 + oi]
+                    out = ((batch * o + oc0 + oi) * rows + row) * row_len + col0 + lane
+                    I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [out])
+
+        segments = sum(count for count, _ in tiles)
+        with I.parallel(0, n * oc_blocks * rows * segments) as task:
+            seg = task % segments
+            row = task // segments % rows
+            oc0 = task // (segments * rows) % oc_blocks * oc_block
+            batch = task // (segments * rows * oc_blocks)
+            _dispatch_tiles(tiles, seg, lambda col0, width: tile(batch, oc0, row, col0, width))
+
+    return _prim_func(params, body)
+
+
+def _row_tiles(row_len: int, segment: int) -> list[tuple[int, int]]:
+    """Cover a row with ``(count, width)`` runs of tiles: full segments, then the remainder as
+    whole vectors, then one narrow vector (odd widths such as 17 or 24 make LLVM emit poor code)."""
+    segment = max(LANES, segment // LANES * LANES)
+    full, rest = divmod(row_len, segment)
+    tiles = [(full, segment)] if full else []
+    if rest >= LANES:
+        tiles.append((1, rest // LANES * LANES))
+    if rest % LANES:
+        tiles.append((1, rest % LANES))
+    return tiles
+
+
+def _dispatch_tiles(tiles, index, emit_tile):
+    """``emit_tile(col0, width)`` for tile ``index`` of the runs in ``tiles`` (uniform branches)."""
+    (count, width), rest = tiles[0], tiles[1:]
+    if not rest:
+        emit_tile(index * width, width)
+        return
+    with I.If(index < count):
+        with I.Then():
+            emit_tile(index * width, width)
+        with I.Else():
+            _dispatch_tiles([(c, w) for c, w in rest], index - count, lambda col0, w: emit_tile(count * width + col0, w))
+
+
+def _emit_phase_split(x_flat, dst, shape, stride, padding, dst_hw, fill: float):
+    """``dst[n, c, rh, rw, i, j] = xpad[n, c, i*sh + rh, j*sw + rw]`` (``fill`` outside ``x``).
+
+    Parallel over destination rows; the row test is uniform, the column test is a per-lane
+    select on a clamped (always in-bounds) load.
+    """
+    n, c, h, w = shape
+    (sh, sw), (ph, pw), (dst_h, dst_w) = stride, padding, dst_hw
+    rows = n * c * sh * sw * dst_h
+
+    def emit(row, j):
+        i = row % dst_h
+        rw = row // dst_h % sw
+        rh = row // (dst_h * sw) % sh
+        plane = row // (dst_h * sw * sh)  # n * C + c
+        ih = i * sh + rh - ph
+        iw = j * sw + rw - pw
+        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
+        load = x_flat[plane * (h * w) + tirx.min(tirx.max(ih, 0), h - 1) * w + tirx.min(tirx.max(iw, 0), w - 1)]
+        I.buffer_store(dst, tirx.Select(inside, load, _f32(fill)), [row * dst_w + j])
+
+    _for_each(rows, dst_w, emit)
+
+
+def linear_f32(M: int, K: int, N: int, has_bias: bool, act: str = "none", clip_lo: float = 0.0,
+               clip_hi: float = 0.0, knobs: LinearKnobs = LinearKnobs()) -> tirx.PrimFunc:
+    """Float32 linear layer ``y = act(x @ w.T + b)``.
+
+    Parameters: ``x: f32[M,K], w: f32[N,K], b: f32[N]`` (when ``has_bias``), ``y: f32[M,N]``.
+
+    Schedule: dot products along K (both operands contiguous, so the weights stream once,
+    which is what batch-1 layers need): a register tile of ``m_block x n_block`` 16-lane partial
+    sums, parallel over tiles, the K remainder and the lane sums folded at the end.
+    """
+    _check_act(act)
+    m_block = _largest_divisor(M, knobs.m_block)
+    n_block = _largest_divisor(N, knobs.n_block if M > 1 else 2 * knobs.n_block)
+    k_vectors, k_tail = divmod(K, LANES)
+    n_tiles = N // n_block
+    params = [("x", (M, K), F32), ("w", (N, K), F32)]
+    if has_bias:
+        params.append(("b", (N,), F32))
+    params.append(("y", (M, N), F32))
+
+    def body(x, weight, *rest):
+        bias, y = (rest[0], rest[1]) if has_bias else (None, rest[0])
+        with _parallel_or_serial((M // m_block) * n_tiles, M * N * K) as task:
+            m0 = task // n_tiles * m_block
+            n0 = task % n_tiles * n_block
+            acc = _local((m_block * n_block * LANES,))
+            total = _local((m_block * n_block,))
+            with I.unroll(0, m_block * n_block) as ij:
+                with I.vectorized(0, LANES) as lane:
+                    I.buffer_store(acc, _f32(0.0), [ij * LANES + lane])
+            if k_vectors:
+                with I.serial(0, k_vectors) as kv:
+                    with I.unroll(0, m_block) as i:
+                        with I.unroll(0, n_block) as j:
+                            with I.vectorized(0, LANES) as lane:
+                                slot = (i * n_block + j) * LANES + lane
+                                product = x[m0 + i, kv * LANES + lane] * weight[n0 + j, kv * LANES + lane]
+                                I.buffer_store(acc, acc[slot] + product, [slot])
+            with I.unroll(0, m_block) as i:
+                with I.unroll(0, n_block) as j:
+                    I.buffer_store(total, _f32(0.0), [i * n_block + j])
+                    with I.unroll(0, LANES) as lane:
+                        I.buffer_store(total, total[i * n_block + j] + acc[(i * n_block + j) * LANES + lane], [i * n_block + j])
+                    if k_tail:
+                        with I.serial(0, k_tail) as kt:
+                            k = k_vectors * LANES + kt
+                            I.buffer_store(total, total[i * n_block + j] + x[m0 + i, k] * weight[n0 + j, k], [i * n_block + j])
+                    value = total[i * n_block + j]
+                    if bias is not None:
+                        value = value + bias[n0 + j]
+                    I.buffer_store(y, _activation(value, act, clip_lo, clip_hi), [m0 + i, n0 + j])
+
+    return _prim_func(params, body)
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise
+# --------------------------------------------------------------------------------------------
+def _broadcast_strides(shape, out_shape) -> list[int]:
+    """Element strides of a row-major ``shape`` aligned to ``out_shape`` (0 where broadcast)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) > len(out_shape):
+        raise ValueError(f"cannot broadcast {shape} to {tuple(out_shape)}")
+    padded = (1,) * (len(out_shape) - len(shape)) + shape
+    strides, step = [0] * len(out_shape), 1
+    for d in reversed(range(len(out_shape))):
+        if padded[d] == out_shape[d]:
+            strides[d] = step if out_shape[d] > 1 else 0
+        elif padded[d] != 1:
+            raise ValueError(f"cannot broadcast {shape} to {tuple(out_shape)}")
+        step *= padded[d]
+    return strides
+
+
+def _coalesce(out_shape, operand_strides) -> tuple[list[int], list[list[int]]]:
+    """Merge adjacent dimensions that every operand walks contiguously (or all broadcast)."""
+    dims, strides = [], [[] for _ in operand_strides]
+    for d, size in enumerate(out_shape):
+        if size == 1:
+            continue
+        if dims and all(st[-1] == s[d] * size for s, st in zip(operand_strides, strides)):
+            dims[-1] *= size
+            for s, st in zip(operand_strides, strides):
+                st[-1] = s[d]
+            continue
+        dims.append(int(size))
+        for s, st in zip(operand_strides, strides):
+            st.append(s[d])
+    if not dims:
+        return [1], [[0] for _ in operand_strides]
+    return dims, strides
+
+
+def _strided_index(row, col, dims, strides):
+    """Offset of element ``(row, col)`` of the coalesced space in an operand with ``strides``."""
+    index = col * strides[-1] if strides[-1] else tirx.const(0, "int32")
+    rest = row
+    for size, stride in zip(reversed(dims[:-1]), reversed(strides[:-1])):
+        if stride:
+            index = index + (rest % size) * stride
+        rest = rest // size
+    return index
+
+
+_BINARY = {
+    "add": lambda a, b: a + b,
+    "mul": lambda a, b: a * b,
+    "minimum": tirx.Min,
+}
+
+
+def binary(op: str, a_shape, b_shape, out_shape) -> tirx.PrimFunc:
+    """``y = op(a, b)`` with numpy broadcasting (``op`` in add / mul / minimum).
+
+    Parameters: ``a: f32[a_shape], b: f32[b_shape], y: f32[out_shape]``.  Dimensions are
+    coalesced first, so a full tensor, a per-channel ``[1,C,1,1]`` constant and a scalar all
+    become a 2-D loop that is parallel over rows and vectorized along the contiguous one.
+    """
+    if op not in _BINARY:
+        raise ValueError(f"binary op must be one of {sorted(_BINARY)}, got {op!r}")
+    out_shape = tuple(int(s) for s in out_shape)
+    strides = [_broadcast_strides(a_shape, out_shape), _broadcast_strides(b_shape, out_shape)]
+    dims, (a_strides, b_strides) = _coalesce(out_shape, strides)
+    rows, row_len = _prod(dims[:-1]), dims[-1]
+    params = [("a", tuple(a_shape), F32), ("b", tuple(b_shape), F32), ("y", out_shape, F32)]
+
+    def body(a, b, y):
+        a_flat, b_flat, y_flat = _flat(a), _flat(b), _flat(y)
+
+        def emit(row, col):
+            value = _BINARY[op](a_flat[_strided_index(row, col, dims, a_strides)],
+                                b_flat[_strided_index(row, col, dims, b_strides)])
+            I.buffer_store(y_flat, value, [row * row_len + col])
+
+        _for_each(rows, row_len, emit)
+
+    return _prim_func(params, body)
+
+
+def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:
+    """``y = relu(x)`` or ``y = clip(x, lo, hi)``.  Parameters: ``x: f32[shape], y: f32[shape]``."""
+    if op not in ("relu", "clip"):
+        raise ValueError(f"unary op must be relu or clip, got {op!r}")
+    shape = tuple(int(s) for s in shape)
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, _activation(x_flat[i], op, lo, hi), [i]))
+
+    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+
+
+def channel_affine(shape, axis: int = 1) -> tirx.PrimFunc:
+    """Unfused batch norm: ``y = x * mul[c] + add[c]`` (product rounded before the add).
+
+    Parameters: ``x: f32[shape], mul: f32[C], add: f32[C], y: f32[shape]``.
+    """
+    shape = tuple(int(s) for s in shape)
+    _, _, channels, _ = _channel_view(shape, axis)
+
+    def body(x, mul, add, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        _for_each_channel(shape, axis, lambda i, c: I.buffer_store(y_flat, _rounded(x_flat[i] * mul[c]) + add[c], [i]))
+
+    return _prim_func([("x", shape, F32), ("mul", (channels,), F32), ("add", (channels,), F32), ("y", shape, F32)], body)
+
+
+def copy(shape) -> tirx.PrimFunc:
+    """``y = x`` (also a reshape: the planner gives ``y`` the new shape of the same data).
+
+    Parameters: ``x: f32[shape], y: f32[shape]``."""
+    shape = tuple(int(s) for s in shape)
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, x_flat[i], [i]))
+
+    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+
+
+def concat(shapes: Sequence[Sequence[int]], axis: int) -> tirx.PrimFunc:
+    """``y = concatenate(xs, axis)``.  Parameters: ``x0, x1, ..., y`` (float32)."""
+    shapes = [tuple(int(s) for s in shape) for shape in shapes]
+    axis = axis % len(shapes[0])
+    out_shape = list(shapes[0])
+    out_shape[axis] = sum(shape[axis] for shape in shapes)
+    out_shape = tuple(out_shape)
+    outer, inner = _prod(out_shape[:axis]), _prod(out_shape[axis + 1 :])
+    out_row = out_shape[axis] * inner
+    params = [(f"x{i}", shape, F32) for i, shape in enumerate(shapes)] + [("y", out_shape, F32)]
+
+    def body(*buffers):
+        *inputs, y = buffers
+        y_flat = _flat(y)
+        offset = 0
+        for x, shape in zip(inputs, shapes):
+            x_flat, in_row = _flat(x), shape[axis] * inner
+
+            def emit(row, col, x_flat=x_flat, in_row=in_row, offset=offset):
+                I.buffer_store(y_flat, x_flat[row * in_row + col], [row * out_row + offset + col])
+
+            _for_each(outer, in_row, emit)
+            offset += in_row
+
+    return _prim_func(params, body)
+
+
+def transpose(shape, dims: Sequence[int]) -> tirx.PrimFunc:
+    """``y = x.transpose(dims)`` (contiguous result).  Parameters: ``x: f32[shape], y``.
+
+    Vectorized along the output's last dimension (a strided gather when that dimension is not
+    the input's last one)."""
+    shape = tuple(int(s) for s in shape)
+    dims = tuple(int(d) % len(shape) for d in dims)
+    if sorted(dims) != list(range(len(shape))):
+        raise ValueError(f"{dims} is not a permutation of {len(shape)} dimensions")
+    out_shape = tuple(shape[d] for d in dims)
+    in_strides = [_prod(shape[d + 1 :]) for d in range(len(shape))]
+    strides = [in_strides[d] for d in dims]
+    row_len = out_shape[-1] if out_shape else 1
+    rows = _prod(out_shape[:-1])
+    out_dims = list(out_shape) or [1]
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+
+        def emit(row, col):
+            source = _strided_index(row, col, out_dims, strides or [0])
+            I.buffer_store(y_flat, x_flat[source], [row * row_len + col])
+
+        _for_each(rows, row_len, emit)
+
+    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling and reductions
+# --------------------------------------------------------------------------------------------
+def _pool_geometry(input_shape, kernel, stride, padding, dilation):
+    n, c, h, w = (int(s) for s in input_shape)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (kernel, stride, padding, dilation))
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"pooling output would be empty ({oh}x{ow})")
+    return (n, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow)
+
+
+def _pool2d(kind: str, input_shape, kernel, stride, padding, dilation, finish: Callable) -> tirx.PrimFunc:
+    """Window reduction (``kind`` max or sum) over NCHW, then ``finish(total, oh, ow)``.
+
+    One parallel task per output row.  Out-of-range input rows are skipped (uniform test;
+    -inf / 0 padding never changes a max / sum).  Output columns whose windows lie inside the
+    row are computed 16 at a time: for stride ``s`` a contiguous ``16*s``-wide load is
+    de-interleaved with a shuffle (a strided load would be 16 scalar loads).  The few border
+    columns run scalar with per-tap tests.
+    """
+    (n, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = _pool_geometry(
+        input_shape, kernel, stride, padding, dilation)
+    combine = tirx.Max if kind == "max" else (lambda a, b: a + b)
+    init = _f32(-np.inf) if kind == "max" else _f32(0.0)
+    # Columns whose every tap, and the (s - 1) extra lanes the wide load reads, are in the row.
+    first = -(-pw // sw)
+    last = (w - sw + pw - (kw - 1) * dw) // sw
+    interior = max(0, min(last, ow - 1) - first + 1)
+    if interior == 0:
+        first = ow  # everything is border
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+
+        def tap_rows(out_row, emit_row):
+            for ki in range(kh):
+                ih = out_row * sh - ph + ki * dh
+                with I.If(tirx.all(ih >= 0, ih < h)):
+                    with I.Then():
+                        emit_row(ih, ki)
+
+        def vector_segment(plane, out_row, col0, width):
+            acc = _local((width,))
+            I.buffer_store(acc, tirx.Broadcast(init, width) if width > 1 else init,
+                           [tirx.Ramp(0, 1, width)] if width > 1 else [0])
+
+            def emit_row(ih, _ki):
+                for kj in range(kw):
+                    start = plane * (h * w) + ih * w + col0 * sw - pw + kj * dw
+                    if sw == 1 or width == 1:
+                        window = x_flat[tirx.Ramp(start, 1, width)] if width > 1 else x_flat[start]
+                    else:
+                        wide = x_flat[tirx.Ramp(start, 1, width * sw)]
+                        window = tirx.Shuffle([wide], [tirx.IntImm("int32", lane * sw) for lane in range(width)])
+                    index = [tirx.Ramp(0, 1, width)] if width > 1 else [0]
+                    I.buffer_store(acc, combine(tirx.BufferLoad(acc, index), window), index)
+
+            tap_rows(out_row, emit_row)
+            with I.vectorized(0, width) as lane:
+                out = (plane * oh + out_row) * ow + col0 + lane
+                I.buffer_store(y_flat, finish(acc[lane], out_row, col0 + lane), [out])
+
+        def scalar_column(plane, out_row, col):
+            acc = _local((1,))
+            I.buffer_store(acc, init, [0])
+
+            def emit_row(ih, _ki):
+                for kj in range(kw):
+                    iw = col * sw - pw + kj * dw
+                    with I.If(tirx.all(iw >= 0, iw < w)):
+                        with I.Then():
+                            I.buffer_store(acc, combine(acc[0], x_flat[plane * (h * w) + ih * w + iw]), [0])
+
+            tap_rows(out_row, emit_row)
+            I.buffer_store(y_flat, finish(acc[0], out_row, col), [(plane * oh + out_row) * ow + col])
+
+        with _parallel_or_serial(n * c * oh, n * c * oh * ow * kh * kw) as task:
+            plane, out_row = task // oh, task % oh
+            if first > 0:
+                with I.serial(0, first) as col:
+                    scalar_column(plane, out_row, col)
+            if interior:
+                full, rest = divmod(interior, LANES)
+                if full:
+                    with I.serial(0, full) as v:
+                        vector_segment(plane, out_row, first + v * LANES, LANES)
+                if rest:
+                    vector_segment(plane, out_row, first + full * LANES, rest)
+            done = first + interior
+            if done < ow:
+                with I.serial(0, ow - done) as col:
+                    scalar_column(plane, out_row, done + col)
+
+    params = [("x", (n, c, h, w), F32), ("y", (n, c, oh, ow), F32)]
+    return _prim_func(params, body)
+
+
+def max_pool2d(input_shape, kernel, stride, padding=(0, 0), dilation=(1, 1)) -> tirx.PrimFunc:
+    """Max pooling, padding with -inf (exact).  Parameters: ``x: f32[N,C,H,W], y: f32[N,C,OH,OW]``."""
+    return _pool2d("max", input_shape, kernel, stride, padding, dilation, lambda total, _r, _c: total)
+
+
+def avg_pool2d(input_shape, kernel, stride, padding=(0, 0), count_include_pad: bool = True,
+               divisor: int = 0) -> tirx.PrimFunc:
+    """Average pooling as the interpreter computes it: the window sum, then one division by
+    ``divisor`` (or ``KH*KW``), or by the count of in-bounds taps when padding is excluded.
+    Parameters: ``x: f32[N,C,H,W], y: f32[N,C,OH,OW]``."""
+    (n, c, h, w), (kh, kw), (sh, sw), (ph, pw), _, _ = _pool_geometry(input_shape, kernel, stride, padding, (1, 1))
+    if not count_include_pad and (ph or pw):
+        def finish(total, out_row, col):
+            top, left = out_row * sh - ph, col * sw - pw
+            rows = tirx.min(top + kh, h) - tirx.max(top, 0)
+            cols = tirx.min(left + kw, w) - tirx.max(left, 0)
+            return total / tirx.Cast(F32, rows * cols)
+    else:
+        def finish(total, _r, _c):
+            return total / _f32(divisor or kh * kw)
+    return _pool2d("sum", input_shape, kernel, stride, padding, (1, 1), finish)
+
+
+def _emit_row_mean(x_flat, y_flat, rows: int, row_len: int, count: int):
+    """``y[r] = sum(x[r, :]) / count`` over contiguous rows: 16-lane partial sums, then a fold."""
+    full, tail = divmod(row_len, LANES)
+    with _parallel_or_serial(rows, rows * row_len) as row:
+        partial = _local((LANES,))
+        total = _local((1,))
+        with I.vectorized(0, LANES) as lane:
+            I.buffer_store(partial, _f32(0.0), [lane])
+        if full:
+            with I.serial(0, full) as v:
+                with I.vectorized(0, LANES) as lane:
+                    I.buffer_store(partial, partial[lane] + x_flat[row * row_len + v * LANES + lane], [lane])
+        I.buffer_store(total, _f32(0.0), [0])
+        with I.unroll(0, LANES) as lane:
+            I.buffer_store(total, total[0] + partial[lane], [0])
+        if tail:
+            with I.serial(0, tail) as t:
+                I.buffer_store(total, total[0] + x_flat[row * row_len + full * LANES + t], [0])
+        I.buffer_store(y_flat, total[0] / _f32(count), [row])
+
+
+def adaptive_avg_pool2d(input_shape, output_size) -> tirx.PrimFunc:
+    """Adaptive average pooling for divisible sizes (float32 sum / count).
+    Parameters: ``x: f32[N,C,H,W], y: f32[N,C,OH,OW]``."""
+    n, c, h, w = (int(s) for s in input_shape)
+    oh, ow = _pair(output_size)
+    if h % oh or w % ow:
+        raise ValueError(f"adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
+    if (oh, ow) != (1, 1):
+        return avg_pool2d(input_shape, (h // oh, w // ow), (h // oh, w // ow), (0, 0), True, 0)
+
+    def body(x, y):
+        _emit_row_mean(_flat(x), _flat(y), n * c, h * w, h * w)
+
+    return _prim_func([("x", (n, c, h, w), F32), ("y", (n, c, 1, 1), F32)], body)
+
+
+def mean(shape, dims: Sequence[int], keepdim: bool) -> tirx.PrimFunc:
+    """``y = x.mean(dims, keepdims=keepdim)`` in float32 (sum, then divide by the count).
+    Parameters: ``x: f32[shape], y: f32[out_shape]``.
+
+    Trailing reduced dimensions (the usual ``mean((2, 3))``) are contiguous rows: vectorized
+    partial sums.  Other layouts reduce with scalar loops per output element.
+    """
+    shape = tuple(int(s) for s in shape)
+    reduced = sorted({int(d) % len(shape) for d in dims})
+    kept = [d for d in range(len(shape)) if d not in reduced]
+    out_shape = tuple(1 if d in reduced else shape[d] for d in range(len(shape))) if keepdim else tuple(shape[d] for d in kept)
+    count = _prod(shape[d] for d in reduced)
+    n_out = _prod(shape[d] for d in kept)
+    trailing = reduced == list(range(len(shape) - len(reduced), len(shape)))
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        if trailing:
+            _emit_row_mean(x_flat, y_flat, n_out, count, count)
+            return
+        in_strides = [_prod(shape[d + 1 :]) for d in range(len(shape))]
+        with _parallel_or_serial(n_out, n_out * count) as out:
+            base, rest = tirx.const(0, "int32"), out
+            for d in reversed(kept):
+                base = base + (rest % shape[d]) * in_strides[d]
+                rest = rest // shape[d]
+            total = _local((1,))
+            I.buffer_store(total, _f32(0.0), [0])
+            with I.serial(0, count) as r:
+                offset, rest = base, r
+                for d in reversed(reduced):
+                    offset = offset + (rest % shape[d]) * in_strides[d]
+                    rest = rest // shape[d]
+                I.buffer_store(total, total[0] + x_flat[offset], [0])
+            I.buffer_store(y_flat, total[0] / _f32(count), [out])
+
+    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+
+
+def softmax(shape, axis: int) -> tirx.PrimFunc:
+    """``e = exp(x - max(x, axis)); y = e / sum(e, axis)`` (the interpreter's order).
+    Parameters: ``x: f32[shape], y: f32[shape]``.
+
+    The tensor is viewed as ``[outer, A, inner]``.  With ``inner == 1`` (softmax over the last
+    axis) each row is reduced with 16-lane vectors; otherwise 16 columns of ``inner`` are
+    processed side by side, each lane its own softmax.  ``exp`` is LLVM's (libm) exp, so
+    results can differ from numpy's in the last ulp.
+    """
+    shape = tuple(int(s) for s in shape)
+    axis, outer, length, inner = _channel_view(shape, axis)
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        if inner == 1:
+            _emit_row_softmax(x_flat, y_flat, outer, length)
+            return
+        blocks = -(-inner // LANES)
+        with _parallel_or_serial(outer * blocks, outer * length * inner) as task:
+            row, block = task // blocks, task % blocks
+            full, tail = divmod(inner, LANES)
+
+            def columns(width):
+                col0 = block * LANES
+                peak, total = _local((width,)), _local((width,))
+                with I.vectorized(0, width) as lane:
+                    I.buffer_store(peak, _f32(-np.inf), [lane])
+                    I.buffer_store(total, _f32(0.0), [lane])
+                with I.serial(0, length) as a:
+                    with I.vectorized(0, width) as lane:
+                        I.buffer_store(peak, tirx.Max(peak[lane], x_flat[(row * length + a) * inner + col0 + lane]), [lane])
+                with I.serial(0, length) as a:
+                    with I.vectorized(0, width) as lane:
+                        at = (row * length + a) * inner + col0 + lane
+                        I.buffer_store(y_flat, tirx.exp(x_flat[at] - peak[lane]), [at])
+                        I.buffer_store(total, total[lane] + y_flat[at], [lane])
+                with I.serial(0, length) as a:
+                    with I.vectorized(0, width) as lane:
+                        at = (row * length + a) * inner + col0 + lane
+                        I.buffer_store(y_flat, y_flat[at] / total[lane], [at])
+
+            if not tail:
+                columns(LANES)
+            elif not full:
+                columns(tail)
+            else:
+                with I.If(block < full):
+                    with I.Then():
+                        columns(LANES)
+                    with I.Else():
+                        columns(tail)
+
+    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+
+
+def _emit_row_softmax(x_flat, y_flat, rows: int, length: int):
+    full, tail = divmod(length, LANES)
+    with _parallel_or_serial(rows, rows * length * 8) as row:
+        peak, total = _local((LANES,)), _local((LANES,))
+        row_max, row_sum = _local((1,)), _local((1,))
+        base = row * length
+        with I.vectorized(0, LANES) as lane:
+            I.buffer_store(peak, _f32(-np.inf), [lane])
+            I.buffer_store(total, _f32(0.0), [lane])
+        if full:
+            with I.serial(0, full) as v:
+                with I.vectorized(0, LANES) as lane:
+                    I.buffer_store(peak, tirx.Max(peak[lane], x_flat[base + v * LANES + lane]), [lane])
+        I.buffer_store(row_max, _f32(-np.inf), [0])
+        with I.unroll(0, LANES) as lane:
+            I.buffer_store(row_max, tirx.Max(row_max[0], peak[lane]), [0])
+        if tail:
+            with I.serial(0, tail) as t:
+                I.buffer_store(row_max, tirx.Max(row_max[0], x_flat[base + full * LANES + t]), [0])
+
+        def exp_and_sum(_row, col):
+            I.buffer_store(y_flat, tirx.exp(x_flat[base + col] - row_max[0]), [base + col])
+
+        _vector_span(exp_and_sum, row, 0, length)
+        if full:
+            with I.serial(0, full) as v:
+                with I.vectorized(0, LANES) as lane:
+                    I.buffer_store(total, total[lane] + y_flat[base + v * LANES + lane], [lane])
+        I.buffer_store(row_sum, _f32(0.0), [0])
+        with I.unroll(0, LANES) as lane:
+            I.buffer_store(row_sum, row_sum[0] + total[lane], [0])
+        if tail:
+            with I.serial(0, tail) as t:
+                I.buffer_store(row_sum, row_sum[0] + y_flat[base + full * LANES + t], [0])
+        _vector_span(lambda _r, col: I.buffer_store(y_flat, y_flat[base + col] / row_sum[0], [base + col]), row, 0, length)

@@ -1,0 +1,559 @@
+"""The reference ONNX model: csqc IR -> an ONNX graph that ONNX Runtime runs integer-exactly.
+
+``emit_reference(graph)`` takes a graph after the ``integer`` pipeline (or the ``none``
+pipeline's captured graph, or any later one) and writes every op through a table of emitters
+(``EMITTERS``), one per IR op. Quantized layers follow the IR's contract (``csqc.ir``):
+
+* ``quantize`` becomes the CSQ-order activation quantization ``Abs -> ReduceMax -> Mul(L) ->
+  Div(S) -> Round -> * Sign`` (``S == 0`` guarded exactly like the interpreter's
+  ``_quantize``; a static scale clamps codes to ``L``);
+* the integer product is ``ConvInteger`` / ``MatMulInteger``: unsigned activation codes are one
+  ``uint8`` tensor, signed codes are split into ``uint8`` positive and negative parts; weights
+  are ``int8`` when ``|q| <= 127``, otherwise split into ``uint8`` base-256 digits ``P - N``
+  (exact: ONNX Runtime's int32 accumulators are bit-exact, see shared/notes/onnx-ort.md);
+* the epilogue is ``((float(acc) * S) / L) * mult + add`` and the fused activation, in exactly
+  the interpreter's order.
+
+With ``check_planes=True`` each layer instead multiplies by every weight bitplane separately
+(the layer's own ``posneg``/``offset`` planes, or the signed-digit ``posneg`` planes of an
+``int`` layer) and sums the planes with their signed power-of-two weights and the offset
+correction, so ONNX Runtime checks the plane decomposition itself.
+
+Every quantized layer exposes stably named tensors ``<layer>.xq`` (activation codes: uint8, or
+int16 when signed), ``<layer>.acc`` (the integer accumulator in the spec's ``acc_dtype``;
+multiply by ``2**acc_shift`` to compare with ``interpreter.run``'s record) and ``<layer>.out``
+(its float output), plus the float tensor it quantized and the scale ``S``. One JSON row per
+layer in ``metadata_props['csqc.layers']`` (``layer_table``) names them for verifiers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from csqc.bitplanes import posneg_planes, unpack_planes
+from csqc.errors import CompileError
+from csqc.interpreter import decode_weight
+from csqc.ir import Graph, Node
+
+__all__ = [
+    "OPSET", "IR_VERSION", "LAYERS_KEY", "emit_reference", "layer_table", "weight_terms", "EMITTERS",
+    "GraphEmitter", "LayerTensors",
+]
+
+OPSET = 21  # ORT 1.31 runs default-domain opsets up to 25; 21 has everything this needs
+IR_VERSION = 10  # onnx stamps 14 by default, which ORT 1.31 refuses
+LAYERS_KEY = "csqc.layers"
+INT32_MAX = 2**31 - 1
+
+_F32 = np.float32
+_ONNX_DTYPE = {"int32": TensorProto.INT32, "int64": TensorProto.INT64}
+
+
+# -- building blocks -------------------------------------------------------------------------
+
+
+class _Builder:
+    """Collects ONNX nodes and initializers under unique tensor names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.taken: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+
+    def available(self, base: str) -> str:
+        """``base`` or ``base_1``, ``base_2``, ...: the first name not taken (not reserved)."""
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    def fresh(self, base: str) -> str:
+        name = self.available(base)
+        self.taken.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        array = np.asarray(array)
+        if array.size <= 16:  # share small constants (levels, shapes, shifts)
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key in self._consts:
+                return self._consts[key]
+        name = self.fresh(base)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if array.size <= 16:
+            self._consts[key] = name
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str, *, domain: str = "", exact_name: bool = False, **attrs) -> str:
+        """Add one node; ``out`` is the output's base name (used as is with ``exact_name``)."""
+        if exact_name:
+            if out in self.taken:
+                raise CompileError(f"ONNX tensor name {out!r} is used twice")
+            self.taken.add(out)
+            name = out
+        else:
+            name = self.fresh(out)
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"{name}#{op_type}", domain=domain, **attrs))
+        return name
+
+
+@dataclass
+class _QTensor:
+    """A quantized activation in the ONNX graph: float-valued integer codes and the scale ``S``."""
+
+    node: str  # the IR quantize node
+    codes_f: str  # float32 tensor holding the signed integer codes
+    scale: str  # float32 scalar
+    bits: int
+    signed: bool
+    source: str  # the float tensor that was quantized
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """Names of one quantized layer's exposed tensors (``None`` where the layer has none)."""
+
+    name: str
+    op: str
+    input: str  # the float tensor quantized for (or fed to) the layer
+    xq: str | None
+    scale: str | None
+    acc: str | None
+    out: str
+    acc_dtype: str | None
+    acc_shift: int
+    act_bits: int | None
+    act_signed: bool
+    quant_node: str | None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class GraphEmitter:
+    """Walks an IR graph in order and emits each node through a table of emitters.
+
+    ``table`` maps IR ops to ``emit(emitter, node) -> value`` where the value is a tensor
+    name or a ``_QTensor``; ``dynamic_batch`` names the leading dimension ``N`` (deployable
+    models) instead of fixing the captured batch size.
+    """
+
+    def __init__(self, graph: Graph, table: Mapping[str, Callable], *, check_planes: bool = False,
+                 dynamic_batch: bool = False):
+        self.g = graph
+        self.table = table
+        self.check_planes = check_planes
+        self.dynamic_batch = dynamic_batch
+        self.b = _Builder()
+        self.values: dict[str, str | _QTensor] = {}
+        self.layers: list[LayerTensors] = []
+        for v in graph.inputs:
+            self.b.taken.add(v.name)
+            self.values[v.name] = v.name
+
+    # helpers -------------------------------------------------------------------------------
+    def float_of(self, value: str) -> str:
+        """The float tensor of an IR value (dequantizing a quantized one, once)."""
+        if value in self.g.params:
+            if value not in self.values:
+                self.values[value] = self.b.const(value, self.g.params[value].astype(_F32))
+            return self.values[value]
+        v = self.values[value]
+        if isinstance(v, _QTensor):
+            if "float" not in v.cache:
+                levels = self.b.const("levels", np.array(v.levels, _F32))
+                scaled = self.b.op("Mul", [v.codes_f, v.scale], f"{v.node}.dequant.mul")
+                v.cache["float"] = self.b.op("Div", [scaled, levels], f"{v.node}.dequant")
+            return v.cache["float"]
+        return v
+
+    def channel_const(self, base: str, vec: np.ndarray, ndim: int, axis: int) -> str:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return self.b.const(base, np.asarray(vec, _F32).reshape(shape))
+
+    def activation(self, n: Node, y: str, out: str) -> str:
+        act = n.attr("act", "none")
+        if act == "relu":
+            return self.b.op("Relu", [y], out, exact_name=True)
+        if act == "clip":
+            lo = self.b.const("clip_lo", np.array(n.attr("clip_lo"), _F32))
+            hi = self.b.const("clip_hi", np.array(n.attr("clip_hi"), _F32))
+            return self.b.op("Clip", [y, lo, hi], out, exact_name=True)
+        return self.b.op("Identity", [y], out, exact_name=True)
+
+    def dims(self, shape) -> list:
+        shape = list(shape)
+        if self.dynamic_batch and shape:
+            shape[0] = "N"
+        return shape
+
+    def emit(self, kind: str, extra_meta: Mapping[str, str] = (), domains: Mapping[str, int] = ()) -> onnx.ModelProto:
+        unknown = sorted({n.op for n in self.g.nodes if n.op not in self.table})
+        if unknown:
+            raise CompileError(f"the ONNX target cannot emit op(s): {', '.join(unknown)}")
+        for n in self.g.nodes:
+            emitter = self.table.get(n.op)
+            if emitter is None:
+                raise CompileError(f"the ONNX target has no emitter for op {n.op!r} ({n.name})")
+            self.values[n.name] = emitter(self, n)
+        outputs = []
+        for o in self.g.outputs:
+            t = self.g.type_of(o)
+            src = self.float_of(o)
+            name = src
+            if src != o or src in self.g.params or any(v.name == src for v in self.g.inputs):
+                # graph outputs keep the IR's output names (a layer's own tensor is <layer>.out)
+                name = self.b.op("Identity", [src], o if o not in self.b.taken else f"{o}.output")
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, self.dims(t.shape)))
+        inputs = [helper.make_tensor_value_info(v.name, TensorProto.FLOAT, self.dims(v.type.shape)) for v in self.g.inputs]
+        graph = helper.make_graph(self.b.nodes, self.g.name or "model", inputs, outputs, self.b.initializers)
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in dict(domains).items()]
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="csqc",
+                                  doc_string=f"csqc {kind} model")
+        meta = {
+            LAYERS_KEY: json.dumps([l.to_json() for l in self.layers]),
+            "csqc.kind": kind,
+            "csqc.outputs": json.dumps([o.name for o in outputs]),
+            **dict(extra_meta),
+        }
+        helper.set_model_props(model, meta)
+        return model
+
+
+# -- quantization ----------------------------------------------------------------------------
+
+
+def _emit_quantize(e: GraphEmitter, n: Node) -> _QTensor:
+    x = e.float_of(n.inputs[0])
+    bits, static = n.attr("bits"), n.attr("static_scale", 0.0)
+    levels = e.b.const("levels", np.array(2**bits - 1, _F32))
+    absx = e.b.op("Abs", [x], f"{n.name}.abs")
+    if static > 0:
+        scale = e.b.op("Identity", [e.b.const(f"{n.name}.static_scale", np.array(static, _F32))], f"{n.name}.scale",
+                       exact_name=True)
+        divisor = scale
+    else:
+        scale = e.b.op("ReduceMax", [absx], f"{n.name}.scale", exact_name=True, keepdims=0)
+        # S == 0 means every |x| is 0: divide by 1 instead, which yields the interpreter's zero codes
+        zero, one = e.b.const("zero", np.array(0, _F32)), e.b.const("one", np.array(1, _F32))
+        positive = e.b.op("Greater", [scale, zero], f"{n.name}.scale_positive")
+        divisor = e.b.op("Where", [positive, scale, one], f"{n.name}.safe_scale")
+    scaled = e.b.op("Mul", [absx, levels], f"{n.name}.mul_levels")  # CSQ order: (|x| * L) / S
+    mag = e.b.op("Round", [e.b.op("Div", [scaled, divisor], f"{n.name}.div_scale")], f"{n.name}.magnitude")
+    if static > 0:
+        mag = e.b.op("Min", [mag, levels], f"{n.name}.clamped")
+    sign = e.b.op("Sign", [x], f"{n.name}.sign")
+    codes_f = e.b.op("Mul", [sign, mag], f"{n.name}.codes_f")
+    signed = bool(n.type.qsigned)
+    return _QTensor(n.name, codes_f, scale, bits, signed, x)
+
+
+def _emit_dequantize(e: GraphEmitter, n: Node) -> str:
+    return e.float_of(n.inputs[0])
+
+
+def _codes_exposed(e: GraphEmitter, q: _QTensor) -> str:
+    """The codes as an integer tensor (uint8 unsigned, int16 signed), once per quantize node."""
+    if "codes" not in q.cache:
+        to = TensorProto.INT16 if q.signed else TensorProto.UINT8
+        q.cache["codes"] = e.b.op("Cast", [q.codes_f], f"{q.node}.codes", exact_name=True, to=to)
+    return q.cache["codes"]
+
+
+def _activation_parts(e: GraphEmitter, q: _QTensor) -> list[tuple[str, int]]:
+    """``uint8`` tensors and signs whose signed sum is the codes (one part when unsigned)."""
+    if "parts" not in q.cache:
+        if not q.signed:
+            q.cache["parts"] = [(e.b.op("Cast", [q.codes_f], f"{q.node}.u8", to=TensorProto.UINT8), 1)]
+        else:
+            pos = e.b.op("Relu", [q.codes_f], f"{q.node}.pos_f")
+            neg = e.b.op("Relu", [e.b.op("Neg", [q.codes_f], f"{q.node}.neg_codes")], f"{q.node}.neg_f")
+            q.cache["parts"] = [(e.b.op("Cast", [pos], f"{q.node}.pos_u8", to=TensorProto.UINT8), 1),
+                                (e.b.op("Cast", [neg], f"{q.node}.neg_u8", to=TensorProto.UINT8), -1)]
+    return q.cache["parts"]
+
+
+# -- quantized layers ------------------------------------------------------------------------
+
+
+def weight_terms(g: Graph, n: Node, check_planes: bool) -> list[tuple[np.ndarray, int]]:
+    """Integer weight arrays (``weight_shape``, int8/uint8) and coefficients summing to ``q``.
+
+    ``q = sum coef * array`` exactly. Without ``check_planes``: one ``int8`` array when
+    ``|q| <= 127``, else ``uint8`` base-256 digits of the positive and negative parts. With
+    it: one 0/1 ``uint8`` array per bitplane with coefficient ``sign * 2^shift``, plus an
+    all-ones array with coefficient ``-zero_point`` for the offset encoding.
+    """
+    spec, shape = n.quant, tuple(n.attr("weight_shape"))
+    if not check_planes:
+        q = decode_weight(g, n)
+        if np.abs(q).max(initial=0) <= 127:
+            return [(q.astype(np.int8), 1)]
+        terms = []
+        for part, sign in ((np.maximum(q, 0), 1), (np.maximum(-q, 0), -1)):
+            for k in range(int(part.max(initial=0)).bit_length() // 8 + 1):
+                digit = ((part >> (8 * k)) & 255).astype(np.uint8)
+                if digit.any():
+                    terms.append((digit, sign * 256**k))
+        return terms
+    k = int(np.prod(shape[1:]))
+    if spec.encoding == "int":
+        # the signed-digit planes split_planes would make (positions refer to the unshifted q)
+        q = decode_weight(g, n).reshape(shape[0], k) << spec.low_shift
+        planes, plane_spec = posneg_planes(q, spec.active_bits, spec.active_bits)
+        plane_spec = [(s - spec.low_shift, sg) for s, sg in plane_spec]
+        if any(s < 0 and p.any() for p, (s, _) in zip(planes, plane_spec)):
+            raise CompileError(f"{n.name}: a plane below low_shift {spec.low_shift} is in use")
+        zero_point = 0
+    else:
+        w = g.params[n.inputs[1]]
+        planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
+        plane_spec, zero_point = spec.planes, spec.zero_point
+    terms = [(p.reshape(shape).astype(np.uint8), sign * 2**shift)
+             for p, (shift, sign) in zip(planes, plane_spec) if shift >= 0 and p.any()]
+    if zero_point:
+        terms.append((np.ones(shape, np.uint8), -zero_point))
+    return terms
+
+
+def _integer_product(e: GraphEmitter, n: Node, x_parts: list[tuple[str, int]], terms, levels: int) -> str:
+    """``sum sign * coef * product(x_part, term)`` as the layer's accumulator ``<layer>.acc``."""
+    acc_dtype = n.quant.acc_dtype
+    is_conv = n.op == "qconv2d"
+    out_ch = n.attr("weight_shape")[0]
+    # worst cases: one product must fit ONNX's int32 output; the running sum picks its width
+    worst_total = 0
+    products: list[tuple[str, int]] = []
+    for i, (w, coef) in enumerate(terms):
+        row_bound = int(np.abs(w.astype(np.int64)).reshape(out_ch, -1).sum(axis=1).max(initial=0)) * levels
+        if row_bound > INT32_MAX:
+            raise CompileError(f"{n.name}: one integer product can reach {row_bound}, beyond ONNX's int32 accumulator")
+        worst_total += row_bound * abs(coef) * len(x_parts)
+        if is_conv:
+            w_name = e.b.const(f"{n.name}.w{i}", w)
+        else:
+            w_name = e.b.const(f"{n.name}.w{i}", np.ascontiguousarray(w.T))  # MatMulInteger wants [K, O]
+        for part, sign in x_parts:
+            if is_conv:
+                kh, kw = w.shape[2:]
+                ph, pw = n.attr("padding")
+                prod = e.b.op("ConvInteger", [part, w_name], f"{n.name}.product", kernel_shape=[kh, kw],
+                              strides=list(n.attr("stride")), pads=[ph, pw, ph, pw],
+                              dilations=list(n.attr("dilation")), group=int(n.attr("groups")))
+            else:
+                prod = e.b.op("MatMulInteger", [part, w_name], f"{n.name}.product")
+            products.append((prod, sign * coef))
+    # combine in int64 when a partial sum could leave int32 (the final value fits acc_dtype)
+    work = "int64" if worst_total > INT32_MAX or acc_dtype == "int64" else "int32"
+    acc = None
+    for prod, coef in products:
+        if work == "int64":
+            prod = e.b.op("Cast", [prod], f"{n.name}.product64", to=TensorProto.INT64)
+        if abs(coef) != 1:
+            prod = e.b.op("Mul", [prod, e.b.const(f"{n.name}.coef", np.array(abs(coef), work))], f"{n.name}.scaled")
+        if acc is None:
+            acc = prod if coef > 0 else e.b.op("Neg", [prod], f"{n.name}.neg")
+        else:
+            acc = e.b.op("Add" if coef > 0 else "Sub", [acc, prod], f"{n.name}.sum")
+    if acc is None:  # every weight is zero
+        raise CompileError(f"{n.name}: layer has no nonzero weights; run the dce/drop passes or keep one weight")
+    if work != acc_dtype:
+        acc = e.b.op("Cast", [acc], f"{n.name}.acc_cast", to=_ONNX_DTYPE[acc_dtype])
+    return e.b.op("Identity", [acc], f"{n.name}.acc", exact_name=True)
+
+
+def _emit_quant_layer(e: GraphEmitter, n: Node) -> str:
+    spec = n.quant
+    is_conv = n.op == "qconv2d"
+    ndim = len(n.type.shape)
+    axis = 1 if is_conv else ndim - 1
+    src = e.values.get(n.inputs[0]) if n.inputs[0] not in e.g.params else None
+    mult = e.channel_const(f"{n.name}.mult", e.g.params[n.inputs[2]], ndim, axis)
+    if isinstance(src, _QTensor):
+        if spec.act_bits != src.bits or spec.act_signed != src.signed:
+            raise CompileError(f"{n.name}: spec says {spec.act_bits}-bit input, its quantize node gives {src.bits}")
+        xq = e.b.op("Identity", [_codes_exposed(e, src)], f"{n.name}.xq", exact_name=True)
+        terms = weight_terms(e.g, n, e.check_planes)
+        acc = _integer_product(e, n, _activation_parts(e, src), terms, src.levels)
+        levels = e.b.const("levels", np.array(src.levels, _F32))
+        accf = e.b.op("Cast", [acc], f"{n.name}.acc_f", to=TensorProto.FLOAT)
+        y = e.b.op("Div", [e.b.op("Mul", [accf, src.scale], f"{n.name}.mul_scale"), levels], f"{n.name}.div_levels")
+        tensors = dict(input=src.source, xq=xq, scale=src.scale, acc=acc, acc_dtype=spec.acc_dtype,
+                       act_bits=src.bits, act_signed=src.signed, quant_node=src.node)
+    else:
+        # float input: the float product on float32(q), then the same epilogue
+        x = e.float_of(n.inputs[0])
+        wf = decode_weight(e.g, n).astype(_F32)
+        if is_conv:
+            ph, pw = n.attr("padding")
+            y = e.b.op("Conv", [x, e.b.const(f"{n.name}.weight_f", wf)], f"{n.name}.conv",
+                       kernel_shape=list(wf.shape[2:]), strides=list(n.attr("stride")), pads=[ph, pw, ph, pw],
+                       dilations=list(n.attr("dilation")), group=int(n.attr("groups")))
+        else:
+            wt = e.b.const(f"{n.name}.weight_t", np.ascontiguousarray(wf.T))
+            y = e.b.op("MatMul", [x, wt], f"{n.name}.matmul")
+        tensors = dict(input=x, xq=None, scale=None, acc=None, acc_dtype=None, act_bits=None, act_signed=False,
+                       quant_node=None)
+    y = e.b.op("Mul", [y, mult], f"{n.name}.mul_mult")
+    if len(n.inputs) == 4:
+        y = e.b.op("Add", [y, e.channel_const(f"{n.name}.add", e.g.params[n.inputs[3]], ndim, axis)], f"{n.name}.add_bias")
+    out = e.activation(n, y, f"{n.name}.out")
+    e.layers.append(LayerTensors(name=n.name, op=n.op, out=out, acc_shift=spec.low_shift, **tensors))
+    return out
+
+
+# -- float ops ---------------------------------------------------------------------------------
+
+
+def _emit_float_layer(e: GraphEmitter, n: Node) -> str:
+    x = e.float_of(n.inputs[0])
+    w = e.g.params[n.inputs[1]].astype(_F32)
+    has_bias = len(n.inputs) == 3
+    if n.op == "conv2d":
+        ph, pw = n.attr("padding")
+        y = e.b.op("Conv", [x, e.b.const(n.inputs[1], w)], f"{n.name}.conv", kernel_shape=list(w.shape[2:]),
+                   strides=list(n.attr("stride")), pads=[ph, pw, ph, pw], dilations=list(n.attr("dilation")),
+                   group=int(n.attr("groups")))
+        if has_bias:
+            y = e.b.op("Add", [y, e.channel_const(n.inputs[2], e.g.params[n.inputs[2]], 4, 1)], f"{n.name}.bias")
+    else:
+        y = e.b.op("MatMul", [x, e.b.const(f"{n.inputs[1]}_t", np.ascontiguousarray(w.T))], f"{n.name}.matmul")
+        if has_bias:
+            y = e.b.op("Add", [y, e.float_of(n.inputs[2])], f"{n.name}.bias")
+    return e.activation(n, y, _name(e, n))
+
+
+def _name(e: GraphEmitter, n: Node) -> str:
+    """The ONNX name of an IR value: its own name unless that is taken."""
+    return e.b.available(n.name)
+
+
+def _simple(op_type: str):
+    """An elementwise op whose ONNX twin takes the same (float) inputs."""
+
+    def emit(e: GraphEmitter, n: Node) -> str:
+        return e.b.op(op_type, [e.float_of(i) for i in n.inputs], _name(e, n), exact_name=True)
+
+    return emit
+
+
+def _emit_batch_norm(e: GraphEmitter, n: Node) -> str:
+    ndim = len(n.type.shape)
+    x = e.float_of(n.inputs[0])
+    mul = e.channel_const(n.inputs[1], e.g.params[n.inputs[1]], ndim, 1)
+    add = e.channel_const(n.inputs[2], e.g.params[n.inputs[2]], ndim, 1)
+    return e.b.op("Add", [e.b.op("Mul", [x, mul], f"{n.name}.mul"), add], _name(e, n), exact_name=True)
+
+
+def _emit_clip(e: GraphEmitter, n: Node) -> str:
+    lo = e.b.const("clip_lo", np.array(n.attr("lo"), _F32))
+    hi = e.b.const("clip_hi", np.array(n.attr("hi"), _F32))
+    return e.b.op("Clip", [e.float_of(n.inputs[0]), lo, hi], _name(e, n), exact_name=True)
+
+
+def _emit_pool(e: GraphEmitter, n: Node) -> str:
+    x = e.float_of(n.inputs[0])
+    kh, kw = n.attr("kernel")
+    ph, pw = n.attr("padding")
+    common = dict(kernel_shape=[kh, kw], strides=list(n.attr("stride")), pads=[ph, pw, ph, pw])
+    if n.op == "max_pool2d":
+        return e.b.op("MaxPool", [x], _name(e, n), exact_name=True, dilations=list(n.attr("dilation", (1, 1))), **common)
+    divisor = n.attr("divisor", 0)
+    if divisor and divisor != kh * kw:
+        # a divisor override: sum the window (mean * count), then divide like the interpreter
+        mean = e.b.op("AveragePool", [x], f"{n.name}.mean", count_include_pad=1, **common)
+        total = e.b.op("Mul", [mean, e.b.const("window", np.array(kh * kw, _F32))], f"{n.name}.sum")
+        return e.b.op("Div", [total, e.b.const("divisor", np.array(divisor, _F32))], _name(e, n), exact_name=True)
+    return e.b.op("AveragePool", [x], _name(e, n), exact_name=True,
+                  count_include_pad=int(n.attr("count_include_pad", True)), **common)
+
+
+def _emit_adaptive_avg(e: GraphEmitter, n: Node) -> str:
+    x = e.float_of(n.inputs[0])
+    oh, ow = n.attr("output_size")
+    h, w = e.g.type_of(n.inputs[0]).shape[2:]
+    if h % oh or w % ow:
+        raise CompileError(f"{n.name}: adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
+    if (oh, ow) == (1, 1):
+        return e.b.op("GlobalAveragePool", [x], _name(e, n), exact_name=True)
+    k = [h // oh, w // ow]
+    return e.b.op("AveragePool", [x], _name(e, n), exact_name=True, kernel_shape=k, strides=k)
+
+
+def _emit_mean(e: GraphEmitter, n: Node) -> str:
+    axes = e.b.const("axes", np.array(n.attr("dims"), np.int64))
+    return e.b.op("ReduceMean", [e.float_of(n.inputs[0]), axes], _name(e, n), exact_name=True,
+                  keepdims=int(bool(n.attr("keepdim"))))
+
+
+def _emit_reshape(e: GraphEmitter, n: Node) -> str:
+    target = list(n.type.shape)
+    if e.dynamic_batch:
+        if e.g.type_of(n.inputs[0]).shape[:1] != n.type.shape[:1]:
+            raise CompileError(f"{n.name}: reshape moves the batch dimension; it needs a fixed batch size")
+        target[0] = 0  # ONNX Reshape: 0 copies the input's (batch) dimension
+    shape = e.b.const("shape", np.array(target, np.int64))
+    return e.b.op("Reshape", [e.float_of(n.inputs[0]), shape], _name(e, n), exact_name=True)
+
+
+def _emit_cat(e: GraphEmitter, n: Node) -> str:
+    return e.b.op("Concat", [e.float_of(i) for i in n.inputs], _name(e, n), exact_name=True, axis=int(n.attr("axis")))
+
+
+EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
+    "quantize": _emit_quantize,
+    "dequantize": _emit_dequantize,
+    "qconv2d": _emit_quant_layer,
+    "qlinear": _emit_quant_layer,
+    "conv2d": _emit_float_layer,
+    "linear": _emit_float_layer,
+    "batch_norm": _emit_batch_norm,
+    "relu": _simple("Relu"),
+    "clip": _emit_clip,
+    "minimum": _simple("Min"),
+    "add": _simple("Add"),
+    "mul": _simple("Mul"),
+    "cat": _emit_cat,
+    "max_pool2d": _emit_pool,
+    "avg_pool2d": _emit_pool,
+    "adaptive_avg_pool2d": _emit_adaptive_avg,
+    "mean": _emit_mean,
+    "reshape": _emit_reshape,
+    "permute": lambda e, n: e.b.op("Transpose", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,
+                                   perm=list(n.attr("dims"))),
+    "softmax": lambda e, n: e.b.op("Softmax", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,
+                                   axis=int(n.attr("axis"))),
+}
+
+
+def emit_reference(graph: Graph, *, check_planes: bool = False) -> onnx.ModelProto:
+    """Translate ``graph`` into the integer-exact reference ONNX model (see module docstring).
+
+    The model uses default-domain opset 21 and IR version 10 and passes
+    ``onnx.checker.check_model(full_check=True)``. Run it with optimizations off
+    (``csqc.targets.onnx.runner``) for bit-exact results.
+    """
+    emitter = GraphEmitter(graph, EMITTERS, check_planes=check_planes)
+    model = emitter.emit("reference", {"csqc.check_planes": json.dumps(check_planes)})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def layer_table(model: onnx.ModelProto) -> list[dict]:
+    """The ``csqc.layers`` metadata of a model written by csqc (empty for other models)."""
+    for prop in model.metadata_props:
+        if prop.key == LAYERS_KEY:
+            return json.loads(prop.value)
+    return []

@@ -1,0 +1,237 @@
+"""Capture: every supported op, captured from a saved model and run by the interpreter, matches PyTorch."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import csqc
+from csqc.capture import capture
+from csqc.errors import UnsupportedOps
+from csqc.layers import PACT, ActQuant, CSQConv2d, CSQLinear
+from irbuild import run
+
+
+def _captured(module: nn.Module, shape, tmp_path, batch=None):
+    torch.manual_seed(0)
+    path = csqc.save(module.eval(), tmp_path / "m.pt", torch.randn(*shape))
+    return capture(csqc.load(path), batch=batch)
+
+
+def _compare(module, g, x, rtol=1e-5):
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * max(1.0, float(np.abs(expected).max())))
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return bn
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class TwoBranch(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.op = op
+
+    def forward(self, x):
+        return self.op(self.a(x), self.b(x))
+
+
+def _csq(layer, n_bits=5):
+    torch.manual_seed(1)
+    return csqc.finalize(csqc.convert(nn.Sequential(layer), n_bits=n_bits))
+
+
+def _quantized_pair(act_bits=4):
+    """Quantized input -> CSQ conv -> ReLU -> float conv. The quantized value is the model input, so
+    PyTorch and the interpreter quantize the same floats (no rounding-boundary flips)."""
+    torch.manual_seed(2)
+    model = csqc.convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()), n_bits=6, act_bits=act_bits,
+                         quantize_first_input=True)
+    return nn.Sequential(csqc.finalize(model), nn.Conv2d(6, 3, 1))
+
+
+# (id, module factory, input shape, IR ops the capture must contain)
+CASES = [
+    ("conv-stride-padding", lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 9, 9), {"conv2d"}),
+    ("conv-dilation", lambda: nn.Conv2d(3, 4, 3, dilation=2, padding=2, bias=False), (1, 3, 8, 8), {"conv2d"}),
+    ("conv-groups", lambda: nn.Conv2d(4, 6, 3, groups=2), (1, 4, 6, 6), {"conv2d"}),
+    ("conv-depthwise", lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1), (1, 4, 6, 6), {"conv2d"}),
+    ("csq-conv-stride-dilation", lambda: _csq(nn.Conv2d(3, 4, 3, stride=2, dilation=2, padding=2)), (1, 3, 9, 9), {"qconv2d"}),
+    ("csq-conv-depthwise", lambda: _csq(nn.Conv2d(4, 4, 3, groups=4, padding=1)), (1, 4, 6, 6), {"qconv2d"}),
+    ("csq-conv-groups", lambda: _csq(nn.Conv2d(4, 6, 1, groups=2, bias=False)), (2, 4, 5, 5), {"qconv2d"}),
+    ("linear", lambda: nn.Linear(7, 3), (2, 7), {"linear"}),
+    ("csq-linear", lambda: _csq(nn.Linear(7, 3), n_bits=8), (2, 7), {"qlinear"}),
+    ("csq-linear-3d", lambda: _csq(nn.Linear(7, 3, bias=False)), (2, 4, 7), {"qlinear"}),
+    ("batch_norm-eval", lambda: nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), _bn(4)), (2, 3, 5, 5), {"batch_norm"}),
+    ("relu", lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (3, 4), {"relu"}),
+    ("relu6", lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU6()), (3, 4), {"clip"}),
+    ("hardtanh", lambda: nn.Sequential(nn.Linear(4, 4), nn.Hardtanh(-0.5, 0.75)), (3, 4), {"clip"}),
+    ("clamp", lambda: Lambda(lambda x: torch.clamp(x, min=-0.2, max=0.3)), (3, 4), {"clip"}),
+    ("clamp-min", lambda: Lambda(lambda x: torch.clamp(x, min=0.1)), (3, 4), {"clip"}),
+    ("pact", lambda: nn.Sequential(nn.Linear(4, 4), PACT(0.4)), (3, 4), {"clip", "minimum"}),
+    ("act-quant-signed", lambda: ActQuant(3), (2, 6), {"quantize", "dequantize"}),
+    ("act-quant-relu6", lambda: ActQuant(4, clip="relu6"), (2, 6), {"quantize", "clip"}),
+    ("act-quant-pact", lambda: ActQuant(2, clip="pact", pact_alpha=0.8), (2, 6), {"quantize", "minimum"}),
+    ("quantized-layers", _quantized_pair, (1, 4, 5, 5), {"qconv2d", "quantize", "relu"}),
+    ("add", lambda: TwoBranch(torch.add), (1, 4, 5, 5), {"add"}),
+    ("mul", lambda: TwoBranch(torch.mul), (1, 4, 5, 5), {"mul"}),
+    ("cat", lambda: TwoBranch(lambda a, b: torch.cat([a, b], dim=1)), (1, 4, 5, 5), {"cat"}),
+    ("add-scalar", lambda: Lambda(lambda x: x * 0.5 + 1.0), (2, 3), {"add", "mul"}),
+    ("max_pool", lambda: nn.MaxPool2d(3, stride=2, padding=1), (1, 2, 7, 7), {"max_pool2d"}),
+    ("max_pool-dilation", lambda: nn.MaxPool2d(2, dilation=2), (1, 2, 7, 7), {"max_pool2d"}),
+    ("avg_pool", lambda: nn.AvgPool2d(2), (1, 2, 6, 6), {"avg_pool2d"}),
+    ("avg_pool-padding-exclude", lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 2, 7, 7), {"avg_pool2d"}),
+    ("adaptive_avg_pool", lambda: nn.AdaptiveAvgPool2d(1), (2, 3, 4, 4), {"adaptive_avg_pool2d"}),
+    ("adaptive_avg_pool-2x2", lambda: nn.AdaptiveAvgPool2d((2, 2)), (1, 3, 4, 6), {"adaptive_avg_pool2d"}),
+    ("mean", lambda: Lambda(lambda x: x.mean((2, 3))), (2, 3, 4, 4), {"mean"}),
+    ("flatten", lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.Flatten(), nn.Linear(48, 2)), (2, 2, 4, 4), {"reshape"}),
+    ("view-reshape", lambda: Lambda(lambda x: x.view(x.shape[0], 4, 6).reshape(x.shape[0], 24)), (2, 2, 3, 4), {"reshape"}),
+    ("permute", lambda: Lambda(lambda x: x.permute(0, 2, 3, 1)), (1, 2, 3, 4), {"permute"}),
+    ("transpose", lambda: Lambda(lambda x: x.transpose(1, 2)), (1, 2, 3, 4), {"permute"}),
+    ("softmax", lambda: nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=-1)), (3, 5), {"softmax"}),
+    ("dropout-eval", lambda: nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 2)), (3, 5), {"linear"}),
+]
+
+
+@pytest.mark.parametrize("factory, shape, ops", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_captured_op_matches_pytorch(factory, shape, ops, tmp_path):
+    module = factory().eval()
+    g = _captured(module, shape, tmp_path)
+    assert ops <= {n.op for n in g.nodes}
+    _compare(module, g, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+
+
+def test_activation_codes_equal_pytorch_exactly(tmp_path):
+    module = ActQuant(3).eval()
+    g = _captured(module, (4, 9), tmp_path)
+    x = np.random.default_rng(1).standard_normal((4, 9)).astype(np.float32)
+    (out,), _ = run(g, [x])
+    assert np.array_equal(out, module(torch.from_numpy(x)).numpy())
+
+
+def test_dropout_leaves_no_node(tmp_path):
+    g = _captured(nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5)), (3, 5), tmp_path)
+    assert [n.op for n in g.nodes] == ["linear"]
+
+
+def test_quantized_layer_keeps_integer_weights_mask_and_scale(tmp_path):
+    torch.manual_seed(0)
+    model = csqc.convert(nn.Sequential(nn.Linear(6, 3)), n_bits=5)
+    with torch.no_grad():
+        model[0].mask_weight.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]))  # positions 4, 2, 0
+    csqc.finalize(model)
+    g = _captured(model, (1, 6), tmp_path)
+    node = g.node("0")
+    assert node.op == "qlinear" and node.quant.n_bits == 5 and node.quant.active_bits == (4, 2, 0)
+    assert np.array_equal(g.params[node.inputs[1]], model[0].q.numpy())
+    assert np.allclose(g.params[node.inputs[2]], float(model[0].scale) / 31)
+
+
+def test_quantize_after_relu6_is_unsigned_and_before_is_signed(tmp_path):
+    g = _captured(nn.Sequential(ActQuant(4), nn.Linear(3, 3), ActQuant(4, clip="relu6")), (2, 3), tmp_path)
+    signs = [n.attr("signed") for n in g.nodes if n.op == "quantize"]
+    assert signs == [True, False]
+
+
+def test_quantize_after_pact_with_positive_alpha_is_unsigned(tmp_path):
+    g = _captured(nn.Sequential(nn.Linear(3, 3), PACT(2.0), ActQuant(4)), (2, 3), tmp_path)
+    assert [n.attr("signed") for n in g.nodes if n.op == "quantize"] == [False]
+
+
+def test_minimum_with_a_negative_operand_quantizes_signed(tmp_path):
+    """min(relu(x), c) is negative when c is: its quantization needs signed codes."""
+
+    class MinNeg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Parameter(torch.tensor(-0.5))
+            self.q = ActQuant(4)
+
+        def forward(self, x):
+            return self.q(torch.minimum(torch.relu(x), self.c))
+
+    module = MinNeg().eval()
+    g = _captured(module, (2, 3), tmp_path)
+    assert [n.attr("signed") for n in g.nodes if n.op == "quantize"] == [True]
+    _compare(module, g, np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32))
+
+
+def test_clamp_with_a_negative_upper_bound_quantizes_signed(tmp_path):
+    module = nn.Sequential(nn.ReLU(), Lambda(lambda x: torch.clamp(x, max=-0.25)), ActQuant(4)).eval()
+    g = _captured(module, (2, 3), tmp_path)
+    assert [n.attr("signed") for n in g.nodes if n.op == "quantize"] == [True]
+
+
+def test_nodes_are_named_after_their_modules(tmp_path):
+    g = _captured(nn.Sequential(nn.Conv2d(2, 3, 1), _bn(3), nn.ReLU()), (1, 2, 3, 3), tmp_path)
+    assert [(n.name, n.op) for n in g.nodes] == [("0", "conv2d"), ("1", "batch_norm"), ("2", "relu")]
+    assert "0.weight" in g.params
+
+
+class _Sin(nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+class _Cumsum(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=1)
+
+
+class _Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 4), _Sin())
+        self.head = nn.Sequential(nn.Linear(4, 4), _Cumsum())
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
+    with pytest.raises(UnsupportedOps) as e:
+        _captured(_Unsupported(), (2, 4), tmp_path)
+    found = dict((op, where) for op, where in e.value.unsupported)
+    assert found == {"aten.sin.default": "encoder.1", "aten.cumsum.default": "head.1"}
+    message = str(e.value)
+    assert "2 unsupported operator(s)" in message
+    assert "aten.sin.default (at encoder.1)" in message and "aten.cumsum.default (at head.1)" in message
+
+
+def test_unsupported_ops_are_bad_input():
+    assert issubclass(UnsupportedOps, csqc.BadInput)
+
+
+def test_capture_at_a_different_batch_size(tmp_path):
+    module = _quantized_pair()
+    g = _captured(module, (1, 4, 5, 5), tmp_path, batch=3)
+    assert g.inputs[0].type.shape == (3, 4, 5, 5)
+    assert all(n.type.shape[0] == 3 for n in g.nodes)
+    _compare(module, g, np.random.default_rng(3).standard_normal((3, 4, 5, 5)).astype(np.float32))
+
+
+def test_capture_rejects_a_batch_below_one(tmp_path):
+    torch.manual_seed(0)
+    path = csqc.save(nn.Linear(2, 2), tmp_path / "m.pt", torch.randn(1, 2))
+    with pytest.raises(csqc.BadInput, match="batch must be at least 1"):
+        capture(csqc.load(path), batch=0)

@@ -1,0 +1,340 @@
+"""The LLVM glue kernels (csqc.targets.llvm.glue) against the interpreter's semantics.
+
+Exact where the interpreter is exact (quantize codes and scale, epilogue, max pooling,
+elementwise ops, layout ops); float convolutions / linear layers within 1e-5 relative of a
+float64 reference; averages within 1e-6.
+"""
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np
+import pytest
+
+from csqc.interpreter import HANDLERS, _pool, _quantize, conv2d_nchw
+from csqc.ir import Node, TensorType
+from csqc.targets.llvm import glue
+from csqc.targets.llvm.kernels import build
+
+RNG = np.random.default_rng(7)
+F32 = np.float32
+
+
+def rand(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(F32)
+
+
+def node(op, out_shape, **attrs):
+    return Node(name="n", op=op, inputs=("x",), type=TensorType(tuple(out_shape)), attrs=attrs)
+
+
+def run_kernel(prim_func, *inputs, outputs):
+    """Run a kernel whose last ``len(outputs)`` parameters are outputs ((shape, dtype) pairs)."""
+    import tvm
+
+    kernel = build(prim_func)
+    dev = tvm.cpu()
+    out_tensors = [tvm.runtime.tensor(np.zeros(shape, dtype), dev) for shape, dtype in outputs]
+    in_tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    kernel.executable(*in_tensors, *out_tensors)
+    return [t.numpy() for t in out_tensors]
+
+
+# ------------------------------------------------------------------------------------------
+# Quantize / dequantize
+# ------------------------------------------------------------------------------------------
+def reference_quantize(x, bits, static_scale, signed):
+    n = Node(name="q", op="quantize", inputs=("x",), type=TensorType(x.shape, qbits=bits, qsigned=signed),
+             attrs={"bits": bits, "static_scale": static_scale})
+    q = _quantize(n, x)
+    return q.codes, q.scale
+
+
+def check_quantize(x, bits, static_scale, signed):
+    codes, scale = reference_quantize(x, bits, static_scale, signed)
+    outputs = [((1,), "float32"), (x.shape, "uint8")] + ([(x.shape, "uint8")] if signed else [])
+    got = run_kernel(glue.quantize(x.shape, bits, static_scale, signed), x, outputs=outputs)
+    assert got[0][0] == scale and got[0].dtype == np.float32
+    np.testing.assert_array_equal(got[1].astype(np.int32), np.maximum(codes, 0))
+    if signed:
+        np.testing.assert_array_equal(got[2].astype(np.int32), np.maximum(-codes, 0))
+    return got
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (1, 8, 33, 35), (2, 64, 30, 30)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantize_dynamic_scale(shape, signed):
+    x = rand(*shape, scale=3.0)
+    if not signed:
+        x = np.abs(x)
+    check_quantize(x, 4, 0.0, signed)
+
+
+def test_quantize_round_half_even_ties():
+    # S = max|x| = 15 and L = 15: (|x| * 15) / 15 == |x| exactly, so .5 values are true ties.
+    ties = np.array([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 14.5, -0.5, -1.5, -2.5, -13.5, 15.0, -0.0, 0.0, 7.49999], F32)
+    x = np.tile(ties, 9)[:131]  # > 64 elements: exercises the two-stage max and the vector tail
+    pos, neg = check_quantize(x, 4, 0.0, True)[1:]
+    head = pos[:15].astype(int) - neg[:15].astype(int)
+    assert head.tolist() == [0, 2, 2, 4, 4, 6, 14, 0, -2, -2, -14, 15, 0, 0, 7]
+
+
+def test_quantize_zero_tensor_and_negative_zero():
+    x = np.zeros((4, 37), F32)
+    x[1, 3] = -0.0
+    got = check_quantize(x, 3, 0.0, True)
+    assert got[0][0] == 0 and not got[1].any() and not got[2].any()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantize_static_scale_clamps(signed):
+    x = rand(2, 3, 17, 19, scale=2.0)
+    if not signed:
+        x = np.abs(x)
+    got = check_quantize(x, 2, 0.75, signed)  # most |x| exceed the scale: clamped to L = 3
+    assert got[1].max() == 3
+
+
+@pytest.mark.parametrize("bits", [1, 8])
+def test_quantize_bit_widths(bits):
+    check_quantize(rand(5, 300), bits, 0.0, True)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_dequantize(signed):
+    shape, bits = (2, 5, 9, 11), 5
+    x = rand(*shape) if signed else np.abs(rand(*shape))
+    n = Node(name="q", op="quantize", inputs=("x",), type=TensorType(shape, qbits=bits, qsigned=signed),
+             attrs={"bits": bits})
+    q = _quantize(n, x)
+    expected = HANDLERS["dequantize"](None, node("dequantize", shape), [q])
+    scale = np.array([q.scale], F32)
+    if signed:
+        inputs = (np.maximum(q.codes, 0).astype(np.uint8), np.maximum(-q.codes, 0).astype(np.uint8), scale)
+    else:
+        inputs = (q.codes.astype(np.uint8), scale)
+    (got,) = run_kernel(glue.dequantize(shape, bits, signed), *inputs, outputs=[(shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Epilogue
+# ------------------------------------------------------------------------------------------
+def reference_epilogue(acc, acc_neg, scale, levels, mult, add, axis, act, lo, hi):
+    view = [1] * acc.ndim
+    view[axis] = -1
+    if levels is None:
+        y = acc
+    else:
+        a = acc.astype(np.int64) - (acc_neg.astype(np.int64) if acc_neg is not None else 0)
+        y = (a.astype(F32) * F32(scale)) / F32(levels)
+    y = y * mult.reshape(view)
+    if add is not None:
+        y = y + add.reshape(view)
+    y = y.astype(F32)
+    if act == "relu":
+        return np.maximum(y, F32(0))
+    if act == "clip":
+        return np.clip(y, F32(lo), F32(hi)).astype(F32)
+    return y
+
+
+EPILOGUE_CASES = [
+    # shape, axis, levels, act, has_add, acc_dtype, has_neg
+    ((2, 8, 9, 9), 1, 15, "relu", True, "int32", False),
+    ((1, 16, 20, 20), 1, 255, "clip", True, "int64", True),
+    ((3, 40), -1, 7, "none", False, "int32", True),
+    ((5, 24), 1, 3, "clip", True, "int32", False),
+    ((1, 6, 5, 5), 1, None, "relu", True, "float32", False),
+    ((4, 100), 1, None, "none", False, "float32", False),
+]
+
+
+@pytest.mark.parametrize("shape,axis,levels,act,has_add,acc_dtype,has_neg", EPILOGUE_CASES)
+def test_epilogue_bit_exact(shape, axis, levels, act, has_add, acc_dtype, has_neg):
+    channels = shape[axis]
+    if levels is None:
+        acc = rand(*shape, scale=50.0)
+    else:
+        acc = RNG.integers(-(2**22), 2**22, size=shape).astype(acc_dtype)
+        if acc_dtype == "int64":
+            acc *= 977  # beyond 2^24: the int -> float32 conversion rounds
+    acc_neg = RNG.integers(0, 2**20, size=shape).astype(acc_dtype) if has_neg else None
+    scale = F32(0.0371)
+    mult, add = rand(channels, scale=0.01), rand(channels)
+    lo, hi = -0.5, 0.75
+    inputs = [acc] + ([acc_neg] if has_neg else []) + ([np.array([scale], F32)] if levels is not None else [])
+    inputs += [mult] + ([add] if has_add else [])
+    kernel = glue.epilogue(shape, axis, levels, act, lo, hi, has_add, acc_dtype if levels else "int32", has_neg)
+    (got,) = run_kernel(kernel, *inputs, outputs=[(shape, "float32")])
+    expected = reference_epilogue(acc, acc_neg, scale, levels, mult, add if has_add else None, axis % len(shape), act, lo, hi)
+    np.testing.assert_array_equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Float conv / linear
+# ------------------------------------------------------------------------------------------
+CONV_CASES = [
+    # input, weight, stride, padding, dilation, groups, bias, act
+    ((1, 3, 23, 21), (16, 3, 7, 7), 2, 3, 1, 1, True, "relu"),  # ResNet stem, small
+    ((2, 3, 18, 34), (8, 3, 3, 3), 1, 1, 1, 1, False, "none"),
+    ((1, 12, 15, 15), (12, 1, 3, 3), 2, 1, 1, 12, True, "clip"),  # MobileNetV2 depthwise /2
+    ((1, 8, 14, 14), (8, 1, 3, 3), 1, 1, 1, 8, False, "relu"),  # depthwise /1
+    ((1, 16, 9, 11), (24, 16, 1, 1), 1, 0, 1, 1, True, "none"),  # pointwise
+    ((1, 16, 13, 13), (32, 16, 1, 1), 2, 0, 1, 1, False, "none"),  # ResNet shortcut
+    ((1, 8, 12, 12), (6, 4, 3, 3), 1, 2, 2, 2, True, "none"),  # grouped, dilated
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,groups,has_bias,act", CONV_CASES)
+def test_conv2d_f32(x_shape, w_shape, stride, padding, dilation, groups, has_bias, act):
+    x, w, b = rand(*x_shape), rand(*w_shape, scale=0.3), rand(w_shape[0])
+    pairs = [(s, s) for s in (stride, padding, dilation)]
+    expected = conv2d_nchw(x.astype(np.float64), w.astype(np.float64), *pairs, groups)
+    if has_bias:
+        expected = expected + b.reshape(1, -1, 1, 1)
+    if act == "relu":
+        expected = np.maximum(expected, 0)
+    if act == "clip":
+        expected = np.clip(expected, -0.5, 0.5)
+    prim = glue.conv2d_f32(x_shape, w_shape, stride, padding, dilation, groups, has_bias, act, -0.5, 0.5)
+    inputs = (x, w, b) if has_bias else (x, w)
+    (got,) = run_kernel(prim, *inputs, outputs=[(expected.shape, "float32")])
+    scale = np.abs(x).max() * np.abs(w).sum(axis=(1, 2, 3)).max()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_conv2d_f32_small_tiles():
+    """Other register tiles (remainder segments, odd channel blocks) give the same result."""
+    x, w = rand(1, 4, 10, 59), rand(10, 4, 3, 3)  # row of 59 = 32 + 16 + 11
+    expected = conv2d_nchw(x.astype(np.float64), w.astype(np.float64), (1, 1), (1, 1), (1, 1), 1)
+    prim = glue.conv2d_f32(x.shape, w.shape, 1, 1, 1, 1, False, knobs=glue.ConvKnobs(oc_block=3, segment=32))
+    (got,) = run_kernel(prim, x, w, outputs=[(expected.shape, "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,K,N,has_bias,act", [(1, 100, 10, True, "none"), (6, 64, 12, True, "relu"), (5, 7, 3, False, "clip")])
+def test_linear_f32(M, K, N, has_bias, act):
+    x, w, b = rand(M, K), rand(N, K), rand(N)
+    expected = x.astype(np.float64) @ w.astype(np.float64).T + (b if has_bias else 0)
+    if act == "relu":
+        expected = np.maximum(expected, 0)
+    if act == "clip":
+        expected = np.clip(expected, -1.0, 1.0)
+    inputs = (x, w, b) if has_bias else (x, w)
+    (got,) = run_kernel(glue.linear_f32(M, K, N, has_bias, act, -1.0, 1.0), *inputs, outputs=[((M, N), "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(x).max() * np.abs(w).sum(axis=1).max())
+
+
+# ------------------------------------------------------------------------------------------
+# Elementwise
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["add", "mul", "minimum"])
+@pytest.mark.parametrize("a_shape,b_shape", [
+    ((2, 8, 9, 9), (2, 8, 9, 9)),
+    ((2, 8, 9, 9), (1, 8, 1, 1)),
+    ((1, 40000), (1,)),  # long row: parallel chunks with a remainder chunk
+    ((3, 5, 7), (7,)),
+    ((3, 1, 7), (1, 5, 1)),  # both operands broadcast
+])
+def test_binary(op, a_shape, b_shape):
+    a, b = rand(*a_shape), rand(*b_shape)
+    expected = HANDLERS[op](None, node(op, ()), [a, b])
+    (got,) = run_kernel(glue.binary(op, a_shape, b_shape, expected.shape), a, b, outputs=[(expected.shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("op", ["relu", "clip"])
+def test_unary(op):
+    x = rand(3, 4, 5, 7)
+    expected = HANDLERS[op](None, node(op, x.shape, lo=-0.3, hi=0.6), [x])
+    (got,) = run_kernel(glue.unary(op, x.shape, -0.3, 0.6), x, outputs=[(x.shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 9, 10), (4, 6)])
+def test_channel_affine_bit_exact(shape):
+    x, mul, add = rand(*shape, scale=10.0), rand(shape[1]), rand(shape[1])
+    expected = HANDLERS["batch_norm"](None, node("batch_norm", shape), [x, mul, add])
+    (got,) = run_kernel(glue.channel_affine(shape, 1), x, mul, add, outputs=[(shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_copy_concat_transpose():
+    x = rand(2, 3, 4, 5)
+    (got,) = run_kernel(glue.copy(x.shape), x, outputs=[(x.shape, "float32")])
+    np.testing.assert_array_equal(got, x)
+
+    parts = [rand(2, 3, 4, 5), rand(2, 1, 4, 5), rand(2, 6, 4, 5)]
+    expected = HANDLERS["cat"](None, node("cat", (), axis=1), parts)
+    (got,) = run_kernel(glue.concat([p.shape for p in parts], 1), *parts, outputs=[(expected.shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+    for dims in [(0, 2, 3, 1), (3, 2, 1, 0), (0, 1, 3, 2)]:
+        expected = HANDLERS["permute"](None, node("permute", (), dims=dims), [x])
+        (got,) = run_kernel(glue.transpose(x.shape, dims), x, outputs=[(expected.shape, "float32")])
+        np.testing.assert_array_equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Pooling and reductions
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,kernel,stride,padding,dilation", [
+    ((1, 4, 36, 38), (3, 3), (2, 2), (1, 1), (1, 1)),  # ResNet stem pool
+    ((2, 3, 9, 10), (2, 2), (2, 2), (0, 0), (1, 1)),
+    ((1, 2, 11, 40), (3, 2), (1, 1), (1, 0), (2, 2)),
+    ((1, 2, 5, 5), (3, 3), (3, 3), (1, 1), (1, 1)),  # every column on the border
+])
+def test_max_pool2d_exact(shape, kernel, stride, padding, dilation):
+    x = rand(*shape)
+    n = node("max_pool2d", (), kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    expected = _pool(x, n, "max")
+    (got,) = run_kernel(glue.max_pool2d(shape, kernel, stride, padding, dilation), x, outputs=[(expected.shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding,count_include_pad,divisor", [
+    ((1, 3, 20, 21), (3, 3), (2, 2), (1, 1), True, 0),
+    ((1, 3, 20, 37), (3, 3), (1, 1), (1, 1), False, 0),
+    ((2, 2, 8, 8), (2, 2), (2, 2), (0, 0), True, 3),
+])
+def test_avg_pool2d(shape, kernel, stride, padding, count_include_pad, divisor):
+    x = rand(*shape)
+    n = node("avg_pool2d", (), kernel=kernel, stride=stride, padding=padding,
+             count_include_pad=count_include_pad, divisor=divisor)
+    expected = _pool(x, n, "avg")
+    prim = glue.avg_pool2d(shape, kernel, stride, padding, count_include_pad, divisor)
+    (got,) = run_kernel(prim, x, outputs=[(expected.shape, "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,output_size", [((2, 5, 7, 7), (1, 1)), ((1, 3, 8, 12), (2, 3)), ((1, 4, 5, 37), (1, 1))])
+def test_adaptive_avg_pool2d(shape, output_size):
+    x = rand(*shape)
+    expected = HANDLERS["adaptive_avg_pool2d"](None, node("adaptive_avg_pool2d", (), output_size=output_size), [x])
+    (got,) = run_kernel(glue.adaptive_avg_pool2d(shape, output_size), x, outputs=[(expected.shape, "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,dims,keepdim", [((2, 3, 6, 7), (2, 3), True), ((2, 3, 6, 7), (2, 3), False),
+                                                ((4, 5, 6), (1,), False), ((4, 5, 6), (0, 2), True)])
+def test_mean(shape, dims, keepdim):
+    x = rand(*shape)
+    expected = HANDLERS["mean"](None, node("mean", (), dims=dims, keepdim=keepdim), [x])
+    (got,) = run_kernel(glue.mean(shape, dims, keepdim), x, outputs=[(expected.shape, "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 37), -1), ((2, 1000), 1), ((2, 5, 20), 1), ((2, 6, 3), 1)])
+def test_softmax(shape, axis):
+    x = rand(*shape, scale=4.0)
+    expected = HANDLERS["softmax"](None, node("softmax", (), axis=axis), [x])
+    (got,) = run_kernel(glue.softmax(shape, axis), x, outputs=[(shape, "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_builders_are_pure():
+    """Same key, same function text: a planner may cache builds by the builder's arguments."""
+    a = glue.conv2d_f32((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True, "relu")
+    b = glue.conv2d_f32((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True, "relu")
+    assert a.script() == b.script()

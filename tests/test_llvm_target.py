@@ -1,0 +1,194 @@
+"""The llvm target end to end: compile -> artifact -> csqc.runtime, checked by csqc verify.
+
+Kernels are tested one by one in test_kernels_llvm.py and test_glue_llvm.py; here whole models
+go through the driver, and the artifact's integer accumulators must equal the interpreter's.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import csqc
+from csqc import runtime
+from csqc.cli import cli
+from csqc.errors import BadInput
+from csqc.verify import verify
+
+DIGITS_BATCH = 50
+
+
+def _assert_artifact_exact(report, name):
+    assert report.ok, json.dumps({k: v for k, v in report.to_json().items() if k != "layers"}, indent=1)
+    assert report.accumulators_exact
+    assert f"artifact:{name}" in report.runtimes
+    stats = [s for s in report.layers if s["runtime"] == f"artifact:{name}"]
+    quantized = [s for s in stats if "acc" in s["checked"]]
+    assert quantized, "the artifact exposed no accumulators to check"
+    assert all(s["checked"]["acc"] > 0 and s["mismatched"]["acc"] == 0 for s in quantized)
+    assert all(sum(s["mismatched"].values()) == 0 for s in stats)
+
+
+@pytest.fixture(scope="module")
+def compiled(trained, tmp_path_factory):
+    """``compiled(recipe)`` -> (loaded model, artifact path) at batch 50, built once."""
+    cache = {}
+
+    def get(recipe):
+        if recipe not in cache:
+            _, _, _, path = trained(recipe)
+            model = csqc.load(path)
+            out = tmp_path_factory.mktemp("llvm") / f"{recipe}.so"
+            result = csqc.compile(model, "llvm", out, batch=DIGITS_BATCH)
+            assert result.output == out and out.is_file()
+            cache[recipe] = (model, out, result)
+        return cache[recipe]
+
+    return get
+
+
+@pytest.mark.parametrize("recipe", ["digits-mlp", "digits-cnn"])
+def test_digits_artifact_verifies_exactly_on_the_test_set(compiled, recipe):
+    model, path, result = compiled(recipe)
+    assert set(result.report["kernels"]) == {n.name for n in result.graph.quant_layers()}
+    report = verify(model, dataset="digits", artifact=str(path), per_layer=True)
+    _assert_artifact_exact(report, path.name)
+    assert report.batch == DIGITS_BATCH and report.samples == 450
+    assert report.accuracy[f"artifact:{path.name}"] == report.accuracy["interpreter:default"]
+
+
+@pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
+def test_forced_kernels_are_exact_too(trained, tmp_path, kernel):
+    _, _, _, path = trained("digits-cnn")
+    model = csqc.load(path)
+    out = tmp_path / f"{kernel}.so"
+    result = csqc.compile(model, "llvm", out, batch=4, force_kernel=kernel)
+    kinds = set(result.report["kernels"].values()) - {"float"}
+    assert kinds == {kernel}
+    _assert_artifact_exact(verify(model, samples=8, artifact=str(out), per_layer=True), out.name)
+
+
+def test_resnet20_artifact_verifies(tmp_path):
+    from csqc.models.vision import resnet20
+
+    torch.manual_seed(0)
+    net = csqc.finalize(csqc.convert(resnet20().eval(), n_bits=4, act_bits=4)).eval()
+    csqc.save(net, tmp_path / "r20.pt", torch.zeros(2, 3, 32, 32))
+    model = csqc.load(tmp_path / "r20.pt")
+    out = tmp_path / "r20.so"
+    csqc.compile(model, "llvm", out)
+    _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
+
+
+def test_runtime_call_contract(compiled):
+    _, path, _ = compiled("digits-mlp")
+    m = runtime.load(path)
+    x = np.random.default_rng(0).random((DIGITS_BATCH, 64), dtype=np.float32)
+    y = m(x)
+    assert y.shape == (DIGITS_BATCH, 10) and y.dtype == np.float32
+    assert np.array_equal(m(x.astype(np.float64)), y)  # numeric dtypes are converted
+    assert np.array_equal(m([x]), y)
+    with pytest.raises(BadInput, match="expected shape"):
+        m(x[:3])
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(BadInput, match="NaN"):
+        m(bad)
+    with pytest.raises(BadInput, match="takes 1 input"):
+        m(x, x)
+
+
+def test_skip_planes_trades_exactness_without_recompiling(compiled):
+    model, path, _ = compiled("digits-cnn")
+    m = runtime.load(path)
+    from csqc.data import load_digits_split
+
+    data = load_digits_split(image=True)
+    xs = data.x_test[: 8 * DIGITS_BATCH].reshape(8, DIGITS_BATCH, 1, 8, 8)
+    labels = data.y_test[: 8 * DIGITS_BATCH]
+    exact = np.concatenate([m(x) for x in xs])
+    assert np.array_equal(np.concatenate([m(x, skip_planes=0) for x in xs]), exact)
+    skipped = np.concatenate([m(x, skip_planes=1) for x in xs])
+    assert not np.array_equal(skipped, exact)  # the knob reaches the kernels
+    assert np.array_equal(np.concatenate([m(x) for x in xs]), exact)  # and is undone on the next call
+    # one bit position fewer in every layer (each keeps its top one): coarser, still far from chance
+    assert (skipped.argmax(1) == exact.argmax(1)).mean() > 0.3
+    assert (exact.argmax(1) == labels).mean() > 0.9
+    one_layer = next(iter(m.layers))
+    assert m(xs[0], skip_planes={one_layer: 0}).shape == exact[:DIGITS_BATCH].shape
+    with pytest.raises(BadInput, match="unknown layers"):
+        m(xs[0], skip_planes={"no_such_layer": 1})
+    with pytest.raises(BadInput, match=">= 0"):
+        m(xs[0], skip_planes=-1)
+
+
+def test_runtime_needs_neither_torch_nor_the_compiler(compiled, tmp_path):
+    _, path, _ = compiled("digits-mlp")
+    x = np.random.default_rng(2).random((DIGITS_BATCH, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    expected = runtime.load(path)(x)
+    script = (
+        "import sys\n"
+        "for name in ('torch', 'onnx', 'onnxruntime', 'csqc.compiler', 'csqc.capture'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "import numpy as np, csqc.runtime\n"
+        f"y = csqc.runtime.load({str(path)!r})(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.load(tmp_path / "y.npy"), expected)
+
+
+def test_not_an_artifact_is_bad_input(tmp_path):
+    for content in (b"", b"\x7fELF not really", b"PK\x03\x04 truncated zip"):
+        p = tmp_path / "fake.so"
+        p.write_bytes(content)
+        with pytest.raises(BadInput, match="not a csqc artifact"):
+            runtime.load(p)
+    with pytest.raises(BadInput, match="no such artifact"):
+        runtime.load(tmp_path / "missing.so")
+
+
+# -- the command line over the same flow ------------------------------------------------------------
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_compile_run_verify(trained, tmp_path):
+    _, _, _, path = trained("digits-mlp")
+    art = tmp_path / "mlp.so"
+    out = _cli("compile", path, "--target", "llvm", "-o", art, "--batch", 3, "--json")
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["ok"] and data["target"] == "llvm" and set(data["kernels"]) and art.is_file()
+    x = np.random.default_rng(3).random((3, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = _cli("run", art, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert out.exit_code == 0, out.output
+    assert np.array_equal(np.load(tmp_path / "y.npy"), runtime.load(art)(x))
+    out = _cli("verify", path, "--artifact", art, "--samples", 6, "--json")
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["ok"] and report["accumulators_exact"] and "artifact:mlp.so" in report["runtimes"]
+    # a CUDA artifact, or any .so, on a machine that cannot run it: a failure, not a crash
+    out = _cli("run", art, "--input", tmp_path / "missing.npy")
+    assert out.exit_code == 2 and "Traceback" not in out.output
+
+
+def test_cli_bench_json_and_plane_sweep(compiled):
+    model, path, _ = compiled("digits-mlp")
+    out = _cli("bench", model.source, "--artifact", path, "--rounds", 2, "--sweep-planes", "--dataset", "digits", "--json")
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    runtimes = {r["runtime"] for r in data["results"]}
+    assert {"csqc", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int8-dynamic"} <= runtimes
+    assert all(r["median_us"] > 0 and "weight_bytes" in r for r in data["results"])
+    sweep = data["sweep_planes"]
+    assert sweep[0]["skip_planes"] == 0 and len(sweep) >= 2
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in sweep)

@@ -1,0 +1,171 @@
+"""Acceptance: real models through capture and the default pipeline.
+
+For every model: the interpreter on the captured IR matches PyTorch (float tolerance; each
+segment between activation quantizers fed PyTorch's own input there, see ``modelcheck``), every
+quantizer produces PyTorch's codes exactly, and after the full default pipeline every layer's
+integer accumulator is identical bit for bit to the captured graph with only
+``fuse_act_quant`` applied, and to the ``integer`` pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import csqc
+from csqc.capture import capture
+from csqc.ir import Graph
+from csqc.layers import ActQuant
+from csqc.models import reference, vision
+from csqc.passes import run_passes
+from csqc.reference import load_reference_state
+from irbuild import assert_same_accumulators, run
+from modelcheck import quantizer_inputs, randomize_masks, recalibrate_batch_norm, teacher_forced, torch_codes
+
+
+@dataclass
+class Case:
+    model: torch.nn.Module  # the finalized PyTorch model the file was saved from
+    graph: Graph  # captured IR
+    x: np.ndarray
+    expected: list[np.ndarray]  # PyTorch's output, then the value at each cut (see ``forced``)
+    forced: Graph  # captured IR cut at every quantizer, cut values as extra outputs
+    forced_inputs: dict[str, np.ndarray]
+    quantizers: dict[str, tuple[ActQuant, torch.Tensor]]  # forced input -> (module, PyTorch's input)
+
+
+def _case(model, cm, x: torch.Tensor) -> Case:
+    assert torch.equal(cm(x), model(x))  # the file computes what the model does
+    g = capture(cm, batch=x.shape[0])
+    out, seen = quantizer_inputs(model, x)
+    forced, cuts = teacher_forced(g)
+    modules = dict(model.named_modules())
+    quantizers = {name: (modules[src], seen[src]) for name, (src, _) in cuts.items()}
+    expected = [out] + [None] * (len(forced.outputs) - 1)
+    for name, (src, index) in cuts.items():
+        expected[index] = seen[src].numpy()
+    inputs = {g.inputs[0].name: x.numpy(), **{name: t.numpy() for name, (_, t) in quantizers.items()}}
+    return Case(model, g, x.numpy(), expected, forced, inputs, quantizers)
+
+
+def _vision(factory, shape, n_bits, act_bits, tmp, seed):
+    torch.manual_seed(seed)
+    model = factory()
+    recalibrate_batch_norm(model, torch.rand(2, *shape[1:]))
+    csqc.convert(model, n_bits=n_bits, act_bits=act_bits)
+    randomize_masks(model, seed)
+    csqc.finalize(model)
+    path = csqc.save(model, tmp / "model.pt", torch.rand(*shape))
+    return _case(model, csqc.load(path), torch.rand(*shape))
+
+
+def _reference_checkpoint(path, factory, seed=0):
+    """A checkpoint in the CSQ reference layout (MSB-first bits, {'model': state_dict})."""
+    g = torch.Generator().manual_seed(seed)
+    model = factory()
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("running_var"):
+            v = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith("running_mean") or (k.endswith(".bias") and "bn" in k):
+            v = torch.randn(v.shape, generator=g) * 0.1
+        sd[k] = v
+    for name, m in model.named_modules():
+        if hasattr(m, "pweight"):
+            n = m.n_bits
+            sd[f"{name}.pweight"] = torch.randn(m.pweight.shape, generator=g)
+            sd[f"{name}.nweight"] = torch.randn(m.nweight.shape, generator=g)
+            sd[f"{name}.mask_weight"] = torch.randn(n, generator=g)
+            sd[f"{name}.scale"] = torch.rand(1, generator=g) + 0.1
+            sd[f"{name}.exps"] = torch.tensor([2.0 ** (n - 1 - i) / (2**n - 1) for i in range(n)])
+            if m.bias is not None:
+                del sd[f"{name}.bias"]
+                sd[f"{name}.pbias"] = torch.rand(m.bias.shape[0], n, generator=g).round()
+                sd[f"{name}.nbias"] = torch.rand(m.bias.shape[0], n, generator=g).round()
+                sd[f"{name}.biasscale"] = torch.rand(1, generator=g)
+    torch.save({"model": sd, "epoch": 7, "valid_acc": 0.9}, path)
+    return sd
+
+
+def _reference(factory_name, tmp):
+    path = tmp / "ckpt.pth"
+    factory = getattr(reference, factory_name)
+    sd = _reference_checkpoint(path, factory)
+    cm = csqc.load(path, model_factory=f"csqc.models.reference:{factory_name}", input_shape=(2, 3, 32, 32))
+    model = load_reference_state(factory(), sd)
+    torch.manual_seed(5)
+    return _case(model, cm, torch.rand(2, 3, 32, 32))
+
+
+def _digits(recipe, trained):
+    model, _, example, path = trained(recipe)
+    torch.manual_seed(6)
+    x = torch.cat([example, example + 0.1 * torch.randn_like(example)])
+    return _case(model, csqc.load(path), x)
+
+
+BUILDERS = {
+    "digits-mlp": lambda tmp, trained: _digits("digits-mlp", trained),
+    "digits-cnn": lambda tmp, trained: _digits("digits-cnn", trained),
+    "resnet20-cifar": lambda tmp, trained: _vision(vision.resnet20, (2, 3, 32, 32), 6, 4, tmp, 1),
+    "reference-resnet20-relu6": lambda tmp, trained: _reference("resnet20_4bit", tmp),
+    "reference-resnet20-pact": lambda tmp, trained: _reference("resnet20_2bit", tmp),
+    "resnet18-224": lambda tmp, trained: _vision(vision.resnet18, (1, 3, 224, 224), 8, 4, tmp, 2),
+    "mobilenet_v2-224": lambda tmp, trained: _vision(vision.mobilenet_v2, (1, 3, 224, 224), 5, 4, tmp, 3),
+}
+# ResNet-18 and MobileNetV2 take about 40 s each on 2 cores (mostly convert + save): not marked slow.
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request, tmp_path_factory, trained):
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param), trained)
+
+
+def _close(actual, expected, rtol):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * float(np.abs(e).max()), err_msg=f"output {i}")
+
+
+def test_every_quantizer_produces_pytorchs_codes(case):
+    assert case.quantizers, "the model quantizes activations"
+    _, rec = run(case.forced, case.forced_inputs)
+    for name, (module, x) in case.quantizers.items():
+        codes, scale = torch_codes(module, x)
+        node = name.removesuffix(".in")
+        assert rec[f"{node}.scale"] == scale, node
+        assert np.array_equal(rec[f"{node}.codes"], codes), node
+
+
+def test_captured_ir_matches_pytorch_at_the_output_and_at_every_quantizer(case):
+    out, _ = run(case.forced, case.forced_inputs)
+    _close(out, case.expected, 1e-4)
+
+
+def test_default_pipeline_accumulators_match_the_captured_graph_with_fused_quantizers(case):
+    fused, _ = run_passes(case.forced, ["fuse_act_quant"])
+    final, _ = run_passes(case.forced, "default")
+    a, rec_fused = run(fused, case.forced_inputs)
+    b, rec_final = run(final, case.forced_inputs)
+    assert_same_accumulators(rec_fused, rec_final)
+    _close(b, a, 1e-5)
+    _close(b, case.expected, 1e-4)
+
+
+def test_default_and_integer_pipelines_agree_bit_for_bit(case):
+    (a,), rec_default = run(run_passes(case.graph, "default")[0], [case.x])
+    (b,), rec_integer = run(run_passes(case.graph, "integer")[0], [case.x])
+    assert_same_accumulators(rec_default, rec_integer)
+    assert np.array_equal(a, b)
+
+
+def test_default_pipeline_leaves_packed_plane_layers_reading_codes_and_no_batch_norm(case):
+    final, _ = run_passes(case.graph, "default")
+    layers = final.quant_layers()
+    coded = [n for n in layers if n.quant.act_bits is not None]
+    assert coded and all(n.quant.packed_word == 32 and n.quant.encoding in ("posneg", "offset") for n in layers)
+    assert not any(n.op == "batch_norm" for n in final.nodes)
+    producers = final.producers()
+    assert not any(n.inputs[0] in producers and producers[n.inputs[0]].op == "dequantize" for n in layers)
