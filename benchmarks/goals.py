@@ -65,12 +65,17 @@ def main() -> int:
             result = csqc.compile(path, "llvm", art)
             compile_s = time.perf_counter() - start
             report = bench(path, artifact=art, threads=2)
+            summary = csqc.inspect(path)
         ratios = report.ratios()
-        print(f"\n== {name}: batch {shape[0]}, compile {compile_s:.1f}s, kernels {sorted(set(result.report['kernels'].values()))}")
+        ours = next(r.weight_bytes for r in report.results if r.runtime == "csqc")
+        ideal = summary.avg_bits / 32 * summary.weight_bytes_fp32  # the goal: artifact weights within 2% of this
+        print(f"\n== {name}: batch {shape[0]}, compile {compile_s:.1f}s, kernels {sorted(set(result.report['kernels'].values()))}, "
+              f"avg bits {summary.avg_bits:.2f}, weight bytes {ours / ideal:.3f}x of (avg bits / 32) x fp32")
         for r in sorted(report.results, key=lambda r: r.median_us):
             ratio = "" if r.runtime == "csqc" else f"  csqc is {ratios[r.runtime]:.2f}x"
             print(f"  {r.runtime:28s} {r.median_us:12.1f} us  {r.weight_bytes / 2**20:8.2f} MiB{ratio}")
-        reports[name] = {**report.to_json(), "compile_seconds": compile_s}
+        reports[name] = {**report.to_json(), "compile_seconds": compile_s, "avg_bits": summary.avg_bits,
+                         "weight_bytes_vs_ideal": ours / ideal}
         sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:

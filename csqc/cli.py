@@ -365,13 +365,17 @@ def _read_array(path: str):
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise BadInput(f"{path}: not a .npy/.npz array file ({e})") from None
+    except (ValueError, OSError, EOFError):  # numpy reads a non-array file as a pickle, which it refuses
+        raise BadInput(f"cannot read {path}: not a numeric .npy/.npz array file (csqc never unpickles); "
+                       "write inputs with numpy.save or numpy.savez") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         with data:
             if not data.files:
-                raise BadInput(f"{path}: empty .npz")
-            return data[data.files[0]]
+                raise BadInput(f"{path}: the .npz holds no arrays")
+            try:
+                return data[data.files[0]]
+            except (ValueError, OSError, EOFError):
+                raise BadInput(f"cannot read {path}: its first array is not a numeric array (csqc never unpickles)") from None
     return data
 
 

@@ -68,6 +68,8 @@ class CompiledModel:
         self.inputs = self.plan["inputs"]
         self.outputs = self.plan["outputs"]
         self.layers: dict[str, dict] = self.plan["layers"]
+        self._has_bitparallel = any(info["kernel"] == "bitparallel" for info in self.layers.values())
+        self._repack_bitparallel(())  # build the int8 weights of bit-parallel layers from their planes
         # host buffers are also seen as numpy arrays: copying in and out through these views
         # costs well under a microsecond, against ~10 us for Tensor.copyfrom / Tensor.numpy
         self._host = self.target != "cuda"
@@ -84,6 +86,8 @@ class CompiledModel:
             if "alias" in spec:
                 continue
             if spec["kind"] == "weight":
+                if name not in weights:
+                    raise BadInput(f"{self.path}: the artifact lacks weight {name!r} (truncated or edited file)")
                 bufs[name] = tvm.runtime.tensor(weights[name], self.dev)
             else:
                 bufs[name] = tvm.runtime.tensor(np.zeros(spec["shape"], dtype=spec["dtype"]), self.dev)
@@ -153,7 +157,7 @@ class CompiledModel:
             if info["kernel"] != "bitparallel":
                 continue
             skip = wanted.get(name, 0)
-            if self._repacked.get(name, 0) == skip:
+            if self._repacked.get(name) == skip:
                 continue
             spec = [tuple(p) for p in info["plane_spec"]]
             bits = np.unpackbits(self._weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
@@ -199,13 +203,13 @@ class CompiledModel:
             else:
                 self.buffers[spec["name"]].copyfrom(np.ascontiguousarray(x))
         skips = self._skips(skip_planes)
-        if any(info["kernel"] == "bitparallel" for info in self.layers.values()):
+        if self._has_bitparallel:
             self._repack_bitparallel(skips)
         for func, args in self._calls(skips):
             func(*args)
         if record is not None:
             for name, spec in self.plan["buffers"].items():
-                if spec["kind"] != "weight":
+                if spec["kind"] not in ("weight", "derived"):
                     record[name] = self.buffers[name].numpy()
         if self._host:
             outs = [v.copy() for v in self._out_views]

@@ -20,6 +20,12 @@ Two kinds of checks:
   the runtime's codes equal the golden run's, the accumulators are therefore equal to the
   interpreter's bit for bit. ``first_divergence`` names the first layer (graph order) and
   tensor where a runtime departs from the golden model.
+
+An output pair that both follow the IR's float order must agree within the tolerance, with one
+exception, stated in the report's notes: when a runtime's codes left the golden run (a float
+layer upstream rounded differently and a code flipped on a tie) while every one of its layers
+stayed exact on its own inputs, the pair is judged on top-1 agreement and a coarse error,
+like the PyTorch pair, because the dynamic scales carry one flipped code to the outputs.
 """
 from __future__ import annotations
 
@@ -558,9 +564,20 @@ def verify(
     runtime_names = [rt.name for rt in by_size[min(by_size)]] if by_size else names
     runtime_names = [r for r in runtime_names if r in outputs]
     pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None)
+    order = [l.name for l in ctx.graph("integer", batch).quant_layers()]
     for p in pairs:
         if p.kind == "exact":
             p.ok = p.within_tolerance
+            resynced = _diverged_only_by_float_rounding(stats.get(p.b, {}), order)
+            if not p.ok and resynced:
+                # every layer was exact on its own inputs; a float op upstream (a float first
+                # layer, an add) rounded differently and flipped an activation code on a tie,
+                # which the dynamic scales carry to the outputs: judge outputs like PyTorch's
+                top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
+                p.ok = top1_ok and p.max_rel_error <= float_rel_tol
+                notes.append(f"{p.b}: activation codes first left the golden run at {resynced} after a float "
+                             "rounding difference upstream; every layer's codes and accumulators are exact on "
+                             "its own inputs, so its outputs are judged on top-1 agreement and a coarse error")
         else:
             top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
             p.ok = top1_ok and p.max_rel_error <= float_rel_tol
@@ -570,7 +587,6 @@ def verify(
         for r in runtime_names:
             logits = np.concatenate([o[0] for o in outputs[r]])
             accuracy[r] = float((logits.argmax(-1) == y).mean())
-    order = [l.name for l in ctx.graph("integer", batch).quant_layers()] if starts else []
     exact_ok, first = _summarize(stats, order, per_layer)
     layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
     ok = exact_ok and all(p.ok for p in pairs)
@@ -603,6 +619,13 @@ def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact
         p.top1_agreement = p._agree / p._rows if p._rows else None
         pairs.append(p)
     return pairs
+
+
+def _diverged_only_by_float_rounding(per_layer: dict[str, _LayerStats], order: list[str]) -> str | None:
+    """The first layer whose input codes left the golden run, when every exact check still passed."""
+    if not per_layer or any(bad for s in per_layer.values() for t, bad in s.mismatched.items() if s.kinds[t] == "exact"):
+        return None
+    return next((name for name in order if name in per_layer and not per_layer[name].codes_equal_golden_run), None)
 
 
 def _summarize(stats: dict[str, dict[str, _LayerStats]], order: list[str], per_layer: bool):

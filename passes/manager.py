@@ -68,7 +68,7 @@ def run_passes(
     dump = Path(dump_dir) if dump_dir else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
-        (dump / "00-captured.ir").write_text(graph.text())
+        _write_text(dump / "00-captured.ir", graph.text())
     ran: list[str] = []
     records: list[PassRecord] = []
     for i, info in enumerate(infos, 1):
@@ -86,7 +86,14 @@ def run_passes(
         ran.append(info.name)
         log.debug("pass %s: changed=%s", info.name, result.changed)
         if dump:
-            (dump / f"{i:02d}-{info.name}.ir").write_text(graph.text())
+            _write_text(dump / f"{i:02d}-{info.name}.ir", graph.text())
         if on_pass:
             on_pass(info.name, graph)
     return graph, records
+
+
+def _write_text(path: Path, text: str) -> None:
+    """IR dumps are written like every other output: whole or not at all."""
+    from csqc.modelfile import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -83,6 +83,36 @@ def test_resnet20_artifact_verifies(tmp_path):
     _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_imagenet_shaped_artifacts_verify(tmp_path, arch):
+    from csqc.models import vision
+
+    torch.manual_seed(0)
+    net = csqc.finalize(csqc.convert(getattr(vision, arch)().eval(), n_bits=3, act_bits=4)).eval()
+    csqc.save(net, tmp_path / "m.pt", torch.zeros(1, 3, 224, 224))
+    model = csqc.load(tmp_path / "m.pt")
+    out = tmp_path / f"{arch}.so"
+    result = csqc.compile(model, "llvm", out)
+    assert {"bitserial", "bitparallel"} & set(result.report["kernels"].values())
+    _assert_artifact_exact(verify(model, samples=1, artifact=str(out), per_layer=True), out.name)
+
+
+def test_reference_checkpoint_artifact_verifies(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_csqc_llvm_reference", Path(__file__).with_name("test_reference.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    helpers._reference_checkpoint(tmp_path / "ckpt.pth")
+    model = csqc.load(tmp_path / "ckpt.pth", model_factory="csqc.models.reference:resnet20_4bit",
+                      input_shape=(2, 3, 32, 32))
+    out = tmp_path / "ref.so"
+    csqc.compile(model, "llvm", out)
+    _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
+
+
 def test_runtime_call_contract(compiled):
     _, path, _ = compiled("digits-mlp")
     m = runtime.load(path)

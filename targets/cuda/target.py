@@ -299,7 +299,7 @@ def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | o
     meta = {"target": {"kind": "cuda", "arch": arch, "device_code": _DEVICE_FORMAT,
                        "entries": [list(e) for e in entries]}, "model": graph.name}
     write_artifact(plan, _AheadOfTime(executable, source, binary), output, meta)
-    weight_bytes = sum(int(a.nbytes) for k, a in plan.weights.items() if not k.endswith(".bitplanes"))
+    weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {
         "target": "cuda", "output": str(output), "arch": arch,
         "kernels": {name: info["kernel"] for name, info in plan.layers.items()},

@@ -286,8 +286,10 @@ class _Lowerer:
             key = f"bpdense({m},{shape[0]},{k})"
             f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
             info["pack"] = "dense"
-        w = self.plan.weight(f"{n.name}.int8", packed)
-        # the run-time plane knob re-combines these planes (numpy, cached) instead of recompiling
+        # the artifact stores only the packed bitplanes; the runtime combines them into this int8
+        # buffer when it loads (and again for the run-time plane knob), so the file stays at
+        # ~bits/32 of fp32 and there is one source of truth for the weights
+        w = self.plan.buffer(f"{n.name}.int8", packed.shape, str(packed.dtype), "derived")
         planes, plane_spec, z = self._planes(n)
         self.plan.weight(f"{n.name}.bitplanes", np.packbits(planes.astype(np.uint8), axis=-1))
         info.update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z), k=int(np.prod(shape[1:])),

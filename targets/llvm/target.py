@@ -7,7 +7,6 @@ needs only numpy and the TVM runtime to run it.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -18,8 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
+from csqc.archive import npz_bytes, write_member
 from csqc.errors import CompileError
 from csqc.ir import Graph
 
@@ -50,8 +49,7 @@ def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict) 
         "inputs": plan.inputs, "outputs": plan.outputs, "buffers": plan.buffers,
         "steps": plan.steps, "layers": plan.layers,
     }
-    weights = io.BytesIO()
-    np.savez(weights, **plan.weights)
+    weights = npz_bytes(plan.weights)
 
     def write(tmp):
         with tempfile.TemporaryDirectory() as d:
@@ -59,8 +57,8 @@ def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict) 
             executable.export_library(lib)
             shutil.copyfile(lib, tmp)
         with zipfile.ZipFile(tmp, "a", zipfile.ZIP_STORED) as z:
-            z.writestr("plan.json", json.dumps(doc))
-            z.writestr("weights.npz", weights.getvalue())
+            write_member(z, "plan.json", json.dumps(doc).encode())
+            write_member(z, "weights.npz", weights)
 
     atomic_write(path, write)
     return Path(path)
@@ -82,7 +80,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     t2 = time.perf_counter()
     meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", ""))}, "model": graph.name}
     write_artifact(plan, executable, output, meta)
-    weight_bytes = sum(int(a.nbytes) for k, a in plan.weights.items() if not k.endswith(".bitplanes"))
+    weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {
         "target": target_kind, "output": str(output), "mcpu": meta["target"]["mcpu"],
         "kernels": {name: info["kernel"] for name, info in plan.layers.items()},
