@@ -15,6 +15,8 @@ Names are imported lazily so that ``csqc.runtime`` works without torch installed
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ _LAZY = {
     "CsqcError": ("errors", "CsqcError"), "BadInput": ("errors", "BadInput"),
     "CompileError": ("errors", "CompileError"), "VerifyError": ("errors", "VerifyError"),
     "CSQLinear": ("layers", "CSQLinear"), "CSQConv2d": ("layers", "CSQConv2d"), "ActQuant": ("layers", "ActQuant"),
+    "CSQLSTM": ("recurrent", "CSQLSTM"), "CSQGRU": ("recurrent", "CSQGRU"), "one_step": ("recurrent", "one_step"),
     "convert": ("layers", "convert"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),
     "CsqcModel": ("modelfile", "CsqcModel"), "save": ("modelfile", "save"), "load": ("modelfile", "load"),
     "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
@@ -39,10 +42,26 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
         globals()[name] = value
         return value
-    if name in ("runtime", "models", "passes", "targets", "ir", "interpreter", "layers", "ops"):
+    if name in ("runtime", "models", "passes", "targets", "ir", "interpreter", "layers", "ops", "recurrent"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'csqc' has no attribute {name!r}")
 
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps API functions that share a name with their module (``csqc.verify``, ``csqc.capture``).
+
+    Importing a submodule binds it on its package; without this guard the first
+    ``import csqc.verify`` anywhere would replace the function ``csqc.verify`` with the module.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None,))[0] == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

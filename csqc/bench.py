@@ -7,6 +7,11 @@ int8 per-channel weights), ONNX Runtime dynamic int8 (models whose layers are al
 and ``MatMulNBits`` 4-bit (linear layers). Rounds are interleaved with short idle gaps so
 thread pools of one runtime do not distort another's timing; medians are reported.
 Machines are shared and noisy: read ratios, not absolute times.
+
+``device="cuda"`` times a CUDA artifact on the GPU against PyTorch fp32 and fp16 (cuBLAS/cuDNN)
+and ONNX Runtime's CUDA execution provider (fp32, int8 QDQ), where this machine's torch and
+onnxruntime builds have CUDA; a baseline that cannot run says why in the report's notes.
+Every runtime's time includes copying the input to the GPU and the output back.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ class BenchReport:
     results: list[BenchResult] = field(default_factory=list)
     sweep: list[dict] = field(default_factory=list)
     cpu: str = ""
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
 
     def ratios(self) -> dict[str, float]:
         """Speed-up of csqc over each baseline (baseline time / csqc time)."""
@@ -56,8 +63,8 @@ class BenchReport:
     def to_json(self) -> dict:
         return {
             "model": self.model, "batch": self.batch, "threads": self.threads, "cpu": self.cpu,
-            "results": [r.__dict__ for r in self.results],
-            "speedup_vs": self.ratios(),
+            "device": self.device, "results": [r.__dict__ for r in self.results],
+            "speedup_vs": self.ratios(), "notes": self.notes,
             **({"sweep_planes": self.sweep} if self.sweep else {}),
         }
 
@@ -100,12 +107,21 @@ def float_graph(g: Graph) -> Graph:
     return fg
 
 
-def torch_runner(g: Graph) -> Callable[[np.ndarray], np.ndarray]:
-    """PyTorch fp32 eager execution of a float graph (the 'PyTorch fp32' baseline)."""
+def torch_runner(g: Graph, device: str = "cpu", dtype: str = "float32") -> Callable[..., np.ndarray]:
+    """PyTorch eager execution of a float graph (the 'PyTorch fp32' baseline; fp16 on a GPU).
+
+    ``run(*inputs)`` takes one array per graph input; it returns the output (a list when the
+    graph has several), as float32 numpy arrays on the host."""
     import torch
     import torch.nn.functional as F
 
-    params = {k: torch.from_numpy(np.array(v)) for k, v in g.params.items()}
+    tdtype = getattr(torch, dtype)
+
+    def to_device(a: np.ndarray):
+        t = torch.from_numpy(np.array(a))
+        return t.to(device, tdtype if t.is_floating_point() else t.dtype)
+
+    params = {k: to_device(v) for k, v in g.params.items()}
 
     def act(n, y):
         a = n.attr("act", "none")
@@ -137,31 +153,46 @@ def torch_runner(g: Graph) -> Callable[[np.ndarray], np.ndarray]:
         "reshape": lambda n, a: a[0].reshape(n.type.shape),
         "permute": lambda n, a: a[0].permute(n.attr("dims")),
         "softmax": lambda n, a: torch.softmax(a[0], n.attr("axis")),
+        "sigmoid": lambda n, a: torch.sigmoid(a[0]),
+        "tanh": lambda n, a: torch.tanh(a[0]),
+        "sub": lambda n, a: a[0] - a[1],
+        "slice": lambda n, a: a[0].narrow(n.attr("axis"), n.attr("start"), n.attr("end") - n.attr("start")),
+        "matmul": lambda n, a: torch.matmul(a[0], a[1]),
+        "layer_norm": lambda n, a: F.layer_norm(a[0], a[1].shape, a[1], a[2], n.attr("eps")),
+        "gelu": lambda n, a: F.gelu(a[0], approximate=n.attr("approximate", "none")),
+        "div": lambda n, a: a[0] / a[1],
     }
 
     @torch.no_grad()
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(*xs: np.ndarray):
         env = dict(params)
-        env[g.inputs[0].name] = torch.from_numpy(x)
+        for v, x in zip(g.inputs, xs):
+            env[v.name] = to_device(x)
         for n in g.nodes:
             env[n.name] = ops[n.op](n, [env[i] for i in n.inputs])
-        return env[g.outputs[0]].numpy()
+        outs = [env[o].float().cpu().numpy() for o in g.outputs]
+        return outs[0] if len(outs) == 1 else outs
 
     return run
 
 
-def _ort_session(model_bytes: bytes, threads: int):
+def _ort_session(model_bytes: bytes, threads: int, provider: str = "CPUExecutionProvider"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, opts, providers=[provider])
 
 
-def _onnx_baselines(fg: Graph, calib: list[np.ndarray], threads: int, tmp: Path) -> dict[str, tuple[Callable, int, str]]:
-    """fp32, static QDQ int8 (u8/s8 per channel), dynamic int8, MatMulNBits; skipped ones say why."""
+def _onnx_baselines(fg: Graph, calib: list, threads: int, tmp: Path,
+                    provider: str = "CPUExecutionProvider") -> dict[str, tuple[Callable, int, str]]:
+    """fp32, static QDQ int8 (u8/s8 per channel), dynamic int8, MatMulNBits (the last two on
+    the CPU only: ORT's CUDA provider runs neither).
+
+    ``calib``: calibration samples, each an array or a tuple of arrays (one per graph input);
+    the runners take one array per graph input."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -172,12 +203,12 @@ def _onnx_baselines(fg: Graph, calib: list[np.ndarray], threads: int, tmp: Path)
     fp32 = emit_reference(fg)
     fp32_path = tmp / "fp32.onnx"
     onnx.save(fp32, fp32_path)
-    name = fg.inputs[0].name
+    names = [v.name for v in fg.inputs]
     weight_bytes = sum(int(v.nbytes) for v in fg.params.values())
 
     def runner(path: Path):
-        sess = _ort_session(path.read_bytes(), threads)
-        return lambda x: sess.run(None, {name: x})[0]
+        sess = _ort_session(path.read_bytes(), threads, provider)
+        return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
 
     out["onnxruntime-fp32"] = (runner(fp32_path), weight_bytes, "")
     pre = tmp / "pre.onnx"
@@ -188,7 +219,7 @@ def _onnx_baselines(fg: Graph, calib: list[np.ndarray], threads: int, tmp: Path)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{name: c} for c in calib])
+            self.items = iter([dict(zip(names, c if isinstance(c, (tuple, list)) else (c,))) for c in calib])
 
         def get_next(self):
             return next(self.items, None)
@@ -197,7 +228,10 @@ def _onnx_baselines(fg: Graph, calib: list[np.ndarray], threads: int, tmp: Path)
     quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, per_channel=True)
     out["onnxruntime-int8"] = (runner(int8), weight_bytes // 4, "static QDQ, u8 activations, s8 per-channel weights")
-    linear_only = all(n.op in ("linear", "relu", "clip", "reshape", "softmax") for n in fg.nodes)
+    if provider != "CPUExecutionProvider":
+        return out
+    linear_only = all(n.op in ("linear", "relu", "clip", "reshape", "softmax", "add", "sub", "mul", "sigmoid", "tanh",
+                               "slice", "cat") for n in fg.nodes)  # e.g. MLPs and LSTM/GRU cells
     if linear_only:
         dyn = tmp / "dyn.onnx"
         quantize_dynamic(str(fp32_path), str(dyn), weight_type=QuantType.QInt8)
@@ -233,13 +267,20 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, per_rou
 
 
 def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15, artifact: str | None = None,
-          sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True) -> BenchReport:
-    """Compile (unless ``artifact`` is given) and time csqc against the baselines."""
+          sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True,
+          device: str = "cpu") -> BenchReport:
+    """Compile (unless ``artifact`` is given) and time csqc against the baselines.
+
+    ``device``: ``cpu`` (an llvm artifact) or ``cuda`` (a cuda artifact, on this machine's GPU)."""
     from . import runtime
     from .compiler import optimize, to_model
 
-    if threads < 1:
-        raise BadInput("--threads must be at least 1")
+    if device not in _ARTIFACT_KIND:
+        raise BadInput(f"--device must be one of {', '.join(_ARTIFACT_KIND)}, got {device!r}")
+    if device == "cuda":
+        arch = _gpu_arch()
+    if not 1 <= threads <= 1024:  # torch and TVM take a C int, and thousands of threads only thrash
+        raise BadInput(f"--threads must be in 1..1024, got {threads}")
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import torch
 
@@ -251,40 +292,90 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             from .compiler import compile as compile_model
 
             artifact = str(tmp / "model.so")
-            compile_model(model, "llvm", artifact, batch=batch)
+            if device == "cuda":
+                compile_model(model, "cuda", artifact, batch=batch, arch=arch)
+            else:
+                compile_model(model, "llvm", artifact, batch=batch)
         art = runtime.load(artifact)
+        if art.target != _ARTIFACT_KIND[device]:
+            other = next(d for d, kind in _ARTIFACT_KIND.items() if kind == art.target)
+            raise BadInput(f"{artifact} is a {art.target} artifact: bench it with --device {other}, or compile "
+                           f"one with --target {_ARTIFACT_KIND[device]}")
         shape = art.inputs[0]["shape"]
         rng = np.random.default_rng(0)
-        x = rng.random(shape, dtype=np.float32)
-        calib = [rng.random(shape, dtype=np.float32) for _ in range(8)]
+        xs = [rng.random(spec["shape"], dtype=np.float32) for spec in art.inputs]  # one array per input
+        calib = [tuple(rng.random(spec["shape"], dtype=np.float32) for spec in art.inputs) for _ in range(8)]
+        x = xs[0]
         if dataset == "digits":
             from .data import load_digits_split
 
             data = load_digits_split(image=len(shape) == 4)
             xs = data.x_test[: (len(data.x_test) // shape[0]) * shape[0]].reshape(-1, *shape)
             x, calib = xs[0], list(xs[:8])
+            xs = [x]
         weight_bytes = sum(int(a.nbytes) for a in art._weights.values())  # what the artifact stores
-        fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(x)}
+        fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(*xs)}
         sizes = {"csqc": (weight_bytes, "")}
+        notes: list[str] = []
         if baselines:
             fg = float_graph(optimize(model, "none", batch=shape[0]))
-            fp32_torch = torch_runner(fg)
-            fns["pytorch-fp32"] = lambda: fp32_torch(x)
-            sizes["pytorch-fp32"] = (sum(int(v.nbytes) for v in fg.params.values()), "")
-            for name, (fn, size, note) in _onnx_baselines(fg, calib, threads, tmp).items():
-                fns[name] = (lambda f=fn: f(x))
-                sizes[name] = (size, note)
+            fp32_bytes = sum(int(v.nbytes) for v in fg.params.values())
+            for name, (fn, size, note) in _baselines(fg, calib, threads, tmp, device, notes).items():
+                fns[name] = (lambda f=fn: f(*xs))
+                sizes[name] = (size or fp32_bytes, note)
         gc.collect()
         # ~10 ms of csqc calls per round, sized from warm calls (the first call is cold)
         per_round = max(1, int(10e-3 / max(1e-6, float(np.median([_once(fns["csqc"]) for _ in range(5)])))))
         medians = _time_interleaved(fns, rounds, min(per_round, 500))
         report = BenchReport(model.manifest.get("metadata", {}).get("recipe") or Path(model.source).stem or "model",
-                             shape[0], threads, cpu=art.plan["target"].get("mcpu", ""))
+                             shape[0], threads, cpu=art.plan["target"].get("mcpu", ""), device=device, notes=notes)
         for key, us in medians.items():
             report.results.append(BenchResult(key, us, sizes[key][0], sizes[key][1]))
-        if sweep_planes:
+        if sweep_planes and len(art.inputs) > 1:
+            log.warning("the plane sweep runs single-input models only; skipped")
+        elif sweep_planes:
             report.sweep = _sweep(art, model, shape, dataset)
     return report
+
+
+_ARTIFACT_KIND = {"cpu": "llvm", "cuda": "cuda"}  # --device -> the artifact target it times
+
+
+def _gpu_arch() -> str:
+    """This machine's GPU as an nvcc arch (``sm_90``), or a clear error when it has none."""
+    import tvm
+
+    try:
+        dev = tvm.cuda(0)
+        present = dev.exist
+    except Exception:  # a TVM build without CUDA, or no driver
+        present = False
+    if not present:
+        raise CsqcError("--device cuda: this machine has no CUDA GPU; compile with `csqc compile MODEL --target cuda` "
+                        "here and run `csqc bench MODEL --artifact model.so --device cuda` where a GPU is")
+    return "sm_" + dev.compute_version.replace(".", "")
+
+
+def _baselines(fg: Graph, calib: list, threads: int, tmp: Path, device: str,
+               notes: list[str]) -> dict[str, tuple[Callable, int, str]]:
+    """name -> (runner, weight bytes (0: the fp32 size), note); unavailable ones are noted."""
+    if device == "cpu":
+        return {"pytorch-fp32": (torch_runner(fg), 0, ""), **_onnx_baselines(fg, calib, threads, tmp)}
+    import onnxruntime as ort
+    import torch
+
+    out: dict[str, tuple[Callable, int, str]] = {}
+    if torch.cuda.is_available():
+        out["pytorch-fp32"] = (torch_runner(fg, "cuda"), 0, "cuDNN/cuBLAS")
+        fp16_bytes = sum(int(v.nbytes) // 2 for v in fg.params.values())
+        out["pytorch-fp16"] = (torch_runner(fg, "cuda", "float16"), fp16_bytes, "cuDNN/cuBLAS, half precision")
+    else:
+        notes.append(f"PyTorch baselines skipped: this torch ({torch.__version__}) is built without CUDA")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        out.update(_onnx_baselines(fg, calib, threads, tmp, provider="CUDAExecutionProvider"))
+    else:
+        notes.append("ONNX Runtime baselines skipped: install onnxruntime-gpu for its CUDA execution provider")
+    return out
 
 
 def _once(f) -> float:

@@ -300,11 +300,184 @@ def _relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{_module_path(fx) or fx.name}", nonneg=True)
 
 
+# -- transformer blocks: layer norm, gelu, batched matmul of two values ------------------------
+
+
+def _layer_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable) and
+    # native_layer_norm(x, normalized_shape, weight, bias, eps) -> (y, mean, rstd): only y is used
+    x, normalized = fx.args[:2]
+    w, b = _arg(fx, 2, "weight"), _arg(fx, 3, "bias")
+    eps = float(_arg(fx, 4, "eps", 1e-5))
+    val = fx.meta.get("val")
+    t = TensorType(tuple(int(s) for s in (val[0] if isinstance(val, (tuple, list)) else val).shape))
+    normalized = tuple(int(s) for s in normalized)
+    axis = len(t.shape) - len(normalized)
+    base = _module_path(fx) or fx.name
+    weight = (ctx.param(f"{base}.weight", ctx.tensor(w).detach().float().numpy()) if w is not None
+              else ctx.param(f"{base}.weight", np.ones(normalized, np.float32)))
+    bias = (ctx.param(f"{base}.bias", ctx.tensor(b).detach().float().numpy()) if b is not None
+            else ctx.param(f"{base}.bias", np.zeros(normalized, np.float32)))
+    return ctx.emit(fx, "layer_norm", [ctx.value(x), weight, bias], t, {"axis": axis, "eps": eps}, base=base)
+
+
+def _gelu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    approximate = str(_arg(fx, 1, "approximate", "none"))
+    if approximate not in ("none", "tanh"):
+        raise _Unsupported(f"gelu approximate={approximate!r}")
+    return ctx.emit(fx, "gelu", [ctx.value(fx.args[0])], attrs={"approximate": approximate},
+                    base=f"{_module_path(fx) or fx.name}")
+
+
+def _matmul(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    a, b = fx.args[:2]
+    if min(len(_type_of(v).shape) for v in (a, b)) < 2:
+        raise _Unsupported("matmul of a vector (rank-1 operand)")
+    return ctx.emit(fx, "matmul", [ctx.value(a), ctx.value(b)], base=f"{_module_path(fx) or fx.name}.matmul")
+
+
 def _getitem(ctx: _Ctx, fx: torch.fx.Node) -> str:
     src, idx = fx.args
+    pieces = ctx.env.get(src.name)
+    if isinstance(pieces, tuple):  # split / unbind: one IR value per piece
+        return pieces[idx]
     if idx != 0 or src.name not in ctx.env:
         raise _Unsupported("only the first output of a multi-output op is supported")
     return ctx.env[src.name]
+
+
+# -- recurrent layers: gate nonlinearities, slices of the gate vector, stacking time steps -----
+
+
+def _base(fx: torch.fx.Node, op: str) -> str:
+    return f"{_module_path(fx) or fx.name}.{op}"
+
+
+def _float_unary(op: str, nonneg: bool = False):
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        xv = ctx.value(fx.args[0])
+        return ctx.emit(fx, op, [xv], base=_base(fx, op), nonneg=nonneg)
+
+    return handler
+
+
+def _rsub(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # rsub(x, other, alpha=1) = other - alpha * x
+    x, other = fx.args[:2]
+    if _arg(fx, 2, "alpha", 1) != 1:
+        raise _Unsupported("rsub with alpha != 1")
+    a = (ctx.param(f"{fx.name}.scalar", np.array(other, dtype=np.float32)) if isinstance(other, (int, float))
+         else ctx.value(other))
+    return ctx.emit(fx, "sub", [a, ctx.value(x)], base=_base(fx, "sub"))
+
+
+def _slice_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, start: int, end: int,
+                 ttype: TensorType | None = None) -> str:
+    """``x[..., start:end, ...]`` along ``axis`` (the whole axis: the value itself)."""
+    size = int(shape[axis])
+    if (start, end) == (0, size) and ttype is None:
+        return xv
+    out_shape = tuple(int(s) for s in shape[:axis]) + (end - start,) + tuple(int(s) for s in shape[axis + 1:])
+    return ctx.emit(fx, "slice", [xv], ttype or TensorType(out_shape), {"axis": axis, "start": start, "end": end},
+                    base=_base(fx, "slice"), nonneg=xv in ctx.nonneg)
+
+
+def _bounds(start, end, size: int) -> tuple[int, int]:
+    start = 0 if start is None else int(start)
+    end = size if end is None else int(end)
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, 0), size)
+    return start, max(start, end)
+
+
+def _slice(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # slice.Tensor(x, dim=0, start=None, end=None, step=1)
+    shape = _type_of(fx.args[0]).shape
+    axis = int(_arg(fx, 1, "dim", 0)) % len(shape)
+    if int(_arg(fx, 4, "step", 1)) != 1:
+        raise _Unsupported("slice with step != 1")
+    start, end = _bounds(_arg(fx, 2, "start"), _arg(fx, 3, "end"), shape[axis])
+    if start == end:
+        raise _Unsupported("empty slice")
+    return _slice_value(ctx, fx, ctx.value(fx.args[0]), shape, axis, start, end)
+
+
+def _select_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: int, out_shape) -> str:
+    index = index + shape[axis] if index < 0 else index
+    if not 0 <= index < shape[axis]:
+        raise _Unsupported(f"select index {index} out of range")
+    piece = _slice_value(ctx, fx, xv, shape, axis, index, index + 1, TensorType(
+        tuple(shape[:axis]) + (1,) + tuple(shape[axis + 1:])))
+    return ctx.emit(fx, "reshape", [piece], TensorType(tuple(out_shape)), base=_base(fx, "reshape"),
+                    nonneg=xv in ctx.nonneg)
+
+
+def _select(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    shape = _type_of(fx.args[0]).shape
+    axis = int(fx.args[1]) % len(shape)
+    return _select_value(ctx, fx, ctx.value(fx.args[0]), shape, axis, int(fx.args[2]), _type_of(fx).shape)
+
+
+def _split(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
+    # split.Tensor(x, split_size, dim=0) / split_with_sizes(x, sizes, dim=0): one slice per piece
+    shape = _type_of(fx.args[0]).shape
+    axis = int(_arg(fx, 2, "dim", 0)) % len(shape)
+    size = fx.args[1]
+    sizes = [int(s) for s in size] if isinstance(size, (list, tuple)) else \
+        [min(int(size), shape[axis] - i) for i in range(0, shape[axis], int(size))]
+    xv, out, start = ctx.value(fx.args[0]), [], 0
+    for s in sizes:
+        out.append(_slice_value(ctx, fx, xv, shape, axis, start, start + s))
+        start += s
+    return tuple(out)
+
+
+def _chunk(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
+    # chunk(x, chunks, dim=0) = split(x, ceil(size / chunks), dim)
+    shape = _type_of(fx.args[0]).shape
+    axis = int(_arg(fx, 2, "dim", 0)) % len(shape)
+    size = -(-shape[axis] // int(fx.args[1]))
+    xv, out = ctx.value(fx.args[0]), []
+    for start in range(0, shape[axis], size):
+        out.append(_slice_value(ctx, fx, xv, shape, axis, start, min(start + size, shape[axis])))
+    return tuple(out)
+
+
+def _unbind(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
+    shape = _type_of(fx.args[0]).shape
+    axis = int(_arg(fx, 1, "dim", 0)) % len(shape)
+    xv = ctx.value(fx.args[0])
+    out_shape = tuple(shape[:axis]) + tuple(shape[axis + 1:])
+    return tuple(_select_value(ctx, fx, xv, shape, axis, i, out_shape) for i in range(shape[axis]))
+
+
+def _stack(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # stack(tensors, dim=0) = cat of the tensors, each with a new axis of size 1 at dim
+    out_t = _type_of(fx)
+    axis = int(_arg(fx, 1, "dim", 0)) % len(out_t.shape)
+    vals = [ctx.value(v) for v in fx.args[0]]
+    piece = TensorType(out_t.shape[:axis] + (1,) + out_t.shape[axis + 1:])
+    nonneg = all(v in ctx.nonneg for v in vals)
+    grown = [ctx.emit(fx, "reshape", [v], piece, base=_base(fx, "unsqueeze"), nonneg=v in ctx.nonneg) for v in vals]
+    if len(grown) == 1:
+        return grown[0]
+    return ctx.emit(fx, "cat", grown, out_t, {"axis": axis}, base=_base(fx, "stack"), nonneg=nonneg)
+
+
+def _filled(value_arg: int | None):
+    """zeros / new_zeros / full / zeros_like: a constant of the (static) output shape."""
+
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        t = _type_of(fx)
+        value = 0.0 if value_arg is None else float(fx.args[value_arg])
+        if t.dtype != "float32":
+            raise _Unsupported(f"a constant of dtype {t.dtype}")
+        name = ctx.param(_base(fx, "const"), np.full(t.shape, value, np.float32))
+        if value >= 0:
+            ctx.nonneg.add(name)
+        return name
+
+    return handler
 
 
 def _max_pool_with_indices(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -358,8 +531,30 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.permute.default: _permute,
     _aten.transpose.int: _transpose,
     _aten.t.default: _transpose,
+    _aten.sigmoid.default: _float_unary("sigmoid", nonneg=True),
+    _aten.tanh.default: _float_unary("tanh"),
+    _aten.sub.Tensor: _binary("sub"),
+    _aten.rsub.Scalar: _rsub,
+    _aten.rsub.Tensor: _rsub,
+    _aten.slice.Tensor: _slice,
+    _aten.select.int: _select,
+    _aten.split.Tensor: _split,
+    _aten.split_with_sizes.default: _split,
+    _aten.chunk.default: _chunk,
+    _aten.unbind.int: _unbind,
+    _aten.stack.default: _stack,
+    _aten.new_zeros.default: _filled(None),
+    _aten.zeros.default: _filled(None),
+    _aten.zeros_like.default: _filled(None),
+    _aten.full.default: _filled(1),
     _aten.softmax.int: _softmax,
     _aten._softmax.default: _softmax,
+    _aten.layer_norm.default: _layer_norm,
+    _aten.native_layer_norm.default: _layer_norm,
+    _aten.gelu.default: _gelu,
+    _aten.matmul.default: _matmul,
+    _aten.bmm.default: _matmul,
+    _aten.div.Tensor: _binary("div"),
     _aten.dropout.default: _passthrough,
     _aten.dropout_.default: _passthrough,
     _aten.contiguous.default: _passthrough,
@@ -396,7 +591,11 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
         for s in shapes:
             if s:
                 s[0] = batch
-    examples = tuple(torch.zeros(s, dtype=getattr(torch, spec["dtype"])) for s, spec in zip(shapes, specs))
+    try:
+        examples = tuple(torch.zeros(s, dtype=getattr(torch, spec["dtype"])) for s, spec in zip(shapes, specs))
+    except (RuntimeError, TypeError, ValueError) as e:  # sizes torch cannot allocate, or not even represent
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"cannot make example inputs of shapes {shapes} ({reason}); use a smaller batch") from None
     try:
         program = torch.export.export(model.module, examples)
     except Exception as e:

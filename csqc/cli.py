@@ -44,6 +44,8 @@ class CsqcGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except MemoryError as e:  # e.g. --samples or --batch far beyond this machine
+            self._fail(ctx, f"out of memory ({e}); ask for less: a smaller --batch or fewer --samples", 1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as e:  # an unexpected failure: still one line unless --debug
@@ -216,10 +218,11 @@ def _human(n: int) -> str:
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
 @model_options
-@click.option("--target", "-t", default="llvm", show_default=True, help="llvm (CPU), cuda (NVIDIA GPU) or onnx.")
+@click.option("--target", "-t", default="llvm", show_default=True,
+              help="llvm (CPU), aarch64 (ARM64 CPU, cross-compiled), cuda (NVIDIA GPU) or onnx.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Artifact to write (default: MODEL.so / .onnx).")
 @click.option("--batch", type=int, help="Batch size to compile for (default: the model file's).")
-@click.option("--mcpu", help="llvm: CPU name (default: this machine's).")
+@click.option("--mcpu", help="llvm: CPU name (default: this machine's); aarch64: ARM CPU (default: neoverse-n1).")
 @click.option("--arch", default="sm_80", show_default=True, help="cuda: GPU architecture (sm_80, sm_90, ...).")
 @click.option("--emit-source", type=click.Path(file_okay=False), help="cuda: also write the CUDA source to this folder.")
 @click.option("--kernel", "force_kernel", type=click.Choice(["auto", "bitserial", "bitparallel"]), default="auto",
@@ -305,7 +308,7 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
 @cli.command()
 @click.argument("model", type=click.Path())
 @model_options
-@click.option("--artifact", type=click.Path(), help="Also run this compiled artifact (.so from llvm/cuda, or .onnx).")
+@click.option("--artifact", type=click.Path(), help="Also run this compiled artifact (.so from llvm/cuda/aarch64, or .onnx).")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), help="Inputs to check on (.npz).")
 @click.option("--samples", default=4, show_default=True, type=int, help="Random inputs to check on (without --inputs/--dataset).")
 @click.option("--dataset", type=click.Choice(["digits"]), help="Check on a data set's test split (and report accuracy).")
@@ -389,13 +392,15 @@ def _read_array(path: str):
 @click.option("--sweep-planes", is_flag=True, help="Accuracy/agreement against latency as LSB planes are skipped.")
 @click.option("--dataset", type=click.Choice(["digits"]), help="Real inputs (and accuracy in the sweep).")
 @click.option("--no-baselines", is_flag=True, help="Time csqc only.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: an llvm artifact; cuda: a cuda artifact on this machine's GPU, against PyTorch fp16/fp32 and ORT's CUDA provider.")
 @json_option
-def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, as_json):
+def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, device, as_json):
     """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs."""
     from .bench import bench as run_bench
 
     report = run_bench(load_model(model), batch=batch, threads=threads, rounds=rounds, artifact=artifact,
-                       sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines)
+                       sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines, device=device)
     if as_json:
         _emit_json({"ok": True, **report.to_json()})
         return
@@ -403,7 +408,8 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     from rich.table import Table
 
     ratios = report.ratios()
-    table = Table(title=f"{report.model}: batch {report.batch}, {report.threads} threads, CPU {report.cpu} (median)")
+    where = "GPU" if report.device == "cuda" else f"{report.threads} threads, CPU {report.cpu}"
+    table = Table(title=f"{report.model}: batch {report.batch}, {where} (median)")
     for col in ("runtime", "median", "weights", "csqc speed-up", "note"):
         table.add_column(col, justify="right" if col in ("median", "weights", "csqc speed-up") else "left")
     for r in sorted(report.results, key=lambda r: r.median_us):
@@ -419,6 +425,8 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
             acc = f"{row['accuracy']:.2%}" if "accuracy" in row else "-"
             sweep.add_row(str(row["skip_planes"]), f"{row['median_us']:,.1f} us", acc, f"{row['top1_agreement']:.2%}")
         console.print(sweep)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
     console.print("[dim]Shared, noisy machine: compare ratios from this run, not absolute times.[/]")
 
 
@@ -441,7 +449,10 @@ def demo(recipe, out_dir, as_json):
     from .verify import verify as run_verify
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, or no permission
+        raise BadInput(f"--out {out}: cannot create this folder ({e.strerror}); give a folder path") from None
     torch.set_num_threads(2)
     say = (lambda *a: None) if as_json else click.echo
     say(f"[1/5] training {recipe} on scikit-learn's digits (CSQ, 3-bit budget)")

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # target name -> (IR pipeline it consumes, one-line description)
 TARGETS: dict[str, tuple[str, str]] = {
     "llvm": ("default", "TVM CPU: bit-serial / bit-parallel kernels, one shared library"),
+    "aarch64": ("default", "TVM ARM64 CPU: bit-serial NEON kernels, cross-compiled shared library"),
     "cuda": ("default", "TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time"),
     "onnx": ("integer", "ONNX: integer-exact reference graph (or --onnx-form deploy)"),
 }
@@ -80,7 +81,7 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
             on_layer: Callable[[str], None] | None = None, model_factory=None, input_shape=None) -> CompileResult:
     """Compile a model for ``target`` and write the artifact to ``output`` (atomically).
 
-    ``mcpu``: LLVM CPU name for ``llvm``; ``arch`` (sm_80, sm_90, ...) and ``emit_source`` (a
+    ``mcpu``: LLVM CPU name for ``llvm`` and ``aarch64``; ``arch`` (sm_80, sm_90, ...) and ``emit_source`` (a
     folder for the CUDA source) for ``cuda``; ``onnx_form``, ``check_planes`` and
     ``calibration`` (arrays, for the deploy form) for ``onnx``.
     """
@@ -90,6 +91,12 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
         from .targets.cuda.target import check_toolchain
 
         check_toolchain(arch)
+    if target == "llvm":
+        _check_cpu(mcpu)
+    if target == "aarch64":  # fail on a missing cross compiler or an unknown CPU before the slow part
+        from .targets.aarch64.target import check_toolchain as check_cross_toolchain
+
+        check_cross_toolchain(mcpu, force_kernel)
     from .modelfile import check_writable
 
     model = to_model(model, model_factory=model_factory, input_shape=input_shape)
@@ -103,6 +110,10 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
         from .targets.llvm.target import emit_llvm
 
         report = emit_llvm(graph, output, mcpu=mcpu, force_kernel=force_kernel, on_layer=on_layer)
+    elif target == "aarch64":
+        from .targets.aarch64.target import emit_aarch64
+
+        report = emit_aarch64(graph, output, mcpu=mcpu, force_kernel=force_kernel, on_layer=on_layer)
     elif target == "cuda":
         from .targets.cuda.target import emit_cuda
 
@@ -113,6 +124,22 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
     else:  # pragma: no cover - TARGETS is the source of truth
         raise CompileError(f"target {target} has no emitter")
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
+
+
+def _check_cpu(mcpu: str | None) -> None:
+    """LLVM aborts the whole process when asked for instructions a CPU lacks: refuse first."""
+    import tvm
+    from tvm.target import codegen
+
+    cpu, triple = mcpu or codegen.llvm_get_system_cpu(), codegen.llvm_get_system_triple()
+    if not codegen.llvm_is_valid_cpu(cpu, triple):
+        raise BadInput(f"--mcpu {cpu!r} is not a CPU LLVM knows for {triple}; leave it out to build for this "
+                       "machine, or name one such as cascadelake, icelake-server, znver4")
+    if not codegen.llvm_cpu_has_features(["avx512vnni"], tvm.target.Target({"kind": "llvm", "mcpu": cpu})):
+        hint = ("name one that has it, e.g. cascadelake, icelake-server, sapphirerapids, znver4" if mcpu
+                else "compile on such a machine, or for one with --mcpu cascadelake (or newer)")
+        raise (BadInput if mcpu else CompileError)(
+            f"CPU {cpu!r} has no AVX-512 VNNI, which csqc's CPU kernels are built on; {hint}")
 
 
 def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration, int4: bool) -> dict:

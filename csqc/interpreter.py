@@ -6,6 +6,7 @@ int64. Float operations follow the order the IR documents (``csqc.ir``), in floa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -223,6 +224,48 @@ def _float(v):
     return v.dequantize() if isinstance(v, QValue) else v
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in float32 (exp overflows to inf for x < -88: the result is 0)."""
+    with np.errstate(over="ignore"):
+        return (_F32(1) / (_F32(1) + np.exp(-np.asarray(x, _F32)))).astype(_F32)
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:
+    """Over the trailing axes from ``axis``, in float32: ``mean = sum(x) / D; d = x - mean;
+    var = sum(d * d) / D; y = (d / sqrt(var + eps)) * w + b``."""
+    x = np.asarray(x, _F32)
+    axes = tuple(range(axis, x.ndim))
+    count = _F32(np.prod(x.shape[axis:]))
+    mean = x.sum(axis=axes, keepdims=True, dtype=_F32) / count
+    d = x - mean
+    var = (d * d).sum(axis=axes, keepdims=True, dtype=_F32) / count
+    return ((d / np.sqrt(var + _F32(eps))) * w + b).astype(_F32)
+
+
+_SQRT1_2 = _F32(0.7071067811865476)
+_TANH_GELU_C = _F32(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_GELU_K = _F32(0.044715)
+_erf64 = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    """``(x * 0.5) * (1 + erf(x * (1/sqrt 2)))`` (erf correctly rounded to float32), or the tanh
+    form ``(x * 0.5) * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * ((x * x) * x))))``."""
+    x = np.asarray(x, _F32)
+    if approximate == "tanh":
+        inner = _TANH_GELU_C * (x + _TANH_GELU_K * ((x * x) * x))
+        t = np.tanh(inner).astype(_F32)
+    else:
+        t = _erf64(x * _SQRT1_2).astype(_F32) if x.size else x.copy()
+    return ((x * _F32(0.5)) * (_F32(1) + t)).astype(_F32)
+
+
+def _slice(x: np.ndarray, n: Node) -> np.ndarray:
+    index = [slice(None)] * x.ndim
+    index[n.attr("axis")] = slice(n.attr("start"), n.attr("end"))
+    return np.ascontiguousarray(x[tuple(index)])
+
+
 HANDLERS: dict[str, Callable] = {
     "quantize": lambda g, n, a, **k: _quantize(n, _float(a[0])),
     "dequantize": lambda g, n, a, **k: a[0].dequantize(),
@@ -242,6 +285,14 @@ HANDLERS: dict[str, Callable] = {
     "reshape": lambda g, n, a, **k: np.ascontiguousarray(_float(a[0])).reshape(n.type.shape),
     "permute": lambda g, n, a, **k: np.ascontiguousarray(np.transpose(_float(a[0]), n.attr("dims"))),
     "softmax": lambda g, n, a, **k: _softmax(a[0], n.attr("axis")),
+    "sigmoid": lambda g, n, a, **k: _sigmoid(_float(a[0])),
+    "tanh": lambda g, n, a, **k: np.tanh(np.asarray(_float(a[0]), _F32)).astype(_F32),
+    "sub": lambda g, n, a, **k: (_float(a[0]) - _float(a[1])).astype(_F32),
+    "slice": lambda g, n, a, **k: _slice(_float(a[0]), n),
+    "matmul": lambda g, n, a, **k: np.matmul(np.asarray(_float(a[0]), _F32), np.asarray(_float(a[1]), _F32)).astype(_F32),
+    "layer_norm": lambda g, n, a, **k: _layer_norm(_float(a[0]), a[1], a[2], n.attr("axis"), n.attr("eps")),
+    "gelu": lambda g, n, a, **k: _gelu(_float(a[0]), n.attr("approximate", "none")),
+    "div": lambda g, n, a, **k: (_float(a[0]) / _float(a[1])).astype(_F32),
 }
 
 

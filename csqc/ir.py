@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import zipfile
+import zlib
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -57,6 +59,8 @@ class TensorType:
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if any(s < 0 for s in self.shape):
+            raise IRError(f"negative dimension in shape {list(self.shape)}")
         if self.dtype not in FLOAT_DTYPES + INT_DTYPES:
             raise IRError(f"unknown dtype {self.dtype!r}")
         if self.qbits is not None and not 1 <= self.qbits <= 8:
@@ -360,6 +364,10 @@ OPS = {
     "max_pool2d": (1, 1), "avg_pool2d": (1, 1), "adaptive_avg_pool2d": (1, 1),
     "reshape": (1, 1), "permute": (1, 1), "softmax": (1, 1), "minimum": (2, 2),
     "mean": (1, 1),
+    # recurrent layers (csqc.recurrent): gate nonlinearities, a - b, a slice of one axis
+    "sigmoid": (1, 1), "tanh": (1, 1), "sub": (2, 2), "slice": (1, 1),
+    # transformer blocks: batched float matmul of two values, layer norm (x, weight, bias), gelu
+    "matmul": (2, 2), "layer_norm": (3, 3), "gelu": (1, 1), "div": (2, 2),
 }
 
 
@@ -441,7 +449,92 @@ def _check_node(g: Graph, n: Node) -> list[str]:
             out.append("quantize output type must carry its bits")
     elif n.type.quantized and n.op not in ("quantize", "qconv2d", "qlinear"):
         out.append("only quantize (or a quantized layer with fused output quantization) yields quantized values")
+    check = SHAPE_CHECKS.get(n.op)
+    if check is not None:
+        out += check(g, n)
     return out
+
+
+def _same_shape(g: Graph, n: Node) -> list[str]:
+    x_t = _safe_type(g, n.inputs[0])
+    if x_t is not None and x_t.shape != n.type.shape:
+        return [f"output shape {list(n.type.shape)} differs from input shape {list(x_t.shape)}"]
+    return []
+
+
+def _broadcast_shape(g: Graph, n: Node) -> list[str]:
+    shapes = [_safe_type(g, i) for i in n.inputs]
+    if any(t is None for t in shapes):
+        return []
+    try:
+        expect = np.broadcast_shapes(*(t.shape for t in shapes))
+    except ValueError:
+        return [f"input shapes {[list(t.shape) for t in shapes]} do not broadcast"]
+    if tuple(expect) != n.type.shape:
+        return [f"output shape {list(n.type.shape)} is not the broadcast shape {list(expect)}"]
+    return []
+
+
+def _slice_shape(g: Graph, n: Node) -> list[str]:
+    x_t = _safe_type(g, n.inputs[0])
+    axis, start, end = n.attr("axis"), n.attr("start"), n.attr("end")
+    if not all(isinstance(v, int) for v in (axis, start, end)):
+        return ["slice needs integer attrs axis, start, end"]
+    if x_t is None:
+        return []
+    if not 0 <= axis < len(x_t.shape) or not 0 <= start < end <= x_t.shape[axis]:
+        return [f"slice [{start}:{end}] of axis {axis} is outside input shape {list(x_t.shape)}"]
+    expect = x_t.shape[:axis] + (end - start,) + x_t.shape[axis + 1:]
+    if expect != n.type.shape:
+        return [f"output shape {list(n.type.shape)} should be {list(expect)}"]
+    return []
+
+
+def _matmul_shape(g: Graph, n: Node) -> list[str]:
+    a_t, b_t = _safe_type(g, n.inputs[0]), _safe_type(g, n.inputs[1])
+    if a_t is None or b_t is None:
+        return []
+    a, b = a_t.shape, b_t.shape
+    if len(a) < 2 or len(b) < 2:
+        return [f"matmul needs operands of rank >= 2, has {list(a)} and {list(b)}"]
+    if a[-1] != b[-2]:
+        return [f"matmul inner dimensions differ: {list(a)} @ {list(b)}"]
+    try:
+        batch = tuple(np.broadcast_shapes(a[:-2], b[:-2]))
+    except ValueError:
+        return [f"matmul batch dimensions of {list(a)} and {list(b)} do not broadcast"]
+    if batch + (a[-2], b[-1]) != n.type.shape:
+        return [f"output shape {list(n.type.shape)} should be {list(batch + (a[-2], b[-1]))}"]
+    return []
+
+
+def _layer_norm_shape(g: Graph, n: Node) -> list[str]:
+    out = _same_shape(g, n)
+    axis, eps = n.attr("axis"), n.attr("eps")
+    if not isinstance(axis, int) or not 0 <= axis < len(n.type.shape):
+        return out + [f"layer_norm axis {axis!r} outside rank {len(n.type.shape)}"]
+    if not isinstance(eps, float) or not eps >= 0:
+        out.append(f"layer_norm eps {eps!r} must be a non-negative float")
+    normalized = n.type.shape[axis:]
+    for i in n.inputs[1:]:
+        t = _safe_type(g, i)
+        if t is not None and t.shape != normalized:
+            out.append(f"layer_norm weight/bias %{i} is {list(t.shape)}, should be {list(normalized)}")
+    return out
+
+
+def _gelu_attrs(g: Graph, n: Node) -> list[str]:
+    out = _same_shape(g, n)
+    if n.attr("approximate", "none") not in ("none", "tanh"):
+        out.append(f"gelu approximate {n.attr('approximate')!r} not in ('none', 'tanh')")
+    return out
+
+
+# op -> extra shape/attribute checks (ops not listed are checked by their consumers' kernels)
+SHAPE_CHECKS = {
+    "sigmoid": _same_shape, "tanh": _same_shape, "sub": _broadcast_shape, "slice": _slice_shape,
+    "matmul": _matmul_shape, "layer_norm": _layer_norm_shape, "gelu": _gelu_attrs, "div": _broadcast_shape,
+}
 
 
 def _safe_type(g: Graph, name: str) -> TensorType | None:
@@ -490,6 +583,13 @@ def save_graph(g: Graph, path) -> None:
     atomic_write(path, write)
 
 
+# What reading a damaged zip, JSON or npz raises: encrypted or unknown compression
+# (RuntimeError, NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError),
+# nesting too deep (RecursionError), arrays claiming terabytes (MemoryError).
+_UNREADABLE = (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RuntimeError, zlib.error,
+               lzma.LZMAError, MemoryError)
+
+
 def load_graph(path) -> Graph:
     """Read a graph written by ``save_graph``; refuses anything else with ``BadInput``."""
     try:
@@ -499,9 +599,23 @@ def load_graph(path) -> Graph:
                 params = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError) as e:
-        raise BadInput(f"{path}: not a csqc IR file ({type(e).__name__})") from None
+    except _UNREADABLE as e:
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise BadInput(f"{path}: not a csqc IR file or a damaged one ({type(e).__name__}: {reason}); "
+                       "write it again with csqc.ir.save_graph") from None
     return graph_from_json(meta, params, str(path))
+
+
+def _name(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _names(values, what: str) -> tuple[str, ...]:
+    if not isinstance(values, list):
+        raise TypeError(f"{what} must be a list of names, got {type(values).__name__}")
+    return tuple(_name(v, what) for v in values)
 
 
 def graph_from_json(meta: dict, params: dict, where: str = "IR") -> Graph:
@@ -509,19 +623,20 @@ def graph_from_json(meta: dict, params: dict, where: str = "IR") -> Graph:
         if meta.get("format") != IR_FORMAT or meta.get("version") != IR_VERSION:
             raise BadInput(f"{where}: not a csqc IR file of version {IR_VERSION}")
         g = Graph(
-            inputs=tuple(Value(v["name"], TensorType.from_json(v["type"])) for v in meta["inputs"]),
+            inputs=tuple(Value(_name(v["name"], "input name"), TensorType.from_json(v["type"])) for v in meta["inputs"]),
             nodes=tuple(
-                Node(n["name"], n["op"], tuple(n["inputs"]), TensorType.from_json(n["type"]), n.get("attrs", {}),
-                     QuantSpec.from_json(n["quant"]) if n.get("quant") else None, n.get("source", ""))
+                Node(_name(n["name"], "node name"), _name(n["op"], "op"), _names(n["inputs"], "node inputs"),
+                     TensorType.from_json(n["type"]), n.get("attrs", {}),
+                     QuantSpec.from_json(n["quant"]) if n.get("quant") else None, _name(n.get("source", ""), "source"))
                 for n in meta["nodes"]
             ),
-            outputs=tuple(meta["outputs"]),
+            outputs=_names(meta["outputs"], "outputs"),
             params=params,
-            name=meta.get("name", "model"),
+            name=_name(meta.get("name", "model"), "graph name"),
         )
     except BadInput:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IRError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError, IRError) as e:
         raise BadInput(f"{where}: malformed IR ({type(e).__name__}: {e})") from None
     try:
         verify(g)

@@ -376,7 +376,8 @@ def convert(
     quantize_first_input: bool = False,
     skip: Iterable[str] = (),
 ) -> nn.Module:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` (in place) with a CSQ layer.
+    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` (in place) with a CSQ layer, and
+    every ``nn.LSTM``/``nn.GRU`` (batch_first) with ``CSQLSTM``/``CSQGRU`` (``csqc.recurrent``).
 
     Bits start from the float weights with all ``n_bits`` positions active. With ``act_bits``,
     the input of each quantized layer is quantized too, except the first layer's (module
@@ -388,6 +389,14 @@ def convert(
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if full in skip or isinstance(child, _CSQMixin):
+                continue
+            if type(child) in (nn.LSTM, nn.GRU):  # CSQLSTM / CSQGRU: two CSQLinear per layer
+                from .recurrent import from_torch
+
+                setattr(parent, child_name, from_torch(
+                    child, n_bits, act_bits, act_clip=act_clip, act_mode=act_mode,
+                    quantize_first_input=not first or quantize_first_input))
+                first = False
                 continue
             if type(child) is nn.Linear:
                 new = CSQLinear(child.in_features, child.out_features, child.bias is not None, n_bits)

@@ -17,9 +17,11 @@ import copy
 import io
 import json
 import logging
+import lzma
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +41,9 @@ MODEL_FORMAT = "csqc-model"
 MODEL_VERSION = 1
 _MANIFEST, _PROGRAM, _TENSORS = "csqc-model.json", "program.json", "tensors.npz"
 _MAX_MEMBER_BYTES = 8 << 30  # refuse zip bombs: no member may claim more than 8 GiB
+# What reading a damaged zip member raises: encrypted or unknown compression (RuntimeError,
+# NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError), bad headers.
+_UNREADABLE = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, zlib.error, lzma.LZMAError)
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -204,7 +209,78 @@ def _read_member(z: zipfile.ZipFile, name: str, path) -> bytes:
         raise BadInput(f"{path}: csqc model file is missing {name}; the file is damaged") from None
     if info.file_size > _MAX_MEMBER_BYTES:
         raise BadInput(f"{path}: member {name} claims {info.file_size} bytes; refusing")
-    return z.read(name)
+    try:
+        return z.read(name)
+    except _UNREADABLE as e:
+        raise BadInput(f"{path}: member {name} cannot be read ({type(e).__name__}: {_first_line(e)}); "
+                       "the file is damaged") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:160]
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest's fields that later steps read, or None."""
+    for key in ("inputs", "outputs"):
+        specs = manifest.get(key)
+        if not isinstance(specs, list) or not specs:
+            return f"{key!r} must be a non-empty list of tensor specs"
+        for spec in specs:
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                return f"every entry of {key!r} needs a name"
+            shape = spec.get("shape")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                return f"{spec['name']} has shape {shape!r}, not a list of sizes"
+            if not isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype):
+                return f"{spec['name']} has unknown dtype {spec.get('dtype')!r}"
+    parameters = manifest.get("parameters", [])
+    if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
+        return "'parameters' must be a list of names"
+    layer_rows = manifest.get("layers", [])
+    if not isinstance(layer_rows, list) or not all(isinstance(r, dict) for r in layer_rows):
+        return "'layers' must be a list of layer records"
+    if not isinstance(manifest.get("metadata", {}), dict):
+        return "'metadata' must be an object"
+    avg = manifest.get("avg_bits", 0.0)
+    if isinstance(avg, bool) or not isinstance(avg, (int, float)):
+        return f"'avg_bits' must be a number, is {avg!r}"
+    return None
+
+
+def _program_problem(program: torch.export.ExportedProgram, manifest: dict, example: tuple) -> str | None:
+    """What disagrees between the program, its stored tensors and the manifest, or None."""
+    sig = program.graph_signature
+    stored = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    tables = {**program.state_dict, **program.constants}
+    user_inputs = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        expected = node.meta.get("val")
+        if node.name not in stored:
+            user_inputs.append(expected)
+            continue
+        actual = tables.get(stored[node.name])
+        if not isinstance(actual, torch.Tensor):
+            return f"tensor {stored[node.name]!r} is missing"
+        if isinstance(expected, torch.Tensor) and (expected.dtype != actual.dtype or expected.shape != actual.shape):
+            return (f"tensor {stored[node.name]!r} is {actual.dtype}{list(actual.shape)}, the program expects "
+                    f"{expected.dtype}{list(expected.shape)}")
+    specs = manifest["inputs"]
+    if len(user_inputs) != len(specs) or len(example) != len(specs):
+        return f"the manifest lists {len(specs)} input(s), the program takes {len(user_inputs)}, {len(example)} stored"
+    for spec, val, t in zip(specs, user_inputs, example):
+        if list(t.shape) != spec["shape"] or str(t.dtype).replace("torch.", "") != spec["dtype"]:
+            return (f"{spec['name']} is {spec['dtype']}{spec['shape']} in the manifest, but the stored example "
+                    f"is {t.dtype}{list(t.shape)}")
+        if isinstance(val, torch.Tensor):
+            # the batch size (first dimension) was widened when the program was captured
+            dims = [d if isinstance(d, int) else None for d in val.shape]
+            if (len(dims) != len(t.shape) or val.dtype != t.dtype
+                    or any(d is not None and d != s for d, s in zip(dims[1:], t.shape[1:]))):
+                return f"{spec['name']} is {spec['dtype']}{spec['shape']}, the program takes {val.dtype}{dims}"
+    return None
 
 
 def load(path: str | os.PathLike, *, model_factory: str | None = None,
@@ -227,7 +303,7 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
         return import_checkpoint(path, model_factory, input_shape)
     try:
         z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except _UNREADABLE:
         raise BadInput(f"{path}: not a csqc model file (expected a zip archive written by csqc.save)") from None
     with z:
         names = set(z.namelist())
@@ -237,29 +313,38 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
             raise BadInput(f"{path}: not a csqc model file (no {_MANIFEST}).{hint if any(n.endswith('data.pkl') for n in names) else ''}")
         try:
             manifest = json.loads(_read_member(z, _MANIFEST, path))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
             raise BadInput(f"{path}: manifest is not valid JSON; the file is damaged") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT:
             raise BadInput(f"{path}: not a csqc model file (wrong format tag)")
         if manifest.get("version") != MODEL_VERSION:
             raise BadInput(f"{path}: model file version {manifest.get('version')} is not supported "
                            f"(this csqc reads version {MODEL_VERSION}); re-save it with this csqc")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise BadInput(f"{path}: the manifest is damaged: {problem}; save the model again with csqc.save")
         program_json = _read_member(z, _PROGRAM, path)
         tensor_bytes = _read_member(z, _TENSORS, path)
     try:
         with np.load(io.BytesIO(tensor_bytes), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as e:
-        raise BadInput(f"{path}: tensor data is damaged ({type(e).__name__}: {e})") from None
+        raise BadInput(f"{path}: tensor data is damaged ({type(e).__name__}: {_first_line(e)})") from None
     state, consts, example = {}, {}, {}
     for key, arr in arrays.items():
         kind, _, name = key.partition("/")
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if not isinstance(arr, np.ndarray):  # np.load hands back members that are not .npy as bytes
+            raise BadInput(f"{path}: tensor {key!r} is not an array; the file is damaged")
+        if arr.dtype.kind not in "biufc" or arr.dtype.byteorder == ">":
+            raise BadInput(f"{path}: tensor {key!r} has dtype {arr.dtype}, which no tensor has; the file is damaged")
+        t = torch.from_numpy(np.ascontiguousarray(arr).reshape(arr.shape))  # ascontiguousarray makes 0-d 1-d
         if kind == "state_dict":
             state[name] = t
         elif kind == "constants":
             consts[name] = t
         elif kind == "example_inputs":
+            if not name.isdigit():
+                raise BadInput(f"{path}: stored example input {key!r} is not numbered; the file is damaged")
             example[int(name)] = t
     for name in manifest.get("parameters", []):
         if name in state:
@@ -275,4 +360,7 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
         raise BadInput(f"{path}: the captured program could not be read ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or from "
                        "an incompatible torch version") from None
+    problem = _program_problem(program, manifest, example_inputs)
+    if problem:
+        raise BadInput(f"{path}: {problem}; the file is damaged, save the model again with csqc.save")
     return CsqcModel(program, manifest, example_inputs, source=str(path))

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import math
 import os
+import platform
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -25,6 +28,13 @@ from .errors import BadInput, CsqcError
 __all__ = ["CompiledModel", "load"]
 
 _FORMAT, _VERSION = "csqc-artifact", 1
+# What reading a damaged zip, JSON or npz raises: encrypted or unknown compression (RuntimeError,
+# NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError), nesting too deep
+# (RecursionError), arrays claiming terabytes (MemoryError).
+_UNREADABLE = (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RuntimeError, zlib.error,
+               lzma.LZMAError, MemoryError)
+_BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
+_PACKS = ("dense", "depthwise", "conv")
 
 
 def _device(kind: str):
@@ -45,10 +55,13 @@ class CompiledModel:
                 self.plan = json.loads(z.read("plan.json"))
                 with np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz:
                     weights = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
+        except _UNREADABLE as e:
             raise BadInput(f"{path}: not a csqc artifact ({type(e).__name__}); compile one with `csqc compile`") from None
-        if self.plan.get("format") != _FORMAT or self.plan.get("version") != _VERSION:
+        if not isinstance(self.plan, dict) or self.plan.get("format") != _FORMAT or self.plan.get("version") != _VERSION:
             raise BadInput(f"{path}: not a csqc artifact of version {_VERSION}")
+        problem = _plan_problem(self.plan, weights)
+        if problem:
+            raise BadInput(f"{path}: the artifact is damaged: {problem}; compile the model again")
         import tvm
 
         self.path = path
@@ -56,20 +69,33 @@ class CompiledModel:
         self.dev = _device(self.target)
         if self.target == "cuda" and not self.dev.exist:
             raise CsqcError(f"{path} is a CUDA artifact and this machine has no CUDA device")
+        if self.target == "aarch64" and platform.machine() not in ("aarch64", "arm64"):
+            raise BadInput(f"{path} is an aarch64 artifact and this machine is {platform.machine()}; run it on a "
+                           "64-bit ARM machine (csqc verify runs it here under qemu-user emulation)")
         try:
             self.lib = tvm.runtime.load_module(str(path))
         except Exception as e:
             raise BadInput(f"{path}: the library part cannot be loaded ({str(e).splitlines()[0][:200]})") from None
+        self._funcs = {}
+        for step in self.plan["steps"]:
+            try:
+                self._func(step["func"])
+            except AttributeError:
+                raise BadInput(f"{path}: the library has no kernel {step['func']!r} that the plan calls; "
+                               "the artifact is damaged, compile the model again") from None
         self._weights = weights
         self.buffers = self._allocate(weights)
-        self._funcs = {}
         self._calls_cache: dict = {}
         self._repacked: dict[str, int] = {}
         self.inputs = self.plan["inputs"]
         self.outputs = self.plan["outputs"]
         self.layers: dict[str, dict] = self.plan["layers"]
         self._has_bitparallel = any(info["kernel"] == "bitparallel" for info in self.layers.values())
-        self._repack_bitparallel(())  # build the int8 weights of bit-parallel layers from their planes
+        try:
+            self._repack_bitparallel(())  # build the int8 weights of bit-parallel layers from their planes
+        except (ValueError, TypeError, IndexError) as e:
+            raise BadInput(f"{path}: the bit-parallel weights cannot be rebuilt from the stored planes "
+                           f"({_reason(e)}); the artifact is damaged, compile the model again") from None
         # host buffers are also seen as numpy arrays: copying in and out through these views
         # costs well under a microsecond, against ~10 us for Tensor.copyfrom / Tensor.numpy
         self._host = self.target != "cuda"
@@ -86,8 +112,6 @@ class CompiledModel:
             if "alias" in spec:
                 continue
             if spec["kind"] == "weight":
-                if name not in weights:
-                    raise BadInput(f"{self.path}: the artifact lacks weight {name!r} (truncated or edited file)")
                 bufs[name] = tvm.runtime.tensor(weights[name], self.dev)
             else:
                 bufs[name] = tvm.runtime.tensor(np.zeros(spec["shape"], dtype=spec["dtype"]), self.dev)
@@ -205,8 +229,12 @@ class CompiledModel:
         skips = self._skips(skip_planes)
         if self._has_bitparallel:
             self._repack_bitparallel(skips)
-        for func, args in self._calls(skips):
-            func(*args)
+        try:
+            for func, args in self._calls(skips):
+                func(*args)
+        except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
+            raise BadInput(f"{self.path}: the plan does not match the compiled kernels ({_reason(e)}); "
+                           "the artifact is damaged, compile the model again") from None
         if record is not None:
             for name, spec in self.plan["buffers"].items():
                 if spec["kind"] not in ("weight", "derived"):
@@ -228,6 +256,121 @@ class CompiledModel:
             self(*inputs, skip_planes=skip_planes)
             times.append(time.perf_counter() - t)
         return float(np.median(times) * 1e6)
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
+
+
+def _is_dtype(name) -> bool:
+    """A numeric dtype spelled the way numpy and TVM both read it."""
+    try:
+        dtype = np.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        return False
+    return dtype is not None and dtype.kind in "biuf" and dtype.itemsize <= 8 and str(dtype) == name
+
+
+def _nbytes(spec: dict) -> int:
+    return math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: no limit to check against
+        return 1 << 62
+
+
+def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
+    """What is wrong with a plan the runtime is about to trust, or None.
+
+    Checked before any memory is allocated or any kernel runs: a view larger than its buffer
+    would let kernels write past it, and any other malformed field would fail deep in TVM.
+    """
+    target = plan.get("target")
+    if not isinstance(target, dict) or target.get("kind") not in ("llvm", "cuda", "aarch64"):
+        return "its target is not llvm, cuda or aarch64"
+    buffers = plan.get("buffers")
+    if not isinstance(buffers, dict) or not all(isinstance(b, dict) for b in buffers.values()):
+        return "'buffers' must map names to buffer specs"
+    for name, spec in buffers.items():
+        if not _is_shape(spec.get("shape")) or not _is_dtype(spec.get("dtype")) or spec.get("kind") not in _BUFFER_KINDS:
+            return f"buffer {name!r} needs a shape of sizes, a numeric dtype and one of the kinds {_BUFFER_KINDS}"
+    for name, spec in buffers.items():
+        if "alias" in spec:
+            base = buffers.get(spec["alias"]) if isinstance(spec["alias"], str) else None
+            if base is None or "alias" in base or _nbytes(spec) > _nbytes(base):
+                return f"buffer {name!r} views {spec['alias']!r}, which is missing, a view itself or smaller"
+        elif spec["kind"] == "weight":
+            w = weights.get(name)
+            if not isinstance(w, np.ndarray):
+                return f"weight {name!r} is missing"
+            if list(w.shape) != spec["shape"] or str(w.dtype) != spec["dtype"]:
+                return f"weight {name!r} is {w.dtype}{list(w.shape)}, the plan says {spec['dtype']}{spec['shape']}"
+    need = sum(_nbytes(b) for b in buffers.values() if "alias" not in b)
+    if need > _physical_memory():
+        return f"its buffers need {need / 2**30:.1f} GiB, more than this machine's memory"
+    for key in ("inputs", "outputs"):
+        specs = plan.get(key)
+        if not isinstance(specs, list) or not specs:
+            return f"{key!r} must list buffers"
+        for s in specs:
+            buf = buffers.get(s.get("name")) if isinstance(s, dict) and isinstance(s.get("name"), str) else None
+            if buf is None or s.get("shape") != buf["shape"] or s.get("dtype") != buf["dtype"]:
+                return f"{key!r} entry {s!r} does not match a buffer of the same shape and dtype"
+    layers = plan.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(i, dict) for i in layers.values()):
+        return "'layers' must map names to layer records"
+    for name, info in layers.items():
+        problem = _layer_problem(name, info, buffers, weights)
+        if problem:
+            return problem
+    steps = plan.get("steps")
+    if not isinstance(steps, list):
+        return "'steps' must be a list"
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("func"), str) or not isinstance(step.get("args"), list):
+            return f"step {i} needs a kernel name and a list of arguments"
+        for a in step["args"]:
+            if isinstance(a, str):
+                ok = a in buffers
+            elif isinstance(a, dict) and "int" in a:
+                ok = type(a["int"]) is int and -2**31 <= a["int"] < 2**31  # kernels take int32
+            else:
+                ok = isinstance(a, dict) and isinstance(a.get("planes"), str) and a["planes"] in layers
+            if not ok:
+                return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32 or layer"
+    return None
+
+
+def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, np.ndarray]) -> str | None:
+    if not isinstance(info.get("kernel"), str) or type(info.get("planes")) is not int or info["planes"] < 1:
+        return f"layer {name!r} needs a kernel name and a plane count"
+    shifts = info.get("plane_shifts")
+    if shifts is not None and not (isinstance(shifts, list) and all(type(s) is int and 0 <= s < 63 for s in shifts)):
+        return f"layer {name!r} has plane shifts {shifts!r}"
+    if info["kernel"] != "bitparallel":
+        return None
+    spec, shape, k = info.get("plane_spec"), info.get("weight_shape"), info.get("k")
+    if not (isinstance(spec, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < 63
+                                           and p[1] in (1, -1) and type(p[1]) is int for p in spec)):
+        return f"bit-parallel layer {name!r} has plane spec {spec!r}"
+    if not (_is_shape(shape) and len(shape) >= 2 and type(k) is int and k == math.prod(shape[1:])):
+        return f"bit-parallel layer {name!r} has weight shape {shape!r} and k {k!r}, which disagree"
+    if type(info.get("zero_point")) is not int or type(info.get("groups")) is not int or info["groups"] < 1:
+        return f"bit-parallel layer {name!r} needs an integer zero point and group count"
+    int8 = info.get("int8_buffer")
+    if info.get("pack") not in _PACKS or not isinstance(int8, str) or buffers.get(int8, {}).get("kind") != "derived":
+        return f"bit-parallel layer {name!r} needs a pack in {_PACKS} and a derived int8 buffer"
+    planes = weights.get(f"{name}.bitplanes")
+    if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):
+        return f"bit-parallel layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"
+    return None
 
 
 def load(path: str | os.PathLike) -> CompiledModel:

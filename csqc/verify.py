@@ -3,7 +3,8 @@
 Runtimes (``RUNTIMES``, extensible): the PyTorch reference (``model(x)``), the IR interpreter
 on the ``integer`` and on the fully optimized ``default`` pipeline, ONNX Runtime on the
 reference ONNX model, and an artifact (``ARTIFACT_RUNNERS``, keyed by file suffix; ``.onnx``
-files run in ONNX Runtime). Dynamic activation scales depend on the whole batch, so every
+files run in ONNX Runtime; a ``.so`` built for aarch64, as its plan records, runs under
+qemu-user on other machines). Dynamic activation scales depend on the whole batch, so every
 runtime sees the same batches.
 
 Two kinds of checks:
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -221,10 +224,14 @@ def _open_onnx_artifact(path: str, ctx_threads: int | None = None) -> Runtime:
 
 
 def _open_tvm_artifact(path: str) -> Runtime:
-    """A compiled TVM artifact (``csqc compile --target llvm|cuda``) and its per-layer buffers."""
-    from . import runtime
+    """A compiled TVM artifact (``csqc compile --target llvm|cuda|aarch64``) and its per-layer buffers.
 
-    model = runtime.load(path)
+    An aarch64 artifact on another machine runs under qemu-user (``csqc.targets.aarch64.emulation``).
+    """
+    from . import runtime
+    from .targets.aarch64.emulation import load_emulated, needs_emulation
+
+    model = load_emulated(path) if needs_emulation(path) else runtime.load(path)
     layers = {name: info["tensors"] for name, info in model.layers.items() if "tensors" in info}
 
     def run(inputs):
@@ -277,12 +284,17 @@ def _open_artifact(path: str) -> Runtime:
 def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
     """Arrays from an ``.npz`` (by model input name, else the first arrays in order)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise BadInput(f"{path}: holds a single array; give an .npz of arrays named after the inputs (np.savez)")
+        with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as e:
         raise BadInput(f"{path}: not a readable .npz file ({type(e).__name__})") from None
+    if not all(isinstance(a, np.ndarray) for a in arrays.values()):  # members that are not .npy come back as bytes
+        raise BadInput(f"{path}: holds files other than arrays; write it with np.savez")
     names = [s["name"] for s in model.input_specs]
     if all(n in arrays for n in names):
         return [arrays[n] for n in names]

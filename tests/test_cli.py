@@ -89,3 +89,29 @@ def test_cuda_compile_from_the_command_line(trained, tmp_path):
     assert data["target"] == "cuda" and data["arch"] == "sm_90" and (tmp_path / "m-cuda.so").is_file()
     assert "__popc" in (tmp_path / "src" / "kernels.cu").read_text()
     assert any("sm_90" in "".join(entry) for entry in data["device_code"]["entries"])
+
+
+def test_bench_on_cuda_without_a_gpu_says_where_to_run_it(trained, tmp_path):
+    _, _, _, path = trained("digits-mlp")
+    out = run("bench", str(path), "--device", "cuda", "--json")
+    assert out.exit_code == 1, out.output
+    data = json.loads(out.stdout)
+    assert not data["ok"] and "no CUDA GPU" in data["error"] and "--target cuda" in data["error"]
+    # a CUDA artifact is refused by the CPU bench with the same advice, not run on the wrong device
+    art = tmp_path / "m-cuda.so"
+    assert run("compile", str(path), "--target", "cuda", "-o", str(art)).exit_code == 0
+    out = run("bench", str(path), "--artifact", str(art))
+    assert out.exit_code == 1 and "CUDA" in out.output and "Traceback" not in out.output
+
+
+def test_bench_cpu_artifact_with_device_cuda_is_bad_input(trained, tmp_path, monkeypatch):
+    """On a GPU machine an llvm artifact given with --device cuda is refused before timing."""
+    import csqc.bench
+
+    _, _, _, path = trained("digits-mlp")
+    art = tmp_path / "m.so"
+    assert run("compile", str(path), "-o", str(art)).exit_code == 0
+    monkeypatch.setattr(csqc.bench, "_gpu_arch", lambda: "sm_90")  # pretend a GPU is present
+    out = run("bench", str(path), "--artifact", str(art), "--device", "cuda", "--json")
+    assert out.exit_code == 2, out.output
+    assert "is a llvm artifact: bench it with --device cpu" in json.loads(out.stdout)["error"]

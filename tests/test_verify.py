@@ -34,7 +34,12 @@ def _assert_ok(report):
     assert report.accumulators_exact and report.first_divergence is None
     assert set(DEFAULT_RUNTIMES) <= set(report.runtimes)
     exact_pairs = [p for p in report.pairs if p.kind == "exact"]
-    assert exact_pairs and all(p.max_rel_error < 1e-5 for p in exact_pairs)
+    assert exact_pairs
+    for p in exact_pairs:
+        # a float op upstream may round a value onto the other side of a tie (numpy and ONNX
+        # Runtime sum floats in different orders); verify then says so and judges the pair coarsely
+        resynced = any(note.startswith(f"{p.b}: activation codes first left the golden run") for note in report.notes)
+        assert p.max_rel_error < 1e-5 or resynced, (p, report.notes)
 
 
 @pytest.mark.parametrize("recipe", ["digits-mlp", "digits-cnn"])

@@ -40,7 +40,11 @@ __all__ = [
     "mean",
     "softmax",
     "concat",
+    "slice_axis",
     "transpose",
+    "matmul",
+    "layer_norm",
+    "gelu",
 ]
 
 log = logging.getLogger(__name__)
@@ -267,13 +271,22 @@ def channel_affine(shape, axis: int):
     return [x, mult, add, y]
 
 
+_UNARY = {
+    "relu": lambda v, lo, hi: _activation(v, "relu", lo, hi),
+    "clip": lambda v, lo, hi: _activation(v, "clip", lo, hi),
+    # the interpreter's 1 / (1 + exp(-x)); CUDA's expf / tanhf are within a few ulp of numpy's
+    "sigmoid": lambda v, lo, hi: _f32(1.0) / (_f32(1.0) + tirx.exp(-v)),
+    "tanh": lambda v, lo, hi: tirx.tanh(v),
+}
+
+
 @_builder
 def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0):
-    """``main(x, y)`` for ``relu`` or ``clip`` (to ``[lo, hi]``)."""
-    if op not in ("relu", "clip"):
+    """``main(x, y)`` for ``relu``, ``clip`` (to ``[lo, hi]``), ``sigmoid`` or ``tanh``."""
+    if op not in _UNARY:
         raise ValueError(f"unknown unary op {op!r}")
     x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
-    y = te.compute(x.shape, lambda *i: _activation(x[i], op, lo, hi), name="y")
+    y = te.compute(x.shape, lambda *i: _UNARY[op](x[i], lo, hi), name="y")
     return [x, y]
 
 
@@ -286,8 +299,9 @@ def _broadcast_index(index, in_shape, out_shape):
 
 @_builder
 def binary(op: str, a_shape, b_shape, out_shape):
-    """``main(a, b, y)`` for ``add``, ``mul`` or ``minimum`` with numpy broadcasting."""
-    fn = {"add": lambda u, v: u + v, "mul": lambda u, v: u * v, "minimum": tirx.min}.get(op)
+    """``main(a, b, y)`` for ``add``, ``mul``, ``minimum`` or ``sub`` with numpy broadcasting."""
+    fn = {"add": lambda u, v: u + v, "mul": lambda u, v: u * v, "minimum": tirx.min,
+          "sub": lambda u, v: u - v, "div": lambda u, v: u / v}.get(op)
     if fn is None:
         raise ValueError(f"unknown binary op {op!r}")
     a_shape, b_shape, out_shape = (tuple(int(d) for d in s) for s in (a_shape, b_shape, out_shape))
@@ -400,7 +414,93 @@ def concat(shapes, axis: int):
 
 
 @_builder
+def slice_axis(shape, axis: int, start: int, end: int):
+    """``main(x, y)``: ``y = x[..., start:end, ...]`` along ``axis`` (one output per thread)."""
+    shape = tuple(int(d) for d in shape)
+    axis = _normalize_axis(axis, len(shape))
+    if not 0 <= start < end <= shape[axis]:
+        raise ValueError(f"slice [{start}:{end}] outside axis {axis} of {shape}")
+    x = te.placeholder(shape, _F32, name="x")
+    out_shape = shape[:axis] + (end - start,) + shape[axis + 1:]
+    y = te.compute(out_shape, lambda *i: x[i[:axis] + (i[axis] + start,) + i[axis + 1:]], name="y")
+    return [x, y]
+
+
+@_builder
 def transpose(shape, dims: Sequence[int]):
     """``main(x, y)``: ``y = x.transpose(dims)``."""
     x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
     return [x, topi.transpose(x, [int(d) for d in dims])]
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer blocks
+# --------------------------------------------------------------------------------------------
+@_builder
+def matmul(a_shape, b_shape):
+    """``main(a: f32[..., M, K], b: f32[..., K, N], y: f32[..., M, N])``: numpy ``matmul``
+    (batch dimensions broadcast)."""
+    a_shape, b_shape = tuple(int(d) for d in a_shape), tuple(int(d) for d in b_shape)
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[-1] != b_shape[-2]:
+        raise ValueError(f"cannot matmul {a_shape} @ {b_shape}")
+    batch = tuple(int(d) for d in np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    out_shape = batch + (a_shape[-2], b_shape[-1])
+    a = te.placeholder(a_shape, _F32, name="a")
+    b = te.placeholder(b_shape, _F32, name="b")
+    k = te.reduce_axis((0, a_shape[-1]), "k")
+
+    def value(*i):
+        bi, m, n = i[:-2], i[-2], i[-1]
+        ai = _broadcast_index(bi, a_shape[:-2], batch) if batch else ()
+        bj = _broadcast_index(bi, b_shape[:-2], batch) if batch else ()
+        return te.sum(a[ai + (m, k)] * b[bj + (k, n)], axis=k)
+
+    return [a, b, te.compute(out_shape, value, name="y")]
+
+
+@_builder
+def layer_norm(shape, axis: int, eps: float):
+    """``main(x, w: f32[shape[axis:]], b: f32[shape[axis:]], y)``: the interpreter's
+    ``mean = sum(x) / D; d = x - mean; var = sum(d * d) / D; y = (d / sqrt(var + eps)) * w + b``."""
+    shape = tuple(int(d) for d in shape)
+    axis = _normalize_axis(axis, len(shape))
+    lead, normalized = shape[:axis], shape[axis:]
+    count = _f32(int(np.prod(normalized)))
+    x = te.placeholder(shape, _F32, name="x")
+    w = te.placeholder(normalized, _F32, name="w")
+    b = te.placeholder(normalized, _F32, name="b")
+    r1 = [te.reduce_axis((0, d), f"r{i}") for i, d in enumerate(normalized)]
+    total = te.compute(lead or (1,), lambda *i: te.sum(x[(i if lead else ()) + tuple(r1)], axis=r1), name="total")
+    mean = te.compute(lead or (1,), lambda *i: total[i] / count, name="mean")
+    r2 = [te.reduce_axis((0, d), f"s{i}") for i, d in enumerate(normalized)]
+
+    def sq(*i):
+        d = x[(i if lead else ()) + tuple(r2)] - mean[i]
+        return te.sum(d * d, axis=r2)
+
+    squares = te.compute(lead or (1,), sq, name="squares")
+    denom = te.compute(lead or (1,), lambda *i: tirx.sqrt(squares[i] / count + _f32(eps)), name="denom")
+
+    def norm(*i):
+        row = i[:axis] if lead else (0,)
+        return ((x[i] - mean[row]) / denom[row]) * w[i[axis:]] + b[i[axis:]]
+
+    return [x, w, b, te.compute(shape, norm, name="y")]
+
+
+@_builder
+def gelu(shape, approximate: str = "none"):
+    """``main(x, y)``: ``(x * 0.5) * (1 + erf(x * (1/sqrt 2)))`` (CUDA's erff), or the tanh form."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
+
+    def value(*i):
+        v = x[i]
+        if approximate == "tanh":
+            t = tirx.tanh(_f32(0.7978845608028654) * (v + _f32(0.044715) * ((v * v) * v)))
+        else:
+            t = tirx.erf(v * _f32(0.7071067811865476))
+        return (v * _f32(0.5)) * (_f32(1.0) + t)
+
+    return [x, te.compute(x.shape, value, name="y")]

@@ -54,8 +54,12 @@ __all__ = [
     "mean",
     "softmax",
     "concat",
+    "slice_axis",
     "transpose",
     "copy",
+    "matmul",
+    "layer_norm",
+    "gelu",
 ]
 
 F32 = "float32"
@@ -630,6 +634,8 @@ _BINARY = {
     "add": lambda a, b: a + b,
     "mul": lambda a, b: a * b,
     "minimum": tirx.Min,
+    "sub": lambda a, b: a - b,
+    "div": lambda a, b: a / b,
 }
 
 
@@ -661,15 +667,30 @@ def binary(op: str, a_shape, b_shape, out_shape) -> tirx.PrimFunc:
     return _prim_func(params, body)
 
 
+def _sigmoid(value):
+    """The interpreter's ``1 / (1 + exp(-x))`` (float32; LLVM's exp may differ from numpy's by an ulp)."""
+    return _f32(1.0) / (_f32(1.0) + tirx.exp(-value))
+
+
+_UNARY = {
+    "relu": lambda v, lo, hi: _activation(v, "relu", lo, hi),
+    "clip": lambda v, lo, hi: _activation(v, "clip", lo, hi),
+    "sigmoid": lambda v, lo, hi: _sigmoid(v),
+    "tanh": lambda v, lo, hi: tirx.tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
+}
+
+
 def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:
-    """``y = relu(x)`` or ``y = clip(x, lo, hi)``.  Parameters: ``x: f32[shape], y: f32[shape]``."""
-    if op not in ("relu", "clip"):
-        raise ValueError(f"unary op must be relu or clip, got {op!r}")
+    """``y = op(x)``: relu, clip (to ``[lo, hi]``), sigmoid or tanh.
+    Parameters: ``x: f32[shape], y: f32[shape]`` (parallel chunks, 16-lane vectors)."""
+    if op not in _UNARY:
+        raise ValueError(f"unary op must be one of {sorted(_UNARY)}, got {op!r}")
     shape = tuple(int(s) for s in shape)
+    fn = _UNARY[op]
 
     def body(x, y):
         x_flat, y_flat = _flat(x), _flat(y)
-        _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, _activation(x_flat[i], op, lo, hi), [i]))
+        _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, fn(x_flat[i], lo, hi), [i]))
 
     return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
 
@@ -700,6 +721,27 @@ def copy(shape) -> tirx.PrimFunc:
         _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, x_flat[i], [i]))
 
     return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+
+
+def slice_axis(shape, axis: int, start: int, end: int) -> tirx.PrimFunc:
+    """``y = x[..., start:end, ...]`` along ``axis`` (step 1).  Parameters: ``x: f32[shape], y``.
+
+    Viewed as ``[outer, A, inner]``: each of the ``outer`` rows copies one contiguous run of
+    ``(end - start) * inner`` elements (parallel over rows, vectorized along the run).
+    """
+    shape = tuple(int(s) for s in shape)
+    axis, outer, size, inner = _channel_view(shape, axis)
+    if not 0 <= start < end <= size:
+        raise ValueError(f"slice [{start}:{end}] outside axis {axis} of {shape}")
+    out_shape = shape[:axis] + (end - start,) + shape[axis + 1 :]
+    run = (end - start) * inner
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        _for_each(outer, run, lambda row, col: I.buffer_store(
+            y_flat, x_flat[row * (size * inner) + start * inner + col], [row * run + col]))
+
+    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
 
 
 def concat(shapes: Sequence[Sequence[int]], axis: int) -> tirx.PrimFunc:
@@ -1045,3 +1087,152 @@ def _emit_row_softmax(x_flat, y_flat, rows: int, length: int):
             with I.serial(0, tail) as t:
                 I.buffer_store(row_sum, row_sum[0] + y_flat[base + full * LANES + t], [0])
         _vector_span(lambda _r, col: I.buffer_store(y_flat, y_flat[base + col] / row_sum[0], [base + col]), row, 0, length)
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer blocks: batched matmul, layer norm, gelu
+# --------------------------------------------------------------------------------------------
+def matmul(a_shape, b_shape) -> tirx.PrimFunc:
+    """``y = a @ b`` (numpy ``matmul`` of two float tensors of rank >= 2, batch dims broadcast).
+
+    Parameters: ``a: f32[..., M, K], b: f32[..., K, N], y: f32[..., M, N]``.
+
+    Schedule: one task per output row (parallel when the product is large enough), the row
+    cut into column tiles of up to 64 (4 vectors); per tile, a register accumulator takes
+    ``a[m, k] * b[k, tile]`` (one broadcast, contiguous vector loads of ``b``) for every ``k``.
+    """
+    a_shape, b_shape = tuple(int(s) for s in a_shape), tuple(int(s) for s in b_shape)
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[-1] != b_shape[-2]:
+        raise ValueError(f"cannot matmul {a_shape} @ {b_shape}")
+    m, k, n = a_shape[-2], a_shape[-1], b_shape[-1]
+    batch = tuple(int(s) for s in np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    out_shape = batch + (m, n)
+    a_strides = [s * m * k for s in _broadcast_strides(a_shape[:-2], batch)] if batch else []
+    b_strides = [s * k * n for s in _broadcast_strides(b_shape[:-2], batch)] if batch else []
+    batches = _prod(batch)
+    tiles = _row_tiles(n, 4 * LANES)
+
+    def batch_offset(index, strides):
+        offset, rest = tirx.const(0, "int32"), index
+        for size, stride in zip(reversed(batch), reversed(strides)):
+            if stride:
+                offset = offset + (rest % size) * stride
+            rest = rest // size
+        return offset
+
+    def body(a, b, y):
+        a_flat, b_flat, y_flat = _flat(a), _flat(b), _flat(y)
+        with _parallel_or_serial(batches * m, batches * m * n * k) as task:
+            bi, row = task // m, task % m
+            a_row = batch_offset(bi, a_strides) + row * k
+            b_base = batch_offset(bi, b_strides)
+            start = 0
+            for count, width in tiles:
+                acc = _local((width,))
+                with I.serial(0, count) as t:
+                    col0 = start + t * width
+                    with I.vectorized(0, width) as lane:
+                        I.buffer_store(acc, _f32(0.0), [lane])
+                    with I.serial(0, k) as kk:
+                        with I.vectorized(0, width) as lane:
+                            product = a_flat[a_row + kk] * b_flat[b_base + kk * n + col0 + lane]
+                            I.buffer_store(acc, acc[lane] + product, [lane])
+                    with I.vectorized(0, width) as lane:
+                        I.buffer_store(y_flat, acc[lane], [task * n + col0 + lane])
+                start += count * width
+
+    return _prim_func([("a", a_shape, F32), ("b", b_shape, F32), ("y", out_shape, F32)], body)
+
+
+def _emit_row_sum(value: Callable, length: int, total):
+    """``total[0] = sum(value(i) for i in range(length))``: 16-lane partial sums, then a fold."""
+    full, tail = divmod(length, LANES)
+    partial = _local((LANES,))
+    with I.vectorized(0, LANES) as lane:
+        I.buffer_store(partial, _f32(0.0), [lane])
+    if full:
+        with I.serial(0, full) as v:
+            with I.vectorized(0, LANES) as lane:
+                I.buffer_store(partial, partial[lane] + value(v * LANES + lane), [lane])
+    I.buffer_store(total, _f32(0.0), [0])
+    with I.unroll(0, LANES) as lane:
+        I.buffer_store(total, total[0] + partial[lane], [0])
+    if tail:
+        with I.serial(0, tail) as t:
+            I.buffer_store(total, total[0] + value(full * LANES + t), [0])
+
+
+def layer_norm(shape, axis: int, eps: float) -> tirx.PrimFunc:
+    """Layer norm over the trailing axes from ``axis`` (the interpreter's order, float32):
+    ``mean = sum(x) / D; d = x - mean; var = sum(d * d) / D; y = (d / sqrt(var + eps)) * w + b``.
+
+    Parameters: ``x: f32[shape], w: f32[shape[axis:]], b: f32[shape[axis:]], y: f32[shape]``.
+    One task per row of ``D`` elements (parallel when large): two vectorized reductions, then
+    a vectorized normalize (the product by ``w`` rounded before ``+ b``: no FMA).
+    """
+    shape = tuple(int(s) for s in shape)
+    axis = axis % len(shape)
+    rows, length = _prod(shape[:axis]), _prod(shape[axis:])
+    normalized = shape[axis:]
+
+    def body(x, w, b, y):
+        x_flat, y_flat, w_flat, b_flat = _flat(x), _flat(y), _flat(w), _flat(b)
+        with _parallel_or_serial(rows, rows * length * 4) as row:
+            base = row * length
+            total, mean, denom = _local((1,)), _local((1,)), _local((1,))
+            _emit_row_sum(lambda i: x_flat[base + i], length, total)
+            I.buffer_store(mean, total[0] / _f32(length), [0])
+            _emit_row_sum(lambda i: (x_flat[base + i] - mean[0]) * (x_flat[base + i] - mean[0]), length, total)
+            I.buffer_store(denom, tirx.sqrt(total[0] / _f32(length) + _f32(eps)), [0])
+
+            def emit(_row, col):
+                scaled = _rounded(((x_flat[base + col] - mean[0]) / denom[0]) * w_flat[col])
+                I.buffer_store(y_flat, scaled + b_flat[col], [base + col])
+
+            _vector_span(emit, row, 0, length)
+
+    return _prim_func([("x", shape, F32), ("w", normalized, F32), ("b", normalized, F32), ("y", shape, F32)], body)
+
+
+# Rational approximation of erf on [-4, 4] (Eigen's / TVM's fast_erf; |error| < 1e-6 there, and
+# erf(x) rounds to +-1 in float32 beyond): vectorizes, where LLVM would call libm's scalar erff.
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+              -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+             -1.42647390514189e-02)
+
+
+def _erf(value):
+    x = tirx.Min(tirx.Max(value, _f32(-4.0)), _f32(4.0))
+    x2 = x * x
+    p = _f32(_ERF_ALPHA[0])
+    for c in _ERF_ALPHA[1:]:
+        p = p * x2 + _f32(c)
+    q = _f32(_ERF_BETA[0])
+    for c in _ERF_BETA[1:]:
+        q = q * x2 + _f32(c)
+    return (x * p) / q
+
+
+def _gelu(value, approximate: str):
+    """The interpreter's ``(x * 0.5) * (1 + erf(x * (1/sqrt 2)))`` or its tanh form."""
+    if approximate == "tanh":
+        inner = _f32(0.7978845608028654) * (value + _f32(0.044715) * ((value * value) * value))
+        t = tirx.tanh(inner)
+    else:
+        t = _erf(value * _f32(0.7071067811865476))
+    return (value * _f32(0.5)) * (_f32(1.0) + t)
+
+
+def gelu(shape, approximate: str = "none") -> tirx.PrimFunc:
+    """``y = gelu(x)`` (``approximate``: ``none``, the erf form, or ``tanh``).
+    Parameters: ``x: f32[shape], y: f32[shape]`` (parallel chunks, 16-lane vectors)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    shape = tuple(int(s) for s in shape)
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, _gelu(x_flat[i], approximate), [i]))
+
+    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)

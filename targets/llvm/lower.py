@@ -266,7 +266,7 @@ class _Lowerer:
         w = self.plan.weight(f"{n.name}.planes", packed)
         info.update(encoding="offset" if z else spec.encoding, zero_point=int(z))
         for c, acc in zip(codes, accs):
-            self.plan.call(f, [self._as_2d(c, n), w, {"planes": n.name}, {"int": int(z)}, acc], n.name)
+            self.plan.call(f, [self._as_2d(c, n), w, {"planes": n.name}, {"int": int(z)}, self._as_2d(acc, n)], n.name)
 
     def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str]) -> None:
         shape = n.attr("weight_shape")
@@ -295,10 +295,11 @@ class _Lowerer:
         info.update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z), k=int(np.prod(shape[1:])),
                     weight_shape=list(shape), groups=int(n.attr("groups", 1)), int8_buffer=w)
         for c, acc in zip(codes, accs):
-            self.plan.call(f, [self._as_2d(c, n), w, acc], n.name)
+            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
 
     def _as_2d(self, codes: str, n: Node) -> str:
-        """Dense kernels take ``[M, K]``: alias a higher-rank code buffer."""
+        """Dense kernels take ``[M, K]`` codes and give ``[M, N]`` accumulators: alias a
+        higher-rank buffer (e.g. a linear layer over ``[B, T, K]`` sequences)."""
         if n.op == "qconv2d":
             return codes
         shape = self.plan.buffers[codes]["shape"]
@@ -369,6 +370,8 @@ class _Lowerer:
 
     op_relu = _unary
     op_clip = _unary
+    op_sigmoid = _unary
+    op_tanh = _unary
 
     def _binary(self, n: Node) -> None:
         a, b = (self.ref(i) for i in n.inputs)
@@ -379,7 +382,9 @@ class _Lowerer:
 
     op_add = _binary
     op_mul = _binary
+    op_div = _binary
     op_minimum = _binary
+    op_sub = _binary
 
     def op_max_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
@@ -411,11 +416,33 @@ class _Lowerer:
         f = self.plan.func(f"softmax({s},{n.attr('axis')})", lambda: self.glue.softmax(s, n.attr("axis")))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
+    def op_matmul(self, n: Node) -> None:
+        a, b = (self.ref(i) for i in n.inputs)
+        a_shape, b_shape = tuple(self.plan.buffers[a]["shape"]), tuple(self.plan.buffers[b]["shape"])
+        f = self.plan.func(f"matmul({a_shape},{b_shape})", lambda: self.glue.matmul(a_shape, b_shape))
+        self.plan.call(f, [a, b, self.out(n)], n.name)
+
+    def op_layer_norm(self, n: Node) -> None:
+        s, axis, eps = n.type.shape, int(n.attr("axis")), float(n.attr("eps"))
+        f = self.plan.func(f"layer_norm({s},{axis},{eps!r})", lambda: self.glue.layer_norm(s, axis, eps))
+        self.plan.call(f, [self.ref(i) for i in n.inputs] + [self.out(n)], n.name)
+
+    def op_gelu(self, n: Node) -> None:
+        s, approximate = n.type.shape, str(n.attr("approximate", "none"))
+        f = self.plan.func(f"gelu({s},{approximate})", lambda: self.glue.gelu(s, approximate))
+        self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
+
     def op_cat(self, n: Node) -> None:
         ins = [self.ref(i) for i in n.inputs]
         shapes = tuple(tuple(self.plan.buffers[i]["shape"]) for i in ins)
         f = self.plan.func(f"concat({shapes},{n.attr('axis')})", lambda: self.glue.concat(shapes, n.attr("axis")))
         self.plan.call(f, ins + [self.out(n)], n.name)
+
+    def op_slice(self, n: Node) -> None:
+        s = tuple(self.g.type_of(n.inputs[0]).shape)
+        axis, start, end = int(n.attr("axis")), int(n.attr("start")), int(n.attr("end"))
+        f = self.plan.func(f"slice_axis({s},{axis},{start},{end})", lambda: self.glue.slice_axis(s, axis, start, end))
+        self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def op_permute(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)

@@ -41,7 +41,8 @@ def build_plan(plan: Plan, target) -> object:
         return tvm.compile(mod, target=target)
 
 
-def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict) -> Path:
+def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict, *, fcompile=None) -> Path:
+    """``fcompile``: the linker ``export_library`` uses (a cross compiler for foreign targets)."""
     from csqc.modelfile import atomic_write
 
     doc = {
@@ -54,7 +55,7 @@ def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict) 
     def write(tmp):
         with tempfile.TemporaryDirectory() as d:
             lib = os.path.join(d, "lib.so")
-            executable.export_library(lib)
+            executable.export_library(lib, fcompile=fcompile)
             shutil.copyfile(lib, tmp)
         with zipfile.ZipFile(tmp, "a", zipfile.ZIP_STORED) as z:
             write_member(z, "plan.json", json.dumps(doc).encode())

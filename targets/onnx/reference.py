@@ -512,6 +512,24 @@ def _emit_cat(e: GraphEmitter, n: Node) -> str:
     return e.b.op("Concat", [e.float_of(i) for i in n.inputs], _name(e, n), exact_name=True, axis=int(n.attr("axis")))
 
 
+def _emit_slice(e: GraphEmitter, n: Node) -> str:
+    axis = int(n.attr("axis"))
+    if axis == 0 and e.dynamic_batch:
+        raise CompileError(f"{n.name}: a slice of the batch dimension needs a fixed batch size")
+    starts = e.b.const("starts", np.array([n.attr("start")], np.int64))
+    ends = e.b.const("ends", np.array([n.attr("end")], np.int64))
+    axes = e.b.const("axes", np.array([axis], np.int64))
+    return e.b.op("Slice", [e.float_of(n.inputs[0]), starts, ends, axes], _name(e, n), exact_name=True)
+
+
+def _emit_layer_norm(e: GraphEmitter, n: Node) -> str:
+    axis = int(n.attr("axis"))
+    if axis == 0 and e.dynamic_batch:
+        raise CompileError(f"{n.name}: a layer norm over the batch dimension needs a fixed batch size")
+    return e.b.op("LayerNormalization", [e.float_of(i) for i in n.inputs], _name(e, n), exact_name=True,
+                  axis=axis, epsilon=float(n.attr("eps")))
+
+
 EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "quantize": _emit_quantize,
     "dequantize": _emit_dequantize,
@@ -535,6 +553,15 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
                                    perm=list(n.attr("dims"))),
     "softmax": lambda e, n: e.b.op("Softmax", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,
                                    axis=int(n.attr("axis"))),
+    "sigmoid": _simple("Sigmoid"),
+    "tanh": _simple("Tanh"),
+    "sub": _simple("Sub"),
+    "slice": _emit_slice,
+    "matmul": _simple("MatMul"),
+    "layer_norm": _emit_layer_norm,
+    "gelu": lambda e, n: e.b.op("Gelu", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,
+                                approximate=str(n.attr("approximate", "none"))),
+    "div": _simple("Div"),
 }
 
 
