@@ -5,7 +5,10 @@ quantization removed), on the same inputs, with the same thread count:
 PyTorch fp32 eager, ONNX Runtime fp32, ONNX Runtime int8 (static QDQ, uint8 activations,
 int8 per-channel weights), ONNX Runtime dynamic int8 (models whose layers are all linear),
 and ``MatMulNBits`` 4-bit (linear layers). Rounds are interleaved with short idle gaps so
-thread pools of one runtime do not distort another's timing; medians are reported.
+thread pools of one runtime do not distort another's timing; medians are reported. ORT
+sessions stop spinning when a run returns (their default pools spin between runs and would
+take the cores from the runtime timed next); each ORT baseline is then also timed alone in its
+default spinning pool and keeps the faster of the two.
 Machines are shared and noisy: read ratios, not absolute times.
 
 ``device="cuda"`` times a CUDA artifact on the GPU against PyTorch fp32 and fp16 (cuBLAS/cuDNN)
@@ -176,14 +179,35 @@ def torch_runner(g: Graph, device: str = "cpu", dtype: str = "float32") -> Calla
     return run
 
 
-def _ort_session(model_bytes: bytes, threads: int, provider: str = "CPUExecutionProvider"):
+def _ort_session(model_bytes: bytes, threads: int, provider: str = "CPUExecutionProvider", spinning: bool = False):
+    """``spinning=False``: the pool stops spinning when ``run`` returns. By default ONNX Runtime's
+    threads keep spinning between runs; in a process that times several runtimes in turn they
+    would steal the cores from every other runtime (measured here: csqc 2x slower next to one
+    idle ORT session)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model_bytes, opts, providers=[provider])
+
+
+class _OrtRunner:
+    """An ORT baseline; ``spinning()`` gives the same model in ORT's default (spinning) pool."""
+
+    def __init__(self, model_bytes: bytes, names: list[str], threads: int, provider: str, spinning: bool = False):
+        self._args = (model_bytes, names, threads, provider)
+        self._names = names
+        self._sess = _ort_session(model_bytes, threads, provider, spinning)
+
+    def __call__(self, *xs):
+        return self._sess.run(None, dict(zip(self._names, xs)))[0]
+
+    def spinning(self) -> "_OrtRunner":
+        return _OrtRunner(*self._args, spinning=True)
 
 
 def _onnx_baselines(fg: Graph, calib: list, threads: int, tmp: Path,
@@ -207,8 +231,7 @@ def _onnx_baselines(fg: Graph, calib: list, threads: int, tmp: Path,
     weight_bytes = sum(int(v.nbytes) for v in fg.params.values())
 
     def runner(path: Path):
-        sess = _ort_session(path.read_bytes(), threads, provider)
-        return lambda *xs: sess.run(None, dict(zip(names, xs)))[0]
+        return _OrtRunner(path.read_bytes(), names, threads, provider)
 
     out["onnxruntime-fp32"] = (runner(fp32_path), weight_bytes, "")
     pre = tmp / "pre.onnx"
@@ -250,19 +273,30 @@ def _onnx_baselines(fg: Graph, calib: list, threads: int, tmp: Path,
     return out
 
 
-def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
+ROUND_SECONDS = 0.05  # each runtime's share of a round
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
+                      round_seconds: float = ROUND_SECONDS) -> dict[str, float]:
+    """Median latency per runtime (us) over ``rounds`` rounds, each runtime in turn.
+
+    Each runtime's turn lasts about ``round_seconds`` (its call count is sized from warm calls):
+    short turns measured caches and thread pools still cold from the previous runtime (here
+    10 ms turns made csqc's int8 GEMV 1.7x slower than when run alone; 50 ms turns agree).
+    """
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():  # warm up every runtime first
-        for _ in range(3):
-            f()
+    calls = {}
+    for key, f in fns.items():  # warm up every runtime, and size its turn
+        f()
+        calls[key] = max(1, min(5000, int(round_seconds / max(1e-7, min(_once(f) for _ in range(3))))))
     for _ in range(rounds):
         for key, f in fns.items():
-            time.sleep(0.02)  # let the previous runtime's spinning threads go idle
+            time.sleep(0.02)  # let the previous runtime's threads go idle
             f()  # and wake this one's thread pool: steady-state latency is what is compared
             t = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(calls[key]):
                 f()
-            samples[key].append((time.perf_counter() - t) / per_round)
+            samples[key].append((time.perf_counter() - t) / calls[key])
     return {k: float(np.median(v) * 1e6) for k, v in samples.items()}
 
 
@@ -320,13 +354,16 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         if baselines:
             fg = float_graph(optimize(model, "none", batch=shape[0]))
             fp32_bytes = sum(int(v.nbytes) for v in fg.params.values())
+            ort_runners = {}
             for name, (fn, size, note) in _baselines(fg, calib, threads, tmp, device, notes).items():
                 fns[name] = (lambda f=fn: f(*xs))
                 sizes[name] = (size or fp32_bytes, note)
+                if isinstance(fn, _OrtRunner):
+                    ort_runners[name] = fn
         gc.collect()
-        # ~10 ms of csqc calls per round, sized from warm calls (the first call is cold)
-        per_round = max(1, int(10e-3 / max(1e-6, float(np.median([_once(fns["csqc"]) for _ in range(5)])))))
-        medians = _time_interleaved(fns, rounds, min(per_round, 500))
+        medians = _time_interleaved(fns, rounds)
+        if baselines:
+            _best_of_spinning_ort(ort_runners, xs, medians, sizes, max(5, rounds // 2))
         report = BenchReport(model.manifest.get("metadata", {}).get("recipe") or Path(model.source).stem or "model",
                              shape[0], threads, cpu=art.plan["target"].get("mcpu", ""), device=device, notes=notes)
         for key, us in medians.items():
@@ -336,6 +373,21 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         elif sweep_planes:
             report.sweep = _sweep(art, model, shape, dataset)
     return report
+
+
+def _best_of_spinning_ort(runners: dict, xs, medians: dict, sizes: dict, rounds: int) -> None:
+    """Give each ORT baseline its best configuration: also time it alone in ORT's default
+    spinning pool (no other runtime runs meanwhile, so its spinning hurts no one) and keep
+    the faster median. Claims against ORT are then never made against a handicapped ORT."""
+    for name, fn in runners.items():
+        spinning = fn.spinning()
+        us = _time_interleaved({name: lambda f=spinning: f(*xs)}, rounds)[name]
+        del spinning
+        gc.collect()  # ends the spinning pool's threads before the next baseline
+        if us < medians[name]:
+            medians[name] = us
+            size, note = sizes[name]
+            sizes[name] = (size, (f"{note}; " if note else "") + "default spinning pool, timed alone")
 
 
 _ARTIFACT_KIND = {"cpu": "llvm", "cuda": "cuda"}  # --device -> the artifact target it times

@@ -217,7 +217,8 @@ def test_cli_bench_json_and_plane_sweep(compiled):
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     runtimes = {r["runtime"] for r in data["results"]}
-    assert {"csqc", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int8-dynamic"} <= runtimes
+    assert {"csqc", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int8-dynamic",
+            "onnxruntime-matmulnbits-4b"} <= runtimes
     assert all(r["median_us"] > 0 and "weight_bytes" in r for r in data["results"])
     sweep = data["sweep_planes"]
     assert sweep[0]["skip_planes"] == 0 and len(sweep) >= 2
