@@ -1,6 +1,7 @@
 """The speed goals of the CPU target, measured side by side in one process.
 
-    python benchmarks/goals.py [--only NAME ...] [--json out.json]
+    python benchmarks/goals.py [--only NAME ...] [--json out.json] [--markdown]
+    python benchmarks/goals.py --markdown --from-json out.json   # the README table of a saved run
 
 For each goal model: convert a float model (random init) with csqc.convert, finalize, save,
 compile for the LLVM target and time it against PyTorch fp32, ONNX Runtime fp32 and int8
@@ -50,7 +51,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="csqc CPU speed goals")
     parser.add_argument("--only", nargs="*", choices=sorted(GOALS))
     parser.add_argument("--json", help="also write all reports here")
+    parser.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
+    parser.add_argument("--from-json", help="print the table of a saved run instead of measuring")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(markdown_table(json.load(f)))
+        return 0
     torch.set_num_threads(2)
     reports = {}
     for name in args.only or GOALS:
@@ -80,7 +87,26 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=2)
+    if args.markdown:
+        print(markdown_table(reports))
     return 0
+
+
+def markdown_table(reports: dict) -> str:
+    """One row per goal model: median latencies and csqc's speed-up over each baseline."""
+    columns = ["onnxruntime-int8", "onnxruntime-int8-dynamic", "onnxruntime-matmulnbits-4b", "onnxruntime-fp32",
+               "pytorch-fp32"]
+    short = {"onnxruntime-int8": "ORT int8 QDQ", "onnxruntime-int8-dynamic": "ORT int8 dynamic",
+             "onnxruntime-matmulnbits-4b": "ORT MatMulNBits 4b", "onnxruntime-fp32": "ORT fp32",
+             "pytorch-fp32": "PyTorch fp32"}
+    lines = ["| model (batch) | csqc | " + " | ".join(short[c] for c in columns) + " | compile | weights vs ideal |",
+             "|---" * (len(columns) + 4) + "|"]
+    for name, r in reports.items():
+        us = {x["runtime"]: x["median_us"] for x in r["results"]}
+        cells = [f"{us[c]:,.0f} us ({us[c] / us['csqc']:.2f}x)" if c in us else "-" for c in columns]
+        lines.append(f"| {name} ({r['batch']}) | {us['csqc']:,.0f} us | " + " | ".join(cells)
+                     + f" | {r['compile_seconds']:.1f} s | {r['weight_bytes_vs_ideal']:.2f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
