@@ -87,12 +87,18 @@ class CompiledModel:
         self.buffers = self._allocate(weights)
         self._calls_cache: dict = {}
         self._repacked: dict[str, int] = {}
+        self._offsets_for: dict[str, int] = {}
+        self._plane_sums: dict[str, np.ndarray] = {}
         self.inputs = self.plan["inputs"]
         self.outputs = self.plan["outputs"]
         self.layers: dict[str, dict] = self.plan["layers"]
         self._has_bitparallel = any(info["kernel"] == "bitparallel" for info in self.layers.values())
+        self._has_offsets = any("acc_offset" in info for info in self.layers.values())
+        # offset buffers are derived, but verify needs them next to the accumulators they correct
+        self._recorded_derived = {info["acc_offset"] for info in self.layers.values() if "acc_offset" in info}
         try:
             self._repack_bitparallel(())  # build the int8 weights of bit-parallel layers from their planes
+            self._fill_acc_offsets(())
         except (ValueError, TypeError, IndexError) as e:
             raise BadInput(f"{path}: the bit-parallel weights cannot be rebuilt from the stored planes "
                            f"({_reason(e)}); the artifact is damaged, compile the model again") from None
@@ -196,6 +202,38 @@ class CompiledModel:
             self.buffers[info["int8_buffer"]].copyfrom(np.ascontiguousarray(packed))
             self._repacked[name] = skip
 
+    def _fill_acc_offsets(self, skips: tuple) -> None:
+        """Layers fed offset activation codes (``code + L``) subtract ``L * sum_k q[c, k]`` in
+        their epilogue; ``q`` is the weight of the planes kept for this plane setting."""
+        wanted = dict(skips)
+        for name, info in self.layers.items():
+            if "acc_offset" not in info:
+                continue
+            skip = wanted.get(name, 0)
+            if self._offsets_for.get(name) == skip:
+                continue
+            if name not in self._plane_sums:
+                ones = self._plane_ones(name, info)
+                self._plane_sums[name] = np.stack([sign * (ones[i] << shift) for i, (shift, sign) in
+                                                   enumerate(info["plane_spec"])]) if info["plane_spec"] else ones
+            kept = self._kept_planes(name, skip)
+            weight_sum = self._plane_sums[name][:kept].sum(axis=0, dtype=np.int64) - info["zero_point"] * info["k"]
+            buf = self.buffers[info["acc_offset"]]
+            buf.copyfrom((weight_sum * info["code_offset"]).astype(buf.dtype))
+            self._offsets_for[name] = skip
+
+    def _plane_ones(self, name: str, info: dict) -> np.ndarray:
+        """Ones per weight plane and output channel (int64 ``[P, N]``), from the stored planes."""
+        n = self.plan["buffers"][info["acc_offset"]]["shape"][0]
+        if info["kernel"] == "bitparallel":
+            bits = np.unpackbits(self._weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
+            return bits.sum(axis=-1, dtype=np.int64)
+        packed = self._weights[info["weight_planes"]]  # bit-serial layout [N tiles, P, K words, lanes] (zero padded)
+        tiles, planes, words, lanes = packed.shape
+        as_bytes = np.ascontiguousarray(packed).view(np.uint8).reshape(tiles, planes, words, lanes, -1)
+        ones = np.unpackbits(as_bytes, axis=-1).sum(axis=(2, 4), dtype=np.int64)  # [N tiles, P, lanes]
+        return ones.transpose(1, 0, 2).reshape(planes, tiles * lanes)[:, :n]
+
     def _check_input(self, spec: dict, x) -> np.ndarray:
         x = np.asarray(x)
         if x.shape != tuple(spec["shape"]):
@@ -229,6 +267,8 @@ class CompiledModel:
         skips = self._skips(skip_planes)
         if self._has_bitparallel:
             self._repack_bitparallel(skips)
+        if self._has_offsets:
+            self._fill_acc_offsets(skips)
         try:
             for func, args in self._calls(skips):
                 func(*args)
@@ -237,7 +277,7 @@ class CompiledModel:
                            "the artifact is damaged, compile the model again") from None
         if record is not None:
             for name, spec in self.plan["buffers"].items():
-                if spec["kind"] not in ("weight", "derived"):
+                if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
                     record[name] = self.buffers[name].numpy()
         if self._host:
             outs = [v.copy() for v in self._out_views]
@@ -354,6 +394,10 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     shifts = info.get("plane_shifts")
     if shifts is not None and not (isinstance(shifts, list) and all(type(s) is int and 0 <= s < 63 for s in shifts)):
         return f"layer {name!r} has plane shifts {shifts!r}"
+    if "acc_offset" in info:
+        problem = _offset_problem(name, info, buffers, weights)
+        if problem:
+            return problem
     if info["kernel"] != "bitparallel":
         return None
     spec, shape, k = info.get("plane_spec"), info.get("weight_shape"), info.get("k")
@@ -370,6 +414,33 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     planes = weights.get(f"{name}.bitplanes")
     if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):
         return f"bit-parallel layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"
+    return None
+
+
+def _offset_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, np.ndarray]) -> str | None:
+    """A layer fed offset codes needs a derived offset buffer and the planes to sum."""
+    off = info.get("acc_offset")
+    spec = buffers.get(off) if isinstance(off, str) else None
+    if spec is None or spec["kind"] != "derived" or len(spec["shape"]) != 1 or spec["dtype"] not in ("int32", "int64"):
+        return f"layer {name!r} needs a derived int32 or int64 offset buffer"
+    for key in ("code_offset", "zero_point", "k"):
+        if type(info.get(key)) is not int or not 0 <= abs(info[key]) < 2**31:
+            return f"layer {name!r} needs an integer {key}"
+    plane_spec, n = info.get("plane_spec"), spec["shape"][0]
+    if not (isinstance(plane_spec, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int
+                                                 and 0 <= p[0] < 63 and p[1] in (1, -1) and type(p[1]) is int
+                                                 for p in plane_spec)):
+        return f"layer {name!r} has plane spec {plane_spec!r}"
+    if info["kernel"] == "bitparallel":
+        planes, want = weights.get(f"{name}.bitplanes"), (len(plane_spec), n, -(-info["k"] // 8))
+        if not (isinstance(planes, np.ndarray) and planes.dtype == np.uint8 and planes.shape == want):
+            return f"layer {name!r} needs uint8 bitplanes of shape {list(want)}"
+        return None
+    planes = weights.get(info.get("weight_planes")) if isinstance(info.get("weight_planes"), str) else None
+    if not (isinstance(planes, np.ndarray) and planes.dtype == np.uint32 and planes.ndim == 4
+            and planes.shape[1] == len(plane_spec) and planes.shape[0] * planes.shape[3] >= n
+            and planes.shape[2] * 32 >= info["k"]):
+        return f"layer {name!r} needs uint32 weight planes [N tiles, {len(plane_spec)}, K words, lanes]"
     return None
 
 

@@ -246,8 +246,12 @@ def _open_tvm_artifact(path: str) -> Runtime:
                 v = record[buf]
                 if key == "xq":
                     v = v.astype(np.int64) - record[names["xq_neg"]] if names.get("xq_neg") else v
+                    if names.get("xq_offset"):  # offset codes: code + L in one buffer
+                        v = v.astype(np.int64) - int(names["xq_offset"])
                 elif key == "acc":
                     v = v.astype(np.int64) - record[names["acc_neg"]] if names.get("acc_neg") else v.astype(np.int64)
+                    if names.get("acc_offset"):  # the product of offset codes, less L * sum_k q[c, k]
+                        v = v - record[names["acc_offset"]].astype(np.int64)
                     v = v << int(names.get("acc_shift", 0))
                 elif key == "scale":
                     v = np.float32(v.reshape(-1)[0])

@@ -77,7 +77,8 @@ def choose_kernel(n, rows: int, q: np.ndarray) -> LayerChoice:
 def aarch64_backend() -> SimpleNamespace:
     from csqc.targets.llvm import glue, kernels, packing
 
-    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel)
+    # the LLVM glue and kernels: signed activations of linear layers use offset codes too
+    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel, offset_codes=True)
 
 
 def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel: str | None = None,

@@ -8,8 +8,10 @@ pooling, reductions, softmax and layout ops.
 Semantics and float32 operation order follow the golden model, :mod:`csqc.interpreter`:
 
 * quantize: ``S = static_scale`` if > 0 else ``max|x|``; ``codes = round_half_even((|x| * L) / S)``
-  (clamped to ``L`` when static), as uint8 magnitudes (pos / neg planes when signed).
-* epilogue: ``y = ((f32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then the activation.
+  (clamped to ``L`` when static), as uint8 magnitudes (pos / neg planes when signed), or for
+  signed activations as one offset code ``sign(x) * code + L`` (``offset=True``).
+* epilogue: ``y = ((f32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then the activation; with
+  offset codes ``acc - acc_offset[c]`` replaces ``acc - acc_neg``.
 * pooling / mean: sum, then one division; max pooling pads with -inf.
 
 Exactness: LLVM is allowed to contract ``a * b + c`` into an FMA under TVM's default target
@@ -232,7 +234,8 @@ def _emit_abs_max(x_flat, n: int, scale):
             I.buffer_store(scale, tirx.Max(scale[0], tirx.abs(x_flat[units * unit + i])), [0])
 
 
-def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool) -> tirx.PrimFunc:
+def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
+             offset: bool = False) -> tirx.PrimFunc:
     """The interpreter's ``_quantize`` as a kernel.
 
     Parameters: ``x: float32[shape], scale: float32[1], codes_pos: uint8[shape]`` and, when
@@ -240,18 +243,23 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool)
     magnitudes ``round_half_even((|x| * L) / S)`` where ``x > 0`` (pos) / ``x < 0`` (neg), 0
     elsewhere, clamped to ``L`` when the scale is static.  Unsigned activations (``x >= 0`` by
     the IR) have only ``codes_pos``.
+
+    ``offset`` (signed only, ``bits <= 7``): a single ``codes`` output holding the signed code
+    plus ``L``, in ``[0, 2L]``, so a layer multiplies once instead of once per sign.
     """
     shape = tuple(int(s) for s in shape)
     levels = _levels(bits)
+    if offset and not (signed and bits <= 7):
+        raise ValueError(f"offset codes need signed activations of at most 7 bits (2L must fit uint8), got {bits}")
     is_static = static_scale > 0
     n = _prod(shape)
     params = [("x", shape, F32), ("scale", (1,), F32), ("codes_pos", shape, "uint8")]
-    if signed:
+    if signed and not offset:
         params.append(("codes_neg", shape, "uint8"))
 
     def body(x, scale, codes_pos, codes_neg=None):
         x_flat, pos_flat = _flat(x), _flat(codes_pos)
-        neg_flat = _flat(codes_neg) if signed else None
+        neg_flat = _flat(codes_neg) if codes_neg is not None else None
         if is_static:
             I.buffer_store(scale, _f32(static_scale), [0])
         else:
@@ -267,8 +275,14 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool)
             if is_static:
                 magnitude = tirx.Min(magnitude, _f32(levels))
             zero = _f32(0.0)
+            if offset:
+                # integers below 2^24 are exact in float32: L +- magnitude is the exact code
+                center = _f32(levels)
+                code = tirx.Select(value > zero, center + magnitude, tirx.Select(value < zero, center - magnitude, center))
+                I.buffer_store(pos_flat, tirx.Cast("uint8", code), [i])
+                return
             I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Select(value > zero, magnitude, zero)), [i])
-            if signed:
+            if neg_flat is not None:
                 I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Select(value < zero, magnitude, zero)), [i])
 
         _for_each(1, n, emit)
@@ -276,15 +290,17 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool)
     return _prim_func(params, body)
 
 
-def dequantize(shape: Sequence[int], bits: int, signed: bool = False) -> tirx.PrimFunc:
+def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bool = False) -> tirx.PrimFunc:
     """``QValue.dequantize``: ``y = (float32(code) * S) / L``.
 
     Parameters: ``codes: uint8[shape], scale: float32[1], y: float32[shape]``, or when
-    ``signed``: ``codes_pos, codes_neg, scale, y`` (``code = pos - neg``).
+    ``signed``: ``codes_pos, codes_neg, scale, y`` (``code = pos - neg``); with ``offset``
+    (offset codes from ``quantize(..., offset=True)``) one ``codes`` buffer, ``code = codes - L``.
     """
     shape = tuple(int(s) for s in shape)
     levels = _levels(bits)
-    code_params = [("codes_pos", shape, "uint8"), ("codes_neg", shape, "uint8")] if signed else [("codes", shape, "uint8")]
+    two_parts = signed and not offset
+    code_params = [("codes_pos", shape, "uint8"), ("codes_neg", shape, "uint8")] if two_parts else [("codes", shape, "uint8")]
     params = code_params + [("scale", (1,), F32), ("y", shape, F32)]
 
     def body(*buffers):
@@ -294,8 +310,10 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False) -> tirx.Pr
 
         def emit(_row, i):
             code = tirx.Cast("int32", code_flats[0][i])
-            if signed:
+            if two_parts:
                 code = code - tirx.Cast("int32", code_flats[1][i])
+            elif offset:
+                code = code - tirx.const(levels, "int32")
             I.buffer_store(y_flat, (tirx.Cast(F32, code) * scale[0]) / _f32(levels), [i])
 
         _for_each(1, _prod(shape), emit)
@@ -304,10 +322,13 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False) -> tirx.Pr
 
 
 def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: str, clip_lo: float,
-             clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False) -> tirx.PrimFunc:
+             clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False,
+             has_offset: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
+    ``acc_offset: acc_dtype[C]`` (when ``has_offset``: the product of offset activation codes
+    carries ``L * sum_k q[c, k]`` per output channel, subtracted here in integers),
     ``scale: float32[1]`` (when ``levels`` is not None), ``mult: float32[C]``,
     ``add: float32[C]`` (when ``has_add``), ``y: float32[shape]``; ``C = shape[channel_axis]``.
 
@@ -319,12 +340,16 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     shape = tuple(int(s) for s in shape)
     _, _, channels, _ = _channel_view(shape, channel_axis)
     if levels is None:
-        acc_dtype, has_neg = F32, False
+        acc_dtype, has_neg, has_offset = F32, False, False
     elif acc_dtype not in ("int32", "int64"):
         raise ValueError(f"acc_dtype must be int32 or int64, got {acc_dtype}")
+    if has_neg and has_offset:
+        raise ValueError("an accumulator is split by sign or offset, not both")
     params = [("acc", shape, acc_dtype)]
     if has_neg:
         params.append(("acc_neg", shape, acc_dtype))
+    if has_offset:
+        params.append(("acc_offset", (channels,), acc_dtype))
     if levels is not None:
         params.append(("scale", (1,), F32))
     params.append(("mult", (channels,), F32))
@@ -336,6 +361,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         named = dict(zip([p[0] for p in params], buffers))
         acc_flat, y_flat = _flat(named["acc"]), _flat(named["y"])
         neg_flat = _flat(named["acc_neg"]) if has_neg else None
+        acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
 
         def emit(i, c):
@@ -343,6 +369,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                 value = acc_flat[i]
             else:
                 acc = acc_flat[i] - neg_flat[i] if has_neg else acc_flat[i]
+                if acc_offset is not None:
+                    acc = acc - acc_offset[c]
                 value = (tirx.Cast(F32, acc) * named["scale"][0]) / _f32(levels)
             value = value * mult[c]
             if add is not None:

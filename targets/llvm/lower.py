@@ -25,6 +25,7 @@ from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node, QUANT_LAYER_OPS
 from csqc.bitplanes import unpack_planes
+from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from types import SimpleNamespace
 
@@ -114,7 +115,9 @@ def cpu_backend() -> SimpleNamespace:
     """The kernel builders of the CPU target (a GPU target passes its own with the same API)."""
     from . import glue, kernels, packing
 
-    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel)
+    # offset_codes: signed activations feeding only linear layers are quantized to one offset
+    # code buffer (code + L), so each layer multiplies once instead of once per sign
+    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel, offset_codes=True)
 
 
 class _Lowerer:
@@ -128,6 +131,9 @@ class _Lowerer:
         self.on_layer = on_layer
         self.producers = g.producers()
         self.quant_parts: dict[str, tuple[str, str | None, str]] = {}  # quantize node -> (pos, neg, scale)
+        self.offset_codes = bool(getattr(b, "offset_codes", False))
+        self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
+        self.users = g.users()
 
     # -- helpers -----------------------------------------------------------------------------
     def ref(self, value: str) -> str:
@@ -161,22 +167,48 @@ class _Lowerer:
             self.plan.outputs.append({"name": o, "shape": buf["shape"], "dtype": buf["dtype"]})
         return self.plan
 
+    def _offset_codes_fit(self, n: Node) -> bool:
+        """Whether signed codes of quantize node ``n`` can be offset codes ``code + L``.
+
+        Offset codes are in ``[0, 2L]``: they fit uint8 up to 7 bits, and doubling the largest
+        code doubles the accumulator bound, which must stay within every user's accumulator.
+        Convolutions keep sign parts: zero padding would read as code ``-L``.
+        """
+        if not (self.offset_codes and n.attr("signed") and n.attr("bits") <= 7):
+            return False
+        for user in self.users.get(n.name, []):
+            if user.op == "dequantize":
+                continue
+            if user.op != "qlinear" or user.inputs[0] != n.name:
+                return False
+            limit = INT32_LIMIT if user.quant.acc_dtype == "int32" else 2**63 - 1
+            if 2 * accumulator_bound(self.g, user) > limit:
+                return False
+        return True
+
     def op_quantize(self, n: Node) -> None:
         bits, static, signed = n.attr("bits"), float(n.attr("static_scale", 0.0)), bool(n.attr("signed"))
+        offset = self._offset_codes_fit(n)
         shape = n.type.shape
-        key = f"quantize({shape},{bits},{static!r},{signed})"
-        f = self.plan.func(key, lambda: self.glue.quantize(shape, bits, static, signed))
+        key = f"quantize({shape},{bits},{static!r},{signed})" + (",offset" if offset else "")
+        f = self.plan.func(key, lambda: self.glue.quantize(shape, bits, static, signed, offset) if offset
+                           else self.glue.quantize(shape, bits, static, signed))
         scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
         pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
-        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed else None
+        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed and not offset else None
         self.plan.call(f, [self.ref(n.inputs[0]), scale, pos] + ([neg] if neg else []), n.name)
         self.quant_parts[n.name] = (pos, neg, scale)
+        if offset:
+            self.code_offset[n.name] = 2**bits - 1
 
     def op_dequantize(self, n: Node) -> None:
         pos, neg, scale = self.quant_parts[n.inputs[0]]
         bits = self.producers[n.inputs[0]].attr("bits")
         shape = n.type.shape
-        f = self.plan.func(f"dequantize({shape},{bits},{neg is not None})", lambda: self.glue.dequantize(shape, bits, neg is not None))
+        if n.inputs[0] in self.code_offset:
+            f = self.plan.func(f"dequantize({shape},{bits},True,offset)", lambda: self.glue.dequantize(shape, bits, True, True))
+        else:
+            f = self.plan.func(f"dequantize({shape},{bits},{neg is not None})", lambda: self.glue.dequantize(shape, bits, neg is not None))
         self.plan.call(f, [pos] + ([neg] if neg else []) + [scale, self.out(n)], n.name)
 
     def _quant_layer(self, n: Node) -> None:
@@ -208,6 +240,7 @@ class _Lowerer:
             self.plan.call(f, [acc, mult] + ([add] if add else []) + [self.out(n)], n.name)
             return
         pos, neg, scale = self.quant_parts[n.inputs[0]]
+        code_offset = self.code_offset.get(n.inputs[0], 0)
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
         accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
         if neg:
@@ -216,14 +249,37 @@ class _Lowerer:
         info["tensors"] = {"in": self.ref(self.producers[n.inputs[0]].inputs[0]), "xq": pos, "xq_neg": neg,
                            "scale": scale, "acc": accs[0], "acc_neg": accs[1] if neg else None,
                            "acc_shift": spec.low_shift, "out": n.name}
+        # offset codes: the kernel multiplies codes + L, so its acc exceeds the true one by
+        # L * sum_k q[c, k]; the runtime keeps that per-channel term (for the planes in use)
+        # in acc_offset, and the epilogue (and verify) subtract it
+        acc_offset = self.plan.buffer(f"{n.name}.acc_offset", (shape[axis],), acc_dtype, "derived") if code_offset else None
+        if code_offset:
+            info["tensors"].update(xq_offset=code_offset, acc_offset=acc_offset)
         if choice.kernel == "bitserial":
-            self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs)
+            self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, code_offset)
         else:
             self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs)
+        if code_offset:
+            self._record_weight_sums(n, info, code_offset, acc_offset)
         levels = 2**spec.act_bits - 1
-        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})"
-        f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype, neg is not None))
-        self.plan.call(f, accs + [scale, mult] + ([add] if add else []) + [self.out(n)], n.name)
+        has_offset = acc_offset is not None
+        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})" + (
+            ",offset" if has_offset else "")
+        f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
+                                                           neg is not None, **({"has_offset": True} if has_offset else {})))
+        self.plan.call(f, accs + ([acc_offset] if has_offset else []) + [scale, mult] + ([add] if add else []) + [self.out(n)],
+                       n.name)
+
+    def _record_weight_sums(self, n: Node, info: dict, code_offset: int, acc_offset: str) -> None:
+        """What the runtime needs to form ``L * sum_k q[c, k]`` for exactly the planes a call
+        uses (``csqc.runtime`` counts the ones of the stored planes at load and fills
+        ``acc_offset``): the plane spec, zero point and K; nothing is added to the weights."""
+        _, plane_spec, z = self._planes(n)
+        shape = n.attr("weight_shape")
+        info.update(code_offset=int(code_offset), acc_offset=acc_offset, zero_point=int(z), k=int(np.prod(shape[1:])),
+                    plane_spec=[[int(shift), int(sign)] for shift, sign in plane_spec])
+        if info["kernel"] == "bitserial":
+            info["weight_planes"] = f"{n.name}.planes"
 
     op_qconv2d = _quant_layer
     op_qlinear = _quant_layer
@@ -242,8 +298,10 @@ class _Lowerer:
         planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
         return np.asarray(planes), list(spec.planes), spec.zero_point
 
-    def _bitserial(self, n: Node, q, info, codes: list[str], accs: list[str]) -> None:
+    def _bitserial(self, n: Node, q, info, codes: list[str], accs: list[str], code_offset: int = 0) -> None:
         spec = n.quant
+        # offset codes span [0, 2L]: one more activation bitplane than the magnitudes
+        act_bits = spec.act_bits + 1 if code_offset else spec.act_bits
         planes, plane_spec, z = self._planes(n)
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
@@ -261,8 +319,8 @@ class _Lowerer:
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             packed = self.packing.pack_weight_planes(planes.reshape(len(plane_spec), shape[0], k), lanes=knobs.lanes)
-            key = f"bsdense({m},{shape[0]},{k},{plane_spec},{spec.act_bits},{bool(z)},{spec.acc_dtype})"
-            f = self.plan.func(key, lambda: self.kernels.bitserial_dense(m, shape[0], k, plane_spec, spec.act_bits, bool(z), spec.acc_dtype, knobs))
+            key = f"bsdense({m},{shape[0]},{k},{plane_spec},{act_bits},{bool(z)},{spec.acc_dtype})"
+            f = self.plan.func(key, lambda: self.kernels.bitserial_dense(m, shape[0], k, plane_spec, act_bits, bool(z), spec.acc_dtype, knobs))
         w = self.plan.weight(f"{n.name}.planes", packed)
         info.update(encoding="offset" if z else spec.encoding, zero_point=int(z))
         for c, acc in zip(codes, accs):

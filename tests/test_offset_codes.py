@@ -1,0 +1,153 @@
+"""Signed activations of linear layers as offset codes (code + L) on the llvm target.
+
+A signed-input linear layer multiplies its codes once (instead of once per sign) and the
+epilogue subtracts ``L * sum_k q[c, k]``; the artifact must stay exact against the interpreter,
+also with weight planes dropped at run time, and 8-bit activations (2L does not fit uint8)
+keep the two sign parts.
+"""
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csqc
+from csqc import interpreter, runtime
+from csqc.errors import BadInput
+from csqc.targets.aarch64 import emulation
+from csqc.targets.aarch64.target import CROSS_COMPILER
+from csqc.verify import verify
+
+F32 = np.float32
+
+
+def _linear_model(tmp_path, k, n, rows, n_bits, act_bits, seed=0):
+    torch.manual_seed(seed)
+    float_model = nn.Sequential(nn.Linear(k, n), nn.ReLU(), nn.Linear(n, 7)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=n_bits, act_bits=act_bits, quantize_first_input=True))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.randn(rows, k)))
+
+
+def _signed_layers(m):
+    """Layers whose codes come from a signed quantizer (the first linear here)."""
+    return [name for name, info in m.layers.items() if "tensors" in info and
+            (info["tensors"].get("xq_offset") or info["tensors"].get("xq_neg"))]
+
+
+def _layer_calls(m, layer):
+    return [s for s in m.plan["steps"] if s.get("layer") == layer]
+
+
+@pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
+@pytest.mark.parametrize("act_bits", [2, 4, 7, 8])
+def test_signed_linear_verifies_exactly_with_one_product(tmp_path, kernel, act_bits):
+    model = _linear_model(tmp_path, k=37, n=21, rows=3, n_bits=4, act_bits=act_bits)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art, force_kernel=kernel)
+    m = runtime.load(art)
+    (signed,) = _signed_layers(m)
+    info = m.layers[signed]
+    assert info["kernel"] == kernel
+    kernel_calls = [s for s in _layer_calls(m, signed) if "epilogue" not in s["func"]]
+    if act_bits <= 7:
+        assert info["tensors"]["xq_offset"] == 2**act_bits - 1 and info["tensors"]["xq_neg"] is None
+        assert len(kernel_calls) == 1, kernel_calls  # one product, not one per sign
+    else:  # 2L = 510 does not fit uint8: positive and negative parts, two products
+        assert "xq_offset" not in info["tensors"] and info["tensors"]["xq_neg"]
+        assert len(kernel_calls) == 2, kernel_calls
+    report = verify(model, samples=6, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    rows = [r for r in report.layers if r["runtime"].startswith("artifact:") and r["layer"] == signed]
+    assert rows and all(r["checked"]["acc"] > 0 and r["mismatched"]["acc"] == 0 and r["mismatched"]["xq"] == 0
+                        for r in rows)
+
+
+def _artifact_acc(record, tensors):
+    acc = record[tensors["acc"]].astype(np.int64)
+    if tensors.get("acc_neg"):
+        acc = acc - record[tensors["acc_neg"]]
+    if tensors.get("acc_offset"):
+        acc = acc - record[tensors["acc_offset"]].astype(np.int64)
+    return acc << int(tensors.get("acc_shift", 0))
+
+
+@pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
+def test_skip_planes_with_offset_codes_matches_interpreter(tmp_path, kernel):
+    model = _linear_model(tmp_path, k=45, n=19, rows=4, n_bits=4, act_bits=4, seed=3)
+    art = tmp_path / "m.so"
+    result = csqc.compile(model, "llvm", art, force_kernel=kernel)
+    m = runtime.load(art)
+    (signed,) = _signed_layers(m)
+    assert m.layers[signed]["tensors"].get("xq_offset") == 15
+    x = np.random.default_rng(5).standard_normal(m.inputs[0]["shape"]).astype(F32)
+    for skip in (0, 1, 2, 0):  # and back: the offsets follow the plane setting
+        kept = {name: m._kept_planes(name, skip) for name in m.layers}
+        if skip:
+            assert kept[signed] < m.layers[signed]["planes"]
+        record: dict = {}
+        y = m(x, skip_planes=skip, record=record)
+        golden: dict = {}
+        (expected,) = interpreter.run(result.graph, [x], record=golden, planes_used=kept if skip else None)
+        for name, info in m.layers.items():
+            if "acc" in info.get("tensors", {}):
+                assert np.array_equal(_artifact_acc(record, info["tensors"]), golden[f"{name}.acc"]), (skip, name)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_offset_codes_quantize_and_dequantize_glue():
+    from csqc.ir import Node, TensorType
+    from csqc.targets.llvm import glue, kernels
+
+    shape = (3, 29)
+    x = np.random.default_rng(1).standard_normal(shape).astype(F32)
+    x[0, :4] = [0.0, -0.0, 1e-9, -1e-9]
+    for bits in (1, 3, 7):
+        levels = 2**bits - 1
+        node = Node("q", "quantize", ("x",), TensorType(shape, "int32", bits, True),
+                    {"bits": bits, "static_scale": 0.0, "signed": True})
+        ref = interpreter.HANDLERS["quantize"](None, node, [x])
+        q = kernels.build(glue.quantize(shape, bits, 0.0, True, True))
+        scale = np.zeros(1, F32)
+        codes = q(x, scale)  # the codes (last parameter) come back; the kernel computes S itself
+        assert np.array_equal(codes.astype(np.int64) - levels, ref.codes)
+        d = kernels.build(glue.dequantize(shape, bits, True, True))
+        np.testing.assert_array_equal(d(codes, np.array([ref.scale], F32)), ref.dequantize())
+    with pytest.raises(ValueError, match="7 bits"):
+        glue.quantize(shape, 8, 0.0, True, True)
+
+
+def test_signed_conv_keeps_sign_parts(tmp_path):
+    """Zero padding would read as code -L with offset codes: convolutions multiply per sign."""
+    torch.manual_seed(2)
+    float_model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 4)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=True))
+    model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 6, 6)))
+    art = tmp_path / "c.so"
+    csqc.compile(model, "llvm", art)
+    m = runtime.load(art)
+    (signed,) = _signed_layers(m)
+    assert m.layers[signed]["tensors"]["xq_neg"] and "xq_offset" not in m.layers[signed]["tensors"]
+    report = verify(model, samples=4, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+
+
+def test_aarch64_signed_linear_uses_offset_codes_and_verifies(tmp_path):
+    try:
+        emulation.check_emulator()
+    except BadInput as e:
+        pytest.skip(str(e))
+    if shutil.which(CROSS_COMPILER) is None:
+        pytest.skip(f"no {CROSS_COMPILER}")
+    model = _linear_model(tmp_path, k=33, n=18, rows=2, n_bits=2, act_bits=4, seed=4)
+    art = tmp_path / "a.so"
+    csqc.compile(model, "aarch64", art)
+    report = verify(model, samples=4, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    rows = [r for r in report.layers if r["runtime"].startswith("artifact:") and "acc" in r["checked"]]
+    assert rows and all(r["mismatched"]["acc"] == 0 for r in rows)
+    with zipfile.ZipFile(art) as z:
+        layers = json.loads(z.read("plan.json"))["layers"]
+    assert any(info.get("tensors", {}).get("xq_offset") == 15 for info in layers.values())
