@@ -313,6 +313,8 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         raise BadInput(f"--device must be one of {', '.join(_ARTIFACT_KIND)}, got {device!r}")
     if device == "cuda":
         arch = _gpu_arch()
+    if rounds < 1:
+        raise BadInput(f"--rounds must be at least 1, got {rounds}")
     if not 1 <= threads <= 1024:  # torch and TVM take a C int, and thousands of threads only thrash
         raise BadInput(f"--threads must be in 1..1024, got {threads}")
     os.environ["TVM_NUM_THREADS"] = str(threads)

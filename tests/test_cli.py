@@ -70,6 +70,8 @@ def test_every_command_takes_json():
     ("verify", "{model}", "--inputs", "x.npz", "--dataset", "digits"),
     ("run", "missing.so", "--input", "x.npy"),
     ("inspect", "{model}", "--batch", "0"),
+    ("bench", "{model}", "--rounds", "0"),
+    ("bench", "{model}", "--threads", "0"),
 ])
 def test_model_commands_bad_input_exit_2(args, trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
