@@ -132,7 +132,13 @@ def import_checkpoint(path: Path, factory: str, input_shape: Sequence[int] | Non
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BadInput(f"{path}: expected {{'model': state_dict}} or a state dict of tensors")
-    model = resolve_factory(factory)()
+    build = resolve_factory(factory)
+    try:
+        model = build()
+    except Exception as e:  # the user's code: say whose failure it is
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise BadInput(f"--model-factory {factory} failed when called with no arguments "
+                       f"({type(e).__name__}: {first}); name a callable that builds the model") from None
     if not isinstance(model, nn.Module):
         raise BadInput(f"--model-factory {factory} returned {type(model).__name__}, not a torch.nn.Module")
     model = load_reference_state(model, sd)

@@ -92,7 +92,8 @@ def test_factory_errors_are_bad_input(tmp_path):
     import pytest
 
     for spec, msg in (("nomodule", "module:callable"), ("csqc.nothere:f", "cannot import"),
-                      ("csqc.models.reference:nope", "no attribute")):
+                      ("csqc.models.reference:nope", "no attribute"),
+                      ("torch.nn:Linear", "failed when called with no arguments")):  # needs arguments
         with pytest.raises(csqc.BadInput, match=msg):
             csqc.load(path, model_factory=spec, input_shape=(1, 3, 32, 32))
     with pytest.raises(csqc.BadInput, match="input-shape"):
