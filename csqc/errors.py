@@ -5,7 +5,16 @@ The CLI maps ``BadInput`` to exit code 2 and every other ``CsqcError`` to exit c
 """
 from __future__ import annotations
 
-__all__ = ["CsqcError", "BadInput", "CompileError", "VerifyError", "UnsupportedOps"]
+import lzma
+import zipfile
+import zlib
+
+__all__ = ["CsqcError", "BadInput", "CompileError", "VerifyError", "UnsupportedOps", "UNREADABLE_ARCHIVE"]
+
+# What reading a damaged zip member, JSON or npz raises: encrypted or unknown compression
+# (RuntimeError, NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError),
+# bad headers and nesting too deep (ValueError, RecursionError). Loaders turn these into BadInput.
+UNREADABLE_ARCHIVE = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, zlib.error, lzma.LZMAError)
 
 
 class CsqcError(Exception):

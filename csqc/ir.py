@@ -24,16 +24,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import lzma
 import zipfile
-import zlib
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import BadInput, CsqcError
+from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
 
 __all__ = [
     "TensorType", "QuantSpec", "Node", "Value", "Graph", "IRError", "OPS", "ENCODINGS",
@@ -583,11 +581,8 @@ def save_graph(g: Graph, path) -> None:
     atomic_write(path, write)
 
 
-# What reading a damaged zip, JSON or npz raises: encrypted or unknown compression
-# (RuntimeError, NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError),
-# nesting too deep (RecursionError), arrays claiming terabytes (MemoryError).
-_UNREADABLE = (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RuntimeError, zlib.error,
-               lzma.LZMAError, MemoryError)
+# a missing member (KeyError) or an array claiming terabytes (MemoryError) is damage too
+_UNREADABLE = UNREADABLE_ARCHIVE + (KeyError, MemoryError)
 
 
 def load_graph(path) -> Graph:

@@ -17,11 +17,9 @@ import copy
 import io
 import json
 import logging
-import lzma
 import os
 import tempfile
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +29,7 @@ import torch
 from torch import nn
 
 from . import layers
-from .errors import BadInput, CsqcError
+from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
 
 __all__ = ["MODEL_FORMAT", "CsqcModel", "save", "load", "atomic_write", "check_writable"]
 
@@ -41,9 +39,7 @@ MODEL_FORMAT = "csqc-model"
 MODEL_VERSION = 1
 _MANIFEST, _PROGRAM, _TENSORS = "csqc-model.json", "program.json", "tensors.npz"
 _MAX_MEMBER_BYTES = 8 << 30  # refuse zip bombs: no member may claim more than 8 GiB
-# What reading a damaged zip member raises: encrypted or unknown compression (RuntimeError,
-# NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError), bad headers.
-_UNREADABLE = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, zlib.error, lzma.LZMAError)
+_UNREADABLE = UNREADABLE_ARCHIVE
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -12,27 +12,22 @@ from __future__ import annotations
 
 import io
 import json
-import lzma
 import math
 import os
 import platform
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from .errors import BadInput, CsqcError
+from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
 
 __all__ = ["CompiledModel", "load"]
 
 _FORMAT, _VERSION = "csqc-artifact", 1
-# What reading a damaged zip, JSON or npz raises: encrypted or unknown compression (RuntimeError,
-# NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError), nesting too deep
-# (RecursionError), arrays claiming terabytes (MemoryError).
-_UNREADABLE = (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RuntimeError, zlib.error,
-               lzma.LZMAError, MemoryError)
+# a missing member (KeyError) or an array claiming terabytes (MemoryError) is damage too
+_UNREADABLE = UNREADABLE_ARCHIVE + (KeyError, MemoryError)
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 _PACKS = ("dense", "depthwise", "conv")
 

@@ -6,6 +6,7 @@ also with weight planes dropped at run time, and 8-bit activations (2L does not 
 keep the two sign parts.
 """
 import json
+import os
 import shutil
 import zipfile
 
@@ -135,12 +136,13 @@ def test_signed_conv_keeps_sign_parts(tmp_path):
 
 
 def test_aarch64_signed_linear_uses_offset_codes_and_verifies(tmp_path):
-    try:
-        emulation.check_emulator()
-    except BadInput as e:
-        pytest.skip(str(e))
-    if shutil.which(CROSS_COMPILER) is None:
-        pytest.skip(f"no {CROSS_COMPILER}")
+    if os.environ.get("CSQC_REQUIRE_AARCH64") != "1":  # CI requires the toolchain (see test_aarch64_target)
+        try:
+            emulation.check_emulator()
+        except BadInput as e:
+            pytest.skip(str(e))
+        if shutil.which(CROSS_COMPILER) is None:
+            pytest.skip(f"no {CROSS_COMPILER}")
     model = _linear_model(tmp_path, k=33, n=18, rows=2, n_bits=2, act_bits=4, seed=4)
     art = tmp_path / "a.so"
     csqc.compile(model, "aarch64", art)

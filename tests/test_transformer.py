@@ -234,12 +234,6 @@ def test_encoder_onnx_reference(encoder):
 
 
 def test_encoder_compiles_for_cuda(encoder):
-    from csqc.targets.cuda.target import check_toolchain
-
-    try:
-        check_toolchain("sm_80")
-    except csqc.BadInput as e:
-        pytest.skip(f"no CUDA toolchain: {e}")
     model, out = encoder
     result = csqc.compile(model, "cuda", out / "encoder_cuda.so", arch="sm_80")
     assert (out / "encoder_cuda.so").stat().st_size > 0
