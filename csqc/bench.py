@@ -164,6 +164,7 @@ def torch_runner(g: Graph, device: str = "cpu", dtype: str = "float32") -> Calla
         "layer_norm": lambda n, a: F.layer_norm(a[0], a[1].shape, a[1], a[2], n.attr("eps")),
         "gelu": lambda n, a: F.gelu(a[0], approximate=n.attr("approximate", "none")),
         "div": lambda n, a: a[0] / a[1],
+        "expand": lambda n, a: a[0].expand(n.type.shape).contiguous(),
     }
 
     @torch.no_grad()

@@ -69,7 +69,9 @@ def posneg_planes(q2d: np.ndarray, active_bits, positions) -> tuple[np.ndarray, 
 
 
 def offset_planes(q2d: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], int]:
-    """Planes of ``q + z`` (``z = -min q``), all-zero planes dropped, all-one planes folded into ``z``."""
+    """Planes of ``q + z`` (``z = -min q``), all-zero planes dropped, all-one planes folded into ``z``.
+
+    Nonzero weights always keep at least one plane (all-equal weights: one all-one plane)."""
     q2d = np.asarray(q2d, dtype=np.int64)
     z = int(-q2d.min()) if q2d.size else 0
     u = q2d + z
@@ -84,6 +86,11 @@ def offset_planes(q2d: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], i
             continue
         planes.append(p)
         spec.append((b, 1))
+    if not planes and q2d.any():
+        # all weights equal (u is 0 everywhere): kernels need a plane, so write q = 1 - (1 - q)
+        planes.append(np.ones(q2d.shape, np.uint8))
+        spec.append((0, 1))
+        z += 1
     arr = np.stack(planes) if planes else np.zeros((0,) + q2d.shape, np.uint8)
     return arr, spec, z
 

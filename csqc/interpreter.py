@@ -293,6 +293,7 @@ HANDLERS: dict[str, Callable] = {
     "layer_norm": lambda g, n, a, **k: _layer_norm(_float(a[0]), a[1], a[2], n.attr("axis"), n.attr("eps")),
     "gelu": lambda g, n, a, **k: _gelu(_float(a[0]), n.attr("approximate", "none")),
     "div": lambda g, n, a, **k: (_float(a[0]) / _float(a[1])).astype(_F32),
+    "expand": lambda g, n, a, **k: np.array(np.broadcast_to(_float(a[0]), n.type.shape), dtype=_F32),
 }
 
 

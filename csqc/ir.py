@@ -366,6 +366,8 @@ OPS = {
     "sigmoid": (1, 1), "tanh": (1, 1), "sub": (2, 2), "slice": (1, 1),
     # transformer blocks: batched float matmul of two values, layer norm (x, weight, bias), gelu
     "matmul": (2, 2), "layer_norm": (3, 3), "gelu": (1, 1), "div": (2, 2),
+    # a value broadcast (numpy rules) to the node's shape, e.g. a folded layer's constant output
+    "expand": (1, 1),
 }
 
 
@@ -473,6 +475,17 @@ def _broadcast_shape(g: Graph, n: Node) -> list[str]:
     return []
 
 
+def _expand_shape(g: Graph, n: Node) -> list[str]:
+    x_t = _safe_type(g, n.inputs[0])
+    if x_t is None:
+        return []
+    try:
+        ok = tuple(np.broadcast_shapes(x_t.shape, n.type.shape)) == n.type.shape
+    except ValueError:
+        ok = False
+    return [] if ok else [f"input shape {list(x_t.shape)} does not broadcast to {list(n.type.shape)}"]
+
+
 def _slice_shape(g: Graph, n: Node) -> list[str]:
     x_t = _safe_type(g, n.inputs[0])
     axis, start, end = n.attr("axis"), n.attr("start"), n.attr("end")
@@ -532,6 +545,7 @@ def _gelu_attrs(g: Graph, n: Node) -> list[str]:
 SHAPE_CHECKS = {
     "sigmoid": _same_shape, "tanh": _same_shape, "sub": _broadcast_shape, "slice": _slice_shape,
     "matmul": _matmul_shape, "layer_norm": _layer_norm_shape, "gelu": _gelu_attrs, "div": _broadcast_shape,
+    "expand": _expand_shape,
 }
 
 

@@ -15,6 +15,7 @@ from . import (  # noqa: E402,F401  (importing registers each pass)
     drop_dead_planes,
     fold_bn,
     fold_scales,
+    fold_zero_layers,
     fuse_act_quant,
     fuse_activation,
     pack_planes,

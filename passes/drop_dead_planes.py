@@ -2,8 +2,8 @@
 
 Matches quantized layers. For plane encodings it drops all-zero planes (masked positions,
 and active positions no weight uses) and, for ``offset``, folds all-one planes into the zero
-point. Then, for every encoding, the common trailing zero bits ``k`` of the weights move into
-the scale: ``q = 2^k q'``, ``mult' = mult * 2^k`` (exact in float: a power of two),
+point (keeping one when every plane would go: targets need a plane per nonzero layer). Then,
+for every encoding, the common trailing zero bits ``k`` of the weights move into the scale: ``q = 2^k q'``, ``mult' = mult * 2^k`` (exact in float: a power of two),
 ``low_shift += k``. Accumulators are reported scaled back by ``low_shift``, so the pass is
 exact. ``changed``: a plane was dropped or bits were shifted.
 """
@@ -32,15 +32,19 @@ def drop_dead_planes(g: Graph) -> PassResult:
         w = g.params[n.inputs[1]]
         new_spec, new_w = spec, w
         if spec.encoding != "int":
-            keep, zp = [], spec.zero_point
+            keep, folded, zp = [], [], spec.zero_point
             for i, (shift, _sign) in enumerate(spec.planes):
                 plane = w[i]
                 if not plane.any():
                     continue
                 if spec.encoding == "offset" and plane.all():
                     zp -= 1 << shift
+                    folded.append(i)
                     continue
                 keep.append(i)
+            if not keep and folded:  # all-equal weights: kernels need one plane, keep the last
+                keep.append(folded[-1])
+                zp += 1 << spec.planes[folded[-1]][0]
             if len(keep) != len(spec.planes) or zp != spec.zero_point:
                 new_w = w[keep]
                 new_spec = spec.replace(planes=tuple(spec.planes[i] for i in keep), zero_point=zp)

@@ -34,6 +34,7 @@ __all__ = [
     "channel_affine",
     "unary",
     "binary",
+    "broadcast",
     "max_pool2d",
     "avg_pool2d",
     "adaptive_avg_pool2d",
@@ -310,6 +311,15 @@ def binary(op: str, a_shape, b_shape, out_shape):
     y = te.compute(out_shape, lambda *i: fn(a[_broadcast_index(i, a_shape, out_shape)],
                                             b[_broadcast_index(i, b_shape, out_shape)]), name="y")
     return [a, b, y]
+
+
+@_builder
+def broadcast(in_shape, out_shape):
+    """``main(x, y)``: ``x`` broadcast (numpy rules) to ``out_shape``."""
+    in_shape, out_shape = (tuple(int(d) for d in s) for s in (in_shape, out_shape))
+    x = te.placeholder(in_shape, _F32, name="x")
+    y = te.compute(out_shape, lambda *i: x[_broadcast_index(i, in_shape, out_shape)], name="y")
+    return [x, y]
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ __all__ = [
     "conv2d_f32",
     "linear_f32",
     "binary",
+    "broadcast",
     "unary",
     "channel_affine",
     "max_pool2d",
@@ -693,6 +694,22 @@ def binary(op: str, a_shape, b_shape, out_shape) -> tirx.PrimFunc:
         _for_each(rows, row_len, emit)
 
     return _prim_func(params, body)
+
+
+def broadcast(in_shape, out_shape) -> tirx.PrimFunc:
+    """``y = x`` broadcast (numpy rules) to ``out_shape``, e.g. a folded layer's per-channel
+    constant ``[1,C,1,1]`` to its output shape.  Parameters: ``x: f32[in_shape], y: f32[out_shape]``
+    (coalesced like :func:`binary`)."""
+    out_shape = tuple(int(s) for s in out_shape)
+    dims, (x_strides,) = _coalesce(out_shape, [_broadcast_strides(in_shape, out_shape)])
+    rows, row_len = _prod(dims[:-1]), dims[-1]
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        _for_each(rows, row_len, lambda row, col: I.buffer_store(
+            y_flat, x_flat[_strided_index(row, col, dims, x_strides)], [row * row_len + col]))
+
+    return _prim_func([("x", tuple(in_shape), F32), ("y", out_shape, F32)], body)
 
 
 def _sigmoid(value):

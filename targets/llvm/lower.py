@@ -215,6 +215,8 @@ class _Lowerer:
         spec = n.quant
         g = self.g
         q = decode_weight(g, n)
+        if not q.any():  # the default pipeline's fold_zero_layers replaces such layers by constants
+            raise CompileError(f"{n.name}: layer has no nonzero weights; run the fold_zero_layers pass first")
         rows = _rows(n)
         choice = self.choose_kernel(n, rows, q)
         if self.force and choice.kernel != "float" and spec.act_bits is not None:
@@ -437,6 +439,12 @@ class _Lowerer:
         shape = n.type.shape
         f = self.plan.func(f"binary({n.op},{a_shape},{b_shape},{shape})", lambda: self.glue.binary(n.op, a_shape, b_shape, shape))
         self.plan.call(f, [a, b, self.out(n)], n.name)
+
+    def op_expand(self, n: Node) -> None:
+        x = self.ref(n.inputs[0])
+        in_shape, shape = tuple(self.plan.buffers[x]["shape"]), n.type.shape
+        f = self.plan.func(f"broadcast({in_shape},{shape})", lambda: self.glue.broadcast(in_shape, shape))
+        self.plan.call(f, [x, self.out(n)], n.name)
 
     op_add = _binary
     op_mul = _binary

@@ -530,6 +530,20 @@ def _emit_layer_norm(e: GraphEmitter, n: Node) -> str:
                   axis=axis, epsilon=float(n.attr("eps")))
 
 
+def _emit_expand(e: GraphEmitter, n: Node) -> str:
+    target = list(n.type.shape)
+    if e.dynamic_batch and target:
+        x_shape = e.g.type_of(n.inputs[0]).shape
+        if n.inputs[0] in e.g.params and len(x_shape) == len(target) and x_shape[0] != 1:
+            raise CompileError(f"{n.name}: a constant that spans the batch dimension needs a fixed batch size")
+        # every graph input leads with the batch dimension N: take it from the first one
+        batch = e.b.op("Shape", [e.g.inputs[0].name], f"{n.name}.batch", start=0, end=1)
+        shape = e.b.op("Concat", [batch, e.b.const("shape", np.array(target[1:], np.int64))], f"{n.name}.shape", axis=0)
+    else:
+        shape = e.b.const("shape", np.array(target, np.int64))
+    return e.b.op("Expand", [e.float_of(n.inputs[0]), shape], _name(e, n), exact_name=True)
+
+
 EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "quantize": _emit_quantize,
     "dequantize": _emit_dequantize,
@@ -562,6 +576,7 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "gelu": lambda e, n: e.b.op("Gelu", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,
                                 approximate=str(n.attr("approximate", "none"))),
     "div": _simple("Div"),
+    "expand": _emit_expand,
 }
 
 
