@@ -198,13 +198,19 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
         table.add_row(r.name, f"{r.op[1:]} " + "x".join(map(str, r.weight_shape)), _bits_cell(r.active_bits, r.n_bits),
                       ",".join(map(str, r.active_bits)) or "-", f"{r.planes} {r.encoding}", zero,
                       _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32),
-                      f"u{r.act_bits}/{r.act_mode}" if r.act_bits else "float", r.kernel)
+                      _act_cell(r), r.kernel)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(f"average weight bits [bold]{report.avg_bits:.2f}[/], planes {report.avg_planes:.2f}; "
                   f"quantized weights {_human(report.weight_bytes_packed)} packed vs {_human(report.weight_bytes_fp32)} fp32 "
                   f"({report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller); "
                   f"float layers {_human(report.float_weight_bytes)}" + (f"; plot -> {plot}" if plot else ""))
+
+
+def _act_cell(r) -> str:
+    if r.encoding in ("constant", "unused"):
+        return "-"  # a constant output reads no activations; an unused layer runs on none
+    return f"u{r.act_bits}/{r.act_mode}" if r.act_bits else "float"
 
 
 def _human(n: int) -> str:

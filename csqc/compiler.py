@@ -59,9 +59,12 @@ def optimize(model, pipeline: str = "default", *, batch: int | None = None, dump
 
 def inspect(model, *, batch: int | None = None):
     """Per-layer report of the optimized graph (bits, planes, sizes, CPU kernel choice)."""
+    from .capture import capture
+    from .passes import run_passes
     from .report import inspect_graph
 
-    graph = optimize(model, "default", batch=batch)
+    captured = capture(to_model(model), batch=batch)
+    graph, _ = run_passes(captured, "default")
     kernels = {}
     try:
         from .targets.llvm.lower import _rows, choose_kernel
@@ -71,7 +74,7 @@ def inspect(model, *, batch: int | None = None):
             kernels[n.name] = choose_kernel(n, _rows(n), decode_weight(graph, n)).kernel
     except ImportError:  # TVM missing: the report still stands without kernel choices
         pass
-    return inspect_graph(graph, kernels)
+    return inspect_graph(graph, kernels, captured)
 
 
 def compile(model, target: str = "llvm", output=None, *, batch: int | None = None, pipeline: str | None = None,

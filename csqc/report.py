@@ -88,11 +88,42 @@ def _row(g: Graph, n) -> LayerRow:
     )
 
 
-def inspect_graph(g: Graph, kernels: dict[str, str] | None = None) -> InspectReport:
-    """Report on a graph (normally after the default pipeline, so planes are final)."""
-    rows = [_row(g, n) for n in g.nodes if n.op in QUANT_LAYER_OPS]
-    for r in rows:
-        r.kernel = (kernels or {}).get(r.name, "")
+def _folded_row(n) -> LayerRow:
+    """A layer with no nonzero weights, folded to its constant output: 0 bits, 0 planes, 0 bytes."""
+    shape = [int(s) for s in n.attr("weight_shape")]
+    return LayerRow(
+        name=n.name, op=n.attr("folded_layer"), weight_shape=shape, n_bits=int(n.attr("n_bits")), active_bits=[],
+        encoding="constant", planes=0, plane_shifts=[], zero_point=0, low_shift=0, act_bits=None, act_mode=None,
+        weight_bytes_packed=0, weight_bytes_fp32=int(np.prod(shape)) * 4, plane_zero_fraction=[], kernel="constant",
+    )
+
+
+def _unused_row(captured: Graph, n) -> LayerRow:
+    """A layer no output depends on any more (it fed only folded layers): its bits, no planes."""
+    row = _row(captured, n)
+    row.encoding, row.planes, row.plane_shifts, row.plane_zero_fraction = "unused", 0, [], []
+    row.weight_bytes_packed, row.kernel = 0, "removed"
+    return row
+
+
+def inspect_graph(g: Graph, kernels: dict[str, str] | None = None, captured: Graph | None = None) -> InspectReport:
+    """Report on a graph (normally after the default pipeline, so planes are final).
+
+    Layers that ``fold_zero_layers`` replaced by their constant output are listed too, with 0
+    bits and kernel ``constant``; given the ``captured`` graph, so are its quantized layers that
+    the passes removed as unused (kernel ``removed``), in the captured order."""
+    rows = []
+    for n in g.nodes:
+        if n.op in QUANT_LAYER_OPS:
+            rows.append(_row(g, n))
+            rows[-1].kernel = (kernels or {}).get(n.name, "")
+        elif n.op == "expand" and n.attr("folded_layer"):
+            rows.append(_folded_row(n))
+    if captured is not None:
+        listed = {r.name for r in rows}
+        rows += [_unused_row(captured, n) for n in captured.quant_layers() if n.name not in listed]
+        order = {n.name: i for i, n in enumerate(captured.nodes)}
+        rows.sort(key=lambda r: order.get(r.name, len(order)))
     total = sum(r.params for r in rows)
     float_bytes = sum(int(g.params[n.inputs[1]].nbytes) for n in g.nodes if n.op in ("conv2d", "linear"))
     return InspectReport(

@@ -378,6 +378,7 @@ class VerifyReport:
     accuracy: dict[str, float] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)  # per layer and runtime (per_layer=True)
     notes: list[str] = field(default_factory=list)
+    folded_layers: list[str] = field(default_factory=list)  # layers with no nonzero weights, now constants
 
     @property
     def max_abs_error(self) -> float:
@@ -395,6 +396,7 @@ class VerifyReport:
             "accumulators_exact": self.accumulators_exact, "first_divergence": self.first_divergence,
             "pairs": [p.to_json() for p in self.pairs], "accuracy": self.accuracy,
             "tolerance": {"atol": self.atol, "rtol": self.rtol}, "layers": self.layers, "notes": self.notes,
+            "folded_layers": self.folded_layers,
         }
 
 
@@ -409,6 +411,7 @@ class _LayerStats:
     mismatched: dict[str, int] = field(default_factory=dict)  # tensor -> elements that differ
     kinds: dict[str, str] = field(default_factory=dict)  # tensor -> exact | float
     codes_equal_golden_run: bool = True
+    folded: bool = False  # no nonzero weights: the passes replaced the layer by its constant output
 
     def add(self, tensor: str, kind: str, compared: int, bad: int) -> None:
         self.checked[tensor] = self.checked.get(tensor, 0) + compared
@@ -417,7 +420,8 @@ class _LayerStats:
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "runtime": self.runtime, "checked": self.checked,
-                "mismatched": self.mismatched, "codes_equal_golden_run": self.codes_equal_golden_run}
+                "mismatched": self.mismatched, "codes_equal_golden_run": self.codes_equal_golden_run,
+                "folded_to_constant": self.folded}
 
 
 def _close(a, b, atol, rtol, scale_ref) -> np.ndarray:
@@ -444,6 +448,8 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     is the expected value; only after a difference is the step recomputed on the runtime's
     inputs (the interpreter is slow, and differences are rare).
     """
+    for name in _folded_layer_names(g):  # listed, not missing: a constant has no codes or accumulator
+        stats.setdefault(name, _LayerStats(name, rt.name, folded=True))
     sources = _layer_inputs(g)
     synced = True  # the runtime has followed the golden run exactly so far
     for layer in g.quant_layers():
@@ -581,6 +587,9 @@ def verify(
     runtime_names = [r for r in runtime_names if r in outputs]
     pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None)
     order = [l.name for l in ctx.graph("integer", batch).quant_layers()]
+    folded = _folded_layer_names(ctx.graph("integer", batch))
+    notes += [f"{name}: no nonzero weights; folded to a constant output (no codes or accumulator to compare; "
+              "the values that read it are checked)" for name in folded]
     for p in pairs:
         if p.kind == "exact":
             p.ok = p.within_tolerance
@@ -606,7 +615,14 @@ def verify(
     exact_ok, first = _summarize(stats, order, per_layer)
     layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
     ok = exact_ok and all(p.ok for p in pairs)
-    return VerifyReport(ok, runtime_names, pairs, exact_ok, first, used, batch, atol, rtol, accuracy, layers, notes)
+    return VerifyReport(ok, runtime_names, pairs, exact_ok, first, used, batch, atol, rtol, accuracy, layers, notes,
+                        folded)
+
+
+def _folded_layer_names(g: Graph) -> list[str]:
+    from .passes.fold_zero_layers import folded_layers
+
+    return [n.name for n in folded_layers(g)]
 
 
 def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact_name: str | None) -> list[PairReport]:
