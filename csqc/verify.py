@@ -448,8 +448,6 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     is the expected value; only after a difference is the step recomputed on the runtime's
     inputs (the interpreter is slow, and differences are rare).
     """
-    for name in _folded_layer_names(g):  # listed, not missing: a constant has no codes or accumulator
-        stats.setdefault(name, _LayerStats(name, rt.name, folded=True))
     sources = _layer_inputs(g)
     synced = True  # the runtime has followed the golden run exactly so far
     for layer in g.quant_layers():
@@ -590,6 +588,9 @@ def verify(
     folded = _folded_layer_names(ctx.graph("integer", batch))
     notes += [f"{name}: no nonzero weights; folded to a constant output (no codes or accumulator to compare; "
               "the values that read it are checked)" for name in folded]
+    for rt in (r for r in runtime_names if r not in (GOLDEN, "pytorch")):
+        for name in folded:  # listed, not missing
+            stats.setdefault(rt, {}).setdefault(name, _LayerStats(name, rt, folded=True))
     for p in pairs:
         if p.kind == "exact":
             p.ok = p.within_tolerance
