@@ -468,8 +468,6 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
 @json_option
 def demo(recipe, out_dir, as_json):
     """The whole flow on digits: train, inspect, compile (CPU + ONNX), verify, benchmark."""
-    from pathlib import Path
-
     import torch
 
     from .bench import bench as run_bench
