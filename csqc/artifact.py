@@ -38,13 +38,14 @@ from .archive import write_member
 from .errors import UNREADABLE_ARCHIVE, BadInput
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "write_artifact_file", "read_artifact",
-           "load_library"]
+           "load_library", "physical_memory"]
 
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
 PLAN, WEIGHTS, INTEGRITY = "plan.json", "weights.npz", "integrity.json"
 _MEMBERS = (PLAN, WEIGHTS, INTEGRITY)
-# generous for any model csqc compiles; the plan of a ResNet-50 is well under 1 MiB
-_MAX_BYTES = {PLAN: 64 << 20, INTEGRITY: 64 << 10, WEIGHTS: 1 << 40}
+# generous for any model csqc compiles (the plan of a ResNet-50 is well under 1 MiB); weights
+# are capped by this machine's memory when read
+_MAX_BYTES = {PLAN: 64 << 20, INTEGRITY: 64 << 10}
 _ELF_MAGIC = b"\x7fELF"
 _ENCRYPTED = 0x1  # zip general-purpose flag bit 0
 
@@ -56,6 +57,13 @@ class ArtifactContents:
     plan: dict
     weights: dict[str, np.ndarray]
     library: bytes
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: no limit to check against
+        return 1 << 62
 
 
 def _sha256(data: bytes) -> str:
@@ -139,9 +147,10 @@ def _checked_members(path: Path, z: zipfile.ZipFile) -> dict[str, zipfile.ZipInf
         raise BadInput(f"{path}: not a csqc artifact (its archive holds {sorted(names)[:5]}, "
                        f"csqc writes exactly {list(_MEMBERS)}); compile one with `csqc compile`")
     for info in infos:
+        limit = _MAX_BYTES.get(info.filename, physical_memory())
         # csqc stores members uncompressed: a compressed member could inflate far beyond the file
         if (info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size
-                or info.flag_bits & _ENCRYPTED or info.file_size > _MAX_BYTES[info.filename]):
+                or info.flag_bits & _ENCRYPTED or info.file_size > limit):
             raise _damaged(path, f"member {info.filename} is compressed, encrypted or too large")
     return {i.filename: i for i in infos}
 

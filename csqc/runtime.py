@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .artifact import load_library, read_artifact
+from .artifact import load_library, physical_memory, read_artifact
 from .errors import BadInput, CsqcError
 
 __all__ = ["CompiledModel", "load", "check_plan"]
@@ -300,13 +300,6 @@ def _nbytes(spec: dict) -> int:
     return math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf: no limit to check against
-        return 1 << 62
-
-
 def check_plan(path: Path, plan: dict, weights: Mapping[str, np.ndarray]) -> None:
     """``BadInput`` unless the plan and weights of the artifact at ``path`` are safe to allocate and run."""
     problem = _plan_problem(plan, weights)
@@ -344,7 +337,7 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
     if stray:
         return f"weights.npz holds arrays the plan declares no weight buffer for: {stray[:3]}"
     need = sum(_nbytes(b) for b in buffers.values() if "alias" not in b)
-    if need > _physical_memory():
+    if need > physical_memory():
         return f"its buffers need {need / 2**30:.1f} GiB, more than this machine's memory"
     for key in ("inputs", "outputs"):
         specs = plan.get(key)
