@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .errors import BadInput, CsqcError
+from .outputs import Terminated, check_output, check_output_folder
 
 __all__ = ["main", "cli"]
 
@@ -44,6 +45,9 @@ class CsqcGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except Terminated as e:  # SIGTERM/SIGHUP, after every temporary file and folder was removed
+            click.echo(str(e), err=True)
+            ctx.exit(128 + e.signum)
         except MemoryError as e:  # e.g. --samples or --batch far beyond this machine
             self._fail(ctx, f"out of memory ({e}); ask for less: a smaller --batch or fewer --samples", 1)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -136,9 +140,7 @@ def train(recipe, output, target_bits, epochs, seed, as_json):
     from .modelfile import save
     from .train import train_recipe
 
-    from .modelfile import check_writable
-
-    check_writable(output)  # fail before minutes of training, not after
+    check_output(output)  # fail before minutes of training, not after
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, result, example = train_recipe(
         recipe, target_bits=target_bits, epochs=epochs, seed=seed, progress=not as_json and sys.stderr.isatty()
@@ -175,6 +177,8 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
     """Per-layer bit allocation, planes, sizes and kernel choice of a model."""
     from .compiler import inspect as inspect_model
 
+    if plot:
+        check_output(plot, inputs=[model], what="--plot")
     report = inspect_model(load_model(model), batch=batch)
     if plot:
         from .report import plot_bits
@@ -250,12 +254,13 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if dataset and calibration_file:
         raise BadInput("give --dataset or --calibration, not both")
+    if output is None:  # the library's default too: the model's name with the target's suffix
+        output = f"{Path(model).stem}.{'onnx' if target == 'onnx' else 'so'}"
+    _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir)
     loaded = load_model(model)
     if target == "onnx":
         from .cli_onnx import compile_onnx
 
-        if output is None:
-            output = f"{Path(loaded.source).stem if loaded.source else 'model'}.onnx"
         compile_onnx(loaded, output, deploy=onnx_form == "deploy", check_planes=check_planes, batch=batch,
                      calibration=dataset or calibration_file, dump_ir=dump_ir, as_json=as_json)
         return
@@ -290,6 +295,15 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
                f"({_human(result.output.stat().st_size)})")
 
 
+def _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir) -> None:
+    """Every path ``compile`` writes, checked before the model is even read."""
+    check_output(output, inputs=[model, calibration_file])
+    if emit_source is not None:
+        check_output_folder(emit_source, what="--emit-source")
+    if dump_ir is not None:
+        check_output_folder(dump_ir, what="--dump-ir")
+
+
 def _layer_progress(enabled: bool):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -314,7 +328,9 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
 @cli.command()
 @click.argument("model", type=click.Path())
 @model_options
-@click.option("--artifact", type=click.Path(), help="Also run this compiled artifact (.so from llvm/cuda/aarch64, or .onnx).")
+@click.option("--artifact", type=click.Path(),
+              help="Also run this compiled artifact (.so from llvm/cuda/aarch64, or .onnx). A .so is native code "
+                   "(an aarch64 one runs under qemu-user, which is no sandbox): only artifacts you built or trust.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), help="Inputs to check on (.npz).")
 @click.option("--samples", default=4, show_default=True, type=int, help="Random inputs to check on (without --inputs/--dataset).")
 @click.option("--dataset", type=click.Choice(["digits"]), help="Check on a data set's test split (and report accuracy).")
@@ -328,6 +344,10 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
 
     Integer tensors (activation codes, accumulators) must agree exactly; exit code 0 only when
     every runtime agrees, 1 when one does not.
+
+    A .so artifact is a program: verifying it loads and runs it (an aarch64 one under qemu-user,
+    which emulates, not isolates). csqc checks its SHA-256 digests first; that catches damage and
+    edits, not a malicious author. An .onnx artifact is data only.
     """
     from .cli_onnx import verify_command
 
@@ -349,18 +369,29 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
               help="Drop this many least significant weight planes per layer (faster, less exact).")
 @json_option
 def run(artifact, input_path, output, skip_planes, as_json):
-    """Run a compiled artifact on an input array."""
+    """Run a compiled artifact on an input array.
+
+    An artifact is native code: loading it runs the library inside it. Run only artifacts you
+    built or trust; csqc checks their SHA-256 digests and plan before loading, which catches
+    damage and edits, not a malicious author. For untrusted exchange use the ONNX form
+    (``csqc compile -t onnx``), which is data only.
+    """
     import numpy as np
 
     from . import runtime
+    from .outputs import atomic_write
 
+    if output:
+        check_output(output, inputs=[artifact, input_path])
     model = runtime.load(artifact)
     x = _read_array(input_path)
     y = model(x, skip_planes=skip_planes)
     if output:
-        from .modelfile import atomic_write
+        def write(tmp):
+            with open(tmp, "wb") as f:  # np.save(name) would append .npy to the temporary's name
+                np.save(f, y)
 
-        atomic_write(output, lambda tmp: np.save(open(tmp, "wb"), y))
+        atomic_write(output, write, inputs=[artifact, input_path])
     if as_json:
         _emit_json({"ok": True, "output": output, "shape": list(y.shape), "argmax": y.reshape(y.shape[0], -1).argmax(1).tolist()})
     else:
@@ -443,22 +474,17 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
 @json_option
 def demo(recipe, out_dir, as_json):
     """The whole flow on digits: train, inspect, compile (CPU + ONNX), verify, benchmark."""
-    from pathlib import Path
-
     import torch
 
     from .bench import bench as run_bench
     from .compiler import compile as compile_model, inspect as inspect_model
     from .modelfile import load, save
+    from .outputs import make_output_folder
     from .report import plot_bits
     from .train import train_recipe
     from .verify import verify as run_verify
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, or no permission
-        raise BadInput(f"--out {out}: cannot create this folder ({e.strerror}); give a folder path") from None
+    out = make_output_folder(out_dir, what="--out")
     torch.set_num_threads(2)
     say = (lambda *a: None) if as_json else click.echo
     say(f"[1/5] training {recipe} on scikit-learn's digits (CSQ, 3-bit budget)")
@@ -490,6 +516,9 @@ def demo(recipe, out_dir, as_json):
 
 
 def main(argv=None):
+    from .outputs import terminate_on_signals
+
+    terminate_on_signals()  # SIGTERM/SIGHUP clean up temporary files like Ctrl-C does
     # click exits with 2 on usage errors, which is csqc's code for bad usage too
     cli.main(args=argv, prog_name="csqc")
 

@@ -13,7 +13,8 @@ import click
 import numpy as np
 
 from .errors import BadInput
-from .modelfile import CsqcModel, check_writable
+from .modelfile import CsqcModel
+from .outputs import check_output
 from .verify import VerifyReport, load_inputs, verify
 
 __all__ = ["compile_onnx", "verify_command", "print_verify_report"]
@@ -53,7 +54,7 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
     from .targets.onnx.deploy import accuracy_cost
     from .targets.onnx.runner import load_onnx, make_session, run
 
-    check_writable(output)  # fail before the work, not after
+    check_output(output, inputs=[model.source])  # fail before the work, not after
     if calibration_samples < 1:
         raise BadInput(f"calibration samples must be at least 1, got {calibration_samples}")
     calib = _calibration_samples(model, calibration, calibration_samples) if deploy else None

@@ -100,13 +100,17 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
         from .targets.aarch64.target import check_toolchain as check_cross_toolchain
 
         check_cross_toolchain(mcpu, force_kernel)
-    from .modelfile import check_writable
+    from .outputs import check_output, check_output_folder
 
     model = to_model(model, model_factory=model_factory, input_shape=input_shape)
     if output is None:
         stem = Path(model.source).stem if model.source else "model"
         output = Path(f"{stem}.{ 'onnx' if target == 'onnx' else 'so'}")
-    output = check_writable(output)
+    # every output, before the work: `compile model.so` would otherwise replace its own input
+    output = check_output(output, inputs=[model.source])
+    for folder, what in ((dump_ir, "--dump-ir"), (emit_source, "--emit-source")):
+        if folder is not None:
+            check_output_folder(folder, what=what)
     start = time.perf_counter()
     graph = optimize(model, pipeline or TARGETS[target][0], batch=batch, dump_dir=dump_ir)
     if target == "llvm":

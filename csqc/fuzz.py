@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -44,7 +45,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CsqcError
+from .errors import UNREADABLE_ARCHIVE, CsqcError
 
 __all__ = [
     "Case", "Env", "Finding", "TargetReport", "TARGETS", "MarkerPayload", "marker_pickle", "build_env", "fuzz_ir",
@@ -1009,8 +1010,28 @@ def _make_artifact(d: Draws, env: Env) -> Case:
         case.data = junk + case.data[env.library_size:]
         case.steps.append(f"library part replaced by {junk[:10]!r}")
         same_library = False
+    if case.kind == "file" and case.data is not None and d.chance(1, 2):
+        case.data = _resealed(case.data, env.library_size, case.steps)
     case.name = "fuzz.so" if same_library or case.kind != "file" else f"fuzz-{env.next_id()}.so"
     return case
+
+
+def _resealed(data: bytes, library_size: int, steps: list[str]) -> bytes:
+    """``data`` with its digests recomputed, as an editor who knows the format would: the case then
+    reaches the checks behind the digests (plan, weight sizes, buffers) instead of stopping at them."""
+    from .artifact import INTEGRITY, PLAN, WEIGHTS
+
+    try:
+        members = [(n, b) for n, b in _zip_members(data[library_size:]) if n != INTEGRITY]
+    except UNREADABLE_ARCHIVE:
+        return data
+    found = dict(members)
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    integrity = {"format": "csqc-artifact", "version": 2, "library_bytes": library_size,
+                 "sha256": {"library": sha(data[:library_size]), PLAN: sha(found.get(PLAN, b"")),
+                            WEIGHTS: sha(found.get(WEIGHTS, b""))}}
+    steps.append("digests recomputed")
+    return data[:library_size] + _zip_bytes(members + [(INTEGRITY, json.dumps(integrity).encode())])
 
 
 TARGETS: dict[str, _Target] = {

@@ -583,7 +583,7 @@ def _attr_json(v):
 
 def save_graph(g: Graph, path) -> None:
     """Write ``g`` as a zip of ``graph.json`` and ``params.npz`` (atomically)."""
-    from .modelfile import atomic_write
+    from .outputs import atomic_write
 
     def write(tmp):
         buf = io.BytesIO()

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from . import layers
 from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
+from .outputs import atomic_write, check_writable  # re-exported: they lived here first
 
 __all__ = ["MODEL_FORMAT", "CsqcModel", "save", "load", "atomic_write", "check_writable"]
 
@@ -40,37 +40,6 @@ MODEL_VERSION = 1
 _MANIFEST, _PROGRAM, _TENSORS = "csqc-model.json", "program.json", "tensors.npz"
 _MAX_MEMBER_BYTES = 8 << 30  # refuse zip bombs: no member may claim more than 8 GiB
 _UNREADABLE = UNREADABLE_ARCHIVE
-
-
-def check_writable(path: str | os.PathLike) -> Path:
-    """Raise ``BadInput`` unless ``path`` can be created as a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadInput(f"{path} is a directory; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInput(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BadInput(f"output folder {parent} is not writable")
-    return path
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result over ``path``; nothing is left on failure."""
-    path = check_writable(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _tensor_spec(name: str, t: torch.Tensor) -> dict:

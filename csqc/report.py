@@ -146,7 +146,7 @@ def plot_bits(report: InspectReport, path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BadInput("--plot needs matplotlib: pip install 'csqc[plot]'") from None
-    from .modelfile import atomic_write
+    from .outputs import atomic_write
 
     rows = report.layers
     if not rows:

@@ -5,29 +5,26 @@
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
 
-The artifact (see ``csqc.targets.llvm.target``) is the shared library with ``plan.json`` and
-``weights.npz`` appended; ``load`` opens both from the same file.
+The artifact (see ``csqc.artifact``) is the shared library with ``plan.json``, ``weights.npz``
+and their SHA-256 digests appended. ``load`` checks the digests, the plan and every declared
+size before the library is loaded: an artifact is native code, so run only artifacts you built
+or trust (``csqc compile -t onnx`` gives the data-only form for untrusted exchange).
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import platform
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
+from .artifact import load_library, physical_memory, read_artifact
+from .errors import BadInput, CsqcError
 
-__all__ = ["CompiledModel", "load"]
+__all__ = ["CompiledModel", "load", "check_plan"]
 
-_FORMAT, _VERSION = "csqc-artifact", 1
-# a missing member (KeyError) or an array claiming terabytes (MemoryError) is damage too
-_UNREADABLE = UNREADABLE_ARCHIVE + (KeyError, MemoryError)
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 _PACKS = ("dense", "depthwise", "conv")
 
@@ -43,20 +40,9 @@ class CompiledModel:
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        if not path.is_file():
-            raise BadInput(f"{path}: no such artifact file")
-        try:
-            with zipfile.ZipFile(path) as z:
-                self.plan = json.loads(z.read("plan.json"))
-                with np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz:
-                    weights = {k: npz[k] for k in npz.files}
-        except _UNREADABLE as e:
-            raise BadInput(f"{path}: not a csqc artifact ({type(e).__name__}); compile one with `csqc compile`") from None
-        if not isinstance(self.plan, dict) or self.plan.get("format") != _FORMAT or self.plan.get("version") != _VERSION:
-            raise BadInput(f"{path}: not a csqc artifact of version {_VERSION}")
-        problem = _plan_problem(self.plan, weights)
-        if problem:
-            raise BadInput(f"{path}: the artifact is damaged: {problem}; compile the model again")
+        contents = read_artifact(path)  # digests, member sizes and weight sizes, before anything is loaded
+        self.plan, weights = contents.plan, contents.weights
+        check_plan(path, self.plan, weights)
         import tvm
 
         self.path = path
@@ -68,7 +54,7 @@ class CompiledModel:
             raise BadInput(f"{path} is an aarch64 artifact and this machine is {platform.machine()}; run it on a "
                            "64-bit ARM machine (csqc verify runs it here under qemu-user emulation)")
         try:
-            self.lib = tvm.runtime.load_module(str(path))
+            self.lib = load_library(contents.library)
         except Exception as e:
             raise BadInput(f"{path}: the library part cannot be loaded ({str(e).splitlines()[0][:200]})") from None
         self._funcs = {}
@@ -314,11 +300,11 @@ def _nbytes(spec: dict) -> int:
     return math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf: no limit to check against
-        return 1 << 62
+def check_plan(path: Path, plan: dict, weights: Mapping[str, np.ndarray]) -> None:
+    """``BadInput`` unless the plan and weights of the artifact at ``path`` are safe to allocate and run."""
+    problem = _plan_problem(plan, weights)
+    if problem:
+        raise BadInput(f"{path}: the artifact is damaged: {problem}; compile the model again")
 
 
 def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
@@ -347,8 +333,11 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 return f"weight {name!r} is missing"
             if list(w.shape) != spec["shape"] or str(w.dtype) != spec["dtype"]:
                 return f"weight {name!r} is {w.dtype}{list(w.shape)}, the plan says {spec['dtype']}{spec['shape']}"
+    stray = sorted(set(weights) - {n for n, b in buffers.items() if b["kind"] == "weight"})
+    if stray:
+        return f"weights.npz holds arrays the plan declares no weight buffer for: {stray[:3]}"
     need = sum(_nbytes(b) for b in buffers.values() if "alias" not in b)
-    if need > _physical_memory():
+    if need > physical_memory():
         return f"its buffers need {need / 2**30:.1f} GiB, more than this machine's memory"
     for key in ("inputs", "outputs"):
         specs = plan.get(key)
@@ -380,7 +369,24 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 ok = isinstance(a, dict) and isinstance(a.get("planes"), str) and a["planes"] in layers
             if not ok:
                 return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32 or layer"
+    unused = sorted(set(buffers) - _used_buffers(plan))
+    if unused:  # memory nothing reads or writes: a plan csqc never writes
+        return f"it declares buffers no step, input, output or layer uses: {unused[:3]}"
     return None
+
+
+def _used_buffers(plan: dict) -> set[str]:
+    """Buffers the plan refers to: step arguments, inputs, outputs, the buffers layers rebuild
+    or read, and the buffers these view."""
+    used = {a for step in plan["steps"] for a in step["args"] if isinstance(a, str)}
+    used |= {s["name"] for key in ("inputs", "outputs") for s in plan[key]}
+    for name, info in plan["layers"].items():
+        used |= {info[k] for k in ("int8_buffer", "acc_offset", "weight_planes") if isinstance(info.get(k), str)}
+        if info["kernel"] == "bitparallel":
+            used.add(f"{name}.bitplanes")
+    buffers = plan["buffers"]
+    used |= {buffers[n]["alias"] for n in used if n in buffers and "alias" in buffers[n]}
+    return used
 
 
 def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, np.ndarray]) -> str | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from csqc.errors import CsqcError
+from csqc.outputs import make_output_folder
 from csqc.ir import Graph, IRError, verify
 
 from .registry import get_pass
@@ -68,7 +69,7 @@ def run_passes(
     verify(graph)
     dump = Path(dump_dir) if dump_dir else None
     if dump:
-        dump.mkdir(parents=True, exist_ok=True)
+        make_output_folder(dump, what="IR dump folder")
         _write_text(dump / "00-captured.ir", graph.text())
     ran: list[str] = []
     records: list[PassRecord] = []
@@ -95,6 +96,6 @@ def run_passes(
 
 def _write_text(path: Path, text: str) -> None:
     """IR dumps are written like every other output: whole or not at all."""
-    from csqc.modelfile import atomic_write
+    from csqc.outputs import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

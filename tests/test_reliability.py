@@ -42,8 +42,8 @@ def test_interrupted_compile_leaves_nothing_behind(mlp, tmp_path, monkeypatch, t
 
     if target == "onnx":
         monkeypatch.setattr("onnx.ModelProto.SerializeToString", boom)
-    else:  # both TVM targets write through the llvm target's zip writer, after building the library
-        monkeypatch.setattr("csqc.targets.llvm.target.write_member", boom)
+    else:  # both TVM targets write through csqc.artifact's zip writer, after building the library
+        monkeypatch.setattr("csqc.artifact.write_member", boom)
     out = tmp_path / f"m.{'onnx' if target == 'onnx' else 'so'}"
     with pytest.raises(interrupt):
         csqc.compile(mlp, target, out)
@@ -54,7 +54,7 @@ def test_interrupted_cli_compile_exits_130_and_leaves_nothing(mlp, tmp_path, mon
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("csqc.targets.llvm.target.write_member", interrupt)
+    monkeypatch.setattr("csqc.artifact.write_member", interrupt)
     out = _cli("compile", mlp.source, "-o", tmp_path / "m.so")
     assert out.exit_code == 130 and "interrupted" in out.output
     assert list(tmp_path.iterdir()) == []
@@ -67,7 +67,7 @@ def test_existing_output_survives_a_failed_compile(mlp, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("csqc.targets.llvm.target.write_member", fail)
+    monkeypatch.setattr("csqc.artifact.write_member", fail)
     with pytest.raises(RuntimeError):
         csqc.compile(mlp, "llvm", out)
     assert out.read_bytes() == b"the previous build" and len(list(tmp_path.iterdir())) == 1

@@ -12,7 +12,6 @@ with ``python -m csqc.targets.aarch64.sysroot``.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import platform
@@ -20,12 +19,13 @@ import shutil
 import struct
 import subprocess
 import weakref
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from csqc.artifact import read_artifact
 from csqc.errors import BadInput, CsqcError
+from csqc.runtime import check_plan
 
 __all__ = ["SYSROOT_ENV", "QEMU", "sysroot_path", "check_emulator", "artifact_target_kind", "needs_emulation",
            "EmulatedModel", "load_emulated"]
@@ -63,9 +63,8 @@ def check_emulator(sysroot: Path | None = None) -> tuple[str, Path]:
 def artifact_target_kind(path: str | os.PathLike) -> str | None:
     """The target kind recorded in an artifact's plan, or None when it has no readable plan."""
     try:
-        with zipfile.ZipFile(path) as z:
-            target = json.loads(z.read("plan.json")).get("target")
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, AttributeError):
+        target = read_artifact(path).plan.get("target")
+    except BadInput:
         return None  # csqc.runtime reports the damage in detail
     return target.get("kind") if isinstance(target, dict) else None
 
@@ -83,16 +82,13 @@ class EmulatedModel:
 
     def __init__(self, path: str | os.PathLike, *, sysroot: Path | None = None, threads: int = 1):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise BadInput(f"{path}: no such artifact file")
         qemu, sysroot = check_emulator(sysroot)
-        try:
-            with zipfile.ZipFile(self.path) as z:
-                self.plan = json.loads(z.read("plan.json"))
-            self.inputs, self.outputs, self.layers = self.plan["inputs"], self.plan["outputs"], self.plan["layers"]
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, TypeError) as e:
-            raise BadInput(f"{path}: not a csqc artifact ({type(e).__name__}); "
-                           "compile one with `csqc compile`") from None
+        # digests and sizes are checked here, before the emulated runtime loads the library
+        # (qemu-user is an emulator, not a sandbox: the library's code runs as this user)
+        contents = read_artifact(self.path)
+        check_plan(self.path, contents.plan, contents.weights)
+        self.plan = contents.plan
+        self.inputs, self.outputs, self.layers = self.plan["inputs"], self.plan["outputs"], self.plan["layers"]
         self.target = "aarch64"
         import csqc
         import csqc.targets

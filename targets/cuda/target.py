@@ -36,6 +36,7 @@ import numpy as np
 
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
+from csqc.outputs import atomic_write, make_output_folder
 from csqc.targets.llvm.lower import LayerChoice, Plan, lower_graph
 from csqc.targets.llvm.target import write_artifact
 
@@ -293,8 +294,8 @@ def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | o
     binary = compile_device_code(source, arch, nvcc)
     t3 = time.perf_counter()
     if emit_source is not None:
-        Path(emit_source).mkdir(parents=True, exist_ok=True)
-        (Path(emit_source) / "kernels.cu").write_text(source)
+        folder = make_output_folder(emit_source, what="--emit-source")
+        atomic_write(folder / "kernels.cu", lambda tmp: Path(tmp).write_text(source))
     entries = describe_fatbin(binary)
     meta = {"target": {"kind": "cuda", "arch": arch, "device_code": _DEVICE_FORMAT,
                        "entries": [list(e) for e in entries]}, "model": graph.name}

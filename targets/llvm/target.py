@@ -1,24 +1,20 @@
 """The ``llvm`` target: build a lowered plan into one shared library, write the artifact.
 
 An artifact is a single file: the TVM-built shared library with a zip archive appended
-(``plan.json`` + ``weights.npz``). The dynamic loader ignores trailing bytes and zip readers
-find their directory at the end of the file, so one path serves both, and ``csqc.runtime``
-needs only numpy and the TVM runtime to run it.
+(``plan.json`` + ``weights.npz`` + ``integrity.json``, see ``csqc.artifact``), so
+``csqc.runtime`` needs only numpy and the TVM runtime to run it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable
 
-
-from csqc.archive import npz_bytes, write_member
+from csqc.archive import npz_bytes
+from csqc.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, write_artifact_file
 from csqc.errors import CompileError
 from csqc.ir import Graph
 
@@ -27,8 +23,6 @@ from .lower import Plan, lower_graph
 __all__ = ["ARTIFACT_FORMAT", "build_plan", "write_artifact", "emit_llvm"]
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 1
 
 
 def build_plan(plan: Plan, target) -> object:
@@ -43,25 +37,16 @@ def build_plan(plan: Plan, target) -> object:
 
 def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict, *, fcompile=None) -> Path:
     """``fcompile``: the linker ``export_library`` uses (a cross compiler for foreign targets)."""
-    from csqc.modelfile import atomic_write
-
     doc = {
         "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, **meta,
         "inputs": plan.inputs, "outputs": plan.outputs, "buffers": plan.buffers,
         "steps": plan.steps, "layers": plan.layers,
     }
-    weights = npz_bytes(plan.weights)
-
-    def write(tmp):
-        with tempfile.TemporaryDirectory() as d:
-            lib = os.path.join(d, "lib.so")
-            executable.export_library(lib, fcompile=fcompile)
-            shutil.copyfile(lib, tmp)
-        with zipfile.ZipFile(tmp, "a", zipfile.ZIP_STORED) as z:
-            write_member(z, "plan.json", json.dumps(doc).encode())
-            write_member(z, "weights.npz", weights)
-
-    atomic_write(path, write)
+    with tempfile.TemporaryDirectory(prefix="csqc-build-") as d:
+        lib = os.path.join(d, "lib.so")
+        executable.export_library(lib, fcompile=fcompile)
+        library = Path(lib).read_bytes()
+    write_artifact_file(path, library, doc, npz_bytes(plan.weights))
     return Path(path)
 
 

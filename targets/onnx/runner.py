@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from csqc.errors import BadInput
-from csqc.modelfile import atomic_write
+from csqc.outputs import atomic_write
 
 __all__ = ["make_session", "run", "run_with_intermediates", "with_outputs", "save_onnx", "load_onnx", "input_names"]
 

@@ -1,0 +1,235 @@
+"""The artifact file: a TVM shared library with its plan, weights and SHA-256 digests appended.
+
+    [ELF shared library][zip: plan.json, weights.npz, integrity.json]
+
+The dynamic loader ignores trailing bytes and zip readers find their directory at the end of
+the file, so one path holds both. ``integrity.json`` records the library's length and the
+SHA-256 of the library bytes, ``plan.json`` and ``weights.npz``.
+
+An artifact is native code: loading it runs its constructors. ``read_artifact`` therefore
+checks everything before any byte reaches the dynamic loader: the file is a regular file, the
+zip holds exactly these three stored (uncompressed) members with sizes in bounds, every digest
+matches, the library is an ELF file, and every weight array's declared size equals the bytes
+it occupies (so nothing allocates more than the file holds). ``load_library`` then hands TVM
+a private copy of the checked bytes named ``lib.so``: never the user's path, whose suffix
+(``.o``, ``.tar``) would make TVM run a compiler or unpack an archive.
+
+The digests detect damage and edits; they do not prove who built the file (whoever can edit
+it can recompute them). Run only artifacts you built or trust.
+
+This module needs only numpy (the aarch64 emulated runtime imports it).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .archive import write_member
+from .errors import UNREADABLE_ARCHIVE, BadInput
+
+__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "write_artifact_file", "read_artifact",
+           "load_library", "physical_memory"]
+
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
+PLAN, WEIGHTS, INTEGRITY = "plan.json", "weights.npz", "integrity.json"
+_MEMBERS = (PLAN, WEIGHTS, INTEGRITY)
+# generous for any model csqc compiles (the plan of a ResNet-50 is well under 1 MiB); weights
+# are capped by this machine's memory when read
+_MAX_BYTES = {PLAN: 64 << 20, INTEGRITY: 64 << 10}
+_ELF_MAGIC = b"\x7fELF"
+_ENCRYPTED = 0x1  # zip general-purpose flag bit 0
+
+
+@dataclass(frozen=True)
+class ArtifactContents:
+    """What ``read_artifact`` checked: the plan, the weights by name and the library bytes."""
+
+    plan: dict
+    weights: dict[str, np.ndarray]
+    library: bytes
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: no limit to check against
+        return 1 << 62
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_artifact_file(path: str | os.PathLike, library: bytes, plan: dict, weights_npz: bytes) -> None:
+    """Write the artifact atomically; ``plan`` must already carry the format and version."""
+    from .outputs import atomic_write
+
+    plan_bytes = json.dumps(plan).encode()
+    integrity = {
+        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "library_bytes": len(library),
+        "sha256": {"library": _sha256(library), PLAN: _sha256(plan_bytes), WEIGHTS: _sha256(weights_npz)},
+    }
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(library)
+        with zipfile.ZipFile(tmp, "a", zipfile.ZIP_STORED) as z:
+            write_member(z, PLAN, plan_bytes)
+            write_member(z, WEIGHTS, weights_npz)
+            write_member(z, INTEGRITY, json.dumps(integrity, indent=1).encode())
+
+    atomic_write(path, write)
+
+
+def _damaged(path: Path, what: str) -> BadInput:
+    return BadInput(f"{path}: the artifact is damaged or was edited after compilation ({what}); "
+                    "compile the model again")
+
+
+def _open_regular(path: Path):
+    """Open ``path`` for reading if it is a regular file (a FIFO would block, a device never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such artifact file") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot open the artifact ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadInput(f"{path}: not a regular file; an artifact is a file written by `csqc compile`")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_artifact(path: str | os.PathLike) -> ArtifactContents:
+    """Read and check an artifact without loading its library; ``BadInput`` (exit code 2) for
+    anything that is not exactly what csqc writes."""
+    path = Path(path)
+    with _open_regular(path) as f:
+        try:
+            with zipfile.ZipFile(f) as z:
+                infos = _checked_members(path, z)
+                integrity = _integrity(path, z.read(infos[INTEGRITY]))
+                library = _library(path, f, integrity, min(i.header_offset for i in infos.values()))
+                members = {name: z.read(infos[name]) for name in (PLAN, WEIGHTS)}
+        except UNREADABLE_ARCHIVE as e:
+            raise BadInput(f"{path}: not a csqc artifact ({type(e).__name__}); compile one with `csqc compile`") from None
+    for name, data in members.items():
+        if _sha256(data) != integrity["sha256"][name]:
+            raise _damaged(path, f"{name} does not match its SHA-256")
+    try:
+        plan = json.loads(members[PLAN])
+    except (ValueError, RecursionError):
+        raise _damaged(path, "plan.json is not JSON") from None
+    if not isinstance(plan, dict) or plan.get("format") != ARTIFACT_FORMAT or plan.get("version") != ARTIFACT_VERSION:
+        raise _damaged(path, f"plan.json is not a {ARTIFACT_FORMAT} plan of version {ARTIFACT_VERSION}")
+    return ArtifactContents(plan, _read_weights(path, members[WEIGHTS]), library)
+
+
+def _checked_members(path: Path, z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The three members, stored and within their size caps; nothing else may be there."""
+    infos = z.infolist()
+    names = [i.filename for i in infos]
+    if INTEGRITY not in names and PLAN in names:
+        raise BadInput(f"{path}: an artifact from an older csqc (format version 1, without SHA-256 digests); "
+                       "compile the model again with this csqc")
+    if sorted(names) != sorted(_MEMBERS):
+        raise BadInput(f"{path}: not a csqc artifact (its archive holds {sorted(names)[:5]}, "
+                       f"csqc writes exactly {list(_MEMBERS)}); compile one with `csqc compile`")
+    for info in infos:
+        limit = _MAX_BYTES.get(info.filename, physical_memory())
+        # csqc stores members uncompressed: a compressed member could inflate far beyond the file
+        if (info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size
+                or info.flag_bits & _ENCRYPTED or info.file_size > limit):
+            raise _damaged(path, f"member {info.filename} is compressed, encrypted or too large")
+    return {i.filename: i for i in infos}
+
+
+def _integrity(path: Path, data: bytes) -> dict:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    digests = doc.get("sha256") if isinstance(doc, dict) else None
+    if (not isinstance(digests, dict) or type(doc.get("library_bytes")) is not int
+            or not all(isinstance(digests.get(k), str) for k in ("library", PLAN, WEIGHTS))):
+        raise _damaged(path, "integrity.json is unreadable")
+    if doc.get("format") != ARTIFACT_FORMAT or doc.get("version") != ARTIFACT_VERSION:
+        raise BadInput(f"{path}: an artifact of format {doc.get('format')!r} version {doc.get('version')!r}; "
+                       f"this csqc reads {ARTIFACT_FORMAT} version {ARTIFACT_VERSION}: compile the model again")
+    return doc
+
+
+def _library(path: Path, f, integrity: dict, zip_start: int) -> bytes:
+    """The bytes in front of the zip: exactly the library the digests describe."""
+    if integrity["library_bytes"] != zip_start:
+        raise _damaged(path, f"the library is {zip_start} bytes, integrity.json says {integrity['library_bytes']}")
+    f.seek(0)
+    library = f.read(zip_start)
+    if not library.startswith(_ELF_MAGIC):
+        raise _damaged(path, "the library part is not an ELF shared library")
+    if _sha256(library) != integrity["sha256"]["library"]:
+        raise _damaged(path, "the library does not match its SHA-256")
+    return library
+
+
+def _read_weights(path: Path, data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of ``weights.npz``; each array's declared size must be exactly the bytes it
+    holds, so reading never allocates more than the file itself."""
+    weights: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for info in z.infolist():
+                name = info.filename.removesuffix(".npy")
+                if (name == info.filename or name in weights or info.compress_type != zipfile.ZIP_STORED
+                        or info.file_size != info.compress_size or info.flag_bits & _ENCRYPTED):
+                    raise _damaged(path, f"weights.npz member {info.filename!r} is not a stored .npy or is repeated")
+                weights[name] = _npy_array(path, name, z.read(info))
+    except UNREADABLE_ARCHIVE as e:
+        raise _damaged(path, f"weights.npz cannot be read ({type(e).__name__})") from None
+    return weights
+
+
+def _npy_array(path: Path, name: str, raw: bytes) -> np.ndarray:
+    fp = io.BytesIO(raw)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise _damaged(path, f"weight {name!r} has .npy version {version}")
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+        raise _damaged(path, f"weight {name!r} is not a numeric array")
+    count = math.prod(shape)
+    if any(d < 0 for d in shape) or count * dtype.itemsize != len(raw) - fp.tell():
+        raise _damaged(path, f"weight {name!r} declares {dtype}{list(shape)}, which is not the "
+                             f"{len(raw) - fp.tell()} bytes it holds")
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=fp.tell()) if count else np.empty(0, dtype)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def load_library(library: bytes):
+    """Load checked library bytes as a TVM module from a private ``lib.so``.
+
+    TVM picks a loader by file suffix (``.o`` runs the system compiler, ``.tar`` unpacks), so
+    csqc never hands it a path the user named; the folder is private (0700) and removed once
+    the library is mapped.
+    """
+    import tvm
+
+    with tempfile.TemporaryDirectory(prefix="csqc-lib-") as folder:
+        lib = os.path.join(folder, "lib.so")
+        with open(lib, "wb") as f:
+            f.write(library)
+        return tvm.runtime.load_module(lib)
