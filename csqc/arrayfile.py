@@ -43,7 +43,7 @@ def array_headers(path: str | Path, check: Check | None = None) -> list[ArrayHea
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":
+            if f.read(4) in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip (.npz), empty or not, as np.load tells
                 return _npz_headers(path, check)
             f.seek(0)
             return [_header(f, size, "", str(path), check, 0)]
@@ -81,7 +81,8 @@ def _header(f: BinaryIO, room: int, name: str, where: str, check: Check | None, 
         raise BadInput(f"cannot read {where}: not a numeric .npy array ({str(e).splitlines()[0][:120]}); "
                        "write inputs with numpy.save or numpy.savez") from None
     if dtype.hasobject or dtype.kind not in "biuf":
-        raise BadInput(f"{where}: holds {dtype} data; csqc reads numeric arrays only (and never unpickles)")
+        raise BadInput(f"cannot read {where}: it holds {dtype} data, expected float32 numbers (csqc reads numeric "
+                       "arrays only and never unpickles)")
     header = ArrayHeader(name, tuple(shape), dtype)
     if check is not None:
         check(header, index)

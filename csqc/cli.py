@@ -409,8 +409,8 @@ def _read_array(path: str, shape: list[int], artifact: str):
 
     def check(header, index: int) -> None:
         if index == 0 and list(header.shape) != list(shape):
-            raise BadInput(f"{path}: holds an array of shape {list(header.shape)}; {artifact} takes input of shape "
-                           f"{list(shape)} (the batch it was compiled for: compile with --batch N for another)")
+            raise BadInput(f"{path}: expected shape {list(shape)}, the input {artifact} was compiled for (compile "
+                           f"with --batch N for another batch); the file holds an array of shape {list(header.shape)}")
 
     array_headers(path, check)  # before np.load allocates what a header claims
     try:

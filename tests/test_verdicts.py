@@ -235,7 +235,7 @@ def test_array_headers_claiming_terabytes_are_refused_before_allocation(llvm_art
     out = invoke("run", so, "-i", tmp_path / "huge.npy", "--json")
     assert out.exit_code == 2
     error = _json(out)["error"]
-    assert "[1000000, 1000000]" in error and f"takes input of shape {list(shape)}" in error and "--batch" in error
+    assert "[1000000, 1000000]" in error and f"expected shape {list(shape)}" in error and "--batch" in error
     # the right shape, but more data claimed than the file holds
     (tmp_path / "short.npy").write_bytes(_claiming_header(shape)[:-250])
     out = invoke("run", so, "-i", tmp_path / "short.npy", "--json")
