@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import BadInput, CsqcError, UnsupportedOps
-from .ir import Graph, Node, QuantSpec, TensorType, Value, verify
+from .ir import Graph, Node, QuantSpec, TensorType, Value, nonfinite_params, verify
 from .modelfile import CsqcModel
 
 __all__ = ["capture", "HANDLERS"]
@@ -187,12 +187,17 @@ def _batch_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
             raise _Unsupported("batch_norm in training mode (call model.eval())")
     var_t = ctx.tensor(var).detach().float().numpy()
     mean_t = ctx.tensor(mean).detach().float().numpy()
+    if not (var_t + np.float32(eps) > 0).all():  # 1 / sqrt would be NaN or infinite
+        raise BadInput(f"batch norm {_module_path(fx) or fx.name}: running variance + eps must be positive; "
+                       "the model's statistics are damaged")
     c = var_t.shape[0]
     w_t = ctx.tensor(w).detach().float().numpy() if w is not None else np.ones(c, np.float32)
     b_t = ctx.tensor(b).detach().float().numpy() if b is not None else np.zeros(c, np.float32)
-    # the inference transform torch uses: x * alpha + (beta - mean * alpha)
-    alpha = (np.float32(1) / np.sqrt(var_t + np.float32(eps))).astype(np.float32) * w_t
-    shift = (b_t - mean_t * alpha).astype(np.float32)
+    # the inference transform torch uses: x * alpha + (beta - mean * alpha); an overflow is
+    # refused with the parameter's name once the graph is built
+    with np.errstate(over="ignore", invalid="ignore"):
+        alpha = (np.float32(1) / np.sqrt(var_t + np.float32(eps))).astype(np.float32) * w_t
+        shift = (b_t - mean_t * alpha).astype(np.float32)
     base = _module_path(fx) or fx.name
     return ctx.emit(fx, "batch_norm", [ctx.value(x), ctx.param(f"{base}.mul", alpha), ctx.param(f"{base}.add", shift)])
 
@@ -604,6 +609,7 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
     sig = program.graph_signature
     const_map = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
     tables = {**program.state_dict, **program.constants}
+    _check_finite(tables)
     inputs: list[Value] = []
     for fx in program.graph.nodes:
         if fx.op == "placeholder":
@@ -636,5 +642,17 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
         raise UnsupportedOps(unsupported)
     name = str(model.manifest.get("metadata", {}).get("recipe") or "model")
     g = Graph(tuple(inputs), tuple(ctx.nodes), tuple(outputs), ctx.params, name=name)
+    derived = nonfinite_params(g)
+    if derived:  # finite weights whose folding overflowed float32
+        raise BadInput(f"parameter {derived[0]!r} of the captured model is NaN or infinite (float32 overflow "
+                       "folding the model's weights); the weights are out of range")
     verify(g)
     return g
+
+
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Every float weight, buffer and constant of the program must be finite (NaN != NaN would
+    make every runtime comparison fail, and compilers fold NaN in their own ways)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadInput(f"model tensor {name!r} contains NaN or infinity; the model file's weights are damaged")

@@ -17,11 +17,17 @@ from . import __version__
 from .errors import BadInput, CsqcError
 from .outputs import Terminated, check_output, check_output_folder
 
+MAX_RANDOM_SAMPLES = 10_000  # csqc.verify.MAX_RANDOM_SAMPLES, without importing numpy for --help
+
 __all__ = ["main", "cli"]
 
 
 def _emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    try:
+        click.echo(text)  # echo flushes: a full or closed stdout fails here, not at exit
+    except OSError as e:
+        raise CsqcError(f"cannot write the JSON result to standard output ({e.strerror or e})") from None
 
 
 def _json_default(o):
@@ -35,11 +41,27 @@ def _json_default(o):
 
 
 class CsqcGroup(click.Group):
-    """Maps csqc errors to one-line messages and exit codes; tracebacks only with --debug."""
+    """Maps csqc errors to one-line messages and exit codes; tracebacks only with --debug.
+
+    Under ``--json`` stdout holds exactly one JSON document, for click's usage errors too.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        args = list(args)
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as e:
+            _usage_error_json(args, e)
+            raise
+        ctx.meta["csqc.argv"] = args  # the command's own parser runs later, in invoke
+        return ctx
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.ClickException as e:  # a usage error of the command: click prints it on stderr
+            _usage_error_json(ctx.meta.get("csqc.argv", []), e)
+            raise
         except CsqcError as e:
             self._fail(ctx, str(e), e.exit_code)
         except KeyboardInterrupt:
@@ -50,7 +72,7 @@ class CsqcGroup(click.Group):
             ctx.exit(128 + e.signum)
         except MemoryError as e:  # e.g. --samples or --batch far beyond this machine
             self._fail(ctx, f"out of memory ({e}); ask for less: a smaller --batch or fewer --samples", 1)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # an unexpected failure: still one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
@@ -64,9 +86,20 @@ class CsqcGroup(click.Group):
 
             traceback.print_exc()
         if ctx.obj and ctx.obj.get("json"):
-            _emit_json({"ok": False, "error": message, "exit_code": code})
+            try:
+                _emit_json({"ok": False, "error": message, "exit_code": code})
+            except CsqcError:
+                pass  # stdout is what failed: the line on stderr still says why
         click.echo(f"error: {message}", err=True)
         ctx.exit(code)
+
+
+def _usage_error_json(argv: list[str], e: click.ClickException) -> None:
+    if "--json" in argv:
+        try:
+            _emit_json({"ok": False, "error": e.format_message(), "exit_code": e.exit_code})
+        except CsqcError:
+            pass
 
 
 @click.group(cls=CsqcGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,7 +204,7 @@ def train(recipe, output, target_bits, epochs, seed, as_json):
 @model_options
 @click.option("--batch", type=int, help="Batch size to analyse (default: the model file's).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart of bits per layer.")
-@click.option("--dump-ir", is_flag=True, help="Print the optimized IR (stable, diffable text).")
+@click.option("--dump-ir", is_flag=True, help="Print the optimized IR (stable, diffable text; under --json, its 'ir' field).")
 @json_option
 def inspect(model, load_model, batch, plot, dump_ir, as_json):
     """Per-layer bit allocation, planes, sizes and kernel choice of a model."""
@@ -184,13 +217,17 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
         from .report import plot_bits
 
         plot_bits(report, plot)
+    ir_text = None
     if dump_ir:
         from .compiler import optimize
 
-        click.echo(optimize(load_model(model), "default", batch=batch).text())
-    if as_json:
-        _emit_json({"ok": True, **report.to_json(), **({"plot": plot} if plot else {})})
+        ir_text = optimize(load_model(model), "default", batch=batch).text()
+    if as_json:  # one JSON document on stdout: the IR goes inside it
+        _emit_json({"ok": True, **report.to_json(), **({"plot": plot} if plot else {}),
+                    **({"ir": ir_text} if ir_text is not None else {})})
         return
+    if ir_text is not None:
+        click.echo(ir_text)
     from rich.console import Console
     from rich.table import Table
 
@@ -332,7 +369,8 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
               help="Also run this compiled artifact (.so from llvm/cuda/aarch64, or .onnx). A .so is native code "
                    "(an aarch64 one runs under qemu-user, which is no sandbox): only artifacts you built or trust.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), help="Inputs to check on (.npz).")
-@click.option("--samples", default=4, show_default=True, type=int, help="Random inputs to check on (without --inputs/--dataset).")
+@click.option("--samples", default=4, show_default=True, type=int,
+              help=f"Random inputs to check on (without --inputs/--dataset), at most {MAX_RANDOM_SAMPLES:,}.")
 @click.option("--dataset", type=click.Choice(["digits"]), help="Check on a data set's test split (and report accuracy).")
 @click.option("--batch", type=int, help="Samples per run (default: the artifact's, else the model file's).")
 @click.option("--per-layer", is_flag=True, help="Compare every layer's tensors and name the first that diverges.")
@@ -353,10 +391,12 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
 
     if inputs_file and dataset:
         raise BadInput("give --inputs or --dataset, not both")
-    if samples < 1:
-        raise BadInput(f"--samples must be at least 1, got {samples}")
+    if not 1 <= samples <= MAX_RANDOM_SAMPLES:  # checked before the model loads
+        raise BadInput(f"--samples must be 1..{MAX_RANDOM_SAMPLES:,}, got {samples:,}; to check on more, "
+                       "give your own inputs with --inputs x.npz")
     code = verify_command(load_model(model), inputs=inputs_file, samples=samples, dataset=dataset, artifact=artifact,
-                          per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, as_json=as_json)
+                          per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, as_json=as_json,
+                          progress=not as_json and sys.stderr.isatty())
     if code:
         raise click.exceptions.Exit(code)
 
@@ -384,7 +424,7 @@ def run(artifact, input_path, output, skip_planes, as_json):
     if output:
         check_output(output, inputs=[artifact, input_path])
     model = runtime.load(artifact)
-    x = _read_array(input_path)
+    x = _read_array(input_path, model.inputs[0]["shape"], artifact)
     y = model(x, skip_planes=skip_planes)
     if output:
         def write(tmp):
@@ -398,9 +438,18 @@ def run(artifact, input_path, output, skip_planes, as_json):
         click.echo(f"output {list(y.shape)}" + (f" -> {output}" if output else f": {np.array2string(y, precision=4, threshold=20)}"))
 
 
-def _read_array(path: str):
+def _read_array(path: str, shape: list[int], artifact: str):
+    """The first array of ``path``, once its header says it has the artifact's input ``shape``."""
     import numpy as np
 
+    from .arrayfile import array_headers
+
+    def check(header, index: int) -> None:
+        if index == 0 and list(header.shape) != list(shape):
+            raise BadInput(f"{path}: expected shape {list(shape)}, the input {artifact} was compiled for (compile "
+                           f"with --batch N for another batch); the file holds an array of shape {list(header.shape)}")
+
+    array_headers(path, check)  # before np.load allocates what a header claims
     try:
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:

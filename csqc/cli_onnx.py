@@ -116,13 +116,29 @@ def print_verify_report(report: VerifyReport) -> None:
     console.print("[green]OK[/]" if report.ok else "[red]FAILED[/]: runtimes disagree")
 
 
+def _sample_progress(enabled: bool):
+    """A bar of samples checked, on stderr (stdout stays for the report or the JSON)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=True)
+
+
 def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int = 4, dataset: str | None = None,
                    artifact: str | None = None, per_layer: bool = False, batch: int | None = None,
-                   atol: float = 1e-4, rtol: float = 1e-4, as_json: bool = False, echo: bool = True) -> int:
-    """Run ``verify`` with CLI-style options (``inputs`` is an ``.npz`` path); 0 if ok, else 1."""
+                   atol: float = 1e-4, rtol: float = 1e-4, as_json: bool = False, echo: bool = True,
+                   progress: bool = False) -> int:
+    """Run ``verify`` with CLI-style options (``inputs`` is an ``.npz`` path); 0 if ok, else 1.
+
+    ``progress``: show a bar of samples checked on stderr.
+    """
     arrays = load_inputs(inputs, model) if inputs else None
-    report = verify(model, inputs=arrays, samples=samples, dataset=dataset, artifact=artifact,
-                    per_layer=per_layer, batch=batch, atol=atol, rtol=rtol)
+    with _sample_progress(progress) as bar:
+        task = bar.add_task("verify", total=None)
+        report = verify(model, inputs=arrays, samples=samples, dataset=dataset, artifact=artifact,
+                        per_layer=per_layer, batch=batch, atol=atol, rtol=rtol,
+                        on_batch=lambda done, total: bar.update(task, completed=done, total=total))
     if echo:
         if as_json:
             _echo_json(report.to_json())

@@ -16,7 +16,8 @@ from .bitplanes import unpack_planes
 from .errors import BadInput, CsqcError
 from .ir import Graph, Node, QUANT_LAYER_OPS
 
-__all__ = ["QValue", "run", "decode_weight", "conv2d_nchw", "HANDLERS"]
+__all__ = ["QValue", "run", "decode_weight", "conv2d_nchw", "HANDLERS", "quantization_overflows", "scale_overflow",
+           "overflow_error"]
 
 _F32 = np.float32
 _EXACT_LIMIT = 2.0**53
@@ -148,12 +149,39 @@ def _truncated_weight(g: Graph, n: Node, keep: int) -> np.ndarray:
     return decode_weight(tmp, sub.replace(inputs=(n.inputs[0], n.inputs[1] + "#trunc") + n.inputs[2:]))
 
 
+def quantization_overflows(scale, levels) -> bool:
+    """Whether ``|x| * L`` overflows float32 for some ``|x| <= scale`` (or the scale is NaN).
+
+    Every runtime computes ``(|x| * L) / S`` in float32; rounding is monotonic, so the
+    largest ``|x|`` (the dynamic scale itself) decides: this is the exact bound.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return not np.isfinite(_F32(scale) * _F32(levels))
+
+
+def scale_overflow(quantize: str, scale, levels: int) -> str:
+    """Where an overflow shows, for ``overflow_error``: a dynamic scale out of range."""
+    if not np.isfinite(scale):
+        return f"{quantize} quantizes NaN or infinite activations"
+    return f"{quantize} quantizes activations up to {float(scale):.4g}, and {float(scale):.4g} * {levels} overflows"
+
+
+def overflow_error(where: str) -> BadInput:
+    """The one error every runtime raises for an input that leaves float32's range inside the model."""
+    return BadInput(f"the input overflows float32 inside the model ({where}); csqc refuses inputs whose "
+                    "activations leave float32's range: scale the input down")
+
+
 def _quantize(n: Node, x: np.ndarray) -> QValue:
     bits = n.attr("bits")
     levels = _F32(2**bits - 1)
     x = np.asarray(x, dtype=_F32)
     static = n.attr("static_scale", 0.0)
     s = _F32(static) if static > 0 else _F32(np.abs(x).max(initial=0))
+    if static > 0 and not np.isfinite(x).all():  # a static scale clamps huge values, not NaN
+        raise overflow_error(f"{n.name} quantizes NaN or infinite activations")
+    if static <= 0 and quantization_overflows(s, levels):
+        raise overflow_error(scale_overflow(n.name, s, int(levels)))
     if s > 0:
         mag = np.round((np.abs(x) * levels) / s)
         if static > 0:
@@ -323,17 +351,23 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
         env[v.name] = x
     for n in g.nodes:
         args = [env[i] for i in n.inputs]
-        if n.op in QUANT_LAYER_OPS:
-            out = _quant_layer(g, n, args[0], record, planes_used)
-        else:
-            handler = HANDLERS.get(n.op)
-            if handler is None:
-                raise CsqcError(f"interpreter has no handler for op {n.op!r} ({n.name})")
-            out = handler(g, n, args)
+        # an overflow is refused where it matters (quantize, outputs), with one message
+        with np.errstate(over="ignore", invalid="ignore"):
+            if n.op in QUANT_LAYER_OPS:
+                out = _quant_layer(g, n, args[0], record, planes_used)
+            else:
+                handler = HANDLERS.get(n.op)
+                if handler is None:
+                    raise CsqcError(f"interpreter has no handler for op {n.op!r} ({n.name})")
+                out = handler(g, n, args)
         env[n.name] = out
         if record is not None:
             record[n.name] = out
             if isinstance(out, QValue):
                 record[f"{n.name}.codes"] = out.codes
                 record[f"{n.name}.scale"] = out.scale
-    return [_float(env[o]) for o in g.outputs]
+    outputs = [_float(env[o]) for o in g.outputs]
+    for name, y in zip(g.outputs, outputs):
+        if not np.isfinite(y).all():
+            raise overflow_error(f"output {name} is NaN or infinite")
+    return outputs

@@ -35,7 +35,7 @@ from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
 
 __all__ = [
     "TensorType", "QuantSpec", "Node", "Value", "Graph", "IRError", "OPS", "ENCODINGS",
-    "QUANT_LAYER_OPS", "save_graph", "load_graph", "verify",
+    "QUANT_LAYER_OPS", "save_graph", "load_graph", "verify", "nonfinite_params",
 ]
 
 ENCODINGS = ("int", "posneg", "offset")
@@ -401,8 +401,14 @@ def verify(g: Graph) -> None:
     for o in g.outputs:
         if o not in defined:
             problems.append(f"output %{o} is not defined")
+    problems += [f"param %{p} contains NaN or infinity" for p in nonfinite_params(g)]
     if problems:
         raise IRError("IR verification failed:\n  " + "\n  ".join(problems[:30]))
+
+
+def nonfinite_params(g: Graph) -> list[str]:
+    """Float parameters holding NaN or infinity (no runtime can agree on those bit for bit)."""
+    return [k for k, a in g.params.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
 
 
 def _check_node(g: Graph, n: Node) -> list[str]:

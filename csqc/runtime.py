@@ -22,6 +22,7 @@ import numpy as np
 
 from .artifact import load_library, physical_memory, read_artifact
 from .errors import BadInput, CsqcError
+from .interpreter import overflow_error, quantization_overflows, scale_overflow  # numpy only, like this module
 
 __all__ = ["CompiledModel", "load", "check_plan"]
 
@@ -89,6 +90,11 @@ class CompiledModel:
         if self._host:
             self._in_views = [np.from_dlpack(self.buffers[s["name"]]) for s in self.inputs]
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
+        # (scale buffer, L, quantize node) of every dynamic quantization: see _check_overflow
+        self._scales = [(self.buffers[st["args"][1]], st["levels"], st.get("layer", st["func"]))
+                        for st in self.plan["steps"] if "levels" in st]
+        if self._host:
+            self._scales = [(np.from_dlpack(buf), levels, name) for buf, levels, name in self._scales]
 
     def _allocate(self, weights: Mapping[str, np.ndarray]) -> dict:
         import tvm
@@ -223,8 +229,7 @@ class CompiledModel:
             if x.dtype.kind not in "fiu":
                 raise BadInput(f"input {spec['name']}: expected {spec['dtype']} data, got {x.dtype}")
             x = x.astype(spec["dtype"])
-        # a sum is finite for almost every input, and cheaper than isfinite over the array
-        if x.dtype.kind == "f" and not math.isfinite(float(np.add.reduce(x, axis=None))) and not np.isfinite(x).all():
+        if x.dtype.kind == "f" and not _all_finite(x):
             raise BadInput(f"input {spec['name']} contains NaN or infinity")
         return x
 
@@ -264,7 +269,23 @@ class CompiledModel:
             outs = [v.copy() for v in self._out_views]
         else:
             outs = [self.buffers[o["name"]].numpy() for o in self.outputs]
+        self._check_overflow(outs)
         return outs[0] if len(outs) == 1 else outs
+
+    def _check_overflow(self, outs: list[np.ndarray]) -> None:
+        """Refuse a run whose activations left float32's range, as the interpreter does.
+
+        Past that point kernels disagree (TVM turns an infinite scale into finite garbage where
+        numpy gives NaN). A dynamic scale ``S = max|x|`` bounds every value it quantizes, so
+        ``S * L`` finite is the exact condition there; outputs must be finite too.
+        """
+        for buf, levels, name in self._scales:
+            scale = (buf if self._host else buf.numpy()).reshape(-1)[0]
+            if quantization_overflows(scale, levels):
+                raise overflow_error(scale_overflow(name, scale, levels))
+        for spec, y in zip(self.outputs, outs):
+            if not _all_finite(y):
+                raise overflow_error(f"output {spec['name']} is NaN or infinite")
 
     def time_us(self, *inputs, repeat: int = 50, skip_planes=0) -> float:
         """Median wall time of one call in microseconds (inputs copied in each time)."""
@@ -277,6 +298,12 @@ class CompiledModel:
             self(*inputs, skip_planes=skip_planes)
             times.append(time.perf_counter() - t)
         return float(np.median(times) * 1e6)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    # a sum is finite for almost every array, and cheaper than isfinite over it
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(float(np.add.reduce(x, axis=None))) or bool(np.isfinite(x).all())
 
 
 def _reason(e: BaseException) -> str:
@@ -369,6 +396,11 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 ok = isinstance(a, dict) and isinstance(a.get("planes"), str) and a["planes"] in layers
             if not ok:
                 return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32 or layer"
+        if "levels" in step:  # a dynamic quantize step: args[1] is its float32[1] scale
+            scale = buffers.get(step["args"][1]) if len(step["args"]) > 1 and isinstance(step["args"][1], str) else None
+            if type(step["levels"]) is not int or not 1 <= step["levels"] <= 255 or scale is None \
+                    or scale["shape"] != [1] or scale["dtype"] != "float32":
+                return f"step {i} ({step['func']}) needs levels 1..255 and a float32[1] scale buffer"
     unused = sorted(set(buffers) - _used_buffers(plan))
     if unused:  # memory nothing reads or writes: a plan csqc never writes
         return f"it declares buffers no step, input, output or layer uses: {unused[:3]}"

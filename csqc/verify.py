@@ -47,13 +47,15 @@ from .modelfile import CsqcModel
 
 __all__ = [
     "verify", "VerifyReport", "PairReport", "Runtime", "RunResult", "RUNTIMES", "DEFAULT_RUNTIMES",
-    "ARTIFACT_RUNNERS", "register_artifact_runner", "load_inputs", "LAYER_TENSORS",
+    "ARTIFACT_RUNNERS", "register_artifact_runner", "load_inputs", "LAYER_TENSORS", "MAX_RANDOM_SAMPLES",
 ]
 
 log = logging.getLogger(__name__)
 
 LAYER_TENSORS = ("in", "xq", "scale", "acc", "out")  # stable per-layer names: <layer>.<tensor>
 GOLDEN = "interpreter:integer"
+# random inputs past this add minutes, not evidence (a batch of 1 runs every runtime per sample)
+MAX_RANDOM_SAMPLES = 10_000
 
 
 # -- runtimes ----------------------------------------------------------------------------------
@@ -71,12 +73,14 @@ class Runtime:
 
     ``exact`` promises the IR's float operation order in quantized-layer epilogues, so their
     ``.out`` tensors are compared bit for bit (otherwise within the float tolerance).
+    ``deploy`` promises only what a deploy-form ONNX model promises: PyTorch's top-1 and accuracy.
     """
 
     name: str
     run: Callable[[list[np.ndarray]], RunResult]
     batch: int | None = None
     exact: bool = True
+    deploy: bool = False  # a deploy-form model (static scales): judged against PyTorch, see verify
 
 
 class _Context:
@@ -220,7 +224,27 @@ _PARENT = {
 def _open_onnx_artifact(path: str, ctx_threads: int | None = None) -> Runtime:
     from csqc.targets.onnx.runner import load_onnx
 
-    return onnx_model_runtime(f"artifact:{Path(path).name}", load_onnx(path), threads=ctx_threads)
+    model = load_onnx(path)
+    name = f"artifact:{Path(path).name}"
+    if {p.key: p.value for p in model.metadata_props}.get("csqc.kind") == "deploy":
+        return _deploy_runtime(name, model, ctx_threads)
+    return onnx_model_runtime(name, model, threads=ctx_threads)
+
+
+def _deploy_runtime(name: str, model, threads: int | None) -> Runtime:
+    """A deploy-form ONNX model, run as it ships (ORT's optimizations on); outputs only."""
+    from csqc.targets.onnx.runner import make_session
+
+    session = make_session(model, exact=False, intra_op_num_threads=threads)
+    input_names = [i.name for i in session.get_inputs()]
+
+    def run(inputs):
+        feeds = {k: np.ascontiguousarray(x, np.float32) for k, x in zip(input_names, inputs)}
+        return RunResult(list(session.run(None, feeds)))
+
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    return Runtime(name, run, batch, exact=False, deploy=True)
 
 
 def _open_tvm_artifact(path: str) -> Runtime:
@@ -286,7 +310,21 @@ def _open_artifact(path: str) -> Runtime:
 
 
 def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
-    """Arrays from an ``.npz`` (by model input name, else the first arrays in order)."""
+    """Arrays from an ``.npz`` (by model input name, else the first arrays in order).
+
+    The headers are checked first: each array the model will read must hold samples of the
+    model's input shape, and no header may claim more data than the file holds.
+    """
+    from .arrayfile import array_headers
+
+    headers = {h.name: h for h in array_headers(path)}  # before np.load allocates what a header claims
+    names = [s["name"] for s in model.input_specs]
+    chosen = names if all(n in headers for n in names) else list(headers)[: len(names)]
+    for name, spec in zip(chosen, model.input_specs):
+        shape = headers[name].shape
+        if shape[1:] != tuple(spec["shape"][1:]):
+            raise BadInput(f"{path}: array {name!r} has shape {list(shape)}; the model takes samples of shape "
+                           f"{spec['shape'][1:]} (write [samples, ...] arrays with np.savez)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -333,8 +371,9 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
             if not np.isfinite(a).all():
                 raise BadInput(f"input {s['name']} contains NaN or infinity")
     else:
-        if samples < 1:
-            raise BadInput(f"samples must be at least 1, got {samples}")
+        if not 1 <= samples <= MAX_RANDOM_SAMPLES:
+            raise BadInput(f"samples must be 1..{MAX_RANDOM_SAMPLES:,} random inputs, got {samples:,}; to check on "
+                           "more, give your own inputs (csqc verify --inputs x.npz)")
         rng = np.random.default_rng(seed)
         arrays = [rng.random((samples, *s["shape"][1:]), dtype=np.float32) for s in specs]
     return [np.asarray(a, np.float32) for a in arrays], labels
@@ -349,7 +388,7 @@ class PairReport:
 
     a: str
     b: str
-    kind: str = "exact"  # exact: both follow the IR's float order; float: one is PyTorch
+    kind: str = "exact"  # exact: both follow the IR's float order; float: one is PyTorch; deploy: see verify
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0  # max |b - a| / max |a|, per output tensor
     top1_agreement: float | None = None
@@ -520,9 +559,12 @@ def verify(
     rtol: float = 1e-4,
     min_top1_agreement: float = 0.99,
     float_rel_tol: float = 0.5,
+    deploy_min_top1: float = 0.95,
+    deploy_max_accuracy_drop: float = 0.02,
     runtimes: Sequence[str] = DEFAULT_RUNTIMES,
     seed: int = 0,
     intra_op_num_threads: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Run ``model`` in every runtime on the same batches and compare (see module docstring).
 
@@ -538,6 +580,11 @@ def verify(
     that still catches a wrong capture or pass; exactness is proved along the IR chain.
     ``per_layer``: also compare every layer's float input and output with the golden run and
     list per-layer statistics; ``first_divergence`` is always reported.
+    A deploy-form ONNX artifact (``csqc.kind=deploy``: static activation scales calibrated ahead
+    of time, QDQ int8) promises PyTorch's predictions, not its bits: it is compared with PyTorch
+    on top-1 agreement (at least ``deploy_min_top1``) and, on a labelled data set, an accuracy
+    at most ``deploy_max_accuracy_drop`` below PyTorch's; the notes say so. ``on_batch(done, total)``
+    is called after every batch with the samples checked so far (for a progress bar).
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
@@ -547,8 +594,11 @@ def verify(
     names = list(dict.fromkeys(runtimes))
     if GOLDEN not in names:  # the golden interpreter always runs, after the PyTorch reference
         names.insert(1 if names[:1] == ["pytorch"] else 0, GOLDEN)
-    arrays, labels = _samples(model, inputs, samples, dataset, seed)
     art = _open_artifact(artifact) if artifact else None
+    if art is not None and art.deploy and inputs is None and dataset is None:
+        raise BadInput(f"{artifact} is a deploy-form ONNX model, calibrated on real data: random inputs say "
+                       "nothing about it; verify it on that kind of data (--dataset digits or --inputs x.npz)")
+    arrays, labels = _samples(model, inputs, samples, dataset, seed)
     n = len(arrays[0])
     batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
     if batch < 1:
@@ -563,6 +613,7 @@ def verify(
         starts = starts[:-1]
     if not starts:
         raise BadInput(f"{n} sample(s) do not fill one batch of {batch}")
+    total = sum(min(batch, n - start) for start in starts)
     by_size: dict[int, list[Runtime]] = {}
     outputs: dict[str, list[list[np.ndarray]]] = {}
     stats: dict[str, dict[str, _LayerStats]] = {}
@@ -581,9 +632,12 @@ def verify(
                 _check_layers(golden_graph, golden, rt, results[rt.name].tensors,
                               stats.setdefault(rt.name, {}), atol, rtol)
         used += size
+        if on_batch is not None:
+            on_batch(used, total)
     runtime_names = [rt.name for rt in by_size[min(by_size)]] if by_size else names
     runtime_names = [r for r in runtime_names if r in outputs]
-    pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None)
+    pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None,
+                           deploy=bool(art and art.deploy))
     order = [l.name for l in ctx.graph("integer", batch).quant_layers()]
     folded = _folded_layer_names(ctx.graph("integer", batch))
     notes += [f"{name}: no nonzero weights; folded to a constant output (no codes or accumulator to compare; "
@@ -604,7 +658,7 @@ def verify(
                 notes.append(f"{p.b}: activation codes first left the golden run at {resynced} after a float "
                              "rounding difference upstream; every layer's codes and accumulators are exact on "
                              "its own inputs, so its outputs are judged on top-1 agreement and a coarse error")
-        else:
+        elif p.kind == "float":
             top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
             p.ok = top1_ok and p.max_rel_error <= float_rel_tol
     accuracy = {}
@@ -613,6 +667,9 @@ def verify(
         for r in runtime_names:
             logits = np.concatenate([o[0] for o in outputs[r]])
             accuracy[r] = float((logits.argmax(-1) == y).mean())
+    for p in pairs:
+        if p.kind == "deploy":
+            notes.append(_judge_deploy(p, accuracy, deploy_min_top1, deploy_max_accuracy_drop, float_rel_tol))
     exact_ok, first = _summarize(stats, order, per_layer)
     layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
     ok = exact_ok and all(p.ok for p in pairs)
@@ -626,14 +683,16 @@ def _folded_layer_names(g: Graph) -> list[str]:
     return [n.name for n in folded_layers(g)]
 
 
-def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact_name: str | None) -> list[PairReport]:
+def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact_name: str | None,
+                   deploy: bool = False) -> list[PairReport]:
     pairs = []
     for b in names[1:] if names else []:
-        parent = _PARENT.get("artifact" if b == artifact_name else b)
+        is_deploy = deploy and b == artifact_name
+        parent = "pytorch" if is_deploy else _PARENT.get("artifact" if b == artifact_name else b)
         a = parent if parent in names else names[0]
         if a == b:
             continue
-        p = PairReport(a, b, "float" if "pytorch" in (a, b) else "exact")
+        p = PairReport(a, b, "deploy" if is_deploy else "float" if "pytorch" in (a, b) else "exact")
         for out_a, out_b in zip(outputs[a], outputs[b]):
             if len(out_a) != len(out_b):
                 raise CsqcError(f"{a} gives {len(out_a)} outputs, {b} gives {len(out_b)}")
@@ -652,6 +711,22 @@ def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact
         p.top1_agreement = p._agree / p._rows if p._rows else None
         pairs.append(p)
     return pairs
+
+
+def _judge_deploy(p: PairReport, accuracy: Mapping[str, float], min_top1: float, max_drop: float,
+                  rel_tol: float) -> str:
+    """Set ``p.ok`` for a deploy-form artifact against PyTorch; returns the note that says how."""
+    if p.top1_agreement is None:  # no class scores to agree on: a coarse error bound
+        top1_ok, how = p.max_rel_error <= rel_tol, f"an error at most {rel_tol:.0%} of {p.a}'s largest output"
+    else:
+        top1_ok, how = p.top1_agreement >= min_top1, f"top-1 agreement with {p.a} at least {min_top1:.0%}"
+    drop = None
+    if p.a in accuracy and p.b in accuracy:
+        drop = accuracy[p.a] - accuracy[p.b]
+        how += f" and accuracy at most {max_drop:.1%} below it (drop {drop:.2%})"
+    p.ok = top1_ok and (drop is None or drop <= max_drop)
+    return (f"{p.b} is a deploy-form ONNX model (static activation scales, QDQ int8): it promises "
+            f"PyTorch's predictions, not its bits, so it is judged on {how}; no accumulator is checked")
 
 
 def _diverged_only_by_float_rounding(per_layer: dict[str, _LayerStats], order: list[str]) -> str | None:

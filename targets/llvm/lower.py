@@ -197,6 +197,8 @@ class _Lowerer:
         pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
         neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed and not offset else None
         self.plan.call(f, [self.ref(n.inputs[0]), scale, pos] + ([neg] if neg else []), n.name)
+        if not static:  # the runtime checks this dynamic scale against float32's range after each run
+            self.plan.steps[-1]["levels"] = 2**bits - 1
         self.quant_parts[n.name] = (pos, neg, scale)
         if offset:
             self.code_offset[n.name] = 2**bits - 1

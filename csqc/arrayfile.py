@@ -1,0 +1,94 @@
+"""Input arrays (``.npy`` / ``.npz``) whose headers are checked before any data is read.
+
+An input file is untrusted: its header may claim 10^12 elements, and ``np.load`` would try to
+allocate them. ``array_headers`` reads only the headers (never pickles) and refuses one that
+claims more bytes than the file (or the zip member) can hold; callers then compare the shapes
+with what the model or artifact takes, and only then load the data.
+"""
+from __future__ import annotations
+
+import math
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+
+from .errors import BadInput
+
+__all__ = ["ArrayHeader", "array_headers"]
+
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand a stream by more than ~1032:1
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    name: str  # the .npz member's array name ("" for an .npy file)
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+Check = Callable[[ArrayHeader, int], None]  # (header, its position) -> raise BadInput to refuse
+
+
+def array_headers(path: str | Path, check: Check | None = None) -> list[ArrayHeader]:
+    """The headers of an ``.npy`` file (one) or an ``.npz`` file (one per member, in order).
+
+    ``check`` sees each header before its size is compared with the file's, so a caller's
+    message about the shape it wants comes first.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if f.read(4) in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip (.npz), empty or not, as np.load tells
+                return _npz_headers(path, check)
+            f.seek(0)
+            return [_header(f, size, "", str(path), check, 0)]
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise BadInput(f"cannot read {path}: not a numeric .npy/.npz array file ({type(e).__name__}); "
+                       "write inputs with numpy.save or numpy.savez") from None
+
+
+def _npz_headers(path: Path, check: Check | None) -> list[ArrayHeader]:
+    out = []
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            room = info.file_size
+            if info.compress_type == zipfile.ZIP_DEFLATED:  # the declared size is only a claim
+                room = min(room, info.compress_size * _DEFLATE_MAX_RATIO)
+            with z.open(info) as f:
+                out.append(_header(f, room, name, f"{path}[{name}]", check, len(out)))
+    return out
+
+
+def _header(f: BinaryIO, room: int, name: str, where: str, check: Check | None, index: int) -> ArrayHeader:
+    """One array header; ``room``: bytes the file or member holds, header included."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"format version {version}")
+    except ValueError as e:
+        raise BadInput(f"cannot read {where}: not a numeric .npy array ({str(e).splitlines()[0][:120]}); "
+                       "write inputs with numpy.save or numpy.savez") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise BadInput(f"cannot read {where}: it holds {dtype} data, expected float32 numbers (csqc reads numeric "
+                       "arrays only and never unpickles)")
+    header = ArrayHeader(name, tuple(shape), dtype)
+    if check is not None:
+        check(header, index)
+    need = math.prod(shape) * dtype.itemsize
+    header_bytes = f.tell()
+    if need > room - header_bytes:
+        raise BadInput(f"{where}: the header claims an array of shape {list(shape)} ({need:,} bytes), more than "
+                       f"the file holds; the file is damaged")
+    return header
