@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import BadInput, CsqcError
+from .errors import BadInput, CsqcError, TrainingFailed
 
 __all__ = ["main", "cli"]
 
@@ -40,7 +40,7 @@ class CsqcGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CsqcError as e:
-            self._fail(ctx, str(e), e.exit_code)
+            self._fail(ctx, str(e), e.exit_code, getattr(e, "details", None))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -54,13 +54,13 @@ class CsqcGroup(click.Group):
             self._fail(ctx, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
 
     @staticmethod
-    def _fail(ctx, message: str, code: int):
+    def _fail(ctx, message: str, code: int, details: dict | None = None):
         if ctx.obj and ctx.obj.get("debug"):
             import traceback
 
             traceback.print_exc()
         if ctx.obj and ctx.obj.get("json"):
-            _emit_json({"ok": False, "error": message, "exit_code": code})
+            _emit_json({"ok": False, "error": message, "exit_code": code, **(details or {})})
         click.echo(f"error: {message}", err=True)
         ctx.exit(code)
 
@@ -130,19 +130,22 @@ def _bits_cell(active: list[int], n_bits: int) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @json_option
 def train(recipe, output, target_bits, epochs, seed, as_json):
-    """Train a CSQ model on scikit-learn's digits and save it."""
+    """Train a CSQ model on scikit-learn's digits and save it.
+
+    Exits 1 without writing the model when training collapsed (a layer without bits, or test
+    accuracy more than 10 points below the float warm-up's).
+    """
     import torch
 
-    from .modelfile import save
-    from .train import train_recipe
-
-    from .modelfile import check_writable
+    from .modelfile import check_writable, save
+    from .train import check_training_result, train_recipe
 
     check_writable(output)  # fail before minutes of training, not after
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, result, example = train_recipe(
         recipe, target_bits=target_bits, epochs=epochs, seed=seed, progress=not as_json and sys.stderr.isatty()
     )
+    check_training_result(result)  # a collapsed model is not written: `csqc train && csqc compile` must stop
     save(model, output, example, metadata={"recipe": recipe, "test_accuracy": result.test_accuracy})
     if as_json:
         _emit_json({"ok": True, "output": output, **result.to_json()})
@@ -457,9 +460,11 @@ def demo(recipe, out_dir, as_json):
     say = (lambda *a: None) if as_json else click.echo
     say(f"[1/5] training {recipe} on scikit-learn's digits (CSQ, 3-bit budget)")
     model, result, example = train_recipe(recipe, progress=not as_json and sys.stderr.isatty())
-    model_path = save(model, out / f"{recipe}.pt", example, metadata={"recipe": recipe})
     say(f"      test accuracy {result.test_accuracy:.2%} at {result.avg_bits:.2f} average bits; "
         + "; ".join(f"{l['name']}: bits {','.join(map(str, l['active_bits'])) or '-'}" for l in result.layers))
+    if problem := result.problem():  # stop here: compiling a collapsed model only hides the failure
+        raise TrainingFailed(problem, {"train": result.to_json()})
+    model_path = save(model, out / f"{recipe}.pt", example, metadata={"recipe": recipe})
     loaded = load(model_path)
     report = inspect_model(loaded)
     plot = plot_bits(report, out / f"{recipe}-bits.png")
