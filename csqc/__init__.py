@@ -24,6 +24,7 @@ _LAZY = {
     # name: (module, attribute)
     "CsqcError": ("errors", "CsqcError"), "BadInput": ("errors", "BadInput"),
     "CompileError": ("errors", "CompileError"), "VerifyError": ("errors", "VerifyError"),
+    "TrainingFailed": ("errors", "TrainingFailed"), "check_training_result": ("train", "check_training_result"),
     "CSQLinear": ("layers", "CSQLinear"), "CSQConv2d": ("layers", "CSQConv2d"), "ActQuant": ("layers", "ActQuant"),
     "CSQLSTM": ("recurrent", "CSQLSTM"), "CSQGRU": ("recurrent", "CSQGRU"), "one_step": ("recurrent", "one_step"),
     "convert": ("layers", "convert"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import BadInput, CsqcError
+from .errors import BadInput, CsqcError, TrainingFailed
 from .outputs import Terminated, check_output, check_output_folder
 
 MAX_RANDOM_SAMPLES = 10_000  # csqc.verify.MAX_RANDOM_SAMPLES, without importing numpy for --help
@@ -63,7 +63,7 @@ class CsqcGroup(click.Group):
             _usage_error_json(ctx.meta.get("csqc.argv", []), e)
             raise
         except CsqcError as e:
-            self._fail(ctx, str(e), e.exit_code)
+            self._fail(ctx, str(e), e.exit_code, e.details)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -80,14 +80,14 @@ class CsqcGroup(click.Group):
             self._fail(ctx, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
 
     @staticmethod
-    def _fail(ctx, message: str, code: int):
+    def _fail(ctx, message: str, code: int, details: dict | None = None):
         if ctx.obj and ctx.obj.get("debug"):
             import traceback
 
             traceback.print_exc()
         if ctx.obj and ctx.obj.get("json"):
             try:
-                _emit_json({"ok": False, "error": message, "exit_code": code})
+                _emit_json({"ok": False, "error": message, "exit_code": code, **(details or {})})
             except CsqcError:
                 pass  # stdout is what failed: the line on stderr still says why
         click.echo(f"error: {message}", err=True)
@@ -167,17 +167,22 @@ def _bits_cell(active: list[int], n_bits: int) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @json_option
 def train(recipe, output, target_bits, epochs, seed, as_json):
-    """Train a CSQ model on scikit-learn's digits and save it."""
+    """Train a CSQ model on scikit-learn's digits and save it.
+
+    Exits 1 without writing the model when training collapsed (a layer without bits, or test
+    accuracy more than 10 points below the float warm-up's).
+    """
     import torch
 
     from .modelfile import save
-    from .train import train_recipe
+    from .train import check_training_result, train_recipe
 
     check_output(output)  # fail before minutes of training, not after
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, result, example = train_recipe(
         recipe, target_bits=target_bits, epochs=epochs, seed=seed, progress=not as_json and sys.stderr.isatty()
     )
+    check_training_result(result)  # a collapsed model is not written: `csqc train && csqc compile` must stop
     save(model, output, example, metadata={"recipe": recipe, "test_accuracy": result.test_accuracy})
     if as_json:
         _emit_json({"ok": True, "output": output, **result.to_json()})
@@ -538,9 +543,11 @@ def demo(recipe, out_dir, as_json):
     say = (lambda *a: None) if as_json else click.echo
     say(f"[1/5] training {recipe} on scikit-learn's digits (CSQ, 3-bit budget)")
     model, result, example = train_recipe(recipe, progress=not as_json and sys.stderr.isatty())
-    model_path = save(model, out / f"{recipe}.pt", example, metadata={"recipe": recipe})
     say(f"      test accuracy {result.test_accuracy:.2%} at {result.avg_bits:.2f} average bits; "
         + "; ".join(f"{l['name']}: bits {','.join(map(str, l['active_bits'])) or '-'}" for l in result.layers))
+    if problem := result.problem():  # stop here: compiling a collapsed model only hides the failure
+        raise TrainingFailed(problem, {"train": result.to_json()})
+    model_path = save(model, out / f"{recipe}.pt", example, metadata={"recipe": recipe})
     loaded = load(model_path)
     report = inspect_model(loaded)
     plot = plot_bits(report, out / f"{recipe}-bits.png")
@@ -557,11 +564,12 @@ def demo(recipe, out_dir, as_json):
     b = run_bench(loaded, artifact=str(art.output), rounds=10)
     for r in sorted(b.results, key=lambda r: r.median_us):
         say(f"      {r.runtime:28s} {r.median_us:10.1f} us")
+    payload = {"train": result.to_json(), "inspect": report.to_json(), "verify": ver.to_json(), "bench": b.to_json(),
+               "outputs": [str(model_path), str(art.output), str(onnx_art.output), str(plot)]}
+    if not ver.ok:  # one JSON document either way: the failure carries the whole report
+        raise CsqcError("verification failed: runtimes disagree (see above)", payload)
     if as_json:
-        _emit_json({"ok": ver.ok, "train": result.to_json(), "inspect": report.to_json(), "verify": ver.to_json(),
-                    "bench": b.to_json(), "outputs": [str(model_path), str(art.output), str(onnx_art.output), str(plot)]})
-    if not ver.ok:
-        raise CsqcError("verification failed: runtimes disagree (see above)")
+        _emit_json({"ok": True, **payload})
 
 
 def main(argv=None):

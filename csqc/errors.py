@@ -9,7 +9,9 @@ import lzma
 import zipfile
 import zlib
 
-__all__ = ["CsqcError", "BadInput", "CompileError", "VerifyError", "UnsupportedOps", "UNREADABLE_ARCHIVE"]
+__all__ = [
+    "CsqcError", "BadInput", "CompileError", "VerifyError", "TrainingFailed", "UnsupportedOps", "UNREADABLE_ARCHIVE",
+]
 
 # What reading a damaged zip member, JSON or npz raises: encrypted or unknown compression
 # (RuntimeError, NotImplementedError), corrupt streams (zlib.error, lzma.LZMAError, EOFError),
@@ -18,9 +20,16 @@ UNREADABLE_ARCHIVE = (zipfile.BadZipFile, ValueError, OSError, EOFError, Runtime
 
 
 class CsqcError(Exception):
-    """A failure csqc explains to the user (exit code 1)."""
+    """A failure csqc explains to the user (exit code 1).
+
+    ``details``: the report of the work that failed, merged into the CLI's ``--json`` answer.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 class BadInput(CsqcError):
@@ -35,6 +44,10 @@ class CompileError(CsqcError):
 
 class VerifyError(CsqcError):
     """Runtimes disagree on a model."""
+
+
+class TrainingFailed(CsqcError):
+    """Training ended with a collapsed model; ``details`` is the training report (for --json)."""
 
 
 class UnsupportedOps(BadInput):

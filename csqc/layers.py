@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 _INIT_LOGIT = 2.0  # |logit| of a bit initialised from float weights: sigmoid(2) = 0.88 at T=1
+# A layer's last kept bit position is held at least this far above zero during training, so
+# that the hard mask (logit > 0) never loses it to one noisy step: sigmoid(0.5) = 0.62 at T=1.
+_KEPT_LOGIT_FLOOR = 0.5
 
 
 def _mask_to_int(mask: Iterable[bool]) -> int:
@@ -94,6 +97,28 @@ class _CSQMixin:
         if self.finalized:
             return [b for b in reversed(range(self.n_bits)) if self.active_mask >> b & 1]
         return [b for b in reversed(range(self.n_bits)) if self.mask_weight[b] > 0]
+
+    def strongest_bit(self) -> int:
+        """The bit position with the largest mask logit; exact ties go to the most significant.
+
+        All logits start equal, so the tie rule picks the bit a layer keeps under budget pressure:
+        the MSB keeps the layer's output at the scale of its float weights (the LSB alone would
+        shrink it 2^(N-1) times), and the rule is the same on every CPU.
+        """
+        msb_first = torch.flip(self.mask_weight.detach(), [0])
+        return self.n_bits - 1 - int(torch.argmax(msb_first))  # argmax returns the first maximum
+
+    @torch.no_grad()
+    def keep_one_bit(self, floor: float = _KEPT_LOGIT_FLOOR) -> int | None:
+        """Raise the strongest mask logit to ``floor`` if it is below; returns the position raised.
+
+        The projection step that keeps a training layer alive: at least one position stays active.
+        """
+        b = self.strongest_bit()
+        if self.mask_weight[b] >= floor:
+            return None
+        self.mask_weight[b] = floor
+        return b
 
     def soft_weight(self) -> Tensor:
         t = self.temperature
@@ -319,14 +344,23 @@ class BudgetRegularizer:
     current (hard) size-weighted ratio of kept bits and ``P_l`` the layer's parameter count.
     Over budget the term pushes mask logits down (prunes bits); under budget its sign flips
     and bits grow back.
+
+    Unless ``allow_layer_pruning``, a layer's strongest position is left out of the sum (one bit
+    per layer is a fixed cost, not something the budget can buy back) and ``keep_layers_alive``
+    holds it active after every mask step. Why: the budget gradient is the same for every
+    position of a layer and largest for the largest layer, so all positions of that layer cross
+    zero in the same step; after a BatchNorm the task loss cannot resist (the output does not
+    depend on the weight's scale), and whether a bit ever grows back was up to float noise.
     """
 
-    def __init__(self, model: nn.Module, target_bits: float, strength: float = 0.5):
+    def __init__(self, model: nn.Module, target_bits: float, strength: float = 0.5, *,
+                 allow_layer_pruning: bool = False):
         self.layers = [m for _, m in csq_layers(model)]
         if not self.layers:
             raise BadInput("model has no CSQ layers: call csqc.convert first")
         self.target_bits = float(target_bits)
         self.strength = strength
+        self.allow_layer_pruning = allow_layer_pruning
         total = sum(_weight_count(m) for m in self.layers)
         self.weights = [_weight_count(m) / total for m in self.layers]
         self.n_max = max(m.n_bits for m in self.layers)
@@ -335,34 +369,58 @@ class BudgetRegularizer:
         with torch.no_grad():
             return sum(w * float((m.mask_weight > 0).sum()) for w, m in zip(self.weights, self.layers)) / self.n_max
 
+    def _prunable_gates(self, m: _CSQMixin) -> Tensor:
+        gates = m.mask_gate()
+        if self.allow_layer_pruning:
+            return gates.sum()
+        return gates.sum() - gates[m.strongest_bit()]
+
     def __call__(self) -> Tensor:
         r_target = self.target_bits / self.n_max
         r = self.ratio()
-        soft = sum(w * m.mask_gate().sum() for w, m in zip(self.weights, self.layers))
+        soft = sum(w * self._prunable_gates(m) for w, m in zip(self.weights, self.layers))
         return self.strength * (r - r_target) * soft
 
     @torch.no_grad()
-    def enforce(self) -> list[tuple[str, int]]:
+    def keep_layers_alive(self) -> list[tuple[int, int]]:
+        """Hold each layer's strongest mask logit active (call after every mask step).
+
+        Returns ``(layer index, position)`` of every logit raised; nothing with ``allow_layer_pruning``.
+        """
+        if self.allow_layer_pruning:
+            return []
+        raised = []
+        for i, m in enumerate(self.layers):
+            b = m.keep_one_bit()
+            if b is not None:
+                raised.append((i, b))
+        return raised
+
+    @torch.no_grad()
+    def enforce(self) -> list[tuple[int, int]]:
         """Drop the weakest active bits until the hard budget holds; returns what was dropped.
 
         The regularizer steers toward the budget; this guarantees it at the end of training.
+        A layer's last bit is dropped only with ``allow_layer_pruning``.
         """
+        min_bits = 0 if self.allow_layer_pruning else 1
         dropped = []
-        names = {id(m): n for n, m in enumerate(self.layers)}
         while self.ratio() * self.n_max > self.target_bits + 1e-9:
             best = None
-            for w, m in zip(self.weights, self.layers):
+            for i, (w, m) in enumerate(zip(self.weights, self.layers)):
+                if (m.mask_weight > 0).sum() <= min_bits:
+                    continue
                 for b in range(m.n_bits):
-                    if m.mask_weight[b] > 0 and (m.mask_weight > 0).sum() > 1:
+                    if m.mask_weight[b] > 0:
                         cost = float(m.mask_weight[b]) * (1 + b) / w  # weak, low and small-layer bits first
-                        key = (cost, names[id(m)], b)
+                        key = (cost, i, b)
                         if best is None or key < best[0]:
                             best = (key, m, b)
             if best is None:
                 break
-            _, m, b = best
+            (_, layer_index, _), m, b = best
             m.mask_weight[b] = -abs(float(m.mask_weight[b])) - 1e-3
-            dropped.append((names[id(m)], b))
+            dropped.append((layer_index, b))
         return dropped
 
 

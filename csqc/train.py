@@ -16,12 +16,17 @@ from torch import nn
 
 from . import layers
 from .data import Split, load_digits_split
-from .errors import BadInput
+from .errors import BadInput, TrainingFailed
 from .models import digits_cnn, digits_mlp
 
-__all__ = ["TrainResult", "train_float", "train_csq", "evaluate", "RECIPES", "train_recipe"]
+__all__ = [
+    "TrainResult", "check_training_result", "train_float", "train_csq", "evaluate", "RECIPES", "train_recipe",
+]
 
 log = logging.getLogger(__name__)
+
+# A quantized model this far below its own float warm-up has collapsed, not merely lost a little.
+MAX_ACCURACY_DROP = 0.10
 
 
 @dataclass
@@ -34,6 +39,19 @@ class TrainResult:
     seconds: float
     layers: list[dict] = field(default_factory=list)
     dropped_bits: int = 0
+    allow_layer_pruning: bool = False
+
+    def problem(self) -> str | None:
+        """Why this result is a failed training (one line), or None when it is usable."""
+        dead = [l["name"] for l in self.layers if not l["active_bits"]]
+        if dead and not self.allow_layer_pruning:
+            return (f"training collapsed: layer(s) {', '.join(dead)} kept no bit position "
+                    f"(test accuracy {self.test_accuracy:.2%}); train again, e.g. with another --seed")
+        if self.test_accuracy < self.float_accuracy - MAX_ACCURACY_DROP:
+            return (f"training collapsed: test accuracy {self.test_accuracy:.2%} is more than "
+                    f"{MAX_ACCURACY_DROP:.0%} below the float warm-up's {self.float_accuracy:.2%}; "
+                    "train again with a larger --target-bits or more --epochs")
+        return None
 
     def to_json(self) -> dict:
         return {
@@ -44,7 +62,16 @@ class TrainResult:
             "target_bits": self.target_bits,
             "seconds": self.seconds,
             "layers": self.layers,
+            "problem": self.problem(),
         }
+
+
+def check_training_result(result: TrainResult) -> TrainResult:
+    """Raise ``TrainingFailed`` (exit code 1) when ``result`` is a collapsed model; else return it."""
+    problem = result.problem()
+    if problem:
+        raise TrainingFailed(problem, result.to_json())
+    return result
 
 
 def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator):
@@ -107,6 +134,7 @@ def train_csq(
     t_max: float = 200.0,
     rounds: int = 1,
     seed: int = 0,
+    allow_layer_pruning: bool = False,
     progress: bool = False,
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> tuple[float, list]:
@@ -118,7 +146,7 @@ def train_csq(
     ``enforce``.
     """
     rng = np.random.default_rng(seed)
-    reg = layers.BudgetRegularizer(model, target_bits, reg_strength)
+    reg = layers.BudgetRegularizer(model, target_bits, reg_strength, allow_layer_pruning=allow_layer_pruning)
     schedule = layers.TemperatureSchedule(epochs, t_max, rounds)
     # Masks train with plain SGD: Adam would normalise away the size weighting of the budget
     # term, and every layer would lose bits at the same pace.
@@ -139,6 +167,7 @@ def train_csq(
                 loss.backward()
                 opt.step()
                 mask_opt.step()
+                _keep_layers_alive(reg, mask_opt)
             stats = {"T": schedule(epoch), "avg_bits": layers.average_bits(model)}
             if on_epoch:
                 on_epoch(epoch, stats)
@@ -149,6 +178,16 @@ def train_csq(
     _refresh_batchnorm(model, data, batch_size)
     layers.finalize(model)
     return evaluate(model, data.x_test, data.y_test), dropped
+
+
+@torch.no_grad()
+def _keep_layers_alive(reg: layers.BudgetRegularizer, mask_opt: torch.optim.SGD) -> None:
+    """Project the masks back to one active bit per layer, and drop the momentum of a raised
+    logit: left in place, it would push the logit under the floor again on every step."""
+    for layer_index, b in reg.keep_layers_alive():
+        state = mask_opt.state.get(reg.layers[layer_index].mask_weight, {})
+        if state.get("momentum_buffer") is not None:
+            state["momentum_buffer"][b] = 0.0
 
 
 @torch.no_grad()
@@ -177,6 +216,8 @@ class Recipe:
     act_bits: int
     n_bits: int = 8
     lr: float = 1e-2
+    reg_strength: float = 2.0
+    allow_layer_pruning: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
@@ -196,6 +237,7 @@ def train_recipe(
     """Run a named recipe: float warm-up, ``convert``, CSQ training, finalization.
 
     Returns the finalized model, its report and an example input (batch 1) for ``csqc.save``.
+    The report may describe a collapsed model: ``result.problem()`` / ``check_training_result``.
     """
     if name not in RECIPES:
         raise BadInput(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
@@ -212,13 +254,14 @@ def train_recipe(
     layers.convert(model, n_bits=recipe.n_bits, act_bits=recipe.act_bits)
     acc, dropped = train_csq(
         model, data, epochs=epochs or recipe.csq_epochs, target_bits=target_bits,
-        lr=recipe.lr, seed=seed, progress=progress,
+        lr=recipe.lr, reg_strength=recipe.reg_strength, seed=seed,
+        allow_layer_pruning=recipe.allow_layer_pruning, progress=progress,
     )
     result = TrainResult(
         recipe=name, test_accuracy=acc, float_accuracy=float_acc,
         avg_bits=layers.average_bits(model), target_bits=target_bits,
         seconds=time.perf_counter() - start, layers=layers.layer_report(model),
-        dropped_bits=len(dropped),
+        dropped_bits=len(dropped), allow_layer_pruning=recipe.allow_layer_pruning,
     )
     example = torch.from_numpy(data.x_test[:1])
     return model, result, example

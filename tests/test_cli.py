@@ -1,4 +1,5 @@
 """The csqc command line: help, version, JSON output, exit codes for bad input."""
+import functools
 import json
 import subprocess
 import sys
@@ -117,3 +118,40 @@ def test_bench_cpu_artifact_with_device_cuda_is_bad_input(trained, tmp_path, mon
     out = run("bench", str(path), "--artifact", str(art), "--device", "cuda", "--json")
     assert out.exit_code == 2, out.output
     assert "is a llvm artifact: bench it with --device cpu" in json.loads(out.stdout)["error"]
+
+
+@pytest.fixture
+def collapsing_mlp(monkeypatch):
+    """A short digits-mlp recipe that may prune whole layers, trained to 0.5 bits: ``enforce``
+    must then prune fc1 (8192 of 9472 weights) entirely, a real collapse on every CPU."""
+    from dataclasses import replace
+
+    from csqc import train
+
+    short = replace(train.RECIPES["digits-mlp"], float_epochs=3, csq_epochs=2, allow_layer_pruning=True)
+    monkeypatch.setitem(train.RECIPES, "digits-mlp", short)
+    # `csqc train` takes --target-bits; `csqc demo` always asks for the default budget
+    monkeypatch.setattr(train, "train_recipe", functools.partial(train.train_recipe, target_bits=0.5))
+
+
+def test_train_of_a_collapsed_model_fails_and_writes_nothing(collapsing_mlp, tmp_path):
+    model = tmp_path / "m.pt"
+    out = run("train", "digits-mlp", "-o", str(model), "--target-bits", "0.5", "--json")
+    assert out.exit_code == 1, out.output
+    data = json.loads(out.stdout)
+    assert data["ok"] is False and data["error"].startswith("training collapsed: test accuracy")
+    assert data["test_accuracy"] < data["float_accuracy"] - 0.10
+    assert not data["layers"][0]["active_bits"]  # fc1 pruned away
+    assert not model.exists()  # `csqc train ... && csqc compile` stops here
+    out = run("train", "digits-mlp", "-o", str(model), "--target-bits", "0.5")
+    assert out.exit_code == 1 and not model.exists()
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: training collapsed")
+
+
+def test_demo_stops_at_a_collapsed_model(collapsing_mlp, tmp_path):
+    out = run("demo", "--recipe", "digits-mlp", "--out", str(tmp_path / "demo"), "--json")
+    assert out.exit_code == 1, out.output
+    data = json.loads(out.stdout)
+    assert data["ok"] is False and "training collapsed" in data["error"]
+    assert data["train"]["problem"] == data["error"]
+    assert list((tmp_path / "demo").iterdir()) == []  # no model, no artifact compiled

@@ -59,3 +59,53 @@ def test_enforce_guarantees_the_budget():
     reg = layers.BudgetRegularizer(model, 2.5)
     dropped = reg.enforce()
     assert dropped and layers.average_bits(model) <= 2.5
+
+
+def _collapse_pressure(allow_layer_pruning):
+    """The mask optimizer of ``train_csq`` (SGD, momentum 0.9) under an absurd budget pressure."""
+    model = csqc.convert(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4)), n_bits=8)
+    reg = layers.BudgetRegularizer(model, 1.0, strength=1e4, allow_layer_pruning=allow_layer_pruning)
+    opt = torch.optim.SGD([m.mask_weight for m in reg.layers], lr=0.05, momentum=0.9)
+    for step in range(50):
+        layers.set_temperature(model, 1.0 + step)
+        opt.zero_grad()
+        reg().backward()
+        opt.step()
+        reg.keep_layers_alive()
+    return model, reg
+
+
+def test_budget_pressure_never_leaves_a_layer_without_bits():
+    model, reg = _collapse_pressure(allow_layer_pruning=False)
+    assert all(m.active_bits() for m in reg.layers)
+    reg.enforce()
+    assert all(len(m.active_bits()) == 1 for m in reg.layers)  # budget 1 bit: exactly the kept one
+
+
+def test_layer_pruning_is_an_explicit_opt_in():
+    model, reg = _collapse_pressure(allow_layer_pruning=True)
+    assert not any(m.active_bits() for m in reg.layers)
+
+
+def test_enforce_keeps_one_bit_per_layer_unless_layer_pruning_is_allowed():
+    for allow, least in ((False, 1), (True, 0)):
+        model = csqc.convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), n_bits=8)
+        layers.BudgetRegularizer(model, 0.01, allow_layer_pruning=allow).enforce()
+        assert min(len(m.active_bits()) for _, m in layers.csq_layers(model)) == least
+
+
+def test_train_csq_keeps_every_layer_alive_under_absurd_strength():
+    from csqc.data import load_digits_split
+    from csqc.models import digits_mlp
+
+    torch.manual_seed(0)
+    data = load_digits_split()
+    model = csqc.convert(digits_mlp(), n_bits=8, act_bits=4)
+    bits_per_epoch = []
+
+    def record(epoch, stats):
+        bits_per_epoch.append([len(m.active_bits()) for _, m in layers.csq_layers(model)])
+
+    csqc.train_csq(model, data, epochs=3, reg_strength=1e4, target_bits=1.0, on_epoch=record)
+    assert all(min(bits) >= 1 for bits in bits_per_epoch), bits_per_epoch  # during training, too
+    assert all(row["active_bits"] for row in layers.layer_report(model))
