@@ -1207,7 +1207,11 @@ def _make_program(d: Draws, env: Env) -> Case:
         if d.chance(3, 4):
             i = next(i for i, (n, _) in enumerate(members) if n == "program.json")
             doc = json.loads(members[i][1])
-            steps.append(d.choice(_PROGRAM_MUTATORS)(d, doc, env.marker))
+            mutate = d.choice(_PROGRAM_MUTATORS)
+            try:
+                steps.append(mutate(d, doc, env.marker))
+            except (TypeError, KeyError, AttributeError, IndexError, StopIteration):  # an earlier step broke the layout
+                steps.append(f"{mutate.__name__} skipped: the program's layout is already broken")
             members[i] = (members[i][0], json.dumps(doc).encode())
         else:
             i = next(i for i, (n, _) in enumerate(members) if n == "tensors.npz")
