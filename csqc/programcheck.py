@@ -379,9 +379,13 @@ def _op_schemas() -> dict[str, Any]:
 # What each parameter type may be given (torch wraps Python scalars passed for a tensor); torch
 # itself would pass anything on and fail, or worse, inside the op.
 _SCALARS = ("as_int", "as_float", "as_bool")
-_ARGUMENT_KINDS = {"Tensor": ("as_tensor",) + _SCALARS, "Tensor?": ("as_tensor", "as_none") + _SCALARS,
-                   "Tensor[]": ("as_tensors",), "int": ("as_int", "as_sym_int"), "SymInt": ("as_int", "as_sym_int"),
-                   "float": ("as_float", "as_int"), "bool": ("as_bool",)}
+_SIZES = ("as_ints", "as_sym_ints")
+_ARGUMENT_KINDS = {"Tensor": ("as_tensor",) + _SCALARS, "Optional[Tensor]": ("as_tensor", "as_none"),
+                   "List[Tensor]": ("as_tensors",), "int": ("as_int", "as_sym_int"), "SymInt": ("as_int", "as_sym_int"),
+                   "float": ("as_float", "as_int"), "bool": ("as_bool",), "List[int]": _SIZES, "List[SymInt]": _SIZES,
+                   "Optional[int]": ("as_int", "as_sym_int", "as_none"), "Optional[float]": ("as_float", "as_int", "as_none"),
+                   "Optional[bool]": ("as_bool", "as_none"), "str": ("as_string",),
+                   "number": _SCALARS, "Optional[number]": _SCALARS + ("as_none",)}
 _POSITIONAL, _KEYWORD = 1, 2
 
 
@@ -517,6 +521,27 @@ def _signature(value, where: str):
     })
 
 
+def _leaves(node: dict) -> int:
+    return 1 if node["type"] is None else sum(_leaves(c) for c in node["children_spec"])
+
+
+def _check_root_specs(program: dict) -> None:
+    """The root call signature's treespecs hold exactly the graph's user inputs and outputs
+    (torch unflattens by them when the model runs)."""
+    module = program["graph_module"]
+    specs = module["signature"]
+    n_in = sum("user_input" in s for s in specs["input_specs"])
+    n_out = sum("user_output" in s for s in specs["output_specs"])
+    for entry in module.get("module_call_graph", []):
+        if entry["fqn"] != "" or entry.get("signature") is None:
+            continue
+        args, kwargs = (json.loads(entry["signature"]["in_spec"])[1]["children_spec"] + [None, None])[:2]
+        if args is None or kwargs is None or _leaves(args) != n_in or _leaves(kwargs) != 0:
+            raise _Refuse(f"call signature does not take the program's {n_in} input(s)")
+        if _leaves(json.loads(entry["signature"]["out_spec"])[1]) != n_out:
+            raise _Refuse(f"call signature does not return the program's {n_out} output(s)")
+
+
 def _module_call_entry(value, where: str):
     return _fields(value, where, {
         "fqn": lambda v, w: v if v == "" else _name(v, w),
@@ -568,6 +593,7 @@ def check_program(raw: bytes, what: str) -> CheckedProgram:
     walk = _Walk(allowed_targets())
     try:
         checked = _program(doc, walk)
+        _check_root_specs(checked)
         tensors = _stored_tensors(checked)
         layers = _quant_layers(walk.nodes, checked)
     except _Refuse as e:
