@@ -397,6 +397,8 @@ def _check_arguments(node: dict, schema) -> None:
         if name not in params:
             raise _Refuse(f"node {node['name']!r} passes {name!r}, which {node['target']} does not take")
         allowed = _ARGUMENT_KINDS.get(str(params[name].type))
+        if name == schema.arguments[0].name and allowed and "as_tensor" in allowed:
+            allowed = ("as_tensor",)  # scalars stand in for a second operand (x / 4.0), never for self
         if allowed and kind not in allowed:
             raise _Refuse(f"node {node['name']!r} passes {kind} as {params[name].type} {name!r}")
         if how != (_KEYWORD if params[name].kwarg_only else _POSITIONAL):
