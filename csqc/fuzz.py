@@ -5,6 +5,11 @@ Targets (plain functions: give them a file or an argument list):
 ``ir``        ``csqc.ir.load_graph`` on damaged IR files, then the graph's text form
 ``model``     ``csqc.load`` on damaged model files, then capture, the default passes and a
               PyTorch run, as ``csqc inspect`` / ``compile`` / ``verify`` would
+``program``   ``csqc.load`` on model files whose program JSON was edited where torch evaluates it
+              (guards_code, expr_str, range constraints, op targets, arguments, metadata,
+              treespecs) or whose tensor archive lies about sizes (grown headers, duplicate
+              members, bombs, long double); only "loaded" or ``BadInput`` may come back, and a
+              payload that would create the marker file must never run
 ``artifact``  ``csqc.runtime.load`` on artifacts whose appended zip is damaged, then one run
 ``cli``       ``csqc`` commands with fuzzed argument lists naming damaged and foreign files
 
@@ -17,8 +22,8 @@ raises a ``CsqcError``; anything else is a finding, kept with the input that cau
     python -m csqc.fuzz --cases 10000 [--target ir|model|artifact|cli|all] [--seed S]
     python -m csqc.fuzz --replay csqc-fuzz-findings/model-1
 
-Every pickle in the inputs would create a marker file when unpickled; its appearance is a
-finding too (a loader ran code from a file).
+Every pickle and every Python payload in the inputs would create a marker file when unpickled
+or evaluated; its appearance is a finding too (a loader ran code from a file).
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ from .errors import UNREADABLE_ARCHIVE, CsqcError
 
 __all__ = [
     "Case", "Env", "Finding", "TargetReport", "TARGETS", "MarkerPayload", "marker_pickle", "build_env", "fuzz_ir",
-    "fuzz_model", "fuzz_artifact", "fuzz_cli", "run_target", "save_case", "replay", "main",
+    "fuzz_model", "fuzz_program", "fuzz_artifact", "fuzz_cli", "run_target", "save_case", "replay", "main",
 ]
 
 _MISSING_HYPOTHESIS = ("csqc.fuzz needs hypothesis: install the test extra (pip install 'csqc[test]') "
@@ -1034,9 +1039,234 @@ def _resealed(data: bytes, library_size: int, steps: list[str]) -> bytes:
     return data[:library_size] + _zip_bytes(members + [(INTEGRITY, json.dumps(integrity).encode())])
 
 
+# -- the program torch evaluates: guards, symbolic sizes, op targets, treespecs ------------------
+
+def _code(marker: Path) -> str:
+    """Python that leaves the marker file behind if anything evaluates it."""
+    return f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+
+def _walk_dicts(doc, key: str):
+    """Every dict in ``doc`` that holds ``key`` (depth first, in order)."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if key in item:
+                yield item
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+
+
+def _size_exprs(d: Draws, marker: Path) -> str:
+    symbol = f"Symbol('s{d.integer(0, 99)}', positive=True, integer=True)"
+    return d.choice([
+        _code(marker), f"{_code(marker)} or 2", f"Symbol({_code(marker)!r}, positive=True, integer=True)",
+        symbol, f"Mul(Integer({d.integer(-3, 64)}), {symbol})", f"Max(Integer(2), {symbol})",
+        f"Add({symbol}, Integer(1))", f"  {symbol}  ", symbol.replace("positive=True, ", ""),
+        f"{symbol}.func", "Mul(" * 50 + symbol + ")" * 50, f"Lambda(x, {_code(marker)})", "s1 + 1",
+        f"Symbol('s1', positive=True, integer=True, commutative={_code(marker)})", "Integer(1e3)", "", "Integer(",
+    ])
+
+
+def _mutate_guards(d: Draws, doc: dict, marker: Path) -> str:
+    value = d.choice([[f"{_code(marker)} is None"], [_code(marker)], ["L['x'].size()[0] == 2"], [""], "x", None, [1]])
+    doc["guards_code"] = value
+    return f"guards_code set to {str(value)[:60]!r}"
+
+
+def _mutate_expr(d: Draws, doc: dict, marker: Path) -> str:
+    holders = list(_walk_dicts(doc, "expr_str"))
+    if not holders:
+        return "no expr_str to mutate"
+    holder = d.choice(holders) if d.chance(1, 2) else None
+    text = _size_exprs(d, marker)
+    for h in [holder] if holder else holders:
+        h["expr_str"] = text
+    return f"{'one' if holder else 'every'} expr_str set to {text[:60]!r}"
+
+
+def _mutate_range(d: Draws, doc: dict, marker: Path) -> str:
+    key = d.choice([_code(marker), "s1", "u0", "f0", "s77", "", "x y"])
+    value = d.choice([{"min_val": 2, "max_val": None}, {"min_val": "x", "max_val": 1}, {"min_val": _code(marker)},
+                      {"min_val": 10**30}, {"evil": 1}, None, [], {"min_val": 1.5}])
+    doc["range_constraints"] = {key: value} if d.chance(1, 2) else {**doc.get("range_constraints", {}), key: value}
+    return f"range constraint {key[:40]!r}: {str(value)[:40]}"
+
+
+_TARGETS = ["torch.os.system", "torch.load", "torch.save", "builtins.eval", "math.sqrt", "_operator.getitem",
+            "torch.ops.aten.from_file.default", "torch.ops.aten.sin.default", "torch.ops.aten.relu",
+            "#evil:op", "", "torch.ops.csqc.act_quant.default", "torch.ops.csqc.quant_linear.default",
+            "torch.ops.aten.relu.default", "torch._C._get_tracing_state", "_operator.mul", "torch.ops.higher_order.cond"]
+
+
+def _mutate_target(d: Draws, doc: dict, marker: Path) -> str:
+    nodes = doc["graph_module"]["graph"]["nodes"]
+    node = d.choice(nodes)
+    node["target"] = d.choice(_TARGETS)
+    return f"node {node.get('name')!r} target set to {node['target']!r}"
+
+
+def _odd_argument(d: Draws, marker: Path):
+    return d.choice([
+        {"as_operator": "torch.os.system"}, {"as_graph": {"name": "g", "graph": {}}}, {"as_custom_obj": {"name": "x"}},
+        {"as_string": _code(marker)}, {"as_sym_float": {"as_name": "x"}}, {"as_complex": {"real": 1, "imag": 0}},
+        {"as_sym_int": {"as_expr": _code(marker)}}, {"as_int": 2**70}, {"as_none": True}, {"as_tensor": {"name": "nope"}},
+        {"as_tensor": {"name": "\u00e9"}}, {"as_int": 1, "as_float": 1.0}, {}, {"as_float": "NaN"}, {"as_scalar_type": 99},
+    ])
+
+
+def _mutate_node(d: Draws, doc: dict, marker: Path) -> str:
+    node = d.choice(doc["graph_module"]["graph"]["nodes"])
+    what = d.choice(["argument", "kind", "metadata", "field"])
+    if what == "argument" and node.get("inputs"):
+        slot = d.choice(node["inputs"])
+        slot["arg"] = _odd_argument(d, marker)
+        return f"node {node.get('name')!r} argument {slot.get('name')!r} set to {str(slot['arg'])[:50]}"
+    if what == "kind" and node.get("inputs"):
+        slot = d.choice(node["inputs"])
+        slot["kind"] = d.choice([0, 3, "x", None, 2])
+        return f"node {node.get('name')!r} argument kind set to {slot['kind']!r}"
+    if what == "metadata":
+        key = d.choice(["source_fn_stack", "custom", "from_node", "nn_module_stack", "torch_fn", "stack_trace", "evil"])
+        value = d.choice([f"x,{'torch.os.system'}", json.dumps({"a": 1}), json.dumps([{"pass_name": "x"}]),
+                          "L__self__,,collections.defaultdict", "a;b;c", _code(marker), "\u00e9,\u00e9,x"])
+        node.setdefault("metadata", {})[key] = value
+        return f"node {node.get('name')!r} metadata {key!r} set to {value[:40]!r}"
+    node[d.choice(["evil", "op", "is_hop_single_tensor_return"])] = d.choice([1, True, "call_module"])
+    return f"node {node.get('name')!r} gained a field"
+
+
+def _treespec(d: Draws, marker: Path) -> str:
+    node = d.choice([
+        {"type": "collections.defaultdict", "context": json.dumps({"default_factory_module": "antigravity",
+                                                                   "default_factory_name": "x", "dict_context": []}),
+         "children_spec": []},
+        {"type": "builtins.dict", "context": json.dumps([{"__enum__": True, "fqn": "antigravity:x", "name": "y"}]),
+         "children_spec": []},
+        {"type": "collections.namedtuple", "context": "x", "children_spec": []},
+        {"type": "builtins.tuple", "context": "null", "children_spec": []},
+        {"type": "builtins.dict", "context": json.dumps(["\u00e9"]), "children_spec": []},
+        {"type": None, "context": None, "children_spec": []},
+    ])
+    return d.choice([json.dumps([1, node]), "not json", json.dumps([2, node]), json.dumps(node), "[" * 5000])
+
+
+def _mutate_signature(d: Draws, doc: dict, marker: Path) -> str:
+    entries = [e for e in doc["graph_module"]["module_call_graph"] if e.get("signature")]
+    if not entries:
+        return "no signature"
+    field_name = d.choice(["in_spec", "out_spec"])
+    entries[0]["signature"][field_name] = _treespec(d, marker)
+    return f"{field_name} set to {entries[0]['signature'][field_name][:60]!r}"
+
+
+def _mutate_top(d: Draws, doc: dict, marker: Path) -> str:
+    gm = doc["graph_module"]
+    choice = d.integer(0, 7)
+    if choice == 0:
+        doc["verifiers"] = d.choice([["EVIL"], [_code(marker)], "TRAINING", ["ATEN"]])
+    elif choice == 1:
+        gm["graph"]["custom_obj_values"] = {"x": {"class_fqn": "torch.os"}}
+    elif choice == 2:
+        gm["treespec_namedtuple_fields"] = {"x": {"field_names": ["a"]}}
+    elif choice == 3:
+        gm["metadata"] = {"custom": json.dumps({"a": 1})}
+    elif choice == 4:
+        next(iter(gm["graph"]["tensor_values"].values()))["device"] = d.choice([{"type": "cuda", "index": 0}, {"type": "meta"}])
+    elif choice == 5:
+        doc[d.choice(["evil", "graph_module"])] = d.choice([1, None, {}])
+    elif choice == 6:
+        doc["schema_version"] = d.choice([{"major": 99, "minor": 0}, {"major": "8"}, None])
+    else:
+        spec = d.choice(gm["signature"]["input_specs"])
+        spec.clear()
+        spec.update(d.choice([{"custom_obj": {"arg": {"name": "x"}, "custom_obj_name": "y"}},
+                              {"constant_input": {"name": "x", "value": {"as_int": 1}}}, {"token": {"arg": {"name": "t"}}}]))
+    return f"top-level mutation {choice}"
+
+
+_PROGRAM_MUTATORS = [_mutate_guards, _mutate_expr, _mutate_expr, _mutate_range, _mutate_target, _mutate_node,
+                     _mutate_node, _mutate_signature, _mutate_top]
+
+
+def _mutate_npz_sizes(d: Draws, raw: bytes, marker: Path, steps: list[str]) -> bytes:
+    """Lie about sizes and names: grown .npy headers, duplicate members, bombs, long double."""
+    members = _zip_members(raw)
+    how = d.integer(0, 5)
+    i = d.integer(0, len(members) - 1)
+    name, data = members[i]
+    if how == 0:
+        members.append(members[i])
+        steps.append(f"npz member {name!r} duplicated")
+    elif how == 1:
+        grown = data.replace(b"'shape': (", b"'shape': (1000000, ", 1)
+        members[i] = (name, grown)
+        steps.append(f"npz member {name!r} header claims a million times more")
+    elif how == 2:
+        members.append((d.choice(["state_dict/junk.npy", name]), bytes(d.choice([100, 4 << 20]))))
+        steps.append("npz gained a member of zeros")
+        return _zip_bytes(members, zipfile.ZIP_DEFLATED)
+    elif how == 3:
+        members[i] = (name, _npy_bytes(np.zeros(3, np.longdouble)))
+        steps.append(f"npz member {name!r} is long double")
+    elif how == 4:
+        members[i] = (name.replace(".npy", "\u00e9.npy"), data)
+        steps.append(f"npz member {name!r} renamed with a non-ASCII letter")
+    else:
+        members[i] = (name, data[:-1])
+        steps.append(f"npz member {name!r} one byte short")
+    return _zip_bytes(members)
+
+
+def _make_program(d: Draws, env: Env) -> Case:
+    """A model file whose program JSON or tensor archive was edited where torch evaluates or allocates."""
+    steps: list[str] = []
+    members = _zip_members(env.model)
+    for _ in range(d.integer(1, 3)):
+        if d.chance(3, 4):
+            i = next(i for i, (n, _) in enumerate(members) if n == "program.json")
+            doc = json.loads(members[i][1])
+            mutate = d.choice(_PROGRAM_MUTATORS)
+            try:
+                steps.append(mutate(d, doc, env.marker))
+            except (TypeError, KeyError, AttributeError, IndexError, StopIteration):  # an earlier step broke the layout
+                steps.append(f"{mutate.__name__} skipped: the program's layout is already broken")
+            members[i] = (members[i][0], json.dumps(doc).encode())
+        else:
+            i = next(i for i, (n, _) in enumerate(members) if n == "tensors.npz")
+            members[i] = (members[i][0], _mutate_npz_sizes(d, members[i][1], env.marker, steps))
+    if d.chance(1, 10):
+        members.append(d.choice(members))
+        steps.append(f"model member {members[-1][0]!r} duplicated")
+    if d.chance(1, 20):
+        members = [(n, bytes(16 << 20) if n == "tensors.npz" else b) for n, b in members]
+        steps.append("tensors.npz replaced by 16 MiB of zeros")
+    return Case(steps, _zip_bytes(members, zipfile.ZIP_DEFLATED), name="fuzz.pt")
+
+
+def fuzz_program(path: Path) -> str:
+    """Load a model file (success or ``BadInput``, nothing else), then run it once in PyTorch."""
+    from .errors import BadInput
+    from .modelfile import load
+
+    try:
+        model = load(path)
+    except BadInput:
+        return "refused"
+    model(*model.example_inputs)
+    return "loaded"
+
+
+def _check_program(case: Case, env: Env) -> str:
+    return fuzz_program(case.write(env.scratch))
+
+
 TARGETS: dict[str, _Target] = {
     "ir": _Target(_make_ir, _check_ir),
     "model": _Target(_make_model, _check_model),
+    "program": _Target(_make_program, _check_program),
     "artifact": _Target(_make_artifact, _check_artifact),
     "cli": _Target(_cli_case, _check_cli),
 }
@@ -1062,7 +1292,7 @@ def _check_case(name: str, case: Case, env: Env) -> tuple[str, Finding | None]:
         return "crashed", finding
     if env.marker.exists():
         env.marker.unlink()
-        return "crashed", Finding(name, "PickleRanCode: a loader unpickled the marker payload", "?", "", case)
+        return "crashed", Finding(name, "RanCode: a loader unpickled or evaluated the marker payload", "?", "", case)
     return outcome, None
 
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from .archive import unique_members
 from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
 
 __all__ = [
@@ -609,6 +610,7 @@ def load_graph(path) -> Graph:
     """Read a graph written by ``save_graph``; refuses anything else with ``BadInput``."""
     try:
         with zipfile.ZipFile(path) as z:
+            unique_members(z, str(path))  # zipfile would silently read the last of two same-named members
             meta = json.loads(z.read("graph.json"))
             with np.load(io.BytesIO(z.read("params.npz")), allow_pickle=False) as npz:
                 params = {k: npz[k] for k in npz.files}

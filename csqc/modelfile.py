@@ -17,6 +17,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ import torch
 from torch import nn
 
 from . import layers
-from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
+from .archive import read_member, read_npz, unique_members
+from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError, UnsupportedOps
 from .outputs import atomic_write, check_writable  # re-exported: they lived here first
+from .programcheck import CheckedProgram, check_program, strip_guards
 
 __all__ = ["MODEL_FORMAT", "CsqcModel", "save", "load", "atomic_write", "check_writable"]
 
@@ -38,7 +41,9 @@ log = logging.getLogger(__name__)
 MODEL_FORMAT = "csqc-model"
 MODEL_VERSION = 1
 _MANIFEST, _PROGRAM, _TENSORS = "csqc-model.json", "program.json", "tensors.npz"
-_MAX_MEMBER_BYTES = 8 << 30  # refuse zip bombs: no member may claim more than 8 GiB
+_MAX_TENSOR_BYTES = 8 << 30  # refuse zip bombs: the tensors together may not claim more than 8 GiB
+_MAX_JSON_BYTES = 64 << 20  # the manifest and the program are text; a ResNet-20 program is 230 KB
+_NPY_OVERHEAD = 1024  # per stored array: its zip headers (twice its name) and the .npy header
 _UNREADABLE = UNREADABLE_ARCHIVE
 
 
@@ -126,6 +131,7 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
     from torch._export.serde import serialize as serde
 
     artifact = serde.serialize(program)
+    program_json = _checked_for_saving(artifact.exported_program)
     tensors: dict[str, np.ndarray] = {}
     for prefix, table in (("state_dict", program.state_dict), ("constants", program.constants)):
         for key, value in table.items():
@@ -152,7 +158,7 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
         np.savez(buf, **tensors)
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr(_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-            z.writestr(_PROGRAM, artifact.exported_program)
+            z.writestr(_PROGRAM, program_json)
             z.writestr(_TENSORS, buf.getvalue())
 
     atomic_write(path, write)
@@ -167,22 +173,18 @@ def _flat_outputs(out) -> list[torch.Tensor]:
     raise CsqcError(f"model outputs must be tensors, got {type(out).__name__}")
 
 
-def _read_member(z: zipfile.ZipFile, name: str, path) -> bytes:
-    try:
-        info = z.getinfo(name)
-    except KeyError:
-        raise BadInput(f"{path}: csqc model file is missing {name}; the file is damaged") from None
-    if info.file_size > _MAX_MEMBER_BYTES:
-        raise BadInput(f"{path}: member {name} claims {info.file_size} bytes; refusing")
-    try:
-        return z.read(name)
-    except _UNREADABLE as e:
-        raise BadInput(f"{path}: member {name} cannot be read ({type(e).__name__}: {_first_line(e)}); "
-                       "the file is damaged") from None
+def _checked_for_saving(program_json: bytes) -> bytes:
+    """torch's program JSON as csqc stores it: without guard code, and passing ``load``'s checks."""
+    checked = check_program(strip_guards(program_json), "the model")
+    if checked.unsupported:  # the same list capture would give, before a file nobody can compile exists
+        raise UnsupportedOps(checked.unsupported)
+    return checked.json
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:160]
+def _read_member(z: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], name: str, path, limit: int) -> bytes:
+    if name not in members:
+        raise BadInput(f"{path}: csqc model file is missing {name}; the file is damaged")
+    return read_member(z, members[name], str(path), limit)
 
 
 def _manifest_problem(manifest: dict) -> str | None:
@@ -248,6 +250,39 @@ def _program_problem(program: torch.export.ExportedProgram, manifest: dict, exam
     return None
 
 
+def _expected_tensors(checked: CheckedProgram, manifest: dict, path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every array ``tensors.npz`` must hold, by key: the program's stored tensors and the examples."""
+    expected = dict(checked.tensors)
+    for i, spec in enumerate(manifest["inputs"]):
+        dtype = np.dtype(spec["dtype"]) if spec["dtype"] in _EXAMPLE_DTYPES else None
+        if dtype is None:
+            raise BadInput(f"{path}: input {spec['name']} has dtype {spec['dtype']}, which csqc model files "
+                           "cannot store; save the model again with csqc.save")
+        expected[f"example_inputs/{i}"] = (tuple(spec["shape"]), dtype)
+    return expected
+
+
+_EXAMPLE_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool")
+
+
+def _check_tensor_values(arrays: dict[str, np.ndarray], checked: CheckedProgram, path) -> None:
+    """Refuse NaN/Inf anywhere and integer weights outside their layer's N-bit range."""
+    for key, array in arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadInput(f"{path}: tensor {key!r} holds NaN or infinite values; a model file must hold finite "
+                           "weights, batch-norm statistics and scales (retrain or fix the model, then save it again)")
+    for layer in checked.quant_layers:
+        q = arrays[layer.q_tensor]
+        if q.dtype.kind not in "iu":
+            raise BadInput(f"{path}: layer {layer.node}: weights {layer.q_tensor!r} are {q.dtype}, not integer codes; "
+                           "the file is damaged")
+        limit = 2**layer.n_bits - 1
+        largest = int(np.abs(q.astype(np.int64)).max()) if q.size else 0
+        if largest > limit:
+            raise BadInput(f"{path}: layer {layer.node}: weight code {largest} in {layer.q_tensor!r} does not fit "
+                           f"N={layer.n_bits} bits (|q| <= {limit}); the file is damaged")
+
+
 def load(path: str | os.PathLike, *, model_factory: str | None = None,
          input_shape: Sequence[int] | None = None) -> CsqcModel:
     """Load a csqc model file, or import a reference CSQ checkpoint.
@@ -271,13 +306,14 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
     except _UNREADABLE:
         raise BadInput(f"{path}: not a csqc model file (expected a zip archive written by csqc.save)") from None
     with z:
-        names = set(z.namelist())
+        members = unique_members(z, str(path))
+        names = set(members)
         if _MANIFEST not in names:
             hint = (" It looks like a torch.save pickle: csqc does not unpickle files. For a reference "
                     "CSQ checkpoint pass --model-factory module:callable and --input-shape.")
             raise BadInput(f"{path}: not a csqc model file (no {_MANIFEST}).{hint if any(n.endswith('data.pkl') for n in names) else ''}")
         try:
-            manifest = json.loads(_read_member(z, _MANIFEST, path))
+            manifest = json.loads(_read_member(z, members, _MANIFEST, path, _MAX_JSON_BYTES))
         except (ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
             raise BadInput(f"{path}: manifest is not valid JSON; the file is damaged") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT:
@@ -288,28 +324,26 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
         problem = _manifest_problem(manifest)
         if problem:
             raise BadInput(f"{path}: the manifest is damaged: {problem}; save the model again with csqc.save")
-        program_json = _read_member(z, _PROGRAM, path)
-        tensor_bytes = _read_member(z, _TENSORS, path)
-    try:
-        with np.load(io.BytesIO(tensor_bytes), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as e:
-        raise BadInput(f"{path}: tensor data is damaged ({type(e).__name__}: {_first_line(e)})") from None
+        checked = check_program(_read_member(z, members, _PROGRAM, path, _MAX_JSON_BYTES), str(path))
+        if checked.unsupported:  # an op csqc cannot compile never reaches torch either
+            raise UnsupportedOps(checked.unsupported)
+        expected = _expected_tensors(checked, manifest, path)
+        budget = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
+        if budget > _MAX_TENSOR_BYTES:
+            raise BadInput(f"{path}: the model declares {budget} bytes of tensors, more than csqc loads "
+                           f"({_MAX_TENSOR_BYTES}); refusing")
+        tensor_bytes = _read_member(z, members, _TENSORS, path, budget + _NPY_OVERHEAD * (len(expected) + 1))
+    arrays = read_npz(tensor_bytes, f"{path}: {_TENSORS}", limit_bytes=budget, expected=expected)
+    _check_tensor_values(arrays, checked, path)
     state, consts, example = {}, {}, {}
     for key, arr in arrays.items():
         kind, _, name = key.partition("/")
-        if not isinstance(arr, np.ndarray):  # np.load hands back members that are not .npy as bytes
-            raise BadInput(f"{path}: tensor {key!r} is not an array; the file is damaged")
-        if arr.dtype.kind not in "biufc" or arr.dtype.byteorder == ">":
-            raise BadInput(f"{path}: tensor {key!r} has dtype {arr.dtype}, which no tensor has; the file is damaged")
         t = torch.from_numpy(np.ascontiguousarray(arr).reshape(arr.shape))  # ascontiguousarray makes 0-d 1-d
         if kind == "state_dict":
             state[name] = t
         elif kind == "constants":
             consts[name] = t
-        elif kind == "example_inputs":
-            if not name.isdigit():
-                raise BadInput(f"{path}: stored example input {key!r} is not numbered; the file is damaged")
+        else:
             example[int(name)] = t
     for name in manifest.get("parameters", []):
         if name in state:
@@ -320,7 +354,7 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
     from . import ops  # noqa: F401  (registers csqc:: ops the program refers to)
 
     try:
-        program = serde.deserialize(serde.SerializedArtifact(program_json, state, consts, (example_inputs, {})))
+        program = serde.deserialize(serde.SerializedArtifact(checked.json, state, consts, (example_inputs, {})))
     except Exception as e:
         raise BadInput(f"{path}: the captured program could not be read ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or from "

@@ -12,7 +12,7 @@ from csqc import fuzz
 from csqc.errors import BadInput
 
 SEED = 0
-BUDGET = {"ir": 400, "model": 175, "artifact": 250, "cli": 175}
+BUDGET = {"ir": 400, "model": 175, "program": 100, "artifact": 250, "cli": 175}
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,8 @@ def test_cli_refuses_pickled_inputs(env):
             continue
         assert fuzz.fuzz_cli(args, env.scratch) == "exit 2", args
     assert not env.marker.exists()
+
+
+def test_program_payloads_would_run_if_evaluated(tmp_path):
+    exec(fuzz._code(tmp_path / "proof"))  # what the program target writes into guards and sizes
+    assert (tmp_path / "proof").exists()
