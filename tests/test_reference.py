@@ -122,3 +122,36 @@ def test_factory_errors_are_bad_input(tmp_path):
         csqc.load(path, model_factory="csqc.models.reference:resnet20")
     with pytest.raises(csqc.BadInput, match="does not exist in the factory"):
         _load(path, "csqc.models:digits_mlp", (1, 64))
+
+
+def test_inspect_shows_the_reference_bit_counts_next_to_csqc(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+
+    net = _trained(act_bit=4, width=4, seed=6)
+    torch.save({"model": net.state_dict()}, tmp_path / "ckpt.pth")
+    args = ["inspect", str(tmp_path / "ckpt.pth"), "--model-factory", "csqc.models.reference:resnet20(act_bit=4, width=4)",
+            "--input-shape", "2,3,32,32"]
+    result = CliRunner().invoke(cli, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    expected = reference_bits(net.state_dict())
+    assert data["reference"]["total_bit"] == expected["total_bit"] and data["reference"]["avg_bit"] == expected["avg_bit"]
+    assert len(data["reference"]["layers"]) == 20 and data["avg_bits"] > 0
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0 and "reference: average bit" in text.output and "size-weighted" in text.output
+    assert f"total_bit {expected['total_bit']}" in text.output
+
+
+def test_a_damaged_reference_view_is_not_shown():
+    from csqc.reference import reference_view
+
+    good = {"total_param": 1, "total_bit": 8, "ratio_one": 0.5, "n_bits": 8, "avg_bit": 4.0,
+            "layers": [{"name": "fc", "n_bits": 8, "kept_bits": 4, "params": 1}]}
+    assert reference_view({"metadata": {"reference_bits": good}}) == good
+    for bad in ({**good, "avg_bit": "4"}, {**good, "layers": [{"name": 3}]}, {**good, "total_bit": float("nan")}, []):
+        assert reference_view({"metadata": {"reference_bits": bad}}) is None
+    assert reference_view({"metadata": []}) is None

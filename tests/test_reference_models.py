@@ -73,13 +73,14 @@ def test_imported_mirror_compiles_and_verifies_exactly(tmp_path, arch, factory):
     _verify_exactly(model, tmp_path)
 
 
-def test_reference_style_code_imports_with_model_factory_and_verifies(tmp_path):
+@pytest.mark.parametrize("act_bit", [4, 2])
+def test_reference_style_code_imports_with_model_factory_and_verifies(tmp_path, act_bit):
     """The reference's own style as the factory: its bit layers are swapped by structure, its
     blocks call conv(x, temp, ticket), and its function-level quantizer (with ``if s == 0``)
     is replaced by csqc's act_quant, checked on a sample input."""
-    net = _trained(R.ResNet, dict(act_bit=4, width=4), seed=5)
+    net = _trained(R.ResNet, dict(act_bit=act_bit, width=4), seed=5)
     torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, tmp_path / "ckpt.pth")
-    factory = "csq_reference_style:ResNet(act_bit=4, width=4)"
+    factory = f"csq_reference_style:ResNet(act_bit={act_bit}, width=4)"  # act_bit 2: PACT's x.min(alpha)
     model = csqc.load(tmp_path / "ckpt.pth", model_factory=factory, input_shape=(2, 3, 32, 32))
     with torch.no_grad():
         assert torch.allclose(model(X), net(X), rtol=1e-5, atol=1e-5)
