@@ -20,6 +20,14 @@ def _trained(cls=R.ResNet, seed=0, dead_layer=None, **kwargs):
     return net
 
 
+def _reference_checkpoint(path, act_bit=4, seed=0):
+    """A full-width ResNet-20 checkpoint with every reference key, for
+    ``csqc.models.reference:resnet20_4bit`` (test_verify and test_llvm_target use it)."""
+    sd = _trained(act_bit=act_bit, seed=seed).state_dict()
+    torch.save({"model": sd, "epoch": 7, "valid_acc": 0.9}, path)
+    return sd
+
+
 def _expected(net, x=X):
     with torch.no_grad():
         return net(x)
