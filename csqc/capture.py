@@ -516,6 +516,7 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.clamp_.default: lambda c, f: _clip(c, f, _arg(f, 1, "min"), _arg(f, 2, "max")),
     _aten.clamp_min.default: lambda c, f: _clip(c, f, f.args[1], None),
     _aten.minimum.default: _binary("minimum"),
+    _aten.min.other: _binary("minimum"),  # x.min(alpha): the CSQ reference's PACT clipping
     _aten.add.Tensor: _binary("add"),
     _aten.add_.Tensor: _binary("add"),
     _aten.mul.Tensor: _binary("mul"),

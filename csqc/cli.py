@@ -214,10 +214,13 @@ def train(recipe, output, target_bits, epochs, seed, as_json):
 def inspect(model, load_model, batch, plot, dump_ir, as_json):
     """Per-layer bit allocation, planes, sizes and kernel choice of a model."""
     from .compiler import inspect as inspect_model
+    from .reference import reference_view
 
     if plot:
         check_output(plot, inputs=[model], what="--plot")
-    report = inspect_model(load_model(model), batch=batch)
+    loaded = load_model(model)
+    report = inspect_model(loaded, batch=batch)
+    reference = reference_view(loaded.manifest)  # an imported reference checkpoint's own bit counts
     if plot:
         from .report import plot_bits
 
@@ -226,10 +229,10 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
     if dump_ir:
         from .compiler import optimize
 
-        ir_text = optimize(load_model(model), "default", batch=batch).text()
+        ir_text = optimize(loaded, "default", batch=batch).text()
     if as_json:  # one JSON document on stdout: the IR goes inside it
-        _emit_json({"ok": True, **report.to_json(), **({"plot": plot} if plot else {}),
-                    **({"ir": ir_text} if ir_text is not None else {})})
+        _emit_json({"ok": True, **report.to_json(), **({"reference": reference} if reference else {}),
+                    **({"plot": plot} if plot else {}), **({"ir": ir_text} if ir_text is not None else {})})
         return
     if ir_text is not None:
         click.echo(ir_text)
@@ -251,6 +254,24 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
                   f"quantized weights {_human(report.weight_bytes_packed)} packed vs {_human(report.weight_bytes_fp32)} fp32 "
                   f"({report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller); "
                   f"float layers {_human(report.float_weight_bytes)}" + (f"; plot -> {plot}" if plot else ""))
+    if reference:
+        _print_reference_view(console, reference, report.avg_bits)
+
+
+def _print_reference_view(console, view: dict, csqc_avg_bits: float) -> None:
+    """The bit counts as the CSQ reference's training log reports them, next to csqc's."""
+    from rich.table import Table
+
+    table = Table(title="reference view: kept bits per layer (mask MSB first, as the reference logs it)")
+    for col in ("layer", "Nbits", "kept", "mask", "weights", "in total_bit"):
+        table.add_column(col, justify="right" if col in ("Nbits", "kept", "weights") else "left", no_wrap=True)
+    for r in view["layers"]:
+        table.add_row(str(r["name"]), str(r["n_bits"]), str(r["kept_bits"]), str(r.get("mask", "")), str(r["params"]),
+                      "yes" if r.get("counted", True) else "no (downsample)")
+    console.print(table)
+    console.print(f"reference: average bit [bold]{view['avg_bit']:.3f}[/] (Nbits {view['n_bits']} x ratio_one "
+                  f"{view['ratio_one']:.4f}), total_param {view['total_param']}, total_bit {view['total_bit']} "
+                  f"(downsample layers excluded); csqc size-weighted average weight bits {csqc_avg_bits:.3f}")
 
 
 def _act_cell(r) -> str:
