@@ -20,7 +20,7 @@ import numpy as np
 from .errors import UNREADABLE_ARCHIVE, BadInput
 
 __all__ = ["write_member", "npz_bytes", "unique_members", "check_member_size", "read_member", "read_npz",
-           "plain_dtype_problem", "MAX_INFLATION"]
+           "read_npy_header", "plain_dtype_problem", "MAX_INFLATION"]
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip header can hold
 
@@ -145,15 +145,25 @@ def read_npz(data: bytes, what: str, *, limit_bytes: int,
     return arrays
 
 
-def _npy_header(f, what: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Shape, dtype and Fortran order of the ``.npy`` header at ``f``'s position (numpy parses it
+    as a literal, never unpickles); ``ValueError`` for anything but format versions 1.0 and 2.0."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     elif version == (2, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     else:
-        raise BadInput(f"{what} is an .npy of format version {version}, which csqc does not write")
+        raise ValueError(f"format version {version}, which csqc does not write")
+    return tuple(int(s) for s in shape), dtype, bool(fortran)
+
+
+def _npy_header(f, what: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    try:
+        shape, dtype, fortran = read_npy_header(f)
+    except ValueError as e:
+        raise BadInput(f"{what} is not an .npy array csqc reads ({str(e).splitlines()[0][:120]})") from None
     problem = plain_dtype_problem(dtype)
     if problem:
         raise BadInput(f"{what} has {problem}; the file is damaged")
-    return tuple(int(s) for s in shape), dtype, bool(fortran)
+    return shape, dtype, fortran

@@ -16,6 +16,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
+from .archive import read_npy_header
 from .errors import BadInput
 
 __all__ = ["ArrayHeader", "array_headers"]
@@ -70,13 +71,7 @@ def _npz_headers(path: Path, check: Check | None) -> list[ArrayHeader]:
 def _header(f: BinaryIO, room: int, name: str, where: str, check: Check | None, index: int) -> ArrayHeader:
     """One array header; ``room``: bytes the file or member holds, header included."""
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"format version {version}")
+        shape, dtype, _ = read_npy_header(f)
     except ValueError as e:
         raise BadInput(f"cannot read {where}: not a numeric .npy array ({str(e).splitlines()[0][:120]}); "
                        "write inputs with numpy.save or numpy.savez") from None

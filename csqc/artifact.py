@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import write_member
+from .archive import read_npy_header, write_member
 from .errors import UNREADABLE_ARCHIVE, BadInput
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "write_artifact_file", "read_artifact",
@@ -202,13 +202,10 @@ def _read_weights(path: Path, data: bytes) -> dict[str, np.ndarray]:
 
 def _npy_array(path: Path, name: str, raw: bytes) -> np.ndarray:
     fp = io.BytesIO(raw)
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
-        raise _damaged(path, f"weight {name!r} has .npy version {version}")
+    try:
+        shape, dtype, fortran = read_npy_header(fp)
+    except ValueError as e:
+        raise _damaged(path, f"weight {name!r} is not an .npy array csqc writes ({str(e).splitlines()[0][:120]})") from None
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
         raise _damaged(path, f"weight {name!r} is not a numeric array")
     count = math.prod(shape)

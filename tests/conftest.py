@@ -27,3 +27,22 @@ def trained(tmp_path_factory):
         return cache[recipe]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp(tmp_path_factory):
+    """A saved 8-6-4 CSQ MLP (4-bit weights and activations, batch 2): quick to compile."""
+    import csqc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    model = csqc.finalize(csqc.convert(net, n_bits=4, act_bits=4))
+    return csqc.save(model, tmp_path_factory.mktemp("tiny") / "mlp.pt", torch.zeros(2, 8))
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp_artifact(tiny_mlp, tmp_path_factory):
+    """``tiny_mlp`` compiled for this CPU (llvm); tests copy it before editing."""
+    import csqc
+
+    return csqc.compile(csqc.load(tiny_mlp), "llvm", tmp_path_factory.mktemp("tiny-art") / "mlp.so").output

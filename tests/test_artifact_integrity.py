@@ -27,17 +27,14 @@ from csqc.errors import BadInput
 BATCH = 2
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
-    model = csqc.finalize(csqc.convert(net, n_bits=4, act_bits=4))
-    return csqc.save(model, tmp_path_factory.mktemp("model") / "mlp.pt", torch.zeros(BATCH, 8))
+@pytest.fixture
+def model_path(tiny_mlp):
+    return tiny_mlp
 
 
-@pytest.fixture(scope="module")
-def artifact(model_path, tmp_path_factory):
-    return csqc.compile(csqc.load(model_path), "llvm", tmp_path_factory.mktemp("art") / "mlp.so").output
+@pytest.fixture
+def artifact(tiny_mlp_artifact):
+    return tiny_mlp_artifact
 
 
 def _x():
