@@ -7,7 +7,6 @@ the report (or exactly one JSON document) and a log file never fills with bar re
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sys
@@ -57,14 +56,31 @@ def fit_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str
     even the key alone is wider than ``width``).
     """
     shown = list(range(len(columns)))
-    while True:
-        table = _table(title, columns, rows, shown, fold_key=False)
+    dropped: list[int] = []
+    while _needed_width(columns, rows, shown) > width:
         droppable = [i for i in shown if columns[i].drop > 0]
-        if _min_width(table) <= width:
-            return table
         if not droppable:
             return _table(title, columns, rows, shown, fold_key=True)
-        shown.remove(max(droppable, key=lambda i: columns[i].drop))
+        dropped.append(max(droppable, key=lambda i: columns[i].drop))
+        shown.remove(dropped[-1])
+    for i in reversed(dropped[:-1]):  # room left over: take back a less dispensable column that fits
+        if _needed_width(columns, rows, sorted([*shown, i])) <= width:
+            shown = sorted([*shown, i])
+    return _table(title, columns, rows, shown, fold_key=False)
+
+
+def _needed_width(columns: Sequence[Column], rows: Sequence[Sequence[str]], shown: list[int]) -> int:
+    """Columns the table needs with its unwrappable cells whole (rich's own measure ignores
+    ``no_wrap``): each column's widest cell (longest word if it wraps), padding 1 each side, rules."""
+    from rich.text import Text
+
+    def cell_width(text: str, wraps: bool) -> int:
+        plain = Text.from_markup(text).plain
+        return max((len(w) for w in plain.split()), default=0) if wraps else Text(plain).cell_len
+
+    widths = [max(cell_width(columns[i].name, columns[i].wrap),
+                  *(cell_width(row[i], columns[i].wrap) for row in rows)) for i in shown]
+    return sum(widths) + 3 * len(shown) + 1
 
 
 def _table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]], shown: list[int], fold_key: bool):
@@ -81,12 +97,6 @@ def _table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]],
     for row in rows:
         table.add_row(*(row[i] for i in shown))
     return table
-
-
-def _min_width(table) -> int:
-    from rich.console import Console
-
-    return Console(width=100_000, file=io.StringIO()).measure(table).minimum
 
 
 def progress_wanted(as_json: bool) -> bool:
