@@ -83,8 +83,27 @@ def test_output_width_reads_columns_else_100_off_a_terminal(monkeypatch, value, 
     assert output_width() == expected  # pytest captures stdout: not a terminal
 
 
-def test_progress_bars_never_reach_stdout_or_json(long_names_model, tmp_path):
+def test_verify_report_fits_80_columns_and_names_the_batch(long_names_model):
+    out = _run(["verify", long_names_model, "--samples", "3"], 80)
+    assert out.exit_code == 0, out.output
+    table = [line for line in out.output.splitlines() if line[:1] in "┏┃┡│└"]
+    assert len(table) >= 5 and max(map(len, table)) <= 80
+
+
+def test_every_accuracy_names_its_batch(capsys, monkeypatch):
+    """Dynamic activation scales make accuracy depend on the batch: the report says which."""
+    from csqc.cli_onnx import print_verify_report
+    from csqc.verify import VerifyReport
+
+    monkeypatch.setenv("COLUMNS", "80")
+    print_verify_report(VerifyReport(ok=True, runtimes=["torch"], pairs=[], accumulators_exact=True,
+                                     first_divergence=None, samples=450, batch=1, atol=1e-4, rtol=1e-4,
+                                     accuracy={"torch": 0.9889}))
+    assert "accuracy torch: 98.89% (batches of 1)" in capsys.readouterr().out
+
+
+def test_progress_bars_never_reach_stdout_or_json(long_names_model):
     """Under CliRunner stderr is not a terminal: no bar at all, and --json stdout is one document."""
     out = CliRunner().invoke(cli, ["verify", str(long_names_model), "--samples", "3", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.stdout)["ok"] is True
+    assert json.loads(out.stdout)["ok"] is True and out.stderr == ""

@@ -79,9 +79,6 @@ def test_the_readme_flow(folder, trained):
     # verify: every runtime against the llvm artifact, bit for bit
     doc = ok_json(folder, "verify", "m.pt", "--artifact", "m.llvm.so", "--samples", "4")
     assert doc["accumulators_exact"] is True and doc["batch"] >= 1
-    text = csqc(folder, "verify", "m.pt", "--artifact", "m.llvm.so", "--samples", "4")
-    assert text.returncode == 0 and "OK" in text.stdout, text.stderr
-    assert max(len(l) for l in text.stdout.splitlines() if l[:1] in "┏┃┡│└") <= 80
 
     # run: the artifact on an input of its compiled shape, output written
     shape = tuple(runtime.load(folder / "m.llvm.so").inputs[0]["shape"])
