@@ -78,8 +78,8 @@ def _needed_width(columns: Sequence[Column], rows: Sequence[Sequence[str]], show
         plain = Text.from_markup(text).plain
         return max((len(w) for w in plain.split()), default=0) if wraps else Text(plain).cell_len
 
-    widths = [max(cell_width(columns[i].name, columns[i].wrap),
-                  *(cell_width(row[i], columns[i].wrap) for row in rows)) for i in shown]
+    widths = [max([cell_width(columns[i].name, columns[i].wrap), *(cell_width(row[i], columns[i].wrap) for row in rows)])
+              for i in shown]
     return sum(widths) + 3 * len(shown) + 1
 
 
