@@ -29,7 +29,7 @@ _LAZY = {
     "CSQLSTM": ("recurrent", "CSQLSTM"), "CSQGRU": ("recurrent", "CSQGRU"), "one_step": ("recurrent", "one_step"),
     "convert": ("layers", "convert"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),
     "CsqcModel": ("modelfile", "CsqcModel"), "save": ("modelfile", "save"), "load": ("modelfile", "load"),
-    "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
+    "train_float": ("train", "train_float"), "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
     "capture": ("capture", "capture"), "optimize": ("compiler", "optimize"), "compile": ("compiler", "compile"),
     "inspect": ("compiler", "inspect"), "verify": ("verify", "verify"),
 }

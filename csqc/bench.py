@@ -278,7 +278,8 @@ ROUND_SECONDS = 0.05  # each runtime's share of a round
 
 
 def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
-                      round_seconds: float = ROUND_SECONDS) -> dict[str, float]:
+                      round_seconds: float = ROUND_SECONDS,
+                      on_round: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Median latency per runtime (us) over ``rounds`` rounds, each runtime in turn.
 
     Each runtime's turn lasts about ``round_seconds`` (its call count is sized from warm calls):
@@ -290,7 +291,9 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
     for key, f in fns.items():  # warm up every runtime, and size its turn
         f()
         calls[key] = max(1, min(5000, int(round_seconds / max(1e-7, min(_once(f) for _ in range(3))))))
-    for _ in range(rounds):
+    for done in range(rounds):
+        if on_round is not None:
+            on_round(done, rounds)
         for key, f in fns.items():
             time.sleep(0.02)  # let the previous runtime's threads go idle
             f()  # and wake this one's thread pool: steady-state latency is what is compared
@@ -303,10 +306,12 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
 
 def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15, artifact: str | None = None,
           sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True,
-          device: str = "cpu") -> BenchReport:
+          device: str = "cpu", on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
     """Compile (unless ``artifact`` is given) and time csqc against the baselines.
 
-    ``device``: ``cpu`` (an llvm artifact) or ``cuda`` (a cuda artifact, on this machine's GPU)."""
+    ``device``: ``cpu`` (an llvm artifact) or ``cuda`` (a cuda artifact, on this machine's GPU).
+    ``on_progress(step, done, total)`` hears each step (``total`` None when unknown) for a progress bar."""
+    step = on_progress or (lambda name, done, total: None)
     from . import runtime
     from .compiler import optimize, to_model
 
@@ -329,6 +334,7 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             from .compiler import compile as compile_model
 
             artifact = str(tmp / "model.so")
+            step("compiling", 0, None)
             if device == "cuda":
                 compile_model(model, "cuda", artifact, batch=batch, arch=arch)
             else:
@@ -355,6 +361,7 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         sizes = {"csqc": (weight_bytes, "")}
         notes: list[str] = []
         if baselines:
+            step("preparing baselines", 0, None)
             fg = float_graph(optimize(model, "none", batch=shape[0]))
             fp32_bytes = sum(int(v.nbytes) for v in fg.params.values())
             ort_runners = {}
@@ -364,8 +371,9 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
                 if isinstance(fn, _OrtRunner):
                     ort_runners[name] = fn
         gc.collect()
-        medians = _time_interleaved(fns, rounds)
+        medians = _time_interleaved(fns, rounds, on_round=lambda done, total: step("timing rounds", done, total))
         if baselines:
+            step("timing ONNX Runtime alone", 0, None)
             _best_of_spinning_ort(ort_runners, xs, medians, sizes, max(5, rounds // 2))
         report = BenchReport(model.manifest.get("metadata", {}).get("recipe") or Path(model.source).stem or "model",
                              shape[0], threads, cpu=art.plan["target"].get("mcpu", ""), device=device, notes=notes)
@@ -374,6 +382,7 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         if sweep_planes and len(art.inputs) > 1:
             log.warning("the plane sweep runs single-input models only; skipped")
         elif sweep_planes:
+            step("sweeping planes", 0, None)
             report.sweep = _sweep(art, model, shape, dataset)
     return report
 

@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .errors import BadInput, CsqcError, TrainingFailed
 from .outputs import Terminated, check_output, check_output_folder
+from .terminal import Column, fit_table, progress_bar, progress_wanted, stdout_console
 
 MAX_RANDOM_SAMPLES = 10_000  # csqc.verify.MAX_RANDOM_SAMPLES, without importing numpy for --help
 
@@ -180,26 +181,21 @@ def train(recipe, output, target_bits, epochs, seed, as_json):
     check_output(output)  # fail before minutes of training, not after
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     model, result, example = train_recipe(
-        recipe, target_bits=target_bits, epochs=epochs, seed=seed, progress=not as_json and sys.stderr.isatty()
+        recipe, target_bits=target_bits, epochs=epochs, seed=seed, progress=progress_wanted(as_json)
     )
     check_training_result(result)  # a collapsed model is not written: `csqc train && csqc compile` must stop
     save(model, output, example, metadata={"recipe": recipe, "test_accuracy": result.test_accuracy})
     if as_json:
         _emit_json({"ok": True, "output": output, **result.to_json()})
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{recipe}: bit allocation (# = active bit position, MSB left)")
-    for col in ("layer", "op", "shape", "bits", "active positions", "act bits"):
-        table.add_column(col)
-    for row in result.layers:
-        table.add_row(row["name"], row["op"], "x".join(map(str, row["shape"])),
-                      _bits_cell(row["active_bits"], row["n_bits"]), ",".join(map(str, row["active_bits"])) or "-",
-                      str(row["act_bits"] or "float"))
-    console = Console()
-    console.print(table)
-    console.print(f"test accuracy [bold]{result.test_accuracy:.2%}[/] (float {result.float_accuracy:.2%}), "
+    columns = [Column("layer"), Column("op", drop=2), Column("shape", drop=3), Column("bits"),
+               Column("active positions", drop=1), Column("act bits")]
+    rows = [(row["name"], row["op"], "x".join(map(str, row["shape"])), _bits_cell(row["active_bits"], row["n_bits"]),
+             ",".join(map(str, row["active_bits"])) or "-", str(row["act_bits"] or "float")) for row in result.layers]
+    console = stdout_console()
+    console.print(fit_table(f"{recipe}: bit allocation (# = active bit position, MSB left)", columns, rows, console.width))
+    console.print(f"test accuracy [bold]{result.test_accuracy:.2%}[/] (one batch of {result.eval_batch}; "
+                  f"float {result.float_accuracy:.2%}), "
                   f"average weight bits [bold]{result.avg_bits:.2f}[/] (budget {target_bits}), "
                   f"{result.seconds:.1f}s -> {output}")
 
@@ -236,20 +232,18 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
         return
     if ir_text is not None:
         click.echo(ir_text)
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{report.model}: quantized layers")
-    for col in ("layer", "weight", "bits", "positions", "planes", "zero % per plane", "packed", "fp32", "act", "kernel"):
-        table.add_column(col, justify="right" if col in ("packed", "fp32", "planes") else "left", no_wrap=True)
+    # narrow terminals lose the zero fractions first, then fp32 sizes, positions (bits shows them), shapes...
+    columns = [Column("layer"), Column("weight", drop=6), Column("bits"), Column("positions", drop=7),
+               Column("planes", right=True, drop=5), Column("zero % per plane", drop=9), Column("packed", right=True, drop=3),
+               Column("fp32", right=True, drop=8), Column("act", drop=4), Column("kernel", drop=2)]
+    rows = []
     for r in report.layers:
         zero = " ".join(f"{100 * z:.0f}" for z in r.plane_zero_fraction[:5]) + (" .." if len(r.plane_zero_fraction) > 5 else "")
-        table.add_row(r.name, f"{r.op[1:]} " + "x".join(map(str, r.weight_shape)), _bits_cell(r.active_bits, r.n_bits),
-                      ",".join(map(str, r.active_bits)) or "-", f"{r.planes} {r.encoding}", zero,
-                      _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32),
-                      _act_cell(r), r.kernel)
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(table)
+        rows.append((r.name, f"{r.op[1:]} " + "x".join(map(str, r.weight_shape)), _bits_cell(r.active_bits, r.n_bits),
+                     ",".join(map(str, r.active_bits)) or "-", f"{r.planes} {r.encoding}", zero,
+                     _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32), _act_cell(r), r.kernel))
+    console = stdout_console()
+    console.print(fit_table(f"{report.model}: quantized layers", columns, rows, console.width))
     console.print(f"average weight bits [bold]{report.avg_bits:.2f}[/], planes {report.avg_planes:.2f}; "
                   f"quantized weights {_human(report.weight_bytes_packed)} packed vs {_human(report.weight_bytes_fp32)} fp32 "
                   f"({report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller); "
@@ -260,15 +254,12 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
 
 def _print_reference_view(console, view: dict, csqc_avg_bits: float) -> None:
     """The bit counts as the CSQ reference's training log reports them, next to csqc's."""
-    from rich.table import Table
-
-    table = Table(title="reference view: kept bits per layer (mask MSB first, as the reference logs it)")
-    for col in ("layer", "Nbits", "kept", "mask", "weights", "in total_bit"):
-        table.add_column(col, justify="right" if col in ("Nbits", "kept", "weights") else "left", no_wrap=True)
-    for r in view["layers"]:
-        table.add_row(str(r["name"]), str(r["n_bits"]), str(r["kept_bits"]), str(r.get("mask", "")), str(r["params"]),
-                      "yes" if r.get("counted", True) else "no (downsample)")
-    console.print(table)
+    columns = [Column("layer"), Column("Nbits", right=True, drop=2), Column("kept", right=True), Column("mask", drop=1),
+               Column("weights", right=True, drop=3), Column("in total_bit", wrap=True)]
+    rows = [(str(r["name"]), str(r["n_bits"]), str(r["kept_bits"]), str(r.get("mask", "")), str(r["params"]),
+             "yes" if r.get("counted", True) else "no (downsample)") for r in view["layers"]]
+    console.print(fit_table("reference view: kept bits per layer (mask MSB first, as the reference logs it)",
+                            columns, rows, console.width))
     console.print(f"reference: average bit [bold]{view['avg_bit']:.3f}[/] (Nbits {view['n_bits']} x ratio_one "
                   f"{view['ratio_one']:.4f}), total_param {view['total_param']}, total_bit {view['total_bit']} "
                   f"(downsample layers excluded); csqc size-weighted average weight bits {csqc_avg_bits:.3f}")
@@ -327,28 +318,20 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         compile_onnx(loaded, output, deploy=onnx_form == "deploy", check_planes=check_planes, batch=batch,
                      calibration=dataset or calibration_file, dump_ir=dump_ir, as_json=as_json)
         return
-    progress = _layer_progress(not as_json and sys.stderr.isatty())
-    with progress as bar:
-        task = bar.add_task("lowering", total=None)
+    with progress_bar(f"compiling for {target}", enabled=progress_wanted(as_json)) as update:
         result = compile_model(
             loaded, target, output, batch=batch, mcpu=mcpu, arch=arch, emit_source=emit_source,
             force_kernel=None if force_kernel == "auto" else force_kernel, dump_ir=dump_ir,
-            on_layer=lambda name: bar.update(task, advance=1, description=f"lowered {name}"),
+            on_layer=lambda name: update(advance=1, info=f"lowered {name}"),
         )
     if as_json:
         _emit_json(result.to_json())
         return
     if result.report.get("layers"):
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{result.target}: kernel per quantized layer")
-        table.add_column("layer")
-        table.add_column("kernel")
-        table.add_column("why")
-        for name, info in result.report["layers"].items():
-            table.add_row(name, info["kernel"], info.get("reason", ""))
-        Console().print(table)
+        rows = [(name, info["kernel"], info.get("reason", "")) for name, info in result.report["layers"].items()]
+        console = stdout_console()
+        console.print(fit_table(f"{result.target}: kernel per quantized layer",
+                                [Column("layer"), Column("kernel"), Column("why", wrap=True)], rows, console.width))
     extra = f", build {result.report['build_seconds']:.1f}s" if "build_seconds" in result.report else ""
     if target == "cuda":
         extra += f", {result.report['arch']} device code {_human(result.report['device_code']['bytes'])}"
@@ -365,13 +348,6 @@ def _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir
         check_output_folder(emit_source, what="--emit-source")
     if dump_ir is not None:
         check_output_folder(dump_ir, what="--dump-ir")
-
-
-def _layer_progress(enabled: bool):
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), disable=not enabled,
-                    transient=True)
 
 
 def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
@@ -422,7 +398,7 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
                        "give your own inputs with --inputs x.npz")
     code = verify_command(load_model(model), inputs=inputs_file, samples=samples, dataset=dataset, artifact=artifact,
                           per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, as_json=as_json,
-                          progress=not as_json and sys.stderr.isatty())
+                          progress=progress_wanted(as_json))
     if code:
         raise click.exceptions.Exit(code)
 
@@ -511,24 +487,25 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs."""
     from .bench import bench as run_bench
 
-    report = run_bench(load_model(model), batch=batch, threads=threads, rounds=rounds, artifact=artifact,
-                       sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines, device=device)
+    loaded = load_model(model)
+    with progress_bar("bench", enabled=progress_wanted(as_json)) as update:
+        report = run_bench(loaded, batch=batch, threads=threads, rounds=rounds, artifact=artifact,
+                           sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines, device=device,
+                           on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
     if as_json:
         _emit_json({"ok": True, **report.to_json()})
         return
-    from rich.console import Console
     from rich.table import Table
 
     ratios = report.ratios()
     where = "GPU" if report.device == "cuda" else f"{report.threads} threads, CPU {report.cpu}"
-    table = Table(title=f"{report.model}: batch {report.batch}, {where} (median)")
-    for col in ("runtime", "median", "weights", "csqc speed-up", "note"):
-        table.add_column(col, justify="right" if col in ("median", "weights", "csqc speed-up") else "left")
-    for r in sorted(report.results, key=lambda r: r.median_us):
-        table.add_row(r.runtime, f"{r.median_us:,.1f} us", _human(r.weight_bytes),
-                      "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", r.note)
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(table)
+    columns = [Column("runtime"), Column("median", right=True), Column("weights", right=True, drop=1),
+               Column("csqc speed-up", right=True), Column("note", wrap=True)]
+    rows = [(r.runtime, f"{r.median_us:,.1f} us", _human(r.weight_bytes),
+             "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", r.note)
+            for r in sorted(report.results, key=lambda r: r.median_us)]
+    console = stdout_console()
+    console.print(fit_table(f"{report.model}: batch {report.batch}, {where} (median)", columns, rows, console.width))
     if report.sweep:
         sweep = Table(title="PrecisionBatching: least significant planes skipped at run time")
         for col in ("skip", "median", "accuracy", "top-1 agreement with exact"):
@@ -563,8 +540,9 @@ def demo(recipe, out_dir, as_json):
     torch.set_num_threads(2)
     say = (lambda *a: None) if as_json else click.echo
     say(f"[1/5] training {recipe} on scikit-learn's digits (CSQ, 3-bit budget)")
-    model, result, example = train_recipe(recipe, progress=not as_json and sys.stderr.isatty())
-    say(f"      test accuracy {result.test_accuracy:.2%} at {result.avg_bits:.2f} average bits; "
+    model, result, example = train_recipe(recipe, progress=progress_wanted(as_json))
+    say(f"      test accuracy {result.test_accuracy:.2%} (one batch of {result.eval_batch}) at {result.avg_bits:.2f} "
+        "average bits; "
         + "; ".join(f"{l['name']}: bits {','.join(map(str, l['active_bits'])) or '-'}" for l in result.layers))
     if problem := result.problem():  # stop here: compiling a collapsed model only hides the failure
         raise TrainingFailed(problem, {"train": result.to_json()})
@@ -575,14 +553,20 @@ def demo(recipe, out_dir, as_json):
     say(f"[2/5] inspect: {report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller weights "
         f"({report.weight_bytes_packed} B packed), plot -> {plot}")
     say("[3/5] compiling for the CPU (TVM, bit-serial kernels) and ONNX")
-    art = compile_model(loaded, "llvm", out / f"{recipe}.so")
+    with progress_bar("compiling for llvm", enabled=progress_wanted(as_json)) as update:
+        art = compile_model(loaded, "llvm", out / f"{recipe}.so", on_layer=lambda name: update(advance=1, info=name))
     onnx_art = compile_model(loaded, "onnx", out / f"{recipe}.onnx")
     say(f"      kernels: {art.report['kernels']} -> {art.output}, {onnx_art.output}")
     say("[4/5] verifying PyTorch, IR interpreter, ONNX Runtime and the CPU artifact on the digits test set")
-    ver = run_verify(loaded, artifact=str(art.output), dataset="digits")
-    say(f"      {'OK' if ver.ok else 'MISMATCH'}: accumulators exact = {ver.accumulators_exact}")
+    with progress_bar("verify", enabled=progress_wanted(as_json)) as update:
+        ver = run_verify(loaded, artifact=str(art.output), dataset="digits",
+                         on_batch=lambda done, total: update(completed=done, total=total))
+    say(f"      {'OK' if ver.ok else 'MISMATCH'}: accumulators exact = {ver.accumulators_exact}; accuracy "
+        + ", ".join(f"{name} {acc:.2%}" for name, acc in ver.accuracy.items()) + f" (batches of {ver.batch})")
     say("[5/5] benchmarking (2 threads, median; tiny models mostly measure call overhead)")
-    b = run_bench(loaded, artifact=str(art.output), rounds=10)
+    with progress_bar("bench", enabled=progress_wanted(as_json)) as update:
+        b = run_bench(loaded, artifact=str(art.output), rounds=10,
+                      on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
     for r in sorted(b.results, key=lambda r: r.median_us):
         say(f"      {r.runtime:28s} {r.median_us:10.1f} us")
     payload = {"train": result.to_json(), "inspect": report.to_json(), "verify": ver.to_json(), "bench": b.to_json(),

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import BadInput
 from .modelfile import CsqcModel
 from .outputs import check_output
+from .terminal import Column, fit_table, progress_bar, stdout_console
 from .verify import VerifyReport, load_inputs, verify
 
 __all__ = ["compile_onnx", "verify_command", "print_verify_report"]
@@ -90,22 +91,15 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
 
 def print_verify_report(report: VerifyReport) -> None:
     """A short human-readable table of a verify report."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"verify: {report.samples} samples in batches of {report.batch}")
-    for col in ("pair", "kind", "max abs err", "max rel err", "top-1 agree", "ok"):
-        table.add_column(col)
-    for p in report.pairs:
-        top1 = "-" if p.top1_agreement is None else f"{p.top1_agreement:.2%}"
-        table.add_row(f"{p.a} -> {p.b}", p.kind, f"{p.max_abs_error:.3g}", f"{p.max_rel_error:.3g}", top1,
-                      "[green]yes[/]" if p.ok else "[red]NO[/]")
-    import sys
-
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(table)
-    for name, acc in report.accuracy.items():
-        console.print(f"accuracy {name}: {acc:.2%}")
+    columns = [Column("pair"), Column("kind", drop=3), Column("max abs err", right=True, drop=1),
+               Column("max rel err", right=True, drop=2), Column("top-1 agree", right=True), Column("ok")]
+    rows = [(f"{p.a} -> {p.b}", p.kind, f"{p.max_abs_error:.3g}", f"{p.max_rel_error:.3g}",
+             "-" if p.top1_agreement is None else f"{p.top1_agreement:.2%}", "[green]yes[/]" if p.ok else "[red]NO[/]")
+            for p in report.pairs]
+    console = stdout_console()
+    console.print(fit_table(f"verify: {report.samples} samples in batches of {report.batch}", columns, rows, console.width))
+    for name, acc in report.accuracy.items():  # dynamic activation scales: the batch is part of the result
+        console.print(f"accuracy {name}: {acc:.2%} (batches of {report.batch})")
     console.print(f"integer tensors exact: {'[green]yes[/]' if report.accumulators_exact else '[red]NO[/]'}")
     if report.first_divergence:
         d = report.first_divergence
@@ -114,15 +108,6 @@ def print_verify_report(report: VerifyReport) -> None:
     for note in report.notes:
         console.print(f"note: {note}")
     console.print("[green]OK[/]" if report.ok else "[red]FAILED[/]: runtimes disagree")
-
-
-def _sample_progress(enabled: bool):
-    """A bar of samples checked, on stderr (stdout stays for the report or the JSON)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=True)
 
 
 def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int = 4, dataset: str | None = None,
@@ -134,11 +119,10 @@ def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int 
     ``progress``: show a bar of samples checked on stderr.
     """
     arrays = load_inputs(inputs, model) if inputs else None
-    with _sample_progress(progress) as bar:
-        task = bar.add_task("verify", total=None)
+    with progress_bar("verify: samples checked", enabled=progress) as update:
         report = verify(model, inputs=arrays, samples=samples, dataset=dataset, artifact=artifact,
                         per_layer=per_layer, batch=batch, atol=atol, rtol=rtol,
-                        on_batch=lambda done, total: bar.update(task, completed=done, total=total))
+                        on_batch=lambda done, total: update(completed=done, total=total))
     if echo:
         if as_json:
             _echo_json(report.to_json())

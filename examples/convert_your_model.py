@@ -2,7 +2,8 @@
 
     python examples/convert_your_model.py
 
-Uses scikit-learn's digits so it runs offline in about a minute on 2 cores.
+Uses scikit-learn's digits so it runs offline in about two minutes on 2 cores (progress bars on
+stderr when it is a terminal).
 """
 from __future__ import annotations
 
@@ -11,24 +12,32 @@ from torch import nn
 
 import csqc
 from csqc.data import load_digits_split
+from csqc.terminal import progress_bar, progress_wanted
 from csqc.train import train_float
 
 
 def main() -> None:
+    show = progress_wanted(as_json=False)
     torch.manual_seed(0)
-    data = load_digits_split(image=False)
+    data = load_digits_split(image=False)  # a Split; a DataLoader or an (x, y) pair works too
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-    print(f"float accuracy: {train_float(model, data, epochs=20):.2%}")
+    print(f"float accuracy: {train_float(model, data, epochs=20, progress=show):.2%}")
 
     csqc.convert(model, n_bits=8, act_bits=4)  # every Linear becomes a CSQLinear, all 8 bits active
-    accuracy, _ = csqc.train_csq(model, data, epochs=40, target_bits=2.5)
-    print(f"CSQ accuracy {accuracy:.2%} at {csqc.layers.average_bits(model):.2f} average bits")
+    accuracy, _ = csqc.train_csq(model, data, epochs=40, target_bits=2.5, progress=show)
+    print(f"CSQ accuracy {accuracy:.2%} (test split in one batch of {len(data.x_test)}) "
+          f"at {csqc.layers.average_bits(model):.2f} average bits")
 
     csqc.save(model, "my-mlp.pt", torch.from_numpy(data.x_test[:1]))
-    result = csqc.compile("my-mlp.pt", target="llvm", output="my-mlp.so")
+    with progress_bar("compiling for llvm", enabled=show) as update:
+        result = csqc.compile("my-mlp.pt", target="llvm", output="my-mlp.so",
+                              on_layer=lambda name: update(advance=1, info=name))
     print("kernels:", result.report["kernels"])
-    report = csqc.verify(csqc.load("my-mlp.pt"), artifact="my-mlp.so", dataset="digits")
-    print("verify ok:", report.ok)
+    with progress_bar("verify: samples checked", enabled=show) as update:
+        report = csqc.verify(csqc.load("my-mlp.pt"), artifact="my-mlp.so", dataset="digits",
+                             on_batch=lambda done, total: update(completed=done, total=total))
+    print(f"verify ok: {report.ok}; accuracy " + ", ".join(f"{k} {v:.2%}" for k, v in report.accuracy.items())
+          + f" (batches of {report.batch})")
 
 
 if __name__ == "__main__":

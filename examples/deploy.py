@@ -1,5 +1,9 @@
 """Deploy a compiled csqc model: this script needs only numpy and TVM's runtime, not torch.
 
+It proves it: torch, ONNX, ONNX Runtime and csqc's compiler are blocked before csqc.runtime is
+imported, so any import of them fails (TVM's ffi imports torch when it is installed, and falls
+back without it).
+
     csqc train digits-cnn -o digits-cnn.pt
     csqc compile digits-cnn.pt --target llvm -o digits-cnn.so
     python examples/deploy.py digits-cnn.so input.npy [--skip-planes 1]
@@ -12,9 +16,14 @@ import argparse
 import sys
 import time
 
-import numpy as np
+# Block what a deployment machine does not have: importing any of these now raises ImportError.
+BLOCKED = ("torch", "onnx", "onnxruntime", "csqc.compiler", "csqc.capture")
+for _name in BLOCKED:
+    sys.modules[_name] = None
 
-import csqc.runtime
+import numpy as np  # noqa: E402  (after the blocker on purpose)
+
+import csqc.runtime  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +41,8 @@ def main() -> int:
     elapsed = (time.perf_counter() - start) * 1e6
     print(f"input {spec['shape']} -> output {list(y.shape)} in {elapsed:.0f} us")
     print("predicted classes:", y.reshape(y.shape[0], -1).argmax(1).tolist())
-    print("torch imported:", "torch" in sys.modules)
+    loaded = [name for name in BLOCKED if sys.modules.get(name) is not None]
+    print(f"ran with {', '.join(BLOCKED)} blocked; loaded anyway: {', '.join(loaded) or 'none'}")
     return 0
 
 
