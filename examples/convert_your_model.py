@@ -6,15 +6,23 @@ Uses scikit-learn's digits so it runs offline in about a minute on 2 cores.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 import csqc
 from csqc.data import load_digits_split
+from csqc.errors import CsqcError
+from csqc.outputs import check_output
 from csqc.train import train_float
+
+MODEL_FILE, ARTIFACT = "my-mlp.pt", "my-mlp.llvm.so"
 
 
 def main() -> None:
+    for path in (MODEL_FILE, ARTIFACT):  # fail now, not after a minute of training
+        check_output(path)
     torch.manual_seed(0)
     data = load_digits_split(image=False)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
@@ -24,12 +32,16 @@ def main() -> None:
     accuracy, _ = csqc.train_csq(model, data, epochs=40, target_bits=2.5)
     print(f"CSQ accuracy {accuracy:.2%} at {csqc.layers.average_bits(model):.2f} average bits")
 
-    csqc.save(model, "my-mlp.pt", torch.from_numpy(data.x_test[:1]))
-    result = csqc.compile("my-mlp.pt", target="llvm", output="my-mlp.so")
+    csqc.save(model, MODEL_FILE, torch.from_numpy(data.x_test[:1]))
+    result = csqc.compile(MODEL_FILE, target="llvm", output=ARTIFACT)
     print("kernels:", result.report["kernels"])
-    report = csqc.verify(csqc.load("my-mlp.pt"), artifact="my-mlp.so", dataset="digits")
+    report = csqc.verify(csqc.load(MODEL_FILE), artifact=ARTIFACT, dataset="digits")
     print("verify ok:", report.ok)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CsqcError as e:  # a one-line error, as the csqc command gives
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
