@@ -409,7 +409,7 @@ def _gpu_arch() -> str:
         present = False
     if not present:
         raise BadInput("--device cuda: this machine has no CUDA GPU; compile with `csqc compile MODEL --target cuda` "
-                        "here and run `csqc bench MODEL --artifact model.so --device cuda` where a GPU is")
+                        "here and run `csqc bench MODEL --artifact MODEL.cuda-ARCH.so --device cuda` where a GPU is")
     return "sm_" + dev.compute_version.replace(".", "")
 
 

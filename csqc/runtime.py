@@ -1,7 +1,7 @@
 """Run compiled csqc artifacts with numpy and the TVM runtime only (no torch, no compiler).
 
     import csqc.runtime
-    model = csqc.runtime.load("model.so")
+    model = csqc.runtime.load("model.llvm.so")
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
 

@@ -70,6 +70,21 @@ def test_compile_writes_default_names_side_by_side_and_reports_them(mlp, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "m.deploy.onnx", "m.llvm.so", "m.onnx"]
 
 
+def test_deploy_form_with_dynamic_batch_runs_any_batch(mlp, tmp_path):
+    from csqc.targets.onnx.runner import load_onnx, make_session
+
+    path, _ = mlp
+    calibration = [np.random.default_rng(0).random((8, 8), dtype=np.float32)]
+    result = csqc.compile(csqc.load(path), "onnx", tmp_path / "d.onnx", onnx_form="deploy", calibration=calibration,
+                          batch="dynamic")
+    model = load_onnx(result.output)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    session = make_session(model, exact=False)
+    for batch in (1, 3, 8):
+        x = np.random.default_rng(batch).random((batch, 8), dtype=np.float32)
+        assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (batch, 4)
+
+
 # -- examples check their outputs before the work -------------------------------------------------
 
 @pytest.mark.parametrize("example", ["char_lm", "convert_your_model"])
