@@ -6,9 +6,9 @@ Library API (the CLI is a thin layer over it)::
     csqc.train_csq(model, data, target_bits=3.0)                # or csqc.train_recipe("digits-cnn")
     csqc.save(model, "model.pt", example_input)                 # safe, self-describing file
     m = csqc.load("model.pt")                                   # m(x) runs the PyTorch reference
-    csqc.compile(m, target="llvm", output="model.so")           # or "onnx", "cuda"
-    csqc.verify(m, artifact="model.so")                         # every runtime, bit for bit
-    run = csqc.runtime.load("model.so"); y = run(x)             # deployment: numpy + tvm only
+    csqc.compile(m, target="llvm", output="model.llvm.so")      # or "onnx", "cuda"
+    csqc.verify(m, artifact="model.llvm.so")                    # every runtime, bit for bit
+    run = csqc.runtime.load("model.llvm.so"); y = run(x)        # deployment: numpy + tvm only
 
 Names are imported lazily so that ``csqc.runtime`` works without torch installed.
 """

@@ -91,6 +91,12 @@ def write_artifact_file(path: str | os.PathLike, library: bytes, plan: dict, wei
     atomic_write(path, write)
 
 
+_ONNX_IS_NO_ARTIFACT = (
+    "{path} is an ONNX model; `csqc run` and csqc.runtime.load take the .so artifacts of --target llvm, cuda "
+    "or aarch64. Run an ONNX model with onnxruntime (onnxruntime.InferenceSession('{path}')), or check it "
+    "against the model with `csqc verify MODEL --artifact {path}`")
+
+
 def _damaged(path: Path, what: str) -> BadInput:
     return BadInput(f"{path}: the artifact is damaged or was edited after compilation ({what}); "
                     "compile the model again")
@@ -123,6 +129,8 @@ def read_artifact(path: str | os.PathLike) -> ArtifactContents:
                 library = _library(path, f, integrity, min(i.header_offset for i in infos.values()))
                 members = {name: z.read(infos[name]) for name in (PLAN, WEIGHTS)}
         except UNREADABLE_ARCHIVE as e:
+            if path.suffix.lower() == ".onnx":
+                raise BadInput(_ONNX_IS_NO_ARTIFACT.format(path=path)) from None
             raise BadInput(f"{path}: not a csqc artifact ({type(e).__name__}); compile one with `csqc compile`") from None
     for name, data in members.items():
         if _sha256(data) != integrity["sha256"][name]:

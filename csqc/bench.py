@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import BadInput, CsqcError
 from .ir import Graph, Node, QUANT_LAYER_OPS, TensorType
+from .logs import quiet_ort_quantizer
 
 __all__ = ["BenchResult", "BenchReport", "float_graph", "torch_runner", "bench"]
 
@@ -211,6 +212,7 @@ class _OrtRunner:
         return _OrtRunner(*self._args, spinning=True)
 
 
+@quiet_ort_quantizer()  # its warnings are about ORT's own tuning, not the user's model
 def _onnx_baselines(fg: Graph, calib: list, threads: int, tmp: Path,
                     provider: str = "CPUExecutionProvider") -> dict[str, tuple[Callable, int, str]]:
     """fp32, static QDQ int8 (u8/s8 per channel), dynamic int8, MatMulNBits (the last two on
@@ -415,8 +417,8 @@ def _gpu_arch() -> str:
     except Exception:  # a TVM build without CUDA, or no driver
         present = False
     if not present:
-        raise CsqcError("--device cuda: this machine has no CUDA GPU; compile with `csqc compile MODEL --target cuda` "
-                        "here and run `csqc bench MODEL --artifact model.so --device cuda` where a GPU is")
+        raise BadInput("--device cuda: this machine has no CUDA GPU; compile with `csqc compile MODEL --target cuda` "
+                        "here and run `csqc bench MODEL --artifact MODEL.cuda-ARCH.so --device cuda` where a GPU is")
     return "sm_" + dev.compute_version.replace(".", "")
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .errors import BadInput, CsqcError, TrainingFailed
@@ -114,7 +114,9 @@ def cli(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .logs import configure_logging
+
+    configure_logging(debug)  # csqc's messages; library chatter only under --debug, and filtered
 
 
 def _remember_json(ctx, _param, value):
@@ -132,7 +134,8 @@ def model_options(f):
     """Options of every command that reads a model: a csqc file or a reference checkpoint."""
 
     @click.option("--model-factory", metavar="MODULE:CALLABLE",
-                  help="Build this architecture (runs your code) and load a reference CSQ checkpoint into it.")
+                  help="Build this architecture (runs your code) and load a reference CSQ checkpoint into it. "
+                       "MODULE is imported from the current folder or PYTHONPATH, as `python -m` would.")
     @click.option("--input-shape", metavar="N,C,H,W", help="Input shape for --model-factory, e.g. 1,3,32,32.")
     @functools.wraps(f)
     def wrapper(*args, model_factory=None, input_shape=None, **kwargs):
@@ -154,6 +157,20 @@ def _load_model(path, *, model_factory, input_shape):
     from .modelfile import load
 
     return load(path, model_factory=model_factory, input_shape=input_shape)
+
+
+class BatchSize(click.ParamType):
+    """``--batch`` of ``compile``: a positive integer, or ``dynamic`` (the ONNX target checks that)."""
+
+    name = "N|dynamic"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "dynamic":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a batch size nor 'dynamic'", param, ctx)
 
 
 def _bits_cell(active: list[int], n_bits: int) -> str:
@@ -284,8 +301,11 @@ def _human(n: int) -> str:
 @model_options
 @click.option("--target", "-t", default="llvm", show_default=True,
               help="llvm (CPU), aarch64 (ARM64 CPU, cross-compiled), cuda (NVIDIA GPU) or onnx.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Artifact to write (default: MODEL.so / .onnx).")
-@click.option("--batch", type=int, help="Batch size to compile for (default: the model file's).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Artifact to write (default, in this folder: MODEL.llvm.so, MODEL.arm64.so, MODEL.cuda-ARCH.so, "
+                   "MODEL.onnx, or MODEL.deploy.onnx for --onnx-form deploy).")
+@click.option("--batch", type=BatchSize(),
+              help="Batch size to compile for (default: the model file's); onnx: 'dynamic' for any batch size.")
 @click.option("--mcpu", help="llvm: CPU name (default: this machine's); aarch64: ARM CPU (default: neoverse-n1).")
 @click.option("--arch", default="sm_80", show_default=True, help="cuda: GPU architecture (sm_80, sm_90, ...).")
 @click.option("--emit-source", type=click.Path(file_okay=False), help="cuda: also write the CUDA source to this folder.")
@@ -302,14 +322,14 @@ def _human(n: int) -> str:
 def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_source, force_kernel, onnx_form,
                 check_planes, dataset, calibration_file, dump_ir, as_json):
     """Compile a model into a deployable artifact."""
-    from .compiler import TARGETS, compile as compile_model
+    from .compiler import TARGETS, compile as compile_model, default_output
 
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if dataset and calibration_file:
         raise BadInput("give --dataset or --calibration, not both")
-    if output is None:  # the library's default too: the model's name with the target's suffix
-        output = f"{Path(model).stem}.{'onnx' if target == 'onnx' else 'so'}"
+    if output is None:  # the library's default too: the model's name, the target and the form
+        output = str(default_output(model, target, arch=arch, onnx_form=onnx_form))
     _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir)
     loaded = load_model(model)
     if target == "onnx":
@@ -393,6 +413,10 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
 
     if inputs_file and dataset:
         raise BadInput("give --inputs or --dataset, not both")
+    samples_given = click.get_current_context().get_parameter_source("samples") != ParameterSource.DEFAULT
+    if samples_given and (inputs_file or dataset):  # they check every sample they hold: --samples would be ignored
+        raise BadInput(f"--samples counts random inputs; {'--dataset' if dataset else '--inputs'} checks all of its "
+                       "samples, so give one or the other")
     if not 1 <= samples <= MAX_RANDOM_SAMPLES:  # checked before the model loads
         raise BadInput(f"--samples must be 1..{MAX_RANDOM_SAMPLES:,}, got {samples:,}; to check on more, "
                        "give your own inputs with --inputs x.npz")
@@ -529,7 +553,7 @@ def demo(recipe, out_dir, as_json):
     import torch
 
     from .bench import bench as run_bench
-    from .compiler import compile as compile_model, inspect as inspect_model
+    from .compiler import compile as compile_model, default_output, inspect as inspect_model
     from .modelfile import load, save
     from .outputs import make_output_folder
     from .report import plot_bits
@@ -554,8 +578,9 @@ def demo(recipe, out_dir, as_json):
         f"({report.weight_bytes_packed} B packed), plot -> {plot}")
     say("[3/5] compiling for the CPU (TVM, bit-serial kernels) and ONNX")
     with progress_bar("compiling for llvm", enabled=progress_wanted(as_json)) as update:
-        art = compile_model(loaded, "llvm", out / f"{recipe}.so", on_layer=lambda name: update(advance=1, info=name))
-    onnx_art = compile_model(loaded, "onnx", out / f"{recipe}.onnx")
+        art = compile_model(loaded, "llvm", out / default_output(model_path, "llvm"),
+                            on_layer=lambda name: update(advance=1, info=name))
+    onnx_art = compile_model(loaded, "onnx", out / default_output(model_path, "onnx"))
     say(f"      kernels: {art.report['kernels']} -> {art.output}, {onnx_art.output}")
     say("[4/5] verifying PyTorch, IR interpreter, ONNX Runtime and the CPU artifact on the digits test set")
     with progress_bar("verify", enabled=progress_wanted(as_json)) as update:

@@ -42,7 +42,7 @@ def _calibration_samples(model: CsqcModel, calibration: str | None, samples: int
 
 
 def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_planes: bool = False,
-                 batch: int | None = None, calibration: str | None = None, calibration_samples: int = 256,
+                 batch: int | str | None = None, calibration: str | None = None, calibration_samples: int = 256,
                  int4: bool = True, dump_ir=None, as_json: bool = False, echo: bool = True) -> dict:
     """Compile ``model`` to ONNX at ``output`` and return a summary.
 
@@ -74,7 +74,7 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
     else:
         graph = result.graph
         summary = {"ok": True, "output": str(output), "kind": "reference", "check_planes": check_planes,
-                   **report, "batch": graph.inputs[0].type.shape[0],
+                   **report, "batch": "dynamic" if batch == "dynamic" else graph.inputs[0].type.shape[0],
                    "layers": [n.name for n in graph.quant_layers()]}
     summary["seconds"] = result.seconds
     if echo:
@@ -101,6 +101,9 @@ def print_verify_report(report: VerifyReport) -> None:
     for name, acc in report.accuracy.items():  # dynamic activation scales: the batch is part of the result
         console.print(f"accuracy {name}: {acc:.2%} (batches of {report.batch})")
     console.print(f"integer tensors exact: {'[green]yes[/]' if report.accumulators_exact else '[red]NO[/]'}")
+    if report.layers and not report.first_divergence:  # --per-layer: say so when there is nothing to name
+        n_layers = len({row["layer"] for row in report.layers})
+        console.print(f"per layer: all {n_layers} layers exact in every runtime")
     if report.first_divergence:
         d = report.first_divergence
         console.print(f"first divergence: [bold]{d['tensor']}[/] in {d['runtime']} "

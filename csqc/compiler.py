@@ -10,7 +10,7 @@ from typing import Callable
 from .errors import BadInput, CompileError
 from .ir import Graph
 
-__all__ = ["TARGETS", "CompileResult", "optimize", "compile", "inspect", "to_model"]
+__all__ = ["TARGETS", "CompileResult", "default_output", "optimize", "compile", "inspect", "to_model"]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,20 @@ TARGETS: dict[str, tuple[str, str]] = {
     "cuda": ("default", "TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time"),
     "onnx": ("integer", "ONNX: integer-exact reference graph (or --onnx-form deploy)"),
 }
+
+
+def default_output(model_source, target: str, *, arch: str = "sm_80", onnx_form: str = "reference") -> Path:
+    """The artifact name when none is given: the model's name, then target and form, in the current folder.
+
+    Each target and form gets its own name (``m.llvm.so``, ``m.cuda-sm_90.so``, ``m.arm64.so``,
+    ``m.onnx``, ``m.deploy.onnx``), so compiling for a second one never replaces the first.
+    """
+    stem = Path(model_source).stem if model_source else "model"
+    suffix = {"llvm": "llvm.so", "aarch64": "arm64.so", "cuda": f"cuda-{arch}.so",
+              "onnx": "deploy.onnx" if onnx_form == "deploy" else "onnx"}.get(target)
+    if suffix is None:
+        raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    return Path(f"{stem}.{suffix}")
 
 
 @dataclass
@@ -77,7 +91,7 @@ def inspect(model, *, batch: int | None = None):
     return inspect_graph(graph, kernels, captured)
 
 
-def compile(model, target: str = "llvm", output=None, *, batch: int | None = None, pipeline: str | None = None,
+def compile(model, target: str = "llvm", output=None, *, batch: int | str | None = None, pipeline: str | None = None,
             mcpu: str | None = None, arch: str = "sm_80", emit_source=None, force_kernel: str | None = None,
             onnx_form: str = "reference",
             check_planes: bool = False, calibration=None, int4: bool = True, dump_ir=None,
@@ -86,10 +100,12 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
 
     ``mcpu``: LLVM CPU name for ``llvm`` and ``aarch64``; ``arch`` (sm_80, sm_90, ...) and ``emit_source`` (a
     folder for the CUDA source) for ``cuda``; ``onnx_form``, ``check_planes`` and
-    ``calibration`` (arrays, for the deploy form) for ``onnx``.
+    ``calibration`` (arrays, for the deploy form) for ``onnx``. ``batch="dynamic"`` (onnx only):
+    a symbolic batch dimension instead of a fixed batch size.
     """
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    batch, dynamic_batch = _batch_option(batch, target)
     if target == "cuda":  # fail on a missing nvcc or a bad arch before the slow part
         from .targets.cuda.target import check_toolchain
 
@@ -104,8 +120,7 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
 
     model = to_model(model, model_factory=model_factory, input_shape=input_shape)
     if output is None:
-        stem = Path(model.source).stem if model.source else "model"
-        output = Path(f"{stem}.{ 'onnx' if target == 'onnx' else 'so'}")
+        output = default_output(model.source, target, arch=arch, onnx_form=onnx_form)
     # every output, before the work: `compile model.so` would otherwise replace its own input
     output = check_output(output, inputs=[model.source])
     for folder, what in ((dump_ir, "--dump-ir"), (emit_source, "--emit-source")):
@@ -127,7 +142,7 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | None = Non
         report = emit_cuda(graph, output, arch=arch, emit_source=emit_source, on_layer=on_layer,
                            force_kernel=force_kernel)
     elif target == "onnx":
-        report = _emit_onnx(graph, output, onnx_form, check_planes, calibration, int4)
+        report = _emit_onnx(graph, output, onnx_form, check_planes, calibration, int4, dynamic_batch)
     else:  # pragma: no cover - TARGETS is the source of truth
         raise CompileError(f"target {target} has no emitter")
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
@@ -149,20 +164,31 @@ def _check_cpu(mcpu: str | None) -> None:
             f"CPU {cpu!r} has no AVX-512 VNNI, which csqc's CPU kernels are built on; {hint}")
 
 
-def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration, int4: bool) -> dict:
+def _batch_option(batch: int | str | None, target: str) -> tuple[int | None, bool]:
+    """(batch size to capture at, symbolic batch dimension?) for ``compile``'s ``batch``."""
+    if batch != "dynamic":
+        return batch, False
+    if target != "onnx":  # TVM kernels are built for one batch size: their loops and buffers are fixed
+        raise BadInput(f"--batch dynamic is for --target onnx; a {target} artifact runs one batch size, "
+                       "compile it with --batch N")
+    return None, True
+
+
+def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration, int4: bool,
+               dynamic_batch: bool = False) -> dict:
     from .targets.onnx.reference import emit_reference
     from .targets.onnx.runner import save_onnx
 
     if form == "reference":
-        model = emit_reference(graph, check_planes=check_planes)
+        model = emit_reference(graph, check_planes=check_planes, dynamic_batch=dynamic_batch)
         save_onnx(model, output)
-        return {"onnx_form": "reference", "size_bytes": output.stat().st_size}
+        return {"onnx_form": "reference", "size_bytes": output.stat().st_size, "dynamic_batch": dynamic_batch}
     if form == "deploy":
         from .targets.onnx.deploy import emit_deploy
 
         if calibration is None:
             raise BadInput("--onnx-form deploy needs calibration inputs (--dataset digits or --calibration file.npz)")
-        model, report = emit_deploy(graph, calibration, int4=int4)
+        model, report = emit_deploy(graph, calibration, int4=int4, dynamic_batch=True if dynamic_batch else None)
         save_onnx(model, output)
         return {"onnx_form": "deploy", **report}
     raise BadInput(f"unknown --onnx-form {form!r}: use reference or deploy")

@@ -21,7 +21,9 @@ import ast
 import functools
 import importlib
 import logging
+import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -52,10 +54,12 @@ def resolve_factory(spec: str):
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise BadInput(f"--model-factory must look like module:callable, got {spec!r}")
+    _import_from_current_folder()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise BadInput(f"--model-factory: cannot import {module_name!r} ({e})") from None
+        raise BadInput(f"--model-factory: cannot import {module_name!r} ({e}); it is looked up in the current "
+                       "folder and on PYTHONPATH") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -64,6 +68,15 @@ def resolve_factory(spec: str):
     if not callable(fn):
         raise BadInput(f"--model-factory: {spec} is not callable")
     return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def _import_from_current_folder() -> None:
+    """Let ``own_models:Net`` find ``./own_models.py``, as ``python -m`` does: the console script's
+    sys.path starts at its own folder, not the user's. Only for a factory, the explicit opt-in to
+    running user code; a model file never imports anything."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _split_call(spec: str) -> tuple[str, dict]:

@@ -1,7 +1,7 @@
 """Run compiled csqc artifacts with numpy and the TVM runtime only (no torch, no compiler).
 
     import csqc.runtime
-    model = csqc.runtime.load("model.so")
+    model = csqc.runtime.load("model.llvm.so")
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
 
@@ -49,22 +49,23 @@ class CompiledModel:
         self.path = path
         self.target = self.plan["target"]["kind"]
         self.dev = _device(self.target)
+        # an artifact for another machine is bad input here (exit code 2), like any file that cannot run here
         if self.target == "cuda" and not self.dev.exist:
-            raise CsqcError(f"{path} is a CUDA artifact and this machine has no CUDA device")
+            raise BadInput(f"{path} is a CUDA artifact and this machine has no CUDA device; run it on a machine "
+                           "with an NVIDIA GPU, or compile for this one with --target llvm")
         if self.target == "aarch64" and platform.machine() not in ("aarch64", "arm64"):
             raise BadInput(f"{path} is an aarch64 artifact and this machine is {platform.machine()}; run it on a "
                            "64-bit ARM machine (csqc verify runs it here under qemu-user emulation)")
         try:
             self.lib = load_library(contents.library)
         except Exception as e:
-            raise BadInput(f"{path}: the library part cannot be loaded ({str(e).splitlines()[0][:200]})") from None
+            raise BadInput(f"{path}: the library part cannot be loaded on this machine ({_reason(e)})") from None
         self._funcs = {}
         for step in self.plan["steps"]:
             try:
                 self._func(step["func"])
             except AttributeError:
-                raise BadInput(f"{path}: the library has no kernel {step['func']!r} that the plan calls; "
-                               "the artifact is damaged, compile the model again") from None
+                raise _csqc_bug(path, f"the plan calls a kernel {step['func']!r} that its library lacks") from None
         self._weights = weights
         self.buffers = self._allocate(weights)
         self._calls_cache: dict = {}
@@ -82,8 +83,8 @@ class CompiledModel:
             self._repack_bitparallel(())  # build the int8 weights of bit-parallel layers from their planes
             self._fill_acc_offsets(())
         except (ValueError, TypeError, IndexError) as e:
-            raise BadInput(f"{path}: the bit-parallel weights cannot be rebuilt from the stored planes "
-                           f"({_reason(e)}); the artifact is damaged, compile the model again") from None
+            raise _csqc_bug(path, f"the bit-parallel weights cannot be rebuilt from the stored planes ({_reason(e)})"
+                            ) from None
         # host buffers are also seen as numpy arrays: copying in and out through these views
         # costs well under a microsecond, against ~10 us for Tensor.copyfrom / Tensor.numpy
         self._host = self.target != "cuda"
@@ -259,8 +260,7 @@ class CompiledModel:
             for func, args in self._calls(skips):
                 func(*args)
         except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
-            raise BadInput(f"{self.path}: the plan does not match the compiled kernels ({_reason(e)}); "
-                           "the artifact is damaged, compile the model again") from None
+            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
         if record is not None:
             for name, spec in self.plan["buffers"].items():
                 if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
@@ -306,8 +306,21 @@ def _all_finite(x: np.ndarray) -> bool:
         return math.isfinite(float(np.add.reduce(x, axis=None))) or bool(np.isfinite(x).all())
 
 
+_MAX_REASON_CHARS = 2000  # a bound for a runaway message, far above any TVM argument-check reason
+
+
 def _reason(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    """The whole message of ``e`` on one line: TVM's argument checks put the reason on the lines
+    after "... when calling:", so the first line alone says nothing."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text[:_MAX_REASON_CHARS]
+
+
+def _csqc_bug(path: Path, what: str) -> CsqcError:
+    """The file passed its SHA-256 checks, so it is what ``csqc compile`` wrote: a recompile gives the
+    same file, and the fault is csqc's (exit code 1)."""
+    return CsqcError(f"{path}: {what}. The artifact's digests match, so it is not damaged: this is a csqc "
+                     "bug, please report it with the model (compiling again gives the same file)")
 
 
 def _is_shape(value) -> bool:
@@ -331,7 +344,8 @@ def check_plan(path: Path, plan: dict, weights: Mapping[str, np.ndarray]) -> Non
     """``BadInput`` unless the plan and weights of the artifact at ``path`` are safe to allocate and run."""
     problem = _plan_problem(plan, weights)
     if problem:
-        raise BadInput(f"{path}: the artifact is damaged: {problem}; compile the model again")
+        raise BadInput(f"{path}: the artifact's plan is not one csqc writes ({problem}), although its digests "
+                       "match: it was edited and re-sealed, or csqc wrote it wrong (then please report it)")
 
 
 def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:

@@ -17,6 +17,7 @@ import argparse
 import glob
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -28,6 +29,8 @@ from torch.nn import functional as F
 import csqc
 from csqc import layers
 from csqc.bench import bench
+from csqc.errors import CsqcError
+from csqc.outputs import check_output, make_output_folder
 
 # vocabulary: tab, newline, printable ASCII; everything else is one "other" symbol
 CHARS = "\t\n" + "".join(chr(c) for c in range(32, 127))
@@ -159,6 +162,15 @@ def real_states(step_model: nn.Module, ids: np.ndarray, hidden: int, samples: in
     return [np.stack(a).astype(np.float32) for a in (xs, hs, cs)]
 
 
+def _outputs(out: str | None) -> tuple[str, str]:
+    """(model file, artifact) in ``out`` (created if missing) or a temporary folder, checked writable."""
+    folder = make_output_folder(out, what="--out") if out else tempfile.mkdtemp(prefix="char_lm_")
+    model_file, artifact = (os.path.join(folder, name) for name in ("char_lm_step.pt", "char_lm_step.llvm.so"))
+    for path in (model_file, artifact):
+        check_output(path)
+    return model_file, artifact
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny data and step counts (a smoke test)")
@@ -170,8 +182,10 @@ def main(argv=None) -> dict:
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--target-bits", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=None, help="folder for model.pt / model.so (default: a temporary one)")
+    p.add_argument("--out", default=None,
+                   help="folder for char_lm_step.pt / char_lm_step.llvm.so, created if missing (default: a temporary one)")
     args = p.parse_args(argv)
+    model_file, artifact = _outputs(args.out)  # before minutes of training, not after
     quick = args.quick
     hidden = args.hidden or (64 if quick else 256)
     n_bytes = args.bytes or (200_000 if quick else 3_000_000)
@@ -202,13 +216,10 @@ def main(argv=None) -> dict:
     print(f"CSQ LSTM ({args.n_bits}-bit weights, {layers.average_bits(model):.2f} bits kept on average, "
           f"{args.act_bits}-bit activations): validation perplexity {ppl_csq:.3f}  [{time.perf_counter() - t0:.0f} s]")
 
-    out_dir = args.out or tempfile.mkdtemp(prefix="char_lm_")
     step_model = CharLMStep(model).eval()
     example = (torch.zeros(1, VOCAB), torch.zeros(1, hidden), torch.zeros(1, hidden))
-    path = csqc.save(step_model, os.path.join(out_dir, "char_lm_step.pt"), example,
-                     metadata={"recipe": "char-lm-step"})
+    path = csqc.save(step_model, model_file, example, metadata={"recipe": "char-lm-step"})
     m = csqc.load(path)
-    artifact = os.path.join(out_dir, "char_lm_step.so")
     csqc.compile(m, "llvm", artifact)
     inputs = real_states(step_model, val_ids, hidden, 8 if quick else 32)
     report = csqc.verify(m, inputs=inputs, artifact=artifact)
@@ -222,10 +233,14 @@ def main(argv=None) -> dict:
     for r in result.results:
         ratio = f"  x{ratios[r.runtime]:.2f}" if r.runtime in ratios else ""
         print(f"  {r.runtime:28s} {r.median_us:9.1f} us  {r.weight_bytes / 1024:8.1f} KiB{ratio}")
-    print(f"done in {time.perf_counter() - t0:.0f} s; files in {out_dir}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; files in {os.path.dirname(artifact)}")
     return {"ppl_float": ppl_float, "ppl_csq": ppl_csq, "verify_ok": report.ok,
             "accumulators_exact": report.accumulators_exact, "ratios": ratios, "artifact": artifact}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CsqcError as e:  # a one-line error, as the csqc command gives
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

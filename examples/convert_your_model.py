@@ -7,16 +7,24 @@ stderr when it is a terminal).
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 import csqc
 from csqc.data import load_digits_split
+from csqc.errors import CsqcError
+from csqc.outputs import check_output
 from csqc.terminal import progress_bar, progress_wanted
 from csqc.train import train_float
 
+MODEL_FILE, ARTIFACT = "my-mlp.pt", "my-mlp.llvm.so"
+
 
 def main() -> None:
+    for path in (MODEL_FILE, ARTIFACT):  # fail now, not after a minute of training
+        check_output(path)
     show = progress_wanted(as_json=False)
     torch.manual_seed(0)
     data = load_digits_split(image=False)  # a Split; a DataLoader or an (x, y) pair works too
@@ -28,17 +36,21 @@ def main() -> None:
     print(f"CSQ accuracy {accuracy:.2%} (test split in one batch of {len(data.x_test)}) "
           f"at {csqc.layers.average_bits(model):.2f} average bits")
 
-    csqc.save(model, "my-mlp.pt", torch.from_numpy(data.x_test[:1]))
+    csqc.save(model, MODEL_FILE, torch.from_numpy(data.x_test[:1]))
     with progress_bar("compiling for llvm", enabled=show) as update:
-        result = csqc.compile("my-mlp.pt", target="llvm", output="my-mlp.so",
+        result = csqc.compile(MODEL_FILE, target="llvm", output=ARTIFACT,
                               on_layer=lambda name: update(advance=1, info=name))
     print("kernels:", result.report["kernels"])
     with progress_bar("verify: samples checked", enabled=show) as update:
-        report = csqc.verify(csqc.load("my-mlp.pt"), artifact="my-mlp.so", dataset="digits",
+        report = csqc.verify(csqc.load(MODEL_FILE), artifact=ARTIFACT, dataset="digits",
                              on_batch=lambda done, total: update(completed=done, total=total))
     print(f"verify ok: {report.ok}; accuracy " + ", ".join(f"{k} {v:.2%}" for k, v in report.accuracy.items())
           + f" (batches of {report.batch})")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CsqcError as e:  # a one-line error, as the csqc command gives
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

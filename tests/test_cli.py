@@ -97,14 +97,16 @@ def test_cuda_compile_from_the_command_line(trained, tmp_path):
 def test_bench_on_cuda_without_a_gpu_says_where_to_run_it(trained, tmp_path):
     _, _, _, path = trained("digits-mlp")
     out = run("bench", str(path), "--device", "cuda", "--json")
-    assert out.exit_code == 1, out.output
+    assert out.exit_code == 2, out.output  # cannot run here: bad input, like every wrong-machine artifact
     data = json.loads(out.stdout)
     assert not data["ok"] and "no CUDA GPU" in data["error"] and "--target cuda" in data["error"]
     # a CUDA artifact is refused by the CPU bench with the same advice, not run on the wrong device
     art = tmp_path / "m-cuda.so"
     assert run("compile", str(path), "--target", "cuda", "-o", str(art)).exit_code == 0
     out = run("bench", str(path), "--artifact", str(art))
-    assert out.exit_code == 1 and "CUDA" in out.output and "Traceback" not in out.output
+    assert out.exit_code == 2 and "CUDA" in out.output and "Traceback" not in out.output
+    out = run("verify", str(path), "--artifact", str(art))  # the same rule in verify: exit 2, not "disagree"
+    assert out.exit_code == 2 and "no CUDA device" in out.output and "Traceback" not in out.output
 
 
 def test_bench_cpu_artifact_with_device_cuda_is_bad_input(trained, tmp_path, monkeypatch):

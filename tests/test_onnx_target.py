@@ -189,3 +189,62 @@ def test_static_scale_clamps_and_wide_weights_split(tmp_path):
     assert wide, "expected a layer split into positive and negative uint8 weights"
     _assert_exact(model, record, tensors)
     np.testing.assert_array_equal(outs[0], golden[0])
+
+
+@pytest.mark.parametrize("recipe", ["digits-mlp", "digits-cnn"])
+def test_dynamic_batch_reference_is_exact_at_every_batch_size(trained, tmp_path, recipe):
+    """``compile -t onnx --batch dynamic``: one file, symbolic batch N, and at each batch size it is
+    exactly the interpreter on the graph captured at that size (accumulators, codes and outputs)."""
+    _, _, _, path = trained(recipe)
+    out = tmp_path / "m.onnx"
+    result = csqc.compile(csqc.load(path), "onnx", out, batch="dynamic")
+    assert result.report["dynamic_batch"] is True
+    model = load_onnx(out)
+    for value in [*model.graph.input, *model.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "N"
+    x_all = load_digits_split(image=recipe == "digits-cnn").x_test
+    for batch in (1, 3, 8):
+        x = x_all[10 : 10 + batch]
+        graph = run_passes(capture(csqc.load(path), batch=batch), "integer")[0]
+        record = {}
+        golden = interpreter.run(graph, [x], record=record)
+        outs, tensors = run_with_intermediates(model, [x], _layer_tensors(model))
+        assert outs[0].shape[0] == batch
+        _assert_exact(model, record, tensors)
+        np.testing.assert_array_equal(outs[0], golden[0])
+
+
+def test_dynamic_batch_is_refused_for_tvm_targets(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+    from csqc.errors import BadInput
+
+    _, _, _, path = trained("digits-mlp")
+    with pytest.raises(BadInput, match="--batch dynamic is for --target onnx"):
+        csqc.compile(csqc.load(path), "llvm", tmp_path / "m.llvm.so", batch="dynamic")
+    out = CliRunner().invoke(cli, ["compile", str(path), "-t", "llvm", "--batch", "dynamic", "-o", str(tmp_path / "m.so")])
+    assert out.exit_code == 2 and "--batch dynamic is for --target onnx" in out.output
+    assert not (tmp_path / "m.so").exists()
+    out = CliRunner().invoke(cli, ["compile", str(path), "-t", "onnx", "--batch", "lots"])
+    assert out.exit_code == 2 and "neither a batch size nor 'dynamic'" in out.output
+
+
+def test_dynamic_batch_from_the_command_line_verifies(trained, tmp_path, monkeypatch):
+    """The CLI writes the dynamic model under the default name; verify runs it at a batch it was not captured at."""
+    import json
+
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+
+    _, _, _, path = trained("digits-mlp")
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(cli, ["compile", str(path), "-t", "onnx", "--batch", "dynamic", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["batch"] == "dynamic" and data["output"] == "digits-mlp.onnx"
+    out = CliRunner().invoke(cli, ["verify", str(path), "--artifact", "digits-mlp.onnx", "--samples", "6",
+                                   "--batch", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["accumulators_exact"]

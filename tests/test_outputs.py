@@ -134,10 +134,10 @@ def test_compile_refuses_outputs_before_working(model_path, tmp_path, monkeypatc
     args = ["compile", model, "-o", tmp_path / "m.so"]
     if case == "same-as-input":
         args = ["compile", model, "-o", model]
-    elif case == "default-output-is-input":  # a model file named .so: its default output is itself
-        model = model.rename(tmp_path / "model.so")
+    elif case == "default-output-is-input":  # the default name m.llvm.so is a link to the model itself
+        (tmp_path / "m.llvm.so").symlink_to(model)
         monkeypatch.chdir(tmp_path)
-        args = ["compile", "model.so"]
+        args = ["compile", "m.pt"]
     elif case in ("dev-null", "dev-full"):
         args = ["compile", model, "-o", f"/dev/{case[4:]}"]
     elif case == "fifo":
@@ -160,11 +160,12 @@ def test_compile_refuses_outputs_before_working(model_path, tmp_path, monkeypatc
 
 
 def test_library_compile_checks_its_default_output_before_working(model_path, tmp_path, monkeypatch):
-    model = tmp_path / "model.so"
+    model = tmp_path / "model.pt"
     model.write_bytes(model_path.read_bytes())
     loaded = csqc.load(model)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("csqc.compiler.optimize", lambda *a, **k: pytest.fail("compiled before the check"))
+    (tmp_path / "model.llvm.so").symlink_to(model)  # the default name, a link to the input
     with pytest.raises(BadInput, match="is the input file"):
         csqc.compile(loaded, "llvm")
     with pytest.raises(BadInput, match="too long"):

@@ -244,4 +244,4 @@ def test_char_lm_example_quick(tmp_path):
     out = proc.stdout
     assert "verify: ok=True accumulators_exact=True" in out, out[-3000:]
     assert "validation perplexity" in out and "onnxruntime-int8" in out
-    assert (tmp_path / "char_lm_step.so").exists()
+    assert (tmp_path / "char_lm_step.llvm.so").exists()

@@ -271,15 +271,17 @@ DEPLOY_EMITTERS = {
 }
 
 
-def _build(graph: Graph, ranges, *, float_weights: bool, int4: bool) -> tuple[onnx.ModelProto, list[dict]]:
+def _build(graph: Graph, ranges, *, float_weights: bool, int4: bool,
+           dynamic_batch: bool | None = None) -> tuple[onnx.ModelProto, list[dict]]:
     kind = "float32" if float_weights else "deploy"
-    for dynamic in (True, False):  # a shippable model takes any batch size unless a reshape forbids it
+    # a shippable model takes any batch size unless a reshape forbids it; True: it must
+    for dynamic in (True, False) if dynamic_batch is None else (dynamic_batch,):
         emitter = _DeployEmitter(graph, ranges, float_weights=float_weights, int4=int4, dynamic_batch=dynamic)
         try:
             model = emitter.emit(kind, {"csqc.dynamic_batch": str(dynamic).lower()},
                                  domains={} if float_weights else {_MS_DOMAIN: 1})
         except CompileError as err:
-            if dynamic and "batch" in str(err):
+            if dynamic and dynamic_batch is None and "batch" in str(err):
                 continue
             raise
         onnx.checker.check_model(model, full_check=True)
@@ -292,19 +294,22 @@ def emit_float(graph: Graph) -> onnx.ModelProto:
     return _build(graph, {}, float_weights=True, int4=False)[0]
 
 
-def emit_deploy(graph: Graph, calibration_inputs: Sequence[np.ndarray], *, int4: bool = True) -> tuple[onnx.ModelProto, dict]:
+def emit_deploy(graph: Graph, calibration_inputs: Sequence[np.ndarray], *, int4: bool = True,
+                dynamic_batch: bool | None = None) -> tuple[onnx.ModelProto, dict]:
     """The deployable model and its report (see module docstring).
 
     ``calibration_inputs``: arrays of samples (leading axis) for the graph's input, or one
     list of arrays per sample batch for multi-input graphs; they are cut into batches of the
     graph's batch size. ``int4=False`` keeps every QDQ weight int8 (fused, faster kernels).
+    ``dynamic_batch``: None gives a symbolic batch dimension where the graph allows it, True
+    requires one (``CompileError`` otherwise), False keeps the graph's batch size.
     Report: ``size_bytes``, ``fp32_size_bytes``, ``compression``, ``layers`` (weight format of
     each layer), and the accuracy-cost fields ``accuracy``, ``reference_accuracy``,
     ``accuracy_drop``, ``top1_agreement``, ``max_abs_error`` left ``None`` for the caller
     (``accuracy_cost`` fills them).
     """
     ranges = calibrate(graph, calibration_inputs)
-    model, formats = _build(graph, ranges, float_weights=False, int4=int4)
+    model, formats = _build(graph, ranges, float_weights=False, int4=int4, dynamic_batch=dynamic_batch)
     fp32 = emit_float(graph)
     size, fp32_size = model.ByteSize(), fp32.ByteSize()
     report = {

@@ -580,15 +580,19 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
 }
 
 
-def emit_reference(graph: Graph, *, check_planes: bool = False) -> onnx.ModelProto:
+def emit_reference(graph: Graph, *, check_planes: bool = False, dynamic_batch: bool = False) -> onnx.ModelProto:
     """Translate ``graph`` into the integer-exact reference ONNX model (see module docstring).
 
     The model uses default-domain opset 21 and IR version 10 and passes
     ``onnx.checker.check_model(full_check=True)``. Run it with optimizations off
-    (``csqc.targets.onnx.runner``) for bit-exact results.
+    (``csqc.targets.onnx.runner``) for bit-exact results. ``dynamic_batch``: the leading
+    dimension of every input and output is the symbol ``N`` (any batch size; each batch is
+    exactly what the interpreter computes on the graph captured at that batch size), and a
+    graph that mixes samples across the batch is a ``CompileError`` naming the node.
     """
-    emitter = GraphEmitter(graph, EMITTERS, check_planes=check_planes)
-    model = emitter.emit("reference", {"csqc.check_planes": json.dumps(check_planes)})
+    emitter = GraphEmitter(graph, EMITTERS, check_planes=check_planes, dynamic_batch=dynamic_batch)
+    model = emitter.emit("reference", {"csqc.check_planes": json.dumps(check_planes),
+                                       "csqc.dynamic_batch": json.dumps(dynamic_batch)})
     onnx.checker.check_model(model, full_check=True)
     return model
 
