@@ -15,14 +15,30 @@ from typing import Callable
 
 from csqc.archive import npz_bytes
 from csqc.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, write_artifact_file
-from csqc.errors import CompileError
+from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 
 from .lower import Plan, lower_graph
 
-__all__ = ["ARTIFACT_FORMAT", "build_plan", "write_artifact", "emit_llvm"]
+__all__ = ["ARTIFACT_FORMAT", "check_cpu", "build_plan", "write_artifact", "emit_llvm"]
 
 log = logging.getLogger(__name__)
+
+
+def check_cpu(mcpu: str | None) -> None:
+    """LLVM aborts the whole process when asked for instructions a CPU lacks: refuse first."""
+    import tvm
+    from tvm.target import codegen
+
+    cpu, triple = mcpu or codegen.llvm_get_system_cpu(), codegen.llvm_get_system_triple()
+    if not codegen.llvm_is_valid_cpu(cpu, triple):
+        raise BadInput(f"--mcpu {cpu!r} is not a CPU LLVM knows for {triple}; leave it out to build for this "
+                       "machine, or name one such as cascadelake, icelake-server, znver4")
+    if not codegen.llvm_cpu_has_features(["avx512vnni"], tvm.target.Target({"kind": "llvm", "mcpu": cpu})):
+        hint = ("name one that has it, e.g. cascadelake, icelake-server, sapphirerapids, znver4" if mcpu
+                else "compile on such a machine, or for one with --mcpu cascadelake (or newer)")
+        raise (BadInput if mcpu else CompileError)(
+            f"CPU {cpu!r} has no AVX-512 VNNI, which csqc's CPU kernels are built on; {hint}")
 
 
 def build_plan(plan: Plan, target) -> object:
