@@ -68,11 +68,12 @@ def inspect(model, *, batch: int | None = None):
     graph, _ = run_passes(captured, "default")
     kernels = {}
     try:
-        from .targets.llvm.lower import _rows, choose_kernel
+        from .targets.llvm.backend import choose_kernel
+        from .targets.tvm.lower import output_rows
         from .interpreter import decode_weight
 
         for n in graph.quant_layers():
-            kernels[n.name] = choose_kernel(n, _rows(n), decode_weight(graph, n)).kernel
+            kernels[n.name] = choose_kernel(n, output_rows(n), decode_weight(graph, n)).kernel
     except ImportError:  # TVM missing: the report still stands without kernel choices
         pass
     return inspect_graph(graph, kernels, captured)
