@@ -31,7 +31,7 @@ from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from .backend import LayerChoice, TvmBackend
 
-__all__ = ["Plan", "LayerChoice", "output_rows", "lower_graph"]
+__all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lower_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,7 @@ class _Lowerer:
             self.plan.buffer(v.name, v.type.shape, v.type.dtype, "input")
             self.plan.inputs.append({"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype})
         for n in self.g.nodes:
-            handler = getattr(self, f"op_{n.op}", None)
-            if handler is None:
-                raise CompileError(f"the {self.target_name} target has no lowering for op {n.op!r} ({n.name})")
-            handler(n)
+            getattr(self, f"op_{n.op}")(n)  # lower_graph checked coverage up front
             if self.on_layer:
                 self.on_layer(n.name)
         for o in self.g.outputs:
@@ -492,4 +489,20 @@ def lower_graph(g: Graph, *, backend: TvmBackend, force_kernel: str | None = Non
     """Plan ``g`` (after the default pipeline); builds every PrimFunc with ``backend``."""
     if force_kernel not in (None, "bitserial", "bitparallel"):
         raise CompileError(f"unknown kernel {force_kernel!r}")
+    missing = unsupported_ops(g)
+    if missing:  # every gap in one error, before any kernel is built
+        raise CompileError(f"the {backend.name} target cannot lower op(s): {_describe(missing)}")
     return _Lowerer(g, backend, force_kernel, on_layer).lower()
+
+
+def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
+    """``(op, node)`` for every node of ``g`` the planner has no lowering for."""
+    return [(n.op, n.name) for n in g.nodes if not hasattr(_Lowerer, f"op_{n.op}")]
+
+
+def _describe(missing: list[tuple[str, str]]) -> str:
+    at: dict[str, list[str]] = {}
+    for op, node in missing:
+        at.setdefault(op, []).append(node)
+    return "; ".join(f"{op} (at {', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
+                     for op, nodes in sorted(at.items()))
