@@ -39,10 +39,12 @@ import numpy as np
 from .archive import write_member
 from .errors import UNREADABLE_ARCHIVE, BadInput
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "plan_document", "write_artifact_file", "read_artifact",
-           "load_library", "physical_memory",
-           "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
-           "pack_bitparallel_conv_weight", "pack_bitparallel_layout"]
+__all__ = [
+    "ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "plan_document", "write_artifact_file", "read_artifact",
+    "load_library", "physical_memory",
+    "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
+    "pack_bitparallel_conv_weight", "pack_bitparallel_layout",
+]
 
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
 PLAN, WEIGHTS, INTEGRITY = "plan.json", "weights.npz", "integrity.json"

@@ -434,7 +434,8 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     if type(info.get("zero_point")) is not int or type(info.get("groups")) is not int or info["groups"] < 1:
         return f"bit-parallel layer {name!r} needs an integer zero point and group count"
     int8 = info.get("int8_buffer")
-    if info.get("pack") not in BITPARALLEL_LAYOUTS or not isinstance(int8, str) or buffers.get(int8, {}).get("kind") != "derived":
+    derived = isinstance(int8, str) and buffers.get(int8, {}).get("kind") == "derived"
+    if info.get("pack") not in BITPARALLEL_LAYOUTS or not derived:
         return f"bit-parallel layer {name!r} needs a pack in {BITPARALLEL_LAYOUTS} and a derived int8 buffer"
     planes = weights.get(f"{name}.bitplanes")
     if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):

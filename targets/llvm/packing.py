@@ -18,9 +18,9 @@ Layouts
 * bit-serial conv weights: ``[G, N_tiles, P, KW, lanes]`` per group, K ordered ``(c, r, s)``.
 * depthwise (``C/groups == 1``) weights: plain 0/1 bytes ``[O, P, kh*kw]`` for the direct kernel.
 * activation planes (reference of the in-kernel packer): ``[M, A, KW]`` uint32.
-* bit-parallel dense weights (``csqc.artifact``, which owns them: the runtime derives them): int8 ``[ceil(N/16), ceil(K/4), 64]`` (16 outputs x 4 consecutive K
-  values per 64-byte vector, the operand order of ``vpdpbusd``), or int16 ``[ceil(N/16), K, 16]``
-  when ``q`` does not fit int8.
+* bit-parallel dense weights (defined in ``csqc.artifact``: the runtime derives them at load):
+  int8 ``[ceil(N/16), ceil(K/4), 64]`` (16 outputs x 4 consecutive K values per 64-byte vector,
+  the operand order of ``vpdpbusd``), or int16 ``[ceil(N/16), K, 16]`` when ``q`` does not fit int8.
 * bit-parallel conv weights: int8 ``[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]`` with K ordered
   ``(r, s, c)`` and channels padded to a multiple of 4 per group (matches the NHWC input copy).
 """
