@@ -28,6 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from csqc.targets.llvm import kernels, packing
+from csqc.targets.tvm.geometry import conv_geometry
 
 THREADS = 2
 SHAPES = [(1, 4096, 4096), (1, 1024, 1024), (64, 1024, 1024)]
@@ -178,7 +179,7 @@ def conv_section(rounds: int, tune: bool, rng):
         planes = rng.integers(0, 2, (CONV_WEIGHT_BITS,) + w_shape).astype(np.uint8)
         q = packing.combine_planes(planes, shifts_signs, zero_point)
         expected = conv_reference(x, q, stride, padding, groups)
-        geometry = kernels.conv_geometry(x_shape, w_shape, stride, padding, 1, groups)
+        geometry = conv_geometry(x_shape, w_shape, stride, padding, 1, groups)
         if tune:
             kernels.tune_bitparallel_conv2d(x_shape, w_shape, stride, padding, 1, groups)
         bitparallel = kernels.build(kernels.bitparallel_conv2d(x_shape, w_shape, stride, padding, 1, groups))

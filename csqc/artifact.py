@@ -17,7 +17,9 @@ a private copy of the checked bytes named ``lib.so``: never the user's path, who
 The digests detect damage and edits; they do not prove who built the file (whoever can edit
 it can recompute them). Run only artifacts you built or trust.
 
-This module needs only numpy (the aarch64 emulated runtime imports it).
+This module owns the format: its constants, ``plan.json``'s top level (``plan_document``), and
+the bit-parallel weight layouts by name (``layers[name]["pack"]``), which the planner packs and
+the runtime derives again at load. It needs only numpy (the aarch64 emulated runtime imports it).
 """
 from __future__ import annotations
 
@@ -37,8 +39,12 @@ import numpy as np
 from .archive import read_npy_header, write_member
 from .errors import UNREADABLE_ARCHIVE, BadInput
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "write_artifact_file", "read_artifact",
-           "load_library", "physical_memory"]
+__all__ = [
+    "ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "plan_document", "write_artifact_file", "read_artifact",
+    "load_library", "physical_memory",
+    "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
+    "pack_bitparallel_conv_weight", "pack_bitparallel_layout",
+]
 
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
 PLAN, WEIGHTS, INTEGRITY = "plan.json", "weights.npz", "integrity.json"
@@ -68,6 +74,12 @@ def physical_memory() -> int:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def plan_document(meta: dict, *, inputs: list, outputs: list, buffers: dict, steps: list, layers: dict) -> dict:
+    """``plan.json``: the format and version, the target's ``meta`` (target, model), then the plan."""
+    return {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, **meta, "inputs": inputs, "outputs": outputs,
+            "buffers": buffers, "steps": steps, "layers": layers}
 
 
 def write_artifact_file(path: str | os.PathLike, library: bytes, plan: dict, weights_npz: bytes) -> None:
@@ -238,3 +250,79 @@ def load_library(library: bytes):
         with open(lib, "wb") as f:
             f.write(library)
         return tvm.runtime.load_module(lib)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight layouts by name: a bit-parallel layer stores only its bitplanes; its int8 buffer is
+# derived at load (``layers[name]["pack"]`` names the layout), by the runtime and the planner alike
+# --------------------------------------------------------------------------------------------
+BITPARALLEL_LAYOUTS = ("dense", "depthwise", "conv")
+VNNI_LANES = 16  # int32 outputs per 512-bit vpdpbusd
+
+
+def combine_planes(planes: np.ndarray, shifts_signs, zero_point: int = 0,
+                   n_planes: int | None = None) -> np.ndarray:
+    """Integer weights ``q = sum_p sign_p 2^shift_p plane_p - zero_point`` (int64), using only
+    the first ``n_planes`` planes when given (most significant first)."""
+    planes = np.asarray(planes).astype(np.int64)
+    used = len(shifts_signs) if n_planes is None else min(n_planes, len(shifts_signs))
+    q = np.zeros(planes.shape[1:], dtype=np.int64)
+    for (shift, sign), plane in zip(shifts_signs[:used], planes[:used]):
+        q += sign * (plane << shift)
+    return q - zero_point
+
+
+def bitparallel_weight_dtype(q: np.ndarray) -> str:
+    """``"int8"`` when every weight fits int8 (the vpdpbusd path), else ``"int16"``."""
+    q = np.asarray(q)
+    if q.size == 0 or (q.min() >= -128 and q.max() <= 127):
+        return "int8"
+    if q.min() >= -32768 and q.max() <= 32767:
+        return "int16"
+    raise ValueError("bit-parallel weights must fit int16")
+
+
+def pack_bitparallel_weight(q: np.ndarray, dtype: str | None = None) -> np.ndarray:
+    """Pack integer weights ``q[N, K]`` for the bit-parallel dense kernel: int8
+    ``[ceil(N/16), ceil(K/4), 64]`` or int16 ``[ceil(N/16), K, 16]`` (zero padded)."""
+    q = np.asarray(q)
+    n, k = q.shape
+    dtype = dtype or bitparallel_weight_dtype(q)
+    n_tiles = -(-n // VNNI_LANES)
+    if dtype == "int8":
+        k4 = -(-k // 4)
+        padded = np.zeros((n_tiles * VNNI_LANES, k4 * 4), dtype=np.int8)
+        padded[:n, :k] = q
+        blocked = padded.reshape(n_tiles, VNNI_LANES, k4, 4).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(blocked.reshape(n_tiles, k4, VNNI_LANES * 4))
+    if dtype == "int16":
+        padded = np.zeros((n_tiles * VNNI_LANES, k), dtype=np.int16)
+        padded[:n] = q
+        return np.ascontiguousarray(padded.reshape(n_tiles, VNNI_LANES, k).transpose(0, 2, 1))
+    raise ValueError(f"unsupported bit-parallel weight dtype {dtype}")
+
+
+def pack_bitparallel_conv_weight(q: np.ndarray, groups: int) -> np.ndarray:
+    """Pack conv weights ``q[O, C/groups, kh, kw]`` (must fit int8) into
+    ``[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]`` with K ordered ``(r, s, c)``."""
+    q = np.asarray(q)
+    o, cg, kh, kw = q.shape
+    if bitparallel_weight_dtype(q) != "int8":
+        raise ValueError("bit-parallel conv weights must fit int8")
+    og = o // groups
+    cg4 = -(-cg // 4) * 4
+    rsc = np.zeros((groups, og, kh, kw, cg4), dtype=np.int64)
+    rsc[..., :cg] = q.reshape(groups, og, cg, kh, kw).transpose(0, 1, 3, 4, 2)
+    flat = rsc.reshape(groups, og, kh * kw * cg4)
+    return np.stack([pack_bitparallel_weight(flat[g], "int8") for g in range(groups)])
+
+
+def pack_bitparallel_layout(layout: str, q: np.ndarray, weight_shape, groups: int) -> np.ndarray:
+    """The int8 (int32 for ``depthwise``) buffer of layout ``layout`` for integer weights ``q``."""
+    if layout == "dense":
+        return pack_bitparallel_weight(q.reshape(weight_shape[0], -1), "int8")
+    if layout == "depthwise":
+        return q.reshape(weight_shape[0], -1).astype(np.int32)
+    if layout == "conv":
+        return pack_bitparallel_conv_weight(q.reshape(weight_shape), groups)
+    raise ValueError(f"unknown bit-parallel layout {layout!r}")

@@ -7,20 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInput, CompileError
+from .errors import BadInput
 from .ir import Graph
 
 __all__ = ["TARGETS", "CompileResult", "default_output", "optimize", "compile", "inspect", "to_model"]
 
 log = logging.getLogger(__name__)
 
-# target name -> (IR pipeline it consumes, one-line description)
-TARGETS: dict[str, tuple[str, str]] = {
-    "llvm": ("default", "TVM CPU: bit-serial / bit-parallel kernels, one shared library"),
-    "aarch64": ("default", "TVM ARM64 CPU: bit-serial NEON kernels, cross-compiled shared library"),
-    "cuda": ("default", "TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time"),
-    "onnx": ("integer", "ONNX: integer-exact reference graph (or --onnx-form deploy)"),
-}
+def _target_table() -> dict[str, tuple[str, str]]:
+    from .targets.registry import registered_targets
+
+    return {name: (t.pipeline, t.description) for name, t in registered_targets().items()}
+
+
+# target name -> (IR pipeline it consumes, one-line description), from csqc.targets.registry
+TARGETS: dict[str, tuple[str, str]] = _target_table()
 
 
 def default_output(model_source, target: str, *, arch: str = "sm_80", onnx_form: str = "reference") -> Path:
@@ -81,11 +82,12 @@ def inspect(model, *, batch: int | None = None):
     graph, _ = run_passes(captured, "default")
     kernels = {}
     try:
-        from .targets.llvm.lower import _rows, choose_kernel
+        from .targets.llvm.backend import choose_kernel
+        from .targets.tvm.lower import output_rows
         from .interpreter import decode_weight
 
         for n in graph.quant_layers():
-            kernels[n.name] = choose_kernel(n, _rows(n), decode_weight(graph, n)).kernel
+            kernels[n.name] = choose_kernel(n, output_rows(n), decode_weight(graph, n)).kernel
     except ImportError:  # TVM missing: the report still stands without kernel choices
         pass
     return inspect_graph(graph, kernels, captured)
@@ -103,19 +105,14 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     ``calibration`` (arrays, for the deploy form) for ``onnx``. ``batch="dynamic"`` (onnx only):
     a symbolic batch dimension instead of a fixed batch size.
     """
-    if target not in TARGETS:
-        raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    from .targets.registry import CompileOptions, get_target
+
+    entry = get_target(target)
     batch, dynamic_batch = _batch_option(batch, target)
-    if target == "cuda":  # fail on a missing nvcc or a bad arch before the slow part
-        from .targets.cuda.target import check_toolchain
-
-        check_toolchain(arch)
-    if target == "llvm":
-        _check_cpu(mcpu)
-    if target == "aarch64":  # fail on a missing cross compiler or an unknown CPU before the slow part
-        from .targets.aarch64.target import check_toolchain as check_cross_toolchain
-
-        check_cross_toolchain(mcpu, force_kernel)
+    options = CompileOptions(mcpu=mcpu, arch=arch, emit_source=emit_source, force_kernel=force_kernel,
+                             onnx_form=onnx_form, check_planes=check_planes, calibration=calibration, int4=int4,
+                             dynamic_batch=dynamic_batch, on_layer=on_layer)
+    entry.check(options)  # a missing toolchain or a bad option fails before the slow part
     from .outputs import check_output, check_output_folder
 
     model = to_model(model, model_factory=model_factory, input_shape=input_shape)
@@ -127,41 +124,9 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
         if folder is not None:
             check_output_folder(folder, what=what)
     start = time.perf_counter()
-    graph = optimize(model, pipeline or TARGETS[target][0], batch=batch, dump_dir=dump_ir)
-    if target == "llvm":
-        from .targets.llvm.target import emit_llvm
-
-        report = emit_llvm(graph, output, mcpu=mcpu, force_kernel=force_kernel, on_layer=on_layer)
-    elif target == "aarch64":
-        from .targets.aarch64.target import emit_aarch64
-
-        report = emit_aarch64(graph, output, mcpu=mcpu, force_kernel=force_kernel, on_layer=on_layer)
-    elif target == "cuda":
-        from .targets.cuda.target import emit_cuda
-
-        report = emit_cuda(graph, output, arch=arch, emit_source=emit_source, on_layer=on_layer,
-                           force_kernel=force_kernel)
-    elif target == "onnx":
-        report = _emit_onnx(graph, output, onnx_form, check_planes, calibration, int4, dynamic_batch)
-    else:  # pragma: no cover - TARGETS is the source of truth
-        raise CompileError(f"target {target} has no emitter")
+    graph = optimize(model, pipeline or entry.pipeline, batch=batch, dump_dir=dump_ir)
+    report = entry.emit(graph, output, options)
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
-
-
-def _check_cpu(mcpu: str | None) -> None:
-    """LLVM aborts the whole process when asked for instructions a CPU lacks: refuse first."""
-    import tvm
-    from tvm.target import codegen
-
-    cpu, triple = mcpu or codegen.llvm_get_system_cpu(), codegen.llvm_get_system_triple()
-    if not codegen.llvm_is_valid_cpu(cpu, triple):
-        raise BadInput(f"--mcpu {cpu!r} is not a CPU LLVM knows for {triple}; leave it out to build for this "
-                       "machine, or name one such as cascadelake, icelake-server, znver4")
-    if not codegen.llvm_cpu_has_features(["avx512vnni"], tvm.target.Target({"kind": "llvm", "mcpu": cpu})):
-        hint = ("name one that has it, e.g. cascadelake, icelake-server, sapphirerapids, znver4" if mcpu
-                else "compile on such a machine, or for one with --mcpu cascadelake (or newer)")
-        raise (BadInput if mcpu else CompileError)(
-            f"CPU {cpu!r} has no AVX-512 VNNI, which csqc's CPU kernels are built on; {hint}")
 
 
 def _batch_option(batch: int | str | None, target: str) -> tuple[int | None, bool]:
@@ -172,23 +137,3 @@ def _batch_option(batch: int | str | None, target: str) -> tuple[int | None, boo
         raise BadInput(f"--batch dynamic is for --target onnx; a {target} artifact runs one batch size, "
                        "compile it with --batch N")
     return None, True
-
-
-def _emit_onnx(graph: Graph, output: Path, form: str, check_planes: bool, calibration, int4: bool,
-               dynamic_batch: bool = False) -> dict:
-    from .targets.onnx.reference import emit_reference
-    from .targets.onnx.runner import save_onnx
-
-    if form == "reference":
-        model = emit_reference(graph, check_planes=check_planes, dynamic_batch=dynamic_batch)
-        save_onnx(model, output)
-        return {"onnx_form": "reference", "size_bytes": output.stat().st_size, "dynamic_batch": dynamic_batch}
-    if form == "deploy":
-        from .targets.onnx.deploy import emit_deploy
-
-        if calibration is None:
-            raise BadInput("--onnx-form deploy needs calibration inputs (--dataset digits or --calibration file.npz)")
-        model, report = emit_deploy(graph, calibration, int4=int4, dynamic_batch=True if dynamic_batch else None)
-        save_onnx(model, output)
-        return {"onnx_form": "deploy", **report}
-    raise BadInput(f"unknown --onnx-form {form!r}: use reference or deploy")

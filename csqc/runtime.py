@@ -20,14 +20,14 @@ from typing import Mapping
 
 import numpy as np
 
-from .artifact import load_library, physical_memory, read_artifact
+from .artifact import (BITPARALLEL_LAYOUTS, combine_planes, load_library, pack_bitparallel_layout, physical_memory,
+                       read_artifact)
 from .errors import BadInput, CsqcError
 from .interpreter import overflow_error, quantization_overflows, scale_overflow  # numpy only, like this module
 
 __all__ = ["CompiledModel", "load", "check_plan"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
-_PACKS = ("dense", "depthwise", "conv")
 
 
 def _device(kind: str):
@@ -168,8 +168,6 @@ class CompiledModel:
 
     def _repack_bitparallel(self, skips: tuple) -> None:
         """Bit-parallel layers hold combined int8 weights: recombine them for a plane setting."""
-        from .targets.llvm import packing  # numpy only
-
         wanted = dict(skips)
         for name, info in self.layers.items():
             if info["kernel"] != "bitparallel":
@@ -179,14 +177,8 @@ class CompiledModel:
                 continue
             spec = [tuple(p) for p in info["plane_spec"]]
             bits = np.unpackbits(self._weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
-            q = packing.combine_planes(bits, spec, info["zero_point"], self._kept_planes(name, skip))
-            shape = info["weight_shape"]
-            if info["pack"] == "dense":
-                packed = packing.pack_bitparallel_weight(q.reshape(shape[0], -1), "int8")
-            elif info["pack"] == "depthwise":
-                packed = q.reshape(shape[0], -1).astype(np.int32)
-            else:
-                packed = packing.pack_bitparallel_conv_weight(q.reshape(shape), info["groups"])
+            q = combine_planes(bits, spec, info["zero_point"], self._kept_planes(name, skip))
+            packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"])
             self.buffers[info["int8_buffer"]].copyfrom(np.ascontiguousarray(packed))
             self._repacked[name] = skip
 
@@ -456,8 +448,9 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     if type(info.get("zero_point")) is not int or type(info.get("groups")) is not int or info["groups"] < 1:
         return f"bit-parallel layer {name!r} needs an integer zero point and group count"
     int8 = info.get("int8_buffer")
-    if info.get("pack") not in _PACKS or not isinstance(int8, str) or buffers.get(int8, {}).get("kind") != "derived":
-        return f"bit-parallel layer {name!r} needs a pack in {_PACKS} and a derived int8 buffer"
+    derived = isinstance(int8, str) and buffers.get(int8, {}).get("kind") == "derived"
+    if info.get("pack") not in BITPARALLEL_LAYOUTS or not derived:
+        return f"bit-parallel layer {name!r} needs a pack in {BITPARALLEL_LAYOUTS} and a derived int8 buffer"
     planes = weights.get(f"{name}.bitplanes")
     if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):
         return f"bit-parallel layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"

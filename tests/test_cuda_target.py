@@ -19,13 +19,13 @@ from csqc.errors import BadInput
 from csqc.targets.cuda import glue, kernels, packing
 from csqc.targets.cuda.target import (
     check_toolchain,
-    cuda_backend,
+    CudaBackend,
     cuda_target,
     describe_fatbin,
     emit_cuda,
 )
 from csqc.targets.llvm import packing as cpu_packing
-from csqc.targets.llvm.lower import lower_graph
+from csqc.targets.tvm.lower import lower_graph
 
 RNG = np.random.default_rng(7)
 CPU = tvm.target.Target({"kind": "llvm"})
@@ -287,7 +287,7 @@ def emit_and_check(graph, tmp_path, arch, name):
 
 
 def verify_plan(graph):
-    plan = lower_graph(graph, backend=cuda_backend())
+    plan = lower_graph(graph, backend=CudaBackend())
     bad = [name for name, f in plan.funcs.items() if not kernels.verify_gpu(f, GPU)]
     assert not bad
 

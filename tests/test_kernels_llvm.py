@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csqc.targets.llvm import kernels, packing
+from csqc.targets.tvm.geometry import conv_geometry
 
 RNG = np.random.default_rng(20240611)
 
@@ -274,7 +275,7 @@ def test_bitserial_conv2d(input_shape, weight_shape, stride, padding, dilation, 
     x = RNG.integers(0, 1 << act_bits, input_shape)
     kernel = built(kernels.bitserial_conv2d, input_shape, weight_shape, shifts_signs, act_bits,
                    zero_point != 0, stride, padding, dilation, groups)
-    geometry = kernels.conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
     if geometry.is_depthwise:
         packed = packing.pack_depthwise_weight_planes(planes)
     else:
@@ -291,7 +292,7 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
     x = RNG.integers(0, 256, input_shape)
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding,
                    dilation, groups)
-    geometry = kernels.conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
     if geometry.is_depthwise:
         packed = q.reshape(weight_shape[0], -1).astype(np.int32)
     else:

@@ -223,3 +223,28 @@ def test_cli_bench_json_and_plane_sweep(compiled):
     sweep = data["sweep_planes"]
     assert sweep[0]["skip_planes"] == 0 and len(sweep) >= 2
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in sweep)
+
+
+def test_ops_without_lowering_are_listed_in_one_error_before_lowering():
+    """Coverage is checked up front: one error names every op the planner cannot lower (and
+    where), and nothing is built (a graph the IR verifier would refuse, so no pass or target
+    ever sees it; the check is what a newly added IR op without an ``op_*`` meets)."""
+    from dataclasses import replace
+
+    from irbuild import Builder
+
+    from csqc.errors import CompileError
+    from csqc.targets.llvm.backend import CpuBackend
+    from csqc.targets.tvm.lower import lower_graph, unsupported_ops
+
+    b = Builder()
+    x = b.input("x", (1, 8))
+    g = b.build(b.node("r2", "relu", [b.node("r1", "relu", [b.node("r0", "relu", [x])])]))
+    renamed = {"r0": "frobnicate", "r1": "twiddle", "r2": "frobnicate"}
+    g = replace(g, nodes=[replace(n, op=renamed[n.name]) for n in g.nodes])
+    assert unsupported_ops(g) == [("frobnicate", "r0"), ("twiddle", "r1"), ("frobnicate", "r2")]
+    lowered = []
+    listed = r"llvm target cannot lower op\(s\): frobnicate \(at r0, r2\); twiddle \(at r1\)"
+    with pytest.raises(CompileError, match=listed):
+        lower_graph(g, backend=CpuBackend(), on_layer=lowered.append)
+    assert lowered == []

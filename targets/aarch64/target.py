@@ -1,7 +1,7 @@
 """The ``aarch64`` target: the CPU planner's kernels cross-compiled for 64-bit ARM (NEON).
 
-Same artifact as ``csqc.targets.llvm.target`` (TVM shared library + ``plan.json`` +
-``weights.npz``), built with LLVM's aarch64 backend (``-mtriple=aarch64-linux-gnu``) and linked
+Same artifact as the ``llvm`` target (``csqc.targets.tvm.build``: TVM shared library +
+``plan.json`` + ``weights.npz``), built with LLVM's aarch64 backend (``-mtriple=aarch64-linux-gnu``) and linked
 by the Debian cross compiler ``aarch64-linux-gnu-gcc`` (package ``gcc-aarch64-linux-gnu``).
 The plan records ``{"kind": "aarch64", "mcpu": ...}``.
 
@@ -18,17 +18,18 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
-from csqc.targets.llvm.lower import LayerChoice, Plan, choose_kernel as choose_cpu_kernel, lower_graph
+from csqc.targets.llvm.backend import CpuBackend, choose_kernel as choose_cpu_kernel
+from csqc.targets.tvm.backend import LayerChoice
+from csqc.targets.tvm.lower import Plan, lower_graph
 
 __all__ = ["TRIPLE", "DEFAULT_MCPU", "CROSS_COMPILER", "CROSS_PACKAGES", "check_toolchain", "aarch64_target",
-           "aarch64_backend", "emit_aarch64"]
+           "Aarch64Backend", "emit_aarch64"]
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,13 @@ def choose_kernel(n, rows: int, q: np.ndarray) -> LayerChoice:
     return choice
 
 
-def aarch64_backend() -> SimpleNamespace:
-    from csqc.targets.llvm import glue, kernels, packing
+class Aarch64Backend(CpuBackend):
+    """The CPU backend's kernels and glue (offset codes too), with the ARM kernel choice."""
 
-    # the LLVM glue and kernels: signed activations of linear layers use offset codes too
-    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel, offset_codes=True)
+    name = "aarch64"
+
+    def choose_kernel(self, n, rows: int, q: np.ndarray) -> LayerChoice:
+        return choose_kernel(n, rows, q)
 
 
 def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel: str | None = None,
@@ -86,12 +89,12 @@ def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel:
     """Lower, cross-compile and write an aarch64 artifact; returns the report ``emit_llvm`` gives."""
     from tvm.support.cc import cross_compiler
 
-    from csqc.targets.llvm.target import build_plan, write_artifact
+    from csqc.targets.tvm.build import build_plan, write_artifact
 
     compiler = check_toolchain(mcpu, force_kernel)
     target = aarch64_target(mcpu)
     t0 = time.perf_counter()
-    plan: Plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer, backend=aarch64_backend())
+    plan: Plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer, backend=Aarch64Backend())
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()

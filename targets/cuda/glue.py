@@ -22,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx, topi
 
-from csqc.targets.llvm.kernels import conv_geometry
+from csqc.targets.tvm.geometry import conv_geometry
 
 __all__ = [
     "gpu_schedule",

@@ -40,7 +40,7 @@ from typing import Sequence
 import tvm
 from tvm import te, tirx
 
-from csqc.targets.llvm.kernels import ConvGeometry, conv_geometry
+from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
 from .packing import VNNI_LANES, WORD_BITS, words_for
 

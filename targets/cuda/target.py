@@ -3,7 +3,7 @@ TIME with nvcc and write the csqc artifact.
 
 What a CUDA artifact holds
 --------------------------
-The same single file as the CPU target (``csqc.targets.llvm.target``): a shared library with
+The same single file as the CPU target (``csqc.targets.tvm.build``): a shared library with
 ``plan.json`` + ``weights.npz`` appended; the plan records ``{"kind": "cuda", "arch": ...}``.
 The library's host part launches kernels; its device part is a **fatbin** holding the cubin for
 the chosen ``sm_XX`` and its ``compute_XX`` PTX (so a newer GPU can JIT it in the driver).
@@ -29,7 +29,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -37,13 +36,14 @@ import numpy as np
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.outputs import atomic_write, make_output_folder
-from csqc.targets.llvm.lower import LayerChoice, Plan, lower_graph
-from csqc.targets.llvm.target import write_artifact
+from csqc.targets.tvm.backend import LayerChoice
+from csqc.targets.tvm.build import write_artifact
+from csqc.targets.tvm.lower import Plan, lower_graph
 
 __all__ = [
     "SUPPORTED_ARCHS",
     "choose_kernel",
-    "cuda_backend",
+    "CudaBackend",
     "check_toolchain",
     "cuda_target",
     "build_plan",
@@ -60,7 +60,7 @@ _DEVICE_FORMAT = "fatbin"
 
 
 # --------------------------------------------------------------------------------------------
-# Planner backend
+# Planner backend (csqc.targets.tvm.backend.TvmBackend)
 # --------------------------------------------------------------------------------------------
 def choose_kernel(n, rows: int, q: np.ndarray) -> LayerChoice:
     """Kernel per quantized layer on the GPU (a cost model, not measured: no GPU was at hand).
@@ -89,11 +89,19 @@ def choose_kernel(n, rows: int, q: np.ndarray) -> LayerChoice:
     return LayerChoice("bitparallel", f"{rows} rows x {pairs} plane pairs: int8 products are cheaper")
 
 
-def cuda_backend() -> SimpleNamespace:
-    """The kernel builders of the CUDA target for ``csqc.targets.llvm.lower.lower_graph``."""
-    from . import glue, kernels, packing
+class CudaBackend:
+    """``TvmBackend`` of the ``cuda`` target (TVM imported on construction, not on import)."""
 
-    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel)
+    name = "cuda"
+    offset_codes = False  # the GPU kernels keep sign parts
+
+    def __init__(self):
+        from . import glue, kernels, packing
+
+        self.glue, self.kernels, self.packing = glue, kernels, packing
+
+    def choose_kernel(self, n, rows: int, q: np.ndarray) -> LayerChoice:
+        return choose_kernel(n, rows, q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | o
     nvcc = check_toolchain(arch)
     target = cuda_target(arch)
     t0 = time.perf_counter()
-    plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer, backend=cuda_backend())
+    plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer, backend=CudaBackend())
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     source = _device_module(executable).inspect_source()

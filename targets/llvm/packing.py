@@ -18,15 +18,24 @@ Layouts
 * bit-serial conv weights: ``[G, N_tiles, P, KW, lanes]`` per group, K ordered ``(c, r, s)``.
 * depthwise (``C/groups == 1``) weights: plain 0/1 bytes ``[O, P, kh*kw]`` for the direct kernel.
 * activation planes (reference of the in-kernel packer): ``[M, A, KW]`` uint32.
-* bit-parallel dense weights: int8 ``[ceil(N/16), ceil(K/4), 64]`` (16 outputs x 4 consecutive K
-  values per 64-byte vector, the operand order of ``vpdpbusd``), or int16 ``[ceil(N/16), K, 16]``
-  when ``q`` does not fit int8.
+* bit-parallel dense weights (defined in ``csqc.artifact``: the runtime derives them at load):
+  int8 ``[ceil(N/16), ceil(K/4), 64]`` (16 outputs x 4 consecutive K values per 64-byte vector,
+  the operand order of ``vpdpbusd``), or int16 ``[ceil(N/16), K, 16]`` when ``q`` does not fit int8.
 * bit-parallel conv weights: int8 ``[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]`` with K ordered
   ``(r, s, c)`` and channels padded to a multiple of 4 per group (matches the NHWC input copy).
 """
 from __future__ import annotations
 
 import numpy as np
+
+# the bit-parallel layouts are part of the artifact format (the runtime derives them at load)
+from csqc.artifact import (  # noqa: F401  (the backend's packer API)
+    VNNI_LANES,
+    bitparallel_weight_dtype,
+    combine_planes,
+    pack_bitparallel_conv_weight,
+    pack_bitparallel_weight,
+)
 
 __all__ = [
     "WORD_BITS",
@@ -48,7 +57,6 @@ __all__ = [
 ]
 
 WORD_BITS = 32
-VNNI_LANES = 16  # int32 outputs per 512-bit vpdpbusd
 _WORD_DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 
@@ -146,48 +154,6 @@ def pack_depthwise_weight_planes(planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planes.reshape(p, o, -1).transpose(1, 0, 2)).astype(np.uint8)
 
 
-def combine_planes(planes: np.ndarray, shifts_signs, zero_point: int = 0,
-                   n_planes: int | None = None) -> np.ndarray:
-    """Integer weights ``q = sum_p sign_p 2^shift_p plane_p - zero_point`` (int64), using only
-    the first ``n_planes`` planes when given (most significant first)."""
-    planes = np.asarray(planes).astype(np.int64)
-    used = len(shifts_signs) if n_planes is None else min(n_planes, len(shifts_signs))
-    q = np.zeros(planes.shape[1:], dtype=np.int64)
-    for (shift, sign), plane in zip(shifts_signs[:used], planes[:used]):
-        q += sign * (plane << shift)
-    return q - zero_point
-
-
-def bitparallel_weight_dtype(q: np.ndarray) -> str:
-    """``"int8"`` when every weight fits int8 (the vpdpbusd path), else ``"int16"``."""
-    q = np.asarray(q)
-    if q.size == 0 or (q.min() >= -128 and q.max() <= 127):
-        return "int8"
-    if q.min() >= -32768 and q.max() <= 32767:
-        return "int16"
-    raise ValueError("bit-parallel weights must fit int16")
-
-
-def pack_bitparallel_weight(q: np.ndarray, dtype: str | None = None) -> np.ndarray:
-    """Pack integer weights ``q[N, K]`` for the bit-parallel dense kernel: int8
-    ``[ceil(N/16), ceil(K/4), 64]`` or int16 ``[ceil(N/16), K, 16]`` (zero padded)."""
-    q = np.asarray(q)
-    n, k = q.shape
-    dtype = dtype or bitparallel_weight_dtype(q)
-    n_tiles = -(-n // VNNI_LANES)
-    if dtype == "int8":
-        k4 = -(-k // 4)
-        padded = np.zeros((n_tiles * VNNI_LANES, k4 * 4), dtype=np.int8)
-        padded[:n, :k] = q
-        blocked = padded.reshape(n_tiles, VNNI_LANES, k4, 4).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(blocked.reshape(n_tiles, k4, VNNI_LANES * 4))
-    if dtype == "int16":
-        padded = np.zeros((n_tiles * VNNI_LANES, k), dtype=np.int16)
-        padded[:n] = q
-        return np.ascontiguousarray(padded.reshape(n_tiles, VNNI_LANES, k).transpose(0, 2, 1))
-    raise ValueError(f"unsupported bit-parallel weight dtype {dtype}")
-
-
 def unpack_bitparallel_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:
     """Inverse of :func:`pack_bitparallel_weight` (returns int64 ``[n, k]``)."""
     packed = np.asarray(packed)
@@ -197,18 +163,3 @@ def unpack_bitparallel_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:
         return blocked.reshape(n_tiles * VNNI_LANES, k4 * 4)[:n, :k].astype(np.int64)
     n_tiles, kk, _ = packed.shape
     return packed.transpose(0, 2, 1).reshape(n_tiles * VNNI_LANES, kk)[:n, :k].astype(np.int64)
-
-
-def pack_bitparallel_conv_weight(q: np.ndarray, groups: int) -> np.ndarray:
-    """Pack conv weights ``q[O, C/groups, kh, kw]`` (must fit int8) into
-    ``[G, ceil(Og/16), kh*kw*ceil(Cg/4), 64]`` with K ordered ``(r, s, c)``."""
-    q = np.asarray(q)
-    o, cg, kh, kw = q.shape
-    if bitparallel_weight_dtype(q) != "int8":
-        raise ValueError("bit-parallel conv weights must fit int8")
-    og = o // groups
-    cg4 = -(-cg // 4) * 4
-    rsc = np.zeros((groups, og, kh, kw, cg4), dtype=np.int64)
-    rsc[..., :cg] = q.reshape(groups, og, cg, kh, kw).transpose(0, 1, 3, 4, 2)
-    flat = rsc.reshape(groups, og, kh * kw * cg4)
-    return np.stack([pack_bitparallel_weight(flat[g], "int8") for g in range(groups)])

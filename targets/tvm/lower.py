@@ -1,11 +1,12 @@
-"""Lowering an optimized IR graph to one TVM module plus an execution plan (CPU).
+"""Lowering an optimized IR graph to one TVM module plus an execution plan (every TVM target).
 
-Every IR node becomes one or more calls of scheduled TensorIR kernels (``kernels.py`` for the
-quantized layers, ``glue.py`` for everything else); identical kernels are built once. The plan
+Every IR node becomes one or more calls of scheduled TensorIR kernels built by the target's
+backend (``csqc.targets.tvm.backend.TvmBackend``: ``kernels`` for the quantized layers, ``glue``
+for everything else); identical kernels are built once. The plan
 lists buffers (inputs, packed weights, intermediates) and the calls in order; the runtime
 (``csqc.runtime``) executes it with numpy and the TVM runtime only.
 
-Per quantized layer the planner picks a kernel (``choose_kernel``):
+Per quantized layer the backend picks a kernel (``TvmBackend.choose_kernel``):
   * ``bitserial``: AND + popcount over packed weight planes and activation bitplanes; work
     scales with planes x activation bits, so it wins for few rows (batch-1 matrix-vector);
   * ``bitparallel``: planes combined into int8 weights, VNNI int8 dot products; wins once many
@@ -21,25 +22,20 @@ from typing import Callable
 
 import numpy as np
 
+from csqc.artifact import pack_bitparallel_layout
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node, QUANT_LAYER_OPS
 from csqc.bitplanes import unpack_planes
 from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
-from types import SimpleNamespace
+from .backend import LayerChoice, TvmBackend
 
-__all__ = ["Plan", "LayerChoice", "choose_kernel", "cpu_backend", "lower_graph"]
+__all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lower_graph"]
 
 log = logging.getLogger(__name__)
 
 _F32 = "float32"
-
-
-@dataclass
-class LayerChoice:
-    kernel: str  # bitserial | bitparallel | float
-    reason: str
 
 
 @dataclass
@@ -79,51 +75,19 @@ class Plan:
         self.steps.append({"func": func, "args": args, **({"layer": layer} if layer else {})})
 
 
-def choose_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
-    """Pick the faster kernel for one quantized layer (a cost model from measurements here).
-
-    Bit-serial cost grows with planes x activation bits per row; int8 VNNI cost is flat in
-    bits. Measured on this CPU (AVX-512 VPOPCNTDQ + VNNI): at one row, 2-bit weights x 4-bit
-    activations (8 plane pairs) run ~1.6x faster bit-serial, 4 x 8 (32 pairs) ~2.4x slower;
-    at 64 rows int8 wins at every width.
-    """
-    spec = n.quant
-    if spec.act_bits is None:
-        return LayerChoice("float", "input activations are not quantized")
-    fits_int8 = int(np.abs(q).max(initial=0)) <= 127
-    pairs = max(1, spec.num_planes) * spec.act_bits
-    depthwise = n.op == "qconv2d" and n.attr("weight_shape")[1] == 1 and n.attr("groups") > 1
-    if spec.acc_dtype == "int64":
-        return LayerChoice("bitserial", "int64 accumulator needed (only the bit-serial kernel has one)")
-    if not fits_int8:
-        return LayerChoice("bitserial", "weights exceed int8")
-    if depthwise:
-        return LayerChoice("bitparallel", "depthwise: K is tiny, direct int8 kernel")
-    if rows * pairs <= 12:
-        return LayerChoice("bitserial", f"{rows} row(s) x {pairs} plane pairs: popcount is cheaper")
-    return LayerChoice("bitparallel", f"{rows} rows x {pairs} plane pairs: int8 dot products are cheaper")
-
-
-def _rows(n: Node) -> int:
+def output_rows(n: Node) -> int:
+    """Output rows of a quantized layer: the M of its (implicit) GEMM, which the cost models weigh."""
     shape = n.type.shape
     if n.op == "qconv2d":
         return int(shape[0] * shape[2] * shape[3])
     return int(np.prod(shape[:-1]))
 
 
-def cpu_backend() -> SimpleNamespace:
-    """The kernel builders of the CPU target (a GPU target passes its own with the same API)."""
-    from . import glue, kernels, packing
-
-    # offset_codes: signed activations feeding only linear layers are quantized to one offset
-    # code buffer (code + L), so each layer multiplies once instead of once per sign
-    return SimpleNamespace(glue=glue, kernels=kernels, packing=packing, choose_kernel=choose_kernel, offset_codes=True)
-
-
 class _Lowerer:
-    def __init__(self, g: Graph, force_kernel: str | None = None, on_layer: Callable[[str], None] | None = None,
-                 backend: SimpleNamespace | None = None):
-        b = backend or cpu_backend()
+    def __init__(self, g: Graph, backend: TvmBackend, force_kernel: str | None = None,
+                 on_layer: Callable[[str], None] | None = None):
+        b = backend
+        self.target_name = b.name
         self.glue, self.kernels, self.packing, self.choose_kernel = b.glue, b.kernels, b.packing, b.choose_kernel
         self.g = g
         self.plan = Plan()
@@ -131,7 +95,7 @@ class _Lowerer:
         self.on_layer = on_layer
         self.producers = g.producers()
         self.quant_parts: dict[str, tuple[str, str | None, str]] = {}  # quantize node -> (pos, neg, scale)
-        self.offset_codes = bool(getattr(b, "offset_codes", False))
+        self.offset_codes = b.offset_codes
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         self.users = g.users()
 
@@ -154,10 +118,7 @@ class _Lowerer:
             self.plan.buffer(v.name, v.type.shape, v.type.dtype, "input")
             self.plan.inputs.append({"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype})
         for n in self.g.nodes:
-            handler = getattr(self, f"op_{n.op}", None)
-            if handler is None:
-                raise CompileError(f"the llvm target has no lowering for op {n.op!r} ({n.name})")
-            handler(n)
+            getattr(self, f"op_{n.op}")(n)  # lower_graph checked coverage up front
             if self.on_layer:
                 self.on_layer(n.name)
         for o in self.g.outputs:
@@ -219,7 +180,7 @@ class _Lowerer:
         q = decode_weight(g, n)
         if not q.any():  # the default pipeline's fold_zero_layers replaces such layers by constants
             raise CompileError(f"{n.name}: layer has no nonzero weights; run the fold_zero_layers pass first")
-        rows = _rows(n)
+        rows = output_rows(n)
         choice = self.choose_kernel(n, rows, q)
         if self.force and choice.kernel != "float" and spec.act_bits is not None:
             if self.force == "bitparallel" and (spec.acc_dtype == "int64" or np.abs(q).max(initial=0) > 127):
@@ -337,17 +298,16 @@ class _Lowerer:
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             depthwise = shape[1] == 1 and groups > 1
-            packed = (q.reshape(shape[0], -1).astype(np.int32) if depthwise
-                      else self.packing.pack_bitparallel_conv_weight(q, groups))
+            info["pack"] = "depthwise" if depthwise else "conv"
+            packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
             key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})"
             f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation, groups, knobs))
-            info["pack"] = "depthwise" if depthwise else "conv"
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
-            packed = self.packing.pack_bitparallel_weight(q.reshape(shape[0], k), "int8")
+            info["pack"] = "dense"
+            packed = pack_bitparallel_layout(info["pack"], q, shape, 1)
             key = f"bpdense({m},{shape[0]},{k})"
             f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
-            info["pack"] = "dense"
         # the artifact stores only the packed bitplanes; the runtime combines them into this int8
         # buffer when it loads (and again for the run-time plane knob), so the file stays at
         # ~bits/32 of fp32 and there is one source of truth for the weights
@@ -524,9 +484,25 @@ class _Lowerer:
         self.plan.buffer(n.name, n.type.shape, self.plan.buffers[src]["dtype"], alias=root)
 
 
-def lower_graph(g: Graph, *, force_kernel: str | None = None, on_layer: Callable[[str], None] | None = None,
-                backend: SimpleNamespace | None = None) -> Plan:
-    """Plan ``g`` (after the default pipeline); builds every PrimFunc with ``backend`` (CPU default)."""
+def lower_graph(g: Graph, *, backend: TvmBackend, force_kernel: str | None = None,
+                on_layer: Callable[[str], None] | None = None) -> Plan:
+    """Plan ``g`` (after the default pipeline); builds every PrimFunc with ``backend``."""
     if force_kernel not in (None, "bitserial", "bitparallel"):
         raise CompileError(f"unknown kernel {force_kernel!r}")
-    return _Lowerer(g, force_kernel, on_layer, backend).lower()
+    missing = unsupported_ops(g)
+    if missing:  # every gap in one error, before any kernel is built
+        raise CompileError(f"the {backend.name} target cannot lower op(s): {_describe(missing)}")
+    return _Lowerer(g, backend, force_kernel, on_layer).lower()
+
+
+def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
+    """``(op, node)`` for every node of ``g`` the planner has no lowering for."""
+    return [(n.op, n.name) for n in g.nodes if not hasattr(_Lowerer, f"op_{n.op}")]
+
+
+def _describe(missing: list[tuple[str, str]]) -> str:
+    at: dict[str, list[str]] = {}
+    for op, node in missing:
+        at.setdefault(op, []).append(node)
+    return "; ".join(f"{op} (at {', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
+                     for op, nodes in sorted(at.items()))

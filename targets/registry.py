@@ -1,0 +1,78 @@
+"""Target registry: each target subpackage declares one ``Target`` and registers it by name.
+
+A target's ``entry`` module (``csqc.targets.<name>.entry``) builds its ``Target`` and calls
+``register``; it must stay cheap to import (no TVM, no ONNX): ``check`` and ``emit`` import
+their toolchains when called. ``compile()`` looks a target up here instead of branching on
+names, so adding a target means one subpackage with an ``entry`` module, named in ``BUILTIN``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from csqc.errors import BadInput
+from csqc.ir import Graph
+
+__all__ = ["BUILTIN", "CompileOptions", "Target", "register", "get_target", "registered_targets"]
+
+# subpackages with an ``entry`` module, in the order the CLI and error messages list them
+BUILTIN = ("llvm", "aarch64", "cuda", "onnx")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The per-target knobs of ``csqc.compile``; each target reads the ones it knows."""
+
+    mcpu: str | None = None  # llvm, aarch64: LLVM CPU name
+    arch: str = "sm_80"  # cuda: GPU architecture
+    emit_source: object = None  # cuda: folder for the CUDA source
+    force_kernel: str | None = None  # TVM targets: bitserial | bitparallel | None (cost model)
+    onnx_form: str = "reference"  # onnx: reference | deploy
+    check_planes: bool = False  # onnx reference: one product per weight plane
+    calibration: object = None  # onnx deploy: calibration inputs
+    int4: bool = True  # onnx deploy: MatMulNBits where weights fit 4 bits
+    dynamic_batch: bool = False  # onnx: a symbolic batch dimension (compile --batch dynamic)
+    on_layer: Callable[[str], None] | None = None  # progress callback, one call per lowered node
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str  # one line, for help texts
+    pipeline: str  # the IR pipeline (csqc.passes.PIPELINES) it consumes
+    suffix: str  # of its artifact file, with the dot
+    runs_here: bool  # its artifacts run on this machine's CPU
+    needs_gpu: bool  # its artifacts run on an NVIDIA GPU only
+    emulated: bool  # verify runs its artifacts under an emulator
+    # pre-flight: raise BadInput for a missing toolchain or a bad option before capture and passes
+    check: Callable[[CompileOptions], None]
+    # lower the optimized graph and write the artifact to ``output``; returns the report
+    emit: Callable[[Graph, Path, CompileOptions], dict]
+
+
+_REGISTRY: dict[str, Target] = {}
+
+
+def register(target: Target) -> Target:
+    if target.name in _REGISTRY:
+        raise RuntimeError(f"target {target.name} registered twice (is csqc.targets imported under two names?)")
+    _REGISTRY[target.name] = target
+    return target
+
+
+def registered_targets() -> dict[str, Target]:
+    """Every built-in target by name, in ``BUILTIN`` order."""
+    for name in BUILTIN:
+        if name not in _REGISTRY:
+            importlib.import_module(f"csqc.targets.{name}.entry")
+    return {name: _REGISTRY[name] for name in BUILTIN} | {n: t for n, t in _REGISTRY.items() if n not in BUILTIN}
+
+
+def get_target(name: str) -> Target:
+    targets = registered_targets()
+    try:
+        return targets[name]
+    except KeyError:
+        raise BadInput(f"unknown target {name!r}; choose one of: {', '.join(targets)}") from None

@@ -1,0 +1,41 @@
+"""What a TVM backend gives the shared planner (``csqc.targets.tvm.lower``).
+
+A backend is the per-device half of a TVM target: the TensorIR builders of the quantized
+layers (``kernels``) and of everything else (``glue``), the weight packers matching those
+kernels (``packing``), and the cost model that picks a kernel per quantized layer. The
+planner is written against this protocol only; ``llvm``, ``aarch64`` and ``cuda`` implement it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from csqc.ir import Node
+
+__all__ = ["LayerChoice", "TvmBackend"]
+
+
+@dataclass
+class LayerChoice:
+    kernel: str  # bitserial | bitparallel | float
+    reason: str
+
+
+@runtime_checkable
+class TvmBackend(Protocol):
+    name: str  # the target's name, for messages
+    # builders, one per glue op (quantize, dequantize, epilogue, conv2d, pooling, ...): PrimFuncs
+    glue: ModuleType
+    # quantized-layer builders (bitserial_dense / _conv2d, bitparallel_dense / _conv2d) and knobs
+    kernels: ModuleType
+    # weight packers in the layouts ``kernels`` reads (pack_weight_planes, pack_bitparallel_weight, ...)
+    packing: ModuleType
+    # signed activations feeding only linear layers become one offset code buffer (code + L)
+    offset_codes: bool
+
+    def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
+        """The kernel for quantized layer ``n`` with ``rows`` output rows and integer weights ``q``."""
+        ...
