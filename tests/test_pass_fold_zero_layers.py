@@ -145,7 +145,10 @@ def degenerate_layers(draw):
     else:
         y = b.qlinear("layer", src, q, n_bits=n_bits, active_bits=active, mult=mult, add=add, act=act)
     width = b.types[y].shape[-1]
-    head = b.qlinear("head", b.quantize(y, 4), random_q(rng, (3, width), 4, (3, 0)), n_bits=4, active_bits=(3, 0))
+    head_q = np.array(random_q(rng, (3, width), 4, (3, 0)))
+    if not head_q.any():  # a zero head would be folded too and leave the layer dead: keep it live
+        head_q[0, 0] = 1
+    head = b.qlinear("head", b.quantize(y, 4), head_q, n_bits=4, active_bits=(3, 0))
     data = rng.standard_normal(b.types[x].shape).astype(np.float32)
     return b.build(head), [data], kind
 
