@@ -2,6 +2,8 @@
 every target, run, and verify exactly (issue 12). The models are built from fixed weights, so
 the verdict does not depend on how training went on this machine."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from csqc.cli_onnx import compile_onnx
 from csqc.errors import BadInput
 from csqc.models.digits import digits_cnn, digits_mlp
 from csqc.targets.aarch64 import emulation
+from csqc.targets.aarch64.target import CROSS_COMPILER
 from csqc.verify import verify
 
 BATCH = 4
@@ -88,12 +91,14 @@ def test_onnx_reference_verifies_and_deploy_compiles(models, tmp_path, case):
 
 @pytest.mark.parametrize("case", ["mask0", "equal"])
 def test_aarch64_compiles_and_verifies_under_emulation(models, tmp_path, case):
+    if shutil.which(CROSS_COMPILER) is None and os.environ.get("CSQC_REQUIRE_AARCH64") != "1":
+        pytest.skip(f"no {CROSS_COMPILER} (.ci/setup-aarch64 installs it)")
     out = tmp_path / f"{case}-arm64.so"
     csqc.compile(models[case], "aarch64", out)
     assert out.read_bytes()[:4] == b"\x7fELF"
-    if case == "mask0":
-        return  # no quantized layer left to run: emulation (slow) checks the all-equal kernels only
-    if _emulator_missing():
+    # mask0 leaves no kernel (the folded layer's constant is the output): the artifact must
+    # still load and run; equal runs the one-plane kernels
+    if _emulator_missing() and os.environ.get("CSQC_REQUIRE_AARCH64") != "1":  # CI requires it
         pytest.skip("no qemu-user or aarch64 sysroot (.ci/setup-aarch64) to run the artifact")
     _assert_verifies_exactly(models[case], out)
 
