@@ -246,3 +246,16 @@ def test_array_headers_claiming_terabytes_are_refused_before_allocation(llvm_art
         out = invoke("verify", path, "--inputs", tmp_path / name, "--json")
         assert out.exit_code == 2, out.output
         assert str(list(claim)) in _json(out)["error"]
+
+
+@pytest.mark.parametrize("levels", [1, 3, 7, 15, 127, 255])
+def test_largest_safe_scale_is_the_exact_overflow_bound(levels):
+    """The runtime's one-comparison check agrees with the interpreter's overflow test everywhere."""
+    from csqc.interpreter import largest_safe_scale, quantization_overflows
+
+    safe = np.float32(largest_safe_scale(levels))
+    with np.errstate(over="ignore"):
+        above = np.nextafter(safe, np.float32(np.inf))
+    assert not quantization_overflows(safe, levels) and quantization_overflows(above, levels)
+    for s in map(np.float32, (0.0, 1.0, 1e30, 3e38, np.nan, np.inf, safe, above)):
+        assert quantization_overflows(s, levels) == (not float(s) <= largest_safe_scale(levels))
