@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import BadInput, CsqcError
 from .ir import Graph, Node, QUANT_LAYER_OPS, TensorType
+from .optable import OP_TABLE
 from .logs import quiet_ort_quantizer
 
 __all__ = ["BenchResult", "BenchReport", "float_graph", "torch_runner", "bench"]
@@ -117,7 +118,6 @@ def torch_runner(g: Graph, device: str = "cpu", dtype: str = "float32") -> Calla
     ``run(*inputs)`` takes one array per graph input; it returns the output (a list when the
     graph has several), as float32 numpy arrays on the host."""
     import torch
-    import torch.nn.functional as F
 
     tdtype = getattr(torch, dtype)
 
@@ -127,46 +127,7 @@ def torch_runner(g: Graph, device: str = "cpu", dtype: str = "float32") -> Calla
 
     params = {k: to_device(v) for k, v in g.params.items()}
 
-    def act(n, y):
-        a = n.attr("act", "none")
-        if a == "relu":
-            return F.relu(y)
-        if a == "clip":
-            return torch.clamp(y, n.attr("clip_lo"), n.attr("clip_hi"))
-        return y
-
-    def chan(v, nd):
-        return v.reshape([1, -1] + [1] * (nd - 2))
-
-    ops = {
-        "conv2d": lambda n, a: act(n, F.conv2d(a[0], a[1], a[2] if len(a) > 2 else None, n.attr("stride"),
-                                               n.attr("padding"), n.attr("dilation"), n.attr("groups"))),
-        "linear": lambda n, a: act(n, F.linear(a[0], a[1], a[2] if len(a) > 2 else None)),
-        "batch_norm": lambda n, a: a[0] * chan(a[1], a[0].dim()) + chan(a[2], a[0].dim()),
-        "relu": lambda n, a: F.relu(a[0]),
-        "clip": lambda n, a: torch.clamp(a[0], n.attr("lo"), n.attr("hi")),
-        "minimum": lambda n, a: torch.minimum(a[0], a[1]),
-        "add": lambda n, a: a[0] + a[1],
-        "mul": lambda n, a: a[0] * a[1],
-        "cat": lambda n, a: torch.cat(a, n.attr("axis")),
-        "max_pool2d": lambda n, a: F.max_pool2d(a[0], n.attr("kernel"), n.attr("stride"), n.attr("padding"), n.attr("dilation")),
-        "avg_pool2d": lambda n, a: F.avg_pool2d(a[0], n.attr("kernel"), n.attr("stride"), n.attr("padding"),
-                                                count_include_pad=n.attr("count_include_pad"), divisor_override=n.attr("divisor") or None),
-        "adaptive_avg_pool2d": lambda n, a: F.adaptive_avg_pool2d(a[0], n.attr("output_size")),
-        "mean": lambda n, a: a[0].mean(dim=n.attr("dims"), keepdim=n.attr("keepdim")),
-        "reshape": lambda n, a: a[0].reshape(n.type.shape),
-        "permute": lambda n, a: a[0].permute(n.attr("dims")),
-        "softmax": lambda n, a: torch.softmax(a[0], n.attr("axis")),
-        "sigmoid": lambda n, a: torch.sigmoid(a[0]),
-        "tanh": lambda n, a: torch.tanh(a[0]),
-        "sub": lambda n, a: a[0] - a[1],
-        "slice": lambda n, a: a[0].narrow(n.attr("axis"), n.attr("start"), n.attr("end") - n.attr("start")),
-        "matmul": lambda n, a: torch.matmul(a[0], a[1]),
-        "layer_norm": lambda n, a: F.layer_norm(a[0], a[1].shape, a[1], a[2], n.attr("eps")),
-        "gelu": lambda n, a: F.gelu(a[0], approximate=n.attr("approximate", "none")),
-        "div": lambda n, a: a[0] / a[1],
-        "expand": lambda n, a: a[0].expand(n.type.shape).contiguous(),
-    }
+    ops = {name: d.torch for name, d in OP_TABLE.items() if d.torch is not None}  # the table's torch forms
 
     @torch.no_grad()
     def run(*xs: np.ndarray):

@@ -19,6 +19,7 @@ import torch
 from .errors import BadInput, CsqcError, UnsupportedOps
 from .ir import Graph, Node, QuantSpec, TensorType, Value, nonfinite_params, verify
 from .modelfile import CsqcModel
+from .optable import output_nonneg
 
 __all__ = ["capture", "HANDLERS"]
 
@@ -80,11 +81,12 @@ class _Ctx:
         raise _Unsupported(f"unsupported argument {arg!r}")
 
     def emit(self, fx: torch.fx.Node, op: str, inputs, ttype: TensorType | None = None, attrs=None,
-             quant: QuantSpec | None = None, base: str | None = None, nonneg: bool = False) -> str:
+             quant: QuantSpec | None = None, base: str | None = None) -> str:
         name = self.name(base or _module_path(fx) or fx.name)
         node = Node(name, op, tuple(inputs), ttype or _type_of(fx), attrs or {}, quant, _module_path(fx))
         self.nodes.append(node)
-        if nonneg:
+        # the op table's sign rule: unsigned codes for quantizers of values known to be >= 0
+        if output_nonneg(op, [i in self.nonneg for i in node.inputs], node.attrs):
             self.nonneg.add(name)
         return name
 
@@ -150,7 +152,7 @@ def _act_quant(ctx: _Ctx, fx: torch.fx.Node) -> str:
     t = _type_of(fx)
     q = ctx.emit(fx, "quantize", [xv], TensorType(t.shape, "int32", int(bits), signed),
                  {"bits": int(bits), "static_scale": float(static), "signed": signed}, base=f"{base}.quant")
-    return ctx.emit(fx, "dequantize", [q], t, base=f"{base}.dequant", nonneg=not signed)
+    return ctx.emit(fx, "dequantize", [q], t, base=f"{base}.dequant")
 
 
 def _float_conv(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -207,7 +209,7 @@ def _clip(ctx: _Ctx, fx: torch.fx.Node, lo, hi) -> str:
     hi = np.inf if hi is None else float(hi)
     xv = ctx.value(fx.args[0])
     # min(max(x, lo), hi) >= 0 needs hi >= 0 as well as lo >= 0 or x >= 0
-    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi}, nonneg=hi >= 0 and (lo >= 0 or xv in ctx.nonneg))
+    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi})
 
 
 def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -227,16 +229,14 @@ def _binary(op: str):
                     ctx.nonneg.add(vals[-1])
             else:
                 vals.append(ctx.value(v))
-        # a sum, product or minimum of non-negative values is non-negative (min(a, b) needs both)
-        nonneg = all(v in ctx.nonneg for v in vals) if op in ("add", "mul", "minimum") else False
-        return ctx.emit(fx, op, vals, base=f"{_module_path(fx) or fx.name}.{op}", nonneg=nonneg)
+        return ctx.emit(fx, op, vals, base=f"{_module_path(fx) or fx.name}.{op}")
 
     return handler
 
 
 def _reshape(ctx: _Ctx, fx: torch.fx.Node) -> str:
     xv = ctx.value(fx.args[0])
-    return ctx.emit(fx, "reshape", [xv], base=f"{_module_path(fx) or fx.name}.reshape", nonneg=xv in ctx.nonneg)
+    return ctx.emit(fx, "reshape", [xv], base=f"{_module_path(fx) or fx.name}.reshape")
 
 
 def _permute(ctx: _Ctx, fx: torch.fx.Node, dims=None) -> str:
@@ -244,7 +244,7 @@ def _permute(ctx: _Ctx, fx: torch.fx.Node, dims=None) -> str:
     if dims is None:
         nd = len(_type_of(fx).shape)
         dims = [d % nd for d in fx.args[1]]
-    return ctx.emit(fx, "permute", [xv], attrs={"dims": tuple(dims)}, nonneg=xv in ctx.nonneg)
+    return ctx.emit(fx, "permute", [xv], attrs={"dims": tuple(dims)})
 
 
 def _transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -271,38 +271,37 @@ def _pool(op: str):
         if attrs["ceil_mode"]:
             raise _Unsupported("ceil_mode=True pooling")
         xv = ctx.value(fx.args[0])
-        return ctx.emit(fx, op, [xv], attrs=attrs, base=f"{_module_path(fx) or fx.name}", nonneg=xv in ctx.nonneg)
+        return ctx.emit(fx, op, [xv], attrs=attrs, base=f"{_module_path(fx) or fx.name}")
 
     return handler
 
 
 def _adaptive_avg(ctx: _Ctx, fx: torch.fx.Node) -> str:
     xv = ctx.value(fx.args[0])
-    return ctx.emit(fx, "adaptive_avg_pool2d", [xv], attrs={"output_size": _pair(fx.args[1])}, nonneg=xv in ctx.nonneg)
+    return ctx.emit(fx, "adaptive_avg_pool2d", [xv], attrs={"output_size": _pair(fx.args[1])})
 
 
 def _mean(ctx: _Ctx, fx: torch.fx.Node) -> str:
     xv = ctx.value(fx.args[0])
     nd = len(_type_of(fx.args[0]).shape)
     dims = tuple(sorted(d % nd for d in fx.args[1]))
-    return ctx.emit(fx, "mean", [xv], attrs={"dims": dims, "keepdim": bool(_arg(fx, 2, "keepdim", False))},
-                    nonneg=xv in ctx.nonneg)
+    return ctx.emit(fx, "mean", [xv], attrs={"dims": dims, "keepdim": bool(_arg(fx, 2, "keepdim", False))})
 
 
 def _cat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     vals = [ctx.value(v) for v in fx.args[0]]
     nd = len(_type_of(fx).shape)
     axis = int(_arg(fx, 1, "dim", 0)) % nd
-    return ctx.emit(fx, "cat", vals, attrs={"axis": axis}, nonneg=all(v in ctx.nonneg for v in vals))
+    return ctx.emit(fx, "cat", vals, attrs={"axis": axis})
 
 
 def _softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
     nd = len(_type_of(fx).shape)
-    return ctx.emit(fx, "softmax", [ctx.value(fx.args[0])], attrs={"axis": int(fx.args[1]) % nd}, nonneg=True)
+    return ctx.emit(fx, "softmax", [ctx.value(fx.args[0])], attrs={"axis": int(fx.args[1]) % nd})
 
 
 def _relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{_module_path(fx) or fx.name}", nonneg=True)
+    return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{_module_path(fx) or fx.name}")
 
 
 # -- transformer blocks: layer norm, gelu, batched matmul of two values ------------------------
@@ -358,10 +357,10 @@ def _base(fx: torch.fx.Node, op: str) -> str:
     return f"{_module_path(fx) or fx.name}.{op}"
 
 
-def _float_unary(op: str, nonneg: bool = False):
+def _float_unary(op: str):
     def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
         xv = ctx.value(fx.args[0])
-        return ctx.emit(fx, op, [xv], base=_base(fx, op), nonneg=nonneg)
+        return ctx.emit(fx, op, [xv], base=_base(fx, op))
 
     return handler
 
@@ -384,7 +383,7 @@ def _slice_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, start:
         return xv
     out_shape = tuple(int(s) for s in shape[:axis]) + (end - start,) + tuple(int(s) for s in shape[axis + 1:])
     return ctx.emit(fx, "slice", [xv], ttype or TensorType(out_shape), {"axis": axis, "start": start, "end": end},
-                    base=_base(fx, "slice"), nonneg=xv in ctx.nonneg)
+                    base=_base(fx, "slice"))
 
 
 def _bounds(start, end, size: int) -> tuple[int, int]:
@@ -413,8 +412,7 @@ def _select_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index
         raise _Unsupported(f"select index {index} out of range")
     piece = _slice_value(ctx, fx, xv, shape, axis, index, index + 1, TensorType(
         tuple(shape[:axis]) + (1,) + tuple(shape[axis + 1:])))
-    return ctx.emit(fx, "reshape", [piece], TensorType(tuple(out_shape)), base=_base(fx, "reshape"),
-                    nonneg=xv in ctx.nonneg)
+    return ctx.emit(fx, "reshape", [piece], TensorType(tuple(out_shape)), base=_base(fx, "reshape"))
 
 
 def _select(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -462,11 +460,10 @@ def _stack(ctx: _Ctx, fx: torch.fx.Node) -> str:
     axis = int(_arg(fx, 1, "dim", 0)) % len(out_t.shape)
     vals = [ctx.value(v) for v in fx.args[0]]
     piece = TensorType(out_t.shape[:axis] + (1,) + out_t.shape[axis + 1:])
-    nonneg = all(v in ctx.nonneg for v in vals)
-    grown = [ctx.emit(fx, "reshape", [v], piece, base=_base(fx, "unsqueeze"), nonneg=v in ctx.nonneg) for v in vals]
+    grown = [ctx.emit(fx, "reshape", [v], piece, base=_base(fx, "unsqueeze")) for v in vals]
     if len(grown) == 1:
         return grown[0]
-    return ctx.emit(fx, "cat", grown, out_t, {"axis": axis}, base=_base(fx, "stack"), nonneg=nonneg)
+    return ctx.emit(fx, "cat", grown, out_t, {"axis": axis}, base=_base(fx, "stack"))
 
 
 def _filled(value_arg: int | None):
@@ -495,7 +492,7 @@ def _max_pool_with_indices(ctx: _Ctx, fx: torch.fx.Node) -> str:
         raise _Unsupported("ceil_mode=True pooling")
     xv = ctx.value(fx.args[0])
     val = fx.meta["val"][0]
-    return ctx.emit(fx, "max_pool2d", [xv], TensorType(tuple(val.shape)), attrs, nonneg=xv in ctx.nonneg)
+    return ctx.emit(fx, "max_pool2d", [xv], TensorType(tuple(val.shape)), attrs)
 
 
 HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
@@ -537,7 +534,7 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.permute.default: _permute,
     _aten.transpose.int: _transpose,
     _aten.t.default: _transpose,
-    _aten.sigmoid.default: _float_unary("sigmoid", nonneg=True),
+    _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
     _aten.sub.Tensor: _binary("sub"),
     _aten.rsub.Scalar: _rsub,

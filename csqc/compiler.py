@@ -105,7 +105,7 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     ``calibration`` (arrays, for the deploy form) for ``onnx``. ``batch="dynamic"`` (onnx only):
     a symbolic batch dimension instead of a fixed batch size.
     """
-    from .targets.registry import CompileOptions, get_target
+    from .targets.registry import CompileOptions, check_coverage, get_target
 
     entry = get_target(target)
     batch, dynamic_batch = _batch_option(batch, target)
@@ -125,6 +125,7 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
             check_output_folder(folder, what=what)
     start = time.perf_counter()
     graph = optimize(model, pipeline or entry.pipeline, batch=batch, dump_dir=dump_ir)
+    check_coverage(entry, graph)
     report = entry.emit(graph, output, options)
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
 

@@ -7,8 +7,6 @@ int64. Float operations follow the order the IR documents (``csqc.ir``), in floa
 from __future__ import annotations
 
 import functools
-
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -16,7 +14,10 @@ import numpy as np
 
 from .bitplanes import unpack_planes
 from .errors import BadInput, CsqcError
+from . import numerics as num
 from .ir import Graph, Node, QUANT_LAYER_OPS
+from .numerics import conv2d_nchw
+from .optable import OP_TABLE
 
 __all__ = ["QValue", "run", "decode_weight", "conv2d_nchw", "HANDLERS", "quantization_overflows",
            "largest_safe_scale", "scale_overflow",
@@ -56,57 +57,11 @@ def decode_weight(g: Graph, n: Node) -> np.ndarray:
     return (q - spec.zero_point).reshape(shape)
 
 
-def _pad_hw(x: np.ndarray, padding) -> np.ndarray:
-    ph, pw = padding
-    if ph == 0 and pw == 0:
-        return x
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-
-
-def _im2col(x: np.ndarray, kh, kw, stride, padding, dilation) -> tuple[np.ndarray, int, int]:
-    """``[B, C, H, W]`` -> ``[B, OH*OW, C*kh*kw]`` patches (a strided view, then a copy)."""
-    x = _pad_hw(x, padding)
-    b, c, h, w = x.shape
-    sh, sw = stride
-    dh, dw = dilation
-    oh = (h - dh * (kh - 1) - 1) // sh + 1
-    ow = (w - dw * (kw - 1) - 1) // sw + 1
-    if oh <= 0 or ow <= 0:
-        raise CsqcError(f"convolution output would be empty ({oh}x{ow})")
-    s = x.strides
-    view = np.lib.stride_tricks.as_strided(
-        x, (b, oh, ow, c, kh, kw), (s[0], s[2] * sh, s[3] * sw, s[1], s[2] * dh, s[3] * dw), writeable=False
-    )
-    return view.reshape(b, oh * ow, c * kh * kw), oh, ow
-
-
-def conv2d_nchw(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int) -> np.ndarray:
-    """Grouped 2-D convolution by im2col + matmul in ``x``'s dtype (float64 for exact ints)."""
-    b, c = x.shape[:2]
-    o, cg, kh, kw = w.shape
-    og = o // groups
-    outs = []
-    for gi in range(groups):
-        cols, oh, ow = _im2col(x[:, gi * cg : (gi + 1) * cg], kh, kw, stride, padding, dilation)
-        wg = w[gi * og : (gi + 1) * og].reshape(og, -1).astype(x.dtype)
-        outs.append(cols @ wg.T)  # [B, OH*OW, og]
-    y = np.concatenate(outs, axis=-1) if groups > 1 else outs[0]
-    return y.transpose(0, 2, 1).reshape(b, o, oh, ow)
-
-
-def _channel(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
+_channel = num.channel
 
 
 def _activation(n: Node, y: np.ndarray) -> np.ndarray:
-    act = n.attr("act", "none")
-    if act == "relu":
-        return np.maximum(y, _F32(0))
-    if act == "clip":
-        return np.clip(y, _F32(n.attr("clip_lo")), _F32(n.attr("clip_hi"))).astype(_F32)
-    return y
+    return num.activation(n.attr("act", "none"), y, n.attr("clip_lo"), n.attr("clip_hi"))
 
 
 def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping[str, int] | None):
@@ -210,136 +165,20 @@ def _quantize(n: Node, x: np.ndarray) -> QValue:
     return QValue(codes, s, bits)
 
 
-def _float_layer(g: Graph, n: Node, x):
-    w = g.params[n.inputs[1]]
-    b = g.params[n.inputs[2]] if len(n.inputs) == 3 else None
-    if n.op == "conv2d":
-        y = conv2d_nchw(np.asarray(x, _F32), w, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
-        if b is not None:
-            y = y + _channel(b, 4, 1)
-    else:
-        y = np.asarray(x, _F32) @ w.T
-        if b is not None:
-            y = y + b
-    return _activation(n, y.astype(_F32))
-
-
-def _pool(x: np.ndarray, n: Node, reduce: str) -> np.ndarray:
-    kh, kw = n.attr("kernel")
-    stride = n.attr("stride")
-    padding = n.attr("padding")
-    dilation = n.attr("dilation", (1, 1))
-    b, c, h, w = x.shape
-    if n.attr("ceil_mode", False):
-        raise CsqcError(f"{n.name}: ceil_mode pooling is not supported")
-    fill = -np.inf if reduce == "max" else 0.0
-    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=fill) if any(padding) else x
-    s = xp.strides
-    oh = (xp.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (xp.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    view = np.lib.stride_tricks.as_strided(
-        xp, (b, c, oh, ow, kh, kw), (s[0], s[1], s[2] * stride[0], s[3] * stride[1], s[2] * dilation[0], s[3] * dilation[1]),
-        writeable=False,
-    )
-    if reduce == "max":
-        return view.max(axis=(4, 5)).astype(_F32)
-    total = view.sum(axis=(4, 5), dtype=_F32)
-    divisor = n.attr("divisor", 0) or (kh * kw)
-    if not n.attr("count_include_pad", True) and any(padding):
-        ones = np.pad(np.ones((h, w), _F32), ((padding[0],) * 2, (padding[1],) * 2))
-        so = ones.strides
-        cnt = np.lib.stride_tricks.as_strided(ones, (oh, ow, kh, kw), (so[0] * stride[0], so[1] * stride[1], so[0], so[1])).sum(axis=(2, 3))
-        return (total / cnt).astype(_F32)
-    return (total / _F32(divisor)).astype(_F32)
-
-
-def _adaptive_avg(x: np.ndarray, n: Node) -> np.ndarray:
-    oh, ow = n.attr("output_size")
-    b, c, h, w = x.shape
-    if h % oh or w % ow:
-        raise CsqcError(f"{n.name}: adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
-    return x.reshape(b, c, oh, h // oh, ow, w // ow).mean(axis=(3, 5), dtype=_F32).astype(_F32)
-
-
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return (e / e.sum(axis=axis, keepdims=True)).astype(_F32)
-
-
 def _float(v):
     return v.dequantize() if isinstance(v, QValue) else v
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """``1 / (1 + exp(-x))`` in float32 (exp overflows to inf for x < -88: the result is 0)."""
-    with np.errstate(over="ignore"):
-        return (_F32(1) / (_F32(1) + np.exp(-np.asarray(x, _F32)))).astype(_F32)
+def _table_handler(evaluate: Callable) -> Callable:
+    # float ops see quantized inputs as their float values
+    return lambda g, n, a, **k: evaluate(n, [_float(v) for v in a])
 
 
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:
-    """Over the trailing axes from ``axis``, in float32: ``mean = sum(x) / D; d = x - mean;
-    var = sum(d * d) / D; y = (d / sqrt(var + eps)) * w + b``."""
-    x = np.asarray(x, _F32)
-    axes = tuple(range(axis, x.ndim))
-    count = _F32(np.prod(x.shape[axis:]))
-    mean = x.sum(axis=axes, keepdims=True, dtype=_F32) / count
-    d = x - mean
-    var = (d * d).sum(axis=axes, keepdims=True, dtype=_F32) / count
-    return ((d / np.sqrt(var + _F32(eps))) * w + b).astype(_F32)
-
-
-_SQRT1_2 = _F32(0.7071067811865476)
-_TANH_GELU_C = _F32(0.7978845608028654)  # sqrt(2 / pi)
-_TANH_GELU_K = _F32(0.044715)
-_erf64 = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def _gelu(x: np.ndarray, approximate: str) -> np.ndarray:
-    """``(x * 0.5) * (1 + erf(x * (1/sqrt 2)))`` (erf correctly rounded to float32), or the tanh
-    form ``(x * 0.5) * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * ((x * x) * x))))``."""
-    x = np.asarray(x, _F32)
-    if approximate == "tanh":
-        inner = _TANH_GELU_C * (x + _TANH_GELU_K * ((x * x) * x))
-        t = np.tanh(inner).astype(_F32)
-    else:
-        t = _erf64(x * _SQRT1_2).astype(_F32) if x.size else x.copy()
-    return ((x * _F32(0.5)) * (_F32(1) + t)).astype(_F32)
-
-
-def _slice(x: np.ndarray, n: Node) -> np.ndarray:
-    index = [slice(None)] * x.ndim
-    index[n.attr("axis")] = slice(n.attr("start"), n.attr("end"))
-    return np.ascontiguousarray(x[tuple(index)])
-
-
+# op -> handler(graph, node, inputs): the table's numpy semantics, plus the quantization ops
 HANDLERS: dict[str, Callable] = {
+    **{name: _table_handler(d.evaluate) for name, d in OP_TABLE.items() if d.evaluate is not None},
     "quantize": lambda g, n, a, **k: _quantize(n, _float(a[0])),
     "dequantize": lambda g, n, a, **k: a[0].dequantize(),
-    "conv2d": lambda g, n, a, **k: _float_layer(g, n, _float(a[0])),
-    "linear": lambda g, n, a, **k: _float_layer(g, n, _float(a[0])),
-    "batch_norm": lambda g, n, a, **k: (a[0] * _channel(a[1], a[0].ndim, 1) + _channel(a[2], a[0].ndim, 1)).astype(_F32),
-    "relu": lambda g, n, a, **k: np.maximum(a[0], _F32(0)),
-    "clip": lambda g, n, a, **k: np.clip(a[0], _F32(n.attr("lo")), _F32(n.attr("hi"))).astype(_F32),
-    "minimum": lambda g, n, a, **k: np.minimum(a[0], a[1]).astype(_F32),
-    "add": lambda g, n, a, **k: (_float(a[0]) + _float(a[1])).astype(_F32),
-    "mul": lambda g, n, a, **k: (_float(a[0]) * _float(a[1])).astype(_F32),
-    "cat": lambda g, n, a, **k: np.concatenate([_float(v) for v in a], axis=n.attr("axis")),
-    "max_pool2d": lambda g, n, a, **k: _pool(a[0], n, "max"),
-    "avg_pool2d": lambda g, n, a, **k: _pool(a[0], n, "avg"),
-    "adaptive_avg_pool2d": lambda g, n, a, **k: _adaptive_avg(a[0], n),
-    "mean": lambda g, n, a, **k: a[0].mean(axis=tuple(n.attr("dims")), keepdims=n.attr("keepdim"), dtype=_F32).astype(_F32),
-    "reshape": lambda g, n, a, **k: np.ascontiguousarray(_float(a[0])).reshape(n.type.shape),
-    "permute": lambda g, n, a, **k: np.ascontiguousarray(np.transpose(_float(a[0]), n.attr("dims"))),
-    "softmax": lambda g, n, a, **k: _softmax(a[0], n.attr("axis")),
-    "sigmoid": lambda g, n, a, **k: _sigmoid(_float(a[0])),
-    "tanh": lambda g, n, a, **k: np.tanh(np.asarray(_float(a[0]), _F32)).astype(_F32),
-    "sub": lambda g, n, a, **k: (_float(a[0]) - _float(a[1])).astype(_F32),
-    "slice": lambda g, n, a, **k: _slice(_float(a[0]), n),
-    "matmul": lambda g, n, a, **k: np.matmul(np.asarray(_float(a[0]), _F32), np.asarray(_float(a[1]), _F32)).astype(_F32),
-    "layer_norm": lambda g, n, a, **k: _layer_norm(_float(a[0]), a[1], a[2], n.attr("axis"), n.attr("eps")),
-    "gelu": lambda g, n, a, **k: _gelu(_float(a[0]), n.attr("approximate", "none")),
-    "div": lambda g, n, a, **k: (_float(a[0]) / _float(a[1])).astype(_F32),
-    "expand": lambda g, n, a, **k: np.array(np.broadcast_to(_float(a[0]), n.type.shape), dtype=_F32),
 }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .archive import unique_members
 from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
+from .optable import OP_TABLE, ShapeError, attr_problems, expected_shape
 
 __all__ = [
     "TensorType", "QuantSpec", "Node", "Value", "Graph", "IRError", "OPS", "ENCODINGS",
@@ -222,7 +223,12 @@ class Node:
         return replace(self, **kw)
 
     def attr(self, key: str, default=None):
-        return self.attrs.get(key, default)
+        """The attribute, else ``default``, else the op table's default for it."""
+        if key in self.attrs:
+            return self.attrs[key]
+        if default is None and self.op in OP_TABLE:
+            return OP_TABLE[self.op].attr_defaults().get(key)
+        return default
 
     def __hash__(self):
         return hash((self.name, self.op, self.inputs))
@@ -355,21 +361,8 @@ class Graph:
     __str__ = text
 
 
-OPS = {
-    # op: (minimum inputs, maximum inputs)  -- documented semantics live in the interpreter
-    "qconv2d": (3, 4), "qlinear": (3, 4), "conv2d": (2, 3), "linear": (2, 3),
-    "quantize": (1, 1), "dequantize": (1, 1), "batch_norm": (3, 3),
-    "relu": (1, 1), "clip": (1, 1), "add": (2, 2), "mul": (2, 2), "cat": (1, 64),
-    "max_pool2d": (1, 1), "avg_pool2d": (1, 1), "adaptive_avg_pool2d": (1, 1),
-    "reshape": (1, 1), "permute": (1, 1), "softmax": (1, 1), "minimum": (2, 2),
-    "mean": (1, 1),
-    # recurrent layers (csqc.recurrent): gate nonlinearities, a - b, a slice of one axis
-    "sigmoid": (1, 1), "tanh": (1, 1), "sub": (2, 2), "slice": (1, 1),
-    # transformer blocks: batched float matmul of two values, layer norm (x, weight, bias), gelu
-    "matmul": (2, 2), "layer_norm": (3, 3), "gelu": (1, 1), "div": (2, 2),
-    # a value broadcast (numpy rules) to the node's shape, e.g. a folded layer's constant output
-    "expand": (1, 1),
-}
+# op -> (minimum inputs, maximum inputs); every op is defined once in ``csqc.optable``
+OPS = MappingProxyType({name: d.arity for name, d in OP_TABLE.items()})
 
 
 def verify(g: Graph) -> None:
@@ -456,104 +449,27 @@ def _check_node(g: Graph, n: Node) -> list[str]:
             out.append("quantize output type must carry its bits")
     elif n.type.quantized and n.op not in ("quantize", "qconv2d", "qlinear"):
         out.append("only quantize (or a quantized layer with fused output quantization) yields quantized values")
-    check = SHAPE_CHECKS.get(n.op)
-    if check is not None:
-        out += check(g, n)
+    out += attr_problems(n)
+    params_needed = OP_TABLE[n.op].param_inputs
+    out += [f"input {i} (%{v}) must be a parameter" for i, v in enumerate(n.inputs)
+            if i in params_needed and v not in g.params]
+    if not out:  # the shape rule reads the attributes
+        out += _shape_problems(g, n)
     return out
 
 
-def _same_shape(g: Graph, n: Node) -> list[str]:
-    x_t = _safe_type(g, n.inputs[0])
-    if x_t is not None and x_t.shape != n.type.shape:
-        return [f"output shape {list(n.type.shape)} differs from input shape {list(x_t.shape)}"]
-    return []
-
-
-def _broadcast_shape(g: Graph, n: Node) -> list[str]:
-    shapes = [_safe_type(g, i) for i in n.inputs]
-    if any(t is None for t in shapes):
-        return []
+def _shape_problems(g: Graph, n: Node) -> list[str]:
+    """The node's type must be the shape its op's rule gives for its inputs and attributes."""
+    types = [_safe_type(g, i) for i in n.inputs]
+    if any(t is None for t in types):
+        return []  # an undefined input is reported by verify
     try:
-        expect = np.broadcast_shapes(*(t.shape for t in shapes))
-    except ValueError:
-        return [f"input shapes {[list(t.shape) for t in shapes]} do not broadcast"]
-    if tuple(expect) != n.type.shape:
-        return [f"output shape {list(n.type.shape)} is not the broadcast shape {list(expect)}"]
-    return []
-
-
-def _expand_shape(g: Graph, n: Node) -> list[str]:
-    x_t = _safe_type(g, n.inputs[0])
-    if x_t is None:
-        return []
-    try:
-        ok = tuple(np.broadcast_shapes(x_t.shape, n.type.shape)) == n.type.shape
-    except ValueError:
-        ok = False
-    return [] if ok else [f"input shape {list(x_t.shape)} does not broadcast to {list(n.type.shape)}"]
-
-
-def _slice_shape(g: Graph, n: Node) -> list[str]:
-    x_t = _safe_type(g, n.inputs[0])
-    axis, start, end = n.attr("axis"), n.attr("start"), n.attr("end")
-    if not all(isinstance(v, int) for v in (axis, start, end)):
-        return ["slice needs integer attrs axis, start, end"]
-    if x_t is None:
-        return []
-    if not 0 <= axis < len(x_t.shape) or not 0 <= start < end <= x_t.shape[axis]:
-        return [f"slice [{start}:{end}] of axis {axis} is outside input shape {list(x_t.shape)}"]
-    expect = x_t.shape[:axis] + (end - start,) + x_t.shape[axis + 1:]
+        expect = expected_shape(n, [t.shape for t in types])
+    except ShapeError as e:
+        return [str(e)]
     if expect != n.type.shape:
         return [f"output shape {list(n.type.shape)} should be {list(expect)}"]
     return []
-
-
-def _matmul_shape(g: Graph, n: Node) -> list[str]:
-    a_t, b_t = _safe_type(g, n.inputs[0]), _safe_type(g, n.inputs[1])
-    if a_t is None or b_t is None:
-        return []
-    a, b = a_t.shape, b_t.shape
-    if len(a) < 2 or len(b) < 2:
-        return [f"matmul needs operands of rank >= 2, has {list(a)} and {list(b)}"]
-    if a[-1] != b[-2]:
-        return [f"matmul inner dimensions differ: {list(a)} @ {list(b)}"]
-    try:
-        batch = tuple(np.broadcast_shapes(a[:-2], b[:-2]))
-    except ValueError:
-        return [f"matmul batch dimensions of {list(a)} and {list(b)} do not broadcast"]
-    if batch + (a[-2], b[-1]) != n.type.shape:
-        return [f"output shape {list(n.type.shape)} should be {list(batch + (a[-2], b[-1]))}"]
-    return []
-
-
-def _layer_norm_shape(g: Graph, n: Node) -> list[str]:
-    out = _same_shape(g, n)
-    axis, eps = n.attr("axis"), n.attr("eps")
-    if not isinstance(axis, int) or not 0 <= axis < len(n.type.shape):
-        return out + [f"layer_norm axis {axis!r} outside rank {len(n.type.shape)}"]
-    if not isinstance(eps, float) or not eps >= 0:
-        out.append(f"layer_norm eps {eps!r} must be a non-negative float")
-    normalized = n.type.shape[axis:]
-    for i in n.inputs[1:]:
-        t = _safe_type(g, i)
-        if t is not None and t.shape != normalized:
-            out.append(f"layer_norm weight/bias %{i} is {list(t.shape)}, should be {list(normalized)}")
-    return out
-
-
-def _gelu_attrs(g: Graph, n: Node) -> list[str]:
-    out = _same_shape(g, n)
-    if n.attr("approximate", "none") not in ("none", "tanh"):
-        out.append(f"gelu approximate {n.attr('approximate')!r} not in ('none', 'tanh')")
-    return out
-
-
-# op -> extra shape/attribute checks (ops not listed are checked by their consumers' kernels)
-SHAPE_CHECKS = {
-    "sigmoid": _same_shape, "tanh": _same_shape, "sub": _broadcast_shape, "slice": _slice_shape,
-    "matmul": _matmul_shape, "layer_norm": _layer_norm_shape, "gelu": _gelu_attrs, "div": _broadcast_shape,
-    "expand": _expand_shape,
-}
 
 
 def _safe_type(g: Graph, name: str) -> TensorType | None:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from csqc.errors import BadInput
+from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 
-__all__ = ["BUILTIN", "CompileOptions", "Target", "register", "get_target", "registered_targets"]
+__all__ = ["BUILTIN", "CompileOptions", "Target", "register", "get_target", "registered_targets", "check_coverage",
+           "describe_nodes"]
 
 # subpackages with an ``entry`` module, in the order the CLI and error messages list them
 BUILTIN = ("llvm", "aarch64", "cuda", "onnx")
@@ -50,6 +51,8 @@ class Target:
     check: Callable[[CompileOptions], None]
     # lower the optimized graph and write the artifact to ``output``; returns the report
     emit: Callable[[Graph, Path, CompileOptions], dict]
+    # coverage, asked before lowering: ``(op or op [form], node)`` for every node it cannot lower
+    unsupported: Callable[[Graph], list[tuple[str, str]]]
 
 
 _REGISTRY: dict[str, Target] = {}
@@ -68,6 +71,22 @@ def registered_targets() -> dict[str, Target]:
         if name not in _REGISTRY:
             importlib.import_module(f"csqc.targets.{name}.entry")
     return {name: _REGISTRY[name] for name in BUILTIN} | {n: t for n, t in _REGISTRY.items() if n not in BUILTIN}
+
+
+def check_coverage(target: Target, graph: Graph) -> None:
+    """Every op the target cannot lower, in one error, before any kernel is built."""
+    missing = target.unsupported(graph)
+    if missing:
+        raise CompileError(f"the {target.name} target cannot lower op(s): {describe_nodes(missing)}")
+
+
+def describe_nodes(missing: list[tuple[str, str]]) -> str:
+    """``op (at node, node, ...); ...``, four nodes per op at most."""
+    at: dict[str, list[str]] = {}
+    for op, node in missing:
+        at.setdefault(op, []).append(node)
+    return "; ".join(f"{op} (at {', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
+                     for op, nodes in sorted(at.items()))
 
 
 def get_target(name: str) -> Target:

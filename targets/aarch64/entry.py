@@ -22,7 +22,14 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     return emit_aarch64(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer)
 
 
+def _unsupported(graph: Graph) -> list[tuple[str, str]]:
+    from csqc.targets.tvm.lower import unsupported_ops
+
+    return unsupported_ops(graph)
+
+
 TARGET = register(Target(
     name="aarch64", description="TVM ARM64 CPU: bit-serial NEON kernels, cross-compiled shared library",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=False, emulated=True, check=_check, emit=_emit,
+    unsupported=_unsupported,
 ))

@@ -23,7 +23,14 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
                      force_kernel=options.force_kernel)
 
 
+def _unsupported(graph: Graph) -> list[tuple[str, str]]:
+    from csqc.targets.tvm.lower import unsupported_ops
+
+    return unsupported_ops(graph)
+
+
 TARGET = register(Target(
     name="cuda", description="TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=True, emulated=False, check=_check, emit=_emit,
+    unsupported=_unsupported,
 ))

@@ -21,7 +21,14 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     return emit_llvm(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer)
 
 
+def _unsupported(graph: Graph) -> list[tuple[str, str]]:
+    from csqc.targets.tvm.lower import unsupported_ops
+
+    return unsupported_ops(graph)
+
+
 TARGET = register(Target(
     name="llvm", description="TVM CPU: bit-serial / bit-parallel kernels, one shared library",
     pipeline="default", suffix=".so", runs_here=True, needs_gpu=False, emulated=False, check=_check, emit=_emit,
+    unsupported=_unsupported,
 ))

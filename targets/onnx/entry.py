@@ -36,7 +36,14 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     return {"onnx_form": "deploy", **report}
 
 
+def _unsupported(graph: Graph) -> list[tuple[str, str]]:
+    from .reference import unsupported_ops
+
+    return unsupported_ops(graph)
+
+
 TARGET = register(Target(
     name="onnx", description="ONNX: integer-exact reference graph (or --onnx-form deploy)",
     pipeline="integer", suffix=".onnx", runs_here=True, needs_gpu=False, emulated=False, check=_check, emit=_emit,
+    unsupported=_unsupported,
 ))

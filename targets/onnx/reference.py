@@ -41,7 +41,7 @@ from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node
 
 __all__ = [
-    "OPSET", "IR_VERSION", "LAYERS_KEY", "emit_reference", "layer_table", "weight_terms", "EMITTERS",
+    "OPSET", "IR_VERSION", "LAYERS_KEY", "emit_reference", "unsupported_ops", "layer_table", "weight_terms", "EMITTERS",
     "GraphEmitter", "LayerTensors",
 ]
 
@@ -578,6 +578,22 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "div": _simple("Div"),
     "expand": _emit_expand,
 }
+
+
+def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
+    """``(op, node)`` for every node the reference model has no emitter for, or whose form it
+    cannot emit yet (in brackets)."""
+    out = []
+    for n in g.nodes:
+        if n.op not in EMITTERS:
+            out.append((n.op, n.name))
+        elif n.op in ("max_pool2d", "avg_pool2d") and n.attr("ceil_mode", False):
+            out.append((f"{n.op} [ceil_mode]", n.name))
+        elif n.op == "adaptive_avg_pool2d":
+            (h, w), (oh, ow) = g.type_of(n.inputs[0]).shape[2:], n.attr("output_size")
+            if h % oh or w % ow:
+                out.append((f"{n.op} [{h}x{w} -> {oh}x{ow}, not divisible]", n.name))
+    return out
 
 
 def emit_reference(graph: Graph, *, check_planes: bool = False, dynamic_batch: bool = False) -> onnx.ModelProto:

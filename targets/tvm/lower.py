@@ -26,6 +26,8 @@ from csqc.artifact import pack_bitparallel_layout
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node, QUANT_LAYER_OPS
+from csqc.optable import OP_TABLE
+from csqc.targets.registry import describe_nodes
 from csqc.bitplanes import unpack_planes
 from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
@@ -118,7 +120,7 @@ class _Lowerer:
             self.plan.buffer(v.name, v.type.shape, v.type.dtype, "input")
             self.plan.inputs.append({"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype})
         for n in self.g.nodes:
-            getattr(self, f"op_{n.op}")(n)  # lower_graph checked coverage up front
+            getattr(self, f"lower_{OP_TABLE[n.op].tvm}")(n)  # lower_graph checked coverage up front
             if self.on_layer:
                 self.on_layer(n.name)
         for o in self.g.outputs:
@@ -147,7 +149,7 @@ class _Lowerer:
                 return False
         return True
 
-    def op_quantize(self, n: Node) -> None:
+    def lower_quantize(self, n: Node) -> None:
         bits, static, signed = n.attr("bits"), float(n.attr("static_scale", 0.0)), bool(n.attr("signed"))
         offset = self._offset_codes_fit(n)
         shape = n.type.shape
@@ -164,7 +166,7 @@ class _Lowerer:
         if offset:
             self.code_offset[n.name] = 2**bits - 1
 
-    def op_dequantize(self, n: Node) -> None:
+    def lower_dequantize(self, n: Node) -> None:
         pos, neg, scale = self.quant_parts[n.inputs[0]]
         bits = self.producers[n.inputs[0]].attr("bits")
         shape = n.type.shape
@@ -174,7 +176,7 @@ class _Lowerer:
             f = self.plan.func(f"dequantize({shape},{bits},{neg is not None})", lambda: self.glue.dequantize(shape, bits, neg is not None))
         self.plan.call(f, [pos] + ([neg] if neg else []) + [scale, self.out(n)], n.name)
 
-    def _quant_layer(self, n: Node) -> None:
+    def lower_quant_layer(self, n: Node) -> None:
         spec = n.quant
         g = self.g
         q = decode_weight(g, n)
@@ -246,8 +248,6 @@ class _Lowerer:
         if info["kernel"] == "bitserial":
             info["weight_planes"] = f"{n.name}.planes"
 
-    op_qconv2d = _quant_layer
-    op_qlinear = _quant_layer
 
     def _planes(self, n: Node) -> tuple[np.ndarray, list[tuple[int, int]], int]:
         spec = n.quant
@@ -356,7 +356,7 @@ class _Lowerer:
             self.plan.buffer(name, (m, k), self.plan.buffers[buf]["dtype"], alias=buf)
         return name
 
-    def _float_layer(self, n: Node) -> None:
+    def lower_float_layer(self, n: Node) -> None:
         x_shape = self.g.type_of(n.inputs[0]).shape
         w = self.g.params[n.inputs[1]]
         has_bias = len(n.inputs) == 3
@@ -376,109 +376,98 @@ class _Lowerer:
             args[0] = self._flat(args[0], m, k)
             self.plan.call(f, args + [self._flat(y, m, w.shape[0])], n.name)
 
-    op_conv2d = _float_layer
-    op_linear = _float_layer
 
-    def op_batch_norm(self, n: Node) -> None:
+    def lower_batch_norm(self, n: Node) -> None:
         shape = n.type.shape
         f = self.plan.func(f"channel_affine({shape},1)", lambda: self.glue.channel_affine(shape, 1))
         self.plan.call(f, [self.ref(n.inputs[0]), self.ref(n.inputs[1]), self.ref(n.inputs[2]), self.out(n)], n.name)
 
-    def _unary(self, n: Node) -> None:
+    def lower_unary(self, n: Node) -> None:
         shape = n.type.shape
         lo, hi = (float(n.attr("lo")), float(n.attr("hi"))) if n.op == "clip" else (0.0, 0.0)
         f = self.plan.func(f"unary({n.op},{shape},{lo},{hi})", lambda: self.glue.unary(n.op, shape, lo, hi))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    op_relu = _unary
-    op_clip = _unary
-    op_sigmoid = _unary
-    op_tanh = _unary
 
-    def _binary(self, n: Node) -> None:
+    def lower_binary(self, n: Node) -> None:
         a, b = (self.ref(i) for i in n.inputs)
         a_shape, b_shape = tuple(self.plan.buffers[a]["shape"]), tuple(self.plan.buffers[b]["shape"])
         shape = n.type.shape
         f = self.plan.func(f"binary({n.op},{a_shape},{b_shape},{shape})", lambda: self.glue.binary(n.op, a_shape, b_shape, shape))
         self.plan.call(f, [a, b, self.out(n)], n.name)
 
-    def op_expand(self, n: Node) -> None:
+    def lower_expand(self, n: Node) -> None:
         x = self.ref(n.inputs[0])
         in_shape, shape = tuple(self.plan.buffers[x]["shape"]), n.type.shape
         f = self.plan.func(f"broadcast({in_shape},{shape})", lambda: self.glue.broadcast(in_shape, shape))
         self.plan.call(f, [x, self.out(n)], n.name)
 
-    op_add = _binary
-    op_mul = _binary
-    op_div = _binary
-    op_minimum = _binary
-    op_sub = _binary
 
-    def op_max_pool2d(self, n: Node) -> None:
+    def lower_max_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         k, st, p, d = n.attr("kernel"), n.attr("stride"), n.attr("padding"), n.attr("dilation", (1, 1))
         f = self.plan.func(f"max_pool2d({s},{k},{st},{p},{d})", lambda: self.glue.max_pool2d(s, k, st, p, d))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_avg_pool2d(self, n: Node) -> None:
+    def lower_avg_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         k, st, p = n.attr("kernel"), n.attr("stride"), n.attr("padding")
         cip, div = bool(n.attr("count_include_pad", True)), int(n.attr("divisor", 0))
         f = self.plan.func(f"avg_pool2d({s},{k},{st},{p},{cip},{div})", lambda: self.glue.avg_pool2d(s, k, st, p, cip, div))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_adaptive_avg_pool2d(self, n: Node) -> None:
+    def lower_adaptive_avg_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         o = n.attr("output_size")
         f = self.plan.func(f"adaptive_avg_pool2d({s},{o})", lambda: self.glue.adaptive_avg_pool2d(s, o))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_mean(self, n: Node) -> None:
+    def lower_mean(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         dims, keep = n.attr("dims"), bool(n.attr("keepdim"))
         f = self.plan.func(f"mean({s},{dims},{keep})", lambda: self.glue.mean(s, dims, keep))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_softmax(self, n: Node) -> None:
+    def lower_softmax(self, n: Node) -> None:
         s = n.type.shape
         f = self.plan.func(f"softmax({s},{n.attr('axis')})", lambda: self.glue.softmax(s, n.attr("axis")))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_matmul(self, n: Node) -> None:
+    def lower_matmul(self, n: Node) -> None:
         a, b = (self.ref(i) for i in n.inputs)
         a_shape, b_shape = tuple(self.plan.buffers[a]["shape"]), tuple(self.plan.buffers[b]["shape"])
         f = self.plan.func(f"matmul({a_shape},{b_shape})", lambda: self.glue.matmul(a_shape, b_shape))
         self.plan.call(f, [a, b, self.out(n)], n.name)
 
-    def op_layer_norm(self, n: Node) -> None:
+    def lower_layer_norm(self, n: Node) -> None:
         s, axis, eps = n.type.shape, int(n.attr("axis")), float(n.attr("eps"))
         f = self.plan.func(f"layer_norm({s},{axis},{eps!r})", lambda: self.glue.layer_norm(s, axis, eps))
         self.plan.call(f, [self.ref(i) for i in n.inputs] + [self.out(n)], n.name)
 
-    def op_gelu(self, n: Node) -> None:
+    def lower_gelu(self, n: Node) -> None:
         s, approximate = n.type.shape, str(n.attr("approximate", "none"))
         f = self.plan.func(f"gelu({s},{approximate})", lambda: self.glue.gelu(s, approximate))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_cat(self, n: Node) -> None:
+    def lower_cat(self, n: Node) -> None:
         ins = [self.ref(i) for i in n.inputs]
         shapes = tuple(tuple(self.plan.buffers[i]["shape"]) for i in ins)
         f = self.plan.func(f"concat({shapes},{n.attr('axis')})", lambda: self.glue.concat(shapes, n.attr("axis")))
         self.plan.call(f, ins + [self.out(n)], n.name)
 
-    def op_slice(self, n: Node) -> None:
+    def lower_slice(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         axis, start, end = int(n.attr("axis")), int(n.attr("start")), int(n.attr("end"))
         f = self.plan.func(f"slice_axis({s},{axis},{start},{end})", lambda: self.glue.slice_axis(s, axis, start, end))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_permute(self, n: Node) -> None:
+    def lower_permute(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         dims = n.attr("dims")
         f = self.plan.func(f"transpose({s},{dims})", lambda: self.glue.transpose(s, dims))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
-    def op_reshape(self, n: Node) -> None:
+    def lower_reshape(self, n: Node) -> None:
         src = self.ref(n.inputs[0])
         root = self.plan.buffers[src].get("alias", src)
         self.plan.buffer(n.name, n.type.shape, self.plan.buffers[src]["dtype"], alias=root)
@@ -491,18 +480,29 @@ def lower_graph(g: Graph, *, backend: TvmBackend, force_kernel: str | None = Non
         raise CompileError(f"unknown kernel {force_kernel!r}")
     missing = unsupported_ops(g)
     if missing:  # every gap in one error, before any kernel is built
-        raise CompileError(f"the {backend.name} target cannot lower op(s): {_describe(missing)}")
+        raise CompileError(f"the {backend.name} target cannot lower op(s): {describe_nodes(missing)}")
     return _Lowerer(g, backend, force_kernel, on_layer).lower()
 
 
 def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
-    """``(op, node)`` for every node of ``g`` the planner has no lowering for."""
-    return [(n.op, n.name) for n in g.nodes if not hasattr(_Lowerer, f"op_{n.op}")]
+    """``(op, node)`` for every node of ``g`` the planner has no lowering for (the op table's
+    TVM key names the planner method), or a form of the op it cannot lower yet (in brackets)."""
+    out = []
+    for n in g.nodes:
+        key = OP_TABLE[n.op].tvm if n.op in OP_TABLE else None
+        if key is None or not hasattr(_Lowerer, f"lower_{key}"):
+            out.append((n.op, n.name))
+        elif _unsupported_form(g, n):
+            out.append((f"{n.op} [{_unsupported_form(g, n)}]", n.name))
+    return out
 
 
-def _describe(missing: list[tuple[str, str]]) -> str:
-    at: dict[str, list[str]] = {}
-    for op, node in missing:
-        at.setdefault(op, []).append(node)
-    return "; ".join(f"{op} (at {', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
-                     for op, nodes in sorted(at.items()))
+def _unsupported_form(g: Graph, n: Node) -> str | None:
+    if n.op in ("max_pool2d", "avg_pool2d") and n.attr("ceil_mode", False):
+        return "ceil_mode"
+    if n.op == "adaptive_avg_pool2d":
+        h, w = g.type_of(n.inputs[0]).shape[2:]
+        oh, ow = n.attr("output_size")
+        if h % oh or w % ow:
+            return f"{h}x{w} -> {oh}x{ow}, not divisible"
+    return None

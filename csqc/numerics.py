@@ -1,0 +1,190 @@
+"""The numpy reference semantics of csqc's float ops (the interpreter runs these).
+
+Each function repeats the order of float32 operations the IR documents for its op, so every
+runtime can be held to it; ``csqc.optable`` binds them to op names. Integer-exact parts
+(convolutions of integer codes) run in float64 on integer-valued operands.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import CsqcError
+
+__all__ = [
+    "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
+    "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis",
+]
+
+F32 = np.float32
+
+
+def _pad_hw(x: np.ndarray, padding) -> np.ndarray:
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def _im2col(x: np.ndarray, kh, kw, stride, padding, dilation) -> tuple[np.ndarray, int, int]:
+    """``[B, C, H, W]`` -> ``[B, OH*OW, C*kh*kw]`` patches (a strided view, then a copy)."""
+    x = _pad_hw(x, padding)
+    b, c, h, w = x.shape
+    sh, sw = stride
+    dh, dw = dilation
+    oh = (h - dh * (kh - 1) - 1) // sh + 1
+    ow = (w - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise CsqcError(f"convolution output would be empty ({oh}x{ow})")
+    s = x.strides
+    view = np.lib.stride_tricks.as_strided(
+        x, (b, oh, ow, c, kh, kw), (s[0], s[2] * sh, s[3] * sw, s[1], s[2] * dh, s[3] * dw), writeable=False
+    )
+    return view.reshape(b, oh * ow, c * kh * kw), oh, ow
+
+
+def conv2d_nchw(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int) -> np.ndarray:
+    """Grouped 2-D convolution by im2col + matmul in ``x``'s dtype (float64 for exact ints)."""
+    b, c = x.shape[:2]
+    o, cg, kh, kw = w.shape
+    og = o // groups
+    outs = []
+    for gi in range(groups):
+        cols, oh, ow = _im2col(x[:, gi * cg : (gi + 1) * cg], kh, kw, stride, padding, dilation)
+        wg = w[gi * og : (gi + 1) * og].reshape(og, -1).astype(x.dtype)
+        outs.append(cols @ wg.T)  # [B, OH*OW, og]
+    y = np.concatenate(outs, axis=-1) if groups > 1 else outs[0]
+    return y.transpose(0, 2, 1).reshape(b, o, oh, ow)
+
+
+def channel(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A per-channel vector shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def activation(act: str, y: np.ndarray, lo=None, hi=None) -> np.ndarray:
+    """A layer's fused activation (``none``, ``relu``, ``clip`` to ``[lo, hi]``)."""
+    if act == "relu":
+        return np.maximum(y, F32(0))
+    if act == "clip":
+        return np.clip(y, F32(lo), F32(hi)).astype(F32)
+    return y
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size; with ``ceil_mode`` the last window must start inside the
+    input or its left padding."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def pool2d(x: np.ndarray, kind: str, kernel, stride, padding, dilation=(1, 1), ceil_mode: bool = False,
+           count_include_pad: bool = True, divisor: int = 0) -> np.ndarray:
+    """Max or average pooling, PyTorch's semantics: padding is ``-inf`` for max and 0 for the
+    average; an average divides the float32 window sum by ``divisor`` if set, else by the window's
+    size clipped to the padded input (``count_include_pad``) or to the input itself."""
+    kh, kw = kernel
+    b, c, h, w = x.shape
+    oh = pool_output_size(h, kh, stride[0], padding[0], dilation[0], ceil_mode)
+    ow = pool_output_size(w, kw, stride[1], padding[1], dilation[1], ceil_mode)
+    # ceil_mode windows may run past the right padding: pad far enough, those cells never count
+    extra_h = max(0, (oh - 1) * stride[0] + dilation[0] * (kh - 1) + 1 - (h + 2 * padding[0]))
+    extra_w = max(0, (ow - 1) * stride[1] + dilation[1] * (kw - 1) + 1 - (w + 2 * padding[1]))
+    fill = -np.inf if kind == "max" else 0.0
+    xp = np.pad(x, ((0, 0), (0, 0), (padding[0], padding[0] + extra_h), (padding[1], padding[1] + extra_w)),
+                constant_values=fill) if any(padding) or extra_h or extra_w else x
+    s = xp.strides
+    view = np.lib.stride_tricks.as_strided(
+        xp, (b, c, oh, ow, kh, kw), (s[0], s[1], s[2] * stride[0], s[3] * stride[1], s[2] * dilation[0], s[3] * dilation[1]),
+        writeable=False,
+    )
+    if kind == "max":
+        return view.max(axis=(4, 5)).astype(F32)
+    total = view.sum(axis=(4, 5), dtype=F32)
+    if divisor:
+        return (total / F32(divisor)).astype(F32)
+    counts = np.outer(_window_counts(h, oh, kh, stride[0], padding[0], count_include_pad),
+                      _window_counts(w, ow, kw, stride[1], padding[1], count_include_pad)).astype(F32)
+    if not count_include_pad or extra_h or extra_w:
+        return (total / counts).astype(F32)
+    return (total / F32(kh * kw)).astype(F32)  # every window whole: the constant divisor
+
+
+def _window_counts(size: int, out: int, kernel: int, stride: int, padding: int, include_pad: bool) -> np.ndarray:
+    start = np.arange(out) * stride - padding
+    end = np.minimum(start + kernel, size + padding)
+    if include_pad:
+        return end - start
+    return np.minimum(end, size) - np.maximum(start, 0)
+
+
+def adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling windows: ``[floor(i*size/out), ceil((i+1)*size/out))``."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_avg_pool2d(x: np.ndarray, output_size) -> np.ndarray:
+    """Adaptive average pooling: each window's float32 sum divided by its element count."""
+    oh, ow = output_size
+    b, c, h, w = x.shape
+    if h % oh == 0 and w % ow == 0:
+        return x.reshape(b, c, oh, h // oh, ow, w // ow).mean(axis=(3, 5), dtype=F32).astype(F32)
+    y = np.empty((b, c, oh, ow), F32)
+    for i, (h0, h1) in enumerate(adaptive_bounds(h, oh)):
+        for j, (w0, w1) in enumerate(adaptive_bounds(w, ow)):
+            window = x[:, :, h0:h1, w0:w1]
+            y[:, :, i, j] = window.sum(axis=(2, 3), dtype=F32) / F32((h1 - h0) * (w1 - w0))
+    return y
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(F32)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in float32 (exp overflows to inf for x < -88: the result is 0)."""
+    with np.errstate(over="ignore"):
+        return (F32(1) / (F32(1) + np.exp(-np.asarray(x, F32)))).astype(F32)
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:
+    """Over the trailing axes from ``axis``, in float32: ``mean = sum(x) / D; d = x - mean;
+    var = sum(d * d) / D; y = (d / sqrt(var + eps)) * w + b``."""
+    x = np.asarray(x, F32)
+    axes = tuple(range(axis, x.ndim))
+    count = F32(np.prod(x.shape[axis:]))
+    mean = x.sum(axis=axes, keepdims=True, dtype=F32) / count
+    d = x - mean
+    var = (d * d).sum(axis=axes, keepdims=True, dtype=F32) / count
+    return ((d / np.sqrt(var + F32(eps))) * w + b).astype(F32)
+
+
+_SQRT1_2 = F32(0.7071067811865476)
+_TANH_GELU_C = F32(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_GELU_K = F32(0.044715)
+_erf64 = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
+    """``(x * 0.5) * (1 + erf(x * (1/sqrt 2)))`` (erf correctly rounded to float32), or the tanh
+    form ``(x * 0.5) * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * ((x * x) * x))))``."""
+    x = np.asarray(x, F32)
+    if approximate == "tanh":
+        inner = _TANH_GELU_C * (x + _TANH_GELU_K * ((x * x) * x))
+        t = np.tanh(inner).astype(F32)
+    else:
+        t = _erf64(x * _SQRT1_2).astype(F32) if x.size else x.copy()
+    return ((x * F32(0.5)) * (F32(1) + t)).astype(F32)
+
+
+def slice_axis(x: np.ndarray, axis: int, start: int, end: int) -> np.ndarray:
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, end)
+    return np.ascontiguousarray(x[tuple(index)])
