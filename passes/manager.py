@@ -74,9 +74,11 @@ def run_passes(
     ran: list[str] = []
     records: list[PassRecord] = []
     for i, info in enumerate(infos, 1):
-        missing = [r for r in info.requires if r not in ran]
-        if missing:
-            raise PassFailure(info.name, ran, CsqcError(f"requires {', '.join(missing)} to run first"))
+        unmet = {r.name: r.unmet(graph) for r in info.requires}
+        unmet = {name: nodes for name, nodes in unmet.items() if nodes}
+        if unmet:
+            detail = "; ".join(f"{name} to run first (not yet true for {', '.join(nodes[:4])})" for name, nodes in unmet.items())
+            raise PassFailure(info.name, ran, CsqcError(f"requires {detail}"))
         start = time.perf_counter()
         try:
             result = info.run(graph)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from csqc.bitplanes import pack_planes as pack
 from csqc.ir import Graph, QUANT_LAYER_OPS
 
-from .registry import PassResult, register
+from .registry import PLANES_SPLIT, PassResult, register
 from .rewrite import replace_nodes
 
 __all__ = ["pack_planes", "WORD_BITS"]
@@ -17,7 +17,7 @@ __all__ = ["pack_planes", "WORD_BITS"]
 WORD_BITS = 32  # AVX-512 VPOPCNTD and CUDA __popc both work on 32-bit lanes
 
 
-@register(requires=("split_planes",))
+@register(requires=(PLANES_SPLIT,))
 def pack_planes(g: Graph) -> PassResult:
     """Pack plane-encoded weights into 32-bit words."""
     updated, params = {}, {}

@@ -7,7 +7,7 @@ from typing import Callable
 from csqc.errors import BadInput
 from csqc.ir import Graph
 
-__all__ = ["PassResult", "PassInfo", "register", "get_pass", "registered_passes"]
+__all__ = ["PassResult", "PassInfo", "Requirement", "PLANES_SPLIT", "register", "get_pass", "registered_passes"]
 
 
 @dataclass(frozen=True)
@@ -17,10 +17,27 @@ class PassResult:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    """A property of the graph a pass needs, as a predicate: ``unmet(g)`` lists the nodes that
+    lack it (empty: met). ``name`` says what establishes it, for messages."""
+
+    name: str
+    unmet: Callable[[Graph], list[str]]
+
+
+def _int_encoded_layers(g: Graph) -> list[str]:
+    return [n.name for n in g.quant_layers() if n.quant.encoding == "int"]
+
+
+# quantized layers store bitplanes, not integer weights
+PLANES_SPLIT = Requirement("split_planes", _int_encoded_layers)
+
+
+@dataclass(frozen=True)
 class PassInfo:
     name: str
     run: Callable[[Graph], PassResult]
-    requires: tuple[str, ...]
+    requires: tuple[Requirement, ...]
     exact: bool  # True: interpreter outputs are bit-identical before and after
     doc: str
 
@@ -28,10 +45,12 @@ class PassInfo:
 _REGISTRY: dict[str, PassInfo] = {}
 
 
-def register(*, requires: tuple[str, ...] = (), exact: bool = True):
+def register(*, requires: tuple[Requirement, ...] = (), exact: bool = True):
     """Register ``fn`` under its module's name (``csqc.passes.fold_bn`` -> ``fold_bn``).
 
-    ``requires`` names passes that must have run before (checked by the pass manager);
+    ``requires``: properties the input graph must have (checked by the pass manager on the
+    graph itself, so a pipeline that establishes them another way, or a graph without quantized
+    layers, passes);
     ``exact=False`` marks passes that reassociate float arithmetic (accumulators stay exact).
     """
 

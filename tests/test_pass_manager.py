@@ -132,3 +132,11 @@ def test_an_invalid_input_graph_is_rejected_before_the_first_pass(captured):
 def test_every_registered_pass_has_a_docstring():
     for info in registered_passes().values():
         assert info.doc, info.name
+
+
+def test_a_requirement_is_a_property_of_the_graph_not_a_pass_name(captured):
+    # the requirement holds for a graph split in an earlier run, whatever ran in this one
+    g, _ = captured
+    split, _ = run_passes(g, ["fold_bn", "split_planes"])
+    packed, records = run_passes(split, ["pack_planes"])  # split in an earlier run: met
+    assert records[0].changed and all(n.quant.packed_word for n in packed.quant_layers())

@@ -45,8 +45,14 @@ def test_int_layers_are_left_alone():
     assert not out.changed and out.graph is g
 
 
-def test_pack_planes_declares_that_it_needs_split_planes():
-    assert pack_planes.requires == ("split_planes",)
+def test_pack_planes_needs_plane_encoded_layers(split_layer):
+    (requirement,) = pack_planes.requires
+    assert requirement.name == "split_planes"
+    split = split_layer[0]
+    assert requirement.unmet(split) == []
+    as_int = split.replace(nodes=tuple(n.replace(quant=n.quant.replace(encoding="int", planes=(), zero_point=0))
+                                       if n.quant else n for n in split.nodes))
+    assert requirement.unmet(as_int) == [n.name for n in as_int.quant_layers()]
 
 
 def test_second_run_reports_no_change(split_layer):
