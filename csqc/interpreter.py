@@ -45,7 +45,7 @@ class QValue:
 
 def decode_weight(g: Graph, n: Node) -> np.ndarray:
     """The integer weight (int64, ``weight_shape``) a quantized layer multiplies with."""
-    spec, w = n.quant, g.params[n.inputs[1]]
+    spec, w = n.quant, g.params[n.layer.weight]
     shape = tuple(n.attr("weight_shape"))
     if spec.encoding == "int":
         return w.astype(np.int64).reshape(shape)
@@ -68,8 +68,9 @@ def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping
     q = decode_weight(g, n)
     if planes_used and n.name in planes_used and n.quant.encoding != "int":
         q = _truncated_weight(g, n, planes_used[n.name])
-    mult = g.params[n.inputs[2]]
-    add = g.params[n.inputs[3]] if len(n.inputs) == 4 else None
+    parts = n.layer
+    mult = g.params[parts.mult]
+    add = g.params[parts.add] if parts.add else None
     is_conv = n.op == "qconv2d"
     axis = 1 if is_conv else -1
     if isinstance(x, QValue):
@@ -102,9 +103,9 @@ def _truncated_weight(g: Graph, n: Node, keep: int) -> np.ndarray:
     """PrecisionBatching's run-time knob: only the ``keep`` most significant planes count."""
     spec = n.quant
     sub = n.replace(quant=spec.replace(planes=spec.planes[:keep]))
-    w = g.params[n.inputs[1]][:keep]
-    tmp = g.with_params({n.inputs[1] + "#trunc": w})
-    return decode_weight(tmp, sub.replace(inputs=(n.inputs[0], n.inputs[1] + "#trunc") + n.inputs[2:]))
+    weight = n.layer.weight
+    tmp = g.with_params({weight + "#trunc": g.params[weight][:keep]})
+    return decode_weight(tmp, sub.replace(inputs=tuple(weight + "#trunc" if i == weight else i for i in n.inputs)))
 
 
 def quantization_overflows(scale, levels) -> bool:

@@ -37,7 +37,7 @@ from .optable import OP_TABLE, ShapeError, attr_problems, expected_shape
 
 __all__ = [
     "TensorType", "QuantSpec", "Node", "Value", "Graph", "IRError", "OPS", "ENCODINGS",
-    "QUANT_LAYER_OPS", "save_graph", "load_graph", "verify", "nonfinite_params",
+    "QUANT_LAYER_OPS", "LAYER_OPS", "LayerInputs", "layer_inputs", "save_graph", "load_graph", "verify", "nonfinite_params",
 ]
 
 ENCODINGS = ("int", "posneg", "offset")
@@ -195,6 +195,39 @@ class QuantSpec:
         return cls(**d)
 
 
+LAYER_OPS = QUANT_LAYER_OPS + ("conv2d", "linear")
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """A layer node's inputs by role instead of by position.
+
+    Quantized layers (``qconv2d``, ``qlinear``) take ``x, weight, mult[, add]``; float layers
+    (``conv2d``, ``linear``) take ``x, weight[, bias]`` (``bias`` is their ``add``, ``mult``
+    is None). ``channel_axis`` is where the output channels are (1 for convolutions, -1 else).
+    """
+
+    x: str
+    weight: str
+    mult: str | None
+    add: str | None
+    channel_axis: int
+
+    def with_add(self, add: str) -> tuple[str, ...]:
+        """The node's inputs with ``add`` (a new or the same parameter name) in its place."""
+        head = (self.x, self.weight) + ((self.mult,) if self.mult is not None else ())
+        return head + (add,)
+
+
+def layer_inputs(n: "Node") -> LayerInputs:
+    if n.op not in LAYER_OPS:
+        raise IRError(f"%{n.name} ({n.op}) is not a layer")
+    axis = 1 if n.op in ("qconv2d", "conv2d") else -1
+    if n.op in QUANT_LAYER_OPS:
+        return LayerInputs(n.inputs[0], n.inputs[1], n.inputs[2], n.inputs[3] if len(n.inputs) == 4 else None, axis)
+    return LayerInputs(n.inputs[0], n.inputs[1], None, n.inputs[2] if len(n.inputs) == 3 else None, axis)
+
+
 def _freeze_attr(v):
     if isinstance(v, list):
         return tuple(_freeze_attr(x) for x in v)
@@ -221,6 +254,11 @@ class Node:
 
     def replace(self, **kw) -> "Node":
         return replace(self, **kw)
+
+    @property
+    def layer(self) -> "LayerInputs":
+        """This layer node's inputs by role (``IRError`` for a node that is not a layer)."""
+        return layer_inputs(self)
 
     def attr(self, key: str, default=None):
         """The attribute, else ``default``, else the op table's default for it."""

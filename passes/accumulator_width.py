@@ -31,7 +31,7 @@ def accumulator_bound(g: Graph, n) -> int:
     q = decode_weight(g, n).reshape(shape[0], -1)
     bound = int(np.abs(q).sum(axis=1).max(initial=0)) * levels
     if spec.encoding != "int":
-        w = g.params[n.inputs[1]]
+        w = g.params[n.layer.weight]
         planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
         counts = planes.reshape(len(spec.planes), shape[0], k).sum(axis=2, dtype=np.int64)  # no -1: P may be 0
         plane_sum = sum((1 << s) * counts[i] for i, (s, _) in enumerate(spec.planes)) if spec.planes else 0

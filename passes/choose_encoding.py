@@ -29,7 +29,7 @@ def choose_encoding(g: Graph) -> PassResult:
         q = decode_weight(g, n).reshape(n.attr("weight_shape")[0], -1)
         planes, spec_planes, z = offset_planes(q)
         if len(spec_planes) < len(n.quant.planes):
-            params[n.inputs[1]] = np.ascontiguousarray(planes)
+            params[n.layer.weight] = np.ascontiguousarray(planes)
             updated[n.name] = n.replace(quant=n.quant.replace(encoding="offset", planes=tuple(spec_planes), zero_point=z))
     if not updated:
         return PassResult(g, False)

@@ -29,7 +29,8 @@ def drop_dead_planes(g: Graph) -> PassResult:
         if n.op not in QUANT_LAYER_OPS or n.quant.packed_word:
             continue
         spec = n.quant
-        w = g.params[n.inputs[1]]
+        parts = n.layer
+        w = g.params[parts.weight]
         new_spec, new_w = spec, w
         if spec.encoding != "int":
             keep, folded, zp = [], [], spec.zero_point
@@ -48,7 +49,7 @@ def drop_dead_planes(g: Graph) -> PassResult:
             if len(keep) != len(spec.planes) or zp != spec.zero_point:
                 new_w = w[keep]
                 new_spec = spec.replace(planes=tuple(spec.planes[i] for i in keep), zero_point=zp)
-        q = decode_weight(g.with_params({n.inputs[1]: new_w}), n.replace(quant=new_spec))
+        q = decode_weight(g.with_params({parts.weight: new_w}), n.replace(quant=new_spec))
         k = trailing_zero_bits(q)
         if k:
             if new_spec.encoding == "int":
@@ -62,9 +63,9 @@ def drop_dead_planes(g: Graph) -> PassResult:
             else:
                 k = 0
             if k:
-                params[n.inputs[2]] = (g.params[n.inputs[2]] * np.float32(2**k)).astype(np.float32)
+                params[parts.mult] = (g.params[parts.mult] * np.float32(2**k)).astype(np.float32)
         if new_spec is not spec:
-            params[n.inputs[1]] = np.ascontiguousarray(new_w)
+            params[parts.weight] = np.ascontiguousarray(new_w)
             updated[n.name] = n.replace(quant=new_spec)
     if not updated:
         return PassResult(g, False)

@@ -42,21 +42,22 @@ def fold_bn(g: Graph) -> PassResult:
         layer, _why = _check(g, bn)
         if layer is None or layer.name in updated:
             continue
-        alpha, beta = g.params[bn.inputs[1]].astype(_F32), g.params[bn.inputs[2]].astype(_F32)
+        _, mul, add = bn.inputs
+        alpha, beta = g.params[mul].astype(_F32), g.params[add].astype(_F32)
+        parts = layer.layer
         if layer.op == "conv2d":
-            w = g.params[layer.inputs[1]]
-            b = g.params[layer.inputs[2]] if len(layer.inputs) == 3 else np.zeros(w.shape[0], _F32)
-            wname, bname = layer.inputs[1], g.fresh_name(f"{layer.name}.bias") if len(layer.inputs) == 2 else layer.inputs[2]
-            params[wname] = (w * alpha.reshape(-1, 1, 1, 1)).astype(_F32)
+            w = g.params[parts.weight]
+            b = g.params[parts.add] if parts.add else np.zeros(w.shape[0], _F32)
+            bname = parts.add or g.fresh_name(f"{layer.name}.bias")
+            params[parts.weight] = (w * alpha.reshape(-1, 1, 1, 1)).astype(_F32)
             params[bname] = (b * alpha + beta).astype(_F32)
-            updated[layer.name] = layer.replace(inputs=(layer.inputs[0], wname, bname), type=bn.type)
         else:
-            mult = g.params[layer.inputs[2]]
-            add = g.params[layer.inputs[3]] if len(layer.inputs) == 4 else np.zeros_like(mult)
-            add_name = layer.inputs[3] if len(layer.inputs) == 4 else g.fresh_name(f"{layer.name}.add")
-            params[layer.inputs[2]] = (mult * alpha).astype(_F32)
-            params[add_name] = (add * alpha + beta).astype(_F32)
-            updated[layer.name] = layer.replace(inputs=layer.inputs[:3] + (add_name,), type=bn.type)
+            mult = g.params[parts.mult]
+            old_add = g.params[parts.add] if parts.add else np.zeros_like(mult)
+            bname = parts.add or g.fresh_name(f"{layer.name}.add")
+            params[parts.mult] = (mult * alpha).astype(_F32)
+            params[bname] = (old_add * alpha + beta).astype(_F32)
+        updated[layer.name] = layer.replace(inputs=parts.with_add(bname), type=bn.type)
         removed.append(bn.name)
         rename[bn.name] = layer.name
     if not removed:

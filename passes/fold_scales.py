@@ -46,19 +46,20 @@ def fold_scales(g: Graph) -> PassResult:
             layer = producers[layer_name]
             if layer.attr("act", "none") != "none" or single_user(g, layer_name) is not n:
                 continue
-            axis = 1 if layer.op == "qconv2d" else -1
+            parts = layer.layer
+            axis = parts.channel_axis
             channels = layer.type.shape[axis]
             c = _per_channel(g.params[const_name], len(layer.type.shape), channels, axis)
             if c is None or n.type.shape != layer.type.shape:
                 continue
-            mult = g.params[layer.inputs[2]]
-            add = g.params[layer.inputs[3]] if len(layer.inputs) == 4 else np.zeros_like(mult)
-            add_name = layer.inputs[3] if len(layer.inputs) == 4 else g.fresh_name(f"{layer.name}.add")
+            mult = g.params[parts.mult]
+            add = g.params[parts.add] if parts.add else np.zeros_like(mult)
+            add_name = parts.add or g.fresh_name(f"{layer.name}.add")
             if n.op == "mul":
-                params = {layer.inputs[2]: (mult * c).astype(np.float32), add_name: (add * c).astype(np.float32)}
+                params = {parts.mult: (mult * c).astype(np.float32), add_name: (add * c).astype(np.float32)}
             else:
                 params = {add_name: (add + c).astype(np.float32)}
-            new_layer = layer.replace(inputs=layer.inputs[:3] + (add_name,))
+            new_layer = layer.replace(inputs=parts.with_add(add_name))
             g = replace_nodes(g, {layer.name: new_layer}, [n.name], {n.name: layer.name}, params)
             changed = True
             break

@@ -40,15 +40,16 @@ def _check(g: Graph, n: Node) -> str:
 
 def _constant(g: Graph, n: Node) -> np.ndarray:
     """The layer's output for a zero accumulator, per channel, in the interpreter's float order."""
-    mult = g.params[n.inputs[2]]
+    parts = n.layer
+    mult = g.params[parts.mult]
     # a zero accumulator gives +0 before the multiplier: (float32(0) * S) / L with S >= 0,
     # or the float product of zero weights; the sign of zero then follows mult as there
     y = np.zeros(mult.shape, _F32) * mult
-    if len(n.inputs) == 4:
-        y = y + g.params[n.inputs[3]]
+    if parts.add:
+        y = y + g.params[parts.add]
     y = _activation(n, y.astype(_F32)).astype(_F32)
     shape = [1] * len(n.type.shape)
-    shape[1 if n.op == "qconv2d" else -1] = -1
+    shape[parts.channel_axis] = -1
     return np.ascontiguousarray(y.reshape(shape))
 
 

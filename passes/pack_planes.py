@@ -24,7 +24,8 @@ def pack_planes(g: Graph) -> PassResult:
     for n in g.nodes:
         if n.op not in QUANT_LAYER_OPS or n.quant.encoding == "int" or n.quant.packed_word:
             continue
-        params[n.inputs[1]] = pack(g.params[n.inputs[1]], WORD_BITS)
+        weight = n.layer.weight
+        params[weight] = pack(g.params[weight], WORD_BITS)
         updated[n.name] = n.replace(quant=n.quant.replace(packed_word=WORD_BITS))
     if not updated:
         return PassResult(g, False)

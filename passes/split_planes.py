@@ -38,7 +38,7 @@ def split_planes(g: Graph) -> PassResult:
             plane_spec = [(s - spec.low_shift, g_) for s, g_ in plane_spec]
             keep = [i for i, (s, _) in enumerate(plane_spec) if s >= 0]
             planes, plane_spec = planes[keep], [plane_spec[i] for i in keep]
-        params[n.inputs[1]] = np.ascontiguousarray(planes, dtype=np.uint8)
+        params[n.layer.weight] = np.ascontiguousarray(planes, dtype=np.uint8)
         updated[n.name] = n.replace(quant=spec.replace(encoding="posneg", planes=tuple(plane_spec), zero_point=0))
     if not updated:
         return PassResult(g, False)
