@@ -602,6 +602,25 @@ def demo(recipe, out_dir, as_json):
         _emit_json({"ok": True, **payload})
 
 
+@cli.command()
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown (the README's operator table).")
+@json_option
+def ops(markdown, as_json):
+    """The IR ops and the runtimes that run them (capture maps PyTorch ops onto these)."""
+    from .targets.registry import support_matrix, support_table_markdown
+
+    if as_json:
+        _emit_json({"ok": True, "ops": support_matrix()})
+    elif markdown:
+        click.echo(support_table_markdown(), nl=False)
+    else:
+        matrix = support_matrix()
+        runtimes = list(next(iter(matrix.values())))
+        rows = [[op] + ["yes" if row[r] else "no" for r in runtimes] for op, row in matrix.items()]
+        console = stdout_console()
+        console.print(fit_table("IR ops per runtime", [Column("op")] + [Column(r) for r in runtimes], rows, console.width))
+
+
 def main(argv=None):
     from .outputs import terminate_on_signals
 

@@ -16,7 +16,7 @@ from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 
 __all__ = ["BUILTIN", "CompileOptions", "Target", "register", "get_target", "registered_targets", "check_coverage",
-           "describe_nodes"]
+           "describe_nodes", "support_matrix", "support_table_markdown"]
 
 # subpackages with an ``entry`` module, in the order the CLI and error messages list them
 BUILTIN = ("llvm", "aarch64", "cuda", "onnx")
@@ -53,6 +53,8 @@ class Target:
     emit: Callable[[Graph, Path, CompileOptions], dict]
     # coverage, asked before lowering: ``(op or op [form], node)`` for every node it cannot lower
     unsupported: Callable[[Graph], list[tuple[str, str]]]
+    # the IR ops it lowers (some in every form but those ``unsupported`` names), for the docs
+    ops: Callable[[], frozenset[str]]
 
 
 _REGISTRY: dict[str, Target] = {}
@@ -87,6 +89,28 @@ def describe_nodes(missing: list[tuple[str, str]]) -> str:
         at.setdefault(op, []).append(node)
     return "; ".join(f"{op} (at {', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''})"
                      for op, nodes in sorted(at.items()))
+
+
+def support_matrix() -> dict[str, dict[str, bool]]:
+    """op -> {"interpreter": True, target: lowers it} for every op of the op table."""
+    from csqc.optable import OP_TABLE
+
+    lowered = {name: t.ops() for name, t in registered_targets().items()}
+    return {op: {"interpreter": True, **{name: op in ops for name, ops in lowered.items()}} for op in OP_TABLE}
+
+
+def support_table_markdown() -> str:
+    """The README's table of supported IR ops per runtime (``csqc ops --markdown``)."""
+    from csqc.optable import OP_TABLE
+
+    matrix = support_matrix()
+    runtimes = list(next(iter(matrix.values())))
+    lines = ["| op | what it computes | " + " | ".join(runtimes) + " |",
+             "|---|---|" + "---|" * len(runtimes)]
+    for op, row in matrix.items():
+        doc = OP_TABLE[op].doc.replace("|", "\\|")
+        lines.append(f"| `{op}` | {doc} | " + " | ".join("yes" if row[r] else "**no**" for r in runtimes) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def get_target(name: str) -> Target:

@@ -28,8 +28,14 @@ def _unsupported(graph: Graph) -> list[tuple[str, str]]:
     return unsupported_ops(graph)
 
 
+def _ops() -> frozenset[str]:
+    from csqc.targets.tvm.lower import lowerable_ops
+
+    return lowerable_ops()
+
+
 TARGET = register(Target(
     name="aarch64", description="TVM ARM64 CPU: bit-serial NEON kernels, cross-compiled shared library",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=False, emulated=True, check=_check, emit=_emit,
-    unsupported=_unsupported,
+    unsupported=_unsupported, ops=_ops,
 ))

@@ -29,8 +29,14 @@ def _unsupported(graph: Graph) -> list[tuple[str, str]]:
     return unsupported_ops(graph)
 
 
+def _ops() -> frozenset[str]:
+    from csqc.targets.tvm.lower import lowerable_ops
+
+    return lowerable_ops()
+
+
 TARGET = register(Target(
     name="cuda", description="TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=True, emulated=False, check=_check, emit=_emit,
-    unsupported=_unsupported,
+    unsupported=_unsupported, ops=_ops,
 ))

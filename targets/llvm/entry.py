@@ -27,8 +27,14 @@ def _unsupported(graph: Graph) -> list[tuple[str, str]]:
     return unsupported_ops(graph)
 
 
+def _ops() -> frozenset[str]:
+    from csqc.targets.tvm.lower import lowerable_ops
+
+    return lowerable_ops()
+
+
 TARGET = register(Target(
     name="llvm", description="TVM CPU: bit-serial / bit-parallel kernels, one shared library",
     pipeline="default", suffix=".so", runs_here=True, needs_gpu=False, emulated=False, check=_check, emit=_emit,
-    unsupported=_unsupported,
+    unsupported=_unsupported, ops=_ops,
 ))

@@ -42,8 +42,14 @@ def _unsupported(graph: Graph) -> list[tuple[str, str]]:
     return unsupported_ops(graph)
 
 
+def _ops() -> frozenset[str]:
+    from .reference import EMITTERS
+
+    return frozenset(EMITTERS)
+
+
 TARGET = register(Target(
     name="onnx", description="ONNX: integer-exact reference graph (or --onnx-form deploy)",
     pipeline="integer", suffix=".onnx", runs_here=True, needs_gpu=False, emulated=False, check=_check, emit=_emit,
-    unsupported=_unsupported,
+    unsupported=_unsupported, ops=_ops,
 ))

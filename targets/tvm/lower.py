@@ -33,7 +33,7 @@ from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from .backend import LayerChoice, TvmBackend
 
-__all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lower_graph"]
+__all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_ops", "lower_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +482,11 @@ def lower_graph(g: Graph, *, backend: TvmBackend, force_kernel: str | None = Non
     if missing:  # every gap in one error, before any kernel is built
         raise CompileError(f"the {backend.name} target cannot lower op(s): {describe_nodes(missing)}")
     return _Lowerer(g, backend, force_kernel, on_layer).lower()
+
+
+def lowerable_ops() -> frozenset[str]:
+    """The IR ops the planner has a lowering for (its ``lower_<key>`` for the op table's key)."""
+    return frozenset(op for op, d in OP_TABLE.items() if d.tvm and hasattr(_Lowerer, f"lower_{d.tvm}"))
 
 
 def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
