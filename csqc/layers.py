@@ -43,6 +43,9 @@ _INIT_LOGIT = 2.0  # |logit| of a bit initialised from float weights: sigmoid(2)
 _KEPT_LOGIT_FLOOR = 0.5
 
 
+_LOAD_CHUNK_ELEMENTS = 1 << 20  # bit logits per chunk of load_float_weight (4 MiB)
+
+
 def _mask_to_int(mask: Iterable[bool]) -> int:
     return sum(1 << b for b, on in enumerate(mask) if on)
 
@@ -67,8 +70,9 @@ class _CSQMixin:
         self.register_buffer("exps", 2.0 ** torch.arange(n_bits, dtype=torch.float32) / (2**n_bits - 1))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
         self.input_quant: ActQuant | None = None
-        nn.init.kaiming_uniform_(self.pweight[..., 0], a=math.sqrt(5))
-        self.load_float_weight(self.pweight[..., 0].detach().clone())
+        w = torch.empty(weight_shape)  # nn.Linear's default init, then its bits
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.load_float_weight(w)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -76,16 +80,24 @@ class _CSQMixin:
 
     @torch.no_grad()
     def load_float_weight(self, w: Tensor) -> None:
-        """Initialise bits from a float weight: ``|w|`` rounded to N bits of ``max|w|``."""
+        """Initialise bits from a float weight: ``|w|`` rounded to N bits of ``max|w|``.
+
+        Works through the output channels in chunks, so the temporaries stay a few MiB whatever
+        the layer's size (converting a large model is bounded by the bit parameters themselves).
+        """
         levels = 2**self.n_bits - 1
         s = w.abs().max()
         if s == 0:
             s = torch.tensor(1.0)
-        mag = torch.round(w.abs() * levels / s).to(torch.int64)
-        bits = torch.stack([(mag >> b) & 1 for b in range(self.n_bits)], dim=-1).float()
-        pos = (w > 0).unsqueeze(-1).float()
-        self.pweight.copy_(torch.where(bits * pos > 0, _INIT_LOGIT, -_INIT_LOGIT))
-        self.nweight.copy_(torch.where(bits * (1 - pos) > 0, _INIT_LOGIT, -_INIT_LOGIT))
+        exps = 2 ** torch.arange(self.n_bits, dtype=torch.int32)
+        rows = max(1, _LOAD_CHUNK_ELEMENTS // max(1, w[0].numel() * self.n_bits))
+        for start in range(0, w.shape[0], rows):
+            part = w[start:start + rows]
+            mag = torch.round(part.abs() * levels / s).to(torch.int32).unsqueeze(-1)
+            bits = (mag & exps) > 0  # [rows, ..., N] bool
+            pos = (part > 0).unsqueeze(-1)
+            self.pweight[start:start + rows] = torch.where(bits & pos, _INIT_LOGIT, -_INIT_LOGIT)
+            self.nweight[start:start + rows] = torch.where(bits & ~pos, _INIT_LOGIT, -_INIT_LOGIT)
         self.scale.fill_(float(s))
         self.mask_weight.fill_(_INIT_LOGIT)
 
@@ -127,14 +139,13 @@ class _CSQMixin:
 
     @torch.no_grad()
     def integer_weight(self) -> Tensor:
-        """The hardened integer weight ``q`` (what ``finalize`` stores)."""
+        """The hardened integer weight ``q`` (what ``finalize`` stores), int32."""
         if self.finalized:
             return self.q.clone()
-        p = (self.pweight > 0).to(torch.int32)
-        n = (self.nweight > 0).to(torch.int32)
-        m = (self.mask_weight > 0).to(torch.int32)
-        weights = m * (2 ** torch.arange(self.n_bits, dtype=torch.int32))
-        return ((p - n) * weights).sum(-1)
+        q = torch.zeros(self.pweight.shape[:-1], dtype=torch.int32)
+        for b in self.active_bits():  # one bit plane at a time: temporaries stay one weight's size
+            q += ((self.pweight[..., b] > 0).to(torch.int32) - (self.nweight[..., b] > 0).to(torch.int32)) << b
+        return q
 
     @torch.no_grad()
     def finalize(self) -> None:
