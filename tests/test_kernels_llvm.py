@@ -330,3 +330,45 @@ def test_tune_bitparallel_conv2d_caches_a_candidate():
 def test_cpu_target_names_the_cpu():
     target = kernels.cpu_target()
     assert str(target.attrs["mcpu"]) not in ("", "generic")
+
+
+# ------------------------------------------------------------------------------------------
+# Weight-only (float activations x weight planes, table lookups)
+# ------------------------------------------------------------------------------------------
+def _lut_case(m, n, k, bits, encoding):
+    q = random_q((n, k), bits, encoding)
+    planes, spec, zero_point = planes_from_q(q, bits, encoding)
+    tiles = kernels.lut_tiles_per_task(len(spec), -(-n // kernels.LUT_LANES))
+    w = kernels.pack_lut_weight(packing.pack_weight_planes(planes, lanes=kernels.LUT_LANES), tiles)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    kernel = built(kernels.lut_dense, m, n, k, spec, bool(zero_point), tiles)
+    return q, spec, zero_point, w, x, kernel
+
+
+@pytest.mark.parametrize("m, n, k, bits, encoding", [
+    (1, 64, 256, 2, "offset"),  # whole tiles and words
+    (3, 37, 70, 3, "offset"),  # ragged N (last tile), K not a multiple of 32 (zero-padded table)
+    (8, 48, 96, 4, "offset"),
+    (2, 20, 33, 2, "posneg"),  # +/- planes, no zero point
+])
+def test_lut_dense_matches_float_reference(m, n, k, bits, encoding):
+    q, spec, zero_point, w, x, kernel = _lut_case(m, n, k, bits, encoding)
+    y = kernel(x, w, len(spec), zero_point)
+    reference = x @ q.astype(np.float32).T  # the IR's float-input product: x @ float32(q).T
+    assert y.dtype == np.float32 and y.shape == (m, n)
+    np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_lut_dense_runtime_plane_count_drops_low_planes():
+    q, spec, zero_point, w, x, kernel = _lut_case(2, 40, 64, 3, "offset")
+    planes, _, _ = planes_from_q(q, 3, "offset")
+    kept = 2  # the top two planes: q' = 4 * plane_0 + 2 * plane_1 - zero_point
+    coarse = sum(sign * (1 << shift) * planes[p].astype(np.int64) for p, (shift, sign) in enumerate(spec[:kept]))
+    reference = x @ (coarse - zero_point).astype(np.float32).T
+    np.testing.assert_allclose(kernel(x, w, kept, zero_point), reference, rtol=1e-5,
+                               atol=1e-5 * np.abs(reference).max())
+
+
+def test_lut_dense_assembly_looks_up_with_vpermps():
+    *_, kernel = _lut_case(1, 64, 256, 2, "offset")
+    assert "vpermps" in kernel.assembly()

@@ -18,6 +18,8 @@ every kernel is its output buffer; scalars come right before it.
   stops after the first planes (PrecisionBatching); the test is lane-uniform, once per plane.
 * :func:`bitparallel_dense` -- int8 weights (combined at pack time), u8 x s8 dot products with
   AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
+* :func:`lut_dense` (from :mod:`.weightonly`) -- float activations x weight planes by table
+  lookups, for quantized linear layers whose input is not quantized.
 * :func:`bitserial_conv2d`, :func:`bitparallel_conv2d` -- implicit GEMM per group (im2col fused
   into the activation packing, so no im2col buffer); depthwise (one input channel per group)
   uses a direct int32 kernel.
@@ -35,6 +37,7 @@ from tvm.script import tirx as T
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
+from .weightonly import LUT_LANES, lut_dense, lut_tiles_per_task, pack_lut_weight
 
 __all__ = [
     "BitserialKnobs",
@@ -46,6 +49,10 @@ __all__ = [
     "bitparallel_dense",
     "bitserial_conv2d",
     "bitparallel_conv2d",
+    "LUT_LANES",
+    "lut_dense",
+    "lut_tiles_per_task",
+    "pack_lut_weight",
 ]
 
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"

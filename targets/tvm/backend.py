@@ -20,7 +20,7 @@ __all__ = ["LayerChoice", "TvmBackend"]
 
 @dataclass
 class LayerChoice:
-    kernel: str  # bitserial | bitparallel | float
+    kernel: str  # bitserial | bitparallel | lut (float input, x86) | float
     reason: str
 
 

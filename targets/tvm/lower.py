@@ -11,6 +11,9 @@ Per quantized layer the backend picks a kernel (``TvmBackend.choose_kernel``):
     scales with planes x activation bits, so it wins for few rows (batch-1 matrix-vector);
   * ``bitparallel``: planes combined into int8 weights, VNNI int8 dot products; wins once many
     output rows share each weight load (convolutions with large outputs, batch >= 16);
+  * ``lut`` (weight-only, linear layers with float input): table lookups of partial sums of
+    four float activations indexed by nibbles of the packed weight planes (T-MAC style), so the
+    weights stream at their plane count in bits instead of 32; wins for few rows;
   * ``float``: the layer's input is not quantized (e.g. a network's first layer), so it runs
     as a float convolution on the integer weights, then the same epilogue.
 """
@@ -198,10 +201,13 @@ class _Lowerer:
         info = {"kernel": choice.kernel, "reason": choice.reason, "planes": spec.num_planes,
                 "plane_shifts": [int(shift) for shift, _ in spec.planes]}  # most significant first
         self.plan.layers[n.name] = info
-        if choice.kernel == "float":
+        if choice.kernel in ("float", "lut"):
             info["tensors"] = {"in": self.ref(n.inputs[0]), "out": n.name}
             acc = self.plan.buffer(f"{n.name}.accf", shape, _F32)
-            self._float_product(n, q.astype(np.float32), acc)
+            if choice.kernel == "lut":
+                self._lut_product(n, info, acc)
+            else:
+                self._float_product(n, q.astype(np.float32), acc)
             key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)"
             f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32", False))
             self.plan.call(f, [acc, mult] + ([add] if add else []) + [self.out(n)], n.name)
@@ -331,6 +337,22 @@ class _Lowerer:
         if name not in self.plan.buffers:
             self.plan.buffer(name, (int(np.prod(shape[:-1])), shape[-1]), self.plan.buffers[codes]["dtype"], alias=codes)
         return name
+
+    def _lut_product(self, n: Node, info: dict, out: str) -> None:
+        """``out = x @ float32(q).T`` of a float-input linear layer by table lookups over its planes."""
+        planes, plane_spec, z = self._planes(n)
+        shape = n.attr("weight_shape")
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+        tiles = self.kernels.lut_tiles_per_task(len(plane_spec), -(-shape[0] // self.kernels.LUT_LANES))
+        packed = self.kernels.pack_lut_weight(self.packing.pack_weight_planes(
+            planes.reshape(len(plane_spec), shape[0], k), lanes=self.kernels.LUT_LANES), tiles)
+        key = f"lutdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{tiles})"
+        f = self.plan.func(key, lambda: self.kernels.lut_dense(m, shape[0], k, plane_spec, bool(z), tiles))
+        w = self.plan.weight(f"{n.name}.lutplanes", packed)
+        info.update(encoding="offset" if z else n.quant.encoding, zero_point=int(z))
+        self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name}, {"int": int(z)},
+                           self._flat(out, m, shape[0])], n.name)
 
     def _float_product(self, n: Node, w: np.ndarray, out: str) -> None:
         x = self.ref(n.inputs[0])

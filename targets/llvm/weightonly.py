@@ -1,0 +1,190 @@
+"""The weight-only dense kernel of the LLVM (CPU) target: float activations x low-bit weight planes.
+
+A quantized linear layer whose input is not quantized (``act_bits`` None) computes
+``acc[m, n] = sum_k x[m, k] * float32(q[n, k])`` in float32 (the IR contract of a float-input
+layer; the epilogue then applies ``mult`` and ``add``). Instead of decoding ``q`` to fp32 (32
+bits per weight streamed), this kernel reads the bit-serial weight planes (``P`` bits per weight)
+and looks partial sums up in a table, in the style of T-MAC:
+
+* per row ``m``, every group of four activations that share a packed nibble position gets a
+  16-entry table ``T[i] = sum_{t<4} bit_t(i) * x[k_t]`` (float32, one zmm per group);
+* a plane word holds 32 weight bits of one output (the interleaved bit order of
+  ``packing.pack_bits_along_k``: bit ``b`` of word ``w`` is ``k = b*KW + w``); its nibble ``s``
+  indexes the table of ``k = (4s + t)*KW + w``, ``t < 4``. With lanes along N, one ``vpermps``
+  (``llvm.x86.avx512.permvar.sf.512``, which reads only the low 4 index bits, so a plain shift
+  selects the nibble) gives 16 outputs' partial sums of four activations for one plane;
+* each plane has its own accumulators; ``acc = sum_p sign_p 2^shift_p acc_p - z * sum_k x[m, k]``
+  at the end (power-of-two scaling is exact). Planes at or after the run-time ``n_planes`` get
+  coefficient 0 (PrecisionBatching's plane skipping, as in the bit-serial kernel).
+
+Work is ``P/4`` table lookups per weight and row against one FMA per weight for the fp32
+kernel, and the weights stream at ``P`` bits instead of 32: it wins for few rows and few planes
+(``backend.choose_kernel`` weighs that). Float sums run in another order than numpy's, so the
+result agrees within float tolerance, like every float layer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .packing import WORD_BITS, words_for
+
+__all__ = ["LUT_LANES", "lut_tiles_per_task", "pack_lut_weight", "lut_dense"]
+
+LUT_LANES = 16  # outputs per vector tile: 16 float32 lanes of one zmm (the packed weight lanes)
+_GROUP = 4  # activations per table: a nibble of weight bits indexes 16 entries
+_NIBBLES = WORD_BITS // _GROUP
+_VPERMPS = "llvm.x86.avx512.permvar.sf.512"
+# register-sized scratch stays an LLVM alloca (see kernels._ON_STACK)
+_ON_STACK = {"disable_lower_builtin": True}
+
+
+def _check(shifts_signs) -> list[tuple[int, int]]:
+    planes = [(int(shift), int(sign)) for shift, sign in shifts_signs]
+    if not planes:
+        raise ValueError("at least one weight plane is required")
+    for shift, sign in planes:
+        if sign not in (1, -1) or not 0 <= shift <= 15:
+            raise ValueError(f"invalid plane (shift={shift}, sign={sign})")
+    return planes
+
+
+def _plane_coefficient(p, n_planes, shifts_signs) -> tirx.PrimExpr:
+    """float32 ``sign_p * 2^shift_p`` of plane index ``p`` (a Select chain folded when the loop is
+    unrolled), 0 for a plane at or after ``n_planes``."""
+    expr = tirx.const(0.0, "float32")
+    for index in reversed(range(len(shifts_signs))):
+        shift, sign = shifts_signs[index]
+        expr = tirx.Select(p == index, tirx.const(float(sign * (1 << shift)), "float32"), expr)
+    return tirx.Select(p < n_planes, expr, tirx.const(0.0, "float32"))
+
+
+def lut_tiles_per_task(planes: int, n_tiles: int, tiles_per_task: int = 0) -> int:
+    """Output tiles sharing each table load: ``tiles x planes`` accumulators, plus as many plane
+    words in flight, must fit the 32 zmm registers (8 accumulators measured best here)."""
+    return max(1, min(tiles_per_task or max(1, 8 // planes), n_tiles))
+
+
+def pack_lut_weight(packed_planes: np.ndarray, tiles_per_task: int) -> np.ndarray:
+    """The bit-serial plane layout ``[N_tiles, P, KW, 16]`` (``packing.pack_weight_planes``)
+    regrouped for :func:`lut_dense`: ``[blocks, KW, tiles_per_task, P, 16]``, so that one task
+    streams one contiguous range (N padded with zero tiles to whole blocks)."""
+    n_tiles, planes, kw, lanes = packed_planes.shape
+    if lanes != LUT_LANES:
+        raise ValueError(f"the weight-only kernel reads {LUT_LANES}-lane plane tiles, got {lanes}")
+    blocks = -(-n_tiles // tiles_per_task)
+    padded = np.zeros((blocks * tiles_per_task, planes, kw, lanes), packed_planes.dtype)
+    padded[:n_tiles] = packed_planes
+    return np.ascontiguousarray(padded.reshape(blocks, tiles_per_task, planes, kw, lanes).transpose(0, 3, 1, 2, 4))
+
+
+def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], zero_point: bool,
+              tiles_per_task: int = 0) -> tirx.PrimFunc:
+    """Weight-only dense kernel (float32 activations, bit-plane weights, float32 accumulators).
+
+    Signature of the returned PrimFunc::
+
+        main(x: float32[M, K], w_planes: uint32[blocks, KW, tiles_per_task, P, 16],
+             n_planes: int32, zero_point: int32, y: float32[M, N])
+
+    ``w_planes`` comes from ``pack_lut_weight(packing.pack_weight_planes(planes, lanes=16),
+    lut_tiles_per_task(P, ceil(N/16)))``, ``shifts_signs``
+    lists ``(shift, sign)`` per plane, most significant first. With ``zero_point=True`` (offset
+    encoding) the kernel subtracts ``zero_point * sum_k x[m, k]``. ``tiles_per_task``: output
+    tiles sharing each table load (0: :func:`lut_tiles_per_task` picks).
+    """
+    shifts_signs = _check(shifts_signs)
+    planes = len(shifts_signs)
+    with_zero_point = bool(zero_point)
+    lanes = LUT_LANES
+    kw = words_for(K)
+    k_padded = kw * WORD_BITS
+    n_tiles = -(-N // lanes)
+    block = lut_tiles_per_task(planes, n_tiles, tiles_per_task)
+    blocks = -(-n_tiles // block)
+    last_tile_width = N - (n_tiles - 1) * lanes
+
+    @T.macro
+    def build_tables(x, table, rowsum, m):
+        # zero-padded copy of the row: positions k >= K add nothing to any table entry
+        row = T.alloc_buffer((k_padded,), "float32")
+        for k in T.vectorized(k_padded):
+            row[k] = T.float32(0)
+        for k in T.vectorized(K):
+            row[k] = x[m, k]
+        for w in range(kw):
+            for s in T.unroll(_NIBBLES):
+                for i in T.vectorized(_GROUP * _GROUP):
+                    # entry i sums the activations whose bit is set in i (selected by a 0/1 factor)
+                    table[m, w, s, i] = (
+                        (row[(_GROUP * s) * kw + w] * T.Cast("float32", i & 1)
+                         + row[(_GROUP * s + 1) * kw + w] * T.Cast("float32", (i >> 1) & 1))
+                        + (row[(_GROUP * s + 2) * kw + w] * T.Cast("float32", (i >> 2) & 1)
+                           + row[(_GROUP * s + 3) * kw + w] * T.Cast("float32", (i >> 3) & 1)))
+        if with_zero_point:
+            part = T.alloc_buffer((lanes,), "float32", scope="local", annotations=_ON_STACK)
+            for lane in T.vectorized(lanes):
+                part[lane] = T.float32(0)
+            for v in range(k_padded // lanes):
+                for lane in T.vectorized(lanes):
+                    part[lane] = part[lane] + row[v * lanes + lane]
+            total = T.alloc_buffer((1,), "float32", scope="local", annotations=_ON_STACK)
+            total[0] = T.float32(0)
+            for lane in range(lanes):
+                total[0] = total[0] + part[lane]
+            rowsum[m] = total[0]
+
+    @T.macro
+    def store(y, value, m, tile):
+        if last_tile_width == lanes:
+            y[m, T.ramp(tile * lanes, 1, lanes)] = value
+        elif tile < n_tiles - 1:
+            y[m, T.ramp(tile * lanes, 1, lanes)] = value
+        else:
+            spill = T.alloc_buffer((lanes,), "float32", scope="local", annotations=_ON_STACK)
+            spill[T.ramp(0, 1, lanes)] = value
+            for lane in range(last_tile_width):
+                y[m, tile * lanes + lane] = spill[lane]
+
+    @T.macro
+    def tile_block(w_planes, table, rowsum, y, n_planes, zero_point, task, m):
+        acc = T.alloc_buffer((block, planes), "float32x16", scope="local", annotations=_ON_STACK)
+        for b in T.unroll(block):
+            for p in T.unroll(planes):
+                acc[b, p] = T.broadcast(T.float32(0), lanes)
+        for w in range(kw):
+            for s in T.unroll(_NIBBLES):
+                for b in T.unroll(block):
+                    for p in T.unroll(planes):
+                        acc[b, p] = acc[b, p] + T.call_llvm_pure_intrin(
+                            "float32x16", _VPERMPS, table[m, w, s, T.ramp(0, 1, lanes)],
+                            T.reinterpret("int32x16", w_planes[task, w, b, p, T.ramp(0, 1, lanes)]
+                                          >> T.broadcast(T.uint32(_GROUP * s), lanes)))
+        for b in range(block):
+            if task * block + b < n_tiles:
+                total = T.alloc_buffer((1,), "float32x16", scope="local", annotations=_ON_STACK)
+                total[0] = T.broadcast(T.float32(0), lanes)
+                for p in T.unroll(planes):
+                    total[0] = total[0] + acc[b, p] * T.broadcast(_plane_coefficient(p, n_planes, shifts_signs), lanes)
+                if with_zero_point:
+                    total[0] = total[0] - T.broadcast(T.Cast("float32", zero_point) * rowsum[m], lanes)
+                store(y, total[0], m, task * block + b)
+
+    @T.prim_func
+    def main(x: T.Buffer((M, K), "float32"),
+             w_planes: T.Buffer((blocks, kw, block, planes, lanes), "uint32"),
+             n_planes: T.int32, zero_point: T.int32,
+             y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tir.noalias": True})
+        table = T.alloc_buffer((M, kw, _NIBBLES, _GROUP * _GROUP), "float32")
+        rowsum = T.alloc_buffer((M,), "float32")
+        for m in T.parallel(M):
+            build_tables(x, table, rowsum, m)
+        for task in T.parallel(blocks):
+            for m in range(M):
+                tile_block(w_planes, table, rowsum, y, n_planes, zero_point, task, m)
+
+    return main
