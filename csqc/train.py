@@ -24,6 +24,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Split, load_digits_split
 from .distributed import Parallel
 from .errors import BadInput, TrainingFailed
+from .outputs import check_output
 from .models import digits_cnn, digits_mlp
 from .terminal import progress_bar
 
@@ -349,6 +350,8 @@ def train_csq(
     if checkpoint_every < 1:
         raise BadInput(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     parallel = Parallel.from_env(device)
+    if checkpoint is not None and parallel.is_main:
+        check_output(checkpoint, what="checkpoint")  # refused now, not after the first epochs
     examples = training_examples(data)
     held_out, is_training = evaluation_examples(data, eval_data)
     model.to(parallel.device)

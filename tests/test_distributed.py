@@ -97,6 +97,12 @@ def _resume(path, digits, model=None, **kw):
     return csqc.train_csq(model or _tiny_csq_model(), digits, resume=path, **settings)
 
 
+def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_training(digits, tmp_path):
+    with pytest.raises(BadInput, match="checkpoint"):
+        csqc.train_csq(_tiny_csq_model(), digits, epochs=1, checkpoint=tmp_path / "no" / "such" / "run.ckpt",
+                       on_epoch=lambda *_: pytest.fail("trained before checking the checkpoint path"))
+
+
 def test_resume_refuses_another_runs_settings(checkpoint_file, digits):
     with pytest.raises(BadInput, match=r"written by a run with target_bits=3.0, this run has target_bits=2.0"):
         _resume(checkpoint_file, digits, target_bits=2.0)
