@@ -30,6 +30,7 @@ _LAZY = {
     "convert": ("layers", "convert"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),
     "CsqcModel": ("modelfile", "CsqcModel"), "save": ("modelfile", "save"), "load": ("modelfile", "load"),
     "train_float": ("train", "train_float"), "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
+    "train_factory": ("train", "train_factory"), "TrainingRun": ("train", "TrainingRun"),
     "capture": ("capture", "capture"), "optimize": ("compiler", "optimize"), "compile": ("compiler", "compile"),
     "inspect": ("compiler", "inspect"), "verify": ("verify", "verify"),
 }

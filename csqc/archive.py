@@ -41,7 +41,8 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
             if array.dtype.hasobject:
                 raise TypeError(f"{name}: object arrays cannot be stored without pickle")
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # which makes 0-d 1-d
+            np.lib.format.write_array(member, contiguous, allow_pickle=False)
             write_member(z, f"{name}.npy", member.getvalue())
     return buf.getvalue()
 

@@ -178,30 +178,64 @@ def _bits_cell(active: list[int], n_bits: int) -> str:
 
 
 @cli.command()
-@click.argument("recipe", type=click.Choice(["digits-mlp", "digits-cnn"]))
+@click.argument("recipe", type=click.Choice(["digits-mlp", "digits-cnn"]), required=False)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.pt).")
 @click.option("--target-bits", default=3.0, show_default=True, type=float, help="Average weight-bit budget.")
-@click.option("--epochs", type=int, help="CSQ training epochs (default: the recipe's).")
+@click.option("--epochs", type=int, help="CSQ training epochs (default: the recipe's; 10 with --data).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--data", "data_factory", metavar="MODULE:CALLABLE",
+              help="Train on your data instead of a recipe: a factory (runs your code) returning "
+                   "(train_loader, eval_loader, float_model). MODULE is imported from the current folder or PYTHONPATH.")
+@click.option("--float-epochs", default=0, show_default=True, type=int,
+              help="With --data: float warm-up epochs before CSQ training (0: the factory's model is trained).")
+@click.option("--act-bits", default=4, show_default=True, type=click.IntRange(1, 8), help="With --data: activation bits.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Train here; on cuda with bfloat16 autocast (under torchrun: cuda:LOCAL_RANK).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Write the whole CSQ training state here.")
+@click.option("--checkpoint-every", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CSQ epochs between checkpoints (one is always written after the last).")
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this checkpoint (same settings).")
 @json_option
-def train(recipe, output, target_bits, epochs, seed, as_json):
-    """Train a CSQ model on scikit-learn's digits and save it.
+def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs, act_bits, device, checkpoint,
+          checkpoint_every, resume, as_json):
+    """Train a CSQ model (a digits recipe, or your data with --data) and save it.
 
     Exits 1 without writing the model when training collapsed (a layer without bits, or test
-    accuracy more than 10 points below the float warm-up's).
+    accuracy more than 10 points below the float warm-up's). Under torchrun it trains
+    data-parallel; only rank 0 writes files and prints.
     """
     import torch
 
+    from .distributed import Parallel
     from .modelfile import save
-    from .train import check_training_result, train_recipe
+    from .train import TrainingRun, check_training_result, train_factory, train_recipe
 
-    check_output(output)  # fail before minutes of training, not after
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    model, result, example = train_recipe(
-        recipe, target_bits=target_bits, epochs=epochs, seed=seed, progress=progress_wanted(as_json)
-    )
+    if (recipe is None) == (data_factory is None):
+        raise BadInput("give a recipe (digits-mlp, digits-cnn) or --data MODULE:CALLABLE, not both")
+    if resume:
+        from .checkpoint import check_checkpoint_file
+
+        check_checkpoint_file(resume)
+    parallel = Parallel.from_env(device)
+    if parallel.is_main:  # fail before minutes of training, not after
+        check_output(output)
+        if checkpoint:
+            check_output(checkpoint, what="--checkpoint")  # may be the --resume file: it is replaced atomically
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // max(1, local_processes))))
+    run = TrainingRun(device=device, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    progress = progress_wanted(as_json) and parallel.is_main
+    if data_factory:
+        model, result, example = train_factory(data_factory, target_bits=target_bits, epochs=epochs or 10,
+                                               float_epochs=float_epochs, act_bits=act_bits, seed=seed,
+                                               progress=progress, run=run)
+    else:
+        model, result, example = train_recipe(recipe, target_bits=target_bits, epochs=epochs, seed=seed,
+                                              progress=progress, run=run)
+    if not parallel.is_main:
+        return
     check_training_result(result)  # a collapsed model is not written: `csqc train && csqc compile` must stop
-    save(model, output, example, metadata={"recipe": recipe, "test_accuracy": result.test_accuracy})
+    save(model, output, example, metadata={"recipe": result.recipe, "test_accuracy": result.test_accuracy})
     if as_json:
         _emit_json({"ok": True, "output": output, **result.to_json()})
         return
@@ -210,11 +244,12 @@ def train(recipe, output, target_bits, epochs, seed, as_json):
     rows = [(row["name"], row["op"], "x".join(map(str, row["shape"])), _bits_cell(row["active_bits"], row["n_bits"]),
              ",".join(map(str, row["active_bits"])) or "-", str(row["act_bits"] or "float")) for row in result.layers]
     console = stdout_console()
-    console.print(fit_table(f"{recipe}: bit allocation (# = active bit position, MSB left)", columns, rows, console.width))
+    console.print(fit_table(f"{result.recipe}: bit allocation (# = active bit position, MSB left)", columns, rows, console.width))
     console.print(f"test accuracy [bold]{result.test_accuracy:.2%}[/] (one batch of {result.eval_batch}; "
                   f"float {result.float_accuracy:.2%}), "
                   f"average weight bits [bold]{result.avg_bits:.2f}[/] (budget {target_bits}), "
-                  f"{result.seconds:.1f}s -> {output}")
+                  f"{result.seconds:.1f}s" + (f" on {result.world_size} processes" if result.world_size > 1 else "")
+                  + f" -> {output}")
 
 
 @cli.command()

@@ -42,31 +42,32 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def resolve_factory(spec: str):
+def resolve_factory(spec: str, what: str = "--model-factory"):
     """``'package.module:callable'`` or ``'package.module:callable(name=value, ...)'`` -> a
-    function that builds the model (this imports and runs user code).
+    function that builds the model (this imports and runs user code); ``what`` names the option
+    in messages.
 
     Keyword values must be Python literals (numbers, strings, True/False/None); they are read
     with ``ast``, never evaluated, so ``cifar10.network.resnetcs20:ResNet(act_bit=4)`` names the
     reference's own class with the arguments it was trained with.
     """
-    target, kwargs = _split_call(spec)
+    target, kwargs = _split_call(spec, what)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise BadInput(f"--model-factory must look like module:callable, got {spec!r}")
+        raise BadInput(f"{what} must look like module:callable, got {spec!r}")
     _import_from_current_folder()
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise BadInput(f"--model-factory: cannot import {module_name!r} ({e}); it is looked up in the current "
+        raise BadInput(f"{what}: cannot import {module_name!r} ({e}); it is looked up in the current "
                        "folder and on PYTHONPATH") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise BadInput(f"--model-factory: {module_name!r} has no attribute {attr!r}")
+            raise BadInput(f"{what}: {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise BadInput(f"--model-factory: {spec} is not callable")
+        raise BadInput(f"{what}: {spec} is not callable")
     return functools.partial(fn, **kwargs) if kwargs else fn
 
 
@@ -79,7 +80,7 @@ def _import_from_current_folder() -> None:
         sys.path.insert(0, cwd)
 
 
-def _split_call(spec: str) -> tuple[str, dict]:
+def _split_call(spec: str, what: str = "--model-factory") -> tuple[str, dict]:
     """``'mod:f(a=1, b="x")'`` -> (``'mod:f'``, ``{'a': 1, 'b': 'x'}``); no call -> (spec, {})."""
     if not spec.endswith(")") or "(" not in spec:
         return spec, {}
@@ -89,7 +90,7 @@ def _split_call(spec: str) -> tuple[str, dict]:
     except SyntaxError:
         call = None
     if not isinstance(call, ast.Call) or call.args:
-        raise BadInput(f"--model-factory arguments must be name=value pairs, got {spec!r}")
+        raise BadInput(f"{what} arguments must be name=value pairs, got {spec!r}")
     kwargs = {}
     for kw in call.keywords:
         try:
@@ -97,7 +98,7 @@ def _split_call(spec: str) -> tuple[str, dict]:
         except ValueError:
             value = kw  # not a literal
         if kw.arg is None or isinstance(value, ast.keyword) or not isinstance(value, (int, float, str, bool, type(None))):
-            raise BadInput(f"--model-factory argument {ast.unparse(kw)!r} is not name=<number, string, "
+            raise BadInput(f"{what} argument {ast.unparse(kw)!r} is not name=<number, string, "
                            "True, False or None>")
         kwargs[kw.arg] = value
     return target, kwargs
