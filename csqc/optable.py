@@ -262,9 +262,9 @@ def _layer_norm(shapes, n) -> tuple[int, ...]:
     x, axis = shapes[0], n.attr("axis")
     if not 0 <= axis < len(x):
         raise ShapeError(f"layer_norm axis {axis} outside rank {len(x)}")
-    for s in shapes[1:]:
+    for role, s in zip(("weight", "bias"), shapes[1:]):
         if s != x[axis:]:
-            raise ShapeError(f"layer_norm weight/bias is {list(s)}, should be {list(x[axis:])}")
+            raise ShapeError(f"layer_norm {role} is {list(s)}, should be {list(x[axis:])}")
     return x
 
 
