@@ -26,7 +26,6 @@ without them it is the first in module order, and the report says so.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -37,7 +36,7 @@ from torch.nn import functional as F
 from .errors import BadInput
 from .layers import ActQuant, CSQConv2d, CSQLinear, _CSQMixin
 
-__all__ = ["convert", "conversion_report", "ConversionReport", "LeftFloat"]
+__all__ = ["convert", "conversion_report", "execution_order", "ConversionReport", "LeftFloat"]
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ def _left_float_reason(m: nn.Module) -> str | None:
             return reason
     weights = _float_weights(m)
     if weights:
-        return f"holds float weights csqc does not know how to quantize: {', '.join(weights)}"
+        return f"has float parameters csqc does not quantize: {', '.join(weights)}"
     return None
 
 
@@ -238,7 +237,7 @@ def _plan(model: nn.Module, skip: set[str]) -> tuple[list[tuple[str, nn.Module]]
             elif _is_csq(child):
                 continue
             elif _convertible(child):
-                reason = _forward_differs(child) if _is_matrix_layer(child) and _needs_check(child) else None
+                reason = _why_not_replaceable(child)
                 if reason is None:
                     chosen.append((name, child))
                 else:
@@ -257,9 +256,15 @@ def _plan(model: nn.Module, skip: set[str]) -> tuple[list[tuple[str, nn.Module]]
     return chosen, left
 
 
-def _needs_check(m: nn.Module) -> bool:
-    """Conv1D, and subclasses whose own forward may compute something else than their base."""
-    return _is_hf_conv1d(m) or _own_forward(m)
+def _why_not_replaceable(m: nn.Module) -> str | None:
+    """Why a convertible module must stay float (its own forward computes something else), or None."""
+    if isinstance(m, nn.MultiheadAttention):
+        if type(m).forward is not nn.MultiheadAttention.forward:
+            return "a subclass of nn.MultiheadAttention with its own forward: csqc cannot tell what it computes"
+        return None
+    if _is_matrix_layer(m) and (_is_hf_conv1d(m) or _own_forward(m)):
+        return _forward_differs(m)
+    return None
 
 
 def _tied_weights(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
@@ -322,7 +327,8 @@ def execution_order(model: nn.Module, names: Iterable[str], example_inputs) -> l
             h.remove()
         for m, training in modes.items():
             m.training = training
-    return sorted(names, key=lambda n: seen.get(n, len(seen) + names.index(n)))
+    position = {n: i for i, n in enumerate(names)}
+    return sorted(names, key=lambda n: seen.get(n, len(seen) + position[n]))
 
 
 def _build(name: str, m: nn.Module, quantize_input: bool, o: "_Options") -> nn.Module:
@@ -386,12 +392,14 @@ def convert(
         names = execution_order(model, names, example_inputs)
     first = names[0] if names else None
     notes = _tied_weights(model, chosen)
-    replacements = [(name, _build(name, m, name != first or quantize_first_input, o)) for name, m in chosen]
-    for (name, m), (_, new) in zip(chosen, replacements):
+    # build every replacement before installing any, so a refused layer leaves the model as it was
+    replacements = [_build(name, m, name != first or quantize_first_input, o) for name, m in chosen]
+    converted = []
+    for (name, m), new in zip(chosen, replacements):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, new)
-    report = ConversionReport([(name, type(m).__name__, type(new).__name__) for (name, m), (_, new) in zip(chosen, replacements)],
-                              left, first, "execution" if by_execution else "module", notes)
+        converted.append((name, type(m).__name__, type(new).__name__))
+    report = ConversionReport(converted, left, first, "execution" if by_execution else "module", notes)
     setattr(model, _REPORT_ATTR, report)
     (log.warning if left else log.info)("%s", report.summary())
     return model
