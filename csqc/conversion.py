@@ -72,6 +72,10 @@ class ConversionReport:
     first_layer: str | None = None
     order: str = "module"  # how the first layer was chosen: "execution" or "module"
     notes: list[str] = field(default_factory=list)  # e.g. weights that were tied to a float module
+    # what would stop csqc.save / compile (unsupported operators, export failures); checked
+    # only with example_inputs
+    problems: list[str] = field(default_factory=list)
+    ops_checked: bool = False
 
     def summary(self) -> str:
         lines = [f"csqc.convert: {len(self.converted)} layer(s) converted, {len(self.left_float)} left float"]
@@ -81,6 +85,9 @@ class ConversionReport:
             lines.append(f"  first layer (float input unless quantize_first_input): {self.first_layer} ({how})")
         lines += [f"  left float: {f.name} ({f.kind}): {f.reason}" for f in self.left_float]
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  will not compile: {p}" for p in self.problems]
+        if not self.ops_checked:
+            lines.append("  operators not checked: pass example_inputs to find unsupported ones before training")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -90,6 +97,8 @@ class ConversionReport:
             "first_layer": self.first_layer,
             "order": self.order,
             "notes": list(self.notes),
+            "ops_checked": self.ops_checked,
+            "problems": list(self.problems),
         }
 
 
@@ -381,6 +390,8 @@ def convert(
     ``example_inputs`` (a tensor, a tuple of tensors or a dict of keyword arguments; one
     forward pass in eval mode without gradients); without them it is the first in module order,
     which is wrong for models that register a head before their stem (DenseNet, RegNet...).
+    With ``example_inputs`` (tensors) the converted model is also exported once, and every
+    operator csqc cannot compile is in the report's ``problems`` before any training is spent.
     Modules named in ``skip`` (and their submodules) stay float. Nothing is changed when a
     layer is refused (:class:`~csqc.errors.BadInput`).
     """
@@ -400,6 +411,10 @@ def convert(
         setattr(model.get_submodule(parent_name), child_name, new)
         converted.append((name, type(m).__name__, type(new).__name__))
     report = ConversionReport(converted, left, first, "execution" if by_execution else "module", notes)
+    if example_inputs is not None and not isinstance(example_inputs, dict):
+        from .modelfile import capture_problems  # one torch.export of a finalized copy
+
+        report.problems, report.ops_checked = capture_problems(model, example_inputs), True
     setattr(model, _REPORT_ATTR, report)
-    (log.warning if left else log.info)("%s", report.summary())
+    (log.warning if left or report.problems else log.info)("%s", report.summary())
     return model

@@ -299,3 +299,24 @@ def test_transformer_encoder_layer_compiles_and_verifies_exactly(tmp_path):
         csqc.compile(model, target, tmp_path / name)
         report = csqc.verify(model, samples=2, artifact=str(tmp_path / name))
         assert report.ok and report.accumulators_exact and f"artifact:{name}" in report.runtimes, target
+
+
+def test_convert_with_an_example_reports_operators_csqc_cannot_compile_before_training():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(torch.cumsum(self.fc(x), dim=1))  # cumsum: no IR op
+
+    x = torch.randn(2, 8)
+    report = csqc.conversion_report(csqc.convert(Net().eval(), n_bits=4, act_bits=8, example_inputs=x))
+    assert report.ops_checked
+    assert any("cumsum" in p and "at " in p for p in report.problems), report.problems
+    assert "will not compile: unsupported operator" in report.summary()
+    clean = csqc.conversion_report(csqc.convert(nn.Sequential(nn.Linear(8, 4)).eval(), n_bits=4, example_inputs=x))
+    assert clean.ops_checked and clean.problems == []
+    unchecked = csqc.conversion_report(csqc.convert(nn.Sequential(nn.Linear(8, 4)).eval(), n_bits=4))
+    assert not unchecked.ops_checked and "operators not checked" in unchecked.summary()
