@@ -20,7 +20,7 @@ from .errors import CsqcError
 
 __all__ = [
     "signed_digits", "posneg_planes", "offset_planes", "planes_to_q", "pack_planes", "unpack_planes",
-    "trailing_zero_bits",
+    "trailing_zero_bits", "plane_popcounts",
 ]
 
 
@@ -103,21 +103,27 @@ def planes_to_q(planes: np.ndarray, spec, zero_point: int = 0) -> np.ndarray:
 
 
 def pack_planes(planes: np.ndarray, word_bits: int = 32) -> np.ndarray:
-    """``[..., K]`` 0/1 -> ``[..., ceil(K/W)]`` words of ``uint{W}`` (zero-padded)."""
+    """``[..., K]`` 0/1 -> ``[..., ceil(K/W)]`` words of ``uint{W}`` (zero-padded): bit ``k % W``
+    of word ``k // W``. Packs bytes (``np.packbits``, 1/8 of the input in memory), then reads
+    each ``W/8`` bytes as one little-endian word."""
     k = planes.shape[-1]
     words = -(-k // word_bits)
-    padded = np.zeros(planes.shape[:-1] + (words * word_bits,), np.uint8)
-    padded[..., :k] = planes
-    bits = padded.reshape(planes.shape[:-1] + (words, word_bits)).astype(np.uint64)
-    weights = np.left_shift(np.uint64(1), np.arange(word_bits, dtype=np.uint64))
-    return (bits * weights).sum(axis=-1, dtype=np.uint64).astype(np.dtype(f"uint{word_bits}"))
+    packed = np.packbits(np.asarray(planes, np.uint8) != 0, axis=-1, bitorder="little")
+    pad = words * word_bits // 8 - packed.shape[-1]
+    if pad:
+        packed = np.concatenate([packed, np.zeros(packed.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    return np.ascontiguousarray(packed).view(np.dtype(f"<u{word_bits // 8}")).astype(np.dtype(f"uint{word_bits}"))
 
 
 def unpack_planes(words: np.ndarray, k: int, word_bits: int) -> np.ndarray:
     """Inverse of ``pack_planes``: ``[..., ceil(K/W)]`` words -> ``[..., K]`` uint8 0/1."""
-    w = words.astype(np.uint64)
-    bits = ((w[..., None] >> np.arange(word_bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return bits.reshape(*words.shape[:-1], words.shape[-1] * word_bits)[..., :k]  # no -1: P may be 0
+    as_bytes = np.ascontiguousarray(words, dtype=np.dtype(f"<u{word_bits // 8}")).view(np.uint8)
+    return np.unpackbits(as_bytes, axis=-1, bitorder="little")[..., :k]
+
+
+def plane_popcounts(words: np.ndarray) -> np.ndarray:
+    """Set bits of each packed row: ``[..., words] -> [...]`` int64, without unpacking."""
+    return np.bitwise_count(words).sum(axis=-1, dtype=np.int64)
 
 
 def trailing_zero_bits(values: np.ndarray) -> int:

@@ -19,7 +19,7 @@ from .ir import Graph, Node, QUANT_LAYER_OPS
 from .numerics import conv2d_nchw
 from .optable import OP_TABLE
 
-__all__ = ["QValue", "run", "decode_weight", "conv2d_nchw", "HANDLERS", "quantization_overflows",
+__all__ = ["QValue", "run", "decode_weight", "decode_weight_rows", "conv2d_nchw", "HANDLERS", "quantization_overflows",
            "largest_safe_scale", "scale_overflow",
            "overflow_error"]
 
@@ -45,12 +45,18 @@ class QValue:
 
 def decode_weight(g: Graph, n: Node) -> np.ndarray:
     """The integer weight (int64, ``weight_shape``) a quantized layer multiplies with."""
+    return decode_weight_rows(g, n, 0, n.attr("weight_shape")[0])
+
+
+def decode_weight_rows(g: Graph, n: Node, start: int, end: int) -> np.ndarray:
+    """Output rows ``start:end`` of ``decode_weight`` (int64), decoding only those rows."""
     spec, w = n.quant, g.params[n.layer.weight]
-    shape = tuple(n.attr("weight_shape"))
+    shape = (end - start,) + tuple(n.attr("weight_shape"))[1:]
     if spec.encoding == "int":
-        return w.astype(np.int64).reshape(shape)
+        return w[start:end].astype(np.int64).reshape(shape)
     k = int(np.prod(shape[1:]))
-    planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
+    rows = w[:, start:end]
+    planes = unpack_planes(rows, k, spec.packed_word) if spec.packed_word else rows
     q = np.zeros((shape[0], k), dtype=np.int64)
     for (shift, sign), plane in zip(spec.planes, planes):
         q += sign * (1 << shift) * plane.astype(np.int64)

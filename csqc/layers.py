@@ -12,6 +12,7 @@ code's MSB-first order exists only in :mod:`csqc.reference`.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -159,6 +160,27 @@ class _CSQMixin:
         self.register_buffer("q", q.to(torch.int16 if self.n_bits <= 14 else torch.int32))
         self.register_buffer("scale", scale)
         self.finalized = True
+
+    _BITS = ("pweight", "nweight", "mask_weight", "scale")
+
+    @torch.no_grad()
+    def finalized_copy(self) -> nn.Module:
+        """A finalized deep copy that never copies the bit parameters (2N floats per weight):
+        saving a model in training form costs its integer weights, not a second set of bits."""
+        if self.finalized:
+            return copy.deepcopy(self)
+        bits = {k: self._parameters.pop(k) for k in self._BITS}
+        exps = self._buffers.pop("exps")
+        try:
+            twin = copy.deepcopy(self)
+        finally:
+            self._parameters.update(bits)
+            self._buffers["exps"] = exps
+        twin.register_buffer("q", self.integer_weight().to(torch.int16 if self.n_bits <= 14 else torch.int32))
+        twin.register_buffer("scale", self.scale.detach().clone())
+        twin.active_mask = _mask_to_int(bool(v > 0) for v in self.mask_weight)
+        twin.finalized = True
+        return twin
 
     def float_weight(self) -> Tensor:
         if self.finalized:

@@ -90,9 +90,12 @@ class CsqcModel:
 
 
 def _finalized_copy(model: nn.Module) -> nn.Module:
-    if any(not m.finalized for _, m in layers.csq_layers(model)):
+    training_form = [m for _, m in layers.csq_layers(model) if not m.finalized]
+    if training_form:
         log.info("model has CSQ layers still in training form; saving a finalized copy")
-        model = layers.finalize(copy.deepcopy(model))
+        # each CSQ layer becomes its finalized twin in the copy; its bits are never copied
+        memo = {id(m): m.finalized_copy() for m in training_form}
+        model = copy.deepcopy(model, memo)
     return model.eval()
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from csqc.bitplanes import unpack_planes
-from csqc.interpreter import decode_weight
+from csqc.bitplanes import plane_popcounts
+from csqc.interpreter import decode_weight_rows
 from csqc.ir import Graph, QUANT_LAYER_OPS
 
 from .registry import PassResult, register
@@ -28,15 +28,27 @@ def accumulator_bound(g: Graph, n) -> int:
     levels = 2**spec.act_bits - 1 if spec.act_bits else 0
     shape = n.attr("weight_shape")
     k = int(np.prod(shape[1:]))
-    q = decode_weight(g, n).reshape(shape[0], -1)
-    bound = int(np.abs(q).sum(axis=1).max(initial=0)) * levels
+    bound = _largest_abs_row_sum(g, n) * levels
     if spec.encoding != "int":
         w = g.params[n.layer.weight]
-        planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
-        counts = planes.reshape(len(spec.planes), shape[0], k).sum(axis=2, dtype=np.int64)  # no -1: P may be 0
+        if spec.packed_word:
+            counts = plane_popcounts(w)  # [planes, rows] set bits, read from the words
+        else:
+            counts = w.reshape(len(spec.planes), shape[0], k).sum(axis=2, dtype=np.int64)  # no -1: P may be 0
         plane_sum = sum((1 << s) * counts[i] for i, (s, _) in enumerate(spec.planes)) if spec.planes else 0
         bound = max(bound, int(np.max(plane_sum, initial=0)) * levels, abs(spec.zero_point) * k * levels)
     return bound
+
+
+def _largest_abs_row_sum(g: Graph, n, rows_per_block: int = 256) -> int:
+    """``max_row sum|q|``, decoding a block of output rows at a time (int64 weights of the whole
+    layer would cost 8 bytes per weight)."""
+    out = n.attr("weight_shape")[0]
+    largest = 0
+    for start in range(0, out, rows_per_block):
+        q = decode_weight_rows(g, n, start, min(out, start + rows_per_block))
+        largest = max(largest, int(np.abs(q.reshape(q.shape[0], -1)).sum(axis=1).max(initial=0)))
+    return largest
 
 
 @register()
