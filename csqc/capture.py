@@ -580,7 +580,7 @@ def _float_conv_convolution(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return _float_conv(ctx, shim)
 
 
-# -- attention: scaled_dot_product_attention decomposed, expand / repeat, MHA's no-op forms -----
+# -- attention: scaled_dot_product_attention decomposed, expand / repeat, unflatten ----------
 
 # float32's lowest finite value stands for -inf in masks: csqc refuses non-finite parameters,
 # and softmax gives the same result either way: exp(lowest - row max) is 0 in float32 as
@@ -694,8 +694,8 @@ def _repeat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     repeats = tuple(int(r) for r in fx.args[1])
     shape = (1,) * (len(repeats) - len(_shape_of(fx.args[0]))) + _shape_of(fx.args[0])
     xv = ctx.value(fx.args[0])
-    if all(r == 1 for r in repeats):
-        return _typed(ctx, fx, "reshape", [xv], shape, "repeat") if shape != _shape_of(fx.args[0]) else xv
+    if all(r == 1 for r in repeats):  # at most new leading axes of size 1
+        return xv if shape == _shape_of(fx.args[0]) else ctx.emit(fx, "reshape", [xv], base=_base(fx, "repeat"))
     paired = tuple(d for s in shape for d in (1, s))
     tiled = tuple(d for r, s in zip(repeats, shape) for d in (r, s))
     grown = _typed(ctx, fx, "reshape", [xv], paired, "repeat.pairs")
@@ -703,24 +703,12 @@ def _repeat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "reshape", [spread], base=_base(fx, "repeat"))
 
 
-def _unflatten(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    return _reshape(ctx, fx)
-
-
-def _same_value(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """_assert_tensor_metadata (a trace-time check), detach_, lift_fresh_copy: the value itself."""
-    return ctx.value(fx.args[0])
-
-
 HANDLERS.update({
     _aten.scaled_dot_product_attention.default: _sdpa,
     _aten.expand.default: _expand,
     _aten.expand_as.default: _expand,
     _aten.repeat.default: _repeat,
-    _aten.unflatten.int: _unflatten,
-    _aten._assert_tensor_metadata.default: _same_value,
-    _aten.detach_.default: _same_value,
-    _aten.lift_fresh_copy.default: _same_value,
+    _aten.unflatten.int: _reshape,  # nn.MultiheadAttention splits its packed projection with it
 })
 
 

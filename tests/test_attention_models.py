@@ -125,7 +125,7 @@ class Tiled(nn.Module):
     def forward(self, x):
         tokens = torch.cat([self.token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 5, 8]
         tiled = x.repeat(1, 2, 3)[:, 3:8, 8:16] + x[0].repeat(2, 1, 2, 2)[1, :, :5, 4:12]
-        return tokens * 2.0 + tiled + self.row.expand_as(tokens)
+        return tokens.repeat(1, 1, 1, 1)[0] * 2.0 + tiled + self.row.expand_as(tokens)
 
 
 def test_expand_expand_as_and_repeat(tmp_path):
