@@ -580,6 +580,138 @@ def _float_conv_convolution(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return _float_conv(ctx, shim)
 
 
+# -- attention: scaled_dot_product_attention decomposed, expand / repeat, unflatten ----------
+
+# float32's lowest finite value stands for -inf in masks: csqc refuses non-finite parameters,
+# and softmax gives the same result either way: exp(lowest - row max) is 0 in float32 as
+# exp(-inf) is, and score + lowest is lowest for any score below ~1e31 (half an ulp there).
+# Only a row masked everywhere differs: -inf makes it NaN, lowest makes it uniform.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def _shape_of(arg) -> tuple[int, ...]:
+    return _type_of(arg).shape
+
+
+def _typed(ctx: _Ctx, fx: torch.fx.Node, op: str, inputs, shape, suffix: str, attrs=None) -> str:
+    """An intermediate node of a decomposition: its own shape, named ``<module>.<suffix>``."""
+    return ctx.emit(fx, op, inputs, TensorType(tuple(int(s) for s in shape)), attrs, base=_base(fx, suffix))
+
+
+def _scalar(ctx: _Ctx, fx: torch.fx.Node, value: float, what: str) -> str:
+    name = ctx.param(_base(fx, what), np.array(value, dtype=np.float32))
+    if value >= 0:
+        ctx.nonneg.add(name)
+    return name
+
+
+def _repeat_heads(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, groups: int, what: str) -> str:
+    """``x.repeat_interleave(groups, dim=-3)`` (grouped-query attention) as reshape, expand, reshape."""
+    lead, heads, tail = tuple(shape[:-3]), shape[-3], tuple(shape[-2:])
+    grown = _typed(ctx, fx, "reshape", [xv], lead + (heads, 1) + tail, f"{what}.unsqueeze")
+    spread = _typed(ctx, fx, "expand", [grown], lead + (heads, groups) + tail, f"{what}.expand")
+    return _typed(ctx, fx, "reshape", [spread], lead + (heads * groups,) + tail, f"{what}.repeat")
+
+
+def _constant_mask(mask: torch.Tensor | None, causal: bool, length: int, source: int) -> np.ndarray | None:
+    """The additive float mask of a constant ``attn_mask`` and/or ``is_causal`` (True/1 = attend
+    for a boolean mask, as in ``F.scaled_dot_product_attention``)."""
+    bias = None
+    if causal:  # attend to the diagonal and below
+        bias = np.where(np.tril(np.ones((length, source), bool)), np.float32(0), np.float32(_MASKED))
+    if mask is not None:
+        m = mask.detach().cpu().numpy()
+        m = (np.where(m, np.float32(0), np.float32(_MASKED)) if m.dtype == np.bool_
+             else m.astype(np.float32))
+        if bias is not None:  # both: PyTorch adds them; masked twice stays the lowest finite value
+            with np.errstate(over="ignore"):
+                m = np.maximum(bias + m, np.float32(_MASKED))
+        bias = m
+    return None if bias is None else bias.astype(np.float32)
+
+
+def _sdpa(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0, is_causal=False,
+    # scale=None, enable_gqa=False), in the order of PyTorch's documented reference:
+    # softmax((q @ k^T) * scale + mask) @ v, scale = 1 / sqrt(E) unless given
+    q, k, v = fx.args[:3]
+    mask, dropout_p = _arg(fx, 3, "attn_mask"), float(_arg(fx, 4, "dropout_p", 0.0))
+    causal, scale = bool(_arg(fx, 5, "is_causal", False)), _arg(fx, 6, "scale")
+    if dropout_p != 0.0:  # the functional form drops at random even in eval mode
+        raise _Unsupported(f"dropout_p={dropout_p} (random at inference; pass 0 outside training)")
+    q_shape, k_shape, v_shape = (_shape_of(a) for a in (q, k, v))
+    if min(len(q_shape), len(k_shape), len(v_shape)) < 2:
+        raise _Unsupported("query, key and value need rank >= 2")
+    kv, vv = ctx.value(k), ctx.value(v)
+    if bool(_arg(fx, 7, "enable_gqa", False)) and len(q_shape) >= 3 and q_shape[-3] != k_shape[-3]:
+        if q_shape[-3] % k_shape[-3] or q_shape[-3] % v_shape[-3]:
+            raise _Unsupported(f"{q_shape[-3]} query heads are not a multiple of the key/value heads")
+        kv = _repeat_heads(ctx, fx, kv, k_shape, q_shape[-3] // k_shape[-3], "sdpa.key")
+        vv = _repeat_heads(ctx, fx, vv, v_shape, q_shape[-3] // v_shape[-3], "sdpa.value")
+        k_shape = k_shape[:-3] + (q_shape[-3],) + k_shape[-2:]
+    length, source = q_shape[-2], k_shape[-2]
+    rank = len(k_shape)
+    key_t = _typed(ctx, fx, "permute", [kv], k_shape[:-2] + (k_shape[-1], source), "sdpa.key_t",
+                   {"dims": tuple(range(rank - 2)) + (rank - 1, rank - 2)})
+    scores_shape = tuple(np.broadcast_shapes(q_shape[:-2], k_shape[:-2])) + (length, source)
+    scores = _typed(ctx, fx, "matmul", [ctx.value(q), key_t], scores_shape, "sdpa.scores")
+    factor = 1.0 / float(np.sqrt(q_shape[-1])) if scale is None else float(scale)
+    scores = _typed(ctx, fx, "mul", [scores, _scalar(ctx, fx, factor, "sdpa.scale")], scores_shape, "sdpa.scaled")
+    scores, scores_shape = _add_mask(ctx, fx, scores, scores_shape, mask, causal)
+    weights = _typed(ctx, fx, "softmax", [scores], scores_shape, "sdpa.weights", {"axis": len(scores_shape) - 1})
+    return ctx.emit(fx, "matmul", [weights, vv], base=_base(fx, "sdpa"))
+
+
+def _add_mask(ctx: _Ctx, fx: torch.fx.Node, scores: str, shape, mask, causal: bool) -> tuple[str, tuple]:
+    """``scores + mask`` and its shape: constant masks (and is_causal) folded into one float
+    parameter; a mask computed at runtime must be float (a boolean one would need a select op)."""
+    runtime_mask = mask is not None and not ctx.is_const(mask)
+    if runtime_mask:
+        if _type_of(mask).dtype != "float32":
+            raise _Unsupported(f"a {_type_of(mask).dtype} attn_mask computed by the model (pass a float mask)")
+        shape = tuple(np.broadcast_shapes(tuple(shape), _shape_of(mask)))
+        scores = _typed(ctx, fx, "add", [scores, ctx.value(mask)], shape, "sdpa.masked")
+    bias = _constant_mask(None if runtime_mask or mask is None else ctx.tensor(mask), causal, shape[-2], shape[-1])
+    if bias is None:
+        return scores, shape
+    shape = tuple(np.broadcast_shapes(tuple(shape), bias.shape))
+    return _typed(ctx, fx, "add", [scores, ctx.param(_base(fx, "sdpa.mask"), bias)], shape, "sdpa.masked"), shape
+
+
+def _expand(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # expand(x, size) / expand_as: broadcast to the output shape (a class token to the batch);
+    # an expand that changes nothing is the value itself
+    t = _type_of(fx)
+    xv = ctx.value(fx.args[0])
+    if _shape_of(fx.args[0]) == t.shape:
+        return xv
+    return ctx.emit(fx, "expand", [xv], t, base=_base(fx, "expand"))
+
+
+def _repeat(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # repeat(x, repeats) tiles x: every axis of size s becomes [r, s] (reshape to [1, s],
+    # expand to [r, s]), then the pairs are merged
+    repeats = tuple(int(r) for r in fx.args[1])
+    shape = (1,) * (len(repeats) - len(_shape_of(fx.args[0]))) + _shape_of(fx.args[0])
+    xv = ctx.value(fx.args[0])
+    if all(r == 1 for r in repeats):  # at most new leading axes of size 1
+        return xv if shape == _shape_of(fx.args[0]) else ctx.emit(fx, "reshape", [xv], base=_base(fx, "repeat"))
+    paired = tuple(d for s in shape for d in (1, s))
+    tiled = tuple(d for r, s in zip(repeats, shape) for d in (r, s))
+    grown = _typed(ctx, fx, "reshape", [xv], paired, "repeat.pairs")
+    spread = _typed(ctx, fx, "expand", [grown], tiled, "repeat.expand")
+    return ctx.emit(fx, "reshape", [spread], base=_base(fx, "repeat"))
+
+
+HANDLERS.update({
+    _aten.scaled_dot_product_attention.default: _sdpa,
+    _aten.expand.default: _expand,
+    _aten.expand_as.default: _expand,
+    _aten.repeat.default: _repeat,
+    _aten.unflatten.int: _reshape,  # nn.MultiheadAttention splits its packed projection with it
+})
+
+
 def _op_name(target) -> str:
     return getattr(target, "__name__", None) if target is operator.getitem else str(target)
 
