@@ -238,7 +238,7 @@ def _max_abs_of(node) -> Node | None:
     elif _is(node, (_aten.amax.default,)):
         src, dims = node.args[0], list(node.args[1]) if len(node.args) > 1 else []
         rank = len(src.meta["val"].shape) if isinstance(src, Node) and "val" in src.meta else -1
-        if dims and sorted(d % rank for d in dims) != list(range(rank)):
+        if dims and (rank < 1 or sorted(d % rank for d in dims) != list(range(rank))):
             return None
     else:
         return None

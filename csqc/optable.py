@@ -365,7 +365,7 @@ _DEFS = [
     _unary("clip", lambda n, a: np.clip(a[0], F32(n.attr("lo")), F32(n.attr("hi"))).astype(F32),
            lambda n, a: T.clamp(a[0], n.attr("lo"), n.attr("hi")), _clip_sign,
            attrs={"lo": Attr("float"), "hi": Attr("float"), "idiom": Attr("str", "")},
-           doc="min(max(x, lo), hi); lo/hi may be infinite; idiom: the quantizer it stands for, left float"),
+           doc="min(max(x, lo), hi); lo/hi may be infinite"),  # idiom: a quantizer left float (csqc.idioms)
     _unary("sigmoid", lambda n, a: num.sigmoid(a[0]), lambda n, a: T.sigmoid(a[0]), _always_nonneg,
            doc="1 / (1 + exp(-x))"),
     _unary("tanh", lambda n, a: np.tanh(np.asarray(a[0], F32)).astype(F32), lambda n, a: T.tanh(a[0]), doc="tanh(x)"),

@@ -13,7 +13,6 @@ from .ir import Graph, QUANT_LAYER_OPS
 __all__ = ["LayerRow", "ActivationRow", "InspectReport", "inspect_graph", "activation_rows", "plot_bits"]
 
 CSQC_ACT_QUANT = "csqc ActQuant"  # the idiom column for csqc's own quantizer (csqc.idioms names the others)
-_LAYER_OPS = QUANT_LAYER_OPS + ("conv2d", "linear", "matmul")
 _MOVES = ("dequantize", "reshape", "permute", "slice")  # value-preserving steps between a quantizer and a layer
 
 
@@ -61,11 +60,12 @@ class ActivationRow:
         return dict(self.__dict__)
 
 
-def _readers(g: Graph, name: str, users: dict) -> list[str]:
+def _readers(name: str, users: dict) -> list[str]:
+    """The nodes reading value ``name``, looking through dequantize and reshapes."""
     out = []
     for u in users.get(name, []):
         if u.op in _MOVES:
-            out += _readers(g, u.name, users)
+            out += _readers(u.name, users)
         else:
             out.append(u.name)
     return list(dict.fromkeys(out))
@@ -79,11 +79,11 @@ def activation_rows(g: Graph) -> list[ActivationRow]:
     for n in g.nodes:
         if n.op == "quantize":
             static = float(n.attr("static_scale", 0.0))
-            rows.append(ActivationRow(n.name, _readers(g, n.name, users), n.attr("idiom") or CSQC_ACT_QUANT,
+            rows.append(ActivationRow(n.name, _readers(n.name, users), n.attr("idiom") or CSQC_ACT_QUANT,
                                       int(n.attr("bits")), bool(n.attr("signed")),
                                       f"{static:.6g}" if static > 0 else "dynamic"))
         elif n.op == "clip" and n.attr("idiom"):
-            rows.append(ActivationRow(n.name, _readers(g, n.name, users), n.attr("idiom"), None, True, "-"))
+            rows.append(ActivationRow(n.name, _readers(n.name, users), n.attr("idiom"), None, True, "-"))
     return rows
 
 
