@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import BadInput, CsqcError, UnsupportedOps
+from .idioms import IDIOM_META, idiom_attrs, rewrite_idioms
 from .ir import Graph, Node, QuantSpec, TensorType, Value, nonfinite_params, verify
 from .modelfile import CsqcModel
 from .optable import output_nonneg
@@ -147,11 +148,16 @@ def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool) -> str:
 def _act_quant(ctx: _Ctx, fx: torch.fx.Node) -> str:
     x, bits, static = fx.args[:3]
     xv = ctx.value(x)
-    signed = xv not in ctx.nonneg
     base = (_module_path(fx) or fx.name)
     t = _type_of(fx)
+    idiom = fx.meta.get(IDIOM_META)
+    if idiom is not None and idiom.unsigned and xv not in ctx.nonneg:
+        # a 0..L grid maps negative inputs to code 0: relu, then csqc's unsigned codes
+        xv = ctx.emit(fx, "relu", [xv], t, base=f"{base}.relu")
+    signed = xv not in ctx.nonneg
     q = ctx.emit(fx, "quantize", [xv], TensorType(t.shape, "int32", int(bits), signed),
-                 {"bits": int(bits), "static_scale": float(static), "signed": signed}, base=f"{base}.quant")
+                 {"bits": int(bits), "static_scale": float(static), "signed": signed, **idiom_attrs(fx)},
+                 base=f"{base}.quant")
     return ctx.emit(fx, "dequantize", [q], t, base=f"{base}.dequant")
 
 
@@ -209,7 +215,7 @@ def _clip(ctx: _Ctx, fx: torch.fx.Node, lo, hi) -> str:
     hi = np.inf if hi is None else float(hi)
     xv = ctx.value(fx.args[0])
     # min(max(x, lo), hi) >= 0 needs hi >= 0 as well as lo >= 0 or x >= 0
-    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi})
+    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi, **idiom_attrs(fx)})  # idiom: a quantizer left float
 
 
 def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -749,6 +755,7 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                 name = ctx.name(f"input{len(inputs)}")
                 inputs.append(Value(name, _type_of(fx)))
                 ctx.env[fx.name] = name
+    rewrite_idioms(program.graph, ctx.consts)  # other code bases' quantizers -> csqc::act_quant
     unsupported: list[tuple[str, str]] = []
     outputs: list[str] = []
     for fx in program.graph.nodes:

@@ -304,6 +304,7 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
                      _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32), _act_cell(r), r.kernel))
     console = stdout_console()
     console.print(fit_table(f"{report.model}: quantized layers", columns, rows, console.width))
+    _print_activations(console, [r.to_json() for r in report.activations])
     console.print(f"average weight bits [bold]{report.avg_bits:.2f}[/], planes {report.avg_planes:.2f}; "
                   f"quantized weights {_human(report.weight_bytes_packed)} packed vs {_human(report.weight_bytes_fp32)} fp32 "
                   f"({report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller); "
@@ -323,6 +324,20 @@ def _print_reference_view(console, view: dict, csqc_avg_bits: float) -> None:
     console.print(f"reference: average bit [bold]{view['avg_bit']:.3f}[/] (Nbits {view['n_bits']} x ratio_one "
                   f"{view['ratio_one']:.4f}), total_param {view['total_param']}, total_bit {view['total_bit']} "
                   f"(downsample layers excluded); csqc size-weighted average weight bits {csqc_avg_bits:.3f}")
+
+
+def _print_activations(console, rows) -> None:
+    """Which quantizer (csqc's, a recognised idiom, or one left float) feeds which layers; printed
+    only for a model with another code base's quantizers (``--json`` always lists them)."""
+    from .report import CSQC_ACT_QUANT
+
+    if all(r["idiom"] == CSQC_ACT_QUANT for r in rows):
+        return
+    cells = [(r["name"], ", ".join(r["input_of"]) or "-", r["idiom"],
+              "float" if r["bits"] is None else f"{'s' if r['signed'] else 'u'}{r['bits']} {r['scale']}") for r in rows]
+    console.print(fit_table("activation quantizers", [Column("quantizer", drop=2), Column("input of"),
+                                                      Column("idiom", wrap=True), Column("codes", drop=1)],
+                            cells, console.width))
 
 
 def _act_cell(r) -> str:
@@ -395,6 +410,7 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         console = stdout_console()
         console.print(fit_table(f"{result.target}: kernel per quantized layer",
                                 [Column("layer"), Column("kernel"), Column("why", wrap=True)], rows, console.width))
+    _print_activations(stdout_console(), result.report.get("activations", []))
     extra = f", build {result.report['build_seconds']:.1f}s" if "build_seconds" in result.report else ""
     if target == "cuda":
         extra += f", {result.report['arch']} device code {_human(result.report['device_code']['bytes'])}"

@@ -123,10 +123,17 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     for folder, what in ((dump_ir, "--dump-ir"), (emit_source, "--emit-source")):
         if folder is not None:
             check_output_folder(folder, what=what)
+    from .capture import capture
+    from .passes import run_passes
+    from .report import activation_rows
+
     start = time.perf_counter()
-    graph = optimize(model, pipeline or entry.pipeline, batch=batch, dump_dir=dump_ir)
+    captured = capture(model, batch=batch)
+    graph, _ = run_passes(captured, pipeline or entry.pipeline, dump_dir=dump_ir)
     check_coverage(entry, graph)
-    report = entry.emit(graph, output, options)
+    # which quantizer feeds each layer (csqc's, a recognised idiom, one left float): from the
+    # captured graph, where a left-float clip is not yet fused into its layer
+    report = {**entry.emit(graph, output, options), "activations": [r.to_json() for r in activation_rows(captured)]}
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import idioms  # noqa: F401  (lets torch.export trace fake_quantize with a symbolic batch)
 from . import layers
 from .archive import read_member, read_npz, unique_members
 from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError, UnsupportedOps

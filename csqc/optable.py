@@ -338,7 +338,7 @@ def _binary(name: str, numpy_fn, torch_fn, sign=_nothing_nonneg, doc: str = "") 
 _DEFS = [
     # quantization: semantics in csqc.interpreter (exact integer codes and accumulators)
     _op("quantize", (1, 1), _same, attrs={"bits": Attr("int"), "static_scale": Attr("float", 0.0),
-                                          "signed": Attr("bool", False)},
+                                          "signed": Attr("bool", False), "idiom": Attr("str", "")},
         sign=_keeps_sign, tvm="quantize", doc="activation codes and scale S (dynamic max|x| or static)"),
     _op("dequantize", (1, 1), _same, sign=_keeps_sign, tvm="dequantize", doc="(codes * S) / L"),
     _op("qconv2d", (3, 4), _conv, attrs={"weight_shape": Attr("ints", length=4), **_CONV_ATTRS, **_ACT_ATTRS},
@@ -364,7 +364,8 @@ _DEFS = [
            doc="max(x, 0)"),
     _unary("clip", lambda n, a: np.clip(a[0], F32(n.attr("lo")), F32(n.attr("hi"))).astype(F32),
            lambda n, a: T.clamp(a[0], n.attr("lo"), n.attr("hi")), _clip_sign,
-           attrs={"lo": Attr("float"), "hi": Attr("float")}, doc="min(max(x, lo), hi); lo/hi may be infinite"),
+           attrs={"lo": Attr("float"), "hi": Attr("float"), "idiom": Attr("str", "")},
+           doc="min(max(x, lo), hi); lo/hi may be infinite"),  # idiom: a quantizer left float (csqc.idioms)
     _unary("sigmoid", lambda n, a: num.sigmoid(a[0]), lambda n, a: T.sigmoid(a[0]), _always_nonneg,
            doc="1 / (1 + exp(-x))"),
     _unary("tanh", lambda n, a: np.tanh(np.asarray(a[0], F32)).astype(F32), lambda n, a: T.tanh(a[0]), doc="tanh(x)"),

@@ -372,8 +372,9 @@ def allowed_targets() -> frozenset[str]:
 def _op_schemas() -> dict[str, Any]:
     """Target name -> the op's schema, for the ops csqc compiles."""
     from .capture import HANDLERS
+    from .idioms import IDIOM_OPS  # read only inside quantizer idioms, which capture rewrites
 
-    return {_target_name(op): getattr(op, "_schema", None) for op in HANDLERS}
+    return {_target_name(op): getattr(op, "_schema", None) for op in (*HANDLERS, *IDIOM_OPS)}
 
 
 # What each parameter type may be given (torch wraps Python scalars passed for a tensor); torch

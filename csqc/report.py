@@ -10,7 +10,10 @@ from .bitplanes import unpack_planes
 from .errors import BadInput
 from .ir import Graph, QUANT_LAYER_OPS
 
-__all__ = ["LayerRow", "InspectReport", "inspect_graph", "plot_bits"]
+__all__ = ["LayerRow", "ActivationRow", "InspectReport", "inspect_graph", "activation_rows", "plot_bits"]
+
+CSQC_ACT_QUANT = "csqc ActQuant"  # the idiom column for csqc's own quantizer (csqc.idioms names the others)
+_MOVES = ("dequantize", "reshape", "permute", "slice")  # value-preserving steps between a quantizer and a layer
 
 
 @dataclass
@@ -43,6 +46,48 @@ class LayerRow:
 
 
 @dataclass
+class ActivationRow:
+    """One activation quantizer: what it feeds, which idiom it came from, its codes."""
+
+    name: str
+    input_of: list[str]  # the layers (else the nodes) reading its value
+    idiom: str  # CSQC_ACT_QUANT, a recognised idiom, or one left float (with the reason)
+    bits: int | None  # None: left float
+    signed: bool
+    scale: str  # "dynamic", the static scale, or "-" (left float)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _readers(name: str, users: dict) -> list[str]:
+    """The nodes reading value ``name``, looking through dequantize and reshapes."""
+    out = []
+    for u in users.get(name, []):
+        if u.op in _MOVES:
+            out += _readers(u.name, users)
+        else:
+            out.append(u.name)
+    return list(dict.fromkeys(out))
+
+
+def activation_rows(g: Graph) -> list[ActivationRow]:
+    """Every activation quantizer of ``g`` (a captured graph: fused passes keep the quantize
+    nodes but fold a left-float clip into its layer), in graph order."""
+    users = g.users()
+    rows = []
+    for n in g.nodes:
+        if n.op == "quantize":
+            static = float(n.attr("static_scale", 0.0))
+            rows.append(ActivationRow(n.name, _readers(n.name, users), n.attr("idiom") or CSQC_ACT_QUANT,
+                                      int(n.attr("bits")), bool(n.attr("signed")),
+                                      f"{static:.6g}" if static > 0 else "dynamic"))
+        elif n.op == "clip" and n.attr("idiom"):
+            rows.append(ActivationRow(n.name, _readers(n.name, users), n.attr("idiom"), None, True, "-"))
+    return rows
+
+
+@dataclass
 class InspectReport:
     model: str
     avg_bits: float
@@ -51,6 +96,7 @@ class InspectReport:
     weight_bytes_fp32: int
     float_weight_bytes: int
     layers: list[LayerRow] = field(default_factory=list)
+    activations: list[ActivationRow] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -62,6 +108,7 @@ class InspectReport:
             "float_weight_bytes": self.float_weight_bytes,
             "compression": self.weight_bytes_fp32 / max(1, self.weight_bytes_packed),
             "layers": [r.to_json() for r in self.layers],
+            "activations": [r.to_json() for r in self.activations],
         }
 
 
@@ -134,6 +181,7 @@ def inspect_graph(g: Graph, kernels: dict[str, str] | None = None, captured: Gra
         weight_bytes_fp32=sum(r.weight_bytes_fp32 for r in rows),
         float_weight_bytes=float_bytes,
         layers=rows,
+        activations=activation_rows(captured if captured is not None else g),
     )
 
 
