@@ -274,8 +274,6 @@ def _pool(op: str):
             attrs["ceil_mode"] = bool(_arg(fx, 4, "ceil_mode", False))
             attrs["count_include_pad"] = bool(_arg(fx, 5, "count_include_pad", True))
             attrs["divisor"] = int(_arg(fx, 6, "divisor_override", None) or 0)
-        if attrs["ceil_mode"]:
-            raise _Unsupported("ceil_mode=True pooling")
         xv = ctx.value(fx.args[0])
         return ctx.emit(fx, op, [xv], attrs=attrs, base=f"{_module_path(fx) or fx.name}")
 
@@ -494,8 +492,6 @@ def _max_pool_with_indices(ctx: _Ctx, fx: torch.fx.Node) -> str:
     kernel = _pair(fx.args[1])
     attrs = {"kernel": kernel, "stride": _pair(_arg(fx, 2, "stride"), kernel), "padding": _pair(_arg(fx, 3, "padding", 0)),
              "dilation": _pair(_arg(fx, 4, "dilation", 1)), "ceil_mode": bool(_arg(fx, 5, "ceil_mode", False))}
-    if attrs["ceil_mode"]:
-        raise _Unsupported("ceil_mode=True pooling")
     xv = ctx.value(fx.args[0])
     val = fx.meta["val"][0]
     return ctx.emit(fx, "max_pool2d", [xv], TensorType(tuple(val.shape)), attrs)
@@ -542,6 +538,13 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.t.default: _transpose,
     _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
+    # vision activations (MobileNetV3, EfficientNet), in place or not
+    _aten.hardswish.default: _float_unary("hardswish"),
+    _aten.hardswish_.default: _float_unary("hardswish"),
+    _aten.hardsigmoid.default: _float_unary("hardsigmoid"),
+    _aten.hardsigmoid_.default: _float_unary("hardsigmoid"),
+    _aten.silu.default: _float_unary("silu"),
+    _aten.silu_.default: _float_unary("silu"),
     _aten.sub.Tensor: _binary("sub"),
     _aten.rsub.Scalar: _rsub,
     _aten.rsub.Tensor: _rsub,

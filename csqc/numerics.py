@@ -15,6 +15,7 @@ from .errors import CsqcError
 __all__ = [
     "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
     "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis",
+    "hardsigmoid", "hardswish", "silu", "avg_pool_counts", "adaptive_counts",
 ]
 
 F32 = np.float32
@@ -124,6 +125,15 @@ def _window_counts(size: int, out: int, kernel: int, stride: int, padding: int, 
     return np.minimum(end, size) - np.maximum(start, 0)
 
 
+def avg_pool_counts(size_hw, kernel, stride, padding, ceil_mode: bool, count_include_pad: bool) -> np.ndarray:
+    """The ``[OH, OW]`` float32 divisors :func:`pool2d` uses for an average pool (no divisor
+    override): each window's size clipped to the padded input, or to the input itself."""
+    outs = [pool_output_size(size_hw[i], kernel[i], stride[i], padding[i], 1, ceil_mode) for i in range(2)]
+    rows, cols = (_window_counts(size_hw[i], outs[i], kernel[i], stride[i], padding[i], count_include_pad)
+                  for i in range(2))
+    return np.outer(rows, cols).astype(F32)
+
+
 def adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive pooling windows: ``[floor(i*size/out), ceil((i+1)*size/out))``."""
     return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
@@ -143,6 +153,12 @@ def adaptive_avg_pool2d(x: np.ndarray, output_size) -> np.ndarray:
     return y
 
 
+def adaptive_counts(size_hw, output_size) -> np.ndarray:
+    """The ``[OH, OW]`` float32 element counts of the adaptive pooling windows."""
+    rows, cols = ([b - a for a, b in adaptive_bounds(size_hw[i], output_size[i])] for i in range(2))
+    return np.outer(rows, cols).astype(F32)
+
+
 def softmax(x: np.ndarray, axis: int) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return (e / e.sum(axis=axis, keepdims=True)).astype(F32)
@@ -152,6 +168,24 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     """``1 / (1 + exp(-x))`` in float32 (exp overflows to inf for x < -88: the result is 0)."""
     with np.errstate(over="ignore"):
         return (F32(1) / (F32(1) + np.exp(-np.asarray(x, F32)))).astype(F32)
+
+
+def hardsigmoid(x: np.ndarray) -> np.ndarray:
+    """PyTorch's ``relu6(x + 3) / 6`` in float32: ``min(max(x + 3, 0), 6) / 6``."""
+    x = np.asarray(x, F32)
+    return (np.minimum(np.maximum(x + F32(3), F32(0)), F32(6)) / F32(6)).astype(F32)
+
+
+def hardswish(x: np.ndarray) -> np.ndarray:
+    """PyTorch's ``x * relu6(x + 3) / 6`` in float32: ``(x * min(max(x + 3, 0), 6)) / 6``."""
+    x = np.asarray(x, F32)
+    return ((x * np.minimum(np.maximum(x + F32(3), F32(0)), F32(6))) / F32(6)).astype(F32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)`` in float32, the sigmoid being :func:`sigmoid`'s ``1 / (1 + exp(-x))``."""
+    x = np.asarray(x, F32)
+    return (x * sigmoid(x)).astype(F32)
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:

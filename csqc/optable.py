@@ -373,6 +373,12 @@ _DEFS = [
         evaluate=lambda n, a: num.gelu(a[0], n.attr("approximate", "none")),
         torch=lambda n, a: _F().gelu(a[0], approximate=n.attr("approximate", "none")), tvm="gelu",
         doc="GELU, erf or tanh form"),
+    # vision activations (MobileNetV3, EfficientNet): PyTorch's float32 order, kept by every runtime
+    _unary("hardsigmoid", lambda n, a: num.hardsigmoid(a[0]), lambda n, a: _F().hardsigmoid(a[0]), _always_nonneg,
+           doc="min(max(x + 3, 0), 6) / 6"),
+    _unary("hardswish", lambda n, a: num.hardswish(a[0]), lambda n, a: _F().hardswish(a[0]),
+           doc="(x * min(max(x + 3, 0), 6)) / 6"),
+    _unary("silu", lambda n, a: num.silu(a[0]), lambda n, a: _F().silu(a[0]), doc="x * (1 / (1 + exp(-x)))"),
     _binary("add", np.add, lambda a, b: a + b, _keeps_sign, "a + b"),
     _binary("sub", np.subtract, lambda a, b: a - b, doc="a - b"),
     _binary("mul", np.multiply, lambda a, b: a * b, _keeps_sign, "a * b"),

@@ -184,6 +184,37 @@ def test_epilogue_compute_matches_formula():
     np.testing.assert_array_equal(y, expected)
 
 
+@pytest.mark.parametrize("op", ["hardsigmoid", "hardswish", "silu"])
+def test_vision_activation_computes_match_interpreter(op):
+    from csqc import numerics
+
+    x = (RNG.standard_normal((4, 50)) * 4).astype(np.float32)
+    x[0, :4] = [-3.0, 3.0, 0.0, 6.5]
+    y = run_on_cpu(glue.unary(op, x.shape, compute_only=True), x)
+    np.testing.assert_allclose(y, getattr(numerics, op)(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,count_include_pad", [("max", True), ("avg", True), ("avg", False)])
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), (2, 2), (1, 1)), ((3, 3), (2, 2), (0, 0)), ((2, 2), (2, 2), (0, 0))])
+def test_ceil_mode_pool_computes_match_interpreter(kind, count_include_pad, kernel, stride, padding):
+    from csqc.numerics import pool2d
+
+    x = RNG.standard_normal((1, 3, 20, 21)).astype(np.float32)
+    expected = pool2d(x, kind, kernel, stride, padding, (1, 1), True, count_include_pad)
+    func = (glue.max_pool2d(x.shape, kernel, stride, padding, (1, 1), True, compute_only=True) if kind == "max" else
+            glue.avg_pool2d(x.shape, kernel, stride, padding, count_include_pad, 0, True, compute_only=True))
+    np.testing.assert_allclose(run_on_cpu(func, x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,output_size", [((1, 3, 9, 11), (4, 3)), ((2, 3, 2, 2), (7, 7)), ((1, 2, 32, 32), (7, 7))])
+def test_uneven_adaptive_pool_compute_matches_interpreter(shape, output_size):
+    from csqc.numerics import adaptive_avg_pool2d
+
+    x = RNG.standard_normal(shape).astype(np.float32)
+    y = run_on_cpu(glue.adaptive_avg_pool2d(shape, output_size, compute_only=True), x)
+    np.testing.assert_allclose(y, adaptive_avg_pool2d(x, output_size), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # GPU schedules: every kernel passes TVM's GPU verification
 # ------------------------------------------------------------------------------------------
@@ -203,6 +234,8 @@ SCHEDULED = {
     "max_pool2d": lambda: glue.max_pool2d((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1)),
     "avg_pool2d": lambda: glue.avg_pool2d((1, 16, 8, 8), (3, 3), (1, 1), (1, 1), False, 0),
     "adaptive_avg_pool2d": lambda: glue.adaptive_avg_pool2d((1, 512, 7, 7), (1, 1)),
+    "adaptive_avg_pool2d_uneven": lambda: glue.adaptive_avg_pool2d((1, 64, 32, 32), (7, 7)),
+    "avg_pool2d_ceil": lambda: glue.avg_pool2d((1, 16, 9, 9), (2, 2), (2, 2), (0, 0), True, 0, True),
     "softmax": lambda: glue.softmax((1, 10), 1),
     "mean": lambda: glue.mean((2, 64, 8, 8), (2, 3), True),
     "binary": lambda: glue.binary("minimum", (1, 16, 8, 8), (16, 1, 1), (1, 16, 8, 8)),

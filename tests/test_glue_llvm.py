@@ -252,6 +252,22 @@ def test_unary(op):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("op", ["hardsigmoid", "hardswish"])
+def test_hard_activations_bit_exact(op):
+    x = rand(3, 4, 5, 7, scale=4.0)  # both clipped ends and the ramp between
+    x.flat[:6] = [-3.0, 3.0, 0.0, -0.0, 1e-30, -1e-30]
+    expected = HANDLERS[op](None, node(op, x.shape), [x])
+    (got,) = run_kernel(glue.unary(op, x.shape), x, outputs=[(x.shape, "float32")])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_silu_within_an_ulp_of_exp():
+    x = rand(3, 40, scale=6.0)
+    expected = HANDLERS["silu"](None, node("silu", x.shape), [x])
+    (got,) = run_kernel(glue.unary("silu", x.shape), x, outputs=[(x.shape, "float32")])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 9, 10), (4, 6)])
 def test_channel_affine_bit_exact(shape):
     x, mul, add = rand(*shape, scale=10.0), rand(shape[1]), rand(shape[1])
@@ -285,11 +301,13 @@ def test_copy_concat_transpose():
     ((1, 2, 11, 40), (3, 2), (1, 1), (1, 0), (2, 2)),
     ((1, 2, 5, 5), (3, 3), (3, 3), (1, 1), (1, 1)),  # every column on the border
 ])
-def test_max_pool2d_exact(shape, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool2d_exact(shape, kernel, stride, padding, dilation, ceil_mode):
     x = rand(*shape)
-    n = node("max_pool2d", (), kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    n = node("max_pool2d", (), kernel=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
     expected = HANDLERS["max_pool2d"](None, n, [x])
-    (got,) = run_kernel(glue.max_pool2d(shape, kernel, stride, padding, dilation), x, outputs=[(expected.shape, "float32")])
+    prim = glue.max_pool2d(shape, kernel, stride, padding, dilation, ceil_mode)
+    (got,) = run_kernel(prim, x, outputs=[(expected.shape, "float32")])
     np.testing.assert_array_equal(got, expected)
 
 
@@ -298,17 +316,19 @@ def test_max_pool2d_exact(shape, kernel, stride, padding, dilation):
     ((1, 3, 20, 37), (3, 3), (1, 1), (1, 1), False, 0),
     ((2, 2, 8, 8), (2, 2), (2, 2), (0, 0), True, 3),
 ])
-def test_avg_pool2d(shape, kernel, stride, padding, count_include_pad, divisor):
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_avg_pool2d(shape, kernel, stride, padding, count_include_pad, divisor, ceil_mode):
     x = rand(*shape)
     n = node("avg_pool2d", (), kernel=kernel, stride=stride, padding=padding,
-             count_include_pad=count_include_pad, divisor=divisor)
+             count_include_pad=count_include_pad, divisor=divisor, ceil_mode=ceil_mode)
     expected = HANDLERS["avg_pool2d"](None, n, [x])
-    prim = glue.avg_pool2d(shape, kernel, stride, padding, count_include_pad, divisor)
+    prim = glue.avg_pool2d(shape, kernel, stride, padding, count_include_pad, divisor, ceil_mode)
     (got,) = run_kernel(prim, x, outputs=[(expected.shape, "float32")])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,output_size", [((2, 5, 7, 7), (1, 1)), ((1, 3, 8, 12), (2, 3)), ((1, 4, 5, 37), (1, 1))])
+@pytest.mark.parametrize("shape,output_size", [((2, 5, 7, 7), (1, 1)), ((1, 3, 8, 12), (2, 3)), ((1, 4, 5, 37), (1, 1)),
+                                               ((1, 3, 2, 2), (7, 7)), ((2, 3, 9, 11), (4, 3))])  # non-divisible
 def test_adaptive_avg_pool2d(shape, output_size):
     x = rand(*shape)
     expected = HANDLERS["adaptive_avg_pool2d"](None, node("adaptive_avg_pool2d", (), output_size=output_size), [x])

@@ -42,6 +42,15 @@ def _unary(op, shape=(2, 3, 5), **attrs):
     return op, build
 
 
+def _unary_wide(op, shape=(2, 3, 7)):
+    """``op(3 * x)``: inputs over [-6, 6] reach both clipped ends of hardswish / hardsigmoid."""
+    def build(b, p):
+        wide = b.node(f"{p}wide", "mul", [b.input(f"{p}x", shape), b.param(f"{p}three", np.full(1, 3, np.float32))],
+                      shape)
+        return b.node(f"{p}y", op, [wide])
+    return op, build
+
+
 def _binary(op, a_shape=(2, 3, 4), b_shape=(3, 1), positive_b=False):
     def build(b, p):
         other = b.param(f"{p}b", _rand(b_shape, 0.5 if positive_b else -2.0, 2.0, seed=3))
@@ -115,6 +124,9 @@ CASES = {
     "tanh": _unary("tanh"),
     "gelu": _unary("gelu", approximate="none"),
     "gelu[tanh]": _unary("gelu", approximate="tanh"),
+    "hardsigmoid": _unary_wide("hardsigmoid"),
+    "hardswish": _unary_wide("hardswish"),
+    "silu": _unary("silu"),
     "add": _binary("add"),
     "sub": _binary("sub"),
     "mul": _binary("mul"),
@@ -142,11 +154,7 @@ CASES = {
 }
 
 # (case, target) holes not filled yet: strict xfails, remove an entry once its hole is filled
-KNOWN_HOLES = {
-    (case, target)
-    for case in ("max_pool2d[ceil_mode]", "avg_pool2d[ceil_mode]", "adaptive_avg_pool2d[non-divisible]")
-    for target in TARGETS
-}
+KNOWN_HOLES: set[tuple[str, str]] = set()
 
 
 def _case_graph(cases, name="ops") -> tuple[Graph, dict[str, np.ndarray], dict[str, str]]:

@@ -22,6 +22,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx, topi
 
+from csqc.numerics import adaptive_bounds, pool_output_size
 from csqc.targets.tvm.geometry import conv_geometry
 
 __all__ = [
@@ -272,18 +273,27 @@ def channel_affine(shape, axis: int):
     return [x, mult, add, y]
 
 
+def _relu6(value):
+    return tirx.min(tirx.max(value, _f32(0.0)), _f32(6.0))
+
+
 _UNARY = {
     "relu": lambda v, lo, hi: _activation(v, "relu", lo, hi),
     "clip": lambda v, lo, hi: _activation(v, "clip", lo, hi),
     # the interpreter's 1 / (1 + exp(-x)); CUDA's expf / tanhf are within a few ulp of numpy's
     "sigmoid": lambda v, lo, hi: _f32(1.0) / (_f32(1.0) + tirx.exp(-v)),
     "tanh": lambda v, lo, hi: tirx.tanh(v),
+    # vision activations, in csqc.numerics' float32 order
+    "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
+    "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
+    "silu": lambda v, lo, hi: v * (_f32(1.0) / (_f32(1.0) + tirx.exp(-v))),
 }
 
 
 @_builder
 def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0):
-    """``main(x, y)`` for ``relu``, ``clip`` (to ``[lo, hi]``), ``sigmoid`` or ``tanh``."""
+    """``main(x, y)`` for ``relu``, ``clip`` (to ``[lo, hi]``), ``sigmoid``, ``tanh``, ``hardsigmoid``,
+    ``hardswish`` or ``silu``."""
     if op not in _UNARY:
         raise ValueError(f"unknown unary op {op!r}")
     x = te.placeholder(tuple(int(d) for d in shape), _F32, name="x")
@@ -329,20 +339,30 @@ def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if np.isscalar(value) else (int(value[0]), int(value[1]))
 
 
-def _pool_geometry(shape, kernel, stride, padding, dilation):
+def _pool_geometry(shape, kernel, stride, padding, dilation, ceil_mode: bool = False):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel, stride, padding, dilation))
     b, c, h, w = map(int, shape)
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)  # PyTorch's rule (csqc.numerics)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
     return (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow)
 
 
+def _padded(x, geometry, fill: float):
+    """``x`` padded by the pooling padding, plus on the bottom/right whatever ceil_mode windows
+    reach past it (those cells hold ``fill``: -inf never wins a max, 0 never changes a sum)."""
+    (_, _, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = geometry
+    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    return topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph + extra_h, pw + extra_w], fill, name="x_padded")
+
+
 @_builder
-def max_pool2d(shape, kernel, stride, padding, dilation=(1, 1)):
+def max_pool2d(shape, kernel, stride, padding, dilation=(1, 1), ceil_mode: bool = False):
     """``main(x: f32[B, C, H, W], y)``: window maximum (padding is -inf)."""
-    (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = _pool_geometry(shape, kernel, stride, padding, dilation)
+    geometry = _pool_geometry(shape, kernel, stride, padding, dilation, ceil_mode)
+    (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = geometry
     x = te.placeholder((b, c, h, w), _F32, name="x")
-    xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], -np.inf, name="x_padded")
+    xpad = _padded(x, geometry, -np.inf)
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     y = te.compute((b, c, oh, ow), lambda n, ch, i, j: te.max(
         xpad[n, ch, i * sh + r * dh, j * sw + s * dw], axis=[r, s]), name="y")
@@ -350,34 +370,37 @@ def max_pool2d(shape, kernel, stride, padding, dilation=(1, 1)):
 
 
 @_builder
-def avg_pool2d(shape, kernel, stride, padding, count_include_pad: bool = True, divisor: int = 0):
-    """``main(x, y)``: window sum / ``divisor`` (or ``kh*kw``, or the count of real inputs
-    when padding is excluded)."""
-    (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), _, (oh, ow) = _pool_geometry(shape, kernel, stride, padding, 1)
+def avg_pool2d(shape, kernel, stride, padding, count_include_pad: bool = True, divisor: int = 0,
+               ceil_mode: bool = False):
+    """``main(x, y)``: window sum / ``divisor`` (or ``kh*kw``, or the window's size clipped to
+    the padded input (ceil_mode windows running past it) or, padding excluded, to the input)."""
+    geometry = _pool_geometry(shape, kernel, stride, padding, 1, ceil_mode)
+    (b, c, h, w), (kh, kw), (sh, sw), (ph, pw), _, (oh, ow) = geometry
     x = te.placeholder((b, c, h, w), _F32, name="x")
-    xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], 0.0, name="x_padded")
+    xpad = _padded(x, geometry, 0.0)
     r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
     total = te.compute((b, c, oh, ow), lambda n, ch, i, j: te.sum(xpad[n, ch, i * sh + r, j * sw + s], axis=[r, s]),
                        name="window_sum")
-    exclude = not count_include_pad and (ph or pw)
+    clipped = not divisor and (ceil_mode or (not count_include_pad and (ph or pw)))
+    pad_h, pad_w = (ph, pw) if count_include_pad else (0, 0)
 
     def count(i, j):
-        rows = tirx.min(i * sh - ph + kh, h) - tirx.max(i * sh - ph, 0)
-        cols = tirx.min(j * sw - pw + kw, w) - tirx.max(j * sw - pw, 0)
+        rows = tirx.min(i * sh - ph + kh, h + pad_h) - tirx.max(i * sh - ph, -pad_h)
+        cols = tirx.min(j * sw - pw + kw, w + pad_w) - tirx.max(j * sw - pw, -pad_w)
         return (rows * cols).astype(_F32)
 
     y = te.compute((b, c, oh, ow), lambda n, ch, i, j: total[n, ch, i, j] / (
-        count(i, j) if exclude else _f32(divisor or kh * kw)), name="y")
+        count(i, j) if clipped else _f32(divisor or kh * kw)), name="y")
     return [x, y]
 
 
 @_builder
 def adaptive_avg_pool2d(shape, output_size):
-    """``main(x, y)``: mean over equal windows (``H, W`` divisible by the output size)."""
+    """``main(x, y)``: mean over PyTorch's windows ``[floor(i*H/OH), ceil((i+1)*H/OH))``."""
     b, c, h, w = map(int, shape)
     oh, ow = _pair(output_size)
     if h % oh or w % ow:
-        raise ValueError(f"adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
+        return _uneven_adaptive_avg_pool2d(b, c, h, w, oh, ow)
     fh, fw = h // oh, w // ow
     x = te.placeholder((b, c, h, w), _F32, name="x")
     r, s = te.reduce_axis((0, fh), "r"), te.reduce_axis((0, fw), "s")
@@ -385,6 +408,32 @@ def adaptive_avg_pool2d(shape, output_size):
                        name="window_sum")
     y = te.compute(total.shape, lambda *i: total[i] / _f32(fh * fw), name="y")
     return [x, y]
+
+
+def _uneven_adaptive_avg_pool2d(b: int, c: int, h: int, w: int, oh: int, ow: int):
+    """Windows of varying size: a sum over the largest window's extent in which taps outside
+    the output's own window add 0, then one division by the window's size."""
+    kh = max(e - s for s, e in adaptive_bounds(h, oh))
+    kw = max(e - s for s, e in adaptive_bounds(w, ow))
+    x = te.placeholder((b, c, h, w), _F32, name="x")
+    r, s = te.reduce_axis((0, kh), "r"), te.reduce_axis((0, kw), "s")
+
+    def bounds(i, size: int, out: int):
+        return (i * size) // out, ((i + 1) * size + out - 1) // out
+
+    def window_sum(n, ch, i, j):
+        (h0, h1), (w0, w1) = bounds(i, h, oh), bounds(j, w, ow)
+        row, col = tirx.min(h0 + r, h - 1), tirx.min(w0 + s, w - 1)  # always in range
+        inside = tirx.all(h0 + r < h1, w0 + s < w1)
+        return te.sum(tirx.if_then_else(inside, x[n, ch, row, col], _f32(0.0)), axis=[r, s])
+
+    total = te.compute((b, c, oh, ow), window_sum, name="window_sum")
+
+    def mean(n, ch, i, j):
+        (h0, h1), (w0, w1) = bounds(i, h, oh), bounds(j, w, ow)
+        return total[n, ch, i, j] / ((h1 - h0) * (w1 - w0)).astype(_F32)
+
+    return [x, te.compute(total.shape, mean, name="y")]
 
 
 @_builder

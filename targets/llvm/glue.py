@@ -38,6 +38,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 
+from csqc.numerics import pool_output_size
+
 __all__ = [
     "ConvKnobs",
     "conv_output_hw",
@@ -717,16 +719,24 @@ def _sigmoid(value):
     return _f32(1.0) / (_f32(1.0) + tirx.exp(-value))
 
 
+def _relu6(value):
+    return tirx.Min(tirx.Max(value, _f32(0.0)), _f32(6.0))
+
+
 _UNARY = {
     "relu": lambda v, lo, hi: _activation(v, "relu", lo, hi),
     "clip": lambda v, lo, hi: _activation(v, "clip", lo, hi),
     "sigmoid": lambda v, lo, hi: _sigmoid(v),
     "tanh": lambda v, lo, hi: tirx.tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
+    # vision activations, in csqc.numerics' float32 order (no multiply-add to contract)
+    "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
+    "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
+    "silu": lambda v, lo, hi: v * _sigmoid(v),
 }
 
 
 def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:
-    """``y = op(x)``: relu, clip (to ``[lo, hi]``), sigmoid or tanh.
+    """``y = op(x)``: relu, clip (to ``[lo, hi]``), sigmoid, tanh, hardsigmoid, hardswish or silu.
     Parameters: ``x: f32[shape], y: f32[shape]`` (parallel chunks, 16-lane vectors)."""
     if op not in _UNARY:
         raise ValueError(f"unary op must be one of {sorted(_UNARY)}, got {op!r}")
@@ -847,17 +857,20 @@ def transpose(shape, dims: Sequence[int]) -> tirx.PrimFunc:
 # --------------------------------------------------------------------------------------------
 # Pooling and reductions
 # --------------------------------------------------------------------------------------------
-def _pool_geometry(input_shape, kernel, stride, padding, dilation):
+def _pool_geometry(input_shape, kernel, stride, padding, dilation, ceil_mode: bool = False):
     n, c, h, w = (int(s) for s in input_shape)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (kernel, stride, padding, dilation))
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    # PyTorch's rule (csqc.numerics): ceil_mode adds a last window that starts inside the input
+    # or its left padding; its taps past the input are skipped like padding taps
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"pooling output would be empty ({oh}x{ow})")
     return (n, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow)
 
 
-def _pool2d(kind: str, input_shape, kernel, stride, padding, dilation, finish: Callable) -> tirx.PrimFunc:
+def _pool2d(kind: str, input_shape, kernel, stride, padding, dilation, finish: Callable,
+            ceil_mode: bool = False) -> tirx.PrimFunc:
     """Window reduction (``kind`` max or sum) over NCHW, then ``finish(total, oh, ow)``.
 
     One parallel task per output row.  Out-of-range input rows are skipped (uniform test;
@@ -867,7 +880,7 @@ def _pool2d(kind: str, input_shape, kernel, stride, padding, dilation, finish: C
     columns run scalar with per-tap tests.
     """
     (n, c, h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = _pool_geometry(
-        input_shape, kernel, stride, padding, dilation)
+        input_shape, kernel, stride, padding, dilation, ceil_mode)
     combine = tirx.Max if kind == "max" else (lambda a, b: a + b)
     init = _f32(-np.inf) if kind == "max" else _f32(0.0)
     # Columns whose every tap, and the (s - 1) extra lanes the wide load reads, are in the row.
@@ -943,27 +956,31 @@ def _pool2d(kind: str, input_shape, kernel, stride, padding, dilation, finish: C
     return _prim_func(params, body)
 
 
-def max_pool2d(input_shape, kernel, stride, padding=(0, 0), dilation=(1, 1)) -> tirx.PrimFunc:
+def max_pool2d(input_shape, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode: bool = False) -> tirx.PrimFunc:
     """Max pooling, padding with -inf (exact).  Parameters: ``x: f32[N,C,H,W], y: f32[N,C,OH,OW]``."""
-    return _pool2d("max", input_shape, kernel, stride, padding, dilation, lambda total, _r, _c: total)
+    return _pool2d("max", input_shape, kernel, stride, padding, dilation, lambda total, _r, _c: total, ceil_mode)
 
 
 def avg_pool2d(input_shape, kernel, stride, padding=(0, 0), count_include_pad: bool = True,
-               divisor: int = 0) -> tirx.PrimFunc:
+               divisor: int = 0, ceil_mode: bool = False) -> tirx.PrimFunc:
     """Average pooling as the interpreter computes it: the window sum, then one division by
-    ``divisor`` (or ``KH*KW``), or by the count of in-bounds taps when padding is excluded.
+    ``divisor`` (or ``KH*KW``), or by the window's size clipped to the padded input (a
+    ceil_mode window running past it) or, when padding is excluded, to the input.
     Parameters: ``x: f32[N,C,H,W], y: f32[N,C,OH,OW]``."""
     (n, c, h, w), (kh, kw), (sh, sw), (ph, pw), _, _ = _pool_geometry(input_shape, kernel, stride, padding, (1, 1))
-    if not count_include_pad and (ph or pw):
+    if not divisor and (ceil_mode or (not count_include_pad and (ph or pw))):
+        # the window's cells inside [lo, hi) of each axis (csqc.numerics._window_counts)
+        pad_h, pad_w = (ph, pw) if count_include_pad else (0, 0)
+
         def finish(total, out_row, col):
             top, left = out_row * sh - ph, col * sw - pw
-            rows = tirx.min(top + kh, h) - tirx.max(top, 0)
-            cols = tirx.min(left + kw, w) - tirx.max(left, 0)
+            rows = tirx.min(top + kh, h + pad_h) - tirx.max(top, -pad_h)
+            cols = tirx.min(left + kw, w + pad_w) - tirx.max(left, -pad_w)
             return total / tirx.Cast(F32, rows * cols)
     else:
         def finish(total, _r, _c):
             return total / _f32(divisor or kh * kw)
-    return _pool2d("sum", input_shape, kernel, stride, padding, (1, 1), finish)
+    return _pool2d("sum", input_shape, kernel, stride, padding, (1, 1), finish, ceil_mode)
 
 
 def _emit_row_mean(x_flat, y_flat, rows: int, row_len: int, count: int):
@@ -987,13 +1004,34 @@ def _emit_row_mean(x_flat, y_flat, rows: int, row_len: int, count: int):
         I.buffer_store(y_flat, total[0] / _f32(count), [row])
 
 
+def _uneven_adaptive_avg_pool2d(n: int, c: int, h: int, w: int, oh: int, ow: int) -> tirx.PrimFunc:
+    """Windows ``[floor(i*H/OH), ceil((i+1)*H/OH))`` of varying size: one task per output row,
+    a scalar window sum (row by row), then one division by the window's size."""
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        with _parallel_or_serial(n * c * oh, n * c * h * w) as task:
+            plane, i = task // oh, task % oh
+            h0, h1 = (i * h) // oh, ((i + 1) * h + oh - 1) // oh
+            with I.serial(0, ow) as j:
+                w0, w1 = (j * w) // ow, ((j + 1) * w + ow - 1) // ow
+                acc = _local((1,))
+                I.buffer_store(acc, _f32(0.0), [0])
+                with I.serial(0, h1 - h0) as r:
+                    with I.serial(0, w1 - w0) as s:
+                        I.buffer_store(acc, acc[0] + x_flat[plane * (h * w) + (h0 + r) * w + w0 + s], [0])
+                I.buffer_store(y_flat, acc[0] / tirx.Cast(F32, (h1 - h0) * (w1 - w0)), [(plane * oh + i) * ow + j])
+
+    return _prim_func([("x", (n, c, h, w), F32), ("y", (n, c, oh, ow), F32)], body)
+
+
 def adaptive_avg_pool2d(input_shape, output_size) -> tirx.PrimFunc:
-    """Adaptive average pooling for divisible sizes (float32 sum / count).
+    """Adaptive average pooling (float32 window sum / window size), PyTorch's windows.
     Parameters: ``x: f32[N,C,H,W], y: f32[N,C,OH,OW]``."""
     n, c, h, w = (int(s) for s in input_shape)
     oh, ow = _pair(output_size)
     if h % oh or w % ow:
-        raise ValueError(f"adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
+        return _uneven_adaptive_avg_pool2d(n, c, h, w, oh, ow)
     if (oh, ow) != (1, 1):
         return avg_pool2d(input_shape, (h // oh, w // ow), (h // oh, w // ow), (0, 0), True, 0)
 

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from csqc import numerics as num
 from csqc.bitplanes import posneg_planes, unpack_planes
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
@@ -464,6 +465,8 @@ def _emit_clip(e: GraphEmitter, n: Node) -> str:
 
 
 def _emit_pool(e: GraphEmitter, n: Node) -> str:
+    if n.attr("ceil_mode", False):
+        return _emit_ceil_pool(e, n)
     x = e.float_of(n.inputs[0])
     kh, kw = n.attr("kernel")
     ph, pw = n.attr("padding")
@@ -480,12 +483,57 @@ def _emit_pool(e: GraphEmitter, n: Node) -> str:
                   count_include_pad=int(n.attr("count_include_pad", True)), **common)
 
 
+def _extra_padding(n: Node, size_hw) -> list[int]:
+    """Cells past the bottom/right padding that ceil_mode windows reach (never counted)."""
+    out_hw = n.type.shape[2:]
+    k, st, p, d = n.attr("kernel"), n.attr("stride"), n.attr("padding"), n.attr("dilation", (1, 1))
+    return [max(0, (out_hw[i] - 1) * st[i] + d[i] * (k[i] - 1) + 1 - (size_hw[i] + 2 * p[i])) for i in range(2)]
+
+
+def _emit_ceil_pool(e: GraphEmitter, n: Node) -> str:
+    """ceil_mode pooling with the interpreter's output size and divisors: the last windows get
+    explicit extra padding past the input's own; a max ignores it (MaxPool pads with -inf), an
+    average is a window sum (a depthwise Conv with ones) divided by a constant count array."""
+    x = e.float_of(n.inputs[0])
+    c, h, w = e.g.type_of(n.inputs[0]).shape[1:]
+    (kh, kw), (ph, pw), stride = n.attr("kernel"), n.attr("padding"), list(n.attr("stride"))
+    eh, ew = _extra_padding(n, (h, w))
+    pads = [ph, pw, ph + eh, pw + ew]
+    if n.op == "max_pool2d":
+        return e.b.op("MaxPool", [x], _name(e, n), exact_name=True, kernel_shape=[kh, kw], strides=stride, pads=pads,
+                      dilations=list(n.attr("dilation", (1, 1))))
+    ones = e.b.const(f"{n.name}.ones", np.ones((c, 1, kh, kw), _F32))
+    total = e.b.op("Conv", [x, ones], f"{n.name}.sum", kernel_shape=[kh, kw], strides=stride, pads=pads, group=c)
+    divisor = n.attr("divisor", 0)
+    counts = (np.array(divisor, _F32) if divisor else
+              num.avg_pool_counts((h, w), (kh, kw), stride, (ph, pw), True, bool(n.attr("count_include_pad", True))))
+    return e.b.op("Div", [total, e.b.const(f"{n.name}.counts", counts)], _name(e, n), exact_name=True)
+
+
+def _emit_uneven_adaptive_avg(e: GraphEmitter, n: Node) -> str:
+    """Non-divisible adaptive pooling: window sums as 0/1 MatMuls over W, then H, divided by
+    the constant window sizes (the interpreter's sum / count)."""
+    x = e.float_of(n.inputs[0])
+    (h, w), (oh, ow) = e.g.type_of(n.inputs[0]).shape[2:], n.attr("output_size")
+
+    def selector(size: int, out: int) -> np.ndarray:
+        m = np.zeros((out, size), _F32)
+        for i, (a, b) in enumerate(num.adaptive_bounds(size, out)):
+            m[i, a:b] = 1
+        return m
+
+    cols = e.b.op("MatMul", [x, e.b.const(f"{n.name}.cols", selector(w, ow).T.copy())], f"{n.name}.col_sums")
+    total = e.b.op("MatMul", [e.b.const(f"{n.name}.rows", selector(h, oh)), cols], f"{n.name}.sum")
+    counts = e.b.const(f"{n.name}.counts", num.adaptive_counts((h, w), (oh, ow)))
+    return e.b.op("Div", [total, counts], _name(e, n), exact_name=True)
+
+
 def _emit_adaptive_avg(e: GraphEmitter, n: Node) -> str:
     x = e.float_of(n.inputs[0])
     oh, ow = n.attr("output_size")
     h, w = e.g.type_of(n.inputs[0]).shape[2:]
     if h % oh or w % ow:
-        raise CompileError(f"{n.name}: adaptive pooling {h}x{w} -> {oh}x{ow} needs divisible sizes")
+        return _emit_uneven_adaptive_avg(e, n)
     if (oh, ow) == (1, 1):
         return e.b.op("GlobalAveragePool", [x], _name(e, n), exact_name=True)
     k = [h // oh, w // ow]
@@ -544,6 +592,30 @@ def _emit_expand(e: GraphEmitter, n: Node) -> str:
     return e.b.op("Expand", [e.float_of(n.inputs[0]), shape], _name(e, n), exact_name=True)
 
 
+def _relu6_plus3(e: GraphEmitter, n: Node, x: str) -> str:
+    three = e.b.const("three", np.array(3, _F32))
+    lo, hi = e.b.const("zero", np.array(0, _F32)), e.b.const("six", np.array(6, _F32))
+    return e.b.op("Clip", [e.b.op("Add", [x, three], f"{n.name}.plus3"), lo, hi], f"{n.name}.relu6")
+
+
+def _emit_hardsigmoid(e: GraphEmitter, n: Node) -> str:
+    """``min(max(x + 3, 0), 6) / 6`` op by op (ONNX HardSigmoid computes ``x/6 + 0.5``)."""
+    r = _relu6_plus3(e, n, e.float_of(n.inputs[0]))
+    return e.b.op("Div", [r, e.b.const("six", np.array(6, _F32))], _name(e, n), exact_name=True)
+
+
+def _emit_hardswish(e: GraphEmitter, n: Node) -> str:
+    """``(x * min(max(x + 3, 0), 6)) / 6`` op by op, the interpreter's float32 order."""
+    x = e.float_of(n.inputs[0])
+    product = e.b.op("Mul", [x, _relu6_plus3(e, n, x)], f"{n.name}.mul")
+    return e.b.op("Div", [product, e.b.const("six", np.array(6, _F32))], _name(e, n), exact_name=True)
+
+
+def _emit_silu(e: GraphEmitter, n: Node) -> str:
+    x = e.float_of(n.inputs[0])
+    return e.b.op("Mul", [x, e.b.op("Sigmoid", [x], f"{n.name}.sigmoid")], _name(e, n), exact_name=True)
+
+
 EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "quantize": _emit_quantize,
     "dequantize": _emit_dequantize,
@@ -577,6 +649,9 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
                                 approximate=str(n.attr("approximate", "none"))),
     "div": _simple("Div"),
     "expand": _emit_expand,
+    "hardsigmoid": _emit_hardsigmoid,
+    "hardswish": _emit_hardswish,
+    "silu": _emit_silu,
 }
 
 
@@ -587,12 +662,6 @@ def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
     for n in g.nodes:
         if n.op not in EMITTERS:
             out.append((n.op, n.name))
-        elif n.op in ("max_pool2d", "avg_pool2d") and n.attr("ceil_mode", False):
-            out.append((f"{n.op} [ceil_mode]", n.name))
-        elif n.op == "adaptive_avg_pool2d":
-            (h, w), (oh, ow) = g.type_of(n.inputs[0]).shape[2:], n.attr("output_size")
-            if h % oh or w % ow:
-                out.append((f"{n.op} [{h}x{w} -> {oh}x{ow}, not divisible]", n.name))
     return out
 
 

@@ -429,14 +429,17 @@ class _Lowerer:
     def lower_max_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         k, st, p, d = n.attr("kernel"), n.attr("stride"), n.attr("padding"), n.attr("dilation", (1, 1))
-        f = self.plan.func(f"max_pool2d({s},{k},{st},{p},{d})", lambda: self.glue.max_pool2d(s, k, st, p, d))
+        ceil = bool(n.attr("ceil_mode", False))
+        f = self.plan.func(f"max_pool2d({s},{k},{st},{p},{d},{ceil})", lambda: self.glue.max_pool2d(s, k, st, p, d, ceil))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def lower_avg_pool2d(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         k, st, p = n.attr("kernel"), n.attr("stride"), n.attr("padding")
         cip, div = bool(n.attr("count_include_pad", True)), int(n.attr("divisor", 0))
-        f = self.plan.func(f"avg_pool2d({s},{k},{st},{p},{cip},{div})", lambda: self.glue.avg_pool2d(s, k, st, p, cip, div))
+        ceil = bool(n.attr("ceil_mode", False))
+        f = self.plan.func(f"avg_pool2d({s},{k},{st},{p},{cip},{div},{ceil})",
+                           lambda: self.glue.avg_pool2d(s, k, st, p, cip, div, ceil))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
     def lower_adaptive_avg_pool2d(self, n: Node) -> None:
@@ -526,11 +529,6 @@ def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
 
 
 def _unsupported_form(g: Graph, n: Node) -> str | None:
-    if n.op in ("max_pool2d", "avg_pool2d") and n.attr("ceil_mode", False):
-        return "ceil_mode"
-    if n.op == "adaptive_avg_pool2d":
-        h, w = g.type_of(n.inputs[0]).shape[2:]
-        oh, ow = n.attr("output_size")
-        if h % oh or w % ow:
-            return f"{h}x{w} -> {oh}x{ow}, not divisible"
+    """A form of a lowerable op the planner cannot lower yet (none today: ceil_mode pooling and
+    non-divisible adaptive pooling lower since issue 15)."""
     return None
