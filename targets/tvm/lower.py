@@ -517,18 +517,7 @@ def lowerable_ops() -> frozenset[str]:
 
 def unsupported_ops(g: Graph) -> list[tuple[str, str]]:
     """``(op, node)`` for every node of ``g`` the planner has no lowering for (the op table's
-    TVM key names the planner method), or a form of the op it cannot lower yet (in brackets)."""
-    out = []
-    for n in g.nodes:
-        key = OP_TABLE[n.op].tvm if n.op in OP_TABLE else None
-        if key is None or not hasattr(_Lowerer, f"lower_{key}"):
-            out.append((n.op, n.name))
-        elif _unsupported_form(g, n):
-            out.append((f"{n.op} [{_unsupported_form(g, n)}]", n.name))
-    return out
-
-
-def _unsupported_form(g: Graph, n: Node) -> str | None:
-    """A form of a lowerable op the planner cannot lower yet (none today: ceil_mode pooling and
-    non-divisible adaptive pooling lower since issue 15)."""
-    return None
+    TVM key names the planner method). A form of a lowerable op it could not lower would be
+    reported as ``op [form]``; every form lowers today."""
+    lowered = lowerable_ops()
+    return [(n.op, n.name) for n in g.nodes if n.op not in lowered]
