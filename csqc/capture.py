@@ -690,7 +690,8 @@ HANDLERS.update({
 })
 _CONSTANT_ONLY = (
     _aten.arange.default, _aten.arange.start, _aten.arange.start_step, _aten.ge.Scalar, _aten.ge.Tensor,
-    _aten.le.Scalar, _aten.le.Tensor, _aten.eq.Scalar, _aten.eq.Tensor, _aten.ne.Scalar, _aten.ne.Tensor,
+    _aten.le.Scalar, _aten.le.Tensor, _aten.gt.Scalar, _aten.gt.Tensor, _aten.lt.Scalar, _aten.lt.Tensor,
+    _aten.eq.Scalar, _aten.eq.Tensor, _aten.ne.Scalar, _aten.ne.Tensor,
     _aten.where.self, _aten.where.ScalarOther, _aten.where.ScalarSelf, _aten.gather.default,
     _aten.__and__.Tensor, _aten.__or__.Tensor, _aten.bitwise_not.default, _aten.logical_not.default,
     _aten.cumsum.default, _aten.diff.default, _aten.index.Tensor, _aten.new_ones.default, _aten.ones.default,
