@@ -2,7 +2,8 @@
 
 Library API (the CLI is a thin layer over it)::
 
-    model = csqc.convert(float_model, n_bits=8, act_bits=4)   # CSQ layers
+    model = csqc.convert(float_model, n_bits=8, act_bits=4, example_inputs=x)  # CSQ layers
+    print(csqc.conversion_report(model).summary())              # what stayed float, and why
     csqc.train_csq(model, data, target_bits=3.0)                # or csqc.train_recipe("digits-cnn")
     csqc.save(model, "model.pt", example_input)                 # safe, self-describing file
     m = csqc.load("model.pt")                                   # m(x) runs the PyTorch reference
@@ -27,7 +28,8 @@ _LAZY = {
     "TrainingFailed": ("errors", "TrainingFailed"), "check_training_result": ("train", "check_training_result"),
     "CSQLinear": ("layers", "CSQLinear"), "CSQConv2d": ("layers", "CSQConv2d"), "ActQuant": ("layers", "ActQuant"),
     "CSQLSTM": ("recurrent", "CSQLSTM"), "CSQGRU": ("recurrent", "CSQGRU"), "one_step": ("recurrent", "one_step"),
-    "convert": ("layers", "convert"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),
+    "convert": ("conversion", "convert"), "conversion_report": ("conversion", "conversion_report"),
+    "CSQMultiheadAttention": ("attention", "CSQMultiheadAttention"), "finalize": ("layers", "finalize"), "calibrate": ("layers", "calibrate"),
     "CsqcModel": ("modelfile", "CsqcModel"), "save": ("modelfile", "save"), "load": ("modelfile", "load"),
     "train_float": ("train", "train_float"), "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
     "train_factory": ("train", "train_factory"), "TrainingRun": ("train", "TrainingRun"),
@@ -44,7 +46,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
         globals()[name] = value
         return value
-    if name in ("runtime", "models", "passes", "targets", "ir", "interpreter", "layers", "ops", "recurrent"):
+    if name in ("runtime", "models", "passes", "targets", "ir", "interpreter", "layers", "ops", "recurrent", "attention", "conversion"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'csqc' has no attribute {name!r}")
 

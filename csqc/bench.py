@@ -34,7 +34,7 @@ from .ir import Graph, Node, QUANT_LAYER_OPS, TensorType
 from .optable import OP_TABLE
 from .logs import quiet_ort_quantizer
 
-__all__ = ["BenchResult", "BenchReport", "float_graph", "torch_runner", "bench"]
+__all__ = ["BenchResult", "BenchReport", "float_graph", "torch_runner", "bench", "bench_remote"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class BenchReport:
     cpu: str = ""
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    remote: dict = field(default_factory=dict)  # the remote device it ran on (csqc.remote.describe_device)
 
     def ratios(self) -> dict[str, float]:
         """Speed-up of csqc over each baseline (baseline time / csqc time)."""
@@ -70,7 +71,7 @@ class BenchReport:
             "model": self.model, "batch": self.batch, "threads": self.threads, "cpu": self.cpu,
             "device": self.device, "results": [r.__dict__ for r in self.results],
             "speedup_vs": self.ratios(), "notes": self.notes,
-            **({"sweep_planes": self.sweep} if self.sweep else {}),
+            **({"sweep_planes": self.sweep} if self.sweep else {}), **({"remote": self.remote} if self.remote else {}),
         }
 
 
@@ -269,21 +270,27 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
 
 def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15, artifact: str | None = None,
           sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True,
-          device: str = "cpu", on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
+          device: str = "cpu", rpc: str | None = None, key: str | None = None,
+          on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
     """Compile (unless ``artifact`` is given) and time csqc against the baselines.
 
     ``device``: ``cpu`` (an llvm artifact) or ``cuda`` (a cuda artifact, on this machine's GPU).
+    ``rpc``: time ``artifact`` on a remote TVM RPC server instead ("host:port"; with ``key`` a
+    tracker and the device key), see ``bench_remote``.
     ``on_progress(step, done, total)`` hears each step (``total`` None when unknown) for a progress bar."""
     step = on_progress or (lambda name, done, total: None)
     from . import runtime
     from .compiler import optimize, to_model
 
+    if rounds < 1:
+        raise BadInput(f"--rounds must be at least 1, got {rounds}")
+    if rpc is not None or key is not None:
+        return bench_remote(model, artifact, rpc, key=key, rounds=rounds, sweep_planes=sweep_planes, dataset=dataset,
+                            on_progress=on_progress)
     if device not in _ARTIFACT_KIND:
         raise BadInput(f"--device must be one of {', '.join(_ARTIFACT_KIND)}, got {device!r}")
     if device == "cuda":
         arch = _gpu_arch()
-    if rounds < 1:
-        raise BadInput(f"--rounds must be at least 1, got {rounds}")
     if not 1 <= threads <= 1024:  # torch and TVM take a C int, and thousands of threads only thrash
         raise BadInput(f"--threads must be in 1..1024, got {threads}")
     os.environ["TVM_NUM_THREADS"] = str(threads)
@@ -308,18 +315,8 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             raise BadInput(f"{artifact} is a {art.target} artifact: bench it with --device {other}, or compile "
                            f"one with --target {_ARTIFACT_KIND[device]}")
         shape = art.inputs[0]["shape"]
-        rng = np.random.default_rng(0)
-        xs = [rng.random(spec["shape"], dtype=np.float32) for spec in art.inputs]  # one array per input
-        calib = [tuple(rng.random(spec["shape"], dtype=np.float32) for spec in art.inputs) for _ in range(8)]
-        x = xs[0]
-        if dataset == "digits":
-            from .data import load_digits_split
-
-            data = load_digits_split(image=len(shape) == 4)
-            xs = data.x_test[: (len(data.x_test) // shape[0]) * shape[0]].reshape(-1, *shape)
-            x, calib = xs[0], list(xs[:8])
-            xs = [x]
-        weight_bytes = sum(int(a.nbytes) for a in art._weights.values())  # what the artifact stores
+        xs, calib = _inputs(art.inputs, dataset)
+        weight_bytes = _stored_bytes(art)
         fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(*xs)}
         sizes = {"csqc": (weight_bytes, "")}
         notes: list[str] = []
@@ -338,8 +335,8 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         if baselines:
             step("timing ONNX Runtime alone", 0, None)
             _best_of_spinning_ort(ort_runners, xs, medians, sizes, max(5, rounds // 2))
-        report = BenchReport(model.manifest.get("metadata", {}).get("recipe") or Path(model.source).stem or "model",
-                             shape[0], threads, cpu=art.plan["target"].get("mcpu", ""), device=device, notes=notes)
+        report = BenchReport(_model_name(model), shape[0], threads, cpu=art.plan["target"].get("mcpu", ""),
+                             device=device, notes=notes)
         for key, us in medians.items():
             report.results.append(BenchResult(key, us, sizes[key][0], sizes[key][1]))
         if sweep_planes and len(art.inputs) > 1:
@@ -348,6 +345,64 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             step("sweeping planes", 0, None)
             report.sweep = _sweep(art, model, shape, dataset)
     return report
+
+
+def bench_remote(model, artifact: str | None, rpc: str | None, *, key: str | None = None, rounds: int = 15,
+                 sweep_planes: bool = False, dataset: str | None = None,
+                 on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
+    """Time ``artifact`` on a remote device through TVM RPC (``csqc.remote``): the sum of its
+    kernels' medians under the remote's ``time_evaluator`` over ``rounds`` repeats. The baselines
+    would run on this machine, not the device, so there are none; threads are the remote server's."""
+    from . import remote
+    from .compiler import to_model
+
+    step = on_progress or (lambda name, done, total: None)
+    if rpc is None:
+        raise BadInput("--key names a device of an RPC tracker: give the tracker with --rpc HOST:PORT")
+    if artifact is None:
+        raise BadInput("--rpc times a compiled artifact on a remote device: give it with --artifact (compile it for "
+                       "that device, e.g. `csqc compile MODEL --target aarch64` or `--target llvm --mcpu CPU`)")
+    model = to_model(model)
+    step("connecting", 0, None)
+    with remote.load(artifact, rpc, key=key) as art:
+        shape = art.inputs[0]["shape"]
+        xs, _ = _inputs(art.inputs, dataset)
+        step("timing on the remote device", 0, None)
+        us = art.time_us(*xs, repeat=rounds)
+        notes = [f"timed on {remote.describe_text(art.device)} with its time_evaluator: the sum of each kernel's "
+                 "median, without network or host overhead; baselines run only locally (bench without --rpc)"]
+        report = BenchReport(_model_name(model), shape[0], 0, cpu=art.device.get("cpu") or "",
+                             device="cuda" if art.target == "cuda" else "cpu", notes=notes, remote=art.device)
+        report.results.append(BenchResult("csqc", us, _stored_bytes(art), "remote time_evaluator"))
+        if sweep_planes and len(art.inputs) == 1:
+            step("sweeping planes", 0, None)
+            report.sweep = _sweep(art, model, shape, dataset)
+    return report
+
+
+def _model_name(model) -> str:
+    return model.manifest.get("metadata", {}).get("recipe") or Path(model.source).stem or "model"
+
+
+def _stored_bytes(art) -> int:
+    """The weight bytes the artifact stores."""
+    return sum(int(a.nbytes) for a in art._weights.values())
+
+
+def _inputs(specs: list[dict], dataset: str | None) -> tuple[list[np.ndarray], list]:
+    """``(one array per model input, calibration samples)``: seeded uniform [0, 1), or the
+    digits test split's first batch (and the next batches for calibration)."""
+    rng = np.random.default_rng(0)
+    xs = [rng.random(spec["shape"], dtype=np.float32) for spec in specs]
+    calib = [tuple(rng.random(spec["shape"], dtype=np.float32) for spec in specs) for _ in range(8)]
+    if dataset == "digits":
+        from .data import load_digits_split
+
+        shape = specs[0]["shape"]
+        data = load_digits_split(image=len(shape) == 4)
+        batches = data.x_test[: (len(data.x_test) // shape[0]) * shape[0]].reshape(-1, *shape)
+        xs, calib = [batches[0]], list(batches[:8])
+    return xs, calib
 
 
 def _best_of_spinning_ort(runners: dict, xs, medians: dict, sizes: dict, rounds: int) -> None:

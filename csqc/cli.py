@@ -130,6 +130,14 @@ def json_option(f):
                         help="Print machine-readable JSON.")(f)
 
 
+def rpc_options(f):
+    """--rpc / --key: run the artifact on a remote device through TVM RPC (csqc.remote)."""
+    f = click.option("--key", metavar="KEY",
+                     help="With --rpc: HOST:PORT is an RPC tracker; run on a device registered with this key.")(f)
+    return click.option("--rpc", metavar="HOST:PORT",
+                        help="Run the artifact on a TVM RPC server there (`python -m tvm.exec.rpc_server` on the device).")(f)
+
+
 def model_options(f):
     """Options of every command that reads a model: a csqc file or a reference checkpoint."""
 
@@ -433,8 +441,9 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
 @click.option("--per-layer", is_flag=True, help="Compare every layer's tensors and name the first that diverges.")
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Float tolerance, relative to each output's magnitude.")
 @click.option("--rtol", default=1e-4, show_default=True, type=float, help="Elementwise relative float tolerance.")
+@rpc_options
 @json_option
-def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, per_layer, atol, rtol, as_json):
+def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, per_layer, atol, rtol, rpc, key, as_json):
     """Check PyTorch, the IR interpreter, ONNX Runtime and an artifact against each other.
 
     Integer tensors (activation codes, accumulators) must agree exactly; exit code 0 only when
@@ -442,7 +451,8 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
 
     A .so artifact is a program: verifying it loads and runs it (an aarch64 one under qemu-user,
     which emulates, not isolates). csqc checks its SHA-256 digests first; that catches damage and
-    edits, not a malicious author. An .onnx artifact is data only.
+    edits, not a malicious author. An .onnx artifact is data only. With --rpc the .so runs on a
+    remote TVM RPC server (checked here first, then uploaded) and the report names the device.
     """
     from .cli_onnx import verify_command
 
@@ -457,7 +467,7 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
                        "give your own inputs with --inputs x.npz")
     code = verify_command(load_model(model), inputs=inputs_file, samples=samples, dataset=dataset, artifact=artifact,
                           per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, as_json=as_json,
-                          progress=progress_wanted(as_json))
+                          progress=progress_wanted(as_json), rpc=rpc, key=key)
     if code:
         raise click.exceptions.Exit(code)
 
@@ -541,16 +551,22 @@ def _read_array(path: str, shape: list[int], artifact: str):
 @click.option("--no-baselines", is_flag=True, help="Time csqc only.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cpu: an llvm artifact; cuda: a cuda artifact on this machine's GPU, against PyTorch fp16/fp32 and ORT's CUDA provider.")
+@rpc_options
 @json_option
-def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, device, as_json):
-    """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs."""
+def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, device, rpc, key,
+          as_json):
+    """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs.
+
+    With --rpc the artifact runs and is timed on a remote TVM RPC server (its time_evaluator); the
+    baselines, which would run here, are left out.
+    """
     from .bench import bench as run_bench
 
     loaded = load_model(model)
     with progress_bar("bench", enabled=progress_wanted(as_json)) as update:
         report = run_bench(loaded, batch=batch, threads=threads, rounds=rounds, artifact=artifact,
                            sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines, device=device,
-                           on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
+                           rpc=rpc, key=key, on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
     if as_json:
         _emit_json({"ok": True, **report.to_json()})
         return
@@ -558,6 +574,10 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
 
     ratios = report.ratios()
     where = "GPU" if report.device == "cuda" else f"{report.threads} threads, CPU {report.cpu}"
+    if report.remote:
+        from .remote import describe_text
+
+        where = describe_text(report.remote)
     columns = [Column("runtime"), Column("median", right=True), Column("weights", right=True, drop=1),
                Column("csqc speed-up", right=True), Column("note", wrap=True)]
     rows = [(r.runtime, f"{r.median_us:,.1f} us", _human(r.weight_bytes),

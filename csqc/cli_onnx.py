@@ -15,6 +15,7 @@ import numpy as np
 from .errors import BadInput
 from .modelfile import CsqcModel
 from .outputs import check_output
+from .remote import describe_text
 from .terminal import Column, fit_table, progress_bar, stdout_console
 from .verify import VerifyReport, load_inputs, verify
 
@@ -100,6 +101,8 @@ def print_verify_report(report: VerifyReport) -> None:
     console.print(fit_table(f"verify: {report.samples} samples in batches of {report.batch}", columns, rows, console.width))
     for name, acc in report.accuracy.items():  # dynamic activation scales: the batch is part of the result
         console.print(f"accuracy {name}: {acc:.2%} (batches of {report.batch})")
+    for name, device in report.devices.items():
+        console.print(f"{name} ran on {describe_text(device)}")
     console.print(f"integer tensors exact: {'[green]yes[/]' if report.accumulators_exact else '[red]NO[/]'}")
     if report.layers and not report.first_divergence:  # --per-layer: say so when there is nothing to name
         n_layers = len({row["layer"] for row in report.layers})
@@ -116,7 +119,7 @@ def print_verify_report(report: VerifyReport) -> None:
 def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int = 4, dataset: str | None = None,
                    artifact: str | None = None, per_layer: bool = False, batch: int | None = None,
                    atol: float = 1e-4, rtol: float = 1e-4, as_json: bool = False, echo: bool = True,
-                   progress: bool = False) -> int:
+                   progress: bool = False, rpc: str | None = None, key: str | None = None) -> int:
     """Run ``verify`` with CLI-style options (``inputs`` is an ``.npz`` path); 0 if ok, else 1.
 
     ``progress``: show a bar of samples checked on stderr.
@@ -124,7 +127,7 @@ def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int 
     arrays = load_inputs(inputs, model) if inputs else None
     with progress_bar("verify: samples checked", enabled=progress) as update:
         report = verify(model, inputs=arrays, samples=samples, dataset=dataset, artifact=artifact,
-                        per_layer=per_layer, batch=batch, atol=atol, rtol=rtol,
+                        per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, rpc=rpc, key=key,
                         on_batch=lambda done, total: update(completed=done, total=total))
     if echo:
         if as_json:

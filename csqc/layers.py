@@ -435,57 +435,12 @@ class BudgetRegularizer:
         return dropped
 
 
-def convert(
-    model: nn.Module,
-    n_bits: int = 8,
-    act_bits: int | None = None,
-    *,
-    act_clip: str | None = None,
-    act_mode: str = "dynamic",
-    quantize_first_input: bool = False,
-    skip: Iterable[str] = (),
-) -> nn.Module:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` (in place) with a CSQ layer, and
-    every ``nn.LSTM``/``nn.GRU`` (batch_first) with ``CSQLSTM``/``CSQGRU`` (``csqc.recurrent``).
+def convert(model: nn.Module, n_bits: int = 8, act_bits: int | None = None, **options) -> nn.Module:
+    """:func:`csqc.conversion.convert` (CSQ layers in place of Linear, Conv2d, attention, LSTM,
+    GRU; a report of what stayed float), kept here for code that imports it from ``layers``."""
+    from .conversion import convert as convert_model
 
-    Bits start from the float weights with all ``n_bits`` positions active. With ``act_bits``,
-    the input of each quantized layer is quantized too, except the first layer's (module
-    order) unless ``quantize_first_input``. Layers named in ``skip`` stay float.
-    """
-    skip = set(skip)
-    first = True
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if full in skip or isinstance(child, _CSQMixin):
-                continue
-            if type(child) in (nn.LSTM, nn.GRU):  # CSQLSTM / CSQGRU: two CSQLinear per layer
-                from .recurrent import from_torch
-
-                setattr(parent, child_name, from_torch(
-                    child, n_bits, act_bits, act_clip=act_clip, act_mode=act_mode,
-                    quantize_first_input=not first or quantize_first_input))
-                first = False
-                continue
-            if type(child) is nn.Linear:
-                new = CSQLinear(child.in_features, child.out_features, child.bias is not None, n_bits)
-            elif type(child) is nn.Conv2d:
-                if child.padding_mode != "zeros" or isinstance(child.padding, str):
-                    raise BadInput(f"{full}: only zero padding with numeric sizes can be converted")
-                new = CSQConv2d(
-                    child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                    child.padding, child.dilation, child.groups, child.bias is not None, n_bits,
-                )
-            else:
-                continue
-            new.load_float_weight(child.weight.detach())
-            if child.bias is not None:
-                new.bias.data.copy_(child.bias.detach())
-            if act_bits is not None and (not first or quantize_first_input):
-                new.input_quant = ActQuant(act_bits, act_clip, act_mode)
-            first = False
-            setattr(parent, child_name, new)
-    return model
+    return convert_model(model, n_bits, act_bits, **options)
 
 
 @torch.no_grad()

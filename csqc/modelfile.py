@@ -241,6 +241,23 @@ def _range_problem(spec: dict, bounds) -> str | None:
     return None
 
 
+def capture_problems(model: nn.Module, example_inputs) -> list[str]:
+    """What would stop ``save`` (and so every compile) for ``model`` at ``example_inputs``, without
+    writing anything: each operator csqc cannot compile with the module it came from, or why
+    torch.export could not capture the model. Empty: the model saves."""
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not all(isinstance(t, torch.Tensor) for t in example):
+        return ["the op check needs example inputs that are tensors"]
+    try:
+        program = _export(_flat_output_model(_finalized_copy(model)), example)
+        from torch._export.serde import serialize as serde
+
+        checked = check_program(strip_guards(serde.serialize(program).exported_program), "the model")
+    except CsqcError as e:
+        return [str(e)]
+    return [f"unsupported operator {op} (at {where})" for op, where in checked.unsupported]
+
+
 def _flat_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]

@@ -44,22 +44,10 @@ class CompiledModel:
         contents = read_artifact(path)  # digests, member sizes and weight sizes, before anything is loaded
         self.plan, weights = contents.plan, contents.weights
         check_plan(path, self.plan, weights)
-        import tvm
-
         self.path = path
         self.target = self.plan["target"]["kind"]
-        self.dev = _device(self.target)
-        # an artifact for another machine is bad input here (exit code 2), like any file that cannot run here
-        if self.target == "cuda" and not self.dev.exist:
-            raise BadInput(f"{path} is a CUDA artifact and this machine has no CUDA device; run it on a machine "
-                           "with an NVIDIA GPU, or compile for this one with --target llvm")
-        if self.target == "aarch64" and platform.machine() not in ("aarch64", "arm64"):
-            raise BadInput(f"{path} is an aarch64 artifact and this machine is {platform.machine()}; run it on a "
-                           "64-bit ARM machine (csqc verify runs it here under qemu-user emulation)")
-        try:
-            self.lib = load_library(contents.library)
-        except Exception as e:
-            raise BadInput(f"{path}: the library part cannot be loaded on this machine ({_reason(e)})") from None
+        # only now, with digests and plan checked, may the library reach a loader
+        self.dev, self.lib = self._open(contents.library)
         self._funcs = {}
         for step in self.plan["steps"]:
             try:
@@ -87,7 +75,7 @@ class CompiledModel:
                             ) from None
         # host buffers are also seen as numpy arrays: copying in and out through these views
         # costs well under a microsecond, against ~10 us for Tensor.copyfrom / Tensor.numpy
-        self._host = self.target != "cuda"
+        self._host = self._in_this_process()
         if self._host:
             self._in_views = [np.from_dlpack(self.buffers[s["name"]]) for s in self.inputs]
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
@@ -97,6 +85,25 @@ class CompiledModel:
                          st.get("layer", st["func"])) for st in self.plan["steps"] if "levels" in st]
         if self._host:
             self._scales = [(np.from_dlpack(buf).reshape(-1), *rest) for buf, *rest in self._scales]
+
+    def _open(self, library: bytes):
+        """``(device, module)``: the checked library loaded on this machine (``csqc.remote`` overrides it)."""
+        dev = _device(self.target)
+        # an artifact for another machine is bad input here (exit code 2), like any file that cannot run here
+        if self.target == "cuda" and not dev.exist:
+            raise BadInput(f"{self.path} is a CUDA artifact and this machine has no CUDA device; run it on a machine "
+                           "with an NVIDIA GPU, or compile for this one with --target llvm")
+        if self.target == "aarch64" and platform.machine() not in ("aarch64", "arm64"):
+            raise BadInput(f"{self.path} is an aarch64 artifact and this machine is {platform.machine()}; run it on "
+                           "a 64-bit ARM machine (csqc verify runs it here under qemu-user emulation)")
+        try:
+            return dev, load_library(library)
+        except Exception as e:
+            raise BadInput(f"{self.path}: the library part cannot be loaded on this machine ({_reason(e)})") from None
+
+    def _in_this_process(self) -> bool:
+        """Whether the buffers are host memory of this process (numpy views of them are possible)."""
+        return self.target != "cuda"
 
     def _allocate(self, weights: Mapping[str, np.ndarray]) -> dict:
         import tvm
@@ -503,6 +510,16 @@ def _offset_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, 
     return None
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a compiled artifact (``csqc compile --target llvm`` output)."""
+def load(path: str | os.PathLike, *, rpc: str | None = None, key: str | None = None) -> CompiledModel:
+    """Load a compiled artifact (``csqc compile --target llvm`` output).
+
+    ``rpc="host:port"`` runs it on a TVM RPC server instead (with ``key``, ``host:port`` is an
+    RPC tracker and ``key`` the device key): see ``csqc.remote``.
+    """
+    if rpc is not None:
+        from .remote import load as load_remote
+
+        return load_remote(path, rpc, key=key)
+    if key is not None:
+        raise BadInput("a device key needs an RPC tracker address (rpc='host:port')")
     return CompiledModel(path)

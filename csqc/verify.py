@@ -47,7 +47,7 @@ from .modelfile import CsqcModel
 
 __all__ = [
     "verify", "VerifyReport", "PairReport", "Runtime", "RunResult", "RUNTIMES", "DEFAULT_RUNTIMES",
-    "ARTIFACT_RUNNERS", "register_artifact_runner", "load_inputs", "LAYER_TENSORS", "MAX_RANDOM_SAMPLES",
+    "ARTIFACT_RUNNERS", "register_artifact_runner", "tvm_artifact_runtime", "load_inputs", "LAYER_TENSORS", "MAX_RANDOM_SAMPLES",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class Runtime:
     batch: int | None = None
     exact: bool = True
     deploy: bool = False  # a deploy-form model (static scales): judged against PyTorch, see verify
+    device: dict | None = None  # where it runs, when not in this process (csqc.remote.describe_device)
+    close: Callable[[], None] | None = None  # releases what it holds (a remote session)
 
 
 class _Context:
@@ -256,6 +258,13 @@ def _open_tvm_artifact(path: str) -> Runtime:
     from .targets.aarch64.emulation import load_emulated, needs_emulation
 
     model = load_emulated(path) if needs_emulation(path) else runtime.load(path)
+    return tvm_artifact_runtime(f"artifact:{Path(path).name}", model)
+
+
+def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Callable[[], None] | None = None
+                         ) -> Runtime:
+    """The runtime of a loaded TVM artifact (``csqc.runtime.CompiledModel`` or anything with its call
+    API and ``layers``: the emulated and the remote ones): outputs and the per-layer tensors."""
     layers = {name: info["tensors"] for name, info in model.layers.items() if "tensors" in info}
 
     def run(inputs):
@@ -284,7 +293,18 @@ def _open_tvm_artifact(path: str) -> Runtime:
 
     # the epilogue's float order matches the interpreter's but LLVM may vectorize it
     # differently: outputs are compared within the tolerance, accumulators exactly
-    return Runtime(f"artifact:{Path(path).name}", run, int(model.inputs[0]["shape"][0]), exact=False)
+    return Runtime(name, run, int(model.inputs[0]["shape"][0]), exact=False, device=device, close=close)
+
+
+def _open_remote_artifact(path: str, rpc: str, key: str | None) -> Runtime:
+    """A TVM artifact run on a remote device through TVM RPC (``csqc.remote``), named like a local one."""
+    from . import remote
+
+    if not Path(path).name.endswith(".so"):
+        raise BadInput(f"{path}: --rpc runs the .so artifacts of --target llvm, cuda or aarch64 on a remote device; "
+                       "verify an .onnx artifact here, without --rpc")
+    model = remote.load(path, rpc, key=key)
+    return tvm_artifact_runtime(f"artifact:{Path(path).name}", model, device=model.device, close=model.close)
 
 
 # suffix -> opener(path) -> Runtime; other targets register themselves here
@@ -296,10 +316,14 @@ def register_artifact_runner(suffix: str, opener: Callable[[str], Runtime]) -> N
     ARTIFACT_RUNNERS[suffix if suffix.startswith(".") else "." + suffix] = opener
 
 
-def _open_artifact(path: str) -> Runtime:
+def _open_artifact(path: str, rpc: str | None = None, key: str | None = None) -> Runtime:
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{path}: no such artifact")
+    if rpc is not None:
+        return _open_remote_artifact(str(p), rpc, key)
+    if key is not None:
+        raise BadInput("--key names a device of an RPC tracker: give the tracker with --rpc HOST:PORT")
     for suffix in sorted(ARTIFACT_RUNNERS, key=len, reverse=True):  # longest match: .tar.gz before .gz
         if p.name.endswith(suffix):
             return ARTIFACT_RUNNERS[suffix](str(p))
@@ -448,6 +472,7 @@ class VerifyReport:
     layers: list[dict] = field(default_factory=list)  # per layer and runtime (per_layer=True)
     notes: list[str] = field(default_factory=list)
     folded_layers: list[str] = field(default_factory=list)  # layers with no nonzero weights, now constants
+    devices: dict[str, dict] = field(default_factory=dict)  # runtime -> the remote device it ran on
 
     @property
     def max_abs_error(self) -> float:
@@ -465,7 +490,7 @@ class VerifyReport:
             "accumulators_exact": self.accumulators_exact, "first_divergence": self.first_divergence,
             "pairs": [p.to_json() for p in self.pairs], "accuracy": self.accuracy,
             "tolerance": {"atol": self.atol, "rtol": self.rtol}, "layers": self.layers, "notes": self.notes,
-            "folded_layers": self.folded_layers,
+            "folded_layers": self.folded_layers, **({"devices": self.devices} if self.devices else {}),
         }
 
 
@@ -595,6 +620,8 @@ def verify(
     seed: int = 0,
     intra_op_num_threads: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    rpc: str | None = None,
+    key: str | None = None,
 ) -> VerifyReport:
     """Run ``model`` in every runtime on the same batches and compare (see module docstring).
 
@@ -615,6 +642,9 @@ def verify(
     on top-1 agreement (at least ``deploy_min_top1``) and, on a labelled data set, an accuracy
     at most ``deploy_max_accuracy_drop`` below PyTorch's; the notes say so. ``on_batch(done, total)``
     is called after every batch with the samples checked so far (for a progress bar).
+    ``rpc``: run the artifact (a ``.so``) on a remote TVM RPC server at "host:port" instead (with
+    ``key``: a tracker there and the device key; see ``csqc.remote``); the report's ``devices``
+    says where it ran.
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
@@ -624,87 +654,94 @@ def verify(
     names = list(dict.fromkeys(runtimes))
     if GOLDEN not in names:  # the golden interpreter always runs, after the PyTorch reference
         names.insert(1 if names[:1] == ["pytorch"] else 0, GOLDEN)
-    art = _open_artifact(artifact) if artifact else None
-    if art is not None and art.deploy and inputs is None and dataset is None:
-        raise BadInput(f"{artifact} is a deploy-form ONNX model, calibrated on real data: random inputs say "
-                       "nothing about it; verify it on that kind of data (--dataset digits or --inputs x.npz)")
-    ctx = _Context(model, intra_op_num_threads)
-    arrays, labels = _samples(model, inputs, samples, dataset, seed, ctx)
-    n = len(arrays[0])
-    batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
-    if art and art.batch not in (None, batch):
-        raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
-    notes: list[str] = []
-    starts = list(range(0, n, batch))
-    if n % batch and art is not None and art.batch is not None:
-        notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")
-        starts = starts[:-1]
-    if not starts:
-        raise BadInput(f"{n} sample(s) do not fill one batch of {batch}")
-    total = sum(min(batch, n - start) for start in starts)
-    by_size: dict[int, list[Runtime]] = {}
-    outputs: dict[str, list[list[np.ndarray]]] = {}
-    stats: dict[str, dict[str, _LayerStats]] = {}
-    used = 0
-    for start in starts:
-        chunk = [a[start : start + batch] for a in arrays]
-        size = len(chunk[0])
-        if size not in by_size:
-            by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
-        golden_graph = ctx.graph("integer", size)
-        results = {rt.name: rt.run(chunk) for rt in by_size[size]}
-        golden = results[GOLDEN].tensors
-        for rt in by_size[size]:
-            outputs.setdefault(rt.name, []).append(results[rt.name].outputs)
-            if rt.name != GOLDEN and results[rt.name].tensors:
-                _check_layers(golden_graph, golden, rt, results[rt.name].tensors,
-                              stats.setdefault(rt.name, {}), atol, rtol)
-        used += size
-        if on_batch is not None:
-            on_batch(used, total)
-    runtime_names = [rt.name for rt in by_size[min(by_size)]] if by_size else names
-    runtime_names = [r for r in runtime_names if r in outputs]
-    pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None,
-                           deploy=bool(art and art.deploy))
-    order = [l.name for l in ctx.graph("integer", batch).quant_layers()]
-    folded = _folded_layer_names(ctx.graph("integer", batch))
-    notes += [f"{name}: no nonzero weights; folded to a constant output (no codes or accumulator to compare; "
-              "the values that read it are checked)" for name in folded]
-    for rt in (r for r in runtime_names if r not in (GOLDEN, "pytorch")):
-        for name in folded:  # listed, not missing
-            stats.setdefault(rt, {}).setdefault(name, _LayerStats(name, rt, folded=True))
-    for p in pairs:
-        if p.kind == "exact":
-            p.ok = p.within_tolerance
-            resynced = _diverged_only_by_float_rounding(stats.get(p.b, {}), order)
-            if not p.ok and resynced:
-                # every layer was exact on its own inputs; a float op upstream (a float first
-                # layer, an add) rounded differently and flipped an activation code on a tie,
-                # which the dynamic scales carry to the outputs: judge outputs like PyTorch's
+    if rpc is not None and not artifact:
+        raise BadInput("--rpc runs an artifact on a remote device: give the artifact with --artifact")
+    art = _open_artifact(artifact, rpc, key) if artifact else None
+    devices = {art.name: art.device} if art is not None and art.device else {}
+    try:
+        if art is not None and art.deploy and inputs is None and dataset is None:
+            raise BadInput(f"{artifact} is a deploy-form ONNX model, calibrated on real data: random inputs say "
+                           "nothing about it; verify it on that kind of data (--dataset digits or --inputs x.npz)")
+        ctx = _Context(model, intra_op_num_threads)
+        arrays, labels = _samples(model, inputs, samples, dataset, seed, ctx)
+        n = len(arrays[0])
+        batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
+        if batch < 1:
+            raise BadInput(f"batch must be at least 1, got {batch}")
+        if art and art.batch not in (None, batch):
+            raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
+        notes: list[str] = []
+        starts = list(range(0, n, batch))
+        if n % batch and art is not None and art.batch is not None:
+            notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")
+            starts = starts[:-1]
+        if not starts:
+            raise BadInput(f"{n} sample(s) do not fill one batch of {batch}")
+        total = sum(min(batch, n - start) for start in starts)
+        by_size: dict[int, list[Runtime]] = {}
+        outputs: dict[str, list[list[np.ndarray]]] = {}
+        stats: dict[str, dict[str, _LayerStats]] = {}
+        used = 0
+        for start in starts:
+            chunk = [a[start : start + batch] for a in arrays]
+            size = len(chunk[0])
+            if size not in by_size:
+                by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
+            golden_graph = ctx.graph("integer", size)
+            results = {rt.name: rt.run(chunk) for rt in by_size[size]}
+            golden = results[GOLDEN].tensors
+            for rt in by_size[size]:
+                outputs.setdefault(rt.name, []).append(results[rt.name].outputs)
+                if rt.name != GOLDEN and results[rt.name].tensors:
+                    _check_layers(golden_graph, golden, rt, results[rt.name].tensors,
+                                  stats.setdefault(rt.name, {}), atol, rtol)
+            used += size
+            if on_batch is not None:
+                on_batch(used, total)
+        runtime_names = [rt.name for rt in by_size[min(by_size)]] if by_size else names
+        runtime_names = [r for r in runtime_names if r in outputs]
+        pairs = _compare_pairs(runtime_names, outputs, atol, rtol, art.name if art else None,
+                               deploy=bool(art and art.deploy))
+        order = [l.name for l in ctx.graph("integer", batch).quant_layers()]
+        folded = _folded_layer_names(ctx.graph("integer", batch))
+        notes += [f"{name}: no nonzero weights; folded to a constant output (no codes or accumulator to compare; "
+                  "the values that read it are checked)" for name in folded]
+        for rt in (r for r in runtime_names if r not in (GOLDEN, "pytorch")):
+            for name in folded:  # listed, not missing
+                stats.setdefault(rt, {}).setdefault(name, _LayerStats(name, rt, folded=True))
+        for p in pairs:
+            if p.kind == "exact":
+                p.ok = p.within_tolerance
+                resynced = _diverged_only_by_float_rounding(stats.get(p.b, {}), order)
+                if not p.ok and resynced:
+                    # every layer was exact on its own inputs; a float op upstream (a float first
+                    # layer, an add) rounded differently and flipped an activation code on a tie,
+                    # which the dynamic scales carry to the outputs: judge outputs like PyTorch's
+                    top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
+                    p.ok = top1_ok and p.max_rel_error <= float_rel_tol
+                    notes.append(f"{p.b}: activation codes first left the golden run at {resynced} after a float "
+                                 "rounding difference upstream; every layer's codes and accumulators are exact on "
+                                 "its own inputs, so its outputs are judged on top-1 agreement and a coarse error")
+            elif p.kind == "float":
                 top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
                 p.ok = top1_ok and p.max_rel_error <= float_rel_tol
-                notes.append(f"{p.b}: activation codes first left the golden run at {resynced} after a float "
-                             "rounding difference upstream; every layer's codes and accumulators are exact on "
-                             "its own inputs, so its outputs are judged on top-1 agreement and a coarse error")
-        elif p.kind == "float":
-            top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
-            p.ok = top1_ok and p.max_rel_error <= float_rel_tol
-    accuracy = {}
-    if labels is not None:
-        y = labels[:used]
-        for r in runtime_names:
-            logits = np.concatenate([o[0] for o in outputs[r]])
-            accuracy[r] = float((logits.argmax(-1) == y).mean())
-    for p in pairs:
-        if p.kind == "deploy":
-            notes.append(_judge_deploy(p, accuracy, deploy_min_top1, deploy_max_accuracy_drop, float_rel_tol))
-    exact_ok, first = _summarize(stats, order, per_layer)
-    layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
-    ok = exact_ok and all(p.ok for p in pairs)
-    return VerifyReport(ok, runtime_names, pairs, exact_ok, first, used, batch, atol, rtol, accuracy, layers, notes,
-                        folded)
+        accuracy = {}
+        if labels is not None:
+            y = labels[:used]
+            for r in runtime_names:
+                logits = np.concatenate([o[0] for o in outputs[r]])
+                accuracy[r] = float((logits.argmax(-1) == y).mean())
+        for p in pairs:
+            if p.kind == "deploy":
+                notes.append(_judge_deploy(p, accuracy, deploy_min_top1, deploy_max_accuracy_drop, float_rel_tol))
+        exact_ok, first = _summarize(stats, order, per_layer)
+        layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
+        ok = exact_ok and all(p.ok for p in pairs)
+        return VerifyReport(ok, runtime_names, pairs, exact_ok, first, used, batch, atol, rtol, accuracy, layers,
+                            notes, folded, devices)
+    finally:
+        if art is not None and art.close is not None:
+            art.close()  # a remote server serves one session at a time
 
 
 def _folded_layer_names(g: Graph) -> list[str]:

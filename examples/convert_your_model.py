@@ -31,7 +31,10 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
     print(f"float accuracy: {train_float(model, data, epochs=20, progress=show):.2%}")
 
-    csqc.convert(model, n_bits=8, act_bits=4)  # every Linear becomes a CSQLinear, all 8 bits active
+    # every Linear becomes a CSQLinear, all 8 bits active; the example input finds the first layer
+    # (whose input stays float) by execution order, and the report says what stayed float and why
+    csqc.convert(model, n_bits=8, act_bits=4, example_inputs=torch.from_numpy(data.x_test[:1]))
+    print(csqc.conversion_report(model).summary())
     accuracy, _ = csqc.train_csq(model, data, epochs=40, target_bits=2.5, progress=show)
     print(f"CSQ accuracy {accuracy:.2%} (test split in one batch of {len(data.x_test)}) "
           f"at {csqc.layers.average_bits(model):.2f} average bits")

@@ -16,7 +16,8 @@ from csqc import ops
 from csqc.ir import Graph, Value
 from csqc.layers import ActQuant, csq_layers
 
-__all__ = ["quantizer_inputs", "teacher_forced", "randomize_masks", "recalibrate_batch_norm", "torch_codes"]
+__all__ = ["quantizer_inputs", "teacher_forced", "randomize_masks", "recalibrate_batch_norm", "torch_codes",
+           "one_channel_convs"]
 
 
 def _clipped(m: ActQuant, x: torch.Tensor) -> torch.Tensor:
@@ -88,3 +89,19 @@ def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor) -> None:
     model.train()
     model(x)
     model.eval()
+
+
+def one_channel_convs(folder, n_bits: int = 4):
+    """Save (and return the path of) a model whose first conv reads 1 channel (groups=1) with a
+    quantized input, followed by a depthwise conv (groups == in_channels): both have one input
+    channel per group, so both run on the depthwise kernels (issue 15: the planner packed the
+    first one for the grouped kernel, and the artifact failed at run time)."""
+    import csqc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=8),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
+    csqc.finalize(csqc.convert(net.eval(), n_bits=n_bits, act_bits=8, quantize_first_input=True))
+    path = folder / "one-channel.pt"
+    csqc.save(net, path, torch.randn(2, 1, 8, 8))
+    return path

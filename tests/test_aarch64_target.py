@@ -187,6 +187,18 @@ def test_resnet20_verifies_exactly_under_emulation(compiled):
 
 @needs_cross_compiler
 @needs_emulator
+def test_one_input_channel_convs_verify_exactly_under_emulation(tmp_path):
+    from modelcheck import one_channel_convs
+
+    model = csqc.load(one_channel_convs(tmp_path))
+    out = tmp_path / "one-channel-arm64.so"
+    result = csqc.compile(model, "aarch64", out)
+    assert result.report["kernels"]["0"] == result.report["kernels"]["2"] == "bitserial"
+    _assert_exact_under_emulation(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
+
+
+@needs_cross_compiler
+@needs_emulator
 def test_cli_verify_runs_the_arm64_artifact(compiled, tmp_path):
     model, path, _ = compiled("resnet20")
     res = CliRunner().invoke(cli, ["verify", str(model.source), "--artifact", str(path), "--samples", "2", "--json"])

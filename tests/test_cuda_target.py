@@ -336,6 +336,18 @@ def test_resnet20_compiles_for_sm80_and_sm90(tmp_path):
         assert report["kernels"]["conv1"] == "float"
 
 
+@pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
+def test_one_input_channel_convs_compile(tmp_path, kernel):
+    from modelcheck import one_channel_convs
+
+    graph = _optimized(one_channel_convs(tmp_path))
+    verify_plan(graph)
+    out = tmp_path / f"one-channel-{kernel}.so"
+    report = emit_cuda(graph, out, arch="sm_90", force_kernel=kernel)
+    check_artifact(out, report, "sm_90")
+    assert report["kernels"]["0"] == kernel and report["kernels"]["2"] == kernel
+
+
 def test_resnet18_224_compiles(tmp_path):
     from csqc.models.vision import resnet18
 

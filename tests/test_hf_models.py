@@ -1,10 +1,9 @@
 """Coverage: Hugging Face transformers models, built from small configs (no downloads).
 
-Each model is converted (``csqc.convert(n_bits=4, act_bits=8)``), saved, compiled for llvm and
-onnx, and verified exactly against the interpreter on random token ids. Attention uses the
-eager implementation. GPT-2's projections are transformers' ``Conv1D`` modules, which
-``convert`` leaves float until its Conv1D support lands: they run as float linear layers
-(``addmm``), and only its LM head is quantized here.
+Each model is converted (``csqc.convert(n_bits=4, act_bits=8)``: the attention and MLP
+projections, GPT-2's ``Conv1D`` included; the embeddings stay float and are reported), saved,
+compiled for llvm and onnx, and verified exactly against the interpreter on random token ids.
+Attention uses the eager implementation.
 """
 from __future__ import annotations
 
@@ -47,7 +46,9 @@ MODELS = {
     "distilbert": (_distilbert, ["last_hidden_state"],
                    [f"transformer.layer.{i}.attention.{p}_lin" for i in range(2) for p in ("q", "k", "v", "out")],
                    "embeddings.word_embeddings"),
-    "gpt2": (_gpt2, ["logits"], ["lm_head"], "transformer.wte"),
+    "gpt2": (_gpt2, ["logits"], [f"transformer.h.{i}.{p}" for i in range(2)
+                                 for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + ["lm_head"],
+             "transformer.wte"),
 }
 
 
@@ -57,8 +58,12 @@ def saved(request, tmp_path_factory):
     name = request.param
     factory = MODELS[name][0]
     torch.manual_seed(0)
-    model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=8))
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    model = csqc.convert(factory().eval(), n_bits=4, act_bits=8, example_inputs=ids)
+    report = csqc.conversion_report(model)
+    assert report.ops_checked and not report.problems, report.summary()
+    assert MODELS[name][3] in {f.name for f in report.left_float}  # the embedding: float, and said so
+    model = csqc.finalize(model)
     path = csqc.save(model, tmp_path_factory.mktemp(name) / f"{name}.pt", ids)
     return name, model, csqc.load(path), ids
 

@@ -17,6 +17,7 @@ from csqc import runtime
 from csqc.cli import cli
 from csqc.errors import BadInput
 from csqc.verify import verify
+from modelcheck import one_channel_convs
 
 DIGITS_BATCH = 50
 
@@ -248,3 +249,13 @@ def test_ops_without_lowering_are_listed_in_one_error_before_lowering():
     with pytest.raises(CompileError, match=listed):
         lower_graph(g, backend=CpuBackend(), on_layer=lowered.append)
     assert lowered == []
+
+
+
+@pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
+def test_one_input_channel_convs_run_and_verify(tmp_path, kernel):
+    model = csqc.load(one_channel_convs(tmp_path))
+    out = tmp_path / f"one-channel-{kernel}.so"
+    result = csqc.compile(model, "llvm", out, force_kernel=kernel)
+    assert result.report["kernels"]["0"] == kernel and result.report["kernels"]["2"] == kernel
+    _assert_artifact_exact(verify(model, samples=4, artifact=str(out), per_layer=True), out.name)

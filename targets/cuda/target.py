@@ -37,6 +37,7 @@ from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.outputs import atomic_write, make_output_folder
 from csqc.targets.tvm.backend import LayerChoice
+from csqc.targets.tvm.geometry import is_depthwise_layer
 from csqc.targets.tvm.build import write_artifact
 from csqc.targets.tvm.lower import Plan, lower_graph
 
@@ -75,7 +76,7 @@ def choose_kernel(n, rows: int, q: np.ndarray) -> LayerChoice:
     if spec.act_bits is None:
         return LayerChoice("float", "input activations are not quantized")
     pairs = max(1, spec.num_planes) * spec.act_bits
-    depthwise = n.op == "qconv2d" and n.attr("weight_shape")[1] == 1 and n.attr("groups") > 1
+    depthwise = is_depthwise_layer(n.op, n.attr("weight_shape"))
     if spec.acc_dtype == "int64":
         return LayerChoice("bitserial", "int64 accumulator needed (only the bit-serial kernel has one)")
     if int(np.abs(q).max(initial=0)) > 127:

@@ -5,6 +5,7 @@ import numpy as np
 
 from csqc.ir import Node
 from csqc.targets.tvm.backend import LayerChoice
+from csqc.targets.tvm.geometry import is_depthwise_layer
 
 __all__ = ["CpuBackend", "choose_kernel"]
 
@@ -22,7 +23,7 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
         return _choose_float_input_kernel(n, rows)
     fits_int8 = int(np.abs(q).max(initial=0)) <= 127
     pairs = max(1, spec.num_planes) * spec.act_bits
-    depthwise = n.op == "qconv2d" and n.attr("weight_shape")[1] == 1 and n.attr("groups") > 1
+    depthwise = is_depthwise_layer(n.op, n.attr("weight_shape"))
     if spec.acc_dtype == "int64":
         return LayerChoice("bitserial", "int64 accumulator needed (only the bit-serial kernel has one)")
     if not fits_int8:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "conv_geometry"]
+__all__ = ["ConvGeometry", "conv_geometry", "is_depthwise_layer"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,14 @@ class ConvGeometry:
     def is_depthwise(self) -> bool:
         """One input channel per group: K = kh*kw, served by the direct int32 kernel."""
         return self.in_per_group == 1
+
+
+def is_depthwise_layer(op: str, weight_shape) -> bool:
+    """Whether a quantized layer runs on the depthwise kernels: a conv with one input channel
+    per group (``weight_shape[1] == 1``), whatever ``groups`` is. The kernels decide with
+    :attr:`ConvGeometry.is_depthwise`; the planner, packers and cost models must agree with them
+    (a 1-channel conv with ``groups == 1`` is one group of C/groups == 1, i.e. depthwise)."""
+    return op == "qconv2d" and int(weight_shape[1]) == 1
 
 
 def _pair(value) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from csqc.bitplanes import unpack_planes
 from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from .backend import LayerChoice, TvmBackend
+from .geometry import is_depthwise_layer
 
 __all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_ops", "lower_graph"]
 
@@ -291,7 +292,7 @@ class _Lowerer:
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             planes5 = planes.reshape(len(plane_spec), *shape)
-            if shape[1] == 1 and groups > 1:
+            if is_depthwise_layer(n.op, shape):
                 packed = self.packing.pack_depthwise_weight_planes(planes5)
             else:
                 packed = self.packing.pack_conv_weight_planes(planes5, groups, knobs.lanes)
@@ -314,7 +315,7 @@ class _Lowerer:
         knobs = self.kernels.BitparallelKnobs()
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
-            depthwise = shape[1] == 1 and groups > 1
+            depthwise = is_depthwise_layer(n.op, shape)
             info["pack"] = "depthwise" if depthwise else "conv"
             packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
             key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})"
