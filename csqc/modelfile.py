@@ -255,7 +255,23 @@ def capture_problems(model: nn.Module, example_inputs) -> list[str]:
         checked = check_program(strip_guards(serde.serialize(program).exported_program), "the model")
     except CsqcError as e:
         return [str(e)]
-    return [f"unsupported operator {op} (at {where})" for op, where in checked.unsupported]
+    problems = [f"unsupported operator {op} (at {where})" for op, where in checked.unsupported]
+    return problems or _capture_problems(program, example)
+
+
+def _capture_problems(program: torch.export.ExportedProgram, example: tuple) -> list[str]:
+    """What capture itself refuses: ops the save-time allow-list admits because capture folds
+    them on constants (masks, positions), here reading the model's input."""
+    from .capture import capture
+
+    specs = [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    try:
+        capture(CsqcModel(program, {"inputs": specs, "outputs": []}, example))
+    except UnsupportedOps as e:
+        return [f"unsupported operator {op} (at {where})" for op, where in e.unsupported]
+    except CsqcError as e:
+        return [str(e)]
+    return []
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:
