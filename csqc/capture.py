@@ -42,6 +42,9 @@ class _Ctx:
     consts: dict[str, torch.Tensor] = field(default_factory=dict)  # fx placeholder -> tensor
     nonneg: set[str] = field(default_factory=set)  # IR values known to be >= 0
     taken: set[str] = field(default_factory=set)
+    folded: dict[str, str] = field(default_factory=dict)  # fx node evaluated at capture -> parameter base name
+    integer_inputs: set[str] = field(default_factory=set)  # IR inputs holding token ids
+    id_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # their shapes
 
     def name(self, base: str) -> str:
         base = base.replace("/", ".") or "v"
@@ -72,6 +75,8 @@ class _Ctx:
         if isinstance(arg, torch.fx.Node):
             if arg.name in self.env:
                 return self.env[arg.name]
+            if arg.name in self.folded:
+                return self._folded_param(arg.name)
             if arg.name in self.consts:
                 t = self.consts[arg.name].detach().cpu().numpy()
                 v = self.param(base, t.astype(np.float32) if t.dtype.kind == "f" else t)
@@ -80,6 +85,24 @@ class _Ctx:
                     self.nonneg.add(v)
                 return v
         raise _Unsupported(f"unsupported argument {arg!r}")
+
+    def _folded_param(self, fx_name: str) -> str:
+        """A constant computed at capture time, as the float32 parameter runtime ops read."""
+        t = self.consts[fx_name]
+        if not isinstance(t, torch.Tensor):
+            raise _Unsupported(f"a folded constant of type {type(t).__name__} used as a tensor")
+        a = t.detach().cpu().numpy()
+        if a.dtype.kind == "f" and not np.isfinite(a.astype(np.float32)).all():
+            raise BadInput(f"constant {self.folded[fx_name]!r} computed from the model's constants is NaN or "
+                           "infinite in float32; no runtime can match it bit for bit")
+        as_f32 = a.astype(np.float32)
+        if a.dtype.kind in "biu" and not (as_f32.astype(np.float64) == a.astype(np.float64)).all():
+            raise _Unsupported(f"integer constant {self.folded[fx_name]!r} is not exact in float32")
+        v = self.param(self.folded[fx_name], as_f32)
+        self.env[fx_name] = v
+        if (as_f32 >= 0).all():
+            self.nonneg.add(v)
+        return v
 
     def emit(self, fx: torch.fx.Node, op: str, inputs, ttype: TensorType | None = None, attrs=None,
              quant: QuantSpec | None = None, base: str | None = None) -> str:
@@ -242,6 +265,8 @@ def _binary(op: str):
 
 def _reshape(ctx: _Ctx, fx: torch.fx.Node) -> str:
     xv = ctx.value(fx.args[0])
+    if xv in ctx.integer_inputs:  # a view of token ids: the embedding reading them restores the shape
+        return xv
     return ctx.emit(fx, "reshape", [xv], base=f"{_module_path(fx) or fx.name}.reshape")
 
 
@@ -497,6 +522,88 @@ def _max_pool_with_indices(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "max_pool2d", [xv], TensorType(tuple(val.shape)), attrs)
 
 
+# -- Hugging Face transformers: token embeddings, Conv1D's addmm, constant folding -------------
+
+
+def _embedding(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False): the
+    # IR op gives ids.shape + [dim]; a reshape restores a view of the ids taken on the way
+    table, ids = fx.args[:2]
+    base = _module_path(fx) or fx.name
+    weight = ctx.param(f"{base}.weight", ctx.tensor(table).detach().float().numpy())
+    ids_value = ctx.value(ids)
+    if ids_value not in ctx.integer_inputs:
+        raise _Unsupported("ids computed inside the model (only an integer model input may index an embedding)")
+    t = _type_of(fx)
+    rows_shape = ctx.id_shapes[ids_value] + (t.shape[-1],)
+    out = ctx.emit(fx, "embedding", [weight, ids_value], TensorType(rows_shape), base=base)
+    if rows_shape == t.shape:
+        return out
+    return ctx.emit(fx, "reshape", [out], t, base=_base(fx, "reshape"))
+
+
+def _addmm(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # addmm(bias, x, w, beta=1, alpha=1) = bias + x @ w: transformers' Conv1D keeps w as [in, out]
+    bias, x, w = fx.args[:3]
+    if _arg(fx, 3, "beta", 1) != 1 or _arg(fx, 4, "alpha", 1) != 1:
+        raise _Unsupported("addmm with beta or alpha != 1")
+    base = _module_path(fx) or fx.name
+    if ctx.is_const(w) and ctx.is_const(bias) and ctx.tensor(bias).dim() == 1:
+        weight = ctx.tensor(w).detach().float().numpy().T
+        inputs = [ctx.value(x), ctx.param(f"{base}.weight", np.ascontiguousarray(weight)),
+                  ctx.param(f"{base}.bias", ctx.tensor(bias).detach().float().numpy())]
+        return ctx.emit(fx, "linear", inputs, attrs={"act": "none"})
+    product = ctx.emit(fx, "matmul", [ctx.value(x), ctx.value(w)], base=_base(fx, "matmul"))
+    return ctx.emit(fx, "add", [product, ctx.value(bias)], base=_base(fx, "add"))
+
+
+def _pow(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # x ** 2 and x ** 3 as products: PyTorch computes these exponents as x * x (* x) too
+    exponent = fx.args[1]
+    if exponent not in (1, 2, 3):
+        raise _Unsupported(f"pow with exponent {exponent!r} of a runtime value (only 1, 2, 3)")
+    xv = ctx.value(fx.args[0])
+    out = xv
+    for _ in range(int(exponent) - 1):
+        out = ctx.emit(fx, "mul", [out, xv], base=_base(fx, "pow"))
+    return out
+
+
+def _same_dtype(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # to.dtype / _to_copy of a runtime value: only a float32 -> float32 copy is a no-op
+    src = fx.args[0]
+    if _type_of(fx).dtype != _type_of(src).dtype:
+        raise _Unsupported(f"a dtype conversion of a runtime value to {_type_of(fx).dtype}")
+    return ctx.value(src)
+
+
+def _no_op(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """_assert_tensor_metadata (a trace-time check) and in-place detach: the value itself."""
+    return ctx.value(fx.args[0])
+
+
+def _constant_only(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    raise _Unsupported("supported on constants only (folded at capture); here it depends on the model's input")
+
+
+def _foldable(ctx: _Ctx, fx: torch.fx.Node) -> bool:
+    """Whether every tensor ``fx`` reads is a constant (parameters, buffers, folded results)."""
+    if fx.target in _NEVER_FOLDED:
+        return False
+    return all(a.name in ctx.consts for a in fx.all_input_nodes)
+
+
+def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
+    """Evaluate ``fx`` with torch now; its result is a constant (a parameter once a runtime op reads it)."""
+    args, kwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), lambda a: ctx.consts[a.name])
+    try:
+        with torch.no_grad():
+            ctx.consts[fx.name] = fx.target(*args, **kwargs)
+    except Exception as e:  # torch raises many types; the op is then reported as unsupported
+        raise _Unsupported(f"could not evaluate on constants ({type(e).__name__})") from None
+    ctx.folded[fx.name] = _base(fx, "const")
+
+
 HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     torch.ops.csqc.quant_conv2d.default: lambda c, f: _quant_layer(c, f, conv=True),
     torch.ops.csqc.quant_linear.default: lambda c, f: _quant_layer(c, f, conv=False),
@@ -575,6 +682,36 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.detach.default: _passthrough,
     operator.getitem: _getitem,
 }
+
+
+# Hugging Face transformers: runtime ops, then ops they only run on constants (masks, positions)
+HANDLERS.update({
+    _aten.embedding.default: _embedding,
+    _aten.addmm.default: _addmm,
+    _aten.unflatten.int: _reshape,
+    _aten.pow.Tensor_Scalar: _pow,
+    _aten.to.dtype: _same_dtype,
+    _aten.to.dtype_layout: _same_dtype,
+    _aten._to_copy.default: _same_dtype,
+    _aten._assert_tensor_metadata.default: _no_op,
+    _aten.detach_.default: _no_op,
+    _aten.lift_fresh_copy.default: _no_op,
+})
+_CONSTANT_ONLY = (
+    _aten.arange.default, _aten.arange.start, _aten.arange.start_step, _aten.ge.Scalar, _aten.ge.Tensor,
+    _aten.le.Scalar, _aten.le.Tensor, _aten.gt.Scalar, _aten.gt.Tensor, _aten.lt.Scalar, _aten.lt.Tensor,
+    _aten.eq.Scalar, _aten.eq.Tensor, _aten.ne.Scalar, _aten.ne.Tensor,
+    _aten.where.self, _aten.where.ScalarOther, _aten.where.ScalarSelf, _aten.gather.default,
+    _aten.__and__.Tensor, _aten.__or__.Tensor, _aten.bitwise_not.default, _aten.logical_not.default,
+    _aten.cumsum.default, _aten.diff.default, _aten.index.Tensor, _aten.new_ones.default, _aten.ones.default,
+    _aten.ones_like.default, _aten.full_like.default, _aten.expand.default, _aten.masked_fill.Scalar,
+    _aten.tril.default, _aten.triu.default, _aten.pow.Scalar,
+)
+for _op in _CONSTANT_ONLY:
+    HANDLERS.setdefault(_op, _constant_only)  # a runtime handler registered elsewhere wins
+# csqc's own layer ops read their weights as constants and must stay layers
+_NEVER_FOLDED = frozenset({torch.ops.csqc.quant_conv2d.default, torch.ops.csqc.quant_linear.default,
+                           torch.ops.csqc.act_quant.default})
 
 
 def _float_conv_convolution(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -758,6 +895,9 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                 name = ctx.name(f"input{len(inputs)}")
                 inputs.append(Value(name, _type_of(fx)))
                 ctx.env[fx.name] = name
+                if _type_of(fx).dtype != "float32":
+                    ctx.integer_inputs.add(name)
+                    ctx.id_shapes[name] = _type_of(fx).shape
     rewrite_idioms(program.graph, ctx.consts)  # other code bases' quantizers -> csqc::act_quant
     unsupported: list[tuple[str, str]] = []
     outputs: list[str] = []
@@ -769,9 +909,12 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                 unsupported.append((_op_name(fx.target), where))
                 continue
             if any(isinstance(a, torch.fx.Node) and a.op == "call_function" and a.name not in ctx.env
-                   for a in fx.all_input_nodes):
+                   and a.name not in ctx.consts for a in fx.all_input_nodes):
                 continue  # depends on an unsupported op: reported there
             try:
+                if _foldable(ctx, fx):  # every input is a constant: evaluate it now
+                    _fold(ctx, fx)
+                    continue
                 ctx.env[fx.name] = handler(ctx, fx)
             except _Unsupported as e:
                 unsupported.append((f"{_op_name(fx.target)} [{e}]", where))
@@ -781,13 +924,32 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
     if unsupported:
         raise UnsupportedOps(unsupported)
     name = str(model.manifest.get("metadata", {}).get("recipe") or "model")
-    g = Graph(tuple(inputs), tuple(ctx.nodes), tuple(outputs), ctx.params, name=name)
+    nodes, outputs = _named_outputs(ctx, outputs, [str(o.get("name", "")) for o in model.manifest["outputs"]])
+    g = Graph(tuple(inputs), nodes, outputs, ctx.params, name=name)
     derived = nonfinite_params(g)
     if derived:  # finite weights whose folding overflowed float32
         raise BadInput(f"parameter {derived[0]!r} of the captured model is NaN or infinite (float32 overflow "
                        "folding the model's weights); the weights are out of range")
     verify(g)
     return g
+
+
+def _named_outputs(ctx: _Ctx, outputs: list[str], names: list[str]) -> tuple[tuple[Node, ...], tuple[str, ...]]:
+    """Output nodes renamed after the model's named outputs (``logits``, ``last_hidden_state``),
+    so the IR, the artifacts and the reports use them; positional names (``output0``) change nothing."""
+    produced = {n.name for n in ctx.nodes}
+    renames: dict[str, str] = {}
+    for value, name in zip(outputs, names):
+        positional = name.startswith("output") and name[6:].isdigit()
+        if positional or not name or value not in produced or value in renames or name in ctx.taken:
+            continue
+        ctx.taken.add(name)
+        renames[value] = name
+    if not renames:
+        return tuple(ctx.nodes), tuple(outputs)
+    nodes = tuple(n.replace(name=renames.get(n.name, n.name), inputs=tuple(renames.get(i, i) for i in n.inputs))
+                  for n in ctx.nodes)
+    return nodes, tuple(renames.get(o, o) for o in outputs)
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:

@@ -189,6 +189,12 @@ HANDLERS: dict[str, Callable] = {
 }
 
 
+def _integer_input(name: str, x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind not in "iu" and not (x.dtype.kind == "f" and np.isfinite(x).all() and (x == np.round(x)).all()):
+        raise BadInput(f"input {name}: expected integer ids, got {x.dtype} values that are not whole numbers")
+    return x.astype(np.int64)
+
+
 def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[str, int] | None = None) -> list[np.ndarray]:
     """Run ``g`` on ``inputs`` (a list of arrays, or a dict by input name).
 
@@ -206,6 +212,9 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
         x = np.asarray(x)
         if tuple(x.shape) != v.type.shape:
             raise BadInput(f"input {v.name}: expected shape {list(v.type.shape)}, got {list(x.shape)}")
+        if v.type.dtype != "float32":  # token ids: kept integer for the embedding that reads them
+            env[v.name] = _integer_input(v.name, x)
+            continue
         if x.dtype != np.float32:
             if x.dtype.kind not in "fiu":
                 raise BadInput(f"input {v.name}: expected float32 data, got {x.dtype}")

@@ -433,9 +433,31 @@ def verify(g: Graph) -> None:
     for o in g.outputs:
         if o not in defined:
             problems.append(f"output %{o} is not defined")
+    problems += _integer_input_problems(g)
     problems += [f"param %{p} contains NaN or infinity" for p in nonfinite_params(g)]
     if problems:
         raise IRError("IR verification failed:\n  " + "\n  ".join(problems[:30]))
+
+
+def _integer_input_problems(g: Graph) -> list[str]:
+    """Integer graph inputs (token ids) feed only an embedding's ids, whose table is float32[rows, dim]:
+    every other op and every target computes in float32."""
+    out = []
+    integer_inputs = {v.name for v in g.inputs if v.type.dtype in INT_DTYPES}
+    for n in g.nodes:
+        for i, v in enumerate(n.inputs):
+            if v in integer_inputs and (n.op, i) != ("embedding", 1):
+                out.append(f"%{n.name} ({n.op}): integer input %{v} may only be an embedding's ids")
+        if n.op == "embedding":
+            table = g.params.get(n.inputs[0])
+            if n.inputs[1] not in integer_inputs:
+                out.append(f"%{n.name} (embedding): ids %{n.inputs[1]} must be an integer graph input")
+            if table is not None and table.dtype != np.float32:
+                out.append(f"%{n.name} (embedding): table must be float32, is {table.dtype}")
+    for o in g.outputs:
+        if o in integer_inputs:
+            out.append(f"output %{o} is an integer input; outputs are float32")
+    return out
 
 
 def nonfinite_params(g: Graph) -> list[str]:

@@ -14,6 +14,7 @@ csqc keeps only torch's JSON graph and stores tensors itself.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -100,6 +101,36 @@ def _finalized_copy(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _named_outputs(out, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """A model's outputs as ``(name, tensor)``: a tensor, tuples and lists of them (``output{i}``),
+    dicts and Hugging Face ``ModelOutput`` (their keys, ``logits``); ``None`` entries are left out."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "output0", out)]
+    if isinstance(out, Mapping):  # ModelOutput is an OrderedDict of its non-None fields
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in out.items()]
+    elif isinstance(out, (list, tuple)):
+        items = [(f"{prefix}.{i}" if prefix else f"output{i}", v) for i, v in enumerate(out)]
+    else:
+        hint = " (for a transformers model, set config.use_cache=False)" if "Cache" in type(out).__name__ else ""
+        raise BadInput(f"model output {prefix or 'output'!r} is a {type(out).__name__}, not tensors{hint}")
+    return [pair for name, v in items if v is not None for pair in _named_outputs(v, name)]
+
+
+def _flat_output_model(model: nn.Module) -> nn.Module:
+    """``model`` returning a flat tuple of tensors, for ``torch.export``: a model file's program
+    holds only tuples (no ``ModelOutput`` class to import when it is read). A shallow copy
+    whose ``forward`` flattens keeps the module paths (``encoder.layer.0``) of the original."""
+    flat = copy.copy(model)
+    forward = model.forward
+
+    @functools.wraps(forward)  # torch.export binds the example inputs to forward's parameters
+    def flat_forward(*args):
+        return tuple(t for _, t in _named_outputs(forward(*args)))
+
+    flat.forward = flat_forward
+    return flat
+
+
 def _export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     # The batch dimension stays symbolic so the PyTorch reference runs any batch size; a batch
     # of 1 would be specialised by torch.export, so capture with 2 rows.
@@ -113,16 +144,21 @@ def _export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedPro
 
 
 def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=None, *,
-         metadata: dict | None = None) -> Path:
+         metadata: dict | None = None, input_ranges: Mapping[str, Sequence[int]] | None = None) -> Path:
     """Capture ``model`` with ``torch.export`` and write a csqc model file (atomically).
 
     ``example_inputs`` (a tensor or tuple of tensors) fixes the input shapes the compiler
     builds for. CSQ layers not yet finalized are finalized in a copy; the caller's model is
-    left as it was.
+    left as it was. Outputs may be tensors, tuples, dicts or a Hugging Face ``ModelOutput``:
+    they are stored flat, named after their keys (``logits``). ``input_ranges`` maps an
+    integer input's name (``input0``) to ``(low, high)``: the valid values (token ids, high
+    excluded) that ``verify`` draws random samples from.
     """
+    names: list[str] | None = None
     if isinstance(model, CsqcModel):
         program, example = model.program, model.example_inputs
         layer_rows, avg = model.layers, model.avg_bits
+        names = [o["name"] for o in model.manifest["outputs"]]
     else:
         if example_inputs is None:
             raise BadInput("save needs example_inputs (the input shapes to compile for)")
@@ -131,7 +167,12 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
             raise BadInput("example_inputs must be tensors")
         model = _finalized_copy(model)
         layer_rows, avg = layers.layer_report(model), layers.average_bits(model)
-        program = _export(model, example)
+        with torch.no_grad():
+            out = model(*example)
+        names = [name for name, _ in _named_outputs(out)]
+        flat = isinstance(out, torch.Tensor) or (isinstance(out, (list, tuple))
+                                                 and all(isinstance(t, torch.Tensor) for t in out))
+        program = _export(model if flat else _flat_output_model(model), example)
     from torch._export.serde import serialize as serde
 
     artifact = serde.serialize(program)
@@ -144,12 +185,15 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
             tensors[f"{prefix}/{key}"] = value.detach().cpu().contiguous().numpy()
     for i, t in enumerate(example):
         tensors[f"example_inputs/{i}"] = t.detach().cpu().numpy()
-    outputs = [_tensor_spec(f"output{i}", t) for i, t in enumerate(_flat_outputs(program.module()(*example)))]
+    flat = _flat_outputs(program.module()(*example))
+    if names is None or len(names) != len(flat):
+        names = [f"output{i}" for i in range(len(flat))]
+    outputs = [_tensor_spec(name, t) for name, t in zip(names, flat)]
     manifest = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
         "torch_version": torch.__version__.split("+")[0],
-        "inputs": [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)],
+        "inputs": _input_specs(example, input_ranges if input_ranges is not None else _stored_ranges(model)),
         "outputs": outputs,
         "parameters": sorted(program.graph_signature.parameters),
         "avg_bits": avg,
@@ -169,6 +213,38 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
     return Path(path)
 
 
+def _stored_ranges(model) -> dict:
+    if isinstance(model, CsqcModel):
+        return {s["name"]: s["range"] for s in model.input_specs if "range" in s}
+    return {}
+
+
+def _input_specs(example: tuple, ranges: Mapping[str, Sequence[int]]) -> list[dict]:
+    specs = [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    by_name = {s["name"]: s for s in specs}
+    for name, bounds in ranges.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise BadInput(f"input_ranges names {name!r}; the model's inputs are {sorted(by_name)}")
+        problem = _range_problem(spec, bounds)
+        if problem:
+            raise BadInput(f"input_ranges[{name!r}]: {problem}")
+        spec["range"] = [int(b) for b in bounds]
+    return specs
+
+
+def _range_problem(spec: dict, bounds) -> str | None:
+    """What is wrong with an integer input's declared ``[low, high)``, or None."""
+    if spec["dtype"] not in ("uint8", "int8", "int16", "int32", "int64"):
+        return f"only integer inputs take a range, {spec['name']} is {spec['dtype']}"
+    if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)):
+        return f"must be two integers (low, high), got {bounds!r}"
+    if not -2**62 < bounds[0] < bounds[1] < 2**62:
+        return f"needs low < high, got {list(bounds)}"
+    return None
+
+
 def capture_problems(model: nn.Module, example_inputs) -> list[str]:
     """What would stop ``save`` (and so every compile) for ``model`` at ``example_inputs``, without
     writing anything: each operator csqc cannot compile with the module it came from, or why
@@ -177,13 +253,29 @@ def capture_problems(model: nn.Module, example_inputs) -> list[str]:
     if not all(isinstance(t, torch.Tensor) for t in example):
         return ["the op check needs example inputs that are tensors"]
     try:
-        program = _export(_finalized_copy(model), example)
+        program = _export(_flat_output_model(_finalized_copy(model)), example)
         from torch._export.serde import serialize as serde
 
         checked = check_program(strip_guards(serde.serialize(program).exported_program), "the model")
     except CsqcError as e:
         return [str(e)]
-    return [f"unsupported operator {op} (at {where})" for op, where in checked.unsupported]
+    problems = [f"unsupported operator {op} (at {where})" for op, where in checked.unsupported]
+    return problems or _capture_problems(program, example)
+
+
+def _capture_problems(program: torch.export.ExportedProgram, example: tuple) -> list[str]:
+    """What capture itself refuses: ops the save-time allow-list admits because capture folds
+    them on constants (masks, positions), here reading the model's input."""
+    from .capture import capture
+
+    specs = [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    try:
+        capture(CsqcModel(program, {"inputs": specs, "outputs": []}, example))
+    except UnsupportedOps as e:
+        return [f"unsupported operator {op} (at {where})" for op, where in e.unsupported]
+    except CsqcError as e:
+        return [str(e)]
+    return []
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:
@@ -222,6 +314,8 @@ def _manifest_problem(manifest: dict) -> str | None:
                 return f"{spec['name']} has shape {shape!r}, not a list of sizes"
             if not isinstance(getattr(torch, str(spec.get("dtype")), None), torch.dtype):
                 return f"{spec['name']} has unknown dtype {spec.get('dtype')!r}"
+            if "range" in spec and (key != "inputs" or _range_problem(spec, spec["range"])):
+                return f"{spec['name']} has an invalid range {spec['range']!r}"
     parameters = manifest.get("parameters", [])
     if not isinstance(parameters, list) or not all(isinstance(p, str) for p in parameters):
         return "'parameters' must be a list of names"

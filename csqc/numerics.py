@@ -10,11 +10,11 @@ import math
 
 import numpy as np
 
-from .errors import CsqcError
+from .errors import BadInput, CsqcError
 
 __all__ = [
     "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
-    "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis",
+    "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis", "embedding",
     "hardsigmoid", "hardswish", "silu", "avg_pool_counts", "adaptive_counts",
 ]
 
@@ -222,3 +222,14 @@ def slice_axis(x: np.ndarray, axis: int, start: int, end: int) -> np.ndarray:
     index = [slice(None)] * x.ndim
     index[axis] = slice(start, end)
     return np.ascontiguousarray(x[tuple(index)])
+
+
+def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows ``table[ids]``; an id outside ``[0, rows)`` is refused, as PyTorch refuses it."""
+    ids = np.asarray(ids)
+    rows = table.shape[0]
+    if ids.dtype.kind not in "iu":
+        raise CsqcError(f"embedding ids must be integers, got {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise BadInput(f"token id out of range: ids must lie in [0, {rows}), got {int(ids.min())}..{int(ids.max())}")
+    return np.ascontiguousarray(table[ids.astype(np.int64)], dtype=F32)

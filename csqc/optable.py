@@ -258,6 +258,12 @@ def _matmul(shapes, n) -> tuple[int, ...]:
     return batch + (a[-2], b[-1])
 
 
+def _embedding(shapes, n) -> tuple[int, ...]:
+    table, ids = shapes
+    _rank(table, 2, "embedding table")
+    return tuple(ids) + (table[1],)
+
+
 def _layer_norm(shapes, n) -> tuple[int, ...]:
     x, axis = shapes[0], n.attr("axis")
     if not 0 <= axis < len(x):
@@ -424,6 +430,10 @@ _DEFS = [
     _op("matmul", (2, 2), _matmul, sign=_keeps_sign,
         evaluate=lambda n, a: np.matmul(np.asarray(a[0], F32), np.asarray(a[1], F32)).astype(F32),
         torch=lambda n, a: T.matmul(a[0], a[1]), tvm="matmul", doc="batched float matmul of two values"),
+    # token embeddings: the one op with an integer input (the ids, a graph input)
+    _op("embedding", (2, 2), _embedding, evaluate=lambda n, a: num.embedding(a[0], a[1]),
+        torch=lambda n, a: _F().embedding(a[1].to(T.int64), a[0]), tvm="embedding", param_inputs=(0,),
+        doc="rows of a float table (a parameter) picked by integer ids; ids outside the table are refused"),
     # data movement
     _op("reshape", (1, 1), _reshape, sign=_keeps_sign,
         evaluate=lambda n, a: np.ascontiguousarray(a[0]).reshape(n.type.shape),

@@ -384,9 +384,12 @@ _SIZES = ("as_ints", "as_sym_ints")
 _ARGUMENT_KINDS = {"Tensor": ("as_tensor",) + _SCALARS, "Optional[Tensor]": ("as_tensor", "as_none"),
                    "List[Tensor]": ("as_tensors",), "int": ("as_int", "as_sym_int"), "SymInt": ("as_int", "as_sym_int"),
                    "float": ("as_float", "as_int"), "bool": ("as_bool",), "List[int]": _SIZES, "List[SymInt]": _SIZES,
-                   "Optional[int]": ("as_int", "as_sym_int", "as_none"), "Optional[float]": ("as_float", "as_int", "as_none"),
+                   # dtype, layout and memory_format are Optional[int] in schemas (torch.float32, torch.strided)
+                   "Optional[int]": ("as_int", "as_sym_int", "as_none", "as_scalar_type", "as_layout",
+                                     "as_memory_format"), "Optional[float]": ("as_float", "as_int", "as_none"),
                    "Optional[bool]": ("as_bool", "as_none"), "str": ("as_string",),
-                   "number": _SCALARS, "Optional[number]": _SCALARS + ("as_none",)}
+                   "number": _SCALARS + ("as_sym_int",),  # arange(batch): a symbolic size
+                   "Optional[number]": _SCALARS + ("as_none",)}
 _POSITIONAL, _KEYWORD = 1, 2
 
 
@@ -398,11 +401,14 @@ def _check_arguments(node: dict, schema) -> None:
         if name not in params:
             raise _Refuse(f"node {node['name']!r} passes {name!r}, which {node['target']} does not take")
         allowed = _ARGUMENT_KINDS.get(str(params[name].type))
+        if name == "dtype" and allowed:  # ScalarType prints as int in schemas: to(x, torch.float32)
+            allowed = allowed + ("as_scalar_type",)
         if name == schema.arguments[0].name and allowed and "as_tensor" in allowed:
             allowed = ("as_tensor",)  # scalars stand in for a second operand (x / 4.0), never for self
         if allowed and kind not in allowed:
             raise _Refuse(f"node {node['name']!r} passes {kind} as {params[name].type} {name!r}")
-        if how != (_KEYWORD if params[name].kwarg_only else _POSITIONAL):
+        # a keyword-only parameter goes by keyword; torch passes some positional ones by keyword too
+        if how not in ((_KEYWORD,) if params[name].kwarg_only else (_POSITIONAL, _KEYWORD)):
             raise _Refuse(f"node {node['name']!r} passes {name!r} by the wrong kind (positional or keyword)")
     for name, param in params.items():
         if name not in given and not param.has_default_value():
@@ -618,7 +624,9 @@ def _stored_tensors(program: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]
         (kind, body), = spec.items()
         if kind == "user_input":
             continue
-        prefix = "constants" if kind == "tensor_constant" else "state_dict"
+        # torch keeps non-persistent buffers (position ids, masks) with the constants
+        non_persistent = kind == "buffer" and body.get("persistent") is False
+        prefix = "constants" if kind == "tensor_constant" or non_persistent else "state_dict"
         key = f"{prefix}/{body.get('parameter_name') or body.get('buffer_name') or body.get('tensor_constant_name')}"
         placeholder = body["arg"]["name"]
         meta = metas.get(placeholder)

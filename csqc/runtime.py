@@ -229,9 +229,16 @@ class CompiledModel:
         if x.dtype != np.dtype(spec["dtype"]):
             if x.dtype.kind not in "fiu":
                 raise BadInput(f"input {spec['name']}: expected {spec['dtype']} data, got {x.dtype}")
+            if np.dtype(spec["dtype"]).kind in "iu" and x.dtype.kind == "f" and not (
+                    _all_finite(x) and (x == np.round(x)).all()):
+                raise BadInput(f"input {spec['name']}: expected integer ids, got values that are not whole numbers")
             x = x.astype(spec["dtype"])
         if x.dtype.kind == "f" and not _all_finite(x):
             raise BadInput(f"input {spec['name']} contains NaN or infinity")
+        limit = spec.get("index_limit")
+        if limit is not None and x.size and (int(x.min()) < 0 or int(x.max()) >= limit):
+            raise BadInput(f"input {spec['name']}: token id out of range: ids must lie in [0, {limit}), "
+                           f"got {int(x.min())}..{int(x.max())}")
         return x
 
     def __call__(self, *inputs, skip_planes: int | Mapping[str, int] = 0, record: dict | None = None):
@@ -393,6 +400,9 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
             buf = buffers.get(s.get("name")) if isinstance(s, dict) and isinstance(s.get("name"), str) else None
             if buf is None or s.get("shape") != buf["shape"] or s.get("dtype") != buf["dtype"]:
                 return f"{key!r} entry {s!r} does not match a buffer of the same shape and dtype"
+            limit = s.get("index_limit")
+            if "index_limit" in s and (type(limit) is not int or limit < 1 or np.dtype(s["dtype"]).kind not in "iu"):
+                return f"input {s['name']!r} has an index limit {limit!r}, not a positive count of table rows"
     layers = plan.get("layers")
     if not isinstance(layers, dict) or not all(isinstance(i, dict) for i in layers.values()):
         return "'layers' must map names to layer records"
@@ -433,6 +443,9 @@ def _used_buffers(plan: dict) -> set[str]:
     used |= {s["name"] for key in ("inputs", "outputs") for s in plan[key]}
     for name, info in plan["layers"].items():
         used |= {info[k] for k in ("int8_buffer", "acc_offset", "weight_planes") if isinstance(info.get(k), str)}
+        tensors = info.get("tensors")
+        if isinstance(tensors, dict):  # what verify reads back (a layer's input may be a view only it reads)
+            used |= {t for t in tensors.values() if isinstance(t, str)}
         if info["kernel"] == "bitparallel":
             used.add(f"{name}.bitplanes")
     buffers = plan["buffers"]

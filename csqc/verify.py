@@ -151,7 +151,7 @@ def _pytorch_runtime(ctx: _Context, batch: int) -> Runtime:
     import torch
 
     def run(inputs):
-        out = ctx.model(*[torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in inputs])
+        out = ctx.model(*[torch.from_numpy(_as_input(x)) for x in inputs])
         outs = out if isinstance(out, (list, tuple)) else [out]
         return RunResult([o.detach().numpy() for o in outs])
 
@@ -178,7 +178,7 @@ def onnx_model_runtime(name: str, model, *, threads: int | None = None, batch: i
     out_names = [o.name for o in session.get_outputs()]
 
     def run(inputs):
-        feeds = {k: np.ascontiguousarray(x, np.float32) for k, x in zip(input_names, inputs)}
+        feeds = {k: _as_input(x) for k, x in zip(input_names, inputs)}
         values = dict(zip(out_names, session.run(None, feeds)))
         values.update(feeds)
         tensors = {}
@@ -241,7 +241,7 @@ def _deploy_runtime(name: str, model, threads: int | None) -> Runtime:
     input_names = [i.name for i in session.get_inputs()]
 
     def run(inputs):
-        feeds = {k: np.ascontiguousarray(x, np.float32) for k, x in zip(input_names, inputs)}
+        feeds = {k: _as_input(x) for k, x in zip(input_names, inputs)}
         return RunResult(list(session.run(None, feeds)))
 
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -269,7 +269,7 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
 
     def run(inputs):
         record: dict = {}
-        out = model(*[np.ascontiguousarray(x, np.float32) for x in inputs], record=record)
+        out = model(*[_as_input(x) for x in inputs], record=record)
         tensors = {}
         for layer, names in layers.items():
             for key in LAYER_TENSORS:
@@ -369,7 +369,37 @@ def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
     return list(arrays.values())[: len(names)]
 
 
-def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: int):
+def _as_input(x) -> np.ndarray:
+    """A batch as the runtimes take it: token ids stay integers, everything else is float32."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x, x.dtype if x.dtype.kind in "iu" else np.float32)
+
+
+def _id_range(ctx: "_Context", index: int) -> tuple[int, int]:
+    """Valid values ``[low, high)`` of integer input ``index``: declared at ``csqc.save(...,
+    input_ranges=...)``, else the rows of the embedding tables it indexes, else the example's."""
+    spec = ctx.model.input_specs[index]
+    if "range" in spec:
+        return int(spec["range"][0]), int(spec["range"][1])
+    g = ctx.graph("integer", int(spec["shape"][0]) or 1)
+    name = g.inputs[index].name
+    rows = [g.params[n.inputs[0]].shape[0] for n in g.nodes if n.op == "embedding" and n.inputs[1] == name]
+    if rows:
+        return 0, int(min(rows))
+    example = ctx.model.example_inputs[index]
+    return int(example.min()), int(example.max()) + 1
+
+
+def _random_input(rng: np.random.Generator, ctx: "_Context", index: int, samples: int) -> np.ndarray:
+    spec = ctx.model.input_specs[index]
+    shape = (samples, *spec["shape"][1:])
+    if np.dtype(spec["dtype"]).kind in "iu":  # token ids: valid ones, not float noise
+        low, high = _id_range(ctx, index)
+        return rng.integers(low, high, shape, dtype=np.dtype(spec["dtype"]))
+    return rng.random(shape, dtype=np.float32)
+
+
+def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: int, ctx: "_Context"):
     """``(arrays per input, labels or None)`` with the sample axis first."""
     specs = model.input_specs
     if sum(x is not None for x in (inputs, dataset)) > 1:
@@ -399,8 +429,8 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
             raise BadInput(f"samples must be 1..{MAX_RANDOM_SAMPLES:,} random inputs, got {samples:,}; to check on "
                            "more, give your own inputs (csqc verify --inputs x.npz)")
         rng = np.random.default_rng(seed)
-        arrays = [rng.random((samples, *s["shape"][1:]), dtype=np.float32) for s in specs]
-    return [np.asarray(a, np.float32) for a in arrays], labels
+        arrays = [_random_input(rng, ctx, i, samples) for i in range(len(specs))]
+    return [_as_input(a) for a in arrays], labels
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -632,14 +662,14 @@ def verify(
         if art is not None and art.deploy and inputs is None and dataset is None:
             raise BadInput(f"{artifact} is a deploy-form ONNX model, calibrated on real data: random inputs say "
                            "nothing about it; verify it on that kind of data (--dataset digits or --inputs x.npz)")
-        arrays, labels = _samples(model, inputs, samples, dataset, seed)
+        ctx = _Context(model, intra_op_num_threads)
+        arrays, labels = _samples(model, inputs, samples, dataset, seed, ctx)
         n = len(arrays[0])
         batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
         if batch < 1:
             raise BadInput(f"batch must be at least 1, got {batch}")
         if art and art.batch not in (None, batch):
             raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
-        ctx = _Context(model, intra_op_num_threads)
         notes: list[str] = []
         starts = list(range(0, n, batch))
         if n % batch and art is not None and art.batch is not None:

@@ -47,8 +47,8 @@ class Builder:
         self.types: dict[str, TensorType] = {}
 
     # values ---------------------------------------------------------------------------------
-    def input(self, name: str, shape) -> str:
-        t = TensorType(tuple(shape))
+    def input(self, name: str, shape, dtype: str = "float32") -> str:
+        t = TensorType(tuple(shape), dtype)
         self.inputs.append(Value(name, t))
         self.types[name] = t
         return name

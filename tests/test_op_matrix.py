@@ -109,6 +109,19 @@ def _two_inputs(op, a_shape, b_shape, out_shape, **attrs):
     return op, build
 
 
+def _embedding(b, p):
+    table = b.param(f"{p}table", _rand((7, 5), seed=1))
+    return b.node(f"{p}y", "embedding", [table, b.input(f"{p}ids", (2, 3), "int64")], (2, 3, 5))
+
+
+def _input_array(v) -> np.ndarray:
+    """Float inputs uniform in [-2, 2); integer ones (token ids) valid rows of a 7-row table."""
+    seed = zlib.crc32(v.name.encode())
+    if v.type.dtype != "float32":
+        return np.random.default_rng(seed).integers(0, 7, v.type.shape).astype(v.type.dtype)
+    return _rand(v.type.shape, seed=seed)
+
+
 CASES = {
     "quantize": ("quantize", _quant_roundtrip),
     "dequantize": ("dequantize", _quant_roundtrip),
@@ -151,6 +164,7 @@ CASES = {
     "permute": _pool("permute", (2, 3, 4), (4, 2, 3), dims=(2, 0, 1)),
     "cat": _two_inputs("cat", (2, 3), (2, 5), (2, 8), axis=1),
     "slice": _pool("slice", (2, 6, 3), (2, 3, 3), axis=1, start=2, end=5),
+    "embedding": ("embedding", _embedding),
 }
 
 # (case, target) holes not filled yet: strict xfails, remove an entry once its hole is filled
@@ -163,7 +177,7 @@ def _case_graph(cases, name="ops") -> tuple[Graph, dict[str, np.ndarray], dict[s
     outputs = {}
     for i, case in enumerate(cases):
         outputs[case] = CASES[case][1](b, f"c{i}_")
-    inputs = {v.name: _rand(v.type.shape, seed=zlib.crc32(v.name.encode())) for v in b.inputs}
+    inputs = {v.name: _input_array(v) for v in b.inputs}
     return b.build(*outputs.values()), inputs, outputs
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "matmul",
     "layer_norm",
     "gelu",
+    "embedding",
 ]
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,21 @@ def broadcast(in_shape, out_shape):
     x = te.placeholder(in_shape, _F32, name="x")
     y = te.compute(out_shape, lambda *i: x[_broadcast_index(i, in_shape, out_shape)], name="y")
     return [x, y]
+
+
+@_builder
+def embedding(rows: int, dim: int, ids_shape, ids_dtype: str):
+    """``main(table, ids, y)``: ``y[..., d] = table[ids[...], d]``. Ids are clamped into the
+    table (memory safety); the runtime refuses ids outside it before the call."""
+    ids_shape = tuple(int(d) for d in ids_shape)
+    table = te.placeholder((int(rows), int(dim)), _F32, name="table")
+    ids = te.placeholder(ids_shape, ids_dtype, name="ids")
+
+    def row(*i):
+        return tirx.Min(tirx.Max(ids[i[:-1]], tirx.const(0, ids_dtype)), tirx.const(int(rows) - 1, ids_dtype))
+
+    y = te.compute(ids_shape + (int(dim),), lambda *i: table[row(*i), i[-1]], name="y")
+    return [table, ids, y]
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ __all__ = [
     "matmul",
     "layer_norm",
     "gelu",
+    "embedding",
 ]
 
 F32 = "float32"
@@ -712,6 +713,28 @@ def broadcast(in_shape, out_shape) -> tirx.PrimFunc:
             y_flat, x_flat[_strided_index(row, col, dims, x_strides)], [row * row_len + col]))
 
     return _prim_func([("x", tuple(in_shape), F32), ("y", out_shape, F32)], body)
+
+
+def embedding(rows: int, dim: int, ids_shape, ids_dtype: str) -> tirx.PrimFunc:
+    """``y[..., d] = table[ids[...], d]``: one table row per id, copied in vectors of 16.
+
+    Parameters: ``table: f32[rows, dim], ids: <ids_dtype>[ids_shape], y: f32[ids_shape + (dim,)]``.
+    Ids are clamped into the table (memory safety); the runtime refuses ids outside it first.
+    """
+    ids_shape = tuple(int(s) for s in ids_shape)
+    count, rows, dim = _prod(ids_shape), int(rows), int(dim)
+
+    def body(table, ids, y):
+        table_flat, ids_flat, y_flat = _flat(table), _flat(ids), _flat(y)
+
+        def emit(i, d):
+            row = tirx.Min(tirx.Max(ids_flat[i], tirx.const(0, ids_dtype)), tirx.const(rows - 1, ids_dtype))
+            I.buffer_store(y_flat, table_flat[row.astype("int64") * dim + d], [i * dim + d])
+
+        _for_each(count, dim, emit)
+
+    return _prim_func([("table", (rows, dim), F32), ("ids", ids_shape, ids_dtype),
+                       ("y", ids_shape + (dim,), F32)], body)
 
 
 def _sigmoid(value):

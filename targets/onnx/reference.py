@@ -218,7 +218,8 @@ class GraphEmitter:
                 # graph outputs keep the IR's output names (a layer's own tensor is <layer>.out)
                 name = self.b.op("Identity", [src], o if o not in self.b.taken else f"{o}.output")
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, self.dims(t.shape)))
-        inputs = [helper.make_tensor_value_info(v.name, TensorProto.FLOAT, self.dims(v.type.shape)) for v in self.g.inputs]
+        inputs = [helper.make_tensor_value_info(v.name, helper.np_dtype_to_tensor_dtype(np.dtype(v.type.dtype)),
+                                                self.dims(v.type.shape)) for v in self.g.inputs]
         graph = helper.make_graph(self.b.nodes, self.g.name or "model", inputs, outputs, self.b.initializers)
         opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in dict(domains).items()]
         model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="csqc",
@@ -652,6 +653,9 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "hardsigmoid": _emit_hardsigmoid,
     "hardswish": _emit_hardswish,
     "silu": _emit_silu,
+    # token embeddings: rows of the table (a float32 initializer) picked by the integer ids input
+    "embedding": lambda e, n: e.b.op("Gather", [e.float_of(n.inputs[0]), n.inputs[1]], _name(e, n),
+                                     exact_name=True, axis=0),
 }
 
 

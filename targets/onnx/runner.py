@@ -54,14 +54,18 @@ def input_names(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in init]
 
 
+_ORT_INTEGER_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}  # token ids
+
+
 def _feeds(session: ort.InferenceSession, feeds) -> dict[str, np.ndarray]:
     names = [i.name for i in session.get_inputs()]
+    dtypes = {i.name: _ORT_INTEGER_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
     if isinstance(feeds, Mapping):
-        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        return {k: np.ascontiguousarray(v, dtype=dtypes.get(k, np.float32)) for k, v in feeds.items()}
     feeds = list(feeds)
     if len(feeds) != len(names):
         raise BadInput(f"ONNX model takes {len(names)} input(s), got {len(feeds)}")
-    return {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, feeds)}
+    return {n: np.ascontiguousarray(x, dtype=dtypes[n]) for n, x in zip(names, feeds)}
 
 
 def run(model: onnx.ModelProto | ort.InferenceSession, feeds, **session_kw) -> list[np.ndarray]:

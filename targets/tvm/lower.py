@@ -132,7 +132,18 @@ class _Lowerer:
             if buf is None or o in self.quant_parts:
                 raise CompileError(f"output %{o} must be a float tensor")
             self.plan.outputs.append({"name": o, "shape": buf["shape"], "dtype": buf["dtype"]})
+        self._drop_unread_views()
         return self.plan
+
+    def _drop_unread_views(self) -> None:
+        """Views nothing reads (a reshape whose consumer took its own 2-D view of the same data)."""
+        plan = self.plan
+        used = {a for step in plan.steps for a in step["args"] if isinstance(a, str)}
+        used |= {s["name"] for s in plan.inputs + plan.outputs}
+        used |= {t for info in plan.layers.values() for t in info.get("tensors", {}).values() if isinstance(t, str)}
+        used |= {b["alias"] for b in plan.buffers.values() if "alias" in b}
+        for name in [n for n, b in plan.buffers.items() if "alias" in b and n not in used]:
+            del plan.buffers[name]
 
     def _offset_codes_fit(self, n: Node) -> bool:
         """Whether signed codes of quantize node ``n`` can be offset codes ``code + L``.
@@ -336,7 +347,8 @@ class _Lowerer:
             return codes
         name = f"{codes}.2d"
         if name not in self.plan.buffers:
-            self.plan.buffer(name, (int(np.prod(shape[:-1])), shape[-1]), self.plan.buffers[codes]["dtype"], alias=codes)
+            self.plan.buffer(name, (int(np.prod(shape[:-1])), shape[-1]), self.plan.buffers[codes]["dtype"],
+                             alias=self._root(codes))
         return name
 
     def _lut_product(self, n: Node, info: dict, out: str) -> None:
@@ -376,8 +388,12 @@ class _Lowerer:
             return buf
         name = f"{buf}.2d"
         if name not in self.plan.buffers:
-            self.plan.buffer(name, (m, k), self.plan.buffers[buf]["dtype"], alias=buf)
+            self.plan.buffer(name, (m, k), self.plan.buffers[buf]["dtype"], alias=self._root(buf))
         return name
+
+    def _root(self, buf: str) -> str:
+        """The buffer that holds ``buf``'s data (a view of a view, e.g. of a reshape, is refused)."""
+        return self.plan.buffers[buf].get("alias", buf)
 
     def lower_float_layer(self, n: Node) -> None:
         x_shape = self.g.type_of(n.inputs[0]).shape
@@ -492,6 +508,17 @@ class _Lowerer:
         dims = n.attr("dims")
         f = self.plan.func(f"transpose({s},{dims})", lambda: self.glue.transpose(s, dims))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
+
+    def lower_embedding(self, n: Node) -> None:
+        table, ids = self.ref(n.inputs[0]), self.ref(n.inputs[1])
+        rows, dim = self.plan.buffers[table]["shape"]
+        ids_shape, ids_dtype = tuple(self.plan.buffers[ids]["shape"]), self.plan.buffers[ids]["dtype"]
+        f = self.plan.func(f"embedding({rows},{dim},{ids_shape},{ids_dtype})",
+                           lambda: self.glue.embedding(rows, dim, ids_shape, ids_dtype))
+        self.plan.call(f, [table, ids, self.out(n)], n.name)
+        for entry in self.plan.inputs:  # the runtime refuses ids outside the smallest table they index
+            if entry["name"] == n.inputs[1]:
+                entry["index_limit"] = min(entry.get("index_limit", rows), int(rows))
 
     def lower_reshape(self, n: Node) -> None:
         src = self.ref(n.inputs[0])

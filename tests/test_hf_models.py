@@ -1,0 +1,112 @@
+"""Coverage: Hugging Face transformers models, built from small configs (no downloads).
+
+Each model is converted (``csqc.convert(n_bits=4, act_bits=8)``: the attention and MLP
+projections, GPT-2's ``Conv1D`` included; the embeddings stay float and are reported), saved,
+compiled for llvm and onnx, and verified exactly against the interpreter on random token ids.
+Attention uses the eager implementation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import csqc
+from csqc.verify import DEFAULT_RUNTIMES
+from csqc.capture import capture
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 100, 8
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    return transformers.BertModel(config)
+
+
+def _distilbert():
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                           max_position_embeddings=64, attn_implementation="eager")
+    return transformers.DistilBertModel(config)
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     use_cache=False, attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+# model -> (factory, its named outputs, layers convert must quantize, module of an embedding)
+MODELS = {
+    "bert": (_bert, ["last_hidden_state", "pooler_output"],
+             [f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key", "value")]
+             + ["encoder.layer.0.attention.output.dense", "pooler.dense"], "embeddings.word_embeddings"),
+    "distilbert": (_distilbert, ["last_hidden_state"],
+                   [f"transformer.layer.{i}.attention.{p}_lin" for i in range(2) for p in ("q", "k", "v", "out")],
+                   "embeddings.word_embeddings"),
+    "gpt2": (_gpt2, ["logits"], [f"transformer.h.{i}.{p}" for i in range(2)
+                                 for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + ["lm_head"],
+             "transformer.wte"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def saved(request, tmp_path_factory):
+    """(name, the converted model in PyTorch, its model file, example ids)."""
+    name = request.param
+    factory = MODELS[name][0]
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    model = csqc.convert(factory().eval(), n_bits=4, act_bits=8, example_inputs=ids)
+    report = csqc.conversion_report(model)
+    assert report.ops_checked and not report.problems, report.summary()
+    assert MODELS[name][3] in {f.name for f in report.left_float}  # the embedding: float, and said so
+    model = csqc.finalize(model)
+    path = csqc.save(model, tmp_path_factory.mktemp(name) / f"{name}.pt", ids)
+    return name, model, csqc.load(path), ids
+
+
+def test_outputs_are_flattened_and_named(saved):
+    name, model, loaded, ids = saved
+    expected = MODELS[name][1]
+    assert [o["name"] for o in loaded.manifest["outputs"]] == expected
+    assert loaded.input_specs[0]["dtype"] == "int64"
+    with torch.no_grad():
+        want = model(ids)
+        got = loaded(ids)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for key, tensor in zip(expected, got):
+        torch.testing.assert_close(tensor, want[key], rtol=1e-5, atol=1e-5)
+
+
+def test_capture_folds_masks_and_keeps_ids_for_the_embedding(saved):
+    name, _, loaded, _ = saved
+    g = capture(loaded)
+    assert list(g.outputs) == MODELS[name][1]  # the IR (and every report) uses the model's names
+    embeddings = [n for n in g.nodes if n.op == "embedding"]
+    assert embeddings and embeddings[0].source == MODELS[name][3]
+    assert g.params[embeddings[0].inputs[0]].dtype == np.float32  # the table stays float
+    assert g.inputs[0].type.dtype == "int64"
+    converted = {n.source for n in g.quant_layers()}
+    assert set(MODELS[name][2]) <= converted, f"not quantized: {set(MODELS[name][2]) - converted}"
+    # masks, positions and token types were computed at capture: no integer value reaches a runtime op
+    assert {n.op for n in g.nodes} <= {"embedding", "add", "mul", "sub", "div", "layer_norm", "linear", "qlinear",
+                                       "quantize", "dequantize", "reshape", "permute", "slice", "matmul",
+                                       "softmax", "gelu", "tanh"}
+
+
+# llvm: the whole chain (PyTorch, both interpreters, ONNX Runtime, the artifact); onnx: the
+# artifact against the interpreter it is compared with (the rest ran for llvm already)
+@pytest.mark.parametrize("target,suffix,runtimes", [("llvm", ".so", DEFAULT_RUNTIMES),
+                                                    ("onnx", ".onnx", ("interpreter:default",))])
+def test_compiles_and_verifies_exactly(saved, target, suffix, runtimes, tmp_path):
+    name, _, loaded, _ = saved
+    artifact = tmp_path / f"{name}{suffix}"
+    csqc.compile(loaded, target=target, output=artifact)
+    report = csqc.verify(loaded, artifact=str(artifact), samples=2, batch=1, runtimes=runtimes)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    assert any(r.startswith("artifact:") for r in report.runtimes)
+    exact = [p for p in report.pairs if p.kind == "exact"]
+    assert exact and all(p.within_tolerance for p in exact)
