@@ -45,6 +45,7 @@ class _Ctx:
     folded: dict[str, str] = field(default_factory=dict)  # fx node evaluated at capture -> parameter base name
     integer_inputs: set[str] = field(default_factory=set)  # IR inputs holding token ids
     id_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # their shapes
+    constant_derived: set[str] = field(default_factory=set)  # fx nodes computed from constants only
 
     def name(self, base: str) -> str:
         base = base.replace("/", ".") or "v"
@@ -590,7 +591,19 @@ def _foldable(ctx: _Ctx, fx: torch.fx.Node) -> bool:
     """Whether every tensor ``fx`` reads is a constant (parameters, buffers, folded results)."""
     if fx.target in _NEVER_FOLDED:
         return False
+    if fx.target in _BROADCASTS and any(u.name not in ctx.constant_derived for u in fx.users):
+        return False  # a class token expanded to the batch: an IR expand, not a batch-sized constant
     return all(a.name in ctx.consts for a in fx.all_input_nodes)
+
+
+def _constant_derived(graph: torch.fx.Graph, consts) -> set[str]:
+    """The nodes computed from constants alone (folded at capture, unless they feed the model)."""
+    derived = set(consts)
+    for fx in graph.nodes:
+        if fx.op == "call_function" and fx.target not in _NEVER_FOLDED and all(
+                a.name in derived for a in fx.all_input_nodes):
+            derived.add(fx.name)
+    return derived
 
 
 def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
@@ -710,6 +723,7 @@ _CONSTANT_ONLY = (
 for _op in _CONSTANT_ONLY:
     HANDLERS.setdefault(_op, _constant_only)  # a runtime handler registered elsewhere wins
 # csqc's own layer ops read their weights as constants and must stay layers
+_BROADCASTS = frozenset({_aten.expand.default, _aten.expand_as.default, _aten.repeat.default})
 _NEVER_FOLDED = frozenset({torch.ops.csqc.quant_conv2d.default, torch.ops.csqc.quant_linear.default,
                            torch.ops.csqc.act_quant.default})
 
@@ -899,6 +913,7 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                     ctx.integer_inputs.add(name)
                     ctx.id_shapes[name] = _type_of(fx).shape
     rewrite_idioms(program.graph, ctx.consts)  # other code bases' quantizers -> csqc::act_quant
+    ctx.constant_derived = _constant_derived(program.graph, ctx.consts)
     unsupported: list[tuple[str, str]] = []
     outputs: list[str] = []
     for fx in program.graph.nodes:
