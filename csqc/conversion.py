@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from .errors import BadInput
 from .layers import ActQuant, CSQConv2d, CSQLinear, _CSQMixin
+from .layers import finalize as finalize_layers
 
 __all__ = ["convert", "conversion_report", "execution_order", "ConversionReport", "LeftFloat"]
 
@@ -179,20 +180,20 @@ def _numeric_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-def _csq_twin(name: str, m: nn.Module, n_bits: int) -> _CSQMixin:
-    """The CSQ layer computing what ``m`` (a Linear, Conv1D or Conv2d) computes, float bits loaded."""
+def _csq_twin(name: str, m: nn.Module, n_bits: int, finalized: bool) -> _CSQMixin:
+    """The CSQ layer computing what ``m`` (a Linear, Conv1D or Conv2d) computes, bits loaded from
+    its float weight (``finalized``: the integer weight, no trainable bits)."""
+    bias = m.bias is not None
     if isinstance(m, nn.Conv2d):
         new = CSQConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _numeric_padding(name, m),
-                        m.dilation, m.groups, m.bias is not None, n_bits)
-        weight = m.weight
+                        m.dilation, m.groups, bias, n_bits, weight=m.weight.detach().float().cpu(), finalized=finalized)
     elif _is_hf_conv1d(m):
-        new = CSQLinear(m.weight.shape[0], m.weight.shape[1], m.bias is not None, n_bits)
-        weight = m.weight.t()
+        new = CSQLinear(m.weight.shape[0], m.weight.shape[1], bias, n_bits,
+                        weight=m.weight.detach().t().float().cpu(), finalized=finalized)
     else:
-        new = CSQLinear(m.in_features, m.out_features, m.bias is not None, n_bits)
-        weight = m.weight
-    new.load_float_weight(weight.detach().float().cpu())
-    if m.bias is not None:
+        new = CSQLinear(m.in_features, m.out_features, bias, n_bits, weight=m.weight.detach().float().cpu(),
+                        finalized=finalized)
+    if bias:
         new.bias.data.copy_(m.bias.detach())
     return new
 
@@ -347,7 +348,7 @@ def _build(name: str, m: nn.Module, quantize_input: bool, o: "_Options") -> nn.M
     elif type(m) in (nn.LSTM, nn.GRU):
         from .recurrent import from_torch
     else:
-        new = _csq_twin(name, m, o.n_bits)
+        new = _csq_twin(name, m, o.n_bits, o.finalize)
         if o.act_bits is not None and quantize_input:
             new.input_quant = ActQuant(o.act_bits, o.act_clip, o.act_mode)
         return new.train(m.training)
@@ -356,6 +357,8 @@ def _build(name: str, m: nn.Module, quantize_input: bool, o: "_Options") -> nn.M
                          quantize_first_input=quantize_input)
     except BadInput as e:
         raise BadInput(f"{name}: {e}: list it in skip to keep it float") from None
+    if o.finalize:  # one module's bits at a time
+        finalize_layers(new)
     return new.train(m.training)
 
 
@@ -365,6 +368,7 @@ class _Options:
     act_bits: int | None
     act_clip: str | None
     act_mode: str
+    finalize: bool = False
 
 
 def convert(
@@ -377,6 +381,7 @@ def convert(
     quantize_first_input: bool = False,
     skip: Iterable[str] = (),
     example_inputs=None,
+    finalize: bool = False,
 ) -> nn.Module:
     """Replace the layers of ``model`` (in place) with CSQ layers and return ``model``.
 
@@ -392,10 +397,14 @@ def convert(
     which is wrong for models that register a head before their stem (DenseNet, RegNet...).
     With ``example_inputs`` (tensors) the converted model is also exported once, and every
     operator csqc cannot compile is in the report's ``problems`` before any training is spent.
+    ``finalize=True`` (post-training quantization, no CSQ training): every layer comes out
+    finalized with all ``n_bits`` positions, exactly what ``csqc.finalize`` would give, without
+    ever allocating the trainable bits (2 * n_bits floats per weight): peak memory stays near the
+    float model's.
     Modules named in ``skip`` (and their submodules) stay float. Nothing is changed when a
     layer is refused (:class:`~csqc.errors.BadInput`).
     """
-    o = _Options(n_bits, act_bits, act_clip, act_mode)
+    o = _Options(n_bits, act_bits, act_clip, act_mode, finalize)
     chosen, left = _plan(model, set(skip))
     names = [name for name, _ in chosen]
     by_execution = example_inputs is not None and bool(names)

@@ -57,23 +57,48 @@ class _CSQMixin:
     n_bits: int
     finalized: bool
 
-    def _init_csq(self, weight_shape: tuple[int, ...], n_bits: int, bias: bool) -> None:
+    def _init_csq(self, weight_shape: tuple[int, ...], n_bits: int, bias: bool, weight: Tensor | None = None,
+                  finalized: bool = False) -> None:
+        """Bits from ``weight`` (else nn.Linear's default init); ``finalized``: the integer weight
+        straight from ``weight``, without ever allocating the trainable bits (2N floats per weight)."""
         if not 1 <= n_bits <= 15:
             raise BadInput(f"n_bits must be between 1 and 15, got {n_bits}")
+        if weight is not None and tuple(weight.shape) != tuple(weight_shape):
+            raise BadInput(f"weight of shape {list(weight.shape)} for a layer of weight shape {list(weight_shape)}")
+        if finalized and weight is None:
+            raise BadInput("a finalized CSQ layer needs its float weight")
         self.n_bits = n_bits
         self.finalized = False
         self.temperature = 1.0
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+        self.input_quant: ActQuant | None = None
+        if finalized:
+            self._load_finalized(weight.detach().float())
+            return
         shape = tuple(weight_shape) + (n_bits,)
         self.pweight = nn.Parameter(torch.zeros(shape))
         self.nweight = nn.Parameter(torch.zeros(shape))
         self.mask_weight = nn.Parameter(torch.full((n_bits,), _INIT_LOGIT))
         self.scale = nn.Parameter(torch.ones(1))
         self.register_buffer("exps", 2.0 ** torch.arange(n_bits, dtype=torch.float32) / (2**n_bits - 1))
-        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
-        self.input_quant: ActQuant | None = None
-        w = torch.empty(weight_shape)  # nn.Linear's default init, then its bits
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        self.load_float_weight(w)
+        if weight is None:
+            weight = torch.empty(weight_shape)  # nn.Linear's default init, then its bits
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.load_float_weight(weight.detach().float())
+
+    @torch.no_grad()
+    def _load_finalized(self, w: Tensor) -> None:
+        """What ``load_float_weight`` then ``finalize`` give (every position kept), computed
+        directly: ``q = sign(w) * round(|w| * L / max|w|)``."""
+        levels = 2**self.n_bits - 1
+        s = w.abs().max()
+        if s == 0:
+            s = torch.tensor(1.0)
+        q = torch.round(w.abs() * levels / s).to(torch.int32) * torch.sign(w).to(torch.int32)
+        self.register_buffer("q", q.to(torch.int16 if self.n_bits <= 14 else torch.int32))
+        self.register_buffer("scale", s.reshape(1).clone())
+        self.active_mask = (1 << self.n_bits) - 1
+        self.finalized = True
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -196,10 +221,11 @@ class _CSQMixin:
 class CSQLinear(_CSQMixin, nn.Module):
     """Linear layer whose weights are CSQ bit sums."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, n_bits: int = 8):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, n_bits: int = 8, *,
+                 weight: Tensor | None = None, finalized: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
-        self._init_csq((out_features, in_features), n_bits, bias)
+        self._init_csq((out_features, in_features), n_bits, bias, weight, finalized)
 
     def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
         if soft_weight is not None:
@@ -226,6 +252,9 @@ class CSQConv2d(_CSQMixin, nn.Module):
         groups: int = 1,
         bias: bool = True,
         n_bits: int = 8,
+        *,
+        weight: Tensor | None = None,
+        finalized: bool = False,
     ):
         nn.Module.__init__(self)
         pair = nn.modules.utils._pair
@@ -237,7 +266,7 @@ class CSQConv2d(_CSQMixin, nn.Module):
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.padding_mode = "zeros"
-        self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias)
+        self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias, weight, finalized)
 
     def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
         if soft_weight is not None:

@@ -320,3 +320,17 @@ def test_convert_with_an_example_reports_operators_csqc_cannot_compile_before_tr
     assert clean.ops_checked and clean.problems == []
     unchecked = csqc.conversion_report(csqc.convert(nn.Sequential(nn.Linear(8, 4)).eval(), n_bits=4))
     assert not unchecked.ops_checked and "operators not checked" in unchecked.summary()
+
+
+def test_convert_finalize_gives_what_finalize_gives_without_trainable_bits():
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    trained_form = csqc.finalize(csqc.convert(copy.deepcopy(float_model), n_bits=4, act_bits=4))
+    direct = csqc.convert(copy.deepcopy(float_model), n_bits=4, act_bits=4, finalize=True)
+    assert all(m.finalized and not hasattr(m, "pweight") for _, m in csqc.layers.csq_layers(direct))
+    a, b = trained_form.state_dict(), direct.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(trained_form(x), direct(x))
+    mha = csqc.convert(nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)), n_bits=4, finalize=True)
+    assert all(m.finalized for _, m in csqc.layers.csq_layers(mha))
