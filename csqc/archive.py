@@ -138,12 +138,26 @@ def read_npz(data: bytes, what: str, *, limit_bytes: int,
                     total += nbytes
                     if total > limit_bytes:
                         raise BadInput(f"{what}: tensors claim more than {limit_bytes} bytes; refusing")
-                    flat = np.frombuffer(bytearray(f.read(nbytes)), dtype=dtype)
+                    flat = np.frombuffer(_read_exactly(f, nbytes), dtype=dtype)
                 arrays[key] = flat.reshape(shape, order="F" if fortran else "C")
     except UNREADABLE_ARCHIVE as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise BadInput(f"{what}: tensor data is damaged ({type(e).__name__}: {reason})") from None
     return arrays
+
+
+def _read_exactly(f, nbytes: int, chunk: int = 1 << 24) -> bytearray:
+    """``nbytes`` from ``f`` into one writable buffer, a chunk at a time (``bytearray(f.read(n))``
+    would hold the data twice)."""
+    buf = bytearray(nbytes)
+    view, done = memoryview(buf), 0
+    while done < nbytes:
+        piece = f.read(min(chunk, nbytes - done))
+        if not piece:
+            raise EOFError(f"the member ends after {done} of {nbytes} bytes")
+        view[done:done + len(piece)] = piece
+        done += len(piece)
+    return buf
 
 
 def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype, bool]:

@@ -392,7 +392,7 @@ def _check_tensor_values(arrays: dict[str, np.ndarray], checked: CheckedProgram,
             raise BadInput(f"{path}: layer {layer.node}: weights {layer.q_tensor!r} are {q.dtype}, not integer codes; "
                            "the file is damaged")
         limit = 2**layer.n_bits - 1
-        largest = int(np.abs(q.astype(np.int64)).max()) if q.size else 0
+        largest = max(int(q.max()), -int(q.min())) if q.size else 0  # no int64 copy of the weights
         if largest > limit:
             raise BadInput(f"{path}: layer {layer.node}: weight code {largest} in {layer.q_tensor!r} does not fit "
                            f"N={layer.n_bits} bits (|q| <= {limit}); the file is damaged")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from csqc.bitplanes import trailing_zero_bits
-from csqc.interpreter import decode_weight
+from csqc.interpreter import decode_weight_rows
 from csqc.ir import Graph, QUANT_LAYER_OPS
 
 from .registry import PassResult, register
@@ -49,8 +49,7 @@ def drop_dead_planes(g: Graph) -> PassResult:
             if len(keep) != len(spec.planes) or zp != spec.zero_point:
                 new_w = w[keep]
                 new_spec = spec.replace(planes=tuple(spec.planes[i] for i in keep), zero_point=zp)
-        q = decode_weight(g.with_params({parts.weight: new_w}), n.replace(quant=new_spec))
-        k = trailing_zero_bits(q)
+        k = _common_trailing_zero_bits(g.with_params({parts.weight: new_w}), n.replace(quant=new_spec))
         if k:
             if new_spec.encoding == "int":
                 new_w = (new_w.astype(np.int64) >> k).astype(new_w.dtype)
@@ -70,3 +69,15 @@ def drop_dead_planes(g: Graph) -> PassResult:
     if not updated:
         return PassResult(g, False)
     return PassResult(replace_nodes(g, updated, params=params), True)
+
+
+def _common_trailing_zero_bits(g: Graph, n, rows_per_block: int = 1024) -> int:
+    """``trailing_zero_bits`` of the layer's whole integer weight, decoded a block of output rows
+    at a time (int64 weights of a large layer would cost 8 bytes per weight at once)."""
+    rows, bits = n.attr("weight_shape")[0], 0
+    for start in range(0, rows, rows_per_block):
+        q = decode_weight_rows(g, n, start, min(rows, start + rows_per_block))
+        nonzero = np.abs(q[q != 0])
+        if nonzero.size:
+            bits |= int(np.bitwise_or.reduce(nonzero, axis=None))
+    return trailing_zero_bits(np.array([bits], np.int64)) if bits else 0

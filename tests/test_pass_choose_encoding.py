@@ -1,6 +1,8 @@
 """choose_encoding: a posneg layer switches to offset-binary planes when that needs fewer."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from csqc.bitplanes import planes_to_q
 from csqc.passes import get_pass
@@ -72,3 +74,19 @@ def test_input_graph_is_unchanged(dense):
     snap = snapshot(g)
     choose_encoding(g)
     assert_unchanged(g, snap)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 2**32 - 1), st.sampled_from(["random", "equal", "zero", "shifted"]))
+def test_row_block_planes_equal_offset_planes(rows, k, seed, kind):
+    from csqc.bitplanes import offset_planes
+    from csqc.passes.choose_encoding import offset_plane_spec, offset_planes_from_spec
+
+    rng = np.random.default_rng(seed)
+    q = {"random": rng.integers(-20, 20, (rows, k)), "equal": np.full((rows, k), 5), "zero": np.zeros((rows, k), int),
+         "shifted": rng.integers(3, 9, (rows, k)) * 4}[kind].astype(np.int64)
+    want_planes, want_spec, want_z = offset_planes(q)
+    get = lambda s, e: q[s:e]  # noqa: E731
+    spec, z, base = offset_plane_spec(get, rows, block=2)
+    assert (spec, z) == (want_spec, want_z)
+    np.testing.assert_array_equal(offset_planes_from_spec(get, rows, k, spec, base, block=2), want_planes)
