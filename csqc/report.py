@@ -51,6 +51,7 @@ class InspectReport:
     weight_bytes_fp32: int
     float_weight_bytes: int
     layers: list[LayerRow] = field(default_factory=list)
+    calibration: dict | None = None  # set when static scales were calibrated (csqc.passes.calibrate_scales)
 
     def to_json(self) -> dict:
         return {
@@ -62,6 +63,7 @@ class InspectReport:
             "float_weight_bytes": self.float_weight_bytes,
             "compression": self.weight_bytes_fp32 / max(1, self.weight_bytes_packed),
             "layers": [r.to_json() for r in self.layers],
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 

@@ -88,19 +88,33 @@ class Runtime:
 class _Context:
     """The model plus graphs captured per batch size and pipeline (built once, on demand)."""
 
-    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None):
+    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None, calibration: list | None = None):
         self.model = model
         self.threads = intra_op_num_threads
+        self.calibration = calibration  # arrays: every graph gets the static scales measured on them
+        self.scales: dict[str, float] | None = None
         self._captured: dict[int, Graph] = {}
         self._graphs: dict[tuple[str, int], Graph] = {}
 
-    def graph(self, pipeline: str, batch: int) -> Graph:
+    def _capture(self, batch: int) -> Graph:
+        """The captured graph; calibrated, the scales measured once (at the first batch size
+        asked for, the compiled artifact's) serve every batch size."""
         from .capture import capture
+        from .passes.calibrate_scales import apply_scales, measure_scales
+
+        g = capture(self.model, batch=batch)
+        if self.calibration is None:
+            return g
+        if self.scales is None:
+            self.scales = measure_scales(g, self.calibration)
+        return apply_scales(g, self.scales).graph
+
+    def graph(self, pipeline: str, batch: int) -> Graph:
         from .passes import run_passes
 
         if (pipeline, batch) not in self._graphs:
             if batch not in self._captured:
-                self._captured[batch] = capture(self.model, batch=batch)
+                self._captured[batch] = self._capture(batch)
             self._graphs[(pipeline, batch)] = run_passes(self._captured[batch], pipeline)[0]
         return self._graphs[(pipeline, batch)]
 
@@ -592,6 +606,7 @@ def verify(
     on_batch: Callable[[int, int], None] | None = None,
     rpc: str | None = None,
     key: str | None = None,
+    calibrate=None,
 ) -> VerifyReport:
     """Run ``model`` in every runtime on the same batches and compare (see module docstring).
 
@@ -615,6 +630,10 @@ def verify(
     ``rpc``: run the artifact (a ``.so``) on a remote TVM RPC server at "host:port" instead (with
     ``key``: a tracker there and the device key; see ``csqc.remote``); the report's ``devices``
     says where it ran.
+    ``calibrate`` (``"digits"``, an ``.npz`` path or arrays, as for ``csqc.compile``): check the
+    calibrated model, its dynamic activation scales made static on that data: every runtime
+    and the artifact exactly against the calibrated interpreter, PyTorch (the trained model,
+    dynamic scales) on top-1 agreement and a coarse error only.
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
@@ -639,8 +658,16 @@ def verify(
             raise BadInput(f"batch must be at least 1, got {batch}")
         if art and art.batch not in (None, batch):
             raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
-        ctx = _Context(model, intra_op_num_threads)
         notes: list[str] = []
+        calibration = None
+        if calibrate is not None:
+            from .compiler import calibration_arrays
+
+            calibration = calibration_arrays(model, calibrate)
+            notes.append(f"calibrated on {calibrate if isinstance(calibrate, (str, Path)) else 'arrays'} "
+                         f"({len(calibration[0])} samples): static activation scales, a different model from the "
+                         "trained one; PyTorch is compared on top-1 agreement, every other runtime exactly")
+        ctx = _Context(model, intra_op_num_threads, calibration)
         starts = list(range(0, n, batch))
         if n % batch and art is not None and art.batch is not None:
             notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")
