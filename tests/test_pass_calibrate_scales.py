@@ -110,3 +110,28 @@ def test_calibrated_model_is_exact_across_interpreter_onnx_and_llvm(tiny_mlp, tm
     # the uncalibrated model is another model: its interpreter disagrees with the calibrated artifact
     plain = csqc.verify(model, inputs=[check], artifact=str(art.output))
     assert not plain.accumulators_exact
+
+
+def test_cli_compile_and_verify_calibrated_digits_cnn_exactly(trained, tmp_path):
+    """``compile --calibrate digits`` then ``verify --calibrate digits``: every runtime exact."""
+    import json
+
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+
+    _, _, _, path = trained("digits-cnn")
+    art = tmp_path / "cnn.so"
+    out = CliRunner().invoke(cli, ["compile", str(path), "-o", str(art), "--calibrate", "digits", "--json"],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    calibration = json.loads(out.output)["calibration"]
+    assert calibration["source"] == "digits" and calibration["quantizers"]
+    assert all(q["old_mode"] == "dynamic" and q["scale"] > 0 for q in calibration["quantizers"])
+    out = CliRunner().invoke(cli, ["verify", str(path), "--artifact", str(art), "--dataset", "digits",
+                                   "--calibrate", "digits", "--json"], catch_exceptions=False)
+    report = json.loads(out.output)
+    assert out.exit_code == 0 and report["ok"] and report["accumulators_exact"], out.output
+    assert report["accuracy"]["interpreter:integer"] > 0.8
+    out = CliRunner().invoke(cli, ["inspect", str(path), "--calibrate", "digits"], catch_exceptions=False)
+    assert out.exit_code == 0 and "calibrated on digits" in out.output and "/static" in out.output
