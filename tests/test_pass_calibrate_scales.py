@@ -128,10 +128,13 @@ def test_cli_compile_and_verify_calibrated_digits_cnn_exactly(trained, tmp_path)
     calibration = json.loads(out.output)["calibration"]
     assert calibration["source"] == "digits" and calibration["quantizers"]
     assert all(q["old_mode"] == "dynamic" and q["scale"] > 0 for q in calibration["quantizers"])
-    out = CliRunner().invoke(cli, ["verify", str(path), "--artifact", str(art), "--dataset", "digits",
+    from csqc.data import load_digits_split
+
+    x_test = load_digits_split(image=True).x_test  # 2x larger than the data: codes clamp
+    np.savez(tmp_path / "x.npz", x=np.concatenate([x_test[:8], 2 * x_test[8:16]]))
+    out = CliRunner().invoke(cli, ["verify", str(path), "--artifact", str(art), "--inputs", str(tmp_path / "x.npz"),
                                    "--calibrate", "digits", "--json"], catch_exceptions=False)
     report = json.loads(out.output)
     assert out.exit_code == 0 and report["ok"] and report["accumulators_exact"], out.output
-    assert report["accuracy"]["interpreter:integer"] > 0.8
     out = CliRunner().invoke(cli, ["inspect", str(path), "--calibrate", "digits"], catch_exceptions=False)
     assert out.exit_code == 0 and "calibrated on digits" in out.output and "/static" in out.output

@@ -70,6 +70,19 @@ def test_fused_spec_round_trips_through_the_ir_file(tmp_path):
     assert load_graph(tmp_path / "g.csqc") == fused
 
 
+@pytest.mark.parametrize("signed,act", [(False, "relu"), (True, "none")])
+def test_onnx_reference_writes_the_fused_codes_exactly(signed, act):
+    from csqc.targets.onnx.reference import emit_reference
+    from csqc.targets.onnx.runner import run_with_intermediates
+
+    g, x = _chain(np.random.default_rng(4), signed=signed, static=0.75, act=act)
+    fused = fuse_requant(g).graph
+    (expect,), rec = run(fused, x)
+    (y,), inner = run_with_intermediates(emit_reference(fused), x, ["fc1.codes", "fc2.acc"])
+    assert np.array_equal(inner["fc1.codes"], rec["fc1.codes"]) and np.array_equal(inner["fc2.acc"], rec["fc2.acc"])
+    assert np.array_equal(y, expect)
+
+
 @pytest.mark.parametrize("act_bits", [4, 8])  # 4: offset codes written by the epilogue; 8: two sign parts
 def test_llvm_epilogue_writes_exact_codes_and_drops_the_quantize_kernel(tmp_path, act_bits):
     """Linear -> Linear (signed codes between them) -> ReLU -> Linear, calibrated: fused layers on llvm."""
@@ -94,3 +107,15 @@ def test_llvm_epilogue_writes_exact_codes_and_drops_the_quantize_kernel(tmp_path
     check = (rng.standard_normal((6, 12)) * 2).astype(np.float32)  # beyond the calibration data: codes clamp
     report = csqc.verify(model, inputs=[check], artifact=str(result.output), calibrate=calib, batch=3)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+def test_cuda_lowers_a_fused_layer_as_float_epilogue_then_quantize_kernel():
+    """The GPU glue has no code-writing epilogue: the plan keeps the quantize step, same buffers."""
+    from csqc.targets.cuda.target import CudaBackend
+    from csqc.targets.tvm.lower import lower_graph
+
+    fused = fuse_requant(_chain(np.random.default_rng(5), signed=True, static=0.75, act="none")[0]).graph
+    plan = lower_graph(fused, backend=CudaBackend())
+    fc1 = [s for s in plan.steps if s.get("layer") == "fc1"]
+    assert "quantize" in fc1[-1]["func"] and fc1[-1]["args"] == ["fc1.y", "fc1.scale", "fc1.codes", "fc1.codes_neg"]
+    assert [s["args"][0] for s in plan.steps if s.get("layer") == "fc2"][:2] == ["fc1.codes", "fc1.codes_neg"]
