@@ -88,6 +88,8 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
             acc = (f", accuracy {summary['accuracy']:.2%} vs PyTorch {summary['reference_accuracy']:.2%}"
                    if deploy and summary.get("accuracy") is not None else "")
             click.echo(f"wrote {summary['kind']} ONNX model {output}: {size}{extra}{acc}")
+            if summary.get("calibration"):
+                click.echo(f"note: {summary['calibration']['note']}")
     return summary
 
 
