@@ -2,6 +2,7 @@
 
     python benchmarks/goals.py [--only NAME ...] [--json out.json] [--markdown]
     python benchmarks/goals.py --markdown --from-json out.json   # the README table of a saved run
+    python benchmarks/goals.py --calibrate ...   # static calibrated activation scales (csqc compile --calibrate)
 
 For each goal model: convert a float model (random init) with csqc.convert, finalize, save,
 compile for the LLVM target and time it against PyTorch fp32, ONNX Runtime fp32 and int8
@@ -53,6 +54,8 @@ def main() -> int:
     parser.add_argument("--json", help="also write all reports here")
     parser.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     parser.add_argument("--from-json", help="print the table of a saved run instead of measuring")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="compile with static activation scales calibrated on 32 random inputs (fused requantization)")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -69,7 +72,8 @@ def main() -> int:
             csqc.save(model, path, torch.rand(shape))
             start = time.perf_counter()
             art = os.path.join(d, f"{name}.so")
-            result = csqc.compile(path, "llvm", art)
+            calib = torch.rand((32, *shape[1:])).numpy() if args.calibrate else None
+            result = csqc.compile(path, "llvm", art, calibrate=calib)
             compile_s = time.perf_counter() - start
             report = bench(path, artifact=art, threads=2)
             summary = csqc.inspect(path)

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import BadInput, CsqcError
-from .ir import Graph, Node, QUANT_LAYER_OPS, TensorType
+from .ir import Graph, Node, QUANT_LAYER_OPS
 from .optable import OP_TABLE
 from .logs import quiet_ort_quantizer
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -266,8 +264,10 @@ def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs,
 @click.option("--batch", type=int, help="Batch size to analyse (default: the model file's).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG bar chart of bits per layer.")
 @click.option("--dump-ir", is_flag=True, help="Print the optimized IR (stable, diffable text; under --json, its 'ir' field).")
+@click.option("--calibrate", metavar="digits|X.npz",
+              help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model).")
 @json_option
-def inspect(model, load_model, batch, plot, dump_ir, as_json):
+def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
     """Per-layer bit allocation, planes, sizes and kernel choice of a model."""
     from .compiler import inspect as inspect_model
     from .reference import reference_view
@@ -275,7 +275,7 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
     if plot:
         check_output(plot, inputs=[model], what="--plot")
     loaded = load_model(model)
-    report = inspect_model(loaded, batch=batch)
+    report = inspect_model(loaded, batch=batch, calibrate=calibrate)
     reference = reference_view(loaded.manifest)  # an imported reference checkpoint's own bit counts
     if plot:
         from .report import plot_bits
@@ -285,7 +285,7 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
     if dump_ir:
         from .compiler import optimize
 
-        ir_text = optimize(loaded, "default", batch=batch).text()
+        ir_text = optimize(loaded, "default", batch=batch, calibrate=calibrate).text()
     if as_json:  # one JSON document on stdout: the IR goes inside it
         _emit_json({"ok": True, **report.to_json(), **({"reference": reference} if reference else {}),
                     **({"plot": plot} if plot else {}), **({"ir": ir_text} if ir_text is not None else {})})
@@ -311,6 +311,17 @@ def inspect(model, load_model, batch, plot, dump_ir, as_json):
                   f"float layers {_human(report.float_weight_bytes)}" + (f"; plot -> {plot}" if plot else ""))
     if reference:
         _print_reference_view(console, reference, report.avg_bits)
+    if report.calibration:
+        _print_calibration(console, report.calibration)
+
+
+def _print_calibration(console, calibration: dict) -> None:
+    """Per quantizer: its mode before calibration and the static scale it got."""
+    rows = [(q["quantizer"], q["old_mode"], "kept dynamic" if q["scale"] is None else f"static {q['scale']:.6g}")
+            for q in calibration["quantizers"]]
+    console.print(fit_table(f"calibrated on {calibration['source']} ({calibration['samples']} samples)",
+                            [Column("quantizer"), Column("was"), Column("now")], rows, console.width))
+    console.print(f"note: {calibration['note']}")
 
 
 def _print_reference_view(console, view: dict, csqc_avg_bits: float) -> None:
@@ -376,9 +387,11 @@ def _human(n: int) -> str:
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
               help="onnx deploy: calibration inputs (.npz) instead of a data set.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the IR after every pass to this folder.")
+@click.option("--calibrate", metavar="digits|X.npz",
+              help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model).")
 @json_option
 def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_source, force_kernel, onnx_form,
-                check_planes, dataset, calibration_file, dump_ir, as_json):
+                check_planes, dataset, calibration_file, dump_ir, calibrate, as_json):
     """Compile a model into a deployable artifact."""
     from .compiler import TARGETS, compile as compile_model, default_output
 
@@ -388,18 +401,22 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         raise BadInput("give --dataset or --calibration, not both")
     if output is None:  # the library's default too: the model's name, the target and the form
         output = str(default_output(model, target, arch=arch, onnx_form=onnx_form))
+    if calibrate and onnx_form == "deploy":
+        raise BadInput("--calibrate is for the exact forms; the deploy form calibrates its own scales (--dataset, --calibration)")
     _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir)
+    if calibrate not in (None, "digits"):
+        check_output(output, inputs=[calibrate])
     loaded = load_model(model)
     if target == "onnx":
         from .cli_onnx import compile_onnx
 
         compile_onnx(loaded, output, deploy=onnx_form == "deploy", check_planes=check_planes, batch=batch,
-                     calibration=dataset or calibration_file, dump_ir=dump_ir, as_json=as_json)
+                     calibration=dataset or calibration_file, dump_ir=dump_ir, as_json=as_json, calibrate=calibrate)
         return
     with progress_bar(f"compiling for {target}", enabled=progress_wanted(as_json)) as update:
         result = compile_model(
             loaded, target, output, batch=batch, mcpu=mcpu, arch=arch, emit_source=emit_source,
-            force_kernel=None if force_kernel == "auto" else force_kernel, dump_ir=dump_ir,
+            force_kernel=None if force_kernel == "auto" else force_kernel, dump_ir=dump_ir, calibrate=calibrate,
             on_layer=lambda name: update(advance=1, info=f"lowered {name}"),
         )
     if as_json:
@@ -416,6 +433,8 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         extra += f", {result.report['arch']} device code {_human(result.report['device_code']['bytes'])}"
         if emit_source:
             extra += f", source in {emit_source}/kernels.cu"
+    if result.report.get("calibration"):
+        _print_calibration(stdout_console(), result.report["calibration"])
     click.echo(f"compiled for {result.target} in {result.seconds:.1f}s{extra} -> {result.output} "
                f"({_human(result.output.stat().st_size)})")
 
@@ -457,9 +476,12 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
 @click.option("--per-layer", is_flag=True, help="Compare every layer's tensors and name the first that diverges.")
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Float tolerance, relative to each output's magnitude.")
 @click.option("--rtol", default=1e-4, show_default=True, type=float, help="Elementwise relative float tolerance.")
+@click.option("--calibrate", metavar="digits|X.npz",
+              help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model).")
 @rpc_options
 @json_option
-def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, per_layer, atol, rtol, rpc, key, as_json):
+def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, per_layer, atol, rtol, calibrate, rpc, key,
+           as_json):
     """Check PyTorch, the IR interpreter, ONNX Runtime and an artifact against each other.
 
     Integer tensors (activation codes, accumulators) must agree exactly; exit code 0 only when
@@ -483,7 +505,7 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
                        "give your own inputs with --inputs x.npz")
     code = verify_command(load_model(model), inputs=inputs_file, samples=samples, dataset=dataset, artifact=artifact,
                           per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, as_json=as_json,
-                          progress=progress_wanted(as_json), rpc=rpc, key=key)
+                          progress=progress_wanted(as_json), rpc=rpc, key=key, calibrate=calibrate)
     if code:
         raise click.exceptions.Exit(code)
 

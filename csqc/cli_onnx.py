@@ -44,13 +44,14 @@ def _calibration_samples(model: CsqcModel, calibration: str | None, samples: int
 
 def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_planes: bool = False,
                  batch: int | str | None = None, calibration: str | None = None, calibration_samples: int = 256,
-                 int4: bool = True, dump_ir=None, as_json: bool = False, echo: bool = True) -> dict:
+                 int4: bool = True, dump_ir=None, as_json: bool = False, echo: bool = True, calibrate=None) -> dict:
     """Compile ``model`` to ONNX at ``output`` and return a summary.
 
     Reference (default): the integer-exact model (``check_planes``: one product per weight
     bitplane). ``deploy``: the compact QDQ/MatMulNBits model, calibrated on ``calibration``
     (``digits``, an ``.npz`` file, or random inputs when None); with ``digits`` the summary
-    includes its accuracy next to PyTorch's on the test split.
+    includes its accuracy next to PyTorch's on the test split. ``calibrate``: the reference form
+    of the model calibrated on that data (see ``csqc.compile``).
     """
     from .compiler import compile as compile_model
     from .targets.onnx.deploy import accuracy_cost
@@ -61,7 +62,7 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
         raise BadInput(f"calibration samples must be at least 1, got {calibration_samples}")
     calib = _calibration_samples(model, calibration, calibration_samples) if deploy else None
     result = compile_model(model, "onnx", output, batch=batch, onnx_form="deploy" if deploy else "reference",
-                           check_planes=check_planes, calibration=calib, int4=int4, dump_ir=dump_ir)
+                           check_planes=check_planes, calibration=calib, int4=int4, dump_ir=dump_ir, calibrate=calibrate)
     report = {k: v for k, v in result.report.items() if k != "onnx_form"}
     if deploy:
         if calibration == "digits":
@@ -87,6 +88,8 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
             acc = (f", accuracy {summary['accuracy']:.2%} vs PyTorch {summary['reference_accuracy']:.2%}"
                    if deploy and summary.get("accuracy") is not None else "")
             click.echo(f"wrote {summary['kind']} ONNX model {output}: {size}{extra}{acc}")
+            if summary.get("calibration"):
+                click.echo(f"note: {summary['calibration']['note']}")
     return summary
 
 
@@ -119,7 +122,7 @@ def print_verify_report(report: VerifyReport) -> None:
 def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int = 4, dataset: str | None = None,
                    artifact: str | None = None, per_layer: bool = False, batch: int | None = None,
                    atol: float = 1e-4, rtol: float = 1e-4, as_json: bool = False, echo: bool = True,
-                   progress: bool = False, rpc: str | None = None, key: str | None = None) -> int:
+                   progress: bool = False, rpc: str | None = None, key: str | None = None, calibrate=None) -> int:
     """Run ``verify`` with CLI-style options (``inputs`` is an ``.npz`` path); 0 if ok, else 1.
 
     ``progress``: show a bar of samples checked on stderr.
@@ -127,7 +130,7 @@ def verify_command(model: CsqcModel, *, inputs: str | None = None, samples: int 
     arrays = load_inputs(inputs, model) if inputs else None
     with progress_bar("verify: samples checked", enabled=progress) as update:
         report = verify(model, inputs=arrays, samples=samples, dataset=dataset, artifact=artifact,
-                        per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, rpc=rpc, key=key,
+                        per_layer=per_layer, batch=batch, atol=atol, rtol=rtol, rpc=rpc, key=key, calibrate=calibrate,
                         on_batch=lambda done, total: update(completed=done, total=total))
     if echo:
         if as_json:

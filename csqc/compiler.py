@@ -10,7 +10,8 @@ from typing import Callable
 from .errors import BadInput
 from .ir import Graph
 
-__all__ = ["TARGETS", "CompileResult", "default_output", "optimize", "compile", "inspect", "to_model"]
+__all__ = ["TARGETS", "CompileResult", "default_output", "optimize", "compile", "inspect", "to_model",
+           "calibration_arrays", "capture_calibrated"]
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +63,52 @@ def to_model(model, *, model_factory: str | None = None, input_shape=None):
                    "(save a torch model with csqc.save first)")
 
 
-def optimize(model, pipeline: str = "default", *, batch: int | None = None, dump_dir=None) -> Graph:
-    """Capture ``model`` and run an IR pipeline over it."""
+def calibration_arrays(model, calibrate, samples: int = 256) -> list:
+    """Calibration samples for ``calibrate``: ``"digits"`` (its training split), an ``.npz`` path,
+    one array or a list of arrays (one per model input, samples first); at most ``samples``."""
+    import numpy as np
+
+    if isinstance(calibrate, (str, Path)):
+        from .cli_onnx import _calibration_samples
+
+        return _calibration_samples(to_model(model), str(calibrate), samples)
+    arrays = [calibrate] if isinstance(calibrate, np.ndarray) else list(calibrate)
+    return [np.asarray(a, np.float32)[:samples] for a in arrays]
+
+
+def capture_calibrated(model, *, batch: int | None = None, calibrate=None) -> tuple[Graph, dict | None]:
+    """The captured graph, its dynamic quantizers made static on ``calibrate`` when given
+    (see ``csqc.passes.calibrate_scales``), and the calibration report (None: not calibrated)."""
     from .capture import capture
+
+    model = to_model(model)
+    graph = capture(model, batch=batch)
+    if calibrate is None:
+        return graph, None
+    from .passes.calibrate_scales import calibrate as calibrate_graph, calibration_report
+
+    arrays = calibration_arrays(model, calibrate)
+    result, quantizers = calibrate_graph(graph, arrays)
+    source = str(calibrate) if isinstance(calibrate, (str, Path)) else "arrays"
+    return result.graph, calibration_report(quantizers, source, len(arrays[0]))
+
+
+def optimize(model, pipeline: str = "default", *, batch: int | None = None, dump_dir=None, calibrate=None) -> Graph:
+    """Capture ``model`` (calibrated on ``calibrate`` when given) and run an IR pipeline over it."""
     from .passes import run_passes
 
-    graph = capture(to_model(model), batch=batch)
+    graph, _ = capture_calibrated(model, batch=batch, calibrate=calibrate)
     graph, _ = run_passes(graph, pipeline, dump_dir=dump_dir)
     return graph
 
 
-def inspect(model, *, batch: int | None = None):
-    """Per-layer report of the optimized graph (bits, planes, sizes, CPU kernel choice)."""
-    from .capture import capture
+def inspect(model, *, batch: int | None = None, calibrate=None):
+    """Per-layer report of the optimized graph (bits, planes, sizes, CPU kernel choice);
+    ``calibrate``: of the model calibrated on that data (the report's ``calibration`` says so)."""
     from .passes import run_passes
     from .report import inspect_graph
 
-    captured = capture(to_model(model), batch=batch)
+    captured, calibration = capture_calibrated(model, batch=batch, calibrate=calibrate)
     graph, _ = run_passes(captured, "default")
     kernels = {}
     try:
@@ -90,20 +120,24 @@ def inspect(model, *, batch: int | None = None):
             kernels[n.name] = choose_kernel(n, output_rows(n), decode_weight(graph, n)).kernel
     except ImportError:  # TVM missing: the report still stands without kernel choices
         pass
-    return inspect_graph(graph, kernels, captured)
+    report = inspect_graph(graph, kernels, captured)
+    report.calibration = calibration
+    return report
 
 
 def compile(model, target: str = "llvm", output=None, *, batch: int | str | None = None, pipeline: str | None = None,
             mcpu: str | None = None, arch: str = "sm_80", emit_source=None, force_kernel: str | None = None,
             onnx_form: str = "reference",
-            check_planes: bool = False, calibration=None, int4: bool = True, dump_ir=None,
+            check_planes: bool = False, calibration=None, int4: bool = True, dump_ir=None, calibrate=None,
             on_layer: Callable[[str], None] | None = None, model_factory=None, input_shape=None) -> CompileResult:
     """Compile a model for ``target`` and write the artifact to ``output`` (atomically).
 
     ``mcpu``: LLVM CPU name for ``llvm`` and ``aarch64``; ``arch`` (sm_80, sm_90, ...) and ``emit_source`` (a
     folder for the CUDA source) for ``cuda``; ``onnx_form``, ``check_planes`` and
     ``calibration`` (arrays, for the deploy form) for ``onnx``. ``batch="dynamic"`` (onnx only):
-    a symbolic batch dimension instead of a fixed batch size.
+    a symbolic batch dimension instead of a fixed batch size. ``calibrate`` (every target):
+    ``"digits"``, an ``.npz`` path or arrays; the dynamic activation scales become static ones
+    measured there by the interpreter, a different model (the report's ``calibration`` says so).
     """
     from .targets.registry import CompileOptions, check_coverage, get_target
 
@@ -123,17 +157,18 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     for folder, what in ((dump_ir, "--dump-ir"), (emit_source, "--emit-source")):
         if folder is not None:
             check_output_folder(folder, what=what)
-    from .capture import capture
     from .passes import run_passes
     from .report import activation_rows
 
     start = time.perf_counter()
-    captured = capture(model, batch=batch)
+    captured, calibrated = capture_calibrated(model, batch=batch, calibrate=calibrate)
     graph, _ = run_passes(captured, pipeline or entry.pipeline, dump_dir=dump_ir)
     check_coverage(entry, graph)
     # which quantizer feeds each layer (csqc's, a recognised idiom, one left float): from the
     # captured graph, where a left-float clip is not yet fused into its layer
     report = {**entry.emit(graph, output, options), "activations": [r.to_json() for r in activation_rows(captured)]}
+    if calibrated is not None:
+        report = {**report, "calibration": calibrated}
     return CompileResult(target, Path(output), graph, report, time.perf_counter() - start)
 
 

@@ -102,7 +102,10 @@ def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping
     y = y * _channel(mult, y.ndim, axis)
     if add is not None:
         y = y + _channel(add, y.ndim, axis)
-    return _activation(n, y.astype(_F32))
+    y = _activation(n, y.astype(_F32))
+    if n.quant.out_bits is not None:  # fused output quantization: exactly quantize(y) with its static scale
+        return _quantize_values(lambda: n.name, y, n.quant.out_bits, n.quant.out_scale)
+    return y
 
 
 def _truncated_weight(g: Graph, n: Node, keep: int) -> np.ndarray:
@@ -153,15 +156,19 @@ def overflow_error(where: str) -> BadInput:
 
 
 def _quantize(n: Node, x: np.ndarray) -> QValue:
-    bits = n.attr("bits")
+    return _quantize_values(lambda: n.name, x, n.attr("bits"), n.attr("static_scale", 0.0))
+
+
+def _quantize_values(name: Callable[[], str], x: np.ndarray, bits: int, static: float) -> QValue:
+    """``quantize`` (and a layer's fused output quantization): codes and scale of ``x``;
+    ``name()`` names the node in an overflow error (read only then)."""
     levels = _F32(2**bits - 1)
     x = np.asarray(x, dtype=_F32)
-    static = n.attr("static_scale", 0.0)
     s = _F32(static) if static > 0 else _F32(np.abs(x).max(initial=0))
     if static > 0 and not np.isfinite(x).all():  # a static scale clamps huge values, not NaN
-        raise overflow_error(f"{n.name} quantizes NaN or infinite activations")
+        raise overflow_error(f"{name()} quantizes NaN or infinite activations")
     if static <= 0 and quantization_overflows(s, levels):
-        raise overflow_error(scale_overflow(n.name, s, int(levels)))
+        raise overflow_error(scale_overflow(name(), s, int(levels)))
     if s > 0:
         mag = np.round((np.abs(x) * levels) / s)
         if static > 0:

@@ -16,6 +16,16 @@ where ``w`` is the integer weight ``q`` (encoding ``int``) or its plane decompos
 (``posneg``/``offset``, see ``QuantSpec``). Every runtime repeats this order of float
 operations; the interpreter (``csqc.interpreter``) is the golden model.
 
+A quantized layer with fused output quantization (``QuantSpec.out_bits`` set, made by the
+``fuse_requant`` pass) yields a quantized activation instead of ``y``: with the static scale
+``S' = out_scale`` and ``L' = 2^out_bits - 1``, after the fused activation::
+
+    code = sign(y) * min(round_half_even((|y| * L') / S'), L')     (float32, in this order)
+
+exactly the codes of ``quantize(y) {bits=out_bits, static_scale=out_scale, signed=out_signed}``;
+its type is ``{s,u}q<out_bits>`` and its runtime form the pair (codes, ``S'``). The float ``y``
+is never stored.
+
 The text form (``Graph.text()``) is stable and diffable; ``save``/``load`` use JSON + npz, never
 pickle; ``verify`` checks shapes, dtypes and specs.
 """
@@ -98,6 +108,8 @@ class QuantSpec:
     for one byte per bit, 32/64 when planes are packed into words along the reduction axis.
     ``act_*``: the input activation quantization (``act_bits`` None: float input).
     ``acc_dtype``: accumulator type proved safe by ``accumulator_width``.
+    ``out_*``: fused output quantization (``out_bits`` None: the layer yields floats; see the
+    module docstring): bits, the static scale, and whether codes are signed.
     """
 
     n_bits: int
@@ -113,6 +125,9 @@ class QuantSpec:
     act_scale: float = 0.0
     act_signed: bool = False
     acc_dtype: str = "int32"
+    out_bits: int | None = None
+    out_scale: float = 0.0
+    out_signed: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "active_bits", tuple(int(b) for b in self.active_bits))
@@ -154,6 +169,13 @@ class QuantSpec:
             out.append("act_mode set without act_bits")
         if self.acc_dtype not in ("int32", "int64"):
             out.append(f"acc_dtype {self.acc_dtype!r}")
+        if self.out_bits is not None:
+            if not 1 <= self.out_bits <= 8:
+                out.append(f"out_bits {self.out_bits} not in 1..8")
+            if not self.out_scale > 0:
+                out.append("fused output quantization needs a positive static scale")
+        elif self.out_scale or self.out_signed:
+            out.append("out_scale/out_signed set without out_bits")
         return out
 
     @property
@@ -180,6 +202,8 @@ class QuantSpec:
             parts.append(act + (f"@{self.act_scale:.9g}" if self.act_mode == "static" else ""))
         if self.acc_dtype != "int32":
             parts.append(f"acc={self.acc_dtype}")
+        if self.out_bits is not None:
+            parts.append(f"out={'s' if self.out_signed else 'u'}{self.out_bits}/static@{self.out_scale:.9g}")
         return " ".join(parts)
 
     def to_json(self) -> dict:
@@ -503,6 +527,8 @@ def _check_node(g: Graph, n: Node) -> list[str]:
                 out.append(f"input is {x_t.text()} but spec says act {q.act_bits} bits")
             if q.act_bits is None and x_t.quantized:
                 out.append("quantized input but spec has no act_bits")
+        if (n.type.qbits, n.type.qsigned) != (q.out_bits, q.out_signed if q.out_bits else False):
+            out.append(f"output type {n.type.text()} does not match the spec's output quantization")
     elif n.op in ("quantize",):
         bits = n.attr("bits")
         if n.type.qbits != bits:

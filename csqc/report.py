@@ -97,6 +97,7 @@ class InspectReport:
     float_weight_bytes: int
     layers: list[LayerRow] = field(default_factory=list)
     activations: list[ActivationRow] = field(default_factory=list)
+    calibration: dict | None = None  # set when static scales were calibrated (csqc.passes.calibrate_scales)
 
     def to_json(self) -> dict:
         return {
@@ -109,6 +110,7 @@ class InspectReport:
             "compression": self.weight_bytes_fp32 / max(1, self.weight_bytes_packed),
             "layers": [r.to_json() for r in self.layers],
             "activations": [r.to_json() for r in self.activations],
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 

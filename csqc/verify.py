@@ -19,8 +19,11 @@ Two kinds of checks:
   interpreter's epilogue. This stays exact even where float differences upstream (a
   convolution summed in another order) flip one activation code across a rounding tie; where
   the runtime's codes equal the golden run's, the accumulators are therefore equal to the
-  interpreter's bit for bit. ``first_divergence`` names the first layer (graph order) and
-  tensor where a runtime departs from the golden model.
+  interpreter's bit for bit. A layer with fused output quantization (``fuse_requant``) keeps
+  no float output, so the codes its readers get are compared with the golden run's: exactly
+  where the layer's own codes and accumulator matched, else to within one step (its float
+  output, from a float-input layer, may round differently). ``first_divergence`` names the
+  first layer (graph order) and tensor where a runtime departs from the golden model.
 
 An output pair that both follow the IR's float order must agree within the tolerance, with one
 exception, stated in the report's notes: when a runtime's codes left the golden run (a float
@@ -88,31 +91,48 @@ class Runtime:
 class _Context:
     """The model plus graphs captured per batch size and pipeline (built once, on demand)."""
 
-    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None):
+    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None, calibration: list | None = None):
         self.model = model
         self.threads = intra_op_num_threads
+        self.calibration = calibration  # arrays: every graph gets the static scales measured on them
+        self.scales: dict[str, float] | None = None
         self._captured: dict[int, Graph] = {}
         self._graphs: dict[tuple[str, int], Graph] = {}
 
-    def graph(self, pipeline: str, batch: int) -> Graph:
+    def _capture(self, batch: int) -> Graph:
+        """The captured graph; calibrated, the scales measured once (at the first batch size
+        asked for, the compiled artifact's) serve every batch size."""
         from .capture import capture
+        from .passes.calibrate_scales import apply_scales, measure_scales
+
+        g = capture(self.model, batch=batch)
+        if self.calibration is None:
+            return g
+        if self.scales is None:
+            self.scales = measure_scales(g, self.calibration)
+        return apply_scales(g, self.scales).graph
+
+    def graph(self, pipeline: str, batch: int) -> Graph:
         from .passes import run_passes
 
         if (pipeline, batch) not in self._graphs:
             if batch not in self._captured:
-                self._captured[batch] = capture(self.model, batch=batch)
+                self._captured[batch] = self._capture(batch)
             self._graphs[(pipeline, batch)] = run_passes(self._captured[batch], pipeline)[0]
         return self._graphs[(pipeline, batch)]
 
 
-def _layer_inputs(g: Graph) -> dict[str, tuple[str, str | None]]:
-    """Layer -> (float value it quantizes or reads, quantize node or None)."""
+def _layer_inputs(g: Graph) -> dict[str, tuple[str | None, str | None]]:
+    """Layer -> (float value it quantizes or reads, node whose codes it reads or None); a layer
+    reading a fused layer's codes (``QuantSpec.out_bits``) has no float input."""
     producers = g.producers()
     out = {}
     for n in g.quant_layers():
         src = producers.get(n.inputs[0])
         if src is not None and src.op == "quantize":
             out[n.name] = (src.inputs[0], src.name)
+        elif src is not None and src.type.quantized:
+            out[n.name] = (None, src.name)
         else:
             out[n.name] = (n.inputs[0], None)
     return out
@@ -123,8 +143,10 @@ def interpreter_tensors(g: Graph, record: Mapping, inputs: Mapping[str, np.ndarr
     values = {**record, **inputs}
     tensors = {}
     for layer, (src, quant) in _layer_inputs(g).items():
-        tensors[f"{layer}.in"] = values[src]
-        tensors[f"{layer}.out"] = values[layer]
+        if src is not None:
+            tensors[f"{layer}.in"] = values[src]
+        if not isinstance(values[layer], QValue):  # a fused layer's codes are its readers' xq
+            tensors[f"{layer}.out"] = values[layer]
         if quant is not None:
             tensors[f"{layer}.xq"] = values[f"{quant}.codes"]
             tensors[f"{layer}.scale"] = np.float32(values[f"{quant}.scale"])
@@ -544,6 +566,9 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     """
     sources = _layer_inputs(g)
     synced = True  # the runtime has followed the golden run exactly so far
+    # layers whose codes, scale and accumulator equal the golden run's: in a runtime that follows
+    # the IR's float order their float output equals it too, bit for bit
+    clean: set[str] = set()
     for layer in g.quant_layers():
         name = layer.name
         st = stats.setdefault(name, _LayerStats(name, rt.name))
@@ -559,19 +584,29 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
         if quant is not None:
             qnode = g.node(quant)
             if t["in"] is not None and t["xq"] is not None:
-                expect = (QValue(gold["xq"], gold["scale"], qnode.attr("bits")) if same_in
+                expect = (QValue(gold["xq"], gold["scale"], qnode.type.qbits) if same_in
                           else HANDLERS["quantize"](g, qnode, [np.asarray(t["in"], np.float32)]))
                 bad = int((expect.codes != t["xq"].astype(np.int64)).sum())
                 if t["scale"] is not None and np.float32(t["scale"]) != np.float32(expect.scale):
                     bad += 1
                 st.add("xq", "exact", expect.codes.size, bad)
+            elif t["in"] is None and t["xq"] is not None:
+                # codes a fused layer wrote (no float tensor to requantize): where its inputs matched
+                # the golden run's and the runtime follows the IR's float order, they must match too;
+                # else (a float-input layer rounds its float y its own way) a code may move by one
+                # step at a rounding boundary, never more: a larger difference is an integer error
+                step = 0 if rt.exact and sources[name][0] in clean else 1
+                bad = int((np.abs(t["xq"].astype(np.int64) - gold["xq"]) > step).sum())
+                if t["scale"] is not None and np.float32(t["scale"]) != np.float32(gold["scale"]):
+                    bad += 1
+                st.add("xq", "exact", gold["xq"].size, bad)
             if t["xq"] is None or t["scale"] is None:
                 continue
             same_codes = (np.array_equal(t["xq"].astype(np.int64), gold["xq"])
                           and np.float32(t["scale"]) == np.float32(gold["scale"]))
             if not same_codes:
                 st.codes_equal_golden_run = synced = False  # float differences upstream flipped a code
-                x = QValue(t["xq"].astype(np.int32), np.float32(t["scale"]), qnode.attr("bits"))
+                x = QValue(t["xq"].astype(np.int32), np.float32(t["scale"]), qnode.type.qbits)
                 out, acc = _golden_layer(g, layer, x)
             else:
                 out, acc = gold["out"], gold["acc"]
@@ -589,6 +624,8 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
                     st.add("out", "float", ok.size, int(ok.size - ok.sum()))
             if not acc_ok:
                 synced = False
+            elif same_codes:
+                clean.add(name)
         elif t["in"] is not None and t["out"] is not None:
             out = gold["out"] if same_in else _golden_layer(g, layer, np.asarray(t["in"], np.float32))[0]
             ok = _close(out, t["out"], atol, rtol, float(np.abs(out).max(initial=0)))
@@ -622,6 +659,7 @@ def verify(
     on_batch: Callable[[int, int], None] | None = None,
     rpc: str | None = None,
     key: str | None = None,
+    calibrate=None,
 ) -> VerifyReport:
     """Run ``model`` in every runtime on the same batches and compare (see module docstring).
 
@@ -645,6 +683,10 @@ def verify(
     ``rpc``: run the artifact (a ``.so``) on a remote TVM RPC server at "host:port" instead (with
     ``key``: a tracker there and the device key; see ``csqc.remote``); the report's ``devices``
     says where it ran.
+    ``calibrate`` (``"digits"``, an ``.npz`` path or arrays, as for ``csqc.compile``): check the
+    calibrated model, its dynamic activation scales made static on that data: every runtime
+    and the artifact exactly against the calibrated interpreter, PyTorch (the trained model,
+    dynamic scales) on top-1 agreement and a coarse error only.
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
@@ -671,6 +713,15 @@ def verify(
         if art and art.batch not in (None, batch):
             raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
         notes: list[str] = []
+        calibration = None
+        if calibrate is not None:
+            from .compiler import calibration_arrays
+
+            calibration = calibration_arrays(model, calibrate)
+            notes.append(f"calibrated on {calibrate if isinstance(calibrate, (str, Path)) else 'arrays'} "
+                         f"({len(calibration[0])} samples): static activation scales, a different model from the "
+                         "trained one; PyTorch is compared on top-1 agreement, every other runtime exactly")
+        ctx = _Context(model, intra_op_num_threads, calibration)
         starts = list(range(0, n, batch))
         if n % batch and art is not None and art.batch is not None:
             notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")

@@ -18,6 +18,7 @@ from . import (  # noqa: E402,F401  (importing registers each pass)
     fold_zero_layers,
     fuse_act_quant,
     fuse_activation,
+    fuse_requant,
     pack_planes,
     split_planes,
 )

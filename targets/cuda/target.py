@@ -95,6 +95,7 @@ class CudaBackend:
 
     name = "cuda"
     offset_codes = False  # the GPU kernels keep sign parts
+    fused_requant = False  # a fused layer runs its float epilogue, then the quantize kernel
 
     def __init__(self):
         from . import glue, kernels, packing

@@ -64,6 +64,7 @@ class CpuBackend:
     # signed activations feeding only linear layers are quantized to one offset code buffer
     # (code + L), so each layer multiplies once instead of once per sign
     offset_codes = True
+    fused_requant = True  # the epilogue writes the codes the next layer reads
 
     def __init__(self):
         from . import glue, kernels, packing

@@ -270,28 +270,32 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
             _emit_abs_max(x_flat, n, scale)
 
         def emit(_row, i):
-            value = x_flat[i]
-            # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
-            # (llvm.roundeven).  S is read back from the buffer so no constant folding can
-            # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
-            # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
-            magnitude = tirx.round((tirx.abs(value) * _f32(levels)) / scale[0])
-            if is_static:
-                magnitude = tirx.Min(magnitude, _f32(levels))
-            zero = _f32(0.0)
-            if offset:
-                # integers below 2^24 are exact in float32: L +- magnitude is the exact code
-                center = _f32(levels)
-                code = tirx.Select(value > zero, center + magnitude, tirx.Select(value < zero, center - magnitude, center))
-                I.buffer_store(pos_flat, tirx.Cast("uint8", code), [i])
-                return
-            I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Select(value > zero, magnitude, zero)), [i])
-            if neg_flat is not None:
-                I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Select(value < zero, magnitude, zero)), [i])
+            _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat, neg_flat)
 
         _for_each(1, n, emit)
 
     return _prim_func(params, body)
+
+
+def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat) -> None:
+    """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there)."""
+    # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
+    # (llvm.roundeven).  S is read back from the buffer so no constant folding can
+    # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
+    # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
+    magnitude = tirx.round((tirx.abs(value) * _f32(levels)) / scale[0])
+    if clamp:
+        magnitude = tirx.Min(magnitude, _f32(levels))
+    zero = _f32(0.0)
+    if offset:
+        # integers below 2^24 are exact in float32: L +- magnitude is the exact code
+        center = _f32(levels)
+        code = tirx.Select(value > zero, center + magnitude, tirx.Select(value < zero, center - magnitude, center))
+        I.buffer_store(pos_flat, tirx.Cast("uint8", code), [i])
+        return
+    I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Select(value > zero, magnitude, zero)), [i])
+    if neg_flat is not None:
+        I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Select(value < zero, magnitude, zero)), [i])
 
 
 def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bool = False) -> tirx.PrimFunc:
@@ -327,7 +331,8 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bo
 
 def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: str, clip_lo: float,
              clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False,
-             has_offset: bool = False) -> tirx.PrimFunc:
+             has_offset: bool = False, out_bits: int | None = None, out_scale: float = 0.0,
+             out_signed: bool = False, out_offset: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -339,6 +344,11 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     ``levels`` is ``L = 2^bits - 1`` of the input activation:
     ``y = ((float32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then ``act``.
     ``levels=None`` is a float-input layer: ``acc`` is float32 and ``y = acc * mult[c] + add[c]``.
+
+    ``out_bits`` (fused output quantization, ``csqc.ir``): instead of ``y`` the kernel writes
+    ``out_scale: float32[1]`` (the static ``S'``) and ``y``'s codes exactly as
+    ``quantize(shape, out_bits, out_scale, out_signed, out_offset)`` lays them out
+    (``codes_pos`` and, signed without ``out_offset``, ``codes_neg``), from the same float32 ``y``.
     """
     _check_act(act)
     shape = tuple(int(s) for s in shape)
@@ -359,11 +369,23 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     params.append(("mult", (channels,), F32))
     if has_add:
         params.append(("add", (channels,), F32))
-    params.append(("y", shape, F32))
+    if out_bits is None:
+        params.append(("y", shape, F32))
+    else:
+        out_levels = _levels(out_bits)
+        if not out_scale > 0 or (out_offset and not (out_signed and out_bits <= 7)):
+            raise ValueError("fused output quantization needs a positive static scale (and offset codes signed, <= 7 bits)")
+        params += [("out_scale", (1,), F32), ("codes_pos", shape, "uint8")]
+        if out_signed and not out_offset:
+            params.append(("codes_neg", shape, "uint8"))
 
     def body(*buffers):
         named = dict(zip([p[0] for p in params], buffers))
-        acc_flat, y_flat = _flat(named["acc"]), _flat(named["y"])
+        acc_flat = _flat(named["acc"])
+        y_flat = _flat(named["y"]) if out_bits is None else None
+        if out_bits is not None:
+            I.buffer_store(named["out_scale"], _f32(out_scale), [0])
+            code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
         neg_flat = _flat(named["acc_neg"]) if has_neg else None
         acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
@@ -379,7 +401,11 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             value = value * mult[c]
             if add is not None:
                 value = _rounded(value) + add[c]
-            I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [i])
+            value = _activation(value, act, clip_lo, clip_hi)
+            if out_bits is None:
+                I.buffer_store(y_flat, value, [i])
+            else:  # the float y stays in registers: round it like a store would, then its codes
+                _store_codes(_rounded(value), i, named["out_scale"], out_levels, True, out_offset, *code_parts)
 
         _for_each_channel(shape, channel_axis, emit)
 

@@ -238,28 +238,31 @@ class GraphEmitter:
 
 
 def _emit_quantize(e: GraphEmitter, n: Node) -> _QTensor:
-    x = e.float_of(n.inputs[0])
-    bits, static = n.attr("bits"), n.attr("static_scale", 0.0)
+    return _quantize_tensor(e, n.name, e.float_of(n.inputs[0]), n.attr("bits"), n.attr("static_scale", 0.0),
+                            bool(n.type.qsigned))
+
+
+def _quantize_tensor(e: GraphEmitter, name: str, x: str, bits: int, static: float, signed: bool) -> _QTensor:
+    """The codes and scale of float tensor ``x`` (a ``quantize`` node, or a layer's fused output quantization)."""
     levels = e.b.const("levels", np.array(2**bits - 1, _F32))
-    absx = e.b.op("Abs", [x], f"{n.name}.abs")
+    absx = e.b.op("Abs", [x], f"{name}.abs")
     if static > 0:
-        scale = e.b.op("Identity", [e.b.const(f"{n.name}.static_scale", np.array(static, _F32))], f"{n.name}.scale",
+        scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32))], f"{name}.scale",
                        exact_name=True)
         divisor = scale
     else:
-        scale = e.b.op("ReduceMax", [absx], f"{n.name}.scale", exact_name=True, keepdims=0)
+        scale = e.b.op("ReduceMax", [absx], f"{name}.scale", exact_name=True, keepdims=0)
         # S == 0 means every |x| is 0: divide by 1 instead, which yields the interpreter's zero codes
         zero, one = e.b.const("zero", np.array(0, _F32)), e.b.const("one", np.array(1, _F32))
-        positive = e.b.op("Greater", [scale, zero], f"{n.name}.scale_positive")
-        divisor = e.b.op("Where", [positive, scale, one], f"{n.name}.safe_scale")
-    scaled = e.b.op("Mul", [absx, levels], f"{n.name}.mul_levels")  # CSQ order: (|x| * L) / S
-    mag = e.b.op("Round", [e.b.op("Div", [scaled, divisor], f"{n.name}.div_scale")], f"{n.name}.magnitude")
+        positive = e.b.op("Greater", [scale, zero], f"{name}.scale_positive")
+        divisor = e.b.op("Where", [positive, scale, one], f"{name}.safe_scale")
+    scaled = e.b.op("Mul", [absx, levels], f"{name}.mul_levels")  # CSQ order: (|x| * L) / S
+    mag = e.b.op("Round", [e.b.op("Div", [scaled, divisor], f"{name}.div_scale")], f"{name}.magnitude")
     if static > 0:
-        mag = e.b.op("Min", [mag, levels], f"{n.name}.clamped")
-    sign = e.b.op("Sign", [x], f"{n.name}.sign")
-    codes_f = e.b.op("Mul", [sign, mag], f"{n.name}.codes_f")
-    signed = bool(n.type.qsigned)
-    return _QTensor(n.name, codes_f, scale, bits, signed, x)
+        mag = e.b.op("Min", [mag, levels], f"{name}.clamped")
+    sign = e.b.op("Sign", [x], f"{name}.sign")
+    codes_f = e.b.op("Mul", [sign, mag], f"{name}.codes_f")
+    return _QTensor(name, codes_f, scale, bits, signed, x)
 
 
 def _emit_dequantize(e: GraphEmitter, n: Node) -> str:
@@ -413,6 +416,8 @@ def _emit_quant_layer(e: GraphEmitter, n: Node) -> str:
         y = e.b.op("Add", [y, e.channel_const(f"{n.name}.add", e.g.params[n.inputs[3]], ndim, axis)], f"{n.name}.add_bias")
     out = e.activation(n, y, f"{n.name}.out")
     e.layers.append(LayerTensors(name=n.name, op=n.op, out=out, acc_shift=spec.low_shift, **tensors))
+    if spec.out_bits is not None:  # fused output quantization: exactly quantize(out) with the static scale
+        return _quantize_tensor(e, n.name, out, spec.out_bits, spec.out_scale, spec.out_signed)
     return out
 
 

@@ -35,6 +35,9 @@ class TvmBackend(Protocol):
     packing: ModuleType
     # signed activations feeding only linear layers become one offset code buffer (code + L)
     offset_codes: bool
+    # the glue's epilogue writes activation codes (fused output quantization, ``csqc.ir``);
+    # else a layer with ``out_bits`` runs its float epilogue, then the quantize kernel
+    fused_requant: bool
 
     def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
         """The kernel for quantized layer ``n`` with ``rows`` output rows and integer weights ``q``."""

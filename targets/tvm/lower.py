@@ -102,6 +102,7 @@ class _Lowerer:
         self.producers = g.producers()
         self.quant_parts: dict[str, tuple[str, str | None, str]] = {}  # quantize node -> (pos, neg, scale)
         self.offset_codes = b.offset_codes
+        self.fused_requant = b.fused_requant
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         self.users = g.users()
 
@@ -152,7 +153,7 @@ class _Lowerer:
         code doubles the accumulator bound, which must stay within every user's accumulator.
         Convolutions keep sign parts: zero padding would read as code ``-L``.
         """
-        if not (self.offset_codes and n.attr("signed") and n.attr("bits") <= 7):
+        if not (self.offset_codes and n.type.qsigned and n.type.qbits <= 7):
             return False
         for user in self.users.get(n.name, []):
             if user.op == "dequantize":
@@ -183,7 +184,7 @@ class _Lowerer:
 
     def lower_dequantize(self, n: Node) -> None:
         pos, neg, scale = self.quant_parts[n.inputs[0]]
-        bits = self.producers[n.inputs[0]].attr("bits")
+        bits = self.producers[n.inputs[0]].type.qbits  # a quantize node's or a fused layer's
         shape = n.type.shape
         if n.inputs[0] in self.code_offset:
             f = self.plan.func(f"dequantize({shape},{bits},True,offset)", lambda: self.glue.dequantize(shape, bits, True, True))
@@ -220,9 +221,12 @@ class _Lowerer:
                 self._lut_product(n, info, acc)
             else:
                 self._float_product(n, q.astype(np.float32), acc)
-            key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)"
-            f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32", False))
-            self.plan.call(f, [acc, mult] + ([add] if add else []) + [self.out(n)], n.name)
+            outs, fused, suffix = self._layer_output(n, info)
+            key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)" + suffix
+            f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32",
+                                                               False, **fused))
+            self.plan.call(f, [acc, mult] + ([add] if add else []) + outs, n.name)
+            self._requantize_after(n)
             return
         pos, neg, scale = self.quant_parts[n.inputs[0]]
         code_offset = self.code_offset.get(n.inputs[0], 0)
@@ -231,7 +235,8 @@ class _Lowerer:
         if neg:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
-        info["tensors"] = {"in": self.ref(self.producers[n.inputs[0]].inputs[0]), "xq": pos, "xq_neg": neg,
+        source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
+        info["tensors"] = {"in": self.ref(source.inputs[0]) if source.op == "quantize" else None, "xq": pos, "xq_neg": neg,
                            "scale": scale, "acc": accs[0], "acc_neg": accs[1] if neg else None,
                            "acc_shift": spec.low_shift, "out": n.name}
         # offset codes: the kernel multiplies codes + L, so its acc exceeds the true one by
@@ -248,12 +253,54 @@ class _Lowerer:
             self._record_weight_sums(n, info, code_offset, acc_offset)
         levels = 2**spec.act_bits - 1
         has_offset = acc_offset is not None
+        outs, fused, suffix = self._layer_output(n, info)
         key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})" + (
-            ",offset" if has_offset else "")
+            ",offset" if has_offset else "") + suffix
         f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
-                                                           neg is not None, **({"has_offset": True} if has_offset else {})))
-        self.plan.call(f, accs + ([acc_offset] if has_offset else []) + [scale, mult] + ([add] if add else []) + [self.out(n)],
+                                                           neg is not None, **({"has_offset": True} if has_offset else {}),
+                                                           **fused))
+        self.plan.call(f, accs + ([acc_offset] if has_offset else []) + [scale, mult] + ([add] if add else []) + outs,
                        n.name)
+        self._requantize_after(n)
+
+    def _layer_output(self, n: Node, info: dict) -> tuple[list[str], dict, str]:
+        """The epilogue's output buffers, its fused-quantization options and their kernel-key suffix.
+
+        A layer without ``out_bits`` writes its float tensor. With it, where the glue can, the
+        epilogue writes the scale and the codes in ``lower_quantize``'s layout (sign parts or
+        offset codes) under the layer's name; otherwise it writes a float temporary that
+        ``_requantize_after`` quantizes."""
+        spec = n.quant
+        if spec.out_bits is None:
+            return [self.out(n)], {}, ""
+        info["tensors"]["out"] = None  # no float output: the next layer checks these codes as its xq
+        if not self.fused_requant:
+            return [self.plan.buffer(f"{n.name}.y", n.type.shape, _F32)], {}, ""
+        offset = self._offset_codes_fit(n)
+        shape = n.type.shape
+        scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
+        pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
+        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if spec.out_signed and not offset else None
+        self.quant_parts[n.name] = (pos, neg, scale)
+        if offset:
+            self.code_offset[n.name] = 2**spec.out_bits - 1
+        fused = {"out_bits": spec.out_bits, "out_scale": float(spec.out_scale), "out_signed": spec.out_signed,
+                 "out_offset": offset}
+        return [scale, pos] + ([neg] if neg else []), fused, f",out({spec.out_bits},{spec.out_scale!r},{spec.out_signed},{offset})"
+
+    def _requantize_after(self, n: Node) -> None:
+        """A backend without fused requantization: quantize the layer's float temporary."""
+        spec = n.quant
+        if spec.out_bits is None or self.fused_requant:
+            return
+        shape, bits, static, signed = n.type.shape, spec.out_bits, float(spec.out_scale), spec.out_signed
+        f = self.plan.func(f"quantize({shape},{bits},{static!r},{signed})",
+                           lambda: self.glue.quantize(shape, bits, static, signed))
+        scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
+        pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
+        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed else None
+        self.plan.call(f, [f"{n.name}.y", scale, pos] + ([neg] if neg else []), n.name)
+        self.quant_parts[n.name] = (pos, neg, scale)
 
     def _record_weight_sums(self, n: Node, info: dict, code_offset: int, acc_offset: str) -> None:
         """What the runtime needs to form ``L * sum_k q[c, k]`` for exactly the planes a call
