@@ -70,9 +70,9 @@ class _CSQMixin:
         self.n_bits = n_bits
         self.finalized = False
         self.temperature = 1.0
-        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
-        self.input_quant: ActQuant | None = None
-        if finalized:
+        if finalized:  # the state a finalized layer has: bias, then q and scale
+            self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+            self.input_quant: ActQuant | None = None
             self._load_finalized(weight.detach().float())
             return
         shape = tuple(weight_shape) + (n_bits,)
@@ -81,6 +81,8 @@ class _CSQMixin:
         self.mask_weight = nn.Parameter(torch.full((n_bits,), _INIT_LOGIT))
         self.scale = nn.Parameter(torch.ones(1))
         self.register_buffer("exps", 2.0 ** torch.arange(n_bits, dtype=torch.float32) / (2**n_bits - 1))
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+        self.input_quant = None
         if weight is None:
             weight = torch.empty(weight_shape)  # nn.Linear's default init, then its bits
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
