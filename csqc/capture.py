@@ -591,9 +591,15 @@ def _foldable(ctx: _Ctx, fx: torch.fx.Node) -> bool:
     """Whether every tensor ``fx`` reads is a constant (parameters, buffers, folded results)."""
     if fx.target in _NEVER_FOLDED:
         return False
-    if fx.target in _BROADCASTS and any(u.name not in ctx.constant_derived for u in fx.users):
+    if (fx.target in _BROADCASTS and _is_float(fx)
+            and any(u.name not in ctx.constant_derived for u in fx.users)):
         return False  # a class token expanded to the batch: an IR expand, not a batch-sized constant
     return all(a.name in ctx.consts for a in fx.all_input_nodes)
+
+
+def _is_float(fx: torch.fx.Node) -> bool:
+    val = fx.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
 
 
 def _constant_derived(graph: torch.fx.Graph, consts) -> set[str]:

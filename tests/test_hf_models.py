@@ -3,7 +3,8 @@
 Each model is converted (``csqc.convert(n_bits=4, act_bits=8)``: the attention and MLP
 projections, GPT-2's ``Conv1D`` included; the embeddings stay float and are reported), saved,
 compiled for llvm and onnx, and verified exactly against the interpreter on random token ids.
-Attention uses the eager implementation.
+Attention uses the eager implementation, and PyTorch's ``scaled_dot_product_attention`` (the
+``sdpa`` implementation, transformers' default) in a second, llvm-only check.
 """
 from __future__ import annotations
 
@@ -20,21 +21,21 @@ transformers = pytest.importorskip("transformers")
 VOCAB, SEQ = 100, 8
 
 
-def _bert():
+def _bert(attn="eager"):
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+                                     intermediate_size=64, max_position_embeddings=64, attn_implementation=attn)
     return transformers.BertModel(config)
 
 
-def _distilbert():
+def _distilbert(attn="eager"):
     config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                           max_position_embeddings=64, attn_implementation="eager")
+                                           max_position_embeddings=64, attn_implementation=attn)
     return transformers.DistilBertModel(config)
 
 
-def _gpt2():
+def _gpt2(attn="eager"):
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                     use_cache=False, attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+                                     use_cache=False, attn_implementation=attn, bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -110,3 +111,16 @@ def test_compiles_and_verifies_exactly(saved, target, suffix, runtimes, tmp_path
     assert any(r.startswith("artifact:") for r in report.runtimes)
     exact = [p for p in report.pairs if p.kind == "exact"]
     assert exact and all(p.within_tolerance for p in exact)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sdpa_attention_captures_and_verifies_exactly(name, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    model = csqc.finalize(csqc.convert(MODELS[name][0]("sdpa").eval(), n_bits=4, act_bits=8, example_inputs=ids))
+    loaded = csqc.load(csqc.save(model, tmp_path / f"{name}.pt", ids))
+    targets = {str(n.target) for n in loaded.program.graph.nodes if n.op == "call_function"}
+    assert "aten.scaled_dot_product_attention.default" in targets  # the sdpa path, not eager
+    artifact = csqc.compile(loaded, "llvm", tmp_path / f"{name}.llvm.so").output
+    report = csqc.verify(loaded, artifact=str(artifact), samples=4)
+    assert report.ok and report.accumulators_exact, report.to_json()
