@@ -5,6 +5,7 @@ from pathlib import Path
 
 from csqc.ir import Graph
 from csqc.targets.registry import CompileOptions, Target, register
+from csqc.targets.tvm import coverage as tvm_coverage
 
 __all__ = ["TARGET"]
 
@@ -22,20 +23,8 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     return emit_aarch64(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer)
 
 
-def _unsupported(graph: Graph) -> list[tuple[str, str]]:
-    from csqc.targets.tvm.lower import unsupported_ops
-
-    return unsupported_ops(graph)
-
-
-def _ops() -> frozenset[str]:
-    from csqc.targets.tvm.lower import lowerable_ops
-
-    return lowerable_ops()
-
-
 TARGET = register(Target(
     name="aarch64", description="TVM ARM64 CPU: bit-serial NEON kernels, cross-compiled shared library",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=False, emulated=True, check=_check, emit=_emit,
-    unsupported=_unsupported, ops=_ops,
+    unsupported=tvm_coverage.unsupported, ops=tvm_coverage.ops,
 ))

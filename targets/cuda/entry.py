@@ -5,6 +5,7 @@ from pathlib import Path
 
 from csqc.ir import Graph
 from csqc.targets.registry import CompileOptions, Target, register
+from csqc.targets.tvm import coverage as tvm_coverage
 
 __all__ = ["TARGET"]
 
@@ -23,20 +24,8 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
                      force_kernel=options.force_kernel)
 
 
-def _unsupported(graph: Graph) -> list[tuple[str, str]]:
-    from csqc.targets.tvm.lower import unsupported_ops
-
-    return unsupported_ops(graph)
-
-
-def _ops() -> frozenset[str]:
-    from csqc.targets.tvm.lower import lowerable_ops
-
-    return lowerable_ops()
-
-
 TARGET = register(Target(
     name="cuda", description="TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=True, emulated=False, check=_check, emit=_emit,
-    unsupported=_unsupported, ops=_ops,
+    unsupported=tvm_coverage.unsupported, ops=tvm_coverage.ops,
 ))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from csqc.ir import Graph
 from csqc.targets.registry import CompileOptions, Target, register
+from csqc.targets.tvm import coverage as tvm_coverage
 
 __all__ = ["TARGET"]
 
@@ -21,20 +22,8 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     return emit_llvm(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer)
 
 
-def _unsupported(graph: Graph) -> list[tuple[str, str]]:
-    from csqc.targets.tvm.lower import unsupported_ops
-
-    return unsupported_ops(graph)
-
-
-def _ops() -> frozenset[str]:
-    from csqc.targets.tvm.lower import lowerable_ops
-
-    return lowerable_ops()
-
-
 TARGET = register(Target(
     name="llvm", description="TVM CPU: bit-serial / bit-parallel kernels, one shared library",
     pipeline="default", suffix=".so", runs_here=True, needs_gpu=False, emulated=False, check=_check, emit=_emit,
-    unsupported=_unsupported, ops=_ops,
+    unsupported=tvm_coverage.unsupported, ops=tvm_coverage.ops,
 ))
