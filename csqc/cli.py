@@ -239,6 +239,8 @@ def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs,
         model, result, example = train_recipe(recipe, target_bits=target_bits, epochs=epochs, seed=seed,
                                               progress=progress, run=run)
     if not parallel.is_main:
+        if result.problem():  # every rank exits 1 on a collapsed model (torchrun reports the worst); rank 0 says why
+            raise SystemExit(1)
         return
     check_training_result(result)  # a collapsed model is not written: `csqc train && csqc compile` must stop
     save(model, output, example, metadata={"recipe": result.recipe, "test_accuracy": result.test_accuracy})
