@@ -148,7 +148,7 @@ def interpreter_tensors(g: Graph, record: Mapping, inputs: Mapping[str, np.ndarr
         if not isinstance(values[layer], QValue):  # a fused layer's codes are its readers' xq
             tensors[f"{layer}.out"] = values[layer]
         if quant is not None:
-            tensors[f"{layer}.xq"] = values[f"{quant}.codes"]
+            tensors[f"{layer}.xq"] = values[quant].centered()  # asymmetric: u - zp, what the layer multiplies
             tensors[f"{layer}.scale"] = np.float32(values[f"{quant}.scale"])
             tensors[f"{layer}.acc"] = values[f"{layer}.acc"]
     return tensors
