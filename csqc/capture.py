@@ -185,6 +185,19 @@ def _act_quant(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "dequantize", [q], t, base=f"{base}.dequant")
 
 
+def _act_quant_asymmetric(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``csqc::act_quant_asymmetric``: unsigned codes with a zero point (static: the op's own)."""
+    x, bits, static, zero_point = fx.args[:4]
+    t = _type_of(fx)
+    base = _module_path(fx) or fx.name
+    static = float(static)
+    attrs = {"bits": int(bits), "static_scale": static, "signed": False, "asymmetric": True,
+             "zero_point": int(zero_point) if static > 0 else 0, **idiom_attrs(fx)}
+    q = ctx.emit(fx, "quantize", [ctx.value(x)], TensorType(t.shape, "int32", int(bits), False, True), attrs,
+                 base=f"{base}.quant")
+    return ctx.emit(fx, "dequantize", [q], t, base=f"{base}.dequant")
+
+
 def _float_conv(ctx: _Ctx, fx: torch.fx.Node) -> str:
     x, w = fx.args[:2]
     b = _arg(fx, 2, "bias")
@@ -627,6 +640,7 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     torch.ops.csqc.quant_conv2d.default: lambda c, f: _quant_layer(c, f, conv=True),
     torch.ops.csqc.quant_linear.default: lambda c, f: _quant_layer(c, f, conv=False),
     torch.ops.csqc.act_quant.default: _act_quant,
+    torch.ops.csqc.act_quant_asymmetric.default: _act_quant_asymmetric,
     _aten.conv2d.default: _float_conv,
     _aten.convolution.default: lambda c, f: _float_conv_convolution(c, f),
     _aten.linear.default: _float_linear,
@@ -731,7 +745,7 @@ for _op in _CONSTANT_ONLY:
 # csqc's own layer ops read their weights as constants and must stay layers
 _BROADCASTS = frozenset({_aten.expand.default, _aten.expand_as.default, _aten.repeat.default})
 _NEVER_FOLDED = frozenset({torch.ops.csqc.quant_conv2d.default, torch.ops.csqc.quant_linear.default,
-                           torch.ops.csqc.act_quant.default})
+                           torch.ops.csqc.act_quant.default, torch.ops.csqc.act_quant_asymmetric.default})
 
 
 def _float_conv_convolution(ctx: _Ctx, fx: torch.fx.Node) -> str:

@@ -350,13 +350,16 @@ def _build(name: str, m: nn.Module, quantize_input: bool, o: "_Options") -> nn.M
     else:
         new = _csq_twin(name, m, o.n_bits, o.finalize)
         if o.act_bits is not None and quantize_input:
-            new.input_quant = ActQuant(o.act_bits, o.act_clip, o.act_mode)
+            new.input_quant = ActQuant(o.act_bits, o.act_clip, o.act_mode, symmetric=o.act_symmetric)
         return new.train(m.training)
     try:
         new = from_torch(m, o.n_bits, o.act_bits, act_clip=o.act_clip, act_mode=o.act_mode,
                          quantize_first_input=quantize_input)
     except BadInput as e:
         raise BadInput(f"{name}: {e}: list it in skip to keep it float") from None
+    for quant in new.modules():  # attention and recurrent blocks build their own quantizers
+        if isinstance(quant, ActQuant):
+            quant.symmetric = o.act_symmetric
     if o.finalize:  # one module's bits at a time
         finalize_layers(new)
     return new.train(m.training)
@@ -369,6 +372,7 @@ class _Options:
     act_clip: str | None
     act_mode: str
     finalize: bool = False
+    act_symmetric: bool = True
 
 
 def convert(
@@ -378,6 +382,7 @@ def convert(
     *,
     act_clip: str | None = None,
     act_mode: str = "dynamic",
+    act_symmetric: bool = True,
     quantize_first_input: bool = False,
     skip: Iterable[str] = (),
     example_inputs=None,
@@ -401,10 +406,12 @@ def convert(
     finalized with all ``n_bits`` positions, exactly what ``csqc.finalize`` would give, without
     ever allocating the trainable bits (2 * n_bits floats per weight): peak memory stays near the
     float model's.
+    ``act_symmetric=False`` quantizes activations asymmetrically (unsigned codes with a zero
+    point, ``csqc.layers.ActQuant``): an 8-bit activation then fits one byte.
     Modules named in ``skip`` (and their submodules) stay float. Nothing is changed when a
     layer is refused (:class:`~csqc.errors.BadInput`).
     """
-    o = _Options(n_bits, act_bits, act_clip, act_mode, finalize)
+    o = _Options(n_bits, act_bits, act_clip, act_mode, finalize, bool(act_symmetric))
     chosen, left = _plan(model, set(skip))
     names = [name for name, _ in chosen]
     by_execution = example_inputs is not None and bool(names)

@@ -15,8 +15,13 @@ Recognised (``v`` the quantized tensor, ``L = 2^b - 1`` for 1 <= b <= 8):
    ``rint(x * float32(1 / scale))``, csqc's ``rint((|x| * L) / S)``: two float orders. They agree
    except on inputs within a few float32 ulps of a rounding tie, where one code can differ by
    one; with a power-of-two scale no difference was found on tie probes. The dequantized
-   values differ in the last ulp (``code * scale`` vs ``(code * S) / L``). A zero point, a
-   grid ``-2^b .. 2^b - 1``, more than 8 bits or another grid: recognised but left float, as
+   values differ in the last ulp (``code * scale`` vs ``(code * S) / L``).
+   ``(x, scale, zp, 0, L)`` with ``0 < zp <= L`` -> static asymmetric quantizer with
+   ``R = float32(scale * L)`` and zero point ``zp`` (``csqc::act_quant_asymmetric``); torch's
+   codes are ``clamp(rint(x * float32(1 / scale)) + zp, 0, L)``, csqc's
+   ``clamp(rint((x * L) / R) + zp, 0, L)``: the same caveat near a tie unless the scale is a
+   power of two. A zero point outside ``0..L`` or with a signed grid, a grid
+   ``-2^b .. 2^b - 1``, more than 8 bits or another grid: recognised but left float, as
    ``clip`` to the grid's range (no rounding), with the reason in ``attrs["idiom"]``.
    (``torch.ao.quantization.FakeQuantize`` modules do not export: their forward branches on
    the ``observer_enabled`` buffer, a data-dependent guard torch.export refuses.)
@@ -229,6 +234,7 @@ class _Match:
     idiom: Idiom
     end: Node  # the node whose uses the quantizer takes over
     matched: list[Node]  # nodes that go once unused
+    zero_point: int | None = None  # set: the static asymmetric quantizer
 
 
 def _max_abs_of(node) -> Node | None:
@@ -352,8 +358,13 @@ def _match_fake_quant(fq: Node, consts) -> _Match | None:
     levels, bits = int(qmax), _levels_bits(int(qmax))
     exact = math.frexp(scale32)[0] == 0.5
     note = "" if exact else "scale not a power of two: a code can differ by one near a tie"
+    asymmetric = zero_point != 0 and qmin == 0 and bits is not None and zero_point == int(zero_point) \
+        and 0 < zero_point <= levels
+    if asymmetric:
+        static = float(torch.tensor(scale32, dtype=torch.float32) * levels)
+        return _Match(x, bits, static, Idiom("torch fake_quantize", note=note), fq, [fq], int(zero_point))
     if zero_point != 0:
-        reason = f"asymmetric, zero_point {int(zero_point)}: csqc's quantizer is symmetric"
+        reason = f"zero_point {zero_point:g} with grid {qmin}..{qmax}: csqc's zero point needs the grid 0..L"
     elif qmin == -qmax - 1:
         reason = f"grid {qmin}..{qmax}: csqc's signed grid is symmetric (-{qmax}..{qmax})"
     elif bits is None or qmin not in (0, -qmax):
@@ -395,7 +406,10 @@ def _apply(graph: Graph, m: _Match, consts) -> None:
     source = _constant_clamp(graph, m.source, consts) if m.idiom.quantized else m.source
     name = m.idiom.name.split()[-1 if m.idiom.name.startswith("torch") else 0].lower()  # fake_quantize, csq, pact...
     with graph.inserting_before(m.end):
-        if m.idiom.quantized:
+        if m.idiom.quantized and m.zero_point is not None:
+            new = graph.create_node("call_function", torch.ops.csqc.act_quant_asymmetric.default,
+                                    (source, m.bits, m.static_scale, m.zero_point), {}, f"{name}_quant")
+        elif m.idiom.quantized:
             new = graph.create_node("call_function", torch.ops.csqc.act_quant.default,
                                     (source, m.bits, m.static_scale), {}, f"{name}_quant")
         else:  # left float: the grid's range, no rounding

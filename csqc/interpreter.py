@@ -3,6 +3,21 @@
 Its integer path is exact: accumulators are computed with float64 BLAS on integer-valued
 operands, which is exact while every partial sum stays below 2^53 (checked), then returned as
 int64. Float operations follow the order the IR documents (``csqc.ir``), in float32.
+
+Activation quantizers (``quantize``; ``L = 2^bits - 1``, float32, round half to even):
+
+* symmetric (the CSQ reference): ``S = static_scale`` or ``max|x|``;
+  ``code = sign(x) * round((|x| * L) / S)`` (clamped to ``L`` when static), 0 when ``S == 0``.
+* asymmetric (``asymmetric=True``, ORT QDQ / torch.ao style): unsigned codes ``u`` in
+  ``[0, L]`` with a zero point ``zp`` and the range ``R`` as the scale.  Dynamic:
+  ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``R = hi - lo``,
+  ``zp = round((-lo * L) / R)``; static: ``R = static_scale``, ``zp = zero_point`` (attribute).
+  ``u = clamp(round((x * L) / R) + zp, 0, L)``; ``R == 0`` gives all codes 0 and ``zp = 0``.
+  The value of a code is ``(float32(u - zp) * R) / L``; a quantized layer's accumulator is the
+  exact ``sum((u - zp) * w)`` (runtimes may form it as ``sum(u * w) - zp * sum(w)`` per output
+  channel) and its epilogue is the symmetric one with ``S = R``.  ``|u - zp| <= L``, so the
+  accumulator bound is the symmetric one.  Overflow: ``R * L`` must be finite (dynamic), NaN
+  and infinity are refused (static), exactly as for the symmetric quantizer.
 """
 from __future__ import annotations
 
@@ -19,7 +34,7 @@ from .ir import Graph, Node, QUANT_LAYER_OPS
 from .numerics import conv2d_nchw
 from .optable import OP_TABLE
 
-__all__ = ["QValue", "run", "decode_weight", "decode_weight_rows", "conv2d_nchw", "HANDLERS", "quantization_overflows",
+__all__ = ["QValue", "run", "asymmetric_range", "asymmetric_zero_point", "decode_weight", "decode_weight_rows", "conv2d_nchw", "HANDLERS", "quantization_overflows",
            "largest_safe_scale", "scale_overflow",
            "overflow_error"]
 
@@ -29,18 +44,25 @@ _EXACT_LIMIT = 2.0**53
 
 @dataclass(frozen=True)
 class QValue:
-    """A quantized activation at run time: integer codes and the float32 tensor scale ``S``."""
+    """A quantized activation at run time: integer codes and the float32 tensor scale ``S``
+    (asymmetric: unsigned codes, the range ``R`` as ``scale`` and the zero point)."""
 
-    codes: np.ndarray  # int32 codes in [-L, L] (or [0, L] when unsigned)
+    codes: np.ndarray  # int32 codes in [-L, L] (or [0, L] when unsigned or asymmetric)
     scale: np.float32
     bits: int
+    zero_point: int = 0
+    asymmetric: bool = False
 
     @property
     def levels(self) -> int:
         return 2**self.bits - 1
 
+    def centered(self) -> np.ndarray:
+        """The integers a quantized layer multiplies: ``codes - zero_point`` (int32)."""
+        return self.codes - np.int32(self.zero_point) if self.zero_point else self.codes
+
     def dequantize(self) -> np.ndarray:
-        return (self.codes.astype(_F32) * _F32(self.scale)) / _F32(self.levels)
+        return (self.centered().astype(_F32) * _F32(self.scale)) / _F32(self.levels)
 
 
 def decode_weight(g: Graph, n: Node) -> np.ndarray:
@@ -80,7 +102,7 @@ def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping
     is_conv = n.op == "qconv2d"
     axis = 1 if is_conv else -1
     if isinstance(x, QValue):
-        a = x.codes.astype(np.float64)
+        a = x.centered().astype(np.float64)
         bound = float(np.abs(q).sum(axis=tuple(range(1, q.ndim))).max(initial=0)) * x.levels
         if bound >= _EXACT_LIMIT:
             raise CsqcError(f"{n.name}: accumulator bound {bound:.3g} exceeds the exact range of the interpreter")
@@ -156,7 +178,43 @@ def overflow_error(where: str) -> BadInput:
 
 
 def _quantize(n: Node, x: np.ndarray) -> QValue:
+    if n.attr("asymmetric", False):
+        return _quantize_asymmetric(lambda: n.name, x, n.attr("bits"), n.attr("static_scale", 0.0),
+                                    n.attr("zero_point", 0))
     return _quantize_values(lambda: n.name, x, n.attr("bits"), n.attr("static_scale", 0.0))
+
+
+def asymmetric_range(x: np.ndarray) -> tuple[np.float32, np.float32]:
+    """``(lo, R)`` of the dynamic asymmetric quantizer: ``lo = min(min(x), 0)``, ``R = max(max(x), 0) - lo``."""
+    lo = _F32(min(_F32(x.min(initial=0)), _F32(0)))
+    hi = _F32(max(_F32(x.max(initial=0)), _F32(0)))
+    return lo, _F32(hi - lo)
+
+
+def asymmetric_zero_point(lo: np.float32, r: np.float32, levels: int) -> int:
+    """``round((-lo * L) / R)``, 0 when ``R == 0`` (float32, half to even)."""
+    return int(np.round((-lo * _F32(levels)) / r)) if r > 0 else 0
+
+
+def _quantize_asymmetric(name: Callable[[], str], x: np.ndarray, bits: int, static: float, zero_point: int) -> QValue:
+    """The asymmetric quantizer (module docstring): unsigned codes, range and zero point of ``x``."""
+    levels = _F32(2**bits - 1)
+    x = np.asarray(x, dtype=_F32)
+    if static > 0:
+        if not np.isfinite(x).all():
+            raise overflow_error(f"{name()} quantizes NaN or infinite activations")
+        r, zp = _F32(static), int(zero_point)
+    else:
+        if not np.isfinite(x).all():
+            raise overflow_error(f"{name()} quantizes NaN or infinite activations")
+        lo, r = asymmetric_range(x)
+        if quantization_overflows(r, levels):
+            raise overflow_error(scale_overflow(name(), r, int(levels)))
+        zp = asymmetric_zero_point(lo, r, int(levels))
+    if not r > 0:
+        return QValue(np.zeros(x.shape, dtype=np.int32), r, bits, 0, True)
+    codes = np.clip(np.round((x * levels) / r) + _F32(zp), _F32(0), levels)
+    return QValue(codes.astype(np.int32), r, bits, zp, True)
 
 
 def _quantize_values(name: Callable[[], str], x: np.ndarray, bits: int, static: float) -> QValue:
@@ -207,7 +265,8 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
 
     With ``record`` (a dict), every intermediate value is stored in it by name, plus each
     quantized layer's exact accumulator as ``<layer>.acc`` (scaled back by ``low_shift``) and
-    each quantize node's codes and scale as ``<node>.codes`` / ``<node>.scale``.
+    each quantize node's codes and scale as ``<node>.codes`` / ``<node>.scale`` (and an
+    asymmetric one's zero point as ``<node>.zero_point``).
     ``planes_used`` maps layer names to how many most-significant planes to accumulate.
     """
     if isinstance(inputs, Mapping):
@@ -246,6 +305,8 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
             if isinstance(out, QValue):
                 record[f"{n.name}.codes"] = out.codes
                 record[f"{n.name}.scale"] = out.scale
+                if out.asymmetric:
+                    record[f"{n.name}.zero_point"] = np.int32(out.zero_point)
     outputs = [_float(env[o]) for o in g.outputs]
     for name, y in zip(g.outputs, outputs):
         if not np.isfinite(y).all():

@@ -3,12 +3,16 @@
 Values are named. A value is a graph input, a node output or a parameter (a constant array in
 ``Graph.params``). Types are ``TensorType``; a quantized activation is a ``TensorType`` with
 ``qbits`` set: its runtime form is a pair (integer codes, float32 scalar ``S``), the value being
-``(codes * S) / L`` with ``L = 2^bits - 1`` (``S`` is ``max|x|`` or the static scale).
+``(codes * S) / L`` with ``L = 2^bits - 1`` (``S`` is ``max|x|`` or the static scale). An
+asymmetric activation (``qzero``, type text ``aq<bits>``) is a triple (unsigned codes ``u`` in
+``[0, L]``, the range ``S = R``, an integer zero point ``zp`` in ``[0, L]``), the value being
+``(float32(u - zp) * S) / L``; a layer reading it multiplies the centered codes ``u - zp``
+(the quantizer's semantics are in ``csqc.interpreter``).
 
 Quantized layers (``qconv2d``, ``qlinear``) compute, per output channel ``c``::
 
     float input:      y = op(x, float32(w)) * mult[c] + add[c]
-    quantized input:  acc = op(codes, w)  (exact integers)
+    quantized input:  acc = op(codes, w)  (exact integers; codes - zp when asymmetric)
                       y = ((float32(acc) * S) / L) * mult[c] + add[c]
     then the fused activation (``attrs['act']``: none, relu, clip)
 
@@ -66,6 +70,7 @@ class TensorType:
     dtype: str = "float32"
     qbits: int | None = None  # set: a quantized activation (codes + scale)
     qsigned: bool = False
+    qzero: bool = False  # asymmetric: unsigned codes with a zero point (never qsigned)
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -75,6 +80,8 @@ class TensorType:
             raise IRError(f"unknown dtype {self.dtype!r}")
         if self.qbits is not None and not 1 <= self.qbits <= 8:
             raise IRError(f"quantized activation bits must be 1..8, got {self.qbits}")
+        if self.qzero and (self.qbits is None or self.qsigned):
+            raise IRError("an asymmetric (zero-point) activation is a quantized activation with unsigned codes")
 
     @property
     def quantized(self) -> bool:
@@ -83,15 +90,22 @@ class TensorType:
     def text(self) -> str:
         dims = "x".join(map(str, self.shape)) or "scalar"
         if self.quantized:
-            return f"{'s' if self.qsigned else 'u'}q{self.qbits}[{dims}]"
+            kind = "a" if self.qzero else "s" if self.qsigned else "u"
+            return f"{kind}q{self.qbits}[{dims}]"
         return f"{self.dtype}[{dims}]"
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype, "qbits": self.qbits, "qsigned": self.qsigned}
+        d = {"shape": list(self.shape), "dtype": self.dtype, "qbits": self.qbits, "qsigned": self.qsigned}
+        if self.qzero:  # written only when set: symmetric graphs keep their files byte for byte
+            d["qzero"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorType":
-        return cls(tuple(d["shape"]), d["dtype"], d.get("qbits"), d.get("qsigned", False))
+        qzero = d.get("qzero", False)
+        if not isinstance(qzero, bool):
+            raise IRError(f"qzero must be a bool, got {qzero!r}")
+        return cls(tuple(d["shape"]), d["dtype"], d.get("qbits"), d.get("qsigned", False), qzero)
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,9 @@ class QuantSpec:
     significant first, so ``q = sum sign * 2^shift * plane - zero_point``. ``low_shift``:
     common low zero bits moved into ``mult`` (``q = 2^low_shift * q'``). ``packed_word``: 0
     for one byte per bit, 32/64 when planes are packed into words along the reduction axis.
-    ``act_*``: the input activation quantization (``act_bits`` None: float input).
+    ``act_*``: the input activation quantization (``act_bits`` None: float input);
+    ``act_asymmetric``: unsigned codes with a zero point (``act_zero_point``, static mode only;
+    a dynamic zero point is computed at run time with the scale).
     ``acc_dtype``: accumulator type proved safe by ``accumulator_width``.
     ``out_*``: fused output quantization (``out_bits`` None: the layer yields floats; see the
     module docstring): bits, the static scale, and whether codes are signed.
@@ -124,6 +140,8 @@ class QuantSpec:
     act_mode: str | None = None
     act_scale: float = 0.0
     act_signed: bool = False
+    act_asymmetric: bool = False
+    act_zero_point: int = 0
     acc_dtype: str = "int32"
     out_bits: int | None = None
     out_scale: float = 0.0
@@ -165,8 +183,10 @@ class QuantSpec:
                 out.append(f"act_mode {self.act_mode!r}")
             if self.act_mode == "static" and not self.act_scale > 0:
                 out.append("static activation scale must be positive")
-        elif self.act_mode is not None:
-            out.append("act_mode set without act_bits")
+            out += _asymmetric_problems(self.act_asymmetric, self.act_signed, self.act_zero_point,
+                                        self.act_bits, self.act_mode == "static")
+        elif self.act_mode is not None or self.act_asymmetric or self.act_zero_point:
+            out.append("act_mode/act_asymmetric/act_zero_point set without act_bits")
         if self.acc_dtype not in ("int32", "int64"):
             out.append(f"acc_dtype {self.acc_dtype!r}")
         if self.out_bits is not None:
@@ -198,8 +218,10 @@ class QuantSpec:
             parts.append(f"packed={self.packed_word}")
         parts.append(f"wscale={self.weight_scale}")
         if self.act_bits is not None:
-            act = f"act={'s' if self.act_signed else 'u'}{self.act_bits}/{self.act_mode}"
-            parts.append(act + (f"@{self.act_scale:.9g}" if self.act_mode == "static" else ""))
+            kind = "a" if self.act_asymmetric else "s" if self.act_signed else "u"
+            act = f"act={kind}{self.act_bits}/{self.act_mode}"
+            parts.append(act + (f"@{self.act_scale:.9g}" if self.act_mode == "static" else "")
+                         + (f"zp{self.act_zero_point}" if self.act_asymmetric and self.act_mode == "static" else ""))
         if self.acc_dtype != "int32":
             parts.append(f"acc={self.acc_dtype}")
         if self.out_bits is not None:
@@ -209,6 +231,8 @@ class QuantSpec:
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["active_bits"], d["planes"] = list(self.active_bits), [list(p) for p in self.planes]
+        if not self.act_asymmetric:  # symmetric specs keep their files byte for byte
+            del d["act_asymmetric"], d["act_zero_point"]
         return d
 
     @classmethod
@@ -217,6 +241,22 @@ class QuantSpec:
         d["planes"] = tuple(tuple(p) for p in d.get("planes", ()))
         d["active_bits"] = tuple(d.get("active_bits", ()))
         return cls(**d)
+
+
+def _asymmetric_problems(asymmetric, signed, zero_point, bits: int, static: bool) -> list[str]:
+    """Findings for an activation quantizer's zero-point settings (a quantize node or a spec)."""
+    if not isinstance(asymmetric, bool) or not isinstance(zero_point, int) or isinstance(zero_point, bool):
+        return [f"asymmetric={asymmetric!r} must be a bool and zero_point={zero_point!r} an int"]
+    if not asymmetric:
+        return [f"zero_point {zero_point} set on a symmetric quantizer"] if zero_point else []
+    out = []
+    if signed:
+        out.append("an asymmetric quantizer has unsigned codes (signed must be False)")
+    if not 0 <= zero_point <= 2**bits - 1:
+        out.append(f"zero_point {zero_point} outside 0..{2**bits - 1}")
+    if zero_point and not static:
+        out.append("a dynamic asymmetric quantizer computes its zero point (zero_point must be 0)")
+    return out
 
 
 LAYER_OPS = QUANT_LAYER_OPS + ("conv2d", "linear")
@@ -523,16 +563,23 @@ def _check_node(g: Graph, n: Node) -> list[str]:
             elif w.dtype != np.uint8 or w.shape != (q.num_planes, out_ch, k):
                 out.append(f"planes must be uint8[{q.num_planes},{out_ch},{k}], are {w.dtype}{list(w.shape)}")
         if x_t is not None:
-            if q.act_bits is not None and (x_t.qbits != q.act_bits or x_t.qsigned != q.act_signed):
+            if q.act_bits is not None and (x_t.qbits != q.act_bits or x_t.qsigned != q.act_signed
+                                           or x_t.qzero != q.act_asymmetric):
                 out.append(f"input is {x_t.text()} but spec says act {q.act_bits} bits")
             if q.act_bits is None and x_t.quantized:
                 out.append("quantized input but spec has no act_bits")
-        if (n.type.qbits, n.type.qsigned) != (q.out_bits, q.out_signed if q.out_bits else False):
+        if (n.type.qbits, n.type.qsigned, n.type.qzero) != (q.out_bits, q.out_signed if q.out_bits else False, False):
             out.append(f"output type {n.type.text()} does not match the spec's output quantization")
     elif n.op in ("quantize",):
         bits = n.attr("bits")
         if n.type.qbits != bits:
             out.append("quantize output type must carry its bits")
+        asymmetric = n.attr("asymmetric", False)
+        static = n.attr("static_scale", 0.0)
+        if isinstance(bits, int) and 1 <= bits <= 8 and isinstance(static, (int, float)):
+            out += _asymmetric_problems(asymmetric, n.attr("signed", False), n.attr("zero_point", 0), bits, static > 0)
+        if n.type.qzero != asymmetric:
+            out.append("quantize output type must be asymmetric (aq) exactly when the quantizer is")
     elif n.type.quantized and n.op not in ("quantize", "qconv2d", "qlinear"):
         out.append("only quantize (or a quantized layer with fused output quantization) yields quantized values")
     out += attr_problems(n)

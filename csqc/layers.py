@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -300,14 +301,31 @@ class _RoundSTE(torch.autograd.Function):
         return g, None, None
 
 
+class _AsymmetricRoundSTE(torch.autograd.Function):
+    """Forward: asymmetric fake-quantization; backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, bits, static_range, zero_point):
+        return ops.fake_quant_act_asymmetric(x, bits, static_range, zero_point)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None, None
+
+
 class ActQuant(nn.Module):
     """Activation quantizer: optional ReLU6 or PACT clip, then a-bit quantization.
 
     ``mode='dynamic'`` uses the reference's per-tensor ``max|x|`` scale on every call;
     ``mode='static'`` uses ``static_scale``, which ``calibrate`` sets from data (the max seen).
+    ``symmetric=False``: unsigned codes with a zero point (``csqc.ops``), what ORT's QDQ and
+    torch.ao use, so 8-bit codes fit one byte; dynamic: the range ``max(x, 0) - min(x, 0)`` of
+    each call; static: ``calibrate`` records the lowest and highest value seen and sets
+    ``static_scale`` to that range and ``zero_point`` to ``round((-lo * L) / range)``.
     """
 
-    def __init__(self, bits: int, clip: str | None = None, mode: str = "dynamic", pact_alpha: float = 10.0):
+    def __init__(self, bits: int, clip: str | None = None, mode: str = "dynamic", pact_alpha: float = 10.0,
+                 symmetric: bool = True):
         super().__init__()
         if not 1 <= bits <= 8:
             raise BadInput(f"activation bits must be between 1 and 8, got {bits}")
@@ -315,10 +333,26 @@ class ActQuant(nn.Module):
             raise BadInput(f"unknown activation clip {clip!r}: use relu6, pact or none")
         if mode not in ("dynamic", "static"):
             raise BadInput(f"unknown activation scale mode {mode!r}: use dynamic or static")
-        self.bits, self.clip, self.mode = bits, clip, mode
+        self.bits, self.clip, self.mode, self.symmetric = bits, clip, mode, bool(symmetric)
         self.alpha = nn.Parameter(torch.tensor(float(pact_alpha))) if clip == "pact" else None
         self.static_scale = 0.0
+        self.zero_point = 0  # asymmetric static mode
+        self.calibrated_range = (0.0, 0.0)  # (lo, hi) seen by calibrate, asymmetric only
         self.calibrating = False
+
+    def _calibrate(self, x: Tensor) -> None:
+        if self.symmetric:
+            self.static_scale = max(self.static_scale, float(x.detach().abs().max()))
+            return
+        lo = min(self.calibrated_range[0], float(x.detach().min()))
+        hi = max(self.calibrated_range[1], float(x.detach().max()))
+        self.calibrated_range = (lo, hi)
+        # the dynamic quantizer's own float32 formulas, on the calibration range
+        from .interpreter import asymmetric_zero_point
+
+        r = np.float32(np.float32(hi) - np.float32(lo))
+        self.static_scale = float(r)
+        self.zero_point = asymmetric_zero_point(np.float32(lo), r, 2**self.bits - 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.clip == "relu6":
@@ -326,17 +360,22 @@ class ActQuant(nn.Module):
         elif self.clip == "pact":
             x = torch.minimum(torch.clamp(x, min=0.0), self.alpha)
         if self.calibrating:
-            self.static_scale = max(self.static_scale, float(x.detach().abs().max()))
+            self._calibrate(x)
             return x
         scale = self.static_scale if self.mode == "static" else 0.0
         if self.mode == "static" and scale <= 0:
             raise BadInput("static activation scale is not calibrated: run csqc.layers.calibrate first")
+        if not self.symmetric:
+            zero_point = self.zero_point if self.mode == "static" else 0
+            if self.training:
+                return _AsymmetricRoundSTE.apply(x, self.bits, scale, zero_point)
+            return ops.act_quant_asymmetric(x, self.bits, scale, zero_point)
         if self.training:
             return _RoundSTE.apply(x, self.bits, scale)
         return ops.act_quant(x, self.bits, scale)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, clip={self.clip}, mode={self.mode}"
+        return f"bits={self.bits}, clip={self.clip}, mode={self.mode}" + ("" if self.symmetric else ", symmetric=False")
 
 
 @dataclass
@@ -498,10 +537,11 @@ def convert(model: nn.Module, n_bits: int = 8, act_bits: int | None = None, **op
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
-    """Set the static scale of every static ActQuant to the max |x| seen on ``batches``."""
+    """Set the static scale of every static ActQuant to the max |x| seen on ``batches`` (an
+    asymmetric one: the range and zero point of the values seen, 0 included)."""
     quants = [m for m in model.modules() if isinstance(m, ActQuant) and m.mode == "static"]
     for q in quants:
-        q.calibrating, q.static_scale = True, 0.0
+        q.calibrating, q.static_scale, q.zero_point, q.calibrated_range = True, 0.0, 0, (0.0, 0.0)
     was_training = model.training
     model.eval()
     try:

@@ -10,6 +10,11 @@ Numerics (the order of float operations is part of the contract; every runtime r
   activation:  L = 2^a - 1, S = max|x| (dynamic) or the static scale
                code = round_half_even((|x| * L) / S), clamped to L for a static scale
                value = (sign(x) * code * S) / L,  and 0 everywhere when S == 0
+  asymmetric activation (unsigned codes u with a zero point zp, range R; csqc.interpreter):
+               dynamic: lo = min(min(x), 0), R = max(max(x), 0) - lo, zp = round((-lo * L) / R)
+               static:  R = the calibrated range hi - lo, zp = its zero point
+               u = clamp(round((x * L) / R) + zp, 0, L),  value = (float32(u - zp) * R) / L,
+               all codes and zp 0 when R == 0
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ __all__ = [
     "quant_linear",
     "quant_conv2d",
     "act_quant",
+    "act_codes_asymmetric",
+    "fake_quant_act_asymmetric",
+    "act_quant_asymmetric",
 ]
 
 
@@ -63,6 +71,44 @@ def act_quant(x: Tensor, bits: int, static_scale: float) -> Tensor:
 
 @act_quant.register_fake
 def _act_quant_fake(x, bits, static_scale):
+    return torch.empty_like(x)
+
+
+def act_codes_asymmetric(x: Tensor, bits: int, static_range: float, zero_point: int
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Unsigned codes ``u``, the range ``R`` and the zero point of the asymmetric quantizer
+    (module docstring); ``static_range <= 0`` selects the dynamic range."""
+    levels = float(2**bits - 1)
+    x = x.to(torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if static_range > 0:
+        r = torch.tensor(static_range, dtype=torch.float32, device=x.device)
+        zp = torch.tensor(float(zero_point), dtype=torch.float32, device=x.device)
+    else:
+        lo = torch.minimum(x.amin(), zero) if x.numel() else zero
+        hi = torch.maximum(x.amax(), zero) if x.numel() else zero
+        r = hi - lo
+        zp = torch.where(r > 0, torch.round((-lo * levels) / torch.where(r > 0, r, torch.ones_like(r))), zero)
+    safe = torch.where(r > 0, r, torch.ones_like(r))
+    codes = torch.clamp(torch.round((x * levels) / safe) + zp, 0.0, levels)
+    codes = torch.where(r > 0, codes, torch.zeros_like(x))
+    return codes, r, torch.where(r > 0, zp, zero)
+
+
+def fake_quant_act_asymmetric(x: Tensor, bits: int, static_range: float, zero_point: int) -> Tensor:
+    codes, r, zp = act_codes_asymmetric(x, bits, static_range, zero_point)
+    return ((codes - zp) * r) / float(2**bits - 1)
+
+
+@torch.library.custom_op("csqc::act_quant_asymmetric", mutates_args=())
+def act_quant_asymmetric(x: Tensor, bits: int, static_range: float, zero_point: int) -> Tensor:
+    """a-bit asymmetric activation quantization (unsigned codes, zero point); ``static_range <= 0``
+    selects the dynamic range and zero point."""
+    return fake_quant_act_asymmetric(x, bits, static_range, zero_point)
+
+
+@act_quant_asymmetric.register_fake
+def _act_quant_asymmetric_fake(x, bits, static_range, zero_point):
     return torch.empty_like(x)
 
 

@@ -343,10 +343,13 @@ def _binary(name: str, numpy_fn, torch_fn, sign=_nothing_nonneg, doc: str = "") 
 
 _DEFS = [
     # quantization: semantics in csqc.interpreter (exact integer codes and accumulators)
+    # asymmetric: unsigned codes with a zero point, but the value keeps the input's sign
     _op("quantize", (1, 1), _same, attrs={"bits": Attr("int"), "static_scale": Attr("float", 0.0),
-                                          "signed": Attr("bool", False), "idiom": Attr("str", "")},
-        sign=_keeps_sign, tvm="quantize", doc="activation codes and scale S (dynamic max|x| or static)"),
-    _op("dequantize", (1, 1), _same, sign=_keeps_sign, tvm="dequantize", doc="(codes * S) / L"),
+                                          "signed": Attr("bool", False), "idiom": Attr("str", ""),
+                                          "asymmetric": Attr("bool", False), "zero_point": Attr("int", 0)},
+        sign=_keeps_sign, tvm="quantize",
+        doc="activation codes and scale S (dynamic max|x| or static; asymmetric: range R and zero point)"),
+    _op("dequantize", (1, 1), _same, sign=_keeps_sign, tvm="dequantize", doc="(codes * S) / L, (f32(u - zp) * R) / L"),
     _op("qconv2d", (3, 4), _conv, attrs={"weight_shape": Attr("ints", length=4), **_CONV_ATTRS, **_ACT_ATTRS},
         sign=_layer_sign, tvm="quant_layer", param_inputs=(1, 2, 3),
         doc="CSQ convolution: integer weight, per-channel mult and add, fused activation"),

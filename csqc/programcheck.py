@@ -649,6 +649,23 @@ def _stored_tensors(program: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]
 _QUANT_OPS = ("torch.ops.csqc.quant_linear.default", "torch.ops.csqc.quant_conv2d.default")
 
 
+_ASYMMETRIC_QUANT = "torch.ops.csqc.act_quant_asymmetric.default"
+
+
+def _check_asymmetric_quant(node: dict) -> None:
+    """An asymmetric quantizer's bits, range and zero point are what ``ActQuant`` can write."""
+    args = {a["name"]: a["arg"] for a in node.get("inputs", [])}
+    try:
+        bits, zero_point = args["bits"]["as_int"], args["zero_point"]["as_int"]
+        static = args["static_range"].get("as_float", args["static_range"].get("as_int"))
+    except (KeyError, TypeError, AttributeError):
+        raise _Refuse(f"node {node['name']!r} lacks its bits, range or zero point") from None
+    if not (isinstance(bits, int) and 1 <= bits <= 8 and isinstance(zero_point, int) and 0 <= zero_point <= 2**bits - 1
+            and isinstance(static, (int, float))):
+        raise _Refuse(f"node {node['name']!r} quantizes to {bits!r} bits with zero point {zero_point!r}; "
+                      "bits must be 1..8 and the zero point 0..2^bits-1")
+
+
 def _quant_layers(nodes: list[dict], program: dict) -> list[QuantLayer]:
     stored = {}
     for spec in program["graph_module"]["signature"]["input_specs"]:
@@ -662,6 +679,8 @@ def _quant_layers(nodes: list[dict], program: dict) -> list[QuantLayer]:
         if node["target"].startswith("torch.ops.csqc.") and any(
                 a["arg"].get("as_float") in _SPECIAL_FLOATS for a in node.get("inputs", [])):
             raise _Refuse(f"node {node['name']!r} has a NaN or infinite argument")
+        if node["target"] == _ASYMMETRIC_QUANT:
+            _check_asymmetric_quant(node)
         if node["target"] not in _QUANT_OPS:
             continue
         args = {a["name"]: a["arg"] for a in node.get("inputs", [])}

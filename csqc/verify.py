@@ -148,7 +148,7 @@ def interpreter_tensors(g: Graph, record: Mapping, inputs: Mapping[str, np.ndarr
         if not isinstance(values[layer], QValue):  # a fused layer's codes are its readers' xq
             tensors[f"{layer}.out"] = values[layer]
         if quant is not None:
-            tensors[f"{layer}.xq"] = values[f"{quant}.codes"]
+            tensors[f"{layer}.xq"] = values[quant].centered()  # asymmetric: u - zp, what the layer multiplies
             tensors[f"{layer}.scale"] = np.float32(values[f"{quant}.scale"])
             tensors[f"{layer}.acc"] = values[f"{layer}.acc"]
     return tensors
@@ -303,9 +303,14 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                     v = v.astype(np.int64) - record[names["xq_neg"]] if names.get("xq_neg") else v
                     if names.get("xq_offset"):  # offset codes: code + L in one buffer
                         v = v.astype(np.int64) - int(names["xq_offset"])
+                    if names.get("xq_zero_point"):  # asymmetric codes: u, less the run's zero point
+                        v = v.astype(np.int64) - int(record[names["xq_zero_point"]].reshape(-1)[0])
                 elif key == "acc":
                     v = v.astype(np.int64) - record[names["acc_neg"]] if names.get("acc_neg") else v.astype(np.int64)
-                    if names.get("acc_offset"):  # the product of offset codes, less L * sum_k q[c, k]
+                    if names.get("acc_zero_point"):  # asymmetric codes: less zp * sum_k q[c, k]
+                        zp = int(record[names["acc_zero_point"]].reshape(-1)[0])
+                        v = v - zp * record[names["acc_offset"]].astype(np.int64)
+                    elif names.get("acc_offset"):  # the product of offset codes, less L * sum_k q[c, k]
                         v = v - record[names["acc_offset"]].astype(np.int64)
                     v = v << int(names.get("acc_shift", 0))
                 elif key == "scale":

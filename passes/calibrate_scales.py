@@ -4,7 +4,9 @@ Not a registered pass (it takes data besides the graph): the compiler calls ``ca
 the captured graph before the pipeline. ``measure_scales`` runs the interpreter (the golden
 model) over calibration batches and keeps, per dynamic ``quantize`` node, the largest scale
 it computed there (its ``max|x|``); ``apply_scales`` writes those as ``static_scale``.
-A quantizer that saw only zeros stays dynamic (a static scale must be positive).
+A quantizer that saw only zeros stays dynamic (a static scale must be positive). An asymmetric
+quantizer stays dynamic too (its calibrated form needs a range and a zero point: calibrate it in
+PyTorch with ``ActQuant(..., symmetric=False, mode="static")`` and ``csqc.layers.calibrate``).
 
 Not exact, by design: a static scale clamps codes to ``L`` where an input reaches beyond the
 calibration data (the IR's static contract), so the calibrated graph is a different model, checked
@@ -42,7 +44,8 @@ class CalibratedQuantizer:
 
 
 def _dynamic_quantizers(g: Graph) -> list[str]:
-    return [n.name for n in g.nodes if n.op == "quantize" and not n.attr("static_scale", 0.0) > 0]
+    return [n.name for n in g.nodes if n.op == "quantize" and not n.attr("static_scale", 0.0) > 0
+            and not n.attr("asymmetric", False)]
 
 
 def _batches(g: Graph, arrays: Sequence[np.ndarray]):

@@ -2,7 +2,8 @@
 
 Matches ``qlayer(dequantize(quantize(x)))`` on a layer without input quantization. The layer
 then takes the ``quantize`` output directly (codes plus scale) and computes its exact integer
-accumulator; its spec records the activation bits, scale mode and signedness. The
+accumulator; its spec records the activation bits, scale mode and signedness (an asymmetric
+quantizer: its zero point too, static mode). The
 ``dequantize`` stays while other nodes read it (``dce`` removes it otherwise). Exact: the
 layer computes ``((acc * S) / L) * mult + add`` where it computed the same products in float.
 ``changed``: at least one layer was rewired.
@@ -35,6 +36,7 @@ def fuse_act_quant(g: Graph) -> PassResult:
         spec = n.quant.replace(
             act_bits=quant.attr("bits"), act_mode="static" if static > 0 else "dynamic",
             act_scale=float(static), act_signed=bool(quant.attr("signed")),
+            act_asymmetric=bool(quant.attr("asymmetric", False)), act_zero_point=int(quant.attr("zero_point", 0)),
         )
         updated[n.name] = n.replace(inputs=(quant.name,) + n.inputs[1:], quant=spec)
     if not updated:

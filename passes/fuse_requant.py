@@ -7,7 +7,8 @@ signedness (``QuantSpec.out_*``), its type becomes the quantized type, the ``qua
 its readers read the layer. Targets then write codes from the layer's epilogue: no float tensor
 and no separate quantize kernel. Exact: the codes are those ``quantize`` computed from the same
 float32 ``y`` (see ``csqc.ir``). A dynamic quantize needs the whole tensor's max first, so it
-stays. ``changed``: a quantize was fused.
+stays, and so does an asymmetric one (``QuantSpec.out_*`` has no zero point). ``changed``: a
+quantize was fused.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def fuse_requant(g: Graph) -> PassResult:
     updated, removed, rename = {}, [], {}
     for n in g.nodes:
         static = n.attr("static_scale", 0.0) if n.op == "quantize" else 0.0
-        if not static > 0:
+        if not static > 0 or n.attr("asymmetric", False):
             continue
         layer = producers.get(n.inputs[0])
         if layer is None or layer.op not in QUANT_LAYER_OPS or layer.quant.out_bits is not None:

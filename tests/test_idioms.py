@@ -135,24 +135,31 @@ def test_idiom_becomes_csqc_codes_equal_to_pytorch(tmp_path, name):
     assert not any(n.op in ("div", "mul", "sub") for n in g.nodes)
 
 
-def test_asymmetric_fake_quantize_is_left_float_and_reported(tmp_path):
+@pytest.mark.parametrize("scale, exact", [(0.125, True), (0.1, False)])
+def test_asymmetric_fake_quantize_becomes_the_static_zero_point_quantizer(tmp_path, scale, exact):
     x = _inputs(0.0, 15)
-    model, loaded = _saved(tmp_path, FakeQuant(0.1, 3, 0, 255), x)
+    model, loaded = _saved(tmp_path, FakeQuant(scale, 3, 0, 255), x)
+    g = capture(loaded)
+    (quant,) = [n for n in g.nodes if n.op == "quantize"]
+    assert quant.attr("asymmetric") and quant.attr("zero_point") == 3 and quant.type.qzero
+    assert quant.attr("static_scale") == pytest.approx(scale * 255, rel=1e-7)
+    assert ("can differ by one" in quant.attr("idiom")) == (not exact)
+    record = {}
+    run(g, [x.numpy()], record=record)
+    codes = record[f"{quant.name}.codes"].astype(np.int64)
+    theirs = np.clip(np.round(x.numpy().astype(np.float64) / scale) + 3, 0, 255)  # torch's grid
+    differ = int((codes != theirs).sum())
+    assert np.abs(codes - theirs).max() <= 1 and differ <= (0 if exact else codes.size // 100)
+    assert int(record[f"{quant.name}.zero_point"]) == 3
+
+
+def test_signed_grid_with_a_zero_point_is_left_float_and_reported(tmp_path):
+    x = _inputs(0.0, 15)
+    model, loaded = _saved(tmp_path, FakeQuant(0.1, 3, -128, 127), x)
     g = capture(loaded)
     assert not [n for n in g.nodes if n.op == "quantize"]
-    (clip,) = [n for n in g.nodes if n.op == "clip"]
-    assert (clip.attr("lo"), clip.attr("hi")) == pytest.approx((-0.3, 25.2))  # the grid's range, no rounding
     (row,) = activation_rows(g)
-    assert row.bits is None and row.input_of == ["1"]
-    assert "left float: asymmetric, zero_point 3: csqc's quantizer is symmetric" in row.idiom
-    out = run(g, [x.numpy()])[0]
-    with torch.no_grad():
-        expected = model(x).numpy()
-    # the only difference is the rounding PyTorch does and csqc does not: half a step per input
-    with torch.no_grad():  # the layer's float weight, read off its responses to unit inputs
-        weight = model[1](torch.eye(16)) - model[1](torch.zeros(1, 16))
-    bound = 0.05 * float(weight.abs().sum(0).max())
-    assert 0 < np.abs(out - expected).max() <= bound + 1e-5
+    assert row.bits is None and "left float: zero_point 3 with grid -128..127" in row.idiom
 
 
 def test_other_grids_are_left_float_with_their_reason(tmp_path):

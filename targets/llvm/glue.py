@@ -10,8 +10,12 @@ Semantics and float32 operation order follow the golden model, :mod:`csqc.interp
 * quantize: ``S = static_scale`` if > 0 else ``max|x|``; ``codes = round_half_even((|x| * L) / S)``
   (clamped to ``L`` when static), as uint8 magnitudes (pos / neg planes when signed), or for
   signed activations as one offset code ``sign(x) * code + L`` (``offset=True``).
+* quantize_asymmetric: the interpreter's asymmetric quantizer (range ``R`` as the scale, an
+  int32 zero point, unsigned codes ``u``); ``centered=True`` stores the sign parts of ``u - zp``
+  instead, which every reader of symmetric signed codes takes as they are.
 * epilogue: ``y = ((f32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then the activation; with
-  offset codes ``acc - acc_offset[c]`` replaces ``acc - acc_neg``.
+  offset codes ``acc - acc_offset[c]`` replaces ``acc - acc_neg``; with asymmetric codes
+  ``acc - zp * acc_offset[c]`` (``acc_offset`` then holds the weight sums ``sum_k q[c, k]``).
 * pooling / mean: sum, then one division; max pooling pads with -inf.
 
 Exactness: LLVM is allowed to contract ``a * b + c`` into an FMA under TVM's default target
@@ -45,6 +49,7 @@ __all__ = [
     "conv_output_hw",
     "LinearKnobs",
     "quantize",
+    "quantize_asymmetric",
     "dequantize",
     "epilogue",
     "conv2d_f32",
@@ -277,6 +282,78 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
     return _prim_func(params, body)
 
 
+def _emit_fold(x_flat, n: int, out, combine) -> None:
+    """``out[0] = combine(0, x[0], x[1], ...)`` (min or max, exact in any order), serial but
+    vectorized: 64 running values in registers, folded at the end."""
+    unit = 4 * LANES
+    units, remainder = divmod(n, unit)
+    I.buffer_store(out, _f32(0.0), [0])
+    if units:
+        running = _local((unit,))
+        with I.vectorized(0, unit) as lane:
+            I.buffer_store(running, _f32(0.0), [lane])
+        with I.serial(0, units) as u:
+            with I.vectorized(0, unit) as lane:
+                I.buffer_store(running, combine(running[lane], x_flat[u * unit + lane]), [lane])
+        with I.serial(0, unit) as lane:
+            I.buffer_store(out, combine(out[0], running[lane]), [0])
+    if remainder:
+        with I.serial(0, remainder) as i:
+            I.buffer_store(out, combine(out[0], x_flat[units * unit + i]), [0])
+
+
+def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, zero_point: int,
+                        centered: bool = False) -> tirx.PrimFunc:
+    """The interpreter's ``_quantize_asymmetric`` as a kernel.
+
+    Parameters: ``x: float32[shape], scale: float32[1], zero_point: int32[1], codes_pos:
+    uint8[shape]`` and, when ``centered``, ``codes_neg: uint8[shape]``.  ``scale`` is written
+    with ``R`` (static, or ``max(x, 0) - min(x, 0)``), ``zero_point`` with ``zp`` (static, or
+    ``round((-lo * L) / R)``), the codes with ``u = clamp(round((x * L) / R) + zp, 0, L)``
+    (0 where ``R == 0``), or, ``centered``, with the magnitudes of ``u - zp`` where it is
+    positive (pos) / negative (neg), the layout of signed symmetric codes.
+    """
+    shape = tuple(int(s) for s in shape)
+    levels = _levels(bits)
+    is_static = static_scale > 0
+    static_zero_point = int(zero_point)  # the PrimFunc has a buffer parameter of the same name
+    n = _prod(shape)
+    params = [("x", shape, F32), ("scale", (1,), F32), ("zero_point", (1,), "int32"), ("codes_pos", shape, "uint8")]
+    if centered:
+        params.append(("codes_neg", shape, "uint8"))
+
+    def body(x, scale, zero_point, codes_pos, codes_neg=None):
+        x_flat, pos_flat = _flat(x), _flat(codes_pos)
+        neg_flat = _flat(codes_neg) if codes_neg is not None else None
+        zp = _local((1,))
+        if is_static:
+            I.buffer_store(scale, _f32(static_scale), [0])
+            I.buffer_store(zp, _f32(static_zero_point), [0])
+        else:
+            lo, hi = _local((1,)), _local((1,))
+            _emit_fold(x_flat, n, lo, tirx.Min)
+            _emit_fold(x_flat, n, hi, tirx.Max)
+            I.buffer_store(scale, hi[0] - lo[0], [0])
+            # exactly the interpreter's (-lo * L) / R, rounded half to even; R read back from its buffer
+            zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
+            I.buffer_store(zp, tirx.Select(scale[0] > _f32(0.0), zp_value, _f32(0.0)), [0])
+        I.buffer_store(zero_point, tirx.Cast("int32", zp[0]), [0])
+
+        def emit(_row, i):
+            u = tirx.round((x_flat[i] * _f32(levels)) / scale[0]) + zp[0]
+            u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
+            if neg_flat is None:
+                I.buffer_store(pos_flat, tirx.Cast("uint8", u), [i])
+                return
+            v = u - zp[0]  # integers below 2^24: exact in float32
+            I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Max(v, _f32(0.0))), [i])
+            I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Max(-v, _f32(0.0))), [i])
+
+        _for_each(1, n, emit)
+
+    return _prim_func(params, body)
+
+
 def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat) -> None:
     """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there)."""
     # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
@@ -332,13 +409,15 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bo
 def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: str, clip_lo: float,
              clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False,
              has_offset: bool = False, out_bits: int | None = None, out_scale: float = 0.0,
-             out_signed: bool = False, out_offset: bool = False) -> tirx.PrimFunc:
+             out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
     ``acc_offset: acc_dtype[C]`` (when ``has_offset``: the product of offset activation codes
     carries ``L * sum_k q[c, k]`` per output channel, subtracted here in integers),
-    ``scale: float32[1]`` (when ``levels`` is not None), ``mult: float32[C]``,
+    ``scale: float32[1]`` (when ``levels`` is not None), ``zero_point: int32[1]`` (when
+    ``has_zero_point``: asymmetric activation codes; ``acc_offset`` then holds the weight sums
+    and ``acc - zero_point * acc_offset[c]`` is the accumulator), ``mult: float32[C]``,
     ``add: float32[C]`` (when ``has_add``), ``y: float32[shape]``; ``C = shape[channel_axis]``.
 
     ``levels`` is ``L = 2^bits - 1`` of the input activation:
@@ -359,6 +438,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         raise ValueError(f"acc_dtype must be int32 or int64, got {acc_dtype}")
     if has_neg and has_offset:
         raise ValueError("an accumulator is split by sign or offset, not both")
+    if has_zero_point and not has_offset:
+        raise ValueError("a zero point needs the weight sums (has_offset)")
     params = [("acc", shape, acc_dtype)]
     if has_neg:
         params.append(("acc_neg", shape, acc_dtype))
@@ -366,6 +447,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         params.append(("acc_offset", (channels,), acc_dtype))
     if levels is not None:
         params.append(("scale", (1,), F32))
+    if has_zero_point:
+        params.append(("zero_point", (1,), "int32"))
     params.append(("mult", (channels,), F32))
     if has_add:
         params.append(("add", (channels,), F32))
@@ -395,7 +478,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                 value = acc_flat[i]
             else:
                 acc = acc_flat[i] - neg_flat[i] if has_neg else acc_flat[i]
-                if acc_offset is not None:
+                if has_zero_point:
+                    acc = acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
+                elif acc_offset is not None:
                     acc = acc - acc_offset[c]
                 value = (tirx.Cast(F32, acc) * named["scale"][0]) / _f32(levels)
             value = value * mult[c]

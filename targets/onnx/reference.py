@@ -6,7 +6,9 @@ pipeline's captured graph, or any later one) and writes every op through a table
 
 * ``quantize`` becomes the CSQ-order activation quantization ``Abs -> ReduceMax -> Mul(L) ->
   Div(S) -> Round -> * Sign`` (``S == 0`` guarded exactly like the interpreter's
-  ``_quantize``; a static scale clamps codes to ``L``);
+  ``_quantize``; a static scale clamps codes to ``L``); an asymmetric one computes the range,
+  zero point and unsigned codes in the interpreter's float order, then carries the centered
+  codes ``u - zp`` (exact in float32) like signed codes, so layers and dequantize need nothing new;
 * the integer product is ``ConvInteger`` / ``MatMulInteger``: unsigned activation codes are one
   ``uint8`` tensor, signed codes are split into ``uint8`` positive and negative parts; weights
   are ``int8`` when ``|q| <= 127``, otherwise split into ``uint8`` base-256 digits ``P - N``
@@ -114,6 +116,7 @@ class _QTensor:
     bits: int
     signed: bool
     source: str  # the float tensor that was quantized
+    asymmetric: bool = False  # codes_f then holds the centered codes u - zp (signed)
     cache: dict = field(default_factory=dict)
 
     @property
@@ -238,8 +241,36 @@ class GraphEmitter:
 
 
 def _emit_quantize(e: GraphEmitter, n: Node) -> _QTensor:
+    if n.attr("asymmetric", False):
+        return _quantize_asymmetric(e, n.name, e.float_of(n.inputs[0]), n.attr("bits"), n.attr("static_scale", 0.0),
+                                    n.attr("zero_point", 0))
     return _quantize_tensor(e, n.name, e.float_of(n.inputs[0]), n.attr("bits"), n.attr("static_scale", 0.0),
                             bool(n.type.qsigned))
+
+
+def _quantize_asymmetric(e: GraphEmitter, name: str, x: str, bits: int, static: float, zero_point: int) -> _QTensor:
+    """The interpreter's asymmetric quantizer; the ``_QTensor`` holds the centered codes ``u - zp``."""
+    levels = e.b.const("levels", np.array(2**bits - 1, _F32))
+    zero, one = e.b.const("zero", np.array(0, _F32)), e.b.const("one", np.array(1, _F32))
+    if static > 0:
+        scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32))], f"{name}.scale",
+                       exact_name=True)
+        divisor = scale
+        zp = e.b.const(f"{name}.zero_point_f", np.array(zero_point, _F32))
+    else:
+        lo = e.b.op("Min", [e.b.op("ReduceMin", [x], f"{name}.min", keepdims=0), zero], f"{name}.lo")
+        hi = e.b.op("Max", [e.b.op("ReduceMax", [x], f"{name}.max", keepdims=0), zero], f"{name}.hi")
+        scale = e.b.op("Sub", [hi, lo], f"{name}.scale", exact_name=True)
+        # R == 0 means every x is 0 (and lo too): dividing by 1 gives the interpreter's zero codes and zp
+        positive = e.b.op("Greater", [scale, zero], f"{name}.scale_positive")
+        divisor = e.b.op("Where", [positive, scale, one], f"{name}.safe_scale")
+        neg_lo = e.b.op("Mul", [e.b.op("Neg", [lo], f"{name}.neg_lo"), levels], f"{name}.neg_lo_levels")
+        zp = e.b.op("Round", [e.b.op("Div", [neg_lo, divisor], f"{name}.zp_div")], f"{name}.zero_point_f")
+    scaled = e.b.op("Div", [e.b.op("Mul", [x, levels], f"{name}.mul_levels"), divisor], f"{name}.div_scale")
+    shifted = e.b.op("Add", [e.b.op("Round", [scaled], f"{name}.rounded"), zp], f"{name}.shifted")
+    codes = e.b.op("Clip", [shifted, zero, levels], f"{name}.codes_u")
+    centered = e.b.op("Sub", [codes, zp], f"{name}.codes_f")
+    return _QTensor(name, centered, scale, bits, True, x, asymmetric=True)
 
 
 def _quantize_tensor(e: GraphEmitter, name: str, x: str, bits: int, static: float, signed: bool) -> _QTensor:
@@ -387,7 +418,8 @@ def _emit_quant_layer(e: GraphEmitter, n: Node) -> str:
     src = e.values.get(n.inputs[0]) if n.inputs[0] not in e.g.params else None
     mult = e.channel_const(f"{n.name}.mult", e.g.params[n.inputs[2]], ndim, axis)
     if isinstance(src, _QTensor):
-        if spec.act_bits != src.bits or spec.act_signed != src.signed:
+        if spec.act_bits != src.bits or spec.act_asymmetric != src.asymmetric or (
+                not src.asymmetric and spec.act_signed != src.signed):
             raise CompileError(f"{n.name}: spec says {spec.act_bits}-bit input, its quantize node gives {src.bits}")
         xq = e.b.op("Identity", [_codes_exposed(e, src)], f"{n.name}.xq", exact_name=True)
         terms = weight_terms(e.g, n, e.check_planes)

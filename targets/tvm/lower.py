@@ -104,6 +104,8 @@ class _Lowerer:
         self.offset_codes = b.offset_codes
         self.fused_requant = b.fused_requant
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
+        # asymmetric quantize node -> its int32 zero-point buffer, when its codes are the unsigned u
+        self.zero_points: dict[str, str] = {}
         self.users = g.users()
 
     # -- helpers -----------------------------------------------------------------------------
@@ -165,7 +167,35 @@ class _Lowerer:
                 return False
         return True
 
+    def _zero_point_codes_fit(self, n: Node) -> bool:
+        """Whether asymmetric quantize node ``n`` can hand its unsigned codes ``u`` and zero point to
+        its readers: only linear layers (``acc - zp * sum_k q[c, k]`` in the epilogue; a
+        convolution's zero padding would read as ``-zp``), on a backend with offset codes."""
+        return self.offset_codes and all(u.op == "qlinear" and u.inputs[0] == n.name
+                                         for u in self.users.get(n.name, []))
+
+    def _lower_asymmetric_quantize(self, n: Node) -> None:
+        bits, static, zero_point = n.attr("bits"), float(n.attr("static_scale", 0.0)), int(n.attr("zero_point", 0))
+        centered = not self._zero_point_codes_fit(n)
+        shape = n.type.shape
+        key = f"quantize_asymmetric({shape},{bits},{static!r},{zero_point},{centered})"
+        f = self.plan.func(key, lambda: self.glue.quantize_asymmetric(shape, bits, static, zero_point, centered))
+        scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
+        zp = self.plan.buffer(f"{n.name}.zero_point", (1,), "int32")
+        pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
+        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if centered else None
+        self.plan.call(f, [self.ref(n.inputs[0]), scale, zp, pos] + ([neg] if neg else []), n.name)
+        if not static:  # the runtime checks the dynamic range against float32's range after each run
+            self.plan.steps[-1]["levels"] = 2**bits - 1
+        # centered: the sign parts of u - zp, read like signed symmetric codes
+        self.quant_parts[n.name] = (pos, neg, scale)
+        if not centered:
+            self.zero_points[n.name] = zp
+
     def lower_quantize(self, n: Node) -> None:
+        if n.attr("asymmetric", False):
+            self._lower_asymmetric_quantize(n)
+            return
         bits, static, signed = n.attr("bits"), float(n.attr("static_scale", 0.0)), bool(n.attr("signed"))
         offset = self._offset_codes_fit(n)
         shape = n.type.shape
@@ -229,7 +259,9 @@ class _Lowerer:
             self._requantize_after(n)
             return
         pos, neg, scale = self.quant_parts[n.inputs[0]]
-        code_offset = self.code_offset.get(n.inputs[0], 0)
+        zero_point = self.zero_points.get(n.inputs[0])
+        # unsigned asymmetric codes: acc_offset holds the weight sums (1 * sum_k q[c, k]), times zp in the epilogue
+        code_offset = 1 if zero_point else self.code_offset.get(n.inputs[0], 0)
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
         accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
         if neg:
@@ -243,10 +275,12 @@ class _Lowerer:
         # L * sum_k q[c, k]; the runtime keeps that per-channel term (for the planes in use)
         # in acc_offset, and the epilogue (and verify) subtract it
         acc_offset = self.plan.buffer(f"{n.name}.acc_offset", (shape[axis],), acc_dtype, "derived") if code_offset else None
-        if code_offset:
+        if zero_point:
+            info["tensors"].update(xq_zero_point=zero_point, acc_offset=acc_offset, acc_zero_point=zero_point)
+        elif code_offset:
             info["tensors"].update(xq_offset=code_offset, acc_offset=acc_offset)
         if choice.kernel == "bitserial":
-            self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, code_offset)
+            self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, 0 if zero_point else code_offset)
         else:
             self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs)
         if code_offset:
@@ -255,12 +289,14 @@ class _Lowerer:
         has_offset = acc_offset is not None
         outs, fused, suffix = self._layer_output(n, info)
         key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})" + (
-            ",offset" if has_offset else "") + suffix
+            ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + suffix
+        options = {"has_offset": True} if has_offset else {}
+        if zero_point:
+            options["has_zero_point"] = True
         f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
-                                                           neg is not None, **({"has_offset": True} if has_offset else {}),
-                                                           **fused))
-        self.plan.call(f, accs + ([acc_offset] if has_offset else []) + [scale, mult] + ([add] if add else []) + outs,
-                       n.name)
+                                                           neg is not None, **options, **fused))
+        self.plan.call(f, accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else [])
+                       + [mult] + ([add] if add else []) + outs, n.name)
         self._requantize_after(n)
 
     def _layer_output(self, n: Node, info: dict) -> tuple[list[str], dict, str]:
