@@ -478,29 +478,31 @@ def _timing_notes(results: list[BenchResult]) -> list[str]:
         notes.append(f"unreliable: {', '.join(unreliable)} varied by more than {UNRELIABLE_SPREAD:.0%} of the median "
                      "between rounds (interquartile range); the machine was busy: rerun before quoting these")
     if any(r.runtime.startswith("pytorch") for r in results) and not _TORCH_POOL_PASSIVE:
-        notes.append("PyTorch was imported before csqc.bench with OpenMP's default spinning wait policy: on busy cores "
-                     "its time swings up to 10x; set OMP_WAIT_POLICY=PASSIVE before importing torch")
+        notes.append("PyTorch's OpenMP threads spin while they wait (torch was loaded without OMP_WAIT_POLICY=PASSIVE): "
+                     "on busy cores its time swings up to 10x; set it before importing torch")
     return notes
 
 
 # How integer work is counted (the fraction of the int8 peak compares like with like only for
 # bit-parallel layers; a bit-serial plane-MAC does 1-bit x a-bit work, cheaper than an int8 MAC).
-INT_MACS_RULE = ("bit-parallel (int8) layers: MACs; bit-serial layers: weight planes x MACs; "
-                 "float and table-lookup layers: not counted")
+INT_MACS_RULE = ("bit-parallel (int8) layers: MACs; bit-serial layers: weight planes x MACs; twice either where "
+                 "signed activation codes take two passes; float and table-lookup layers: not counted")
 _COUNTED_KERNELS = ("bitparallel", "bitserial")
 
 
 def integer_macs(graph: Graph, layers: dict[str, dict]) -> int | None:
     """Integer multiply-accumulates of one call by the kernel each quantized layer of ``graph``
     got in the artifact (``layers``: its plan's layer records), per ``INT_MACS_RULE``; None when
-    no layer runs an integer kernel."""
+    no layer runs an integer kernel. The shapes come from the graph: the layer records of
+    bit-serial layers do not all carry them."""
     total, counted = 0, False
     for n in graph.quant_layers():
         info = layers.get(n.name)
         if info is None or info.get("kernel") not in _COUNTED_KERNELS:
             continue
-        per_mac = int(info["planes"]) if info["kernel"] == "bitserial" else 1
-        total += _layer_macs(n) * per_mac
+        planes = int(info["planes"]) if info["kernel"] == "bitserial" else 1
+        passes = 2 if (info.get("tensors") or {}).get("acc_neg") else 1
+        total += _layer_macs(n) * planes * passes
         counted = True
     return total if counted else None
 

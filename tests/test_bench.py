@@ -88,12 +88,13 @@ def test_spread_is_interquartile_range_over_median_and_flags_unreliable_runtimes
 def test_a_swinging_runtime_gets_a_large_spread():
     calls = {"n": 0}
 
-    def swinging():  # every other turn is 5x slower, as PyTorch was next to a spinning pool
+    def swinging():  # 5x slower every other round, as PyTorch was next to a spinning pool
         calls["n"] += 1
-        time.sleep(0.0005 if (calls["n"] // 4) % 2 else 0.0025)
+        time.sleep(0.0005 if (calls["n"] // 2) % 2 else 0.0025)
 
-    timings = _time_interleaved({"steady": lambda: time.sleep(0.001), "swinging": swinging}, rounds=6,
-                                round_seconds=0.004)
+    # turns of one timed call (after one waking call): the timed calls alternate fast and slow
+    timings = _time_interleaved({"steady": lambda: None, "swinging": swinging}, rounds=6, round_seconds=1e-9)
+    assert calls["n"] == 4 + 6 * 2  # warm-up and sizing, then per round one waking and one timed call
     assert timings["swinging"].spread > UNRELIABLE_SPREAD
 
 
@@ -172,7 +173,9 @@ def test_integer_macs_count_planes_for_bit_serial_and_macs_for_bit_parallel_laye
                                        n_bits=3, act_bits=4, quantize_first_input=True))
     graph = optimize(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 8)), "none", batch=2)
     layers = {"0": {"kernel": "bitserial", "planes": 3}, "2": {"kernel": "bitparallel", "planes": 3}}
-    assert integer_macs(graph, layers) == 2 * 16 * 8 * 3 + 2 * 4 * 16
+    assert integer_macs(graph, layers) == 3 * 2 * 16 * 8 + 2 * 4 * 16
+    layers["2"]["tensors"] = {"acc": "2.acc", "acc_neg": "2.acc_neg"}  # signed codes: a second int8 pass
+    assert integer_macs(graph, layers) == 3 * 2 * 16 * 8 + 2 * (2 * 4 * 16)
     assert integer_macs(graph, {"0": {"kernel": "float", "planes": 3}, "2": {"kernel": "lut", "planes": 2}}) is None
 
 
