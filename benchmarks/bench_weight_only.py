@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see csqc.bench
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -1,4 +1,4 @@
-"""The speed goals of the CPU target, measured side by side in one process.
+"""The speed goals of the CPU target (issue 16), measured side by side in one process.
 
     python benchmarks/goals.py [--only NAME ...] [--json out.json] [--markdown]
     python benchmarks/goals.py --markdown --from-json out.json   # the README table of a saved run
@@ -7,24 +7,31 @@
 For each goal model: convert a float model (random init) with csqc.convert, finalize, save,
 compile for the LLVM target and time it against PyTorch fp32, ONNX Runtime fp32 and int8
 (static QDQ u8/s8 per channel; dynamic int8 and MatMulNBits for linear models) on the same
-inputs with 2 threads each. Prints one table per model and a summary of csqc's speed-ups.
+inputs with 2 threads each. Prints one table per model, csqc's fractions of the machine's
+limits, and each goal (a baseline and the speed-up csqc must reach over it) as met or not.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see csqc.bench
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import csqc  # noqa: E402
 from csqc.bench import bench  # noqa: E402
+from csqc.models.char_lm import VOCAB, CharLM, CharLMStep  # noqa: E402
 from csqc.models.vision import mobilenet_v2, resnet18, resnet20  # noqa: E402
 
 
@@ -36,16 +43,69 @@ def mlp():
     return nn.Sequential(nn.Linear(784, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
 
 
-# name -> (float model factory, input shape, n_bits, act_bits, quantize the first layer's input)
+@dataclass(frozen=True)
+class Goal:
+    """csqc must be at least ``ratio`` times as fast as ``baseline`` (a bench runtime name)."""
+
+    baseline: str
+    ratio: float
+
+    def met(self, speedups: dict[str, float]) -> bool | None:
+        """None when the baseline did not run."""
+        return None if self.baseline not in speedups else speedups[self.baseline] >= self.ratio
+
+
+@dataclass(frozen=True)
+class Case:
+    build: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]  # (finalized CSQ model, example inputs)
+    goals: tuple[Goal, ...]
+
+
+def converted(factory, shape, n_bits: int, act_bits: int | None, quantize_first_input: bool):
+    """A case builder: ``factory()`` converted with CSQ (``act_bits`` None: weight-only) and finalized."""
+    def build():
+        model = factory().eval()
+        model = csqc.convert(model, n_bits=n_bits, act_bits=act_bits, quantize_first_input=quantize_first_input)
+        return csqc.finalize(model), (torch.rand(shape),)
+    return build
+
+
+def charlm_step(hidden: int = 256, batch: int = 1):
+    """The one-step model of examples/char_lm.py, converted as the example does (4-bit weights,
+    8-bit activations), random init: ``(x_t, h, c) -> (logits, h', c')``."""
+    lm = csqc.convert(CharLM(hidden).eval(), n_bits=4, act_bits=8, quantize_first_input=True)
+    step = CharLMStep(csqc.finalize(lm)).eval()
+    return step, (torch.rand(batch, VOCAB), torch.rand(batch, hidden), torch.rand(batch, hidden))
+
+
+INT8, DYNAMIC, NBITS, FP32 = "onnxruntime-int8", "onnxruntime-int8-dynamic", "onnxruntime-matmulnbits-4b", "onnxruntime-fp32"
+CNN_GOALS = (Goal(INT8, 1.0), Goal(FP32, 2.0))
+
+# name -> case; the goals are issue 16's
 GOALS = {
-    "linear4096-w2a4": (lambda: linear(4096, 4096), (1, 4096), 2, 4, True),
-    "linear4096-w4a8": (lambda: linear(4096, 4096), (1, 4096), 4, 8, True),
-    "mlp784-4096-4096-10-w2a4": (mlp, (1, 784), 2, 4, True),
-    "linear1024-batch64-w2a4": (lambda: linear(1024, 1024), (64, 1024), 2, 4, True),
-    "resnet20-w3a4": (resnet20, (1, 3, 32, 32), 3, 4, False),
-    "mobilenetv2-w3a4": (mobilenet_v2, (1, 3, 224, 224), 3, 4, False),
-    "resnet18-w3a4": (resnet18, (1, 3, 224, 224), 3, 4, False),
+    "linear4096-w2a4": Case(converted(lambda: linear(4096, 4096), (1, 4096), 2, 4, True), (Goal(INT8, 2.5),)),
+    "linear4096-w4a8": Case(converted(lambda: linear(4096, 4096), (1, 4096), 4, 8, True), (Goal(INT8, 1.3),)),
+    "mlp784-4096-4096-10-w2a4": Case(converted(mlp, (1, 784), 2, 4, True), (Goal(INT8, 2.5),)),
+    "linear4096-w2-float": Case(converted(lambda: linear(4096, 4096), (1, 4096), 2, None, False), (Goal(NBITS, 1.5),)),
+    "linear4096-batch8-w2a4": Case(converted(lambda: linear(4096, 4096), (8, 4096), 2, 4, True), (Goal(INT8, 1.0),)),
+    "linear1024-batch64-w2a4": Case(converted(lambda: linear(1024, 1024), (64, 1024), 2, 4, True), (Goal(INT8, 1.0),)),
+    "resnet20-w3a4": Case(converted(resnet20, (1, 3, 32, 32), 3, 4, False), CNN_GOALS),
+    "mobilenetv2-w3a4": Case(converted(mobilenet_v2, (1, 3, 224, 224), 3, 4, False), CNN_GOALS),
+    "resnet18-w3a4": Case(converted(resnet18, (1, 3, 224, 224), 3, 4, False), CNN_GOALS),
+    "charlm-lstm-step": Case(charlm_step, (Goal(DYNAMIC, 1.0), Goal(FP32, 1.5))),
 }
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo), or what the platform module says elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -62,32 +122,7 @@ def main() -> int:
             print(markdown_table(json.load(f)))
         return 0
     torch.set_num_threads(2)
-    reports = {}
-    for name in args.only or GOALS:
-        factory, shape, n_bits, act_bits, first = GOALS[name]
-        torch.manual_seed(0)
-        model = csqc.finalize(csqc.convert(factory().eval(), n_bits=n_bits, act_bits=act_bits, quantize_first_input=first))
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, f"{name}.pt")
-            csqc.save(model, path, torch.rand(shape))
-            start = time.perf_counter()
-            art = os.path.join(d, f"{name}.so")
-            calib = torch.rand((32, *shape[1:])).numpy() if args.calibrate else None
-            result = csqc.compile(path, "llvm", art, calibrate=calib)
-            compile_s = time.perf_counter() - start
-            report = bench(path, artifact=art, threads=2)
-            summary = csqc.inspect(path)
-        ratios = report.ratios()
-        ours = next(r.weight_bytes for r in report.results if r.runtime == "csqc")
-        ideal = summary.avg_bits / 32 * summary.weight_bytes_fp32  # the goal: artifact weights within 2% of this
-        print(f"\n== {name}: batch {shape[0]}, compile {compile_s:.1f}s, kernels {sorted(set(result.report['kernels'].values()))}, "
-              f"avg bits {summary.avg_bits:.2f}, weight bytes {ours / ideal:.3f}x of (avg bits / 32) x fp32")
-        for r in sorted(report.results, key=lambda r: r.median_us):
-            ratio = "" if r.runtime == "csqc" else f"  csqc is {ratios[r.runtime]:.2f}x"
-            print(f"  {r.runtime:28s} {r.median_us:12.1f} us  {r.weight_bytes / 2**20:8.2f} MiB{ratio}")
-        reports[name] = {**report.to_json(), "compile_seconds": compile_s, "avg_bits": summary.avg_bits,
-                         "weight_bytes_vs_ideal": ours / ideal}
-        sys.stdout.flush()
+    reports = {name: run_case(name, args.calibrate) for name in args.only or GOALS}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=2)
@@ -96,20 +131,100 @@ def main() -> int:
     return 0
 
 
+def run_case(name: str, calibrate: bool) -> dict:
+    """Build, compile and bench one case; print its table; return its JSON report."""
+    torch.manual_seed(0)
+    model, example = GOALS[name].build()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, f"{name}.pt")
+        csqc.save(model, path, example if len(example) > 1 else example[0])
+        start = time.perf_counter()
+        art = os.path.join(d, f"{name}.so")
+        calib = [torch.rand((32, *x.shape[1:])).numpy() for x in example] if calibrate else None
+        result = csqc.compile(path, "llvm", art, calibrate=calib)
+        compile_s = time.perf_counter() - start
+        report = bench(path, artifact=art, threads=2)
+        summary = csqc.inspect(path)
+    ratios = report.ratios()
+    ours = next(r.weight_bytes for r in report.results if r.runtime == "csqc")
+    ideal = summary.avg_bits / 32 * summary.weight_bytes_fp32  # the goal: artifact weights within 2% of this
+    print(f"\n== {name}: batch {report.batch}, compile {compile_s:.1f}s, kernels {sorted(set(result.report['kernels'].values()))}, "
+          f"avg bits {summary.avg_bits:.2f}, weight bytes {ours / ideal:.3f}x of (avg bits / 32) x fp32")
+    for r in sorted(report.results, key=lambda r: r.median_us):
+        ratio = "" if r.runtime == "csqc" else f"  csqc is {ratios[r.runtime]:.2f}x"
+        flag = "  UNRELIABLE" if r.unreliable else ""
+        print(f"  {r.runtime:28s} {r.median_us:12.1f} us  spread {r.spread:4.0%}  {r.weight_bytes / 2**20:8.2f} MiB{ratio}{flag}")
+    if report.limits:
+        print(f"  limits: {limits_cell(report.limits)}")
+    goals = [{"baseline": g.baseline, "ratio": g.ratio, "measured": ratios.get(g.baseline), "met": g.met(ratios)}
+             for g in GOALS[name].goals]
+    for g in goals:
+        measured = "not run" if g["measured"] is None else f"{g['measured']:.2f}x"
+        print(f"  goal >= {g['ratio']}x {g['baseline']}: {measured}, {_met_word(g['met'])}")
+    sys.stdout.flush()
+    return {**report.to_json(), "compile_seconds": compile_s, "avg_bits": summary.avg_bits,
+            "weight_bytes_vs_ideal": ours / ideal, "goals": goals, "calibrated": calibrate,
+            "date": datetime.date.today().isoformat(), "cpu_model": cpu_model()}
+
+
+SHORT = {"onnxruntime-int8": "ORT int8 QDQ", "onnxruntime-int8-dynamic": "ORT int8 dynamic",
+         "onnxruntime-matmulnbits-4b": "ORT MatMulNBits 4b", "onnxruntime-fp32": "ORT fp32",
+         "pytorch-fp32": "PyTorch fp32"}
+
+
+def _met_word(met: bool | None) -> str:
+    return "baseline not run" if met is None else "met" if met else "not met"
+
+
+def limits_cell(limits: dict) -> str:
+    """csqc's fractions of the machine's limits (csqc.bench.utilization) in a few words."""
+    text = (f"weights {limits['weight_gb_per_s']:.1f} GB/s = {limits['weight_fraction_of_dram']:.2f} of DRAM read, "
+            f"{limits['weight_fraction_of_cached']:.2f} of in-cache read")
+    if limits.get("int_fraction_of_peak") is not None:
+        text += f"; {limits['int_fraction_of_peak']:.3f} of the int8 peak"
+    return text
+
+
+def _goals_of(name: str, report: dict) -> list[dict]:
+    """The report's goals (runs before goals were saved: evaluated against today's GOALS)."""
+    if "goals" in report:
+        return report["goals"]
+    speedups = report.get("speedup_vs", {})
+    case = GOALS.get(name)
+    return [] if case is None else [{"baseline": g.baseline, "ratio": g.ratio, "measured": speedups.get(g.baseline),
+                                     "met": g.met(speedups)} for g in case.goals]
+
+
 def markdown_table(reports: dict) -> str:
-    """One row per goal model: median latencies and csqc's speed-up over each baseline."""
-    columns = ["onnxruntime-int8", "onnxruntime-int8-dynamic", "onnxruntime-matmulnbits-4b", "onnxruntime-fp32",
-               "pytorch-fp32"]
-    short = {"onnxruntime-int8": "ORT int8 QDQ", "onnxruntime-int8-dynamic": "ORT int8 dynamic",
-             "onnxruntime-matmulnbits-4b": "ORT MatMulNBits 4b", "onnxruntime-fp32": "ORT fp32",
-             "pytorch-fp32": "PyTorch fp32"}
-    lines = ["| model (batch) | csqc | " + " | ".join(short[c] for c in columns) + " | compile | weights vs ideal |",
-             "|---" * (len(columns) + 4) + "|"]
+    """A header line (date, CPU, threads), then one row per goal model: median latencies,
+    csqc's speed-up over each baseline, each goal with the measured ratio and met/not met."""
+    first = next(iter(reports.values()), {})
+    calibrated = ", static calibrated scales" if first.get("calibrated") else ""
+    header = (f"Measured {first.get('date', 'on an unrecorded date')} on {first.get('cpu_model') or first.get('cpu') or 'an unrecorded CPU'}, "
+              f"{first.get('threads', 2)} threads per runtime, one run of `benchmarks/goals.py`{calibrated}; "
+              "cells: median (csqc's speed-up over it); † the runtime's time varied > 25% between rounds.")
+    columns = list(SHORT)
+    lines = [header, "",
+             "| model (batch) | csqc | " + " | ".join(SHORT[c] for c in columns)
+             + " | goal | measured | met | of machine limits | compile | weights vs ideal |",
+             "|---" * (len(columns) + 8) + "|"]
     for name, r in reports.items():
         us = {x["runtime"]: x["median_us"] for x in r["results"]}
-        cells = [f"{us[c]:,.0f} us ({us[c] / us['csqc']:.2f}x)" if c in us else "-" for c in columns]
-        lines.append(f"| {name} ({r['batch']}) | {us['csqc']:,.0f} us | " + " | ".join(cells)
-                     + f" | {r['compile_seconds']:.1f} s | {r['weight_bytes_vs_ideal']:.2f}x |")
+        shaky = {x["runtime"] for x in r["results"] if x.get("unreliable")}
+
+        def cell(c):
+            mark = "†" if c in shaky else ""
+            return f"{us[c]:,.0f} us{mark} ({us[c] / us['csqc']:.2f}x)" if c in us else "-"
+
+        goals = _goals_of(name, r)
+        goal = "; ".join(f">= {g['ratio']}x {SHORT.get(g['baseline'], g['baseline'])}" for g in goals) or "-"
+        measured = "; ".join("-" if g["measured"] is None else f"{g['measured']:.2f}x" for g in goals) or "-"
+        met = "; ".join(_met_word(g["met"]) for g in goals) or "-"
+        limits = limits_cell(r["limits"]) if r.get("limits") else "-"
+        mark = "†" if "csqc" in shaky else ""
+        lines.append(f"| {name} ({r['batch']}) | {us['csqc']:,.0f} us{mark} | " + " | ".join(cell(c) for c in columns)
+                     + f" | {goal} | {measured} | {met} | {limits} | {r['compile_seconds']:.1f} s"
+                     + f" | {r['weight_bytes_vs_ideal']:.2f}x |")
     return "\n".join(lines)
 
 

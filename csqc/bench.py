@@ -5,10 +5,16 @@ quantization removed), on the same inputs, with the same thread count:
 PyTorch fp32 eager, ONNX Runtime fp32, ONNX Runtime int8 (static QDQ, uint8 activations,
 int8 per-channel weights), ONNX Runtime dynamic int8 (models whose layers are all linear),
 and ``MatMulNBits`` 4-bit (linear layers). Rounds are interleaved with short idle gaps so
-thread pools of one runtime do not distort another's timing; medians are reported. ORT
-sessions stop spinning when a run returns (their default pools spin between runs and would
-take the cores from the runtime timed next); each ORT baseline is then also timed alone in its
-default spinning pool and keeps the faster of the two.
+thread pools of one runtime do not distort another's timing (the order rotates each round, so
+no runtime always follows the same one); medians are reported, with the spread over rounds
+(interquartile range / median) and an ``unreliable`` flag where it is large. ORT sessions stop
+spinning when a run returns (their default pools spin between runs and would take the cores
+from the runtime timed next); each ORT baseline is then also timed alone in its default
+spinning pool and keeps the faster of the two. PyTorch's OpenMP pool waits passively (see
+``_TORCH_POOL_PASSIVE``).
+On the CPU the report also holds the machine's limits measured in the same run
+(``csqc.probes``: streaming-read bandwidth, int8 MAC peak) and csqc's achieved weight bytes/s
+and integer MACs/s as fractions of them.
 Machines are shared and noisy: read ratios, not absolute times.
 
 ``device="cuda"`` times a CUDA artifact on the GPU against PyTorch fp32 and fp16 (cuBLAS/cuDNN)
@@ -21,6 +27,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,9 +41,22 @@ from .ir import Graph, Node, QUANT_LAYER_OPS
 from .optable import OP_TABLE
 from .logs import quiet_ort_quantizer
 
-__all__ = ["BenchResult", "BenchReport", "float_graph", "torch_runner", "bench", "bench_remote"]
+__all__ = ["BenchResult", "BenchReport", "UNRELIABLE_SPREAD", "float_graph", "torch_runner", "integer_macs",
+           "utilization", "bench", "bench_remote"]
 
 log = logging.getLogger(__name__)
+
+# libgomp, PyTorch's OpenMP runtime, reads its wait policy once, when torch is first imported.
+# By default a thread that reaches a barrier spins; on busy cores it burns the time slice its
+# partner thread needs to finish, and a call waits for the scheduler. Measured here (2 busy
+# cores, torch 2.13, linear 1024 at batch 64): 16 ms per call spinning against 1.9 ms passive
+# and 1.7 ms on one thread; on a quiet machine passive waiting costs a futex wake per region.
+# TVM and ONNX Runtime have their own pools and do not read it.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_TORCH_POOL_PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+UNRELIABLE_SPREAD = 0.25  # interquartile range / median over rounds above which a time is flagged
 
 
 @dataclass
@@ -45,6 +65,8 @@ class BenchResult:
     median_us: float
     weight_bytes: int
     note: str = ""
+    spread: float = 0.0  # interquartile range / median of the per-round times
+    unreliable: bool = False  # spread above UNRELIABLE_SPREAD: the machine disturbed this runtime
 
 
 @dataclass
@@ -58,6 +80,7 @@ class BenchReport:
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
     remote: dict = field(default_factory=dict)  # the remote device it ran on (csqc.remote.describe_device)
+    limits: dict = field(default_factory=dict)  # the machine's limits and csqc's fractions of them (utilization)
 
     def ratios(self) -> dict[str, float]:
         """Speed-up of csqc over each baseline (baseline time / csqc time)."""
@@ -72,6 +95,7 @@ class BenchReport:
             "device": self.device, "results": [r.__dict__ for r in self.results],
             "speedup_vs": self.ratios(), "notes": self.notes,
             **({"sweep_planes": self.sweep} if self.sweep else {}), **({"remote": self.remote} if self.remote else {}),
+            **({"limits": self.limits} if self.limits else {}),
         }
 
 
@@ -241,38 +265,55 @@ def _onnx_baselines(fg: Graph, calib: list, threads: int, tmp: Path,
 ROUND_SECONDS = 0.05  # each runtime's share of a round
 
 
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    spread: float  # interquartile range / median over the rounds
+
+    @staticmethod
+    def of(seconds: list[float]) -> "Timing":
+        q1, median, q3 = np.percentile(np.asarray(seconds) * 1e6, [25, 50, 75])
+        return Timing(float(median), float((q3 - q1) / median) if median > 0 else 0.0)
+
+
 def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
                       round_seconds: float = ROUND_SECONDS,
-                      on_round: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Median latency per runtime (us) over ``rounds`` rounds, each runtime in turn.
+                      on_round: Callable[[int, int], None] | None = None) -> dict[str, Timing]:
+    """Median latency per runtime (us) and its spread over ``rounds`` rounds, each runtime in turn.
 
     Each runtime's turn lasts about ``round_seconds`` (its call count is sized from warm calls):
     short turns measured caches and thread pools still cold from the previous runtime (here
     10 ms turns made csqc's int8 GEMV 1.7x slower than when run alone; 50 ms turns agree).
+    The order rotates every round, so no runtime always runs right after the same other one.
     """
     samples: dict[str, list[float]] = {k: [] for k in fns}
     calls = {}
     for key, f in fns.items():  # warm up every runtime, and size its turn
         f()
         calls[key] = max(1, min(5000, int(round_seconds / max(1e-7, min(_once(f) for _ in range(3))))))
+    keys = list(fns)
     for done in range(rounds):
         if on_round is not None:
             on_round(done, rounds)
-        for key, f in fns.items():
+        for key in keys[done % len(keys):] + keys[:done % len(keys)]:
+            f = fns[key]
             time.sleep(0.02)  # let the previous runtime's threads go idle
             f()  # and wake this one's thread pool: steady-state latency is what is compared
             t = time.perf_counter()
             for _ in range(calls[key]):
                 f()
             samples[key].append((time.perf_counter() - t) / calls[key])
-    return {k: float(np.median(v) * 1e6) for k, v in samples.items()}
+    return {k: Timing.of(v) for k, v in samples.items()}
 
 
 def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15, artifact: str | None = None,
           sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True,
-          device: str = "cpu", rpc: str | None = None, key: str | None = None,
+          device: str = "cpu", rpc: str | None = None, key: str | None = None, limits: bool = True,
           on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
     """Compile (unless ``artifact`` is given) and time csqc against the baselines.
+
+    ``limits``: on the CPU, also probe the machine's bandwidth and int8 peak after the timing
+    (``csqc.probes``) and report csqc's fractions of them (``BenchReport.limits``).
 
     ``device``: ``cpu`` (an llvm artifact) or ``cuda`` (a cuda artifact, on this machine's GPU).
     ``rpc``: time ``artifact`` on a remote TVM RPC server instead ("host:port"; with ``key`` a
@@ -320,9 +361,11 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(*xs)}
         sizes = {"csqc": (weight_bytes, "")}
         notes: list[str] = []
+        probe_limits = limits and device == "cpu"
+        graph = optimize(model, "none", batch=shape[0]) if baselines or probe_limits else None
         if baselines:
             step("preparing baselines", 0, None)
-            fg = float_graph(optimize(model, "none", batch=shape[0]))
+            fg = float_graph(graph)
             fp32_bytes = sum(int(v.nbytes) for v in fg.params.values())
             ort_runners = {}
             for name, (fn, size, note) in _baselines(fg, calib, threads, tmp, device, notes).items():
@@ -331,14 +374,22 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
                 if isinstance(fn, _OrtRunner):
                     ort_runners[name] = fn
         gc.collect()
-        medians = _time_interleaved(fns, rounds, on_round=lambda done, total: step("timing rounds", done, total))
+        timings = _time_interleaved(fns, rounds, on_round=lambda done, total: step("timing rounds", done, total))
         if baselines:
             step("timing ONNX Runtime alone", 0, None)
-            _best_of_spinning_ort(ort_runners, xs, medians, sizes, max(5, rounds // 2))
+            _best_of_spinning_ort(ort_runners, xs, timings, sizes, max(5, rounds // 2))
         report = BenchReport(_model_name(model), shape[0], threads, cpu=art.plan["target"].get("mcpu", ""),
                              device=device, notes=notes)
-        for key, us in medians.items():
-            report.results.append(BenchResult(key, us, sizes[key][0], sizes[key][1]))
+        for key, timing in timings.items():
+            report.results.append(BenchResult(key, timing.median_us, sizes[key][0], sizes[key][1], timing.spread,
+                                              timing.spread > UNRELIABLE_SPREAD))
+        notes.extend(_timing_notes(report.results))
+        if probe_limits:
+            step("probing the machine's limits", 0, None)
+            from .probes import measure_limits
+
+            report.limits = utilization(measure_limits(weight_bytes, threads), timings["csqc"].median_us,
+                                        weight_bytes, integer_macs(graph, art.layers))
         if sweep_planes and len(art.inputs) > 1:
             log.warning("the plane sweep runs single-input models only; skipped")
         elif sweep_planes:
@@ -405,19 +456,83 @@ def _inputs(specs: list[dict], dataset: str | None) -> tuple[list[np.ndarray], l
     return xs, calib
 
 
-def _best_of_spinning_ort(runners: dict, xs, medians: dict, sizes: dict, rounds: int) -> None:
+def _best_of_spinning_ort(runners: dict, xs, timings: dict[str, Timing], sizes: dict, rounds: int) -> None:
     """Give each ORT baseline its best configuration: also time it alone in ORT's default
     spinning pool (no other runtime runs meanwhile, so its spinning hurts no one) and keep
     the faster median. Claims against ORT are then never made against a handicapped ORT."""
     for name, fn in runners.items():
         spinning = fn.spinning()
-        us = _time_interleaved({name: lambda f=spinning: f(*xs)}, rounds)[name]
+        alone = _time_interleaved({name: lambda f=spinning: f(*xs)}, rounds)[name]
         del spinning
         gc.collect()  # ends the spinning pool's threads before the next baseline
-        if us < medians[name]:
-            medians[name] = us
+        if alone.median_us < timings[name].median_us:
+            timings[name] = alone
             size, note = sizes[name]
             sizes[name] = (size, (f"{note}; " if note else "") + "default spinning pool, timed alone")
+
+
+def _timing_notes(results: list[BenchResult]) -> list[str]:
+    notes = []
+    unreliable = [f"{r.runtime} ({r.spread:.0%})" for r in results if r.unreliable]
+    if unreliable:
+        notes.append(f"unreliable: {', '.join(unreliable)} varied by more than {UNRELIABLE_SPREAD:.0%} of the median "
+                     "between rounds (interquartile range); the machine was busy: rerun before quoting these")
+    if any(r.runtime.startswith("pytorch") for r in results) and not _TORCH_POOL_PASSIVE:
+        notes.append("PyTorch's OpenMP threads spin while they wait (torch was loaded without OMP_WAIT_POLICY=PASSIVE): "
+                     "on busy cores its time swings up to 10x; set it before importing torch")
+    return notes
+
+
+# How integer work is counted (the fraction of the int8 peak compares like with like only for
+# bit-parallel layers; a bit-serial plane-MAC does 1-bit x a-bit work, cheaper than an int8 MAC).
+INT_MACS_RULE = ("bit-parallel (int8) layers: MACs; bit-serial layers: weight planes x MACs; twice either where "
+                 "signed activation codes take two passes; float and table-lookup layers: not counted")
+_COUNTED_KERNELS = ("bitparallel", "bitserial")
+
+
+def integer_macs(graph: Graph, layers: dict[str, dict]) -> int | None:
+    """Integer multiply-accumulates of one call by the kernel each quantized layer of ``graph``
+    got in the artifact (``layers``: its plan's layer records), per ``INT_MACS_RULE``; None when
+    no layer runs an integer kernel. The shapes come from the graph: the layer records of
+    bit-serial layers do not all carry them."""
+    total, counted = 0, False
+    for n in graph.quant_layers():
+        info = layers.get(n.name)
+        if info is None or info.get("kernel") not in _COUNTED_KERNELS:
+            continue
+        planes = int(info["planes"]) if info["kernel"] == "bitserial" else 1
+        passes = 2 if (info.get("tensors") or {}).get("acc_neg") else 1
+        total += _layer_macs(n) * planes * passes
+        counted = True
+    return total if counted else None
+
+
+def _layer_macs(n: Node) -> int:
+    """Output elements x products per output (the weight's elements per output channel)."""
+    weight_shape = n.attrs["weight_shape"]
+    return int(np.prod(n.type.shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
+
+
+def utilization(limits, csqc_us: float, weight_bytes: int, int_macs: int | None) -> dict:
+    """csqc's achieved weight bytes/s and integer MACs/s as fractions of the machine's limits
+    (``csqc.probes.MachineLimits``): the report's ``limits`` entry. Every weight byte is read
+    once per call, so bytes / time is the weight stream's rate."""
+    seconds = csqc_us * 1e-6
+    weight_rate = weight_bytes / seconds / 1e9
+    out = {
+        "machine": limits.to_json(),
+        "weight_gb_per_s": weight_rate,
+        "weight_fraction_of_dram": weight_rate / limits.dram_gb_per_s,
+        "weight_fraction_of_cached": weight_rate / limits.weights_gb_per_s,
+        "int_macs": int_macs,
+        "int_gmac_per_s": None,
+        "int_fraction_of_peak": None,
+        "int_macs_rule": INT_MACS_RULE,
+    }
+    if int_macs:
+        out["int_gmac_per_s"] = int_macs / seconds / 1e9
+        out["int_fraction_of_peak"] = out["int_gmac_per_s"] / limits.int_peak_gmac_per_s
+    return out
 
 
 _ARTIFACT_KIND = {"cpu": "llvm", "cuda": "cuda"}  # --device -> the artifact target it times

@@ -359,6 +359,23 @@ def _act_cell(r) -> str:
     return f"u{r.act_bits}/{r.act_mode}" if r.act_bits else "float"
 
 
+def _limits_lines(limits: dict) -> list[str]:
+    """The bench report's machine limits and csqc's fractions of them, in words."""
+    if not limits:
+        return []
+    m = limits["machine"]
+    lines = [f"machine limits, same run, {m['threads']} threads: streaming read {m['dram_gb_per_s']:.1f} GB/s over "
+             f"{_human(m['dram_buffer_bytes'])} (last-level cache {_human(m['llc_bytes'])}), "
+             f"{m['weights_gb_per_s']:.1f} GB/s over {_human(m['weights_buffer_bytes'])} (the weights' size); "
+             f"integer peak {m['int_peak_gmac_per_s']:.0f} GMAC/s ({m['int_peak_kind']})",
+             f"csqc: weights streamed at {limits['weight_gb_per_s']:.1f} GB/s = {limits['weight_fraction_of_dram']:.2f} of "
+             f"the DRAM read, {limits['weight_fraction_of_cached']:.2f} of the weights-sized read"]
+    if limits["int_gmac_per_s"] is not None:
+        lines[-1] += (f"; {limits['int_gmac_per_s']:.1f} GMAC/s = {limits['int_fraction_of_peak']:.3f} of the integer "
+                      f"peak ({limits['int_macs_rule']})")
+    return lines
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -589,12 +606,14 @@ def _read_array(path: str, shape: list[int], artifact: str):
 @click.option("--sweep-planes", is_flag=True, help="Accuracy/agreement against latency as LSB planes are skipped.")
 @click.option("--dataset", type=click.Choice(["digits"]), help="Real inputs (and accuracy in the sweep).")
 @click.option("--no-baselines", is_flag=True, help="Time csqc only.")
+@click.option("--no-limits", is_flag=True,
+              help="Skip the bandwidth and int8-peak probes (csqc's fractions of the machine's limits).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cpu: an llvm artifact; cuda: a cuda artifact on this machine's GPU, against PyTorch fp16/fp32 and ORT's CUDA provider.")
 @rpc_options
 @json_option
-def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, device, rpc, key,
-          as_json):
+def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, no_limits, device, rpc,
+          key, as_json):
     """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs.
 
     With --rpc the artifact runs and is timed on a remote TVM RPC server (its time_evaluator); the
@@ -606,7 +625,7 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     with progress_bar("bench", enabled=progress_wanted(as_json)) as update:
         report = run_bench(loaded, batch=batch, threads=threads, rounds=rounds, artifact=artifact,
                            sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines, device=device,
-                           rpc=rpc, key=key, on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
+                           rpc=rpc, key=key, limits=not no_limits, on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
     if as_json:
         _emit_json({"ok": True, **report.to_json()})
         return
@@ -618,13 +637,15 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
         from .remote import describe_text
 
         where = describe_text(report.remote)
-    columns = [Column("runtime"), Column("median", right=True), Column("weights", right=True, drop=1),
-               Column("csqc speed-up", right=True), Column("note", wrap=True)]
-    rows = [(r.runtime, f"{r.median_us:,.1f} us", _human(r.weight_bytes),
-             "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", r.note)
+    columns = [Column("runtime"), Column("median", right=True), Column("spread", right=True, drop=2),
+               Column("weights", right=True, drop=1), Column("csqc speed-up", right=True), Column("note", wrap=True)]
+    rows = [(r.runtime, f"{r.median_us:,.1f} us", f"{r.spread:.0%}" + (" unreliable" if r.unreliable else ""),
+             _human(r.weight_bytes), "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", r.note)
             for r in sorted(report.results, key=lambda r: r.median_us)]
     console = stdout_console()
     console.print(fit_table(f"{report.model}: batch {report.batch}, {where} (median)", columns, rows, console.width))
+    for line in _limits_lines(report.limits):
+        console.print(line)
     if report.sweep:
         sweep = Table(title="PrecisionBatching: least significant planes skipped at run time")
         for col in ("skip", "median", "accuracy", "top-1 agreement with exact"):

@@ -30,11 +30,9 @@ import csqc
 from csqc import layers
 from csqc.bench import bench
 from csqc.errors import CsqcError
+from csqc.models.char_lm import CHARS, VOCAB, CharLM, CharLMStep
 from csqc.outputs import check_output, make_output_folder
 
-# vocabulary: tab, newline, printable ASCII; everything else is one "other" symbol
-CHARS = "\t\n" + "".join(chr(c) for c in range(32, 127))
-VOCAB = len(CHARS) + 1
 _LUT = np.full(256, len(CHARS), np.int64)
 _LUT[[ord(c) for c in CHARS]] = np.arange(len(CHARS))
 
@@ -51,31 +49,6 @@ def load_text(n_bytes: int) -> np.ndarray:
             break
     raw = np.frombuffer(b"".join(chunks)[:n_bytes], np.uint8)
     return _LUT[raw]
-
-
-class CharLM(nn.Module):
-    """One-hot characters -> LSTM -> linear head (logits of the next character)."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.rnn = nn.LSTM(VOCAB, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, VOCAB)
-
-    def forward(self, x):  # x: one-hot [B, T, V]
-        out, _ = self.rnn(x)
-        return self.head(out)
-
-
-class CharLMStep(nn.Module):
-    """One time step of a converted CharLM: ``(x_t [B, V], h, c) -> (logits, h', c')``."""
-
-    def __init__(self, lm: CharLM):
-        super().__init__()
-        self.rnn, self.head = lm.rnn, lm.head
-
-    def forward(self, x, h, c):
-        h2, c2 = self.rnn.step(x, h, c)
-        return self.head(h2), h2, c2
 
 
 def one_hot(ids: torch.Tensor) -> torch.Tensor:

@@ -221,6 +221,10 @@ def test_cli_bench_json_and_plane_sweep(compiled):
     assert {"csqc", "pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int8-dynamic",
             "onnxruntime-matmulnbits-4b"} <= runtimes
     assert all(r["median_us"] > 0 and "weight_bytes" in r for r in data["results"])
+    assert all(r["spread"] >= 0 and r["unreliable"] == (r["spread"] > 0.25) for r in data["results"])
+    limits = data["limits"]  # the machine's limits, measured in the same run, and csqc's fractions of them
+    assert limits["machine"]["dram_gb_per_s"] > 0 and limits["machine"]["int_peak_gmac_per_s"] > 0
+    assert limits["weight_fraction_of_dram"] > 0 and limits["int_macs"] > 0 and limits["int_fraction_of_peak"] > 0
     sweep = data["sweep_planes"]
     assert sweep[0]["skip_planes"] == 0 and len(sweep) >= 2
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in sweep)
