@@ -350,6 +350,9 @@ def _lut_case(m, n, k, bits, encoding):
     (3, 37, 70, 3, "offset"),  # ragged N (last tile), K not a multiple of 32 (zero-padded table)
     (8, 48, 96, 4, "offset"),
     (2, 20, 33, 2, "posneg"),  # +/- planes, no zero point
+    (8, 50, 200, 2, "offset"),  # passes of 2 rows share each index (scaled and unscaled rows)
+    (6, 40, 64, 1, "posneg"),  # passes of 3 rows
+    (5, 33, 96, 3, "offset"),  # 5 rows: one row per pass
 ])
 def test_lut_dense_matches_float_reference(m, n, k, bits, encoding):
     q, spec, zero_point, w, x, kernel = _lut_case(m, n, k, bits, encoding)
@@ -371,4 +374,19 @@ def test_lut_dense_runtime_plane_count_drops_low_planes():
 
 def test_lut_dense_assembly_looks_up_with_vpermps():
     *_, kernel = _lut_case(1, 64, 256, 2, "offset")
-    assert "vpermps" in kernel.assembly()
+    assembly = kernel.assembly()
+    lookups = assembly.count("vpermps") + assembly.count("vpermd")  # LLVM may pick the int form
+    assert lookups >= 8 * 3  # the 8 nibbles x 3 planes of a word, unrolled
+    # even nibbles are loaded at a byte offset instead of shifted; odd ones shift once
+    assert assembly.count("vpsrld") <= lookups // 2
+    assert "vfmadd" in assembly  # half of the accumulation runs on the FMA pipes
+
+
+def test_pack_lut_weight_is_little_endian_bytes_with_load_slack():
+    planes = RNG.integers(0, 2, (2, 40, 70)).astype(np.uint8)
+    packed = packing.pack_weight_planes(planes, lanes=kernels.LUT_LANES)  # [3 tiles, 2, 3 words, 16]
+    flat = kernels.pack_lut_weight(packed, 2)
+    assert flat.dtype == np.uint8 and flat.shape == (2 * 3 * 2 * 2 * 16 * 4 + 4,)
+    words = flat[:-4].view("<u4").reshape(2, 3, 2, 2, 16)  # [blocks, KW, tiles, P, 16]
+    np.testing.assert_array_equal(words[0, :, 1], packed[1].transpose(1, 0, 2))
+    assert not words[1, :, 1].any() and not flat[-4:].any()  # the padding tile and the slack

@@ -2,11 +2,14 @@
 picks the table-lookup kernel for large linear layers, and csqc verify passes as for fp32."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import csqc
+from csqc.ir import Node, QuantSpec, TensorType
+from csqc.targets.llvm.backend import choose_kernel
 from csqc.verify import verify
 
 
@@ -33,3 +36,26 @@ def test_weight_only_mlp_picks_lut_and_verifies(tmp_path, batch):
     assert report.ok, json.dumps({k: v for k, v in report.to_json().items() if k != "layers"}, indent=1)
     stats = [s for s in report.layers if s["runtime"] == f"artifact:{out.name}"]
     assert stats and all(sum(s["mismatched"].values()) == 0 for s in stats)
+
+
+def _float_input_layer(out_features, in_features, planes):
+    """A float-input CSQ linear layer with ``planes`` offset planes (the IR after split_planes)."""
+    spec = QuantSpec(n_bits=planes - 1, active_bits=tuple(reversed(range(planes - 1))), encoding="offset",
+                     planes=tuple((shift, 1) for shift in reversed(range(planes))), zero_point=(1 << (planes - 1)) - 1)
+    return Node("fc", "qlinear", ("x", "fc.weight", "fc.mult"), TensorType((1, out_features)),
+                {"weight_shape": (out_features, in_features)}, quant=spec)
+
+
+@pytest.mark.parametrize("rows, planes, kernel", [
+    (1, 3, "lut"), (8, 3, "lut"), (16, 5, "lut"),  # lookups beat fp32 FMAs (measured up to 16 x 5)
+    (32, 5, "float"),  # beyond the measured range: fp32
+])
+def test_choose_kernel_for_float_input_linear_layers(rows, planes, kernel):
+    layer = _float_input_layer(4096, 4096, planes)
+    choice = choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64))
+    assert choice.kernel == kernel and f"{rows} row(s) x {planes} planes" in choice.reason
+
+
+def test_choose_kernel_keeps_small_float_input_layers_in_fp32():
+    choice = choose_kernel(_float_input_layer(256, 784, 3), 1, np.zeros((256, 784), np.int64))
+    assert choice.kernel == "float" and "stay in cache" in choice.reason

@@ -36,10 +36,11 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
 
 
 # Weight-only (float input) linear layers: the table-lookup kernel costs planes/4 lookups per
-# weight and row, the fp32 kernel one FMA per weight and row but streams 32-bit weights.
-# Measured here (4096x4096, 2 busy cores): lut 5-9x faster at 1 row and 2-4 planes, still ~2x
-# at 8 rows x 4 planes; at 256x784 (fp32 weights in cache) fp32 ties at 1 row and wins at 4.
-_LUT_MAX_ROW_PLANES = 32
+# weight and row, the fp32 kernel one FMA per weight and row but streams 32-bit weights; both
+# grow linearly with rows. Measured here (4096x4096, one thread, busy 2-core AMD EPYC): lut
+# 2.2-4.4x faster than fp32 at 8 and 16 rows with 3 and 5 planes (16 x 5 = 80 row-planes, the
+# largest measured); at 256x784 (fp32 weights in cache) fp32 ties at 1 row and wins at 4.
+_LUT_MAX_ROW_PLANES = 80
 _LUT_MIN_WEIGHTS = 1 << 18  # 1 MiB of fp32 weights: below that they stay in cache
 
 

@@ -11,11 +11,18 @@ and looks partial sums up in a table, in the style of T-MAC:
 * a plane word holds 32 weight bits of one output (the interleaved bit order of
   ``packing.pack_bits_along_k``: bit ``b`` of word ``w`` is ``k = b*KW + w``); its nibble ``s``
   indexes the table of ``k = (4s + t)*KW + w``, ``t < 4``. With lanes along N, one ``vpermps``
-  (``llvm.x86.avx512.permvar.sf.512``, which reads only the low 4 index bits, so a plain shift
-  selects the nibble) gives 16 outputs' partial sums of four activations for one plane;
+  (``llvm.x86.avx512.permvar.sf.512``, which reads only the low 4 index bits) gives 16 outputs'
+  partial sums of four activations for one plane. The index of nibble ``s`` is the 16 words
+  loaded ``s // 2`` bytes further on (no shift for even nibbles, one by 4 for odd ones);
 * each plane has its own accumulators; ``acc = sum_p sign_p 2^shift_p acc_p - z * sum_k x[m, k]``
-  at the end (power-of-two scaling is exact). Planes at or after the run-time ``n_planes`` get
-  coefficient 0 (PrecisionBatching's plane skipping, as in the bit-serial kernel).
+  at the end (power-of-two scaling is exact). Half of the accumulators take the coefficient at
+  once by FMA (exact too), which spreads the accumulation over the FMA and the FADD pipes.
+  Planes at or after the run-time ``n_planes`` get coefficient 0 (PrecisionBatching's plane
+  skipping, as in the bit-serial kernel);
+* several rows (batch > 1) share each index: the rows of a pass look up their own tables with it.
+
+Per lookup (16 outputs x 4 activations x 1 plane) the inner loop issues one vpermps, one vaddps
+or vfmadd, half a shift and half an index load, and an eighth to a quarter of a table load.
 
 Work is ``P/4`` table lookups per weight and row against one FMA per weight for the fp32
 kernel, and the weights stream at ``P`` bits instead of 32: it wins for few rows and few planes
@@ -38,6 +45,8 @@ LUT_LANES = 16  # outputs per vector tile: 16 float32 lanes of one zmm (the pack
 _GROUP = 4  # activations per table: a nibble of weight bits indexes 16 entries
 _NIBBLES = WORD_BITS // _GROUP
 _VPERMPS = "llvm.x86.avx512.permvar.sf.512"
+_ZMM_REGISTERS = 32  # AVX-512 vector registers: accumulators, indices, tables, coefficients
+_LOAD_SLACK = 4  # bytes after the last plane word: the byte-offset loads of _nibble_index read 3 past it
 # register-sized scratch stays an LLVM alloca (see kernels._ON_STACK)
 _ON_STACK = {"disable_lower_builtin": True}
 
@@ -62,23 +71,51 @@ def _plane_coefficient(p, n_planes, shifts_signs) -> tirx.PrimExpr:
     return tirx.Select(p < n_planes, expr, tirx.const(0.0, "float32"))
 
 
+def _nibble_index(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, nibble: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Nibble ``nibble`` of 16 consecutive plane words (starting at byte ``word_byte``) in the
+    low 4 bits of each int32 lane, the only bits vpermps reads. Loading the words
+    ``nibble // 2`` bytes further brings an even nibble to the bottom without a shift (a lane's
+    top byte then comes from the next lane, which vpermps ignores); odd ones shift by 4 more."""
+    load = tirx.BufferLoad(w_bytes, [tirx.Ramp(word_byte + nibble // 2, 1, 4 * LUT_LANES)])
+    # a shift by 0 (even nibbles) folds away once the nibble loop is unrolled
+    return tirx.reinterpret(f"int32x{LUT_LANES}", load) >> tirx.Broadcast(_GROUP * (nibble % 2), LUT_LANES)
+
+
+def _lookup(table: tirx.Buffer, row, word, nibble, index: tirx.PrimExpr) -> tirx.PrimExpr:
+    """16 partial sums: ``table[row, word, nibble, index[lane]]`` per lane (one vpermps)."""
+    entries = tirx.BufferLoad(table, [row, word, nibble, tirx.Ramp(0, 1, LUT_LANES)])
+    return tirx.call_llvm_pure_intrin(f"float32x{LUT_LANES}", _VPERMPS, entries, index)
+
+
 def lut_tiles_per_task(planes: int, n_tiles: int, tiles_per_task: int = 0) -> int:
     """Output tiles sharing each table load: ``tiles x planes`` accumulators, plus as many plane
     words in flight, must fit the 32 zmm registers (8 accumulators measured best here)."""
     return max(1, min(tiles_per_task or max(1, 8 // planes), n_tiles))
 
 
+def _rows_per_pass(rows: int, planes: int, tiles_per_task: int) -> int:
+    """Rows sharing each plane-word load and shift: the largest divisor of ``rows`` whose
+    accumulators and table (one per row), next to the plane-word indices and plane
+    coefficients, fit the 32 zmm registers (a pass of 4 rows spilled and ran slower here)."""
+    lookups = planes * tiles_per_task  # accumulators per row, and indices in flight
+    fitting = max(1, (_ZMM_REGISTERS - lookups - planes) // (lookups + 1))
+    return max(d for d in range(1, min(rows, fitting) + 1) if rows % d == 0)
+
+
 def pack_lut_weight(packed_planes: np.ndarray, tiles_per_task: int) -> np.ndarray:
     """The bit-serial plane layout ``[N_tiles, P, KW, 16]`` (``packing.pack_weight_planes``)
-    regrouped for :func:`lut_dense`: ``[blocks, KW, tiles_per_task, P, 16]``, so that one task
-    streams one contiguous range (N padded with zero tiles to whole blocks)."""
+    regrouped for :func:`lut_dense`: words ``[blocks, KW, tiles_per_task, P, 16]``, so that one
+    task streams one contiguous range (N padded with zero tiles to whole blocks), as flat bytes."""
     n_tiles, planes, kw, lanes = packed_planes.shape
     if lanes != LUT_LANES:
         raise ValueError(f"the weight-only kernel reads {LUT_LANES}-lane plane tiles, got {lanes}")
     blocks = -(-n_tiles // tiles_per_task)
     padded = np.zeros((blocks * tiles_per_task, planes, kw, lanes), packed_planes.dtype)
     padded[:n_tiles] = packed_planes
-    return np.ascontiguousarray(padded.reshape(blocks, tiles_per_task, planes, kw, lanes).transpose(0, 3, 1, 2, 4))
+    words = padded.reshape(blocks, tiles_per_task, planes, kw, lanes).transpose(0, 3, 1, 2, 4)
+    # the kernel loads words at byte offsets: little-endian uint32 bytes, then the load slack
+    little_endian = np.ascontiguousarray(words, dtype="<u4").reshape(-1).view(np.uint8)
+    return np.concatenate([little_endian, np.zeros(_LOAD_SLACK, np.uint8)])
 
 
 def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], zero_point: bool,
@@ -87,10 +124,10 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
 
     Signature of the returned PrimFunc::
 
-        main(x: float32[M, K], w_planes: uint32[blocks, KW, tiles_per_task, P, 16],
+        main(x: float32[M, K], w_bytes: uint8[blocks * KW * tiles_per_task * P * 16 * 4 + 4],
              n_planes: int32, zero_point: int32, y: float32[M, N])
 
-    ``w_planes`` comes from ``pack_lut_weight(packing.pack_weight_planes(planes, lanes=16),
+    ``w_bytes`` comes from ``pack_lut_weight(packing.pack_weight_planes(planes, lanes=16),
     lut_tiles_per_task(P, ceil(N/16)))``, ``shifts_signs``
     lists ``(shift, sign)`` per plane, most significant first. With ``zero_point=True`` (offset
     encoding) the kernel subtracts ``zero_point * sum_k x[m, k]``. ``tiles_per_task``: output
@@ -106,6 +143,9 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
     block = lut_tiles_per_task(planes, n_tiles, tiles_per_task)
     blocks = -(-n_tiles // block)
     last_tile_width = N - (n_tiles - 1) * lanes
+    rows_per_pass = _rows_per_pass(M, planes, block)
+    halves = 2 if rows_per_pass == 1 else 1  # accumulator slots per row (see tile_block)
+    slots = rows_per_pass * halves
 
     @T.macro
     def build_tables(x, table, rowsum, m):
@@ -149,33 +189,57 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
             for lane in range(last_tile_width):
                 y[m, tile * lanes + lane] = spill[lane]
 
+    def slot(r, half):
+        # accumulator slot of row r of the pass; odd slots hold coefficient-scaled sums
+        return r * halves + half
+
+    def word_index(w_bytes, task, w, s, b, p):
+        return _nibble_index(w_bytes, ((((task * kw + w) * block + b) * planes + p) * lanes) * 4, s)
+
     @T.macro
-    def tile_block(w_planes, table, rowsum, y, n_planes, zero_point, task, m):
-        acc = T.alloc_buffer((block, planes), "float32x16", scope="local", annotations=_ON_STACK)
-        for b in T.unroll(block):
-            for p in T.unroll(planes):
-                acc[b, p] = T.broadcast(T.float32(0), lanes)
+    def tile_block(w_bytes, table, rowsum, y, n_planes, zero_point, task, m0):
+        # accumulator slots: even ones add lookups (FADD pipes), odd ones fold the plane coefficient
+        # in by FMA (FMA pipes; exact scaling by a power of two), so both kinds of pipe share the
+        # accumulation; a single row alternates by nibble parity (two halves), several rows by row
+        acc = T.alloc_buffer((slots, block, planes), "float32x16", scope="local", annotations=_ON_STACK)
+        for a in T.unroll(slots):
+            for b in T.unroll(block):
+                for p in T.unroll(planes):
+                    acc[a, b, p] = T.broadcast(T.float32(0), lanes)
         for w in range(kw):
             for s in T.unroll(_NIBBLES):
                 for b in T.unroll(block):
                     for p in T.unroll(planes):
-                        acc[b, p] = acc[b, p] + T.call_llvm_pure_intrin(
-                            "float32x16", _VPERMPS, table[m, w, s, T.ramp(0, 1, lanes)],
-                            T.reinterpret("int32x16", w_planes[task, w, b, p, T.ramp(0, 1, lanes)]
-                                          >> T.broadcast(T.uint32(_GROUP * s), lanes)))
-        for b in range(block):
-            if task * block + b < n_tiles:
-                total = T.alloc_buffer((1,), "float32x16", scope="local", annotations=_ON_STACK)
-                total[0] = T.broadcast(T.float32(0), lanes)
-                for p in T.unroll(planes):
-                    total[0] = total[0] + acc[b, p] * T.broadcast(_plane_coefficient(p, n_planes, shifts_signs), lanes)
-                if with_zero_point:
-                    total[0] = total[0] - T.broadcast(T.Cast("float32", zero_point) * rowsum[m], lanes)
-                store(y, total[0], m, task * block + b)
+                        # the index (load, shift) is shared by the rows of the pass
+                        for r in T.unroll(rows_per_pass):
+                            if slot(r, s % halves) % 2 == 0:
+                                acc[slot(r, s % halves), b, p] = acc[slot(r, s % halves), b, p] + _lookup(
+                                    table, m0 + r, w, s, word_index(w_bytes, task, w, s, b, p))
+                            else:
+                                acc[slot(r, s % halves), b, p] = T.call_llvm_pure_intrin(
+                                    "float32x16", "llvm.fma",
+                                    _lookup(table, m0 + r, w, s, word_index(w_bytes, task, w, s, b, p)),
+                                    T.broadcast(_plane_coefficient(p, n_planes, shifts_signs), lanes),
+                                    acc[slot(r, s % halves), b, p])
+        for r in range(rows_per_pass):
+            for b in range(block):
+                if task * block + b < n_tiles:
+                    total = T.alloc_buffer((1,), "float32x16", scope="local", annotations=_ON_STACK)
+                    total[0] = T.broadcast(T.float32(0), lanes)
+                    for p in T.unroll(planes):
+                        for h in T.unroll(halves):
+                            if slot(r, h) % 2 == 0:
+                                total[0] = total[0] + acc[slot(r, h), b, p] * T.broadcast(
+                                    _plane_coefficient(p, n_planes, shifts_signs), lanes)
+                            else:
+                                total[0] = total[0] + acc[slot(r, h), b, p]
+                    if with_zero_point:
+                        total[0] = total[0] - T.broadcast(T.Cast("float32", zero_point) * rowsum[m0 + r], lanes)
+                    store(y, total[0], m0 + r, task * block + b)
 
     @T.prim_func
     def main(x: T.Buffer((M, K), "float32"),
-             w_planes: T.Buffer((blocks, kw, block, planes, lanes), "uint32"),
+             w_bytes: T.Buffer((blocks * kw * block * planes * lanes * 4 + _LOAD_SLACK,), "uint8"),
              n_planes: T.int32, zero_point: T.int32,
              y: T.Buffer((M, N), "float32")):
         T.func_attr({"tir.noalias": True})
@@ -184,7 +248,7 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
         for m in T.parallel(M):
             build_tables(x, table, rowsum, m)
         for task in T.parallel(blocks):
-            for m in range(M):
-                tile_block(w_planes, table, rowsum, y, n_planes, zero_point, task, m)
+            for pass_ in range(M // rows_per_pass):
+                tile_block(w_bytes, table, rowsum, y, n_planes, zero_point, task, pass_ * rows_per_pass)
 
     return main
