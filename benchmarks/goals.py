@@ -61,19 +61,23 @@ class Case:
     goals: tuple[Goal, ...]
 
 
-def converted(factory, shape, n_bits: int, act_bits: int | None, quantize_first_input: bool):
-    """A case builder: ``factory()`` converted with CSQ (``act_bits`` None: weight-only) and finalized."""
+def converted(factory, shape, n_bits: int, act_bits: int | None, quantize_first_input: bool,
+              act_symmetric: bool = True):
+    """A case builder: ``factory()`` converted with CSQ (``act_bits`` None: weight-only; ``act_symmetric``
+    False: unsigned codes with a zero point) and finalized."""
     def build():
         model = factory().eval()
-        model = csqc.convert(model, n_bits=n_bits, act_bits=act_bits, quantize_first_input=quantize_first_input)
+        model = csqc.convert(model, n_bits=n_bits, act_bits=act_bits, quantize_first_input=quantize_first_input,
+                             act_symmetric=act_symmetric)
         return csqc.finalize(model), (torch.rand(shape),)
     return build
 
 
-def charlm_step(hidden: int = 256, batch: int = 1):
+def charlm_step(hidden: int = 256, batch: int = 1, act_symmetric: bool = True):
     """The one-step model of examples/char_lm.py, converted as the example does (4-bit weights,
     8-bit activations), random init: ``(x_t, h, c) -> (logits, h', c')``."""
-    lm = csqc.convert(CharLM(hidden).eval(), n_bits=4, act_bits=8, quantize_first_input=True)
+    lm = csqc.convert(CharLM(hidden).eval(), n_bits=4, act_bits=8, quantize_first_input=True,
+                      act_symmetric=act_symmetric)
     step = CharLMStep(csqc.finalize(lm)).eval()
     return step, (torch.rand(batch, VOCAB), torch.rand(batch, hidden), torch.rand(batch, hidden))
 
@@ -85,6 +89,8 @@ CNN_GOALS = (Goal(INT8, 1.0), Goal(FP32, 2.0))
 GOALS = {
     "linear4096-w2a4": Case(converted(lambda: linear(4096, 4096), (1, 4096), 2, 4, True), (Goal(INT8, 2.5),)),
     "linear4096-w4a8": Case(converted(lambda: linear(4096, 4096), (1, 4096), 4, 8, True), (Goal(INT8, 1.3),)),
+    "linear4096-w4a8-asym": Case(converted(lambda: linear(4096, 4096), (1, 4096), 4, 8, True, act_symmetric=False),
+                                 (Goal(INT8, 1.3),)),
     "mlp784-4096-4096-10-w2a4": Case(converted(mlp, (1, 784), 2, 4, True), (Goal(INT8, 2.5),)),
     "linear4096-w2-float": Case(converted(lambda: linear(4096, 4096), (1, 4096), 2, None, False), (Goal(NBITS, 1.5),)),
     "linear4096-batch8-w2a4": Case(converted(lambda: linear(4096, 4096), (8, 4096), 2, 4, True), (Goal(INT8, 1.0),)),
@@ -93,6 +99,7 @@ GOALS = {
     "mobilenetv2-w3a4": Case(converted(mobilenet_v2, (1, 3, 224, 224), 3, 4, False), CNN_GOALS),
     "resnet18-w3a4": Case(converted(resnet18, (1, 3, 224, 224), 3, 4, False), CNN_GOALS),
     "charlm-lstm-step": Case(charlm_step, (Goal(DYNAMIC, 1.0), Goal(FP32, 1.5))),
+    "charlm-lstm-step-asym": Case(lambda: charlm_step(act_symmetric=False), (Goal(DYNAMIC, 1.0), Goal(FP32, 1.5))),
 }
 
 

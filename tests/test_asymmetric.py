@@ -116,3 +116,17 @@ def test_asymmetric_models_verify_exactly_on_llvm_and_onnx(tmp_path, case, bits,
         checked = [s for s in report.layers if s["runtime"].startswith("artifact")]
         assert checked and all(s["mismatched"]["xq"] == 0 and s["mismatched"]["acc"] == 0 and s["checked"]["acc"] > 0
                                for s in checked), checked
+
+
+def test_codes_of_a_float_computed_input_are_checked_against_the_runtimes_own_input(tmp_path):
+    """An LSTM step: the head's input (sigmoid * tanh) differs from the golden run by float ulps in
+    ONNX Runtime, so verify requantizes the runtime's own input and compares centered codes u - zp."""
+    from csqc.models.char_lm import CharLM, CharLMStep, VOCAB
+
+    torch.manual_seed(0)
+    lm = csqc.convert(CharLM(16).eval(), n_bits=4, act_bits=8, quantize_first_input=True, act_symmetric=False)
+    step = CharLMStep(csqc.finalize(lm)).eval()
+    xs = (torch.rand(1, VOCAB), torch.rand(1, 16), torch.rand(1, 16))
+    loaded = csqc.load(csqc.save(step, tmp_path / "step.pt", xs))
+    report = verify(loaded, samples=8, runtimes=("pytorch", "onnxruntime"))
+    assert report.to_json()["ok"] and report.accumulators_exact, report.to_json()["first_divergence"]
