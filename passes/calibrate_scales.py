@@ -4,9 +4,10 @@ Not a registered pass (it takes data besides the graph): the compiler calls ``ca
 the captured graph before the pipeline. ``measure_scales`` runs the interpreter (the golden
 model) over calibration batches and keeps, per dynamic ``quantize`` node, the largest scale
 it computed there (its ``max|x|``); ``apply_scales`` writes those as ``static_scale``.
-A quantizer that saw only zeros stays dynamic (a static scale must be positive). An asymmetric
-quantizer stays dynamic too (its calibrated form needs a range and a zero point: calibrate it in
-PyTorch with ``ActQuant(..., symmetric=False, mode="static")`` and ``csqc.layers.calibrate``).
+An asymmetric quantizer gets the range of everything it saw: ``lo = min(min x, 0)``,
+``hi = max(max x, 0)``, ``R = hi - lo`` as its static scale and ``round((-lo * L) / R)`` as its
+zero point (the dynamic quantizer's formulas over the union of the batches).
+A quantizer that saw only zeros stays dynamic (a static scale must be positive).
 
 Not exact, by design: a static scale clamps codes to ``L`` where an input reaches beyond the
 calibration data (the IR's static contract), so the calibrated graph is a different model, checked
@@ -28,24 +29,35 @@ from csqc.ir import Graph
 from .registry import PassResult
 from .rewrite import replace_nodes
 
-__all__ = ["CalibratedQuantizer", "measure_scales", "apply_scales", "calibrate", "calibration_report"]
+__all__ = ["StaticScale", "CalibratedQuantizer", "measure_scales", "apply_scales", "calibrate", "calibration_report"]
+
+
+@dataclass(frozen=True)
+class StaticScale:
+    """A measured static scale (asymmetric: the range ``R``) and, for an asymmetric quantizer,
+    its zero point."""
+
+    scale: float
+    zero_point: int = 0
 
 
 @dataclass(frozen=True)
 class CalibratedQuantizer:
-    """One quantizer's calibration: its mode before, and the static scale it got (None: kept)."""
+    """One quantizer's calibration: its mode before, and the static scale (and zero point) it got
+    (scale None: kept dynamic)."""
 
     name: str
     old_mode: str
     scale: float | None
+    zero_point: int | None = None
 
     def to_json(self) -> dict:
-        return {"quantizer": self.name, "old_mode": self.old_mode, "scale": self.scale}
+        data = {"quantizer": self.name, "old_mode": self.old_mode, "scale": self.scale}
+        return data if self.zero_point is None else {**data, "zero_point": self.zero_point}
 
 
 def _dynamic_quantizers(g: Graph) -> list[str]:
-    return [n.name for n in g.nodes if n.op == "quantize" and not n.attr("static_scale", 0.0) > 0
-            and not n.attr("asymmetric", False)]
+    return [n.name for n in g.nodes if n.op == "quantize" and not n.attr("static_scale", 0.0) > 0]
 
 
 def _batches(g: Graph, arrays: Sequence[np.ndarray]):
@@ -63,26 +75,53 @@ def _batches(g: Graph, arrays: Sequence[np.ndarray]):
         yield [np.asarray(a)[rows] for a in arrays]
 
 
-def measure_scales(g: Graph, arrays: Sequence[np.ndarray]) -> dict[str, float]:
-    """Per dynamic quantize node, the largest ``max|x|`` the interpreter saw on ``arrays``
-    (one array per graph input, samples first)."""
+def measure_scales(g: Graph, arrays: Sequence[np.ndarray]) -> dict[str, StaticScale]:
+    """Per dynamic quantize node, the static scale the interpreter's runs on ``arrays`` call for
+    (one array per graph input, samples first): the largest ``max|x|`` seen, or for an asymmetric
+    quantizer the range and zero point of everything seen."""
     names = _dynamic_quantizers(g)
-    scales = dict.fromkeys(names, 0.0)
+    asymmetric = {name for name in names if g.node(name).attr("asymmetric", False)}
+    scales = dict.fromkeys(names, np.float32(0))
+    lows = dict.fromkeys(asymmetric, np.float32(0))  # min(min x, 0) and max(max x, 0): exact in any order
+    highs = dict.fromkeys(asymmetric, np.float32(0))
+    inputs = [i.name for i in g.inputs]
     for chunk in _batches(g, arrays):
         record: dict = {}
         interpreter.run(g, chunk, record=record)
-        for name in names:  # max is exact in any order
-            scales[name] = max(scales[name], float(np.float32(record[f"{name}.scale"])))
-    return scales
+        for name in names:
+            if name in asymmetric:
+                source = g.node(name).inputs[0]
+                x = chunk[inputs.index(source)] if source in inputs else record[source]
+                x = np.asarray(x, np.float32)
+                lows[name] = min(lows[name], np.float32(x.min(initial=0)))
+                highs[name] = max(highs[name], np.float32(x.max(initial=0)))
+            else:
+                scales[name] = max(scales[name], np.float32(record[f"{name}.scale"]))
+    result = {}
+    for name in names:
+        if name in asymmetric:
+            lo = np.float32(lows[name])
+            r = np.float32(np.float32(highs[name]) - lo)
+            levels = 2 ** g.node(name).attr("bits") - 1
+            result[name] = StaticScale(float(r), interpreter.asymmetric_zero_point(lo, r, levels))
+        else:
+            result[name] = StaticScale(float(scales[name]))
+    return result
 
 
-def apply_scales(g: Graph, scales: Mapping[str, float]) -> PassResult:
-    """Set ``static_scale`` of the named quantize nodes (positive scales only)."""
+def apply_scales(g: Graph, scales: Mapping[str, StaticScale]) -> PassResult:
+    """Set ``static_scale`` (and an asymmetric quantizer's ``zero_point``) of the named quantize
+    nodes (positive scales only)."""
     updated = {}
     for n in g.nodes:
-        scale = scales.get(n.name, 0.0) if n.op == "quantize" else 0.0
-        if scale > 0 and n.attr("static_scale", 0.0) != scale:
-            updated[n.name] = n.replace(attrs={**n.attrs, "static_scale": float(np.float32(scale))})
+        measured = scales.get(n.name) if n.op == "quantize" else None
+        if measured is None or not measured.scale > 0:
+            continue
+        attrs = {**n.attrs, "static_scale": float(np.float32(measured.scale))}
+        if n.attr("asymmetric", False):
+            attrs["zero_point"] = int(measured.zero_point)
+        if attrs != n.attrs:
+            updated[n.name] = n.replace(attrs=attrs)
     if not updated:
         return PassResult(g, False)
     return PassResult(replace_nodes(g, updated), True)
@@ -91,7 +130,9 @@ def apply_scales(g: Graph, scales: Mapping[str, float]) -> PassResult:
 def calibrate(g: Graph, arrays: Sequence[np.ndarray]) -> tuple[PassResult, list[CalibratedQuantizer]]:
     """Measure the dynamic quantizers of ``g`` on ``arrays`` and make them static."""
     scales = measure_scales(g, arrays)
-    report = [CalibratedQuantizer(name, "dynamic", scale if scale > 0 else None) for name, scale in scales.items()]
+    report = [CalibratedQuantizer(name, "dynamic", s.scale if s.scale > 0 else None,
+                                  s.zero_point if s.scale > 0 and g.node(name).attr("asymmetric", False) else None)
+              for name, s in scales.items()]
     return apply_scales(g, scales), report
 
 

@@ -138,3 +138,33 @@ def test_cli_compile_and_verify_calibrated_digits_cnn_exactly(trained, tmp_path)
     assert out.exit_code == 0 and report["ok"] and report["accumulators_exact"], out.output
     out = CliRunner().invoke(cli, ["inspect", str(path), "--calibrate", "digits"], catch_exceptions=False)
     assert out.exit_code == 0 and "calibrated on digits" in out.output and "/static" in out.output
+
+
+def test_asymmetric_quantizers_get_the_range_and_zero_point_of_the_calibration_data(tmp_path):
+    """Range R = max(max x, 0) - min(min x, 0) over all batches and zp = round((-lo * L) / R); the
+    calibrated model is exact across the interpreter, ONNX Runtime and llvm."""
+    import torch
+    from torch import nn
+
+    import csqc
+    from csqc.capture import capture
+    from csqc.interpreter import asymmetric_zero_point
+
+    torch.manual_seed(2)
+    model = csqc.convert(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)).eval(), n_bits=4, act_bits=8,
+                         act_symmetric=False, quantize_first_input=True)
+    loaded = csqc.load(csqc.save(csqc.finalize(model), tmp_path / "m.pt", torch.randn(2, 12)))
+    rng = np.random.default_rng(4)
+    calib = (rng.standard_normal((6, 12)) + 0.5).astype(np.float32)
+    result, report = calibrate(capture(loaded), [calib])
+    first = result.graph.nodes[0]
+    lo, hi = np.float32(min(calib.min(), 0)), np.float32(max(calib.max(), 0))
+    r = np.float32(hi - lo)
+    assert first.op == "quantize" and first.attr("asymmetric")
+    assert first.attr("static_scale") == float(r) and first.attr("zero_point") == asymmetric_zero_point(lo, r, 255) > 0
+    assert all(q.scale and q.zero_point is not None for q in report)
+    check = (calib[:4] * np.float32(1.2)).astype(np.float32)  # a few codes clamp at 0 and L
+    for target, suffix in (("llvm", ".so"), ("onnx", ".onnx")):
+        art = csqc.compile(loaded, target, tmp_path / f"m{suffix}", calibrate=calib)
+        verdict = csqc.verify(loaded, inputs=[check], batch=2, artifact=str(art.output), calibrate=calib)
+        assert verdict.ok and verdict.accumulators_exact, (target, verdict.to_json()["pairs"])
