@@ -259,3 +259,15 @@ def test_one_input_channel_convs_run_and_verify(tmp_path, kernel):
     result = csqc.compile(model, "llvm", out, force_kernel=kernel)
     assert result.report["kernels"]["0"] == kernel and result.report["kernels"]["2"] == kernel
     _assert_artifact_exact(verify(model, samples=4, artifact=str(out), per_layer=True), out.name)
+
+
+def test_table_lookup_only_where_the_cpu_has_byte_permutes():
+    from csqc.targets.aarch64.target import Aarch64Backend
+    from csqc.targets.llvm.backend import CpuBackend, has_table_lookup
+    from csqc.targets.llvm.kernels import cpu_target
+
+    assert has_table_lookup(cpu_target("sapphirerapids")) and has_table_lookup(cpu_target("znver4"))
+    assert not has_table_lookup(cpu_target("cascadelake"))  # VNNI without VBMI
+    assert CpuBackend(table_lookup=True).bitserial_knobs().table_lookup
+    assert not CpuBackend().bitserial_knobs().table_lookup
+    assert not Aarch64Backend().bitserial_knobs().table_lookup  # x86 instructions

@@ -7,7 +7,16 @@ from csqc.ir import Node
 from csqc.targets.tvm.backend import LayerChoice
 from csqc.targets.tvm.geometry import is_depthwise_layer
 
-__all__ = ["CpuBackend", "choose_kernel"]
+__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup"]
+
+
+def has_table_lookup(target) -> bool:
+    """Whether an x86 TVM target has the byte permutes (AVX-512 VBMI ``vpermb``) of the
+    table-lookup bit-serial dense kernel (Ice Lake, Sapphire Rapids, Zen 4 and later;
+    Cascade Lake has VNNI without VBMI)."""
+    from tvm.target import codegen
+
+    return bool(codegen.llvm_cpu_has_features(["avx512vbmi"], target))
 
 
 def choose_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
@@ -66,10 +75,16 @@ class CpuBackend:
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
 
-    def __init__(self):
+    def __init__(self, table_lookup: bool = False):
+        """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the
+        target CPU has AVX-512 VBMI; see :func:`has_table_lookup`)."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
+        self.table_lookup = table_lookup
+
+    def bitserial_knobs(self):
+        return self.kernels.BitserialKnobs(table_lookup=self.table_lookup)
 
     def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
         return choose_kernel(n, rows, q)
