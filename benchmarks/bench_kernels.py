@@ -28,6 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from csqc.targets.llvm import kernels, packing
+from csqc.targets.llvm.backend import has_table_lookup
 from csqc.targets.tvm.geometry import conv_geometry
 
 THREADS = 2
@@ -75,7 +76,8 @@ def bitserial_case(m: int, n: int, k: int, weight_bits: int, act_bits: int, rng)
     shifts_signs = [(bit, 1) for bit in reversed(range(weight_bits))]
     planes = rng.integers(0, 2, (weight_bits, n, k)).astype(np.uint8)
     x = rng.integers(0, 1 << act_bits, (m, k)).astype(np.uint8)
-    knobs = kernels.BitserialKnobs()
+    # the compiler's choice for this CPU: vpermb table lookups where AVX-512 VBMI exists
+    knobs = kernels.BitserialKnobs(table_lookup=has_table_lookup(kernels.cpu_target()))
     kernel = kernels.build(kernels.bitserial_dense(m, n, k, shifts_signs, act_bits, True, knobs=knobs))
     packed = packing.pack_weight_planes(planes, lanes=knobs.lanes)
     args = (x, packed, weight_bits, zero_point)

@@ -222,6 +222,41 @@ def test_bitserial_assembly_has_popcount():
     assert "vpopcnt" in assembly or "popcnt" in assembly
 
 
+HAS_VBMI = "avx512vbmi" in open("/proc/cpuinfo").read()
+LOOKUP = kernels.BitserialKnobs(table_lookup=True)
+needs_vbmi = pytest.mark.skipif(not HAS_VBMI, reason="the table-lookup kernel needs AVX-512 VBMI (vpermb)")
+
+
+@needs_vbmi
+@pytest.mark.parametrize("m,n,k", [(1, 16, 32), (1, 21, 37), (3, 40, 300)])
+@pytest.mark.parametrize("encoding,bits,act_bits", [("offset", 2, 4), ("posneg", 2, 5), ("offset", 3, 1)])
+def test_bitserial_dense_table_lookup(m, n, k, encoding, bits, act_bits):
+    # k=300: 10 words, an unrolled part and a tail; n=21/40: a partial last tile; act_bits=5
+    # is the widest whose two table entries per byte still fit (2 * 4 * 31 = 248)
+    q = random_q((n, k), bits, encoding)
+    planes, shifts_signs, zero_point = planes_from_q(q, bits, encoding)
+    x = np.full((m, k), (1 << act_bits) - 1)
+    x[1:] = RNG.integers(0, 1 << act_bits, (m - 1, k))  # row 0 at the largest code
+    for used in (len(shifts_signs), 1):
+        truncated = packing.combine_planes(planes, shifts_signs, zero_point, n_planes=used)
+        y = run_bitserial_dense(x, planes, shifts_signs, act_bits, zero_point, n_planes=used, knobs=LOOKUP)
+        np.testing.assert_array_equal(y, dense_reference(x, truncated))
+
+
+@needs_vbmi
+def test_bitserial_dense_table_lookup_assembly_and_fallback():
+    lookup = built(kernels.bitserial_dense, 1, 32, 64, [(1, 1), (0, 1)], 4, False, knobs=LOOKUP)
+    assert "vpermb" in lookup.assembly() and "vpdpbusd" in lookup.assembly()
+    # 6-bit codes would overflow a byte of table sums: the popcount kernel runs instead, exactly
+    wide = built(kernels.bitserial_dense, 2, 32, 64, [(1, 1), (0, 1)], 6, False, knobs=LOOKUP)
+    assert "vpermb" not in wide.assembly()
+    q = random_q((32, 64), 2, "offset") + 2
+    planes, shifts_signs, _ = planes_from_q(q - 2, 2, "offset")
+    x = RNG.integers(0, 64, (2, 64))
+    np.testing.assert_array_equal(
+        run_bitserial_dense(x, planes, shifts_signs, 6, None, knobs=LOOKUP), dense_reference(x, q))
+
+
 # ------------------------------------------------------------------------------------------
 # Bit-parallel dense
 # ------------------------------------------------------------------------------------------

@@ -263,3 +263,33 @@ def test_one_input_channel_convs_run_and_verify(tmp_path, kernel):
     result = csqc.compile(model, "llvm", out, force_kernel=kernel)
     assert result.report["kernels"]["0"] == kernel and result.report["kernels"]["2"] == kernel
     _assert_artifact_exact(verify(model, samples=4, artifact=str(out), per_layer=True), out.name)
+
+
+def test_table_lookup_only_where_the_cpu_has_byte_permutes():
+    from csqc.targets.aarch64.target import Aarch64Backend
+    from csqc.targets.llvm.backend import CpuBackend, has_table_lookup
+    from csqc.targets.llvm.kernels import cpu_target
+
+    assert has_table_lookup(cpu_target("sapphirerapids")) and has_table_lookup(cpu_target("znver4"))
+    assert not has_table_lookup(cpu_target("cascadelake"))  # VNNI without VBMI
+    assert CpuBackend(table_lookup=True).bitserial_knobs().table_lookup
+    assert not CpuBackend().bitserial_knobs().table_lookup
+    assert not Aarch64Backend().bitserial_knobs().table_lookup  # x86 instructions
+
+
+@pytest.mark.parametrize("active_bits,act_bits,lookup,kernel", [
+    ((3, 2, 1, 0), 4, True, "bitserial"),     # 4 planes x 4 bits: 16 pairs, but table lookups are flat in bits
+    ((3, 2, 1, 0), 4, False, "bitparallel"),  # popcount: 16 pairs cost more than int8
+    ((3, 2, 1, 0), 5, True, "bitparallel"),   # offset codes would need 6 bits: no table lookups
+    ((5, 4, 3, 2, 1, 0), 4, True, "bitparallel"),  # 6 planes stream nearly int8's bytes
+])
+def test_one_row_cost_model_with_table_lookups(active_bits, act_bits, lookup, kernel):
+    from irbuild import quant_layer_graph
+
+    from csqc.targets.llvm.backend import choose_kernel
+
+    g, _ = quant_layer_graph(np.random.default_rng(0), n_bits=max(active_bits) + 1, active_bits=active_bits,
+                             act_bits=act_bits, batch=1)
+    layer = next(n for n in g.nodes if n.op == "qlinear")
+    q = g.params[layer.inputs[1]]
+    assert choose_kernel(layer, 1, q, table_lookup=lookup).kernel == kernel

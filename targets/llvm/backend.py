@@ -7,16 +7,29 @@ from csqc.ir import Node
 from csqc.targets.tvm.backend import LayerChoice
 from csqc.targets.tvm.geometry import is_depthwise_layer
 
-__all__ = ["CpuBackend", "choose_kernel"]
+_LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
+
+__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup"]
 
 
-def choose_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
+def has_table_lookup(target) -> bool:
+    """Whether an x86 TVM target has the byte permutes (AVX-512 VBMI ``vpermb``) of the
+    table-lookup bit-serial dense kernel (Ice Lake, Sapphire Rapids, Zen 4 and later;
+    Cascade Lake has VNNI without VBMI)."""
+    from tvm.target import codegen
+
+    return bool(codegen.llvm_cpu_has_features(["avx512vbmi"], target))
+
+
+def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False) -> LayerChoice:
     """Pick the faster kernel for one quantized layer (a cost model from measurements here).
 
     Bit-serial cost grows with planes x activation bits per row; int8 VNNI cost is flat in
     bits. Measured on this CPU (AVX-512 VPOPCNTDQ + VNNI): at one row, 2-bit weights x 4-bit
     activations (8 plane pairs) run ~1.6x faster bit-serial, 4 x 8 (32 pairs) ~2.4x slower;
-    at 64 rows int8 wins at every width.
+    at 64 rows int8 wins at every width.  With ``table_lookup`` (the vpermb GEMV, cost flat in
+    activation bits up to 5) one row stays bit-serial up to 5 planes: 4096x4096 on a Zen 5 core,
+    5 planes took 118-143 us against 157-177 us for int8 (10 MiB of planes against 16 MiB).
     """
     spec = n.quant
     if spec.act_bits is None:
@@ -30,6 +43,11 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
         return LayerChoice("bitserial", "weights exceed int8")
     if depthwise:
         return LayerChoice("bitparallel", "depthwise: K is tiny, direct int8 kernel")
+    # (offset activation codes take one more bit, hence < rather than <=)
+    if table_lookup and n.op == "qlinear" and rows == 1 and spec.act_bits < _LUT_MAX_ACT_BITS \
+            and spec.num_planes <= 5:
+        return LayerChoice("bitserial", f"one row, {spec.num_planes} planes: table lookups stream fewer bytes "
+                                        "than int8")
     if rows * pairs <= 12:
         return LayerChoice("bitserial", f"{rows} row(s) x {pairs} plane pairs: popcount is cheaper")
     return LayerChoice("bitparallel", f"{rows} rows x {pairs} plane pairs: int8 dot products are cheaper")
@@ -67,10 +85,16 @@ class CpuBackend:
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
 
-    def __init__(self):
+    def __init__(self, table_lookup: bool = False):
+        """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the
+        target CPU has AVX-512 VBMI; see :func:`has_table_lookup`)."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
+        self.table_lookup = table_lookup
+
+    def bitserial_knobs(self):
+        return self.kernels.BitserialKnobs(table_lookup=self.table_lookup)
 
     def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
-        return choose_kernel(n, rows, q)
+        return choose_kernel(n, rows, q, self.table_lookup)

@@ -16,6 +16,9 @@ every kernel is its output buffer; scalars come right before it.
   ``popcount(W_p & X_j)`` per activation bit in vector registers (lanes along N), folding the
   activation bits and the plane coefficient once per plane.  The runtime ``n_planes`` argument
   stops after the first planes (PrecisionBatching); the test is lane-uniform, once per plane.
+  With ``BitserialKnobs.table_lookup`` (AVX-512 VBMI) and up to 5 activation bits it looks up
+  per-row tables of activation sums with ``vpermb`` instead (7 vector ops per 64 bytes of
+  planes instead of 3 per activation bit): the batch-1 GEMV.
 * :func:`bitparallel_dense` -- int8 weights (combined at pack time), u8 x s8 dot products with
   AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
 * :func:`lut_dense` (from :mod:`.weightonly`) -- float activations x weight planes by table
@@ -74,12 +77,17 @@ class BitserialKnobs:
     word_unroll: packed K-words unrolled in the popcount loop.
     rows_per_task: rows of M handled by one parallel task (the weight tile stays in L1).
     pack_chunk: packed words per vector chunk in the activation packer.
+    table_lookup: dense kernels with ``act_bits <= 5``, int32 accumulators and 16 lanes look up
+        per-row tables of activation sums (``vpermb``, AVX-512 VBMI: the backend sets it only
+        for CPUs that have it) instead of AND+popcount per activation bit (see
+        :func:`_bitserial_dense_lut`); same weight layout and results.
     """
 
     lanes: int = 16
     word_unroll: int = 2
     rows_per_task: int = 8
     pack_chunk: int = 64
+    table_lookup: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class BitparallelKnobs:
         0 = per shape (a tuned entry from :func:`tune_bitparallel_conv2d`, else a heuristic).
     """
 
-    row_block: int = 4
+    row_block: int = 8
     col_vectors: int = 2
     conv_channels: int = 0
     conv_vectors: int = 0
@@ -315,6 +323,8 @@ def bitserial_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, in
     with_zero_point = bool(zero_point)  # the PrimFunc has a scalar parameter of the same name
     knobs = knobs or BitserialKnobs()
     shifts_signs = [tuple(map(int, item)) for item in shifts_signs]
+    if _lut_applies(act_bits, acc_dtype, knobs):
+        return _bitserial_dense_lut(M, N, K, shifts_signs, act_bits, with_zero_point, knobs)
     planes_count = len(shifts_signs)
     lanes = knobs.lanes
     kw = words_for(K)
@@ -393,6 +403,146 @@ def bitserial_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, in
                         sums[0] = sums[0] + (T.reinterpret("int32", T.popcount(act_planes[m, j, word])) << j)
                 rowsum[m] = sums[0]
         core(w_planes, act_planes, rowsum, y, n_planes, zero_point)
+
+    return main
+
+
+# Table lookup: ``table[m, w, half, 16 * b + e]`` is the sum of the activation codes of the
+# 4-value group ``(w, nibble 2b + half)`` selected by the 4 bits of ``e``; the group of nibble
+# ``i`` of packed word ``w`` is ``k = (4i + t) * KW + w`` for ``t < 4`` (the packing's bit order).
+# Four groups' entries fit one 64-byte vpermb table, one per byte position of a weight dword;
+# a byte's two nibbles use the tables of its two halves.  Entries are at most 4 * 31, so the two
+# lookups of a byte add up to at most 248 and fit an unsigned byte (hence act_bits <= 5).
+_LUT_MAX_ACT_BITS = 5
+_VPERMB = "llvm.x86.avx512.permvar.qi.512"
+_NIBBLES = 0x0F0F0F0F
+_BYTE_TABLE = 0x30201000  # byte b of a dword indexes the 16-entry table at offset 16 * b
+
+
+def _lut_applies(act_bits: int, acc_dtype: str, knobs: BitserialKnobs) -> bool:
+    return knobs.table_lookup and knobs.lanes == 16 and act_bits <= _LUT_MAX_ACT_BITS and acc_dtype == "int32"
+
+
+def _lookup_words(acc, tables, weights, m, nt, p, first_word, count):
+    """``acc`` plus the table sums of ``count`` packed words (per output lane, bytes summed by
+    ``vpdpbusd`` with ones)."""
+    ones = T.broadcast(T.int8(1), 4 * VNNI_LANES)
+    total = acc
+    for wi in range(count):
+        word = weights[nt, p, first_word + wi, T.ramp(0, 1, VNNI_LANES)]
+        low = T.reinterpret("int8x64", (word & T.broadcast(T.uint32(_NIBBLES), VNNI_LANES))
+                            | T.broadcast(T.uint32(_BYTE_TABLE), VNNI_LANES))
+        high = T.reinterpret("int8x64", ((word >> T.broadcast(T.uint32(4), VNNI_LANES))
+                                         & T.broadcast(T.uint32(_NIBBLES), VNNI_LANES))
+                             | T.broadcast(T.uint32(_BYTE_TABLE), VNNI_LANES))
+        sums = (T.call_llvm_pure_intrin("int8x64", _VPERMB, T.reinterpret(
+                    "int8x64", tables[m, first_word + wi, 0, T.ramp(0, 1, 4 * VNNI_LANES)]), low)
+                + T.call_llvm_pure_intrin("int8x64", _VPERMB, T.reinterpret(
+                    "int8x64", tables[m, first_word + wi, 1, T.ramp(0, 1, 4 * VNNI_LANES)]), high))
+        total = T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, total, sums, ones)
+    return total
+
+
+def _bitserial_dense_lut(M: int, N: int, K: int, shifts_signs, act_bits: int, with_zero_point: bool,
+                         knobs: BitserialKnobs) -> tirx.PrimFunc:
+    """:func:`bitserial_dense` by table lookups (same signature, weights and result).
+
+    The popcount kernel spends an AND, a popcount and an add per weight vector and activation
+    bit (12 vector ops per 64 bytes of planes at 4 bits, the bound at batch 1 on AVX-512);
+    here a weight vector costs two ``vpermb`` lookups into per-row tables of activation sums,
+    one byte add and one ``vpdpbusd`` (7 ops whatever ``act_bits``).  The tables
+    (``KW * 128`` bytes per row) are built once per call, in parallel over word chunks.
+    """
+    planes_count = len(shifts_signs)
+    lanes = VNNI_LANES
+    kw = words_for(K)
+    n_tiles = -(-N // lanes)
+    last_tile_width = N - (n_tiles - 1) * lanes
+    rows_per_task = max(1, min(knobs.rows_per_task, M))
+    row_blocks = -(-M // rows_per_task)
+    unroll, full_steps, tail_words = _chunks(kw, knobs.word_unroll)
+    word_chunk, word_chunks, word_tail = _chunks(kw, knobs.pack_chunk)
+    chunks_per_row = word_chunks + (1 if word_tail else 0)
+
+    def code(x, m, k):
+        return T.if_then_else(k < K, T.Cast("uint8", x[m, T.min(k, K - 1)]), T.uint8(0))
+
+    @T.macro
+    def build_tables(x, tables, m, first_word, size):
+        for wi in range(size):
+            for half in T.unroll(2):
+                for b in T.unroll(4):
+                    for e in T.vectorized(16):
+                        tables[m, first_word + wi, half, b * 16 + e] = (
+                            T.Select(e & 1 == 1, code(x, m, (8 * b + 4 * half) * kw + first_word + wi), T.uint8(0))
+                            + T.Select(e & 2 == 2, code(x, m, (8 * b + 4 * half + 1) * kw + first_word + wi), T.uint8(0))
+                            + T.Select(e & 4 == 4, code(x, m, (8 * b + 4 * half + 2) * kw + first_word + wi), T.uint8(0))
+                            + T.Select(e & 8 == 8, code(x, m, (8 * b + 4 * half + 3) * kw + first_word + wi), T.uint8(0)))
+
+    @T.macro
+    def plane_sums(tables, weights, total, m, nt, p):
+        acc = T.alloc_buffer((unroll,), "int32x16", scope="local", annotations=_ON_STACK)
+        for u in T.unroll(unroll):
+            acc[u] = T.broadcast(T.int32(0), lanes)
+        for step in range(full_steps):
+            for u in T.unroll(unroll):
+                acc[u] = _lookup_words(acc[u], tables, weights, m, nt, p, step * unroll + u, 1)
+        if tail_words > 0:
+            acc[0] = _lookup_words(acc[0], tables, weights, m, nt, p, full_steps * unroll, tail_words)
+        for u in T.unroll(unroll):
+            total[T.ramp(0, 1, lanes)] = total[T.ramp(0, 1, lanes)] + T.broadcast(
+                _plane_coefficient(p, shifts_signs, "int32"), lanes) * acc[u]
+
+    @T.macro
+    def store_tile(out, total, nt, m):
+        if last_tile_width == lanes:
+            out[m, T.ramp(nt * lanes, 1, lanes)] = total[T.ramp(0, 1, lanes)]
+        else:
+            if nt < n_tiles - 1:
+                out[m, T.ramp(nt * lanes, 1, lanes)] = total[T.ramp(0, 1, lanes)]
+            else:
+                for lane in range(last_tile_width):
+                    out[m, nt * lanes + lane] = total[lane]
+
+    @T.prim_func
+    def main(x: T.Buffer((M, K), "uint8"),
+             w_planes: T.Buffer((n_tiles, planes_count, kw, lanes), "uint32"),
+             n_planes: T.int32, zero_point: T.int32,
+             y: T.Buffer((M, N), "int32")):
+        T.func_attr({"tir.noalias": True})
+        tables = T.alloc_buffer((M, kw, 2, 4 * lanes), "uint8")
+        rowsum = T.alloc_buffer((M,), "int32")
+        for task in T.parallel(M * chunks_per_row):
+            if task % chunks_per_row < word_chunks:
+                build_tables(x, tables, task // chunks_per_row, task % chunks_per_row * word_chunk, word_chunk)
+            else:
+                build_tables(x, tables, task // chunks_per_row, word_chunks * word_chunk, word_tail)
+        if with_zero_point:
+            for m in T.parallel(M):
+                sums = T.alloc_buffer((lanes,), "int32", scope="local", annotations=_ON_STACK)
+                for lane in T.vectorized(lanes):
+                    sums[lane] = 0
+                for c in range(K // lanes):
+                    for lane in T.vectorized(lanes):
+                        sums[lane] = sums[lane] + T.Cast("int32", x[m, c * lanes + lane])
+                for k in range(K % lanes):
+                    sums[0] = sums[0] + T.Cast("int32", x[m, K // lanes * lanes + k])
+                rowsum[m] = 0
+                for lane in range(lanes):
+                    rowsum[m] = rowsum[m] + sums[lane]
+        for task in T.parallel(n_tiles * row_blocks):
+            total = T.alloc_buffer((lanes,), "int32", scope="local", annotations=_ON_STACK)
+            for mi in range(rows_per_task):
+                if (task % row_blocks) * rows_per_task + mi < M:
+                    total[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for p in range(planes_count):
+                        if p < n_planes:
+                            plane_sums(tables, w_planes, total, (task % row_blocks) * rows_per_task + mi,
+                                       task // row_blocks, p)
+                    if with_zero_point:
+                        total[T.ramp(0, 1, lanes)] = total[T.ramp(0, 1, lanes)] - T.broadcast(
+                            zero_point * rowsum[(task % row_blocks) * rows_per_task + mi], lanes)
+                    store_tile(y, total, task // row_blocks, (task % row_blocks) * rows_per_task + mi)
 
     return main
 

@@ -12,7 +12,7 @@ from csqc.ir import Graph
 from csqc.targets.tvm.build import build_plan, write_artifact
 from csqc.targets.tvm.lower import lower_graph
 
-from .backend import CpuBackend
+from .backend import CpuBackend, has_table_lookup
 
 __all__ = ["check_cpu", "emit_llvm"]
 
@@ -45,7 +45,8 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     except Exception as e:
         raise CompileError(f"invalid CPU target (mcpu={mcpu!r}): {e}") from None
     t0 = time.perf_counter()
-    plan = lower_graph(graph, backend=CpuBackend(), force_kernel=force_kernel, on_layer=on_layer)
+    backend = CpuBackend(table_lookup=has_table_lookup(target))
+    plan = lower_graph(graph, backend=backend, force_kernel=force_kernel, on_layer=on_layer)
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()

@@ -95,6 +95,8 @@ class _Lowerer:
         b = backend
         self.target_name = b.name
         self.glue, self.kernels, self.packing, self.choose_kernel = b.glue, b.kernels, b.packing, b.choose_kernel
+        # a backend may tune the bit-serial knobs to its CPU (the llvm one: table lookups)
+        self.bitserial_knobs = getattr(b, "bitserial_knobs", self.kernels.BitserialKnobs)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -371,7 +373,7 @@ class _Lowerer:
         planes, plane_spec, z = self._planes(n)
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
-        knobs = self.kernels.BitserialKnobs()
+        knobs = self.bitserial_knobs()
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             planes5 = planes.reshape(len(plane_spec), *shape)
