@@ -306,7 +306,8 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                 elif key == "acc":
                     v = v.astype(np.int64) - record[names["acc_neg"]] if names.get("acc_neg") else v.astype(np.int64)
                     if names.get("acc_offset"):  # the product of offset codes, less L * sum_k q[c, k]
-                        v = v - record[names["acc_offset"]].astype(np.int64)
+                        offset = record[names["acc_offset"]].astype(np.int64)
+                        v = v - (offset[:, None, None] if v.ndim == 4 else offset)  # per channel: NCHW axis 1
                     v = v << int(names.get("acc_shift", 0))
                 elif key == "scale":
                     v = np.float32(v.reshape(-1)[0])

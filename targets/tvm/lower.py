@@ -151,19 +151,28 @@ class _Lowerer:
 
         Offset codes are in ``[0, 2L]``: they fit uint8 up to 7 bits, and doubling the largest
         code doubles the accumulator bound, which must stay within every user's accumulator.
-        Convolutions keep sign parts: zero padding would read as code ``-L``.
+        Convolutions take them only without padding (zero padding would read as code ``-L``)
+        and on the bit-parallel kernel (MobileNetV2's expand convs read the signed residual
+        stream: one int8 pass instead of one per sign).
         """
         if not (self.offset_codes and n.type.qsigned and n.type.qbits <= 7):
             return False
         for user in self.users.get(n.name, []):
             if user.op == "dequantize":
                 continue
-            if user.op != "qlinear" or user.inputs[0] != n.name:
+            if user.inputs[0] != n.name or not (user.op == "qlinear" or self._conv_takes_offset_codes(user)):
                 return False
             limit = INT32_LIMIT if user.quant.acc_dtype == "int32" else 2**63 - 1
             if 2 * accumulator_bound(self.g, user) > limit:
                 return False
         return True
+
+    def _conv_takes_offset_codes(self, n: Node) -> bool:
+        """Whether quantized conv ``n`` runs on the bit-parallel kernel without padding, so every
+        tap of every output reads a real code and ``L * sum_k q[c, k]`` is its exact offset."""
+        if n.op != "qconv2d" or any(int(p) for p in n.attr("padding")) or self.force == "bitserial":
+            return False
+        return self.choose_kernel(n, output_rows(n), decode_weight(self.g, n)).kernel == "bitparallel"
 
     def lower_quantize(self, n: Node) -> None:
         bits, static, signed = n.attr("bits"), float(n.attr("static_scale", 0.0)), bool(n.attr("signed"))
