@@ -83,8 +83,9 @@ class CompiledModel:
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
         # (scale buffer, L, largest safe scale, quantize node) of every dynamic quantization:
         # see _check_overflow
-        self._scales = [(self.buffers[st["args"][1]], st["levels"], largest_safe_scale(st["levels"]),
-                         st.get("layer", st["func"])) for st in self.plan["steps"] if "levels" in st]
+        self._scales = [(self.buffers[st["args"][st.get("scale_arg", 1)]], st["levels"], largest_safe_scale(st["levels"]),
+                         str(st.get("quantizer") or st.get("layer", st["func"]))) for st in self.plan["steps"]
+                        if "levels" in st]
         if self._host:
             self._scales = [(np.from_dlpack(buf).reshape(-1), *rest) for buf, *rest in self._scales]
 
@@ -460,8 +461,10 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 ok = isinstance(a, dict) and isinstance(a.get("planes"), str) and a["planes"] in layers
             if not ok:
                 return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32 or layer"
-        if "levels" in step:  # a dynamic quantize step: args[1] is its float32[1] scale
-            scale = buffers.get(step["args"][1]) if len(step["args"]) > 1 and isinstance(step["args"][1], str) else None
+        if "levels" in step:  # a dynamic quantization: args[scale_arg] (default 1) is its float32[1] scale
+            at = step.get("scale_arg", 1)
+            scale = buffers.get(step["args"][at]) if type(at) is int and 0 <= at < len(step["args"]) \
+                and isinstance(step["args"][at], str) else None
             if type(step["levels"]) is not int or not 1 <= step["levels"] <= 255 or scale is None \
                     or scale["shape"] != [1] or scale["dtype"] != "float32":
                 return f"step {i} ({step['func']}) needs levels 1..255 and a float32[1] scale buffer"
