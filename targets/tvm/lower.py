@@ -103,6 +103,7 @@ class _Lowerer:
         self.quant_parts: dict[str, tuple[str, str | None, str]] = {}  # quantize node -> (pos, neg, scale)
         self.offset_codes = b.offset_codes
         self.fused_requant = b.fused_requant
+        self.int16_depthwise = b.int16_depthwise
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         self.users = g.users()
         self.fused_quantize: set[str] = set()  # dynamic quantize nodes their producer's epilogue computes
@@ -402,8 +403,13 @@ class _Lowerer:
             depthwise = is_depthwise_layer(n.op, shape)
             info["pack"] = "depthwise" if depthwise else "conv"
             packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
-            key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})"
-            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation, groups, knobs))
+            # the run-time plane knob recombines the weights: twice the bound covers any truncation
+            narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise
+                                                    and 2 * accumulator_bound(self.g, n) < 2**15) else {}
+            key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
+                ",int16" if narrow else "")
+            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation,
+                                                                            groups, knobs, **narrow))
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             info["pack"] = "dense"
