@@ -25,10 +25,17 @@ def _model(tmp_path):
     return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 3, 7, 7)))
 
 
-def test_dynamic_quantizers_fuse_into_integer_epilogues_and_verify_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("fused")
     model = _model(tmp_path)
     art = tmp_path / "m.so"
     csqc.compile(model, "llvm", art)
+    return model, art
+
+
+def test_dynamic_quantizers_fuse_into_integer_epilogues_and_verify_exactly(compiled):
+    model, art = compiled
     m = runtime.load(art)
     fused = [s for s in m.plan["steps"] if "scale_arg" in s]
     # the first two integer convs; the last one's y goes through Flatten before the linear's quantizer
@@ -45,12 +52,19 @@ def test_dynamic_quantizers_fuse_into_integer_epilogues_and_verify_exactly(tmp_p
     assert len(rows) == 4 and all(r["mismatched"]["xq"] == 0 for r in rows), rows
 
 
-def test_fused_dynamic_scale_overflow_is_refused(tmp_path):
-    model = _model(tmp_path)
-    art = tmp_path / "m.so"
-    csqc.compile(model, "llvm", art)
-    m = runtime.load(art)
+def test_fused_dynamic_scale_overflow_is_refused(compiled):
+    m = runtime.load(compiled[1])
     # large enough that the first fused scale (layer 2's y, quantized for layer 4) overflows
     x = np.full(m.inputs[0]["shape"], 1e36, np.float32)
     with pytest.raises(csqc.BadInput, match=r"overflows float32 .*\(4\.input_quant\.quant quantizes"):
         m(x)
+
+
+def test_profile_steps_times_every_kernel_call(compiled):
+    m = runtime.load(compiled[1])
+    x = np.random.default_rng(0).random(m.inputs[0]["shape"], dtype=np.float32)
+    steps = runtime.profile_steps(m, x, repeat=3)
+    assert [s.index for s in steps] == list(range(len(m.plan["steps"])))
+    assert [s.node for s in steps] == [s.get("layer", "") for s in m.plan["steps"]]
+    assert {"conv2d_f32", "quantize", "bpconv", "epilogue"} <= {s.kind for s in steps}
+    assert all(s.median_us > 0 for s in steps)
