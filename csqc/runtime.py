@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import os
 import platform
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -25,7 +27,7 @@ from .artifact import (BITPARALLEL_LAYOUTS, combine_planes, load_library, pack_b
 from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 
-__all__ = ["CompiledModel", "load", "check_plan"]
+__all__ = ["CompiledModel", "StepTime", "load", "check_plan", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 
@@ -81,8 +83,9 @@ class CompiledModel:
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
         # (scale buffer, L, largest safe scale, quantize node) of every dynamic quantization:
         # see _check_overflow
-        self._scales = [(self.buffers[st["args"][1]], st["levels"], largest_safe_scale(st["levels"]),
-                         st.get("layer", st["func"])) for st in self.plan["steps"] if "levels" in st]
+        self._scales = [(self.buffers[st["args"][st.get("scale_arg", 1)]], st["levels"], largest_safe_scale(st["levels"]),
+                         str(st.get("quantizer") or st.get("layer", st["func"]))) for st in self.plan["steps"]
+                        if "levels" in st]
         if self._host:
             self._scales = [(np.from_dlpack(buf).reshape(-1), *rest) for buf, *rest in self._scales]
 
@@ -296,8 +299,6 @@ class CompiledModel:
 
     def time_us(self, *inputs, repeat: int = 50, skip_planes=0) -> float:
         """Median wall time of one call in microseconds (inputs copied in each time)."""
-        import time
-
         self(*inputs, skip_planes=skip_planes)
         times = []
         for _ in range(repeat):
@@ -305,6 +306,41 @@ class CompiledModel:
             self(*inputs, skip_planes=skip_planes)
             times.append(time.perf_counter() - t)
         return float(np.median(times) * 1e6)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Median time of one kernel call of an artifact's plan."""
+
+    index: int  # position in the plan's steps
+    node: str  # the IR node the call lowers ("" for calls without one)
+    kind: str  # the kernel builder: conv2d_f32, epilogue, quantize, bitparallel_conv2d, ...
+    median_us: float
+
+
+def _kernel_kind(func: str) -> str:
+    """``k12_epilogue`` -> ``epilogue`` (the planner names kernels ``k<n>_<builder>``)."""
+    return func.split("_", 1)[1] if func.startswith("k") and "_" in func else func
+
+
+def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepTime]:
+    """Median wall time of every kernel call of ``model`` on ``inputs``, in plan order.
+
+    Each call is timed on its own (a few tenths of a microsecond of Python call overhead
+    included), so the sum is close to, not equal to, ``model.time_us``: use it to see where
+    the time goes, not as the model's latency.
+    """
+    model(*inputs)  # copies the inputs in and prepares derived weights
+    calls = model._calls(())
+    samples = np.zeros((repeat, len(calls)))
+    for r in range(repeat):
+        for i, (func, args) in enumerate(calls):
+            start = time.perf_counter()
+            func(*args)
+            samples[r, i] = time.perf_counter() - start
+    medians = np.median(samples, axis=0) * 1e6
+    return [StepTime(i, step.get("layer", ""), _kernel_kind(step["func"]), float(t))
+            for i, (step, t) in enumerate(zip(model.plan["steps"], medians))]
 
 
 _SMALL_ARRAY = 4096  # elements: below this isfinite is cheaper than entering np.errstate (~1.5 us)
@@ -425,8 +461,10 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 ok = isinstance(a, dict) and isinstance(a.get("planes"), str) and a["planes"] in layers
             if not ok:
                 return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32 or layer"
-        if "levels" in step:  # a dynamic quantize step: args[1] is its float32[1] scale
-            scale = buffers.get(step["args"][1]) if len(step["args"]) > 1 and isinstance(step["args"][1], str) else None
+        if "levels" in step:  # a dynamic quantization: args[scale_arg] (default 1) is its float32[1] scale
+            at = step.get("scale_arg", 1)
+            scale = buffers.get(step["args"][at]) if type(at) is int and 0 <= at < len(step["args"]) \
+                and isinstance(step["args"][at], str) else None
             if type(step["levels"]) is not int or not 1 <= step["levels"] <= 255 or scale is None \
                     or scale["shape"] != [1] or scale["dtype"] != "float32":
                 return f"step {i} ({step['func']}) needs levels 1..255 and a float32[1] scale buffer"

@@ -171,6 +171,29 @@ def test_epilogue_bit_exact(shape, axis, levels, act, has_add, acc_dtype, has_ne
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("shape,axis,act,signed,offset", [
+    ((1, 8, 9, 9), 1, "relu", False, False),  # NCHW, 81-pixel rows: vectors and a tail
+    ((2, 3, 5, 4), 1, "clip", True, False),  # rows narrower than a vector: channel along the row
+    ((3, 37), -1, "none", True, True),  # [M, C], offset codes
+])
+def test_epilogue_dynamic_quantize_equals_epilogue_then_quantize(shape, axis, act, signed, offset):
+    """A dynamic out_scale: S' = max|y| and the codes from one kernel that never writes y equal
+    the float epilogue followed by the quantize kernel, bit for bit."""
+    acc = RNG.integers(-(2**12), 2**12, size=shape).astype("int32")
+    acc.reshape(-1)[:3] = 0
+    mult, add = rand(shape[axis], scale=0.01), rand(shape[axis], scale=0.1)
+    common = (np.array([F32(0.0371)], F32), mult, add)
+    code_outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if signed and not offset else [])
+    (y,) = run_kernel(glue.epilogue(shape, axis, 15, act, -0.5, 0.75, True), acc, *common, outputs=[(shape, "float32")])
+    expected = run_kernel(glue.quantize(shape, 4, 0.0, signed, offset), y, outputs=code_outputs)
+    fused = glue.epilogue(shape, axis, 15, act, -0.5, 0.75, True, out_bits=4, out_scale=0.0, out_signed=signed,
+                          out_offset=offset)
+    got = run_kernel(fused, acc, *common, outputs=code_outputs)
+    assert got[0][0] == np.abs(y).max() > 0
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+
+
 # ------------------------------------------------------------------------------------------
 # Float conv / linear
 # ------------------------------------------------------------------------------------------

@@ -336,6 +336,22 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
                                   conv_reference(x, q, stride, padding, dilation, groups))
 
 
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups",
+                         [c for c in CONV_CASES if c[1][1] == 1 and max(c[2]) <= 2] + [
+                             ((1, 5, 20, 70), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5)])  # rows of 2 pieces
+def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding, dilation, groups):
+    """int16 accumulation, at the edges of its range: 9 taps x |q| <= 96 x codes <= 15 fill
+    [-12960, 12960], and every partial sum stays within int16."""
+    q = RNG.integers(-96, 97, weight_shape)
+    q.reshape(weight_shape[0], -1)[0] = 96  # one channel at the largest positive sum
+    x = RNG.integers(0, 16, input_shape)
+    x[..., :4, :] = 15
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups,
+                   None, True)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), q.reshape(weight_shape[0], -1).astype(np.int32)),
+                                  conv_reference(x, q, stride, padding, dilation, groups))
+
+
 @pytest.mark.parametrize("channels,vectors,rows", [(4, 4, 1), (8, 3, 5), (12, 2, 100), (24, 1, 2)])
 def test_bitparallel_conv2d_tilings(channels, vectors, rows):
     input_shape, weight_shape, stride, padding, dilation = (1, 10, 13, 11), (24, 10, 3, 3), (1, 2), (2, 1), (1, 2)

@@ -135,6 +135,39 @@ def test_signed_conv_keeps_sign_parts(tmp_path):
     assert report.ok and report.accumulators_exact, report.to_json()
 
 
+def test_signed_unpadded_convs_use_offset_codes(tmp_path):
+    """Without padding every tap reads a real code: bit-parallel convs (1x1 as in MobileNetV2's
+    expand convs, and a strided grouped 3x3) multiply offset codes once, exactly, also with
+    weight planes dropped at run time."""
+    torch.manual_seed(4)
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 3, stride=2, groups=2), nn.ReLU(),
+                                nn.Flatten(), nn.Linear(6 * 4 * 4, 4)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=True))
+    model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 9, 9)))
+    art = tmp_path / "c.so"
+    result = csqc.compile(model, "llvm", art)
+    m = runtime.load(art)
+    signed = _signed_layers(m)
+    convs = [name for name in signed if m.layers[name].get("pack") == "conv"]
+    assert len(convs) == 2, m.layers
+    for name in convs:
+        assert m.layers[name]["kernel"] == "bitparallel" and m.layers[name]["tensors"]["xq_offset"] == 15
+        assert m.layers[name]["tensors"]["xq_neg"] is None
+        assert len([s for s in _layer_calls(m, name) if "epilogue" not in s["func"]]) == 1
+    report = verify(model, samples=4, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    x = np.random.default_rng(6).standard_normal(m.inputs[0]["shape"]).astype(F32)
+    for skip in (1, 0):
+        kept = {name: m._kept_planes(name, skip) for name in m.layers}
+        record, golden = {}, {}
+        m(x, skip_planes=skip, record=record)
+        interpreter.run(result.graph, [x], record=golden, planes_used=kept if skip else None)
+        for name in convs:
+            tensors = m.layers[name]["tensors"]
+            acc = record[tensors["acc"]].astype(np.int64) - record[tensors["acc_offset"]].astype(np.int64)[:, None, None]
+            assert np.array_equal(acc << int(tensors.get("acc_shift", 0)), golden[f"{name}.acc"]), (skip, name)
+
+
 def test_aarch64_signed_linear_uses_offset_codes_and_verifies(tmp_path):
     if os.environ.get("CSQC_REQUIRE_AARCH64") != "1":  # CI requires the toolchain (see test_aarch64_target)
         try:

@@ -84,6 +84,7 @@ class CpuBackend:
     # (code + L), so each layer multiplies once instead of once per sign
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
+    int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
 
     def __init__(self, table_lookup: bool = False):
         """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the

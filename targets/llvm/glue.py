@@ -243,6 +243,43 @@ def _emit_abs_max(x_flat, n: int, scale):
             I.buffer_store(scale, tirx.Max(scale[0], tirx.abs(x_flat[units * unit + i])), [0])
 
 
+def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
+    """``scale[0] = max |value_at(i, c)|`` over a tensor (flat index, channel), 0 when empty of
+    nonzeros: the rows of :func:`_for_each_channel` are parallel tasks, each keeping 16
+    running maxima, then a short serial fold of the partials (max is exact in any order)."""
+    _, outer, channels, inner = _channel_view(shape, axis)
+    if inner >= LANES:
+        rows, row_len = outer * channels, inner
+
+        def index(row, col):
+            return row * inner + col, row % channels
+    else:
+        rows, row_len = outer, channels * inner
+
+        def index(row, col):
+            return row * row_len + col, col // inner if inner > 1 else col
+    full, tail = divmod(row_len, LANES)
+    partial = I.alloc_buffer((rows * LANES,), F32, scope="global")
+    with _parallel_or_serial(rows, rows * row_len) as row:
+        running = _local((LANES,))
+        with I.vectorized(0, LANES) as lane:
+            I.buffer_store(running, _f32(0.0), [lane])
+        if full:
+            with I.serial(0, full) as v:
+                with I.vectorized(0, LANES) as lane:
+                    value = tirx.abs(value_at(*index(row, v * LANES + lane)))
+                    I.buffer_store(running, tirx.Max(running[lane], value), [lane])
+        if tail:
+            with I.vectorized(0, tail) as lane:
+                value = tirx.abs(value_at(*index(row, full * LANES + lane)))
+                I.buffer_store(running, tirx.Max(running[lane], value), [lane])
+        with I.vectorized(0, LANES) as lane:
+            I.buffer_store(partial, running[lane], [row * LANES + lane])
+    I.buffer_store(scale, _f32(0.0), [0])
+    with I.serial(0, rows * LANES) as i:
+        I.buffer_store(scale, tirx.Max(scale[0], partial[i]), [0])
+
+
 def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
              offset: bool = False) -> tirx.PrimFunc:
     """The interpreter's ``_quantize`` as a kernel.
@@ -428,6 +465,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     ``out_scale: float32[1]`` (the static ``S'``) and ``y``'s codes exactly as
     ``quantize(shape, out_bits, out_scale, out_signed, out_offset)`` lays them out
     (``codes_pos`` and, signed without ``out_offset``, ``codes_neg``), from the same float32 ``y``.
+    ``out_scale=0`` is a dynamic scale: a first pass computes ``S' = max|y|``, a second the
+    codes, both from the accumulators, so the float ``y`` is never written nor read back.
     """
     _check_act(act)
     shape = tuple(int(s) for s in shape)
@@ -456,8 +495,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         params.append(("y", shape, F32))
     else:
         out_levels = _levels(out_bits)
-        if not out_scale > 0 or (out_offset and not (out_signed and out_bits <= 7)):
-            raise ValueError("fused output quantization needs a positive static scale (and offset codes signed, <= 7 bits)")
+        if not out_scale >= 0 or (out_offset and not (out_signed and out_bits <= 7)):
+            raise ValueError("fused output quantization needs a static scale > 0 or 0 for a dynamic one "
+                             "(and offset codes signed, <= 7 bits)")
         params += [("out_scale", (1,), F32), ("codes_pos", shape, "uint8")]
         if out_signed and not out_offset:
             params.append(("codes_neg", shape, "uint8"))
@@ -466,14 +506,11 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         named = dict(zip([p[0] for p in params], buffers))
         acc_flat = _flat(named["acc"])
         y_flat = _flat(named["y"]) if out_bits is None else None
-        if out_bits is not None:
-            I.buffer_store(named["out_scale"], _f32(out_scale), [0])
-            code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
         neg_flat = _flat(named["acc_neg"]) if has_neg else None
         acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
 
-        def emit(i, c):
+        def value_at(i, c):
             if levels is None:
                 value = acc_flat[i]
             else:
@@ -486,13 +523,19 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             value = value * mult[c]
             if add is not None:
                 value = _rounded(value) + add[c]
-            value = _activation(value, act, clip_lo, clip_hi)
-            if out_bits is None:
-                I.buffer_store(y_flat, value, [i])
-            else:  # the float y stays in registers: round it like a store would, then its codes
-                _store_codes(_rounded(value), i, named["out_scale"], out_levels, True, out_offset, *code_parts)
+            return _activation(value, act, clip_lo, clip_hi)
 
-        _for_each_channel(shape, channel_axis, emit)
+        if out_bits is None:
+            _for_each_channel(shape, channel_axis, lambda i, c: I.buffer_store(y_flat, value_at(i, c), [i]))
+            return
+        # the float y stays in registers: round it like a store would, then its codes
+        if out_scale > 0:
+            I.buffer_store(named["out_scale"], _f32(out_scale), [0])
+        else:
+            _emit_channel_abs_max(shape, channel_axis, lambda i, c: _rounded(value_at(i, c)), named["out_scale"])
+        code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
+        _for_each_channel(shape, channel_axis, lambda i, c: _store_codes(
+            _rounded(value_at(i, c)), i, named["out_scale"], out_levels, out_scale > 0, out_offset, *code_parts))
 
     return _prim_func(params, body)
 

@@ -38,6 +38,8 @@ class TvmBackend(Protocol):
     # the glue's epilogue writes activation codes (fused output quantization, ``csqc.ir``);
     # else a layer with ``out_bits`` runs its float epilogue, then the quantize kernel
     fused_requant: bool
+    # depthwise bit-parallel convs whose partial sums fit int16 accumulate in int16 (twice the lanes)
+    int16_depthwise: bool
 
     def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
         """The kernel for quantized layer ``n`` with ``rows`` output rows and integer weights ``q``."""

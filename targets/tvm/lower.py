@@ -105,10 +105,12 @@ class _Lowerer:
         self.quant_parts: dict[str, tuple[str, str | None, str]] = {}  # quantize node -> (pos, neg, scale)
         self.offset_codes = b.offset_codes
         self.fused_requant = b.fused_requant
+        self.int16_depthwise = b.int16_depthwise
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         # asymmetric quantize node -> its int32 zero-point buffer, when its codes are the unsigned u
         self.zero_points: dict[str, str] = {}
         self.users = g.users()
+        self.fused_quantize: set[str] = set()  # dynamic quantize nodes their producer's epilogue computes
 
     # -- helpers -----------------------------------------------------------------------------
     def ref(self, value: str) -> str:
@@ -155,14 +157,16 @@ class _Lowerer:
 
         Offset codes are in ``[0, 2L]``: they fit uint8 up to 7 bits, and doubling the largest
         code doubles the accumulator bound, which must stay within every user's accumulator.
-        Convolutions keep sign parts: zero padding would read as code ``-L``.
+        Convolutions take them only without padding (zero padding would read as code ``-L``)
+        and on the bit-parallel kernel (MobileNetV2's expand convs read the signed residual
+        stream: one int8 pass instead of one per sign).
         """
         if not (self.offset_codes and n.type.qsigned and n.type.qbits <= 7):
             return False
         for user in self.users.get(n.name, []):
             if user.op == "dequantize":
                 continue
-            if user.op != "qlinear" or user.inputs[0] != n.name:
+            if user.inputs[0] != n.name or not (user.op == "qlinear" or self._conv_takes_offset_codes(user)):
                 return False
             limit = INT32_LIMIT if user.quant.acc_dtype == "int32" else 2**63 - 1
             if 2 * accumulator_bound(self.g, user) > limit:
@@ -194,7 +198,16 @@ class _Lowerer:
         if not centered:
             self.zero_points[n.name] = zp
 
+    def _conv_takes_offset_codes(self, n: Node) -> bool:
+        """Whether quantized conv ``n`` runs on the bit-parallel kernel without padding, so every
+        tap of every output reads a real code and ``L * sum_k q[c, k]`` is its exact offset."""
+        if n.op != "qconv2d" or any(int(p) for p in n.attr("padding")) or self.force == "bitserial":
+            return False
+        return self.choose_kernel(n, output_rows(n), decode_weight(self.g, n)).kernel == "bitparallel"
+
     def lower_quantize(self, n: Node) -> None:
+        if n.name in self.fused_quantize:  # the producing layer's epilogue wrote its scale and codes
+            return
         if n.attr("asymmetric", False):
             self._lower_asymmetric_quantize(n)
             return
@@ -270,7 +283,8 @@ class _Lowerer:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
         source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
-        info["tensors"] = {"in": self.ref(source.inputs[0]) if source.op == "quantize" else None, "xq": pos, "xq_neg": neg,
+        float_in = source.op == "quantize" and source.name not in self.fused_quantize
+        info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
                            "scale": scale, "acc": accs[0], "acc_neg": accs[1] if neg else None,
                            "acc_shift": spec.low_shift, "out": n.name}
         # offset codes: the kernel multiplies codes + L, so its acc exceeds the true one by
@@ -289,7 +303,8 @@ class _Lowerer:
             self._record_weight_sums(n, info, code_offset, acc_offset)
         levels = 2**spec.act_bits - 1
         has_offset = acc_offset is not None
-        outs, fused, suffix = self._layer_output(n, info)
+        outs, fused, suffix = self._layer_output(n, info, exact_y=True)
+        quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
         key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})" + (
             ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + suffix
         options = {"has_offset": True} if has_offset else {}
@@ -297,34 +312,59 @@ class _Lowerer:
             options["has_zero_point"] = True
         f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
                                                            neg is not None, **options, **fused))
-        self.plan.call(f, accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else [])
-                       + [mult] + ([add] if add else []) + outs, n.name)
+        args = accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
+            + [mult] + ([add] if add else [])
+        self.plan.call(f, args + outs, n.name)
+        if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
+            self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args), quantizer=quantizer)
         self._requantize_after(n)
 
-    def _layer_output(self, n: Node, info: dict) -> tuple[list[str], dict, str]:
+    def _layer_output(self, n: Node, info: dict, exact_y: bool = False) -> tuple[list[str], dict, str]:
         """The epilogue's output buffers, its fused-quantization options and their kernel-key suffix.
 
-        A layer without ``out_bits`` writes its float tensor. With it, where the glue can, the
-        epilogue writes the scale and the codes in ``lower_quantize``'s layout (sign parts or
-        offset codes) under the layer's name; otherwise it writes a float temporary that
-        ``_requantize_after`` quantizes."""
+        A layer without ``out_bits`` writes its float tensor, unless (``exact_y``: an integer
+        layer, whose float ``y`` the interpreter's order fixes bit for bit) a dynamic quantize
+        is its only reader: then the epilogue computes that quantizer's scale and codes itself.
+        With ``out_bits``, where the glue can, the epilogue writes the scale and the codes in
+        ``lower_quantize``'s layout (sign parts or offset codes) under the layer's name;
+        otherwise it writes a float temporary that ``_requantize_after`` quantizes."""
         spec = n.quant
         if spec.out_bits is None:
-            return [self.out(n)], {}, ""
+            quantizer = self._dynamic_quantize_of(n) if exact_y else None
+            if quantizer is None:
+                return [self.out(n)], {}, ""
+            info["tensors"]["out"] = None  # y stays in registers
+            self.fused_quantize.add(quantizer.name)
+            return self._epilogue_codes(quantizer, quantizer.attr("bits"), 0.0, bool(quantizer.attr("signed")))
         info["tensors"]["out"] = None  # no float output: the next layer checks these codes as its xq
         if not self.fused_requant:
             return [self.plan.buffer(f"{n.name}.y", n.type.shape, _F32)], {}, ""
+        return self._epilogue_codes(n, spec.out_bits, float(spec.out_scale), spec.out_signed)
+
+    def _epilogue_codes(self, n: Node, bits: int, scale_value: float, signed: bool) -> tuple[list[str], dict, str]:
+        """Scale and code buffers of quantized value ``n`` (``lower_quantize``'s names and
+        layout) that an epilogue writes (``scale_value`` 0: a dynamic scale)."""
         offset = self._offset_codes_fit(n)
         shape = n.type.shape
         scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
         pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
-        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if spec.out_signed and not offset else None
+        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed and not offset else None
         self.quant_parts[n.name] = (pos, neg, scale)
         if offset:
-            self.code_offset[n.name] = 2**spec.out_bits - 1
-        fused = {"out_bits": spec.out_bits, "out_scale": float(spec.out_scale), "out_signed": spec.out_signed,
-                 "out_offset": offset}
-        return [scale, pos] + ([neg] if neg else []), fused, f",out({spec.out_bits},{spec.out_scale!r},{spec.out_signed},{offset})"
+            self.code_offset[n.name] = 2**bits - 1
+        fused = {"out_bits": bits, "out_scale": scale_value, "out_signed": signed, "out_offset": offset}
+        return [scale, pos] + ([neg] if neg else []), fused, f",out({bits},{scale_value!r},{signed},{offset})"
+
+    def _dynamic_quantize_of(self, n: Node) -> Node | None:
+        """The dynamic-scale quantize node that is the only reader of layer ``n``'s float output."""
+        users = self.users.get(n.name, [])
+        if not self.fused_requant or n.name in self.g.outputs or len(users) != 1:
+            return None
+        (user,) = users
+        if (user.op != "quantize" or float(user.attr("static_scale", 0.0)) > 0 or user.type.qbits > 8
+                or user.attr("asymmetric", False)):  # the epilogue computes the symmetric max-abs codes only
+            return None
+        return user
 
     def _requantize_after(self, n: Node) -> None:
         """A backend without fused requantization: quantize the layer's float temporary."""
@@ -403,8 +443,13 @@ class _Lowerer:
             depthwise = is_depthwise_layer(n.op, shape)
             info["pack"] = "depthwise" if depthwise else "conv"
             packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
-            key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})"
-            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation, groups, knobs))
+            # the run-time plane knob recombines the weights: twice the bound covers any truncation
+            narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise
+                                                    and 2 * accumulator_bound(self.g, n) < 2**15) else {}
+            key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
+                ",int16" if narrow else "")
+            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation,
+                                                                            groups, knobs, **narrow))
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             info["pack"] = "dense"
