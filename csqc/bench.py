@@ -81,6 +81,7 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     remote: dict = field(default_factory=dict)  # the remote device it ran on (csqc.remote.describe_device)
     limits: dict = field(default_factory=dict)  # the machine's limits and csqc's fractions of them (utilization)
+    profile: list[dict] = field(default_factory=list)  # per kernel call: index, node, kind, median_us
 
     def ratios(self) -> dict[str, float]:
         """Speed-up of csqc over each baseline (baseline time / csqc time)."""
@@ -95,7 +96,7 @@ class BenchReport:
             "device": self.device, "results": [r.__dict__ for r in self.results],
             "speedup_vs": self.ratios(), "notes": self.notes,
             **({"sweep_planes": self.sweep} if self.sweep else {}), **({"remote": self.remote} if self.remote else {}),
-            **({"limits": self.limits} if self.limits else {}),
+            **({"limits": self.limits} if self.limits else {}), **({"profile": self.profile} if self.profile else {}),
         }
 
 
@@ -309,11 +310,13 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int,
 def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15, artifact: str | None = None,
           sweep_planes: bool = False, dataset: str | None = None, baselines: bool = True,
           device: str = "cpu", rpc: str | None = None, key: str | None = None, limits: bool = True,
-          on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
+          profile: bool = False, on_progress: Callable[[str, int, int | None], None] | None = None) -> BenchReport:
     """Compile (unless ``artifact`` is given) and time csqc against the baselines.
 
     ``limits``: on the CPU, also probe the machine's bandwidth and int8 peak after the timing
     (``csqc.probes``) and report csqc's fractions of them (``BenchReport.limits``).
+    ``profile``: also time every kernel call of the artifact on its own (``csqc.runtime.profile_steps``,
+    ``BenchReport.profile``): where the time goes, layer by layer.
 
     ``device``: ``cpu`` (an llvm artifact) or ``cuda`` (a cuda artifact, on this machine's GPU).
     ``rpc``: time ``artifact`` on a remote TVM RPC server instead ("host:port"; with ``key`` a
@@ -356,7 +359,7 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             raise BadInput(f"{artifact} is a {art.target} artifact: bench it with --device {other}, or compile "
                            f"one with --target {_ARTIFACT_KIND[device]}")
         shape = art.inputs[0]["shape"]
-        xs, calib = _inputs(art.inputs, dataset)
+        xs, calib = _inputs(model, art.inputs, dataset)
         weight_bytes = _stored_bytes(art)
         fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(*xs)}
         sizes = {"csqc": (weight_bytes, "")}
@@ -390,6 +393,9 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
 
             report.limits = utilization(measure_limits(weight_bytes, threads), timings["csqc"].median_us,
                                         weight_bytes, integer_macs(graph, art.layers))
+        if profile:
+            step("profiling kernel calls", 0, None)
+            report.profile = [dict(vars(s)) for s in runtime.profile_steps(art, *xs)]
         if sweep_planes and len(art.inputs) > 1:
             log.warning("the plane sweep runs single-input models only; skipped")
         elif sweep_planes:
@@ -417,7 +423,7 @@ def bench_remote(model, artifact: str | None, rpc: str | None, *, key: str | Non
     step("connecting", 0, None)
     with remote.load(artifact, rpc, key=key) as art:
         shape = art.inputs[0]["shape"]
-        xs, _ = _inputs(art.inputs, dataset)
+        xs, _ = _inputs(model, art.inputs, dataset)
         step("timing on the remote device", 0, None)
         us = art.time_us(*xs, repeat=rounds)
         notes = [f"timed on {remote.describe_text(art.device)} with its time_evaluator: the sum of each kernel's "
@@ -440,12 +446,15 @@ def _stored_bytes(art) -> int:
     return sum(int(a.nbytes) for a in art._weights.values())
 
 
-def _inputs(specs: list[dict], dataset: str | None) -> tuple[list[np.ndarray], list]:
-    """``(one array per model input, calibration samples)``: seeded uniform [0, 1), or the
-    digits test split's first batch (and the next batches for calibration)."""
-    rng = np.random.default_rng(0)
-    xs = [rng.random(spec["shape"], dtype=np.float32) for spec in specs]
-    calib = [tuple(rng.random(spec["shape"], dtype=np.float32) for spec in specs) for _ in range(8)]
+def _inputs(model, specs: list[dict], dataset: str | None) -> tuple[list[np.ndarray], list]:
+    """``(one array per model input, calibration samples)``: seeded random batches as ``verify``
+    draws them (uniform [0, 1) floats, valid token ids for integer inputs), or the digits test
+    split's first batch (and the next batches for calibration)."""
+    from .verify import random_inputs
+
+    batch = specs[0]["shape"][0]
+    xs = random_inputs(model, batch, seed=0)
+    calib = [tuple(random_inputs(model, batch, seed=seed)) for seed in range(1, 9)]
     if dataset == "digits":
         from .data import load_digits_split
 

@@ -608,12 +608,13 @@ def _read_array(path: str, shape: list[int], artifact: str):
 @click.option("--no-baselines", is_flag=True, help="Time csqc only.")
 @click.option("--no-limits", is_flag=True,
               help="Skip the bandwidth and int8-peak probes (csqc's fractions of the machine's limits).")
+@click.option("--profile", is_flag=True, help="Also time every kernel call of the artifact: where the time goes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cpu: an llvm artifact; cuda: a cuda artifact on this machine's GPU, against PyTorch fp16/fp32 and ORT's CUDA provider.")
 @rpc_options
 @json_option
-def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, no_limits, device, rpc,
-          key, as_json):
+def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dataset, no_baselines, no_limits, profile,
+          device, rpc, key, as_json):
     """Time csqc against PyTorch and ONNX Runtime (fp32, int8) on the same inputs.
 
     With --rpc the artifact runs and is timed on a remote TVM RPC server (its time_evaluator); the
@@ -625,7 +626,7 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     with progress_bar("bench", enabled=progress_wanted(as_json)) as update:
         report = run_bench(loaded, batch=batch, threads=threads, rounds=rounds, artifact=artifact,
                            sweep_planes=sweep_planes, dataset=dataset, baselines=not no_baselines, device=device,
-                           rpc=rpc, key=key, limits=not no_limits, on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
+                           rpc=rpc, key=key, limits=not no_limits, profile=profile, on_progress=lambda step, done, total: update(description=step, completed=done, total=total))
     if as_json:
         _emit_json({"ok": True, **report.to_json()})
         return
@@ -646,6 +647,8 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     console.print(fit_table(f"{report.model}: batch {report.batch}, {where} (median)", columns, rows, console.width))
     for line in _limits_lines(report.limits):
         console.print(line)
+    if report.profile:
+        console.print(fit_table(*_profile_table(report.profile), console.width))
     if report.sweep:
         sweep = Table(title="PrecisionBatching: least significant planes skipped at run time")
         for col in ("skip", "median", "accuracy", "top-1 agreement with exact"):
@@ -657,6 +660,26 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print("[dim]Shared, noisy machine: compare ratios from this run, not absolute times.[/]")
+
+
+PROFILE_ROWS = 12
+
+
+def _profile_table(profile: list[dict]) -> tuple[str, list, list]:
+    """Title, columns and rows of ``bench --profile``: the slowest kernel calls, then the total per kernel kind."""
+    total = sum(p["median_us"] for p in profile) or 1.0
+    by_kind: dict[str, float] = {}
+    for p in profile:
+        by_kind[p["kind"]] = by_kind.get(p["kind"], 0.0) + p["median_us"]
+    slowest = sorted(profile, key=lambda p: -p["median_us"])[:PROFILE_ROWS]
+    rows = [(f"#{p['index']} {p['node'] or '-'}", p["kind"], f"{p['median_us']:,.1f} us", f"{p['median_us'] / total:.0%}")
+            for p in slowest]
+    rows += [(f"all {kind}", kind, f"{us:,.1f} us", f"{us / total:.0%}")
+             for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    columns = [Column("kernel call"), Column("kind", drop=1), Column("median", right=True), Column("share", right=True)]
+    title = (f"kernel calls timed one by one ({len(profile)} calls, {total:,.1f} us in all; "
+             f"the {min(PROFILE_ROWS, len(profile))} slowest, then per kind)")
+    return title, columns, rows
 
 
 @cli.command()

@@ -51,6 +51,7 @@ from .modelfile import CsqcModel
 __all__ = [
     "verify", "VerifyReport", "PairReport", "Runtime", "RunResult", "RUNTIMES", "DEFAULT_RUNTIMES",
     "ARTIFACT_RUNNERS", "register_artifact_runner", "tvm_artifact_runtime", "load_inputs", "LAYER_TENSORS", "MAX_RANDOM_SAMPLES",
+    "random_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -425,6 +426,14 @@ def _random_input(rng: np.random.Generator, ctx: "_Context", index: int, samples
         low, high = _id_range(ctx, index)
         return rng.integers(low, high, shape, dtype=np.dtype(spec["dtype"]))
     return rng.random(shape, dtype=np.float32)
+
+
+def random_inputs(model: CsqcModel, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """One seeded random batch per model input, as ``verify`` draws them: uniform [0, 1) floats,
+    valid token ids for integer inputs."""
+    rng = np.random.default_rng(seed)
+    ctx = _Context(model, None)
+    return [_as_input(_random_input(rng, ctx, i, batch)) for i in range(len(model.input_specs))]
 
 
 def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: int, ctx: "_Context"):

@@ -230,6 +230,14 @@ def test_cli_bench_json_and_plane_sweep(compiled):
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in sweep)
 
 
+def test_cli_bench_profile_lists_the_slowest_kernel_calls_and_the_share_per_kind(compiled):
+    model, path, _ = compiled("digits-mlp")
+    out = _cli("bench", model.source, "--artifact", path, "--rounds", 1, "--no-baselines", "--no-limits", "--profile")
+    assert out.exit_code == 0, out.output
+    assert "kernel calls timed one by one" in out.output
+    assert "all epilogue" in out.output and "fc1" in out.output  # per-kind totals and the layers by name
+
+
 def test_ops_without_lowering_are_listed_in_one_error_before_lowering():
     """Coverage is checked up front: one error names every op the planner cannot lower (and
     where), and nothing is built (a graph the IR verifier would refuse, so no pass or target

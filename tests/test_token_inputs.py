@@ -140,3 +140,21 @@ def test_integer_inputs_may_only_be_embedding_ids():
     ok_ids = ok.input("ids", (1, 4), "int64")
     verify_ir(ok.build(ok.node("rows", "embedding", [ok.param("table", np.zeros((5, 3), np.float32)), ok_ids],
                                (1, 4, 3))))
+
+
+def test_bench_feeds_valid_ids_and_profiles_every_kernel_call(tiny):
+    """``csqc bench`` times token models on valid ids (as verify draws them) against the baselines,
+    and ``profile=True`` times each kernel call of the artifact."""
+    from csqc.bench import bench
+    from csqc.verify import random_inputs
+
+    _, loaded = tiny
+    ids = random_inputs(loaded, 1)[0]
+    assert ids.dtype == np.int64 and ids.shape == (1, SEQ) and 0 <= ids.min() and ids.max() < VOCAB
+    report = bench(loaded, rounds=1, limits=False, profile=True)
+    assert {"csqc", "onnxruntime-fp32"} <= {r.runtime for r in report.results}
+    assert all(r.median_us > 0 for r in report.results)
+    kinds = {p["kind"] for p in report.profile}
+    assert "embedding" in kinds and all(p["median_us"] > 0 for p in report.profile)
+    assert [p["index"] for p in report.profile] == list(range(len(report.profile)))
+    assert report.to_json()["profile"] == report.profile
