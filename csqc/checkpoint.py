@@ -54,6 +54,8 @@ def save_checkpoint(path, *, epoch: int, settings: dict, model: nn.Module,
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "settings": settings,
         "numpy_rng": rng.bit_generator.state,
         "act_scales": {name: m.static_scale for name, m in model.named_modules() if isinstance(m, ActQuant)},
+        # asymmetric static quantizers: their calibrated zero points (0 for every other quantizer)
+        "act_zero_points": {name: m.zero_point for name, m in model.named_modules() if isinstance(m, ActQuant)},
     }
     arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
@@ -80,7 +82,7 @@ def load_checkpoint(path, *, settings: dict, model: nn.Module,
     missing = sorted(k for k in _required_tensors(model) if k not in arrays)
     if missing:
         raise BadInput(f"{where}: lacks tensor(s) {', '.join(missing[:5])}; it belongs to another model")
-    _restore_act_scales(model, meta.get("act_scales"), where)
+    _restore_act_scales(model, meta.get("act_scales"), meta.get("act_zero_points"), where)
     model.load_state_dict({k[len("model."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model.")})
     for name, opt in optimizers.items():
         _restore_optimizer(opt, name, arrays)
@@ -169,14 +171,24 @@ def _check_meta(meta: dict, settings: dict, where: str) -> int:
     return epoch
 
 
-def _restore_act_scales(model: nn.Module, scales, where: str) -> None:
+def _restore_act_scales(model: nn.Module, scales, zero_points, where: str) -> None:
+    """Static scales and zero points of the activation quantizers (a checkpoint written before
+    asymmetric quantizers existed has no zero points: all 0)."""
     quants = {name: m for name, m in model.named_modules() if isinstance(m, ActQuant)}
-    if not isinstance(scales, dict) or set(scales) != set(quants):
+    if zero_points is None:
+        zero_points = dict.fromkeys(quants, 0)
+    if not isinstance(scales, dict) or set(scales) != set(quants) or not isinstance(zero_points, dict) \
+            or set(zero_points) != set(quants):
         raise BadInput(f"{where}: its activation quantizers are not this model's")
     for name, value in scales.items():
         if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
             raise BadInput(f"{where}: activation scale of {name} is {value!r}, not a finite number >= 0")
+        zero_point = zero_points[name]
+        if type(zero_point) is not int or not 0 <= zero_point <= 2 ** quants[name].bits - 1:
+            raise BadInput(f"{where}: zero point of {name} is {zero_point!r}, not an integer in "
+                           f"0..{2 ** quants[name].bits - 1}")
         quants[name].static_scale = float(value)
+        quants[name].zero_point = zero_point
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, name: str, arrays: dict[str, np.ndarray]) -> None:

@@ -244,3 +244,34 @@ def test_data_factory_that_returns_something_else_is_bad_input(tmp_path, monkeyp
                  monkeypatch=monkeypatch)
     assert done.exit_code == 2 and "not both" in done.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_checkpoints_keep_the_zero_points_of_asymmetric_quantizers(tmp_path):
+    """A calibrated asymmetric quantizer's range and zero point survive save and resume; a zero
+    point outside 0..L is refused in one line."""
+    from csqc.checkpoint import load_checkpoint, save_checkpoint
+    from csqc.layers import ActQuant
+
+    def model():
+        torch.manual_seed(0)
+        return csqc.convert(nn.Sequential(nn.Linear(8, 4)), n_bits=4, act_bits=8, act_mode="static",
+                            act_symmetric=False, quantize_first_input=True)
+
+    written = model()
+    (quant,) = [m for m in written.modules() if isinstance(m, ActQuant)]
+    quant.static_scale, quant.zero_point = 2.5, 37
+    state = dict(settings={"epochs": 3}, optimizers={}, rng=np.random.default_rng(0))
+    save_checkpoint(tmp_path / "run.ckpt", epoch=1, model=written, **state)
+    resumed = model()
+    assert load_checkpoint(tmp_path / "run.ckpt", model=resumed, **state) == 1
+    (back,) = [m for m in resumed.modules() if isinstance(m, ActQuant)]
+    assert (back.static_scale, back.zero_point) == (2.5, 37)
+
+    def bad_zero_point(members):
+        meta = json.loads(members["checkpoint.json"])
+        meta["act_zero_points"] = {name: 256 for name in meta["act_zero_points"]}
+        members["checkpoint.json"] = json.dumps(meta).encode()
+
+    bad = _rewrite(tmp_path / "run.ckpt", tmp_path / "bad.ckpt", bad_zero_point)
+    with pytest.raises(BadInput, match=r"zero point of .* is 256, not an integer in 0\.\.255"):
+        load_checkpoint(bad, model=model(), **state)
