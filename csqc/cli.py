@@ -347,16 +347,25 @@ def _print_activations(console, rows) -> None:
     if all(r["idiom"] == CSQC_ACT_QUANT for r in rows):
         return
     cells = [(r["name"], ", ".join(r["input_of"]) or "-", r["idiom"],
-              "float" if r["bits"] is None else f"{'s' if r['signed'] else 'u'}{r['bits']} {r['scale']}") for r in rows]
+              "float" if r["bits"] is None else _codes_cell(r)) for r in rows]
     console.print(fit_table("activation quantizers", [Column("quantizer", drop=2), Column("input of"),
                                                       Column("idiom", wrap=True), Column("codes", drop=1)],
                             cells, console.width))
 
 
+def _codes_cell(r: dict) -> str:
+    """``s4 dynamic``, ``u8 0.5``; asymmetric (unsigned codes, zero point): ``a8 dynamic``, ``a8 R 2.5 zp 37``."""
+    if r.get("asymmetric"):
+        return f"a{r['bits']} " + ("dynamic" if r.get("zero_point") is None else f"R {r['scale']} zp {r['zero_point']}")
+    return f"{'s' if r['signed'] else 'u'}{r['bits']} {r['scale']}"
+
+
 def _act_cell(r) -> str:
     if r.encoding in ("constant", "unused"):
         return "-"  # a constant output reads no activations; an unused layer runs on none
-    return f"u{r.act_bits}/{r.act_mode}" if r.act_bits else "float"
+    if not r.act_bits:
+        return "float"
+    return f"{'a' if r.act_asymmetric else 'u'}{r.act_bits}/{r.act_mode}"
 
 
 def _limits_lines(limits: dict) -> list[str]:

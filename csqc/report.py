@@ -34,6 +34,7 @@ class LayerRow:
     weight_bytes_fp32: int
     plane_zero_fraction: list[float]
     kernel: str = ""
+    act_asymmetric: bool = False  # unsigned activation codes with a zero point
 
     @property
     def params(self) -> int:
@@ -54,7 +55,9 @@ class ActivationRow:
     idiom: str  # CSQC_ACT_QUANT, a recognised idiom, or one left float (with the reason)
     bits: int | None  # None: left float
     signed: bool
-    scale: str  # "dynamic", the static scale, or "-" (left float)
+    scale: str  # "dynamic", the static scale (asymmetric: the range R), or "-" (left float)
+    asymmetric: bool = False  # unsigned codes with a zero point
+    zero_point: int | None = None  # an asymmetric quantizer's static zero point (None: dynamic or symmetric)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -79,9 +82,11 @@ def activation_rows(g: Graph) -> list[ActivationRow]:
     for n in g.nodes:
         if n.op == "quantize":
             static = float(n.attr("static_scale", 0.0))
+            asymmetric = bool(n.attr("asymmetric", False))
             rows.append(ActivationRow(n.name, _readers(n.name, users), n.attr("idiom") or CSQC_ACT_QUANT,
                                       int(n.attr("bits")), bool(n.attr("signed")),
-                                      f"{static:.6g}" if static > 0 else "dynamic"))
+                                      f"{static:.6g}" if static > 0 else "dynamic", asymmetric,
+                                      int(n.attr("zero_point", 0)) if asymmetric and static > 0 else None))
         elif n.op == "clip" and n.attr("idiom"):
             rows.append(ActivationRow(n.name, _readers(n.name, users), n.attr("idiom"), None, True, "-"))
     return rows
@@ -133,6 +138,7 @@ def _row(g: Graph, n) -> LayerRow:
         name=n.name, op=n.op, weight_shape=shape, n_bits=spec.n_bits, active_bits=list(spec.active_bits),
         encoding=spec.encoding, planes=planes, plane_shifts=[list(p) for p in spec.planes],
         zero_point=spec.zero_point, low_shift=spec.low_shift, act_bits=spec.act_bits, act_mode=spec.act_mode,
+        act_asymmetric=bool(spec.act_asymmetric),
         weight_bytes_packed=packed, weight_bytes_fp32=out_ch * k * 4, plane_zero_fraction=zero,
     )
 

@@ -151,6 +151,10 @@ def test_asymmetric_fake_quantize_becomes_the_static_zero_point_quantizer(tmp_pa
     differ = int((codes != theirs).sum())
     assert np.abs(codes - theirs).max() <= 1 and differ <= (0 if exact else codes.size // 100)
     assert int(record[f"{quant.name}.zero_point"]) == 3
+    (row,) = activation_rows(g)  # inspect lists it as unsigned codes with their range and zero point
+    assert row.asymmetric and row.zero_point == 3 and float(row.scale) == pytest.approx(scale * 255, rel=1e-6)
+    res = CliRunner().invoke(cli, ["inspect", str(loaded.source)])
+    assert res.exit_code == 0 and f"a8 R {row.scale} zp 3" in res.output, res.output
 
 
 def test_signed_grid_with_a_zero_point_is_left_float_and_reported(tmp_path):
