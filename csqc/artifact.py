@@ -76,10 +76,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def plan_document(meta: dict, *, inputs: list, outputs: list, buffers: dict, steps: list, layers: dict) -> dict:
-    """``plan.json``: the format and version, the target's ``meta`` (target, model), then the plan."""
+def plan_document(meta: dict, *, inputs: list, outputs: list, buffers: dict, steps: list, layers: dict,
+                  entry: dict | None = None) -> dict:
+    """``plan.json``: the format and version, the target's ``meta`` (target, model), then the plan;
+    ``entry``: the call of a library function that runs every step (readers without it run the steps)."""
     return {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, **meta, "inputs": inputs, "outputs": outputs,
-            "buffers": buffers, "steps": steps, "layers": layers}
+            "buffers": buffers, "steps": steps, "layers": layers, **({"entry": entry} if entry else {})}
 
 
 def write_artifact_file(path: str | os.PathLike, library: bytes, plan: dict, weights_npz: bytes) -> None:

@@ -93,11 +93,13 @@ def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel:
     from tvm.support.cc import cross_compiler
 
     from csqc.targets.tvm.build import build_plan, write_artifact
+    from csqc.targets.tvm.whole_model import add_whole_model_function
 
     compiler = check_toolchain(mcpu, force_kernel)
     target = aarch64_target(mcpu)
     t0 = time.perf_counter()
     plan: Plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer, backend=Aarch64Backend())
+    add_whole_model_function(plan)
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()

@@ -11,6 +11,7 @@ from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.targets.tvm.build import build_plan, write_artifact
 from csqc.targets.tvm.lower import lower_graph
+from csqc.targets.tvm.whole_model import add_whole_model_function
 
 from .backend import CpuBackend, has_table_lookup
 
@@ -47,6 +48,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     t0 = time.perf_counter()
     backend = CpuBackend(table_lookup=has_table_lookup(target))
     plan = lower_graph(graph, backend=backend, force_kernel=force_kernel, on_layer=on_layer)
+    add_whole_model_function(plan)
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()

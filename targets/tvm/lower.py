@@ -55,6 +55,7 @@ class Plan:
     layers: dict[str, dict] = field(default_factory=dict)
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
+    entry: dict | None = None  # the whole-model function's call, see whole_model.py
     _by_key: dict[str, str] = field(default_factory=dict)
 
     def func(self, key: str, build: Callable[[], object]) -> str:

@@ -1,0 +1,95 @@
+"""CPU artifacts run every kernel from one library function (``targets/tvm/whole_model.py``).
+
+The whole-model function must compute exactly what the plan's steps compute one call at a
+time, at every PrecisionBatching setting; artifacts without it (written before it existed, or
+edited) still run through the steps; its plan entry is checked like the steps are.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import csqc
+from csqc import runtime
+from csqc.errors import BadInput, CsqcError
+from csqc.targets.tvm.whole_model import WHOLE_MODEL_FUNC
+
+from .test_artifact_integrity import _resealed, _split
+from csqc.artifact import PLAN, WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def cnn_artifact(tmp_path_factory):
+    """A small CNN with bit-serial and bit-parallel layers, several planes each."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5))
+    model = csqc.finalize(csqc.convert(net.eval(), n_bits=4, act_bits=4))
+    folder = tmp_path_factory.mktemp("whole")
+    path = csqc.save(model, folder / "cnn.pt", torch.zeros(1, 3, 8, 8))
+    return csqc.compile(csqc.load(path), "llvm", folder / "cnn.so").output
+
+
+def _by_steps(model: runtime.CompiledModel, x, skip_planes=0):
+    """The model run one kernel call at a time, as artifacts without the function run."""
+    np.copyto(model._in_views[0], x)
+    skips = () if skip_planes == 0 else model._skips(skip_planes)
+    model._repack_bitparallel(skips)
+    model._fill_acc_offsets(skips)
+    model._prepared_for = skips
+    for func, args in model._calls(skips):
+        func(*args)
+    return model._out_views[0].copy()
+
+
+@pytest.mark.parametrize("skip_planes", [0, 1, 2, {"0": 1}])
+def test_the_whole_model_function_computes_what_the_steps_compute(cnn_artifact, skip_planes):
+    model = runtime.load(cnn_artifact)
+    assert model.plan["entry"]["func"] == WHOLE_MODEL_FUNC
+    layers = sorted(model.layers)
+    if isinstance(skip_planes, dict):  # a per-layer setting: the first layer only
+        skip_planes = {layers[0]: 1}
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8), dtype=np.float32)
+    whole = model(x, skip_planes=skip_planes)
+    stepwise = _by_steps(runtime.load(cnn_artifact), x, skip_planes)
+    np.testing.assert_array_equal(whole, stepwise)
+
+
+def test_an_artifact_without_the_function_runs_its_steps(cnn_artifact, tmp_path):
+    library, members = _split(cnn_artifact)
+    plan = json.loads(members[PLAN])
+    del plan["entry"]
+    path = tmp_path / "steps-only.so"
+    path.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    x = np.random.default_rng(4).standard_normal((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(runtime.load(path)(x), runtime.load(cnn_artifact)(x))
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda e: e["args"].append("no-such-buffer"), BadInput, "entry.*no buffer"),
+    (lambda e: e.update(func="k999_missing"), CsqcError, "lacks"),
+    (lambda e: e.update(args="b0"), BadInput, "entry needs a kernel name and a list"),
+])
+def test_an_edited_entry_is_refused(cnn_artifact, tmp_path, edit, error, match):
+    library, members = _split(cnn_artifact)
+    plan = json.loads(members[PLAN])
+    edit(plan["entry"])
+    path = tmp_path / "edited.so"
+    path.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    with pytest.raises(error, match=match):
+        runtime.load(path)
+
+
+_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                    st.sampled_from([3.4e38, -3.4e38, 1e20, -1e20, 0.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=hnp.arrays(st.sampled_from([np.float32, np.float64]), hnp.array_shapes(min_dims=1, max_dims=3, max_side=9),
+                    elements=_floats))
+def test_the_fast_finiteness_check_agrees_with_isfinite(x):
+    assert runtime._all_finite(x) == bool(np.isfinite(x).all())
