@@ -270,9 +270,19 @@ def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs,
               help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model).")
 @json_option
 def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
-    """Per-layer bit allocation, planes, sizes and kernel choice of a model."""
-    from .compiler import inspect as inspect_model
+    """Per-layer bit allocation, planes, sizes and kernel choice of a model.
+
+    Given a compiled artifact (.so, .onnx) instead: its target, model and the calibration it records.
+    """
+    from .compiler import inspect as inspect_model, inspect_artifact, is_artifact_path
     from .reference import reference_view
+
+    if is_artifact_path(model):
+        if batch or plot or dump_ir or calibrate:
+            raise BadInput("--batch, --plot, --dump-ir and --calibrate inspect a model file; an artifact is "
+                           "inspected as it was compiled")
+        _print_artifact(inspect_artifact(model), as_json)
+        return
 
     if plot:
         check_output(plot, inputs=[model], what="--plot")
@@ -315,6 +325,25 @@ def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
         _print_reference_view(console, reference, report.avg_bits)
     if report.calibration:
         _print_calibration(console, report.calibration)
+
+
+def _print_artifact(info: dict, as_json: bool) -> None:
+    """An artifact's target and model, and the static scales it records (briefly)."""
+    if as_json:
+        _emit_json({"ok": True, **info})
+        return
+    console = stdout_console()
+    console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}")
+    calibration = info["calibration"]
+    if calibration is None:
+        console.print("calibration: none (dynamic activation scales)")
+        return
+    rows = [(q["quantizer"], str(q["bits"]), f"{q['scale']:.6g}", q["scale_bits"], str(q["zero_point"]))
+            for q in calibration["quantizers"]]
+    console.print(fit_table(f"calibration: {calibration['scales']} static scale(s), {calibration['samples']} samples",
+                            [Column("quantizer"), Column("bits"), Column("scale", right=True),
+                             Column("float32 bits", drop=2), Column("zero point", right=True, drop=1)],
+                            rows, console.width))
 
 
 def _print_calibration(console, calibration: dict) -> None:
@@ -505,7 +534,9 @@ def _dataset_inputs(model, dataset: str, batch: int | None) -> list:
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="Float tolerance, relative to each output's magnitude.")
 @click.option("--rtol", default=1e-4, show_default=True, type=float, help="Elementwise relative float tolerance.")
 @click.option("--calibrate", metavar="digits|X.npz",
-              help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model).")
+              help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model). "
+                   "An artifact built with --calibrate brings its own scales: then they are measured again, compared "
+                   "with the artifact's, and the artifact's are checked.")
 @rpc_options
 @json_option
 def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, per_layer, atol, rtol, calibrate, rpc, key,
@@ -519,6 +550,9 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
     which emulates, not isolates). csqc checks its SHA-256 digests first; that catches damage and
     edits, not a malicious author. An .onnx artifact is data only. With --rpc the .so runs on a
     remote TVM RPC server (checked here first, then uploaded) and the report names the device.
+
+    An artifact compiled with --calibrate records its static activation scales: every runtime is
+    then checked with exactly those, without the calibration data.
     """
     from .cli_onnx import verify_command
 

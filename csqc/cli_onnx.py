@@ -106,6 +106,8 @@ def print_verify_report(report: VerifyReport) -> None:
         console.print(f"accuracy {name}: {acc:.2%} (batches of {report.batch})")
     for name, device in report.devices.items():
         console.print(f"{name} ran on {describe_text(device)}")
+    if report.calibration:
+        console.print(f"calibration: from the artifact ({report.calibration['scales']} scales)")
     console.print(f"integer tensors exact: {'[green]yes[/]' if report.accumulators_exact else '[red]NO[/]'}")
     if report.layers and not report.first_divergence:  # --per-layer: say so when there is nothing to name
         n_layers = len({row["layer"] for row in report.layers})

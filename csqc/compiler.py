@@ -1,6 +1,7 @@
 """The compiler driver: model file -> capture -> passes -> target. Library twin of the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from .errors import BadInput
 from .ir import Graph
 
 __all__ = ["TARGETS", "CompileResult", "default_output", "optimize", "compile", "inspect", "to_model",
-           "calibration_arrays", "capture_calibrated"]
+           "calibration_arrays", "capture_calibrated", "is_artifact_path", "inspect_artifact"]
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,27 @@ def calibration_arrays(model, calibrate, samples: int = 256) -> list:
 def capture_calibrated(model, *, batch: int | None = None, calibrate=None) -> tuple[Graph, dict | None]:
     """The captured graph, its dynamic quantizers made static on ``calibrate`` when given
     (see ``csqc.passes.calibrate_scales``), and the calibration report (None: not calibrated)."""
+    graph, report, _ = _capture_and_calibrate(model, batch, calibrate)
+    return graph, report
+
+
+def _capture_and_calibrate(model, batch: int | None, calibrate):
+    """``capture_calibrated`` and the ``Calibration`` the artifact records (None: not calibrated)."""
     from .capture import capture
 
     model = to_model(model)
     graph = capture(model, batch=batch)
     if calibrate is None:
-        return graph, None
+        return graph, None, None
+    from .calibration import record_calibration
     from .passes.calibrate_scales import calibrate as calibrate_graph, calibration_report
 
     arrays = calibration_arrays(model, calibrate)
     result, quantizers = calibrate_graph(graph, arrays)
     source = str(calibrate) if isinstance(calibrate, (str, Path)) else "arrays"
-    return result.graph, calibration_report(quantizers, source, len(arrays[0]))
+    static = [q.name for q in quantizers if q.scale is not None]
+    record = record_calibration(result.graph, static, source, arrays) if static else None
+    return result.graph, calibration_report(quantizers, source, len(arrays[0])), record
 
 
 def optimize(model, pipeline: str = "default", *, batch: int | None = None, dump_dir=None, calibrate=None) -> Graph:
@@ -123,6 +133,39 @@ def inspect(model, *, batch: int | None = None, calibrate=None):
     report = inspect_graph(graph, kernels, captured)
     report.calibration = calibration
     return report
+
+
+def is_artifact_path(path) -> bool:
+    """Whether ``path`` names a compiled artifact (``.so`` of the TVM targets, ``.onnx``), not a model file."""
+    return Path(path).name.endswith((".so", ".onnx"))
+
+
+def inspect_artifact(path) -> dict:
+    """What a compiled artifact says about itself, read and checked without loading its library:
+    its target, model name and the calibration it records (``csqc.calibration``; None: dynamic scales)."""
+    from .calibration import onnx_calibration, plan_calibration
+
+    path = Path(path)
+    if path.name.endswith(".onnx"):
+        from .targets.onnx.runner import load_onnx
+
+        model = load_onnx(path)
+        kind = {p.key: p.value for p in model.metadata_props}.get("csqc.kind", "not written by csqc")
+        target, name = f"onnx ({kind})", model.graph.name
+        calibration = onnx_calibration(model, path)
+    else:
+        from .artifact import read_artifact
+        from .runtime import check_plan
+
+        contents = read_artifact(path)  # digests and sizes, then the plan: no library is loaded
+        check_plan(path, contents.plan, contents.weights)
+        target, name = contents.plan["target"]["kind"], str(contents.plan.get("model"))
+        calibration = plan_calibration(contents.plan, path)
+    return {"artifact": str(path), "target": target, "model": name,
+            "calibration": None if calibration is None else {
+                "scales": len(calibration), "samples": calibration.samples,
+                "source_sha256": calibration.source_sha256, "data_sha256": calibration.data_sha256,
+                "quantizers": calibration.summary()}}
 
 
 def compile(model, target: str = "llvm", output=None, *, batch: int | str | None = None, pipeline: str | None = None,
@@ -161,9 +204,10 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     from .report import activation_rows
 
     start = time.perf_counter()
-    captured, calibrated = capture_calibrated(model, batch=batch, calibrate=calibrate)
+    captured, calibrated, record = _capture_and_calibrate(model, batch, calibrate)
     graph, _ = run_passes(captured, pipeline or entry.pipeline, dump_dir=dump_ir)
     check_coverage(entry, graph)
+    options = dataclasses.replace(options, calibration_record=record)  # the artifact records its scales
     # which quantizer feeds each layer (csqc's, a recognised idiom, one left float): from the
     # captured graph, where a left-float clip is not yet fused into its layer
     report = {**entry.emit(graph, output, options), "activations": [r.to_json() for r in activation_rows(captured)]}

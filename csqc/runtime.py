@@ -4,6 +4,7 @@
     model = csqc.runtime.load("model.llvm.so")
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
+    model.calibration                # compile --calibrate: the static scales it was built with (or None)
 
 The artifact (see ``csqc.artifact``) is the shared library with ``plan.json``, ``weights.npz``
 and their SHA-256 digests appended. ``load`` checks the digests, the plan and every declared
@@ -24,6 +25,7 @@ import numpy as np
 
 from .artifact import (BITPARALLEL_LAYOUTS, combine_planes, load_library, pack_bitparallel_layout, physical_memory,
                        read_artifact)
+from .calibration import Calibration, plan_calibration
 from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 
@@ -46,6 +48,8 @@ class CompiledModel:
         contents = read_artifact(path)  # digests, member sizes and weight sizes, before anything is loaded
         self.plan, weights = contents.plan, contents.weights
         check_plan(path, self.plan, weights)
+        # the static activation scales it was built with (compile --calibrate), checked; None: dynamic
+        self.calibration: Calibration | None = plan_calibration(self.plan, path)
         self.path = path
         self.target = self.plan["target"]["kind"]
         # only now, with digests and plan checked, may the library reach a loader

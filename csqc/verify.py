@@ -43,6 +43,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .calibration import Calibration, apply_calibration, artifact_calibration, scale_differences
 from .errors import BadInput, CsqcError
 from .interpreter import HANDLERS, QValue, run as interpret
 from .ir import Graph
@@ -92,11 +93,16 @@ class Runtime:
 class _Context:
     """The model plus graphs captured per batch size and pipeline (built once, on demand)."""
 
-    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None, calibration: list | None = None):
+    def __init__(self, model: CsqcModel, intra_op_num_threads: int | None, calibration: list | None = None,
+                 stored: Calibration | None = None, where: str = ""):
         self.model = model
         self.threads = intra_op_num_threads
         self.calibration = calibration  # arrays: every graph gets the static scales measured on them
         self.scales: dict[str, float] | None = None
+        # the artifact's recorded calibration (at ``where``): every graph gets exactly these scales;
+        # with ``calibration`` too, the scales measured there are only compared with them
+        self.stored, self.where = stored, where
+        self.differences: list[str] | None = None
         self._captured: dict[int, Graph] = {}
         self._graphs: dict[tuple[str, int], Graph] = {}
 
@@ -107,6 +113,10 @@ class _Context:
         from .passes.calibrate_scales import apply_scales, measure_scales
 
         g = capture(self.model, batch=batch)
+        if self.stored is not None:
+            if self.calibration is not None and self.differences is None:
+                self.differences = scale_differences(self.stored, measure_scales(g, self.calibration))
+            return apply_calibration(g, self.stored, self.where)
         if self.calibration is None:
             return g
         if self.scales is None:
@@ -510,6 +520,9 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     folded_layers: list[str] = field(default_factory=list)  # layers with no nonzero weights, now constants
     devices: dict[str, dict] = field(default_factory=dict)  # runtime -> the remote device it ran on
+    # the artifact's recorded scales, when it has them: {"source": "artifact", "scales": N,
+    # "recomputed_on": what --calibrate named (or None), "differences": one line per scale that differs}
+    calibration: dict | None = None
 
     @property
     def max_abs_error(self) -> float:
@@ -528,6 +541,7 @@ class VerifyReport:
             "pairs": [p.to_json() for p in self.pairs], "accuracy": self.accuracy,
             "tolerance": {"atol": self.atol, "rtol": self.rtol}, "layers": self.layers, "notes": self.notes,
             "folded_layers": self.folded_layers, **({"devices": self.devices} if self.devices else {}),
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
 
@@ -714,6 +728,14 @@ def verify(
     calibrated model, its dynamic activation scales made static on that data: every runtime
     and the artifact exactly against the calibrated interpreter, PyTorch (the trained model,
     dynamic scales) on top-1 agreement and a coarse error only.
+    An artifact built with ``--calibrate`` records its scales (``csqc.calibration``): then every
+    reference runtime uses exactly those, applied to the captured graph, and the report's
+    ``calibration`` says so; nothing is measured again. ``calibrate`` given as well: the scales
+    are measured on that data and compared with the recorded ones (a note lists any that
+    differ), and the check still uses the recorded ones. A recorded scale edited after
+    compilation therefore shows as a scale mismatch of the layer that reads it (the kernels
+    hold the old one); an ONNX model whose recorded scales disagree with its initializers, or a
+    record that is malformed or names quantizers the model lacks, is refused (``BadInput``).
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
@@ -741,14 +763,21 @@ def verify(
             raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
         notes: list[str] = []
         calibration = None
+        stored = _stored_calibration(artifact) if artifact else None
+        source = calibrate if isinstance(calibrate, (str, Path)) else "arrays"
         if calibrate is not None:
             from .compiler import calibration_arrays
 
             calibration = calibration_arrays(model, calibrate)
-            notes.append(f"calibrated on {calibrate if isinstance(calibrate, (str, Path)) else 'arrays'} "
-                         f"({len(calibration[0])} samples): static activation scales, a different model from the "
-                         "trained one; PyTorch is compared on top-1 agreement, every other runtime exactly")
-        ctx = _Context(model, intra_op_num_threads, calibration)
+            if stored is None:
+                notes.append(f"calibrated on {source} ({len(calibration[0])} samples): static activation scales, a "
+                             "different model from the trained one; PyTorch is compared on top-1 agreement, every "
+                             "other runtime exactly")
+        if stored is not None:
+            notes.append(f"calibrated: the {len(stored)} static activation scale(s) the artifact was built with, a "
+                         "different model from the trained one; PyTorch is compared on top-1 agreement, every other "
+                         "runtime exactly")
+        ctx = _Context(model, intra_op_num_threads, calibration, stored, str(artifact))
         starts = list(range(0, n, batch))
         if n % batch and art is not None and art.batch is not None:
             notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")
@@ -815,11 +844,34 @@ def verify(
         exact_ok, first = _summarize(stats, order, per_layer)
         layers = [s.to_json() for r in stats for s in stats[r].values()] if per_layer else []
         ok = exact_ok and all(p.ok for p in pairs)
+        stored_report = None
+        if stored is not None:
+            stored_report = {"source": "artifact", "scales": len(stored),
+                             "recomputed_on": None if calibrate is None else str(source),
+                             "differences": ctx.differences or []}
+            if calibrate is not None:
+                notes.append(_recomputed_note(str(source), len(stored), ctx.differences or []))
         return VerifyReport(ok, runtime_names, pairs, exact_ok, first, used, batch, atol, rtol, accuracy, layers,
-                            notes, folded, devices)
+                            notes, folded, devices, stored_report)
     finally:
         if art is not None and art.close is not None:
             art.close()  # a remote server serves one session at a time
+
+
+def _stored_calibration(artifact: str) -> Calibration | None:
+    """The calibration a csqc artifact (``.so``, ``.onnx``) records; other artifact types record none."""
+    if not Path(artifact).name.endswith((".so", ".onnx")):
+        return None
+    return artifact_calibration(artifact)
+
+
+def _recomputed_note(source: str, count: int, differences: list[str]) -> str:
+    """What ``--calibrate`` with a calibrated artifact found: the scales measured again, against the stored ones."""
+    if not differences:
+        return f"{source}: the scales measured there equal the artifact's {count} bit for bit"
+    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+    return (f"{source}: the scales measured there differ from the artifact's for {len(differences)} quantizer(s) "
+            f"({shown}); verified against the artifact's scales, the ones its kernels were built with")
 
 
 def _folded_layer_names(g: Graph) -> list[str]:

@@ -36,6 +36,7 @@ class CompileOptions:
     int4: bool = True  # onnx deploy: MatMulNBits where weights fit 4 bits
     dynamic_batch: bool = False  # onnx: a symbolic batch dimension (compile --batch dynamic)
     on_layer: Callable[[str], None] | None = None  # progress callback, one call per lowered node
+    calibration_record: object = None  # every target: the csqc.calibration.Calibration the artifact records
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from csqc.artifact import read_artifact
+from csqc.calibration import plan_calibration
 from csqc.errors import BadInput, CsqcError
 from csqc.runtime import check_plan
 
@@ -88,6 +89,7 @@ class EmulatedModel:
         contents = read_artifact(self.path)
         check_plan(self.path, contents.plan, contents.weights)
         self.plan = contents.plan
+        self.calibration = plan_calibration(self.plan, self.path)  # as CompiledModel.calibration
         self.inputs, self.outputs, self.layers = self.plan["inputs"], self.plan["outputs"], self.plan["layers"]
         self.target = "aarch64"
         import csqc

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from csqc.calibration import plan_entry
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.targets.llvm.backend import CpuBackend, choose_kernel as choose_cpu_kernel
@@ -88,8 +89,9 @@ class Aarch64Backend(CpuBackend):
 
 
 def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel: str | None = None,
-                 on_layer: Callable[[str], None] | None = None) -> dict:
-    """Lower, cross-compile and write an aarch64 artifact; returns the report ``emit_llvm`` gives."""
+                 on_layer: Callable[[str], None] | None = None, calibration=None) -> dict:
+    """Lower, cross-compile and write an aarch64 artifact; returns the report ``emit_llvm`` gives.
+    ``calibration``: the ``csqc.calibration.Calibration`` the plan records."""
     from tvm.support.cc import cross_compiler
 
     from csqc.targets.tvm.build import build_plan, write_artifact
@@ -103,7 +105,8 @@ def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel:
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()
-    meta = {"target": {"kind": "aarch64", "mcpu": str(target.attrs["mcpu"]), "triple": TRIPLE}, "model": graph.name}
+    meta = {"target": {"kind": "aarch64", "mcpu": str(target.attrs["mcpu"]), "triple": TRIPLE}, "model": graph.name,
+            **plan_entry(calibration)}
     try:
         write_artifact(plan, executable, output, meta, fcompile=cross_compiler(compiler))
     except RuntimeError as e:  # the cross linker failed (broken toolchain, missing libc for arm64)

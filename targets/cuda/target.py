@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from csqc.calibration import plan_entry
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.outputs import atomic_write, make_output_folder
@@ -288,11 +289,13 @@ def _device_module(executable):
 # Emit
 # --------------------------------------------------------------------------------------------
 def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | os.PathLike | None = None,
-              on_layer: Callable[[str], None] | None = None, force_kernel: str | None = None) -> dict:
+              on_layer: Callable[[str], None] | None = None, force_kernel: str | None = None,
+              calibration=None) -> dict:
     """Lower, build and compile ``graph`` for an NVIDIA GPU of ``arch``; write the artifact.
 
     ``emit_source`` (a directory) also receives the CUDA source (``kernels.cu``).  Returns a
-    report: kernel per layer, timings, sizes and the device code entries.
+    report: kernel per layer, timings, sizes and the device code entries. ``calibration``: the
+    ``csqc.calibration.Calibration`` the plan records.
     """
     nvcc = check_toolchain(arch)
     target = cuda_target(arch)
@@ -309,7 +312,7 @@ def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | o
         atomic_write(folder / "kernels.cu", lambda tmp: Path(tmp).write_text(source))
     entries = describe_fatbin(binary)
     meta = {"target": {"kind": "cuda", "arch": arch, "device_code": _DEVICE_FORMAT,
-                       "entries": [list(e) for e in entries]}, "model": graph.name}
+                       "entries": [list(e) for e in entries]}, "model": graph.name, **plan_entry(calibration)}
     write_artifact(plan, _AheadOfTime(executable, source, binary), output, meta)
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {

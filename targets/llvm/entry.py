@@ -19,7 +19,8 @@ def _check(options: CompileOptions) -> None:
 def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     from .target import emit_llvm
 
-    return emit_llvm(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer)
+    return emit_llvm(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer,
+                     calibration=options.calibration_record)
 
 
 TARGET = register(Target(

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from csqc.calibration import plan_entry
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.targets.tvm.build import build_plan, write_artifact
@@ -37,8 +38,9 @@ def check_cpu(mcpu: str | None) -> None:
 
 
 def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, force_kernel: str | None = None,
-              on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm") -> dict:
-    """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes)."""
+              on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm", calibration=None) -> dict:
+    """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes).
+    ``calibration``: the ``csqc.calibration.Calibration`` the plan records."""
     from .kernels import cpu_target
 
     try:
@@ -52,7 +54,8 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()
-    meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", ""))}, "model": graph.name}
+    meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", ""))}, "model": graph.name,
+            **plan_entry(calibration)}
     write_artifact(plan, executable, output, meta)
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {

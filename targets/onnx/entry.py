@@ -23,9 +23,13 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     from .runner import save_onnx
 
     if options.onnx_form == "reference":
+        from csqc.calibration import set_onnx_calibration
+
         from .reference import emit_reference
 
-        save_onnx(emit_reference(graph, check_planes=options.check_planes, dynamic_batch=options.dynamic_batch), output)
+        model = emit_reference(graph, check_planes=options.check_planes, dynamic_batch=options.dynamic_batch)
+        set_onnx_calibration(model, options.calibration_record)  # the scales it bakes in, for verify
+        save_onnx(model, output)
         return {"onnx_form": "reference", "size_bytes": output.stat().st_size, "dynamic_batch": options.dynamic_batch}
     from .deploy import emit_deploy
 
