@@ -462,11 +462,11 @@ def _assert_float_close(y, reference):
 
 
 @pytest.mark.parametrize("m, n, k, bits", [
-    (1, 64, 256, 3),  # nibble codes, whole tiles and words, 8 tiles per task
+    (1, 64, 256, 3),  # nibble codes, whole tiles and words (x read in place), two tasks of 2 tiles
     (1, 37, 70, 2),  # ragged N (last tile), K not a multiple of 8 (zero-padded row copy)
     (2, 20, 33, 4),  # 2 rows per pass, 16 levels
     (5, 33, 100, 3),  # 4 rows per pass and a padded second pass
-    (8, 48, 96, 5),  # byte codes (32 levels by vpermi2ps)
+    (8, 48, 96, 5),  # byte codes (32 levels by vpermi2ps), x read in place
     (3, 17, 9, 1),  # one plane
 ])
 def test_dequant_dense_matches_float_reference(m, n, k, bits):

@@ -277,10 +277,12 @@ _DEQUANT_ACCUMULATORS = 8  # independent FMA chains at one row (FMA latency x 2 
 
 def dequant_blocking(rows: int, n_tiles: int) -> tuple[int, int]:
     """``(rows_per_pass, tiles_per_task)``: rows sharing each lookup, and output tiles per task,
-    so that enough FMA chains run side by side without spilling (16 zmm accumulators at most)."""
+    so that enough FMA chains run side by side without spilling (16 zmm accumulators at most)
+    and a narrow layer still splits into two tasks."""
     rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
     tiles = _DEQUANT_ACCUMULATORS if rows_per_pass == 1 else 4
-    return rows_per_pass, max(1, min(tiles, n_tiles))
+    # at least two tasks (both threads busy) where there are two tiles
+    return rows_per_pass, max(1, min(tiles, n_tiles // 2))
 
 
 def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int) -> np.ndarray:
@@ -359,6 +361,11 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
     last_tile_width = N - (n_tiles - 1) * lanes
     table_vectors = -(-levels // lanes)
 
+    padded = (m_padded, k_padded) != (M, K)
+
+    def activation(x, rows, m, k):
+        return tirx.BufferLoad(rows if padded else x, [m, k])
+
     def level_vector(table, w_bytes, word_byte, code):
         index = _code_index(w_bytes, word_byte, code, code_bits)
         low = tirx.BufferLoad(table, [tirx.Ramp(0, 1, lanes)])
@@ -386,18 +393,20 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
              n_planes: T.int32, zero_point: T.int32,
              y: T.Buffer((M, N), "float32")):
         T.func_attr({"tir.noalias": True})
-        # zero-padded rows and columns: padding codes (and padding rows) add nothing
-        rows = T.alloc_buffer((m_padded, k_padded), "float32")
+        # zero-padded rows and columns: padding codes (and padding rows) add nothing; whole
+        # shapes read x itself (no copy, no second parallel region)
+        rows = T.alloc_buffer((m_padded, k_padded) if padded else (1, 1), "float32")
         table = T.alloc_buffer((table_vectors * lanes,), "float32")
         for c in range(table_vectors * lanes):
             table[c] = T.Cast("float32", c & _level_mask(n_planes, shifts_signs)) - T.Cast(
                 "float32", zero_point * int(with_zero_point))
-        for m in T.parallel(m_padded):
-            for k in T.vectorized(k_padded):
-                rows[m, k] = T.float32(0)
-            if m < M:
-                for k in T.vectorized(K):
-                    rows[m, k] = x[m, k]
+        if padded:
+            for m in T.parallel(m_padded):
+                for k in T.vectorized(k_padded):
+                    rows[m, k] = T.float32(0)
+                if m < M:
+                    for k in T.vectorized(K):
+                        rows[m, k] = x[m, k]
         for task in T.parallel(blocks):
             for pass_ in range(passes):
                 acc = T.alloc_buffer((rows_per_pass, block), "float32x16", scope="local", annotations=_ON_STACK)
@@ -412,7 +421,7 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
                                 acc[r, b] = T.call_llvm_pure_intrin(
                                     "float32x16", "llvm.fma",
                                     level_vector(table, w_bytes, (((task * kw + w) * block + b) * lanes) * 4, s),
-                                    T.broadcast(rows[pass_ * rows_per_pass + r, w * per_word + s], lanes),
+                                    T.broadcast(activation(x, rows, pass_ * rows_per_pass + r, w * per_word + s), lanes),
                                     acc[r, b])
                 for r in range(rows_per_pass):
                     for b in range(block):
