@@ -60,7 +60,10 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False)
 # and one FMA per row, the fp32 kernel one FMA per row but streams 32-bit weights. Measured here
 # (busy 2-core AMD EPYC, 2 threads, min of 5): 4096x4096 at one row, 3 planes lut 437-559 us vs
 # dequant 651-901 us; 5 planes dequant 651-1861 us vs lut 511-2226 us; 8 rows, 3 planes dequant
-# 2158-3217 us vs lut 2331-3865 us vs fp32 14941 us; 8 rows, 5 planes dequant 2699 vs lut 5034.
+# 2158-3217 us vs lut 2331-3865 us vs fp32 14941 us; 8 rows, 5 planes dequant 2699 vs lut 5034;
+# 16 rows, 5 planes dequant 6995 vs lut 12728 vs fp32 32319; 64 rows, 3 planes dequant 28494 vs
+# lut 40618 vs fp32 157670 (64x1024x1024: 1227 / 1631 / 2263). The load made absolute times
+# swing 2-4x between runs; the order held in every run but the one-row, 3-plane one.
 # lut alone (planes that form no unsigned code): 2.2-4.4x faster than fp32 at 8 and 16 rows
 # with 3 and 5 planes (16 x 5 = 80 row-planes, the largest measured); at 256x784 (fp32 weights
 # in cache) fp32 ties at 1 row and wins at 4.
