@@ -5,7 +5,8 @@
 Each case: convert a float model (random init) with ``act_bits=None`` (the CSQ reference's
 ``--act 0``), compile for llvm, and time csqc against ONNX Runtime fp32 and MatMulNBits 4-bit
 (block 32, accuracy level 4; linear models only) with ``csqc.bench.bench`` (same inputs, same
-run, 2 threads each). Prints the kernel chosen per layer and csqc's speed-up over each baseline.
+run, 2 threads each). Prints the kernels chosen (``lut``: table lookups, ``dequant``: codes
+dequantized in registers, ``float``) and csqc's speed-up over each baseline.
 """
 from __future__ import annotations
 
@@ -30,12 +31,18 @@ def linear4096():
     return nn.Sequential(nn.Linear(4096, 4096, bias=False))
 
 
+def linear1024():
+    return nn.Sequential(nn.Linear(1024, 1024, bias=False))
+
+
 # name -> (float model factory, input shape, weight bits)
 CASES = {
     "linear4096-w2-batch1": (linear4096, (1, 4096), 2),
     "linear4096-w4-batch1": (linear4096, (1, 4096), 4),
     "linear4096-w2-batch8": (linear4096, (8, 4096), 2),
     "linear4096-w4-batch8": (linear4096, (8, 4096), 4),
+    "linear1024-w2-batch1": (linear1024, (1, 1024), 2),
+    "linear1024-w4-batch8": (linear1024, (8, 1024), 4),
     "resnet20-w3-act0": (resnet20, (1, 3, 32, 32), 3),
 }
 BASELINES = ("onnxruntime-fp32", "onnxruntime-matmulnbits-4b")

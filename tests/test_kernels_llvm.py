@@ -1,5 +1,6 @@
 """Exactness tests of the LLVM (CPU) kernel library against numpy int64 references."""
 import os
+import re
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -441,3 +442,75 @@ def test_pack_lut_weight_is_little_endian_bytes_with_load_slack():
     words = flat[:-4].view("<u4").reshape(2, 3, 2, 2, 16)  # [blocks, KW, tiles, P, 16]
     np.testing.assert_array_equal(words[0, :, 1], packed[1].transpose(1, 0, 2))
     assert not words[1, :, 1].any() and not flat[-4:].any()  # the padding tile and the slack
+
+
+# ------------------------------------------------------------------------------------------
+# Weight-only, dequantized in registers (packed codes -> vpermps levels -> FMA)
+# ------------------------------------------------------------------------------------------
+def _dequant_case(m, n, k, bits):
+    q = random_q((n, k), bits, "offset")
+    planes, spec, zero_point = planes_from_q(q, bits, "offset")
+    _, tiles = kernels.dequant_blocking(m, -(-n // kernels.LUT_LANES))
+    w = kernels.pack_dequant_weight(planes, spec, tiles)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    return q, planes, spec, zero_point, w, x, built(kernels.dequant_dense, m, n, k, spec, True)
+
+
+def _assert_float_close(y, reference):
+    assert y.dtype == np.float32 and y.shape == reference.shape
+    np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("m, n, k, bits", [
+    (1, 64, 256, 3),  # nibble codes, whole tiles and words (x read in place), two tasks of 2 tiles
+    (1, 37, 70, 2),  # ragged N (last tile), K not a multiple of 8 (zero-padded row copy)
+    (2, 20, 33, 4),  # 2 rows per pass, 16 levels
+    (5, 33, 100, 3),  # 4 rows per pass and a padded second pass
+    (8, 48, 96, 5),  # byte codes (32 levels by vpermi2ps), x read in place
+    (3, 17, 9, 1),  # one plane
+])
+def test_dequant_dense_matches_float_reference(m, n, k, bits):
+    q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, bits)
+    _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_dequant_dense_runtime_plane_count_drops_low_planes(bits):
+    q, planes, spec, zero_point, w, x, kernel = _dequant_case(2, 40, 64, bits)
+    for kept in (1, bits - 1):
+        coarse = sum((1 << shift) * planes[p].astype(np.int64) for p, (shift, _) in enumerate(spec[:kept]))
+        _assert_float_close(kernel(x, w, kept, zero_point), x @ (coarse - zero_point).astype(np.float32).T)
+
+
+def test_dequant_dense_assembly_looks_up_levels_and_fmas():
+    *_, kernel = _dequant_case(1, 256, 256, 3)
+    assembly = kernel.assembly()
+    lookups = assembly.count("vpermps") + assembly.count("vpermd")  # LLVM may pick the int form
+    assert lookups >= 8 * 8  # 8 nibbles x 8 tiles of a word, unrolled
+    assert assembly.count("vfmadd") >= lookups
+    # odd nibbles shift the load of the even one; no AND or int->float conversion per weight
+    assert assembly.count("vpsrld") <= lookups // 2 and not re.search(r"vcvtu?dq2ps\s+%zmm", assembly)
+    *_, kernel = _dequant_case(1, 256, 256, 5)
+    assert "vpermi2ps" in kernel.assembly() or "vpermt2ps" in kernel.assembly()
+
+
+def test_pack_dequant_weight_puts_codes_in_nibbles_along_k():
+    planes = RNG.integers(0, 2, (3, 40, 20)).astype(np.uint8)
+    spec = [(2, 1), (1, 1), (0, 1)]
+    flat = kernels.pack_dequant_weight(planes, spec, 2)
+    assert flat.dtype == np.uint8 and flat.shape == (2 * 3 * 2 * 16 * 4 + 4,)  # [blocks, KW, tiles, 16] words
+    words = flat[:-4].view("<u4").reshape(2, 3, 2, 16)
+    codes = 4 * planes[0] + 2 * planes[1] + planes[2]
+    n, k = 37, 13  # output 37 = block 1, tile 0, lane 5; k 13 = word 1, nibble 5
+    assert (words[1, 1, 0, 5] >> 20) & 15 == codes[n, k]
+    assert not words[1, :, 1].any() and not words[:, 2, :, :][words[:, 2] >> 16 != 0].any()  # padding is 0
+    with pytest.raises(ValueError, match="unsigned codes"):
+        kernels.pack_dequant_weight(planes[:2], [(0, 1), (0, -1)], 2)
+
+
+@pytest.mark.parametrize("shifts_signs, bits", [
+    ([(2, 1), (1, 1), (0, 1)], 4), ([(4, 1), (3, 1), (2, 1), (1, 1), (0, 1)], 8), ([(1, 1)], 4),
+    ([(0, 1), (0, -1)], 0), ([(1, 1), (1, 1)], 0), ([(5, 1), (0, 1)], 0),
+])
+def test_weight_code_bits(shifts_signs, bits):
+    assert packing.weight_code_bits(shifts_signs) == bits

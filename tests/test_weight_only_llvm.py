@@ -1,5 +1,6 @@
 """Weight-only models (float activations, low-bit weights) on the llvm target: the cost model
-picks the table-lookup kernel for large linear layers, and csqc verify passes as for fp32."""
+picks the table-lookup kernel (one row, few planes) or the dequantizing one (more rows or planes)
+for large linear layers, and csqc verify passes as for fp32."""
 import json
 
 import numpy as np
@@ -22,16 +23,16 @@ def _weight_only_mlp(tmp_path, batch):
     return csqc.load(tmp_path / "wo.pt")
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_weight_only_mlp_picks_lut_and_verifies(tmp_path, batch):
+@pytest.mark.parametrize("batch, kernel, reason", [(1, "lut", "table lookups"), (8, "dequant", "dequantized")])
+def test_weight_only_mlp_picks_its_kernel_and_verifies(tmp_path, batch, kernel, reason):
     model = _weight_only_mlp(tmp_path, batch)
     out = tmp_path / "wo.so"
     result = csqc.compile(model, "llvm", out)
     layers = result.report["layers"]
     kernels = sorted(info["kernel"] for info in layers.values())
-    assert kernels == ["float", "lut"], layers  # the 512x512 layer looks up, the 10x512 head stays fp32
-    lut = next(info for info in layers.values() if info["kernel"] == "lut")
-    assert "table lookups" in lut["reason"]
+    assert kernels == sorted(["float", kernel]), layers  # the 512x512 layer, and the 10x512 head in fp32
+    chosen = next(info for info in layers.values() if info["kernel"] == kernel)
+    assert reason in chosen["reason"]
     report = verify(model, samples=2 * batch, artifact=str(out), per_layer=True)
     assert report.ok, json.dumps({k: v for k, v in report.to_json().items() if k != "layers"}, indent=1)
     stats = [s for s in report.layers if s["runtime"] == f"artifact:{out.name}"]
@@ -47,13 +48,22 @@ def _float_input_layer(out_features, in_features, planes):
 
 
 @pytest.mark.parametrize("rows, planes, kernel", [
-    (1, 3, "lut"), (8, 3, "lut"), (16, 5, "lut"),  # lookups beat fp32 FMAs (measured up to 16 x 5)
-    (32, 5, "float"),  # beyond the measured range: fp32
+    (1, 3, "lut"),  # one row, 3 planes: 3/4 lookups per 16 weights against one
+    (1, 5, "dequant"), (8, 3, "dequant"), (64, 5, "dequant"),  # one lookup shared by up to 4 rows
+    (128, 3, "float"),  # beyond the measured range: fp32
 ])
 def test_choose_kernel_for_float_input_linear_layers(rows, planes, kernel):
     layer = _float_input_layer(4096, 4096, planes)
     choice = choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64))
     assert choice.kernel == kernel and f"{rows} row(s) x {planes} planes" in choice.reason
+
+
+@pytest.mark.parametrize("rows, kernel", [(8, "lut"), (32, "float")])
+def test_choose_kernel_without_unsigned_codes_keeps_lookups(rows, kernel):
+    spec = QuantSpec(n_bits=2, active_bits=(1, 0), encoding="posneg", planes=((1, 1), (1, -1), (0, 1), (0, -1)))
+    layer = Node("fc", "qlinear", ("x", "fc.weight", "fc.mult"), TensorType((1, 4096)),
+                 {"weight_shape": (4096, 4096)}, quant=spec)
+    assert choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64)).kernel == kernel  # 4 planes x rows vs 80
 
 
 def test_choose_kernel_keeps_small_float_input_layers_in_fp32():

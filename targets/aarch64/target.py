@@ -69,10 +69,11 @@ def aarch64_target(mcpu: str | None = None):
 
 def choose_kernel(n, rows: int, q: np.ndarray) -> LayerChoice:
     """The CPU choice, with the x86-only bit-parallel kernel replaced by the bit-serial one and
-    the x86-only table-lookup kernel by the fp32 one."""
+    the x86-only weight-only kernels (table lookup, dequantize) by the fp32 one."""
     choice = choose_cpu_kernel(n, rows, q)
-    if choice.kernel == "lut":
-        return LayerChoice("float", f"the table-lookup kernel uses x86 vpermps (x86 would pick it: {choice.reason})")
+    if choice.kernel in ("lut", "dequant"):
+        return LayerChoice("float", f"the {choice.kernel} weight-only kernel uses x86 vpermps (x86 would pick it: "
+                                    f"{choice.reason})")
     if choice.kernel == "bitparallel":
         return LayerChoice("bitserial", f"aarch64 has no int8 dot-product kernel yet (x86 would pick bit-parallel: "
                                         f"{choice.reason})")

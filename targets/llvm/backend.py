@@ -7,6 +7,8 @@ from csqc.ir import Node
 from csqc.targets.tvm.backend import LayerChoice
 from csqc.targets.tvm.geometry import is_depthwise_layer
 
+from .packing import weight_code_bits
+
 _LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
 
 __all__ = ["CpuBackend", "choose_kernel", "has_table_lookup"]
@@ -33,7 +35,7 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False)
     """
     spec = n.quant
     if spec.act_bits is None:
-        return _choose_float_input_kernel(n, rows)
+        return _choose_float_input_kernel(n, rows, q)
     fits_int8 = int(np.abs(q).max(initial=0)) <= 127
     pairs = max(1, spec.num_planes) * spec.act_bits
     depthwise = is_depthwise_layer(n.op, n.attr("weight_shape"))
@@ -53,23 +55,45 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False)
     return LayerChoice("bitparallel", f"{rows} rows x {pairs} plane pairs: int8 dot products are cheaper")
 
 
-# Weight-only (float input) linear layers: the table-lookup kernel costs planes/4 lookups per
-# weight and row, the fp32 kernel one FMA per weight and row but streams 32-bit weights; both
-# grow linearly with rows. Measured here (4096x4096, one thread, busy 2-core AMD EPYC): lut
-# 2.2-4.4x faster than fp32 at 8 and 16 rows with 3 and 5 planes (16 x 5 = 80 row-planes, the
-# largest measured); at 256x784 (fp32 weights in cache) fp32 ties at 1 row and wins at 4.
+# Weight-only (float input) linear layers. Per 16 weights and row the table-lookup kernel costs
+# planes/4 lookups (vpermps) and adds, the dequantizing kernel one lookup shared by up to 4 rows
+# and one FMA per row, the fp32 kernel one FMA per row but streams 32-bit weights. Measured here
+# (busy 2-core AMD EPYC, 2 threads, min of 5): 4096x4096 at one row, 3 planes lut 437-559 us vs
+# dequant 651-901 us; 5 planes dequant 651-1861 us vs lut 511-2226 us; 8 rows, 3 planes dequant
+# 2158-3217 us vs lut 2331-3865 us vs fp32 14941 us; 8 rows, 5 planes dequant 2699 vs lut 5034;
+# 16 rows, 5 planes dequant 6995 vs lut 12728 vs fp32 32319; 64 rows, 3 planes dequant 28494 vs
+# lut 40618 vs fp32 157670 (64x1024x1024: 1227 / 1631 / 2263). The load made absolute times
+# swing 2-4x between runs; the order held in every run but the one-row, 3-plane one.
+# lut alone (planes that form no unsigned code): 2.2-4.4x faster than fp32 at 8 and 16 rows
+# with 3 and 5 planes (16 x 5 = 80 row-planes, the largest measured); at 256x784 (fp32 weights
+# in cache) fp32 ties at 1 row and wins at 4.
 _LUT_MAX_ROW_PLANES = 80
 _LUT_MIN_WEIGHTS = 1 << 18  # 1 MiB of fp32 weights: below that they stay in cache
+_LUT_ONE_ROW_MAX_PLANES = 3  # one row: planes/4 lookups per 16 weights beat dequantizing's one
+_DEQUANT_MAX_ROWS = 64  # the largest batch measured against fp32
 
 
-def _choose_float_input_kernel(n: Node, rows: int) -> LayerChoice:
-    """``lut`` or ``float`` for a quantized layer whose input is not quantized."""
+def _weight_code_bits(spec, q: np.ndarray) -> int:
+    """Bits of the dequantizing kernel's code for a layer (0: its planes form no unsigned code).
+    A layer still stored as integers is split into offset planes of ``q - min q`` when lowered."""
+    if spec.encoding == "int":
+        span = int(q.max(initial=0)) - int(q.min(initial=0))
+        return weight_code_bits([(shift, 1) for shift in range(max(1, span.bit_length()))])
+    return weight_code_bits(spec.planes)
+
+
+def _choose_float_input_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
+    """``lut``, ``dequant`` or ``float`` for a quantized layer whose input is not quantized."""
     if n.op != "qlinear":
         return LayerChoice("float", "input activations are not quantized (convolution: fp32 kernel)")
     planes = max(1, n.quant.num_planes)
     weights = int(np.prod(n.attr("weight_shape")))
     if weights < _LUT_MIN_WEIGHTS:
         return LayerChoice("float", f"float input, {weights} weights: fp32 weights stay in cache, one FMA each is cheaper")
+    code_bits = _weight_code_bits(n.quant, q)
+    if code_bits and (rows > 1 or planes > _LUT_ONE_ROW_MAX_PLANES) and rows <= _DEQUANT_MAX_ROWS:
+        return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {code_bits}-bit codes "
+                                      "dequantized in registers, one lookup per 16 weights for up to 4 rows")
     if rows * planes > _LUT_MAX_ROW_PLANES:
         return LayerChoice("float", f"float input, {rows} row(s) x {planes} planes: fp32 FMAs are cheaper than lookups")
     return LayerChoice("lut", f"float input, {rows} row(s) x {planes} planes: table lookups over packed planes "

@@ -22,7 +22,8 @@ every kernel is its output buffer; scalars come right before it.
 * :func:`bitparallel_dense` -- int8 weights (combined at pack time), u8 x s8 dot products with
   AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
 * :func:`lut_dense` (from :mod:`.weightonly`) -- float activations x weight planes by table
-  lookups, for quantized linear layers whose input is not quantized.
+  lookups, for quantized linear layers whose input is not quantized; :func:`dequant_dense`
+  dequantizes packed weight codes in registers for the same layers (more rows or planes).
 * :func:`bitserial_conv2d`, :func:`bitparallel_conv2d` -- implicit GEMM per group (im2col fused
   into the activation packing, so no im2col buffer); depthwise (one input channel per group)
   uses a direct int32 kernel.
@@ -40,7 +41,8 @@ from tvm.script import tirx as T
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
-from .weightonly import LUT_LANES, lut_dense, lut_tiles_per_task, pack_lut_weight
+from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
+                         pack_dequant_weight, pack_lut_weight)
 
 __all__ = [
     "BitserialKnobs",
@@ -56,6 +58,9 @@ __all__ = [
     "lut_dense",
     "lut_tiles_per_task",
     "pack_lut_weight",
+    "dequant_blocking",
+    "dequant_dense",
+    "pack_dequant_weight",
 ]
 
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"

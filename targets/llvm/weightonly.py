@@ -1,4 +1,8 @@
-"""The weight-only dense kernel of the LLVM (CPU) target: float activations x low-bit weight planes.
+"""The weight-only dense kernels of the LLVM (CPU) target: float activations x low-bit weight planes.
+
+Two forms, chosen per layer by ``backend.choose_kernel``: :func:`lut_dense` (table lookups of
+activation partial sums, below) and :func:`dequant_dense` (codes dequantized in registers, see
+its section further down).
 
 A quantized linear layer whose input is not quantized (``act_bits`` None) computes
 ``acc[m, n] = sum_k x[m, k] * float32(q[n, k])`` in float32 (the IR contract of a float-input
@@ -37,9 +41,10 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .packing import WORD_BITS, words_for
+from .packing import WORD_BITS, weight_code_bits, words_for
 
-__all__ = ["LUT_LANES", "lut_tiles_per_task", "pack_lut_weight", "lut_dense"]
+__all__ = ["LUT_LANES", "lut_tiles_per_task", "pack_lut_weight", "lut_dense", "dequant_blocking",
+           "pack_dequant_weight", "dequant_dense"]
 
 LUT_LANES = 16  # outputs per vector tile: 16 float32 lanes of one zmm (the packed weight lanes)
 _GROUP = 4  # activations per table: a nibble of weight bits indexes 16 entries
@@ -250,5 +255,177 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
         for task in T.parallel(blocks):
             for pass_ in range(M // rows_per_pass):
                 tile_block(w_bytes, table, rowsum, y, n_planes, zero_point, task, pass_ * rows_per_pass)
+
+    return main
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantize in registers: packed codes -> float32 levels (one vpermps) -> FMA
+# --------------------------------------------------------------------------------------------
+# The other weight-only form: the planes are recombined at compile time into one unsigned code
+# per weight, ``c = sum_p bit_p << shift_p`` (every plane positive: offset or unsigned encodings),
+# packed as nibbles (codes of up to 4 bits) or bytes (5 bits). In the kernel a code indexes a
+# level table ``level[c] = float32((c & mask) - z)`` built per call (``mask`` keeps the planes
+# before ``n_planes``), one vpermps (16 levels) or vpermi2ps (32 levels) per 16 weights, and
+# the levels meet each row's broadcast activation in one FMA. Levels are exact small integers,
+# so every product is exact and only the sum order differs from numpy (as in the fp32 kernel).
+# Work: one lookup per weight vector shared by all rows of a pass, one FMA per weight and row.
+_VPERMI2PS = "llvm.x86.avx512.vpermi2var.ps.512"
+_DEQUANT_MAX_ROWS = 4  # rows per pass (sharing each lookup); 4 rows x 4 tiles measured best at 8 rows
+_DEQUANT_ACCUMULATORS = 8  # independent FMA chains at one row (FMA latency x 2 pipes)
+
+
+def dequant_blocking(rows: int, n_tiles: int) -> tuple[int, int]:
+    """``(rows_per_pass, tiles_per_task)``: rows sharing each lookup, and output tiles per task,
+    so that enough FMA chains run side by side without spilling (16 zmm accumulators at most)
+    and a narrow layer still splits into two tasks."""
+    rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
+    tiles = _DEQUANT_ACCUMULATORS if rows_per_pass == 1 else 4
+    # at least two tasks (both threads busy) where there are two tiles
+    return rows_per_pass, max(1, min(tiles, n_tiles // 2))
+
+
+def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int) -> np.ndarray:
+    """Weight planes ``[P, N, K]`` (0/1, most significant first) as the codes of
+    :func:`dequant_dense`: words ``[blocks, KW, tiles_per_task, 16]`` little-endian, whose code
+    ``s`` (nibble or byte) is ``k = codes_per_word * w + s`` of lane ``n``, then the load slack,
+    as flat bytes (N padded with zero tiles to whole blocks)."""
+    code_bits = weight_code_bits(shifts_signs)
+    if not code_bits:
+        raise ValueError("the planes do not form unsigned codes (negative or repeated plane)")
+    planes = np.asarray(planes)
+    _, n, k = planes.shape
+    codes = np.zeros((n, k), np.uint32)
+    for plane, (shift, _) in zip(planes, shifts_signs):
+        codes |= plane.astype(np.uint32) << shift
+    per_word = WORD_BITS // code_bits
+    kw = -(-k // per_word)
+    n_tiles = -(-n // LUT_LANES)
+    blocks = -(-n_tiles // tiles_per_task)
+    padded = np.zeros((blocks * tiles_per_task * LUT_LANES, kw * per_word), np.uint32)
+    padded[:n, :k] = codes  # padding codes meet zero activations (the kernel's padded row copy)
+    grouped = padded.reshape(blocks, tiles_per_task, LUT_LANES, kw, per_word)
+    words = np.zeros(grouped.shape[:-1], np.uint32)
+    for s in range(per_word):
+        words |= grouped[..., s] << (code_bits * s)
+    little_endian = np.ascontiguousarray(words.transpose(0, 3, 1, 2), dtype="<u4").reshape(-1).view(np.uint8)
+    return np.concatenate([little_endian, np.zeros(_LOAD_SLACK, np.uint8)])
+
+
+def _code_index(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: tirx.PrimExpr, code_bits: int) -> tirx.PrimExpr:
+    """Code ``code`` of 16 consecutive words in the low bits of each int32 lane (the permutes
+    read only the low 4 or 5 bits): loaded ``code_bits * code // 8`` bytes further on, and a
+    shift by 4 for odd nibbles (bytes never shift)."""
+    load = tirx.BufferLoad(w_bytes, [tirx.Ramp(word_byte + code_bits * code // 8, 1, 4 * LUT_LANES)])
+    index = tirx.reinterpret(f"int32x{LUT_LANES}", load)
+    # a shift by 0 (even nibbles, bytes) folds away once the code loop is unrolled
+    return index >> tirx.Broadcast(code_bits * code % 8, LUT_LANES)
+
+
+def _level_mask(n_planes, shifts_signs) -> tirx.PrimExpr:
+    """int32 mask of the code bits of the planes before ``n_planes`` (run-time plane skipping)."""
+    mask = tirx.const(0, "int32")
+    for index, (shift, _) in enumerate(shifts_signs):
+        mask = mask | tirx.Select(index < n_planes, tirx.const(1 << shift, "int32"), tirx.const(0, "int32"))
+    return mask
+
+
+def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], zero_point: bool) -> tirx.PrimFunc:
+    """Weight-only dense kernel that dequantizes packed codes in registers (float32 accumulators).
+
+    Signature of the returned PrimFunc (the same as :func:`lut_dense`'s)::
+
+        main(x: float32[M, K], w_bytes: uint8[blocks * KW * tiles * 64 + 4],
+             n_planes: int32, zero_point: int32, y: float32[M, N])
+
+    ``w_bytes`` comes from ``pack_dequant_weight(planes, shifts_signs, tiles)`` with ``tiles``
+    from ``dequant_blocking(M, ceil(N/16))``; ``shifts_signs`` must pass
+    :func:`packing.weight_code_bits`. ``y = x @ float32(code(q) - zero_point).T`` (``zero_point`` used
+    when the flag is set), the codes keeping only the planes before ``n_planes``.
+    """
+    shifts_signs = _check(shifts_signs)
+    code_bits = weight_code_bits(shifts_signs)
+    if not code_bits:
+        raise ValueError("the dequantizing kernel needs positive planes of distinct shifts up to 4")
+    with_zero_point = bool(zero_point)
+    lanes = LUT_LANES
+    levels = 1 << (max(shift for shift, _ in shifts_signs) + 1)
+    per_word = WORD_BITS // code_bits
+    kw = -(-K // per_word)
+    k_padded = kw * per_word
+    n_tiles = -(-N // lanes)
+    rows_per_pass, block = dequant_blocking(M, n_tiles)
+    blocks = -(-n_tiles // block)
+    passes = -(-M // rows_per_pass)
+    m_padded = passes * rows_per_pass
+    last_tile_width = N - (n_tiles - 1) * lanes
+    table_vectors = -(-levels // lanes)
+
+    padded = (m_padded, k_padded) != (M, K)
+
+    def activation(x, rows, m, k):
+        return tirx.BufferLoad(rows if padded else x, [m, k])
+
+    def level_vector(table, w_bytes, word_byte, code):
+        index = _code_index(w_bytes, word_byte, code, code_bits)
+        low = tirx.BufferLoad(table, [tirx.Ramp(0, 1, lanes)])
+        if table_vectors == 1:
+            return tirx.call_llvm_pure_intrin(f"float32x{lanes}", _VPERMPS, low, index)
+        high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)])
+        return tirx.call_llvm_pure_intrin(f"float32x{lanes}", _VPERMI2PS, low, index, high)
+
+    @T.macro
+    def store(y, value, m, tile):
+        if m < M:
+            if last_tile_width == lanes:
+                y[m, T.ramp(tile * lanes, 1, lanes)] = value
+            elif tile < n_tiles - 1:
+                y[m, T.ramp(tile * lanes, 1, lanes)] = value
+            else:
+                spill = T.alloc_buffer((lanes,), "float32", scope="local", annotations=_ON_STACK)
+                spill[T.ramp(0, 1, lanes)] = value
+                for lane in range(last_tile_width):
+                    y[m, tile * lanes + lane] = spill[lane]
+
+    @T.prim_func
+    def main(x: T.Buffer((M, K), "float32"),
+             w_bytes: T.Buffer((blocks * kw * block * lanes * 4 + _LOAD_SLACK,), "uint8"),
+             n_planes: T.int32, zero_point: T.int32,
+             y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tir.noalias": True})
+        # zero-padded rows and columns: padding codes (and padding rows) add nothing; whole
+        # shapes read x itself (no copy, no second parallel region)
+        rows = T.alloc_buffer((m_padded, k_padded) if padded else (1, 1), "float32")
+        table = T.alloc_buffer((table_vectors * lanes,), "float32")
+        for c in range(table_vectors * lanes):
+            table[c] = T.Cast("float32", c & _level_mask(n_planes, shifts_signs)) - T.Cast(
+                "float32", zero_point * int(with_zero_point))
+        if padded:
+            for m in T.parallel(m_padded):
+                for k in T.vectorized(k_padded):
+                    rows[m, k] = T.float32(0)
+                if m < M:
+                    for k in T.vectorized(K):
+                        rows[m, k] = x[m, k]
+        for task in T.parallel(blocks):
+            for pass_ in range(passes):
+                acc = T.alloc_buffer((rows_per_pass, block), "float32x16", scope="local", annotations=_ON_STACK)
+                for r in T.unroll(rows_per_pass):
+                    for b in T.unroll(block):
+                        acc[r, b] = T.broadcast(T.float32(0), lanes)
+                for w in range(kw):
+                    for s in T.unroll(per_word):
+                        for b in T.unroll(block):
+                            # one lookup per 16 weights, shared by the rows of the pass
+                            for r in T.unroll(rows_per_pass):
+                                acc[r, b] = T.call_llvm_pure_intrin(
+                                    "float32x16", "llvm.fma",
+                                    level_vector(table, w_bytes, (((task * kw + w) * block + b) * lanes) * 4, s),
+                                    T.broadcast(activation(x, rows, pass_ * rows_per_pass + r, w * per_word + s), lanes),
+                                    acc[r, b])
+                for r in range(rows_per_pass):
+                    for b in range(block):
+                        if task * block + b < n_tiles:
+                            store(y, acc[r, b], pass_ * rows_per_pass + r, task * block + b)
 
     return main

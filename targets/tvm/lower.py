@@ -260,11 +260,11 @@ class _Lowerer:
         info = {"kernel": choice.kernel, "reason": choice.reason, "planes": spec.num_planes,
                 "plane_shifts": [int(shift) for shift, _ in spec.planes]}  # most significant first
         self.plan.layers[n.name] = info
-        if choice.kernel in ("float", "lut"):
+        if choice.kernel in ("float", "lut", "dequant"):
             info["tensors"] = {"in": self.ref(n.inputs[0]), "out": n.name}
             acc = self.plan.buffer(f"{n.name}.accf", shape, _F32)
-            if choice.kernel == "lut":
-                self._lut_product(n, info, acc)
+            if choice.kernel in ("lut", "dequant"):
+                self._weight_only_product(n, info, acc, choice.kernel)
             else:
                 self._float_product(n, q.astype(np.float32), acc)
             outs, fused, suffix = self._layer_output(n, info)
@@ -482,18 +482,27 @@ class _Lowerer:
                              alias=self._root(codes))
         return name
 
-    def _lut_product(self, n: Node, info: dict, out: str) -> None:
-        """``out = x @ float32(q).T`` of a float-input linear layer by table lookups over its planes."""
+    def _weight_only_product(self, n: Node, info: dict, out: str, kernel: str) -> None:
+        """``out = x @ float32(q).T`` of a float-input linear layer from its planes: by table
+        lookups (``lut``) or by codes dequantized in registers (``dequant``)."""
         planes, plane_spec, z = self._planes(n)
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
         m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
-        tiles = self.kernels.lut_tiles_per_task(len(plane_spec), -(-shape[0] // self.kernels.LUT_LANES))
-        packed = self.kernels.pack_lut_weight(self.packing.pack_weight_planes(
-            planes.reshape(len(plane_spec), shape[0], k), lanes=self.kernels.LUT_LANES), tiles)
-        key = f"lutdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{tiles})"
-        f = self.plan.func(key, lambda: self.kernels.lut_dense(m, shape[0], k, plane_spec, bool(z), tiles))
-        w = self.plan.weight(f"{n.name}.lutplanes", packed)
+        n_tiles = -(-shape[0] // self.kernels.LUT_LANES)
+        planes = planes.reshape(len(plane_spec), shape[0], k)
+        if kernel == "dequant":
+            _, tiles = self.kernels.dequant_blocking(m, n_tiles)
+            packed = self.kernels.pack_dequant_weight(planes, plane_spec, tiles)
+            key = f"dequantdense({m},{shape[0]},{k},{plane_spec},{bool(z)})"
+            f = self.plan.func(key, lambda: self.kernels.dequant_dense(m, shape[0], k, plane_spec, bool(z)))
+        else:
+            tiles = self.kernels.lut_tiles_per_task(len(plane_spec), n_tiles)
+            packed = self.kernels.pack_lut_weight(self.packing.pack_weight_planes(
+                planes, lanes=self.kernels.LUT_LANES), tiles)
+            key = f"lutdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{tiles})"
+            f = self.plan.func(key, lambda: self.kernels.lut_dense(m, shape[0], k, plane_spec, bool(z), tiles))
+        w = self.plan.weight(f"{n.name}.{kernel}planes", packed)
         info.update(encoding="offset" if z else n.quant.encoding, zero_point=int(z))
         self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name}, {"int": int(z)},
                            self._flat(out, m, shape[0])], n.name)
