@@ -279,13 +279,15 @@ class _Lowerer:
         code_offset = 1 if zero_point else self.code_offset.get(n.inputs[0], 0)
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
         accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
-        if neg:
+        # one kernel may take both sign parts and write their difference (one accumulator)
+        split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._small_dense(n))
+        if split_acc:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
         source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
         float_in = source.op == "quantize" and source.name not in self.fused_quantize
         info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
-                           "scale": scale, "acc": accs[0], "acc_neg": accs[1] if neg else None,
+                           "scale": scale, "acc": accs[0], "acc_neg": accs[1] if split_acc else None,
                            "acc_shift": spec.low_shift, "out": n.name}
         # offset codes: the kernel multiplies codes + L, so its acc exceeds the true one by
         # L * sum_k q[c, k]; the runtime keeps that per-channel term (for the planes in use)
@@ -305,13 +307,13 @@ class _Lowerer:
         has_offset = acc_offset is not None
         outs, fused, suffix = self._layer_output(n, info, exact_y=True)
         quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
-        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})" + (
+        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
             ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + suffix
         options = {"has_offset": True} if has_offset else {}
         if zero_point:
             options["has_zero_point"] = True
         f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
-                                                           neg is not None, **options, **fused))
+                                                           split_acc, **options, **fused))
         args = accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
             + [mult] + ([add] if add else [])
         self.plan.call(f, args + outs, n.name)
@@ -450,22 +452,53 @@ class _Lowerer:
                 ",int16" if narrow else "")
             f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation,
                                                                             groups, knobs, **narrow))
+        elif self._small_dense(n):
+            self._small_bitparallel_dense(n, q, info, codes, accs)
+            return
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             info["pack"] = "dense"
             packed = pack_bitparallel_layout(info["pack"], q, shape, 1)
             key = f"bpdense({m},{shape[0]},{k})"
             f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
+        w = self._bitparallel_weights(n, packed)
+        for c, acc in zip(codes, accs):
+            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
+
+    def _bitparallel_weights(self, n: Node, packed: np.ndarray) -> str:
+        """The int8 weight buffer of a bit-parallel layer (``packed``'s layout) and its stored planes."""
         # the artifact stores only the packed bitplanes; the runtime combines them into this int8
         # buffer when it loads (and again for the run-time plane knob), so the file stays at
         # ~bits/32 of fp32 and there is one source of truth for the weights
+        shape = n.attr("weight_shape")
         w = self.plan.buffer(f"{n.name}.int8", packed.shape, str(packed.dtype), "derived")
         planes, plane_spec, z = self._planes(n)
         self.plan.weight(f"{n.name}.bitplanes", np.packbits(planes.astype(np.uint8), axis=-1))
-        info.update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z), k=int(np.prod(shape[1:])),
-                    weight_shape=list(shape), groups=int(n.attr("groups", 1)), int8_buffer=w)
-        for c, acc in zip(codes, accs):
-            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
+        self.plan.layers[n.name].update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z),
+                                        k=int(np.prod(shape[1:])), weight_shape=list(shape),
+                                        groups=int(n.attr("groups", 1)), int8_buffer=w)
+        return w
+
+    def _small_dense(self, n: Node) -> bool:
+        """Whether bit-parallel linear layer ``n`` is small enough for the backend's one-call
+        kernel (both sign passes, on the calling thread: a launch costs more than the work)."""
+        if n.op != "qlinear" or not hasattr(self.kernels, "bitparallel_dense_signed"):
+            return False
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        return int(np.prod(x_shape)) * int(n.attr("weight_shape")[0]) < self.kernels.SERIAL_DENSE_MACS
+
+    def _small_bitparallel_dense(self, n: Node, q, info: dict, codes: list[str], accs: list[str]) -> None:
+        """A small linear layer in one call: ``acc = codes_pos @ q.T - codes_neg @ q.T`` (or one code buffer)."""
+        shape = n.attr("weight_shape")
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+        info["pack"] = "dense"
+        w = self._bitparallel_weights(n, pack_bitparallel_layout("dense", q, shape, 1))
+        two_signs = len(codes) == 2
+        f = self.plan.func(f"bpdense_small({m},{shape[0]},{k},{two_signs})",
+                           lambda: self.kernels.bitparallel_dense_signed(m, shape[0], k, two_signs))
+        (acc,) = accs
+        self.plan.call(f, [self._as_2d(c, n) for c in codes] + [w, self._as_2d(acc, n)], n.name)
 
     def _as_2d(self, codes: str, n: Node) -> str:
         """Dense kernels take ``[M, K]`` codes and give ``[M, N]`` accumulators: alias a
