@@ -3,6 +3,7 @@
 * ``glue.elementwise_chain``: a run of elementwise ops (broadcasting binary ops, unary ops,
   slices) and the quantizers after them in one kernel, bit for bit what the unfused kernels
   give one by one.
+* ``glue``'s tanh (one ``exp`` per element) is TVM's tanh (two) bit for bit.
 * ``kernels.bitparallel_dense_signed``: both sign passes of signed codes in one call (serial
   below a work threshold), exact against integer numpy, odd K and N included.
 * End to end: LSTM and GRU step models compile to fewer calls, give the unfused build's
@@ -95,6 +96,17 @@ def test_chain_refuses_what_it_cannot_fuse():
     with pytest.raises(ValueError, match="not an output"):
         glue.elementwise_chain((("x", (4,)),), (hidden, glue.ChainOp("t1", "tanh", (4,), ("t0",))), ("t1",),
                                (glue.ChainQuantize("t0", 8, 0.0),))
+
+
+def test_one_exp_tanh_is_tvms_tanh_bit_for_bit(monkeypatch):
+    from tvm import tirx
+
+    x = np.concatenate([RNG.standard_normal(4096) * s for s in (0.01, 1.0, 5.0, 30.0)]).astype(F32)
+    x[:12] = [0.0, -0.0, 1e-30, -1e-30, 9.0, -9.0, 44.0, -44.0, 88.0, -88.0, np.inf, -np.inf]
+    ours = one(glue.unary("tanh", x.shape), x, shape=x.shape)
+    monkeypatch.setitem(glue._UNARY, "tanh", lambda v, lo, hi: tirx.tanh(v))
+    tvms = one(glue.unary("tanh", x.shape), x, shape=x.shape)
+    np.testing.assert_array_equal(ours.view(np.uint32), tvms.view(np.uint32))
 
 
 # ------------------------------------------------------------------------------------------

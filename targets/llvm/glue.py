@@ -915,6 +915,17 @@ def _sigmoid(value):
     return _f32(1.0) / (_f32(1.0) + tirx.exp(-value))
 
 
+def _tanh(value):
+    """TVM's llvm tanh bit for bit, with one ``exp`` instead of two: TVM evaluates both
+    ``(1 - exp(-2x)) / (1 + exp(-2x))`` (taken for ``x >= 0``) and ``(exp(2x) - 1) / (exp(2x) + 1)``
+    in every lane; the second is exactly the negated first at ``-x`` (IEEE negation and rounding
+    are symmetric), so ``exp(-2|x|)`` serves both (``tests/test_step_fusion.py`` checks)."""
+    e = tirx.exp(_f32(-2.0) * tirx.abs(value))
+    magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
+    # 0 - m, not -m: where exp(2x) rounds to 1 (tiny negative x) TVM's form gives +0
+    return tirx.Select(value >= _f32(0.0), magnitude, _f32(0.0) - magnitude)
+
+
 def _relu6(value):
     return tirx.Min(tirx.Max(value, _f32(0.0)), _f32(6.0))
 
@@ -923,7 +934,7 @@ _UNARY = {
     "relu": lambda v, lo, hi: _activation(v, "relu", lo, hi),
     "clip": lambda v, lo, hi: _activation(v, "clip", lo, hi),
     "sigmoid": lambda v, lo, hi: _sigmoid(v),
-    "tanh": lambda v, lo, hi: tirx.tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
+    "tanh": lambda v, lo, hi: _tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
     # vision activations, in csqc.numerics' float32 order (no multiply-add to contract)
     "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
     "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
