@@ -301,7 +301,6 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
     levels = _levels(bits)
     if offset and not (signed and bits <= 7):
         raise ValueError(f"offset codes need signed activations of at most 7 bits (2L must fit uint8), got {bits}")
-    is_static = static_scale > 0
     n = _prod(shape)
     params = [("x", shape, F32), ("scale", (1,), F32), ("codes_pos", shape, "uint8")]
     if signed and not offset:
@@ -363,7 +362,6 @@ def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, ze
     """
     shape = tuple(int(s) for s in shape)
     levels = _levels(bits)
-    is_static = static_scale > 0
     static_zero_point = int(zero_point)  # the PrimFunc has a buffer parameter of the same name
     n = _prod(shape)
     params = [("x", shape, F32), ("scale", (1,), F32), ("zero_point", (1,), "int32"), ("codes_pos", shape, "uint8")]
