@@ -510,7 +510,10 @@ def integer_macs(graph: Graph, layers: dict[str, dict]) -> int | None:
         if info is None or info.get("kernel") not in _COUNTED_KERNELS:
             continue
         planes = int(info["planes"]) if info["kernel"] == "bitserial" else 1
-        passes = 2 if (info.get("tensors") or {}).get("acc_neg") else 1
+        tensors = info.get("tensors") or {}
+        # codes split by sign: one product per part (a small bit-parallel layer runs both in one
+        # call and writes one accumulator, so only its xq_neg tells)
+        passes = 2 if tensors.get("acc_neg") or tensors.get("xq_neg") else 1
         total += _layer_macs(n) * planes * passes
         counted = True
     return total if counted else None

@@ -109,6 +109,9 @@ class CpuBackend:
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
     int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
+    # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
+    # step's gates are one call instead of fifteen (glue.elementwise_chain)
+    fuse_elementwise = True
 
     def __init__(self, table_lookup: bool = False):
         """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the

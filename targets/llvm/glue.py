@@ -71,6 +71,10 @@ __all__ = [
     "layer_norm",
     "gelu",
     "embedding",
+    "CHAIN_OPS",
+    "ChainOp",
+    "ChainQuantize",
+    "elementwise_chain",
 ]
 
 F32 = "float32"
@@ -297,26 +301,32 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
     levels = _levels(bits)
     if offset and not (signed and bits <= 7):
         raise ValueError(f"offset codes need signed activations of at most 7 bits (2L must fit uint8), got {bits}")
-    is_static = static_scale > 0
     n = _prod(shape)
     params = [("x", shape, F32), ("scale", (1,), F32), ("codes_pos", shape, "uint8")]
     if signed and not offset:
         params.append(("codes_neg", shape, "uint8"))
 
     def body(x, scale, codes_pos, codes_neg=None):
-        x_flat, pos_flat = _flat(x), _flat(codes_pos)
-        neg_flat = _flat(codes_neg) if codes_neg is not None else None
-        if is_static:
-            I.buffer_store(scale, _f32(static_scale), [0])
-        else:
-            _emit_abs_max(x_flat, n, scale)
-
-        def emit(_row, i):
-            _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat, neg_flat)
-
-        _for_each(1, n, emit)
+        _emit_quantize(_flat(x), n, levels, static_scale, offset, scale, codes_pos, codes_neg)
 
     return _prim_func(params, body)
+
+
+def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: bool, scale, codes_pos,
+                   codes_neg=None) -> None:
+    """:func:`quantize`'s statements on the flat ``x_flat`` (``n`` elements)."""
+    is_static = static_scale > 0
+    pos_flat = _flat(codes_pos)
+    neg_flat = _flat(codes_neg) if codes_neg is not None else None
+    if is_static:
+        I.buffer_store(scale, _f32(static_scale), [0])
+    else:
+        _emit_abs_max(x_flat, n, scale)
+
+    def emit(_row, i):
+        _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat, neg_flat)
+
+    _for_each(1, n, emit)
 
 
 def _emit_fold(x_flat, n: int, out, combine) -> None:
@@ -352,7 +362,6 @@ def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, ze
     """
     shape = tuple(int(s) for s in shape)
     levels = _levels(bits)
-    is_static = static_scale > 0
     static_zero_point = int(zero_point)  # the PrimFunc has a buffer parameter of the same name
     n = _prod(shape)
     params = [("x", shape, F32), ("scale", (1,), F32), ("zero_point", (1,), "int32"), ("codes_pos", shape, "uint8")]
@@ -360,35 +369,43 @@ def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, ze
         params.append(("codes_neg", shape, "uint8"))
 
     def body(x, scale, zero_point, codes_pos, codes_neg=None):
-        x_flat, pos_flat = _flat(x), _flat(codes_pos)
-        neg_flat = _flat(codes_neg) if codes_neg is not None else None
-        zp = _local((1,))
-        if is_static:
-            I.buffer_store(scale, _f32(static_scale), [0])
-            I.buffer_store(zp, _f32(static_zero_point), [0])
-        else:
-            lo, hi = _local((1,)), _local((1,))
-            _emit_fold(x_flat, n, lo, tirx.Min)
-            _emit_fold(x_flat, n, hi, tirx.Max)
-            I.buffer_store(scale, hi[0] - lo[0], [0])
-            # exactly the interpreter's (-lo * L) / R, rounded half to even; R read back from its buffer
-            zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
-            I.buffer_store(zp, tirx.Select(scale[0] > _f32(0.0), zp_value, _f32(0.0)), [0])
-        I.buffer_store(zero_point, tirx.Cast("int32", zp[0]), [0])
-
-        def emit(_row, i):
-            u = tirx.round((x_flat[i] * _f32(levels)) / scale[0]) + zp[0]
-            u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
-            if neg_flat is None:
-                I.buffer_store(pos_flat, tirx.Cast("uint8", u), [i])
-                return
-            v = u - zp[0]  # integers below 2^24: exact in float32
-            I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Max(v, _f32(0.0))), [i])
-            I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Max(-v, _f32(0.0))), [i])
-
-        _for_each(1, n, emit)
+        _emit_quantize_asymmetric(_flat(x), n, levels, static_scale, static_zero_point, scale, zero_point,
+                                  codes_pos, codes_neg)
 
     return _prim_func(params, body)
+
+
+def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, static_zero_point: int, scale,
+                              zero_point, codes_pos, codes_neg=None) -> None:
+    """:func:`quantize_asymmetric`'s statements on the flat ``x_flat`` (``n`` elements)."""
+    is_static = static_scale > 0
+    pos_flat = _flat(codes_pos)
+    neg_flat = _flat(codes_neg) if codes_neg is not None else None
+    zp = _local((1,))
+    if is_static:
+        I.buffer_store(scale, _f32(static_scale), [0])
+        I.buffer_store(zp, _f32(static_zero_point), [0])
+    else:
+        lo, hi = _local((1,)), _local((1,))
+        _emit_fold(x_flat, n, lo, tirx.Min)
+        _emit_fold(x_flat, n, hi, tirx.Max)
+        I.buffer_store(scale, hi[0] - lo[0], [0])
+        # exactly the interpreter's (-lo * L) / R, rounded half to even; R read back from its buffer
+        zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
+        I.buffer_store(zp, tirx.Select(scale[0] > _f32(0.0), zp_value, _f32(0.0)), [0])
+    I.buffer_store(zero_point, tirx.Cast("int32", zp[0]), [0])
+
+    def emit(_row, i):
+        u = tirx.round((x_flat[i] * _f32(levels)) / scale[0]) + zp[0]
+        u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
+        if neg_flat is None:
+            I.buffer_store(pos_flat, tirx.Cast("uint8", u), [i])
+            return
+        v = u - zp[0]  # integers below 2^24: exact in float32
+        I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Max(v, _f32(0.0))), [i])
+        I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Max(-v, _f32(0.0))), [i])
+
+    _for_each(1, n, emit)
 
 
 def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat) -> None:
@@ -896,6 +913,17 @@ def _sigmoid(value):
     return _f32(1.0) / (_f32(1.0) + tirx.exp(-value))
 
 
+def _tanh(value):
+    """TVM's llvm tanh bit for bit, with one ``exp`` instead of two: TVM evaluates both
+    ``(1 - exp(-2x)) / (1 + exp(-2x))`` (taken for ``x >= 0``) and ``(exp(2x) - 1) / (exp(2x) + 1)``
+    in every lane; the second is exactly the negated first at ``-x`` (IEEE negation and rounding
+    are symmetric), so ``exp(-2|x|)`` serves both (``tests/test_step_fusion.py`` checks)."""
+    e = tirx.exp(_f32(-2.0) * tirx.abs(value))
+    magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
+    # 0 - m, not -m: where exp(2x) rounds to 1 (tiny negative x) TVM's form gives +0
+    return tirx.Select(value >= _f32(0.0), magnitude, _f32(0.0) - magnitude)
+
+
 def _relu6(value):
     return tirx.Min(tirx.Max(value, _f32(0.0)), _f32(6.0))
 
@@ -904,7 +932,7 @@ _UNARY = {
     "relu": lambda v, lo, hi: _activation(v, "relu", lo, hi),
     "clip": lambda v, lo, hi: _activation(v, "clip", lo, hi),
     "sigmoid": lambda v, lo, hi: _sigmoid(v),
-    "tanh": lambda v, lo, hi: tirx.tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
+    "tanh": lambda v, lo, hi: _tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
     # vision activations, in csqc.numerics' float32 order (no multiply-add to contract)
     "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
     "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
@@ -925,6 +953,146 @@ def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:
         _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, fn(x_flat[i], lo, hi), [i]))
 
     return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+
+
+@dataclass(frozen=True)
+class ChainOp:
+    """One elementwise node of :func:`elementwise_chain`: ``op`` (a :func:`unary` or :func:`binary`
+    op, or ``slice``) of ``args`` (names of chain inputs or earlier ops) with output ``shape``;
+    ``attrs`` are ``(lo, hi)`` of clip, ``(axis, start)`` of a slice, else empty."""
+
+    name: str
+    op: str
+    shape: tuple
+    args: tuple
+    attrs: tuple = ()
+
+
+@dataclass(frozen=True)
+class ChainQuantize:
+    """A quantizer at the end of :func:`elementwise_chain`, reading chain input or output ``source``:
+    :func:`quantize`'s (``asymmetric`` False) or :func:`quantize_asymmetric`'s options."""
+
+    source: str
+    bits: int
+    static_scale: float
+    signed: bool = False
+    offset: bool = False
+    asymmetric: bool = False
+    zero_point: int = 0
+    centered: bool = False
+
+    def params(self, shape) -> list[tuple[str, tuple, str]]:
+        """Its output buffers, in :func:`quantize` / :func:`quantize_asymmetric`'s order."""
+        out = [("scale", (1,), F32)] + ([("zero_point", (1,), "int32")] if self.asymmetric else [])
+        out.append(("codes_pos", shape, "uint8"))
+        if (self.centered if self.asymmetric else self.signed and not self.offset):
+            out.append(("codes_neg", shape, "uint8"))
+        return out
+
+
+# the ops elementwise_chain fuses (quantizers apart)
+CHAIN_OPS = frozenset(_UNARY) | frozenset(_BINARY) | {"slice"}
+
+
+def elementwise_chain(inputs: Sequence[tuple[str, Sequence[int]]], ops: Sequence[ChainOp],
+                      outputs: Sequence[str], quantizers: Sequence[ChainQuantize] = ()) -> tirx.PrimFunc:
+    """Many elementwise ops in one kernel: the values nothing outside reads stay in registers.
+
+    Parameters: the float32 ``inputs`` (name, shape), then ``y: float32`` for each op named in
+    ``outputs``, then each quantizer's outputs (scale[, zero_point], codes_pos[, codes_neg]).
+    Every element of an output is computed from the inputs by composing the ops' expressions
+    (a slice shifts the index, a broadcast operand drops or zeroes it): the float32 operations
+    of the unfused kernels in the same order, each op's result rounded (``_rounded``: no FMA
+    across ops), so the outputs are bit for bit those of :func:`unary` / :func:`binary` /
+    :func:`slice_axis` kernels run one by one. An op read by several outputs of one shape is
+    one expression for LLVM to share. Outputs of one shape share a loop; the quantizers run
+    last, on their (materialized) source buffers, as :func:`quantize` / :func:`quantize_asymmetric`.
+    """
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in inputs}
+    by_name = {}
+    for op in ops:
+        if op.op not in _UNARY and op.op not in _BINARY and op.op != "slice":
+            raise ValueError(f"elementwise_chain cannot fuse op {op.op!r}")
+        if any(a not in shapes for a in op.args) or op.name in shapes:
+            raise ValueError(f"chain op {op.name} reads an unknown value or repeats a name")
+        shapes[op.name] = tuple(int(d) for d in op.shape)
+        by_name[op.name] = op
+    if any(o not in by_name for o in outputs) or any(q.source not in shapes for q in quantizers):
+        raise ValueError("chain outputs must be ops and quantizer sources inputs or outputs of the chain")
+    if any(q.source in by_name and q.source not in outputs for q in quantizers):
+        raise ValueError("a quantizer reads an op of the chain that is not an output")
+    params = [(name, shapes[name], F32) for name, _ in inputs] + [(o, shapes[o], F32) for o in outputs]
+    for q in quantizers:
+        params += q.params(shapes[q.source])
+
+    def body(*buffers):
+        flats = {name: _flat(b) for (name, _, _), b in zip(params, buffers[:len(inputs) + len(outputs)])}
+        input_names = {name for name, _ in inputs}
+
+        def value(name: str, index: list):
+            """Element ``index`` (one expression per dimension of its shape) of value ``name``."""
+            if name in input_names:
+                return flats[name][_row_major(index, shapes[name])]
+            op = by_name[name]
+            if op.op == "slice":
+                axis, start = op.attrs
+                shifted = list(index)
+                shifted[axis] = shifted[axis] + start
+                return value(op.args[0], shifted)
+            operands = [value(a, _broadcast_index(index, shapes[a])) for a in op.args]
+            if op.op in _UNARY:
+                lo, hi = op.attrs or (0.0, 0.0)
+                result = _UNARY[op.op](operands[0], lo, hi)
+            else:
+                result = _BINARY[op.op](*operands)
+            return _rounded(result)
+
+        for shape in dict.fromkeys(shapes[o] for o in outputs):
+            group = [o for o in outputs if shapes[o] == shape]
+            rows, row_len = _prod(shape[:-1]), int(shape[-1]) if shape else 1
+
+            def emit(row, col, group=group, shape=shape, row_len=row_len):
+                index = _unravel(row, shape[:-1]) + ([col] if shape else [])
+                for o in group:
+                    I.buffer_store(flats[o], value(o, index), [row * row_len + col])
+
+            _for_each(rows, row_len, emit)
+        rest = list(buffers[len(inputs) + len(outputs):])
+        for q in quantizers:
+            outs = [rest.pop(0) for _ in q.params(shapes[q.source])]
+            source, n = flats[q.source], _prod(shapes[q.source])
+            if q.asymmetric:
+                _emit_quantize_asymmetric(source, n, _levels(q.bits), q.static_scale, q.zero_point, *outs)
+            else:
+                _emit_quantize(source, n, _levels(q.bits), q.static_scale, q.offset, *outs)
+
+    return _prim_func(params, body)
+
+
+def _unravel(flat, shape) -> list:
+    """Row-major indices of ``flat`` in ``shape`` (one expression per dimension)."""
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size if size > 1 else tirx.const(0, "int32"))
+        flat = flat // size
+    return index[::-1]
+
+
+def _row_major(index, shape):
+    """Flat offset of ``index`` in a row-major ``shape`` (size-1 dimensions add nothing)."""
+    offset, stride = tirx.const(0, "int32"), 1
+    for i, size in zip(reversed(index), reversed(shape)):
+        if size > 1:
+            offset = offset + i * stride
+        stride *= size
+    return offset
+
+
+def _broadcast_index(index, shape) -> list:
+    """``index`` of a broadcast result, read in an operand of ``shape`` (numpy rules)."""
+    aligned = index[len(index) - len(shape):] if shape else []
+    return [i if size > 1 else tirx.const(0, "int32") for i, size in zip(aligned, shape)]
 
 
 def channel_affine(shape, axis: int = 1) -> tirx.PrimFunc:

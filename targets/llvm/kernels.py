@@ -52,6 +52,8 @@ __all__ = [
     "CompiledKernel",
     "bitserial_dense",
     "bitparallel_dense",
+    "bitparallel_dense_signed",
+    "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",
     "LUT_LANES",
@@ -672,6 +674,97 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
             vnni_tile(xw, w, y, task)
 
     return main8_padded
+
+
+# Below this many multiply-adds (M x N x K, per sign) a dense layer runs on the calling thread:
+# a parallel launch costs microseconds on a busy machine, more than the work (an LSTM step's
+# 1024 x 256 projection is ~3 us of VNNI work on one core, ~5 us through the thread pool).
+SERIAL_DENSE_MACS = 1 << 19
+
+
+def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, parallel: bool | None = None,
+                             col_vectors: int = 4) -> tirx.PrimFunc:
+    """Bit-parallel dense kernel for small layers: both sign passes of signed codes in one call.
+
+    ``two_signs``::
+
+        main(x_pos: uint8[M, K], x_neg: uint8[M, K], w: int8[ceil(N/16), ceil(K/4), 64], y: int32[M, N])
+
+    computes ``y = x_pos @ q.T - x_neg @ q.T`` (the signed codes ``x_pos - x_neg`` times ``q``):
+    each weight vector is loaded once for two ``vpdpbusd`` (one per sign), and the difference is
+    exact in int32 (each pass is within the layer's accumulator bound, so is their difference).
+    Without ``two_signs`` the kernel has one code buffer and computes ``y = x @ q.T``.
+
+    Weights are :func:`bitparallel_dense`'s int8 layout (zero padded along K). A K that is not a
+    multiple of 4 needs no padded copy of the codes: full groups are read as unaligned words,
+    the last partial group byte by byte. ``parallel`` None: parallel over column blocks only
+    from :data:`SERIAL_DENSE_MACS` multiply-adds.
+    """
+    signs = 2 if two_signs else 1
+    parallel = M * N * K >= SERIAL_DENSE_MACS if parallel is None else parallel
+    n_tiles = -(-N // VNNI_LANES)
+    k_groups, k_full = -(-K // 4), K // 4
+    col_vectors = max(1, min(col_vectors, n_tiles))
+    col_blocks = -(-n_tiles // col_vectors)
+    last_tile_width = N - (n_tiles - 1) * VNNI_LANES
+    tail_bytes = K - 4 * k_full
+
+    def word(x, m, kg):
+        """Codes x[m, 4kg:4kg+4] as one int32 (bytes past K read as 0: their weights are 0 anyway)."""
+        if tail_bytes == 0:
+            return T.reinterpret("int32", x[m, T.ramp(kg * 4, 1, 4)])
+        value = T.Cast("int32", x[m, k_full * 4])
+        for t in range(1, tail_bytes):
+            value = value | T.shift_left(T.Cast("int32", x[m, k_full * 4 + t]), T.int32(8 * t))
+        return T.Select(kg < k_full, T.reinterpret("int32", x[m, T.ramp(T.min(kg, k_full - 1) * 4, 1, 4)])
+                        if k_full else T.int32(0), value)
+
+    def block(xs, w, y, m, cb):
+        from tvm.script.ir_builder import tirx as I
+
+        acc = I.alloc_buffer((signs, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
+        for s in range(signs):
+            for cv in range(col_vectors):
+                I.buffer_store(acc, T.broadcast(T.int32(0), VNNI_LANES), [s, cv])
+        with I.serial(0, k_groups) as kg:
+            words = [word(x, m, kg) for x in xs]
+            for cv in range(col_vectors):
+                weights = w[T.min(cb * col_vectors + cv, n_tiles - 1), kg, T.ramp(0, 1, 4 * VNNI_LANES)]
+                for s in range(signs):
+                    I.buffer_store(acc, _vnni(acc[s, cv], words[s], weights), [s, cv])
+        for cv in range(col_vectors):
+            nt = cb * col_vectors + cv
+            value = acc[0, cv] - acc[1, cv] if two_signs else acc[0, cv]
+            with I.If(nt < n_tiles - (0 if last_tile_width == VNNI_LANES else 1)):
+                with I.Then():
+                    I.buffer_store(y, value, [m, T.ramp(nt * VNNI_LANES, 1, VNNI_LANES)])
+            if last_tile_width != VNNI_LANES:
+                with I.If(nt == n_tiles - 1):
+                    with I.Then():
+                        spill = I.alloc_buffer((VNNI_LANES,), "int32", scope="local", annotations=_ON_STACK)
+                        I.buffer_store(spill, value, [T.ramp(0, 1, VNNI_LANES)])
+                        with I.serial(0, last_tile_width) as lane:
+                            I.buffer_store(y, spill[lane], [m, nt * VNNI_LANES + lane])
+
+    return _signed_dense_func(M, K, N, n_tiles, k_groups, col_blocks, signs, parallel, block)
+
+
+def _signed_dense_func(M, K, N, n_tiles, k_groups, col_blocks, signs, parallel, block) -> tirx.PrimFunc:
+    """The PrimFunc of :func:`bitparallel_dense_signed` around its register-tile ``block``."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as I
+
+    with IRBuilder() as builder:
+        with I.prim_func():
+            I.func_name("main")
+            I.func_attr({"tir.noalias": True})
+            xs = [I.arg(name, I.Buffer((M, K), "uint8")) for name in ("x_pos", "x_neg")[:signs]]
+            w = I.arg("w", I.Buffer((n_tiles, k_groups, 4 * VNNI_LANES), "int8"))
+            y = I.arg("y", I.Buffer((M, N), "int32"))
+            loop = I.parallel if parallel else I.serial
+            with loop(0, M * col_blocks) as task:
+                block(xs, w, y, task // col_blocks, task % col_blocks)
+    return builder.get()
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class _Lowerer:
         self.zero_points: dict[str, str] = {}
         self.users = g.users()
         self.fused_quantize: set[str] = set()  # dynamic quantize nodes their producer's epilogue computes
+        # runs of elementwise nodes become one kernel (a backend whose glue has elementwise_chain)
+        self.fuse_elementwise = bool(getattr(b, "fuse_elementwise", False)) and hasattr(b.glue, "elementwise_chain")
 
     # -- helpers -----------------------------------------------------------------------------
     def ref(self, value: str) -> str:
@@ -131,10 +133,16 @@ class _Lowerer:
         for v in self.g.inputs:
             self.plan.buffer(v.name, v.type.shape, v.type.dtype, "input")
             self.plan.inputs.append({"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype})
+        run: list[Node] = []  # consecutive elementwise nodes (and quantizers) for one fused kernel
         for n in self.g.nodes:
-            getattr(self, f"lower_{OP_TABLE[n.op].tvm}")(n)  # lower_graph checked coverage up front
-            if self.on_layer:
-                self.on_layer(n.name)
+            if self._chain_member(n, run):
+                run.append(n)
+                if n.op == "quantize" and not float(n.attr("static_scale", 0.0)) > 0:
+                    run = self._lower_chain(run)  # the runtime checks one dynamic scale per call
+                continue
+            run = self._lower_chain(run)
+            self._lower_node(n)
+        self._lower_chain(run)
         for o in self.g.outputs:
             buf = self.plan.buffers.get(o)
             if buf is None or o in self.quant_parts:
@@ -142,6 +150,72 @@ class _Lowerer:
             self.plan.outputs.append({"name": o, "shape": buf["shape"], "dtype": buf["dtype"]})
         self._drop_unread_views()
         return self.plan
+
+    def _lower_node(self, n: Node) -> None:
+        getattr(self, f"lower_{OP_TABLE[n.op].tvm}")(n)  # lower_graph checked coverage up front
+        if self.on_layer:
+            self.on_layer(n.name)
+
+    # -- elementwise chains ------------------------------------------------------------------
+    def _chain_member(self, n: Node, run: list[Node]) -> bool:
+        """Whether ``n`` can join ``run``, a stretch of consecutive nodes (in graph order, so the
+        stretch runs as one call where its last node would: every input it reads is ready, every
+        outside reader comes later) computed by one ``glue.elementwise_chain`` kernel."""
+        if not self.fuse_elementwise:
+            return False
+        if n.op == "quantize":  # quantizers run last in the kernel, from a materialized buffer
+            return n.name not in self.fused_quantize and n.type.qbits <= 8
+        if n.op not in self.glue.CHAIN_OPS or n.type.dtype != _F32:
+            return False
+        return all(self.g.type_of(v).dtype == _F32 for v in n.inputs)
+
+    def _lower_chain(self, run: list[Node]) -> list[Node]:
+        """Lower ``run`` as one fused kernel (a single node as usual); returns an empty run."""
+        if len(run) == 1:
+            self._lower_node(run[0])
+        elif run:
+            self._fused_chain(run)
+            for n in run:
+                if self.on_layer:
+                    self.on_layer(n.name)
+        return []
+
+    def _fused_chain(self, run: list[Node]) -> None:
+        """One ``elementwise_chain`` call for ``run``: values read outside it (graph outputs,
+        later nodes, its quantizers) get buffers, the others stay in registers. Values get
+        positional names in the kernel, so equal chains (an LSTM stack's layers) share a kernel."""
+        ops = [n for n in run if n.op != "quantize"]
+        members = {n.name for n in ops}
+        outputs = [n.name for n in ops if n.name in self.g.outputs
+                   or any(u.name not in members for u in self.users.get(n.name, []))]
+        inputs = list(dict.fromkeys(v for n in run for v in n.inputs if v not in members))
+        local = {v: f"x{i}" for i, v in enumerate(inputs)} | {n.name: f"t{i}" for i, n in enumerate(ops)}
+        in_bufs = [self.ref(v) for v in inputs]
+        chain_ops = tuple(self.glue.ChainOp(local[n.name], n.op, tuple(n.type.shape),
+                                            tuple(local[v] for v in n.inputs), self._chain_attrs(n)) for n in ops)
+        out_bufs = [self.out(self.producers[o]) for o in outputs]
+        quantizers, quant_bufs, dynamic = [], [], None
+        for n in run:
+            if n.op == "quantize":
+                options, outs = self._quantize_outputs(n)
+                if not options["static_scale"] > 0:
+                    dynamic = (n, len(in_bufs) + len(out_bufs) + len(quant_bufs), 2**options["bits"] - 1)
+                quantizers.append(self.glue.ChainQuantize(local[n.inputs[0]], **options))
+                quant_bufs += outs
+        spec = (tuple((local[v], tuple(self.plan.buffers[b]["shape"])) for v, b in zip(inputs, in_bufs)),
+                chain_ops, tuple(local[o] for o in outputs), tuple(quantizers))
+        f = self.plan.func(f"chain({spec!r})", lambda: self.glue.elementwise_chain(*spec))
+        self.plan.call(f, in_bufs + out_bufs + quant_bufs, run[-1].name)
+        if dynamic is not None:  # the runtime checks the dynamic scale like a quantize step's
+            n, scale_arg, levels = dynamic
+            self.plan.steps[-1].update(levels=levels, scale_arg=scale_arg, quantizer=n.name)
+
+    def _chain_attrs(self, n: Node) -> tuple:
+        if n.op == "clip":
+            return float(n.attr("lo")), float(n.attr("hi"))
+        if n.op == "slice":
+            return int(n.attr("axis")) % len(n.type.shape), int(n.attr("start"))
+        return ()
 
     def _drop_unread_views(self) -> None:
         """Views nothing reads (a reshape whose consumer took its own 2-D view of the same data)."""
@@ -181,23 +255,30 @@ class _Lowerer:
         return self.offset_codes and all(u.op == "qlinear" and u.inputs[0] == n.name
                                          for u in self.users.get(n.name, []))
 
-    def _lower_asymmetric_quantize(self, n: Node) -> None:
-        bits, static, zero_point = n.attr("bits"), float(n.attr("static_scale", 0.0)), int(n.attr("zero_point", 0))
-        centered = not self._zero_point_codes_fit(n)
-        shape = n.type.shape
-        key = f"quantize_asymmetric({shape},{bits},{static!r},{zero_point},{centered})"
-        f = self.plan.func(key, lambda: self.glue.quantize_asymmetric(shape, bits, static, zero_point, centered))
+    def _quantize_outputs(self, n: Node) -> tuple[dict, list[str]]:
+        """The options (``glue.ChainQuantize``'s fields) and output buffers of quantize node ``n``
+        (scale[, zero point], codes[, negative codes]); registers its codes for their readers."""
+        bits, static, shape = n.attr("bits"), float(n.attr("static_scale", 0.0)), n.type.shape
         scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
-        zp = self.plan.buffer(f"{n.name}.zero_point", (1,), "int32")
+        if n.attr("asymmetric", False):
+            centered = not self._zero_point_codes_fit(n)
+            zp = self.plan.buffer(f"{n.name}.zero_point", (1,), "int32")
+            pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
+            neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if centered else None
+            # centered: the sign parts of u - zp, read like signed symmetric codes
+            self.quant_parts[n.name] = (pos, neg, scale)
+            if not centered:
+                self.zero_points[n.name] = zp
+            options = dict(bits=bits, static_scale=static, asymmetric=True, zero_point=int(n.attr("zero_point", 0)),
+                           centered=centered)
+            return options, [scale, zp, pos] + ([neg] if neg else [])
+        signed, offset = bool(n.attr("signed")), self._offset_codes_fit(n)
         pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
-        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if centered else None
-        self.plan.call(f, [self.ref(n.inputs[0]), scale, zp, pos] + ([neg] if neg else []), n.name)
-        if not static:  # the runtime checks the dynamic range against float32's range after each run
-            self.plan.steps[-1]["levels"] = 2**bits - 1
-        # centered: the sign parts of u - zp, read like signed symmetric codes
+        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed and not offset else None
         self.quant_parts[n.name] = (pos, neg, scale)
-        if not centered:
-            self.zero_points[n.name] = zp
+        if offset:
+            self.code_offset[n.name] = 2**bits - 1
+        return dict(bits=bits, static_scale=static, signed=signed, offset=offset), [scale, pos] + ([neg] if neg else [])
 
     def _conv_takes_offset_codes(self, n: Node) -> bool:
         """Whether quantized conv ``n`` runs on the bit-parallel kernel without padding, so every
@@ -209,24 +290,20 @@ class _Lowerer:
     def lower_quantize(self, n: Node) -> None:
         if n.name in self.fused_quantize:  # the producing layer's epilogue wrote its scale and codes
             return
-        if n.attr("asymmetric", False):
-            self._lower_asymmetric_quantize(n)
-            return
-        bits, static, signed = n.attr("bits"), float(n.attr("static_scale", 0.0)), bool(n.attr("signed"))
-        offset = self._offset_codes_fit(n)
-        shape = n.type.shape
-        key = f"quantize({shape},{bits},{static!r},{signed})" + (",offset" if offset else "")
-        f = self.plan.func(key, lambda: self.glue.quantize(shape, bits, static, signed, offset) if offset
-                           else self.glue.quantize(shape, bits, static, signed))
-        scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
-        pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
-        neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if signed and not offset else None
-        self.plan.call(f, [self.ref(n.inputs[0]), scale, pos] + ([neg] if neg else []), n.name)
+        options, outs = self._quantize_outputs(n)
+        shape, bits, static = n.type.shape, options["bits"], options["static_scale"]
+        if options.get("asymmetric"):
+            zero_point, centered = options["zero_point"], options["centered"]
+            key = f"quantize_asymmetric({shape},{bits},{static!r},{zero_point},{centered})"
+            f = self.plan.func(key, lambda: self.glue.quantize_asymmetric(shape, bits, static, zero_point, centered))
+        else:
+            signed, offset = options["signed"], options["offset"]
+            key = f"quantize({shape},{bits},{static!r},{signed})" + (",offset" if offset else "")
+            f = self.plan.func(key, lambda: self.glue.quantize(shape, bits, static, signed, offset) if offset
+                               else self.glue.quantize(shape, bits, static, signed))
+        self.plan.call(f, [self.ref(n.inputs[0])] + outs, n.name)
         if not static:  # the runtime checks this dynamic scale against float32's range after each run
             self.plan.steps[-1]["levels"] = 2**bits - 1
-        self.quant_parts[n.name] = (pos, neg, scale)
-        if offset:
-            self.code_offset[n.name] = 2**bits - 1
 
     def lower_dequantize(self, n: Node) -> None:
         pos, neg, scale = self.quant_parts[n.inputs[0]]
@@ -280,13 +357,15 @@ class _Lowerer:
         code_offset = 1 if zero_point else self.code_offset.get(n.inputs[0], 0)
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
         accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
-        if neg:
+        # one kernel may take both sign parts and write their difference (one accumulator)
+        split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._small_dense(n))
+        if split_acc:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
         source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
         float_in = source.op == "quantize" and source.name not in self.fused_quantize
         info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
-                           "scale": scale, "acc": accs[0], "acc_neg": accs[1] if neg else None,
+                           "scale": scale, "acc": accs[0], "acc_neg": accs[1] if split_acc else None,
                            "acc_shift": spec.low_shift, "out": n.name}
         # offset codes: the kernel multiplies codes + L, so its acc exceeds the true one by
         # L * sum_k q[c, k]; the runtime keeps that per-channel term (for the planes in use)
@@ -306,13 +385,13 @@ class _Lowerer:
         has_offset = acc_offset is not None
         outs, fused, suffix = self._layer_output(n, info, exact_y=True)
         quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
-        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{neg is not None})" + (
+        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
             ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + suffix
         options = {"has_offset": True} if has_offset else {}
         if zero_point:
             options["has_zero_point"] = True
         f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
-                                                           neg is not None, **options, **fused))
+                                                           split_acc, **options, **fused))
         args = accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
             + [mult] + ([add] if add else [])
         self.plan.call(f, args + outs, n.name)
@@ -451,22 +530,53 @@ class _Lowerer:
                 ",int16" if narrow else "")
             f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation,
                                                                             groups, knobs, **narrow))
+        elif self._small_dense(n):
+            self._small_bitparallel_dense(n, q, info, codes, accs)
+            return
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             info["pack"] = "dense"
             packed = pack_bitparallel_layout(info["pack"], q, shape, 1)
             key = f"bpdense({m},{shape[0]},{k})"
             f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
+        w = self._bitparallel_weights(n, packed)
+        for c, acc in zip(codes, accs):
+            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
+
+    def _bitparallel_weights(self, n: Node, packed: np.ndarray) -> str:
+        """The int8 weight buffer of a bit-parallel layer (``packed``'s layout) and its stored planes."""
         # the artifact stores only the packed bitplanes; the runtime combines them into this int8
         # buffer when it loads (and again for the run-time plane knob), so the file stays at
         # ~bits/32 of fp32 and there is one source of truth for the weights
+        shape = n.attr("weight_shape")
         w = self.plan.buffer(f"{n.name}.int8", packed.shape, str(packed.dtype), "derived")
         planes, plane_spec, z = self._planes(n)
         self.plan.weight(f"{n.name}.bitplanes", np.packbits(planes.astype(np.uint8), axis=-1))
-        info.update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z), k=int(np.prod(shape[1:])),
-                    weight_shape=list(shape), groups=int(n.attr("groups", 1)), int8_buffer=w)
-        for c, acc in zip(codes, accs):
-            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
+        self.plan.layers[n.name].update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z),
+                                        k=int(np.prod(shape[1:])), weight_shape=list(shape),
+                                        groups=int(n.attr("groups", 1)), int8_buffer=w)
+        return w
+
+    def _small_dense(self, n: Node) -> bool:
+        """Whether bit-parallel linear layer ``n`` is small enough for the backend's one-call
+        kernel (both sign passes, on the calling thread: a launch costs more than the work)."""
+        if n.op != "qlinear" or not hasattr(self.kernels, "bitparallel_dense_signed"):
+            return False
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        return int(np.prod(x_shape)) * int(n.attr("weight_shape")[0]) < self.kernels.SERIAL_DENSE_MACS
+
+    def _small_bitparallel_dense(self, n: Node, q, info: dict, codes: list[str], accs: list[str]) -> None:
+        """A small linear layer in one call: ``acc = codes_pos @ q.T - codes_neg @ q.T`` (or one code buffer)."""
+        shape = n.attr("weight_shape")
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+        info["pack"] = "dense"
+        w = self._bitparallel_weights(n, pack_bitparallel_layout("dense", q, shape, 1))
+        two_signs = len(codes) == 2
+        f = self.plan.func(f"bpdense_small({m},{shape[0]},{k},{two_signs})",
+                           lambda: self.kernels.bitparallel_dense_signed(m, shape[0], k, two_signs))
+        (acc,) = accs
+        self.plan.call(f, [self._as_2d(c, n) for c in codes] + [w, self._as_2d(acc, n)], n.name)
 
     def _as_2d(self, codes: str, n: Node) -> str:
         """Dense kernels take ``[M, K]`` codes and give ``[M, N]`` accumulators: alias a
