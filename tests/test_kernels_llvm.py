@@ -337,6 +337,24 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
                                   conv_reference(x, q, stride, padding, dilation, groups))
 
 
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups,parallel_loops", [
+    ((1, 16, 48, 48), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, 2),  # 36864 codes: staged by the pool
+    ((1, 8, 72, 72), (8, 8, 3, 3), (3, 3), (1, 1), (1, 1), 1, 2),     # the same, channels-on-lanes kernel
+    ((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, 1),  # ResNet-20's layer1: staged serially
+])
+def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shape, weight_shape, stride, padding,
+                                                                       dilation, groups, parallel_loops):
+    """Below _MIN_PARALLEL_STAGING input codes the staging copy is serial (one fork-join per
+    call instead of two); above it, parallel. Exact either way."""
+    prim = kernels.bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups)
+    assert prim.script().count("T.parallel") == parallel_loops
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
+                                  conv_reference(x, q, stride, padding, dilation, groups))
+
+
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups",
                          [c for c in CONV_CASES if c[1][1] == 1 and max(c[2]) <= 2] + [
                              ((1, 5, 20, 70), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5)])  # rows of 2 pieces

@@ -788,6 +788,18 @@ def _make_zero_pad_copy(geo: ConvGeometry):
     return pad_copy
 
 
+# Inputs of fewer codes than this are staged (padded, regrouped) on the calling thread: the
+# copy then costs less than a fork-join of the thread pool (glue's _MIN_PARALLEL, same reason;
+# every ResNet-20 conv input is below it, ImageNet-sized stages are above).
+_MIN_PARALLEL_STAGING = 32768
+
+
+def _staging_loop(geo: ConvGeometry):
+    """``T.parallel`` or ``T.serial`` for a conv's input staging loop (see _MIN_PARALLEL_STAGING)."""
+    codes = geo.batch * geo.in_channels * geo.height * geo.width
+    return T.parallel if codes >= _MIN_PARALLEL_STAGING else T.serial
+
+
 def _phase_pairs(geo: ConvGeometry):
     """Stride phases ``(a_h, a_w)`` read by some tap, each with the valid column segment
     ``[lo, lo + n)`` of its phase-split rows (``w = sw*j + a_w - pw`` inside the input) and its
@@ -1207,6 +1219,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
         pairs.append(pairs[0])
     P0, P1, P2, P3 = pairs
     partial = Cg % 4 != 0
+    staging_loop = _staging_loop(geo)
 
     def channel_byte(x, b, cq, t, row, col):
         # Byte t of the word of channels 4*(cq % c_groups) .. +3 (zero past Cg).
@@ -1242,7 +1255,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
              y: T.Buffer((B, O, OH, OW), "int32")):
         T.func_attr({"tir.noalias": True})
         xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
-        for task in T.parallel(B * planes * n_pairs * rows_alloc):
+        for task in staging_loop(B * planes * n_pairs * rows_alloc):
             copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
                      task // rows_alloc % n_pairs, task % rows_alloc, P0)
             if n_pairs > 1:
@@ -1381,6 +1394,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     col_vectors = max(1, min(knobs.col_vectors, n_tiles))
     col_blocks = -(-n_tiles // col_vectors)
     tasks = G * col_blocks * row_blocks
+    staging_loop = _staging_loop(geo)
 
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
@@ -1388,7 +1402,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
              y: T.Buffer((B, O, OH, OW), "int32")):
         T.func_attr({"tir.noalias": True})
         x_nhwc = T.alloc_buffer((B, Hp, Wp, G, 4 * c_groups), "uint8")
-        for bh in T.parallel(B * Hp):
+        for bh in staging_loop(B * Hp):
             for wc in T.vectorized(Wp * G * 4 * c_groups):
                 x_nhwc[bh // Hp, bh % Hp, wc // (G * 4 * c_groups), wc // (4 * c_groups) % G,
                        wc % (4 * c_groups)] = T.uint8(0)
