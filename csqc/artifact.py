@@ -76,6 +76,16 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def whole_model_arguments(steps: list) -> list:
+    """The arguments of a library's whole-model function, derived from the plan's steps: every
+    buffer the steps use (first use first), then each layer's count of planes to accumulate.
+    The compiler declares the function with these parameters; the runtime refuses a plan whose
+    ``entry`` says anything else (its steps and its function would disagree)."""
+    buffers = dict.fromkeys(a for step in steps for a in step["args"] if isinstance(a, str))
+    layers = dict.fromkeys(a["planes"] for step in steps for a in step["args"] if isinstance(a, dict) and "planes" in a)
+    return [*buffers, *({"planes": layer} for layer in layers)]
+
+
 def plan_document(meta: dict, *, inputs: list, outputs: list, buffers: dict, steps: list, layers: dict,
                   entry: dict | None = None) -> dict:
     """``plan.json``: the format and version, the target's ``meta`` (target, model), then the plan;

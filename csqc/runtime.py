@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from .artifact import (BITPARALLEL_LAYOUTS, combine_planes, load_library, pack_bitparallel_layout, physical_memory,
-                       read_artifact)
+                       read_artifact, whole_model_arguments)
 from .calibration import Calibration, plan_calibration
 from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
@@ -494,6 +494,8 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
             if type(step["levels"]) is not int or not 1 <= step["levels"] <= 255 or scale is None \
                     or scale["shape"] != [1] or scale["dtype"] != "float32":
                 return f"step {i} ({step['func']}) needs levels 1..255 and a float32[1] scale buffer"
+    if "entry" in plan and entry["args"] != whole_model_arguments(steps):
+        return "its whole-model function's arguments disagree with its steps"
     unused = sorted(set(buffers) - _used_buffers(plan))
     if unused:  # memory nothing reads or writes: a plan csqc never writes
         return f"it declares buffers no step, input, output or layer uses: {unused[:3]}"

@@ -15,11 +15,11 @@ from hypothesis.extra import numpy as hnp
 
 import csqc
 from csqc import runtime
+from csqc.artifact import PLAN, WEIGHTS
 from csqc.errors import BadInput, CsqcError
 from csqc.targets.tvm.whole_model import WHOLE_MODEL_FUNC
 
 from .test_artifact_integrity import _resealed, _split
-from csqc.artifact import PLAN, WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,7 @@ def test_an_artifact_without_the_function_runs_its_steps(cnn_artifact, tmp_path)
     (lambda e: e["args"].append("no-such-buffer"), BadInput, "entry.*no buffer"),
     (lambda e: e.update(func="k999_missing"), CsqcError, "lacks"),
     (lambda e: e.update(args="b0"), BadInput, "entry needs a kernel name and a list"),
+    (lambda e: e["args"].reverse(), BadInput, "arguments disagree with its steps"),
 ])
 def test_an_edited_entry_is_refused(cnn_artifact, tmp_path, edit, error, match):
     library, members = _split(cnn_artifact)

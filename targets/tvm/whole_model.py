@@ -11,6 +11,8 @@ device, which a CUDA kernel's device check would refuse.
 """
 from __future__ import annotations
 
+from csqc.artifact import whole_model_arguments
+
 from .lower import Plan
 
 __all__ = ["WHOLE_MODEL_FUNC", "add_whole_model_function"]
@@ -26,9 +28,9 @@ def add_whole_model_function(plan: Plan) -> None:
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
 
-    buffer_names = list(dict.fromkeys(a for step in plan.steps for a in step["args"] if isinstance(a, str)))
-    plane_layers = list(dict.fromkeys(a["planes"] for step in plan.steps for a in step["args"]
-                                      if isinstance(a, dict) and "planes" in a))
+    arguments = whole_model_arguments(plan.steps)
+    buffer_names = [a for a in arguments if isinstance(a, str)]
+    plane_layers = [a["planes"] for a in arguments if isinstance(a, dict)]
     with IRBuilder() as builder:
         with I.prim_func():
             I.func_name(WHOLE_MODEL_FUNC)
@@ -40,7 +42,7 @@ def add_whole_model_function(plan: Plan) -> None:
             for step in plan.steps:
                 I.evaluate(tirx.call_cpacked(step["func"], *(_argument(a, buffers, planes) for a in step["args"])))
     plan.funcs[WHOLE_MODEL_FUNC] = builder.get()
-    plan.entry = {"func": WHOLE_MODEL_FUNC, "args": [*buffer_names, *({"planes": layer} for layer in plane_layers)]}
+    plan.entry = {"func": WHOLE_MODEL_FUNC, "args": arguments}
 
 
 def _argument(arg, buffers: dict, planes: dict):
