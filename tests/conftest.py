@@ -7,8 +7,14 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import pytest
 import torch
+import tvm  # noqa: F401  (imported before pytest's faulthandler is enabled: see below)
 
 torch.set_num_threads(2)
+
+# TVM installs its own SIGSEGV handler on import; it prints a native backtrace to file
+# descriptor 2, which pytest captures during a test and loses when the process dies. Imported
+# here, before the faulthandler plugin's pytest_configure, TVM's handler is the one replaced: a
+# crash in a kernel or a library then names its test and Python frames on the real stderr.
 
 
 @pytest.fixture(scope="session")
