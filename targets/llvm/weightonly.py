@@ -92,6 +92,25 @@ def _lookup(table: tirx.Buffer, row, word, nibble, index: tirx.PrimExpr) -> tirx
     return tirx.call_llvm_pure_intrin(f"float32x{LUT_LANES}", _VPERMPS, entries, index)
 
 
+def _tile_store(lanes: int, n_tiles: int, last_tile_width: int):
+    """Macro ``store(y, value, m, tile)``: one ``lanes``-wide vector of outputs into row ``m`` of
+    ``y``; the last tile of a row may be narrower (spilled to the stack, stored lane by lane)."""
+
+    @T.macro
+    def store(y, value, m, tile):
+        if last_tile_width == lanes:
+            y[m, T.ramp(tile * lanes, 1, lanes)] = value
+        elif tile < n_tiles - 1:
+            y[m, T.ramp(tile * lanes, 1, lanes)] = value
+        else:
+            spill = T.alloc_buffer((lanes,), "float32", scope="local", annotations=_ON_STACK)
+            spill[T.ramp(0, 1, lanes)] = value
+            for lane in range(last_tile_width):
+                y[m, tile * lanes + lane] = spill[lane]
+
+    return store
+
+
 def lut_tiles_per_task(planes: int, n_tiles: int, tiles_per_task: int = 0) -> int:
     """Output tiles sharing each table load: ``tiles x planes`` accumulators, plus as many plane
     words in flight, must fit the 32 zmm registers (8 accumulators measured best here)."""
@@ -182,17 +201,7 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
                 total[0] = total[0] + part[lane]
             rowsum[m] = total[0]
 
-    @T.macro
-    def store(y, value, m, tile):
-        if last_tile_width == lanes:
-            y[m, T.ramp(tile * lanes, 1, lanes)] = value
-        elif tile < n_tiles - 1:
-            y[m, T.ramp(tile * lanes, 1, lanes)] = value
-        else:
-            spill = T.alloc_buffer((lanes,), "float32", scope="local", annotations=_ON_STACK)
-            spill[T.ramp(0, 1, lanes)] = value
-            for lane in range(last_tile_width):
-                y[m, tile * lanes + lane] = spill[lane]
+    store = _tile_store(lanes, n_tiles, last_tile_width)
 
     def slot(r, half):
         # accumulator slot of row r of the pass; odd slots hold coefficient-scaled sums
@@ -374,18 +383,12 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)])
         return tirx.call_llvm_pure_intrin(f"float32x{lanes}", _VPERMI2PS, low, index, high)
 
+    store_tile = _tile_store(lanes, n_tiles, last_tile_width)
+
     @T.macro
     def store(y, value, m, tile):
-        if m < M:
-            if last_tile_width == lanes:
-                y[m, T.ramp(tile * lanes, 1, lanes)] = value
-            elif tile < n_tiles - 1:
-                y[m, T.ramp(tile * lanes, 1, lanes)] = value
-            else:
-                spill = T.alloc_buffer((lanes,), "float32", scope="local", annotations=_ON_STACK)
-                spill[T.ramp(0, 1, lanes)] = value
-                for lane in range(last_tile_width):
-                    y[m, tile * lanes + lane] = spill[lane]
+        if m < M:  # rows past M: padding of the last pass
+            store_tile(y, value, m, tile)
 
     @T.prim_func
     def main(x: T.Buffer((M, K), "float32"),
