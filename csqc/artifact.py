@@ -43,7 +43,8 @@ __all__ = [
     "ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "plan_document", "write_artifact_file", "read_artifact",
     "load_library", "physical_memory",
     "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
-    "pack_bitparallel_conv_weight", "pack_bitparallel_layout",
+    "pack_bitparallel_conv_weight", "pack_bitparallel_layout", "NIBBLE_HIGH_VALUES", "nibble_high_for_range",
+    "nibble_range", "nibble_block_bytes", "pack_nibble_weight", "NIBBLE_K", "prefix_weight_range",
 ]
 
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
@@ -268,7 +269,7 @@ def load_library(library: bytes):
 # Weight layouts by name: a bit-parallel layer stores only its bitplanes; its int8 buffer is
 # derived at load (``layers[name]["pack"]`` names the layout), by the runtime and the planner alike
 # --------------------------------------------------------------------------------------------
-BITPARALLEL_LAYOUTS = ("dense", "depthwise", "conv")
+BITPARALLEL_LAYOUTS = ("dense", "depthwise", "conv", "nibble")
 VNNI_LANES = 16  # int32 outputs per 512-bit vpdpbusd
 
 
@@ -329,8 +330,79 @@ def pack_bitparallel_conv_weight(q: np.ndarray, groups: int) -> np.ndarray:
     return np.stack([pack_bitparallel_weight(flat[g], "int8") for g in range(groups)])
 
 
-def pack_bitparallel_layout(layout: str, q: np.ndarray, weight_shape, groups: int) -> np.ndarray:
-    """The int8 (int32 for ``depthwise``) buffer of layout ``layout`` for integer weights ``q``."""
+# Nibble layout (dense layers whose weights span at most 32 values): each weight is the byte
+# ``low | (fifth_bit ? H : 0)`` of a 4-bit ``low`` and an optional fifth bit worth ``H`` (-16:
+# the byte 0xF0 makes ``low - 16``; +16), so the kernel rebuilds the exact int8 weight in
+# registers and needs no correction term. Per 16 outputs and 32 K positions (8 vpdpbusd groups
+# of 4, each a 64-byte vector in the dense int8 layout's byte order ``4 * lane + t``) one block:
+# four 64-byte vectors of nibbles (vector p: group 2p in the low nibbles, group 2p+1 in the high
+# ones) and, with a fifth bit, a 64-byte vector whose byte b holds the fifth bits of byte b of
+# the 8 groups (bit j: group j). 5 bits per weight instead of 8.
+NIBBLE_HIGH_VALUES = (0, -16, 16)
+NIBBLE_K = 32  # K positions per block
+NIBBLE_BLOCK = 64  # bytes per vector of a block
+
+
+def nibble_range(high: int) -> tuple[int, int]:
+    """The weights (inclusive bounds) the nibble layout with fifth bit ``high`` holds."""
+    if high not in NIBBLE_HIGH_VALUES:
+        raise ValueError(f"nibble fifth-bit value must be one of {NIBBLE_HIGH_VALUES}, got {high!r}")
+    return {0: (0, 15), -16: (-16, 15), 16: (0, 31)}[high]
+
+
+def prefix_weight_range(planes: np.ndarray, shifts_signs, zero_point: int) -> tuple[int, int]:
+    """Smallest and largest weight ``combine_planes(planes, shifts_signs, zero_point, n)`` takes
+    for any ``n >= 1`` (the run-time plane knob keeps a most significant prefix of the planes)."""
+    q = np.full(np.asarray(planes).shape[1:], -zero_point, dtype=np.int64)
+    low, high = None, None
+    for (shift, sign), plane in zip(shifts_signs, planes):
+        q += sign * (np.asarray(plane).astype(np.int64) << shift)
+        low = int(q.min(initial=0)) if low is None else min(low, int(q.min(initial=0)))
+        high = int(q.max(initial=0)) if high is None else max(high, int(q.max(initial=0)))
+    return (low, high) if low is not None else (-zero_point, -zero_point)
+
+
+def nibble_high_for_range(lo: int, hi: int) -> int | None:
+    """The fifth-bit value of the narrowest nibble layout holding weights in ``[lo, hi]`` (None: none does)."""
+    for high in NIBBLE_HIGH_VALUES:
+        low, top = nibble_range(high)
+        if low <= lo and hi <= top:
+            return high
+    return None
+
+
+def nibble_block_bytes(high: int) -> int:
+    return NIBBLE_BLOCK * (5 if high else 4)
+
+
+def pack_nibble_weight(q: np.ndarray, high: int) -> np.ndarray:
+    """Pack ``q[N, K]`` (``N % 16 == 0``, ``K % 32 == 0``) into the nibble layout: uint8
+    ``[N/16, K/32, 256 (+64 with a fifth bit)]``."""
+    q = np.asarray(q).astype(np.int64)
+    n, k = q.shape
+    lo, hi = nibble_range(high)
+    if n % VNNI_LANES or k % NIBBLE_K:
+        raise ValueError(f"nibble weights need N % {VNNI_LANES} == 0 and K % {NIBBLE_K} == 0, got {n} x {k}")
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise ValueError(f"weights span [{q.min()}, {q.max()}], outside the nibble layout's [{lo}, {hi}]")
+    # [tiles, blocks, 8 groups, 64 bytes] in the dense int8 byte order
+    groups = q.reshape(n // VNNI_LANES, VNNI_LANES, k // NIBBLE_K, 8, 4).transpose(0, 2, 3, 1, 4).reshape(
+        n // VNNI_LANES, k // NIBBLE_K, 8, NIBBLE_BLOCK)
+    low = (groups & 15).astype(np.uint8)
+    vectors = [low[:, :, 0::2] | (low[:, :, 1::2] << 4)]
+    if high:
+        fifth = ((groups >> 4) & 1).astype(np.uint8)
+        vectors.append(sum(fifth[:, :, j] << j for j in range(8)).astype(np.uint8)[:, :, None])
+    blocks = np.concatenate(vectors, axis=2)
+    return np.ascontiguousarray(blocks.reshape(n // VNNI_LANES, k // NIBBLE_K, -1))
+
+
+def pack_bitparallel_layout(layout: str, q: np.ndarray, weight_shape, groups: int,
+                            nibble_high: int = 0) -> np.ndarray:
+    """The int8 (int32 for ``depthwise``, uint8 for ``nibble``) buffer of layout ``layout`` for
+    integer weights ``q``."""
+    if layout == "nibble":
+        return pack_nibble_weight(q.reshape(weight_shape[0], -1), nibble_high)
     if layout == "dense":
         return pack_bitparallel_weight(q.reshape(weight_shape[0], -1), "int8")
     if layout == "depthwise":

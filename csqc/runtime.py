@@ -23,7 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .artifact import (BITPARALLEL_LAYOUTS, combine_planes, load_library, pack_bitparallel_layout, physical_memory,
+from .artifact import (BITPARALLEL_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_LANES, combine_planes, load_library,
+                       nibble_block_bytes, nibble_range, pack_bitparallel_layout, physical_memory, prefix_weight_range,
                        read_artifact, whole_model_arguments)
 from .calibration import Calibration, plan_calibration
 from .errors import BadInput, CsqcError
@@ -205,7 +206,8 @@ class CompiledModel:
             spec = [tuple(p) for p in info["plane_spec"]]
             bits = np.unpackbits(self._weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
             q = combine_planes(bits, spec, info["zero_point"], self._kept_planes(name, skip))
-            packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"])
+            packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"],
+                                             info.get("nibble_high", 0))
             self.buffers[info["int8_buffer"]].copyfrom(np.ascontiguousarray(packed))
             self._repacked[name] = skip
 
@@ -546,6 +548,26 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     planes = weights.get(f"{name}.bitplanes")
     if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):
         return f"bit-parallel layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"
+    if info["pack"] == "nibble":
+        return _nibble_problem(name, info, buffers[int8], planes)
+    return None
+
+
+def _nibble_problem(name: str, info: dict, buffer: dict, planes: np.ndarray) -> str | None:
+    """A nibble-packed layer: its buffer has the layout's shape, and every weight its planes can
+    form (any plane setting) fits the layout, so the runtime's repacking cannot fail."""
+    high, spec, shape = info.get("nibble_high"), info["plane_spec"], info["weight_shape"]
+    if type(high) is not int or high not in NIBBLE_HIGH_VALUES:
+        return f"nibble layer {name!r} has fifth-bit value {high!r}, not one of {NIBBLE_HIGH_VALUES}"
+    n, k = shape[0], info["k"]
+    want = [n // VNNI_LANES, k // NIBBLE_K, nibble_block_bytes(high)]
+    if len(shape) != 2 or n % VNNI_LANES or k % NIBBLE_K or buffer["dtype"] != "uint8" or list(buffer["shape"]) != want:
+        return f"nibble layer {name!r} needs a {shape!r} weight with N % 16 == 0, K % 32 == 0 and a uint8 {want} buffer"
+    bits = np.unpackbits(planes, axis=-1)[..., :k]
+    low, top = prefix_weight_range(bits, [tuple(p) for p in spec], info["zero_point"])
+    lo, hi = nibble_range(high)
+    if low < lo or top > hi:
+        return f"nibble layer {name!r} has weights in [{low}, {top}], outside its layout's [{lo}, {hi}]"
     return None
 
 

@@ -287,6 +287,62 @@ def test_bitparallel_dense_from_planes_and_int16():
 
 
 # ------------------------------------------------------------------------------------------
+# Nibble-packed dense (4- and 5-bit weights)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,k,weights,two_signs", [
+    (1, 48, 96, "posneg", True),     # CSQ 4-bit weights in [-15, 15]: a fifth bit worth -16
+    (1, 32, 64, "posneg", False),
+    (3, 16, 32, "unsigned", True),   # [0, 15]: nibbles only
+    (9, 32, 64, "wide", False),      # [0, 31]: a fifth bit worth +16
+])
+def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs):
+    from csqc.artifact import nibble_high_for_range, pack_nibble_weight
+
+    lo, hi = {"posneg": (-15, 15), "unsigned": (0, 15), "wide": (0, 31)}[weights]
+    q = RNG.integers(lo, hi + 1, (n, k))
+    q[0, :2] = lo, hi  # both ends present
+    high = nibble_high_for_range(lo, hi)
+    assert high == {"posneg": -16, "unsigned": 0, "wide": 16}[weights]
+    xs = [RNG.integers(0, 256, (m, k)) for _ in range(2 if two_signs else 1)]
+    kernel = built(kernels.nibble_dense, m, n, k, high, two_signs)
+    y = kernel(*[x.astype(np.uint8) for x in xs], pack_nibble_weight(q, high))
+    want = dense_reference(xs[0], q) - (dense_reference(xs[1], q) if two_signs else 0)
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("encoding", ["posneg", "offset"])
+def test_nibble_dense_every_plane_setting(encoding):
+    """The runtime recombines the kept planes (skip_planes) into the same layout: every prefix
+    of the planes fits the layout chosen from prefix_weight_range and multiplies exactly."""
+    from csqc.artifact import nibble_high_for_range, pack_nibble_weight, prefix_weight_range
+
+    m, n, k = 1, 32, 64
+    q = random_q((n, k), 4, encoding)
+    planes, shifts_signs, zero_point = planes_from_q(q, 4, encoding)
+    high = nibble_high_for_range(*prefix_weight_range(planes, shifts_signs, zero_point))
+    assert high == -16
+    x = RNG.integers(0, 256, (m, k))
+    kernel = built(kernels.nibble_dense, m, n, k, high, False)
+    for kept in range(1, len(shifts_signs) + 1):
+        q_kept = packing.combine_planes(planes, shifts_signs, zero_point, kept)
+        y = kernel(x.astype(np.uint8), pack_nibble_weight(q_kept, high))
+        np.testing.assert_array_equal(y, dense_reference(x, q_kept))
+
+
+def test_nibble_layout_refuses_what_it_cannot_hold():
+    from csqc.artifact import nibble_high_for_range, pack_nibble_weight
+
+    assert nibble_high_for_range(-15, 16) is None  # 32 values, but across both layouts' ends
+    assert nibble_high_for_range(-8, 7) == -16
+    with pytest.raises(ValueError, match="outside the nibble layout"):
+        pack_nibble_weight(np.full((16, 32), 16), -16)
+    with pytest.raises(ValueError, match="K % 32"):
+        pack_nibble_weight(np.zeros((16, 40), np.int64), 0)
+    with pytest.raises(ValueError, match="K % 32"):
+        kernels.nibble_dense(1, 16, 40, 0)
+
+
+# ------------------------------------------------------------------------------------------
 # Convolutions
 # ------------------------------------------------------------------------------------------
 CONV_CASES = [

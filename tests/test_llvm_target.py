@@ -301,3 +301,35 @@ def test_one_row_cost_model_with_table_lookups(active_bits, act_bits, lookup, ke
     layer = next(n for n in g.nodes if n.op == "qlinear")
     q = g.params[layer.inputs[1]]
     assert choose_kernel(layer, 1, q, table_lookup=lookup).kernel == kernel
+
+
+@pytest.mark.parametrize("act_symmetric", [True, False])
+def test_w4a8_linear_runs_on_nibble_weights_exactly(tmp_path, act_symmetric):
+    """A batch-1 w4a8 linear layer takes the nibble-packed kernel (both sign parts of symmetric
+    8-bit codes in one call), verifies exactly, and its skip_planes results are those of the
+    bit-serial kernel, which drops planes itself; a plan whose planes overflow the layout is refused."""
+    from test_artifact_integrity import PLAN, WEIGHTS, _resealed, _split
+
+    torch.manual_seed(3)
+    model = csqc.convert(torch.nn.Sequential(torch.nn.Linear(512, 1024)).eval(), n_bits=4, act_bits=8,
+                         quantize_first_input=True, act_symmetric=act_symmetric)
+    x = torch.rand(1, 512)
+    loaded = csqc.load(csqc.save(csqc.finalize(model).eval(), tmp_path / "m.pt", x))
+    nibble, serial = tmp_path / "nibble.so", tmp_path / "serial.so"
+    csqc.compile(loaded, "llvm", nibble)
+    csqc.compile(loaded, "llvm", serial, force_kernel="bitserial")
+    m, reference = runtime.load(nibble), runtime.load(serial)
+    (layer,) = m.layers.values()
+    assert (layer["kernel"], layer["pack"], layer["nibble_high"]) == ("bitparallel", "nibble", -16)
+    assert not any("acc_neg" in a for step in m.plan["steps"] for a in step["args"] if isinstance(a, str))
+    _assert_artifact_exact(verify(loaded, artifact=str(nibble), per_layer=True, samples=4), nibble.name)
+    for skip in (0, 1, 3):
+        np.testing.assert_array_equal(m(x.numpy(), skip_planes=skip), reference(x.numpy(), skip_planes=skip))
+
+    library, members = _split(nibble)
+    plan = json.loads(members[PLAN])
+    plan["layers"]["0"]["nibble_high"] = 0  # [0, 15] cannot hold these weights
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    with pytest.raises(csqc.errors.CsqcError, match="nibble layer '0'"):
+        runtime.load(bad)

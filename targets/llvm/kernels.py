@@ -21,6 +21,8 @@ every kernel is its output buffer; scalars come right before it.
   planes instead of 3 per activation bit): the batch-1 GEMV.
 * :func:`bitparallel_dense` -- int8 weights (combined at pack time), u8 x s8 dot products with
   AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
+* :func:`nibble_dense` (from :mod:`.nibble`) -- the same products on weights stored as nibbles
+  (plus a fifth bit), unpacked in registers: the batch-1 GEMV of 4-bit layers.
 * :func:`lut_dense` (from :mod:`.weightonly`) -- float activations x weight planes by table
   lookups, for quantized linear layers whose input is not quantized; :func:`dequant_dense`
   dequantizes packed weight codes in registers for the same layers (more rows or planes).
@@ -40,6 +42,7 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
+from .nibble import nibble_dense
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
 from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
                          pack_dequant_weight, pack_lut_weight)
@@ -53,6 +56,7 @@ __all__ = [
     "bitserial_dense",
     "bitparallel_dense",
     "bitparallel_dense_signed",
+    "nibble_dense",
     "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",

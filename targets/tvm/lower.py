@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from csqc.artifact import pack_bitparallel_layout
+from csqc.artifact import pack_bitparallel_layout, prefix_weight_range
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node, QUANT_LAYER_OPS
@@ -98,6 +98,9 @@ class _Lowerer:
         self.glue, self.kernels, self.packing, self.choose_kernel = b.glue, b.kernels, b.packing, b.choose_kernel
         # a backend may tune the bit-serial knobs to its CPU (the llvm one: table lookups)
         self.bitserial_knobs = getattr(b, "bitserial_knobs", self.kernels.BitserialKnobs)
+        # a backend may store 4-bit linear weights as nibbles (the llvm one: kernels.nibble_dense)
+        self.backend_nibble_high = getattr(b, "nibble_high", None)
+        self.nibble_highs: dict[str, int | None] = {}  # linear layer -> its nibble layout (None: int8)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -358,7 +361,7 @@ class _Lowerer:
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
         accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
         # one kernel may take both sign parts and write their difference (one accumulator)
-        split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._small_dense(n))
+        split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._one_call_dense(n))
         if split_acc:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
@@ -533,6 +536,9 @@ class _Lowerer:
         elif self._small_dense(n):
             self._small_bitparallel_dense(n, q, info, codes, accs)
             return
+        elif self._nibble_high(n) is not None:
+            self._nibble_dense(n, q, info, codes, accs)
+            return
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             info["pack"] = "dense"
@@ -564,6 +570,37 @@ class _Lowerer:
             return False
         x_shape = self.g.type_of(n.inputs[0]).shape
         return int(np.prod(x_shape)) * int(n.attr("weight_shape")[0]) < self.kernels.SERIAL_DENSE_MACS
+
+    def _nibble_high(self, n: Node) -> int | None:
+        """The nibble layout's fifth-bit value where the backend runs linear layer ``n`` on
+        nibble-packed weights (None: the int8 layout)."""
+        if n.op != "qlinear" or self.backend_nibble_high is None:
+            return None
+        if n.name not in self.nibble_highs:
+            def weight_range():  # over every plane setting the runtime can rebuild
+                planes, plane_spec, z = self._planes(n)
+                return prefix_weight_range(planes, plane_spec, int(z))
+
+            self.nibble_highs[n.name] = self.backend_nibble_high(n, output_rows(n), weight_range)
+        return self.nibble_highs[n.name]
+
+    def _one_call_dense(self, n: Node) -> bool:
+        """Whether bit-parallel layer ``n``'s kernel takes both sign parts and writes their difference."""
+        return self._small_dense(n) or self._nibble_high(n) is not None
+
+    def _nibble_dense(self, n: Node, q, info: dict, codes: list[str], accs: list[str]) -> None:
+        """A linear layer on nibble-packed weights, both sign parts in one call (one accumulator)."""
+        shape = n.attr("weight_shape")
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+        high = self._nibble_high(n)
+        info.update(pack="nibble", nibble_high=high)
+        w = self._bitparallel_weights(n, pack_bitparallel_layout("nibble", q, shape, 1, high))
+        two_signs = len(codes) == 2
+        f = self.plan.func(f"nibble_dense({m},{shape[0]},{k},{high},{two_signs})",
+                           lambda: self.kernels.nibble_dense(m, shape[0], k, high, two_signs))
+        (acc,) = accs
+        self.plan.call(f, [self._as_2d(c, n) for c in codes] + [w, self._as_2d(acc, n)], n.name)
 
     def _small_bitparallel_dense(self, n: Node, q, info: dict, codes: list[str], accs: list[str]) -> None:
         """A small linear layer in one call: ``acc = codes_pos @ q.T - codes_neg @ q.T`` (or one code buffer)."""
