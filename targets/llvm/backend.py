@@ -108,6 +108,7 @@ class CpuBackend:
     # (code + L), so each layer multiplies once instead of once per sign
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
+    fused_residual = True  # a residual add (+ relu/clip, + quantize) runs in the epilogue of the layer feeding it
     int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)

@@ -1,0 +1,61 @@
+"""Residual blocks fused into the epilogue of the integer layer that feeds their add (llvm target).
+
+``relu(conv2(.) + shortcut)`` and the quantizer of the next block run in conv2's epilogue: no
+float conv2 output, no add, relu or quantize kernel. Where both operands of the add are integer
+layers (a downsample shortcut), the first one in the plan takes the add and the other writes its
+float output. The artifact must stay exact against the interpreter, with dynamic and with
+calibrated (static) activation scales.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csqc
+from csqc import runtime
+from csqc.verify import verify
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int, downsample: bool, relu: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(channels, channels, 1) if downsample else nn.Identity()
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x))) + self.shortcut(x)
+        return torch.relu(y) if self.relu else y
+
+
+def _model(tmp_path):
+    torch.manual_seed(3)
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                Block(8, downsample=False), Block(8, downsample=True),
+                                Block(8, downsample=False, relu=False),  # MobileNetV2-like: add, no relu
+                                nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=False))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(1, 3, 6, 6)))
+
+
+def _kinds(art) -> list[str]:
+    return [runtime._kernel_kind(s["func"]) for s in runtime.load(art).plan["steps"]]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated):
+    model = _model(tmp_path)
+    calib = [np.random.default_rng(0).random((8, 3, 6, 6), dtype=np.float32)] if calibrated else None
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art, calibrate=calib)
+    kinds = _kinds(art)
+    assert "binary" not in kinds and "unary" not in kinds, kinds
+    # quantize kernels left: the stem's float output, the downsample shortcut's own quantizer (one
+    # quantizer per epilogue: block 3's conv1 takes the fused codes) and the linear layer's input
+    # (after Flatten); every other block input's codes come from the epilogue before it
+    assert kinds.count("quantize") == 3, kinds
+    assert kinds.count("epilogue") == 1 + 7 + 1, kinds  # stem, 7 integer convs, linear
+    check = [np.random.default_rng(1).random((3, 3, 6, 6), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True, calibrate=calib)
+    assert report.ok and report.accumulators_exact, report.to_json()
