@@ -44,7 +44,10 @@ def _kinds(art) -> list[str]:
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
-def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated):
+def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated, monkeypatch):
+    from csqc.targets.llvm.backend import CpuBackend
+
+    monkeypatch.setattr(CpuBackend, "fused_residual", True)  # off by default (see CpuBackend)
     model = _model(tmp_path)
     calib = [np.random.default_rng(0).random((8, 3, 6, 6), dtype=np.float32)] if calibrated else None
     art = tmp_path / "m.so"
