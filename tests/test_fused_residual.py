@@ -62,3 +62,33 @@ def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated,
     check = [np.random.default_rng(1).random((3, 3, 6, 6), dtype=np.float32)]
     report = verify(model, inputs=check, artifact=str(art), per_layer=True, calibrate=calib)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+def _identity_blocks(tmp_path, seed: int):
+    """A float stem (its output differs from the interpreter's in the last bits, as any float
+    conv may) and two identity residual blocks: the stem's float noise reaches the fused
+    residual epilogues through the shortcut, so their dynamic scales may differ by an ulp."""
+    torch.manual_seed(seed)
+    float_model = nn.Sequential(nn.Conv2d(64, 16, 3, padding=1), nn.ReLU(),
+                                Block(16, downsample=False), Block(16, downsample=False),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=4, act_bits=4, quantize_first_input=False))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 64, 8, 8)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dynamic_codes_of_a_fused_residual_verify_on_the_float_they_quantize(tmp_path, seed):
+    """The float a fused residual epilogue writes for later readers (the next block's shortcut)
+    is the input verify requantizes its codes from: exact on the runtime's own values, where
+    the golden run's scale may differ by an ulp after the float stem (batch 2, dynamic scales)."""
+    from csqc.targets.llvm.backend import CpuBackend
+
+    assert CpuBackend.fused_residual
+    model = _identity_blocks(tmp_path, seed)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art)
+    layers = runtime.load(art).layers
+    assert layers["3.conv1"]["tensors"]["in"] == "2_1"  # block 1's y, written with its codes
+    check = [np.random.default_rng(seed).random((4, 64, 8, 8), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]

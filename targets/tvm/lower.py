@@ -383,7 +383,12 @@ class _Lowerer:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
         source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
-        float_in = source.op == "quantize" and source.name not in self.fused_quantize
+        # the float tensor its quantizer reads, where a kernel writes it: verify then requantizes
+        # that tensor and checks the codes and scale exactly (a fused residual epilogue writes its
+        # float result for later readers; after a float layer it may differ from the golden
+        # run's in the last bits, and so may a dynamic scale)
+        float_in = source.op == "quantize" and (source.name not in self.fused_quantize
+                                                or source.inputs[0] in self.plan.buffers)
         info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
                            "scale": scale, "acc": accs[0], "acc_neg": accs[1] if split_acc else None,
                            "acc_shift": spec.low_shift, "out": n.name}
