@@ -6,6 +6,8 @@ layers (a downsample shortcut), the first one in the plan takes the add and the 
 float output. The artifact must stay exact against the interpreter, with dynamic and with
 calibrated (static) activation scales.
 """
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -44,10 +46,7 @@ def _kinds(art) -> list[str]:
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
-def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated, monkeypatch):
-    from csqc.targets.llvm.backend import CpuBackend
-
-    monkeypatch.setattr(CpuBackend, "fused_residual", True)  # off by default (see CpuBackend)
+def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated):
     model = _model(tmp_path)
     calib = [np.random.default_rng(0).random((8, 3, 6, 6), dtype=np.float32)] if calibrated else None
     art = tmp_path / "m.so"
@@ -81,9 +80,6 @@ def test_dynamic_codes_of_a_fused_residual_verify_on_the_float_they_quantize(tmp
     """The float a fused residual epilogue writes for later readers (the next block's shortcut)
     is the input verify requantizes its codes from: exact on the runtime's own values, where
     the golden run's scale may differ by an ulp after the float stem (batch 2, dynamic scales)."""
-    from csqc.targets.llvm.backend import CpuBackend
-
-    assert CpuBackend.fused_residual
     model = _identity_blocks(tmp_path, seed)
     art = tmp_path / "m.so"
     csqc.compile(model, "llvm", art)
@@ -92,3 +88,61 @@ def test_dynamic_codes_of_a_fused_residual_verify_on_the_float_they_quantize(tmp
     check = [np.random.default_rng(seed).random((4, 64, 8, 8), dtype=np.float32)]
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
+
+
+def _block_then_conv(tmp_path, seed: int, float_stem: bool = True):
+    """A residual block without relu whose sum only the next conv's quantizer reads: the fused
+    epilogue writes that quantizer's codes and no float tensor (MobileNetV2's last block of a
+    stage); a float stem's noise reaches the sum through the shortcut."""
+    torch.manual_seed(seed)
+    float_model = nn.Sequential(nn.Conv2d(64, 16, 3, padding=1), nn.ReLU(), Block(16, downsample=False, relu=False),
+                                nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=4, act_bits=4, quantize_first_input=not float_stem))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 64, 8, 8)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dynamic_codes_of_a_fused_residual_without_float_output_verify_exactly(tmp_path, seed):
+    """No float sum to requantize: verify computes it as the interpreter does from the runtime's
+    own tensors (the layer's output from its codes, the float residual it recorded) and checks
+    the codes and the dynamic scale exactly, where the golden run's scale may differ by an ulp."""
+    model = _block_then_conv(tmp_path, seed)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art)
+    tensors = runtime.load(art).layers["3"]["tensors"]
+    assert tensors["in"] is None and tensors["xq"] == "3.input_quant.quant.codes"  # the sum stays in registers
+    check = [np.random.default_rng(seed).random((4, 64, 8, 8), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
+
+
+def test_a_code_one_step_off_after_a_fused_residual_is_caught(tmp_path, monkeypatch):
+    """The exact check of those codes is not the one-step tolerance of codes verify cannot
+    recompute: one code moved by one step fails (an integer stem: no float noise upstream)."""
+    verify_module = importlib.import_module("csqc.verify")
+    artifact_runtime = verify_module.tvm_artifact_runtime
+
+    def one_code_off(name, model, *args, **kwargs):
+        rt = artifact_runtime(name, model, *args, **kwargs)
+        run = rt.run
+
+        def run_one_code_off(inputs):
+            result = run(inputs)
+            codes = result.tensors["3.xq"].astype(np.int64)
+            codes.flat[0] += 1 if codes.flat[0] <= 0 else -1
+            result.tensors["3.xq"] = codes
+            return result
+
+        rt.run = run_one_code_off
+        return rt
+
+    model = _block_then_conv(tmp_path, 0, float_stem=False)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art)
+    check = [np.random.default_rng(0).random((2, 64, 8, 8), dtype=np.float32)]
+    assert verify(model, inputs=check, artifact=str(art), per_layer=True).ok
+    monkeypatch.setattr(verify_module, "tvm_artifact_runtime", one_code_off)
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert not report.ok
+    assert report.to_json()["first_divergence"]["tensor"] == "3.xq"

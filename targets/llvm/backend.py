@@ -108,9 +108,7 @@ class CpuBackend:
     # (code + L), so each layer multiplies once instead of once per sign
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
-    # a residual add (+ relu/clip, + quantize) in the epilogue of the layer feeding it: off until
-    # test_llvm_target's ResNet-20 (w4a4, batch 2, dynamic scales) is exact with it (1 code of
-    # 32768 differed at layer1.1.conv1.xq); tests/test_fused_residual.py turns it on
+    # a residual add (+ relu/clip, + quantize) in the epilogue of the layer feeding it
     fused_residual = True
     int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
