@@ -585,6 +585,26 @@ def _golden_layer(g: Graph, layer, x) -> tuple[np.ndarray, np.ndarray | None]:
     return out, record.get(f"{layer.name}.acc")
 
 
+# float ops a fused residual epilogue computes after its layer (the add, the activation after it)
+_EPILOGUE_TAIL_OPS = ("add", "relu", "clip")
+
+
+def _float_from_runtime(g: Graph, producers: Mapping, value: str | None,
+                        known: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """``value`` as the interpreter computes it from ``known`` (this runtime's floats: layer
+    outputs from its codes, float tensors it recorded) through the float ops a fused epilogue
+    computes after its layer; None where an input is not known."""
+    if value in known:
+        return known[value]
+    node = producers.get(value)
+    if node is None or node.op not in _EPILOGUE_TAIL_OPS:
+        return None
+    inputs = [_float_from_runtime(g, producers, v, known) for v in node.inputs]
+    if any(x is None for x in inputs):
+        return None
+    return np.asarray(HANDLERS[node.op](g, node, inputs), np.float32)
+
+
 def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tensors: Mapping[str, np.ndarray],
                   stats: dict[str, _LayerStats], atol: float, rtol: float) -> None:
     """Check one batch of one runtime's per-layer tensors against the golden model (see module doc).
@@ -594,6 +614,7 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     inputs (the interpreter is slow, and differences are rare).
     """
     sources = _layer_inputs(g)
+    producers = g.producers()
     synced = True  # the runtime has followed the golden run exactly so far
     # layers whose codes, scale and accumulator equal the golden run's: in a runtime that follows
     # the IR's float order their float output equals it too, bit for bit
@@ -601,12 +622,15 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     # a layer's float output as the interpreter computes it from this runtime's codes: what a
     # dynamic quantizer fused into that layer's epilogue (no float tensor recorded) must quantize
     expected_out: dict[str, np.ndarray] = {}
+    recorded: dict[str, np.ndarray] = {}  # float values this runtime recorded (layer inputs)
     for layer in g.quant_layers():
         name = layer.name
         st = stats.setdefault(name, _LayerStats(name, rt.name))
         t = {k: tensors.get(f"{name}.{k}") for k in LAYER_TENSORS}
         gold = {k: golden.get(f"{name}.{k}") for k in LAYER_TENSORS}
         same_in = t["in"] is not None and np.array_equal(t["in"], gold["in"])
+        if t["in"] is not None and sources[name][0] is not None:
+            recorded[sources[name][0]] = np.asarray(t["in"], np.float32)
         float_bad = 0  # float elements of this batch outside the tolerance
         if t["in"] is not None and synced:
             ok = _close(gold["in"], t["in"], atol, rtol, float(np.abs(gold["in"]).max(initial=0)))
@@ -622,9 +646,11 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
                 if t["scale"] is not None and np.float32(t["scale"]) != np.float32(expect.scale):
                     bad += 1
                 st.add("xq", "exact", expect.codes.size, bad)
-            elif t["in"] is None and t["xq"] is not None and sources[name][0] in expected_out:
+            elif t["in"] is None and t["xq"] is not None and (fused_in := _float_from_runtime(
+                    g, producers, sources[name][0], {**recorded, **expected_out})) is not None:
                 # a dynamic quantizer its producer's epilogue computed: exact on that layer's output
-                expect = HANDLERS["quantize"](g, qnode, [expected_out[sources[name][0]]])
+                # (or on the residual add and activation after it, the float residual the runtime's)
+                expect = HANDLERS["quantize"](g, qnode, [fused_in])
                 bad = int((expect.codes != t["xq"].astype(np.int64)).sum())
                 if t["scale"] is not None and np.float32(t["scale"]) != np.float32(expect.scale):
                     bad += 1

@@ -194,6 +194,48 @@ def test_epilogue_dynamic_quantize_equals_epilogue_then_quantize(shape, axis, ac
         np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize("shape,act,post_act,out_scale,signed,offset,keep_y", [
+    ((1, 8, 9, 9), "none", "relu", 0.0, False, False, True),  # ResNet: add, relu, dynamic codes, y kept
+    ((1, 8, 9, 9), "none", "relu", 2.5, False, False, False),  # calibrated: codes only
+    ((2, 6, 5, 4), "relu", "clip", 1.5, True, True, True),  # clip after the add, offset codes
+    ((1, 16, 4, 4), "none", "none", None, False, False, True),  # MobileNetV2: add, float y only
+])
+def test_epilogue_with_residual_equals_epilogue_add_activation_quantize(shape, act, post_act, out_scale, signed,
+                                                                         offset, keep_y):
+    """A residual add, the activation after it and the codes of its quantizer in the layer's
+    epilogue equal the epilogue, binary add, unary and quantize kernels one after another."""
+    acc = RNG.integers(-(2**12), 2**12, size=shape).astype("int32")
+    mult, add = rand(shape[1], scale=0.01), rand(shape[1], scale=0.1)
+    residual = rand(*shape)
+    common = (np.array([F32(0.0371)], F32), mult, add)
+    lo, hi = -0.25, 0.5
+    (y,) = run_kernel(glue.epilogue(shape, 1, 15, act, lo, hi, True), acc, *common, outputs=[(shape, "float32")])
+    (y,) = run_kernel(glue.binary("add", shape, shape, shape), y, residual, outputs=[(shape, "float32")])
+    if post_act != "none":
+        (y,) = run_kernel(glue.unary(post_act, shape, lo, hi), y, outputs=[(shape, "float32")])
+    residual_options = {"has_residual": True, "post_act": post_act, "post_lo": lo, "post_hi": hi}
+    if out_scale is None:
+        fused = glue.epilogue(shape, 1, 15, act, lo, hi, True, **residual_options)
+        (got,) = run_kernel(fused, acc, *common, residual, outputs=[(shape, "float32")])
+        np.testing.assert_array_equal(got, y)
+        return
+    code_outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if signed and not offset else [])
+    expected = run_kernel(glue.quantize(shape, 4, out_scale, signed, offset), y, outputs=code_outputs)
+    fused = glue.epilogue(shape, 1, 15, act, lo, hi, True, out_bits=4, out_scale=out_scale, out_signed=signed,
+                          out_offset=offset, keep_y=keep_y, **residual_options)
+    got = run_kernel(fused, acc, *common, residual, outputs=([(shape, "float32")] if keep_y else []) + code_outputs)
+    if keep_y:
+        np.testing.assert_array_equal(got.pop(0), y)
+    assert expected[1].any()
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_post_activation_needs_a_residual():
+    with pytest.raises(ValueError, match="residual"):
+        glue.epilogue((1, 4, 4, 4), 1, 15, "none", 0.0, 0.0, True, post_act="relu")
+
+
 # ------------------------------------------------------------------------------------------
 # Float conv / linear
 # ------------------------------------------------------------------------------------------

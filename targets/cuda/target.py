@@ -97,6 +97,7 @@ class CudaBackend:
     name = "cuda"
     offset_codes = False  # the GPU kernels keep sign parts
     fused_requant = False  # a fused layer runs its float epilogue, then the quantize kernel
+    fused_residual = False  # residual adds run as their own kernels
     int16_depthwise = False  # the GPU depthwise kernel keeps int32
 
     def __init__(self):

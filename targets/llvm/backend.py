@@ -132,6 +132,8 @@ class CpuBackend:
     # (code + L), so each layer multiplies once instead of once per sign
     offset_codes = True
     fused_requant = True  # the epilogue writes the codes the next layer reads
+    # a residual add (+ relu/clip, + quantize) in the epilogue of the layer feeding it
+    fused_residual = True
     int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)

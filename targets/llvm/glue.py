@@ -463,7 +463,9 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bo
 def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: str, clip_lo: float,
              clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False,
              has_offset: bool = False, out_bits: int | None = None, out_scale: float = 0.0,
-             out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False) -> tirx.PrimFunc:
+             out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False,
+             has_residual: bool = False, post_act: str = "none", post_lo: float = 0.0, post_hi: float = 0.0,
+             keep_y: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -484,8 +486,18 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     (``codes_pos`` and, signed without ``out_offset``, ``codes_neg``), from the same float32 ``y``.
     ``out_scale=0`` is a dynamic scale: a first pass computes ``S' = max|y|``, a second the
     codes, both from the accumulators, so the float ``y`` is never written nor read back.
+
+    ``has_residual`` (a residual block's ``add``, then ``post_act``, fused into the layer that
+    feeds it): a ``residual: float32[shape]`` parameter follows ``add``, and
+    ``y = post_act(y_layer + residual)`` in the interpreter's float32 order (``y_layer`` rounded
+    first, as the separate ``add`` kernel would read it). ``keep_y`` with ``out_bits``: the
+    kernel writes the float ``y`` (before ``out_scale``) as well as its codes, for readers of
+    the float tensor (the next block's residual).
     """
     _check_act(act)
+    _check_act(post_act)
+    if post_act != "none" and not has_residual:
+        raise ValueError("post_act applies after a residual add (has_residual)")
     shape = tuple(int(s) for s in shape)
     _, _, channels, _ = _channel_view(shape, channel_axis)
     if levels is None:
@@ -508,9 +520,11 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     params.append(("mult", (channels,), F32))
     if has_add:
         params.append(("add", (channels,), F32))
-    if out_bits is None:
+    if has_residual:
+        params.append(("residual", shape, F32))
+    if out_bits is None or keep_y:
         params.append(("y", shape, F32))
-    else:
+    if out_bits is not None:
         out_levels = _levels(out_bits)
         if not out_scale >= 0 or (out_offset and not (out_signed and out_bits <= 7)):
             raise ValueError("fused output quantization needs a static scale > 0 or 0 for a dynamic one "
@@ -522,7 +536,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     def body(*buffers):
         named = dict(zip([p[0] for p in params], buffers))
         acc_flat = _flat(named["acc"])
-        y_flat = _flat(named["y"]) if out_bits is None else None
+        y_flat = _flat(named["y"]) if "y" in named else None
+        residual_flat = _flat(named["residual"]) if has_residual else None
         neg_flat = _flat(named["acc_neg"]) if has_neg else None
         acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
@@ -540,7 +555,15 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             value = value * mult[c]
             if add is not None:
                 value = _rounded(value) + add[c]
-            return _activation(value, act, clip_lo, clip_hi)
+            value = _activation(value, act, clip_lo, clip_hi)
+            if has_residual:
+                value = _activation(_rounded(value) + residual_flat[i], post_act, post_lo, post_hi)
+            return value
+
+        def store_y_and_codes(i, c):
+            value = _rounded(value_at(i, c))
+            I.buffer_store(y_flat, value, [i])
+            _store_codes(value, i, named["out_scale"], out_levels, out_scale > 0, out_offset, *code_parts)
 
         if out_bits is None:
             _for_each_channel(shape, channel_axis, lambda i, c: I.buffer_store(y_flat, value_at(i, c), [i]))
@@ -551,6 +574,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         else:
             _emit_channel_abs_max(shape, channel_axis, lambda i, c: _rounded(value_at(i, c)), named["out_scale"])
         code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
+        if keep_y:
+            _for_each_channel(shape, channel_axis, store_y_and_codes)
+            return
         _for_each_channel(shape, channel_axis, lambda i, c: _store_codes(
             _rounded(value_at(i, c)), i, named["out_scale"], out_levels, out_scale > 0, out_offset, *code_parts))
 

@@ -38,6 +38,9 @@ class TvmBackend(Protocol):
     # the glue's epilogue writes activation codes (fused output quantization, ``csqc.ir``);
     # else a layer with ``out_bits`` runs its float epilogue, then the quantize kernel
     fused_requant: bool
+    # a residual add (and the relu/clip and quantize after it) runs in the epilogue of the integer
+    # layer that feeds it (needs fused_requant and the glue epilogue's has_residual)
+    fused_residual: bool
     # depthwise bit-parallel convs whose partial sums fit int16 accumulate in int16 (twice the lanes)
     int16_depthwise: bool
 

@@ -82,6 +82,16 @@ class Plan:
         self.steps.append({"func": func, "args": args, **({"layer": layer} if layer else {})})
 
 
+@dataclass(frozen=True)
+class _PendingEpilogue:
+    """An integer layer's epilogue held back until the residual ``add`` that reads its output."""
+
+    layer: Node
+    key: str  # kernel key of the epilogue without its output options
+    build: Callable[..., object]  # glue.epilogue with the layer's options bound; takes the output options
+    args: list  # the layer's arguments (accumulators, scales, mult, add)
+
+
 def output_rows(n: Node) -> int:
     """Output rows of a quantized layer: the M of its (implicit) GEMM, which the cost models weigh."""
     shape = n.type.shape
@@ -117,6 +127,12 @@ class _Lowerer:
         self.fused_quantize: set[str] = set()  # dynamic quantize nodes their producer's epilogue computes
         # runs of elementwise nodes become one kernel (a backend whose glue has elementwise_chain)
         self.fuse_elementwise = bool(getattr(b, "fuse_elementwise", False)) and hasattr(b.glue, "elementwise_chain")
+        # residual blocks: an integer layer's epilogue waits for the add that reads its output
+        # (the other operand may come later in the plan, e.g. a downsample), then computes the
+        # add, the activation after it and its quantization in the same kernel
+        self.fused_residual = b.fused_residual and b.fused_requant
+        self.pending_epilogues: dict[str, _PendingEpilogue] = {}  # add node -> its layer's epilogue
+        self.lowered_by_producer: set[str] = set()  # activations a fused residual epilogue computed
 
     # -- helpers -----------------------------------------------------------------------------
     def ref(self, value: str) -> str:
@@ -138,6 +154,10 @@ class _Lowerer:
             self.plan.inputs.append({"name": v.name, "shape": list(v.type.shape), "dtype": v.type.dtype})
         run: list[Node] = []  # consecutive elementwise nodes (and quantizers) for one fused kernel
         for n in self.g.nodes:
+            if n.name in self.lowered_by_producer:  # (a relu a residual epilogue computed)
+                if self.on_layer:
+                    self.on_layer(n.name)
+                continue
             if self._chain_member(n, run):
                 run.append(n)
                 if n.op == "quantize" and not float(n.attr("static_scale", 0.0)) > 0:
@@ -164,7 +184,7 @@ class _Lowerer:
         """Whether ``n`` can join ``run``, a stretch of consecutive nodes (in graph order, so the
         stretch runs as one call where its last node would: every input it reads is ready, every
         outside reader comes later) computed by one ``glue.elementwise_chain`` kernel."""
-        if not self.fuse_elementwise:
+        if not self.fuse_elementwise or n.name in self.pending_epilogues:  # (a residual epilogue's add)
             return False
         if n.op == "quantize":  # quantizers run last in the kernel, from a materialized buffer
             return n.name not in self.fused_quantize and n.type.qbits <= 8
@@ -366,7 +386,12 @@ class _Lowerer:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
         source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
-        float_in = source.op == "quantize" and source.name not in self.fused_quantize
+        # the float tensor its quantizer reads, where a kernel writes it: verify then requantizes
+        # that tensor and checks the codes and scale exactly (a fused residual epilogue writes its
+        # float result for later readers; after a float layer it may differ from the golden
+        # run's in the last bits, and so may a dynamic scale)
+        float_in = source.op == "quantize" and (source.name not in self.fused_quantize
+                                                or source.inputs[0] in self.plan.buffers)
         info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
                            "scale": scale, "acc": accs[0], "acc_neg": accs[1] if split_acc else None,
                            "acc_shift": spec.low_shift, "out": n.name}
@@ -386,17 +411,26 @@ class _Lowerer:
             self._record_weight_sums(n, info, code_offset, acc_offset)
         levels = 2**spec.act_bits - 1
         has_offset = acc_offset is not None
-        outs, fused, suffix = self._layer_output(n, info, exact_y=True)
-        quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
-        key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
-            ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + suffix
+        base_key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
+            ",offset" if has_offset else "") + (",zero_point" if zero_point else "")
         options = {"has_offset": True} if has_offset else {}
         if zero_point:
             options["has_zero_point"] = True
-        f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype,
-                                                           split_acc, **options, **fused))
         args = accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
             + [mult] + ([add] if add else [])
+
+        def build_epilogue(**output_options):
+            return self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype, split_acc,
+                                      **options, **output_options)
+
+        residual_add = self._residual_add_of(n)
+        if residual_add is not None:
+            info["tensors"]["out"] = None  # y stays in registers until the add's kernel (this epilogue)
+            self.pending_epilogues[residual_add.name] = _PendingEpilogue(n, base_key, build_epilogue, args)
+            return
+        outs, fused, suffix = self._layer_output(n, info, exact_y=True)
+        quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
+        f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
         self.plan.call(f, args + outs, n.name)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
             self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args), quantizer=quantizer)
@@ -437,6 +471,69 @@ class _Lowerer:
             self.code_offset[n.name] = 2**bits - 1
         fused = {"out_bits": bits, "out_scale": scale_value, "out_signed": signed, "out_offset": offset}
         return [scale, pos] + ([neg] if neg else []), fused, f",out({bits},{scale_value!r},{signed},{offset})"
+
+    def _residual_add_of(self, n: Node) -> Node | None:
+        """The ``add`` that is the only reader of integer layer ``n``'s float output and adds a
+        float tensor of the same shape (a residual block), when the backend fuses it."""
+        users = self.users.get(n.name, [])
+        if not (self.fused_residual and n.quant.out_bits is None and n.name not in self.g.outputs and len(users) == 1):
+            return None
+        (add,) = users
+        if add.op != "add" or len(add.inputs) != 2 or add.inputs.count(n.name) != 1:
+            return None
+        if add.name in self.pending_epilogues:  # both operands are integer layers: the first one takes the add
+            return None
+        other = self.g.type_of(next(i for i in add.inputs if i != n.name))
+        if other.qbits is not None or other.dtype != _F32 or tuple(other.shape) != tuple(n.type.shape):
+            return None
+        return add
+
+    def _activation_after(self, add: Node) -> tuple[Node, str, float, float]:
+        """``(tail, act, lo, hi)``: the relu or clip that is the only reader of ``add`` (its
+        node and parameters), or ``add`` itself and no activation."""
+        users = self.users.get(add.name, [])
+        if add.name in self.g.outputs or len(users) != 1 or users[0].op not in ("relu", "clip"):
+            return add, "none", 0.0, 0.0
+        (act,) = users
+        if act.op == "relu":
+            return act, "relu", 0.0, 0.0
+        return act, "clip", float(act.attr("lo")), float(act.attr("hi"))
+
+    def _symmetric_quantize_of(self, value: Node) -> Node | None:
+        """A symmetric quantize (static or dynamic scale) among ``value``'s readers."""
+        for user in self.users.get(value.name, []):
+            if user.op == "quantize" and user.type.qbits <= 8 and not user.attr("asymmetric", False):
+                return user
+        return None
+
+    def _lower_residual_epilogue(self, add: Node, pending: "_PendingEpilogue") -> None:
+        """One kernel for a residual block's tail: the layer's epilogue, the ``add`` of the
+        residual, the relu or clip after it, and the codes of a quantize reading that result
+        (the float result is written too when anything else reads it, e.g. the next block)."""
+        layer = pending.layer
+        residual = self.ref(next(i for i in add.inputs if i != layer.name))
+        tail, post_act, lo, hi = self._activation_after(add)
+        quantizer = self._symmetric_quantize_of(tail)
+        keep_y = tail.name in self.g.outputs or any(u is not quantizer for u in self.users.get(tail.name, []))
+        outs, fused, suffix = [], {}, ""
+        if quantizer is not None:
+            static = float(quantizer.attr("static_scale", 0.0))
+            outs, fused, suffix = self._epilogue_codes(quantizer, quantizer.attr("bits"), static,
+                                                       bool(quantizer.attr("signed")))
+            self.fused_quantize.add(quantizer.name)
+        if keep_y or quantizer is None:
+            outs = [self.out(tail)] + outs
+        if tail is not add:
+            self.lowered_by_producer.add(tail.name)
+        options = {"has_residual": True, "post_act": post_act, "post_lo": lo, "post_hi": hi,
+                   "keep_y": keep_y and quantizer is not None, **fused}
+        key = pending.key + f",residual({post_act},{lo!r},{hi!r},{keep_y})" + suffix
+        f = self.plan.func(key, lambda: pending.build(**options))
+        args = pending.args + [residual]
+        self.plan.call(f, args + outs, layer.name)
+        if fused.get("out_scale") == 0.0:  # a dynamic scale: the runtime checks it like a quantize step's
+            self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args) + int(keep_y),
+                                       quantizer=quantizer.name)
 
     def _dynamic_quantize_of(self, n: Node) -> Node | None:
         """The dynamic-scale quantize node that is the only reader of layer ``n``'s float output."""
@@ -716,6 +813,10 @@ class _Lowerer:
 
 
     def lower_binary(self, n: Node) -> None:
+        pending = self.pending_epilogues.pop(n.name, None)
+        if pending is not None:
+            self._lower_residual_epilogue(n, pending)
+            return
         a, b = (self.ref(i) for i in n.inputs)
         a_shape, b_shape = tuple(self.plan.buffers[a]["shape"]), tuple(self.plan.buffers[b]["shape"])
         shape = n.type.shape

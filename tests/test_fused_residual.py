@@ -1,0 +1,148 @@
+"""Residual blocks fused into the epilogue of the integer layer that feeds their add (llvm target).
+
+``relu(conv2(.) + shortcut)`` and the quantizer of the next block run in conv2's epilogue: no
+float conv2 output, no add, relu or quantize kernel. Where both operands of the add are integer
+layers (a downsample shortcut), the first one in the plan takes the add and the other writes its
+float output. The artifact must stay exact against the interpreter, with dynamic and with
+calibrated (static) activation scales.
+"""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csqc
+from csqc import runtime
+from csqc.verify import verify
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int, downsample: bool, relu: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(channels, channels, 1) if downsample else nn.Identity()
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x))) + self.shortcut(x)
+        return torch.relu(y) if self.relu else y
+
+
+def _model(tmp_path):
+    torch.manual_seed(3)
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                Block(8, downsample=False), Block(8, downsample=True),
+                                Block(8, downsample=False, relu=False),  # MobileNetV2-like: add, no relu
+                                nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=False))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(1, 3, 6, 6)))
+
+
+def _kinds(art) -> list[str]:
+    return [runtime._kernel_kind(s["func"]) for s in runtime.load(art).plan["steps"]]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated):
+    model = _model(tmp_path)
+    calib = [np.random.default_rng(0).random((8, 3, 6, 6), dtype=np.float32)] if calibrated else None
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art, calibrate=calib)
+    kinds = _kinds(art)
+    assert "binary" not in kinds and "unary" not in kinds, kinds
+    # quantize kernels left: the stem's float output, the downsample shortcut's own quantizer (one
+    # quantizer per epilogue: block 3's conv1 takes the fused codes) and the linear layer's input
+    # (after Flatten); every other block input's codes come from the epilogue before it
+    assert kinds.count("quantize") == 3, kinds
+    assert kinds.count("epilogue") == 1 + 7 + 1, kinds  # stem, 7 integer convs, linear
+    check = [np.random.default_rng(1).random((3, 3, 6, 6), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True, calibrate=calib)
+    assert report.ok and report.accumulators_exact, report.to_json()
+
+
+def _identity_blocks(tmp_path, seed: int):
+    """A float stem (its output differs from the interpreter's in the last bits, as any float
+    conv may) and two identity residual blocks: the stem's float noise reaches the fused
+    residual epilogues through the shortcut, so their dynamic scales may differ by an ulp."""
+    torch.manual_seed(seed)
+    float_model = nn.Sequential(nn.Conv2d(64, 16, 3, padding=1), nn.ReLU(),
+                                Block(16, downsample=False), Block(16, downsample=False),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=4, act_bits=4, quantize_first_input=False))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 64, 8, 8)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dynamic_codes_of_a_fused_residual_verify_on_the_float_they_quantize(tmp_path, seed):
+    """The float a fused residual epilogue writes for later readers (the next block's shortcut)
+    is the input verify requantizes its codes from: exact on the runtime's own values, where
+    the golden run's scale may differ by an ulp after the float stem (batch 2, dynamic scales)."""
+    model = _identity_blocks(tmp_path, seed)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art)
+    layers = runtime.load(art).layers
+    assert layers["3.conv1"]["tensors"]["in"] == "2_1"  # block 1's y, written with its codes
+    check = [np.random.default_rng(seed).random((4, 64, 8, 8), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
+
+
+def _block_then_conv(tmp_path, seed: int, float_stem: bool = True):
+    """A residual block without relu whose sum only the next conv's quantizer reads: the fused
+    epilogue writes that quantizer's codes and no float tensor (MobileNetV2's last block of a
+    stage); a float stem's noise reaches the sum through the shortcut."""
+    torch.manual_seed(seed)
+    float_model = nn.Sequential(nn.Conv2d(64, 16, 3, padding=1), nn.ReLU(), Block(16, downsample=False, relu=False),
+                                nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=4, act_bits=4, quantize_first_input=not float_stem))
+    return csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 64, 8, 8)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dynamic_codes_of_a_fused_residual_without_float_output_verify_exactly(tmp_path, seed):
+    """No float sum to requantize: verify computes it as the interpreter does from the runtime's
+    own tensors (the layer's output from its codes, the float residual it recorded) and checks
+    the codes and the dynamic scale exactly, where the golden run's scale may differ by an ulp."""
+    model = _block_then_conv(tmp_path, seed)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art)
+    tensors = runtime.load(art).layers["3"]["tensors"]
+    assert tensors["in"] is None and tensors["xq"] == "3.input_quant.quant.codes"  # the sum stays in registers
+    check = [np.random.default_rng(seed).random((4, 64, 8, 8), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
+
+
+def test_a_code_one_step_off_after_a_fused_residual_is_caught(tmp_path, monkeypatch):
+    """The exact check of those codes is not the one-step tolerance of codes verify cannot
+    recompute: one code moved by one step fails (an integer stem: no float noise upstream)."""
+    verify_module = importlib.import_module("csqc.verify")
+    artifact_runtime = verify_module.tvm_artifact_runtime
+
+    def one_code_off(name, model, *args, **kwargs):
+        rt = artifact_runtime(name, model, *args, **kwargs)
+        run = rt.run
+
+        def run_one_code_off(inputs):
+            result = run(inputs)
+            codes = result.tensors["3.xq"].astype(np.int64)
+            codes.flat[0] += 1 if codes.flat[0] <= 0 else -1
+            result.tensors["3.xq"] = codes
+            return result
+
+        rt.run = run_one_code_off
+        return rt
+
+    model = _block_then_conv(tmp_path, 0, float_stem=False)
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art)
+    check = [np.random.default_rng(0).random((2, 64, 8, 8), dtype=np.float32)]
+    assert verify(model, inputs=check, artifact=str(art), per_layer=True).ok
+    monkeypatch.setattr(verify_module, "tvm_artifact_runtime", one_code_off)
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert not report.ok
+    assert report.to_json()["first_divergence"]["tensor"] == "3.xq"
