@@ -328,6 +328,8 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                 elif key == "scale":
                     v = np.float32(v.reshape(-1)[0])
                 tensors[f"{layer}.{key}"] = v
+            if names.get("residual"):  # the float residual a fused residual epilogue read
+                tensors[f"{layer}.residual"] = record[names["residual"]]
         return RunResult(out if isinstance(out, list) else [out], tensors)
 
     # the epilogue's float order matches the interpreter's but LLVM may vectorize it
@@ -589,17 +591,21 @@ def _golden_layer(g: Graph, layer, x) -> tuple[np.ndarray, np.ndarray | None]:
 _EPILOGUE_TAIL_OPS = ("add", "relu", "clip")
 
 
-def _float_from_runtime(g: Graph, producers: Mapping, value: str | None,
-                        known: Mapping[str, np.ndarray]) -> np.ndarray | None:
+def _float_from_runtime(g: Graph, producers: Mapping, value: str | None, known: Mapping[str, np.ndarray],
+                        codes: Mapping[str, QValue] = {}) -> np.ndarray | None:  # noqa: B006 (read only)
     """``value`` as the interpreter computes it from ``known`` (this runtime's floats: layer
     outputs from its codes, float tensors it recorded) through the float ops a fused epilogue
-    computes after its layer; None where an input is not known."""
+    computes after its layer, and dequantized ``codes`` (this runtime's codes of a quantize
+    node: a quantized residual, as the CSQ reference's ResNet-18 has); None where an input is
+    not known."""
     if value in known:
         return known[value]
     node = producers.get(value)
+    if node is not None and node.op == "dequantize" and node.inputs[0] in codes:
+        return np.asarray(HANDLERS["dequantize"](g, node, [codes[node.inputs[0]]]), np.float32)
     if node is None or node.op not in _EPILOGUE_TAIL_OPS:
         return None
-    inputs = [_float_from_runtime(g, producers, v, known) for v in node.inputs]
+    inputs = [_float_from_runtime(g, producers, v, known, codes) for v in node.inputs]
     if any(x is None for x in inputs):
         return None
     return np.asarray(HANDLERS[node.op](g, node, inputs), np.float32)
@@ -614,7 +620,7 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     inputs (the interpreter is slow, and differences are rare).
     """
     sources = _layer_inputs(g)
-    producers = g.producers()
+    producers, users = g.producers(), g.users()
     synced = True  # the runtime has followed the golden run exactly so far
     # layers whose codes, scale and accumulator equal the golden run's: in a runtime that follows
     # the IR's float order their float output equals it too, bit for bit
@@ -623,12 +629,18 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
     # dynamic quantizer fused into that layer's epilogue (no float tensor recorded) must quantize
     expected_out: dict[str, np.ndarray] = {}
     recorded: dict[str, np.ndarray] = {}  # float values this runtime recorded (layer inputs)
+    runtime_codes: dict[str, QValue] = {}  # quantize node -> this runtime's codes and scale of it
     for layer in g.quant_layers():
         name = layer.name
         st = stats.setdefault(name, _LayerStats(name, rt.name))
         t = {k: tensors.get(f"{name}.{k}") for k in LAYER_TENSORS}
         gold = {k: golden.get(f"{name}.{k}") for k in LAYER_TENSORS}
         same_in = t["in"] is not None and np.array_equal(t["in"], gold["in"])
+        residual = tensors.get(f"{name}.residual")
+        if residual is not None:  # the other operand of the residual add this layer's epilogue computed
+            for add in users.get(name, []):
+                if add.op == "add":
+                    recorded.update({v: np.asarray(residual, np.float32) for v in add.inputs if v != name})
         if t["in"] is not None and sources[name][0] is not None:
             recorded[sources[name][0]] = np.asarray(t["in"], np.float32)
         float_bad = 0  # float elements of this batch outside the tolerance
@@ -647,7 +659,7 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
                     bad += 1
                 st.add("xq", "exact", expect.codes.size, bad)
             elif t["in"] is None and t["xq"] is not None and (fused_in := _float_from_runtime(
-                    g, producers, sources[name][0], {**recorded, **expected_out})) is not None:
+                    g, producers, sources[name][0], {**recorded, **expected_out}, runtime_codes)) is not None:
                 # a dynamic quantizer its producer's epilogue computed: exact on that layer's output
                 # (or on the residual add and activation after it, the float residual the runtime's)
                 expect = HANDLERS["quantize"](g, qnode, [fused_in])
@@ -667,6 +679,8 @@ def _check_layers(g: Graph, golden: Mapping[str, np.ndarray], rt: Runtime, tenso
                 st.add("xq", "exact", gold["xq"].size, bad)
             if t["xq"] is None or t["scale"] is None:
                 continue
+            # (centered codes: (u - zp) R / L is also the asymmetric dequantization)
+            runtime_codes[quant] = QValue(t["xq"].astype(np.int32), np.float32(t["scale"]), qnode.type.qbits)
             same_codes = (np.array_equal(t["xq"].astype(np.int64), gold["xq"])
                           and np.float32(t["scale"]) == np.float32(gold["scale"]))
             if not same_codes:

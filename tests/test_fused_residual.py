@@ -117,9 +117,8 @@ def test_dynamic_codes_of_a_fused_residual_without_float_output_verify_exactly(t
     assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
 
 
-def test_a_code_one_step_off_after_a_fused_residual_is_caught(tmp_path, monkeypatch):
-    """The exact check of those codes is not the one-step tolerance of codes verify cannot
-    recompute: one code moved by one step fails (an integer stem: no float noise upstream)."""
+def _one_code_off(monkeypatch, tensor: str):
+    """Make verify's TVM runtime report ``tensor``'s first code one step off."""
     verify_module = importlib.import_module("csqc.verify")
     artifact_runtime = verify_module.tvm_artifact_runtime
 
@@ -129,20 +128,57 @@ def test_a_code_one_step_off_after_a_fused_residual_is_caught(tmp_path, monkeypa
 
         def run_one_code_off(inputs):
             result = run(inputs)
-            codes = result.tensors["3.xq"].astype(np.int64)
+            codes = result.tensors[tensor].astype(np.int64)
             codes.flat[0] += 1 if codes.flat[0] <= 0 else -1
-            result.tensors["3.xq"] = codes
+            result.tensors[tensor] = codes
             return result
 
         rt.run = run_one_code_off
         return rt
 
+    monkeypatch.setattr(verify_module, "tvm_artifact_runtime", one_code_off)
+
+
+def test_a_code_one_step_off_after_a_fused_residual_is_caught(tmp_path, monkeypatch):
+    """The exact check of those codes is not the one-step tolerance of codes verify cannot
+    recompute: one code moved by one step fails (an integer stem: no float noise upstream)."""
     model = _block_then_conv(tmp_path, 0, float_stem=False)
     art = tmp_path / "m.so"
     csqc.compile(model, "llvm", art)
     check = [np.random.default_rng(0).random((2, 64, 8, 8), dtype=np.float32)]
     assert verify(model, inputs=check, artifact=str(art), per_layer=True).ok
-    monkeypatch.setattr(verify_module, "tvm_artifact_runtime", one_code_off)
+    _one_code_off(monkeypatch, "3.xq")
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert not report.ok
     assert report.to_json()["first_divergence"]["tensor"] == "3.xq"
+
+
+@pytest.fixture(scope="module")
+def reference_resnet18(tmp_path_factory):
+    """The CSQ reference's ResNet-18 (mirror, tiny width): its residuals are dequantized codes
+    (identity shortcuts) and float 1x1 convs (downsample shortcuts)."""
+    import csq_reference_style as R
+
+    tmp = tmp_path_factory.mktemp("r18")
+    net = R.ResNet18(act_bit=4, width=4, num_classes=10)
+    R.randomize_trained(net, seed=4)
+    torch.save({"model": net.state_dict()}, tmp / "ckpt.pth")
+    model = csqc.load(tmp / "ckpt.pth", model_factory="csqc.models.reference:resnet18(act_bit=4, width=4, num_classes=10)",
+                      input_shape=(2, 3, 32, 32))
+    csqc.compile(model, "llvm", tmp / "m.so")
+    return model, tmp / "m.so"
+
+
+@pytest.mark.parametrize("layer", ["layer2.block1.conv1",   # reads relu(conv + dequantize(codes))
+                                   "layer2.block2.conv1"])  # reads relu(conv + float downsample conv)
+def test_fused_codes_after_a_quantized_or_float_residual_are_checked_exactly(reference_resnet18, monkeypatch, layer):
+    """verify recomputes those codes from the runtime's own residual (its codes of the shortcut,
+    or the float tensor the epilogue read), so a float shortcut's ulp noise that moves a dynamic
+    scale passes (it did not on an Intel Xeon: the golden scale was required) and a code one
+    step off fails (it passed: no exact recomputation, a step of slack)."""
+    model, art = reference_resnet18
+    assert runtime.load(art).layers["layer2.block1.conv2"]["tensors"]["residual"]
+    assert verify(model, samples=2, artifact=str(art)).ok
+    _one_code_off(monkeypatch, f"{layer}.xq")
+    report = verify(model, samples=2, artifact=str(art))
+    assert not report.ok and report.to_json()["first_divergence"]["tensor"] == f"{layer}.xq"

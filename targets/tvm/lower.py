@@ -531,6 +531,9 @@ class _Lowerer:
         f = self.plan.func(key, lambda: pending.build(**options))
         args = pending.args + [residual]
         self.plan.call(f, args + outs, layer.name)
+        # the float residual the kernel read: verify recomputes add/activation/codes from it exactly
+        # (a float layer's residual, e.g. a downsample conv, differs from the golden run's by ulps)
+        self.plan.layers[layer.name].setdefault("tensors", {})["residual"] = residual
         if fused.get("out_scale") == 0.0:  # a dynamic scale: the runtime checks it like a quantize step's
             self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args) + int(keep_y),
                                        quantizer=quantizer.name)
