@@ -21,8 +21,11 @@ Semantics and float32 operation order follow the golden model, :mod:`csqc.interp
 Exactness: LLVM is allowed to contract ``a * b + c`` into an FMA under TVM's default target
 options, which changes the rounding.  Where the interpreter multiplies and then adds, the product
 goes through ``llvm.arithmetic.fence`` (:func:`_rounded`) so the add sees the rounded product.
-Divisions stay divisions (no reciprocal multiply).  Float conv / linear sums use FMAs and a
-different summation order (within 1e-5 relative, not bit-identical to numpy).
+The quantizer and epilogue divisions by a scale or by ``L`` are hot (a vector divide costs about
+ten multiplies), so where nothing can underflow or overflow they run as :func:`_quotient`, a
+reciprocal multiply with two FMA corrections that gives the correctly rounded quotient (the
+same float32 as the divide); elsewhere divisions stay divisions.  Float conv / linear sums use
+FMAs and a different summation order (within 1e-5 relative, not bit-identical to numpy).
 
 Every builder is a pure function of static shapes and attributes and returns a scheduled
 ``tvm.tirx.PrimFunc`` (loops already carry their parallel / vectorized / unrolled kinds: TVM
@@ -33,6 +36,7 @@ register-sized scratch buffers stay on the stack.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -104,6 +108,63 @@ def _f32(value: float) -> tirx.PrimExpr:
 def _rounded(value: tirx.PrimExpr) -> tirx.PrimExpr:
     """float32 ``value`` rounded before it is used: stops FMA contraction of ``a*b + c``."""
     return I.call_llvm_pure_intrin(F32, "llvm.arithmetic.fence", value)
+
+
+def _fma(a, b, c) -> tirx.PrimExpr:
+    """``a * b + c`` with one rounding (an FMA instruction)."""
+    return I.call_llvm_pure_intrin(F32, "llvm.fma", a, b, c)
+
+
+# Divisors for which :func:`_quotient` is exact for every float32 dividend the kernels pass it
+# (|dividend| / divisor within 2^70 and nothing subnormal on the way); outside, a real divide.
+_QUOTIENT_DIVISORS = (2.0**-60, 2.0**60)
+_QUOTIENT_MIN_ELEMENTS = 256  # below, one divide loop is as fast and half the code
+
+
+def _quotient(num, den, recip) -> tirx.PrimExpr:
+    """``num / den`` rounded to nearest even, as a divide would give it, without a divide.
+
+    ``recip`` must be ``RN(1 / den)`` (one scalar divide, or a constant) and ``den`` in
+    ``_QUOTIENT_DIVISORS``; exact for ``num`` zero or ``2^-100 <= |num|`` with ``|num / den| <
+    2^100`` (the remainders stay representable). A smaller ``num`` gives a quotient below
+    2^-40 within a few ulps, which no caller tells apart: a code rounds it to 0; the
+    dividends by ``L`` are at least the smallest scale. ``q0 = num * recip`` is within 2 ulps of the
+    quotient; one correction with the exact remainder ``num - q0 * den`` (an FMA) makes it
+    faithful (within 1 ulp), and by Markstein's theorem (IBM J. Res. Dev. 34(1), 1990: ``recip``
+    within half an ulp of ``1/den`` and a faithful ``q``) a second one, ``RN(q + (num - q * den)
+    * recip)``, is the correctly rounded quotient. 1 multiply + 4 FMAs against ~10 cycles per
+    AVX-512 divide; tests/test_exact_division.py checks every float32 significand.
+    """
+    q = num * recip
+    q = _fma(_fma(-q, den, num), recip, q)
+    return _fma(_fma(-q, den, num), recip, q)
+
+
+def _divided(num, den, recip=None) -> tirx.PrimExpr:
+    """``num / den``: :func:`_quotient` with ``recip`` (the caller branched on the divisor's
+    range), a divide without it. ``num`` is rounded first (no FMA contraction into it)."""
+    if recip is None:
+        return num / den
+    return _quotient(_rounded(num), den, recip)
+
+
+def _levels_reciprocal(levels: int) -> tirx.PrimExpr:
+    """``RN(1 / L)`` as float32 (numpy's float32 divide is correctly rounded)."""
+    return _f32(np.float32(1.0) / np.float32(levels))
+
+
+def _on_divisor_range(divisor, emit: Callable[[bool], None], enabled: bool = True) -> None:
+    """``emit(True)`` where the run-time ``divisor`` lets :func:`_quotient` replace a divide,
+    ``emit(False)`` otherwise (both branches are code; one runs)."""
+    if not enabled:
+        emit(False)
+        return
+    lo, hi = _QUOTIENT_DIVISORS
+    with I.If(tirx.all(divisor >= _f32(lo), divisor <= _f32(hi))):
+        with I.Then():
+            emit(True)
+        with I.Else():
+            emit(False)
 
 
 def _activation(value, act: str, clip_lo, clip_hi):
@@ -322,11 +383,13 @@ def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: boo
         I.buffer_store(scale, _f32(static_scale), [0])
     else:
         _emit_abs_max(x_flat, n, scale)
+    recip = _reciprocal_of(scale)
 
-    def emit(_row, i):
-        _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat, neg_flat)
+    def codes(fast: bool):
+        _for_each(1, n, lambda _row, i: _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat,
+                                                     neg_flat, recip[0] if fast else None))
 
-    _for_each(1, n, emit)
+    _on_divisor_range(scale[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
 
 
 def _emit_fold(x_flat, n: int, out, combine) -> None:
@@ -394,9 +457,14 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
         zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
         I.buffer_store(zp, tirx.Select(scale[0] > _f32(0.0), zp_value, _f32(0.0)), [0])
     I.buffer_store(zero_point, tirx.Cast("int32", zp[0]), [0])
+    recip = _reciprocal_of(scale)
 
-    def emit(_row, i):
-        u = tirx.round((x_flat[i] * _f32(levels)) / scale[0]) + zp[0]
+    def emit(_row, i, fast: bool):
+        numerator = x_flat[i] * _f32(levels)
+        if fast:  # |x L / R| beyond 2L + 2 clamps to the same code: keep the quotient in range
+            bound = _rounded(_f32(2 * levels + 2) * scale[0])
+            numerator = tirx.Min(tirx.Max(_rounded(numerator), -bound), bound)
+        u = tirx.round(_divided(numerator, scale[0], recip[0] if fast else None)) + zp[0]
         u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
         if neg_flat is None:
             I.buffer_store(pos_flat, tirx.Cast("uint8", u), [i])
@@ -405,16 +473,29 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
         I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Max(v, _f32(0.0))), [i])
         I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Max(-v, _f32(0.0))), [i])
 
-    _for_each(1, n, emit)
+    _on_divisor_range(scale[0], lambda fast: _for_each(1, n, lambda row, i: emit(row, i, fast)),
+                      n >= _QUOTIENT_MIN_ELEMENTS)
 
 
-def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat) -> None:
-    """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there)."""
+def _reciprocal_of(scale):
+    """A local holding ``RN(1 / scale[0])`` for :func:`_quotient` (inf for a zero scale, unused then)."""
+    recip = _local((1,))
+    I.buffer_store(recip, _f32(1.0) / scale[0], [0])
+    return recip
+
+
+def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat,
+                 recip=None) -> None:
+    """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there);
+    ``recip`` (``RN(1 / S)``, where the caller checked S's range) divides without a divide."""
     # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
     # (llvm.roundeven).  S is read back from the buffer so no constant folding can
     # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
     # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
-    magnitude = tirx.round((tirx.abs(value) * _f32(levels)) / scale[0])
+    numerator = tirx.abs(value) * _f32(levels)
+    if clamp and recip is not None:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
+        numerator = tirx.Min(_rounded(numerator), _rounded(_f32(levels + 1) * scale[0]))
+    magnitude = tirx.round(_divided(numerator, scale[0], recip))
     if clamp:
         magnitude = tirx.Min(magnitude, _f32(levels))
     zero = _f32(0.0)
@@ -447,15 +528,18 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bo
         code_flats = [_flat(c) for c in codes]
         y_flat = _flat(y)
 
-        def emit(_row, i):
+        def emit(_row, i, fast: bool):
             code = tirx.Cast("int32", code_flats[0][i])
             if two_parts:
                 code = code - tirx.Cast("int32", code_flats[1][i])
             elif offset:
                 code = code - tirx.const(levels, "int32")
-            I.buffer_store(y_flat, (tirx.Cast(F32, code) * scale[0]) / _f32(levels), [i])
+            value = _divided(tirx.Cast(F32, code) * scale[0], _f32(levels), _levels_reciprocal(levels) if fast else None)
+            I.buffer_store(y_flat, value, [i])
 
-        _for_each(1, _prod(shape), emit)
+        n = _prod(shape)
+        _on_divisor_range(scale[0], lambda fast: _for_each(1, n, lambda row, i: emit(row, i, fast)),
+                          n >= _QUOTIENT_MIN_ELEMENTS and levels > 1)
 
     return _prim_func(params, body)
 
@@ -542,7 +626,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
 
-        def value_at(i, c):
+        def value_at(i, c, fast: bool):
             if levels is None:
                 value = acc_flat[i]
             else:
@@ -551,7 +635,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                     acc = acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
                 elif acc_offset is not None:
                     acc = acc - acc_offset[c]
-                value = (tirx.Cast(F32, acc) * named["scale"][0]) / _f32(levels)
+                value = _divided(tirx.Cast(F32, acc) * named["scale"][0], _f32(levels),
+                                 _levels_reciprocal(levels) if fast else None)
             value = value * mult[c]
             if add is not None:
                 value = _rounded(value) + add[c]
@@ -560,25 +645,38 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                 value = _activation(_rounded(value) + residual_flat[i], post_act, post_lo, post_hi)
             return value
 
-        def store_y_and_codes(i, c):
-            value = _rounded(value_at(i, c))
-            I.buffer_store(y_flat, value, [i])
-            _store_codes(value, i, named["out_scale"], out_levels, out_scale > 0, out_offset, *code_parts)
+        n = _prod(shape)
+        # the two divisions (by L, by the output scale) each run as _quotient where their divisors allow
+        on_levels_divisor = functools.partial(_on_divisor_range, named["scale"][0],
+                                              enabled=n >= _QUOTIENT_MIN_ELEMENTS and (levels or 1) > 1) \
+            if levels is not None else (lambda emit: emit(False))
 
         if out_bits is None:
-            _for_each_channel(shape, channel_axis, lambda i, c: I.buffer_store(y_flat, value_at(i, c), [i]))
+            on_levels_divisor(lambda fast: _for_each_channel(
+                shape, channel_axis, lambda i, c: I.buffer_store(y_flat, value_at(i, c, fast), [i])))
             return
         # the float y stays in registers: round it like a store would, then its codes
+        out_scale_buf = named["out_scale"]
         if out_scale > 0:
-            I.buffer_store(named["out_scale"], _f32(out_scale), [0])
+            I.buffer_store(out_scale_buf, _f32(out_scale), [0])
         else:
-            _emit_channel_abs_max(shape, channel_axis, lambda i, c: _rounded(value_at(i, c)), named["out_scale"])
+            on_levels_divisor(lambda fast: _emit_channel_abs_max(
+                shape, channel_axis, lambda i, c: _rounded(value_at(i, c, fast)), out_scale_buf))
         code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
-        if keep_y:
-            _for_each_channel(shape, channel_axis, store_y_and_codes)
-            return
-        _for_each_channel(shape, channel_axis, lambda i, c: _store_codes(
-            _rounded(value_at(i, c)), i, named["out_scale"], out_levels, out_scale > 0, out_offset, *code_parts))
+        recip = _reciprocal_of(out_scale_buf)
+
+        def store(i, c, fast_levels: bool, fast_codes: bool):
+            value = _rounded(value_at(i, c, fast_levels))
+            if keep_y:
+                I.buffer_store(y_flat, value, [i])
+            _store_codes(value, i, out_scale_buf, out_levels, out_scale > 0, out_offset, *code_parts,
+                         recip=recip[0] if fast_codes else None)
+
+        on_levels_divisor(lambda fast_levels: _on_divisor_range(
+            out_scale_buf[0],
+            lambda fast_codes: _for_each_channel(shape, channel_axis,
+                                                 lambda i, c: store(i, c, fast_levels, fast_codes)),
+            n >= _QUOTIENT_MIN_ELEMENTS))
 
     return _prim_func(params, body)
 
