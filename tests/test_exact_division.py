@@ -25,9 +25,9 @@ def run(func, *arrays, outputs):
 def quotient_kernel(n: int):
     """``y[i] = x[i] / den[0]`` through glue._quotient where den's range allows (else a divide)."""
     def body(x, den, y):
-        recip = glue._reciprocal_of(den)
+        divisor = glue._divisor_of(den, 0.0, 1)
         glue._on_divisor_range(den[0], lambda fast: glue._for_each(1, n, lambda _row, i: I.buffer_store(
-            y, glue._divided(x[i], den[0], recip[0] if fast else None), [i])))
+            y, glue._divided(x[i], den[0], divisor.recip if fast else None), [i])))
 
     return glue._prim_func([("x", (n,), "float32"), ("den", (1,), "float32"), ("y", (n,), "float32")], body)
 

@@ -175,6 +175,8 @@ def test_epilogue_bit_exact(shape, axis, levels, act, has_add, acc_dtype, has_ne
     ((1, 8, 9, 9), 1, "relu", False, False),  # NCHW, 81-pixel rows: vectors and a tail
     ((2, 3, 5, 4), 1, "clip", True, False),  # rows narrower than a vector: channel along the row
     ((3, 37), -1, "none", True, True),  # [M, C], offset codes
+    ((2, 16, 17, 17), 1, "clip", True, False),  # rows of one channel: max|y| from the extreme accumulators
+    ((1, 32, 24, 24), 1, "none", False, False),
 ])
 def test_epilogue_dynamic_quantize_equals_epilogue_then_quantize(shape, axis, act, signed, offset):
     """A dynamic out_scale: S' = max|y| and the codes from one kernel that never writes y equal
@@ -189,6 +191,39 @@ def test_epilogue_dynamic_quantize_equals_epilogue_then_quantize(shape, axis, ac
     fused = glue.epilogue(shape, axis, 15, act, -0.5, 0.75, True, out_bits=4, out_scale=0.0, out_signed=signed,
                           out_offset=offset)
     got = run_kernel(fused, acc, *common, outputs=code_outputs)
+    assert got[0][0] == np.abs(y).max() > 0
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("split,seed", [("neg", 0), ("zero_point", 1), ("neg", 2), ("zero_point", 3)])
+def test_dynamic_scale_from_extreme_accumulators_is_the_max_of_every_y(split, seed):
+    """max|y| of a channel taken at its smallest and largest accumulator (y is monotone in it;
+    a negative mult turns it around) equals the max over every element, with the accumulator
+    split by sign or less a zero point times the weight sums; extremes placed at random."""
+    rng = np.random.default_rng(seed)
+    shape = (1, 24, 13, 19)
+    acc = rng.integers(-(2**10), 2**10, size=shape).astype("int32")
+    mult, add = rand(24, scale=0.01), rand(24, scale=0.1)
+    # the largest |y|: one channel's smallest accumulator (positive mult), or with a negative
+    # mult its largest, at a random pixel
+    channel, sign = int(rng.integers(24)), (-1 if seed % 2 else 1)
+    mult[channel] = sign * abs(mult[channel]) + sign * F32(0.01)
+    acc[0, channel].flat[rng.integers(13 * 19)] = -sign * 2**18
+    if split == "neg":
+        extra = [rng.integers(0, 2**14, size=shape).astype("int32")]
+        options = {"has_neg": True}
+    else:
+        extra = [rng.integers(-300, 300, size=24).astype("int32")]
+        options = {"has_offset": True, "has_zero_point": True}
+    common = [np.array([F32(0.0213)], F32)] + ([np.array([7], np.int32)] if split == "zero_point" else []) + [mult, add]
+    kernel = glue.epilogue(shape, 1, 15, "none", 0.0, 0.0, True, **options)
+    (y,) = run_kernel(kernel, acc, *extra, *common, outputs=[(shape, "float32")])
+    fused = glue.epilogue(shape, 1, 15, "none", 0.0, 0.0, True, out_bits=4, out_scale=0.0, out_signed=True,
+                          **options)
+    outputs = [((1,), "float32"), (shape, "uint8"), (shape, "uint8")]
+    got = run_kernel(fused, acc, *extra, *common, outputs=outputs)
+    expected = run_kernel(glue.quantize(shape, 4, 0.0, True), y, outputs=outputs)
     assert got[0][0] == np.abs(y).max() > 0
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)

@@ -345,6 +345,41 @@ def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
         I.buffer_store(scale, tirx.Max(scale[0], partial[i]), [0])
 
 
+def _emit_channel_abs_max_of_monotone(shape, axis: int, acc_dtype: str, acc_at: Callable, value_of: Callable,
+                                      scale) -> None:
+    """``scale[0] = max |value_of(acc_at(i, c), c)|`` where ``value_of(., c)`` is monotone for each
+    channel c (NCHW rows of one channel, at least a vector wide): the extremes of |value| are
+    at the row's smallest and largest accumulators, so the pass over the tensor is an integer
+    min / max (two instructions a vector) and ``value_of`` runs twice per row. Exact: the max
+    is over values the elementwise pass computes, and every other element's lies between them."""
+    _, outer, channels, inner = _channel_view(shape, axis)
+    rows, (full, tail) = outer * channels, divmod(inner, LANES)
+    info = np.iinfo(acc_dtype)
+    partial = I.alloc_buffer((rows,), F32, scope="global")
+    with _parallel_or_serial(rows, rows * inner) as row:
+        low, high = _local((LANES,), acc_dtype), _local((LANES,), acc_dtype)
+        with I.vectorized(0, LANES) as lane:
+            I.buffer_store(low, tirx.const(int(info.max), acc_dtype), [lane])
+            I.buffer_store(high, tirx.const(int(info.min), acc_dtype), [lane])
+        for count, start in ((full, None), (tail, full * LANES)):
+            if not count:
+                continue
+            with (I.serial(0, count) if start is None else I.serial(0, 1)) as v:
+                with I.vectorized(0, LANES if start is None else count) as lane:
+                    col = v * LANES + lane if start is None else start + lane
+                    acc = acc_at(row * inner + col, row % channels)
+                    I.buffer_store(low, tirx.Min(low[lane], acc), [lane])
+                    I.buffer_store(high, tirx.Max(high[lane], acc), [lane])
+        with I.serial(1, LANES) as lane:
+            I.buffer_store(low, tirx.Min(low[0], low[lane]), [0])
+            I.buffer_store(high, tirx.Max(high[0], high[lane]), [0])
+        c = row % channels
+        I.buffer_store(partial, tirx.Max(tirx.abs(value_of(low[0], c)), tirx.abs(value_of(high[0], c))), [row])
+    I.buffer_store(scale, _f32(0.0), [0])
+    with I.serial(0, rows) as r:
+        I.buffer_store(scale, tirx.Max(scale[0], partial[r]), [0])
+
+
 def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
              offset: bool = False) -> tirx.PrimFunc:
     """The interpreter's ``_quantize`` as a kernel.
@@ -383,11 +418,11 @@ def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: boo
         I.buffer_store(scale, _f32(static_scale), [0])
     else:
         _emit_abs_max(x_flat, n, scale)
-    recip = _reciprocal_of(scale)
+    divisor = _divisor_of(scale, static_scale, levels + 1)
 
     def codes(fast: bool):
         _for_each(1, n, lambda _row, i: _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat,
-                                                     neg_flat, recip[0] if fast else None))
+                                                     neg_flat, divisor if fast else None))
 
     _on_divisor_range(scale[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
 
@@ -457,14 +492,15 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
         zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
         I.buffer_store(zp, tirx.Select(scale[0] > _f32(0.0), zp_value, _f32(0.0)), [0])
     I.buffer_store(zero_point, tirx.Cast("int32", zp[0]), [0])
-    recip = _reciprocal_of(scale)
+    divisor = _divisor_of(scale, static_scale, 2 * levels + 2)
 
     def emit(_row, i, fast: bool):
         numerator = x_flat[i] * _f32(levels)
         if fast:  # |x L / R| beyond 2L + 2 clamps to the same code: keep the quotient in range
-            bound = _rounded(_f32(2 * levels + 2) * scale[0])
-            numerator = tirx.Min(tirx.Max(_rounded(numerator), -bound), bound)
-        u = tirx.round(_divided(numerator, scale[0], recip[0] if fast else None)) + zp[0]
+            numerator = tirx.Min(tirx.Max(_rounded(numerator), -divisor.bound), divisor.bound)
+            u = tirx.round(_divided(numerator, divisor.value, divisor.recip)) + zp[0]
+        else:
+            u = tirx.round(numerator / scale[0]) + zp[0]
         u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
         if neg_flat is None:
             I.buffer_store(pos_flat, tirx.Cast("uint8", u), [i])
@@ -477,25 +513,44 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
                       n >= _QUOTIENT_MIN_ELEMENTS)
 
 
-def _reciprocal_of(scale):
-    """A local holding ``RN(1 / scale[0])`` for :func:`_quotient` (inf for a zero scale, unused then)."""
-    recip = _local((1,))
-    I.buffer_store(recip, _f32(1.0) / scale[0], [0])
-    return recip
+@dataclass(frozen=True)
+class _Divisor:
+    """A scale ``S`` as :func:`_store_codes` divides by it without a divide: ``S``, ``RN(1 / S)``
+    and ``RN(k * S)`` (the clamp bound, ``k = L + 1`` or ``2L + 2``), as expressions."""
+
+    value: tirx.PrimExpr
+    recip: tirx.PrimExpr
+    bound: tirx.PrimExpr
+
+
+def _divisor_of(scale, static_scale: float, bound_factor: int) -> _Divisor:
+    """``scale[0]``'s :class:`_Divisor`: constants for a static scale (``scale`` holds it too),
+    else computed once into a local (inf for a zero scale, unused then)."""
+    if static_scale > 0:
+        s = np.float32(static_scale)
+        return _Divisor(_f32(s), _f32(np.float32(1.0) / s), _f32(np.float32(bound_factor) * s))
+    parts = _local((2,))
+    I.buffer_store(parts, _f32(1.0) / scale[0], [0])
+    I.buffer_store(parts, _f32(bound_factor) * scale[0], [1])
+    return _Divisor(scale[0], parts[0], parts[1])
 
 
 def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat,
-                 recip=None) -> None:
+                 fast: _Divisor | None = None) -> None:
     """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there);
-    ``recip`` (``RN(1 / S)``, where the caller checked S's range) divides without a divide."""
+    ``fast`` (S's :class:`_Divisor` with ``k = L + 1``, where the caller checked S's range)
+    divides without a divide."""
     # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
     # (llvm.roundeven).  S is read back from the buffer so no constant folding can
     # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
     # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
     numerator = tirx.abs(value) * _f32(levels)
-    if clamp and recip is not None:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
-        numerator = tirx.Min(_rounded(numerator), _rounded(_f32(levels + 1) * scale[0]))
-    magnitude = tirx.round(_divided(numerator, scale[0], recip))
+    if fast is None:
+        magnitude = tirx.round(numerator / scale[0])
+    else:
+        if clamp:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
+            numerator = tirx.Min(_rounded(numerator), fast.bound)
+        magnitude = tirx.round(_divided(numerator, fast.value, fast.recip))
     if clamp:
         magnitude = tirx.Min(magnitude, _f32(levels))
     zero = _f32(0.0)
@@ -626,21 +681,33 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
 
-        def value_at(i, c, fast: bool):
+        def acc_at(i, c):
+            """The accumulator of element i (channel c): an integer, or float32 (levels None)."""
             if levels is None:
-                value = acc_flat[i]
+                return acc_flat[i]
+            acc = acc_flat[i] - neg_flat[i] if has_neg else acc_flat[i]
+            if has_zero_point:
+                acc = acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
+            elif acc_offset is not None:
+                acc = acc - acc_offset[c]
+            return acc
+
+        def layer_value(acc, c, fast: bool):
+            """The layer's float y (before any residual) from accumulator ``acc`` of channel c:
+            monotone in ``acc`` for a fixed channel (every step rounds monotonically, mult[c]'s
+            sign fixes the direction, relu / clip are monotone)."""
+            if levels is None:
+                value = acc
             else:
-                acc = acc_flat[i] - neg_flat[i] if has_neg else acc_flat[i]
-                if has_zero_point:
-                    acc = acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
-                elif acc_offset is not None:
-                    acc = acc - acc_offset[c]
                 value = _divided(tirx.Cast(F32, acc) * named["scale"][0], _f32(levels),
                                  _levels_reciprocal(levels) if fast else None)
             value = value * mult[c]
             if add is not None:
                 value = _rounded(value) + add[c]
-            value = _activation(value, act, clip_lo, clip_hi)
+            return _activation(value, act, clip_lo, clip_hi)
+
+        def value_at(i, c, fast: bool):
+            value = layer_value(acc_at(i, c), c, fast)
             if has_residual:
                 value = _activation(_rounded(value) + residual_flat[i], post_act, post_lo, post_hi)
             return value
@@ -659,18 +726,22 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         out_scale_buf = named["out_scale"]
         if out_scale > 0:
             I.buffer_store(out_scale_buf, _f32(out_scale), [0])
+        elif levels is not None and not has_residual and _channel_view(shape, channel_axis)[3] >= LANES:
+            # y is monotone in the accumulator per channel: max|y| is at a channel's extreme accumulators
+            _emit_channel_abs_max_of_monotone(shape, channel_axis, acc_dtype, acc_at,
+                                              lambda acc, c: _rounded(layer_value(acc, c, False)), out_scale_buf)
         else:
             on_levels_divisor(lambda fast: _emit_channel_abs_max(
                 shape, channel_axis, lambda i, c: _rounded(value_at(i, c, fast)), out_scale_buf))
         code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
-        recip = _reciprocal_of(out_scale_buf)
+        divisor = _divisor_of(out_scale_buf, out_scale, out_levels + 1)
 
         def store(i, c, fast_levels: bool, fast_codes: bool):
             value = _rounded(value_at(i, c, fast_levels))
             if keep_y:
                 I.buffer_store(y_flat, value, [i])
             _store_codes(value, i, out_scale_buf, out_levels, out_scale > 0, out_offset, *code_parts,
-                         recip=recip[0] if fast_codes else None)
+                         fast=divisor if fast_codes else None)
 
         on_levels_divisor(lambda fast_levels: _on_divisor_range(
             out_scale_buf[0],
