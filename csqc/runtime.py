@@ -53,6 +53,7 @@ class CompiledModel:
         self.calibration: Calibration | None = plan_calibration(self.plan, path)
         self.path = path
         self.target = self.plan["target"]["kind"]
+        self._request_tiles()
         # only now, with digests and plan checked, may the library reach a loader
         self.dev, self.lib = self._open(contents.library)
         self._funcs = {}
@@ -96,6 +97,22 @@ class CompiledModel:
                         if "levels" in st]
         if self._host:
             self._scales = [(np.from_dlpack(buf).reshape(-1), *rest) for buf, *rest in self._scales]
+
+    def _request_tiles(self) -> None:
+        """Layers on AMX tiles need the OS's permission before their first tile instruction (else
+        SIGILL): ask for it, and refuse the artifact clearly where this machine cannot run them."""
+        if self.target != "llvm" or not self._in_this_process() \
+                or not any(info.get("tiles") == "amx" for info in self.plan["layers"].values()):
+            return  # (a remote server's process asks on its own machine: csqc.remote)
+        from csqc.targets.llvm.amx import host_has_amx, request_tile_permission
+
+        if not host_has_amx():
+            raise BadInput(f"{self.path} runs layers on AMX tiles (Intel Sapphire Rapids or newer) and this CPU "
+                           "has none; compile it on this machine, or with --mcpu naming this CPU")
+        try:
+            request_tile_permission()
+        except RuntimeError as e:
+            raise BadInput(f"{self.path}: {e}") from None
 
     def _open(self, library: bytes):
         """``(device, module)``: the checked library loaded on this machine (``csqc.remote`` overrides it)."""
@@ -532,7 +549,9 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
         if problem:
             return problem
     if info["kernel"] != "bitparallel":
-        return None
+        return None if "tiles" not in info else f"layer {name!r} runs on tiles but is not bit-parallel"
+    if info.get("tiles", "amx") != "amx" or ("tiles" in info and info.get("pack") != "dense"):
+        return f"bit-parallel layer {name!r} has tiles {info.get('tiles')!r} (only 'amx', on the dense layout)"
     spec, shape, k = info.get("plane_spec"), info.get("weight_shape"), info.get("k")
     if not (isinstance(spec, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < 63
                                            and p[1] in (1, -1) and type(p[1]) is int for p in spec)):

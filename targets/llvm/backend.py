@@ -15,7 +15,7 @@ from .packing import weight_code_bits
 
 _LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
 
-__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup", "nibble_high"]
+__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup", "nibble_high", "tile_dense"]
 
 
 def has_table_lookup(target) -> bool:
@@ -124,6 +124,21 @@ def nibble_high(n: Node, rows: int, weight_range: Callable[[], tuple[int, int]])
     return nibble_high_for_range(*weight_range())
 
 
+# AMX tiles (kernels.amx_dense) for bit-parallel linear layers from this many rows. Measured
+# (Intel Xeon with AMX-INT8, 2 threads, min of 3 runs), AMX against VNNI: 1024 x 1024 at 1, 4,
+# 8, 16, 64 rows 11.8 / 11.9 / 13.0 / 17.5 / 59 us against 13.2 / 16.5 / 26.9 / 49.2 / 192 us;
+# 4096 x 4096 ties below 16 rows (both stream the 16 MiB of weights: ~620 us), then 641 against
+# 1027 us at 16 rows and 1196 against 3335 us at 64.
+_AMX_MIN_ROWS = 4
+
+
+def tile_dense(m: int, n: int, k: int) -> bool:
+    """Whether a bit-parallel linear layer of ``m`` rows runs on AMX tiles (where the target has them)."""
+    from .amx import amx_dense_fits
+
+    return m >= _AMX_MIN_ROWS and amx_dense_fits(m, n, k)
+
+
 class CpuBackend:
     """``TvmBackend`` of the ``llvm`` target (TVM imported on construction, not on import)."""
 
@@ -139,13 +154,15 @@ class CpuBackend:
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True
 
-    def __init__(self, table_lookup: bool = False):
+    def __init__(self, table_lookup: bool = False, amx: bool = False):
         """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the
-        target CPU has AVX-512 VBMI; see :func:`has_table_lookup`)."""
+        target CPU has AVX-512 VBMI; see :func:`has_table_lookup`); ``amx``: the target has AMX
+        tiles (``amx.target_has_amx``), taken by bit-parallel linear layers of many rows."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
         self.table_lookup = table_lookup
+        self.amx = amx
 
     def bitserial_knobs(self):
         return self.kernels.BitserialKnobs(table_lookup=self.table_lookup)
@@ -155,3 +172,7 @@ class CpuBackend:
 
     def nibble_high(self, n: Node, rows: int, weight_range: Callable[[], tuple[int, int]]) -> int | None:
         return nibble_high(n, rows, weight_range)
+
+    def tile_dense(self, m: int, n: int, k: int) -> bool:
+        """Whether a bit-parallel ``[m, k] x [k, n]`` product runs on AMX tiles (``kernels.amx_dense``)."""
+        return self.amx and tile_dense(m, n, k)

@@ -23,6 +23,8 @@ every kernel is its output buffer; scalars come right before it.
   AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
 * :func:`nibble_dense` (from :mod:`.nibble`) -- the same products on weights stored as nibbles
   (plus a fifth bit), unpacked in registers: the batch-1 GEMV of 4-bit layers.
+* :func:`amx_dense` (from :mod:`.amx`) -- the same products on Intel AMX tiles, same weights:
+  many rows on CPUs that have them.
 * :func:`lut_dense` (from :mod:`.weightonly`) -- float activations x weight planes by table
   lookups, for quantized linear layers whose input is not quantized; :func:`dequant_dense`
   dequantizes packed weight codes in registers for the same layers (more rows or planes).
@@ -42,6 +44,7 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
+from .amx import AMX_ATTRS, amx_dense, amx_dense_fits, host_has_amx, request_tile_permission, target_has_amx
 from .nibble import nibble_dense
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
 from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
@@ -57,6 +60,8 @@ __all__ = [
     "bitparallel_dense",
     "bitparallel_dense_signed",
     "nibble_dense",
+    "amx_dense",
+    "amx_dense_fits",
     "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",
@@ -127,10 +132,14 @@ class BitparallelKnobs:
 # --------------------------------------------------------------------------------------------
 def cpu_target(mcpu: str | None = None, mattr: Sequence[str] | None = None) -> tvm.target.Target:
     """LLVM target for this CPU.  A generic ``{"kind": "llvm"}`` emits no popcount or VNNI
-    instructions, so the CPU name is always given (detected when ``mcpu`` is None)."""
+    instructions, so the CPU name is always given (detected when ``mcpu`` is None, with this
+    machine's AMX tiles added where the detected name misses them, as in some VMs)."""
     config = {"kind": "llvm", "mcpu": mcpu or tvm.target.codegen.llvm_get_system_cpu()}
+    mattr = list(mattr or ())
+    if mcpu is None and host_has_amx() and not any("amx" in a for a in mattr):
+        mattr += AMX_ATTRS
     if mattr:
-        config["mattr"] = list(mattr)
+        config["mattr"] = mattr
     return tvm.target.Target(config)
 
 
@@ -183,6 +192,8 @@ def build(prim_func: tirx.PrimFunc, target: tvm.target.Target | None = None) -> 
     # kernels' scratch buffers are few and small, so nothing is lost by skipping it.
     with tvm.transform.PassContext(config={"tirx.disable_storage_rewrite": True}):
         executable = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    if target_has_amx(target) and host_has_amx():  # it may run tile instructions here
+        request_tile_permission()
     return CompiledKernel(func, executable, tvm.cpu())
 
 

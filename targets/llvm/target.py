@@ -41,6 +41,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
               on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm", calibration=None) -> dict:
     """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes).
     ``calibration``: the ``csqc.calibration.Calibration`` the plan records."""
+    from .amx import target_has_amx
     from .kernels import cpu_target
 
     try:
@@ -48,7 +49,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     except Exception as e:
         raise CompileError(f"invalid CPU target (mcpu={mcpu!r}): {e}") from None
     t0 = time.perf_counter()
-    backend = CpuBackend(table_lookup=has_table_lookup(target))
+    backend = CpuBackend(table_lookup=has_table_lookup(target), amx=target_has_amx(target))
     plan = lower_graph(graph, backend=backend, force_kernel=force_kernel, on_layer=on_layer)
     add_whole_model_function(plan)
     t1 = time.perf_counter()

@@ -111,6 +111,8 @@ class _Lowerer:
         # a backend may store 4-bit linear weights as nibbles (the llvm one: kernels.nibble_dense)
         self.backend_nibble_high = getattr(b, "nibble_high", None)
         self.nibble_highs: dict[str, int | None] = {}  # linear layer -> its nibble layout (None: int8)
+        # a backend may run bit-parallel linear layers on matrix tiles (the llvm one: AMX, kernels.amx_dense)
+        self.backend_tile_dense = getattr(b, "tile_dense", None)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -643,8 +645,12 @@ class _Lowerer:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             info["pack"] = "dense"
             packed = pack_bitparallel_layout(info["pack"], q, shape, 1)
-            key = f"bpdense({m},{shape[0]},{k})"
-            f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
+            if self.backend_tile_dense is not None and self.backend_tile_dense(m, shape[0], k):
+                info["tiles"] = "amx"  # the runtime asks the OS for the tile state before it runs
+                f = self.plan.func(f"amxdense({m},{shape[0]},{k})", lambda: self.kernels.amx_dense(m, shape[0], k))
+            else:
+                key = f"bpdense({m},{shape[0]},{k})"
+                f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
         w = self._bitparallel_weights(n, packed)
         for c, acc in zip(codes, accs):
             self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
