@@ -43,7 +43,7 @@ __all__ = [
     "ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ArtifactContents", "plan_document", "write_artifact_file", "read_artifact",
     "load_library", "physical_memory",
     "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
-    "pack_bitparallel_conv_weight", "pack_bitparallel_layout", "NIBBLE_HIGH_VALUES", "nibble_high_for_range",
+    "pack_bitparallel_conv_weight", "pack_bitparallel_layout", "pack_conv_rows_weight", "NIBBLE_HIGH_VALUES", "nibble_high_for_range",
     "nibble_range", "nibble_block_bytes", "pack_nibble_weight", "NIBBLE_K", "prefix_weight_range",
 ]
 
@@ -269,7 +269,7 @@ def load_library(library: bytes):
 # Weight layouts by name: a bit-parallel layer stores only its bitplanes; its int8 buffer is
 # derived at load (``layers[name]["pack"]`` names the layout), by the runtime and the planner alike
 # --------------------------------------------------------------------------------------------
-BITPARALLEL_LAYOUTS = ("dense", "depthwise", "conv", "nibble")
+BITPARALLEL_LAYOUTS = ("dense", "depthwise", "conv", "nibble", "conv_rows")
 VNNI_LANES = 16  # int32 outputs per 512-bit vpdpbusd
 
 
@@ -328,6 +328,19 @@ def pack_bitparallel_conv_weight(q: np.ndarray, groups: int) -> np.ndarray:
     rsc[..., :cg] = q.reshape(groups, og, cg, kh, kw).transpose(0, 1, 3, 4, 2)
     flat = rsc.reshape(groups, og, kh * kw * cg4)
     return np.stack([pack_bitparallel_weight(flat[g], "int8") for g in range(groups)])
+
+
+def pack_conv_rows_weight(q: np.ndarray) -> np.ndarray:
+    """Conv weights ``q[O, C, kh, kw]`` (one group, int8 range) as ``[O, kh*kw, 4*ceil(C/4)]``:
+    one row per output channel, the input channels of each tap contiguous (zero past C), the
+    first operand of the AMX conv kernel's tile products."""
+    q = np.asarray(q)
+    o, c, kh, kw = q.shape
+    if bitparallel_weight_dtype(q) != "int8":
+        raise ValueError("bit-parallel conv weights must fit int8")
+    rows = np.zeros((o, kh * kw, -(-c // 4) * 4), dtype=np.int8)
+    rows[:, :, :c] = q.transpose(0, 2, 3, 1).reshape(o, kh * kw, c)
+    return rows
 
 
 # Nibble layout (dense layers whose weights span at most 32 values): each weight is the byte
@@ -409,4 +422,8 @@ def pack_bitparallel_layout(layout: str, q: np.ndarray, weight_shape, groups: in
         return q.reshape(weight_shape[0], -1).astype(np.int32)
     if layout == "conv":
         return pack_bitparallel_conv_weight(q.reshape(weight_shape), groups)
+    if layout == "conv_rows":
+        if groups != 1:
+            raise ValueError("the conv_rows layout holds one group")
+        return pack_conv_rows_weight(q.reshape(weight_shape))
     raise ValueError(f"unknown bit-parallel layout {layout!r}")

@@ -550,8 +550,12 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
             return problem
     if info["kernel"] != "bitparallel":
         return None if "tiles" not in info else f"layer {name!r} runs on tiles but is not bit-parallel"
-    if info.get("tiles", "amx") != "amx" or ("tiles" in info and info.get("pack") != "dense"):
-        return f"bit-parallel layer {name!r} has tiles {info.get('tiles')!r} (only 'amx', on the dense layout)"
+    # the AMX kernels read the dense layout (linear layers) or conv_rows (convolutions), and only they read conv_rows
+    tiles, pack = info.get("tiles"), info.get("pack")
+    packs = ("dense", "conv_rows") if tiles == "amx" else tuple(p for p in BITPARALLEL_LAYOUTS if p != "conv_rows")
+    if ("tiles" in info and tiles != "amx") or pack not in packs:
+        return (f"bit-parallel layer {name!r} has tiles {tiles!r} with pack {pack!r} "
+                "(AMX tiles take the dense or conv_rows layout, and conv_rows needs them)")
     spec, shape, k = info.get("plane_spec"), info.get("weight_shape"), info.get("k")
     if not (isinstance(spec, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < 63
                                            and p[1] in (1, -1) and type(p[1]) is int for p in spec)):

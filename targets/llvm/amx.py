@@ -1,4 +1,4 @@
-"""Bit-parallel dense kernel on Intel AMX tiles (Sapphire Rapids and later): u8 codes x s8 weights.
+"""Bit-parallel dense and conv kernels on Intel AMX tiles (Sapphire Rapids and later).
 
 At many rows a bit-parallel layer is compute bound, and AVX-512 VNNI does 64 multiply-adds per
 instruction where one AMX ``tdpbusd`` does 16 x 16 x 64 = 16384 (16 cycles: ~16x the VNNI rate
@@ -16,6 +16,13 @@ Linux grants the tile registers per process (``arch_prctl(ARCH_REQ_XCOMP_PERM)``
 the first tile instruction raises SIGILL, so everything that runs these kernels calls
 :func:`request_tile_permission` first (``csqc.runtime`` does when it loads an artifact built
 with them). Exact: integer products and sums, the same accumulators as the VNNI kernel.
+
+Convolutions (:func:`amx_conv2d`) turn the operands around: ``tdpbsud`` takes signed weights as
+the first operand, 16 output channels x 64 input channels of one tap (``conv_rows`` layout:
+``w[O, taps, 4*ceil(C/4)]``, rows of one output channel), and the codes staged as in the VNNI
+pixel kernel (``staging.phase_staging``: words of 4 channels, one plane per channel group) as the
+second, 16 channel groups x 16 consecutive output columns of one row, so an accumulator tile is
+16 output channels x 16 columns of one NCHW output row and is stored where it belongs.
 """
 from __future__ import annotations
 
@@ -26,7 +33,12 @@ import os
 from tvm import tirx
 from tvm.script import tirx as T
 
-__all__ = ["AMX_ATTRS", "amx_dense", "amx_dense_fits", "host_has_amx", "request_tile_permission", "target_has_amx"]
+from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
+
+from .staging import phase_pairs, phase_staging
+
+__all__ = ["AMX_ATTRS", "amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_fits", "host_has_amx",
+           "request_tile_permission", "target_has_amx"]
 
 AMX_ATTRS = ("+amx-tile", "+amx-int8")  # the LLVM features of the tile instructions used here
 _TILE_ROWS, _TILE_BYTES = 16, 64  # a tile register: 16 rows of 64 bytes
@@ -130,6 +142,107 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
             if tail_rows > 0:
                 configure(cfg, tail_rows)
                 row_block(x, w, y, block, full_blocks * _TILE_ROWS)
+            _tile("tilerelease")
+
+    return main
+
+
+def amx_conv_fits(geo: ConvGeometry) -> bool:
+    """Whether :func:`amx_conv2d` takes this convolution: one group, output channels in whole
+    tiles of 16, input channels in one K tile (at most 64) or whole tiles of 64, strides <= 2."""
+    groups4 = -(-geo.in_channels // 4)
+    return (geo.groups == 1 and geo.out_channels % 16 == 0 and (groups4 <= 16 or groups4 % 16 == 0)
+            and phase_pairs(geo)[0] is not None)
+
+
+def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> tirx.PrimFunc:
+    """NCHW conv2d on AMX tiles, ``y[b, o, oh, ow] = sum_{c,r,s} x[b, c, ...] * q[o, c, r, s]``::
+
+        main(x: uint8[B, C, H, W], w: int8[O, kh*kw, 4*ceil(C/4)], y: int32[B, O, OH, OW])
+
+    ``w`` is ``csqc.artifact``'s ``conv_rows`` layout (zero past C). Tasks: (batch, 32 or 16
+    output channels, 16-column segment of the output rows); each walks the rows two at a time,
+    four accumulator tiles (two channel tiles x two rows), and the last segment of a row is a
+    narrower tile (``OW % 16`` columns: its own tile configuration). Needs :func:`amx_conv_fits`.
+    """
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, 1)
+    if not amx_conv_fits(geo):
+        raise ValueError(f"amx_conv2d cannot take this convolution ({input_shape} * {weight_shape}, groups 1, "
+                         f"stride {stride}): output channels must be whole tiles of 16, input channels at most "
+                         "64 or whole tiles of 64, strides at most 2")
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, OH, OW = geo.out_channels, geo.out_h, geo.out_w
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    kh, kwid = geo.kernel_h, geo.kernel_w
+    taps = kh * kwid
+    groups4 = -(-C // 4)
+    k_rows = min(_TILE_ROWS, groups4)  # channel groups per K tile
+    k_tiles = groups4 // k_rows
+    Hq, Wq = -(-geo.padded_h // sh), -(-geo.padded_w // sw)
+    plane = sh * sw * Hq * Wq  # words of one channel group's staged plane
+    stage = phase_staging(geo, Hq)
+    o_block = 32 if O % 32 == 0 else 16
+    o_tiles, o_blocks = o_block // 16, O // o_block
+    segments = -(-OW // 16)
+    last_width = OW - (segments - 1) * 16
+    row_pairs, odd_row = divmod(OH, 2)
+
+    @T.macro
+    def configure(cfg, width):
+        # tiles 0-3: accumulators (16 channels x `width` columns, int32); 4-5: weights (16 channels
+        # x 4 k_rows bytes); 6-7: codes (k_rows channel groups x `width` columns of 4 bytes)
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        for t in range(8):
+            cfg[16 + 2 * t] = T.Cast("uint8", T.Select(t == 4 or t == 5, 4 * k_rows, 4 * width))
+            cfg[48 + t] = T.Cast("uint8", T.Select(t >= 6, k_rows, _TILE_ROWS))
+        _tile("ldtilecfg", T.address_of(cfg[0]))
+
+    @T.macro
+    def output_rows(xw, w, y, b, o0, oh0, ow0, rows):
+        # rows (1 or 2) output rows from oh0, columns ow0.., channels o0..o0+o_block
+        for t in T.unroll(4):
+            _tile("tilezero", T.Cast("int8", t))
+        for r in T.unroll(kh):
+            for s in T.unroll(kwid):
+                for kt in range(k_tiles):
+                    for i in T.unroll(o_tiles):
+                        _tile("tileloadd64", T.Cast("int8", 4 + i),
+                              T.address_of(w[o0 + 16 * i, r * kwid + s, kt * k_rows * 4]), T.int64(taps * groups4 * 4))
+                    for j in T.unroll(2):
+                        if j < rows:
+                            _tile("tileloadd64", T.Cast("int8", 6 + j),
+                                  T.address_of(xw[(b * groups4 + kt * k_rows) * plane
+                                                  + ((r * dh % sh) * sw + s * dw % sw) * Hq * Wq
+                                                  + (oh0 + j + r * dh // sh) * Wq + ow0 + s * dw // sw]),
+                                  T.int64(plane * 4))
+                            for i in T.unroll(o_tiles):
+                                _tile("tdpbsud", T.Cast("int8", 2 * j + i), T.Cast("int8", 4 + i),
+                                      T.Cast("int8", 6 + j))
+        for j in T.unroll(2):
+            if j < rows:
+                for i in T.unroll(o_tiles):
+                    _tile("tilestored64", T.Cast("int8", 2 * j + i), T.address_of(y[b, o0 + 16 * i, oh0 + j, ow0]),
+                          T.int64(OH * OW * 4))
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps, groups4 * 4), "int8"),
+             y: T.Buffer((B, O, OH, OW), "int32")):
+        T.func_attr({"tir.noalias": True})
+        xs = T.alloc_buffer((B, groups4, sh, sw, Hq, Wq), "uint32")
+        stage(x, xs)
+        xw = T.decl_buffer((B * groups4 * plane,), "uint32", data=xs.data)
+        for task in T.parallel(B * o_blocks * segments):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local", annotations={"disable_lower_builtin": True})
+            configure(cfg, T.Select(task % segments == segments - 1, last_width, 16))
+            for p in range(row_pairs):
+                output_rows(xw, w, y, task // (o_blocks * segments), task // segments % o_blocks * o_block, 2 * p,
+                            task % segments * 16, 2)
+            if odd_row > 0:
+                output_rows(xw, w, y, task // (o_blocks * segments), task // segments % o_blocks * o_block,
+                            2 * row_pairs, task % segments * 16, 1)
             _tile("tilerelease")
 
     return main

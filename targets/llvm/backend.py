@@ -176,3 +176,9 @@ class CpuBackend:
     def tile_dense(self, m: int, n: int, k: int) -> bool:
         """Whether a bit-parallel ``[m, k] x [k, n]`` product runs on AMX tiles (``kernels.amx_dense``)."""
         return self.amx and tile_dense(m, n, k)
+
+    def tile_conv(self, geo) -> bool:
+        """Whether a bit-parallel convolution (``ConvGeometry``) runs on AMX tiles (``kernels.amx_conv2d``)."""
+        from .amx import amx_conv_fits
+
+        return self.amx and not geo.is_depthwise and amx_conv_fits(geo)

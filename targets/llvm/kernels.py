@@ -44,8 +44,10 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
-from .amx import AMX_ATTRS, amx_dense, amx_dense_fits, host_has_amx, request_tile_permission, target_has_amx
+from .amx import (AMX_ATTRS, amx_conv2d, amx_conv_fits, amx_dense, amx_dense_fits, host_has_amx,
+                  request_tile_permission, target_has_amx)
 from .nibble import nibble_dense
+from .staging import phase_pairs, phase_staging, staging_loop
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
 from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
                          pack_dequant_weight, pack_lut_weight)
@@ -62,6 +64,8 @@ __all__ = [
     "nibble_dense",
     "amx_dense",
     "amx_dense_fits",
+    "amx_conv2d",
+    "amx_conv_fits",
     "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",
@@ -803,40 +807,6 @@ def _make_zero_pad_copy(geo: ConvGeometry):
     return pad_copy
 
 
-# Inputs of fewer codes than this are staged (padded, regrouped) on the calling thread: the
-# copy then costs less than a fork-join of the thread pool (glue's _MIN_PARALLEL, same reason;
-# every ResNet-20 conv input is below it, ImageNet-sized stages are above).
-_MIN_PARALLEL_STAGING = 32768
-
-
-def _staging_loop(geo: ConvGeometry):
-    """``T.parallel`` or ``T.serial`` for a conv's input staging loop (see _MIN_PARALLEL_STAGING)."""
-    codes = geo.batch * geo.in_channels * geo.height * geo.width
-    return T.parallel if codes >= _MIN_PARALLEL_STAGING else T.serial
-
-
-def _phase_pairs(geo: ConvGeometry):
-    """Stride phases ``(a_h, a_w)`` read by some tap, each with the valid column segment
-    ``[lo, lo + n)`` of its phase-split rows (``w = sw*j + a_w - pw`` inside the input) and its
-    slot; padded to 4 entries with the count of real ones.  None for more than 4 (strides > 2)."""
-    sh, sw = geo.stride
-    dh, dw = geo.dilation
-    ph, pw = geo.padding
-    wq = -(-geo.padded_w // sw)
-    pairs = []
-    for a_h in sorted({r * dh % sh for r in range(geo.kernel_h)}):
-        for a_w in sorted({s * dw % sw for s in range(geo.kernel_w)}):
-            lo = max(0, -(-(pw - a_w) // sw))
-            hi = min(wq, -(-(geo.width + pw - a_w) // sw))
-            pairs.append((a_h, a_w, lo, max(0, hi - lo), len(pairs)))
-    if len(pairs) > 4:
-        return None, 0
-    count = len(pairs)
-    while len(pairs) < 4:
-        pairs.append(pairs[0])
-    return pairs, count
-
-
 def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32"):
     """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
     copies its channel into a zero-padded, stride-phase-split plane ``xp[B*C, sh, sw, Hq, Wq]``
@@ -847,10 +817,10 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     popcount over packed K words would use 9 of 32 bits per word; int32 multiply-adds are
     cheaper.  ``acc_dtype="int16"`` (the caller proved every partial sum fits) multiplies and
     adds 32 lanes per register instead of 16; the stores widen to int32."""
-    pairs, n_pairs = _phase_pairs(geo)
+    pairs, n_pairs = phase_pairs(geo)
     if pairs is None:
         return None
-    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    B, C, H = geo.batch, geo.in_channels, geo.height
     OH, OW = geo.out_h, geo.out_w
     sh, sw = geo.stride
     dh, dw = geo.dilation
@@ -1220,49 +1190,9 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
     max_read = ((row_tasks - 1) * NR + (kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + span
     rows_alloc = max(Hq, -(-max_read // Wq))
     planes = G * c_groups
-    # Phases actually read by some tap, with the valid column segment [lo, lo + n) of each.
-    pairs = []
-    for a_h in sorted({r * dh % sh for r in range(kh)}):
-        for a_w in sorted({s * dw % sw for s in range(kwid)}):
-            lo = max(0, -(-(pw - a_w) // sw))
-            hi = min(Wq, -(-(W + pw - a_w) // sw))
-            pairs.append((a_h, a_w, lo, max(0, hi - lo), len(pairs)))
-    if len(pairs) > 4:
+    stage = phase_staging(geo, rows_alloc)
+    if stage is None:
         return None
-    n_pairs = len(pairs)
-    while len(pairs) < 4:
-        pairs.append(pairs[0])
-    P0, P1, P2, P3 = pairs
-    partial = Cg % 4 != 0
-    staging_loop = _staging_loop(geo)
-
-    def channel_byte(x, b, cq, t, row, col):
-        # Byte t of the word of channels 4*(cq % c_groups) .. +3 (zero past Cg).
-        channel = (cq // c_groups) * Cg + T.min(cq % c_groups * 4 + t, Cg - 1)
-        value = tirx.Cast("uint32", x[b, channel, row, col])
-        if t:
-            value = value << tirx.const(8 * t, "uint32")
-        if partial and t:
-            value = tirx.Select(cq % c_groups * 4 + t < Cg, value, tirx.const(0, "uint32"))
-        return value
-
-    @T.macro
-    def copy_segment(x, xs, b, cq, hq, a_h, a_w, lo, n):
-        # Words of 4 consecutive channels for the valid columns of one staged row.
-        if 0 <= hq * sh + a_h - ph and hq * sh + a_h - ph < H:
-            for j in T.vectorized(n):
-                xs[b, cq, a_h, a_w, hq, lo + j] = (
-                    channel_byte(x, b, cq, 0, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
-                    | channel_byte(x, b, cq, 1, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
-                    | channel_byte(x, b, cq, 2, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
-                    | channel_byte(x, b, cq, 3, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw))
-
-    @T.macro
-    def copy_row(x, xs, b, cq, slot, hq, pair):
-        if slot == pair[4]:
-            for j in T.vectorized(Wq):
-                xs[b, cq, pair[0], pair[1], hq, j] = T.uint32(0)
-            copy_segment(x, xs, b, cq, hq, pair[0], pair[1], pair[2], pair[3])
 
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
@@ -1270,18 +1200,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
              y: T.Buffer((B, O, OH, OW), "int32")):
         T.func_attr({"tir.noalias": True})
         xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
-        for task in staging_loop(B * planes * n_pairs * rows_alloc):
-            copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
-                     task // rows_alloc % n_pairs, task % rows_alloc, P0)
-            if n_pairs > 1:
-                copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
-                         task // rows_alloc % n_pairs, task % rows_alloc, P1)
-            if n_pairs > 2:
-                copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
-                         task // rows_alloc % n_pairs, task % rows_alloc, P2)
-            if n_pairs > 3:
-                copy_row(x, xs, task // (planes * n_pairs * rows_alloc), task // (n_pairs * rows_alloc) % planes,
-                         task // rows_alloc % n_pairs, task % rows_alloc, P3)
+        stage(x, xs)
         xw = T.decl_buffer((B * planes * sh * sw * rows_alloc * Wq,), "int32", data=xs.data)
         ww = T.decl_buffer((G * n_tiles * k_groups * VNNI_LANES,), "int32", data=w.data)
         for task in T.parallel(tasks):
@@ -1384,7 +1303,6 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
         return main_dw
 
     plan = _conv_pixel_plan(geo, knobs)
-    wq = -(-geo.padded_w // sw)
     computed = B * G * -(-geo.out_per_group // plan.channels) * plan.channels \
         * -(-OH // plan.rows) * plan.chunks * plan.vectors * VNNI_LANES
     efficiency = B * O * OH * OW / computed
@@ -1409,7 +1327,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     col_vectors = max(1, min(knobs.col_vectors, n_tiles))
     col_blocks = -(-n_tiles // col_vectors)
     tasks = G * col_blocks * row_blocks
-    staging_loop = _staging_loop(geo)
+    padding_loop = staging_loop(geo)
 
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
@@ -1417,7 +1335,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
              y: T.Buffer((B, O, OH, OW), "int32")):
         T.func_attr({"tir.noalias": True})
         x_nhwc = T.alloc_buffer((B, Hp, Wp, G, 4 * c_groups), "uint8")
-        for bh in staging_loop(B * Hp):
+        for bh in padding_loop(B * Hp):
             for wc in T.vectorized(Wp * G * 4 * c_groups):
                 x_nhwc[bh // Hp, bh % Hp, wc // (G * 4 * c_groups), wc // (4 * c_groups) % G,
                        wc % (4 * c_groups)] = T.uint8(0)

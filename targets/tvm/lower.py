@@ -35,7 +35,7 @@ from csqc.bitplanes import unpack_planes
 from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from .backend import LayerChoice, TvmBackend
-from .geometry import is_depthwise_layer
+from .geometry import conv_geometry, is_depthwise_layer
 
 __all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_ops", "lower_graph"]
 
@@ -111,8 +111,9 @@ class _Lowerer:
         # a backend may store 4-bit linear weights as nibbles (the llvm one: kernels.nibble_dense)
         self.backend_nibble_high = getattr(b, "nibble_high", None)
         self.nibble_highs: dict[str, int | None] = {}  # linear layer -> its nibble layout (None: int8)
-        # a backend may run bit-parallel linear layers on matrix tiles (the llvm one: AMX, kernels.amx_dense)
+        # a backend may run bit-parallel layers on matrix tiles (the llvm one: AMX, kernels.amx_dense / amx_conv2d)
         self.backend_tile_dense = getattr(b, "tile_dense", None)
+        self.backend_tile_conv = getattr(b, "tile_conv", None)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -626,6 +627,15 @@ class _Lowerer:
         if n.op == "qconv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             depthwise = is_depthwise_layer(n.op, shape)
+            if self.backend_tile_conv is not None and self.backend_tile_conv(
+                    conv_geometry(x_shape, shape, stride, padding, dilation, groups)):
+                info.update(pack="conv_rows", tiles="amx")  # the runtime asks the OS for the tile state
+                w = self._bitparallel_weights(n, pack_bitparallel_layout("conv_rows", q, shape, groups))
+                f = self.plan.func(f"amxconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation})",
+                                   lambda: self.kernels.amx_conv2d(x_shape, shape, stride, padding, dilation))
+                for c, acc in zip(codes, accs):
+                    self.plan.call(f, [c, w, acc], n.name)
+                return
             info["pack"] = "depthwise" if depthwise else "conv"
             packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
             # the run-time plane knob recombines the weights: twice the bound covers any truncation

@@ -1,0 +1,110 @@
+"""Input staging of the bit-parallel conv kernels: activation codes as 32-bit words of four
+channels, zero padded and split into stride phases, so every tap of every output row reads one
+contiguous run of words (shared by the VNNI pixel kernel and the AMX tile kernel)."""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from csqc.targets.tvm.geometry import ConvGeometry
+
+__all__ = ["MIN_PARALLEL_STAGING", "phase_pairs", "phase_staging", "staging_loop"]
+
+# Inputs of fewer codes than this are staged (padded, regrouped) on the calling thread: the
+# copy then costs less than a fork-join of the thread pool (glue's _MIN_PARALLEL, same reason;
+# every ResNet-20 conv input is below it, ImageNet-sized stages are above).
+MIN_PARALLEL_STAGING = 32768
+
+
+def staging_loop(geo: ConvGeometry):
+    """``T.parallel`` or ``T.serial`` for a conv's input staging loop (see MIN_PARALLEL_STAGING)."""
+    codes = geo.batch * geo.in_channels * geo.height * geo.width
+    return T.parallel if codes >= MIN_PARALLEL_STAGING else T.serial
+
+
+def phase_pairs(geo: ConvGeometry):
+    """Stride phases ``(a_h, a_w)`` read by some tap, each with the valid column segment
+    ``[lo, lo + n)`` of its phase-split rows (``w = sw*j + a_w - pw`` inside the input) and its
+    slot; padded to 4 entries with the count of real ones.  None for more than 4 (strides > 2)."""
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    ph, pw = geo.padding
+    wq = -(-geo.padded_w // sw)
+    pairs = []
+    for a_h in sorted({r * dh % sh for r in range(geo.kernel_h)}):
+        for a_w in sorted({s * dw % sw for s in range(geo.kernel_w)}):
+            lo = max(0, -(-(pw - a_w) // sw))
+            hi = min(wq, -(-(geo.width + pw - a_w) // sw))
+            pairs.append((a_h, a_w, lo, max(0, hi - lo), len(pairs)))
+    if len(pairs) > 4:
+        return None, 0
+    count = len(pairs)
+    while len(pairs) < 4:
+        pairs.append(pairs[0])
+    return pairs, count
+
+
+def phase_staging(geo: ConvGeometry, rows: int):
+    """A macro ``stage(x, xs)`` filling ``xs[B, G*ceil(Cg/4), sh, sw, rows, Wq]`` (uint32) from the
+    codes ``x[B, C, H, W]``: word ``xs[b, g*cgroups + cq, a_h, a_w, i, j]`` holds channels
+    ``4cq .. 4cq+3`` of group g (bytes 0..3; zero past Cg) at input row ``i*sh + a_h - ph``,
+    column ``j*sw + a_w - pw`` (zero outside the input; ``rows >= ceil(Hp/sh)`` rows, the ones
+    past the input zero). None for strides above 2 (more than 4 phases)."""
+    pairs, n_pairs = phase_pairs(geo)
+    if pairs is None:
+        return None
+    B, H = geo.batch, geo.height
+    ph, pw = geo.padding
+    sh, sw = geo.stride
+    Cg = geo.in_per_group
+    c_groups = -(-Cg // 4)
+    planes = geo.groups * c_groups
+    Wq = -(-geo.padded_w // sw)
+    P0, P1, P2, P3 = pairs
+    partial = Cg % 4 != 0
+    loop = staging_loop(geo)
+
+    def channel_byte(x, b, cq, t, row, col):
+        # Byte t of the word of channels 4*(cq % c_groups) .. +3 (zero past Cg).
+        channel = (cq // c_groups) * Cg + T.min(cq % c_groups * 4 + t, Cg - 1)
+        value = tirx.Cast("uint32", x[b, channel, row, col])
+        if t:
+            value = value << tirx.const(8 * t, "uint32")
+        if partial and t:
+            value = tirx.Select(cq % c_groups * 4 + t < Cg, value, tirx.const(0, "uint32"))
+        return value
+
+    @T.macro
+    def copy_segment(x, xs, b, cq, hq, a_h, a_w, lo, n):
+        # Words of 4 consecutive channels for the valid columns of one staged row.
+        if 0 <= hq * sh + a_h - ph and hq * sh + a_h - ph < H:
+            for j in T.vectorized(n):
+                xs[b, cq, a_h, a_w, hq, lo + j] = (
+                    channel_byte(x, b, cq, 0, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
+                    | channel_byte(x, b, cq, 1, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
+                    | channel_byte(x, b, cq, 2, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
+                    | channel_byte(x, b, cq, 3, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw))
+
+    @T.macro
+    def copy_row(x, xs, b, cq, slot, hq, pair):
+        if slot == pair[4]:
+            for j in T.vectorized(Wq):
+                xs[b, cq, pair[0], pair[1], hq, j] = T.uint32(0)
+            copy_segment(x, xs, b, cq, hq, pair[0], pair[1], pair[2], pair[3])
+
+    @T.macro
+    def stage(x, xs):
+        for task in loop(B * planes * n_pairs * rows):
+            copy_row(x, xs, task // (planes * n_pairs * rows), task // (n_pairs * rows) % planes,
+                     task // rows % n_pairs, task % rows, P0)
+            if n_pairs > 1:
+                copy_row(x, xs, task // (planes * n_pairs * rows), task // (n_pairs * rows) % planes,
+                         task // rows % n_pairs, task % rows, P1)
+            if n_pairs > 2:
+                copy_row(x, xs, task // (planes * n_pairs * rows), task // (n_pairs * rows) % planes,
+                         task // rows % n_pairs, task % rows, P2)
+            if n_pairs > 3:
+                copy_row(x, xs, task // (planes * n_pairs * rows), task // (n_pairs * rows) % planes,
+                         task // rows % n_pairs, task % rows, P3)
+
+    return stage
