@@ -88,6 +88,23 @@ def _tile(name: str, *args):
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
 
+def _tile_configuration(row_bytes, rows):
+    """A macro ``configure(cfg, size)`` loading palette 1 with tile t (0..7) of ``rows(t, size)``
+    rows of ``row_bytes(t, size)`` bytes (``cfg``: a 64-byte scratch buffer). The configuration
+    is per thread: every task loads its own."""
+    @T.macro
+    def configure(cfg, size):
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        for t in range(8):
+            cfg[16 + 2 * t] = T.Cast("uint8", row_bytes(t, size))
+            cfg[48 + t] = T.Cast("uint8", rows(t, size))
+        _tile("ldtilecfg", T.address_of(cfg[0]))
+
+    return configure
+
+
 def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * q[n, k]`` on AMX tiles, the signature of
     ``kernels.bitparallel_dense`` with int8 weights::
@@ -103,16 +120,8 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
     full_blocks, tail_rows = divmod(M, _TILE_ROWS)
     blocks = N // _BLOCK_OUTPUTS
 
-    @T.macro
-    def configure(cfg, rows):
-        # palette 1; tiles 0-4 (accumulators, codes) hold `rows` rows, 5-7 (weights) 16; 64 bytes each
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)
-        for t in range(8):
-            cfg[16 + 2 * t] = T.uint8(_TILE_BYTES)
-            cfg[48 + t] = T.Cast("uint8", T.Select(t < 5, rows, _TILE_ROWS))
-        _tile("ldtilecfg", T.address_of(cfg[0]))
+    # tiles 0-4 (accumulators, codes) hold `rows` rows, 5-7 (weights) 16; 64 bytes each
+    configure = _tile_configuration(lambda t, rows: _TILE_BYTES, lambda t, rows: T.Select(t < 5, rows, _TILE_ROWS))
 
     @T.macro
     def row_block(x, w, y, block, m0):
@@ -133,7 +142,6 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
              y: T.Buffer((M, N), "int32")):
         T.func_attr({"tir.noalias": True})
         for block in T.parallel(blocks):
-            # the tile configuration is per thread: every task loads its own
             cfg = T.alloc_buffer((64,), "uint8", scope="local", annotations={"disable_lower_builtin": True})
             if full_blocks > 0:
                 configure(cfg, _TILE_ROWS)
@@ -188,17 +196,11 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     last_width = OW - (segments - 1) * 16
     row_pairs, odd_row = divmod(OH, 2)
 
-    @T.macro
-    def configure(cfg, width):
-        # tiles 0-3: accumulators (16 channels x `width` columns, int32); 4-5: weights (16 channels
-        # x 4 k_rows bytes); 6-7: codes (k_rows channel groups x `width` columns of 4 bytes)
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)
-        for t in range(8):
-            cfg[16 + 2 * t] = T.Cast("uint8", T.Select(t == 4 or t == 5, 4 * k_rows, 4 * width))
-            cfg[48 + t] = T.Cast("uint8", T.Select(t >= 6, k_rows, _TILE_ROWS))
-        _tile("ldtilecfg", T.address_of(cfg[0]))
+    # tiles 0-3: accumulators (16 channels x `width` columns, int32); 4-5: weights (16 channels
+    # x 4 k_rows bytes); 6-7: codes (k_rows channel groups x `width` columns of 4 bytes)
+    configure = _tile_configuration(
+        lambda t, width: T.Select(tirx.Or(t == 4, t == 5), 4 * k_rows, 4 * width),
+        lambda t, width: T.Select(t >= 6, k_rows, _TILE_ROWS))
 
     @T.macro
     def output_rows(xw, w, y, b, o0, oh0, ow0, rows):

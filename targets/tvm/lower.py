@@ -28,7 +28,7 @@ import numpy as np
 from csqc.artifact import pack_bitparallel_layout, prefix_weight_range
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
-from csqc.ir import Graph, Node, QUANT_LAYER_OPS
+from csqc.ir import Graph, Node
 from csqc.optable import OP_TABLE
 from csqc.targets.registry import describe_nodes
 from csqc.bitplanes import unpack_planes
