@@ -43,6 +43,14 @@ __all__ = ["AMX_ATTRS", "amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_f
 AMX_ATTRS = ("+amx-tile", "+amx-int8")  # the LLVM features of the tile instructions used here
 _TILE_ROWS, _TILE_BYTES = 16, 64  # a tile register: 16 rows of 64 bytes
 _BLOCK_OUTPUTS = 64  # outputs per task: four accumulator tiles of 16 int32 columns
+# Below this many multiply-adds a kernel runs on the calling thread: tiles do ~1000 a cycle, so
+# a few million take a microsecond or two, less than a fork-join of the thread pool (ResNet-20's
+# 32x32 convs, 2.4 M each: 12-14 us on two threads). kernels.SERIAL_DENSE_MACS, scaled to tiles.
+SERIAL_TILE_MACS = 1 << 23
+
+
+def _task_loop(macs: int):
+    return T.serial if macs < SERIAL_TILE_MACS else T.parallel
 
 
 def host_has_amx() -> bool:
@@ -119,6 +127,7 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
     n_tiles, k_groups, k_tiles = N // 16, K // 4, K // _TILE_BYTES
     full_blocks, tail_rows = divmod(M, _TILE_ROWS)
     blocks = N // _BLOCK_OUTPUTS
+    task_loop = _task_loop(M * N * K)
 
     # tiles 0-4 (accumulators, codes) hold `rows` rows, 5-7 (weights) 16; 64 bytes each
     configure = _tile_configuration(lambda t, rows: _TILE_BYTES, lambda t, rows: T.Select(t < 5, rows, _TILE_ROWS))
@@ -141,7 +150,7 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
     def main(x: T.Buffer((M, K), "uint8"), w: T.Buffer((n_tiles, k_groups, 64), "int8"),
              y: T.Buffer((M, N), "int32")):
         T.func_attr({"tir.noalias": True})
-        for block in T.parallel(blocks):
+        for block in task_loop(blocks):
             cfg = T.alloc_buffer((64,), "uint8", scope="local", annotations={"disable_lower_builtin": True})
             if full_blocks > 0:
                 configure(cfg, _TILE_ROWS)
@@ -195,6 +204,7 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     segments = -(-OW // 16)
     last_width = OW - (segments - 1) * 16
     row_pairs, odd_row = divmod(OH, 2)
+    task_loop = _task_loop(B * O * OH * OW * taps * C)
 
     # tiles 0-3: accumulators (16 channels x `width` columns, int32); 4-5: weights (16 channels
     # x 4 k_rows bytes); 6-7: codes (k_rows channel groups x `width` columns of 4 bytes)
@@ -236,7 +246,7 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
         xs = T.alloc_buffer((B, groups4, sh, sw, Hq, Wq), "uint32")
         stage(x, xs)
         xw = T.decl_buffer((B * groups4 * plane,), "uint32", data=xs.data)
-        for task in T.parallel(B * o_blocks * segments):
+        for task in task_loop(B * o_blocks * segments):
             cfg = T.alloc_buffer((64,), "uint8", scope="local", annotations={"disable_lower_builtin": True})
             configure(cfg, T.Select(task % segments == segments - 1, last_width, 16))
             for p in range(row_pairs):
