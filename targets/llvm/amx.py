@@ -84,7 +84,7 @@ def request_tile_permission() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) != 0:
         raise RuntimeError(f"Linux refused the AMX tile state (arch_prctl: {os.strerror(ctypes.get_errno())}); "
-                           "compile for this CPU without AMX (--mattr=-amx-tile)")
+                           "compile for a CPU without tiles instead (--mcpu icelake-server)")
 
 
 def amx_dense_fits(M: int, N: int, K: int) -> bool:
