@@ -157,7 +157,8 @@ class CpuBackend:
     def __init__(self, table_lookup: bool = False, amx: bool = False):
         """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the
         target CPU has AVX-512 VBMI; see :func:`has_table_lookup`); ``amx``: the target has AMX
-        tiles (``amx.target_has_amx``), taken by bit-parallel linear layers of many rows."""
+        tiles (``amx.target_has_amx``), taken by bit-parallel linear layers of many rows and by
+        convolutions whose channels fill tiles."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing

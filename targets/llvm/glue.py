@@ -116,7 +116,7 @@ def _fma(a, b, c) -> tirx.PrimExpr:
 
 
 # Divisors for which :func:`_quotient` is exact for every float32 dividend the kernels pass it
-# (|dividend| / divisor within 2^70 and nothing subnormal on the way); outside, a real divide.
+# (see its domain there: no remainder underflows, no quotient overflows); outside, a real divide.
 _QUOTIENT_DIVISORS = (2.0**-60, 2.0**60)
 _QUOTIENT_MIN_ELEMENTS = 256  # below, one divide loop is as fast and half the code
 
@@ -715,7 +715,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         n = _prod(shape)
         # the two divisions (by L, by the output scale) each run as _quotient where their divisors allow
         on_levels_divisor = functools.partial(_on_divisor_range, named["scale"][0],
-                                              enabled=n >= _QUOTIENT_MIN_ELEMENTS and (levels or 1) > 1) \
+                                              enabled=n >= _QUOTIENT_MIN_ELEMENTS and levels > 1) \
             if levels is not None else (lambda emit: emit(False))
 
         if out_bits is None:

@@ -630,21 +630,19 @@ class _Lowerer:
             if self.backend_tile_conv is not None and self.backend_tile_conv(
                     conv_geometry(x_shape, shape, stride, padding, dilation, groups)):
                 info.update(pack="conv_rows", tiles="amx")  # the runtime asks the OS for the tile state
-                w = self._bitparallel_weights(n, pack_bitparallel_layout("conv_rows", q, shape, groups))
+                packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
                 f = self.plan.func(f"amxconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation})",
                                    lambda: self.kernels.amx_conv2d(x_shape, shape, stride, padding, dilation))
-                for c, acc in zip(codes, accs):
-                    self.plan.call(f, [c, w, acc], n.name)
-                return
-            info["pack"] = "depthwise" if depthwise else "conv"
-            packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
-            # the run-time plane knob recombines the weights: twice the bound covers any truncation
-            narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise
-                                                    and 2 * accumulator_bound(self.g, n) < 2**15) else {}
-            key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
-                ",int16" if narrow else "")
-            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding, dilation,
-                                                                            groups, knobs, **narrow))
+            else:
+                info["pack"] = "depthwise" if depthwise else "conv"
+                packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
+                # the run-time plane knob recombines the weights: twice the bound covers any truncation
+                narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise
+                                                        and 2 * accumulator_bound(self.g, n) < 2**15) else {}
+                key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
+                    ",int16" if narrow else "")
+                f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
+                                                                                dilation, groups, knobs, **narrow))
         elif self._small_dense(n):
             self._small_bitparallel_dense(n, q, info, codes, accs)
             return
