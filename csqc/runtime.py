@@ -53,7 +53,7 @@ class CompiledModel:
         self.calibration: Calibration | None = plan_calibration(self.plan, path)
         self.path = path
         self.target = self.plan["target"]["kind"]
-        self._request_tiles()
+        self._check_cpu()
         # only now, with digests and plan checked, may the library reach a loader
         self.dev, self.lib = self._open(contents.library)
         self._funcs = {}
@@ -98,15 +98,23 @@ class CompiledModel:
         if self._host:
             self._scales = [(np.from_dlpack(buf).reshape(-1), *rest) for buf, *rest in self._scales]
 
-    def _request_tiles(self) -> None:
-        """Layers on AMX tiles need the OS's permission before their first tile instruction (else
-        SIGILL): ask for it, and refuse the artifact clearly where this machine cannot run them."""
-        if self.target != "llvm" or not self._in_this_process() \
-                or not any(info.get("tiles") == "amx" for info in self.plan["layers"].values()):
-            return  # (a remote server's process asks on its own machine: csqc.remote)
+    def _check_cpu(self) -> None:
+        """Refuse, clearly, an x86 artifact built for instruction sets this CPU lacks (else the
+        first such instruction kills the process with SIGILL), and ask the OS for the AMX tile
+        state before the first tile instruction where layers run on tiles."""
+        if self.target != "llvm" or not self._in_this_process():
+            return  # (a remote server's process checks on its own machine: csqc.remote)
         from csqc.targets.llvm.amx import host_has_amx, request_tile_permission
+        from csqc.targets.llvm.host import missing_on_host
 
-        if not host_has_amx():
+        cpu = self.plan["target"].get("mcpu") or "another CPU"
+        missing = missing_on_host(self.plan["target"].get("features", ()))
+        if missing:
+            raise BadInput(f"{self.path} was built for {cpu} and uses {', '.join(missing)}, which this CPU lacks; "
+                           "compile it on this machine, or with --mcpu naming this CPU")
+        if not any(info.get("tiles") == "amx" for info in self.plan["layers"].values()):
+            return
+        if not host_has_amx():  # (an artifact from before features were recorded)
             raise BadInput(f"{self.path} runs layers on AMX tiles (Intel Sapphire Rapids or newer) and this CPU "
                            "has none; compile it on this machine, or with --mcpu naming this CPU")
         try:
@@ -449,6 +457,9 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
     target = plan.get("target")
     if not isinstance(target, dict) or target.get("kind") not in ("llvm", "cuda", "aarch64"):
         return "its target is not llvm, cuda or aarch64"
+    features = target.get("features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) and len(f) < 64 for f in features):
+        return "the target's 'features' must list instruction set names"
     buffers = plan.get("buffers")
     if not isinstance(buffers, dict) or not all(isinstance(b, dict) for b in buffers.values()):
         return "'buffers' must map names to buffer specs"

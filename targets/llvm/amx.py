@@ -35,12 +35,12 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
+from .host import host_has
 from .staging import phase_pairs, phase_staging
 
-__all__ = ["AMX_ATTRS", "amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_fits", "host_has_amx",
+__all__ = ["amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_fits", "host_has_amx",
            "request_tile_permission", "target_has_amx"]
 
-AMX_ATTRS = ("+amx-tile", "+amx-int8")  # the LLVM features of the tile instructions used here
 _TILE_ROWS, _TILE_BYTES = 16, 64  # a tile register: 16 rows of 64 bytes
 _BLOCK_OUTPUTS = 64  # outputs per task: four accumulator tiles of 16 int32 columns
 # Below this many multiply-adds a kernel runs on the calling thread: tiles do ~1000 a cycle, so
@@ -54,17 +54,9 @@ def _task_loop(macs: int):
 
 
 def host_has_amx() -> bool:
-    """Whether this machine's CPU has AMX-INT8 (Linux: the kernel lists ``amx_int8`` and ``amx_tile``
-    only where it supports them; LLVM's host CPU name alone can miss them in a virtual machine)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"amx_int8", "amx_tile"} <= flags
-    except OSError:
-        pass
-    return False
+    """Whether this machine's CPU has AMX-INT8 tiles its OS enables (``host.host_has``: LLVM's
+    host CPU name alone can promise or miss them in a virtual machine)."""
+    return host_has("amx-tile", "amx-int8")
 
 
 def target_has_amx(target) -> bool:

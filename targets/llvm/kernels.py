@@ -44,8 +44,9 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
-from .amx import (AMX_ATTRS, amx_conv2d, amx_conv_fits, amx_dense, amx_dense_fits, host_has_amx,
+from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_fits, host_has_amx,
                   request_tile_permission, target_has_amx)
+from .host import host_mattr
 from .nibble import nibble_dense
 from .staging import phase_pairs, phase_staging, staging_loop
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
@@ -136,12 +137,13 @@ class BitparallelKnobs:
 # --------------------------------------------------------------------------------------------
 def cpu_target(mcpu: str | None = None, mattr: Sequence[str] | None = None) -> tvm.target.Target:
     """LLVM target for this CPU.  A generic ``{"kind": "llvm"}`` emits no popcount or VNNI
-    instructions, so the CPU name is always given (detected when ``mcpu`` is None, with this
-    machine's AMX tiles added where the detected name misses them, as in some VMs)."""
-    config = {"kind": "llvm", "mcpu": mcpu or tvm.target.codegen.llvm_get_system_cpu()}
-    mattr = list(mattr or ())
-    if mcpu is None and host_has_amx() and not any("amx" in a for a in mattr):
-        mattr += AMX_ATTRS
+    instructions, so the CPU name is always given: detected when ``mcpu`` is None, with its
+    instruction sets corrected to those this machine's OS lists (``host.host_mattr``: in a VM the
+    name can promise AMX tiles the hypervisor hides, or miss ones it has). ``mattr`` comes last,
+    so it overrides."""
+    cpu = mcpu or tvm.target.codegen.llvm_get_system_cpu()
+    mattr = [*(host_mattr(cpu) if mcpu is None else ()), *(mattr or ())]
+    config = {"kind": "llvm", "mcpu": cpu}
     if mattr:
         config["mattr"] = mattr
     return tvm.target.Target(config)

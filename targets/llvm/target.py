@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 
 def check_cpu(mcpu: str | None) -> None:
     """LLVM aborts the whole process when asked for instructions a CPU lacks: refuse first."""
-    import tvm
     from tvm.target import codegen
+
+    from .kernels import cpu_target
 
     cpu, triple = mcpu or codegen.llvm_get_system_cpu(), codegen.llvm_get_system_triple()
     if not codegen.llvm_is_valid_cpu(cpu, triple):
         raise BadInput(f"--mcpu {cpu!r} is not a CPU LLVM knows for {triple}; leave it out to build for this "
                        "machine, or name one such as cascadelake, icelake-server, znver4")
-    if not codegen.llvm_cpu_has_features(["avx512vnni"], tvm.target.Target({"kind": "llvm", "mcpu": cpu})):
+    if not codegen.llvm_cpu_has_features(["avx512vnni"], cpu_target(mcpu)):  # this machine's as its OS lists them
         hint = ("name one that has it, e.g. cascadelake, icelake-server, sapphirerapids, znver4" if mcpu
                 else "compile on such a machine, or for one with --mcpu cascadelake (or newer)")
         raise (BadInput if mcpu else CompileError)(
@@ -42,6 +43,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes).
     ``calibration``: the ``csqc.calibration.Calibration`` the plan records."""
     from .amx import target_has_amx
+    from .host import isa_features
     from .kernels import cpu_target
 
     try:
@@ -55,7 +57,9 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
     t2 = time.perf_counter()
-    meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", ""))}, "model": graph.name,
+    # the instruction sets it needs: loading it on a CPU without one is refused (csqc.runtime)
+    meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", "")),
+                       "features": isa_features(target)}, "model": graph.name,
             **plan_entry(calibration)}
     write_artifact(plan, executable, output, meta)
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
