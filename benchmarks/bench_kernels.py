@@ -21,13 +21,14 @@ os.environ["TVM_NUM_THREADS"] = "2"  # must precede the first TVM call
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from csqc.targets.llvm import kernels, packing
+from csqc.targets.llvm import kernels, packing, tuning
 from csqc.targets.llvm.backend import has_table_lookup
 from csqc.targets.tvm.geometry import conv_geometry
 
@@ -176,15 +177,16 @@ def conv_section(rounds: int, tune: bool, rng):
     zero_point = 1 << (CONV_WEIGHT_BITS - 1)
     shifts_signs = [(bit, 1) for bit in reversed(range(CONV_WEIGHT_BITS))]
     rows = []
+    # the same search as `csqc compile --tune`, kept in memory (this run's knobs, not the disk cache's)
+    tuner = tuning.Tuner(kernels.cpu_target(), tuning.TuningCache(Path("(in memory)"), "")) if tune else None
     for name, x_shape, w_shape, stride, padding, groups in CONV_SHAPES:
         x = rng.integers(0, 1 << CONV_ACT_BITS, x_shape).astype(np.uint8)
         planes = rng.integers(0, 2, (CONV_WEIGHT_BITS,) + w_shape).astype(np.uint8)
         q = packing.combine_planes(planes, shifts_signs, zero_point)
         expected = conv_reference(x, q, stride, padding, groups)
         geometry = conv_geometry(x_shape, w_shape, stride, padding, 1, groups)
-        if tune:
-            kernels.tune_bitparallel_conv2d(x_shape, w_shape, stride, padding, 1, groups)
-        bitparallel = kernels.build(kernels.bitparallel_conv2d(x_shape, w_shape, stride, padding, 1, groups))
+        knobs = tuner.conv_knobs(geometry) if tune and not geometry.is_depthwise else None
+        bitparallel = kernels.build(kernels.bitparallel_conv2d(x_shape, w_shape, stride, padding, 1, groups, knobs))
         bp_weight = (q.reshape(w_shape[0], -1).astype(np.int32) if geometry.is_depthwise
                      else packing.pack_bitparallel_conv_weight(q, groups))
         bitserial = kernels.build(kernels.bitserial_conv2d(x_shape, w_shape, shifts_signs, CONV_ACT_BITS, True,
@@ -229,7 +231,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median of medians)")
     parser.add_argument("--section", choices=["dense", "conv", "all"], default="all")
-    parser.add_argument("--tune", action="store_true", help="grid-search the bit-parallel conv tiling per shape")
+    parser.add_argument("--tune", action="store_true", help="search the bit-parallel conv schedule per shape (as csqc compile --tune)")
     options = parser.parse_args()
     rng = np.random.default_rng(0)
     if options.section in ("conv", "all"):

@@ -123,13 +123,15 @@ def main() -> int:
     parser.add_argument("--from-json", help="print the table of a saved run instead of measuring")
     parser.add_argument("--calibrate", action="store_true",
                         help="compile with static activation scales calibrated on 32 random inputs (fused requantization)")
+    parser.add_argument("--tune", action="store_true",
+                        help="compile with csqc compile --tune (schedules searched here, cached on disk)")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
             print(markdown_table(json.load(f)))
         return 0
     torch.set_num_threads(2)
-    reports = {name: run_case(name, args.calibrate) for name in args.only or GOALS}
+    reports = {name: run_case(name, args.calibrate, args.tune) for name in args.only or GOALS}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=2)
@@ -138,7 +140,7 @@ def main() -> int:
     return 0
 
 
-def run_case(name: str, calibrate: bool) -> dict:
+def run_case(name: str, calibrate: bool, tune: bool = False) -> dict:
     """Build, compile and bench one case; print its table; return its JSON report."""
     torch.manual_seed(0)
     model, example = GOALS[name].build()
@@ -148,7 +150,7 @@ def run_case(name: str, calibrate: bool) -> dict:
         start = time.perf_counter()
         art = os.path.join(d, f"{name}.so")
         calib = [torch.rand((32, *x.shape[1:])).numpy() for x in example] if calibrate else None
-        result = csqc.compile(path, "llvm", art, calibrate=calib)
+        result = csqc.compile(path, "llvm", art, calibrate=calib, tune=tune)
         compile_s = time.perf_counter() - start
         report = bench(path, artifact=art, threads=2)
         summary = csqc.inspect(path)
@@ -170,7 +172,7 @@ def run_case(name: str, calibrate: bool) -> dict:
         print(f"  goal >= {g['ratio']}x {g['baseline']}: {measured}, {_met_word(g['met'])}")
     sys.stdout.flush()
     return {**report.to_json(), "compile_seconds": compile_s, "avg_bits": summary.avg_bits,
-            "weight_bytes_vs_ideal": ours / ideal, "goals": goals, "calibrated": calibrate,
+            "weight_bytes_vs_ideal": ours / ideal, "goals": goals, "calibrated": calibrate, "tuned": tune,
             "date": datetime.date.today().isoformat(), "cpu_model": cpu_model()}
 
 

@@ -446,14 +446,20 @@ def _human(n: int) -> str:
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the IR after every pass to this folder.")
 @click.option("--calibrate", metavar="digits|X.npz",
               help="Make the dynamic activation scales static: max |x| seen on this data (a different, calibrated model).")
+@click.option("--tune", is_flag=True,
+              help="llvm: time candidate kernel schedules per layer shape on this machine and build with the "
+                   "fastest (minutes the first time; cached in ~/.cache/csqc/tuning.json or $CSQC_TUNING_CACHE).")
 @json_option
 def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_source, force_kernel, onnx_form,
-                check_planes, dataset, calibration_file, dump_ir, calibrate, as_json):
+                check_planes, dataset, calibration_file, dump_ir, calibrate, tune, as_json):
     """Compile a model into a deployable artifact."""
     from .compiler import TARGETS, compile as compile_model, default_output
+    from .targets.registry import get_target
 
     if target not in TARGETS:
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if tune and not get_target(target).tunable:
+        raise BadInput(f"--tune searches CPU kernel schedules on this machine; it is for --target llvm, not {target}")
     if dataset and calibration_file:
         raise BadInput("give --dataset or --calibration, not both")
     if output is None:  # the library's default too: the model's name, the target and the form
@@ -475,6 +481,7 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
             loaded, target, output, batch=batch, mcpu=mcpu, arch=arch, emit_source=emit_source,
             force_kernel=None if force_kernel == "auto" else force_kernel, dump_ir=dump_ir, calibrate=calibrate,
             on_layer=lambda name: update(advance=1, info=f"lowered {name}"),
+            tune=tune, on_tune=lambda key: update(info=f"tuning {key}"),
         )
     if as_json:
         _emit_json(result.to_json())
@@ -492,8 +499,23 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
             extra += f", source in {emit_source}/kernels.cu"
     if result.report.get("calibration"):
         _print_calibration(stdout_console(), result.report["calibration"])
+    if "tuning" in result.report:
+        _print_tuning(result.report["tuning"])
     click.echo(f"compiled for {result.target} in {result.seconds:.1f}s{extra} -> {result.output} "
                f"({_human(result.output.stat().st_size)})")
+
+
+def _print_tuning(tuning: dict) -> None:
+    shapes = tuning["shapes"]
+    if not shapes:
+        click.echo("tuned nothing: no bit-parallel convolution or linear layer off AMX tiles to tune")
+        return
+    changed = sum(bool(s["knobs"]) for s in shapes)
+    gain = tuning["default_us"] / tuning["tuned_us"] if tuning["tuned_us"] else 1.0
+    click.echo(f"tuned {len(shapes)} kernel shapes ({tuning['searched']} searched in {tuning['seconds']:.1f}s, "
+               f"{len(shapes) - tuning['searched']} from the cache {tuning['cache']}): {changed} beat the default "
+               f"schedule, {tuning['default_us']:.0f} -> {tuning['tuned_us']:.0f} us summed over the shapes "
+               f"({gain:.2f}x)")
 
 
 def _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir) -> None:

@@ -172,7 +172,8 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
             mcpu: str | None = None, arch: str = "sm_80", emit_source=None, force_kernel: str | None = None,
             onnx_form: str = "reference",
             check_planes: bool = False, calibration=None, int4: bool = True, dump_ir=None, calibrate=None,
-            on_layer: Callable[[str], None] | None = None, model_factory=None, input_shape=None) -> CompileResult:
+            on_layer: Callable[[str], None] | None = None, model_factory=None, input_shape=None,
+            tune: bool = False, on_tune: Callable[[str], None] | None = None) -> CompileResult:
     """Compile a model for ``target`` and write the artifact to ``output`` (atomically).
 
     ``mcpu``: LLVM CPU name for ``llvm`` and ``aarch64``; ``arch`` (sm_80, sm_90, ...) and ``emit_source`` (a
@@ -181,6 +182,9 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     a symbolic batch dimension instead of a fixed batch size. ``calibrate`` (every target):
     ``"digits"``, an ``.npz`` path or arrays; the dynamic activation scales become static ones
     measured there by the interpreter, a different model (the report's ``calibration`` says so).
+    ``tune`` (``llvm``, this machine's CPU): time candidate schedules of the bit-parallel kernels per
+    layer shape here and build with the fastest, cached on disk (``$CSQC_TUNING_CACHE``, else
+    ``~/.cache/csqc/tuning.json``) for the next ``tune``; ``on_tune`` is called per shape searched.
     """
     from .targets.registry import CompileOptions, check_coverage, get_target
 
@@ -188,7 +192,9 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     batch, dynamic_batch = _batch_option(batch, target)
     options = CompileOptions(mcpu=mcpu, arch=arch, emit_source=emit_source, force_kernel=force_kernel,
                              onnx_form=onnx_form, check_planes=check_planes, calibration=calibration, int4=int4,
-                             dynamic_batch=dynamic_batch, on_layer=on_layer)
+                             dynamic_batch=dynamic_batch, on_layer=on_layer, tune=tune, on_tune=on_tune)
+    if tune and not entry.tunable:
+        raise BadInput(f"--tune searches CPU kernel schedules on this machine; it is for --target llvm, not {target}")
     entry.check(options)  # a missing toolchain or a bad option fails before the slow part
     from .outputs import check_output, check_output_folder
 

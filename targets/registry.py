@@ -37,6 +37,8 @@ class CompileOptions:
     dynamic_batch: bool = False  # onnx: a symbolic batch dimension (compile --batch dynamic)
     on_layer: Callable[[str], None] | None = None  # progress callback, one call per lowered node
     calibration_record: object = None  # every target: the csqc.calibration.Calibration the artifact records
+    tune: bool = False  # targets that can (``Target.tunable``): search kernel schedules here, cached on disk
+    on_tune: Callable[[str], None] | None = None  # progress callback, one call per kernel shape searched
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Target:
     unsupported: Callable[[Graph], list[tuple[str, str]]]
     # the IR ops it lowers (some in every form but those ``unsupported`` names), for the docs
     ops: Callable[[], frozenset[str]]
+    # whether ``compile(tune=True)`` can time its kernels on this machine and pick schedules
+    tunable: bool = False
 
 
 _REGISTRY: dict[str, Target] = {}

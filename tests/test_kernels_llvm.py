@@ -439,20 +439,6 @@ def test_bitparallel_conv2d_tilings(channels, vectors, rows):
                                   conv_reference(x, q, stride, padding, dilation, 1))
 
 
-def test_tune_bitparallel_conv2d_caches_a_candidate():
-    shape, weight_shape = (1, 8, 6, 6), (16, 8, 3, 3)
-    candidates = [(16, 1, 3), (8, 2, 6)]
-    knobs = kernels.tune_bitparallel_conv2d(shape, weight_shape, 1, 1, candidates=candidates,
-                                            number=1, repeat=1)
-    assert (knobs.conv_channels, knobs.conv_vectors, knobs.conv_rows) in candidates
-    assert kernels.tune_bitparallel_conv2d(shape, weight_shape, 1, 1) == knobs  # cached
-    q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, shape)
-    kernel = kernels.build(kernels.bitparallel_conv2d(shape, weight_shape, 1, 1))  # uses the cache
-    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
-                                  conv_reference(x, q, (1, 1), (1, 1), (1, 1), 1))
-
-
 def test_cpu_target_names_the_cpu():
     target = kernels.cpu_target()
     assert str(target.attrs["mcpu"]) not in ("", "generic")

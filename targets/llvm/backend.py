@@ -154,16 +154,26 @@ class CpuBackend:
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True
 
-    def __init__(self, table_lookup: bool = False, amx: bool = False):
+    def __init__(self, table_lookup: bool = False, amx: bool = False, tuner=None):
         """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the
         target CPU has AVX-512 VBMI; see :func:`has_table_lookup`); ``amx``: the target has AMX
         tiles (``amx.target_has_amx``), taken by bit-parallel linear layers of many rows and by
-        convolutions whose channels fill tiles."""
+        convolutions whose channels fill tiles; ``tuner``: a ``tuning.Tuner`` whose knobs the
+        bit-parallel convolutions and linear layers off tiles take (``csqc compile --tune``)."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
         self.table_lookup = table_lookup
         self.amx = amx
+        self.tuner = tuner
+
+    def conv_knobs(self, geo):
+        """Schedule knobs of a bit-parallel (non-depthwise) convolution off tiles."""
+        return self.tuner.conv_knobs(geo) if self.tuner else self.kernels.BitparallelKnobs()
+
+    def dense_knobs(self, m: int, n: int, k: int):
+        """Schedule knobs of a bit-parallel ``[m, k] x [k, n]`` linear layer off tiles (int8 weights)."""
+        return self.tuner.dense_knobs(m, n, k) if self.tuner else self.kernels.BitparallelKnobs()
 
     def bitserial_knobs(self):
         return self.kernels.BitserialKnobs(table_lookup=self.table_lookup)

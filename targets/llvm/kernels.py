@@ -122,7 +122,9 @@ class BitparallelKnobs:
     conv_channels, conv_vectors, conv_rows: tiling of the (non-depthwise) conv kernel, which
         puts output pixels on the lanes: output channels x 16-pixel vectors held in registers
         (their product is the number of zmm accumulators), and output rows per parallel task.
-        0 = per shape (a tuned entry from :func:`tune_bitparallel_conv2d`, else a heuristic).
+        0 = per shape, by a heuristic (``csqc compile --tune`` searches them: ``tuning.py``).
+    conv_form: ``"pixels"`` (output pixels on the lanes, the knobs above), ``"channels"`` (output
+        channels on the lanes, ``row_block`` x ``col_vectors`` register tiles) or ``""`` (by shape).
     """
 
     row_block: int = 8
@@ -130,6 +132,7 @@ class BitparallelKnobs:
     conv_channels: int = 0
     conv_vectors: int = 0
     conv_rows: int = 0
+    conv_form: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1108,16 +1111,6 @@ def _vnni_pixels(acc, act_vector, weight_word):
         T.reinterpret("int8x64", T.broadcast(weight_word, VNNI_LANES)))
 
 
-# Tuned conv tilings (conv_channels, conv_vectors, conv_rows) per conv shape, filled by
-# :func:`tune_bitparallel_conv2d` in this process.
-_TUNED_CONV: dict[tuple, tuple[int, int, int]] = {}
-
-
-def _conv_key(geo: ConvGeometry) -> tuple:
-    return (geo.batch, geo.in_channels, geo.height, geo.width, geo.out_channels, geo.kernel_h,
-            geo.kernel_w, geo.stride, geo.padding, geo.dilation, geo.groups)
-
-
 @dataclass(frozen=True)
 class _PixelPlan:
     """Resolved tiling of the pixels-on-lanes bit-parallel conv (see :func:`_conv_pixel_plan`)."""
@@ -1129,15 +1122,11 @@ class _PixelPlan:
 
 
 def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
-    """Per-shape tiling: explicit knobs win, else a tuned entry, else the heuristic."""
+    """Per-shape tiling: the knobs where given, else the heuristic."""
     sw = geo.stride[1]
     wq = -(-geo.padded_w // sw)
     og = geo.out_per_group
     channels, vectors, rows = knobs.conv_channels, knobs.conv_vectors, knobs.conv_rows
-    if not (channels and vectors and rows):
-        tuned = _TUNED_CONV.get(_conv_key(geo))
-        if tuned is not None:
-            channels, vectors, rows = (channels or tuned[0], vectors or tuned[1], rows or tuned[2])
     if not channels:
         # Largest register tile width that wastes fewest padded output channels.
         channels = min((4, 8, 12, 16), key=lambda c: (-(-og // c) * c - og, -c))
@@ -1308,10 +1297,13 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     computed = B * G * -(-geo.out_per_group // plan.channels) * plan.channels \
         * -(-OH // plan.rows) * plan.chunks * plan.vectors * VNNI_LANES
     efficiency = B * O * OH * OW / computed
+    if knobs.conv_form not in ("", "pixels", "channels"):
+        raise ValueError(f"conv_form must be pixels, channels or empty, got {knobs.conv_form!r}")
     explicit = knobs.conv_channels or knobs.conv_vectors or knobs.conv_rows
     # Small planes with many channels (ResNet-18's 14x14 and 7x7 stages) waste a large share of
     # the flat pixel domain; the channels-on-lanes kernel below wastes nothing there.
-    if explicit or _conv_key(geo) in _TUNED_CONV or not (efficiency < 0.9 and geo.out_per_group >= 64):
+    if knobs.conv_form == "pixels" or not knobs.conv_form and (
+            explicit or not (efficiency < 0.9 and geo.out_per_group >= 64)):
         pixels = _bitparallel_conv2d_pixels(geo, knobs)
         if pixels is not None:
             return pixels
@@ -1384,51 +1376,3 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
                               ((task % row_blocks) * row_block + r) % OW] = acc[r, cv, lane]
 
     return main
-
-
-
-def tune_bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
-                            candidates: Sequence[tuple[int, int, int]] | None = None,
-                            number: int = 10, repeat: int = 5, target=None) -> BitparallelKnobs:
-    """Tiny grid search over the conv tiling (conv_channels, conv_vectors, conv_rows) of
-    :func:`bitparallel_conv2d`, timed with ``time_evaluator`` on random codes.  The winner is
-    cached per shape in this process (later builds with knobs left at 0 use it) and returned
-    as knobs.  Depthwise convs have no conv tiling and return the default knobs."""
-    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
-    key = _conv_key(geo)
-    if geo.is_depthwise:
-        return BitparallelKnobs()
-    if key in _TUNED_CONV:
-        return BitparallelKnobs(conv_channels=_TUNED_CONV[key][0], conv_vectors=_TUNED_CONV[key][1],
-                                conv_rows=_TUNED_CONV[key][2])
-    if candidates is None:
-        candidates = _conv_candidates(geo)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, tuple(input_shape)).astype(np.uint8)
-    from .packing import pack_bitparallel_conv_weight
-    w = pack_bitparallel_conv_weight(rng.integers(-128, 128, tuple(weight_shape)), groups)
-    best, best_time = None, float("inf")
-    for channels, vectors, rows in candidates:
-        knobs = BitparallelKnobs(conv_channels=channels, conv_vectors=vectors, conv_rows=rows)
-        kernel = build(bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation,
-                                          groups, knobs), target)
-        elapsed = kernel.time_us(x, w, number=number, repeat=repeat)
-        if elapsed < best_time:
-            best, best_time = (channels, vectors, rows), elapsed
-    _TUNED_CONV[key] = best
-    return BitparallelKnobs(conv_channels=best[0], conv_vectors=best[1], conv_rows=best[2])
-
-
-def _conv_candidates(geo: ConvGeometry) -> list[tuple[int, int, int]]:
-    """The grid of :func:`tune_bitparallel_conv2d`: register tiles of 8..24 accumulators and
-    tasks of about 64..512 flat positions."""
-    wq = -(-geo.padded_w // geo.stride[1])
-    found = []
-    for channels, vectors in ((16, 1), (8, 2), (4, 4), (8, 3), (24, 1), (12, 2)):
-        if channels > 2 * geo.out_per_group and channels > 4:
-            continue
-        for positions in (64, 128, 256, 512):
-            rows = max(1, min(geo.out_h, round(positions / wq)))
-            if (channels, vectors, rows) not in found:
-                found.append((channels, vectors, rows))
-    return found

@@ -16,7 +16,7 @@ from csqc.targets.tvm.whole_model import add_whole_model_function
 
 from .backend import CpuBackend, has_table_lookup
 
-__all__ = ["check_cpu", "emit_llvm"]
+__all__ = ["check_cpu", "check_tune", "emit_llvm"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,22 @@ def check_cpu(mcpu: str | None) -> None:
             f"CPU {cpu!r} has no AVX-512 VNNI, which csqc's CPU kernels are built on; {hint}")
 
 
+def check_tune(mcpu: str | None) -> None:
+    """``--tune`` times candidate kernels here: it can only tune for this machine's CPU."""
+    from tvm.target import codegen
+
+    if mcpu is not None and mcpu != codegen.llvm_get_system_cpu():
+        raise BadInput(f"--tune times kernels on this machine ({codegen.llvm_get_system_cpu()}), so it cannot tune "
+                       f"for --mcpu {mcpu}; leave --mcpu out, or tune on a {mcpu} machine")
+
+
 def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, force_kernel: str | None = None,
-              on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm", calibration=None) -> dict:
+              on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm", calibration=None,
+              tune: bool = False, on_tune: Callable[[str], None] | None = None) -> dict:
     """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes).
-    ``calibration``: the ``csqc.calibration.Calibration`` the plan records."""
+    ``calibration``: the ``csqc.calibration.Calibration`` the plan records. ``tune``: search the
+    bit-parallel schedules per shape on this machine (``tuning.py``; cached on disk), calling
+    ``on_tune`` with each shape searched; the report's ``tuning`` says what was found."""
     from .amx import target_has_amx
     from .host import isa_features
     from .kernels import cpu_target
@@ -51,8 +63,18 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     except Exception as e:
         raise CompileError(f"invalid CPU target (mcpu={mcpu!r}): {e}") from None
     t0 = time.perf_counter()
-    backend = CpuBackend(table_lookup=has_table_lookup(target), amx=target_has_amx(target))
+    tuner = None
+    if tune:
+        from .tuning import Tuner, TuningCache, cache_path, cpu_key
+
+        tuner = Tuner(target, TuningCache.load(cache_path(), cpu_key(target)), on_search=on_tune)
+    backend = CpuBackend(table_lookup=has_table_lookup(target), amx=target_has_amx(target), tuner=tuner)
     plan = lower_graph(graph, backend=backend, force_kernel=force_kernel, on_layer=on_layer)
+    if tuner is not None and tuner.report()["searched"]:
+        try:
+            tuner.cache.save()
+        except OSError as e:  # the schedules are in this build all the same
+            log.warning("could not write the tuning cache %s: %s", tuner.cache.path, e)
     add_whole_model_function(plan)
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
@@ -64,6 +86,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     write_artifact(plan, executable, output, meta)
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {
+        **({"tuning": tuner.report()} if tuner is not None else {}),
         "target": target_kind, "output": str(output), "mcpu": meta["target"]["mcpu"],
         "kernels": {name: info["kernel"] for name, info in plan.layers.items()},
         "layers": plan.layers, "functions": len(plan.funcs), "steps": len(plan.steps),

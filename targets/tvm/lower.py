@@ -114,6 +114,9 @@ class _Lowerer:
         # a backend may run bit-parallel layers on matrix tiles (the llvm one: AMX, kernels.amx_dense / amx_conv2d)
         self.backend_tile_dense = getattr(b, "tile_dense", None)
         self.backend_tile_conv = getattr(b, "tile_conv", None)
+        # a backend may pick bit-parallel schedules per shape (the llvm one: csqc compile --tune)
+        self.backend_conv_knobs = getattr(b, "conv_knobs", None)
+        self.backend_dense_knobs = getattr(b, "dense_knobs", None)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -639,6 +642,8 @@ class _Lowerer:
                 # the run-time plane knob recombines the weights: twice the bound covers any truncation
                 narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise
                                                         and 2 * accumulator_bound(self.g, n) < 2**15) else {}
+                if self.backend_conv_knobs is not None and not depthwise:
+                    knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
                 key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
                     ",int16" if narrow else "")
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
@@ -657,6 +662,8 @@ class _Lowerer:
                 info["tiles"] = "amx"  # the runtime asks the OS for the tile state before it runs
                 f = self.plan.func(f"amxdense({m},{shape[0]},{k})", lambda: self.kernels.amx_dense(m, shape[0], k))
             else:
+                if self.backend_dense_knobs is not None:
+                    knobs = self.backend_dense_knobs(m, shape[0], k)
                 key = f"bpdense({m},{shape[0]},{k})"
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
         w = self._bitparallel_weights(n, packed)

@@ -1,0 +1,286 @@
+"""Schedule search for the CPU kernels, per layer shape, cached on disk per CPU (``csqc compile --tune``).
+
+The bit-parallel kernels' register tiles and task sizes (``kernels.BitparallelKnobs``) come from
+a heuristic fitted on a few machines; the best tiling of a shape differs between CPUs (cache
+sizes, how many zmm multiply-adds issue per cycle) and between shapes. ``--tune`` builds a small
+grid of candidate schedules for every bit-parallel convolution and linear layer the plan runs
+off tiles, times each on this machine, and keeps the fastest where it beats the heuristic's by a
+margin larger than the timing noise. Every candidate computes the same integers (the knobs
+change loop order and blocking only), so a tuned artifact is as exact as an untuned one; the
+tests check each candidate form against a reference anyway.
+
+Results are cached in a JSON file (``$CSQC_TUNING_CACHE``, else ``~/.cache/csqc/tuning.json``)
+under a key naming the CPU (LLVM's name and the instruction sets the build uses) and the kernel's
+shape, so a second ``--tune`` of the same model, or of another with the same layer shapes, takes
+the cached schedules instead of searching again. The file is data a user or another program
+may have written: every entry is checked (known knob names, integers in range) before a knob
+reaches a kernel builder, and a file that fails the check is ignored with a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .host import isa_features
+
+__all__ = ["CACHE_ENV", "Tuner", "TuningCache", "cache_path", "cpu_key"]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "CSQC_TUNING_CACHE"
+FORMAT, VERSION = "csqc-tuning", 1
+MAX_CACHE_BYTES = 16 << 20
+# A candidate replaces the heuristic's schedule only when it is this much faster: smaller gains
+# are within the timing noise of a shared machine, and churn would make builds differ for nothing.
+MIN_GAIN = 1.05
+# the knobs an entry may set, per kernel kind, and their allowed values
+_RANGES = {
+    "bpconv": {"conv_form": ("pixels", "channels"), "conv_channels": range(1, 33), "conv_vectors": range(1, 9),
+               "conv_rows": range(1, 1 << 16), "row_block": range(1, 33), "col_vectors": range(1, 9)},
+    "bpdense": {"row_block": range(1, 33), "col_vectors": range(1, 9)},
+}
+
+
+def cache_path() -> Path:
+    """Where tuned schedules are kept: ``$CSQC_TUNING_CACHE``, else ``~/.cache/csqc/tuning.json``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "csqc" / "tuning.json"
+
+
+def cpu_key(target) -> str:
+    """The cache's name for the CPU a target builds for: LLVM's CPU name and its instruction sets."""
+    return f"{target.attrs.get('mcpu', '')}:{'+'.join(isa_features(target))}"
+
+
+def _valid_knobs(kind: str, knobs) -> dict | None:
+    allowed = _RANGES.get(kind)
+    if allowed is None or not isinstance(knobs, dict) or not set(knobs) <= set(allowed):
+        return None
+    for name, value in knobs.items():
+        if isinstance(value, bool) or value not in allowed[name] or not isinstance(value, (int, str)):
+            return None
+    return dict(knobs)
+
+
+@dataclass
+class TuningCache:
+    """The tuned schedules of one CPU, read from and written back to the cache file."""
+
+    path: Path
+    cpu: str
+    entries: dict[str, dict] = field(default_factory=dict)  # problem key -> {"knobs", "default_us", "best_us"}
+
+    @classmethod
+    def load(cls, path: Path, cpu: str) -> "TuningCache":
+        cache = cls(Path(path), cpu)
+        cache.entries = {key: entry for key, entry in _read(cache.path).get(cpu, {}).items()
+                         if _entry_ok(key, entry)}
+        return cache
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, knobs: dict, default_us: float, best_us: float) -> None:
+        self.entries[key] = {"knobs": knobs, "default_us": round(default_us, 3), "best_us": round(best_us, 3)}
+
+    def save(self) -> None:
+        """Merge this CPU's entries into the file (another process may have added some) and
+        replace it atomically: a reader never sees half a file."""
+        everything = _read(self.path)
+        mine = {k: e for k, e in everything.get(self.cpu, {}).items() if _entry_ok(k, e)}
+        mine.update(self.entries)
+        everything[self.cpu] = mine
+        data = json.dumps({"format": FORMAT, "version": VERSION, "cpus": everything}, indent=1, sort_keys=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tuning-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _entry_ok(key, entry) -> bool:
+    if not isinstance(key, str) or ":" not in key or not isinstance(entry, dict):
+        return False
+    times_ok = all(isinstance(entry.get(t), (int, float)) and not isinstance(entry.get(t), bool)
+                   and 0 < entry[t] < 1e9 for t in ("default_us", "best_us"))
+    return times_ok and _valid_knobs(key.split(":", 1)[0], entry.get("knobs")) is not None
+
+
+def _read(path: Path) -> dict:
+    """``{cpu: {key: entry}}`` from the cache file; empty (with a warning) where it is missing,
+    too large or not a csqc tuning file. Entries are checked by the caller."""
+    try:
+        if path.stat().st_size > MAX_CACHE_BYTES:
+            log.warning("ignoring the tuning cache %s: larger than %d MiB", path, MAX_CACHE_BYTES >> 20)
+            return {}
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        log.warning("ignoring the tuning cache %s: %s", path, e)
+        return {}
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == VERSION
+            and isinstance(data.get("cpus"), dict)):
+        log.warning("ignoring the tuning cache %s: not a csqc tuning file of version %d", path, VERSION)
+        return {}
+    return {cpu: entries for cpu, entries in data["cpus"].items() if isinstance(cpu, str) and isinstance(entries, dict)}
+
+
+@dataclass
+class TunedShape:
+    """One searched or cached kernel shape, for the compile report."""
+
+    key: str
+    source: str  # "searched" or "cache"
+    knobs: dict
+    default_us: float
+    best_us: float
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Tuner:
+    """Knobs per kernel shape for one build: the cache's, else (``search``) found by timing
+    candidates here, else the heuristic's (``kernels.BitparallelKnobs()``)."""
+
+    def __init__(self, target, cache: TuningCache, search: bool = True, on_search=None):
+        self.target, self.cache, self.search = target, cache, search
+        self.on_search = on_search  # called with each problem key before it is searched
+        self.shapes: dict[str, TunedShape] = {}
+        self.seconds = 0.0
+
+    def conv_knobs(self, geo):
+        """Knobs of ``kernels.bitparallel_conv2d`` for a (non-depthwise) convolution geometry."""
+        key = "bpconv:" + "x".join(str(v) for v in (
+            geo.batch, geo.in_channels, geo.height, geo.width, geo.out_channels, geo.kernel_h, geo.kernel_w,
+            *geo.stride, *geo.padding, *geo.dilation, geo.groups))
+        return self._knobs(key, lambda: _conv_problem(geo))
+
+    def dense_knobs(self, m: int, n: int, k: int):
+        """Knobs of ``kernels.bitparallel_dense`` (int8 weights) for an ``[m, k] x [k, n]`` product."""
+        return self._knobs(f"bpdense:{m}x{n}x{k}", lambda: _dense_problem(m, n, k))
+
+    def report(self) -> dict:
+        shapes = [s.to_json() for s in self.shapes.values()]
+        return {"cache": str(self.cache.path), "seconds": round(self.seconds, 2), "shapes": shapes,
+                "searched": sum(s["source"] == "searched" for s in shapes),
+                "default_us": round(sum(s["default_us"] for s in shapes), 3),
+                "tuned_us": round(sum(s["best_us"] for s in shapes), 3)}
+
+    def _knobs(self, key: str, problem):
+        from .kernels import BitparallelKnobs
+
+        if key not in self.shapes:
+            entry = self.cache.get(key)
+            if entry is not None:
+                self.shapes[key] = TunedShape(key, "cache", entry["knobs"], entry["default_us"], entry["best_us"])
+            elif self.search:
+                if self.on_search is not None:
+                    self.on_search(key)
+                start = time.perf_counter()
+                knobs, default_us, best_us = _search(*problem(), self.target)
+                self.seconds += time.perf_counter() - start
+                self.cache.put(key, knobs, default_us, best_us)
+                self.shapes[key] = TunedShape(key, "searched", knobs, default_us, best_us)
+            else:
+                return BitparallelKnobs()
+        return BitparallelKnobs(**self.shapes[key].knobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates and timing
+# --------------------------------------------------------------------------------------------
+def _conv_problem(geo):
+    """(kernel factory of knobs, its inputs, candidate knobs) of a bit-parallel convolution."""
+    from . import kernels, packing
+
+    rng = np.random.default_rng(0)
+    input_shape = (geo.batch, geo.in_channels, geo.height, geo.width)
+    weight_shape = (geo.out_channels, geo.in_per_group, geo.kernel_h, geo.kernel_w)
+    x = rng.integers(0, 16, input_shape).astype(np.uint8)
+    w = packing.pack_bitparallel_conv_weight(rng.integers(-7, 8, weight_shape), geo.groups)
+
+    def factory(knobs):
+        return kernels.bitparallel_conv2d(input_shape, weight_shape, geo.stride, geo.padding, geo.dilation,
+                                          geo.groups, knobs)
+
+    return factory, (x, w), _conv_candidates(geo)
+
+
+def _conv_candidates(geo) -> list[dict]:
+    """Pixels on the lanes: register tiles of 8..24 accumulators x tasks of ~128..512 flat
+    positions; channels on the lanes: a few (rows, 16-channel vectors) register tiles."""
+    wq = -(-geo.padded_w // geo.stride[1])
+    found = []
+    for channels, vectors in ((16, 1), (8, 2), (4, 4), (12, 2), (8, 3)):
+        if channels > 2 * geo.out_per_group and channels > 4:
+            continue
+        for positions in (128, 512):
+            rows = max(1, min(geo.out_h, round(positions / wq)))
+            found.append({"conv_form": "pixels", "conv_channels": channels, "conv_vectors": vectors, "conv_rows": rows})
+    n_tiles = -(-geo.out_per_group // 16)
+    for row_block, col_vectors in ((8, 2), (4, 4), (12, 2), (6, 3)) if n_tiles > 1 else ((16, 1), (8, 1)):
+        if col_vectors <= n_tiles:
+            found.append({"conv_form": "channels", "row_block": row_block, "col_vectors": col_vectors})
+    return found
+
+
+def _dense_problem(m: int, n: int, k: int):
+    from . import kernels, packing
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    w = packing.pack_bitparallel_weight(rng.integers(-7, 8, (n, k)))
+
+    def factory(knobs):
+        return kernels.bitparallel_dense(m, n, k, "int8", "int32", knobs)
+
+    candidates = [{"row_block": rb, "col_vectors": cv} for rb, cv in
+                  ((1, 4), (2, 4), (4, 2), (4, 4), (6, 3), (8, 1), (8, 3), (12, 2), (16, 1))
+                  if rb <= m and cv <= -(-n // 16)]
+    return factory, (x, w), candidates
+
+
+def _time_us(kernel, inputs, budget_us: float = 2000.0) -> float:
+    """Median of 5 repeats, each long enough (~``budget_us``) that timer resolution does not matter."""
+    once = kernel.time_us(*inputs, number=1, repeat=3)
+    number = max(1, min(1000, int(budget_us / max(once, 1e-3))))
+    return kernel.time_us(*inputs, number=number, repeat=5)
+
+
+def _search(factory, inputs, candidates: list[dict], target) -> tuple[dict, float, float]:
+    """(knobs, heuristic's time, chosen time): every candidate built and timed once, then the
+    heuristic's schedule and the fastest timed again, alternately; ``{}`` (the heuristic) unless
+    the fastest wins by ``MIN_GAIN`` over both rounds."""
+    from .kernels import BitparallelKnobs, build
+
+    default = build(factory(BitparallelKnobs()), target)
+    default_us = _time_us(default, inputs)
+    best, best_kernel, best_us = {}, default, default_us
+    for knobs in candidates:
+        kernel = build(factory(BitparallelKnobs(**knobs)), target)
+        elapsed = _time_us(kernel, inputs)
+        if elapsed < best_us:
+            best, best_kernel, best_us = knobs, kernel, elapsed
+    if not best:
+        return {}, default_us, default_us
+    again_default, again_best = _time_us(default, inputs), _time_us(best_kernel, inputs)
+    default_us, best_us = min(default_us, again_default), max(best_us, again_best)
+    if best_us * MIN_GAIN > default_us:
+        return {}, default_us, default_us
+    return best, default_us, best_us

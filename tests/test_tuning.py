@@ -1,0 +1,177 @@
+"""Schedule search per layer shape, cached on disk per CPU (targets/llvm/tuning.py, ``csqc compile --tune``)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import csqc
+from csqc import runtime
+from csqc.cli import cli
+from csqc.targets.llvm import kernels, packing, tuning
+from csqc.targets.tvm.geometry import conv_geometry
+from test_kernels_llvm import conv_reference
+
+RNG = np.random.default_rng(11)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test here tunes into its own cache file, never the user's."""
+    path = tmp_path / "cache" / "tuning.json"
+    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    return path
+
+
+@pytest.mark.parametrize("shape,weight_shape,stride,padding,groups", [
+    ((1, 8, 9, 11), (24, 8, 3, 3), 1, 1, 1),
+    ((1, 16, 12, 12), (40, 8, 3, 3), 2, 1, 2),
+    ((2, 12, 7, 7), (20, 12, 1, 1), 1, 0, 1),
+])
+def test_every_conv_candidate_is_exact(shape, weight_shape, stride, padding, groups):
+    """A tuned schedule may be any candidate: each computes the reference's integers."""
+    geo = conv_geometry(shape, weight_shape, stride, padding, 1, groups)
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, shape)
+    expected = conv_reference(x, q, (stride, stride), (padding, padding), (1, 1), groups)
+    w = packing.pack_bitparallel_conv_weight(q, groups)
+    candidates = tuning._conv_candidates(geo)
+    assert {c["conv_form"] for c in candidates} == {"pixels", "channels"}
+    for knobs in candidates:
+        kernel = kernels.build(kernels.bitparallel_conv2d(shape, weight_shape, stride, padding, 1, groups,
+                                                          kernels.BitparallelKnobs(**knobs)))
+        np.testing.assert_array_equal(kernel(x.astype(np.uint8), w), expected, err_msg=str(knobs))
+
+
+def test_every_dense_candidate_is_exact():
+    m, n, k = 11, 72, 36  # a partial row block and a partial 16-output tile
+    q = RNG.integers(-128, 128, (n, k))
+    x = RNG.integers(0, 256, (m, k))
+    candidates = tuning._dense_problem(m, n, k)[2]
+    assert len(candidates) >= 6
+    for knobs in candidates:
+        kernel = kernels.build(kernels.bitparallel_dense(m, n, k, "int8", "int32", kernels.BitparallelKnobs(**knobs)))
+        np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_weight(q)), x @ q.T,
+                                      err_msg=str(knobs))
+
+
+def test_the_search_keeps_the_heuristic_unless_a_candidate_wins_clearly(monkeypatch):
+    """Times are whatever the (noisy) machine gives; the rule is what is tested: a candidate
+    replaces the heuristic only when it is MIN_GAIN faster in both rounds."""
+    timings = iter([100.0, 99.0, 60.0, 100.0, 90.0])  # default, cand 1, cand 2, default again, cand 2 again
+    monkeypatch.setattr(tuning, "_time_us", lambda kernel, inputs: next(timings))
+    factory, inputs, _ = tuning._dense_problem(4, 32, 32)
+    knobs, default_us, best_us = tuning._search(factory, inputs, [{"row_block": 1}, {"row_block": 2}],
+                                                kernels.cpu_target())
+    assert knobs == {"row_block": 2} and default_us == 100.0 and best_us == 90.0
+    timings = iter([100.0, 99.0, 60.0, 100.0, 97.0])  # the second round says it was noise
+    assert tuning._search(factory, inputs, [{"row_block": 1}, {"row_block": 2}], kernels.cpu_target())[0] == {}
+
+
+@pytest.fixture
+def small_search(monkeypatch):
+    """Two candidates per kernel kind: the tests below check what is cached and used, not which
+    schedule wins, and a full search builds a dozen kernels per shape (every candidate's
+    exactness is checked above)."""
+    conv_candidates, dense_problem = tuning._conv_candidates, tuning._dense_problem
+    monkeypatch.setattr(tuning, "_conv_candidates", lambda geo: [
+        next(c for c in conv_candidates(geo) if c["conv_form"] == form) for form in ("pixels", "channels")])
+    monkeypatch.setattr(tuning, "_dense_problem", lambda m, n, k: (*dense_problem(m, n, k)[:2], [
+        {"row_block": 1, "col_vectors": 1}, {"row_block": min(m, 4), "col_vectors": 1}]))
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(5)
+    float_model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 6 * 6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    model = csqc.convert(float_model.eval(), n_bits=3, act_bits=4, quantize_first_input=True)
+    x = torch.rand(8, 3, 12, 12)
+    return csqc.save(csqc.finalize(model).eval(), tmp_path_factory.mktemp("tuning") / "m.pt", x), x
+
+
+def _tuned(path, out, **kw):
+    return csqc.compile(path, "llvm", out, tune=True, force_kernel="bitparallel", **kw)
+
+
+def test_compile_tune_searches_once_then_reads_the_cache(tmp_path, private_cache, small_search, model_file):
+    path, x = model_file
+    searched = []
+    first = _tuned(path, tmp_path / "a.so", on_tune=searched.append)
+    tuned = first.report["tuning"]
+    assert tuned["searched"] == len(tuned["shapes"]) == len(searched) >= 3 and private_cache.exists()
+    assert {s["key"].split(":")[0] for s in tuned["shapes"]} == {"bpconv", "bpdense"}
+    second = _tuned(path, tmp_path / "b.so")
+    assert second.report["tuning"]["searched"] == 0
+    assert [s["knobs"] for s in second.report["tuning"]["shapes"]] == [s["knobs"] for s in tuned["shapes"]]
+    # a tuned build is exact: verify checks it against the interpreter layer by layer
+    report = csqc.verify(csqc.load(path), artifact=str(tmp_path / "a.so"), inputs=[x.numpy()], per_layer=True)
+    assert report.ok and report.accumulators_exact
+    np.testing.assert_array_equal(runtime.load(tmp_path / "b.so")(x.numpy()), runtime.load(tmp_path / "a.so")(x.numpy()))
+
+
+def test_a_cache_for_another_cpu_is_not_used(tmp_path, private_cache, small_search, model_file):
+    path, _ = model_file
+    _tuned(path, tmp_path / "a.so")
+    data = json.loads(private_cache.read_text())
+    (cpu, entries), = data["cpus"].items()
+    data["cpus"] = {"znver9:avx512f": entries}  # same shapes, another CPU
+    private_cache.write_text(json.dumps(data))
+    again = _tuned(path, tmp_path / "b.so")
+    assert again.report["tuning"]["searched"] == len(entries)
+    assert set(json.loads(private_cache.read_text())["cpus"]) == {"znver9:avx512f", cpu}  # both kept
+
+
+@pytest.fixture(scope="module")
+def good_cache(tmp_path_factory, model_file):
+    """A cache file from a real (small) search, written once for the tests that spoil it."""
+    path = tmp_path_factory.mktemp("good-cache") / "tuning.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(tuning.CACHE_ENV, str(path))
+        mp.setattr(tuning, "_conv_candidates", lambda geo: [])
+        mp.setattr(tuning, "_dense_problem", lambda m, n, k: (*_DENSE(m, n, k)[:2], []))
+        _tuned(model_file[0], path.parent / "a.so")
+    return json.loads(path.read_text()), path.parent / "a.so"
+
+
+_DENSE = tuning._dense_problem
+
+
+@pytest.mark.parametrize("content", [
+    "not json", json.dumps([1, 2]), json.dumps({"format": "csqc-tuning", "version": 99, "cpus": {}}),
+    "bad knob", "huge rows", "bool knob", "unknown kind",
+])
+def test_a_bad_cache_is_ignored_not_trusted(tmp_path, private_cache, good_cache, content, model_file, monkeypatch):
+    """The cache is a file anybody could have written: nothing in it reaches a kernel builder
+    unchecked, and a bad one costs a search, never a failed or wrong build."""
+    path, x = model_file
+    data, built = json.loads(json.dumps(good_cache[0])), good_cache[1]
+    (cpu, entries), = data["cpus"].items()
+    key = next(k for k in entries if k.startswith("bpconv"))
+    edits = {"bad knob": {"knobs": {"unroll_everything": 1}}, "huge rows": {"knobs": {"conv_rows": 1 << 40}},
+             "bool knob": {"knobs": {"row_block": True}}}
+    if content in edits:
+        entries[key].update(edits[content])
+    elif content == "unknown kind":
+        entries["exec:" + key] = entries.pop(key)
+    private_cache.parent.mkdir()
+    private_cache.write_text(json.dumps(data) if content in edits or content == "unknown kind" else content)
+    monkeypatch.setattr(tuning, "_conv_candidates", lambda geo: [])  # the search: the default schedule only
+    monkeypatch.setattr(tuning, "_dense_problem", lambda m, n, k: (*_DENSE(m, n, k)[:2], []))
+    again = _tuned(path, tmp_path / "b.so")
+    searched = {s["key"] for s in again.report["tuning"]["shapes"] if s["source"] == "searched"}
+    assert key in searched
+    np.testing.assert_array_equal(runtime.load(tmp_path / "b.so")(x.numpy()), runtime.load(built)(x.numpy()))
+
+
+def test_cli_tune_reports_and_refuses_what_it_cannot_time(tmp_path, private_cache, small_search, model_file):
+    path, _ = model_file
+    result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "a.so"), "--tune"])
+    assert result.exit_code == 0, result.output
+    assert "tuned" in result.output and str(private_cache) in result.output
+    for args in (["--target", "onnx"], ["--target", "cuda"], ["--mcpu", "cascadelake"]):
+        out = tmp_path / "x.out"
+        result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--tune", *args])
+        assert result.exit_code == 2 and "--tune" in result.output and not out.exists(), result.output
