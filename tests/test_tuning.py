@@ -10,6 +10,7 @@ import csqc
 from csqc import runtime
 from csqc.cli import cli
 from csqc.targets.llvm import kernels, packing, tuning
+from csqc.targets.llvm.backend import has_table_lookup
 from csqc.targets.tvm.geometry import conv_geometry
 from test_kernels_llvm import conv_reference
 
@@ -54,6 +55,27 @@ def test_every_dense_candidate_is_exact():
         kernel = kernels.build(kernels.bitparallel_dense(m, n, k, "int8", "int32", kernels.BitparallelKnobs(**knobs)))
         np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_weight(q)), x @ q.T,
                                       err_msg=str(knobs))
+
+
+@pytest.mark.parametrize("m,act_bits,zero_point,table_lookup", [(1, 4, True, False), (3, 4, False, True),
+                                                                 (2, 6, True, False)])
+def test_every_bitserial_dense_candidate_is_exact(m, act_bits, zero_point, table_lookup):
+    if table_lookup and not has_table_lookup(kernels.cpu_target()):
+        pytest.skip("this CPU has no AVX-512 VBMI")
+    n, k = 40, 100
+    plane_spec = [(2, 1), (1, 1), (0, 1)] if zero_point else [(2, 1), (0, -1)]
+    base = kernels.BitserialKnobs(table_lookup=table_lookup)
+    factory, (x, planes, n_planes, z), candidates = tuning._bitserial_dense_problem(
+        m, n, k, plane_spec, act_bits, zero_point, "int32", base)
+    bits = RNG.integers(0, 2, (len(plane_spec), n, k)).astype(np.uint8)
+    x = RNG.integers(0, 1 << act_bits, (m, k)).astype(np.uint8)
+    q = sum(sign * (1 << shift) * bits[p].astype(np.int64) for p, (shift, sign) in enumerate(plane_spec))
+    expected = x.astype(np.int64) @ (q - z * 1).T if zero_point else x.astype(np.int64) @ q.T
+    w = packing.pack_weight_planes(bits, lanes=base.lanes)
+    assert len(candidates) >= 6
+    for knobs in [{}, *candidates]:
+        kernel = kernels.build(factory(knobs))
+        np.testing.assert_array_equal(kernel(x, w, n_planes, z), expected, err_msg=str(knobs))
 
 
 def test_the_search_keeps_the_heuristic_unless_a_candidate_wins_clearly(monkeypatch):

@@ -171,6 +171,12 @@ class CpuBackend:
         """Schedule knobs of a bit-parallel (non-depthwise) convolution off tiles."""
         return self.tuner.conv_knobs(geo) if self.tuner else self.kernels.BitparallelKnobs()
 
+    def bitserial_dense_knobs(self, m: int, n: int, k: int, plane_spec, act_bits: int, zero_point: bool,
+                              acc_dtype: str, base):
+        """Schedule knobs of a bit-serial linear layer (``base``: :meth:`bitserial_knobs`)."""
+        return self.tuner.bitserial_dense_knobs(m, n, k, plane_spec, act_bits, zero_point, acc_dtype, base) \
+            if self.tuner else base
+
     def dense_knobs(self, m: int, n: int, k: int):
         """Schedule knobs of a bit-parallel ``[m, k] x [k, n]`` linear layer off tiles (int8 weights)."""
         return self.tuner.dense_knobs(m, n, k) if self.tuner else self.kernels.BitparallelKnobs()

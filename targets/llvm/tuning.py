@@ -1,11 +1,12 @@
 """Schedule search for the CPU kernels, per layer shape, cached on disk per CPU (``csqc compile --tune``).
 
-The bit-parallel kernels' register tiles and task sizes (``kernels.BitparallelKnobs``) come from
-a heuristic fitted on a few machines; the best tiling of a shape differs between CPUs (cache
-sizes, how many zmm multiply-adds issue per cycle) and between shapes. ``--tune`` builds a small
-grid of candidate schedules for every bit-parallel convolution and linear layer the plan runs
-off tiles, times each on this machine, and keeps the fastest where it beats the heuristic's by a
-margin larger than the timing noise. Every candidate computes the same integers (the knobs
+The CPU kernels' register tiles, unrolling and task sizes (``kernels.BitparallelKnobs``,
+``kernels.BitserialKnobs``) come from defaults fitted on a few machines; the best schedule of a
+shape differs between CPUs (cache sizes, how many zmm multiply-adds issue per cycle) and between
+shapes. ``--tune`` builds a small grid of candidate schedules for every bit-parallel convolution
+and linear layer the plan runs off AMX tiles and every bit-serial linear layer, times each on
+this machine, and keeps the fastest where it beats the default by a margin larger than the
+timing noise. Every candidate computes the same integers (the knobs
 change loop order and blocking only), so a tuned artifact is as exact as an untuned one; the
 tests check each candidate form against a reference anyway.
 
@@ -18,6 +19,7 @@ reaches a kernel builder, and a file that fails the check is ignored with a warn
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +47,7 @@ _RANGES = {
     "bpconv": {"conv_form": ("pixels", "channels"), "conv_channels": range(1, 33), "conv_vectors": range(1, 9),
                "conv_rows": range(1, 1 << 16), "row_block": range(1, 33), "col_vectors": range(1, 9)},
     "bpdense": {"row_block": range(1, 33), "col_vectors": range(1, 9)},
+    "bsdense": {"word_unroll": range(1, 17), "rows_per_task": range(1, 65), "pack_chunk": range(8, 1025)},
 }
 
 
@@ -166,14 +169,29 @@ class Tuner:
 
     def conv_knobs(self, geo):
         """Knobs of ``kernels.bitparallel_conv2d`` for a (non-depthwise) convolution geometry."""
+        from .kernels import BitparallelKnobs
+
         key = "bpconv:" + "x".join(str(v) for v in (
             geo.batch, geo.in_channels, geo.height, geo.width, geo.out_channels, geo.kernel_h, geo.kernel_w,
             *geo.stride, *geo.padding, *geo.dilation, geo.groups))
-        return self._knobs(key, lambda: _conv_problem(geo))
+        return BitparallelKnobs(**self._knobs(key, lambda: _conv_problem(geo)))
 
     def dense_knobs(self, m: int, n: int, k: int):
         """Knobs of ``kernels.bitparallel_dense`` (int8 weights) for an ``[m, k] x [k, n]`` product."""
-        return self._knobs(f"bpdense:{m}x{n}x{k}", lambda: _dense_problem(m, n, k))
+        from .kernels import BitparallelKnobs
+
+        return BitparallelKnobs(**self._knobs(f"bpdense:{m}x{n}x{k}", lambda: _dense_problem(m, n, k)))
+
+    def bitserial_dense_knobs(self, m: int, n: int, k: int, plane_spec, act_bits: int, zero_point: bool,
+                              acc_dtype: str, base):
+        """Knobs of ``kernels.bitserial_dense`` for these planes and activation bits; ``base`` (the
+        backend's ``BitserialKnobs``: lanes and table lookups, which fix the weight layout) is kept."""
+        signs = "".join("+" if sign > 0 else "-" for _, sign in plane_spec)
+        shifts = ".".join(str(shift) for shift, _ in plane_spec)
+        key = (f"bsdense:{m}x{n}x{k}:planes{shifts}{signs}:a{act_bits}:z{int(zero_point)}:{acc_dtype}"
+               f":lanes{base.lanes}:{'lut' if base.table_lookup else 'popcount'}")
+        return dataclasses.replace(base, **self._knobs(key, lambda: _bitserial_dense_problem(
+            m, n, k, plane_spec, act_bits, zero_point, acc_dtype, base)))
 
     def report(self) -> dict:
         shapes = [s.to_json() for s in self.shapes.values()]
@@ -182,9 +200,8 @@ class Tuner:
                 "default_us": round(sum(s["default_us"] for s in shapes), 3),
                 "tuned_us": round(sum(s["best_us"] for s in shapes), 3)}
 
-    def _knobs(self, key: str, problem):
-        from .kernels import BitparallelKnobs
-
+    def _knobs(self, key: str, problem) -> dict:
+        """The knob values to set for ``key`` (``{}``: the kernel's defaults)."""
         if key not in self.shapes:
             entry = self.cache.get(key)
             if entry is not None:
@@ -198,8 +215,8 @@ class Tuner:
                 self.cache.put(key, knobs, default_us, best_us)
                 self.shapes[key] = TunedShape(key, "searched", knobs, default_us, best_us)
             else:
-                return BitparallelKnobs()
-        return BitparallelKnobs(**self.shapes[key].knobs)
+                return {}
+        return dict(self.shapes[key].knobs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,9 +232,9 @@ def _conv_problem(geo):
     x = rng.integers(0, 16, input_shape).astype(np.uint8)
     w = packing.pack_bitparallel_conv_weight(rng.integers(-7, 8, weight_shape), geo.groups)
 
-    def factory(knobs):
+    def factory(knobs: dict):
         return kernels.bitparallel_conv2d(input_shape, weight_shape, geo.stride, geo.padding, geo.dilation,
-                                          geo.groups, knobs)
+                                          geo.groups, kernels.BitparallelKnobs(**knobs))
 
     return factory, (x, w), _conv_candidates(geo)
 
@@ -247,13 +264,29 @@ def _dense_problem(m: int, n: int, k: int):
     x = rng.integers(0, 16, (m, k)).astype(np.uint8)
     w = packing.pack_bitparallel_weight(rng.integers(-7, 8, (n, k)))
 
-    def factory(knobs):
-        return kernels.bitparallel_dense(m, n, k, "int8", "int32", knobs)
+    def factory(knobs: dict):
+        return kernels.bitparallel_dense(m, n, k, "int8", "int32", kernels.BitparallelKnobs(**knobs))
 
     candidates = [{"row_block": rb, "col_vectors": cv} for rb, cv in
                   ((1, 4), (2, 4), (4, 2), (4, 4), (6, 3), (8, 1), (8, 3), (12, 2), (16, 1))
                   if rb <= m and cv <= -(-n // 16)]
     return factory, (x, w), candidates
+
+
+def _bitserial_dense_problem(m, n, k, plane_spec, act_bits, zero_point, acc_dtype, base):
+    from . import kernels, packing
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 1 << act_bits, (m, k)).astype(np.uint8)
+    planes = packing.pack_weight_planes(rng.integers(0, 2, (len(plane_spec), n, k)).astype(np.uint8), lanes=base.lanes)
+
+    def factory(knobs: dict):
+        return kernels.bitserial_dense(m, n, k, plane_spec, act_bits, zero_point, acc_dtype,
+                                       dataclasses.replace(base, **knobs))
+
+    candidates = [{"word_unroll": unroll, "pack_chunk": chunk, "rows_per_task": rows}
+                  for unroll in (1, 2, 4) for chunk in (32, 128) for rows in ((1, 4) if m > 1 else (1,))]
+    return factory, (x, planes, len(plane_spec), 1 if zero_point else 0), candidates
 
 
 def _time_us(kernel, inputs, budget_us: float = 2000.0) -> float:
@@ -267,13 +300,13 @@ def _search(factory, inputs, candidates: list[dict], target) -> tuple[dict, floa
     """(knobs, heuristic's time, chosen time): every candidate built and timed once, then the
     heuristic's schedule and the fastest timed again, alternately; ``{}`` (the heuristic) unless
     the fastest wins by ``MIN_GAIN`` over both rounds."""
-    from .kernels import BitparallelKnobs, build
+    from .kernels import build
 
-    default = build(factory(BitparallelKnobs()), target)
+    default = build(factory({}), target)
     default_us = _time_us(default, inputs)
     best, best_kernel, best_us = {}, default, default_us
     for knobs in candidates:
-        kernel = build(factory(BitparallelKnobs(**knobs)), target)
+        kernel = build(factory(knobs), target)
         elapsed = _time_us(kernel, inputs)
         if elapsed < best_us:
             best, best_kernel, best_us = knobs, kernel, elapsed

@@ -117,6 +117,7 @@ class _Lowerer:
         # a backend may pick bit-parallel schedules per shape (the llvm one: csqc compile --tune)
         self.backend_conv_knobs = getattr(b, "conv_knobs", None)
         self.backend_dense_knobs = getattr(b, "dense_knobs", None)
+        self.backend_bitserial_dense_knobs = getattr(b, "bitserial_dense_knobs", None)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -615,6 +616,9 @@ class _Lowerer:
                 x_shape, shape, plane_spec, spec.act_bits, bool(z), stride, padding, dilation, groups, spec.acc_dtype, knobs))
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+            if self.backend_bitserial_dense_knobs is not None:  # the same lanes: the weight layout is fixed
+                knobs = self.backend_bitserial_dense_knobs(m, shape[0], k, plane_spec, act_bits, bool(z),
+                                                           spec.acc_dtype, knobs)
             packed = self.packing.pack_weight_planes(planes.reshape(len(plane_spec), shape[0], k), lanes=knobs.lanes)
             key = f"bsdense({m},{shape[0]},{k},{plane_spec},{act_bits},{bool(z)},{spec.acc_dtype})"
             f = self.plan.func(key, lambda: self.kernels.bitserial_dense(m, shape[0], k, plane_spec, act_bits, bool(z), spec.acc_dtype, knobs))
