@@ -101,6 +101,9 @@ def small_search(monkeypatch):
         next(c for c in conv_candidates(geo) if c["conv_form"] == form) for form in ("pixels", "channels")])
     monkeypatch.setattr(tuning, "_dense_problem", lambda m, n, k: (*dense_problem(m, n, k)[:2], [
         {"row_block": 1, "col_vectors": 1}, {"row_block": min(m, 4), "col_vectors": 1}]))
+    bitserial_problem = tuning._bitserial_dense_problem
+    monkeypatch.setattr(tuning, "_bitserial_dense_problem", lambda *args: (*bitserial_problem(*args)[:2], [
+        {"word_unroll": 1}, {"pack_chunk": 32, "rows_per_task": 1}]))
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,15 @@ def test_compile_tune_searches_once_then_reads_the_cache(tmp_path, private_cache
     report = csqc.verify(csqc.load(path), artifact=str(tmp_path / "a.so"), inputs=[x.numpy()], per_layer=True)
     assert report.ok and report.accumulators_exact
     np.testing.assert_array_equal(runtime.load(tmp_path / "b.so")(x.numpy()), runtime.load(tmp_path / "a.so")(x.numpy()))
+
+
+def test_bitserial_layers_are_tuned_and_exact(tmp_path, small_search, model_file):
+    path, x = model_file
+    result = csqc.compile(path, "llvm", tmp_path / "s.so", tune=True, force_kernel="bitserial")
+    kinds = {s["key"].split(":")[0] for s in result.report["tuning"]["shapes"]}
+    assert "bsdense" in kinds and "bpconv" not in kinds  # bit-serial convs keep their schedule
+    report = csqc.verify(csqc.load(path), artifact=str(tmp_path / "s.so"), inputs=[x.numpy()], per_layer=True)
+    assert report.ok and report.accumulators_exact
 
 
 def test_a_cache_for_another_cpu_is_not_used(tmp_path, private_cache, small_search, model_file):
