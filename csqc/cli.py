@@ -508,7 +508,8 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
 def _print_tuning(tuning: dict) -> None:
     shapes = tuning["shapes"]
     if not shapes:
-        click.echo("tuned nothing: no bit-parallel convolution or linear layer off AMX tiles to tune")
+        click.echo("tuned nothing: no bit-parallel convolution or linear layer off AMX tiles, nor bit-serial "
+                   "linear layer, to tune")
         return
     changed = sum(bool(s["knobs"]) for s in shapes)
     gain = tuning["default_us"] / tuning["tuned_us"] if tuning["tuned_us"] else 1.0

@@ -182,8 +182,8 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     a symbolic batch dimension instead of a fixed batch size. ``calibrate`` (every target):
     ``"digits"``, an ``.npz`` path or arrays; the dynamic activation scales become static ones
     measured there by the interpreter, a different model (the report's ``calibration`` says so).
-    ``tune`` (``llvm``, this machine's CPU): time candidate schedules of the bit-parallel kernels per
-    layer shape here and build with the fastest, cached on disk (``$CSQC_TUNING_CACHE``, else
+    ``tune`` (``llvm``, this machine's CPU): time candidate schedules of the bit-parallel kernels and
+    the bit-serial linear kernels per layer shape here and build with the fastest, cached on disk (``$CSQC_TUNING_CACHE``, else
     ``~/.cache/csqc/tuning.json``) for the next ``tune``; ``on_tune`` is called per shape searched.
     """
     from .targets.registry import CompileOptions, check_coverage, get_target

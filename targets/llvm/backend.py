@@ -159,7 +159,8 @@ class CpuBackend:
         target CPU has AVX-512 VBMI; see :func:`has_table_lookup`); ``amx``: the target has AMX
         tiles (``amx.target_has_amx``), taken by bit-parallel linear layers of many rows and by
         convolutions whose channels fill tiles; ``tuner``: a ``tuning.Tuner`` whose knobs the
-        bit-parallel convolutions and linear layers off tiles take (``csqc compile --tune``)."""
+        bit-parallel convolutions and linear layers off tiles and the bit-serial linear layers
+        take (``csqc compile --tune``)."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing

@@ -52,7 +52,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
               tune: bool = False, on_tune: Callable[[str], None] | None = None) -> dict:
     """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes).
     ``calibration``: the ``csqc.calibration.Calibration`` the plan records. ``tune``: search the
-    bit-parallel schedules per shape on this machine (``tuning.py``; cached on disk), calling
+    kernel schedules per shape on this machine (``tuning.py``; cached on disk), calling
     ``on_tune`` with each shape searched; the report's ``tuning`` says what was found."""
     from .amx import target_has_amx
     from .host import isa_features
