@@ -19,13 +19,12 @@ reaches a kernel builder, and a file that fails the check is ignored with a warn
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +157,11 @@ class TunedShape:
 
 
 class Tuner:
-    """Knobs per kernel shape for one build: the cache's, else (``search``) found by timing
-    candidates here, else the heuristic's (``kernels.BitparallelKnobs()``)."""
+    """Knobs per kernel shape for one build: the cache's, else found by timing candidates here
+    (``{}``: the kernel's defaults won)."""
 
-    def __init__(self, target, cache: TuningCache, search: bool = True, on_search=None):
-        self.target, self.cache, self.search = target, cache, search
+    def __init__(self, target, cache: TuningCache, on_search=None):
+        self.target, self.cache = target, cache
         self.on_search = on_search  # called with each problem key before it is searched
         self.shapes: dict[str, TunedShape] = {}
         self.seconds = 0.0
@@ -190,7 +189,7 @@ class Tuner:
         shifts = ".".join(str(shift) for shift, _ in plane_spec)
         key = (f"bsdense:{m}x{n}x{k}:planes{shifts}{signs}:a{act_bits}:z{int(zero_point)}:{acc_dtype}"
                f":lanes{base.lanes}:{'lut' if base.table_lookup else 'popcount'}")
-        return dataclasses.replace(base, **self._knobs(key, lambda: _bitserial_dense_problem(
+        return replace(base, **self._knobs(key, lambda: _bitserial_dense_problem(
             m, n, k, plane_spec, act_bits, zero_point, acc_dtype, base)))
 
     def report(self) -> dict:
@@ -206,7 +205,7 @@ class Tuner:
             entry = self.cache.get(key)
             if entry is not None:
                 self.shapes[key] = TunedShape(key, "cache", entry["knobs"], entry["default_us"], entry["best_us"])
-            elif self.search:
+            else:
                 if self.on_search is not None:
                     self.on_search(key)
                 start = time.perf_counter()
@@ -214,8 +213,6 @@ class Tuner:
                 self.seconds += time.perf_counter() - start
                 self.cache.put(key, knobs, default_us, best_us)
                 self.shapes[key] = TunedShape(key, "searched", knobs, default_us, best_us)
-            else:
-                return {}
         return dict(self.shapes[key].knobs)
 
 
@@ -282,7 +279,7 @@ def _bitserial_dense_problem(m, n, k, plane_spec, act_bits, zero_point, acc_dtyp
 
     def factory(knobs: dict):
         return kernels.bitserial_dense(m, n, k, plane_spec, act_bits, zero_point, acc_dtype,
-                                       dataclasses.replace(base, **knobs))
+                                       replace(base, **knobs))
 
     candidates = [{"word_unroll": unroll, "pack_chunk": chunk, "rows_per_task": rows}
                   for unroll in (1, 2, 4) for chunk in (32, 128) for rows in ((1, 4) if m > 1 else (1,))]
