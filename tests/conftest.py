@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
+# torch's OpenMP threads otherwise spin after every op and take the cores from TVM's kernels and
+# from the other test worker (pytest-xdist); set before torch loads (csqc.bench does the same)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
