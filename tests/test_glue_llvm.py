@@ -232,6 +232,8 @@ def test_dynamic_scale_from_extreme_accumulators_is_the_max_of_every_y(split, se
 @pytest.mark.parametrize("shape,act,post_act,out_scale,signed,offset,keep_y", [
     ((1, 8, 9, 9), "none", "relu", 0.0, False, False, True),  # ResNet: add, relu, dynamic codes, y kept
     ((1, 8, 9, 9), "none", "relu", 2.5, False, False, False),  # calibrated: codes only
+    ((1, 8, 9, 9), "relu", "relu", 0.0, True, False, False),  # dynamic codes only: y kept in a scratch buffer
+    ((2, 32, 32, 32), "none", "relu", 0.0, False, False, True),  # parallel rows store y, the codes pass reads it
     ((2, 6, 5, 4), "relu", "clip", 1.5, True, True, True),  # clip after the add, offset codes
     ((1, 16, 4, 4), "none", "none", None, False, False, True),  # MobileNetV2: add, float y only
 ])
