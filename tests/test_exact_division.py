@@ -45,6 +45,25 @@ def test_epilogue_divides_every_significand_by_levels_exactly(levels):
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+def test_every_split_divisor_is_checked_on_every_significand():
+    # glue._split_quotient is exact only for the constant divisors checked by the test above
+    assert glue._SPLIT_DIVISORS <= set(LEVELS)
+
+
+def test_split_quotient_at_the_edge_of_its_domain():
+    # dividends of the smallest in-range scale (2^-60) times small integers, and the largest
+    n = 1 << 16
+    ints = np.concatenate([np.arange(1, n // 2), RNG.integers(1 << 20, 1 << 31, n // 2 + 1)]).astype(np.int32)
+    acc = (ints * np.where(RNG.random(n) < 0.5, -1, 1)).astype(np.int32).reshape(1, 1, 1, n)
+    for scale in (F32(2.0**-60), F32(2.0**-60 * 1.75), F32(2.0**60)):
+        for levels in sorted(glue._SPLIT_DIVISORS):
+            kernel = glue.epilogue(acc.shape, 1, levels, "none", 0.0, 0.0, True)
+            args = (acc, np.array([scale], F32), np.ones(1, F32), np.zeros(1, F32))
+            (got,) = run(kernel, *args, outputs=[(acc.shape, "float32")])
+            expected = (acc.astype(F32) * scale) / F32(levels)
+            assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (scale, levels)
+
+
 def test_quotient_by_run_time_divisors_matches_division():
     n = 1 << 20
     exponents = RNG.uniform(-60, 60, size=n // 1024)

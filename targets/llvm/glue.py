@@ -140,11 +140,46 @@ def _quotient(num, den, recip) -> tirx.PrimExpr:
     return _fma(_fma(-q, den, num), recip, q)
 
 
+# Constant divisors d for which :func:`_split_quotient` is the correctly rounded quotient of every
+# float32 dividend in _quotient's domain: L = 2^b - 1 of every activation width (b = 1 divides
+# by one). Checked for every float32 significand through the real kernels
+# (tests/test_exact_division.py); a divisor added here must be added there.
+_SPLIT_DIVISORS = frozenset(2**bits - 1 for bits in range(2, 9))
+
+
+@functools.lru_cache(maxsize=None)
+def _reciprocal_split(divisor: float) -> tuple[float, float]:
+    """``(zh, zl)``: ``zh = RN(1 / d)`` and ``zl = RN(1 / d - zh)`` as float32 values."""
+    d = np.float32(divisor)
+    zh = np.float32(1.0) / d
+    zl = np.float32(np.float64(1.0) / np.float64(d) - np.float64(zh))
+    # num * zl stays normal for every dividend of _split_quotient's domain (|num| >= 2^-90)
+    assert zl == 0 or abs(zl) >= 2.0**-36, (divisor, zl)
+    return float(zh), float(zl)
+
+
+def _split_quotient(num, divisor: float) -> tirx.PrimExpr:
+    """``num / d`` for a constant ``d`` of ``_SPLIT_DIVISORS`` in one multiply and one FMA:
+    ``RN(num * zh + RN(num * zl))`` with ``zh + zl`` the reciprocal to twice float32's precision
+    (Brisebarre, Muller and Raina, IEEE Trans. Computers 53(8), 2004: for most divisors this is
+    the correctly rounded quotient of every dividend; which ones is checked, not assumed).
+    Domain: ``num`` zero or ``|num| >= 2^-90`` (``num * zl`` normal; products below ``num``):
+    the callers divide an integer times a scale ``S >= 2^-60`` (their divisor-range branch).
+    ``num`` must be rounded already; against :func:`_quotient` it saves three FMAs a value."""
+    zh, zl = _reciprocal_split(divisor)
+    return _fma(num, _f32(zh), _rounded(num * _f32(zl)))
+
+
 def _divided(num, den, recip=None) -> tirx.PrimExpr:
     """``num / den``: :func:`_quotient` with ``recip`` (the caller branched on the divisor's
-    range), a divide without it. ``num`` is rounded first (no FMA contraction into it)."""
+    range; :func:`_split_quotient` where ``den`` is a constant it is exact for), a divide
+    without it. ``num`` is rounded first (no FMA contraction into it)."""
     if recip is None:
         return num / den
+    if isinstance(den, tirx.FloatImm) and den.value in _SPLIT_DIVISORS:
+        # the levels L; a static quantizer scale equal to one takes it too (its dividends below
+        # 2^-90 give quotients below 2^-91, code 0 either way)
+        return _split_quotient(_rounded(num), den.value)
     return _quotient(_rounded(num), den, recip)
 
 
