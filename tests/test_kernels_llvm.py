@@ -427,6 +427,48 @@ def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding,
                                   conv_reference(x, q, stride, padding, dilation, groups))
 
 
+DIRECT_STORE_CASES = [
+    # one-column convs whose register tiles go straight to the output:
+    # input shape, weight shape, stride, padding, groups, knobs
+    ((2, 8, 12, 20), (24, 8, 1, 1), (1, 1), (0, 0), 1, None),  # batch 2, tasks of 8 rows: the last one half past OH
+    ((2, 8, 12, 20), (20, 8, 1, 1), (1, 1), (0, 0), 1,         # 4 channels of a second block
+     kernels.BitparallelKnobs(conv_channels=16, conv_vectors=1, conv_rows=4)),
+    ((1, 12, 16, 24), (10, 12, 1, 1), (2, 2), (0, 0), 1, None),  # strided
+    ((1, 8, 16, 16), (16, 8, 1, 1), (1, 1), (0, 1), 1, None),  # column padding: the padded columns are outputs
+    ((1, 8, 8, 8), (16, 4, 1, 1), (1, 1), (0, 0), 2, None),    # groups
+    ((1, 6, 9, 16), (24, 6, 1, 1), (1, 1), (0, 0), 1, kernels.BitparallelKnobs(conv_channels=8, conv_vectors=2,
+                                                                                  conv_rows=4)),
+]
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,groups,knobs", DIRECT_STORE_CASES)
+def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, padding, groups, knobs):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
+    assert kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs()).direct
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs=knobs)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
+                                  conv_reference(x, q, stride, padding, (1, 1), groups))
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,knobs", [
+    ((1, 8, 14, 14), (16, 8, 1, 1), (1, 1), (0, 0), None),     # 196 outputs: a vector would cross the end
+    ((1, 8, 16, 16), (16, 8, 3, 3), (1, 1), (1, 1), None),     # padded columns: Wq > OW
+    ((1, 8, 16, 16), (16, 8, 1, 2), (1, 1), (0, 0), None),     # two columns: Wq > OW
+    ((1, 8, 16, 16), (16, 8, 1, 1), (1, 1), (0, 0), kernels.BitparallelKnobs(conv_vectors=2, conv_rows=3)),
+])
+def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_shape, weight_shape, stride, padding,
+                                                                        knobs):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, 1)
+    assert not kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs()).direct
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, 256, input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, 1, knobs=knobs)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
+                                  conv_reference(x, q, stride, padding, (1, 1), 1))
+
+
 @pytest.mark.parametrize("channels,vectors,rows", [(4, 4, 1), (8, 3, 5), (12, 2, 100), (24, 1, 2)])
 def test_bitparallel_conv2d_tilings(channels, vectors, rows):
     input_shape, weight_shape, stride, padding, dilation = (1, 10, 13, 11), (24, 10, 3, 3), (1, 2), (2, 1), (1, 2)
