@@ -438,6 +438,13 @@ DIRECT_STORE_CASES = [
     ((1, 8, 8, 8), (16, 4, 1, 1), (1, 1), (0, 0), 2, None),    # groups
     ((1, 6, 9, 16), (24, 6, 1, 1), (1, 1), (0, 0), 1, kernels.BitparallelKnobs(conv_channels=8, conv_vectors=2,
                                                                                   conv_rows=4)),
+    # rows of whole vectors (OW % 16 == 0): the vectors skip the columns no output has
+    ((1, 8, 16, 16), (16, 8, 3, 3), (1, 1), (1, 1), 1, None),
+    ((2, 12, 11, 32), (20, 12, 3, 3), (1, 1), (1, 1), 1, None),  # two vectors a row, last task partial
+    ((1, 8, 33, 32), (16, 8, 3, 3), (2, 2), (1, 1), 1, None),  # strided: 17 x 16 outputs
+    ((1, 8, 12, 32), (16, 8, 3, 5), (1, 1), (2, 2), 1, None),  # 5 columns: Wq = 36, OW = 32
+    ((1, 8, 10, 32), (24, 8, 3, 3), (1, 1), (1, 1), 1, kernels.BitparallelKnobs(conv_channels=8, conv_vectors=2,
+                                                                                  conv_rows=3)),
 ]
 
 
@@ -454,8 +461,8 @@ def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, pad
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,knobs", [
     ((1, 8, 14, 14), (16, 8, 1, 1), (1, 1), (0, 0), None),     # 196 outputs: a vector would cross the end
-    ((1, 8, 16, 16), (16, 8, 3, 3), (1, 1), (1, 1), None),     # padded columns: Wq > OW
-    ((1, 8, 16, 16), (16, 8, 1, 2), (1, 1), (0, 0), None),     # two columns: Wq > OW
+    ((1, 8, 14, 14), (16, 8, 3, 3), (1, 1), (1, 1), None),     # padded columns (Wq > OW), rows of 14
+    ((1, 8, 16, 20), (16, 8, 1, 2), (1, 1), (0, 0), None),     # two columns: Wq > OW, rows of 19
     ((1, 8, 16, 16), (16, 8, 1, 1), (1, 1), (0, 0), kernels.BitparallelKnobs(conv_vectors=2, conv_rows=3)),
 ])
 def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_shape, weight_shape, stride, padding,

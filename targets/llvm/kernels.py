@@ -1119,20 +1119,23 @@ class _PixelPlan:
     channels: int      # output channels per register tile (weight words broadcast)
     vectors: int       # 16-pixel vectors per register tile
     rows: int          # output rows per parallel task
-    chunks: int        # register tiles per task (rows * Wq positions, rounded up)
+    chunks: int        # register tiles per task (rows * Wq positions rounded up; direct: rows * OW)
     direct: bool       # register tiles stored straight into the output (see _direct_rows)
 
 
 def _direct_rows(geo: ConvGeometry, vectors: int, rows: int) -> int:
     """Rows per task near ``rows`` for which every register tile can be stored straight into
-    the output, 0 where none can. That needs the flat ``rows x Wq`` domain to be the output's
-    own layout (``Wq == OW``: one-column kernels without column padding, any stride), whole
-    tiles per task (``rows * OW`` a multiple of ``16 * vectors``) and whole vectors up to the
-    output's end (the last task's tiles past ``OH`` rows are then skipped whole). It saves the
+    the output, 0 where none can. That needs vectors that are runs of one output's layout:
+    either the flat ``rows x Wq`` domain is that layout (``Wq == OW``: one-column kernels without
+    column padding, any stride) and whole vectors reach the output's end, or output rows are
+    whole vectors (``OW % 16 == 0``: the vectors then skip the ``Wq - OW`` columns no output
+    has, which are not computed either). Whole tiles per task (``rows * OW`` a multiple of
+    ``16 * vectors``): the last task's tiles past ``OH`` rows are skipped whole. It saves the
     stack tile and its copy (a 1x1 conv 16 -> 96 channels at 112x112, one thread: 351-405 ->
     248-261 us)."""
     oh, ow = geo.out_h, geo.out_w
-    if -(-geo.padded_w // geo.stride[1]) != ow or oh * ow % VNNI_LANES:
+    flat = -(-geo.padded_w // geo.stride[1]) == ow and oh * ow % VNNI_LANES == 0
+    if not flat and ow % VNNI_LANES:
         return 0
     step = VNNI_LANES * vectors // math.gcd(ow, VNNI_LANES * vectors)  # rows per whole number of tiles
     if step > oh:
@@ -1168,7 +1171,7 @@ def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
     if explicit_rows and direct_rows != rows:
         direct_rows = 0  # the knobs' rows stand; direct stores only where they allow them
     rows = direct_rows or rows
-    chunks = -(-(rows * wq) // (16 * vectors))
+    chunks = rows * geo.out_w // (16 * vectors) if direct_rows else -(-(rows * wq) // (16 * vectors))
     return _PixelPlan(channels, vectors, rows, chunks, direct_rows > 0)
 
 
@@ -1182,7 +1185,8 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
     words: output (oh, ow) of tap (r, s) is at phase ``(r*dh % sh, s*dw % sw)``, row
     ``oh + r*dh // sh``, column ``ow + s*dw // sw``.  Positions are computed over the flat
     ``rows x Wq`` domain of a task (columns ``ow >= OW`` are computed and dropped), staged in a
-    small stack tile and copied out row by row.
+    small stack tile and copied out row by row; where the plan allows (``_direct_rows``) the
+    vectors are runs of output rows instead, stored straight into ``y``.
     """
     plan = _conv_pixel_plan(geo, knobs)
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
@@ -1198,11 +1202,15 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
     k_groups = kh * kwid * c_groups
     Hq, Wq = -(-Hp // sh), -(-Wp // sw)
     OB, V, NR, NCH, direct = plan.channels, plan.vectors, plan.rows, plan.chunks, plan.direct
-    span = NCH * V * VNNI_LANES            # flat positions computed per task
+    span = NCH * V * VNNI_LANES            # positions computed per task
+    # direct stores with Wq > OW: vector f of a task starts at output row f // vpr, and the
+    # input position skips the row's gap columns
+    gap = Wq - OW if direct else 0
+    vpr = OW // VNNI_LANES if gap else 1
     o_blocks = -(-Og // OB)
     row_tasks = -(-OH // NR)
     tasks = B * G * o_blocks * row_tasks
-    max_read = ((row_tasks - 1) * NR + (kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + span
+    max_read = ((row_tasks - 1) * NR + (kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + max(span, NR * Wq)
     rows_alloc = max(Hq, -(-max_read // Wq))
     planes = G * c_groups
     stage = phase_staging(geo, rows_alloc)
@@ -1237,7 +1245,8 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
                                                      + task // (o_blocks * row_tasks) % G * c_groups + cq) * sh
                                                     + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq
                                                   + (task % row_tasks * NR + r * dh // sh) * Wq + s * dw // sw
-                                                  + chunk * V * VNNI_LANES + v * VNNI_LANES, 1, VNNI_LANES)],
+                                                  + (chunk * V + v) * VNNI_LANES + (chunk * V + v) // vpr * gap,
+                                                  1, VNNI_LANES)],
                                         ww[((task // (o_blocks * row_tasks) % G * n_tiles
                                              + T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
                                              // VNNI_LANES) * k_groups + (r * kwid + s) * c_groups + cq)
@@ -1245,7 +1254,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
                                            + T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
                                            % VNNI_LANES])
                 if direct:
-                    # the flat position is the output's (Wq == OW); whole vectors up to OH * OW
+                    # vector f is output run f (see _direct_rows); whole vectors up to OH * OW
                     for o in T.unroll(OB):
                         for v in T.unroll(V):
                             if (task // row_tasks % o_blocks * OB + o < Og
