@@ -24,8 +24,10 @@ goes through ``llvm.arithmetic.fence`` (:func:`_rounded`) so the add sees the ro
 The quantizer and epilogue divisions by a scale or by ``L`` are hot (a vector divide costs about
 ten multiplies), so where nothing can underflow or overflow they run as :func:`_quotient`, a
 reciprocal multiply with two FMA corrections that gives the correctly rounded quotient (the
-same float32 as the divide); elsewhere divisions stay divisions.  Float conv / linear sums use
-FMAs and a different summation order (within 1e-5 relative, not bit-identical to numpy).
+same float32 as the divide), or for the constant ``L`` as :func:`_split_quotient` (one multiply
+and one FMA, checked exact for every significand); elsewhere divisions stay divisions.  Float
+conv / linear sums use FMAs and a different summation order (within 1e-5 relative, not
+bit-identical to numpy).
 
 Every builder is a pure function of static shapes and attributes and returns a scheduled
 ``tvm.tirx.PrimFunc`` (loops already carry their parallel / vectorized / unrolled kinds: TVM
@@ -141,8 +143,8 @@ def _quotient(num, den, recip) -> tirx.PrimExpr:
 
 
 # Constant divisors d for which :func:`_split_quotient` is the correctly rounded quotient of every
-# float32 dividend in _quotient's domain: L = 2^b - 1 of every activation width (b = 1 divides
-# by one). Checked for every float32 significand through the real kernels
+# float32 dividend in its domain: L = 2^b - 1 of every activation width above one bit (one bit
+# divides by 1). Checked for every float32 significand through the real kernels
 # (tests/test_exact_division.py); a divisor added here must be added there.
 _SPLIT_DIVISORS = frozenset(2**bits - 1 for bits in range(2, 9))
 
