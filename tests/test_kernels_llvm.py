@@ -355,6 +355,10 @@ CONV_CASES = [
     ((1, 6, 9, 8), (24, 6, 1, 1), (2, 2), (0, 0), (1, 1), 1),      # 1x1 strided, Cg % 4 != 0
     ((2, 5, 9, 7), (7, 5, 3, 3), (3, 3), (1, 1), (1, 1), 1),       # stride 3: fallback kernel
     ((1, 3, 11, 10), (3, 1, 3, 3), (3, 2), (1, 1), (1, 1), 3),     # depthwise fallback
+    # stride-2 depthwise of even widths reads 16-bit pairs of codes: input column 2j + d, d < 0 to 1
+    ((1, 4, 9, 12), (4, 1, 3, 3), (2, 2), (0, 0), (1, 1), 4),      # d = 0, 1
+    ((2, 3, 10, 14), (6, 1, 3, 3), (2, 2), (2, 2), (2, 2), 3),     # d = -2, multiplier 2, batch 2
+    ((1, 4, 9, 11), (4, 1, 3, 3), (2, 2), (1, 1), (1, 1), 4),      # odd width: byte by byte
 ]
 
 

@@ -839,16 +839,29 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     pieces = -(-OW // 64)
     width = -(-OW // pieces)
     full, tail = OW // width, OW % width
+    W = geo.width
+    # stride-2 columns of even-width rows: one byte of each 16-bit pair of codes, so contiguous
+    # 16-bit loads and a narrowing store instead of a byte gather (96 channels of 112x112 with
+    # stride 2, one thread: 392-406 -> 247-282 us)
+    pairs16 = sw == 2 and W % 2 == 0
 
     @T.macro
     def copy_pair(x, xp, b, c, pair):
+        x16 = T.decl_buffer((B * C * H * W // 2 if pairs16 else 1,), "uint16", data=x.data)
         for hq in range(Hq):
             for j in T.vectorized(Wq):
                 xp[b * C + c, pair[0], pair[1], hq, j] = T.uint8(0)
             if 0 <= hq * sh + pair[0] - ph and hq * sh + pair[0] - ph < H:
-                for j in T.vectorized(pair[3]):
-                    xp[b * C + c, pair[0], pair[1], hq, pair[2] + j] = \
-                        x[b, c, hq * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw]
+                if pairs16:
+                    # input column 2 (lo + j) + d, d = a_w - pw: byte d % 2 of pair lo + j + d // 2
+                    for j in T.vectorized(pair[3]):
+                        xp[b * C + c, pair[0], pair[1], hq, pair[2] + j] = T.Cast("uint8", x16[
+                            ((b * C + c) * H + hq * sh + pair[0] - ph) * (W // 2) + pair[2] + j + (pair[1] - pw) // 2]
+                            >> T.uint16(8 * ((pair[1] - pw) % 2)))
+                else:
+                    for j in T.vectorized(pair[3]):
+                        xp[b * C + c, pair[0], pair[1], hq, pair[2] + j] = \
+                            x[b, c, hq * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw]
 
     @T.macro
     def row_piece(xp, y, q, b, c, o, oh, ow0, size):
