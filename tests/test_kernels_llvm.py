@@ -355,7 +355,7 @@ CONV_CASES = [
     ((1, 6, 9, 8), (24, 6, 1, 1), (2, 2), (0, 0), (1, 1), 1),      # 1x1 strided, Cg % 4 != 0
     ((2, 5, 9, 7), (7, 5, 3, 3), (3, 3), (1, 1), (1, 1), 1),       # stride 3: fallback kernel
     ((1, 3, 11, 10), (3, 1, 3, 3), (3, 2), (1, 1), (1, 1), 3),     # depthwise fallback
-    # stride-2 depthwise of even widths reads 16-bit pairs of codes: input column 2j + d, d < 0 to 1
+    # stride-2 depthwise of even widths reads 16-bit pairs of codes: input column 2j + d, d from -2 to 1
     ((1, 4, 9, 12), (4, 1, 3, 3), (2, 2), (0, 0), (1, 1), 4),      # d = 0, 1
     ((2, 3, 10, 14), (6, 1, 3, 3), (2, 2), (2, 2), (2, 2), 3),     # d = -2, multiplier 2, batch 2
     ((1, 4, 9, 11), (4, 1, 3, 3), (2, 2), (1, 1), (1, 1), 4),      # odd width: byte by byte
@@ -432,8 +432,8 @@ def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding,
 
 
 DIRECT_STORE_CASES = [
-    # one-column convs whose register tiles go straight to the output:
-    # input shape, weight shape, stride, padding, groups, knobs
+    # convs whose register tiles go straight to the output (kernels._direct_rows):
+    # input shape, weight shape, stride, padding, groups, knobs; first one-column convs (Wq == OW)
     ((2, 8, 12, 20), (24, 8, 1, 1), (1, 1), (0, 0), 1, None),  # batch 2, tasks of 8 rows: the last one half past OH
     ((2, 8, 12, 20), (20, 8, 1, 1), (1, 1), (0, 0), 1,         # 4 channels of a second block
      kernels.BitparallelKnobs(conv_channels=16, conv_vectors=1, conv_rows=4)),
@@ -454,13 +454,7 @@ DIRECT_STORE_CASES = [
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,groups,knobs", DIRECT_STORE_CASES)
 def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, padding, groups, knobs):
-    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
-    assert kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs()).direct
-    q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs=knobs)
-    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
-                                  conv_reference(x, q, stride, padding, (1, 1), groups))
+    check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct=True)
 
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,knobs", [
@@ -471,13 +465,18 @@ def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, pad
 ])
 def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_shape, weight_shape, stride, padding,
                                                                         knobs):
-    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, 1)
-    assert not kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs()).direct
+    check_pixel_conv(input_shape, weight_shape, stride, padding, 1, knobs, direct=False)
+
+
+def check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct: bool):
+    """The plan stores directly (or not) as ``direct`` says, and the conv is exact either way."""
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
+    assert kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs()).direct == direct
     q = RNG.integers(-128, 128, weight_shape)
     x = RNG.integers(0, 256, input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, 1, knobs=knobs)
-    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
-                                  conv_reference(x, q, stride, padding, (1, 1), 1))
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs=knobs)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
+                                  conv_reference(x, q, stride, padding, (1, 1), groups))
 
 
 @pytest.mark.parametrize("channels,vectors,rows", [(4, 4, 1), (8, 3, 5), (12, 2, 100), (24, 1, 2)])
