@@ -364,6 +364,10 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(*xs)}
         sizes = {"csqc": (weight_bytes, "")}
         notes: list[str] = []
+        if art.threads is not None and art.threads < threads:
+            notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
+                         "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "
+                         "overrides it)")
         probe_limits = limits and device == "cpu"
         graph = optimize(model, "none", batch=shape[0]) if baselines or probe_limits else None
         if baselines:
@@ -514,15 +518,9 @@ def integer_macs(graph: Graph, layers: dict[str, dict]) -> int | None:
         # codes split by sign: one product per part (a small bit-parallel layer runs both in one
         # call and writes one accumulator, so only its xq_neg tells)
         passes = 2 if tensors.get("acc_neg") or tensors.get("xq_neg") else 1
-        total += _layer_macs(n) * planes * passes
+        total += n.multiply_adds * planes * passes
         counted = True
     return total if counted else None
-
-
-def _layer_macs(n: Node) -> int:
-    """Output elements x products per output (the weight's elements per output channel)."""
-    weight_shape = n.attrs["weight_shape"]
-    return int(np.prod(n.type.shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
 
 
 def utilization(limits, csqc_us: float, weight_bytes: int, int_macs: int | None) -> dict:

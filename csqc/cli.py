@@ -334,6 +334,8 @@ def _print_artifact(info: dict, as_json: bool) -> None:
         return
     console = stdout_console()
     console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}")
+    if info.get("threads"):
+        console.print(f"threads: at most {info['threads']} per call (its layers are small)")
     calibration = info["calibration"]
     if calibration is None:
         console.print("calibration: none (dynamic activation scales)")

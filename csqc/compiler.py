@@ -142,7 +142,8 @@ def is_artifact_path(path) -> bool:
 
 def inspect_artifact(path) -> dict:
     """What a compiled artifact says about itself, read and checked without loading its library:
-    its target, model name and the calibration it records (``csqc.calibration``; None: dynamic scales)."""
+    its target, model name, thread cap (where it has one) and the calibration it records
+    (``csqc.calibration``; None: dynamic scales)."""
     from .calibration import onnx_calibration, plan_calibration
 
     path = Path(path)
@@ -152,7 +153,7 @@ def inspect_artifact(path) -> dict:
         model = load_onnx(path)
         kind = {p.key: p.value for p in model.metadata_props}.get("csqc.kind", "not written by csqc")
         target, name = f"onnx ({kind})", model.graph.name
-        calibration = onnx_calibration(model, path)
+        calibration, threads = onnx_calibration(model, path), None
     else:
         from .artifact import read_artifact
         from .runtime import check_plan
@@ -161,7 +162,8 @@ def inspect_artifact(path) -> dict:
         check_plan(path, contents.plan, contents.weights)
         target, name = contents.plan["target"]["kind"], str(contents.plan.get("model"))
         calibration = plan_calibration(contents.plan, path)
-    return {"artifact": str(path), "target": target, "model": name,
+        threads = contents.plan.get("threads")
+    return {"artifact": str(path), "target": target, "model": name, **({"threads": threads} if threads else {}),
             "calibration": None if calibration is None else {
                 "scales": len(calibration), "samples": calibration.samples,
                 "source_sha256": calibration.source_sha256, "data_sha256": calibration.data_sha256,

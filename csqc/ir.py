@@ -324,6 +324,12 @@ class Node:
         """This layer node's inputs by role (``IRError`` for a node that is not a layer)."""
         return layer_inputs(self)
 
+    @property
+    def multiply_adds(self) -> int:
+        """A layer's multiply-adds per call: output elements x weight elements per output channel."""
+        weight_shape = self.attrs["weight_shape"]
+        return int(np.prod(self.type.shape, dtype=np.int64)) * int(np.prod(weight_shape[1:], dtype=np.int64))
+
     def attr(self, key: str, default=None):
         """The attribute, else ``default``, else the op table's default for it."""
         if key in self.attrs:

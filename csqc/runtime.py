@@ -5,6 +5,7 @@
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
     model.calibration                # compile --calibrate: the static scales it was built with (or None)
+    model.threads                    # the most threads a call uses (the compiler's choice; None: TVM's)
 
 The artifact (see ``csqc.artifact``) is the shared library with ``plan.json``, ``weights.npz``
 and their SHA-256 digests appended. ``load`` checks the digests, the plan and every declared
@@ -13,6 +14,7 @@ or trust (``csqc compile -t onnx`` gives the data-only form for untrusted exchan
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -53,6 +55,9 @@ class CompiledModel:
         self.calibration: Calibration | None = plan_calibration(self.plan, path)
         self.path = path
         self.target = self.plan["target"]["kind"]
+        # the most threads a call uses: the compiler caps models of small layers at one (see
+        # csqc.targets.llvm.target.thread_cap); settable, None leaves TVM's pool as configured
+        self.threads: int | None = self.plan.get("threads")
         self._check_cpu()
         # only now, with digests and plan checked, may the library reach a loader
         self.dev, self.lib = self._open(contents.library)
@@ -318,8 +323,9 @@ class CompiledModel:
                 self._fill_acc_offsets(skips)
             self._prepared_for = skips
         try:
-            for func, args in self._run_cache.get(skips) or self._run_calls(skips):
-                func(*args)
+            with self._thread_limit():
+                for func, args in self._run_cache.get(skips) or self._run_calls(skips):
+                    func(*args)
         except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
             raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
         if record is not None:
@@ -332,6 +338,32 @@ class CompiledModel:
             outs = [self.buffers[o["name"]].numpy() for o in self.outputs]
         self._check_overflow(outs)
         return outs[0] if len(outs) == 1 else outs
+
+    @contextlib.contextmanager
+    def _thread_limit(self):
+        """Run the enclosed kernels on at most ``self.threads`` threads.
+
+        TVM reads ``TVM_NUM_THREADS`` at every parallel launch (else ``OMP_NUM_THREADS``, else
+        half the hardware threads on x86), and at 1 runs the task on the calling thread without
+        waking its pool. So the variable is lowered for the call where it would allow more, and
+        restored after it: other models in the process keep their threads."""
+        cap = self.threads
+        if cap is None or not self._host:
+            yield
+            return
+        previous = os.environ.get("TVM_NUM_THREADS")
+        configured = previous if previous is not None else os.environ.get("OMP_NUM_THREADS")
+        if configured is not None and configured.strip().isdigit() and 0 < int(configured) <= cap:
+            yield
+            return
+        os.environ["TVM_NUM_THREADS"] = str(cap)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TVM_NUM_THREADS"]
+            else:
+                os.environ["TVM_NUM_THREADS"] = previous
 
     def _check_overflow(self, outs: list[np.ndarray]) -> None:
         """Refuse a run whose activations left float32's range, as the interpreter does.
@@ -384,11 +416,12 @@ def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepT
     model(*inputs)  # copies the inputs in and prepares derived weights
     calls = model._calls(())
     samples = np.zeros((repeat, len(calls)))
-    for r in range(repeat):
-        for i, (func, args) in enumerate(calls):
-            start = time.perf_counter()
-            func(*args)
-            samples[r, i] = time.perf_counter() - start
+    with model._thread_limit():  # on the threads a call runs on
+        for r in range(repeat):
+            for i, (func, args) in enumerate(calls):
+                start = time.perf_counter()
+                func(*args)
+                samples[r, i] = time.perf_counter() - start
     medians = np.median(samples, axis=0) * 1e6
     return [StepTime(i, step.get("layer", ""), _kernel_kind(step["func"]), float(t))
             for i, (step, t) in enumerate(zip(model.plan["steps"], medians))]
@@ -460,6 +493,9 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
     features = target.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) and len(f) < 64 for f in features):
         return "the target's 'features' must list instruction set names"
+    threads = plan.get("threads")
+    if threads is not None and not (type(threads) is int and 1 <= threads <= 1024):
+        return "'threads' must be a thread count from 1 to 1024"
     buffers = plan.get("buffers")
     if not isinstance(buffers, dict) or not all(isinstance(b, dict) for b in buffers.values()):
         return "'buffers' must map names to buffer specs"

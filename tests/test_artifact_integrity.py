@@ -209,6 +209,17 @@ def test_an_unused_huge_buffer_is_refused(artifact, tmp_path):
         runtime.load(path)
 
 
+@pytest.mark.parametrize("threads", [0, -1, 2000, "1", 1.0, True])
+def test_a_thread_count_csqc_would_not_write_is_refused(artifact, tmp_path, threads):
+    library, members = _split(artifact)
+    plan = json.loads(members[PLAN])
+    plan["threads"] = threads
+    path = tmp_path / "threads.so"
+    path.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    with pytest.raises(BadInput, match="'threads' must be a thread count"):
+        runtime.load(path)
+
+
 def test_a_weight_claiming_more_than_it_holds_is_refused(artifact, tmp_path):
     library, members = _split(artifact)
     header = io.BytesIO()

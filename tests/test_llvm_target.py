@@ -4,6 +4,7 @@ Kernels are tested one by one in test_kernels_llvm.py and test_glue_llvm.py; her
 go through the driver, and the artifact's integer accumulators must equal the interpreter's.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -82,6 +83,58 @@ def test_resnet20_artifact_verifies(tmp_path):
     out = tmp_path / "r20.so"
     csqc.compile(model, "llvm", out)
     _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
+
+
+def test_a_model_of_small_layers_runs_on_one_thread_and_large_ones_are_not_capped(compiled, tmp_path):
+    from csqc.targets.llvm.target import ONE_THREAD_LAYER_MACS
+
+    # the digits MLP's largest layer is far below the bound: one thread
+    model, path, result = compiled("digits-mlp")
+    assert max(n.multiply_adds for n in csqc.optimize(model, batch=DIGITS_BATCH).quant_layers()) < ONE_THREAD_LAYER_MACS
+    assert result.report["threads"] == 1 and runtime.load(path).threads == 1
+    # one layer of 2048 x 2048 at batch 1 is just above it: no cap, TVM's pool decides
+    torch.manual_seed(0)
+    net = csqc.finalize(csqc.convert(torch.nn.Sequential(torch.nn.Linear(2048, 2048)).eval(), n_bits=2, act_bits=4))
+    csqc.save(net.eval(), tmp_path / "wide.pt", torch.zeros(1, 2048))
+    assert 2048 * 2048 >= ONE_THREAD_LAYER_MACS
+    wide = csqc.compile(csqc.load(tmp_path / "wide.pt"), "llvm", tmp_path / "wide.so")
+    assert wide.report["threads"] is None and runtime.load(tmp_path / "wide.so").threads is None
+    assert "threads" not in runtime.load(tmp_path / "wide.so").plan
+
+
+def test_the_thread_cap_holds_for_the_call_only_and_changes_no_result(compiled, monkeypatch):
+    """TVM reads TVM_NUM_THREADS at each parallel launch: the runtime lowers it for a call of a
+    capped model and restores it after; the kernels' results do not depend on the thread count."""
+    _, path, _ = compiled("digits-cnn")  # at batch 50 its convs are large enough to run in parallel
+    m = runtime.load(path)
+    x = np.random.default_rng(1).random(m.inputs[0]["shape"], dtype=np.float32)
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    m.threads = None
+    free = m(x)
+    m.threads = 1
+    seen = []
+
+    def on_call():
+        with m._thread_limit():
+            seen.append(os.environ.get("TVM_NUM_THREADS"))
+
+    capped = m(x)
+    assert np.array_equal(capped, free)
+    on_call()
+    assert seen == ["1"] and os.environ["TVM_NUM_THREADS"] == "2"
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    on_call()
+    assert seen[-1] == "1" and "TVM_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # already at the cap: left alone
+    on_call()
+    assert seen[-1] == "1" and os.environ["TVM_NUM_THREADS"] == "1"
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    m.threads = None  # uncapped: the pool's two threads
+    on_call()
+    assert seen[-1] == "2"
+    m.threads = 2
+    assert np.array_equal(m(x), capped)
 
 
 @pytest.mark.slow

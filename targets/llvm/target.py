@@ -16,9 +16,24 @@ from csqc.targets.tvm.whole_model import add_whole_model_function
 
 from .backend import CpuBackend, has_table_lookup
 
-__all__ = ["check_cpu", "check_tune", "emit_llvm"]
+__all__ = ["check_cpu", "check_tune", "emit_llvm", "thread_cap", "ONE_THREAD_LAYER_MACS"]
 
 log = logging.getLogger(__name__)
+
+# A model whose every quantized layer is below this many multiply-adds runs on one thread: each of
+# its kernels takes microseconds, a parallel launch costs about as much as it saves, and a pool
+# worker spinning after it slows the serial kernels in between. Measured per call, same process,
+# 2 vCPUs: ResNet-20 (2.4 M per conv) 261-303 us on one thread, 305-407 us on two; linear 4096
+# w2a4 (16.8 M) and MobileNetV2 (largest 19 M) run 1.4x-1.9x faster on two.
+ONE_THREAD_LAYER_MACS = 1 << 22
+
+
+def thread_cap(graph: Graph) -> int | None:
+    """The most threads the artifact's calls should use (the plan's ``threads``; None: no cap)."""
+    layers = graph.quant_layers()
+    if layers and max(n.multiply_adds for n in layers) < ONE_THREAD_LAYER_MACS:
+        return 1
+    return None
 
 
 def check_cpu(mcpu: str | None) -> None:
@@ -83,11 +98,14 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", "")),
                        "features": isa_features(target)}, "model": graph.name,
             **plan_entry(calibration)}
+    threads = thread_cap(graph)
+    if threads is not None:
+        meta["threads"] = threads
     write_artifact(plan, executable, output, meta)
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {
         **({"tuning": tuner.report()} if tuner is not None else {}),
-        "target": target_kind, "output": str(output), "mcpu": meta["target"]["mcpu"],
+        "target": target_kind, "output": str(output), "mcpu": meta["target"]["mcpu"], "threads": threads,
         "kernels": {name: info["kernel"] for name, info in plan.layers.items()},
         "layers": plan.layers, "functions": len(plan.funcs), "steps": len(plan.steps),
         "lower_seconds": t1 - t0, "build_seconds": t2 - t1, "weight_bytes": weight_bytes,
