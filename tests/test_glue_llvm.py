@@ -171,6 +171,38 @@ def test_epilogue_bit_exact(shape, axis, levels, act, has_add, acc_dtype, has_ne
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("options", [
+    {},  # the float y
+    {"has_neg": True},  # two sign passes, both stored narrow
+    {"has_offset": True, "out_bits": 4, "out_scale": 0.0},  # dynamic codes from the extreme accumulators
+    {"out_bits": 4, "out_scale": 1.75, "out_signed": True, "out_offset": True},  # calibrated: static codes
+    {"has_residual": True, "post_act": "relu", "out_bits": 4, "out_scale": 0.0, "keep_y": True},  # ResNet block
+])
+def test_int16_stored_accumulators_give_what_int32_ones_give(options):
+    """A conv whose outputs fit int16 stores them as int16 (``acc_storage``); the epilogue
+    widens them as it reads, so every output equals the int32-stored epilogue's, extremes included."""
+    shape = (1, 24, 16, 20)
+    acc = RNG.integers(-(2**15), 2**15, size=shape)
+    acc.reshape(-1)[:4] = [-(2**15), 2**15 - 1, 0, -1]
+    neg = [RNG.integers(-(2**15), 2**15, size=shape)] if options.get("has_neg") else []
+    inputs = neg + ([RNG.integers(-300, 300, size=24).astype("int32")] if options.get("has_offset") else [])
+    inputs += [np.array([F32(0.0371)], F32), rand(24, scale=0.01), rand(24, scale=0.1)]
+    if options.get("has_residual"):
+        inputs.append(rand(*shape))
+    outputs = ([(shape, "float32")] if "out_bits" not in options or options.get("keep_y") else [])
+    if "out_bits" in options:
+        outputs += [((1,), "float32"), (shape, "uint8")]
+    results = []
+    for storage in ("int32", "int16"):
+        kernel = glue.epilogue(shape, 1, 15, "clip", -0.5, 0.75, True, "int32", acc_storage=storage, **options)
+        stored = [a.astype(storage) for a in [acc] + inputs[:len(neg)]]
+        results.append(run_kernel(kernel, *stored, *inputs[len(neg):], outputs=outputs))
+    for narrow, wide in zip(*results):
+        np.testing.assert_array_equal(narrow, wide)
+    with pytest.raises(ValueError, match="stored as int16"):
+        glue.epilogue(shape, 1, 15, "clip", -0.5, 0.75, True, "int64", acc_storage="int16")
+
+
 @pytest.mark.parametrize("shape,axis,act,signed,offset", [
     ((1, 8, 9, 9), 1, "relu", False, False),  # NCHW, 81-pixel rows: vectors and a tail
     ((2, 3, 5, 4), 1, "clip", True, False),  # rows narrower than a vector: channel along the row

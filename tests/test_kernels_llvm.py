@@ -468,6 +468,51 @@ def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_sha
     check_pixel_conv(input_shape, weight_shape, stride, padding, 1, knobs, direct=False)
 
 
+def _within_int16(x, q, stride, padding, groups):
+    """``q`` scaled down until every conv output fits int16, with some beyond +-2^14 (so the
+    narrowing store must keep the high bits and the sign)."""
+    while True:
+        y = conv_reference(x, q, stride, padding, (1, 1), groups)
+        if np.abs(y).max() < 2**15:
+            assert np.abs(y).max() >= 2**14, "the case cannot reach the top of int16"
+            return q, y
+        q = np.trunc(q * 0.9).astype(np.int64)
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,groups,path", [
+    ((1, 16, 32, 32), (24, 16, 1, 1), (1, 1), (0, 0), 1, "direct"),
+    ((2, 8, 16, 16), (20, 8, 3, 3), (1, 1), (1, 1), 1, "direct"),
+    ((1, 8, 14, 14), (16, 8, 3, 3), (2, 2), (1, 1), 1, "tile"),     # staged tiles, strided
+    ((1, 8, 8, 8), (16, 4, 1, 1), (1, 1), (0, 0), 2, "direct"),     # groups
+    ((1, 16, 7, 7), (64, 16, 3, 3), (1, 1), (1, 1), 1, "channels"),  # 7x7 planes: channels on the lanes
+])
+def test_bitparallel_conv2d_narrows_to_int16_outputs_exactly(input_shape, weight_shape, stride, padding, groups,
+                                                             path):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
+    pixel_plan = kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs())
+    og = weight_shape[0] // groups  # the kernel leaves the pixel form below 90% useful lanes, 64+ channels
+    computed = groups * -(-og // pixel_plan.channels) * pixel_plan.channels * -(-geometry.out_h // pixel_plan.rows) \
+        * pixel_plan.chunks * pixel_plan.vectors * 16
+    efficiency = weight_shape[0] * geometry.out_h * geometry.out_w / computed
+    assert (path == "channels") == (efficiency < 0.9 and og >= 64)
+    if path != "channels":
+        assert pixel_plan.direct == (path == "direct")
+    x = RNG.integers(0, 256, input_shape)
+    q, expected = _within_int16(x, RNG.integers(-128, 128, weight_shape), stride, padding, groups)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups,
+                   out_dtype="int16")
+    y = kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups))
+    assert y.dtype == np.int16
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_depthwise_convs_keep_int32_outputs():
+    with pytest.raises(ValueError, match="depthwise convs write int32"):
+        kernels.bitparallel_conv2d((1, 8, 8, 8), (8, 1, 3, 3), 1, 1, 1, 8, out_dtype="int16")
+    with pytest.raises(ValueError, match="out_dtype must be int32 or int16"):
+        kernels.bitparallel_conv2d((1, 8, 8, 8), (8, 8, 1, 1), out_dtype="int8")
+
+
 def check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct: bool):
     """The plan stores directly (or not) as ``direct`` says, and the conv is exact either way."""
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)

@@ -99,6 +99,7 @@ class CudaBackend:
     fused_requant = False  # a fused layer runs its float epilogue, then the quantize kernel
     fused_residual = False  # residual adds run as their own kernels
     int16_depthwise = False  # the GPU depthwise kernel keeps int32
+    int16_conv_outputs = False  # and so do its other convs
 
     def __init__(self):
         from . import glue, kernels, packing

@@ -150,6 +150,7 @@ class CpuBackend:
     # a residual add (+ relu/clip, + quantize) in the epilogue of the layer feeding it
     fused_residual = True
     int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
+    int16_conv_outputs = True  # int16 accumulator buffers where every conv output fits
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True

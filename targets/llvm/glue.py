@@ -641,7 +641,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
              has_offset: bool = False, out_bits: int | None = None, out_scale: float = 0.0,
              out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False,
              has_residual: bool = False, post_act: str = "none", post_lo: float = 0.0, post_hi: float = 0.0,
-             keep_y: bool = False) -> tirx.PrimFunc:
+             keep_y: bool = False, acc_storage: str | None = None) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -651,6 +651,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     ``has_zero_point``: asymmetric activation codes; ``acc_offset`` then holds the weight sums
     and ``acc - zero_point * acc_offset[c]`` is the accumulator), ``mult: float32[C]``,
     ``add: float32[C]`` (when ``has_add``), ``y: float32[shape]``; ``C = shape[channel_axis]``.
+
+    ``acc_storage`` ``int16``: ``acc`` (and ``acc_neg``) are stored narrowed from int32 (the
+    producer's outputs fit; see ``csqc.targets.tvm.lower``) and widened as they are read.
 
     ``levels`` is ``L = 2^bits - 1`` of the input activation:
     ``y = ((float32(acc - acc_neg) * S) / L) * mult[c] + add[c]``, then ``act``.
@@ -686,9 +689,13 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         raise ValueError("an accumulator is split by sign or offset, not both")
     if has_zero_point and not has_offset:
         raise ValueError("a zero point needs the weight sums (has_offset)")
-    params = [("acc", shape, acc_dtype)]
+    storage = acc_storage or acc_dtype
+    if storage != acc_dtype and (storage, acc_dtype) != ("int16", "int32"):
+        raise ValueError(f"accumulators computed in {acc_dtype} can be stored as int16 (from int32) only, "
+                         f"not {storage}")
+    params = [("acc", shape, storage)]
     if has_neg:
-        params.append(("acc_neg", shape, acc_dtype))
+        params.append(("acc_neg", shape, storage))
     if has_offset:
         params.append(("acc_offset", (channels,), acc_dtype))
     if levels is not None:
@@ -720,11 +727,16 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         acc_offset = named.get("acc_offset")
         mult, add = named["mult"], named.get("add")
 
+        def widened(stored):
+            return stored if storage == acc_dtype else tirx.Cast(acc_dtype, stored)
+
         def acc_at(i, c):
             """The accumulator of element i (channel c): an integer, or float32 (levels None)."""
             if levels is None:
                 return acc_flat[i]
-            acc = acc_flat[i] - neg_flat[i] if has_neg else acc_flat[i]
+            acc = widened(acc_flat[i])
+            if has_neg:
+                acc = acc - widened(neg_flat[i])
             if has_zero_point:
                 acc = acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
             elif acc_offset is not None:

@@ -1188,7 +1188,7 @@ def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
     return _PixelPlan(channels, vectors, rows, chunks, direct_rows > 0)
 
 
-def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> tirx.PrimFunc:
+def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_dtype: str = "int32") -> tirx.PrimFunc:
     """Bit-parallel conv with output pixels on the vector lanes (``vpdpbusd`` with the 4-channel
     weight word broadcast): the output stays NCHW, so every store is a contiguous vector.
 
@@ -1219,6 +1219,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
     # direct stores with Wq > OW: vector f of a task starts at output row f // vpr, and the
     # input position skips the row's gap columns
     gap = Wq - OW if direct else 0
+    out_vector = f"{out_dtype}x{VNNI_LANES}"
     vpr = OW // VNNI_LANES if gap else 1
     o_blocks = -(-Og // OB)
     row_tasks = -(-OH // NR)
@@ -1233,13 +1234,13 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
              w: T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
-             y: T.Buffer((B, O, OH, OW), "int32")):
+             y: T.Buffer((B, O, OH, OW), out_dtype)):
         T.func_attr({"tir.noalias": True})
         xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
         stage(x, xs)
         xw = T.decl_buffer((B * planes * sh * sw * rows_alloc * Wq,), "int32", data=xs.data)
         ww = T.decl_buffer((G * n_tiles * k_groups * VNNI_LANES,), "int32", data=w.data)
-        yw = T.decl_buffer((B * O * OH * OW,), "int32", data=y.data)
+        yw = T.decl_buffer((B * O * OH * OW,), out_dtype, data=y.data)
         for task in T.parallel(tasks):
             tile = T.alloc_buffer((OB, span if not direct else 1), "int32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer((OB, V), "int32x16", scope="local", annotations=_ON_STACK)
@@ -1276,7 +1277,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
                                            + task // (o_blocks * row_tasks) % G * Og
                                            + task // row_tasks % o_blocks * OB + o) * OH * OW
                                           + task % row_tasks * NR * OW + (chunk * V + v) * VNNI_LANES,
-                                          1, VNNI_LANES)] = acc[o, v]
+                                          1, VNNI_LANES)] = T.Cast(out_vector, acc[o, v])
                 else:
                     for o in T.unroll(OB):
                         for v in T.unroll(V):
@@ -1288,13 +1289,14 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs) -> ti
                             for ow in T.vectorized(OW):
                                 y[task // (G * o_blocks * row_tasks),
                                   task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
-                                  task % row_tasks * NR + rr, ow] = tile[o, rr * Wq + ow]
+                                  task % row_tasks * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * Wq + ow])
 
     return main
 
 
 def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
-                       knobs: BitparallelKnobs | None = None, int16_depthwise: bool = False) -> tirx.PrimFunc:
+                       knobs: BitparallelKnobs | None = None, int16_depthwise: bool = False,
+                       out_dtype: str = "int32") -> tirx.PrimFunc:
     """Bit-parallel NCHW conv2d on int8 weights (implicit GEMM with ``vpdpbusd``).
 
     Signature of the returned PrimFunc::
@@ -1309,7 +1311,12 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     ``int16_depthwise``: the caller guarantees every partial sum of a depthwise output fits
     int16 (e.g. 3-bit weights x 4-bit codes x 9 taps), so the direct kernel accumulates 32
     lanes per register.
+    ``out_dtype`` ``int16`` (not depthwise): ``y`` is int16, each int32 accumulator narrowed as
+    it is stored; the caller guarantees that every output fits (see
+    ``csqc.targets.tvm.lower``): half the bytes written here and read by the epilogue.
     """
+    if out_dtype not in ("int32", "int16"):
+        raise ValueError(f"out_dtype must be int32 or int16, got {out_dtype!r}")
     knobs = knobs or BitparallelKnobs()
     geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
@@ -1321,6 +1328,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     kh, kwid = geo.kernel_h, geo.kernel_w
 
     if geo.is_depthwise:
+        if out_dtype != "int32":
+            raise ValueError("depthwise convs write int32 outputs")
         taps = kh * kwid
         pad_copy = _make_zero_pad_copy(geo)
 
@@ -1363,7 +1372,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     # the flat pixel domain; the channels-on-lanes kernel below wastes nothing there.
     if knobs.conv_form == "pixels" or not knobs.conv_form and (
             explicit or not (efficiency < 0.9 and geo.out_per_group >= 64)):
-        pixels = _bitparallel_conv2d_pixels(geo, knobs)
+        pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype)
         if pixels is not None:
             return pixels
 
@@ -1385,7 +1394,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
              w: T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
-             y: T.Buffer((B, O, OH, OW), "int32")):
+             y: T.Buffer((B, O, OH, OW), out_dtype)):
         T.func_attr({"tir.noalias": True})
         x_nhwc = T.alloc_buffer((B, Hp, Wp, G, 4 * c_groups), "uint8")
         for bh in padding_loop(B * Hp):
@@ -1432,6 +1441,6 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
                               task // (col_blocks * row_blocks) * Og
                               + (task // row_blocks % col_blocks * col_vectors + cv) * VNNI_LANES + lane,
                               ((task % row_blocks) * row_block + r) // OW % OH,
-                              ((task % row_blocks) * row_block + r) % OW] = acc[r, cv, lane]
+                              ((task % row_blocks) * row_block + r) % OW] = T.Cast(out_dtype, acc[r, cv, lane])
 
     return main

@@ -43,6 +43,9 @@ class TvmBackend(Protocol):
     fused_residual: bool
     # depthwise bit-parallel convs whose partial sums fit int16 accumulate in int16 (twice the lanes)
     int16_depthwise: bool
+    # other bit-parallel convs whose outputs fit int16 store them as int16 (the kernel's
+    # out_dtype, the epilogue's acc_storage)
+    int16_conv_outputs: bool
 
     def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
         """The kernel for quantized layer ``n`` with ``rows`` output rows and integer weights ``q``."""

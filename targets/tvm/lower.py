@@ -127,6 +127,7 @@ class _Lowerer:
         self.offset_codes = b.offset_codes
         self.fused_requant = b.fused_requant
         self.int16_depthwise = b.int16_depthwise
+        self.int16_conv_outputs = b.int16_conv_outputs
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         # asymmetric quantize node -> its int32 zero-point buffer, when its codes are the unsigned u
         self.zero_points: dict[str, str] = {}
@@ -386,11 +387,12 @@ class _Lowerer:
         # unsigned asymmetric codes: acc_offset holds the weight sums (1 * sum_k q[c, k]), times zp in the epilogue
         code_offset = 1 if zero_point else self.code_offset.get(n.inputs[0], 0)
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
-        accs = [self.plan.buffer(f"{n.name}.acc", shape, acc_dtype)]
+        storage = "int16" if choice.kernel == "bitparallel" and self._int16_conv_outputs(n, code_offset) else acc_dtype
+        accs = [self.plan.buffer(f"{n.name}.acc", shape, storage)]
         # one kernel may take both sign parts and write their difference (one accumulator)
         split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._one_call_dense(n))
         if split_acc:
-            accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, acc_dtype))
+            accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, storage))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
         source = self.producers[n.inputs[0]]  # a quantize node, or a layer that wrote codes (no float input)
         # the float tensor its quantizer reads, where a kernel writes it: verify then requantizes
@@ -413,14 +415,17 @@ class _Lowerer:
         if choice.kernel == "bitserial":
             self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, 0 if zero_point else code_offset)
         else:
-            self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs)
+            self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs, storage)
         if code_offset:
             self._record_weight_sums(n, info, code_offset, acc_offset)
         levels = 2**spec.act_bits - 1
         has_offset = acc_offset is not None
         base_key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
-            ",offset" if has_offset else "") + (",zero_point" if zero_point else "")
+            ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + (
+            f",{storage}" if storage != acc_dtype else "")
         options = {"has_offset": True} if has_offset else {}
+        if storage != acc_dtype:
+            options["acc_storage"] = storage
         if zero_point:
             options["has_zero_point"] = True
         args = accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
@@ -627,7 +632,23 @@ class _Lowerer:
         for c, acc in zip(codes, accs):
             self.plan.call(f, [self._as_2d(c, n), w, {"planes": n.name}, {"int": int(z)}, self._as_2d(acc, n)], n.name)
 
-    def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str]) -> None:
+    def _int16_conv_outputs(self, n: Node, code_offset: int) -> bool:
+        """Whether bit-parallel conv ``n`` stores its accumulators as int16 (half the bytes the
+        kernel writes and the epilogue reads: a 1x1 conv 16 -> 96 at 112x112 went from 273 to
+        113 us): a backend kernel that narrows them, and every output within int16 under any
+        plane setting. Twice the bound covers the run-time plane knob's truncation (as for
+        int16 depthwise convs); offset codes (``code + L``) add ``L * sum_k q`` and double it again."""
+        if not self.int16_conv_outputs or n.op != "qconv2d":
+            return False
+        shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
+        if is_depthwise_layer(n.op, shape):
+            return False
+        geo = conv_geometry(x_shape, shape, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
+        if self.backend_tile_conv is not None and self.backend_tile_conv(geo):
+            return False
+        return (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15
+
+    def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str], storage: str = "int32") -> None:
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
         knobs = self.kernels.BitparallelKnobs()
@@ -648,8 +669,10 @@ class _Lowerer:
                                                         and 2 * accumulator_bound(self.g, n) < 2**15) else {}
                 if self.backend_conv_knobs is not None and not depthwise:
                     knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
+                if storage != "int32":
+                    narrow["out_dtype"] = storage
                 key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
-                    ",int16" if narrow else "")
+                    ",int16" if narrow.get("int16_depthwise") else "") + (f",{storage}out" if storage != "int32" else "")
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
                                                                                 dilation, groups, knobs, **narrow))
         elif self._small_dense(n):
