@@ -418,17 +418,19 @@ def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shap
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups",
                          [c for c in CONV_CASES if c[1][1] == 1 and max(c[2]) <= 2] + [
                              ((1, 5, 20, 70), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5)])  # rows of 2 pieces
-def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding, dilation, groups):
+@pytest.mark.parametrize("out_dtype", ["int32", "int16"])
+def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding, dilation, groups, out_dtype):
     """int16 accumulation, at the edges of its range: 9 taps x |q| <= 96 x codes <= 15 fill
-    [-12960, 12960], and every partial sum stays within int16."""
+    [-12960, 12960], and every partial sum stays within int16; stored widened or as int16."""
     q = RNG.integers(-96, 97, weight_shape)
     q.reshape(weight_shape[0], -1)[0] = 96  # one channel at the largest positive sum
     x = RNG.integers(0, 16, input_shape)
     x[..., :4, :] = 15
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups,
-                   None, True)
-    np.testing.assert_array_equal(kernel(x.astype(np.uint8), q.reshape(weight_shape[0], -1).astype(np.int32)),
-                                  conv_reference(x, q, stride, padding, dilation, groups))
+                   None, True, out_dtype=out_dtype)
+    y = kernel(x.astype(np.uint8), q.reshape(weight_shape[0], -1).astype(np.int32))
+    assert y.dtype == out_dtype
+    np.testing.assert_array_equal(y, conv_reference(x, q, stride, padding, dilation, groups))
 
 
 DIRECT_STORE_CASES = [
@@ -506,9 +508,11 @@ def test_bitparallel_conv2d_narrows_to_int16_outputs_exactly(input_shape, weight
     np.testing.assert_array_equal(y, expected)
 
 
-def test_depthwise_convs_keep_int32_outputs():
-    with pytest.raises(ValueError, match="depthwise convs write int32"):
+def test_depthwise_convs_write_int16_only_where_they_accumulate_in_int16():
+    with pytest.raises(ValueError, match="depthwise convs write int16 outputs only"):
         kernels.bitparallel_conv2d((1, 8, 8, 8), (8, 1, 3, 3), 1, 1, 1, 8, out_dtype="int16")
+    with pytest.raises(ValueError, match="depthwise convs write int16 outputs only"):  # stride 3: no fused kernel
+        kernels.bitparallel_conv2d((1, 8, 9, 9), (8, 1, 3, 3), 3, 1, 1, 8, int16_depthwise=True, out_dtype="int16")
     with pytest.raises(ValueError, match="out_dtype must be int32 or int16"):
         kernels.bitparallel_conv2d((1, 8, 8, 8), (8, 8, 1, 1), out_dtype="int8")
 

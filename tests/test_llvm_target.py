@@ -139,12 +139,13 @@ def test_the_thread_cap_holds_for_the_call_only_and_changes_no_result(compiled, 
 
 def test_convs_whose_outputs_fit_int16_store_int16_accumulators_and_verify(tmp_path):
     """Half the accumulator bytes where every output fits int16 under any plane setting: the
-    1x1 conv does, the 3x3 conv over 64 channels does not; both verify exactly."""
+    1x1 and the depthwise conv do, the 3x3 conv over 64 channels does not; all verify exactly."""
     from csqc.passes.accumulator_width import accumulator_bound
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 16, 3, padding=1),
                               torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
     net = csqc.finalize(csqc.convert(net.eval(), n_bits=3, act_bits=4)).eval()
     csqc.save(net, tmp_path / "convs.pt", torch.zeros(2, 3, 16, 16))
@@ -159,6 +160,7 @@ def test_convs_whose_outputs_fit_int16_store_int16_accumulators_and_verify(tmp_p
             dtypes[n.name] = buffers[f"{n.name}.acc"]["dtype"]
             assert (dtypes[n.name] == "int16") == (2 * accumulator_bound(graph, n) < 2**15), n.name
     assert sorted(set(dtypes.values())) == ["int16", "int32"], dtypes
+    assert dtypes["6"] == "int16"  # the depthwise conv: int16 accumulation and int16 outputs
     _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
 
 

@@ -813,7 +813,8 @@ def _make_zero_pad_copy(geo: ConvGeometry):
     return pad_copy
 
 
-def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32"):
+def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32",
+                          out_dtype: str = "int32"):
     """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
     copies its channel into a zero-padded, stride-phase-split plane ``xp[B*C, sh, sw, Hq, Wq]``
     (so strided taps read contiguous runs), then computes every output row of the channel's
@@ -822,7 +823,8 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     Returns ``(macro, staging shape)`` or None for strides > 2.  With K = kh*kw (9 for 3x3) a
     popcount over packed K words would use 9 of 32 bits per word; int32 multiply-adds are
     cheaper.  ``acc_dtype="int16"`` (the caller proved every partial sum fits) multiplies and
-    adds 32 lanes per register instead of 16; the stores widen to int32."""
+    adds 32 lanes per register instead of 16; the stores widen to ``out_dtype`` (int32, or
+    int16 where the outputs fit too)."""
     pairs, n_pairs = phase_pairs(geo)
     if pairs is None:
         return None
@@ -875,7 +877,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                         acc_dtype, xp[b * C + c, r * dh % sh, s * dw % sw, oh + r * dh // sh,
                                       ow0 + lane + s * dw // sw])
         for lane in T.vectorized(size):
-            y[b, o, oh, ow0 + lane] = T.Cast("int32", acc[lane])
+            y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
 
     @T.macro
     def depthwise(x, xp, weights, y, n_planes, zero_point):
@@ -900,6 +902,13 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                                   full * width, tail)
 
     return depthwise, (B * C, sh, sw, Hq, Wq)
+
+
+def depthwise_writes_int16(geo: ConvGeometry) -> bool:
+    """Whether :func:`bitparallel_conv2d` can store this depthwise conv's outputs as int16 (its
+    fused kernel, strides up to 2; the caller must also prove the outputs fit and accumulate
+    them in int16)."""
+    return phase_pairs(geo)[0] is not None
 
 
 def _make_depthwise_direct(geo: ConvGeometry, weight_of: Callable, chunk: int = 32):
@@ -1311,9 +1320,10 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     ``int16_depthwise``: the caller guarantees every partial sum of a depthwise output fits
     int16 (e.g. 3-bit weights x 4-bit codes x 9 taps), so the direct kernel accumulates 32
     lanes per register.
-    ``out_dtype`` ``int16`` (not depthwise): ``y`` is int16, each int32 accumulator narrowed as
-    it is stored; the caller guarantees that every output fits (see
-    ``csqc.targets.tvm.lower``): half the bytes written here and read by the epilogue.
+    ``out_dtype`` ``int16``: ``y`` is int16, each accumulator narrowed as it is stored; the
+    caller guarantees that every output fits (see ``csqc.targets.tvm.lower``): half the bytes
+    written here and read by the epilogue. Depthwise convs only with ``int16_depthwise`` where
+    :func:`depthwise_writes_int16`.
     """
     if out_dtype not in ("int32", "int16"):
         raise ValueError(f"out_dtype must be int32 or int16, got {out_dtype!r}")
@@ -1328,21 +1338,22 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     kh, kwid = geo.kernel_h, geo.kernel_w
 
     if geo.is_depthwise:
-        if out_dtype != "int32":
-            raise ValueError("depthwise convs write int32 outputs")
+        if out_dtype != "int32" and not (int16_depthwise and depthwise_writes_int16(geo)):
+            raise ValueError("depthwise convs write int16 outputs only on the fused kernel (strides up to 2) "
+                             "with int16 accumulation")
         taps = kh * kwid
         pad_copy = _make_zero_pad_copy(geo)
 
         def weight_of(weights, o, t, n_planes, zp):
             return weights[o, t]
 
-        fused = _make_depthwise_fused(geo, weight_of, "int16" if int16_depthwise else "int32")
+        fused = _make_depthwise_fused(geo, weight_of, "int16" if int16_depthwise else "int32", out_dtype)
         if fused is not None:
             depthwise_fused, staging = fused
 
             @T.prim_func
             def main_dw_fused(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
-                              y: T.Buffer((B, O, OH, OW), "int32")):
+                              y: T.Buffer((B, O, OH, OW), out_dtype)):
                 T.func_attr({"tir.noalias": True})
                 xp = T.alloc_buffer(staging, "uint8")
                 depthwise_fused(x, xp, w, y, 0, 0)

@@ -415,7 +415,7 @@ class _Lowerer:
         if choice.kernel == "bitserial":
             self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, 0 if zero_point else code_offset)
         else:
-            self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs, storage)
+            self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs, storage, code_offset)
         if code_offset:
             self._record_weight_sums(n, info, code_offset, acc_offset)
         levels = 2**spec.act_bits - 1
@@ -641,14 +641,16 @@ class _Lowerer:
         if not self.int16_conv_outputs or n.op != "qconv2d":
             return False
         shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
-        if is_depthwise_layer(n.op, shape):
-            return False
         geo = conv_geometry(x_shape, shape, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
-        if self.backend_tile_conv is not None and self.backend_tile_conv(geo):
+        if is_depthwise_layer(n.op, shape):  # on the fused kernel, which accumulates in int16 then
+            if not (self.int16_depthwise and self.kernels.depthwise_writes_int16(geo)):
+                return False
+        elif self.backend_tile_conv is not None and self.backend_tile_conv(geo):
             return False
         return (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15
 
-    def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str], storage: str = "int32") -> None:
+    def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str], storage: str = "int32",
+                     code_offset: int = 0) -> None:
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
         knobs = self.kernels.BitparallelKnobs()
@@ -664,9 +666,10 @@ class _Lowerer:
             else:
                 info["pack"] = "depthwise" if depthwise else "conv"
                 packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
-                # the run-time plane knob recombines the weights: twice the bound covers any truncation
-                narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise
-                                                        and 2 * accumulator_bound(self.g, n) < 2**15) else {}
+                # the run-time plane knob recombines the weights: twice the bound covers any truncation;
+                # offset codes (code + L, unpadded convs) double it again
+                narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise and (
+                    (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15)) else {}
                 if self.backend_conv_knobs is not None and not depthwise:
                     knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
                 if storage != "int32":
