@@ -161,6 +161,34 @@ def _check_probe_results(module, kind: str, macs_per_step: int) -> None:
         assert (out.numpy() == np.int64(acc.sum() % (1 << 32)).astype(np.uint32).astype(np.int32)).all()
 
 
+def test_pytorch_is_also_timed_alone_in_its_default_spinning_pool(tmp_path):
+    """This process's torch waits passively (it must not spin while others are timed); a child
+    process with torch's default pool times the same float graph alone, and the faster median
+    stands, with a note, as for ORT."""
+    import torch
+    from torch import nn
+
+    import csqc
+    from csqc.bench import _TORCH_POOL_PASSIVE, _best_of_spinning_torch, float_graph, torch_runner
+    from csqc.compiler import optimize
+
+    assert _TORCH_POOL_PASSIVE  # conftest loads torch passive, as csqc.bench does
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(),
+                                       n_bits=3, act_bits=4, quantize_first_input=True))
+    fg = float_graph(optimize(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 8)), "none", batch=2))
+    xs = [np.random.default_rng(0).random((2, 8), dtype=np.float32)]
+    torch_runner(fg)(*xs)  # the graph runs here
+    sizes = {"pytorch-fp32": (100, "")}
+    slow = {"pytorch-fp32": Timing(1e9, 0.1)}  # a passive time no child can lose to
+    _best_of_spinning_torch(fg, xs, 1, slow, sizes, 2, tmp_path)
+    assert 0 < slow["pytorch-fp32"].median_us < 1e9 and slow["pytorch-fp32"].spread >= 0
+    assert sizes["pytorch-fp32"] == (100, "default spinning pool, timed alone")
+    fast = {"pytorch-fp32": Timing(1e-3, 0.1)}  # nothing beats this one: it stays
+    _best_of_spinning_torch(fg, xs, 1, fast, sizes, 2, tmp_path)
+    assert fast["pytorch-fp32"] == Timing(1e-3, 0.1)
+
+
 def test_integer_macs_count_planes_for_bit_serial_and_macs_for_bit_parallel_layers(tmp_path):
     import torch
     from torch import nn
