@@ -50,6 +50,8 @@ from tvm.script.ir_builder import tirx as I
 
 from csqc.numerics import pool_output_size
 
+from .reciprocal import code_form, reciprocal_parts
+
 __all__ = [
     "ConvKnobs",
     "conv_output_hw",
@@ -455,7 +457,7 @@ def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: boo
         I.buffer_store(scale, _f32(static_scale), [0])
     else:
         _emit_abs_max(x_flat, n, scale)
-    divisor = _divisor_of(scale, static_scale, levels + 1)
+    divisor = _divisor_of(scale, static_scale, levels + 1, levels)
 
     def codes(fast: bool):
         _for_each(1, n, lambda _row, i: _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat,
@@ -553,19 +555,26 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
 @dataclass(frozen=True)
 class _Divisor:
     """A scale ``S`` as :func:`_store_codes` divides by it without a divide: ``S``, ``RN(1 / S)``
-    and ``RN(k * S)`` (the clamp bound, ``k = L + 1`` or ``2L + 2``), as expressions."""
+    and ``RN(k * S)`` (the clamp bound, ``k = L + 1`` or ``2L + 2``), as expressions; for a
+    static scale, ``form``: how its codes are computed (``reciprocal.code_form``, proved per
+    scale) and ``low``, the reciprocal's low part for the ``split`` form."""
 
     value: tirx.PrimExpr
     recip: tirx.PrimExpr
     bound: tirx.PrimExpr
+    form: str = "quotient"
+    low: float = 0.0
 
 
-def _divisor_of(scale, static_scale: float, bound_factor: int) -> _Divisor:
+def _divisor_of(scale, static_scale: float, bound_factor: int, levels: int | None = None) -> _Divisor:
     """``scale[0]``'s :class:`_Divisor`: constants for a static scale (``scale`` holds it too),
-    else computed once into a local (inf for a zero scale, unused then)."""
+    else computed once into a local (inf for a zero scale, unused then). ``levels``: the codes'
+    L, where the bound is ``(L + 1) S``: a static scale then gets the cheapest exact form."""
     if static_scale > 0:
         s = np.float32(static_scale)
-        return _Divisor(_f32(s), _f32(np.float32(1.0) / s), _f32(np.float32(bound_factor) * s))
+        form = code_form(float(s), levels) if levels is not None and bound_factor == levels + 1 else "quotient"
+        return _Divisor(_f32(s), _f32(np.float32(1.0) / s), _f32(np.float32(bound_factor) * s), form,
+                        reciprocal_parts(float(s))[1])
     parts = _local((2,))
     I.buffer_store(parts, _f32(1.0) / scale[0], [0])
     I.buffer_store(parts, _f32(bound_factor) * scale[0], [1])
@@ -587,7 +596,12 @@ def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_fl
     else:
         if clamp:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
             numerator = tirx.Min(_rounded(numerator), fast.bound)
-        magnitude = tirx.round(_divided(numerator, fast.value, fast.recip))
+        if clamp and fast.form == "single":  # proved for this static S: same codes as the divide
+            magnitude = tirx.round(numerator * fast.recip)
+        elif clamp and fast.form == "split":
+            magnitude = tirx.round(_fma(numerator, fast.recip, _rounded(numerator * _f32(fast.low))))
+        else:
+            magnitude = tirx.round(_divided(numerator, fast.value, fast.recip))
     if clamp:
         magnitude = tirx.Min(magnitude, _f32(levels))
     zero = _f32(0.0)
@@ -800,7 +814,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             on_levels_divisor(lambda fast: _emit_channel_abs_max(
                 shape, channel_axis, lambda i, c: _rounded(value_at(i, c, fast)), out_scale_buf))
         code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
-        divisor = _divisor_of(out_scale_buf, out_scale, out_levels + 1)
+        divisor = _divisor_of(out_scale_buf, out_scale, out_levels + 1, out_levels)
 
         def store(i, c, fast_levels: bool, fast_codes: bool):
             if stored_y is not None:

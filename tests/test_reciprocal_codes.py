@@ -1,0 +1,112 @@
+"""Static activation scales: codes by one multiply (or a multiply and an FMA) where
+reciprocal.code_form proves them equal to the divide's, through the real quantize kernel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from csqc.targets.llvm import glue, reciprocal
+from csqc.targets.llvm.kernels import build
+
+F32 = np.float32
+RNG = np.random.default_rng(11)
+
+
+def divided_codes(x, scale, levels):
+    return np.minimum(np.rint((np.abs(x) * F32(levels)) / F32(scale)), levels)
+
+
+def around_every_tie(scale, levels, ulps: int):
+    """``|x| L / S`` at and around each half-integer up to ``L + 1``: ``ulps`` floats either side."""
+    centre = (np.arange(1, 2 * levels + 4) / 2 * np.float64(scale) / levels).astype(F32)
+    steps = [centre]
+    for direction in (np.inf, 0.0):
+        x = centre
+        for _ in range(ulps):
+            x = np.nextafter(x, F32(direction))
+            steps.append(x)
+    return np.concatenate(steps).astype(F32)
+
+
+def quantize_codes(x, scale, levels):
+    dev = tvm.cpu()
+    outs = [tvm.runtime.tensor(np.zeros(shape, dtype), dev) for shape, dtype in
+            [((1,), "float32"), (x.shape, "uint8")]]
+    kernel = build(glue.quantize(x.shape, int(np.log2(levels + 1)), float(scale), False))
+    kernel.executable(tvm.runtime.tensor(x, dev), *outs)
+    return outs[1].numpy()
+
+
+@pytest.mark.parametrize("levels", [3, 15, 255])
+def test_static_codes_by_the_proved_form_equal_the_divide_around_every_tie(levels):
+    forms = set()
+    for scale in (F32(v) for v in np.exp(RNG.uniform(-12, 8, 12))):
+        forms.add(reciprocal.code_form(float(scale), levels))
+        x = np.abs(around_every_tie(scale, levels, 40))
+        np.testing.assert_array_equal(quantize_codes(x, scale, levels), divided_codes(x, scale, levels),
+                                      err_msg=f"scale {scale!r}, form {reciprocal.code_form(float(scale), levels)}")
+    assert forms <= {"single", "split"}
+    if levels < 255:  # one multiply suffices for some scales, not for most
+        assert forms == {"single", "split"}
+
+
+def test_the_proof_rejects_a_single_multiply_where_a_code_differs():
+    """Where the form is split, some numerator near a tie gets another code from one multiply:
+    the bisection found a real difference, not a rounding artefact of the check."""
+    found = 0
+    for scale in (F32(v) for v in np.exp(RNG.uniform(-6, 6, 40))):
+        if reciprocal.code_form(float(scale), 15) != "split":
+            continue
+        n = around_every_tie(scale, 15, 40) * F32(15)  # numerators RN(|x| L) near every step
+        n = np.minimum(n, F32(16) * scale)
+        single = np.minimum(np.rint(n * (F32(1) / scale)), 15)
+        assert not np.array_equal(single, np.minimum(np.rint(n / scale), 15)), scale
+        found += 1
+    assert found >= 10
+
+
+def hardware_split_quotients(n, zh, zl):
+    """``RN(n zh + RN(n zl))`` by the FMA of a real kernel."""
+    from tvm.script.ir_builder import tirx as I
+
+    def body(x, y):
+        glue._for_each(1, n.size, lambda _row, i: I.buffer_store(
+            y, glue._fma(x[i], glue._f32(zh), glue._rounded(x[i] * glue._f32(zl))), [i]))
+
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(n.size, F32), dev)
+    build(glue._prim_func([("x", (n.size,), "float32"), ("y", (n.size,), "float32")], body)).executable(
+        tvm.runtime.tensor(n, dev), out)
+    return out.numpy()
+
+
+def test_split_quotients_are_the_fma_of_the_hardware():
+    """The proof's model of RN(n zh + RN(n zl)) (exact TwoSum, midpoints decided by the tail)
+    against the real FMA in a kernel, on numerators around ties and at random."""
+    scale = F32(0.0371)
+    zh, zl = (F32(v) for v in reciprocal.reciprocal_parts(float(scale)))
+    n = np.concatenate([around_every_tie(scale, 255, 200) * F32(255),
+                        RNG.uniform(0, 300, 100_000).astype(F32),
+                        np.array([0.0, 1e-45, 1e-40, 2.0**-126], F32)]).astype(F32)
+    expected = reciprocal._split_quotients(n, zh, zl)
+    assert np.array_equal(hardware_split_quotients(n, zh, zl).view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("zh_ulps,tail", [(1, -1), (1, 1), (3, 1), (3, -1)])
+def test_split_quotients_decide_a_float32_midpoint_by_the_tail(zh_ulps, tail):
+    """1.5 x (1 + k 2^-23) is a float32 midpoint (odd k); a tail of 2^-80 leaves the float64 sum
+    on it, and only its sign says which neighbour the FMA rounds to (ties to even would pick
+    the upper one for k = 1, the lower one for k = 3)."""
+    n = np.array([1.5], F32)
+    zh, zl = F32(1 + zh_ulps * 2.0**-23), F32(tail * 2.0**-81)
+    expected = reciprocal._split_quotients(n, zh, zl)
+    assert np.array_equal(hardware_split_quotients(n, zh, zl).view(np.uint32), expected.view(np.uint32))
+    tie = np.float64(1.5) * np.float64(zh)
+    assert (expected[0] > tie) == (tail > 0)
+
+
+def test_scales_without_a_bound_keep_the_quotient():
+    assert reciprocal.code_form(0.0, 15) == "quotient"
+    assert reciprocal.code_form(float("inf"), 15) == "quotient"
+    assert reciprocal.code_form(3.0e38, 15) == "quotient"  # (L + 1) S overflows float32
