@@ -51,15 +51,42 @@ def test_static_codes_by_the_proved_form_equal_the_divide_around_every_tie(level
         assert forms == {"single", "split"}
 
 
+@pytest.mark.parametrize("levels,zero_point", [(15, 0), (15, 9), (255, 128), (3, 3)])
+def test_static_asymmetric_codes_equal_the_divide_around_every_tie_of_both_signs(levels, zero_point):
+    """u = clip(rint(x L / S) + zp, 0, L): the forms are odd in x, so one proof (up to 2L + 1)
+    covers both signs."""
+    dev = tvm.cpu()
+    forms = set()
+    for scale in (F32(v) for v in np.exp(RNG.uniform(-10, 6, 8))):
+        forms.add(reciprocal.code_form(float(scale), 2 * levels + 1))
+        x = around_every_tie(scale, 2 * levels + 1, 12) / F32(2)  # ties of x L / S up to 2L + 2
+        x = np.concatenate([x, -x, np.array([3e38, -3e38], F32)]).astype(F32)
+        outs = [tvm.runtime.tensor(np.zeros(shape, dtype), dev)
+                for shape, dtype in [((1,), "float32"), ((1,), "int32"), (x.shape, "uint8")]]
+        bits = int(np.log2(levels + 1))
+        build(glue.quantize_asymmetric(x.shape, bits, float(scale), zero_point)).executable(
+            tvm.runtime.tensor(x, dev), *outs)
+        with np.errstate(over="ignore"):
+            expected = np.clip(np.rint((x * F32(levels)) / scale) + F32(zero_point), 0, levels)
+        np.testing.assert_array_equal(outs[2].numpy(), expected.astype(np.uint8), err_msg=f"scale {scale!r}")
+    assert forms <= {"single", "split"}
+
+
 def test_the_proof_rejects_a_single_multiply_where_a_code_differs():
     """Where the form is split, some numerator near a tie gets another code from one multiply:
     the bisection found a real difference, not a rounding artefact of the check."""
     found = 0
-    for scale in (F32(v) for v in np.exp(RNG.uniform(-6, 6, 40))):
+    for scale in (F32(v) for v in np.exp(np.random.default_rng(3).uniform(-6, 6, 40))):
         if reciprocal.code_form(float(scale), 15) != "split":
             continue
-        n = around_every_tie(scale, 15, 40) * F32(15)  # numerators RN(|x| L) near every step
-        n = np.minimum(n, F32(16) * scale)
+        ties = (np.arange(1, 33) / 2 * np.float64(scale)).astype(F32)  # n / S at each half-integer
+        n = [ties]
+        for direction in (np.inf, 0.0):  # and every numerator within 64 ulps of one
+            step = ties
+            for _ in range(64):
+                step = np.nextafter(step, F32(direction))
+                n.append(step)
+        n = np.minimum(np.concatenate(n), F32(16) * scale)
         single = np.minimum(np.rint(n * (F32(1) / scale)), 15)
         assert not np.array_equal(single, np.minimum(np.rint(n / scale), 15)), scale
         found += 1

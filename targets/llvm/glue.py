@@ -531,13 +531,15 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
         zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
         I.buffer_store(zp, tirx.Select(scale[0] > _f32(0.0), zp_value, _f32(0.0)), [0])
     I.buffer_store(zero_point, tirx.Cast("int32", zp[0]), [0])
-    divisor = _divisor_of(scale, static_scale, 2 * levels + 2)
+    # a static scale's codes need rint(x L / S) exactly up to |2L + 1| (beyond, any zero point
+    # clamps them alike), on both signs: the forms are odd functions of the numerator
+    divisor = _divisor_of(scale, static_scale, 2 * levels + 2, 2 * levels + 1)
 
     def emit(_row, i, fast: bool):
         numerator = x_flat[i] * _f32(levels)
         if fast:  # |x L / R| beyond 2L + 2 clamps to the same code: keep the quotient in range
             numerator = tirx.Min(tirx.Max(_rounded(numerator), -divisor.bound), divisor.bound)
-            u = tirx.round(_divided(numerator, divisor.value, divisor.recip)) + zp[0]
+            u = tirx.round(_code_quotient(numerator, divisor)) + zp[0]
         else:
             u = tirx.round(numerator / scale[0]) + zp[0]
         u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
@@ -568,8 +570,9 @@ class _Divisor:
 
 def _divisor_of(scale, static_scale: float, bound_factor: int, levels: int | None = None) -> _Divisor:
     """``scale[0]``'s :class:`_Divisor`: constants for a static scale (``scale`` holds it too),
-    else computed once into a local (inf for a zero scale, unused then). ``levels``: the codes'
-    L, where the bound is ``(L + 1) S``: a static scale then gets the cheapest exact form."""
+    else computed once into a local (inf for a zero scale, unused then). ``levels``: the
+    largest code magnitude whose rounding must be exact, where the bound is ``(levels + 1) S``:
+    a static scale then gets the cheapest exact form (:func:`_code_quotient`)."""
     if static_scale > 0:
         s = np.float32(static_scale)
         form = code_form(float(s), levels) if levels is not None and bound_factor == levels + 1 else "quotient"
@@ -579,6 +582,17 @@ def _divisor_of(scale, static_scale: float, bound_factor: int, levels: int | Non
     I.buffer_store(parts, _f32(1.0) / scale[0], [0])
     I.buffer_store(parts, _f32(bound_factor) * scale[0], [1])
     return _Divisor(scale[0], parts[0], parts[1])
+
+
+def _code_quotient(numerator, divisor: _Divisor) -> tirx.PrimExpr:
+    """``numerator / S`` as far as its rounded code goes: the divide's quotient (``_divided``),
+    or for a static ``S`` the cheaper form ``reciprocal.code_form`` proved to give the same
+    codes for every numerator the caller clamps to ``[-bound, bound]``."""
+    if divisor.form == "single":
+        return numerator * divisor.recip
+    if divisor.form == "split":
+        return _fma(numerator, divisor.recip, _rounded(numerator * _f32(divisor.low)))
+    return _divided(numerator, divisor.value, divisor.recip)
 
 
 def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat,
@@ -596,12 +610,7 @@ def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_fl
     else:
         if clamp:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
             numerator = tirx.Min(_rounded(numerator), fast.bound)
-        if clamp and fast.form == "single":  # proved for this static S: same codes as the divide
-            magnitude = tirx.round(numerator * fast.recip)
-        elif clamp and fast.form == "split":
-            magnitude = tirx.round(_fma(numerator, fast.recip, _rounded(numerator * _f32(fast.low))))
-        else:
-            magnitude = tirx.round(_divided(numerator, fast.value, fast.recip))
+        magnitude = tirx.round(_code_quotient(numerator, fast))
     if clamp:
         magnitude = tirx.Min(magnitude, _f32(levels))
     zero = _f32(0.0)
