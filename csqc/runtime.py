@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # n
 __all__ = ["CompiledModel", "StepTime", "load", "check_plan", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
+
+# CompiledModel._thread_limit: capped calls in flight and the TVM_NUM_THREADS they replaced
+_THREAD_CAP_LOCK = threading.Lock()
+_UNCHANGED = object()
+_THREAD_CAP: dict = {"calls": 0, "saved": _UNCHANGED}
 
 
 def _device(kind: str):
@@ -322,12 +328,17 @@ class CompiledModel:
             if self._has_offsets:
                 self._fill_acc_offsets(skips)
             self._prepared_for = skips
+        capped = self.threads is not None and self._host  # (no context manager: a microsecond a call)
+        if capped:
+            _cap_threads(self.threads)
         try:
-            with self._thread_limit():
-                for func, args in self._run_cache.get(skips) or self._run_calls(skips):
-                    func(*args)
+            for func, args in self._run_cache.get(skips) or self._run_calls(skips):
+                func(*args)
         except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
             raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
+        finally:
+            if capped:
+                _uncap_threads()
         if record is not None:
             for name, spec in self.plan["buffers"].items():
                 if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
@@ -341,29 +352,15 @@ class CompiledModel:
 
     @contextlib.contextmanager
     def _thread_limit(self):
-        """Run the enclosed kernels on at most ``self.threads`` threads.
-
-        TVM reads ``TVM_NUM_THREADS`` at every parallel launch (else ``OMP_NUM_THREADS``, else
-        half the hardware threads on x86), and at 1 runs the task on the calling thread without
-        waking its pool. So the variable is lowered for the call where it would allow more, and
-        restored after it: other models in the process keep their threads."""
-        cap = self.threads
-        if cap is None or not self._host:
-            yield
-            return
-        previous = os.environ.get("TVM_NUM_THREADS")
-        configured = previous if previous is not None else os.environ.get("OMP_NUM_THREADS")
-        if configured is not None and configured.strip().isdigit() and 0 < int(configured) <= cap:
-            yield
-            return
-        os.environ["TVM_NUM_THREADS"] = str(cap)
+        """Run the enclosed kernels on at most ``self.threads`` threads (:func:`_cap_threads`)."""
+        capped = self.threads is not None and self._host
+        if capped:
+            _cap_threads(self.threads)
         try:
             yield
         finally:
-            if previous is None:
-                del os.environ["TVM_NUM_THREADS"]
-            else:
-                os.environ["TVM_NUM_THREADS"] = previous
+            if capped:
+                _uncap_threads()
 
     def _check_overflow(self, outs: list[np.ndarray]) -> None:
         """Refuse a run whose activations left float32's range, as the interpreter does.
@@ -389,6 +386,38 @@ class CompiledModel:
             self(*inputs, skip_planes=skip_planes)
             times.append(time.perf_counter() - t)
         return float(np.median(times) * 1e6)
+
+
+def _cap_threads(cap: int) -> None:
+    """Let TVM's parallel launches use at most ``cap`` threads until :func:`_uncap_threads`.
+
+    TVM reads ``TVM_NUM_THREADS`` at every parallel launch (else ``OMP_NUM_THREADS``, else
+    half the hardware threads on x86), and at 1 runs the task on the calling thread without
+    waking its pool. So the variable is lowered for a call where it would allow more, and
+    restored after it: other models in the process keep their threads. It is the process's:
+    while capped calls run in several Python threads, the first one's cap holds and the last
+    one to finish restores it (an uncapped call meanwhile runs capped too)."""
+    with _THREAD_CAP_LOCK:
+        if _THREAD_CAP["calls"] == 0:
+            previous = os.environ.get("TVM_NUM_THREADS")
+            configured = previous if previous is not None else os.environ.get("OMP_NUM_THREADS")
+            if configured is not None and configured.isdigit() and 0 < int(configured) <= cap:
+                _THREAD_CAP["saved"] = _UNCHANGED
+            else:
+                _THREAD_CAP["saved"] = previous
+                os.environ["TVM_NUM_THREADS"] = str(cap)
+        _THREAD_CAP["calls"] += 1
+
+
+def _uncap_threads() -> None:
+    with _THREAD_CAP_LOCK:
+        _THREAD_CAP["calls"] -= 1
+        if _THREAD_CAP["calls"] == 0:
+            saved = _THREAD_CAP["saved"]
+            if saved is None:
+                os.environ.pop("TVM_NUM_THREADS", None)
+            elif saved is not _UNCHANGED:
+                os.environ["TVM_NUM_THREADS"] = saved
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ def test_a_model_of_small_layers_runs_on_one_thread_and_large_ones_are_not_cappe
     model, path, result = compiled("digits-mlp")
     assert max(n.multiply_adds for n in csqc.optimize(model, batch=DIGITS_BATCH).quant_layers()) < ONE_THREAD_LAYER_MACS
     assert result.report["threads"] == 1 and runtime.load(path).threads == 1
+    out = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert out.exit_code == 0 and "threads: at most 1 per call" in out.output, out.output
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).output)["threads"] == 1
     # one layer of 2048 x 2048 at batch 1 is just above it: no cap, TVM's pool decides
     torch.manual_seed(0)
     net = csqc.finalize(csqc.convert(torch.nn.Sequential(torch.nn.Linear(2048, 2048)).eval(), n_bits=2, act_bits=4))
@@ -100,6 +103,11 @@ def test_a_model_of_small_layers_runs_on_one_thread_and_large_ones_are_not_cappe
     wide = csqc.compile(csqc.load(tmp_path / "wide.pt"), "llvm", tmp_path / "wide.so")
     assert wide.report["threads"] is None and runtime.load(tmp_path / "wide.so").threads is None
     assert "threads" not in runtime.load(tmp_path / "wide.so").plan
+    # small layers whose kernels are all serial (an LSTM step's) get no cap: it would only cost
+    from csqc.targets.llvm.target import thread_cap
+
+    small = csqc.optimize(model, batch=DIGITS_BATCH)
+    assert thread_cap(small) == 1 and thread_cap(small, {}) is None
 
 
 def test_the_thread_cap_holds_for_the_call_only_and_changes_no_result(compiled, monkeypatch):
@@ -135,6 +143,32 @@ def test_the_thread_cap_holds_for_the_call_only_and_changes_no_result(compiled, 
     assert seen[-1] == "2"
     m.threads = 2
     assert np.array_equal(m(x), capped)
+
+
+def test_capped_calls_in_several_threads_restore_the_thread_count_once_all_end(compiled, monkeypatch):
+    import threading
+
+    _, path, _ = compiled("digits-cnn")
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    models = [runtime.load(path) for _ in range(3)]  # one per thread: a model's buffers are its own
+    x = np.random.default_rng(2).random(models[0].inputs[0]["shape"], dtype=np.float32)
+    expected = models[0](x)
+    results, during = [], set()
+
+    def work(m):
+        m.threads = 1
+        for _ in range(15):
+            results.append(np.array_equal(m(x), expected))
+            with m._thread_limit():
+                during.add(os.environ["TVM_NUM_THREADS"])
+
+    workers = [threading.Thread(target=work, args=(m,)) for m in models]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(results) == 45 and all(results)
+    assert during == {"1"} and os.environ["TVM_NUM_THREADS"] == "2"
 
 
 def test_convs_whose_outputs_fit_int16_store_int16_accumulators_and_verify(tmp_path):

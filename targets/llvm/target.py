@@ -28,12 +28,16 @@ log = logging.getLogger(__name__)
 ONE_THREAD_LAYER_MACS = 1 << 22
 
 
-def thread_cap(graph: Graph) -> int | None:
-    """The most threads the artifact's calls should use (the plan's ``threads``; None: no cap)."""
+def thread_cap(graph: Graph, funcs: dict | None = None) -> int | None:
+    """The most threads the artifact's calls should use (the plan's ``threads``; None: no cap).
+    ``funcs`` (the plan's PrimFuncs): no cap where none of them has a parallel loop, as the
+    cap only costs there (about a microsecond a call, a fair share of an LSTM step's)."""
     layers = graph.quant_layers()
-    if layers and max(n.multiply_adds for n in layers) < ONE_THREAD_LAYER_MACS:
-        return 1
-    return None
+    if not layers or max(n.multiply_adds for n in layers) >= ONE_THREAD_LAYER_MACS:
+        return None
+    if funcs is not None and not any("T.parallel" in f.script() for f in funcs.values()):
+        return None
+    return 1
 
 
 def check_cpu(mcpu: str | None) -> None:
@@ -98,7 +102,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", "")),
                        "features": isa_features(target)}, "model": graph.name,
             **plan_entry(calibration)}
-    threads = thread_cap(graph)
+    threads = thread_cap(graph, plan.funcs)
     if threads is not None:
         meta["threads"] = threads
     write_artifact(plan, executable, output, meta)
