@@ -37,7 +37,7 @@ __all__ = ["CompiledModel", "StepTime", "load", "check_plan", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 
-# CompiledModel._thread_limit: capped calls in flight and the TVM_NUM_THREADS they replaced
+# _cap_threads: capped calls in flight and the TVM_NUM_THREADS value they replaced
 _THREAD_CAP_LOCK = threading.Lock()
 _UNCHANGED = object()
 _THREAD_CAP: dict = {"calls": 0, "saved": _UNCHANGED}

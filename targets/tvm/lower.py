@@ -667,9 +667,9 @@ class _Lowerer:
                 info["pack"] = "depthwise" if depthwise else "conv"
                 packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
                 # the run-time plane knob recombines the weights: twice the bound covers any truncation;
-                # offset codes (code + L, unpadded convs) double it again
+                # offset codes (code + L, unpadded convs) double it again (int16 outputs: already checked)
                 narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise and (
-                    (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15)) else {}
+                    storage == "int16" or (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15)) else {}
                 if self.backend_conv_knobs is not None and not depthwise:
                     knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
                 if storage != "int32":
