@@ -502,7 +502,8 @@ def _best_of_spinning_torch(fg: Graph, xs: list, threads: int, timings: dict[str
     save_graph(fg, tmp / "float.csqcir")
     np.savez(tmp / "inputs.npz", *xs)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = "import sys; from csqc.bench import _torch_alone; _torch_alone(*sys.argv[1:])"
+    # torch first: importing csqc.bench before torch would make the child's pool passive too
+    code = "import sys, torch; from csqc.bench import _torch_alone; _torch_alone(*sys.argv[1:])"
     try:
         done = subprocess.run([sys.executable, "-c", code, str(tmp), str(threads), str(rounds)], env=env,
                               capture_output=True, text=True, timeout=600)
@@ -513,7 +514,11 @@ def _best_of_spinning_torch(fg: Graph, xs: list, threads: int, timings: dict[str
         log.warning("PyTorch's spinning-pool run failed; kept the passive pool's time: %s",
                     done.stderr.strip()[-300:])
         return
-    median_us, spread = (float(v) for v in done.stdout.split()[-2:])
+    *_, passive, median_us, spread = done.stdout.split()
+    median_us, spread = float(median_us), float(spread)
+    if passive != "spinning":  # a bug: the child would time the same passive pool again
+        log.warning("PyTorch's child process waited passively too; kept the passive pool's time")
+        return
     if median_us < timings["pytorch-fp32"].median_us:
         timings["pytorch-fp32"] = Timing(median_us, spread)
         size, note = sizes["pytorch-fp32"]
@@ -522,7 +527,8 @@ def _best_of_spinning_torch(fg: Graph, xs: list, threads: int, timings: dict[str
 
 def _torch_alone(folder: str, threads: str, rounds: str) -> None:
     """The child of :func:`_best_of_spinning_torch`: time the float graph in ``folder`` on
-    PyTorch with ``threads`` threads in its default pool; print median (us) and spread."""
+    PyTorch with ``threads`` threads in its default pool; print the pool's wait policy
+    (``spinning`` unless this process was started wrong), the median (us) and the spread."""
     import torch
 
     from .ir import load_graph
@@ -532,7 +538,7 @@ def _torch_alone(folder: str, threads: str, rounds: str) -> None:
     with np.load(Path(folder) / "inputs.npz") as z:
         xs = [z[f"arr_{i}"] for i in range(len(z.files))]
     timing = _time_interleaved({"pytorch-fp32": lambda: run(*xs)}, int(rounds))["pytorch-fp32"]
-    print(timing.median_us, timing.spread)
+    print("passive" if _TORCH_POOL_PASSIVE else "spinning", timing.median_us, timing.spread)
 
 
 def _timing_notes(results: list[BenchResult]) -> list[str]:
