@@ -576,8 +576,8 @@ def _divisor_of(scale, static_scale: float, bound_factor: int, levels: int | Non
     if static_scale > 0:
         s = np.float32(static_scale)
         form = code_form(float(s), levels) if levels is not None and bound_factor == levels + 1 else "quotient"
-        return _Divisor(_f32(s), _f32(np.float32(1.0) / s), _f32(np.float32(bound_factor) * s), form,
-                        reciprocal_parts(float(s))[1])
+        low = reciprocal_parts(float(s))[1] if form == "split" else 0.0
+        return _Divisor(_f32(s), _f32(np.float32(1.0) / s), _f32(np.float32(bound_factor) * s), form, low)
     parts = _local((2,))
     I.buffer_store(parts, _f32(1.0) / scale[0], [0])
     I.buffer_store(parts, _f32(bound_factor) * scale[0], [1])

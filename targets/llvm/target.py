@@ -31,7 +31,8 @@ ONE_THREAD_LAYER_MACS = 1 << 22
 def thread_cap(graph: Graph, funcs: dict | None = None) -> int | None:
     """The most threads the artifact's calls should use (the plan's ``threads``; None: no cap).
     ``funcs`` (the plan's PrimFuncs): no cap where none of them has a parallel loop, as the
-    cap only costs there (about a microsecond a call, a fair share of an LSTM step's)."""
+    cap only costs there (lowering and restoring the variable: about 2.5 us a call, a tenth of
+    an LSTM step's)."""
     layers = graph.quant_layers()
     if not layers or max(n.multiply_adds for n in layers) >= ONE_THREAD_LAYER_MACS:
         return None
