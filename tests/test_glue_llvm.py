@@ -228,33 +228,43 @@ def test_epilogue_dynamic_quantize_equals_epilogue_then_quantize(shape, axis, ac
         np.testing.assert_array_equal(g, e)
 
 
-@pytest.mark.parametrize("split,seed", [("neg", 0), ("zero_point", 1), ("neg", 2), ("zero_point", 3)])
-def test_dynamic_scale_from_extreme_accumulators_is_the_max_of_every_y(split, seed):
+@pytest.mark.parametrize("split,storage,seed", [
+    ("neg", "int32", 0), ("zero_point", "int32", 1), ("neg", "int32", 2), ("zero_point", "int32", 3),
+    ("offset", "int32", 4), ("none", "int16", 5), ("offset", "int16", 6), ("zero_point", "int16", 7),
+    ("neg", "int16", 8), ("offset", "int16", 9),
+])
+def test_dynamic_scale_from_extreme_accumulators_is_the_max_of_every_y(split, storage, seed):
     """max|y| of a channel taken at its smallest and largest accumulator (y is monotone in it;
     a negative mult turns it around) equals the max over every element, with the accumulator
-    split by sign or less a zero point times the weight sums; extremes placed at random."""
+    split by sign, less an offset, or less a zero point times the weight sums, and stored as
+    int32 or int16 (scanned as stored, 32 lanes a vector); extremes placed at random, in the
+    rows' last partial vector for odd seeds."""
     rng = np.random.default_rng(seed)
-    shape = (1, 24, 13, 19)
-    acc = rng.integers(-(2**10), 2**10, size=shape).astype("int32")
+    shape = (1, 24, 13, 19)  # 247 a row: 7 vectors of 32 int16 lanes and 23 more
+    top = 2**14 if storage == "int16" else 2**18
+    acc = rng.integers(-(top >> 4), top >> 4, size=shape)
     mult, add = rand(24, scale=0.01), rand(24, scale=0.1)
     # the largest |y|: one channel's smallest accumulator (positive mult), or with a negative
     # mult its largest, at a random pixel
     channel, sign = int(rng.integers(24)), (-1 if seed % 2 else 1)
     mult[channel] = sign * abs(mult[channel]) + sign * F32(0.01)
-    acc[0, channel].flat[rng.integers(13 * 19)] = -sign * 2**18
+    pixel = int(rng.integers(224, 247) if seed % 2 else rng.integers(247))
+    acc[0, channel].flat[pixel] = -sign * top
+    extra, options = [], {}
     if split == "neg":
-        extra = [rng.integers(0, 2**14, size=shape).astype("int32")]
+        extra = [rng.integers(0, top >> 4, size=shape).astype(storage)]
         options = {"has_neg": True}
-    else:
+    elif split != "none":
         extra = [rng.integers(-300, 300, size=24).astype("int32")]
-        options = {"has_offset": True, "has_zero_point": True}
+        options = {"has_offset": True, "has_zero_point": split == "zero_point"}
     common = [np.array([F32(0.0213)], F32)] + ([np.array([7], np.int32)] if split == "zero_point" else []) + [mult, add]
     kernel = glue.epilogue(shape, 1, 15, "none", 0.0, 0.0, True, **options)
-    (y,) = run_kernel(kernel, acc, *extra, *common, outputs=[(shape, "float32")])
+    wide = [a.astype("int32") if a.shape == shape else a for a in extra]
+    (y,) = run_kernel(kernel, acc.astype("int32"), *wide, *common, outputs=[(shape, "float32")])
     fused = glue.epilogue(shape, 1, 15, "none", 0.0, 0.0, True, out_bits=4, out_scale=0.0, out_signed=True,
-                          **options)
+                          acc_storage=storage, **options)
     outputs = [((1,), "float32"), (shape, "uint8"), (shape, "uint8")]
-    got = run_kernel(fused, acc, *extra, *common, outputs=outputs)
+    got = run_kernel(fused, acc.astype(storage), *extra, *common, outputs=outputs)
     expected = run_kernel(glue.quantize(shape, 4, 0.0, True), y, outputs=outputs)
     assert got[0][0] == np.abs(y).max() > 0
     for g, e in zip(got, expected):

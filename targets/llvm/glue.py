@@ -114,6 +114,14 @@ def _rounded(value: tirx.PrimExpr) -> tirx.PrimExpr:
     return I.call_llvm_pure_intrin(F32, "llvm.arithmetic.fence", value)
 
 
+def _round_to_int(value) -> tirx.PrimExpr:
+    """int32 ``roundeven(value)`` for a float32 ``value`` within int32's range, in one conversion
+    (``llvm.lrint``: x86 ``vcvtps2dq``, in place of ``vrndscaleps`` (two micro-ops) and a
+    truncating conversion). It rounds in the current rounding mode, to nearest even, which every
+    float32 multiply and add of these kernels assumes as well."""
+    return I.call_llvm_pure_intrin("int32", "llvm.lrint", value)
+
+
 def _fma(a, b, c) -> tirx.PrimExpr:
     """``a * b + c`` with one rounding (an FMA instruction)."""
     return I.call_llvm_pure_intrin(F32, "llvm.fma", a, b, c)
@@ -384,36 +392,43 @@ def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
         I.buffer_store(scale, tirx.Max(scale[0], partial[i]), [0])
 
 
-def _emit_channel_abs_max_of_monotone(shape, axis: int, acc_dtype: str, acc_at: Callable, value_of: Callable,
-                                      scale) -> None:
-    """``scale[0] = max |value_of(acc_at(i, c), c)|`` where ``value_of(., c)`` is monotone for each
-    channel c (NCHW rows of one channel, at least a vector wide): the extremes of |value| are
-    at the row's smallest and largest accumulators, so the pass over the tensor is an integer
-    min / max (two instructions a vector) and ``value_of`` runs twice per row. Exact: the max
-    is over values the elementwise pass computes, and every other element's lies between them."""
+def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at: Callable, acc_of: Callable,
+                                      value_of: Callable, scale) -> None:
+    """``scale[0] = max |value_of(acc_of(scan_at(i, c), c), c)|`` where ``acc_of(., c)`` and
+    ``value_of(., c)`` are monotone for each channel c (NCHW rows of one channel, at least a
+    vector wide): the extremes of |value| are at the row's smallest and largest scanned values,
+    so the pass over the tensor is an integer min / max (two instructions a vector) and
+    ``acc_of`` and ``value_of`` run twice per row. Exact: the max is over values the elementwise
+    pass computes, and every other element's lies between them.
+
+    ``scan_at`` may read the stored accumulator as it is (int16 storage: 32 lanes a vector, no
+    widening) when ``acc_of`` turns it into the accumulator by an increasing map (widening,
+    less a per-channel constant)."""
     _, outer, channels, inner = _channel_view(shape, axis)
-    rows, (full, tail) = outer * channels, divmod(inner, LANES)
-    info = np.iinfo(acc_dtype)
+    lanes = max(LANES, 64 // np.dtype(scan_dtype).itemsize)  # a zmm register of narrow integers
+    rows, (full, tail) = outer * channels, divmod(inner, lanes)
+    info = np.iinfo(scan_dtype)
     partial = I.alloc_buffer((rows,), F32, scope="global")
     with _parallel_or_serial(rows, rows * inner) as row:
-        low, high = _local((LANES,), acc_dtype), _local((LANES,), acc_dtype)
-        with I.vectorized(0, LANES) as lane:
-            I.buffer_store(low, tirx.const(int(info.max), acc_dtype), [lane])
-            I.buffer_store(high, tirx.const(int(info.min), acc_dtype), [lane])
-        for count, start in ((full, None), (tail, full * LANES)):
+        low, high = _local((lanes,), scan_dtype), _local((lanes,), scan_dtype)
+        with I.vectorized(0, lanes) as lane:
+            I.buffer_store(low, tirx.const(int(info.max), scan_dtype), [lane])
+            I.buffer_store(high, tirx.const(int(info.min), scan_dtype), [lane])
+        for count, start in ((full, None), (tail, full * lanes)):
             if not count:
                 continue
             with (I.serial(0, count) if start is None else I.serial(0, 1)) as v:
-                with I.vectorized(0, LANES if start is None else count) as lane:
-                    col = v * LANES + lane if start is None else start + lane
-                    acc = acc_at(row * inner + col, row % channels)
-                    I.buffer_store(low, tirx.Min(low[lane], acc), [lane])
-                    I.buffer_store(high, tirx.Max(high[lane], acc), [lane])
-        with I.serial(1, LANES) as lane:
+                with I.vectorized(0, lanes if start is None else count) as lane:
+                    col = v * lanes + lane if start is None else start + lane
+                    scanned = scan_at(row * inner + col, row % channels)
+                    I.buffer_store(low, tirx.Min(low[lane], scanned), [lane])
+                    I.buffer_store(high, tirx.Max(high[lane], scanned), [lane])
+        with I.serial(1, lanes) as lane:
             I.buffer_store(low, tirx.Min(low[0], low[lane]), [0])
             I.buffer_store(high, tirx.Max(high[0], high[lane]), [0])
         c = row % channels
-        I.buffer_store(partial, tirx.Max(tirx.abs(value_of(low[0], c)), tirx.abs(value_of(high[0], c))), [row])
+        I.buffer_store(partial, tirx.Max(tirx.abs(value_of(acc_of(low[0], c), c)),
+                                         tirx.abs(value_of(acc_of(high[0], c), c))), [row])
     I.buffer_store(scale, _f32(0.0), [0])
     with I.serial(0, rows) as r:
         I.buffer_store(scale, tirx.Max(scale[0], partial[r]), [0])
@@ -601,28 +616,29 @@ def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_fl
     ``fast`` (S's :class:`_Divisor` with ``k = L + 1``, where the caller checked S's range)
     divides without a divide."""
     # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
-    # (llvm.roundeven).  S is read back from the buffer so no constant folding can
+    # (_round_to_int).  S is read back from the buffer so no constant folding can
     # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
     # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
     numerator = tirx.abs(value) * _f32(levels)
     if fast is None:
-        magnitude = tirx.round(numerator / scale[0])
+        quotient = numerator / scale[0]
     else:
         if clamp:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
             numerator = tirx.Min(_rounded(numerator), fast.bound)
-        magnitude = tirx.round(_code_quotient(numerator, fast))
-    if clamp:
-        magnitude = tirx.Min(magnitude, _f32(levels))
-    zero = _f32(0.0)
+        quotient = _code_quotient(numerator, fast)
+    if clamp:  # min(roundeven(q), L) is roundeven(min(q, L)) for an integer L, and in int32's range
+        quotient = tirx.Min(quotient, _f32(levels))
+    magnitude = _round_to_int(quotient)  # at most L + 1 (a dynamic S is at least |x|)
+    zero = tirx.const(0, "int32")
     if offset:
-        # integers below 2^24 are exact in float32: L +- magnitude is the exact code
-        center = _f32(levels)
-        code = tirx.Select(value > zero, center + magnitude, tirx.Select(value < zero, center - magnitude, center))
+        center = tirx.const(levels, "int32")
+        code = tirx.Select(value > _f32(0.0), center + magnitude,
+                           tirx.Select(value < _f32(0.0), center - magnitude, center))
         I.buffer_store(pos_flat, tirx.Cast("uint8", code), [i])
         return
-    I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Select(value > zero, magnitude, zero)), [i])
+    I.buffer_store(pos_flat, tirx.Cast("uint8", tirx.Select(value > _f32(0.0), magnitude, zero)), [i])
     if neg_flat is not None:
-        I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Select(value < zero, magnitude, zero)), [i])
+        I.buffer_store(neg_flat, tirx.Cast("uint8", tirx.Select(value < _f32(0.0), magnitude, zero)), [i])
 
 
 def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bool = False) -> tirx.PrimFunc:
@@ -753,6 +769,14 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         def widened(stored):
             return stored if storage == acc_dtype else tirx.Cast(acc_dtype, stored)
 
+        def less_offset(acc, c):
+            """The accumulator from the (widened) product: less the per-channel offset term."""
+            if has_zero_point:
+                return acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
+            if acc_offset is not None:
+                return acc - acc_offset[c]
+            return acc
+
         def acc_at(i, c):
             """The accumulator of element i (channel c): an integer, or float32 (levels None)."""
             if levels is None:
@@ -760,11 +784,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             acc = widened(acc_flat[i])
             if has_neg:
                 acc = acc - widened(neg_flat[i])
-            if has_zero_point:
-                acc = acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
-            elif acc_offset is not None:
-                acc = acc - acc_offset[c]
-            return acc
+            return less_offset(acc, c)
 
         def layer_value(acc, c, fast: bool):
             """The layer's float y (before any residual) from accumulator ``acc`` of channel c:
@@ -803,8 +823,16 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             I.buffer_store(out_scale_buf, _f32(out_scale), [0])
         elif levels is not None and not has_residual and _channel_view(shape, channel_axis)[3] >= LANES:
             # y is monotone in the accumulator per channel: max|y| is at a channel's extreme accumulators
-            _emit_channel_abs_max_of_monotone(shape, channel_axis, acc_dtype, acc_at,
-                                              lambda acc, c: _rounded(layer_value(acc, c, False)), out_scale_buf)
+            def value_of(acc, c):
+                return _rounded(layer_value(acc, c, False))
+
+            if has_neg:  # the difference of two stored values: scan the accumulators themselves
+                _emit_channel_abs_max_of_monotone(shape, channel_axis, acc_dtype, acc_at, lambda acc, c: acc,
+                                                  value_of, out_scale_buf)
+            else:  # scan what is stored (widening and the offset keep the order)
+                _emit_channel_abs_max_of_monotone(shape, channel_axis, storage, lambda i, c: acc_flat[i],
+                                                  lambda stored, c: less_offset(widened(stored), c),
+                                                  value_of, out_scale_buf)
         elif keep_y or has_residual:
             # max|y| needs every y: the first pass stores each one (in y itself when it is kept)
             # and the codes pass reads it back instead of computing it again (a residual block's
