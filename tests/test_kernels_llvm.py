@@ -417,11 +417,15 @@ def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shap
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups",
                          [c for c in CONV_CASES if c[1][1] == 1 and max(c[2]) <= 2] + [
-                             ((1, 5, 20, 70), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5)])  # rows of 2 pieces
+                             ((1, 5, 20, 70), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5),  # rows of 2 pieces
+                             ((1, 2, 260, 300), (2, 1, 3, 3), (1, 1), (1, 1), (1, 1), 2)])  # staging off the stack
 @pytest.mark.parametrize("out_dtype", ["int32", "int16"])
 def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding, dilation, groups, out_dtype):
     """int16 accumulation, at the edges of its range: 9 taps x |q| <= 96 x codes <= 15 fill
-    [-12960, 12960], and every partial sum stays within int16; stored widened or as int16."""
+    [-12960, 12960], and every partial sum stays within int16; stored widened or as int16.
+    Each task stages its channel on its stack, or in a shared buffer when the plane is larger."""
+    if input_shape[2] == 260:
+        assert 262 * kernels._staging_pitch(302) > kernels._TASK_STAGING_BYTES
     q = RNG.integers(-96, 97, weight_shape)
     q.reshape(weight_shape[0], -1)[0] = 96  # one channel at the largest positive sum
     x = RNG.integers(0, 16, input_shape)
