@@ -145,6 +145,44 @@ def test_the_thread_cap_holds_for_the_call_only_and_changes_no_result(compiled, 
     assert np.array_equal(m(x), capped)
 
 
+def test_loading_a_model_gives_tvm_a_thread_per_physical_core_unless_told(compiled, monkeypatch):
+    """TVM alone would take half the logical CPUs (one thread on a two-vCPU VM); loading a CPU
+    model sets TVM_NUM_THREADS to the physical cores, unless it or OMP_NUM_THREADS is set."""
+    _, path, _ = compiled("digits-cnn")
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    m = runtime.load(path)
+    assert os.environ["TVM_NUM_THREADS"] == str(runtime.physical_cores()) and m.threads is None
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    runtime.load(path)
+    assert os.environ["TVM_NUM_THREADS"] == "3"
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runtime.load(path)
+    assert "TVM_NUM_THREADS" not in os.environ
+
+
+def test_physical_cores_count_hyperthread_siblings_once_within_the_cgroup_quota(tmp_path):
+    def cpu(n, package, core):
+        topology = tmp_path / f"devices/system/cpu/cpu{n}/topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+
+    for n, (package, core) in enumerate([(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 1)]):
+        cpu(n, package, core)  # cpu0/cpu2 and cpu1/cpu3 are siblings; package 1 has its own cores 0, 1
+    assert runtime.physical_cores(range(4), tmp_path) == 2
+    assert runtime.physical_cores([0, 2], tmp_path) == 1
+    assert runtime.physical_cores(range(6), tmp_path) == 4
+    assert runtime.physical_cores([0, 7, 8], tmp_path) == 3  # no topology for cpu7, cpu8: counted as cores
+    (tmp_path / "fs/cgroup").mkdir(parents=True)
+    (tmp_path / "fs/cgroup/cpu.max").write_text("250000 100000\n")  # 2.5 CPUs of time
+    assert runtime.physical_cores(range(6), tmp_path) == 3
+    (tmp_path / "fs/cgroup/cpu.max").write_text("max 100000\n")
+    assert runtime.physical_cores(range(6), tmp_path) == 4
+    assert 1 <= runtime.physical_cores() <= (os.cpu_count() or 1)
+
+
 def test_capped_calls_in_several_threads_restore_the_thread_count_once_all_end(compiled, monkeypatch):
     import threading
 
