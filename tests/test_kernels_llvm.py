@@ -490,22 +490,18 @@ def _within_int16(x, q, stride, padding, groups):
     ((2, 8, 16, 16), (20, 8, 3, 3), (1, 1), (1, 1), 1, "direct"),
     ((1, 8, 14, 14), (16, 8, 3, 3), (2, 2), (1, 1), 1, "tile"),     # staged tiles, strided
     ((1, 8, 8, 8), (16, 4, 1, 1), (1, 1), (0, 0), 2, "direct"),     # groups
-    ((1, 16, 7, 7), (64, 16, 3, 3), (1, 1), (1, 1), 1, "channels"),  # 7x7 planes: channels on the lanes
+    ((1, 16, 7, 7), (64, 16, 3, 3), (1, 1), (1, 1), 1, "tile"),      # 7x7 planes: pixels on the lanes too
+    ((1, 16, 7, 7), (64, 16, 3, 3), (1, 1), (1, 1), 1, "channels"),  # channels on the lanes, when asked
 ])
 def test_bitparallel_conv2d_narrows_to_int16_outputs_exactly(input_shape, weight_shape, stride, padding, groups,
                                                              path):
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
-    pixel_plan = kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs())
-    og = weight_shape[0] // groups  # the kernel leaves the pixel form below 90% useful lanes, 64+ channels
-    computed = groups * -(-og // pixel_plan.channels) * pixel_plan.channels * -(-geometry.out_h // pixel_plan.rows) \
-        * pixel_plan.chunks * pixel_plan.vectors * 16
-    efficiency = weight_shape[0] * geometry.out_h * geometry.out_w / computed
-    assert (path == "channels") == (efficiency < 0.9 and og >= 64)
+    knobs = kernels.BitparallelKnobs(conv_form="channels" if path == "channels" else "")
     if path != "channels":
-        assert pixel_plan.direct == (path == "direct")
+        assert kernels._conv_pixel_plan(geometry, knobs).direct == (path == "direct")
     x = RNG.integers(0, 256, input_shape)
     q, expected = _within_int16(x, RNG.integers(-128, 128, weight_shape), stride, padding, groups)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups,
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs,
                    out_dtype="int16")
     y = kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups))
     assert y.dtype == np.int16

@@ -1409,23 +1409,19 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
 
         return main_dw
 
-    plan = _conv_pixel_plan(geo, knobs)
-    computed = B * G * -(-geo.out_per_group // plan.channels) * plan.channels \
-        * -(-OH // plan.rows) * plan.chunks * plan.vectors * VNNI_LANES
-    efficiency = B * O * OH * OW / computed
     if knobs.conv_form not in ("", "pixels", "channels"):
         raise ValueError(f"conv_form must be pixels, channels or empty, got {knobs.conv_form!r}")
-    explicit = knobs.conv_channels or knobs.conv_vectors or knobs.conv_rows
-    # Small planes with many channels (ResNet-18's 14x14 and 7x7 stages) waste a large share of
-    # the flat pixel domain; the channels-on-lanes kernel below wastes nothing there.
-    if knobs.conv_form == "pixels" or not knobs.conv_form and (
-            explicit or not (efficiency < 0.9 and geo.out_per_group >= 64)):
+    # Output pixels on the lanes wherever that kernel exists (strides up to 2). It wastes lanes
+    # on small planes (a 7x7 plane fills 49 of 64), yet beat the channels-on-lanes kernel below
+    # on every shape measured (Xeon, AVX-512 VNNI, one thread): ResNet-18's 3x3 convs at 14x14
+    # and 7x7 by 1.26x-1.47x, MobileNetV2's 1x1 convs at 28x28 down to 7x7 by 1.2x-4.9x (short
+    # K loops cost the channels kernel most), and equal on ResNet-20's. --tune still tries both.
+    if knobs.conv_form in ("", "pixels"):
         pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype)
         if pixels is not None:
             return pixels
 
-    # Output channels on the lanes: small planes with many channels, and strides > 2 (more
-    # than 4 stride phases).
+    # Output channels on the lanes: strides > 2 (more than 4 stride phases), or asked for.
     Cg, Og = geo.in_per_group, geo.out_per_group
     c_groups = -(-Cg // 4)          # int32 words of 4 channels per group and pixel
     words_per_pixel = G * c_groups
