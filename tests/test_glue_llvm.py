@@ -209,6 +209,9 @@ def test_int16_stored_accumulators_give_what_int32_ones_give(options):
     ((3, 37), -1, "none", True, True),  # [M, C], offset codes
     ((2, 16, 17, 17), 1, "clip", True, False),  # rows of one channel: max|y| from the extreme accumulators
     ((1, 32, 24, 24), 1, "none", False, False),
+    # y >= 0 after a relu: codes without the sign tests, also signed (negative codes all 0) or offset
+    ((1, 16, 20, 20), 1, "relu", True, False),
+    ((1, 16, 20, 20), 1, "relu", True, True),
 ])
 def test_epilogue_dynamic_quantize_equals_epilogue_then_quantize(shape, axis, act, signed, offset):
     """A dynamic out_scale: S' = max|y| and the codes from one kernel that never writes y equal

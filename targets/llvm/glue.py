@@ -611,10 +611,12 @@ def _code_quotient(numerator, divisor: _Divisor) -> tirx.PrimExpr:
 
 
 def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat,
-                 fast: _Divisor | None = None) -> None:
+                 fast: _Divisor | None = None, nonnegative: bool = False) -> None:
     """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there);
     ``fast`` (S's :class:`_Divisor` with ``k = L + 1``, where the caller checked S's range)
-    divides without a divide."""
+    divides without a divide. ``nonnegative``: ``value >= 0`` by construction (after a relu or
+    a clip from 0 up), so where ``fast`` holds (``S > 0``: a zero value's code is 0 already)
+    the sign tests are left out."""
     # Exactly the interpreter's float32 ops: (|x| * L) / S, then round half to even
     # (_round_to_int).  S is read back from the buffer so no constant folding can
     # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
@@ -630,6 +632,12 @@ def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_fl
         quotient = tirx.Min(quotient, _f32(levels))
     magnitude = _round_to_int(quotient)  # at most L + 1 (a dynamic S is at least |x|)
     zero = tirx.const(0, "int32")
+    if nonnegative and fast is not None:
+        code = tirx.const(levels, "int32") + magnitude if offset else magnitude
+        I.buffer_store(pos_flat, tirx.Cast("uint8", code), [i])
+        if neg_flat is not None:
+            I.buffer_store(neg_flat, tirx.Cast("uint8", zero), [i])
+        return
     if offset:
         center = tirx.const(levels, "int32")
         code = tirx.Select(value > _f32(0.0), center + magnitude,
@@ -851,6 +859,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             on_levels_divisor(lambda fast: _emit_channel_abs_max(
                 shape, channel_axis, lambda i, c: _rounded(value_at(i, c, fast)), out_scale_buf))
         code_parts = (_flat(named["codes_pos"]), _flat(named["codes_neg"]) if "codes_neg" in named else None)
+        # the coded value's last activation keeps it at or above zero (max(y, 0) may be -0: code 0)
+        last_act, last_lo, last_hi = (post_act, post_lo, post_hi) if has_residual else (act, clip_lo, clip_hi)
+        nonnegative = last_act == "relu" or (last_act == "clip" and min(last_lo, last_hi) >= 0)
         divisor = _divisor_of(out_scale_buf, out_scale, out_levels + 1, out_levels)
 
         def store(i, c, fast_levels: bool, fast_codes: bool):
@@ -861,7 +872,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                 if keep_y:
                     I.buffer_store(y_flat, value, [i])
             _store_codes(value, i, out_scale_buf, out_levels, out_scale > 0, out_offset, *code_parts,
-                         fast=divisor if fast_codes else None)
+                         fast=divisor if fast_codes else None, nonnegative=nonnegative)
 
         def codes_pass(fast_levels: bool):
             _on_divisor_range(out_scale_buf[0],
