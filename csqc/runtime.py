@@ -436,8 +436,8 @@ def _cap_threads(cap: int) -> None:
     """Let TVM's parallel launches use at most ``cap`` threads until :func:`_uncap_threads`.
 
     TVM reads ``TVM_NUM_THREADS`` at every parallel launch (else ``OMP_NUM_THREADS``, else
-    half the hardware threads on x86; loading a model sets it, see :func:`_default_thread_count`), and at 1 runs the task on the calling thread without
-    waking its pool. So the variable is lowered for a call where it would allow more, and
+    half the hardware threads on x86; loading a model sets it, see :func:`_default_thread_count`),
+    and at 1 runs the task on the calling thread without waking its pool. So the variable is lowered for a call where it would allow more, and
     restored after it: other models in the process keep their threads. It is the process's:
     while capped calls run in several Python threads, the first one's cap holds and the last
     one to finish restores it (an uncapped call meanwhile runs capped too)."""
