@@ -96,9 +96,6 @@ def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping
     q = decode_weight(g, n)
     if planes_used and n.name in planes_used and n.quant.encoding != "int":
         q = _truncated_weight(g, n, planes_used[n.name])
-    parts = n.layer
-    mult = g.params[parts.mult]
-    add = g.params[parts.add] if parts.add else None
     is_conv = n.op == "qconv2d"
     axis = 1 if is_conv else -1
     if isinstance(x, QValue):
@@ -113,17 +110,30 @@ def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping
         acc = acc.astype(np.int64)
         if record is not None:
             record[f"{n.name}.acc"] = acc << n.quant.low_shift  # comparable across plane-shift passes
-        y = (acc.astype(_F32) * _F32(x.scale)) / _F32(x.levels)
+        return layer_output(g, n, acc, x.scale, x.levels)
+    xf = np.asarray(x, dtype=_F32)
+    wf = q.astype(_F32)
+    if is_conv:
+        y = conv2d_nchw(xf, wf, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")).astype(_F32)
     else:
-        xf = np.asarray(x, dtype=_F32)
-        wf = q.astype(_F32)
-        if is_conv:
-            y = conv2d_nchw(xf, wf, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")).astype(_F32)
-        else:
-            y = (xf @ wf.T).astype(_F32)
-    y = y * _channel(mult, y.ndim, axis)
-    if add is not None:
-        y = y + _channel(add, y.ndim, axis)
+        y = (xf @ wf.T).astype(_F32)
+    return _layer_tail(g, n, y, axis)
+
+
+def layer_output(g: Graph, n: Node, acc: np.ndarray, scale, levels: int):
+    """Quantized layer ``n``'s output from its integer accumulators ``acc`` (channels on axis 1
+    of a conv's, the last axis of a linear layer's) and its input codes' scale and levels:
+    ``y = ((f32(acc) * S) / L) * mult[c] + add[c]``, the activation, then the fused output
+    quantization where the layer has one (a QValue) -- the float32 order every runtime follows."""
+    y = (np.asarray(acc, np.int64).astype(_F32) * _F32(scale)) / _F32(levels)
+    return _layer_tail(g, n, y, 1 if n.op == "qconv2d" else -1)
+
+
+def _layer_tail(g: Graph, n: Node, y: np.ndarray, axis: int):
+    parts = n.layer
+    y = y * _channel(g.params[parts.mult], y.ndim, axis)
+    if parts.add:
+        y = y + _channel(g.params[parts.add], y.ndim, axis)
     y = _activation(n, y.astype(_F32))
     if n.quant.out_bits is not None:  # fused output quantization: exactly quantize(y) with its static scale
         return _quantize_values(lambda: n.name, y, n.quant.out_bits, n.quant.out_scale)

@@ -84,6 +84,7 @@ class Aarch64Backend(CpuBackend):
     """The CPU backend's kernels and glue (offset codes too), with the ARM kernel choice."""
 
     name = "aarch64"
+    code_search = False  # the glue's search is x86 (vpermw)
 
     def choose_kernel(self, n, rows: int, q: np.ndarray) -> LayerChoice:
         return choose_kernel(n, rows, q)

@@ -151,6 +151,8 @@ class CpuBackend:
     fused_residual = True
     int16_depthwise = True  # 32 int16 lanes per register where the accumulator bound allows
     int16_conv_outputs = True  # int16 accumulator buffers where every conv output fits
+    # calibrated convs find their codes by a binary search of integer thresholds (vpermw, AVX-512 BW)
+    code_search = True
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True

@@ -1,0 +1,166 @@
+"""Calibrated convs find their output codes by a binary search over integer thresholds.
+
+Rules under test (csqc.targets.tvm.code_thresholds, glue.epilogue's ``code_search``): with static
+input and output scales a channel's code is a staircase in its accumulator, and
+``base + #{k : s > thresholds[k]}`` (``s = acc``, or ``~acc`` where ``mult < 0``) is that
+staircase for every accumulator; the searched kernel writes the float chain's codes bit for bit
+in every code layout, with and without the run-time offset of offset input codes, extremes of
+int16 storage included; staircases longer than one table keep the float chain; compiled
+calibrated models take the search where their planes are mostly whole vectors and verify
+exactly.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csqc
+from csqc import runtime
+from csqc.interpreter import layer_output
+from csqc.targets.llvm import glue
+from csqc.targets.tvm.code_thresholds import DOMAIN, TABLE_ENTRIES, code_tables
+from csqc.verify import verify
+from irbuild import Builder
+from test_glue_llvm import run_kernel
+
+F32 = np.float32
+IN_SCALE, IN_LEVELS = 0.7, 15
+
+
+def _layer(rng, channels: int, act: str, lo: float, hi: float, out_bits: int, out_scale: float, out_signed: bool):
+    """A 1x1 quantized conv node with a fused static output quantization (weights play no part)."""
+    b = Builder()
+    x = b.input("x", (1, channels, 4, 4))
+    codes = b.quantize(x, 4, signed=True, static=IN_SCALE)
+    mult = (rng.standard_normal(channels) * 0.05).astype(F32)
+    mult[:4] = [0.0, -0.0, -0.03, 1e-9]  # a constant channel either way, a flipped one, a flat one
+    add = (rng.standard_normal(channels) * 0.5).astype(F32)
+    y = b.qconv2d("layer", codes, rng.integers(-3, 4, (channels, channels, 1, 1)), n_bits=2, active_bits=(1, 0),
+                  mult=mult, add=add, act=act, out_bits=out_bits, out_scale=out_scale, out_signed=out_signed)
+    g = b.build(y)
+    n = g.node("layer")
+    if act == "clip":
+        n = n.replace(attrs={**n.attrs, "clip_lo": lo, "clip_hi": hi})
+        g = g.replace(nodes=tuple(n if m.name == "layer" else m for m in g.nodes))
+    return g, n, mult, add
+
+
+def _codes(g, n, acc: np.ndarray) -> np.ndarray:
+    """The interpreter's codes of accumulators ``acc`` (``[C, K]``) of each channel."""
+    return layer_output(g, n, acc[None, :, :, None], IN_SCALE, IN_LEVELS).codes[0, :, :, 0]
+
+
+@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed", [
+    ("clip", 0.0, 6.0, 4, 1.3, False),  # MobileNetV2's relu6
+    ("relu", 0.0, 0.0, 4, 0.2, True),  # steep: several codes per accumulator step
+    ("none", 0.0, 0.0, 4, 3.0, True),
+    ("clip", -0.5, 0.75, 3, 0.6, True),
+    ("none", 0.0, 0.0, 5, 1.1, False),  # 31 thresholds: a whole table
+])
+def test_thresholds_are_the_staircase_of_every_accumulator(act, lo, hi, out_bits, out_scale, signed):
+    g, n, mult, _ = _layer(np.random.default_rng(out_bits), 12, act, lo, hi, out_bits, out_scale, signed)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
+    assert tables is not None and 1 <= tables.steps <= 5
+    assert tables.thresholds.shape == (12, TABLE_ENTRIES)
+    assert (np.diff(tables.thresholds, axis=1) >= 0).all()  # sorted: a binary search applies
+    np.testing.assert_array_equal(tables.flip, np.where(np.signbit(mult) & (mult != 0), -1, 0))
+    acc = np.arange(-40000, 40001, dtype=np.int64)
+    expected = _codes(g, n, np.broadcast_to(acc, (12, acc.size)).copy())
+    if not signed:
+        expected = np.maximum(expected, 0)  # what unsigned codes store
+    s = np.where(tables.flip[:, None] != 0, ~acc[None, :], acc[None, :])
+    searched = tables.base[:, None] + (s[:, :, None] > tables.thresholds[:, None, :]).sum(-1)
+    np.testing.assert_array_equal(searched, expected)
+
+
+def test_staircases_longer_than_a_table_keep_the_float_chain():
+    g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 5, 0.4, True)  # 62 thresholds
+    assert code_tables(g, n, IN_SCALE, IN_LEVELS) is None
+    assert code_tables(g, n, 0.0, IN_LEVELS) is None  # a dynamic input scale
+
+
+@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,hw", [
+    ("clip", 0.0, 6.0, 4, 1.3, False, False, True, (7, 9)),  # 63-element rows: a vector and a float tail
+    ("clip", 0.0, 6.0, 4, 1.3, False, False, False, (8, 8)),
+    ("none", 0.0, 0.0, 4, 3.0, True, True, False, (6, 16)),  # offset output codes
+    ("relu", 0.0, 0.0, 4, 0.2, True, False, True, (5, 13)),  # sign parts
+    ("clip", -0.5, 0.75, 3, 0.6, True, False, True, (4, 8)),
+    ("none", 0.0, 0.0, 5, 1.1, False, False, True, (9, 11)),  # five steps
+])
+def test_searched_codes_equal_the_float_chain(act, lo, hi, out_bits, out_scale, signed, offset, input_offset, hw):
+    """Every stored int16 value (-32766..32766, the storage rule's range) under random per-channel
+    offsets: the searched kernel's codes and scale equal the float-chain kernel's and the
+    interpreter's, bit for bit."""
+    rng = np.random.default_rng(sum(hw))
+    channels = 24
+    g, n, mult, add = _layer(rng, channels, act, lo, hi, out_bits, out_scale, signed)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
+    shape = (1, channels, hw[0] * 6, hw[1] * 8)
+    stored = rng.integers(-32766, 32767, shape).astype(np.int16)
+    stored.reshape(channels, -1)[:, :4] = [-32766, 32766, 0, -1]
+    off = rng.integers(-16000, 16000, channels).astype(np.int32) if input_offset else None
+    inputs = [stored] + ([off] if input_offset else []) + [np.array([F32(IN_SCALE)]), mult, add]
+    outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if signed and not offset else [])
+    options = dict(has_offset=input_offset, out_bits=out_bits, out_scale=out_scale, out_signed=signed,
+                   out_offset=offset, acc_storage="int16")
+    chain = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, **options), *inputs, outputs=outputs)
+    searched = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, code_search=tables.steps, **options),
+                          *inputs, tables.thresholds, tables.base, tables.flip, outputs=outputs)
+    for got, want in zip(searched, chain):
+        np.testing.assert_array_equal(got, want)
+    acc = stored.reshape(channels, -1).astype(np.int64) - (off[:, None] if input_offset else 0)
+    codes = _codes(g, n, acc).reshape(shape)
+    levels = 2**out_bits - 1
+    expected = codes + levels if offset else np.maximum(codes, 0)
+    np.testing.assert_array_equal(searched[1], expected)
+    if signed and not offset:
+        np.testing.assert_array_equal(searched[2], np.maximum(-codes, 0))
+
+
+def test_code_search_needs_what_it_relies_on():
+    shape = (1, 8, 8, 8)
+    with pytest.raises(ValueError, match="code_search"):
+        glue.epilogue(shape, 1, 15, "relu", 0, 0, True, out_bits=4, out_scale=1.0, code_search=4)  # int32 storage
+    with pytest.raises(ValueError, match="code_search"):
+        glue.epilogue(shape, 1, 15, "relu", 0, 0, True, out_bits=4, out_scale=0.0, acc_storage="int16",
+                      code_search=4)  # a dynamic output scale
+    with pytest.raises(ValueError, match="code_search"):
+        glue.epilogue((1, 8, 4, 4), 1, 15, "relu", 0, 0, True, out_bits=4, out_scale=1.0, acc_storage="int16",
+                      code_search=4)  # rows shorter than a vector
+    with pytest.raises(ValueError, match="steps"):
+        glue.epilogue(shape, 1, 15, "relu", 0, 0, True, out_bits=4, out_scale=1.0, acc_storage="int16", code_search=6)
+    assert DOMAIN > 2 * 2**15  # every true accumulator of an int16-stored conv, offset included
+
+
+def _cnn(tmp_path, size: int):
+    torch.manual_seed(size)
+    float_model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),  # a float-input stem: float chain
+        nn.Conv2d(16, 48, 1), nn.BatchNorm2d(48), nn.ReLU6(),  # expansion
+        nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.BatchNorm2d(48), nn.ReLU6(),  # depthwise
+        nn.Conv2d(48, 24, 1),  # projection: no activation, signed codes
+        nn.Conv2d(24, 32, 1), nn.ReLU(),  # reads them as offset codes
+        nn.Conv2d(32, 32, 1),  # its float output goes to the pool: no codes to search
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=False))
+    return csqc.load(csqc.save(model, tmp_path / f"m{size}.pt", torch.rand(1, 3, size, size)))
+
+
+@pytest.mark.parametrize("size,searched", [(16, 4), (7, 0)])
+def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, searched):
+    """16x16 planes are whole vectors: the four integer convs whose codes another conv reads take
+    the search (one of them on offset input codes); 7x7 planes (a vector and 17 left) keep the
+    float chain. Both verify exactly."""
+    model = _cnn(tmp_path, size)
+    calib = [np.random.default_rng(0).random((8, 3, size, size), dtype=np.float32)]
+    art = tmp_path / f"m{size}.so"
+    csqc.compile(model, "llvm", art, calibrate=calib)
+    plan = runtime.load(art).plan
+    tables = [name for name in plan["buffers"] if name.endswith(".code_thresholds")]
+    assert len(tables) == searched, tables
+    if searched:
+        assert "10.acc_offset" in plan["buffers"] and "10.code_thresholds" in tables
+    assert sum(any(a in tables for a in step["args"]) for step in plan["steps"]) == searched
+    check = [np.random.default_rng(1).random((3, 3, size, size), dtype=np.float32) * 1.5]  # some codes clamp
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
