@@ -27,13 +27,18 @@ F32 = np.float32
 IN_SCALE, IN_LEVELS = 0.7, 15
 
 
-def _layer(rng, channels: int, act: str, lo: float, hi: float, out_bits: int, out_scale: float, out_signed: bool):
-    """A 1x1 quantized conv node with a fused static output quantization (weights play no part)."""
+def _layer(rng, channels: int, act: str, lo: float, hi: float, out_bits: int, out_scale: float, out_signed: bool,
+           shallow: float = 1e-9, steep: bool = False):
+    """A 1x1 quantized conv node with a fused static output quantization (weights play no part);
+    channel 3's ``mult`` is ``shallow``: a staircase whose steps are far apart; ``steep``: the
+    other channels' ``|mult|`` at least 0.02 (every step within int16's range)."""
     b = Builder()
     x = b.input("x", (1, channels, 4, 4))
     codes = b.quantize(x, 4, signed=True, static=IN_SCALE)
     mult = (rng.standard_normal(channels) * 0.05).astype(F32)
-    mult[:4] = [0.0, -0.0, -0.03, 1e-9]  # a constant channel either way, a flipped one, a flat one
+    if steep:
+        mult = (np.sign(mult) * (np.abs(mult) + F32(0.02))).astype(F32)
+    mult[:4] = [0.0, -0.0, -0.03, shallow]  # a constant channel either way, a flipped one, a shallow one
     add = (rng.standard_normal(channels) * 0.5).astype(F32)
     y = b.qconv2d("layer", codes, rng.integers(-3, 4, (channels, channels, 1, 1)), n_bits=2, active_bits=(1, 0),
                   mult=mult, add=add, act=act, out_bits=out_bits, out_scale=out_scale, out_signed=out_signed)
@@ -79,30 +84,65 @@ def test_staircases_longer_than_a_table_keep_the_float_chain():
     assert code_tables(g, n, 0.0, IN_LEVELS) is None  # a dynamic input scale
 
 
-@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,hw", [
-    ("clip", 0.0, 6.0, 4, 1.3, False, False, True, (7, 9)),  # 63-element rows: a vector and a float tail
-    ("clip", 0.0, 6.0, 4, 1.3, False, False, False, (8, 8)),
-    ("none", 0.0, 0.0, 4, 3.0, True, True, False, (6, 16)),  # offset output codes
-    ("relu", 0.0, 0.0, 4, 0.2, True, False, True, (5, 13)),  # sign parts
-    ("clip", -0.5, 0.75, 3, 0.6, True, False, True, (4, 8)),
-    ("none", 0.0, 0.0, 5, 1.1, False, False, True, (9, 11)),  # five steps
-])
-def test_searched_codes_equal_the_float_chain(act, lo, hi, out_bits, out_scale, signed, offset, input_offset, hw):
-    """Every stored int16 value (-32766..32766, the storage rule's range) under random per-channel
-    offsets: the searched kernel's codes and scale equal the float-chain kernel's and the
-    interpreter's, bit for bit."""
+def test_int32_accumulators_need_every_step_within_int16():
+    """Saturating int32 accumulators to int16 keeps the comparisons only where the staircase is
+    flat beyond int16's range: a channel whose codes still move there keeps the float chain."""
+    g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 4, 3.0, True, shallow=0.05)
+    assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is not None
+    g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 4, 3.0, True, shallow=1e-9)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
+    assert tables is not None and (tables.thresholds[3] == DOMAIN).all()  # flat within +-2**17: no step
+    assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is None  # its codes move near int32's ends
+    g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 4, 3.0, True, shallow=1e-3)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
+    assert tables is not None and tables.thresholds[3, 0] < -(2**15)
+    assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is None  # steps past -32767
+
+
+CASES = [  # (planes: rows of whole vectors, or ending in one that overlaps the one before)
+    ("clip", 0.0, 6.0, 4, 1.3, False, False, True, (35, 63)),  # MobileNetV2's relu6
+    ("clip", 0.0, 6.0, 4, 1.3, False, False, False, (40, 56)),
+    ("none", 0.0, 0.0, 4, 3.0, True, True, False, (30, 112)),  # offset output codes
+    ("relu", 0.0, 0.0, 4, 0.2, True, False, True, (25, 91)),  # sign parts
+    ("clip", -0.5, 0.75, 3, 0.6, True, False, True, (20, 56)),
+    ("none", 0.0, 0.0, 5, 1.1, False, False, True, (7, 7)),  # five steps; 49: two vectors, overlapping
+]
+
+
+def _stored(rng, shape, storage: str) -> np.ndarray:
+    """int16: every value of the storage rule's range (-32766..32766). int32: most around the
+    thresholds, the rest out to int32's ends less any offset (saturated in the search)."""
+    if storage == "int16":
+        stored = rng.integers(-32766, 32767, shape)
+        stored.reshape(shape[1], -1)[:, :4] = [-32766, 32766, 0, -1]
+        return stored.astype(np.int16)
+    near = rng.integers(-40000, 40001, shape)
+    far = rng.integers(-(2**31) + 16000, 2**31 - 16000, shape)
+    stored = np.where(rng.random(shape) < 0.7, near, far)
+    stored.reshape(shape[1], -1)[:, :6] = [-(2**31) + 16000, 2**31 - 16001, 32767, -32768, 32766, -32767]
+    return stored.astype(np.int32)
+
+
+@pytest.mark.parametrize("storage", ["int16", "int32"])
+@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,hw", CASES)
+def test_searched_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, out_scale, signed, offset,
+                                              input_offset, hw):
+    """Stored accumulators under random per-channel offsets: the searched kernel's codes and
+    scale equal the float-chain kernel's and the interpreter's, bit for bit."""
     rng = np.random.default_rng(sum(hw))
     channels = 24
-    g, n, mult, add = _layer(rng, channels, act, lo, hi, out_bits, out_scale, signed)
-    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
-    shape = (1, channels, hw[0] * 6, hw[1] * 8)
-    stored = rng.integers(-32766, 32767, shape).astype(np.int16)
-    stored.reshape(channels, -1)[:, :4] = [-32766, 32766, 0, -1]
+    # (int32: a shallow channel's steps past int16's range would keep the float chain, see below)
+    wide = storage == "int32"
+    g, n, mult, add = _layer(rng, channels, act, lo, hi, out_bits, out_scale, signed, shallow=0.05 if wide else 1e-9,
+                             steep=wide)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS, wide=wide)
+    shape = (1, channels) + hw
+    stored = _stored(rng, shape, storage)
     off = rng.integers(-16000, 16000, channels).astype(np.int32) if input_offset else None
     inputs = [stored] + ([off] if input_offset else []) + [np.array([F32(IN_SCALE)]), mult, add]
     outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if signed and not offset else [])
     options = dict(has_offset=input_offset, out_bits=out_bits, out_scale=out_scale, out_signed=signed,
-                   out_offset=offset, acc_storage="int16")
+                   out_offset=offset, **({"acc_storage": "int16"} if storage == "int16" else {}))
     chain = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, **options), *inputs, outputs=outputs)
     searched = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, code_search=tables.steps, **options),
                           *inputs, tables.thresholds, tables.base, tables.flip, outputs=outputs)
@@ -120,7 +160,7 @@ def test_searched_codes_equal_the_float_chain(act, lo, hi, out_bits, out_scale, 
 def test_code_search_needs_what_it_relies_on():
     shape = (1, 8, 8, 8)
     with pytest.raises(ValueError, match="code_search"):
-        glue.epilogue(shape, 1, 15, "relu", 0, 0, True, out_bits=4, out_scale=1.0, code_search=4)  # int32 storage
+        glue.epilogue(shape, 1, 15, "relu", 0, 0, True, "int64", out_bits=4, out_scale=1.0, code_search=4)
     with pytest.raises(ValueError, match="code_search"):
         glue.epilogue(shape, 1, 15, "relu", 0, 0, True, out_bits=4, out_scale=0.0, acc_storage="int16",
                       code_search=4)  # a dynamic output scale
@@ -146,11 +186,11 @@ def _cnn(tmp_path, size: int):
     return csqc.load(csqc.save(model, tmp_path / f"m{size}.pt", torch.rand(1, 3, size, size)))
 
 
-@pytest.mark.parametrize("size,searched", [(16, 4), (7, 0)])
+@pytest.mark.parametrize("size,searched", [(16, 4), (7, 4), (5, 0)])
 def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, searched):
-    """16x16 planes are whole vectors: the four integer convs whose codes another conv reads take
-    the search (one of them on offset input codes); 7x7 planes (a vector and 17 left) keep the
-    float chain. Both verify exactly."""
+    """The four integer convs whose codes another conv reads take the search (one of them on
+    offset input codes) where a channel's plane holds a 32-lane vector (7x7: two, overlapping);
+    5x5 planes keep the float chain. All verify exactly."""
     model = _cnn(tmp_path, size)
     calib = [np.random.default_rng(0).random((8, 3, size, size), dtype=np.float32)]
     art = tmp_path / f"m{size}.so"

@@ -722,13 +722,13 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     kernel writes the float ``y`` (before ``out_scale``) as well as its codes, for readers of
     the float tensor (the next block's residual).
 
-    ``code_search`` (> 0: static input and output scales, int16 ``acc_storage``, one accumulator,
-    no residual, no kept ``y``, channels on rows of at least 32 elements): the codes come from
-    a binary search of ``code_search`` steps over per-channel integer thresholds instead of the
-    float chain (``csqc.targets.tvm.code_thresholds``; parameters ``code_thresholds: int32[C, 32]``,
-    ``code_base: int32[C]``, ``acc_flip: int32[C]`` follow ``add``). 32 int16 lanes a vector and
-    one ``vpermw`` a step; the rows' last partial vector runs the float chain. The same codes,
-    bit for bit: the thresholds are the float chain's own steps.
+    ``code_search`` (> 0: static input and output scales; one int32 accumulator per element,
+    stored as int16 or int32; no residual, no kept ``y``; channels on rows of at least 32
+    elements): the codes come from a binary search of ``code_search`` steps over per-channel
+    integer thresholds instead of the float chain (``csqc.targets.tvm.code_thresholds``;
+    parameters ``code_thresholds: int32[C, 32]``, ``code_base: int32[C]``, ``acc_flip: int32[C]``
+    follow ``add``; int32 storage needs tables built ``wide``). 32 int16 lanes a vector and one
+    ``vpermw`` a step. The same codes, bit for bit: the thresholds are the float chain's own steps.
     """
     _check_act(act)
     _check_act(post_act)
@@ -893,9 +893,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                                                                    lambda i, c: store(i, c, fast_levels, fast_codes)),
                               n >= _QUOTIENT_MIN_ELEMENTS)
 
-        if code_search:  # (the rows' partial vectors take the float chain's plain divides)
+        if code_search:
             _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels, out_offset,
-                              code_search, lambda i, c: store(i, c, False, False))
+                              code_search)
         elif stored_y is not None:
             codes_pass(False)  # y is read back: the levels' divisor plays no part
         else:
@@ -913,26 +913,29 @@ def _check_code_search(shape, channel_axis, levels, out_bits, out_scale, storage
     inner = _channel_view(shape, channel_axis)[3]
     if not 1 <= steps <= 5 or 2**steps - 1 > SEARCH_LANES - 1:
         raise ValueError(f"code_search takes 1..5 steps, got {steps}")
-    if (levels is None or out_bits is None or not out_scale > 0 or storage != "int16" or has_neg or has_zero_point
-            or has_residual or keep_y or inner < SEARCH_LANES):
-        raise ValueError("code_search needs static output codes of one int16 accumulator per element (no "
+    if (levels is None or out_bits is None or not out_scale > 0 or storage not in ("int16", "int32") or has_neg
+            or has_zero_point or has_residual or keep_y or inner < SEARCH_LANES):
+        raise ValueError("code_search needs static output codes of one int16 or int32 accumulator per element (no "
                          "negative part, zero point, residual or kept y) on rows of at least "
                          f"{SEARCH_LANES} elements of one channel")
 
 
 def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels: int,
-                      out_offset: bool, steps: int, float_store: Callable) -> None:
-    """The codes of int16 accumulators by binary search over their channel's thresholds (see
-    :func:`epilogue`'s ``code_search``), 32 lanes a vector; ``float_store(i, c)`` codes the
-    rows' last partial vector through the float chain.
+                      out_offset: bool, steps: int) -> None:
+    """The codes of int16 or int32 accumulators by binary search over their channel's thresholds
+    (see :func:`epilogue`'s ``code_search``), 32 lanes a vector.
 
-    Per row (one channel): the thresholds move by the run-time offset (``acc - off > t`` is
-    ``acc > t + off``; on the flipped side ``~acc > t - off``) and narrow to int16 with
-    saturation, which is exact because the stored accumulators stay within +-32766 (the int16
-    storage rule) and their complement within -32767..32765: a threshold saturated at -32768 is
-    below every one of them, as it was before, and one at 32767 above."""
+    int16 accumulators, per row (one channel): the thresholds move by the run-time offset
+    (``acc - off > t`` is ``acc > t + off``; on the flipped side ``~acc > t - off``) and narrow
+    to int16 with saturation, which is exact because the stored accumulators stay within
+    +-32766 (the int16 storage rule) and their complement within -32767..32765: a threshold
+    saturated at -32768 is below every one of them, as it was before, and one at 32767 above.
+
+    int32 accumulators: ``acc - off`` (or its complement) saturates to int16 instead, exact
+    where every threshold is within -32767..32766 and the staircase flat beyond
+    (``code_tables(wide=True)``): a saturated value compares with each threshold as it did."""
     _, outer, channels, inner = _channel_view(shape, channel_axis)
-    full, tail = divmod(inner, SEARCH_LANES)
+    vectors = -(-inner // SEARCH_LANES)
     rows = outer * channels
     thresholds = _flat(named["code_thresholds"])
     base, flip = named["code_base"], named["acc_flip"]
@@ -943,21 +946,31 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
     def splat(value, dtype="int16"):
         return tirx.Broadcast(tirx.const(value, dtype) if isinstance(value, int) else value, lanes)
 
+    wide = acc_flat.dtype == "int32"
+
+    def int16_saturated(value):
+        return tirx.Cast(i16, tirx.Max(tirx.Min(value, splat(32767, "int32")), splat(-32768, "int32")))
+
     with _parallel_or_serial(rows, rows * inner) as row:
         c = row % channels
         off = acc_offset[c] if acc_offset is not None else tirx.const(0, "int32")
         shift = tirx.Select(flip[c] != 0, tirx.const(0, "int32") - off, off)
         table = _local((1,), i16)
-        moved = thresholds[tirx.Ramp(c * lanes, 1, lanes)] + tirx.Broadcast(shift, lanes)
-        I.buffer_store(table, tirx.Cast(i16, tirx.Max(tirx.Min(moved, splat(32767, "int32")), splat(-32768, "int32"))),
-                       [0])
-        mask = tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes)
+        moved = thresholds[tirx.Ramp(c * lanes, 1, lanes)] + (0 if wide else tirx.Broadcast(shift, lanes))
+        I.buffer_store(table, int16_saturated(moved), [0])
         code_base = tirx.Broadcast(tirx.Cast("int16", base[c]), lanes)
         searched = _local((1,), i16)
         index = _local((1,), i16)
-        with I.serial(0, full) as v:
-            first = row * inner + v * lanes
-            I.buffer_store(searched, acc_flat[tirx.Ramp(first, 1, lanes)] ^ mask, [0])
+        with I.serial(0, vectors) as v:
+            # the last vector of a row ends at the row's end, overlapping the one before it
+            # (its common codes are written twice, equal): no partial vectors, no reads past the row
+            first = row * inner + tirx.min(v * lanes, inner - lanes)
+            stored = acc_flat[tirx.Ramp(first, 1, lanes)]
+            if wide:
+                value = int16_saturated((stored - tirx.Broadcast(off, lanes)) ^ tirx.Broadcast(flip[c], lanes))
+            else:
+                value = stored ^ tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes)
+            I.buffer_store(searched, value, [0])
             I.buffer_store(index, splat(0), [0])
             for step in (2**k for k in reversed(range(steps))):
                 candidate = index[0] + splat(step)
@@ -971,9 +984,6 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
                 I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(code, splat(0))), at)
                 if neg_flat is not None:
                     I.buffer_store(neg_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(splat(0) - code, splat(0))), at)
-        if tail:
-            with I.vectorized(0, tail) as lane:
-                float_store(row * inner + full * lanes + lane, c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,11 +45,15 @@ class CodeTables:
     steps: int
 
 
-def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int) -> CodeTables | None:
+def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int, wide: bool = False) -> CodeTables | None:
     """The threshold tables of quantized layer ``n`` (with a static output scale) whose input
     codes have the static scale ``in_scale`` and ``in_levels`` levels; None where a channel's
     staircase has more steps than a table holds or the float chain leaves float32's range.
-    Unsigned output codes are the staircase of ``max(code, 0)``, what their layout stores."""
+    Unsigned output codes are the staircase of ``max(code, 0)``, what their layout stores.
+
+    ``wide``: the accumulators are int32 and the kernel compares them saturated to int16, which
+    keeps every comparison where the staircase is flat past int16's range: every threshold
+    within -32767..32766 and the codes at int32's ends those at the domain's (else None)."""
     spec = n.quant
     if spec is None or spec.out_bits is None or not spec.out_scale > 0 or not in_scale > 0:
         return None
@@ -75,6 +79,13 @@ def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int) -> CodeTable
         top = codes(np.full((channels, 1), DOMAIN - 1, np.int64))[:, 0]
     except Exception:  # noqa: BLE001 -- a float chain outside float32's range: keep the float epilogue
         return None
+    if wide:
+        try:
+            ends = codes(np.tile(np.array([-(2**31), 2**31 - 1], np.int64), (channels, 1)))
+        except Exception:  # noqa: BLE001 -- (as above)
+            return None
+        if not (np.array_equal(ends[:, 0], base) and np.array_equal(ends[:, 1], top)):
+            return None
     counts = top - base
     if (counts < 0).any() or counts.max(initial=0) > TABLE_ENTRIES - 1:
         return None
@@ -92,6 +103,8 @@ def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int) -> CodeTable
     # threshold: the largest s below the step (code(s) > ... <=> s > lo)
     if not (np.where(valid, codes(lo) < level, True).all() and np.where(valid, codes(lo + 1) >= level, True).all()):
         return None  # not a staircase (cannot happen for the monotone chain; refuse rather than guess)
+    if wide and not np.where(valid, (lo >= -(2**15) + 1) & (lo <= 2**15 - 2), True).all():
+        return None
     thresholds = np.full((channels, TABLE_ENTRIES), DOMAIN, np.int64)
     thresholds[:, :width] = np.where(valid, lo, DOMAIN)
     steps = max(1, math.ceil(math.log2(int(counts.max(initial=0)) + 1)))

@@ -458,17 +458,14 @@ class _Lowerer:
         """The threshold buffers and search steps of conv ``n``'s codes (``glue.epilogue``'s
         ``code_search``: ``code_thresholds``), or ``([], 0)`` where the float chain stays: the
         backend must have the search, the input and output scales be static (calibrated), the
-        accumulators one int16 buffer, and each channel's rows mostly whole 32-lane vectors
-        (their partial vector takes the float chain: 7x7 planes of 960 channels ran 1.2x-1.4x slower
-        searched, 14x14 and larger planes 1.4x-1.75x faster)."""
-        if not (self.code_search and n.op == "qconv2d" and storage == "int16" and not two_parts
+        accumulators one int16 or int32 buffer, and each channel's rows at least one 32-lane vector."""
+        if not (self.code_search and n.op == "qconv2d" and storage in ("int16", "int32") and not two_parts
                 and fused.get("out_scale", 0.0) > 0):
             return [], 0
-        inner = int(np.prod(n.type.shape[2:]))
-        if inner < TABLE_ENTRIES or (inner % TABLE_ENTRIES) * 8 > inner:
+        if int(np.prod(n.type.shape[2:])) < TABLE_ENTRIES:
             return [], 0
         in_scale = self._static_scale_of(n.inputs[0])
-        tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1) if in_scale else None
+        tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32") if in_scale else None
         if tables is None:
             return [], 0
         names = [self.plan.weight(f"{n.name}.code_thresholds", tables.thresholds),
