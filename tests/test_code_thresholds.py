@@ -18,7 +18,7 @@ import csqc
 from csqc import runtime
 from csqc.interpreter import layer_output
 from csqc.targets.llvm import glue
-from csqc.targets.tvm.code_thresholds import DOMAIN, TABLE_ENTRIES, code_tables
+from csqc.targets.tvm.code_thresholds import DOMAIN, NO_STEP, TABLE_ENTRIES, code_tables
 from csqc.verify import verify
 from irbuild import Builder
 from test_glue_llvm import run_kernel
@@ -31,7 +31,7 @@ def _layer(rng, channels: int, act: str, lo: float, hi: float, out_bits: int, ou
            shallow: float = 1e-9, steep: bool = False):
     """A 1x1 quantized conv node with a fused static output quantization (weights play no part);
     channel 3's ``mult`` is ``shallow``: a staircase whose steps are far apart; ``steep``: the
-    other channels' ``|mult|`` at least 0.02 (every step within int16's range)."""
+    other channels' ``|mult|`` at least 0.02 (every step within int16's range, as tables need)."""
     b = Builder()
     x = b.input("x", (1, channels, 4, 4))
     codes = b.quantize(x, 4, signed=True, static=IN_SCALE)
@@ -63,13 +63,15 @@ def _codes(g, n, acc: np.ndarray) -> np.ndarray:
     ("none", 0.0, 0.0, 5, 1.1, False),  # 31 thresholds: a whole table
 ])
 def test_thresholds_are_the_staircase_of_every_accumulator(act, lo, hi, out_bits, out_scale, signed):
-    g, n, mult, _ = _layer(np.random.default_rng(out_bits), 12, act, lo, hi, out_bits, out_scale, signed)
+    g, n, mult, _ = _layer(np.random.default_rng(out_bits), 12, act, lo, hi, out_bits, out_scale, signed, steep=True)
     tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
     assert tables is not None and 1 <= tables.steps <= 5
-    assert tables.thresholds.shape == (12, TABLE_ENTRIES)
-    assert (np.diff(tables.thresholds, axis=1) >= 0).all()  # sorted: a binary search applies
+    assert tables.thresholds.shape == (12, 2**tables.steps - 1) and tables.thresholds.dtype == np.int16
+    assert (np.diff(tables.thresholds.astype(np.int64), axis=1) >= 0).all()  # sorted: a binary search applies
     np.testing.assert_array_equal(tables.flip, np.where(np.signbit(mult) & (mult != 0), -1, 0))
-    acc = np.arange(-40000, 40001, dtype=np.int64)
+    flat = tables.kernel_thresholds()  # a 32-lane load at the last channel's row stays inside
+    assert flat.size == 11 * tables.thresholds.shape[1] + TABLE_ENTRIES
+    acc = np.arange(-32767, 32767, dtype=np.int64)  # every value an int16-stored accumulator compares as
     expected = _codes(g, n, np.broadcast_to(acc, (12, acc.size)).copy())
     if not signed:
         expected = np.maximum(expected, 0)  # what unsigned codes store
@@ -84,19 +86,19 @@ def test_staircases_longer_than_a_table_keep_the_float_chain():
     assert code_tables(g, n, 0.0, IN_LEVELS) is None  # a dynamic input scale
 
 
-def test_int32_accumulators_need_every_step_within_int16():
-    """Saturating int32 accumulators to int16 keeps the comparisons only where the staircase is
-    flat beyond int16's range: a channel whose codes still move there keeps the float chain."""
+def test_steps_outside_int16_keep_the_float_chain():
+    """Tables hold int16 thresholds; saturating int32 accumulators to int16 keeps the comparisons
+    only where the staircase is flat beyond int16's range: a channel whose codes still move
+    there keeps the float chain."""
     g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 4, 3.0, True, shallow=0.05)
     assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is not None
     g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 4, 3.0, True, shallow=1e-9)
     tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
-    assert tables is not None and (tables.thresholds[3] == DOMAIN).all()  # flat within +-2**17: no step
+    assert tables is not None and (tables.thresholds[3] == NO_STEP).all()  # flat within +-2**17: no step
     assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is None  # its codes move near int32's ends
     g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 4, 3.0, True, shallow=1e-3)
-    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
-    assert tables is not None and tables.thresholds[3, 0] < -(2**15)
-    assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is None  # steps past -32767
+    assert code_tables(g, n, IN_SCALE, IN_LEVELS) is None  # steps past -32767: no int16 table either
+    assert code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True) is None
 
 
 CASES = [  # (planes: rows of whole vectors, or ending in one that overlaps the one before)
@@ -131,10 +133,10 @@ def test_searched_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, ou
     scale equal the float-chain kernel's and the interpreter's, bit for bit."""
     rng = np.random.default_rng(sum(hw))
     channels = 24
-    # (int32: a shallow channel's steps past int16's range would keep the float chain, see below)
+    # (steps past int16's range keep the float chain, see above; int32: so would a flat channel)
     wide = storage == "int32"
     g, n, mult, add = _layer(rng, channels, act, lo, hi, out_bits, out_scale, signed, shallow=0.05 if wide else 1e-9,
-                             steep=wide)
+                             steep=True)
     tables = code_tables(g, n, IN_SCALE, IN_LEVELS, wide=wide)
     shape = (1, channels) + hw
     stored = _stored(rng, shape, storage)
@@ -145,7 +147,7 @@ def test_searched_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, ou
                    out_offset=offset, **({"acc_storage": "int16"} if storage == "int16" else {}))
     chain = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, **options), *inputs, outputs=outputs)
     searched = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, code_search=tables.steps, **options),
-                          *inputs, tables.thresholds, tables.base, tables.flip, outputs=outputs)
+                          *inputs, tables.kernel_thresholds(), tables.base, tables.flip, outputs=outputs)
     for got, want in zip(searched, chain):
         np.testing.assert_array_equal(got, want)
     acc = stored.reshape(channels, -1).astype(np.int64) - (off[:, None] if input_offset else 0)
@@ -201,6 +203,7 @@ def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, 
     if searched:
         assert "10.acc_offset" in plan["buffers"] and "10.code_thresholds" in tables
     assert sum(any(a in tables for a in step["args"]) for step in plan["steps"]) == searched
+    assert sum(info.get("codes", "").startswith("threshold search") for info in plan["layers"].values()) == searched
     check = [np.random.default_rng(1).random((3, 3, size, size), dtype=np.float32) * 1.5]  # some codes clamp
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()

@@ -726,9 +726,10 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     stored as int16 or int32; no residual, no kept ``y``; channels on rows of at least 32
     elements): the codes come from a binary search of ``code_search`` steps over per-channel
     integer thresholds instead of the float chain (``csqc.targets.tvm.code_thresholds``;
-    parameters ``code_thresholds: int32[C, 32]``, ``code_base: int32[C]``, ``acc_flip: int32[C]``
-    follow ``add``; int32 storage needs tables built ``wide``). 32 int16 lanes a vector and one
-    ``vpermw`` a step. The same codes, bit for bit: the thresholds are the float chain's own steps.
+    parameters ``code_thresholds: int16[C * E + 32 - E]`` (``E = 2**code_search - 1`` per
+    channel, then padding), ``code_base: int8[C]``, ``acc_flip: int8[C]`` follow ``add``; int32
+    storage needs tables built ``wide``). 32 int16 lanes a vector and one ``vpermw`` a step. The
+    same codes, bit for bit: the thresholds are the float chain's own steps.
     """
     _check_act(act)
     _check_act(post_act)
@@ -763,8 +764,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     if code_search:
         _check_code_search(shape, channel_axis, levels, out_bits, out_scale, storage, has_neg, has_zero_point,
                            has_residual, keep_y, code_search)
-        params += [("code_thresholds", (channels, SEARCH_LANES), "int32"), ("code_base", (channels,), "int32"),
-                   ("acc_flip", (channels,), "int32")]
+        entries = 2**code_search - 1
+        params += [("code_thresholds", (channels * entries + SEARCH_LANES - entries,), "int16"),
+                   ("code_base", (channels,), "int8"), ("acc_flip", (channels,), "int8")]
     if has_residual:
         params.append(("residual", shape, F32))
     if out_bits is None or keep_y:
@@ -905,6 +907,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
 
 
 SEARCH_LANES = 32  # int16 lanes of one AVX-512 register: one vpermw table of thresholds
+NO_STEP = 2**15 - 1  # a threshold entry past the channel's last step (code_thresholds.NO_STEP)
 _VPERMW = "llvm.x86.avx512.permvar.hi.512"
 
 
@@ -937,8 +940,8 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
     _, outer, channels, inner = _channel_view(shape, channel_axis)
     vectors = -(-inner // SEARCH_LANES)
     rows = outer * channels
-    thresholds = _flat(named["code_thresholds"])
-    base, flip = named["code_base"], named["acc_flip"]
+    entries = 2**steps - 1
+    thresholds, base, flip = named["code_thresholds"], named["code_base"], named["acc_flip"]
     pos_flat, neg_flat = code_parts
     lanes = SEARCH_LANES
     i16 = f"int16x{lanes}"
@@ -954,10 +957,16 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
     with _parallel_or_serial(rows, rows * inner) as row:
         c = row % channels
         off = acc_offset[c] if acc_offset is not None else tirx.const(0, "int32")
-        shift = tirx.Select(flip[c] != 0, tirx.const(0, "int32") - off, off)
+        flipped = tirx.Cast("int32", flip[c])
+        shift = tirx.Select(flipped != 0, tirx.const(0, "int32") - off, off)
         table = _local((1,), i16)
-        moved = thresholds[tirx.Ramp(c * lanes, 1, lanes)] + (0 if wide else tirx.Broadcast(shift, lanes))
-        I.buffer_store(table, int16_saturated(moved), [0])
+        # lanes past the channel's entries (the next channel's) are never probed
+        raw = thresholds[tirx.Ramp(c * entries, 1, lanes)]
+        if wide:
+            I.buffer_store(table, raw, [0])
+        else:  # NO_STEP entries stay uncrossable whatever the offset
+            moved = int16_saturated(tirx.Cast(f"int32x{lanes}", raw) + tirx.Broadcast(shift, lanes))
+            I.buffer_store(table, tirx.Select(raw == splat(NO_STEP), raw, moved), [0])
         code_base = tirx.Broadcast(tirx.Cast("int16", base[c]), lanes)
         searched = _local((1,), i16)
         index = _local((1,), i16)
@@ -967,7 +976,7 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
             first = row * inner + tirx.min(v * lanes, inner - lanes)
             stored = acc_flat[tirx.Ramp(first, 1, lanes)]
             if wide:
-                value = int16_saturated((stored - tirx.Broadcast(off, lanes)) ^ tirx.Broadcast(flip[c], lanes))
+                value = int16_saturated((stored - tirx.Broadcast(off, lanes)) ^ tirx.Broadcast(flipped, lanes))
             else:
                 value = stored ^ tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes)
             I.buffer_store(searched, value, [0])

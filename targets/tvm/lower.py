@@ -448,6 +448,7 @@ class _Lowerer:
         tables, steps = self._code_tables(n, storage, split_acc or bool(zero_point), fused)
         if steps:
             fused, suffix = {**fused, "code_search": steps}, suffix + f",search({steps})"
+            info["codes"] = f"threshold search, {steps} steps"
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
         self.plan.call(f, args + tables + outs, n.name)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
@@ -459,16 +460,15 @@ class _Lowerer:
         ``code_search``: ``code_thresholds``), or ``([], 0)`` where the float chain stays: the
         backend must have the search, the input and output scales be static (calibrated), the
         accumulators one int16 or int32 buffer, and each channel's rows at least one 32-lane vector."""
-        if not (self.code_search and n.op == "qconv2d" and storage in ("int16", "int32") and not two_parts
-                and fused.get("out_scale", 0.0) > 0):
-            return [], 0
-        if int(np.prod(n.type.shape[2:])) < TABLE_ENTRIES:
-            return [], 0
         in_scale = self._static_scale_of(n.inputs[0])
-        tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32") if in_scale else None
+        if not (self.code_search and n.op == "qconv2d" and storage in ("int16", "int32") and not two_parts
+                and fused.get("out_scale", 0.0) > 0 and in_scale > 0
+                and int(np.prod(n.type.shape[2:])) >= TABLE_ENTRIES):
+            return [], 0
+        tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32")
         if tables is None:
             return [], 0
-        names = [self.plan.weight(f"{n.name}.code_thresholds", tables.thresholds),
+        names = [self.plan.weight(f"{n.name}.code_thresholds", tables.kernel_thresholds()),
                  self.plan.weight(f"{n.name}.code_base", tables.base),
                  self.plan.weight(f"{n.name}.acc_flip", tables.flip)]
         return names, tables.steps
