@@ -489,7 +489,8 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         _emit_json(result.to_json())
         return
     if result.report.get("layers"):
-        rows = [(name, info["kernel"], info.get("reason", "") + (f"; codes: {info['codes']}" if "codes" in info else ""))
+        rows = [(name, info["kernel"], info.get("reason", "")
+                 + (f"; codes: {info['codes']}" if "codes" in info else ""))
                 for name, info in result.report["layers"].items()]
         console = stdout_console()
         console.print(fit_table(f"{result.target}: kernel per quantized layer",

@@ -967,7 +967,15 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
         else:  # NO_STEP entries stay uncrossable whatever the offset
             moved = int16_saturated(tirx.Cast(f"int32x{lanes}", raw) + tirx.Broadcast(shift, lanes))
             I.buffer_store(table, tirx.Select(raw == splat(NO_STEP), raw, moved), [0])
-        code_base = tirx.Broadcast(tirx.Cast("int16", base[c]), lanes)
+        # per-row constants in registers (loaded once: LLVM does not hoist them past the stores)
+        constants = _local((2,), i16)
+        I.buffer_store(constants, tirx.Broadcast(tirx.Cast("int16", base[c]), lanes), [0])
+        I.buffer_store(constants, tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes), [1])
+        wide_constants = _local((2,), f"int32x{lanes}")
+        if wide:
+            I.buffer_store(wide_constants, tirx.Broadcast(off, lanes), [0])
+            I.buffer_store(wide_constants, tirx.Broadcast(flipped, lanes), [1])
+        code_base = constants[0]
         searched = _local((1,), i16)
         index = _local((1,), i16)
         with I.serial(0, vectors) as v:
@@ -976,9 +984,9 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
             first = row * inner + tirx.min(v * lanes, inner - lanes)
             stored = acc_flat[tirx.Ramp(first, 1, lanes)]
             if wide:
-                value = int16_saturated((stored - tirx.Broadcast(off, lanes)) ^ tirx.Broadcast(flipped, lanes))
+                value = int16_saturated((stored - wide_constants[0]) ^ wide_constants[1])
             else:
-                value = stored ^ tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes)
+                value = stored ^ constants[1]
             I.buffer_store(searched, value, [0])
             I.buffer_store(index, splat(0), [0])
             for step in (2**k for k in reversed(range(steps))):
