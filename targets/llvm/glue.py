@@ -49,6 +49,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 
 from csqc.numerics import pool_output_size
+from csqc.targets.tvm.code_thresholds import NO_STEP, TABLE_ENTRIES
 
 from .reciprocal import code_form, reciprocal_parts
 
@@ -906,15 +907,14 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     return _prim_func(params, body)
 
 
-SEARCH_LANES = 32  # int16 lanes of one AVX-512 register: one vpermw table of thresholds
-NO_STEP = 2**15 - 1  # a threshold entry past the channel's last step (code_thresholds.NO_STEP)
+SEARCH_LANES = TABLE_ENTRIES  # int16 lanes of one AVX-512 register: one vpermw table of thresholds
 _VPERMW = "llvm.x86.avx512.permvar.hi.512"
 
 
 def _check_code_search(shape, channel_axis, levels, out_bits, out_scale, storage, has_neg, has_zero_point,
                        has_residual, keep_y, steps) -> None:
     inner = _channel_view(shape, channel_axis)[3]
-    if not 1 <= steps <= 5 or 2**steps - 1 > SEARCH_LANES - 1:
+    if not 1 <= steps <= 5:  # 2**steps - 1 entries, within one 32-lane table
         raise ValueError(f"code_search takes 1..5 steps, got {steps}")
     if (levels is None or out_bits is None or not out_scale > 0 or storage not in ("int16", "int32") or has_neg
             or has_zero_point or has_residual or keep_y or inner < SEARCH_LANES):
@@ -971,8 +971,8 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
         constants = _local((2,), i16)
         I.buffer_store(constants, tirx.Broadcast(tirx.Cast("int16", base[c]), lanes), [0])
         I.buffer_store(constants, tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes), [1])
-        wide_constants = _local((2,), f"int32x{lanes}")
         if wide:
+            wide_constants = _local((2,), f"int32x{lanes}")
             I.buffer_store(wide_constants, tirx.Broadcast(off, lanes), [0])
             I.buffer_store(wide_constants, tirx.Broadcast(flipped, lanes), [1])
         code_base = constants[0]
