@@ -37,6 +37,9 @@ def test_amx_dense_equals_the_integer_product(m, n, k):
     ((1, 3, 12, 12), (16, 3, 3, 3), 1, 1, 1),  # 3 channels: a partial channel group
     ((1, 8, 13, 13), (48, 8, 3, 3), 1, 2, 2),  # dilation 2; 48 outputs (16-channel blocks)
     ((1, 24, 11, 14), (32, 24, 5, 3), 2, (2, 1), 1),  # 5x3 kernel, 6 groups, one K tile
+    ((1, 96, 9, 10), (32, 96, 1, 1), 1, 0, 1),  # 24 groups: two K tiles of 12
+    ((1, 144, 7, 7), (16, 144, 3, 3), 2, 1, 1),  # 36 groups: three K tiles of 12, stride 2
+    ((1, 158, 5, 6), (48, 158, 1, 1), 1, 0, 1),  # 40 groups (the last one partial): four K tiles of 10
 ])
 def test_amx_conv2d_equals_the_integer_convolution(x_shape, w_shape, stride, padding, dilation):
     rng = np.random.default_rng(sum(x_shape))
@@ -51,11 +54,24 @@ def test_amx_conv2d_equals_the_integer_convolution(x_shape, w_shape, stride, pad
 def test_amx_conv_takes_only_whole_tiles():
     assert amx.amx_conv_fits(conv_geometry((1, 64, 8, 8), (32, 64, 3, 3), 1, 1, 1, 1))
     assert not amx.amx_conv_fits(conv_geometry((1, 64, 8, 8), (24, 64, 3, 3), 1, 1, 1, 1))  # 24 outputs
-    assert not amx.amx_conv_fits(conv_geometry((1, 96, 8, 8), (32, 96, 1, 1), 1, 0, 1, 1))  # 24 groups of 4
+    assert amx.amx_conv_fits(conv_geometry((1, 96, 8, 8), (32, 96, 1, 1), 1, 0, 1, 1))  # 24 groups: 2 K tiles of 12
+    assert not amx.amx_conv_fits(conv_geometry((1, 68, 8, 8), (32, 68, 1, 1), 1, 0, 1, 1))  # 17 groups: no tiles
+    assert not amx.amx_conv_fits(conv_geometry((1, 84, 8, 8), (32, 84, 1, 1), 1, 0, 1, 1))  # 21 = 3 x 7: below half
     assert not amx.amx_conv_fits(conv_geometry((1, 64, 8, 8), (64, 1, 3, 3), 1, 1, 1, 64))  # depthwise
     assert not amx.amx_conv_fits(conv_geometry((1, 16, 12, 12), (16, 16, 3, 3), 3, 1, 1, 1))  # stride 3
     with pytest.raises(ValueError, match="whole tiles of 16"):
         amx.amx_conv2d((1, 64, 8, 8), (24, 64, 3, 3), 1, 1, 1)
+
+
+def test_convs_take_tiles_where_a_product_fills_a_tile_row():
+    """At least 16 channel groups (taps x ceil(C/4)) per product: below that the VNNI kernel wins."""
+    from csqc.targets.llvm.backend import tile_conv
+
+    assert tile_conv(conv_geometry((1, 64, 14, 14), (384, 64, 1, 1), 1, 0, 1, 1))  # 16 groups
+    assert tile_conv(conv_geometry((1, 16, 32, 32), (16, 16, 3, 3), 1, 1, 1, 1))  # 4 groups x 9 taps
+    assert not tile_conv(conv_geometry((1, 16, 112, 112), (96, 16, 1, 1), 1, 0, 1, 1))  # 4 groups
+    assert not tile_conv(conv_geometry((1, 3, 32, 32), (16, 3, 3, 3), 1, 1, 1, 1))  # 1 group x 9 taps
+    assert not tile_conv(conv_geometry((1, 64, 14, 14), (64, 1, 3, 3), 1, 1, 1, 64))  # depthwise
 
 
 def test_amx_dense_refuses_partial_tiles():
@@ -140,7 +156,8 @@ def test_a_cnn_runs_its_convolutions_on_tiles_and_verifies_exactly(tmp_path):
         csqc.compile(model, "llvm", vnni, mcpu="icelake-server", calibrate=calib)
         m, reference = runtime.load(tiles), runtime.load(vnni)
         packs = {name: (info.get("pack"), info.get("tiles")) for name, info in m.layers.items()}
-        assert packs["0"] == packs["2"] == packs["4"] == ("conv_rows", "amx"), packs
+        assert packs["2"] == packs["4"] == ("conv_rows", "amx"), packs
+        assert packs["0"] == ("conv", None), packs  # 3 channels x 9 taps: less than one tile row
         assert packs["6"] == ("conv", None), packs  # 24 outputs: not whole tiles
         report = verify(model, inputs=[np.random.default_rng(4).random((4, 3, 20, 20), dtype=np.float32)],
                         artifact=str(tiles), per_layer=True, calibrate=calib)

@@ -156,11 +156,20 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
     return main
 
 
+def _k_rows(groups4: int) -> int | None:
+    """Channel groups (of 4 channels) per K tile for ``groups4`` groups: all of them up to 16 (a
+    tile row is 64 bytes), else the largest divisor of ``groups4`` from 8 to 16 (equal K tiles, at
+    least half full: 144 channels are 3 tiles of 12 groups), else None."""
+    if groups4 <= _TILE_ROWS:
+        return groups4
+    return next((d for d in range(_TILE_ROWS, _TILE_ROWS // 2 - 1, -1) if groups4 % d == 0), None)
+
+
 def amx_conv_fits(geo: ConvGeometry) -> bool:
     """Whether :func:`amx_conv2d` takes this convolution: one group, output channels in whole
-    tiles of 16, input channels in one K tile (at most 64) or whole tiles of 64, strides <= 2."""
-    groups4 = -(-geo.in_channels // 4)
-    return (geo.groups == 1 and geo.out_channels % 16 == 0 and (groups4 <= 16 or groups4 % 16 == 0)
+    tiles of 16, input channels in equal K tiles of 8 to 16 groups of 4 (or one tile of at most
+    16 groups), strides <= 2."""
+    return (geo.groups == 1 and geo.out_channels % 16 == 0 and _k_rows(-(-geo.in_channels // 4)) is not None
             and phase_pairs(geo)[0] is not None)
 
 
@@ -178,7 +187,7 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     if not amx_conv_fits(geo):
         raise ValueError(f"amx_conv2d cannot take this convolution ({input_shape} * {weight_shape}, groups 1, "
                          f"stride {stride}): output channels must be whole tiles of 16, input channels at most "
-                         "64 or whole tiles of 64, strides at most 2")
+                         "64 or equal tiles of 32 to 64, strides at most 2")
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
     O, OH, OW = geo.out_channels, geo.out_h, geo.out_w
     sh, sw = geo.stride
@@ -186,7 +195,7 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     kh, kwid = geo.kernel_h, geo.kernel_w
     taps = kh * kwid
     groups4 = -(-C // 4)
-    k_rows = min(_TILE_ROWS, groups4)  # channel groups per K tile
+    k_rows = _k_rows(groups4)  # channel groups per K tile
     k_tiles = groups4 // k_rows
     Hq, Wq = -(-geo.padded_h // sh), -(-geo.padded_w // sw)
     plane = sh * sw * Hq * Wq  # words of one channel group's staged plane

@@ -15,7 +15,7 @@ from .packing import weight_code_bits
 
 _LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
 
-__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup", "nibble_high", "tile_dense"]
+__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup", "nibble_high", "tile_conv", "tile_dense"]
 
 
 def has_table_lookup(target) -> bool:
@@ -139,6 +139,24 @@ def tile_dense(m: int, n: int, k: int) -> bool:
     return m >= _AMX_MIN_ROWS and amx_dense_fits(m, n, k)
 
 
+# AMX tiles (kernels.amx_conv2d) for convolutions whose products have at least this many channel
+# groups of 4 (taps x ceil(C/4)): one tile row. Below it every tile product is mostly empty and
+# the int32 tile stores dominate; the VNNI pixel kernel, which can also store int16, wins.
+# Measured (Intel Xeon with AMX-INT8, 2 threads), 1x1 convs, AMX against VNNI (int16 out):
+# 16 -> 96 at 112x112 182 / 78 us, 24 -> 144 at 56x56 65 / 46, 32 -> 192 at 28x28 30 / 24;
+# from 16 groups tiles win: 64 -> 384 at 14x14 12.8 / 18.1, 192 -> 32 at 28x28 27 / 58, and
+# 3x3 16 -> 16 at 32x32 (36 groups) 5.3 / 11.3.
+_AMX_MIN_CONV_GROUPS = 16
+
+
+def tile_conv(geo) -> bool:
+    """Whether a bit-parallel convolution runs on AMX tiles (where the target has them)."""
+    from .amx import amx_conv_fits
+
+    return (not geo.is_depthwise and amx_conv_fits(geo)
+            and geo.kernel_h * geo.kernel_w * -(-geo.in_channels // 4) >= _AMX_MIN_CONV_GROUPS)
+
+
 class CpuBackend:
     """``TvmBackend`` of the ``llvm`` target (TVM imported on construction, not on import)."""
 
@@ -200,6 +218,4 @@ class CpuBackend:
 
     def tile_conv(self, geo) -> bool:
         """Whether a bit-parallel convolution (``ConvGeometry``) runs on AMX tiles (``kernels.amx_conv2d``)."""
-        from .amx import amx_conv_fits
-
-        return self.amx and not geo.is_depthwise and amx_conv_fits(geo)
+        return self.amx and tile_conv(geo)
