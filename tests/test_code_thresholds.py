@@ -9,6 +9,8 @@ int16 storage included; staircases longer than one table keep the float chain; c
 calibrated models take the search where their planes are mostly whole vectors and verify
 exactly.
 """
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,8 @@ from torch import nn
 import csqc
 from csqc import runtime
 from csqc.interpreter import layer_output
-from csqc.targets.llvm import glue
+from csqc.artifact import pack_conv_rows_weight
+from csqc.targets.llvm import amx, glue
 from csqc.targets.tvm.code_thresholds import DOMAIN, NO_STEP, TABLE_ENTRIES, code_tables
 from csqc.verify import verify
 from irbuild import Builder
@@ -207,3 +210,104 @@ def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, 
     check = [np.random.default_rng(1).random((3, 3, size, size), dtype=np.float32) * 1.5]  # some codes clamp
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+# -- codes straight from AMX tiles (amx.amx_pointwise_codes) ------------------------------------
+needs_amx = pytest.mark.skipif(not amx.host_has_amx(), reason="this CPU has no AMX-INT8 tiles")
+
+TILE_CASES = [  # (batch, C, O, H, W): whole and overlapping 32-pixel blocks, 16- and 32-channel blocks
+    (1, 64, 96, 8, 8),
+    (2, 96, 48, 7, 7),  # 24 groups: two K tiles of 12; 49 pixels: two blocks, overlapping
+    (1, 160, 32, 5, 9),  # 40 groups: four K tiles of 10
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,_hw", CASES)
+@pytest.mark.parametrize("batch,c,o,h,w", TILE_CASES)
+def test_tile_codes_equal_the_interpreter(batch, c, o, h, w, act, lo, hi, out_bits, out_scale, signed, offset,
+                                          input_offset, _hw):
+    """The conv's codes straight from its tiles: the interpreter's codes of its integer product
+    (less the offset of offset input codes), bit for bit, in every code layout."""
+    rng = np.random.default_rng(c + o + out_bits)
+    g, n, _, _ = _layer(rng, o, act, lo, hi, out_bits, out_scale, signed, shallow=0.05, steep=True)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True)
+    x = rng.integers(0, 256, (batch, c, h, w)).astype(np.uint8)
+    q = rng.integers(-128, 128, (o, c, 1, 1))
+    off = rng.integers(-16000, 16000, o).astype(np.int32) if input_offset else None
+    two_parts = signed and not offset
+    shape = (batch, o, h, w)
+    outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if two_parts else [])
+    got = run_kernel(amx.amx_pointwise_codes(x.shape, o, tables.steps, 2**out_bits - 1, out_scale, offset, two_parts,
+                                             input_offset),
+                     x, pack_conv_rows_weight(q), *([off] if input_offset else []), tables.kernel_thresholds(),
+                     tables.base, tables.flip, outputs=outputs)
+    acc = np.einsum("bchw,oc->obhw", x.astype(np.int64), q[:, :, 0, 0]).reshape(o, -1)
+    codes = _codes(g, n, acc - (off[:, None] if input_offset else 0)).reshape(o, batch, h, w).transpose(1, 0, 2, 3)
+    assert got[0][0] == F32(out_scale)
+    np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
+    if two_parts:
+        np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
+
+
+def test_tile_codes_take_only_pointwise_convs_of_whole_tiles():
+    from csqc.targets.tvm.geometry import conv_geometry
+
+    assert amx.amx_pointwise_codes_fits(conv_geometry((1, 64, 7, 7), (96, 64, 1, 1), 1, 0, 1, 1))
+    assert not amx.amx_pointwise_codes_fits(conv_geometry((1, 64, 5, 5), (96, 64, 1, 1), 1, 0, 1, 1))  # 25 pixels
+    assert not amx.amx_pointwise_codes_fits(conv_geometry((1, 64, 8, 8), (96, 64, 3, 3), 1, 1, 1, 1))  # 3x3
+    assert not amx.amx_pointwise_codes_fits(conv_geometry((1, 64, 8, 8), (96, 64, 1, 1), 2, 0, 1, 1))  # stride 2
+    assert not amx.amx_pointwise_codes_fits(conv_geometry((1, 64, 8, 8), (24, 64, 1, 1), 1, 0, 1, 1))  # 24 outputs
+    with pytest.raises(ValueError, match="pointwise|1x1"):
+        amx.amx_pointwise_codes((1, 64, 8, 8), 24, 4, 15, 1.0)
+
+
+def _pointwise_cnn(tmp_path, size: int):
+    torch.manual_seed(size + 1)
+    float_model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU6(),  # float input: the float chain
+        nn.Conv2d(64, 96, 1), nn.BatchNorm2d(96), nn.ReLU6(),  # codes from the tiles
+        nn.Conv2d(96, 64, 1),  # no activation: signed codes, from the tiles
+        nn.Conv2d(64, 32, 1), nn.ReLU(),  # reads them (offset codes where they fit), from the tiles
+        nn.Conv2d(32, 32, 1),  # its float output goes to the pool: no codes
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=False))
+    return csqc.load(csqc.save(model, tmp_path / f"p{size}.pt", torch.rand(1, 3, size, size)))
+
+
+@needs_amx
+@pytest.mark.parametrize("size", [8, 7])
+def test_calibrated_pointwise_convs_write_codes_from_the_tiles_and_verify_exactly(tmp_path, size):
+    """The three pointwise convs whose codes another conv reads write them from their tiles (no
+    accumulator buffer), equal the VNNI artifact's at every plane setting, and verify exactly;
+    a code base moved by one step in one channel is caught."""
+    from test_artifact_integrity import PLAN, WEIGHTS, _resealed, _split
+
+    model = _pointwise_cnn(tmp_path, size)
+    calib = [np.random.default_rng(0).random((8, 3, size, size), dtype=np.float32)]
+    art, vnni = tmp_path / "tiles.so", tmp_path / "vnni.so"
+    csqc.compile(model, "llvm", art, calibrate=calib)
+    csqc.compile(model, "llvm", vnni, calibrate=calib, mcpu="icelake-server")
+    m = runtime.load(art)
+    fused = sorted(name for name, info in m.layers.items() if str(info.get("codes", "")).endswith("in the conv"))
+    assert fused == ["3", "6", "7"], {name: info.get("codes") for name, info in m.layers.items()}
+    assert all(m.layers[name]["tensors"]["acc"] is None for name in fused)
+    assert [runtime._kernel_kind(s["func"]) for s in m.plan["steps"]].count("amxcodes") == 3
+    x = np.random.default_rng(1).random((1, 3, size, size), dtype=np.float32)
+    for skip in (0, 1):
+        np.testing.assert_array_equal(m(x, skip_planes=skip), runtime.load(vnni)(x, skip_planes=skip))
+    inputs = [np.random.default_rng(2).random((4, 3, size, size), dtype=np.float32)]
+    report = verify(model, inputs=inputs, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
+
+    library, members = _split(art)
+    with np.load(io.BytesIO(members[WEIGHTS])) as stored:
+        weights = dict(stored)
+    weights["6.code_base"] = weights["6.code_base"].copy()
+    weights["6.code_base"][5] += 1
+    buffer = io.BytesIO()
+    np.savez(buffer, **weights)
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(_resealed(library, members[PLAN], buffer.getvalue()))
+    report = verify(model, inputs=inputs, artifact=str(bad), per_layer=True)
+    assert not report.ok and report.to_json()["first_divergence"]["tensor"] == "7.xq"  # the reader's codes

@@ -38,7 +38,8 @@ from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 from .host import host_has
 from .staging import phase_pairs, phase_staging
 
-__all__ = ["amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_fits", "host_has_amx",
+__all__ = ["amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_fits", "amx_pointwise_codes",
+           "amx_pointwise_codes_fits", "host_has_amx",
            "request_tile_permission", "target_has_amx"]
 
 _TILE_ROWS, _TILE_BYTES = 16, 64  # a tile register: 16 rows of 64 bytes
@@ -257,5 +258,155 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
                 output_rows(xw, w, y, task // (o_blocks * segments), task // segments % o_blocks * o_block,
                             2 * row_pairs, task % segments * 16, 1)
             _tile("tilerelease")
+
+    return main
+
+
+def amx_pointwise_codes_fits(geo: ConvGeometry) -> bool:
+    """Whether :func:`amx_pointwise_codes` takes this convolution: a 1x1, stride-1, unpadded conv
+    (a product over the flattened pixels) that :func:`amx_conv_fits`, of at least 32 pixels."""
+    return (geo.kernel_h == geo.kernel_w == 1 and geo.stride == (1, 1) and geo.padded_h == geo.height
+            and geo.padded_w == geo.width and geo.out_h * geo.out_w >= 2 * _TILE_ROWS and amx_conv_fits(geo))
+
+
+def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: int, out_scale: float,
+                        out_offset: bool = False, two_parts: bool = False, has_offset: bool = False) -> tirx.PrimFunc:
+    """A pointwise conv on AMX tiles that writes its output *codes*, its accumulators never
+    leaving the core: each 32-channel x 32-pixel block of accumulators goes from the tiles to a
+    4 KiB stack buffer and through ``glue.searched_codes``, the binary search over the layer's
+    integer thresholds (``code_thresholds.code_tables(wide=True)``) that ``glue.epilogue``'s
+    ``code_search`` runs on a stored accumulator buffer. The same codes, bit for bit; the int32
+    accumulators (4 bytes an output, written and read back) are not stored at all::
+
+        main(x: uint8[B, C, H, W], w: int8[O, 1, 4*ceil(C/4)], acc_offset: int32[O] (has_offset),
+             code_thresholds: int16[O*E + 32 - E], code_base: int8[O], acc_flip: int8[O],
+             out_scale: float32[1], codes_pos: uint8[B, O, H, W], codes_neg: uint8[B, O, H, W] (two_parts))
+
+    ``E = 2**steps - 1``; ``acc_offset``: offset input codes' per-channel ``L * sum_k q[c, k]``,
+    subtracted before the search; ``out_scale`` receives the static output scale and the codes
+    are laid out as ``glue.store_searched_codes`` lays them (the outputs of ``glue.epilogue``). Pixels
+    are tiled along the flattened plane, 32 at a time; the last block of a plane ends at its end,
+    overlapping the one before it (its common codes are written twice, equal): every tile is 16
+    columns wide. Needs :func:`amx_pointwise_codes_fits`.
+    """
+    from .glue import SEARCH_LANES, saturated_search_value, searched_codes, store_searched_codes
+
+    B, C, H, W = (int(v) for v in input_shape)
+    O = int(out_channels)
+    geo = conv_geometry((B, C, H, W), (O, C, 1, 1), 1, 0, 1, 1)
+    if not amx_pointwise_codes_fits(geo):
+        raise ValueError(f"amx_pointwise_codes takes unpadded stride-1 1x1 convs of whole tiles and at least 32 "
+                         f"pixels, not {tuple(input_shape)} -> {O} channels")
+    if not 1 <= steps <= 5:
+        raise ValueError(f"a code search takes 1..5 steps, got {steps}")
+    P, lanes = H * W, SEARCH_LANES
+    groups4 = -(-C // 4)
+    k_rows = _k_rows(groups4)
+    k_tiles = groups4 // k_rows
+    stage = phase_staging(geo, H)
+    o_block = 32 if O % 32 == 0 else 16
+    o_tiles, o_blocks = o_block // 16, O // o_block
+    blocks = -(-P // lanes)  # 32-pixel blocks of a plane
+    # tasks: (batch, channel block, run of pixel blocks), at least 8 where the planes allow
+    runs = min(blocks, -(-8 // (B * o_blocks)))
+    per_run = -(-blocks // runs)
+    runs = -(-blocks // per_run)
+    entries = 2**steps - 1
+    task_loop = _task_loop(B * O * P * C)
+    configure = _tile_configuration(lambda t, _: T.Select(tirx.Or(t == 4, t == 5), 4 * k_rows, _TILE_BYTES),
+                                    lambda t, _: T.Select(t >= 6, k_rows, _TILE_ROWS))
+
+    def row_codes(acc, thresholds, base, flip, acc_offset, pos, neg, c, row, first):
+        # one channel's 32 accumulators (row `row` of the block buffer) -> its 32 codes at `first`
+        offset = acc_offset[c] if acc_offset is not None else T.int32(0)
+        value = saturated_search_value(acc[T.Ramp(row * lanes, 1, lanes)], T.Broadcast(offset, lanes),
+                                       T.Broadcast(T.Cast("int32", flip[c]), lanes))
+        code = searched_codes(value, thresholds[T.Ramp(c * entries, 1, lanes)],
+                              T.Broadcast(T.Cast("int16", base[c]), lanes), steps)
+        store_searched_codes(code, first, pos, neg, out_levels, out_offset)
+
+    @T.macro
+    def block_product(xw, w, b, o0, p0):
+        # channels o0..o0+o_block x pixels p0..p0+32 of batch b: tile 2j+i, channel tile i x pixel tile j
+        for t in T.unroll(4):
+            _tile("tilezero", T.Cast("int8", t))
+        for kt in range(k_tiles):
+            for i in T.unroll(o_tiles):
+                _tile("tileloadd64", T.Cast("int8", 4 + i), T.address_of(w[o0 + 16 * i, 0, kt * k_rows * 4]),
+                      T.int64(groups4 * 4))
+            for j in T.unroll(2):
+                _tile("tileloadd64", T.Cast("int8", 6 + j),
+                      T.address_of(xw[(b * groups4 + kt * k_rows) * P + p0 + 16 * j]), T.int64(P * 4))
+                for i in T.unroll(o_tiles):
+                    _tile("tdpbsud", T.Cast("int8", 2 * j + i), T.Cast("int8", 4 + i), T.Cast("int8", 6 + j))
+
+    @T.macro
+    def block_store(acc):
+        # a channel's 32 accumulators become one row of `acc`
+        for j in T.unroll(2):
+            for i in T.unroll(o_tiles):
+                _tile("tilestored64", T.Cast("int8", 2 * j + i), T.address_of(acc[i * 16 * lanes + 16 * j]),
+                      T.int64(lanes * 4))
+
+    @T.macro
+    def block_codes(acc, thresholds, base, flip, acc_offset, pos, neg, b, o0, p0):
+        for row in range(o_block):
+            row_codes(acc, thresholds, base, flip, acc_offset, pos, neg, o0 + row, row, (b * O + o0 + row) * P + p0)
+
+    @T.macro
+    def tasks(x, w, acc_offset, thresholds, base, flip, pos, neg):
+        xs = T.alloc_buffer((B, groups4, 1, 1, H, W), "uint32")
+        stage(x, xs)
+        xw = T.decl_buffer((B * groups4 * P,), "uint32", data=xs.data)
+        for task in task_loop(B * o_blocks * runs):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local", annotations={"disable_lower_builtin": True})
+            acc = T.alloc_buffer((o_block * lanes,), "int32", scope="local",
+                                 annotations={"disable_lower_builtin": True})
+            configure(cfg, 16)
+            b, o0, first = task // (o_blocks * runs), task // runs % o_blocks * o_block, (task % runs) * per_run
+            for k in range(T.min(per_run, blocks - first)):
+                p0 = T.min((first + k) * lanes, P - lanes)
+                block_product(xw, w, b, o0, p0)
+                block_store(acc)
+                block_codes(acc, thresholds, base, flip, acc_offset, pos, neg, b, o0, p0)
+            _tile("tilerelease")
+
+    # the parameter types, one object each (TVMScript has no optional parameters: one signature per variant)
+    x_t, w_t = T.Buffer((B, C, H, W), "uint8"), T.Buffer((O, 1, groups4 * 4), "int8")
+    offset_t, table_t = T.Buffer((O,), "int32"), T.Buffer((O * entries + lanes - entries,), "int16")
+    base_t, flip_t, scale_t = T.Buffer((O,), "int8"), T.Buffer((O,), "int8"), T.Buffer((1,), "float32")
+    pos_t, neg_t = T.Buffer((B, O, H, W), "uint8"), T.Buffer((B, O, H, W), "uint8")
+
+    def flat(codes):
+        return T.decl_buffer((B * O * P,), "uint8", data=codes.data)
+
+    if has_offset and two_parts:
+        @T.prim_func
+        def main(x: x_t, w: w_t, acc_offset: offset_t, thresholds: table_t, base: base_t, flip: flip_t,
+                 scale: scale_t, codes_pos: pos_t, codes_neg: neg_t):
+            T.func_attr({"tir.noalias": True})
+            scale[0] = T.float32(out_scale)
+            tasks(x, w, acc_offset, thresholds, base, flip, flat(codes_pos), flat(codes_neg))
+    elif has_offset:
+        @T.prim_func
+        def main(x: x_t, w: w_t, acc_offset: offset_t, thresholds: table_t, base: base_t, flip: flip_t,
+                 scale: scale_t, codes_pos: pos_t):
+            T.func_attr({"tir.noalias": True})
+            scale[0] = T.float32(out_scale)
+            tasks(x, w, acc_offset, thresholds, base, flip, flat(codes_pos), None)
+    elif two_parts:
+        @T.prim_func
+        def main(x: x_t, w: w_t, thresholds: table_t, base: base_t, flip: flip_t, scale: scale_t,
+                 codes_pos: pos_t, codes_neg: neg_t):
+            T.func_attr({"tir.noalias": True})
+            scale[0] = T.float32(out_scale)
+            tasks(x, w, None, thresholds, base, flip, flat(codes_pos), flat(codes_neg))
+    else:
+        @T.prim_func
+        def main(x: x_t, w: w_t, thresholds: table_t, base: base_t, flip: flip_t, scale: scale_t,
+                 codes_pos: pos_t):
+            T.func_attr({"tir.noalias": True})
+            scale[0] = T.float32(out_scale)
+            tasks(x, w, None, thresholds, base, flip, flat(codes_pos), None)
 
     return main

@@ -219,3 +219,11 @@ class CpuBackend:
     def tile_conv(self, geo) -> bool:
         """Whether a bit-parallel convolution (``ConvGeometry``) runs on AMX tiles (``kernels.amx_conv2d``)."""
         return self.amx and tile_conv(geo)
+
+    def tile_codes(self, geo) -> bool:
+        """Whether a calibrated convolution whose codes come from a threshold search writes them
+        straight from AMX tiles (``kernels.amx_pointwise_codes``: no int32 accumulators stored and
+        read back; 1.3x-1.45x faster than the tile conv and the searched epilogue on cold caches)."""
+        from .amx import amx_pointwise_codes_fits
+
+        return self.tile_conv(geo) and amx_pointwise_codes_fits(geo)

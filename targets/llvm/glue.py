@@ -975,32 +975,63 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
             wide_constants = _local((2,), f"int32x{lanes}")
             I.buffer_store(wide_constants, tirx.Broadcast(off, lanes), [0])
             I.buffer_store(wide_constants, tirx.Broadcast(flipped, lanes), [1])
-        code_base = constants[0]
-        searched = _local((1,), i16)
-        index = _local((1,), i16)
         with I.serial(0, vectors) as v:
             # the last vector of a row ends at the row's end, overlapping the one before it
             # (its common codes are written twice, equal): no partial vectors, no reads past the row
             first = row * inner + tirx.min(v * lanes, inner - lanes)
             stored = acc_flat[tirx.Ramp(first, 1, lanes)]
             if wide:
-                value = int16_saturated((stored - wide_constants[0]) ^ wide_constants[1])
+                value = saturated_search_value(stored, wide_constants[0], wide_constants[1])
             else:
                 value = stored ^ constants[1]
-            I.buffer_store(searched, value, [0])
-            I.buffer_store(index, splat(0), [0])
-            for step in (2**k for k in reversed(range(steps))):
-                candidate = index[0] + splat(step)
-                probe = I.call_llvm_pure_intrin(i16, _VPERMW, table[0], candidate - splat(1))
-                I.buffer_store(index, tirx.Select(searched[0] > probe, candidate, index[0]), [0])
-            code = index[0] + code_base
-            at = [tirx.Ramp(first, 1, lanes)]
-            if out_offset:
-                I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", code + splat(out_levels)), at)
-            else:
-                I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(code, splat(0))), at)
-                if neg_flat is not None:
-                    I.buffer_store(neg_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(splat(0) - code, splat(0))), at)
+            store_searched_codes(searched_codes(value, table[0], constants[0], steps), first, pos_flat, neg_flat,
+                                 out_levels, out_offset)
+
+
+def saturated_search_value(acc, offset, flip) -> tirx.PrimExpr:
+    """What a search compares with ``code_tables(wide=True)``'s thresholds, from 32 int32
+    accumulators of one channel: ``(acc - offset) ^ flip`` (``flip`` -1 where the channel's
+    multiplier is negative: the complement reverses the order) saturated to int16. Exact because
+    wide tables put every step within -32767..32766 and are flat beyond: a saturated value
+    compares with each threshold as the int32 one did."""
+    lanes = SEARCH_LANES
+    value = (acc - offset) ^ flip
+    return tirx.Cast(f"int16x{lanes}", tirx.Max(tirx.Min(value, tirx.Broadcast(tirx.const(32767, "int32"), lanes)),
+                                                tirx.Broadcast(tirx.const(-32768, "int32"), lanes)))
+
+
+def searched_codes(value, table, code_base, steps: int) -> tirx.PrimExpr:
+    """The codes of ``value`` (32 int16 lanes of one channel, :func:`saturated_search_value` or
+    the int16 form) by a binary search of ``steps`` ``vpermw`` lookups in ``table`` (that
+    channel's ``2**steps - 1`` thresholds), plus ``code_base`` (int16 lanes)."""
+    lanes = SEARCH_LANES
+    i16 = f"int16x{lanes}"
+
+    def splat(v):
+        return tirx.Broadcast(tirx.const(v, "int16"), lanes)
+
+    searched, index = _local((1,), i16), _local((1,), i16)
+    I.buffer_store(searched, value, [0])
+    I.buffer_store(index, splat(0), [0])
+    for step in (2**k for k in reversed(range(steps))):
+        candidate = index[0] + splat(step)
+        probe = I.call_llvm_pure_intrin(i16, _VPERMW, table, candidate - splat(1))
+        I.buffer_store(index, tirx.Select(searched[0] > probe, candidate, index[0]), [0])
+    return index[0] + code_base
+
+
+def store_searched_codes(code, first, pos_flat, neg_flat, out_levels: int, out_offset: bool) -> None:
+    """Store 32 int16 ``code`` lanes at ``first`` of the code buffers in ``quantize``'s layout:
+    offset codes (``code + L``), or the positive part and, where there is one, the negative part."""
+    lanes = SEARCH_LANES
+    zero, at = tirx.Broadcast(tirx.const(0, "int16"), lanes), [tirx.Ramp(first, 1, lanes)]
+    if out_offset:
+        I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", code + tirx.Broadcast(tirx.const(out_levels, "int16"),
+                                                                                    lanes)), at)
+    else:
+        I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(code, zero)), at)
+        if neg_flat is not None:
+            I.buffer_store(neg_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(zero - code, zero)), at)
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
-from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_fits, host_has_amx,
+from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_fits, amx_pointwise_codes, host_has_amx,
                   request_tile_permission, target_has_amx)
 from .host import host_mattr
 from .nibble import nibble_dense
@@ -68,6 +68,7 @@ __all__ = [
     "amx_dense_fits",
     "amx_conv2d",
     "amx_conv_fits",
+    "amx_pointwise_codes",
     "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",

@@ -115,6 +115,8 @@ class _Lowerer:
         # a backend may run bit-parallel layers on matrix tiles (the llvm one: AMX, kernels.amx_dense / amx_conv2d)
         self.backend_tile_dense = getattr(b, "tile_dense", None)
         self.backend_tile_conv = getattr(b, "tile_conv", None)
+        # and write a calibrated conv's codes straight from the tiles (amx_pointwise_codes)
+        self.backend_tile_codes = getattr(b, "tile_codes", None)
         # a backend may pick bit-parallel schedules per shape (the llvm one: csqc compile --tune)
         self.backend_conv_knobs = getattr(b, "conv_knobs", None)
         self.backend_dense_knobs = getattr(b, "dense_knobs", None)
@@ -391,9 +393,10 @@ class _Lowerer:
         code_offset = 1 if zero_point else self.code_offset.get(n.inputs[0], 0)
         acc_dtype = spec.acc_dtype if choice.kernel == "bitserial" else "int32"
         storage = "int16" if choice.kernel == "bitparallel" and self._int16_conv_outputs(n, code_offset) else acc_dtype
-        accs = [self.plan.buffer(f"{n.name}.acc", shape, storage)]
         # one kernel may take both sign parts and write their difference (one accumulator)
         split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._one_call_dense(n))
+        tile_codes = None if split_acc or zero_point or choice.kernel != "bitparallel" else self._tile_code_tables(n)
+        accs = [] if tile_codes else [self.plan.buffer(f"{n.name}.acc", shape, storage)]
         if split_acc:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, storage))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
@@ -405,8 +408,8 @@ class _Lowerer:
         float_in = source.op == "quantize" and (source.name not in self.fused_quantize
                                                 or source.inputs[0] in self.plan.buffers)
         info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
-                           "scale": scale, "acc": accs[0], "acc_neg": accs[1] if split_acc else None,
-                           "acc_shift": spec.low_shift, "out": n.name}
+                           "scale": scale, "acc": accs[0] if accs else None,
+                           "acc_neg": accs[1] if split_acc else None, "acc_shift": spec.low_shift, "out": n.name}
         # offset codes: the kernel multiplies codes + L, so its acc exceeds the true one by
         # L * sum_k q[c, k]; the runtime keeps that per-channel term (for the planes in use)
         # in acc_offset, and the epilogue (and verify) subtract it
@@ -415,6 +418,14 @@ class _Lowerer:
             info["tensors"].update(xq_zero_point=zero_point, acc_offset=acc_offset, acc_zero_point=zero_point)
         elif code_offset:
             info["tensors"].update(xq_offset=code_offset, acc_offset=acc_offset)
+        if tile_codes:
+            for name in (mult, add):  # the tables replace the float chain's parameters (ref restores a reused one)
+                if name is not None and not any(name in step["args"] for step in self.plan.steps):
+                    del self.plan.buffers[name], self.plan.weights[name]
+            self._tile_codes(n, q, info, pos, acc_offset, *tile_codes)
+            if code_offset:
+                self._record_weight_sums(n, info, code_offset, acc_offset)
+            return
         if choice.kernel == "bitserial":
             self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, 0 if zero_point else code_offset)
         else:
@@ -454,6 +465,36 @@ class _Lowerer:
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
             self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args), quantizer=quantizer)
         self._requantize_after(n)
+
+    def _tile_code_tables(self, n: Node) -> tuple[list[str], int] | None:
+        """The code tables of conv ``n`` where the backend's tile kernel writes its codes straight
+        from the tiles (``backend.tile_codes``: a pointwise conv on AMX), with its output a static
+        quantization (calibrated) and its codes found by the threshold search; else None."""
+        if self.backend_tile_codes is None or n.op != "qconv2d" or self._residual_add_of(n) is not None:
+            return None
+        spec, x_shape = n.quant, self.g.type_of(n.inputs[0]).shape
+        geo = conv_geometry(x_shape, n.attr("weight_shape"), n.attr("stride"), n.attr("padding"), n.attr("dilation"),
+                            n.attr("groups"))
+        if not (self.fused_requant and spec.out_bits is not None and spec.out_scale > 0
+                and self.backend_tile_codes(geo)):
+            return None
+        tables, steps = self._code_tables(n, "int32", False, {"out_scale": float(spec.out_scale)})
+        return (tables, steps) if steps else None
+
+    def _tile_codes(self, n: Node, q: np.ndarray, info: dict, codes: str, acc_offset: str | None,
+                    tables: list[str], steps: int) -> None:
+        """Conv ``n`` as one call that writes its output codes (``kernels.amx_pointwise_codes``):
+        the accumulators stay in the tiles, so verify checks this layer by its codes alone."""
+        shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
+        info.update(pack="conv_rows", tiles="amx", codes=f"threshold search, {steps} steps, in the conv")
+        w = self._bitparallel_weights(n, pack_bitparallel_layout("conv_rows", q, shape, 1))
+        outs, fused, suffix = self._layer_output(n, info, exact_y=True)
+        levels, two_parts = 2**fused["out_bits"] - 1, len(outs) == 3
+        key = f"amxcodes({tuple(x_shape)},{shape[0]},{steps},{acc_offset is not None})" + suffix
+        f = self.plan.func(key, lambda: self.kernels.amx_pointwise_codes(
+            x_shape, shape[0], steps, levels, float(fused["out_scale"]), fused["out_offset"], two_parts,
+            acc_offset is not None))
+        self.plan.call(f, [self._as_2d(codes, n), w] + ([acc_offset] if acc_offset else []) + tables + outs, n.name)
 
     def _code_tables(self, n: Node, storage: str, two_parts: bool, fused: dict) -> tuple[list[str], int]:
         """The threshold buffers and search steps of conv ``n``'s codes (``glue.epilogue``'s
