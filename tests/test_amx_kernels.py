@@ -19,7 +19,8 @@ needs_amx = pytest.mark.skipif(not amx.host_has_amx(), reason="this CPU has no A
 
 
 @needs_amx
-@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (5, 64, 128), (16, 128, 64), (37, 192, 256), (64, 1024, 1024)])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (5, 64, 128), (16, 128, 64), (37, 192, 256), (50, 128, 128),
+                                   (64, 1024, 1024)])  # from 32 rows 2 x 2 blocks: whole, + 16 rows, + a partial tile
 def test_amx_dense_equals_the_integer_product(m, n, k):
     rng = np.random.default_rng(m)
     x = rng.integers(0, 256, (m, k)).astype(np.uint8)
