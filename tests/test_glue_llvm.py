@@ -505,3 +505,36 @@ def test_builders_are_pure():
     a = glue.conv2d_f32((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True, "relu")
     b = glue.conv2d_f32((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, True, "relu")
     assert a.script() == b.script()
+
+
+# ------------------------------------------------------------------------------------------
+# exp on the vector units (sigmoid, tanh, softmax)
+# ------------------------------------------------------------------------------------------
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance in float32 steps between finite ``a`` and ``b`` of one sign."""
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def test_exp_is_within_an_ulp_of_the_true_exp_and_makes_no_calls():
+    from tvm.script.ir_builder import tirx as I
+
+    x = np.concatenate([np.linspace(-110, 95, 1 << 20, dtype=np.float32),
+                        np.array([0.0, -0.0, 1e-30, -1e-30, 88.72283172607422, 88.72283935546875, -87.33654,
+                                  -103.97, -104.0, np.nan, np.inf, -np.inf, 7.0, 2.5, -1.0, 1.0], np.float32)])
+
+    def body(xb, yb):
+        with I.serial(0, x.size // 16) as v:
+            with I.vectorized(0, 16) as lane:
+                I.buffer_store(yb, glue._exp(xb[v * 16 + lane]), [v * 16 + lane])
+
+    func = glue._prim_func([("x", x.shape, "float32"), ("y", x.shape, "float32")], body)
+    assert "exp" not in " ".join(line for line in build(func).assembly().split("\n") if "call" in line)
+    got = run_kernel(func, x, outputs=[(x.shape, "float32")])[0]
+    with np.errstate(over="ignore"):
+        true = np.exp(x.astype(np.float64)).astype(np.float32)  # the float32 nearest the true exp
+    finite = np.isfinite(true)
+    assert _ulps(got[finite], true[finite]).max() <= 1
+    np.testing.assert_array_equal(got[~finite], true[~finite])  # inf above 88.7228..., NaN for NaN
+    special = dict(zip(x[-16:].tolist(), got[-16:].tolist()))
+    assert special[0.0] == 1.0 and special[-np.inf] == 0.0 and special[-104.0] == 0.0
+    assert special[float(np.float32(-103.97))] > 0  # the least subnormal, rounded once

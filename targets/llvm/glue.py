@@ -1385,9 +1385,45 @@ def embedding(rows: int, dim: int, ids_shape, ids_dtype: str) -> tirx.PrimFunc:
                        ("y", ids_shape + (dim,), F32)], body)
 
 
+# exp on the vector units: LLVM has no vector exp for x86 and calls libm's expf once per lane
+# (16 calls a vector; an LSTM step's gates took 7.7 of its ~20 us). Cody-Waite reduction
+# x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial of r in FMA steps, then 2^n in two
+# exponent-field products (subnormal results round once). Within 1 ulp of the true exp (the
+# coefficients of SLEEF's xexpf, a public minimax fit); libm's expf and numpy's agree with it to
+# an ulp, as they do with each other (tests/test_glue_llvm.py measures all three).
+_EXP_COEFFICIENTS = (0.000198527617612853646278381, 0.00139304355252534151077271, 0.00833336077630519866943359,
+                     0.0416664853692054748535156, 0.166666671633720397949219, 0.5)
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187045e-06  # ln 2 = hi + lo, hi with 12 zero low bits
+
+
+def _exp(value):
+    """float32 ``exp(value)`` without calls. ``value`` is clamped to [-104.5, 89], where 2^n
+    itself gives 0 below exp's least subnormal and inf above its largest float; the clamp is two
+    selects, which keep a NaN (``Min``/``Max`` would not; an ``isnan`` test stops TVM vectorizing
+    the expression), and a NaN makes every step after it NaN. The expression repeats ``value``
+    (and its reduction) a few dozen times for LLVM to share: give it a load or a variable (TVM
+    inlines ``Let`` bindings, and nested ones grow exponentially): ``elementwise_chain`` computes
+    an exp-based op inside another's operand into a buffer first."""
+    x = tirx.Select(value > _f32(89.0), _f32(89.0), value)
+    x = tirx.Select(x < _f32(-104.5), _f32(-104.5), x)
+    n = _round_to_int(x * _f32(1.4426950408889634))
+    nf = tirx.Cast(F32, n)
+    r = _fma(nf, _f32(-_LN2_LO), _fma(nf, _f32(-_LN2_HI), x))
+    poly = _f32(_EXP_COEFFICIENTS[0])
+    for c in _EXP_COEFFICIENTS[1:]:
+        poly = _fma(poly, r, _f32(c))
+    u = _fma(poly, r * r, r) + _f32(1.0)
+    half = n >> 1  # 2^n = 2^half * 2^(n - half): each factor a normal float32 for n in [-151, 129]
+
+    def power_of_two(k):
+        return tirx.reinterpret(F32, (k + 127) << 23)
+
+    return (u * power_of_two(half)) * power_of_two(n - half)
+
+
 def _sigmoid(value):
-    """The interpreter's ``1 / (1 + exp(-x))`` (float32; LLVM's exp may differ from numpy's by an ulp)."""
-    return _f32(1.0) / (_f32(1.0) + tirx.exp(-value))
+    """The interpreter's ``1 / (1 + exp(-x))`` (float32; :func:`_exp` may differ from numpy's by an ulp)."""
+    return _f32(1.0) / (_f32(1.0) + _exp(-value))
 
 
 def _tanh(value):
@@ -1395,7 +1431,7 @@ def _tanh(value):
     ``(1 - exp(-2x)) / (1 + exp(-2x))`` (taken for ``x >= 0``) and ``(exp(2x) - 1) / (exp(2x) + 1)``
     in every lane; the second is exactly the negated first at ``-x`` (IEEE negation and rounding
     are symmetric), so ``exp(-2|x|)`` serves both (``tests/test_step_fusion.py`` checks)."""
-    e = tirx.exp(_f32(-2.0) * tirx.abs(value))
+    e = _exp(_f32(-2.0) * tirx.abs(value))
     magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
     # 0 - m, not -m: where exp(2x) rounds to 1 (tiny negative x) TVM's form gives +0
     return tirx.Select(value >= _f32(0.0), magnitude, _f32(0.0) - magnitude)
@@ -1415,6 +1451,9 @@ _UNARY = {
     "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
     "silu": lambda v, lo, hi: v * _sigmoid(v),
 }
+
+
+_EXP_OPS = ("sigmoid", "tanh", "silu")  # the unary ops built on _exp
 
 
 def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:
@@ -1503,13 +1542,37 @@ def elementwise_chain(inputs: Sequence[tuple[str, Sequence[int]]], ops: Sequence
     for q in quantizers:
         params += q.params(shapes[q.source])
 
+    def exp_ops_under(name: str, stop: set) -> set:
+        """The exp-based ops (``_EXP_OPS``) value ``name``'s expression contains, not looking
+        past them or past the values in ``stop``."""
+        if name not in by_name or name in stop:
+            return set()
+        op = by_name[name]
+        if op.op in _EXP_OPS:
+            return {name}
+        return set().union(*(exp_ops_under(a, stop) for a in op.args))
+
+    # An exp-based op inside another's operand is computed first into a buffer of its own: _exp
+    # repeats its operand dozens of times for LLVM to share, and TVM's passes walk those
+    # repeats as a tree, so nesting them grows exponentially (an LSTM cell's tanh of the three
+    # gates' sigmoid and tanh: minutes to build). In operand order, inner ones first.
+    staged: list[str] = []
+    for op in ops:
+        if op.op in _EXP_OPS:
+            for inner in sorted(exp_ops_under(op.args[0], set(staged)), key=[o.name for o in ops].index):
+                staged.append(inner)
+
     def body(*buffers):
         flats = {name: _flat(b) for (name, _, _), b in zip(params, buffers[:len(inputs) + len(outputs)])}
         input_names = {name for name, _ in inputs}
+        for name in staged:
+            if name not in flats:
+                flats[name] = I.alloc_buffer((_prod(shapes[name]),), F32, scope="global")
+        ready: set[str] = set()  # staged values already in their buffers
 
         def value(name: str, index: list):
             """Element ``index`` (one expression per dimension of its shape) of value ``name``."""
-            if name in input_names:
+            if name in input_names or name in ready:
                 return flats[name][_row_major(index, shapes[name])]
             op = by_name[name]
             if op.op == "slice":
@@ -1525,16 +1588,22 @@ def elementwise_chain(inputs: Sequence[tuple[str, Sequence[int]]], ops: Sequence
                 result = _BINARY[op.op](*operands)
             return _rounded(result)
 
-        for shape in dict.fromkeys(shapes[o] for o in outputs):
-            group = [o for o in outputs if shapes[o] == shape]
+        def compute(group, shape):
             rows, row_len = _prod(shape[:-1]), int(shape[-1]) if shape else 1
 
-            def emit(row, col, group=group, shape=shape, row_len=row_len):
+            def emit(row, col):
                 index = _unravel(row, shape[:-1]) + ([col] if shape else [])
                 for o in group:
                     I.buffer_store(flats[o], value(o, index), [row * row_len + col])
 
             _for_each(rows, row_len, emit)
+
+        for name in staged:
+            compute([name], shapes[name])
+            ready.add(name)
+        rest_outputs = [o for o in outputs if o not in ready]
+        for shape in dict.fromkeys(shapes[o] for o in rest_outputs):
+            compute([o for o in rest_outputs if shapes[o] == shape], shape)
         rest = list(buffers[len(inputs) + len(outputs):])
         for q in quantizers:
             outs = [rest.pop(0) for _ in q.params(shapes[q.source])]
@@ -1936,7 +2005,7 @@ def softmax(shape, axis: int) -> tirx.PrimFunc:
                 with I.serial(0, length) as a:
                     with I.vectorized(0, width) as lane:
                         at = (row * length + a) * inner + col0 + lane
-                        I.buffer_store(y_flat, tirx.exp(x_flat[at] - peak[lane]), [at])
+                        I.buffer_store(y_flat, _exp(x_flat[at] - peak[lane]), [at])
                         I.buffer_store(total, total[lane] + y_flat[at], [lane])
                 with I.serial(0, length) as a:
                     with I.vectorized(0, width) as lane:
@@ -1978,7 +2047,7 @@ def _emit_row_softmax(x_flat, y_flat, rows: int, length: int):
                 I.buffer_store(row_max, tirx.Max(row_max[0], x_flat[base + full * LANES + t]), [0])
 
         def exp_and_sum(_row, col):
-            I.buffer_store(y_flat, tirx.exp(x_flat[base + col] - row_max[0]), [base + col])
+            I.buffer_store(y_flat, _exp(x_flat[base + col] - row_max[0]), [base + col])
 
         _vector_span(exp_and_sum, row, 0, length)
         if full:
