@@ -113,10 +113,12 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
         main(x: uint8[M, K], w: int8[N/16, K/4, 64], y: int32[M, N])
 
     Needs ``N % 64 == 0`` and ``K % 64 == 0`` (:func:`amx_dense_fits`); any M (the last row
-    block loads and stores ``M % 16`` rows).
+    block loads and stores ``M % 16`` rows). From 32 rows: :func:`_amx_dense_square`.
     """
     if not amx_dense_fits(M, N, K):
         raise ValueError(f"amx_dense needs N % {_BLOCK_OUTPUTS} == 0 and K % {_TILE_BYTES} == 0, got {M}x{N}x{K}")
+    if M >= 2 * _TILE_ROWS:
+        return _amx_dense_square(M, N, K)
     n_tiles, k_groups, k_tiles = N // 16, K // 4, K // _TILE_BYTES
     full_blocks, tail_rows = divmod(M, _TILE_ROWS)
     blocks = N // _BLOCK_OUTPUTS
@@ -138,9 +140,6 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
         for t in T.unroll(4):
             _tile("tilestored64", T.Cast("int8", t), T.address_of(y[m0, block * _BLOCK_OUTPUTS + t * 16]),
                   T.int64(4 * N))
-
-    if M >= 2 * _TILE_ROWS:
-        return _amx_dense_square(M, N, K)
 
     @T.prim_func
     def main(x: T.Buffer((M, K), "uint8"), w: T.Buffer((n_tiles, k_groups, 64), "int8"),

@@ -1389,8 +1389,9 @@ def embedding(rows: int, dim: int, ids_shape, ids_dtype: str) -> tirx.PrimFunc:
 # (16 calls a vector; an LSTM step's gates took 7.7 of its ~20 us). Cody-Waite reduction
 # x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial of r in FMA steps, then 2^n in two
 # exponent-field products (subnormal results round once). Within 1 ulp of the true exp (the
-# coefficients of SLEEF's xexpf, a public minimax fit); libm's expf and numpy's agree with it to
-# an ulp, as they do with each other (tests/test_glue_llvm.py measures all three).
+# coefficients of SLEEF's xexpf, a public minimax fit; tests/test_glue_llvm.py checks every
+# result against float64's exp rounded to float32). numpy's float32 exp is itself up to 3 ulps
+# off in places: float outputs are compared within tolerances, as with libm's.
 _EXP_COEFFICIENTS = (0.000198527617612853646278381, 0.00139304355252534151077271, 0.00833336077630519866943359,
                      0.0416664853692054748535156, 0.166666671633720397949219, 0.5)
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187045e-06  # ln 2 = hi + lo, hi with 12 zero low bits
@@ -1427,10 +1428,11 @@ def _sigmoid(value):
 
 
 def _tanh(value):
-    """TVM's llvm tanh bit for bit, with one ``exp`` instead of two: TVM evaluates both
+    """TVM's llvm tanh formula with one ``exp`` instead of two: TVM evaluates both
     ``(1 - exp(-2x)) / (1 + exp(-2x))`` (taken for ``x >= 0``) and ``(exp(2x) - 1) / (exp(2x) + 1)``
     in every lane; the second is exactly the negated first at ``-x`` (IEEE negation and rounding
-    are symmetric), so ``exp(-2|x|)`` serves both (``tests/test_step_fusion.py`` checks)."""
+    are symmetric), so ``exp(-2|x|)`` serves both: tanh is odd (``tests/test_step_fusion.py``
+    checks). The exp is :func:`_exp`, not libm's, so values may differ from TVM's by an ulp."""
     e = _exp(_f32(-2.0) * tirx.abs(value))
     magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
     # 0 - m, not -m: where exp(2x) rounds to 1 (tiny negative x) TVM's form gives +0
