@@ -36,6 +36,19 @@ from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # n
 __all__ = ["CompiledModel", "StepTime", "load", "check_plan", "physical_cores", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
+# an output whose values the compiler bounds below this (plan "finite_below") is not scanned
+_FINITE_BOUND = 2.0**120
+_ALIGNMENT = 64  # bytes: TVM's allocation alignment, which its kernels assume of every buffer
+
+
+@dataclass(frozen=True)
+class _FreshOutput:
+    """A model output the whole-model function writes into memory handed to each call."""
+
+    nbytes: int
+    shape: tuple  # the output's shape and dtype, as returned
+    dtype: np.dtype
+    args: tuple  # (position among the function's arguments, shape, dtype) of each buffer on its memory
 
 # _cap_threads: capped calls in flight and the TVM_NUM_THREADS value they replaced
 _THREAD_CAP_LOCK = threading.Lock()
@@ -111,6 +124,10 @@ class CompiledModel:
                         if "levels" in st]
         if self._host:
             self._scales = [(np.from_dlpack(buf).reshape(-1), *rest) for buf, *rest in self._scales]
+        self._fresh_outputs = self._fresh_output_bindings() if self._host else None
+        # (scale view, per_scale, plus) of outputs whose magnitude the scale bounds (see _check_overflow)
+        self._output_bounds = [(np.from_dlpack(self.buffers[b["scale"]]).reshape(-1), b["per_scale"], b["plus"])
+                               if self._host and (b := o.get("finite_below")) else None for o in self.outputs]
 
     def _check_cpu(self) -> None:
         """Refuse, clearly, an x86 artifact built for instruction sets this CPU lacks (else the
@@ -150,6 +167,50 @@ class CompiledModel:
             return dev, load_library(library)
         except Exception as e:
             raise BadInput(f"{self.path}: the library part cannot be loaded on this machine ({_reason(e)})") from None
+
+    def _fresh_output_bindings(self) -> list[_FreshOutput] | None:
+        """Where the whole-model function takes each output's memory, so that a call can hand it
+        a new array per output instead of copying the output buffer out (None where a call must
+        copy: no whole-model function, or an output that shares memory with an input, a weight or
+        another output, or is empty). The function writes every output element each call, so the
+        new array's initial contents are never read (tests/test_whole_model_function.py poisons it)."""
+        entry = self.plan.get("entry")
+        if entry is None:
+            return None
+        specs = self.plan["buffers"]
+
+        def root(name: str) -> str:
+            return specs[name].get("alias", name)
+
+        roots = [root(o["name"]) for o in self.outputs]
+        if len(set(roots)) != len(roots):
+            return None
+        bindings = []
+        for out, name in zip(self.outputs, roots):
+            spec = specs[name]
+            nbytes = math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
+            if spec["kind"] not in ("output", "temp") or nbytes == 0:
+                return None
+            args = tuple((position, tuple(specs[a]["shape"]), np.dtype(specs[a]["dtype"]))
+                         for position, a in enumerate(entry["args"]) if isinstance(a, str) and root(a) == name)
+            out_spec = specs[out["name"]]
+            bindings.append(_FreshOutput(nbytes, tuple(out_spec["shape"]), np.dtype(out_spec["dtype"]), args))
+        return bindings
+
+    def _with_fresh_outputs(self, calls: list) -> tuple[list, list[np.ndarray]]:
+        """The whole-model call with every output bound to a new, 64-byte aligned numpy array
+        (the alignment TVM's kernels assume), and those arrays: the outputs without a copy."""
+        import tvm
+
+        (func, args), = calls
+        args = list(args)
+        outs = []
+        for out in self._fresh_outputs:
+            memory = _output_memory(out.nbytes)
+            for position, shape, dtype in out.args:
+                args[position] = tvm.runtime.from_dlpack(memory.view(dtype).reshape(shape))
+            outs.append(memory.view(out.dtype).reshape(out.shape))
+        return [(func, args)], outs
 
     def _in_this_process(self) -> bool:
         """Whether the buffers are host memory of this process (numpy views of them are possible)."""
@@ -282,11 +343,13 @@ class CompiledModel:
         ones = np.unpackbits(as_bytes, axis=-1).sum(axis=(2, 4), dtype=np.int64)  # [N tiles, P, lanes]
         return ones.transpose(1, 0, 2).reshape(planes, tiles * lanes)[:, :n]
 
-    def _check_input(self, spec: dict, x) -> np.ndarray:
+    def _check_input(self, spec: dict, x, check_finite: bool = True) -> np.ndarray:
+        """``x`` checked (and converted) for input ``spec``; ``check_finite`` False: the caller
+        checks the float values itself."""
         x = np.asarray(x)
         dtype, shape = self._input_types[spec["name"]]
         if x.dtype == dtype and x.shape == shape and dtype.kind == "f":
-            if not _all_finite(x):  # the common call: float input of the right type and shape
+            if check_finite and not _all_finite(x):  # the common call: float input of the right type and shape
                 raise BadInput(f"input {spec['name']} contains NaN or infinity")
             return x
         if x.shape != tuple(spec["shape"]):
@@ -298,7 +361,7 @@ class CompiledModel:
                     _all_finite(x) and (x == np.round(x)).all()):
                 raise BadInput(f"input {spec['name']}: expected integer ids, got values that are not whole numbers")
             x = x.astype(spec["dtype"])
-        if x.dtype.kind == "f" and not _all_finite(x):
+        if check_finite and x.dtype.kind == "f" and not _all_finite(x):
             raise BadInput(f"input {spec['name']} contains NaN or infinity")
         limit = spec.get("index_limit")
         if limit is not None and x.size and (int(x.min()) < 0 or int(x.max()) >= limit):
@@ -318,9 +381,13 @@ class CompiledModel:
         if len(inputs) != len(self.inputs):
             raise BadInput(f"model takes {len(self.inputs)} input(s), got {len(inputs)}")
         for i, (spec, x) in enumerate(zip(self.inputs, inputs)):
-            x = self._check_input(spec, x)
+            x = self._check_input(spec, x, check_finite=not self._host)
             if self._host:
+                # copied first, then checked where the copy left it: in this core's cache (the
+                # user's array may be cold; 256 KiB: 16 -> 13.5 us)
                 np.copyto(self._in_views[i], x)
+                if not _all_finite(self._in_views[i]):
+                    raise BadInput(f"input {spec['name']} contains NaN or infinity")
             else:
                 self.buffers[spec["name"]].copyfrom(np.ascontiguousarray(x))
         # the common call (all planes) skips the plane-setting bookkeeping
@@ -334,8 +401,12 @@ class CompiledModel:
         capped = self.threads is not None and self._host  # (no context manager: a microsecond a call)
         if capped:
             _cap_threads(self.threads)
+        calls = self._run_cache.get(skips) or self._run_calls(skips)
+        fresh = self._fresh_outputs is not None and record is None
+        if fresh:
+            calls, outs = self._with_fresh_outputs(calls)
         try:
-            for func, args in self._run_cache.get(skips) or self._run_calls(skips):
+            for func, args in calls:
                 func(*args)
         except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
             raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
@@ -346,7 +417,9 @@ class CompiledModel:
             for name, spec in self.plan["buffers"].items():
                 if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
                     record[name] = self.buffers[name].numpy()
-        if self._host:
+        if fresh:
+            pass  # the kernels wrote into the arrays returned
+        elif self._host:
             outs = [v.copy() for v in self._out_views]
         else:
             outs = [self.buffers[o["name"]].numpy() for o in self.outputs]
@@ -370,13 +443,17 @@ class CompiledModel:
 
         Past that point kernels disagree (TVM turns an infinite scale into finite garbage where
         numpy gives NaN). A dynamic scale ``S = max|x|`` bounds every value it quantizes, so
-        ``S * L`` finite is the exact condition there; outputs must be finite too.
+        ``S * L`` finite is the exact condition there; outputs must be finite too: scanned,
+        unless the compiler bounded an output by its layer's input scale (``finite_below``: the
+        accumulator bound, ``mult`` and ``add``) and this run's scale keeps it far from overflow.
         """
         for buf, levels, safe, name in self._scales:
             scale = float((buf if self._host else buf.numpy().reshape(-1))[0])
             if not scale <= safe:  # quantization_overflows(scale, levels), NaN included, in 0.1 us
                 raise overflow_error(scale_overflow(name, scale, levels))
-        for spec, y in zip(self.outputs, outs):
+        for spec, y, bound in zip(self.outputs, outs, self._output_bounds):
+            if bound is not None and float(bound[0][0]) * bound[1] + bound[2] < _FINITE_BOUND:
+                continue  # every value of this output's epilogue stays below float32's largest
             if not _all_finite(y):
                 raise overflow_error(f"output {spec['name']} is NaN or infinite")
 
@@ -500,6 +577,14 @@ def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepT
             for i, (step, t) in enumerate(zip(model.plan["steps"], medians))]
 
 
+def _output_memory(nbytes: int) -> np.ndarray:
+    """``nbytes`` new, uninitialized bytes at a 64-byte aligned address (uint8; the tests fill
+    them with 0xFF, so an output element a call leaves unwritten shows as NaN or -1)."""
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start:start + nbytes]
+
+
 def _all_finite(x: np.ndarray) -> bool:
     """Whether every element is finite, in well under a microsecond for the common case.
 
@@ -600,6 +685,12 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
             buf = buffers.get(s.get("name")) if isinstance(s, dict) and isinstance(s.get("name"), str) else None
             if buf is None or s.get("shape") != buf["shape"] or s.get("dtype") != buf["dtype"]:
                 return f"{key!r} entry {s!r} does not match a buffer of the same shape and dtype"
+            bound = s.get("finite_below")
+            if "finite_below" in s and not (
+                    key == "outputs" and isinstance(bound, dict) and buffers.get(bound.get("scale"), {}).get("shape") == [1]
+                    and buffers[bound["scale"]]["dtype"] == "float32"
+                    and all(type(bound.get(k)) is float and 0 <= bound[k] < math.inf for k in ("per_scale", "plus"))):
+                return f"output {s['name']!r} has a bound {bound!r}, not a float32 scale buffer and two finite numbers"
             limit = s.get("index_limit")
             if "index_limit" in s and (type(limit) is not int or limit < 1 or np.dtype(s["dtype"]).kind not in "iu"):
                 return f"input {s['name']!r} has an index limit {limit!r}, not a positive count of table rows"

@@ -20,6 +20,23 @@ torch.set_num_threads(2)
 # crash in a kernel or a library then names its test and Python frames on the real stderr.
 
 
+@pytest.fixture(autouse=True)
+def poisoned_output_memory(monkeypatch):
+    """Every test runs artifacts whose output memory starts as 0xFF bytes (NaN floats, -1
+    integers), not whatever the allocator returns: a kernel that leaves an output element unwritten
+    then fails the test that ran it, every time (``csqc.runtime`` hands that memory to the kernels)."""
+    from csqc import runtime
+
+    fresh = runtime._output_memory
+
+    def poisoned(nbytes: int):
+        memory = fresh(nbytes)
+        memory.fill(0xFF)
+        return memory
+
+    monkeypatch.setattr(runtime, "_output_memory", poisoned)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """``trained(recipe)`` -> (finalized model, TrainResult, example input, saved path)."""

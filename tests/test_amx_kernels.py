@@ -30,6 +30,38 @@ def test_amx_dense_equals_the_integer_product(m, n, k):
 
 
 @needs_amx
+@pytest.mark.parametrize("m,n,k", [(8, 64, 64), (16, 128, 128), (37, 64, 192), (64, 256, 256)])
+@pytest.mark.parametrize("options", [
+    dict(levels=15, act="relu", has_add=True),
+    dict(levels=15, has_offset=True),  # offset codes: acc - L * sum_k q
+    dict(levels=255, act="clip", clip_lo=-0.5, clip_hi=2.0, has_add=True, has_offset=True, has_zero_point=True),
+    dict(levels=1, has_add=True),  # one bit: no divide at all
+])
+@pytest.mark.parametrize("scale", [0.37, 2.0**-70])  # the divide-free quotient, and outside its range
+def test_amx_dense_with_its_epilogue_equals_the_product_then_the_epilogue(m, n, k, options, scale):
+    """The fused kernel's float outputs equal, bit for bit, ``amx_dense``'s accumulators run through
+    ``glue.epilogue`` (rows: a partial tile only, one tile, 2 x 2 blocks + 1 + a partial tile, pairs)."""
+    from csqc.targets.llvm import glue
+
+    rng = np.random.default_rng(m + n)
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    q = rng.integers(-8, 8, (n, k)).astype(np.int64)
+    w = pack_bitparallel_weight(q)
+    tail = glue.TileEpilogue(**options)
+    named = {"acc_offset": rng.integers(-5000, 5000, n).astype(np.int32), "scale": np.float32([scale]),
+             "zero_point": np.int32([7]), "mult": rng.standard_normal(n).astype(np.float32),
+             "add": rng.standard_normal(n).astype(np.float32)}
+    params = [named[name] for name, _, _ in tail.params(n)]
+    fused = kernels.build(amx.amx_dense_epilogue(m, n, k, tail))(x, w, *params)
+    acc = kernels.build(amx.amx_dense(m, n, k))(x, w)
+    separate = glue.epilogue((m, n), 1, tail.levels, tail.act, tail.clip_lo, tail.clip_hi, tail.has_add, "int32",
+                             False, has_offset=tail.has_offset, has_zero_point=tail.has_zero_point)
+    expected = kernels.build(separate)(acc, *params)
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 0
+    np.testing.assert_array_equal(fused.view(np.int32), expected.view(np.int32))
+
+
+@needs_amx
 @pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation", [
     ((1, 16, 8, 8), (16, 16, 3, 3), 1, 1, 1),  # one K tile of 4 channel groups, 16 outputs
     ((1, 64, 20, 20), (64, 64, 3, 3), 1, 1, 1),  # 64 channels: one full K tile; 20 = 16 + 4 columns
@@ -107,7 +139,12 @@ def test_a_batch_of_rows_runs_on_tiles_and_verifies_exactly(tmp_path):
     csqc.compile(model, "llvm", vnni, mcpu="icelake-server")  # VNNI, no tiles: the same results
     m, reference = runtime.load(tiles), runtime.load(vnni)
     assert [info.get("tiles") for info in m.layers.values()] == ["amx", "amx"]
-    assert [runtime._kernel_kind(s["func"]) for s in m.plan["steps"]].count("amxdense") == 2
+    kinds = [runtime._kernel_kind(s["func"]) for s in m.plan["steps"]]
+    # the first layer's epilogue also writes the second's input codes; the second's float output,
+    # the model's, comes from the tile kernel itself (its accumulators never stored)
+    assert kinds.count("amxdense") == 1 and kinds.count("amxdense_epilogue") == 1, kinds
+    last = m.layers[sorted(m.layers)[-1]]
+    assert last["epilogue"] == "in the tile kernel" and last["tensors"]["acc"] is None
     assert not any(info.get("tiles") for info in reference.layers.values())
     report = verify(model, inputs=[np.random.default_rng(2).random((32, 256), dtype=np.float32)],
                     artifact=str(tiles), per_layer=True)

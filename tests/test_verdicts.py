@@ -89,13 +89,14 @@ def test_ir_verifier_refuses_non_finite_parameters():
 # -- inputs that overflow float32 inside the model ---------------------------------------------------
 
 
-def _one_weight_graph():
-    """x[1, 4] -> quantize (4 bits, dynamic) -> qlinear with q = e_0: the output is the code of x[0] * S / 15."""
+def _one_weight_graph(mult: float = 1.0):
+    """x[1, 4] -> quantize (4 bits, dynamic) -> qlinear with q = e_0: the output is the code of
+    x[0] * S / 15, times ``mult``."""
     b = Builder()
     x = b.input("x", (1, 4))
     q = np.zeros((1, 4), np.int16)
     q[0, 0] = 1
-    return b.build(b.qlinear("fc", b.quantize(x, bits=4, signed=False), q, n_bits=1, active_bits=(0,), mult=[1.0]))
+    return b.build(b.qlinear("fc", b.quantize(x, bits=4, signed=False), q, n_bits=1, active_bits=(0,), mult=[mult]))
 
 
 def test_overflow_bound_is_exact_in_the_interpreter_and_the_artifact(tmp_path):
@@ -120,6 +121,30 @@ def test_overflow_bound_is_exact_in_the_interpreter_and_the_artifact(tmp_path):
     for run in (lambda: interpret(g, [bad]), lambda: artifact(bad)):
         with pytest.raises(csqc.BadInput, match="overflows float32 inside the model"):
             run()
+
+
+def test_an_output_its_input_scale_bounds_is_scanned_only_near_overflow(tmp_path, monkeypatch):
+    """The compiler bounds a layer's float output by its input scale (``finite_below``: |y| <=
+    15 * S * 1e30 / 15 here); the runtime skips the NaN/infinity scan of such an output while the
+    run's scale keeps it far below overflow, and scans (and refuses) it otherwise."""
+    from csqc.interpreter import run as interpret
+    from csqc.targets.llvm.target import emit_llvm
+
+    g = run_passes(_one_weight_graph(mult=1e30), "default")[0]
+    emit_llvm(g, tmp_path / "one.so")
+    artifact = runtime.load(tmp_path / "one.so")
+    bound = artifact.outputs[0]["finite_below"]
+    assert bound["per_scale"] >= 1e30 and bound["plus"] == 0
+    scanned, scan = [], runtime._all_finite
+    monkeypatch.setattr(runtime, "_all_finite", lambda y: scanned.append(y.shape) or scan(y))
+    small = np.array([[2.0, 0, 0, 0]], np.float32)  # y = 2e30
+    np.testing.assert_array_equal(artifact(small), interpret(g, [small])[0])
+    assert scanned == [(1, 4)]  # the input only
+    large = np.array([[1e10, 0, 0, 0]], np.float32)  # y = 1e40: infinite in float32, S * L finite
+    for run in (lambda: interpret(g, [large]), lambda: artifact(large)):
+        with pytest.raises(csqc.BadInput, match="overflows float32 inside the model"):
+            run()
+    assert scanned[-1] == (1, 1)  # the output, scanned: its bound said nothing at this scale
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,21 @@ _floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                     elements=_floats))
 def test_the_fast_finiteness_check_agrees_with_isfinite(x):
     assert runtime._all_finite(x) == bool(np.isfinite(x).all())
+
+
+def test_outputs_are_new_arrays_written_in_place(cnn_artifact):
+    """A call hands each output's memory to the whole-model function instead of copying the
+    output buffer out: every call returns new, aligned, writable arrays, and a returned array keeps
+    its values through the next calls (the fixture poisons that memory: unwritten elements show)."""
+    model = runtime.load(cnn_artifact)
+    assert model._fresh_outputs is not None
+    rng = np.random.default_rng(5)
+    x1, x2 = (rng.standard_normal((1, 3, 8, 8), dtype=np.float32) for _ in range(2))
+    first = model(x1)
+    kept = first.copy()
+    second = model(x2)
+    assert not np.shares_memory(first, second) and first.flags.writeable
+    assert first.ctypes.data % 64 == 0 and np.isfinite(second).all()
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(second, _by_steps(runtime.load(cnn_artifact), x2))
+    np.testing.assert_array_equal(model(x1, record={}), kept)  # recording runs copy the output out

@@ -38,7 +38,7 @@ from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 from .host import host_has
 from .staging import phase_pairs, phase_staging
 
-__all__ = ["amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_fits", "amx_pointwise_codes",
+__all__ = ["amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_epilogue", "amx_dense_fits", "amx_pointwise_codes",
            "amx_pointwise_codes_fits", "host_has_amx",
            "request_tile_permission", "target_has_amx"]
 
@@ -157,6 +157,98 @@ def amx_dense(M: int, N: int, K: int) -> tirx.PrimFunc:
             _tile("tilerelease")
 
     return main
+
+
+def amx_dense_epilogue(M: int, N: int, K: int, epilogue) -> tirx.PrimFunc:
+    """:func:`amx_dense` and the layer's float epilogue in one kernel: each 32-output block's
+    accumulators go from the tiles to a 4 KiB stack buffer (up to 32 rows at a time) and through
+    ``epilogue`` (a ``glue.TileEpilogue``: ``glue.epilogue``'s chain, the same expression) into
+    the float output, so the int32 accumulators (4 bytes an output, written and read back by a
+    separate epilogue) never leave the core::
+
+        main(x: uint8[M, K], w: int8[N/16, K/4, 64], <epilogue.params(N)>, y: float32[M, N])
+
+    Needs :func:`amx_dense_fits`. Tiles 0-3 accumulate 2 x 2 (or 1 x 2) tiles, 4-5 hold codes,
+    6-7 weights, as in :func:`_amx_dense_square`; fewer than 16 rows left reconfigure the tiles.
+    """
+    from tvm.script.ir_builder import tirx as I
+
+    from .glue import _prim_func
+
+    if not amx_dense_fits(M, N, K):
+        raise ValueError(f"amx_dense_epilogue needs N % {_BLOCK_OUTPUTS} == 0 and K % {_TILE_BYTES} == 0, "
+                         f"got {M}x{N}x{K}")
+    block_n = 32
+    k_tiles, blocks = K // _TILE_BYTES, N // block_n
+    pairs, rest = divmod(M, 2 * _TILE_ROWS)
+    singles, tail = divmod(rest, _TILE_ROWS)
+    params = [("x", (M, K), "uint8"), ("w", (N // 16, K // 4, 64), "int8"), *epilogue.params(N),
+              ("y", (M, N), "float32")]
+    on_stack = {"disable_lower_builtin": True}
+
+    def tile(name: str, *args):
+        I.evaluate(tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+    def tile_id(t: int):
+        return tirx.const(t, "int8")
+
+    def configure(cfg, rows: int):
+        # palette 1; tiles 0-5 (accumulators, codes): `rows` rows, 6-7 (weights): 16; 64 bytes each
+        with I.serial(0, 64) as i:
+            I.buffer_store(cfg, tirx.const(0, "uint8"), [i])
+        I.buffer_store(cfg, tirx.const(1, "uint8"), [0])
+        for t in range(8):
+            I.buffer_store(cfg, tirx.const(_TILE_BYTES, "uint8"), [16 + 2 * t])
+            I.buffer_store(cfg, tirx.const(rows if t < 6 else _TILE_ROWS, "uint8"), [48 + t])
+        tile("ldtilecfg", tirx.address_of(cfg[0]))
+
+    def rows_block(x, w, y, named, acc, block, m0, row_tiles: int, rows: int):
+        # rows m0.. (row_tiles x 16, or `rows` when fewer) x outputs 32*block..: products, then y
+        for t in range(2 * row_tiles):
+            tile("tilezero", tile_id(t))
+        with I.serial(0, k_tiles) as kt:
+            for i in range(2):
+                tile("tileloadd64", tile_id(6 + i), tirx.address_of(w[block * 2 + i, kt * _TILE_ROWS, 0]),
+                     tirx.const(_TILE_BYTES, "int64"))
+            for r in range(row_tiles):
+                tile("tileloadd64", tile_id(4 + r), tirx.address_of(x[m0 + r * _TILE_ROWS, kt * _TILE_BYTES]),
+                     tirx.const(K, "int64"))
+                for i in range(2):
+                    tile("tdpbusd", tile_id(2 * r + i), tile_id(4 + r), tile_id(6 + i))
+        for r in range(row_tiles):
+            for i in range(2):
+                tile("tilestored64", tile_id(2 * r + i), tirx.address_of(acc[r * _TILE_ROWS * block_n + i * 16]),
+                     tirx.const(4 * block_n, "int64"))
+        n_rows = (row_tiles - 1) * _TILE_ROWS + rows
+
+        def emit(fast: bool):
+            with I.serial(0, n_rows) as row:
+                with I.vectorized(0, block_n) as j:
+                    c = block * block_n + j
+                    I.buffer_store(y, epilogue.value(acc[row * block_n + j], c, named, fast), [m0 + row, c])
+
+        epilogue.on_scale_range(named, emit)
+
+    def body(x, w, *rest):
+        named = dict(zip([name for name, _, _ in params[2:]], rest))
+        y = named["y"]
+        loop = I.serial if M * N * K < SERIAL_TILE_MACS else I.parallel
+        with loop(0, blocks) as block:
+            cfg = I.alloc_buffer((64,), "uint8", scope="local", annotations=on_stack)
+            acc = I.alloc_buffer((2 * _TILE_ROWS * block_n,), "int32", scope="local", annotations=on_stack)
+            if pairs or singles:
+                configure(cfg, _TILE_ROWS)
+            if pairs:
+                with I.serial(0, pairs) as p:
+                    rows_block(x, w, y, named, acc, block, p * 2 * _TILE_ROWS, 2, _TILE_ROWS)
+            if singles:
+                rows_block(x, w, y, named, acc, block, pairs * 2 * _TILE_ROWS, 1, _TILE_ROWS)
+            if tail:
+                configure(cfg, tail)
+                rows_block(x, w, y, named, acc, block, M - tail, 1, tail)
+            tile("tilerelease")
+
+    return _prim_func(params, body)
 
 
 def _k_rows(groups4: int) -> int | None:

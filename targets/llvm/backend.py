@@ -216,6 +216,11 @@ class CpuBackend:
         """Whether a bit-parallel ``[m, k] x [k, n]`` product runs on AMX tiles (``kernels.amx_dense``)."""
         return self.amx and tile_dense(m, n, k)
 
+    def tile_dense_epilogue(self, m: int, n: int, k: int) -> bool:
+        """Whether such a product on tiles also applies its layer's float epilogue in the core
+        (``kernels.amx_dense_epilogue``: no int32 accumulators stored and read back). Always, on tiles."""
+        return self.tile_dense(m, n, k)
+
     def tile_conv(self, geo) -> bool:
         """Whether a bit-parallel convolution (``ConvGeometry``) runs on AMX tiles (``kernels.amx_conv2d``)."""
         return self.amx and tile_conv(geo)

@@ -61,6 +61,7 @@ __all__ = [
     "quantize_asymmetric",
     "dequantize",
     "epilogue",
+    "TileEpilogue",
     "conv2d_f32",
     "linear_f32",
     "binary",
@@ -684,6 +685,76 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bo
     return _prim_func(params, body)
 
 
+def _less_offset(acc, c, named: dict, acc_dtype: str) -> tirx.PrimExpr:
+    """Accumulator ``acc`` of channel ``c`` from the (widened) product: less the per-channel offset
+    term of offset codes (``acc_offset``), or the zero point times the weight sums."""
+    if "zero_point" in named:
+        return acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * named["acc_offset"][c]
+    if "acc_offset" in named:
+        return acc - named["acc_offset"][c]
+    return acc
+
+
+def _layer_value(acc, c, named: dict, levels: int | None, act: str, clip_lo: float, clip_hi: float,
+                 fast: bool) -> tirx.PrimExpr:
+    """A quantized layer's float y (before any residual) from accumulator ``acc`` of channel ``c``
+    (``named``: the epilogue's ``scale``, ``mult`` and ``add`` buffers): monotone in ``acc`` for a
+    fixed channel (every step rounds monotonically, mult[c]'s sign fixes the direction, relu / clip
+    are monotone). ``fast``: the scale lies where :func:`_quotient` may replace the divide by L."""
+    if levels is None:
+        value = acc
+    else:
+        value = _divided(tirx.Cast(F32, acc) * named["scale"][0], _f32(levels),
+                         _levels_reciprocal(levels) if fast else None)
+    value = value * named["mult"][c]
+    if named.get("add") is not None:
+        value = _rounded(value) + named["add"][c]
+    return _activation(value, act, clip_lo, clip_hi)
+
+
+@dataclass(frozen=True)
+class TileEpilogue:
+    """:func:`epilogue`'s float chain for a kernel that applies it to accumulators still in the
+    core (``amx.amx_dense`` with an epilogue): int32 accumulators, a float ``y`` out, no split
+    signs, fused output codes or residual. The kernel takes :meth:`params` (the epilogue's, less
+    ``acc`` and ``y``) and computes each ``y`` with :meth:`value`: the same expression, so the
+    same bits."""
+
+    levels: int
+    act: str = "none"
+    clip_lo: float = 0.0
+    clip_hi: float = 0.0
+    has_add: bool = False
+    has_offset: bool = False
+    has_zero_point: bool = False
+
+    def __post_init__(self):
+        _check_act(self.act)
+        _levels(int(math.log2(self.levels + 1)))
+        if self.has_zero_point and not self.has_offset:
+            raise ValueError("a zero point needs the weight sums (has_offset)")
+
+    def params(self, channels: int) -> list[tuple[str, tuple, str]]:
+        """``(name, shape, dtype)`` in :func:`epilogue`'s order: acc_offset, scale, zero_point, mult, add."""
+        params = [("acc_offset", (channels,), "int32")] if self.has_offset else []
+        params.append(("scale", (1,), F32))
+        if self.has_zero_point:
+            params.append(("zero_point", (1,), "int32"))
+        params.append(("mult", (channels,), F32))
+        if self.has_add:
+            params.append(("add", (channels,), F32))
+        return params
+
+    def value(self, acc, c, named: dict, fast: bool) -> tirx.PrimExpr:
+        """Float ``y`` of int32 accumulator ``acc`` (the raw product) of channel ``c``."""
+        return _layer_value(_less_offset(acc, c, named, "int32"), c, named, self.levels, self.act, self.clip_lo,
+                            self.clip_hi, fast)
+
+    def on_scale_range(self, named: dict, emit: Callable[[bool], None]) -> None:
+        """``emit(fast)`` where the run-time scale allows the divide-free quotient (see :func:`epilogue`)."""
+        _on_divisor_range(named["scale"][0], emit, enabled=self.levels > 1)
+
+
 def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: str, clip_lo: float,
              clip_hi: float, has_add: bool, acc_dtype: str = "int32", has_neg: bool = False,
              has_offset: bool = False, out_bits: int | None = None, out_scale: float = 0.0,
@@ -794,12 +865,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             return stored if storage == acc_dtype else tirx.Cast(acc_dtype, stored)
 
         def less_offset(acc, c):
-            """The accumulator from the (widened) product: less the per-channel offset term."""
-            if has_zero_point:
-                return acc - tirx.Cast(acc_dtype, named["zero_point"][0]) * acc_offset[c]
-            if acc_offset is not None:
-                return acc - acc_offset[c]
-            return acc
+            return _less_offset(acc, c, named, acc_dtype)
 
         def acc_at(i, c):
             """The accumulator of element i (channel c): an integer, or float32 (levels None)."""
@@ -811,18 +877,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             return less_offset(acc, c)
 
         def layer_value(acc, c, fast: bool):
-            """The layer's float y (before any residual) from accumulator ``acc`` of channel c:
-            monotone in ``acc`` for a fixed channel (every step rounds monotonically, mult[c]'s
-            sign fixes the direction, relu / clip are monotone)."""
-            if levels is None:
-                value = acc
-            else:
-                value = _divided(tirx.Cast(F32, acc) * named["scale"][0], _f32(levels),
-                                 _levels_reciprocal(levels) if fast else None)
-            value = value * mult[c]
-            if add is not None:
-                value = _rounded(value) + add[c]
-            return _activation(value, act, clip_lo, clip_hi)
+            return _layer_value(acc, c, named, levels, act, clip_lo, clip_hi, fast)
 
         def value_at(i, c, fast: bool):
             value = layer_value(acc_at(i, c), c, fast)

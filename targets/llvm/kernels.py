@@ -24,7 +24,8 @@ every kernel is its output buffer; scalars come right before it.
 * :func:`nibble_dense` (from :mod:`.nibble`) -- the same products on weights stored as nibbles
   (plus a fifth bit), unpacked in registers: the batch-1 GEMV of 4-bit layers.
 * :func:`amx_dense` (from :mod:`.amx`) -- the same products on Intel AMX tiles, same weights:
-  many rows on CPUs that have them.
+  many rows on CPUs that have them; :func:`amx_dense_epilogue` applies the layer's float
+  epilogue to the tiles' accumulators in the same call.
 * :func:`lut_dense` (from :mod:`.weightonly`) -- float activations x weight planes by table
   lookups, for quantized linear layers whose input is not quantized; :func:`dequant_dense`
   dequantizes packed weight codes in registers for the same layers (more rows or planes).
@@ -45,7 +46,8 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
-from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_fits, amx_pointwise_codes, host_has_amx,
+from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_dense_fits, amx_pointwise_codes,
+                  host_has_amx,
                   request_tile_permission, target_has_amx)
 from .host import host_mattr
 from .nibble import nibble_dense
@@ -65,6 +67,7 @@ __all__ = [
     "bitparallel_dense_signed",
     "nibble_dense",
     "amx_dense",
+    "amx_dense_epilogue",
     "amx_dense_fits",
     "amx_conv2d",
     "amx_conv_fits",

@@ -115,8 +115,10 @@ class _Lowerer:
         # a backend may run bit-parallel layers on matrix tiles (the llvm one: AMX, kernels.amx_dense / amx_conv2d)
         self.backend_tile_dense = getattr(b, "tile_dense", None)
         self.backend_tile_conv = getattr(b, "tile_conv", None)
-        # and write a calibrated conv's codes straight from the tiles (amx_pointwise_codes)
+        # and write a calibrated conv's codes straight from the tiles (amx_pointwise_codes), or a
+        # linear layer's float output (amx_dense_epilogue)
         self.backend_tile_codes = getattr(b, "tile_codes", None)
+        self.backend_tile_dense_epilogue = getattr(b, "tile_dense_epilogue", None)
         # a backend may pick bit-parallel schedules per shape (the llvm one: csqc compile --tune)
         self.backend_conv_knobs = getattr(b, "conv_knobs", None)
         self.backend_dense_knobs = getattr(b, "dense_knobs", None)
@@ -183,9 +185,32 @@ class _Lowerer:
             buf = self.plan.buffers.get(o)
             if buf is None or o in self.quant_parts:
                 raise CompileError(f"output %{o} must be a float tensor")
-            self.plan.outputs.append({"name": o, "shape": buf["shape"], "dtype": buf["dtype"]})
+            self.plan.outputs.append({"name": o, "shape": buf["shape"], "dtype": buf["dtype"],
+                                      **self._finite_output_bound(o)})
         self._drop_unread_views()
         return self.plan
+
+    def _finite_output_bound(self, o: str) -> dict:
+        """``{"finite_below": ...}`` where output ``o`` is a quantized layer's float ``y`` (empty
+        otherwise): ``|y|`` and every value its epilogue forms stay below ``S * per_scale + plus``
+        (``S`` the input scale, in buffer ``scale``), from the accumulator bound. Where that is
+        below 2^120 the runtime need not scan the output for NaN or infinity."""
+        n = self.producers.get(o)
+        info = self.plan.layers.get(n.name, {}) if n is not None else {}
+        if n is None or n.op not in ("qlinear", "qconv2d") or n.quant.act_bits is None or n.quant.out_bits is not None \
+                or info.get("tensors", {}).get("out") != o or n.inputs[0] not in self.quant_parts:
+            return {}
+        if not all(v in self.g.params for v in n.inputs[2:]):
+            return {}
+        levels = 2**n.quant.act_bits - 1
+        mult = float(np.abs(self.g.params[n.inputs[2]]).max(initial=0.0))
+        plus = float(np.abs(self.g.params[n.inputs[3]]).max(initial=0.0)) if len(n.inputs) == 4 else 0.0
+        # float(acc) * S, / L, * mult: the largest of them, with room for each step's rounding
+        per_scale = accumulator_bound(self.g, n) * max(1.0, mult / levels) * (1 + 2.0**-20)
+        if not (np.isfinite(per_scale) and np.isfinite(plus)):
+            return {}
+        return {"finite_below": {"scale": self.quant_parts[n.inputs[0]][2], "per_scale": per_scale,
+                                 "plus": plus * (1 + 2.0**-20)}}
 
     def _lower_node(self, n: Node) -> None:
         getattr(self, f"lower_{OP_TABLE[n.op].tvm}")(n)  # lower_graph checked coverage up front
@@ -396,7 +421,9 @@ class _Lowerer:
         # one kernel may take both sign parts and write their difference (one accumulator)
         split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._one_call_dense(n))
         tile_codes = None if split_acc or zero_point or choice.kernel != "bitparallel" else self._tile_code_tables(n)
-        accs = [] if tile_codes else [self.plan.buffer(f"{n.name}.acc", shape, storage)]
+        tile_epilogue = not tile_codes and neg is None and choice.kernel == "bitparallel" and storage == "int32" \
+            and self._tile_epilogue_fits(n)
+        accs = [] if tile_codes or tile_epilogue else [self.plan.buffer(f"{n.name}.acc", shape, storage)]
         if split_acc:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, storage))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
@@ -426,14 +453,22 @@ class _Lowerer:
             if code_offset:
                 self._record_weight_sums(n, info, code_offset, acc_offset)
             return
+        levels = 2**spec.act_bits - 1
+        has_offset = acc_offset is not None
+        epilogue_args = ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
+            + [mult] + ([add] if add else [])
+        if tile_epilogue:
+            self._tile_dense_epilogue(n, q, info, pos, epilogue_args, self.glue.TileEpilogue(
+                levels, act, lo, hi, add is not None, has_offset, bool(zero_point)))
+            if code_offset:
+                self._record_weight_sums(n, info, code_offset, acc_offset)
+            return
         if choice.kernel == "bitserial":
             self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, 0 if zero_point else code_offset)
         else:
             self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs, storage, code_offset)
         if code_offset:
             self._record_weight_sums(n, info, code_offset, acc_offset)
-        levels = 2**spec.act_bits - 1
-        has_offset = acc_offset is not None
         base_key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
             ",offset" if has_offset else "") + (",zero_point" if zero_point else "") + (
             f",{storage}" if storage != acc_dtype else "")
@@ -442,8 +477,7 @@ class _Lowerer:
             options["acc_storage"] = storage
         if zero_point:
             options["has_zero_point"] = True
-        args = accs + ([acc_offset] if has_offset else []) + [scale] + ([zero_point] if zero_point else []) \
-            + [mult] + ([add] if add else [])
+        args = accs + epilogue_args
 
         def build_epilogue(**output_options):
             return self.glue.epilogue(shape, axis, levels, act, lo, hi, add is not None, acc_dtype, split_acc,
@@ -465,6 +499,33 @@ class _Lowerer:
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
             self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args), quantizer=quantizer)
         self._requantize_after(n)
+
+    def _tile_epilogue_fits(self, n: Node) -> bool:
+        """Whether bit-parallel linear layer ``n`` runs as one tile call that applies its float
+        epilogue in the core (``backend.tile_dense_epilogue``): on the generic dense path, with a
+        float output its only form (no fused codes, dynamic quantizer or residual add)."""
+        if self.backend_tile_dense_epilogue is None or n.op != "qlinear" or n.quant.out_bits is not None:
+            return False
+        if self._dynamic_quantize_of(n) is not None or self._residual_add_of(n) is not None:
+            return False
+        if self._small_dense(n) or self._nibble_high(n) is not None:
+            return False
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+        return self.backend_tile_dense_epilogue(m, n.attr("weight_shape")[0], k)
+
+    def _tile_dense_epilogue(self, n: Node, q: np.ndarray, info: dict, codes: str, epilogue_args: list[str],
+                             tail) -> None:
+        """Linear layer ``n`` as one call that writes its float output (``kernels.amx_dense_epilogue``):
+        the accumulators stay in the core, so verify checks this layer by its output alone."""
+        shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
+        m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
+        info.update(pack="dense", tiles="amx", epilogue="in the tile kernel")
+        w = self._bitparallel_weights(n, pack_bitparallel_layout("dense", q, shape, 1))
+        outs, _, _ = self._layer_output(n, info, exact_y=True)
+        key = f"amxdense_epilogue({m},{shape[0]},{k},{tail!r})"
+        f = self.plan.func(key, lambda: self.kernels.amx_dense_epilogue(m, shape[0], k, tail))
+        self.plan.call(f, [self._as_2d(codes, n), w] + epilogue_args + [self._as_2d(outs[0], n)], n.name)
 
     def _tile_code_tables(self, n: Node) -> tuple[list[str], int] | None:
         """The code tables of conv ``n`` where the backend's tile kernel writes its codes straight
