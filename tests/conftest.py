@@ -22,10 +22,13 @@ torch.set_num_threads(2)
 
 @pytest.fixture(autouse=True)
 def poisoned_output_memory(monkeypatch):
-    """Every test runs artifacts whose output memory starts as 0xFF bytes (NaN floats, -1
-    integers), not whatever the allocator returns: a kernel that leaves an output element unwritten
-    then fails the test that ran it, every time (``csqc.runtime`` hands that memory to the kernels)."""
+    """Every test runs artifacts with their outputs written in place, whatever their size, into
+    memory that starts as 0xFF bytes (NaN floats, -1 integers), not whatever the allocator
+    returns: a kernel that leaves an output element unwritten then fails the test that ran it,
+    every time (``csqc.runtime`` hands that memory to the kernels)."""
     from csqc import runtime
+
+    monkeypatch.setattr(runtime, "_FRESH_OUTPUT_MIN_BYTES", 0)
 
     fresh = runtime._output_memory
 
