@@ -2,6 +2,8 @@
 reciprocal.code_form proves them equal to the divide's, through the real quantize kernel."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import tvm
@@ -137,3 +139,75 @@ def test_scales_without_a_bound_keep_the_quotient():
     assert reciprocal.code_form(0.0, 15) == "quotient"
     assert reciprocal.code_form(float("inf"), 15) == "quotient"
     assert reciprocal.code_form(3.0e38, 15) == "quotient"  # (L + 1) S overflows float32
+
+
+# -- dynamic scales: the split form, proved in the kernel on each run's scale ---------------------
+
+
+def _split_proof_kernel(levels: int):
+    """The kernel's proof alone: ``(proven, low)`` for the scale it is given."""
+    from tvm.script.ir_builder import tirx as I
+
+    def body(scale, out, low_out):
+        parts = glue._local((2,))
+        I.buffer_store(parts, glue._f32(1.0) / scale[0], [0])
+        I.buffer_store(parts, glue._f32(levels + 1) * scale[0], [1])
+        proven, low = glue._emit_split_form_proof(glue._Divisor(scale[0], parts[0], parts[1]), levels)
+        I.buffer_store(out, proven[0], [0])
+        I.buffer_store(low_out, low, [0])
+
+    return build(glue._prim_func([("scale", (1,), "float32"), ("proven", (1,), "int32"), ("low", (1,), "float32")],
+                                 body))
+
+
+def _numpy_split_proof(scale, levels: int, zl) -> bool:
+    """The same proof in numpy with low part ``zl``, unclamped codes 1..L+1 (reciprocal's
+    first-reach bisection)."""
+    s = F32(scale)
+    zh = F32(reciprocal.reciprocal_parts(scale)[0])
+    bound_bits = int(np.asarray(F32(levels + 1) * s, F32).view(np.int32))
+    exact = reciprocal._first_numerators(lambda n: np.rint(n / s), bound_bits, levels + 1)
+    split = reciprocal._first_numerators(lambda n: np.rint(reciprocal._split_quotients(n, zh, zl)), bound_bits,
+                                         levels + 1)
+    return bool(np.array_equal(exact, split))
+
+
+@pytest.mark.parametrize("levels", [1, 3, 15, 255])
+def test_the_kernels_proof_of_the_split_form_agrees_with_numpy(levels):
+    """On random scales, powers of two and the ends of the divide-free range: the kernel's low
+    part (``RN(RN(1 - zh S) / S)``, the residual exact) is ``1/S - zh`` correctly rounded (closer
+    than reciprocal_parts', which rounds ``1/S`` to float64 first) and its verdict the numpy proof's
+    with that low part (which no scale tried here fails: where one did, the kernel would keep the
+    correctly rounded quotient)."""
+    import tvm as _tvm
+
+    kernel = _split_proof_kernel(levels)
+    scales = np.concatenate([np.exp(RNG.uniform(-40, 40, 40)), [2.0**-60, 2.0**60, 1.0, 0.5, 3.0, 1 / 3, 7e-5]])
+    for scale in scales.astype(F32):
+        dev = _tvm.cpu()
+        outs = [_tvm.runtime.tensor(np.zeros(1, dtype), dev) for dtype in ("int32", "float32")]
+        kernel.executable(_tvm.runtime.tensor(np.array([scale], F32), dev), *outs)
+        low = outs[1].numpy()[0]
+        zh = F32(reciprocal.reciprocal_parts(scale)[0])
+        exact = Fraction(1) / Fraction(float(scale)) - Fraction(float(zh))  # 1/S - zh: low is its rounding
+        ulp = Fraction(float(np.spacing(np.abs(low))))
+        assert abs(Fraction(float(low)) - exact) <= ulp / 2, (scale, low)
+        assert bool(outs[0].numpy()[0]) == _numpy_split_proof(scale, levels, low), scale
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dynamic_codes_of_large_tensors_equal_the_divide(bits):
+    """A dynamic quantizer of 2^17 elements takes the proved split form: its codes are the
+    interpreter's (round half even of |x| L / S, S = max|x|), ties of every code included."""
+    levels = 2**bits - 1
+    x = (RNG.standard_normal(1 << 17) * 3).astype(F32)
+    x[: 4 * levels] = around_every_tie(F32(np.abs(x).max()), levels, 1)[: 4 * levels] * np.sign(RNG.standard_normal(4 * levels))
+    dev = tvm.cpu()
+    outs = [tvm.runtime.tensor(np.zeros(shape, dtype), dev) for shape, dtype in
+            [((1,), "float32"), (x.shape, "uint8"), (x.shape, "uint8")]]
+    build(glue.quantize(x.shape, bits, 0.0, True)).executable(tvm.runtime.tensor(x, dev), *outs)
+    scale = F32(np.abs(x).max())
+    assert outs[0].numpy()[0] == scale
+    magnitude = np.rint((np.abs(x) * F32(levels)) / scale)
+    np.testing.assert_array_equal(outs[1].numpy(), np.where(x > 0, magnitude, 0))
+    np.testing.assert_array_equal(outs[2].numpy(), np.where(x < 0, magnitude, 0))

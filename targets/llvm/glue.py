@@ -38,6 +38,7 @@ register-sized scratch buffers stay on the stack.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -476,9 +477,15 @@ def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: boo
         _emit_abs_max(x_flat, n, scale)
     divisor = _divisor_of(scale, static_scale, levels + 1, levels)
 
-    def codes(fast: bool):
+    def codes_by(fast: _Divisor | None):
         _for_each(1, n, lambda _row, i: _store_codes(x_flat[i], i, scale, levels, is_static, offset, pos_flat,
-                                                     neg_flat, divisor if fast else None))
+                                                     neg_flat, fast))
+
+    def codes(fast: bool):
+        if fast and not is_static and _split_form_pays(n, levels):
+            _on_split_form(divisor, levels, codes_by)
+        else:
+            codes_by(divisor if fast else None)
 
     _on_divisor_range(scale[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
 
@@ -576,13 +583,14 @@ class _Divisor:
     """A scale ``S`` as :func:`_store_codes` divides by it without a divide: ``S``, ``RN(1 / S)``
     and ``RN(k * S)`` (the clamp bound, ``k = L + 1`` or ``2L + 2``), as expressions; for a
     static scale, ``form``: how its codes are computed (``reciprocal.code_form``, proved per
-    scale) and ``low``, the reciprocal's low part for the ``split`` form."""
+    scale) and ``low``, the reciprocal's low part for the ``split`` form (a constant; for a
+    run-time scale proved in the kernel, :func:`_on_split_form`, an expression)."""
 
     value: tirx.PrimExpr
     recip: tirx.PrimExpr
     bound: tirx.PrimExpr
     form: str = "quotient"
-    low: float = 0.0
+    low: float | tirx.PrimExpr = 0.0
 
 
 def _divisor_of(scale, static_scale: float, bound_factor: int, levels: int | None = None) -> _Divisor:
@@ -601,6 +609,71 @@ def _divisor_of(scale, static_scale: float, bound_factor: int, levels: int | Non
     return _Divisor(scale[0], parts[0], parts[1])
 
 
+# A dynamic scale's codes in the split form (a multiply and an FMA, against a multiply and four
+# FMAs for the correctly rounded quotient), where the run proves it first: from this many elements
+# per code (the proof bisects 32 steps per code; 4-bit codes of 4096 elements and more)
+_SPLIT_FORM_ELEMENTS_PER_CODE = 256
+
+
+def _split_form_pays(n: int, levels: int) -> bool:
+    return n >= _SPLIT_FORM_ELEMENTS_PER_CODE * (levels + 1)
+
+
+def _emit_split_form_proof(divisor: _Divisor, levels: int) -> tuple[tirx.Buffer, tirx.PrimExpr]:
+    """``(proven, low)`` for a run-time scale ``S`` (``divisor``, with ``RN(1 / S)`` and
+    ``RN((L + 1) S)``): ``low = RN(1 / S - RN(1 / S))`` (the FMA's residual ``1 - RN(1/S) S`` is
+    exact, divided by ``S``), and a local ``int32[1]`` that is 1 where the split form's codes
+    (``reciprocal``: ``roundeven(RN(n * zh + RN(n * low)))``) equal the divide's for every float32
+    ``n`` in ``[0, RN((L + 1) S)]``, else 0: ``reciprocal.code_form``'s proof, run on this call's
+    scale. Both are non-decreasing step functions of ``n``, so they are equal exactly where each
+    code ``k = 1..L+1`` is first reached at the same ``n``, found per ``k`` (16 lanes at a time) by
+    bisection over the float32 bit patterns, 32 steps, for each form. Random scales pass it
+    (numpy, 300 per width from 1 to 8 bits); one multiply alone passes for 13% at 4 bits."""
+    parts = _local((2,))
+    I.buffer_store(parts, _fma(-divisor.recip, divisor.value, _f32(1.0)), [0])
+    I.buffer_store(parts, parts[0] / divisor.value, [1])
+    low = parts[1]
+    split = dataclasses.replace(divisor, form="split", low=low)
+    proven = _local((1,), "int32")
+    I.buffer_store(proven, tirx.const(1, "int32"), [0])
+    codes = levels + 1
+    bound_bits = tirx.reinterpret("int32", divisor.bound)
+    for block in range(-(-codes // LANES)):
+        first = {form: _local((LANES,), "int32") for form in ("divide", "split")}
+        after = {form: _local((LANES,), "int32") for form in ("divide", "split")}  # lo, hi of the bisection
+        with I.vectorized(0, LANES) as lane:
+            for form in first:
+                I.buffer_store(first[form], tirx.const(0, "int32"), [lane])
+                I.buffer_store(after[form], bound_bits + 1, [lane])
+        with I.serial(0, 32):
+            with I.vectorized(0, LANES) as lane:
+                k = tirx.min(block * LANES + lane + 1, codes)
+                for form in first:
+                    lo, hi = first[form][lane], after[form][lane]
+                    mid = lo + tirx.shift_right(hi - lo, 1)
+                    n = tirx.reinterpret(F32, tirx.min(mid, bound_bits))
+                    quotient = n / divisor.value if form == "divide" else _code_quotient(n, split)
+                    reached = tirx.all(_round_to_int(quotient) >= k, mid <= bound_bits)
+                    I.buffer_store(after[form], tirx.Select(tirx.all(lo < hi, reached), mid, hi), [lane])
+                    I.buffer_store(first[form], tirx.Select(tirx.all(lo < hi, tirx.Not(reached)), mid + 1, lo), [lane])
+        with I.serial(0, LANES) as lane:
+            with I.If(first["divide"][lane] != first["split"][lane]):
+                with I.Then():
+                    I.buffer_store(proven, tirx.const(0, "int32"), [0])
+    return proven, low
+
+
+def _on_split_form(divisor: _Divisor, levels: int, emit: Callable[[_Divisor], None]) -> None:
+    """``emit`` with ``divisor`` in its split form where this run's scale passes
+    :func:`_emit_split_form_proof`, with ``divisor`` itself otherwise (both are code; one runs)."""
+    proven, low = _emit_split_form_proof(divisor, levels)
+    with I.If(proven[0] != 0):
+        with I.Then():
+            emit(dataclasses.replace(divisor, form="split", low=low))
+        with I.Else():
+            emit(divisor)
+
+
 def _code_quotient(numerator, divisor: _Divisor) -> tirx.PrimExpr:
     """``numerator / S`` as far as its rounded code goes: the divide's quotient (``_divided``),
     or for a static ``S`` the cheaper form ``reciprocal.code_form`` proved to give the same
@@ -608,7 +681,8 @@ def _code_quotient(numerator, divisor: _Divisor) -> tirx.PrimExpr:
     if divisor.form == "single":
         return numerator * divisor.recip
     if divisor.form == "split":
-        return _fma(numerator, divisor.recip, _rounded(numerator * _f32(divisor.low)))
+        low = _f32(divisor.low) if isinstance(divisor.low, float) else divisor.low
+        return _fma(numerator, divisor.recip, _rounded(numerator * low))
     return _divided(numerator, divisor.value, divisor.recip)
 
 
@@ -935,7 +1009,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         nonnegative = last_act == "relu" or (last_act == "clip" and min(last_lo, last_hi) >= 0)
         divisor = _divisor_of(out_scale_buf, out_scale, out_levels + 1, out_levels)
 
-        def store(i, c, fast_levels: bool, fast_codes: bool):
+        def store(i, c, fast_levels: bool, fast_codes: _Divisor | None):
             if stored_y is not None:
                 value = stored_y[i]
             else:
@@ -943,13 +1017,19 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
                 if keep_y:
                     I.buffer_store(y_flat, value, [i])
             _store_codes(value, i, out_scale_buf, out_levels, out_scale > 0, out_offset, *code_parts,
-                         fast=divisor if fast_codes else None, nonnegative=nonnegative)
+                         fast=fast_codes, nonnegative=nonnegative)
 
         def codes_pass(fast_levels: bool):
-            _on_divisor_range(out_scale_buf[0],
-                              lambda fast_codes: _for_each_channel(shape, channel_axis,
-                                                                   lambda i, c: store(i, c, fast_levels, fast_codes)),
-                              n >= _QUOTIENT_MIN_ELEMENTS)
+            def codes_by(fast_codes: _Divisor | None):
+                _for_each_channel(shape, channel_axis, lambda i, c: store(i, c, fast_levels, fast_codes))
+
+            def codes(fast_codes: bool):
+                if fast_codes and out_scale == 0 and _split_form_pays(n, out_levels):
+                    _on_split_form(divisor, out_levels, codes_by)
+                else:
+                    codes_by(divisor if fast_codes else None)
+
+            _on_divisor_range(out_scale_buf[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
 
         if code_search:
             _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels, out_offset,
