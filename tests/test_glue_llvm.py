@@ -330,7 +330,15 @@ CONV_CASES = [
     ((1, 16, 9, 11), (24, 16, 1, 1), 1, 0, 1, 1, True, "none"),  # pointwise
     ((1, 16, 13, 13), (32, 16, 1, 1), 2, 0, 1, 1, False, "none"),  # ResNet shortcut
     ((1, 8, 12, 12), (6, 4, 3, 3), 1, 2, 2, 2, True, "none"),  # grouped, dilated
+    ((1, 3, 21, 26), (24, 3, 3, 3), 2, 1, 1, 1, True, "clip"),  # MobileNetV2 stem: all 24 outputs in one tile
 ]
+
+
+def test_strided_stems_of_few_outputs_take_them_all_in_one_tile():
+    assert glue.default_conv_knobs(32, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=32, segment=16)
+    assert glue.default_conv_knobs(24, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
+    for args in [(64, 27, (2, 2), 1), (32, 27, (1, 1), 1), (64, 147, (2, 2), 1), (12, 9, (2, 2), 12)]:
+        assert glue.default_conv_knobs(*args) == glue.ConvKnobs()  # more outputs, unstrided, 7x7, depthwise
 
 
 @pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,groups,has_bias,act", CONV_CASES)
