@@ -1149,9 +1149,13 @@ def searched_codes(value, table, code_base, steps: int) -> tirx.PrimExpr:
     searched, index = _local((1,), i16), _local((1,), i16)
     I.buffer_store(searched, value, [0])
     I.buffer_store(index, splat(0), [0])
+    # the table moved up one lane (loop-invariant: LLVM hoists it): a step probes at its candidate
+    # itself, not at the candidate less one (an OR a step less: 20 -> 17 vector ops per 32 codes)
+    lanes_before = tirx.Max(tirx.Ramp(tirx.const(-1, "int16"), tirx.const(1, "int16"), lanes), splat(0))
+    moved = I.call_llvm_pure_intrin(i16, _VPERMW, table, lanes_before)
     for step in (2**k for k in reversed(range(steps))):
         candidate = index[0] + splat(step)
-        probe = I.call_llvm_pure_intrin(i16, _VPERMW, table, candidate - splat(1))
+        probe = I.call_llvm_pure_intrin(i16, _VPERMW, moved, candidate)
         I.buffer_store(index, tirx.Select(searched[0] > probe, candidate, index[0]), [0])
     return index[0] + code_base
 
