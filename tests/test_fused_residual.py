@@ -57,7 +57,8 @@ def test_residual_adds_run_in_epilogues_and_verify_exactly(tmp_path, calibrated)
     # quantizer per epilogue: block 3's conv1 takes the fused codes) and the linear layer's input
     # (after Flatten); every other block input's codes come from the epilogue before it
     assert kinds.count("quantize") == 3, kinds
-    assert kinds.count("epilogue") == 1 + 7 + 1, kinds  # stem, 7 integer convs, linear
+    assert kinds.count("epilogue") == 7 + 1, kinds  # 7 integer convs, linear (the stem's runs in its conv)
+    assert kinds[0] == "conv2d_f32" and kinds[1] == "quantize", kinds
     check = [np.random.default_rng(1).random((3, 3, 6, 6), dtype=np.float32)]
     report = verify(model, inputs=check, artifact=str(art), per_layer=True, calibrate=calib)
     assert report.ok and report.accumulators_exact, report.to_json()

@@ -359,6 +359,41 @@ def test_conv2d_f32(x_shape, w_shape, stride, padding, dilation, groups, has_bia
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("tail", [
+    dict(act="clip", clip_lo=0.0, clip_hi=6.0, has_add=True),  # the float y
+    dict(act="clip", clip_lo=0.0, clip_hi=6.0, has_add=True, out_bits=4, out_scale=0.37),  # unsigned codes
+    dict(has_add=True, out_bits=4, out_scale=0.21, out_signed=True, out_offset=True),  # offset codes
+    dict(act="relu", out_bits=3, out_scale=2.0**-70, out_signed=True),  # sign parts; a scale off the fast range
+])
+@pytest.mark.parametrize("x_shape,w_shape,stride", [((1, 3, 21, 26), (24, 3, 3, 3), 2), ((2, 3, 9, 40), (8, 3, 3, 3), 1)])
+def test_conv2d_f32_with_its_float_tail_equals_the_conv_then_the_epilogue(tail, x_shape, w_shape, stride):
+    """A float-input layer's epilogue applied in the conv's registers: the same floats or codes, bit
+    for bit, as the conv's sums stored and run through ``glue.epilogue`` (levels None)."""
+    tail = glue.FloatTail(**tail)
+    x, w = rand(*x_shape), rand(*w_shape, scale=0.4)
+    channels = w_shape[0]
+    mult, add = rand(channels) + 0.5, rand(channels)
+    if tail.out_scale and tail.out_scale < 1e-10:  # sums of the scale's size: codes of several steps
+        x = (x * np.float32(1e-21)).astype(np.float32)
+    sums = run_kernel(glue.conv2d_f32(x_shape, w_shape, stride, 1, 1, 1, False), x, w,
+                      outputs=[((x_shape[0], channels, *glue.conv_output_hw(x_shape[2:], w_shape[2:], stride, 1, 1)),
+                                "float32")])[0]
+    params = tail.params(channels, sums.shape)
+    outputs = [(shape, dtype) for name, shape, dtype in params if name not in ("mult", "add")]
+    inputs = [mult] + ([add] if tail.has_add else [])
+    fused = run_kernel(glue.conv2d_f32(x_shape, w_shape, stride, 1, 1, 1, False, tail=tail), x, w, *inputs,
+                       outputs=outputs)
+    separate = run_kernel(glue.epilogue(sums.shape, 1, None, tail.act, tail.clip_lo, tail.clip_hi, tail.has_add,
+                                        "float32", False, **({} if tail.out_bits is None else dict(
+                                            out_bits=tail.out_bits, out_scale=tail.out_scale,
+                                            out_signed=tail.out_signed, out_offset=tail.out_offset))),
+                          sums, *inputs, outputs=outputs)
+    for got, want in zip(fused, separate):
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    if tail.out_bits is not None:
+        assert len(np.unique(fused[1])) > 2  # codes of several steps
+
+
 def test_conv2d_f32_small_tiles():
     """Other register tiles (remainder segments, odd channel blocks) give the same result."""
     x, w = rand(1, 4, 10, 59), rand(10, 4, 3, 3)  # row of 59 = 32 + 16 + 11

@@ -57,6 +57,7 @@ from .reciprocal import code_form, reciprocal_parts
 __all__ = [
     "ConvKnobs",
     "default_conv_knobs",
+    "FloatTail",
     "conv_output_hw",
     "LinearKnobs",
     "quantize",
@@ -1214,13 +1215,66 @@ def conv_output_hw(input_hw, kernel_hw, stride, padding, dilation) -> tuple[int,
     return oh, ow
 
 
+@dataclass(frozen=True)
+class FloatTail:
+    """:func:`epilogue`'s float chain of a float-input quantized layer (``levels`` None: ``y =
+    act(acc * mult[c] + add[c])``), for a float kernel to apply while its sums are still in
+    registers (:func:`conv2d_f32` with ``tail``): the same expression, so the same bits, and no
+    float accumulator buffer written and read back. Writes ``y``, or with ``out_bits`` and a
+    static ``out_scale`` its codes as :func:`epilogue` lays them out."""
+
+    act: str = "none"
+    clip_lo: float = 0.0
+    clip_hi: float = 0.0
+    has_add: bool = False
+    out_bits: int | None = None
+    out_scale: float = 0.0
+    out_signed: bool = False
+    out_offset: bool = False
+
+    def __post_init__(self):
+        _check_act(self.act)
+        if self.out_bits is not None and not (self.out_scale > 0 and (not self.out_offset or self.out_signed)):
+            raise ValueError("a float tail writes codes of a static scale only (offset codes signed)")
+
+    def params(self, channels: int, out_shape) -> list[tuple[str, tuple, str]]:
+        """``mult``, ``add``, then ``y``, or ``out_scale`` and the code buffers (epilogue's order)."""
+        params = [("mult", (channels,), F32)] + ([("add", (channels,), F32)] if self.has_add else [])
+        if self.out_bits is None:
+            return params + [("y", tuple(out_shape), F32)]
+        params += [("out_scale", (1,), F32), ("codes_pos", tuple(out_shape), "uint8")]
+        if self.out_signed and not self.out_offset:
+            params.append(("codes_neg", tuple(out_shape), "uint8"))
+        return params
+
+    def emit_prologue(self, named: dict) -> None:
+        if self.out_bits is not None:
+            I.buffer_store(named["out_scale"], _f32(self.out_scale), [0])
+
+    def store(self, acc, c, i, named: dict) -> None:
+        """Element ``i`` (flat output index, channel ``c``) from float sum ``acc``."""
+        value = _layer_value(acc, c, named, None, self.act, self.clip_lo, self.clip_hi, False)
+        if self.out_bits is None:
+            I.buffer_store(_flat(named["y"]), value, [i])
+            return
+        levels = _levels(self.out_bits)
+        divisor = _divisor_of(named["out_scale"], self.out_scale, levels + 1, levels)
+        lo, hi = _QUOTIENT_DIVISORS
+        fast = divisor if lo <= float(np.float32(self.out_scale)) <= hi else None  # epilogue's branch, decided here
+        nonnegative = self.act == "relu" or (self.act == "clip" and min(self.clip_lo, self.clip_hi) >= 0)
+        neg = _flat(named["codes_neg"]) if "codes_neg" in named else None
+        _store_codes(_rounded(value), i, named["out_scale"], levels, True, self.out_offset, _flat(named["codes_pos"]),
+                     neg, fast=fast, nonnegative=nonnegative)
+
+
 def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int, has_bias: bool,
                act: str = "none", clip_lo: float = 0.0, clip_hi: float = 0.0,
-               knobs: ConvKnobs | None = None) -> tirx.PrimFunc:
+               knobs: ConvKnobs | None = None, tail: FloatTail | None = None) -> tirx.PrimFunc:
     """Float32 grouped conv2d (NCHW), ``y = act(conv(x, w) + b)``.
 
     Parameters: ``x: f32[N,C,H,W], w: f32[O,C/groups,KH,KW], b: f32[O]`` (when ``has_bias``),
-    ``y: f32[N,O,OH,OW]``.
+    ``y: f32[N,O,OH,OW]``; with ``tail`` (no bias, no act: a float-input quantized layer's
+    product), ``tail.params`` in place of ``y``, and each sum goes through ``tail.store``.
 
     Schedule: when the conv pads or strides, a prologue writes the zero-padded input split into
     stride phases (``xph[n, c, rh, rw, i, j] = xpad[n, c, i*sh + rh, j*sw + rw]``), so every tap
@@ -1249,14 +1303,20 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
     oc_blocks = o // oc_block
     tiles = _row_tiles(row_len, knobs.segment)
 
+    if tail is not None and (has_bias or act != "none"):
+        raise ValueError("a conv with a float tail has no bias or activation of its own")
     params = [("x", (n, c, h, w), F32), ("w", (o, cg, kh, kw), F32)]
     if has_bias:
         params.append(("b", (o,), F32))
-    params.append(("y", (n, o, oh, ow), F32))
+    params += tail.params(o, (n, o, oh, ow)) if tail is not None else [("y", (n, o, oh, ow), F32)]
 
     def body(x, weight, *rest):
-        bias, y = (rest[0], rest[1]) if has_bias else (None, rest[0])
-        x_flat, y_flat = _flat(x), _flat(y)
+        named = dict(zip([name for name, _, _ in params[2:]], rest))
+        bias = named.get("b")
+        x_flat = _flat(x)
+        y_flat = _flat(named["y"]) if tail is None else None
+        if tail is not None:
+            tail.emit_prologue(named)
         if phased:
             src = I.alloc_buffer((n * c * sh * sw * src_h * src_w,), F32, scope="global")
             _emit_phase_split(x_flat, src, (n, c, h, w), (sh, sw), (ph, pw), (src_h, src_w), 0.0)
@@ -1281,10 +1341,13 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
             with I.unroll(0, oc_block) as oi:
                 with I.vectorized(0, width) as lane:
                     value = acc[oi * width + lane]
-                    if bias is not None:
-                        value = value + bias[oc0 + oi]
                     out = ((batch * o + oc0 + oi) * rows + row) * row_len + col0 + lane
-                    I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [out])
+                    if tail is not None:
+                        tail.store(value, oc0 + oi, out, named)
+                    else:
+                        if bias is not None:
+                            value = value + bias[oc0 + oi]
+                        I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [out])
 
         segments = sum(count for count, _ in tiles)
         with I.parallel(0, n * oc_blocks * rows * segments) as task:

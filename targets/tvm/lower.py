@@ -400,16 +400,24 @@ class _Lowerer:
         self.plan.layers[n.name] = info
         if choice.kernel in ("float", "lut", "dequant"):
             info["tensors"] = {"in": self.ref(n.inputs[0]), "out": n.name}
+            outs, fused, suffix = self._layer_output(n, info)
+            tail_args = [mult] + ([add] if add else []) + outs
+            if choice.kernel == "float" and n.op == "qconv2d" and hasattr(self.glue, "FloatTail") \
+                    and fused.get("out_scale", 1.0) > 0:
+                # the conv applies the epilogue while its sums are in registers (static codes or y)
+                self._float_product(n, q.astype(np.float32), None, self.glue.FloatTail(
+                    act, lo, hi, add is not None, **fused), tail_args)
+                self._requantize_after(n)
+                return
             acc = self.plan.buffer(f"{n.name}.accf", shape, _F32)
             if choice.kernel in ("lut", "dequant"):
                 self._weight_only_product(n, info, acc, choice.kernel)
             else:
                 self._float_product(n, q.astype(np.float32), acc)
-            outs, fused, suffix = self._layer_output(n, info)
             key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)" + suffix
             f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32",
                                                                False, **fused))
-            self.plan.call(f, [acc, mult] + ([add] if add else []) + outs, n.name)
+            self.plan.call(f, [acc] + tail_args, n.name)
             self._requantize_after(n)
             return
         pos, neg, scale = self.quant_parts[n.inputs[0]]
@@ -944,12 +952,20 @@ class _Lowerer:
         self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name}, {"int": int(z)},
                            self._flat(out, m, shape[0])], n.name)
 
-    def _float_product(self, n: Node, w: np.ndarray, out: str) -> None:
+    def _float_product(self, n: Node, w: np.ndarray, out: str | None, tail=None, tail_args: list[str] = ()) -> None:
+        """The float product of a float-input layer into ``out``; a conv with ``tail`` (the backend
+        glue's ``FloatTail``) applies the layer's epilogue itself and writes ``tail_args`` instead."""
         x = self.ref(n.inputs[0])
         x_shape = self.g.type_of(n.inputs[0]).shape
         wbuf = self.plan.weight(f"{n.name}.wf", w)
         if n.op in ("qconv2d", "conv2d"):
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
+            if tail is not None:
+                key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},{tail!r})"
+                f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups,
+                                                                     False, "none", 0.0, 0.0, tail=tail))
+                self.plan.call(f, [x, wbuf, *tail_args], n.name)
+                return
             key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},False,none)"
             f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, False, "none", 0.0, 0.0))
             self.plan.call(f, [x, wbuf, out], n.name)
