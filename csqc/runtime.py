@@ -178,7 +178,7 @@ class CompiledModel:
         a new array per output instead of copying the output buffer out (None where a call must
         copy: no whole-model function, or an output that shares memory with an input, a weight or
         another output, or is empty). The function writes every output element each call, so the
-        new array's initial contents are never read (tests/test_whole_model_function.py poisons it)."""
+        new array's initial contents are never read (tests/conftest.py poisons it for every test)."""
         entry = self.plan.get("entry")
         if entry is None:
             return None
