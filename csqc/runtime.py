@@ -692,7 +692,8 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 return f"{key!r} entry {s!r} does not match a buffer of the same shape and dtype"
             bound = s.get("finite_below")
             if "finite_below" in s and not (
-                    key == "outputs" and isinstance(bound, dict) and buffers.get(bound.get("scale"), {}).get("shape") == [1]
+                    key == "outputs" and isinstance(bound, dict) and isinstance(bound.get("scale"), str)
+                    and buffers.get(bound["scale"], {}).get("shape") == [1]
                     and buffers[bound["scale"]]["dtype"] == "float32"
                     and all(type(bound.get(k)) is float and 0 <= bound[k] < math.inf for k in ("per_scale", "plus"))):
                 return f"output {s['name']!r} has a bound {bound!r}, not a float32 scale buffer and two finite numbers"

@@ -147,6 +147,26 @@ def test_an_output_its_input_scale_bounds_is_scanned_only_near_overflow(tmp_path
     assert scanned[-1] == (1, 1)  # the output, scanned: its bound said nothing at this scale
 
 
+@pytest.mark.parametrize("bound", [{"scale": ["x"], "per_scale": 1.0, "plus": 0.0}, {"scale": "fc", "per_scale": 1.0, "plus": 0.0},
+                                   {"scale": None, "per_scale": float("inf"), "plus": 0.0}, "large"])
+def test_a_malformed_output_bound_is_refused(tmp_path, bound):
+    """An edited artifact whose output bound names no float32 scale buffer, or is not two finite
+    numbers, is bad input when it loads (it would let the runtime skip the NaN scan)."""
+    from test_artifact_integrity import PLAN, WEIGHTS, _resealed, _split
+
+    from csqc.targets.llvm.target import emit_llvm
+
+    emit_llvm(run_passes(_one_weight_graph(), "default")[0], tmp_path / "one.so")
+    library, members = _split(tmp_path / "one.so")
+    plan = json.loads(members[PLAN])
+    if isinstance(bound, dict) and bound["scale"] is None:
+        bound = {**bound, "scale": plan["outputs"][0]["finite_below"]["scale"]}
+    plan["outputs"][0]["finite_below"] = bound
+    (tmp_path / "edited.so").write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    with pytest.raises(csqc.BadInput, match="has a bound"):
+        runtime.load(tmp_path / "edited.so")
+
+
 @pytest.fixture(scope="module")
 def llvm_artifacts(trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("llvm")

@@ -806,7 +806,8 @@ class TileEpilogue:
 
     def __post_init__(self):
         _check_act(self.act)
-        _levels(int(math.log2(self.levels + 1)))
+        if self.levels not in {2**bits - 1 for bits in range(1, 9)}:
+            raise ValueError(f"levels must be 2^bits - 1 for 1..8 bits, got {self.levels}")
         if self.has_zero_point and not self.has_offset:
             raise ValueError("a zero point needs the weight sums (has_offset)")
 
