@@ -189,6 +189,22 @@ def test_pytorch_is_also_timed_alone_in_its_default_spinning_pool(tmp_path):
     assert fast["pytorch-fp32"] == Timing(1e-3, 0.1)
 
 
+def test_every_runtime_keeps_the_faster_of_its_interleaved_and_alone_times():
+    """csqc is timed alone after the interleaved rounds like each baseline: the faster median
+    stands, noted, and a faster interleaved time is kept untouched."""
+    from csqc.bench import _best_alone
+
+    calls = []
+    sizes = {"csqc": (10, "")}
+    slow = {"csqc": Timing(1e9, 0.1)}
+    _best_alone("csqc", lambda: calls.append(1), slow, sizes, 2)
+    assert calls and 0 < slow["csqc"].median_us < 1e9
+    assert sizes["csqc"] == (10, "timed alone")
+    fast = {"csqc": Timing(1e-3, 0.1)}
+    _best_alone("csqc", lambda: calls.append(1), fast, sizes, 2)
+    assert fast["csqc"] == Timing(1e-3, 0.1) and sizes["csqc"] == (10, "timed alone")
+
+
 def test_integer_macs_count_planes_for_bit_serial_and_macs_for_bit_parallel_layers(tmp_path):
     import torch
     from torch import nn
