@@ -9,6 +9,7 @@ int16 storage included; staircases longer than one table keep the float chain; c
 calibrated models take the search where their planes are mostly whole vectors and verify
 exactly.
 """
+import dataclasses
 import io
 
 import numpy as np
@@ -21,7 +22,7 @@ from csqc import runtime
 from csqc.interpreter import layer_output
 from csqc.artifact import pack_conv_rows_weight
 from csqc.targets.llvm import amx, glue
-from csqc.targets.tvm.code_thresholds import DOMAIN, NO_STEP, TABLE_ENTRIES, code_tables
+from csqc.targets.tvm.code_thresholds import DOMAIN, NO_STEP, TABLE_ENTRIES, code_form, code_tables, form_codes
 from csqc.verify import verify
 from irbuild import Builder
 from test_glue_llvm import run_kernel
@@ -83,6 +84,42 @@ def test_thresholds_are_the_staircase_of_every_accumulator(act, lo, hi, out_bits
     np.testing.assert_array_equal(searched, expected)
 
 
+@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed", [
+    ("clip", 0.0, 6.0, 4, 1.3, False), ("relu", 0.0, 0.0, 4, 0.2, True), ("none", 0.0, 0.0, 4, 3.0, True),
+    ("clip", -0.5, 0.75, 3, 0.6, True), ("none", 0.0, 0.0, 5, 1.1, False), ("relu", 0.0, 0.0, 1, 0.9, False)])
+def test_the_fixed_point_form_is_the_staircase_of_every_int16_value(act, lo, hi, out_bits, out_scale, signed):
+    """code_form's proof checks a few points per channel; every int16 value agrees."""
+    g, n, _, _ = _layer(np.random.default_rng(out_bits + 7), 40, act, lo, hi, out_bits, out_scale, signed,
+                        steep=True)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
+    s = np.arange(-32768, 32768, dtype=np.int64)
+    formed = 0
+    for c in range(40):  # channel by channel: one channel without a form leaves the layer without one
+        form = code_form(dataclasses.replace(tables, thresholds=tables.thresholds[c:c + 1],
+                                             base=tables.base[c:c + 1], flip=tables.flip[c:c + 1]))
+        if form is None:
+            continue
+        assert form.shape == (1, 8) and form.dtype == np.int16
+        searched = (s[:, None] > tables.thresholds[c][None, :]).sum(-1)
+        np.testing.assert_array_equal(form_codes(s, form[0]), searched)
+        lo_c, hi_c, q, m, b, r = (int(v) for v in form[0, :6])
+        assert (hi_c - lo_c) << q < 2**15 and 0 <= m < 2**15 and -(2**14) <= b < 2**14 and 0 <= r < 16
+        formed += 1
+    assert formed >= (18 if out_scale == 3.0 else 39)  # 4,000-wide 30-step staircases: about half
+    assert (code_form(tables) is None) == (formed < 40)
+
+
+def test_staircases_with_no_fixed_point_form_keep_the_search():
+    """Steps one accumulator apart then far apart: no one slope fits, so no form (the search stays)."""
+    from csqc.targets.tvm.code_thresholds import CodeTables
+
+    thresholds = np.array([[0, 1, 2, 200, 201, 202, 400]], np.int16)
+    tables = CodeTables(thresholds, np.zeros(1, np.int8), np.zeros(1, np.int8), 3)
+    assert code_form(tables) is None
+    even = CodeTables(np.array([[0, 10, 20, 30, 40, 50, 60]], np.int16), np.zeros(1, np.int8), np.zeros(1, np.int8), 3)
+    assert code_form(even) is not None
+
+
 def test_staircases_longer_than_a_table_keep_the_float_chain():
     g, n, _, _ = _layer(np.random.default_rng(0), 8, "none", 0.0, 0.0, 5, 0.4, True)  # 62 thresholds
     assert code_tables(g, n, IN_SCALE, IN_LEVELS) is None
@@ -130,10 +167,11 @@ def _stored(rng, shape, storage: str) -> np.ndarray:
 
 @pytest.mark.parametrize("storage", ["int16", "int32"])
 @pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,hw", CASES)
-def test_searched_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, out_scale, signed, offset,
+def test_searched_and_formed_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, out_scale, signed, offset,
                                               input_offset, hw):
     """Stored accumulators under random per-channel offsets: the searched kernel's codes and
-    scale equal the float-chain kernel's and the interpreter's, bit for bit."""
+    scale, and the fixed-point form's, equal the float-chain kernel's and the interpreter's, bit
+    for bit."""
     rng = np.random.default_rng(sum(hw))
     channels = 24
     # (steps past int16's range keep the float chain, see above; int32: so would a flat channel)
@@ -153,6 +191,13 @@ def test_searched_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, ou
                           *inputs, tables.kernel_thresholds(), tables.base, tables.flip, outputs=outputs)
     for got, want in zip(searched, chain):
         np.testing.assert_array_equal(got, want)
+    form = code_form(tables)
+    assert (form is None) == (out_scale == 3.0 or out_bits == 5)  # steps too many and too wide for int16's precision
+    if form is not None:
+        formed = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, code_form=True, **options),
+                            *inputs, form.reshape(-1), tables.base, tables.flip, outputs=outputs)
+        for got, want in zip(formed, chain):
+            np.testing.assert_array_equal(got, want)
     acc = stored.reshape(channels, -1).astype(np.int64) - (off[:, None] if input_offset else 0)
     codes = _codes(g, n, acc).reshape(shape)
     levels = 2**out_bits - 1
@@ -160,6 +205,28 @@ def test_searched_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, ou
     np.testing.assert_array_equal(searched[1], expected)
     if signed and not offset:
         np.testing.assert_array_equal(searched[2], np.maximum(-codes, 0))
+
+
+def test_formed_codes_of_int16_accumulators_take_any_offset():
+    """int16 accumulators less their offset saturate to int16 in the form's kernel where the
+    offset fits int16 (the storage rule keeps it so); a row whose offset does not widens to
+    int32 first. Both equal the float chain."""
+    rng = np.random.default_rng(5)
+    channels, shape = 8, (1, 8, 4, 16)
+    g, n, mult, add = _layer(rng, channels, "clip", 0.0, 6.0, 4, 1.3, False, steep=True)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS)
+    form = code_form(tables)
+    stored = _stored(rng, shape, "int16")
+    off = np.array([40000, -40000, 32767, -32767, 32768, -32768, 5, -70000], np.int32)
+    options = dict(has_offset=True, out_bits=4, out_scale=1.3, acc_storage="int16")
+    inputs = [stored, off, np.array([F32(IN_SCALE)]), mult, add]
+    outputs = [((1,), "float32"), (shape, "uint8")]
+    chain = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, "clip", 0.0, 6.0, True, **options), *inputs, outputs=outputs)
+    formed = run_kernel(glue.epilogue(shape, 1, IN_LEVELS, "clip", 0.0, 6.0, True, code_form=True, **options),
+                        *inputs, form.reshape(-1), tables.base, tables.flip, outputs=outputs)
+    np.testing.assert_array_equal(formed[1], chain[1])
+    acc = stored.reshape(channels, -1).astype(np.int64) - off[:, None]
+    np.testing.assert_array_equal(formed[1], np.maximum(_codes(g, n, acc), 0).reshape(shape))
 
 
 def test_code_search_needs_what_it_relies_on():
@@ -193,20 +260,23 @@ def _cnn(tmp_path, size: int):
 
 @pytest.mark.parametrize("size,searched", [(16, 4), (7, 4), (5, 0)])
 def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, searched):
-    """The four integer convs whose codes another conv reads take the search (one of them on
-    offset input codes) where a channel's plane holds a 32-lane vector (7x7: two, overlapping);
-    5x5 planes keep the float chain. All verify exactly."""
+    """The four integer convs whose codes another conv reads take their fixed-point forms (one
+    of them on offset input codes) where a channel's plane holds a 32-lane vector (7x7: two,
+    overlapping); 5x5 planes keep the float chain. All verify exactly."""
     model = _cnn(tmp_path, size)
     calib = [np.random.default_rng(0).random((8, 3, size, size), dtype=np.float32)]
     art = tmp_path / f"m{size}.so"
     csqc.compile(model, "llvm", art, calibrate=calib)
     plan = runtime.load(art).plan
-    tables = [name for name in plan["buffers"] if name.endswith(".code_thresholds")]
+    tables = [name for name in plan["buffers"] if name.endswith((".code_thresholds", ".code_form"))]
     assert len(tables) == searched, tables
-    if searched:
-        assert "10.acc_offset" in plan["buffers"] and "10.code_thresholds" in tables
+    forms = [name for name in tables if name.endswith(".code_form")]
+    if searched:  # the relu6 and relu staircases are a few hundred accumulators wide: every channel has its form
+        assert "10.acc_offset" in plan["buffers"] and {"3.code_form", "6.code_form", "10.code_form"} <= set(forms)
     assert sum(any(a in tables for a in step["args"]) for step in plan["steps"]) == searched
-    assert sum(info.get("codes", "").startswith("threshold search") for info in plan["layers"].values()) == searched
+    assert sum(info.get("codes", "").startswith("fixed-point form") for info in plan["layers"].values()) == len(forms)
+    assert sum(info.get("codes", "").startswith(("fixed-point form", "threshold search"))
+               for info in plan["layers"].values()) == searched
     check = [np.random.default_rng(1).random((3, 3, size, size), dtype=np.float32) * 1.5]  # some codes clamp
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()
@@ -238,16 +308,20 @@ def test_tile_codes_equal_the_interpreter(batch, c, o, h, w, act, lo, hi, out_bi
     two_parts = signed and not offset
     shape = (batch, o, h, w)
     outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if two_parts else [])
-    got = run_kernel(amx.amx_pointwise_codes(x.shape, o, tables.steps, 2**out_bits - 1, out_scale, offset, two_parts,
-                                             input_offset),
-                     x, pack_conv_rows_weight(q), *([off] if input_offset else []), tables.kernel_thresholds(),
-                     tables.base, tables.flip, outputs=outputs)
+    form = code_form(tables)
     acc = np.einsum("bchw,oc->obhw", x.astype(np.int64), q[:, :, 0, 0]).reshape(o, -1)
     codes = _codes(g, n, acc - (off[:, None] if input_offset else 0)).reshape(o, batch, h, w).transpose(1, 0, 2, 3)
-    assert got[0][0] == F32(out_scale)
-    np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
-    if two_parts:
-        np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
+    # the search, and the fixed-point form where the layer has one
+    for steps, table in [(tables.steps, tables.kernel_thresholds())] + ([(0, form.reshape(-1))] if form is not None
+                                                                        else []):
+        got = run_kernel(amx.amx_pointwise_codes(x.shape, o, steps, 2**out_bits - 1, out_scale, offset, two_parts,
+                                                 input_offset),
+                         x, pack_conv_rows_weight(q), *([off] if input_offset else []), table, tables.base,
+                         tables.flip, outputs=outputs)
+        assert got[0][0] == F32(out_scale)
+        np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
+        if two_parts:
+            np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
 
 
 def test_tile_codes_take_only_pointwise_convs_of_whole_tiles():

@@ -427,14 +427,17 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
              code_thresholds: int16[O*E + 32 - E], code_base: int8[O], acc_flip: int8[O],
              out_scale: float32[1], codes_pos: uint8[B, O, H, W], codes_neg: uint8[B, O, H, W] (two_parts))
 
-    ``E = 2**steps - 1``; ``acc_offset``: offset input codes' per-channel ``L * sum_k q[c, k]``,
+    ``E = 2**steps - 1``; ``steps`` 0: ``code_thresholds`` is ``code_form: int16[O * FORM_FIELDS]``
+    instead, each channel's fixed-point form (``glue.form_codes``, then ``+ code_base``);
+    ``acc_offset``: offset input codes' per-channel ``L * sum_k q[c, k]``,
     subtracted before the search; ``out_scale`` receives the static output scale and the codes
     are laid out as ``glue.store_searched_codes`` lays them (the outputs of ``glue.epilogue``). Pixels
     are tiled along the flattened plane, 32 at a time; the last block of a plane ends at its end,
     overlapping the one before it (its common codes are written twice, equal): every tile is 16
     columns wide. Needs :func:`amx_pointwise_codes_fits`.
     """
-    from .glue import SEARCH_LANES, saturated_search_value, searched_codes, store_searched_codes
+    from .glue import FORM_FIELDS, SEARCH_LANES, form_codes, form_row, saturated_search_value, searched_codes, \
+        store_searched_codes
 
     B, C, H, W = (int(v) for v in input_shape)
     O = int(out_channels)
@@ -442,8 +445,8 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
     if not amx_pointwise_codes_fits(geo):
         raise ValueError(f"amx_pointwise_codes takes unpadded stride-1 1x1 convs of whole tiles and at least 32 "
                          f"pixels, not {tuple(input_shape)} -> {O} channels")
-    if not 1 <= steps <= 5:
-        raise ValueError(f"a code search takes 1..5 steps, got {steps}")
+    if not 0 <= steps <= 5:
+        raise ValueError(f"a code search takes 1..5 steps (0: the fixed-point form), got {steps}")
     P, lanes = H * W, SEARCH_LANES
     groups4 = -(-C // 4)
     k_rows = _k_rows(groups4)
@@ -466,8 +469,11 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
         offset = acc_offset[c] if acc_offset is not None else T.int32(0)
         value = saturated_search_value(acc[T.Ramp(row * lanes, 1, lanes)], T.Broadcast(offset, lanes),
                                        T.Broadcast(T.Cast("int32", flip[c]), lanes))
-        code = searched_codes(value, thresholds[T.Ramp(c * entries, 1, lanes)],
-                              T.Broadcast(T.Cast("int16", base[c]), lanes), steps)
+        base_lanes = T.Broadcast(T.Cast("int16", base[c]), lanes)
+        if steps:
+            code = searched_codes(value, thresholds[T.Ramp(c * entries, 1, lanes)], base_lanes, steps)
+        else:
+            code = form_codes(value, form_row(thresholds, c)) + base_lanes
         store_searched_codes(code, first, pos, neg, out_levels, out_offset)
 
     @T.macro
@@ -518,7 +524,8 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
 
     # the parameter types, one object each (TVMScript has no optional parameters: one signature per variant)
     x_t, w_t = T.Buffer((B, C, H, W), "uint8"), T.Buffer((O, 1, groups4 * 4), "int8")
-    offset_t, table_t = T.Buffer((O,), "int32"), T.Buffer((O * entries + lanes - entries,), "int16")
+    table_size = O * entries + lanes - entries if steps else O * FORM_FIELDS
+    offset_t, table_t = T.Buffer((O,), "int32"), T.Buffer((table_size,), "int16")
     base_t, flip_t, scale_t = T.Buffer((O,), "int8"), T.Buffer((O,), "int8"), T.Buffer((1,), "float32")
     pos_t, neg_t = T.Buffer((B, O, H, W), "uint8"), T.Buffer((B, O, H, W), "uint8")
 

@@ -171,6 +171,8 @@ class CpuBackend:
     int16_conv_outputs = True  # int16 accumulator buffers where every conv output fits
     # calibrated convs find their codes by a binary search of integer thresholds (vpermw, AVX-512 BW)
     code_search = True
+    # ... or by each channel's proved fixed-point int16 form (vpmulhw), where every channel has one
+    code_form = True
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True

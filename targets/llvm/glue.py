@@ -50,7 +50,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 
 from csqc.numerics import pool_output_size
-from csqc.targets.tvm.code_thresholds import NO_STEP, TABLE_ENTRIES
+from csqc.targets.tvm.code_thresholds import FORM_FIELDS, NO_STEP, TABLE_ENTRIES
 
 from .reciprocal import code_form, reciprocal_parts
 
@@ -837,7 +837,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
              has_offset: bool = False, out_bits: int | None = None, out_scale: float = 0.0,
              out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False,
              has_residual: bool = False, post_act: str = "none", post_lo: float = 0.0, post_hi: float = 0.0,
-             keep_y: bool = False, acc_storage: str | None = None, code_search: int = 0) -> tirx.PrimFunc:
+             keep_y: bool = False, acc_storage: str | None = None, code_search: int = 0,
+             code_form: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -879,6 +880,11 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     channel, then padding), ``code_base: int8[C]``, ``acc_flip: int8[C]`` follow ``add``; int32
     storage needs tables built ``wide``). 32 int16 lanes a vector and one ``vpermw`` a step. The
     same codes, bit for bit: the thresholds are the float chain's own steps.
+
+    ``code_form`` (the same conditions): each channel's staircase as proved fixed-point int16
+    arithmetic instead of the search (``code_thresholds.code_form``: clamp, lower, shift,
+    ``vpmulhw``, add, shift, then ``+ code_base``); parameters ``code_form: int16[C * FORM_FIELDS]``,
+    ``code_base: int8[C]`` and ``acc_flip: int8[C]`` follow ``add``. The same codes, bit for bit.
     """
     _check_act(act)
     _check_act(post_act)
@@ -910,12 +916,18 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     params.append(("mult", (channels,), F32))
     if has_add:
         params.append(("add", (channels,), F32))
-    if code_search:
+    if code_search and code_form:
+        raise ValueError("a layer's codes come from its search or its fixed-point form, not both")
+    if code_search or code_form:
         _check_code_search(shape, channel_axis, levels, out_bits, out_scale, storage, has_neg, has_zero_point,
-                           has_residual, keep_y, code_search)
+                           has_residual, keep_y, code_search or 1)
+    if code_search:
         entries = 2**code_search - 1
         params += [("code_thresholds", (channels * entries + SEARCH_LANES - entries,), "int16"),
                    ("code_base", (channels,), "int8"), ("acc_flip", (channels,), "int8")]
+    elif code_form:
+        params += [("code_form", (channels * FORM_FIELDS,), "int16"), ("code_base", (channels,), "int8"),
+                   ("acc_flip", (channels,), "int8")]
     if has_residual:
         params.append(("residual", shape, F32))
     if out_bits is None or keep_y:
@@ -1034,7 +1046,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
 
             _on_divisor_range(out_scale_buf[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
 
-        if code_search:
+        if code_search or code_form:
             _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels, out_offset,
                               code_search)
         elif stored_y is not None:
@@ -1063,14 +1075,16 @@ def _check_code_search(shape, channel_axis, levels, out_bits, out_scale, storage
 
 def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels: int,
                       out_offset: bool, steps: int) -> None:
-    """The codes of int16 or int32 accumulators by binary search over their channel's thresholds
-    (see :func:`epilogue`'s ``code_search``), 32 lanes a vector.
+    """The codes of int16 or int32 accumulators, 32 lanes a vector: by binary search over their
+    channel's thresholds (``steps`` > 0; see :func:`epilogue`'s ``code_search``), or by the
+    channel's fixed-point form (``steps`` 0: ``code_form``).
 
     int16 accumulators, per row (one channel): the thresholds move by the run-time offset
     (``acc - off > t`` is ``acc > t + off``; on the flipped side ``~acc > t - off``) and narrow
     to int16 with saturation, which is exact because the stored accumulators stay within
     +-32766 (the int16 storage rule) and their complement within -32767..32765: a threshold
     saturated at -32768 is below every one of them, as it was before, and one at 32767 above.
+    The form takes the search value itself instead, ``(acc ^ flip) - shift`` saturated to int16.
 
     int32 accumulators: ``acc - off`` (or its complement) saturates to int16 instead, exact
     where every threshold is within -32767..32766 and the staircase flat beyond
@@ -1078,52 +1092,102 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
     _, outer, channels, inner = _channel_view(shape, channel_axis)
     vectors = -(-inner // SEARCH_LANES)
     rows = outer * channels
-    entries = 2**steps - 1
-    thresholds, base, flip = named["code_thresholds"], named["code_base"], named["acc_flip"]
+    flip = named["acc_flip"]
     pos_flat, neg_flat = code_parts
     lanes = SEARCH_LANES
     i16 = f"int16x{lanes}"
-
-    def splat(value, dtype="int16"):
-        return tirx.Broadcast(tirx.const(value, dtype) if isinstance(value, int) else value, lanes)
-
     wide = acc_flat.dtype == "int32"
-
-    def int16_saturated(value):
-        return tirx.Cast(i16, tirx.Max(tirx.Min(value, splat(32767, "int32")), splat(-32768, "int32")))
 
     with _parallel_or_serial(rows, rows * inner) as row:
         c = row % channels
         off = acc_offset[c] if acc_offset is not None else tirx.const(0, "int32")
         flipped = tirx.Cast("int32", flip[c])
-        shift = tirx.Select(flipped != 0, tirx.const(0, "int32") - off, off)
-        table = _local((1,), i16)
-        # lanes past the channel's entries (the next channel's) are never probed
-        raw = thresholds[tirx.Ramp(c * entries, 1, lanes)]
-        if wide:
-            I.buffer_store(table, raw, [0])
-        else:  # NO_STEP entries stay uncrossable whatever the offset
-            moved = int16_saturated(tirx.Cast(f"int32x{lanes}", raw) + tirx.Broadcast(shift, lanes))
-            I.buffer_store(table, tirx.Select(raw == splat(NO_STEP), raw, moved), [0])
+        shift = tirx.Select(flipped != 0, -off, off)  # what the search value loses: (acc ^ flip) - shift
+        if steps:
+            table, base = _search_row(named, c, steps, None if wide else shift)
+        else:
+            constants, base = form_row(named["code_form"], c), _local((1,), i16)
+            I.buffer_store(base, tirx.Broadcast(tirx.Cast("int16", named["code_base"][c]), lanes), [0])
         # per-row constants in registers (loaded once: LLVM does not hoist them past the stores)
-        constants = _local((2,), i16)
-        I.buffer_store(constants, tirx.Broadcast(tirx.Cast("int16", base[c]), lanes), [0])
-        I.buffer_store(constants, tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes), [1])
+        flip_lanes = _local((2,), i16)
+        I.buffer_store(flip_lanes, tirx.Broadcast(tirx.Cast("int16", flip[c]), lanes), [0])
         if wide:
             wide_constants = _local((2,), f"int32x{lanes}")
             I.buffer_store(wide_constants, tirx.Broadcast(off, lanes), [0])
             I.buffer_store(wide_constants, tirx.Broadcast(flipped, lanes), [1])
-        with I.serial(0, vectors) as v:
-            # the last vector of a row ends at the row's end, overlapping the one before it
-            # (its common codes are written twice, equal): no partial vectors, no reads past the row
-            first = row * inner + tirx.min(v * lanes, inner - lanes)
-            stored = acc_flat[tirx.Ramp(first, 1, lanes)]
-            if wide:
-                value = saturated_search_value(stored, wide_constants[0], wide_constants[1])
-            else:
-                value = stored ^ constants[1]
-            store_searched_codes(searched_codes(value, table[0], constants[0], steps), first, pos_flat, neg_flat,
-                                 out_levels, out_offset)
+
+        def codes_of_row(value_of):
+            with I.serial(0, vectors) as v:
+                # the last vector of a row ends at the row's end, overlapping the one before it
+                # (its common codes are written twice, equal): no partial vectors, no reads past the row
+                first = row * inner + tirx.min(v * lanes, inner - lanes)
+                value = value_of(acc_flat[tirx.Ramp(first, 1, lanes)])
+                code = searched_codes(value, table[0], base[0], steps) if steps else \
+                    form_codes(value, constants) + base[0]
+                store_searched_codes(code, first, pos_flat, neg_flat, out_levels, out_offset)
+
+        if wide:
+            codes_of_row(lambda stored: saturated_search_value(stored, wide_constants[0], wide_constants[1]))
+        elif steps or acc_offset is None:  # the search moved its thresholds instead
+            codes_of_row(lambda stored: stored ^ flip_lanes[0])
+        else:
+            # the form reads the search value itself, saturated to int16 (as int32 accumulators'
+            # is): (acc ^ flip) - shift saturates exactly so where the shift fits int16 (the int16
+            # storage rule keeps it within +-2**13); otherwise widen to int32 first
+            I.buffer_store(flip_lanes, tirx.Broadcast(tirx.Cast("int16", shift), lanes), [1])
+            with I.If(tirx.all(shift >= -32767, shift <= 32767)):
+                with I.Then():
+                    codes_of_row(lambda stored: I.call_llvm_pure_intrin(
+                        i16, "llvm.ssub.sat", stored ^ flip_lanes[0], flip_lanes[1]))
+                with I.Else():
+                    codes_of_row(lambda stored: saturated_search_value(
+                        tirx.Cast(f"int32x{lanes}", stored), tirx.Broadcast(off, lanes),
+                        tirx.Broadcast(flipped, lanes)))
+
+
+def _search_row(named, c, steps: int, shift) -> tuple:
+    """Row ``c``'s search table (moved by ``shift``, an int32 scalar, unless None) and its code
+    base, in local registers."""
+    lanes, i16 = SEARCH_LANES, f"int16x{SEARCH_LANES}"
+    entries = 2**steps - 1
+    table = _local((1,), i16)
+    # lanes past the channel's entries (the next channel's) are never probed
+    raw = named["code_thresholds"][tirx.Ramp(c * entries, 1, lanes)]
+    if shift is None:
+        I.buffer_store(table, raw, [0])
+    else:  # NO_STEP entries stay uncrossable whatever the offset
+        moved = tirx.Cast(i16, tirx.Max(tirx.Min(tirx.Cast(f"int32x{lanes}", raw) + tirx.Broadcast(shift, lanes),
+                                                 tirx.Broadcast(tirx.const(32767, "int32"), lanes)),
+                                        tirx.Broadcast(tirx.const(-32768, "int32"), lanes)))
+        I.buffer_store(table, tirx.Select(raw == tirx.Broadcast(tirx.const(NO_STEP, "int16"), lanes), raw, moved), [0])
+    base = _local((1,), i16)
+    I.buffer_store(base, tirx.Broadcast(tirx.Cast("int16", named["code_base"][c]), lanes), [0])
+    return table, base
+
+
+_VPMULHW = "llvm.x86.avx512.pmulh.w.512"
+
+
+def form_row(form, c) -> tirx.Buffer:
+    """Channel ``c``'s fixed-point form (``code_thresholds.code_form``: ``lo, hi, q, M, B, r``),
+    each field broadcast to 32 int16 lanes of a local buffer (in registers for the row's loop)."""
+    lanes = SEARCH_LANES
+    constants = _local((6,), f"int16x{lanes}")
+    for k in range(6):
+        I.buffer_store(constants, tirx.Broadcast(form[c * FORM_FIELDS + k], lanes), [k])
+    return constants
+
+
+def form_codes(value, constants) -> tirx.PrimExpr:
+    """The codes less the channel's base of ``value`` (32 int16 lanes of one channel, as
+    :func:`searched_codes` takes them) by its fixed-point form in ``constants`` (:func:`form_row`):
+    ``((((clamp(value, lo, hi) - lo) << q) * M >> 16) + B) >> r``. No step overflows int16:
+    ``(hi - lo) << q`` and ``|B|`` stay below 2**15 and 2**14 (``code_thresholds.code_form``)."""
+    i16 = f"int16x{SEARCH_LANES}"
+    lo, hi, q, m, b, r = (constants[k] for k in range(6))
+    lowered = tirx.Max(tirx.Min(value, hi), lo) - lo
+    high = I.call_llvm_pure_intrin(i16, _VPMULHW, tirx.shift_left(lowered, q), m)
+    return tirx.shift_right(high + b, r)
 
 
 def saturated_search_value(acc, offset, flip) -> tirx.PrimExpr:

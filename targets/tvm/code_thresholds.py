@@ -24,7 +24,8 @@ import numpy as np
 from csqc.interpreter import layer_output
 from csqc.ir import Graph, Node
 
-__all__ = ["CodeTables", "TABLE_ENTRIES", "DOMAIN", "NO_STEP", "code_tables"]
+__all__ = ["CodeTables", "TABLE_ENTRIES", "DOMAIN", "NO_STEP", "FORM_FIELDS", "code_form", "code_tables",
+           "form_codes"]
 
 TABLE_ENTRIES = 32  # one vpermw table: the int16 lanes of a zmm register
 NO_STEP = 2**15 - 1  # a table entry past the channel's last step: never crossed
@@ -114,3 +115,89 @@ def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int, wide: bool =
         return None
     thresholds = np.where(valid, lo, NO_STEP).astype(np.int16)
     return CodeTables(thresholds, base.astype(np.int8), np.where(flip, -1, 0).astype(np.int8), steps)
+
+
+# --------------------------------------------------------------------------------------------
+# The staircase as integer arithmetic: a proved fixed-point form instead of the search
+# --------------------------------------------------------------------------------------------
+FORM_FIELDS = 8  # int16 per channel: lo, hi, q, M, B, r, and two lanes of padding
+_M_LIMIT = 2**15  # M is an int16 multiplier (vpmulhw), B keeps h + B inside int16 (|h| < 2**14)
+_B_LIMIT = 2**14
+
+
+def form_codes(s: np.ndarray, form: np.ndarray) -> np.ndarray:
+    """The codes less ``base`` that a channel's fixed-point ``form`` (``lo, hi, q, M, B, r``;
+    :func:`code_form`) gives search points ``s`` (int16 values, any integer array): what the kernels
+    compute in int16 lanes, ``((((clamp(s, lo, hi) - lo) << q) * M >> 16) + B) >> r``, every step a
+    floor."""
+    lo, hi, q, m, b, r = (int(v) for v in form[:6])
+    u = (np.clip(np.asarray(s, np.int64), lo, hi) - lo) << q
+    return (((u * m) >> 16) + b) >> r
+
+
+def _channel_form(t: np.ndarray) -> np.ndarray | None:
+    """The form of one channel's ascending thresholds ``t`` (``NO_STEP`` entries dropped), or None."""
+    n = len(t)
+    form = np.zeros(FORM_FIELDS, np.int64)
+    if n == 0:  # a flat staircase: every field 0, every code 0 (then base)
+        return form.astype(np.int16)
+    lo, hi = int(t[0]), int(t[-1]) + 1
+    span = hi - lo
+    if span >= _M_LIMIT:  # clamp(s) - lo must fit int16
+        return None
+    q = 0  # pre-shift: the clamped, lowered value fills int16, so the multiplier keeps ~15 bits
+    while span << (q + 1) < _M_LIMIT:
+        q += 1
+    u0, u1 = (t - lo) << q, (t + 1 - lo) << q  # the value at each threshold, and one above it
+    # slopes (code per unit of u) a real line needs to step at every threshold: pairs bound it
+    i, j = np.triu_indices(n, 1)
+    gap = (t[j] - t[i]).astype(np.float64) * 2.0**q
+    slope_lo = float(np.max((j - i) / (gap + 2.0**q), initial=0.0))
+    wide_gap = gap > 2.0**q
+    slope_hi = float(np.min((j - i)[wide_gap] / (gap[wide_gap] - 2.0**q), initial=math.inf))
+    level = np.arange(1, n + 1)  # the code just above each threshold
+    for r in range(15, -1, -1):  # the finest rounding first
+        scale = 2.0 ** (16 + r)
+        m_lo = max(1, math.floor(slope_lo * scale))
+        m_hi = min(_M_LIMIT - 1, math.ceil(slope_hi * scale) if math.isfinite(slope_hi) else _M_LIMIT - 1)
+        if m_lo > m_hi:
+            continue
+        ms = np.unique(np.clip((m_lo + m_hi) // 2 + np.arange(-32, 33), m_lo, m_hi))
+        h0, h1 = (u0[None, :] * ms[:, None]) >> 16, (u1[None, :] * ms[:, None]) >> 16
+        # floor((h0 + B) / 2^r) <= level - 1 and floor((h1 + B) / 2^r) >= level; at u = 0 (h = 0)
+        # exactly 0, and at the top (the last h1) exactly n
+        b_lo = np.maximum(np.max(level * 2**r - h1, axis=1), 0)
+        b_hi = np.minimum(np.min(level * 2**r - h0, axis=1), np.minimum(2**r, (n + 1) * 2**r - h1[:, -1])) - 1
+        for k in np.flatnonzero(b_lo <= b_hi):
+            b = (int(b_lo[k]) + int(b_hi[k])) // 2
+            if -_B_LIMIT <= b < _B_LIMIT:
+                form[:6] = (lo, hi, q, int(ms[k]), b, r)
+                return form.astype(np.int16)
+    return None
+
+
+def code_form(tables: CodeTables) -> np.ndarray | None:
+    """Each channel's staircase as fixed-point integer arithmetic, ``int16[C, FORM_FIELDS]``
+    (``lo, hi, q, M, B, r``: :func:`form_codes`, then ``+ base``), or None where a channel has none.
+
+    Six int16 vector operations on 32 lanes (clamp, lower, shift, ``vpmulhw``, add, shift)
+    replace the search's ``steps`` lookups, compares and selects. Proved here, not sampled: the
+    form is monotone in ``s`` (every step is), so it equals the staircase ``base + #{k : s > t_k}``
+    everywhere when it does at each threshold and one above it, and at the clamp's two ends. A
+    channel whose thresholds span 2**15 or more, or whose steps no one slope fits closely enough
+    (a 30-step staircase 4,000 accumulators wide needs more than int16's precision), has none.
+    ``q`` shifts the clamped value up to fill int16 before the multiply, which keeps about 15
+    bits of slope whatever the steps' spacing. Every threshold is within int16's range
+    (:func:`code_tables`), so the search value saturated to int16 keeps its code."""
+    forms = []
+    for row in tables.thresholds.astype(np.int64):
+        t = row[row != NO_STEP]
+        form = _channel_form(t)
+        if form is None:
+            return None
+        probes = np.concatenate([t, t + 1, [int(form[0]) - 1, int(form[1]) + 1]]) if len(t) else np.array([0])
+        want = np.searchsorted(t, probes, side="left")
+        if not np.array_equal(form_codes(probes, form), want):
+            return None  # cannot happen for the bounds above; refuse rather than guess
+        forms.append(form)
+    return np.stack(forms) if forms else np.zeros((0, FORM_FIELDS), np.int16)

@@ -35,7 +35,7 @@ from csqc.bitplanes import unpack_planes
 from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from .backend import LayerChoice, TvmBackend
-from .code_thresholds import TABLE_ENTRIES, code_tables
+from .code_thresholds import TABLE_ENTRIES, code_form, code_tables
 from .geometry import conv_geometry, is_depthwise_layer
 
 __all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_ops", "lower_graph"]
@@ -43,6 +43,9 @@ __all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_o
 log = logging.getLogger(__name__)
 
 _F32 = "float32"
+
+
+FORM = -1  # _code_tables' steps where the codes come from the fixed-point form, not a search
 
 
 @dataclass
@@ -135,6 +138,8 @@ class _Lowerer:
         self.int16_conv_outputs = b.int16_conv_outputs
         # a calibrated conv's codes by a search over integer thresholds (the llvm glue's code_search)
         self.code_search = bool(getattr(b, "code_search", False))
+        # ... or by each channel's proved fixed-point form, where every channel has one
+        self.code_form = bool(getattr(b, "code_form", False))
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         # asymmetric quantize node -> its int32 zero-point buffer, when its codes are the unsigned u
         self.zero_points: dict[str, str] = {}
@@ -499,7 +504,10 @@ class _Lowerer:
         outs, fused, suffix = self._layer_output(n, info, exact_y=True)
         quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
         tables, steps = self._code_tables(n, storage, split_acc or bool(zero_point), fused)
-        if steps:
+        if steps == FORM:
+            fused, suffix = {**fused, "code_form": True}, suffix + ",form"
+            info["codes"] = "fixed-point form"
+        elif steps:
             fused, suffix = {**fused, "code_search": steps}, suffix + f",search({steps})"
             info["codes"] = f"threshold search, {steps} steps"
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
@@ -555,19 +563,21 @@ class _Lowerer:
         """Conv ``n`` as one call that writes its output codes (``kernels.amx_pointwise_codes``):
         the accumulators stay in the tiles, so verify checks this layer by its codes alone."""
         shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
-        info.update(pack="conv_rows", tiles="amx", codes=f"threshold search, {steps} steps, in the conv")
+        info.update(pack="conv_rows", tiles="amx", codes=("fixed-point form" if steps == FORM else
+                                                         f"threshold search, {steps} steps") + ", in the conv")
         w = self._bitparallel_weights(n, pack_bitparallel_layout("conv_rows", q, shape, 1))
         outs, fused, suffix = self._layer_output(n, info, exact_y=True)
         levels, two_parts = 2**fused["out_bits"] - 1, len(outs) == 3
         key = f"amxcodes({tuple(x_shape)},{shape[0]},{steps},{acc_offset is not None})" + suffix
         f = self.plan.func(key, lambda: self.kernels.amx_pointwise_codes(
-            x_shape, shape[0], steps, levels, float(fused["out_scale"]), fused["out_offset"], two_parts,
-            acc_offset is not None))
+            x_shape, shape[0], 0 if steps == FORM else steps, levels, float(fused["out_scale"]), fused["out_offset"],
+            two_parts, acc_offset is not None))
         self.plan.call(f, [self._as_2d(codes, n), w] + ([acc_offset] if acc_offset else []) + tables + outs, n.name)
 
     def _code_tables(self, n: Node, storage: str, two_parts: bool, fused: dict) -> tuple[list[str], int]:
-        """The threshold buffers and search steps of conv ``n``'s codes (``glue.epilogue``'s
-        ``code_search``: ``code_thresholds``), or ``([], 0)`` where the float chain stays: the
+        """The code buffers of conv ``n`` and its search steps (``glue.epilogue``'s ``code_search``:
+        ``code_thresholds``), or ``FORM`` where every channel has a fixed-point form (``code_form``;
+        the buffers then start with the forms), or ``([], 0)`` where the float chain stays: the
         backend must have the search, the input and output scales be static (calibrated), the
         accumulators one int16 or int32 buffer, and each channel's rows at least one 32-lane vector."""
         in_scale = self._static_scale_of(n.inputs[0])
@@ -578,10 +588,12 @@ class _Lowerer:
         tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32")
         if tables is None:
             return [], 0
-        names = [self.plan.weight(f"{n.name}.code_thresholds", tables.kernel_thresholds()),
+        form = code_form(tables) if self.code_form else None
+        names = [self.plan.weight(f"{n.name}.code_form", form.reshape(-1)) if form is not None
+                 else self.plan.weight(f"{n.name}.code_thresholds", tables.kernel_thresholds()),
                  self.plan.weight(f"{n.name}.code_base", tables.base),
                  self.plan.weight(f"{n.name}.acc_flip", tables.flip)]
-        return names, tables.steps
+        return names, FORM if form is not None else tables.steps
 
     def _static_scale_of(self, codes: str) -> float:
         """The static scale of activation codes ``codes`` (a symmetric quantize's, or the fused
