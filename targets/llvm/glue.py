@@ -1234,10 +1234,11 @@ def store_searched_codes(code, first, pos_flat, neg_flat, out_levels: int, out_o
     if out_offset:
         I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", code + tirx.Broadcast(tirx.const(out_levels, "int16"),
                                                                                     lanes)), at)
+    elif neg_flat is None:  # unsigned codes: the staircase is max(code, 0)'s, its base >= 0 (code_tables)
+        I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", code), at)
     else:
         I.buffer_store(pos_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(code, zero)), at)
-        if neg_flat is not None:
-            I.buffer_store(neg_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(zero - code, zero)), at)
+        I.buffer_store(neg_flat, tirx.Cast(f"uint8x{lanes}", tirx.Max(zero - code, zero)), at)
 
 
 # --------------------------------------------------------------------------------------------
