@@ -1173,20 +1173,33 @@ def form_row(form, c) -> tirx.Buffer:
     each field broadcast to 32 int16 lanes of a local buffer (in registers for the row's loop)."""
     lanes = SEARCH_LANES
     constants = _local((6,), f"int16x{lanes}")
-    for k in range(6):
+    lo, hi = form[c * FORM_FIELDS], form[c * FORM_FIELDS + 1]
+    # lo in the biased order of form_codes, and the clamp's width
+    I.buffer_store(constants, tirx.Broadcast(lo ^ tirx.const(_SIGN_BIT, "int16"), lanes), [0])
+    I.buffer_store(constants, tirx.Broadcast(hi - lo, lanes), [1])
+    for k in range(2, 6):
         I.buffer_store(constants, tirx.Broadcast(form[c * FORM_FIELDS + k], lanes), [k])
     return constants
+
+
+_SIGN_BIT = -(2**15)  # int16 0x8000: x ^ it orders int16 values as uint16 ones
 
 
 def form_codes(value, constants) -> tirx.PrimExpr:
     """The codes less the channel's base of ``value`` (32 int16 lanes of one channel, as
     :func:`searched_codes` takes them) by its fixed-point form in ``constants`` (:func:`form_row`):
     ``((((clamp(value, lo, hi) - lo) << q) * M >> 16) + B) >> r``. No step overflows int16:
-    ``(hi - lo) << q`` and ``|B|`` stay below 2**15 and 2**14 (``code_thresholds.code_form``)."""
-    i16 = f"int16x{SEARCH_LANES}"
-    lo, hi, q, m, b, r = (constants[k] for k in range(6))
-    lowered = tirx.Max(tirx.Min(value, hi), lo) - lo
-    high = I.call_llvm_pure_intrin(i16, _VPMULHW, tirx.shift_left(lowered, q), m)
+    ``(hi - lo) << q`` and ``|B|`` stay below 2**15 and 2**14 (``code_thresholds.code_form``).
+
+    ``clamp(value, lo, hi) - lo`` is ``min(sat(v - lo'), hi - lo)`` in uint16 lanes, ``v``
+    and ``lo'`` biased by the sign bit (``vpsubusw``, ``vpminuw``): two operations instead of
+    three, and the bias folds into the caller's ``^ flip``."""
+    i16, u16 = f"int16x{SEARCH_LANES}", f"uint16x{SEARCH_LANES}"
+    lo_biased, width, q, m, b, r = (constants[k] for k in range(6))
+    biased = tirx.reinterpret(u16, value ^ tirx.Broadcast(tirx.const(_SIGN_BIT, "int16"), SEARCH_LANES))
+    lowered = tirx.Min(I.call_llvm_pure_intrin(u16, "llvm.usub.sat", biased, tirx.reinterpret(u16, lo_biased)),
+                       tirx.reinterpret(u16, width))
+    high = I.call_llvm_pure_intrin(i16, _VPMULHW, tirx.shift_left(tirx.reinterpret(i16, lowered), q), m)
     return tirx.shift_right(high + b, r)
 
 
