@@ -13,6 +13,10 @@ Search space: ``s = acc`` where ``mult[c] >= 0``, ``s = ~acc = -acc - 1`` where 
 so the code never decreases in ``s``; ``code(s) = base[c] + #{k : s > thresholds[c, k]}``.
 Every threshold lies within -32767..32766 (int16, 32767 marking the entries past a channel's
 last step), which is where the accumulators of the kernels that take tables compare.
+
+Where every channel's staircase is close enough to a line, :func:`code_form` replaces the
+search by fixed-point integer arithmetic (``glue.epilogue``'s ``code_form``), proved equal to
+the staircase at compile time.
 """
 from __future__ import annotations
 

@@ -546,7 +546,8 @@ class _Lowerer:
     def _tile_code_tables(self, n: Node) -> tuple[list[str], int] | None:
         """The code tables of conv ``n`` where the backend's tile kernel writes its codes straight
         from the tiles (``backend.tile_codes``: a pointwise conv on AMX), with its output a static
-        quantization (calibrated) and its codes found by the threshold search; else None."""
+        quantization (calibrated) and its codes found by the threshold search or the fixed-point
+        form; else None."""
         if self.backend_tile_codes is None or n.op != "qconv2d" or self._residual_add_of(n) is not None:
             return None
         spec, x_shape = n.quant, self.g.type_of(n.inputs[0]).shape
