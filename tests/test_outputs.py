@@ -281,7 +281,10 @@ _PAUSING_CLI = textwrap.dedent("""
 
     def pause():
         print("PAUSED", flush=True)
-        time.sleep(120)
+        # short sleeps: the kernel may deliver the signal to another thread (TVM's pool), and then
+        # Python runs the handler only when the main thread next runs bytecode, not mid-sleep
+        for _ in range(1200):
+            time.sleep(0.1)
 
     if sys.argv[1] == "building":  # inside TVM's export, while csqc's build folder exists
         real_build = target.build_plan
