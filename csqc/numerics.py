@@ -50,15 +50,8 @@ def conv2d_nchw(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups:
     b, c = x.shape[:2]
     o, cg, kh, kw = w.shape
     og = o // groups
-    if groups > 1 and x.dtype == np.float64:
-        # integers held exactly in float64: any summation order gives the same sums, so all groups
-        # go through one einsum (per-group products took ~0.1 ms each: a 960-channel depthwise
-        # conv's calibration pass ran for seconds). Float32 keeps the per-group products' order.
-        cols, oh, ow = _im2col(x, kh, kw, stride, padding, dilation)  # [B, OH*OW, C*kh*kw], c-major
-        cols = cols.reshape(b, oh * ow, groups, cg * kh * kw)
-        wg = w.reshape(groups, og, cg * kh * kw).astype(x.dtype)
-        y = np.einsum("bpgk,gok->bgop", cols, wg, optimize=True)
-        return y.reshape(b, o, oh, ow)
+    if cg == 1 and groups > 1 and x.dtype == np.float64 and b * x.shape[2] * x.shape[3] <= _SMALL_PLANES:
+        return _depthwise_exact(x, w, stride, padding, dilation, og)
     outs = []
     for gi in range(groups):
         cols, oh, ow = _im2col(x[:, gi * cg : (gi + 1) * cg], kh, kw, stride, padding, dilation)
@@ -66,6 +59,34 @@ def conv2d_nchw(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups:
         outs.append(cols @ wg.T)  # [B, OH*OW, og]
     y = np.concatenate(outs, axis=-1) if groups > 1 else outs[0]
     return y.transpose(0, 2, 1).reshape(b, o, oh, ow)
+
+
+# Depthwise convs whose planes (times the batch) hold at most this many pixels take
+# _depthwise_exact: there a product per channel is mostly Python overhead (4 x 960 x 7 x 7: 29 ->
+# 5 ms); on larger planes each channel's product is real work, and cache-sized (32 x 144 x 56 x
+# 56: 528 ms per channel, 1035 ms by whole-tensor taps).
+_SMALL_PLANES = 16384
+
+
+def _depthwise_exact(x: np.ndarray, w: np.ndarray, stride, padding, dilation, per_channel: int) -> np.ndarray:
+    """A depthwise conv of integers held in float64 as one multiply-add per tap over the whole
+    tensor: exact in any order."""
+    sh, sw = stride
+    dh, dw = dilation
+    o, _, kh, kw = w.shape
+    xp = _pad_hw(x, padding)
+    if per_channel > 1:  # output channel c * per_channel + m reads input channel c
+        xp = np.repeat(xp, per_channel, axis=1)
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise CsqcError(f"convolution output would be empty ({oh}x{ow})")
+    y = np.zeros((x.shape[0], o, oh, ow), np.float64)
+    for r in range(kh):
+        for s in range(kw):
+            tap = xp[:, :, r * dh:r * dh + sh * (oh - 1) + 1:sh, s * dw:s * dw + sw * (ow - 1) + 1:sw]
+            y += w[:, 0, r, s].astype(np.float64)[None, :, None, None] * tap
+    return y
 
 
 def channel(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:

@@ -1,45 +1,54 @@
 """The interpreter's convolution (csqc.numerics.conv2d_nchw).
 
 Rule under test: integer operands held in float64 (the interpreter's integer accumulators) give
-every output exactly, whatever the grouping: the one-einsum path of grouped convs equals a direct
-sum over the taps; float32 grouped convs keep their per-group products (their rounding order).
+every output exactly, whatever the grouping and path: small depthwise planes as whole-tensor
+taps, the rest as a product per group, both equal a direct sum over the taps; float32 grouped
+convs keep their per-group products (their rounding order).
 """
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from csqc import numerics
 from csqc.numerics import conv2d_nchw
 
 
-def _direct(x, w, stride, padding, groups):
+def _direct(x, w, stride, padding, groups, dilation=1):
     """Each output as an explicit sum over its channel group's taps (int64)."""
     b, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     og = o // groups
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    oh, ow = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    span_h, span_w = dilation * (kh - 1) + 1, dilation * (kw - 1) + 1
+    oh, ow = (h + 2 * padding - span_h) // stride + 1, (wd + 2 * padding - span_w) // stride + 1
     y = np.zeros((b, o, oh, ow), np.int64)
     for oc in range(o):
         g = oc // og
         for i in range(oh):
             for j in range(ow):
-                patch = xp[:, g * cg:(g + 1) * cg, i * stride:i * stride + kh, j * stride:j * stride + kw]
+                patch = xp[:, g * cg:(g + 1) * cg, i * stride:i * stride + span_h:dilation,
+                           j * stride:j * stride + span_w:dilation]
                 y[:, oc, i, j] = (patch * w[oc].astype(np.int64)).sum(axis=(1, 2, 3))
     return y
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(groups=st.sampled_from([1, 2, 3, 6]), per_in=st.integers(1, 2), per_out=st.integers(1, 3),
-       k=st.sampled_from([1, 3]), stride=st.integers(1, 2), size=st.integers(3, 7), seed=st.integers(0, 2**16))
-def test_grouped_integer_convs_are_exact(groups, per_in, per_out, k, stride, size, seed):
+       k=st.sampled_from([1, 3]), stride=st.integers(1, 2), dilation=st.integers(1, 2), size=st.integers(5, 8),
+       small_planes=st.sampled_from([0, numerics._SMALL_PLANES]), seed=st.integers(0, 2**16))
+def test_grouped_integer_convs_are_exact(groups, per_in, per_out, k, stride, dilation, size, small_planes, seed):
     rng = np.random.default_rng(seed)
     x = rng.integers(-15, 16, (2, groups * per_in, size, size))
     w = rng.integers(-7, 8, (groups * per_out, per_in, k, k))
     padding = k // 2
-    got = conv2d_nchw(x.astype(np.float64), w.astype(np.float64), (stride, stride), (padding, padding), (1, 1),
-                      groups)
+    saved, numerics._SMALL_PLANES = numerics._SMALL_PLANES, small_planes  # 0: every plane per group
+    try:
+        got = conv2d_nchw(x.astype(np.float64), w.astype(np.float64), (stride, stride), (padding, padding),
+                          (dilation, dilation), groups)
+    finally:
+        numerics._SMALL_PLANES = saved
     assert got.dtype == np.float64
-    np.testing.assert_array_equal(got, _direct(x, w, stride, padding, groups))
+    np.testing.assert_array_equal(got, _direct(x, w, stride, padding, groups, dilation))
 
 
 def test_float32_grouped_convs_keep_their_per_group_products():
