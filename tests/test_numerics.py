@@ -3,7 +3,8 @@
 Rule under test: integer operands held in float64 (the interpreter's integer accumulators) give
 every output exactly, whatever the grouping and path: small depthwise planes as whole-tensor
 taps, the rest as a product per group, both equal a direct sum over the taps; float32 grouped
-convs keep their per-group products (their rounding order).
+convs of small planes as one stacked product equal each group's own product bit for bit (the
+same BLAS call per group).
 """
 import numpy as np
 from hypothesis import given, settings
@@ -51,12 +52,25 @@ def test_grouped_integer_convs_are_exact(groups, per_in, per_out, k, stride, dil
     np.testing.assert_array_equal(got, _direct(x, w, stride, padding, groups, dilation))
 
 
-def test_float32_grouped_convs_keep_their_per_group_products():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
-    w = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
-    got = conv2d_nchw(x, w, (1, 1), (1, 1), (1, 1), 8)
+@settings(max_examples=30, deadline=None)
+@given(groups=st.sampled_from([2, 4, 8]), per_in=st.integers(1, 3), per_out=st.integers(1, 2),
+       k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), size=st.integers(5, 12), batch=st.integers(1, 3),
+       small_planes=st.sampled_from([0, numerics._SMALL_PLANES]), seed=st.integers(0, 2**16))
+def test_float32_grouped_convs_keep_their_per_group_products(groups, per_in, per_out, k, stride, size, batch,
+                                                             small_planes, seed):
+    """Float32 sums round in their order: the stacked product of small planes equals each
+    group's own product bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, groups * per_in, size, size)).astype(np.float32)
+    w = rng.standard_normal((groups * per_out, per_in, k, k)).astype(np.float32)
+    padding = (k // 2, k // 2)
+    saved, numerics._SMALL_PLANES = numerics._SMALL_PLANES, small_planes
+    try:
+        got = conv2d_nchw(x, w, (stride, stride), padding, (1, 1), groups)
+    finally:
+        numerics._SMALL_PLANES = saved
     assert got.dtype == np.float32
-    for g in range(8):
-        one = conv2d_nchw(x[:, g:g + 1], w[g:g + 1], (1, 1), (1, 1), (1, 1), 1)
-        np.testing.assert_array_equal(got[:, g:g + 1], one)
+    for g in range(groups):
+        one = conv2d_nchw(x[:, g * per_in:(g + 1) * per_in], w[g * per_out:(g + 1) * per_out], (stride, stride),
+                          padding, (1, 1), 1)
+        np.testing.assert_array_equal(got[:, g * per_out:(g + 1) * per_out], one)
