@@ -32,6 +32,7 @@ from .artifact import (BITPARALLEL_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_L
 from .calibration import Calibration, plan_calibration
 from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
+from .targets.tvm.code_thresholds import forms_in_range  # numpy only too
 
 __all__ = ["CompiledModel", "StepTime", "load", "check_plan", "physical_cores", "profile_steps"]
 
@@ -676,6 +677,8 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 return f"weight {name!r} is missing"
             if list(w.shape) != spec["shape"] or str(w.dtype) != spec["dtype"]:
                 return f"weight {name!r} is {w.dtype}{list(w.shape)}, the plan says {spec['dtype']}{spec['shape']}"
+            if name.endswith(".code_form") and not forms_in_range(w):
+                return f"weight {name!r} holds fixed-point code forms out of range (shifts past 15, or overflowing)"
     stray = sorted(set(weights) - {n for n, b in buffers.items() if b["kind"] == "weight"})
     if stray:
         return f"weights.npz holds arrays the plan declares no weight buffer for: {stray[:3]}"

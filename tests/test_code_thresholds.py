@@ -22,7 +22,8 @@ from csqc import runtime
 from csqc.interpreter import layer_output
 from csqc.artifact import pack_conv_rows_weight
 from csqc.targets.llvm import amx, glue
-from csqc.targets.tvm.code_thresholds import DOMAIN, NO_STEP, TABLE_ENTRIES, code_form, code_tables, form_codes
+from csqc.targets.tvm.code_thresholds import (DOMAIN, NO_STEP, TABLE_ENTRIES, code_form, code_tables, form_codes,
+                                              forms_in_range)
 from csqc.verify import verify
 from irbuild import Builder
 from test_glue_llvm import run_kernel
@@ -280,6 +281,32 @@ def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, 
     check = [np.random.default_rng(1).random((3, 3, size, size), dtype=np.float32) * 1.5]  # some codes clamp
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+def test_an_artifact_with_forms_out_of_range_is_refused(tmp_path):
+    """The forms are read back from the artifact: a tampered (re-sealed) one whose shifts or
+    products leave int16's rules never reaches the kernels."""
+    from csqc.archive import npz_bytes
+    from csqc.artifact import PLAN, WEIGHTS
+    from csqc.errors import BadInput
+    from test_artifact_integrity import _resealed, _split, _weights
+
+    model = _cnn(tmp_path, 7)
+    art = tmp_path / "m7.so"
+    csqc.compile(model, "llvm", art, calibrate=[np.random.default_rng(0).random((8, 3, 7, 7), dtype=np.float32)])
+    library, members = _split(art)
+    weights = _weights(members)
+    name = next(k for k in weights if k.endswith(".code_form"))
+    assert forms_in_range(weights[name])
+    for field, value in [(2, 16), (5, 20), (3, -1), (4, 2**14)]:  # q, r past 15; a negative M; B overflowing
+        bad = dict(weights)
+        bad[name] = weights[name].copy()
+        bad[name][field] = value
+        assert not forms_in_range(bad[name])
+        path = tmp_path / f"bad{field}.so"
+        path.write_bytes(_resealed(library, members[PLAN], npz_bytes(bad)))
+        with pytest.raises(BadInput, match="code forms out of range"):
+            runtime.load(path)
 
 
 # -- codes straight from AMX tiles (amx.amx_pointwise_codes) ------------------------------------

@@ -29,7 +29,7 @@ from csqc.interpreter import layer_output
 from csqc.ir import Graph, Node
 
 __all__ = ["CodeTables", "TABLE_ENTRIES", "DOMAIN", "NO_STEP", "FORM_FIELDS", "code_form", "code_tables",
-           "form_codes"]
+           "form_codes", "forms_in_range"]
 
 TABLE_ENTRIES = 32  # one vpermw table: the int16 lanes of a zmm register
 NO_STEP = 2**15 - 1  # a table entry past the channel's last step: never crossed
@@ -205,3 +205,15 @@ def code_form(tables: CodeTables) -> np.ndarray | None:
             return None  # cannot happen for the bounds above; refuse rather than guess
         forms.append(form)
     return np.stack(forms) if forms else np.zeros((0, FORM_FIELDS), np.int16)
+
+
+def forms_in_range(flat: np.ndarray) -> bool:
+    """Whether ``flat`` (``code_form(...).reshape(-1)``, read back from an artifact) holds only
+    forms :func:`code_form` can write: shifts below 16 and no int16 step overflowing, so a
+    tampered artifact is refused instead of reaching the kernels' shifts and multiplies."""
+    if flat.dtype != np.int16 or flat.ndim != 1 or flat.size % FORM_FIELDS:
+        return False
+    lo, hi, q, m, b, r = (f.astype(np.int64) for f in flat.reshape(-1, FORM_FIELDS)[:, :6].T)
+    width = hi - lo
+    return bool(((width >= 0) & (q >= 0) & (q < 16) & (r >= 0) & (r < 16) & (m >= 0) & (b >= -_B_LIMIT)
+                 & (b < _B_LIMIT)).all() and ((width << np.minimum(q, 15)) < _M_LIMIT).all())
