@@ -50,17 +50,10 @@ def conv2d_nchw(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups:
     b, c = x.shape[:2]
     o, cg, kh, kw = w.shape
     og = o // groups
-    if groups > 1 and b * x.shape[2] * x.shape[3] <= _SMALL_PLANES:
-        if cg == 1 and x.dtype == np.float64:
-            return _depthwise_exact(x, w, stride, padding, dilation, og)
-        # one im2col and one stacked matmul: numpy makes the same BLAS call on the same layouts
-        # for each group's [OH*OW, K] @ [K, og] as a product per group would, so float32 results
-        # keep their rounding bit for bit (calibrating MobileNetV2 ran 228k per-group products)
-        cols, oh, ow = _im2col(x, kh, kw, stride, padding, dilation)  # [B, OH*OW, C*kh*kw], c-major
-        k = cg * kh * kw
-        cols = np.ascontiguousarray(cols.reshape(b, oh * ow, groups, k).transpose(0, 2, 1, 3))
-        y = np.matmul(cols, w.reshape(groups, og, k).astype(x.dtype).transpose(0, 2, 1))  # [B, G, OH*OW, og]
-        return y.transpose(0, 1, 3, 2).reshape(b, o, oh, ow)
+    if cg == 1 and groups > 1 and x.dtype == np.float64 and b * x.shape[2] * x.shape[3] <= _SMALL_PLANES:
+        return _depthwise_exact(x, w, stride, padding, dilation, og)
+    # float32 keeps a product per group: its sums round in that product's order (one stacked
+    # matmul for all groups rounded differently, e.g. two input channels a group)
     outs = []
     for gi in range(groups):
         cols, oh, ow = _im2col(x[:, gi * cg : (gi + 1) * cg], kh, kw, stride, padding, dilation)
@@ -70,10 +63,10 @@ def conv2d_nchw(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups:
     return y.transpose(0, 2, 1).reshape(b, o, oh, ow)
 
 
-# Grouped convs whose planes (times the batch) hold at most this many pixels skip the product per
-# group: there it is mostly Python overhead (4 x 960 x 7 x 7: 29 -> 5 ms); on larger planes each
-# group's product is real work, and cache-sized (32 x 144 x 56 x 56: 528 ms per channel, 1035 ms
-# by whole-tensor taps, 2494 ms as one stacked matmul).
+# Integer depthwise convs whose planes (times the batch) hold at most this many pixels skip the
+# product per channel: there it is mostly Python overhead (4 x 960 x 7 x 7: 29 -> 5 ms); on larger
+# planes each channel's product is real work, and cache-sized (32 x 144 x 56 x 56: 528 ms per
+# channel, 1035 ms by whole-tensor taps).
 _SMALL_PLANES = 16384
 
 
