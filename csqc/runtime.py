@@ -793,6 +793,20 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
         return f"bit-parallel layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"
     if info["pack"] == "nibble":
         return _nibble_problem(name, info, buffers[int8], planes)
+    if info.get("tap_pairs", False) is not False:
+        return _tap_pairs_problem(name, info, planes)
+    return None
+
+
+def _tap_pairs_problem(name: str, info: dict, planes: np.ndarray) -> str | None:
+    """A depthwise layer whose kernel multiplies two taps at once reads each weight as a byte:
+    every weight its planes can form (any plane setting) must be an int8."""
+    if info["tap_pairs"] is not True or info["pack"] != "depthwise":
+        return f"layer {name!r} has tap_pairs {info['tap_pairs']!r} with pack {info['pack']!r}"
+    bits = np.unpackbits(planes, axis=-1)[..., : info["k"]]
+    low, top = prefix_weight_range(bits, [tuple(p) for p in info["plane_spec"]], info["zero_point"])
+    if low < -128 or top > 127:
+        return f"depthwise layer {name!r} has weights in [{low}, {top}]; its tap-pair kernel reads int8"
     return None
 
 

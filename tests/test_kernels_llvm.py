@@ -420,10 +420,13 @@ def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shap
                              ((1, 5, 20, 70), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5),  # rows of 2 pieces
                              ((1, 2, 260, 300), (2, 1, 3, 3), (1, 1), (1, 1), (1, 1), 2)])  # staging off the stack
 @pytest.mark.parametrize("out_dtype", ["int32", "int16"])
-def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding, dilation, groups, out_dtype):
+@pytest.mark.parametrize("tap_pairs", [False, pytest.param(True, marks=needs_vbmi)])
+def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding, dilation, groups, out_dtype,
+                                     tap_pairs):
     """int16 accumulation, at the edges of its range: 9 taps x |q| <= 96 x codes <= 15 fill
     [-12960, 12960], and every partial sum stays within int16; stored widened or as int16.
-    Each task stages its channel on its stack, or in a shared buffer when the plane is larger."""
+    Each task stages its channel on its stack, or in a shared buffer when the plane is larger.
+    Tap pairs (two taps a vpmaddubsw) too, on every shape: their 64-code loads run past the rows."""
     if input_shape[2] == 260:
         assert 262 * kernels._staging_pitch(302) > kernels._TASK_STAGING_BYTES
     q = RNG.integers(-96, 97, weight_shape)
@@ -431,10 +434,40 @@ def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding,
     x = RNG.integers(0, 16, input_shape)
     x[..., :4, :] = 15
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups,
-                   None, True, out_dtype=out_dtype)
+                   None, True, out_dtype=out_dtype, tap_pairs=tap_pairs)
     y = kernel(x.astype(np.uint8), q.reshape(weight_shape[0], -1).astype(np.int32))
     assert y.dtype == out_dtype
     np.testing.assert_array_equal(y, conv_reference(x, q, stride, padding, dilation, groups))
+
+
+@needs_vbmi
+@pytest.mark.parametrize("input_shape,weight_shape,stride", [
+    ((1, 3, 30, 64), (3, 1, 3, 3), 1),   # 64 columns: two pair halves, no tail
+    ((2, 4, 29, 57), (8, 1, 3, 3), 2),   # batch 2, two outputs a channel, odd columns: 29 a row
+    ((1, 2, 12, 140), (2, 1, 3, 5), 1),  # 3 x 5 taps (an odd count: the last pair's high weight is 0), 3 pieces
+])
+def test_depthwise_tap_pairs_read_codes_as_unsigned_bytes(input_shape, weight_shape, stride):
+    """Codes up to 255 (offset and 8-bit codes) and int8 weights at both ends: vpmaddubsw reads
+    the codes unsigned and the weights signed, each pair sum within int16."""
+    q = RNG.integers(-7, 8, weight_shape)
+    q.reshape(weight_shape[0], -1)[0, :2] = (-128, 127)  # one pair at the ends of int8 ...
+    x = RNG.integers(0, 256, input_shape)
+    x[:, 0] %= 16  # ... on codes small enough to keep every sum in int16
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, 1, 1, input_shape[1],
+                   None, True, out_dtype="int16", tap_pairs=True)
+    expected = conv_reference(x, q, (stride, stride), (1, 1), (1, 1), input_shape[1])
+    assert np.abs(expected).max() < 2**15 and x.max() == 255
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), q.reshape(weight_shape[0], -1).astype(np.int32)),
+                                  expected)
+
+
+def test_depthwise_tap_pairs_pay_on_wide_rows_only():
+    assert kernels.depthwise_tap_pairs_pay(conv_geometry((1, 32, 112, 112), (32, 1, 3, 3), 1, 1, 1, 32))
+    assert kernels.depthwise_tap_pairs_pay(conv_geometry((1, 96, 56, 56), (96, 1, 3, 3), 2, 1, 1, 96))
+    assert not kernels.depthwise_tap_pairs_pay(conv_geometry((1, 576, 14, 14), (576, 1, 3, 3), 1, 1, 1, 576))
+    assert not kernels.depthwise_tap_pairs_pay(conv_geometry((1, 8, 99, 99), (8, 1, 3, 3), 3, 1, 1, 8))  # stride 3
+    with pytest.raises(ValueError, match="tap pairs accumulate in int16"):
+        kernels.bitparallel_conv2d((1, 8, 32, 32), (8, 1, 3, 3), 1, 1, 1, 8, tap_pairs=True)
 
 
 DIRECT_STORE_CASES = [

@@ -236,6 +236,49 @@ def test_convs_whose_outputs_fit_int16_store_int16_accumulators_and_verify(tmp_p
     _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
 
 
+@pytest.mark.skipif("avx512vbmi" not in open("/proc/cpuinfo").read(), reason="tap pairs need AVX-512 VBMI")
+def test_wide_depthwise_convs_take_tap_pairs_verify_and_refuse_weights_past_int8(tmp_path):
+    """Depthwise convs with rows of 28 or more outputs multiply two taps at once (byte pairs):
+    exact end to end, under the plane knob too; an artifact whose planes could form a weight
+    beyond int8 for such a layer is refused before any kernel runs."""
+    from test_artifact_integrity import _resealed, _split
+
+    from csqc.artifact import PLAN, WEIGHTS
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),  # 30 columns
+                              torch.nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=16), torch.nn.ReLU6(),  # 15
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    net = csqc.finalize(csqc.convert(net.eval(), n_bits=3, act_bits=4)).eval()
+    csqc.save(net, tmp_path / "dw.pt", torch.zeros(2, 3, 30, 30))
+    model = csqc.load(tmp_path / "dw.pt")
+    out = tmp_path / "dw.so"
+    csqc.compile(model, "llvm", out)
+    art = runtime.load(out)
+    pairs = {name for name, info in art.plan["layers"].items() if info.get("tap_pairs")}
+    assert pairs == {"2"}, pairs  # the stride-2 conv's 15-column rows keep one tap a multiply
+    _assert_artifact_exact(verify(model, samples=2, artifact=str(out), per_layer=True), out.name)
+    x = np.random.default_rng(0).random((2, 3, 30, 30), dtype=np.float32)
+    graph = csqc.optimize(model)
+    for skip in (1, 2):  # recombined weights: the interpreter's accumulators at the same plane setting
+        record, golden = {}, {}
+        art(x, skip_planes=skip, record=record)
+        kept = {n: art._kept_planes(n, skip) for n, info in art.layers.items()
+                if info["kernel"] != "float"}  # the float stem keeps its float weights whole
+        csqc.interpreter.run(graph, [x], record=golden, planes_used=kept)
+        tensors = art.layers["2"]["tensors"]
+        assert art._kept_planes("2", skip) < art.layers["2"]["planes"]
+        np.testing.assert_array_equal(record[tensors["acc"]].astype(np.int64) << tensors["acc_shift"], golden["2.acc"])
+    library, members = _split(out)
+    plan = json.loads(members[PLAN])
+    plan["layers"]["2"]["plane_spec"][0][0] = 9  # the top plane worth 512: weights past int8
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    with pytest.raises(BadInput, match="its tap-pair kernel reads int8"):
+        runtime.load(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_imagenet_shaped_artifacts_verify(tmp_path, arch):

@@ -188,6 +188,8 @@ class CpuBackend:
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
         self.table_lookup = table_lookup
+        # int16 depthwise convs take their taps two at a time (vpermi2b, vpmaddubsw: VBMI too)
+        self.depthwise_tap_pairs = table_lookup
         self.amx = amx
         self.tuner = tuner
 

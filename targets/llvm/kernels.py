@@ -451,6 +451,8 @@ def bitserial_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, in
 # lookups of a byte add up to at most 248 and fit an unsigned byte (hence act_bits <= 5).
 _LUT_MAX_ACT_BITS = 5
 _VPERMB = "llvm.x86.avx512.permvar.qi.512"
+_VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"
+_VPMADDUBSW = "llvm.x86.avx512.pmaddubs.w.512"
 _NIBBLES = 0x0F0F0F0F
 _BYTE_TABLE = 0x30201000  # byte b of a dword indexes the 16-entry table at offset 16 * b
 
@@ -829,7 +831,7 @@ def _staging_pitch(width: int) -> int:
 
 
 def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32",
-                          out_dtype: str = "int32"):
+                          out_dtype: str = "int32", tap_pairs: bool = False):
     """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
     copies its channel into a zero-padded, stride-phase-split plane ``xp[sh, sw, Hq, pitch]``
     (so strided taps read contiguous runs), then computes every output row of the channel's
@@ -844,10 +846,18 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     The plane is the task's own (on its stack, up to ``_TASK_STAGING_BYTES``), its rows a whole
     number of cache lines apart, and only its padding is zeroed: the copy of MobileNetV2's
     96-channel 112x112 stride-2 input took four fifths of the kernel with a shared buffer,
-    57-byte rows and every row zeroed before it was written."""
+    57-byte rows and every row zeroed before it was written.
+
+    ``tap_pairs`` (int16 accumulation, AVX-512 VBMI): two taps a step, as ``vpmaddubsw`` of the
+    two taps' codes interleaved byte by byte (``vpermi2b`` of their 64-byte runs) with the
+    broadcast weight pair: 5 multiplies and 5 permutes for a 3x3 conv's 32 outputs where the
+    int16 form needs 9 multiplies and 9 widenings (both on the same two vector ports). Exact
+    where int16 accumulation is: each pair sum is a partial sum, and weights must be int8."""
     pairs, n_pairs = phase_pairs(geo)
     if pairs is None:
         return None
+    if tap_pairs and acc_dtype != "int16":
+        raise ValueError("tap pairs accumulate in int16: acc_dtype must be int16")
     B, C, H = geo.batch, geo.in_channels, geo.height
     OH, OW = geo.out_h, geo.out_w
     sh, sw = geo.stride
@@ -858,7 +868,10 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     multiplier = geo.out_per_group
     Hq, Wq = -(-geo.padded_h // sh), -(-geo.padded_w // sw)
     pitch = _staging_pitch(Wq)
-    plane = (sh, sw, Hq, pitch)
+    # tap pairs load 64 codes from any row and column of a phase: rows past the last phase's
+    # make those loads stay inside the buffer (their codes land only in lanes never stored)
+    slack_rows = -(-(64 + 2 * 64) // pitch) if tap_pairs else 0
+    plane = (sh, sw, Hq + slack_rows, pitch)
     per_task = sh * sw * Hq * pitch <= _TASK_STAGING_BYTES
     P0, P1, P2, P3 = pairs
     pieces = -(-OW // 64)
@@ -914,15 +927,53 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
         for lane in T.vectorized(size):
             y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
 
+    halves = 2 if width > 32 else 1
+    tap_steps = -(-taps // 2)
+
+    def pair_source(xp, task, t, oh, ow0):
+        """The 64 codes of tap ``t`` (clamped to the last) for outputs ``ow0 ..`` of row ``oh``."""
+        r, s = T.min(t, taps - 1) // kwid, T.min(t, taps - 1) % kwid
+        return T.reinterpret("int8x64", xp[tuple(at(task, r * dh % sh, s * dw % sw, oh + r * dh // sh,
+                                                     T.ramp(ow0 + s * dw // sw, 1, 64)))])
+
     @T.macro
-    def channel(x, xp, weights, y, n_planes, zero_point, task):
-        copy_pair(x, xp, task // C, task % C, P0)
-        if n_pairs > 1:
-            copy_pair(x, xp, task // C, task % C, P1)
-        if n_pairs > 2:
-            copy_pair(x, xp, task // C, task % C, P2)
-        if n_pairs > 3:
-            copy_pair(x, xp, task // C, task % C, P3)
+    def row_piece_pairs(xp, y, qp, b, c, o, oh, ow0, size):
+        acc = T.alloc_buffer((32 * halves,), "int16", scope="local", annotations=_ON_STACK)
+        for lane in T.vectorized(32 * halves):
+            acc[lane] = T.int16(0)
+        for step in T.unroll(tap_steps):
+            for half in T.unroll(halves):
+                # bytes 2i, 2i+1: code i + 32 * half of the first tap's run, then of the second's
+                acc[T.ramp(32 * half, 1, 32)] = acc[T.ramp(32 * half, 1, 32)] + T.call_llvm_pure_intrin(
+                    "int16x32", _VPMADDUBSW, T.call_llvm_pure_intrin(
+                        "int8x64", _VPERMI2B, pair_source(xp, b * C + c, 2 * step, oh, ow0),
+                        T.reinterpret("int8x64", T.ramp(T.int16(16384 + 8224 * half), T.int16(257), 32)),
+                        pair_source(xp, b * C + c, 2 * step + 1, oh, ow0)),
+                    T.reinterpret("int8x64", T.broadcast(qp[step], 32)))
+        for lane in T.vectorized(size):
+            y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
+
+    @T.macro
+    def channel_pairs(x, xp, weights, y, n_planes, zero_point, task):
+        for m in range(multiplier):
+            qp = T.alloc_buffer((tap_steps,), "int16", scope="local", annotations=_ON_STACK)
+            for step in range(tap_steps):
+                # weight pair of taps 2 step (low byte) and 2 step + 1 (high byte; 0 past the last)
+                qp[step] = T.Cast("int16", (weight_of(weights, task % C * multiplier + m, 2 * step, n_planes,
+                                                      zero_point) & 255)
+                                  | (T.if_then_else(2 * step + 1 < taps, weight_of(
+                                      weights, task % C * multiplier + m, T.min(2 * step + 1, taps - 1),
+                                      n_planes, zero_point), 0) << 8))
+            for oh in range(OH):
+                for piece in range(full):
+                    row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
+                                    piece * width, width)
+                if tail > 0:
+                    row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
+                                    full * width, tail)
+
+    @T.macro
+    def channel_taps(x, xp, weights, y, n_planes, zero_point, task):
         for m in range(multiplier):
             q = T.alloc_buffer((taps,), acc_dtype, scope="local", annotations=_ON_STACK)
             for t in range(taps):
@@ -934,6 +985,20 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                 if tail > 0:
                     row_piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh,
                               full * width, tail)
+
+    @T.macro
+    def channel(x, xp, weights, y, n_planes, zero_point, task):
+        copy_pair(x, xp, task // C, task % C, P0)
+        if n_pairs > 1:
+            copy_pair(x, xp, task // C, task % C, P1)
+        if n_pairs > 2:
+            copy_pair(x, xp, task // C, task % C, P2)
+        if n_pairs > 3:
+            copy_pair(x, xp, task // C, task % C, P3)
+        if tap_pairs:
+            channel_pairs(x, xp, weights, y, n_planes, zero_point, task)
+        else:
+            channel_taps(x, xp, weights, y, n_planes, zero_point, task)
 
     if per_task:
         @T.macro
@@ -949,6 +1014,13 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                 channel(x, xp, weights, y, n_planes, zero_point, task)
 
     return depthwise
+
+
+def depthwise_tap_pairs_pay(geo: ConvGeometry) -> bool:
+    """Whether the fused depthwise kernel's tap pairs beat its int16 taps for this shape: output
+    rows of 28 or more fill most of a pair step's 32 lanes (MobileNetV2's 3x3 convs, one thread:
+    1.4x-1.7x at 112 to 28 columns; 0.9x-1.0x at 14, 0.4x-1.3x at 7)."""
+    return depthwise_writes_int16(geo) and geo.out_w >= 28
 
 
 def depthwise_writes_int16(geo: ConvGeometry) -> bool:
@@ -1349,7 +1421,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
 
 def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
                        knobs: BitparallelKnobs | None = None, int16_depthwise: bool = False,
-                       out_dtype: str = "int32") -> tirx.PrimFunc:
+                       out_dtype: str = "int32", tap_pairs: bool = False) -> tirx.PrimFunc:
     """Bit-parallel NCHW conv2d on int8 weights (implicit GEMM with ``vpdpbusd``).
 
     Signature of the returned PrimFunc::
@@ -1391,7 +1463,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
         def weight_of(weights, o, t, n_planes, zp):
             return weights[o, t]
 
-        depthwise_fused = _make_depthwise_fused(geo, weight_of, "int16" if int16_depthwise else "int32", out_dtype)
+        depthwise_fused = _make_depthwise_fused(geo, weight_of, "int16" if int16_depthwise else "int32", out_dtype,
+                                                tap_pairs)
         if depthwise_fused is not None:
             @T.prim_func
             def main_dw_fused(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),

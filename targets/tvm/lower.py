@@ -135,6 +135,8 @@ class _Lowerer:
         self.offset_codes = b.offset_codes
         self.fused_requant = b.fused_requant
         self.int16_depthwise = b.int16_depthwise
+        # ... two taps a multiply (byte pairs of int8 weights and codes), where the backend has them
+        self.depthwise_tap_pairs = bool(getattr(b, "depthwise_tap_pairs", False))
         self.int16_conv_outputs = b.int16_conv_outputs
         # a calibrated conv's codes by a search over integer thresholds (the llvm glue's code_search)
         self.code_search = bool(getattr(b, "code_search", False))
@@ -834,8 +836,14 @@ class _Lowerer:
                     knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
                 if storage != "int32":
                     narrow["out_dtype"] = storage
+                if narrow.get("int16_depthwise") and self.depthwise_tap_pairs and self.kernels.depthwise_tap_pairs_pay(
+                        conv_geometry(x_shape, shape, stride, padding, dilation, groups)) \
+                        and self._int8_under_any_planes(n):
+                    narrow["tap_pairs"] = True
+                    info["tap_pairs"] = True  # the runtime checks the planes' weights are bytes
                 key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
-                    ",int16" if narrow.get("int16_depthwise") else "") + (f",{storage}out" if storage != "int32" else "")
+                    ",int16" if narrow.get("int16_depthwise") else "") + (f",{storage}out" if storage != "int32" else "") \
+                    + (",pairs" if narrow.get("tap_pairs") else "")
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
                                                                                 dilation, groups, knobs, **narrow))
         elif self._small_dense(n):
@@ -859,6 +867,12 @@ class _Lowerer:
         w = self._bitparallel_weights(n, packed)
         for c, acc in zip(codes, accs):
             self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
+
+    def _int8_under_any_planes(self, n: Node) -> bool:
+        """Whether every weight of ``n`` is an int8 under any run-time plane setting (a tap pair's
+        weights are the bytes of one int16)."""
+        low, high = prefix_weight_range(*self._planes(n))
+        return -128 <= low and high <= 127
 
     def _bitparallel_weights(self, n: Node, packed: np.ndarray) -> str:
         """The int8 weight buffer of a bit-parallel layer (``packed``'s layout) and its stored planes."""
