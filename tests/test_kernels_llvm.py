@@ -445,6 +445,8 @@ def test_bitparallel_depthwise_int16(input_shape, weight_shape, stride, padding,
     ((1, 3, 30, 64), (3, 1, 3, 3), 1),   # 64 columns: two pair halves, no tail
     ((2, 4, 29, 57), (8, 1, 3, 3), 2),   # batch 2, two outputs a channel, odd columns: 29 a row
     ((1, 2, 12, 140), (2, 1, 3, 5), 1),  # 3 x 5 taps (an odd count: the last pair's high weight is 0), 3 pieces
+    ((1, 3, 9, 40), (3, 1, 3, 3), 1),    # 64-byte rows: one row a pair step, 40 of its 64 lanes
+    ((1, 5, 13, 13), (5, 1, 3, 3), 1),   # 16-byte rows: four rows a pair step, the last step one row
 ])
 def test_depthwise_tap_pairs_read_codes_as_unsigned_bytes(input_shape, weight_shape, stride):
     """Codes up to 255 (offset and 8-bit codes) and int8 weights at both ends: vpmaddubsw reads
@@ -461,10 +463,11 @@ def test_depthwise_tap_pairs_read_codes_as_unsigned_bytes(input_shape, weight_sh
                                   expected)
 
 
-def test_depthwise_tap_pairs_pay_on_wide_rows_only():
+def test_depthwise_tap_pairs_pay_at_stride_1_and_on_wide_rows():
     assert kernels.depthwise_tap_pairs_pay(conv_geometry((1, 32, 112, 112), (32, 1, 3, 3), 1, 1, 1, 32))
     assert kernels.depthwise_tap_pairs_pay(conv_geometry((1, 96, 56, 56), (96, 1, 3, 3), 2, 1, 1, 96))
-    assert not kernels.depthwise_tap_pairs_pay(conv_geometry((1, 576, 14, 14), (576, 1, 3, 3), 1, 1, 1, 576))
+    assert kernels.depthwise_tap_pairs_pay(conv_geometry((1, 960, 7, 7), (960, 1, 3, 3), 1, 1, 1, 960))
+    assert not kernels.depthwise_tap_pairs_pay(conv_geometry((1, 576, 14, 14), (576, 1, 3, 3), 2, 1, 1, 576))
     assert not kernels.depthwise_tap_pairs_pay(conv_geometry((1, 8, 99, 99), (8, 1, 3, 3), 3, 1, 1, 8))  # stride 3
     with pytest.raises(ValueError, match="tap pairs accumulate in int16"):
         kernels.bitparallel_conv2d((1, 8, 32, 32), (8, 1, 3, 3), 1, 1, 1, 8, tap_pairs=True)

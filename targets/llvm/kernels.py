@@ -870,7 +870,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     pitch = _staging_pitch(Wq)
     # tap pairs load 64 codes from any row and column of a phase: rows past the last phase's
     # make those loads stay inside the buffer (their codes land only in lanes never stored)
-    slack_rows = -(-(64 + 2 * 64) // pitch) if tap_pairs else 0
+    slack_rows = -(-(64 + 2 * 64) // pitch) + 64 // pitch if tap_pairs else 0
     plane = (sh, sw, Hq + slack_rows, pitch)
     per_task = sh * sw * Hq * pitch <= _TASK_STAGING_BYTES
     P0, P1, P2, P3 = pairs
@@ -883,9 +883,14 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     # stride 2, one thread: 392-406 -> 247-282 us)
     pairs16 = sw == 2 and W % 2 == 0
 
+    plane_bytes = math.prod(plane)
+
     def at(task, a_h, a_w, hq, j):
-        """Index of row ``hq``, column ``j`` of phase ``(a_h, a_w)`` in the staging buffer."""
-        return [a_h, a_w, hq, j] if per_task else [task, a_h, a_w, hq, j]
+        """Flat index of row ``hq``, column ``j`` of phase ``(a_h, a_w)`` in the staging buffer
+        (flat: a tap pair's 64-code loads run on past their row, and TVM sizes a local buffer
+        by the index ranges it reads, dimension by dimension)."""
+        index = ((a_h * sw + a_w) * plane[2] + hq) * pitch + j
+        return [index] if per_task else [task * plane_bytes + index]
 
     @T.macro
     def copy_pair(x, xp, b, c, pair):
@@ -927,14 +932,17 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
         for lane in T.vectorized(size):
             y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
 
-    halves = 2 if width > 32 else 1
     tap_steps = -(-taps // 2)
+    # rows of at most 64 columns: a pair step covers 64 // pitch whole rows of the phase plane
+    # (its flat run of codes: rows are pitch apart), so a 14-column plane fills 56 of 64 lanes
+    flat_rows = 64 // pitch if pitch <= 64 else 0
+    halves = -(-((flat_rows - 1) * pitch + OW) // 32) if flat_rows else (2 if width > 32 else 1)
 
     def pair_source(xp, task, t, oh, ow0):
         """The 64 codes of tap ``t`` (clamped to the last) for outputs ``ow0 ..`` of row ``oh``."""
         r, s = T.min(t, taps - 1) // kwid, T.min(t, taps - 1) % kwid
-        return T.reinterpret("int8x64", xp[tuple(at(task, r * dh % sh, s * dw % sw, oh + r * dh // sh,
-                                                     T.ramp(ow0 + s * dw // sw, 1, 64)))])
+        return T.reinterpret("int8x64", xp[T.ramp(at(task, r * dh % sh, s * dw % sw, oh + r * dh // sh,
+                                                        ow0 + s * dw // sw)[0], 1, 64)])
 
     @T.macro
     def row_piece_pairs(xp, y, qp, b, c, o, oh, ow0, size):
@@ -950,8 +958,14 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                         T.reinterpret("int8x64", T.ramp(T.int16(16384 + 8224 * half), T.int16(257), 32)),
                         pair_source(xp, b * C + c, 2 * step + 1, oh, ow0)),
                     T.reinterpret("int8x64", T.broadcast(qp[step], 32)))
-        for lane in T.vectorized(size):
-            y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
+        if flat_rows > 0:
+            for i in range(flat_rows):
+                if oh + i < OH:
+                    for lane in T.vectorized(OW):
+                        y[b, o, oh + i, lane] = T.Cast(out_dtype, acc[i * pitch + lane])
+        else:
+            for lane in T.vectorized(size):
+                y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
 
     @T.macro
     def channel_pairs(x, xp, weights, y, n_planes, zero_point, task):
@@ -964,13 +978,18 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                                   | (T.if_then_else(2 * step + 1 < taps, weight_of(
                                       weights, task % C * multiplier + m, T.min(2 * step + 1, taps - 1),
                                       n_planes, zero_point), 0) << 8))
-            for oh in range(OH):
-                for piece in range(full):
-                    row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
-                                    piece * width, width)
-                if tail > 0:
-                    row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
-                                    full * width, tail)
+            if flat_rows > 0:
+                for oh in range(-(-OH // max(flat_rows, 1))):
+                    row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh * flat_rows,
+                                    0, 64)
+            else:
+                for oh in range(OH):
+                    for piece in range(full):
+                        row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
+                                        piece * width, width)
+                    if tail > 0:
+                        row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
+                                        full * width, tail)
 
     @T.macro
     def channel_taps(x, xp, weights, y, n_planes, zero_point, task):
@@ -1004,12 +1023,12 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
         @T.macro
         def depthwise(x, weights, y, n_planes, zero_point):
             for task in T.parallel(B * C):
-                xp = T.alloc_buffer(plane, "uint8", scope="local", annotations=_ON_STACK)
+                xp = T.alloc_buffer((plane_bytes,), "uint8", scope="local", annotations=_ON_STACK)
                 channel(x, xp, weights, y, n_planes, zero_point, task)
     else:
         @T.macro
         def depthwise(x, weights, y, n_planes, zero_point):
-            xp = T.alloc_buffer((B * C, *plane), "uint8")
+            xp = T.alloc_buffer((B * C * plane_bytes,), "uint8")
             for task in T.parallel(B * C):
                 channel(x, xp, weights, y, n_planes, zero_point, task)
 
@@ -1017,10 +1036,11 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
 
 
 def depthwise_tap_pairs_pay(geo: ConvGeometry) -> bool:
-    """Whether the fused depthwise kernel's tap pairs beat its int16 taps for this shape: output
-    rows of 28 or more fill most of a pair step's 32 lanes (MobileNetV2's 3x3 convs, one thread:
-    1.4x-1.7x at 112 to 28 columns; 0.9x-1.0x at 14, 0.4x-1.3x at 7)."""
-    return depthwise_writes_int16(geo) and geo.out_w >= 28
+    """Whether the fused depthwise kernel's tap pairs beat its int16 taps for this shape. Measured
+    on MobileNetV2's 3x3 convs (one thread, AVX-512 VBMI): stride 1 at 112 to 7 columns 1.14x-1.7x;
+    stride 2 1.17x-1.44x to 56 and 28 output columns, 1.0x at 14 and 0.47x at 7 (four phase planes
+    of 8-byte rows: the int16 taps' short vectors win there)."""
+    return depthwise_writes_int16(geo) and (geo.stride == (1, 1) or geo.out_w >= 28)
 
 
 def depthwise_writes_int16(geo: ConvGeometry) -> bool:
