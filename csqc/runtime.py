@@ -104,7 +104,9 @@ class CompiledModel:
         self._input_types = {s["name"]: (np.dtype(s["dtype"]), tuple(s["shape"])) for s in self.inputs}
         self.outputs = self.plan["outputs"]
         self.layers: dict[str, dict] = self.plan["layers"]
-        self._has_bitparallel = any(info["kernel"] == "bitparallel" for info in self.layers.values())
+        # layers whose weights the runtime combines from their planes (again for each plane setting)
+        self._has_bitparallel = any(info["kernel"] == "bitparallel" or "float_buffer" in info
+                                    for info in self.layers.values())
         self._has_offsets = any("acc_offset" in info for info in self.layers.values())
         # offset buffers are derived, but verify needs them next to the accumulators they correct
         self._recorded_derived = {info["acc_offset"] for info in self.layers.values() if "acc_offset" in info}
@@ -301,10 +303,11 @@ class CompiledModel:
         return sum(1 for s in shifts if s >= lowest_kept)
 
     def _repack_bitparallel(self, skips: tuple) -> None:
-        """Bit-parallel layers hold combined int8 weights: recombine them for a plane setting."""
+        """Bit-parallel layers hold combined int8 weights, float-input layers float32 ones:
+        recombine them from the planes for a plane setting."""
         wanted = dict(skips)
         for name, info in self.layers.items():
-            if info["kernel"] != "bitparallel":
+            if info["kernel"] != "bitparallel" and "float_buffer" not in info:
                 continue
             skip = wanted.get(name, 0)
             if self._repacked.get(name) == skip:
@@ -312,9 +315,12 @@ class CompiledModel:
             spec = [tuple(p) for p in info["plane_spec"]]
             bits = np.unpackbits(self._weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
             q = combine_planes(bits, spec, info["zero_point"], self._kept_planes(name, skip))
-            packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"],
-                                             info.get("nibble_high", 0))
-            self.buffers[info["int8_buffer"]].copyfrom(np.ascontiguousarray(packed))
+            if "float_buffer" in info:  # integers below 2**24: exact in float32
+                self.buffers[info["float_buffer"]].copyfrom(q.reshape(info["weight_shape"]).astype(np.float32))
+            else:
+                packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"],
+                                                 info.get("nibble_high", 0))
+                self.buffers[info["int8_buffer"]].copyfrom(np.ascontiguousarray(packed))
             self._repacked[name] = skip
 
     def _fill_acc_offsets(self, skips: tuple) -> None:
@@ -747,11 +753,12 @@ def _used_buffers(plan: dict) -> set[str]:
     used = {a for step in plan["steps"] for a in step["args"] if isinstance(a, str)}
     used |= {s["name"] for key in ("inputs", "outputs") for s in plan[key]}
     for name, info in plan["layers"].items():
-        used |= {info[k] for k in ("int8_buffer", "acc_offset", "weight_planes") if isinstance(info.get(k), str)}
+        used |= {info[k] for k in ("int8_buffer", "float_buffer", "acc_offset", "weight_planes")
+                 if isinstance(info.get(k), str)}
         tensors = info.get("tensors")
         if isinstance(tensors, dict):  # what verify reads back (a layer's input may be a view only it reads)
             used |= {t for t in tensors.values() if isinstance(t, str)}
-        if info["kernel"] == "bitparallel":
+        if info["kernel"] == "bitparallel" or "float_buffer" in info:
             used.add(f"{name}.bitplanes")
     buffers = plan["buffers"]
     used |= {buffers[n]["alias"] for n in used if n in buffers and "alias" in buffers[n]}
@@ -768,6 +775,8 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
         problem = _offset_problem(name, info, buffers, weights)
         if problem:
             return problem
+    if "float_buffer" in info:
+        return _float_planes_problem(name, info, buffers, weights)
     if info["kernel"] != "bitparallel":
         return None if "tiles" not in info else f"layer {name!r} runs on tiles but is not bit-parallel"
     # the AMX kernels read the dense layout (linear layers) or conv_rows (convolutions), and only they read conv_rows
@@ -776,25 +785,52 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     if ("tiles" in info and tiles != "amx") or pack not in packs:
         return (f"bit-parallel layer {name!r} has tiles {tiles!r} with pack {pack!r} "
                 "(AMX tiles take the dense or conv_rows layout, and conv_rows needs them)")
-    spec, shape, k = info.get("plane_spec"), info.get("weight_shape"), info.get("k")
-    if not (isinstance(spec, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < 63
-                                           and p[1] in (1, -1) and type(p[1]) is int for p in spec)):
-        return f"bit-parallel layer {name!r} has plane spec {spec!r}"
-    if not (_is_shape(shape) and len(shape) >= 2 and type(k) is int and k == math.prod(shape[1:])):
-        return f"bit-parallel layer {name!r} has weight shape {shape!r} and k {k!r}, which disagree"
-    if type(info.get("zero_point")) is not int or type(info.get("groups")) is not int or info["groups"] < 1:
-        return f"bit-parallel layer {name!r} needs an integer zero point and group count"
+    problem = _stored_planes_problem(name, info, weights, "bit-parallel")
+    if problem:
+        return problem
     int8 = info.get("int8_buffer")
     derived = isinstance(int8, str) and buffers.get(int8, {}).get("kind") == "derived"
     if info.get("pack") not in BITPARALLEL_LAYOUTS or not derived:
         return f"bit-parallel layer {name!r} needs a pack in {BITPARALLEL_LAYOUTS} and a derived int8 buffer"
-    planes = weights.get(f"{name}.bitplanes")
-    if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):
-        return f"bit-parallel layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"
+    planes = weights[f"{name}.bitplanes"]
     if info["pack"] == "nibble":
         return _nibble_problem(name, info, buffers[int8], planes)
     if info.get("tap_pairs", False) is not False:
         return _tap_pairs_problem(name, info, planes)
+    return None
+
+
+def _stored_planes_problem(name: str, info: dict, weights: Mapping[str, np.ndarray], kind: str) -> str | None:
+    """The plane spec, weight shape, zero point and packed bitplanes of a layer whose weights
+    the runtime combines from its planes."""
+    spec, shape, k = info.get("plane_spec"), info.get("weight_shape"), info.get("k")
+    if not (isinstance(spec, list) and all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < 63
+                                           and p[1] in (1, -1) and type(p[1]) is int for p in spec)):
+        return f"{kind} layer {name!r} has plane spec {spec!r}"
+    if not (_is_shape(shape) and len(shape) >= 2 and type(k) is int and k == math.prod(shape[1:])):
+        return f"{kind} layer {name!r} has weight shape {shape!r} and k {k!r}, which disagree"
+    if type(info.get("zero_point")) is not int or type(info.get("groups")) is not int or info["groups"] < 1:
+        return f"{kind} layer {name!r} needs an integer zero point and group count"
+    planes = weights.get(f"{name}.bitplanes")
+    if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape != (len(spec), shape[0], -(-k // 8)):
+        return f"{kind} layer {name!r} needs uint8 bitplanes of shape {[len(spec), shape[0], -(-k // 8)]}"
+    return None
+
+
+def _float_planes_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, np.ndarray]) -> str | None:
+    """A float-input layer whose float32 weights the runtime combines from its planes: a float
+    kernel, a derived float32 buffer of the weight's shape, and weights float32 holds exactly."""
+    problem = _stored_planes_problem(name, info, weights, "float-input")
+    if problem:
+        return problem
+    spec = buffers.get(info["float_buffer"]) if isinstance(info["float_buffer"], str) else None
+    if info["kernel"] != "float" or spec is None or spec["kind"] != "derived" or spec["dtype"] != "float32" \
+            or list(spec["shape"]) != list(info["weight_shape"]):
+        return f"float-input layer {name!r} needs a float kernel and a derived float32 buffer of its weight's shape"
+    bits = np.unpackbits(weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
+    low, top = prefix_weight_range(bits, [tuple(p) for p in info["plane_spec"]], info["zero_point"])
+    if max(-low, top) > 2**24:
+        return f"float-input layer {name!r} has weights in [{low}, {top}], beyond float32's integers"
     return None
 
 

@@ -264,8 +264,7 @@ def test_wide_depthwise_convs_take_tap_pairs_verify_and_refuse_weights_past_int8
     for skip in (1, 2):  # recombined weights: the interpreter's accumulators at the same plane setting
         record, golden = {}, {}
         art(x, skip_planes=skip, record=record)
-        kept = {n: art._kept_planes(n, skip) for n, info in art.layers.items()
-                if info["kernel"] != "float"}  # the float stem keeps its float weights whole
+        kept = {n: art._kept_planes(n, skip) for n in art.layers}
         csqc.interpreter.run(graph, [x], record=golden, planes_used=kept)
         tensors = art.layers["2"]["tensors"]
         assert art._kept_planes("2", skip) < art.layers["2"]["planes"]
@@ -276,6 +275,53 @@ def test_wide_depthwise_convs_take_tap_pairs_verify_and_refuse_weights_past_int8
     bad = tmp_path / "bad.so"
     bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
     with pytest.raises(BadInput, match="its tap-pair kernel reads int8"):
+        runtime.load(bad)
+
+
+def test_float_input_layers_combine_their_weights_from_planes_for_every_plane_setting(tmp_path):
+    """A float-input layer (a CNN's stem) stores its bitplanes, not float weights: the runtime
+    combines them into its float32 buffer, again for each plane setting, so the plane knob drops
+    the stem's low positions as the interpreter does (every layer's accumulators and the outputs
+    agree); planes that could form weights float32 cannot hold exactly are refused."""
+    from test_artifact_integrity import _resealed, _split
+
+    from csqc.artifact import PLAN, WEIGHTS
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5))
+    net = csqc.finalize(csqc.convert(net.eval(), n_bits=4, act_bits=4, quantize_first_input=False)).eval()
+    csqc.save(net, tmp_path / "stem.pt", torch.zeros(2, 3, 12, 12))
+    model = csqc.load(tmp_path / "stem.pt")
+    out = tmp_path / "stem.so"
+    csqc.compile(model, "llvm", out)
+    art = runtime.load(out)
+    stem = art.layers["0"]
+    assert stem["kernel"] == "float" and art.plan["buffers"][stem["float_buffer"]]["kind"] == "derived"
+    assert "0.wf" not in art._weights and "0.bitplanes" in art._weights
+    graph = csqc.optimize(model)
+    x = np.random.default_rng(3).random((2, 3, 12, 12), dtype=np.float32) * 4
+    outputs = set()
+    for skip in (0, 2, 1, 0):  # and back: the float weights follow the plane setting
+        record, golden = {}, {}
+        y = art(x, skip_planes=skip, record=record)
+        outputs.add(y.tobytes())
+        kept = {n: art._kept_planes(n, skip) for n in art.layers}
+        if skip:
+            assert kept["0"] < stem["planes"]
+        (expected,) = csqc.interpreter.run(graph, [x], record=golden, planes_used=kept)
+        for name, info in art.layers.items():
+            if isinstance(info["tensors"].get("acc"), str):
+                acc = record[info["tensors"]["acc"]].astype(np.int64) << info["tensors"]["acc_shift"]
+                np.testing.assert_array_equal(acc, golden[f"{name}.acc"], err_msg=f"{name} at skip {skip}")
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert len(outputs) == 3  # three plane settings, three different results
+    library, members = _split(out)
+    plan = json.loads(members[PLAN])
+    plan["layers"]["0"]["plane_spec"][0][0] = 30  # weights past 2**24: float32 would round them
+    bad = tmp_path / "bad.so"
+    bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+    with pytest.raises(BadInput, match="beyond float32's integers"):
         runtime.load(bad)
 
 

@@ -413,14 +413,14 @@ class _Lowerer:
                     and fused.get("out_scale", 1.0) > 0:
                 # the conv applies the epilogue while its sums are in registers (static codes or y)
                 self._float_product(n, q.astype(np.float32), None, self.glue.FloatTail(
-                    act, lo, hi, add is not None, **fused), tail_args)
+                    act, lo, hi, add is not None, **fused), tail_args, from_planes=True)
                 self._requantize_after(n)
                 return
             acc = self.plan.buffer(f"{n.name}.accf", shape, _F32)
             if choice.kernel in ("lut", "dequant"):
                 self._weight_only_product(n, info, acc, choice.kernel)
             else:
-                self._float_product(n, q.astype(np.float32), acc)
+                self._float_product(n, q.astype(np.float32), acc, from_planes=True)
             key = f"epilogue({shape},{axis},None,{act},{lo},{hi},{add is not None},float32,False)" + suffix
             f = self.plan.func(key, lambda: self.glue.epilogue(shape, axis, None, act, lo, hi, add is not None, "float32",
                                                                False, **fused))
@@ -879,14 +879,19 @@ class _Lowerer:
         # the artifact stores only the packed bitplanes; the runtime combines them into this int8
         # buffer when it loads (and again for the run-time plane knob), so the file stays at
         # ~bits/32 of fp32 and there is one source of truth for the weights
-        shape = n.attr("weight_shape")
         w = self.plan.buffer(f"{n.name}.int8", packed.shape, str(packed.dtype), "derived")
+        self._store_planes(n, int8_buffer=w)
+        return w
+
+    def _store_planes(self, n: Node, **buffer) -> None:
+        """Store layer ``n``'s packed bitplanes, from which the runtime builds ``buffer`` (its
+        derived weights: ``int8_buffer`` or ``float_buffer``) for each plane setting."""
+        shape = n.attr("weight_shape")
         planes, plane_spec, z = self._planes(n)
         self.plan.weight(f"{n.name}.bitplanes", np.packbits(planes.astype(np.uint8), axis=-1))
         self.plan.layers[n.name].update(plane_spec=[list(p) for p in plane_spec], zero_point=int(z),
                                         k=int(np.prod(shape[1:])), weight_shape=list(shape),
-                                        groups=int(n.attr("groups", 1)), int8_buffer=w)
-        return w
+                                        groups=int(n.attr("groups", 1)), **buffer)
 
     def _small_dense(self, n: Node) -> bool:
         """Whether bit-parallel linear layer ``n`` is small enough for the backend's one-call
@@ -979,12 +984,19 @@ class _Lowerer:
         self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name}, {"int": int(z)},
                            self._flat(out, m, shape[0])], n.name)
 
-    def _float_product(self, n: Node, w: np.ndarray, out: str | None, tail=None, tail_args: list[str] = ()) -> None:
+    def _float_product(self, n: Node, w: np.ndarray, out: str | None, tail=None, tail_args: list[str] = (),
+                       from_planes: bool = False) -> None:
         """The float product of a float-input layer into ``out``; a conv with ``tail`` (the backend
-        glue's ``FloatTail``) applies the layer's epilogue itself and writes ``tail_args`` instead."""
+        glue's ``FloatTail``) applies the layer's epilogue itself and writes ``tail_args`` instead.
+        ``from_planes`` (a quantized layer): the artifact stores the weight's bitplanes and the
+        runtime combines them into the float buffer, for the run-time plane knob too."""
         x = self.ref(n.inputs[0])
         x_shape = self.g.type_of(n.inputs[0]).shape
-        wbuf = self.plan.weight(f"{n.name}.wf", w)
+        if from_planes:
+            wbuf = self.plan.buffer(f"{n.name}.wf", w.shape, "float32", "derived")
+            self._store_planes(n, float_buffer=wbuf)
+        else:
+            wbuf = self.plan.weight(f"{n.name}.wf", w)
         if n.op in ("qconv2d", "conv2d"):
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             if tail is not None:
