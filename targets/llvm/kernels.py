@@ -967,6 +967,17 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
             for lane in T.vectorized(size):
                 y[b, o, oh, ow0 + lane] = T.Cast(out_dtype, acc[lane])
 
+    piece = row_piece_pairs if tap_pairs else row_piece
+
+    @T.macro
+    def row_pieces(xp, y, q, task, m):
+        # every output row of output channel m of the task's channel, in pieces of at most 64 columns
+        for oh in range(OH):
+            for p in range(full):
+                piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh, p * width, width)
+            if tail > 0:
+                piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh, full * width, tail)
+
     @T.macro
     def channel_pairs(x, xp, weights, y, n_planes, zero_point, task):
         for m in range(multiplier):
@@ -983,13 +994,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                     row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh * flat_rows,
                                     0, 64)
             else:
-                for oh in range(OH):
-                    for piece in range(full):
-                        row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
-                                        piece * width, width)
-                    if tail > 0:
-                        row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh,
-                                        full * width, tail)
+                row_pieces(xp, y, qp, task, m)
 
     @T.macro
     def channel_taps(x, xp, weights, y, n_planes, zero_point, task):
@@ -997,13 +1002,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
             q = T.alloc_buffer((taps,), acc_dtype, scope="local", annotations=_ON_STACK)
             for t in range(taps):
                 q[t] = T.Cast(acc_dtype, weight_of(weights, task % C * multiplier + m, t, n_planes, zero_point))
-            for oh in range(OH):
-                for piece in range(full):
-                    row_piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh,
-                              piece * width, width)
-                if tail > 0:
-                    row_piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh,
-                              full * width, tail)
+            row_pieces(xp, y, q, task, m)
 
     @T.macro
     def channel(x, xp, weights, y, n_planes, zero_point, task):
