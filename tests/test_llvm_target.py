@@ -269,6 +269,10 @@ def test_wide_depthwise_convs_take_tap_pairs_verify_and_refuse_weights_past_int8
         tensors = art.layers["2"]["tensors"]
         assert art._kept_planes("2", skip) < art.layers["2"]["planes"]
         np.testing.assert_array_equal(record[tensors["acc"]].astype(np.int64) << tensors["acc_shift"], golden["2.acc"])
+    cascade = tmp_path / "cascadelake.so"  # VNNI without VBMI: one tap a multiply, the same integers
+    csqc.compile(model, "llvm", cascade, mcpu="cascadelake")
+    assert not any(info.get("tap_pairs") for info in runtime.load(cascade).plan["layers"].values())
+    _assert_artifact_exact(verify(model, samples=2, artifact=str(cascade), per_layer=True), cascade.name)
     library, members = _split(out)
     plan = json.loads(members[PLAN])
     plan["layers"]["2"]["plane_spec"][0][0] = 9  # the top plane worth 512: weights past int8
