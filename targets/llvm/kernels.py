@@ -833,7 +833,7 @@ def _staging_pitch(width: int) -> int:
 def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32",
                           out_dtype: str = "int32", tap_pairs: bool = False):
     """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
-    copies its channel into a zero-padded, stride-phase-split plane ``xp[sh, sw, Hq, pitch]``
+    copies its channel into a zero-padded, stride-phase-split plane ``xp[sh, sw, Hq, pitch]`` (flat)
     (so strided taps read contiguous runs), then computes every output row of the channel's
     ``O/C`` output channels as whole-row vectors (contiguous NCHW stores).
 
@@ -990,7 +990,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                                       weights, task % C * multiplier + m, T.min(2 * step + 1, taps - 1),
                                       n_planes, zero_point), 0) << 8))
             if flat_rows > 0:
-                for oh in range(-(-OH // max(flat_rows, 1))):
+                for oh in range(-(-OH // flat_rows)):
                     row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh * flat_rows,
                                     0, 64)
             else:
