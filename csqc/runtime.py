@@ -105,17 +105,17 @@ class CompiledModel:
         self.outputs = self.plan["outputs"]
         self.layers: dict[str, dict] = self.plan["layers"]
         # layers whose weights the runtime combines from their planes (again for each plane setting)
-        self._has_bitparallel = any(info["kernel"] == "bitparallel" or "float_buffer" in info
+        self._has_combined_weights = any(info["kernel"] == "bitparallel" or "float_buffer" in info
                                     for info in self.layers.values())
         self._has_offsets = any("acc_offset" in info for info in self.layers.values())
         # offset buffers are derived, but verify needs them next to the accumulators they correct
         self._recorded_derived = {info["acc_offset"] for info in self.layers.values() if "acc_offset" in info}
         try:
-            self._repack_bitparallel(())  # build the int8 weights of bit-parallel layers from their planes
+            self._combine_weights(())  # build the int8 / float32 weights of layers from their planes
             self._fill_acc_offsets(())
             self._prepared_for = ()  # the plane setting the weights and offsets above were built for
         except (ValueError, TypeError, IndexError) as e:
-            raise _csqc_bug(path, f"the bit-parallel weights cannot be rebuilt from the stored planes ({_reason(e)})"
+            raise _csqc_bug(path, f"the layer weights cannot be rebuilt from the stored planes ({_reason(e)})"
                             ) from None
         # host buffers are also seen as numpy arrays: copying in and out through these views
         # costs well under a microsecond, against ~10 us for Tensor.copyfrom / Tensor.numpy
@@ -302,7 +302,7 @@ class CompiledModel:
         lowest_kept = levels[max(1, len(levels) - skip) - 1]
         return sum(1 for s in shifts if s >= lowest_kept)
 
-    def _repack_bitparallel(self, skips: tuple) -> None:
+    def _combine_weights(self, skips: tuple) -> None:
         """Bit-parallel layers hold combined int8 weights, float-input layers float32 ones:
         recombine them from the planes for a plane setting."""
         wanted = dict(skips)
@@ -405,8 +405,8 @@ class CompiledModel:
         # the common call (all planes) skips the plane-setting bookkeeping
         skips = () if type(skip_planes) is int and skip_planes == 0 else self._skips(skip_planes)
         if skips != self._prepared_for:
-            if self._has_bitparallel:
-                self._repack_bitparallel(skips)
+            if self._has_combined_weights:
+                self._combine_weights(skips)
             if self._has_offsets:
                 self._fill_acc_offsets(skips)
             self._prepared_for = skips

@@ -38,7 +38,7 @@ def _by_steps(model: runtime.CompiledModel, x, skip_planes=0):
     """The model run one kernel call at a time, as artifacts without the function run."""
     np.copyto(model._in_views[0], x)
     skips = () if skip_planes == 0 else model._skips(skip_planes)
-    model._repack_bitparallel(skips)
+    model._combine_weights(skips)
     model._fill_acc_offsets(skips)
     model._prepared_for = skips
     for func, args in model._calls(skips):
