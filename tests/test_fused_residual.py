@@ -183,3 +183,45 @@ def test_fused_codes_after_a_quantized_or_float_residual_are_checked_exactly(ref
     _one_code_off(monkeypatch, f"{layer}.xq")
     report = verify(model, samples=2, artifact=str(art))
     assert not report.ok and report.to_json()["first_divergence"]["tensor"] == f"{layer}.xq"
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand, depthwise, project (no activation), plus the input when the
+    shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        mid = 4 * cin
+        self.body = nn.Sequential(nn.Conv2d(cin, mid, 1), nn.ReLU6(), nn.Conv2d(mid, mid, 3, stride, 1, groups=mid),
+                                  nn.ReLU6(), nn.Conv2d(mid, cout, 1))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_projection_read_by_an_add_and_a_quantizer_writes_both_in_its_epilogue(tmp_path, calibrated):
+    """A block without a residual feeds the next block twice: its float output to that block's
+    add, its codes to that block's first conv. Its epilogue writes both (``keep_y``), so no
+    quantize kernel reads the output back; exact with dynamic and with calibrated scales."""
+    torch.manual_seed(4)
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(),
+                                InvertedResidual(8, 12, 2), InvertedResidual(12, 12, 1),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=False))
+    model = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(2, 3, 16, 16)))
+    calib = [np.random.default_rng(0).random((8, 3, 16, 16), dtype=np.float32)] if calibrated else None
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art, calibrate=calib)
+    plan = runtime.load(art).plan
+    projection = "2.body.4"  # the first block's projection: read by block 3's add and its first conv
+    quantized = [s["layer"] for s in plan["steps"] if runtime._kernel_kind(s["func"]) == "quantize"]
+    assert not any(layer.startswith("3.") for layer in quantized), quantized
+    step = next(s for s in plan["steps"] if s.get("layer") == projection and "epilogue" in s["func"])
+    assert plan["layers"][projection]["tensors"]["out"] == projection  # y is written for the add
+    if not calibrated:  # the dynamic scale is checked after each run, like a quantize step's
+        assert step["levels"] == 15 and plan["buffers"][step["args"][step["scale_arg"]]]["shape"] == [1]
+    check = [np.random.default_rng(1).random((2, 3, 16, 16), dtype=np.float32)]
+    report = verify(model, inputs=check, artifact=str(art), per_layer=True, calibrate=calib)
+    assert report.ok and report.accumulators_exact, report.to_json()

@@ -504,7 +504,8 @@ class _Lowerer:
             self.pending_epilogues[residual_add.name] = _PendingEpilogue(n, base_key, build_epilogue, args)
             return
         outs, fused, suffix = self._layer_output(n, info, exact_y=True)
-        quantizer = self._dynamic_quantize_of(n).name if fused.get("out_scale") == 0.0 else None
+        quantizer = (self._dynamic_quantize_of(n) or self._shared_quantize_of(n)).name \
+            if fused.get("out_scale") == 0.0 else None
         tables, steps = self._code_tables(n, storage, split_acc or bool(zero_point), fused)
         if steps == FORM:
             fused, suffix = {**fused, "code_form": True}, suffix + ",form"
@@ -515,16 +516,18 @@ class _Lowerer:
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
         self.plan.call(f, args + tables + outs, n.name)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
-            self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args), quantizer=quantizer)
+            self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args) + int("keep_y" in fused),
+                                       quantizer=quantizer)
         self._requantize_after(n)
 
     def _tile_epilogue_fits(self, n: Node) -> bool:
         """Whether bit-parallel linear layer ``n`` runs as one tile call that applies its float
         epilogue in the core (``backend.tile_dense_epilogue``): on the generic dense path, with a
-        float output its only form (no fused codes, dynamic quantizer or residual add)."""
+        float output its only form (no fused codes, quantizer or residual add)."""
         if self.backend_tile_dense_epilogue is None or n.op != "qlinear" or n.quant.out_bits is not None:
             return False
-        if self._dynamic_quantize_of(n) is not None or self._residual_add_of(n) is not None:
+        if (self._dynamic_quantize_of(n) is not None or self._shared_quantize_of(n) is not None
+                or self._residual_add_of(n) is not None):
             return False
         if self._small_dense(n) or self._nibble_high(n) is not None:
             return False
@@ -585,7 +588,7 @@ class _Lowerer:
         accumulators one int16 or int32 buffer, and each channel's rows at least one 32-lane vector."""
         in_scale = self._static_scale_of(n.inputs[0])
         if not (self.code_search and n.op == "qconv2d" and storage in ("int16", "int32") and not two_parts
-                and fused.get("out_scale", 0.0) > 0 and in_scale > 0
+                and fused.get("out_scale", 0.0) > 0 and in_scale > 0 and not fused.get("keep_y")
                 and int(np.prod(n.type.shape[2:])) >= TABLE_ENTRIES):
             return [], 0
         tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32")
@@ -623,7 +626,16 @@ class _Lowerer:
         if spec.out_bits is None:
             quantizer = self._dynamic_quantize_of(n) if exact_y else None
             if quantizer is None:
-                return [self.out(n)], {}, ""
+                shared = self._shared_quantize_of(n) if exact_y else None
+                if shared is None:
+                    return [self.out(n)], {}, ""
+                # y has other readers too (a residual add): the epilogue writes y and the codes
+                # (one kernel instead of the epilogue, then a quantize reading y back)
+                self.fused_quantize.add(shared.name)
+                codes, fused, suffix = self._epilogue_codes(shared, shared.attr("bits"),
+                                                            float(shared.attr("static_scale", 0.0)),
+                                                            bool(shared.attr("signed")))
+                return [self.out(n)] + codes, {**fused, "keep_y": True}, suffix + ",keep_y"
             info["tensors"]["out"] = None  # y stays in registers
             self.fused_quantize.add(quantizer.name)
             return self._epilogue_codes(quantizer, quantizer.attr("bits"), 0.0, bool(quantizer.attr("signed")))
@@ -711,6 +723,13 @@ class _Lowerer:
         if fused.get("out_scale") == 0.0:  # a dynamic scale: the runtime checks it like a quantize step's
             self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args) + int(keep_y),
                                        quantizer=quantizer.name)
+
+    def _shared_quantize_of(self, n: Node) -> Node | None:
+        """A symmetric quantize among the readers of layer ``n``'s float output when others read
+        it too (its epilogue can write both: ``keep_y``)."""
+        if not self.fused_requant or len(self.users.get(n.name, [])) < 2:
+            return None
+        return self._symmetric_quantize_of(n)
 
     def _dynamic_quantize_of(self, n: Node) -> Node | None:
         """The dynamic-scale quantize node that is the only reader of layer ``n``'s float output."""
