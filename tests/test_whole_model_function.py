@@ -112,3 +112,83 @@ def test_outputs_are_new_arrays_written_in_place(cnn_artifact):
     np.testing.assert_array_equal(first, kept)
     np.testing.assert_array_equal(second, _by_steps(runtime.load(cnn_artifact), x2))
     np.testing.assert_array_equal(model(x1, record={}), kept)  # recording runs copy the output out
+
+
+def _aligned_copy(x: np.ndarray, misalign: int = 0) -> np.ndarray:
+    """``x`` copied into memory at ``misalign`` bytes past a 64-byte boundary."""
+    memory = runtime._output_memory(x.nbytes + 64)
+    out = memory[misalign:misalign + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+@pytest.fixture
+def direct_inputs(monkeypatch):
+    """Inputs of every size read in place (where aligned), not only large ones."""
+    monkeypatch.setattr(runtime, "_DIRECT_INPUT_MIN_BYTES", 0)
+
+
+def _lstm_artifact(folder):
+    torch.manual_seed(2)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = torch.nn.LSTM(6, 8, batch_first=True)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x, h, c):
+            y, (h2, c2) = self.cell(x, (h, c))
+            return self.head(y[:, -1]), h2, c2
+
+    model = csqc.finalize(csqc.convert(Step().eval(), n_bits=4, act_bits=4))
+    example = (torch.zeros(1, 3, 6), torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+    return csqc.compile(csqc.load(csqc.save(model, folder / "lstm.pt", example)), "llvm", folder / "lstm.so").output
+
+
+@pytest.mark.usefixtures("direct_inputs")
+@pytest.mark.parametrize("which", ["cnn", "lstm"])
+def test_aligned_inputs_are_read_in_place_and_left_as_they_were(cnn_artifact, tmp_path, which):
+    """An aligned, contiguous input is handed to the whole-model function instead of copied in:
+    the outputs are those of the copying call (an unaligned array, or a recording run), the
+    caller's arrays keep their values, and later calls do not read a stale copy."""
+    path = cnn_artifact if which == "cnn" else _lstm_artifact(tmp_path)
+    model, copying = runtime.load(path), runtime.load(path)
+    copying._direct_inputs = None
+    assert model._direct_inputs is not None and all(b is not None for b in model._direct_inputs)
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        xs = [rng.standard_normal(s["shape"], dtype=np.float32) for s in model.inputs]
+        aligned = [_aligned_copy(x) for x in xs]
+        assert all(model._readable_in_place(i, x) for i, x in enumerate(aligned))
+        want = copying(*xs)
+        got = model(*aligned)
+        for w, g in zip(want if isinstance(want, list) else [want], got if isinstance(got, list) else [got]):
+            np.testing.assert_array_equal(g, w)
+        for x, a in zip(xs, aligned):
+            np.testing.assert_array_equal(a, x)
+        unaligned = [_aligned_copy(x, misalign=16) for x in xs]
+        assert not any(model._readable_in_place(i, x) for i, x in enumerate(unaligned))
+        for w, g in zip(want if isinstance(want, list) else [want],
+                        (lambda r: r if isinstance(r, list) else [r])(model(*unaligned))):
+            np.testing.assert_array_equal(g, w)
+        recorded = {}
+        for w, g in zip(want if isinstance(want, list) else [want],
+                        (lambda r: r if isinstance(r, list) else [r])(model(*aligned, record=recorded))):
+            np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(recorded[model.inputs[0]["name"]], xs[0])  # the recording saw the input
+
+
+@pytest.mark.usefixtures("direct_inputs")
+def test_an_input_read_in_place_is_checked_for_nan(cnn_artifact):
+    model = runtime.load(cnn_artifact)
+    x = _aligned_copy(np.random.default_rng(8).standard_normal((1, 3, 8, 8), dtype=np.float32))
+    x[0, 1, 2, 3] = np.nan
+    with pytest.raises(BadInput, match="NaN or infinity"):
+        model(x)
+
+
+def test_small_inputs_are_copied_in(cnn_artifact):
+    """Below ``_DIRECT_INPUT_MIN_BYTES`` copying is the cheaper call: no input is bound."""
+    model = runtime.load(cnn_artifact)
+    assert model._direct_inputs == [None]
