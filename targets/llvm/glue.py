@@ -398,7 +398,7 @@ def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
 
 
 def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at: Callable, acc_of: Callable,
-                                      value_of: Callable, scale) -> None:
+                                      value_of: Callable, scale, extremes=None) -> None:
     """``scale[0] = max |value_of(acc_of(scan_at(i, c), c), c)|`` where ``acc_of(., c)`` and
     ``value_of(., c)`` are monotone for each channel c (NCHW rows of one channel, at least a
     vector wide): the extremes of |value| are at the row's smallest and largest scanned values,
@@ -408,7 +408,8 @@ def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at
 
     ``scan_at`` may read the stored accumulator as it is (int16 storage: 32 lanes a vector, no
     widening) when ``acc_of`` turns it into the accumulator by an increasing map (widening,
-    less a per-channel constant)."""
+    less a per-channel constant). ``extremes`` (int32 ``[rows * 2]``, optional): each row's
+    smallest and largest scanned value, for a codes pass that searches between them."""
     _, outer, channels, inner = _channel_view(shape, axis)
     lanes = max(LANES, 64 // np.dtype(scan_dtype).itemsize)  # a zmm register of narrow integers
     rows, (full, tail) = outer * channels, divmod(inner, lanes)
@@ -432,6 +433,9 @@ def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at
             I.buffer_store(low, tirx.Min(low[0], low[lane]), [0])
             I.buffer_store(high, tirx.Max(high[0], high[lane]), [0])
         c = row % channels
+        if extremes is not None:
+            I.buffer_store(extremes, tirx.Cast("int32", low[0]), [row * 2])
+            I.buffer_store(extremes, tirx.Cast("int32", high[0]), [row * 2 + 1])
         I.buffer_store(partial, tirx.Max(tirx.abs(value_of(acc_of(low[0], c), c)),
                                          tirx.abs(value_of(acc_of(high[0], c), c))), [row])
     I.buffer_store(scale, _f32(0.0), [0])
@@ -688,6 +692,30 @@ def _code_quotient(numerator, divisor: _Divisor) -> tirx.PrimExpr:
     return _divided(numerator, divisor.value, divisor.recip)
 
 
+def _code_magnitude(value, scale, levels: int, clamp: bool, fast: _Divisor | None) -> tirx.PrimExpr:
+    """int32 ``roundeven(min(|value| * L / S, L))`` (``min`` where ``clamp``), as :func:`_store_codes`
+    stores it: exactly the interpreter's float32 ops, ``(|x| * L) / S``, then round half to even."""
+    numerator = tirx.abs(value) * _f32(levels)
+    if fast is None:
+        quotient = numerator / scale[0]
+    else:
+        if clamp:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
+            numerator = tirx.Min(_rounded(numerator), fast.bound)
+        quotient = _code_quotient(numerator, fast)
+    if clamp:  # min(roundeven(q), L) is roundeven(min(q, L)) for an integer L, and in int32's range
+        quotient = tirx.Min(quotient, _f32(levels))
+    return _round_to_int(quotient)  # at most L + 1 (a dynamic S is at least |x|)
+
+
+def _signed_code(value, scale, levels: int, clamp: bool, fast: _Divisor | None, signed: bool) -> tirx.PrimExpr:
+    """The code :func:`_store_codes` stores for ``value`` as one int32: ``pos - neg`` (offset codes
+    less ``L``), or ``pos`` alone for unsigned codes (a negative value's code is 0)."""
+    magnitude = _code_magnitude(value, scale, levels, clamp, fast)
+    zero = tirx.const(0, "int32")
+    positive = tirx.Select(value > _f32(0.0), magnitude, zero)
+    return tirx.Select(value < _f32(0.0), zero - magnitude, positive) if signed else positive
+
+
 def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_flat, neg_flat,
                  fast: _Divisor | None = None, nonnegative: bool = False) -> None:
     """Store the codes of ``value`` at flat index ``i`` (``quantize``'s layout: see there);
@@ -699,16 +727,7 @@ def _store_codes(value, i, scale, levels: int, clamp: bool, offset: bool, pos_fl
     # (_round_to_int).  S is read back from the buffer so no constant folding can
     # turn the division into a reciprocal multiply.  With a dynamic S == 0 every x is
     # +-0, so the x > 0 / x < 0 selects below already give 0 (the NaN is never used).
-    numerator = tirx.abs(value) * _f32(levels)
-    if fast is None:
-        quotient = numerator / scale[0]
-    else:
-        if clamp:  # beyond (L + 1) S the code is L either way: no overflow in _quotient
-            numerator = tirx.Min(_rounded(numerator), fast.bound)
-        quotient = _code_quotient(numerator, fast)
-    if clamp:  # min(roundeven(q), L) is roundeven(min(q, L)) for an integer L, and in int32's range
-        quotient = tirx.Min(quotient, _f32(levels))
-    magnitude = _round_to_int(quotient)  # at most L + 1 (a dynamic S is at least |x|)
+    magnitude = _code_magnitude(value, scale, levels, clamp, fast)
     zero = tirx.const(0, "int32")
     if nonnegative and fast is not None:
         code = tirx.const(levels, "int32") + magnitude if offset else magnitude
@@ -838,7 +857,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
              out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False,
              has_residual: bool = False, post_act: str = "none", post_lo: float = 0.0, post_hi: float = 0.0,
              keep_y: bool = False, acc_storage: str | None = None, code_search: int = 0,
-             code_form: bool = False) -> tirx.PrimFunc:
+             code_form: bool = False, dynamic_search: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -885,6 +904,10 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     arithmetic instead of the search (``code_thresholds.code_form``: clamp, lower, shift,
     ``vpmulhw``, add, shift, then ``+ code_base``); parameters ``code_form: int16[C * FORM_FIELDS]``,
     ``code_base: int8[C]`` and ``acc_flip: int8[C]`` follow ``add``. The same codes, bit for bit.
+
+    ``dynamic_search`` (a dynamic output scale; :func:`dynamic_search_fits` says where): the codes
+    pass finds each row's thresholds itself once the scale is known, and searches them as
+    ``code_search`` does (:func:`_emit_dynamic_code_search`). No parameters change.
     """
     _check_act(act)
     _check_act(post_act)
@@ -921,6 +944,11 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     if code_search or code_form:
         _check_code_search(shape, channel_axis, levels, out_bits, out_scale, storage, has_neg, has_zero_point,
                            has_residual, keep_y, code_search or 1)
+    if dynamic_search and not dynamic_search_fits(shape, channel_axis, levels, out_bits, out_scale, out_signed,
+                                                  storage, has_neg, has_residual, keep_y):
+        raise ValueError("dynamic_search needs a dynamic output scale of at most 5 search steps, one int16 or "
+                         "int32 accumulator per element (no negative part, residual or kept y) and rows of "
+                         f"at least {DYNAMIC_SEARCH_MIN_ROW} elements of one channel")
     if code_search:
         entries = 2**code_search - 1
         params += [("code_thresholds", (channels * entries + SEARCH_LANES - entries,), "int16"),
@@ -987,6 +1015,9 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         # the float y stays in registers: round it like a store would, then its codes
         out_scale_buf = named["out_scale"]
         stored_y = None  # where the first pass left every float y (None: the codes pass recomputes it)
+        # each row's least and greatest stored accumulator, for the dynamic search
+        extremes = I.alloc_buffer((_prod(shape) // _channel_view(shape, channel_axis)[3] * 2,), "int32",
+                                  scope="global") if dynamic_search else None
         if out_scale > 0:
             I.buffer_store(out_scale_buf, _f32(out_scale), [0])
         elif levels is not None and not has_residual and _channel_view(shape, channel_axis)[3] >= LANES:
@@ -1000,7 +1031,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
             else:  # scan what is stored (widening and the offset keep the order)
                 _emit_channel_abs_max_of_monotone(shape, channel_axis, storage, lambda i, c: acc_flat[i],
                                                   lambda stored, c: less_offset(widened(stored), c),
-                                                  value_of, out_scale_buf)
+                                                  value_of, out_scale_buf, extremes)
         elif keep_y or has_residual:
             # max|y| needs every y: the first pass stores each one (in y itself when it is kept)
             # and the codes pass reads it back instead of computing it again (a residual block's
@@ -1049,6 +1080,29 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         if code_search or code_form:
             _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels, out_offset,
                               code_search)
+        elif dynamic_search:
+            signed = out_signed or out_offset
+            negative_codes = signed and not nonnegative  # levels below zero (a relu's have none)
+
+            def search_pass(fast_levels: bool, fast_codes: _Divisor | None):
+                def code_of(s, c):
+                    """The code of search value ``s`` (int32) of channel ``c``, as ``store`` stores it."""
+                    stored = s ^ tirx.Select(named["mult"][c] < _f32(0.0), tirx.const(-1, "int32"),
+                                             tirx.const(0, "int32"))
+                    value = _rounded(layer_value(less_offset(tirx.Cast(acc_dtype, stored), c), c, fast_levels))
+                    return _signed_code(value, out_scale_buf, out_levels, False, fast_codes, signed)
+
+                def float_row(row, c):
+                    _vector_span(lambda r, col: store(r * _channel_view(shape, channel_axis)[3] + col, c,
+                                                      fast_levels, fast_codes), row, 0,
+                                 _channel_view(shape, channel_axis)[3])
+
+                _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, code_of, float_row,
+                                          code_parts, out_levels, out_offset, negative_codes, levels)
+
+            on_levels_divisor(lambda fast_levels: _on_divisor_range(
+                out_scale_buf[0], lambda fast: search_pass(fast_levels, divisor if fast else None),
+                n >= _QUOTIENT_MIN_ELEMENTS))
         elif stored_y is not None:
             codes_pass(False)  # y is read back: the levels' divisor plays no part
         else:
@@ -1143,6 +1197,139 @@ def _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_par
                     codes_of_row(lambda stored: saturated_search_value(
                         tirx.Cast(f"int32x{lanes}", stored), tirx.Broadcast(off, lanes),
                         tirx.Broadcast(flipped, lanes)))
+
+
+# Rows shorter than this keep the float chain under a dynamic scale: finding a row's thresholds
+# costs about as much as running the chain over this many elements (measured: see
+# _emit_dynamic_code_search)
+DYNAMIC_SEARCH_MIN_ROW = 512
+
+
+def dynamic_search_steps(out_levels: int, signed: bool) -> int:
+    """Search steps for codes of ``out_levels`` levels under a dynamic scale, which bounds every
+    code of the tensor by ``L``: ``2 L`` thresholds for signed codes, ``L`` for unsigned ones."""
+    return max(1, math.ceil(math.log2((2 * out_levels if signed else out_levels) + 1)))
+
+
+def dynamic_search_fits(shape, channel_axis: int, levels: int | None, out_bits: int | None, out_scale: float,
+                        signed: bool, storage: str, has_neg: bool, has_residual: bool, keep_y: bool) -> bool:
+    """Whether :func:`epilogue` can take ``dynamic_search`` for these options."""
+    if levels is None or out_bits is None or out_scale != 0 or has_neg or has_residual or keep_y:
+        return False
+    if storage not in ("int16", "int32") or _channel_view(tuple(shape), channel_axis)[3] < DYNAMIC_SEARCH_MIN_ROW:
+        return False
+    return dynamic_search_steps(_levels(out_bits), signed) <= 5
+
+
+def _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, code_of: Callable,
+                              float_row: Callable, code_parts, out_levels: int, out_offset: bool,
+                              negative_codes: bool, levels: int) -> None:
+    """A dynamic scale's codes pass by a threshold search: per row (one channel), once ``S'`` is
+    known, find the staircase's thresholds over the row's values (``extremes``, from the scale's
+    pass), prove them, and search them 32 lanes a vector as :func:`_emit_code_search` does; a
+    row whose thresholds are not proved runs ``float_row`` (the float chain) instead.
+
+    Search values are ``s = stored ^ flip`` (``flip`` -1 where ``mult[c] < 0``), in which the code
+    (``code_of(s, c)``: the codes pass's own float chain, so the same bits) never decreases. A
+    dynamic scale bounds every code of the tensor: they lie in ``[b, L']`` (``b = -L'`` where
+    ``negative_codes``: signed codes of values that may be negative; else 0), so over the row's ``[s_min, s_max]`` the code is ``b + #{l : s > t_l}`` for
+    the levels ``l = b + 1 .. L'``, where ``t_l`` is the greatest ``s`` in ``[s_min - 1, s_max]``
+    whose code is below ``l`` (``s_min - 1``: reached by the whole row; ``s_max``: by none of it).
+    Each ``t_l`` is estimated from the affine part of the chain, ``s ~ ((l - 1/2) S' / L' - add) /
+    mult * L / S + offset``, rounded and kept in the row, and proved by three exact codes: with
+    codes below ``s_min`` taken as below every level and above ``s_max`` as above,
+    ``code(t0 - 1) < l <= code(t0 + 1)`` puts ``t_l`` at ``t0 - 1`` or ``t0`` (``code(t0)``
+    says which). No level needs the row's own codes first, so every lane is independent: three
+    chain vectors a row for codes of one sign (six for both signs) against the chain's ``inner /
+    16``; from :data:`DYNAMIC_SEARCH_MIN_ROW` elements the search is the faster. Rows whose
+    estimate misses run the chain: a staircase flattened inside the row by a clip below zero, or
+    a channel whose ``mult`` is zero (constant codes, a NaN estimate) where a level is not reached.
+    int32 storage is searched saturated to int16, so a row whose values leave int16 runs the chain."""
+    _, outer, channels, inner = _channel_view(shape, channel_axis)
+    rows = outer * channels
+    steps = dynamic_search_steps(out_levels, negative_codes)
+    entries = (2 if negative_codes else 1) * out_levels  # levels b + 1 .. L'
+    lowest = -out_levels if negative_codes else 0  # b: the code below every threshold
+    blocks = -(-entries // LANES)
+    lanes = SEARCH_LANES
+    i16 = f"int16x{lanes}"
+    vectors = -(-inner // lanes)
+    wide = acc_flat.dtype == "int32"
+    mult, add = named["mult"], named.get("add")
+    pos_flat, neg_flat = code_parts
+    zero = tirx.const(0, "int32")
+    beyond = tirx.const(1 << 20, "int32")  # a code no level reaches, and its negation
+
+    # each channel's estimate s ~ (l - 1/2) * slope + intercept (float32, any accuracy: it is
+    # proved), 16 channels a vector before the rows (three divides a row, in the rows, were
+    # a fifth of a 14x14 layer's pass)
+    lines = I.alloc_buffer((2 * channels,), F32, scope="global")  # slopes, then intercepts
+
+    def line_of(_row, c):
+        to_acc = _f32(levels) / named["scale"][0] / mult[c]
+        I.buffer_store(lines, named["out_scale"][0] / _f32(out_levels) * to_acc, [c])
+        offset = _less_offset(zero, c, named, "int32")  # acc = stored + offset
+        intercept = tirx.Cast(F32, zero - offset) - (add[c] * to_acc if add is not None else _f32(0.0))
+        I.buffer_store(lines, intercept, [channels + c])
+
+    _vector_span(line_of, 0, 0, channels)
+
+    with _parallel_or_serial(rows, rows * inner) as row:
+        c = row % channels
+        flip = tirx.Select(mult[c] < _f32(0.0), tirx.const(-1, "int32"), zero)
+        low, high = extremes[row * 2], extremes[row * 2 + 1]
+        ends = _local((2,), "int32")  # s_min, s_max
+        I.buffer_store(ends, tirx.Select(flip != 0, ~high, low), [0])
+        I.buffer_store(ends, tirx.Select(flip != 0, ~low, high), [1])
+        s_min, s_max = ends[0], ends[1]
+        thresholds = _local((lanes,), "int32")  # the table: entries past the levels are never crossed
+        proved = _local((blocks * LANES,), "int32")
+        with I.vectorized(entries, lanes) as k:
+            I.buffer_store(thresholds, tirx.const(NO_STEP, "int32"), [k])
+        for block in range(blocks):
+            with I.vectorized(0, LANES) as lane:
+                k = block * LANES + lane
+                level = lowest + 1 + k
+                estimate = _fma(tirx.Cast(F32, level) - _f32(0.5), lines[c], lines[channels + c])
+                estimate = tirx.Select(flip != 0, _f32(-1.0) - estimate, estimate)
+                # kept in the row (a NaN or an overflow converts to some int32: still proved or refused)
+                t0 = tirx.max(tirx.min(_round_to_int(estimate), s_max), s_min)
+
+                def code(s):
+                    """The code at s, taken as below every level left of the row and above right of it."""
+                    inside = code_of(tirx.max(tirx.min(s, s_max), s_min), c)
+                    return tirx.Select(s < s_min, zero - beyond, tirx.Select(s > s_max, beyond, inside))
+
+                below, middle, above = code(t0 - 1), code(t0), code(t0 + 1)
+                in_use = k < entries
+                I.buffer_store(thresholds, tirx.Select(
+                    in_use, t0 - 1 + tirx.Cast("int32", middle < level), tirx.const(NO_STEP, "int32")), [k])
+                I.buffer_store(proved, tirx.Cast("int32", tirx.Or(tirx.Not(in_use),
+                                                                   tirx.And(below < level, above >= level))), [k])
+        ok = _local((1,), "int32")
+        # the values searched (int16, or int32 saturated to int16) must be the values themselves
+        I.buffer_store(ok, tirx.Cast("int32", tirx.all(s_min >= -(2**15), s_max < 2**15)) if wide
+                       else tirx.const(1, "int32"), [0])
+        with I.serial(0, blocks * LANES) as k:
+            I.buffer_store(ok, ok[0] & proved[k], [0])
+        with I.If(ok[0] != 0):
+            with I.Then():
+                table = _local((1,), i16)
+                I.buffer_store(table, tirx.Cast(i16, thresholds[tirx.Ramp(0, 1, lanes)]), [0])
+                code_base = _local((1,), i16)
+                I.buffer_store(code_base, tirx.Broadcast(tirx.const(lowest, "int16"), lanes), [0])
+                flip_type = "int32" if wide else "int16"
+                flips = _local((1,), f"{flip_type}x{lanes}")
+                I.buffer_store(flips, tirx.Broadcast(tirx.Cast(flip_type, flip), lanes), [0])
+                with I.serial(0, vectors) as v:
+                    # the last vector of a row ends at the row's end, overlapping the one before it
+                    first = row * inner + tirx.min(v * lanes, inner - lanes)
+                    stored = acc_flat[tirx.Ramp(first, 1, lanes)]
+                    value = tirx.Cast(i16, stored ^ flips[0]) if wide else stored ^ flips[0]
+                    code = searched_codes(value, table[0], code_base[0], steps)
+                    store_searched_codes(code, first, pos_flat, neg_flat, out_levels, out_offset)
+            with I.Else():
+                float_row(row, c)
 
 
 def _search_row(named, c, steps: int, shift) -> tuple:

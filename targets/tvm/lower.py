@@ -513,6 +513,9 @@ class _Lowerer:
         elif steps:
             fused, suffix = {**fused, "code_search": steps}, suffix + f",search({steps})"
             info["codes"] = f"threshold search, {steps} steps"
+        elif self._dynamic_search_fits(n, storage, split_acc, fused):
+            fused, suffix = {**fused, "dynamic_search": True}, suffix + ",dynamic_search"
+            info["codes"] = "threshold search, thresholds found per call"
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
         self.plan.call(f, args + tables + outs, n.name)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
@@ -600,6 +603,15 @@ class _Lowerer:
                  self.plan.weight(f"{n.name}.code_base", tables.base),
                  self.plan.weight(f"{n.name}.acc_flip", tables.flip)]
         return names, FORM if form is not None else tables.steps
+
+    def _dynamic_search_fits(self, n: Node, storage: str, two_parts: bool, fused: dict) -> bool:
+        """Whether conv ``n``'s epilogue, whose output codes have a dynamic scale, finds each row's
+        thresholds per call and searches them (``glue.epilogue``'s ``dynamic_search``)."""
+        if not (self.code_search and n.op == "qconv2d" and "out_bits" in fused and fused.get("out_scale") == 0.0):
+            return False
+        return self.glue.dynamic_search_fits(n.type.shape, 1, 2**n.quant.act_bits - 1, fused["out_bits"], 0.0,
+                                             fused["out_signed"] or fused["out_offset"], storage, two_parts, False,
+                                             bool(fused.get("keep_y")))
 
     def _static_scale_of(self, codes: str) -> float:
         """The static scale of activation codes ``codes`` (a symmetric quantize's, or the fused
