@@ -402,19 +402,22 @@ def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at
     """``scale[0] = max |value_of(acc_of(scan_at(i, c), c), c)|`` where ``acc_of(., c)`` and
     ``value_of(., c)`` are monotone for each channel c (NCHW rows of one channel, at least a
     vector wide): the extremes of |value| are at the row's smallest and largest scanned values,
-    so the pass over the tensor is an integer min / max (two instructions a vector) and
-    ``acc_of`` and ``value_of`` run twice per row. Exact: the max is over values the elementwise
-    pass computes, and every other element's lies between them.
+    so the pass over the tensor is an integer min / max (two instructions a vector), and
+    ``acc_of`` and ``value_of`` run on each row's two extremes, 16 rows a vector after the scan
+    (in the scan, as scalars with their divides, they were half of a 7x7 layer's pass). Exact:
+    the max is over values the elementwise pass computes, and every other element's lies
+    between them.
 
     ``scan_at`` may read the stored accumulator as it is (int16 storage: 32 lanes a vector, no
     widening) when ``acc_of`` turns it into the accumulator by an increasing map (widening,
-    less a per-channel constant). ``extremes`` (int32 ``[rows * 2]``, optional): each row's
-    smallest and largest scanned value, for a codes pass that searches between them."""
+    less a per-channel constant). ``extremes`` (int32 ``[2 * rows]``, optional): where the rows'
+    smallest, then largest, scanned values are kept, for a codes pass that searches between them."""
     _, outer, channels, inner = _channel_view(shape, axis)
     lanes = max(LANES, 64 // np.dtype(scan_dtype).itemsize)  # a zmm register of narrow integers
     rows, (full, tail) = outer * channels, divmod(inner, lanes)
     info = np.iinfo(scan_dtype)
-    partial = I.alloc_buffer((rows,), F32, scope="global")
+    if extremes is None:
+        extremes = I.alloc_buffer((rows * 2,), "int32", scope="global")
     with _parallel_or_serial(rows, rows * inner) as row:
         low, high = _local((lanes,), scan_dtype), _local((lanes,), scan_dtype)
         with I.vectorized(0, lanes) as lane:
@@ -429,18 +432,35 @@ def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at
                     scanned = scan_at(row * inner + col, row % channels)
                     I.buffer_store(low, tirx.Min(low[lane], scanned), [lane])
                     I.buffer_store(high, tirx.Max(high[lane], scanned), [lane])
-        with I.serial(1, lanes) as lane:
-            I.buffer_store(low, tirx.Min(low[0], low[lane]), [0])
-            I.buffer_store(high, tirx.Max(high[0], high[lane]), [0])
-        c = row % channels
-        if extremes is not None:
-            I.buffer_store(extremes, tirx.Cast("int32", low[0]), [row * 2])
-            I.buffer_store(extremes, tirx.Cast("int32", high[0]), [row * 2 + 1])
-        I.buffer_store(partial, tirx.Max(tirx.abs(value_of(acc_of(low[0], c), c)),
-                                         tirx.abs(value_of(acc_of(high[0], c), c))), [row])
+        width = lanes // 2  # fold the lanes in halves (a lane at a time: ~4 instructions and a branch each)
+        while width:
+            with I.vectorized(0, width) as lane:
+                I.buffer_store(low, tirx.Min(low[lane], low[lane + width]), [lane])
+                I.buffer_store(high, tirx.Max(high[lane], high[lane + width]), [lane])
+            width //= 2
+        I.buffer_store(extremes, tirx.Cast("int32", low[0]), [row])
+        I.buffer_store(extremes, tirx.Cast("int32", high[0]), [rows + row])
+    running = _local((LANES,))
+    with I.vectorized(0, LANES) as lane:
+        I.buffer_store(running, _f32(0.0), [lane])
+
+    def fold(r, lane):
+        c = r % channels if outer > 1 else r
+        low, high = (tirx.Cast(scan_dtype, extremes[k * rows + r]) for k in (0, 1))
+        I.buffer_store(running, tirx.Max(running[lane], tirx.Max(tirx.abs(value_of(acc_of(low, c), c)),
+                                                                 tirx.abs(value_of(acc_of(high, c), c)))), [lane])
+
+    full_rows, tail_rows = divmod(rows, LANES)
+    if full_rows:
+        with I.serial(0, full_rows) as v:
+            with I.vectorized(0, LANES) as lane:
+                fold(v * LANES + lane, lane)
+    if tail_rows:
+        with I.vectorized(0, tail_rows) as lane:
+            fold(full_rows * LANES + lane, lane)
     I.buffer_store(scale, _f32(0.0), [0])
-    with I.serial(0, rows) as r:
-        I.buffer_store(scale, tirx.Max(scale[0], partial[r]), [0])
+    with I.serial(0, LANES) as lane:
+        I.buffer_store(scale, tirx.Max(scale[0], running[lane]), [0])
 
 
 def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
@@ -1277,7 +1297,7 @@ def _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, co
     with _parallel_or_serial(rows, rows * inner) as row:
         c = row % channels
         flip = tirx.Select(mult[c] < _f32(0.0), tirx.const(-1, "int32"), zero)
-        low, high = extremes[row * 2], extremes[row * 2 + 1]
+        low, high = extremes[row], extremes[rows + row]
         ends = _local((2,), "int32")  # s_min, s_max
         I.buffer_store(ends, tirx.Select(flip != 0, ~high, low), [0])
         I.buffer_store(ends, tirx.Select(flip != 0, ~low, high), [1])
