@@ -34,7 +34,7 @@ _LAZY = {
     "train_float": ("train", "train_float"), "train_csq": ("train", "train_csq"), "train_recipe": ("train", "train_recipe"), "evaluate": ("train", "evaluate"),
     "train_factory": ("train", "train_factory"), "TrainingRun": ("train", "TrainingRun"),
     "capture": ("capture", "capture"), "optimize": ("compiler", "optimize"), "compile": ("compiler", "compile"),
-    "inspect": ("compiler", "inspect"), "verify": ("verify", "verify"),
+    "inspect": ("compiler", "inspect"), "verify": ("verify", "verify"), "aligned_array": ("runtime", "aligned_array"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -473,7 +473,11 @@ def _inputs(model, specs: list[dict], dataset: str | None) -> tuple[list[np.ndar
         data = load_digits_split(image=len(shape) == 4)
         batches = data.x_test[: (len(data.x_test) // shape[0]) * shape[0]].reshape(-1, *shape)
         xs, calib = [batches[0]], list(batches[:8])
-    return xs, calib
+    # every runtime reads these same arrays; 64-byte aligned as torch allocates its tensors (a
+    # CPU artifact then reads them in place, as ONNX Runtime reads numpy inputs)
+    from .runtime import aligned_array
+
+    return [aligned_array(x) for x in xs], calib
 
 
 def _best_alone(name: str, fn: Callable[[], object], timings: dict[str, Timing], sizes: dict, rounds: int,

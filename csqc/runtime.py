@@ -34,7 +34,7 @@ from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 from .targets.tvm.code_thresholds import forms_in_range  # numpy only too
 
-__all__ = ["CompiledModel", "StepTime", "load", "check_plan", "physical_cores", "profile_steps"]
+__all__ = ["CompiledModel", "StepTime", "aligned_array", "load", "check_plan", "physical_cores", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 # an output whose values the compiler bounds below this (plan "finite_below") is not scanned
@@ -653,6 +653,18 @@ def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepT
     medians = np.median(samples, axis=0) * 1e6
     return [StepTime(i, step.get("layer", ""), _kernel_kind(step["func"]), float(t))
             for i, (step, t) in enumerate(zip(model.plan["steps"], medians))]
+
+
+def aligned_array(x) -> np.ndarray:
+    """A C-contiguous copy of ``x`` at a 64-byte aligned address, the alignment TVM's kernels
+    assume: a CPU model reads such an input where it lies (from 128 KiB) instead of copying it
+    in. torch's CPU tensors are aligned so already (``tensor.numpy()`` shares them); numpy
+    places large arrays 16 bytes past a boundary. Allocate once and write each batch into it
+    (``out[...] = batch``) to keep the saving."""
+    x = np.asarray(x)
+    out = _output_memory(x.nbytes).view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
 
 
 def _output_memory(nbytes: int) -> np.ndarray:

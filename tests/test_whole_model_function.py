@@ -192,3 +192,17 @@ def test_small_inputs_are_copied_in(cnn_artifact):
     """Below ``_DIRECT_INPUT_MIN_BYTES`` copying is the cheaper call: no input is bound."""
     model = runtime.load(cnn_artifact)
     assert model._direct_inputs == [None]
+
+
+def test_aligned_array_copies_into_memory_the_kernels_read_in_place(cnn_artifact, monkeypatch):
+    monkeypatch.setattr(runtime, "_DIRECT_INPUT_MIN_BYTES", 0)
+    model = runtime.load(cnn_artifact)
+    x = np.random.default_rng(9).standard_normal((1, 3, 8, 8), dtype=np.float32)
+    unaligned = _aligned_copy(x, misalign=16)
+    aligned = csqc.aligned_array(unaligned)
+    assert aligned.ctypes.data % 64 == 0 and aligned.flags.c_contiguous and not np.shares_memory(aligned, unaligned)
+    np.testing.assert_array_equal(aligned, x)
+    assert model._readable_in_place(0, aligned) and not model._readable_in_place(0, unaligned)
+    np.testing.assert_array_equal(model(aligned), model(unaligned))
+    strided = csqc.aligned_array(np.arange(12, dtype=np.int64).reshape(3, 4).T)  # any layout in, C order out
+    assert strided.flags.c_contiguous and strided.ctypes.data % 64 == 0 and strided.tolist()[1] == [1, 5, 9]
