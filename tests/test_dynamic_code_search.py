@@ -175,3 +175,26 @@ def test_models_search_long_rows_under_dynamic_scales_and_verify_exactly(inverte
             np.testing.assert_array_equal(record[codes].astype(np.int64) - offsets[codes], golden[codes],
                                           err_msg=f"{step['layer']} at skip {skip}")
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_asymmetric_input_codes_search_too():
+    """A zero point moves each row's accumulators by ``zero_point * weight sums`` (``acc_offset``):
+    the thresholds are found in the stored values' own terms, so rows search and give the chain's codes."""
+    rng = np.random.default_rng(11)
+    channels, shape = 12, (1, 12, 16, 32)
+    mult = (rng.standard_normal(channels) * 0.004).astype(F32)
+    add = (rng.standard_normal(channels) * 0.5).astype(F32)
+    stored = _stored(rng, shape, "int32")
+    sums = rng.integers(-300, 300, channels).astype(np.int32)
+    options = dict(has_offset=True, has_zero_point=True, out_bits=4, out_scale=0.0, out_signed=True, out_offset=True)
+    inputs = [stored, sums, np.array([F32(IN_SCALE)]), np.array([9], np.int32), mult, add]
+    outputs = [((1,), "float32"), (shape, "uint8")]
+
+    def epilogue(**extra):
+        return glue.epilogue(shape, 1, IN_LEVELS, "none", 0.0, 0.0, True, **options, **extra)
+
+    chain = run_kernel(epilogue(), *inputs, outputs=outputs)
+    for got, want in zip(run_kernel(epilogue(dynamic_search=True), *inputs, outputs=outputs), chain):
+        np.testing.assert_array_equal(got, want)
+    alone = run_kernel(_rows_without_the_chain(lambda: epilogue(dynamic_search=True)), *inputs, outputs=outputs)
+    assert (alone[1] == chain[1]).reshape(channels, -1).all(axis=1).all()
