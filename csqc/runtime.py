@@ -196,15 +196,10 @@ class CompiledModel:
         copy: no whole-model function, or an output that shares memory with an input, a weight or
         another output, or is empty). The function writes every output element each call, so the
         new array's initial contents are never read (tests/conftest.py poisons it for every test)."""
-        entry = self.plan.get("entry")
-        if entry is None:
+        if self.plan.get("entry") is None:
             return None
         specs = self.plan["buffers"]
-
-        def root(name: str) -> str:
-            return specs[name].get("alias", name)
-
-        roots = [root(o["name"]) for o in self.outputs]
+        roots = [self._root(o["name"]) for o in self.outputs]
         if len(set(roots)) != len(roots):
             return None
         bindings = []
@@ -213,11 +208,20 @@ class CompiledModel:
             nbytes = math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
             if spec["kind"] not in ("output", "temp") or nbytes == 0:
                 return None
-            args = tuple((position, tuple(specs[a]["shape"]), np.dtype(specs[a]["dtype"]))
-                         for position, a in enumerate(entry["args"]) if isinstance(a, str) and root(a) == name)
             out_spec = specs[out["name"]]
-            bindings.append(_FreshOutput(nbytes, tuple(out_spec["shape"]), np.dtype(out_spec["dtype"]), args))
+            bindings.append(_FreshOutput(nbytes, tuple(out_spec["shape"]), np.dtype(out_spec["dtype"]),
+                                         self._entry_arguments_on(name)))
         return bindings
+
+    def _root(self, name: str) -> str:
+        """The buffer whose memory plan buffer ``name`` is (itself, or what it aliases)."""
+        return self.plan["buffers"][name].get("alias", name)
+
+    def _entry_arguments_on(self, root: str) -> tuple:
+        """``(position, shape, dtype)`` of each whole-model function argument on buffer ``root``'s memory."""
+        specs = self.plan["buffers"]
+        return tuple((position, tuple(specs[a]["shape"]), np.dtype(specs[a]["dtype"]))
+                     for position, a in enumerate(self.plan["entry"]["args"]) if isinstance(a, str) and self._root(a) == root)
 
     def _direct_input_bindings(self) -> list[_DirectInput | None] | None:
         """Per model input, where the whole-model function takes its memory (None for an input
@@ -226,25 +230,17 @@ class CompiledModel:
         where there is no whole-model function. The kernels only read an input's buffer: what
         the compiler lowers writes each tensor into its own buffer (tests check the caller's
         array is left as it was)."""
-        entry = self.plan.get("entry")
-        if entry is None:
+        if self.plan.get("entry") is None:
             return None
-        specs = self.plan["buffers"]
-
-        def root(name: str) -> str:
-            return specs[name].get("alias", name)
-
-        output_roots = {root(o["name"]) for o in self.outputs}
+        output_roots = {self._root(o["name"]) for o in self.outputs}
         bindings = []
         for spec in self.inputs:
             name = spec["name"]
             nbytes = math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
-            if nbytes < _DIRECT_INPUT_MIN_BYTES or root(name) in output_roots:
+            if nbytes < _DIRECT_INPUT_MIN_BYTES or self._root(name) in output_roots:
                 bindings.append(None)
                 continue
-            args = tuple((position, tuple(specs[a]["shape"]), np.dtype(specs[a]["dtype"]))
-                         for position, a in enumerate(entry["args"]) if isinstance(a, str) and root(a) == name)
-            bindings.append(_DirectInput(nbytes, args))
+            bindings.append(_DirectInput(nbytes, self._entry_arguments_on(name)))
         return bindings
 
     def _readable_in_place(self, i: int, x: np.ndarray) -> bool:
