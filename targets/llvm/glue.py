@@ -1272,7 +1272,8 @@ def _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, co
     16``; from :data:`DYNAMIC_SEARCH_MIN_ROW` elements the search is the faster. Rows whose
     estimate misses run the chain: a staircase flattened inside the row by a clip below zero, or
     a channel whose ``mult`` is zero (constant codes, a NaN estimate) where a level is not reached.
-    int32 storage is searched saturated to int16, so a row whose values leave int16 runs the chain."""
+    int32 storage is searched narrowed to int16, so a row whose values leave -32767..32767 runs the
+    chain (``s_min - 1``, a threshold below the whole row, must be an int16 too)."""
     _, outer, channels, inner = _channel_view(shape, channel_axis)
     rows = outer * channels
     steps = dynamic_search_steps(out_levels, negative_codes)
@@ -1335,9 +1336,10 @@ def _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, co
                 I.buffer_store(proved, tirx.Cast("int32", tirx.Or(tirx.Not(in_use),
                                                                    tirx.And(below < level, above >= level))), [k])
         ok = _local((1,), "int32")
-        # the values searched (int16, or int32 saturated to int16) must be the values themselves
-        I.buffer_store(ok, tirx.Cast("int32", tirx.all(s_min >= -(2**15), s_max < 2**15)) if wide
-                       else tirx.const(1, "int32"), [0])
+        # every table entry must be an int16, s_min - 1 included (int16 storage keeps |stored| <=
+        # 32766, so only a row of int32 storage or at -32768 fails that), and the values searched
+        # (int32 narrowed to int16) must be the values themselves
+        I.buffer_store(ok, tirx.Cast("int32", tirx.all(s_min > -(2**15), s_max < 2**15)), [0])
         with I.serial(0, blocks * LANES) as k:
             I.buffer_store(ok, ok[0] & proved[k], [0])
         with I.If(ok[0] != 0):
