@@ -637,7 +637,9 @@ def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepT
     included), so the sum is close to, not equal to, ``model.time_us``: use it to see where
     the time goes, not as the model's latency.
     """
-    model(*inputs)  # copies the inputs in and prepares derived weights
+    # copies the inputs into the model's buffers, which the steps read (a recording run never
+    # reads them where the caller keeps them), and prepares derived weights
+    model(*inputs, record={})
     calls = model._calls(())
     samples = np.zeros((repeat, len(calls)))
     with model._thread_limit():  # on the threads a call runs on

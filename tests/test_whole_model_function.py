@@ -206,3 +206,14 @@ def test_aligned_array_copies_into_memory_the_kernels_read_in_place(cnn_artifact
     np.testing.assert_array_equal(model(aligned), model(unaligned))
     strided = csqc.aligned_array(np.arange(12, dtype=np.int64).reshape(3, 4).T)  # any layout in, C order out
     assert strided.flags.c_contiguous and strided.ctypes.data % 64 == 0 and strided.tolist()[1] == [1, 5, 9]
+
+
+@pytest.mark.usefixtures("direct_inputs")
+def test_profiling_steps_times_them_on_the_callers_input(cnn_artifact):
+    """The steps read the model's input buffer: profile_steps fills it even from an array a
+    call would read in place."""
+    model = runtime.load(cnn_artifact)
+    x = _aligned_copy(np.random.default_rng(10).standard_normal((1, 3, 8, 8), dtype=np.float32))
+    assert model._readable_in_place(0, x)
+    runtime.profile_steps(model, x, repeat=1)
+    np.testing.assert_array_equal(model._in_views[0], x)
