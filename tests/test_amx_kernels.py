@@ -73,6 +73,11 @@ def test_amx_dense_with_its_epilogue_equals_the_product_then_the_epilogue(m, n, 
     ((1, 96, 9, 10), (32, 96, 1, 1), 1, 0, 1),  # 24 groups: two K tiles of 12
     ((1, 144, 7, 7), (16, 144, 3, 3), 2, 1, 1),  # 36 groups: three K tiles of 12, stride 2
     ((1, 158, 5, 6), (48, 158, 1, 1), 1, 0, 1),  # 40 groups (the last one partial): four K tiles of 10
+    # pointwise over whole tile rows (_amx_pointwise_conv): the flattened plane, 32 pixels a block
+    ((1, 64, 8, 8), (64, 64, 1, 1), 1, 0, 1),  # 64 pixels: two blocks, 32-channel blocks
+    ((2, 144, 6, 8), (24, 144, 1, 1), 1, 0, 1),  # 48 pixels (the last block overlaps); 24 = 16 + 8 channels
+    ((1, 96, 4, 20), (40, 96, 1, 1), 1, 0, 1),  # 80 pixels; 40 = 16 + 16 + 8 channels; two K tiles of 12
+    ((1, 30, 16, 16), (16, 30, 1, 1), 1, 0, 1),  # 8 groups (the last one partial); several tasks a plane
 ])
 def test_amx_conv2d_equals_the_integer_convolution(x_shape, w_shape, stride, padding, dilation):
     rng = np.random.default_rng(sum(x_shape))
@@ -92,6 +97,12 @@ def test_amx_conv_takes_only_whole_tiles():
     assert not amx.amx_conv_fits(conv_geometry((1, 84, 8, 8), (32, 84, 1, 1), 1, 0, 1, 1))  # 21 = 3 x 7: below half
     assert not amx.amx_conv_fits(conv_geometry((1, 64, 8, 8), (64, 1, 3, 3), 1, 1, 1, 64))  # depthwise
     assert not amx.amx_conv_fits(conv_geometry((1, 16, 12, 12), (16, 16, 3, 3), 3, 1, 1, 1))  # stride 3
+    # pointwise over planes of whole tile rows: 8 channels may end the last tile
+    assert amx.amx_conv_fits(conv_geometry((1, 144, 8, 8), (24, 144, 1, 1), 1, 0, 1, 1))
+    assert not amx.amx_conv_fits(conv_geometry((1, 144, 9, 9), (24, 144, 1, 1), 1, 0, 1, 1))  # 81 pixels
+    assert not amx.amx_conv_fits(conv_geometry((1, 144, 8, 8), (20, 144, 1, 1), 1, 0, 1, 1))  # 20 outputs
+    assert not amx.amx_conv_fits(conv_geometry((1, 144, 8, 8), (24, 144, 1, 1), 1, 1, 1, 1))  # padded
+    assert not amx.amx_pointwise_codes_fits(conv_geometry((1, 144, 8, 8), (24, 144, 1, 1), 1, 0, 1, 1))
     with pytest.raises(ValueError, match="whole tiles of 16"):
         amx.amx_conv2d((1, 64, 8, 8), (24, 64, 3, 3), 1, 1, 1)
 
@@ -105,6 +116,8 @@ def test_convs_take_tiles_where_a_product_fills_a_tile_row():
     assert not tile_conv(conv_geometry((1, 16, 112, 112), (96, 16, 1, 1), 1, 0, 1, 1))  # 4 groups
     assert not tile_conv(conv_geometry((1, 3, 32, 32), (16, 3, 3, 3), 1, 1, 1, 1))  # 1 group x 9 taps
     assert not tile_conv(conv_geometry((1, 64, 14, 14), (64, 1, 3, 3), 1, 1, 1, 64))  # depthwise
+    # MobileNetV2's 24-channel projections at 56x56: whole-line tiles, the last one 8 channels
+    assert tile_conv(conv_geometry((1, 144, 56, 56), (24, 144, 1, 1), 1, 0, 1, 1))
 
 
 def test_amx_dense_refuses_partial_tiles():

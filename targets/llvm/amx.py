@@ -48,6 +48,8 @@ _BLOCK_OUTPUTS = 64  # outputs per task: four accumulator tiles of 16 int32 colu
 # a few million take a microsecond or two, less than a fork-join of the thread pool (ResNet-20's
 # 32x32 convs, 2.4 M each: 12-14 us on two threads). kernels.SERIAL_DENSE_MACS, scaled to tiles.
 SERIAL_TILE_MACS = 1 << 23
+# ... unless it stores this many int32 sums (256 KiB) or more (amx._amx_pointwise_conv)
+_PARALLEL_TILE_STORES = 1 << 16
 
 
 def _task_loop(macs: int):
@@ -314,9 +316,27 @@ def _amx_dense_square(M: int, N: int, K: int) -> tirx.PrimFunc:
 def amx_conv_fits(geo: ConvGeometry) -> bool:
     """Whether :func:`amx_conv2d` takes this convolution: one group, output channels in whole
     tiles of 16, input channels in equal K tiles of 8 to 16 groups of 4 (or one tile of at most
-    16 groups), strides <= 2."""
+    16 groups), strides <= 2; or a pointwise conv over whole 64-byte rows of output
+    (:func:`_flat_pointwise_fits`: there 8 output channels may end the last tile)."""
+    if _flat_pointwise_fits(geo):
+        return True
     return (geo.groups == 1 and geo.out_channels % 16 == 0 and _k_rows(-(-geo.in_channels // 4)) is not None
             and phase_pairs(geo)[0] is not None)
+
+
+def _pointwise(geo: ConvGeometry) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped conv: a product over the flattened pixels."""
+    return (geo.groups == 1 and geo.kernel_h == geo.kernel_w == 1 and geo.stride == (1, 1)
+            and geo.padded_h == geo.height and geo.padded_w == geo.width)
+
+
+def _flat_pointwise_fits(geo: ConvGeometry) -> bool:
+    """Whether :func:`amx_conv2d` runs this conv as :func:`_amx_pointwise_conv`: pointwise, planes
+    of whole tile rows (``H*W`` a multiple of 16 pixels, at least 32), output channels a multiple of
+    8 and input channels in equal K tiles."""
+    pixels = geo.out_h * geo.out_w
+    return (_pointwise(geo) and pixels % _TILE_ROWS == 0 and pixels >= 2 * _TILE_ROWS and geo.out_channels % 8 == 0
+            and _k_rows(-(-geo.in_channels // 4)) is not None)
 
 
 def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> tirx.PrimFunc:
@@ -330,6 +350,8 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     narrower tile (``OW % 16`` columns: its own tile configuration). Needs :func:`amx_conv_fits`.
     """
     geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, 1)
+    if _flat_pointwise_fits(geo):
+        return _amx_pointwise_conv(geo)
     if not amx_conv_fits(geo):
         raise ValueError(f"amx_conv2d cannot take this convolution ({input_shape} * {weight_shape}, groups 1, "
                          f"stride {stride}): output channels must be whole tiles of 16, input channels at most "
@@ -407,11 +429,88 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     return main
 
 
+def _amx_pointwise_conv(geo: ConvGeometry) -> tirx.PrimFunc:
+    """:func:`amx_conv2d` of a pointwise conv whose planes are whole tile rows
+    (:func:`_flat_pointwise_fits`): the product over the flattened pixels, tiled 32 pixels at a
+    time as :func:`amx_pointwise_codes` tiles it (the last block of a plane ends at its end,
+    overlapping the one before it where ``H*W`` is an odd number of tiles: its common sums are
+    stored twice, equal). Every tile row it stores is one aligned 64-byte line. Tiles of one
+    output row each stored 56- and 32-byte rows across cache lines at 28x28 and 56x56: 1x1 convs
+    (Intel Xeon with AMX-INT8, 2 threads) 96 -> 576 at 28x28 63 -> 39 us, 144 -> 32 at 56x56 76
+    -> 24, 96 -> 32 at 56x56 66 -> 18. Where ``O % 16 == 8`` the last 16-channel block is a tile of
+    8 rows (its own tile configuration): MobileNetV2's 24-channel projections run here."""
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, P, lanes = geo.out_channels, geo.height * geo.width, 2 * _TILE_ROWS
+    groups4 = -(-C // 4)
+    k_rows = _k_rows(groups4)
+    k_tiles = groups4 // k_rows
+    stage = phase_staging(geo, H)
+    o_block = 32 if O % 32 == 0 else 16
+    o_tiles, o_blocks = o_block // 16, -(-O // o_block)
+    last_rows = O % 16 or 16  # rows of the last channel tile
+    blocks = -(-P // lanes)  # 32-pixel blocks of a plane
+    # tasks: runs of pixel blocks (at least 8 tasks where the planes allow), each over every
+    # channel block where there are at most two or one ends in 8 rows (a task of each block would
+    # leave one thread the 8-row tiles: 144 -> 24 at 56x56 42 -> 24 us), else (channel block, run)
+    pixel_tasks = O % 16 != 0 or O <= 32
+    runs = min(blocks, -(-8 // (B if pixel_tasks else B * o_blocks)))
+    per_run = -(-blocks // runs)
+    runs = -(-blocks // per_run)
+    # the stores, not the products, bound these: 96 -> 24 at 56x56 (7 M multiply-adds) takes 44 us
+    # on one thread, 19 on two
+    task_loop = T.parallel if B * O * P >= _PARALLEL_TILE_STORES else _task_loop(B * O * P * C)
+    task_blocks = 1 if pixel_tasks else o_blocks
+    # tiles 0-3: accumulators (channel tile i x pixel tile j: 2j + i); 4-5: weights (channel tile i x
+    # 4 k_rows bytes); 6-7: codes (k_rows channel groups x 16 pixels); `rows`: the channel tiles' rows
+    configure = _tile_configuration(lambda t, rows: T.Select(tirx.Or(t == 4, t == 5), 4 * k_rows, _TILE_BYTES),
+                                    lambda t, rows: T.Select(t >= 6, k_rows, rows))
+
+    @T.macro
+    def block(xw, w, y, b, o0, p0):
+        # channels o0.. x pixels p0..p0+32 of batch b
+        for t in T.unroll(4):
+            _tile("tilezero", T.Cast("int8", t))
+        for kt in range(k_tiles):
+            for i in T.unroll(o_tiles):
+                _tile("tileloadd64", T.Cast("int8", 4 + i), T.address_of(w[o0 + 16 * i, 0, kt * k_rows * 4]),
+                      T.int64(groups4 * 4))
+            for j in T.unroll(2):
+                _tile("tileloadd64", T.Cast("int8", 6 + j),
+                      T.address_of(xw[(b * groups4 + kt * k_rows) * P + p0 + 16 * j]), T.int64(P * 4))
+                for i in T.unroll(o_tiles):
+                    _tile("tdpbsud", T.Cast("int8", 2 * j + i), T.Cast("int8", 4 + i), T.Cast("int8", 6 + j))
+        for j in T.unroll(2):
+            for i in T.unroll(o_tiles):
+                _tile("tilestored64", T.Cast("int8", 2 * j + i),
+                      T.address_of(y[(b * O + o0 + 16 * i) * P + p0 + 16 * j]), T.int64(P * 4))
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, 1, groups4 * 4), "int8"),
+             y: T.Buffer((B, O, H, W), "int32")):
+        T.func_attr({"tir.noalias": True})
+        xs = T.alloc_buffer((B, groups4, 1, 1, H, W), "uint32")
+        stage(x, xs)
+        xw = T.decl_buffer((B * groups4 * P,), "uint32", data=xs.data)
+        yf = T.decl_buffer((B * O * P,), "int32", data=y.data)
+        for task in task_loop(B * runs if pixel_tasks else B * o_blocks * runs):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local", annotations={"disable_lower_builtin": True})
+            b, first = task // (runs * task_blocks), (task % runs) * per_run
+            for i in range(o_blocks if pixel_tasks else 1):
+                block_index = i if pixel_tasks else task // runs % o_blocks
+                configure(cfg, T.Select(block_index == o_blocks - 1, last_rows, _TILE_ROWS))
+                for k in range(T.min(per_run, blocks - first)):
+                    block(xw, w, yf, b, block_index * o_block, T.min((first + k) * lanes, P - lanes))
+            _tile("tilerelease")
+
+    return main
+
+
 def amx_pointwise_codes_fits(geo: ConvGeometry) -> bool:
     """Whether :func:`amx_pointwise_codes` takes this convolution: a 1x1, stride-1, unpadded conv
-    (a product over the flattened pixels) that :func:`amx_conv_fits`, of at least 32 pixels."""
-    return (geo.kernel_h == geo.kernel_w == 1 and geo.stride == (1, 1) and geo.padded_h == geo.height
-            and geo.padded_w == geo.width and geo.out_h * geo.out_w >= 2 * _TILE_ROWS and amx_conv_fits(geo))
+    (a product over the flattened pixels) that :func:`amx_conv_fits` with whole 16-channel tiles,
+    of at least 32 pixels."""
+    return (_pointwise(geo) and geo.out_h * geo.out_w >= 2 * _TILE_ROWS and geo.out_channels % 16 == 0
+            and amx_conv_fits(geo))
 
 
 def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: int, out_scale: float,

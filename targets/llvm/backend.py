@@ -145,7 +145,9 @@ def tile_dense(m: int, n: int, k: int) -> bool:
 # Measured (Intel Xeon with AMX-INT8, 2 threads), 1x1 convs, AMX against VNNI (int16 out):
 # 16 -> 96 at 112x112 182 / 78 us, 24 -> 144 at 56x56 65 / 46, 32 -> 192 at 28x28 30 / 24;
 # from 16 groups tiles win: 64 -> 384 at 14x14 12.8 / 18.1, 192 -> 32 at 28x28 27 / 58, and
-# 3x3 16 -> 16 at 32x32 (36 groups) 5.3 / 11.3.
+# 3x3 16 -> 16 at 32x32 (36 groups) 5.3 / 11.3. (Pointwise convs over planes of whole tile rows
+# store aligned lines since (amx._amx_pointwise_conv): 16 -> 96 at 112x112 100 us, 24 -> 144 at
+# 56x56 37, still behind the VNNI kernel's int16; 144 -> 24 at 56x56 24 against 55-80.)
 _AMX_MIN_CONV_GROUPS = 16
 
 
