@@ -331,6 +331,9 @@ CONV_CASES = [
     ((1, 16, 13, 13), (32, 16, 1, 1), 2, 0, 1, 1, False, "none"),  # ResNet shortcut
     ((1, 8, 12, 12), (6, 4, 3, 3), 1, 2, 2, 2, True, "none"),  # grouped, dilated
     ((1, 3, 21, 26), (24, 3, 3, 3), 2, 1, 1, 1, True, "clip"),  # MobileNetV2 stem: all 24 outputs in one tile
+    # wide stride-2 rows: the phase split's shuffled vectors (inside the row) and per-lane edges
+    ((1, 3, 9, 75), (32, 3, 3, 3), 2, 1, 1, 1, True, "clip"),
+    ((1, 2, 8, 70), (8, 2, 7, 7), 2, 3, 1, 1, False, "none"),
 ]
 
 
