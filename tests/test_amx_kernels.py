@@ -189,28 +189,28 @@ def _small_cnn(tmp_path):
     torch.manual_seed(2)
     float_model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 24, 1),
+        torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 24, 1),
         torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(24, 5)).eval()
     model = csqc.finalize(csqc.convert(float_model, n_bits=4, act_bits=4, quantize_first_input=True))
-    x = torch.rand(2, 3, 20, 20)
+    x = torch.rand(2, 3, 16, 16)
     return csqc.load(csqc.save(model, tmp_path / "m.pt", x)), x
 
 
 @needs_amx
 def test_a_cnn_runs_its_convolutions_on_tiles_and_verifies_exactly(tmp_path):
-    """Convolutions whose channels fill tiles take AMX (the 24-output 1x1 does not), verify exactly
-    with dynamic and calibrated scales, and every plane setting matches the VNNI artifact."""
+    """Convolutions whose channels fill tiles take AMX (the 24-output 1x1 too: whole tile rows of
+    8x8 pixels, 16 + 8 channels), verify exactly with dynamic and calibrated scales, and every
+    plane setting matches the VNNI artifact."""
     model, x = _small_cnn(tmp_path)
-    for calib in (None, [np.random.default_rng(3).random((8, 3, 20, 20), dtype=np.float32)]):
+    for calib in (None, [np.random.default_rng(3).random((8, 3, 16, 16), dtype=np.float32)]):
         tiles, vnni = tmp_path / "tiles.so", tmp_path / "vnni.so"
         csqc.compile(model, "llvm", tiles, calibrate=calib)
         csqc.compile(model, "llvm", vnni, mcpu="icelake-server", calibrate=calib)
         m, reference = runtime.load(tiles), runtime.load(vnni)
         packs = {name: (info.get("pack"), info.get("tiles")) for name, info in m.layers.items()}
-        assert packs["2"] == packs["4"] == ("conv_rows", "amx"), packs
+        assert packs["2"] == packs["4"] == packs["6"] == ("conv_rows", "amx"), packs
         assert packs["0"] == ("conv", None), packs  # 3 channels x 9 taps: less than one tile row
-        assert packs["6"] == ("conv", None), packs  # 24 outputs: not whole tiles
-        report = verify(model, inputs=[np.random.default_rng(4).random((4, 3, 20, 20), dtype=np.float32)],
+        report = verify(model, inputs=[np.random.default_rng(4).random((4, 3, 16, 16), dtype=np.float32)],
                         artifact=str(tiles), per_layer=True, calibrate=calib)
         assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]
         for skip in (0, 1, 3):
