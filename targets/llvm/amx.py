@@ -429,6 +429,30 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     return main
 
 
+def _pointwise_block_product(P: int, groups4: int, k_rows: int, o_tiles: int):
+    """A macro ``product(xw, w, b, o0, p0)``: the sums of ``o_tiles`` channel tiles from channel
+    ``o0`` x the 32 pixels from ``p0`` of batch ``b`` of a 1x1 conv, in tiles ``2j + i`` (channel
+    tile i x pixel tile j), from the staged codes ``xw`` (words of 4 channels, planes of ``P``) and
+    the weights ``w[O, 1, 4 * groups4]``; tiles 4-5 hold weights and 6-7 codes on the way."""
+    k_tiles = groups4 // k_rows
+
+    @T.macro
+    def product(xw, w, b, o0, p0):
+        for t in T.unroll(4):
+            _tile("tilezero", T.Cast("int8", t))
+        for kt in range(k_tiles):
+            for i in T.unroll(o_tiles):
+                _tile("tileloadd64", T.Cast("int8", 4 + i), T.address_of(w[o0 + 16 * i, 0, kt * k_rows * 4]),
+                      T.int64(groups4 * 4))
+            for j in T.unroll(2):
+                _tile("tileloadd64", T.Cast("int8", 6 + j),
+                      T.address_of(xw[(b * groups4 + kt * k_rows) * P + p0 + 16 * j]), T.int64(P * 4))
+                for i in T.unroll(o_tiles):
+                    _tile("tdpbsud", T.Cast("int8", 2 * j + i), T.Cast("int8", 4 + i), T.Cast("int8", 6 + j))
+
+    return product
+
+
 def _amx_pointwise_conv(geo: ConvGeometry) -> tirx.PrimFunc:
     """:func:`amx_conv2d` of a pointwise conv whose planes are whole tile rows
     (:func:`_flat_pointwise_fits`): the product over the flattened pixels, tiled 32 pixels at a
@@ -443,7 +467,6 @@ def _amx_pointwise_conv(geo: ConvGeometry) -> tirx.PrimFunc:
     O, P, lanes = geo.out_channels, geo.height * geo.width, 2 * _TILE_ROWS
     groups4 = -(-C // 4)
     k_rows = _k_rows(groups4)
-    k_tiles = groups4 // k_rows
     stage = phase_staging(geo, H)
     o_block = 32 if O % 32 == 0 else 16
     o_tiles, o_blocks = o_block // 16, -(-O // o_block)
@@ -465,20 +488,12 @@ def _amx_pointwise_conv(geo: ConvGeometry) -> tirx.PrimFunc:
     configure = _tile_configuration(lambda t, rows: T.Select(tirx.Or(t == 4, t == 5), 4 * k_rows, _TILE_BYTES),
                                     lambda t, rows: T.Select(t >= 6, k_rows, rows))
 
+    product = _pointwise_block_product(P, groups4, k_rows, o_tiles)
+
     @T.macro
     def block(xw, w, y, b, o0, p0):
         # channels o0.. x pixels p0..p0+32 of batch b
-        for t in T.unroll(4):
-            _tile("tilezero", T.Cast("int8", t))
-        for kt in range(k_tiles):
-            for i in T.unroll(o_tiles):
-                _tile("tileloadd64", T.Cast("int8", 4 + i), T.address_of(w[o0 + 16 * i, 0, kt * k_rows * 4]),
-                      T.int64(groups4 * 4))
-            for j in T.unroll(2):
-                _tile("tileloadd64", T.Cast("int8", 6 + j),
-                      T.address_of(xw[(b * groups4 + kt * k_rows) * P + p0 + 16 * j]), T.int64(P * 4))
-                for i in T.unroll(o_tiles):
-                    _tile("tdpbsud", T.Cast("int8", 2 * j + i), T.Cast("int8", 4 + i), T.Cast("int8", 6 + j))
+        product(xw, w, b, o0, p0)
         for j in T.unroll(2):
             for i in T.unroll(o_tiles):
                 _tile("tilestored64", T.Cast("int8", 2 * j + i),
@@ -549,7 +564,6 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
     P, lanes = H * W, SEARCH_LANES
     groups4 = -(-C // 4)
     k_rows = _k_rows(groups4)
-    k_tiles = groups4 // k_rows
     stage = phase_staging(geo, H)
     o_block = 32 if O % 32 == 0 else 16
     o_tiles, o_blocks = o_block // 16, O // o_block
@@ -575,20 +589,7 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
             code = form_codes(value, form_row(thresholds, c)) + base_lanes
         store_searched_codes(code, first, pos, neg, out_levels, out_offset)
 
-    @T.macro
-    def block_product(xw, w, b, o0, p0):
-        # channels o0..o0+o_block x pixels p0..p0+32 of batch b: tile 2j+i, channel tile i x pixel tile j
-        for t in T.unroll(4):
-            _tile("tilezero", T.Cast("int8", t))
-        for kt in range(k_tiles):
-            for i in T.unroll(o_tiles):
-                _tile("tileloadd64", T.Cast("int8", 4 + i), T.address_of(w[o0 + 16 * i, 0, kt * k_rows * 4]),
-                      T.int64(groups4 * 4))
-            for j in T.unroll(2):
-                _tile("tileloadd64", T.Cast("int8", 6 + j),
-                      T.address_of(xw[(b * groups4 + kt * k_rows) * P + p0 + 16 * j]), T.int64(P * 4))
-                for i in T.unroll(o_tiles):
-                    _tile("tdpbsud", T.Cast("int8", 2 * j + i), T.Cast("int8", 4 + i), T.Cast("int8", 6 + j))
+    block_product = _pointwise_block_product(P, groups4, k_rows, o_tiles)
 
     @T.macro
     def block_store(acc):
