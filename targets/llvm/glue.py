@@ -1698,53 +1698,37 @@ def _emit_phase_split(x_flat, dst, shape, stride, padding, dst_hw, fill: float):
     """``dst[n, c, rh, rw, i, j] = xpad[n, c, i*sh + rh, j*sw + rw]`` (``fill`` outside ``x``).
 
     Parallel over destination rows; the row test is uniform, the column test is a per-lane
-    select on a clamped (always in-bounds) load.
+    select on a clamped (always in-bounds) load. With column stride 2 a vector of 16 columns
+    whose 32 source columns lie inside the row is two contiguous loads and one shuffle of their
+    even (or odd) lanes instead: per-lane loads of every other column (16 scalar loads and
+    inserts a vector) took a third of MobileNetV2's stem.
     """
     n, c, h, w = shape
     (sh, sw), (ph, pw), (dst_h, dst_w) = stride, padding, dst_hw
     rows = n * c * sh * sw * dst_h
-    if sw == 2 and dst_w >= LANES:
-        _emit_column_pairs_split(x_flat, dst, shape, stride, padding, dst_hw, fill)
-        return
+
+    def source_row(row):
+        """``(plane, ih, rw)``: destination row ``row``'s input plane (n * C + c), input row and
+        column phase."""
+        i = row % dst_h
+        rw = row // dst_h % sw
+        rh = row // (dst_h * sw) % sh
+        return row // (dst_h * sw * sh), i * sh + rh - ph, rw
 
     def emit(row, j):
-        i = row % dst_h
-        rw = row // dst_h % sw
-        rh = row // (dst_h * sw) % sh
-        plane = row // (dst_h * sw * sh)  # n * C + c
-        ih = i * sh + rh - ph
+        plane, ih, rw = source_row(row)
         iw = j * sw + rw - pw
         inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
         load = x_flat[plane * (h * w) + tirx.min(tirx.max(ih, 0), h - 1) * w + tirx.min(tirx.max(iw, 0), w - 1)]
         I.buffer_store(dst, tirx.Select(inside, load, _f32(fill)), [row * dst_w + j])
 
-    _for_each(rows, dst_w, emit)
-
-
-def _emit_column_pairs_split(x_flat, dst, shape, stride, padding, dst_hw, fill: float):
-    """:func:`_emit_phase_split` for column stride 2: a vector of 16 destination columns whose 32
-    source columns lie inside the row is two contiguous loads and one shuffle of their even (or
-    odd) lanes; the vectors at the row's edges take the per-lane select. Per-lane loads of every
-    other column (16 scalar loads and inserts a vector) took a third of MobileNetV2's stem."""
-    n, c, h, w = shape
-    (sh, sw), (ph, pw), (dst_h, dst_w) = stride, padding, dst_hw
-    rows = n * c * sh * sw * dst_h
+    if sw != 2 or dst_w < LANES:
+        _for_each(rows, dst_w, emit)
+        return
     full = dst_w // LANES
     even_lanes = [tirx.const(2 * lane, "int32") for lane in range(LANES)]
-
-    def emit_lane(row, j, ih, rw):
-        plane = row // (dst_h * sw * sh)
-        iw = j * sw + rw - pw
-        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
-        load = x_flat[plane * (h * w) + tirx.min(tirx.max(ih, 0), h - 1) * w + tirx.min(tirx.max(iw, 0), w - 1)]
-        I.buffer_store(dst, tirx.Select(inside, load, _f32(fill)), [row * dst_w + j])
-
     with _parallel_or_serial(rows, rows * dst_w) as row:
-        i = row % dst_h
-        rw = row // dst_h % sw
-        rh = row // (dst_h * sw) % sh
-        plane = row // (dst_h * sw * sh)  # n * C + c
-        ih = i * sh + rh - ph
+        plane, ih, rw = source_row(row)
         with I.serial(0, full) as v:
             first = v * (LANES * sw) + rw - pw  # the vector's first source column
             with I.If(tirx.all(ih >= 0, ih < h, first >= 0, first + 2 * LANES <= w)):
@@ -1754,10 +1738,10 @@ def _emit_column_pairs_split(x_flat, dst, shape, stride, padding, dst_hw, fill: 
                     I.buffer_store(dst, tirx.Shuffle(pair, even_lanes), [tirx.Ramp(row * dst_w + v * LANES, 1, LANES)])
                 with I.Else():
                     with I.vectorized(0, LANES) as lane:
-                        emit_lane(row, v * LANES + lane, ih, rw)
+                        emit(row, v * LANES + lane)
         if dst_w % LANES:
             with I.vectorized(0, dst_w % LANES) as lane:
-                emit_lane(row, full * LANES + lane, ih, rw)
+                emit(row, full * LANES + lane)
 
 
 def linear_f32(M: int, K: int, N: int, has_bias: bool, act: str = "none", clip_lo: float = 0.0,
