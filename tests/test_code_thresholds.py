@@ -316,6 +316,7 @@ TILE_CASES = [  # (batch, C, O, H, W): whole and overlapping 32-pixel blocks, 16
     (1, 64, 96, 8, 8),
     (2, 96, 48, 7, 7),  # 24 groups: two K tiles of 12; 49 pixels: two blocks, overlapping
     (1, 160, 32, 5, 9),  # 40 groups: four K tiles of 10
+    (1, 32, 256, 12, 12),  # 36 K codes: tasks on both threads; 5 blocks, the last overlapping
 ]
 
 

@@ -48,8 +48,10 @@ _BLOCK_OUTPUTS = 64  # outputs per task: four accumulator tiles of 16 int32 colu
 # a few million take a microsecond or two, less than a fork-join of the thread pool (ResNet-20's
 # 32x32 convs, 2.4 M each: 12-14 us on two threads). kernels.SERIAL_DENSE_MACS, scaled to tiles.
 SERIAL_TILE_MACS = 1 << 23
-# ... unless it stores this many int32 sums (256 KiB) or more (amx._amx_pointwise_conv)
+# ... unless it stores this many int32 sums (256 KiB) or more (amx._amx_pointwise_conv), or
+# writes this many codes (amx_pointwise_codes)
 _PARALLEL_TILE_STORES = 1 << 16
+_PARALLEL_TILE_CODES = 1 << 15
 
 
 def _task_loop(macs: int):
@@ -373,7 +375,9 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     segments = -(-OW // 16)
     last_width = OW - (segments - 1) * 16
     row_pairs, odd_row = divmod(OH, 2)
-    task_loop = _task_loop(B * O * OH * OW * taps * C)
+    # parallel from as many stored sums as the pointwise kernel (64 -> 384 at 14x14, 4.8 M
+    # multiply-adds: 12 -> 10.4 us on two threads)
+    task_loop = T.parallel if B * O * OH * OW >= _PARALLEL_TILE_STORES else _task_loop(B * O * OH * OW * taps * C)
 
     # tiles 0-3: accumulators (16 channels x `width` columns, int32); 4-5: weights (16 channels
     # x 4 k_rows bytes); 6-7: codes (k_rows channel groups x `width` columns of 4 bytes)
@@ -573,7 +577,10 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
     per_run = -(-blocks // runs)
     runs = -(-blocks // per_run)
     entries = 2**steps - 1
-    task_loop = _task_loop(B * O * P * C)
+    # the codes, not the products, bound this kernel too: 160 -> 960 at 7x7 (7.5 M multiply-adds,
+    # 47 K codes) 24 -> 16.5 us on two threads, 64 -> 384 at 14x14 19.5 -> 15; 64 -> 96 at 14x14
+    # (19 K codes) 7 -> 10.5, so below 32 K codes one thread
+    task_loop = T.parallel if B * O * P >= _PARALLEL_TILE_CODES else _task_loop(B * O * P * C)
     configure = _tile_configuration(lambda t, _: T.Select(tirx.Or(t == 4, t == 5), 4 * k_rows, _TILE_BYTES),
                                     lambda t, _: T.Select(t >= 6, k_rows, _TILE_ROWS))
 
