@@ -54,8 +54,12 @@ _PARALLEL_TILE_STORES = 1 << 16
 _PARALLEL_TILE_CODES = 1 << 15
 
 
-def _task_loop(macs: int):
-    return T.serial if macs < SERIAL_TILE_MACS else T.parallel
+def _task_loop(macs: int, outputs: int = 0, parallel_outputs: int = 0):
+    """``T.parallel`` from SERIAL_TILE_MACS multiply-adds, or from ``parallel_outputs`` outputs
+    (stored sums or codes) where that is given, else ``T.serial``."""
+    if macs >= SERIAL_TILE_MACS or (parallel_outputs and outputs >= parallel_outputs):
+        return T.parallel
+    return T.serial
 
 
 def host_has_amx() -> bool:
@@ -377,7 +381,7 @@ def amx_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1) -> ti
     row_pairs, odd_row = divmod(OH, 2)
     # parallel from as many stored sums as the pointwise kernel (64 -> 384 at 14x14, 4.8 M
     # multiply-adds: 12 -> 10.4 us on two threads)
-    task_loop = T.parallel if B * O * OH * OW >= _PARALLEL_TILE_STORES else _task_loop(B * O * OH * OW * taps * C)
+    task_loop = _task_loop(B * O * OH * OW * taps * C, B * O * OH * OW, _PARALLEL_TILE_STORES)
 
     # tiles 0-3: accumulators (16 channels x `width` columns, int32); 4-5: weights (16 channels
     # x 4 k_rows bytes); 6-7: codes (k_rows channel groups x `width` columns of 4 bytes)
@@ -485,7 +489,7 @@ def _amx_pointwise_conv(geo: ConvGeometry) -> tirx.PrimFunc:
     runs = -(-blocks // per_run)
     # the stores, not the products, bound these: 96 -> 24 at 56x56 (7 M multiply-adds) takes 44 us
     # on one thread, 19 on two
-    task_loop = T.parallel if B * O * P >= _PARALLEL_TILE_STORES else _task_loop(B * O * P * C)
+    task_loop = _task_loop(B * O * P * C, B * O * P, _PARALLEL_TILE_STORES)
     task_blocks = 1 if pixel_tasks else o_blocks
     # tiles 0-3: accumulators (channel tile i x pixel tile j: 2j + i); 4-5: weights (channel tile i x
     # 4 k_rows bytes); 6-7: codes (k_rows channel groups x 16 pixels); `rows`: the channel tiles' rows
@@ -580,7 +584,7 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
     # the codes, not the products, bound this kernel too: 160 -> 960 at 7x7 (7.5 M multiply-adds,
     # 47 K codes) 24 -> 16.5 us on two threads, 64 -> 384 at 14x14 19.5 -> 15; 64 -> 96 at 14x14
     # (19 K codes) 7 -> 10.5, so below 32 K codes one thread
-    task_loop = T.parallel if B * O * P >= _PARALLEL_TILE_CODES else _task_loop(B * O * P * C)
+    task_loop = _task_loop(B * O * P * C, B * O * P, _PARALLEL_TILE_CODES)
     configure = _tile_configuration(lambda t, _: T.Select(tirx.Or(t == 4, t == 5), 4 * k_rows, _TILE_BYTES),
                                     lambda t, _: T.Select(t >= 6, k_rows, _TILE_ROWS))
 
