@@ -497,6 +497,8 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
                                 [Column("layer"), Column("kernel"), Column("why", wrap=True)], rows, console.width))
     _print_activations(stdout_console(), result.report.get("activations", []))
     extra = f", build {result.report['build_seconds']:.1f}s" if "build_seconds" in result.report else ""
+    if "tier" in result.report:  # the llvm target: which instructions the kernels use
+        extra += f", CPU {result.report['mcpu']} ({_TIER_WORDS[result.report['tier']]})"
     if target == "cuda":
         extra += f", {result.report['arch']} device code {_human(result.report['device_code']['bytes'])}"
         if emit_source:
@@ -507,6 +509,10 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         _print_tuning(result.report["tuning"])
     click.echo(f"compiled for {result.target} in {result.seconds:.1f}s{extra} -> {result.output} "
                f"({_human(result.output.stat().st_size)})")
+
+
+_TIER_WORDS = {"avx512": "AVX-512 VNNI int8 dot products", "avx2": "AVX2 int8 dot products",
+               "generic": "no int8 dot product: bit-serial kernels"}
 
 
 def _print_tuning(tuning: dict) -> None:
@@ -790,7 +796,8 @@ def demo(recipe, out_dir, as_json):
         art = compile_model(loaded, "llvm", out / default_output(model_path, "llvm"),
                             on_layer=lambda name: update(advance=1, info=name))
     onnx_art = compile_model(loaded, "onnx", out / default_output(model_path, "onnx"))
-    say(f"      kernels: {art.report['kernels']} -> {art.output}, {onnx_art.output}")
+    say(f"      kernels ({art.report['mcpu']}, {_TIER_WORDS[art.report['tier']]}): {art.report['kernels']} -> "
+        f"{art.output}, {onnx_art.output}")
     say("[4/5] verifying PyTorch, IR interpreter, ONNX Runtime and the CPU artifact on the digits test set")
     with progress_bar("verify", enabled=progress_wanted(as_json)) as update:
         ver = run_verify(loaded, artifact=str(art.output), dataset="digits",

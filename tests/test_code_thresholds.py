@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import csqc
+from cpus import needs_avx512
 from csqc import runtime
 from csqc.interpreter import layer_output
 from csqc.artifact import pack_conv_rows_weight
@@ -168,6 +169,7 @@ def _stored(rng, shape, storage: str) -> np.ndarray:
 
 @pytest.mark.parametrize("storage", ["int16", "int32"])
 @pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,hw", CASES)
+@needs_avx512
 def test_searched_and_formed_codes_equal_the_float_chain(storage, act, lo, hi, out_bits, out_scale, signed, offset,
                                               input_offset, hw):
     """Stored accumulators under random per-channel offsets: the searched kernel's codes and
@@ -208,6 +210,7 @@ def test_searched_and_formed_codes_equal_the_float_chain(storage, act, lo, hi, o
         np.testing.assert_array_equal(searched[2], np.maximum(-codes, 0))
 
 
+@needs_avx512
 def test_formed_codes_of_int16_accumulators_take_any_offset():
     """int16 accumulators less their offset saturate to int16 in the form's kernel where the
     offset fits int16 (the storage rule keeps it so); a row whose offset does not widens to
@@ -260,6 +263,7 @@ def _cnn(tmp_path, size: int):
 
 
 @pytest.mark.parametrize("size,searched", [(16, 4), (7, 4), (5, 0)])
+@needs_avx512
 def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, searched):
     """The four integer convs whose codes another conv reads take their fixed-point forms (one
     of them on offset input codes) where a channel's plane holds a 32-lane vector (7x7: two,
@@ -283,6 +287,7 @@ def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, 
     assert report.ok and report.accumulators_exact, report.to_json()
 
 
+@needs_avx512
 def test_an_artifact_with_forms_out_of_range_is_refused(tmp_path):
     """The forms are read back from the artifact: a tampered (re-sealed) one whose shifts or
     products leave int16's rules never reaches the kernels."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import csqc
+from cpus import needs_avx512
 from csqc import runtime
 from csqc.targets.llvm import glue
 from csqc.verify import verify
@@ -61,6 +62,7 @@ CASES = [  # act, lo, hi, out_bits, signed, offset (output layout), input offset
 
 @pytest.mark.parametrize("storage", ["int16", "int32"])
 @pytest.mark.parametrize("act,lo,hi,out_bits,signed,offset,input_offset,hw", CASES)
+@needs_avx512
 def test_searched_rows_equal_the_float_chain(storage, act, lo, hi, out_bits, signed, offset, input_offset, hw):
     rng = np.random.default_rng(sum(hw) + out_bits)
     channels = 20
@@ -90,6 +92,7 @@ def test_searched_rows_equal_the_float_chain(storage, act, lo, hi, out_bits, sig
     assert searched_rows.mean() >= (0.5 if lo < 0 else 0.9), searched_rows
 
 
+@needs_avx512
 def test_rows_past_int16_and_constant_channels_run_the_float_chain():
     """int32 rows with values past int16 (the search compares them saturated) or down to -32768
     (a threshold below every value would be -32769) and a channel whose
@@ -153,6 +156,7 @@ def inverted_residual(tmp_path_factory):
     return csqc.load(path), csqc.compile(csqc.load(path), "llvm", folder / "m.so").output
 
 
+@needs_avx512
 def test_models_search_long_rows_under_dynamic_scales_and_verify_exactly(inverted_residual):
     model, art = inverted_residual
     m = runtime.load(art)
@@ -179,6 +183,7 @@ def test_models_search_long_rows_under_dynamic_scales_and_verify_exactly(inverte
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_avx512
 def test_asymmetric_input_codes_search_too():
     """A zero point moves each row's accumulators by ``zero_point * weight sums`` (``acc_offset``):
     the thresholds are found in the stored values' own terms, so rows search and give the chain's codes."""

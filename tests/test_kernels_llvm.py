@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpus import AVX2_CPU, HOST_TIER, needs_avx512
 from csqc.targets.llvm import kernels, packing
 from csqc.targets.tvm.geometry import conv_geometry
 
@@ -77,12 +78,26 @@ def conv_reference(x, q, stride, padding, dilation, groups):
 _KERNEL_CACHE = {}
 
 
-def built(builder, *args, **kwargs):
-    """Compile once per distinct kernel configuration within the test session."""
-    key = (builder.__name__, repr(args), repr(sorted(kwargs.items())))
+def built(builder, *args, cpu=None, **kwargs):
+    """Compile once per distinct kernel configuration within the test session, for CPU ``cpu``
+    (None: this machine's), whose tier picks the instructions (``isa.tier``)."""
+    key = (builder.__name__, cpu, repr(args), repr(sorted(kwargs.items())))
     if key not in _KERNEL_CACHE:
-        _KERNEL_CACHE[key] = kernels.build(builder(*args, **kwargs))
+        target = kernels.cpu_target(cpu)
+        with target:
+            _KERNEL_CACHE[key] = kernels.build(builder(*args, **kwargs), target)
     return _KERNEL_CACHE[key]
+
+
+# The int8 dot products of the bit-parallel kernels: AVX-512 VNNI where this machine has it,
+# AVX2's everywhere. AVX2 sums two u8 x s8 products in int16 (saturating): its layers take codes
+# below 128 with int8 weights (pair sums up to 2 x 127 x 128 = 32512); isa.avx2_dot_exact.
+DOT_CPUS = [pytest.param(None, id="avx512", marks=needs_avx512), pytest.param(AVX2_CPU, id="avx2")]
+
+
+def code_limit(cpu) -> int:
+    """One past the largest code the tier's dot product takes with any int8 weight."""
+    return 256 if cpu is None else 128
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,7 +235,8 @@ def test_bitserial_dense_int64_accumulator():
 def test_bitserial_assembly_has_popcount():
     kernel = built(kernels.bitserial_dense, 1, 32, 64, [(1, 1), (0, 1)], 4, False)
     assembly = kernel.assembly()
-    assert "vpopcnt" in assembly or "popcnt" in assembly
+    # one instruction with AVX-512 VPOPCNTDQ, else LLVM's nibble-table popcount (vpshufb): vectors either way
+    assert "vpopcnt" in assembly or "vpshufb" in assembly
 
 
 HAS_VBMI = "avx512vbmi" in open("/proc/cpuinfo").read()
@@ -261,17 +277,22 @@ def test_bitserial_dense_table_lookup_assembly_and_fallback():
 # ------------------------------------------------------------------------------------------
 # Bit-parallel dense
 # ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cpu", DOT_CPUS)
 @pytest.mark.parametrize("m,n,k", [(1, 40, 64), (5, 37, 100), (17, 33, 37)])
-def test_bitparallel_dense_int8(m, n, k):
+def test_bitparallel_dense_int8(m, n, k, cpu):
     q = RNG.integers(-128, 128, (n, k))
-    x = RNG.integers(0, 256, (m, k))
+    x = RNG.integers(0, code_limit(cpu), (m, k))
+    x[0, :2], q[0, :2] = code_limit(cpu) - 1, -128  # the extreme pair sum of the tier
     assert packing.bitparallel_weight_dtype(q) == "int8"
     kernel = built(kernels.bitparallel_dense, m, n, k, "int8",
-                   knobs=kernels.BitparallelKnobs(row_block=4, col_vectors=2))
+                   knobs=kernels.BitparallelKnobs(row_block=4, col_vectors=2), cpu=cpu)
     y = kernel(x.astype(np.uint8), packing.pack_bitparallel_weight(q))
     np.testing.assert_array_equal(y, dense_reference(x, q))
-    if "avx512_vnni" in open("/proc/cpuinfo").read():
-        assert "vpdpbusd" in kernel.assembly()
+    assembly = kernel.assembly()
+    if cpu is None:
+        assert "vpdpbusd" in assembly
+    else:  # 256-bit registers only
+        assert "vpmaddubsw" in assembly and "vpmaddwd" in assembly and "zmm" not in assembly
 
 
 def test_bitparallel_dense_from_planes_and_int16():
@@ -295,6 +316,7 @@ def test_bitparallel_dense_from_planes_and_int16():
     (3, 16, 32, "unsigned", True),   # [0, 15]: nibbles only
     (9, 32, 64, "wide", False),      # [0, 31]: a fifth bit worth +16
 ])
+@needs_avx512
 def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs):
     from csqc.artifact import nibble_high_for_range, pack_nibble_weight
 
@@ -311,6 +333,7 @@ def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs):
 
 
 @pytest.mark.parametrize("encoding", ["posneg", "offset"])
+@needs_avx512
 def test_nibble_dense_every_plane_setting(encoding):
     """The runtime recombines the kept planes (skip_planes) into the same layout: every prefix
     of the planes fits the layout chosen from prefix_weight_range and multiplies exactly."""
@@ -382,12 +405,13 @@ def test_bitserial_conv2d(input_shape, weight_shape, stride, padding, dilation, 
         np.testing.assert_array_equal(kernel(x.astype(np.uint8), packed, used, zero_point), expected)
 
 
+@pytest.mark.parametrize("cpu", DOT_CPUS)
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups", CONV_CASES)
-def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups):
+def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups, cpu):
     q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, input_shape)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding,
-                   dilation, groups)
+                   dilation, groups, cpu=cpu)
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
     if geometry.is_depthwise:
         packed = q.reshape(weight_shape[0], -1).astype(np.int32)
@@ -406,11 +430,13 @@ def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shap
                                                                        dilation, groups, parallel_loops):
     """Below _MIN_PARALLEL_STAGING input codes the staging copy is serial (one fork-join per
     call instead of two); above it, parallel. Exact either way."""
-    prim = kernels.bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups)
+    with kernels.cpu_target(AVX2_CPU):
+        prim = kernels.bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups)
     assert prim.script().count("T.parallel") == parallel_loops
     q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups)
+    x = RNG.integers(0, code_limit(AVX2_CPU), input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups,
+                   cpu=AVX2_CPU)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
                                   conv_reference(x, q, stride, padding, dilation, groups))
 
@@ -494,9 +520,10 @@ DIRECT_STORE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("cpu", DOT_CPUS)
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,groups,knobs", DIRECT_STORE_CASES)
-def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, padding, groups, knobs):
-    check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct=True)
+def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, padding, groups, knobs, cpu):
+    check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct=True, cpu=cpu)
 
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,knobs", [
@@ -505,9 +532,10 @@ def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, pad
     ((1, 8, 16, 20), (16, 8, 1, 2), (1, 1), (0, 0), None),     # two columns: Wq > OW, rows of 19
     ((1, 8, 16, 16), (16, 8, 1, 1), (1, 1), (0, 0), kernels.BitparallelKnobs(conv_vectors=2, conv_rows=3)),
 ])
+@pytest.mark.parametrize("cpu", DOT_CPUS)
 def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_shape, weight_shape, stride, padding,
-                                                                        knobs):
-    check_pixel_conv(input_shape, weight_shape, stride, padding, 1, knobs, direct=False)
+                                                                        knobs, cpu):
+    check_pixel_conv(input_shape, weight_shape, stride, padding, 1, knobs, direct=False, cpu=cpu)
 
 
 def _within_int16(x, q, stride, padding, groups):
@@ -533,12 +561,13 @@ def test_bitparallel_conv2d_narrows_to_int16_outputs_exactly(input_shape, weight
                                                              path):
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
     knobs = kernels.BitparallelKnobs(conv_form="channels" if path == "channels" else "")
-    if path != "channels":
-        assert kernels._conv_pixel_plan(geometry, knobs).direct == (path == "direct")
-    x = RNG.integers(0, 256, input_shape)
+    with kernels.cpu_target(AVX2_CPU):
+        if path != "channels":
+            assert kernels._conv_pixel_plan(geometry, knobs).direct == (path == "direct")
+    x = RNG.integers(0, code_limit(AVX2_CPU), input_shape)
     q, expected = _within_int16(x, RNG.integers(-128, 128, weight_shape), stride, padding, groups)
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs,
-                   out_dtype="int16")
+                   out_dtype="int16", cpu=AVX2_CPU)
     y = kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups))
     assert y.dtype == np.int16
     np.testing.assert_array_equal(y, expected)
@@ -553,25 +582,33 @@ def test_depthwise_convs_write_int16_only_where_they_accumulate_in_int16():
         kernels.bitparallel_conv2d((1, 8, 8, 8), (8, 8, 1, 1), out_dtype="int8")
 
 
-def check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct: bool):
-    """The plan stores directly (or not) as ``direct`` says, and the conv is exact either way."""
+def check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, direct: bool, cpu):
+    """The plan stores directly (or not) as ``direct`` says, and the conv is exact either way. (The
+    cases were chosen for AVX-512's register tiles; AVX2's default tiles are smaller, so its
+    stores may take the other path.)"""
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
-    assert kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs()).direct == direct
+    with kernels.cpu_target(cpu):
+        plan = kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs())
+    assert plan.direct == direct or (cpu is not None and knobs is None)
     q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs=knobs)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs=knobs,
+                   cpu=cpu)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
                                   conv_reference(x, q, stride, padding, (1, 1), groups))
 
 
-@pytest.mark.parametrize("channels,vectors,rows", [(4, 4, 1), (8, 3, 5), (12, 2, 100), (24, 1, 2)])
-def test_bitparallel_conv2d_tilings(channels, vectors, rows):
+@pytest.mark.parametrize("channels,vectors,rows,cpu", [(4, 4, 1, AVX2_CPU), (8, 3, 5, None), (12, 2, 100, AVX2_CPU),
+                                                     (24, 1, 2, None)])
+def test_bitparallel_conv2d_tilings(channels, vectors, rows, cpu):
+    if cpu is None and HOST_TIER != "avx512":
+        cpu = AVX2_CPU  # (the same tiling, AVX2's dot product)
     input_shape, weight_shape, stride, padding, dilation = (1, 10, 13, 11), (24, 10, 3, 3), (1, 2), (2, 1), (1, 2)
     q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, input_shape)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
     knobs = kernels.BitparallelKnobs(conv_channels=channels, conv_vectors=vectors, conv_rows=rows)
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, 1,
-                   knobs=knobs)
+                   knobs=knobs, cpu=cpu)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
                                   conv_reference(x, q, stride, padding, dilation, 1))
 
@@ -603,6 +640,7 @@ def _lut_case(m, n, k, bits, encoding):
     (6, 40, 64, 1, "posneg"),  # passes of 3 rows
     (5, 33, 96, 3, "offset"),  # 5 rows: one row per pass
 ])
+@needs_avx512
 def test_lut_dense_matches_float_reference(m, n, k, bits, encoding):
     q, spec, zero_point, w, x, kernel = _lut_case(m, n, k, bits, encoding)
     y = kernel(x, w, len(spec), zero_point)
@@ -611,6 +649,7 @@ def test_lut_dense_matches_float_reference(m, n, k, bits, encoding):
     np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
+@needs_avx512
 def test_lut_dense_runtime_plane_count_drops_low_planes():
     q, spec, zero_point, w, x, kernel = _lut_case(2, 40, 64, 3, "offset")
     planes, _, _ = planes_from_q(q, 3, "offset")
@@ -621,6 +660,7 @@ def test_lut_dense_runtime_plane_count_drops_low_planes():
                                atol=1e-5 * np.abs(reference).max())
 
 
+@needs_avx512
 def test_lut_dense_assembly_looks_up_with_vpermps():
     *_, kernel = _lut_case(1, 64, 256, 2, "offset")
     assembly = kernel.assembly()
@@ -666,12 +706,14 @@ def _assert_float_close(y, reference):
     (8, 48, 96, 5),  # byte codes (32 levels by vpermi2ps), x read in place
     (3, 17, 9, 1),  # one plane
 ])
+@needs_avx512
 def test_dequant_dense_matches_float_reference(m, n, k, bits):
     q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, bits)
     _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
 
 
 @pytest.mark.parametrize("bits", [3, 5])
+@needs_avx512
 def test_dequant_dense_runtime_plane_count_drops_low_planes(bits):
     q, planes, spec, zero_point, w, x, kernel = _dequant_case(2, 40, 64, bits)
     for kept in (1, bits - 1):
@@ -679,6 +721,7 @@ def test_dequant_dense_runtime_plane_count_drops_low_planes(bits):
         _assert_float_close(kernel(x, w, kept, zero_point), x @ (coarse - zero_point).astype(np.float32).T)
 
 
+@needs_avx512
 def test_dequant_dense_assembly_looks_up_levels_and_fmas():
     *_, kernel = _dequant_case(1, 256, 256, 3)
     assembly = kernel.assembly()

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import csqc
+from cpus import needs_avx512
 from csqc import runtime
 from csqc.cli import cli
 from csqc.errors import BadInput
@@ -549,6 +550,7 @@ def test_one_row_cost_model_with_table_lookups(active_bits, act_bits, lookup, ke
 
 
 @pytest.mark.parametrize("act_symmetric", [True, False])
+@needs_avx512
 def test_w4a8_linear_runs_on_nibble_weights_exactly(tmp_path, act_symmetric):
     """A batch-1 w4a8 linear layer takes the nibble-packed kernel (both sign parts of symmetric
     8-bit codes in one call), verifies exactly, and its skip_planes results are those of the

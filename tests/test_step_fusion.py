@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import csqc
+from cpus import CODE_LIMIT
 from csqc import runtime
 from csqc.artifact import pack_bitparallel_weight
 from csqc.targets.llvm import glue, kernels
@@ -143,8 +144,8 @@ def test_one_exp_tanh_is_odd_and_within_rounding_of_the_true_tanh():
 @pytest.mark.parametrize("parallel", [False, True])
 def test_small_dense_is_exact(m, n, k, two_signs, parallel):
     q = RNG.integers(-128, 128, (n, k)).astype(np.int8)
-    neg = RNG.integers(0, 256, (m, k)).astype(np.uint8)
-    pos = np.where(neg > 0, 0, RNG.integers(0, 256, (m, k))).astype(np.uint8)
+    neg = RNG.integers(0, CODE_LIMIT, (m, k)).astype(np.uint8)
+    pos = np.where(neg > 0, 0, RNG.integers(0, CODE_LIMIT, (m, k))).astype(np.uint8)
     codes = [pos, neg] if two_signs else [pos]
     (got,) = run(kernels.bitparallel_dense_signed(m, n, k, two_signs, parallel), *codes,
                  pack_bitparallel_weight(q, "int8"), outputs=[((m, n), "int32")])

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 import csqc
 from csqc import runtime
 from csqc.cli import cli
+from cpus import CODE_LIMIT
 from csqc.targets.llvm import kernels, packing, tuning
 from csqc.targets.llvm.backend import has_table_lookup
 from csqc.targets.tvm.geometry import conv_geometry
@@ -34,7 +35,7 @@ def test_every_conv_candidate_is_exact(shape, weight_shape, stride, padding, gro
     """A tuned schedule may be any candidate: each computes the reference's integers."""
     geo = conv_geometry(shape, weight_shape, stride, padding, 1, groups)
     q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, 256, shape)
+    x = RNG.integers(0, CODE_LIMIT, shape)
     expected = conv_reference(x, q, (stride, stride), (padding, padding), (1, 1), groups)
     w = packing.pack_bitparallel_conv_weight(q, groups)
     candidates = tuning._conv_candidates(geo)
@@ -48,7 +49,7 @@ def test_every_conv_candidate_is_exact(shape, weight_shape, stride, padding, gro
 def test_every_dense_candidate_is_exact():
     m, n, k = 11, 72, 36  # a partial row block and a partial 16-output tile
     q = RNG.integers(-128, 128, (n, k))
-    x = RNG.integers(0, 256, (m, k))
+    x = RNG.integers(0, CODE_LIMIT, (m, k))
     candidates = tuning._dense_problem(m, n, k)[2]
     assert len(candidates) >= 6
     for knobs in candidates:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import csqc
+from cpus import needs_avx512
 from csqc.ir import Node, QuantSpec, TensorType
 from csqc.targets.llvm.backend import choose_kernel
 from csqc.verify import verify
@@ -24,6 +25,7 @@ def _weight_only_mlp(tmp_path, batch):
 
 
 @pytest.mark.parametrize("batch, kernel, reason", [(1, "lut", "table lookups"), (8, "dequant", "dequantized")])
+@needs_avx512
 def test_weight_only_mlp_picks_its_kernel_and_verifies(tmp_path, batch, kernel, reason):
     model = _weight_only_mlp(tmp_path, batch)
     out = tmp_path / "wo.so"

@@ -1,4 +1,5 @@
-"""The x86 CPU backend of the shared TVM planner: AVX-512 kernels and glue, and their cost model."""
+"""The x86 CPU backend of the shared TVM planner: kernels and glue per instruction-set tier (``isa.py``),
+and their cost model."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,11 +12,13 @@ from csqc.targets.tvm.geometry import is_depthwise_layer
 
 from csqc.artifact import NIBBLE_K, VNNI_LANES, nibble_high_for_range
 
+from .isa import AVX2, AVX512, avx2_dot_exact
 from .packing import weight_code_bits
 
 _LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
 
-__all__ = ["CpuBackend", "choose_kernel", "has_table_lookup", "nibble_high", "tile_conv", "tile_dense"]
+__all__ = ["CpuBackend", "avx2_dot_bounds", "choose_avx512_kernel", "choose_kernel", "has_table_lookup", "nibble_high",
+           "tile_conv", "tile_dense"]
 
 
 def has_table_lookup(target) -> bool:
@@ -27,8 +30,43 @@ def has_table_lookup(target) -> bool:
     return bool(codegen.llvm_cpu_has_features(["avx512vbmi"], target))
 
 
-def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False) -> LayerChoice:
-    """Pick the faster kernel for one quantized layer (a cost model from measurements here).
+def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False, tier: str = AVX512) -> LayerChoice:
+    """Pick the faster kernel for one quantized layer that ``tier`` (``isa.tier``) can run exactly:
+    :func:`choose_avx512_kernel`'s choice, with the kernels a smaller tier lacks replaced."""
+    choice = choose_avx512_kernel(n, rows, q, table_lookup)
+    if tier == AVX512:
+        return choice
+    if choice.kernel in ("lut", "dequant"):
+        return LayerChoice("float", f"the {choice.kernel} weight-only kernel needs AVX-512 permutes (an AVX-512 CPU "
+                                    f"would pick it: {choice.reason})")
+    if choice.kernel != "bitparallel" or is_depthwise_layer(n.op, n.attr("weight_shape")):
+        return choice  # the depthwise kernels are plain integer vector code
+    if tier == AVX2:
+        max_code, max_weight = avx2_dot_bounds(n.quant, q)
+        if avx2_dot_exact(max_code, max_weight):
+            return choice
+        return LayerChoice("bitserial", f"codes up to {max_code} x weights up to {max_weight} could saturate AVX2's "
+                                        "int16 pair sums (vpmaddubsw); popcounts are exact")
+    return LayerChoice("bitserial", f"this CPU has no int8 dot product (an AVX2 or AVX-512 CPU would pick "
+                                    f"bit-parallel: {choice.reason})")
+
+
+def avx2_dot_bounds(spec, q: np.ndarray) -> tuple[int, int]:
+    """The largest input code and weight magnitude a bit-parallel layer may multiply: codes are
+    one byte, at most ``2 * (2**act_bits - 1)`` (offset codes ``code + L``); the weights of every
+    run-time plane count (a most significant prefix of the planes, whose weights can exceed the
+    whole one's) lie between minus the negative planes' sum and the positive planes' sum, less
+    the zero point."""
+    max_code = min(255, 2 * (2**spec.act_bits - 1))
+    positive = sum(1 << int(shift) for shift, sign in spec.planes if sign > 0)
+    negative = sum(1 << int(shift) for shift, sign in spec.planes if sign < 0)
+    zero_point = int(spec.zero_point)
+    return max_code, max(int(np.abs(q).max(initial=0)), positive - zero_point, negative + zero_point)
+
+
+def choose_avx512_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False) -> LayerChoice:
+    """Pick the faster kernel for one quantized layer on an AVX-512 VNNI CPU (a cost model from
+    measurements here).
 
     Bit-serial cost grows with planes x activation bits per row; int8 VNNI cost is flat in
     bits. Measured on this CPU (AVX-512 VPOPCNTDQ + VNNI): at one row, 2-bit weights x 4-bit
@@ -179,16 +217,23 @@ class CpuBackend:
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True
 
-    def __init__(self, table_lookup: bool = False, amx: bool = False, tuner=None):
+    def __init__(self, table_lookup: bool = False, amx: bool = False, tuner=None, tier: str = AVX512):
         """``table_lookup``: build bit-serial dense kernels with ``vpermb`` table lookups (the
         target CPU has AVX-512 VBMI; see :func:`has_table_lookup`); ``amx``: the target has AMX
         tiles (``amx.target_has_amx``), taken by bit-parallel linear layers of many rows and by
         convolutions whose channels fill tiles; ``tuner``: a ``tuning.Tuner`` whose knobs the
         bit-parallel convolutions and linear layers off tiles and the bit-serial linear layers
-        take (``csqc compile --tune``)."""
+        take (``csqc compile --tune``); ``tier``: the target's instruction-set tier
+        (``isa.tier``): below AVX-512 the layers take only kernels that tier runs exactly, and
+        calibrated codes come from the float chain (the search and the fixed-point form are
+        512-bit word permutes and multiplies)."""
         from . import glue, kernels, packing
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
+        self.tier = tier
+        if tier != AVX512:
+            self.code_search = self.code_form = False
+            table_lookup = amx = False  # (both are AVX-512 CPUs' only)
         self.table_lookup = table_lookup
         # int16 depthwise convs take their taps two at a time (vpermi2b, vpmaddubsw: VBMI too)
         self.depthwise_tap_pairs = table_lookup
@@ -197,7 +242,12 @@ class CpuBackend:
 
     def conv_knobs(self, geo):
         """Schedule knobs of a bit-parallel (non-depthwise) convolution off tiles."""
-        return self.tuner.conv_knobs(geo) if self.tuner else self.kernels.BitparallelKnobs()
+        return self.tuner.conv_knobs(geo) if self.tuner else self._default_knobs()
+
+    def _default_knobs(self):
+        # AVX2 has half the registers, each half as wide: a quarter of the AVX-512 dense tile
+        # (the conv's register tile is sized per tier by kernels._conv_pixel_plan)
+        return self.kernels.BitparallelKnobs(**({} if self.tier == AVX512 else {"row_block": 4, "col_vectors": 1}))
 
     def bitserial_dense_knobs(self, m: int, n: int, k: int, plane_spec, act_bits: int, zero_point: bool,
                               acc_dtype: str, base):
@@ -207,16 +257,22 @@ class CpuBackend:
 
     def dense_knobs(self, m: int, n: int, k: int):
         """Schedule knobs of a bit-parallel ``[m, k] x [k, n]`` linear layer off tiles (int8 weights)."""
-        return self.tuner.dense_knobs(m, n, k) if self.tuner else self.kernels.BitparallelKnobs()
+        return self.tuner.dense_knobs(m, n, k) if self.tuner else self._default_knobs()
 
     def bitserial_knobs(self):
         return self.kernels.BitserialKnobs(table_lookup=self.table_lookup)
 
     def choose_kernel(self, n: Node, rows: int, q: np.ndarray) -> LayerChoice:
-        return choose_kernel(n, rows, q, self.table_lookup)
+        return choose_kernel(n, rows, q, self.table_lookup, self.tier)
+
+    def bitparallel_exact(self, n: Node, q: np.ndarray) -> bool:
+        """Whether this tier's bit-parallel kernel computes layer ``n`` exactly (``--kernel bitparallel``)."""
+        if self.tier == AVX512 or is_depthwise_layer(n.op, n.attr("weight_shape")):
+            return True
+        return self.tier == AVX2 and avx2_dot_exact(*avx2_dot_bounds(n.quant, q))
 
     def nibble_high(self, n: Node, rows: int, weight_range: Callable[[], tuple[int, int]]) -> int | None:
-        return nibble_high(n, rows, weight_range)
+        return nibble_high(n, rows, weight_range) if self.tier == AVX512 else None  # (its unpacking is AVX-512)
 
     def tile_dense(self, m: int, n: int, k: int) -> bool:
         """Whether a bit-parallel ``[m, k] x [k, n]`` product runs on AMX tiles (``kernels.amx_dense``)."""

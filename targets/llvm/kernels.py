@@ -20,7 +20,8 @@ every kernel is its output buffer; scalars come right before it.
   per-row tables of activation sums with ``vpermb`` instead (7 vector ops per 64 bytes of
   planes instead of 3 per activation bit): the batch-1 GEMV.
 * :func:`bitparallel_dense` -- int8 weights (combined at pack time), u8 x s8 dot products with
-  AVX-512 VNNI ``vpdpbusd`` over a register tile of rows x output vectors; int16 fallback.
+  AVX-512 VNNI ``vpdpbusd`` (or AVX2's pair of instructions: ``isa.dot4``, picked by the target in
+  scope) over a register tile of rows x output vectors; int16 fallback.
 * :func:`nibble_dense` (from :mod:`.nibble`) -- the same products on weights stored as nibbles
   (plus a fifth bit), unpacked in registers: the batch-1 GEMV of 4-bit layers.
 * :func:`amx_dense` (from :mod:`.amx`) -- the same products on Intel AMX tiles, same weights:
@@ -44,12 +45,14 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from csqc.errors import CompileError
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
 from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_dense_fits, amx_pointwise_codes,
                   host_has_amx,
                   request_tile_permission, target_has_amx)
 from .host import host_mattr
+from .isa import accumulator_budget, dot4, missing_features
 from .nibble import nibble_dense
 from .staging import phase_pairs, phase_staging, staging_loop
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
@@ -201,6 +204,10 @@ class CompiledKernel:
 def build(prim_func: tirx.PrimFunc, target: tvm.target.Target | None = None) -> CompiledKernel:
     """Compile a kernel PrimFunc for the CPU and wrap it for numpy use."""
     target = target or cpu_target()
+    missing = missing_features([prim_func], target)
+    if missing:
+        raise CompileError(f"this kernel uses instructions {target.attrs.get('mcpu', 'the CPU')} lacks: "
+                           f"{', '.join(missing)} (build it inside `with target:`)")
     func = prim_func.with_attr("global_symbol", "main")
     # StorageRewrite re-creates allocations without their annotations (see _ON_STACK); the
     # kernels' scratch buffers are few and small, so nothing is lost by skipping it.
@@ -589,10 +596,9 @@ def _bitserial_dense_lut(M: int, N: int, K: int, shifts_signs, act_bits: int, wi
 # Bit-parallel dense (int8 VNNI)
 # --------------------------------------------------------------------------------------------
 def _vnni(acc, act_word, weight_vector):
-    """acc[i] += sum_{t<4} u8(act_word byte t) * s8(weight byte 4i+t) (16 int32 lanes)."""
-    return T.call_llvm_pure_intrin(
-        "int32x16", _VPDPBUSD, acc,
-        T.reinterpret("int8x64", T.broadcast(act_word, VNNI_LANES)), weight_vector)
+    """acc[i] += sum_{t<4} u8(act_word byte t) * s8(weight byte 4i+t) (16 int32 lanes; the int8
+    dot product of the target's tier, ``isa.dot4``)."""
+    return dot4(acc, T.reinterpret("int8x64", T.broadcast(act_word, VNNI_LANES)), weight_vector)
 
 
 def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dtype: str = "int32",
@@ -1264,9 +1270,7 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
 def _vnni_pixels(acc, act_vector, weight_word):
     """acc[i] += sum_{t<4} u8(act_vector byte 4i+t) * s8(weight_word byte t): 16 output pixels
     of one output channel (activation words along the lanes, weight word broadcast)."""
-    return T.call_llvm_pure_intrin(
-        "int32x16", _VPDPBUSD, acc, T.reinterpret("int8x64", act_vector),
-        T.reinterpret("int8x64", T.broadcast(weight_word, VNNI_LANES)))
+    return dot4(acc, T.reinterpret("int8x64", act_vector), T.reinterpret("int8x64", T.broadcast(weight_word, VNNI_LANES)))
 
 
 @dataclass(frozen=True)
@@ -1307,11 +1311,13 @@ def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
     og = geo.out_per_group
     channels, vectors, rows = knobs.conv_channels, knobs.conv_vectors, knobs.conv_rows
     explicit_rows = bool(rows)
+    budget = accumulator_budget()  # (AVX2: a quarter of AVX-512's register file)
     if not channels:
         # Largest register tile width that wastes fewest padded output channels.
-        channels = min((4, 8, 12, 16), key=lambda c: (-(-og // c) * c - og, -c))
+        channels = min((c for c in (4, 8, 12, 16) if c <= budget) if budget >= 16 else (4, 6),
+                       key=lambda c: (-(-og // c) * c - og, -c))
     if not vectors:
-        vectors = {16: 1, 12: 2, 8: 2}.get(channels, max(1, 16 // channels))
+        vectors = {16: 1, 12: 2, 8: 2}.get(channels, max(1, 16 // channels)) if budget >= 16 else 1
         # Small output planes: fewer vectors so the rounding waste stays small.
         while vectors > 1 and geo.out_h * wq < 2 * 16 * vectors:
             vectors //= 2

@@ -324,18 +324,26 @@ def _activation_parts(e: GraphEmitter, q: _QTensor) -> list[tuple[str, int]]:
 # -- quantized layers ------------------------------------------------------------------------
 
 
-def weight_terms(g: Graph, n: Node, check_planes: bool) -> list[tuple[np.ndarray, int]]:
+# ONNX Runtime's u8 x s8 integer products on x86 CPUs without VNNI (AVX2) sum two products in
+# int16 with saturation (vpmaddubsw): exact only while two of them stay within int16
+_U8S8_PAIR_LIMIT = 2**15 - 1
+
+
+def weight_terms(g: Graph, n: Node, check_planes: bool, max_code: int = 255) -> list[tuple[np.ndarray, int]]:
     """Integer weight arrays (``weight_shape``, int8/uint8) and coefficients summing to ``q``.
 
     ``q = sum coef * array`` exactly. Without ``check_planes``: one ``int8`` array when
-    ``|q| <= 127``, else ``uint8`` base-256 digits of the positive and negative parts. With
-    it: one 0/1 ``uint8`` array per bitplane with coefficient ``sign * 2^shift``, plus an
-    all-ones array with coefficient ``-zero_point`` for the offset encoding.
+    ``|q| <= 127`` and two products of codes up to ``max_code`` fit int16 (else ORT's AVX2
+    kernels could saturate), else ``uint8`` base-256 digits of the positive and negative parts
+    (u8 x u8 products, which ORT widens to int16 first). With it: one 0/1 ``uint8`` array per
+    bitplane with coefficient ``sign * 2^shift``, plus an all-ones array with coefficient
+    ``-zero_point`` for the offset encoding.
     """
     spec, shape = n.quant, tuple(n.attr("weight_shape"))
     if not check_planes:
         q = decode_weight(g, n)
-        if np.abs(q).max(initial=0) <= 127:
+        largest = int(np.abs(q).max(initial=0))
+        if largest <= 127 and 2 * max_code * largest <= _U8S8_PAIR_LIMIT:
             return [(q.astype(np.int8), 1)]
         terms = []
         for part, sign in ((np.maximum(q, 0), 1), (np.maximum(-q, 0), -1)):
@@ -422,7 +430,7 @@ def _emit_quant_layer(e: GraphEmitter, n: Node) -> str:
                 not src.asymmetric and spec.act_signed != src.signed):
             raise CompileError(f"{n.name}: spec says {spec.act_bits}-bit input, its quantize node gives {src.bits}")
         xq = e.b.op("Identity", [_codes_exposed(e, src)], f"{n.name}.xq", exact_name=True)
-        terms = weight_terms(e.g, n, e.check_planes)
+        terms = weight_terms(e.g, n, e.check_planes, src.levels)
         acc = _integer_product(e, n, _activation_parts(e, src), terms, src.levels)
         levels = e.b.const("levels", np.array(src.levels, _F32))
         accf = e.b.op("Cast", [acc], f"{n.name}.acc_f", to=TensorProto.FLOAT)

@@ -110,6 +110,9 @@ class _Lowerer:
         b = backend
         self.target_name = b.name
         self.glue, self.kernels, self.packing, self.choose_kernel = b.glue, b.kernels, b.packing, b.choose_kernel
+        # whether the backend's bit-parallel kernel is exact for a layer (--kernel bitparallel
+        # keeps the chosen kernel where it is not); default: int8 weights
+        self.bitparallel_exact = getattr(b, "bitparallel_exact", None)
         # a backend may tune the bit-serial knobs to its CPU (the llvm one: table lookups)
         self.bitserial_knobs = getattr(b, "bitserial_knobs", self.kernels.BitserialKnobs)
         # a backend may store 4-bit linear weights as nibbles (the llvm one: kernels.nibble_dense)
@@ -392,7 +395,8 @@ class _Lowerer:
         rows = output_rows(n)
         choice = self.choose_kernel(n, rows, q)
         if self.force and choice.kernel != "float" and spec.act_bits is not None:
-            if self.force == "bitparallel" and (spec.acc_dtype == "int64" or np.abs(q).max(initial=0) > 127):
+            if self.force == "bitparallel" and (spec.acc_dtype == "int64" or np.abs(q).max(initial=0) > 127 or (
+                    self.bitparallel_exact is not None and not self.bitparallel_exact(n, q))):
                 pass  # keep the only kernel that is exact for this layer
             else:
                 choice = LayerChoice(self.force, "forced")
