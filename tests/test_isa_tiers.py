@@ -122,3 +122,19 @@ def test_avx2_keeps_layers_its_dot_product_could_saturate_bit_serial(tmp_path):
         if force is None:
             assert any("saturate" in info["reason"] for info in layers.values())
         _assert_exact(verify(model, samples=16, artifact=str(out), per_layer=True))
+
+
+def test_avx2_runs_small_low_bit_layers_on_its_dot_product(tmp_path):
+    """One row of 2-bit weights x 4-bit codes: AVX-512 runs it bit-serial (VPOPCNTDQ), AVX2 on its
+    int8 dot product (its popcounts are nibble lookups), four output vectors a register tile."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    model = csqc.finalize(csqc.convert(net, n_bits=2, act_bits=4, quantize_first_input=True)).eval()
+    model = csqc.load(csqc.save(model, tmp_path / "w2a4.pt", torch.zeros(1, 256)))
+    vnni = csqc.compile(model, "llvm", tmp_path / "vnni.so", mcpu="cascadelake").report  # (built, not run)
+    assert set(vnni["kernels"].values()) == {"bitserial"}, vnni["layers"]
+    out = tmp_path / "avx2.so"
+    avx2 = csqc.compile(model, "llvm", out, mcpu=AVX2_CPU).report
+    assert set(avx2["kernels"].values()) == {"bitparallel"}
+    assert all("AVX2: int8 dot products" in info["reason"] for info in avx2["layers"].values())
+    _assert_exact(verify(model, samples=2, artifact=str(out), per_layer=True))

@@ -87,11 +87,14 @@ def test_resnet20_artifact_verifies(tmp_path):
 
 
 def test_a_model_of_small_layers_runs_on_one_thread_and_large_ones_are_not_capped(compiled, tmp_path):
-    from csqc.targets.llvm.target import ONE_THREAD_LAYER_MACS
+    from cpus import HOST_TIER
+    from csqc.targets.llvm.target import ONE_THREAD_LAYER_MACS, one_thread_layer_macs
 
-    # the digits MLP's largest layer is far below the bound: one thread
+    # the digits MLP's largest layer is far below the bound of every tier: one thread
     model, path, result = compiled("digits-mlp")
-    assert max(n.multiply_adds for n in csqc.optimize(model, batch=DIGITS_BATCH).quant_layers()) < ONE_THREAD_LAYER_MACS
+    largest = max(n.multiply_adds for n in csqc.optimize(model, batch=DIGITS_BATCH).quant_layers())
+    assert largest < one_thread_layer_macs("avx2") < one_thread_layer_macs("avx512") == ONE_THREAD_LAYER_MACS
+    assert one_thread_layer_macs(HOST_TIER) in (one_thread_layer_macs("avx2"), ONE_THREAD_LAYER_MACS)
     assert result.report["threads"] == 1 and runtime.load(path).threads == 1
     out = CliRunner().invoke(cli, ["inspect", str(path)])
     assert out.exit_code == 0 and "threads: at most 1 per call" in out.output, out.output
@@ -109,6 +112,11 @@ def test_a_model_of_small_layers_runs_on_one_thread_and_large_ones_are_not_cappe
 
     small = csqc.optimize(model, batch=DIGITS_BATCH)
     assert thread_cap(small) == 1 and thread_cap(small, {}) is None
+    # AVX2's kernels take longer a multiply-add: a 1024 x 1024 layer runs on two threads there only
+    csqc.save(csqc.finalize(csqc.convert(torch.nn.Sequential(torch.nn.Linear(1024, 1024)).eval(), n_bits=2,
+                                         act_bits=4)).eval(), tmp_path / "mid.pt", torch.zeros(1, 1024))
+    mid = csqc.optimize(csqc.load(tmp_path / "mid.pt"))
+    assert thread_cap(mid, tier="avx512") == 1 and thread_cap(mid, tier="avx2") is None
 
 
 def test_the_thread_cap_holds_for_the_call_only_and_changes_no_result(compiled, monkeypatch):

@@ -36,17 +36,27 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False,
     choice = choose_avx512_kernel(n, rows, q, table_lookup)
     if tier == AVX512:
         return choice
+    # AVX2, measured on a Zen 3 (2 threads, interleaved medians): the bit-serial kernel's popcounts
+    # are vpshufb nibble lookups there, and it lost to the AVX2 int8 kernel at every size tried:
+    # 4096 x 4096 at one row w2a4 1390 against 779 us, w4a8 4653 against 563, 4 rows w2a4 3334
+    # against 673; 1024 x 1024 at one row w2a4 100 against 43, w1a2 54 against 47.
     if choice.kernel in ("lut", "dequant"):
         return LayerChoice("float", f"the {choice.kernel} weight-only kernel needs AVX-512 permutes (an AVX-512 CPU "
                                     f"would pick it: {choice.reason})")
-    if choice.kernel != "bitparallel" or is_depthwise_layer(n.op, n.attr("weight_shape")):
-        return choice  # the depthwise kernels are plain integer vector code
-    if tier == AVX2:
+    if choice.kernel == "bitparallel" and is_depthwise_layer(n.op, n.attr("weight_shape")):
+        return choice  # the depthwise kernels are plain integer vector code (no dot product)
+    if tier == AVX2 and n.quant.act_bits is not None and n.quant.acc_dtype == "int32" \
+            and int(np.abs(q).max(initial=0)) <= 127:
         max_code, max_weight = avx2_dot_bounds(n.quant, q)
-        if avx2_dot_exact(max_code, max_weight):
-            return choice
-        return LayerChoice("bitserial", f"codes up to {max_code} x weights up to {max_weight} could saturate AVX2's "
-                                        "int16 pair sums (vpmaddubsw); popcounts are exact")
+        if not avx2_dot_exact(max_code, max_weight):
+            return LayerChoice("bitserial", f"codes up to {max_code} x weights up to {max_weight} could saturate "
+                                            "AVX2's int16 pair sums (vpmaddubsw); popcounts are exact")
+        if choice.kernel == "bitserial":  # (for want of VPOPCNTDQ, not of int8 weights or an int32 sum)
+            return LayerChoice("bitparallel", f"AVX2: int8 dot products beat emulated popcounts at every size measured "
+                                              f"(an AVX-512 CPU would pick bit-serial: {choice.reason})")
+        return choice
+    if choice.kernel != "bitparallel":
+        return choice
     return LayerChoice("bitserial", f"this CPU has no int8 dot product (an AVX2 or AVX-512 CPU would pick "
                                     f"bit-parallel: {choice.reason})")
 
@@ -244,10 +254,15 @@ class CpuBackend:
         """Schedule knobs of a bit-parallel (non-depthwise) convolution off tiles."""
         return self.tuner.conv_knobs(geo) if self.tuner else self._default_knobs()
 
-    def _default_knobs(self):
-        # AVX2 has half the registers, each half as wide: a quarter of the AVX-512 dense tile
-        # (the conv's register tile is sized per tier by kernels._conv_pixel_plan)
-        return self.kernels.BitparallelKnobs(**({} if self.tier == AVX512 else {"row_block": 4, "col_vectors": 1}))
+    def _default_knobs(self, rows: int = 0):
+        # AVX2 has half the registers, each half as wide: a quarter of the AVX-512 dense tile,
+        # but four output vectors for one row (more independent sums; the conv's register tile is
+        # sized per tier by kernels._conv_pixel_plan). Measured on a Zen 3, 2 threads, medians of
+        # 7: 4096 x 4096 at one row 1 x 1 vector 184 us, 1 x 3-6 145-148, 1 x 8 189; at 8 rows
+        # 4 x 1 1273 us, 4 x 2 1722, 8 x 1 1788; 1024 x 1024 at 64 rows 4 x 1 403, 2 x 2 427, 4 x 2 563.
+        if self.tier == AVX512:
+            return self.kernels.BitparallelKnobs()
+        return self.kernels.BitparallelKnobs(row_block=4, col_vectors=4 if rows == 1 else 1)
 
     def bitserial_dense_knobs(self, m: int, n: int, k: int, plane_spec, act_bits: int, zero_point: bool,
                               acc_dtype: str, base):
@@ -257,7 +272,7 @@ class CpuBackend:
 
     def dense_knobs(self, m: int, n: int, k: int):
         """Schedule knobs of a bit-parallel ``[m, k] x [k, n]`` linear layer off tiles (int8 weights)."""
-        return self.tuner.dense_knobs(m, n, k) if self.tuner else self._default_knobs()
+        return self.tuner.dense_knobs(m, n, k) if self.tuner else self._default_knobs(m)
 
     def bitserial_knobs(self):
         return self.kernels.BitserialKnobs(table_lookup=self.table_lookup)

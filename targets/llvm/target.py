@@ -16,7 +16,7 @@ from csqc.targets.tvm.whole_model import add_whole_model_function
 
 from .backend import CpuBackend, has_table_lookup
 
-__all__ = ["check_cpu", "check_tune", "emit_llvm", "thread_cap", "ONE_THREAD_LAYER_MACS"]
+__all__ = ["check_cpu", "check_tune", "emit_llvm", "one_thread_layer_macs", "thread_cap", "ONE_THREAD_LAYER_MACS"]
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,20 @@ log = logging.getLogger(__name__)
 ONE_THREAD_LAYER_MACS = 1 << 22
 
 
-def thread_cap(graph: Graph, funcs: dict | None = None) -> int | None:
+def one_thread_layer_macs(tier: str = "avx512") -> int:
+    """:data:`ONE_THREAD_LAYER_MACS` for a tier's kernels: a quarter below AVX-512, whose int8
+    dot products take four to six times as long a multiply-add. Measured on a Zen 3 (AVX2, 2
+    vCPUs): ResNet-20 (2.4 M per conv) 734 us on one thread, 538 on two."""
+    return ONE_THREAD_LAYER_MACS if tier == "avx512" else ONE_THREAD_LAYER_MACS >> 2
+
+
+def thread_cap(graph: Graph, funcs: dict | None = None, tier: str = "avx512") -> int | None:
     """The most threads the artifact's calls should use (the plan's ``threads``; None: no cap).
     ``funcs`` (the plan's PrimFuncs): no cap where none of them has a parallel loop, as the
     cap only costs there (lowering and restoring the variable: about 2.5 us a call, a tenth of
-    an LSTM step's)."""
+    an LSTM step's). ``tier``: the target's (``isa.tier``)."""
     layers = graph.quant_layers()
-    if not layers or max(n.multiply_adds for n in layers) >= ONE_THREAD_LAYER_MACS:
+    if not layers or max(n.multiply_adds for n in layers) >= one_thread_layer_macs(tier):
         return None
     if funcs is not None and not any("T.parallel" in f.script() for f in funcs.values()):
         return None
@@ -104,7 +111,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", "")),
                        "features": isa_features(target)}, "model": graph.name,
             **plan_entry(calibration)}
-    threads = thread_cap(graph, plan.funcs)
+    threads = thread_cap(graph, plan.funcs, cpu_tier)
     if threads is not None:
         meta["threads"] = threads
     write_artifact(plan, executable, output, meta)
