@@ -105,15 +105,23 @@ def test_models_verify_exactly_on_each_tier(tmp_path, cpu, calibrate):
     _assert_exact(verify(model, samples=2, artifact=str(out), per_layer=True))
 
 
+def _mlp_and_avx512_kernels(tmp_path, sizes, n_bits: int, act_bits: int, rows: int, expected: str):
+    """A saved two-layer CSQ MLP, after checking that an AVX-512 build (cascadelake: built, not
+    run) puts both its layers on ``expected``."""
+    torch.manual_seed(sum(sizes))
+    net = torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.ReLU(),
+                              torch.nn.Linear(sizes[1], sizes[2])).eval()
+    model = csqc.finalize(csqc.convert(net, n_bits=n_bits, act_bits=act_bits, quantize_first_input=True)).eval()
+    model = csqc.load(csqc.save(model, tmp_path / "mlp.pt", torch.zeros(rows, sizes[0])))
+    vnni = csqc.compile(model, "llvm", tmp_path / "vnni.so", mcpu="cascadelake").report
+    assert set(vnni["kernels"].values()) == {expected}, vnni["layers"]
+    return model
+
+
 def test_avx2_keeps_layers_its_dot_product_could_saturate_bit_serial(tmp_path):
     """8-bit codes times int8 weights can pass AVX2's int16 pair sums: such layers run bit-serial
     there (an AVX-512 CPU runs them on VNNI), also when bit-parallel is forced, and verify exactly."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10)).eval()
-    model = csqc.finalize(csqc.convert(net, n_bits=7, act_bits=8, quantize_first_input=True)).eval()
-    model = csqc.load(csqc.save(model, tmp_path / "w7a8.pt", torch.zeros(16, 64)))
-    vnni = csqc.compile(model, "llvm", tmp_path / "vnni.so", mcpu="cascadelake").report  # (built, not run)
-    assert set(vnni["kernels"].values()) == {"bitparallel"}, vnni["layers"]
+    model = _mlp_and_avx512_kernels(tmp_path, (64, 48, 10), n_bits=7, act_bits=8, rows=16, expected="bitparallel")
     for force in (None, "bitparallel"):
         out = tmp_path / f"w8a8-{force}.so"
         report = csqc.compile(model, "llvm", out, mcpu=AVX2_CPU, force_kernel=force).report
@@ -127,12 +135,7 @@ def test_avx2_keeps_layers_its_dot_product_could_saturate_bit_serial(tmp_path):
 def test_avx2_runs_small_low_bit_layers_on_its_dot_product(tmp_path):
     """One row of 2-bit weights x 4-bit codes: AVX-512 runs it bit-serial (VPOPCNTDQ), AVX2 on its
     int8 dot product (its popcounts are nibble lookups), four output vectors a register tile."""
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
-    model = csqc.finalize(csqc.convert(net, n_bits=2, act_bits=4, quantize_first_input=True)).eval()
-    model = csqc.load(csqc.save(model, tmp_path / "w2a4.pt", torch.zeros(1, 256)))
-    vnni = csqc.compile(model, "llvm", tmp_path / "vnni.so", mcpu="cascadelake").report  # (built, not run)
-    assert set(vnni["kernels"].values()) == {"bitserial"}, vnni["layers"]
+    model = _mlp_and_avx512_kernels(tmp_path, (256, 64, 16), n_bits=2, act_bits=4, rows=1, expected="bitserial")
     out = tmp_path / "avx2.so"
     avx2 = csqc.compile(model, "llvm", out, mcpu=AVX2_CPU).report
     assert set(avx2["kernels"].values()) == {"bitparallel"}
