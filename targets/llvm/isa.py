@@ -19,7 +19,8 @@ instructions for the artifact's CPU. (TVM is imported on use: the cost model imp
 """
 from __future__ import annotations
 
-__all__ = ["AVX512", "AVX2", "GENERIC", "tier", "avx2_dot_exact", "dot4", "accumulator_budget"]
+__all__ = ["AVX512", "AVX2", "GENERIC", "tier", "avx2_dot_exact", "dot4", "accumulator_budget", "intrinsic_features",
+           "missing_features"]
 
 AVX512, AVX2, GENERIC = "avx512", "avx2", "generic"
 
