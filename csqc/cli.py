@@ -791,7 +791,7 @@ def demo(recipe, out_dir, as_json):
     plot = plot_bits(report, out / f"{recipe}-bits.png")
     say(f"[2/5] inspect: {report.weight_bytes_fp32 / max(1, report.weight_bytes_packed):.1f}x smaller weights "
         f"({report.weight_bytes_packed} B packed), plot -> {plot}")
-    say("[3/5] compiling for the CPU (TVM, bit-serial kernels) and ONNX")
+    say("[3/5] compiling for the CPU (TVM, bit-serial and int8 kernels per layer) and ONNX")
     with progress_bar("compiling for llvm", enabled=progress_wanted(as_json)) as update:
         art = compile_model(loaded, "llvm", out / default_output(model_path, "llvm"),
                             on_layer=lambda name: update(advance=1, info=name))
