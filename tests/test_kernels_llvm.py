@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpus import AVX2_CPU, HOST_TIER, needs_avx512
-from csqc.targets.llvm import kernels, packing
+from cpus import AVX2_CPU, HOST_TIER, code_limit_of, needs_avx512
+from csqc.targets.llvm import isa, kernels, packing
 from csqc.targets.tvm.geometry import conv_geometry
 
 RNG = np.random.default_rng(20240611)
@@ -96,8 +96,8 @@ DOT_CPUS = [pytest.param(None, id="avx512", marks=needs_avx512), pytest.param(AV
 
 
 def code_limit(cpu) -> int:
-    """One past the largest code the tier's dot product takes with any int8 weight."""
-    return 256 if cpu is None else 128
+    """One past the largest code the tier's dot product takes with any int8 weight (None: the host's)."""
+    return code_limit_of(HOST_TIER if cpu is None else isa.tier(kernels.cpu_target(cpu)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -426,17 +426,18 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
     ((1, 8, 72, 72), (8, 8, 3, 3), (3, 3), (1, 1), (1, 1), 1, 2),     # the same, channels-on-lanes kernel
     ((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, 1),  # ResNet-20's layer1: staged serially
 ])
+@pytest.mark.parametrize("cpu", DOT_CPUS)
 def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shape, weight_shape, stride, padding,
-                                                                       dilation, groups, parallel_loops):
+                                                                       dilation, groups, parallel_loops, cpu):
     """Below _MIN_PARALLEL_STAGING input codes the staging copy is serial (one fork-join per
     call instead of two); above it, parallel. Exact either way."""
-    with kernels.cpu_target(AVX2_CPU):
+    with kernels.cpu_target(cpu):
         prim = kernels.bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups)
     assert prim.script().count("T.parallel") == parallel_loops
     q = RNG.integers(-128, 128, weight_shape)
-    x = RNG.integers(0, code_limit(AVX2_CPU), input_shape)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups,
-                   cpu=AVX2_CPU)
+                   cpu=cpu)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
                                   conv_reference(x, q, stride, padding, dilation, groups))
 
@@ -557,17 +558,18 @@ def _within_int16(x, q, stride, padding, groups):
     ((1, 16, 7, 7), (64, 16, 3, 3), (1, 1), (1, 1), 1, "tile"),      # 7x7 planes: pixels on the lanes too
     ((1, 16, 7, 7), (64, 16, 3, 3), (1, 1), (1, 1), 1, "channels"),  # channels on the lanes, when asked
 ])
+@pytest.mark.parametrize("cpu", DOT_CPUS)
 def test_bitparallel_conv2d_narrows_to_int16_outputs_exactly(input_shape, weight_shape, stride, padding, groups,
-                                                             path):
+                                                             path, cpu):
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, groups)
     knobs = kernels.BitparallelKnobs(conv_form="channels" if path == "channels" else "")
-    with kernels.cpu_target(AVX2_CPU):
+    with kernels.cpu_target(cpu):
         if path != "channels":
             assert kernels._conv_pixel_plan(geometry, knobs).direct == (path == "direct")
-    x = RNG.integers(0, code_limit(AVX2_CPU), input_shape)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
     q, expected = _within_int16(x, RNG.integers(-128, 128, weight_shape), stride, padding, groups)
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs,
-                   out_dtype="int16", cpu=AVX2_CPU)
+                   out_dtype="int16", cpu=cpu)
     y = kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups))
     assert y.dtype == np.int16
     np.testing.assert_array_equal(y, expected)
