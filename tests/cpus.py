@@ -16,7 +16,6 @@ needs_avx512 = pytest.mark.skipif(HOST_TIER != isa.AVX512,
                                   reason=f"this CPU is of the {HOST_TIER} tier: no AVX-512 VNNI to run the kernel")
 
 
-
 def code_limit_of(tier: str) -> int:
     """One past the largest input code a tier's bit-parallel kernels take with any int8 weight
     (AVX2 sums pairs of products in int16: isa.avx2_dot_exact(127, 128) holds, (128, 128) not)."""
