@@ -12,6 +12,7 @@ from csqc.cli import cli
 from cpus import CODE_LIMIT
 from csqc.targets.llvm import kernels, packing, tuning
 from csqc.targets.llvm.backend import has_table_lookup
+from csqc.targets.llvm.tuning import TuningCache
 from csqc.targets.tvm.geometry import conv_geometry
 from test_kernels_llvm import conv_reference
 
@@ -149,16 +150,27 @@ def test_bitserial_layers_are_tuned_and_exact(tmp_path, small_search, model_file
     assert report.ok and report.accumulators_exact
 
 
-def test_a_cache_for_another_cpu_is_not_used(tmp_path, private_cache, small_search, model_file):
+def test_a_cache_for_another_cpu_is_not_used(tmp_path, private_cache, good_cache, model_file, monkeypatch):
     path, _ = model_file
-    _tuned(path, tmp_path / "a.so")
-    data = json.loads(private_cache.read_text())
+    data = json.loads(json.dumps(good_cache[0]))
     (cpu, entries), = data["cpus"].items()
     data["cpus"] = {"znver9:avx512f": entries}  # same shapes, another CPU
+    private_cache.parent.mkdir()
     private_cache.write_text(json.dumps(data))
+    _default_schedules_only(monkeypatch)
     again = _tuned(path, tmp_path / "b.so")
     assert again.report["tuning"]["searched"] == len(entries)
     assert set(json.loads(private_cache.read_text())["cpus"]) == {"znver9:avx512f", cpu}  # both kept
+
+
+_DENSE = tuning._dense_problem
+
+
+def _default_schedules_only(mp):
+    """A search that times the default schedule only: these tests check what is cached and
+    trusted, not which schedule wins."""
+    mp.setattr(tuning, "_conv_candidates", lambda geo: [])
+    mp.setattr(tuning, "_dense_problem", lambda m, n, k: (*_DENSE(m, n, k)[:2], []))
 
 
 @pytest.fixture(scope="module")
@@ -167,39 +179,45 @@ def good_cache(tmp_path_factory, model_file):
     path = tmp_path_factory.mktemp("good-cache") / "tuning.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(tuning.CACHE_ENV, str(path))
-        mp.setattr(tuning, "_conv_candidates", lambda geo: [])
-        mp.setattr(tuning, "_dense_problem", lambda m, n, k: (*_DENSE(m, n, k)[:2], []))
+        _default_schedules_only(mp)
         _tuned(model_file[0], path.parent / "a.so")
     return json.loads(path.read_text()), path.parent / "a.so"
 
 
-_DENSE = tuning._dense_problem
-
-
 @pytest.mark.parametrize("content", [
-    "not json", json.dumps([1, 2]), json.dumps({"format": "csqc-tuning", "version": 99, "cpus": {}}),
-    "bad knob", "huge rows", "bool knob", "unknown kind",
+    "not json", json.dumps([1, 2]), json.dumps({"format": "csqc-tuning", "version": 99, "cpus": {}}), "\ud800",
 ])
-def test_a_bad_cache_is_ignored_not_trusted(tmp_path, private_cache, good_cache, content, model_file, monkeypatch):
+def test_a_cache_that_is_not_a_tuning_file_is_ignored(private_cache, good_cache, content):
+    (cpu, entries), = good_cache[0]["cpus"].items()
+    private_cache.parent.mkdir()
+    private_cache.write_text(content, errors="surrogatepass")
+    assert TuningCache.load(private_cache, cpu).entries == {}
+    private_cache.write_text(json.dumps(good_cache[0]))  # the same CPU's good file is read
+    assert TuningCache.load(private_cache, cpu).entries == entries
+
+
+def test_bad_cache_entries_are_searched_again_not_trusted(tmp_path, private_cache, good_cache, model_file,
+                                                          monkeypatch):
     """The cache is a file anybody could have written: nothing in it reaches a kernel builder
-    unchecked, and a bad one costs a search, never a failed or wrong build."""
+    unchecked, and a bad entry costs a search, never a failed or wrong build. One compile with
+    a different spoiled entry per layer shape; a cache that is not a tuning file at all costs
+    the same (above: it loads empty)."""
     path, x = model_file
     data, built = json.loads(json.dumps(good_cache[0])), good_cache[1]
     (cpu, entries), = data["cpus"].items()
-    key = next(k for k in entries if k.startswith("bpconv"))
-    edits = {"bad knob": {"knobs": {"unroll_everything": 1}}, "huge rows": {"knobs": {"conv_rows": 1 << 40}},
-             "bool knob": {"knobs": {"row_block": True}}}
-    if content in edits:
-        entries[key].update(edits[content])
-    elif content == "unknown kind":
-        entries["exec:" + key] = entries.pop(key)
+    convs, dense = sorted(k for k in entries if k.startswith("bpconv")), next(k for k in entries if k.startswith("bpdense"))
+    spoiled = {convs[0]: {"knobs": {"unroll_everything": 1}}, convs[1]: {"knobs": {"conv_rows": 1 << 40}},
+               dense: {"knobs": {"row_block": True}}}
+    for key, edit in spoiled.items():
+        entries[key].update(edit)
+    entries["exec:" + dense] = good_cache[0]["cpus"][cpu][dense]  # a kind csqc does not have
     private_cache.parent.mkdir()
-    private_cache.write_text(json.dumps(data) if content in edits or content == "unknown kind" else content)
-    monkeypatch.setattr(tuning, "_conv_candidates", lambda geo: [])  # the search: the default schedule only
-    monkeypatch.setattr(tuning, "_dense_problem", lambda m, n, k: (*_DENSE(m, n, k)[:2], []))
+    private_cache.write_text(json.dumps(data))
+    assert TuningCache.load(private_cache, cpu).entries.keys() == entries.keys() - {*spoiled, "exec:" + dense}
+    _default_schedules_only(monkeypatch)
     again = _tuned(path, tmp_path / "b.so")
     searched = {s["key"] for s in again.report["tuning"]["shapes"] if s["source"] == "searched"}
-    assert key in searched
+    assert searched == set(spoiled)
     np.testing.assert_array_equal(runtime.load(tmp_path / "b.so")(x.numpy()), runtime.load(built)(x.numpy()))
 
 

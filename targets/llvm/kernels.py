@@ -46,6 +46,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from csqc.errors import CompileError
+from csqc.targets.tvm import macro_lookup
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
 from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_dense_fits, amx_pointwise_codes,
@@ -58,6 +59,8 @@ from .staging import phase_pairs, phase_staging, staging_loop
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
 from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
                          pack_dequant_weight, pack_lut_weight)
+
+macro_lookup.install()  # the kernels' TVMScript macros expand without reading source (see macro_lookup)
 
 __all__ = [
     "BitserialKnobs",
