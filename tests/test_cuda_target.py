@@ -359,14 +359,14 @@ def _csq_model(factory, shape, tmp_path, name):
     return _optimized(path)
 
 
-def test_resnet20_compiles_for_sm80_and_sm90(tmp_path):
+def test_resnet20_compiles_for_sm90(tmp_path):
+    """(ResNet-18 below builds for sm_80: both architectures, one compile each.)"""
     from csqc.models.vision import resnet20
 
     graph = _csq_model(resnet20, (1, 3, 32, 32), tmp_path, "resnet20")
     verify_plan(graph)
-    for arch in ("sm_80", "sm_90"):
-        report, _ = emit_and_check(graph, tmp_path, arch, "resnet20")
-        assert report["kernels"]["conv1"] == "float"
+    report, _ = emit_and_check(graph, tmp_path, "sm_90", "resnet20")
+    assert report["kernels"]["conv1"] == "float"
 
 
 @pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
