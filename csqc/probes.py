@@ -9,6 +9,7 @@
   this kernel runs on TVM's own pool with the same thread count as the artifact it is compared to.
 * **integer peak**: independent chains of ``vpdpbusd`` (AVX-512 VNNI, 64 u8 x s8 MACs per
   instruction; the 256-bit AVX-VNNI form where only that exists) on register-resident operands;
+  on AVX2 the ``vpmaddubsw`` + ``vpmaddwd`` pairs csqc's AVX2 kernels use (``isa.dot4``);
   elsewhere an int32 vector multiply-add chain (one MAC per lane).
 
 Both kernels live in one TVM module, compiled once per process (about 0.3 s), and each probe
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MachineLimits", "measure_limits", "last_level_cache_bytes"]
+__all__ = ["MachineLimits", "measure_limits", "last_level_cache_bytes", "chains_of"]
 
 _LANES = 16  # int32 lanes of one 512-bit vector
 _UNROLL = 4  # independent accumulators of the streaming read
 _CHAINS = 16  # independent vpdpbusd chains: enough to cover its latency at full issue rate
+_AVX2_CHAINS = 4  # AVX2: each chain's accumulator takes two of the 16 registers
 _MAX_DRAM_BUFFER = 1 << 30  # CPUs with huge caches get a buffer this big
 _MIN_DRAM_BUFFER = 256 << 20  # measured here: 64 MiB (2x the LLC sysfs reports) still read at 54 GB/s, 256 MiB+ at 13-15
 _MIN_BYTES_PER_CALL = 8 << 20  # small buffers are read several times per call (see _stream_rate)
@@ -78,7 +80,7 @@ def measure_limits(weight_bytes: int, threads: int) -> MachineLimits:
     dram_bytes = min(max(8 * llc, _MIN_DRAM_BUFFER), _MAX_DRAM_BUFFER)
     dram_bytes, dram = _stream_rate(module, dram_bytes, threads)
     weights_bytes, weights = _stream_rate(module, max(weight_bytes, 1), threads)
-    peak = _int_peak(module, threads, macs_per_step)
+    peak = _int_peak(module, threads, macs_per_step * chains_of(kind))
     return MachineLimits(threads, llc, dram_bytes, dram / 1e9, weights_bytes, weights / 1e9, peak / 1e9, kind,
                          time.perf_counter() - start)
 
@@ -109,15 +111,21 @@ def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     return raw[start:start + nbytes].view(np.int32).reshape(shape)
 
 
+def chains_of(kind: str) -> int:
+    """Independent accumulator chains of the peak probe of ``kind``."""
+    return _AVX2_CHAINS if "vpmaddubsw" in kind else _CHAINS
+
+
 def _int_peak(module, threads: int, macs_per_step: int) -> float:
-    """Best multiply-accumulates per second over register-resident chains."""
+    """Best multiply-accumulates per second over register-resident chains (``macs_per_step``:
+    of all chains together)."""
     import tvm
 
     operands = tvm.runtime.tensor(np.full((2, 4 * _LANES), 3, np.int8))
     out = tvm.runtime.tensor(np.zeros((threads, _LANES), np.int32))
     steps = 20_000  # x 16 chains x 64 MACs x threads: ~0.1-1 ms per call on a VNNI core
     seconds = _best_seconds(lambda: module["int_peak"](operands, steps, out), 1e-3)
-    return threads * steps * _CHAINS * macs_per_step / seconds
+    return threads * steps * macs_per_step / seconds
 
 
 def _best_seconds(call, guess_seconds: float) -> float:
@@ -149,6 +157,8 @@ def _probe_module(threads: int, mcpu: str | None = None):
         peak, kind, macs = _vnni_peak(threads, 16, "llvm.x86.avx512.vpdpbusd.512"), "AVX-512 VNNI vpdpbusd (int8)", 64
     elif is_x86 and codegen.llvm_cpu_has_features(["avxvnni"], target):
         peak, kind, macs = _vnni_peak(threads, 8, "llvm.x86.avx512.vpdpbusd.256"), "AVX-VNNI vpdpbusd (int8)", 32
+    elif is_x86 and codegen.llvm_cpu_has_features(["avx2"], target):
+        peak, kind, macs = _avx2_dot_peak(threads), "AVX2 vpmaddubsw + vpmaddwd (int8)", 4 * _LANES
     else:
         peak, kind, macs = _multiply_add_peak(threads), "int32 vector multiply-add (no VNNI)", _LANES
     funcs = {"fill": _fill(threads), "stream_read": _stream_read(threads), "int_peak": peak}
@@ -219,6 +229,39 @@ def _vnni_peak(threads: int, lanes: int, intrinsic: str):
             for c in T.unroll(1, _CHAINS):  # every chain feeds the output: none is dead code
                 acc[0] = acc[0] + acc[c]
             out[t, T.ramp(0, 1, lanes)] = acc[0]
+
+    return int_peak
+
+
+def _avx2_dot_peak(threads: int):
+    """The int8 dot product csqc's AVX2 kernels use (``isa.dot4``: 64 u8 x s8 MACs a step, in
+    two 256-bit halves); fewer chains, as each takes two of AVX2's 16 registers. Its products
+    do not depend on the accumulator, so LLVM would hoist them out of a loop over constant
+    operands: the codes are carried from step to step instead (``min(codes, operand)``, equal to
+    the operand every step, one cheap ALU operation per step against eight multiplies)."""
+    from tvm.script import tirx as T
+
+    from .targets.llvm.isa import AVX2, dot4
+
+    chains = _AVX2_CHAINS
+
+    @T.prim_func
+    def int_peak(operands: T.Buffer((2, 4 * _LANES), "int8"), steps: T.int32,
+                 out: T.Buffer((threads, _LANES), "int32")):
+        T.func_attr({"tir.noalias": True})
+        for t in T.parallel(threads):
+            acc = T.alloc_buffer((chains,), "int32x16", scope="local", annotations=_ON_STACK)
+            codes = T.alloc_buffer((1,), "int8x64", scope="local", annotations=_ON_STACK)
+            codes[0] = operands[0, T.ramp(0, 1, 4 * _LANES)]
+            for c in T.unroll(chains):
+                acc[c] = T.broadcast(T.int32(c), _LANES)
+            for _ in range(steps):
+                codes[0] = T.min(codes[0], operands[0, T.ramp(0, 1, 4 * _LANES)])
+                for c in T.unroll(chains):
+                    acc[c] = dot4(acc[c], codes[0], operands[1, T.ramp(0, 1, 4 * _LANES)], AVX2)
+            for c in T.unroll(1, chains):
+                acc[0] = acc[0] + acc[c]
+            out[t, T.ramp(0, 1, _LANES)] = acc[0]
 
     return int_peak
 

@@ -129,7 +129,7 @@ def test_integer_peak_falls_back_to_what_the_cpu_has():
 
     from csqc.targets.llvm.kernels import cpu_target
 
-    cpus = {"haswell": "no VNNI"}  # AVX2 only: every CI CPU runs it
+    cpus = {"haswell": "AVX2 vpmaddubsw", "nehalem": "no VNNI"}  # every CI CPU runs both
     if codegen.llvm_cpu_has_features(["avxvnni"], cpu_target()):
         cpus["alderlake"] = "AVX-VNNI"  # VNNI without AVX-512
     for mcpu, kind in cpus.items():
@@ -149,8 +149,8 @@ def _check_probe_results(module, kind: str, macs_per_step: int) -> None:
     assert (out.numpy() == 3 * words).all()  # three passes over ones
     operands = tvm.runtime.tensor(np.full((2, 4 * probes._LANES), 3, np.int8))
     module["int_peak"](operands, 10, out)
-    chains = probes._CHAINS
-    if "vpdpbusd" in kind:  # each step adds four 3 x 3 products to every lane of every chain
+    chains = probes.chains_of(kind)
+    if "vpdpbusd" in kind or "vpmaddubsw" in kind:  # each step adds four 3 x 3 products to every lane of every chain
         lanes = macs_per_step // 4  # int32 accumulators per instruction
         expected = sum(range(chains)) + chains * 10 * 4 * 9
         assert (out.numpy()[:, :lanes] == expected).all(), kind

@@ -11,6 +11,7 @@ from csqc import runtime
 from csqc.errors import CompileError
 from csqc.targets.llvm import isa, kernels, packing
 from csqc.verify import verify
+from test_kernels_llvm import conv_reference
 
 
 @pytest.mark.parametrize("cpu,tier", [("haswell", isa.AVX2), ("znver3", isa.AVX2), ("alderlake", isa.AVX2),
@@ -43,6 +44,36 @@ def test_avx2_dot_product_is_exact_up_to_its_int16_pair_bound():
         q = np.full((16, 64), weight)
         y = kernel(x, packing.pack_bitparallel_weight(q))
         assert np.array_equal(y, x.astype(np.int64) @ q.T) == exact, (code, weight)
+
+
+def test_avx2_int16_groups_are_exact_up_to_their_bound():
+    """Two channel groups' ``vpmaddubsw`` sums added in int16 before widening (``isa.dot4_sum``):
+    exact while four products fit int16, wrong past it (so ``avx2_int16_groups`` is the real
+    bound); 12 input channels are three groups of 4, so the unpaired last one runs too."""
+    assert isa.avx2_int16_groups(255, 32) == 2 and isa.avx2_int16_groups(255, 33) == 1
+    assert isa.avx2_int16_groups(30, 7, limit=2) == 2 and isa.avx2_int16_groups(255, 65) == 0
+    target = kernels.cpu_target(AVX2_CPU)
+    shape, weight_shape = (1, 12, 6, 6), (16, 12, 3, 3)
+    with target:
+        kernel = kernels.build(kernels.bitparallel_conv2d(shape, weight_shape, 1, 1, 1, 1,
+                                                          kernels.BitparallelKnobs(int16_groups=2)), target)
+    for code, weight, exact in ((255, 32, True), (255, -32, True), (255, 33, False), (255, 64, False)):
+        x = np.full(shape, code, np.uint8)
+        q = np.full(weight_shape, weight)
+        y = kernel(x, packing.pack_bitparallel_conv_weight(q, 1))
+        assert np.array_equal(y, conv_reference(x, q, (1, 1), (1, 1), (1, 1), 1)) == exact, (code, weight)
+
+
+def test_avx2_convs_pair_channel_groups_where_their_bound_allows(tmp_path):
+    from csqc.compiler import optimize
+    from csqc.targets.llvm.backend import CpuBackend, avx2_dot_bounds
+
+    graph = optimize(csqc.save(_cnn(seed=3), tmp_path / "cnn.pt", torch.zeros(2, 3, 16, 16)), "default")
+    conv = next(n for n in graph.nodes if n.name == "3")
+    q = csqc.interpreter.decode_weight(graph, conv)
+    assert isa.avx2_int16_groups(*avx2_dot_bounds(conv.quant, q)) >= 2  # 4-bit codes and weights
+    assert CpuBackend(tier=isa.AVX2).conv_int16_groups(conv, q) == 2
+    assert CpuBackend(tier=isa.AVX512).conv_int16_groups(conv, q) == 1  # one vpdpbusd a group there
 
 
 def test_kernels_refuse_instructions_their_target_lacks():

@@ -12,7 +12,7 @@ from csqc.targets.tvm.geometry import is_depthwise_layer
 
 from csqc.artifact import NIBBLE_K, VNNI_LANES, nibble_high_for_range
 
-from .isa import AVX2, AVX512, avx2_dot_exact
+from .isa import AVX2, AVX512, avx2_dot_exact, avx2_int16_groups
 from .packing import weight_code_bits
 
 _LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
@@ -172,6 +172,15 @@ def nibble_high(n: Node, rows: int, weight_range: Callable[[], tuple[int, int]])
     return nibble_high_for_range(*weight_range())
 
 
+# AVX2 bit-parallel convs add two channel groups' vpmaddubsw sums in int16 before one vpmaddwd
+# where the bound allows. Measured on a Zen 3 (2 threads, medians of 7, one group against two
+# against four): 3x3 64 -> 64 at 56x56 839 / 701 / 820 us; 128 -> 128 at 28x28 895 / 715 / 770;
+# 32 -> 32 at 16x16 30.3 / 25.8 / 26.3; 1x1 96 -> 24 at 56x56 105 / 92; 256 -> 512 at 14x14
+# 188 / 173; 3x3 stride 2 128 -> 256 at 28x28 603 / 512. (The 4096 x 4096 GEMV streams its
+# weights at the memory's bandwidth: 1, 2, 4 groups tie there, so dense layers keep one.)
+_CONV_INT16_GROUPS = 2
+
+
 # AMX tiles (kernels.amx_dense) for bit-parallel linear layers from this many rows. Measured
 # (Intel Xeon with AMX-INT8, 2 threads, min of 3 runs), AMX against VNNI: 1024 x 1024 at 1, 4,
 # 8, 16, 64 rows 11.8 / 11.9 / 13.0 / 17.5 / 59 us against 13.2 / 16.5 / 26.9 / 49.2 / 192 us;
@@ -285,6 +294,14 @@ class CpuBackend:
         if self.tier == AVX512 or is_depthwise_layer(n.op, n.attr("weight_shape")):
             return True
         return self.tier == AVX2 and avx2_dot_exact(*avx2_dot_bounds(n.quant, q))
+
+    def conv_int16_groups(self, n: Node, q: np.ndarray) -> int:
+        """Input-channel groups of bit-parallel conv ``n`` whose ``vpmaddubsw`` sums add in int16
+        before widening (``isa.dot4_sum``): 2 on AVX2 where the layer's codes and weights allow it
+        (a third fewer multiplies), else 1."""
+        if self.tier != AVX2:
+            return 1
+        return max(1, avx2_int16_groups(*avx2_dot_bounds(n.quant, q), limit=_CONV_INT16_GROUPS))
 
     def nibble_high(self, n: Node, rows: int, weight_range: Callable[[], tuple[int, int]]) -> int | None:
         return nibble_high(n, rows, weight_range) if self.tier == AVX512 else None  # (its unpacking is AVX-512)

@@ -19,8 +19,8 @@ instructions for the artifact's CPU. (TVM is imported on use: the cost model imp
 """
 from __future__ import annotations
 
-__all__ = ["AVX512", "AVX2", "GENERIC", "tier", "avx2_dot_exact", "dot4", "accumulator_budget", "intrinsic_features",
-           "missing_features"]
+__all__ = ["AVX512", "AVX2", "GENERIC", "tier", "avx2_dot_exact", "avx2_int16_groups", "dot4", "dot4_sum",
+           "accumulator_budget", "intrinsic_features", "missing_features"]
 
 AVX512, AVX2, GENERIC = "avx512", "avx2", "generic"
 
@@ -63,14 +63,32 @@ def avx2_dot_exact(max_code: int, max_abs_weight: int) -> bool:
     return 2 * max_code * max_abs_weight <= _INT16_MAX
 
 
+def avx2_int16_groups(max_code: int, max_abs_weight: int, limit: int = 4) -> int:
+    """How many ``vpmaddubsw`` results :func:`dot4_sum` may add in int16 before widening, up to
+    ``limit``: each holds two products, so ``groups`` of them must stay within int16 (0 where
+    even one may not: :func:`avx2_dot_exact`)."""
+    pair = 2 * max_code * max_abs_weight
+    return min(limit, _INT16_MAX // pair) if pair else limit
+
+
 def dot4(acc, codes, weights, kind: str | None = None):
     """``acc[i] + sum_{t<4} u8(codes[4i+t]) * s8(weights[4i+t])`` on 16 int32 lanes (``codes`` and
     ``weights`` ``int8x64``) with the int8 dot product of tier ``kind`` (default: :func:`tier`)."""
+    return dot4_sum(acc, [(codes, weights)], kind)
+
+
+def dot4_sum(acc, pairs, kind: str | None = None):
+    """:func:`dot4` over several ``(codes, weights)`` pairs into one accumulator. On AVX2 the
+    ``vpmaddubsw`` int16 results of all pairs are added in int16 and widened by one
+    ``vpmaddwd``, fewer multiplies (three for two pairs, not four), exact only where
+    ``len(pairs) <= avx2_int16_groups(...)`` (the caller's bound, as for :func:`dot4`)."""
     from tvm import tirx
 
     kind = kind or tier()
     if kind == AVX512:
-        return tirx.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, codes, weights)
+        for codes, weights in pairs:
+            acc = tirx.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, codes, weights)
+        return acc
     if kind != AVX2:
         raise ValueError(f"the {kind} tier has no int8 dot product (its layers run bit-serial)")
     ones = tirx.Broadcast(tirx.IntImm("int16", 1), 16)
@@ -79,8 +97,11 @@ def dot4(acc, codes, weights, kind: str | None = None):
         return tirx.Shuffle([vector], [tirx.IntImm("int32", 32 * which + i) for i in range(32)])
 
     def sums(which: int):
-        pairs = tirx.call_llvm_pure_intrin("int16x16", _VPMADDUBSW_256, half(codes, which), half(weights, which))
-        return tirx.call_llvm_pure_intrin("int32x8", _VPMADDWD_256, pairs, ones)
+        total = None
+        for codes, weights in pairs:
+            part = tirx.call_llvm_pure_intrin("int16x16", _VPMADDUBSW_256, half(codes, which), half(weights, which))
+            total = part if total is None else total + part
+        return tirx.call_llvm_pure_intrin("int32x8", _VPMADDWD_256, total, ones)
 
     return acc + tirx.Shuffle([sums(0), sums(1)], [tirx.IntImm("int32", i) for i in range(16)])
 

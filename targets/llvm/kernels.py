@@ -53,7 +53,7 @@ from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_
                   host_has_amx,
                   request_tile_permission, target_has_amx)
 from .host import host_mattr
-from .isa import accumulator_budget, dot4, missing_features
+from .isa import accumulator_budget, dot4, dot4_sum, missing_features
 from .nibble import nibble_dense
 from .staging import phase_pairs, phase_staging, staging_loop
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
@@ -144,6 +144,7 @@ class BitparallelKnobs:
     conv_vectors: int = 0
     conv_rows: int = 0
     conv_form: str = ""
+    int16_groups: int = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -1270,12 +1271,6 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
     return main
 
 
-def _vnni_pixels(acc, act_vector, weight_word):
-    """acc[i] += sum_{t<4} u8(act_vector byte 4i+t) * s8(weight_word byte t): 16 output pixels
-    of one output channel (activation words along the lanes, weight word broadcast)."""
-    return dot4(acc, T.reinterpret("int8x64", act_vector), T.reinterpret("int8x64", T.broadcast(weight_word, VNNI_LANES)))
-
-
 @dataclass(frozen=True)
 class _PixelPlan:
     """Resolved tiling of the pixels-on-lanes bit-parallel conv (see :func:`_conv_pixel_plan`)."""
@@ -1387,6 +1382,23 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
     # half first and spills the loaded codes and broadcast weights for the high halves (a 3x3
     # conv 32 -> 32 at 16x16: 1070 stack accesses, 55 us; a loop over the taps: 50, 26.5 us)
     tap_loop = T.unroll if accumulator_budget() >= 16 else T.serial
+    P = max(1, min(knobs.int16_groups, c_groups))  # channel groups a dot4_sum adds (AVX2: in int16)
+
+    def pixel_codes(xw, task, chunk, v, r, s, cq):
+        """The codes of 16 output pixels' tap (r, s), input channels 4cq .. 4cq+3 (int8x64)."""
+        return T.reinterpret("int8x64", xw[T.ramp(((((task // (G * o_blocks * row_tasks)) * planes
+                                                    + task // (o_blocks * row_tasks) % G * c_groups + cq) * sh
+                                                   + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq
+                                                 + (task % row_tasks * NR + r * dh // sh) * Wq + s * dw // sw
+                                                 + (chunk * V + v) * VNNI_LANES + (chunk * V + v) // vpr * gap,
+                                                 1, VNNI_LANES)])
+
+    def channel_weights(ww, task, o, r, s, cq):
+        """Output channel o's weight word of tap (r, s), channels 4cq .. 4cq+3, broadcast (int8x64)."""
+        channel = T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
+        word = ww[((task // (o_blocks * row_tasks) % G * n_tiles + channel // VNNI_LANES) * k_groups
+                   + (r * kwid + s) * c_groups + cq) * VNNI_LANES + channel % VNNI_LANES]
+        return T.reinterpret("int8x64", T.broadcast(word, VNNI_LANES))
 
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"),
@@ -1407,23 +1419,25 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
                         acc[o, v] = T.broadcast(T.int32(0), VNNI_LANES)
                 for r in tap_loop(kh):
                     for s in tap_loop(kwid):
-                        for cq in range(c_groups):
-                            for o in T.unroll(OB):
-                                for v in T.unroll(V):
-                                    acc[o, v] = _vnni_pixels(
-                                        acc[o, v],
-                                        xw[T.ramp(((((task // (G * o_blocks * row_tasks)) * planes
-                                                     + task // (o_blocks * row_tasks) % G * c_groups + cq) * sh
-                                                    + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq
-                                                  + (task % row_tasks * NR + r * dh // sh) * Wq + s * dw // sw
-                                                  + (chunk * V + v) * VNNI_LANES + (chunk * V + v) // vpr * gap,
-                                                  1, VNNI_LANES)],
-                                        ww[((task // (o_blocks * row_tasks) % G * n_tiles
-                                             + T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
-                                             // VNNI_LANES) * k_groups + (r * kwid + s) * c_groups + cq)
-                                           * VNNI_LANES
-                                           + T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
-                                           % VNNI_LANES])
+                        if P == 1:
+                            for cq in range(c_groups):
+                                for o in T.unroll(OB):
+                                    for v in T.unroll(V):
+                                        acc[o, v] = dot4(acc[o, v], pixel_codes(xw, task, chunk, v, r, s, cq),
+                                                         channel_weights(ww, task, o, r, s, cq))
+                        else:
+                            for cb in range(c_groups // P):
+                                for o in T.unroll(OB):
+                                    for v in T.unroll(V):
+                                        acc[o, v] = dot4_sum(acc[o, v], [
+                                            (pixel_codes(xw, task, chunk, v, r, s, cb * P + j),
+                                             channel_weights(ww, task, o, r, s, cb * P + j)) for j in range(P)])
+                            if c_groups % P != 0:
+                                for cq in range(c_groups - c_groups % P, c_groups):
+                                    for o in T.unroll(OB):
+                                        for v in T.unroll(V):
+                                            acc[o, v] = dot4(acc[o, v], pixel_codes(xw, task, chunk, v, r, s, cq),
+                                                             channel_weights(ww, task, o, r, s, cq))
                 if direct:
                     # vector f is output run f (see _direct_rows); whole vectors up to OH * OW
                     for o in T.unroll(OB):

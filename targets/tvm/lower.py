@@ -20,7 +20,7 @@ Per quantized layer the backend picks a kernel (``TvmBackend.choose_kernel``):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -128,6 +128,8 @@ class _Lowerer:
         # a backend may pick bit-parallel schedules per shape (the llvm one: csqc compile --tune)
         self.backend_conv_knobs = getattr(b, "conv_knobs", None)
         self.backend_dense_knobs = getattr(b, "dense_knobs", None)
+        # channel groups of a bit-parallel conv whose dot products add before widening (llvm's AVX2 tier)
+        self.backend_conv_int16_groups = getattr(b, "conv_int16_groups", None)
         self.backend_bitserial_dense_knobs = getattr(b, "bitserial_dense_knobs", None)
         self.g = g
         self.plan = Plan()
@@ -869,6 +871,8 @@ class _Lowerer:
                     storage == "int16" or (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15)) else {}
                 if self.backend_conv_knobs is not None and not depthwise:
                     knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
+                if self.backend_conv_int16_groups is not None and not depthwise:
+                    knobs = replace(knobs, int16_groups=self.backend_conv_int16_groups(n, q))
                 if storage != "int32":
                     narrow["out_dtype"] = storage
                 if narrow.get("int16_depthwise") and self.depthwise_tap_pairs and self.kernels.depthwise_tap_pairs_pay(
@@ -878,7 +882,8 @@ class _Lowerer:
                     info["tap_pairs"] = True  # the runtime checks the planes' weights are bytes
                 key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
                     ",int16" if narrow.get("int16_depthwise") else "") + (f",{storage}out" if storage != "int32" else "") \
-                    + (",pairs" if narrow.get("tap_pairs") else "")
+                    + (",pairs" if narrow.get("tap_pairs") else "") \
+                    + (f",int16x{knobs.int16_groups}" if getattr(knobs, "int16_groups", 1) > 1 else "")
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
                                                                                 dilation, groups, knobs, **narrow))
         elif self._small_dense(n):
