@@ -76,6 +76,19 @@ def test_avx2_convs_pair_channel_groups_where_their_bound_allows(tmp_path):
     assert CpuBackend(tier=isa.AVX512).conv_int16_groups(conv, q) == 1  # one vpdpbusd a group there
 
 
+def test_avx2_strided_depthwise_convs_over_large_planes_accumulate_in_int32():
+    from csqc.targets.llvm.backend import CpuBackend
+    from csqc.targets.tvm.geometry import conv_geometry
+
+    def geo(channels, size, stride):
+        return conv_geometry((1, channels, size, size), (channels, 1, 3, 3), stride, 1, 1, channels)
+
+    avx2, avx512 = CpuBackend(tier=isa.AVX2), CpuBackend(tier=isa.AVX512)
+    assert not avx2.depthwise_int16_pays(geo(96, 112, 2)) and not avx2.depthwise_int16_pays(geo(144, 56, 2))
+    assert avx2.depthwise_int16_pays(geo(192, 28, 2)) and avx2.depthwise_int16_pays(geo(96, 112, 1))
+    assert avx512.depthwise_int16_pays(geo(96, 112, 2))
+
+
 def test_kernels_refuse_instructions_their_target_lacks():
     """A kernel built for one tier and compiled for a smaller one raises (LLVM would abort the process)."""
     if HOST_TIER == isa.AVX512:

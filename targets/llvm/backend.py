@@ -295,6 +295,14 @@ class CpuBackend:
             return True
         return self.tier == AVX2 and avx2_dot_exact(*avx2_dot_bounds(n.quant, q))
 
+    def depthwise_int16_pays(self, geo) -> bool:
+        """Whether depthwise conv ``geo`` gains from int16 accumulation (twice the lanes). On
+        AVX2 stride-2 convs over large planes lose with it. Measured on a Zen 3 (2 threads,
+        medians of 7, int32 against int16): 3x3 stride 2 96 channels 112 -> 56 191 / 1163 us,
+        144 at 56 -> 28 131 / 349, 192 at 28 -> 14 69 / 25, 576 at 14 -> 7 18 / 13; stride 1
+        96 at 56 133 / 91, 32 at 112 173 / 94, 960 at 7 457 / 29."""
+        return not (self.tier == AVX2 and geo.stride != (1, 1) and geo.out_w >= 28)
+
     def conv_int16_groups(self, n: Node, q: np.ndarray) -> int:
         """Input-channel groups of bit-parallel conv ``n`` whose ``vpmaddubsw`` sums add in int16
         before widening (``isa.dot4_sum``): 2 on AVX2 where the layer's codes and weights allow it

@@ -140,6 +140,8 @@ class _Lowerer:
         self.offset_codes = b.offset_codes
         self.fused_requant = b.fused_requant
         self.int16_depthwise = b.int16_depthwise
+        # shapes whose depthwise int16 accumulation loses on this backend (llvm's AVX2 tier)
+        self.backend_depthwise_int16_pays = getattr(b, "depthwise_int16_pays", None)
         # ... two taps a multiply (byte pairs of int8 weights and codes), where the backend has them
         self.depthwise_tap_pairs = bool(getattr(b, "depthwise_tap_pairs", False))
         self.int16_conv_outputs = b.int16_conv_outputs
@@ -842,11 +844,16 @@ class _Lowerer:
         shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
         geo = conv_geometry(x_shape, shape, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
         if is_depthwise_layer(n.op, shape):  # on the fused kernel, which accumulates in int16 then
-            if not (self.int16_depthwise and self.kernels.depthwise_writes_int16(geo)):
+            if not (self._int16_depthwise_pays(geo) and self.kernels.depthwise_writes_int16(geo)):
                 return False
         elif self.backend_tile_conv is not None and self.backend_tile_conv(geo):
             return False
         return (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15
+
+    def _int16_depthwise_pays(self, geo) -> bool:
+        """Whether a depthwise conv of shape ``geo`` accumulates in int16 where its bound allows."""
+        return self.int16_depthwise and (self.backend_depthwise_int16_pays is None
+                                         or self.backend_depthwise_int16_pays(geo))
 
     def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str], storage: str = "int32",
                      code_offset: int = 0) -> None:
@@ -867,7 +874,8 @@ class _Lowerer:
                 packed = pack_bitparallel_layout(info["pack"], q, shape, groups)
                 # the run-time plane knob recombines the weights: twice the bound covers any truncation;
                 # offset codes (code + L, unpadded convs) double it again (int16 outputs: already checked)
-                narrow = {"int16_depthwise": True} if (self.int16_depthwise and depthwise and (
+                narrow = {"int16_depthwise": True} if (depthwise and self._int16_depthwise_pays(
+                    conv_geometry(x_shape, shape, stride, padding, dilation, groups)) and (
                     storage == "int16" or (4 if code_offset else 2) * accumulator_bound(self.g, n) < 2**15)) else {}
                 if self.backend_conv_knobs is not None and not depthwise:
                     knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, groups))
