@@ -539,6 +539,29 @@ def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_sha
     check_pixel_conv(input_shape, weight_shape, stride, padding, 1, knobs, direct=False, cpu=cpu)
 
 
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,tile", [
+    ((1, 64, 56, 56), (64, 64, 3, 3), 1, 1, (8, 2)),     # ResNet-18's layer1: long reduction, big plane
+    ((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, (8, 2)),    # 63 positions: 64 either way, so two vectors
+    ((1, 960, 7, 7), (320, 960, 1, 1), 1, 0, (8, 2)),
+    ((1, 32, 28, 28), (192, 32, 1, 1), 1, 0, (16, 1)),   # a reduction of 32: the longer tile's stores lose
+    ((1, 64, 8, 8), (64, 64, 3, 3), 1, 1, (16, 1)),      # 80 positions: 96 in 32-wide tiles against 80
+    ((1, 16, 32, 32), (24, 16, 3, 3), 1, 1, (12, 2)),    # 24 channels: the 12-channel tile as before
+])
+def test_avx512_conv_tiles_load_fewer_words_where_that_pays(input_shape, weight_shape, stride, padding, tile):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, 1)
+    with kernels.cpu_target("cascadelake"):
+        plan = kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs())
+    assert (plan.channels, plan.vectors) == tile
+    with kernels.cpu_target(AVX2_CPU):  # (AVX2's register file keeps its own tiles)
+        assert kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs()).channels <= 6
+
+
+@pytest.mark.parametrize("cpu", DOT_CPUS)
+def test_two_vector_tiles_on_a_plane_under_64_positions_are_exact(cpu):
+    # 7 x 9 positions, tiles of 32 (the default kept two vectors below the 64 the heuristic used to need)
+    check_pixel_conv((1, 64, 7, 7), (32, 64, 3, 3), (1, 1), (1, 1), 1, None, direct=False, cpu=cpu)
+
+
 def _within_int16(x, q, stride, padding, groups):
     """``q`` scaled down until every conv output fits int16, with some beyond +-2^14 (so the
     narrowing store must keep the high bits and the sign)."""
