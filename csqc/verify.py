@@ -943,7 +943,12 @@ def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact
                 p.max_rel_error = max(p.max_rel_error, float(err.max(initial=0)) / peak if peak else float(err.max(initial=0)))
                 p.within_tolerance &= bool(_close(ya, yb, atol, rtol, peak).all())
             if out_a and np.ndim(out_a[0]) == 2:
-                p._agree += int((np.argmax(out_a[0], -1) == np.argmax(out_b[0], -1)).sum())
+                scores_a, scores_b = np.asarray(out_a[0], np.float64), np.asarray(out_b[0], np.float64)
+                same = np.argmax(scores_a, -1) == np.argmax(scores_b, -1)
+                # a row whose scores agree within the exact pairs' tolerance is a tie where its
+                # top-1 differs (random weights: every logit near 0, a 1e-10 rounding picks the class)
+                tied = _close(scores_a, scores_b, atol, rtol, float(np.abs(scores_a).max(initial=0))).all(-1)
+                p._agree += int((same | tied).sum())
                 p._rows += len(out_a[0])
         p.top1_agreement = p._agree / p._rows if p._rows else None
         pairs.append(p)

@@ -193,3 +193,22 @@ def test_compile_onnx_reference_and_deploy(trained, tmp_path):
     _assert_ok(verify(model, dataset="digits", artifact=str(tmp_path / "ref.onnx")))
     dep = compile_onnx(model, str(tmp_path / "dep.onnx"), deploy=True, calibration="digits", echo=False)
     assert dep["size_bytes"] < dep["fp32_size_bytes"] and abs(dep["accuracy_drop"]) <= 0.005
+
+
+def test_top1_counts_a_row_tied_within_the_exact_tolerance_as_agreeing():
+    """Random weights give logits all near 0: a 1e-10 rounding difference picks another class.
+    Such a row agrees (its scores are equal at the tolerance exact runtimes must meet); a flip
+    between scores that differ past it does not."""
+    from csqc.verify import _compare_pairs
+
+    tied = np.array([[1e-10, 1.2e-10, -3e-11], [0.5, 0.1, 0.2]])
+    flipped = tied.copy()
+    flipped[0, 0] += 4e-11  # top-1 0 instead of 1, both within 1e-4 of the other runtime's
+    pair, = _compare_pairs(["pytorch", "interpreter:integer"], {"pytorch": [[tied]], "interpreter:integer": [[flipped]]},
+                           1e-4, 1e-4, None)
+    assert pair.top1_agreement == 1.0
+    far = tied.copy()
+    far[1] = [0.1, 0.5, 0.2]  # a real disagreement: the scores differ by 0.4
+    pair, = _compare_pairs(["pytorch", "interpreter:integer"], {"pytorch": [[tied]], "interpreter:integer": [[far]]},
+                           1e-4, 1e-4, None)
+    assert pair.top1_agreement == 0.5
