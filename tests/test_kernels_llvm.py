@@ -310,6 +310,7 @@ def test_bitparallel_dense_from_planes_and_int16():
 # ------------------------------------------------------------------------------------------
 # Nibble-packed dense (4- and 5-bit weights)
 # ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cpu", [None, "cascadelake"])  # this CPU's (GFNI where it has it), and without GFNI
 @pytest.mark.parametrize("m,n,k,weights,two_signs", [
     (1, 48, 96, "posneg", True),     # CSQ 4-bit weights in [-15, 15]: a fifth bit worth -16
     (1, 32, 64, "posneg", False),
@@ -317,7 +318,7 @@ def test_bitparallel_dense_from_planes_and_int16():
     (9, 32, 64, "wide", False),      # [0, 31]: a fifth bit worth +16
 ])
 @needs_avx512
-def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs):
+def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs, cpu):
     from csqc.artifact import nibble_high_for_range, pack_nibble_weight
 
     lo, hi = {"posneg": (-15, 15), "unsigned": (0, 15), "wide": (0, 31)}[weights]
@@ -326,10 +327,29 @@ def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs):
     high = nibble_high_for_range(lo, hi)
     assert high == {"posneg": -16, "unsigned": 0, "wide": 16}[weights]
     xs = [RNG.integers(0, 256, (m, k)) for _ in range(2 if two_signs else 1)]
-    kernel = built(kernels.nibble_dense, m, n, k, high, two_signs)
+    kernel = built(kernels.nibble_dense, m, n, k, high, two_signs, cpu=cpu)
     y = kernel(*[x.astype(np.uint8) for x in xs], pack_nibble_weight(q, high))
     want = dense_reference(xs[0], q) - (dense_reference(xs[1], q) if two_signs else 0)
     np.testing.assert_array_equal(y, want)
+
+
+def test_nibble_fifth_bits_spread_by_one_affine_product_where_the_cpu_has_gfni():
+    """``bit_spread(high, j)``, as ``vgf2p8affineqb`` applies it (output bit i: the parity of the
+    matrix's byte 7 - i and the input byte), maps every byte to ``high``'s bits when its bit j is
+    set, else to 0; the kernel takes that path on a GFNI CPU only (Cascade Lake has none)."""
+    from csqc.targets.llvm.nibble import bit_spread
+
+    data = np.arange(256)
+    for high in (-16, 16):
+        for j in range(8):
+            matrix = bit_spread(high, j)
+            rows = [(matrix >> 8 * (7 - i)) & 0xFF for i in range(8)]
+            out = sum((np.array([bin(int(b) & row).count("1") & 1 for b in data]) << i) for i, row in enumerate(rows))
+            np.testing.assert_array_equal(out, np.where(data >> j & 1, high & 0xFF, 0))
+    for cpu, gfni in (("icelake-server", True), ("cascadelake", False)):
+        with kernels.cpu_target(cpu):
+            script = kernels.nibble_dense(1, 32, 64, -16).script()
+        assert ("vgf2p8affineqb" in script) == gfni, cpu
 
 
 @pytest.mark.parametrize("encoding", ["posneg", "offset"])

@@ -117,6 +117,7 @@ _INTRINSIC_FEATURES = (
     ("llvm.x86.avx512.vpdpbusd", ("avx512vnni",)),
     ("llvm.x86.avx512.permvar.qi", ("avx512vbmi",)),
     ("llvm.x86.avx512.vpermi2var.qi", ("avx512vbmi",)),
+    ("llvm.x86.vgf2p8affineqb.512", ("gfni", "avx512bw")),
     ("llvm.x86.avx512.", ("avx512f", "avx512bw")),
     ("llvm.x86.avx2.", ("avx2",)),
     ("llvm.x86.ldtilecfg", ("amx-tile",)),
