@@ -366,10 +366,6 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         fns: dict[str, Callable[[], object]] = {"csqc": lambda: art(*xs)}
         sizes = {"csqc": (weight_bytes, "")}
         notes: list[str] = []
-        if art.threads is not None and art.threads < threads:
-            notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
-                         "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "
-                         "overrides it)")
         probe_limits = limits and device == "cpu"
         graph = optimize(model, "none", batch=shape[0]) if baselines or probe_limits else None
         if baselines:
@@ -398,6 +394,14 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             report.results.append(BenchResult(key, timing.median_us, sizes[key][0], sizes[key][1], timing.spread,
                                               timing.spread > UNRELIABLE_SPREAD))
         notes.extend(_timing_notes(report.results))
+        choice = art.thread_choice
+        if choice is not None and choice.trials:
+            notes.append(f"csqc's layers are small, so its plan caps a call at {choice.cap} thread(s); its calls "
+                         f"were timed on that and on {choice.pool} threads each second, the faster kept ({choice.summary()})")
+        elif art.threads is not None and art.threads < threads:
+            notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
+                         "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "
+                         "overrides it)")
         if probe_limits:
             step("probing the machine's limits", 0, None)
             from .probes import measure_limits

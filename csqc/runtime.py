@@ -5,7 +5,7 @@
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
     model.calibration                # compile --calibrate: the static scales it was built with (or None)
-    model.threads                    # the most threads a call uses (the compiler's choice; None: TVM's)
+    model.threads                    # the most threads a call uses (None: TVM's pool); see ThreadChoice
 
 The artifact (see ``csqc.artifact``) is the shared library with ``plan.json``, ``weights.npz``
 and their SHA-256 digests appended. ``load`` checks the digests, the plan and every declared
@@ -34,7 +34,7 @@ from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 from .targets.tvm.code_thresholds import forms_in_range  # numpy only too
 
-__all__ = ["CompiledModel", "StepTime", "aligned_array", "load", "check_plan", "physical_cores", "profile_steps"]
+__all__ = ["CompiledModel", "StepTime", "ThreadChoice", "aligned_array", "load", "check_plan", "physical_cores", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 # an output whose values the compiler bounds below this (plan "finite_below") is not scanned
@@ -68,6 +68,16 @@ class _DirectInput:
     nbytes: int
     args: tuple  # (position among the function's arguments, shape, dtype) of each buffer on its memory
 
+# The thread trials of a model the compiler capped at one thread (see ThreadChoice): calls per
+# block, blocks per setting, how much faster the pool must be to be kept, and how often (in
+# seconds and calls, both) a trial runs again. Blocks of calls on one setting, not alternate
+# calls: a one-thread call right after a parallel one runs beside a pool worker still
+# spinning, which is not the steady state either setting would have.
+_TRIAL_BLOCK_CALLS = 4
+_TRIAL_BLOCKS = 3
+_TRIAL_MARGIN = 0.9
+_TRIAL_PERIOD_SECONDS = 1.0
+_TRIAL_PERIOD_CALLS = 200
 # _cap_threads: capped calls in flight and the TVM_NUM_THREADS value they replaced
 _THREAD_CAP_LOCK = threading.Lock()
 _UNCHANGED = object()
@@ -93,10 +103,11 @@ class CompiledModel:
         self.path = path
         self.target = self.plan["target"]["kind"]
         # the most threads a call uses: the compiler caps models of small layers at one (see
-        # csqc.targets.llvm.target.thread_cap); settable, None leaves TVM's pool as configured
-        # (TVM_NUM_THREADS; one per physical core unless it or OMP_NUM_THREADS is set: see
-        # _default_thread_count)
-        self.threads: int | None = self.plan.get("threads")
+        # csqc.targets.llvm.target.thread_cap), and calls check that guess on this machine
+        # (thread_choice); settable, None leaves TVM's pool as configured (TVM_NUM_THREADS; one
+        # per physical core unless it or OMP_NUM_THREADS is set: see _default_thread_count)
+        self._threads: int | None = self.plan.get("threads")
+        self.thread_choice: ThreadChoice | None = None
         self._check_cpu()
         # only now, with digests and plan checked, may the library reach a loader
         self.dev, self.lib = self._open(contents.library)
@@ -135,6 +146,9 @@ class CompiledModel:
         self._host = self._in_this_process()
         if self._host:
             _default_thread_count()
+            pool = _pool_threads()
+            if self._threads is not None and pool is not None and pool > self._threads:
+                self.thread_choice = ThreadChoice(self._threads, pool)
             self._in_views = [np.from_dlpack(self.buffers[s["name"]]) for s in self.inputs]
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
         # (scale buffer, L, largest safe scale, quantize node) of every dynamic quantization:
@@ -150,6 +164,20 @@ class CompiledModel:
         # (scale view, per_scale, plus) of outputs whose magnitude the scale bounds (see _check_overflow)
         self._output_bounds = [(np.from_dlpack(self.buffers[b["scale"]]).reshape(-1), b["per_scale"], b["plus"])
                                if self._host and (b := o.get("finite_below")) else None for o in self.outputs]
+
+    @property
+    def threads(self) -> int | None:
+        """The most threads a call uses now (None: TVM's pool as configured): the plan's cap, or
+        what :attr:`thread_choice` last found faster. Setting it ends the choosing: the value
+        set holds for every call."""
+        return self.thread_choice.chosen if self.thread_choice is not None else self._threads
+
+    @threads.setter
+    def threads(self, value: int | None) -> None:
+        if value is not None and not (type(value) is int and value >= 1):
+            raise BadInput(f"threads must be a positive thread count or None, got {value!r}")
+        self._threads = value
+        self.thread_choice = None
 
     def _check_cpu(self) -> None:
         """Refuse, clearly, an x86 artifact built for instruction sets this CPU lacks (else the
@@ -470,15 +498,21 @@ class CompiledModel:
             if self._has_offsets:
                 self._fill_acc_offsets(skips)
             self._prepared_for = skips
-        capped = self.threads is not None and self._host  # (no context manager: a microsecond a call)
+        choice = self.thread_choice
+        if choice is not None and not skips and record is None:
+            threads, timed = choice.next_call()
+        else:
+            threads, timed = (self._threads if choice is None else choice.chosen), False
+        capped = threads is not None and self._host  # (no context manager: a microsecond a call)
         if capped:
-            _cap_threads(self.threads)
+            _cap_threads(threads)
         calls = self._run_cache.get(skips) or self._run_calls(skips)
         if direct:
             calls = self._with_direct_inputs(calls, direct)
         fresh = self._fresh_outputs is not None and record is None and self._fresh_bytes >= _FRESH_OUTPUT_MIN_BYTES
         if fresh:
             calls, outs = self._with_fresh_outputs(calls)
+        start = time.perf_counter() if timed else 0.0
         try:
             for func, args in calls:
                 func(*args)
@@ -487,6 +521,8 @@ class CompiledModel:
         finally:
             if capped:
                 _uncap_threads()
+        if timed:
+            choice.record(time.perf_counter() - start)
         if record is not None:
             for name, spec in self.plan["buffers"].items():
                 if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
@@ -581,6 +617,71 @@ def _default_thread_count() -> None:
     launch); a value the user sets is kept."""
     if os.environ.get("TVM_NUM_THREADS") is None and os.environ.get("OMP_NUM_THREADS") is None:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
+def _pool_threads() -> int | None:
+    """The threads of TVM's pool as configured (``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``);
+    None where neither says (TVM then decides)."""
+    value = os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
+
+
+class ThreadChoice:
+    """Which of ``cap`` threads (the compiler's cap for a model of small layers) and the whole
+    pool of ``pool`` threads runs this model's calls faster on this machine, timed now and then.
+
+    The cap is a guess measured on one machine: on an Intel VM whose two vCPUs add little,
+    ResNet-20 ran 261-303 us a call on one thread and 305-407 on two. On a two-vCPU AMD EPYC
+    Zen 5 it runs 145-155 us on one thread, and on two 112-118 us or 205-215 us, switching
+    between the two every few seconds in one process (the host's placement of the vCPUs, not
+    the process's). So the calls themselves decide: a trial runs ``_TRIAL_BLOCKS`` blocks of
+    ``_TRIAL_BLOCK_CALLS`` calls on each setting in turn (the first call of a block follows the
+    other setting and is not counted) and keeps the pool where its median call is at least 10%
+    faster; the trial runs again once ``_TRIAL_PERIOD_SECONDS`` and ``_TRIAL_PERIOD_CALLS`` have
+    both passed (a trial's cost: a dozen calls on the slower setting, about 0.2% of ResNet-20's
+    calls over a second). Results do not depend on the thread count, only the time does. Calls
+    with ``skip_planes`` or ``record`` are not timed (they run on the setting last chosen)."""
+
+    def __init__(self, cap: int, pool: int):
+        self.cap, self.pool = cap, pool
+        self.chosen: int | None = cap  # the setting of untimed calls (None: the pool's threads)
+        self.trials = 0  # trials finished
+        self._samples: dict[int | None, list[float]] = {cap: [], None: []}
+        self._medians: dict[int | None, float] = {}  # of the last trial finished, in microseconds
+        self._trial_call = 0  # calls into the running trial; -1: none runs
+        self._calls_since = 0  # calls since the last trial finished
+        self._next_trial = 0.0  # perf_counter time from which a trial may start again
+
+    def next_call(self) -> tuple[int | None, bool]:
+        """The thread setting of the next call, and whether to :meth:`record` its time."""
+        if self._trial_call < 0:
+            self._calls_since += 1
+            if self._calls_since < _TRIAL_PERIOD_CALLS or time.perf_counter() < self._next_trial:
+                return self.chosen, False
+            self._trial_call = 0
+        return (self.cap if (self._trial_call // _TRIAL_BLOCK_CALLS) % 2 == 0 else None), True
+
+    def record(self, seconds: float) -> None:
+        """Count the time of the call :meth:`next_call` marked as timed."""
+        if self._trial_call % _TRIAL_BLOCK_CALLS:  # not the first of its block
+            self._samples[self.next_call()[0]].append(seconds)
+        self._trial_call += 1
+        if self._trial_call == 2 * _TRIAL_BLOCKS * _TRIAL_BLOCK_CALLS:
+            self._medians = {setting: float(np.median(times) * 1e6) for setting, times in self._samples.items()}
+            self.chosen = None if self._medians[None] < _TRIAL_MARGIN * self._medians[self.cap] else self.cap
+            self.trials += 1
+            for times in self._samples.values():
+                times.clear()
+            self._trial_call, self._calls_since = -1, 0
+            self._next_trial = time.perf_counter() + _TRIAL_PERIOD_SECONDS
+
+    def summary(self) -> str:
+        """What the last trial found, for reports: '1 thread 145 us, 2 threads 112 us a call: 2'."""
+        if not self.trials:
+            return f"no trial finished yet ({self.cap} thread(s) until one does)"
+        kept = self.pool if self.chosen is None else self.cap
+        return (f"{self.cap} thread(s) {self._medians[self.cap]:.0f} us, {self.pool} threads "
+                f"{self._medians[None]:.0f} us a call in the last of {self.trials} trial(s): {kept} thread(s)")
 
 
 def _cap_threads(cap: int) -> None:

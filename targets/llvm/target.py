@@ -20,11 +20,12 @@ __all__ = ["check_cpu", "check_tune", "emit_llvm", "one_thread_layer_macs", "thr
 
 log = logging.getLogger(__name__)
 
-# A model whose every quantized layer is below this many multiply-adds runs on one thread: each of
-# its kernels takes microseconds, a parallel launch costs about as much as it saves, and a pool
-# worker spinning after it slows the serial kernels in between. Measured per call, same process,
-# 2 vCPUs: ResNet-20 (2.4 M per conv) 261-303 us on one thread, 305-407 us on two; linear 4096
-# w2a4 (16.8 M) and MobileNetV2 (largest 19 M) run 1.4x-1.9x faster on two.
+# A model whose every quantized layer is below this many multiply-adds is capped at one thread:
+# each of its kernels takes microseconds, a parallel launch costs about as much as it saves, and a
+# pool worker spinning after it slows the serial kernels in between. Measured per call, same
+# process, 2 vCPUs: ResNet-20 (2.4 M per conv) 261-303 us on one thread, 305-407 us on two; linear
+# 4096 w2a4 (16.8 M) and MobileNetV2 (largest 19 M) run 1.4x-1.9x faster on two. The cap is the
+# starting guess: the runtime times calls both ways and keeps the faster (runtime.ThreadChoice).
 ONE_THREAD_LAYER_MACS = 1 << 22
 
 
