@@ -633,8 +633,8 @@ class ThreadChoice:
     The cap is a guess measured on one machine: on an Intel VM whose two vCPUs add little,
     ResNet-20 ran 261-303 us a call on one thread and 305-407 on two. On a two-vCPU AMD EPYC
     Zen 5 it runs 145-155 us on one thread, and on two 112-118 us or 205-215 us, switching
-    between the two every few seconds in one process (the host's placement of the vCPUs, not
-    the process's). So the calls themselves decide: a trial runs ``_TRIAL_BLOCKS`` blocks of
+    between the two every few seconds within one process (a state of the machine, not of the
+    process; presumably where the host runs the vCPUs). So the calls themselves decide: a trial runs ``_TRIAL_BLOCKS`` blocks of
     ``_TRIAL_BLOCK_CALLS`` calls on each setting in turn (the first call of a block follows the
     other setting and is not counted) and keeps the pool where its median call is at least 10%
     faster; the trial runs again once ``_TRIAL_PERIOD_SECONDS`` and ``_TRIAL_PERIOD_CALLS`` have
