@@ -396,8 +396,8 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         notes.extend(_timing_notes(report.results))
         choice = art.thread_choice
         if choice is not None and choice.trials:
-            notes.append(f"csqc's layers are small, so its plan caps a call at {choice.cap} thread(s); its calls "
-                         f"were timed on that and on {choice.pool} threads each second, the faster kept ({choice.summary()})")
+            notes.append(f"csqc's layers are small, so its plan caps a call at {choice.cap} of the {choice.pool} threads; "
+                         f"its calls were timed both ways each second, the faster kept ({choice.summary()})")
         elif art.threads is not None and art.threads < threads:
             notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
                          "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "

@@ -676,12 +676,16 @@ class ThreadChoice:
             self._next_trial = time.perf_counter() + _TRIAL_PERIOD_SECONDS
 
     def summary(self) -> str:
-        """What the last trial found, for reports: '1 thread 145 us, 2 threads 112 us a call: 2'."""
+        """What the last trial found, for reports: '1 thread 145 us, 2 threads 112 us a call ...: 2 threads'."""
         if not self.trials:
-            return f"no trial finished yet ({self.cap} thread(s) until one does)"
+            return f"no trial finished yet ({_threads_text(self.cap)} until one does)"
         kept = self.pool if self.chosen is None else self.cap
-        return (f"{self.cap} thread(s) {self._medians[self.cap]:.0f} us, {self.pool} threads "
-                f"{self._medians[None]:.0f} us a call in the last of {self.trials} trial(s): {kept} thread(s)")
+        return (f"{_threads_text(self.cap)} {self._medians[self.cap]:.0f} us, {_threads_text(self.pool)} "
+                f"{self._medians[None]:.0f} us a call in the last of {self.trials} trial(s): {_threads_text(kept)}")
+
+
+def _threads_text(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
 
 
 def _cap_threads(cap: int) -> None:
