@@ -274,6 +274,24 @@ def test_bitserial_dense_table_lookup_assembly_and_fallback():
         run_bitserial_dense(x, planes, shifts_signs, 6, None, knobs=LOOKUP), dense_reference(x, q))
 
 
+@needs_vbmi
+def test_table_lookup_tables_are_built_on_the_calling_thread_only_where_they_are_small():
+    """One row of 4096 codes (128 words) builds its tables serially, three rows in parallel
+    tasks; both builds give the exact product."""
+    planes_spec = [(1, 1), (0, 1)]
+    with kernels.cpu_target():
+        small = kernels.bitserial_dense(1, 32, 4096, planes_spec, 4, False, knobs=LOOKUP).script()
+        large = kernels.bitserial_dense(3, 32, 4096, planes_spec, 4, False, knobs=LOOKUP).script()
+    assert 4096 // 32 <= kernels._SERIAL_TABLE_WORDS < 3 * 4096 // 32
+    assert small.count("T.parallel") == 1 and large.count("T.parallel") == 2  # (the output tiles: parallel)
+    q = random_q((32, 4096), 2, "offset")
+    planes, shifts_signs, zero_point = planes_from_q(q, 2, "offset")
+    x = RNG.integers(0, 16, (3, 4096))
+    for rows in (1, 3):
+        y = run_bitserial_dense(x[:rows], planes, shifts_signs, 4, zero_point, knobs=LOOKUP)
+        np.testing.assert_array_equal(y, dense_reference(x[:rows], q))
+
+
 # ------------------------------------------------------------------------------------------
 # Bit-parallel dense
 # ------------------------------------------------------------------------------------------

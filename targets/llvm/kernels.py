@@ -492,6 +492,13 @@ def _lookup_words(acc, tables, weights, m, nt, p, first_word, count):
     return total
 
 
+# Table-lookup GEMV tables of at most this many packed words (K / 32 per row) are built on the
+# calling thread: a parallel launch for them cost more than the building it shares. Measured
+# on a Zen 5 (2 threads, alternating runs): the 784-4096-4096-10 w2a4 MLP 62.8 -> 59.2 us
+# (its 4096-wide layer's 128 words a row had been built by two tasks).
+_SERIAL_TABLE_WORDS = 256
+
+
 def _bitserial_dense_lut(M: int, N: int, K: int, shifts_signs, act_bits: int, with_zero_point: bool,
                          knobs: BitserialKnobs) -> tirx.PrimFunc:
     """:func:`bitserial_dense` by table lookups (same signature, weights and result).
@@ -512,6 +519,8 @@ def _bitserial_dense_lut(M: int, N: int, K: int, shifts_signs, act_bits: int, wi
     unroll, full_steps, tail_words = _chunks(kw, knobs.word_unroll)
     word_chunk, word_chunks, word_tail = _chunks(kw, knobs.pack_chunk)
     chunks_per_row = word_chunks + (1 if word_tail else 0)
+    # small tables are built on the calling thread (see _SERIAL_TABLE_WORDS)
+    table_loop = T.serial if M * kw <= _SERIAL_TABLE_WORDS else T.parallel
 
     def code(x, m, k):
         return T.if_then_else(k < K, T.Cast("uint8", x[m, T.min(k, K - 1)]), T.uint8(0))
@@ -561,7 +570,7 @@ def _bitserial_dense_lut(M: int, N: int, K: int, shifts_signs, act_bits: int, wi
         T.func_attr({"tir.noalias": True})
         tables = T.alloc_buffer((M, kw, 2, 4 * lanes), "uint8")
         rowsum = T.alloc_buffer((M,), "int32")
-        for task in T.parallel(M * chunks_per_row):
+        for task in table_loop(M * chunks_per_row):
             if task % chunks_per_row < word_chunks:
                 build_tables(x, tables, task // chunks_per_row, task % chunks_per_row * word_chunk, word_chunk)
             else:
