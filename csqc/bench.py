@@ -397,7 +397,7 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
         choice = art.thread_choice
         if choice is not None and choice.trials:
             notes.append(f"csqc's layers are small, so its plan caps a call at {choice.cap} of the {choice.pool} threads; "
-                         f"its calls were timed both ways each second, the faster kept ({choice.summary()})")
+                         f"its calls were timed both ways every quarter second, the faster kept ({choice.summary()})")
         elif art.threads is not None and art.threads < threads:
             notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
                          "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "

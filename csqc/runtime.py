@@ -76,7 +76,7 @@ class _DirectInput:
 _TRIAL_BLOCK_CALLS = 4
 _TRIAL_BLOCKS = 3
 _TRIAL_MARGIN = 0.9
-_TRIAL_PERIOD_SECONDS = 1.0
+_TRIAL_PERIOD_SECONDS = 0.25
 _TRIAL_PERIOD_CALLS = 200
 # _cap_threads: capped calls in flight and the TVM_NUM_THREADS value they replaced
 _THREAD_CAP_LOCK = threading.Lock()
@@ -634,12 +634,13 @@ class ThreadChoice:
     ResNet-20 ran 261-303 us a call on one thread and 305-407 on two. On a two-vCPU AMD EPYC
     Zen 5 it runs 145-155 us on one thread, and on two 112-118 us or 205-215 us, switching
     between the two every few seconds within one process (a state of the machine, not of the
-    process; presumably where the host runs the vCPUs). So the calls themselves decide: a trial runs ``_TRIAL_BLOCKS`` blocks of
+    process). So the calls themselves decide: a trial runs ``_TRIAL_BLOCKS`` blocks of
     ``_TRIAL_BLOCK_CALLS`` calls on each setting in turn (the first call of a block follows the
     other setting and is not counted) and keeps the pool where its median call is at least 10%
     faster; the trial runs again once ``_TRIAL_PERIOD_SECONDS`` and ``_TRIAL_PERIOD_CALLS`` have
-    both passed (a trial's cost: a dozen calls on the slower setting, about 0.2% of ResNet-20's
-    calls over a second). Results do not depend on the thread count, only the time does. Calls
+    both passed, so a choice made in a passing moment (another runtime's threads still spinning)
+    does not last (a trial's cost: a dozen calls on the slower setting, under 0.5% of ResNet-20's
+    calls over a quarter second). Results do not depend on the thread count, only the time does. Calls
     with ``skip_planes`` or ``record`` are not timed (they run on the setting last chosen)."""
 
     def __init__(self, cap: int, pool: int):
