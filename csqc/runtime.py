@@ -640,8 +640,9 @@ class ThreadChoice:
     faster; the trial runs again once ``_TRIAL_PERIOD_SECONDS`` and ``_TRIAL_PERIOD_CALLS`` have
     both passed, so a choice made in a passing moment (another runtime's threads still spinning)
     does not last (a trial's cost: a dozen calls on the slower setting, under 0.5% of ResNet-20's
-    calls over a quarter second). Results do not depend on the thread count, only the time does. Calls
-    with ``skip_planes`` or ``record`` are not timed (they run on the setting last chosen)."""
+    calls over a quarter second). Results do not depend on the thread count, only the time
+    does. Calls with ``skip_planes`` or ``record`` are not timed (they run on the setting last
+    chosen)."""
 
     def __init__(self, cap: int, pool: int):
         self.cap, self.pool = cap, pool
@@ -660,12 +661,16 @@ class ThreadChoice:
             if self._calls_since < _TRIAL_PERIOD_CALLS or time.perf_counter() < self._next_trial:
                 return self.chosen, False
             self._trial_call = 0
-        return (self.cap if (self._trial_call // _TRIAL_BLOCK_CALLS) % 2 == 0 else None), True
+        return self._trial_setting(), True
+
+    def _trial_setting(self) -> int | None:
+        """The setting of the running trial's current call: blocks on the cap and the pool in turn."""
+        return self.cap if (self._trial_call // _TRIAL_BLOCK_CALLS) % 2 == 0 else None
 
     def record(self, seconds: float) -> None:
         """Count the time of the call :meth:`next_call` marked as timed."""
         if self._trial_call % _TRIAL_BLOCK_CALLS:  # not the first of its block
-            self._samples[self.next_call()[0]].append(seconds)
+            self._samples[self._trial_setting()].append(seconds)
         self._trial_call += 1
         if self._trial_call == 2 * _TRIAL_BLOCKS * _TRIAL_BLOCK_CALLS:
             self._medians = {setting: float(np.median(times) * 1e6) for setting, times in self._samples.items()}
