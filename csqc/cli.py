@@ -525,9 +525,9 @@ def _print_tuning(tuning: dict) -> None:
     changed = sum(bool(s["knobs"]) for s in shapes)
     gain = tuning["default_us"] / tuning["tuned_us"] if tuning["tuned_us"] else 1.0
     click.echo(f"tuned {len(shapes)} kernel shapes ({tuning['searched']} searched in {tuning['seconds']:.1f}s, "
-               f"{len(shapes) - tuning['searched']} from the cache {tuning['cache']}): {changed} beat the default "
-               f"schedule, {tuning['default_us']:.0f} -> {tuning['tuned_us']:.0f} us summed over the shapes "
-               f"({gain:.2f}x)")
+               f"{len(shapes) - tuning['searched']} from the cache {tuning['cache']}), timed on {tuning['threads']} "
+               f"thread(s) as the artifact's calls run: {changed} beat the default schedule, "
+               f"{tuning['default_us']:.0f} -> {tuning['tuned_us']:.0f} us summed over the shapes ({gain:.2f}x)")
 
 
 def _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir) -> None:

@@ -34,7 +34,8 @@ from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 from .targets.tvm.code_thresholds import forms_in_range  # numpy only too
 
-__all__ = ["CompiledModel", "StepTime", "ThreadChoice", "aligned_array", "load", "check_plan", "physical_cores", "profile_steps"]
+__all__ = ["CompiledModel", "StepTime", "ThreadChoice", "aligned_array", "load", "check_plan", "physical_cores", "pool_threads",
+           "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 # an output whose values the compiler bounds below this (plan "finite_below") is not scanned
@@ -617,6 +618,14 @@ def _default_thread_count() -> None:
     launch); a value the user sets is kept."""
     if os.environ.get("TVM_NUM_THREADS") is None and os.environ.get("OMP_NUM_THREADS") is None:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
+def pool_threads() -> int:
+    """The threads a loaded model's calls run on when nothing caps them: ``TVM_NUM_THREADS``, else
+    ``OMP_NUM_THREADS``, else one per physical core (what loading a model sets: see
+    :func:`_default_thread_count`). Whatever times kernels for a model (``csqc compile --tune``)
+    times them on this many."""
+    return _pool_threads() or physical_cores()
 
 
 def _pool_threads() -> int | None:

@@ -1,5 +1,6 @@
 """Schedule search per layer shape, cached on disk per CPU (targets/llvm/tuning.py, ``csqc compile --tune``)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -161,6 +162,36 @@ def test_a_cache_for_another_cpu_is_not_used(tmp_path, private_cache, good_cache
     again = _tuned(path, tmp_path / "b.so")
     assert again.report["tuning"]["searched"] == len(entries)
     assert set(json.loads(private_cache.read_text())["cpus"]) == {"znver9:avx512f", cpu}  # both kept
+
+
+def test_candidates_are_timed_on_the_threads_the_artifact_runs_on(tmp_path, private_cache, model_file, monkeypatch):
+    """With no thread variable set TVM takes half the logical CPUs, not what a loaded model runs
+    on (one thread per core): the search sets the pool to the artifact's count while it times,
+    restores the environment after, and files the schedules under that count, so a search on
+    other threads does not reuse them."""
+    path, _ = model_file
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _default_schedules_only(monkeypatch)
+    seen, time_us = [], tuning._time_us
+
+    def timed(kernel, inputs, budget_us=2000.0):
+        seen.append(os.environ.get("TVM_NUM_THREADS"))
+        return time_us(kernel, inputs, budget_us)
+
+    monkeypatch.setattr(tuning, "_time_us", timed)
+    first = _tuned(path, tmp_path / "a.so")
+    cores = runtime.physical_cores()
+    assert first.report["tuning"]["threads"] == cores and seen and set(seen) == {str(cores)}
+    assert "TVM_NUM_THREADS" not in os.environ
+    (cpu,) = json.loads(private_cache.read_text())["cpus"]
+    assert cpu.endswith(f":{cores} threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 1))  # what a user's pool setting says wins
+    seen.clear()
+    again = _tuned(path, tmp_path / "b.so")
+    assert again.report["tuning"]["threads"] == cores + 1 and set(seen) == {str(cores + 1)}
+    assert again.report["tuning"]["searched"] == len(again.report["tuning"]["shapes"])  # not the other count's
+    assert len(json.loads(private_cache.read_text())["cpus"]) == 2
 
 
 _DENSE = tuning._dense_problem

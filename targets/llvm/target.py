@@ -88,9 +88,12 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     t0 = time.perf_counter()
     tuner = None
     if tune:
+        from csqc.runtime import pool_threads
+
         from .tuning import Tuner, TuningCache, cache_path, cpu_key
 
-        tuner = Tuner(target, TuningCache.load(cache_path(), cpu_key(target)), on_search=on_tune)
+        threads = pool_threads()  # what the artifact's calls will run on
+        tuner = Tuner(target, TuningCache.load(cache_path(), cpu_key(target, threads)), threads, on_search=on_tune)
     cpu_tier = tier(target)
     backend = CpuBackend(table_lookup=has_table_lookup(target), amx=target_has_amx(target), tuner=tuner, tier=cpu_tier)
     with target:  # the kernels emit the instructions of this target's tier (isa.tier)

@@ -19,6 +19,7 @@ reaches a kernel builder, and a file that fails the check is ignored with a warn
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,9 +60,28 @@ def cache_path() -> Path:
     return Path(base) / "csqc" / "tuning.json"
 
 
-def cpu_key(target) -> str:
-    """The cache's name for the CPU a target builds for: LLVM's CPU name and its instruction sets."""
-    return f"{target.attrs.get('mcpu', '')}:{'+'.join(isa_features(target))}"
+def cpu_key(target, threads: int) -> str:
+    """The cache's name for the CPU a target builds for and the threads its kernels were timed on:
+    LLVM's CPU name, its instruction sets and the thread count (a schedule's rows per task are
+    chosen for a number of threads)."""
+    return f"{target.attrs.get('mcpu', '')}:{'+'.join(isa_features(target))}:{threads} threads"
+
+
+@contextlib.contextmanager
+def _timing_pool(threads: int):
+    """TVM's pool at ``threads`` threads while candidates are timed (TVM reads ``TVM_NUM_THREADS``
+    at each parallel launch). Unset, TVM takes half the logical CPUs; on a 2-vCPU VM that hands
+    every launch to one worker, and 1x1 convs timed 1.5x slower than on one thread and 2x slower
+    than on the two a loaded model runs on, so the search compared schedules in a mode no call runs in."""
+    saved = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = saved
 
 
 def _valid_knobs(kind: str, knobs) -> dict | None:
@@ -160,8 +180,8 @@ class Tuner:
     """Knobs per kernel shape for one build: the cache's, else found by timing candidates here
     (``{}``: the kernel's defaults won)."""
 
-    def __init__(self, target, cache: TuningCache, on_search=None):
-        self.target, self.cache = target, cache
+    def __init__(self, target, cache: TuningCache, threads: int, on_search=None):
+        self.target, self.cache, self.threads = target, cache, threads  # threads: what candidates are timed on
         self.on_search = on_search  # called with each problem key before it is searched
         self.shapes: dict[str, TunedShape] = {}
         self.seconds = 0.0
@@ -194,7 +214,7 @@ class Tuner:
 
     def report(self) -> dict:
         shapes = [s.to_json() for s in self.shapes.values()]
-        return {"cache": str(self.cache.path), "seconds": round(self.seconds, 2), "shapes": shapes,
+        return {"cache": str(self.cache.path), "threads": self.threads, "seconds": round(self.seconds, 2), "shapes": shapes,
                 "searched": sum(s["source"] == "searched" for s in shapes),
                 "default_us": round(sum(s["default_us"] for s in shapes), 3),
                 "tuned_us": round(sum(s["best_us"] for s in shapes), 3)}
@@ -209,7 +229,8 @@ class Tuner:
                 if self.on_search is not None:
                     self.on_search(key)
                 start = time.perf_counter()
-                knobs, default_us, best_us = _search(*problem(), self.target)
+                with _timing_pool(self.threads):
+                    knobs, default_us, best_us = _search(*problem(), self.target)
                 self.seconds += time.perf_counter() - start
                 self.cache.put(key, knobs, default_us, best_us)
                 self.shapes[key] = TunedShape(key, "searched", knobs, default_us, best_us)
