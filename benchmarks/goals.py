@@ -191,6 +191,9 @@ def limits_cell(limits: dict) -> str:
             f"{limits['weight_fraction_of_cached']:.2f} of in-cache read")
     if limits.get("int_fraction_of_peak") is not None:
         text += f"; {limits['int_fraction_of_peak']:.3f} of the int8 peak"
+    fork_join = limits.get("machine", {}).get("fork_join_us")
+    if fork_join:  # the machine's state: a slow launch slows every two-thread runtime
+        text += f"; launch {fork_join:.1f} us"
     return text
 
 

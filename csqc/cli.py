@@ -408,7 +408,8 @@ def _limits_lines(limits: dict) -> list[str]:
     lines = [f"machine limits, same run, {m['threads']} threads: streaming read {m['dram_gb_per_s']:.1f} GB/s over "
              f"{_human(m['dram_buffer_bytes'])} (last-level cache {_human(m['llc_bytes'])}), "
              f"{m['weights_gb_per_s']:.1f} GB/s over {_human(m['weights_buffer_bytes'])} (the weights' size); "
-             f"integer peak {m['int_peak_gmac_per_s']:.0f} GMAC/s ({m['int_peak_kind']})",
+             f"integer peak {m['int_peak_gmac_per_s']:.0f} GMAC/s ({m['int_peak_kind']})"
+             + (f"; a parallel launch {m['fork_join_us']:.2f} us" if m.get("fork_join_us") else ""),
              f"csqc: weights streamed at {limits['weight_gb_per_s']:.1f} GB/s = {limits['weight_fraction_of_dram']:.2f} of "
              f"the DRAM read, {limits['weight_fraction_of_cached']:.2f} of the weights-sized read"]
     if limits["int_gmac_per_s"] is not None:

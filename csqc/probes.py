@@ -1,4 +1,5 @@
-"""The machine's limits, measured in the bench run: memory bandwidth and the int8 MAC peak.
+"""The machine's limits, measured in the bench run: memory bandwidth, the int8 MAC peak and the
+cost of a parallel launch.
 
 ``csqc bench`` states how far csqc is from what the CPU can do, not only from its peers:
 
@@ -12,7 +13,13 @@
   on AVX2 the ``vpmaddubsw`` + ``vpmaddwd`` pairs csqc's AVX2 kernels use (``isa.dot4``);
   elsewhere an int32 vector multiply-add chain (one MAC per lane).
 
-Both kernels live in one TVM module, compiled once per process (about 0.3 s), and each probe
+* **fork-join**: one parallel launch of TVM's pool over empty tasks, what every parallel kernel of
+  a model pays before it does any work (a model of ~100 kernels pays it ~100 times a call). It
+  also says what state the machine was in: on the 2-vCPU VM here it is 0.8 us while the two vCPUs
+  pass a cache line in ~50 ns, and 2.2 us in the stretches (seconds to minutes) when they take
+  ~200 ns, as on two dies; every two-thread time, csqc's and ONNX Runtime's, is slower then.
+
+The kernels live in one TVM module, compiled once per process (about 0.3 s), and each probe
 runs for a few milliseconds, so they add well under a second to a bench run.
 """
 from __future__ import annotations
@@ -49,6 +56,7 @@ class MachineLimits:
     weights_gb_per_s: float  # streaming read over a buffer the size of the model's weights
     int_peak_gmac_per_s: float  # integer multiply-accumulates per second, in 1e9
     int_peak_kind: str  # which instruction the peak was measured with
+    fork_join_us: float  # one parallel launch of empty tasks on the pool (0 on one thread: no launch)
     seconds: float  # wall time of the probes, compilation included
 
     def to_json(self) -> dict:
@@ -81,8 +89,20 @@ def measure_limits(weight_bytes: int, threads: int) -> MachineLimits:
     dram_bytes, dram = _stream_rate(module, dram_bytes, threads)
     weights_bytes, weights = _stream_rate(module, max(weight_bytes, 1), threads)
     peak = _int_peak(module, threads, macs_per_step * chains_of(kind))
+    fork_join = _fork_join_seconds(module, threads) if threads > 1 else 0.0
     return MachineLimits(threads, llc, dram_bytes, dram / 1e9, weights_bytes, weights / 1e9, peak / 1e9, kind,
-                         time.perf_counter() - start)
+                         fork_join * 1e6, time.perf_counter() - start)
+
+
+_LAUNCHES = 1000  # parallel launches per fork-join probe call: ~1-3 ms
+
+
+def _fork_join_seconds(module, threads: int) -> float:
+    """Best time of one parallel launch of ``threads`` empty tasks (``_LAUNCHES`` in a call)."""
+    import tvm
+
+    out = tvm.runtime.tensor(np.zeros((threads, _LANES), np.int32))
+    return _best_seconds(lambda: module["fork_join"](_LAUNCHES, out), _LAUNCHES * 1e-6) / _LAUNCHES
 
 
 def _stream_rate(module, nbytes: int, threads: int) -> tuple[int, float]:
@@ -161,7 +181,8 @@ def _probe_module(threads: int, mcpu: str | None = None):
         peak, kind, macs = _avx2_dot_peak(threads), "AVX2 vpmaddubsw + vpmaddwd (int8)", 4 * _LANES
     else:
         peak, kind, macs = _multiply_add_peak(threads), "int32 vector multiply-add (no VNNI)", _LANES
-    funcs = {"fill": _fill(threads), "stream_read": _stream_read(threads), "int_peak": peak}
+    funcs = {"fill": _fill(threads), "stream_read": _stream_read(threads), "int_peak": peak,
+             "fork_join": _fork_join(threads)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     # see kernels._ON_STACK: storage rewrite would drop the on-stack annotation of the accumulators
     with tvm.transform.PassContext(config={"tirx.disable_storage_rewrite": True}):
@@ -184,6 +205,20 @@ def _fill(threads: int):
                 buf[t, i, T.ramp(0, 1, _LANES)] = T.broadcast(T.int32(1), _LANES)
 
     return fill
+
+
+def _fork_join(threads: int):
+    """``launches`` parallel launches, one after another, each task storing one word (kept)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def fork_join(launches: T.int32, out: T.Buffer((threads, _LANES), "int32")):
+        T.func_attr({"tir.noalias": True})
+        for r in range(launches):
+            for t in T.parallel(threads):
+                out[t, 0] = r
+
+    return fork_join
 
 
 def _stream_read(threads: int):

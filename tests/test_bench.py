@@ -104,6 +104,7 @@ def test_machine_limits_are_measured_and_csqc_fractions_follow_from_them():
     assert limits.dram_buffer_bytes >= min(2 * limits.llc_bytes, 1 << 30)  # larger than the cache it must miss
     assert limits.weights_buffer_bytes >= 3 << 20
     assert limits.dram_gb_per_s > 0 and limits.weights_gb_per_s > 0 and limits.int_peak_gmac_per_s > 0
+    assert 0 < limits.fork_join_us < 1000 and probes.measure_limits(3 << 20, 1).fork_join_us == 0
     report = utilization(limits, csqc_us=100.0, weight_bytes=3 << 20, int_macs=4096 * 4096 * 3)
     rate = (3 << 20) / 100e-6 / 1e9
     assert report["weight_gb_per_s"] == pytest.approx(rate)
@@ -148,6 +149,8 @@ def _check_probe_results(module, kind: str, macs_per_step: int) -> None:
     module["stream_read"](buf, 3, out)
     assert (out.numpy() == 3 * words).all()  # three passes over ones
     operands = tvm.runtime.tensor(np.full((2, 4 * probes._LANES), 3, np.int8))
+    module["fork_join"](7, out)  # every launch ran every task: each stored the launch's index
+    assert (out.numpy()[:, 0] == 6).all()
     module["int_peak"](operands, 10, out)
     chains = probes.chains_of(kind)
     if "vpdpbusd" in kind or "vpmaddubsw" in kind:  # each step adds four 3 x 3 products to every lane of every chain
@@ -236,7 +239,7 @@ def _saved_run(**extra) -> dict:
 
 def test_goals_table_from_a_saved_run_states_each_goal_date_and_cpu(tmp_path):
     limits = {"weight_gb_per_s": 62.9, "weight_fraction_of_dram": 4.5, "weight_fraction_of_cached": 0.5,
-              "int_fraction_of_peak": 0.02}
+              "int_fraction_of_peak": 0.02, "machine": {"fork_join_us": 2.2}}
     saved = {
         "linear4096-w2a4": _saved_run(goals=[{"baseline": "onnxruntime-int8", "ratio": 2.5, "measured": 2.5,
                                               "met": True}], date="2026-12-02", cpu_model="Test CPU 9000",
@@ -254,6 +257,7 @@ def test_goals_table_from_a_saved_run_states_each_goal_date_and_cpu(tmp_path):
     assert "| goal | measured | met |" in header
     row = next(line for line in lines if line.startswith("| linear4096-w2a4 (1)"))
     assert ">= 2.5x ORT int8 QDQ | 2.50x | met |" in row and "250 us† (2.50x)" in row and "0.50 of in-cache" in row
+    assert "launch 2.2 us" in row  # the machine's state: a slow parallel launch slows every two-thread runtime
     old = next(line for line in lines if line.startswith("| resnet20-w3a4 (1)"))
     assert ">= 1.0x ORT int8 QDQ; >= 2.0x ORT fp32 | 2.50x; 10.00x | met; met |" in old
     assert len(header.split("|")) == len(row.split("|")) == len(old.split("|"))

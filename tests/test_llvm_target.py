@@ -536,6 +536,7 @@ def test_cli_bench_json_and_plane_sweep(compiled):
     assert all(r["spread"] >= 0 and r["unreliable"] == (r["spread"] > 0.25) for r in data["results"])
     limits = data["limits"]  # the machine's limits, measured in the same run, and csqc's fractions of them
     assert limits["machine"]["dram_gb_per_s"] > 0 and limits["machine"]["int_peak_gmac_per_s"] > 0
+    assert limits["machine"]["fork_join_us"] > 0  # two threads: a launch of the pool has a cost
     assert limits["weight_fraction_of_dram"] > 0 and limits["int_macs"] > 0 and limits["int_fraction_of_peak"] > 0
     # its layers are small (a one-thread plan): the report says what the thread trials found
     assert any("caps a call at 1 of the 2 threads" in note and "trial(s)" in note for note in data["notes"]), data["notes"]
