@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpus import AVX2_CPU, HOST_TIER, code_limit_of, needs_avx512
-from csqc.targets.llvm import isa, kernels, packing
+from csqc.targets.llvm import isa, kernels, packing, staging
 from csqc.targets.tvm.geometry import conv_geometry
 
 RNG = np.random.default_rng(20240611)
@@ -478,6 +478,27 @@ def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shap
                    cpu=cpu)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
                                   conv_reference(x, q, stride, padding, dilation, groups))
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,groups", [
+    ((2, 6, 37, 41), (20, 6, 1, 1), 1),    # 1517-pixel planes: two runs, the last overlapping; channels 4-5 partial
+    ((1, 12, 64, 64), (8, 6, 1, 1), 2),    # four whole runs a plane; two groups of 6 channels
+    ((1, 9, 3, 5), (16, 9, 1, 1), 1),      # a plane shorter than one vector
+])
+@pytest.mark.parametrize("cpu", DOT_CPUS)
+def test_pointwise_conv_stages_flat_runs_of_its_planes(input_shape, weight_shape, groups, cpu, monkeypatch):
+    """An unstrided, unpadded conv stages each plane as runs of words over its flattened pixels
+    (staging._flat_staging), not row by row: every word as the row staging wrote it, so exact."""
+    flat, staged = staging._flat_staging, []
+    monkeypatch.setattr(staging, "_flat_staging", lambda geo, rows: staged.append(rows) or flat(geo, rows))
+    with kernels.cpu_target(cpu):
+        kernels.bitparallel_conv2d(input_shape, weight_shape, 1, 0, 1, groups)
+    assert len(staged) == 1 and staged[0] >= input_shape[2]  # rows past the input's are zero rows
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, 1, 0, 1, groups, cpu=cpu)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
+                                  conv_reference(x, q, (1, 1), (0, 0), (1, 1), groups))
 
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups",
