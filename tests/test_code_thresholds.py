@@ -22,12 +22,13 @@ from cpus import needs_avx512
 from csqc import runtime
 from csqc.interpreter import layer_output
 from csqc.artifact import pack_conv_rows_weight
-from csqc.targets.llvm import amx, glue
-from csqc.targets.tvm.code_thresholds import (DOMAIN, NO_STEP, TABLE_ENTRIES, code_form, code_tables, form_codes,
-                                              forms_in_range)
+from csqc.targets.llvm import amx, glue, kernels
+from csqc.targets.tvm.code_thresholds import (DOMAIN, NO_STEP, TABLE_ENTRIES, _channel_form, code_form, code_tables,
+                                              form_codes, forms_in_range)
 from csqc.verify import verify
 from irbuild import Builder
 from test_glue_llvm import run_kernel
+from test_kernels_llvm import conv_reference, needs_vbmi
 
 F32 = np.float32
 IN_SCALE, IN_LEVELS = 0.7, 15
@@ -285,6 +286,76 @@ def test_calibrated_convs_search_their_codes_and_verify_exactly(tmp_path, size, 
     check = [np.random.default_rng(1).random((3, 3, size, size), dtype=np.float32) * 1.5]  # some codes clamp
     report = verify(model, inputs=check, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+@needs_avx512
+def test_a_calibrated_depthwise_conv_writes_its_codes_itself(tmp_path, monkeypatch):
+    """The depthwise conv of a calibrated model, its channels' forms proved, runs as one call
+    that writes its codes (kernels.bitparallel_depthwise_codes): no accumulator buffer, no
+    epilogue step. verify checks it by its codes, exactly; with fewer planes it gives the
+    codes (and outputs) of the int16 kernel and code_form epilogue it replaces, bit for bit."""
+    from csqc.targets.llvm.backend import CpuBackend
+
+    model = _cnn(tmp_path, 16)
+    calib = [np.random.default_rng(0).random((8, 3, 16, 16), dtype=np.float32)]
+    art, unfused = tmp_path / "dw.so", tmp_path / "epilogue.so"
+    csqc.compile(model, "llvm", art, calibrate=calib)
+    compiled = runtime.load(art)
+    plan = compiled.plan
+    steps = [step for step in plan["steps"] if step.get("layer") == "6"]
+    assert len(steps) == 1 and "6.code_form" in steps[0]["args"] and "6.codes" in steps[0]["args"]
+    assert "6.acc" not in plan["buffers"] and plan["layers"]["6"]["codes"] == "fixed-point form, in the conv"
+    x = np.random.default_rng(1).random((3, 3, 16, 16), dtype=np.float32) * 1.5
+    report = verify(model, inputs=[x], artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    monkeypatch.setattr(CpuBackend, "depthwise_codes", False)
+    csqc.compile(model, "llvm", unfused, calibrate=calib)
+    reference = runtime.load(unfused)
+    assert "6.acc" in reference.plan["buffers"]
+    for skip in (0, 1, 2):
+        got, want = {}, {}
+        np.testing.assert_array_equal(compiled(x[:1], skip_planes=skip, record=got),
+                                      reference(x[:1], skip_planes=skip, record=want))
+        np.testing.assert_array_equal(got["6.codes"], want["6.codes"], err_msg=f"skip {skip}")
+
+
+DEPTHWISE_CODE_CASES = [  # (input shape, stride): planes of pieces and of flat rows, two batches, stride 2
+    ((1, 6, 14, 14), 1),
+    ((2, 5, 20, 70), 1),  # rows of two pieces
+    ((1, 8, 56, 56), 2),
+    ((1, 4, 7, 9), 1),  # 63 codes a plane: two vectors, overlapping
+]
+
+
+@needs_avx512
+@pytest.mark.parametrize("tap_pairs", [False, pytest.param(True, marks=needs_vbmi)])
+@pytest.mark.parametrize("shape,stride", DEPTHWISE_CODE_CASES)
+def test_depthwise_codes_kernel_equals_the_forms_of_its_accumulators(shape, stride, tap_pairs):
+    """Each output channel's codes are its fixed-point form of ``acc ^ flip``, plus its base, as
+    glue.epilogue's code_form pass computes them from stored int16 accumulators: random forms
+    (from random staircases over each channel's range), flips and bases."""
+    rng = np.random.default_rng(sum(shape) + stride)
+    weight_shape = (shape[1], 1, 3, 3)
+    q = rng.integers(-7, 8, weight_shape)
+    x = rng.integers(0, 16, shape)
+    acc = conv_reference(x, q, (stride, stride), (1, 1), (1, 1), shape[1])
+    forms, bases, flips = [], rng.integers(0, 3, shape[1]).astype(np.int8), rng.choice([0, -1], shape[1]).astype(np.int8)
+    for c in range(shape[1]):
+        s = acc[:, c] ^ int(flips[c])  # a staircase of 15 evenly spaced steps across the channel's values
+        spacing = rng.uniform(1.0, max(1.5, (int(s.max()) - int(s.min())) / 12))
+        steps = int(s.min()) + int(rng.integers(-4, 5)) + np.floor(np.arange(15) * spacing).astype(np.int64)
+        forms.append(_channel_form(steps))
+    assert all(f is not None for f in forms)
+    form = np.stack(forms).astype(np.int16)
+    expected = np.stack([form_codes(acc[:, c] ^ int(flips[c]), form[c]) + int(bases[c]) for c in range(shape[1])], 1)
+    with kernels.cpu_target():
+        prim = kernels.bitparallel_depthwise_codes(shape, weight_shape, stride, 1, 1, 0.25, tap_pairs)
+    kernel = kernels.build(prim, kernels.cpu_target())
+    codes = kernel(x.astype(np.uint8), q.reshape(shape[1], -1).astype(np.int32), form.reshape(-1), bases, flips,
+                   np.zeros(1, np.float32))
+    np.testing.assert_array_equal(codes, expected.astype(np.uint8))
+    with pytest.raises(ValueError, match="32 to"):  # a plane shorter than one vector
+        kernels.bitparallel_depthwise_codes((1, 4, 5, 5), (4, 1, 3, 3), 1, 1, 1, 0.25)
 
 
 @needs_avx512

@@ -232,6 +232,9 @@ class CpuBackend:
     code_search = True
     # ... or by each channel's proved fixed-point int16 form (vpmulhw), where every channel has one
     code_form = True
+    # a calibrated depthwise conv whose channels all have forms writes its codes itself: its int16
+    # accumulators stay on the task's stack (kernels.bitparallel_depthwise_codes)
+    depthwise_codes = True
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True

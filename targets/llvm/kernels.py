@@ -81,6 +81,8 @@ __all__ = [
     "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",
+    "bitparallel_depthwise_codes",
+    "depthwise_codes_fit",
     "LUT_LANES",
     "lut_dense",
     "lut_tiles_per_task",
@@ -850,7 +852,7 @@ def _staging_pitch(width: int) -> int:
 
 
 def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32",
-                          out_dtype: str = "int32", tap_pairs: bool = False):
+                          out_dtype: str = "int32", tap_pairs: bool = False, codes: bool = False):
     """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
     copies its channel into a zero-padded, stride-phase-split plane ``xp[sh, sw, Hq, pitch]`` (flat)
     (so strided taps read contiguous runs), then computes every output row of the channel's
@@ -871,12 +873,22 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     two taps' codes interleaved byte by byte (``vpermi2b`` of their 64-byte runs) with the
     broadcast weight pair: 5 multiplies and 5 permutes for a 3x3 conv's 32 outputs where the
     int16 form needs 9 multiplies and 9 widenings (both on the same two vector ports). Exact
-    where int16 accumulation is: each pair sum is a partial sum, and weights must be int8."""
+    where int16 accumulation is: each pair sum is a partial sum, and weights must be int8.
+
+    ``codes`` (int16 accumulation): the task writes its output channel's *codes* instead
+    (:func:`bitparallel_depthwise_codes`): the rows go to an int16 plane on its stack, then
+    through the channel's fixed-point form (``glue.form_codes``, its constants loaded once a
+    channel); ``y`` is then ``(codes, code_form, code_base, acc_flip)``. None where the staging
+    or the plane would not fit the task's stack."""
     pairs, n_pairs = phase_pairs(geo)
     if pairs is None:
         return None
     if tap_pairs and acc_dtype != "int16":
         raise ValueError("tap pairs accumulate in int16: acc_dtype must be int16")
+    if codes and acc_dtype != "int16":
+        raise ValueError("a depthwise conv writes codes from int16 accumulators: acc_dtype must be int16")
+    if codes:
+        out_dtype = "int16"  # the rows' stores go to the stack plane
     B, C, H = geo.batch, geo.in_channels, geo.height
     OH, OW = geo.out_h, geo.out_w
     sh, sw = geo.stride
@@ -903,6 +915,8 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
     pairs16 = sw == 2 and W % 2 == 0
 
     plane_bytes = math.prod(plane)
+    if codes and not (per_task and OH * OW * 2 <= _CODES_PLANE_BYTES):
+        return None
 
     def at(task, a_h, a_w, hq, j):
         """Flat index of row ``hq``, column ``j`` of phase ``(a_h, a_w)`` in the staging buffer
@@ -998,6 +1012,16 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                 piece(xp, y, q, task // C, task % C, task % C * multiplier + m, oh, full * width, tail)
 
     @T.macro
+    def plane_pieces(xp, plane, q, task):
+        # row_pieces into the task's int16 plane (batch and channel 0 of it: per-task staging
+        # reads ignore the task's batch)
+        for oh in range(OH):
+            for p in range(full):
+                piece(xp, plane, q, 0, task % C, 0, oh, p * width, width)
+            if tail > 0:
+                piece(xp, plane, q, 0, task % C, 0, oh, full * width, tail)
+
+    @T.macro
     def channel_pairs(x, xp, weights, y, n_planes, zero_point, task):
         for m in range(multiplier):
             qp = T.alloc_buffer((tap_steps,), "int16", scope="local", annotations=_ON_STACK)
@@ -1008,7 +1032,15 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                                   | (T.if_then_else(2 * step + 1 < taps, weight_of(
                                       weights, task % C * multiplier + m, T.min(2 * step + 1, taps - 1),
                                       n_planes, zero_point), 0) << 8))
-            if flat_rows > 0:
+            if codes:
+                plane = T.alloc_buffer((1, 1, OH, OW), "int16", scope="local", annotations=_ON_STACK)
+                if flat_rows > 0:
+                    for oh in range(-(-OH // flat_rows)):
+                        row_piece_pairs(xp, plane, qp, 0, task % C, 0, oh * flat_rows, 0, 64)
+                else:
+                    plane_pieces(xp, plane, qp, task)
+                _depthwise_plane_codes(plane, y, task // C, task % C * multiplier + m)
+            elif flat_rows > 0:
                 for oh in range(-(-OH // flat_rows)):
                     row_piece_pairs(xp, y, qp, task // C, task % C, task % C * multiplier + m, oh * flat_rows,
                                     0, 64)
@@ -1021,7 +1053,12 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
             q = T.alloc_buffer((taps,), acc_dtype, scope="local", annotations=_ON_STACK)
             for t in range(taps):
                 q[t] = T.Cast(acc_dtype, weight_of(weights, task % C * multiplier + m, t, n_planes, zero_point))
-            row_pieces(xp, y, q, task, m)
+            if codes:
+                plane = T.alloc_buffer((1, 1, OH, OW), "int16", scope="local", annotations=_ON_STACK)
+                plane_pieces(xp, plane, q, task)
+                _depthwise_plane_codes(plane, y, task // C, task % C * multiplier + m)
+            else:
+                row_pieces(xp, y, q, task, m)
 
     @T.macro
     def channel(x, xp, weights, y, n_planes, zero_point, task):
@@ -1051,6 +1088,86 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                 channel(x, xp, weights, y, n_planes, zero_point, task)
 
     return depthwise
+
+
+# A codes-writing depthwise task keeps its output channel's int16 plane on its stack (with its
+# staging, up to _TASK_STAGING_BYTES): MobileNetV2's largest, 112x112, is 24.5 KiB
+_CODES_PLANE_BYTES = 32 * 1024
+
+
+def _depthwise_plane_codes(plane, tables, b, o) -> None:
+    """Output channel ``o``'s codes from its int16 accumulators ``plane`` (``[1, 1, OH, OW]``):
+    ``form_codes(acc ^ flip) + base`` 32 lanes a vector over the flattened plane, the last vector
+    ending at its end (overlapping the one before it: its common codes are written twice,
+    equal), as ``glue.epilogue``'s ``code_form`` pass does over a stored int16 buffer, so the
+    same codes. ``tables``: ``(codes, code_form, code_base, acc_flip)``; unsigned codes, one part."""
+    from tvm.script.ir_builder import tirx as I
+
+    from .glue import SEARCH_LANES, form_codes, form_row, store_searched_codes
+
+    codes, form, base, flip = tables
+    lanes, i16 = SEARCH_LANES, f"int16x{SEARCH_LANES}"
+    batch, channels, oh, ow = (int(v) for v in codes.shape)
+    positions = oh * ow
+    values = I.decl_buffer((positions,), "int16", data=plane.data)
+    out = I.decl_buffer((batch * channels * positions,), "uint8", data=codes.data)
+    constants = form_row(form, o)
+    per_channel = I.alloc_buffer((2,), i16, scope="local", annotations=_ON_STACK)
+    I.buffer_store(per_channel, tirx.Broadcast(tirx.Cast("int16", base[o]), lanes), [0])
+    I.buffer_store(per_channel, tirx.Broadcast(tirx.Cast("int16", flip[o]), lanes), [1])
+    with I.serial(0, -(-positions // lanes)) as v:
+        first = tirx.min(v * lanes, positions - lanes)
+        code = form_codes(values[tirx.Ramp(first, 1, lanes)] ^ per_channel[1], constants) + per_channel[0]
+        store_searched_codes(code, (b * channels + o) * positions + first, out, None, 0, False)
+
+
+def bitparallel_depthwise_codes(input_shape, weight_shape, stride, padding, dilation, out_scale: float,
+                                tap_pairs: bool = False) -> tirx.PrimFunc:
+    """A depthwise conv that writes its output *codes* (unsigned, one part), its int16
+    accumulators never leaving the task's stack: the fused depthwise kernel (int16
+    accumulation, its caller's bound proved) whose task runs its channel's fixed-point form
+    (``code_thresholds.code_form``) over the plane it just summed. The same codes, bit for bit,
+    as the kernel writing int16 accumulators and ``glue.epilogue`` with ``code_form``::
+
+        main(x: uint8[B, C, H, W], w: int32[O, kh*kw], code_form: int16[O * FORM_FIELDS],
+             code_base: int8[O], acc_flip: int8[O], out_scale: float32[1], codes: uint8[B, O, OH, OW])
+
+    ``out_scale`` receives the static output scale. Needs :func:`depthwise_codes_fit`."""
+    from .glue import FORM_FIELDS
+
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, int(input_shape[1]))
+    if not depthwise_codes_fit(geo):
+        raise ValueError(f"bitparallel_depthwise_codes takes depthwise convs of strides up to 2 whose output planes "
+                         f"hold 32 to {_CODES_PLANE_BYTES // 2} codes, not {tuple(input_shape)} -> {tuple(weight_shape)}")
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, OH, OW, taps = geo.out_channels, geo.out_h, geo.out_w, geo.kernel_h * geo.kernel_w
+    depthwise = _make_depthwise_fused(geo, lambda weights, o, t, n_planes, zp: weights[o, t], "int16", "int16",
+                                      tap_pairs, codes=True)
+    if depthwise is None:
+        raise ValueError("this depthwise conv's staging does not fit a task's stack")
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
+             code_form: T.Buffer((O * FORM_FIELDS,), "int16"), code_base: T.Buffer((O,), "int8"),
+             acc_flip: T.Buffer((O,), "int8"), scale: T.Buffer((1,), "float32"),
+             codes: T.Buffer((B, O, OH, OW), "uint8")):
+        T.func_attr({"tir.noalias": True})
+        scale[0] = T.float32(out_scale)
+        depthwise(x, w, (codes, code_form, code_base, acc_flip), 0, 0)
+
+    return main
+
+
+def depthwise_codes_fit(geo: ConvGeometry) -> bool:
+    """Whether :func:`bitparallel_depthwise_codes` takes this conv: depthwise on the fused kernel
+    (strides up to 2), an output plane of at least one 32-lane vector and at most
+    ``_CODES_PLANE_BYTES`` of int16, and its input staging on the task's stack."""
+    if not (geo.is_depthwise and depthwise_writes_int16(geo) and 32 <= geo.out_h * geo.out_w
+            and geo.out_h * geo.out_w * 2 <= _CODES_PLANE_BYTES):
+        return False
+    sh, sw = geo.stride
+    Hq, Wq = -(-geo.padded_h // sh), -(-geo.padded_w // sw)
+    return sh * sw * Hq * _staging_pitch(Wq) <= _TASK_STAGING_BYTES
 
 
 def depthwise_tap_pairs_pay(geo: ConvGeometry) -> bool:

@@ -44,6 +44,19 @@ def phase_pairs(geo: ConvGeometry):
     return pairs, count
 
 
+def _word_byte(load, cq, t: int, c_groups: int, cg: int):
+    """Byte ``t`` of the staged word of channels ``4*(cq % c_groups) .. +3`` of group
+    ``cq // c_groups``, shifted into place (zero past the group's ``cg`` channels);
+    ``load(channel)`` reads that channel's code."""
+    channel = (cq // c_groups) * cg + T.min(cq % c_groups * 4 + t, cg - 1)
+    value = tirx.Cast("uint32", load(channel))
+    if t:
+        value = value << tirx.const(8 * t, "uint32")
+    if cg % 4 and t:
+        value = tirx.Select(cq % c_groups * 4 + t < cg, value, tirx.const(0, "uint32"))
+    return value
+
+
 def phase_staging(geo: ConvGeometry, rows: int):
     """A macro ``stage(x, xs)`` filling ``xs[B, G*ceil(Cg/4), sh, sw, rows, Wq]`` (uint32) from the
     codes ``x[B, C, H, W]``: word ``xs[b, g*cgroups + cq, a_h, a_w, i, j]`` holds channels
@@ -63,18 +76,10 @@ def phase_staging(geo: ConvGeometry, rows: int):
     planes = geo.groups * c_groups
     Wq = -(-geo.padded_w // sw)
     P0, P1, P2, P3 = pairs
-    partial = Cg % 4 != 0
     loop = staging_loop(geo)
 
     def channel_byte(x, b, cq, t, row, col):
-        # Byte t of the word of channels 4*(cq % c_groups) .. +3 (zero past Cg).
-        channel = (cq // c_groups) * Cg + T.min(cq % c_groups * 4 + t, Cg - 1)
-        value = tirx.Cast("uint32", x[b, channel, row, col])
-        if t:
-            value = value << tirx.const(8 * t, "uint32")
-        if partial and t:
-            value = tirx.Select(cq % c_groups * 4 + t < Cg, value, tirx.const(0, "uint32"))
-        return value
+        return _word_byte(lambda channel: x[b, channel, row, col], cq, t, c_groups, Cg)
 
     @T.macro
     def copy_segment(x, xs, b, cq, hq, a_h, a_w, lo, n):
@@ -127,7 +132,6 @@ def _flat_staging(geo: ConvGeometry, rows: int):
     Cg = geo.in_per_group
     c_groups = -(-Cg // 4)
     planes = geo.groups * c_groups
-    partial = Cg % 4 != 0
     plane = H * W
     chunks = -(-plane // _FLAT_CHUNK)
     chunk = min(plane, -(-(-(-plane // chunks)) // 16) * 16)  # whole vectors, at most the plane
@@ -135,16 +139,10 @@ def _flat_staging(geo: ConvGeometry, rows: int):
     loop = staging_loop(geo)
 
     def channel_byte(xf, task, t, j):
-        """Byte t of task ``task``'s word ``j`` (its channel group's channel 4cq + t; zero past Cg)."""
-        cq = task // chunks % planes
-        channel = (cq // c_groups) * Cg + T.min(cq % c_groups * 4 + t, Cg - 1)
+        """Byte t of task ``task``'s word ``j``."""
         start = T.min(task % chunks * chunk, plane - chunk)
-        value = tirx.Cast("uint32", xf[(task // (chunks * planes) * C + channel) * plane + start + j])
-        if t:
-            value = value << tirx.const(8 * t, "uint32")
-        if partial and t:
-            value = tirx.Select(cq % c_groups * 4 + t < Cg, value, tirx.const(0, "uint32"))
-        return value
+        return _word_byte(lambda channel: xf[(task // (chunks * planes) * C + channel) * plane + start + j],
+                          task // chunks % planes, t, c_groups, Cg)
 
     @T.macro
     def stage(x, xs):

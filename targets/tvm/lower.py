@@ -149,6 +149,8 @@ class _Lowerer:
         self.code_search = bool(getattr(b, "code_search", False))
         # ... or by each channel's proved fixed-point form, where every channel has one
         self.code_form = bool(getattr(b, "code_form", False))
+        # ... and a depthwise conv writes those codes itself (kernels.bitparallel_depthwise_codes)
+        self.depthwise_codes = self.code_form and bool(getattr(b, "depthwise_codes", False))
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         # asymmetric quantize node -> its int32 zero-point buffer, when its codes are the unsigned u
         self.zero_points: dict[str, str] = {}
@@ -444,9 +446,11 @@ class _Lowerer:
         # one kernel may take both sign parts and write their difference (one accumulator)
         split_acc = neg is not None and not (choice.kernel == "bitparallel" and self._one_call_dense(n))
         tile_codes = None if split_acc or zero_point or choice.kernel != "bitparallel" else self._tile_code_tables(n)
+        depthwise_codes = None if tile_codes or split_acc or zero_point or code_offset or choice.kernel != "bitparallel" \
+            else self._depthwise_code_tables(n, storage)
         tile_epilogue = not tile_codes and neg is None and choice.kernel == "bitparallel" and storage == "int32" \
             and self._tile_epilogue_fits(n)
-        accs = [] if tile_codes or tile_epilogue else [self.plan.buffer(f"{n.name}.acc", shape, storage)]
+        accs = [] if tile_codes or depthwise_codes or tile_epilogue else [self.plan.buffer(f"{n.name}.acc", shape, storage)]
         if split_acc:
             accs.append(self.plan.buffer(f"{n.name}.acc_neg", shape, storage))
         # where verify finds this layer's stable tensors (see csqc.verify.LAYER_TENSORS)
@@ -468,10 +472,13 @@ class _Lowerer:
             info["tensors"].update(xq_zero_point=zero_point, acc_offset=acc_offset, acc_zero_point=zero_point)
         elif code_offset:
             info["tensors"].update(xq_offset=code_offset, acc_offset=acc_offset)
-        if tile_codes:
+        if tile_codes or depthwise_codes:
             for name in (mult, add):  # the tables replace the float chain's parameters (ref restores a reused one)
                 if name is not None and not any(name in step["args"] for step in self.plan.steps):
                     del self.plan.buffers[name], self.plan.weights[name]
+            if depthwise_codes:
+                self._depthwise_codes(n, q, info, pos, depthwise_codes)
+                return
             self._tile_codes(n, q, info, pos, acc_offset, *tile_codes)
             if code_offset:
                 self._record_weight_sums(n, info, code_offset, acc_offset)
@@ -591,21 +598,72 @@ class _Lowerer:
             two_parts, acc_offset is not None))
         self.plan.call(f, [self._as_2d(codes, n), w] + ([acc_offset] if acc_offset else []) + tables + outs, n.name)
 
+    def _depthwise_code_tables(self, n: Node, storage: str) -> list[str] | None:
+        """The fixed-point forms (``_code_tables``' buffers) of depthwise conv ``n`` where its kernel
+        writes its codes itself (``kernels.bitparallel_depthwise_codes``): int16 accumulation
+        (``storage`` int16), a static unsigned output quantization (calibrated, one code part),
+        plain input codes, and every channel with a form; else None."""
+        spec = n.quant
+        if not (self.depthwise_codes and n.op == "qconv2d" and storage == "int16" and self.fused_requant
+                and spec.out_bits is not None and spec.out_scale > 0 and not spec.out_signed
+                and self._residual_add_of(n) is None):
+            return None
+        shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
+        geo = conv_geometry(x_shape, shape, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
+        if not (is_depthwise_layer(n.op, shape) and self._int16_depthwise_pays(geo)
+                and self.kernels.depthwise_codes_fit(geo)):
+            return None
+        fused = {"out_scale": float(spec.out_scale)}
+        found = self._code_tables_found(n, storage, False, fused)
+        if found is None or found[1] is None:  # no form: the epilogue searches the thresholds instead
+            return None
+        tables, steps = self._code_tables(n, storage, False, fused)
+        return tables if steps == FORM else None
+
+    def _depthwise_codes(self, n: Node, q: np.ndarray, info: dict, codes: str, tables: list[str]) -> None:
+        """Depthwise conv ``n`` as one call that writes its output codes
+        (``kernels.bitparallel_depthwise_codes``): its accumulators stay on the task's stack, so
+        verify checks this layer by its codes alone."""
+        shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
+        stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
+        geo = conv_geometry(x_shape, shape, stride, padding, dilation, groups)
+        tap_pairs = bool(self.depthwise_tap_pairs and self.kernels.depthwise_tap_pairs_pay(geo)
+                         and self._int8_under_any_planes(n))
+        info.update(pack="depthwise", codes="fixed-point form, in the conv")
+        if tap_pairs:
+            info["tap_pairs"] = True  # the runtime checks the planes' weights are bytes
+        w = self._bitparallel_weights(n, pack_bitparallel_layout("depthwise", q, shape, groups))
+        outs, fused, suffix = self._layer_output(n, info, exact_y=True)
+        if len(outs) != 2 or fused.get("out_offset"):  # _depthwise_code_tables admits unsigned codes only
+            raise CompileError(f"layer {n.name!r}: a depthwise conv writes one part of unsigned codes")
+        key = f"dwcodes({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{tap_pairs})" + suffix
+        f = self.plan.func(key, lambda: self.kernels.bitparallel_depthwise_codes(
+            x_shape, shape, stride, padding, dilation, float(fused["out_scale"]), tap_pairs))
+        self.plan.call(f, [codes, w] + tables + outs, n.name)
+
+    def _code_tables_found(self, n: Node, storage: str, two_parts: bool, fused: dict):
+        """``(tables, form or None)`` of :meth:`_code_tables`, nothing stored in the plan; None
+        where the float chain stays."""
+        in_scale = self._static_scale_of(n.inputs[0])
+        if not (self.code_search and n.op == "qconv2d" and storage in ("int16", "int32") and not two_parts
+                and fused.get("out_scale", 0.0) > 0 and in_scale > 0 and not fused.get("keep_y")
+                and int(np.prod(n.type.shape[2:])) >= TABLE_ENTRIES):
+            return None
+        tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32")
+        if tables is None:
+            return None
+        return tables, code_form(tables) if self.code_form else None
+
     def _code_tables(self, n: Node, storage: str, two_parts: bool, fused: dict) -> tuple[list[str], int]:
         """The code buffers of conv ``n`` and its search steps (``glue.epilogue``'s ``code_search``:
         ``code_thresholds``), or ``FORM`` where every channel has a fixed-point form (``code_form``;
         the buffers then start with the forms), or ``([], 0)`` where the float chain stays: the
         backend must have the search, the input and output scales be static (calibrated), the
         accumulators one int16 or int32 buffer, and each channel's rows at least one 32-lane vector."""
-        in_scale = self._static_scale_of(n.inputs[0])
-        if not (self.code_search and n.op == "qconv2d" and storage in ("int16", "int32") and not two_parts
-                and fused.get("out_scale", 0.0) > 0 and in_scale > 0 and not fused.get("keep_y")
-                and int(np.prod(n.type.shape[2:])) >= TABLE_ENTRIES):
+        found = self._code_tables_found(n, storage, two_parts, fused)
+        if found is None:
             return [], 0
-        tables = code_tables(self.g, n, in_scale, 2**n.quant.act_bits - 1, wide=storage == "int32")
-        if tables is None:
-            return [], 0
-        form = code_form(tables) if self.code_form else None
+        tables, form = found
         names = [self.plan.weight(f"{n.name}.code_form", form.reshape(-1)) if form is not None
                  else self.plan.weight(f"{n.name}.code_thresholds", tables.kernel_thresholds()),
                  self.plan.weight(f"{n.name}.code_base", tables.base),
