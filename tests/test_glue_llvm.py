@@ -332,14 +332,17 @@ CONV_CASES = [
     ((1, 8, 12, 12), (6, 4, 3, 3), 1, 2, 2, 2, True, "none"),  # grouped, dilated
     ((1, 3, 21, 26), (24, 3, 3, 3), 2, 1, 1, 1, True, "clip"),  # MobileNetV2 stem: all 24 outputs in one tile
     # wide stride-2 rows: the phase split's shuffled vectors (inside the row) and per-lane edges
-    ((1, 3, 9, 75), (32, 3, 3, 3), 2, 1, 1, 1, True, "clip"),
+    ((1, 3, 9, 75), (32, 3, 3, 3), 2, 1, 1, 1, True, "clip"),  # 32 outputs: two tiles of 16
     ((1, 2, 8, 70), (8, 2, 7, 7), 2, 3, 1, 1, False, "none"),
 ]
 
 
-def test_strided_stems_of_few_outputs_take_them_all_in_one_tile():
-    assert glue.default_conv_knobs(32, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=32, segment=16)
+def test_strided_stems_of_few_outputs_take_up_to_24_in_one_tile():
+    """All outputs in one tile of 16 pixels, up to 24 of them (accumulators in registers):
+    32 outputs take two tiles of 16 (conv2d_f32's largest divisor up to the knob)."""
+    assert glue.default_conv_knobs(32, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
     assert glue.default_conv_knobs(24, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
+    assert glue._largest_divisor(32, 24) == 16
     for args in [(64, 27, (2, 2), 1), (32, 27, (1, 1), 1), (64, 147, (2, 2), 1), (12, 9, (2, 2), 12)]:
         assert glue.default_conv_knobs(*args) == glue.ConvKnobs()  # more outputs, unstrided, 7x7, depthwise
 
@@ -368,7 +371,8 @@ def test_conv2d_f32(x_shape, w_shape, stride, padding, dilation, groups, has_bia
     dict(has_add=True, out_bits=4, out_scale=0.21, out_signed=True, out_offset=True),  # offset codes
     dict(act="relu", out_bits=3, out_scale=2.0**-70, out_signed=True),  # sign parts; a scale off the fast range
 ])
-@pytest.mark.parametrize("x_shape,w_shape,stride", [((1, 3, 21, 26), (24, 3, 3, 3), 2), ((2, 3, 9, 40), (8, 3, 3, 3), 1)])
+@pytest.mark.parametrize("x_shape,w_shape,stride", [((1, 3, 21, 26), (24, 3, 3, 3), 2), ((2, 3, 9, 40), (8, 3, 3, 3), 1),
+                                                    ((1, 3, 17, 30), (32, 3, 3, 3), 2)])
 def test_conv2d_f32_with_its_float_tail_equals_the_conv_then_the_epilogue(tail, x_shape, w_shape, stride):
     """A float-input layer's epilogue applied in the conv's registers: the same floats or codes, bit
     for bit, as the conv's sums stored and run through ``glue.epilogue`` (levels None)."""

@@ -1662,9 +1662,12 @@ def default_conv_knobs(out_channels: int, taps: int, stride: tuple[int, int], gr
     16 pixels, so every input vector it loads feeds one FMA per output channel. Measured, 3 -> O
     3x3 stride 2 at 224x224 (2 threads), against 8 channels x 32 pixels: O = 32 173 -> 97 us
     (MobileNetV2's stem), 16 113 -> 54, 24 110 -> 78; 64 outputs in two tiles of 32 lose (219 ->
-    270), and so do unstrided stems (3 -> 64 at 224x224: 497 against 602 us)."""
+    270), and so do unstrided stems (3 -> 64 at 224x224: 497 against 602 us). At most 24
+    channels a tile (conv2d_f32 takes the largest divisor of O up to that): 32 accumulators are
+    all of AVX-512's registers, and around a calibrated stem's codes tail they spilled
+    (MobileNetV2 calibrated, Zen 5, alternating runs: 911 -> 884 us with tiles of 16)."""
     if groups == 1 and max(stride) > 1 and taps <= 32 and out_channels <= 32:
-        return ConvKnobs(oc_block=out_channels, segment=LANES)
+        return ConvKnobs(oc_block=min(out_channels, 24), segment=LANES)
     return ConvKnobs()
 
 
