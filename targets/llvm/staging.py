@@ -134,7 +134,8 @@ def _flat_staging(geo: ConvGeometry, rows: int):
     planes = geo.groups * c_groups
     plane = H * W
     chunks = -(-plane // _FLAT_CHUNK)
-    chunk = min(plane, -(-(-(-plane // chunks)) // 16) * 16)  # whole vectors, at most the plane
+    per_chunk = -(-plane // chunks)
+    chunk = min(plane, -(-per_chunk // 16) * 16)  # whole vectors, at most the plane
     extra = (rows - H) * W
     loop = staging_loop(geo)
 

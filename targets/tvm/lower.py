@@ -610,15 +610,12 @@ class _Lowerer:
             return None
         shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
         geo = conv_geometry(x_shape, shape, n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
-        if not (is_depthwise_layer(n.op, shape) and self._int16_depthwise_pays(geo)
-                and self.kernels.depthwise_codes_fit(geo)):
-            return None
-        fused = {"out_scale": float(spec.out_scale)}
-        found = self._code_tables_found(n, storage, False, fused)
+        if not (is_depthwise_layer(n.op, shape) and self.kernels.depthwise_codes_fit(geo)):
+            return None  # (int16 storage of a depthwise conv: its kernel accumulates in int16)
+        found = self._code_tables_found(n, storage, False, {"out_scale": float(spec.out_scale)})
         if found is None or found[1] is None:  # no form: the epilogue searches the thresholds instead
             return None
-        tables, steps = self._code_tables(n, storage, False, fused)
-        return tables if steps == FORM else None
+        return self._stored_code_tables(n, *found)[0]
 
     def _depthwise_codes(self, n: Node, q: np.ndarray, info: dict, codes: str, tables: list[str]) -> None:
         """Depthwise conv ``n`` as one call that writes its output codes
@@ -661,9 +658,10 @@ class _Lowerer:
         backend must have the search, the input and output scales be static (calibrated), the
         accumulators one int16 or int32 buffer, and each channel's rows at least one 32-lane vector."""
         found = self._code_tables_found(n, storage, two_parts, fused)
-        if found is None:
-            return [], 0
-        tables, form = found
+        return ([], 0) if found is None else self._stored_code_tables(n, *found)
+
+    def _stored_code_tables(self, n: Node, tables, form) -> tuple[list[str], int]:
+        """:meth:`_code_tables`' buffers of ``tables`` and ``form``, stored in the plan, and the steps."""
         names = [self.plan.weight(f"{n.name}.code_form", form.reshape(-1)) if form is not None
                  else self.plan.weight(f"{n.name}.code_thresholds", tables.kernel_thresholds()),
                  self.plan.weight(f"{n.name}.code_base", tables.base),
