@@ -489,3 +489,95 @@ def test_calibrated_pointwise_convs_write_codes_from_the_tiles_and_verify_exactl
     bad.write_bytes(_resealed(library, members[PLAN], buffer.getvalue()))
     report = verify(model, inputs=inputs, artifact=str(bad), per_layer=True)
     assert not report.ok and report.to_json()["first_divergence"]["tensor"] == "7.xq"  # the reader's codes
+
+
+# -- codes from the VNNI pixel conv's stack tile (kernels.bitparallel_conv2d_codes) ---------------
+CONV_CODE_CASES = [  # (batch, C, O, H, W, stride): every task's tile holds its channels' whole planes
+    (1, 64, 96, 7, 7, 1),  # 49 positions: two vectors, overlapping; tiles of 8 channels x 2 vectors
+    (2, 96, 40, 14, 14, 1),  # 196 positions, two images; 40 outputs: the weights' last tile partial
+    (1, 20, 64, 5, 9, 1),  # 45 positions; 20 inputs: a partial channel group
+    (1, 32, 64, 14, 14, 2),  # stride 2: 7x7 outputs, columns of one phase
+]
+
+
+@needs_avx512
+@pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,_hw", CASES)
+@pytest.mark.parametrize("batch,c,o,h,w,stride", CONV_CODE_CASES)
+def test_conv_codes_equal_the_interpreter(batch, c, o, h, w, stride, act, lo, hi, out_bits, out_scale, signed,
+                                          offset, input_offset, _hw):
+    """The pixel conv's codes from its stack tile: the interpreter's codes of its integer product
+    (less the offset of offset input codes), bit for bit, in every code layout, by the search and
+    by the fixed-point form."""
+    from csqc.artifact import pack_bitparallel_conv_weight
+
+    rng = np.random.default_rng(c + o + out_bits + stride)
+    g, n, _, _ = _layer(rng, o, act, lo, hi, out_bits, out_scale, signed, shallow=0.05, steep=True)
+    tables = code_tables(g, n, IN_SCALE, IN_LEVELS, wide=True)
+    x = rng.integers(0, 256, (batch, c, h, w)).astype(np.uint8)
+    q = rng.integers(-128, 128, (o, c, 1, 1))
+    off = rng.integers(-16000, 16000, o).astype(np.int32) if input_offset else None
+    two_parts = signed and not offset
+    oh, ow = -(-h // stride), -(-w // stride)
+    shape = (batch, o, oh, ow)
+    outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if two_parts else [])
+    form = code_form(tables)
+    acc = np.einsum("bchw,oc->obhw", x[:, :, ::stride, ::stride].astype(np.int64), q[:, :, 0, 0]).reshape(o, -1)
+    codes = _codes(g, n, acc - (off[:, None] if input_offset else 0)).reshape(o, batch, oh, ow).transpose(1, 0, 2, 3)
+    for steps, table in [(tables.steps, tables.kernel_thresholds())] + ([(0, form.reshape(-1))] if form is not None
+                                                                        else []):
+        spec = kernels.ConvCodes(steps, 2**out_bits - 1, out_scale, offset, two_parts, input_offset)
+        got = run_kernel(kernels.bitparallel_conv2d_codes(x.shape, q.shape, stride, 0, 1, spec),
+                         x, pack_bitparallel_conv_weight(q, 1), *([off] if input_offset else []), table, tables.base,
+                         tables.flip, outputs=outputs)
+        assert got[0][0] == F32(out_scale)
+        np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
+        if two_parts:
+            np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
+
+
+def test_conv_codes_take_only_convs_whose_tasks_hold_whole_planes():
+    from csqc.targets.tvm.geometry import conv_geometry
+
+    knobs = kernels.BitparallelKnobs()
+    assert kernels.conv_codes_fit(conv_geometry((1, 960, 7, 7), (160, 960, 1, 1), 1, 0, 1, 1), knobs)
+    assert kernels.conv_codes_fit(conv_geometry((1, 96, 14, 14), (576, 96, 1, 1), 1, 0, 1, 1), knobs)
+    # 56x56: more than one row task a plane (and whole output rows: stored direct)
+    assert not kernels.conv_codes_fit(conv_geometry((1, 144, 56, 56), (24, 144, 1, 1), 1, 0, 1, 1), knobs)
+    assert not kernels.conv_codes_fit(conv_geometry((1, 64, 8, 8), (96, 64, 1, 1), 1, 0, 1, 1), knobs)  # direct
+    assert not kernels.conv_codes_fit(conv_geometry((1, 64, 7, 7), (96, 64, 3, 3), 1, 1, 1, 1), knobs)  # padded
+    assert not kernels.conv_codes_fit(conv_geometry((1, 64, 5, 5), (96, 64, 1, 1), 1, 0, 1, 1), knobs)  # 25 codes
+    assert not kernels.conv_codes_fit(conv_geometry((1, 64, 7, 7), (96, 64, 1, 1), 1, 0, 1, 1),
+                                      kernels.BitparallelKnobs(conv_form="channels"))
+    with pytest.raises(ValueError, match="whole output planes"):
+        kernels.bitparallel_conv2d_codes((1, 64, 8, 8), (96, 64, 1, 1), 1, 0, 1, kernels.ConvCodes(0, 15, 1.0))
+
+
+@needs_avx512
+def test_calibrated_small_plane_convs_write_their_codes_and_verify_exactly(tmp_path, monkeypatch):
+    """At 7x7 the three pointwise convs whose codes another conv reads write them from the pixel
+    conv's tile (one call each, no accumulator buffer), give the codes and outputs of the conv and
+    epilogue they replace at every plane setting, and verify exactly."""
+    from csqc.targets.llvm.backend import CpuBackend
+
+    model = _pointwise_cnn(tmp_path, 7)
+    calib = [np.random.default_rng(0).random((8, 3, 7, 7), dtype=np.float32)]
+    art, unfused = tmp_path / "codes.so", tmp_path / "epilogue.so"
+    csqc.compile(model, "llvm", art, calibrate=calib, mcpu="icelake-server")
+    m = runtime.load(art)
+    fused = sorted(name for name, info in m.layers.items() if str(info.get("codes", "")).endswith("in the conv"))
+    assert fused == ["3", "6", "7"], {name: info.get("codes") for name, info in m.layers.items()}
+    assert all(m.layers[name]["tensors"]["acc"] is None and f"{name}.acc" not in m.plan["buffers"] for name in fused)
+    assert [runtime._kernel_kind(s["func"]) for s in m.plan["steps"]].count("convcodes") == 3
+    monkeypatch.setattr(CpuBackend, "conv_codes", False)
+    csqc.compile(model, "llvm", unfused, calibrate=calib, mcpu="icelake-server")
+    reference = runtime.load(unfused)
+    assert all(f"{name}.acc" in reference.plan["buffers"] for name in fused)
+    x = np.random.default_rng(1).random((1, 3, 7, 7), dtype=np.float32) * 1.5
+    for skip in (0, 1):
+        got, want = {}, {}
+        np.testing.assert_array_equal(m(x, skip_planes=skip, record=got), reference(x, skip_planes=skip, record=want))
+        for name in fused:
+            np.testing.assert_array_equal(got[f"{name}.codes"], want[f"{name}.codes"], err_msg=f"{name} skip {skip}")
+    inputs = [np.random.default_rng(2).random((4, 3, 7, 7), dtype=np.float32)]
+    report = verify(model, inputs=inputs, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()["first_divergence"]

@@ -35,6 +35,7 @@ from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
+from .codes_main import ConvCodes, codes_main
 from .host import host_has
 from .staging import phase_pairs, phase_staging
 
@@ -558,8 +559,7 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
     overlapping the one before it (its common codes are written twice, equal): every tile is 16
     columns wide. Needs :func:`amx_pointwise_codes_fits`.
     """
-    from .glue import FORM_FIELDS, SEARCH_LANES, form_codes, form_row, saturated_search_value, searched_codes, \
-        store_searched_codes
+    from .glue import SEARCH_LANES, form_codes, form_row, saturated_search_value, searched_codes, store_searched_codes
 
     B, C, H, W = (int(v) for v in input_shape)
     O = int(out_channels)
@@ -633,43 +633,5 @@ def amx_pointwise_codes(input_shape, out_channels: int, steps: int, out_levels: 
                 block_codes(acc, thresholds, base, flip, acc_offset, pos, neg, b, o0, p0)
             _tile("tilerelease")
 
-    # the parameter types, one object each (TVMScript has no optional parameters: one signature per variant)
-    x_t, w_t = T.Buffer((B, C, H, W), "uint8"), T.Buffer((O, 1, groups4 * 4), "int8")
-    table_size = O * entries + lanes - entries if steps else O * FORM_FIELDS
-    offset_t, table_t = T.Buffer((O,), "int32"), T.Buffer((table_size,), "int16")
-    base_t, flip_t, scale_t = T.Buffer((O,), "int8"), T.Buffer((O,), "int8"), T.Buffer((1,), "float32")
-    pos_t, neg_t = T.Buffer((B, O, H, W), "uint8"), T.Buffer((B, O, H, W), "uint8")
-
-    def flat(codes):
-        return T.decl_buffer((B * O * P,), "uint8", data=codes.data)
-
-    if has_offset and two_parts:
-        @T.prim_func
-        def main(x: x_t, w: w_t, acc_offset: offset_t, thresholds: table_t, base: base_t, flip: flip_t,
-                 scale: scale_t, codes_pos: pos_t, codes_neg: neg_t):
-            T.func_attr({"tir.noalias": True})
-            scale[0] = T.float32(out_scale)
-            tasks(x, w, acc_offset, thresholds, base, flip, flat(codes_pos), flat(codes_neg))
-    elif has_offset:
-        @T.prim_func
-        def main(x: x_t, w: w_t, acc_offset: offset_t, thresholds: table_t, base: base_t, flip: flip_t,
-                 scale: scale_t, codes_pos: pos_t):
-            T.func_attr({"tir.noalias": True})
-            scale[0] = T.float32(out_scale)
-            tasks(x, w, acc_offset, thresholds, base, flip, flat(codes_pos), None)
-    elif two_parts:
-        @T.prim_func
-        def main(x: x_t, w: w_t, thresholds: table_t, base: base_t, flip: flip_t, scale: scale_t,
-                 codes_pos: pos_t, codes_neg: neg_t):
-            T.func_attr({"tir.noalias": True})
-            scale[0] = T.float32(out_scale)
-            tasks(x, w, None, thresholds, base, flip, flat(codes_pos), flat(codes_neg))
-    else:
-        @T.prim_func
-        def main(x: x_t, w: w_t, thresholds: table_t, base: base_t, flip: flip_t, scale: scale_t,
-                 codes_pos: pos_t):
-            T.func_attr({"tir.noalias": True})
-            scale[0] = T.float32(out_scale)
-            tasks(x, w, None, thresholds, base, flip, flat(codes_pos), None)
-
-    return main
+    return codes_main((B, C, H, W), (B, O, H, W), T.Buffer((O, 1, groups4 * 4), "int8"),
+                      ConvCodes(steps, out_levels, out_scale, out_offset, two_parts, has_offset), tasks)

@@ -235,6 +235,10 @@ class CpuBackend:
     # a calibrated depthwise conv whose channels all have forms writes its codes itself: its int16
     # accumulators stay on the task's stack (kernels.bitparallel_depthwise_codes)
     depthwise_codes = True
+    # ... and so does a calibrated conv whose pixel-kernel tasks hold whole output planes (the
+    # 1x1 convs of 14x14 and 7x7 maps): its channels go through their codes from the task's tile
+    # (kernels.bitparallel_conv2d_codes)
+    conv_codes = True
     # consecutive elementwise nodes (and a quantizer after them) run as one kernel: an LSTM
     # step's gates are one call instead of fifteen (glue.elementwise_chain)
     fuse_elementwise = True
@@ -330,10 +334,18 @@ class CpuBackend:
         """Whether a bit-parallel convolution (``ConvGeometry``) runs on AMX tiles (``kernels.amx_conv2d``)."""
         return self.amx and tile_conv(geo)
 
-    def tile_codes(self, geo) -> bool:
-        """Whether a calibrated convolution whose codes come from a threshold search writes them
-        straight from AMX tiles (``kernels.amx_pointwise_codes``: no int32 accumulators stored and
-        read back; 1.3x-1.45x faster than the tile conv and the searched epilogue on cold caches)."""
+    def tile_codes(self, geo) -> str | None:
+        """Which kernel writes a calibrated convolution's codes itself (threshold search or
+        fixed-point form), its accumulators never stored and read back: ``"amx"`` straight from
+        AMX tiles (``kernels.amx_pointwise_codes``: 1.3x-1.45x faster than the tile conv and the
+        searched epilogue on cold caches), ``"pixels"`` from the stack tile of the VNNI pixel
+        conv where each task holds whole output planes (``kernels.bitparallel_conv2d_codes``:
+        calibrated MobileNetV2, whose 1x1 convs at 14x14 and 7x7 take it, 899 -> 845 us on Zen 5,
+        2 threads), else None."""
         from .amx import amx_pointwise_codes_fits
 
-        return self.tile_conv(geo) and amx_pointwise_codes_fits(geo)
+        if self.tile_conv(geo):
+            return "amx" if amx_pointwise_codes_fits(geo) else None
+        if self.conv_codes and self.tier == AVX512 and self.kernels.conv_codes_fit(geo, self.conv_knobs(geo)):
+            return "pixels"
+        return None

@@ -55,6 +55,7 @@ from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_
 from .host import host_mattr
 from .isa import accumulator_budget, dot4, dot4_sum, missing_features
 from .nibble import nibble_dense
+from .codes_main import ConvCodes, codes_main
 from .staging import phase_pairs, phase_staging, staging_loop
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
 from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
@@ -81,6 +82,9 @@ __all__ = [
     "SERIAL_DENSE_MACS",
     "bitserial_conv2d",
     "bitparallel_conv2d",
+    "ConvCodes",
+    "bitparallel_conv2d_codes",
+    "conv_codes_fit",
     "bitparallel_depthwise_codes",
     "depthwise_codes_fit",
     "LUT_LANES",
@@ -1479,7 +1483,75 @@ def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
     return _PixelPlan(channels, vectors, rows, chunks, direct_rows > 0)
 
 
-def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_dtype: str = "int32") -> tirx.PrimFunc:
+def _plane_codes(tile, o, codes: ConvCodes, buffers, b, c, channels: int, positions: int) -> None:
+    """Output channel ``c`` (image ``b``) of a register tile's stack copy: its ``positions``
+    int32 accumulators, flat from ``tile[o, 0]``, to its codes, 32 lanes a vector over the plane
+    (the last vector ending at its end, overlapping the one before it: its common codes are
+    written twice, equal), as ``glue.epilogue``'s ``code_search``/``code_form`` pass does over
+    stored int32 accumulators (saturated to int16 against wide tables), so the same codes.
+    The channel's constants are loaded once, before its vectors."""
+    from tvm.script.ir_builder import tirx as I
+
+    from .glue import SEARCH_LANES, form_codes, form_row, saturated_search_value, searched_codes, store_searched_codes
+
+    acc_offset, thresholds, base, flip, pos, neg = buffers
+    lanes = SEARCH_LANES
+    wide = I.alloc_buffer((2,), f"int32x{lanes}", scope="local", annotations=_ON_STACK)
+    offset = acc_offset[c] if acc_offset is not None else tirx.const(0, "int32")
+    I.buffer_store(wide, tirx.Broadcast(offset, lanes), [0])
+    I.buffer_store(wide, tirx.Broadcast(tirx.Cast("int32", flip[c]), lanes), [1])
+    base_lanes = I.alloc_buffer((1,), f"int16x{lanes}", scope="local", annotations=_ON_STACK)
+    I.buffer_store(base_lanes, tirx.Broadcast(tirx.Cast("int16", base[c]), lanes), [0])
+    constants = form_row(thresholds, c) if not codes.steps else None
+    out = I.decl_buffer((tile.shape[0] * tile.shape[1],), "int32", data=tile.data)
+    with I.serial(0, -(-positions // lanes)) as v:
+        first = tirx.min(v * lanes, positions - lanes)
+        value = saturated_search_value(out[tirx.Ramp(o * tile.shape[1] + first, 1, lanes)], wide[0], wide[1])
+        if codes.steps:
+            entries = 2**codes.steps - 1
+            code = searched_codes(value, thresholds[tirx.Ramp(c * entries, 1, lanes)], base_lanes[0], codes.steps)
+        else:
+            code = form_codes(value, constants) + base_lanes[0]
+        store_searched_codes(code, (b * channels + c) * positions + first, pos, neg, codes.out_levels,
+                             codes.out_offset)
+
+
+def conv_codes_fit(geo: ConvGeometry, plan: "_PixelPlan | BitparallelKnobs") -> bool:
+    """Whether the pixel conv of this plan (or of these knobs) can write its codes
+    (:func:`bitparallel_conv2d_codes`): every task holds whole output planes of its channels in
+    its stack tile, flat (one row task; unpadded columns, ``Wq == OW``; not stored direct), and a
+    plane has at least one 32-lane vector."""
+    from .glue import SEARCH_LANES
+
+    if isinstance(plan, BitparallelKnobs):
+        if plan.conv_form == "channels" or geo.groups != 1 or geo.is_depthwise or phase_pairs(geo)[0] is None:
+            return False
+        plan = _conv_pixel_plan(geo, plan)
+    wq = -(-geo.padded_w // geo.stride[1])
+    return (not plan.direct and plan.rows >= geo.out_h and wq == geo.out_w
+            and geo.out_h * geo.out_w >= SEARCH_LANES)
+
+
+def bitparallel_conv2d_codes(input_shape, weight_shape, stride, padding, dilation, codes: ConvCodes,
+                             knobs: BitparallelKnobs | None = None) -> tirx.PrimFunc:
+    """:func:`bitparallel_conv2d` (output pixels on the lanes, one group) writing its output
+    *codes* instead of its accumulators: each task runs its channels' whole planes through the
+    code search or fixed-point form while they sit in its stack tile (``codes_main``'s
+    signature, ``w`` the pixel conv's weights). The same codes, bit for bit, as the conv and
+    ``glue.epilogue`` with ``code_search``/``code_form`` over int32 accumulators. Needs
+    :func:`conv_codes_fit`."""
+    knobs = knobs or BitparallelKnobs()
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, 1)
+    if not conv_codes_fit(geo, knobs):
+        raise ValueError(f"bitparallel_conv2d_codes needs whole output planes per task of at least 32 positions, "
+                         f"unpadded columns: not {tuple(input_shape)} -> {tuple(weight_shape)}")
+    if not 0 <= codes.steps <= 5:
+        raise ValueError(f"a code search takes 1..5 steps (0: the fixed-point form), got {codes.steps}")
+    return _bitparallel_conv2d_pixels(geo, knobs, codes=codes)
+
+
+def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_dtype: str = "int32",
+                               codes: "ConvCodes | None" = None) -> tirx.PrimFunc:
     """Bit-parallel conv with output pixels on the vector lanes (``vpdpbusd`` with the 4-channel
     weight word broadcast): the output stays NCHW, so every store is a contiguous vector.
 
@@ -1543,16 +1615,13 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
                    + (r * kwid + s) * c_groups + cq) * VNNI_LANES + channel % VNNI_LANES]
         return T.reinterpret("int8x64", T.broadcast(word, VNNI_LANES))
 
-    @T.prim_func
-    def main(x: T.Buffer((B, C, H, W), "uint8"),
-             w: T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8"),
-             y: T.Buffer((B, O, OH, OW), out_dtype)):
-        T.func_attr({"tir.noalias": True})
+    @T.macro
+    def conv(x, w, y, acc_offset, thresholds, base, flip, pos, neg):
         xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
         stage(x, xs)
         xw = T.decl_buffer((B * planes * sh * sw * rows_alloc * Wq,), "int32", data=xs.data)
         ww = T.decl_buffer((G * n_tiles * k_groups * VNNI_LANES,), "int32", data=w.data)
-        yw = T.decl_buffer((B * O * OH * OW,), out_dtype, data=y.data)
+        yw = T.decl_buffer((B * O * OH * OW,), out_dtype, data=(x if codes is not None else y).data)  # (codes: unused)
         for task in T.parallel(tasks):
             tile = T.alloc_buffer((OB, span if not direct else 1), "int32", scope="local", annotations=_ON_STACK)
             acc = T.alloc_buffer((OB, V), "int32x16", scope="local", annotations=_ON_STACK)
@@ -1596,14 +1665,36 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
                     for o in T.unroll(OB):
                         for v in T.unroll(V):
                             tile[o, T.ramp(chunk * V * VNNI_LANES + v * VNNI_LANES, 1, VNNI_LANES)] = acc[o, v]
-            for o in range(0 if direct else OB):
-                if task // row_tasks % o_blocks * OB + o < Og:
-                    for rr in range(NR):
-                        if task % row_tasks * NR + rr < OH:
-                            for ow in T.vectorized(OW):
-                                y[task // (G * o_blocks * row_tasks),
-                                  task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
-                                  task % row_tasks * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * Wq + ow])
+            if codes is not None:
+                # the task's tile holds its channels' whole planes, flat (see conv_codes_fit)
+                for o in range(OB):
+                    if task // row_tasks % o_blocks * OB + o < Og:
+                        _plane_codes(tile, o, codes, (acc_offset, thresholds, base, flip, pos, neg),
+                                     task // (G * o_blocks * row_tasks),
+                                     task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
+                                     O, OH * OW)
+            else:
+                for o in range(0 if direct else OB):
+                    if task // row_tasks % o_blocks * OB + o < Og:
+                        for rr in range(NR):
+                            if task % row_tasks * NR + rr < OH:
+                                for ow in T.vectorized(OW):
+                                    y[task // (G * o_blocks * row_tasks),
+                                      task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
+                                      task % row_tasks * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * Wq + ow])
+
+    w_t = T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8")
+    if codes is not None:
+        if not conv_codes_fit(geo, plan):
+            raise ValueError("a conv writes its codes where each task holds whole output planes (conv_codes_fit)")
+        return codes_main((B, C, H, W), (B, O, OH, OW), w_t, codes,
+                           lambda x, w, acc_offset, thresholds, base, flip, pos, neg: conv(
+                               x, w, None, acc_offset, thresholds, base, flip, pos, neg))
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"), w: w_t, y: T.Buffer((B, O, OH, OW), out_dtype)):
+        T.func_attr({"tir.noalias": True})
+        conv(x, w, y, None, None, None, None, None, None)
 
     return main
 

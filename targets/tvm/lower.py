@@ -566,37 +566,52 @@ class _Lowerer:
         f = self.plan.func(key, lambda: self.kernels.amx_dense_epilogue(m, shape[0], k, tail))
         self.plan.call(f, [self._as_2d(codes, n), w] + epilogue_args + [self._as_2d(outs[0], n)], n.name)
 
-    def _tile_code_tables(self, n: Node) -> tuple[list[str], int] | None:
-        """The code tables of conv ``n`` where the backend's tile kernel writes its codes straight
-        from the tiles (``backend.tile_codes``: a pointwise conv on AMX), with its output a static
-        quantization (calibrated) and its codes found by the threshold search or the fixed-point
-        form; else None."""
+    def _tile_code_tables(self, n: Node) -> tuple[list[str], int, str] | None:
+        """The code tables, search steps and kernel kind of conv ``n`` where a backend kernel
+        writes its codes itself (``backend.tile_codes``: a pointwise conv on AMX tiles, or the
+        VNNI pixel conv whose tasks hold whole planes), with its output a static quantization
+        (calibrated) and its codes found by the threshold search or the fixed-point form; else None."""
         if self.backend_tile_codes is None or n.op != "qconv2d" or self._residual_add_of(n) is not None:
             return None
         spec, x_shape = n.quant, self.g.type_of(n.inputs[0]).shape
         geo = conv_geometry(x_shape, n.attr("weight_shape"), n.attr("stride"), n.attr("padding"), n.attr("dilation"),
                             n.attr("groups"))
-        if not (self.fused_requant and spec.out_bits is not None and spec.out_scale > 0
-                and self.backend_tile_codes(geo)):
+        kind = self.backend_tile_codes(geo) if self.fused_requant and spec.out_bits is not None \
+            and spec.out_scale > 0 else None
+        if not kind:
             return None
         tables, steps = self._code_tables(n, "int32", False, {"out_scale": float(spec.out_scale)})
-        return (tables, steps) if steps else None
+        return (tables, steps, kind) if steps else None
 
     def _tile_codes(self, n: Node, q: np.ndarray, info: dict, codes: str, acc_offset: str | None,
-                    tables: list[str], steps: int) -> None:
-        """Conv ``n`` as one call that writes its output codes (``kernels.amx_pointwise_codes``):
-        the accumulators stay in the tiles, so verify checks this layer by its codes alone."""
+                    tables: list[str], steps: int, kind: str) -> None:
+        """Conv ``n`` as one call that writes its output codes (``kind`` ``amx``:
+        ``kernels.amx_pointwise_codes``; ``pixels``: ``kernels.bitparallel_conv2d_codes``): the
+        accumulators stay in the core, so verify checks this layer by its codes alone."""
         shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
-        info.update(pack="conv_rows", tiles="amx", codes=("fixed-point form" if steps == FORM else
-                                                         f"threshold search, {steps} steps") + ", in the conv")
-        w = self._bitparallel_weights(n, pack_bitparallel_layout("conv_rows", q, shape, 1))
+        info["codes"] = ("fixed-point form" if steps == FORM else f"threshold search, {steps} steps") + ", in the conv"
         outs, fused, suffix = self._layer_output(n, info, exact_y=True)
         levels, two_parts = 2**fused["out_bits"] - 1, len(outs) == 3
-        key = f"amxcodes({tuple(x_shape)},{shape[0]},{steps},{acc_offset is not None})" + suffix
-        f = self.plan.func(key, lambda: self.kernels.amx_pointwise_codes(
-            x_shape, shape[0], 0 if steps == FORM else steps, levels, float(fused["out_scale"]), fused["out_offset"],
-            two_parts, acc_offset is not None))
-        self.plan.call(f, [self._as_2d(codes, n), w] + ([acc_offset] if acc_offset else []) + tables + outs, n.name)
+        search = 0 if steps == FORM else steps
+        if kind == "amx":
+            info.update(pack="conv_rows", tiles="amx")
+            key = f"amxcodes({tuple(x_shape)},{shape[0]},{steps},{acc_offset is not None})" + suffix
+            f = self.plan.func(key, lambda: self.kernels.amx_pointwise_codes(
+                x_shape, shape[0], search, levels, float(fused["out_scale"]), fused["out_offset"], two_parts,
+                acc_offset is not None))
+            x = self._as_2d(codes, n)
+        else:
+            info["pack"] = "conv"
+            stride, padding, dilation = n.attr("stride"), n.attr("padding"), n.attr("dilation")
+            knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, 1))
+            spec = self.kernels.ConvCodes(search, levels, float(fused["out_scale"]), fused["out_offset"], two_parts,
+                                          acc_offset is not None)
+            key = f"convcodes({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{spec})" + suffix
+            f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d_codes(x_shape, shape, stride, padding,
+                                                                                   dilation, spec, knobs))
+            x = codes
+        w = self._bitparallel_weights(n, pack_bitparallel_layout(info["pack"], q, shape, 1))
+        self.plan.call(f, [x, w] + ([acc_offset] if acc_offset else []) + tables + outs, n.name)
 
     def _depthwise_code_tables(self, n: Node, storage: str) -> list[str] | None:
         """The fixed-point forms (``_code_tables``' buffers) of depthwise conv ``n`` where its kernel
