@@ -396,6 +396,19 @@ TILE_CASES = [  # (batch, C, O, H, W): whole and overlapping 32-pixel blocks, 16
 ]
 
 
+def _check_written_codes(kernel_of, inputs, tables, form, codes, out_bits, out_scale, offset, two_parts, outputs):
+    """A codes-writing conv kernel (``kernel_of(steps)``, run on ``inputs`` then the tables) gives
+    ``codes`` (the interpreter's, signed) in its layout, by the search and, where the layer has
+    one, by the fixed-point form; and stores the static scale."""
+    for steps, table in [(tables.steps, tables.kernel_thresholds())] + ([(0, form.reshape(-1))] if form is not None
+                                                                        else []):
+        got = run_kernel(kernel_of(steps), *inputs, table, tables.base, tables.flip, outputs=outputs)
+        assert got[0][0] == F32(out_scale)
+        np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
+        if two_parts:
+            np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
+
+
 @needs_amx
 @pytest.mark.parametrize("act,lo,hi,out_bits,out_scale,signed,offset,input_offset,_hw", CASES)
 @pytest.mark.parametrize("batch,c,o,h,w", TILE_CASES)
@@ -415,17 +428,10 @@ def test_tile_codes_equal_the_interpreter(batch, c, o, h, w, act, lo, hi, out_bi
     form = code_form(tables)
     acc = np.einsum("bchw,oc->obhw", x.astype(np.int64), q[:, :, 0, 0]).reshape(o, -1)
     codes = _codes(g, n, acc - (off[:, None] if input_offset else 0)).reshape(o, batch, h, w).transpose(1, 0, 2, 3)
-    # the search, and the fixed-point form where the layer has one
-    for steps, table in [(tables.steps, tables.kernel_thresholds())] + ([(0, form.reshape(-1))] if form is not None
-                                                                        else []):
-        got = run_kernel(amx.amx_pointwise_codes(x.shape, o, steps, 2**out_bits - 1, out_scale, offset, two_parts,
-                                                 input_offset),
-                         x, pack_conv_rows_weight(q), *([off] if input_offset else []), table, tables.base,
-                         tables.flip, outputs=outputs)
-        assert got[0][0] == F32(out_scale)
-        np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
-        if two_parts:
-            np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
+    _check_written_codes(lambda steps: amx.amx_pointwise_codes(x.shape, o, steps, 2**out_bits - 1, out_scale, offset,
+                                                               two_parts, input_offset),
+                         [x, pack_conv_rows_weight(q)] + ([off] if input_offset else []), tables, form, codes,
+                         out_bits, out_scale, offset, two_parts, outputs)
 
 
 def test_tile_codes_take_only_pointwise_convs_of_whole_tiles():
@@ -523,16 +529,11 @@ def test_conv_codes_equal_the_interpreter(batch, c, o, h, w, stride, act, lo, hi
     form = code_form(tables)
     acc = np.einsum("bchw,oc->obhw", x[:, :, ::stride, ::stride].astype(np.int64), q[:, :, 0, 0]).reshape(o, -1)
     codes = _codes(g, n, acc - (off[:, None] if input_offset else 0)).reshape(o, batch, oh, ow).transpose(1, 0, 2, 3)
-    for steps, table in [(tables.steps, tables.kernel_thresholds())] + ([(0, form.reshape(-1))] if form is not None
-                                                                        else []):
-        spec = kernels.ConvCodes(steps, 2**out_bits - 1, out_scale, offset, two_parts, input_offset)
-        got = run_kernel(kernels.bitparallel_conv2d_codes(x.shape, q.shape, stride, 0, 1, spec),
-                         x, pack_bitparallel_conv_weight(q, 1), *([off] if input_offset else []), table, tables.base,
-                         tables.flip, outputs=outputs)
-        assert got[0][0] == F32(out_scale)
-        np.testing.assert_array_equal(got[1], codes + 2**out_bits - 1 if offset else np.maximum(codes, 0))
-        if two_parts:
-            np.testing.assert_array_equal(got[2], np.maximum(-codes, 0))
+    _check_written_codes(lambda steps: kernels.bitparallel_conv2d_codes(
+        x.shape, q.shape, stride, 0, 1, kernels.ConvCodes(steps, 2**out_bits - 1, out_scale, offset, two_parts,
+                                                          input_offset)),
+                         [x, pack_bitparallel_conv_weight(q, 1)] + ([off] if input_offset else []), tables, form, codes,
+                         out_bits, out_scale, offset, two_parts, outputs)
 
 
 def test_conv_codes_take_only_convs_whose_tasks_hold_whole_planes():
