@@ -1563,6 +1563,10 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
     ``rows x Wq`` domain of a task (columns ``ow >= OW`` are computed and dropped), staged in a
     small stack tile and copied out row by row; where the plan allows (``_direct_rows``) the
     vectors are runs of output rows instead, stored straight into ``y``.
+
+    ``codes`` (:func:`bitparallel_conv2d_codes`): each task's tile goes through its channels'
+    codes (:func:`_plane_codes`) instead of being copied out, and the PrimFunc takes
+    ``codes_main``'s parameters in place of ``y``.
     """
     plan = _conv_pixel_plan(geo, knobs)
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
