@@ -294,6 +294,17 @@ def _open_tvm_artifact(path: str) -> Runtime:
     return tvm_artifact_runtime(f"artifact:{Path(path).name}", model)
 
 
+def _per_channel(offset: np.ndarray, acc: np.ndarray, names: Mapping) -> np.ndarray:
+    """A layer's per-channel accumulator offset, shaped to subtract from its ``acc``. Channels lie
+    on ``acc_axis`` (conv: 1; linear: the last, whatever the rank; artifacts from before it was
+    recorded: 1 for a 4-D acc with as many channels there, else the last)."""
+    axis = names.get("acc_axis")
+    if axis is None:
+        axis = 1 if acc.ndim == 4 and acc.shape[1] == offset.size else acc.ndim - 1
+    axis = int(axis)
+    return offset.reshape([-1 if i == axis else 1 for i in range(acc.ndim)])
+
+
 def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Callable[[], None] | None = None
                          ) -> Runtime:
     """The runtime of a loaded TVM artifact (``csqc.runtime.CompiledModel`` or anything with its call
@@ -318,12 +329,11 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                         v = v.astype(np.int64) - int(record[names["xq_zero_point"]].reshape(-1)[0])
                 elif key == "acc":
                     v = v.astype(np.int64) - record[names["acc_neg"]] if names.get("acc_neg") else v.astype(np.int64)
-                    if names.get("acc_zero_point"):  # asymmetric codes: less zp * sum_k q[c, k]
-                        zp = int(record[names["acc_zero_point"]].reshape(-1)[0])
-                        v = v - zp * record[names["acc_offset"]].astype(np.int64)
-                    elif names.get("acc_offset"):  # the product of offset codes, less L * sum_k q[c, k]
+                    if names.get("acc_offset"):  # the product of offset codes, less L * sum_k q[c, k]
                         offset = record[names["acc_offset"]].astype(np.int64)
-                        v = v - (offset[:, None, None] if v.ndim == 4 else offset)  # per channel: NCHW axis 1
+                        if names.get("acc_zero_point"):  # asymmetric codes: less zp * sum_k q[c, k]
+                            offset = offset * int(record[names["acc_zero_point"]].reshape(-1)[0])
+                        v = v - _per_channel(offset, v, names)
                     v = v << int(names.get("acc_shift", 0))
                 elif key == "scale":
                     v = np.float32(v.reshape(-1)[0])

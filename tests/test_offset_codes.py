@@ -67,6 +67,36 @@ def test_signed_linear_verifies_exactly_with_one_product(tmp_path, kernel, act_b
                         for r in rows)
 
 
+
+class _ChannelsLastMlp(nn.Module):
+    """ConvNeXt's block shape: a conv, then linear layers over channels last (a 4-D input), the
+    second reading signed (GELU) activations as offset codes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up, self.down = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        return self.down(nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
+
+
+def test_offset_codes_of_a_linear_layer_over_channels_last_verify(tmp_path):
+    """The accumulator offset lies on the last axis of a 4-D accumulator (not NCHW's 1)."""
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_ChannelsLastMlp().eval(), n_bits=4, act_bits=4, quantize_first_input=True))
+    model = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.randn(1, 3, 6, 5)))
+    art = tmp_path / "m.so"
+    csqc.compile(model, "llvm", art, force_kernel="bitparallel")
+    m = runtime.load(art)
+    info = m.layers["down"]["tensors"]
+    assert info["xq_offset"] == 15 and info["acc_axis"] == 3
+    report = verify(model, samples=3, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    rows = [r for r in report.layers if r["runtime"].startswith("artifact:") and r["layer"] == "down"]
+    assert rows and rows[0]["checked"]["acc"] == 3 * 6 * 5 * 8 and rows[0]["mismatched"]["acc"] == 0
+
+
 def _artifact_acc(record, tensors):
     acc = record[tensors["acc"]].astype(np.int64)
     if tensors.get("acc_neg"):

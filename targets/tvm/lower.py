@@ -472,6 +472,8 @@ class _Lowerer:
             info["tensors"].update(xq_zero_point=zero_point, acc_offset=acc_offset, acc_zero_point=zero_point)
         elif code_offset:
             info["tensors"].update(xq_offset=code_offset, acc_offset=acc_offset)
+        if acc_offset is not None:  # its channels' axis in acc: a linear layer's is the last, of any rank
+            info["tensors"]["acc_axis"] = axis
         if tile_codes or depthwise_codes:
             for name in (mult, add):  # the tables replace the float chain's parameters (ref restores a reused one)
                 if name is not None and not any(name in step["args"] for step in self.plan.steps):
