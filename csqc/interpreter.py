@@ -270,7 +270,8 @@ def _integer_input(name: str, x: np.ndarray) -> np.ndarray:
     return x.astype(np.int64)
 
 
-def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[str, int] | None = None) -> list[np.ndarray]:
+def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[str, int] | None = None,
+        codes_of: Callable[[Node, np.ndarray], QValue | None] | None = None) -> list[np.ndarray]:
     """Run ``g`` on ``inputs`` (a list of arrays, or a dict by input name).
 
     With ``record`` (a dict), every intermediate value is stored in it by name, plus each
@@ -278,6 +279,9 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
     each quantize node's codes and scale as ``<node>.codes`` / ``<node>.scale`` (and an
     asymmetric one's zero point as ``<node>.zero_point``).
     ``planes_used`` maps layer names to how many most-significant planes to accumulate.
+    ``codes_of(node, x)``, where given, may replace a quantize node's output: it gets the node and
+    its float input and returns the codes to use instead, or None for the node's own
+    (``csqc.forced_codes``: another runtime's codes, checked against ``x``).
     """
     if isinstance(inputs, Mapping):
         inputs = [inputs[v.name] for v in g.inputs]
@@ -305,10 +309,12 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
             if n.op in QUANT_LAYER_OPS:
                 out = _quant_layer(g, n, args[0], record, planes_used)
             else:
-                handler = HANDLERS.get(n.op)
-                if handler is None:
-                    raise CsqcError(f"interpreter has no handler for op {n.op!r} ({n.name})")
-                out = handler(g, n, args)
+                out = codes_of(n, args[0]) if codes_of is not None and n.op == "quantize" else None
+                if out is None:
+                    handler = HANDLERS.get(n.op)
+                    if handler is None:
+                        raise CsqcError(f"interpreter has no handler for op {n.op!r} ({n.name})")
+                    out = handler(g, n, args)
         env[n.name] = out
         if record is not None:
             record[n.name] = out

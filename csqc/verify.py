@@ -28,8 +28,11 @@ Two kinds of checks:
 An output pair that both follow the IR's float order must agree within the tolerance, with one
 exception, stated in the report's notes: when a runtime's codes left the golden run (a float
 layer upstream rounded differently and a code flipped on a tie) while every one of its layers
-stayed exact on its own inputs, the pair is judged on top-1 agreement and a coarse error,
-like the PyTorch pair, because the dynamic scales carry one flipped code to the outputs.
+stayed exact on its own inputs, the dynamic scales carry the flip to the outputs. The pair is
+then judged on the golden graph run with that runtime's codes (``csqc.forced_codes``): every
+code a tie's neighbour of the interpreter's own value, the outputs within the tolerance (where
+the codes cannot be paired up, on top-1 agreement and a coarse error). The PyTorch pair that
+misses its bounds is judged the same way, PyTorch run with the golden run's codes.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import numpy as np
 
 from .calibration import Calibration, apply_calibration, artifact_calibration, scale_differences
 from .errors import BadInput, CsqcError
+from .forced_codes import ForcedInterpreter, ForcedRun
 from .interpreter import HANDLERS, QValue, run as interpret
 from .ir import Graph
 from .modelfile import CsqcModel
@@ -70,6 +74,7 @@ MAX_RANDOM_SAMPLES = 10_000
 class RunResult:
     outputs: list[np.ndarray]
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # '<layer>.acc' etc., acc scaled back
+    record: Mapping | None = None  # an interpreter's every value by name (interpreter.run's record)
 
 
 @dataclass
@@ -173,7 +178,7 @@ def _interpreter_runtime(pipeline: str):
             record: dict = {}
             outputs = interpret(g, inputs, record=record)
             named = {v.name: np.asarray(x, np.float32) for v, x in zip(g.inputs, inputs)}
-            return RunResult(outputs, interpreter_tensors(g, record, named))
+            return RunResult(outputs, interpreter_tensors(g, record, named), record)
 
         return Runtime(f"interpreter:{pipeline}", run, batch)
 
@@ -761,9 +766,11 @@ def verify(
     Pairs of runtimes that both follow the IR's float order (interpreters, ONNX Runtime,
     artifacts) must agree within ``atol``/``rtol``. PyTorch computes in another float order;
     a 4-bit activation code then flips on a rounding tie now and then and the flip cascades
-    through the dynamic scales, so the PyTorch pair passes on top-1 agreement (at least
-    ``min_top1_agreement`` for 2-D outputs) and a coarse ``max_rel_error <= float_rel_tol``
-    that still catches a wrong capture or pass; exactness is proved along the IR chain.
+    through the dynamic scales, so the PyTorch pair passes within ``atol``/``rtol`` or on top-1
+    agreement (at least ``min_top1_agreement`` for 2-D outputs) and a coarse ``max_rel_error <=
+    float_rel_tol``; where it misses both, on PyTorch run with the golden run's codes
+    (``csqc.forced_codes``: every code PyTorch's own or a tie's other neighbour, the outputs
+    within ``atol``/``rtol``). Exactness is proved along the IR chain.
     ``per_layer``: also compare every layer's float input and output with the golden run and
     list per-layer statistics; ``first_divergence`` is always reported.
     A deploy-form ONNX artifact (``csqc.kind=deploy``: static activation scales calibrated ahead
@@ -839,6 +846,14 @@ def verify(
         outputs: dict[str, list[list[np.ndarray]]] = {}
         stats: dict[str, dict[str, _LayerStats]] = {}
         used = 0
+        # PyTorch again with the golden run's codes (and a calibrated graph's scales) at its
+        # quantizers (csqc.forced_codes), to tell codes flipped at rounding ties (or a calibrated
+        # model's other predictions) from a model captured wrongly
+        forcing: ForcedRun | None = None
+        can_force = "pytorch" in names
+        forced_outputs: list[list[np.ndarray]] = []
+        interpreters: dict[str, ForcedInterpreter | None] = {}  # runtime -> the golden graph with its codes
+        forced_outputs_of: dict[str, list[list[np.ndarray]]] = {}
         for start in starts:
             chunk = [a[start : start + batch] for a in arrays]
             size = len(chunk[0])
@@ -846,12 +861,28 @@ def verify(
                 by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
             golden_graph = ctx.graph("integer", size)
             results = {rt.name: rt.run(chunk) for rt in by_size[size]}
+            if can_force and forcing is None:
+                forcing = ForcedRun.for_model(getattr(ctx.model, "module", None), golden_graph, rtol)
+                can_force = forcing is not None
+            if forcing is not None:
+                forced_outputs.append(forcing.run([_as_input(x) for x in chunk], results[GOLDEN].record))
             golden = results[GOLDEN].tensors
             for rt in by_size[size]:
                 outputs.setdefault(rt.name, []).append(results[rt.name].outputs)
                 if rt.name != GOLDEN and results[rt.name].tensors:
-                    _check_layers(golden_graph, golden, rt, results[rt.name].tensors,
-                                  stats.setdefault(rt.name, {}), atol, rtol)
+                    tensors = results[rt.name].tensors
+                    _check_layers(golden_graph, golden, rt, tensors, stats.setdefault(rt.name, {}), atol, rtol)
+                    # the golden graph again with this runtime's codes (csqc.forced_codes), where they
+                    # left the golden run's: what its outputs are judged on if they miss the tolerance
+                    if rt.name not in interpreters:
+                        interpreters[rt.name] = ForcedInterpreter.for_graph(golden_graph, rt.name, rtol)
+                    forced_run = interpreters[rt.name]
+                    if forced_run is not None:
+                        same = all(np.array_equal(tensors.get(k), v) for k, v in golden.items() if k.endswith(".xq"))
+                        if same:
+                            forced_run.count_equal(golden_graph)
+                        forced_outputs_of.setdefault(rt.name, []).append(
+                            results[GOLDEN].outputs if same else forced_run.run(golden_graph, chunk, tensors))
             used += size
             if on_batch is not None:
                 on_batch(used, total)
@@ -866,11 +897,21 @@ def verify(
         for rt in (r for r in runtime_names if r not in (GOLDEN, "pytorch")):
             for name in folded:  # listed, not missing
                 stats.setdefault(rt, {}).setdefault(name, _LayerStats(name, rt, folded=True))
+        forced_pairs: list[PairReport] = []
         for p in pairs:
             if p.kind == "exact":
                 p.ok = p.within_tolerance
                 resynced = _diverged_only_by_float_rounding(stats.get(p.b, {}), order)
-                if not p.ok and resynced:
+                forced_run = interpreters.get(p.b)
+                if not p.ok and resynced and forced_run is not None \
+                        and len(forced_outputs_of.get(p.b, ())) == len(outputs[p.b]):
+                    forced_pair = PairReport(f"{GOLDEN} ({p.b}'s codes)", p.b, "exact")
+                    _accumulate(forced_pair, forced_outputs_of[p.b], outputs[p.b], atol, rtol)
+                    forced_pair.ok = forced_pair.within_tolerance and not forced_run.problem_count
+                    forced_pairs.append((p, forced_pair))
+                    p.ok = forced_pair.ok
+                    notes.append(_resynced_note(p, forced_pair, forced_run, resynced))
+                elif not p.ok and resynced:
                     # every layer was exact on its own inputs; a float op upstream (a float first
                     # layer, an add) rounded differently and flipped an activation code on a tie,
                     # which the dynamic scales carry to the outputs: judge outputs like PyTorch's
@@ -881,7 +922,16 @@ def verify(
                                  "its own inputs, so its outputs are judged on top-1 agreement and a coarse error")
             elif p.kind == "float":
                 top1_ok = p.top1_agreement is None or p.top1_agreement >= min_top1_agreement
-                p.ok = top1_ok and p.max_rel_error <= float_rel_tol
+                p.ok = p.within_tolerance or (top1_ok and p.max_rel_error <= float_rel_tol)
+                if not p.ok and forcing is not None and p.b == GOLDEN:
+                    forced_pair = PairReport(f"{p.a} (golden codes)", p.b, "exact")
+                    _accumulate(forced_pair, forced_outputs, outputs[p.b], atol, rtol)
+                    forced_pair.ok = forced_pair.within_tolerance and not forcing.problem_count
+                    forced_pairs.append((p, forced_pair))
+                    p.ok = forced_pair.ok
+                    notes.append(_forced_note(p, forced_pair, forcing, calibrated=ctx.calibration is not None or stored is not None))
+        for judged, forced_pair in forced_pairs:  # listed after the pair it judged
+            pairs.insert(pairs.index(judged) + 1, forced_pair)
         accuracy = {}
         if labels is not None:
             y = labels[:used]
@@ -940,29 +990,68 @@ def _compare_pairs(names: list[str], outputs, atol: float, rtol: float, artifact
         if a == b:
             continue
         p = PairReport(a, b, "deploy" if is_deploy else "float" if "pytorch" in (a, b) else "exact")
-        for out_a, out_b in zip(outputs[a], outputs[b]):
-            if len(out_a) != len(out_b):
-                raise CsqcError(f"{a} gives {len(out_a)} outputs, {b} gives {len(out_b)}")
-            for ya, yb in zip(out_a, out_b):
-                ya, yb = np.asarray(ya, np.float64), np.asarray(yb, np.float64)
-                if ya.shape != yb.shape:
-                    raise CsqcError(f"{a} and {b} disagree on an output shape: {ya.shape} vs {yb.shape}")
-                err = np.abs(ya - yb)
-                peak = float(np.abs(ya).max(initial=0))
-                p.max_abs_error = max(p.max_abs_error, float(err.max(initial=0)))
-                p.max_rel_error = max(p.max_rel_error, float(err.max(initial=0)) / peak if peak else float(err.max(initial=0)))
-                p.within_tolerance &= bool(_close(ya, yb, atol, rtol, peak).all())
-            if out_a and np.ndim(out_a[0]) == 2:
-                scores_a, scores_b = np.asarray(out_a[0], np.float64), np.asarray(out_b[0], np.float64)
-                same = np.argmax(scores_a, -1) == np.argmax(scores_b, -1)
-                # a row whose scores agree within the exact pairs' tolerance is a tie where its
-                # top-1 differs (random weights: every logit near 0, a 1e-10 rounding picks the class)
-                tied = _close(scores_a, scores_b, atol, rtol, float(np.abs(scores_a).max(initial=0))).all(-1)
-                p._agree += int((same | tied).sum())
-                p._rows += len(out_a[0])
-        p.top1_agreement = p._agree / p._rows if p._rows else None
+        _accumulate(p, outputs[a], outputs[b], atol, rtol)
         pairs.append(p)
     return pairs
+
+
+def _accumulate(p: PairReport, outputs_a, outputs_b, atol: float, rtol: float) -> None:
+    """Compare ``p``'s two runtimes' outputs (one list of arrays per batch) into ``p``."""
+    a, b = p.a, p.b
+    for out_a, out_b in zip(outputs_a, outputs_b):
+        if len(out_a) != len(out_b):
+            raise CsqcError(f"{a} gives {len(out_a)} outputs, {b} gives {len(out_b)}")
+        for ya, yb in zip(out_a, out_b):
+            ya, yb = np.asarray(ya, np.float64), np.asarray(yb, np.float64)
+            if ya.shape != yb.shape:
+                raise CsqcError(f"{a} and {b} disagree on an output shape: {ya.shape} vs {yb.shape}")
+            err = np.abs(ya - yb)
+            peak = float(np.abs(ya).max(initial=0))
+            p.max_abs_error = max(p.max_abs_error, float(err.max(initial=0)))
+            p.max_rel_error = max(p.max_rel_error, float(err.max(initial=0)) / peak if peak else float(err.max(initial=0)))
+            p.within_tolerance &= bool(_close(ya, yb, atol, rtol, peak).all())
+        if out_a and np.ndim(out_a[0]) == 2:
+            scores_a, scores_b = np.asarray(out_a[0], np.float64), np.asarray(out_b[0], np.float64)
+            same = np.argmax(scores_a, -1) == np.argmax(scores_b, -1)
+            # a row whose scores agree within the exact pairs' tolerance is a tie where its
+            # top-1 differs (random weights: every logit near 0, a 1e-10 rounding picks the class)
+            tied = _close(scores_a, scores_b, atol, rtol, float(np.abs(scores_a).max(initial=0))).all(-1)
+            p._agree += int((same | tied).sum())
+            p._rows += len(out_a[0])
+    p.top1_agreement = p._agree / p._rows if p._rows else None
+
+
+def _resynced_note(p: PairReport, forced: PairReport, run: ForcedInterpreter, first: str) -> str:
+    """What judged the exact pair ``p`` whose runtime's codes left the golden run at layer
+    ``first``: ``forced``, the golden graph run with that runtime's codes (``run``)."""
+    what = (f"{p.b}: activation codes first left the golden run at {first} after a float rounding difference "
+            f"upstream (every layer's codes and accumulators exact on its own inputs; outputs max abs err "
+            f"{p.max_abs_error:.3g}); the golden graph run with {p.b}'s codes at its {len(run.static)} quantizer(s)")
+    if forced.ok:
+        return (what + f" agrees with {p.b} within the tolerance (max abs err {forced.max_abs_error:.3g}) and "
+                + run.summary() + ": the pair passes on that")
+    if run.problem_count:
+        return what + ": " + run.summary()
+    return (what + f" still differs from {p.b} beyond the tolerance (max abs err {forced.max_abs_error:.3g}; "
+            + run.summary() + "): a float op computes something else than the interpreter's")
+
+
+def _forced_note(p: PairReport, forced: PairReport, run: ForcedRun, calibrated: bool) -> str:
+    """What judged the PyTorch pair ``p`` once its outputs missed the coarse bounds: ``forced``,
+    PyTorch run with the golden run's codes (``run``; see csqc.forced_codes)."""
+    agreement = "" if p.top1_agreement is None else f", top-1 agreement {p.top1_agreement:.0%}"
+    what = (f"{p.a}'s outputs missed the top-1 or coarse error bound (max abs err {p.max_abs_error:.3g}{agreement}); "
+            + (f"{p.a} run again with the calibrated scales and the golden run's codes at its "
+               if calibrated else f"{p.a} run again with the golden run's codes at its ") + f"{len(run.names)} quantizer(s)")
+    if forced.ok:
+        why = ("so the difference is the calibration's (static scales), not the compilation's" if calibrated else
+               "the codes flipped at ties and the dynamic scales carried the flips, so the pair passes on that")
+        return (what + f" agrees within the tolerance (max abs err {forced.max_abs_error:.3g}) and "
+                + run.summary() + ": " + why)
+    if run.problem_count:
+        return what + ": " + run.summary() + ": the model computes something else than PyTorch's"
+    return (what + f" still differs beyond the tolerance (max abs err {forced.max_abs_error:.3g}; "
+            + run.summary() + "): a float op of the graph computes something else than PyTorch's")
 
 
 def _judge_deploy(p: PairReport, accuracy: Mapping[str, float], min_top1: float, max_drop: float,
