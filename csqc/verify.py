@@ -929,7 +929,8 @@ def verify(
                     forced_pair.ok = forced_pair.within_tolerance and not forcing.problem_count
                     forced_pairs.append((p, forced_pair))
                     p.ok = forced_pair.ok
-                    notes.append(_forced_note(p, forced_pair, forcing, calibrated=ctx.calibration is not None or stored is not None))
+                    calibrated = ctx.calibration is not None or stored is not None
+                    notes.append(_forced_note(p, forced_pair, forcing, calibrated))
         for judged, forced_pair in forced_pairs:  # listed after the pair it judged
             pairs.insert(pairs.index(judged) + 1, forced_pair)
         accuracy = {}
@@ -1040,9 +1041,9 @@ def _forced_note(p: PairReport, forced: PairReport, run: ForcedRun, calibrated: 
     """What judged the PyTorch pair ``p`` once its outputs missed the coarse bounds: ``forced``,
     PyTorch run with the golden run's codes (``run``; see csqc.forced_codes)."""
     agreement = "" if p.top1_agreement is None else f", top-1 agreement {p.top1_agreement:.0%}"
+    scales = "the calibrated scales and " if calibrated else ""
     what = (f"{p.a}'s outputs missed the top-1 or coarse error bound (max abs err {p.max_abs_error:.3g}{agreement}); "
-            + (f"{p.a} run again with the calibrated scales and the golden run's codes at its "
-               if calibrated else f"{p.a} run again with the golden run's codes at its ") + f"{len(run.names)} quantizer(s)")
+            f"{p.a} run again with {scales}the golden run's codes at its {len(run.names)} quantizer(s)")
     if forced.ok:
         why = ("so the difference is the calibration's (static scales), not the compilation's" if calibrated else
                "the codes flipped at ties and the dynamic scales carried the flips, so the pair passes on that")
