@@ -383,6 +383,75 @@ def _matmul(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "matmul", [ctx.value(a), ctx.value(b)], base=f"{_module_path(fx) or fx.name}.matmul")
 
 
+def _einsum_subscripts(equation: str, ranks: list[int]) -> tuple[list[str], str]:
+    """The operands' and the output's subscripts of ``equation`` (no ellipsis; an implicit
+    output: the letters used once, in alphabetical order, as torch.einsum reads it)."""
+    equation = equation.replace(" ", "")
+    if "." in equation:
+        raise _Unsupported(f"einsum with an ellipsis ({equation!r}); name every dimension")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        out = "".join(sorted(c for c in set(lhs.replace(",", "")) if lhs.count(c) == 1))
+    if len(terms) != len(ranks) or any(len(t) != r for t, r in zip(terms, ranks)) or not all(
+            c.isalpha() for c in "".join(terms) + out):
+        raise _Unsupported(f"einsum {equation!r} does not match its operands' ranks {ranks}")
+    if any(len(set(t)) != len(t) for t in [*terms, out]):
+        raise _Unsupported(f"einsum {equation!r} repeats a subscript within a term (a diagonal)")
+    if not set(out) <= set("".join(terms)):
+        raise _Unsupported(f"einsum {equation!r}: an output subscript no operand has")
+    return terms, out
+
+
+def _einsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``einsum`` of one operand (a permutation) or two (a batched matmul: batch subscripts in
+    both and the output, contracted ones in both only, free ones in one and the output), as
+    permute / reshape / matmul / reshape / permute; sums over one operand's own subscripts, and
+    broadcast (size-1) dimensions, are not translated."""
+    equation, operands = fx.args[0], list(fx.args[1])
+    types = [_type_of(v) for v in operands]
+    terms, out = _einsum_subscripts(equation, [len(t.shape) for t in types])
+    base, dtype = f"{_module_path(fx) or fx.name}.einsum", _type_of(fx).dtype
+    sizes: dict[str, int] = {}
+    for term, t in zip(terms, types):
+        for c, n in zip(term, t.shape):
+            if sizes.setdefault(c, n) != n:
+                raise _Unsupported(f"einsum {equation!r}: subscript {c} has sizes {sizes[c]} and {n} (broadcast)")
+    values = [ctx.value(v) for v in operands]
+
+    def permute(value: str, term: str, order: str, part: str) -> str:
+        if term == order:
+            return value
+        return ctx.emit(fx, "permute", [value], TensorType(tuple(sizes[c] for c in order), dtype),
+                        {"dims": tuple(term.index(c) for c in order)}, base=f"{base}.{part}")
+
+    def reshape(value: str, shape: tuple[int, ...], part: str, current: tuple[int, ...]) -> str:
+        if shape == current:
+            return value
+        return ctx.emit(fx, "reshape", [value], TensorType(shape, dtype), base=f"{base}.{part}")
+
+    if len(terms) == 1:
+        if set(terms[0]) != set(out):
+            raise _Unsupported(f"einsum {equation!r} sums over one operand's subscripts")
+        return permute(values[0], terms[0], out, "permute") if terms[0] != out else values[0]
+    a, b = terms
+    batch = "".join(c for c in out if c in a and c in b)
+    contract = "".join(c for c in a if c in b and c not in out)
+    free_a, free_b = "".join(c for c in out if c in a and c not in b), "".join(c for c in out if c in b and c not in a)
+    if set(a) != set(batch + contract + free_a) or set(b) != set(batch + contract + free_b):
+        raise _Unsupported(f"einsum {equation!r} sums over one operand's own subscripts")
+    prod = lambda letters: int(np.prod([sizes[c] for c in letters], dtype=np.int64))  # noqa: E731
+    nb, nm, nk, nn = prod(batch), prod(free_a), prod(contract), prod(free_b)
+    left = permute(values[0], a, batch + free_a + contract, "a")
+    left = reshape(left, (nb, nm, nk), "a_3d", tuple(sizes[c] for c in batch + free_a + contract))
+    right = permute(values[1], b, batch + contract + free_b, "b")
+    right = reshape(right, (nb, nk, nn), "b_3d", tuple(sizes[c] for c in batch + contract + free_b))
+    product = ctx.emit(fx, "matmul", [left, right], TensorType((nb, nm, nn), dtype), base=f"{base}.matmul")
+    order = batch + free_a + free_b
+    product = reshape(product, tuple(sizes[c] for c in order), "unflatten", (nb, nm, nn))
+    return permute(product, order, out, "out")
+
+
 def _getitem(ctx: _Ctx, fx: torch.fx.Node) -> str:
     src, idx = fx.args
     pieces = ctx.env.get(src.name)
@@ -676,6 +745,9 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.permute.default: _permute,
     _aten.transpose.int: _transpose,
     _aten.t.default: _transpose,
+    _aten.swapaxes.default: _transpose,
+    _aten.swapdims.default: _transpose,
+    _aten.einsum.default: _einsum,
     _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
     # vision activations (MobileNetV3, EfficientNet), in place or not

@@ -265,3 +265,28 @@ def test_vit_converts_compiles_and_verifies(tmp_path):
     assert [(f.name, f.reason.split(":")[0]) for f in report.left_float] == [
         ("<model>", "has float parameters csqc does not quantize")]
     _compiles_and_verifies(model, x, tmp_path, "vit")
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum and swapaxes, as torchvision's MaxViT writes it (capture
+    turns each einsum into permute / reshape / matmul)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.qkv, self.proj = nn.Linear(D_MODEL, 3 * D_MODEL), nn.Linear(D_MODEL, D_MODEL)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, D_MODEL // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = torch.einsum("B H I D, B H J D -> B H I J", q, k) * (D_MODEL // HEADS) ** -0.5
+        out = torch.einsum("B H I J, B H J D -> B H I D", scores.softmax(-1), v)
+        return self.proj(out.swapaxes(1, 2).reshape(b, n, D_MODEL))
+
+
+def test_einsum_attention_converts_compiles_and_verifies(tmp_path):
+    model, x = EinsumAttention().eval(), torch.randn(1, 6, D_MODEL)
+    _matches_torch(model, x, tmp_path)
+    report = _converted(model, x)
+    assert {name for name, _, _ in report.converted} == {"qkv", "proj"}
+    _compiles_and_verifies(model, x, tmp_path, "einsum")

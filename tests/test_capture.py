@@ -114,6 +114,16 @@ CASES = [
     ("view-reshape", lambda: Lambda(lambda x: x.view(x.shape[0], 4, 6).reshape(x.shape[0], 24)), (2, 2, 3, 4), {"reshape"}),
     ("permute", lambda: Lambda(lambda x: x.permute(0, 2, 3, 1)), (1, 2, 3, 4), {"permute"}),
     ("transpose", lambda: Lambda(lambda x: x.transpose(1, 2)), (1, 2, 3, 4), {"permute"}),
+    ("swapaxes", lambda: Lambda(lambda x: x.swapaxes(1, 3).swapdims(0, 2)), (1, 2, 3, 4), {"permute"}),
+    # einsum: permute / reshape / matmul (attention scores and values, torchvision's MaxViT spelling)
+    ("einsum-scores", lambda: Lambda(lambda x: torch.einsum("bhid,bhjd->bhij", x, x + 1.0)), (2, 2, 3, 4),
+     {"matmul", "permute", "reshape"}),
+    ("einsum-spaced", lambda: Lambda(lambda x: torch.einsum("B G I D, B G D J -> B G I J", x, x.transpose(2, 3))),
+     (1, 2, 3, 4), {"matmul"}),
+    ("einsum-output-order", lambda: Lambda(lambda x: torch.einsum("bij,bkj->kbi", x, x * 2.0)), (2, 3, 4),
+     {"matmul", "permute"}),
+    ("einsum-implicit-output", lambda: Lambda(lambda x: torch.einsum("ij,kj", x, x - 0.5)), (3, 4), {"matmul"}),
+    ("einsum-permutation", lambda: Lambda(lambda x: torch.einsum("abcd->dcab", x)), (1, 2, 3, 4), {"permute"}),
     ("softmax", lambda: nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=-1)), (3, 5), {"softmax"}),
     ("dropout-eval", lambda: nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 2)), (3, 5), {"linear"}),
 ]
@@ -222,6 +232,22 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
     message = str(e.value)
     assert "2 unsupported operator(s)" in message
     assert "aten.sin.default (at encoder.1)" in message and "aten.cos.default (at head.1)" in message
+
+
+@pytest.mark.parametrize("equation, shapes, why", [
+    ("ii->i", [(3, 3)], "repeats a subscript"),
+    ("ij,jk->i", [(3, 4), (4, 5)], "sums over one operand's own subscripts"),
+    ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)], "ellipsis"),
+    ("bij,bjk->bik", [(2, 3, 4), (1, 4, 5)], "broadcast"),
+])
+def test_einsum_forms_it_does_not_translate_are_named(equation, shapes, why, tmp_path):
+    class Einsum(nn.Module):
+        def forward(self, x):  # (x[0]: the batch stays free for the model file's dynamic batch)
+            return torch.einsum(equation, x[0], *[torch.ones(s) for s in shapes[1:]])
+
+    with pytest.raises(UnsupportedOps) as e:
+        _captured(Einsum(), (2, *shapes[0]), tmp_path)
+    assert "aten.einsum.default" in str(e.value) and why in str(e.value)
 
 
 def test_unsupported_ops_are_bad_input():
