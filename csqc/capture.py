@@ -510,12 +510,93 @@ def _slice(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # slice.Tensor(x, dim=0, start=None, end=None, step=1)
     shape = _type_of(fx.args[0]).shape
     axis = int(_arg(fx, 1, "dim", 0)) % len(shape)
-    if int(_arg(fx, 4, "step", 1)) != 1:
-        raise _Unsupported("slice with step != 1")
+    step = int(_arg(fx, 4, "step", 1))
     start, end = _bounds(_arg(fx, 2, "start"), _arg(fx, 3, "end"), shape[axis])
     if start == end:
         raise _Unsupported("empty slice")
+    if step != 1:
+        return _strided_slice(ctx, fx, ctx.value(fx.args[0]), shape, axis, start, end, step)
     return _slice_value(ctx, fx, ctx.value(fx.args[0]), shape, axis, start, end)
+
+
+def _strided_slice(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, start: int, end: int,
+                   step: int) -> str:
+    """``x[start:end:step]`` along ``axis`` (Swin's patch merging: ``x[..., 0::2, 1::2, :]``): the
+    run of whole steps reshaped to ``[count, step]`` and its first column kept, then the last
+    element where the axis ends inside a step."""
+    if step < 1:
+        raise _Unsupported(f"slice with step {step}")
+    shape = tuple(int(n) for n in shape)
+    count = -(-(end - start) // step)
+    whole = count if start + count * step <= shape[axis] else count - 1  # steps that fit in the axis
+    pieces = []
+    if whole:
+        run = _slice_value(ctx, fx, xv, shape, axis, start, start + whole * step)
+        split = shape[:axis] + (whole, step) + shape[axis + 1:]
+        run = ctx.emit(fx, "reshape", [run], TensorType(split), base=_base(fx, "strided"))
+        first = _slice_value(ctx, fx, run, split, axis + 1, 0, 1)
+        pieces.append(ctx.emit(fx, "reshape", [first], TensorType(shape[:axis] + (whole,) + shape[axis + 1:]),
+                               base=_base(fx, "strided")))
+    if whole < count:
+        last = start + whole * step
+        pieces.append(_slice_value(ctx, fx, xv, shape, axis, last, last + 1))
+    if len(pieces) == 1:
+        return pieces[0]
+    return ctx.emit(fx, "cat", pieces, _type_of(fx), {"axis": axis}, base=_base(fx, "strided"))
+
+
+def _roll(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``torch.roll(x, shifts, dims)`` along each dim: the last ``shift`` elements, then the
+    rest (two slices and a cat; a whole turn leaves the value). No dims: the flattened roll,
+    not translated."""
+    shifts, dims = fx.args[1], _arg(fx, 2, "dims", ())
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims or len(dims) != len(shifts):
+        raise _Unsupported("roll without one dim per shift (the flattened roll)")
+    value, t = ctx.value(fx.args[0]), _type_of(fx)
+    for shift, dim in zip(shifts, dims):
+        axis = int(dim) % len(t.shape)
+        size = int(t.shape[axis])
+        cut = size - int(shift) % size
+        if cut == size:
+            continue
+        tail = _slice_value(ctx, fx, value, t.shape, axis, cut, size)
+        head = _slice_value(ctx, fx, value, t.shape, axis, 0, cut)
+        value = ctx.emit(fx, "cat", [tail, head], t, {"axis": axis}, base=_base(fx, "roll"))
+    return value
+
+
+def _constant_pad(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.pad(x, pad, "constant", value)`` (``aten.pad`` / ``constant_pad_nd``): blocks of the
+    value (an expanded scalar) concatenated before and after along each padded axis. Negative
+    pads (cropping) and the other modes are not translated."""
+    if fx.target == _aten.pad.default and _arg(fx, 2, "mode", "constant") != "constant":
+        raise _Unsupported(f"pad mode {_arg(fx, 2, 'mode', 'constant')!r} (only constant)")
+    pad = [int(p) for p in fx.args[1]]
+    fill = _arg(fx, 3 if fx.target == _aten.pad.default else 2, "value", None)
+    fill = 0.0 if fill is None else float(fill)
+    if any(p < 0 for p in pad) or len(pad) % 2:
+        raise _Unsupported(f"pad {pad}: negative (cropping) or odd")
+    value, shape, t = ctx.value(fx.args[0]), list(_type_of(fx.args[0]).shape), _type_of(fx)
+    scalar = None
+    for i in range(len(pad) // 2):  # pairs from the last axis backwards
+        axis, before, after = len(shape) - 1 - i, pad[2 * i], pad[2 * i + 1]
+        if not before and not after:
+            continue
+        if scalar is None:
+            scalar = ctx.param(_base(fx, "pad_value"), np.full((1,) * len(shape), fill, np.float32))
+            if fill >= 0:
+                ctx.nonneg.add(scalar)
+        pieces = []
+        for width in (before, after):
+            block = shape[:axis] + [width] + shape[axis + 1:]
+            pieces.append(ctx.emit(fx, "expand", [scalar], TensorType(tuple(block), t.dtype),
+                                   base=_base(fx, "pad_block")) if width else None)
+        shape[axis] += before + after
+        value = ctx.emit(fx, "cat", [v for v in (pieces[0], value, pieces[1]) if v is not None],
+                         TensorType(tuple(shape), t.dtype), {"axis": axis}, base=_base(fx, "pad"))
+    return value
 
 
 def _select_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: int, out_shape) -> str:
@@ -676,7 +757,7 @@ def _foldable(ctx: _Ctx, fx: torch.fx.Node) -> bool:
     if (fx.target in _BROADCASTS and _is_float(fx)
             and any(u.name not in ctx.constant_derived for u in fx.users)):
         return False  # a class token expanded to the batch: an IR expand, not a batch-sized constant
-    return all(a.name in ctx.consts for a in fx.all_input_nodes)
+    return all(a.name in ctx.consts for a in _value_inputs(fx))
 
 
 def _is_float(fx: torch.fx.Node) -> bool:
@@ -684,19 +765,33 @@ def _is_float(fx: torch.fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype == torch.float32
 
 
+def _value_inputs(fx: torch.fx.Node) -> list[torch.fx.Node]:
+    """The inputs whose values ``fx`` reads: not the first of an op that reads only its shape."""
+    inputs = fx.all_input_nodes
+    if fx.target in _SHAPE_ONLY and fx.args and isinstance(fx.args[0], torch.fx.Node):
+        return [a for a in inputs if a is not fx.args[0]]
+    return inputs
+
+
 def _constant_derived(graph: torch.fx.Graph, consts) -> set[str]:
     """The nodes computed from constants alone (folded at capture, unless they feed the model)."""
     derived = set(consts)
     for fx in graph.nodes:
         if fx.op == "call_function" and fx.target not in _NEVER_FOLDED and all(
-                a.name in derived for a in fx.all_input_nodes):
+                a.name in derived for a in _value_inputs(fx)):
             derived.add(fx.name)
     return derived
 
 
 def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
     """Evaluate ``fx`` with torch now; its result is a constant (a parameter once a runtime op reads it)."""
-    args, kwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), lambda a: ctx.consts[a.name])
+    def constant(a: torch.fx.Node):
+        if a.name in ctx.consts:
+            return ctx.consts[a.name]
+        val = a.meta["val"]  # (an op that reads only the shape and dtype of a runtime value)
+        return torch.zeros(tuple(int(n) for n in val.shape), dtype=val.dtype)
+
+    args, kwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), constant)
     try:
         with torch.no_grad():
             ctx.consts[fx.name] = fx.target(*args, **kwargs)
@@ -746,6 +841,9 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.transpose.int: _transpose,
     _aten.t.default: _transpose,
     _aten.swapaxes.default: _transpose,
+    _aten.roll.default: _roll,
+    _aten.pad.default: _constant_pad,
+    _aten.constant_pad_nd.default: _constant_pad,
     _aten.swapdims.default: _transpose,
     _aten.einsum.default: _einsum,
     _aten.sigmoid.default: _float_unary("sigmoid"),
@@ -810,10 +908,14 @@ _CONSTANT_ONLY = (
     _aten.__and__.Tensor, _aten.__or__.Tensor, _aten.bitwise_not.default, _aten.logical_not.default,
     _aten.cumsum.default, _aten.diff.default, _aten.index.Tensor, _aten.new_ones.default, _aten.ones.default,
     _aten.ones_like.default, _aten.full_like.default, _aten.expand.default, _aten.masked_fill.Scalar,
-    _aten.tril.default, _aten.triu.default, _aten.pow.Scalar,
+    _aten.tril.default, _aten.triu.default, _aten.pow.Scalar, _aten.fill_.Scalar, _aten.fill_.Tensor,
 )
 for _op in _CONSTANT_ONLY:
     HANDLERS.setdefault(_op, _constant_only)  # a runtime handler registered elsewhere wins
+# ops whose result depends only on their first input's shape and dtype (x.new_zeros(...)): a
+# constant, folded, whatever that input is (Swin builds its window mask from one and fills it)
+_SHAPE_ONLY = frozenset({_aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
+                         _aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.default})
 # csqc's own layer ops read their weights as constants and must stay layers
 _BROADCASTS = frozenset({_aten.expand.default, _aten.expand_as.default, _aten.repeat.default})
 _NEVER_FOLDED = frozenset({torch.ops.csqc.quant_conv2d.default, torch.ops.csqc.quant_linear.default,

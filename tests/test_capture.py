@@ -45,6 +45,13 @@ class Lambda(nn.Module):
         return self.fn(x)
 
 
+def _masked(x):
+    mask = x.new_zeros((4, 4))
+    mask[1:3, :] = 2.0  # slice + fill_ on a constant: folded at capture
+    mask[:, 3:].fill_(-1.0)
+    return x + mask
+
+
 class TwoBranch(nn.Module):
     def __init__(self, op):
         super().__init__()
@@ -124,6 +131,12 @@ CASES = [
      {"matmul", "permute"}),
     ("einsum-implicit-output", lambda: Lambda(lambda x: torch.einsum("ij,kj", x, x - 0.5)), (3, 4), {"matmul"}),
     ("einsum-permutation", lambda: Lambda(lambda x: torch.einsum("abcd->dcab", x)), (1, 2, 3, 4), {"permute"}),
+    # Swin's shifted windows: roll, pad to a multiple of the window, a mask filled in place (constants)
+    ("roll", lambda: Lambda(lambda x: torch.roll(x, shifts=(-3, 2), dims=(2, 3))), (1, 4, 5, 6), {"slice", "cat"}),
+    ("pad-constant", lambda: Lambda(lambda x: F.pad(x, (1, 2, 0, 3), value=0.5)), (1, 2, 3, 4), {"cat", "expand"}),
+    ("constant-mask-filled-in-place", lambda: Lambda(_masked), (1, 2, 4, 4), {"add"}),
+    ("strided-slices", lambda: Lambda(lambda x: torch.cat([x[:, 0::2, 1::2], x[:, 1::3, 0:5:2]], 1)), (2, 7, 6),
+     {"slice", "reshape", "cat"}),
     ("softmax", lambda: nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=-1)), (3, 5), {"softmax"}),
     ("dropout-eval", lambda: nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 2)), (3, 5), {"linear"}),
 ]
@@ -248,6 +261,12 @@ def test_einsum_forms_it_does_not_translate_are_named(equation, shapes, why, tmp
     with pytest.raises(UnsupportedOps) as e:
         _captured(Einsum(), (2, *shapes[0]), tmp_path)
     assert "aten.einsum.default" in str(e.value) and why in str(e.value)
+
+
+def test_pad_modes_but_constant_are_named(tmp_path):
+    with pytest.raises(UnsupportedOps) as e:
+        _captured(Lambda(lambda x: F.pad(x, (1, 1), mode="reflect")), (1, 2, 5), tmp_path)
+    assert "pad mode 'reflect' (only constant)" in str(e.value)
 
 
 def test_unsupported_ops_are_bad_input():
