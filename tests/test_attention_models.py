@@ -290,3 +290,46 @@ def test_einsum_attention_converts_compiles_and_verifies(tmp_path):
     report = _converted(model, x)
     assert {name for name, _, _ in report.converted} == {"qkv", "proj"}
     _compiles_and_verifies(model, x, tmp_path, "einsum")
+
+
+class ShiftedWindowBlock(nn.Module):
+    """Swin's shifted-window attention in miniature: pad to whole windows, roll, a window mask
+    built from ``x.new_zeros`` and filled in place, attention per window, roll back, crop, and a
+    patch merge by strided slices (capture: pad / roll / strided slices / folded mask)."""
+
+    def __init__(self, window: int = 3, shift: int = 1):
+        super().__init__()
+        torch.manual_seed(11)
+        self.window, self.shift = window, shift
+        self.qkv, self.proj = nn.Linear(D_MODEL, 3 * D_MODEL), nn.Linear(D_MODEL, D_MODEL)
+        self.reduce = nn.Linear(4 * D_MODEL, D_MODEL)
+
+    def forward(self, x):  # x: [B, H, W, C]
+        b, h, w, c = x.shape
+        win, shift = self.window, self.shift
+        x = F.pad(x, (0, 0, 0, (-w) % win, 0, (-h) % win))
+        hp, wp = x.shape[1], x.shape[2]
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+        mask = x.new_zeros((hp, wp))
+        for i, rows in enumerate(((0, -win), (-win, -shift), (-shift, None))):
+            for j, cols in enumerate(((0, -win), (-win, -shift), (-shift, None))):
+                mask[rows[0]:rows[1], cols[0]:cols[1]] = 3 * i + j
+        mask = mask.view(hp // win, win, wp // win, win).permute(0, 2, 1, 3).reshape(-1, win * win)
+        mask = (mask.unsqueeze(1) - mask.unsqueeze(2)).masked_fill((mask.unsqueeze(1) - mask.unsqueeze(2)) != 0, -100.0)
+        windows = x.view(b, hp // win, win, wp // win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, c)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) * c ** -0.5 + mask.repeat(b, 1, 1)
+        out = self.proj(scores.softmax(-1) @ v)
+        x = out.view(b, hp // win, wp // win, win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+        x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))[:, :h, :w, :]
+        merged = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduce(merged)
+
+
+def test_shifted_window_attention_converts_compiles_and_verifies(tmp_path):
+    model, x = ShiftedWindowBlock().eval(), torch.randn(1, 8, 8, D_MODEL)
+    g = _matches_torch(model, x, tmp_path)
+    assert {"slice", "cat", "expand"} <= {n.op for n in g.nodes}
+    report = _converted(model, x)
+    assert {name for name, _, _ in report.converted} == {"qkv", "proj", "reduce"}
+    _compiles_and_verifies(model, x, tmp_path, "swin")
