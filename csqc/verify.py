@@ -156,7 +156,7 @@ def _layer_inputs(g: Graph) -> dict[str, tuple[str | None, str | None]]:
 
 def interpreter_tensors(g: Graph, record: Mapping, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The stable per-layer tensors of an interpreter run (``record`` from ``interpreter.run``)."""
-    values = {**record, **inputs}
+    values = {**g.params, **record, **inputs}  # (a quantizer may read a constant: an RNN's zero state)
     tensors = {}
     for layer, (src, quant) in _layer_inputs(g).items():
         if src is not None:

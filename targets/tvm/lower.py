@@ -459,8 +459,9 @@ class _Lowerer:
         # that tensor and checks the codes and scale exactly (a fused residual epilogue writes its
         # float result for later readers; after a float layer it may differ from the golden
         # run's in the last bits, and so may a dynamic scale)
-        float_in = source.op == "quantize" and (source.name not in self.fused_quantize
-                                                or source.inputs[0] in self.plan.buffers)
+        # (a constant it quantizes, an RNN's zero state, is not recorded: verify compares its codes)
+        float_in = source.op == "quantize" and source.inputs[0] not in self.g.params and (
+            source.name not in self.fused_quantize or source.inputs[0] in self.plan.buffers)
         info["tensors"] = {"in": self.ref(source.inputs[0]) if float_in else None, "xq": pos, "xq_neg": neg,
                            "scale": scale, "acc": accs[0] if accs else None,
                            "acc_neg": accs[1] if split_acc else None, "acc_shift": spec.low_shift, "out": n.name}
