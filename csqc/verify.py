@@ -897,7 +897,7 @@ def verify(
         for rt in (r for r in runtime_names if r not in (GOLDEN, "pytorch")):
             for name in folded:  # listed, not missing
                 stats.setdefault(rt, {}).setdefault(name, _LayerStats(name, rt, folded=True))
-        forced_pairs: list[PairReport] = []
+        forced_pairs: list[tuple[PairReport, PairReport]] = []  # (the pair judged, the forced run's)
         for p in pairs:
             if p.kind == "exact":
                 p.ok = p.within_tolerance
@@ -932,7 +932,7 @@ def verify(
                     calibrated = ctx.calibration is not None or stored is not None
                     notes.append(_forced_note(p, forced_pair, forcing, calibrated))
         for judged, forced_pair in forced_pairs:  # listed after the pair it judged
-            pairs.insert(pairs.index(judged) + 1, forced_pair)
+            pairs.insert(next(i for i, q in enumerate(pairs) if q is judged) + 1, forced_pair)
         accuracy = {}
         if labels is not None:
             y = labels[:used]
