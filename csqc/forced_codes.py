@@ -139,8 +139,8 @@ class _Tally:
             return (f"{self.codes_from}'s codes are not {self.values_of}'s own at a rounding tie: "
                     + "; ".join(self.problems) + (f"; and {more} more" if more > 0 else ""))
         if not self.flips:
-            return (f"every one of {self.codes:,} codes at its {self.quantizers} quantizer call(s) equals "
-                    f"{self.values_of}'s own")
+            return (f"every one of {self.codes:,} codes at its {self.quantizers} quantizer call(s) is the one "
+                    f"{self.values_of} computes from the same inputs")
         return (f"{self.flips:,} of {self.codes:,} activation codes fell on rounding ties that {self.values_of}'s "
                 f"float order rounds the other way (first at {self.first_flip})")
 
