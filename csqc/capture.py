@@ -430,18 +430,20 @@ def _einsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
             return value
         return ctx.emit(fx, "reshape", [value], TensorType(shape, dtype), base=f"{base}.{part}")
 
+    if not out:
+        raise _Unsupported(f"einsum {equation!r} to a scalar")
     if len(terms) == 1:
         if set(terms[0]) != set(out):
-            raise _Unsupported(f"einsum {equation!r} sums over one operand's subscripts")
-        return permute(values[0], terms[0], out, "permute") if terms[0] != out else values[0]
+            raise _Unsupported(f"einsum {equation!r} sums over one operand's own subscripts")
+        return permute(values[0], terms[0], out, "permute")
     a, b = terms
     batch = "".join(c for c in out if c in a and c in b)
     contract = "".join(c for c in a if c in b and c not in out)
     free_a, free_b = "".join(c for c in out if c in a and c not in b), "".join(c for c in out if c in b and c not in a)
     if set(a) != set(batch + contract + free_a) or set(b) != set(batch + contract + free_b):
         raise _Unsupported(f"einsum {equation!r} sums over one operand's own subscripts")
-    prod = lambda letters: int(np.prod([sizes[c] for c in letters], dtype=np.int64))  # noqa: E731
-    nb, nm, nk, nn = prod(batch), prod(free_a), prod(contract), prod(free_b)
+    nb, nm, nk, nn = (int(np.prod([sizes[c] for c in part], dtype=np.int64))
+                      for part in (batch, free_a, contract, free_b))
     left = permute(values[0], a, batch + free_a + contract, "a")
     left = reshape(left, (nb, nm, nk), "a_3d", tuple(sizes[c] for c in batch + free_a + contract))
     right = permute(values[1], b, batch + contract + free_b, "b")
@@ -841,11 +843,11 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.transpose.int: _transpose,
     _aten.t.default: _transpose,
     _aten.swapaxes.default: _transpose,
+    _aten.swapdims.default: _transpose,
+    _aten.einsum.default: _einsum,
     _aten.roll.default: _roll,
     _aten.pad.default: _constant_pad,
     _aten.constant_pad_nd.default: _constant_pad,
-    _aten.swapdims.default: _transpose,
-    _aten.einsum.default: _einsum,
     _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
     # vision activations (MobileNetV3, EfficientNet), in place or not
