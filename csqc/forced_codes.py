@@ -20,8 +20,8 @@ must then agree within the exact pairs' tolerance.
   ``csqc::act_quant``, under the golden graph's scales (a calibrated graph's static ones: PyTorch
   then runs the calibrated model).
 * :class:`ForcedInterpreter`: the golden interpreter with the codes a runtime exposes
-  (``<layer>.xq``, ``.scale``: ONNX Runtime, artifacts), for the runtimes whose codes left the
-  golden run after a float layer rounded apart.
+  (``<layer>.xq``, ``.scale``, ``.zero_point``: ONNX Runtime, artifacts), for the runtimes whose
+  codes left the golden run after a float layer rounded apart.
 """
 from __future__ import annotations
 
@@ -211,9 +211,9 @@ class ForcedRun(_Tally):
 class ForcedInterpreter(_Tally):
     """The golden interpreter with another runtime's codes at every quantizer: the other
     direction, for runtimes that expose the codes each layer multiplies (``<layer>.xq`` and
-    ``.scale``: ONNX Runtime, artifacts), whose float ops (a float first layer) round apart from
-    the interpreter's. :meth:`for_graph` builds it where every quantizer of the golden graph
-    feeds a layer and is symmetric (the exposed codes then are the quantizer's own)."""
+    ``.scale``, and an asymmetric quantizer's ``.zero_point``: ONNX Runtime, artifacts), whose
+    float ops (a float first layer) round apart from the interpreter's. :meth:`for_graph` builds
+    it where every quantizer of the golden graph feeds a layer."""
 
     layers: dict[str, str] = field(default_factory=dict)  # layer -> the quantize node it reads
     static: dict[str, tuple[float, int]] = field(default_factory=dict)
@@ -228,8 +228,7 @@ class ForcedInterpreter(_Tally):
             if src is not None and src.op == "quantize":
                 layers[n.name] = src.name
         quantizers = _static_attrs(golden)
-        asymmetric = any(n.attr("asymmetric", False) for n in golden.nodes if n.op == "quantize")
-        if not layers or asymmetric or set(layers.values()) != set(quantizers):
+        if not layers or set(layers.values()) != set(quantizers):
             return None
         return cls(runtime, "the interpreter", flips_at=dict.fromkeys(quantizers, 0), layers=layers, static=quantizers,
                    rtol=rtol)
@@ -248,17 +247,27 @@ class ForcedInterpreter(_Tally):
         forced = {}
         for layer, quant in self.layers.items():
             if quant not in forced and f"{layer}.xq" in tensors:
+                zero_point = tensors.get(f"{layer}.zero_point")
                 forced[quant] = (np.asarray(tensors[f"{layer}.xq"]),
-                                 np.float32(np.asarray(tensors[f"{layer}.scale"]).reshape(-1)[0]))
+                                 np.float32(np.asarray(tensors[f"{layer}.scale"]).reshape(-1)[0]),
+                                 None if zero_point is None else int(zero_point))
 
         def codes_of(node, x):
             if node.name not in forced:
                 return None
-            codes, scale = forced[node.name]
-            q = QValue(codes.astype(np.int32), scale, int(node.attr("bits")))
-            static, zero_point = self.static[node.name]
-            flips, problems = code_problems(node.name, x, q, static, self.rtol, zero_point, self.values_of)
-            self._count(node.name, int(codes.size), flips, problems)
+            centered, scale, zero_point = forced[node.name]
+            if node.attr("asymmetric", False):
+                if zero_point is None:
+                    self._count(node.name, int(centered.size), 0,
+                                [f"{node.name}: {self.codes_from} exposes no zero point"])
+                    return None
+                # the runtime exposes u - zp, what its layer multiplies: the codes are u
+                q = QValue((centered + zero_point).astype(np.int32), scale, int(node.attr("bits")), zero_point, True)
+            else:
+                q = QValue(centered.astype(np.int32), scale, int(node.attr("bits")))
+            static, static_zero_point = self.static[node.name]
+            flips, problems = code_problems(node.name, x, q, static, self.rtol, static_zero_point, self.values_of)
+            self._count(node.name, int(centered.size), flips, problems)
             return q
 
         if set(forced) != set(self.static):

@@ -62,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAYER_TENSORS = ("in", "xq", "scale", "acc", "out")  # stable per-layer names: <layer>.<tensor>
+ZERO_POINT = "zero_point"  # <layer>.zero_point: an asymmetric quantizer's, where a runtime exposes it
 GOLDEN = "interpreter:integer"
 # random inputs past this add minutes, not evidence (a batch of 1 runs every runtime per sample)
 MAX_RANDOM_SAMPLES = 10_000
@@ -167,6 +168,8 @@ def interpreter_tensors(g: Graph, record: Mapping, inputs: Mapping[str, np.ndarr
             tensors[f"{layer}.xq"] = values[quant].centered()  # asymmetric: u - zp, what the layer multiplies
             tensors[f"{layer}.scale"] = np.float32(values[f"{quant}.scale"])
             tensors[f"{layer}.acc"] = values[f"{layer}.acc"]
+            if values[quant].asymmetric:  # (csqc.forced_codes: the codes u = xq + zero_point)
+                tensors[f"{layer}.{ZERO_POINT}"] = np.int32(values[quant].zero_point)
     return tensors
 
 
@@ -209,6 +212,10 @@ def onnx_model_runtime(name: str, model, *, threads: int | None = None, batch: i
             tensor = row.get("input" if key == "in" else key)
             if tensor:
                 wanted.append((tensor, f"{row['name']}.{key}", row.get("acc_shift", 0) if key == "acc" else 0))
+    produced = {o for node in model.graph.node for o in node.output} | {t.name for t in model.graph.initializer}
+    for row in table:  # an asymmetric quantizer's zero point (emit_reference names it so)
+        if row.get("quant_node") and f"{row['quant_node']}.zero_point_f" in produced and row.get("xq"):
+            wanted.append((f"{row['quant_node']}.zero_point_f", f"{row['name']}.{ZERO_POINT}", 0))
     fetch = list(dict.fromkeys(t for t, _, _ in wanted if t not in graph_inputs))
     session = make_session(with_outputs(model, fetch), exact=True, intra_op_num_threads=threads)
     input_names = [i.name for i in session.get_inputs()]
@@ -222,6 +229,8 @@ def onnx_model_runtime(name: str, model, *, threads: int | None = None, batch: i
         tensors = {}
         for tensor, key, shift in wanted:
             v = values[tensor]
+            if key.endswith(f".{ZERO_POINT}"):
+                v = np.int32(np.asarray(v).reshape(-1)[0])
             tensors[key] = (v.astype(np.int64) << shift) if key.endswith(".acc") else v
         return RunResult([values[n] for n in out_names[:n_outputs]], tensors)
 
@@ -345,6 +354,8 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                 tensors[f"{layer}.{key}"] = v
             if names.get("residual"):  # the float residual a fused residual epilogue read
                 tensors[f"{layer}.residual"] = record[names["residual"]]
+            if names.get("xq_zero_point") and names.get("xq"):
+                tensors[f"{layer}.{ZERO_POINT}"] = np.int32(record[names["xq_zero_point"]].reshape(-1)[0])
         return RunResult(out if isinstance(out, list) else [out], tensors)
 
     # the epilogue's float order matches the interpreter's but LLVM may vectorize it

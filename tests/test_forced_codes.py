@@ -191,3 +191,46 @@ def test_an_onnx_model_whose_float_layer_is_wrong_is_not_excused(resnet, tmp_pat
     assert "codes are not the interpreter's own at a rounding tie" in note
     good = _reference_onnx(resnet, tmp_path / "good.onnx")
     assert verify(resnet, samples=2, artifact=good, runtimes=("interpreter:integer", "interpreter:default")).ok
+
+
+def test_asymmetric_codes_are_forced_with_each_runtime_s_zero_point(tmp_path):
+    """ONNX Runtime and the llvm artifact expose an asymmetric quantizer's zero point next to its
+    centered codes; the golden graph run with them reproduces its outputs, a wrong zero point is
+    reported."""
+    from torch import nn
+
+    from csqc import runtime
+    from csqc.verify import RUNTIMES, interpreter_tensors, tvm_artifact_runtime
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(model, n_bits=4, act_bits=8, quantize_first_input=True, act_symmetric=False))
+    model = csqc.load(csqc.save(model, tmp_path / "asym.pt", torch.randn(3, 12)))
+    g = _Context(model, None).graph("integer", 3)
+    x = np.random.default_rng(4).standard_normal((3, 12)).astype(np.float32)
+    record: dict = {}
+    golden = interpret(g, [x], record=record)
+    own = interpreter_tensors(g, record, {g.inputs[0].name: x})
+    points = {k: v for k, v in own.items() if k.endswith(".zero_point")}
+    assert len(points) == 2
+    csqc.compile(model, "llvm", tmp_path / "asym.so")
+    runs = {"onnxruntime": RUNTIMES["onnxruntime"](_Context(model, None), 3).run([x]),
+            "artifact": tvm_artifact_runtime("artifact", runtime.load(tmp_path / "asym.so")).run([x])}
+    for name, result in runs.items():
+        exposed = {k: int(v) for k, v in result.tensors.items() if k.endswith(".zero_point")}
+        assert exposed == {k: int(v) for k, v in points.items()}, name
+        # (its tanh may round apart by an ulp, and so its range: the forced run follows its codes and scales)
+        run = ForcedInterpreter.for_graph(g, name, 1e-4)
+        (out,) = run.run(g, [x], result.tensors)
+        assert np.allclose(out, result.outputs[0], rtol=1e-6, atol=1e-7) and run.problem_count == 0, run.problems
+    run = ForcedInterpreter.for_graph(g, "interpreter", 1e-4)
+    (out,) = run.run(g, [x], own)
+    assert np.array_equal(out, golden[0]) and run.problem_count == 0 and run.flips == 0
+    key = next(iter(points))
+    run = ForcedInterpreter.for_graph(g, "onnxruntime", 1e-4)
+    xq = key.replace(".zero_point", ".xq")
+    run.run(g, [x], {**own, key: np.int32(points[key] + 2), xq: own[xq] - 2})  # the same codes u, another zero point
+    assert run.problem_count >= 1 and "zero point" in run.problems[0]
+    run = ForcedInterpreter.for_graph(g, "onnxruntime", 1e-4)
+    run.run(g, [x], {k: v for k, v in own.items() if k != key})
+    assert run.problem_count == 1 and run.problems[0].endswith("onnxruntime exposes no zero point")
