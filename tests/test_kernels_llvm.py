@@ -603,7 +603,8 @@ def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_sha
     ((1, 512, 7, 7), (512, 512, 3, 3), 1, 1, (8, 2)),    # 63 positions: 64 either way, so two vectors
     ((1, 960, 7, 7), (320, 960, 1, 1), 1, 0, (8, 2)),
     ((1, 32, 28, 28), (192, 32, 1, 1), 1, 0, (16, 1)),   # a reduction of 32: the longer tile's stores lose
-    ((1, 64, 8, 8), (64, 64, 3, 3), 1, 1, (16, 1)),      # 80 positions: 96 in 32-wide tiles against 80
+    ((1, 64, 8, 8), (64, 64, 3, 3), 1, 1, (8, 2)),       # packed rows: 64 positions, whole 32-wide tiles
+    ((1, 64, 7, 8), (64, 64, 3, 3), 1, 1, (16, 1)),      # 7 rows do not pack: 70 positions, 96 against 80
     ((1, 16, 32, 32), (24, 16, 3, 3), 1, 1, (12, 2)),    # 24 channels: the 12-channel tile as before
 ])
 def test_avx512_conv_tiles_load_fewer_words_where_that_pays(input_shape, weight_shape, stride, padding, tile):
@@ -613,6 +614,45 @@ def test_avx512_conv_tiles_load_fewer_words_where_that_pays(input_shape, weight_
     assert (plan.channels, plan.vectors) == tile
     with kernels.cpu_target(AVX2_CPU):  # (AVX2's register file keeps its own tiles)
         assert kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs()).channels <= 6
+
+
+PACKED_ROW_CASES = [
+    # narrow outputs whose vectors join output rows (kernels._packed_rows): input shape, weight
+    # shape, stride, padding, knobs
+    ((1, 64, 8, 8), (64, 64, 3, 3), (1, 1), (1, 1), None),       # ResNet-20's last stage: 2 rows a vector
+    ((2, 16, 8, 8), (24, 16, 3, 3), (1, 1), (1, 1), None),       # batch 2; 24 channels: a partial block
+    ((1, 16, 16, 16), (32, 16, 3, 3), (2, 2), (1, 1), None),     # strided: rows of the stride phases
+    ((1, 8, 4, 4), (16, 8, 3, 3), (1, 1), (1, 1), None),         # 4 columns: 4 rows a vector
+    ((1, 8, 8, 8), (16, 8, 1, 3), (1, 1), (0, 1), None),         # padded columns only
+    ((1, 8, 16, 8), (16, 8, 3, 3), (1, 1), (1, 1), kernels.BitparallelKnobs(conv_channels=8, conv_vectors=2,
+                                                                              conv_rows=4)),  # 4 row tasks
+]
+
+
+@pytest.mark.parametrize("cpu", DOT_CPUS)
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,knobs", PACKED_ROW_CASES)
+def test_bitparallel_conv2d_packs_narrow_rows_exactly(input_shape, weight_shape, stride, padding, knobs, cpu):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, 1)
+    with kernels.cpu_target(cpu):
+        plan = kernels._conv_pixel_plan(geometry, knobs or kernels.BitparallelKnobs())
+    assert plan.packed and plan.direct
+    assert plan.chunks * plan.vectors * 16 == plan.rows * geometry.out_w  # every position an output
+    check_pixel_conv(input_shape, weight_shape, stride, padding, 1, knobs, direct=True, cpu=cpu)
+    x = RNG.integers(0, code_limit(cpu), input_shape)  # and narrowed to int16 on the same path
+    q, expected = _within_int16(x, RNG.integers(-128, 128, weight_shape), stride, padding, 1)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, 1, knobs,
+                   out_dtype="int16", cpu=cpu)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)), expected)
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding", [
+    ((1, 8, 7, 8), (16, 8, 3, 3), (1, 1), (1, 1)),    # 7 rows: a vector would cross the plane's end
+    ((1, 8, 12, 12), (16, 8, 3, 3), (1, 1), (1, 1)),  # 12 columns: 16 is not whole rows
+    ((1, 8, 8, 8), (16, 8, 1, 1), (1, 1), (0, 0)),    # no padded columns: flat already
+])
+def test_bitparallel_conv2d_packs_only_whole_rows_of_padded_planes(input_shape, weight_shape, stride, padding):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, 1)
+    assert not kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs()).packed
 
 
 @pytest.mark.parametrize("cpu", DOT_CPUS)

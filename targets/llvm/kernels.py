@@ -1410,6 +1410,7 @@ class _PixelPlan:
     rows: int          # output rows per parallel task
     chunks: int        # register tiles per task (rows * Wq positions rounded up; direct: rows * OW)
     direct: bool       # register tiles stored straight into the output (see _direct_rows)
+    packed: bool = False  # positions are output positions, each vector gathered from rows (_packed_rows)
 
 
 def _direct_rows(geo: ConvGeometry, vectors: int, rows: int) -> int:
@@ -1432,19 +1433,45 @@ def _direct_rows(geo: ConvGeometry, vectors: int, rows: int) -> int:
     return max(step, min(round(rows / step) * step, oh // step * step))
 
 
+def _packed_rows(geo: ConvGeometry, vectors: int, rows: int) -> int:
+    """Rows per task near ``rows`` for which a 16-position vector can be output rows packed
+    together (0 where not): narrow outputs (``OW`` 4 or 8, a divisor of 16) whose staged rows
+    carry padding columns (``Wq > OW``). The flat ``rows x Wq`` domain then computes
+    ``Wq / OW`` times the outputs (ResNet-20's 8x8 stage: 80 positions for 64 outputs); packed,
+    each code vector is ``16 / OW`` row runs loaded and joined (one shuffle, shared by the tile's
+    output channels), every position is an output, and the tiles store straight into ``y``.
+    Whole tiles per task and over the plane (``OH`` a multiple of the rows a tile spans)."""
+    if not _packs(geo, vectors):
+        return 0
+    step = VNNI_LANES * vectors // geo.out_w  # rows per tile
+    return max(step, min(round(rows / step) * step, geo.out_h // step * step))
+
+
+def _packs(geo: ConvGeometry, vectors: int) -> bool:
+    """Whether tiles of ``vectors`` vectors can pack output rows (see :func:`_packed_rows`)."""
+    ow = geo.out_w
+    return (ow in (4, 8) and -(-geo.padded_w // geo.stride[1]) != ow
+            and geo.out_h % (VNNI_LANES * vectors // ow) == 0)
+
+
 def _two_vector_tiles_pay(geo: ConvGeometry, wq: int) -> bool:
     """Whether 8 output channels x 2 pixel vectors beat 16 x 1 as an AVX-512 register tile (the
     same 16 accumulators): a step then loads 2 code vectors and broadcasts 8 weight words, 10
     loads for 16 ``vpdpbusd`` instead of 17, where two ``vpdpbusd`` a cycle (Zen 5) leave the
     loads the limit. It pays over reductions of 64 and more (shorter ones lose to the longer
     tile's stores: 32 -> 192 channels at 28x28 8.3 -> 14.4 us) and where 32-position tiles waste
-    at most 10% more of the plane than 16-position ones (an 8x8 output: 96 against 80
-    positions, 12.8 -> 14.0 us). Zen 5, 2 threads, ResNet-18's and MobileNetV2's conv shapes:
-    ResNet-18's 3x3 convs 5-14% faster, its 1x1s 4-12%, MobileNetV2's 1x1s 0-22%."""
+    at most 10% more of the plane than 16-position ones (an 8x8 output on its padded rows: 96
+    against 80 positions, 12.8 -> 14.0 us; packed rows, :func:`_packed_rows`, are 64 either
+    way: 64 -> 64 channels 3x3 at 8x8 3.8 -> 3.5 us, one thread 5.5 -> 4.7). Zen 5, 2 threads,
+    ResNet-18's and MobileNetV2's conv shapes: ResNet-18's 3x3 convs 5-14% faster, its 1x1s
+    4-12%, MobileNetV2's 1x1s 0-22%."""
     reduction = geo.in_per_group * geo.kernel_h * geo.kernel_w
-    positions = geo.out_h * wq
-    return (reduction >= 64 and geo.out_per_group % 8 == 0
-            and -(-positions // 32) * 32 <= 1.1 * (-(-positions // 16) * 16))
+
+    def computed(vectors):  # positions a tile of ``vectors`` vectors computes over the plane
+        width = VNNI_LANES * vectors
+        return -(-(geo.out_h * (geo.out_w if _packs(geo, vectors) else wq)) // width) * width
+
+    return reduction >= 64 and geo.out_per_group % 8 == 0 and computed(2) <= 1.1 * computed(1)
 
 
 def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
@@ -1475,6 +1502,10 @@ def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
             row_tasks += 1
         rows = -(-geo.out_h // row_tasks)
     rows = max(1, min(rows, geo.out_h))
+    packed_rows = _packed_rows(geo, vectors, rows)
+    if packed_rows and not (explicit_rows and packed_rows != rows):
+        rows = packed_rows
+        return _PixelPlan(channels, vectors, rows, rows * geo.out_w // (16 * vectors), True, packed=True)
     direct_rows = _direct_rows(geo, vectors, rows)
     if explicit_rows and direct_rows != rows:
         direct_rows = 0  # the knobs' rows stand; direct stores only where they allow them
@@ -1528,7 +1559,7 @@ def conv_codes_fit(geo: ConvGeometry, plan: "_PixelPlan | BitparallelKnobs") -> 
             return False
         plan = _conv_pixel_plan(geo, plan)
     wq = -(-geo.padded_w // geo.stride[1])
-    return (not plan.direct and plan.rows >= geo.out_h and wq == geo.out_w
+    return ((plan.packed or not plan.direct) and plan.rows >= geo.out_h and (wq == geo.out_w or plan.packed)
             and geo.out_h * geo.out_w >= SEARCH_LANES)
 
 
@@ -1581,11 +1612,15 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
     n_tiles = -(-Og // VNNI_LANES)
     k_groups = kh * kwid * c_groups
     Hq, Wq = -(-Hp // sh), -(-Wp // sw)
-    OB, V, NR, NCH, direct = plan.channels, plan.vectors, plan.rows, plan.chunks, plan.direct
+    OB, V, NR, NCH, direct, packed = plan.channels, plan.vectors, plan.rows, plan.chunks, plan.direct, plan.packed
+    if codes is not None:
+        direct = False  # the codes come from the task's stack tile
     span = NCH * V * VNNI_LANES            # positions computed per task
+    pitch = OW if packed else Wq           # positions per output row in a task's domain
+    segments = VNNI_LANES // OW if packed else 1  # output rows a packed vector joins
     # direct stores with Wq > OW: vector f of a task starts at output row f // vpr, and the
     # input position skips the row's gap columns
-    gap = Wq - OW if direct else 0
+    gap = Wq - OW if direct and not packed else 0
     out_vector = f"{out_dtype}x{VNNI_LANES}"
     vpr = OW // VNNI_LANES if gap else 1
     o_blocks = -(-Og // OB)
@@ -1605,6 +1640,16 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
 
     def pixel_codes(xw, task, chunk, v, r, s, cq):
         """The codes of 16 output pixels' tap (r, s), input channels 4cq .. 4cq+3 (int8x64)."""
+        if packed:
+            plane = (((((task // (G * o_blocks * row_tasks)) * planes + task // (o_blocks * row_tasks) % G * c_groups
+                        + cq) * sh + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq)
+            row = task % row_tasks * NR + (chunk * V + v) * segments + r * dh // sh
+            runs = [xw[T.ramp(plane + (row + g) * Wq + s * dw // sw, 1, OW)] for g in range(segments)]
+            width = OW
+            while len(runs) > 1:  # join halves: 4 + 4 -> 8, 8 + 8 -> 16
+                runs = [tirx.Shuffle([runs[i], runs[i + 1]], list(range(2 * width))) for i in range(0, len(runs), 2)]
+                width *= 2
+            return T.reinterpret("int8x64", runs[0])
         return T.reinterpret("int8x64", xw[T.ramp(((((task // (G * o_blocks * row_tasks)) * planes
                                                     + task // (o_blocks * row_tasks) % G * c_groups + cq) * sh
                                                    + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq
@@ -1685,7 +1730,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
                                 for ow in T.vectorized(OW):
                                     y[task // (G * o_blocks * row_tasks),
                                       task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
-                                      task % row_tasks * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * Wq + ow])
+                                      task % row_tasks * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * pitch + ow])
 
     w_t = T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8")
     if codes is not None:
