@@ -569,36 +569,72 @@ def _roll(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return value
 
 
-def _constant_pad(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``F.pad(x, pad, "constant", value)`` (``aten.pad`` / ``constant_pad_nd``): blocks of the
-    value (an expanded scalar) concatenated before and after along each padded axis. Negative
-    pads (cropping) and the other modes are not translated."""
-    if fx.target == _aten.pad.default and _arg(fx, 2, "mode", "constant") != "constant":
-        raise _Unsupported(f"pad mode {_arg(fx, 2, 'mode', 'constant')!r} (only constant)")
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+def _pad(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.pad(x, pad, mode, value)`` (``aten.pad`` / ``constant_pad_nd``; ``nn.ReflectionPad2d``,
+    a conv's ``padding_mode``...): along each padded axis, from the last one back, pieces
+    concatenated before and after the value: blocks of the fill value (``constant``), the
+    mirrored slices next to the edge (``reflect``), the edge slice repeated (``replicate``), the
+    other end's slice (``circular``), of the value cropped first where a width is negative (as
+    torch does). Pure data movement, so every runtime computes the same bits; one axis after the
+    other gives torch's corners, as each mode is separable."""
+    mode = _arg(fx, 2, "mode", "constant") if fx.target == _aten.pad.default else "constant"
+    if mode not in _PAD_MODES:
+        raise _Unsupported(f"pad mode {mode!r}")
     pad = [int(p) for p in fx.args[1]]
     fill = _arg(fx, 3 if fx.target == _aten.pad.default else 2, "value", None)
     fill = 0.0 if fill is None else float(fill)
-    if any(p < 0 for p in pad) or len(pad) % 2:
-        raise _Unsupported(f"pad {pad}: negative (cropping) or odd")
+    if len(pad) % 2 or len(pad) // 2 > len(_type_of(fx.args[0]).shape):
+        raise _Unsupported(f"pad {pad}: not one (before, after) pair per trailing axis")
     value, shape, t = ctx.value(fx.args[0]), list(_type_of(fx.args[0]).shape), _type_of(fx)
-    scalar = None
     for i in range(len(pad) // 2):  # pairs from the last axis backwards
         axis, before, after = len(shape) - 1 - i, pad[2 * i], pad[2 * i + 1]
-        if not before and not after:
-            continue
-        if scalar is None:
-            scalar = ctx.param(_base(fx, "pad_value"), np.full((1,) * len(shape), fill, np.float32))
-            if fill >= 0:
-                ctx.nonneg.add(scalar)
-        pieces = []
-        for width in (before, after):
-            block = shape[:axis] + [width] + shape[axis + 1:]
-            pieces.append(ctx.emit(fx, "expand", [scalar], TensorType(tuple(block), t.dtype),
-                                   base=_base(fx, "pad_block")) if width else None)
-        shape[axis] += before + after
-        value = ctx.emit(fx, "cat", [v for v in (pieces[0], value, pieces[1]) if v is not None],
-                         TensorType(tuple(shape), t.dtype), {"axis": axis}, base=_base(fx, "pad"))
+        if before < 0 or after < 0:
+            start, end = max(-before, 0), shape[axis] - max(-after, 0)
+            if start >= end:
+                raise _Unsupported(f"pad {pad} crops axis {axis} to nothing")
+            value = _slice_value(ctx, fx, value, shape, axis, start, end)
+            shape[axis], before, after = end - start, max(before, 0), max(after, 0)
+        if before or after:
+            value = ctx.emit(fx, "cat", _pad_pieces(ctx, fx, value, shape, axis, before, after, mode, fill),
+                             TensorType(tuple(shape[:axis] + [shape[axis] + before + after] + shape[axis + 1:]),
+                                        t.dtype), {"axis": axis}, base=_base(fx, "pad"))
+            shape[axis] += before + after
     return value
+
+
+def _pad_pieces(ctx: _Ctx, fx: torch.fx.Node, value: str, shape: list[int], axis: int, before: int, after: int,
+                mode: str, fill: float) -> list[str]:
+    """The values concatenated along ``axis`` to pad ``value`` by ``before`` and ``after``."""
+    size = shape[axis]
+
+    def run(start: int, end: int) -> str:
+        return _slice_value(ctx, fx, value, shape, axis, start, end)
+
+    def block(source: str, width: int) -> str:  # a one-wide slice (or the fill scalar) repeated
+        return ctx.emit(fx, "expand", [source], TensorType(tuple(shape[:axis] + [width] + shape[axis + 1:]),
+                                                           _type_of(fx).dtype), base=_base(fx, "pad_block"))
+
+    if mode == "constant":
+        scalar = ctx.param(_base(fx, "pad_value"), np.full((1,) * len(shape), fill, np.float32))
+        if fill >= 0:
+            ctx.nonneg.add(scalar)
+        first, last = [block(scalar, before)] if before else [], [block(scalar, after)] if after else []
+    elif mode == "reflect":  # x[before], ..., x[1] | x | x[size-2], ..., x[size-1-after]
+        if max(before, after) >= size:
+            raise _Unsupported(f"reflect pad of {max(before, after)} on an axis of {size} (it must be smaller)")
+        first = [run(k, k + 1) for k in range(before, 0, -1)]
+        last = [run(k, k + 1) for k in range(size - 2, size - 2 - after, -1)]
+    elif mode == "replicate":
+        first = [block(run(0, 1), before)] if before else []
+        last = [block(run(size - 1, size), after)] if after else []
+    else:  # circular: the other end
+        if max(before, after) > size:
+            raise _Unsupported(f"circular pad of {max(before, after)} on an axis of {size} (at most its size)")
+        first, last = [run(size - before, size)] if before else [], [run(0, after)] if after else []
+    return first + [value] + last
 
 
 def _select_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: int, out_shape) -> str:
@@ -846,8 +882,8 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.swapdims.default: _transpose,
     _aten.einsum.default: _einsum,
     _aten.roll.default: _roll,
-    _aten.pad.default: _constant_pad,
-    _aten.constant_pad_nd.default: _constant_pad,
+    _aten.pad.default: _pad,
+    _aten.constant_pad_nd.default: _pad,
     _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
     # vision activations (MobileNetV3, EfficientNet), in place or not
@@ -1057,6 +1093,47 @@ def _repeat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     grown = _typed(ctx, fx, "reshape", [xv], paired, "repeat.pairs")
     spread = _typed(ctx, fx, "expand", [grown], tiled, "repeat.expand")
     return ctx.emit(fx, "reshape", [spread], base=_base(fx, "repeat"))
+
+
+def _upsample_nearest(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.interpolate`` / ``nn.Upsample`` in ``nearest`` or ``nearest-exact`` mode by whole
+    factors (U-Nets, FPNs, generators): every input row, column... repeated, as ``_repeat``
+    does it (a size-1 axis after each spatial axis, expanded to the factor, merged back): data
+    movement, exact. Where torch's own index arithmetic (float32 scales, as its kernel computes
+    them) does not pick ``dst // factor`` for every output, or the sizes are not whole
+    multiples, the op is refused by name."""
+    shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
+    scales = _arg(fx, 2, "scale_factors", None)
+    exact = "exact" in str(fx.target)
+    factors = []
+    for d, (size, grown) in enumerate(zip(shape[2:], out[2:])):
+        if grown % size:
+            raise _Unsupported(f"nearest upsampling from {size} to {grown} (not a whole factor)")
+        factor = grown // size
+        scale = np.float32(1.0 / scales[d]) if scales and scales[d] > 0 else np.float32(size) / np.float32(grown)
+        dst = np.arange(grown, dtype=np.float32)
+        src = np.minimum(np.floor((dst + np.float32(0.5 * exact)) * scale).astype(np.int64), size - 1)
+        if factor not in (1, 2) and not np.array_equal(src, np.arange(grown) // factor):  # (torch shifts for 2x)
+            raise _Unsupported(f"nearest upsampling by {factor}: torch's float32 indices are not whole repeats")
+        factors.append(factor)
+    xv = ctx.value(fx.args[0])
+    if all(f == 1 for f in factors):
+        return xv
+    lead = tuple(shape[:2])
+    grown = _typed(ctx, fx, "reshape", [xv], lead + tuple(d for s in shape[2:] for d in (s, 1)), "upsample.pairs")
+    spread = _typed(ctx, fx, "expand", [grown], lead + tuple(d for s, f in zip(shape[2:], factors) for d in (s, f)),
+                    "upsample.expand")
+    return ctx.emit(fx, "reshape", [spread], base=_base(fx, "upsample"))
+
+
+HANDLERS.update({
+    _aten.upsample_nearest1d.vec: _upsample_nearest,
+    _aten.upsample_nearest2d.vec: _upsample_nearest,
+    _aten.upsample_nearest3d.vec: _upsample_nearest,
+    _aten._upsample_nearest_exact1d.vec: _upsample_nearest,
+    _aten._upsample_nearest_exact2d.vec: _upsample_nearest,
+    _aten._upsample_nearest_exact3d.vec: _upsample_nearest,
+})
 
 
 HANDLERS.update({

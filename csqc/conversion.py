@@ -4,7 +4,7 @@ Converted (in place, subclasses included):
 
 * ``nn.Linear`` -> :class:`~csqc.layers.CSQLinear`; Hugging Face ``Conv1D`` (GPT-2: weight
   ``[in, out]``, ``y = x @ W + b``) -> ``CSQLinear`` with the transposed weight;
-* ``nn.Conv2d`` (zero padding) -> :class:`~csqc.layers.CSQConv2d`;
+* ``nn.Conv2d`` (every ``padding_mode``) -> :class:`~csqc.layers.CSQConv2d`;
 * ``nn.MultiheadAttention`` -> :class:`~csqc.attention.CSQMultiheadAttention` (four CSQ
   projections; the packed ``in_proj_weight`` is split);
 * ``nn.LSTM`` / ``nn.GRU`` (batch_first) -> ``CSQLSTM`` / ``CSQGRU`` (:mod:`csqc.recurrent`).
@@ -12,7 +12,7 @@ Converted (in place, subclasses included):
 A subclass with a ``forward`` of its own is converted only if that forward computes what its
 base class computes (checked on a random input): e.g. timm's ``Linear`` is, a conv that pads
 itself ("same" padding at run time) is not and stays float. A convertible layer in a form csqc
-does not support (a bidirectional LSTM, ``add_bias_kv`` attention, reflect padding) is refused
+does not support (a bidirectional LSTM, ``add_bias_kv`` attention, an uneven ``padding='same'``) is refused
 with :class:`~csqc.errors.BadInput`: list it in ``skip`` to keep it float.
 
 Everything else that holds a float weight (``Conv1d``, ``Conv3d``, ``ConvTranspose*``,
@@ -166,9 +166,6 @@ def _own_forward(m: nn.Module) -> bool:
 
 
 def _numeric_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
-    if conv.padding_mode != "zeros":
-        raise BadInput(f"{name}: padding_mode={conv.padding_mode!r} cannot be converted (only zero padding): "
-                       f"list it in skip to keep it float")
     if conv.padding == "valid":
         return (0, 0)
     if conv.padding == "same":
@@ -186,7 +183,8 @@ def _csq_twin(name: str, m: nn.Module, n_bits: int, finalized: bool) -> _CSQMixi
     bias = m.bias is not None
     if isinstance(m, nn.Conv2d):
         new = CSQConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _numeric_padding(name, m),
-                        m.dilation, m.groups, bias, n_bits, weight=m.weight.detach().float().cpu(), finalized=finalized)
+                        m.dilation, m.groups, bias, n_bits, weight=m.weight.detach().float().cpu(), finalized=finalized,
+                        padding_mode=m.padding_mode)
     elif _is_hf_conv1d(m):
         new = CSQLinear(m.weight.shape[0], m.weight.shape[1], bias, n_bits,
                         weight=m.weight.detach().t().float().cpu(), finalized=finalized)

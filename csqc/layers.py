@@ -216,9 +216,14 @@ class _CSQMixin:
         return self.soft_weight()
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._padded(x)
         if self.input_quant is not None:
             x = self.input_quant(x)
         return self._run(x, None if self.finalized else self.soft_weight())
+
+    def _padded(self, x: Tensor) -> Tensor:
+        """The input with the padding the layer does not do itself (a conv's ``padding_mode``)."""
+        return x
 
 
 class CSQLinear(_CSQMixin, nn.Module):
@@ -241,8 +246,16 @@ class CSQLinear(_CSQMixin, nn.Module):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, n_bits={self.n_bits}"
 
 
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
 class CSQConv2d(_CSQMixin, nn.Module):
-    """2-D convolution (stride, padding, dilation, groups incl. depthwise) with CSQ weights."""
+    """2-D convolution (stride, padding, dilation, groups incl. depthwise) with CSQ weights.
+
+    ``padding_mode`` as ``nn.Conv2d``'s: other than ``zeros``, the input is padded before the
+    input quantizer (``F.pad``; its copies leave a per-tensor scale unchanged, so the codes are
+    those of quantizing after padding) and the convolution itself pads nothing.
+    """
 
     def __init__(
         self,
@@ -258,6 +271,7 @@ class CSQConv2d(_CSQMixin, nn.Module):
         *,
         weight: Tensor | None = None,
         finalized: bool = False,
+        padding_mode: str = "zeros",
     ):
         nn.Module.__init__(self)
         pair = nn.modules.utils._pair
@@ -268,23 +282,33 @@ class CSQConv2d(_CSQMixin, nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
-        self.padding_mode = "zeros"
+        if padding_mode not in _PADDING_MODES:
+            raise BadInput(f"padding_mode must be one of {', '.join(_PADDING_MODES)}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
         self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias, weight, finalized)
 
+    def _padded(self, x: Tensor) -> Tensor:
+        if self.padding_mode == "zeros":
+            return x
+        (ph, pw) = self.padding
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+
     def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # (padded by _padded)
         if soft_weight is not None:
-            return F.conv2d(x, soft_weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, soft_weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return ops.quant_conv2d(
             x, self.q, self.scale, self.bias, self.n_bits, self.active_mask,
-            list(self.stride), list(self.padding), list(self.dilation), self.groups,
+            list(self.stride), list(padding), list(self.dilation), self.groups,
         )
 
     weight = property(lambda self: self.float_weight())
 
     def extra_repr(self) -> str:
+        mode = f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}{mode}, "
             f"bias={self.bias is not None}, n_bits={self.n_bits}"
         )
 

@@ -448,7 +448,7 @@ _DEFS = [
         doc="permute, transpose, swapaxes (also einsum of one operand)"),
     _op("cat", (1, 64), _cat, attrs={"axis": Attr("int")}, sign=_keeps_sign,
         evaluate=lambda n, a: np.concatenate(a, axis=n.attr("axis")),
-        torch=lambda n, a: T.cat(a, n.attr("axis")), tvm="cat", doc="concatenate (also stack, roll, constant pad)"),
+        torch=lambda n, a: T.cat(a, n.attr("axis")), tvm="cat", doc="concatenate (also stack, roll, pad in every mode)"),
     _op("slice", (1, 1), _slice, attrs={"axis": Attr("int"), "start": Attr("int"), "end": Attr("int")},
         sign=_keeps_sign, evaluate=lambda n, a: num.slice_axis(a[0], n.attr("axis"), n.attr("start"), n.attr("end")),
         torch=lambda n, a: a[0].narrow(n.attr("axis"), n.attr("start"), n.attr("end") - n.attr("start")),

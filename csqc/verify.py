@@ -768,7 +768,8 @@ def verify(
     key: str | None = None,
     calibrate=None,
 ) -> VerifyReport:
-    """Run ``model`` in every runtime on the same batches and compare (see module docstring).
+    """Run ``model`` (a ``CsqcModel`` or its file's path, as ``csqc.compile`` takes) in every
+    runtime on the same batches and compare (see module docstring).
 
     ``inputs``: arrays (one per model input, samples first); else ``dataset`` ("digits", its
     test split, with accuracy per runtime); else ``samples`` seeded uniform [0, 1) inputs.
@@ -807,6 +808,9 @@ def verify(
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
+    from .compiler import to_model
+
+    model = to_model(model)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BadInput(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(RUNTIMES)}")

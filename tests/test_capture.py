@@ -263,10 +263,61 @@ def test_einsum_forms_it_does_not_translate_are_named(equation, shapes, why, tmp
     assert "aten.einsum.default" in str(e.value) and why in str(e.value)
 
 
-def test_pad_modes_but_constant_are_named(tmp_path):
+@pytest.mark.parametrize("pad", [
+    nn.ReflectionPad2d((1, 2, 3, 0)),
+    nn.ReplicationPad2d(2),
+    nn.CircularPad2d((1, 3, 2, 0)),
+    nn.ZeroPad2d((1, 0, 2, 1)),
+    nn.ReflectionPad1d(2),
+    Lambda(lambda x: F.pad(x, (-1, 2, 0, -2), value=0.5)),  # negative widths crop
+    Lambda(lambda x: F.pad(x, (1, 1, 1, 1, 1, 0), mode="replicate")),  # three axes of a 4-D tensor
+], ids=["reflect", "replicate", "circular", "zeros", "reflect-1d", "crop", "replicate-3-axes"])
+def test_pad_modes_are_data_movement_matching_torch(pad, tmp_path):
+    shape = (2, 3, 7) if isinstance(pad, nn.ReflectionPad1d) else (2, 3, 7, 6)
+    g = _captured(pad, shape, tmp_path)
+    assert {n.op for n in g.nodes} <= {"slice", "cat", "expand"}
+    _compare(pad, g, np.random.default_rng(0).standard_normal(shape).astype(np.float32), rtol=0)
+
+
+@pytest.mark.parametrize("pad", [(-2, 1, 1, -1), (1, -2, 0, 2), (-1, 2, -2, 0)], ids=["a", "b", "c"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_pads_with_negative_widths_crop_first_as_torch_does(pad, mode, tmp_path):
+    module = Lambda(lambda x: F.pad(x, pad, mode=mode))
+    g = _captured(module, (1, 2, 6, 5), tmp_path)
+    _compare(module, g, np.random.default_rng(1).standard_normal((1, 2, 6, 5)).astype(np.float32), rtol=0)
+
+
+@pytest.mark.parametrize("pad, why", [
+    (lambda x: F.pad(x, (-3, -2)), "crops axis 2 to nothing"),
+])
+def test_pads_it_cannot_translate_are_named(pad, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:
-        _captured(Lambda(lambda x: F.pad(x, (1, 1), mode="reflect")), (1, 2, 5), tmp_path)
-    assert "pad mode 'reflect' (only constant)" in str(e.value)
+        _captured(Lambda(pad), (1, 2, 5), tmp_path)
+    assert why in str(e.value)
+
+
+@pytest.mark.parametrize("up, shape", [
+    (nn.Upsample(scale_factor=2), (2, 3, 5, 6)),
+    (nn.Upsample(scale_factor=3, mode="nearest-exact"), (1, 2, 4, 3)),
+    (Lambda(lambda x: F.interpolate(x, size=(10, 18))), (1, 3, 5, 6)),  # by size: factors 2 and 3
+    (Lambda(lambda x: F.interpolate(x, scale_factor=(1, 4))), (1, 2, 3, 5)),
+    (Lambda(lambda x: F.interpolate(x, scale_factor=3)), (2, 3, 7)),    # 1-D
+    (Lambda(lambda x: F.interpolate(x, scale_factor=2)), (1, 2, 3, 4, 5)),  # 3-D
+], ids=["2x", "3x-exact", "size", "rows-kept", "1d", "3d"])
+def test_nearest_upsampling_by_whole_factors_repeats_exactly(up, shape, tmp_path):
+    g = _captured(up, shape, tmp_path)
+    assert {n.op for n in g.nodes} <= {"reshape", "expand"}
+    _compare(up, g, np.random.default_rng(2).standard_normal(shape).astype(np.float32), rtol=0)
+
+
+@pytest.mark.parametrize("up, why", [
+    (lambda x: F.interpolate(x, scale_factor=1.5), "nearest upsampling from 4 to 6 (not a whole factor)"),
+    (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "aten.upsample_bilinear2d.vec"),
+])
+def test_upsampling_it_cannot_translate_is_named(up, why, tmp_path):
+    with pytest.raises(UnsupportedOps) as e:
+        _captured(Lambda(up), (1, 2, 4, 4), tmp_path)
+    assert why in str(e.value)
 
 
 def test_unsupported_ops_are_bad_input():

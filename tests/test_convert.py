@@ -73,14 +73,30 @@ def test_conv_that_pads_itself_stays_float_and_same_padding_converts():
     _close_within_quantization(model(x).detach(), want)
 
 
-def test_unsupported_conv_padding_is_refused_and_nothing_changes():
-    model = nn.Sequential(nn.Linear(3, 3), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"))
-    with pytest.raises(BadInput, match=r"1: padding_mode='reflect'.*skip"):
-        csqc.convert(model)
-    assert type(model[0]) is nn.Linear  # refused before anything was replaced
-    csqc.convert(model, skip=["1"])
-    assert isinstance(model[0], csqc.CSQLinear) and type(model[1]) is nn.Conv2d
-    assert csqc.conversion_report(model).left_float[0].reason == "listed in skip"
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_convs_of_every_padding_mode_convert_compile_and_verify(mode, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=2, dilation=2, padding_mode=mode)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    want = model(x).detach()
+    _finalized(csqc.convert(model, n_bits=8, act_bits=8, quantize_first_input=True))
+    assert [(type(m), m.padding_mode, m.padding) for m in (model[0], model[2])] == [
+        (csqc.CSQConv2d, mode, (1, 1)), (csqc.CSQConv2d, mode, (2, 2))]
+    _close_within_quantization(model(x).detach(), want)
+    path = csqc.save(model, tmp_path / "m.pt", x)
+    g = csqc.capture(csqc.load(path))
+    convs = [n for n in g.nodes if n.op == "qconv2d"]
+    assert len(convs) == 2 and all(tuple(n.attr("padding")) == (0, 0) for n in convs)  # padded before
+    for target, artifact in (("llvm", "m.so"), ("onnx", "m.onnx")):
+        csqc.compile(path, target, tmp_path / artifact)
+        report = csqc.verify(path, samples=2, artifact=str(tmp_path / artifact))
+        assert report.ok and report.accumulators_exact, target
+
+
+def test_conv_of_an_unknown_padding_mode_is_refused():
+    with pytest.raises(BadInput, match="padding_mode must be one of zeros, reflect, replicate, circular"):
+        csqc.CSQConv2d(3, 3, 3, padding=1, padding_mode="mirror")
 
 
 def test_gpt2_conv1d_projections_are_converted_and_match_float():

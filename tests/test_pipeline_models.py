@@ -106,6 +106,30 @@ def _digits(recipe, trained):
     return _case(model, csqc.load(path), x)
 
 
+class _Residual(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.BatchNorm2d(channels),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect"),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def image_generator() -> torch.nn.Module:
+    """An image-to-image generator in the style of CycleGAN's and fast style transfer's:
+    reflection-padded 7x7 convs, a strided conv padding by replication, residual blocks,
+    nearest upsampling and a tanh output."""
+    nn = torch.nn
+    return nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 8, 7), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1, padding_mode="replicate"), nn.BatchNorm2d(16),
+                         nn.ReLU(), _Residual(16), _Residual(16), nn.Upsample(scale_factor=2),
+                         nn.Conv2d(16, 8, 3, padding=1, padding_mode="circular"), nn.ReLU(), nn.ReflectionPad2d(3),
+                         nn.Conv2d(8, 3, 7), nn.Tanh())
+
+
 BUILDERS = {
     "digits-mlp": lambda tmp, trained: _digits("digits-mlp", trained),
     "digits-cnn": lambda tmp, trained: _digits("digits-cnn", trained),
@@ -114,6 +138,7 @@ BUILDERS = {
     "reference-resnet20-pact": lambda tmp, trained: _reference("resnet20_2bit", tmp),
     "resnet18-224": lambda tmp, trained: _vision(vision.resnet18, (1, 3, 224, 224), 8, 4, tmp, 2),
     "mobilenet_v2-224": lambda tmp, trained: _vision(vision.mobilenet_v2, (1, 3, 224, 224), 5, 4, tmp, 3),
+    "image-generator": lambda tmp, trained: _vision(image_generator, (2, 3, 24, 24), 4, 4, tmp, 4),
 }
 # ResNet-18 and MobileNetV2 take about 40 s each on 2 cores (mostly convert + save): not marked slow.
 
@@ -169,3 +194,17 @@ def test_default_pipeline_leaves_packed_plane_layers_reading_codes_and_no_batch_
     assert not any(n.op == "batch_norm" for n in final.nodes)
     producers = final.producers()
     assert not any(n.inputs[0] in producers and producers[n.inputs[0]].op == "dequantize" for n in layers)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_image_generator_compiles_and_verifies_exactly(seed, tmp_path):
+    # every padding mode, nearest upsampling: data movement through the llvm and onnx targets
+    torch.manual_seed(seed)
+    model = image_generator()
+    recalibrate_batch_norm(model, torch.rand(2, 3, 24, 24))
+    csqc.finalize(csqc.convert(model, n_bits=4, act_bits=4))
+    path = csqc.save(model, tmp_path / "generator.pt", torch.rand(1, 3, 24, 24))
+    for target, artifact in (("llvm", "generator.so"), ("onnx", "generator.onnx")):
+        csqc.compile(path, target, tmp_path / artifact)
+        report = csqc.verify(path, samples=2, artifact=str(tmp_path / artifact), per_layer=True)
+        assert report.ok and report.accumulators_exact, (target, report.notes)
