@@ -1126,7 +1126,74 @@ def _upsample_nearest(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "reshape", [spread], base=_base(fx, "upsample"))
 
 
+def _gathered(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: np.ndarray, what: str) -> str:
+    """``x`` indexed by ``index`` along ``axis``: the index's runs of consecutive positions as
+    slices, concatenated (a few runs: the callers pass per-phase indices of whole-factor
+    resampling, a shifted copy with a clamped edge)."""
+    runs, start = [], 0
+    for t in range(1, len(index) + 1):
+        if t == len(index) or index[t] != index[t - 1] + 1:
+            runs.append(_slice_value(ctx, fx, xv, shape, axis, int(index[start]), int(index[t - 1]) + 1))
+            start = t
+    if len(runs) == 1:
+        return runs[0]
+    out = tuple(shape[:axis]) + (len(index),) + tuple(shape[axis + 1:])
+    return _typed(ctx, fx, "cat", runs, out, what, {"axis": axis})
+
+
+def _linear_weights(size: int, grown: int, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torch's source indices and weights of linear resampling without aligned corners, per
+    output position, in its float32 arithmetic (``compute_source_index_and_lambda``)."""
+    ratio = np.float32(1.0 / scale) if scale else np.float32(size) / np.float32(grown)
+    real = (np.arange(grown, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
+    real = np.maximum(real, np.float32(0))
+    first = np.minimum(np.floor(real).astype(np.int64), size - 1)
+    second = first + (first < size - 1)
+    lam = np.clip(real - first.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    return first, second, (np.float32(1) - lam).astype(np.float32), lam
+
+
+def _upsample_linear(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.interpolate`` in ``linear`` / ``bilinear`` / ``trilinear`` mode (``align_corners``
+    False) by whole factors (segmentation heads, U-Nets): along each spatial axis, the last first
+    as torch nests them, ``x[i0] * w0 + x[i1] * w1`` with torch's own float32 indices and
+    weights. The gathers are per phase of the factor (output positions ``f*j + k``): a shifted
+    copy, a few slices; the phases interleave by a cat on a new axis. Every runtime runs the same
+    float32 multiplies and adds (PyTorch's kernel may fuse them: float tolerance there)."""
+    if _arg(fx, 2, "align_corners", False):
+        raise _Unsupported("linear upsampling with align_corners=True")
+    shape, out = list(_shape_of(fx.args[0])), _type_of(fx).shape
+    scales = _arg(fx, 3, "scale_factors", None)
+    value = ctx.value(fx.args[0])
+    for d in reversed(range(len(shape) - 2)):
+        axis, size, grown = 2 + d, shape[2 + d], out[2 + d]
+        if grown == size:
+            continue
+        if grown % size:
+            raise _Unsupported(f"linear upsampling from {size} to {grown} (not a whole factor)")
+        factor = grown // size
+        first, second, w0, w1 = _linear_weights(size, grown, scales[d] if scales and scales[d] > 0 else None)
+        terms = []
+        for index, weight, what in ((first, w0, "near"), (second, w1, "far")):
+            phases = [_gathered(ctx, fx, value, shape, axis, index[k::factor], f"upsample.{what}") for k in range(factor)]
+            split = shape[:axis + 1] + [1] + shape[axis + 1:]
+            stacked = _typed(ctx, fx, "cat", [_typed(ctx, fx, "reshape", [p], split, "upsample.phase") for p in phases],
+                             shape[:axis + 1] + [factor] + shape[axis + 1:], f"upsample.{what}s", {"axis": axis + 1})
+            grown_shape = shape[:axis] + [grown] + shape[axis + 1:]
+            gathered = _typed(ctx, fx, "reshape", [stacked], grown_shape, f"upsample.{what}")
+            w = ctx.param(_base(fx, f"upsample.{what}_weight"),
+                          weight.reshape([grown if a == axis else 1 for a in range(len(shape))]))
+            ctx.nonneg.add(w)
+            terms.append(_typed(ctx, fx, "mul", [gathered, w], grown_shape, f"upsample.{what}_term"))
+        shape[axis] = grown
+        value = _typed(ctx, fx, "add", terms, shape, "upsample")
+    return value
+
+
 HANDLERS.update({
+    _aten.upsample_linear1d.vec: _upsample_linear,
+    _aten.upsample_bilinear2d.vec: _upsample_linear,
+    _aten.upsample_trilinear3d.vec: _upsample_linear,
     _aten.upsample_nearest1d.vec: _upsample_nearest,
     _aten.upsample_nearest2d.vec: _upsample_nearest,
     _aten.upsample_nearest3d.vec: _upsample_nearest,

@@ -310,9 +310,27 @@ def test_nearest_upsampling_by_whole_factors_repeats_exactly(up, shape, tmp_path
     _compare(up, g, np.random.default_rng(2).standard_normal(shape).astype(np.float32), rtol=0)
 
 
+@pytest.mark.parametrize("up, shape", [
+    (nn.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 5, 6)),
+    (Lambda(lambda x: F.interpolate(x, size=(32, 40), mode="bilinear")), (1, 2, 4, 5)),  # by size: 8x
+    (Lambda(lambda x: F.interpolate(x, scale_factor=(3, 1), mode="bilinear")), (1, 2, 4, 7)),
+    (Lambda(lambda x: F.interpolate(x, size=(6, 6), mode="bilinear")), (1, 4, 1, 1)),  # a pooled map spread
+    (Lambda(lambda x: F.interpolate(x, scale_factor=4, mode="linear")), (1, 2, 9)),
+    (Lambda(lambda x: F.interpolate(x, scale_factor=2, mode="trilinear")), (1, 2, 3, 4, 5)),
+], ids=["2x", "8x-size", "rows-3x", "from-1x1", "1d", "3d"])
+def test_linear_upsampling_by_whole_factors_uses_torchs_weights(up, shape, tmp_path):
+    g = _captured(up, shape, tmp_path)
+    assert {n.op for n in g.nodes} <= {"slice", "cat", "reshape", "mul", "add"}
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    # torch's kernel fuses one product into an FMA: a rounding apart at most, never more
+    _compare(up, g, x, rtol=3e-7)
+
+
 @pytest.mark.parametrize("up, why", [
     (lambda x: F.interpolate(x, scale_factor=1.5), "nearest upsampling from 4 to 6 (not a whole factor)"),
-    (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "aten.upsample_bilinear2d.vec"),
+    (lambda x: F.interpolate(x, scale_factor=1.5, mode="bilinear"), "linear upsampling from 4 to 6 (not a whole factor)"),
+    (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True), "align_corners=True"),
+    (lambda x: F.interpolate(x, scale_factor=2, mode="bicubic"), "aten.upsample_bicubic2d.vec"),
 ])
 def test_upsampling_it_cannot_translate_is_named(up, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:

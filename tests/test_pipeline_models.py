@@ -130,6 +130,24 @@ def image_generator() -> torch.nn.Module:
                          nn.Conv2d(8, 3, 7), nn.Tanh())
 
 
+class Segmenter(torch.nn.Module):
+    """A segmentation net in miniature (FCN / LRASPP style): a stride-8 backbone, a 1x1 head
+    upsampled 4x (bilinear) and added to a stride-2 branch, then bilinear to the input's size."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head, self.skip = nn.Conv2d(32, classes, 1), nn.Conv2d(16, classes, 1)
+
+    def forward(self, x):
+        shallow = self.stem(x)
+        y = torch.nn.functional.interpolate(self.head(self.body(shallow)), scale_factor=4, mode="bilinear")
+        return torch.nn.functional.interpolate(y + self.skip(shallow), size=x.shape[-2:], mode="bilinear")
+
+
 BUILDERS = {
     "digits-mlp": lambda tmp, trained: _digits("digits-mlp", trained),
     "digits-cnn": lambda tmp, trained: _digits("digits-cnn", trained),
@@ -139,6 +157,7 @@ BUILDERS = {
     "resnet18-224": lambda tmp, trained: _vision(vision.resnet18, (1, 3, 224, 224), 8, 4, tmp, 2),
     "mobilenet_v2-224": lambda tmp, trained: _vision(vision.mobilenet_v2, (1, 3, 224, 224), 5, 4, tmp, 3),
     "image-generator": lambda tmp, trained: _vision(image_generator, (2, 3, 24, 24), 4, 4, tmp, 4),
+    "segmenter": lambda tmp, trained: _vision(Segmenter, (2, 3, 32, 32), 4, 4, tmp, 5),
 }
 # ResNet-18 and MobileNetV2 take about 40 s each on 2 cores (mostly convert + save): not marked slow.
 
@@ -197,14 +216,15 @@ def test_default_pipeline_leaves_packed_plane_layers_reading_codes_and_no_batch_
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_image_generator_compiles_and_verifies_exactly(seed, tmp_path):
-    # every padding mode, nearest upsampling: data movement through the llvm and onnx targets
+@pytest.mark.parametrize("factory", [image_generator, Segmenter], ids=["generator", "segmenter"])
+def test_image_to_image_models_compile_and_verify_exactly(factory, seed, tmp_path):
+    # every padding mode, nearest and bilinear upsampling through the llvm and onnx targets
     torch.manual_seed(seed)
-    model = image_generator()
+    model = factory()
     recalibrate_batch_norm(model, torch.rand(2, 3, 24, 24))
     csqc.finalize(csqc.convert(model, n_bits=4, act_bits=4))
-    path = csqc.save(model, tmp_path / "generator.pt", torch.rand(1, 3, 24, 24))
-    for target, artifact in (("llvm", "generator.so"), ("onnx", "generator.onnx")):
+    path = csqc.save(model, tmp_path / "model.pt", torch.rand(1, 3, 24, 24))
+    for target, artifact in (("llvm", "model.so"), ("onnx", "model.onnx")):
         csqc.compile(path, target, tmp_path / artifact)
         report = csqc.verify(path, samples=2, artifact=str(tmp_path / artifact), per_layer=True)
         assert report.ok and report.accumulators_exact, (target, report.notes)
