@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import string
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -384,11 +385,10 @@ def _matmul(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _einsum_subscripts(equation: str, ranks: list[int]) -> tuple[list[str], str]:
-    """The operands' and the output's subscripts of ``equation`` (no ellipsis; an implicit
-    output: the letters used once, in alphabetical order, as torch.einsum reads it)."""
-    equation = equation.replace(" ", "")
-    if "." in equation:
-        raise _Unsupported(f"einsum with an ellipsis ({equation!r}); name every dimension")
+    """The operands' and the output's subscripts of ``equation`` (an implicit output: the
+    letters used once, in alphabetical order, as torch.einsum reads it; an ellipsis: letters of
+    their own, :func:`_named_ellipsis`)."""
+    equation = _named_ellipsis(equation.replace(" ", ""), ranks)
     lhs, arrow, out = equation.partition("->")
     terms = lhs.split(",")
     if not arrow:
@@ -401,6 +401,28 @@ def _einsum_subscripts(equation: str, ranks: list[int]) -> tuple[list[str], str]
     if not set(out) <= set("".join(terms)):
         raise _Unsupported(f"einsum {equation!r}: an output subscript no operand has")
     return terms, out
+
+
+def _named_ellipsis(equation: str, ranks: list[int]) -> str:
+    """``equation`` with each ``...`` spelled as letters it does not use (the same dimensions in
+    every operand that has one, and in the output: leading ones, where the output is implicit).
+    An ellipsis standing for different numbers of dimensions (broadcast) is not translated."""
+    if "." not in equation:
+        return equation
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if equation.count(".") != 3 * equation.count("...") or len(terms) != len(ranks) or any(
+            t.count("...") > 1 for t in [*terms, out]):
+        raise _Unsupported(f"einsum {equation!r}: an ellipsis must be '...', once a term")
+    counts = {r - len(t) + 3 for t, r in zip(terms, ranks) if "..." in t}
+    if len(counts) != 1 or min(counts) < 0:
+        raise _Unsupported(f"einsum {equation!r} broadcasts its ellipsis over operands of different ranks")
+    spare = [c for c in string.ascii_letters if c not in equation]
+    named = "".join(spare[:counts.pop()])
+    if not arrow:
+        once = sorted(c for c in set(lhs.replace(",", "").replace(".", "")) if lhs.count(c) == 1)
+        out = "..." + "".join(once)
+    return ",".join(t.replace("...", named) for t in terms) + "->" + out.replace("...", named)
 
 
 def _einsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -550,13 +572,23 @@ def _strided_slice(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, star
 def _roll(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``torch.roll(x, shifts, dims)`` along each dim: the last ``shift`` elements, then the
     rest (two slices and a cat; a whole turn leaves the value). No dims: the flattened roll,
-    not translated."""
+    the same on ``x`` reshaped to one axis, reshaped back."""
     shifts, dims = fx.args[1], _arg(fx, 2, "dims", ())
     shifts = [shifts] if isinstance(shifts, int) else list(shifts)
     dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims or len(dims) != len(shifts):
-        raise _Unsupported("roll without one dim per shift (the flattened roll)")
     value, t = ctx.value(fx.args[0]), _type_of(fx)
+    if not dims and len(shifts) == 1:
+        flat = TensorType((int(np.prod(t.shape, dtype=np.int64)),), t.dtype)
+        rolled = _rolled(ctx, fx, ctx.emit(fx, "reshape", [value], flat, base=_base(fx, "roll.flat")), flat,
+                         shifts, [0])
+        return ctx.emit(fx, "reshape", [rolled], t, base=_base(fx, "roll"))
+    if len(dims) != len(shifts):
+        raise _Unsupported("roll with a shift per dim, or one shift and no dims")
+    return _rolled(ctx, fx, value, t, shifts, dims)
+
+
+def _rolled(ctx: _Ctx, fx: torch.fx.Node, value: str, t: TensorType, shifts, dims) -> str:
+    """``value`` (of type ``t``) rolled by each shift along its dim."""
     for shift, dim in zip(shifts, dims):
         axis = int(dim) % len(t.shape)
         size = int(t.shape[axis])

@@ -131,8 +131,17 @@ CASES = [
      {"matmul", "permute"}),
     ("einsum-implicit-output", lambda: Lambda(lambda x: torch.einsum("ij,kj", x, x - 0.5)), (3, 4), {"matmul"}),
     ("einsum-permutation", lambda: Lambda(lambda x: torch.einsum("abcd->dcab", x)), (1, 2, 3, 4), {"permute"}),
+    ("einsum-ellipsis", lambda: Lambda(lambda x: torch.einsum("...ij,...kj->...ik", x, x + 1.0)), (2, 2, 3, 4),
+     {"matmul"}),
+    ("einsum-ellipsis-implicit", lambda: Lambda(lambda x: torch.einsum("i...,j...", x[0], x[1] * 2.0)), (2, 3, 4),
+     {"matmul"}),  # the ellipsis leads the implicit output: "i...,j...->...ij"
+    ("einsum-ellipsis-middle", lambda: Lambda(lambda x: torch.einsum("b...d,bd->b...", x, x[:, 0, 0] - 0.5)),
+     (2, 3, 4, 5), {"matmul"}),
+    ("einsum-ellipsis-one-side", lambda: Lambda(lambda x: torch.einsum("...ij,jk->...ik", x, x[0, 0].t() * 2.0)),
+     (2, 3, 4, 4), {"matmul"}),
     # Swin's shifted windows: roll, pad to a multiple of the window, a mask filled in place (constants)
     ("roll", lambda: Lambda(lambda x: torch.roll(x, shifts=(-3, 2), dims=(2, 3))), (1, 4, 5, 6), {"slice", "cat"}),
+    ("roll-flattened", lambda: Lambda(lambda x: torch.roll(x, 7)), (2, 3, 5), {"reshape", "slice", "cat"}),
     ("pad-constant", lambda: Lambda(lambda x: F.pad(x, (1, 2, 0, 3), value=0.5)), (1, 2, 3, 4), {"cat", "expand"}),
     ("constant-mask-filled-in-place", lambda: Lambda(_masked), (1, 2, 4, 4), {"add"}),
     ("strided-slices", lambda: Lambda(lambda x: torch.cat([x[:, 0::2, 1::2], x[:, 1::3, 0:5:2]], 1)), (2, 7, 6),
@@ -250,7 +259,7 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
 @pytest.mark.parametrize("equation, shapes, why", [
     ("ii->i", [(3, 3)], "repeats a subscript"),
     ("ij,jk->i", [(3, 4), (4, 5)], "sums over one operand's own subscripts"),
-    ("...ij,...jk->...ik", [(2, 3, 4), (2, 4, 5)], "ellipsis"),
+    ("...ij,...jk->...ik", [(2, 3, 4), (3, 2, 4, 5)], "ellipsis over operands of different ranks"),
     ("bij,bjk->bik", [(2, 3, 4), (1, 4, 5)], "broadcast"),
 ])
 def test_einsum_forms_it_does_not_translate_are_named(equation, shapes, why, tmp_path):
