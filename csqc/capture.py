@@ -332,6 +332,23 @@ def _mean(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "mean", [xv], attrs={"dims": dims, "keepdim": bool(_arg(fx, 2, "keepdim", False))})
 
 
+def _sum(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x.sum(dims)`` as the mean over them times their element count (exact where the count is
+    a power of two; else one rounding more than a sum: float tolerance against torch, the same
+    bits in every runtime of the IR)."""
+    shape = _shape_of(fx.args[0])
+    dims = _arg(fx, 1, "dim", None)
+    dims = tuple(sorted({int(d) % len(shape) for d in dims})) if dims else tuple(range(len(shape)))
+    if _arg(fx, 3, "dtype", None) not in (None, torch.float32):
+        raise _Unsupported("sum to another dtype")
+    keep = bool(_arg(fx, 2, "keepdim", False))
+    out = tuple(1 if d in dims else n for d, n in enumerate(shape)) if keep else tuple(
+        n for d, n in enumerate(shape) if d not in dims)
+    mean = _typed(ctx, fx, "mean", [ctx.value(fx.args[0])], out, "mean", {"dims": dims, "keepdim": keep})
+    count = _scalar(ctx, fx, float(np.prod([shape[d] for d in dims], dtype=np.int64)), "count")
+    return ctx.emit(fx, "mul", [mean, count], base=_base(fx, "sum"))
+
+
 def _cat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     vals = [ctx.value(v) for v in fx.args[0]]
     nd = len(_type_of(fx).shape)
@@ -481,9 +498,9 @@ def _getitem(ctx: _Ctx, fx: torch.fx.Node) -> str:
     pieces = ctx.env.get(src.name)
     if isinstance(pieces, tuple):  # split / unbind: one IR value per piece
         return pieces[idx]
-    if idx != 0 or src.name not in ctx.env:
-        raise _Unsupported("only the first output of a multi-output op is supported")
-    return ctx.env[src.name]
+    if src.name in ctx.env and (idx == 0 or not fx.users):  # (an unused second output: nothing reads it)
+        return ctx.env[src.name]
+    raise _Unsupported("only the first output of a multi-output op is supported")
 
 
 # -- recurrent layers: gate nonlinearities, slices of the gate vector, stacking time steps -----
@@ -620,20 +637,26 @@ def _pad(ctx: _Ctx, fx: torch.fx.Node) -> str:
     fill = 0.0 if fill is None else float(fill)
     if len(pad) % 2 or len(pad) // 2 > len(_type_of(fx.args[0]).shape):
         raise _Unsupported(f"pad {pad}: not one (before, after) pair per trailing axis")
-    value, shape, t = ctx.value(fx.args[0]), list(_type_of(fx.args[0]).shape), _type_of(fx)
+    value, shape = ctx.value(fx.args[0]), list(_type_of(fx.args[0]).shape)
     for i in range(len(pad) // 2):  # pairs from the last axis backwards
-        axis, before, after = len(shape) - 1 - i, pad[2 * i], pad[2 * i + 1]
-        if before < 0 or after < 0:
-            start, end = max(-before, 0), shape[axis] - max(-after, 0)
-            if start >= end:
-                raise _Unsupported(f"pad {pad} crops axis {axis} to nothing")
-            value = _slice_value(ctx, fx, value, shape, axis, start, end)
-            shape[axis], before, after = end - start, max(before, 0), max(after, 0)
-        if before or after:
-            value = ctx.emit(fx, "cat", _pad_pieces(ctx, fx, value, shape, axis, before, after, mode, fill),
-                             TensorType(tuple(shape[:axis] + [shape[axis] + before + after] + shape[axis + 1:]),
-                                        t.dtype), {"axis": axis}, base=_base(fx, "pad"))
-            shape[axis] += before + after
+        value = _padded_axis(ctx, fx, value, shape, len(shape) - 1 - i, pad[2 * i], pad[2 * i + 1], mode, fill)
+    return value
+
+
+def _padded_axis(ctx: _Ctx, fx: torch.fx.Node, value: str, shape: list[int], axis: int, before: int, after: int,
+                 mode: str = "constant", fill: float = 0.0) -> str:
+    """``value`` padded along ``axis`` as :func:`_pad` does (``shape`` updated in place)."""
+    if before < 0 or after < 0:
+        start, end = max(-before, 0), shape[axis] - max(-after, 0)
+        if start >= end:
+            raise _Unsupported(f"padding by ({before}, {after}) crops axis {axis} to nothing")
+        value = _slice_value(ctx, fx, value, shape, axis, start, end)
+        shape[axis], before, after = end - start, max(before, 0), max(after, 0)
+    if before or after:
+        value = ctx.emit(fx, "cat", _pad_pieces(ctx, fx, value, shape, axis, before, after, mode, fill),
+                         TensorType(tuple(shape[:axis] + [shape[axis] + before + after] + shape[axis + 1:]),
+                                    _type_of(fx).dtype), {"axis": axis}, base=_base(fx, "pad"))
+        shape[axis] += before + after
     return value
 
 
@@ -901,6 +924,7 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.adaptive_avg_pool2d.default: _adaptive_avg,
     _aten._adaptive_avg_pool2d.default: _adaptive_avg,
     _aten.mean.dim: _mean,
+    _aten.sum.dim_IntList: _sum,
     _aten.flatten.using_ints: _reshape,
     _aten.view.default: _reshape,
     _aten.reshape.default: _reshape,
@@ -1114,8 +1138,10 @@ def _expand(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 def _repeat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # repeat(x, repeats) tiles x: every axis of size s becomes [r, s] (reshape to [1, s],
-    # expand to [r, s]), then the pairs are merged
+    # expand to [r, s]), then the pairs are merged; tile(x, dims) is repeat with the dims
+    # padded by leading ones to x's rank
     repeats = tuple(int(r) for r in fx.args[1])
+    repeats = (1,) * (len(_shape_of(fx.args[0])) - len(repeats)) + repeats
     shape = (1,) * (len(repeats) - len(_shape_of(fx.args[0]))) + _shape_of(fx.args[0])
     xv = ctx.value(fx.args[0])
     if all(r == 1 for r in repeats):  # at most new leading axes of size 1
@@ -1232,6 +1258,286 @@ HANDLERS.update({
     _aten._upsample_nearest_exact1d.vec: _upsample_nearest,
     _aten._upsample_nearest_exact2d.vec: _upsample_nearest,
     _aten._upsample_nearest_exact3d.vec: _upsample_nearest,
+})
+
+
+# -- more layers as compositions of IR ops (no op of their own) ----------------------------
+
+
+def _group_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``group_norm(x, groups, weight, bias, eps)`` and ``instance_norm`` on the input's own
+    statistics (one group a channel): each group's values as one row of a layer norm without
+    affine (reshape, layer_norm, reshape back), then the per-channel weight and bias (multiply,
+    add). torch fuses the scale into one multiply: float tolerance there; every runtime of the
+    IR computes the same bits."""
+    shape = _shape_of(fx.args[0])
+    if fx.target == _aten.instance_norm.default:
+        # instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn)
+        if not _arg(fx, 5, "use_input_stats", True):
+            raise _Unsupported("instance_norm with running statistics (track_running_stats in eval mode)")
+        groups, w, b, eps = shape[1], _arg(fx, 1, "weight"), _arg(fx, 2, "bias"), float(_arg(fx, 7, "eps", 1e-5))
+    else:
+        groups, w, b, eps = int(fx.args[1]), _arg(fx, 2, "weight"), _arg(fx, 3, "bias"), float(_arg(fx, 4, "eps", 1e-5))
+    row = int(np.prod(shape[1:], dtype=np.int64)) // groups
+    base = _module_path(fx) or fx.name
+    rows = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], (shape[0], groups, row), "groups")
+    ones, zeros = ctx.param(f"{base}.unit_weight", np.ones(row, np.float32)), ctx.param(f"{base}.unit_bias",
+                                                                                        np.zeros(row, np.float32))
+    normed = _typed(ctx, fx, "layer_norm", [rows, ones, zeros], (shape[0], groups, row), "normalized",
+                    {"axis": 2, "eps": eps})
+    value = _typed(ctx, fx, "reshape", [normed], shape, "ungrouped")
+    per_channel = (1, shape[1]) + (1,) * (len(shape) - 2)
+    for tensor, op in ((w, "mul"), (b, "add")):
+        if tensor is not None:
+            param = ctx.param(f"{base}.{'weight' if op == 'mul' else 'bias'}",
+                              ctx.tensor(tensor).detach().float().numpy().reshape(per_channel))
+            value = _typed(ctx, fx, op, [value, param], shape, op)
+    return value
+
+
+def _leaky_relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``leaky_relu(x, slope)`` and ``prelu(x, weight)`` (``x > 0 ? x : slope * x``) as
+    ``relu(x) + min(x, 0) * slope``: each term is exactly torch's value or zero, so the sum is too."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    base = _module_path(fx) or fx.name
+    if fx.target in (_aten.prelu.default, _aten._prelu_kernel.default):
+        w = ctx.tensor(fx.args[1]).detach().float().numpy()
+        slope = ctx.param(f"{base}.weight", w.reshape((1, w.size) + (1,) * (len(shape) - 2)) if w.size > 1 else
+                          w.reshape((1,) * len(shape)))
+    else:
+        slope = _scalar(ctx, fx, float(_arg(fx, 1, "negative_slope", 0.01)), "slope")
+    zero = _scalar(ctx, fx, 0.0, "zero")
+    positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
+    negative = _typed(ctx, fx, "mul", [_typed(ctx, fx, "minimum", [xv, zero], shape, "negative_part"), slope], shape,
+                      "negative")
+    return ctx.emit(fx, "add", [positive, negative], base=_base(fx, "leaky_relu"))
+
+
+def _pixel_shuffle(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``pixel_shuffle`` / ``pixel_unshuffle`` by ``r`` (super-resolution heads): reshape,
+    permute, reshape."""
+    n, c, h, w = _shape_of(fx.args[0])
+    r = int(fx.args[1])
+    if fx.target == _aten.pixel_shuffle.default:  # [n, c*r*r, h, w] -> [n, c, h*r, w*r]
+        split, dims = (n, c // (r * r), r, r, h, w), (0, 1, 4, 2, 5, 3)
+    else:  # [n, c, h*r, w*r] -> [n, c*r*r, h, w]
+        split, dims = (n, c, h // r, r, w // r, r), (0, 1, 3, 5, 2, 4)
+    parts = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], split, "shuffle.split")
+    moved = _typed(ctx, fx, "permute", [parts], tuple(split[d] for d in dims), "shuffle.permute", {"dims": dims})
+    return ctx.emit(fx, "reshape", [moved], base=_base(fx, "shuffle"))
+
+
+def _repeat_interleave(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``repeat_interleave(x, r, dim)`` with a whole ``r``: each element repeated in place along
+    ``dim`` (a size-1 axis after it, expanded to ``r``, merged back)."""
+    repeats, dim = fx.args[1], _arg(fx, 2, "dim", None)
+    if dim is None or not isinstance(repeats, int):
+        raise _Unsupported("repeat_interleave without a dim, or by a tensor of repeats")
+    shape = _shape_of(fx.args[0])
+    axis = int(dim) % len(shape)
+    grown = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], shape[:axis + 1] + (1,) + shape[axis + 1:],
+                   "interleave.pairs")
+    spread = _typed(ctx, fx, "expand", [grown], shape[:axis + 1] + (int(repeats),) + shape[axis + 1:],
+                    "interleave.expand")
+    return ctx.emit(fx, "reshape", [spread], base=_base(fx, "interleave"))
+
+
+def _narrow(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    shape = _shape_of(fx.args[0])
+    axis, start = int(fx.args[1]) % len(shape), int(fx.args[2])
+    start = start + shape[axis] if start < 0 else start
+    return _slice_value(ctx, fx, ctx.value(fx.args[0]), shape, axis, start, start + int(fx.args[3]))
+
+
+def _negated(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return ctx.emit(fx, "mul", [ctx.value(fx.args[0]), _scalar(ctx, fx, -1.0, "minus_one")], base=_base(fx, "neg"))
+
+
+def _squared(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    xv = ctx.value(fx.args[0])
+    return ctx.emit(fx, "mul", [xv, xv], base=_base(fx, "square"))
+
+
+def _feature_dropout(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    if _arg(fx, 2, "train", False):
+        raise _Unsupported("dropout in training mode (call model.eval())")
+    return ctx.value(fx.args[0])
+
+
+def _as_2d(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape) -> str:
+    return _typed(ctx, fx, "reshape", [xv], (shape[0], shape[1], 1, shape[2]), "as_2d")
+
+
+def _conv1d(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """A float ``conv1d`` as a conv2d over a height of one (weight ``[O, C/g, 1, K]``)."""
+    shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
+    if isinstance(_arg(fx, 4, "padding", 0), str):
+        raise _Unsupported("string padding")
+    base = _module_path(fx) or fx.name
+    w = ctx.tensor(fx.args[1]).detach().numpy().astype(np.float32)
+    inputs = [_as_2d(ctx, fx, ctx.value(fx.args[0]), shape), ctx.param(f"{base}.weight", w[:, :, None, :])]
+    if _arg(fx, 2, "bias") is not None:
+        inputs.append(ctx.param(f"{base}.bias", ctx.tensor(_arg(fx, 2, "bias")).detach().numpy().astype(np.float32)))
+    one = lambda i, name, default: (1, int(_pair(_arg(fx, i, name, default))[0]))  # noqa: E731
+    attrs = {"stride": one(3, "stride", 1), "padding": (0, int(_pair(_arg(fx, 4, "padding", 0))[0])),
+             "dilation": one(5, "dilation", 1), "groups": int(_arg(fx, 6, "groups", 1)), "act": "none"}
+    conv = _typed(ctx, fx, "conv2d", inputs, (out[0], out[1], 1, out[2]), "conv2d", attrs)
+    return ctx.emit(fx, "reshape", [conv], base=_base(fx, "conv1d"))
+
+
+def _pool1d(op: str):
+    """``max_pool1d`` / ``avg_pool1d`` as the 2-D pool over a height of one."""
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
+        kernel = int(_pair(fx.args[1])[0])
+        stride = int(_pair(_arg(fx, 2, "stride") or kernel)[0])
+        attrs = {"kernel": (1, kernel), "stride": (1, stride), "padding": (0, int(_pair(_arg(fx, 3, "padding", 0))[0]))}
+        if op == "max_pool2d":
+            attrs["dilation"] = (1, int(_pair(_arg(fx, 4, "dilation", 1))[0]))
+            attrs["ceil_mode"] = bool(_arg(fx, 5, "ceil_mode", False))
+        else:
+            attrs["ceil_mode"] = bool(_arg(fx, 4, "ceil_mode", False))
+            attrs["count_include_pad"] = bool(_arg(fx, 5, "count_include_pad", True))
+        pooled = _typed(ctx, fx, op, [_as_2d(ctx, fx, ctx.value(fx.args[0]), shape)], (out[0], out[1], 1, out[2]),
+                        op, attrs)
+        return ctx.emit(fx, "reshape", [pooled], base=_base(fx, op.replace("2d", "1d")))
+    return handler
+
+
+def _adaptive_max(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``adaptive_max_pool2d`` to sizes that divide the input's: a max pool whose kernel and
+    stride are the ratio (values only; the indices unused)."""
+    if any(u.args[1] != 0 and u.users for u in fx.users):
+        raise _Unsupported("adaptive_max_pool2d indices are used")
+    h, w = _shape_of(fx.args[0])[2:]
+    oh, ow = _pair(fx.args[1])
+    oh, ow = h if oh is None else int(oh), w if ow is None else int(ow)
+    if h % oh or w % ow:
+        raise _Unsupported(f"adaptive_max_pool2d from {h}x{w} to {oh}x{ow} (not whole windows)")
+    kernel = (h // oh, w // ow)
+    attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0), "dilation": (1, 1), "ceil_mode": False}
+    return ctx.emit(fx, "max_pool2d", [ctx.value(fx.args[0])], TensorType(tuple(fx.meta["val"][0].shape)), attrs)
+
+
+def _conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """A float ``conv_transpose2d`` / ``conv_transpose1d`` (decoders, GAN generators) as the conv
+    it is the gradient of: the input with ``stride - 1`` zeros between its elements along each
+    spatial axis (reshape, cat of zero blocks, reshape, slice), padded by ``dilation * (k - 1) -
+    padding`` (plus ``output_padding`` after; negative: cropped), then a conv2d of stride one
+    with each group's weight transposed and flipped. The zeros' products add exact zeros: the
+    sums are torch's in another order (float tolerance), the same in every runtime."""
+    one_d = fx.target == _aten.conv_transpose1d.default
+    x_shape = _shape_of(fx.args[0])
+    w = ctx.tensor(fx.args[1]).detach().numpy().astype(np.float32)
+    if one_d:
+        x_shape, w = (x_shape[0], x_shape[1], 1, x_shape[2]), w[:, :, None, :]
+    spatial = lambda i, name, default: ((1,) if one_d else ()) + tuple(  # noqa: E731
+        int(v) for v in (_pair(_arg(fx, i, name, default))[:1] if one_d else _pair(_arg(fx, i, name, default))))
+    stride, padding, extra = spatial(3, "stride", 1), spatial(4, "padding", 0), spatial(5, "output_padding", 0)
+    groups, dilation = int(_arg(fx, 6, "groups", 1)), spatial(7, "dilation", 1)
+    if one_d:
+        padding, extra = (0,) + padding[1:], (0,) + extra[1:]
+    c_in, c_out_g, kh, kw = w.shape
+    base = _module_path(fx) or fx.name
+    value = ctx.value(fx.args[0])
+    if one_d:
+        value = _typed(ctx, fx, "reshape", [value], x_shape, "as_2d")
+    shape = list(x_shape)
+    for axis, s, k, p, d, e in zip((2, 3), stride, (kh, kw), padding, dilation, extra):
+        if s > 1:  # s - 1 zeros after every element, the last ones cut
+            zeros = ctx.param(_base(fx, "zeros"), np.zeros((1,) * 4, np.float32))
+            ctx.nonneg.add(zeros)
+            grown = _typed(ctx, fx, "reshape", [value], shape[:axis + 1] + [1] + shape[axis + 1:], "stuff.pairs")
+            block = _typed(ctx, fx, "expand", [zeros], shape[:axis + 1] + [s - 1] + shape[axis + 1:], "stuff.zeros")
+            both = _typed(ctx, fx, "cat", [grown, block], shape[:axis + 1] + [s] + shape[axis + 1:], "stuff",
+                          {"axis": axis + 1})
+            flat = shape[:axis] + [shape[axis] * s] + shape[axis + 1:]
+            value = _slice_value(ctx, fx, _typed(ctx, fx, "reshape", [both], flat, "stuff.flat"), flat, axis, 0,
+                                 (shape[axis] - 1) * s + 1)
+            shape[axis] = (shape[axis] - 1) * s + 1
+        value = _padded_axis(ctx, fx, value, shape, axis, d * (k - 1) - p, d * (k - 1) - p + e)
+    flipped = (w.reshape(groups, c_in // groups, c_out_g, kh, kw).transpose(0, 2, 1, 3, 4)
+               .reshape(groups * c_out_g, c_in // groups, kh, kw)[:, :, ::-1, ::-1])
+    inputs = [value, ctx.param(f"{base}.weight", np.ascontiguousarray(flipped))]
+    if _arg(fx, 2, "bias") is not None:
+        inputs.append(ctx.param(f"{base}.bias", ctx.tensor(_arg(fx, 2, "bias")).detach().numpy().astype(np.float32)))
+    out = _type_of(fx).shape
+    attrs = {"stride": (1, 1), "padding": (0, 0), "dilation": tuple(dilation), "groups": groups, "act": "none"}
+    if not one_d:
+        return ctx.emit(fx, "conv2d", inputs, attrs=attrs)
+    conv = _typed(ctx, fx, "conv2d", inputs, (out[0], out[1], 1, out[2]), "conv2d", attrs)
+    return ctx.emit(fx, "reshape", [conv], base=_base(fx, "conv_transpose1d"))
+
+
+_MAX_GATHER_RUNS = 64  # slices a constant-index gather may take along one axis
+
+
+def _index_runs(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index, what: str) -> str:
+    """``x`` gathered along ``axis`` at constant positions ``index``: one slice per run of
+    consecutive positions, concatenated (a permutation of a few channels, a reversal of a
+    short axis); at most ``_MAX_GATHER_RUNS`` runs."""
+    size = int(shape[axis])
+    index = np.asarray(index).astype(np.int64).reshape(-1)
+    index = np.where(index < 0, index + size, index)
+    if index.size == 0 or (index < 0).any() or (index >= size).any():
+        raise _Unsupported(f"{what}: an index outside the axis of {size}")
+    runs = 1 + int(np.count_nonzero(np.diff(index) != 1))
+    if runs > _MAX_GATHER_RUNS:
+        raise _Unsupported(f"{what} of {runs} separate runs along an axis of {size} (at most {_MAX_GATHER_RUNS} "
+                           "slices are translated)")
+    return _gathered(ctx, fx, xv, shape, axis, index, what)
+
+
+def _index_select(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    shape = _shape_of(fx.args[0])
+    axis = int(fx.args[1]) % len(shape)
+    return _index_runs(ctx, fx, ctx.value(fx.args[0]), shape, axis, ctx.tensor(fx.args[2]).numpy(), "index_select")
+
+
+def _index(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x[..., idx, ...]`` with one constant 1-D index (the other axes whole): a gather."""
+    indices = list(fx.args[1])
+    axes = [i for i, t in enumerate(indices) if t is not None]
+    if len(axes) != 1:
+        raise _Unsupported("advanced indexing on several axes")
+    index = ctx.tensor(indices[axes[0]]).numpy()
+    if index.ndim != 1 or index.dtype == np.bool_:
+        raise _Unsupported("indexing by a mask or a multi-dimensional index")
+    return _index_runs(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), axes[0], index, "indexing")
+
+
+def _flip(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    shape, value = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    for dim in fx.args[1]:
+        axis = int(dim) % len(shape)
+        value = _index_runs(ctx, fx, value, shape, axis, np.arange(shape[axis])[::-1], "flip")
+    return value
+
+
+HANDLERS.update({
+    _aten.index_select.default: _index_select,
+    _aten.index.Tensor: _index,
+    _aten.flip.default: _flip,
+    _aten.conv_transpose2d.input: _conv_transpose,
+    _aten.conv_transpose1d.default: _conv_transpose,
+    _aten.group_norm.default: _group_norm,
+    _aten.instance_norm.default: _group_norm,
+    _aten.leaky_relu.default: _leaky_relu,
+    _aten.leaky_relu_.default: _leaky_relu,
+    _aten.prelu.default: _leaky_relu,
+    _aten._prelu_kernel.default: _leaky_relu,
+    _aten.pixel_shuffle.default: _pixel_shuffle,
+    _aten.pixel_unshuffle.default: _pixel_shuffle,
+    _aten.repeat_interleave.self_int: _repeat_interleave,
+    _aten.tile.default: _repeat,
+    _aten.narrow.default: _narrow,
+    _aten.neg.default: _negated,
+    _aten.square.default: _squared,
+    _aten.feature_dropout.default: _feature_dropout,
+    _aten.conv1d.default: _conv1d,
+    _aten.max_pool1d.default: _pool1d("max_pool2d"),
+    _aten.avg_pool1d.default: _pool1d("avg_pool2d"),
+    _aten.adaptive_max_pool2d.default: _adaptive_max,
 })
 
 

@@ -147,6 +147,43 @@ CASES = [
     ("strided-slices", lambda: Lambda(lambda x: torch.cat([x[:, 0::2, 1::2], x[:, 1::3, 0:5:2]], 1)), (2, 7, 6),
      {"slice", "reshape", "cat"}),
     ("softmax", lambda: nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=-1)), (3, 5), {"softmax"}),
+    # layers composed of IR ops: normalization over groups, leaky units, shuffles, 1-D layers...
+    ("group-norm", lambda: nn.GroupNorm(2, 6), (2, 6, 3, 4), {"layer_norm", "mul", "add"}),
+    ("group-norm-plain", lambda: nn.GroupNorm(3, 6, affine=False), (2, 6, 5), {"layer_norm"}),
+    ("instance-norm", lambda: nn.InstanceNorm2d(4, affine=True), (2, 4, 5, 5), {"layer_norm", "mul", "add"}),
+    ("instance-norm-plain", lambda: nn.InstanceNorm2d(4), (2, 4, 5, 5), {"layer_norm"}),
+    ("leaky-relu", lambda: nn.LeakyReLU(0.2), (2, 3, 4), {"relu", "minimum", "mul", "add"}),
+    ("leaky-relu-steep", lambda: Lambda(lambda x: F.leaky_relu(x, 3.0)), (2, 3, 4), {"add"}),
+    ("prelu-per-channel", lambda: nn.PReLU(3, init=0.3), (2, 3, 4, 4), {"add"}),
+    ("prelu-shared", lambda: nn.PReLU(), (2, 3, 4), {"add"}),
+    ("pixel-shuffle", lambda: nn.PixelShuffle(2), (2, 8, 3, 5), {"permute"}),
+    ("pixel-unshuffle", lambda: nn.PixelUnshuffle(3), (1, 2, 6, 9), {"permute"}),
+    ("repeat-interleave", lambda: Lambda(lambda x: x.repeat_interleave(3, dim=1)), (2, 3, 4), {"expand"}),
+    ("tile", lambda: Lambda(lambda x: x.tile((2, 1))), (2, 3, 4), {"expand"}),
+    ("narrow", lambda: Lambda(lambda x: x.narrow(2, -3, 2)), (2, 3, 5), {"slice"}),
+    ("neg-square", lambda: Lambda(lambda x: torch.square(-x) + x), (2, 3), {"mul"}),
+    ("dropout2d-eval", lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.Dropout2d(0.5)), (2, 2, 3, 3), {"conv2d"}),
+    ("conv1d", lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (2, 4, 11), {"conv2d"}),
+    ("pool1d", lambda: nn.Sequential(nn.MaxPool1d(3, 2, padding=1), nn.AvgPool1d(2, ceil_mode=True)), (2, 3, 10),
+     {"max_pool2d", "avg_pool2d"}),
+    ("adaptive-max-pool", lambda: nn.Sequential(nn.AdaptiveMaxPool2d((2, 3)), nn.AdaptiveMaxPool2d(1)),
+     (2, 3, 4, 6), {"max_pool2d"}),
+    ("sum", lambda: Lambda(lambda x: x.sum(dim=(2, 3)) + x.sum(-1, keepdim=True).mean(dim=(2, 3))), (2, 3, 4, 6),
+     {"mean", "mul"}),
+    # gathers at constant positions: runs of consecutive positions as slices
+    ("index-channels", lambda: Lambda(lambda x: x[:, [2, 1, 0]] * 2.0), (2, 3, 4, 4), {"slice", "cat"}),
+    ("index-select", lambda: Lambda(lambda x: x.index_select(1, torch.tensor([3, 1, 0, 7, 6]))), (2, 8, 3),
+     {"slice", "cat"}),
+    ("index-last-axis", lambda: Lambda(lambda x: x[..., [-1, 0, 1]]), (2, 3, 5), {"cat"}),
+    ("flip", lambda: Lambda(lambda x: torch.flip(x, [1, 2])), (2, 8, 3), {"slice", "cat"}),
+    # transposed convs: zeros between the inputs, padding, a conv of the flipped weights
+    ("conv-transpose", lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 5, 5),
+     {"conv2d", "cat", "expand"}),
+    ("conv-transpose-groups", lambda: nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=2, bias=False), (1, 4, 5, 6),
+     {"conv2d"}),
+    ("conv-transpose-cropped", lambda: nn.ConvTranspose2d(4, 2, 3, 3, 2, dilation=2), (1, 4, 4, 5), {"slice"}),
+    ("conv-transpose-uneven", lambda: nn.ConvTranspose2d(4, 4, (3, 5), (1, 2), (2, 0)), (1, 4, 6, 6), {"conv2d"}),
+    ("conv-transpose-1d", lambda: nn.ConvTranspose1d(4, 6, 3, 2, 1, output_padding=1), (2, 4, 7), {"conv2d"}),
     ("dropout-eval", lambda: nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 2)), (3, 5), {"linear"}),
 ]
 
@@ -298,6 +335,8 @@ def test_pads_with_negative_widths_crop_first_as_torch_does(pad, mode, tmp_path)
 
 @pytest.mark.parametrize("pad, why", [
     (lambda x: F.pad(x, (-3, -2)), "crops axis 2 to nothing"),
+    (lambda x: x.flip(2).repeat(1, 1, 20).flip(2), "flip of 100 separate runs along an axis of 100 (at most 64"),
+    (lambda x: x[:, [0, 1], [1, 0]], "advanced indexing on several axes"),
 ])
 def test_pads_it_cannot_translate_are_named(pad, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:

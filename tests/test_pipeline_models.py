@@ -228,3 +228,32 @@ def test_image_to_image_models_compile_and_verify_exactly(factory, seed, tmp_pat
         csqc.compile(path, target, tmp_path / artifact)
         report = csqc.verify(path, samples=2, artifact=str(tmp_path / artifact), per_layer=True)
         assert report.ok and report.accumulators_exact, (target, report.notes)
+
+
+def normalized_net() -> torch.nn.Module:
+    """Group and instance norms, leaky and parametric ReLUs, pixel (un)shuffles, a transposed conv
+    (float) and an adaptive max pool around CSQ convs: layers capture composes of IR ops."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.LeakyReLU(0.1), nn.PixelShuffle(2),
+                         nn.Conv2d(4, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.PReLU(8),
+                         nn.PixelUnshuffle(2), nn.Conv2d(32, 8, 1), nn.ConvTranspose2d(8, 8, 4, 2, 1), nn.ReLU(),
+                         nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+
+
+def sequence_net() -> torch.nn.Module:
+    """Float 1-D convolutions and pools (conv2d and pools over a height of one) feeding a CSQ head."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv1d(4, 8, 5, padding=2), nn.MaxPool1d(2), nn.LeakyReLU(0.2),
+                         nn.Conv1d(8, 8, 3, dilation=2), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(48, 5))
+
+
+@pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32))],
+                         ids=["normalized", "sequence"])
+def test_composed_layers_compile_and_verify_exactly(factory, shape, tmp_path):
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=4))
+    path = csqc.save(model, tmp_path / "model.pt", torch.rand(*shape))
+    for target, artifact in (("llvm", "model.so"), ("onnx", "model.onnx")):
+        csqc.compile(path, target, tmp_path / artifact)
+        report = csqc.verify(path, samples=2, artifact=str(tmp_path / artifact), per_layer=True)
+        assert report.ok and report.accumulators_exact, (target, report.notes)
