@@ -518,6 +518,13 @@ def _float_unary(op: str):
     return handler
 
 
+def _reciprocal_sqrt(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``rsqrt(x)`` as ``1 / sqrt(x)``, two correctly rounded steps, as torch's CPU kernel computes
+    it (RMSNorm: Llama, Mistral, Qwen)."""
+    root = _typed(ctx, fx, "sqrt", [ctx.value(fx.args[0])], _shape_of(fx.args[0]), "sqrt")
+    return ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), root], base=_base(fx, "rsqrt"))
+
+
 def _rsub(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # rsub(x, other, alpha=1) = other - alpha * x
     x, other = fx.args[:2]
@@ -942,6 +949,8 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.constant_pad_nd.default: _pad,
     _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
+    _aten.sqrt.default: _float_unary("sqrt"),
+    _aten.rsqrt.default: lambda c, f: _reciprocal_sqrt(c, f),
     # vision activations (MobileNetV3, EfficientNet), in place or not
     _aten.hardswish.default: _float_unary("hardswish"),
     _aten.hardswish_.default: _float_unary("hardswish"),
@@ -988,6 +997,7 @@ HANDLERS.update({
     _aten.unflatten.int: _reshape,
     _aten.pow.Tensor_Scalar: _pow,
     _aten.to.dtype: _same_dtype,
+    _aten.to.device: _same_dtype,
     _aten.to.dtype_layout: _same_dtype,
     _aten._to_copy.default: _same_dtype,
     _aten._assert_tensor_metadata.default: _no_op,
@@ -1003,6 +1013,7 @@ _CONSTANT_ONLY = (
     _aten.cumsum.default, _aten.diff.default, _aten.index.Tensor, _aten.new_ones.default, _aten.ones.default,
     _aten.ones_like.default, _aten.full_like.default, _aten.expand.default, _aten.masked_fill.Scalar,
     _aten.tril.default, _aten.triu.default, _aten.pow.Scalar, _aten.fill_.Scalar, _aten.fill_.Tensor,
+    _aten.cos.default, _aten.sin.default,  # rotary position tables (Llama): functions of positions only
 )
 for _op in _CONSTANT_ONLY:
     HANDLERS.setdefault(_op, _constant_only)  # a runtime handler registered elsewhere wins
@@ -1174,14 +1185,18 @@ def _upsample_nearest(ctx: _Ctx, fx: torch.fx.Node) -> str:
         if factor not in (1, 2) and not np.array_equal(src, np.arange(grown) // factor):  # (torch shifts for 2x)
             raise _Unsupported(f"nearest upsampling by {factor}: torch's float32 indices are not whole repeats")
         factors.append(factor)
-    xv = ctx.value(fx.args[0])
+    return _repeated_in_place(ctx, fx, ctx.value(fx.args[0]), shape, (1, 1, *factors), "upsample")
+
+
+def _repeated_in_place(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, factors, what: str) -> str:
+    """Each element of ``x`` repeated ``factors[axis]`` times in place along each axis: a size-1
+    axis after every repeated axis, expanded to the factor, merged back (data movement, exact)."""
     if all(f == 1 for f in factors):
         return xv
-    lead = tuple(shape[:2])
-    grown = _typed(ctx, fx, "reshape", [xv], lead + tuple(d for s in shape[2:] for d in (s, 1)), "upsample.pairs")
-    spread = _typed(ctx, fx, "expand", [grown], lead + tuple(d for s, f in zip(shape[2:], factors) for d in (s, f)),
-                    "upsample.expand")
-    return ctx.emit(fx, "reshape", [spread], base=_base(fx, "upsample"))
+    paired = [((s, 1), (s, f)) if f > 1 else ((s,), (s,)) for s, f in zip(shape, factors)]
+    grown = _typed(ctx, fx, "reshape", [xv], tuple(d for one, _ in paired for d in one), f"{what}.pairs")
+    spread = _typed(ctx, fx, "expand", [grown], tuple(d for _, many in paired for d in many), f"{what}.expand")
+    return ctx.emit(fx, "reshape", [spread], base=_base(fx, what))
 
 
 def _gathered(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: np.ndarray, what: str) -> str:
@@ -1233,7 +1248,8 @@ def _upsample_linear(ctx: _Ctx, fx: torch.fx.Node) -> str:
         first, second, w0, w1 = _linear_weights(size, grown, scales[d] if scales and scales[d] > 0 else None)
         terms = []
         for index, weight, what in ((first, w0, "near"), (second, w1, "far")):
-            phases = [_gathered(ctx, fx, value, shape, axis, index[k::factor], f"upsample.{what}") for k in range(factor)]
+            phases = [_gathered(ctx, fx, value, shape, axis, index[k::factor], f"upsample.{what}")
+                      for k in range(factor)]
             split = shape[:axis + 1] + [1] + shape[axis + 1:]
             stacked = _typed(ctx, fx, "cat", [_typed(ctx, fx, "reshape", [p], split, "upsample.phase") for p in phases],
                              shape[:axis + 1] + [factor] + shape[axis + 1:], f"upsample.{what}s", {"axis": axis + 1})
@@ -1335,11 +1351,8 @@ def _repeat_interleave(ctx: _Ctx, fx: torch.fx.Node) -> str:
         raise _Unsupported("repeat_interleave without a dim, or by a tensor of repeats")
     shape = _shape_of(fx.args[0])
     axis = int(dim) % len(shape)
-    grown = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], shape[:axis + 1] + (1,) + shape[axis + 1:],
-                   "interleave.pairs")
-    spread = _typed(ctx, fx, "expand", [grown], shape[:axis + 1] + (int(repeats),) + shape[axis + 1:],
-                    "interleave.expand")
-    return ctx.emit(fx, "reshape", [spread], base=_base(fx, "interleave"))
+    factors = tuple(int(repeats) if a == axis else 1 for a in range(len(shape)))
+    return _repeated_in_place(ctx, fx, ctx.value(fx.args[0]), shape, factors, "interleave")
 
 
 def _narrow(ctx: _Ctx, fx: torch.fx.Node) -> str:

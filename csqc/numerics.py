@@ -15,7 +15,7 @@ from .errors import BadInput, CsqcError
 __all__ = [
     "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
     "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis", "embedding",
-    "hardsigmoid", "hardswish", "silu", "avg_pool_counts", "adaptive_counts",
+    "hardsigmoid", "hardswish", "silu", "sqrt", "avg_pool_counts", "adaptive_counts",
 ]
 
 F32 = np.float32
@@ -218,6 +218,13 @@ def silu(x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(x)`` in float32, the sigmoid being :func:`sigmoid`'s ``1 / (1 + exp(-x))``."""
     x = np.asarray(x, F32)
     return (x * sigmoid(x)).astype(F32)
+
+
+def sqrt(x: np.ndarray) -> np.ndarray:
+    """float32 square root (NaN below zero, without numpy's warning: the run's overflow check
+    reports NaN outputs)."""
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(np.asarray(x, F32)).astype(F32)
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:

@@ -388,6 +388,8 @@ _DEFS = [
     _unary("hardswish", lambda n, a: num.hardswish(a[0]), lambda n, a: _F().hardswish(a[0]),
            doc="(x * min(max(x + 3, 0), 6)) / 6"),
     _unary("silu", lambda n, a: num.silu(a[0]), lambda n, a: _F().silu(a[0]), doc="x * (1 / (1 + exp(-x)))"),
+    # correctly rounded in IEEE 754, so every runtime gives the same bits (RMSNorm's rsqrt: 1 / sqrt)
+    _unary("sqrt", lambda n, a: num.sqrt(a[0]), lambda n, a: T.sqrt(a[0]), _always_nonneg, doc="sqrt(x)"),
     _binary("add", np.add, lambda a, b: a + b, _keeps_sign, "a + b"),
     _binary("sub", np.subtract, lambda a, b: a - b, doc="a - b"),
     _binary("mul", np.multiply, lambda a, b: a * b, _keeps_sign, "a * b"),

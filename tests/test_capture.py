@@ -263,21 +263,21 @@ def test_nodes_are_named_after_their_modules(tmp_path):
     assert "0.weight" in g.params
 
 
-class _Sin(nn.Module):
+class _Exp(nn.Module):  # (sin, cos and cumsum fold on constants now, so they pass the save-time check)
     def forward(self, x):
-        return torch.sin(x)
+        return torch.exp(x)
 
 
-class _Cos(nn.Module):  # (cumsum is folded on constants now, so it passes the save-time check)
+class _Erf(nn.Module):
     def forward(self, x):
-        return torch.cos(x)
+        return torch.erf(x)
 
 
 class _Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(4, 4), _Sin())
-        self.head = nn.Sequential(nn.Linear(4, 4), _Cos())
+        self.encoder = nn.Sequential(nn.Linear(4, 4), _Exp())
+        self.head = nn.Sequential(nn.Linear(4, 4), _Erf())
 
     def forward(self, x):
         return self.head(self.encoder(x))
@@ -287,10 +287,10 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
     with pytest.raises(UnsupportedOps) as e:
         _captured(_Unsupported(), (2, 4), tmp_path)
     found = dict((op, where) for op, where in e.value.unsupported)
-    assert found == {"aten.sin.default": "encoder.1", "aten.cos.default": "head.1"}
+    assert found == {"aten.exp.default": "encoder.1", "aten.erf.default": "head.1"}
     message = str(e.value)
     assert "2 unsupported operator(s)" in message
-    assert "aten.sin.default (at encoder.1)" in message and "aten.cos.default (at head.1)" in message
+    assert "aten.exp.default (at encoder.1)" in message and "aten.erf.default (at head.1)" in message
 
 
 @pytest.mark.parametrize("equation, shapes, why", [
@@ -384,6 +384,14 @@ def test_upsampling_it_cannot_translate_is_named(up, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:
         _captured(Lambda(up), (1, 2, 4, 4), tmp_path)
     assert why in str(e.value)
+
+
+def test_sin_of_a_computed_value_is_refused_by_name(tmp_path):
+    # sin and cos fold where they read constants (rotary tables: tests/test_hf_models.py's Llama)
+    with pytest.raises(UnsupportedOps) as e:
+        _captured(Lambda(lambda x: torch.sin(x) + torch.cos(torch.arange(3.0))), (2, 3), tmp_path)
+    assert "aten.sin.default [supported on constants only" in str(e.value)
+    assert "aten.cos" not in str(e.value)
 
 
 def test_unsupported_ops_are_bad_input():

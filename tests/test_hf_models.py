@@ -39,6 +39,15 @@ def _gpt2(attn="eager"):
     return transformers.GPT2LMHeadModel(config)
 
 
+def _llama(attn="eager"):
+    # RMSNorm (rsqrt), rotary position tables (cos / sin of positions: folded), grouped-query
+    # attention, SiLU-gated MLP: the layout of Llama, Mistral and Qwen
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False, attn_implementation=attn)
+    return transformers.LlamaForCausalLM(config)
+
+
 # model -> (factory, its named outputs, layers convert must quantize, module of an embedding)
 MODELS = {
     "bert": (_bert, ["last_hidden_state", "pooler_output"],
@@ -50,6 +59,10 @@ MODELS = {
     "gpt2": (_gpt2, ["logits"], [f"transformer.h.{i}.{p}" for i in range(2)
                                  for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + ["lm_head"],
              "transformer.wte"),
+    "llama": (_llama, ["logits"], [f"model.layers.{i}.{p}" for i in range(2)
+                                   for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+              + ["lm_head"], "model.embed_tokens"),
 }
 
 
@@ -95,7 +108,7 @@ def test_capture_folds_masks_and_keeps_ids_for_the_embedding(saved):
     # masks, positions and token types were computed at capture: no integer value reaches a runtime op
     assert {n.op for n in g.nodes} <= {"embedding", "add", "mul", "sub", "div", "layer_norm", "linear", "qlinear",
                                        "quantize", "dequantize", "reshape", "permute", "slice", "matmul",
-                                       "softmax", "gelu", "tanh"}
+                                       "softmax", "gelu", "tanh", "silu", "sqrt", "mean", "expand", "cat"}
 
 
 # llvm: the whole chain (PyTorch, both interpreters, ONNX Runtime, the artifact); onnx: the

@@ -51,6 +51,15 @@ def _unary_wide(op, shape=(2, 3, 7)):
     return op, build
 
 
+def _sqrt(shape=(2, 3, 7)):
+    """``sqrt(relu(x) * 7)``: nonnegative inputs (correctly rounded: every runtime's bits equal)."""
+    def build(b, p):
+        positive = b.node(f"{p}positive", "relu", [b.input(f"{p}x", shape)], shape)
+        wide = b.node(f"{p}wide", "mul", [positive, b.param(f"{p}seven", np.full(1, 7, np.float32))], shape)
+        return b.node(f"{p}y", "sqrt", [wide])
+    return "sqrt", build
+
+
 def _binary(op, a_shape=(2, 3, 4), b_shape=(3, 1), positive_b=False):
     def build(b, p):
         other = b.param(f"{p}b", _rand(b_shape, 0.5 if positive_b else -2.0, 2.0, seed=3))
@@ -150,6 +159,7 @@ CASES = {
     "hardsigmoid": _unary_wide("hardsigmoid"),
     "hardswish": _unary_wide("hardswish"),
     "silu": _unary("silu"),
+    "sqrt": _sqrt(),
     "add": _binary("add"),
     "sub": _binary("sub"),
     "mul": _binary("mul"),

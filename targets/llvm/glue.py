@@ -1993,6 +1993,7 @@ _UNARY = {
     "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
     "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
     "silu": lambda v, lo, hi: v * _sigmoid(v),
+    "sqrt": lambda v, lo, hi: tirx.sqrt(v),  # llvm.sqrt: vsqrtps, correctly rounded
 }
 
 

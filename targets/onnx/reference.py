@@ -687,6 +687,7 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
                                    axis=int(n.attr("axis"))),
     "sigmoid": _simple("Sigmoid"),
     "tanh": _simple("Tanh"),
+    "sqrt": _simple("Sqrt"),
     "sub": _simple("Sub"),
     "slice": _emit_slice,
     "matmul": _simple("MatMul"),
