@@ -950,7 +950,7 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     _aten.sigmoid.default: _float_unary("sigmoid"),
     _aten.tanh.default: _float_unary("tanh"),
     _aten.sqrt.default: _float_unary("sqrt"),
-    _aten.rsqrt.default: lambda c, f: _reciprocal_sqrt(c, f),
+    _aten.rsqrt.default: _reciprocal_sqrt,
     # vision activations (MobileNetV3, EfficientNet), in place or not
     _aten.hardswish.default: _float_unary("hardswish"),
     _aten.hardswish_.default: _float_unary("hardswish"),
