@@ -1381,6 +1381,11 @@ def _as_2d(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape) -> str:
     return _typed(ctx, fx, "reshape", [xv], (shape[0], shape[1], 1, shape[2]), "as_2d")
 
 
+def _over_height_one(fx: torch.fx.Node, i: int, name: str, default: int, height: int) -> tuple[int, int]:
+    """A 1-D op's argument as its 2-D op's over a height of one: ``(height, value)``."""
+    return height, int(_pair(_arg(fx, i, name, default))[0])
+
+
 def _conv1d(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """A float ``conv1d`` as a conv2d over a height of one (weight ``[O, C/g, 1, K]``)."""
     shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
@@ -1391,9 +1396,9 @@ def _conv1d(ctx: _Ctx, fx: torch.fx.Node) -> str:
     inputs = [_as_2d(ctx, fx, ctx.value(fx.args[0]), shape), ctx.param(f"{base}.weight", w[:, :, None, :])]
     if _arg(fx, 2, "bias") is not None:
         inputs.append(ctx.param(f"{base}.bias", ctx.tensor(_arg(fx, 2, "bias")).detach().numpy().astype(np.float32)))
-    one = lambda i, name, default: (1, int(_pair(_arg(fx, i, name, default))[0]))  # noqa: E731
-    attrs = {"stride": one(3, "stride", 1), "padding": (0, int(_pair(_arg(fx, 4, "padding", 0))[0])),
-             "dilation": one(5, "dilation", 1), "groups": int(_arg(fx, 6, "groups", 1)), "act": "none"}
+    attrs = {"stride": _over_height_one(fx, 3, "stride", 1, 1), "padding": _over_height_one(fx, 4, "padding", 0, 0),
+             "dilation": _over_height_one(fx, 5, "dilation", 1, 1), "groups": int(_arg(fx, 6, "groups", 1)),
+             "act": "none"}
     conv = _typed(ctx, fx, "conv2d", inputs, (out[0], out[1], 1, out[2]), "conv2d", attrs)
     return ctx.emit(fx, "reshape", [conv], base=_base(fx, "conv1d"))
 
@@ -1444,12 +1449,14 @@ def _conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
     w = ctx.tensor(fx.args[1]).detach().numpy().astype(np.float32)
     if one_d:
         x_shape, w = (x_shape[0], x_shape[1], 1, x_shape[2]), w[:, :, None, :]
-    spatial = lambda i, name, default: ((1,) if one_d else ()) + tuple(  # noqa: E731
-        int(v) for v in (_pair(_arg(fx, i, name, default))[:1] if one_d else _pair(_arg(fx, i, name, default))))
+
+    def spatial(i: int, name: str, default: int) -> tuple[int, int]:  # (height, width); 1-D: a neutral height
+        if one_d:
+            return _over_height_one(fx, i, name, default, default)
+        return tuple(int(v) for v in _pair(_arg(fx, i, name, default)))
+
     stride, padding, extra = spatial(3, "stride", 1), spatial(4, "padding", 0), spatial(5, "output_padding", 0)
     groups, dilation = int(_arg(fx, 6, "groups", 1)), spatial(7, "dilation", 1)
-    if one_d:
-        padding, extra = (0,) + padding[1:], (0,) + extra[1:]
     c_in, c_out_g, kh, kw = w.shape
     base = _module_path(fx) or fx.name
     value = ctx.value(fx.args[0])
