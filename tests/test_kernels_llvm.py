@@ -591,6 +591,8 @@ def test_bitparallel_conv2d_direct_stores(input_shape, weight_shape, stride, pad
     ((1, 8, 14, 14), (16, 8, 3, 3), (1, 1), (1, 1), None),     # padded columns (Wq > OW), rows of 14
     ((1, 8, 16, 20), (16, 8, 1, 2), (1, 1), (0, 0), None),     # two columns: Wq > OW, rows of 19
     ((1, 8, 16, 16), (16, 8, 1, 1), (1, 1), (0, 0), kernels.BitparallelKnobs(conv_vectors=2, conv_rows=3)),
+    ((1, 8, 23, 23), (16, 8, 3, 3), (1, 1), (1, 1), None),     # tasks of 12 rows: the last one past OH
+    ((2, 8, 37, 37), (24, 8, 3, 3), (1, 1), (1, 1), None),     # batch 2, 12-channel tiles, 19-row tasks
 ])
 @pytest.mark.parametrize("cpu", DOT_CPUS)
 def test_bitparallel_conv2d_stages_tiles_where_direct_stores_cannot_go(input_shape, weight_shape, stride, padding,
@@ -614,6 +616,27 @@ def test_avx512_conv_tiles_load_fewer_words_where_that_pays(input_shape, weight_
     assert (plan.channels, plan.vectors) == tile
     with kernels.cpu_target(AVX2_CPU):  # (AVX2's register file keeps its own tiles)
         assert kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs()).channels <= 6
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride", [
+    ((1, 64, 56, 56), (64, 64, 3, 3), 1),     # ResNet-18's stages: tasks of about 256 positions computed
+    ((1, 128, 28, 28), (128, 128, 3, 3), 1),  # 14-18% more than the flat domain (partial tiles, and a last
+    ((1, 64, 56, 56), (128, 64, 3, 3), 2),    # row task as long as the others)
+    ((1, 256, 14, 14), (256, 256, 3, 3), 1),
+    ((1, 512, 7, 7), (512, 512, 3, 3), 1),
+])
+def test_staged_conv_tasks_compute_little_beyond_the_plane(input_shape, weight_shape, stride):
+    geometry = conv_geometry(input_shape, weight_shape, stride, 1, 1, 1)
+    with kernels.cpu_target("cascadelake"):
+        plan = kernels._conv_pixel_plan(geometry, kernels.BitparallelKnobs())
+    assert not plan.direct and not plan.packed
+    wq = -(-geometry.padded_w // geometry.stride[1])
+    row_tasks = -(-geometry.out_h // plan.rows)
+    computed = row_tasks * plan.chunks * plan.vectors * 16
+    assert computed >= geometry.out_h * wq and plan.chunks * plan.vectors * 16 >= plan.rows * wq
+    assert computed <= 1.05 * max(geometry.out_h * wq, 64)  # (7x7: 63 positions, two 32-wide tiles)
+    assert row_tasks * -(-geometry.out_channels // plan.channels) >= 4  # work for the thread pool
+    assert plan.rows * wq <= 1024 or plan.rows == 1
 
 
 PACKED_ROW_CASES = [
