@@ -261,3 +261,11 @@ def test_cli_tune_reports_and_refuses_what_it_cannot_time(tmp_path, private_cach
         out = tmp_path / "x.out"
         result = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--tune", *args])
         assert result.exit_code == 2 and "--tune" in result.output and not out.exists(), result.output
+
+
+def test_conv_candidates_include_the_rows_that_compute_fewest_positions():
+    # ResNet-18's 56x56 3x3 conv: 14 rows (4 tasks a channel block) besides tasks of ~128 / ~512 positions
+    geo = conv_geometry((1, 64, 56, 56), (64, 64, 3, 3), 1, 1, 1, 1)
+    rows = {c["conv_rows"] for c in tuning._conv_candidates(geo)
+            if c["conv_form"] == "pixels" and (c["conv_channels"], c["conv_vectors"]) == (8, 2)}
+    assert rows == {2, 9, kernels.task_rows(geo, 58, 2, 8)} and kernels.task_rows(geo, 58, 2, 8) == 14

@@ -85,6 +85,7 @@ __all__ = [
     "ConvCodes",
     "bitparallel_conv2d_codes",
     "conv_codes_fit",
+    "task_rows",
     "bitparallel_depthwise_codes",
     "depthwise_codes_fit",
     "LUT_LANES",
@@ -1478,7 +1479,7 @@ _TASK_POSITIONS = 1024  # most flat positions a task computes (its stack tile: 3
 _MIN_TASKS = 4          # parallel tasks a conv keeps where its plane has the rows for them
 
 
-def _task_rows(geo: ConvGeometry, wq: int, vectors: int, o_blocks: int) -> int:
+def task_rows(geo: ConvGeometry, wq: int, vectors: int, o_blocks: int) -> int:
     """Output rows per parallel task: the fewest positions computed over the plane. A task
     computes whole tiles of ``16 * vectors`` positions over its ``rows x Wq`` flat domain, and
     the last row task as many as the others, so a domain that is not whole tiles, or rows that
@@ -1530,7 +1531,7 @@ def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
                 row_tasks += 1
             rows = -(-geo.out_h // row_tasks)
         else:
-            rows = _task_rows(geo, wq, vectors, o_blocks)
+            rows = task_rows(geo, wq, vectors, o_blocks)
     rows = max(1, min(rows, geo.out_h))
     packed_rows = _packed_rows(geo, vectors, rows)
     if packed_rows and not (explicit_rows and packed_rows != rows):

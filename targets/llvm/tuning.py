@@ -260,13 +260,17 @@ def _conv_problem(geo):
 def _conv_candidates(geo) -> list[dict]:
     """Pixels on the lanes: register tiles of 8..24 accumulators x tasks of ~128..512 flat
     positions; channels on the lanes: a few (rows, 16-channel vectors) register tiles."""
+    from .kernels import task_rows
+
     wq = -(-geo.padded_w // geo.stride[1])
     found = []
     for channels, vectors in ((16, 1), (8, 2), (4, 4), (12, 2), (8, 3)):
         if channels > 2 * geo.out_per_group and channels > 4:
             continue
-        for positions in (128, 512):
-            rows = max(1, min(geo.out_h, round(positions / wq)))
+        o_blocks = geo.batch * geo.groups * -(-geo.out_per_group // channels)
+        # tasks of about 128 and 512 positions, and the rows that compute the fewest positions
+        for rows in sorted({max(1, min(geo.out_h, round(positions / wq))) for positions in (128, 512)}
+                           | {task_rows(geo, wq, vectors, o_blocks)}):
             found.append({"conv_form": "pixels", "conv_channels": channels, "conv_vectors": vectors, "conv_rows": rows})
     n_tiles = -(-geo.out_per_group // 16)
     for row_block, col_vectors in ((8, 2), (4, 4), (12, 2), (6, 3)) if n_tiles > 1 else ((16, 1), (8, 1)):
