@@ -153,6 +153,9 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
     they are stored flat, named after their keys (``logits``). ``input_ranges`` maps an
     integer input's name (``input0``) to ``(low, high)``: the valid values (token ids, high
     excluded) that ``verify`` draws random samples from.
+
+    A model csqc cannot compile (an op outside ``csqc ops``, or one capture folds only on
+    constants applied to a computed value) raises ``UnsupportedOps`` and writes no file.
     """
     names: list[str] | None = None
     if isinstance(model, CsqcModel):
@@ -177,6 +180,7 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
 
     artifact = serde.serialize(program)
     program_json = _checked_for_saving(artifact.exported_program)
+    _check_capture(program, example)  # before a file nobody can compile exists
     tensors: dict[str, np.ndarray] = {}
     for prefix, table in (("state_dict", program.state_dict), ("constants", program.constants)):
         for key, value in table.items():
@@ -263,14 +267,20 @@ def capture_problems(model: nn.Module, example_inputs) -> list[str]:
     return problems or _capture_problems(program, example)
 
 
-def _capture_problems(program: torch.export.ExportedProgram, example: tuple) -> list[str]:
-    """What capture itself refuses: ops the save-time allow-list admits because capture folds
-    them on constants (masks, positions), here reading the model's input."""
+def _check_capture(program: torch.export.ExportedProgram, example: tuple) -> None:
+    """Raise what capture itself refuses: ops the program check's allow-list admits because
+    capture folds them on constants (masks, positions, rotary tables), here reading the model's
+    input; shapes and arguments it cannot translate."""
     from .capture import capture
 
     specs = [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    capture(CsqcModel(program, {"inputs": specs, "outputs": []}, example))
+
+
+def _capture_problems(program: torch.export.ExportedProgram, example: tuple) -> list[str]:
+    """:func:`_check_capture`'s refusals as messages (none: the program captures)."""
     try:
-        capture(CsqcModel(program, {"inputs": specs, "outputs": []}, example))
+        _check_capture(program, example)
     except UnsupportedOps as e:
         return [f"unsupported operator {op} (at {where})" for op, where in e.unsupported]
     except CsqcError as e:

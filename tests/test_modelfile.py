@@ -8,6 +8,7 @@ from torch import nn
 
 import csqc
 from csqc import modelfile
+from csqc.errors import UnsupportedOps
 
 
 def _small_model():
@@ -35,6 +36,26 @@ def test_save_finalizes_a_copy_and_leaves_the_training_model(tmp_path):
     csqc.save(model, tmp_path / "m.pt", torch.randn(1, 4))
     assert not model[0].finalized
     assert csqc.load(tmp_path / "m.pt").layers[0]["n_bits"] == 4
+
+
+class _MaskOfItsOutput(nn.Module):
+    """``where`` and ``cumsum`` on a computed mask: ops save's allow-list admits (capture folds
+    them on constants: attention masks, positions), here reading the model's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return torch.where(y > 0, y, torch.zeros_like(y)).cumsum(-1)
+
+
+def test_save_refuses_what_capture_refuses_before_writing_a_file(tmp_path):
+    model = csqc.convert(_MaskOfItsOutput().eval(), n_bits=3, act_bits=4)
+    with pytest.raises(UnsupportedOps, match=r"aten\.gt\.Scalar \[supported on constants only"):
+        csqc.save(model, tmp_path / "m.pt", torch.rand(2, 8))
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary left
 
 
 class _Boom:
