@@ -1534,6 +1534,125 @@ def _flip(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return value
 
 
+# -- activations composed of exp and log (ELU family, softplus, Mish) ----------------------------
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _elu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``elu(x, alpha, scale, input_scale)`` (``x > 0 ? x * scale : (exp(x * input_scale) - 1) *
+    alpha * scale``; CELU and SELU are ELUs) as ``relu(x) * scale + (exp(min(x, 0) * input_scale)
+    - 1) * (alpha * scale)``: where ``x > 0`` the second term is exactly 0, elsewhere the first is;
+    the exp is within an ulp or two of torch's (float tolerance, as sigmoid's)."""
+    if fx.target in (_aten.celu.default, _aten.celu_.default):
+        alpha = float(_arg(fx, 1, "alpha", 1.0))
+        alpha, scale, input_scale = alpha, 1.0, 1.0 / alpha
+    elif fx.target in (_aten.selu.default, _aten.selu_.default):
+        alpha, scale, input_scale = _SELU_ALPHA, _SELU_SCALE, 1.0
+    else:
+        alpha, scale, input_scale = (float(_arg(fx, i, name, 1.0)) for i, name in
+                                     ((1, "alpha"), (2, "scale"), (3, "input_scale")))
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
+    if scale != 1.0:
+        positive = _typed(ctx, fx, "mul", [positive, _scalar(ctx, fx, scale, "scale")], shape, "scaled")
+    negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape, "negative_part")
+    if input_scale != 1.0:
+        negative = _typed(ctx, fx, "mul", [negative, _scalar(ctx, fx, input_scale, "input_scale")], shape,
+                          "input_scaled")
+    grown = _typed(ctx, fx, "exp", [negative], shape, "exp")
+    less_one = _typed(ctx, fx, "sub", [grown, _scalar(ctx, fx, 1.0, "one")], shape, "expm1")
+    tail = _typed(ctx, fx, "mul", [less_one, _scalar(ctx, fx, alpha * scale, "alpha")], shape, "negative")
+    return ctx.emit(fx, "add", [positive, tail], base=_base(fx, "elu"))
+
+
+def _log1p_of_positive(ctx: _Ctx, fx: torch.fx.Node, u: str, shape, what: str) -> str:
+    """``log1p(u)`` for ``u >= 0`` as ``log(w) + (u - (w - 1)) / w``, ``w = 1 + u``: the
+    correction restores what rounding ``1 + u`` lost (for ``u`` below an ulp of 1, all of it:
+    ``log1p(u) = u``), so small values keep their relative precision as torch's log1p does."""
+    one = _scalar(ctx, fx, 1.0, f"{what}.one")
+    w = _typed(ctx, fx, "add", [u, one], shape, f"{what}.w")
+    lost = _typed(ctx, fx, "sub", [u, _typed(ctx, fx, "sub", [w, one], shape, f"{what}.w_less_one")], shape,
+                  f"{what}.lost")
+    return _typed(ctx, fx, "add", [_typed(ctx, fx, "log", [w], shape, f"{what}.log"),
+                                   _typed(ctx, fx, "div", [lost, w], shape, f"{what}.correction")], shape, what)
+
+
+def _at_least(ctx: _Ctx, fx: torch.fx.Node, v: str, floor: float, shape, what: str) -> str:
+    """``max(v, floor)`` exactly, as ``0 - min(0 - v, -floor)`` (negation is exact)."""
+    zero = _scalar(ctx, fx, 0.0, f"{what}.zero")
+    flipped = _typed(ctx, fx, "minimum", [_typed(ctx, fx, "sub", [zero, v], shape, f"{what}.negated"),
+                                          _scalar(ctx, fx, -floor, f"{what}.floor")], shape, f"{what}.min")
+    return _typed(ctx, fx, "sub", [zero, flipped], shape, what)
+
+
+def _softplus_of(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, beta: float, threshold: float, what: str) -> str:
+    """torch's ``softplus``: ``x * beta > threshold ? x : log1p(exp(x * beta)) / beta``, both
+    branches computed (the log1p's exp reading ``min(x * beta, threshold)``: finite) and picked
+    by an indicator that is exactly 0 or 1: ``min(relu(x * beta - threshold) * 2^126, 1)`` (the
+    least positive difference past a threshold of a normal float32 times 2^126 exceeds 1).
+    ``branch * indicator`` is exact for 0 and 1; ``x`` is kept above ``-FLT_MAX`` there so that
+    ``0 * x`` is never ``0 * -inf``."""
+    scaled = xv if beta == 1.0 else _typed(ctx, fx, "mul", [xv, _scalar(ctx, fx, beta, f"{what}.beta")], shape,
+                                           f"{what}.scaled")
+    limit = _scalar(ctx, fx, threshold, f"{what}.threshold")
+    over = _typed(ctx, fx, "relu", [_typed(ctx, fx, "sub", [scaled, limit], shape, f"{what}.over")], shape,
+                  f"{what}.above")
+    above = _typed(ctx, fx, "minimum", [_typed(ctx, fx, "mul", [over, _scalar(ctx, fx, 2.0**126, f"{what}.big")],
+                                               shape, f"{what}.steep"), _scalar(ctx, fx, 1.0, f"{what}.one")],
+                   shape, f"{what}.indicator")
+    grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "minimum", [scaled, limit], shape, f"{what}.within")], shape,
+                   f"{what}.exp")
+    below = _log1p_of_positive(ctx, fx, grown, shape, f"{what}.log1p")
+    if beta != 1.0:
+        below = _typed(ctx, fx, "div", [below, _scalar(ctx, fx, beta, f"{what}.divisor")], shape, f"{what}.curve")
+    keep = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, f"{what}.whole"), above], shape, f"{what}.below")
+    bounded = _at_least(ctx, fx, xv, -float(np.finfo(np.float32).max), shape, f"{what}.bounded")
+    return _typed(ctx, fx, "add", [_typed(ctx, fx, "mul", [below, keep], shape, f"{what}.curve_part"),
+                                   _typed(ctx, fx, "mul", [bounded, above], shape, f"{what}.line_part")], shape, what)
+
+
+def _softplus(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    beta, threshold = float(_arg(fx, 1, "beta", 1.0)), float(_arg(fx, 2, "threshold", 20.0))
+    if not beta > 0:
+        raise _Unsupported(f"softplus with beta {beta} (not above 0)")
+    return _softplus_of(ctx, fx, xv, shape, beta, threshold, "softplus")
+
+
+def _mish(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``mish(x) = x * tanh(log1p(exp(x)))``, the exp reading ``min(x, 20)`` (finite; past 20
+    the tanh is 1 in float32 either way)."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 20.0, "limit")], shape,
+                                           "within")], shape, "exp")
+    soft = _log1p_of_positive(ctx, fx, grown, shape, "softplus")
+    return ctx.emit(fx, "mul", [xv, _typed(ctx, fx, "tanh", [soft], shape, "tanh")], base=_base(fx, "mish"))
+
+
+def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``abs(x)`` as ``x - min(x, 0) * 2``: exact (doubling is, and ``x - 2x`` is ``-x``)."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape, "negative_part")
+    twice = _typed(ctx, fx, "mul", [negative, _scalar(ctx, fx, 2.0, "two")], shape, "twice")
+    return ctx.emit(fx, "sub", [xv, twice], base=_base(fx, "abs"))
+
+
+HANDLERS.update({
+    _aten.abs.default: _absolute,
+    _aten.exp.default: _float_unary("exp"),
+    _aten.log.default: _float_unary("log"),
+    _aten.elu.default: _elu,
+    _aten.elu_.default: _elu,
+    _aten.celu.default: _elu,
+    _aten.celu_.default: _elu,
+    _aten.selu.default: _elu,
+    _aten.selu_.default: _elu,
+    _aten.softplus.default: _softplus,
+    _aten.mish.default: _mish,
+    _aten.mish_.default: _mish,
+})
+
+
 HANDLERS.update({
     _aten.index_select.default: _index_select,
     _aten.index.Tensor: _index,

@@ -15,7 +15,7 @@ from .errors import BadInput, CsqcError
 __all__ = [
     "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
     "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis", "embedding",
-    "hardsigmoid", "hardswish", "silu", "sqrt", "avg_pool_counts", "adaptive_counts",
+    "hardsigmoid", "hardswish", "silu", "sqrt", "exp", "log", "avg_pool_counts", "adaptive_counts",
 ]
 
 F32 = np.float32
@@ -225,6 +225,18 @@ def sqrt(x: np.ndarray) -> np.ndarray:
     reports NaN outputs)."""
     with np.errstate(invalid="ignore"):
         return np.sqrt(np.asarray(x, F32)).astype(F32)
+
+
+def exp(x: np.ndarray) -> np.ndarray:
+    """float32 ``exp`` (inf above ~88.7, 0 below ~-103.9, without numpy's overflow warning)."""
+    with np.errstate(over="ignore"):
+        return np.exp(np.asarray(x, F32)).astype(F32)
+
+
+def log(x: np.ndarray) -> np.ndarray:
+    """float32 natural log (-inf at 0, NaN below it, without numpy's warnings)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(np.asarray(x, F32)).astype(F32)
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:

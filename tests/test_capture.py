@@ -263,9 +263,9 @@ def test_nodes_are_named_after_their_modules(tmp_path):
     assert "0.weight" in g.params
 
 
-class _Exp(nn.Module):  # (sin, cos and cumsum fold on constants now, so they pass the save-time check)
+class _Atan(nn.Module):  # (exp and log are IR ops now; sin, cos and cumsum fold on constants)
     def forward(self, x):
-        return torch.exp(x)
+        return torch.atan(x)
 
 
 class _Erf(nn.Module):
@@ -276,7 +276,7 @@ class _Erf(nn.Module):
 class _Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(4, 4), _Exp())
+        self.encoder = nn.Sequential(nn.Linear(4, 4), _Atan())
         self.head = nn.Sequential(nn.Linear(4, 4), _Erf())
 
     def forward(self, x):
@@ -287,10 +287,10 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
     with pytest.raises(UnsupportedOps) as e:
         _captured(_Unsupported(), (2, 4), tmp_path)
     found = dict((op, where) for op, where in e.value.unsupported)
-    assert found == {"aten.exp.default": "encoder.1", "aten.erf.default": "head.1"}
+    assert found == {"aten.atan.default": "encoder.1", "aten.erf.default": "head.1"}
     message = str(e.value)
     assert "2 unsupported operator(s)" in message
-    assert "aten.exp.default (at encoder.1)" in message and "aten.erf.default (at head.1)" in message
+    assert "aten.atan.default (at encoder.1)" in message and "aten.erf.default (at head.1)" in message
 
 
 @pytest.mark.parametrize("equation, shapes, why", [
@@ -384,6 +384,44 @@ def test_upsampling_it_cannot_translate_is_named(up, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:
         _captured(Lambda(up), (1, 2, 4, 4), tmp_path)
     assert why in str(e.value)
+
+
+# inputs over every branch: below -88 (exp underflows), tiny, around the softplus thresholds, large
+_ACTIVATION_INPUT = np.concatenate([np.linspace(-120, 120, 601), [0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 4.99, 5.0,
+                                                                  5.01, 19.99, 20.0, 20.01, 10.0]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("act, ops", [
+    (lambda x: torch.exp(torch.clamp(x, max=80.0)), {"clip", "exp"}),
+    (lambda x: torch.log(torch.abs(x) + 0.5), {"minimum", "mul", "sub", "add", "log"}),  # abs: x - 2 min(x, 0)
+    (lambda x: torch.abs(x), {"minimum", "mul", "sub"}),
+    (nn.ELU(), {"relu", "minimum", "exp", "sub", "mul", "add"}),
+    (lambda x: F.elu(x, alpha=0.7), {"relu", "minimum", "exp", "sub", "mul", "add"}),
+    (nn.CELU(1.3), {"relu", "minimum", "mul", "exp", "sub", "add"}),
+    (nn.SELU(), {"relu", "mul", "minimum", "exp", "sub", "add"}),
+    (nn.Softplus(), {"sub", "relu", "mul", "minimum", "exp", "add", "log", "div"}),
+    (nn.Softplus(beta=2.0, threshold=10.0), {"mul", "sub", "relu", "minimum", "exp", "add", "log", "div"}),
+    (nn.Softplus(beta=0.5, threshold=5.0), {"mul", "sub", "relu", "minimum", "exp", "add", "log", "div"}),
+    (nn.Mish(), {"minimum", "exp", "add", "sub", "log", "div", "tanh", "mul"}),
+])
+def test_exp_log_activations_match_pytorch(act, ops, tmp_path):
+    module = Lambda(act) if not isinstance(act, nn.Module) else act
+    x = _ACTIVATION_INPUT.reshape(1, -1)
+    g = _captured(module, x.shape, tmp_path)
+    assert {n.op for n in g.nodes} == ops
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    # an ulp or two of exp / log (ELU's exp(x) - 1 where torch takes expm1: below 1.2e-7 absolute)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=2e-7)
+
+
+def test_softplus_takes_torch_branch_exactly_past_its_threshold(tmp_path):
+    # above threshold torch returns x itself, not log1p(exp(x)) (4.5e-5 away at threshold 10)
+    x = np.array([[10.5, 11.0, 60.0, 1e30, 3e38]], np.float32)
+    g = _captured(nn.Softplus(beta=1.0, threshold=10.0), x.shape, tmp_path)
+    (out,), _ = run(g, [x])
+    np.testing.assert_array_equal(out, x)
 
 
 def test_sin_of_a_computed_value_is_refused_by_name(tmp_path):

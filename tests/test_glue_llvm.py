@@ -565,21 +565,27 @@ def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
 
 
-def test_exp_is_within_an_ulp_of_the_true_exp_and_makes_no_calls():
+def _vector_map(fn, x: np.ndarray) -> tuple[str, np.ndarray]:
+    """``fn`` (a glue expression builder) over ``x`` (a multiple of 16 long), 16 lanes a vector:
+    the kernel's call instructions and its result."""
     from tvm.script.ir_builder import tirx as I
-
-    x = np.concatenate([np.linspace(-110, 95, 1 << 20, dtype=np.float32),
-                        np.array([0.0, -0.0, 1e-30, -1e-30, 88.72283172607422, 88.72283935546875, -87.33654,
-                                  -103.97, -104.0, np.nan, np.inf, -np.inf, 7.0, 2.5, -1.0, 1.0], np.float32)])
 
     def body(xb, yb):
         with I.serial(0, x.size // 16) as v:
             with I.vectorized(0, 16) as lane:
-                I.buffer_store(yb, glue._exp(xb[v * 16 + lane]), [v * 16 + lane])
+                I.buffer_store(yb, fn(xb[v * 16 + lane]), [v * 16 + lane])
 
     func = glue._prim_func([("x", x.shape, "float32"), ("y", x.shape, "float32")], body)
-    assert "exp" not in " ".join(line for line in build(func).assembly().split("\n") if "call" in line)
-    got = run_kernel(func, x, outputs=[(x.shape, "float32")])[0]
+    calls = " ".join(line for line in build(func).assembly().split("\n") if "call" in line)
+    return calls, run_kernel(func, x, outputs=[(x.shape, "float32")])[0]
+
+
+def test_exp_is_within_an_ulp_of_the_true_exp_and_makes_no_calls():
+    x = np.concatenate([np.linspace(-110, 95, 1 << 20, dtype=np.float32),
+                        np.array([0.0, -0.0, 1e-30, -1e-30, 88.72283172607422, 88.72283935546875, -87.33654,
+                                  -103.97, -104.0, np.nan, np.inf, -np.inf, 7.0, 2.5, -1.0, 1.0], np.float32)])
+    calls, got = _vector_map(glue._exp, x)
+    assert "exp" not in calls
     with np.errstate(over="ignore"):
         true = np.exp(x.astype(np.float64)).astype(np.float32)  # the float32 nearest the true exp
     finite = np.isfinite(true)
@@ -588,3 +594,21 @@ def test_exp_is_within_an_ulp_of_the_true_exp_and_makes_no_calls():
     special = dict(zip(x[-16:].tolist(), got[-16:].tolist()))
     assert special[0.0] == 1.0 and special[-np.inf] == 0.0 and special[-104.0] == 0.0
     assert special[float(np.float32(-103.97))] > 0  # the least subnormal, rounded once
+
+
+def test_log_is_within_two_ulps_of_the_true_log_and_makes_no_calls():
+    tiny = np.float32(1.1754944e-38)  # the least normal float32
+    x = np.concatenate([np.geomspace(1e-45, 3e38, 1 << 20).astype(np.float32),
+                        np.linspace(0.5, 2.0, 1 << 16, dtype=np.float32),  # near 1: the polynomial's range
+                        np.array([0.0, -0.0, -1.0, -1e-30, np.nan, np.inf, -np.inf, 1.0, 2.0, np.e, tiny,
+                                  np.nextafter(tiny, np.float32(0)), 1e-45, 3.4028235e38, 0.70710677, 0.70710683],
+                                 np.float32)])
+    calls, got = _vector_map(glue._log, x)
+    assert "log" not in calls
+    with np.errstate(divide="ignore", invalid="ignore"):
+        true = np.log(x.astype(np.float64)).astype(np.float32)  # the float32 nearest the true log
+    finite = np.isfinite(true)
+    positive, negative = finite & (true > 0), finite & (true < 0)
+    assert _ulps(got[positive], true[positive]).max() <= 2 and _ulps(got[negative], true[negative]).max() <= 2
+    assert np.all(got[finite & (true == 0)] == 0)  # log(1)
+    np.testing.assert_array_equal(got[~finite], true[~finite])  # -inf at +-0, NaN below 0 and at NaN, inf at inf

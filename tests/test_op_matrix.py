@@ -60,6 +60,16 @@ def _sqrt(shape=(2, 3, 7)):
     return "sqrt", build
 
 
+def _log(shape=(2, 3, 7)):
+    """``log(relu(x) * 7 + 0.25)``: positive inputs from 0.25 to 14 (below 1 and above it)."""
+    def build(b, p):
+        positive = b.node(f"{p}positive", "relu", [b.input(f"{p}x", shape)], shape)
+        wide = b.node(f"{p}wide", "mul", [positive, b.param(f"{p}seven", np.full(1, 7, np.float32))], shape)
+        lifted = b.node(f"{p}lifted", "add", [wide, b.param(f"{p}quarter", np.full(1, 0.25, np.float32))], shape)
+        return b.node(f"{p}y", "log", [lifted])
+    return "log", build
+
+
 def _binary(op, a_shape=(2, 3, 4), b_shape=(3, 1), positive_b=False):
     def build(b, p):
         other = b.param(f"{p}b", _rand(b_shape, 0.5 if positive_b else -2.0, 2.0, seed=3))
@@ -160,6 +170,8 @@ CASES = {
     "hardswish": _unary_wide("hardswish"),
     "silu": _unary("silu"),
     "sqrt": _sqrt(),
+    "exp": _unary_wide("exp"),
+    "log": _log(),
     "add": _binary("add"),
     "sub": _binary("sub"),
     "mul": _binary("mul"),

@@ -247,8 +247,18 @@ def sequence_net() -> torch.nn.Module:
                          nn.Conv1d(8, 8, 3, dilation=2), nn.AvgPool1d(2), nn.Flatten(), nn.Linear(48, 5))
 
 
-@pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32))],
-                         ids=["normalized", "sequence"])
+def smooth_activation_net() -> torch.nn.Module:
+    """ELU, SELU, CELU, Mish and Softplus (exp and log on every runtime) between CSQ convs, and a
+    softplus head (beta 2, threshold 10: both of torch's branches in use)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ELU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.Mish(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.SELU(), nn.Conv2d(8, 8, 1),
+                         nn.CELU(0.5), nn.Flatten(), nn.Linear(8 * 8 * 8, 10), nn.Softplus(beta=2.0, threshold=10.0))
+
+
+@pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32)),
+                                            (smooth_activation_net, (1, 3, 16, 16))],
+                         ids=["normalized", "sequence", "smooth"])
 def test_composed_layers_compile_and_verify_exactly(factory, shape, tmp_path):
     torch.manual_seed(0)
     model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=4))

@@ -1963,6 +1963,46 @@ def _exp(value):
     return (u * power_of_two(half)) * power_of_two(n - half)
 
 
+# log on the vector units, for the same reason as exp (libm's logf once per lane otherwise):
+# x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(x) = e ln2 + log(m), log(1 + f) by Cephes logf's
+# public polynomial (f^3 times a degree-8 polynomial of f, plus f - f^2 / 2), ln 2 split in two.
+# Within 1-2 ulps of the true log (tests/test_glue_llvm.py checks against float64's).
+_LOG_COEFFICIENTS = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+                     -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+_LOG_LN2_HI, _LOG_LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = hi + lo
+_FLT_MIN = 1.1754943508222875e-38  # the least normal float32: subnormals are scaled by 2^23 first
+
+
+def _log(value):
+    """float32 ``log(value)`` without calls: -inf at +-0, NaN below 0 and at NaN, inf at inf.
+    Like :func:`_exp`, give it a load or a variable (the expression repeats ``value``)."""
+    i32 = "int32"
+    small = tirx.abs(value) < _f32(_FLT_MIN)
+    x = tirx.Select(small, value * _f32(8388608.0), value)  # 2^23
+    bits = tirx.reinterpret(i32, x)
+    exponent = ((bits >> 23) & tirx.const(0xFF, i32)) - tirx.const(126, i32) \
+        - tirx.Select(small, tirx.const(23, i32), tirx.const(0, i32))
+    m = tirx.reinterpret(F32, (bits & tirx.const(0x007FFFFF, i32)) | tirx.const(0x3F000000, i32))  # [0.5, 1)
+    low = m < _f32(0.70710678118654752440)
+    exponent = exponent - tirx.Select(low, tirx.const(1, i32), tirx.const(0, i32))
+    f = tirx.Select(low, m + m, m) - _f32(1.0)
+    z = f * f
+    poly = _f32(_LOG_COEFFICIENTS[0])
+    for c in _LOG_COEFFICIENTS[1:]:
+        poly = _fma(poly, f, _f32(c))
+    e = tirx.Cast(F32, exponent)
+    y = _fma(e, _f32(_LOG_LN2_LO), poly * f * z)
+    y = _fma(z, _f32(-0.5), y)
+    y = _fma(e, _f32(_LOG_LN2_HI), f + y)
+    # the special inputs by their bits (TVM's simplifier takes float compares to be NaN-free)
+    raw = tirx.reinterpret(i32, value)
+    magnitude = raw & tirx.const(0x7FFFFFFF, i32)
+    y = tirx.Select(tirx.Or(magnitude > tirx.const(0x7F800000, i32), raw < tirx.const(0, i32)),
+                    _f32(float("nan")), y)  # NaN, and below zero
+    y = tirx.Select(raw == tirx.const(0x7F800000, i32), _f32(float("inf")), y)
+    return tirx.Select(magnitude == tirx.const(0, i32), _f32(float("-inf")), y)  # +-0
+
+
 def _sigmoid(value):
     """The interpreter's ``1 / (1 + exp(-x))`` (float32; :func:`_exp` may differ from numpy's by an ulp)."""
     return _f32(1.0) / (_f32(1.0) + _exp(-value))
@@ -1994,10 +2034,12 @@ _UNARY = {
     "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
     "silu": lambda v, lo, hi: v * _sigmoid(v),
     "sqrt": lambda v, lo, hi: tirx.sqrt(v),  # llvm.sqrt: vsqrtps, correctly rounded
+    "exp": lambda v, lo, hi: _exp(v),
+    "log": lambda v, lo, hi: _log(v),
 }
 
 
-_EXP_OPS = ("sigmoid", "tanh", "silu")  # the unary ops built on _exp
+_EXP_OPS = ("sigmoid", "tanh", "silu", "exp", "log")  # the unary ops built on _exp (and _log: as long)
 
 
 def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:

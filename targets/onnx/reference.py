@@ -688,6 +688,8 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "sigmoid": _simple("Sigmoid"),
     "tanh": _simple("Tanh"),
     "sqrt": _simple("Sqrt"),
+    "exp": _simple("Exp"),
+    "log": _simple("Log"),
     "sub": _simple("Sub"),
     "slice": _emit_slice,
     "matmul": _simple("MatMul"),
