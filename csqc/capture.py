@@ -1629,6 +1629,41 @@ def _mish(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "mul", [xv, _typed(ctx, fx, "tanh", [soft], shape, "tanh")], base=_base(fx, "mish"))
 
 
+def _reduce_dims(fx: torch.fx.Node, dims) -> tuple[int, ...]:
+    nd = len(_shape_of(fx.args[0]))
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return tuple(range(nd))
+    return tuple(sorted({int(d) % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])}))
+
+
+def _amax(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``amax(x, dims, keepdim)``, and ``max(x, dim, keepdim)``'s values (its indices unused)."""
+    if fx.target == _aten.max.dim and any(u.args[1] != 0 and u.users for u in fx.users):
+        raise _Unsupported("max(dim) indices are used (argmax)")
+    dims = _reduce_dims(fx, _arg(fx, 1, "dim", None))
+    keep = bool(_arg(fx, 2, "keepdim", False))
+    shape = _shape_of(fx.args[0])
+    out = tuple(1 if d in dims else n for d, n in enumerate(shape)) if keep else tuple(
+        n for d, n in enumerate(shape) if d not in dims)
+    return ctx.emit(fx, "amax", [ctx.value(fx.args[0])], TensorType(out), {"dims": dims, "keepdim": keep})
+
+
+def _log_softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``log_softmax(x, dim)`` in torch's order: ``(x - max) - log(sum(exp(x - max)))``, the max
+    and its subtraction exact, the sum as mean times count (one rounding more: float tolerance)."""
+    if fx.target == _aten.log_softmax.int and _arg(fx, 2, "dtype", None) not in (None, torch.float32):
+        raise _Unsupported("log_softmax to another dtype")
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    axis = int(fx.args[1]) % len(shape)
+    kept = tuple(1 if d == axis else n for d, n in enumerate(shape))
+    top = _typed(ctx, fx, "amax", [xv], kept, "max", {"dims": (axis,), "keepdim": True})
+    shifted = _typed(ctx, fx, "sub", [xv, top], shape, "shifted")
+    grown = _typed(ctx, fx, "exp", [shifted], shape, "exp")
+    mean = _typed(ctx, fx, "mean", [grown], kept, "mean", {"dims": (axis,), "keepdim": True})
+    total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, float(shape[axis]), "count")], kept, "sum")
+    return ctx.emit(fx, "sub", [shifted, _typed(ctx, fx, "log", [total], kept, "log")], base=_base(fx, "log_softmax"))
+
+
 def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``abs(x)`` as ``x - min(x, 0) * 2``: exact (doubling is, and ``x - 2x`` is ``-x``)."""
     shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
@@ -1638,6 +1673,10 @@ def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 HANDLERS.update({
+    _aten.amax.default: _amax,
+    _aten.max.dim: _amax,
+    _aten.log_softmax.int: _log_softmax,
+    _aten._log_softmax.default: _log_softmax,
     _aten.abs.default: _absolute,
     _aten.exp.default: _float_unary("exp"),
     _aten.log.default: _float_unary("log"),

@@ -416,6 +416,28 @@ def test_exp_log_activations_match_pytorch(act, ops, tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=2e-7)
 
 
+@pytest.mark.parametrize("f, ops", [
+    (lambda x: F.log_softmax(x, -1), {"amax", "sub", "exp", "mean", "mul", "log"}),
+    (lambda x: F.log_softmax(x, 1), {"amax", "sub", "exp", "mean", "mul", "log"}),
+    (lambda x: x.amax(dim=(1, 2)), {"amax"}),
+    (lambda x: x.amax(dim=-1, keepdim=True) - x.max(dim=1).values.unsqueeze(1), {"amax", "reshape", "sub"}),
+])
+def test_max_reductions_and_log_softmax_match_pytorch(f, ops, tmp_path):
+    x = (np.random.default_rng(0).standard_normal((2, 5, 7)) * 30).astype(np.float32)
+    x[0, 0] = [-200.0, 0.0, 1.0, 2.0, 3.0, 500.0, -1e30]  # one exp far below the max: finite as torch's
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    assert {n.op for n in g.nodes} == ops
+    with torch.no_grad():
+        expected = f(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    np.testing.assert_allclose(out, expected, rtol=3e-7, atol=0)  # the max is exact; the sum one rounding off
+
+
+def test_argmax_is_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedOps, match=r"max\(dim\) indices are used"):
+        _captured(Lambda(lambda x: x.max(dim=1).indices.float()), (2, 5), tmp_path)
+
+
 def test_softplus_takes_torch_branch_exactly_past_its_threshold(tmp_path):
     # above threshold torch returns x itself, not log1p(exp(x)) (4.5e-5 away at threshold 10)
     x = np.array([[10.5, 11.0, 60.0, 1e30, 3e38]], np.float32)

@@ -188,6 +188,8 @@ CASES = {
     "adaptive_avg_pool2d[non-divisible]": _pool("adaptive_avg_pool2d", (1, 2, 7, 5), (1, 2, 3, 2),
                                                 output_size=(3, 2)),
     "mean": _pool("mean", (2, 3, 4), (2, 4), dims=(1,), keepdim=False),
+    "amax": _pool("amax", (2, 3, 4), (2, 4), dims=(1,), keepdim=False),
+    "amax[rows]": _pool("amax", (2, 3, 37), (2, 3, 1), dims=(2,), keepdim=True),  # vector partials and a tail
     "softmax": _pool("softmax", (2, 3, 5), (2, 3, 5), axis=2),
     "layer_norm": _with_params("layer_norm", (2, 3, 8), (2, 3, 8),
                                {"w": _rand(8, seed=1), "b": _rand(8, seed=2)}, axis=2, eps=1e-5),

@@ -256,9 +256,24 @@ def smooth_activation_net() -> torch.nn.Module:
                          nn.CELU(0.5), nn.Flatten(), nn.Linear(8 * 8 * 8, 10), nn.Softplus(beta=2.0, threshold=10.0))
 
 
+class MaxPooledClassifier(torch.nn.Module):
+    """A global max pool (``amax`` over the plane) and a log_softmax head, as MNIST-style nets end."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                      nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return torch.nn.functional.log_softmax(self.head(self.features(x).amax(dim=(2, 3))), dim=1)
+
+
 @pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32)),
-                                            (smooth_activation_net, (1, 3, 16, 16))],
-                         ids=["normalized", "sequence", "smooth"])
+                                            (smooth_activation_net, (1, 3, 16, 16)),
+                                            (MaxPooledClassifier, (1, 3, 12, 12))],
+                         ids=["normalized", "sequence", "smooth", "max_pooled"])
 def test_composed_layers_compile_and_verify_exactly(factory, shape, tmp_path):
     torch.manual_seed(0)
     model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=4))

@@ -40,6 +40,7 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "mean",
+    "amax",
     "softmax",
     "concat",
     "slice_axis",
@@ -458,6 +459,16 @@ def _uneven_adaptive_avg_pool2d(b: int, c: int, h: int, w: int, oh: int, ow: int
 @_builder
 def mean(shape, dims: Sequence[int], keepdim: bool):
     """``main(x, y)``: mean over ``dims``."""
+    return _reduction(shape, dims, keepdim, "mean")
+
+
+@_builder
+def amax(shape, dims: Sequence[int], keepdim: bool):
+    """``main(x, y)``: max over ``dims`` (exact in any order)."""
+    return _reduction(shape, dims, keepdim, "max")
+
+
+def _reduction(shape, dims: Sequence[int], keepdim: bool, kind: str):
     shape = tuple(int(d) for d in shape)
     dims = sorted(_normalize_axis(int(d), len(shape)) for d in dims)
     x = te.placeholder(shape, _F32, name="x")
@@ -471,6 +482,8 @@ def mean(shape, dims: Sequence[int], keepdim: bool):
         it = iter(i)
         return tuple(axes[a] if a in axes else next(it) for a in range(len(shape)))
 
+    if kind == "max":
+        return [x, te.compute(out_shape, lambda *i: te.max(x[source(*i)], axis=list(axes.values())), name="y")]
     total = te.compute(out_shape, lambda *i: te.sum(x[source(*i)], axis=list(axes.values())), name="total")
     count = int(np.prod([shape[d] for d in dims]))
     y = te.compute(out_shape, lambda *i: total[i] / _f32(count), name="y")

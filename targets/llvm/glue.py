@@ -75,6 +75,7 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "mean",
+    "amax",
     "softmax",
     "concat",
     "slice_axis",
@@ -2462,23 +2463,30 @@ def avg_pool2d(input_shape, kernel, stride, padding=(0, 0), count_include_pad: b
 
 def _emit_row_mean(x_flat, y_flat, rows: int, row_len: int, count: int):
     """``y[r] = sum(x[r, :]) / count`` over contiguous rows: 16-lane partial sums, then a fold."""
+    _emit_row_reduce(x_flat, y_flat, rows, row_len, _f32(0.0), lambda a, b: a + b,
+                     lambda total: total / _f32(count))
+
+
+def _emit_row_reduce(x_flat, y_flat, rows: int, row_len: int, start, combine: Callable, finish: Callable):
+    """``y[r] = finish(combine(...combine(start, x[r, 0])..., x[r, -1]))`` over contiguous rows:
+    16-lane partials, then a fold of the lanes and the row's tail, in that order."""
     full, tail = divmod(row_len, LANES)
     with _parallel_or_serial(rows, rows * row_len) as row:
         partial = _local((LANES,))
         total = _local((1,))
         with I.vectorized(0, LANES) as lane:
-            I.buffer_store(partial, _f32(0.0), [lane])
+            I.buffer_store(partial, start, [lane])
         if full:
             with I.serial(0, full) as v:
                 with I.vectorized(0, LANES) as lane:
-                    I.buffer_store(partial, partial[lane] + x_flat[row * row_len + v * LANES + lane], [lane])
-        I.buffer_store(total, _f32(0.0), [0])
+                    I.buffer_store(partial, combine(partial[lane], x_flat[row * row_len + v * LANES + lane]), [lane])
+        I.buffer_store(total, start, [0])
         with I.unroll(0, LANES) as lane:
-            I.buffer_store(total, total[0] + partial[lane], [0])
+            I.buffer_store(total, combine(total[0], partial[lane]), [0])
         if tail:
             with I.serial(0, tail) as t:
-                I.buffer_store(total, total[0] + x_flat[row * row_len + full * LANES + t], [0])
-        I.buffer_store(y_flat, total[0] / _f32(count), [row])
+                I.buffer_store(total, combine(total[0], x_flat[row * row_len + full * LANES + t]), [0])
+        I.buffer_store(y_flat, finish(total[0]), [row])
 
 
 def _uneven_adaptive_avg_pool2d(n: int, c: int, h: int, w: int, oh: int, ow: int) -> tirx.PrimFunc:
@@ -2525,6 +2533,17 @@ def mean(shape, dims: Sequence[int], keepdim: bool) -> tirx.PrimFunc:
     Trailing reduced dimensions (the usual ``mean((2, 3))``) are contiguous rows: vectorized
     partial sums.  Other layouts reduce with scalar loops per output element.
     """
+    return _reduction(shape, dims, keepdim, "mean")
+
+
+def amax(shape, dims: Sequence[int], keepdim: bool) -> tirx.PrimFunc:
+    """``y = x.amax(dims, keepdims=keepdim)`` (max is exact in any order: every runtime's bits
+    agree). Parameters and layouts as :func:`mean`'s."""
+    return _reduction(shape, dims, keepdim, "max")
+
+
+def _reduction(shape, dims: Sequence[int], keepdim: bool, kind: str) -> tirx.PrimFunc:
+    """:func:`mean` (``kind`` "mean") or :func:`amax` ("max")."""
     shape = tuple(int(s) for s in shape)
     reduced = sorted({int(d) % len(shape) for d in dims})
     kept = [d for d in range(len(shape)) if d not in reduced]
@@ -2533,10 +2552,14 @@ def mean(shape, dims: Sequence[int], keepdim: bool) -> tirx.PrimFunc:
     n_out = _prod(shape[d] for d in kept)
     trailing = reduced == list(range(len(shape) - len(reduced), len(shape)))
 
+    start = _f32(0.0) if kind == "mean" else _f32(float("-inf"))
+    combine = (lambda a, b: a + b) if kind == "mean" else tirx.Max
+    finish = (lambda total: total / _f32(count)) if kind == "mean" else (lambda total: total)
+
     def body(x, y):
         x_flat, y_flat = _flat(x), _flat(y)
         if trailing:
-            _emit_row_mean(x_flat, y_flat, n_out, count, count)
+            _emit_row_reduce(x_flat, y_flat, n_out, count, start, combine, finish)
             return
         in_strides = [_prod(shape[d + 1 :]) for d in range(len(shape))]
         with _parallel_or_serial(n_out, n_out * count) as out:
@@ -2545,14 +2568,14 @@ def mean(shape, dims: Sequence[int], keepdim: bool) -> tirx.PrimFunc:
                 base = base + (rest % shape[d]) * in_strides[d]
                 rest = rest // shape[d]
             total = _local((1,))
-            I.buffer_store(total, _f32(0.0), [0])
+            I.buffer_store(total, start, [0])
             with I.serial(0, count) as r:
                 offset, rest = base, r
                 for d in reversed(reduced):
                     offset = offset + (rest % shape[d]) * in_strides[d]
                     rest = rest // shape[d]
-                I.buffer_store(total, total[0] + x_flat[offset], [0])
-            I.buffer_store(y_flat, total[0] / _f32(count), [out])
+                I.buffer_store(total, combine(total[0], x_flat[offset]), [0])
+            I.buffer_store(y_flat, finish(total[0]), [out])
 
     return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
 

@@ -586,10 +586,12 @@ def _emit_adaptive_avg(e: GraphEmitter, n: Node) -> str:
     return e.b.op("AveragePool", [x], _name(e, n), exact_name=True, kernel_shape=k, strides=k)
 
 
-def _emit_mean(e: GraphEmitter, n: Node) -> str:
-    axes = e.b.const("axes", np.array(n.attr("dims"), np.int64))
-    return e.b.op("ReduceMean", [e.float_of(n.inputs[0]), axes], _name(e, n), exact_name=True,
-                  keepdims=int(bool(n.attr("keepdim"))))
+def _emit_reduce(op_type: str):
+    def emit(e: GraphEmitter, n: Node) -> str:
+        axes = e.b.const("axes", np.array(n.attr("dims"), np.int64))
+        return e.b.op(op_type, [e.float_of(n.inputs[0]), axes], _name(e, n), exact_name=True,
+                      keepdims=int(bool(n.attr("keepdim"))))
+    return emit
 
 
 def _emit_reshape(e: GraphEmitter, n: Node) -> str:
@@ -679,7 +681,8 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "max_pool2d": _emit_pool,
     "avg_pool2d": _emit_pool,
     "adaptive_avg_pool2d": _emit_adaptive_avg,
-    "mean": _emit_mean,
+    "mean": _emit_reduce("ReduceMean"),
+    "amax": _emit_reduce("ReduceMax"),
     "reshape": _emit_reshape,
     "permute": lambda e, n: e.b.op("Transpose", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,
                                    perm=list(n.attr("dims"))),

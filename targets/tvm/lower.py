@@ -1228,6 +1228,12 @@ class _Lowerer:
         f = self.plan.func(f"mean({s},{dims},{keep})", lambda: self.glue.mean(s, dims, keep))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
+    def lower_amax(self, n: Node) -> None:
+        s = tuple(self.g.type_of(n.inputs[0]).shape)
+        dims, keep = n.attr("dims"), bool(n.attr("keepdim"))
+        f = self.plan.func(f"amax({s},{dims},{keep})", lambda: self.glue.amax(s, dims, keep))
+        self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
+
     def lower_softmax(self, n: Node) -> None:
         s = n.type.shape
         f = self.plan.func(f"softmax({s},{n.attr('axis')})", lambda: self.glue.softmax(s, n.attr("axis")))
