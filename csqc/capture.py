@@ -1664,6 +1664,40 @@ def _log_softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "sub", [shifted, _typed(ctx, fx, "log", [total], kept, "log")], base=_base(fx, "log_softmax"))
 
 
+def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``var`` / ``std`` over dims with a correction (``unbiased``: 1) as torch's two passes:
+    ``d = x - mean(x)``, ``mean(d * d) * (N / (N - correction))`` (``mean(d * d)`` where the
+    correction is 0), then ``sqrt`` for std. The sums' order and the scale's rounding differ from
+    torch's: float tolerance, the same bits on every runtime."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    if fx.target in (_aten.var.correction, _aten.std.correction):
+        dims, keep = _arg(fx, 1, "dim", None), bool(fx.kwargs.get("keepdim", False))
+        correction = fx.kwargs.get("correction", 1)
+        correction = 1.0 if correction is None else float(correction)
+    else:
+        dims, keep = _arg(fx, 1, "dim", None), bool(_arg(fx, 3, "keepdim", False))
+        correction = 1.0 if _arg(fx, 2, "unbiased", True) else 0.0
+    dims = _reduce_dims(fx, dims)
+    if not keep and len(dims) == len(shape):
+        raise _Unsupported("a variance to a scalar (reduce to keepdim=True or over fewer dims)")
+    count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
+    if count - correction <= 0:
+        raise _Unsupported(f"a variance of {int(count)} element(s) with correction {correction:g}")
+    kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
+    out = kept if keep else tuple(n for d, n in enumerate(shape) if d not in dims)
+    what = "std" if fx.target in (_aten.std.dim, _aten.std.correction) else "var"
+    mean = _typed(ctx, fx, "mean", [xv], kept, "mean", {"dims": dims, "keepdim": True})
+    centered = _typed(ctx, fx, "sub", [xv, mean], shape, "centered")
+    squares = _typed(ctx, fx, "mul", [centered, centered], shape, "squares")
+    value = _typed(ctx, fx, "mean", [squares], out, "mean_square", {"dims": dims, "keepdim": keep})
+    if correction:
+        value = _typed(ctx, fx, "mul", [value, _scalar(ctx, fx, count / (count - correction), "correction")], out,
+                       "var")
+    if what == "std":
+        value = _typed(ctx, fx, "sqrt", [value], out, "std")
+    return value
+
+
 def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``abs(x)`` as ``x - min(x, 0) * 2``: exact (doubling is, and ``x - 2x`` is ``-x``)."""
     shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
@@ -1673,6 +1707,10 @@ def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 HANDLERS.update({
+    _aten.var.dim: _variance,
+    _aten.var.correction: _variance,
+    _aten.std.dim: _variance,
+    _aten.std.correction: _variance,
     _aten.amax.default: _amax,
     _aten.max.dim: _amax,
     _aten.log_softmax.int: _log_softmax,

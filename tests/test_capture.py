@@ -433,6 +433,27 @@ def test_max_reductions_and_log_softmax_match_pytorch(f, ops, tmp_path):
     np.testing.assert_allclose(out, expected, rtol=3e-7, atol=0)  # the max is exact; the sum one rounding off
 
 
+@pytest.mark.parametrize("f", [
+    lambda x: x.var(1, keepdim=True),
+    lambda x: x.var(dim=(1, 2), unbiased=False),
+    lambda x: x.std(dim=-1),
+    lambda x: torch.var(x, dim=2, correction=2, keepdim=True),
+    lambda x: (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True) + 1e-5).sqrt(),  # a hand-written norm
+], ids=["var", "var_biased", "std", "var_correction2", "norm"])
+def test_variances_match_pytorch(f, tmp_path):
+    x = (np.random.default_rng(1).standard_normal((2, 5, 7)) * 3 + 1).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    assert {n.op for n in g.nodes} <= {"mean", "sub", "mul", "sqrt", "add", "div"}
+    _compare(Lambda(f), g, x, rtol=3e-6)
+
+
+@pytest.mark.parametrize("f, why", [(lambda x: x.var(), "a variance to a scalar"),
+                                    (lambda x: x[:, :1].var(1), r"a variance of 1 element\(s\) with correction 1")])
+def test_variances_without_a_value_are_refused(f, why, tmp_path):
+    with pytest.raises(UnsupportedOps, match=why):
+        _captured(Lambda(f), (2, 5), tmp_path)
+
+
 def test_argmax_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedOps, match=r"max\(dim\) indices are used"):
         _captured(Lambda(lambda x: x.max(dim=1).indices.float()), (2, 5), tmp_path)
