@@ -639,6 +639,27 @@ def test_staged_conv_tasks_compute_little_beyond_the_plane(input_shape, weight_s
     assert plan.rows * wq <= 1024 or plan.rows == 1
 
 
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,channels", [
+    ((1, 256, 7, 7), (24, 256, 3, 3), (1, 1), (1, 1), True),    # K 2304 on 49 positions: channels on the lanes
+    ((2, 256, 14, 14), (16, 256, 3, 3), (2, 2), (1, 1), True),  # batch 2, strided: 2 x 49 positions
+    ((1, 2048, 7, 7), (20, 2048, 1, 1), (1, 1), (0, 0), True),  # a 1x1 of a long reduction, a partial vector
+    ((1, 512, 7, 7), (32, 512, 1, 1), (1, 1), (0, 0), False),   # K 512: the pixel kernel
+    ((1, 256, 8, 8), (16, 256, 3, 3), (1, 1), (1, 1), False),   # 64 positions: no waste to save
+])
+def test_long_reductions_on_seven_position_planes_put_channels_on_lanes(input_shape, weight_shape, stride, padding,
+                                                                         channels):
+    geometry = conv_geometry(input_shape, weight_shape, stride, padding, 1, 1)
+    with kernels.cpu_target("cascadelake"):
+        assert kernels.channels_on_lanes_pay(geometry) == channels
+    with kernels.cpu_target(AVX2_CPU):
+        assert not kernels.channels_on_lanes_pay(geometry)  # (AVX2 keeps the pixel kernel)
+    x = RNG.integers(0, code_limit(None), input_shape)
+    q = RNG.integers(-8, 8, weight_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, 1, None)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
+                                  conv_reference(x, q, stride, padding, (1, 1), 1))
+
+
 PACKED_ROW_CASES = [
     # narrow outputs whose vectors join output rows (kernels._packed_rows): input shape, weight
     # shape, stride, padding, knobs

@@ -37,7 +37,7 @@ every kernel is its output buffer; scalars come right before it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -86,6 +86,7 @@ __all__ = [
     "bitparallel_conv2d_codes",
     "conv_codes_fit",
     "task_rows",
+    "channels_on_lanes_pay",
     "bitparallel_depthwise_codes",
     "depthwise_codes_fit",
     "LUT_LANES",
@@ -1501,6 +1502,26 @@ def task_rows(geo: ConvGeometry, wq: int, vectors: int, o_blocks: int) -> int:
     return best_rows
 
 
+def channels_on_lanes_pay(geo: ConvGeometry) -> bool:
+    """Whether output channels on the lanes, 7 positions a register tile (7 x 2 vectors), beat the
+    pixel kernel: on AVX-512, where the reduction is long (2048 and more: the channels kernel's
+    scattered stores then cost little) and the plane is whole 7-position tiles while the pixel
+    plan computes a tenth more positions than there are (a 7x7 plane: 64 for 49; 14x14: 224 for
+    196). Zen 5, 2 threads, alternating runs: 512 -> 512 3x3 at 7x7 155 -> 129 us, stride 2 from
+    14x14 163 -> 144, 256 -> 256 at 14x14 133 -> 126, 2048 -> 512 1x1 at 7x7 81 -> 76; shorter
+    reductions lose (512 -> 512 1x1 at 7x7 25 -> 29 us, 128 -> 128 3x3 13 -> 14)."""
+    if accumulator_budget() < 16 or geo.groups != 1 or geo.is_depthwise or phase_pairs(geo)[0] is None:
+        return False
+    positions = geo.batch * geo.out_h * geo.out_w
+    if geo.in_per_group * geo.kernel_h * geo.kernel_w < 2048 or positions % 7:
+        return False
+    plan = _conv_pixel_plan(geo, BitparallelKnobs())
+    if plan.packed or plan.direct:
+        return False
+    computed = geo.batch * -(-geo.out_h // plan.rows) * plan.chunks * plan.vectors * VNNI_LANES
+    return computed >= 1.1 * positions
+
+
 def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
     """Per-shape tiling: the knobs where given, else the heuristic."""
     sw = geo.stride[1]
@@ -1853,6 +1874,10 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     # on every shape measured (Xeon, AVX-512 VNNI, one thread): ResNet-18's 3x3 convs at 14x14
     # and 7x7 by 1.26x-1.47x, MobileNetV2's 1x1 convs at 28x28 down to 7x7 by 1.2x-4.9x (short
     # K loops cost the channels kernel most), and equal on ResNet-20's. --tune still tries both.
+    # Reductions of 2048 and more on planes of whole 7-position tiles are the exception
+    # (channels_on_lanes_pay: Zen 5 measurements).
+    if knobs.conv_form == "" and channels_on_lanes_pay(geo):
+        knobs = replace(knobs, conv_form="channels", row_block=7)
     if knobs.conv_form in ("", "pixels"):
         pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype)
         if pixels is not None:
