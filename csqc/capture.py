@@ -1588,8 +1588,9 @@ def _at_least(ctx: _Ctx, fx: torch.fx.Node, v: str, floor: float, shape, what: s
 def _softplus_of(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, beta: float, threshold: float, what: str) -> str:
     """torch's ``softplus``: ``x * beta > threshold ? x : log1p(exp(x * beta)) / beta``, both
     branches computed (the log1p's exp reading ``min(x * beta, threshold)``: finite) and picked
-    by an indicator that is exactly 0 or 1: ``min(relu(x * beta - threshold) * 2^126, 1)`` (the
-    least positive difference past a threshold of a normal float32 times 2^126 exceeds 1).
+    by an indicator that is exactly 0 or 1: ``min(relu(x * beta - threshold) * 2^126 * 2^24, 1)``
+    (any positive difference, the least subnormal included, times 2^150 reaches 1; the scaling of
+    a subnormal by 2^126 is exact, and an overflow to inf is still above 1).
     ``branch * indicator`` is exact for 0 and 1; ``x`` is kept above ``-FLT_MAX`` there so that
     ``0 * x`` is never ``0 * -inf``."""
     scaled = xv if beta == 1.0 else _typed(ctx, fx, "mul", [xv, _scalar(ctx, fx, beta, f"{what}.beta")], shape,
@@ -1597,9 +1598,9 @@ def _softplus_of(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, beta: float, thre
     limit = _scalar(ctx, fx, threshold, f"{what}.threshold")
     over = _typed(ctx, fx, "relu", [_typed(ctx, fx, "sub", [scaled, limit], shape, f"{what}.over")], shape,
                   f"{what}.above")
-    above = _typed(ctx, fx, "minimum", [_typed(ctx, fx, "mul", [over, _scalar(ctx, fx, 2.0**126, f"{what}.big")],
-                                               shape, f"{what}.steep"), _scalar(ctx, fx, 1.0, f"{what}.one")],
-                   shape, f"{what}.indicator")
+    steep = _typed(ctx, fx, "mul", [over, _scalar(ctx, fx, 2.0**126, f"{what}.big")], shape, f"{what}.steep")
+    steeper = _typed(ctx, fx, "mul", [steep, _scalar(ctx, fx, 2.0**24, f"{what}.bigger")], shape, f"{what}.steeper")
+    above = _typed(ctx, fx, "minimum", [steeper, _scalar(ctx, fx, 1.0, f"{what}.one")], shape, f"{what}.indicator")
     grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "minimum", [scaled, limit], shape, f"{what}.within")], shape,
                    f"{what}.exp")
     below = _log1p_of_positive(ctx, fx, grown, shape, f"{what}.log1p")

@@ -459,12 +459,17 @@ def test_argmax_is_refused_by_name(tmp_path):
         _captured(Lambda(lambda x: x.max(dim=1).indices.float()), (2, 5), tmp_path)
 
 
-def test_softplus_takes_torch_branch_exactly_past_its_threshold(tmp_path):
-    # above threshold torch returns x itself, not log1p(exp(x)) (4.5e-5 away at threshold 10)
-    x = np.array([[10.5, 11.0, 60.0, 1e30, 3e38]], np.float32)
-    g = _captured(nn.Softplus(beta=1.0, threshold=10.0), x.shape, tmp_path)
+@pytest.mark.parametrize("threshold, x", [
+    (10.0, [10.5, 11.0, 60.0, 1e30, 3e38]),  # torch returns x itself, not log1p(exp(x)) (4.5e-5 away at 10)
+    (0.0, [1e-45, 1e-40, 1e-38, 0.5]),       # past a threshold of 0 by the least subnormal: still x
+])
+def test_softplus_takes_torch_branch_exactly_past_its_threshold(threshold, x, tmp_path):
+    x = np.array([x], np.float32)
+    g = _captured(nn.Softplus(beta=1.0, threshold=threshold), x.shape, tmp_path)
     (out,), _ = run(g, [x])
     np.testing.assert_array_equal(out, x)
+    with torch.no_grad():
+        np.testing.assert_array_equal(nn.Softplus(beta=1.0, threshold=threshold)(torch.from_numpy(x)).numpy(), x)
 
 
 def test_sin_of_a_computed_value_is_refused_by_name(tmp_path):
