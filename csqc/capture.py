@@ -1666,10 +1666,10 @@ def _log_softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``var`` / ``std`` over dims with a correction (``unbiased``: 1) as torch's two passes:
+    """``var`` / ``std`` over dims with a correction (``unbiased``: 1) in two passes:
     ``d = x - mean(x)``, ``mean(d * d) * (N / (N - correction))`` (``mean(d * d)`` where the
-    correction is 0), then ``sqrt`` for std. The sums' order and the scale's rounding differ from
-    torch's: float tolerance, the same bits on every runtime."""
+    correction is 0), then ``sqrt`` for std. torch accumulates otherwise (Welford's update):
+    float tolerance against it, the same bits on every runtime."""
     shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
     if fx.target in (_aten.var.correction, _aten.std.correction):
         dims, keep = _arg(fx, 1, "dim", None), bool(fx.kwargs.get("keepdim", False))

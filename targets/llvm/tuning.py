@@ -273,7 +273,7 @@ def _conv_candidates(geo) -> list[dict]:
                            | {task_rows(geo, wq, vectors, o_blocks)}):
             found.append({"conv_form": "pixels", "conv_channels": channels, "conv_vectors": vectors, "conv_rows": rows})
     n_tiles = -(-geo.out_per_group // 16)
-    for row_block, col_vectors in ((8, 2), (4, 4), (12, 2), (6, 3)) if n_tiles > 1 else ((16, 1), (8, 1)):
+    for row_block, col_vectors in ((8, 2), (7, 2), (4, 4), (12, 2), (6, 3)) if n_tiles > 1 else ((16, 1), (8, 1)):
         if col_vectors <= n_tiles:
             found.append({"conv_form": "channels", "row_block": row_block, "col_vectors": col_vectors})
     return found
