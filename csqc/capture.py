@@ -822,11 +822,19 @@ def _addmm(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _pow(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    # x ** 2 and x ** 3 as products: PyTorch computes these exponents as x * x (* x) too
+    """``x ** e`` for the exponents PyTorch's kernel computes without ``pow``: 2 and 3 as products
+    (``x * x (* x)``), 0.5 as ``sqrt``, -0.5 as ``1 / sqrt``, -1 as ``1 / x``, -2 as ``1 / (x * x)``."""
     exponent = fx.args[1]
-    if exponent not in (1, 2, 3):
-        raise _Unsupported(f"pow with exponent {exponent!r} of a runtime value (only 1, 2, 3)")
-    xv = ctx.value(fx.args[0])
+    if exponent not in (1, 2, 3, 0.5, -0.5, -1, -2):
+        raise _Unsupported(f"pow with exponent {exponent!r} of a runtime value (only 1, 2, 3, 0.5, -0.5, -1, -2)")
+    xv, shape = ctx.value(fx.args[0]), _shape_of(fx.args[0])
+    if exponent in (0.5, -0.5):
+        root = _typed(ctx, fx, "sqrt", [xv], shape, "sqrt")
+        return root if exponent == 0.5 else ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), root],
+                                                     base=_base(fx, "pow"))
+    if exponent in (-1, -2):
+        below = xv if exponent == -1 else _typed(ctx, fx, "mul", [xv, xv], shape, "square")
+        return ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), below], base=_base(fx, "pow"))
     out = xv
     for _ in range(int(exponent) - 1):
         out = ctx.emit(fx, "mul", [out, xv], base=_base(fx, "pow"))
@@ -1588,19 +1596,14 @@ def _at_least(ctx: _Ctx, fx: torch.fx.Node, v: str, floor: float, shape, what: s
 def _softplus_of(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, beta: float, threshold: float, what: str) -> str:
     """torch's ``softplus``: ``x * beta > threshold ? x : log1p(exp(x * beta)) / beta``, both
     branches computed (the log1p's exp reading ``min(x * beta, threshold)``: finite) and picked
-    by an indicator that is exactly 0 or 1: ``min(relu(x * beta - threshold) * 2^126 * 2^24, 1)``
-    (any positive difference, the least subnormal included, times 2^150 reaches 1; the scaling of
-    a subnormal by 2^126 is exact, and an overflow to inf is still above 1).
+    by an indicator of ``x * beta - threshold > 0`` that is exactly 0 or 1 (:func:`_indicator`).
     ``branch * indicator`` is exact for 0 and 1; ``x`` is kept above ``-FLT_MAX`` there so that
     ``0 * x`` is never ``0 * -inf``."""
     scaled = xv if beta == 1.0 else _typed(ctx, fx, "mul", [xv, _scalar(ctx, fx, beta, f"{what}.beta")], shape,
                                            f"{what}.scaled")
     limit = _scalar(ctx, fx, threshold, f"{what}.threshold")
-    over = _typed(ctx, fx, "relu", [_typed(ctx, fx, "sub", [scaled, limit], shape, f"{what}.over")], shape,
-                  f"{what}.above")
-    steep = _typed(ctx, fx, "mul", [over, _scalar(ctx, fx, 2.0**126, f"{what}.big")], shape, f"{what}.steep")
-    steeper = _typed(ctx, fx, "mul", [steep, _scalar(ctx, fx, 2.0**24, f"{what}.bigger")], shape, f"{what}.steeper")
-    above = _typed(ctx, fx, "minimum", [steeper, _scalar(ctx, fx, 1.0, f"{what}.one")], shape, f"{what}.indicator")
+    above = _indicator(ctx, fx, _typed(ctx, fx, "sub", [scaled, limit], shape, f"{what}.over"), shape,
+                       f"{what}.indicator")
     grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "minimum", [scaled, limit], shape, f"{what}.within")], shape,
                    f"{what}.exp")
     below = _log1p_of_positive(ctx, fx, grown, shape, f"{what}.log1p")
@@ -1699,15 +1702,146 @@ def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return value
 
 
-def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``abs(x)`` as ``x - min(x, 0) * 2``: exact (doubling is, and ``x - 2x`` is ``-x``)."""
+def _indicator(ctx: _Ctx, fx: torch.fx.Node, d: str, shape, what: str) -> str:
+    """Exactly 1 where ``d > 0`` and 0 elsewhere: ``min(relu(d) * 2^126 * 2^24, 1)`` (any positive
+    float32, the least subnormal included, times 2^150 reaches 1; an overflow to inf still does)."""
+    positive = _typed(ctx, fx, "relu", [d], shape, f"{what}.positive")
+    steep = _typed(ctx, fx, "mul", [positive, _scalar(ctx, fx, 2.0**126, f"{what}.big")], shape, f"{what}.steep")
+    steeper = _typed(ctx, fx, "mul", [steep, _scalar(ctx, fx, 2.0**24, f"{what}.bigger")], shape, f"{what}.steeper")
+    return _typed(ctx, fx, "minimum", [steeper, _scalar(ctx, fx, 1.0, f"{what}.one")], shape, what)
+
+
+def _negated_value(ctx: _Ctx, fx: torch.fx.Node, v: str, shape, what: str) -> str:
+    return _typed(ctx, fx, "sub", [_scalar(ctx, fx, 0.0, f"{what}.zero"), v], shape, what)
+
+
+def _log_sigmoid(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``log_sigmoid(x)`` as torch's kernel: ``min(x, 0) - log1p(exp(-|x|))``."""
     shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
     negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape, "negative_part")
-    twice = _typed(ctx, fx, "mul", [negative, _scalar(ctx, fx, 2.0, "two")], shape, "twice")
-    return ctx.emit(fx, "sub", [xv, twice], base=_base(fx, "abs"))
+    magnitude = _abs_value(ctx, fx, xv, shape, "abs")
+    grown = _typed(ctx, fx, "exp", [_negated_value(ctx, fx, magnitude, shape, "neg_abs")], shape, "exp")
+    return ctx.emit(fx, "sub", [negative, _log1p_of_positive(ctx, fx, grown, shape, "log1p")],
+                    base=_base(fx, "log_sigmoid"))
+
+
+def _glu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``glu(x, dim)``: the first half times the sigmoid of the second."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    axis = int(_arg(fx, 1, "dim", -1)) % len(shape)
+    half = shape[axis] // 2
+    if shape[axis] % 2:
+        raise _Unsupported(f"glu over an odd size ({shape[axis]})")
+    a = _slice_value(ctx, fx, xv, shape, axis, 0, half)
+    b = _slice_value(ctx, fx, xv, shape, axis, half, 2 * half)
+    out = tuple(half if d == axis else n for d, n in enumerate(shape))
+    return ctx.emit(fx, "mul", [a, _typed(ctx, fx, "sigmoid", [b], out, "gate")], base=_base(fx, "glu"))
+
+
+def _shrink(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``hardshrink(x, l)`` (``|x| > l ? x : 0``) as ``x * [|x| - l > 0]``, and ``softshrink(x, l)``
+    (``x > l ? x - l : x < -l ? x + l : 0``) as ``relu(x - l) + min(x + l, 0)``: one term is
+    exactly 0 wherever the other is torch's value."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    lam = float(_arg(fx, 1, "lambd", 0.5))
+    if fx.target == _aten.softshrink.default:
+        upper = _typed(ctx, fx, "relu", [_typed(ctx, fx, "sub", [xv, _scalar(ctx, fx, lam, "lambd")], shape, "less")],
+                       shape, "upper")
+        lower = _typed(ctx, fx, "minimum", [_typed(ctx, fx, "add", [xv, _scalar(ctx, fx, lam, "lambd_")], shape,
+                                                   "more"), _scalar(ctx, fx, 0.0, "zero")], shape, "lower")
+        return ctx.emit(fx, "add", [upper, lower], base=_base(fx, "softshrink"))
+    absolute = _abs_value(ctx, fx, xv, shape, "abs")
+    keep = _indicator(ctx, fx, _typed(ctx, fx, "sub", [absolute, _scalar(ctx, fx, lam, "lambd")], shape, "margin"),
+                      shape, "keep")
+    return ctx.emit(fx, "mul", [xv, keep], base=_base(fx, "hardshrink"))
+
+
+def _threshold(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``threshold(x, t, value)`` (``x > t ? x : value``) as ``x * [x - t > 0] + value * (1 -
+    [x - t > 0])``, ``x`` kept above ``-FLT_MAX`` so that no ``0 * -inf`` appears."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    t, value = float(fx.args[1]), float(fx.args[2])
+    if not np.isfinite(value):
+        raise _Unsupported(f"threshold with a non-finite value ({value})")
+    keep = _indicator(ctx, fx, _typed(ctx, fx, "sub", [xv, _scalar(ctx, fx, t, "threshold")], shape, "margin"),
+                      shape, "keep")
+    bounded = _at_least(ctx, fx, xv, -float(np.finfo(np.float32).max), shape, "bounded")
+    kept = _typed(ctx, fx, "mul", [bounded, keep], shape, "kept")
+    if value == 0.0:
+        return kept
+    replaced = _typed(ctx, fx, "mul", [_typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "one"), keep], shape, "drop"),
+                                       _scalar(ctx, fx, value, "value")], shape, "replaced")
+    return ctx.emit(fx, "add", [kept, replaced], base=_base(fx, "threshold"))
+
+
+def _maximum(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``maximum(a, b)`` as ``0 - minimum(0 - a, 0 - b)`` (negation is exact)."""
+    a, b = fx.args[0], fx.args[1]
+    na = _negated_value(ctx, fx, ctx.value(a), _shape_of(a), "neg_a")
+    nb = _negated_value(ctx, fx, ctx.value(b), _shape_of(b), "neg_b")
+    low = _typed(ctx, fx, "minimum", [na, nb], _type_of(fx).shape, "minimum")
+    return ctx.emit(fx, "sub", [_scalar(ctx, fx, 0.0, "zero"), low], base=_base(fx, "maximum"))
+
+
+def _rrelu_eval(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``rrelu`` in eval mode: a leaky ReLU of slope ``(lower + upper) / 2``."""
+    if bool(_arg(fx, 3, "training", False)):
+        raise _Unsupported("rrelu in training mode (random slopes)")
+    lower, upper = float(_arg(fx, 1, "lower", 1.0 / 8)), float(_arg(fx, 2, "upper", 1.0 / 3))
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    slope = _scalar(ctx, fx, float(np.float32((lower + upper) / 2)), "slope")
+    positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
+    negative = _typed(ctx, fx, "mul", [_typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape,
+                                              "negative_part"), slope], shape, "negative")
+    return ctx.emit(fx, "add", [positive, negative], base=_base(fx, "rrelu"))
+
+
+def _vector_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``linalg.vector_norm(x, 2, dims, keepdim)`` (``x.norm(dim=...)``, ``F.normalize``) as
+    ``sqrt(sum(x * x))``, the sum as mean times count (float tolerance against torch)."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    order = float(_arg(fx, 1, "ord", 2))
+    if order != 2:
+        raise _Unsupported(f"a vector norm of order {order:g} (only 2)")
+    if _arg(fx, 4, "dtype", None) not in (None, torch.float32):
+        raise _Unsupported("a vector norm to another dtype")
+    dims = _reduce_dims(fx, _arg(fx, 2, "dim", None))
+    keep = bool(_arg(fx, 3, "keepdim", False))
+    if not keep and len(dims) == len(shape):
+        raise _Unsupported("a vector norm to a scalar (keepdim=True or fewer dims)")
+    out = tuple(1 if d in dims else n for d, n in enumerate(shape)) if keep else tuple(
+        n for d, n in enumerate(shape) if d not in dims)
+    squares = _typed(ctx, fx, "mul", [xv, xv], shape, "squares")
+    mean = _typed(ctx, fx, "mean", [squares], out, "mean", {"dims": dims, "keepdim": keep})
+    count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
+    total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, count, "count")], out, "sum")
+    return ctx.emit(fx, "sqrt", [total], base=_base(fx, "norm"))
+
+
+def _abs_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, what: str) -> str:
+    """``|x|`` as ``x - min(x, 0) * 2``: exact (doubling is, and ``x - 2x`` is ``-x``)."""
+    negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, f"{what}.zero")], shape, f"{what}.negative_part")
+    twice = _typed(ctx, fx, "mul", [negative, _scalar(ctx, fx, 2.0, f"{what}.two")], shape, f"{what}.twice")
+    return _typed(ctx, fx, "sub", [xv, twice], shape, what)
+
+
+def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return _abs_value(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), "abs")
 
 
 HANDLERS.update({
+    _aten.log_sigmoid.default: _log_sigmoid,
+    _aten.log_sigmoid_forward.default: _log_sigmoid,
+    _aten.glu.default: _glu,
+    _aten.hardshrink.default: _shrink,
+    _aten.softshrink.default: _shrink,
+    _aten.threshold.default: _threshold,
+    _aten.threshold_.default: _threshold,
+    _aten.maximum.default: _maximum,
+    _aten.rrelu.default: _rrelu_eval,
+    _aten.reciprocal.default: lambda c, f: c.emit(f, "div", [_scalar(c, f, 1.0, "one"), c.value(f.args[0])],
+                                                  base=_base(f, "reciprocal")),
+    _aten.linalg_vector_norm.default: _vector_norm,
     _aten.var.dim: _variance,
     _aten.var.correction: _variance,
     _aten.std.dim: _variance,

@@ -401,7 +401,7 @@ _DEFS = [
     _binary("mul", np.multiply, lambda a, b: a * b, _keeps_sign, "a * b"),
     _binary("div", np.divide, lambda a, b: a / b, _keeps_sign, "a / b"),
     _binary("minimum", np.minimum, lambda a, b: T.minimum(a, b), _keeps_sign,
-            "min(a, b) (also abs, leaky ReLU, PReLU)"),
+            "min(a, b) (also maximum, abs, leaky ReLU, PReLU, RReLU, shrinks)"),
     _op("expand", (1, 1), _expand, attrs={"folded_layer": Attr("str", ""), "weight_shape": Attr("ints", ()),
                                            "n_bits": Attr("int", 0)},
         sign=_keeps_sign, evaluate=lambda n, a: np.array(np.broadcast_to(a[0], n.type.shape), dtype=F32),

@@ -416,6 +416,26 @@ def test_exp_log_activations_match_pytorch(act, ops, tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=2e-7)
 
 
+@pytest.mark.parametrize("act", [
+    F.logsigmoid, lambda x: F.glu(x, -1), lambda x: F.glu(x.reshape(-1, 6, 11), 1), F.hardshrink, lambda x: F.hardshrink(x, 2.0),
+    F.softshrink, lambda x: F.threshold(x, 0.1, 20.0), lambda x: F.threshold(x, 0.5, 0.0),
+    lambda x: F.rrelu(x, training=False), lambda x: torch.abs(x).pow(0.5), lambda x: torch.abs(x).add(1).pow(-0.5),
+    lambda x: torch.abs(x).add(1).pow(-1), lambda x: torch.abs(x).add(1).pow(-2), lambda x: torch.abs(x).add(1).reciprocal(),
+    lambda x: x / x.norm(dim=-1, keepdim=True), lambda x: F.normalize(x, dim=0), lambda x: torch.maximum(x, x * 0.5 + 1),
+], ids=["logsigmoid", "glu", "glu_middle_axis", "hardshrink", "hardshrink2", "softshrink", "threshold", "threshold_to_0",
+        "rrelu_eval", "pow_half", "pow_minus_half", "pow_minus_1", "pow_minus_2", "reciprocal", "norm", "normalize",
+        "maximum"])
+def test_more_activations_match_pytorch(act, tmp_path):
+    x = np.concatenate([np.linspace(-30, 30, 118), [0.0, -0.0, 0.5, -0.5, 0.50001, 0.1, 2.0, -2.0, 1e-30, -1e-30,
+                                                   100.0, -100.0, 2.0000002, -2.0000002]]).astype(np.float32).reshape(2, -1)
+    g = _captured(Lambda(act), x.shape, tmp_path)
+    with torch.no_grad():
+        expected = act(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    # the branch-picking ones (shrinks, threshold) are exact; exp, log, sigmoid and sqrt within an ulp or two
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("f, ops", [
     (lambda x: F.log_softmax(x, -1), {"amax", "sub", "exp", "mean", "mul", "log"}),
     (lambda x: F.log_softmax(x, 1), {"amax", "sub", "exp", "mean", "mul", "log"}),

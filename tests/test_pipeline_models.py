@@ -248,12 +248,15 @@ def sequence_net() -> torch.nn.Module:
 
 
 def smooth_activation_net() -> torch.nn.Module:
-    """ELU, SELU, CELU, Mish and Softplus (exp and log on every runtime) between CSQ convs, and a
-    softplus head (beta 2, threshold 10: both of torch's branches in use)."""
+    """ELU, SELU, CELU, Mish, GLU, Softshrink, LogSigmoid and Threshold (exp and log on every
+    runtime, exact branch indicators) between CSQ convs, and a softplus head (beta 2, threshold
+    10: both of torch's branches in use)."""
     nn = torch.nn
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ELU(), nn.Conv2d(8, 8, 3, padding=1),
                          nn.Mish(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.SELU(), nn.Conv2d(8, 8, 1),
-                         nn.CELU(0.5), nn.Flatten(), nn.Linear(8 * 8 * 8, 10), nn.Softplus(beta=2.0, threshold=10.0))
+                         nn.CELU(0.5), nn.Conv2d(8, 16, 1), nn.GLU(dim=1), nn.Softshrink(0.05), nn.Conv2d(8, 8, 1),
+                         nn.LogSigmoid(), nn.Threshold(-0.5, 0.0), nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+                         nn.Softplus(beta=2.0, threshold=10.0))
 
 
 class MaxPooledClassifier(torch.nn.Module):
