@@ -1330,11 +1330,16 @@ def _leaky_relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
                           w.reshape((1,) * len(shape)))
     else:
         slope = _scalar(ctx, fx, float(_arg(fx, 1, "negative_slope", 0.01)), "slope")
+    return _leaky(ctx, fx, xv, shape, slope, "leaky_relu")
+
+
+def _leaky(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, slope: str, what: str) -> str:
+    """``relu(x) + min(x, 0) * slope`` (``slope``: a parameter's name)."""
     zero = _scalar(ctx, fx, 0.0, "zero")
     positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
     negative = _typed(ctx, fx, "mul", [_typed(ctx, fx, "minimum", [xv, zero], shape, "negative_part"), slope], shape,
                       "negative")
-    return ctx.emit(fx, "add", [positive, negative], base=_base(fx, "leaky_relu"))
+    return ctx.emit(fx, "add", [positive, negative], base=_base(fx, what))
 
 
 def _pixel_shuffle(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -1788,12 +1793,8 @@ def _rrelu_eval(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if bool(_arg(fx, 3, "training", False)):
         raise _Unsupported("rrelu in training mode (random slopes)")
     lower, upper = float(_arg(fx, 1, "lower", 1.0 / 8)), float(_arg(fx, 2, "upper", 1.0 / 3))
-    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
     slope = _scalar(ctx, fx, float(np.float32((lower + upper) / 2)), "slope")
-    positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
-    negative = _typed(ctx, fx, "mul", [_typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape,
-                                              "negative_part"), slope], shape, "negative")
-    return ctx.emit(fx, "add", [positive, negative], base=_base(fx, "rrelu"))
+    return _leaky(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), slope, "rrelu")
 
 
 def _vector_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:

@@ -289,9 +289,9 @@ _UNARY = {
     "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
     "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
     "silu": lambda v, lo, hi: v * (_f32(1.0) / (_f32(1.0) + tirx.exp(-v))),
-    "sqrt": lambda v, lo, hi: tirx.sqrt(v),
+    "sqrt": lambda v, lo, hi: tirx.sqrt(v),  # sqrtf: correctly rounded (nvcc's default -prec-sqrt=true)
     "exp": lambda v, lo, hi: tirx.exp(v),  # expf, logf: within an ulp or two (no --use_fast_math)
-    "log": lambda v, lo, hi: tirx.log(v),  # sqrtf: correctly rounded (nvcc's default -prec-sqrt=true)
+    "log": lambda v, lo, hi: tirx.log(v),
 }
 
 

@@ -2463,8 +2463,14 @@ def avg_pool2d(input_shape, kernel, stride, padding=(0, 0), count_include_pad: b
 
 def _emit_row_mean(x_flat, y_flat, rows: int, row_len: int, count: int):
     """``y[r] = sum(x[r, :]) / count`` over contiguous rows: 16-lane partial sums, then a fold."""
-    _emit_row_reduce(x_flat, y_flat, rows, row_len, _f32(0.0), lambda a, b: a + b,
-                     lambda total: total / _f32(count))
+    _emit_row_reduce(x_flat, y_flat, rows, row_len, *_REDUCTIONS["mean"](count))
+
+
+# kind -> count -> (start, combine, finish) of a reduction
+_REDUCTIONS = {
+    "mean": lambda count: (_f32(0.0), lambda a, b: a + b, lambda total: total / _f32(count)),
+    "max": lambda count: (_f32(float("-inf")), tirx.Max, lambda total: total),
+}
 
 
 def _emit_row_reduce(x_flat, y_flat, rows: int, row_len: int, start, combine: Callable, finish: Callable):
@@ -2552,9 +2558,7 @@ def _reduction(shape, dims: Sequence[int], keepdim: bool, kind: str) -> tirx.Pri
     n_out = _prod(shape[d] for d in kept)
     trailing = reduced == list(range(len(shape) - len(reduced), len(shape)))
 
-    start = _f32(0.0) if kind == "mean" else _f32(float("-inf"))
-    combine = (lambda a, b: a + b) if kind == "mean" else tirx.Max
-    finish = (lambda total: total / _f32(count)) if kind == "mean" else (lambda total: total)
+    start, combine, finish = _REDUCTIONS[kind](count)
 
     def body(x, y):
         x_flat, y_flat = _flat(x), _flat(y)
