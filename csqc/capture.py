@@ -9,6 +9,7 @@ tables, verify reports and ONNX tensor names read like the user's model.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import string
 from dataclasses import dataclass, field
@@ -1797,26 +1798,87 @@ def _rrelu_eval(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return _leaky(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), slope, "rrelu")
 
 
+_NORM_ORDERS = (1.0, 2.0, math.inf, -math.inf)
+
+
 def _vector_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``linalg.vector_norm(x, 2, dims, keepdim)`` (``x.norm(dim=...)``, ``F.normalize``) as
-    ``sqrt(sum(x * x))``, the sum as mean times count (float tolerance against torch)."""
-    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    """``linalg.vector_norm(x, ord, dims, keepdim)`` (``x.norm(p, dim=...)``, ``F.normalize``)
+    of order 2 (``sqrt(sum(x * x))``), 1 (``sum(|x|)``; sums as mean times count: float
+    tolerance against torch), inf and -inf (``amax(|x|)`` and ``-amax(-|x|)``: exact)."""
+    shape = _shape_of(fx.args[0])
     order = float(_arg(fx, 1, "ord", 2))
-    if order != 2:
-        raise _Unsupported(f"a vector norm of order {order:g} (only 2)")
+    if order not in _NORM_ORDERS:
+        raise _Unsupported(f"a vector norm of order {order:g} (only 1, 2, inf and -inf)")
     if _arg(fx, 4, "dtype", None) not in (None, torch.float32):
         raise _Unsupported("a vector norm to another dtype")
     dims = _reduce_dims(fx, _arg(fx, 2, "dim", None))
     keep = bool(_arg(fx, 3, "keepdim", False))
     if not keep and len(dims) == len(shape):
         raise _Unsupported("a vector norm to a scalar (keepdim=True or fewer dims)")
+    return _norm_of(ctx, fx, ctx.value(fx.args[0]), shape, order, dims, keep, None)
+
+
+def _norm_of(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, order: float, dims, keep: bool, what: str | None) -> str:
+    """The ``order`` norm of ``xv`` over ``dims``: node ``fx``'s own output where ``what`` is None,
+    else an intermediate named ``what``."""
     out = tuple(1 if d in dims else n for d, n in enumerate(shape)) if keep else tuple(
         n for d, n in enumerate(shape) if d not in dims)
-    squares = _typed(ctx, fx, "mul", [xv, xv], shape, "squares")
-    mean = _typed(ctx, fx, "mean", [squares], out, "mean", {"dims": dims, "keepdim": keep})
-    count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
-    total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, count, "count")], out, "sum")
-    return ctx.emit(fx, "sqrt", [total], base=_base(fx, "norm"))
+    prefix = f"{what}." if what else ""
+
+    def result(op: str, inputs, attrs=None) -> str:
+        if what is None:
+            return ctx.emit(fx, op, inputs, TensorType(out), attrs, base=_base(fx, "norm"))
+        return _typed(ctx, fx, op, inputs, out, what, attrs)
+
+    reduced = {"dims": tuple(dims), "keepdim": keep}
+    if order == 2:
+        squares = _typed(ctx, fx, "mul", [xv, xv], shape, f"{prefix}squares")
+        mean = _typed(ctx, fx, "mean", [squares], out, f"{prefix}mean", reduced)
+        count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
+        total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, count, f"{prefix}count")], out, f"{prefix}sum")
+        return result("sqrt", [total])
+    magnitude = _abs_value(ctx, fx, xv, shape, f"{prefix}abs")
+    if order == 1:
+        mean = _typed(ctx, fx, "mean", [magnitude], out, f"{prefix}mean", reduced)
+        count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
+        return result("mul", [mean, _scalar(ctx, fx, count, f"{prefix}count")])
+    if order == math.inf:
+        return result("amax", [magnitude], reduced)
+    least = _typed(ctx, fx, "amax", [_negated_value(ctx, fx, magnitude, shape, f"{prefix}neg_abs")], out,
+                   f"{prefix}neg_min", reduced)
+    return result("sub", [_scalar(ctx, fx, 0.0, f"{prefix}zero"), least])
+
+
+def _cosine_similarity(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.cosine_similarity(a, b, dim, eps)`` in torch's order: each input divided by its 2-norm
+    over ``dim`` (kept) clamped below at ``eps``, the quotients' product summed over ``dim``."""
+    a, b = fx.args[0], fx.args[1]
+    shape = tuple(int(s) for s in torch.broadcast_shapes(_shape_of(a), _shape_of(b)))
+    dim = int(_arg(fx, 2, "dim", 1)) % len(shape)
+    eps = float(_arg(fx, 3, "eps", 1e-8))
+    if len(shape) == 1:
+        raise _Unsupported("cosine_similarity of vectors (a scalar: give them a batch axis)")
+    unit = []
+    for side, arg in (("a", a), ("b", b)):
+        v = ctx.value(arg)
+        if _shape_of(arg) != shape:
+            v = _typed(ctx, fx, "expand", [v], shape, f"{side}.expand")
+        norm = _norm_of(ctx, fx, v, shape, 2.0, (dim,), True, f"{side}.norm")
+        kept = tuple(1 if d == dim else n for d, n in enumerate(shape))
+        clamped = _typed(ctx, fx, "clip", [norm], kept, f"{side}.clamped", {"lo": eps, "hi": math.inf})
+        unit.append(_typed(ctx, fx, "div", [v, clamped], shape, f"{side}.unit"))
+    product = _typed(ctx, fx, "mul", unit, shape, "product")
+    out = tuple(n for d, n in enumerate(shape) if d != dim)
+    mean = _typed(ctx, fx, "mean", [product], out, "mean", {"dims": (dim,), "keepdim": False})
+    return ctx.emit(fx, "mul", [mean, _scalar(ctx, fx, float(shape[dim]), "count")], base=_base(fx, "cosine_similarity"))
+
+
+def _sign(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``sign(x)`` as ``[x > 0] - [-x > 0]``, each an exact 0/1 indicator."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    up = _indicator(ctx, fx, xv, shape, "positive")
+    down = _indicator(ctx, fx, _negated_value(ctx, fx, xv, shape, "neg"), shape, "negative")
+    return ctx.emit(fx, "sub", [up, down], base=_base(fx, "sign"))
 
 
 def _abs_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, what: str) -> str:
@@ -1832,6 +1894,10 @@ def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 HANDLERS.update({
     _aten.log_sigmoid.default: _log_sigmoid,
+    _aten.erf.default: _float_unary("erf"),
+    _aten.sign.default: _sign,
+    _aten.sgn.default: _sign,
+    _aten.cosine_similarity.default: _cosine_similarity,
     _aten.log_sigmoid_forward.default: _log_sigmoid,
     _aten.glu.default: _glu,
     _aten.hardshrink.default: _shrink,

@@ -15,7 +15,7 @@ from .errors import BadInput, CsqcError
 __all__ = [
     "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
     "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis", "embedding",
-    "hardsigmoid", "hardswish", "silu", "sqrt", "exp", "log", "avg_pool_counts", "adaptive_counts",
+    "hardsigmoid", "hardswish", "silu", "sqrt", "exp", "log", "erf", "avg_pool_counts", "adaptive_counts",
 ]
 
 F32 = np.float32
@@ -237,6 +237,12 @@ def log(x: np.ndarray) -> np.ndarray:
     """float32 natural log (-inf at 0, NaN below it, without numpy's warnings)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.log(np.asarray(x, F32)).astype(F32)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """float32 ``erf``, correctly rounded (math.erf in float64, then rounded once), as gelu's."""
+    x = np.asarray(x, F32)
+    return _erf64(x).astype(F32) if x.size else x.copy()
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:

@@ -396,6 +396,8 @@ _DEFS = [
            doc="exp(x) (also ELU, CELU, SELU, softplus, Mish)"),
     _unary("log", lambda n, a: num.log(a[0]), lambda n, a: T.log(a[0]),
            doc="log(x) (also softplus and Mish, with a log1p correction)"),
+    _unary("erf", lambda n, a: num.erf(a[0]), lambda n, a: T.erf(a[0]), _keeps_sign,
+           doc="erf(x) (a hand-written GELU: x * 0.5 * (1 + erf(x / sqrt 2)))"),
     _binary("add", np.add, lambda a, b: a + b, _keeps_sign, "a + b"),
     _binary("sub", np.subtract, lambda a, b: a - b, doc="a - b"),
     _binary("mul", np.multiply, lambda a, b: a * b, _keeps_sign, "a * b"),

@@ -263,21 +263,21 @@ def test_nodes_are_named_after_their_modules(tmp_path):
     assert "0.weight" in g.params
 
 
-class _Atan(nn.Module):  # (exp and log are IR ops now; sin, cos and cumsum fold on constants)
+class _Atan(nn.Module):  # (exp, log and erf are IR ops now; sin, cos and cumsum fold on constants)
     def forward(self, x):
         return torch.atan(x)
 
 
-class _Erf(nn.Module):
+class _Expm1(nn.Module):
     def forward(self, x):
-        return torch.erf(x)
+        return torch.expm1(x)
 
 
 class _Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(4, 4), _Atan())
-        self.head = nn.Sequential(nn.Linear(4, 4), _Erf())
+        self.head = nn.Sequential(nn.Linear(4, 4), _Expm1())
 
     def forward(self, x):
         return self.head(self.encoder(x))
@@ -287,10 +287,10 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
     with pytest.raises(UnsupportedOps) as e:
         _captured(_Unsupported(), (2, 4), tmp_path)
     found = dict((op, where) for op, where in e.value.unsupported)
-    assert found == {"aten.atan.default": "encoder.1", "aten.erf.default": "head.1"}
+    assert found == {"aten.atan.default": "encoder.1", "aten.expm1.default": "head.1"}
     message = str(e.value)
     assert "2 unsupported operator(s)" in message
-    assert "aten.atan.default (at encoder.1)" in message and "aten.erf.default (at head.1)" in message
+    assert "aten.atan.default (at encoder.1)" in message and "aten.expm1.default (at head.1)" in message
 
 
 @pytest.mark.parametrize("equation, shapes, why", [
@@ -472,6 +472,40 @@ def test_variances_match_pytorch(f, tmp_path):
 def test_variances_without_a_value_are_refused(f, why, tmp_path):
     with pytest.raises(UnsupportedOps, match=why):
         _captured(Lambda(f), (2, 5), tmp_path)
+
+
+@pytest.mark.parametrize("f, ops", [
+    (lambda x: x * 0.5 * (1.0 + torch.erf(x / 1.4142135623730951)), {"mul", "div", "erf", "add"}),  # BERT's gelu
+    (torch.erf, {"erf"}),
+    (torch.sign, {"relu", "mul", "minimum", "sub"}),
+    (lambda x: torch.sgn(x) * x, {"relu", "mul", "minimum", "sub"}),
+    (lambda x: x.norm(p=1, dim=1), {"minimum", "mul", "sub", "mean"}),
+    (lambda x: F.normalize(x, p=1, dim=-1), {"minimum", "mul", "sub", "mean", "clip", "expand", "div"}),
+    (lambda x: torch.linalg.vector_norm(x, float("inf"), dim=(1, 2), keepdim=True), {"minimum", "mul", "sub", "amax"}),
+    (lambda x: torch.linalg.vector_norm(x, float("-inf"), dim=2), {"minimum", "mul", "sub", "amax"}),
+    (lambda x: F.cosine_similarity(x, x.flip(2) + 1, dim=2), {"slice", "cat", "add", "mul", "mean", "sqrt", "clip",
+                                                              "div"}),
+    (lambda x: F.cosine_similarity(x, x[:, :1] * 2, dim=1, eps=1e-3), {"slice", "mul", "expand", "mean", "sqrt",
+                                                                        "clip", "div"}),
+], ids=["gelu_by_erf", "erf", "sign", "sgn", "norm_1", "normalize_1", "norm_inf", "norm_minus_inf", "cosine",
+        "cosine_broadcast"])
+def test_erf_sign_norms_and_cosine_similarity_match_pytorch(f, ops, tmp_path):
+    x = (np.random.default_rng(2).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    x[0, 0] = [0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 1e-3]  # sign's zeros and tiny values, erf's tails
+    x[1, 1] = 0.0  # a zero vector: cosine similarity's clamp at eps
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    assert {n.op for n in g.nodes} == ops
+    with torch.no_grad():
+        expected = f(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    # sign and the inf norms exactly; 1 + erf(x) near x = -4 cancels to an ulp of erf's (torch's
+    # erf is not correctly rounded there): absolutely, relative to the largest output
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_vector_norms_of_other_orders_are_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedOps, match=r"a vector norm of order 3 \(only 1, 2, inf and -inf\)"):
+        _captured(Lambda(lambda x: x.norm(p=3, dim=1)), (2, 5), tmp_path)
 
 
 def test_argmax_is_refused_by_name(tmp_path):

@@ -4,6 +4,7 @@ Exact where the interpreter is exact (quantize codes and scale, epilogue, max po
 elementwise ops, layout ops); float convolutions / linear layers within 1e-5 relative of a
 float64 reference; averages within 1e-6.
 """
+import math
 import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -612,3 +613,21 @@ def test_log_is_within_two_ulps_of_the_true_log_and_makes_no_calls():
     assert _ulps(got[positive], true[positive]).max() <= 2 and _ulps(got[negative], true[negative]).max() <= 2
     assert np.all(got[finite & (true == 0)] == 0)  # log(1)
     np.testing.assert_array_equal(got[~finite], true[~finite])  # -inf at +-0, NaN below 0 and at NaN, inf at inf
+
+
+def test_erf_is_within_4e_7_of_the_true_erf_odd_bounded_and_makes_no_calls():
+    x = np.concatenate([np.linspace(-6, 6, 1 << 20, dtype=np.float32),
+                        np.geomspace(1e-38, 6, 1 << 16).astype(np.float32),
+                        np.array([0.0, -0.0, 3.9999, 4.0, -4.0, 4.5, 1e30, -1e30, np.inf, -np.inf, np.nan, 1e-45, -1e-45,
+                                  0.5, -0.5, 1.0], np.float32)])
+    calls, got = _vector_map(glue._erf, x)
+    assert "erf" not in calls
+    true = np.array([math.erf(v) for v in x.astype(np.float64)], np.float64)
+    finite = ~np.isnan(x)
+    assert np.abs(got[finite] - true[finite]).max() < 4e-7
+    assert np.abs(got[finite]).max() == 1.0  # never past +-1 (the rational form rose an ulp above it near 4)
+    small = finite & (np.abs(x) < 1e-3) & (np.abs(x) > 1e-30)  # (x * p underflows below ~1e-36)
+    assert np.all(np.abs(got[small] / true[small] - 1) < 1e-6)  # relative precision near 0 (x * p / q)
+    assert np.isnan(got[np.isnan(x)]).all()
+    special = dict(zip(x[-16:-6].tolist(), got[-16:-6].tolist()))
+    assert special[np.inf] == 1.0 and special[-np.inf] == -1.0 and special[4.0] == 1.0

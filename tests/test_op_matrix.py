@@ -172,6 +172,7 @@ CASES = {
     "sqrt": _sqrt(),
     "exp": _unary_wide("exp"),
     "log": _log(),
+    "erf": _unary_wide("erf"),
     "add": _binary("add"),
     "sub": _binary("sub"),
     "mul": _binary("mul"),

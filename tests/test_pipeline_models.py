@@ -273,10 +273,30 @@ class MaxPooledClassifier(torch.nn.Module):
         return torch.nn.functional.log_softmax(self.head(self.features(x).amax(dim=(2, 3))), dim=1)
 
 
+class PrototypeClassifier(torch.nn.Module):
+    """A metric-learning head: BERT's hand-written erf GELU, a signed square root (``sign(e) *
+    sqrt(|e|)``, power normalization) and cosine similarity to learned prototypes (broadcast)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.embed = nn.Linear(8 * 6 * 6, 16)
+        self.prototypes = nn.Parameter(torch.randn(5, 16))
+
+    def forward(self, x):
+        h = self.features(x).flatten(1)
+        h = h * 0.5 * (1.0 + torch.erf(h / 1.4142135623730951))
+        e = self.embed(h)
+        e = torch.sign(e) * torch.sqrt(torch.abs(e))
+        return torch.nn.functional.cosine_similarity(e.unsqueeze(1), self.prototypes.unsqueeze(0), dim=2)
+
+
 @pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32)),
                                             (smooth_activation_net, (1, 3, 16, 16)),
-                                            (MaxPooledClassifier, (1, 3, 12, 12))],
-                         ids=["normalized", "sequence", "smooth", "max_pooled"])
+                                            (MaxPooledClassifier, (1, 3, 12, 12)),
+                                            (PrototypeClassifier, (1, 3, 12, 12))],
+                         ids=["normalized", "sequence", "smooth", "max_pooled", "prototypes"])
 def test_composed_layers_compile_and_verify_exactly(factory, shape, tmp_path):
     torch.manual_seed(0)
     model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=4))

@@ -292,6 +292,7 @@ _UNARY = {
     "sqrt": lambda v, lo, hi: tirx.sqrt(v),  # sqrtf: correctly rounded (nvcc's default -prec-sqrt=true)
     "exp": lambda v, lo, hi: tirx.exp(v),  # expf, logf: within an ulp or two (no --use_fast_math)
     "log": lambda v, lo, hi: tirx.log(v),
+    "erf": lambda v, lo, hi: tirx.erf(v),  # erff, as gelu's
 }
 
 

@@ -693,6 +693,7 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "sqrt": _simple("Sqrt"),
     "exp": _simple("Exp"),
     "log": _simple("Log"),
+    "erf": _simple("Erf"),
     "sub": _simple("Sub"),
     "slice": _emit_slice,
     "matmul": _simple("MatMul"),
