@@ -420,6 +420,11 @@ CONV_CASES = [
     ((1, 4, 9, 12), (4, 1, 3, 3), (2, 2), (0, 0), (1, 1), 4),      # d = 0, 1
     ((2, 3, 10, 14), (6, 1, 3, 3), (2, 2), (2, 2), (2, 2), 3),     # d = -2, multiplier 2, batch 2
     ((1, 4, 9, 11), (4, 1, 3, 3), (2, 2), (1, 1), (1, 1), 4),      # odd width: byte by byte
+    # one input column and stride 2: one column phase holds no input column (padding only)
+    ((1, 4, 9, 1), (8, 1, 3, 3), (2, 2), (2, 2), (1, 1), 4),       # depthwise, multiplier 2
+    ((1, 4, 7, 1), (6, 4, 3, 3), (2, 2), (2, 2), (1, 1), 1),
+    ((1, 2, 15, 3), (4, 2, 5, 5), (2, 2), (1, 1), (1, 1), 1),       # an output one column wide
+    ((1, 3, 1, 6), (5, 3, 3, 3), (2, 2), (1, 1), (1, 1), 1),       # one input row
 ]
 
 

@@ -943,13 +943,14 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                 if Wq - pair[2] - pair[3] > 0:
                     for j in T.vectorized(Wq - pair[2] - pair[3]):
                         xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + pair[3] + j)] = T.uint8(0)
-                if pairs16:
+                # (a phase of a narrow input may hold no input column: its row is padding only)
+                if pair[3] > 0 and pairs16:
                     # input column 2 (lo + j) + d, d = a_w - pw: byte d % 2 of pair lo + j + d // 2
                     for j in T.vectorized(pair[3]):
                         xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + j)] = T.Cast("uint8", x16[
                             ((b * C + c) * H + hq * sh + pair[0] - ph) * (W // 2) + pair[2] + j + (pair[1] - pw) // 2]
                             >> T.uint16(8 * ((pair[1] - pw) % 2)))
-                else:
+                if pair[3] > 0 and not pairs16:
                     for j in T.vectorized(pair[3]):
                         xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + j)] = \
                             x[b, c, hq * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw]

@@ -83,8 +83,9 @@ def phase_staging(geo: ConvGeometry, rows: int):
 
     @T.macro
     def copy_segment(x, xs, b, cq, hq, a_h, a_w, lo, n):
-        # Words of 4 consecutive channels for the valid columns of one staged row.
-        if 0 <= hq * sh + a_h - ph and hq * sh + a_h - ph < H:
+        # Words of 4 consecutive channels for the valid columns of one staged row (none: a
+        # phase of a narrow input that holds no input column).
+        if n > 0 and 0 <= hq * sh + a_h - ph and hq * sh + a_h - ph < H:
             for j in T.vectorized(n):
                 xs[b, cq, a_h, a_w, hq, lo + j] = (
                     channel_byte(x, b, cq, 0, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
