@@ -184,6 +184,22 @@ def test_epilogue_compute_matches_formula():
     np.testing.assert_array_equal(y, expected)
 
 
+@pytest.mark.parametrize("weight_shape,stride,padding,groups,has_bias", [
+    ((2, 1, 1, 1), 1, 1, 2, False),  # one product an output: no reduction
+    ((8, 1, 1, 1), 2, 0, 4, True),   # the same, two outputs a channel
+    ((4, 1, 3, 3), 1, 1, 2, True),   # a reduction over the taps
+])
+def test_float_conv_compute_matches_torch(weight_shape, stride, padding, groups, has_bias):
+    x = RNG.standard_normal((1, weight_shape[1] * groups, 7, 5)).astype(np.float32)
+    w = RNG.standard_normal(weight_shape).astype(np.float32)
+    b = RNG.standard_normal(weight_shape[0]).astype(np.float32)
+    func = glue.conv2d_f32(x.shape, w.shape, stride, padding, 1, groups, has_bias, "none", 0.0, 0.0, compute_only=True)
+    y = run_on_cpu(func, x, w, *([b] if has_bias else []))
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b) if has_bias else None,
+                                          stride, padding, 1, groups).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("op", ["hardsigmoid", "hardswish", "silu"])
 def test_vision_activation_computes_match_interpreter(op):
     from csqc import numerics
@@ -224,12 +240,16 @@ SCHEDULED = {
     "bitserial_conv": lambda: kernels.bitserial_conv2d((1, 64, 56, 56), (64, 64, 3, 3), [(1, 1), (0, 1)], 4, True, 1, 1),
     "bitserial_conv_grouped": lambda: kernels.bitserial_conv2d((2, 8, 9, 9), (8, 4, 3, 3), [(0, 1)], 3, False, 2, 1, 1, 2),
     "bitserial_depthwise": lambda: kernels.bitserial_conv2d((1, 32, 16, 16), (32, 1, 3, 3), [(1, 1), (0, 1)], 4, True, 1, 1, 1, 32),
+    # a weight tile of one word: its shared-memory copy has no loop left to bind (random-model run)
+    "bitserial_conv_one_word": lambda: kernels.bitserial_conv2d((1, 4, 24, 38), (2, 2, 1, 1), [(1, 1)], 6, True, 1, 1, 1, 2),
     "bitparallel_dense": lambda: kernels.bitparallel_dense(64, 1000, 512),
     "bitparallel_conv": lambda: kernels.bitparallel_conv2d((1, 16, 32, 32), (32, 16, 3, 3), 2, 1),
     "bitparallel_depthwise": lambda: kernels.bitparallel_conv2d((1, 32, 16, 16), (32, 1, 3, 3), 1, 1, 1, 32),
     "quantize": lambda: glue.quantize((1, 64, 56, 56), 4, 0.0, True),
     "epilogue": lambda: glue.epilogue((1, 64, 56, 56), 1, 15, "relu", 0.0, 0.0, True, "int32", True),
     "conv2d_f32": lambda: glue.conv2d_f32((1, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, 1, False, "none", 0.0, 0.0),
+    # one product an output (dlight's GEMV rule asserted on its reduction of extent 1)
+    "conv2d_f32_one_product": lambda: glue.conv2d_f32((1, 2, 11, 9), (2, 1, 1, 1), 1, 1, 1, 2, False, "none", 0.0, 0.0),
     "linear_f32": lambda: glue.linear_f32(1, 512, 1000, True, "none", 0.0, 0.0),
     "max_pool2d": lambda: glue.max_pool2d((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1)),
     "avg_pool2d": lambda: glue.avg_pool2d((1, 16, 8, 8), (3, 3), (1, 1), (1, 1), False, 0),

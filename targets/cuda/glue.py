@@ -234,14 +234,21 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
     w = te.placeholder(tuple(int(d) for d in weight_shape), _F32, name="w")
     bias = te.placeholder((geo.out_channels,), _F32, name="bias") if has_bias else None
     xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], 0.0, name="x_padded")
-    c = te.reduce_axis((0, geo.in_per_group), "c")
-    r, s = te.reduce_axis((0, geo.kernel_h), "r"), te.reduce_axis((0, geo.kernel_w), "s")
-    conv = te.compute(
-        (geo.batch, geo.out_channels, geo.out_h, geo.out_w),
-        lambda n, o, oh, ow: te.sum(
-            xpad[n, o // geo.out_per_group * geo.in_per_group + c, oh * sh + r * dh, ow * sw + s * dw] * w[o, c, r, s],
-            axis=[c, r, s]),
-        name="conv")
+    out_shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
+    if geo.in_per_group * geo.kernel_h * geo.kernel_w == 1:
+        # one product an output (a 1x1 conv of one channel a group): no reduction, whose loops of
+        # extent 1 TVM drops (dlight's GEMV rule then asserts on a padded grouped one)
+        conv = te.compute(out_shape, lambda n, o, oh, ow: xpad[n, o // geo.out_per_group, oh * sh, ow * sw] * w[o, 0, 0, 0],
+                          name="conv")
+    else:
+        c = te.reduce_axis((0, geo.in_per_group), "c")
+        r, s = te.reduce_axis((0, geo.kernel_h), "r"), te.reduce_axis((0, geo.kernel_w), "s")
+        conv = te.compute(
+            out_shape,
+            lambda n, o, oh, ow: te.sum(
+                xpad[n, o // geo.out_per_group * geo.in_per_group + c, oh * sh + r * dh, ow * sw + s * dw] * w[o, c, r, s],
+                axis=[c, r, s]),
+            name="conv")
     y = te.compute(conv.shape, lambda n, o, oh, ow: _activation(
         conv[n, o, oh, ow] + bias[o] if has_bias else conv[n, o, oh, ow], act, lo, hi), name="y")
     return [x, w] + ([bias] if has_bias else []) + [y]

@@ -342,8 +342,11 @@ def schedule_pointwise(sch, block, threads: int = 256) -> None:
 
 
 def _cooperative_fetch(sch, cache_block, first_inner: int, ty: int, tx: int) -> None:
-    """Bind the copy loops of a shared-memory stage to the block's threads."""
+    """Bind the copy loops of a shared-memory stage to the block's threads (a stage of one
+    element, whose unit loops TVM dropped, gets a unit loop: one thread copies it)."""
     loops = sch.get_loops(cache_block)[first_inner:]
+    if not loops:
+        loops = [sch.add_unit_loop(cache_block)]
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     _, ly, lx = sch.split(fused, [None, ty, tx])
     sch.bind(ly, "threadIdx.y")
