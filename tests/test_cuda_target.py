@@ -248,8 +248,10 @@ SCHEDULED = {
     "quantize": lambda: glue.quantize((1, 64, 56, 56), 4, 0.0, True),
     "epilogue": lambda: glue.epilogue((1, 64, 56, 56), 1, 15, "relu", 0.0, 0.0, True, "int32", True),
     "conv2d_f32": lambda: glue.conv2d_f32((1, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, 1, False, "none", 0.0, 0.0),
-    # one product an output (dlight's GEMV rule asserted on its reduction of extent 1)
+    # grouped float convs, one output a thread (dlight asserted on the one-product one; mapped the
+    # other's reduction across threads, which failed to build)
     "conv2d_f32_one_product": lambda: glue.conv2d_f32((1, 2, 11, 9), (2, 1, 1, 1), 1, 1, 1, 2, False, "none", 0.0, 0.0),
+    "conv2d_f32_depthwise_dilated": lambda: glue.conv2d_f32((1, 8, 13, 13), (16, 1, 5, 5), 2, 0, 2, 8, True, "relu", 0, 0),
     "linear_f32": lambda: glue.linear_f32(1, 512, 1000, True, "none", 0.0, 0.0),
     "max_pool2d": lambda: glue.max_pool2d((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1)),
     "avg_pool2d": lambda: glue.avg_pool2d((1, 16, 8, 8), (3, 3), (1, 1), (1, 1), False, 0),

@@ -224,31 +224,49 @@ def epilogue(shape, channel_axis: int, levels: int | None, act: str, clip_lo: fl
 # --------------------------------------------------------------------------------------------
 # Float layers
 # --------------------------------------------------------------------------------------------
-@_builder
+def _schedule_per_output(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One output per thread, its products (a group's few channels times the taps) serial in
+    the thread, the padding inlined; then the activation, one element per thread. For grouped
+    and depthwise float convs: dlight's rules mapped their small reductions across threads
+    and the result failed to build (or asserted, where a reduction had one product)."""
+    import tvm.s_tir as s_tir
+
+    from .kernels import schedule_pointwise
+
+    sch = s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("x_padded"))
+    schedule_pointwise(sch, sch.get_sblock("conv"))
+    schedule_pointwise(sch, sch.get_sblock("y"))
+    return sch.mod["main"]
+
+
 def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int, has_bias: bool,
-               act: str, lo: float, hi: float):
-    """``main(x: f32[B, C, H, W], w: f32[O, C/g, kh, kw][, bias: f32[O]], y: f32[B, O, OH, OW])``."""
+               act: str, lo: float, hi: float, compute_only: bool = False) -> tirx.PrimFunc:
+    """``main(x: f32[B, C, H, W], w: f32[O, C/g, kh, kw][, bias: f32[O]], y: f32[B, O, OH, OW])``:
+    dlight's rules for an ungrouped conv, one output a thread for a grouped one."""
+    func = te.create_prim_func(_conv2d_f32_tensors(input_shape, weight_shape, stride, padding, dilation, groups,
+                                                   has_bias, act, lo, hi))
+    if compute_only:
+        return func
+    return _schedule_per_output(func) if int(groups) > 1 else gpu_schedule(func)
+
+
+def _conv2d_f32_tensors(input_shape, weight_shape, stride, padding, dilation, groups: int, has_bias: bool,
+                        act: str, lo: float, hi: float):
     geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
     (sh, sw), (dh, dw), (ph, pw) = geo.stride, geo.dilation, geo.padding
     x = te.placeholder(tuple(int(d) for d in input_shape), _F32, name="x")
     w = te.placeholder(tuple(int(d) for d in weight_shape), _F32, name="w")
     bias = te.placeholder((geo.out_channels,), _F32, name="bias") if has_bias else None
     xpad = topi.nn.pad(x, [0, 0, ph, pw], [0, 0, ph, pw], 0.0, name="x_padded")
-    out_shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
-    if geo.in_per_group * geo.kernel_h * geo.kernel_w == 1:
-        # one product an output (a 1x1 conv of one channel a group): no reduction, whose loops of
-        # extent 1 TVM drops (dlight's GEMV rule then asserts on a padded grouped one)
-        conv = te.compute(out_shape, lambda n, o, oh, ow: xpad[n, o // geo.out_per_group, oh * sh, ow * sw] * w[o, 0, 0, 0],
-                          name="conv")
-    else:
-        c = te.reduce_axis((0, geo.in_per_group), "c")
-        r, s = te.reduce_axis((0, geo.kernel_h), "r"), te.reduce_axis((0, geo.kernel_w), "s")
-        conv = te.compute(
-            out_shape,
-            lambda n, o, oh, ow: te.sum(
-                xpad[n, o // geo.out_per_group * geo.in_per_group + c, oh * sh + r * dh, ow * sw + s * dw] * w[o, c, r, s],
-                axis=[c, r, s]),
-            name="conv")
+    c = te.reduce_axis((0, geo.in_per_group), "c")
+    r, s = te.reduce_axis((0, geo.kernel_h), "r"), te.reduce_axis((0, geo.kernel_w), "s")
+    conv = te.compute(
+        (geo.batch, geo.out_channels, geo.out_h, geo.out_w),
+        lambda n, o, oh, ow: te.sum(
+            xpad[n, o // geo.out_per_group * geo.in_per_group + c, oh * sh + r * dh, ow * sw + s * dw] * w[o, c, r, s],
+            axis=[c, r, s]),
+        name="conv")
     y = te.compute(conv.shape, lambda n, o, oh, ow: _activation(
         conv[n, o, oh, ow] + bias[o] if has_bias else conv[n, o, oh, ow], act, lo, hi), name="y")
     return [x, w] + ([bias] if has_bias else []) + [y]
