@@ -172,6 +172,24 @@ def test_quantize_compute_matches_interpreter(static):
     np.testing.assert_array_equal(pos.astype(np.int32) - neg.astype(np.int32), expected.codes)
 
 
+@pytest.mark.parametrize("static, zero_point", [(0.0, 0), (3.5, 5)])
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_quantize_compute_matches_interpreter(static, zero_point, centered, bits):
+    """Range, zero point and codes (or the sign parts of ``u - zp``) bit for bit: ties, zeros,
+    the maximum, and (static) values past the range on both sides."""
+    from csqc.interpreter import _quantize_asymmetric
+
+    x = (RNG.standard_normal((2, 3, 5, 7)) * 2 + 0.3).astype(np.float32)
+    x.reshape(-1)[:5] = [0.0, -0.0, x.max(), 9.0, -9.0]
+    expected = _quantize_asymmetric(lambda: "q", x, bits, static, zero_point)
+    scale, zp, *codes = run_on_cpu(glue.quantize_asymmetric(x.shape, bits, static, zero_point, centered,
+                                                            compute_only=True), x)
+    assert scale[0] == expected.scale and zp[0] == expected.zero_point
+    got = codes[0].astype(np.int32) - (codes[1].astype(np.int32) - expected.zero_point if centered else 0)
+    np.testing.assert_array_equal(got, expected.codes)
+
+
 def test_epilogue_compute_matches_formula():
     acc = RNG.integers(-5000, 5000, (1, 4, 3, 3)).astype(np.int32)
     acc_neg = RNG.integers(0, 5000, acc.shape).astype(np.int32)
@@ -246,6 +264,8 @@ SCHEDULED = {
     "bitparallel_conv": lambda: kernels.bitparallel_conv2d((1, 16, 32, 32), (32, 16, 3, 3), 2, 1),
     "bitparallel_depthwise": lambda: kernels.bitparallel_conv2d((1, 32, 16, 16), (32, 1, 3, 3), 1, 1, 1, 32),
     "quantize": lambda: glue.quantize((1, 64, 56, 56), 4, 0.0, True),
+    "quantize_asymmetric": lambda: glue.quantize_asymmetric((1, 64, 56, 56), 8, 0.0, 0, True),
+    "quantize_asymmetric_static": lambda: glue.quantize_asymmetric((4, 1000), 4, 2.5, 3, False),
     "epilogue": lambda: glue.epilogue((1, 64, 56, 56), 1, 15, "relu", 0.0, 0.0, True, "int32", True),
     "conv2d_f32": lambda: glue.conv2d_f32((1, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, 1, False, "none", 0.0, 0.0),
     # grouped float convs, one output a thread (dlight asserted on the one-product one; mapped the
@@ -401,6 +421,33 @@ def test_one_input_channel_convs_compile(tmp_path, kernel):
     report = emit_cuda(graph, out, arch="sm_90", force_kernel=kernel)
     check_artifact(out, report, "sm_90")
     assert report["kernels"]["0"] == kernel and report["kernels"]["2"] == kernel
+
+
+def test_asymmetric_model_compiles_with_centered_codes(tmp_path):
+    """Zero-point quantizers (dynamic and calibrated) lower to the asymmetric kernel with the
+    sign parts of ``u - zp``: every GPU kernel reads signed codes, so no epilogue takes a zero point."""
+    from torch import nn
+
+    import csqc
+    from csqc.compiler import optimize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                        nn.Linear(8 * 6 * 6, 10))
+    model = csqc.finalize(csqc.convert(net.eval(), n_bits=4, act_bits=8, act_symmetric=False, quantize_first_input=True))
+    path = csqc.save(model, tmp_path / "m.pt", torch.randn(2, 2, 6, 6))
+    for calibrate in (None, np.random.default_rng(0).standard_normal((8, 2, 6, 6)).astype(np.float32)):
+        graph = optimize(path, "default", calibrate=calibrate)
+        plan = lower_graph(graph, backend=CudaBackend())
+        keys = list(plan._by_key)
+        quantizers = [k for k in keys if k.startswith("quantize")]
+        assert len(quantizers) == 3 and all(k.startswith("quantize_asymmetric") and k.endswith(",True)")
+                                            for k in quantizers), quantizers  # centered: sign parts
+        assert not any("zero_point" in k for k in keys if k.startswith("epilogue"))
+        verify_plan(graph)
+        out = tmp_path / f"m{'-cal' if calibrate is not None else ''}.so"
+        report = csqc.compile(path, "cuda", out, calibrate=calibrate)
+        assert out.stat().st_size > 0 and report is not None
 
 
 def test_resnet18_224_compiles(tmp_path):

@@ -203,8 +203,7 @@ CASES = {
 }
 
 # (case, target) holes not filled yet: strict xfails, remove an entry once its hole is filled
-# the CUDA glue has no asymmetric (zero-point) quantizer: its coverage refuses it (targets/cuda/entry.py)
-KNOWN_HOLES: set[tuple[str, str]] = {("quantize[asymmetric]", "cuda")}
+KNOWN_HOLES: set[tuple[str, str]] = set()
 
 
 def _case_graph(cases, name="ops") -> tuple[Graph, dict[str, np.ndarray], dict[str, str]]:

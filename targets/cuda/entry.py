@@ -27,6 +27,5 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
 TARGET = register(Target(
     name="cuda", description="TVM CUDA: GPU bit-serial / bit-parallel kernels, device code compiled ahead of time",
     pipeline="default", suffix=".so", runs_here=False, needs_gpu=True, emulated=False, check=_check, emit=_emit,
-    # the CUDA glue has no asymmetric (zero-point) quantizer yet: refused before lowering
-    unsupported=tvm_coverage.unsupported_without_asymmetric, ops=tvm_coverage.ops,
+    unsupported=tvm_coverage.unsupported, ops=tvm_coverage.ops,
 ))

@@ -28,6 +28,7 @@ from csqc.targets.tvm.geometry import conv_geometry
 __all__ = [
     "gpu_schedule",
     "quantize",
+    "quantize_asymmetric",
     "dequantize",
     "epilogue",
     "conv2d_f32",
@@ -87,18 +88,13 @@ def _builder(fn=None, *, schedule=None):
     return build
 
 
-def _schedule_quantize(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The tensor-wide ``max|x|`` as one block of 1024 threads (in-thread partial maxima, then
-    a cross-thread reduction through warp shuffles and shared memory); codes one per thread.
-    (dlight's fallback would leave the tensor-wide reduction to a single thread.)"""
-    import tvm.s_tir as s_tir
-
-    from .kernels import schedule_pointwise
-
-    sch = s_tir.Schedule(func)
-    scale = sch.get_sblock("scale")
-    loops = sch.get_loops(scale)
-    if len(loops) > 1:  # dynamic scale: loops are (i, reduction axes...)
+def _schedule_tensor_reduction(sch, name: str) -> None:
+    """Block ``name`` (one value: a tensor-wide reduction, or a scalar) as one block of up to
+    1024 threads: in-thread partial results, then a cross-thread reduction through warp
+    shuffles and shared memory. (dlight's fallback would leave it to a single thread.)"""
+    block = sch.get_sblock(name)
+    loops = sch.get_loops(block)
+    if len(loops) > 1:  # a reduction: loops are (i, reduction axes...)
         reduction = sch.fuse(*loops[1:]) if len(loops) > 2 else loops[1]
         threads = min(1024, 1 << max(0, int(sch.get(reduction).extent) - 1).bit_length())
         _, inner = sch.split(reduction, [None, threads])
@@ -106,6 +102,22 @@ def _schedule_quantize(func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch.bind(inner, "threadIdx.x")
     else:
         sch.bind(loops[0], "threadIdx.x")
+
+
+def _schedule_quantize(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The tensor-wide ``max|x|`` (:func:`_schedule_tensor_reduction`), or an asymmetric
+    quantizer's min and max and the scalars from them; codes one per thread."""
+    import tvm.s_tir as s_tir
+
+    from .kernels import schedule_pointwise
+
+    sch = s_tir.Schedule(func)
+    for name in ("scale", "low", "high", "zero_point_value", "zero_point"):
+        try:
+            sch.get_sblock(name)
+        except Exception:  # a symmetric quantizer has only its scale; a static one no min / max
+            continue
+        _schedule_tensor_reduction(sch, name)
     for name in ("codes", "codes_neg"):
         try:
             block = sch.get_sblock(name)
@@ -172,6 +184,44 @@ def quantize(shape, bits: int, static_scale: float, signed: bool):
         outs.append(te.compute(shape, lambda *i: tirx.Select(x[i] < _f32(0.0), magnitude(i), _f32(0.0))
                                .astype("uint8"), name="codes_neg"))
     return outs
+
+
+@_builder(schedule=_schedule_quantize)
+def quantize_asymmetric(shape, bits: int, static_scale: float, zero_point: int, centered: bool = False):
+    """``main(x: f32[shape], scale: f32[1], zero_point: i32[1], codes: u8[shape][, codes_neg])``:
+    the interpreter's ``_quantize_asymmetric``, as the CPU kernel (``llvm.glue.quantize_asymmetric``)
+    lays it out. ``scale`` is ``R`` (static, or ``max(max x, 0) - min(min x, 0)``), the zero point
+    ``zp`` (static, or ``round((-lo * L) / R)``), the codes ``u = clamp(round((x * L) / R) + zp, 0,
+    L)`` (0 where ``R == 0``), or, ``centered``, the magnitudes of ``u - zp`` where it is positive
+    (codes) / negative (codes_neg): signed symmetric codes' layout, which every GPU kernel reads
+    (the target keeps sign parts: no layer takes ``u`` and ``zp`` apart). Float32 throughout, the
+    divisions IEEE (nvcc's default ``-prec-div=true``), ``rintf`` half to even."""
+    shape = tuple(int(d) for d in shape)
+    levels = _f32(2**bits - 1)
+    zero = _f32(0.0)
+    x = te.placeholder(shape, _F32, name="x")
+    if static_scale > 0:
+        scale = te.compute((1,), lambda _: _f32(static_scale), name="scale")
+        zp = te.compute((1,), lambda _: _f32(int(zero_point)), name="zero_point_value")
+    else:
+        lo_axes = [te.reduce_axis((0, d), f"lo{i}") for i, d in enumerate(shape)]
+        hi_axes = [te.reduce_axis((0, d), f"hi{i}") for i, d in enumerate(shape)]
+        low = te.compute((1,), lambda _: te.min(x[tuple(lo_axes)], axis=lo_axes), name="low")
+        high = te.compute((1,), lambda _: te.max(x[tuple(hi_axes)], axis=hi_axes), name="high")
+        scale = te.compute((1,), lambda _: tirx.max(high[0], zero) - tirx.min(low[0], zero), name="scale")
+        zp = te.compute((1,), lambda _: tirx.Select(
+            scale[0] > zero, tirx.nearbyint((-tirx.min(low[0], zero) * levels) / scale[0]), zero), name="zero_point_value")
+    zp_int = te.compute((1,), lambda _: zp[0].astype("int32"), name="zero_point")
+
+    def code(index):
+        u = tirx.min(tirx.max(tirx.nearbyint((x[index] * levels) / scale[0]) + zp[0], zero), levels)
+        return tirx.Select(scale[0] > zero, u, zero)
+
+    if not centered:
+        return [x, scale, zp_int, te.compute(shape, lambda *i: code(i).astype("uint8"), name="codes")]
+    pos = te.compute(shape, lambda *i: tirx.max(code(i) - zp[0], zero).astype("uint8"), name="codes")
+    neg = te.compute(shape, lambda *i: tirx.max(zp[0] - code(i), zero).astype("uint8"), name="codes_neg")
+    return [x, scale, zp_int, pos, neg]
 
 
 @_builder

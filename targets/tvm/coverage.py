@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from csqc.ir import Graph
 
-__all__ = ["unsupported", "unsupported_without_asymmetric", "ops"]
+__all__ = ["unsupported", "ops"]
 
 
 def unsupported(graph: Graph) -> list[tuple[str, str]]:
@@ -15,13 +15,6 @@ def unsupported(graph: Graph) -> list[tuple[str, str]]:
     from .lower import unsupported_ops
 
     return unsupported_ops(graph)
-
-
-def unsupported_without_asymmetric(graph: Graph) -> list[tuple[str, str]]:
-    """``unsupported`` for a target whose glue has no asymmetric (zero-point) quantizer (cuda)."""
-    asymmetric = [("quantize [asymmetric]", n.name) for n in graph.nodes
-                  if n.op == "quantize" and n.attr("asymmetric", False)]
-    return unsupported(graph) + asymmetric
 
 
 def ops() -> frozenset[str]:
