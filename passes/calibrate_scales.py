@@ -91,7 +91,10 @@ def measure_scales(g: Graph, arrays: Sequence[np.ndarray]) -> dict[str, StaticSc
         for name in names:
             if name in asymmetric:
                 source = g.node(name).inputs[0]
-                x = chunk[inputs.index(source)] if source in inputs else record[source]
+                # a graph input, a constant (an RNN's zero initial state: the interpreter records
+                # computed values only), or a computed value
+                x = chunk[inputs.index(source)] if source in inputs else g.params[source] if source in g.params \
+                    else record[source]
                 x = np.asarray(x, np.float32)
                 lows[name] = min(lows[name], np.float32(x.min(initial=0)))
                 highs[name] = max(highs[name], np.float32(x.max(initial=0)))

@@ -169,3 +169,38 @@ def test_asymmetric_quantizers_get_the_range_and_zero_point_of_the_calibration_d
         art = csqc.compile(loaded, target, tmp_path / f"m{suffix}", calibrate=calib)
         verdict = csqc.verify(loaded, inputs=[check], batch=2, artifact=str(art.output), calibrate=calib)
         assert verdict.ok and verdict.accumulators_exact, (target, verdict.to_json()["pairs"])
+
+
+def test_an_asymmetric_quantizer_of_a_constant_is_measured_from_the_constant(tmp_path):
+    """A GRU's first step quantizes its zero initial state, a constant of the graph that the
+    interpreter's record does not hold: measured from the constant (all zeros: it stays
+    dynamic), and the calibrated model compiles and verifies exactly (a random-model run found
+    calibration failing with a KeyError)."""
+    import torch
+    from torch import nn
+
+    import csqc
+    from csqc.capture import capture
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(6, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = csqc.convert(Recurrent().eval(), n_bits=4, act_bits=8, act_symmetric=False)
+    loaded = csqc.load(csqc.save(csqc.finalize(model), tmp_path / "m.pt", torch.randn(2, 3, 6)))
+    g = capture(loaded)
+    constant = [n for n in g.nodes if n.op == "quantize" and n.attr("asymmetric") and n.inputs[0] in g.params]
+    assert constant and not np.any(g.params[constant[0].inputs[0]])
+    calib = np.random.default_rng(1).standard_normal((4, 3, 6)).astype(np.float32)
+    result, report = calibrate(g, [calib])
+    by_name = {q.name: q for q in report}
+    assert all(by_name[n.name].scale is None for n in constant)  # zeros: still dynamic
+    assert sum(q.scale is not None for q in report) > 0
+    art = csqc.compile(loaded, "llvm", tmp_path / "m.so", calibrate=calib)
+    verdict = csqc.verify(loaded, samples=4, artifact=str(art.output), per_layer=True, calibrate=calib)
+    assert verdict.ok and verdict.accumulators_exact, verdict.notes
