@@ -1,0 +1,346 @@
+"""Differential runs over random CSQ models: the exactness promise, checked beyond the models the
+tests were written around.
+
+Each case draws a small network from its seed: convolutions of any kernel, stride, padding,
+dilation and groups (depthwise with multipliers, one input column or row), residual and
+squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
+heads; or an MLP, an LSTM / GRU over a sequence, a Transformer encoder layer. It converts the
+network with random weight and activation bits, random non-contiguous bit masks, symmetric or
+zero-point activations and a quantized first input or not, finalizes and saves it, compiles it
+for a target with dynamic or calibrated scales, and runs ``csqc verify --per-layer`` against the
+artifact where the target runs here (cuda: the compile alone). A case passes when verify is
+exact, or when csqc refuses the model with a ``CsqcError`` (a stated limitation, counted by its
+message); anything else is a finding::
+
+    python -m csqc.differential --cases 300 [--seed S] [--target llvm|onnx|cuda|all]
+
+Cases are independent and reproducible: ``--seed S --cases 1`` runs case S again.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CsqcError
+
+__all__ = ["Case", "Outcome", "draw_case", "run_case", "main"]
+
+TARGETS = ("llvm", "onnx", "cuda")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One drawn model and how it is built, compiled and checked."""
+
+    seed: int
+    kind: str  # "conv", "branches", "mlp", "lstm", "gru", "encoder"
+    input_shape: tuple[int, ...]  # one sample's shape (no batch axis)
+    batch: int
+    n_bits: int
+    act_bits: int
+    symmetric: bool
+    quantize_first_input: bool
+    calibrated: bool
+    target: str
+
+    def describe(self) -> str:
+        return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: Case
+    status: str  # "exact", "refused", "compiled" (cuda: compile only), "mismatch", "crash"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# -- drawing networks -------------------------------------------------------------------------
+def _activation(r: random.Random):
+    nn = _torch().nn
+    return r.choice([nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Identity, nn.Sigmoid, nn.Tanh,
+                     nn.Hardsigmoid, lambda: nn.LeakyReLU(0.1)])()
+
+
+@functools.lru_cache(maxsize=None)
+def _modules():
+    """The block classes, built once on first use (torch imports lazily)."""
+    torch = _torch()
+    nn, F = torch.nn, torch.nn.functional
+
+    class Residual(nn.Module):
+        def __init__(self, body, act):
+            super().__init__()
+            self.body, self.act = body, act
+
+        def forward(self, x):
+            return self.act(self.body(x) + x)
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, channels: int, gate):
+            super().__init__()
+            self.reduce = nn.Conv2d(channels, max(1, channels // 2), 1)
+            self.expand = nn.Conv2d(max(1, channels // 2), channels, 1)
+            self.gate = gate
+
+        def forward(self, x):
+            return x * self.gate(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+
+    class Branches(nn.Module):
+        def __init__(self, channels: int, a: int, b: int, act):
+            super().__init__()
+            self.a = nn.Conv2d(channels, a, 1)
+            self.b = nn.Sequential(nn.Conv2d(channels, b, 3, padding=1), act)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    class Upsample(nn.Module):
+        def __init__(self, mode: str):
+            super().__init__()
+            self.mode = mode
+
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2, mode=self.mode)
+
+    class Recurrent(nn.Module):
+        def __init__(self, kind: str, inputs: int, hidden: int, outputs: int):
+            super().__init__()
+            self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(inputs, hidden, batch_first=True)
+            self.head = nn.Linear(hidden, outputs)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.head(y[:, -1])
+
+    class Encoder(nn.Module):
+        def __init__(self, width: int, heads: int, hidden: int, norm_first: bool, activation: str):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(width, heads, hidden, dropout=0.0, batch_first=True,
+                                                    norm_first=norm_first, activation=activation)
+            self.head = nn.Linear(width, 5)
+
+        def forward(self, x):
+            return self.head(self.layer(x).mean(1))
+
+    return Residual, SqueezeExcite, Branches, Upsample, Recurrent, Encoder
+
+
+def _conv_net(r: random.Random, channels: int, branches: bool):
+    """Blocks over ``channels`` input channels; ``branches``: squeeze-excitation, concatenation,
+    upsampling and ceil-mode pools among them."""
+    nn = _torch().nn
+    Residual, SqueezeExcite, Branches, Upsample, *_ = _modules()
+    layers, c = [], channels
+    for _ in range(r.randint(1, 5 if branches else 4)):
+        pick = r.random()
+        if branches and pick < 0.2:
+            layers.append(SqueezeExcite(c, r.choice([nn.Sigmoid, nn.Hardsigmoid])()))
+        elif branches and pick < 0.4:
+            a, b = r.choice([2, 4, 8]), r.choice([2, 3, 8])
+            layers.append(Branches(c, a, b, _activation(r)))
+            c = a + b
+        elif branches and pick < 0.5:
+            layers.append(Upsample(r.choice(["nearest", "bilinear"])))
+        elif branches and pick < 0.6:
+            layers.append(r.choice([nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                                    nn.AvgPool2d(3, 2, 1, ceil_mode=r.random() < 0.5,
+                                                 count_include_pad=r.random() < 0.5)]))
+        elif not branches and pick < 0.25:
+            body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=r.choice([1, c])), nn.BatchNorm2d(c),
+                                 _activation(r), nn.Conv2d(c, c, 1), nn.BatchNorm2d(c))
+            layers.append(Residual(body, r.choice([nn.ReLU, nn.Identity])()))
+        else:
+            groups = r.choice([1, 1, c]) if c > 1 else 1
+            out = c * r.choice([1, 2]) if groups > 1 else r.choice([c, 2 * c, 4, 8, 16, 24])
+            layers += [nn.Conv2d(c, out, r.choice([1, 3, 5]), stride=r.choice([1, 1, 2]), padding=r.choice([0, 1, 2]),
+                                 dilation=r.choice([1, 1, 2]), groups=groups, bias=r.random() < 0.5)]
+            if r.random() < 0.7:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(_activation(r))
+            c = out
+            if not branches and r.random() < 0.3:
+                layers.append(r.choice([nn.MaxPool2d(2), nn.AvgPool2d(2)]))
+    return layers
+
+
+def _randomize(model, r: random.Random) -> None:
+    """Batch norm statistics away from the identity, and each CSQ layer's bit mask drawn (60% of
+    positions kept, at least one): non-contiguous masks such as {7, 1, 0}."""
+    torch = _torch()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-1, 1)
+            mask = getattr(m, "mask_weight", None)
+            if mask is not None:
+                keep = [r.random() < 0.6 for _ in range(mask.numel())]
+                if not any(keep):
+                    keep[r.randrange(len(keep))] = True
+                mask.copy_(torch.tensor([5.0 if k else -5.0 for k in keep]))
+
+
+def _network(r: random.Random, kind: str):
+    """``(float network, one sample's input shape)``, or None where the drawn convolutions leave
+    no output for any input of up to 24 x 24."""
+    torch = _torch()
+    nn = torch.nn
+    *_, Recurrent, Encoder = _modules()
+    if kind == "mlp":
+        dims = [r.randint(1, 300)] + [r.randint(1, 600) for _ in range(r.randint(1, 3))] + [r.randint(1, 20)]
+        layers = []
+        for a, b in zip(dims, dims[1:]):
+            layers += [nn.Linear(a, b, bias=r.random() < 0.7), _activation(r)]
+        return nn.Sequential(*layers[:-1]).eval(), (dims[0],)
+    if kind in ("lstm", "gru"):
+        inputs = r.randint(1, 40)
+        return Recurrent(kind, inputs, r.randint(1, 64), r.randint(2, 10)).eval(), (r.randint(1, 6), inputs)
+    if kind == "encoder":
+        heads = r.choice([1, 2, 4])
+        width = heads * r.randint(2, 12)
+        net = Encoder(width, heads, r.randint(4, 64), r.random() < 0.5, r.choice(["relu", "gelu"]))
+        return net.eval(), (r.randint(1, 7), width)
+    channels = r.choice([1, 2, 3, 4, 8])
+    body = nn.Sequential(*_conv_net(r, channels, kind == "branches")).eval()
+    first = r.randint(5, 24), r.randint(5, 24)
+    for h in [*range(first[0], 25), *range(5, first[0])]:
+        for w in [*range(first[1], 25), *range(5, first[1])]:
+            try:
+                with torch.no_grad():
+                    features = body(torch.zeros(1, channels, h, w)).flatten(1).shape[1]
+            except RuntimeError:  # an empty output somewhere: try a larger input
+                continue
+            if features == 0:
+                continue
+            head = [nn.Flatten(), nn.Linear(features, r.choice([3, 7, 10, 17]))]
+            if r.random() < 0.4:
+                head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(body(torch.zeros(1, channels, h, w)).shape[1], r.choice([3, 10]))]
+            return nn.Sequential(body, *head).eval(), (channels, h, w)
+    return None
+
+
+def draw_case(seed: int, target: str | None = None) -> tuple[Case, object] | None:
+    """Case ``seed`` and its float network (None: no input size gives the drawn convolutions an
+    output). ``target`` overrides the drawn one."""
+    torch = _torch()
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder"])
+    drawn = _network(r, kind)
+    if drawn is None:
+        return None
+    net, shape = drawn
+    case = Case(seed=seed, kind=kind, input_shape=tuple(shape), batch=r.choice([1, 1, 2, 3]),
+                n_bits=r.randint(1, 8), act_bits=r.randint(2, 8), symmetric=r.random() < 0.7,
+                quantize_first_input=r.random() < 0.3, calibrated=r.random() < 0.5,
+                target=target or r.choice(["llvm", "llvm", "onnx"]))
+    return case, net
+
+
+# -- running one case -------------------------------------------------------------------------
+def _quantized(case: Case, net, r: random.Random):
+    import csqc
+
+    torch = _torch()
+    example = torch.randn(case.batch, *case.input_shape)
+    model = csqc.convert(net, n_bits=case.n_bits, act_bits=case.act_bits, act_symmetric=case.symmetric,
+                         quantize_first_input=case.quantize_first_input, example_inputs=(example,))
+    _randomize(model, r)
+    return csqc.finalize(model), example
+
+
+def run_case(seed: int, folder: Path, target: str | None = None) -> Outcome | None:
+    """Build, compile and check case ``seed`` in ``folder`` (its files removed after)."""
+    import csqc
+    from .targets.registry import get_target
+
+    drawn = draw_case(seed, target)
+    if drawn is None:
+        return None
+    case, net = drawn
+    start = time.perf_counter()
+    r = random.Random(seed ^ 0x5EED)
+    files = []
+    try:
+        model, example = _quantized(case, net, r)
+        path = csqc.save(model, folder / f"case{seed}.pt", example)
+        files.append(path)
+        calibrate = (np.random.default_rng(seed).standard_normal((8, *case.input_shape)).astype(np.float32)
+                     if case.calibrated else None)
+        artifact = folder / f"case{seed}{get_target(case.target).suffix}"
+        files.append(artifact)
+        csqc.compile(path, case.target, artifact, calibrate=calibrate)
+        if not get_target(case.target).runs_here:
+            return Outcome(case, "compiled", seconds=time.perf_counter() - start)
+        report = csqc.verify(csqc.load(path), samples=2 * case.batch, artifact=str(artifact), per_layer=True,
+                             calibrate=calibrate)
+        status = "exact" if report.ok and report.accumulators_exact else "mismatch"
+        return Outcome(case, status, "" if status == "exact" else "; ".join(report.notes)[:2000],
+                       time.perf_counter() - start)
+    except CsqcError as e:
+        return Outcome(case, "refused", f"{type(e).__name__}: {e}"[:300], time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - a finding: anything but a CsqcError
+        return Outcome(case, "crash", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}",
+                       time.perf_counter() - start)
+    finally:
+        for f in files:
+            Path(f).unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m csqc.differential", description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="the first case's seed (cases run seed, seed + 1, ...)")
+    parser.add_argument("--target", choices=[*TARGETS, "all", "drawn"], default="drawn",
+                        help="the target of every case (all: each case on every target; drawn: llvm or onnx)")
+    opts = parser.parse_args(argv)
+    if opts.cases < 1:
+        parser.error("--cases must be at least 1")
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    targets = list(TARGETS) if opts.target == "all" else [None if opts.target == "drawn" else opts.target]
+    counts, refusals, findings = Counter(), Counter(), []
+    with tempfile.TemporaryDirectory(prefix="csqc-differential-") as folder:
+        for seed in range(opts.seed, opts.seed + opts.cases):
+            for target in targets:
+                outcome = run_case(seed, Path(folder), target)
+                if outcome is None:
+                    counts["no network"] += 1
+                    continue
+                counts[outcome.status] += 1
+                line = f"{seed} {outcome.case.target} {outcome.status} {outcome.seconds:.1f}s"
+                if outcome.status == "refused":
+                    refusals[outcome.detail.split(" (at ")[0][:120]] += 1
+                if outcome.status in ("mismatch", "crash"):
+                    findings.append(outcome)
+                    line += f" {outcome.case.describe()}\n{outcome.detail}"
+                print(line, flush=True)
+    print("outcomes:", dict(counts), file=sys.stderr)
+    for message, n in refusals.most_common():
+        print(f"  refused {n}x: {message}", file=sys.stderr)
+    return 1 if findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

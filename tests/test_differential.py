@@ -1,0 +1,43 @@
+"""Random CSQ models through compile and verify (``csqc.differential``): a short seeded budget.
+
+``python -m csqc.differential --cases 300`` runs the long one (it found the narrow-input conv
+staging, the CUDA one-word weight tile and grouped float convs, and calibration of an RNN's
+constant initial state).
+"""
+import pytest
+
+from csqc import differential
+
+# seeds whose drawn models cover convs, branches (squeeze-excitation, concatenation, pools), an
+# MLP, an LSTM, a GRU and a Transformer encoder layer, on llvm and onnx, with dynamic and
+# calibrated scales, symmetric and zero-point activations
+SEEDS = [0, 1, 2, 5, 7, 9, 19, 20]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_models_verify_exactly_or_are_refused_by_name(seed, tmp_path):
+    outcome = differential.run_case(seed, tmp_path)
+    assert outcome is not None
+    assert outcome.status in ("exact", "refused"), f"{outcome.case.describe()}\n{outcome.detail}"
+    assert not list(tmp_path.iterdir())  # the case's files are removed
+
+
+def test_the_seeds_cover_every_kind_and_both_scales():
+    cases = [differential.draw_case(seed)[0] for seed in SEEDS]
+    assert {c.kind for c in cases} == {"conv", "branches", "mlp", "lstm", "gru", "encoder"}
+    assert {c.calibrated for c in cases} == {True, False} and {c.target for c in cases} == {"llvm", "onnx"}
+    assert {c.symmetric for c in cases} == {True, False}
+
+
+def test_a_seed_draws_the_same_case():
+    first, again = differential.draw_case(7), differential.draw_case(7)
+    assert first[0] == again[0] and str(first[1]) == str(again[1])
+
+
+def test_cuda_cases_compile(tmp_path):
+    """The CUDA target compiles (no GPU here to run it): a drawn conv net with zero-point
+    activations, which it refused before it had an asymmetric quantizer."""
+    seed = next(s for s in range(100) if (c := differential.draw_case(s, "cuda")) and c[0].kind == "branches"
+                and not c[0].symmetric)
+    outcome = differential.run_case(seed, tmp_path, "cuda")
+    assert outcome.status == "compiled", outcome.detail
