@@ -49,7 +49,7 @@ class Case:
     input_shape: tuple[int, ...]  # one sample's shape (no batch axis)
     batch: int
     n_bits: int
-    act_bits: int
+    act_bits: int | None  # None: weight-only (float activations)
     symmetric: bool
     quantize_first_input: bool
     calibrated: bool
@@ -253,7 +253,8 @@ def draw_case(seed: int, target: str | None = None) -> tuple[Case, object] | Non
         return None
     net, shape = drawn
     case = Case(seed=seed, kind=kind, input_shape=tuple(shape), batch=r.choice([1, 1, 2, 3]),
-                n_bits=r.randint(1, 8), act_bits=r.randint(2, 8), symmetric=r.random() < 0.7,
+                n_bits=r.randint(1, 8) if r.random() < 0.9 else r.randint(9, 12),
+                act_bits=r.randint(2, 8) if r.random() < 0.85 else None, symmetric=r.random() < 0.7,
                 quantize_first_input=r.random() < 0.3, calibrated=r.random() < 0.5,
                 target=target or r.choice(["llvm", "llvm", "onnx"]))
     return case, net

@@ -332,7 +332,7 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
         for layer, names in layers.items():
             for key in LAYER_TENSORS:
                 buf = names.get(key)
-                if buf is None:
+                if buf is None or (key == "in" and buf not in record):  # (older artifacts name a constant input)
                     continue
                 v = record[buf]
                 if key == "xq":

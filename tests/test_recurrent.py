@@ -230,6 +230,21 @@ def test_converted_rnn_verifies_with_llvm_artifact(tmp_path, kind, form):
 
 
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+def test_weight_only_rnn_verifies_per_layer(tmp_path, kind):
+    """Float activations: the first step's recurrent layer reads the zero initial state, a
+    constant the artifact does not record, so verify checks that layer without its input (it
+    failed with a KeyError; found by csqc.differential)."""
+    torch.manual_seed(2)
+    model = csqc.convert(SeqModel(kind, hidden=16), n_bits=3, act_bits=None)
+    model = csqc.load(csqc.save(model, tmp_path / "seq.pt", torch.rand(2, 3, 6)))
+    art = tmp_path / "model.so"
+    csqc.compile(model, "llvm", art)
+    report = csqc.verify(model, samples=4, artifact=str(art), per_layer=True)
+    assert report.ok, report.to_json()
+    assert {row["layer"] for row in report.layers if row["runtime"].startswith("artifact:")} >= {"rnn.hh.0"}
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
 def test_one_step_compiles_for_cuda(tmp_path, kind):
     model = _saved(tmp_path, kind, True)
     result = csqc.compile(model, "cuda", tmp_path / "model.so", arch="sm_80")

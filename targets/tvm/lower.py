@@ -416,7 +416,8 @@ class _Lowerer:
                 "plane_shifts": [int(shift) for shift, _ in spec.planes]}  # most significant first
         self.plan.layers[n.name] = info
         if choice.kernel in ("float", "lut", "dequant"):
-            info["tensors"] = {"in": self.ref(n.inputs[0]), "out": n.name}
+            # (a constant input, an RNN's zero state, is not recorded by the runtime: no "in" to check)
+            info["tensors"] = {"in": self.ref(n.inputs[0]) if n.inputs[0] not in self.g.params else None, "out": n.name}
             outs, fused, suffix = self._layer_output(n, info)
             tail_args = [mult] + ([add] if add else []) + outs
             if choice.kernel == "float" and n.op == "qconv2d" and hasattr(self.glue, "FloatTail") \
