@@ -2,7 +2,7 @@
 
 ``python -m csqc.differential --cases 300`` runs the long one (it found the narrow-input conv
 staging, the CUDA one-word weight tile and grouped float convs, and calibration of an RNN's
-constant initial state).
+constant initial state, and verifying a weight-only one per layer).
 """
 import pytest
 
@@ -10,8 +10,8 @@ from csqc import differential
 
 # seeds whose drawn models cover convs, branches (squeeze-excitation, concatenation, pools), an
 # MLP, an LSTM, a GRU and a Transformer encoder layer, on llvm and onnx, with dynamic and
-# calibrated scales, symmetric and zero-point activations
-SEEDS = [0, 1, 2, 5, 7, 9, 19, 20]
+# calibrated scales, symmetric, zero-point and float (weight-only) activations, 9- to 12-bit weights
+SEEDS = [0, 1, 6, 7, 9, 12, 13, 19, 29]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -27,6 +27,7 @@ def test_the_seeds_cover_every_kind_and_both_scales():
     assert {c.kind for c in cases} == {"conv", "branches", "mlp", "lstm", "gru", "encoder"}
     assert {c.calibrated for c in cases} == {True, False} and {c.target for c in cases} == {"llvm", "onnx"}
     assert {c.symmetric for c in cases} == {True, False}
+    assert any(c.act_bits is None for c in cases) and any(c.n_bits > 8 for c in cases)
 
 
 def test_a_seed_draws_the_same_case():
