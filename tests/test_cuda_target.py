@@ -218,6 +218,13 @@ def test_float_conv_compute_matches_torch(weight_shape, stride, padding, groups,
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("a_shape, b_shape", [((1, 2, 1, 1), (1, 2, 1, 8)), ((2, 3, 4), (1, 4, 5))])
+def test_matmul_compute_matches_numpy(a_shape, b_shape):
+    a, b = RNG.standard_normal(a_shape).astype(np.float32), RNG.standard_normal(b_shape).astype(np.float32)
+    y = run_on_cpu(glue.matmul(a_shape, b_shape, compute_only=True), a, b)
+    np.testing.assert_allclose(y, np.matmul(a, b), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("op", ["hardsigmoid", "hardswish", "silu"])
 def test_vision_activation_computes_match_interpreter(op):
     from csqc import numerics
@@ -272,6 +279,8 @@ SCHEDULED = {
     # other's reduction across threads, which failed to build)
     "conv2d_f32_one_product": lambda: glue.conv2d_f32((1, 2, 11, 9), (2, 1, 1, 1), 1, 1, 1, 2, False, "none", 0.0, 0.0),
     "conv2d_f32_depthwise_dilated": lambda: glue.conv2d_f32((1, 8, 13, 13), (16, 1, 5, 5), 2, 0, 2, 8, True, "relu", 0, 0),
+    # attention over one position: the product of weights and values has K = 1
+    "matmul_one_position": lambda: glue.matmul((1, 2, 1, 1), (1, 2, 1, 8)),
     "linear_f32": lambda: glue.linear_f32(1, 512, 1000, True, "none", 0.0, 0.0),
     "max_pool2d": lambda: glue.max_pool2d((1, 64, 112, 112), (3, 3), (2, 2), (1, 1), (1, 1)),
     "avg_pool2d": lambda: glue.avg_pool2d((1, 16, 8, 8), (3, 3), (1, 1), (1, 1), False, 0),

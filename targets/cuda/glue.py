@@ -614,12 +614,16 @@ def matmul(a_shape, b_shape):
     out_shape = batch + (a_shape[-2], b_shape[-1])
     a = te.placeholder(a_shape, _F32, name="a")
     b = te.placeholder(b_shape, _F32, name="b")
-    k = te.reduce_axis((0, a_shape[-1]), "k")
+    # K == 1 (attention over one position): one product, no reduction (whose extent-1 loop TVM
+    # drops; dlight's GEMV rule then asserts)
+    k = te.reduce_axis((0, a_shape[-1]), "k") if a_shape[-1] > 1 else None
 
     def value(*i):
         bi, m, n = i[:-2], i[-2], i[-1]
         ai = _broadcast_index(bi, a_shape[:-2], batch) if batch else ()
         bj = _broadcast_index(bi, b_shape[:-2], batch) if batch else ()
+        if k is None:
+            return a[ai + (m, 0)] * b[bj + (0, n)]
         return te.sum(a[ai + (m, k)] * b[bj + (k, n)], axis=k)
 
     return [a, b, te.compute(out_shape, value, name="y")]
