@@ -8,11 +8,11 @@ heads; or an MLP, an LSTM / GRU over a sequence, a Transformer encoder layer. It
 network with random weight and activation bits, random non-contiguous bit masks, symmetric or
 zero-point activations and a quantized first input or not, finalizes and saves it, compiles it
 for a target with dynamic or calibrated scales, and runs ``csqc verify --per-layer`` against the
-artifact where the target runs here (cuda: the compile alone). A case passes when verify is
+artifact where the target runs here (aarch64: under qemu-user; cuda: the compile alone). A case passes when verify is
 exact, or when csqc refuses the model with a ``CsqcError`` (a stated limitation, counted by its
 message); anything else is a finding::
 
-    python -m csqc.differential --cases 300 [--seed S] [--target llvm|onnx|cuda|all]
+    python -m csqc.differential --cases 300 [--seed S] [--target llvm|onnx|cuda|aarch64|all]
 
 Cases are independent and reproducible: ``--seed S --cases 1`` runs case S again.
 """
@@ -37,7 +37,7 @@ from .errors import CsqcError
 
 __all__ = ["Case", "Outcome", "draw_case", "run_case", "main"]
 
-TARGETS = ("llvm", "onnx", "cuda")
+TARGETS = ("llvm", "onnx", "cuda", "aarch64")
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,8 @@ def run_case(seed: int, folder: Path, target: str | None = None) -> Outcome | No
         artifact = folder / f"case{seed}{get_target(case.target).suffix}"
         files.append(artifact)
         csqc.compile(path, case.target, artifact, calibrate=calibrate)
-        if not get_target(case.target).runs_here:
+        spec = get_target(case.target)
+        if not (spec.runs_here or spec.emulated):  # (aarch64 artifacts run under qemu-user)
             return Outcome(case, "compiled", seconds=time.perf_counter() - start)
         report = csqc.verify(csqc.load(path), samples=2 * case.batch, artifact=str(artifact), per_layer=True,
                              calibrate=calibrate)
