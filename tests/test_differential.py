@@ -1,8 +1,8 @@
 """Random CSQ models through compile and verify (``csqc.differential``): a short seeded budget.
 
 ``python -m csqc.differential --cases 300`` runs the long one (it found the narrow-input conv
-staging, the CUDA one-word weight tile and grouped float convs, and calibration of an RNN's
-constant initial state, and verifying a weight-only one per layer).
+staging; the CUDA one-word weight tile, grouped float convs and one-position attention;
+calibrating an RNN's constant initial state; verifying a weight-only RNN per layer).
 """
 import pytest
 
