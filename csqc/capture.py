@@ -1022,7 +1022,6 @@ _CONSTANT_ONLY = (
     _aten.cumsum.default, _aten.diff.default, _aten.index.Tensor, _aten.new_ones.default, _aten.ones.default,
     _aten.ones_like.default, _aten.full_like.default, _aten.expand.default, _aten.masked_fill.Scalar,
     _aten.tril.default, _aten.triu.default, _aten.pow.Scalar, _aten.fill_.Scalar, _aten.fill_.Tensor,
-    _aten.cos.default, _aten.sin.default,  # rotary position tables (Llama): functions of positions only
 )
 for _op in _CONSTANT_ONLY:
     HANDLERS.setdefault(_op, _constant_only)  # a runtime handler registered elsewhere wins
@@ -1895,6 +1894,9 @@ def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
 HANDLERS.update({
     _aten.log_sigmoid.default: _log_sigmoid,
     _aten.erf.default: _float_unary("erf"),
+    # (of constants alone, as rotary position tables, they still fold at capture)
+    _aten.sin.default: _float_unary("sin"),
+    _aten.cos.default: _float_unary("cos"),
     _aten.sign.default: _sign,
     _aten.sgn.default: _sign,
     _aten.cosine_similarity.default: _cosine_similarity,

@@ -15,7 +15,7 @@ from .errors import BadInput, CsqcError
 __all__ = [
     "F32", "conv2d_nchw", "channel", "activation", "pool2d", "pool_output_size", "adaptive_avg_pool2d",
     "adaptive_bounds", "softmax", "sigmoid", "layer_norm", "gelu", "slice_axis", "embedding",
-    "hardsigmoid", "hardswish", "silu", "sqrt", "exp", "log", "erf", "avg_pool_counts", "adaptive_counts",
+    "hardsigmoid", "hardswish", "silu", "sqrt", "exp", "log", "erf", "sin", "cos", "avg_pool_counts", "adaptive_counts",
 ]
 
 F32 = np.float32
@@ -243,6 +243,19 @@ def erf(x: np.ndarray) -> np.ndarray:
     """float32 ``erf``, correctly rounded (math.erf in float64, then rounded once), as gelu's."""
     x = np.asarray(x, F32)
     return _erf64(x).astype(F32) if x.size else x.copy()
+
+
+def sin(x: np.ndarray) -> np.ndarray:
+    """float32 ``sin`` from float64's, rounded once (numpy's float32 sin takes a CPU-dependent
+    vector path): NaN at +-inf and NaN."""
+    with np.errstate(invalid="ignore"):
+        return np.sin(np.asarray(x, F32).astype(np.float64)).astype(F32)
+
+
+def cos(x: np.ndarray) -> np.ndarray:
+    """float32 ``cos``, as :func:`sin`."""
+    with np.errstate(invalid="ignore"):
+        return np.cos(np.asarray(x, F32).astype(np.float64)).astype(F32)
 
 
 def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, axis: int, eps: float) -> np.ndarray:

@@ -398,6 +398,10 @@ _DEFS = [
            doc="log(x) (also softplus and Mish, with a log1p correction)"),
     _unary("erf", lambda n, a: num.erf(a[0]), lambda n, a: T.erf(a[0]), _keeps_sign,
            doc="erf(x) (a hand-written GELU: x * 0.5 * (1 + erf(x / sqrt 2)))"),
+    # within an ulp or two of float64's on every runtime (libm / CUDA / ONNX Runtime, each with
+    # its own range reduction): sinusoidal time and position embeddings of the model's input
+    _unary("sin", lambda n, a: num.sin(a[0]), lambda n, a: T.sin(a[0]), doc="sin(x) (timestep embeddings)"),
+    _unary("cos", lambda n, a: num.cos(a[0]), lambda n, a: T.cos(a[0]), doc="cos(x)"),
     _binary("add", np.add, lambda a, b: a + b, _keeps_sign, "a + b"),
     _binary("sub", np.subtract, lambda a, b: a - b, doc="a - b"),
     _binary("mul", np.multiply, lambda a, b: a * b, _keeps_sign, "a * b"),

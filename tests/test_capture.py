@@ -526,12 +526,18 @@ def test_softplus_takes_torch_branch_exactly_past_its_threshold(threshold, x, tm
         np.testing.assert_array_equal(nn.Softplus(beta=1.0, threshold=threshold)(torch.from_numpy(x)).numpy(), x)
 
 
-def test_sin_of_a_computed_value_is_refused_by_name(tmp_path):
-    # sin and cos fold where they read constants (rotary tables: tests/test_hf_models.py's Llama)
-    with pytest.raises(UnsupportedOps) as e:
-        _captured(Lambda(lambda x: torch.sin(x) + torch.cos(torch.arange(3.0))), (2, 3), tmp_path)
-    assert "aten.sin.default [supported on constants only" in str(e.value)
-    assert "aten.cos" not in str(e.value)
+def test_sin_and_cos_of_computed_values_are_ops_and_of_constants_fold(tmp_path):
+    """A sinusoidal embedding of the input (diffusion timesteps, Fourier features) runs as sin /
+    cos ops; of constants alone (rotary tables: tests/test_hf_models.py's Llama) they fold."""
+    def embed(x):
+        freqs = torch.exp(torch.arange(4.0) * -0.5)
+        angles = x[:, :1] * 250.0 * freqs  # arguments up to ~1000
+        return torch.cat([torch.sin(angles), torch.cos(angles), x + torch.cos(torch.arange(3.0))], dim=1)
+
+    x = np.array([[0.0, 1.0, 2.0], [3.999, -0.5, 1e-3], [-4.0, 2.5, 0.25]], np.float32)
+    g = _captured(Lambda(embed), x.shape, tmp_path)
+    assert [n.op for n in g.nodes].count("sin") == 1 and [n.op for n in g.nodes].count("cos") == 1
+    _compare(Lambda(embed), g, x, rtol=1e-6)
 
 
 def test_unsupported_ops_are_bad_input():

@@ -631,3 +631,16 @@ def test_erf_is_within_4e_7_of_the_true_erf_odd_bounded_and_makes_no_calls():
     assert np.isnan(got[np.isnan(x)]).all()
     special = dict(zip(x[-16:-6].tolist(), got[-16:-6].tolist()))
     assert special[np.inf] == 1.0 and special[-np.inf] == -1.0 and special[4.0] == 1.0
+
+
+def test_sin_and_cos_are_within_an_ulp_at_any_argument():
+    """libm's range reduction: arguments of diffusion timesteps (~1000) and far beyond."""
+    x = np.concatenate([np.linspace(-1000, 1000, 1 << 18, dtype=np.float32), np.geomspace(1, 3e38, 4096).astype(np.float32),
+                        np.array([0.0, -0.0, 1e-30, np.pi, np.inf, -np.inf, np.nan], np.float32)])
+    for op, true in (("sin", np.sin), ("cos", np.cos)):
+        (got,) = run_kernel(glue.unary(op, x.shape), x, outputs=[(x.shape, "float32")])
+        with np.errstate(invalid="ignore"):
+            expected = true(x.astype(np.float64)).astype(np.float32)
+        finite = np.isfinite(expected)
+        assert np.abs(got[finite] - expected[finite]).max() <= 6e-8  # an ulp of values up to 1
+        assert np.isnan(got[~finite]).all()  # +-inf and NaN

@@ -173,6 +173,8 @@ CASES = {
     "exp": _unary_wide("exp"),
     "log": _log(),
     "erf": _unary_wide("erf"),
+    "sin": _unary_wide("sin"),
+    "cos": _unary_wide("cos"),
     "add": _binary("add"),
     "sub": _binary("sub"),
     "mul": _binary("mul"),

@@ -292,11 +292,29 @@ class PrototypeClassifier(torch.nn.Module):
         return torch.nn.functional.cosine_similarity(e.unsqueeze(1), self.prototypes.unsqueeze(0), dim=2)
 
 
+class TimestepDenoiser(torch.nn.Module):
+    """A diffusion model's conditioning: the timestep (the input's first column, times 1000) as
+    a sinusoidal embedding (sin and cos of the computed angles), an MLP on it and the features."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.register_buffer("freqs", torch.exp(torch.arange(8.0) * -(9.2 / 8)))
+        self.time = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 32))
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.SiLU())
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        angles = x[:, :1] * 1000.0 * self.freqs
+        t = self.time(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1))
+        return self.head(self.body(x[:, 1:]) + t)
+
+
 @pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32)),
                                             (smooth_activation_net, (1, 3, 16, 16)),
                                             (MaxPooledClassifier, (1, 3, 12, 12)),
-                                            (PrototypeClassifier, (1, 3, 12, 12))],
-                         ids=["normalized", "sequence", "smooth", "max_pooled", "prototypes"])
+                                            (PrototypeClassifier, (1, 3, 12, 12)), (TimestepDenoiser, (1, 9))],
+                         ids=["normalized", "sequence", "smooth", "max_pooled", "prototypes", "timesteps"])
 def test_composed_layers_compile_and_verify_exactly(factory, shape, tmp_path):
     torch.manual_seed(0)
     model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=4))

@@ -368,6 +368,8 @@ _UNARY = {
     "exp": lambda v, lo, hi: tirx.exp(v),  # expf, logf: within an ulp or two (no --use_fast_math)
     "log": lambda v, lo, hi: tirx.log(v),
     "erf": lambda v, lo, hi: tirx.erf(v),  # erff, as gelu's
+    "sin": lambda v, lo, hi: tirx.sin(v),  # sinf, cosf (not __sinf: no --use_fast_math)
+    "cos": lambda v, lo, hi: tirx.cos(v),
 }
 
 

@@ -2038,6 +2038,10 @@ _UNARY = {
     "exp": lambda v, lo, hi: _exp(v),
     "log": lambda v, lo, hi: _log(v),
     "erf": lambda v, lo, hi: _erf(v),  # gelu's rational form: within a few ulps of the true erf
+    # libm's sinf / cosf, a call a lane: within an ulp at any argument (their full range
+    # reduction); these ops run on embeddings of a few hundred values, where calls cost nothing
+    "sin": lambda v, lo, hi: tirx.sin(v),
+    "cos": lambda v, lo, hi: tirx.cos(v),
 }
 
 

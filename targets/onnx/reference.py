@@ -694,6 +694,8 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "exp": _simple("Exp"),
     "log": _simple("Log"),
     "erf": _simple("Erf"),
+    "sin": _simple("Sin"),
+    "cos": _simple("Cos"),
     "sub": _simple("Sub"),
     "slice": _emit_slice,
     "matmul": _simple("MatMul"),
