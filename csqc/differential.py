@@ -5,12 +5,13 @@ Each case draws a small network from its seed: convolutions of any kernel, strid
 dilation and groups (depthwise with multipliers, one input column or row), residual and
 squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
 heads; or an MLP, an LSTM / GRU over a sequence, a Transformer encoder layer. It converts the
-network with random weight and activation bits, random non-contiguous bit masks, symmetric or
-zero-point activations and a quantized first input or not, finalizes and saves it, compiles it
-for a target with dynamic or calibrated scales, and runs ``csqc verify --per-layer`` against the
-artifact where the target runs here (aarch64: under qemu-user; cuda: the compile alone). A case passes when verify is
-exact, or when csqc refuses the model with a ``CsqcError`` (a stated limitation, counted by its
-message); anything else is a finding::
+network with random weight and activation bits, random non-contiguous bit masks, symmetric,
+zero-point or float activations and a quantized first input or not, finalizes and saves it,
+compiles it for a target with dynamic or calibrated scales, and runs ``csqc verify
+--per-layer`` against the artifact where the target runs here (aarch64: under qemu-user; cuda:
+the compile alone). A case passes when verify is exact (a calibrated model may drift from
+PyTorch's dynamic scales on top-1: counted apart), or when csqc refuses the model with a
+``CsqcError`` (a stated limitation, counted by its message); anything else is a finding::
 
     python -m csqc.differential --cases 300 [--seed S] [--target llvm|onnx|cuda|aarch64|all]
 
@@ -62,7 +63,7 @@ class Case:
 @dataclass(frozen=True)
 class Outcome:
     case: Case
-    status: str  # "exact", "refused", "compiled" (cuda: compile only), "mismatch", "crash"
+    status: str  # "exact", "drift" (see _status), "refused", "compiled" (cuda: compile only), "mismatch", "crash"
     detail: str = ""
     seconds: float = 0.0
 
@@ -272,6 +273,20 @@ def _quantized(case: Case, net, r: random.Random):
     return csqc.finalize(model), example
 
 
+def _status(case: Case, report) -> str:
+    """``exact``; ``drift`` where only PyTorch's pair of a calibrated case missed its top-1 bound
+    (PyTorch runs the trained model's dynamic scales: a calibrated model is another model, and at
+    2 or 3 activation bits it may change a few of a handful of predictions); else ``mismatch``."""
+    if not report.accumulators_exact:
+        return "mismatch"
+    failed = [p for p in report.pairs if not p.ok]
+    if not failed:
+        return "exact"
+    if case.calibrated and all("pytorch" in (p.a, p.b) for p in failed):
+        return "drift"
+    return "mismatch"
+
+
 def run_case(seed: int, folder: Path, target: str | None = None) -> Outcome | None:
     """Build, compile and check case ``seed`` in ``folder`` (its files removed after)."""
     import csqc
@@ -298,9 +313,7 @@ def run_case(seed: int, folder: Path, target: str | None = None) -> Outcome | No
             return Outcome(case, "compiled", seconds=time.perf_counter() - start)
         report = csqc.verify(csqc.load(path), samples=2 * case.batch, artifact=str(artifact), per_layer=True,
                              calibrate=calibrate)
-        status = "exact" if report.ok and report.accumulators_exact else "mismatch"
-        return Outcome(case, status, "" if status == "exact" else "; ".join(report.notes)[:2000],
-                       time.perf_counter() - start)
+        return Outcome(case, _status(case, report), "; ".join(report.notes)[:2000], time.perf_counter() - start)
     except CsqcError as e:
         return Outcome(case, "refused", f"{type(e).__name__}: {e}"[:300], time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - a finding: anything but a CsqcError

@@ -4,6 +4,8 @@
 staging; the CUDA one-word weight tile, grouped float convs and one-position attention;
 calibrating an RNN's constant initial state; verifying a weight-only RNN per layer).
 """
+import dataclasses
+
 import pytest
 
 from csqc import differential
@@ -18,7 +20,7 @@ SEEDS = [0, 1, 6, 7, 9, 12, 13, 19, 29]
 def test_random_models_verify_exactly_or_are_refused_by_name(seed, tmp_path):
     outcome = differential.run_case(seed, tmp_path)
     assert outcome is not None
-    assert outcome.status in ("exact", "refused"), f"{outcome.case.describe()}\n{outcome.detail}"
+    assert outcome.status in ("exact", "drift", "refused"), f"{outcome.case.describe()}\n{outcome.detail}"
     assert not list(tmp_path.iterdir())  # the case's files are removed
 
 
@@ -42,3 +44,24 @@ def test_cuda_cases_compile(tmp_path):
                 and not c[0].symmetric)
     outcome = differential.run_case(seed, tmp_path, "cuda")
     assert outcome.status == "compiled", outcome.detail
+
+
+def test_only_pytorchs_pair_of_a_calibrated_case_may_drift():
+    """A calibrated model is another model than PyTorch's dynamic-scale one: its top-1 may drift
+    (counted apart); any other failed pair, an uncalibrated PyTorch pair or inexact
+    accumulators are findings."""
+    from types import SimpleNamespace
+
+    def report(failed, exact=True):
+        pairs = [SimpleNamespace(a=a, b=b, ok=(a, b) not in failed) for a, b in
+                 [("pytorch", "interpreter:integer"), ("interpreter:integer", "onnxruntime")]]
+        return SimpleNamespace(pairs=pairs, accumulators_exact=exact)
+
+    drawn = differential.draw_case(1)[0]
+    calibrated, dynamic = (dataclasses.replace(drawn, calibrated=flag) for flag in (True, False))
+    torch_pair = {("pytorch", "interpreter:integer")}
+    assert differential._status(calibrated, report(set())) == "exact"
+    assert differential._status(calibrated, report(torch_pair)) == "drift"
+    assert differential._status(dynamic, report(torch_pair)) == "mismatch"
+    assert differential._status(calibrated, report({("interpreter:integer", "onnxruntime")})) == "mismatch"
+    assert differential._status(calibrated, report(set(), exact=False)) == "mismatch"
