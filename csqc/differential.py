@@ -229,15 +229,14 @@ def _network(r: random.Random, kind: str):
         for w in [*range(first[1], 25), *range(5, first[1])]:
             try:
                 with torch.no_grad():
-                    features = body(torch.zeros(1, channels, h, w)).flatten(1).shape[1]
+                    features = body(torch.zeros(1, channels, h, w))
             except RuntimeError:  # an empty output somewhere: try a larger input
                 continue
-            if features == 0:
+            if features.numel() == 0:
                 continue
-            head = [nn.Flatten(), nn.Linear(features, r.choice([3, 7, 10, 17]))]
-            if r.random() < 0.4:
-                head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(body(torch.zeros(1, channels, h, w)).shape[1], r.choice([3, 10]))]
+            head = [nn.Flatten(), nn.Linear(features.numel(), r.choice([3, 7, 10, 17]))]
+            if r.random() < 0.4:  # a global average pool first
+                head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features.shape[1], r.choice([3, 10]))]
             return nn.Sequential(body, *head).eval(), (channels, h, w)
     return None
 
