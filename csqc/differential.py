@@ -4,7 +4,8 @@ tests were written around.
 Each case draws a small network from its seed: convolutions of any kernel, stride, padding,
 dilation and groups (depthwise with multipliers, one input column or row), residual and
 squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
-heads; or an MLP, an LSTM / GRU over a sequence, a Transformer encoder layer. It converts the
+heads; image-to-image blocks (transposed convolutions, group / instance norms, pixel shuffles,
+U-Net skips); or an MLP, an LSTM / GRU over a sequence, a Transformer encoder layer. It converts the
 network with random weight and activation bits, random non-contiguous bit masks, symmetric,
 zero-point or float activations and a quantized first input or not, finalizes and saves it,
 compiles it for a target with dynamic or calibrated scales, and runs ``csqc verify
@@ -46,7 +47,7 @@ class Case:
     """One drawn model and how it is built, compiled and checked."""
 
     seed: int
-    kind: str  # "conv", "branches", "mlp", "lstm", "gru", "encoder"
+    kind: str  # "conv", "branches", "decoder", "mlp", "lstm", "gru", "encoder"
     input_shape: tuple[int, ...]  # one sample's shape (no batch axis)
     batch: int
     n_bits: int
@@ -122,6 +123,16 @@ def _modules():
         def forward(self, x):
             return F.interpolate(x, scale_factor=2, mode=self.mode)
 
+    class Skip(nn.Module):
+        """A U-Net's skip connection: the input beside what the block makes of it."""
+
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return torch.cat([x, self.block(x)], 1)
+
     class Recurrent(nn.Module):
         def __init__(self, kind: str, inputs: int, hidden: int, outputs: int):
             super().__init__()
@@ -142,7 +153,38 @@ def _modules():
         def forward(self, x):
             return self.head(self.layer(x).mean(1))
 
-    return Residual, SqueezeExcite, Branches, Upsample, Recurrent, Encoder
+    return Residual, SqueezeExcite, Branches, Upsample, Skip, Recurrent, Encoder
+
+
+def _decoder_net(r: random.Random, channels: int):
+    """Image-to-image blocks over ``channels`` input channels: transposed convolutions (float),
+    group and instance norms, pixel shuffles, U-Net skips, and CSQ convs between them."""
+    nn = _torch().nn
+    *_, Skip, _, _ = _modules()
+    layers, c = [], channels
+    for _ in range(r.randint(2, 5)):
+        pick = r.random()
+        if pick < 0.2:
+            stride = r.choice([1, 2])
+            out = r.choice([2, 4, 8])
+            layers += [nn.ConvTranspose2d(c, out, r.choice([2, 3, 4]), stride=stride, padding=r.choice([0, 1]),
+                                          output_padding=r.choice([0, 1]) if stride == 2 else 0), _activation(r)]
+            c = out
+        elif pick < 0.35:
+            groups = r.choice([g for g in (1, 2, 4) if c % g == 0])
+            layers.append(nn.GroupNorm(groups, c) if r.random() < 0.6 else nn.InstanceNorm2d(c, affine=True))
+        elif pick < 0.45 and c % 4 == 0:
+            layers.append(nn.PixelShuffle(2))
+            c //= 4
+        elif pick < 0.6:
+            out = r.choice([2, 4, 8])
+            layers.append(Skip(nn.Sequential(nn.Conv2d(c, out, 3, padding=1), _activation(r))))
+            c += out
+        else:
+            out = r.choice([4, 8, 12])
+            layers += [nn.Conv2d(c, out, r.choice([1, 3]), padding=1, stride=r.choice([1, 1, 2])), _activation(r)]
+            c = out
+    return layers
 
 
 def _conv_net(r: random.Random, channels: int, branches: bool):
@@ -223,7 +265,8 @@ def _network(r: random.Random, kind: str):
         net = Encoder(width, heads, r.randint(4, 64), r.random() < 0.5, r.choice(["relu", "gelu"]))
         return net.eval(), (r.randint(1, 7), width)
     channels = r.choice([1, 2, 3, 4, 8])
-    body = nn.Sequential(*_conv_net(r, channels, kind == "branches")).eval()
+    layers = _decoder_net(r, channels) if kind == "decoder" else _conv_net(r, channels, kind == "branches")
+    body = nn.Sequential(*layers).eval()
     first = r.randint(5, 24), r.randint(5, 24)
     for h in [*range(first[0], 25), *range(5, first[0])]:
         for w in [*range(first[1], 25), *range(5, first[1])]:
@@ -247,7 +290,7 @@ def draw_case(seed: int, target: str | None = None) -> tuple[Case, object] | Non
     torch = _torch()
     r = random.Random(seed)
     torch.manual_seed(seed)
-    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder"])
+    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder", "decoder"])
     drawn = _network(r, kind)
     if drawn is None:
         return None
