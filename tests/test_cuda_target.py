@@ -275,10 +275,11 @@ SCHEDULED = {
     "quantize_asymmetric_static": lambda: glue.quantize_asymmetric((4, 1000), 4, 2.5, 3, False),
     "epilogue": lambda: glue.epilogue((1, 64, 56, 56), 1, 15, "relu", 0.0, 0.0, True, "int32", True),
     "conv2d_f32": lambda: glue.conv2d_f32((1, 3, 224, 224), (64, 3, 7, 7), 2, 3, 1, 1, False, "none", 0.0, 0.0),
-    # grouped float convs, one output a thread (dlight asserted on the one-product one; mapped the
-    # other's reduction across threads, which failed to build)
+    # float convs, one output a thread (dlight asserted on the one-product one; mapped the others'
+    # reductions across a block's threads, which failed to build)
     "conv2d_f32_one_product": lambda: glue.conv2d_f32((1, 2, 11, 9), (2, 1, 1, 1), 1, 1, 1, 2, False, "none", 0.0, 0.0),
     "conv2d_f32_depthwise_dilated": lambda: glue.conv2d_f32((1, 8, 13, 13), (16, 1, 5, 5), 2, 0, 2, 8, True, "relu", 0, 0),
+    "conv2d_f32_small_dilated": lambda: glue.conv2d_f32((3, 2, 17, 17), (4, 2, 3, 3), 2, 0, 2, 1, False, "none", 0, 0),
     # attention over one position: the product of weights and values has K = 1
     "matmul_one_position": lambda: glue.matmul((1, 2, 1, 1), (1, 2, 1, 8)),
     "linear_f32": lambda: glue.linear_f32(1, 512, 1000, True, "none", 0.0, 0.0),
