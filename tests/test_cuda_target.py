@@ -268,6 +268,9 @@ SCHEDULED = {
     # a weight tile of one word: its shared-memory copy has no loop left to bind (random-model run)
     "bitserial_conv_one_word": lambda: kernels.bitserial_conv2d((1, 4, 24, 38), (2, 2, 1, 1), [(1, 1)], 6, True, 1, 1, 1, 2),
     "bitparallel_dense": lambda: kernels.bitparallel_dense(64, 1000, 512),
+    # K = 22: chunks of 11 cut 4-code weight words (a Transformer of width 22: csqc.differential)
+    "bitparallel_dense_odd_k": lambda: kernels.bitparallel_dense(12, 22, 22),
+    "bitparallel_conv_odd_channels": lambda: kernels.bitparallel_conv2d((1, 22, 8, 8), (8, 22, 1, 1)),
     "bitparallel_conv": lambda: kernels.bitparallel_conv2d((1, 16, 32, 32), (32, 16, 3, 3), 2, 1),
     "bitparallel_depthwise": lambda: kernels.bitparallel_conv2d((1, 32, 16, 16), (32, 1, 3, 3), 1, 1, 1, 32),
     "quantize": lambda: glue.quantize((1, 64, 56, 56), 4, 0.0, True),

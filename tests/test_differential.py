@@ -1,7 +1,8 @@
 """Random CSQ models through compile and verify (``csqc.differential``): a short seeded budget.
 
 ``python -m csqc.differential --cases 300`` runs the long one (it found the narrow-input conv
-staging; the CUDA one-word weight tile, grouped float convs and one-position attention;
+staging; the CUDA one-word weight tile, float convs, one-position attention and word-cutting
+weight chunks;
 calibrating an RNN's constant initial state; verifying a weight-only RNN per layer).
 """
 import dataclasses

@@ -377,13 +377,22 @@ def _schedule_gemv(sch, knobs: BitserialKnobs, act_words: int) -> None:
     sch.unroll(j)
 
 
+def _word_chunk(extent: int, limit: int, word: int) -> int:
+    """The largest divisor of ``extent`` up to ``limit`` that holds whole weight words of
+    ``word`` elements, else ``extent`` (one chunk): a chunk that cuts a word (22 = 2 x 11 of
+    4-element words) makes the staged tile's extent depend on the chunk, which TVM cannot lower."""
+    fits = [d for d in range(word, min(extent, limit) + 1, word) if extent % d == 0]
+    return max(fits) if fits else extent
+
+
 def _schedule_tiled(sch, block_name: str, chunk_axis: int, weight: str, tile: TileKnobs,
-                    group_cols: int, output_view: str | None) -> None:
+                    group_cols: int, output_view: str | None, word: int = 1) -> None:
     """Tiled GEMM schedule of a ``[rows, cols]`` product block with reduction loops.
 
-    ``chunk_axis`` (index among the reduction loops) is split by ``tile.k_chunk``; the weight
-    tile for one chunk is staged in shared memory.  Column tiles never straddle a group of
-    ``group_cols`` columns.  ``output_view`` names an NCHW view of the product to inline.
+    ``chunk_axis`` (index among the reduction loops) is split by ``tile.k_chunk`` into chunks of
+    whole ``word``-element weight words (:func:`_word_chunk`); the weight tile for one chunk is
+    staged in shared memory.  Column tiles never straddle a group of ``group_cols`` columns.
+    ``output_view`` names an NCHW view of the product to inline.
     """
     block = sch.get_sblock(block_name)
     loops = sch.get_loops(block)
@@ -396,7 +405,7 @@ def _schedule_tiled(sch, block_name: str, chunk_axis: int, weight: str, tile: Ti
     tx = max(1, min(tile.row_threads, _pow2_ceil(-(-rows // vr)), GPU_LIMITS["max_threads_per_block"] // ty))
     r0, r1, r2 = sch.split(row, [None, tx, vr])
     c0, c1, c2 = sch.split(col, [None, ty, vc])
-    chunk = _largest_divisor(_loop_extent(sch, reductions[chunk_axis]), tile.k_chunk)
+    chunk = _word_chunk(_loop_extent(sch, reductions[chunk_axis]), tile.k_chunk, word)
     ko, ki = sch.split(reductions[chunk_axis], [None, chunk])
     outer = reductions[:chunk_axis] + [ko]
     inner = [ki] + reductions[chunk_axis + 1:]
@@ -471,7 +480,7 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
         raise ValueError("the CUDA bit-parallel kernels take int8 weights and accumulate in int32")
     knobs = knobs or BitparallelKnobs()
     sch = _schedule(bitparallel_dense_compute(M, N, K))
-    _schedule_tiled(sch, "y", 0, "w", knobs.tile, N, None)
+    _schedule_tiled(sch, "y", 0, "w", knobs.tile, N, None, word=4)  # int8 weights, 4 a word
     return sch.mod["main"]
 
 
@@ -486,7 +495,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     if geo.is_depthwise:
         schedule_pointwise(sch, sch.get_sblock("y"))
         return sch.mod["main"]
-    _schedule_tiled(sch, "acc", 2, "w", knobs.tile, geo.out_per_group, "y")
+    _schedule_tiled(sch, "acc", 2, "w", knobs.tile, geo.out_per_group, "y", word=4)
     return sch.mod["main"]
 
 
