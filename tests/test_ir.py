@@ -189,7 +189,7 @@ def test_verifier_reports_a_quantized_layer_with_too_few_inputs(small):
 
 def test_verifier_reports_unknown_ops_duplicate_names_and_missing_outputs(small):
     g, _ = small
-    nodes = g.nodes + (Node("fc", "sin", ("x",), TensorType((2, 12))),)
+    nodes = g.nodes + (Node("fc", "frobnicate", ("x",), TensorType((2, 12))),)
     with pytest.raises(IRError) as e:
         verify(g.replace(nodes=nodes, outputs=("fc.relu", "ghost")))
     text = str(e.value)
