@@ -13,7 +13,9 @@ averaged gradient, and ``keep_layers_alive`` / ``enforce`` are deterministic fun
 """
 from __future__ import annotations
 
+import atexit
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +27,27 @@ from .errors import BadInput
 __all__ = ["Parallel", "under_torchrun"]
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_WORKER_GRACE_S = 0.2
 
 
 def under_torchrun() -> bool:
     """True when this process was started by ``torchrun`` (or anything setting its variables)."""
     return all(v in os.environ for v in _TORCHRUN_VARIABLES)
+
+
+def _leave_process_group() -> None:
+    """Leave the group while Python still runs, and give gloo's worker threads time to finish.
+
+    A gloo worker frees a collective's tensors after the caller has its result, and a tensor
+    made in Python needs the GIL to die. When the last collective comes just before the process
+    exits (a rank with nothing left to do), that free can fall into interpreter shutdown, where a
+    thread asking for the GIL is killed, and the process aborts ("terminate called without an
+    active exception", pytorch/pytorch#190489) though its work is done. Sleeping releases the
+    GIL to that thread; destroying the group stops new work.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    time.sleep(_WORKER_GRACE_S)
 
 
 def _env_int(name: str) -> int:
@@ -67,6 +85,7 @@ class Parallel:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+            atexit.register(_leave_process_group)
         return cls(rank=rank, world_size=world_size, device=device)
 
     @property

@@ -234,6 +234,29 @@ def test_torchrun_trains_data_parallel_with_identical_ranks(digits, tmp_path):
     assert csqc.load(tmp_path / "tiny.pt").manifest["inputs"][0]["shape"][1:] == [3, 16, 16]
 
 
+EXIT_SCRIPT = r'''
+import torch
+from torch import distributed as dist
+from csqc.distributed import Parallel
+
+parallel = Parallel.from_env()
+for _ in range(50):  # fire and forget: gloo's worker threads free these tensors as they finish
+    dist.all_reduce(torch.ones(64), async_op=True)
+parallel.sum(1.0)  # then exit at once, as a rank with nothing left to do
+'''
+
+
+def test_ranks_that_exit_right_after_a_collective_exit_cleanly(tmp_path):
+    # Without csqc leaving the group at exit, a gloo worker freeing a tensor during interpreter
+    # shutdown aborted the process ("terminate called without an active exception") in about
+    # half of these runs, and CI's data-parallel training run failed on it.
+    script = tmp_path / "exit_after_collective.py"
+    script.write_text(EXIT_SCRIPT)
+    for _ in range(4):
+        done = _torchrun(str(script), cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_data_factory_that_returns_something_else_is_bad_input(tmp_path, monkeypatch):
     (tmp_path / "wrong_factory.py").write_text("def make():\n    return 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))
