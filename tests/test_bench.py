@@ -104,7 +104,9 @@ def test_machine_limits_are_measured_and_csqc_fractions_follow_from_them():
     assert limits.dram_buffer_bytes >= min(2 * limits.llc_bytes, 1 << 30)  # larger than the cache it must miss
     assert limits.weights_buffer_bytes >= 3 << 20
     assert limits.dram_gb_per_s > 0 and limits.weights_gb_per_s > 0 and limits.int_peak_gmac_per_s > 0
-    assert 0 < limits.fork_join_us < 1000 and probes.measure_limits(3 << 20, 1).fork_join_us == 0
+    # microseconds, not seconds: 0.5-2 us on a quiet machine, 2.2 ms seen while the suite's other
+    # worker oversubscribed both cores; a bound on the unit, not on the machine's state
+    assert 0 < limits.fork_join_us < 100_000 and probes.measure_limits(3 << 20, 1).fork_join_us == 0
     report = utilization(limits, csqc_us=100.0, weight_bytes=3 << 20, int_macs=4096 * 4096 * 3)
     rate = (3 << 20) / 100e-6 / 1e9
     assert report["weight_gb_per_s"] == pytest.approx(rate)
