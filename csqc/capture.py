@@ -1435,6 +1435,14 @@ def _pool1d(op: str):
     return handler
 
 
+def _adaptive_avg1d(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``adaptive_avg_pool1d`` as the 2-D one over a height of one (PyTorch's windows either way)."""
+    shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
+    pooled = _typed(ctx, fx, "adaptive_avg_pool2d", [_as_2d(ctx, fx, ctx.value(fx.args[0]), shape)],
+                    (out[0], out[1], 1, out[2]), "adaptive_avg_pool2d", {"output_size": (1, int(out[2]))})
+    return ctx.emit(fx, "reshape", [pooled], base=_base(fx, "adaptive_avg_pool1d"))
+
+
 def _adaptive_max(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``adaptive_max_pool2d`` to sizes that divide the input's: a max pool whose kernel and
     stride are the ratio (values only; the indices unused)."""
@@ -1957,6 +1965,7 @@ HANDLERS.update({
     _aten.conv1d.default: _conv1d,
     _aten.max_pool1d.default: _pool1d("max_pool2d"),
     _aten.avg_pool1d.default: _pool1d("avg_pool2d"),
+    _aten.adaptive_avg_pool1d.default: _adaptive_avg1d,
     _aten.adaptive_max_pool2d.default: _adaptive_max,
 })
 
