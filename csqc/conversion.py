@@ -4,7 +4,8 @@ Converted (in place, subclasses included):
 
 * ``nn.Linear`` -> :class:`~csqc.layers.CSQLinear`; Hugging Face ``Conv1D`` (GPT-2: weight
   ``[in, out]``, ``y = x @ W + b``) -> ``CSQLinear`` with the transposed weight;
-* ``nn.Conv2d`` (every ``padding_mode``) -> :class:`~csqc.layers.CSQConv2d`;
+* ``nn.Conv2d`` (every ``padding_mode``) -> :class:`~csqc.layers.CSQConv2d`; ``nn.Conv1d`` ->
+  :class:`~csqc.layers.CSQConv1d` (a 2-D convolution over a height of one);
 * ``nn.MultiheadAttention`` -> :class:`~csqc.attention.CSQMultiheadAttention` (four CSQ
   projections; the packed ``in_proj_weight`` is split);
 * ``nn.LSTM`` / ``nn.GRU`` (batch_first) -> ``CSQLSTM`` / ``CSQGRU`` (:mod:`csqc.recurrent`).
@@ -15,7 +16,7 @@ itself ("same" padding at run time) is not and stays float. A convertible layer 
 does not support (a bidirectional LSTM, ``add_bias_kv`` attention, an uneven ``padding='same'``) is refused
 with :class:`~csqc.errors.BadInput`: list it in ``skip`` to keep it float.
 
-Everything else that holds a float weight (``Conv1d``, ``Conv3d``, ``ConvTranspose*``,
+Everything else that holds a float weight (``Conv3d``, ``ConvTranspose*``,
 ``Embedding``, a module with its own weight matrix...) stays float. :func:`conversion_report`
 lists every such module with the reason, and ``convert`` logs it as one warning.
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import BadInput
-from .layers import ActQuant, CSQConv2d, CSQLinear, _CSQMixin
+from .layers import ActQuant, CSQConv1d, CSQConv2d, CSQLinear, _CSQMixin
 from .layers import finalize as finalize_layers
 
 __all__ = ["convert", "conversion_report", "execution_order", "ConversionReport", "LeftFloat"]
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 _REPORT_ATTR = "_csqc_conversion_report"
 # weight shapes of modules csqc does not convert, with the reason users see
 _NOT_CONVERTED = {
-    nn.Conv1d: "1-D convolution: csqc has no quantized conv1d (a kernel-1 Conv1d is a Linear: rewrite it as one)",
     nn.Conv3d: "3-D convolution: csqc has no quantized conv3d",
     nn.ConvTranspose1d: "transposed convolution: csqc has no quantized kind",
     nn.ConvTranspose2d: "transposed convolution: csqc has no quantized kind",
@@ -124,7 +124,7 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 def _probe_input(m: nn.Module) -> Tensor:
     g = torch.Generator().manual_seed(0)
     w = m.weight
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         size = [d * (k - 1) + 1 + 2 * s for k, s, d in zip(m.kernel_size, m.stride, m.dilation)]
         shape = (2, m.in_channels, *size)
     else:
@@ -136,7 +136,7 @@ def _reference_forward(m: nn.Module) -> Callable[[Tensor], Tensor]:
     """The computation csqc's replacement performs, on ``m``'s own float weights."""
     if _is_hf_conv1d(m):
         return lambda x: F.linear(x, m.weight.t(), m.bias)
-    base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+    base = _base_class(m)
     return lambda x: base.forward(m, x)
 
 
@@ -157,32 +157,37 @@ def _forward_differs(m: nn.Module) -> str | None:
 def _base_name(m: nn.Module) -> str:
     if _is_hf_conv1d(m):
         return "x @ weight + bias"
-    return "nn.Conv2d" if isinstance(m, nn.Conv2d) else "nn.Linear"
+    return f"nn.{_base_class(m).__name__}"
+
+
+def _base_class(m: nn.Module) -> type[nn.Module]:
+    """The torch class whose computation ``m``'s CSQ replacement performs."""
+    return next((c for c in (nn.Conv1d, nn.Conv2d) if isinstance(m, c)), nn.Linear)
 
 
 def _own_forward(m: nn.Module) -> bool:
-    base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
-    return type(m).forward is not base.forward
+    return type(m).forward is not _base_class(m).forward
 
 
-def _numeric_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
+def _numeric_padding(name: str, conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     if conv.padding == "valid":
-        return (0, 0)
+        return (0,) * len(conv.kernel_size)
     if conv.padding == "same":
         total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
         if any(t % 2 for t in total):
-            raise BadInput(f"{name}: padding='same' with an even kernel pads unevenly, which CSQConv2d cannot: "
-                           f"list it in skip to keep it float")
-        return (total[0] // 2, total[1] // 2)
+            raise BadInput(f"{name}: padding='same' with an even kernel pads unevenly, which csqc's convolutions "
+                           f"cannot: list it in skip to keep it float")
+        return tuple(t // 2 for t in total)
     return tuple(conv.padding)
 
 
 def _csq_twin(name: str, m: nn.Module, n_bits: int, finalized: bool) -> _CSQMixin:
-    """The CSQ layer computing what ``m`` (a Linear, Conv1D or Conv2d) computes, bits loaded from
+    """The CSQ layer computing what ``m`` (a Linear, Conv1D, Conv1d or Conv2d) computes, bits loaded from
     its float weight (``finalized``: the integer weight, no trainable bits)."""
     bias = m.bias is not None
-    if isinstance(m, nn.Conv2d):
-        new = CSQConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, _numeric_padding(name, m),
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        csq_class = CSQConv1d if isinstance(m, nn.Conv1d) else CSQConv2d
+        new = csq_class(m.in_channels, m.out_channels, m.kernel_size, m.stride, _numeric_padding(name, m),
                         m.dilation, m.groups, bias, n_bits, weight=m.weight.detach().float().cpu(), finalized=finalized,
                         padding_mode=m.padding_mode)
     elif _is_hf_conv1d(m):
@@ -223,7 +228,7 @@ def _is_csq(m: nn.Module) -> bool:
 
 
 def _is_matrix_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv2d)) or _is_hf_conv1d(m)
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or _is_hf_conv1d(m)
 
 
 def _convertible(m: nn.Module) -> bool:

@@ -5,7 +5,9 @@ Each case draws a small network from its seed: convolutions of any kernel, strid
 dilation and groups (depthwise with multipliers, one input column or row), residual and
 squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
 heads; image-to-image blocks (transposed convolutions, group / instance norms, pixel shuffles,
-U-Net skips); or an MLP, an LSTM / GRU over a sequence, a Transformer encoder layer. It converts the
+U-Net skips); 1-D convolutions over sequences (padding modes, residual blocks, 1-D pools, a
+global average pool: keyword spotting); or an MLP, an LSTM / GRU over a sequence, a Transformer
+encoder layer. It converts the
 network with random weight and activation bits, random non-contiguous bit masks, symmetric,
 zero-point or float activations and a quantized first input or not, finalizes and saves it,
 compiles it for a target with dynamic or calibrated scales, and runs ``csqc verify
@@ -47,7 +49,7 @@ class Case:
     """One drawn model and how it is built, compiled and checked."""
 
     seed: int
-    kind: str  # "conv", "branches", "decoder", "mlp", "lstm", "gru", "encoder"
+    kind: str  # "conv", "branches", "decoder", "sequence", "mlp", "lstm", "gru", "encoder"
     input_shape: tuple[int, ...]  # one sample's shape (no batch axis)
     batch: int
     n_bits: int
@@ -225,13 +227,44 @@ def _conv_net(r: random.Random, channels: int, branches: bool):
     return layers
 
 
+def _sequence_net(r: random.Random, channels: int):
+    """1-D blocks (audio, time series) over ``channels`` input channels: convolutions of any
+    kernel, stride, padding (mode included), dilation and groups, batch norms, residual blocks,
+    max / average pools."""
+    nn = _torch().nn
+    Residual, *_ = _modules()
+    layers, c = [], channels
+    for _ in range(r.randint(1, 5)):
+        pick = r.random()
+        if pick < 0.2:
+            body = nn.Sequential(nn.Conv1d(c, c, 3, padding=1, groups=r.choice([1, c])), nn.BatchNorm1d(c),
+                                 _activation(r), nn.Conv1d(c, c, 1), nn.BatchNorm1d(c))
+            layers.append(Residual(body, r.choice([nn.ReLU, nn.Identity])()))
+        elif pick < 0.3:
+            layers.append(r.choice([nn.MaxPool1d(r.choice([2, 3]), ceil_mode=r.random() < 0.5),
+                                    nn.AvgPool1d(r.choice([2, 3]), padding=1, count_include_pad=r.random() < 0.5)]))
+        else:
+            groups = r.choice([1, 1, c]) if c > 1 else 1
+            out = c * r.choice([1, 2]) if groups > 1 else r.choice([c, 2 * c, 4, 8, 16])
+            kernel, dilation = r.choice([1, 3, 5, 8]), r.choice([1, 1, 2])
+            stride, mode = r.choice([1, 1, 2]), r.choice(["zeros", "zeros", "reflect", "replicate", "circular"])
+            padding = "same" if stride == 1 and kernel % 2 and r.random() < 0.3 else r.choice([0, 1, 2])
+            layers += [nn.Conv1d(c, out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                 bias=r.random() < 0.5, padding_mode=mode)]
+            if r.random() < 0.7:
+                layers.append(nn.BatchNorm1d(out))
+            layers.append(_activation(r))
+            c = out
+    return layers
+
+
 def _randomize(model, r: random.Random) -> None:
     """Batch norm statistics away from the identity, and each CSQ layer's bit mask drawn (60% of
     positions kept, at least one): non-contiguous masks such as {7, 1, 0}."""
     torch = _torch()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.2, 3)
                 m.weight.uniform_(-1.5, 1.5)
@@ -265,6 +298,8 @@ def _network(r: random.Random, kind: str):
         net = Encoder(width, heads, r.randint(4, 64), r.random() < 0.5, r.choice(["relu", "gelu"]))
         return net.eval(), (r.randint(1, 7), width)
     channels = r.choice([1, 2, 3, 4, 8])
+    if kind == "sequence":
+        return _sequence_head(r, nn.Sequential(*_sequence_net(r, channels)).eval(), channels)
     layers = _decoder_net(r, channels) if kind == "decoder" else _conv_net(r, channels, kind == "branches")
     body = nn.Sequential(*layers).eval()
     first = r.randint(5, 24), r.randint(5, 24)
@@ -284,13 +319,34 @@ def _network(r: random.Random, kind: str):
     return None
 
 
+def _sequence_head(r: random.Random, body, channels: int):
+    """``(body with a classifier head, one sample's input shape)`` for the shortest length from
+    a drawn one up to 64 that leaves the 1-D body an output, or None."""
+    torch = _torch()
+    nn = torch.nn
+    first = r.randint(4, 40)
+    for length in [*range(first, 65), *range(4, first)]:
+        try:
+            with torch.no_grad():
+                features = body(torch.zeros(1, channels, length))
+        except RuntimeError:  # an empty output somewhere (or reflect padding wider than the input)
+            continue
+        if features.numel() == 0:
+            continue
+        head = [nn.Flatten(), nn.Linear(features.numel(), r.choice([3, 10, 12]))]
+        if r.random() < 0.5:  # keyword spotting's global average pool
+            head = [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(features.shape[1], r.choice([3, 12]))]
+        return nn.Sequential(body, *head).eval(), (channels, length)
+    return None
+
+
 def draw_case(seed: int, target: str | None = None) -> tuple[Case, object] | None:
     """Case ``seed`` and its float network (None: no input size gives the drawn convolutions an
     output). ``target`` overrides the drawn one."""
     torch = _torch()
     r = random.Random(seed)
     torch.manual_seed(seed)
-    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder", "decoder"])
+    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder", "decoder", "sequence"])
     drawn = _network(r, kind)
     if drawn is None:
         return None

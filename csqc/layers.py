@@ -28,6 +28,7 @@ from .errors import BadInput
 __all__ = [
     "CSQLinear",
     "CSQConv2d",
+    "CSQConv1d",
     "ActQuant",
     "TemperatureSchedule",
     "BudgetRegularizer",
@@ -309,6 +310,57 @@ class CSQConv2d(_CSQMixin, nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}{mode}, "
+            f"bias={self.bias is not None}, n_bits={self.n_bits}"
+        )
+
+
+class CSQConv1d(CSQConv2d):
+    """1-D convolution (audio, time series) with CSQ weights: a :class:`CSQConv2d` over a height
+    of one. Its input ``[N, C, L]`` (or ``[C, L]``) gains that height around the 2-D layer, so
+    its bits, scale and integer weight (``[O, C/groups, 1, K]``) are the 2-D layer's, and capture,
+    passes and every target run it as a 2-D convolution; ``weight`` is ``[O, C/groups, K]`` as
+    ``nn.Conv1d``'s.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        n_bits: int = 8,
+        *,
+        weight: Tensor | None = None,
+        finalized: bool = False,
+        padding_mode: str = "zeros",
+    ):
+        single = nn.modules.utils._single
+        if isinstance(padding, str):
+            raise BadInput("CSQConv1d takes numeric padding, not padding='same'/'valid'")
+        (k,), (s,), (p,), (d,) = single(kernel_size), single(stride), single(padding), single(dilation)
+        if weight is not None:
+            if weight.dim() != 3:
+                raise BadInput(f"weight of shape {list(weight.shape)} for a 1-D convolution (want [O, C/groups, K])")
+            weight = weight.unsqueeze(2)
+        super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), groups, bias, n_bits,
+                         weight=weight, finalized=finalized, padding_mode=padding_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise BadInput(f"CSQConv1d takes [N, C, L] or [C, L] input, got shape {list(x.shape)}")
+        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    weight = property(lambda self: self.float_weight().squeeze(2))
+
+    def extra_repr(self) -> str:
+        mode = f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else ""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
+            f"padding={self.padding[1:]}, dilation={self.dilation[1:]}, groups={self.groups}{mode}, "
             f"bias={self.bias is not None}, n_bits={self.n_bits}"
         )
 
