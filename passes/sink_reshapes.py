@@ -60,17 +60,22 @@ def _sunk_source(g: Graph, producers: dict[str, Node], types: dict[str, TensorTy
             return None
         return source
     if node.op in _BINARY:
-        sources = set()
+        sources, scalars = set(), []
         for v in node.inputs:
             if v in g.params:
                 if np.asarray(g.params[v]).size != 1:
                     return None
+                scalars.append(np.ndim(g.params[v]))
                 continue
             r = producers.get(v)
             if r is None or r.op != "reshape" or r.type.shape != node.type.shape:
                 return None
             sources.add(types[r.inputs[0]])
-        return sources.pop() if len(sources) == 1 and _float(next(iter(sources), node.type)) else None
+        if len(sources) != 1:
+            return None
+        source = sources.pop()
+        # a one-element parameter broadcasts to the source's shape only if it has no more axes
+        return source if _float(source) and all(d <= len(source.shape) for d in scalars) else None
     return None
 
 

@@ -79,6 +79,21 @@ def test_a_binary_op_with_a_broadcast_parameter_stays():
     assert not sink_reshapes(g).changed
 
 
+def test_a_one_element_parameter_with_more_axes_than_the_source_stays():
+    # found by the differential runs (a group norm's affine over a reshaped [1, 2, 1, 220]):
+    # a [1, 1, 1, 1] scalar broadcasts a [2, 1, 220] source up to four axes
+    b = Builder()
+    x = b.input("x", (2, 1, 220))
+    r = b.node("r", "reshape", [x], (1, 2, 1, 220))
+    g = b.build(b.node("m", "mul", [r, b.param("s", np.full((1, 1, 1, 1), 2.0, np.float32))]))
+    assert not sink_reshapes(g).changed
+    b = Builder()
+    x = b.input("x", (1, 2, 1, 220))
+    r = b.node("r", "reshape", [x], (2, 1, 220))
+    g = b.build(b.node("m", "mul", [r, b.param("s", np.full((1, 1, 1), 2.0, np.float32))]))
+    assert sink_reshapes(g).changed  # three axes into four: fine
+
+
 def test_a_reshape_back_to_a_graph_input_that_is_an_output_stays():
     b = Builder()
     x = b.input("x", (2, 3, 5))
