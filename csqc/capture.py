@@ -12,7 +12,7 @@ import logging
 import math
 import operator
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as _replace_fields
 from typing import Callable
 
 import numpy as np
@@ -152,7 +152,11 @@ def _active_bits(mask: int, n_bits: int) -> tuple[int, ...]:
     return tuple(b for b in reversed(range(n_bits)) if mask >> b & 1)
 
 
-def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool) -> str:
+def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool, x_value: str | None = None, conv_attrs: dict | None = None,
+                 ttype: TensorType | None = None) -> str:
+    """A ``csqc::quant_linear`` / ``quant_conv2d`` node as a qlinear / qconv2d; ``x_value``,
+    ``conv_attrs`` and ``ttype`` replace its input, convolution attributes and type (a
+    transposed convolution's stride-one form)."""
     x, q, scale, bias, n_bits, mask = fx.args[:6]
     qt, st = ctx.tensor(q), ctx.tensor(scale)
     out_ch = qt.shape[0]
@@ -160,15 +164,17 @@ def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool) -> str:
     mult = (st.detach().to(torch.float32) / float(2**n_bits - 1)).numpy().astype(np.float32)
     per_channel = mult.size > 1
     mult = np.broadcast_to(mult.reshape(-1), (out_ch,)).copy()
-    inputs = [ctx.value(x), ctx.param(f"{base}.weight", qt.detach().numpy()), ctx.param(f"{base}.mult", mult)]
+    inputs = [x_value or ctx.value(x), ctx.param(f"{base}.weight", qt.detach().numpy()), ctx.param(f"{base}.mult", mult)]
     if bias is not None:
         inputs.append(ctx.param(f"{base}.add", ctx.tensor(bias).detach().numpy().astype(np.float32)))
     attrs = {"weight_shape": tuple(qt.shape), "act": "none"}
-    if conv:
+    if conv_attrs is not None:
+        attrs.update(conv_attrs)
+    elif conv:
         stride, padding, dilation, groups = fx.args[6:10]
         attrs.update(stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), groups=int(groups))
     spec = QuantSpec(int(n_bits), _active_bits(int(mask), int(n_bits)), "per_channel" if per_channel else "per_tensor")
-    return ctx.emit(fx, "qconv2d" if conv else "qlinear", inputs, attrs=attrs, quant=spec)
+    return ctx.emit(fx, "qconv2d" if conv else "qlinear", inputs, ttype, attrs=attrs, quant=spec)
 
 
 def _act_quant(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -911,6 +917,7 @@ def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
 
 HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
     torch.ops.csqc.quant_conv2d.default: lambda c, f: _quant_layer(c, f, conv=True),
+    torch.ops.csqc.quant_conv_transpose2d.default: lambda c, f: _quant_conv_transpose(c, f),
     torch.ops.csqc.quant_linear.default: lambda c, f: _quant_layer(c, f, conv=False),
     torch.ops.csqc.act_quant.default: _act_quant,
     torch.ops.csqc.act_quant_asymmetric.default: _act_quant_asymmetric,
@@ -1032,6 +1039,7 @@ _SHAPE_ONLY = frozenset({_aten.new_zeros.default, _aten.new_ones.default, _aten.
 # csqc's own layer ops read their weights as constants and must stay layers
 _BROADCASTS = frozenset({_aten.expand.default, _aten.expand_as.default, _aten.repeat.default})
 _NEVER_FOLDED = frozenset({torch.ops.csqc.quant_conv2d.default, torch.ops.csqc.quant_linear.default,
+                           torch.ops.csqc.quant_conv_transpose2d.default,
                            torch.ops.csqc.act_quant.default, torch.ops.csqc.act_quant_asymmetric.default})
 
 
@@ -1458,6 +1466,72 @@ def _adaptive_max(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "max_pool2d", [ctx.value(fx.args[0])], TensorType(tuple(fx.meta["val"][0].shape)), attrs)
 
 
+def _stuffed(ctx: _Ctx, fx: torch.fx.Node, value: str, shape: list[int], stride, kernel, padding, dilation, extra,
+             crop: bool) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """A transposed convolution's input as the stride-one convolution reads it: ``stride - 1``
+    zeros between its elements along each spatial axis (reshape, cat of zero blocks, reshape,
+    slice), padded by ``dilation * (k - 1) - padding`` before and that plus ``output_padding``
+    after. Negative pads crop the input (``crop``) or are returned per axis as ``(before, after)``
+    for the caller to crop from the convolution's output, which for a stride-one convolution is
+    the same. Returns the value, its shape and those crops."""
+    crops = []
+    for axis, s, k, p, d, e in zip((2, 3), stride, kernel, padding, dilation, extra):
+        if s > 1:  # s - 1 zeros after every element, the last ones cut
+            zeros = ctx.param(_base(fx, "zeros"), np.zeros((1,) * 4, np.float32))
+            ctx.nonneg.add(zeros)
+            grown = _typed(ctx, fx, "reshape", [value], shape[:axis + 1] + [1] + shape[axis + 1:], "stuff.pairs")
+            block = _typed(ctx, fx, "expand", [zeros], shape[:axis + 1] + [s - 1] + shape[axis + 1:], "stuff.zeros")
+            both = _typed(ctx, fx, "cat", [grown, block], shape[:axis + 1] + [s] + shape[axis + 1:], "stuff",
+                          {"axis": axis + 1})
+            flat = shape[:axis] + [shape[axis] * s] + shape[axis + 1:]
+            value = _slice_value(ctx, fx, _typed(ctx, fx, "reshape", [both], flat, "stuff.flat"), flat, axis, 0,
+                                 (shape[axis] - 1) * s + 1)
+            shape[axis] = (shape[axis] - 1) * s + 1
+        before, after = d * (k - 1) - p, d * (k - 1) - p + e
+        if not crop:
+            crops.append((max(-before, 0), max(-after, 0)))
+            before, after = max(before, 0), max(after, 0)
+        value = _padded_axis(ctx, fx, value, shape, axis, before, after)
+    return value, shape, crops
+
+
+def _quant_conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``csqc::quant_conv_transpose2d``: the stride-one qconv2d of its stored (convolution-layout)
+    weights over the zero-stuffed, padded input. The stuffing and padding happen on the float
+    input before the layer's quantizer: zeros change neither max|x| nor the zero-point
+    quantizer's range (which always holds 0), and quantize to the code of zero, so the codes are
+    those of quantizing first. Padding beyond ``dilation * (k - 1)`` crops the convolution's
+    output rather than its input, so the quantizer still sees every element."""
+    x = fx.args[0]
+    stride, padding, extra, dilation = (tuple(int(v) for v in _pair(a)) for a in fx.args[6:10])
+    kernel = tuple(int(k) for k in ctx.tensor(fx.args[1]).shape[2:])
+    value = ctx.value(x)
+    producers = {n.name: n for n in ctx.nodes[-2:]}  # an input quantizer is emitted right before its layer
+    deq = producers.get(value)
+    quant = producers.get(deq.inputs[0]) if deq is not None and deq.op == "dequantize" else None
+    own = quant is not None and quant.op == "quantize" and isinstance(x, torch.fx.Node) and len(x.users) == 1
+    source = quant.inputs[0] if own else value
+    shape = list(_shape_of(x))
+    if own:  # re-emitted below, on the stuffed input, under the same names
+        ctx.nodes = [n for n in ctx.nodes if n.name not in (quant.name, deq.name)]
+        ctx.taken -= {quant.name, deq.name}
+    value, shape, crops = _stuffed(ctx, fx, source, shape, stride, kernel, padding, dilation, extra, crop=False)
+    if own:
+        q = ctx.emit(fx, "quantize", [value], _replace_fields(quant.type, shape=tuple(shape)), quant.attrs, base=quant.name)
+        value = ctx.emit(fx, "dequantize", [q], TensorType(tuple(shape)), base=deq.name)
+    out = [shape[0], int(ctx.tensor(fx.args[1]).shape[0])] + [n - d * (k - 1) for n, d, k in
+                                                               zip(shape[2:], dilation, kernel)]
+    attrs = {"stride": (1, 1), "padding": (0, 0), "dilation": dilation, "groups": int(fx.args[10])}
+    if not any(b or a for b, a in crops):
+        return _quant_layer(ctx, fx, conv=True, x_value=value, conv_attrs=attrs)
+    y = _quant_layer(ctx, fx, conv=True, x_value=value, conv_attrs=attrs, ttype=TensorType(tuple(out)))
+    for axis, (before, after) in zip((2, 3), crops):
+        y = _slice_value(ctx, fx, y, out, axis, before, out[axis] - after,
+                         _type_of(fx) if axis == 3 else None)
+        out[axis] -= before + after
+    return y
+
+
 def _conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """A float ``conv_transpose2d`` / ``conv_transpose1d`` (decoders, GAN generators) as the conv
     it is the gradient of: the input with ``stride - 1`` zeros between its elements along each
@@ -1483,20 +1557,7 @@ def _conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
     value = ctx.value(fx.args[0])
     if one_d:
         value = _typed(ctx, fx, "reshape", [value], x_shape, "as_2d")
-    shape = list(x_shape)
-    for axis, s, k, p, d, e in zip((2, 3), stride, (kh, kw), padding, dilation, extra):
-        if s > 1:  # s - 1 zeros after every element, the last ones cut
-            zeros = ctx.param(_base(fx, "zeros"), np.zeros((1,) * 4, np.float32))
-            ctx.nonneg.add(zeros)
-            grown = _typed(ctx, fx, "reshape", [value], shape[:axis + 1] + [1] + shape[axis + 1:], "stuff.pairs")
-            block = _typed(ctx, fx, "expand", [zeros], shape[:axis + 1] + [s - 1] + shape[axis + 1:], "stuff.zeros")
-            both = _typed(ctx, fx, "cat", [grown, block], shape[:axis + 1] + [s] + shape[axis + 1:], "stuff",
-                          {"axis": axis + 1})
-            flat = shape[:axis] + [shape[axis] * s] + shape[axis + 1:]
-            value = _slice_value(ctx, fx, _typed(ctx, fx, "reshape", [both], flat, "stuff.flat"), flat, axis, 0,
-                                 (shape[axis] - 1) * s + 1)
-            shape[axis] = (shape[axis] - 1) * s + 1
-        value = _padded_axis(ctx, fx, value, shape, axis, d * (k - 1) - p, d * (k - 1) - p + e)
+    value, _, _ = _stuffed(ctx, fx, value, list(x_shape), stride, (kh, kw), padding, dilation, extra, crop=True)
     flipped = (w.reshape(groups, c_in // groups, c_out_g, kh, kw).transpose(0, 2, 1, 3, 4)
                .reshape(groups * c_out_g, c_in // groups, kh, kw)[:, :, ::-1, ::-1])
     inputs = [value, ctx.param(f"{base}.weight", np.ascontiguousarray(flipped))]

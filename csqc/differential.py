@@ -4,7 +4,7 @@ tests were written around.
 Each case draws a small network from its seed: convolutions of any kernel, stride, padding,
 dilation and groups (depthwise with multipliers, one input column or row), residual and
 squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
-heads; image-to-image blocks (transposed convolutions, group / instance norms, pixel shuffles,
+heads; image-to-image blocks (CSQ transposed convolutions, group / instance norms, pixel shuffles,
 U-Net skips); 1-D convolutions over sequences (padding modes, residual blocks, 1-D pools, a
 global average pool: keyword spotting); or an MLP, an LSTM / GRU over a sequence, a Transformer
 encoder layer. It converts the
@@ -159,7 +159,7 @@ def _modules():
 
 
 def _decoder_net(r: random.Random, channels: int):
-    """Image-to-image blocks over ``channels`` input channels: transposed convolutions (float),
+    """Image-to-image blocks over ``channels`` input channels: CSQ transposed convolutions,
     group and instance norms, pixel shuffles, U-Net skips, and CSQ convs between them."""
     nn = _torch().nn
     *_, Skip, _, _ = _modules()

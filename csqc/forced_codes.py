@@ -173,6 +173,8 @@ class ForcedRun(_Tally):
         quantizers = _static_attrs(golden)
         if not names or len(set(names.values())) != len(names) or set(names.values()) != set(quantizers):
             return None
+        if any(_sample_shape(n) != golden.node(names[n.name]).type.shape[1:] for n in graph.nodes if n.name in names):
+            return None  # a quantizer of another tensor (a transposed convolution's: of the zero-stuffed input)
         return cls("the golden run", "PyTorch", flips_at=dict.fromkeys(quantizers, 0), module=module, names=names,
                    static=quantizers, rtol=rtol)
 
@@ -275,6 +277,15 @@ class ForcedInterpreter(_Tally):
             self.problem_count += 1
             self.problems.append(f"{self.codes_from} exposes no codes for {', '.join(missing[:3])}")
         return interpret(golden, list(inputs), codes_of=codes_of)
+
+
+def _sample_shape(fx_node) -> tuple[int, ...] | None:
+    """One sample's shape of a PyTorch node's value (None: unknown or symbolic)."""
+    val = fx_node.meta.get("val")
+    try:
+        return tuple(int(d) for d in val.shape[1:])
+    except (AttributeError, TypeError):
+        return None
 
 
 def _static_attrs(g: Graph) -> dict[str, tuple[float, int]]:

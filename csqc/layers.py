@@ -29,6 +29,7 @@ __all__ = [
     "CSQLinear",
     "CSQConv2d",
     "CSQConv1d",
+    "CSQConvTranspose2d",
     "ActQuant",
     "TemperatureSchedule",
     "BudgetRegularizer",
@@ -362,6 +363,67 @@ class CSQConv1d(CSQConv2d):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
             f"padding={self.padding[1:]}, dilation={self.dilation[1:]}, groups={self.groups}{mode}, "
             f"bias={self.bias is not None}, n_bits={self.n_bits}"
+        )
+
+
+class CSQConvTranspose2d(_CSQMixin, nn.Module):
+    """2-D transposed convolution (decoders, U-Nets, GAN generators) with CSQ weights.
+
+    The integer weight is kept as that of the stride-one convolution the transposed one equals on
+    its zero-stuffed, padded input (``[C_out, C_in/groups, kh, kw]``, kernel flipped:
+    :func:`csqc.ops.convolution_weight`), so its rows are output channels as in every CSQ layer,
+    and capture compiles it as that convolution. ``weight`` is ``nn.ConvTranspose2d``'s layout.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        n_bits: int = 8,
+        *,
+        weight: Tensor | None = None,
+        finalized: bool = False,
+    ):
+        nn.Module.__init__(self)
+        pair = nn.modules.utils._pair
+        if in_channels % groups or out_channels % groups:
+            raise BadInput(f"channels ({in_channels}, {out_channels}) must be divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding = pair(kernel_size), pair(stride), pair(padding)
+        self.output_padding, self.dilation = pair(output_padding), pair(dilation)
+        if any(e >= max(s, d) for e, s, d in zip(self.output_padding, self.stride, self.dilation)):
+            raise BadInput(f"output_padding {self.output_padding} must be smaller than the stride or the dilation")
+        if weight is not None:
+            want = (in_channels, out_channels // groups, *self.kernel_size)
+            if tuple(weight.shape) != want:
+                raise BadInput(f"weight of shape {list(weight.shape)} for a transposed convolution of weight "
+                               f"shape {list(want)}")
+            weight = ops.convolution_weight(weight, groups)
+        self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias, weight, finalized)
+
+    def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
+        if soft_weight is not None:
+            return F.conv_transpose2d(x, ops.transposed_weight(soft_weight, self.groups), self.bias, self.stride,
+                                      self.padding, self.output_padding, self.groups, self.dilation)
+        return ops.quant_conv_transpose2d(
+            x, self.q, self.scale, self.bias, self.n_bits, self.active_mask, list(self.stride), list(self.padding),
+            list(self.output_padding), list(self.dilation), self.groups,
+        )
+
+    weight = property(lambda self: ops.transposed_weight(self.float_weight(), self.groups))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, bias={self.bias is not None}, n_bits={self.n_bits}"
         )
 
 

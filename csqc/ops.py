@@ -27,6 +27,8 @@ __all__ = [
     "fake_quant_act",
     "quant_linear",
     "quant_conv2d",
+    "quant_conv_transpose2d",
+    "transposed_weight",
     "act_quant",
     "act_codes_asymmetric",
     "fake_quant_act_asymmetric",
@@ -150,3 +152,49 @@ def _quant_conv2d_fake(x, q, scale, bias, n_bits, active_mask, stride, padding, 
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((n, q.shape[0], oh, ow))
+
+
+def transposed_weight(w: Tensor, groups: int) -> Tensor:
+    """``nn.ConvTranspose2d``'s weight ``[C_in, C_out/g, kh, kw]`` from the weight of the
+    stride-one convolution it equals on the zero-stuffed input, ``[C_out, C_in/g, kh, kw]``
+    (each group's channels swapped, the kernel flipped); its own inverse's counterpart."""
+    o, c_g, kh, kw = w.shape
+    return (w.flip(2, 3).reshape(groups, o // groups, c_g, kh, kw).transpose(1, 2)
+            .reshape(groups * c_g, o // groups, kh, kw))
+
+
+def convolution_weight(w: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`transposed_weight`: ``[C_in, C_out/g, kh, kw]`` -> ``[C_out, C_in/g, kh, kw]``."""
+    c_in, o_g, kh, kw = w.shape
+    return (w.reshape(groups, c_in // groups, o_g, kh, kw).transpose(1, 2)
+            .reshape(groups * o_g, c_in // groups, kh, kw).flip(2, 3))
+
+
+@torch.library.custom_op("csqc::quant_conv_transpose2d", mutates_args=())
+def quant_conv_transpose2d(
+    x: Tensor,
+    q: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    n_bits: int,
+    active_mask: int,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """2-D transposed convolution with CSQ weights. ``q`` is stored as the weight of the stride-one
+    convolution the transposed one equals on the zero-stuffed input (``[C_out, C_in/g, kh, kw]``,
+    flipped), so its rows are output channels like every other CSQ layer's."""
+    w = transposed_weight(dequantize_weight(q, scale, n_bits), groups)
+    return torch.nn.functional.conv_transpose2d(x, w, bias, stride, padding, output_padding, groups, dilation)
+
+
+@quant_conv_transpose2d.register_fake
+def _quant_conv_transpose2d_fake(x, q, scale, bias, n_bits, active_mask, stride, padding, output_padding, dilation,
+                                 groups):
+    n, _, h, w = x.shape
+    size = [(n_in - 1) * s - 2 * p + d * (k - 1) + e + 1
+            for n_in, s, p, d, k, e in zip((h, w), stride, padding, dilation, q.shape[2:], output_padding)]
+    return x.new_empty((n, q.shape[0], *size))

@@ -646,7 +646,8 @@ def _stored_tensors(program: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]
     return out
 
 
-_QUANT_OPS = ("torch.ops.csqc.quant_linear.default", "torch.ops.csqc.quant_conv2d.default")
+_QUANT_OPS = ("torch.ops.csqc.quant_linear.default", "torch.ops.csqc.quant_conv2d.default",
+              "torch.ops.csqc.quant_conv_transpose2d.default")
 
 
 _ASYMMETRIC_QUANT = "torch.ops.csqc.act_quant_asymmetric.default"

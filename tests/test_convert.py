@@ -239,7 +239,7 @@ def test_every_module_left_float_is_reported_once_with_its_reason(caplog):
     model = nn.ModuleDict({
         "embed": nn.Embedding(10, 4), "conv1d": nn.Conv1d(4, 4, 3), "deconv1d": nn.ConvTranspose1d(2, 2, 3),
         "conv3d": nn.Conv3d(1, 2, 3),
-        "deconv": nn.ConvTranspose2d(2, 2, 3), "mine": OwnMatrix(), "norm": nn.LayerNorm(4),
+        "deconv": nn.ConvTranspose3d(2, 2, 3), "mine": OwnMatrix(), "norm": nn.LayerNorm(4),
         "head": nn.Linear(4, 2),
     })
     with caplog.at_level(logging.WARNING, logger="csqc.conversion"):
