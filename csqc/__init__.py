@@ -28,6 +28,7 @@ _LAZY = {
     "TrainingFailed": ("errors", "TrainingFailed"), "check_training_result": ("train", "check_training_result"),
     "CSQLinear": ("layers", "CSQLinear"), "CSQConv2d": ("layers", "CSQConv2d"), "CSQConv1d": ("layers", "CSQConv1d"),
     "CSQConvTranspose2d": ("layers", "CSQConvTranspose2d"),
+    "CSQConvTranspose1d": ("layers", "CSQConvTranspose1d"),
     "ActQuant": ("layers", "ActQuant"),
     "CSQLSTM": ("recurrent", "CSQLSTM"), "CSQGRU": ("recurrent", "CSQGRU"), "one_step": ("recurrent", "one_step"),
     "convert": ("conversion", "convert"), "conversion_report": ("conversion", "conversion_report"),

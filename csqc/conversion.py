@@ -6,7 +6,8 @@ Converted (in place, subclasses included):
   ``[in, out]``, ``y = x @ W + b``) -> ``CSQLinear`` with the transposed weight;
 * ``nn.Conv2d`` (every ``padding_mode``) -> :class:`~csqc.layers.CSQConv2d`; ``nn.Conv1d`` ->
   :class:`~csqc.layers.CSQConv1d` (a 2-D convolution over a height of one);
-  ``nn.ConvTranspose2d`` -> :class:`~csqc.layers.CSQConvTranspose2d`;
+  ``nn.ConvTranspose2d`` / ``nn.ConvTranspose1d`` -> :class:`~csqc.layers.CSQConvTranspose2d` /
+  :class:`~csqc.layers.CSQConvTranspose1d`;
 * ``nn.MultiheadAttention`` -> :class:`~csqc.attention.CSQMultiheadAttention` (four CSQ
   projections; the packed ``in_proj_weight`` is split);
 * ``nn.LSTM`` / ``nn.GRU`` (batch_first) -> ``CSQLSTM`` / ``CSQGRU`` (:mod:`csqc.recurrent`).
@@ -17,7 +18,7 @@ itself ("same" padding at run time) is not and stays float. A convertible layer 
 does not support (a bidirectional LSTM, ``add_bias_kv`` attention, an uneven ``padding='same'``) is refused
 with :class:`~csqc.errors.BadInput`: list it in ``skip`` to keep it float.
 
-Everything else that holds a float weight (``Conv3d``, ``ConvTranspose1d/3d``,
+Everything else that holds a float weight (``Conv3d``, ``ConvTranspose3d``,
 ``Embedding``, a module with its own weight matrix...) stays float. :func:`conversion_report`
 lists every such module with the reason, and ``convert`` logs it as one warning.
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import BadInput
-from .layers import ActQuant, CSQConv1d, CSQConv2d, CSQConvTranspose2d, CSQLinear, _CSQMixin
+from .layers import ActQuant, CSQConv1d, CSQConv2d, CSQConvTranspose1d, CSQConvTranspose2d, CSQLinear, _CSQMixin
 from .layers import finalize as finalize_layers
 
 __all__ = ["convert", "conversion_report", "execution_order", "ConversionReport", "LeftFloat"]
@@ -47,7 +48,6 @@ _REPORT_ATTR = "_csqc_conversion_report"
 # weight shapes of modules csqc does not convert, with the reason users see
 _NOT_CONVERTED = {
     nn.Conv3d: "3-D convolution: csqc has no quantized conv3d",
-    nn.ConvTranspose1d: "transposed convolution: csqc has no quantized kind",
     nn.ConvTranspose3d: "transposed convolution: csqc has no quantized kind",
     nn.Embedding: "embedding table: a lookup, not a product (csqc quantizes matrix products)",
     nn.EmbeddingBag: "embedding table: a lookup, not a product (csqc quantizes matrix products)",
@@ -124,8 +124,8 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 def _probe_input(m: nn.Module) -> Tensor:
     g = torch.Generator().manual_seed(0)
     w = m.weight
-    if isinstance(m, nn.ConvTranspose2d):
-        shape = (2, m.in_channels, 5, 6)
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        shape = (2, m.in_channels, 5, 6)[:2 + len(m.kernel_size)]
     elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
         size = [d * (k - 1) + 1 + 2 * s for k, s, d in zip(m.kernel_size, m.stride, m.dilation)]
         shape = (2, m.in_channels, *size)
@@ -164,7 +164,8 @@ def _base_name(m: nn.Module) -> str:
 
 def _base_class(m: nn.Module) -> type[nn.Module]:
     """The torch class whose computation ``m``'s CSQ replacement performs."""
-    return next((c for c in (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d) if isinstance(m, c)), nn.Linear)
+    return next((c for c in (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d) if isinstance(m, c)),
+                nn.Linear)
 
 
 def _own_forward(m: nn.Module) -> bool:
@@ -184,15 +185,15 @@ def _numeric_padding(name: str, conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
 
 
 def _csq_twin(name: str, m: nn.Module, n_bits: int, finalized: bool) -> _CSQMixin:
-    """The CSQ layer computing what ``m`` (a Linear, Conv1D, Conv1d, Conv2d or ConvTranspose2d) computes, bits loaded from
+    """The CSQ layer computing what ``m`` (a Linear, Conv1D, Conv1d/2d or ConvTranspose1d/2d) computes, bits loaded from
     its float weight (``finalized``: the integer weight, no trainable bits)."""
     bias = m.bias is not None
-    if isinstance(m, nn.ConvTranspose2d):
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
         if m.padding_mode != "zeros":  # torch itself accepts only zeros; a subclass might not
             raise BadInput(f"{name}: a transposed convolution with padding_mode={m.padding_mode!r}")
-        new = CSQConvTranspose2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.output_padding,
-                                 m.groups, bias, m.dilation, n_bits, weight=m.weight.detach().float().cpu(),
-                                 finalized=finalized)
+        csq_class = CSQConvTranspose1d if isinstance(m, nn.ConvTranspose1d) else CSQConvTranspose2d
+        new = csq_class(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.output_padding,
+                        m.groups, bias, m.dilation, n_bits, weight=m.weight.detach().float().cpu(), finalized=finalized)
     elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
         csq_class = CSQConv1d if isinstance(m, nn.Conv1d) else CSQConv2d
         new = csq_class(m.in_channels, m.out_channels, m.kernel_size, m.stride, _numeric_padding(name, m),
@@ -236,7 +237,7 @@ def _is_csq(m: nn.Module) -> bool:
 
 
 def _is_matrix_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)) or _is_hf_conv1d(m)
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)) or _is_hf_conv1d(m)
 
 
 def _convertible(m: nn.Module) -> bool:

@@ -230,7 +230,7 @@ def _conv_net(r: random.Random, channels: int, branches: bool):
 def _sequence_net(r: random.Random, channels: int):
     """1-D blocks (audio, time series) over ``channels`` input channels: convolutions of any
     kernel, stride, padding (mode included), dilation and groups, batch norms, residual blocks,
-    max / average pools."""
+    max / average pools, transposed convolutions (a vocoder's upsampling)."""
     nn = _torch().nn
     Residual, *_ = _modules()
     layers, c = [], channels
@@ -243,6 +243,12 @@ def _sequence_net(r: random.Random, channels: int):
         elif pick < 0.3:
             layers.append(r.choice([nn.MaxPool1d(r.choice([2, 3]), ceil_mode=r.random() < 0.5),
                                     nn.AvgPool1d(r.choice([2, 3]), padding=1, count_include_pad=r.random() < 0.5)]))
+        elif pick < 0.4:  # a vocoder's upsampling
+            stride = r.choice([1, 2, 4])
+            out = r.choice([4, 8])
+            layers += [nn.ConvTranspose1d(c, out, r.choice([1, 3, 2 * stride]), stride=stride, padding=r.choice([0, 1]),
+                                          output_padding=r.choice([0, 1]) if stride > 1 else 0), _activation(r)]
+            c = out
         else:
             groups = r.choice([1, 1, c]) if c > 1 else 1
             out = c * r.choice([1, 2]) if groups > 1 else r.choice([c, 2 * c, 4, 8, 16])

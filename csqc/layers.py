@@ -30,6 +30,7 @@ __all__ = [
     "CSQConv2d",
     "CSQConv1d",
     "CSQConvTranspose2d",
+    "CSQConvTranspose1d",
     "ActQuant",
     "TemperatureSchedule",
     "BudgetRegularizer",
@@ -423,6 +424,52 @@ class CSQConvTranspose2d(_CSQMixin, nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, bias={self.bias is not None}, n_bits={self.n_bits}"
+        )
+
+
+class CSQConvTranspose1d(CSQConvTranspose2d):
+    """1-D transposed convolution (vocoders such as HiFi-GAN, sequence decoders) with CSQ weights:
+    a :class:`CSQConvTranspose2d` over a height of one, as :class:`CSQConv1d` is a
+    :class:`CSQConv2d`; ``weight`` is ``nn.ConvTranspose1d``'s ``[C_in, C_out/groups, K]``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        n_bits: int = 8,
+        *,
+        weight: Tensor | None = None,
+        finalized: bool = False,
+    ):
+        single = nn.modules.utils._single
+        (k,), (s,), (p,), (e,), (d,) = (single(v) for v in (kernel_size, stride, padding, output_padding, dilation))
+        if weight is not None:
+            if weight.dim() != 3:
+                raise BadInput(f"weight of shape {list(weight.shape)} for a 1-D transposed convolution "
+                               f"(want [C_in, C_out/groups, K])")
+            weight = weight.unsqueeze(2)
+        super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (0, e), groups, bias, (1, d), n_bits,
+                         weight=weight, finalized=finalized)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise BadInput(f"CSQConvTranspose1d takes [N, C, L] or [C, L] input, got shape {list(x.shape)}")
+        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    weight = property(lambda self: ops.transposed_weight(self.float_weight(), self.groups).squeeze(2))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
+            f"padding={self.padding[1:]}, output_padding={self.output_padding[1:]}, dilation={self.dilation[1:]}, "
             f"groups={self.groups}, bias={self.bias is not None}, n_bits={self.n_bits}"
         )
 

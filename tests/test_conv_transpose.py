@@ -9,7 +9,7 @@ from torch import nn
 import csqc
 from csqc import ops
 from csqc.errors import BadInput
-from csqc.layers import CSQConvTranspose2d
+from csqc.layers import CSQConvTranspose1d, CSQConvTranspose2d
 
 FORMS = [
     dict(kernel_size=4, stride=2, padding=1),  # a DCGAN generator's
@@ -111,3 +111,57 @@ def test_it_verifies_exactly_on_llvm_and_onnx_runtime(tmp_path, symmetric, calib
     assert report.ok and report.accumulators_exact, report
     onnx = csqc.compile(model, "onnx", tmp_path / "g.onnx", calibrate=calibrate).output
     assert csqc.verify(model, inputs=[inputs], artifact=str(onnx), calibrate=calibrate).ok
+
+
+# -- 1-D: vocoders ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", [dict(kernel_size=16, stride=8, padding=4), dict(kernel_size=3, output_padding=1,
+                                                                                stride=2, groups=2, dilation=2)])
+def test_a_converted_1d_transposed_conv_computes_what_torch_computes(form):
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose1d(4, 6, **form).eval()
+    layer = csqc.convert(nn.Sequential(conv), n_bits=5, act_bits=None)[0]
+    assert isinstance(layer, CSQConvTranspose1d) and layer.weight.shape == conv.weight.shape
+    twin = nn.ConvTranspose1d(4, 6, **form)
+    x = torch.randn(2, 4, 9)
+    with torch.no_grad():
+        twin.weight.copy_(layer.weight)
+        twin.bias.copy_(conv.bias)
+        np.testing.assert_allclose(layer(x), twin(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(x[0]), layer(x[:1])[0])  # an unbatched [C, L] input
+
+
+class Vocoder(nn.Module):
+    """A HiFi-GAN-style generator: mel frames up to samples by 1-D transposed convs, each followed
+    by a residual block of dilated 1-D convs with leaky ReLUs; tanh out."""
+
+    def __init__(self, mels: int = 8, width: int = 16):
+        super().__init__()
+        self.pre = nn.Conv1d(mels, width, 7, padding=3)
+        self.ups = nn.ModuleList([nn.ConvTranspose1d(width, width // 2, 8, 4, padding=2),
+                                  nn.ConvTranspose1d(width // 2, width // 4, 4, 2, padding=1)])
+        self.res = nn.ModuleList([nn.ModuleList(nn.Conv1d(c, c, 3, dilation=d, padding=d) for d in (1, 3))
+                                  for c in (width // 2, width // 4)])
+        self.post = nn.Conv1d(width // 4, 1, 7, padding=3)
+
+    def forward(self, x):
+        x = self.pre(x)
+        for up, block in zip(self.ups, self.res):
+            x = up(nn.functional.leaky_relu(x, 0.1))
+            for conv in block:
+                x = x + conv(nn.functional.leaky_relu(x, 0.1))
+        return torch.tanh(self.post(nn.functional.leaky_relu(x)))
+
+
+def test_a_vocoder_verifies_exactly_on_llvm_and_onnx_runtime(tmp_path):
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 6)
+    model = csqc.finalize(csqc.convert(Vocoder().eval(), n_bits=4, act_bits=8, example_inputs=(x,)))
+    assert sum(isinstance(m, CSQConvTranspose1d) for m in model.modules()) == 2
+    csqc.save(model, tmp_path / "vocoder.pt", example_inputs=(x,))
+    model = csqc.load(tmp_path / "vocoder.pt")
+    inputs = np.random.default_rng(4).standard_normal((4, 8, 6)).astype(np.float32)
+    artifact = csqc.compile(model, "llvm", tmp_path / "v.so").output
+    report = csqc.verify(model, inputs=[inputs], artifact=str(artifact), per_layer=True)
+    assert report.ok and report.accumulators_exact, report
+    assert csqc.verify(model, inputs=[inputs], artifact=str(csqc.compile(model, "onnx", tmp_path / "v.onnx").output)).ok
