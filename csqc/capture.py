@@ -164,7 +164,8 @@ def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool, x_value: str | None =
     mult = (st.detach().to(torch.float32) / float(2**n_bits - 1)).numpy().astype(np.float32)
     per_channel = mult.size > 1
     mult = np.broadcast_to(mult.reshape(-1), (out_ch,)).copy()
-    inputs = [x_value or ctx.value(x), ctx.param(f"{base}.weight", qt.detach().numpy()), ctx.param(f"{base}.mult", mult)]
+    inputs = [x_value or ctx.value(x), ctx.param(f"{base}.weight", qt.detach().numpy()),
+              ctx.param(f"{base}.mult", mult)]
     if bias is not None:
         inputs.append(ctx.param(f"{base}.add", ctx.tensor(bias).detach().numpy().astype(np.float32)))
     attrs = {"weight_shape": tuple(qt.shape), "act": "none"}
@@ -1517,7 +1518,8 @@ def _quant_conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
         ctx.taken -= {quant.name, deq.name}
     value, shape, crops = _stuffed(ctx, fx, source, shape, stride, kernel, padding, dilation, extra, crop=False)
     if own:
-        q = ctx.emit(fx, "quantize", [value], _replace_fields(quant.type, shape=tuple(shape)), quant.attrs, base=quant.name)
+        q = ctx.emit(fx, "quantize", [value], _replace_fields(quant.type, shape=tuple(shape)), quant.attrs,
+                     base=quant.name)
         value = ctx.emit(fx, "dequantize", [q], TensorType(tuple(shape)), base=deq.name)
     out = [shape[0], int(ctx.tensor(fx.args[1]).shape[0])] + [n - d * (k - 1) for n, d, k in
                                                                zip(shape[2:], dilation, kernel)]

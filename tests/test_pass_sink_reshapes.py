@@ -116,7 +116,8 @@ def test_input_graph_is_unchanged(sequence_net):
     assert_unchanged(g, snap)
 
 
-_CHAIN_OPS = ["relu", "sigmoid", "tanh", "hardswish", "clip", "bn", "add_self", "add_scalar", "reshape_back", "reshape_flat"]
+_CHAIN_OPS = ["relu", "sigmoid", "tanh", "hardswish", "clip", "bn", "add_self", "add_scalar", "reshape_back",
+              "reshape_flat"]
 
 
 @settings(max_examples=40, deadline=None)
