@@ -110,7 +110,9 @@ def _merge_one(g: Graph) -> Graph | None:
         if first is None or first.op != "reshape":
             continue
         source = first.inputs[0]
-        if types[source] == node.type and not (node.name in g.outputs and source in input_names):
+        # removed, its readers read the source; a graph output must stay a distinct node's value
+        if types[source] == node.type and not (node.name in g.outputs and (source in input_names
+                                                                           or source in g.outputs)):
             return replace_nodes(g, removed=[node.name], rename={node.name: source})
         return replace_nodes(g, updated={node.name: node.replace(inputs=(source,))})
     return None

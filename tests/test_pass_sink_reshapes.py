@@ -103,6 +103,18 @@ def test_a_reshape_back_to_a_graph_input_that_is_an_output_stays():
     assert out.outputs == ("back",) and out.node("back").inputs == ("x",)
 
 
+def test_two_outputs_stay_two_values():
+    # y and y.view(...).view(y.shape) both returned: renaming the second to the first would list
+    # one value twice among the outputs (ONNX refuses duplicate output names)
+    b = Builder()
+    x = b.input("x", (2, 3, 5))
+    y = b.node("y", "relu", [x])
+    r = b.node("r", "reshape", [y], (2, 15))
+    g = b.build(y, b.node("back", "reshape", [r], (2, 3, 5)))
+    out = sink_reshapes(g).graph
+    assert out.outputs == ("y", "back") and out.node("back").inputs == ("y",)
+
+
 def test_second_run_reports_no_change(sequence_net):
     once = sink_reshapes(sequence_net[0]).graph
     again = sink_reshapes(once)
