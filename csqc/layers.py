@@ -316,7 +316,25 @@ class CSQConv2d(_CSQMixin, nn.Module):
         )
 
 
-class CSQConv1d(CSQConv2d):
+class _OverHeightOne:
+    """A 1-D layer as its 2-D base over a height of one: ``[N, C, L]`` (or ``[C, L]``) input gains
+    that height around the base's forward, and a 1-D weight gains it at axis 2."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise BadInput(f"{type(self).__name__} takes [N, C, L] or [C, L] input, got shape {list(x.shape)}")
+        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    @staticmethod
+    def _with_height(weight: Tensor | None, layout: str) -> Tensor | None:
+        if weight is None:
+            return None
+        if weight.dim() != 3:
+            raise BadInput(f"weight of shape {list(weight.shape)} for a 1-D convolution (want {layout})")
+        return weight.unsqueeze(2)
+
+
+class CSQConv1d(_OverHeightOne, CSQConv2d):
     """1-D convolution (audio, time series) with CSQ weights: a :class:`CSQConv2d` over a height
     of one. Its input ``[N, C, L]`` (or ``[C, L]``) gains that height around the 2-D layer, so
     its bits, scale and integer weight (``[O, C/groups, 1, K]``) are the 2-D layer's, and capture,
@@ -344,17 +362,9 @@ class CSQConv1d(CSQConv2d):
         if isinstance(padding, str):
             raise BadInput("CSQConv1d takes numeric padding, not padding='same'/'valid'")
         (k,), (s,), (p,), (d,) = single(kernel_size), single(stride), single(padding), single(dilation)
-        if weight is not None:
-            if weight.dim() != 3:
-                raise BadInput(f"weight of shape {list(weight.shape)} for a 1-D convolution (want [O, C/groups, K])")
-            weight = weight.unsqueeze(2)
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), groups, bias, n_bits,
-                         weight=weight, finalized=finalized, padding_mode=padding_mode)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() not in (2, 3):
-            raise BadInput(f"CSQConv1d takes [N, C, L] or [C, L] input, got shape {list(x.shape)}")
-        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+                         weight=self._with_height(weight, "[O, C/groups, K]"), finalized=finalized,
+                         padding_mode=padding_mode)
 
     weight = property(lambda self: self.float_weight().squeeze(2))
 
@@ -428,7 +438,7 @@ class CSQConvTranspose2d(_CSQMixin, nn.Module):
         )
 
 
-class CSQConvTranspose1d(CSQConvTranspose2d):
+class CSQConvTranspose1d(_OverHeightOne, CSQConvTranspose2d):
     """1-D transposed convolution (vocoders such as HiFi-GAN, sequence decoders) with CSQ weights:
     a :class:`CSQConvTranspose2d` over a height of one, as :class:`CSQConv1d` is a
     :class:`CSQConv2d`; ``weight`` is ``nn.ConvTranspose1d``'s ``[C_in, C_out/groups, K]``."""
@@ -451,18 +461,8 @@ class CSQConvTranspose1d(CSQConvTranspose2d):
     ):
         single = nn.modules.utils._single
         (k,), (s,), (p,), (e,), (d,) = (single(v) for v in (kernel_size, stride, padding, output_padding, dilation))
-        if weight is not None:
-            if weight.dim() != 3:
-                raise BadInput(f"weight of shape {list(weight.shape)} for a 1-D transposed convolution "
-                               f"(want [C_in, C_out/groups, K])")
-            weight = weight.unsqueeze(2)
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (0, e), groups, bias, (1, d), n_bits,
-                         weight=weight, finalized=finalized)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() not in (2, 3):
-            raise BadInput(f"CSQConvTranspose1d takes [N, C, L] or [C, L] input, got shape {list(x.shape)}")
-        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+                         weight=self._with_height(weight, "[C_in, C_out/groups, K]"), finalized=finalized)
 
     weight = property(lambda self: ops.transposed_weight(self.float_weight(), self.groups).squeeze(2))
 
