@@ -32,7 +32,8 @@ from torch import nn  # noqa: E402
 import csqc  # noqa: E402
 from csqc.bench import bench  # noqa: E402
 from csqc.models.char_lm import VOCAB, CharLM, CharLMStep  # noqa: E402
-from csqc.models.vision import mobilenet_v2, resnet18, resnet20  # noqa: E402
+from csqc.models.generative import dcgan_generator, hifigan_generator  # noqa: E402
+from csqc.models.vision import mobilenet_v2, resnet18, resnet20, unet  # noqa: E402
 
 
 def linear(n, k):
@@ -101,6 +102,14 @@ GOALS = {
     "charlm-lstm-step": Case(charlm_step, (Goal(DYNAMIC, 1.0), Goal(FP32, 1.5))),
     "charlm-lstm-step-asym": Case(lambda: charlm_step(act_symmetric=False), (Goal(DYNAMIC, 1.0), Goal(FP32, 1.5))),
 }
+# models beyond the goal table, measured the same way (``--only``; no goal): generators and a
+# U-Net, whose transposed convolutions compile as their phases' convolutions
+MORE = {
+    "dcgan-w4a4": Case(converted(dcgan_generator, (1, 100, 1, 1), 4, 4, False), ()),
+    "hifigan-w4a8": Case(converted(hifigan_generator, (1, 80, 32), 4, 8, False), ()),
+    "unet128-w4a4": Case(converted(unet, (1, 3, 128, 128), 4, 4, False), ()),
+}
+CASES = {**GOALS, **MORE}
 
 
 def cpu_model() -> str:
@@ -117,7 +126,7 @@ def cpu_model() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="csqc CPU speed goals")
-    parser.add_argument("--only", nargs="*", choices=sorted(GOALS))
+    parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="these cases (default: every goal model)")
     parser.add_argument("--json", help="also write all reports here")
     parser.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     parser.add_argument("--from-json", help="print the table of a saved run instead of measuring")
@@ -143,7 +152,7 @@ def main() -> int:
 def run_case(name: str, calibrate: bool, tune: bool = False) -> dict:
     """Build, compile and bench one case; print its table; return its JSON report."""
     torch.manual_seed(0)
-    model, example = GOALS[name].build()
+    model, example = CASES[name].build()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, f"{name}.pt")
         csqc.save(model, path, example if len(example) > 1 else example[0])
@@ -166,7 +175,7 @@ def run_case(name: str, calibrate: bool, tune: bool = False) -> dict:
     if report.limits:
         print(f"  limits: {limits_cell(report.limits)}")
     goals = [{"baseline": g.baseline, "ratio": g.ratio, "measured": ratios.get(g.baseline), "met": g.met(ratios)}
-             for g in GOALS[name].goals]
+             for g in CASES[name].goals]
     for g in goals:
         measured = "not run" if g["measured"] is None else f"{g['measured']:.2f}x"
         print(f"  goal >= {g['ratio']}x {g['baseline']}: {measured}, {_met_word(g['met'])}")
@@ -202,7 +211,7 @@ def _goals_of(name: str, report: dict) -> list[dict]:
     if "goals" in report:
         return report["goals"]
     speedups = report.get("speedup_vs", {})
-    case = GOALS.get(name)
+    case = CASES.get(name)
     return [] if case is None else [{"baseline": g.baseline, "ratio": g.ratio, "measured": speedups.get(g.baseline),
                                      "met": g.met(speedups)} for g in case.goals]
 

@@ -311,7 +311,8 @@ def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
     rows = []
     for r in report.layers:
         zero = " ".join(f"{100 * z:.0f}" for z in r.plane_zero_fraction[:5]) + (" .." if len(r.plane_zero_fraction) > 5 else "")
-        rows.append((r.name, f"{r.op[1:]} " + "x".join(map(str, r.weight_shape)), _bits_cell(r.active_bits, r.n_bits),
+        weight = r.form or f"{r.op[1:]} " + "x".join(map(str, r.weight_shape))
+        rows.append((r.name, weight, _bits_cell(r.active_bits, r.n_bits),
                      ",".join(map(str, r.active_bits)) or "-", f"{r.planes} {r.encoding}", zero,
                      _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32), _act_cell(r), r.kernel))
     console = stdout_console()

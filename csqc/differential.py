@@ -166,11 +166,15 @@ def _decoder_net(r: random.Random, channels: int):
     layers, c = [], channels
     for _ in range(r.randint(2, 5)):
         pick = r.random()
-        if pick < 0.2:
-            stride = r.choice([1, 2])
+        if pick < 0.2:  # polyphase (a linear layer on a 1x1 input), or stuffed when dilated
+            stride, dilation = r.choice([1, 2, 2, 3]), r.choice([1, 1, 1, 2])
             out = r.choice([2, 4, 8])
-            layers += [nn.ConvTranspose2d(c, out, r.choice([2, 3, 4]), stride=stride, padding=r.choice([0, 1]),
-                                          output_padding=r.choice([0, 1]) if stride == 2 else 0), _activation(r)]
+            layers.append(nn.ConvTranspose2d(c, out, r.choice([1, 2, 3, 4, 5]), stride=stride,
+                                             padding=r.choice([0, 1, 2]), dilation=dilation,
+                                             output_padding=r.randrange(max(stride, dilation))))
+            if r.random() < 0.4:  # a generator's BatchNorm: folds through the phases' interleave
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(_activation(r))
             c = out
         elif pick < 0.35:
             groups = r.choice([g for g in (1, 2, 4) if c % g == 0])
@@ -309,12 +313,13 @@ def _network(r: random.Random, kind: str):
     layers = _decoder_net(r, channels) if kind == "decoder" else _conv_net(r, channels, kind == "branches")
     body = nn.Sequential(*layers).eval()
     first = r.randint(5, 24), r.randint(5, 24)
-    for h in [*range(first[0], 25), *range(5, first[0])]:
-        for w in [*range(first[1], 25), *range(5, first[1])]:
+    latent = kind == "decoder" and r.random() < 0.25  # a generator's 1x1 latent input first
+    for h in [1] * latent + [*range(first[0], 25), *range(5, first[0])]:
+        for w in [1] * (latent and h == 1) + [*range(first[1], 25), *range(5, first[1])]:
             try:
                 with torch.no_grad():
                     features = body(torch.zeros(1, channels, h, w))
-            except RuntimeError:  # an empty output somewhere: try a larger input
+            except (RuntimeError, ValueError):  # an empty output, an instance norm of one element: a larger input
                 continue
             if features.numel() == 0:
                 continue

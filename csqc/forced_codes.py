@@ -173,8 +173,11 @@ class ForcedRun(_Tally):
         quantizers = _static_attrs(golden)
         if not names or len(set(names.values())) != len(names) or set(names.values()) != set(quantizers):
             return None
-        if any(_sample_shape(n) != golden.node(names[n.name]).type.shape[1:] for n in graph.nodes if n.name in names):
-            return None  # a quantizer of another tensor (a transposed convolution's: of the zero-stuffed input)
+        if any(_sample_size(n) != int(np.prod(golden.node(names[n.name]).type.shape[1:])) for n in graph.nodes
+               if n.name in names):
+            # a quantizer of another tensor (a dilated transposed convolution's: of the stuffed input);
+            # another view of the same one (a 1x1 input's [N, C]) is forced in PyTorch's shape
+            return None
         return cls("the golden run", "PyTorch", flips_at=dict.fromkeys(quantizers, 0), module=module, names=names,
                    static=quantizers, rtol=rtol)
 
@@ -189,8 +192,10 @@ class ForcedRun(_Tally):
                 name = forced.names.get(self.csqc_node.name)
                 if name is None:
                     return super().call_function(target, args, kwargs)
-                return torch.from_numpy(np.ascontiguousarray(forced._check(name, args[0].detach().numpy(),
-                                                                            record[name]).dequantize()))
+                x = args[0].detach().numpy()
+                golden = record[name]
+                codes = forced._check(name, x.reshape(golden.codes.shape), golden).dequantize()
+                return torch.from_numpy(np.ascontiguousarray(codes.reshape(x.shape)))
 
             def run_node(self, n):
                 self.csqc_node = n
@@ -279,11 +284,11 @@ class ForcedInterpreter(_Tally):
         return interpret(golden, list(inputs), codes_of=codes_of)
 
 
-def _sample_shape(fx_node) -> tuple[int, ...] | None:
-    """One sample's shape of a PyTorch node's value (None: unknown or symbolic)."""
+def _sample_size(fx_node) -> int | None:
+    """One sample's element count of a PyTorch node's value (None: unknown or symbolic)."""
     val = fx_node.meta.get("val")
     try:
-        return tuple(int(d) for d in val.shape[1:])
+        return int(np.prod([int(d) for d in val.shape[1:]]))
     except (AttributeError, TypeError):
         return None
 

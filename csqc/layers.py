@@ -382,8 +382,9 @@ class CSQConvTranspose2d(_CSQMixin, nn.Module):
 
     The integer weight is kept as that of the stride-one convolution the transposed one equals on
     its zero-stuffed, padded input (``[C_out, C_in/groups, kh, kw]``, kernel flipped:
-    :func:`csqc.ops.convolution_weight`), so its rows are output channels as in every CSQ layer,
-    and capture compiles it as that convolution. ``weight`` is ``nn.ConvTranspose2d``'s layout.
+    :func:`csqc.ops.convolution_weight`), so its rows are output channels as in every CSQ layer;
+    capture compiles it as that convolution's polyphase form, which skips the stuffed zeros
+    (:func:`csqc.ops.polyphase_weight`). ``weight`` is ``nn.ConvTranspose2d``'s layout.
     """
 
     def __init__(

@@ -29,6 +29,7 @@ __all__ = [
     "quant_conv2d",
     "quant_conv_transpose2d",
     "transposed_weight",
+    "polyphase_weight",
     "act_quant",
     "act_codes_asymmetric",
     "fake_quant_act_asymmetric",
@@ -168,6 +169,25 @@ def convolution_weight(w: Tensor, groups: int) -> Tensor:
     c_in, o_g, kh, kw = w.shape
     return (w.reshape(groups, c_in // groups, o_g, kh, kw).transpose(1, 2)
             .reshape(groups * o_g, c_in // groups, kh, kw).flip(2, 3))
+
+
+def polyphase_weight(w: Tensor, stride) -> Tensor:
+    """A transposed convolution of stride ``(sh, sw)`` and dilation one as ``sh * sw`` stride-one
+    convolutions of the unstuffed input, stacked as output channels: from its stride-one weight
+    ``w`` (:func:`convolution_weight`'s ``[C_out, C_in/g, kh, kw]``) the weight
+    ``[C_out * sh * sw, C_in/g, ceil(kh/sh), ceil(kw/sw)]`` whose channel ``(c, rh, rw)`` holds
+    the taps ``rh + j * sh`` (``rw + i * sw``) of channel ``c``, zeros where they run past the
+    kernel. Convolved with padding ``ceil(k/s) - 1`` it gives, at ``(qh, qw)``, the transposed
+    convolution's output at ``qh * sh + rh - padding`` (likewise in width): the same products
+    without the stuffed zeros' (``1 / (sh * sw)`` of the work)."""
+    c_out, c_g, kh, kw = w.shape
+    sh, sw = (int(s) for s in stride)
+    jh, jw = -(-kh // sh), -(-kw // sw)
+    taps = w.flip(2, 3)  # taps[..., t] multiplies the input t positions before the output (in stride units: t // s)
+    taps = torch.nn.functional.pad(taps, (0, jw * sw - kw, 0, jh * sh - kh))  # zero taps past the kernel
+    # tap t = r + j * s -> phase r, position j; the stride-one convolution reads position j at offset J - 1 - j
+    phases = taps.reshape(c_out, c_g, jh, sh, jw, sw).flip(2, 4).permute(0, 3, 5, 1, 2, 4)
+    return phases.reshape(c_out * sh * sw, c_g, jh, jw).contiguous()
 
 
 @torch.library.custom_op("csqc::quant_conv_transpose2d", mutates_args=())

@@ -325,6 +325,8 @@ def _np_pool(kind: str):
 _INTS2 = Attr("ints", length=2)
 _ACT_ATTRS = {"act": Attr("str", "none", ("none", "relu", "clip")), "clip_lo": Attr("float", None),
               "clip_hi": Attr("float", None)}
+# a quantized layer as the model wrote it, where the op says another thing (csqc.capture._layer_form)
+_FORM = {"form": Attr("str", "")}
 _CONV_ATTRS = {"stride": _INTS2, "padding": _INTS2, "dilation": _INTS2, "groups": Attr("int")}
 
 
@@ -350,10 +352,10 @@ _DEFS = [
         sign=_keeps_sign, tvm="quantize",
         doc="activation codes and scale S (dynamic max|x| or static; asymmetric: range R and zero point)"),
     _op("dequantize", (1, 1), _same, sign=_keeps_sign, tvm="dequantize", doc="(codes * S) / L, (f32(u - zp) * R) / L"),
-    _op("qconv2d", (3, 4), _conv, attrs={"weight_shape": Attr("ints", length=4), **_CONV_ATTRS, **_ACT_ATTRS},
+    _op("qconv2d", (3, 4), _conv, attrs={"weight_shape": Attr("ints", length=4), **_CONV_ATTRS, **_ACT_ATTRS, **_FORM},
         sign=_layer_sign, tvm="quant_layer", param_inputs=(1, 2, 3),
         doc="CSQ convolution: integer weight, per-channel mult and add, fused activation"),
-    _op("qlinear", (3, 4), _linear, attrs={"weight_shape": Attr("ints", length=2), **_ACT_ATTRS},
+    _op("qlinear", (3, 4), _linear, attrs={"weight_shape": Attr("ints", length=2), **_ACT_ATTRS, **_FORM},
         sign=_layer_sign, tvm="quant_layer", param_inputs=(1, 2, 3),
         doc="CSQ linear layer: integer weight, per-channel mult and add, fused activation"),
     # float layers

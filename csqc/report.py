@@ -35,6 +35,7 @@ class LayerRow:
     plane_zero_fraction: list[float]
     kernel: str = ""
     act_asymmetric: bool = False  # unsigned activation codes with a zero point
+    form: str = ""  # the layer as the model wrote it, where its op and weight shape say another thing
 
     @property
     def params(self) -> int:
@@ -138,7 +139,7 @@ def _row(g: Graph, n) -> LayerRow:
         name=n.name, op=n.op, weight_shape=shape, n_bits=spec.n_bits, active_bits=list(spec.active_bits),
         encoding=spec.encoding, planes=planes, plane_shifts=[list(p) for p in spec.planes],
         zero_point=spec.zero_point, low_shift=spec.low_shift, act_bits=spec.act_bits, act_mode=spec.act_mode,
-        act_asymmetric=bool(spec.act_asymmetric),
+        act_asymmetric=bool(spec.act_asymmetric), form=str(n.attr("form", "")),
         weight_bytes_packed=packed, weight_bytes_fp32=out_ch * k * 4, plane_zero_fraction=zero,
     )
 

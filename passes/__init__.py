@@ -20,7 +20,7 @@ from . import (  # noqa: E402,F401  (importing registers each pass)
     fuse_activation,
     fuse_requant,
     pack_planes,
-    sink_reshapes,
+    sink_layout_ops,
     split_planes,
 )
 from .manager import PIPELINES, PassFailure, PassRecord, run_passes  # noqa: E402

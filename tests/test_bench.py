@@ -263,3 +263,26 @@ def test_goals_table_from_a_saved_run_states_each_goal_date_and_cpu(tmp_path):
     old = next(line for line in lines if line.startswith("| resnet20-w3a4 (1)"))
     assert ">= 1.0x ORT int8 QDQ; >= 2.0x ORT fp32 | 2.50x; 10.00x | met; met |" in old
     assert len(header.split("|")) == len(row.split("|")) == len(old.split("|"))
+
+
+def test_the_float_twin_of_a_generator_is_a_valid_graph_computing_what_the_model_does(tmp_path):
+    # its quantized layers carry how the model wrote them (``form``: a transposed conv), which
+    # their float twins, plain conv2d / linear, do not take
+    import torch
+
+    import csqc
+    from csqc.bench import float_graph
+    from csqc.compiler import optimize
+    from csqc.interpreter import run
+    from csqc.ir import verify as verify_ir
+    from csqc.models.generative import dcgan_generator
+
+    torch.manual_seed(0)
+    net = dcgan_generator(latent=8, width=2).eval()
+    x = torch.randn(1, 8, 1, 1)
+    model = csqc.finalize(csqc.convert(net, n_bits=6, act_bits=None, example_inputs=(x,)))  # weight-only
+    fg = float_graph(optimize(csqc.save(model, tmp_path / "g.pt", x), "none", batch=1))
+    verify_ir(fg)
+    assert not {n.op for n in fg.nodes} & {"qconv2d", "qlinear", "quantize"}
+    with torch.no_grad():
+        np.testing.assert_allclose(run(fg, [x.numpy()])[0], model(x).numpy(), rtol=1e-4, atol=1e-5)

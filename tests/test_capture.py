@@ -176,9 +176,14 @@ CASES = [
      {"slice", "cat"}),
     ("index-last-axis", lambda: Lambda(lambda x: x[..., [-1, 0, 1]]), (2, 3, 5), {"cat"}),
     ("flip", lambda: Lambda(lambda x: torch.flip(x, [1, 2])), (2, 8, 3), {"slice", "cat"}),
-    # transposed convs: zeros between the inputs, padding, a conv of the flipped weights
+    # transposed convs: one conv of the stacked phases, interleaved and cropped (dilated: zeros
+    # between the inputs, padding, a conv of the flipped weights)
     ("conv-transpose", lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), (2, 4, 5, 5),
+     {"conv2d", "permute", "slice"}),
+    ("conv-transpose-dilated", lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, dilation=2), (2, 4, 5, 5),
      {"conv2d", "cat", "expand"}),
+    ("conv-transpose-past-the-phases", lambda: nn.ConvTranspose2d(3, 2, 2, stride=2, output_padding=1), (1, 3, 4, 3),
+     {"conv2d", "permute", "slice"}),
     ("conv-transpose-groups", lambda: nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=2, bias=False), (1, 4, 5, 6),
      {"conv2d"}),
     ("conv-transpose-cropped", lambda: nn.ConvTranspose2d(4, 2, 3, 3, 2, dilation=2), (1, 4, 4, 5), {"slice"}),

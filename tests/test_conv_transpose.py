@@ -1,15 +1,18 @@
 """Quantized transposed convolutions (decoders, U-Nets, GAN generators): ``CSQConvTranspose2d``
-through convert, capture (the stride-one qconv2d over the zero-stuffed input) and every runtime,
-exactly."""
+through convert, capture (one qconv2d of its stacked phases, no stuffed zeros; dilated: the
+stride-one qconv2d over the zero-stuffed input) and every runtime, exactly."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import csqc
 from csqc import ops
 from csqc.errors import BadInput
 from csqc.layers import CSQConvTranspose1d, CSQConvTranspose2d
+from csqc.models.generative import Vocoder, dcgan_generator
 
 FORMS = [
     dict(kernel_size=4, stride=2, padding=1),  # a DCGAN generator's
@@ -51,6 +54,51 @@ def test_the_stored_weight_is_the_stride_one_convolutions():
     direct = nn.functional.conv_transpose2d(x, w, groups=2)
     as_conv = nn.functional.conv2d(nn.functional.pad(x, (1, 1, 2, 2)), conv, groups=2)  # full padding d(k - 1)
     torch.testing.assert_close(direct, as_conv)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.tuples(st.integers(1, 6), st.integers(1, 6)), st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       st.tuples(st.integers(0, 3), st.integers(0, 3)), st.tuples(st.integers(0, 3), st.integers(0, 3)),
+       st.sampled_from([1, 2]), st.integers(0, 2**16))
+def test_the_polyphase_form_is_the_transposed_convolution(kernel, stride, padding, extra, groups, seed):
+    """One stride-one conv of :func:`ops.polyphase_weight` at capture's padding, its phases
+    interleaved and cropped where capture crops: ``conv_transpose2d`` itself (float64)."""
+    from csqc.capture import _phase_plan
+
+    extra = tuple(e % s for e, s in zip(extra, stride))  # output_padding < stride
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 6 // groups, *kernel, generator=gen, dtype=torch.float64)  # [C_in, C_out/g, kh, kw]
+    x = torch.randn(2, 4, 3, 4, generator=gen, dtype=torch.float64)
+    try:
+        want = nn.functional.conv_transpose2d(x, w, None, stride, padding, extra, groups)
+    except RuntimeError:  # padding that leaves no output
+        return
+    pads, starts = _phase_plan(kernel, stride, padding, extra)
+    phases = ops.polyphase_weight(ops.convolution_weight(w, groups), stride)
+    assert phases.shape == (6 * stride[0] * stride[1], 4 // groups, -(-kernel[0] // stride[0]),
+                            -(-kernel[1] // stride[1]))
+    z = nn.functional.conv2d(x, phases, None, 1, pads, 1, groups)
+    n, _, qh, qw = z.shape
+    y = (z.reshape(n, 6, stride[0], stride[1], qh, qw).permute(0, 1, 4, 2, 5, 3)
+         .reshape(n, 6, qh * stride[0], qw * stride[1]))
+    h, w_out = want.shape[2:]
+    torch.testing.assert_close(y[:, :, starts[0]:starts[0] + h, starts[1]:starts[1] + w_out], want)
+
+
+def test_a_strided_layer_compiles_without_the_stuffed_zeros(tmp_path):
+    # a DCGAN block: 4x4 kernel, stride 2: four phases of 2x2 taps, one quarter of the stuffed
+    # form's products; its quantizer reads the input PyTorch's does
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 4, 4, 2, 1))
+    x = torch.randn(1, 3, 6, 5)
+    model = csqc.finalize(csqc.convert(net, n_bits=4, act_bits=4, example_inputs=(x,)))
+    csqc.save(model, tmp_path / "up.pt", example_inputs=(x,))
+    graph = csqc.capture(csqc.load(tmp_path / "up.pt"))
+    up = graph.node("2")
+    assert up.op == "qconv2d" and up.attr("weight_shape") == (16, 8, 2, 2) and up.attr("padding") == (1, 1)
+    assert up.attr("form") == "conv_transpose2d 8x4x4x4 stride 2x2"  # what inspect shows
+    assert graph.type_of(up.inputs[0]).shape == (1, 8, 6, 5)
+    assert graph.type_of(graph.outputs[0]).shape == (1, 4, 12, 10)
 
 
 def test_bad_forms_are_refused_by_name():
@@ -131,37 +179,43 @@ def test_a_converted_1d_transposed_conv_computes_what_torch_computes(form):
         assert torch.equal(layer(x[0]), layer(x[:1])[0])  # an unbatched [C, L] input
 
 
-class Vocoder(nn.Module):
-    """A HiFi-GAN-style generator: mel frames up to samples by 1-D transposed convs, each followed
-    by a residual block of dilated 1-D convs with leaky ReLUs; tanh out."""
-
-    def __init__(self, mels: int = 8, width: int = 16):
-        super().__init__()
-        self.pre = nn.Conv1d(mels, width, 7, padding=3)
-        self.ups = nn.ModuleList([nn.ConvTranspose1d(width, width // 2, 8, 4, padding=2),
-                                  nn.ConvTranspose1d(width // 2, width // 4, 4, 2, padding=1)])
-        self.res = nn.ModuleList([nn.ModuleList(nn.Conv1d(c, c, 3, dilation=d, padding=d) for d in (1, 3))
-                                  for c in (width // 2, width // 4)])
-        self.post = nn.Conv1d(width // 4, 1, 7, padding=3)
-
-    def forward(self, x):
-        x = self.pre(x)
-        for up, block in zip(self.ups, self.res):
-            x = up(nn.functional.leaky_relu(x, 0.1))
-            for conv in block:
-                x = x + conv(nn.functional.leaky_relu(x, 0.1))
-        return torch.tanh(self.post(nn.functional.leaky_relu(x)))
-
-
 def test_a_vocoder_verifies_exactly_on_llvm_and_onnx_runtime(tmp_path):
     torch.manual_seed(3)
     x = torch.randn(2, 8, 6)
-    model = csqc.finalize(csqc.convert(Vocoder().eval(), n_bits=4, act_bits=8, example_inputs=(x,)))
+    vocoder = Vocoder(mels=8, width=16, rates=(4, 2), kernels=(8, 4)).eval()
+    model = csqc.finalize(csqc.convert(vocoder, n_bits=4, act_bits=8, example_inputs=(x,)))
     assert sum(isinstance(m, CSQConvTranspose1d) for m in model.modules()) == 2
     csqc.save(model, tmp_path / "vocoder.pt", example_inputs=(x,))
     model = csqc.load(tmp_path / "vocoder.pt")
     inputs = np.random.default_rng(4).standard_normal((4, 8, 6)).astype(np.float32)
+    forms = {r.name: r.form for r in csqc.inspect(model).layers}  # as written, not as compiled
+    assert forms["ups.0"] == "conv_transpose1d 16x8x8 stride 4" and forms["pre"] == "conv1d 16x8x7"
     artifact = csqc.compile(model, "llvm", tmp_path / "v.so").output
     report = csqc.verify(model, inputs=[inputs], artifact=str(artifact), per_layer=True)
     assert report.ok and report.accumulators_exact, report
     assert csqc.verify(model, inputs=[inputs], artifact=str(csqc.compile(model, "onnx", tmp_path / "v.onnx").output)).ok
+
+
+def test_a_dcgan_generator_verifies_exactly_with_its_batch_norms_folded(tmp_path):
+    # its first layer reads a 1x1 latent (a linear layer); the others' BatchNorms and ReLUs move
+    # above the phases' interleave into the layer
+    torch.manual_seed(5)
+    net = dcgan_generator(latent=16, width=4).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 16, 1, 1)
+    model = csqc.finalize(csqc.convert(net, n_bits=4, act_bits=4, example_inputs=(x,)))
+    csqc.save(model, tmp_path / "dcgan.pt", example_inputs=(x,))
+    model = csqc.load(tmp_path / "dcgan.pt")
+    graph = csqc.optimize(model)
+    assert "batch_norm" not in {n.op for n in graph.nodes} and graph.node("0").op == "qlinear"
+    assert [n.attr("act") for n in graph.quant_layers()][:4] == ["relu"] * 4
+    inputs = np.random.default_rng(6).standard_normal((3, 16, 1, 1)).astype(np.float32)
+    for calibrate in (None, inputs):
+        artifact = csqc.compile(model, "llvm", tmp_path / "g.so", calibrate=calibrate).output
+        report = csqc.verify(model, inputs=[inputs], artifact=str(artifact), per_layer=True, calibrate=calibrate)
+        assert report.ok and report.accumulators_exact, report
+    assert csqc.verify(model, inputs=[inputs], artifact=str(csqc.compile(model, "onnx", tmp_path / "g.onnx").output)).ok

@@ -234,3 +234,24 @@ def test_asymmetric_codes_are_forced_with_each_runtime_s_zero_point(tmp_path):
     run = ForcedInterpreter.for_graph(g, "onnxruntime", 1e-4)
     run.run(g, [x], {k: v for k, v in own.items() if k != key})
     assert run.problem_count == 1 and run.problems[0].endswith("onnxruntime exposes no zero point")
+
+
+def test_a_quantizer_captured_on_another_view_of_its_tensor_is_forced_in_pytorchs_shape(tmp_path):
+    # a decoder's 1x1 latent: its transposed conv compiles as a qlinear, its quantizer on the
+    # [N, C] view of PyTorch's [N, C, 1, 1] tensor (the same elements, so the same codes)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 1), torch.nn.ReLU(), torch.nn.ConvTranspose2d(8, 4, 4, 1, 0),
+                              torch.nn.ReLU(), torch.nn.ConvTranspose2d(4, 2, 4, 2, 1)).eval()
+    x = torch.randn(2, 6, 1, 1)
+    model = csqc.finalize(csqc.convert(net, n_bits=4, act_bits=4, example_inputs=(x,)))
+    csqc.save(model, tmp_path / "decoder.pt", example_inputs=(x,))
+    model = csqc.load(tmp_path / "decoder.pt")
+    g = csqc.capture(model)
+    assert g.node("2").op == "qlinear" and g.type_of(g.node("2").inputs[0]).shape == (2, 8)
+    run = ForcedRun.for_model(model.module, g, 1e-4)
+    assert run is not None and len(run.names) == 2
+    record: dict = {}
+    golden = interpret(g, [x.numpy()], record=record)
+    (out,) = run.run([x.numpy()], record)
+    assert np.abs(out - golden[0]).max() <= 1e-5 * max(float(np.abs(golden[0]).max()), 1.0)
+    assert run.problem_count == 0

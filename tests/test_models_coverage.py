@@ -1,6 +1,7 @@
 """Vision architectures end to end: MobileNetV3-Small (hardswish, hardsigmoid SE), EfficientNet-B0
-(SiLU, MBConv + SE), SqueezeNet 1.1 (ceil_mode max pools, Fire modules, cat) and a tiny VGG whose
-AdaptiveAvgPool2d((7, 7)) at 32x32 has uneven windows.
+(SiLU, MBConv + SE), SqueezeNet 1.1 (ceil_mode max pools, Fire modules, cat), a U-Net (transposed
+convs' phases interleaved, skips concatenated) and a tiny VGG whose AdaptiveAvgPool2d((7, 7)) at
+32x32 has uneven windows.
 
 Each one, tiny (widths cut, 32x32, batch 2): ``csqc.convert(n_bits=4, act_bits=8)`` -> ``save``
 -> capture (the op forms it exists for are in the graph) -> compile for llvm and onnx ->
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 import csqc
-from csqc.models.vision import efficientnet_b0, mobilenet_v3_small, squeezenet1_1
+from csqc.models.vision import efficientnet_b0, mobilenet_v3_small, squeezenet1_1, unet
 
 
 class TinyVGG(nn.Module):
@@ -56,6 +57,7 @@ MODELS = {
                         lambda g: {"silu", "sigmoid", "mul"} <= {n.op for n in g.nodes}),
     "squeezenet1_1": (lambda: squeezenet1_1(num_classes=10, width_mult=0.25),
                       lambda g: _has_ceil_pool(g) and "cat" in {n.op for n in g.nodes}),
+    "unet": (lambda: unet(num_classes=3, width=4, levels=2), lambda g: {"cat", "permute"} <= {n.op for n in g.nodes}),
     "tiny_vgg_adaptive7": (TinyVGG, _has_uneven_adaptive_pool),
 }
 

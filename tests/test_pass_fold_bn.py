@@ -88,6 +88,23 @@ def test_float_conv_folds_into_its_weights_and_a_new_bias(float_conv_bn):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
 
 
+def test_float_linear_folds_into_its_weights_and_bias():
+    # a generator's first transposed conv (a 1x1 latent) is captured as a linear layer
+    rng = np.random.default_rng(2)
+    b = Builder()
+    x = b.input("x", (2, 5))
+    w = b.param("fc.weight", rng.standard_normal((6, 5)).astype(np.float32))
+    y = b.node("fc", "linear", [x, w, b.param("fc.bias", rng.standard_normal(6).astype(np.float32))], (2, 6),
+               attrs={"act": "none"})
+    g = b.build(b.batch_norm("bn", y, *_bn_params(rng, 6)))
+    new = fold_bn(g).graph
+    assert [n.op for n in new.nodes] == ["linear"]
+    xs = [rng.standard_normal((2, 5)).astype(np.float32)]
+    (before,), _ = run(g, xs)
+    (after,), _ = run(new, xs)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+
+
 def test_batch_norm_is_kept_when_the_layer_has_another_user(qconv_bn):
     g, _ = qconv_bn
     relu = g.nodes[2].replace(name="side", op="relu", inputs=("conv",))

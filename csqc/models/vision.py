@@ -6,7 +6,8 @@ keys) and default initialisation, so torchvision checkpoints load with ``load_st
 depending on torchvision. The MobileNetV3, EfficientNet and SqueezeNet networks follow their
 papers' structure (Howard et al. 2019, Tan & Le 2019, Iandola et al. 2016 / SqueezeNet v1.1) with
 width (and for EfficientNet depth) knobs, so tests can run them tiny; they exercise hardswish,
-hardsigmoid squeeze-excitation, SiLU and ceil_mode pooling. All forwards are free of
+hardsigmoid squeeze-excitation, SiLU and ceil_mode pooling. A U-Net (segmentation) upsamples by
+transposed convolutions and concatenates skips. All forwards are free of
 data-dependent control flow, so the models export with ``torch.export.export`` as a single graph.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 __all__ = ["BasicBlock", "ResNet", "InvertedResidual", "MobileNetV2", "resnet18", "mobilenet_v2", "resnet20",
            "SqueezeExcitation", "MobileNetV3Small", "mobilenet_v3_small", "MBConv", "EfficientNetB0",
-           "efficientnet_b0", "Fire", "SqueezeNet", "squeezenet1_1"]
+           "efficientnet_b0", "Fire", "SqueezeNet", "squeezenet1_1", "UNet", "unet"]
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -429,3 +430,39 @@ def efficientnet_b0(num_classes: int = 1000, width_mult: float = 1.0, depth_mult
 def squeezenet1_1(num_classes: int = 1000, width_mult: float = 1.0) -> SqueezeNet:
     """SqueezeNet 1.1 for 3x224x224 input (Fire modules, ceil_mode max pools, cat)."""
     return SqueezeNet(num_classes=num_classes, width_mult=width_mult)
+
+
+def _double_conv(inp: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inp, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                         nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True))
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) for segmentation: ``levels`` poolings down, each level two
+    3x3 conv + BatchNorm + ReLU, and back up by 2x2 stride-2 transposed convs whose outputs are
+    concatenated with the skip of their level; a 1x1 conv to ``num_classes`` per pixel. The
+    upsampled half of each concatenation is signed (no activation after the transposed conv)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 16, levels: int = 3):
+        super().__init__()
+        widths = [width * 2**i for i in range(levels + 1)]
+        self.down = nn.ModuleList([_double_conv(in_channels, widths[0])] +
+                                  [_double_conv(widths[i], widths[i + 1]) for i in range(levels)])
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, 2) for i in reversed(range(levels)))
+        self.merge = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(levels)))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat([up(x), skip], 1))
+        return self.head(x)
+
+
+def unet(in_channels: int = 3, num_classes: int = 2, width: int = 16, levels: int = 3) -> UNet:
+    """A U-Net of ``levels`` poolings (input sides must divide by ``2**levels``)."""
+    return UNet(in_channels, num_classes, width, levels)
