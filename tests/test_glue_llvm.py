@@ -490,6 +490,17 @@ def test_copy_concat_transpose():
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 2, 3, 5, 37), (1, 2, 1, 8, 1, 33), (1, 4, 2, 2, 16, 16), (1, 6, 2, 2, 5, 5),
+                                   (2, 2, 3, 2, 4, 9)])
+def test_a_transposed_convs_phases_interleave(shape):
+    # [N, C, sh, sw, Qh, Qw] -> [N, C, Qh, sh, Qw, sw]: each output row shuffles sw runs (the
+    # interleave kernel), vectors of 16 columns (or of a shorter row) then a tail
+    x = rand(*shape)
+    dims = (0, 1, 4, 2, 5, 3)
+    (got,) = run_kernel(glue.transpose(shape, dims), x, outputs=[(tuple(shape[d] for d in dims), "float32")])
+    np.testing.assert_array_equal(got, x.transpose(dims))
+
+
 # ------------------------------------------------------------------------------------------
 # Pooling and reductions
 # ------------------------------------------------------------------------------------------

@@ -2325,6 +2325,8 @@ def transpose(shape, dims: Sequence[int]) -> tirx.PrimFunc:
     row_len = out_shape[-1] if out_shape else 1
     rows = _prod(out_shape[:-1])
     out_dims = list(out_shape) or [1]
+    if len(dims) >= 2 and dims[-2] == len(shape) - 1 and 2 <= row_len <= _MAX_INTERLEAVED and out_shape[-2] >= 4:
+        return _interleave(shape, out_shape, strides)
 
     def body(x, y):
         x_flat, y_flat = _flat(x), _flat(y)
@@ -2334,6 +2336,41 @@ def transpose(shape, dims: Sequence[int]) -> tirx.PrimFunc:
             I.buffer_store(y_flat, x_flat[source], [row * row_len + col])
 
         _for_each(rows, row_len, emit)
+
+    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+
+
+_MAX_INTERLEAVED = 8  # vectors one shuffle interleaves (a stride-8 transposed conv's phases)
+
+
+def _interleave(shape, out_shape, strides) -> tirx.PrimFunc:
+    """A transpose whose output's last axis is short (``r`` <= 8) and whose next-to-last is the
+    input's contiguous one: each output row interleaves ``r`` contiguous input runs, as a
+    transposed convolution's stacked phases become its output rows (``[.., sw, .., qw] -> [..,
+    qw, sw]``). The generic kernel would vectorize along rows of ``r`` elements, gathering; here
+    ``r`` vector loads of 16 (or of a shorter row's length) are shuffled into ``16 r``
+    consecutive outputs."""
+    r, length = out_shape[-1], out_shape[-2]
+    rows, row_len = _prod(out_shape[:-2]), length * r
+    lead_dims, lead_strides, phase_stride = list(out_shape[:-2]) or [1], list(strides[:-2]) or [0], strides[-1]
+    width = min(LANES, length)
+    interleaved = [tirx.const((j % r) * width + j // r, "int32") for j in range(width * r)]
+    full = length // width
+
+    def body(x, y):
+        x_flat, y_flat = _flat(x), _flat(y)
+        with _parallel_or_serial(rows, rows * row_len) as row:
+            base = _strided_index(row, tirx.const(0, "int32"), lead_dims + [1], lead_strides + [0])
+            if full:
+                with I.serial(0, full) as v:
+                    runs = [x_flat[tirx.Ramp(base + k * phase_stride + v * width, 1, width)] for k in range(r)]
+                    I.buffer_store(y_flat, tirx.Shuffle(runs, interleaved),
+                                   [tirx.Ramp(row * row_len + v * (width * r), 1, width * r)])
+            if length % width:
+                with I.vectorized(0, (length % width) * r) as j:
+                    column = full * width + j // r
+                    I.buffer_store(y_flat, x_flat[base + (j % r) * phase_stride + column],
+                                   [row * row_len + full * width * r + j])
 
     return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
 
