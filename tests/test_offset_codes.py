@@ -1,7 +1,8 @@
-"""Signed activations of linear layers as offset codes (code + L) on the llvm target.
+"""Signed activations of linear and bit-parallel conv layers as offset codes (code + L) on the
+llvm target.
 
-A signed-input linear layer multiplies its codes once (instead of once per sign) and the
-epilogue subtracts ``L * sum_k q[c, k]``; the artifact must stay exact against the interpreter,
+A signed-input layer multiplies its codes once (instead of once per sign) and the epilogue
+subtracts ``L * sum_k q[c, k]`` (a padded conv pads with L, the offset code of zero); the artifact must stay exact against the interpreter,
 also with weight planes dropped at run time, and 8-bit activations (2L does not fit uint8)
 keep the two sign parts.
 """
@@ -151,10 +152,12 @@ def test_offset_codes_quantize_and_dequantize_glue():
         glue.quantize(shape, 8, 0.0, True, True)
 
 
-def test_signed_conv_keeps_sign_parts(tmp_path):
-    """Zero padding would read as code -L with offset codes: convolutions multiply per sign."""
+def test_signed_depthwise_convs_keep_sign_parts(tmp_path):
+    """The depthwise kernels pad with code 0, which would read as -L among offset codes: a padded
+    depthwise conv multiplies per sign."""
     torch.manual_seed(2)
-    float_model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 4)).eval()
+    float_model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.ReLU(), nn.Flatten(),
+                                nn.Linear(3 * 6 * 6, 4)).eval()
     model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=True))
     model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 6, 6)))
     art = tmp_path / "c.so"
@@ -166,21 +169,23 @@ def test_signed_conv_keeps_sign_parts(tmp_path):
     assert report.ok and report.accumulators_exact, report.to_json()
 
 
-def test_signed_unpadded_convs_use_offset_codes(tmp_path):
-    """Without padding every tap reads a real code: bit-parallel convs (1x1 as in MobileNetV2's
-    expand convs, and a strided grouped 3x3) multiply offset codes once, exactly, also with
-    weight planes dropped at run time."""
+@pytest.mark.parametrize("padding", [0, 1])
+def test_signed_bitparallel_convs_use_offset_codes(tmp_path, padding):
+    """Every tap reads a code plus L: unpadded, or padded with L (the offset code of zero).
+    Bit-parallel convs (1x1 as in MobileNetV2's expand convs, a strided grouped 3x3, a stride-3
+    conv on the channels-on-lanes kernel) multiply offset codes once, exactly, also with weight
+    planes dropped at run time."""
     torch.manual_seed(4)
-    float_model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 3, stride=2, groups=2), nn.ReLU(),
-                                nn.Flatten(), nn.Linear(6 * 4 * 4, 4)).eval()
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 3, stride=2, groups=2, padding=padding),
+                                nn.Conv2d(6, 6, 3, stride=3, padding=padding), nn.ReLU(), nn.Flatten()).eval()
     model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=True))
-    model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 9, 9)))
+    model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 11, 11)))
     art = tmp_path / "c.so"
     result = csqc.compile(model, "llvm", art)
     m = runtime.load(art)
     signed = _signed_layers(m)
     convs = [name for name in signed if m.layers[name].get("pack") == "conv"]
-    assert len(convs) == 2, m.layers
+    assert len(convs) == 3, m.layers
     for name in convs:
         assert m.layers[name]["kernel"] == "bitparallel" and m.layers[name]["tensors"]["xq_offset"] == 15
         assert m.layers[name]["tensors"]["xq_neg"] is None
@@ -197,6 +202,33 @@ def test_signed_unpadded_convs_use_offset_codes(tmp_path):
             tensors = m.layers[name]["tensors"]
             acc = record[tensors["acc"]].astype(np.int64) - record[tensors["acc_offset"]].astype(np.int64)[:, None, None]
             assert np.array_equal(acc << int(tensors.get("acc_shift", 0)), golden[f"{name}.acc"]), (skip, name)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_zero_point_codes_feed_bitparallel_convs_padded_with_a_static_zero_point(tmp_path, bits):
+    """Asymmetric codes ``u`` go to a conv as they are (``acc - zp * sum_k q[c, k]``) where every
+    tap reads a code: unpadded, or padded with a static zero point (calibrated); a dynamic zero
+    point into a padded conv keeps the centered sign parts. Exact either way."""
+    torch.manual_seed(4)
+    float_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, stride=2, groups=2, padding=1),
+                                nn.Tanh(), nn.Conv2d(6, 6, 3, stride=3, padding=1), nn.Conv2d(6, 6, 1),
+                                nn.Hardswish(), nn.Conv2d(6, 6, 3, padding=2, dilation=2), nn.Flatten()).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=bits, act_symmetric=False,
+                                       quantize_first_input=True))
+    model = csqc.load(csqc.save(model, tmp_path / "z.pt", torch.randn(2, 3, 11, 11)))
+    xs = np.random.default_rng(1).standard_normal((8, 3, 11, 11)).astype(F32)
+    for calibrate in (None, xs):
+        csqc.compile(model, "llvm", tmp_path / "z.so", calibrate=calibrate)
+        m = runtime.load(tmp_path / "z.so")
+        tensors = {name: info["tensors"] for name, info in m.layers.items() if "tensors" in info}
+        by_zero_point = sorted(name for name, t in tensors.items() if t.get("xq_zero_point"))
+        centered = sorted(name for name, t in tensors.items() if t.get("xq_neg"))
+        if calibrate is None:
+            assert by_zero_point == ["4"] and centered == ["0", "1", "3", "6"]  # only the 1x1 conv is unpadded
+        else:
+            assert by_zero_point == ["0", "1", "3", "4", "6"] and not centered
+        report = verify(model, inputs=[xs], artifact=str(tmp_path / "z.so"), per_layer=True, calibrate=calibrate)
+        assert report.ok and report.accumulators_exact, report.to_json()
 
 
 def test_aarch64_signed_linear_uses_offset_codes_and_verifies(tmp_path):

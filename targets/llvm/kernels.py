@@ -1617,13 +1617,13 @@ def conv_codes_fit(geo: ConvGeometry, plan: "_PixelPlan | BitparallelKnobs") -> 
 
 
 def bitparallel_conv2d_codes(input_shape, weight_shape, stride, padding, dilation, codes: ConvCodes,
-                             knobs: BitparallelKnobs | None = None) -> tirx.PrimFunc:
+                             knobs: BitparallelKnobs | None = None, pad_code: int = 0) -> tirx.PrimFunc:
     """:func:`bitparallel_conv2d` (output pixels on the lanes, one group) writing its output
     *codes* instead of its accumulators: each task runs its channels' whole planes through the
     code search or fixed-point form while they sit in its stack tile (``codes_main``'s
     signature, ``w`` the pixel conv's weights). The same codes, bit for bit, as the conv and
     ``glue.epilogue`` with ``code_search``/``code_form`` over int32 accumulators. Needs
-    :func:`conv_codes_fit`."""
+    :func:`conv_codes_fit`. ``pad_code``: as :func:`bitparallel_conv2d`'s."""
     knobs = knobs or BitparallelKnobs()
     geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, 1)
     if not conv_codes_fit(geo, knobs):
@@ -1631,11 +1631,11 @@ def bitparallel_conv2d_codes(input_shape, weight_shape, stride, padding, dilatio
                          f"unpadded columns: not {tuple(input_shape)} -> {tuple(weight_shape)}")
     if not 0 <= codes.steps <= 5:
         raise ValueError(f"a code search takes 1..5 steps (0: the fixed-point form), got {codes.steps}")
-    return _bitparallel_conv2d_pixels(geo, knobs, codes=codes)
+    return _bitparallel_conv2d_pixels(geo, knobs, codes=codes, pad_code=pad_code)
 
 
 def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_dtype: str = "int32",
-                               codes: "ConvCodes | None" = None) -> tirx.PrimFunc:
+                               codes: "ConvCodes | None" = None, pad_code: int = 0) -> tirx.PrimFunc:
     """Bit-parallel conv with output pixels on the vector lanes (``vpdpbusd`` with the 4-channel
     weight word broadcast): the output stays NCHW, so every store is a contiguous vector.
 
@@ -1682,7 +1682,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
     max_read = ((row_tasks - 1) * NR + (kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + max(span, NR * Wq)
     rows_alloc = max(Hq, -(-max_read // Wq))
     planes = G * c_groups
-    stage = phase_staging(geo, rows_alloc)
+    stage = phase_staging(geo, rows_alloc, pad_code)
     if stage is None:
         return None
     # AVX2 (two 256-bit halves a dot product): with the taps unrolled LLVM schedules every low
@@ -1803,7 +1803,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
 
 def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
                        knobs: BitparallelKnobs | None = None, int16_depthwise: bool = False,
-                       out_dtype: str = "int32", tap_pairs: bool = False) -> tirx.PrimFunc:
+                       out_dtype: str = "int32", tap_pairs: bool = False, pad_code: int = 0) -> tirx.PrimFunc:
     """Bit-parallel NCHW conv2d on int8 weights (implicit GEMM with ``vpdpbusd``).
 
     Signature of the returned PrimFunc::
@@ -1822,6 +1822,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     caller guarantees that every output fits (see ``csqc.targets.tvm.lower``): half the bytes
     written here and read by the epilogue. Depthwise convs only with ``int16_depthwise`` where
     :func:`depthwise_writes_int16`.
+    ``pad_code``: the code padding reads as (0; offset codes ``code + L``: ``L``, so the
+    caller's per-channel ``L * sum_k q[c, k]`` is exact at the borders too). Not depthwise.
     """
     if out_dtype not in ("int32", "int16"):
         raise ValueError(f"out_dtype must be int32 or int16, got {out_dtype!r}")
@@ -1836,6 +1838,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     kh, kwid = geo.kernel_h, geo.kernel_w
 
     if geo.is_depthwise:
+        if pad_code and geo.padding != (0, 0):
+            raise ValueError("depthwise convs pad with code 0 only")
         if out_dtype != "int32" and not (int16_depthwise and depthwise_writes_int16(geo)):
             raise ValueError("depthwise convs write int16 outputs only on the fused kernel (strides up to 2) "
                              "with int16 accumulation")
@@ -1880,7 +1884,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     if knobs.conv_form == "" and channels_on_lanes_pay(geo):
         knobs = replace(knobs, conv_form="channels", row_block=7)
     if knobs.conv_form in ("", "pixels"):
-        pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype)
+        pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype, pad_code=pad_code)
         if pixels is not None:
             return pixels
 
@@ -1907,7 +1911,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
         for bh in padding_loop(B * Hp):
             for wc in T.vectorized(Wp * G * 4 * c_groups):
                 x_nhwc[bh // Hp, bh % Hp, wc // (G * 4 * c_groups), wc // (4 * c_groups) % G,
-                       wc % (4 * c_groups)] = T.uint8(0)
+                       wc % (4 * c_groups)] = T.uint8(pad_code)
             if ph <= bh % Hp and bh % Hp < H + ph:
                 for c in range(C):
                     for col in range(W):

@@ -1,5 +1,5 @@
 """Input staging of the bit-parallel conv kernels: activation codes as 32-bit words of four
-channels, zero padded and split into stride phases, so every tap of every output row reads one
+channels, padded (with the code of zero) and split into stride phases, so every tap of every output row reads one
 contiguous run of words (shared by the VNNI pixel kernel and the AMX tile kernel)."""
 from __future__ import annotations
 
@@ -57,14 +57,17 @@ def _word_byte(load, cq, t: int, c_groups: int, cg: int):
     return value
 
 
-def phase_staging(geo: ConvGeometry, rows: int):
+def phase_staging(geo: ConvGeometry, rows: int, fill: int = 0):
     """A macro ``stage(x, xs)`` filling ``xs[B, G*ceil(Cg/4), sh, sw, rows, Wq]`` (uint32) from the
     codes ``x[B, C, H, W]``: word ``xs[b, g*cgroups + cq, a_h, a_w, i, j]`` holds channels
     ``4cq .. 4cq+3`` of group g (bytes 0..3; zero past Cg) at input row ``i*sh + a_h - ph``,
-    column ``j*sw + a_w - pw`` (zero outside the input; ``rows >= ceil(Hp/sh)`` rows, the ones
-    past the input zero). None for strides above 2 (more than 4 phases)."""
+    column ``j*sw + a_w - pw`` (``fill`` in every byte outside the input: the code of zero, 0,
+    or ``L`` for offset codes ``code + L``; ``rows >= ceil(Hp/sh)`` rows, the ones past the input
+    filled too). None for strides above 2 (more than 4 phases)."""
+    if not 0 <= fill <= 255:
+        raise ValueError(f"a padding code is a byte, not {fill}")
     if geo.stride == (1, 1) and geo.padding == (0, 0):
-        return _flat_staging(geo, rows)
+        return _flat_staging(geo, rows)  # no padding to fill: every staged word is a code
     pairs, n_pairs = phase_pairs(geo)
     if pairs is None:
         return None
@@ -97,7 +100,7 @@ def phase_staging(geo: ConvGeometry, rows: int):
     def copy_row(x, xs, b, cq, slot, hq, pair):
         if slot == pair[4]:
             for j in T.vectorized(Wq):
-                xs[b, cq, pair[0], pair[1], hq, j] = T.uint32(0)
+                xs[b, cq, pair[0], pair[1], hq, j] = T.uint32(fill * 0x01010101)
             copy_segment(x, xs, b, cq, hq, pair[0], pair[1], pair[2], pair[3])
 
     @T.macro

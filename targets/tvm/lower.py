@@ -309,9 +309,10 @@ class _Lowerer:
 
         Offset codes are in ``[0, 2L]``: they fit uint8 up to 7 bits, and doubling the largest
         code doubles the accumulator bound, which must stay within every user's accumulator.
-        Convolutions take them only without padding (zero padding would read as code ``-L``)
-        and on the bit-parallel kernel (MobileNetV2's expand convs read the signed residual
-        stream: one int8 pass instead of one per sign).
+        Convolutions take them on the bit-parallel kernel, padded with ``L`` (the offset code of
+        zero), or unpadded (MobileNetV2's expand convs read the signed residual stream, a U-Net's
+        convs the concatenation of a signed upsampling and a skip: one int8 pass instead of one
+        per sign).
         """
         if not (self.offset_codes and n.type.qsigned and n.type.qbits <= 7):
             return False
@@ -327,10 +328,20 @@ class _Lowerer:
 
     def _zero_point_codes_fit(self, n: Node) -> bool:
         """Whether asymmetric quantize node ``n`` can hand its unsigned codes ``u`` and zero point to
-        its readers: only linear layers (``acc - zp * sum_k q[c, k]`` in the epilogue; a
-        convolution's zero padding would read as ``-zp``), on a backend with offset codes."""
-        return self.offset_codes and all(u.op == "qlinear" and u.inputs[0] == n.name
-                                         for u in self.users.get(n.name, []))
+        its readers (``acc - zp * sum_k q[c, k]`` in the epilogue), on a backend with offset
+        codes: linear layers, and bit-parallel convs that read a code at every tap (as for
+        offset codes, :meth:`_conv_takes_offset_codes`), where padding reads as ``zp``: a static
+        zero point (calibrated) pads with itself, a dynamic one only unpadded convs."""
+        if not self.offset_codes:
+            return False
+        static = float(n.attr("static_scale", 0.0)) > 0
+        for u in self.users.get(n.name, []):
+            if u.inputs[0] != n.name:
+                return False
+            padded = u.op == "qconv2d" and any(int(p) for p in u.attr("padding"))
+            if not (u.op == "qlinear" or (self._conv_takes_offset_codes(u) and (static or not padded))):
+                return False
+        return True
 
     def _quantize_outputs(self, n: Node) -> tuple[dict, list[str]]:
         """The options (``glue.ChainQuantize``'s fields) and output buffers of quantize node ``n``
@@ -358,11 +369,28 @@ class _Lowerer:
         return dict(bits=bits, static_scale=static, signed=signed, offset=offset), [scale, pos] + ([neg] if neg else [])
 
     def _conv_takes_offset_codes(self, n: Node) -> bool:
-        """Whether quantized conv ``n`` runs on the bit-parallel kernel without padding, so every
-        tap of every output reads a real code and ``L * sum_k q[c, k]`` is its exact offset."""
-        if n.op != "qconv2d" or any(int(p) for p in n.attr("padding")) or self.force == "bitserial":
+        """Whether quantized conv ``n`` runs on the bit-parallel kernel where every tap of every
+        output reads a code plus ``L`` (``L * sum_k q[c, k]`` its exact offset): unpadded, or
+        padded with ``L`` (:meth:`_pad_code`: the staged pixel and channel kernels, not the
+        depthwise or AMX ones)."""
+        if n.op != "qconv2d" or self.force == "bitserial":
             return False
+        if any(int(p) for p in n.attr("padding")):
+            shape = n.attr("weight_shape")
+            geo = conv_geometry(self.g.type_of(n.inputs[0]).shape, shape, n.attr("stride"), n.attr("padding"),
+                                n.attr("dilation"), n.attr("groups"))
+            if is_depthwise_layer(n.op, shape) or (self.backend_tile_conv is not None and self.backend_tile_conv(geo)):
+                return False
         return self.choose_kernel(n, output_rows(n), decode_weight(self.g, n)).kernel == "bitparallel"
+
+    def _pad_code(self, n: Node) -> int:
+        """The code conv ``n``'s padding reads as: ``L`` where its input is offset codes, the
+        static zero point where it is zero-point codes, else 0 (the code of zero each time)."""
+        if not any(int(p) for p in n.attr("padding")):
+            return 0
+        if n.inputs[0] in self.zero_points:
+            return int(self.producers[n.inputs[0]].attr("zero_point"))
+        return self.code_offset.get(n.inputs[0], 0)
 
     def lower_quantize(self, n: Node) -> None:
         if n.name in self.fused_quantize:  # the producing layer's epilogue wrote its scale and codes
@@ -610,9 +638,11 @@ class _Lowerer:
             knobs = self.backend_conv_knobs(conv_geometry(x_shape, shape, stride, padding, dilation, 1))
             spec = self.kernels.ConvCodes(search, levels, float(fused["out_scale"]), fused["out_offset"], two_parts,
                                           acc_offset is not None)
-            key = f"convcodes({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{spec})" + suffix
+            pad = self._pad_code(n)
+            key = f"convcodes({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{spec})" + suffix + (
+                f",pad{pad}" if pad else "")
             f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d_codes(x_shape, shape, stride, padding,
-                                                                                   dilation, spec, knobs))
+                                                                                   dilation, spec, knobs, pad))
             x = codes
         w = self._bitparallel_weights(n, pack_bitparallel_layout(info["pack"], q, shape, 1))
         self.plan.call(f, [x, w] + ([acc_offset] if acc_offset else []) + tables + outs, n.name)
@@ -958,6 +988,8 @@ class _Lowerer:
                     knobs = replace(knobs, int16_groups=self.backend_conv_int16_groups(n, q))
                 if storage != "int32":
                     narrow["out_dtype"] = storage
+                if self._pad_code(n):
+                    narrow["pad_code"] = self._pad_code(n)
                 if narrow.get("int16_depthwise") and self.depthwise_tap_pairs and self.kernels.depthwise_tap_pairs_pay(
                         conv_geometry(x_shape, shape, stride, padding, dilation, groups)) \
                         and self._int8_under_any_planes(n):
@@ -966,7 +998,8 @@ class _Lowerer:
                 key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
                     ",int16" if narrow.get("int16_depthwise") else "") + (f",{storage}out" if storage != "int32" else "") \
                     + (",pairs" if narrow.get("tap_pairs") else "") \
-                    + (f",int16x{knobs.int16_groups}" if getattr(knobs, "int16_groups", 1) > 1 else "")
+                    + (f",int16x{knobs.int16_groups}" if getattr(knobs, "int16_groups", 1) > 1 else "") \
+                    + (f",pad{narrow['pad_code']}" if narrow.get("pad_code") else "")
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
                                                                                 dilation, groups, knobs, **narrow))
         elif self._small_dense(n):
