@@ -96,6 +96,25 @@ def test_quantize_static_scale_clamps(signed):
     assert got[1].max() == 3
 
 
+@pytest.mark.parametrize("static, zero_point", [(0.0, 0), (2.5, 3)])
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_asymmetric_quantize_offset_codes_are_u_less_zp_plus_levels(static, zero_point, bits):
+    """``offset``: one buffer of ``u - zp + L`` (signed offset codes a padded conv reads in one
+    pass), the interpreter's range, zero point and codes otherwise."""
+    from csqc.interpreter import _quantize_asymmetric
+
+    x = rand(2, 3, 5, 7, scale=2.0) + F32(0.3)
+    x.reshape(-1)[:5] = [0.0, -0.0, x.max(), 9.0, -9.0]
+    expected = _quantize_asymmetric(lambda: "q", x, bits, static, zero_point)
+    levels = 2**bits - 1
+    scale, zp, codes = run_kernel(glue.quantize_asymmetric(x.shape, bits, static, zero_point, offset=True), x,
+                                  outputs=[((1,), "float32"), ((1,), "int32"), (x.shape, "uint8")])
+    assert scale[0] == expected.scale and zp[0] == expected.zero_point
+    np.testing.assert_array_equal(codes.astype(np.int32), expected.codes - expected.zero_point + levels)
+    with pytest.raises(ValueError, match="7 bits"):
+        glue.quantize_asymmetric(x.shape, 8, static, zero_point, offset=True)
+
+
 @pytest.mark.parametrize("bits", [1, 8])
 def test_quantize_bit_widths(bits):
     check_quantize(rand(5, 300), bits, 0.0, True)

@@ -207,8 +207,9 @@ def test_signed_bitparallel_convs_use_offset_codes(tmp_path, padding):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_zero_point_codes_feed_bitparallel_convs_padded_with_a_static_zero_point(tmp_path, bits):
     """Asymmetric codes ``u`` go to a conv as they are (``acc - zp * sum_k q[c, k]``) where every
-    tap reads a code: unpadded, or padded with a static zero point (calibrated); a dynamic zero
-    point into a padded conv keeps the centered sign parts. Exact either way."""
+    tap reads a code: unpadded, or padded with a static zero point (calibrated). A dynamic zero
+    point into a padded conv gives offset codes ``u - zp + L`` up to 7 bits (padded with L), the
+    centered sign parts at 8. Exact every way."""
     torch.manual_seed(4)
     float_model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, stride=2, groups=2, padding=1),
                                 nn.Tanh(), nn.Conv2d(6, 6, 3, stride=3, padding=1), nn.Conv2d(6, 6, 1),
@@ -222,11 +223,13 @@ def test_zero_point_codes_feed_bitparallel_convs_padded_with_a_static_zero_point
         m = runtime.load(tmp_path / "z.so")
         tensors = {name: info["tensors"] for name, info in m.layers.items() if "tensors" in info}
         by_zero_point = sorted(name for name, t in tensors.items() if t.get("xq_zero_point"))
+        offset = sorted(name for name, t in tensors.items() if t.get("xq_offset") and not t.get("xq_zero_point"))
         centered = sorted(name for name, t in tensors.items() if t.get("xq_neg"))
-        if calibrate is None:
-            assert by_zero_point == ["4"] and centered == ["0", "1", "3", "6"]  # only the 1x1 conv is unpadded
+        if calibrate is None:  # only the 1x1 conv is unpadded
+            padded = ["0", "1", "3", "6"]
+            assert by_zero_point == ["4"] and (offset, centered) == ((padded, []) if bits < 8 else ([], padded))
         else:
-            assert by_zero_point == ["0", "1", "3", "4", "6"] and not centered
+            assert by_zero_point == ["0", "1", "3", "4", "6"] and not centered and not offset
         report = verify(model, inputs=[xs], artifact=str(tmp_path / "z.so"), per_layer=True, calibrate=calibrate)
         assert report.ok and report.accumulators_exact, report.to_json()
 

@@ -546,7 +546,7 @@ def _emit_fold(x_flat, n: int, out, combine) -> None:
 
 
 def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, zero_point: int,
-                        centered: bool = False) -> tirx.PrimFunc:
+                        centered: bool = False, offset: bool = False) -> tirx.PrimFunc:
     """The interpreter's ``_quantize_asymmetric`` as a kernel.
 
     Parameters: ``x: float32[shape], scale: float32[1], zero_point: int32[1], codes_pos:
@@ -554,8 +554,11 @@ def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, ze
     with ``R`` (static, or ``max(x, 0) - min(x, 0)``), ``zero_point`` with ``zp`` (static, or
     ``round((-lo * L) / R)``), the codes with ``u = clamp(round((x * L) / R) + zp, 0, L)``
     (0 where ``R == 0``), or, ``centered``, with the magnitudes of ``u - zp`` where it is
-    positive (pos) / negative (neg), the layout of signed symmetric codes.
+    positive (pos) / negative (neg), the layout of signed symmetric codes, or, ``offset`` (up to
+    7 bits), with ``u - zp + L``: signed offset codes in one buffer.
     """
+    if offset and (centered or bits > 7):
+        raise ValueError("offset codes u - zp + L are one buffer of up to 7 bits")
     shape = tuple(int(s) for s in shape)
     levels = _levels(bits)
     static_zero_point = int(zero_point)  # the PrimFunc has a buffer parameter of the same name
@@ -566,13 +569,13 @@ def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, ze
 
     def body(x, scale, zero_point, codes_pos, codes_neg=None):
         _emit_quantize_asymmetric(_flat(x), n, levels, static_scale, static_zero_point, scale, zero_point,
-                                  codes_pos, codes_neg)
+                                  codes_pos, codes_neg, offset)
 
     return _prim_func(params, body)
 
 
 def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, static_zero_point: int, scale,
-                              zero_point, codes_pos, codes_neg=None) -> None:
+                              zero_point, codes_pos, codes_neg=None, offset: bool = False) -> None:
     """:func:`quantize_asymmetric`'s statements on the flat ``x_flat`` (``n`` elements)."""
     is_static = static_scale > 0
     pos_flat = _flat(codes_pos)
@@ -602,6 +605,9 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
         else:
             u = tirx.round(numerator / scale[0]) + zp[0]
         u = tirx.Select(scale[0] > _f32(0.0), tirx.Min(tirx.Max(u, _f32(0.0)), _f32(levels)), _f32(0.0))
+        if offset:  # u - zp + L, in [0, 2L]
+            I.buffer_store(pos_flat, tirx.Cast("uint8", u - zp[0] + _f32(levels)), [i])
+            return
         if neg_flat is None:
             I.buffer_store(pos_flat, tirx.Cast("uint8", u), [i])
             return
@@ -2202,7 +2208,8 @@ def elementwise_chain(inputs: Sequence[tuple[str, Sequence[int]]], ops: Sequence
             outs = [rest.pop(0) for _ in q.params(shapes[q.source])]
             source, n = flats[q.source], _prod(shapes[q.source])
             if q.asymmetric:
-                _emit_quantize_asymmetric(source, n, _levels(q.bits), q.static_scale, q.zero_point, *outs)
+                _emit_quantize_asymmetric(source, n, _levels(q.bits), q.static_scale, q.zero_point, *outs,
+                                          offset=q.offset)
             else:
                 _emit_quantize(source, n, _levels(q.bits), q.static_scale, q.offset, *outs)
 

@@ -305,7 +305,8 @@ class _Lowerer:
             del plan.buffers[name]
 
     def _offset_codes_fit(self, n: Node) -> bool:
-        """Whether signed codes of quantize node ``n`` can be offset codes ``code + L``.
+        """Whether signed codes of quantize node ``n`` can be offset codes ``code + L`` (an
+        asymmetric quantizer's: ``u - zp + L``, where its readers cannot take ``u`` itself).
 
         Offset codes are in ``[0, 2L]``: they fit uint8 up to 7 bits, and doubling the largest
         code doubles the accumulator bound, which must stay within every user's accumulator.
@@ -314,7 +315,7 @@ class _Lowerer:
         convs the concatenation of a signed upsampling and a skip: one int8 pass instead of one
         per sign).
         """
-        if not (self.offset_codes and n.type.qsigned and n.type.qbits <= 7):
+        if not (self.offset_codes and (n.type.qsigned or n.attr("asymmetric", False)) and n.type.qbits <= 7):
             return False
         for user in self.users.get(n.name, []):
             if user.op == "dequantize":
@@ -349,16 +350,20 @@ class _Lowerer:
         bits, static, shape = n.attr("bits"), float(n.attr("static_scale", 0.0)), n.type.shape
         scale = self.plan.buffer(f"{n.name}.scale", (1,), _F32)
         if n.attr("asymmetric", False):
-            centered = not self._zero_point_codes_fit(n)
+            by_zero_point = self._zero_point_codes_fit(n)
+            offset = not by_zero_point and self._offset_codes_fit(n)
+            centered = not (by_zero_point or offset)
             zp = self.plan.buffer(f"{n.name}.zero_point", (1,), "int32")
             pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
             neg = self.plan.buffer(f"{n.name}.codes_neg", shape, "uint8") if centered else None
-            # centered: the sign parts of u - zp, read like signed symmetric codes
+            # centered: the sign parts of u - zp, read like signed symmetric codes; offset: u - zp + L
             self.quant_parts[n.name] = (pos, neg, scale)
-            if not centered:
+            if by_zero_point:
                 self.zero_points[n.name] = zp
+            if offset:
+                self.code_offset[n.name] = 2**bits - 1
             options = dict(bits=bits, static_scale=static, asymmetric=True, zero_point=int(n.attr("zero_point", 0)),
-                           centered=centered)
+                           centered=centered, offset=offset)
             return options, [scale, zp, pos] + ([neg] if neg else [])
         signed, offset = bool(n.attr("signed")), self._offset_codes_fit(n)
         pos = self.plan.buffer(f"{n.name}.codes", shape, "uint8")
@@ -398,9 +403,10 @@ class _Lowerer:
         options, outs = self._quantize_outputs(n)
         shape, bits, static = n.type.shape, options["bits"], options["static_scale"]
         if options.get("asymmetric"):
-            zero_point, centered = options["zero_point"], options["centered"]
-            key = f"quantize_asymmetric({shape},{bits},{static!r},{zero_point},{centered})"
-            f = self.plan.func(key, lambda: self.glue.quantize_asymmetric(shape, bits, static, zero_point, centered))
+            zero_point, centered, offset = options["zero_point"], options["centered"], options["offset"]
+            key = f"quantize_asymmetric({shape},{bits},{static!r},{zero_point},{centered})" + (",offset" if offset else "")
+            f = self.plan.func(key, lambda: self.glue.quantize_asymmetric(shape, bits, static, zero_point, centered,
+                                                                          **({"offset": True} if offset else {})))
         else:
             signed, offset = options["signed"], options["offset"]
             key = f"quantize({shape},{bits},{static!r},{signed})" + (",offset" if offset else "")
