@@ -152,19 +152,28 @@ def test_offset_codes_quantize_and_dequantize_glue():
         glue.quantize(shape, 8, 0.0, True, True)
 
 
-def test_signed_depthwise_convs_keep_sign_parts(tmp_path):
-    """The depthwise kernels pad with code 0, which would read as -L among offset codes: a padded
-    depthwise conv multiplies per sign."""
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_signed_depthwise_convs_pad_with_the_offset_code_of_zero(tmp_path, act_bits):
+    """Padded depthwise convs (the fused kernel at stride 1 and 2, the direct one at stride 3)
+    read offset codes up to 7 bits, their padding staged as L; 8-bit codes (2L past a byte) keep
+    the two sign parts. Exact either way."""
     torch.manual_seed(2)
-    float_model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.ReLU(), nn.Flatten(),
-                                nn.Linear(3 * 6 * 6, 4)).eval()
-    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=4, quantize_first_input=True))
-    model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 6, 6)))
+    float_model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.SiLU(),
+                                nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), nn.Hardswish(),
+                                nn.Conv2d(6, 6, 3, stride=3, padding=2, groups=6), nn.Flatten()).eval()
+    model = csqc.finalize(csqc.convert(float_model, n_bits=3, act_bits=act_bits, quantize_first_input=True))
+    model = csqc.load(csqc.save(model, tmp_path / "c.pt", torch.randn(2, 3, 13, 13)))
     art = tmp_path / "c.so"
     csqc.compile(model, "llvm", art)
     m = runtime.load(art)
-    (signed,) = _signed_layers(m)
-    assert m.layers[signed]["tensors"]["xq_neg"] and "xq_offset" not in m.layers[signed]["tensors"]
+    signed = _signed_layers(m)
+    assert len(signed) == 3 and all(m.layers[name].get("pack") == "depthwise" for name in signed)
+    for name in signed:
+        tensors = m.layers[name]["tensors"]
+        if act_bits < 8:
+            assert tensors["xq_offset"] == 2**act_bits - 1 and tensors["xq_neg"] is None
+        else:
+            assert tensors["xq_neg"] and "xq_offset" not in tensors
     report = verify(model, samples=4, artifact=str(art), per_layer=True)
     assert report.ok and report.accumulators_exact, report.to_json()
 

@@ -828,8 +828,9 @@ def _signed_dense_func(M, K, N, n_tiles, k_groups, col_blocks, signs, parallel, 
 # --------------------------------------------------------------------------------------------
 # Convolution
 # --------------------------------------------------------------------------------------------
-def _make_zero_pad_copy(geo: ConvGeometry):
-    """Macro copying the NCHW codes into a zero-bordered buffer (code 0 is value 0: exact)."""
+def _make_pad_copy(geo: ConvGeometry, fill: int = 0):
+    """Macro copying the NCHW codes into a buffer bordered by ``fill``, the code of zero (0; L for
+    offset codes ``code + L``): exact."""
     ph, pw = geo.padding
 
     @T.macro
@@ -837,7 +838,7 @@ def _make_zero_pad_copy(geo: ConvGeometry):
         for bc in T.parallel(geo.batch * geo.in_channels):
             for h in range(geo.padded_h):
                 for w in T.vectorized(geo.padded_w):
-                    x_padded[bc // geo.in_channels, bc % geo.in_channels, h, w] = T.uint8(0)
+                    x_padded[bc // geo.in_channels, bc % geo.in_channels, h, w] = T.uint8(fill)
             for h in range(geo.height):
                 for w in T.vectorized(geo.width):
                     x_padded[bc // geo.in_channels, bc % geo.in_channels, h + ph, w + pw] = \
@@ -858,9 +859,11 @@ def _staging_pitch(width: int) -> int:
 
 
 def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str = "int32",
-                          out_dtype: str = "int32", tap_pairs: bool = False, codes: bool = False):
+                          out_dtype: str = "int32", tap_pairs: bool = False, codes: bool = False,
+                          pad_code: int = 0):
     """Direct int32 depthwise kernel, one parallel task per (batch, input channel): the task
-    copies its channel into a zero-padded, stride-phase-split plane ``xp[sh, sw, Hq, pitch]`` (flat)
+    copies its channel into a padded (with ``pad_code``, the code of zero: 0, or L for offset
+    codes), stride-phase-split plane ``xp[sh, sw, Hq, pitch]`` (flat)
     (so strided taps read contiguous runs), then computes every output row of the channel's
     ``O/C`` output channels as whole-row vectors (contiguous NCHW stores).
 
@@ -939,10 +942,10 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                 # the columns left and right of the input's: padding, read by the edge taps
                 if pair[2] > 0:
                     for j in T.vectorized(pair[2]):
-                        xp[at(b * C + c, pair[0], pair[1], hq, j)] = T.uint8(0)
+                        xp[at(b * C + c, pair[0], pair[1], hq, j)] = T.uint8(pad_code)
                 if Wq - pair[2] - pair[3] > 0:
                     for j in T.vectorized(Wq - pair[2] - pair[3]):
-                        xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + pair[3] + j)] = T.uint8(0)
+                        xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + pair[3] + j)] = T.uint8(pad_code)
                 # (a phase of a narrow input may hold no input column: its row is padding only)
                 if pair[3] > 0 and pairs16:
                     # input column 2 (lo + j) + d, d = a_w - pw: byte d % 2 of pair lo + j + d // 2
@@ -956,7 +959,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
                             x[b, c, hq * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw]
             else:
                 for j in T.vectorized(Wq):
-                    xp[at(b * C + c, pair[0], pair[1], hq, j)] = T.uint8(0)
+                    xp[at(b * C + c, pair[0], pair[1], hq, j)] = T.uint8(pad_code)
 
     @T.macro
     def row_piece(xp, y, q, b, c, o, oh, ow0, size):
@@ -1257,7 +1260,7 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
     O, OH, OW, G = geo.out_channels, geo.out_h, geo.out_w, geo.groups
     Hp, Wp = geo.padded_h, geo.padded_w
-    pad_copy = _make_zero_pad_copy(geo)
+    pad_copy = _make_pad_copy(geo)
 
     if geo.is_depthwise:
         if acc_dtype != "int32":
@@ -1823,7 +1826,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     written here and read by the epilogue. Depthwise convs only with ``int16_depthwise`` where
     :func:`depthwise_writes_int16`.
     ``pad_code``: the code padding reads as (0; offset codes ``code + L``: ``L``, so the
-    caller's per-channel ``L * sum_k q[c, k]`` is exact at the borders too). Not depthwise.
+    caller's per-channel ``L * sum_k q[c, k]`` is exact at the borders too).
     """
     if out_dtype not in ("int32", "int16"):
         raise ValueError(f"out_dtype must be int32 or int16, got {out_dtype!r}")
@@ -1838,19 +1841,17 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     kh, kwid = geo.kernel_h, geo.kernel_w
 
     if geo.is_depthwise:
-        if pad_code and geo.padding != (0, 0):
-            raise ValueError("depthwise convs pad with code 0 only")
         if out_dtype != "int32" and not (int16_depthwise and depthwise_writes_int16(geo)):
             raise ValueError("depthwise convs write int16 outputs only on the fused kernel (strides up to 2) "
                              "with int16 accumulation")
         taps = kh * kwid
-        pad_copy = _make_zero_pad_copy(geo)
+        pad_copy = _make_pad_copy(geo, pad_code)
 
         def weight_of(weights, o, t, n_planes, zp):
             return weights[o, t]
 
         depthwise_fused = _make_depthwise_fused(geo, weight_of, "int16" if int16_depthwise else "int32", out_dtype,
-                                                tap_pairs)
+                                                tap_pairs, pad_code=pad_code)
         if depthwise_fused is not None:
             @T.prim_func
             def main_dw_fused(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),

@@ -310,10 +310,10 @@ class _Lowerer:
 
         Offset codes are in ``[0, 2L]``: they fit uint8 up to 7 bits, and doubling the largest
         code doubles the accumulator bound, which must stay within every user's accumulator.
-        Convolutions take them on the bit-parallel kernel, padded with ``L`` (the offset code of
+        Convolutions take them on the bit-parallel kernels, padded with ``L`` (the offset code of
         zero), or unpadded (MobileNetV2's expand convs read the signed residual stream, a U-Net's
-        convs the concatenation of a signed upsampling and a skip: one int8 pass instead of one
-        per sign).
+        convs the concatenation of a signed upsampling and a skip, EfficientNet's depthwise convs
+        SiLU's outputs: one pass instead of one per sign).
         """
         if not (self.offset_codes and (n.type.qsigned or n.attr("asymmetric", False)) and n.type.qbits <= 7):
             return False
@@ -376,15 +376,14 @@ class _Lowerer:
     def _conv_takes_offset_codes(self, n: Node) -> bool:
         """Whether quantized conv ``n`` runs on the bit-parallel kernel where every tap of every
         output reads a code plus ``L`` (``L * sum_k q[c, k]`` its exact offset): unpadded, or
-        padded with ``L`` (:meth:`_pad_code`: the staged pixel and channel kernels, not the
-        depthwise or AMX ones)."""
+        padded with ``L`` (:meth:`_pad_code`: the pixel, channel and depthwise kernels, not the
+        AMX tile kernel)."""
         if n.op != "qconv2d" or self.force == "bitserial":
             return False
-        if any(int(p) for p in n.attr("padding")):
-            shape = n.attr("weight_shape")
-            geo = conv_geometry(self.g.type_of(n.inputs[0]).shape, shape, n.attr("stride"), n.attr("padding"),
-                                n.attr("dilation"), n.attr("groups"))
-            if is_depthwise_layer(n.op, shape) or (self.backend_tile_conv is not None and self.backend_tile_conv(geo)):
+        if any(int(p) for p in n.attr("padding")) and self.backend_tile_conv is not None:
+            geo = conv_geometry(self.g.type_of(n.inputs[0]).shape, n.attr("weight_shape"), n.attr("stride"),
+                                n.attr("padding"), n.attr("dilation"), n.attr("groups"))
+            if not is_depthwise_layer(n.op, n.attr("weight_shape")) and self.backend_tile_conv(geo):
                 return False
         return self.choose_kernel(n, output_rows(n), decode_weight(self.g, n)).kernel == "bitparallel"
 
