@@ -125,7 +125,7 @@ def float_graph(g: Graph) -> Graph:
             w = (q * mult.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
             params[f"{n.name}.wf32"] = w
             new_inputs = (inputs[0], f"{n.name}.wf32") + ((inputs[3],) if len(inputs) == 4 else ())
-            attrs = {k: v for k, v in n.attrs.items() if k not in ("weight_shape", "form")}
+            attrs = {k: v for k, v in n.attrs.items() if k not in ("weight_shape", "form", "form_weights")}
             nodes.append(Node(n.name, "conv2d" if n.op == "qconv2d" else "linear", new_inputs, n.type, attrs, None, n.source))
             continue
         if n.type.quantized:  # pragma: no cover - only quantize yields quantized values here

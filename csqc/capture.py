@@ -175,6 +175,8 @@ def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool, x_value: str | None =
     form = _layer_form(fx)
     if form:
         attrs["form"] = form
+    if codes.size != qt.numel():  # the phases' zero taps (or a latent's linear form): the model's own count
+        attrs["form_weights"] = int(qt.numel())
     if conv_attrs is not None:
         attrs.update(conv_attrs)
     elif conv:

@@ -36,10 +36,12 @@ class LayerRow:
     kernel: str = ""
     act_asymmetric: bool = False  # unsigned activation codes with a zero point
     form: str = ""  # the layer as the model wrote it, where its op and weight shape say another thing
+    form_weights: int = 0  # the model's weight count where the stored weight holds more (zero taps)
 
     @property
     def params(self) -> int:
-        return int(np.prod(self.weight_shape))
+        """The model's weights (not the zero taps a transposed conv's phases store)."""
+        return self.form_weights or int(np.prod(self.weight_shape))
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -140,7 +142,8 @@ def _row(g: Graph, n) -> LayerRow:
         encoding=spec.encoding, planes=planes, plane_shifts=[list(p) for p in spec.planes],
         zero_point=spec.zero_point, low_shift=spec.low_shift, act_bits=spec.act_bits, act_mode=spec.act_mode,
         act_asymmetric=bool(spec.act_asymmetric), form=str(n.attr("form", "")),
-        weight_bytes_packed=packed, weight_bytes_fp32=out_ch * k * 4, plane_zero_fraction=zero,
+        form_weights=int(n.attr("form_weights", 0)), weight_bytes_packed=packed,
+        weight_bytes_fp32=4 * (int(n.attr("form_weights", 0)) or out_ch * k), plane_zero_fraction=zero,
     )
 
 

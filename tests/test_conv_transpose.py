@@ -101,6 +101,20 @@ def test_a_strided_layer_compiles_without_the_stuffed_zeros(tmp_path):
     assert graph.type_of(graph.outputs[0]).shape == (1, 4, 12, 10)
 
 
+def test_inspect_counts_the_models_weights_not_the_phases_zero_taps(tmp_path):
+    # 3x3 at stride 2: four phases of 2x2 taps store 16 weights per channel pair, 7 of them zeros
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 4, 3, 2, 1, 1))
+    x = torch.randn(1, 3, 5, 5)
+    model = csqc.finalize(csqc.convert(net, n_bits=4, act_bits=4, example_inputs=(x,)))
+    csqc.save(model, tmp_path / "up.pt", example_inputs=(x,))
+    graph = csqc.capture(csqc.load(tmp_path / "up.pt"))
+    assert graph.node("2").attr("weight_shape") == (16, 8, 2, 2) and graph.node("2").attr("form_weights") == 288
+    row = next(r for r in csqc.inspect(csqc.load(tmp_path / "up.pt")).layers if r.name == "2")
+    assert row.params == 8 * 4 * 3 * 3 and row.weight_bytes_fp32 == 4 * 288
+    assert row.form == "conv_transpose2d 8x4x3x3 stride 2x2"
+
+
 def test_bad_forms_are_refused_by_name():
     with pytest.raises(BadInput, match="output_padding"):
         CSQConvTranspose2d(2, 2, 3, stride=2, output_padding=2)
