@@ -11,11 +11,12 @@ import pytest
 
 from csqc import differential
 
-# seeds whose drawn models cover convs, branches (squeeze-excitation, concatenation, pools), an
-# image-to-image decoder, 1-D convolutions over sequences, an MLP, an LSTM, a GRU and a Transformer encoder layer, on llvm and
+# seeds whose drawn models cover convs, branches (squeeze-excitation, concatenation, pools),
+# image-to-image decoders (a stride-3 transposed conv with a BatchNorm, a 1x1 latent input), 1-D
+# convolutions over sequences, an MLP, an LSTM, a GRU and a Transformer encoder layer, on llvm and
 # onnx, with dynamic and calibrated scales, symmetric, zero-point and float (weight-only)
 # activations, 9- to 12-bit weights
-SEEDS = [0, 1, 6, 7, 10, 12, 13, 14, 17]
+SEEDS = [0, 1, 6, 7, 10, 12, 13, 14, 17, 171, 197]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
