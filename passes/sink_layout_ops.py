@@ -56,9 +56,9 @@ def _types(g: Graph) -> dict[str, TensorType]:
 _LAYOUT = frozenset({"reshape", "permute", "slice"})
 
 
-def _channel_repeat(node: Node, layout: Node, source: TensorType) -> int | None:
-    """How many channels of ``source`` each channel of ``node`` (a batch_norm reading ``layout``)
-    spans once it runs on ``source``, or None where its channel axis does not survive."""
+def _channel_repeat(layout: Node, source: TensorType) -> int | None:
+    """How many channels of ``source`` each channel of a batch_norm reading ``layout`` spans once
+    it runs on ``source``, or None where its channel axis does not survive."""
     if len(source.shape) < 2:
         return None
     if layout.op == "reshape":  # axis 0 kept, axis 1 kept or split: source channel ch is channel ch // P
@@ -90,7 +90,7 @@ def _sunk_source(g: Graph, producers: dict[str, Node], types: dict[str, TensorTy
         if r is None:
             return None
         source = types[r.inputs[0]]
-        repeat = _channel_repeat(node, r, source) if node.op == "batch_norm" else 1
+        repeat = _channel_repeat(r, source) if node.op == "batch_norm" else 1
         return None if repeat is None else (source, r, repeat)
     if node.op in _BINARY:
         layouts, scalars = [], []
