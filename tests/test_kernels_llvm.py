@@ -1,4 +1,5 @@
 """Exactness tests of the LLVM (CPU) kernel library against numpy int64 references."""
+import contextlib
 import os
 import re
 
@@ -448,13 +449,27 @@ def test_bitserial_conv2d(input_shape, weight_shape, stride, padding, dilation, 
         np.testing.assert_array_equal(kernel(x.astype(np.uint8), packed, used, zero_point), expected)
 
 
+@contextlib.contextmanager
+def shared_staging():
+    """Build the pixel conv with one staging for all its tasks (as inputs of MIN_PARALLEL_STAGING
+    codes and more are), not each task staging its own rows (as smaller ones are)."""
+    saved = staging.MIN_PARALLEL_STAGING
+    staging.MIN_PARALLEL_STAGING = 0
+    try:
+        yield
+    finally:
+        staging.MIN_PARALLEL_STAGING = saved
+
+
 @pytest.mark.parametrize("cpu", DOT_CPUS)
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups", CONV_CASES)
-def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups, cpu):
+@pytest.mark.parametrize("staged", ["by each task", "shared"])
+def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups, cpu, staged):
     q = RNG.integers(-128, 128, weight_shape)
     x = RNG.integers(0, code_limit(cpu), input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding,
-                   dilation, groups, cpu=cpu)
+    with shared_staging() if staged == "shared" else contextlib.nullcontext():
+        kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding,
+                       dilation, groups, cpu=cpu)
     geometry = conv_geometry(input_shape, weight_shape, stride, padding, dilation, groups)
     if geometry.is_depthwise:
         packed = q.reshape(weight_shape[0], -1).astype(np.int32)
@@ -462,6 +477,33 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
         packed = packing.pack_bitparallel_conv_weight(q, groups)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packed),
                                   conv_reference(x, q, stride, padding, dilation, groups))
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups,pad_code", [
+    ((1, 16, 32, 32), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, 0),   # ResNet-20's layer1: row blocks
+    ((1, 16, 32, 32), (32, 16, 3, 3), (2, 2), (1, 1), (1, 1), 1, 0),   # one row block by default: halved
+    ((2, 12, 10, 14), (16, 6, 3, 3), (1, 1), (2, 2), (2, 2), 2, 7),    # batch 2, groups, dilation, filled padding
+    ((1, 64, 8, 8), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1, 15),    # packed rows, one row block
+    ((1, 160, 7, 7), (96, 160, 1, 1), (1, 1), (0, 0), (1, 1), 1, 0),   # flat domain: two channel-block tasks
+    ((1, 8, 9, 11), (20, 8, 3, 3), (2, 2), (1, 1), (1, 1), 1, 3),      # odd sizes, stride 2, filled padding
+])
+@pytest.mark.parametrize("cpu", DOT_CPUS)
+def test_small_conv_tasks_stage_their_own_rows(input_shape, weight_shape, stride, padding, dilation, groups,
+                                               pad_code, cpu, monkeypatch):
+    """Below MIN_PARALLEL_STAGING input codes each task stages the rows it reads on its stack
+    (staging.task_rows_staging): its words stay in its core's cache. The same outputs as one
+    staging, padding filled with the code of zero as there."""
+    rows = []
+    real = kernels.task_rows_staging
+    monkeypatch.setattr(kernels, "task_rows_staging", lambda geo, n, fill=0: rows.append(n) or real(geo, n, fill))
+    q = RNG.integers(-128, 128, weight_shape)
+    x = RNG.integers(0, code_limit(cpu), input_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, dilation, groups,
+                   cpu=cpu, pad_code=pad_code)
+    assert rows, "the tasks did not stage their own rows"
+    padded = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=pad_code)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
+                                  conv_reference(padded, q, stride, (0, 0), dilation, groups))
 
 
 @pytest.mark.parametrize("input_shape,weight_shape,stride,padding,dilation,groups,parallel_loops", [
@@ -472,8 +514,8 @@ def test_bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation
 @pytest.mark.parametrize("cpu", DOT_CPUS)
 def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shape, weight_shape, stride, padding,
                                                                        dilation, groups, parallel_loops, cpu):
-    """Below _MIN_PARALLEL_STAGING input codes the staging copy is serial (one fork-join per
-    call instead of two); above it, parallel. Exact either way."""
+    """Below MIN_PARALLEL_STAGING input codes each task stages the rows it reads (one fork-join
+    per call instead of two); above it, one staging for all, in parallel. Exact either way."""
     with kernels.cpu_target(cpu):
         prim = kernels.bitparallel_conv2d(input_shape, weight_shape, stride, padding, dilation, groups)
     assert prim.script().count("T.parallel") == parallel_loops
@@ -493,7 +535,9 @@ def test_bitparallel_conv2d_stages_small_inputs_on_the_calling_thread(input_shap
 @pytest.mark.parametrize("cpu", DOT_CPUS)
 def test_pointwise_conv_stages_flat_runs_of_its_planes(input_shape, weight_shape, groups, cpu, monkeypatch):
     """An unstrided, unpadded conv stages each plane as runs of words over its flattened pixels
-    (staging._flat_staging), not row by row: every word as the row staging wrote it, so exact."""
+    (staging._flat_staging), not row by row: every word as the row staging wrote it, so exact.
+    (Staged in parallel here: below MIN_PARALLEL_STAGING each task stages its own rows.)"""
+    monkeypatch.setattr(staging, "MIN_PARALLEL_STAGING", 0)
     flat, staged = staging._flat_staging, []
     monkeypatch.setattr(staging, "_flat_staging", lambda geo, rows: staged.append(rows) or flat(geo, rows))
     with kernels.cpu_target(cpu):
@@ -765,10 +809,12 @@ def check_pixel_conv(input_shape, weight_shape, stride, padding, groups, knobs, 
     assert plan.direct == direct or (cpu is not None and knobs is None)
     q = RNG.integers(-128, 128, weight_shape)
     x = RNG.integers(0, code_limit(cpu), input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups, knobs=knobs,
-                   cpu=cpu)
-    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
-                                  conv_reference(x, q, stride, padding, (1, 1), groups))
+    for staged in (contextlib.nullcontext(), shared_staging()):  # each task's rows, then one staging
+        with staged:
+            kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, groups,
+                           knobs=knobs, cpu=cpu)
+        np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
+                                      conv_reference(x, q, stride, padding, (1, 1), groups))
 
 
 @pytest.mark.parametrize("channels,vectors,rows,cpu", [(4, 4, 1, AVX2_CPU), (8, 3, 5, None), (12, 2, 100, AVX2_CPU),

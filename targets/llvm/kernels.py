@@ -56,7 +56,7 @@ from .host import host_mattr
 from .isa import accumulator_budget, dot4, dot4_sum, missing_features
 from .nibble import nibble_dense
 from .codes_main import ConvCodes, codes_main
-from .staging import phase_pairs, phase_staging, staging_loop
+from .staging import phase_pairs, phase_staging, staging_loop, task_rows_staging
 from .packing import VNNI_LANES, WORD_BITS, effective_lanes, words_for
 from .weightonly import (LUT_LANES, dequant_blocking, dequant_dense, lut_dense, lut_tiles_per_task,
                          pack_dequant_weight, pack_lut_weight)
@@ -1651,11 +1651,23 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
     small stack tile and copied out row by row; where the plan allows (``_direct_rows``) the
     vectors are runs of output rows instead, stored straight into ``y``.
 
+    An input under ``staging.MIN_PARALLEL_STAGING`` codes is staged by each task instead, just
+    the rows it reads, on its stack (``staging.task_rows_staging``; a task then runs every
+    output-channel block of its rows, or half of them where the plane is one row block).
+
     ``codes`` (:func:`bitparallel_conv2d_codes`): each task's tile goes through its channels'
     codes (:func:`_plane_codes`) instead of being copied out, and the PrimFunc takes
     ``codes_main``'s parameters in place of ``y``.
     """
     plan = _conv_pixel_plan(geo, knobs)
+    if codes is None and not knobs.conv_rows and geo.out_h > 1 and staging_loop(geo) is T.serial \
+            and geo.batch * geo.groups * -(-geo.out_h // plan.rows) == 1:
+        # a small input's tasks stage their own rows (below): two row blocks stage it about once,
+        # two output-channel blocks twice (where both halves store whole vectors: a 7x7 plane's
+        # flat halves took 160 -> 960 channels 44 -> 53 us on one thread)
+        halves = _conv_pixel_plan(geo, replace(knobs, conv_rows=-(-geo.out_h // 2)))
+        if halves.rows < geo.out_h and halves.direct:
+            plan = halves
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
     O, OH, OW, G = geo.out_channels, geo.out_h, geo.out_w, geo.groups
     Hp, Wp = geo.padded_h, geo.padded_w
@@ -1685,108 +1697,146 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
     max_read = ((row_tasks - 1) * NR + (kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + max(span, NR * Wq)
     rows_alloc = max(Hq, -(-max_read // Wq))
     planes = G * c_groups
-    stage = phase_staging(geo, rows_alloc, pad_code)
+    # small inputs: each task stages the rows it reads on its own stack (task_rows_staging)
+    task_rows = -(-(((kh - 1) * dh // sh) * Wq + (kwid - 1) * dw // sw + max(span, NR * Wq)) // Wq)
+    own_staging = (tasks > 1 and staging_loop(geo) is T.serial
+                   and c_groups * sh * sw * task_rows * Wq * 4 <= _TASK_STAGING_BYTES)
+    # a task staging its rows runs several output-channel blocks on them: one task a row block,
+    # two where the plane is one row block (each task stages its rows: a stride-2 ResNet-20 conv
+    # staging its input four times took 16 us on one thread, 8.5 staging it once)
+    ob_tasks = min(o_blocks, 1 if B * G * row_tasks > 1 else 2)
+    obs_per_task = -(-o_blocks // ob_tasks)
+    ob_tasks = -(-o_blocks // obs_per_task)
+    stage = (task_rows_staging(geo, task_rows, pad_code) if own_staging
+             else phase_staging(geo, rows_alloc, pad_code))
     if stage is None:
         return None
+    R = task_rows if own_staging else rows_alloc  # staged rows a plane of the staging holds
     # AVX2 (two 256-bit halves a dot product): with the taps unrolled LLVM schedules every low
     # half first and spills the loaded codes and broadcast weights for the high halves (a 3x3
     # conv 32 -> 32 at 16x16: 1070 stack accesses, 55 us; a loop over the taps: 50, 26.5 us)
     tap_loop = T.unroll if accumulator_budget() >= 16 else T.serial
     P = max(1, min(knobs.int16_groups, c_groups))  # channel groups a dot4_sum adds (AVX2: in int16)
 
-    def pixel_codes(xw, task, chunk, v, r, s, cq):
+    def plane_start(at, cq, r, s):
+        """Where the staged words of tap (r, s)'s phase, channels 4cq .. 4cq+3, begin (``at``: the
+        task's batch, group, output-channel block and row block)."""
+        plane = cq if own_staging else at[0] * planes + at[1] * c_groups + cq
+        return ((plane * sh + r * dh % sh) * sw + s * dw % sw) * R * Wq
+
+    def first_row(at):
+        """The staged row of the task's first output row."""
+        return 0 if own_staging else at[3] * NR
+
+    def pixel_codes(xw, at, chunk, v, r, s, cq):
         """The codes of 16 output pixels' tap (r, s), input channels 4cq .. 4cq+3 (int8x64)."""
         if packed:
-            plane = (((((task // (G * o_blocks * row_tasks)) * planes + task // (o_blocks * row_tasks) % G * c_groups
-                        + cq) * sh + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq)
-            row = task % row_tasks * NR + (chunk * V + v) * segments + r * dh // sh
-            runs = [xw[T.ramp(plane + (row + g) * Wq + s * dw // sw, 1, OW)] for g in range(segments)]
+            row = first_row(at) + (chunk * V + v) * segments + r * dh // sh
+            runs = [xw[T.ramp(plane_start(at, cq, r, s) + (row + g) * Wq + s * dw // sw, 1, OW)]
+                    for g in range(segments)]
             width = OW
             while len(runs) > 1:  # join halves: 4 + 4 -> 8, 8 + 8 -> 16
                 runs = [tirx.Shuffle([runs[i], runs[i + 1]], list(range(2 * width))) for i in range(0, len(runs), 2)]
                 width *= 2
             return T.reinterpret("int8x64", runs[0])
-        return T.reinterpret("int8x64", xw[T.ramp(((((task // (G * o_blocks * row_tasks)) * planes
-                                                    + task // (o_blocks * row_tasks) % G * c_groups + cq) * sh
-                                                   + r * dh % sh) * sw + s * dw % sw) * rows_alloc * Wq
-                                                 + (task % row_tasks * NR + r * dh // sh) * Wq + s * dw // sw
+        return T.reinterpret("int8x64", xw[T.ramp(plane_start(at, cq, r, s)
+                                                 + (first_row(at) + r * dh // sh) * Wq + s * dw // sw
                                                  + (chunk * V + v) * VNNI_LANES + (chunk * V + v) // vpr * gap,
                                                  1, VNNI_LANES)])
 
-    def channel_weights(ww, task, o, r, s, cq):
+    def channel_weights(ww, at, o, r, s, cq):
         """Output channel o's weight word of tap (r, s), channels 4cq .. 4cq+3, broadcast (int8x64)."""
-        channel = T.min(task // row_tasks % o_blocks * OB + o, n_tiles * VNNI_LANES - 1)
-        word = ww[((task // (o_blocks * row_tasks) % G * n_tiles + channel // VNNI_LANES) * k_groups
+        channel = T.min(at[2] * OB + o, n_tiles * VNNI_LANES - 1)
+        word = ww[((at[1] * n_tiles + channel // VNNI_LANES) * k_groups
                    + (r * kwid + s) * c_groups + cq) * VNNI_LANES + channel % VNNI_LANES]
         return T.reinterpret("int8x64", T.broadcast(word, VNNI_LANES))
 
     @T.macro
-    def conv(x, w, y, acc_offset, thresholds, base, flip, pos, neg):
-        xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
-        stage(x, xs)
-        xw = T.decl_buffer((B * planes * sh * sw * rows_alloc * Wq,), "int32", data=xs.data)
-        ww = T.decl_buffer((G * n_tiles * k_groups * VNNI_LANES,), "int32", data=w.data)
-        yw = T.decl_buffer((B * O * OH * OW,), out_dtype, data=(x if codes is not None else y).data)  # (codes: unused)
-        for task in T.parallel(tasks):
-            tile = T.alloc_buffer((OB, span if not direct else 1), "int32", scope="local", annotations=_ON_STACK)
-            acc = T.alloc_buffer((OB, V), "int32x16", scope="local", annotations=_ON_STACK)
-            for chunk in range(NCH):
+    def task_body(at, xw, ww, y, yw, acc_offset, thresholds, base, flip, pos, neg):
+        # at: the task's (batch, group, output-channel block, row block)
+        tile = T.alloc_buffer((OB, span if not direct else 1), "int32", scope="local", annotations=_ON_STACK)
+        acc = T.alloc_buffer((OB, V), "int32x16", scope="local", annotations=_ON_STACK)
+        for chunk in range(NCH):
+            for o in T.unroll(OB):
+                for v in T.unroll(V):
+                    acc[o, v] = T.broadcast(T.int32(0), VNNI_LANES)
+            for r in tap_loop(kh):
+                for s in tap_loop(kwid):
+                    if P == 1:
+                        for cq in range(c_groups):
+                            for o in T.unroll(OB):
+                                for v in T.unroll(V):
+                                    acc[o, v] = dot4(acc[o, v], pixel_codes(xw, at, chunk, v, r, s, cq),
+                                                     channel_weights(ww, at, o, r, s, cq))
+                    else:
+                        for cb in range(c_groups // P):
+                            for o in T.unroll(OB):
+                                for v in T.unroll(V):
+                                    acc[o, v] = dot4_sum(acc[o, v], [
+                                        (pixel_codes(xw, at, chunk, v, r, s, cb * P + j),
+                                         channel_weights(ww, at, o, r, s, cb * P + j)) for j in range(P)])
+                        if c_groups % P != 0:
+                            for cq in range(c_groups - c_groups % P, c_groups):
+                                for o in T.unroll(OB):
+                                    for v in T.unroll(V):
+                                        acc[o, v] = dot4(acc[o, v], pixel_codes(xw, at, chunk, v, r, s, cq),
+                                                         channel_weights(ww, at, o, r, s, cq))
+            if direct:
+                # vector f is output run f (see _direct_rows); whole vectors up to OH * OW
                 for o in T.unroll(OB):
                     for v in T.unroll(V):
-                        acc[o, v] = T.broadcast(T.int32(0), VNNI_LANES)
-                for r in tap_loop(kh):
-                    for s in tap_loop(kwid):
-                        if P == 1:
-                            for cq in range(c_groups):
-                                for o in T.unroll(OB):
-                                    for v in T.unroll(V):
-                                        acc[o, v] = dot4(acc[o, v], pixel_codes(xw, task, chunk, v, r, s, cq),
-                                                         channel_weights(ww, task, o, r, s, cq))
-                        else:
-                            for cb in range(c_groups // P):
-                                for o in T.unroll(OB):
-                                    for v in T.unroll(V):
-                                        acc[o, v] = dot4_sum(acc[o, v], [
-                                            (pixel_codes(xw, task, chunk, v, r, s, cb * P + j),
-                                             channel_weights(ww, task, o, r, s, cb * P + j)) for j in range(P)])
-                            if c_groups % P != 0:
-                                for cq in range(c_groups - c_groups % P, c_groups):
-                                    for o in T.unroll(OB):
-                                        for v in T.unroll(V):
-                                            acc[o, v] = dot4(acc[o, v], pixel_codes(xw, task, chunk, v, r, s, cq),
-                                                             channel_weights(ww, task, o, r, s, cq))
-                if direct:
-                    # vector f is output run f (see _direct_rows); whole vectors up to OH * OW
-                    for o in T.unroll(OB):
-                        for v in T.unroll(V):
-                            if (task // row_tasks % o_blocks * OB + o < Og
-                                    and task % row_tasks * NR * OW + (chunk * V + v) * VNNI_LANES < OH * OW):
-                                yw[T.ramp(((task // (G * o_blocks * row_tasks)) * O
-                                           + task // (o_blocks * row_tasks) % G * Og
-                                           + task // row_tasks % o_blocks * OB + o) * OH * OW
-                                          + task % row_tasks * NR * OW + (chunk * V + v) * VNNI_LANES,
-                                          1, VNNI_LANES)] = T.Cast(out_vector, acc[o, v])
-                else:
-                    for o in T.unroll(OB):
-                        for v in T.unroll(V):
-                            tile[o, T.ramp(chunk * V * VNNI_LANES + v * VNNI_LANES, 1, VNNI_LANES)] = acc[o, v]
-            if codes is not None:
-                # the task's tile holds its channels' whole planes, flat (see conv_codes_fit)
-                for o in range(OB):
-                    if task // row_tasks % o_blocks * OB + o < Og:
-                        _plane_codes(tile, o, codes, (acc_offset, thresholds, base, flip, pos, neg),
-                                     task // (G * o_blocks * row_tasks),
-                                     task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
-                                     O, OH * OW)
+                        if (at[2] * OB + o < Og
+                                and at[3] * NR * OW + (chunk * V + v) * VNNI_LANES < OH * OW):
+                            yw[T.ramp((at[0] * O
+                                       + at[1] * Og
+                                       + at[2] * OB + o) * OH * OW
+                                      + at[3] * NR * OW + (chunk * V + v) * VNNI_LANES,
+                                      1, VNNI_LANES)] = T.Cast(out_vector, acc[o, v])
             else:
-                for o in range(0 if direct else OB):
-                    if task // row_tasks % o_blocks * OB + o < Og:
-                        for rr in range(NR):
-                            if task % row_tasks * NR + rr < OH:
-                                for ow in T.vectorized(OW):
-                                    y[task // (G * o_blocks * row_tasks),
-                                      task // (o_blocks * row_tasks) % G * Og + task // row_tasks % o_blocks * OB + o,
-                                      task % row_tasks * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * pitch + ow])
+                for o in T.unroll(OB):
+                    for v in T.unroll(V):
+                        tile[o, T.ramp(chunk * V * VNNI_LANES + v * VNNI_LANES, 1, VNNI_LANES)] = acc[o, v]
+        if codes is not None:
+            # the task's tile holds its channels' whole planes, flat (see conv_codes_fit)
+            for o in range(OB):
+                if at[2] * OB + o < Og:
+                    _plane_codes(tile, o, codes, (acc_offset, thresholds, base, flip, pos, neg),
+                                 at[0],
+                                 at[1] * Og + at[2] * OB + o,
+                                 O, OH * OW)
+        else:
+            for o in range(0 if direct else OB):
+                if at[2] * OB + o < Og:
+                    for rr in range(NR):
+                        if at[3] * NR + rr < OH:
+                            for ow in T.vectorized(OW):
+                                y[at[0],
+                                  at[1] * Og + at[2] * OB + o,
+                                  at[3] * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * pitch + ow])
+
+    @T.macro
+    def conv(x, w, y, acc_offset, thresholds, base, flip, pos, neg):
+        ww = T.decl_buffer((G * n_tiles * k_groups * VNNI_LANES,), "int32", data=w.data)
+        yw = T.decl_buffer((B * O * OH * OW,), out_dtype, data=(x if codes is not None else y).data)  # (codes: unused)
+        if own_staging:
+            for task in T.parallel(B * G * row_tasks * ob_tasks):
+                xt = T.alloc_buffer((c_groups * sh * sw * task_rows * Wq,), "uint32", scope="local",
+                                    annotations=_ON_STACK)
+                stage(x, xt, task // (G * row_tasks * ob_tasks), task // (row_tasks * ob_tasks) % G,
+                      task // ob_tasks % row_tasks * NR)
+                for obi in range(obs_per_task):
+                    if task % ob_tasks * obs_per_task + obi < o_blocks:
+                        task_body((task // (G * row_tasks * ob_tasks), task // (row_tasks * ob_tasks) % G,
+                                   task % ob_tasks * obs_per_task + obi, task // ob_tasks % row_tasks),
+                                  xt, ww, y, yw, acc_offset, thresholds, base, flip, pos, neg)
+        else:
+            xs = T.alloc_buffer((B, planes, sh, sw, rows_alloc, Wq), "uint32")
+            stage(x, xs)
+            xw = T.decl_buffer((B * planes * sh * sw * rows_alloc * Wq,), "int32", data=xs.data)
+            for task in T.parallel(tasks):
+                task_body((task // (G * o_blocks * row_tasks), task // (o_blocks * row_tasks) % G,
+                           task // row_tasks % o_blocks, task % row_tasks),
+                          xw, ww, y, yw, acc_offset, thresholds, base, flip, pos, neg)
 
     w_t = T.Buffer((G, n_tiles, k_groups, 4 * VNNI_LANES), "int8")
     if codes is not None:
