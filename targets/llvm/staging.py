@@ -10,9 +10,11 @@ from csqc.targets.tvm.geometry import ConvGeometry
 
 __all__ = ["MIN_PARALLEL_STAGING", "phase_pairs", "phase_staging", "staging_loop", "task_rows_staging"]
 
-# Inputs of fewer codes than this are staged (padded, regrouped) on the calling thread: the
-# copy then costs less than a fork-join of the thread pool (glue's _MIN_PARALLEL, same reason;
-# every ResNet-20 conv input is below it, ImageNet-sized stages are above).
+# Inputs of fewer codes than this are staged (padded, regrouped) without a parallel loop of their
+# own: the copy then costs less than a fork-join of the thread pool (glue's _MIN_PARALLEL, same
+# reason; every ResNet-20 conv input is below it, ImageNet-sized stages are above). The pixel
+# conv's tasks stage such inputs' rows themselves (task_rows_staging); the other kernels stage
+# them on the calling thread.
 MIN_PARALLEL_STAGING = 32768
 
 
@@ -124,8 +126,8 @@ def phase_staging(geo: ConvGeometry, rows: int, fill: int = 0):
 def task_rows_staging(geo: ConvGeometry, rows: int, fill: int = 0):
     """A macro ``stage_rows(x, xt, b, g, first)`` filling a task's own staging, the flat uint32
     ``xt[ceil(Cg/4) * sh * sw * rows * Wq]`` laid out as ``[ceil(Cg/4), sh, sw, rows, Wq]``:
-    :func:`phase_staging`'s words of batch ``b``,
-    group ``g``, staged rows ``first .. first + rows - 1`` (``fill`` outside the input).
+    :func:`phase_staging`'s words of batch ``b``, group ``g``, staged rows ``first .. first +
+    rows - 1`` (``fill`` outside the input).
 
     A conv whose task stages the rows it reads keeps those words in its own core's cache: with
     one staging for all tasks, the calling thread rewrites at every call the lines the other
