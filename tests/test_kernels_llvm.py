@@ -334,6 +334,7 @@ def test_bitparallel_dense_from_planes_and_int16():
     (1, 48, 96, "posneg", True),     # CSQ 4-bit weights in [-15, 15]: a fifth bit worth -16
     (1, 32, 64, "posneg", False),
     (3, 16, 32, "unsigned", True),   # [0, 15]: nibbles only
+    (5, 32, 288, "posneg", True),    # a 4-row tile and a row alone; every negative code
     (9, 32, 64, "wide", False),      # [0, 31]: a fifth bit worth +16
 ])
 @needs_avx512
@@ -345,7 +346,14 @@ def test_nibble_dense_signed_and_unsigned_codes(m, n, k, weights, two_signs, cpu
     q[0, :2] = lo, hi  # both ends present
     high = nibble_high_for_range(lo, hi)
     assert high == {"posneg": -16, "unsigned": 0, "wide": 16}[weights]
-    xs = [RNG.integers(0, 256, (m, k)) for _ in range(2 if two_signs else 1)]
+    if two_signs:  # sign parts of signed codes in [-255, 255]: at each position one of them is 0
+        signed = RNG.integers(-255, 256, (m, k))
+        signed[0, :2] = -255, 255
+        if k >= 256:
+            signed[m - 1, :255] = -np.arange(1, 256)  # every negative code
+        xs = [np.maximum(signed, 0), np.maximum(-signed, 0)]
+    else:
+        xs = [RNG.integers(0, 256, (m, k))]
     kernel = built(kernels.nibble_dense, m, n, k, high, two_signs, cpu=cpu)
     y = kernel(*[x.astype(np.uint8) for x in xs], pack_nibble_weight(q, high))
     want = dense_reference(xs[0], q) - (dense_reference(xs[1], q) if two_signs else 0)

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 import csqc
-from cpus import CODE_LIMIT
+from cpus import AVX2_CPU, CODE_LIMIT, code_limit_of
 from csqc import runtime
 from csqc.artifact import pack_bitparallel_weight
-from csqc.targets.llvm import glue, kernels
+from csqc.targets.llvm import glue, isa, kernels
 from csqc.targets.llvm.backend import CpuBackend
 
 RNG = np.random.default_rng(5)
@@ -142,15 +142,41 @@ def test_one_exp_tanh_is_odd_and_within_rounding_of_the_true_tanh():
 @pytest.mark.parametrize("m,n,k", [(1, 40, 98), (3, 37, 5), (2, 16, 3), (1, 20, 1), (4, 64, 32)])
 @pytest.mark.parametrize("two_signs", [True, False])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_small_dense_is_exact(m, n, k, two_signs, parallel):
+@pytest.mark.parametrize("cpu", [None, AVX2_CPU])  # this CPU's tier (AVX-512: one product for both signs), AVX2
+def test_small_dense_is_exact(m, n, k, two_signs, parallel, cpu):
+    limit = code_limit_of(isa.tier(kernels.cpu_target(cpu)))
     q = RNG.integers(-128, 128, (n, k)).astype(np.int8)
-    neg = RNG.integers(0, CODE_LIMIT, (m, k)).astype(np.uint8)
-    pos = np.where(neg > 0, 0, RNG.integers(0, CODE_LIMIT, (m, k))).astype(np.uint8)
+    q[0, :2] = [-128, 127][:k]  # the int8 ends: -128 complemented is 127, 127 is -128
+    neg = RNG.integers(0, limit, (m, k)).astype(np.uint8)
+    pos = np.where(neg > 0, 0, RNG.integers(0, limit, (m, k))).astype(np.uint8)
+    neg[0, :] = np.where(np.arange(k) % 3 == 0, limit - 1, neg[0, :])  # whole runs of the largest negative code
+    pos[0, :] = np.where(neg[0, :] > 0, 0, pos[0, :])
     codes = [pos, neg] if two_signs else [pos]
-    (got,) = run(kernels.bitparallel_dense_signed(m, n, k, two_signs, parallel), *codes,
-                 pack_bitparallel_weight(q, "int8"), outputs=[((m, n), "int32")])
+    with kernels.cpu_target(cpu):
+        func = kernels.bitparallel_dense_signed(m, n, k, two_signs, parallel)
+        (got,) = run(func, *codes, pack_bitparallel_weight(q, "int8"), outputs=[((m, n), "int32")])
     signed = pos.astype(np.int64) - (neg.astype(np.int64) if two_signs else 0)
     np.testing.assert_array_equal(got, signed @ q.T.astype(np.int64))
+    if isa.tier(kernels.cpu_target(cpu)) == isa.AVX512:  # both sign parts in one vpdpbusd a weight vector
+        assert func.script().count("vpdpbusd") == min(4, -(-n // 16))  # (the tile's 4 column vectors)
+
+
+@pytest.mark.parametrize("cpu", [None, AVX2_CPU])
+def test_small_dense_takes_every_code_of_either_sign(cpu):
+    """Every code value once as a negative part (row 0) and once as a positive one (row 1), and
+    both signs interleaved (row 2): the one-product form's byte mask and the row's negative
+    sum must see each value, 1 and the largest included."""
+    limit = code_limit_of(isa.tier(kernels.cpu_target(cpu)))
+    k, n = limit + 3, 20
+    values = np.arange(1, limit)
+    pos, neg = np.zeros((3, k), np.uint8), np.zeros((3, k), np.uint8)
+    neg[0, :values.size], pos[1, :values.size] = values, values
+    pos[2, 0::2], neg[2, 1::2] = values[:(k + 1) // 2], values[:k // 2]
+    q = RNG.integers(-128, 128, (n, k)).astype(np.int8)
+    with kernels.cpu_target(cpu):
+        (got,) = run(kernels.bitparallel_dense_signed(3, n, k, True, False), pos, neg,
+                     pack_bitparallel_weight(q, "int8"), outputs=[((3, n), "int32")])
+    np.testing.assert_array_equal(got, (pos.astype(np.int64) - neg) @ q.T.astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------

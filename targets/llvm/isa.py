@@ -20,7 +20,7 @@ instructions for the artifact's CPU. (TVM is imported on use: the cost model imp
 from __future__ import annotations
 
 __all__ = ["AVX512", "AVX2", "GENERIC", "tier", "avx2_dot_exact", "avx2_int16_groups", "dot4", "dot4_sum",
-           "accumulator_budget", "intrinsic_features", "missing_features"]
+           "sign_flip_mask", "sign_flipped", "accumulator_budget", "intrinsic_features", "missing_features"]
 
 AVX512, AVX2, GENERIC = "avx512", "avx2", "generic"
 
@@ -104,6 +104,35 @@ def dot4_sum(acc, pairs, kind: str | None = None):
         return tirx.call_llvm_pure_intrin("int32x8", _VPMADDWD_256, total, ones)
 
     return acc + tirx.Shuffle([sums(0), sums(1)], [tirx.IntImm("int32", i) for i in range(16)])
+
+
+def sign_flip_mask(negative_word):
+    """0xFF in each byte of ``negative_word`` (int32: four K positions' negative code parts) that
+    is not 0, else 0x00, as a uint32. Scalar arithmetic (the top bit of ``((b & 0x7F) + 0x7F) | b``
+    is set exactly where byte ``b`` is not 0; no carry crosses a byte), so the vector pipes stay
+    free for the dot products.
+
+    With it, symmetric signed codes (sign parts ``pos``, ``neg``: at each position at most one
+    is not 0) take one dot product instead of one per part:
+    ``sum_k (pos_k | neg_k) * (w_k ^ m_k) = sum_k (pos_k - neg_k) * w_k - sum_k neg_k`` (where
+    ``neg_k`` is not 0, ``m_k`` complements ``w_k``: ``~w = -w - 1``), so a row's result is that
+    one dot product plus the row's sum of negative parts. Exact in wrapping int32 arithmetic
+    (``vpdpbusd``), which holds the true result."""
+    from tvm import tirx
+
+    word = tirx.reinterpret("uint32", negative_word)
+    low7, top = tirx.const(0x7F7F7F7F, "uint32"), tirx.const(0x80808080, "uint32")
+    nonzero = (((word & low7) + low7) | word) & top
+    return (nonzero >> tirx.const(7, "uint32")) * tirx.const(0xFF, "uint32")
+
+
+def sign_flipped(weights, flip_mask):
+    """``weights`` (int8x64: 16 lanes of 4 K positions) with the bytes set in ``flip_mask`` (a
+    uint32 of :func:`sign_flip_mask`, the same four positions in every lane) complemented."""
+    from tvm import tirx
+
+    mask = tirx.reinterpret("int8x64", tirx.Broadcast(flip_mask, 16))
+    return tirx.bitwise_xor(weights, mask)
 
 
 def accumulator_budget(kind: str | None = None) -> int:

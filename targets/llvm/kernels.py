@@ -53,7 +53,7 @@ from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_
                   host_has_amx,
                   request_tile_permission, target_has_amx)
 from .host import host_mattr
-from .isa import accumulator_budget, dot4, dot4_sum, missing_features
+from .isa import AVX512, accumulator_budget, dot4, dot4_sum, missing_features, sign_flip_mask, sign_flipped, tier
 from .nibble import nibble_dense
 from .codes_main import ConvCodes, codes_main
 from .staging import phase_pairs, phase_staging, staging_loop, task_rows_staging
@@ -742,16 +742,20 @@ SERIAL_DENSE_MACS = 1 << 19
 
 def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, parallel: bool | None = None,
                              col_vectors: int = 4) -> tirx.PrimFunc:
-    """Bit-parallel dense kernel for small layers: both sign passes of signed codes in one call.
+    """Bit-parallel dense kernel for small layers: signed codes' two sign parts in one call.
 
     ``two_signs``::
 
         main(x_pos: uint8[M, K], x_neg: uint8[M, K], w: int8[ceil(N/16), ceil(K/4), 64], y: int32[M, N])
 
-    computes ``y = x_pos @ q.T - x_neg @ q.T`` (the signed codes ``x_pos - x_neg`` times ``q``):
-    each weight vector is loaded once for two ``vpdpbusd`` (one per sign), and the difference is
-    exact in int32 (each pass is within the layer's accumulator bound, so is their difference).
-    Without ``two_signs`` the kernel has one code buffer and computes ``y = x @ q.T``.
+    computes ``y = x_pos @ q.T - x_neg @ q.T`` (the signed codes ``x_pos - x_neg`` times ``q``;
+    at each position at most one part is not 0, as quantizers write them). On AVX-512 one
+    ``vpdpbusd`` multiplies the parts' OR by each weight vector with the negative positions'
+    bytes complemented, the accumulators starting from the row's sum of negative parts
+    (``isa.sign_flip_mask``); elsewhere each weight vector is loaded once for two dot products,
+    one per part, whose difference is exact in int32 (each is within the layer's accumulator
+    bound, so is their difference). Without ``two_signs`` the kernel has one code buffer and
+    computes ``y = x @ q.T``.
 
     Weights are :func:`bitparallel_dense`'s int8 layout (zero padded along K). A K that is not a
     multiple of 4 needs no padded copy of the codes: full groups are read as unaligned words,
@@ -759,6 +763,7 @@ def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, par
     from :data:`SERIAL_DENSE_MACS` multiply-adds.
     """
     signs = 2 if two_signs else 1
+    one_product = two_signs and tier() == AVX512  # both sign parts in one dot product
     parallel = M * N * K >= SERIAL_DENSE_MACS if parallel is None else parallel
     n_tiles = -(-N // VNNI_LANES)
     k_groups, k_full = -(-K // 4), K // 4
@@ -777,22 +782,39 @@ def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, par
         return T.Select(kg < k_full, T.reinterpret("int32", x[m, T.ramp(T.min(kg, k_full - 1) * 4, 1, 4)])
                         if k_full else T.int32(0), value)
 
+    def negative_sum(x_neg, m):
+        """``sum_k x_neg[m, k]`` (the one-product form's start value)."""
+        from tvm.script.ir_builder import tirx as I
+
+        total = I.alloc_buffer((1,), "int32", scope="local", annotations=_ON_STACK)
+        I.buffer_store(total, T.int32(0), [0])
+        with I.serial(0, K) as k:
+            I.buffer_store(total, total[0] + T.Cast("int32", x_neg[m, k]), [0])
+        return total[0]
+
     def block(xs, w, y, m, cb):
         from tvm.script.ir_builder import tirx as I
 
-        acc = I.alloc_buffer((signs, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
-        for s in range(signs):
+        parts = 1 if one_product else signs  # accumulator sets
+        acc = I.alloc_buffer((parts, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
+        start = negative_sum(xs[1], m) if one_product else T.int32(0)
+        for s in range(parts):
             for cv in range(col_vectors):
-                I.buffer_store(acc, T.broadcast(T.int32(0), VNNI_LANES), [s, cv])
+                I.buffer_store(acc, T.broadcast(start, VNNI_LANES), [s, cv])
         with I.serial(0, k_groups) as kg:
             words = [word(x, m, kg) for x in xs]
+            if one_product:
+                flip = sign_flip_mask(words[1])
             for cv in range(col_vectors):
                 weights = w[T.min(cb * col_vectors + cv, n_tiles - 1), kg, T.ramp(0, 1, 4 * VNNI_LANES)]
+                if one_product:
+                    I.buffer_store(acc, _vnni(acc[0, cv], words[0] | words[1], sign_flipped(weights, flip)), [0, cv])
+                    continue
                 for s in range(signs):
                     I.buffer_store(acc, _vnni(acc[s, cv], words[s], weights), [s, cv])
         for cv in range(col_vectors):
             nt = cb * col_vectors + cv
-            value = acc[0, cv] - acc[1, cv] if two_signs else acc[0, cv]
+            value = acc[0, cv] - acc[1, cv] if parts == 2 else acc[0, cv]
             with I.If(nt < n_tiles - (0 if last_tile_width == VNNI_LANES else 1)):
                 with I.Then():
                     I.buffer_store(y, value, [m, T.ramp(nt * VNNI_LANES, 1, VNNI_LANES)])

@@ -19,8 +19,14 @@ in [0, 15]) it runs in ~55% of the time. The GFNI spread of the fifth bit (an af
 an OR) made the 4096 x 4096 layer at one row 18-23% faster with two sign parts (83-89 -> 64-73
 us) and 7% with one (70 -> 65 us) on the same Zen 5 (alternating runs).
 
-Symmetric 8-bit activations take two code buffers (the sign parts): both multiply each
-unpacked weight vector, so the weights are read once per call, not once per sign.
+Symmetric 8-bit activations take two code buffers (the sign parts, one of them 0 at each
+position): one ``vpdpbusd`` multiplies their OR (the magnitudes) by each unpacked weight vector
+with the bytes of negative positions complemented (``isa.sign_flip_mask``: a mask per 4
+positions from scalar arithmetic, and an XOR that LLVM folds into the unpacking's
+``vpternlogq`` where it can), and each row's sum of negative parts, the accumulators' start
+value, takes back the complement's -1s. A dot product per sign part did the same work with
+twice the ``vpdpbusd``: on a Zen 4 (2 threads, 4096 x 4096 at one row, weights in [-15, 15])
+135 -> 108 us, one thread 268 -> 217 us.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from csqc.artifact import NIBBLE_BLOCK, NIBBLE_K, VNNI_LANES, nibble_block_bytes, nibble_range
+
+from .isa import sign_flip_mask, sign_flipped
 
 __all__ = ["nibble_dense", "nibble_blocking"]
 
@@ -39,7 +47,9 @@ _MAX_ACCUMULATORS = 16  # zmm accumulators per register tile (unpacked weights n
 
 def nibble_blocking(M: int, signs: int) -> tuple[int, int]:
     """(rows, 16-output vectors) per register tile: four vectors for one row (fewer, longer
-    weight streams per task), else as many rows as the accumulators allow with two vectors."""
+    weight streams per task), else as many rows as the accumulators allow with two vectors;
+    half as many with sign parts, whose rows hold their own sign-flipped weight vectors (8
+    rows spilled: 4096 x 4096 at 8 rows on a Zen 4, 2 threads, 4 rows 668 us, 8 rows 740-806)."""
     if M == 1:
         return 1, 4
     return max(1, min(M, _MAX_ACCUMULATORS // (2 * signs))), 2
@@ -97,42 +107,61 @@ def nibble_dense(M: int, N: int, K: int, high: int, two_signs: bool = False) -> 
 
         main(x: uint8[M, K], [x_neg: uint8[M, K],] w: uint8[N/16, K/32, 256 (+64 with high)], y: int32[M, N])
 
-    ``y = x @ q.T`` (``two_signs``: ``x @ q.T - x_neg @ q.T``, exact in int32 as each pass is
-    within the layer's accumulator bound). ``high`` is the layout's fifth-bit value (0, -16, 16).
+    ``y = x @ q.T`` (``two_signs``: ``x @ q.T - x_neg @ q.T`` for sign parts, at each position
+    at most one of ``x`` and ``x_neg`` not 0; one dot product, see the module's doc). ``high``
+    is the layout's fifth-bit value (0, -16, 16).
     """
     nibble_range(high)  # a KeyError names a bad layout early
     if N % VNNI_LANES or K % NIBBLE_K:
         raise ValueError(f"the nibble kernel needs N % {VNNI_LANES} == 0 and K % {NIBBLE_K} == 0, got N={N}, K={K}")
-    signs = 2 if two_signs else 1
     n_tiles, k_blocks = N // VNNI_LANES, K // NIBBLE_K
-    row_block, col_vectors = nibble_blocking(M, signs)
+    row_block, col_vectors = nibble_blocking(M, 2 if two_signs else 1)
     col_vectors = min(col_vectors, n_tiles)
     row_blocks, col_blocks = -(-M // row_block), -(-n_tiles // col_vectors)
 
-    def tile(xs, w, y, rb, cb):
+    def word(x, m, kb, group):
+        return T.reinterpret("int32", x[m, T.ramp(kb * NIBBLE_K + 4 * group, 1, 4)])
+
+    def negative_sums(x_neg, sums):
+        """``sums[m] = sum_k x_neg[m, k]``, on the calling thread (M * K bytes)."""
         from tvm.script.ir_builder import tirx as I
 
-        acc = I.alloc_buffer((signs, row_block, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
-        for s in range(signs):
-            for r in range(row_block):
-                for cv in range(col_vectors):
-                    I.buffer_store(acc, T.broadcast(T.int32(0), VNNI_LANES), [s, r, cv])
+        with I.serial(0, M) as m:
+            part = I.alloc_buffer((VNNI_LANES,), "int32", scope="local", annotations=_ON_STACK)
+            I.buffer_store(part, T.broadcast(T.int32(0), VNNI_LANES), [T.ramp(0, 1, VNNI_LANES)])
+            with I.serial(0, K // VNNI_LANES) as v:
+                I.buffer_store(part, part[T.ramp(0, 1, VNNI_LANES)] + T.Cast(
+                    f"int32x{VNNI_LANES}", x_neg[m, T.ramp(v * VNNI_LANES, 1, VNNI_LANES)]), [T.ramp(0, 1, VNNI_LANES)])
+            I.buffer_store(sums, T.int32(0), [m])
+            for lane in range(VNNI_LANES):
+                I.buffer_store(sums, sums[m] + part[lane], [m])
+
+    def tile(xs, w, y, sums, rb, cb):
+        from tvm.script.ir_builder import tirx as I
+
+        acc = I.alloc_buffer((row_block, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
         rows = [T.min(rb * row_block + r, M - 1) for r in range(row_block)]
+        for r, m in enumerate(rows):
+            for cv in range(col_vectors):
+                I.buffer_store(acc, T.broadcast(sums[m] if two_signs else T.int32(0), VNNI_LANES), [r, cv])
         with I.serial(0, k_blocks) as kb:
             for cv in range(col_vectors):
                 vectors = _block_vectors(w, T.min(cb * col_vectors + cv, n_tiles - 1), kb, high)
                 for group, vector in enumerate(vectors):
-                    for s, x in enumerate(xs):
-                        for r, m in enumerate(rows):
-                            word = T.reinterpret("int32", x[m, T.ramp(kb * NIBBLE_K + 4 * group, 1, 4)])
-                            I.buffer_store(acc, _vnni(acc[s, r, cv], word, vector), [s, r, cv])
+                    for r, m in enumerate(rows):
+                        if two_signs:
+                            negative = word(xs[1], m, kb, group)
+                            codes = word(xs[0], m, kb, group) | negative
+                            row_vector = sign_flipped(vector, sign_flip_mask(negative))
+                        else:
+                            codes, row_vector = word(xs[0], m, kb, group), vector
+                        I.buffer_store(acc, _vnni(acc[r, cv], codes, row_vector), [r, cv])
         for r in range(row_block):
             for cv in range(col_vectors):
                 nt = cb * col_vectors + cv
-                value = acc[0, r, cv] - acc[1, r, cv] if two_signs else acc[0, r, cv]
                 with I.If(T.And(nt < n_tiles, rb * row_block + r < M)):
                     with I.Then():
-                        I.buffer_store(y, value, [rb * row_block + r, T.ramp(nt * VNNI_LANES, 1, VNNI_LANES)])
+                        I.buffer_store(y, acc[r, cv], [rb * row_block + r, T.ramp(nt * VNNI_LANES, 1, VNNI_LANES)])
 
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
@@ -141,9 +170,13 @@ def nibble_dense(M: int, N: int, K: int, high: int, two_signs: bool = False) -> 
         with I.prim_func():
             I.func_name("main")
             I.func_attr({"tir.noalias": True})
-            xs = [I.arg(name, I.Buffer((M, K), "uint8")) for name in ("x_pos", "x_neg")[:signs]]
+            xs = [I.arg(name, I.Buffer((M, K), "uint8")) for name in ("x_pos", "x_neg")[:2 if two_signs else 1]]
             w = I.arg("w", I.Buffer((n_tiles, k_blocks, nibble_block_bytes(high)), "uint8"))
             y = I.arg("y", I.Buffer((M, N), "int32"))
+            sums = None
+            if two_signs:
+                sums = I.alloc_buffer((M,), "int32")
+                negative_sums(xs[1], sums)
             with I.parallel(0, row_blocks * col_blocks) as task:  # consecutive tasks share weights
-                tile(xs, w, y, task % row_blocks, task // row_blocks)
+                tile(xs, w, y, sums, task % row_blocks, task // row_blocks)
     return builder.get()
