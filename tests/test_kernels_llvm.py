@@ -314,6 +314,26 @@ def test_bitparallel_dense_int8(m, n, k, cpu):
         assert "vpmaddubsw" in assembly and "vpmaddwd" in assembly and "zmm" not in assembly
 
 
+@pytest.mark.parametrize("m,n,k,row_block", [(1, 40, 64, 8), (2, 33, 100, 8), (5, 48, 4 * 255, 4)])
+@needs_avx512
+def test_bitparallel_dense_takes_both_sign_parts_in_one_pass(m, n, k, row_block):
+    """``two_signs``: the sign parts of signed codes in one pass (their OR against weights
+    complemented where the code is negative, from the row's negative sum): every negative code
+    and the int8 weight ends, a partial row tile and a K that is not whole 16-byte vectors."""
+    q = RNG.integers(-128, 128, (n, k))
+    q[0, :2] = -128, 127
+    signed = RNG.integers(-255, 256, (m, k))
+    signed[m - 1, :255] = -np.arange(1, 256)[:k]
+    pos, neg = np.maximum(signed, 0).astype(np.uint8), np.maximum(-signed, 0).astype(np.uint8)
+    kernel = built(kernels.bitparallel_dense, m, n, k, "int8",
+                   knobs=kernels.BitparallelKnobs(row_block=row_block, col_vectors=2), two_signs=True)
+    np.testing.assert_array_equal(kernel(pos, neg, packing.pack_bitparallel_weight(q)), dense_reference(signed, q))
+    with kernels.cpu_target(AVX2_CPU), pytest.raises(ValueError, match="AVX-512"):
+        kernels.bitparallel_dense(m, n, k, "int8", two_signs=True)  # AVX2 sums pairs in int16
+    with pytest.raises(ValueError, match="K % 4"):
+        kernels.bitparallel_dense(m, n, 6, "int8", two_signs=True)
+
+
 def test_bitparallel_dense_from_planes_and_int16():
     m, n, k, act_bits = 5, 20, 100, 8
     q = random_q((n, k), 8, "posneg")  # |q| <= 255 needs int16

@@ -618,6 +618,41 @@ def test_one_row_cost_model_with_table_lookups(active_bits, act_bits, lookup, ke
     assert choose_kernel(layer, 1, q, table_lookup=lookup).kernel == kernel
 
 
+def _a8_linear_and_bitserial(tmp_path, k: int, n: int, n_bits: int, x, act_symmetric: bool):
+    """A one-layer linear model with 8-bit activations, its default llvm build and one forced
+    bit-serial: (loaded model, default artifact path, default and bit-serial loaded artifacts)."""
+    model = csqc.convert(torch.nn.Sequential(torch.nn.Linear(k, n)).eval(), n_bits=n_bits, act_bits=8,
+                         quantize_first_input=True, act_symmetric=act_symmetric)
+    loaded = csqc.load(csqc.save(csqc.finalize(model).eval(), tmp_path / "m.pt", x))
+    default, serial = tmp_path / "default.so", tmp_path / "serial.so"
+    csqc.compile(loaded, "llvm", default)
+    csqc.compile(loaded, "llvm", serial, force_kernel="bitserial")
+    return loaded, default, runtime.load(default), runtime.load(serial)
+
+
+def _splits_sign_parts(model) -> bool:
+    """Whether a loaded artifact runs some layer once per sign part (an ``acc_neg`` buffer)."""
+    return any("acc_neg" in a for step in model.plan["steps"] for a in step["args"] if isinstance(a, str))
+
+
+@pytest.mark.parametrize("rows,one_pass", [(1, True), (2, True), (4, False)])
+@needs_avx512
+def test_w7a8_linear_takes_both_sign_parts_in_one_pass_exactly(tmp_path, rows, one_pass):
+    """A w7a8 linear layer (int8 weights, too wide for nibbles) with symmetric 8-bit codes runs
+    the int8 dense kernel once for both sign parts at one or two rows (one accumulator), once a
+    part at four; it verifies exactly either way, and its skip_planes results are those of the
+    bit-serial kernel."""
+    torch.manual_seed(5)
+    x = torch.rand(rows, 512) - 0.5
+    loaded, dense, m, reference = _a8_linear_and_bitserial(tmp_path, 512, 2048, 7, x, act_symmetric=True)
+    (layer,) = m.layers.values()
+    assert (layer["kernel"], layer["pack"]) == ("bitparallel", "dense")
+    assert _splits_sign_parts(m) != one_pass
+    _assert_artifact_exact(verify(loaded, artifact=str(dense), per_layer=True, samples=4), dense.name)
+    for skip in (0, 2, 5):
+        np.testing.assert_array_equal(m(x.numpy(), skip_planes=skip), reference(x.numpy(), skip_planes=skip))
+
+
 @pytest.mark.parametrize("act_symmetric", [True, False])
 @needs_avx512
 def test_w4a8_linear_runs_on_nibble_weights_exactly(tmp_path, act_symmetric):
@@ -627,17 +662,11 @@ def test_w4a8_linear_runs_on_nibble_weights_exactly(tmp_path, act_symmetric):
     from test_artifact_integrity import PLAN, WEIGHTS, _resealed, _split
 
     torch.manual_seed(3)
-    model = csqc.convert(torch.nn.Sequential(torch.nn.Linear(512, 1024)).eval(), n_bits=4, act_bits=8,
-                         quantize_first_input=True, act_symmetric=act_symmetric)
     x = torch.rand(1, 512)
-    loaded = csqc.load(csqc.save(csqc.finalize(model).eval(), tmp_path / "m.pt", x))
-    nibble, serial = tmp_path / "nibble.so", tmp_path / "serial.so"
-    csqc.compile(loaded, "llvm", nibble)
-    csqc.compile(loaded, "llvm", serial, force_kernel="bitserial")
-    m, reference = runtime.load(nibble), runtime.load(serial)
+    loaded, nibble, m, reference = _a8_linear_and_bitserial(tmp_path, 512, 1024, 4, x, act_symmetric)
     (layer,) = m.layers.values()
     assert (layer["kernel"], layer["pack"], layer["nibble_high"]) == ("bitparallel", "nibble", -16)
-    assert not any("acc_neg" in a for step in m.plan["steps"] for a in step["args"] if isinstance(a, str))
+    assert not _splits_sign_parts(m)
     _assert_artifact_exact(verify(loaded, artifact=str(nibble), per_layer=True, samples=4), nibble.name)
     for skip in (0, 1, 3):
         np.testing.assert_array_equal(m(x.numpy(), skip_planes=skip), reference(x.numpy(), skip_planes=skip))

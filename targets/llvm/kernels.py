@@ -623,12 +623,17 @@ def _vnni(acc, act_word, weight_vector):
 
 
 def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dtype: str = "int32",
-                      knobs: BitparallelKnobs | None = None) -> tirx.PrimFunc:
+                      knobs: BitparallelKnobs | None = None, two_signs: bool = False) -> tirx.PrimFunc:
     """Bit-parallel dense kernel on weights combined at pack time.
 
     ``weight_dtype="int8"`` (``vpdpbusd``; requires ``-128 <= q <= 127``)::
 
         main(x: uint8[M, K], w: int8[ceil(N/16), ceil(K/4), 64], y: int32[M, N])
+
+    ``two_signs`` (int8 weights, AVX-512, ``K % 4 == 0``): ``main(x_pos, x_neg, w, y)`` computes
+    ``y = x_pos @ q.T - x_neg @ q.T`` for the sign parts of signed codes (at each position at most
+    one of them not 0) in one pass over the weights, one ``vpdpbusd`` a weight vector and row
+    (``isa.sign_flip_mask``; the accumulators start from the row's sum of negative parts).
 
     ``weight_dtype="int16"`` (vectorized int32 multiply-add fallback for wider q)::
 
@@ -639,6 +644,8 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
     """
     if acc_dtype != "int32":
         raise ValueError("bit-parallel kernels accumulate in int32 (vpdpbusd); use bit-serial for int64")
+    if two_signs and (weight_dtype != "int8" or K % 4 or tier() != AVX512):
+        raise ValueError("both sign parts in one pass need int8 weights, K % 4 == 0 and AVX-512")
     knobs = knobs or BitparallelKnobs()
     n_tiles = -(-N // VNNI_LANES)
     row_block = max(1, min(knobs.row_block, M))
@@ -702,6 +709,52 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
             if (task // row_blocks) * col_vectors + cv < n_tiles:
                 store_rows(y, acc, (task // row_blocks) * col_vectors + cv,
                            (task % row_blocks) * row_block, cv)
+
+    @T.macro
+    def signed_vnni_tile(xw, xw_neg, w, sums, y, task):
+        # both sign parts: their OR times the weights complemented where the code is negative
+        acc = T.alloc_buffer((row_block, col_vectors), "int32x16", scope="local", annotations=_ON_STACK)
+        for r in T.unroll(row_block):
+            for cv in T.unroll(col_vectors):
+                acc[r, cv] = T.broadcast(sums[T.min((task % row_blocks) * row_block + r, M - 1)], VNNI_LANES)
+        for kg in range(k_groups):
+            for cv in T.unroll(col_vectors):
+                for r in T.unroll(row_block):
+                    acc[r, cv] = _vnni(
+                        acc[r, cv],
+                        xw[T.min((task % row_blocks) * row_block + r, M - 1), kg]
+                        | xw_neg[T.min((task % row_blocks) * row_block + r, M - 1), kg],
+                        sign_flipped(w[T.min((task // row_blocks) * col_vectors + cv, n_tiles - 1), kg,
+                                       T.ramp(0, 1, 4 * VNNI_LANES)],
+                                     sign_flip_mask(xw_neg[T.min((task % row_blocks) * row_block + r, M - 1), kg])))
+        for cv in range(col_vectors):
+            if (task // row_blocks) * col_vectors + cv < n_tiles:
+                store_rows(y, acc, (task // row_blocks) * col_vectors + cv,
+                           (task % row_blocks) * row_block, cv)
+
+    if two_signs:
+        @T.prim_func
+        def main8_signs(x: T.Buffer((M, K), "uint8"), x_neg: T.Buffer((M, K), "uint8"),
+                        w: T.Buffer((n_tiles, k_groups, 4 * VNNI_LANES), "int8"), y: T.Buffer((M, N), "int32")):
+            T.func_attr({"tir.noalias": True})
+            xw = T.decl_buffer((M, k_groups), "int32", data=x.data)
+            xw_neg = T.decl_buffer((M, k_groups), "int32", data=x_neg.data)
+            sums = T.alloc_buffer((M,), "int32")  # each row's sum of negative parts, on the calling thread
+            for m in range(M):
+                part = T.alloc_buffer((VNNI_LANES,), "int32", scope="local", annotations=_ON_STACK)
+                part[T.ramp(0, 1, VNNI_LANES)] = T.broadcast(T.int32(0), VNNI_LANES)
+                for v in range(K // VNNI_LANES):
+                    part[T.ramp(0, 1, VNNI_LANES)] = part[T.ramp(0, 1, VNNI_LANES)] + T.Cast(
+                        "int32x16", x_neg[m, T.ramp(v * VNNI_LANES, 1, VNNI_LANES)])
+                sums[m] = 0
+                for lane in range(VNNI_LANES):
+                    sums[m] = sums[m] + part[lane]
+                for k in range(K % VNNI_LANES):
+                    sums[m] = sums[m] + T.Cast("int32", x_neg[m, K // VNNI_LANES * VNNI_LANES + k])
+            for task in T.parallel(col_blocks * row_blocks):
+                signed_vnni_tile(xw, xw_neg, w, sums, y, task)
+
+        return main8_signs
 
     if K % 4 == 0:
         @T.prim_func

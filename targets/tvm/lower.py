@@ -120,6 +120,8 @@ class _Lowerer:
         self.nibble_highs: dict[str, int | None] = {}  # linear layer -> its nibble layout (None: int8)
         # a backend may run bit-parallel layers on matrix tiles (the llvm one: AMX, kernels.amx_dense / amx_conv2d)
         self.backend_tile_dense = getattr(b, "tile_dense", None)
+        # and take both sign parts of signed codes in one pass (the llvm one on AVX-512, few rows)
+        self.backend_signed_dense = getattr(b, "signed_dense", None)
         self.backend_tile_conv = getattr(b, "tile_conv", None)
         # and write a calibrated conv's codes straight from the tiles (amx_pointwise_codes), or a
         # linear layer's float output (amx_dense_epilogue)
@@ -1023,8 +1025,15 @@ class _Lowerer:
             else:
                 if self.backend_dense_knobs is not None:
                     knobs = self.backend_dense_knobs(m, shape[0], k)
-                key = f"bpdense({m},{shape[0]},{k})"
-                f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs))
+                two_signs = len(codes) == 2 and self._signed_dense(n)  # one pass, one accumulator
+                key = f"bpdense({m},{shape[0]},{k})" + (",signs" if two_signs else "")
+                f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs,
+                                                                               two_signs=two_signs))
+                if two_signs:
+                    w = self._bitparallel_weights(n, packed)
+                    (acc,) = accs
+                    self.plan.call(f, [self._as_2d(c, n) for c in codes] + [w, self._as_2d(acc, n)], n.name)
+                    return
         w = self._bitparallel_weights(n, packed)
         for c, acc in zip(codes, accs):
             self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
@@ -1077,7 +1086,14 @@ class _Lowerer:
 
     def _one_call_dense(self, n: Node) -> bool:
         """Whether bit-parallel layer ``n``'s kernel takes both sign parts and writes their difference."""
-        return self._small_dense(n) or self._nibble_high(n) is not None
+        return self._small_dense(n) or self._nibble_high(n) is not None or self._signed_dense(n)
+
+    def _signed_dense(self, n: Node) -> bool:
+        """Whether the int8 dense kernel takes bit-parallel linear layer ``n``'s two sign parts in one pass."""
+        if n.op != "qlinear" or self.backend_signed_dense is None:
+            return False
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        return self.backend_signed_dense(int(np.prod(x_shape[:-1])), n.attr("weight_shape")[0], int(x_shape[-1]))
 
     def _nibble_dense(self, n: Node, q, info: dict, codes: list[str], accs: list[str]) -> None:
         """A linear layer on nibble-packed weights, both sign parts in one call (one accumulator)."""
