@@ -1027,8 +1027,9 @@ class _Lowerer:
                     knobs = self.backend_dense_knobs(m, shape[0], k)
                 two_signs = len(codes) == 2 and self._signed_dense(n)  # one pass, one accumulator
                 key = f"bpdense({m},{shape[0]},{k})" + (",signs" if two_signs else "")
+                signs = {"two_signs": True} if two_signs else {}  # (a keyword only backends with signed_dense take)
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_dense(m, shape[0], k, "int8", "int32", knobs,
-                                                                               two_signs=two_signs))
+                                                                               **signs))
                 if two_signs:
                     w = self._bitparallel_weights(n, packed)
                     (acc,) = accs
