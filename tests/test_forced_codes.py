@@ -236,6 +236,31 @@ def test_asymmetric_codes_are_forced_with_each_runtime_s_zero_point(tmp_path):
     assert run.problem_count == 1 and run.problems[0].endswith("onnxruntime exposes no zero point")
 
 
+def test_static_zero_points_are_exposed_even_where_they_equal_another_constant(tmp_path):
+    """Calibrated asymmetric quantizers of values >= 0 get zero point 0, the value of a constant the
+    ONNX graph already shares (differential seed 33032: ONNX Runtime's codes could not be forced,
+    and verify failed a model both runtimes computed right)."""
+    from torch import nn
+
+    from csqc.verify import RUNTIMES
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(model, n_bits=4, act_bits=6, quantize_first_input=True, act_symmetric=False))
+    model = csqc.load(csqc.save(model, tmp_path / "asym.pt", torch.rand(3, 12)))
+    ctx = _Context(model, None, calibration=[np.random.default_rng(1).random((16, 12), dtype=np.float32)])
+    g = ctx.graph("integer", 3)
+    static = {n.name: n.attr("zero_point") for n in g.nodes if n.op == "quantize"}
+    assert len(static) == 2 and set(static.values()) == {0}  # inputs and ReLU outputs: lo = 0
+    x = np.random.default_rng(4).random((3, 12), dtype=np.float32)
+    result = RUNTIMES["onnxruntime"](ctx, 3).run([x])
+    exposed = {k: int(v) for k, v in result.tensors.items() if k.endswith(".zero_point")}
+    assert len(exposed) == 2 and set(exposed.values()) == {0}
+    run = ForcedInterpreter.for_graph(g, "onnxruntime", 1e-4)
+    (out,) = run.run(g, [x], result.tensors)
+    assert np.allclose(out, result.outputs[0], rtol=1e-6, atol=1e-7) and run.problem_count == 0, run.problems
+
+
 def test_a_quantizer_captured_on_another_view_of_its_tensor_is_forced_in_pytorchs_shape(tmp_path):
     # a decoder's 1x1 latent: its transposed conv compiles as a qlinear, its quantizer on the
     # [N, C] view of PyTorch's [N, C, 1, 1] tensor (the same elements, so the same codes)

@@ -256,7 +256,10 @@ def _quantize_asymmetric(e: GraphEmitter, name: str, x: str, bits: int, static: 
         scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32))], f"{name}.scale",
                        exact_name=True)
         divisor = scale
-        zp = e.b.const(f"{name}.zero_point_f", np.array(zero_point, _F32))
+        # named like the dynamic one (verify reads it): small constants are shared under the first
+        # name given, so another quantizer's equal zero point, or the levels, would hide it
+        zp = e.b.op("Identity", [e.b.const(f"{name}.static_zero_point", np.array(zero_point, _F32))],
+                    f"{name}.zero_point_f", exact_name=True)
     else:
         lo = e.b.op("Min", [e.b.op("ReduceMin", [x], f"{name}.min", keepdims=0), zero], f"{name}.lo")
         hi = e.b.op("Max", [e.b.op("ReduceMax", [x], f"{name}.max", keepdims=0), zero], f"{name}.hi")
