@@ -229,7 +229,7 @@ def _check_baked_scales(model, calibration: Calibration, where) -> None:
     """The graph computes with its initializers: a record that disagrees with them describes another model."""
     from onnx import numpy_helper
 
-    baked = {i.name: i for i in model.graph.initializer if i.name.endswith(".static_scale")}
+    baked = {i.name: i for i in model.graph.initializer if i.name.endswith((".static_scale", ".static_zero_point"))}
     for name, s in calibration.items():
         init = baked.get(f"{name}.static_scale")
         if init is None:
@@ -238,6 +238,11 @@ def _check_baked_scales(model, calibration: Calibration, where) -> None:
         if value.dtype != np.float32 or value.size != 1 or scale_hex(value.reshape(-1)[0]) != scale_hex(s.scale):
             raise BadInput(f"{where}: the stored calibration gives quantizer {name!r} scale {s.scale!r} "
                            f"({scale_hex(s.scale)}), the graph computes with {value.reshape(-1)[:1].tolist()}: "
+                           "the metadata was edited; compile the model again")
+        point = baked.get(f"{name}.static_zero_point")
+        if point is not None and numpy_helper.to_array(point).reshape(-1)[:1].tolist() != [float(s.zero_point)]:
+            raise BadInput(f"{where}: the stored calibration gives quantizer {name!r} zero point {s.zero_point}, "
+                           f"the graph computes with {numpy_helper.to_array(point).reshape(-1)[:1].tolist()}: "
                            "the metadata was edited; compile the model again")
 
 

@@ -188,6 +188,31 @@ def test_a_scale_moved_by_one_ulp_is_caught(built, tmp_path):
     assert "the graph computes with" in _one_line_error(_cli("verify", model.source, "--artifact", onnx_path))
 
 
+def test_a_moved_zero_point_is_caught_in_an_onnx_artifact(tmp_path):
+    """Asymmetric quantizers of values >= 0 calibrate to zero point 0, the value of constants the
+    graph shares: each still has its own initializer, which the record is checked against."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    model = csqc.finalize(csqc.convert(model, n_bits=4, act_bits=6, quantize_first_input=True, act_symmetric=False))
+    source = tmp_path / "asym.pt"
+    model = csqc.load(csqc.save(model, source, torch.rand(3, 12)))
+    onnx_path = csqc.compile(model, "onnx", tmp_path / "asym.onnx",
+                             calibrate=np.random.default_rng(1).random((16, 12), dtype=np.float32)).output
+    record = artifact_calibration(onnx_path)
+    assert len(record) == 2 and {s.zero_point for s in record.values()} == {0}
+    baked = {i.name for i in onnx.load(str(onnx_path)).graph.initializer}
+    assert all(f"{name}.static_zero_point" in baked and f"{name}.static_scale" in baked for name in record)
+    for name in record:
+        def moved(doc, name=name):
+            doc["quantizers"][name]["zero_point"] = 1  # in range, another model
+        edited = _edited_onnx(onnx_path, moved, tmp_path / "edited.onnx")
+        line = _one_line_error(_cli("verify", source, "--artifact", edited, "--samples", 3))
+        assert name in line and "zero point 1" in line, line
+
+
 def test_an_uncalibrated_artifact_records_nothing(tiny_mlp_artifact):
     assert runtime.load(tiny_mlp_artifact).calibration is None
     out = _cli("inspect", tiny_mlp_artifact)

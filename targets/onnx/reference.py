@@ -81,15 +81,19 @@ class _Builder:
         self.taken.add(name)
         return name
 
-    def const(self, base: str, array: np.ndarray) -> str:
+    def const(self, base: str, array: np.ndarray, shared: bool = True) -> str:
+        """An initializer named after ``base``; small ones are shared by value (levels, shapes,
+        shifts) unless ``shared`` is False (a quantizer's own static scale or zero point, which
+        verify and the calibration check find by name)."""
         array = np.asarray(array)
-        if array.size <= 16:  # share small constants (levels, shapes, shifts)
+        shared = shared and array.size <= 16
+        if shared:
             key = (array.dtype.str, array.shape, array.tobytes())
             if key in self._consts:
                 return self._consts[key]
         name = self.fresh(base)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        if array.size <= 16:
+        if shared:
             self._consts[key] = name
         return name
 
@@ -253,12 +257,11 @@ def _quantize_asymmetric(e: GraphEmitter, name: str, x: str, bits: int, static: 
     levels = e.b.const("levels", np.array(2**bits - 1, _F32))
     zero, one = e.b.const("zero", np.array(0, _F32)), e.b.const("one", np.array(1, _F32))
     if static > 0:
-        scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32))], f"{name}.scale",
-                       exact_name=True)
+        scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32), shared=False)],
+                       f"{name}.scale", exact_name=True)
         divisor = scale
-        # named like the dynamic one (verify reads it): small constants are shared under the first
-        # name given, so another quantizer's equal zero point, or the levels, would hide it
-        zp = e.b.op("Identity", [e.b.const(f"{name}.static_zero_point", np.array(zero_point, _F32))],
+        # named like the dynamic one (verify reads it)
+        zp = e.b.op("Identity", [e.b.const(f"{name}.static_zero_point", np.array(zero_point, _F32), shared=False)],
                     f"{name}.zero_point_f", exact_name=True)
     else:
         lo = e.b.op("Min", [e.b.op("ReduceMin", [x], f"{name}.min", keepdims=0), zero], f"{name}.lo")
@@ -281,8 +284,8 @@ def _quantize_tensor(e: GraphEmitter, name: str, x: str, bits: int, static: floa
     levels = e.b.const("levels", np.array(2**bits - 1, _F32))
     absx = e.b.op("Abs", [x], f"{name}.abs")
     if static > 0:
-        scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32))], f"{name}.scale",
-                       exact_name=True)
+        scale = e.b.op("Identity", [e.b.const(f"{name}.static_scale", np.array(static, _F32), shared=False)],
+                       f"{name}.scale", exact_name=True)
         divisor = scale
     else:
         scale = e.b.op("ReduceMax", [absx], f"{name}.scale", exact_name=True, keepdims=0)
