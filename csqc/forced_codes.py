@@ -162,7 +162,7 @@ class ForcedRun(_Tally):
         fused or renamed ones): then there is nothing to force."""
         import torch
 
-        from .capture import _module_path
+        from .capture.context import _module_path
 
         ops = (torch.ops.csqc.act_quant.default, torch.ops.csqc.act_quant_asymmetric.default)
         graph = getattr(module, "graph", None)

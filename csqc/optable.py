@@ -325,7 +325,7 @@ def _np_pool(kind: str):
 _INTS2 = Attr("ints", length=2)
 _ACT_ATTRS = {"act": Attr("str", "none", ("none", "relu", "clip")), "clip_lo": Attr("float", None),
               "clip_hi": Attr("float", None)}
-# a quantized layer as the model wrote it, where the op says another thing (csqc.capture._layer_form),
+# a quantized layer as the model wrote it, where the op says another thing (csqc.capture.layers._layer_form),
 # and its weight count where the op's weight holds more (a transposed conv's phases: zero taps)
 _FORM = {"form": Attr("str", ""), "form_weights": Attr("int", 0)}
 _CONV_ATTRS = {"stride": _INTS2, "padding": _INTS2, "dilation": _INTS2, "groups": Attr("int")}

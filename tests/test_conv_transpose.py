@@ -63,7 +63,7 @@ def test_the_stored_weight_is_the_stride_one_convolutions():
 def test_the_polyphase_form_is_the_transposed_convolution(kernel, stride, padding, extra, groups, seed):
     """One stride-one conv of :func:`ops.polyphase_weight` at capture's padding, its phases
     interleaved and cropped where capture crops: ``conv_transpose2d`` itself (float64)."""
-    from csqc.capture import _phase_plan
+    from csqc.capture.transposed import _phase_plan
 
     extra = tuple(e % s for e, s in zip(extra, stride))  # output_padding < stride
     gen = torch.Generator().manual_seed(seed)

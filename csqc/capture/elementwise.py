@@ -1,0 +1,326 @@
+"""Element-wise handlers: binary arithmetic, clipping and the float activations (as IR ops, or
+composed from them where the IR has no op of their own)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..idioms import idiom_attrs
+from .context import _arg, _aten, _base, _Ctx, _module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
+from .tensors import _slice_value
+
+
+def _clip(ctx: _Ctx, fx: torch.fx.Node, lo, hi) -> str:
+    lo = -np.inf if lo is None else float(lo)
+    hi = np.inf if hi is None else float(hi)
+    xv = ctx.value(fx.args[0])
+    # min(max(x, lo), hi) >= 0 needs hi >= 0 as well as lo >= 0 or x >= 0
+    return ctx.emit(fx, "clip", [xv], attrs={"lo": lo, "hi": hi, **idiom_attrs(fx)})  # idiom: a quantizer left float
+
+
+def _binary(op: str):
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        a, b = fx.args[:2]
+        if fx.kwargs.get("alpha", 1) != 1:
+            raise _Unsupported("add with alpha != 1")
+        vals = []
+        for i, v in enumerate((a, b)):
+            if isinstance(v, (int, float)):
+                vals.append(ctx.param(f"{fx.name}.scalar{i}", np.array(v, dtype=np.float32)))
+                if v >= 0:
+                    ctx.nonneg.add(vals[-1])
+            else:
+                vals.append(ctx.value(v))
+        return ctx.emit(fx, op, vals, base=f"{_module_path(fx) or fx.name}.{op}")
+
+    return handler
+
+
+def _relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{_module_path(fx) or fx.name}")
+
+
+def _gelu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    approximate = str(_arg(fx, 1, "approximate", "none"))
+    if approximate not in ("none", "tanh"):
+        raise _Unsupported(f"gelu approximate={approximate!r}")
+    return ctx.emit(fx, "gelu", [ctx.value(fx.args[0])], attrs={"approximate": approximate},
+                    base=f"{_module_path(fx) or fx.name}")
+
+
+def _float_unary(op: str):
+    def handler(ctx: _Ctx, fx: torch.fx.Node) -> str:
+        xv = ctx.value(fx.args[0])
+        return ctx.emit(fx, op, [xv], base=_base(fx, op))
+
+    return handler
+
+
+def _reciprocal_sqrt(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``rsqrt(x)`` as ``1 / sqrt(x)``, two correctly rounded steps, as torch's CPU kernel computes
+    it (RMSNorm: Llama, Mistral, Qwen)."""
+    root = _typed(ctx, fx, "sqrt", [ctx.value(fx.args[0])], _shape_of(fx.args[0]), "sqrt")
+    return ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), root], base=_base(fx, "rsqrt"))
+
+
+def _rsub(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    # rsub(x, other, alpha=1) = other - alpha * x
+    x, other = fx.args[:2]
+    if _arg(fx, 2, "alpha", 1) != 1:
+        raise _Unsupported("rsub with alpha != 1")
+    a = (ctx.param(f"{fx.name}.scalar", np.array(other, dtype=np.float32)) if isinstance(other, (int, float))
+         else ctx.value(other))
+    return ctx.emit(fx, "sub", [a, ctx.value(x)], base=_base(fx, "sub"))
+
+
+def _pow(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x ** e`` for the exponents PyTorch's kernel computes without ``pow``: 2 and 3 as products
+    (``x * x (* x)``), 0.5 as ``sqrt``, -0.5 as ``1 / sqrt``, -1 as ``1 / x``, -2 as ``1 / (x * x)``."""
+    exponent = fx.args[1]
+    if exponent not in (1, 2, 3, 0.5, -0.5, -1, -2):
+        raise _Unsupported(f"pow with exponent {exponent!r} of a runtime value (only 1, 2, 3, 0.5, -0.5, -1, -2)")
+    xv, shape = ctx.value(fx.args[0]), _shape_of(fx.args[0])
+    if exponent in (0.5, -0.5):
+        root = _typed(ctx, fx, "sqrt", [xv], shape, "sqrt")
+        return root if exponent == 0.5 else ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), root],
+                                                     base=_base(fx, "pow"))
+    if exponent in (-1, -2):
+        below = xv if exponent == -1 else _typed(ctx, fx, "mul", [xv, xv], shape, "square")
+        return ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), below], base=_base(fx, "pow"))
+    out = xv
+    for _ in range(int(exponent) - 1):
+        out = ctx.emit(fx, "mul", [out, xv], base=_base(fx, "pow"))
+    return out
+
+
+def _leaky_relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``leaky_relu(x, slope)`` and ``prelu(x, weight)`` (``x > 0 ? x : slope * x``) as
+    ``relu(x) + min(x, 0) * slope``: each term is exactly torch's value or zero, so the sum is too."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    base = _module_path(fx) or fx.name
+    if fx.target in (_aten.prelu.default, _aten._prelu_kernel.default):
+        w = ctx.tensor(fx.args[1]).detach().float().numpy()
+        slope = ctx.param(f"{base}.weight", w.reshape((1, w.size) + (1,) * (len(shape) - 2)) if w.size > 1 else
+                          w.reshape((1,) * len(shape)))
+    else:
+        slope = _scalar(ctx, fx, float(_arg(fx, 1, "negative_slope", 0.01)), "slope")
+    return _leaky(ctx, fx, xv, shape, slope, "leaky_relu")
+
+
+def _leaky(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, slope: str, what: str) -> str:
+    """``relu(x) + min(x, 0) * slope`` (``slope``: a parameter's name)."""
+    zero = _scalar(ctx, fx, 0.0, "zero")
+    positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
+    negative = _typed(ctx, fx, "mul", [_typed(ctx, fx, "minimum", [xv, zero], shape, "negative_part"), slope], shape,
+                      "negative")
+    return ctx.emit(fx, "add", [positive, negative], base=_base(fx, what))
+
+
+def _negated(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return ctx.emit(fx, "mul", [ctx.value(fx.args[0]), _scalar(ctx, fx, -1.0, "minus_one")], base=_base(fx, "neg"))
+
+
+def _squared(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    xv = ctx.value(fx.args[0])
+    return ctx.emit(fx, "mul", [xv, xv], base=_base(fx, "square"))
+
+
+# -- activations composed of exp and log (ELU family, softplus, Mish) ----------------------------
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _elu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``elu(x, alpha, scale, input_scale)`` (``x > 0 ? x * scale : (exp(x * input_scale) - 1) *
+    alpha * scale``; CELU and SELU are ELUs) as ``relu(x) * scale + (exp(min(x, 0) * input_scale)
+    - 1) * (alpha * scale)``: where ``x > 0`` the second term is exactly 0, elsewhere the first is;
+    the exp is within an ulp or two of torch's (float tolerance, as sigmoid's)."""
+    if fx.target in (_aten.celu.default, _aten.celu_.default):
+        alpha = float(_arg(fx, 1, "alpha", 1.0))
+        alpha, scale, input_scale = alpha, 1.0, 1.0 / alpha
+    elif fx.target in (_aten.selu.default, _aten.selu_.default):
+        alpha, scale, input_scale = _SELU_ALPHA, _SELU_SCALE, 1.0
+    else:
+        alpha, scale, input_scale = (float(_arg(fx, i, name, 1.0)) for i, name in
+                                     ((1, "alpha"), (2, "scale"), (3, "input_scale")))
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    positive = _typed(ctx, fx, "relu", [xv], shape, "positive")
+    if scale != 1.0:
+        positive = _typed(ctx, fx, "mul", [positive, _scalar(ctx, fx, scale, "scale")], shape, "scaled")
+    negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape, "negative_part")
+    if input_scale != 1.0:
+        negative = _typed(ctx, fx, "mul", [negative, _scalar(ctx, fx, input_scale, "input_scale")], shape,
+                          "input_scaled")
+    grown = _typed(ctx, fx, "exp", [negative], shape, "exp")
+    less_one = _typed(ctx, fx, "sub", [grown, _scalar(ctx, fx, 1.0, "one")], shape, "expm1")
+    tail = _typed(ctx, fx, "mul", [less_one, _scalar(ctx, fx, alpha * scale, "alpha")], shape, "negative")
+    return ctx.emit(fx, "add", [positive, tail], base=_base(fx, "elu"))
+
+
+def _log1p_of_positive(ctx: _Ctx, fx: torch.fx.Node, u: str, shape, what: str) -> str:
+    """``log1p(u)`` for ``u >= 0`` as ``log(w) + (u - (w - 1)) / w``, ``w = 1 + u``: the
+    correction restores what rounding ``1 + u`` lost (for ``u`` below an ulp of 1, all of it:
+    ``log1p(u) = u``), so small values keep their relative precision as torch's log1p does."""
+    one = _scalar(ctx, fx, 1.0, f"{what}.one")
+    w = _typed(ctx, fx, "add", [u, one], shape, f"{what}.w")
+    lost = _typed(ctx, fx, "sub", [u, _typed(ctx, fx, "sub", [w, one], shape, f"{what}.w_less_one")], shape,
+                  f"{what}.lost")
+    return _typed(ctx, fx, "add", [_typed(ctx, fx, "log", [w], shape, f"{what}.log"),
+                                   _typed(ctx, fx, "div", [lost, w], shape, f"{what}.correction")], shape, what)
+
+
+def _at_least(ctx: _Ctx, fx: torch.fx.Node, v: str, floor: float, shape, what: str) -> str:
+    """``max(v, floor)`` exactly, as ``0 - min(0 - v, -floor)`` (negation is exact)."""
+    zero = _scalar(ctx, fx, 0.0, f"{what}.zero")
+    flipped = _typed(ctx, fx, "minimum", [_typed(ctx, fx, "sub", [zero, v], shape, f"{what}.negated"),
+                                          _scalar(ctx, fx, -floor, f"{what}.floor")], shape, f"{what}.min")
+    return _typed(ctx, fx, "sub", [zero, flipped], shape, what)
+
+
+def _softplus_of(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, beta: float, threshold: float, what: str) -> str:
+    """torch's ``softplus``: ``x * beta > threshold ? x : log1p(exp(x * beta)) / beta``, both
+    branches computed (the log1p's exp reading ``min(x * beta, threshold)``: finite) and picked
+    by an indicator of ``x * beta - threshold > 0`` that is exactly 0 or 1 (:func:`_indicator`).
+    ``branch * indicator`` is exact for 0 and 1; ``x`` is kept above ``-FLT_MAX`` there so that
+    ``0 * x`` is never ``0 * -inf``."""
+    scaled = xv if beta == 1.0 else _typed(ctx, fx, "mul", [xv, _scalar(ctx, fx, beta, f"{what}.beta")], shape,
+                                           f"{what}.scaled")
+    limit = _scalar(ctx, fx, threshold, f"{what}.threshold")
+    above = _indicator(ctx, fx, _typed(ctx, fx, "sub", [scaled, limit], shape, f"{what}.over"), shape,
+                       f"{what}.indicator")
+    grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "minimum", [scaled, limit], shape, f"{what}.within")], shape,
+                   f"{what}.exp")
+    below = _log1p_of_positive(ctx, fx, grown, shape, f"{what}.log1p")
+    if beta != 1.0:
+        below = _typed(ctx, fx, "div", [below, _scalar(ctx, fx, beta, f"{what}.divisor")], shape, f"{what}.curve")
+    keep = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, f"{what}.whole"), above], shape, f"{what}.below")
+    bounded = _at_least(ctx, fx, xv, -float(np.finfo(np.float32).max), shape, f"{what}.bounded")
+    return _typed(ctx, fx, "add", [_typed(ctx, fx, "mul", [below, keep], shape, f"{what}.curve_part"),
+                                   _typed(ctx, fx, "mul", [bounded, above], shape, f"{what}.line_part")], shape, what)
+
+
+def _softplus(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    beta, threshold = float(_arg(fx, 1, "beta", 1.0)), float(_arg(fx, 2, "threshold", 20.0))
+    if not beta > 0:
+        raise _Unsupported(f"softplus with beta {beta} (not above 0)")
+    return _softplus_of(ctx, fx, xv, shape, beta, threshold, "softplus")
+
+
+def _mish(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``mish(x) = x * tanh(log1p(exp(x)))``, the exp reading ``min(x, 20)`` (finite; past 20
+    the tanh is 1 in float32 either way)."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 20.0, "limit")], shape,
+                                           "within")], shape, "exp")
+    soft = _log1p_of_positive(ctx, fx, grown, shape, "softplus")
+    return ctx.emit(fx, "mul", [xv, _typed(ctx, fx, "tanh", [soft], shape, "tanh")], base=_base(fx, "mish"))
+
+
+def _indicator(ctx: _Ctx, fx: torch.fx.Node, d: str, shape, what: str) -> str:
+    """Exactly 1 where ``d > 0`` and 0 elsewhere: ``min(relu(d) * 2^126 * 2^24, 1)`` (any positive
+    float32, the least subnormal included, times 2^150 reaches 1; an overflow to inf still does)."""
+    positive = _typed(ctx, fx, "relu", [d], shape, f"{what}.positive")
+    steep = _typed(ctx, fx, "mul", [positive, _scalar(ctx, fx, 2.0**126, f"{what}.big")], shape, f"{what}.steep")
+    steeper = _typed(ctx, fx, "mul", [steep, _scalar(ctx, fx, 2.0**24, f"{what}.bigger")], shape, f"{what}.steeper")
+    return _typed(ctx, fx, "minimum", [steeper, _scalar(ctx, fx, 1.0, f"{what}.one")], shape, what)
+
+
+def _negated_value(ctx: _Ctx, fx: torch.fx.Node, v: str, shape, what: str) -> str:
+    return _typed(ctx, fx, "sub", [_scalar(ctx, fx, 0.0, f"{what}.zero"), v], shape, what)
+
+
+def _log_sigmoid(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``log_sigmoid(x)`` as torch's kernel: ``min(x, 0) - log1p(exp(-|x|))``."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, "zero")], shape, "negative_part")
+    magnitude = _abs_value(ctx, fx, xv, shape, "abs")
+    grown = _typed(ctx, fx, "exp", [_negated_value(ctx, fx, magnitude, shape, "neg_abs")], shape, "exp")
+    return ctx.emit(fx, "sub", [negative, _log1p_of_positive(ctx, fx, grown, shape, "log1p")],
+                    base=_base(fx, "log_sigmoid"))
+
+
+def _glu(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``glu(x, dim)``: the first half times the sigmoid of the second."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    axis = int(_arg(fx, 1, "dim", -1)) % len(shape)
+    half = shape[axis] // 2
+    if shape[axis] % 2:
+        raise _Unsupported(f"glu over an odd size ({shape[axis]})")
+    a = _slice_value(ctx, fx, xv, shape, axis, 0, half)
+    b = _slice_value(ctx, fx, xv, shape, axis, half, 2 * half)
+    out = tuple(half if d == axis else n for d, n in enumerate(shape))
+    return ctx.emit(fx, "mul", [a, _typed(ctx, fx, "sigmoid", [b], out, "gate")], base=_base(fx, "glu"))
+
+
+def _shrink(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``hardshrink(x, l)`` (``|x| > l ? x : 0``) as ``x * [|x| - l > 0]``, and ``softshrink(x, l)``
+    (``x > l ? x - l : x < -l ? x + l : 0``) as ``relu(x - l) + min(x + l, 0)``: one term is
+    exactly 0 wherever the other is torch's value."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    lam = float(_arg(fx, 1, "lambd", 0.5))
+    if fx.target == _aten.softshrink.default:
+        upper = _typed(ctx, fx, "relu", [_typed(ctx, fx, "sub", [xv, _scalar(ctx, fx, lam, "lambd")], shape, "less")],
+                       shape, "upper")
+        lower = _typed(ctx, fx, "minimum", [_typed(ctx, fx, "add", [xv, _scalar(ctx, fx, lam, "lambd_")], shape,
+                                                   "more"), _scalar(ctx, fx, 0.0, "zero")], shape, "lower")
+        return ctx.emit(fx, "add", [upper, lower], base=_base(fx, "softshrink"))
+    absolute = _abs_value(ctx, fx, xv, shape, "abs")
+    keep = _indicator(ctx, fx, _typed(ctx, fx, "sub", [absolute, _scalar(ctx, fx, lam, "lambd")], shape, "margin"),
+                      shape, "keep")
+    return ctx.emit(fx, "mul", [xv, keep], base=_base(fx, "hardshrink"))
+
+
+def _threshold(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``threshold(x, t, value)`` (``x > t ? x : value``) as ``x * [x - t > 0] + value * (1 -
+    [x - t > 0])``, ``x`` kept above ``-FLT_MAX`` so that no ``0 * -inf`` appears."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    t, value = float(fx.args[1]), float(fx.args[2])
+    if not np.isfinite(value):
+        raise _Unsupported(f"threshold with a non-finite value ({value})")
+    keep = _indicator(ctx, fx, _typed(ctx, fx, "sub", [xv, _scalar(ctx, fx, t, "threshold")], shape, "margin"),
+                      shape, "keep")
+    bounded = _at_least(ctx, fx, xv, -float(np.finfo(np.float32).max), shape, "bounded")
+    kept = _typed(ctx, fx, "mul", [bounded, keep], shape, "kept")
+    if value == 0.0:
+        return kept
+    replaced = _typed(ctx, fx, "mul", [_typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "one"), keep], shape, "drop"),
+                                       _scalar(ctx, fx, value, "value")], shape, "replaced")
+    return ctx.emit(fx, "add", [kept, replaced], base=_base(fx, "threshold"))
+
+
+def _maximum(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``maximum(a, b)`` as ``0 - minimum(0 - a, 0 - b)`` (negation is exact)."""
+    a, b = fx.args[0], fx.args[1]
+    na = _negated_value(ctx, fx, ctx.value(a), _shape_of(a), "neg_a")
+    nb = _negated_value(ctx, fx, ctx.value(b), _shape_of(b), "neg_b")
+    low = _typed(ctx, fx, "minimum", [na, nb], _type_of(fx).shape, "minimum")
+    return ctx.emit(fx, "sub", [_scalar(ctx, fx, 0.0, "zero"), low], base=_base(fx, "maximum"))
+
+
+def _rrelu_eval(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``rrelu`` in eval mode: a leaky ReLU of slope ``(lower + upper) / 2``."""
+    if bool(_arg(fx, 3, "training", False)):
+        raise _Unsupported("rrelu in training mode (random slopes)")
+    lower, upper = float(_arg(fx, 1, "lower", 1.0 / 8)), float(_arg(fx, 2, "upper", 1.0 / 3))
+    slope = _scalar(ctx, fx, float(np.float32((lower + upper) / 2)), "slope")
+    return _leaky(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), slope, "rrelu")
+
+
+def _sign(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``sign(x)`` as ``[x > 0] - [-x > 0]``, each an exact 0/1 indicator."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    up = _indicator(ctx, fx, xv, shape, "positive")
+    down = _indicator(ctx, fx, _negated_value(ctx, fx, xv, shape, "neg"), shape, "negative")
+    return ctx.emit(fx, "sub", [up, down], base=_base(fx, "sign"))
+
+
+def _abs_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, what: str) -> str:
+    """``|x|`` as ``x - min(x, 0) * 2``: exact (doubling is, and ``x - 2x`` is ``-x``)."""
+    negative = _typed(ctx, fx, "minimum", [xv, _scalar(ctx, fx, 0.0, f"{what}.zero")], shape, f"{what}.negative_part")
+    twice = _typed(ctx, fx, "mul", [negative, _scalar(ctx, fx, 2.0, f"{what}.two")], shape, f"{what}.twice")
+    return _typed(ctx, fx, "sub", [xv, twice], shape, what)
+
+
+def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    return _abs_value(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), "abs")
