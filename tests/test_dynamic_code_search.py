@@ -26,18 +26,21 @@ IN_SCALE, IN_LEVELS = 0.7, 15
 def _rows_without_the_chain(build):
     """``build()`` with each row's float-chain fallback left out: rows that fall back leave
     their codes unwritten (``run_kernel`` zeroes its outputs), rows that search do not."""
-    spans = glue._vector_span
+    spans = glue.common._vector_span
+    users = [m for m in (glue.common, glue.code_search, glue.epilogues) if m._vector_span is spans]
 
     def no_chain_rows(emit, *args):
         if emit.__name__ != "line_of":  # the rows' chain (the channels' lines are needed)
             return None
         return spans(emit, *args)
 
-    glue._vector_span = no_chain_rows
+    for module in users:
+        module._vector_span = no_chain_rows
     try:
         return build()
     finally:
-        glue._vector_span = spans
+        for module in users:
+            module._vector_span = spans
 
 
 def _stored(rng, shape, storage: str) -> np.ndarray:

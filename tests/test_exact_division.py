@@ -1,4 +1,4 @@
-"""The quantizer and epilogue kernels divide without a divide instruction (glue._quotient):
+"""The quantizer and epilogue kernels divide without a divide instruction (glue.common._quotient):
 the results must stay the float32 quotients numpy's divide gives, bit for bit."""
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ def run(func, *arrays, outputs):
 
 
 def quotient_kernel(n: int):
-    """``y[i] = x[i] / den[0]`` through glue._quotient where den's range allows (else a divide)."""
+    """``y[i] = x[i] / den[0]`` through glue.common._quotient where den's range allows (else a divide)."""
     def body(x, den, y):
-        divisor = glue._divisor_of(den, 0.0, 1)
-        glue._on_divisor_range(den[0], lambda fast: glue._for_each(1, n, lambda _row, i: I.buffer_store(
-            y, glue._divided(x[i], den[0], divisor.recip if fast else None), [i])))
+        divisor = glue.quantizers._divisor_of(den, 0.0, 1)
+        glue.common._on_divisor_range(den[0], lambda fast: glue.common._for_each(1, n, lambda _row, i: I.buffer_store(
+            y, glue.common._divided(x[i], den[0], divisor.recip if fast else None), [i])))
 
-    return glue._prim_func([("x", (n,), "float32"), ("den", (1,), "float32"), ("y", (n,), "float32")], body)
+    return glue.common._prim_func([("x", (n,), "float32"), ("den", (1,), "float32"), ("y", (n,), "float32")], body)
 
 
 @pytest.mark.parametrize("levels", LEVELS)
@@ -46,8 +46,8 @@ def test_epilogue_divides_every_significand_by_levels_exactly(levels):
 
 
 def test_every_split_divisor_is_checked_on_every_significand():
-    # glue._split_quotient is exact only for the constant divisors checked by the test above
-    assert glue._SPLIT_DIVISORS <= set(LEVELS)
+    # glue.common._split_quotient is exact only for the constant divisors checked by the test above
+    assert glue.common._SPLIT_DIVISORS <= set(LEVELS)
 
 
 def test_split_quotient_at_the_edge_of_its_domain():
@@ -56,7 +56,7 @@ def test_split_quotient_at_the_edge_of_its_domain():
     ints = np.concatenate([np.arange(1, n // 2), RNG.integers(1 << 20, 1 << 31, n // 2 + 1)]).astype(np.int32)
     acc = (ints * np.where(RNG.random(n) < 0.5, -1, 1)).astype(np.int32).reshape(1, 1, 1, n)
     for scale in (F32(2.0**-60), F32(2.0**-60 * 1.75), F32(2.0**60)):
-        for levels in sorted(glue._SPLIT_DIVISORS):
+        for levels in sorted(glue.common._SPLIT_DIVISORS):
             kernel = glue.epilogue(acc.shape, 1, levels, "none", 0.0, 0.0, True)
             args = (acc, np.array([scale], F32), np.ones(1, F32), np.zeros(1, F32))
             (got,) = run(kernel, *args, outputs=[(acc.shape, "float32")])

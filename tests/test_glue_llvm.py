@@ -362,7 +362,7 @@ def test_strided_stems_of_few_outputs_take_up_to_24_in_one_tile():
     32 outputs take two tiles of 16 (conv2d_f32's largest divisor up to the knob)."""
     assert glue.default_conv_knobs(32, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
     assert glue.default_conv_knobs(24, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
-    assert glue._largest_divisor(32, 24) == 16
+    assert glue.common._largest_divisor(32, 24) == 16
     for args in [(64, 27, (2, 2), 1), (32, 27, (1, 1), 1), (64, 147, (2, 2), 1), (12, 9, (2, 2), 12)]:
         assert glue.default_conv_knobs(*args) == glue.ConvKnobs()  # more outputs, unstrided, 7x7, depthwise
 
@@ -606,7 +606,7 @@ def _vector_map(fn, x: np.ndarray) -> tuple[str, np.ndarray]:
             with I.vectorized(0, 16) as lane:
                 I.buffer_store(yb, fn(xb[v * 16 + lane]), [v * 16 + lane])
 
-    func = glue._prim_func([("x", x.shape, "float32"), ("y", x.shape, "float32")], body)
+    func = glue.common._prim_func([("x", x.shape, "float32"), ("y", x.shape, "float32")], body)
     calls = " ".join(line for line in build(func).assembly().split("\n") if "call" in line)
     return calls, run_kernel(func, x, outputs=[(x.shape, "float32")])[0]
 
@@ -615,7 +615,7 @@ def test_exp_is_within_an_ulp_of_the_true_exp_and_makes_no_calls():
     x = np.concatenate([np.linspace(-110, 95, 1 << 20, dtype=np.float32),
                         np.array([0.0, -0.0, 1e-30, -1e-30, 88.72283172607422, 88.72283935546875, -87.33654,
                                   -103.97, -104.0, np.nan, np.inf, -np.inf, 7.0, 2.5, -1.0, 1.0], np.float32)])
-    calls, got = _vector_map(glue._exp, x)
+    calls, got = _vector_map(glue.elementwise._exp, x)
     assert "exp" not in calls
     with np.errstate(over="ignore"):
         true = np.exp(x.astype(np.float64)).astype(np.float32)  # the float32 nearest the true exp
@@ -634,7 +634,7 @@ def test_log_is_within_two_ulps_of_the_true_log_and_makes_no_calls():
                         np.array([0.0, -0.0, -1.0, -1e-30, np.nan, np.inf, -np.inf, 1.0, 2.0, np.e, tiny,
                                   np.nextafter(tiny, np.float32(0)), 1e-45, 3.4028235e38, 0.70710677, 0.70710683],
                                  np.float32)])
-    calls, got = _vector_map(glue._log, x)
+    calls, got = _vector_map(glue.elementwise._log, x)
     assert "log" not in calls
     with np.errstate(divide="ignore", invalid="ignore"):
         true = np.log(x.astype(np.float64)).astype(np.float32)  # the float32 nearest the true log
@@ -650,7 +650,7 @@ def test_erf_is_within_4e_7_of_the_true_erf_odd_bounded_and_makes_no_calls():
                         np.geomspace(1e-38, 6, 1 << 16).astype(np.float32),
                         np.array([0.0, -0.0, 3.9999, 4.0, -4.0, 4.5, 1e30, -1e30, np.inf, -np.inf, np.nan, 1e-45, -1e-45,
                                   0.5, -0.5, 1.0], np.float32)])
-    calls, got = _vector_map(glue._erf, x)
+    calls, got = _vector_map(glue.elementwise._erf, x)
     assert "erf" not in calls
     true = np.array([math.erf(v) for v in x.astype(np.float64)], np.float64)
     finite = ~np.isnan(x)

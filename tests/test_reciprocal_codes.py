@@ -100,12 +100,12 @@ def hardware_split_quotients(n, zh, zl):
     from tvm.script.ir_builder import tirx as I
 
     def body(x, y):
-        glue._for_each(1, n.size, lambda _row, i: I.buffer_store(
-            y, glue._fma(x[i], glue._f32(zh), glue._rounded(x[i] * glue._f32(zl))), [i]))
+        glue.common._for_each(1, n.size, lambda _row, i: I.buffer_store(
+            y, glue.common._fma(x[i], glue.common._f32(zh), glue.common._rounded(x[i] * glue.common._f32(zl))), [i]))
 
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(n.size, F32), dev)
-    build(glue._prim_func([("x", (n.size,), "float32"), ("y", (n.size,), "float32")], body)).executable(
+    build(glue.common._prim_func([("x", (n.size,), "float32"), ("y", (n.size,), "float32")], body)).executable(
         tvm.runtime.tensor(n, dev), out)
     return out.numpy()
 
@@ -149,14 +149,14 @@ def _split_proof_kernel(levels: int):
     from tvm.script.ir_builder import tirx as I
 
     def body(scale, out, low_out):
-        parts = glue._local((2,))
-        I.buffer_store(parts, glue._f32(1.0) / scale[0], [0])
-        I.buffer_store(parts, glue._f32(levels + 1) * scale[0], [1])
-        proven, low = glue._emit_split_form_proof(glue._Divisor(scale[0], parts[0], parts[1]), levels)
+        parts = glue.common._local((2,))
+        I.buffer_store(parts, glue.common._f32(1.0) / scale[0], [0])
+        I.buffer_store(parts, glue.common._f32(levels + 1) * scale[0], [1])
+        proven, low = glue.quantizers._emit_split_form_proof(glue.quantizers._Divisor(scale[0], parts[0], parts[1]), levels)
         I.buffer_store(out, proven[0], [0])
         I.buffer_store(low_out, low, [0])
 
-    return build(glue._prim_func([("scale", (1,), "float32"), ("proven", (1,), "int32"), ("low", (1,), "float32")],
+    return build(glue.common._prim_func([("scale", (1,), "float32"), ("proven", (1,), "int32"), ("low", (1,), "float32")],
                                  body))
 
 

@@ -182,7 +182,7 @@ def amx_dense_epilogue(M: int, N: int, K: int, epilogue) -> tirx.PrimFunc:
     """
     from tvm.script.ir_builder import tirx as I
 
-    from .glue import _prim_func
+    from .glue.common import _prim_func
 
     if not amx_dense_fits(M, N, K):
         raise ValueError(f"amx_dense_epilogue needs N % {_BLOCK_OUTPUTS} == 0 and K % {_TILE_BYTES} == 0, "

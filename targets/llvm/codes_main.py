@@ -41,7 +41,9 @@ def codes_main(input_shape, out_shape, w_t, codes: ConvCodes, tasks) -> tirx.Pri
 
     ``E = 2**steps - 1``. It stores the static output scale. (TVMScript has no optional
     parameters: one signature per variant.)"""
-    from .glue import FORM_FIELDS, SEARCH_LANES  # (glue imports the kernels: imported on use)
+    from csqc.targets.tvm.code_thresholds import FORM_FIELDS
+
+    from .glue import SEARCH_LANES
 
     B, C, H, W = (int(v) for v in input_shape)
     out_shape = tuple(int(v) for v in out_shape)

@@ -1218,7 +1218,7 @@ def bitparallel_depthwise_codes(input_shape, weight_shape, stride, padding, dila
              code_base: int8[O], acc_flip: int8[O], out_scale: float32[1], codes: uint8[B, O, OH, OW])
 
     ``out_scale`` receives the static output scale. Needs :func:`depthwise_codes_fit`."""
-    from .glue import FORM_FIELDS
+    from csqc.targets.tvm.code_thresholds import FORM_FIELDS
 
     geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, int(input_shape[1]))
     if not depthwise_codes_fit(geo):

@@ -1,7 +1,7 @@
 """Activation codes by a constant scale without a divide, proved exact per scale when compiling.
 
 A static quantizer (``compile --calibrate``) computes ``code = min(roundeven(RN(n / S)), L)``
-for every numerator ``n = min(RN(|x| * L), RN((L + 1) * S))``; ``glue._quotient`` divides
+for every numerator ``n = min(RN(|x| * L), RN((L + 1) * S))``; ``glue.common._quotient`` divides
 exactly for any ``S`` in 1 multiply + 4 FMAs. For one known ``S`` cheaper forms usually give the
 same *codes* (not the same quotients, which is all a code needs):
 

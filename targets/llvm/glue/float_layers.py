@@ -1,0 +1,336 @@
+"""Float convolution and linear layers (FMA register tiles), with their fused tails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import tirx as I
+
+from .common import (
+    _activation, _check_act, F32, _f32, _flat, _for_each, LANES, _largest_divisor, _levels, _local, _pair,
+    _parallel_or_serial, _prim_func, _QUOTIENT_DIVISORS, _rounded)
+from .quantizers import _divisor_of, _store_codes
+from .epilogues import _layer_value
+
+
+@dataclass(frozen=True)
+class ConvKnobs:
+    """Register tile of :func:`conv2d_f32`: ``oc_block`` output channels (weights broadcast)
+    x ``segment`` output pixels along a row (vector lanes); ``oc_block * segment / 16`` zmm
+    accumulators (keep <= ~24)."""
+
+    oc_block: int = 8
+    segment: int = 32
+
+
+@dataclass(frozen=True)
+class LinearKnobs:
+    """Register tile of :func:`linear_f32`: ``m_block`` rows x ``n_block`` outputs, each a
+    16-lane partial dot product along K."""
+
+    m_block: int = 4
+    n_block: int = 4
+
+
+def conv_output_hw(input_hw, kernel_hw, stride, padding, dilation) -> tuple[int, int]:
+    """``(OH, OW)`` of a convolution (the interpreter's ``_im2col`` arithmetic)."""
+    (h, w), (kh, kw) = input_hw, kernel_hw
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"convolution output would be empty ({oh}x{ow})")
+    return oh, ow
+
+
+@dataclass(frozen=True)
+class FloatTail:
+    """:func:`epilogue`'s float chain of a float-input quantized layer (``levels`` None: ``y =
+    act(acc * mult[c] + add[c])``), for a float kernel to apply while its sums are still in
+    registers (:func:`conv2d_f32` with ``tail``): the same expression, so the same bits, and no
+    float accumulator buffer written and read back. Writes ``y``, or with ``out_bits`` and a
+    static ``out_scale`` its codes as :func:`epilogue` lays them out."""
+
+    act: str = "none"
+    clip_lo: float = 0.0
+    clip_hi: float = 0.0
+    has_add: bool = False
+    out_bits: int | None = None
+    out_scale: float = 0.0
+    out_signed: bool = False
+    out_offset: bool = False
+
+    def __post_init__(self):
+        _check_act(self.act)
+        if self.out_bits is not None and not (self.out_scale > 0 and (not self.out_offset or self.out_signed)):
+            raise ValueError("a float tail writes codes of a static scale only (offset codes signed)")
+
+    def params(self, channels: int, out_shape) -> list[tuple[str, tuple, str]]:
+        """``mult``, ``add``, then ``y``, or ``out_scale`` and the code buffers (epilogue's order)."""
+        params = [("mult", (channels,), F32)] + ([("add", (channels,), F32)] if self.has_add else [])
+        if self.out_bits is None:
+            return params + [("y", tuple(out_shape), F32)]
+        params += [("out_scale", (1,), F32), ("codes_pos", tuple(out_shape), "uint8")]
+        if self.out_signed and not self.out_offset:
+            params.append(("codes_neg", tuple(out_shape), "uint8"))
+        return params
+
+    def emit_prologue(self, named: dict) -> None:
+        if self.out_bits is not None:
+            I.buffer_store(named["out_scale"], _f32(self.out_scale), [0])
+
+    def store(self, acc, c, i, named: dict) -> None:
+        """Element ``i`` (flat output index, channel ``c``) from float sum ``acc``."""
+        value = _layer_value(acc, c, named, None, self.act, self.clip_lo, self.clip_hi, False)
+        if self.out_bits is None:
+            I.buffer_store(_flat(named["y"]), value, [i])
+            return
+        levels = _levels(self.out_bits)
+        divisor = _divisor_of(named["out_scale"], self.out_scale, levels + 1, levels)
+        lo, hi = _QUOTIENT_DIVISORS
+        fast = divisor if lo <= float(np.float32(self.out_scale)) <= hi else None  # epilogue's branch, decided here
+        nonnegative = self.act == "relu" or (self.act == "clip" and min(self.clip_lo, self.clip_hi) >= 0)
+        neg = _flat(named["codes_neg"]) if "codes_neg" in named else None
+        _store_codes(_rounded(value), i, named["out_scale"], levels, True, self.out_offset, _flat(named["codes_pos"]),
+                     neg, fast=fast, nonnegative=nonnegative)
+
+
+def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int, has_bias: bool,
+               act: str = "none", clip_lo: float = 0.0, clip_hi: float = 0.0,
+               knobs: ConvKnobs | None = None, tail: FloatTail | None = None) -> tirx.PrimFunc:
+    """Float32 grouped conv2d (NCHW), ``y = act(conv(x, w) + b)``.
+
+    Parameters: ``x: f32[N,C,H,W], w: f32[O,C/groups,KH,KW], b: f32[O]`` (when ``has_bias``),
+    ``y: f32[N,O,OH,OW]``; with ``tail`` (no bias, no act: a float-input quantized layer's
+    product), ``tail.params`` in place of ``y``, and each sum goes through ``tail.store``.
+
+    Schedule: when the conv pads or strides, a prologue writes the zero-padded input split into
+    stride phases (``xph[n, c, rh, rw, i, j] = xpad[n, c, i*sh + rh, j*sw + rw]``), so every tap
+    reads a contiguous run of pixels.  The main loop is a register tile of ``oc_block`` output
+    channels x ``segment`` pixels of one output row (vectorized along the row; 1x1 convs use
+    the flattened ``OH*OW`` row instead): per tap, ``segment/16`` vector loads, one broadcast
+    weight per channel, ``oc_block * segment/16`` FMAs.  Tiles (batch, channel block, row,
+    segment) are the parallel tasks; the last segment of a row is a narrower vector.
+    """
+    _check_act(act)
+    n, c, h, w = (int(s) for s in input_shape)
+    o, cg, kh, kw = (int(s) for s in weight_shape)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    if c != cg * groups or o % groups:
+        raise ValueError(f"channels {c} -> {o} do not split into {groups} groups of {cg} inputs")
+    oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
+    og = o // groups
+    knobs = knobs or default_conv_knobs(o, cg * kh * kw, (sh, sw), groups)
+    phased = (sh, sw, ph, pw) != (1, 1, 0, 0)
+    # Source planes: the phased padded input, or x itself.
+    src_h = -(-(h + 2 * ph) // sh) if phased else h
+    src_w = -(-(w + 2 * pw) // sw) if phased else w
+    pointwise = kh == 1 and kw == 1  # the phase (0,0) plane is exactly OH x OW: flatten it
+    rows, row_len = (1, oh * ow) if pointwise else (oh, ow)
+    oc_block = _largest_divisor(o, knobs.oc_block)
+    oc_blocks = o // oc_block
+    tiles = _row_tiles(row_len, knobs.segment)
+
+    if tail is not None and (has_bias or act != "none"):
+        raise ValueError("a conv with a float tail has no bias or activation of its own")
+    params = [("x", (n, c, h, w), F32), ("w", (o, cg, kh, kw), F32)]
+    if has_bias:
+        params.append(("b", (o,), F32))
+    params += tail.params(o, (n, o, oh, ow)) if tail is not None else [("y", (n, o, oh, ow), F32)]
+
+    def body(x, weight, *rest):
+        named = dict(zip([name for name, _, _ in params[2:]], rest))
+        bias = named.get("b")
+        x_flat = _flat(x)
+        y_flat = _flat(named["y"]) if tail is None else None
+        if tail is not None:
+            tail.emit_prologue(named)
+        if phased:
+            src = I.alloc_buffer((n * c * sh * sw * src_h * src_w,), F32, scope="global")
+            _emit_phase_split(x_flat, src, (n, c, h, w), (sh, sw), (ph, pw), (src_h, src_w), 0.0)
+        else:
+            src = x_flat
+
+        def tile(batch, oc0, row, col0, width):
+            acc = _local((oc_block * width,))
+            with I.unroll(0, oc_block) as oi:
+                with I.vectorized(0, width) as lane:
+                    I.buffer_store(acc, _f32(0.0), [oi * width + lane])
+            with I.serial(0, cg) as ic:
+                with I.serial(0, kh) as ki:
+                    with I.unroll(0, kw) as kj:
+                        with I.unroll(0, oc_block) as oi:
+                            with I.vectorized(0, width) as lane:
+                                channel = ((oc0 + oi) // og) * cg + ic
+                                plane = ((batch * c + channel) * sh + (ki * dh) % sh) * sw + (kj * dw) % sw
+                                pixel = (row + (ki * dh) // sh) * src_w + col0 + lane + (kj * dw) // sw
+                                tap = src[plane * (src_h * src_w) + pixel] * weight[oc0 + oi, ic, ki, kj]
+                                I.buffer_store(acc, acc[oi * width + lane] + tap, [oi * width + lane])
+            with I.unroll(0, oc_block) as oi:
+                with I.vectorized(0, width) as lane:
+                    value = acc[oi * width + lane]
+                    out = ((batch * o + oc0 + oi) * rows + row) * row_len + col0 + lane
+                    if tail is not None:
+                        tail.store(value, oc0 + oi, out, named)
+                    else:
+                        if bias is not None:
+                            value = value + bias[oc0 + oi]
+                        I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [out])
+
+        segments = sum(count for count, _ in tiles)
+        with I.parallel(0, n * oc_blocks * rows * segments) as task:
+            seg = task % segments
+            row = task // segments % rows
+            oc0 = task // (segments * rows) % oc_blocks * oc_block
+            batch = task // (segments * rows * oc_blocks)
+            _dispatch_tiles(tiles, seg, lambda col0, width: tile(batch, oc0, row, col0, width))
+
+    return _prim_func(params, body)
+
+
+def default_conv_knobs(out_channels: int, taps: int, stride: tuple[int, int], groups: int) -> ConvKnobs:
+    """:func:`conv2d_f32`'s register tile unless one is given: a strided conv of few taps per
+    output (an image stem: 3 channels x 3x3) and at most 32 outputs takes them all in one tile of
+    16 pixels, so every input vector it loads feeds one FMA per output channel. Measured, 3 -> O
+    3x3 stride 2 at 224x224 (2 threads), against 8 channels x 32 pixels: O = 32 173 -> 97 us
+    (MobileNetV2's stem), 16 113 -> 54, 24 110 -> 78; 64 outputs in two tiles of 32 lose (219 ->
+    270), and so do unstrided stems (3 -> 64 at 224x224: 497 against 602 us). At most 24
+    channels a tile (conv2d_f32 takes the largest divisor of O up to that): 32 accumulators are
+    all of AVX-512's registers, and around a calibrated stem's codes tail they spilled
+    (MobileNetV2 calibrated, Zen 5, alternating runs: 911 -> 884 us with tiles of 16)."""
+    if groups == 1 and max(stride) > 1 and taps <= 32 and out_channels <= 32:
+        return ConvKnobs(oc_block=min(out_channels, 24), segment=LANES)
+    return ConvKnobs()
+
+
+def _row_tiles(row_len: int, segment: int) -> list[tuple[int, int]]:
+    """Cover a row with ``(count, width)`` runs of tiles: full segments, then the remainder as
+    whole vectors, then one narrow vector (odd widths such as 17 or 24 make LLVM emit poor code)."""
+    segment = max(LANES, segment // LANES * LANES)
+    full, rest = divmod(row_len, segment)
+    tiles = [(full, segment)] if full else []
+    if rest >= LANES:
+        tiles.append((1, rest // LANES * LANES))
+    if rest % LANES:
+        tiles.append((1, rest % LANES))
+    return tiles
+
+
+def _dispatch_tiles(tiles, index, emit_tile):
+    """``emit_tile(col0, width)`` for tile ``index`` of the runs in ``tiles`` (uniform branches)."""
+    (count, width), rest = tiles[0], tiles[1:]
+    if not rest:
+        emit_tile(index * width, width)
+        return
+    with I.If(index < count):
+        with I.Then():
+            emit_tile(index * width, width)
+        with I.Else():
+            _dispatch_tiles([(c, w) for c, w in rest], index - count, lambda col0, w: emit_tile(count * width + col0, w))
+
+
+def _emit_phase_split(x_flat, dst, shape, stride, padding, dst_hw, fill: float):
+    """``dst[n, c, rh, rw, i, j] = xpad[n, c, i*sh + rh, j*sw + rw]`` (``fill`` outside ``x``).
+
+    Parallel over destination rows; the row test is uniform, the column test is a per-lane
+    select on a clamped (always in-bounds) load. With column stride 2 a vector of 16 columns
+    whose 32 source columns lie inside the row is two contiguous loads and one shuffle of their
+    even (or odd) lanes instead: per-lane loads of every other column (16 scalar loads and
+    inserts a vector) took a third of MobileNetV2's stem.
+    """
+    n, c, h, w = shape
+    (sh, sw), (ph, pw), (dst_h, dst_w) = stride, padding, dst_hw
+    rows = n * c * sh * sw * dst_h
+
+    def source_row(row):
+        """``(plane, ih, rw)``: destination row ``row``'s input plane (n * C + c), input row and
+        column phase."""
+        i = row % dst_h
+        rw = row // dst_h % sw
+        rh = row // (dst_h * sw) % sh
+        return row // (dst_h * sw * sh), i * sh + rh - ph, rw
+
+    def emit(row, j):
+        plane, ih, rw = source_row(row)
+        iw = j * sw + rw - pw
+        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
+        load = x_flat[plane * (h * w) + tirx.min(tirx.max(ih, 0), h - 1) * w + tirx.min(tirx.max(iw, 0), w - 1)]
+        I.buffer_store(dst, tirx.Select(inside, load, _f32(fill)), [row * dst_w + j])
+
+    if sw != 2 or dst_w < LANES:
+        _for_each(rows, dst_w, emit)
+        return
+    full = dst_w // LANES
+    even_lanes = [tirx.const(2 * lane, "int32") for lane in range(LANES)]
+    with _parallel_or_serial(rows, rows * dst_w) as row:
+        plane, ih, rw = source_row(row)
+        with I.serial(0, full) as v:
+            first = v * (LANES * sw) + rw - pw  # the vector's first source column
+            with I.If(tirx.all(ih >= 0, ih < h, first >= 0, first + 2 * LANES <= w)):
+                with I.Then():
+                    source = plane * (h * w) + ih * w + first
+                    pair = [x_flat[tirx.Ramp(source, 1, LANES)], x_flat[tirx.Ramp(source + LANES, 1, LANES)]]
+                    I.buffer_store(dst, tirx.Shuffle(pair, even_lanes), [tirx.Ramp(row * dst_w + v * LANES, 1, LANES)])
+                with I.Else():
+                    with I.vectorized(0, LANES) as lane:
+                        emit(row, v * LANES + lane)
+        if dst_w % LANES:
+            with I.vectorized(0, dst_w % LANES) as lane:
+                emit(row, full * LANES + lane)
+
+
+def linear_f32(M: int, K: int, N: int, has_bias: bool, act: str = "none", clip_lo: float = 0.0,
+               clip_hi: float = 0.0, knobs: LinearKnobs = LinearKnobs()) -> tirx.PrimFunc:
+    """Float32 linear layer ``y = act(x @ w.T + b)``.
+
+    Parameters: ``x: f32[M,K], w: f32[N,K], b: f32[N]`` (when ``has_bias``), ``y: f32[M,N]``.
+
+    Schedule: dot products along K (both operands contiguous, so the weights stream once,
+    which is what batch-1 layers need): a register tile of ``m_block x n_block`` 16-lane partial
+    sums, parallel over tiles, the K remainder and the lane sums folded at the end.
+    """
+    _check_act(act)
+    m_block = _largest_divisor(M, knobs.m_block)
+    n_block = _largest_divisor(N, knobs.n_block if M > 1 else 2 * knobs.n_block)
+    k_vectors, k_tail = divmod(K, LANES)
+    n_tiles = N // n_block
+    params = [("x", (M, K), F32), ("w", (N, K), F32)]
+    if has_bias:
+        params.append(("b", (N,), F32))
+    params.append(("y", (M, N), F32))
+
+    def body(x, weight, *rest):
+        bias, y = (rest[0], rest[1]) if has_bias else (None, rest[0])
+        with _parallel_or_serial((M // m_block) * n_tiles, M * N * K) as task:
+            m0 = task // n_tiles * m_block
+            n0 = task % n_tiles * n_block
+            acc = _local((m_block * n_block * LANES,))
+            total = _local((m_block * n_block,))
+            with I.unroll(0, m_block * n_block) as ij:
+                with I.vectorized(0, LANES) as lane:
+                    I.buffer_store(acc, _f32(0.0), [ij * LANES + lane])
+            if k_vectors:
+                with I.serial(0, k_vectors) as kv:
+                    with I.unroll(0, m_block) as i:
+                        with I.unroll(0, n_block) as j:
+                            with I.vectorized(0, LANES) as lane:
+                                slot = (i * n_block + j) * LANES + lane
+                                product = x[m0 + i, kv * LANES + lane] * weight[n0 + j, kv * LANES + lane]
+                                I.buffer_store(acc, acc[slot] + product, [slot])
+            with I.unroll(0, m_block) as i:
+                with I.unroll(0, n_block) as j:
+                    I.buffer_store(total, _f32(0.0), [i * n_block + j])
+                    with I.unroll(0, LANES) as lane:
+                        I.buffer_store(total, total[i * n_block + j] + acc[(i * n_block + j) * LANES + lane], [i * n_block + j])
+                    if k_tail:
+                        with I.serial(0, k_tail) as kt:
+                            k = k_vectors * LANES + kt
+                            I.buffer_store(total, total[i * n_block + j] + x[m0 + i, k] * weight[n0 + j, k], [i * n_block + j])
+                    value = total[i * n_block + j]
+                    if bias is not None:
+                        value = value + bias[n0 + j]
+                    I.buffer_store(y, _activation(value, act, clip_lo, clip_hi), [m0 + i, n0 + j])
+
+    return _prim_func(params, body)
