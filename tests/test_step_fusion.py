@@ -179,6 +179,46 @@ def test_small_dense_takes_every_code_of_either_sign(cpu):
     np.testing.assert_array_equal(got, (pos.astype(np.int64) - neg) @ q.T.astype(np.int64))
 
 
+@pytest.mark.parametrize("max_code,max_weight", [(127, 128), (255, 63)])
+def test_small_dense_one_product_on_avx2_is_exact_where_int16_holds_it(max_code, max_weight):
+    """AVX2 takes both sign parts in one ``vpmaddubsw`` pair sum where codes times weights one
+    larger in magnitude (the complement ``~w = -w - 1``) keep pairs within int16: 2 * 127 * 129
+    just fits, so every int8 weight with codes below 128, or weights within 63 with any byte code.
+    The largest codes meet the largest weights of either sign; every code value is once a
+    negative and once a positive part; one multiply per weight vector where there were two."""
+    assert isa.avx2_dot_exact(max_code, max_weight + 1) and not isa.avx2_dot_exact(max_code, max_weight + 2)
+    k, n = max_code + 6, 40
+    q = RNG.integers(-min(max_weight, 127), min(max_weight, 127) + 1, (n, k)).astype(np.int8)
+    q[0], q[1], q[2] = min(max_weight, 127), -max_weight, np.where(np.arange(k) % 2, -max_weight, min(max_weight, 127))
+    values = np.arange(1, max_code + 1)
+    pos, neg = np.zeros((4, k), np.uint8), np.zeros((4, k), np.uint8)
+    neg[0, :values.size], pos[1, :values.size] = values, values
+    neg[2, :], pos[3, :] = max_code, max_code
+    with kernels.cpu_target(AVX2_CPU):
+        one = kernels.bitparallel_dense_signed(4, n, k, True, False, one_product=True)
+        two = kernels.bitparallel_dense_signed(4, n, k, True, False)
+        (got,) = run(one, pos, neg, pack_bitparallel_weight(q, "int8"), outputs=[((4, n), "int32")])
+    np.testing.assert_array_equal(got, (pos.astype(np.int64) - neg) @ q.T.astype(np.int64))
+    multiplies = [f.script().count("pmadd.ub.sw") for f in (one, two)]
+    assert multiplies[0] > 0 and 2 * multiplies[0] == multiplies[1], multiplies
+
+
+def test_an_avx2_lstm_step_takes_both_sign_parts_in_one_product(tmp_path):
+    """A w4a8 LSTM step built for an AVX2 CPU (symmetric 8-bit codes of signed values: two parts):
+    its small dense layers take the one-product form where K is whole groups of 4 (its 16-wide
+    recurrent one), two products where not (its 6 inputs), and verify exactly."""
+    model = _step_model(tmp_path, nn.LSTM)
+    out = tmp_path / "avx2.so"
+    csqc.compile(model, "llvm", out, mcpu=AVX2_CPU)
+    plan = runtime.load(out).plan
+    small = {step["layer"] for step in plan["steps"] if "bpdense_small" in step["func"]}
+    one = {name: plan["layers"][name].get("one_product") for name in small}
+    assert one == {name: plan["layers"][name]["k"] % 4 == 0 for name in small} and True in one.values() \
+        and False in one.values(), one
+    report = csqc.verify(model, samples=4, artifact=str(out), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+
+
 # ------------------------------------------------------------------------------------------
 # End to end: LSTM / GRU steps, fused against unfused, verify
 # ------------------------------------------------------------------------------------------

@@ -794,7 +794,7 @@ SERIAL_DENSE_MACS = 1 << 19
 
 
 def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, parallel: bool | None = None,
-                             col_vectors: int = 4) -> tirx.PrimFunc:
+                             col_vectors: int = 4, one_product: bool | None = None) -> tirx.PrimFunc:
     """Bit-parallel dense kernel for small layers: signed codes' two sign parts in one call.
 
     ``two_signs``::
@@ -802,13 +802,15 @@ def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, par
         main(x_pos: uint8[M, K], x_neg: uint8[M, K], w: int8[ceil(N/16), ceil(K/4), 64], y: int32[M, N])
 
     computes ``y = x_pos @ q.T - x_neg @ q.T`` (the signed codes ``x_pos - x_neg`` times ``q``;
-    at each position at most one part is not 0, as quantizers write them). On AVX-512 one
-    ``vpdpbusd`` multiplies the parts' OR by each weight vector with the negative positions'
-    bytes complemented, the accumulators starting from the row's sum of negative parts
-    (``isa.sign_flip_mask``); elsewhere each weight vector is loaded once for two dot products,
-    one per part, whose difference is exact in int32 (each is within the layer's accumulator
-    bound, so is their difference). Without ``two_signs`` the kernel has one code buffer and
-    computes ``y = x @ q.T``.
+    at each position at most one part is not 0, as quantizers write them). With
+    ``one_product`` (default: on AVX-512) one dot product multiplies the parts' OR by each
+    weight vector with the negative positions' bytes complemented, the accumulators starting
+    from the row's sum of negative parts (``isa.sign_flip_mask``); on AVX2 that is exact only
+    where pairs of codes times weights one larger in magnitude fit int16 (the caller's bound:
+    ``CpuBackend.small_dense_one_product``). Otherwise each weight vector is loaded once for two
+    dot products, one per part, whose difference is exact in int32 (each is within the layer's
+    accumulator bound, so is their difference). Without ``two_signs`` the kernel has one code
+    buffer and computes ``y = x @ q.T``.
 
     Weights are :func:`bitparallel_dense`'s int8 layout (zero padded along K). A K that is not a
     multiple of 4 needs no padded copy of the codes: full groups are read as unaligned words,
@@ -816,7 +818,7 @@ def bitparallel_dense_signed(M: int, N: int, K: int, two_signs: bool = True, par
     from :data:`SERIAL_DENSE_MACS` multiply-adds.
     """
     signs = 2 if two_signs else 1
-    one_product = two_signs and tier() == AVX512  # both sign parts in one dot product
+    one_product = two_signs and (tier() == AVX512 if one_product is None else one_product)
     parallel = M * N * K >= SERIAL_DENSE_MACS if parallel is None else parallel
     n_tiles = -(-N // VNNI_LANES)
     k_groups, k_full = -(-K // 4), K // 4

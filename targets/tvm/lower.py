@@ -122,6 +122,8 @@ class _Lowerer:
         self.backend_tile_dense = getattr(b, "tile_dense", None)
         # and take both sign parts of signed codes in one pass (the llvm one on AVX-512, few rows)
         self.backend_signed_dense = getattr(b, "signed_dense", None)
+        # and, in its small dense kernel, in one dot product (the llvm one: AVX-512, AVX2 within int16)
+        self.backend_small_dense_one_product = getattr(b, "small_dense_one_product", None)
         self.backend_tile_conv = getattr(b, "tile_conv", None)
         # and write a calibrated conv's codes straight from the tiles (amx_pointwise_codes), or a
         # linear layer's float output (amx_dense_epilogue)
@@ -1118,8 +1120,12 @@ class _Lowerer:
         info["pack"] = "dense"
         w = self._bitparallel_weights(n, pack_bitparallel_layout("dense", q, shape, 1))
         two_signs = len(codes) == 2
-        f = self.plan.func(f"bpdense_small({m},{shape[0]},{k},{two_signs})",
-                           lambda: self.kernels.bitparallel_dense_signed(m, shape[0], k, two_signs))
+        one = {}  # (a keyword only backends that choose the one-product form take)
+        if two_signs and self.backend_small_dense_one_product is not None:
+            one["one_product"] = bool(self.backend_small_dense_one_product(n, q))
+            info["one_product"] = one["one_product"]  # (for readers of the plan: both sign parts in one dot product)
+        key = f"bpdense_small({m},{shape[0]},{k},{two_signs})" + (",one" if one.get("one_product") else "")
+        f = self.plan.func(key, lambda: self.kernels.bitparallel_dense_signed(m, shape[0], k, two_signs, **one))
         (acc,) = accs
         self.plan.call(f, [self._as_2d(c, n) for c in codes] + [w, self._as_2d(acc, n)], n.name)
 
