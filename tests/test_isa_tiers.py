@@ -89,6 +89,15 @@ def test_avx2_strided_depthwise_convs_over_large_planes_accumulate_in_int32():
     assert avx512.depthwise_int16_pays(geo(96, 112, 2))
 
 
+def test_a_kernel_builds_for_the_target_in_scope():
+    """``kernels.build`` without a target compiles for the target in scope, the one whose tier
+    chose the kernel's instructions: an AVX2 kernel built on an AVX-512 machine holds no 512-bit
+    register (it once compiled for this machine's CPU, and LLVM widened AVX2 code to AVX-512)."""
+    with kernels.cpu_target(AVX2_CPU):
+        assembly = kernels.build(kernels.bitparallel_dense_signed(1, 64, 256, one_product=True)).assembly()
+    assert "ymm" in assembly and "zmm" not in assembly and "ymm16" not in assembly
+
+
 def test_kernels_refuse_instructions_their_target_lacks():
     """A kernel built for one tier and compiled for a smaller one raises (LLVM would abort the process)."""
     if HOST_TIER == isa.AVX512:

@@ -333,8 +333,9 @@ class CpuBackend:
         layer ``n``'s two sign parts in one dot product (``isa.sign_flip_mask``): on AVX-512
         always (``vpdpbusd`` sums in int32), on AVX2 where a pair of products still fits
         ``vpmaddubsw``'s int16 with the weights complemented (``~w = -w - 1``: one larger in
-        magnitude) and K is whole groups of 4. AVX2 code timed on a Zen 4 core (one row,
-        1024 outputs): K 256 4.5 -> 2.4 us, K 96 1.7 -> 0.9; but K 98 (a partial group) 1.7 -> 3.5."""
+        magnitude) and K is whole groups of 4. AVX2 code (built for ``haswell``) timed on a Zen 4
+        core, one row of 1024 outputs: K 256 4.9 -> 3.3 us, K 96 1.9 -> 1.2; but K 98 (a partial
+        group) 2.0 -> 3.9."""
         if self.tier == AVX512:
             return True
         max_code, max_weight = avx2_dot_bounds(n.quant, q)

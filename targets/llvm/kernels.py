@@ -214,8 +214,10 @@ class CompiledKernel:
 
 
 def build(prim_func: tirx.PrimFunc, target: tvm.target.Target | None = None) -> CompiledKernel:
-    """Compile a kernel PrimFunc for the CPU and wrap it for numpy use."""
-    target = target or cpu_target()
+    """Compile a kernel PrimFunc for the CPU and wrap it for numpy use: for ``target``, else the
+    target in scope (the one whose tier built the kernel: ``with cpu_target("haswell")``), else
+    this machine's."""
+    target = target or tvm.target.Target.current(allow_none=True) or cpu_target()
     missing = missing_features([prim_func], target)
     if missing:
         raise CompileError(f"this kernel uses instructions {target.attrs.get('mcpu', 'the CPU')} lacks: "
