@@ -240,10 +240,10 @@ def _check_baked_scales(model, calibration: Calibration, where) -> None:
                            f"({scale_hex(s.scale)}), the graph computes with {value.reshape(-1)[:1].tolist()}: "
                            "the metadata was edited; compile the model again")
         point = baked.get(f"{name}.static_zero_point")
-        if point is not None and numpy_helper.to_array(point).reshape(-1)[:1].tolist() != [float(s.zero_point)]:
+        baked_point = [] if point is None else numpy_helper.to_array(point).reshape(-1)[:1].tolist()
+        if point is not None and baked_point != [float(s.zero_point)]:
             raise BadInput(f"{where}: the stored calibration gives quantizer {name!r} zero point {s.zero_point}, "
-                           f"the graph computes with {numpy_helper.to_array(point).reshape(-1)[:1].tolist()}: "
-                           "the metadata was edited; compile the model again")
+                           f"the graph computes with {baked_point}: the metadata was edited; compile the model again")
 
 
 def artifact_calibration(path) -> Calibration | None:
