@@ -352,6 +352,7 @@ def test_bitparallel_dense_from_planes_and_int16():
 @pytest.mark.parametrize("cpu", [None, "cascadelake"])  # this CPU's (GFNI where it has it), and without GFNI
 @pytest.mark.parametrize("m,n,k,weights,two_signs", [
     (1, 48, 96, "posneg", True),     # CSQ 4-bit weights in [-15, 15]: a fifth bit worth -16
+    (1, 80, 64, "posneg", True),     # one row, 3-vector tiles: a last tile of 2 vectors
     (1, 32, 64, "posneg", False),
     (3, 16, 32, "unsigned", True),   # [0, 15]: nibbles only
     (5, 32, 288, "posneg", True),    # a 4-row tile and a row alone; every negative code
@@ -397,6 +398,22 @@ def test_nibble_fifth_bits_spread_by_one_affine_product_where_the_cpu_has_gfni()
         with kernels.cpu_target(cpu):
             script = kernels.nibble_dense(1, 32, 64, -16).script()
         assert ("vgf2p8affineqb" in script) == gfni, cpu
+
+
+@pytest.mark.parametrize("cpu", ["znver4", "sapphirerapids"])
+def test_nibble_gemv_keeps_its_tile_in_registers(cpu):
+    """At one row no layout spills vector registers in the task's loop: spilled zmm registers go
+    to unaligned stack slots (LLVM cannot realign once it has given the frame pointer away), and
+    then their cost depends on the calling thread's stack alignment, process by process (four
+    column vectors with a fifth bit and sign parts spilled 20)."""
+    for high in (0, -16, 16):
+        for two_signs in (False, True):
+            with kernels.cpu_target(cpu):
+                assembly = kernels.build(kernels.nibble_dense(1, 256, 256, high, two_signs)).assembly()
+            task = assembly[assembly.index("__tvm_parallel_lambda:"):]
+            task = task[:task.index(".Lfunc_end")]
+            spills = [line for line in task.splitlines() if "zmm" in line and "(%rsp)" in line]
+            assert not spills, (cpu, high, two_signs, spills[:3])
 
 
 @pytest.mark.parametrize("encoding", ["posneg", "offset"])

@@ -45,13 +45,18 @@ _ON_STACK = {"disable_lower_builtin": True}  # see kernels._ON_STACK
 _MAX_ACCUMULATORS = 16  # zmm accumulators per register tile (unpacked weights need the rest)
 
 
-def nibble_blocking(M: int, signs: int) -> tuple[int, int]:
+def nibble_blocking(M: int, signs: int, high: int = 0) -> tuple[int, int]:
     """(rows, 16-output vectors) per register tile: four vectors for one row (fewer, longer
-    weight streams per task), else as many rows as the accumulators allow with two vectors;
-    half as many with sign parts, whose rows hold their own sign-flipped weight vectors (8
-    rows spilled: 4096 x 4096 at 8 rows on a Zen 4, 2 threads, 4 rows 668 us, 8 rows 740-806)."""
+    weight streams per task), three where a fifth bit meets sign parts (``high`` and ``signs ==
+    2``: the eight ``bit_spread`` matrices and the sign masks leave too few registers for four,
+    and LLVM spilled 20 zmm in the loop to unaligned stack slots, whose cost then followed the
+    calling thread's stack alignment: on a Zen 4, 2 threads, 4096 x 4096, whole w4a8 models
+    took 114 or 130 us by process, 112-119 with three vectors and no spill); else as many rows
+    as the accumulators allow with two vectors; half as many with sign parts, whose rows hold
+    their own sign-flipped weight vectors (8 rows spilled: 4096 x 4096 at 8 rows on a Zen 4,
+    2 threads, 4 rows 668 us, 8 rows 740-806)."""
     if M == 1:
-        return 1, 4
+        return 1, 3 if high and signs == 2 else 4
     return max(1, min(M, _MAX_ACCUMULATORS // (2 * signs))), 2
 
 
@@ -115,7 +120,7 @@ def nibble_dense(M: int, N: int, K: int, high: int, two_signs: bool = False) -> 
     if N % VNNI_LANES or K % NIBBLE_K:
         raise ValueError(f"the nibble kernel needs N % {VNNI_LANES} == 0 and K % {NIBBLE_K} == 0, got N={N}, K={K}")
     n_tiles, k_blocks = N // VNNI_LANES, K // NIBBLE_K
-    row_block, col_vectors = nibble_blocking(M, 2 if two_signs else 1)
+    row_block, col_vectors = nibble_blocking(M, 2 if two_signs else 1, high)
     col_vectors = min(col_vectors, n_tiles)
     row_blocks, col_blocks = -(-M // row_block), -(-n_tiles // col_vectors)
 
