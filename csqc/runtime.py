@@ -49,6 +49,11 @@ _FRESH_OUTPUT_MIN_BYTES = 1 << 17
 # MobileNetV2's 588 KiB image, ~1,700 -> ~1,630 us a call (the copy's own 11 us, and the kernels
 # then reading lines the copy left dirty in one core's cache)
 _DIRECT_INPUT_MIN_BYTES = 1 << 17
+# float inputs (and outputs) of at most this many bytes in all share one block of host memory, so
+# that one scan checks them all for NaN and infinity (see _io_block_views): each scan is a numpy
+# call of ~0.7 us whatever its size, and a char-LM LSTM step reads three inputs and writes three
+# outputs around ~6 us of kernels
+_IO_BLOCK_MAX_BYTES = 1 << 16
 _ALIGNMENT = 64  # bytes: TVM's allocation alignment, which its kernels assume of every buffer
 
 
@@ -152,6 +157,10 @@ class CompiledModel:
                 self.thread_choice = ThreadChoice(self._threads, pool)
             self._in_views = [np.from_dlpack(self.buffers[s["name"]]) for s in self.inputs]
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
+        # inputs copied into the input block and outputs computed in the output block (see
+        # _io_block_views): one scan of a block checks them all
+        self._block_inputs = set(range(len(self.inputs))) if "input" in self._io_blocks else set()
+        self._outputs_in_block = "output" in self._io_blocks
         # (scale buffer, L, largest safe scale, quantize node) of every dynamic quantization:
         # see _check_overflow
         self._scales = [(self.buffers[st["args"][st.get("scale_arg", 1)]], st["levels"], largest_safe_scale(st["levels"]),
@@ -313,17 +322,49 @@ class CompiledModel:
 
         bufs: dict = {}
         specs = self.plan["buffers"]
+        blocks = {}
+        if self._in_this_process():
+            inputs = [spec["name"] for spec in self.plan["inputs"]]
+            outputs = [self._root(o["name"]) for o in self.plan["outputs"]]
+            blocks = {"input": self._io_block_views(inputs),
+                      "output": self._io_block_views(outputs) if not set(inputs) & set(outputs) else (None, {})}
+        self._io_blocks = {kind: block for kind, (block, _) in blocks.items() if block is not None}
+        in_block = {name: view for _, views in blocks.values() for name, view in views.items()}
         for name, spec in specs.items():
             if "alias" in spec:
                 continue
             if spec["kind"] == "weight":
                 bufs[name] = tvm.runtime.tensor(weights[name], self.dev)
+            elif name in in_block:
+                bufs[name] = tvm.runtime.from_dlpack(in_block[name])
             else:
                 bufs[name] = tvm.runtime.tensor(np.zeros(spec["shape"], dtype=spec["dtype"]), self.dev)
         for name, spec in specs.items():
             if "alias" in spec:
                 bufs[name] = bufs[spec["alias"]]._create_view(tuple(spec["shape"]), spec["dtype"])
         return bufs
+
+    def _io_block_views(self, buffers: list[str]) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """One zeroed float32 block of host memory holding the model's input (or output)
+        ``buffers`` when they are all float32 buffers of their own memory, at least two, and take
+        at most ``_IO_BLOCK_MAX_BYTES``; and a view of it for each, each starting on a 64-byte
+        boundary (the alignment TVM's kernels assume), the gaps left 0. (None, {}) otherwise."""
+        specs = self.plan["buffers"]
+        names = list(dict.fromkeys(buffers))
+        if not all(specs[name]["dtype"] == "float32" and "alias" not in specs[name]
+                   and specs[name]["kind"] != "weight" and math.prod(specs[name]["shape"]) > 0 for name in names):
+            return None, {}
+        slots = [-(-math.prod(specs[name]["shape"]) * 4 // _ALIGNMENT) * _ALIGNMENT for name in names]
+        if len(names) < 2 or sum(slots) > _IO_BLOCK_MAX_BYTES:
+            return None, {}
+        memory = _output_memory(sum(slots))
+        memory[...] = 0
+        views, start = {}, 0
+        for name, size in zip(names, slots):
+            shape = tuple(specs[name]["shape"])
+            views[name] = memory[start:start + math.prod(shape) * 4].view(np.float32).reshape(shape)
+            start += size
+        return memory.view(np.float32), views
 
     def _func(self, name: str):
         if name not in self._funcs:
@@ -487,10 +528,14 @@ class CompiledModel:
                 # copied first, then checked where the copy left it: in this core's cache (the
                 # user's array may be cold; 256 KiB: 16 -> 13.5 us)
                 np.copyto(self._in_views[i], x)
-                if not _all_finite(self._in_views[i]):
+                if i not in self._block_inputs and not _all_finite(self._in_views[i]):
                     raise BadInput(f"input {spec['name']} contains NaN or infinity")
             else:
                 self.buffers[spec["name"]].copyfrom(np.ascontiguousarray(x))
+        # every input of the block was copied in just now (they are small: never read in place)
+        if self._block_inputs and not _all_finite(self._io_blocks["input"]):
+            name = next(self.inputs[i]["name"] for i in sorted(self._block_inputs) if not _all_finite(self._in_views[i]))
+            raise BadInput(f"input {name} contains NaN or infinity")
         # the common call (all planes) skips the plane-setting bookkeeping
         skips = () if type(skip_planes) is int and skip_planes == 0 else self._skips(skip_planes)
         if skips != self._prepared_for:
@@ -534,7 +579,7 @@ class CompiledModel:
             outs = [v.copy() for v in self._out_views]
         else:
             outs = [self.buffers[o["name"]].numpy() for o in self.outputs]
-        self._check_overflow(outs)
+        self._check_overflow(outs, in_block=not fresh and self._outputs_in_block)
         return outs[0] if len(outs) == 1 else outs
 
     @contextlib.contextmanager
@@ -549,7 +594,7 @@ class CompiledModel:
             if capped:
                 _uncap_threads()
 
-    def _check_overflow(self, outs: list[np.ndarray]) -> None:
+    def _check_overflow(self, outs: list[np.ndarray], in_block: bool = False) -> None:
         """Refuse a run whose activations left float32's range, as the interpreter does.
 
         Past that point kernels disagree (TVM turns an infinite scale into finite garbage where
@@ -557,11 +602,14 @@ class CompiledModel:
         ``S * L`` finite is the exact condition there; outputs must be finite too: scanned,
         unless the compiler bounded an output by its layer's input scale (``finite_below``: the
         accumulator bound, ``mult`` and ``add``) and this run's scale keeps it far from overflow.
+        ``in_block``: ``outs`` are copies of the output block's views (one scan checks them all).
         """
         for buf, levels, safe, name in self._scales:
             scale = float((buf if self._host else buf.numpy().reshape(-1))[0])
             if not scale <= safe:  # quantization_overflows(scale, levels), NaN included, in 0.1 us
                 raise overflow_error(scale_overflow(name, scale, levels))
+        if in_block and _all_finite(self._io_blocks["output"]):
+            return
         for spec, y, bound in zip(self.outputs, outs, self._output_bounds):
             if bound is not None and float(bound[0][0]) * bound[1] + bound[2] < _FINITE_BOUND:
                 continue  # every value of this output's epilogue stays below float32's largest
