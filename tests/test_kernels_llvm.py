@@ -402,10 +402,9 @@ def test_nibble_fifth_bits_spread_by_one_affine_product_where_the_cpu_has_gfni()
 
 @pytest.mark.parametrize("cpu", ["znver4", "sapphirerapids"])
 def test_nibble_gemv_keeps_its_tile_in_registers(cpu):
-    """At one row no layout spills vector registers in the task's loop: spilled zmm registers go
-    to unaligned stack slots (LLVM cannot realign once it has given the frame pointer away), and
-    then their cost depends on the calling thread's stack alignment, process by process (four
-    column vectors with a fifth bit and sign parts spilled 20)."""
+    """At one row no layout spills vector registers in the task's loop: spilled zmm registers went
+    to stack slots the task does not align, so their cost depended on the calling thread's stack
+    alignment, process by process (four column vectors with a fifth bit and sign parts spilled 20)."""
     for high in (0, -16, 16):
         for two_signs in (False, True):
             with kernels.cpu_target(cpu):

@@ -237,19 +237,18 @@ def two_io_artifact(tmp_path_factory):
     model = csqc.finalize(csqc.convert(_TwoInTwoOut().eval(), n_bits=4, act_bits=4))
     folder = tmp_path_factory.mktemp("twoio")
     path = csqc.save(model, folder / "m.pt", (torch.zeros(1, 16), torch.zeros(1, 12)))
-    return path, csqc.compile(csqc.load(path), "llvm", folder / "m.so").output
+    return csqc.compile(csqc.load(path), "llvm", folder / "m.so").output
 
 
 def test_small_inputs_and_outputs_are_checked_for_nan_in_one_block(two_io_artifact):
     """Small float inputs share one block of memory, as do small float outputs, so that one scan
     checks each side: a NaN or infinity anywhere in it is still refused, naming the input (or
     output) it is in, and a refused call leaves nothing behind for the next one."""
-    _, artifact = two_io_artifact
-    model = runtime.load(artifact)
+    model = runtime.load(two_io_artifact)
     assert set(model._io_blocks) == {"input", "output"}  # the path this test is about
     rng = np.random.default_rng(4)
     x, h = rng.standard_normal((1, 16), dtype=np.float32), rng.standard_normal((1, 12), dtype=np.float32)
-    want = runtime.load(artifact)(x, h)
+    want = runtime.load(two_io_artifact)(x, h)
     for name, bad in (("input0", (np.where(np.arange(16) == 7, np.inf, x), h)),
                       ("input1", (x, np.where(np.arange(12) == 11, np.nan, h)))):
         with pytest.raises(BadInput, match=f"input {name} contains NaN or infinity"):
