@@ -195,8 +195,7 @@ class CompiledModel:
         state before the first tile instruction where layers run on tiles."""
         if self.target != "llvm" or not self._in_this_process():
             return  # (a remote server's process checks on its own machine: csqc.remote)
-        from csqc.targets.llvm.amx import host_has_amx, request_tile_permission
-        from csqc.targets.llvm.host import missing_on_host
+        from csqc.targets.llvm.host import host_has_amx, missing_on_host, request_tile_permission
 
         cpu = self.plan["target"].get("mcpu") or "another CPU"
         missing = missing_on_host(self.plan["target"].get("features", ()))

@@ -314,6 +314,22 @@ def test_bitserial_gemv_source_uses_popc_and_warp_shuffles():
     assert "__popc(" in src and "__shfl_down_sync" in src and "__shared__" in src
 
 
+def test_bench_cuda_builds_its_kernels_without_a_gpu(tmp_path):
+    """``benchmarks/bench_cuda.py --save`` compiles the timed kernels here (nvcc, no GPU) for a
+    GPU machine that has only TVM's runtime; ``--load`` times them there, and says so without one."""
+    script = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_cuda.py")]
+    proc = subprocess.run([*script, "--save", str(tmp_path), "--size", "256", "--arch", "sm_80"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("bitserial", "bitparallel"):
+        library = (tmp_path / f"{name}-256.so").read_bytes()
+        start = library.find(struct.pack("<I", 0xBA55ED50))  # the device code, compiled: a fatbin
+        assert start >= 0 and ("cubin", "sm_80") in describe_fatbin(library[start:])
+    if not tvm.cuda(0).exist:
+        proc = subprocess.run([*script, "--load", str(tmp_path), "--size", "256"], capture_output=True, text=True)
+        assert proc.returncode == 1 and "no CUDA GPU" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------
 # Toolchain errors
 # ------------------------------------------------------------------------------------------

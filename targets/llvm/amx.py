@@ -26,17 +26,13 @@ second, 16 channel groups x 16 consecutive output columns of one row, so an accu
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-
 from tvm import tirx
 from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
 
 from .codes_main import ConvCodes, codes_main
-from .host import host_has
+from .host import host_has_amx, request_tile_permission  # (here for callers of amx; the runtime imports .host)
 from .staging import phase_pairs, phase_staging
 
 __all__ = ["amx_conv2d", "amx_conv_fits", "amx_dense", "amx_dense_epilogue", "amx_dense_fits", "amx_pointwise_codes",
@@ -63,30 +59,11 @@ def _task_loop(macs: int, outputs: int = 0, parallel_outputs: int = 0):
     return T.serial
 
 
-def host_has_amx() -> bool:
-    """Whether this machine's CPU has AMX-INT8 tiles its OS enables (``host.host_has``: LLVM's
-    host CPU name alone can promise or miss them in a virtual machine)."""
-    return host_has("amx-tile", "amx-int8")
-
-
 def target_has_amx(target) -> bool:
     """Whether an LLVM target (its CPU name and ``-mattr``) has AMX-INT8 tiles."""
     from tvm.target import codegen
 
     return bool(codegen.llvm_cpu_has_features(["amx-tile", "amx-int8"], target))
-
-
-@functools.lru_cache(maxsize=1)
-def request_tile_permission() -> None:
-    """Ask Linux for the AMX tile data state for this process (once; idempotent). Raises
-    RuntimeError where it is refused (kernel before 5.16, or not Linux/x86-64)."""
-    arch_req_xcomp_perm, xfeature_xtiledata, sys_arch_prctl = 0x1023, 18, 158
-    if os.uname().sysname != "Linux" or os.uname().machine != "x86_64":
-        raise RuntimeError("AMX tile kernels need Linux on x86-64")
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) != 0:
-        raise RuntimeError(f"Linux refused the AMX tile state (arch_prctl: {os.strerror(ctypes.get_errno())}); "
-                           "compile for a CPU without tiles instead (--mcpu icelake-server)")
 
 
 def amx_dense_fits(M: int, N: int, K: int) -> bool:

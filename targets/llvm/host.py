@@ -11,9 +11,12 @@ refused with a clear message instead of crashing.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 
-__all__ = ["ISA_FEATURES", "host_flags", "host_has", "host_mattr", "isa_features", "missing_on_host"]
+__all__ = ["ISA_FEATURES", "host_flags", "host_has", "host_has_amx", "host_mattr", "isa_features", "missing_on_host",
+           "request_tile_permission"]
 
 # LLVM feature name -> the flag Linux lists in /proc/cpuinfo: the instruction sets LLVM may emit
 # for csqc's kernels (vectors, VNNI, byte permutes, popcounts, tiles) and the float glue
@@ -47,6 +50,25 @@ def host_has(*features: str) -> bool:
     """Whether this machine has every one of the LLVM ``features`` (keys of :data:`ISA_FEATURES`)."""
     flags = host_flags()
     return flags is not None and all(ISA_FEATURES[f] in flags for f in features)
+
+
+def host_has_amx() -> bool:
+    """Whether this machine's CPU has AMX-INT8 tiles its OS enables (:func:`host_has`: LLVM's
+    host CPU name alone can promise or miss them in a virtual machine)."""
+    return host_has("amx-tile", "amx-int8")
+
+
+@functools.lru_cache(maxsize=1)
+def request_tile_permission() -> None:
+    """Ask Linux for the AMX tile data state for this process (once; idempotent). Raises
+    RuntimeError where it is refused (kernel before 5.16, or not Linux/x86-64)."""
+    arch_req_xcomp_perm, xfeature_xtiledata, sys_arch_prctl = 0x1023, 18, 158
+    if os.uname().sysname != "Linux" or os.uname().machine != "x86_64":
+        raise RuntimeError("AMX tile kernels need Linux on x86-64")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) != 0:
+        raise RuntimeError(f"Linux refused the AMX tile state (arch_prctl: {os.strerror(ctypes.get_errno())}); "
+                           "compile for a CPU without tiles instead (--mcpu icelake-server)")
 
 
 def isa_features(target) -> list[str]:
