@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 
-def gpu_or_exit():
+def gpu_or_exit(program: str = "bench_cuda"):
     import tvm
 
     try:
@@ -34,7 +34,7 @@ def gpu_or_exit():
     except Exception:  # no CUDA runtime in this TVM build / no driver
         present = False
     if not present:
-        sys.exit("bench_cuda: no CUDA GPU is visible to TVM on this machine (nothing to time); "
+        sys.exit(f"{program}: no CUDA GPU is visible to TVM on this machine (nothing to run); "
                  "run it on a machine with an NVIDIA GPU and driver")
 
 
