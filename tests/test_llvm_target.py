@@ -489,6 +489,22 @@ def test_runtime_needs_neither_torch_nor_the_compiler(compiled, tmp_path):
     assert np.array_equal(np.load(tmp_path / "y.npy"), expected)
 
 
+def test_loading_an_artifact_leaves_torch_unloaded(compiled, tmp_path):
+    """TVM's FFI imports torch when it can (~2 s and 200 MB at a deployment's start): the
+    runtime imports TVM without it, and torch still imports afterwards."""
+    _, path, _ = compiled("digits-mlp")
+    script = (
+        "import sys, numpy as np, csqc.runtime\n"
+        f"m = csqc.runtime.load({str(path)!r})\n"
+        "m(np.zeros(m.inputs[0]['shape'], np.float32))\n"
+        "assert 'torch' not in sys.modules, 'loading an artifact imported torch'\n"
+        "import torch\n"
+        "assert torch.ones(2).sum().item() == 2\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_not_an_artifact_is_bad_input(tmp_path):
     for content in (b"", b"\x7fELF not really", b"PK\x03\x04 truncated zip"):
         p = tmp_path / "fake.so"
