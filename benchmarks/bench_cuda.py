@@ -27,10 +27,10 @@ import numpy as np
 
 
 def gpu_or_exit(program: str = "bench_cuda"):
-    import tvm
+    from csqc.runtime import cuda_device  # (loads TVM's CUDA runtime where TVM runs its runtime alone)
 
     try:
-        present = tvm.cuda(0).exist
+        present = cuda_device().exist
     except Exception:  # no CUDA runtime in this TVM build / no driver
         present = False
     if not present:

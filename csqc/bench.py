@@ -626,10 +626,10 @@ _ARTIFACT_KIND = {"cpu": "llvm", "cuda": "cuda"}  # --device -> the artifact tar
 
 def _gpu_arch() -> str:
     """This machine's GPU as an nvcc arch (``sm_90``), or a clear error when it has none."""
-    import tvm
+    from .runtime import cuda_device
 
     try:
-        dev = tvm.cuda(0)
+        dev = cuda_device()
         present = dev.exist
     except Exception:  # a TVM build without CUDA, or no driver
         present = False

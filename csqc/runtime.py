@@ -34,8 +34,8 @@ from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 from .targets.tvm.code_thresholds import forms_in_range  # numpy only too
 
-__all__ = ["CompiledModel", "StepTime", "ThreadChoice", "aligned_array", "load", "check_plan", "physical_cores", "pool_threads",
-           "profile_steps"]
+__all__ = ["CompiledModel", "StepTime", "ThreadChoice", "aligned_array", "cuda_device", "load", "check_plan",
+           "physical_cores", "pool_threads", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
 # an output whose values the compiler bounds below this (plan "finite_below") is not scanned
@@ -91,8 +91,34 @@ _THREAD_CAP: dict = {"calls": 0, "saved": _UNCHANGED}
 
 
 def _device(kind: str):
+    return cuda_device() if kind == "cuda" else _import_tvm().cpu(0)
+
+
+def cuda_device():
+    """TVM's first CUDA device (its ``exist`` is False on a machine without an NVIDIA GPU and
+    driver), with TVM's CUDA runtime library loaded where TVM itself has not."""
     tvm = _import_tvm()
-    return tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+    _load_cuda_runtime()
+    return tvm.cuda(0)
+
+
+def _load_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime library (the CUDA device and the loader of CUDA modules) where
+    TVM has not: with its runtime library alone (``TVM_USE_RUNTIME_LIB=1``) TVM loads no device
+    backends, and a CUDA artifact could not load, nor a GPU be seen. As TVM's CUDA backend loads
+    it; where it cannot load (no NVIDIA driver), the device reports itself absent."""
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", mode="RTLD_LOCAL",
+            extra_lib_paths=[Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent])
+    except (OSError, RuntimeError):
+        pass
 
 
 def _import_tvm():

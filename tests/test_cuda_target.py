@@ -330,6 +330,29 @@ def test_bench_cuda_builds_its_kernels_without_a_gpu(tmp_path):
         assert proc.returncode == 1 and "no CUDA GPU" in proc.stderr
 
 
+def test_cuda_runtime_loads_with_tvm_runtime_alone(tmp_path):
+    """With its runtime library alone (``TVM_USE_RUNTIME_LIB=1``) TVM loads no device backend:
+    csqc loads TVM's CUDA runtime library itself, so a GPU can be seen and CUDA modules load.
+    With no NVIDIA driver here, a stub ``libcuda.so.1`` (every driver call fails: no device)
+    lets that library load; the CUDA module loader must then be registered."""
+    names = [line.split()[-1] for line in subprocess.run(
+        ["nm", "-D", "--undefined-only", os.path.join(os.path.dirname(tvm.base._LOADED_LIBS["tvm_runtime"]._name),
+                                                      "libtvm_runtime_cuda.so")],
+        capture_output=True, text=True, check=True).stdout.splitlines() if re.search(r" cu[A-Z]\w+$", line)]
+    (tmp_path / "stub.c").write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in names))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "stub.c")],
+                   check=True)
+    script = (
+        "import tvm, tvm_ffi, csqc.runtime\n"
+        "assert tvm.base._RUNTIME_ONLY\n"
+        "assert not csqc.runtime._device('cuda').exist  # the stub driver has no device\n"
+        "assert tvm_ffi.get_global_func('ffi.Module.load_from_bytes.cuda', allow_missing=True) is not None\n"
+    )
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", LD_LIBRARY_PATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
 # ------------------------------------------------------------------------------------------
 # Toolchain errors
 # ------------------------------------------------------------------------------------------
