@@ -330,27 +330,38 @@ def test_bench_cuda_builds_its_kernels_without_a_gpu(tmp_path):
         assert proc.returncode == 1 and "no CUDA GPU" in proc.stderr
 
 
-def test_cuda_runtime_loads_with_tvm_runtime_alone(tmp_path):
-    """With its runtime library alone (``TVM_USE_RUNTIME_LIB=1``) TVM loads no device backend:
-    csqc loads TVM's CUDA runtime library itself, so a GPU can be seen and CUDA modules load.
-    With no NVIDIA driver here, a stub ``libcuda.so.1`` (every driver call fails: no device)
-    lets that library load; the CUDA module loader must then be registered."""
-    names = [line.split()[-1] for line in subprocess.run(
-        ["nm", "-D", "--undefined-only", os.path.join(os.path.dirname(tvm.base._LOADED_LIBS["tvm_runtime"]._name),
-                                                      "libtvm_runtime_cuda.so")],
-        capture_output=True, text=True, check=True).stdout.splitlines() if re.search(r" cu[A-Z]\w+$", line)]
-    (tmp_path / "stub.c").write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in names))
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "stub.c")],
-                   check=True)
-    script = (
-        "import tvm, tvm_ffi, csqc.runtime\n"
-        "assert tvm.base._RUNTIME_ONLY\n"
-        "assert not csqc.runtime._device('cuda').exist  # the stub driver has no device\n"
-        "assert tvm_ffi.get_global_func('ffi.Module.load_from_bytes.cuda', allow_missing=True) is not None\n"
-    )
-    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", LD_LIBRARY_PATH=str(tmp_path))
+@pytest.fixture(scope="module")
+def stub_driver(tmp_path_factory):
+    """A folder holding a stub ``libcuda.so.1``: every driver call TVM's CUDA runtime library
+    links fails (error 100, no device), so that library loads on this machine without an NVIDIA
+    driver, registering the CUDA device and module loader as on a GPU machine."""
+    folder = tmp_path_factory.mktemp("stub-driver")
+    runtime_dir = os.path.dirname(tvm.base._LOADED_LIBS["tvm_runtime"]._name)
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", os.path.join(runtime_dir, "libtvm_runtime_cuda.so")],
+                             capture_output=True, text=True, check=True).stdout
+    names = [line.split()[-1] for line in symbols.splitlines() if re.search(r" cu[A-Z]\w+$", line)]
+    (folder / "stub.c").write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in names))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(folder / "stub.c")], check=True)
+    return folder
+
+
+def _with_stub_driver(stub_driver, script: str, runtime_only: bool) -> None:
+    env = dict(os.environ, LD_LIBRARY_PATH=str(stub_driver))
+    if runtime_only:
+        env["TVM_USE_RUNTIME_LIB"] = "1"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_runtime_loads_with_tvm_runtime_alone(stub_driver):
+    """With its runtime library alone (``TVM_USE_RUNTIME_LIB=1``) TVM loads no device backend:
+    csqc loads TVM's CUDA runtime library itself, so a GPU can be seen and CUDA modules load."""
+    _with_stub_driver(stub_driver, (
+        "import tvm, tvm_ffi, csqc.runtime\n"
+        "assert tvm.base._RUNTIME_ONLY\n"
+        "assert not csqc.runtime.cuda_device().exist  # the stub driver has no device\n"
+        "assert tvm_ffi.get_global_func('ffi.Module.load_from_bytes.cuda', allow_missing=True) is not None\n"
+    ), runtime_only=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -461,6 +472,28 @@ def test_resnet20_compiles_for_sm90(tmp_path):
     verify_plan(graph)
     report, _ = emit_and_check(graph, tmp_path, "sm_90", "resnet20")
     assert report["kernels"]["conv1"] == "float"
+
+
+def test_cuda_artifact_library_loads_in_tvms_cuda_loader(tmp_path, stub_driver):
+    """TVM's CUDA module loader (on a stub driver: the fatbin is handed to the driver only at
+    the first launch) reads the artifact's device module, and every step's function resolves;
+    with TVM's compiler and with its runtime library alone."""
+    from csqc.models.vision import resnet20
+
+    graph = _csq_model(resnet20, (1, 3, 32, 32), tmp_path, "resnet20")
+    _, artifact = emit_and_check(graph, tmp_path, "sm_80", "resnet20")
+    script = (
+        "import csqc.runtime\n"
+        "from csqc.artifact import load_library, read_artifact\n"
+        "csqc.runtime.cuda_device()\n"
+        f"contents = read_artifact({str(artifact)!r})\n"
+        "module = load_library(contents.library)\n"
+        "assert [m.kind for m in module.imports] == ['cuda'], module.imports\n"
+        "missing = [s['func'] for s in contents.plan['steps'] if module.get_function(s['func'], query_imports=True) is None]\n"
+        "assert contents.plan['steps'] and not missing, missing\n"
+    )
+    for runtime_only in (False, True):
+        _with_stub_driver(stub_driver, script, runtime_only)
 
 
 @pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
