@@ -10,7 +10,7 @@ zero-point codes) as in ``goals.py``, saves each as a csqc model file, compiles 
 the golden interpreter on fixed random inputs (``*.ref.npz``), and builds ``bench_cuda.py``'s
 kernels. ``run`` then checks and times every artifact on the GPU:
 
-1. each artifact's outputs against the interpreter's, bit for bit (numpy and TVM's runtime only);
+1. each artifact's outputs against the interpreter's (numpy and TVM's runtime only);
 2. ``bench_cuda.py --load``: the bit-serial GEMV against cuBLAS fp16 (issue 6's 8x goal);
 3. ``csqc verify MODEL --artifact A`` (PyTorch, the interpreter, ONNX Runtime and the GPU);
 4. ``csqc bench MODEL --artifact A --device cuda`` (PyTorch fp32 / fp16 on the GPU).
@@ -93,6 +93,9 @@ def prepare(bundle: str, arch: str) -> None:
 
 
 def _check_outputs(bundle: str, base: str) -> bool:
+    """Run one artifact on its reference inputs. Failing: an error, or outputs off by more than
+    float rounding (float layers sum in another order on the GPU, and a code that flips at a
+    rounding tie moves its layer's outputs: exactness is ``csqc verify``'s to judge)."""
     from csqc import runtime
 
     ref = np.load(f"{bundle}/{base}.ref.npz")
@@ -102,11 +105,14 @@ def _check_outputs(bundle: str, base: str) -> bool:
         art = runtime.load(f"{bundle}/{base}.cuda.so")
         outs = art(*xs)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        same = len(outs) == len(ys) and all(np.array_equal(o, y) for o, y in zip(outs, ys))
-        diff = max(float(np.max(np.abs(o.astype(np.float64) - y), initial=0.0)) for o, y in zip(outs, ys))
-        print(f"  {base:28s} bit-identical={same} max|diff|={diff:.3g} call={art.time_us(*xs, repeat=50):.1f} us",
-              flush=True)
-        return same
+        if [o.shape for o in outs] != [y.shape for y in ys]:
+            raise ValueError(f"output shapes {[o.shape for o in outs]}, expected {[y.shape for y in ys]}")
+        same = all(np.array_equal(o, y) for o, y in zip(outs, ys))
+        rel = max(float(np.max(np.abs(o.astype(np.float64) - y), initial=0.0) / max(float(np.max(np.abs(y), initial=0.0)),
+                                                                                  1e-30)) for o, y in zip(outs, ys))
+        print(f"  {base:28s} bit-identical={same} max relative diff={rel:.3g} "
+              f"call={art.time_us(*xs, repeat=50):.1f} us", flush=True)
+        return rel <= 1e-3
     except Exception as e:  # report every artifact, whatever one of them does
         print(f"  {base:28s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         return False
