@@ -50,7 +50,9 @@ def _goal_calibration(name: str):
     return [torch.rand((32, *x.shape[1:]), generator=g).numpy() for x in example]
 
 
-def prepare(bundle: str, arch: str) -> None:
+def prepare(bundle: str, arch: str, only: list[str] | None = None, kernel_size: int = 4096) -> None:
+    """Write the bundle: every model (or those named in ``only``), and ``bench_cuda.py``'s
+    kernels for a ``kernel_size`` square linear layer."""
     import torch
 
     import csqc
@@ -62,12 +64,20 @@ def prepare(bundle: str, arch: str) -> None:
 
     os.makedirs(bundle, exist_ok=True)
     cases = []  # (artifact base name, model file base name, calibration)
+    unknown = set(only or ()) - {"digits-mlp", "digits-cnn", *(name for name, _ in GOAL_MODELS)}
+    if unknown:
+        raise SystemExit(f"gpu_check: no model {', '.join(sorted(unknown))}")
     for recipe in ("digits-mlp", "digits-cnn"):
+        if only and recipe not in only:
+            continue
         subprocess.run([sys.executable, "-m", "csqc", "train", recipe, "-o", f"{bundle}/{recipe}.pt"], check=True,
                        stdout=subprocess.DEVNULL)
         cases.append((recipe, recipe, None))
-    cases.append(("digits-cnn-cal", "digits-cnn", "digits"))
+        if recipe == "digits-cnn":
+            cases.append(("digits-cnn-cal", "digits-cnn", "digits"))
     for name, calibrated in GOAL_MODELS:
+        if only and name not in only:
+            continue
         torch.manual_seed(0)
         model, example = goals.CASES[name].build()
         csqc.save(model, f"{bundle}/{name}.pt", example if len(example) > 1 else example[0])
@@ -87,9 +97,10 @@ def prepare(bundle: str, arch: str) -> None:
         np.savez(f"{bundle}/{base}.ref.npz", **{f"x{i}": x for i, x in enumerate(xs)},
                  **{f"y{i}": np.asarray(y) for i, y in enumerate(ys)})
         print(f"{base}: {time.perf_counter() - start:.0f} s", flush=True)
-    subprocess.run([sys.executable, f"{HERE}/bench_cuda.py", "--save", f"{bundle}/kernels", "--arch", arch], check=True)
+    subprocess.run([sys.executable, f"{HERE}/bench_cuda.py", "--save", f"{bundle}/kernels", "--arch", arch,
+                    "--size", str(kernel_size)], check=True)
     with open(f"{bundle}/cases.json", "w") as f:
-        json.dump({"arch": arch, "cases": [[base, name] for base, name, _ in cases]}, f)
+        json.dump({"arch": arch, "kernel_size": kernel_size, "cases": [[base, name] for base, name, _ in cases]}, f)
 
 
 def _check_outputs(bundle: str, base: str) -> bool:
@@ -136,12 +147,15 @@ def run(bundle: str, report_path: str | None) -> int:
     from bench_cuda import gpu_or_exit
 
     gpu_or_exit("gpu_check")
-    cases = json.load(open(f"{bundle}/cases.json"))["cases"]
+    with open(f"{bundle}/cases.json") as f:
+        manifest = json.load(f)
+    cases = manifest["cases"]
     failed = []
     print("1. outputs against the golden interpreter's", flush=True)
     failed += [base for base, _ in cases if not _check_outputs(bundle, base)]
     print("2. kernels: batch-1 linear, 2-bit weights x 4-bit codes, against cuBLAS", flush=True)
-    if subprocess.run([sys.executable, f"{HERE}/bench_cuda.py", "--load", f"{bundle}/kernels"]).returncode:
+    if subprocess.run([sys.executable, f"{HERE}/bench_cuda.py", "--load", f"{bundle}/kernels", "--size",
+                       str(manifest["kernel_size"])]).returncode:
         failed.append("bench_cuda")
     print("3. csqc verify --artifact", flush=True)
     reports = {}
@@ -156,7 +170,7 @@ def run(bundle: str, report_path: str | None) -> int:
         if rc:
             failed.append(f"verify:{base}")
     print("4. csqc bench --device cuda", flush=True)
-    for name in BENCHED:
+    for name in (name for name in BENCHED if name in {n for _, n in cases}):
         rc, report, err = _csqc_json(["bench", f"{bundle}/{name}.pt", "--artifact", f"{bundle}/{name}.cuda.so",
                                       "--device", "cuda"], 150)
         reports[f"bench:{name}"] = report
@@ -178,10 +192,12 @@ def main() -> int:
     parser.add_argument("step", choices=["prepare", "run"])
     parser.add_argument("bundle", help="the folder prepare writes and run reads")
     parser.add_argument("--arch", default="sm_90", help="prepare: the GPU's nvcc arch")
+    parser.add_argument("--only", nargs="+", metavar="MODEL", help="prepare: these models only")
+    parser.add_argument("--kernel-size", type=int, default=4096, help="prepare: bench_cuda.py's linear layer size")
     parser.add_argument("--json", help="run: write every verify and bench report here")
     args = parser.parse_args()
     if args.step == "prepare":
-        prepare(args.bundle, args.arch)
+        prepare(args.bundle, args.arch, args.only, args.kernel_size)
         return 0
     return run(args.bundle, args.json)
 

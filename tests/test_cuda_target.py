@@ -482,7 +482,14 @@ def test_cuda_artifact_library_loads_in_tvms_cuda_loader(tmp_path, stub_driver):
 
     graph = _csq_model(resnet20, (1, 3, 32, 32), tmp_path, "resnet20")
     _, artifact = emit_and_check(graph, tmp_path, "sm_80", "resnet20")
-    script = (
+    for runtime_only in (False, True):
+        _with_stub_driver(stub_driver, _cuda_loader_reads(artifact), runtime_only)
+
+
+def _cuda_loader_reads(artifact) -> str:
+    """A script that loads ``artifact``'s library (its device module through TVM's CUDA loader)
+    and resolves every step's function."""
+    return (
         "import csqc.runtime\n"
         "from csqc.artifact import load_library, read_artifact\n"
         "csqc.runtime.cuda_device()\n"
@@ -492,8 +499,28 @@ def test_cuda_artifact_library_loads_in_tvms_cuda_loader(tmp_path, stub_driver):
         "missing = [s['func'] for s in contents.plan['steps'] if module.get_function(s['func'], query_imports=True) is None]\n"
         "assert contents.plan['steps'] and not missing, missing\n"
     )
-    for runtime_only in (False, True):
-        _with_stub_driver(stub_driver, script, runtime_only)
+
+
+def test_gpu_check_prepares_what_a_gpu_machine_runs(tmp_path, stub_driver):
+    """``benchmarks/gpu_check.py prepare`` (no GPU needed): its reference outputs are the
+    interpreter's (an llvm build of the same model file gives them), its cuda artifacts load in
+    TVM's CUDA loader with TVM's runtime library alone, and ``run`` without a GPU says so."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.py")
+    bundle = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, script, "prepare", str(bundle), "--only", "digits-mlp", "--kernel-size", "256",
+                           "--arch", "sm_80"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((bundle / "cases.json").read_text())["cases"] == [["digits-mlp", "digits-mlp"]]
+    assert {p.name for p in (bundle / "kernels").iterdir()} == {"bitserial-256.so", "bitparallel-256.so"}
+    import csqc
+    from csqc import runtime
+
+    ref = np.load(bundle / "digits-mlp.ref.npz")
+    csqc.compile(str(bundle / "digits-mlp.pt"), "llvm", str(tmp_path / "mlp.so"))
+    np.testing.assert_allclose(runtime.load(tmp_path / "mlp.so")(ref["x0"]), ref["y0"], rtol=1e-6, atol=1e-6)
+    _with_stub_driver(stub_driver, _cuda_loader_reads(bundle / "digits-mlp.cuda.so"), runtime_only=True)
+    proc = subprocess.run([sys.executable, script, "run", str(bundle)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no CUDA GPU" in proc.stderr
 
 
 @pytest.mark.parametrize("kernel", ["bitserial", "bitparallel"])
