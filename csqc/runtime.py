@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -129,8 +130,6 @@ def _import_tvm():
     and 408 -> 207 MB of memory (with ``TVM_USE_RUNTIME_LIB=1``, TVM's runtime library alone:
     1.1 s, 95 MB). torch imports as usual afterwards. (Another thread importing torch while
     this runs would get an ImportError: load artifacts before starting such threads.)"""
-    import sys
-
     if "tvm" in sys.modules or "torch" in sys.modules:
         import tvm
 
