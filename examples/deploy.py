@@ -2,7 +2,8 @@
 
 It proves it: torch, ONNX, ONNX Runtime and csqc's compiler are blocked before csqc.runtime is
 imported, so any import of them fails (TVM's ffi imports torch when it is installed, and falls
-back without it).
+back without it), and TVM runs its runtime library alone (``TVM_USE_RUNTIME_LIB=1``: its
+compiler library is not loaded, as on a machine with TVM's runtime installed and nothing more).
 
     csqc train digits-cnn -o digits-cnn.pt
     csqc compile digits-cnn.pt --target llvm -o digits-cnn.so
@@ -13,6 +14,7 @@ With no input file it classifies random images of the right shape.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,6 +22,7 @@ import time
 BLOCKED = ("torch", "onnx", "onnxruntime", "csqc.compiler", "csqc.capture")
 for _name in BLOCKED:
     sys.modules[_name] = None
+os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # read when tvm is first imported
 
 import numpy as np  # noqa: E402  (after the blocker on purpose)
 
@@ -43,6 +46,9 @@ def main() -> int:
     print("predicted classes:", y.reshape(y.shape[0], -1).argmax(1).tolist())
     loaded = [name for name in BLOCKED if sys.modules.get(name) is not None]
     print(f"ran with {', '.join(BLOCKED)} blocked; loaded anyway: {', '.join(loaded) or 'none'}")
+    import tvm
+
+    print(f"TVM's compiler library: {'loaded' if 'tvm_compiler' in tvm.base._LOADED_LIBS else 'not loaded'}")
     return 0
 
 
