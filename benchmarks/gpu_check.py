@@ -37,15 +37,10 @@ GOAL_MODELS = [("resnet20-w3a4", True), ("mobilenetv2-w3a4", True), ("resnet18-w
 BENCHED = ["linear4096-w2a4", "resnet20-w3a4", "mobilenetv2-w3a4", "resnet18-w3a4", "charlm-lstm-step"]
 
 
-def _goal_calibration(name: str):
-    """32 random calibration samples per input of a goal model, the same on every call."""
+def _calibration(example) -> list:
+    """32 random calibration samples per model input, the same on every run."""
     import torch
 
-    sys.path.insert(0, HERE)
-    import goals
-
-    torch.manual_seed(0)
-    _, example = goals.CASES[name].build()
     g = torch.Generator().manual_seed(1)
     return [torch.rand((32, *x.shape[1:]), generator=g).numpy() for x in example]
 
@@ -63,7 +58,7 @@ def prepare(bundle: str, arch: str, only: list[str] | None = None, kernel_size: 
     import goals
 
     os.makedirs(bundle, exist_ok=True)
-    cases = []  # (artifact base name, model file base name, calibration)
+    cases = []  # (artifact base name, model file base name, calibration: None, "digits" or arrays)
     unknown = set(only or ()) - {"digits-mlp", "digits-cnn", *(name for name, _ in GOAL_MODELS)}
     if unknown:
         raise SystemExit(f"gpu_check: no model {', '.join(sorted(unknown))}")
@@ -83,16 +78,15 @@ def prepare(bundle: str, arch: str, only: list[str] | None = None, kernel_size: 
         csqc.save(model, f"{bundle}/{name}.pt", example if len(example) > 1 else example[0])
         cases.append((name, name, None))
         if calibrated:
-            cases.append((f"{name}-cal", name, "goal"))
+            cases.append((f"{name}-cal", name, _calibration(example)))
     for base, name, calibrate in cases:
         start = time.perf_counter()
-        arrays = _goal_calibration(name) if calibrate == "goal" else calibrate
-        csqc.compile(f"{bundle}/{name}.pt", "cuda", f"{bundle}/{base}.cuda.so", calibrate=arrays, arch=arch)
+        csqc.compile(f"{bundle}/{name}.pt", "cuda", f"{bundle}/{base}.cuda.so", calibrate=calibrate, arch=arch)
         model = to_model(f"{bundle}/{name}.pt")
         shapes = [tuple(s["shape"]) for s in model.input_specs]
         rng = np.random.default_rng(7)
         xs = [rng.random(s, dtype=np.float32) for s in shapes]
-        ys = interpret(optimize(model, "default", batch=shapes[0][0], calibrate=arrays), xs)
+        ys = interpret(optimize(model, "default", batch=shapes[0][0], calibrate=calibrate), xs)
         ys = ys if isinstance(ys, (list, tuple)) else [ys]
         np.savez(f"{bundle}/{base}.ref.npz", **{f"x{i}": x for i, x in enumerate(xs)},
                  **{f"y{i}": np.asarray(y) for i, y in enumerate(ys)})
