@@ -69,6 +69,18 @@ class _FreshOutput:
 
 
 @dataclass(frozen=True)
+class _SmallCall:
+    """What the call of a model of small inputs and outputs touches (see CompiledModel._call_small)."""
+
+    inputs: tuple  # (buffer view, dtype, shape) of each input
+    input_scans: tuple  # the 1-D arrays whose scans check every input: the input block, or each input's view
+    scales: tuple  # (scale view, largest safe scale) of each dynamic quantization
+    outputs: tuple  # the buffer view of each output
+    output_block: np.ndarray | None  # the outputs' block (1-D), where they share one
+    output_scans: tuple  # (1-D view, finite_below bound or None) of each output: scanned where there is no block
+
+
+@dataclass(frozen=True)
 class _DirectInput:
     """A model input the whole-model function can read from the caller's own array."""
 
@@ -221,6 +233,7 @@ class CompiledModel:
         # (scale view, per_scale, plus) of outputs whose magnitude the scale bounds (see _check_overflow)
         self._output_bounds = [(np.from_dlpack(self.buffers[b["scale"]]).reshape(-1), b["per_scale"], b["plus"])
                                if self._host and (b := o.get("finite_below")) else None for o in self.outputs]
+        self._small_call = self._small_call_parts()
 
     @property
     def threads(self) -> int | None:
@@ -296,6 +309,66 @@ class CompiledModel:
             bindings.append(_FreshOutput(nbytes, tuple(out_spec["shape"]), np.dtype(out_spec["dtype"]),
                                          self._entry_arguments_on(name)))
         return bindings
+
+    def _small_call_parts(self) -> _SmallCall | None:
+        """What :meth:`_call_small` needs, for a model in this process with a whole-model function
+        whose inputs are all copied in and whose outputs are all copied out (None otherwise)."""
+        if not self._host or self.plan.get("entry") is None:
+            return None
+        if any(d is not None for d in self._direct_inputs or ()) or self._fresh_bytes >= _FRESH_OUTPUT_MIN_BYTES:
+            return None
+        inputs = tuple((view, *self._input_types[spec["name"]]) for view, spec in zip(self._in_views, self.inputs))
+        if not all(dtype == np.float32 for _, dtype, _ in inputs):
+            return None  # (integer ids get their range checked: the general path)
+        input_scans = ((self._io_blocks["input"],) if "input" in self._io_blocks else
+                       tuple(view.reshape(-1) for view, _, _ in inputs))
+        return _SmallCall(inputs, input_scans, tuple((buf, safe) for buf, _, safe, _ in self._scales),
+                          tuple(self._out_views), self._io_blocks.get("output"),
+                          tuple((view.reshape(-1), bound) for view, bound in zip(self._out_views, self._output_bounds)))
+
+    def _call_small(self, parts: _SmallCall, inputs: tuple):
+        """The common call of a model of small inputs and outputs (all planes, nothing
+        recorded): :meth:`__call__`'s work in as few Python steps as it takes, since here
+        they cost as much as the kernels (the char-LM step: ~7 us around ~6 us of kernels).
+        None where an input is not a float array of the right type and shape, or not finite, or
+        a call would need more than this: the general path then handles it, errors included."""
+        if len(inputs) != len(parts.inputs):
+            return None
+        for x, (view, dtype, shape) in zip(inputs, parts.inputs):
+            if type(x) is not np.ndarray or x.dtype != dtype or x.shape != shape:
+                return None
+            view[...] = x  # (a third of np.copyto's time for arrays this small)
+        for flat in parts.input_scans:
+            if not _flat_finite(flat):
+                return None
+        calls = self._run_cache.get(()) or self._run_calls(())
+        choice = self.thread_choice
+        threads, timed = (self._threads, False) if choice is None else choice.next_call()
+        if threads is not None:
+            _cap_threads(threads)
+        start = time.perf_counter() if timed else 0.0
+        try:
+            for func, args in calls:
+                func(*args)
+        except (TypeError, ValueError) as e:
+            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
+        finally:
+            if threads is not None:
+                _uncap_threads()
+        if timed:
+            choice.record(time.perf_counter() - start)
+        outs = [view.copy() for view in parts.outputs]
+        for buf, safe in parts.scales:
+            if not buf[0] <= safe:  # NaN included
+                self._check_overflow(outs)  # raises, naming the quantizer
+        if parts.output_block is not None:
+            if not _flat_finite(parts.output_block):
+                self._check_overflow(outs)
+        else:
+            for flat, bound in parts.output_scans:
+                if (bound is None or not float(bound[0][0]) * bound[1] + bound[2] < _FINITE_BOUND) and not _flat_finite(flat):
+                    self._check_overflow(outs)
+        return outs[0] if len(outs) == 1 else outs
 
     def _root(self, name: str) -> str:
         """The buffer whose memory plan buffer ``name`` is (itself, or what it aliases)."""
@@ -561,6 +634,11 @@ class CompiledModel:
         """
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
+        small = self._small_call
+        if small is not None and record is None and type(skip_planes) is int and skip_planes == 0 and self._prepared_for == ():
+            outs = self._call_small(small, inputs)
+            if outs is not None:
+                return outs
         if len(inputs) != len(self.inputs):
             raise BadInput(f"model takes {len(self.inputs)} input(s), got {len(inputs)}")
         direct = {}  # inputs the kernels read where the caller keeps them
@@ -885,6 +963,12 @@ def _output_memory(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % _ALIGNMENT
     return raw[start:start + nbytes]
+
+
+def _flat_finite(x: np.ndarray) -> bool:
+    """:func:`_all_finite` for a 1-D float array, in half its time (a small model's call makes
+    two such scans: see CompiledModel._call_small)."""
+    return math.isfinite(x.dot(x)) or _all_finite(x)
 
 
 def _all_finite(x: np.ndarray) -> bool:

@@ -239,14 +239,19 @@ def test_thread_choice_keeps_the_pool_only_where_its_median_call_is_ten_percent_
         assert f"2 threads {100 * pooled:.0f} us" in choice.summary()
 
 
-def test_a_capped_model_times_its_calls_on_the_cap_and_the_pool_and_results_do_not_change(compiled, monkeypatch):
+@pytest.mark.parametrize("call", ["general", "short"])
+def test_a_capped_model_times_its_calls_on_the_cap_and_the_pool_and_results_do_not_change(compiled, monkeypatch, call):
     """The compiler's one-thread cap is checked by the calls themselves (runtime.ThreadChoice):
-    trials on the cap and on the pool, again once a period passed; setting ``threads`` ends it."""
+    trials on the cap and on the pool, again once a period passed; setting ``threads`` ends it.
+    The same through a small model's short call (outputs copied out, as outside the tests)."""
     import csqc.runtime as runtime_module
 
     _, path, _ = compiled("digits-mlp")
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    if call == "short":
+        monkeypatch.setattr(runtime_module, "_FRESH_OUTPUT_MIN_BYTES", 1 << 17)
     m = runtime.load(path)
+    assert (m._small_call is not None) == (call == "short")
     choice = m.thread_choice
     assert choice is not None and (choice.cap, choice.pool) == (1, 2) and m.threads == 1
     x = np.random.default_rng(3).random(m.inputs[0]["shape"], dtype=np.float32)

@@ -257,3 +257,80 @@ def test_small_inputs_and_outputs_are_checked_for_nan_in_one_block(two_io_artifa
             np.testing.assert_array_equal(got, expected)
     with pytest.raises(BadInput, match=r"output \S+ is NaN or infinite"):
         model(x * 1e4, h * 1e4)  # exp overflows; the first output stays finite
+
+
+@pytest.fixture
+def small_calls(monkeypatch):
+    """Outputs below the runtime's own threshold copied out, not written in place, as outside the
+    tests (conftest has every output written in place): the condition for the short call."""
+    monkeypatch.setattr(runtime, "_FRESH_OUTPUT_MIN_BYTES", 1 << 17)
+
+
+def _as_list(result):
+    return result if isinstance(result, list) else [result]
+
+
+@pytest.mark.usefixtures("small_calls")
+@pytest.mark.parametrize("which", ["cnn", "two_io", "lstm"])
+def test_small_models_take_the_short_call_and_it_computes_what_the_general_call_does(
+        cnn_artifact, two_io_artifact, tmp_path, which):
+    """A model of small float inputs and outputs runs its common call (all planes, nothing
+    recorded) through ``_call_small``: the same outputs as the general call, bit for bit, in new
+    arrays; any other call (other planes, a recording, other dtypes, a list) takes the general
+    path and leaves the short one right for the next call; a NaN is still refused by name."""
+    path = {"cnn": cnn_artifact, "two_io": two_io_artifact}.get(which) or _lstm_artifact(tmp_path)
+    model, general = runtime.load(path), runtime.load(path)
+    assert model._small_call is not None
+    general._small_call = None
+    assert bool(model._io_blocks) == (which != "cnn")  # one scan per block, or one per array
+    short_calls = []
+    call_small = model._call_small
+    model._call_small = lambda *a: short_calls.append(1) or call_small(*a)
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal(s["shape"], dtype=np.float32) for s in model.inputs]
+    want = _as_list(general(*xs))
+    first = _as_list(model(*xs))
+    assert len(short_calls) == 1
+    for got, expected in zip(first, want):
+        np.testing.assert_array_equal(got, expected)
+        assert got.flags.writeable and not any(np.shares_memory(got, v) for v in model._out_views)
+    kept = [y.copy() for y in first]
+    other = [rng.standard_normal(s["shape"], dtype=np.float32) for s in model.inputs]
+    for got, expected in zip(_as_list(model(*other)), _as_list(general(*other))):
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(first, kept):  # the next call left the returned arrays alone
+        np.testing.assert_array_equal(got, expected)
+    calls = len(short_calls)
+    for got, expected in zip(_as_list(model(*xs, skip_planes=1)), _as_list(general(*xs, skip_planes=1))):
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(_as_list(model(*[x.astype(np.float64) for x in xs], record={})), want):
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(_as_list(model([x.astype(np.float64) for x in xs])), want):
+        np.testing.assert_array_equal(got, expected)
+    assert len(short_calls) == calls + 1  # (the float64 call tried it, and went on to the general path)
+    for got, expected in zip(_as_list(model(*xs)), want):  # all planes again, after the skipping call
+        np.testing.assert_array_equal(got, expected)
+    model.threads = 1
+    for got, expected in zip(_as_list(model(*xs)), want):
+        np.testing.assert_array_equal(got, expected)
+    assert len(short_calls) == calls + 3
+    spec = model.inputs[-1]
+    with pytest.raises(BadInput, match=f"input {spec['name']}: expected shape"):
+        model(*xs[:-1], np.zeros((2, *spec["shape"]), np.float32))
+    bad = xs[-1].copy()
+    bad.reshape(-1)[-1] = np.nan
+    with pytest.raises(BadInput, match=f"input {spec['name']} contains NaN or infinity"):
+        model(*xs[:-1], bad)
+    for got, expected in zip(_as_list(model(*xs)), want):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.usefixtures("small_calls")
+def test_the_short_call_refuses_an_output_that_overflows(two_io_artifact):
+    """exp of a large layer output overflows: the short call's output scan refuses it, naming the output."""
+    model = runtime.load(two_io_artifact)
+    assert model._small_call is not None
+    rng = np.random.default_rng(4)
+    x, h = rng.standard_normal((1, 16), dtype=np.float32), rng.standard_normal((1, 12), dtype=np.float32)
+    with pytest.raises(BadInput, match=r"output \S+ is NaN or infinite"):
+        model(x * 1e4, h * 1e4)
