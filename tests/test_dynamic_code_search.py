@@ -2,11 +2,15 @@
 
 Rules under test (``glue.epilogue``'s ``dynamic_search``): once the scale pass knows ``S'``, each
 row (one channel) estimates its staircase's thresholds, proves each by three exact codes and
+fits a fixed-point line to them (exact, or within one code and finished by one probe), else
 searches them; the codes equal the float chain's bit for bit in every code layout, storage and
-activation, rows the proof refuses (values past int16 in int32 storage, a zero ``mult``, a
-staircase flattened by a clip below zero) run the chain, and every other row takes the search.
+activation, on every path; rows the proof refuses (values past int16 in int32 storage, a zero
+``mult``, a staircase flattened by a clip below zero) run the chain, and the other rows nearly
+all take a line.
 Compiled models take it on rows of at least ``DYNAMIC_SEARCH_MIN_ROW`` elements and verify exactly.
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -89,10 +93,73 @@ def test_searched_rows_equal_the_float_chain(storage, act, lo, hi, out_bits, sig
     searched = run_kernel(epilogue(dynamic_search=True), *inputs, outputs=outputs)
     for got, want in zip(searched, chain):
         np.testing.assert_array_equal(got, want)
-    # and the search, not the chain, wrote them (a clip below zero flattens rows: some fall back)
-    alone = run_kernel(_rows_without_the_chain(lambda: epilogue(dynamic_search=True)), *inputs, outputs=outputs)
-    searched_rows = np.all([(a == b).reshape(channels, -1).all(axis=1) for a, b in zip(alone[1:], chain[1:])], axis=0)
-    assert searched_rows.mean() >= (0.5 if lo < 0 else 0.9), searched_rows
+    # the rows' lines wrote them, not the search or the chain (a clip below zero flattens rows: some fall back)
+    alone = run_kernel(_rows_without_the_chain(lambda: _without_the_search(lambda: epilogue(dynamic_search=True))),
+                       *inputs, outputs=outputs)
+    assert _rows_equal(alone, chain).mean() >= (0.5 if lo < 0 else 0.9), _rows_equal(alone, chain)
+    # and the search alone, which rows whose line does not hold take, gives them too
+    with _line_kinds(()):
+        for got, want in zip(run_kernel(epilogue(dynamic_search=True), *inputs, outputs=outputs), chain):
+            np.testing.assert_array_equal(got, want)
+
+
+def _rows_equal(got, want) -> np.ndarray:
+    """Per row (channel) of the codes, whether ``got`` equals ``want`` (outputs after the scale)."""
+    channels = want[1].shape[1]
+    return np.all([(a == b).reshape(channels, -1).all(axis=1) for a, b in zip(got[1:], want[1:])], axis=0)
+
+
+def _without_the_search(build):
+    """``build()`` with the rows that take the threshold search left out (unwritten, as
+    :func:`_rows_without_the_chain` leaves the chain's)."""
+    searched_rows = glue.code_search.searched_rows
+    glue.code_search.searched_rows = lambda *_: None
+    try:
+        return build()
+    finally:
+        glue.code_search.searched_rows = searched_rows
+
+
+@contextlib.contextmanager
+def _line_kinds(kinds):
+    """Kernels built inside try only these kinds of line per row (() : every row searches)."""
+    saved = glue.code_search.LINE_KINDS
+    glue.code_search.LINE_KINDS = kinds
+    try:
+        yield
+    finally:
+        glue.code_search.LINE_KINDS = saved
+
+
+@pytest.mark.parametrize("act,lo,hi,out_bits,signed,offset,input_offset,hw", [CASES[0], CASES[2], CASES[4], CASES[6]])
+@needs_avx512
+def test_rows_whose_line_is_within_one_code_give_the_chains_codes(act, lo, hi, out_bits, signed, offset, input_offset,
+                                                                  hw):
+    """Lines only within one code of the staircase (one probe of the row's steps finishes each
+    code) are what rows of wide steps take: forced on every row here, they give the chain's codes."""
+    rng = np.random.default_rng(sum(hw) * 3 + out_bits)
+    channels = 12
+    shape = (1, channels) + hw
+    mult = (rng.standard_normal(channels) * 0.003).astype(F32)
+    mult[:2] = [-0.002, 0.3]
+    add = (rng.standard_normal(channels) * 0.5).astype(F32)
+    stored = _stored(rng, shape, "int16")
+    off = rng.integers(-3000, 3000, channels).astype(np.int32) if input_offset else None
+    inputs = [stored] + ([off] if input_offset else []) + [np.array([F32(IN_SCALE)]), mult, add]
+    outputs = [((1,), "float32"), (shape, "uint8")] + ([(shape, "uint8")] if signed and not offset else [])
+    options = dict(has_offset=input_offset, out_bits=out_bits, out_scale=0.0, out_signed=signed, out_offset=offset,
+                   acc_storage="int16")
+
+    def epilogue(**extra):
+        return glue.epilogue(shape, 1, IN_LEVELS, act, lo, hi, True, **options, **extra)
+
+    chain = run_kernel(epilogue(), *inputs, outputs=outputs)
+    with _line_kinds((glue.code_search._WITHIN_ONE,)):
+        for got, want in zip(run_kernel(epilogue(dynamic_search=True), *inputs, outputs=outputs), chain):
+            np.testing.assert_array_equal(got, want)
+        alone = run_kernel(_rows_without_the_chain(lambda: _without_the_search(lambda: epilogue(dynamic_search=True))),
+                           *inputs, outputs=outputs)
+    assert _rows_equal(alone, chain).mean() >= 0.9, _rows_equal(alone, chain)
 
 
 @needs_avx512
@@ -163,7 +230,7 @@ def inverted_residual(tmp_path_factory):
 def test_models_search_long_rows_under_dynamic_scales_and_verify_exactly(inverted_residual):
     model, art = inverted_residual
     m = runtime.load(art)
-    searched = [name for name, info in m.layers.items() if info.get("codes") == "threshold search, thresholds found per call"]
+    searched = [name for name, info in m.layers.items() if info.get("codes", "").startswith("fixed-point line per row, found per call")]
     assert len(searched) >= 2, {k: v.get("codes") for k, v in m.layers.items()}
     assert all(m.layers[name]["tensors"]["acc"] for name in searched)
     report = verify(model, samples=4, artifact=str(art), per_layer=True)

@@ -571,7 +571,7 @@ class _Lowerer:
             info["codes"] = f"threshold search, {steps} steps"
         elif self._dynamic_search_fits(n, storage, split_acc, fused):
             fused, suffix = {**fused, "dynamic_search": True}, suffix + ",dynamic_search"
-            info["codes"] = "threshold search, thresholds found per call"
+            info["codes"] = "fixed-point line per row, found per call (threshold search where none holds)"
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
         self.plan.call(f, args + tables + outs, n.name)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
