@@ -341,22 +341,9 @@ class CompiledModel:
         for flat in parts.input_scans:
             if not _flat_finite(flat):
                 return None
-        calls = self._run_cache.get(()) or self._run_calls(())
         choice = self.thread_choice
         threads, timed = (self._threads, False) if choice is None else choice.next_call()
-        if threads is not None:
-            _cap_threads(threads)
-        start = time.perf_counter() if timed else 0.0
-        try:
-            for func, args in calls:
-                func(*args)
-        except (TypeError, ValueError) as e:
-            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
-        finally:
-            if threads is not None:
-                _uncap_threads()
-        if timed:
-            choice.record(time.perf_counter() - start)
+        self._run_kernels(self._run_cache.get(()) or self._run_calls(()), threads, choice if timed else None)
         outs = [view.copy() for view in parts.outputs]
         for buf, safe in parts.scales:
             if not buf[0] <= safe:  # NaN included
@@ -673,26 +660,13 @@ class CompiledModel:
             threads, timed = choice.next_call()
         else:
             threads, timed = (self._threads if choice is None else choice.chosen), False
-        capped = threads is not None and self._host  # (no context manager: a microsecond a call)
-        if capped:
-            _cap_threads(threads)
         calls = self._run_cache.get(skips) or self._run_calls(skips)
         if direct:
             calls = self._with_direct_inputs(calls, direct)
         fresh = self._fresh_outputs is not None and record is None and self._fresh_bytes >= _FRESH_OUTPUT_MIN_BYTES
         if fresh:
             calls, outs = self._with_fresh_outputs(calls)
-        start = time.perf_counter() if timed else 0.0
-        try:
-            for func, args in calls:
-                func(*args)
-        except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
-            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
-        finally:
-            if capped:
-                _uncap_threads()
-        if timed:
-            choice.record(time.perf_counter() - start)
+        self._run_kernels(calls, threads, choice if timed else None)
         if record is not None:
             for name, spec in self.plan["buffers"].items():
                 if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
@@ -705,6 +679,24 @@ class CompiledModel:
             outs = [self.buffers[o["name"]].numpy() for o in self.outputs]
         self._check_overflow(outs, in_block=not fresh and self._outputs_in_block)
         return outs[0] if len(outs) == 1 else outs
+
+    def _run_kernels(self, calls: list, threads: int | None, timed_by: ThreadChoice | None = None) -> None:
+        """Run ``calls`` on at most ``threads`` threads (None: TVM's pool as configured), and
+        record their time with ``timed_by`` where it is given (a thread trial's call)."""
+        capped = threads is not None and self._host  # (no context manager: a microsecond a call)
+        if capped:
+            _cap_threads(threads)
+        start = time.perf_counter() if timed_by is not None else 0.0
+        try:
+            for func, args in calls:
+                func(*args)
+        except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
+            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
+        finally:
+            if capped:
+                _uncap_threads()
+        if timed_by is not None:
+            timed_by.record(time.perf_counter() - start)
 
     @contextlib.contextmanager
     def _thread_limit(self):

@@ -1,5 +1,6 @@
 """Codes by threshold search: a layer's output codes found among integer thresholds of its
-accumulators (``vpermw`` tables), for static scales and, proved per call, for dynamic ones."""
+accumulators (``vpermw`` tables), for static scales and, proved per call, for dynamic ones,
+where each row takes a fixed-point line through its thresholds instead when one holds."""
 
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, co
                               negative_codes: bool, levels: int) -> None:
     """A dynamic scale's codes pass by a threshold search: per row (one channel), once ``S'`` is
     known, find the staircase's thresholds over the row's values (``extremes``, from the scale's
-    pass), prove them, and search them 32 lanes a vector as :func:`_emit_code_search` does; a
+    pass), prove them, and find the codes 32 lanes a vector by a fixed-point line through them
+    (:func:`_row_line`) or, where none holds, by the search :func:`_emit_code_search` runs; a
     row whose thresholds are not proved runs ``float_row`` (the float chain) instead.
 
     Search values are ``s = stored ^ flip`` (``flip`` -1 where ``mult[c] < 0``), in which the code
