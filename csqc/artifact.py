@@ -88,11 +88,14 @@ def whole_model_arguments(steps: list) -> list:
 
 
 def plan_document(meta: dict, *, inputs: list, outputs: list, buffers: dict, steps: list, layers: dict,
-                  entry: dict | None = None) -> dict:
+                  entry: dict | None = None, pools: dict | None = None) -> dict:
     """``plan.json``: the format and version, the target's ``meta`` (target, model), then the plan;
-    ``entry``: the call of a library function that runs every step (readers without it run the steps)."""
+    ``entry``: the call of a library function that runs every step (readers without it run the steps);
+    ``pools``: memory temporary buffers share (name -> bytes; a buffer on one names it as its
+    ``pool``; readers without it give each buffer its own memory)."""
     return {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, **meta, "inputs": inputs, "outputs": outputs,
-            "buffers": buffers, "steps": steps, "layers": layers, **({"entry": entry} if entry else {})}
+            "buffers": buffers, "steps": steps, "layers": layers, **({"entry": entry} if entry else {}),
+            **({"pools": pools} if pools else {})}
 
 
 def write_artifact_file(path: str | os.PathLike, library: bytes, plan: dict, weights_npz: bytes) -> None:

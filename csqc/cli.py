@@ -502,6 +502,9 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
     extra = f", build {result.report['build_seconds']:.1f}s" if "build_seconds" in result.report else ""
     if "tier" in result.report:  # the llvm target: which instructions the kernels use
         extra += f", CPU {result.report['mcpu']} ({_TIER_WORDS[result.report['tier']]})"
+    if result.report.get("temp_bytes", 0) < result.report.get("temp_bytes_unshared", 0):
+        extra += (f", intermediates {_human(result.report['temp_bytes'])} in shared memory "
+                  f"({_human(result.report['temp_bytes_unshared'])} unshared)")
     if target == "cuda":
         extra += f", {result.report['arch']} device code {_human(result.report['device_code']['bytes'])}"
         if emit_source:

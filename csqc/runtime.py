@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -436,10 +436,16 @@ class CompiledModel:
                       "output": self._io_block_views(outputs) if not set(inputs) & set(outputs) else (None, {})}
         self._io_blocks = {kind: block for kind, (block, _) in blocks.items() if block is not None}
         in_block = {name: view for _, views in blocks.values() for name, view in views.items()}
+        # a pool holds whatever its last buffer left (the kernels write each buffer before they read it)
+        pools = {name: (tvm.runtime.from_dlpack(_output_memory(nbytes)) if self._in_this_process()
+                        else tvm.runtime.tensor(np.zeros(nbytes, np.uint8), self.dev))
+                 for name, nbytes in self.plan.get("pools", {}).items()}
         for name, spec in specs.items():
             if "alias" in spec:
                 continue
-            if spec["kind"] == "weight":
+            if "pool" in spec:  # memory shared with temporaries of other lifetimes (targets.tvm.memory)
+                bufs[name] = pools[spec["pool"]]._create_view(tuple(spec["shape"]), spec["dtype"])
+            elif spec["kind"] == "weight":
                 bufs[name] = tvm.runtime.tensor(weights[name], self.dev)
             elif name in in_block:
                 bufs[name] = tvm.runtime.from_dlpack(in_block[name])
@@ -666,11 +672,10 @@ class CompiledModel:
         fresh = self._fresh_outputs is not None and record is None and self._fresh_bytes >= _FRESH_OUTPUT_MIN_BYTES
         if fresh:
             calls, outs = self._with_fresh_outputs(calls)
-        self._run_kernels(calls, threads, choice if timed else None)
-        if record is not None:
-            for name, spec in self.plan["buffers"].items():
-                if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived:
-                    record[name] = self.buffers[name].numpy()
+        if record is None:
+            self._run_kernels(calls, threads, choice if timed else None)
+        else:
+            self._run_recording(skips, threads, record)
         if fresh:
             pass  # the kernels wrote into the arrays returned
         elif self._host:
@@ -680,16 +685,42 @@ class CompiledModel:
         self._check_overflow(outs, in_block=not fresh and self._outputs_in_block)
         return outs[0] if len(outs) == 1 else outs
 
-    def _run_kernels(self, calls: list, threads: int | None, timed_by: ThreadChoice | None = None) -> None:
+    def _run_recording(self, skips: tuple, threads: int | None, record: dict) -> None:
+        """Run the steps one at a time and copy into ``record`` every buffer (less weights) a step
+        names, with the views of its memory, as that step leaves it: the last copy is its final
+        value even where a later step reuses its memory (a shared pool, see targets.tvm.memory)."""
+        specs = self.plan["buffers"]
+        kept = [name for name, spec in specs.items()
+                if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived]
+        memory: dict[str, list[str]] = {}  # root -> the recorded buffers on its memory
+        for name in kept:
+            memory.setdefault(self._root(name), []).append(name)
+        steps = self.plan["steps"]
+
+        def copy_out(i: int) -> None:
+            for root in dict.fromkeys(self._root(a) for a in steps[i]["args"] if isinstance(a, str)):
+                for name in memory.get(root, ()):
+                    record[name] = self.buffers[name].numpy()
+
+        self._run_kernels(self._calls(skips), threads, after_each=copy_out)
+        for name in kept:  # buffers no step names (an input the model ignores)
+            if name not in record:
+                record[name] = self.buffers[name].numpy()
+
+    def _run_kernels(self, calls: list, threads: int | None, timed_by: ThreadChoice | None = None,
+                     after_each: Callable[[int], None] | None = None) -> None:
         """Run ``calls`` on at most ``threads`` threads (None: TVM's pool as configured), and
-        record their time with ``timed_by`` where it is given (a thread trial's call)."""
+        record their time with ``timed_by`` where it is given (a thread trial's call);
+        ``after_each(i)`` runs after call ``i``."""
         capped = threads is not None and self._host  # (no context manager: a microsecond a call)
         if capped:
             _cap_threads(threads)
         start = time.perf_counter() if timed_by is not None else 0.0
         try:
-            for func, args in calls:
+            for i, (func, args) in enumerate(calls):
                 func(*args)
+                if after_each is not None:
+                    after_each(i)
         except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
             raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
         finally:
@@ -1038,11 +1069,19 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
     for name, spec in buffers.items():
         if not _is_shape(spec.get("shape")) or not _is_dtype(spec.get("dtype")) or spec.get("kind") not in _BUFFER_KINDS:
             return f"buffer {name!r} needs a shape of sizes, a numeric dtype and one of the kinds {_BUFFER_KINDS}"
+    pools = plan.get("pools", {})
+    if not isinstance(pools, dict) or not all(type(n) is int and 0 < n for n in pools.values()):
+        return "'pools' must map names to sizes in bytes"
     for name, spec in buffers.items():
         if "alias" in spec:
             base = buffers.get(spec["alias"]) if isinstance(spec["alias"], str) else None
             if base is None or "alias" in base or _nbytes(spec) > _nbytes(base):
                 return f"buffer {name!r} views {spec['alias']!r}, which is missing, a view itself or smaller"
+        if "pool" in spec:
+            pool = pools.get(spec["pool"]) if isinstance(spec["pool"], str) else None
+            if pool is None or "alias" in spec or spec["kind"] != "temp" or _nbytes(spec) > pool:
+                return f"buffer {name!r} lies in pool {spec['pool']!r}, which is missing or smaller (or it is not " \
+                       "a temporary buffer of its own)"
         elif spec["kind"] == "weight":
             w = weights.get(name)
             if not isinstance(w, np.ndarray):
@@ -1054,7 +1093,7 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
     stray = sorted(set(weights) - {n for n, b in buffers.items() if b["kind"] == "weight"})
     if stray:
         return f"weights.npz holds arrays the plan declares no weight buffer for: {stray[:3]}"
-    need = sum(_nbytes(b) for b in buffers.values() if "alias" not in b)
+    need = sum(pools.values()) + sum(_nbytes(b) for b in buffers.values() if "alias" not in b and "pool" not in b)
     if need > physical_memory():
         return f"its buffers need {need / 2**30:.1f} GiB, more than this machine's memory"
     for key in ("inputs", "outputs"):

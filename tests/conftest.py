@@ -27,8 +27,12 @@ def poisoned_output_memory(monkeypatch):
     returns: a kernel that leaves an output element unwritten then fails the test that ran it,
     every time (``csqc.runtime`` hands that memory to the kernels)."""
     from csqc import runtime
+    from csqc.targets.tvm import memory as memory_plan
 
     monkeypatch.setattr(runtime, "_FRESH_OUTPUT_MIN_BYTES", 0)
+    # every plan shares its temporaries' memory (pools start poisoned too): a kernel reading a
+    # buffer before writing it reads another layer's values and fails its exactness test
+    monkeypatch.setattr(memory_plan, "PRIVATE_MEMORY_MAX_BYTES", 0)
 
     fresh = runtime._output_memory
 

@@ -97,12 +97,14 @@ def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel:
     from tvm.support.cc import cross_compiler
 
     from csqc.targets.tvm.build import build_plan, write_artifact
+    from csqc.targets.tvm.memory import share_temp_memory, temporary_bytes
     from csqc.targets.tvm.whole_model import add_whole_model_function
 
     compiler = check_toolchain(mcpu, force_kernel)
     target = aarch64_target(mcpu)
     t0 = time.perf_counter()
     plan: Plan = lower_graph(graph, force_kernel=force_kernel, on_layer=on_layer, backend=Aarch64Backend())
+    share_temp_memory(plan)
     add_whole_model_function(plan)
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
@@ -120,5 +122,5 @@ def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel:
         "kernels": {name: info["kernel"] for name, info in plan.layers.items()},
         "layers": plan.layers, "functions": len(plan.funcs), "steps": len(plan.steps),
         "lower_seconds": t1 - t0, "build_seconds": t2 - t1, "weight_bytes": weight_bytes,
-        "size_bytes": Path(output).stat().st_size,
+        "size_bytes": Path(output).stat().st_size, **temporary_bytes(plan),
     }

@@ -12,6 +12,7 @@ from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.targets.tvm.build import build_plan, write_artifact
 from csqc.targets.tvm.lower import lower_graph
+from csqc.targets.tvm.memory import share_temp_memory, temporary_bytes
 from csqc.targets.tvm.whole_model import add_whole_model_function
 
 from .backend import CpuBackend, has_table_lookup
@@ -103,6 +104,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
             tuner.cache.save()
         except OSError as e:  # the schedules are in this build all the same
             log.warning("could not write the tuning cache %s: %s", tuner.cache.path, e)
+    share_temp_memory(plan)
     add_whole_model_function(plan)
     missing = missing_features(plan.funcs.values(), target)
     if missing:  # a backend bug, but LLVM would abort the process on it
@@ -127,5 +129,5 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
         "kernels": {name: info["kernel"] for name, info in plan.layers.items()},
         "layers": plan.layers, "functions": len(plan.funcs), "steps": len(plan.steps),
         "lower_seconds": t1 - t0, "build_seconds": t2 - t1, "weight_bytes": weight_bytes,
-        "size_bytes": Path(output).stat().st_size,
+        "size_bytes": Path(output).stat().st_size, **temporary_bytes(plan),
     }

@@ -31,7 +31,7 @@ def build_plan(plan: Plan, target) -> object:
 def write_artifact(plan: Plan, executable, path: str | os.PathLike, meta: dict, *, fcompile=None) -> Path:
     """``fcompile``: the linker ``export_library`` uses (a cross compiler for foreign targets)."""
     doc = plan_document(meta, inputs=plan.inputs, outputs=plan.outputs, buffers=plan.buffers, steps=plan.steps,
-                        layers=plan.layers, entry=plan.entry)
+                        layers=plan.layers, entry=plan.entry, pools=plan.pools)
     with tempfile.TemporaryDirectory(prefix="csqc-build-") as d:
         lib = os.path.join(d, "lib.so")
         executable.export_library(lib, fcompile=fcompile)

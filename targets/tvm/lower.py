@@ -60,6 +60,7 @@ class Plan:
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     entry: dict | None = None  # the whole-model function's call, see whole_model.py
+    pools: dict[str, int] = field(default_factory=dict)  # shared memory of temporary buffers (memory.py): name -> bytes
     _by_key: dict[str, str] = field(default_factory=dict)
 
     def func(self, key: str, build: Callable[[], object]) -> str:
