@@ -26,22 +26,6 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
 
 
-def _calibration_samples(model: CsqcModel, calibration: str | None, samples: int, seed: int = 0):
-    """Calibration arrays: an ``.npz`` file, ``digits`` (its training split) or random [0, 1)."""
-    if calibration is None:
-        rng = np.random.default_rng(seed)
-        return [rng.random((samples, *s["shape"][1:]), dtype=np.float32) for s in model.input_specs]
-    if calibration == "digits":
-        from .data import load_digits_split
-
-        shape = tuple(model.input_specs[0]["shape"][1:])
-        split = load_digits_split(image=len(shape) == 3)
-        if split.x_train.shape[1:] != shape:
-            raise BadInput(f"the digits data set has samples of shape {list(split.x_train.shape[1:])}, the model takes {list(shape)}")
-        return [split.x_train[:samples]]
-    return [a[:samples] for a in load_inputs(calibration, model)]
-
-
 def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_planes: bool = False,
                  batch: int | str | None = None, calibration: str | None = None, calibration_samples: int = 256,
                  int4: bool = True, dump_ir=None, as_json: bool = False, echo: bool = True, calibrate=None) -> dict:
@@ -53,14 +37,14 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
     includes its accuracy next to PyTorch's on the test split. ``calibrate``: the reference form
     of the model calibrated on that data (see ``csqc.compile``).
     """
-    from .compiler import compile as compile_model
+    from .compiler import compile as compile_model, load_calibration_samples
     from .targets.onnx.deploy import accuracy_cost
     from .targets.onnx.runner import load_onnx, make_session, run
 
     check_output(output, inputs=[model.source])  # fail before the work, not after
     if calibration_samples < 1:
         raise BadInput(f"calibration samples must be at least 1, got {calibration_samples}")
-    calib = _calibration_samples(model, calibration, calibration_samples) if deploy else None
+    calib = load_calibration_samples(model, calibration, calibration_samples) if deploy else None
     result = compile_model(model, "onnx", output, batch=batch, onnx_form="deploy" if deploy else "reference",
                            check_planes=check_planes, calibration=calib, int4=int4, dump_ir=dump_ir, calibrate=calibrate)
     report = {k: v for k, v in result.report.items() if k != "onnx_form"}

@@ -6,13 +6,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import BadInput
 from .ir import Graph
 
+if TYPE_CHECKING:
+    from .modelfile import CsqcModel
+
 __all__ = ["TARGETS", "CompileResult", "default_output", "optimize", "compile", "inspect", "to_model",
-           "calibration_arrays", "capture_calibrated", "is_artifact_path", "inspect_artifact"]
+           "calibration_arrays", "load_calibration_samples", "capture_calibrated", "is_artifact_path", "inspect_artifact"]
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +67,33 @@ def to_model(model, *, model_factory: str | None = None, input_shape=None):
                    "(save a torch model with csqc.save first)")
 
 
+def load_calibration_samples(model: CsqcModel, calibration: str | None, samples: int, seed: int = 0) -> list:
+    """Calibration arrays: an ``.npz`` file, ``digits`` (its training split) or random [0, 1)."""
+    import numpy as np
+
+    from .verify import load_inputs
+
+    if calibration is None:
+        rng = np.random.default_rng(seed)
+        return [rng.random((samples, *s["shape"][1:]), dtype=np.float32) for s in model.input_specs]
+    if calibration == "digits":
+        from .data import load_digits_split
+
+        shape = tuple(model.input_specs[0]["shape"][1:])
+        split = load_digits_split(image=len(shape) == 3)
+        if split.x_train.shape[1:] != shape:
+            raise BadInput(f"the digits data set has samples of shape {list(split.x_train.shape[1:])}, the model takes {list(shape)}")
+        return [split.x_train[:samples]]
+    return [a[:samples] for a in load_inputs(calibration, model)]
+
+
 def calibration_arrays(model, calibrate, samples: int = 256) -> list:
     """Calibration samples for ``calibrate``: ``"digits"`` (its training split), an ``.npz`` path,
     one array or a list of arrays (one per model input, samples first); at most ``samples``."""
     import numpy as np
 
     if isinstance(calibrate, (str, Path)):
-        from .cli_onnx import _calibration_samples
-
-        return _calibration_samples(to_model(model), str(calibrate), samples)
+        return load_calibration_samples(to_model(model), str(calibrate), samples)
     arrays = [calibrate] if isinstance(calibrate, np.ndarray) else list(calibrate)
     return [np.asarray(a, np.float32)[:samples] for a in arrays]
 

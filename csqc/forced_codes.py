@@ -162,13 +162,13 @@ class ForcedRun(_Tally):
         fused or renamed ones): then there is nothing to force."""
         import torch
 
-        from .capture.context import _module_path
+        from .capture.context import module_path
 
         ops = (torch.ops.csqc.act_quant.default, torch.ops.csqc.act_quant_asymmetric.default)
         graph = getattr(module, "graph", None)
         if graph is None:
             return None
-        names = {n.name: f"{_module_path(n) or n.name}.quant" for n in graph.nodes
+        names = {n.name: f"{module_path(n) or n.name}.quant" for n in graph.nodes
                  if n.op == "call_function" and n.target in ops}
         quantizers = _static_attrs(golden)
         if not names or len(set(names.values())) != len(names) or set(names.values()) != set(quantizers):

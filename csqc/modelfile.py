@@ -49,7 +49,7 @@ _NPY_OVERHEAD = 1024  # per stored array: its zip headers (twice its name) and t
 _UNREADABLE = UNREADABLE_ARCHIVE
 
 
-def _tensor_spec(name: str, t: torch.Tensor) -> dict:
+def tensor_spec(name: str, t: torch.Tensor) -> dict:
     return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
 
 
@@ -131,7 +131,7 @@ def _flat_output_model(model: nn.Module) -> nn.Module:
     return flat
 
 
-def _export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     # The batch dimension stays symbolic so the PyTorch reference runs any batch size; a batch
     # of 1 would be specialised by torch.export, so capture with 2 rows.
     wide = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
@@ -175,7 +175,7 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
         names = [name for name, _ in _named_outputs(out)]
         flat = isinstance(out, torch.Tensor) or (isinstance(out, (list, tuple))
                                                  and all(isinstance(t, torch.Tensor) for t in out))
-        program = _export(model if flat else _flat_output_model(model), example)
+        program = export_program(model if flat else _flat_output_model(model), example)
     from torch._export.serde import serialize as serde
 
     artifact = serde.serialize(program)
@@ -189,10 +189,10 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
             tensors[f"{prefix}/{key}"] = value.detach().cpu().contiguous().numpy()
     for i, t in enumerate(example):
         tensors[f"example_inputs/{i}"] = t.detach().cpu().numpy()
-    flat = _flat_outputs(program.module()(*example))
+    flat = flat_outputs(program.module()(*example))
     if names is None or len(names) != len(flat):
         names = [f"output{i}" for i in range(len(flat))]
-    outputs = [_tensor_spec(name, t) for name, t in zip(names, flat)]
+    outputs = [tensor_spec(name, t) for name, t in zip(names, flat)]
     manifest = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
@@ -224,7 +224,7 @@ def _stored_ranges(model) -> dict:
 
 
 def _input_specs(example: tuple, ranges: Mapping[str, Sequence[int]]) -> list[dict]:
-    specs = [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    specs = [tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
     by_name = {s["name"]: s for s in specs}
     for name, bounds in ranges.items():
         spec = by_name.get(name)
@@ -257,7 +257,7 @@ def capture_problems(model: nn.Module, example_inputs) -> list[str]:
     if not all(isinstance(t, torch.Tensor) for t in example):
         return ["the op check needs example inputs that are tensors"]
     try:
-        program = _export(_flat_output_model(_finalized_copy(model)), example)
+        program = export_program(_flat_output_model(_finalized_copy(model)), example)
         from torch._export.serde import serialize as serde
 
         checked = check_program(strip_guards(serde.serialize(program).exported_program), "the model")
@@ -273,7 +273,7 @@ def _check_capture(program: torch.export.ExportedProgram, example: tuple) -> Non
     input; shapes and arguments it cannot translate."""
     from .capture import capture
 
-    specs = [_tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    specs = [tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
     capture(CsqcModel(program, {"inputs": specs, "outputs": []}, example))
 
 
@@ -288,11 +288,11 @@ def _capture_problems(program: torch.export.ExportedProgram, example: tuple) -> 
     return []
 
 
-def _flat_outputs(out) -> list[torch.Tensor]:
+def flat_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_outputs(o)]
+        return [t for o in out for t in flat_outputs(o)]
     raise CsqcError(f"model outputs must be tensors, got {type(out).__name__}")
 
 

@@ -385,7 +385,7 @@ def import_checkpoint(path: Path, factory: str, input_shape: Sequence[int] | Non
     ``act_quant`` for the capture (``csqc.reference_quant``), after checking on a sample input
     that the replacement computes the same codes.
     """
-    from .modelfile import CsqcModel, _export, _flat_outputs, _tensor_spec
+    from .modelfile import CsqcModel, export_program, flat_outputs, tensor_spec
     from .reference_quant import reference_quantizers_replaced
 
     if not input_shape:
@@ -394,16 +394,16 @@ def import_checkpoint(path: Path, factory: str, input_shape: Sequence[int] | Non
     model = load_reference_state(_build(factory), sd)
     example = (torch.zeros(tuple(int(s) for s in input_shape)),)
     with reference_quantizers_replaced(model, example) as replaced:
-        program = _export(model, example)
-        outputs = _flat_outputs(model(*example))
+        program = export_program(model, example)
+        outputs = flat_outputs(model(*example))
     metadata = {"imported_from": str(path), "factory": factory, "reference_bits": reference_bits(sd)}
     if replaced:
         metadata["replaced_quantizers"] = replaced
     manifest = {
         "format": "csqc-model",
         "version": 1,
-        "inputs": [_tensor_spec("input0", example[0])],
-        "outputs": [_tensor_spec(f"output{i}", t) for i, t in enumerate(outputs)],
+        "inputs": [tensor_spec("input0", example[0])],
+        "outputs": [tensor_spec(f"output{i}", t) for i, t in enumerate(outputs)],
         "parameters": sorted(program.graph_signature.parameters),
         "avg_bits": layers.average_bits(model),
         "layers": layers.layer_report(model),

@@ -33,7 +33,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from .errors import BadInput, CsqcError
-from .runtime import CompiledModel, _reason
+from .runtime import CompiledModel, error_text
 
 __all__ = ["CONNECT_TIMEOUT_S", "RemoteAddress", "RemoteModel", "parse_address", "connect", "describe_device", "load"]
 
@@ -126,7 +126,7 @@ def connect(address: RemoteAddress, timeout: float = CONNECT_TIMEOUT_S):
         raise
     except Exception as e:  # TVM's errors: a handshake refused, a port that is no RPC server or tracker
         hint = "; with --key the address must be an RPC tracker, without it an RPC server" if address.key else ""
-        raise BadInput(f"cannot open an RPC session with {address} ({_reason(e)}{hint})") from None
+        raise BadInput(f"cannot open an RPC session with {address} ({error_text(e)}{hint})") from None
 
 
 def _check_key(address: RemoteAddress, summary: dict) -> None:
@@ -195,7 +195,7 @@ class RemoteModel(CompiledModel):
         except Exception as e:
             if not self._alive():
                 raise
-            raise BadInput(f"{self.path}: {self.address} cannot load the artifact's library ({_reason(e)})") from None
+            raise BadInput(f"{self.path}: {self.address} cannot load the artifact's library ({error_text(e)})") from None
 
     def _check_runs_there(self, library: bytes, dev) -> None:
         """A remote that cannot run the artifact's target is bad input (exit code 2), like a local one."""
@@ -233,7 +233,7 @@ class RemoteModel(CompiledModel):
         except Exception as e:
             if self.session is None or self._alive():
                 raise
-            raise BadInput(f"lost the session with {self.address} while {doing} ({_reason(e)})") from None
+            raise BadInput(f"lost the session with {self.address} while {doing} ({error_text(e)})") from None
 
     def __call__(self, *inputs, skip_planes=0, record: dict | None = None):
         with self._session_guard("running the model"):

@@ -204,7 +204,7 @@ class CompiledModel:
             self._fill_acc_offsets(())
             self._prepared_for = ()  # the plane setting the weights and offsets above were built for
         except (ValueError, TypeError, IndexError) as e:
-            raise _csqc_bug(path, f"the layer weights cannot be rebuilt from the stored planes ({_reason(e)})"
+            raise _csqc_bug(path, f"the layer weights cannot be rebuilt from the stored planes ({error_text(e)})"
                             ) from None
         # host buffers are also seen as numpy arrays: copying in and out through these views
         # costs well under a microsecond, against ~10 us for Tensor.copyfrom / Tensor.numpy
@@ -285,7 +285,7 @@ class CompiledModel:
         try:
             return dev, load_library(library)
         except Exception as e:
-            raise BadInput(f"{self.path}: the library part cannot be loaded on this machine ({_reason(e)})") from None
+            raise BadInput(f"{self.path}: the library part cannot be loaded on this machine ({error_text(e)})") from None
 
     def _fresh_output_bindings(self) -> list[_FreshOutput] | None:
         """Where the whole-model function takes each output's memory, so that a call can hand it
@@ -722,7 +722,7 @@ class CompiledModel:
                 if after_each is not None:
                     after_each(i)
         except (TypeError, ValueError) as e:  # TVM's argument checks: buffers the kernels were not built for
-            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {_reason(e)})") from None
+            raise _csqc_bug(self.path, f"the plan does not match the compiled kernels (TVM: {error_text(e)})") from None
         finally:
             if capped:
                 _uncap_threads()
@@ -1009,7 +1009,7 @@ def _all_finite(x: np.ndarray) -> bool:
 _MAX_REASON_CHARS = 2000  # a bound for a runaway message, far above any TVM argument-check reason
 
 
-def _reason(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     """The whole message of ``e`` on one line: TVM's argument checks put the reason on the lines
     after "... when calling:", so the first line alone says nothing."""
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from csqc.interpreter import _activation, decode_weight
+from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node, TensorType
+from csqc.numerics import activation
 
 from .registry import PassResult, register
 from .rewrite import replace_nodes
@@ -47,7 +48,7 @@ def _constant(g: Graph, n: Node) -> np.ndarray:
     y = np.zeros(mult.shape, _F32) * mult
     if parts.add:
         y = y + g.params[parts.add]
-    y = _activation(n, y.astype(_F32)).astype(_F32)
+    y = activation(n.attr("act", "none"), y.astype(_F32), n.attr("clip_lo"), n.attr("clip_hi")).astype(_F32)
     shape = [1] * len(n.type.shape)
     shape[parts.channel_axis] = -1
     return np.ascontiguousarray(y.reshape(shape))

@@ -29,7 +29,7 @@ def quotient_kernel(n: int):
         glue.common._on_divisor_range(den[0], lambda fast: glue.common._for_each(1, n, lambda _row, i: I.buffer_store(
             y, glue.common._divided(x[i], den[0], divisor.recip if fast else None), [i])))
 
-    return glue.common._prim_func([("x", (n,), "float32"), ("den", (1,), "float32"), ("y", (n,), "float32")], body)
+    return glue.common.prim_func([("x", (n,), "float32"), ("den", (1,), "float32"), ("y", (n,), "float32")], body)
 
 
 @pytest.mark.parametrize("levels", LEVELS)

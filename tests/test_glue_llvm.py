@@ -606,7 +606,7 @@ def _vector_map(fn, x: np.ndarray) -> tuple[str, np.ndarray]:
             with I.vectorized(0, 16) as lane:
                 I.buffer_store(yb, fn(xb[v * 16 + lane]), [v * 16 + lane])
 
-    func = glue.common._prim_func([("x", x.shape, "float32"), ("y", x.shape, "float32")], body)
+    func = glue.common.prim_func([("x", x.shape, "float32"), ("y", x.shape, "float32")], body)
     calls = " ".join(line for line in build(func).assembly().split("\n") if "call" in line)
     return calls, run_kernel(func, x, outputs=[(x.shape, "float32")])[0]
 

@@ -105,7 +105,7 @@ def hardware_split_quotients(n, zh, zl):
 
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(n.size, F32), dev)
-    build(glue.common._prim_func([("x", (n.size,), "float32"), ("y", (n.size,), "float32")], body)).executable(
+    build(glue.common.prim_func([("x", (n.size,), "float32"), ("y", (n.size,), "float32")], body)).executable(
         tvm.runtime.tensor(n, dev), out)
     return out.numpy()
 
@@ -156,7 +156,7 @@ def _split_proof_kernel(levels: int):
         I.buffer_store(out, proven[0], [0])
         I.buffer_store(low_out, low, [0])
 
-    return build(glue.common._prim_func([("scale", (1,), "float32"), ("proven", (1,), "int32"), ("low", (1,), "float32")],
+    return build(glue.common.prim_func([("scale", (1,), "float32"), ("proven", (1,), "int32"), ("low", (1,), "float32")],
                                  body))
 
 

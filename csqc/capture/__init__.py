@@ -24,7 +24,7 @@ from ..errors import BadInput, CsqcError, UnsupportedOps
 from ..idioms import rewrite_idioms
 from ..ir import Graph, Node, Value, nonfinite_params, verify
 from ..modelfile import CsqcModel
-from .context import _Ctx, _module_path, _type_of, _Unsupported
+from .context import _Ctx, module_path, _type_of, _Unsupported
 from .folding import _constant_derived, _fold, _foldable
 from .handlers import HANDLERS
 
@@ -78,7 +78,7 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
     for fx in program.graph.nodes:
         if fx.op == "call_function":
             handler = HANDLERS.get(fx.target)
-            where = _module_path(fx) or fx.name
+            where = module_path(fx) or fx.name
             if handler is None:
                 unsupported.append((_op_name(fx.target), where))
                 continue

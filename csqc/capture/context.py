@@ -95,8 +95,8 @@ class _Ctx:
 
     def emit(self, fx: torch.fx.Node, op: str, inputs, ttype: TensorType | None = None, attrs=None,
              quant: QuantSpec | None = None, base: str | None = None) -> str:
-        name = self.name(base or _module_path(fx) or fx.name)
-        node = Node(name, op, tuple(inputs), ttype or _type_of(fx), attrs or {}, quant, _module_path(fx))
+        name = self.name(base or module_path(fx) or fx.name)
+        node = Node(name, op, tuple(inputs), ttype or _type_of(fx), attrs or {}, quant, module_path(fx))
         self.nodes.append(node)
         # the op table's sign rule: unsigned codes for quantizers of values known to be >= 0
         if output_nonneg(op, [i in self.nonneg for i in node.inputs], node.attrs):
@@ -104,7 +104,7 @@ class _Ctx:
         return name
 
 
-def _module_path(fx: torch.fx.Node) -> str:
+def module_path(fx: torch.fx.Node) -> str:
     stack = fx.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -135,7 +135,7 @@ def _arg(fx: torch.fx.Node, i: int, name: str, default=None):
 
 
 def _base(fx: torch.fx.Node, op: str) -> str:
-    return f"{_module_path(fx) or fx.name}.{op}"
+    return f"{module_path(fx) or fx.name}.{op}"
 
 
 def _shape_of(arg) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..idioms import idiom_attrs
-from .context import _arg, _aten, _base, _Ctx, _module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
 from .tensors import _slice_value
 
 
@@ -32,13 +32,13 @@ def _binary(op: str):
                     ctx.nonneg.add(vals[-1])
             else:
                 vals.append(ctx.value(v))
-        return ctx.emit(fx, op, vals, base=f"{_module_path(fx) or fx.name}.{op}")
+        return ctx.emit(fx, op, vals, base=f"{module_path(fx) or fx.name}.{op}")
 
     return handler
 
 
 def _relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{_module_path(fx) or fx.name}")
+    return ctx.emit(fx, "relu", [ctx.value(fx.args[0])], base=f"{module_path(fx) or fx.name}")
 
 
 def _gelu(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -46,7 +46,7 @@ def _gelu(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if approximate not in ("none", "tanh"):
         raise _Unsupported(f"gelu approximate={approximate!r}")
     return ctx.emit(fx, "gelu", [ctx.value(fx.args[0])], attrs={"approximate": approximate},
-                    base=f"{_module_path(fx) or fx.name}")
+                    base=f"{module_path(fx) or fx.name}")
 
 
 def _float_unary(op: str):
@@ -98,7 +98,7 @@ def _leaky_relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``leaky_relu(x, slope)`` and ``prelu(x, weight)`` (``x > 0 ? x : slope * x``) as
     ``relu(x) + min(x, 0) * slope``: each term is exactly torch's value or zero, so the sum is too."""
     shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     if fx.target in (_aten.prelu.default, _aten._prelu_kernel.default):
         w = ctx.tensor(fx.args[1]).detach().float().numpy()
         slope = ctx.param(f"{base}.weight", w.reshape((1, w.size) + (1,) * (len(shape) - 2)) if w.size > 1 else

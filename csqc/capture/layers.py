@@ -11,7 +11,7 @@ import torch
 from ..errors import BadInput
 from ..idioms import IDIOM_META, idiom_attrs
 from ..ir import QuantSpec, TensorType
-from .context import _arg, _aten, _base, _Ctx, _module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
 
 
 def _active_bits(mask: int, n_bits: int) -> tuple[int, ...]:
@@ -28,7 +28,7 @@ def _quant_layer(ctx: _Ctx, fx: torch.fx.Node, conv: bool, x_value: str | None =
     qt, st = ctx.tensor(q), ctx.tensor(scale)
     codes = qt.detach().numpy() if weight is None else weight
     out_ch = qt.shape[0]
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     mult = (st.detach().to(torch.float32) / float(2**n_bits - 1)).numpy().astype(np.float32)
     per_channel = mult.size > 1
     mult = np.repeat(np.broadcast_to(mult.reshape(-1), (out_ch,)), channel_repeat)
@@ -75,7 +75,7 @@ def _layer_form(fx: torch.fx.Node) -> str:
 def _act_quant(ctx: _Ctx, fx: torch.fx.Node) -> str:
     x, bits, static = fx.args[:3]
     xv = ctx.value(x)
-    base = (_module_path(fx) or fx.name)
+    base = (module_path(fx) or fx.name)
     t = _type_of(fx)
     idiom = fx.meta.get(IDIOM_META)
     if idiom is not None and idiom.unsigned and xv not in ctx.nonneg:
@@ -92,7 +92,7 @@ def _act_quant_asymmetric(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``csqc::act_quant_asymmetric``: unsigned codes with a zero point (static: the op's own)."""
     x, bits, static, zero_point = fx.args[:4]
     t = _type_of(fx)
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     static = float(static)
     attrs = {"bits": int(bits), "static_scale": static, "signed": False, "asymmetric": True,
              "zero_point": int(zero_point) if static > 0 else 0, **idiom_attrs(fx)}
@@ -105,7 +105,7 @@ def _float_layer_inputs(ctx: _Ctx, fx: torch.fx.Node) -> list[str]:
     """A float conv's or linear's input value, weight and (if any) bias parameters."""
     x, w = fx.args[:2]
     b = _arg(fx, 2, "bias")
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     inputs = [ctx.value(x), ctx.param(f"{base}.weight", ctx.tensor(w).detach().numpy().astype(np.float32))]
     if b is not None:
         inputs.append(ctx.param(f"{base}.bias", ctx.tensor(b).detach().numpy().astype(np.float32)))
@@ -136,7 +136,7 @@ def _batch_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     var_t = ctx.tensor(var).detach().float().numpy()
     mean_t = ctx.tensor(mean).detach().float().numpy()
     if not (var_t + np.float32(eps) > 0).all():  # 1 / sqrt would be NaN or infinite
-        raise BadInput(f"batch norm {_module_path(fx) or fx.name}: running variance + eps must be positive; "
+        raise BadInput(f"batch norm {module_path(fx) or fx.name}: running variance + eps must be positive; "
                        "the model's statistics are damaged")
     c = var_t.shape[0]
     w_t = ctx.tensor(w).detach().float().numpy() if w is not None else np.ones(c, np.float32)
@@ -146,7 +146,7 @@ def _batch_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     with np.errstate(over="ignore", invalid="ignore"):
         alpha = (np.float32(1) / np.sqrt(var_t + np.float32(eps))).astype(np.float32) * w_t
         shift = (b_t - mean_t * alpha).astype(np.float32)
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     return ctx.emit(fx, "batch_norm", [ctx.value(x), ctx.param(f"{base}.mul", alpha), ctx.param(f"{base}.add", shift)])
 
 
@@ -154,7 +154,7 @@ def _matmul(ctx: _Ctx, fx: torch.fx.Node) -> str:
     a, b = fx.args[:2]
     if min(len(_type_of(v).shape) for v in (a, b)) < 2:
         raise _Unsupported("matmul of a vector (rank-1 operand)")
-    return ctx.emit(fx, "matmul", [ctx.value(a), ctx.value(b)], base=f"{_module_path(fx) or fx.name}.matmul")
+    return ctx.emit(fx, "matmul", [ctx.value(a), ctx.value(b)], base=f"{module_path(fx) or fx.name}.matmul")
 
 
 def _einsum_subscripts(equation: str, ranks: list[int]) -> tuple[list[str], str]:
@@ -206,7 +206,7 @@ def _einsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
     equation, operands = fx.args[0], list(fx.args[1])
     types = [_type_of(v) for v in operands]
     terms, out = _einsum_subscripts(equation, [len(t.shape) for t in types])
-    base, dtype = f"{_module_path(fx) or fx.name}.einsum", _type_of(fx).dtype
+    base, dtype = f"{module_path(fx) or fx.name}.einsum", _type_of(fx).dtype
     sizes: dict[str, int] = {}
     for term, t in zip(terms, types):
         for c, n in zip(term, t.shape):
@@ -253,7 +253,7 @@ def _embedding(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False): the
     # IR op gives ids.shape + [dim]; a reshape restores a view of the ids taken on the way
     table, ids = fx.args[:2]
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     weight = ctx.param(f"{base}.weight", ctx.tensor(table).detach().float().numpy())
     ids_value = ctx.value(ids)
     if ids_value not in ctx.integer_inputs:
@@ -271,7 +271,7 @@ def _addmm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     bias, x, w = fx.args[:3]
     if _arg(fx, 3, "beta", 1) != 1 or _arg(fx, 4, "alpha", 1) != 1:
         raise _Unsupported("addmm with beta or alpha != 1")
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     if ctx.is_const(w) and ctx.is_const(bias) and ctx.tensor(bias).dim() == 1:
         weight = ctx.tensor(w).detach().float().numpy().T
         inputs = [ctx.value(x), ctx.param(f"{base}.weight", np.ascontiguousarray(weight)),
@@ -307,7 +307,7 @@ def _conv1d(ctx: _Ctx, fx: torch.fx.Node) -> str:
     shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
     if isinstance(_arg(fx, 4, "padding", 0), str):
         raise _Unsupported("string padding")
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     w = ctx.tensor(fx.args[1]).detach().numpy().astype(np.float32)
     inputs = [_as_2d(ctx, fx, ctx.value(fx.args[0]), shape), ctx.param(f"{base}.weight", w[:, :, None, :])]
     if _arg(fx, 2, "bias") is not None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..ir import TensorType
-from .context import _arg, _aten, _base, _Ctx, _module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
 from .elementwise import _abs_value, _negated_value
 
 
@@ -52,7 +52,7 @@ def _layer_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     t = TensorType(tuple(int(s) for s in (val[0] if isinstance(val, (tuple, list)) else val).shape))
     normalized = tuple(int(s) for s in normalized)
     axis = len(t.shape) - len(normalized)
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     weight = (ctx.param(f"{base}.weight", ctx.tensor(w).detach().float().numpy()) if w is not None
               else ctx.param(f"{base}.weight", np.ones(normalized, np.float32)))
     bias = (ctx.param(f"{base}.bias", ctx.tensor(b).detach().float().numpy()) if b is not None
@@ -75,7 +75,7 @@ def _group_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     else:
         groups, w, b, eps = int(fx.args[1]), _arg(fx, 2, "weight"), _arg(fx, 3, "bias"), float(_arg(fx, 4, "eps", 1e-5))
     row = int(np.prod(shape[1:], dtype=np.int64)) // groups
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     rows = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], (shape[0], groups, row), "groups")
     ones, zeros = ctx.param(f"{base}.unit_weight", np.ones(row, np.float32)), ctx.param(f"{base}.unit_bias",
                                                                                         np.zeros(row, np.float32))

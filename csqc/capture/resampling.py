@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ir import TensorType
-from .context import _arg, _base, _Ctx, _module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
 from .layers import _as_2d
 from .tensors import _gathered, _repeated_in_place
 
@@ -26,7 +26,7 @@ def _pool(op: str):
             attrs["count_include_pad"] = bool(_arg(fx, 5, "count_include_pad", True))
             attrs["divisor"] = int(_arg(fx, 6, "divisor_override", None) or 0)
         xv = ctx.value(fx.args[0])
-        return ctx.emit(fx, op, [xv], attrs=attrs, base=f"{_module_path(fx) or fx.name}")
+        return ctx.emit(fx, op, [xv], attrs=attrs, base=f"{module_path(fx) or fx.name}")
 
     return handler
 

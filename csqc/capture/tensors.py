@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ir import TensorType
-from .context import _arg, _aten, _base, _Ctx, _module_path, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, module_path, _shape_of, _type_of, _typed, _Unsupported
 
 
 def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -18,7 +18,7 @@ def _reshape(ctx: _Ctx, fx: torch.fx.Node) -> str:
     xv = ctx.value(fx.args[0])
     if xv in ctx.integer_inputs:  # a view of token ids: the embedding reading them restores the shape
         return xv
-    return ctx.emit(fx, "reshape", [xv], base=f"{_module_path(fx) or fx.name}.reshape")
+    return ctx.emit(fx, "reshape", [xv], base=f"{module_path(fx) or fx.name}.reshape")
 
 
 def _permute(ctx: _Ctx, fx: torch.fx.Node, dims=None) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from ..ir import Node, TensorType
-from .context import _arg, _aten, _base, _Ctx, _module_path, _pair, _shape_of, _type_of, _typed
+from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed
 from .layers import _over_height_one, _quant_layer
 from .tensors import _padded_axis, _slice_value
 
@@ -98,7 +98,7 @@ def _polyphase_conv_transpose(ctx: _Ctx, fx: torch.fx.Node, x_value: str, x_shap
         z = _quant_layer(ctx, fx, conv=True, x_value=x_value, conv_attrs=attrs, ttype=TensorType(z_shape),
                          weight=phase_weight, channel_repeat=phases)
     else:
-        base = _module_path(fx) or fx.name
+        base = module_path(fx) or fx.name
         inputs = [x_value, ctx.param(f"{base}.weight", np.ascontiguousarray(phase_weight))]
         if _arg(fx, 2, "bias") is not None:
             bias = ctx.tensor(_arg(fx, 2, "bias")).detach().numpy().astype(np.float32)
@@ -194,7 +194,7 @@ def _point_conv_transpose(ctx: _Ctx, fx: torch.fx.Node, value: str, x_shape, w: 
     """A float transposed convolution of a 1x1 input as a linear layer (:func:`_point_matrix`)."""
     n, c_in = x_shape[:2]
     _, c_out, ho, wo = out_4d
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     inputs = [_typed(ctx, fx, "reshape", [value], (n, c_in), "as_vector"),
               ctx.param(f"{base}.weight", _point_matrix(w, padding, ho, wo))]
     if _arg(fx, 2, "bias") is not None:
@@ -227,7 +227,7 @@ def _conv_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
     stride, padding, extra = spatial(3, "stride", 1), spatial(4, "padding", 0), spatial(5, "output_padding", 0)
     groups, dilation = int(_arg(fx, 6, "groups", 1)), spatial(7, "dilation", 1)
     c_in, c_out_g, kh, kw = w.shape
-    base = _module_path(fx) or fx.name
+    base = module_path(fx) or fx.name
     value = ctx.value(fx.args[0])
     if one_d:
         value = _typed(ctx, fx, "reshape", [value], x_shape, "as_2d")

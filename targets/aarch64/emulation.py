@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 SYSROOT_ENV = "CSQC_AARCH64_SYSROOT"
 QEMU = "qemu-aarch64"
 SETUP_COMMAND = "python -m csqc.targets.aarch64.sysroot"
-_PYTHON = "usr/bin/python3.11"
-_SITE = "opt/csqc-site"
-_MARKER = "csqc-sysroot.json"  # written last by the sysroot builder: its presence means complete
+SYSROOT_PYTHON = "usr/bin/python3.11"
+SYSROOT_SITE = "opt/csqc-site"
+SYSROOT_MARKER = "csqc-sysroot.json"  # written last by the sysroot builder: its presence means complete
 
 
 def sysroot_path() -> Path:
@@ -55,7 +55,7 @@ def check_emulator(sysroot: Path | None = None) -> tuple[str, Path]:
     if qemu is None:
         raise BadInput(f"running an aarch64 artifact on this {platform.machine()} machine needs {QEMU}; "
                        "install it with `apt-get install qemu-user`")
-    if not (sysroot / _MARKER).is_file():
+    if not (sysroot / SYSROOT_MARKER).is_file():
         raise BadInput(f"no aarch64 emulation sysroot at {sysroot}; build it with `{SETUP_COMMAND} --dest {sysroot}` "
                        f"(or point {SYSROOT_ENV} at one)")
     return qemu, sysroot
@@ -98,10 +98,10 @@ class EmulatedModel:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "QEMU_LD_PREFIX": str(sysroot),  # the emulated loader and libraries come from the sysroot
-            "PYTHONPATH": str(sysroot / _SITE), "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPATH": str(sysroot / SYSROOT_SITE), "PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1",
             "TVM_USE_RUNTIME_LIB": "1", "TVM_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": "1",
         }
-        command = [qemu, str(sysroot / _PYTHON), str(Path(__file__).with_name("emulated_driver.py")),
+        command = [qemu, str(sysroot / SYSROOT_PYTHON), str(Path(__file__).with_name("emulated_driver.py")),
                    str(Path(csqc.__file__).parent), str(Path(csqc.targets.__file__).parent), str(self.path.resolve())]
         log.info("starting %s", " ".join(command))
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)

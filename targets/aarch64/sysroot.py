@@ -28,7 +28,7 @@ from pathlib import Path
 
 from csqc.errors import BadInput, CsqcError
 
-from .emulation import QEMU, SYSROOT_ENV, _MARKER, _PYTHON, _SITE, sysroot_path
+from .emulation import QEMU, SYSROOT_ENV, SYSROOT_MARKER, SYSROOT_PYTHON, SYSROOT_SITE, sysroot_path
 
 __all__ = ["DEBIAN_PACKAGES", "WHEELS", "build_sysroot", "main"]
 
@@ -72,7 +72,7 @@ def _pinned_wheels() -> list[str]:
 def build_sysroot(dest: Path | None = None, *, force: bool = False) -> Path:
     """Build the sysroot at ``dest`` (default: the one ``csqc verify`` looks for); returns its path."""
     dest = Path(dest or sysroot_path()).absolute()
-    if (dest / _MARKER).is_file() and not force:
+    if (dest / SYSROOT_MARKER).is_file() and not force:
         log.info("sysroot already at %s (use --force to rebuild)", dest)
         return dest
     for tool, package in (("apt-get", "apt"), ("dpkg", "dpkg"), (QEMU, "qemu-user")):
@@ -92,20 +92,20 @@ def build_sysroot(dest: Path | None = None, *, force: bool = False) -> Path:
             _run(["dpkg", "-x", str(deb), str(dest)])
     log.info("installing aarch64 wheels: %s", " ".join(_pinned_wheels()))
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts",
-          "--target", str(dest / _SITE), *[f"--platform={p}" for p in WHEEL_PLATFORMS], "--only-binary=:all:",
+          "--target", str(dest / SYSROOT_SITE), *[f"--platform={p}" for p in WHEEL_PLATFORMS], "--only-binary=:all:",
           f"--python-version={PYTHON_VERSION}", "--implementation=cp", *_pinned_wheels()])
     _smoke_test(dest)
     info = {"python": PYTHON_VERSION, "debian_packages": DEBIAN_PACKAGES, "wheels": _pinned_wheels(),
             "seconds": round(time.perf_counter() - start, 1)}
-    (dest / _MARKER).write_text(json.dumps(info, indent=1))
+    (dest / SYSROOT_MARKER).write_text(json.dumps(info, indent=1))
     return dest
 
 
 def _smoke_test(dest: Path) -> None:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QEMU_LD_PREFIX": str(dest),
-           "PYTHONPATH": str(dest / _SITE), "PYTHONNOUSERSITE": "1", "TVM_USE_RUNTIME_LIB": "1"}
+           "PYTHONPATH": str(dest / SYSROOT_SITE), "PYTHONNOUSERSITE": "1", "TVM_USE_RUNTIME_LIB": "1"}
     probe = "import platform, numpy, tvm; print(platform.machine(), numpy.__version__, tvm.__version__)"
-    out = _run([shutil.which(QEMU), str(dest / _PYTHON), "-c", probe], env=env).stdout.split()
+    out = _run([shutil.which(QEMU), str(dest / SYSROOT_PYTHON), "-c", probe], env=env).stdout.split()
     if not out or out[0] != "aarch64":
         raise CsqcError(f"the emulated Python reports {' '.join(out)!r}, expected an aarch64 machine")
     log.info("emulated Python runs: %s", " ".join(out))

@@ -159,7 +159,7 @@ def amx_dense_epilogue(M: int, N: int, K: int, epilogue) -> tirx.PrimFunc:
     """
     from tvm.script.ir_builder import tirx as I
 
-    from .glue.common import _prim_func
+    from .glue.common import prim_func
 
     if not amx_dense_fits(M, N, K):
         raise ValueError(f"amx_dense_epilogue needs N % {_BLOCK_OUTPUTS} == 0 and K % {_TILE_BYTES} == 0, "
@@ -234,7 +234,7 @@ def amx_dense_epilogue(M: int, N: int, K: int, epilogue) -> tirx.PrimFunc:
                 rows_block(x, w, y, named, acc, block, M - tail, 1, tail)
             tile("tilerelease")
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def _k_rows(groups4: int) -> int | None:

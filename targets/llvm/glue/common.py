@@ -178,7 +178,7 @@ def _local(shape, dtype=F32):
     return I.alloc_buffer(shape, dtype, scope="local", annotations=_ON_STACK)
 
 
-def _prim_func(params: Sequence[tuple[str, tuple, str]], body: Callable) -> tirx.PrimFunc:
+def prim_func(params: Sequence[tuple[str, tuple, str]], body: Callable) -> tirx.PrimFunc:
     """Build a PrimFunc whose parameters are buffers ``(name, shape, dtype)``; ``body(*buffers)``
     emits the statements through the IRBuilder."""
     with IRBuilder() as builder:

@@ -10,7 +10,7 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as I
 
 from .common import (
-    _activation, _channel_view, F32, _f32, _flat, _fma, _for_each, _for_each_channel, _levels, _prim_func, _prod,
+    _activation, _channel_view, F32, _f32, _flat, _fma, _for_each, _for_each_channel, _levels, prim_func, _prod,
     _round_to_int, _rounded)
 from .quantizers import _emit_quantize, _emit_quantize_asymmetric
 from .layout import _broadcast_index, _broadcast_strides, _coalesce, _row_major, _strided_index, _unravel
@@ -50,7 +50,7 @@ def binary(op: str, a_shape, b_shape, out_shape) -> tirx.PrimFunc:
 
         _for_each(rows, row_len, emit)
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def broadcast(in_shape, out_shape) -> tirx.PrimFunc:
@@ -66,7 +66,7 @@ def broadcast(in_shape, out_shape) -> tirx.PrimFunc:
         _for_each(rows, row_len, lambda row, col: I.buffer_store(
             y_flat, x_flat[_strided_index(row, col, dims, x_strides)], [row * row_len + col]))
 
-    return _prim_func([("x", tuple(in_shape), F32), ("y", out_shape, F32)], body)
+    return prim_func([("x", tuple(in_shape), F32), ("y", out_shape, F32)], body)
 
 
 # exp on the vector units: LLVM has no vector exp for x86 and calls libm's expf once per lane
@@ -209,7 +209,7 @@ def unary(op: str, shape, lo: float = 0.0, hi: float = 0.0) -> tirx.PrimFunc:
         x_flat, y_flat = _flat(x), _flat(y)
         _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, fn(x_flat[i], lo, hi), [i]))
 
-    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", shape, F32)], body)
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,7 @@ def elementwise_chain(inputs: Sequence[tuple[str, Sequence[int]]], ops: Sequence
             else:
                 _emit_quantize(source, n, _levels(q.bits), q.static_scale, q.offset, *outs)
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def channel_affine(shape, axis: int = 1) -> tirx.PrimFunc:
@@ -370,7 +370,7 @@ def channel_affine(shape, axis: int = 1) -> tirx.PrimFunc:
         x_flat, y_flat = _flat(x), _flat(y)
         _for_each_channel(shape, axis, lambda i, c: I.buffer_store(y_flat, _rounded(x_flat[i] * mul[c]) + add[c], [i]))
 
-    return _prim_func([("x", shape, F32), ("mul", (channels,), F32), ("add", (channels,), F32), ("y", shape, F32)], body)
+    return prim_func([("x", shape, F32), ("mul", (channels,), F32), ("add", (channels,), F32), ("y", shape, F32)], body)
 
 
 # Rational approximation of erf on [-4, 4] (Eigen's / TVM's fast_erf; |error| < 1e-6 there, and
@@ -422,4 +422,4 @@ def gelu(shape, approximate: str = "none") -> tirx.PrimFunc:
         x_flat, y_flat = _flat(x), _flat(y)
         _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, _gelu(x_flat[i], approximate), [i]))
 
-    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", shape, F32)], body)

@@ -14,7 +14,7 @@ from tvm.script.ir_builder import tirx as I
 from csqc.targets.tvm.code_thresholds import FORM_FIELDS
 from .common import (
     _activation, _channel_view, _check_act, _divided, F32, _f32, _flat, _for_each_channel, LANES, _less_offset,
-    _levels, _levels_reciprocal, _on_divisor_range, _prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _rounded,
+    _levels, _levels_reciprocal, _on_divisor_range, prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _rounded,
     _vector_span)
 from .quantizers import (
     _Divisor, _divisor_of, _emit_channel_abs_max, _emit_channel_abs_max_of_monotone, _on_split_form, _signed_code,
@@ -341,4 +341,4 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         else:
             on_levels_divisor(codes_pass)
 
-    return _prim_func(params, body)
+    return prim_func(params, body)

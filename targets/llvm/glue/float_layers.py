@@ -10,7 +10,7 @@ from tvm.script.ir_builder import tirx as I
 
 from .common import (
     _activation, _check_act, F32, _f32, _flat, _for_each, LANES, _largest_divisor, _levels, _local, _pair,
-    _parallel_or_serial, _prim_func, _QUOTIENT_DIVISORS, _rounded)
+    _parallel_or_serial, prim_func, _QUOTIENT_DIVISORS, _rounded)
 from .quantizers import _divisor_of, _store_codes
 from .epilogues import _layer_value
 
@@ -187,7 +187,7 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
             batch = task // (segments * rows * oc_blocks)
             _dispatch_tiles(tiles, seg, lambda col0, width: tile(batch, oc0, row, col0, width))
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def default_conv_knobs(out_channels: int, taps: int, stride: tuple[int, int], groups: int) -> ConvKnobs:
@@ -333,4 +333,4 @@ def linear_f32(M: int, K: int, N: int, has_bias: bool, act: str = "none", clip_l
                         value = value + bias[n0 + j]
                     I.buffer_store(y, _activation(value, act, clip_lo, clip_hi), [m0 + i, n0 + j])
 
-    return _prim_func(params, body)
+    return prim_func(params, body)

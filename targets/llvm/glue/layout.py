@@ -7,7 +7,7 @@ from typing import Sequence
 from tvm import tirx
 from tvm.script.ir_builder import tirx as I
 
-from .common import _channel_view, F32, _flat, _for_each, LANES, _parallel_or_serial, _prim_func, _prod
+from .common import _channel_view, F32, _flat, _for_each, LANES, _parallel_or_serial, prim_func, _prod
 
 
 def _broadcast_strides(shape, out_shape) -> list[int]:
@@ -74,7 +74,7 @@ def embedding(rows: int, dim: int, ids_shape, ids_dtype: str) -> tirx.PrimFunc:
 
         _for_each(count, dim, emit)
 
-    return _prim_func([("table", (rows, dim), F32), ("ids", ids_shape, ids_dtype),
+    return prim_func([("table", (rows, dim), F32), ("ids", ids_shape, ids_dtype),
                        ("y", ids_shape + (dim,), F32)], body)
 
 
@@ -113,7 +113,7 @@ def copy(shape) -> tirx.PrimFunc:
         x_flat, y_flat = _flat(x), _flat(y)
         _for_each(1, _prod(shape), lambda _r, i: I.buffer_store(y_flat, x_flat[i], [i]))
 
-    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", shape, F32)], body)
 
 
 def slice_axis(shape, axis: int, start: int, end: int) -> tirx.PrimFunc:
@@ -134,7 +134,7 @@ def slice_axis(shape, axis: int, start: int, end: int) -> tirx.PrimFunc:
         _for_each(outer, run, lambda row, col: I.buffer_store(
             y_flat, x_flat[row * (size * inner) + start * inner + col], [row * run + col]))
 
-    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
 
 
 def concat(shapes: Sequence[Sequence[int]], axis: int) -> tirx.PrimFunc:
@@ -161,7 +161,7 @@ def concat(shapes: Sequence[Sequence[int]], axis: int) -> tirx.PrimFunc:
             _for_each(outer, in_row, emit)
             offset += in_row
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def transpose(shape, dims: Sequence[int]) -> tirx.PrimFunc:
@@ -191,7 +191,7 @@ def transpose(shape, dims: Sequence[int]) -> tirx.PrimFunc:
 
         _for_each(rows, row_len, emit)
 
-    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
 
 
 _MAX_INTERLEAVED = 8  # vectors one shuffle interleaves (a stride-8 transposed conv's phases)
@@ -226,4 +226,4 @@ def _interleave(shape, out_shape, strides) -> tirx.PrimFunc:
                     I.buffer_store(y_flat, x_flat[base + (j % r) * phase_stride + column],
                                    [row * row_len + full * width * r + j])
 
-    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", out_shape, F32)], body)

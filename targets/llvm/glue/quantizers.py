@@ -14,7 +14,7 @@ from tvm.script.ir_builder import tirx as I
 from ..reciprocal import code_form, reciprocal_parts
 from .common import (
     _channel_view, _divided, F32, _f32, _flat, _fma, _for_each, LANES, _levels, _levels_reciprocal, _local,
-    _on_divisor_range, _parallel_or_serial, _prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _round_to_int, _rounded)
+    _on_divisor_range, _parallel_or_serial, prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _round_to_int, _rounded)
 
 
 def _emit_abs_max(x_flat, n: int, scale):
@@ -185,7 +185,7 @@ def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
     def body(x, scale, codes_pos, codes_neg=None):
         _emit_quantize(_flat(x), n, levels, static_scale, offset, scale, codes_pos, codes_neg)
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: bool, scale, codes_pos,
@@ -259,7 +259,7 @@ def quantize_asymmetric(shape: Sequence[int], bits: int, static_scale: float, ze
         _emit_quantize_asymmetric(_flat(x), n, levels, static_scale, static_zero_point, scale, zero_point,
                                   codes_pos, codes_neg, offset)
 
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, static_zero_point: int, scale,
@@ -500,4 +500,4 @@ def dequantize(shape: Sequence[int], bits: int, signed: bool = False, offset: bo
         _on_divisor_range(scale[0], lambda fast: _for_each(1, n, lambda row, i: emit(row, i, fast)),
                           n >= _QUOTIENT_MIN_ELEMENTS and levels > 1)
 
-    return _prim_func(params, body)
+    return prim_func(params, body)

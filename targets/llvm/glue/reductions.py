@@ -10,7 +10,7 @@ from tvm.script.ir_builder import tirx as I
 
 from csqc.numerics import pool_output_size
 from .common import (
-    _channel_view, F32, _f32, _flat, LANES, _local, _pair, _parallel_or_serial, _prim_func, _prod, _vector_span)
+    _channel_view, F32, _f32, _flat, LANES, _local, _pair, _parallel_or_serial, prim_func, _prod, _vector_span)
 from .elementwise import _exp
 
 
@@ -110,7 +110,7 @@ def _pool2d(kind: str, input_shape, kernel, stride, padding, dilation, finish: C
                     scalar_column(plane, out_row, done + col)
 
     params = [("x", (n, c, h, w), F32), ("y", (n, c, oh, ow), F32)]
-    return _prim_func(params, body)
+    return prim_func(params, body)
 
 
 def max_pool2d(input_shape, kernel, stride, padding=(0, 0), dilation=(1, 1), ceil_mode: bool = False) -> tirx.PrimFunc:
@@ -192,7 +192,7 @@ def _uneven_adaptive_avg_pool2d(n: int, c: int, h: int, w: int, oh: int, ow: int
                         I.buffer_store(acc, acc[0] + x_flat[plane * (h * w) + (h0 + r) * w + w0 + s], [0])
                 I.buffer_store(y_flat, acc[0] / tirx.Cast(F32, (h1 - h0) * (w1 - w0)), [(plane * oh + i) * ow + j])
 
-    return _prim_func([("x", (n, c, h, w), F32), ("y", (n, c, oh, ow), F32)], body)
+    return prim_func([("x", (n, c, h, w), F32), ("y", (n, c, oh, ow), F32)], body)
 
 
 def adaptive_avg_pool2d(input_shape, output_size) -> tirx.PrimFunc:
@@ -208,7 +208,7 @@ def adaptive_avg_pool2d(input_shape, output_size) -> tirx.PrimFunc:
     def body(x, y):
         _emit_row_mean(_flat(x), _flat(y), n * c, h * w, h * w)
 
-    return _prim_func([("x", (n, c, h, w), F32), ("y", (n, c, 1, 1), F32)], body)
+    return prim_func([("x", (n, c, h, w), F32), ("y", (n, c, 1, 1), F32)], body)
 
 
 def mean(shape, dims: Sequence[int], keepdim: bool) -> tirx.PrimFunc:
@@ -260,7 +260,7 @@ def _reduction(shape, dims: Sequence[int], keepdim: bool, kind: str) -> tirx.Pri
                 I.buffer_store(total, combine(total[0], x_flat[offset]), [0])
             I.buffer_store(y_flat, finish(total[0]), [out])
 
-    return _prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", out_shape, F32)], body)
 
 
 def softmax(shape, axis: int) -> tirx.PrimFunc:
@@ -315,7 +315,7 @@ def softmax(shape, axis: int) -> tirx.PrimFunc:
                     with I.Else():
                         columns(tail)
 
-    return _prim_func([("x", shape, F32), ("y", shape, F32)], body)
+    return prim_func([("x", shape, F32), ("y", shape, F32)], body)
 
 
 def _emit_row_softmax(x_flat, y_flat, rows: int, length: int):

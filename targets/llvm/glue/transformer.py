@@ -8,7 +8,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script.ir_builder import tirx as I
 
-from .common import F32, _f32, _flat, LANES, _local, _parallel_or_serial, _prim_func, _prod, _rounded, _vector_span
+from .common import F32, _f32, _flat, LANES, _local, _parallel_or_serial, prim_func, _prod, _rounded, _vector_span
 from .float_layers import _row_tiles
 from .layout import _broadcast_strides
 
@@ -62,7 +62,7 @@ def matmul(a_shape, b_shape) -> tirx.PrimFunc:
                         I.buffer_store(y_flat, acc[lane], [task * n + col0 + lane])
                 start += count * width
 
-    return _prim_func([("a", a_shape, F32), ("b", b_shape, F32), ("y", out_shape, F32)], body)
+    return prim_func([("a", a_shape, F32), ("b", b_shape, F32), ("y", out_shape, F32)], body)
 
 
 def _emit_row_sum(value: Callable, length: int, total):
@@ -112,4 +112,4 @@ def layer_norm(shape, axis: int, eps: float) -> tirx.PrimFunc:
 
             _vector_span(emit, row, 0, length)
 
-    return _prim_func([("x", shape, F32), ("w", normalized, F32), ("b", normalized, F32), ("y", shape, F32)], body)
+    return prim_func([("x", shape, F32), ("w", normalized, F32), ("b", normalized, F32), ("y", shape, F32)], body)
