@@ -1082,7 +1082,7 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
             if pool is None or "alias" in spec or spec["kind"] != "temp" or _nbytes(spec) > pool:
                 return f"buffer {name!r} lies in pool {spec['pool']!r}, which is missing or smaller (or it is not " \
                        "a temporary buffer of its own)"
-        elif spec["kind"] == "weight":
+        if "alias" not in spec and spec["kind"] == "weight":
             w = weights.get(name)
             if not isinstance(w, np.ndarray):
                 return f"weight {name!r} is missing"
