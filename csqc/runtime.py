@@ -686,19 +686,26 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else outs
 
     def _run_recording(self, skips: tuple, threads: int | None, record: dict) -> None:
-        """Run the steps one at a time and copy into ``record`` every buffer (less weights) a step
-        names, with the views of its memory, as that step leaves it: the last copy is its final
-        value even where a later step reuses its memory (a shared pool, see targets.tvm.memory)."""
+        """Run the steps one at a time and copy into ``record`` every buffer (less weights), with
+        the views of its memory, as the last step naming that memory leaves it: its final value,
+        though a later step may reuse the memory (a shared pool, see targets.tvm.memory)."""
         specs = self.plan["buffers"]
         kept = [name for name, spec in specs.items()
                 if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived]
         memory: dict[str, list[str]] = {}  # root -> the recorded buffers on its memory
         for name in kept:
             memory.setdefault(self._root(name), []).append(name)
-        steps = self.plan["steps"]
+        last: dict[str, int] = {}  # root -> the last step naming its memory
+        for i, step in enumerate(self.plan["steps"]):
+            for a in step["args"]:
+                if isinstance(a, str):
+                    last[self._root(a)] = i
+        done_at: dict[int, list[str]] = {}
+        for root, i in last.items():
+            done_at.setdefault(i, []).append(root)
 
         def copy_out(i: int) -> None:
-            for root in dict.fromkeys(self._root(a) for a in steps[i]["args"] if isinstance(a, str)):
+            for root in done_at.get(i, ()):
                 for name in memory.get(root, ()):
                     record[name] = self.buffers[name].numpy()
 
