@@ -394,10 +394,17 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             report.results.append(BenchResult(key, timing.median_us, sizes[key][0], sizes[key][1], timing.spread,
                                               timing.spread > UNRELIABLE_SPREAD))
         notes.extend(_timing_notes(report.results))
-        choice = art.thread_choice
+        choice = art.call_choice
         if choice is not None and choice.trials:
-            notes.append(f"csqc's layers are small, so its plan caps a call at {choice.cap} of the {choice.pool} threads; "
-                         f"its calls were timed both ways every quarter second, the faster kept ({choice.summary()})")
+            compiled = choice.settings[0]
+            ways = []
+            if any(s.threads != compiled.threads for s in choice.settings):
+                ways.append(f"its plan caps a call at {compiled.threads} of the {choice.pool} threads (its layers are "
+                            "small); its calls were timed on the cap and on the whole pool")
+            if any(not s.shared_memory for s in choice.settings):
+                ways.append(("each" if ways else "its calls were timed") + " with the intermediates in the plan's "
+                            "shared pools and in memory of their own")
+            notes.append(f"csqc: {', '.join(ways)}, every quarter second, the fastest kept ({choice.summary()})")
         elif art.threads is not None and art.threads < threads:
             notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
                          "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "

@@ -337,7 +337,7 @@ def _print_artifact(info: dict, as_json: bool) -> None:
     console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}")
     if info.get("threads"):
         console.print(f"threads: at most {info['threads']} per call (its layers are small), unless its calls "
-                      "time more threads as faster (CompiledModel.thread_choice)")
+                      "time more threads as faster (CompiledModel.call_choice)")
     calibration = info["calibration"]
     if calibration is None:
         console.print("calibration: none (dynamic activation scales)")

@@ -5,7 +5,8 @@
     y = model(x)                     # numpy in, numpy out
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
     model.calibration                # compile --calibrate: the static scales it was built with (or None)
-    model.threads                    # the most threads a call uses (None: TVM's pool); see ThreadChoice
+    model.threads                    # the most threads a call uses (None: TVM's pool)
+    model.call_choice                # how calls are run (threads, memory), timed now and then: csqc.call_choice
 
 The artifact (see ``csqc.artifact``) is the shared library with ``plan.json``, ``weights.npz``
 and their SHA-256 digests appended. ``load`` checks the digests, the plan and every declared
@@ -31,11 +32,12 @@ from .artifact import (BITPARALLEL_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_L
                        nibble_block_bytes, nibble_range, pack_bitparallel_layout, physical_memory, prefix_weight_range,
                        read_artifact, whole_model_arguments)
 from .calibration import Calibration, plan_calibration
+from .call_choice import CallChoice, CallSetting
 from .errors import BadInput, CsqcError
 from .interpreter import largest_safe_scale, overflow_error, scale_overflow  # numpy only, like this module
 from .targets.tvm.code_thresholds import forms_in_range  # numpy only too
 
-__all__ = ["CompiledModel", "StepTime", "ThreadChoice", "aligned_array", "cuda_device", "load", "check_plan",
+__all__ = ["CompiledModel", "StepTime", "aligned_array", "cuda_device", "load", "check_plan",
            "physical_cores", "pool_threads", "profile_steps"]
 
 _BUFFER_KINDS = ("input", "output", "temp", "weight", "derived")
@@ -87,16 +89,6 @@ class _DirectInput:
     nbytes: int
     args: tuple  # (position among the function's arguments, shape, dtype) of each buffer on its memory
 
-# The thread trials of a model the compiler capped at one thread (see ThreadChoice): calls per
-# block, blocks per setting, how much faster the pool must be to be kept, and how often (in
-# seconds and calls, both) a trial runs again. Blocks of calls on one setting, not alternate
-# calls: a one-thread call right after a parallel one runs beside a pool worker still
-# spinning, which is not the steady state either setting would have.
-_TRIAL_BLOCK_CALLS = 4
-_TRIAL_BLOCKS = 3
-_TRIAL_MARGIN = 0.9
-_TRIAL_PERIOD_SECONDS = 0.25
-_TRIAL_PERIOD_CALLS = 200
 # _cap_threads: capped calls in flight and the TVM_NUM_THREADS value they replaced
 _THREAD_CAP_LOCK = threading.Lock()
 _UNCHANGED = object()
@@ -169,10 +161,13 @@ class CompiledModel:
         self.target = self.plan["target"]["kind"]
         # the most threads a call uses: the compiler caps models of small layers at one (see
         # csqc.targets.llvm.target.thread_cap), and calls check that guess on this machine
-        # (thread_choice); settable, None leaves TVM's pool as configured (TVM_NUM_THREADS; one
+        # (call_choice); settable, None leaves TVM's pool as configured (TVM_NUM_THREADS; one
         # per physical core unless it or OMP_NUM_THREADS is set: see _default_thread_count)
         self._threads: int | None = self.plan.get("threads")
-        self.thread_choice: ThreadChoice | None = None
+        self._threads_set = False  # set by the user: no longer timed against the pool
+        # timed choice of threads and memory for the common call (None: one way only)
+        self.call_choice: CallChoice | None = None
+        self._private_calls: list | None = None  # the whole-model call on private memory (built once)
         self._check_cpu()
         # only now, with digests and plan checked, may the library reach a loader
         self.dev, self.lib = self._open(contents.library)
@@ -212,8 +207,7 @@ class CompiledModel:
         if self._host:
             _default_thread_count()
             pool = _pool_threads()
-            if self._threads is not None and pool is not None and pool > self._threads:
-                self.thread_choice = ThreadChoice(self._threads, pool)
+            self.call_choice = self._make_call_choice(pool)
             self._in_views = [np.from_dlpack(self.buffers[s["name"]]) for s in self.inputs]
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
         # inputs copied into the input block and outputs computed in the output block (see
@@ -238,16 +232,64 @@ class CompiledModel:
     @property
     def threads(self) -> int | None:
         """The most threads a call uses now (None: TVM's pool as configured): the plan's cap, or
-        what :attr:`thread_choice` last found faster. Setting it ends the choosing: the value
-        set holds for every call."""
-        return self.thread_choice.chosen if self.thread_choice is not None else self._threads
+        what :attr:`call_choice` last found faster. Setting it ends the choosing of threads: the
+        value set holds for every call (memory may still be chosen)."""
+        return self.call_choice.chosen.threads if self.call_choice is not None else self._threads
 
     @threads.setter
     def threads(self, value: int | None) -> None:
         if value is not None and not (type(value) is int and value >= 1):
             raise BadInput(f"threads must be a positive thread count or None, got {value!r}")
-        self._threads = value
-        self.thread_choice = None
+        self._threads, self._threads_set = value, True
+        if self._host:
+            self.call_choice = self._make_call_choice(_pool_threads())
+
+    def _make_call_choice(self, pool: int | None) -> CallChoice | None:
+        """The settings a common call may take, the compiled one first (see csqc.call_choice):
+        TVM's whole pool as well as the plan's thread cap (unless the user set the threads), and
+        private memory for the temporaries as well as the plan's shared pools (with a whole-model
+        function: the call a trial times). None where there is one setting only."""
+        threads = [self._threads]
+        if not self._threads_set and self._threads is not None and pool is not None and pool > self._threads:
+            threads.append(None)
+        memory = [True] + ([False] if self.plan.get("pools") and self.plan.get("entry") is not None else [])
+        settings = [CallSetting(t, m) for m in memory for t in threads]
+        return CallChoice(settings, pool or 1) if len(settings) > 1 else None
+
+    def _setting_of_call(self, skips: tuple, record: dict | None) -> tuple[CallSetting, bool]:
+        """The setting of this call and whether its time counts for :attr:`call_choice`: only the
+        common call (all planes, nothing recorded) is timed; others take the setting last chosen."""
+        choice = self.call_choice
+        if choice is None:
+            return CallSetting(self._threads), False
+        if not skips and record is None:
+            return choice.next_call()
+        return choice.chosen, False
+
+    def _calls_on(self, setting: CallSetting, skips: tuple) -> list:
+        """The calls of one inference at ``skips`` in ``setting``'s memory. Private memory only
+        serves the common call (the one timed); other calls use the plan's pools, with the same
+        results."""
+        if setting.shared_memory or skips:
+            return self._run_cache.get(skips) or self._run_calls(skips)
+        if self._private_calls is None:
+            self._private_calls = self._calls_with_private_memory()
+        return self._private_calls
+
+    def _calls_with_private_memory(self) -> list:
+        """The whole-model call (all planes) with every pooled temporary, and the views of its
+        memory, in memory of its own: the plan without its ``pools`` (what older compilers built)."""
+        import tvm
+
+        specs = self.plan["buffers"]
+        private = {name: tvm.runtime.from_dlpack(_output_memory(_nbytes(spec)))._create_view(tuple(spec["shape"]), spec["dtype"])
+                   for name, spec in specs.items() if "pool" in spec}
+        for name, spec in specs.items():
+            if spec.get("alias") in private:
+                private[name] = private[spec["alias"]]._create_view(tuple(spec["shape"]), spec["dtype"])
+        (func, args), = self._run_calls(())
+        entry_args = self.plan["entry"]["args"]
+        return [(func, [private.get(a, arg) if isinstance(a, str) else arg for a, arg in zip(entry_args, args)])]
 
     def _check_cpu(self) -> None:
         """Refuse, clearly, an x86 artifact built for instruction sets this CPU lacks (else the
@@ -341,9 +383,12 @@ class CompiledModel:
         for flat in parts.input_scans:
             if not _flat_finite(flat):
                 return None
-        choice = self.thread_choice
-        threads, timed = (self._threads, False) if choice is None else choice.next_call()
-        self._run_kernels(self._run_cache.get(()) or self._run_calls(()), threads, choice if timed else None)
+        choice = self.call_choice
+        if choice is None:
+            self._run_kernels(self._run_cache.get(()) or self._run_calls(()), self._threads)
+        else:
+            setting, timed = choice.next_call()
+            self._run_kernels(self._calls_on(setting, ()), setting.threads, choice if timed else None)
         outs = [view.copy() for view in parts.outputs]
         for buf, safe in parts.scales:
             if not buf[0] <= safe:  # NaN included
@@ -661,19 +706,16 @@ class CompiledModel:
             if self._has_offsets:
                 self._fill_acc_offsets(skips)
             self._prepared_for = skips
-        choice = self.thread_choice
-        if choice is not None and not skips and record is None:
-            threads, timed = choice.next_call()
-        else:
-            threads, timed = (self._threads if choice is None else choice.chosen), False
-        calls = self._run_cache.get(skips) or self._run_calls(skips)
+        setting, timed = self._setting_of_call(skips, record)
+        threads = setting.threads
+        calls = self._calls_on(setting, skips)
         if direct:
             calls = self._with_direct_inputs(calls, direct)
         fresh = self._fresh_outputs is not None and record is None and self._fresh_bytes >= _FRESH_OUTPUT_MIN_BYTES
         if fresh:
             calls, outs = self._with_fresh_outputs(calls)
         if record is None:
-            self._run_kernels(calls, threads, choice if timed else None)
+            self._run_kernels(calls, threads, self.call_choice if timed else None)
         else:
             self._run_recording(skips, threads, record)
         if fresh:
@@ -714,10 +756,10 @@ class CompiledModel:
             if name not in record:
                 record[name] = self.buffers[name].numpy()
 
-    def _run_kernels(self, calls: list, threads: int | None, timed_by: ThreadChoice | None = None,
+    def _run_kernels(self, calls: list, threads: int | None, timed_by: CallChoice | None = None,
                      after_each: Callable[[int], None] | None = None) -> None:
         """Run ``calls`` on at most ``threads`` threads (None: TVM's pool as configured), and
-        record their time with ``timed_by`` where it is given (a thread trial's call);
+        record their time with ``timed_by`` where it is given (a trial call of :attr:`call_choice`);
         ``after_each(i)`` runs after call ``i``."""
         capped = threads is not None and self._host  # (no context manager: a microsecond a call)
         if capped:
@@ -835,74 +877,6 @@ def _pool_threads() -> int | None:
     None where neither says (TVM then decides)."""
     value = os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
     return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
-
-
-class ThreadChoice:
-    """Which of ``cap`` threads (the compiler's cap for a model of small layers) and the whole
-    pool of ``pool`` threads runs this model's calls faster on this machine, timed now and then.
-
-    The cap is a guess measured on one machine: on an Intel VM whose two vCPUs add little,
-    ResNet-20 ran 261-303 us a call on one thread and 305-407 on two. On a two-vCPU AMD EPYC
-    Zen 5 it runs 145-155 us on one thread, and on two 112-118 us or 205-215 us, switching
-    between the two every few seconds within one process (a state of the machine, not of the
-    process). So the calls themselves decide: a trial runs ``_TRIAL_BLOCKS`` blocks of
-    ``_TRIAL_BLOCK_CALLS`` calls on each setting in turn (the first call of a block follows the
-    other setting and is not counted) and keeps the pool where its median call is at least 10%
-    faster; the trial runs again once ``_TRIAL_PERIOD_SECONDS`` and ``_TRIAL_PERIOD_CALLS`` have
-    both passed, so a choice made in a passing moment (another runtime's threads still spinning)
-    does not last (a trial's cost: a dozen calls on the slower setting, under 0.5% of ResNet-20's
-    calls over a quarter second). Results do not depend on the thread count, only the time
-    does. Calls with ``skip_planes`` or ``record`` are not timed (they run on the setting last
-    chosen)."""
-
-    def __init__(self, cap: int, pool: int):
-        self.cap, self.pool = cap, pool
-        self.chosen: int | None = cap  # the setting of untimed calls (None: the pool's threads)
-        self.trials = 0  # trials finished
-        self._samples: dict[int | None, list[float]] = {cap: [], None: []}
-        self._medians: dict[int | None, float] = {}  # of the last trial finished, in microseconds
-        self._trial_call = 0  # calls into the running trial; -1: none runs
-        self._calls_since = 0  # calls since the last trial finished
-        self._next_trial = 0.0  # perf_counter time from which a trial may start again
-
-    def next_call(self) -> tuple[int | None, bool]:
-        """The thread setting of the next call, and whether to :meth:`record` its time."""
-        if self._trial_call < 0:
-            self._calls_since += 1
-            if self._calls_since < _TRIAL_PERIOD_CALLS or time.perf_counter() < self._next_trial:
-                return self.chosen, False
-            self._trial_call = 0
-        return self._trial_setting(), True
-
-    def _trial_setting(self) -> int | None:
-        """The setting of the running trial's current call: blocks on the cap and the pool in turn."""
-        return self.cap if (self._trial_call // _TRIAL_BLOCK_CALLS) % 2 == 0 else None
-
-    def record(self, seconds: float) -> None:
-        """Count the time of the call :meth:`next_call` marked as timed."""
-        if self._trial_call % _TRIAL_BLOCK_CALLS:  # not the first of its block
-            self._samples[self._trial_setting()].append(seconds)
-        self._trial_call += 1
-        if self._trial_call == 2 * _TRIAL_BLOCKS * _TRIAL_BLOCK_CALLS:
-            self._medians = {setting: float(np.median(times) * 1e6) for setting, times in self._samples.items()}
-            self.chosen = None if self._medians[None] < _TRIAL_MARGIN * self._medians[self.cap] else self.cap
-            self.trials += 1
-            for times in self._samples.values():
-                times.clear()
-            self._trial_call, self._calls_since = -1, 0
-            self._next_trial = time.perf_counter() + _TRIAL_PERIOD_SECONDS
-
-    def summary(self) -> str:
-        """What the last trial found, for reports: '1 thread 145 us, 2 threads 112 us a call ...: 2 threads'."""
-        if not self.trials:
-            return f"no trial finished yet ({_threads_text(self.cap)} until one does)"
-        kept = self.pool if self.chosen is None else self.cap
-        return (f"{_threads_text(self.cap)} {self._medians[self.cap]:.0f} us, {_threads_text(self.pool)} "
-                f"{self._medians[None]:.0f} us a call in the last of {self.trials} trial(s): {_threads_text(kept)}")
-
-
-def _threads_text(count: int) -> str:
-    return f"{count} thread{'s' if count != 1 else ''}"
 
 
 def _cap_threads(cap: int) -> None:

@@ -218,32 +218,13 @@ def test_capped_calls_in_several_threads_restore_the_thread_count_once_all_end(c
     assert during == {"1"} and os.environ["TVM_NUM_THREADS"] == "2"
 
 
-def test_thread_choice_keeps_the_pool_only_where_its_median_call_is_ten_percent_faster():
-    """A trial runs blocks of calls on the cap and on the pool in turn; the first call of each
-    block (after the other setting) is not counted, so it cannot sway the choice."""
-    from csqc.runtime import _TRIAL_BLOCK_CALLS, _TRIAL_BLOCKS, ThreadChoice
-
-    for pooled, expected in [(0.8, None), (0.89, None), (0.95, 1), (1.5, 1)]:
-        choice = ThreadChoice(1, 2)
-        settings = []
-        while not choice.trials:
-            threads, timed = choice.next_call()
-            assert timed
-            settings.append(threads)
-            first_of_block = len(settings) % _TRIAL_BLOCK_CALLS == 1
-            choice.record(1.0 if first_of_block else 1e-4 * (pooled if threads is None else 1.0))
-        assert choice.chosen == expected, (pooled, choice.summary())
-        block = [1] * _TRIAL_BLOCK_CALLS + [None] * _TRIAL_BLOCK_CALLS
-        assert settings == block * _TRIAL_BLOCKS
-        assert choice.next_call() == (expected, False)  # untimed until the next trial is due
-        assert f"2 threads {100 * pooled:.0f} us" in choice.summary()
-
-
 @pytest.mark.parametrize("call", ["general", "short"])
 def test_a_capped_model_times_its_calls_on_the_cap_and_the_pool_and_results_do_not_change(compiled, monkeypatch, call):
-    """The compiler's one-thread cap is checked by the calls themselves (runtime.ThreadChoice):
-    trials on the cap and on the pool, again once a period passed; setting ``threads`` ends it.
-    The same through a small model's short call (outputs copied out, as outside the tests)."""
+    """The compiler's one-thread cap is checked by the calls themselves (csqc.call_choice):
+    trials on the cap and on the pool (each on shared and on private memory, as the tests pool
+    every plan), again once a period passed; setting ``threads`` ends the thread choice. The same
+    through a small model's short call (outputs copied out, as outside the tests)."""
+    import csqc.call_choice as call_choice
     import csqc.runtime as runtime_module
 
     _, path, _ = compiled("digits-mlp")
@@ -252,33 +233,35 @@ def test_a_capped_model_times_its_calls_on_the_cap_and_the_pool_and_results_do_n
         monkeypatch.setattr(runtime_module, "_FRESH_OUTPUT_MIN_BYTES", 1 << 17)
     m = runtime.load(path)
     assert (m._small_call is not None) == (call == "short")
-    choice = m.thread_choice
-    assert choice is not None and (choice.cap, choice.pool) == (1, 2) and m.threads == 1
+    choice = m.call_choice
+    assert choice is not None and choice.pool == 2 and m.threads == 1
+    assert [s.threads for s in choice.settings] == [1, None] * (len(choice.settings) // 2)
     x = np.random.default_rng(3).random(m.inputs[0]["shape"], dtype=np.float32)
     capped_calls = []
     real_cap = runtime_module._cap_threads
     monkeypatch.setattr(runtime_module, "_cap_threads", lambda cap: (capped_calls.append(cap), real_cap(cap)))
     expected = m(x, record={})  # not timed: no trial call
     assert capped_calls == [1]
-    trial_calls = 2 * runtime_module._TRIAL_BLOCKS * runtime_module._TRIAL_BLOCK_CALLS
+    trial_calls = choice.trial_calls
     for i in range(trial_calls):
         before = len(capped_calls)
         assert np.array_equal(m(x), expected)
-        assert (len(capped_calls) > before) == ((i // runtime_module._TRIAL_BLOCK_CALLS) % 2 == 0), i
-    assert choice.trials == 1 and m.threads == choice.chosen in (1, None)
+        assert (len(capped_calls) > before) == ((i // call_choice.TRIAL_BLOCK_CALLS) % 2 == 0), i
+    assert choice.trials == 1 and m.threads == choice.chosen.threads in (1, None)
     assert os.environ["TVM_NUM_THREADS"] == "2"
     # the next trial waits for both the period's calls and its seconds
-    monkeypatch.setattr(runtime_module, "_TRIAL_PERIOD_CALLS", 3)
+    monkeypatch.setattr(call_choice, "TRIAL_PERIOD_CALLS", 3)
     choice._next_trial = 0.0
     for _ in range(3 + trial_calls):
         assert np.array_equal(m(x), expected)
     assert choice.trials == 2
     m.threads = 1
-    assert m.thread_choice is None and m.threads == 1
+    assert m.threads == 1 and (m.call_choice is None or {s.threads for s in m.call_choice.settings} == {1})
     with pytest.raises(BadInput, match="threads must be"):
         m.threads = 0
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # the pool is no larger than the cap: nothing to try
-    assert runtime.load(path).thread_choice is None
+    reloaded = runtime.load(path)
+    assert reloaded.call_choice is None or {s.threads for s in reloaded.call_choice.settings} == {1}
 
 
 def test_convs_whose_outputs_fit_int16_store_int16_accumulators_and_verify(tmp_path):

@@ -128,6 +128,50 @@ def test_shared_memory_computes_and_records_what_memory_of_its_own_does(both_way
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_calls_are_timed_on_the_pools_and_on_private_memory_with_the_same_results(both_ways, monkeypatch):
+    """Which of shared pools and private memory is faster is the machine's state (csqc.call_choice):
+    a trial runs the common call both ways. Private memory is other memory than the pools,
+    poisoned as they are (conftest), so every setting computes the same bits from scratch; calls
+    with planes skipped or recorded run on the pools whatever was chosen."""
+    from csqc.call_choice import CallSetting
+
+    shared, private = both_ways
+    choice = shared.call_choice
+    assert choice.settings[0].shared_memory and {s.shared_memory for s in choice.settings} == {True, False}
+    assert private.call_choice is None or {s.shared_memory for s in private.call_choice.settings} == {True}
+    threads = choice.settings[0].threads
+    on_pools, = shared._calls_on(CallSetting(threads, True), ())
+    on_private, = shared._calls_on(CallSetting(threads, False), ())
+    pooled = {i for i, a in enumerate(shared.plan["entry"]["args"])
+              if isinstance(a, str) and "pool" in shared.plan["buffers"][shared._root(a)]}
+    assert pooled
+
+    def address(tensor):
+        return np.from_dlpack(tensor).ctypes.data
+
+    pool_memory = {address(on_pools[1][i]) for i in pooled}
+    assert all(address(on_private[1][i]) not in pool_memory for i in pooled)
+    assert [address(a) for i, a in enumerate(on_private[1]) if i not in pooled and not isinstance(a, int)] == \
+        [address(a) for i, a in enumerate(on_pools[1]) if i not in pooled and not isinstance(a, int)]
+
+    called = []
+    real = shared._calls_on
+    monkeypatch.setattr(shared, "_calls_on", lambda setting, skips: (called.append((setting, skips)), real(setting, skips))[1])
+    choice._trial_call, choice._next_trial = 0, 0.0  # a trial now
+    for seed in range(choice.trial_calls):
+        x = np.random.default_rng(seed).random((1, 3, 16, 16), dtype=np.float32)
+        np.testing.assert_array_equal(shared(x), private(x), err_msg=str(called[-1]))
+    assert {setting for setting, _ in called} == set(choice.settings) and choice.trials >= 1
+    choice.chosen = next(s for s in choice.settings if not s.shared_memory)
+    for skip_planes in (0, 1):
+        got, want = {}, {}
+        np.testing.assert_array_equal(shared(x, skip_planes=skip_planes, record=got),
+                                      private(x, skip_planes=skip_planes, record=want))
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    np.testing.assert_array_equal(shared(x, skip_planes=1), private(x, skip_planes=1))
+    np.testing.assert_array_equal(shared(x), private(x))
+
+
 def test_verify_finds_every_accumulator_exact_on_shared_memory(model_file, tmp_path):
     artifact = _compiled(model_file, tmp_path, "shared", True)
     report = verify(csqc.load(model_file), artifact=str(artifact), samples=2, per_layer=True)

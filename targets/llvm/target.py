@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # pool worker spinning after it slows the serial kernels in between. Measured per call, same
 # process, 2 vCPUs: ResNet-20 (2.4 M per conv) 261-303 us on one thread, 305-407 us on two; linear
 # 4096 w2a4 (16.8 M) and MobileNetV2 (largest 19 M) run 1.4x-1.9x faster on two. The cap is the
-# starting guess: the runtime times calls both ways and keeps the faster (runtime.ThreadChoice).
+# starting guess: the runtime times calls both ways and keeps the faster (csqc.call_choice).
 ONE_THREAD_LAYER_MACS = 1 << 22
 
 
