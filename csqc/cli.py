@@ -272,7 +272,8 @@ def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs,
 def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
     """Per-layer bit allocation, planes, sizes and kernel choice of a model.
 
-    Given a compiled artifact (.so, .onnx) instead: its target, model and the calibration it records.
+    Given a compiled artifact (.so, .onnx) instead: its target, model, size, inputs and outputs, layers
+    by kernel and memory (ONNX: operators), and the calibration it records.
     """
     from .compiler import inspect as inspect_model, inspect_artifact, is_artifact_path
     from .reference import reference_view
@@ -328,13 +329,39 @@ def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
         _print_calibration(console, report.calibration)
 
 
+# plan kernel names as ``csqc inspect`` prints them
+_KERNEL_NAMES = {"bitparallel": "bit-parallel", "bitserial": "bit-serial", "float": "float-input"}
+
+
 def _print_artifact(info: dict, as_json: bool) -> None:
-    """An artifact's target and model, and the static scales it records (briefly)."""
+    """An artifact's target, model, size, inputs and outputs, layers, memory and operators, and
+    the static scales it records (briefly)."""
     if as_json:
         _emit_json({"ok": True, **info})
         return
     console = stdout_console()
-    console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}")
+    built_for = f", built for {info['cpu']}" if info.get("cpu") else ""
+    console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}, "
+                  f"{_human(info['bytes'])}{built_for}")
+    for kind in ("inputs", "outputs"):
+        for tensor in info[kind]:
+            shape = ",".join(map(str, tensor["shape"]))
+            console.print(f"  {kind[:-1]:6s} {tensor['name']}  {tensor['dtype']}[{shape}]")
+    if "layers" in info:
+        kinds = ", ".join(f"{count} {_KERNEL_NAMES.get(kernel, kernel)}" for kernel, count in info["layers"].items())
+        runner = "one whole-model function" if info["whole_model_function"] else "the runtime, step by step"
+        console.print(f"layers: {sum(info['layers'].values())} quantized ({kinds}); {info['kernel_calls']} kernel "
+                      f"calls, run by {runner}")
+        memory = info["memory"]
+        shared = (f" in {memory['pools']} shared pool{'s' if memory['pools'] != 1 else ''} "
+                  f"({_human(memory['intermediates_unshared'])} unshared; calls are timed on private memory "
+                  "too, CompiledModel.call_choice)") if memory["pools"] else ""
+        console.print(f"memory: weights {_human(memory['weights'])}, derived at load {_human(memory['derived'])}, "
+                      f"intermediates {_human(memory['intermediates'])}{shared}")
+    if "operators" in info:
+        ops = ", ".join(f"{count} {op}" for op, count in list(info["operators"].items())[:8])
+        more = len(info["operators"]) - 8
+        console.print(f"operators: {ops}" + (f" and {more} more kinds" if more > 0 else ""))
     if info.get("threads"):
         console.print(f"threads: at most {info['threads']} per call (its layers are small), unless its calls "
                       "time more threads as faster (CompiledModel.call_choice)")

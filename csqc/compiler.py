@@ -162,12 +162,16 @@ def is_artifact_path(path) -> bool:
 
 
 def inspect_artifact(path) -> dict:
-    """What a compiled artifact says about itself, read and checked without loading its library:
-    its target, model name, thread cap (where it has one) and the calibration it records
-    (``csqc.calibration``; None: dynamic scales)."""
+    """What a compiled artifact says about itself, read and checked without loading its library
+    or running a graph: its target, model name, size in bytes, inputs and outputs (name, shape,
+    dtype), thread cap (where it has one), the calibration it records (``csqc.calibration``;
+    None: dynamic scales); for a TVM artifact also the CPU it was built for, its layers by
+    kernel, kernel calls, and the memory a loaded model takes (weights, buffers derived at load,
+    intermediates shared and unshared: ``targets.tvm.memory``); for ONNX its operators."""
     from .calibration import onnx_calibration, plan_calibration
 
     path = Path(path)
+    info: dict = {"artifact": str(path)}
     if path.name.endswith(".onnx"):
         from .targets.onnx.runner import load_onnx
 
@@ -175,20 +179,58 @@ def inspect_artifact(path) -> dict:
         kind = {p.key: p.value for p in model.metadata_props}.get("csqc.kind", "not written by csqc")
         target, name = f"onnx ({kind})", model.graph.name
         calibration, threads = onnx_calibration(model, path), None
+        inputs, outputs = (_onnx_tensors(model.graph.input), _onnx_tensors(model.graph.output))
+        operators: dict[str, int] = {}
+        for node in model.graph.node:
+            operators[node.op_type] = operators.get(node.op_type, 0) + 1
+        details = {"operators": dict(sorted(operators.items(), key=lambda kv: (-kv[1], kv[0])))}
     else:
         from .artifact import read_artifact
         from .runtime import check_plan
+        from .targets.tvm.memory import pooled_bytes, temp_memory
 
         contents = read_artifact(path)  # digests and sizes, then the plan: no library is loaded
-        check_plan(path, contents.plan, contents.weights)
-        target, name = contents.plan["target"]["kind"], str(contents.plan.get("model"))
-        calibration = plan_calibration(contents.plan, path)
-        threads = contents.plan.get("threads")
-    return {"artifact": str(path), "target": target, "model": name, **({"threads": threads} if threads else {}),
-            "calibration": None if calibration is None else {
-                "scales": len(calibration), "samples": calibration.samples,
-                "source_sha256": calibration.source_sha256, "data_sha256": calibration.data_sha256,
-                "quantizers": calibration.summary()}}
+        plan = contents.plan
+        check_plan(path, plan, contents.weights)
+        target, name = plan["target"]["kind"], str(plan.get("model"))
+        calibration = plan_calibration(plan, path)
+        threads = plan.get("threads")
+        inputs = [{k: spec[k] for k in ("name", "shape", "dtype")} for spec in plan["inputs"]]
+        outputs = [{k: spec[k] for k in ("name", "shape", "dtype")} for spec in plan["outputs"]]
+        buffers = plan["buffers"]
+        kernels: dict[str, int] = {}
+        for layer in plan["layers"].values():
+            kernels[layer["kernel"]] = kernels.get(layer["kernel"], 0) + 1
+        temps = temp_memory(buffers, plan.get("pools", {}))
+        details = {
+            "cpu": plan["target"].get("mcpu") or plan["target"].get("arch") or "",
+            "layers": dict(sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "kernel_calls": len(plan["steps"]), "whole_model_function": "entry" in plan,
+            "memory": {"weights": sum(int(w.nbytes) for w in contents.weights.values()),
+                       "derived": pooled_bytes({n: b for n, b in buffers.items()
+                                                if b["kind"] == "derived" and "alias" not in b}, {}),
+                       "intermediates": temps["temp_bytes"], "intermediates_unshared": temps["temp_bytes_unshared"],
+                       "pools": len(plan.get("pools", {}))}}
+    info.update({"target": target, "model": name, "bytes": path.stat().st_size, "inputs": inputs,
+                 "outputs": outputs, **details, **({"threads": threads} if threads else {})})
+    info["calibration"] = None if calibration is None else {
+        "scales": len(calibration), "samples": calibration.samples,
+        "source_sha256": calibration.source_sha256, "data_sha256": calibration.data_sha256,
+        "quantizers": calibration.summary()}
+    return info
+
+
+def _onnx_tensors(values) -> list[dict]:
+    """Name, shape (a symbolic dimension by its name) and dtype of ONNX graph inputs or outputs."""
+    import onnx
+
+    tensors = []
+    for value in values:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
+        tensors.append({"name": value.name, "shape": shape, "dtype": dtype})
+    return tensors
 
 
 def compile(model, target: str = "llvm", output=None, *, batch: int | str | None = None, pipeline: str | None = None,

@@ -172,6 +172,54 @@ def test_calls_are_timed_on_the_pools_and_on_private_memory_with_the_same_result
     np.testing.assert_array_equal(shared(x), private(x))
 
 
+def test_inspect_reports_an_artifacts_tensors_layers_and_memory(both_ways):
+    """``csqc inspect model.so`` reads the plan only: inputs, outputs, layers by kernel, calls,
+    and the memory a loaded model takes, its pools against the same plan unshared."""
+    from click.testing import CliRunner
+
+    from csqc.artifact import read_artifact
+    from csqc.cli import cli
+    from csqc.compiler import inspect_artifact
+
+    shared, private = both_ways
+    info, info_private = inspect_artifact(shared.path), inspect_artifact(private.path)
+    assert info["inputs"] == [{"name": shared.inputs[0]["name"], "shape": [1, 3, 16, 16], "dtype": "float32"}]
+    assert [(o["shape"], o["dtype"]) for o in info["outputs"]] == [([1, 10], "float32")]
+    kernels = [layer["kernel"] for layer in shared.layers.values()]
+    assert info["layers"] == {k: kernels.count(k) for k in set(kernels)} and sum(info["layers"].values()) == 5
+    assert info["kernel_calls"] == len(shared.plan["steps"]) and info["whole_model_function"] is True
+    assert info["cpu"] == shared.plan["target"]["mcpu"] and info["bytes"] == shared.path.stat().st_size
+    memory, memory_private = info["memory"], info_private["memory"]
+    assert memory["weights"] == sum(w.nbytes for w in read_artifact(shared.path).weights.values()) > 0
+    assert memory["pools"] == len(shared.plan["pools"]) > 0 and memory_private["pools"] == 0
+    assert memory["intermediates"] < memory["intermediates_unshared"] == memory_private["intermediates"] \
+        == memory_private["intermediates_unshared"]
+    out = CliRunner().invoke(cli, ["inspect", str(shared.path)])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())  # (the console wraps long lines)
+    assert "float32[1,3,16,16]" in text and "float32[1,10]" in text
+    assert f"{memory['pools']} shared pools" in text and f"{info['kernel_calls']} kernel calls" in text
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(shared.path), "--json"]).output)["memory"] == memory
+
+
+def test_inspect_reports_an_onnx_artifacts_tensors_and_operators(model_file, tmp_path):
+    import onnx
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+
+    path = csqc.compile(csqc.load(model_file), "onnx", tmp_path / "cnn.onnx").output
+    out = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.output)
+    graph = onnx.load(str(path)).graph
+    assert [i["name"] for i in info["inputs"]] == [i.name for i in graph.input]
+    assert info["inputs"][0]["shape"] == [1, 3, 16, 16] and info["inputs"][0]["dtype"] == "float32"
+    assert sum(info["operators"].values()) == len(graph.node) and "layers" not in info
+    text = " ".join(CliRunner().invoke(cli, ["inspect", str(path)]).output.split())
+    assert "operators: " in text and "float32[1,3,16,16]" in text
+
+
 def test_verify_finds_every_accumulator_exact_on_shared_memory(model_file, tmp_path):
     artifact = _compiled(model_file, tmp_path, "shared", True)
     report = verify(csqc.load(model_file), artifact=str(artifact), samples=2, per_layer=True)
