@@ -6,6 +6,7 @@
     y = model(x, skip_planes=1)      # PrecisionBatching: drop each layer's least significant plane
     model.calibration                # compile --calibrate: the static scales it was built with (or None)
     model.threads                    # the most threads a call uses (None: TVM's pool)
+    model.shared_memory              # whether calls run the temporaries in shared pools (settable)
     model.call_choice                # how calls are run (threads, memory), timed now and then: csqc.call_choice
 
 The artifact (see ``csqc.artifact``) is the shared library with ``plan.json``, ``weights.npz``
@@ -165,6 +166,7 @@ class CompiledModel:
         # per physical core unless it or OMP_NUM_THREADS is set: see _default_thread_count)
         self._threads: int | None = self.plan.get("threads")
         self._threads_set = False  # set by the user: no longer timed against the pool
+        self._memory_set: bool | None = None  # shared_memory as the user set it (None: timed)
         # timed choice of threads and memory for the common call (None: one way only)
         self.call_choice: CallChoice | None = None
         self._private_calls: list | None = None  # the whole-model call on private memory (built once)
@@ -206,8 +208,8 @@ class CompiledModel:
         self._host = self._in_this_process()
         if self._host:
             _default_thread_count()
-            pool = _pool_threads()
-            self.call_choice = self._make_call_choice(pool)
+        self._settings_changed()
+        if self._host:
             self._in_views = [np.from_dlpack(self.buffers[s["name"]]) for s in self.inputs]
             self._out_views = [np.from_dlpack(self.buffers[o["name"]]) for o in self.outputs]
         # inputs copied into the input block and outputs computed in the output block (see
@@ -241,18 +243,50 @@ class CompiledModel:
         if value is not None and not (type(value) is int and value >= 1):
             raise BadInput(f"threads must be a positive thread count or None, got {value!r}")
         self._threads, self._threads_set = value, True
+        self._settings_changed()
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether the common call now runs the plan's temporaries in its shared pools (False:
+        each in memory of its own, or a plan without pools): what :attr:`call_choice` last found
+        faster. Setting it ends the choosing of memory (False allocates the private memory, True
+        frees it); calls with planes skipped or recorded always run on the pools."""
+        setting = self.call_choice.chosen if self.call_choice is not None else self._fixed
+        return bool(self.plan.get("pools")) and setting.shared_memory
+
+    @shared_memory.setter
+    def shared_memory(self, value: bool) -> None:
+        if type(value) is not bool:
+            raise BadInput(f"shared_memory must be True or False, got {value!r}")
+        self._memory_set = value
+        if value:
+            self._private_calls = None
+        self._settings_changed()
+
+    def _settings_changed(self) -> None:
+        """Set what calls may take after a change of threads or memory: ``_fixed``, the setting
+        of every call where there is nothing to choose, and :attr:`call_choice` (host models)."""
+        self._fixed = CallSetting(self._threads, self._memory_set is not False or not self._has_private_memory())
         if self._host:
             self.call_choice = self._make_call_choice(_pool_threads())
+
+    def _has_private_memory(self) -> bool:
+        """Whether the common call can run on private memory: pools, and a whole-model function."""
+        return bool(self.plan.get("pools")) and self.plan.get("entry") is not None
 
     def _make_call_choice(self, pool: int | None) -> CallChoice | None:
         """The settings a common call may take, the compiled one first (see csqc.call_choice):
         TVM's whole pool as well as the plan's thread cap (unless the user set the threads), and
         private memory for the temporaries as well as the plan's shared pools (with a whole-model
-        function: the call a trial times). None where there is one setting only."""
+        function: the call a trial times; unless the user set the memory). None where there is
+        one setting only."""
         threads = [self._threads]
         if not self._threads_set and self._threads is not None and pool is not None and pool > self._threads:
             threads.append(None)
-        memory = [True] + ([False] if self.plan.get("pools") and self.plan.get("entry") is not None else [])
+        if self._memory_set is not None or not self._has_private_memory():
+            memory = [self._fixed.shared_memory]
+        else:
+            memory = [True, False]
         settings = [CallSetting(t, m) for m in memory for t in threads]
         return CallChoice(settings, pool or 1) if len(settings) > 1 else None
 
@@ -261,7 +295,7 @@ class CompiledModel:
         common call (all planes, nothing recorded) is timed; others take the setting last chosen."""
         choice = self.call_choice
         if choice is None:
-            return CallSetting(self._threads), False
+            return self._fixed, False
         if not skips and record is None:
             return choice.next_call()
         return choice.chosen, False
@@ -385,7 +419,9 @@ class CompiledModel:
                 return None
         choice = self.call_choice
         if choice is None:
-            self._run_kernels(self._run_cache.get(()) or self._run_calls(()), self._threads)
+            fixed = self._fixed
+            self._run_kernels(self._run_cache.get(()) or self._run_calls(()) if fixed.shared_memory
+                              else self._calls_on(fixed, ()), fixed.threads)
         else:
             setting, timed = choice.next_call()
             self._run_kernels(self._calls_on(setting, ()), setting.threads, choice if timed else None)

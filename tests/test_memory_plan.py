@@ -172,6 +172,29 @@ def test_calls_are_timed_on_the_pools_and_on_private_memory_with_the_same_result
     np.testing.assert_array_equal(shared(x), private(x))
 
 
+def test_setting_shared_memory_ends_the_memory_trials(both_ways):
+    """``shared_memory`` fixes the memory of the common call (False: private, allocated then;
+    True: the pools, the private memory freed); the thread choice goes on."""
+    shared, private = both_ways
+    m = runtime.load(shared.path)
+    assert m.shared_memory is True and private.shared_memory is False  # (no pools: never shared)
+    x = np.random.default_rng(11).random((1, 3, 16, 16), dtype=np.float32)
+    want = private(x)
+    m.shared_memory = False
+    assert m.shared_memory is False and m._private_calls is None
+    settings = m.call_choice.settings if m.call_choice is not None else (m._fixed,)
+    assert {s.shared_memory for s in settings} == {False}
+    assert {s.threads for s in settings} == ({s.threads for s in shared.call_choice.settings})
+    for _ in range(3):
+        np.testing.assert_array_equal(m(x), want)
+    assert m._private_calls is not None
+    m.shared_memory = True
+    assert m.shared_memory is True and m._private_calls is None
+    np.testing.assert_array_equal(m(x), want)
+    with pytest.raises(BadInput, match="shared_memory must be"):
+        m.shared_memory = 1
+
+
 def test_inspect_reports_an_artifacts_tensors_layers_and_memory(both_ways):
     """``csqc inspect model.so`` reads the plan only: inputs, outputs, layers by kernel, calls,
     and the memory a loaded model takes, its pools against the same plan unshared."""
