@@ -2,10 +2,13 @@
 
 A compiled model can run its calls more than one way with the same results: on the compiler's
 thread cap or on TVM's whole pool, and with its temporaries in shared memory pools or in memory
-of their own. Which is faster is a state of the machine, not of the model: on a two-vCPU AMD
-EPYC Zen 4 VM, MobileNetV2 ran 2,085-2,255 us a call on shared pools against 2,236-2,563 on
-private memory, and in the same VM's slow stretches (a parallel launch ~1.5 us instead of ~0.7)
-4,402-4,547 against 3,769-4,102 us, switching within one process. So the calls decide.
+of their own. Which is faster is a state of the machine, not of the model. Threads: on an Intel
+VM whose two vCPUs add little, ResNet-20 ran 261-303 us a call on one thread and 305-407 on two;
+on a two-vCPU AMD EPYC Zen 5, 145-155 us on one and on two 112-118 us or 205-215 us, switching
+every few seconds within one process. Memory: on a two-vCPU Zen 4 VM, MobileNetV2 ran
+2,085-2,255 us a call on shared pools against 2,236-2,563 on private memory, and in the same
+VM's slow stretches (a parallel launch ~1.5 us instead of ~0.7) 4,402-4,547 against
+3,769-4,102 us. So the calls decide.
 
 A trial runs ``TRIAL_BLOCKS`` rounds; each round runs ``TRIAL_BLOCK_CALLS`` calls on every
 setting in turn, and the first call of a block (which follows another setting, with its pool
