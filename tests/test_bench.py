@@ -1,6 +1,7 @@
 """Benchmark plumbing (not timings): baselines must not disturb each other in one process,
 spreads and machine limits are reported, and the goals table reads a saved run."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -286,3 +287,35 @@ def test_the_float_twin_of_a_generator_is_a_valid_graph_computing_what_the_model
     assert not {n.op for n in fg.nodes} & {"qconv2d", "qlinear", "quantize"}
     with torch.no_grad():
         np.testing.assert_allclose(run(fg, [x.numpy()])[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_goal_models_with_batch_statistics_get_a_trained_networks_activation_spread(monkeypatch):
+    """goals.py's with_batch_statistics: BatchNorm statistics from train-mode passes over random
+    images, so each normalized channel has about unit spread (a random network's running
+    statistics are 0 and 1 whatever its activations), returned in eval mode."""
+    import importlib.util
+
+    import torch
+
+    for name in ("TVM_NUM_THREADS", "OMP_WAIT_POLICY"):  # goals.py sets defaults: restored after the test
+        monkeypatch.setenv(name, os.environ[name]) if name in os.environ else monkeypatch.delenv(name, raising=False)
+    spec = importlib.util.spec_from_file_location("goals_under_test", ROOT / "benchmarks" / "goals.py")
+    goals = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, goals)  # (its dataclasses look their module up)
+    spec.loader.exec_module(goals)
+
+    def factory():
+        torch.manual_seed(3)
+        conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        torch.nn.init.normal_(conv.weight, std=0.01)  # shrinks its input's spread ~30x
+        return torch.nn.Sequential(conv, torch.nn.BatchNorm2d(8)).eval()
+
+    model = goals.with_batch_statistics(factory, (1, 3, 16, 16), batches=4, batch=8)()
+    assert not model.training
+    bn = model[1]
+    assert not torch.allclose(bn.running_var, torch.ones(8)) and bn.num_batches_tracked.item() == 4
+    with torch.no_grad():
+        spread = model(torch.rand(16, 3, 16, 16)).std(dim=(0, 2, 3))
+        raw = factory()(torch.rand(16, 3, 16, 16)).std(dim=(0, 2, 3))
+    assert torch.all((spread > 0.7) & (spread < 1.3)), spread
+    assert torch.all(raw < 0.2), raw  # the random network's own statistics leave it small
