@@ -246,7 +246,7 @@ class RemoteModel(CompiledModel):
 
     def kernel_times_us(self, *inputs, repeat: int = 50, skip_planes=0) -> dict[str, float]:
         """Median time of each kernel in microseconds, on buffers of a real run on ``inputs``."""
-        with self._session_guard("timing the model"):
+        with self._lock, self._session_guard("timing the model"):
             self(*inputs, skip_planes=skip_planes)  # inputs in place, weights packed for this setting
             times: dict[str, float] = {}
             for step, (_, args) in zip(self.plan["steps"], self._calls(self._skips(skip_planes))):

@@ -152,6 +152,9 @@ class CompiledModel:
     """A loaded artifact: call it on numpy arrays."""
 
     def __init__(self, path: str | os.PathLike):
+        # the buffers are the model's own: calls from several threads take turns (two at once
+        # mixed their intermediate tensors); one model per thread runs them side by side
+        self._lock = threading.RLock()
         path = Path(path)
         contents = read_artifact(path)  # digests, member sizes and weight sizes, before anything is loaded
         self.plan, weights = contents.plan, contents.weights
@@ -242,8 +245,9 @@ class CompiledModel:
     def threads(self, value: int | None) -> None:
         if value is not None and not (type(value) is int and value >= 1):
             raise BadInput(f"threads must be a positive thread count or None, got {value!r}")
-        self._threads, self._threads_set = value, True
-        self._settings_changed()
+        with self._lock:
+            self._threads, self._threads_set = value, True
+            self._settings_changed()
 
     @property
     def shared_memory(self) -> bool:
@@ -258,10 +262,11 @@ class CompiledModel:
     def shared_memory(self, value: bool) -> None:
         if type(value) is not bool:
             raise BadInput(f"shared_memory must be True or False, got {value!r}")
-        self._memory_set = value
-        if value:
-            self._private_calls = None
-        self._settings_changed()
+        with self._lock:
+            self._memory_set = value
+            if value:
+                self._private_calls = None
+            self._settings_changed()
 
     def _settings_changed(self) -> None:
         """Set what calls may take after a change of threads or memory: ``_fixed``, the setting
@@ -705,7 +710,14 @@ class CompiledModel:
         ``skip_planes`` drops that many least significant weight planes per layer (or per
         named layer, with a dict): less work, less accuracy, no recompilation. With
         ``record`` (a dict), every intermediate buffer is copied into it by name.
+
+        Calls from several threads run one at a time (each returns arrays of its own); load
+        the artifact once per thread to run them in parallel.
         """
+        with self._lock:
+            return self._call(inputs, skip_planes, record)
+
+    def _call(self, inputs: tuple, skip_planes, record: dict | None):
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
         small = self._small_call
@@ -969,17 +981,18 @@ def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepT
     included), so the sum is close to, not equal to, ``model.time_us``: use it to see where
     the time goes, not as the model's latency.
     """
-    # copies the inputs into the model's buffers, which the steps read (a recording run never
-    # reads them where the caller keeps them), and prepares derived weights
-    model(*inputs, record={})
-    calls = model._calls(())
-    samples = np.zeros((repeat, len(calls)))
-    with model._thread_limit():  # on the threads a call runs on
-        for r in range(repeat):
-            for i, (func, args) in enumerate(calls):
-                start = time.perf_counter()
-                func(*args)
-                samples[r, i] = time.perf_counter() - start
+    with model._lock:
+        # copies the inputs into the model's buffers, which the steps read (a recording run never
+        # reads them where the caller keeps them), and prepares derived weights
+        model(*inputs, record={})
+        calls = model._calls(())
+        samples = np.zeros((repeat, len(calls)))
+        with model._thread_limit():  # on the threads a call runs on
+            for r in range(repeat):
+                for i, (func, args) in enumerate(calls):
+                    start = time.perf_counter()
+                    func(*args)
+                    samples[r, i] = time.perf_counter() - start
     medians = np.median(samples, axis=0) * 1e6
     return [StepTime(i, step.get("layer", ""), _kernel_kind(step["func"]), float(t))
             for i, (step, t) in enumerate(zip(model.plan["steps"], medians))]

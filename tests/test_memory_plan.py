@@ -290,3 +290,39 @@ def test_an_artifact_without_pools_gives_each_buffer_its_memory(both_ways, tmp_p
 
     x = np.random.default_rng(7).random((1, 3, 16, 16), dtype=np.float32)
     np.testing.assert_array_equal(runtime.load(_edited(shared.path, tmp_path, drop))(x), shared(x))
+
+
+@pytest.mark.parametrize("skip_planes", [0, 1])
+def test_calls_from_several_threads_take_turns_and_compute_what_each_computes_alone(both_ways, skip_planes):
+    """A model's buffers (pools, or memory of their own) serve one call at a time: threads calling
+    one model wait for each other, so each gets its own input's outputs (two at once mixed their
+    intermediates: wrong outputs and spurious overflow errors)."""
+    import sys
+    import threading
+
+    switch = sys.getswitchinterval()
+    shared, _ = both_ways
+    xs = [np.random.default_rng(10 + i).random((1, 3, 16, 16), dtype=np.float32) for i in range(4)]
+    alone = [shared(x, skip_planes=skip_planes) for x in xs]
+    start, wrong, errors = threading.Barrier(len(xs)), [], []
+
+    def calls(i):
+        start.wait()
+        try:
+            for k in range(60):
+                got = shared(xs[i], skip_planes=skip_planes, record={} if k % 20 == 19 else None)
+                if not np.array_equal(got, alone[i]):
+                    wrong.append(i)
+        except Exception as e:  # noqa: BLE001 (reported below, with the thread's input)
+            errors.append(f"input {i}: {e!r}")
+
+    sys.setswitchinterval(1e-6)  # threads switch inside calls, between their kernels
+    try:
+        threads = [threading.Thread(target=calls, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors and not wrong, (errors[:3], len(wrong))
