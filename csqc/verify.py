@@ -334,6 +334,8 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                 buf = names.get(key)
                 if buf is None or (key == "in" and buf not in record):  # (older artifacts name a constant input)
                     continue
+                if key == "acc" and names.get("acc_unless") and record[names["acc_unless"]].reshape(-1)[0] != 0:
+                    continue  # the layer's codes came from a kernel whose accumulators never left its stack
                 v = record[buf]
                 if key == "xq":
                     v = v.astype(np.int64) - record[names["xq_neg"]] if names.get("xq_neg") else v

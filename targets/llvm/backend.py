@@ -242,6 +242,9 @@ class CpuBackend:
     # a calibrated depthwise conv whose channels all have forms writes its codes itself: its int16
     # accumulators stay on the task's stack (kernels.bitparallel_depthwise_codes)
     depthwise_codes = True
+    # ... and, between two ReLU6 of dynamic scales, tries those codes at the scales the clips bound
+    # (6) before it runs the conv and its dynamic epilogue (kernels.bitparallel_depthwise_saturated_codes)
+    saturated_scales = True
     # ... and so does a calibrated conv whose pixel-kernel tasks hold whole output planes (the
     # 1x1 convs of 14x14 and 7x7 maps): its channels go through their codes from the task's tile
     # (kernels.bitparallel_conv2d_codes)

@@ -88,6 +88,7 @@ __all__ = [
     "task_rows",
     "channels_on_lanes_pay",
     "bitparallel_depthwise_codes",
+    "bitparallel_depthwise_saturated_codes",
     "depthwise_codes_fit",
     "LUT_LANES",
     "lut_dense",
@@ -1194,20 +1195,42 @@ def _depthwise_plane_codes(plane, tables, b, o) -> None:
 
     from .glue import SEARCH_LANES, form_codes, form_row, store_searched_codes
 
-    codes, form, base, flip = tables
+    codes, form, base, flip = tables[:4]
     lanes, i16 = SEARCH_LANES, f"int16x{SEARCH_LANES}"
     batch, channels, oh, ow = (int(v) for v in codes.shape)
     positions = oh * ow
     values = I.decl_buffer((positions,), "int16", data=plane.data)
     out = I.decl_buffer((batch * channels * positions,), "uint8", data=codes.data)
     constants = form_row(form, o)
-    per_channel = I.alloc_buffer((2,), i16, scope="local", annotations=_ON_STACK)
+    per_channel = I.alloc_buffer((3,), i16, scope="local", annotations=_ON_STACK)  # base, flip, greatest s
     I.buffer_store(per_channel, tirx.Broadcast(tirx.Cast("int16", base[o]), lanes), [0])
     I.buffer_store(per_channel, tirx.Broadcast(tirx.Cast("int16", flip[o]), lanes), [1])
+    I.buffer_store(per_channel, tirx.Broadcast(tirx.const(-(2**15), "int16"), lanes), [2])
     with I.serial(0, -(-positions // lanes)) as v:
         first = tirx.min(v * lanes, positions - lanes)
-        code = form_codes(values[tirx.Ramp(first, 1, lanes)] ^ per_channel[1], constants) + per_channel[0]
+        searched = values[tirx.Ramp(first, 1, lanes)] ^ per_channel[1]
+        code = form_codes(searched, constants) + per_channel[0]
         store_searched_codes(code, (b * channels + o) * positions + first, out, None, 0, False)
+        if len(tables) == 6:
+            I.buffer_store(per_channel, tirx.Max(per_channel[2], searched), [2])
+    if len(tables) == 6:  # whether a value of the channel reached its saturation threshold
+        saturation_at, saturated = tables[4:]
+        greatest = I.call_llvm_pure_intrin("int16", "llvm.vector.reduce.smax", per_channel[2])
+        I.buffer_store(saturated, tirx.Cast("int32", greatest >= saturation_at[o]), [b * channels + o])
+
+
+def _depthwise_codes_macro(input_shape, weight_shape, stride, padding, dilation, tap_pairs: bool):
+    """The geometry and the codes-writing fused depthwise macro of a conv
+    :func:`depthwise_codes_fit` takes (ValueError for any other)."""
+    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, int(input_shape[1]))
+    if not depthwise_codes_fit(geo):
+        raise ValueError(f"a depthwise conv writing its codes has strides up to 2 and output planes of 32 to "
+                         f"{_CODES_PLANE_BYTES // 2} codes, not {tuple(input_shape)} -> {tuple(weight_shape)}")
+    depthwise = _make_depthwise_fused(geo, lambda weights, o, t, n_planes, zp: weights[o, t], "int16", "int16",
+                                      tap_pairs, codes=True)
+    if depthwise is None:
+        raise ValueError("this depthwise conv's staging does not fit a task's stack")
+    return geo, depthwise
 
 
 def bitparallel_depthwise_codes(input_shape, weight_shape, stride, padding, dilation, out_scale: float,
@@ -1224,16 +1247,9 @@ def bitparallel_depthwise_codes(input_shape, weight_shape, stride, padding, dila
     ``out_scale`` receives the static output scale. Needs :func:`depthwise_codes_fit`."""
     from csqc.targets.tvm.code_thresholds import FORM_FIELDS
 
-    geo = conv_geometry(input_shape, weight_shape, stride, padding, dilation, int(input_shape[1]))
-    if not depthwise_codes_fit(geo):
-        raise ValueError(f"bitparallel_depthwise_codes takes depthwise convs of strides up to 2 whose output planes "
-                         f"hold 32 to {_CODES_PLANE_BYTES // 2} codes, not {tuple(input_shape)} -> {tuple(weight_shape)}")
+    geo, depthwise = _depthwise_codes_macro(input_shape, weight_shape, stride, padding, dilation, tap_pairs)
     B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
     O, OH, OW, taps = geo.out_channels, geo.out_h, geo.out_w, geo.kernel_h * geo.kernel_w
-    depthwise = _make_depthwise_fused(geo, lambda weights, o, t, n_planes, zp: weights[o, t], "int16", "int16",
-                                      tap_pairs, codes=True)
-    if depthwise is None:
-        raise ValueError("this depthwise conv's staging does not fit a task's stack")
 
     @T.prim_func
     def main(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
@@ -1243,6 +1259,49 @@ def bitparallel_depthwise_codes(input_shape, weight_shape, stride, padding, dila
         T.func_attr({"tir.noalias": True})
         scale[0] = T.float32(out_scale)
         depthwise(x, w, (codes, code_form, code_base, acc_flip), 0, 0)
+
+    return main
+
+
+def bitparallel_depthwise_saturated_codes(input_shape, weight_shape, stride, padding, dilation, in_bound: float,
+                                          out_bound: float, tap_pairs: bool = False) -> tirx.PrimFunc:
+    """:func:`bitparallel_depthwise_codes` under dynamic scales, where both are bounded by a clip
+    (ReLU6: ``in_bound = out_bound = 6``): a dynamic scale ``S = max|y|`` *is* its bound as soon
+    as one value reaches it, and the codes at ``S' = out_bound`` are then the static-scale codes
+    whose forms the compiler proved for scales ``(in_bound, out_bound)``. Runs only where this
+    call's input scale equals ``in_bound``; each task also flags whether a value of its channel
+    reached the output bound (its search value ``s >= saturation_at[o]``, the least ``s`` whose
+    ``y`` is the bound). Where one did, it writes ``out_bound`` as the scale and ``done = 1``: the
+    codes are the dynamic path's, bit for bit. Otherwise ``done = 0`` and the codes written are
+    not the layer's: the conv and its dynamic epilogue run after it (their ``skip_when_done``
+    variants) and write them::
+
+        main(x: uint8[B, C, H, W], w: int32[O, kh*kw], in_scale: float32[1],
+             code_form: int16[O * FORM_FIELDS], code_base: int8[O], acc_flip: int8[O],
+             saturation_at: int16[O], scale: float32[1], codes: uint8[B, O, OH, OW], done: int32[1])"""
+    from csqc.targets.tvm.code_thresholds import FORM_FIELDS
+
+    if not (in_bound > 0 and out_bound > 0):
+        raise ValueError(f"the bounds of saturated scales are positive, not {in_bound}, {out_bound}")
+    geo, depthwise = _depthwise_codes_macro(input_shape, weight_shape, stride, padding, dilation, tap_pairs)
+    B, C, H, W = geo.batch, geo.in_channels, geo.height, geo.width
+    O, OH, OW, taps = geo.out_channels, geo.out_h, geo.out_w, geo.kernel_h * geo.kernel_w
+
+    @T.prim_func
+    def main(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"), in_scale: T.Buffer((1,), "float32"),
+             code_form: T.Buffer((O * FORM_FIELDS,), "int16"), code_base: T.Buffer((O,), "int8"),
+             acc_flip: T.Buffer((O,), "int8"), saturation_at: T.Buffer((O,), "int16"),
+             scale: T.Buffer((1,), "float32"), codes: T.Buffer((B, O, OH, OW), "uint8"),
+             done: T.Buffer((1,), "int32")):
+        T.func_attr({"tir.noalias": True})
+        done[0] = 0
+        if in_scale[0] == T.float32(in_bound):
+            saturated = T.alloc_buffer((B * O,), "int32")
+            depthwise(x, w, (codes, code_form, code_base, acc_flip, saturation_at, saturated), 0, 0)
+            for i in range(B * O):
+                done[0] = done[0] | saturated[i]
+            if done[0] != 0:
+                scale[0] = T.float32(out_bound)
 
     return main
 
@@ -1935,7 +1994,8 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
 
 def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=1, groups=1,
                        knobs: BitparallelKnobs | None = None, int16_depthwise: bool = False,
-                       out_dtype: str = "int32", tap_pairs: bool = False, pad_code: int = 0) -> tirx.PrimFunc:
+                       out_dtype: str = "int32", tap_pairs: bool = False, pad_code: int = 0,
+                       skip_when_done: bool = False) -> tirx.PrimFunc:
     """Bit-parallel NCHW conv2d on int8 weights (implicit GEMM with ``vpdpbusd``).
 
     Signature of the returned PrimFunc::
@@ -1956,6 +2016,9 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     :func:`depthwise_writes_int16`.
     ``pad_code``: the code padding reads as (0; offset codes ``code + L``: ``L``, so the
     caller's per-channel ``L * sum_k q[c, k]`` is exact at the borders too).
+    ``skip_when_done`` (the fused depthwise kernel): a last parameter ``done: int32[1]``, and the
+    kernel returns at once where it is not 0 (:func:`bitparallel_depthwise_saturated_codes` wrote
+    the layer's codes).
     """
     if out_dtype not in ("int32", "int16"):
         raise ValueError(f"out_dtype must be int32 or int16, got {out_dtype!r}")
@@ -1981,6 +2044,15 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
 
         depthwise_fused = _make_depthwise_fused(geo, weight_of, "int16" if int16_depthwise else "int32", out_dtype,
                                                 tap_pairs, pad_code=pad_code)
+        if depthwise_fused is not None and skip_when_done:
+            @T.prim_func
+            def main_dw_skipping(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
+                                 y: T.Buffer((B, O, OH, OW), out_dtype), done: T.Buffer((1,), "int32")):
+                T.func_attr({"tir.noalias": True})
+                if done[0] == 0:
+                    depthwise_fused(x, w, y, 0, 0)
+
+            return main_dw_skipping
         if depthwise_fused is not None:
             @T.prim_func
             def main_dw_fused(x: T.Buffer((B, C, H, W), "uint8"), w: T.Buffer((O, taps), "int32"),
@@ -1989,6 +2061,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
                 depthwise_fused(x, w, y, 0, 0)
 
             return main_dw_fused
+        if skip_when_done:
+            raise ValueError("only the fused depthwise kernel (strides up to 2) skips when done")
 
         depthwise = _make_depthwise_direct(geo, weight_of)
 

@@ -29,7 +29,7 @@ from csqc.interpreter import layer_output
 from csqc.ir import Graph, Node
 
 __all__ = ["CodeTables", "TABLE_ENTRIES", "DOMAIN", "NO_STEP", "FORM_FIELDS", "code_form", "code_tables",
-           "form_codes", "forms_in_range"]
+           "form_codes", "forms_in_range", "saturation_thresholds"]
 
 TABLE_ENTRIES = 32  # one vpermw table: the int16 lanes of a zmm register
 NO_STEP = 2**15 - 1  # a table entry past the channel's last step: never crossed
@@ -58,6 +58,17 @@ class CodeTables:
         return np.concatenate([flat, np.full(TABLE_ENTRIES - self.thresholds.shape[1], NO_STEP, np.int16)])
 
 
+def _channel_flips(g: Graph, n: Node) -> tuple[int, int, np.ndarray] | None:
+    """Layer ``n``'s channel axis, channel count and where the search runs on ``~acc`` (``mult[c]
+    < 0``: ``y`` then never decreases in it); None where ``mult`` is not finite per channel."""
+    axis = 1 if n.op == "qconv2d" else -1
+    channels = int(n.type.shape[axis])
+    mult = np.asarray(g.params[n.layer.mult], np.float32).reshape(-1)
+    if mult.size != channels or not np.isfinite(mult).all():
+        return None
+    return axis, channels, np.signbit(mult) & (mult != 0)
+
+
 def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int, wide: bool = False) -> CodeTables | None:
     """The threshold tables of quantized layer ``n`` (with a static output scale) whose input
     codes have the static scale ``in_scale`` and ``in_levels`` levels; None where a channel's
@@ -71,12 +82,10 @@ def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int, wide: bool =
     spec = n.quant
     if spec is None or spec.out_bits is None or not spec.out_scale > 0 or not in_scale > 0:
         return None
-    axis = 1 if n.op == "qconv2d" else -1
-    channels = int(n.type.shape[axis])
-    mult = np.asarray(g.params[n.layer.mult], np.float32).reshape(-1)
-    if mult.size != channels or not np.isfinite(mult).all():
+    found = _channel_flips(g, n)
+    if found is None:
         return None
-    flip = np.signbit(mult) & (mult != 0)
+    axis, channels, flip = found
 
     def codes(s: np.ndarray) -> np.ndarray:
         """Codes of search points ``s`` (int64 ``[C, K]``) of each channel."""
@@ -119,6 +128,46 @@ def code_tables(g: Graph, n: Node, in_scale: float, in_levels: int, wide: bool =
         return None
     thresholds = np.where(valid, lo, NO_STEP).astype(np.int16)
     return CodeTables(thresholds, base.astype(np.int8), np.where(flip, -1, 0).astype(np.int8), steps)
+
+
+def saturation_thresholds(g: Graph, n: Node, in_scale: float, in_levels: int, bound: float) -> np.ndarray | None:
+    """Per output channel of layer ``n`` (float output ``y``, its input codes at scale ``in_scale``
+    of ``in_levels`` levels), the least int16 search value ``s`` (``acc``, or ``~acc`` where
+    ``mult[c] < 0``: ``y`` never decreases in it) whose ``y`` reaches ``bound`` (a clip's upper
+    end), from the interpreter's own float32 chain; 32767 (above every stored int16 accumulator)
+    where no int16 value does, -32768 where every one does. None where the chain leaves
+    float32's range."""
+    found = _channel_flips(g, n)
+    if found is None:
+        return None
+    axis, channels, flip = found
+
+    def reached(s: np.ndarray) -> np.ndarray:
+        acc = np.where(flip, ~s, s)[None, :, None, None] if axis == 1 else np.where(flip, ~s, s)[None, :]
+        with np.errstate(all="ignore"):
+            y = np.asarray(layer_output(g, n, acc, in_scale, in_levels), np.float32).reshape(-1)
+        if not np.isfinite(y).all():
+            raise FloatingPointError
+        return y >= np.float32(bound)
+
+    lo = np.full(channels, -(2**15), np.int64)  # s below the least threshold: every value reaches it
+    hi = np.full(channels, 2**15 - 1, np.int64)
+    if n.quant.out_bits is not None:
+        return None
+    try:
+        top, bottom = reached(hi), reached(lo)
+        # least s in (lo, hi] with reached(s), by bisection: not reached(lo), reached(hi)
+        a, b = lo.copy(), hi.copy()
+        for _ in range(17):
+            mid = (a + b) // 2
+            r = reached(mid)
+            b, a = np.where(r, mid, b), np.where(r, a, mid)
+        inside = top & ~bottom  # the channels whose threshold lies within int16
+        if not (reached(b)[inside].all() and not reached(b - 1)[inside].any()):
+            return None  # not monotone (cannot happen for the chain; refuse rather than guess)
+    except FloatingPointError:
+        return None
+    return np.where(bottom, -(2**15), np.where(top, b, 2**15 - 1)).astype(np.int16)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from csqc.bitplanes import unpack_planes
 from csqc.passes.accumulator_width import INT32_LIMIT, accumulator_bound
 
 from .backend import LayerChoice, TvmBackend
-from .code_thresholds import TABLE_ENTRIES, code_form, code_tables
+from .code_thresholds import TABLE_ENTRIES, code_form, code_tables, saturation_thresholds
 from .geometry import conv_geometry, is_depthwise_layer
 
 __all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_ops", "lower_graph"]
@@ -156,6 +156,9 @@ class _Lowerer:
         self.code_form = bool(getattr(b, "code_form", False))
         # ... and a depthwise conv writes those codes itself (kernels.bitparallel_depthwise_codes)
         self.depthwise_codes = self.code_form and bool(getattr(b, "depthwise_codes", False))
+        # a depthwise conv between two clipped dynamic scales (ReLU6) tries its codes at the clips'
+        # bounds first (kernels.bitparallel_depthwise_saturated_codes)
+        self.saturated_scales = self.depthwise_codes and self.code_search and bool(getattr(b, "saturated_scales", False))
         self.code_offset: dict[str, int] = {}  # quantize node -> L, when its codes are offset codes
         # asymmetric quantize node -> its int32 zero-point buffer, when its codes are the unsigned u
         self.zero_points: dict[str, str] = {}
@@ -535,10 +538,14 @@ class _Lowerer:
             if code_offset:
                 self._record_weight_sums(n, info, code_offset, acc_offset)
             return
+        saturated = None if choice.kernel != "bitparallel" or split_acc or zero_point or code_offset \
+            else self._saturated_forms(n, storage)
+        done = self.plan.buffer(f"{n.name}.saturated", (1,), "int32") if saturated else None
+        conv_at = len(self.plan.steps)
         if choice.kernel == "bitserial":
             self._bitserial(n, q, info, [pos] + ([neg] if neg else []), accs, 0 if zero_point else code_offset)
         else:
-            self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs, storage, code_offset)
+            self._bitparallel(n, q, info, [pos] + ([neg] if neg else []), accs, storage, code_offset, skip=done)
         if code_offset:
             self._record_weight_sums(n, info, code_offset, acc_offset)
         base_key = f"epilogue({shape},{axis},{levels},{act},{lo},{hi},{add is not None},{acc_dtype},{split_acc})" + (
@@ -573,8 +580,12 @@ class _Lowerer:
         elif self._dynamic_search_fits(n, storage, split_acc, fused):
             fused, suffix = {**fused, "dynamic_search": True}, suffix + ",dynamic_search"
             info["codes"] = "fixed-point line per row, found per call (threshold search where none holds)"
+        if done is not None:
+            fused, suffix = {**fused, "skip_when_done": True}, suffix + ",skip"
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
-        self.plan.call(f, args + tables + outs, n.name)
+        self.plan.call(f, args + tables + outs + ([done] if done else []), n.name)
+        if done is not None:
+            self._saturated_codes(n, info, saturated, conv_at, outs, done)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
             self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args) + int("keep_y" in fused),
                                        quantizer=quantizer)
@@ -696,6 +707,76 @@ class _Lowerer:
         f = self.plan.func(key, lambda: self.kernels.bitparallel_depthwise_codes(
             x_shape, shape, stride, padding, dilation, float(fused["out_scale"]), tap_pairs))
         self.plan.call(f, [codes, w] + tables + outs, n.name)
+
+    def _saturated_forms(self, n: Node, storage: str):
+        """For a depthwise conv whose input and output scales are dynamic and bounded by clips
+        (ReLU6 before and after it: ``S = max|y| <= 6``), what its speculative call takes
+        (:meth:`_saturated_codes`): ``(in_bound, out_bound, tables, form, saturation_at)``, the
+        fixed-point forms of its codes at the two bounds as static scales and each channel's
+        least search value reaching the output bound; None where it runs as before."""
+        if not (self.saturated_scales and n.op == "qconv2d" and storage == "int16" and n.quant.out_bits is None
+                and is_depthwise_layer(n.op, n.attr("weight_shape")) and self._residual_add_of(n) is None):
+            return None
+        quantizer, source = self._dynamic_quantize_of(n), self.producers.get(n.inputs[0])
+        if quantizer is None or quantizer.attr("signed") or quantizer.attr("asymmetric", False) \
+                or source is None or source.op != "quantize" or source.attr("asymmetric", False) \
+                or float(source.attr("static_scale", 0.0) or 0.0) > 0:
+            return None
+        out_bound = self._clip_bound(n)
+        before = self.producers.get(source.inputs[0])
+        in_bound = self._clip_bound(before) if before is not None else None
+        if not (out_bound and in_bound):
+            return None
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        geo = conv_geometry(x_shape, n.attr("weight_shape"), n.attr("stride"), n.attr("padding"), n.attr("dilation"),
+                            n.attr("groups"))
+        if not self.kernels.depthwise_codes_fit(geo):
+            return None
+        in_levels = 2**n.quant.act_bits - 1
+        at_bounds = replace(n, quant=replace(n.quant, out_bits=int(quantizer.attr("bits")), out_scale=out_bound,
+                                             out_signed=False))
+        tables = code_tables(self.g, at_bounds, in_bound, in_levels)
+        form = code_form(tables) if tables is not None else None
+        saturation_at = saturation_thresholds(self.g, n, in_bound, in_levels, out_bound)
+        if form is None or saturation_at is None:
+            return None
+        return in_bound, out_bound, tables, form, saturation_at
+
+    @staticmethod
+    def _clip_bound(n: Node) -> float | None:
+        """The greatest ``|y|`` of a layer whose activation is a clip from 0 (ReLU6: 6), else None."""
+        if n.attr("act", "none") != "clip" or float(n.attr("clip_lo", 0.0) or 0.0) != 0.0:
+            return None
+        hi = float(n.attr("clip_hi", 0.0) or 0.0)
+        return hi if hi > 0 and np.isfinite(hi) else None
+
+    def _saturated_codes(self, n: Node, info: dict, saturated, conv_at: int, outs: list[str], done: str) -> None:
+        """Put the speculative call of depthwise conv ``n`` before its conv (step ``conv_at``,
+        which with the epilogue after it skips where the call is done): the codes at the bounds'
+        scales where this call's input scale is the input bound and a value reaches the output
+        bound (``kernels.bitparallel_depthwise_saturated_codes``). Its accumulators then stay on
+        the tasks' stacks, so verify checks the layer by its codes in such runs (``acc_unless``)."""
+        in_bound, out_bound, tables, form, saturation_at = saturated
+        conv = self.plan.steps[conv_at]
+        codes, w = conv["args"][0], conv["args"][1]
+        scale = self.quant_parts[n.inputs[0]][2]
+        shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
+        stride, padding, dilation = n.attr("stride"), n.attr("padding"), n.attr("dilation")
+        tap_pairs = bool(info.get("tap_pairs"))
+        names = [self.plan.weight(f"{n.name}.saturated.code_form", form.reshape(-1)),
+                 self.plan.weight(f"{n.name}.saturated.code_base", tables.base),
+                 self.plan.weight(f"{n.name}.saturated.acc_flip", tables.flip),
+                 self.plan.weight(f"{n.name}.saturation_at", saturation_at)]
+        key = (f"dwsaturated({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{tap_pairs},"
+               f"{in_bound!r},{out_bound!r})")
+        f = self.plan.func(key, lambda: self.kernels.bitparallel_depthwise_saturated_codes(
+            x_shape, shape, stride, padding, dilation, in_bound, out_bound, tap_pairs))
+        self.plan.steps.insert(conv_at, {"func": f, "args": [codes, w, scale] + names + outs[:2] + [done],
+                                         "layer": n.name})
+        info["tensors"]["acc_unless"] = done
+        info["saturated"] = {"in": in_bound, "out": out_bound}
+        info["codes"] = f"at the clips' scales ({in_bound:g}, {out_bound:g}) where both saturate; else " + info.get(
+            "codes", "the float chain")
 
     def _code_tables_found(self, n: Node, storage: str, two_parts: bool, fused: dict):
         """``(tables, form or None)`` of :meth:`_code_tables`, nothing stored in the plan; None
@@ -971,7 +1052,7 @@ class _Lowerer:
                                          or self.backend_depthwise_int16_pays(geo))
 
     def _bitparallel(self, n: Node, q, info, codes: list[str], accs: list[str], storage: str = "int32",
-                     code_offset: int = 0) -> None:
+                     code_offset: int = 0, skip: str | None = None) -> None:
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
         knobs = self.kernels.BitparallelKnobs()
@@ -1005,11 +1086,13 @@ class _Lowerer:
                         and self._int8_under_any_planes(n):
                     narrow["tap_pairs"] = True
                     info["tap_pairs"] = True  # the runtime checks the planes' weights are bytes
+                if skip is not None:  # (_saturated_forms admits the fused depthwise kernel only)
+                    narrow["skip_when_done"] = True
                 key = f"bpconv({tuple(x_shape)},{tuple(shape)},{stride},{padding},{dilation},{groups})" + (
                     ",int16" if narrow.get("int16_depthwise") else "") + (f",{storage}out" if storage != "int32" else "") \
                     + (",pairs" if narrow.get("tap_pairs") else "") \
                     + (f",int16x{knobs.int16_groups}" if getattr(knobs, "int16_groups", 1) > 1 else "") \
-                    + (f",pad{narrow['pad_code']}" if narrow.get("pad_code") else "")
+                    + (f",pad{narrow['pad_code']}" if narrow.get("pad_code") else "") + (",skip" if skip else "")
                 f = self.plan.func(key, lambda: self.kernels.bitparallel_conv2d(x_shape, shape, stride, padding,
                                                                                 dilation, groups, knobs, **narrow))
         elif self._small_dense(n):
@@ -1040,7 +1123,7 @@ class _Lowerer:
                     return
         w = self._bitparallel_weights(n, packed)
         for c, acc in zip(codes, accs):
-            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)], n.name)
+            self.plan.call(f, [self._as_2d(c, n), w, self._as_2d(acc, n)] + ([skip] if skip else []), n.name)
 
     def _int8_under_any_planes(self, n: Node) -> bool:
         """Whether every weight of ``n`` is an int8 under any run-time plane setting (a tap pair's

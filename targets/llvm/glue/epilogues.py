@@ -91,7 +91,7 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
              out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False,
              has_residual: bool = False, post_act: str = "none", post_lo: float = 0.0, post_hi: float = 0.0,
              keep_y: bool = False, acc_storage: str | None = None, code_search: int = 0,
-             code_form: bool = False, dynamic_search: bool = False) -> tirx.PrimFunc:
+             code_form: bool = False, dynamic_search: bool = False, skip_when_done: bool = False) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -142,6 +142,10 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     ``dynamic_search`` (a dynamic output scale; :func:`dynamic_search_fits` says where): the codes
     pass finds each row's thresholds itself once the scale is known, and searches them as
     ``code_search`` does (:func:`_emit_dynamic_code_search`). No parameters change.
+
+    ``skip_when_done``: a last parameter ``done: int32[1]``; the kernel does nothing where it is
+    not 0 (the conv before it wrote the layer's codes and scale:
+    ``kernels.bitparallel_depthwise_saturated_codes``).
     """
     _check_act(act)
     _check_act(post_act)
@@ -203,7 +207,18 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         if out_signed and not out_offset:
             params.append(("codes_neg", shape, "uint8"))
 
+    if skip_when_done:
+        params.append(("done", (1,), "int32"))
+
     def body(*buffers):
+        if not skip_when_done:
+            emit(*buffers)
+            return
+        with I.If(buffers[-1][0] == 0):
+            with I.Then():
+                emit(*buffers[:-1])
+
+    def emit(*buffers):
         named = dict(zip([p[0] for p in params], buffers))
         acc_flat = _flat(named["acc"])
         y_flat = _flat(named["y"]) if "y" in named else None
