@@ -409,6 +409,7 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             notes.append(f"csqc ran on {art.threads} of the {threads} threads: the artifact's layers are small, so "
                          "its calls stay on the calling thread (its plan's 'threads'; CompiledModel.threads "
                          "overrides it)")
+        notes.extend(_saturation_notes(art, xs))
         if probe_limits:
             step("probing the machine's limits", 0, None)
             from .probes import measure_limits
@@ -424,6 +425,21 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
             step("sweeping planes", 0, None)
             report.sweep = _sweep(art, model, shape, dataset)
     return report
+
+
+def _saturation_notes(art, xs) -> list[str]:
+    """How many of the artifact's depthwise convs between two ReLU6 of dynamic scales kept their
+    codes at the clips' scales on the bench input (``kernels.bitparallel_depthwise_saturated_codes``):
+    its time depends on it, so a user comparing inputs or models sees why."""
+    trying = [name for name, info in art.layers.items() if "saturated" in info]
+    if not trying:
+        return []
+    record: dict = {}
+    art(*xs, record=record)
+    kept = sum(int(record[f"{name}.saturated"].reshape(-1)[0]) for name in trying if f"{name}.saturated" in record)
+    return [f"csqc: {kept} of its {len(trying)} depthwise convs between two ReLU6 of dynamic scales kept their codes "
+            "at the clips' scales on this input (the others ran their conv and dynamic epilogue): its time "
+            "depends on how many of its activations reach 6"]
 
 
 def bench_remote(model, artifact: str | None, rpc: str | None, *, key: str | None = None, rounds: int = 15,

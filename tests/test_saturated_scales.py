@@ -224,3 +224,13 @@ def test_a_speculating_model_verifies_exactly_layer_by_layer(both_ways):
     batch = np.concatenate([x * F32(20), x, x * F32(0.01)])
     report = csqc.verify(csqc.load(path), artifact=str(speculating.path), per_layer=True, inputs=[batch])
     assert report.ok and report.accumulators_exact, (report.first_divergence, report.notes)
+
+
+@needs_avx512
+def test_bench_says_how_many_depthwise_convs_kept_their_codes(both_ways):
+    _, path, speculating, _ = both_ways
+    from csqc.bench import bench
+
+    report = bench(path, artifact=str(speculating.path), baselines=False, limits=False, rounds=2)
+    said = [n for n in report.notes if "between two ReLU6 of dynamic scales" in n]
+    assert len(said) == 1 and " of its 1 depthwise convs " in said[0], report.notes
