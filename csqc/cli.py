@@ -352,6 +352,9 @@ def _print_artifact(info: dict, as_json: bool) -> None:
         runner = "one whole-model function" if info["whole_model_function"] else "the runtime, step by step"
         console.print(f"layers: {sum(info['layers'].values())} quantized ({kinds}); {info['kernel_calls']} kernel "
                       f"calls, run by {runner}")
+        if info.get("saturated_scales"):
+            console.print(f"saturated scales: {info['saturated_scales']} depthwise convs between two ReLU6 of dynamic "
+                          "scales first try their codes at the clips' scales (kept where a value reaches 6)")
         memory = info["memory"]
         shared = (f" in {memory['pools']} shared pool{'s' if memory['pools'] != 1 else ''} "
                   f"({_human(memory['intermediates_unshared'])} unshared; calls are timed on private memory "

@@ -234,3 +234,17 @@ def test_bench_says_how_many_depthwise_convs_kept_their_codes(both_ways):
     report = bench(path, artifact=str(speculating.path), baselines=False, limits=False, rounds=2)
     said = [n for n in report.notes if "between two ReLU6 of dynamic scales" in n]
     assert len(said) == 1 and " of its 1 depthwise convs " in said[0], report.notes
+
+
+@needs_avx512
+def test_inspect_counts_the_depthwise_convs_that_try_saturated_scales(both_ways):
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+    from csqc.compiler import inspect_artifact
+
+    _, _, speculating, plain = both_ways
+    assert inspect_artifact(speculating.path)["saturated_scales"] == 1
+    assert inspect_artifact(plain.path)["saturated_scales"] == 0
+    shown = CliRunner().invoke(cli, ["inspect", str(speculating.path)])
+    assert shown.exit_code == 0 and "saturated scales: 1 depthwise convs" in " ".join(shown.output.split())
