@@ -758,6 +758,8 @@ class _Lowerer:
         the tasks' stacks, so verify checks the layer by its codes in such runs (``acc_unless``)."""
         in_bound, out_bound, tables, form, saturation_at = saturated
         conv = self.plan.steps[conv_at]
+        if conv["args"][-1] != done or info.get("pack") != "depthwise":  # the skipping fused depthwise kernel
+            raise CompileError(f"layer {n.name!r}: saturated scales need the fused depthwise conv (a csqc bug)")
         codes, w = conv["args"][0], conv["args"][1]
         scale = self.quant_parts[n.inputs[0]][2]
         shape, x_shape = n.attr("weight_shape"), self.g.type_of(n.inputs[0]).shape
