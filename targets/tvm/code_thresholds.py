@@ -137,7 +137,7 @@ def saturation_thresholds(g: Graph, n: Node, in_scale: float, in_levels: int, bo
     end), from the interpreter's own float32 chain; 32767 (above every stored int16 accumulator)
     where no int16 value does, -32768 where every one does. None where the chain leaves
     float32's range."""
-    found = _channel_flips(g, n)
+    found = _channel_flips(g, n) if n.quant.out_bits is None else None
     if found is None:
         return None
     axis, channels, flip = found
@@ -150,10 +150,8 @@ def saturation_thresholds(g: Graph, n: Node, in_scale: float, in_levels: int, bo
             raise FloatingPointError
         return y >= np.float32(bound)
 
-    lo = np.full(channels, -(2**15), np.int64)  # s below the least threshold: every value reaches it
+    lo = np.full(channels, -(2**15), np.int64)  # int16's ends
     hi = np.full(channels, 2**15 - 1, np.int64)
-    if n.quant.out_bits is not None:
-        return None
     try:
         top, bottom = reached(hi), reached(lo)
         # least s in (lo, hi] with reached(s), by bisection: not reached(lo), reached(hi)
