@@ -20,6 +20,7 @@ from . import (  # noqa: E402,F401  (importing registers each pass)
     fuse_activation,
     fuse_requant,
     pack_planes,
+    quantize_after_pool,
     sink_layout_ops,
     split_planes,
 )

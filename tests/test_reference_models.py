@@ -132,3 +132,22 @@ def test_an_unrecognised_quantizer_is_named_when_capture_fails(tmp_path):
     sys.modules[__name__]._FloorBlock = _FloorBlock  # importable for --model-factory
     with pytest.raises(csqc.CsqcError, match="_FloorQuant was not recognised as a quantizer"):
         csqc.load(tmp_path / "ckpt.pth", model_factory=f"{__name__}:_FloorBlock", input_shape=(2, 8))
+
+
+@pytest.mark.parametrize("arch,factory", [
+    ("vgg19bn-a4", "csqc.models.reference:vgg19bn(act_bit=4, width=4)"),
+    ("vgg-a2", "csqc.models.reference:vgg(act_bit=2, width=4, image_size=32, hidden=16, num_classes=10)"),
+])
+def test_vgg_convs_after_a_pool_read_codes_and_verify_exactly(tmp_path, arch, factory):
+    """The reference VGGs quantize, then max-pool: the conv after each pool reads the pooled codes
+    (quantize_after_pool), so every conv but the first (a float image) is an integer layer."""
+    from csqc.passes import run_passes
+
+    cls, _, kwargs = ARCHITECTURES[arch]
+    torch.save({"model": _trained(cls, kwargs, seed=6).state_dict()}, tmp_path / "ckpt.pth")
+    model = csqc.load(tmp_path / "ckpt.pth", model_factory=factory, input_shape=(2, 3, 32, 32))
+    graph, _ = run_passes(csqc.capture(model))
+    convs = [n for n in graph.nodes if n.op == "qconv2d"]
+    assert len(convs) == 16 and convs[0].quant.act_bits is None
+    assert all(n.quant.act_bits == kwargs["act_bit"] for n in convs[1:]), [n.name for n in convs if not n.quant.act_bits]
+    _verify_exactly(model, tmp_path)
