@@ -20,8 +20,8 @@ from . import (  # noqa: E402,F401  (importing registers each pass)
     fuse_activation,
     fuse_requant,
     pack_planes,
-    quantize_after_pool,
     sink_layout_ops,
+    sink_quantize,
     split_planes,
 )
 from .manager import PIPELINES, PassFailure, PassRecord, run_passes  # noqa: E402

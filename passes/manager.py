@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 PIPELINES: dict[str, tuple[str, ...]] = {
     # float rewrites first, then the bit-level ones, then bookkeeping
     "default": (
-        "sink_layout_ops", "fold_bn", "fold_scales", "quantize_after_pool", "fuse_act_quant", "fuse_activation",
+        "sink_layout_ops", "fold_bn", "fold_scales", "sink_quantize", "fuse_act_quant", "fuse_activation",
         "fold_zero_layers", "fuse_requant", "dce",
         "split_planes", "drop_dead_planes", "choose_encoding", "pack_planes", "accumulator_width", "dce",
     ),
     # integer weights kept whole (the ONNX reference form and the bit-parallel kernels)
-    "integer": ("sink_layout_ops", "fold_bn", "fold_scales", "quantize_after_pool", "fuse_act_quant", "fuse_activation",
+    "integer": ("sink_layout_ops", "fold_bn", "fold_scales", "sink_quantize", "fuse_act_quant", "fuse_activation",
                 "fold_zero_layers", "accumulator_width", "dce"),
     "none": (),
 }

@@ -67,7 +67,7 @@ def test_packed_padding_bits_are_zero(rows, k, seed):
 
 # -- passes ----------------------------------------------------------------------------------
 
-EXACT_CHAIN = ("sink_layout_ops", "quantize_after_pool", "fuse_activation", "fold_zero_layers", "fuse_requant", "split_planes", "drop_dead_planes",
+EXACT_CHAIN = ("sink_layout_ops", "sink_quantize", "fuse_activation", "fold_zero_layers", "fuse_requant", "split_planes", "drop_dead_planes",
                "choose_encoding", "pack_planes", "accumulator_width", "dce")
 
 

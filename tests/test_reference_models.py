@@ -139,8 +139,9 @@ def test_an_unrecognised_quantizer_is_named_when_capture_fails(tmp_path):
     ("vgg-a2", "csqc.models.reference:vgg(act_bit=2, width=4, image_size=32, hidden=16, num_classes=10)"),
 ])
 def test_vgg_convs_after_a_pool_read_codes_and_verify_exactly(tmp_path, arch, factory):
-    """The reference VGGs quantize, then max-pool: the conv after each pool reads the pooled codes
-    (quantize_after_pool), so every conv but the first (a float image) is an integer layer."""
+    """The reference VGGs quantize, then max-pool (and flatten): the conv after each pool and the
+    first classifier layer read codes (sink_quantize), so every conv but the first (a float image)
+    is an integer layer."""
     from csqc.passes import run_passes
 
     cls, _, kwargs = ARCHITECTURES[arch]
@@ -150,4 +151,6 @@ def test_vgg_convs_after_a_pool_read_codes_and_verify_exactly(tmp_path, arch, fa
     convs = [n for n in graph.nodes if n.op == "qconv2d"]
     assert len(convs) == 16 and convs[0].quant.act_bits is None
     assert all(n.quant.act_bits == kwargs["act_bit"] for n in convs[1:]), [n.name for n in convs if not n.quant.act_bits]
+    classifier = next(n for n in graph.nodes if n.op == "qlinear")
+    assert classifier.name in ("fc", "fc1") and classifier.quant.act_bits == kwargs["act_bit"]
     _verify_exactly(model, tmp_path)

@@ -1,5 +1,5 @@
-"""quantize_after_pool: max_pool2d(dequantize(quantize(y))) becomes dequantize(quantize(max_pool2d(y))),
-bit for bit, so the layer after the pool reads codes."""
+"""sink_quantize: chain(dequantize(quantize(y))) becomes dequantize(quantize(chain(y))) for chains of
+max pools, reshapes and permutes, bit for bit, so the layer after them reads codes."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from csqc.ir import Node, TensorType
 from csqc.numerics import pool2d, pool_output_size
 from csqc.passes import get_pass, run_passes
-from csqc.passes.quantize_after_pool import window_reach
+from csqc.passes.sink_quantize import window_reach
 from irbuild import Builder, assert_unchanged, random_q, run, snapshot
 
-quantize_after_pool = get_pass("quantize_after_pool").run
+sink_quantize = get_pass("sink_quantize").run
 
 
 def _pool_attrs(kernel=2, stride=2, padding=0, dilation=1, ceil_mode=False):
@@ -53,7 +53,7 @@ def _pooled_conv(rng, *, size=8, pool=None, bits=4, signed=False, static=0.0, as
 
 
 def _same_outputs(g, x):
-    out = quantize_after_pool(g)
+    out = sink_quantize(g)
     before, rec_before = run(g, x)
     after, rec_after = run(out.graph, x)
     for a, b_ in zip(before, after):
@@ -70,7 +70,7 @@ def test_the_pool_reads_the_float_and_its_output_is_quantized():
     assert new.node("pool.quant").inputs == ("pool",) and new.node("pool.quant").type.text() == "uq4[2x3x4x4]"
     assert new.node("conv").inputs[0] == "pool.dequant"
     assert "y.quant" not in {n.name for n in new.nodes}  # nothing reads the old quantizer now
-    again = quantize_after_pool(new)
+    again = sink_quantize(new)
     assert not again.changed and again.graph is new
 
 
@@ -112,7 +112,7 @@ def test_moved_quantizers_give_the_same_values(kw):
 def test_pools_it_cannot_or_need_not_move_are_left_alone(kw, why):
     g, _ = _pooled_conv(np.random.default_rng(3), **kw)
     snap = snapshot(g)
-    out = quantize_after_pool(g)
+    out = sink_quantize(g)
     assert not out.changed and out.graph is g, why
     assert_unchanged(g, snap)
 
@@ -187,3 +187,45 @@ def test_moving_never_changes_a_value(seed, bits, relu, mode, kernel, stride, pa
     if mode == "asym":
         x = [np.clip(x[0], -static / 2, static / 2)]  # inside the static range, so no NaN or clamp questions
     _same_outputs(g, x)
+
+
+def _flattened(rng, *, pool: bool, signed: bool, permute: bool = False, inner_reader: bool = False):
+    """x -> [relu] -> quantize -> dequantize -> [max_pool2d] -> [permute] -> reshape -> qlinear (a classifier)."""
+    b = Builder()
+    x = b.input("x", (2, 4, 4, 4))
+    y = x if signed else b.node("y", "relu", [x])
+    v = b.dequantize(b.quantize(y, 3, signed=signed))
+    if pool:
+        v = b.node("pool", "max_pool2d", [v], (2, 4, 2, 2), attrs=_pool_attrs())
+    if permute:
+        shape = b.types[v]
+        v = b.node("perm", "permute", [v], (shape.shape[0], shape.shape[2], shape.shape[3], shape.shape[1]),
+                   attrs={"dims": (0, 2, 3, 1)})
+    features = int(np.prod(b.types[v].shape[1:]))
+    flat = b.node("flat", "reshape", [v], (2, features))
+    fc = b.qlinear("fc", flat, random_q(rng, (5, features), 4, (3, 2, 0)), n_bits=4, active_bits=(3, 2, 0),
+                   add=rng.standard_normal(5).astype(np.float32))
+    outs = [fc] + ([b.node("side", "relu", [v])] if inner_reader else [])
+    return b.build(*outs), [(rng.standard_normal((2, 4, 4, 4)) * 2).astype(np.float32)]
+
+
+@pytest.mark.parametrize("pool,signed,permute", [(False, True, False), (False, False, True), (True, False, False),
+                                                  (True, False, True)])
+def test_a_classifier_after_a_flatten_reads_codes(pool, signed, permute):
+    """A reshape or permute moves values and keeps max|x|: any quantizer moves below it."""
+    g, x = _flattened(np.random.default_rng(7), pool=pool, signed=signed, permute=permute)
+    new = _same_outputs(g, x).graph
+    assert new.node("flat.quant").inputs == ("flat",) and new.node("fc").inputs[0] == "flat.dequant"
+    fused, _ = run_passes(g, "integer")
+    assert fused.node("fc").inputs[0] == "flat.quant" and fused.node("fc").quant.act_bits == 3
+
+
+def test_a_signed_dynamic_quantizer_stays_before_a_pool_in_a_chain():
+    g, _ = _flattened(np.random.default_rng(8), pool=True, signed=True)
+    assert not sink_quantize(g).changed
+
+
+def test_a_chain_whose_inner_value_is_read_elsewhere_is_left_alone():
+    """Its inner values would change (they carry y's floats once the quantizer moves)."""
+    g, _ = _flattened(np.random.default_rng(9), pool=True, signed=False, inner_reader=True)
+    assert not sink_quantize(g).changed
