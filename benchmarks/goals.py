@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 import csqc  # noqa: E402
 from csqc.bench import bench  # noqa: E402
 from csqc.models.char_lm import VOCAB, CharLM, CharLMStep  # noqa: E402
+from csqc.models import reference  # noqa: E402
 from csqc.models.generative import dcgan_generator, hifigan_generator  # noqa: E402
 from csqc.models.vision import mobilenet_v2, resnet18, resnet20, unet  # noqa: E402
 
@@ -96,6 +97,15 @@ def with_batch_statistics(factory, shape, batches: int = 8, batch: int = 8):
     return build
 
 
+def reference_model(factory, shape):
+    """A case builder: a CSQ reference architecture (``csqc.models.reference``: CSQ layers and
+    activation quantizers as the reference code places them, random bits), with BatchNorm
+    statistics from random images (:func:`with_batch_statistics`), finalized."""
+    def build():
+        return csqc.finalize(with_batch_statistics(factory, shape)()), (torch.rand(shape),)
+    return build
+
+
 def charlm_step(hidden: int = 256, batch: int = 1, act_symmetric: bool = True):
     """The one-step model of examples/char_lm.py, converted as the example does (4-bit weights,
     8-bit activations), random init: ``(x_t, h, c) -> (logits, h', c')``."""
@@ -127,13 +137,17 @@ GOALS = {
 # models beyond the goal table, measured the same way (``--only``; no goal): generators and a
 # U-Net, whose transposed convolutions compile as their phases' convolutions; MobileNetV2 with
 # the activation statistics of a trained network (its ReLU6 outputs saturate: see
-# with_batch_statistics)
+# with_batch_statistics); the CSQ reference's CIFAR VGG-19-BN and ResNet-20 with 4-bit
+# activations (ReLU6, quantizers where the reference puts them: after each block, before the pools)
 MORE = {
     "mobilenetv2-bnstats-w3a4": Case(converted(with_batch_statistics(mobilenet_v2, (1, 3, 224, 224)),
                                                (1, 3, 224, 224), 3, 4, False), ()),
     "dcgan-w4a4": Case(converted(dcgan_generator, (1, 100, 1, 1), 4, 4, False), ()),
     "hifigan-w4a8": Case(converted(hifigan_generator, (1, 80, 32), 4, 8, False), ()),
     "unet128-w4a4": Case(converted(unet, (1, 3, 128, 128), 4, 4, False), ()),
+    "vgg19bn-reference-w4a4": Case(reference_model(lambda: reference.vgg19bn(Nbits=4, act_bit=4), (1, 3, 32, 32)), ()),
+    "resnet20-reference-w4a4": Case(reference_model(lambda: reference.resnet20(Nbits=4, act_bit=4), (1, 3, 32, 32)),
+                                    ()),
 }
 CASES = {**GOALS, **MORE}
 
