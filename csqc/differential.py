@@ -6,8 +6,10 @@ dilation and groups (depthwise with multipliers, one input column or row), resid
 squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
 heads; image-to-image blocks (CSQ transposed convolutions, group / instance norms, pixel shuffles,
 U-Net skips); 1-D convolutions over sequences (padding modes, residual blocks, 1-D pools, a
-global average pool: keyword spotting); or an MLP, an LSTM / GRU over a sequence, a Transformer
-encoder layer. It converts the
+global average pool: keyword spotting); reference-style nets (the CSQ reference code's placement:
+an activation quantizer after each block's activation, ReLU6 or PACT clipping, max pools and
+flattens after the quantizer, residual blocks adding a quantized input); or an MLP, an LSTM /
+GRU over a sequence, a Transformer encoder layer. It converts the
 network with random weight and activation bits, random non-contiguous bit masks, symmetric,
 zero-point or float activations and a quantized first input or not, finalizes and saves it,
 compiles it for a target with dynamic or calibrated scales, and runs ``csqc verify
@@ -23,6 +25,7 @@ Cases are independent and reproducible: ``--seed S --cases 1`` runs case S again
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -49,11 +52,11 @@ class Case:
     """One drawn model and how it is built, compiled and checked."""
 
     seed: int
-    kind: str  # "conv", "branches", "decoder", "sequence", "mlp", "lstm", "gru", "encoder"
+    kind: str  # "conv", "branches", "decoder", "sequence", "reference", "mlp", "lstm", "gru", "encoder"
     input_shape: tuple[int, ...]  # one sample's shape (no batch axis)
     batch: int
     n_bits: int
-    act_bits: int | None  # None: weight-only (float activations)
+    act_bits: int | None  # None: weight-only (float activations), or a reference net's own quantizers
     symmetric: bool
     quantize_first_input: bool
     calibrated: bool
@@ -155,14 +158,28 @@ def _modules():
         def forward(self, x):
             return self.head(self.layer(x).mean(1))
 
-    return Residual, SqueezeExcite, Branches, Upsample, Skip, Recurrent, Encoder
+    class QuantizedResidual(nn.Module):
+        """The reference's BasicBlock: conv-bn-clip-quantize, conv-bn, plus the (quantized) input,
+        clip, quantize."""
+
+        def __init__(self, channels: int, clip1, quant1, clip2, quant2):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+            self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+            self.clip1, self.quant1, self.clip2, self.quant2 = clip1, quant1, clip2, quant2
+
+        def forward(self, x):
+            out = self.quant1(self.clip1(self.bn1(self.conv1(x))))
+            return self.quant2(self.clip2(self.bn2(self.conv2(out)) + x))
+
+    return Residual, SqueezeExcite, Branches, Upsample, Skip, Recurrent, Encoder, QuantizedResidual
 
 
 def _decoder_net(r: random.Random, channels: int):
     """Image-to-image blocks over ``channels`` input channels: CSQ transposed convolutions,
     group and instance norms, pixel shuffles, U-Net skips, and CSQ convs between them."""
     nn = _torch().nn
-    *_, Skip, _, _ = _modules()
+    *_, Skip, _, _, _ = _modules()
     layers, c = [], channels
     for _ in range(r.randint(2, 5)):
         pick = r.random()
@@ -231,6 +248,43 @@ def _conv_net(r: random.Random, channels: int, branches: bool):
     return layers
 
 
+def _activation_quantizer(r: random.Random):
+    """An activation, then (mostly) csqc's activation quantizer, as the CSQ reference places them."""
+    from .layers import ActQuant
+
+    nn = _torch().nn
+    act = r.choice([nn.ReLU, nn.ReLU6, nn.Identity, lambda: nn.Hardtanh(-1.0, 1.0)])()
+    if r.random() < 0.15:
+        return act, nn.Identity()
+    clip = r.choice([None, None, "relu6", "pact"])
+    return act, ActQuant(r.randint(2, 8), clip=clip, symmetric=r.random() < 0.7,
+                         pact_alpha=r.choice([1.0, 3.0, 10.0]))
+
+
+def _reference_net(r: random.Random, channels: int):
+    """Reference-style blocks: convolutions whose output is clipped and quantized by the model
+    itself (csqc's ``ActQuant``; the layers read those floats), max pools of every geometry
+    after the quantizer, residual blocks adding a quantized input."""
+    nn = _torch().nn
+    *_, QuantizedResidual = _modules()
+    layers, c = [], channels
+    for _ in range(r.randint(2, 5)):
+        if r.random() < 0.25:
+            layers.append(QuantizedResidual(c, *_activation_quantizer(r), *_activation_quantizer(r)))
+        else:
+            out = r.choice([c, 2 * c, 4, 8, 16])
+            kernel = r.choice([1, 3])
+            layers += [nn.Conv2d(c, out, kernel, stride=r.choice([1, 1, 2]), padding=kernel // 2,
+                                 bias=r.random() < 0.5), nn.BatchNorm2d(out), *_activation_quantizer(r)]
+            c = out
+        if r.random() < 0.5:
+            kernel, dilation = r.choice([2, 2, 3]), r.choice([1, 1, 2])
+            padding = r.choice([0, kernel // 2]) if dilation == 1 else 0  # (no window of padding only)
+            layers.append(nn.MaxPool2d(kernel, r.choice([1, 2, 2, 3]), padding, dilation=dilation,
+                                       ceil_mode=r.random() < 0.3))
+    return layers
+
+
 def _sequence_net(r: random.Random, channels: int):
     """1-D blocks (audio, time series) over ``channels`` input channels: convolutions of any
     kernel, stride, padding (mode included), dilation and groups, batch norms, residual blocks,
@@ -292,7 +346,7 @@ def _network(r: random.Random, kind: str):
     no output for any input of up to 24 x 24."""
     torch = _torch()
     nn = torch.nn
-    *_, Recurrent, Encoder = _modules()
+    *_, Recurrent, Encoder, _ = _modules()
     if kind == "mlp":
         dims = [r.randint(1, 300)] + [r.randint(1, 600) for _ in range(r.randint(1, 3))] + [r.randint(1, 20)]
         layers = []
@@ -310,7 +364,10 @@ def _network(r: random.Random, kind: str):
     channels = r.choice([1, 2, 3, 4, 8])
     if kind == "sequence":
         return _sequence_head(r, nn.Sequential(*_sequence_net(r, channels)).eval(), channels)
-    layers = _decoder_net(r, channels) if kind == "decoder" else _conv_net(r, channels, kind == "branches")
+    if kind == "reference":
+        layers = _reference_net(r, channels)
+    else:
+        layers = _decoder_net(r, channels) if kind == "decoder" else _conv_net(r, channels, kind == "branches")
     body = nn.Sequential(*layers).eval()
     first = r.randint(5, 24), r.randint(5, 24)
     latent = kind == "decoder" and r.random() < 0.25  # a generator's 1x1 latent input first
@@ -357,7 +414,8 @@ def draw_case(seed: int, target: str | None = None) -> tuple[Case, object] | Non
     torch = _torch()
     r = random.Random(seed)
     torch.manual_seed(seed)
-    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder", "decoder", "sequence"])
+    kind = r.choice(["conv", "conv", "branches", "branches", "mlp", "lstm", "gru", "encoder", "decoder", "sequence",
+                     "reference"])
     drawn = _network(r, kind)
     if drawn is None:
         return None
@@ -367,6 +425,8 @@ def draw_case(seed: int, target: str | None = None) -> tuple[Case, object] | Non
                 act_bits=r.randint(2, 8) if r.random() < 0.85 else None, symmetric=r.random() < 0.7,
                 quantize_first_input=r.random() < 0.3, calibrated=r.random() < 0.5,
                 target=target or r.choice(["llvm", "llvm", "onnx"]))
+    if kind == "reference":  # its activation quantizers are the model's own: convert adds none
+        case = dataclasses.replace(case, act_bits=None, quantize_first_input=False)
     return case, net
 
 

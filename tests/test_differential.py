@@ -13,10 +13,11 @@ from csqc import differential
 
 # seeds whose drawn models cover convs, branches (squeeze-excitation, concatenation, pools),
 # image-to-image decoders (a stride-3 transposed conv with a BatchNorm, a 1x1 latent input), 1-D
-# convolutions over sequences, an MLP, an LSTM, a GRU and a Transformer encoder layer, on llvm and
+# convolutions over sequences, a reference-style net (its own quantizers, one moved below a max
+# pool by sink_quantize), an MLP, an LSTM, a GRU and a Transformer encoder layer, on llvm and
 # onnx, with dynamic and calibrated scales, symmetric, zero-point and float (weight-only)
 # activations, 9- to 12-bit weights
-SEEDS = [0, 1, 6, 7, 10, 12, 13, 14, 17, 171, 197]
+SEEDS = [0, 1, 6, 7, 10, 12, 13, 14, 17, 158, 171, 197]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -29,10 +30,27 @@ def test_random_models_verify_exactly_or_are_refused_by_name(seed, tmp_path):
 
 def test_the_seeds_cover_every_kind_and_both_scales():
     cases = [differential.draw_case(seed)[0] for seed in SEEDS]
-    assert {c.kind for c in cases} == {"conv", "branches", "decoder", "sequence", "mlp", "lstm", "gru", "encoder"}
+    assert {c.kind for c in cases} == {"conv", "branches", "decoder", "sequence", "reference", "mlp", "lstm", "gru",
+                                       "encoder"}
     assert {c.calibrated for c in cases} == {True, False} and {c.target for c in cases} == {"llvm", "onnx"}
     assert {c.symmetric for c in cases} == {True, False}
     assert any(c.act_bits is None for c in cases) and any(c.n_bits > 8 for c in cases)
+
+
+def test_the_reference_seed_moves_a_quantizer_below_a_pool(tmp_path):
+    """Its model quantizes, then pools, and a layer reads the pool: the sink_quantize rewrite."""
+    import random
+
+    import csqc
+    from csqc.passes import get_pass, run_passes
+
+    (seed,) = [s for s in SEEDS if differential.draw_case(s)[0].kind == "reference"]
+    case, net = differential.draw_case(seed)
+    model, example = differential._quantized(case, net, random.Random(seed ^ 0x5EED))
+    graph = csqc.capture(csqc.load(csqc.save(model, tmp_path / "m.pt", example)))
+    folded, _ = run_passes(graph, ["sink_layout_ops", "fold_bn", "fold_scales"])
+    assert case.act_bits is None and any(n.op == "quantize" for n in graph.nodes)  # the model's own quantizers
+    assert get_pass("sink_quantize").run(folded).changed
 
 
 def test_a_seed_draws_the_same_case():
