@@ -584,12 +584,13 @@ def test_pointwise_conv_stages_flat_runs_of_its_planes(input_shape, weight_shape
     monkeypatch.setattr(staging, "MIN_PARALLEL_STAGING", 0)
     flat, staged = staging._flat_staging, []
     monkeypatch.setattr(staging, "_flat_staging", lambda geo, rows: staged.append(rows) or flat(geo, rows))
+    pixels = kernels.BitparallelKnobs(conv_form="pixels")  # (a 15-position plane would put channels on the lanes)
     with kernels.cpu_target(cpu):
-        kernels.bitparallel_conv2d(input_shape, weight_shape, 1, 0, 1, groups)
+        kernels.bitparallel_conv2d(input_shape, weight_shape, 1, 0, 1, groups, pixels)
     assert len(staged) == 1 and staged[0] >= input_shape[2]  # rows past the input's are zero rows
     q = RNG.integers(-128, 128, weight_shape)
     x = RNG.integers(0, code_limit(cpu), input_shape)
-    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, 1, 0, 1, groups, cpu=cpu)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, 1, 0, 1, groups, pixels, cpu=cpu)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, groups)),
                                   conv_reference(x, q, (1, 1), (0, 0), (1, 1), groups))
 
@@ -751,6 +752,29 @@ def test_long_reductions_on_seven_position_planes_put_channels_on_lanes(input_sh
     kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, stride, padding, 1, 1, None)
     np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
                                   conv_reference(x, q, stride, padding, (1, 1), 1))
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,padding,row_block", [
+    ((1, 64, 2, 2), (48, 64, 3, 3), 1, 4),    # VGG's last stage: 4 positions of the pixel kernel's 16
+    ((2, 32, 2, 2), (40, 32, 3, 3), 1, 4),    # batch 2: two tiles of 4 rows
+    ((1, 24, 1, 1), (96, 24, 1, 1), 0, 1),    # a squeeze-excitation's 1x1 conv on a 1x1 plane
+    ((1, 16, 3, 3), (20, 16, 3, 3), 1, 3),    # 9 positions: rows of 3
+    ((1, 8, 5, 5), (16, 8, 3, 3), 1, 5),      # 25 of 48 computed
+    ((1, 16, 4, 4), (16, 16, 3, 3), 1, 0),    # 4x4 packs whole rows: the pixel kernel
+    ((1, 64, 5, 5), (64, 64, 1, 1), 0, 0),    # 25 of 32: the pixel kernel
+    ((1, 16, 7, 7), (16, 16, 3, 3), 1, 0),
+])
+def test_small_planes_put_channels_on_lanes(input_shape, weight_shape, padding, row_block):
+    geometry = conv_geometry(input_shape, weight_shape, (1, 1), (padding, padding), 1, 1)
+    with kernels.cpu_target("cascadelake"):
+        assert kernels.small_plane_row_block(geometry) == row_block
+    with kernels.cpu_target(AVX2_CPU):
+        assert kernels.small_plane_row_block(geometry) == 0  # (AVX2 keeps the pixel kernel)
+    x = RNG.integers(0, code_limit(None), input_shape)
+    q = RNG.integers(-8, 8, weight_shape)
+    kernel = built(kernels.bitparallel_conv2d, input_shape, weight_shape, (1, 1), padding, 1, 1, None)
+    np.testing.assert_array_equal(kernel(x.astype(np.uint8), packing.pack_bitparallel_conv_weight(q, 1)),
+                                  conv_reference(x, q, (1, 1), (padding, padding), (1, 1), 1))
 
 
 PACKED_ROW_CASES = [

@@ -32,6 +32,7 @@ def private_cache(tmp_path, monkeypatch):
     ((1, 8, 9, 11), (24, 8, 3, 3), 1, 1, 1),
     ((1, 16, 12, 12), (40, 8, 3, 3), 2, 1, 2),
     ((2, 12, 7, 7), (20, 12, 1, 1), 1, 0, 1),
+    ((1, 64, 16, 16), (128, 64, 3, 3), 1, 1, 1),  # VGG's: 12-channel tiles of direct stores failed to build
 ])
 def test_every_conv_candidate_is_exact(shape, weight_shape, stride, padding, groups):
     """A tuned schedule may be any candidate: each computes the reference's integers."""
@@ -92,6 +93,23 @@ def test_the_search_keeps_the_heuristic_unless_a_candidate_wins_clearly(monkeypa
     assert knobs == {"row_block": 2} and default_us == 100.0 and best_us == 90.0
     timings = iter([100.0, 99.0, 60.0, 100.0, 97.0])  # the second round says it was noise
     assert tuning._search(factory, inputs, [{"row_block": 1}, {"row_block": 2}], kernels.cpu_target())[0] == {}
+
+
+def test_a_candidate_that_does_not_build_is_skipped_with_a_warning(monkeypatch, caplog):
+    """One bad schedule must not stop a compile: the search times the others."""
+    timings = iter([100.0, 60.0, 100.0, 60.0])  # default, the good candidate, both again
+    monkeypatch.setattr(tuning, "_time_us", lambda kernel, inputs: next(timings))
+    factory, inputs, _ = tuning._dense_problem(4, 32, 32)
+
+    def failing(knobs):
+        if knobs.get("row_block") == 1:
+            raise RuntimeError("Check failed: a schedule the kernel cannot build")
+        return factory(knobs)
+
+    with caplog.at_level("WARNING", logger=tuning.__name__):
+        knobs, _, best_us = tuning._search(failing, inputs, [{"row_block": 1}, {"row_block": 2}], kernels.cpu_target())
+    assert knobs == {"row_block": 2} and best_us == 60.0
+    assert "candidate {'row_block': 1} did not build" in caplog.text
 
 
 @pytest.fixture

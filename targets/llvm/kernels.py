@@ -87,6 +87,7 @@ __all__ = [
     "conv_codes_fit",
     "task_rows",
     "channels_on_lanes_pay",
+    "small_plane_row_block",
     "bitparallel_depthwise_codes",
     "bitparallel_depthwise_saturated_codes",
     "depthwise_codes_fit",
@@ -1664,6 +1665,30 @@ def channels_on_lanes_pay(geo: ConvGeometry) -> bool:
     return computed >= 1.1 * positions
 
 
+def small_plane_row_block(geo: ConvGeometry) -> int:
+    """Output positions a register tile of the channels-on-lanes kernel takes where the plane is
+    too small for the pixel kernel's 16 lanes (0: keep the pixel kernel): at most 25 positions
+    an image, of which the pixel plan computes at least 1.5x (a 2x2 plane fills 4 of 16 lanes, a
+    3x3 one 9, a 5x5 one 25 of 48; 4x4 and 8x8 planes pack whole rows and waste none). Rows of 5,
+    4 or 3 positions, whichever pads the fewest, by four 16-channel vectors. Zen 4, 2 threads
+    (slow state, pixels -> channels): 512 -> 512 3x3 at 2x2 177 -> 57 us (VGG-19-BN's last
+    stage), at 3x3 179 -> 112, 256 -> 256 3x3 at 5x5 136 -> 80, 240 -> 960 1x1 at 1x1 (a
+    squeeze-excitation's) 26 -> 12, 64 -> 64 3x3 at 2x2 11.7 -> 3.3; 4x4 and 5x5 1x1 planes
+    (1.0x and 1.28x computed) measured even, and keep the pixel kernel."""
+    if accumulator_budget() < 16 or geo.groups != 1 or geo.is_depthwise or phase_pairs(geo)[0] is None:
+        return 0
+    plane = geo.out_h * geo.out_w
+    if plane > 25:
+        return 0
+    plan = _conv_pixel_plan(geo, BitparallelKnobs())
+    computed = -(-geo.out_h // plan.rows) * plan.chunks * plan.vectors * VNNI_LANES
+    if computed < 1.5 * plane:
+        return 0
+    positions = geo.batch * plane
+    return min((rows for rows in (5, 4, 3) if rows <= positions), key=lambda rows: -(-positions // rows) * rows,
+               default=positions)
+
+
 def _conv_pixel_plan(geo: ConvGeometry, knobs: BitparallelKnobs) -> _PixelPlan:
     """Per-shape tiling: the knobs where given, else the heuristic."""
     sw = geo.stride[1]
@@ -1942,8 +1967,8 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
                                  at[0],
                                  at[1] * Og + at[2] * OB + o,
                                  O, OH * OW)
-        else:
-            for o in range(0 if direct else OB):
+        elif not direct:
+            for o in range(OB):
                 if at[2] * OB + o < Og:
                     for rr in range(NR):
                         if at[3] * NR + rr < OH:
@@ -2087,6 +2112,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     # (channels_on_lanes_pay: Zen 5 measurements).
     if knobs.conv_form == "" and channels_on_lanes_pay(geo):
         knobs = replace(knobs, conv_form="channels", row_block=7)
+    elif knobs.conv_form == "" and small_plane_row_block(geo):
+        knobs = replace(knobs, conv_form="channels", row_block=small_plane_row_block(geo), col_vectors=4)
     if knobs.conv_form in ("", "pixels"):
         pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype, pad_code=pad_code)
         if pixels is not None:

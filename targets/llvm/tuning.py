@@ -328,7 +328,12 @@ def _search(factory, inputs, candidates: list[dict], target) -> tuple[dict, floa
     default_us = _time_us(default, inputs)
     best, best_kernel, best_us = {}, default, default_us
     for knobs in candidates:
-        kernel = build(factory(knobs), target)
+        try:
+            kernel = build(factory(knobs), target)
+        except Exception as error:  # (TVM raises its own kinds) a candidate that does not build is no schedule
+            log.warning("tuning: candidate %s did not build and was skipped (a csqc bug: %s)", knobs,
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            continue
         elapsed = _time_us(kernel, inputs)
         if elapsed < best_us:
             best, best_kernel, best_us = knobs, kernel, elapsed
