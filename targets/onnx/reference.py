@@ -552,6 +552,12 @@ def _emit_ceil_pool(e: GraphEmitter, n: Node) -> str:
     eh, ew = _extra_padding(n, (h, w))
     pads = [ph, pw, ph + eh, pw + ew]
     if n.op == "max_pool2d":
+        if max(ph + eh, ph) >= kh or max(pw + ew, pw) >= kw:
+            # ONNX Runtime refuses a pad as wide as the kernel (a stride past the kernel leaves
+            # that much to the last window): pad with -inf first, as MaxPool's own padding reads
+            x = e.b.op("Pad", [x, e.b.const(f"{n.name}.pads", np.array([0, 0, ph, pw, 0, 0, ph + eh, pw + ew], np.int64)),
+                               e.b.const(f"{n.name}.pad_value", np.array(-np.inf, _F32))], f"{n.name}.padded")
+            pads = [0, 0, 0, 0]
         return e.b.op("MaxPool", [x], _name(e, n), exact_name=True, kernel_shape=[kh, kw], strides=stride, pads=pads,
                       dilations=list(n.attr("dilation", (1, 1))))
     ones = e.b.const(f"{n.name}.ones", np.ones((c, 1, kh, kw), _F32))
