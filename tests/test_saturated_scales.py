@@ -166,6 +166,15 @@ def _block(dw_gain: float = 1.0) -> nn.Module:
                       nn.Conv2d(16, 48, 1), nn.BatchNorm2d(48), nn.ReLU6(),
                       nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.BatchNorm2d(48), nn.ReLU6(),
                       nn.Conv2d(48, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    _with_batch_statistics(m)
+    with torch.no_grad():
+        m[7].weight.mul_(dw_gain)
+        m[7].bias.mul_(dw_gain)
+    return csqc.finalize(csqc.convert(m.eval(), n_bits=3, act_bits=4))
+
+
+def _with_batch_statistics(m: nn.Module) -> None:
+    """BatchNorm statistics from four train-mode passes over random 32x32 images."""
     for module in m.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
@@ -174,20 +183,21 @@ def _block(dw_gain: float = 1.0) -> nn.Module:
     with torch.no_grad():
         for _ in range(4):
             m(torch.rand(8, 3, 32, 32))
-        m[7].weight.mul_(dw_gain)
-        m[7].bias.mul_(dw_gain)
-    return csqc.finalize(csqc.convert(m.eval(), n_bits=3, act_bits=4))
+
+
+def _compiled_both_ways(model: nn.Module, folder, name: str):
+    """``(model file, artifact with saturated scales, artifact without)``."""
+    path = csqc.save(model, folder / f"{name}.pt", torch.zeros(1, 3, 32, 32))
+    with_them = csqc.compile(csqc.load(path), "llvm", folder / f"{name}.saturated.so").output
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CpuBackend, "saturated_scales", False)
+        plain = csqc.compile(csqc.load(path), "llvm", folder / f"{name}.plain.so").output
+    return path, runtime.load(with_them), runtime.load(plain)
 
 
 @pytest.fixture(scope="module", params=[1.0, 0.2], ids=["saturating", "quiet-depthwise"])
 def both_ways(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("saturated")
-    path = csqc.save(_block(request.param), folder / "block.pt", torch.zeros(1, 3, 32, 32))
-    speculating = csqc.compile(csqc.load(path), "llvm", folder / "speculating.so").output
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(CpuBackend, "saturated_scales", False)
-        plain = csqc.compile(csqc.load(path), "llvm", folder / "plain.so").output
-    return request.param, path, runtime.load(speculating), runtime.load(plain)
+    return (request.param, *_compiled_both_ways(_block(request.param), tmp_path_factory.mktemp("saturated"), "block"))
 
 
 @needs_avx512
@@ -248,3 +258,53 @@ def test_inspect_counts_the_depthwise_convs_that_try_saturated_scales(both_ways)
     assert inspect_artifact(plain.path)["saturated_scales"] == 0
     shown = CliRunner().invoke(cli, ["inspect", str(speculating.path)])
     assert shown.exit_code == 0 and "saturated scales: 1 depthwise convs" in " ".join(shown.output.split())
+
+
+# -- regular convs between two clips: the dynamic epilogue's codes at the bounds -------------
+
+def _reference_net(kind: str) -> nn.Module:
+    """A CSQ reference architecture (4-bit ReLU6 activations where the reference quantizes them),
+    narrow, with BatchNorm statistics from random images (its scales then saturate at 6)."""
+    from csqc.models import reference
+
+    torch.manual_seed(1)
+    m = reference.resnet20(Nbits=4, act_bit=4, width=4) if kind == "resnet20" else \
+        reference.vgg19bn(Nbits=4, act_bit=4, width=4)
+    _with_batch_statistics(m)
+    return csqc.finalize(m.eval())
+
+
+@pytest.fixture(scope="module", params=["resnet20", "vgg19bn"])
+def bounded_epilogues(request, tmp_path_factory):
+    return (request.param, *_compiled_both_ways(_reference_net(request.param), tmp_path_factory.mktemp("bounded"),
+                                                request.param))
+
+
+@needs_avx512
+def test_convs_between_two_clips_compute_what_the_dynamic_pass_does_on_both_branches(bounded_epilogues):
+    """Where the input scale and the output's max|y| are the clips' bounds the epilogue runs the
+    codes of the static scales (6, 6); elsewhere the dynamic pass: the same codes either way."""
+    kind, _, with_forms, plain = bounded_epilogues
+    bounded = [name for name, layer in with_forms.layers.items() if layer.get("saturated_epilogue")]
+    assert len(bounded) >= (8 if kind == "resnet20" else 3), bounded  # ResNet-20: every block's first conv
+    assert all(with_forms.layers[name]["saturated_epilogue"] == {"in": 6.0, "out": 6.0} for name in bounded)
+    assert not any(layer.get("saturated_epilogue") for layer in plain.layers.values())
+    x = np.random.default_rng(7).random((1, 3, 32, 32), dtype=np.float32)
+    saturated = {}
+    for mul in (0.01, 1.0, 20.0):
+        got, want = {}, {}
+        np.testing.assert_array_equal(with_forms(x * F32(mul), record=got), plain(x * F32(mul), record=want))
+        for name in want:
+            if name.endswith((".codes", ".scale", ".acc")):
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{name} at x * {mul}")
+        saturated[mul] = sum(float(value[0]) == 6.0 for name, value in want.items() if name.endswith(".scale"))
+    assert saturated[20.0] > saturated[0.01], saturated  # both branches ran
+
+
+@needs_avx512
+def test_convs_between_two_clips_verify_exactly(bounded_epilogues):
+    _, path, with_forms, _ = bounded_epilogues
+    x = np.random.default_rng(8).random((1, 3, 32, 32), dtype=np.float32)
+    report = csqc.verify(csqc.load(path), artifact=str(with_forms.path), per_layer=True,
+                         inputs=[np.concatenate([x * F32(20), x, x * F32(0.01)])])
+    assert report.ok and report.accumulators_exact, (report.first_divergence, report.notes)

@@ -580,6 +580,21 @@ class _Lowerer:
         elif self._dynamic_search_fits(n, storage, split_acc, fused):
             fused, suffix = {**fused, "dynamic_search": True}, suffix + ",dynamic_search"
             info["codes"] = "fixed-point line per row, found per call (threshold search where none holds)"
+        bounded = None if steps or done is not None else self._bounded_forms(n, storage, split_acc or bool(zero_point),
+                                                                              fused)
+        if bounded is not None:
+            in_bound, out_bound, bound_tables, form = bounded
+            tables = [self.plan.weight(f"{n.name}.saturated.code_form", form.reshape(-1)) if form is not None
+                      else self.plan.weight(f"{n.name}.saturated.code_thresholds", bound_tables.kernel_thresholds()),
+                      self.plan.weight(f"{n.name}.saturated.code_base", bound_tables.base),
+                      self.plan.weight(f"{n.name}.saturated.acc_flip", bound_tables.flip)]
+            bound_steps = 0 if form is not None else bound_tables.steps
+            fused = {**fused, "saturated_codes": (in_bound, out_bound, bound_steps)}
+            suffix += f",saturated({in_bound!r},{out_bound!r},{bound_steps})"
+            info["saturated_epilogue"] = {"in": in_bound, "out": out_bound}
+            how = "fixed-point forms" if form is not None else f"a threshold search of {bound_steps} steps"
+            info["codes"] = (f"{how} at the clips' scales ({in_bound:g}, {out_bound:g}) where both saturate; else "
+                             + info.get("codes", "the float chain"))
         if done is not None:
             fused, suffix = {**fused, "skip_when_done": True}, suffix + ",skip"
         f = self.plan.func(base_key + suffix, lambda: build_epilogue(**fused))
@@ -587,8 +602,8 @@ class _Lowerer:
         if done is not None:
             self._saturated_codes(n, info, saturated, conv_at, outs, done)
         if quantizer is not None:  # a dynamic scale: the runtime checks it like a quantize step's
-            self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1, scale_arg=len(args) + int("keep_y" in fused),
-                                       quantizer=quantizer)
+            self.plan.steps[-1].update(levels=2**fused["out_bits"] - 1,
+                                       scale_arg=len(args) + len(tables) + int("keep_y" in fused), quantizer=quantizer)
         self._requantize_after(n)
 
     def _tile_epilogue_fits(self, n: Node) -> bool:
@@ -741,6 +756,45 @@ class _Lowerer:
         if form is None or saturation_at is None:
             return None
         return in_bound, out_bound, tables, form, saturation_at
+
+    def _bounded_forms(self, n: Node, storage: str, two_parts: bool, fused: dict):
+        """For a conv between two clips from 0 whose input and output scales are dynamic (a ReLU6
+        before and after it, a residual block's ReLU6 before it), what its epilogue's
+        ``saturated_codes`` takes: ``(in_bound, out_bound, tables, form)``, the code tables of the
+        two bounds as static scales and their fixed-point forms (None: the tables' search); None
+        where the dynamic pass stays alone."""
+        if not (self.saturated_scales and n.op == "qconv2d" and storage in ("int16", "int32")
+                and not two_parts and fused.get("out_scale") == 0.0 and "out_bits" in fused
+                and not (fused["out_signed"] or fused["out_offset"] or fused.get("keep_y"))
+                and int(np.prod(n.type.shape[2:])) >= TABLE_ENTRIES):
+            return None
+        source = self.producers.get(n.inputs[0])
+        if source is None or source.op != "quantize" or source.attr("asymmetric", False) or source.attr("signed") \
+                or float(source.attr("static_scale", 0.0) or 0.0) > 0:
+            return None
+        out_bound = self._clip_bound(n)
+        in_bound = self._value_bound(self.producers.get(source.inputs[0]))
+        if not (out_bound and in_bound):
+            return None
+        at_bounds = replace(n, quant=replace(n.quant, out_bits=int(fused["out_bits"]), out_scale=out_bound,
+                                             out_signed=False))
+        tables = code_tables(self.g, at_bounds, in_bound, 2**n.quant.act_bits - 1, wide=storage == "int32")
+        if tables is None:
+            return None
+        return in_bound, out_bound, tables, code_form(tables) if self.code_form else None
+
+    def _value_bound(self, node: Node | None) -> float | None:
+        """The greatest ``|y|`` of a value clipped from 0: a layer's fused clip (ReLU6: 6), or a
+        ``clip`` node from 0 (a residual block's ReLU6 after its add), also through the max pools
+        and reshapes after it; else None."""
+        while node is not None and node.op in ("max_pool2d", "reshape", "permute"):  # they move values, or keep some
+            node = self.producers.get(node.inputs[0])
+        if node is None:
+            return None
+        if node.op == "clip":
+            lo, hi = float(node.attr("lo")), float(node.attr("hi"))
+            return hi if lo == 0.0 and hi > 0 and np.isfinite(hi) else None
+        return self._clip_bound(node) if node.quant is not None else None
 
     @staticmethod
     def _clip_bound(n: Node) -> float | None:

@@ -91,7 +91,8 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
              out_signed: bool = False, out_offset: bool = False, has_zero_point: bool = False,
              has_residual: bool = False, post_act: str = "none", post_lo: float = 0.0, post_hi: float = 0.0,
              keep_y: bool = False, acc_storage: str | None = None, code_search: int = 0,
-             code_form: bool = False, dynamic_search: bool = False, skip_when_done: bool = False) -> tirx.PrimFunc:
+             code_form: bool = False, dynamic_search: bool = False, skip_when_done: bool = False,
+             saturated_codes: tuple[float, float, int] | None = None) -> tirx.PrimFunc:
     """Float epilogue of a quantized layer (the tail of the interpreter's ``_quant_layer``).
 
     Parameters, in order: ``acc: acc_dtype[shape]``, ``acc_neg`` (same, when ``has_neg``),
@@ -143,6 +144,14 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
     pass finds each row's thresholds itself once the scale is known, and searches them as
     ``code_search`` does (:func:`_emit_dynamic_code_search`). No parameters change.
 
+    ``saturated_codes`` ``(in_bound, out_bound, steps)`` (a dynamic output scale whose layer sits
+    between two clips from 0: its input codes' scale is at most ``in_bound``, ``S' = max|y| <=
+    out_bound``): the parameters of ``code_search`` (``steps`` > 0) or ``code_form`` (0) follow
+    ``add``, built for the static scales ``(in_bound, out_bound)``; where this call's input scale
+    and the ``S'`` its first pass found are both the bounds, the codes pass runs them instead of
+    the dynamic one. The same codes: at ``S' = out_bound`` the dynamic quantizer's codes are the
+    static scale's (no value exceeds it, so none is clamped).
+
     ``skip_when_done``: a last parameter ``done: int32[1]``; the kernel does nothing where it is
     not 0 (the conv before it wrote the layer's codes and scale:
     ``kernels.bitparallel_depthwise_saturated_codes``).
@@ -187,11 +196,19 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
         raise ValueError("dynamic_search needs a dynamic output scale of at most 5 search steps, one int16 or "
                          "int32 accumulator per element (no negative part, residual or kept y) and rows of "
                          f"at least {DYNAMIC_SEARCH_MIN_ROW} elements of one channel")
-    if code_search:
-        entries = 2**code_search - 1
+    if saturated_codes is not None:
+        if code_search or code_form or out_scale != 0:
+            raise ValueError("saturated_codes is a dynamic output scale's alternative codes pass")
+        _check_code_search(shape, channel_axis, levels, out_bits, saturated_codes[1], storage, has_neg, has_zero_point,
+                           has_residual, keep_y, saturated_codes[2] or 1)
+        if out_signed or out_offset or not min(saturated_codes[:2]) > 0:
+            raise ValueError("saturated_codes takes unsigned codes between clips from 0 (positive bounds)")
+    search_steps = code_search or (saturated_codes[2] if saturated_codes is not None else 0)
+    if search_steps:
+        entries = 2**search_steps - 1
         params += [("code_thresholds", (channels * entries + SEARCH_LANES - entries,), "int16"),
                    ("code_base", (channels,), "int8"), ("acc_flip", (channels,), "int8")]
-    elif code_form:
+    elif code_form or saturated_codes is not None:
         params += [("code_form", (channels * FORM_FIELDS,), "int16"), ("code_base", (channels,), "int8"),
                    ("acc_flip", (channels,), "int8")]
     if has_residual:
@@ -325,35 +342,48 @@ def epilogue(shape: Sequence[int], channel_axis: int, levels: int | None, act: s
 
             _on_divisor_range(out_scale_buf[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
 
+        def dynamic_codes():
+            """The dynamic scale's codes pass (the scale found above)."""
+            if dynamic_search:
+                signed = out_signed or out_offset
+                negative_codes = signed and not nonnegative  # levels below zero (a relu's have none)
+
+                def search_pass(fast_levels: bool, fast_codes: _Divisor | None):
+                    def code_of(s, c):
+                        """The code of search value ``s`` (int32) of channel ``c``, as ``store`` stores it."""
+                        stored = s ^ tirx.Select(named["mult"][c] < _f32(0.0), tirx.const(-1, "int32"),
+                                                 tirx.const(0, "int32"))
+                        value = _rounded(layer_value(less_offset(tirx.Cast(acc_dtype, stored), c), c, fast_levels))
+                        return _signed_code(value, out_scale_buf, out_levels, False, fast_codes, signed)
+
+                    def float_row(row, c):
+                        _vector_span(lambda r, col: store(r * _channel_view(shape, channel_axis)[3] + col, c,
+                                                          fast_levels, fast_codes), row, 0,
+                                     _channel_view(shape, channel_axis)[3])
+
+                    _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, code_of, float_row,
+                                              code_parts, out_levels, out_offset, negative_codes, levels)
+
+                on_levels_divisor(lambda fast_levels: _on_divisor_range(
+                    out_scale_buf[0], lambda fast: search_pass(fast_levels, divisor if fast else None),
+                    n >= _QUOTIENT_MIN_ELEMENTS))
+            elif stored_y is not None:
+                codes_pass(False)  # y is read back: the levels' divisor plays no part
+            else:
+                on_levels_divisor(codes_pass)
+
         if code_search or code_form:
             _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels, out_offset,
                               code_search)
-        elif dynamic_search:
-            signed = out_signed or out_offset
-            negative_codes = signed and not nonnegative  # levels below zero (a relu's have none)
-
-            def search_pass(fast_levels: bool, fast_codes: _Divisor | None):
-                def code_of(s, c):
-                    """The code of search value ``s`` (int32) of channel ``c``, as ``store`` stores it."""
-                    stored = s ^ tirx.Select(named["mult"][c] < _f32(0.0), tirx.const(-1, "int32"),
-                                             tirx.const(0, "int32"))
-                    value = _rounded(layer_value(less_offset(tirx.Cast(acc_dtype, stored), c), c, fast_levels))
-                    return _signed_code(value, out_scale_buf, out_levels, False, fast_codes, signed)
-
-                def float_row(row, c):
-                    _vector_span(lambda r, col: store(r * _channel_view(shape, channel_axis)[3] + col, c,
-                                                      fast_levels, fast_codes), row, 0,
-                                 _channel_view(shape, channel_axis)[3])
-
-                _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, code_of, float_row,
-                                          code_parts, out_levels, out_offset, negative_codes, levels)
-
-            on_levels_divisor(lambda fast_levels: _on_divisor_range(
-                out_scale_buf[0], lambda fast: search_pass(fast_levels, divisor if fast else None),
-                n >= _QUOTIENT_MIN_ELEMENTS))
-        elif stored_y is not None:
-            codes_pass(False)  # y is read back: the levels' divisor plays no part
+        elif saturated_codes is not None:
+            in_bound, out_bound, steps = saturated_codes
+            with I.If(tirx.And(named["scale"][0] == _f32(in_bound), out_scale_buf[0] == _f32(out_bound))):
+                with I.Then():
+                    _emit_code_search(shape, channel_axis, acc_flat, acc_offset, named, code_parts, out_levels,
+                                      out_offset, steps)
+                with I.Else():
+                    dynamic_codes()
         else:
-            on_levels_divisor(codes_pass)
+            dynamic_codes()
 
     return prim_func(params, body)
