@@ -2112,8 +2112,8 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
     # (channels_on_lanes_pay: Zen 5 measurements).
     if knobs.conv_form == "" and channels_on_lanes_pay(geo):
         knobs = replace(knobs, conv_form="channels", row_block=7)
-    elif knobs.conv_form == "" and small_plane_row_block(geo):
-        knobs = replace(knobs, conv_form="channels", row_block=small_plane_row_block(geo), col_vectors=4)
+    elif knobs.conv_form == "" and (small_rows := small_plane_row_block(geo)):
+        knobs = replace(knobs, conv_form="channels", row_block=small_rows, col_vectors=4)
     if knobs.conv_form in ("", "pixels"):
         pixels = _bitparallel_conv2d_pixels(geo, knobs, out_dtype, pad_code=pad_code)
         if pixels is not None:
