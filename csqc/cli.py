@@ -355,6 +355,9 @@ def _print_artifact(info: dict, as_json: bool) -> None:
         if info.get("saturated_scales"):
             console.print(f"saturated scales: {info['saturated_scales']} depthwise convs between two ReLU6 of dynamic "
                           "scales first try their codes at the clips' scales (kept where a value reaches 6)")
+        if info.get("saturated_epilogues"):
+            console.print(f"saturated epilogues: {info['saturated_epilogues']} convs between two clips of dynamic "
+                          "scales write the codes of the clips' scales where both scales reach them")
         memory = info["memory"]
         shared = (f" in {memory['pools']} shared pool{'s' if memory['pools'] != 1 else ''} "
                   f"({_human(memory['intermediates_unshared'])} unshared; calls are timed on private memory "

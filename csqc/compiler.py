@@ -208,6 +208,8 @@ def inspect_artifact(path) -> dict:
             "kernel_calls": len(plan["steps"]), "whole_model_function": "entry" in plan,
             # depthwise convs that try their codes at the ReLU6 bound first (saturated dynamic scales)
             "saturated_scales": sum("saturated" in layer for layer in plan["layers"].values()),
+            # convs between two clips whose dynamic epilogue runs its codes at the bounds where both saturate
+            "saturated_epilogues": sum("saturated_epilogue" in layer for layer in plan["layers"].values()),
             "memory": {"weights": sum(int(w.nbytes) for w in contents.weights.values()),
                        "derived": pooled_bytes({n: b for n, b in buffers.items()
                                                 if b["kind"] == "derived" and "alias" not in b}, {}),

@@ -302,6 +302,21 @@ def test_convs_between_two_clips_compute_what_the_dynamic_pass_does_on_both_bran
 
 
 @needs_avx512
+def test_inspect_counts_the_convs_whose_epilogue_tries_the_bounds(bounded_epilogues):
+    from click.testing import CliRunner
+
+    from csqc.cli import cli
+    from csqc.compiler import inspect_artifact
+
+    _, _, with_forms, plain = bounded_epilogues
+    count = sum("saturated_epilogue" in layer for layer in with_forms.layers.values())
+    assert count and inspect_artifact(with_forms.path)["saturated_epilogues"] == count
+    assert inspect_artifact(plain.path)["saturated_epilogues"] == 0
+    shown = " ".join(CliRunner().invoke(cli, ["inspect", str(with_forms.path)]).output.split())
+    assert f"saturated epilogues: {count} convs between two clips" in shown
+
+
+@needs_avx512
 def test_convs_between_two_clips_verify_exactly(bounded_epilogues):
     _, path, with_forms, _ = bounded_epilogues
     x = np.random.default_rng(8).random((1, 3, 32, 32), dtype=np.float32)
