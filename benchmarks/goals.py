@@ -138,7 +138,9 @@ GOALS = {
 # U-Net, whose transposed convolutions compile as their phases' convolutions; MobileNetV2 with
 # the activation statistics of a trained network (its ReLU6 outputs saturate: see
 # with_batch_statistics); the CSQ reference's CIFAR VGG-19-BN and ResNet-20 with 4-bit
-# activations (ReLU6, quantizers where the reference puts them: after each block, before the pools)
+# activations (ReLU6, quantizers where the reference puts them: after each block, before the pools),
+# and its default, float activations (``act_bit=0``: weight-only, as its README's commands train
+# and as its ImageNet ResNet-50 always is), against ORT fp32, the same arithmetic
 MORE = {
     "mobilenetv2-bnstats-w3a4": Case(converted(with_batch_statistics(mobilenet_v2, (1, 3, 224, 224)),
                                                (1, 3, 224, 224), 3, 4, False), ()),
@@ -148,6 +150,9 @@ MORE = {
     "vgg19bn-reference-w4a4": Case(reference_model(lambda: reference.vgg19bn(Nbits=4, act_bit=4), (1, 3, 32, 32)), ()),
     "resnet20-reference-w4a4": Case(reference_model(lambda: reference.resnet20(Nbits=4, act_bit=4), (1, 3, 32, 32)),
                                     ()),
+    "vgg19bn-reference-w4": Case(reference_model(lambda: reference.vgg19bn(Nbits=4), (1, 3, 32, 32)), ()),
+    "resnet20-reference-w4": Case(reference_model(lambda: reference.resnet20(Nbits=4), (1, 3, 32, 32)), ()),
+    "resnet50-reference-w4": Case(reference_model(lambda: reference.resnet50(Nbits=4), (1, 3, 224, 224)), ()),
 }
 CASES = {**GOALS, **MORE}
 

@@ -44,7 +44,8 @@ __all__ = [
     "load_library", "physical_memory",
     "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
     "pack_bitparallel_conv_weight", "pack_bitparallel_layout", "pack_conv_rows_weight", "NIBBLE_HIGH_VALUES", "nibble_high_for_range",
-    "nibble_range", "nibble_block_bytes", "pack_nibble_weight", "NIBBLE_K", "prefix_weight_range",
+    "nibble_range", "nibble_block_bytes", "pack_nibble_weight", "NIBBLE_K", "prefix_weight_range", "CHANNEL_LANES",
+    "channel_lanes_shape", "channel_lanes_weight",
 ]
 
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
@@ -411,6 +412,26 @@ def pack_nibble_weight(q: np.ndarray, high: int) -> np.ndarray:
         vectors.append(sum(fifth[:, :, j] << j for j in range(8)).astype(np.uint8)[:, :, None])
     blocks = np.concatenate(vectors, axis=2)
     return np.ascontiguousarray(blocks.reshape(n // VNNI_LANES, k // NIBBLE_K, -1))
+
+
+CHANNEL_LANES = 16  # output channels a vector of the channels-on-lanes float conv holds
+
+
+def channel_lanes_shape(weight_shape) -> tuple[int, ...]:
+    """The shape :func:`channel_lanes_weight` gives a ``[O, C, KH, KW]`` weight."""
+    o, c, kh, kw = (int(d) for d in weight_shape)
+    return -(-o // CHANNEL_LANES), c, kh, kw, CHANNEL_LANES
+
+
+def channel_lanes_weight(w: np.ndarray) -> np.ndarray:
+    """A conv's float32 weights ``[O, C, KH, KW]`` as the channels-on-lanes float kernel reads
+    them: ``[ceil(O/16), C, KH, KW, 16]`` (each tile's weights in the order its sums read
+    them), the padding channels zero."""
+    o, c, kh, kw = w.shape
+    tiles = channel_lanes_shape(w.shape)[0]
+    padded = np.zeros((tiles * CHANNEL_LANES, c, kh, kw), np.float32)
+    padded[:o] = w
+    return np.ascontiguousarray(padded.reshape(tiles, CHANNEL_LANES, c, kh, kw).transpose(0, 2, 3, 4, 1))
 
 
 def pack_bitparallel_layout(layout: str, q: np.ndarray, weight_shape, groups: int,

@@ -29,7 +29,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .artifact import (BITPARALLEL_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_LANES, combine_planes, load_library,
+from .artifact import (BITPARALLEL_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_LANES, channel_lanes_shape,
+                       channel_lanes_weight, combine_planes, load_library,
                        nibble_block_bytes, nibble_range, pack_bitparallel_layout, physical_memory, prefix_weight_range,
                        read_artifact, whole_model_arguments)
 from .calibration import Calibration, plan_calibration
@@ -639,7 +640,10 @@ class CompiledModel:
             bits = np.unpackbits(self._weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
             q = combine_planes(bits, spec, info["zero_point"], self._kept_planes(name, skip))
             if "float_buffer" in info:  # integers below 2**24: exact in float32
-                self.buffers[info["float_buffer"]].copyfrom(q.reshape(info["weight_shape"]).astype(np.float32))
+                w = q.reshape(info["weight_shape"]).astype(np.float32)
+                if info.get("float_layout") == "channel_lanes":
+                    w = channel_lanes_weight(w)
+                self.buffers[info["float_buffer"]].copyfrom(w)
             else:
                 packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"],
                                                  info.get("nibble_high", 0))
@@ -1258,10 +1262,14 @@ def _float_planes_problem(name: str, info: dict, buffers: dict, weights: Mapping
     problem = _stored_planes_problem(name, info, weights, "float-input")
     if problem:
         return problem
+    layout = info.get("float_layout")
+    if layout not in (None, "channel_lanes") or (layout and len(info["weight_shape"]) != 4):
+        return f"float-input layer {name!r} has float layout {layout!r}"
+    shape = list(info["weight_shape"]) if layout is None else list(channel_lanes_shape(info["weight_shape"]))
     spec = buffers.get(info["float_buffer"]) if isinstance(info["float_buffer"], str) else None
     if info["kernel"] != "float" or spec is None or spec["kind"] != "derived" or spec["dtype"] != "float32" \
-            or list(spec["shape"]) != list(info["weight_shape"]):
-        return f"float-input layer {name!r} needs a float kernel and a derived float32 buffer of its weight's shape"
+            or list(spec["shape"]) != shape:
+        return f"float-input layer {name!r} needs a float kernel and a derived float32 buffer of shape {shape}"
     bits = np.unpackbits(weights[f"{name}.bitplanes"], axis=-1)[..., : info["k"]]
     low, top = prefix_weight_range(bits, [tuple(p) for p in info["plane_spec"]], info["zero_point"])
     if max(-low, top) > 2**24:

@@ -393,9 +393,14 @@ def test_conv2d_f32(x_shape, w_shape, stride, padding, dilation, groups, has_bia
 ])
 @pytest.mark.parametrize("x_shape,w_shape,stride", [((1, 3, 21, 26), (24, 3, 3, 3), 2), ((2, 3, 9, 40), (8, 3, 3, 3), 1),
                                                     ((1, 3, 17, 30), (32, 3, 3, 3), 2)])
-def test_conv2d_f32_with_its_float_tail_equals_the_conv_then_the_epilogue(tail, x_shape, w_shape, stride):
+@pytest.mark.parametrize("channel_lanes", [False, True])
+def test_conv2d_f32_with_its_float_tail_equals_the_conv_then_the_epilogue(tail, x_shape, w_shape, stride,
+                                                                          channel_lanes):
     """A float-input layer's epilogue applied in the conv's registers: the same floats or codes, bit
-    for bit, as the conv's sums stored and run through ``glue.epilogue`` (levels None)."""
+    for bit, as the conv's sums stored and run through ``glue.epilogue`` (levels None); in both
+    forms of the conv (pixels or output channels on the lanes)."""
+    from csqc.artifact import channel_lanes_weight
+
     tail = glue.FloatTail(**tail)
     x, w = rand(*x_shape), rand(*w_shape, scale=0.4)
     channels = w_shape[0]
@@ -408,8 +413,9 @@ def test_conv2d_f32_with_its_float_tail_equals_the_conv_then_the_epilogue(tail, 
     params = tail.params(channels, sums.shape)
     outputs = [(shape, dtype) for name, shape, dtype in params if name not in ("mult", "add")]
     inputs = [mult] + ([add] if tail.has_add else [])
-    fused = run_kernel(glue.conv2d_f32(x_shape, w_shape, stride, 1, 1, 1, False, tail=tail), x, w, *inputs,
-                       outputs=outputs)
+    knobs = glue.ConvKnobs(row_block=5, col_vectors=2) if channel_lanes else None
+    fused = run_kernel(glue.conv2d_f32(x_shape, w_shape, stride, 1, 1, 1, False, knobs=knobs, tail=tail),
+                       x, channel_lanes_weight(w) if channel_lanes else w, *inputs, outputs=outputs)
     separate = run_kernel(glue.epilogue(sums.shape, 1, None, tail.act, tail.clip_lo, tail.clip_hi, tail.has_add,
                                         "float32", False, **({} if tail.out_bits is None else dict(
                                             out_bits=tail.out_bits, out_scale=tail.out_scale,
@@ -419,6 +425,60 @@ def test_conv2d_f32_with_its_float_tail_equals_the_conv_then_the_epilogue(tail, 
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
     if tail.out_bits is not None:
         assert len(np.unique(fused[1])) > 2  # codes of several steps
+
+
+CHANNEL_LANES_CASES = [
+    # input, weight, stride, padding, dilation, bias, act, row_block, col_vectors
+    ((1, 24, 4, 4), (64, 24, 3, 3), 1, 1, 1, True, "relu", 4, 4),  # a ResNet's last stage, small
+    ((1, 16, 7, 7), (48, 16, 3, 3), 1, 1, 1, False, "none", 5, 3),  # 49 positions in blocks of 5
+    ((2, 8, 7, 9), (40, 8, 3, 3), 2, 1, 1, True, "clip", 6, 2),  # a batch of two; 40 outputs, 8 padding lanes
+    ((1, 12, 13, 13), (32, 12, 1, 1), 2, 0, 1, False, "none", 4, 2),  # a strided 1x1 shortcut reads x itself
+    ((1, 6, 9, 8), (16, 6, 3, 3), 1, 2, 2, True, "none", 4, 1),  # dilated, padded by 2
+    ((1, 5, 6, 6), (20, 5, 2, 3), (2, 1), (1, 0), 1, False, "relu", 3, 4),  # 2x3 kernel, a stride and padding a side
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,has_bias,act,rows,vectors", CHANNEL_LANES_CASES)
+def test_conv2d_f32_with_channels_on_the_lanes_gives_the_pixel_forms_bits(x_shape, w_shape, stride, padding,
+                                                                          dilation, has_bias, act, rows, vectors):
+    """Output channels on the lanes (weights in ``channel_lanes_weight``'s order, positions
+    broadcast): the same float32 sums in the same order as the pixel form, so the same bits,
+    whatever the tile, padding channels and position blocks past the end."""
+    from csqc.artifact import channel_lanes_weight
+
+    x, w, b = rand(*x_shape), rand(*w_shape, scale=0.3), rand(w_shape[0])
+    out_shape = (x_shape[0], w_shape[0], *glue.conv_output_hw(x_shape[2:], w_shape[2:], stride, padding, dilation))
+    inputs = (b,) if has_bias else ()
+    pixels = run_kernel(glue.conv2d_f32(x_shape, w_shape, stride, padding, dilation, 1, has_bias, act, -0.5, 0.5),
+                        x, w, *inputs, outputs=[(out_shape, "float32")])[0]
+    knobs = glue.ConvKnobs(row_block=rows, col_vectors=vectors)
+    channels = run_kernel(glue.conv2d_f32(x_shape, w_shape, stride, padding, dilation, 1, has_bias, act, -0.5, 0.5,
+                                          knobs=knobs), x, channel_lanes_weight(w), *inputs,
+                          outputs=[(out_shape, "float32")])[0]
+    np.testing.assert_array_equal(channels.view(np.uint32), pixels.view(np.uint32))
+    assert np.abs(channels).max() > 0
+
+
+def test_float_conv_knobs_put_channels_on_the_lanes_where_rows_waste_lanes():
+    """Channels on the lanes where they fill more of the vectors than an output row's pixels (not
+    a multiple of 16) do, with one group and AVX-512; otherwise the pixel form's knobs."""
+    from csqc.targets.llvm.kernels import cpu_target
+
+    def knobs(x_shape, w_shape, stride=1, padding=1, groups=1, mcpu="cascadelake"):
+        with cpu_target(mcpu):
+            return glue.float_conv_knobs(x_shape, w_shape, stride, padding, 1, groups)
+
+    assert knobs((1, 512, 4, 4), (512, 512, 3, 3)) == glue.ConvKnobs(row_block=4, col_vectors=4)
+    assert knobs((1, 256, 7, 7), (256, 256, 3, 3)) == glue.ConvKnobs(row_block=5, col_vectors=4)
+    assert knobs((1, 1024, 7, 7), (256, 1024, 1, 1), padding=0).row_block == 5  # 49 pixels: 3 vectors and a lane
+    assert knobs((1, 64, 8, 8), (32, 64, 3, 3)) == glue.ConvKnobs(row_block=4, col_vectors=2)
+    assert knobs((1, 16, 32, 32), (16, 16, 3, 3)) == glue.ConvKnobs()  # rows of 32: every lane used
+    assert knobs((1, 2048, 4, 4), (512, 2048, 1, 1), padding=0) == glue.ConvKnobs()  # a 1x1 takes the whole plane
+    assert knobs((1, 16, 7, 7), (20, 16, 3, 3)).row_block  # 20 of 32 lanes against 7 of 16
+    assert knobs((1, 16, 7, 7), (4, 16, 3, 3)) == glue.ConvKnobs()  # 4 of 16 lanes against 7 of 16
+    assert knobs((1, 64, 7, 7), (64, 1, 3, 3), groups=64) == glue.ConvKnobs()  # depthwise
+    assert knobs((1, 3, 224, 224), (32, 3, 3, 3), stride=2) == glue.default_conv_knobs(32, 27, (2, 2), 1)  # a stem
+    assert knobs((1, 512, 4, 4), (512, 512, 3, 3), mcpu="haswell") == glue.ConvKnobs()  # AVX2: 16 registers
 
 
 def test_conv2d_f32_small_tiles():

@@ -384,6 +384,62 @@ def test_float_input_layers_combine_their_weights_from_planes_for_every_plane_se
         runtime.load(bad)
 
 
+def test_weight_only_convs_on_small_planes_put_channels_on_the_lanes(tmp_path, monkeypatch):
+    """Float-activation convs on a 7x7 plane (the CSQ reference's default ``act_bit=0``; rows of 7
+    pixels) run with output channels on the lanes: the quantized ones on float weights the
+    runtime combines from the planes in that order for every plane setting, a float conv on
+    weights stored in it. The outputs are bit for bit those of the same model built with the pixel
+    form only; a layout the runtime does not know is refused."""
+    from test_artifact_integrity import _resealed, _split
+
+    from csqc.artifact import PLAN, WEIGHTS
+    from csqc.targets.llvm import glue
+
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(
+        csqc.CSQConv2d(3, 32, 3, 2, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.ReLU(),
+        csqc.CSQConv2d(48, 40, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(40), torch.nn.ReLU(),
+        csqc.CSQConv2d(40, 64, 3, 1, 1, bias=False, n_bits=4), torch.nn.Flatten(), torch.nn.Linear(64 * 49, 10))
+    for bn in (net[1], net[6]):
+        bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2.0)
+    net = csqc.finalize(net).eval()
+    csqc.save(net, tmp_path / "wo.pt", torch.zeros(1, 3, 14, 14))
+    model = csqc.load(tmp_path / "wo.pt")
+    csqc.compile(model, "llvm", tmp_path / "lanes.so")
+    monkeypatch.setattr(glue, "float_conv_knobs", lambda x, w, stride, padding, dilation, groups:
+                        glue.default_conv_knobs(w[0], w[1] * w[2] * w[3], glue.common._pair(stride), groups))
+    csqc.compile(model, "llvm", tmp_path / "pixels.so")
+    lanes, pixels = runtime.load(tmp_path / "lanes.so"), runtime.load(tmp_path / "pixels.so")
+    on_lanes = sorted(n for n, info in lanes.layers.items() if info.get("float_layout") == "channel_lanes")
+    assert on_lanes == ["5", "8"] and lanes.layers["0"]["kernel"] == "float"  # the stem keeps its pixel tile
+    assert "3.wl" in lanes._weights and "3.wl" not in pixels._weights  # the float conv's weights, reordered
+    assert not any("float_layout" in info for info in pixels.layers.values())
+    graph = csqc.optimize(model)
+    x = np.random.default_rng(5).random((1, 3, 14, 14), dtype=np.float32)
+    results = set()
+    for skip in (0, 2, 0):
+        y = lanes(x, skip_planes=skip)
+        np.testing.assert_array_equal(y.view(np.uint32), pixels(x, skip_planes=skip).view(np.uint32))
+        kept = {n: lanes._kept_planes(n, skip) for n in lanes.layers}
+        (expected,) = csqc.interpreter.run(graph, [x], planes_used=kept)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+        results.add(y.tobytes())
+    assert len(results) == 2
+    library, members = _split(tmp_path / "lanes.so")
+    for layout, message in (("rows", "has float layout 'rows'"), (None, "derived float32 buffer of shape")):
+        plan = json.loads(members[PLAN])
+        info = plan["layers"]["5"]
+        if layout is None:
+            del info["float_layout"]
+        else:
+            info["float_layout"] = layout
+        bad = tmp_path / "bad.so"
+        bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+        with pytest.raises(BadInput, match=message):
+            runtime.load(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_imagenet_shaped_artifacts_verify(tmp_path, arch):

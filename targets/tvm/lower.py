@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from csqc.artifact import pack_bitparallel_layout, prefix_weight_range
+from csqc.artifact import channel_lanes_weight, pack_bitparallel_layout, prefix_weight_range
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node
@@ -43,6 +43,11 @@ __all__ = ["Plan", "LayerChoice", "output_rows", "unsupported_ops", "lowerable_o
 log = logging.getLogger(__name__)
 
 _F32 = "float32"
+
+
+def _given(**options) -> dict:
+    """The keyword options that are set (a backend without a knob takes none)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 FORM = -1  # _code_tables' steps where the codes come from the fixed-point form, not a search
@@ -1316,27 +1321,39 @@ class _Lowerer:
         runtime combines them into the float buffer, for the run-time plane knob too."""
         x = self.ref(n.inputs[0])
         x_shape = self.g.type_of(n.inputs[0]).shape
+        knobs = self._float_conv_knobs(n) if n.op in ("qconv2d", "conv2d") else None
+        layout = "channel_lanes" if knobs is not None and knobs.row_block else None
         if from_planes:
-            wbuf = self.plan.buffer(f"{n.name}.wf", w.shape, "float32", "derived")
-            self._store_planes(n, float_buffer=wbuf)
+            shape = channel_lanes_weight(w).shape if layout else w.shape
+            wbuf = self.plan.buffer(f"{n.name}.wf", shape, "float32", "derived")
+            self._store_planes(n, float_buffer=wbuf, **({"float_layout": layout} if layout else {}))
         else:
-            wbuf = self.plan.weight(f"{n.name}.wf", w)
+            wbuf = self.plan.weight(f"{n.name}.wf", channel_lanes_weight(w) if layout else w)
         if n.op in ("qconv2d", "conv2d"):
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             if tail is not None:
-                key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},{tail!r})"
+                key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},{tail!r},{knobs!r})"
                 f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups,
-                                                                     False, "none", 0.0, 0.0, tail=tail))
+                                                                     False, "none", 0.0, 0.0, knobs=knobs, tail=tail))
                 self.plan.call(f, [x, wbuf, *tail_args], n.name)
                 return
-            key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},False,none)"
-            f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, False, "none", 0.0, 0.0))
+            key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},False,none,{knobs!r})"
+            f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, False,
+                                                                 "none", 0.0, 0.0, **_given(knobs=knobs)))
             self.plan.call(f, [x, wbuf, out], n.name)
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
             key = f"linear_f32({m},{k},{w.shape[0]},False,none)"
             f = self.plan.func(key, lambda: self.glue.linear_f32(m, k, w.shape[0], False, "none", 0.0, 0.0))
             self.plan.call(f, [self._flat(x, m, k), wbuf, self._flat(out, m, w.shape[0])], n.name)
+
+    def _float_conv_knobs(self, n: Node):
+        """The backend's float conv schedule for conv ``n`` (None: the backend has one form)."""
+        if not hasattr(self.glue, "float_conv_knobs"):
+            return None
+        w_shape = n.attr("weight_shape") if n.op == "qconv2d" else self.g.params[n.inputs[1]].shape
+        return self.glue.float_conv_knobs(self.g.type_of(n.inputs[0]).shape, w_shape, n.attr("stride"),
+                                          n.attr("padding"), n.attr("dilation"), n.attr("groups"))
 
     def _flat(self, buf: str, m: int, k: int) -> str:
         shape = self.plan.buffers[buf]["shape"]
@@ -1357,12 +1374,19 @@ class _Lowerer:
         has_bias = len(n.inputs) == 3
         act = n.attr("act", "none")
         lo, hi = float(n.attr("clip_lo", 0.0) or 0.0), float(n.attr("clip_hi", 0.0) or 0.0)
-        args = [self.ref(n.inputs[0]), self.ref(n.inputs[1])] + ([self.ref(n.inputs[2])] if has_bias else [])
+        knobs = self._float_conv_knobs(n) if n.op == "conv2d" else None
+        if knobs is not None and knobs.row_block:  # the weights in the channels-on-lanes order
+            weight = self.plan.weight(f"{n.name}.wl", channel_lanes_weight(np.asarray(w, np.float32)))
+        else:
+            weight = self.ref(n.inputs[1])
+        args = [self.ref(n.inputs[0]), weight] + ([self.ref(n.inputs[2])] if has_bias else [])
         y = self.out(n)
         if n.op == "conv2d":
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
-            key = f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},{has_bias},{act},{lo},{hi})"
-            f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups, has_bias, act, lo, hi))
+            key = (f"conv2d_f32({tuple(x_shape)},{w.shape},{stride},{padding},{dilation},{groups},{has_bias},{act},{lo},"
+                   f"{hi},{knobs!r})")
+            f = self.plan.func(key, lambda: self.glue.conv2d_f32(x_shape, w.shape, stride, padding, dilation, groups,
+                                                                 has_bias, act, lo, hi, **_given(knobs=knobs)))
             self.plan.call(f, args + [y], n.name)
         else:
             m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])

@@ -49,7 +49,8 @@ from .code_search import (
     dynamic_search_fits, DYNAMIC_SEARCH_MIN_ROW, dynamic_search_steps, form_codes, form_row, saturated_search_value,
     SEARCH_LANES, searched_codes, store_searched_codes)
 from .epilogues import epilogue, TileEpilogue
-from .float_layers import conv2d_f32, conv_output_hw, ConvKnobs, default_conv_knobs, FloatTail, linear_f32, LinearKnobs
+from .float_layers import (
+    conv2d_f32, conv_output_hw, ConvKnobs, default_conv_knobs, float_conv_knobs, FloatTail, linear_f32, LinearKnobs)
 from .layout import concat, copy, embedding, slice_axis, transpose
 from .elementwise import (
     binary, broadcast, CHAIN_OPS, ChainOp, ChainQuantize, channel_affine, elementwise_chain, gelu, unary)
@@ -57,7 +58,7 @@ from .reductions import adaptive_avg_pool2d, amax, avg_pool2d, max_pool2d, mean,
 from .transformer import layer_norm, matmul
 
 __all__ = [
-    "ConvKnobs", "default_conv_knobs", "FloatTail", "conv_output_hw", "LinearKnobs", "quantize",
+    "ConvKnobs", "default_conv_knobs", "float_conv_knobs", "FloatTail", "conv_output_hw", "LinearKnobs", "quantize",
     "quantize_asymmetric", "dequantize", "epilogue", "TileEpilogue", "conv2d_f32", "linear_f32", "binary",
     "broadcast", "unary", "channel_affine", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean", "amax",
     "softmax", "concat", "slice_axis", "transpose", "copy", "matmul", "layer_norm", "gelu", "embedding",

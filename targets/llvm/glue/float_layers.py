@@ -13,16 +13,21 @@ from .common import (
     _parallel_or_serial, prim_func, _QUOTIENT_DIVISORS, _rounded)
 from .quantizers import _divisor_of, _store_codes
 from .epilogues import _layer_value
+from ..isa import AVX512, tier
 
 
 @dataclass(frozen=True)
 class ConvKnobs:
     """Register tile of :func:`conv2d_f32`: ``oc_block`` output channels (weights broadcast)
     x ``segment`` output pixels along a row (vector lanes); ``oc_block * segment / 16`` zmm
-    accumulators (keep <= ~24)."""
+    accumulators (keep <= ~24). ``row_block`` > 0 puts output channels on the lanes instead
+    (:data:`CHANNEL_LANES` layout of the weights): ``row_block`` output positions (inputs
+    broadcast) x ``col_vectors`` 16-channel vectors."""
 
     oc_block: int = 8
     segment: int = 32
+    row_block: int = 0
+    col_vectors: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
     oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     og = o // groups
     knobs = knobs or default_conv_knobs(o, cg * kh * kw, (sh, sw), groups)
+    if knobs.row_block:
+        if groups != 1:
+            raise ValueError("the channels-on-lanes float conv takes one group")
+        return _conv2d_f32_channels(input_shape, weight_shape, stride, padding, dilation, has_bias, act, clip_lo,
+                                    clip_hi, knobs, tail)
     phased = (sh, sw, ph, pw) != (1, 1, 0, 0)
     # Source planes: the phased padded input, or x itself.
     src_h = -(-(h + 2 * ph) // sh) if phased else h
@@ -133,20 +143,11 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
     oc_blocks = o // oc_block
     tiles = _row_tiles(row_len, knobs.segment)
 
-    if tail is not None and (has_bias or act != "none"):
-        raise ValueError("a conv with a float tail has no bias or activation of its own")
-    params = [("x", (n, c, h, w), F32), ("w", (o, cg, kh, kw), F32)]
-    if has_bias:
-        params.append(("b", (o,), F32))
-    params += tail.params(o, (n, o, oh, ow)) if tail is not None else [("y", (n, o, oh, ow), F32)]
+    params = _conv_params((n, c, h, w), (o, cg, kh, kw), (n, o, oh, ow), has_bias, act, tail)
 
     def body(x, weight, *rest):
-        named = dict(zip([name for name, _, _ in params[2:]], rest))
-        bias = named.get("b")
+        named, y_flat = _conv_outputs(params, rest, tail)
         x_flat = _flat(x)
-        y_flat = _flat(named["y"]) if tail is None else None
-        if tail is not None:
-            tail.emit_prologue(named)
         if phased:
             src = I.alloc_buffer((n * c * sh * sw * src_h * src_w,), F32, scope="global")
             _emit_phase_split(x_flat, src, (n, c, h, w), (sh, sw), (ph, pw), (src_h, src_w), 0.0)
@@ -170,14 +171,8 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
                                 I.buffer_store(acc, acc[oi * width + lane] + tap, [oi * width + lane])
             with I.unroll(0, oc_block) as oi:
                 with I.vectorized(0, width) as lane:
-                    value = acc[oi * width + lane]
                     out = ((batch * o + oc0 + oi) * rows + row) * row_len + col0 + lane
-                    if tail is not None:
-                        tail.store(value, oc0 + oi, out, named)
-                    else:
-                        if bias is not None:
-                            value = value + bias[oc0 + oi]
-                        I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [out])
+                    _store_sum(acc[oi * width + lane], oc0 + oi, out, named, y_flat, tail, act, clip_lo, clip_hi)
 
         segments = sum(count for count, _ in tiles)
         with I.parallel(0, n * oc_blocks * rows * segments) as task:
@@ -188,6 +183,138 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
             _dispatch_tiles(tiles, seg, lambda col0, width: tile(batch, oc0, row, col0, width))
 
     return prim_func(params, body)
+
+
+def _conv_params(x_shape, w_shape, out_shape, has_bias: bool, act: str, tail: FloatTail | None) -> list:
+    """:func:`conv2d_f32`'s parameters: ``x``, ``w`` (in the form's layout), ``b``, then ``y`` or
+    the tail's."""
+    if tail is not None and (has_bias or act != "none"):
+        raise ValueError("a conv with a float tail has no bias or activation of its own")
+    params = [("x", tuple(x_shape), F32), ("w", tuple(w_shape), F32)]
+    if has_bias:
+        params.append(("b", (out_shape[1],), F32))
+    return params + (tail.params(out_shape[1], out_shape) if tail is not None else [("y", tuple(out_shape), F32)])
+
+
+def _conv_outputs(params, rest, tail: FloatTail | None):
+    """``(named, y_flat)``: the buffers after ``x`` and ``w`` by name, and ``y`` flat (None with a
+    tail, whose prologue is emitted here)."""
+    named = dict(zip([name for name, _, _ in params[2:]], rest))
+    if tail is not None:
+        tail.emit_prologue(named)
+        return named, None
+    return named, _flat(named["y"])
+
+
+def _store_sum(value, oc, out, named: dict, y_flat, tail: FloatTail | None, act: str, clip_lo: float, clip_hi: float):
+    """Output element ``out`` (flat, channel ``oc``) from float sum ``value``: the tail's, or
+    ``act(value + b[oc])``."""
+    if tail is not None:
+        tail.store(value, oc, out, named)
+        return
+    if "b" in named:
+        value = value + named["b"][oc]
+    I.buffer_store(y_flat, _activation(value, act, clip_lo, clip_hi), [out])
+
+
+def _conv2d_f32_channels(input_shape, weight_shape, stride, padding, dilation, has_bias: bool, act: str,
+                         clip_lo: float, clip_hi: float, knobs: ConvKnobs, tail: FloatTail | None) -> tirx.PrimFunc:
+    """:func:`conv2d_f32` with output channels on the lanes (one group): the weights come as
+    ``w: f32[ceil(O/16), C, KH, KW, 16]`` (:func:`csqc.artifact.channel_lanes_weight`), and a
+    register tile is ``row_block`` output positions (flattened over batch and plane, each input
+    value broadcast) x ``col_vectors`` vectors of 16 output channels. The lanes stay full on
+    small planes, where the pixel form fills 4 of 16 lanes on a 4x4 plane and 7 on a 7x7 one.
+    Broadcasts need no contiguous input, so an unpadded conv reads ``x`` itself at any stride (a
+    strided 1x1 shortcut touches a quarter of its input) and a padded one a zero-padded copy.
+    Parallel tasks run the position blocks of one channel block in a row, so a thread streams
+    that block's weights from its cache once per position block rather than from memory. Each
+    sum is the same float32 additions in the same order as the pixel form's (input channel, then
+    tap), so the forms agree bit for bit."""
+    n, c, h, w = (int(s) for s in input_shape)
+    o, _, kh, kw = (int(s) for s in weight_shape)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
+    tiles = -(-o // LANES)
+    src_h, src_w = h + 2 * ph, w + 2 * pw
+    src_hw = src_h * src_w
+    positions = n * oh * ow
+    rows = max(1, min(knobs.row_block, positions))
+    row_blocks = -(-positions // rows)
+    vectors = max(1, min(knobs.col_vectors or 1, tiles))
+    col_blocks = -(-tiles // vectors)
+    params = _conv_params((n, c, h, w), (tiles, c, kh, kw, LANES), (n, o, oh, ow), has_bias, act, tail)
+
+    def body(x, weight, *rest):
+        named, y_flat = _conv_outputs(params, rest, tail)
+        w_flat = _flat(weight)
+        if ph or pw:
+            src = I.alloc_buffer((n * c * src_hw,), F32, scope="global")
+            _emit_phase_split(_flat(x), src, (n, c, h, w), (1, 1), (ph, pw), (src_h, src_w), 0.0)
+        else:
+            src = _flat(x)
+        with I.parallel(0, col_blocks * row_blocks) as task:
+            first = task % row_blocks * rows
+            tile0 = task // row_blocks * vectors
+            base = _local((rows,), "int32")
+            acc = _local((rows * vectors * LANES,))
+            with I.unroll(0, rows) as r:
+                p = tirx.min(first + r, positions - 1)  # past the last position: recompute it, store nothing
+                I.buffer_store(base, (p // (oh * ow)) * (c * src_hw) + (p // ow % oh) * sh * src_w + p % ow * sw, [r])
+            with I.unroll(0, rows * vectors) as rv:
+                with I.vectorized(0, LANES) as lane:
+                    I.buffer_store(acc, _f32(0.0), [rv * LANES + lane])
+            with I.serial(0, c) as ic:
+                with I.serial(0, kh) as ki:
+                    with I.unroll(0, kw) as kj:
+                        tap = ic * src_hw + ki * dh * src_w + kj * dw
+                        with I.unroll(0, rows) as r:
+                            with I.unroll(0, vectors) as v:
+                                with I.vectorized(0, LANES) as lane:
+                                    tile = tirx.min(tile0 + v, tiles - 1)
+                                    wv = w_flat[(((tile * c + ic) * kh + ki) * kw + kj) * LANES + lane]
+                                    slot = (r * vectors + v) * LANES + lane
+                                    I.buffer_store(acc, acc[slot] + src[base[r] + tap] * wv, [slot])
+            with I.serial(0, rows) as r:
+                p = first + r
+                with I.serial(0, vectors) as v:
+                    with I.serial(0, LANES) as lane:
+                        oc = (tile0 + v) * LANES + lane
+                        with I.If(tirx.all(p < positions, oc < o)):
+                            with I.Then():
+                                out = ((p // (oh * ow) * o + oc) * oh + p // ow % oh) * ow + p % ow
+                                _store_sum(acc[(r * vectors + v) * LANES + lane], oc, out, named, y_flat, tail, act,
+                                           clip_lo, clip_hi)
+
+    return prim_func(params, body)
+
+
+def float_conv_knobs(input_shape, weight_shape, stride, padding, dilation, groups: int) -> ConvKnobs:
+    """:func:`conv2d_f32`'s schedule for a shape: output channels on the lanes where those fill
+    more of the vectors than the pixels of an output row do (AVX-512, one group), else
+    :func:`default_conv_knobs`. The pixel form's lanes are a row of the output plane (the whole
+    plane for an unpadded 1x1), so on planes whose rows are no multiple of 16 it computes padding
+    lanes or narrow vectors. Zen 4, 2 threads (pixels -> channels, 4 positions x 4 vectors):
+    512 -> 512 3x3 at 4x4 958 -> 392 us, at 2x2 583 -> 112, 256 -> 256 at 7x7 579 -> 326, 256 ->
+    512 3x3 stride 2 from 7x7 609 -> 272, 128 -> 128 at 14x14 386 -> 347, 64 -> 64 at 28x28 406 ->
+    365 and at 8x8 50 -> 42, 1024 -> 256 1x1 at 7x7 194 -> 153 (rows of 5); a full-row plane
+    (16 -> 16 3x3 at 32x32) 74 against 75-101, and 1x1 convs on 4x4 planes even: those keep the
+    pixels."""
+    n, c, h, w = (int(s) for s in input_shape)
+    o, cg, kh, kw = (int(s) for s in weight_shape)
+    default = default_conv_knobs(o, cg * kh * kw, _pair(stride), groups)
+    if groups != 1 or tier() != AVX512 or default != ConvKnobs():
+        return default
+    oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
+    row_len = oh * ow if kh == kw == 1 else ow
+    pixel_use = row_len / (-(-row_len // LANES) * LANES)
+    tiles = -(-o // LANES)
+    vectors = min(4, tiles)
+    positions = n * oh * ow
+    rows = min((4, 5, 6), key=lambda r: (-(-positions // r) * r, r))
+    channel_use = o / (tiles * LANES) * positions / (-(-positions // rows) * rows)
+    if channel_use <= pixel_use:
+        return default
+    return ConvKnobs(row_block=rows, col_vectors=vectors)
 
 
 def default_conv_knobs(out_channels: int, taps: int, stride: tuple[int, int], groups: int) -> ConvKnobs:
