@@ -481,6 +481,31 @@ def test_float_conv_knobs_put_channels_on_the_lanes_where_rows_waste_lanes():
     assert knobs((1, 512, 4, 4), (512, 512, 3, 3), mcpu="haswell") == glue.ConvKnobs()  # AVX2: 16 registers
 
 
+@pytest.mark.parametrize("post_act", ["none", "relu", "clip"])
+@pytest.mark.parametrize("channel_lanes", [False, True])
+def test_conv2d_f32_tail_with_a_residual_adds_it_to_the_rounded_y(post_act, channel_lanes):
+    """A residual block's add and the activation after it in the float conv's tail: ``y`` rounded
+    to float32, plus the residual, then ``post_act``, bit for bit as those ops run one by one."""
+    from csqc.artifact import channel_lanes_weight
+
+    x_shape, w_shape = (1, 8, 7, 7), (32, 8, 3, 3)
+    x, w = rand(*x_shape), rand(*w_shape, scale=0.4)
+    mult, add, residual = rand(32) + 0.5, rand(32), rand(1, 32, 7, 7)
+    knobs = glue.ConvKnobs(row_block=5, col_vectors=2) if channel_lanes else None
+    weights = channel_lanes_weight(w) if channel_lanes else w
+    plain = glue.FloatTail("clip", 0.0, 6.0, True)
+    (y,) = run_kernel(glue.conv2d_f32(x_shape, w_shape, 1, 1, 1, 1, False, knobs=knobs, tail=plain), x, weights,
+                      mult, add, outputs=[(residual.shape, "float32")])
+    tail = glue.FloatTail("clip", 0.0, 6.0, True, has_residual=True, post_act=post_act, post_lo=-1.0, post_hi=2.5)
+    (got,) = run_kernel(glue.conv2d_f32(x_shape, w_shape, 1, 1, 1, 1, False, knobs=knobs, tail=tail), x, weights,
+                        mult, add, residual, outputs=[(residual.shape, "float32")])
+    want = y + residual
+    want = {"none": want, "relu": np.maximum(want, 0), "clip": np.clip(want, np.float32(-1.0), np.float32(2.5))}[post_act]
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+    with pytest.raises(ValueError, match="after a residual add"):
+        glue.FloatTail(post_act="relu")
+
+
 def test_conv2d_f32_small_tiles():
     """Other register tiles (remainder segments, odd channel blocks) give the same result."""
     x, w = rand(1, 4, 10, 59), rand(10, 4, 3, 3)  # row of 59 = 32 + 16 + 11

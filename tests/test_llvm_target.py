@@ -440,6 +440,37 @@ def test_weight_only_convs_on_small_planes_put_channels_on_the_lanes(tmp_path, m
             runtime.load(bad)
 
 
+def test_a_weight_only_residual_blocks_add_runs_in_its_last_convs_kernel(tmp_path):
+    """A float-activation residual block (ResNet-50's, the CSQ reference's: activations never
+    quantized): the last conv's kernel adds the shortcut and applies the ReLU, no separate
+    elementwise step, the block's output as the interpreter computes it (verify, per layer)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = csqc.CSQConv2d(16, 16, 3, 1, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(16)
+            self.conv2, self.bn2 = csqc.CSQConv2d(16, 16, 3, 1, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(16)
+            self.fc = csqc.CSQLinear(16 * 36, 4, n_bits=4)
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return self.fc(torch.relu(y + x).flatten(1))
+
+    torch.manual_seed(6)
+    net = csqc.finalize(Block()).eval()
+    csqc.save(net, tmp_path / "block.pt", torch.zeros(1, 16, 6, 6))
+    model = csqc.load(tmp_path / "block.pt")
+    csqc.compile(model, "llvm", tmp_path / "block.so")
+    art = runtime.load(tmp_path / "block.so")
+    kernels = [step["func"] for step in art.plan["steps"]]
+    assert sum("conv2d_f32" in k for k in kernels) == 2 and not any("chain" in k or "binary" in k for k in kernels)
+    assert art.layers["conv2"]["tensors"]["out"] is None and art.layers["conv2"]["tensors"]["residual"]
+    report = verify(model, samples=3, artifact=str(tmp_path / "block.so"), per_layer=True)
+    assert report.ok
+    fc = next(s for s in report.layers if s["runtime"] == "artifact:block.so" and s["layer"] == "fc")
+    assert fc["checked"]["in"] == 3 * 16 * 36 and fc["mismatched"]["in"] == 0  # the block's output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_imagenet_shaped_artifacts_verify(tmp_path, arch):

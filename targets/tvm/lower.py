@@ -464,6 +464,8 @@ class _Lowerer:
         if choice.kernel in ("float", "lut", "dequant"):
             # (a constant input, an RNN's zero state, is not recorded by the runtime: no "in" to check)
             info["tensors"] = {"in": self.ref(n.inputs[0]) if n.inputs[0] not in self.g.params else None, "out": n.name}
+            if choice.kernel == "float" and self._defer_float_residual(n, q, info, act, lo, hi, mult, add):
+                return
             outs, fused, suffix = self._layer_output(n, info)
             tail_args = [mult] + ([add] if add else []) + outs
             if choice.kernel == "float" and n.op == "qconv2d" and hasattr(self.glue, "FloatTail") \
@@ -1313,22 +1315,57 @@ class _Lowerer:
         self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name}, {"int": int(z)},
                            self._flat(out, m, shape[0])], n.name)
 
-    def _float_product(self, n: Node, w: np.ndarray, out: str | None, tail=None, tail_args: list[str] = (),
-                       from_planes: bool = False) -> None:
-        """The float product of a float-input layer into ``out``; a conv with ``tail`` (the backend
-        glue's ``FloatTail``) applies the layer's epilogue itself and writes ``tail_args`` instead.
-        ``from_planes`` (a quantized layer): the artifact stores the weight's bitplanes and the
-        runtime combines them into the float buffer, for the run-time plane knob too."""
-        x = self.ref(n.inputs[0])
-        x_shape = self.g.type_of(n.inputs[0]).shape
+    def _defer_float_residual(self, n: Node, q: np.ndarray, info: dict, act: str, lo: float, hi: float, mult: str,
+                              add: str | None) -> bool:
+        """Whether float-input conv ``n`` feeds a residual ``add`` alone (and no quantizer reads
+        the block's result): then its kernel applies the layer's epilogue, the add and the
+        activation after it (``FloatTail.has_residual``) and runs where the add is, once the
+        residual (a shortcut conv, say) exists; the layer's own output is never stored."""
+        if not (n.op == "qconv2d" and hasattr(self.glue, "FloatTail")):
+            return False
+        residual_add = self._residual_add_of(n)
+        if residual_add is None or self._symmetric_quantize_of(self._activation_after(residual_add)[0]) is not None:
+            return False
+        x, wbuf, knobs = self.ref(n.inputs[0]), self._float_weights(n, q.astype(np.float32), True), self._float_conv_knobs(n)
+        x_shape, w_shape = self.g.type_of(n.inputs[0]).shape, tuple(q.shape)
+        stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
+        has_add = add is not None
+
+        def build(has_residual, post_act, post_lo, post_hi, keep_y):
+            tail = self.glue.FloatTail(act, lo, hi, has_add, has_residual=has_residual, post_act=post_act,
+                                       post_lo=post_lo, post_hi=post_hi)
+            return self.glue.conv2d_f32(x_shape, w_shape, stride, padding, dilation, groups, False, "none", 0.0, 0.0,
+                                        knobs=knobs, tail=tail)
+
+        key = (f"conv2d_f32({tuple(x_shape)},{w_shape},{stride},{padding},{dilation},{groups},"
+               f"{self.glue.FloatTail(act, lo, hi, has_add)!r},{knobs!r})")
+        info["tensors"]["out"] = None  # y stays in registers: the kernel writes the block's result
+        self.pending_epilogues[residual_add.name] = _PendingEpilogue(n, key, build, [x, wbuf, mult] + ([add] if has_add else []))
+        return True
+
+    def _float_weights(self, n: Node, w: np.ndarray, from_planes: bool) -> str:
+        """The float32 weight buffer of float-input layer ``n`` (``w``: its weights), in the
+        order its conv form reads them; ``from_planes`` (a quantized layer): the artifact stores
+        the weight's bitplanes and the runtime combines them into the buffer, for the run-time
+        plane knob too."""
         knobs = self._float_conv_knobs(n) if n.op in ("qconv2d", "conv2d") else None
         layout = "channel_lanes" if knobs is not None and knobs.row_block else None
         if from_planes:
             shape = channel_lanes_weight(w).shape if layout else w.shape
             wbuf = self.plan.buffer(f"{n.name}.wf", shape, "float32", "derived")
             self._store_planes(n, float_buffer=wbuf, **({"float_layout": layout} if layout else {}))
-        else:
-            wbuf = self.plan.weight(f"{n.name}.wf", channel_lanes_weight(w) if layout else w)
+            return wbuf
+        return self.plan.weight(f"{n.name}.wf", channel_lanes_weight(w) if layout else w)
+
+    def _float_product(self, n: Node, w: np.ndarray, out: str | None, tail=None, tail_args: list[str] = (),
+                       from_planes: bool = False) -> None:
+        """The float product of a float-input layer into ``out``; a conv with ``tail`` (the backend
+        glue's ``FloatTail``) applies the layer's epilogue itself and writes ``tail_args`` instead.
+        ``from_planes``: see :meth:`_float_weights`."""
+        x = self.ref(n.inputs[0])
+        x_shape = self.g.type_of(n.inputs[0]).shape
+        knobs = self._float_conv_knobs(n) if n.op in ("qconv2d", "conv2d") else None
+        wbuf = self._float_weights(n, w, from_planes)
         if n.op in ("qconv2d", "conv2d"):
             stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
             if tail is not None:

@@ -56,7 +56,9 @@ class FloatTail:
     act(acc * mult[c] + add[c])``), for a float kernel to apply while its sums are still in
     registers (:func:`conv2d_f32` with ``tail``): the same expression, so the same bits, and no
     float accumulator buffer written and read back. Writes ``y``, or with ``out_bits`` and a
-    static ``out_scale`` its codes as :func:`epilogue` lays them out."""
+    static ``out_scale`` its codes as :func:`epilogue` lays them out. ``has_residual``: a
+    residual block's ``add`` and ``post_act`` after it, as :func:`epilogue` applies them (``y =
+    post_act(y_layer + residual)``; a ``residual`` parameter follows ``add``)."""
 
     act: str = "none"
     clip_lo: float = 0.0
@@ -66,15 +68,25 @@ class FloatTail:
     out_scale: float = 0.0
     out_signed: bool = False
     out_offset: bool = False
+    has_residual: bool = False
+    post_act: str = "none"
+    post_lo: float = 0.0
+    post_hi: float = 0.0
 
     def __post_init__(self):
         _check_act(self.act)
+        _check_act(self.post_act)
         if self.out_bits is not None and not (self.out_scale > 0 and (not self.out_offset or self.out_signed)):
             raise ValueError("a float tail writes codes of a static scale only (offset codes signed)")
+        if self.post_act != "none" and not self.has_residual:
+            raise ValueError("post_act applies after a residual add (has_residual)")
 
     def params(self, channels: int, out_shape) -> list[tuple[str, tuple, str]]:
-        """``mult``, ``add``, then ``y``, or ``out_scale`` and the code buffers (epilogue's order)."""
+        """``mult``, ``add``, ``residual``, then ``y``, or ``out_scale`` and the code buffers
+        (epilogue's order)."""
         params = [("mult", (channels,), F32)] + ([("add", (channels,), F32)] if self.has_add else [])
+        if self.has_residual:
+            params.append(("residual", tuple(out_shape), F32))
         if self.out_bits is None:
             return params + [("y", tuple(out_shape), F32)]
         params += [("out_scale", (1,), F32), ("codes_pos", tuple(out_shape), "uint8")]
@@ -89,6 +101,9 @@ class FloatTail:
     def store(self, acc, c, i, named: dict) -> None:
         """Element ``i`` (flat output index, channel ``c``) from float sum ``acc``."""
         value = _layer_value(acc, c, named, None, self.act, self.clip_lo, self.clip_hi, False)
+        if self.has_residual:
+            value = _activation(_rounded(value) + _flat(named["residual"])[i], self.post_act, self.post_lo,
+                                self.post_hi)
         if self.out_bits is None:
             I.buffer_store(_flat(named["y"]), value, [i])
             return
@@ -96,7 +111,9 @@ class FloatTail:
         divisor = _divisor_of(named["out_scale"], self.out_scale, levels + 1, levels)
         lo, hi = _QUOTIENT_DIVISORS
         fast = divisor if lo <= float(np.float32(self.out_scale)) <= hi else None  # epilogue's branch, decided here
-        nonnegative = self.act == "relu" or (self.act == "clip" and min(self.clip_lo, self.clip_hi) >= 0)
+        act, lo, hi = (self.post_act, self.post_lo, self.post_hi) if self.has_residual else \
+            (self.act, self.clip_lo, self.clip_hi)
+        nonnegative = act == "relu" or (act == "clip" and min(lo, hi) >= 0)
         neg = _flat(named["codes_neg"]) if "codes_neg" in named else None
         _store_codes(_rounded(value), i, named["out_scale"], levels, True, self.out_offset, _flat(named["codes_pos"]),
                      neg, fast=fast, nonnegative=nonnegative)
