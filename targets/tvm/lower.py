@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from csqc.artifact import channel_lanes_weight, pack_bitparallel_layout, prefix_weight_range
+from csqc.artifact import channel_lanes_shape, channel_lanes_weight, pack_bitparallel_layout, prefix_weight_range
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node
@@ -1351,7 +1351,7 @@ class _Lowerer:
         knobs = self._float_conv_knobs(n) if n.op in ("qconv2d", "conv2d") else None
         layout = "channel_lanes" if knobs is not None and knobs.row_block else None
         if from_planes:
-            shape = channel_lanes_weight(w).shape if layout else w.shape
+            shape = channel_lanes_shape(w.shape) if layout else w.shape
             wbuf = self.plan.buffer(f"{n.name}.wf", shape, "float32", "derived")
             self._store_planes(n, float_buffer=wbuf, **({"float_layout": layout} if layout else {}))
             return wbuf
