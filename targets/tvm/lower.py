@@ -1326,7 +1326,8 @@ class _Lowerer:
         residual_add = self._residual_add_of(n)
         if residual_add is None or self._symmetric_quantize_of(self._activation_after(residual_add)[0]) is not None:
             return False
-        x, wbuf, knobs = self.ref(n.inputs[0]), self._float_weights(n, q.astype(np.float32), True), self._float_conv_knobs(n)
+        x, knobs = self.ref(n.inputs[0]), self._float_conv_knobs(n)
+        wbuf = self._float_weights(n, q.astype(np.float32), True)
         x_shape, w_shape = self.g.type_of(n.inputs[0]).shape, tuple(q.shape)
         stride, padding, dilation, groups = n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups")
         has_add = add is not None
@@ -1340,7 +1341,8 @@ class _Lowerer:
         key = (f"conv2d_f32({tuple(x_shape)},{w_shape},{stride},{padding},{dilation},{groups},"
                f"{self.glue.FloatTail(act, lo, hi, has_add)!r},{knobs!r})")
         info["tensors"]["out"] = None  # y stays in registers: the kernel writes the block's result
-        self.pending_epilogues[residual_add.name] = _PendingEpilogue(n, key, build, [x, wbuf, mult] + ([add] if has_add else []))
+        args = [x, wbuf, mult] + ([add] if has_add else [])
+        self.pending_epilogues[residual_add.name] = _PendingEpilogue(n, key, build, args)
         return True
 
     def _float_weights(self, n: Node, w: np.ndarray, from_planes: bool) -> str:
