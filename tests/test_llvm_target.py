@@ -384,6 +384,8 @@ def test_float_input_layers_combine_their_weights_from_planes_for_every_plane_se
         runtime.load(bad)
 
 
+@pytest.mark.skipif("avx512_vnni" not in open("/proc/cpuinfo").read(),
+                    reason="the channels-on-lanes float conv is AVX-512's (32 registers)")
 def test_weight_only_convs_on_small_planes_put_channels_on_the_lanes(tmp_path, monkeypatch):
     """Float-activation convs on a 7x7 plane (the CSQ reference's default ``act_bit=0``; rows of 7
     pixels) run with output channels on the lanes: the quantized ones on float weights the
