@@ -407,7 +407,8 @@ def convert(
     float with the reason), which is also logged as one warning when something stays float.
     Bits start from the float weights with all ``n_bits`` positions active.
 
-    With ``act_bits``, the input of each quantized layer is quantized too, except the first
+    With ``act_bits`` (1..8; None or 0, the CSQ reference's ``act_bit=0``, keep activations
+    float), the input of each quantized layer is quantized too, except the first
     layer's unless ``quantize_first_input``. The first layer is the first one executed on
     ``example_inputs`` (a tensor, a tuple of tensors or a dict of keyword arguments; one
     forward pass in eval mode without gradients); without them it is the first in module order,
@@ -423,6 +424,11 @@ def convert(
     Modules named in ``skip`` (and their submodules) stay float. Nothing is changed when a
     layer is refused (:class:`~csqc.errors.BadInput`).
     """
+    if act_bits == 0:  # the CSQ reference's act_bit=0: float activations
+        act_bits = None
+    if act_bits is not None and (type(act_bits) is not int or not 1 <= act_bits <= 8):
+        raise BadInput(f"act_bits must be 1..8, or None (0, as the CSQ reference writes it) for float activations, "
+                       f"got {act_bits!r}")
     o = _Options(n_bits, act_bits, act_clip, act_mode, finalize, bool(act_symmetric))
     chosen, left = _plan(model, set(skip))
     names = [name for name, _ in chosen]

@@ -351,3 +351,27 @@ def test_convert_finalize_gives_what_finalize_gives_without_trainable_bits():
     assert torch.equal(trained_form(x), direct(x))
     mha = csqc.convert(nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)), n_bits=4, finalize=True)
     assert all(m.finalized for _, m in csqc.layers.csq_layers(mha))
+
+
+def test_act_bits_zero_keeps_activations_float_as_the_csq_reference_writes_it():
+    """``act_bits=0`` is the CSQ reference's ``act_bit=0`` (float activations), as None; other
+    widths outside 1..8 are refused once, before any layer, with what to pass instead."""
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.MultiheadAttention(8, 2))
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = net()
+
+        def forward(self, x):
+            h = self.body[1](self.body[0](x))
+            return self.body[2](h, h, h, need_weights=False)[0]
+
+    for bits in (0, None):
+        model = csqc.convert(Attend(), n_bits=4, act_bits=bits)
+        assert not any(isinstance(m, csqc.ActQuant) for m in model.modules())
+    for bits in (9, -1, 2.5):
+        with pytest.raises(BadInput, match=rf"^act_bits must be 1..8, or None \(0, as the CSQ reference writes it\) "
+                                           rf"for float activations, got {bits}$"):
+            csqc.convert(Attend(), n_bits=4, act_bits=bits)
