@@ -45,7 +45,8 @@ __all__ = [
     "BITPARALLEL_LAYOUTS", "VNNI_LANES", "combine_planes", "bitparallel_weight_dtype", "pack_bitparallel_weight",
     "pack_bitparallel_conv_weight", "pack_bitparallel_layout", "pack_conv_rows_weight", "NIBBLE_HIGH_VALUES", "nibble_high_for_range",
     "nibble_range", "nibble_block_bytes", "pack_nibble_weight", "NIBBLE_K", "prefix_weight_range", "CHANNEL_LANES",
-    "channel_lanes_shape", "channel_lanes_weight",
+    "channel_lanes_shape", "channel_lanes_weight", "WINOGRAD_POINTS", "winograd_shape", "winograd_weight",
+    "FLOAT_LAYOUTS", "float_layout_shape", "float_layout_weight",
 ]
 
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
@@ -432,6 +433,60 @@ def channel_lanes_weight(w: np.ndarray) -> np.ndarray:
     padded = np.zeros((tiles * CHANNEL_LANES, c, kh, kw), np.float32)
     padded[:o] = w
     return np.ascontiguousarray(padded.reshape(tiles, CHANNEL_LANES, c, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+WINOGRAD_POINTS = 16  # the 4x4 transformed points of an F(2x2, 3x3) tile
+
+# G of F(2x2, 3x3): U = G g G^T (Lavin and Gray, CVPR 2016)
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
+
+
+def winograd_shape(weight_shape, block: int) -> tuple[int, ...]:
+    """The shape :func:`winograd_weight` gives a ``[O, C, 3, 3]`` weight."""
+    o, c, kh, kw = (int(d) for d in weight_shape)
+    if (kh, kw) != (3, 3) or not block > 0:
+        raise ValueError(f"the Winograd layout takes 3x3 weights and a block > 0, got {weight_shape}, {block}")
+    return WINOGRAD_POINTS, -(-o // block), c, block
+
+
+def winograd_weight(w: np.ndarray, block: int) -> np.ndarray:
+    """A 3x3 conv's float32 weights ``[O, C, 3, 3]`` as the Winograd F(2x2, 3x3) float kernel
+    reads them: ``U = G g G^T`` per output and input channel, laid out ``[16, ceil(O/block), C,
+    block]`` (each register tile's weights contiguous), the padding channels zero. Computed in
+    float64, so exact in float32 wherever float32 holds the result: for integer weights of
+    magnitude up to 2^20 (quarters below 2^22)."""
+    points, blocks, c, _ = winograd_shape(w.shape, block)
+    o = w.shape[0]
+    padded = np.zeros((blocks * block, c, 3, 3), np.float64)
+    padded[:o] = w
+    u = np.einsum("ik,ockl,jl->ijco", _WINOGRAD_G, padded, _WINOGRAD_G).reshape(points, c, blocks, block)
+    return np.ascontiguousarray(u.transpose(0, 2, 1, 3).astype(np.float32))
+
+
+# Float conv weight layouts a plan names (``float_layout``, with ``float_block`` for Winograd's)
+FLOAT_LAYOUTS = ("channel_lanes", "winograd")
+
+
+def float_layout_shape(weight_shape, layout: str | None, block: int = 0) -> tuple[int, ...]:
+    """The shape of a ``[O, C, KH, KW]`` conv weight in float layout ``layout`` (None: as it is)."""
+    if layout is None:
+        return tuple(int(d) for d in weight_shape)
+    if layout == "channel_lanes":
+        return channel_lanes_shape(weight_shape)
+    if layout == "winograd":
+        return winograd_shape(weight_shape, block)
+    raise ValueError(f"unknown float layout {layout!r}")
+
+
+def float_layout_weight(w: np.ndarray, layout: str | None, block: int = 0) -> np.ndarray:
+    """Float32 conv weights ``w`` in float layout ``layout`` (see :func:`float_layout_shape`)."""
+    if layout is None:
+        return np.ascontiguousarray(w, np.float32)
+    if layout == "channel_lanes":
+        return channel_lanes_weight(w)
+    if layout == "winograd":
+        return winograd_weight(w, block)
+    raise ValueError(f"unknown float layout {layout!r}")
 
 
 def pack_bitparallel_layout(layout: str, q: np.ndarray, weight_shape, groups: int,

@@ -29,8 +29,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .artifact import (BITPARALLEL_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_LANES, channel_lanes_shape,
-                       channel_lanes_weight, combine_planes, load_library,
+from .artifact import (BITPARALLEL_LAYOUTS, FLOAT_LAYOUTS, NIBBLE_HIGH_VALUES, NIBBLE_K, VNNI_LANES,
+                       combine_planes, float_layout_shape, float_layout_weight, load_library,
                        nibble_block_bytes, nibble_range, pack_bitparallel_layout, physical_memory, prefix_weight_range,
                        read_artifact, whole_model_arguments)
 from .calibration import Calibration, plan_calibration
@@ -641,8 +641,7 @@ class CompiledModel:
             q = combine_planes(bits, spec, info["zero_point"], self._kept_planes(name, skip))
             if "float_buffer" in info:  # integers below 2**24: exact in float32
                 w = q.reshape(info["weight_shape"]).astype(np.float32)
-                if info.get("float_layout") == "channel_lanes":
-                    w = channel_lanes_weight(w)
+                w = float_layout_weight(w, info.get("float_layout"), info.get("float_block", 0))
                 self.buffers[info["float_buffer"]].copyfrom(w)
             else:
                 packed = pack_bitparallel_layout(info["pack"], q, info["weight_shape"], info["groups"],
@@ -1262,10 +1261,13 @@ def _float_planes_problem(name: str, info: dict, buffers: dict, weights: Mapping
     problem = _stored_planes_problem(name, info, weights, "float-input")
     if problem:
         return problem
-    layout = info.get("float_layout")
-    if layout not in (None, "channel_lanes") or (layout and len(info["weight_shape"]) != 4):
+    layout, block = info.get("float_layout"), info.get("float_block", 0)
+    if layout not in (None, *FLOAT_LAYOUTS) or (layout and len(info["weight_shape"]) != 4):
         return f"float-input layer {name!r} has float layout {layout!r}"
-    shape = list(info["weight_shape"]) if layout is None else list(channel_lanes_shape(info["weight_shape"]))
+    if layout == "winograd" and (type(block) is not int or not 1 <= block <= 64
+                                 or list(info["weight_shape"][2:]) != [3, 3]):
+        return f"float-input layer {name!r} has a Winograd layout of block {block!r} for weights {info['weight_shape']}"
+    shape = list(float_layout_shape(info["weight_shape"], layout, block))
     spec = buffers.get(info["float_buffer"]) if isinstance(info["float_buffer"], str) else None
     if info["kernel"] != "float" or spec is None or spec["kind"] != "derived" or spec["dtype"] != "float32" \
             or list(spec["shape"]) != shape:
@@ -1274,6 +1276,8 @@ def _float_planes_problem(name: str, info: dict, buffers: dict, weights: Mapping
     low, top = prefix_weight_range(bits, [tuple(p) for p in info["plane_spec"]], info["zero_point"])
     if max(-low, top) > 2**24:
         return f"float-input layer {name!r} has weights in [{low}, {top}], beyond float32's integers"
+    if layout == "winograd" and max(-low, top) > 2**20:  # the transform's quarters stay exact below
+        return f"float-input layer {name!r} has weights in [{low}, {top}], beyond its Winograd transform's exact range"
     return None
 
 

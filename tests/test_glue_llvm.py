@@ -469,7 +469,7 @@ def test_float_conv_knobs_put_channels_on_the_lanes_where_rows_waste_lanes():
             return glue.float_conv_knobs(x_shape, w_shape, stride, padding, 1, groups)
 
     assert knobs((1, 512, 4, 4), (512, 512, 3, 3)) == glue.ConvKnobs(row_block=4, col_vectors=4)
-    assert knobs((1, 256, 7, 7), (256, 256, 3, 3)) == glue.ConvKnobs(row_block=5, col_vectors=4)
+    assert knobs((1, 256, 14, 14), (256, 256, 3, 3), stride=2) == glue.ConvKnobs(row_block=5, col_vectors=4)  # 7x7 out
     assert knobs((1, 1024, 7, 7), (256, 1024, 1, 1), padding=0).row_block == 5  # 49 pixels: 3 vectors and a lane
     assert knobs((1, 64, 8, 8), (32, 64, 3, 3)) == glue.ConvKnobs(row_block=4, col_vectors=2)
     assert knobs((1, 16, 32, 32), (16, 16, 3, 3)) == glue.ConvKnobs()  # rows of 32: every lane used

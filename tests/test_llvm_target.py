@@ -384,6 +384,14 @@ def test_float_input_layers_combine_their_weights_from_planes_for_every_plane_se
         runtime.load(bad)
 
 
+def _saved_with_statistics(net, batch_norms, input_shape, path):
+    """``net`` with random BatchNorm statistics, finalized, saved and loaded back."""
+    for bn in batch_norms:
+        bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2.0)
+    csqc.save(csqc.finalize(net).eval(), path, torch.zeros(*input_shape))
+    return csqc.load(path)
+
+
 @pytest.mark.skipif("avx512_vnni" not in open("/proc/cpuinfo").read(),
                     reason="the channels-on-lanes float conv is AVX-512's (32 registers)")
 def test_weight_only_convs_on_small_planes_put_channels_on_the_lanes(tmp_path, monkeypatch):
@@ -403,11 +411,7 @@ def test_weight_only_convs_on_small_planes_put_channels_on_the_lanes(tmp_path, m
         torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.ReLU(),
         csqc.CSQConv2d(48, 40, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(40), torch.nn.ReLU(),
         csqc.CSQConv2d(40, 64, 3, 1, 1, bias=False, n_bits=4), torch.nn.Flatten(), torch.nn.Linear(64 * 49, 10))
-    for bn in (net[1], net[6]):
-        bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2.0)
-    net = csqc.finalize(net).eval()
-    csqc.save(net, tmp_path / "wo.pt", torch.zeros(1, 3, 14, 14))
-    model = csqc.load(tmp_path / "wo.pt")
+    model = _saved_with_statistics(net, (net[1], net[6]), (1, 3, 14, 14), tmp_path / "wo.pt")
     csqc.compile(model, "llvm", tmp_path / "lanes.so")
     monkeypatch.setattr(glue, "float_conv_knobs", lambda x, w, stride, padding, dilation, groups:
                         glue.default_conv_knobs(w[0], w[1] * w[2] * w[3], glue.common._pair(stride), groups))
@@ -436,6 +440,52 @@ def test_weight_only_convs_on_small_planes_put_channels_on_the_lanes(tmp_path, m
             del info["float_layout"]
         else:
             info["float_layout"] = layout
+        bad = tmp_path / "bad.so"
+        bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
+        with pytest.raises(BadInput, match=message):
+            runtime.load(bad)
+
+
+@pytest.mark.skipif("avx512_vnni" not in open("/proc/cpuinfo").read(),
+                    reason="the Winograd float conv is chosen on AVX-512 only")
+def test_weight_only_3x3_convs_of_many_channels_run_by_winograd(tmp_path):
+    """Float-activation 3x3 convs of 64 channels on a 24x24 plane (21 M multiply-adds) run by
+    Winograd F(2x2, 3x3): a quantized one on transformed weights the runtime derives from its
+    planes for every plane setting, a float conv on transformed weights stored. The outputs are
+    the interpreter's within float rounding at every plane setting, verify passes layer by layer,
+    and a Winograd block the kernel was not built for is refused."""
+    from test_artifact_integrity import _resealed, _split
+
+    from csqc.artifact import PLAN, WEIGHTS
+
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(
+        csqc.CSQConv2d(8, 64, 3, 1, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        csqc.CSQConv2d(64, 64, 3, 1, 1, bias=False, n_bits=4), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(64, 10))
+    model = _saved_with_statistics(net, (net[1], net[4]), (1, 8, 24, 24), tmp_path / "wo.pt")
+    csqc.compile(model, "llvm", tmp_path / "wino.so")
+    art = runtime.load(tmp_path / "wino.so")
+    assert art.layers["3"]["float_layout"] == "winograd" and art.layers["3"]["float_block"] == 8
+    assert art.layers["0"].get("float_layout") != "winograd"  # 8 input channels: a direct form
+    assert "6.wl" in art._weights and art._weights["6.wl"].shape == (16, 8, 64, 8)  # the float conv's U
+    graph = csqc.optimize(model)
+    x = np.random.default_rng(8).random((1, 8, 24, 24), dtype=np.float32)
+    results = set()
+    for skip in (0, 2, 0):
+        y = art(x, skip_planes=skip)
+        kept = {n: art._kept_planes(n, skip) for n in art.layers}
+        (expected,) = csqc.interpreter.run(graph, [x], planes_used=kept)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        results.add(y.tobytes())
+    assert len(results) == 2
+    report = verify(model, samples=2, artifact=str(tmp_path / "wino.so"), per_layer=True)
+    assert report.ok, report.summary()
+    library, members = _split(tmp_path / "wino.so")
+    for block, message in ((16, "derived float32 buffer of shape"), (0, "Winograd layout of block 0")):
+        plan = json.loads(members[PLAN])
+        plan["layers"]["3"]["float_block"] = block
         bad = tmp_path / "bad.so"
         bad.write_bytes(_resealed(library, json.dumps(plan).encode(), members[WEIGHTS]))
         with pytest.raises(BadInput, match=message):

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from csqc.artifact import channel_lanes_shape, channel_lanes_weight, pack_bitparallel_layout, prefix_weight_range
+from csqc.artifact import float_layout_shape, float_layout_weight, pack_bitparallel_layout, prefix_weight_range
 from csqc.errors import CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node
@@ -48,6 +48,23 @@ _F32 = "float32"
 def _given(**options) -> dict:
     """The keyword options that are set (a backend without a knob takes none)."""
     return {k: v for k, v in options.items() if v is not None}
+
+
+def _float_layout(knobs) -> tuple[str | None, int]:
+    """``(layout, block)`` of a float conv's weights for its schedule (``csqc.artifact.FLOAT_LAYOUTS``;
+    None: as they are)."""
+    if knobs is None:
+        return None, 0
+    if getattr(knobs, "winograd_block", 0):
+        return "winograd", knobs.winograd_block
+    return ("channel_lanes", 0) if knobs.row_block else (None, 0)
+
+
+def _float_layout_entry(layout: str | None, block: int) -> dict:
+    """A layer's plan keys for its float weights' layout (none where they are as they are)."""
+    if layout is None:
+        return {}
+    return {"float_layout": layout, **({"float_block": block} if block else {})}
 
 
 FORM = -1  # _code_tables' steps where the codes come from the fixed-point form, not a search
@@ -1351,13 +1368,12 @@ class _Lowerer:
         the weight's bitplanes and the runtime combines them into the buffer, for the run-time
         plane knob too."""
         knobs = self._float_conv_knobs(n) if n.op in ("qconv2d", "conv2d") else None
-        layout = "channel_lanes" if knobs is not None and knobs.row_block else None
+        layout, block = _float_layout(knobs)
         if from_planes:
-            shape = channel_lanes_shape(w.shape) if layout else w.shape
-            wbuf = self.plan.buffer(f"{n.name}.wf", shape, "float32", "derived")
-            self._store_planes(n, float_buffer=wbuf, **({"float_layout": layout} if layout else {}))
+            wbuf = self.plan.buffer(f"{n.name}.wf", float_layout_shape(w.shape, layout, block), "float32", "derived")
+            self._store_planes(n, float_buffer=wbuf, **_float_layout_entry(layout, block))
             return wbuf
-        return self.plan.weight(f"{n.name}.wf", channel_lanes_weight(w) if layout else w)
+        return self.plan.weight(f"{n.name}.wf", float_layout_weight(w, layout, block))
 
     def _float_product(self, n: Node, w: np.ndarray, out: str | None, tail=None, tail_args: list[str] = (),
                        from_planes: bool = False) -> None:
@@ -1414,8 +1430,9 @@ class _Lowerer:
         act = n.attr("act", "none")
         lo, hi = float(n.attr("clip_lo", 0.0) or 0.0), float(n.attr("clip_hi", 0.0) or 0.0)
         knobs = self._float_conv_knobs(n) if n.op == "conv2d" else None
-        if knobs is not None and knobs.row_block:  # the weights in the channels-on-lanes order
-            weight = self.plan.weight(f"{n.name}.wl", channel_lanes_weight(np.asarray(w, np.float32)))
+        layout, block = _float_layout(knobs)
+        if layout is not None:  # the weights in the order the conv's form reads them
+            weight = self.plan.weight(f"{n.name}.wl", float_layout_weight(np.asarray(w, np.float32), layout, block))
         else:
             weight = self.ref(n.inputs[1])
         args = [self.ref(n.inputs[0]), weight] + ([self.ref(n.inputs[2])] if has_bias else [])

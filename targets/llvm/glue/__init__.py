@@ -27,7 +27,7 @@ reciprocal multiply with two FMA corrections that gives the correctly rounded qu
 same float32 as the divide), or for the constant ``L`` as :func:`_split_quotient` (one multiply
 and one FMA, checked exact for every significand); elsewhere divisions stay divisions.  Float
 conv / linear sums use FMAs and a different summation order (within 1e-5 relative, not
-bit-identical to numpy).
+bit-identical to numpy); large 3x3 float convs sum by Winograd's transforms, within the same.
 
 Every builder is a pure function of static shapes and attributes and returns a scheduled
 ``tvm.tirx.PrimFunc`` (loops already carry their parallel / vectorized / unrolled kinds: TVM
@@ -37,7 +37,8 @@ Compile them with :func:`csqc.targets.llvm.kernels.build`, which disables Storag
 register-sized scratch buffers stay on the stack.
 
 Modules: ``common.py`` (rounding fences, exact quotients, loop builders), ``quantizers.py``,
-``code_search.py`` (codes by integer thresholds), ``epilogues.py``, ``float_layers.py``,
+``code_search.py`` (codes by integer thresholds), ``epilogues.py``, ``float_layers.py`` (with
+``winograd.py``: its 3x3 convs by Winograd F(2x2, 3x3)),
 ``layout.py``, ``elementwise.py`` (vector exp, log, erf), ``reductions.py`` (pooling, softmax)
 and ``transformer.py`` (batched matmul, layer norm); the builders are re-exported here.
 """

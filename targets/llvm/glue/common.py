@@ -178,6 +178,15 @@ def _local(shape, dtype=F32):
     return I.alloc_buffer(shape, dtype, scope="local", annotations=_ON_STACK)
 
 
+def _zeroed_accumulators(vectors: int):
+    """``vectors`` float32 vectors of register-tile sums (a local buffer), set to zero."""
+    acc = _local((vectors * LANES,))
+    with I.unroll(0, vectors) as k:
+        with I.vectorized(0, LANES) as lane:
+            I.buffer_store(acc, _f32(0.0), [k * LANES + lane])
+    return acc
+
+
 def prim_func(params: Sequence[tuple[str, tuple, str]], body: Callable) -> tirx.PrimFunc:
     """Build a PrimFunc whose parameters are buffers ``(name, shape, dtype)``; ``body(*buffers)``
     emits the statements through the IRBuilder."""

@@ -10,7 +10,7 @@ from tvm.script.ir_builder import tirx as I
 
 from .common import (
     _activation, _check_act, F32, _f32, _flat, _for_each, LANES, _largest_divisor, _levels, _local, _pair,
-    _parallel_or_serial, prim_func, _QUOTIENT_DIVISORS, _rounded)
+    _parallel_or_serial, prim_func, _QUOTIENT_DIVISORS, _rounded, _zeroed_accumulators)
 from .quantizers import _divisor_of, _store_codes
 from .epilogues import _layer_value
 from ..isa import AVX512, tier
@@ -22,12 +22,16 @@ class ConvKnobs:
     x ``segment`` output pixels along a row (vector lanes); ``oc_block * segment / 16`` zmm
     accumulators (keep <= ~24). ``row_block`` > 0 puts output channels on the lanes instead
     (:data:`CHANNEL_LANES` layout of the weights): ``row_block`` output positions (inputs
-    broadcast) x ``col_vectors`` 16-channel vectors."""
+    broadcast) x ``col_vectors`` 16-channel vectors. ``winograd_block`` > 0 (3x3, stride 1, one
+    group) computes by Winograd F(2x2, 3x3) (:mod:`.winograd`): its products' register tile is
+    ``winograd_block`` output channels x ``winograd_vectors`` vectors of 16 tiles."""
 
     oc_block: int = 8
     segment: int = 32
     row_block: int = 0
     col_vectors: int = 0
+    winograd_block: int = 0
+    winograd_vectors: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,11 @@ def conv2d_f32(input_shape, weight_shape, stride, padding, dilation, groups: int
     oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     og = o // groups
     knobs = knobs or default_conv_knobs(o, cg * kh * kw, (sh, sw), groups)
+    if knobs.winograd_block:
+        if (kh, kw, sh, sw, dh, dw, groups) != (3, 3, 1, 1, 1, 1, 1):
+            raise ValueError("Winograd F(2x2, 3x3) takes 3x3 convs of stride 1, no dilation, one group")
+        from .winograd import conv2d_f32_winograd  # (built on this module's helpers)
+        return conv2d_f32_winograd(input_shape, weight_shape, (ph, pw), has_bias, act, clip_lo, clip_hi, knobs, tail)
     if knobs.row_block:
         if groups != 1:
             raise ValueError("the channels-on-lanes float conv takes one group")
@@ -273,13 +282,10 @@ def _conv2d_f32_channels(input_shape, weight_shape, stride, padding, dilation, h
             first = task % row_blocks * rows
             tile0 = task // row_blocks * vectors
             base = _local((rows,), "int32")
-            acc = _local((rows * vectors * LANES,))
             with I.unroll(0, rows) as r:
                 p = tirx.min(first + r, positions - 1)  # past the last position: recompute it, store nothing
                 I.buffer_store(base, (p // (oh * ow)) * (c * src_hw) + (p // ow % oh) * sh * src_w + p % ow * sw, [r])
-            with I.unroll(0, rows * vectors) as rv:
-                with I.vectorized(0, LANES) as lane:
-                    I.buffer_store(acc, _f32(0.0), [rv * LANES + lane])
+            acc = _zeroed_accumulators(rows * vectors)
             with I.serial(0, c) as ic:
                 with I.serial(0, kh) as ki:
                     with I.unroll(0, kw) as kj:
@@ -321,6 +327,10 @@ def float_conv_knobs(input_shape, weight_shape, stride, padding, dilation, group
     default = default_conv_knobs(o, cg * kh * kw, _pair(stride), groups)
     if groups != 1 or tier() != AVX512 or default != ConvKnobs():
         return default
+    from .winograd import winograd_knobs  # (winograd.py builds on this module's helpers)
+    winograd = winograd_knobs(input_shape, weight_shape, stride, padding, dilation)
+    if winograd is not None:
+        return winograd
     oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     row_len = oh * ow if kh == kw == 1 else ow
     pixel_use = row_len / (-(-row_len // LANES) * LANES)
