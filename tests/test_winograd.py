@@ -42,6 +42,19 @@ def test_winograd_conv_is_the_conv_within_float32_rounding(x_shape, w_shape, pad
     assert scale > 0.5
 
 
+def test_winograd_conv_with_avx2s_tile_is_the_conv_within_float32_rounding():
+    """The AVX2 build (4 channels x 1 vector of tiles, 16-lane vectors in halves) computes the same
+    conv within float32 rounding."""
+    x_shape, w_shape = (1, 16, 30, 19), (20, 16, 3, 3)
+    x, w = rand(*x_shape), rand(*w_shape, scale=0.3)
+    want = _direct(x, w, None, 1, "none")
+    with cpu_target("haswell"):
+        prim = glue.conv2d_f32(x_shape, w_shape, 1, 1, 1, 1, False,
+                               knobs=glue.ConvKnobs(winograd_block=4, winograd_vectors=1))
+        (got,) = run_kernel(prim, x, winograd_weight(w, 4), outputs=[(want.shape, "float32")])
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("tail", [dict(act="relu", has_add=True),
                                   dict(act="clip", clip_hi=6.0, has_add=True, has_residual=True, post_act="relu"),
                                   dict(act="relu", out_bits=4, out_scale=3.0)])
@@ -86,10 +99,10 @@ def test_winograd_weights_are_exact_for_integer_weights():
         winograd_shape((8, 3, 5, 5), 8)
 
 
-def test_winograd_is_chosen_for_large_3x3_convs_on_avx512():
-    """F(2x2, 3x3) where it pays: stride 1, no dilation, one group, at least 64 channels a side,
-    12 M multiply-adds, a vector of tiles and 32 MiB of transformed tensors, on AVX-512;
-    elsewhere the direct forms."""
+def test_winograd_is_chosen_for_large_3x3_convs():
+    """F(2x2, 3x3) where it pays: stride 1, no dilation, one group, a vector of tiles and 32 MiB
+    of transformed tensors, and with AVX-512 at least 64 channels a side and 12 M multiply-adds
+    (with AVX2 16 channels and 2 M); elsewhere the direct forms."""
 
     def knobs(x_shape, w_shape, stride=1, dilation=1, groups=1, mcpu="cascadelake"):
         with cpu_target(mcpu):
@@ -106,6 +119,10 @@ def test_winograd_is_chosen_for_large_3x3_convs_on_avx512():
     assert knobs((1, 64, 224, 224), (64, 64, 3, 3)).winograd_block == 0  # 102 MB of transformed tensors
     assert knobs((1, 128, 28, 28), (128, 128, 3, 3), stride=2).winograd_block == 0
     assert knobs((1, 128, 28, 28), (128, 128, 3, 3), dilation=2).winograd_block == 0
-    assert knobs((1, 128, 28, 28), (128, 128, 3, 3), mcpu="haswell") == glue.ConvKnobs()  # AVX2
+    avx2 = glue.ConvKnobs(winograd_block=4, winograd_vectors=1)  # 16 registers: 4 channels x 1 vector
+    assert knobs((1, 128, 28, 28), (128, 128, 3, 3), mcpu="haswell") == avx2
+    assert knobs((1, 16, 32, 32), (16, 16, 3, 3), mcpu="haswell") == avx2  # its direct form's narrow rows lose more
+    assert knobs((1, 8, 32, 32), (16, 8, 3, 3), mcpu="haswell").winograd_block == 0
+    assert knobs((1, 512, 4, 4), (512, 512, 3, 3), mcpu="haswell").winograd_block == 0
     with pytest.raises(ValueError, match="stride 1"):
         glue.conv2d_f32((1, 64, 8, 8), (64, 64, 3, 3), 2, 1, 1, 1, False, knobs=wide)

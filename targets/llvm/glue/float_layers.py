@@ -325,12 +325,14 @@ def float_conv_knobs(input_shape, weight_shape, stride, padding, dilation, group
     n, c, h, w = (int(s) for s in input_shape)
     o, cg, kh, kw = (int(s) for s in weight_shape)
     default = default_conv_knobs(o, cg * kh * kw, _pair(stride), groups)
-    if groups != 1 or tier() != AVX512 or default != ConvKnobs():
+    if groups != 1 or default != ConvKnobs():
         return default
     from .winograd import winograd_knobs  # (winograd.py builds on this module's helpers)
     winograd = winograd_knobs(input_shape, weight_shape, stride, padding, dilation)
     if winograd is not None:
         return winograd
+    if tier() != AVX512:
+        return default
     oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     row_len = oh * ow if kh == kw == 1 else ow
     pixel_use = row_len / (-(-row_len // LANES) * LANES)

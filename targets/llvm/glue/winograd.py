@@ -10,6 +10,7 @@ from tvm.script.ir_builder import tirx as I
 
 from csqc.artifact import WINOGRAD_POINTS
 from .common import F32, _f32, _flat, LANES, _local, prim_func, _zeroed_accumulators
+from ..isa import AVX2, AVX512, tier
 from .float_layers import (
     _conv_outputs, _conv_params, conv_output_hw, _emit_phase_split, _pair, _store_sum, ConvKnobs, FloatTail)
 
@@ -42,34 +43,42 @@ def winograd_geometry(input_shape, out_channels: int, padding, vectors: int) -> 
                 stride=stride, scratch_bytes=4 * WINOGRAD_POINTS * (c + int(out_channels)) * stride)
 
 
-# Winograd pays from this much direct work and these channels (Zen 4, 2 threads, against the
-# direct forms: 9.4 M multiply-adds (64 -> 64 at 16x16, 128 -> 128 at 8x8) run about even, 32
-# channels lose (32 -> 32 at 32x32 155 -> 185 us), see :func:`winograd_knobs`)
-WINOGRAD_MIN_MACS = 12_000_000
-WINOGRAD_MIN_CHANNELS = 64
+# Where Winograd pays, by instruction tier: (least channels a side, least direct multiply-adds,
+# register tile (channels, vectors of tiles) or None for "by the tiles"). Zen 4, 2 threads,
+# against the direct forms: with AVX-512, 9.4 M multiply-adds (64 -> 64 at 16x16, 128 -> 128
+# at 8x8) run about even and 32 channels lose (32 -> 32 at 32x32 155 -> 185 us); with AVX2
+# (``-mcpu=haswell``: 16 registers, the direct form's rows of 14 or 28 pixels slow) Winograd
+# wins from 16 -> 16 at 32x32 (83 -> 52 us) and 64 -> 64 at 8x8 (47 -> 41).
+WINOGRAD_WHERE = {AVX512: (64, 12_000_000, None), AVX2: (16, 2_000_000, (4, 1))}
 WINOGRAD_MAX_SCRATCH = 32 << 20  # bytes of transformed input and products a call may hold
 
 
 def winograd_knobs(input_shape, weight_shape, stride, padding, dilation) -> ConvKnobs | None:
-    """Winograd F(2x2, 3x3)'s knobs for a 3x3 conv of stride 1 where it pays, else None: at
-    least 64 input and output channels, 12 M multiply-adds and a vector of 2x2 tiles (a 4x4
-    plane's 4 tiles fill a quarter of one: 512 -> 512 at 4x4 393 -> 825 us), and at most
-    32 MiB of transformed tensors. It takes 16 multiplies a tile per channel pair where the
-    direct conv takes 36; measured (Zen 4, 2 threads, direct -> Winograd): 64 -> 64 at 56x56
-    1,060 -> 624 us, 128 -> 128 at 28x28 1,062 -> 602, 256 -> 256 at 14x14 1,044 -> 651, 512 ->
-    512 at 7x7 1,072 -> 689, at 14x14 4,252 -> 2,879, 64 -> 64 at 32x32 349 -> 205, 256 -> 256
-    at 8x8 396 -> 259. The register tile: 2 vectors of tiles x 8 channels, or where the tiles
-    fill one vector, up to 24 channels (the block that wastes fewest padding channels)."""
+    """Winograd F(2x2, 3x3)'s knobs for a 3x3 conv of stride 1 where it pays, else None: enough
+    channels and direct work for the tier (:data:`WINOGRAD_WHERE`), a vector of 2x2 tiles (a
+    4x4 plane's 4 tiles fill a quarter of one: 512 -> 512 at 4x4 393 -> 825 us with AVX-512,
+    1,136 -> 1,412 with AVX2), and at most 32 MiB of transformed tensors. It takes 16 multiplies
+    a tile per channel pair where the direct conv takes 36; measured (Zen 4, 2 threads, direct
+    -> Winograd), AVX-512: 64 -> 64 at 56x56 1,060 -> 624 us, 128 -> 128 at 28x28 1,062 -> 602,
+    256 -> 256 at 14x14 1,044 -> 651, 512 -> 512 at 7x7 1,072 -> 689, at 14x14 4,252 -> 2,879,
+    64 -> 64 at 32x32 349 -> 205, 256 -> 256 at 8x8 396 -> 259; AVX2: 64 -> 64 at 56x56 2,793 ->
+    1,142, 128 -> 128 at 28x28 6,930 -> 1,049, 256 -> 256 at 14x14 14,241 -> 1,301, 512 -> 512 at
+    7x7 2,760 -> 1,876. AVX-512's register tile: 2 vectors of tiles x 8 channels, or where the
+    tiles fill one vector up to 24 channels (the block that wastes fewest padding channels);
+    AVX2's: 4 channels x 1 vector (8 of its 16 registers)."""
+    where = WINOGRAD_WHERE.get(tier())
     n, c, h, w = (int(s) for s in input_shape)
     o, cg, kh, kw = (int(s) for s in weight_shape)
-    if (kh, kw) != (3, 3) or _pair(stride) != (1, 1) or _pair(dilation) != (1, 1) or cg != c \
-            or min(c, o) < WINOGRAD_MIN_CHANNELS:
+    if where is None or (kh, kw) != (3, 3) or _pair(stride) != (1, 1) or _pair(dilation) != (1, 1) or cg != c:
         return None
+    min_channels, min_macs, tile = where
     oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     geo = winograd_geometry(input_shape, o, _pair(padding), 2)
-    if n * o * c * 9 * oh * ow < WINOGRAD_MIN_MACS or geo["tiles"] < LANES \
+    if min(c, o) < min_channels or n * o * c * 9 * oh * ow < min_macs or geo["tiles"] < LANES \
             or geo["scratch_bytes"] > WINOGRAD_MAX_SCRATCH:
         return None
+    if tile is not None:
+        return ConvKnobs(winograd_block=tile[0], winograd_vectors=tile[1])
     if geo["vectors"] == 2:
         return ConvKnobs(winograd_block=8, winograd_vectors=2)
     block = min((24, 16, 12, 8), key=lambda b: (-(-o // b) * b, -b))
