@@ -359,12 +359,19 @@ CONV_CASES = [
 
 def test_strided_stems_of_few_outputs_take_up_to_24_in_one_tile():
     """All outputs in one tile of 16 pixels, up to 24 of them (accumulators in registers):
-    32 outputs take two tiles of 16 (conv2d_f32's largest divisor up to the knob)."""
-    assert glue.default_conv_knobs(32, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
-    assert glue.default_conv_knobs(24, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
+    32 outputs take two tiles of 16 (conv2d_f32's largest divisor up to the knob). Below
+    AVX-512, every conv takes 4 channels x 16 pixels (16 registers)."""
+    from csqc.targets.llvm.kernels import cpu_target
+
+    with cpu_target("cascadelake"):
+        assert glue.default_conv_knobs(32, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
+        assert glue.default_conv_knobs(24, 27, (2, 2), 1) == glue.ConvKnobs(oc_block=24, segment=16)
+        for args in [(64, 27, (2, 2), 1), (32, 27, (1, 1), 1), (64, 147, (2, 2), 1), (12, 9, (2, 2), 12)]:
+            assert glue.default_conv_knobs(*args) == glue.ConvKnobs()  # more outputs, unstrided, 7x7, depthwise
     assert glue.common._largest_divisor(32, 24) == 16
-    for args in [(64, 27, (2, 2), 1), (32, 27, (1, 1), 1), (64, 147, (2, 2), 1), (12, 9, (2, 2), 12)]:
-        assert glue.default_conv_knobs(*args) == glue.ConvKnobs()  # more outputs, unstrided, 7x7, depthwise
+    with cpu_target("haswell"):
+        for args in [(32, 27, (2, 2), 1), (64, 576, (1, 1), 1)]:
+            assert glue.default_conv_knobs(*args) == glue.ConvKnobs(oc_block=4, segment=16)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,groups,has_bias,act", CONV_CASES)
@@ -478,7 +485,9 @@ def test_float_conv_knobs_put_channels_on_the_lanes_where_rows_waste_lanes():
     assert knobs((1, 16, 7, 7), (4, 16, 3, 3)) == glue.ConvKnobs()  # 4 of 16 lanes against 7 of 16
     assert knobs((1, 64, 7, 7), (64, 1, 3, 3), groups=64) == glue.ConvKnobs()  # depthwise
     assert knobs((1, 3, 224, 224), (32, 3, 3, 3), stride=2) == glue.default_conv_knobs(32, 27, (2, 2), 1)  # a stem
-    assert knobs((1, 512, 4, 4), (512, 512, 3, 3), mcpu="haswell") == glue.ConvKnobs()  # AVX2: 16 registers
+    # AVX2: 16 registers, so no channels on the lanes: 4 channels x 16 pixels, 8 on rows of up to 8
+    assert knobs((1, 512, 4, 4), (512, 512, 3, 3), mcpu="haswell") == glue.ConvKnobs(oc_block=8, segment=16)
+    assert knobs((1, 64, 24, 24), (64, 64, 3, 3), stride=2, mcpu="haswell") == glue.ConvKnobs(oc_block=4, segment=16)
 
 
 @pytest.mark.parametrize("post_act", ["none", "relu", "clip"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tvm import tirx
@@ -321,20 +321,25 @@ def float_conv_knobs(input_shape, weight_shape, stride, padding, dilation, group
     512 3x3 stride 2 from 7x7 609 -> 272, 128 -> 128 at 14x14 386 -> 347, 64 -> 64 at 28x28 406 ->
     365 and at 8x8 50 -> 42, 1024 -> 256 1x1 at 7x7 194 -> 153 (rows of 5); a full-row plane
     (16 -> 16 3x3 at 32x32) 74 against 75-101, and 1x1 convs on 4x4 planes even: those keep the
-    pixels."""
+    pixels. Below AVX-512 the pixel form's tile is :func:`default_conv_knobs`' 4 channels x 16
+    pixels, 8 channels where rows are at most 8 pixels (``-mcpu=haswell``, one thread, 512 ->
+    512 3x3 at 4x4: 4 channels 3,064 us, 8 channels 1,941; 64 -> 64 at 12x12: 290 against 818).
+    Large 3x3 convs of stride 1 take Winograd (:func:`.winograd.winograd_knobs`) first."""
     n, c, h, w = (int(s) for s in input_shape)
     o, cg, kh, kw = (int(s) for s in weight_shape)
     default = default_conv_knobs(o, cg * kh * kw, _pair(stride), groups)
-    if groups != 1 or default != ConvKnobs():
+    if groups != 1:
         return default
     from .winograd import winograd_knobs  # (winograd.py builds on this module's helpers)
     winograd = winograd_knobs(input_shape, weight_shape, stride, padding, dilation)
     if winograd is not None:
         return winograd
-    if tier() != AVX512:
-        return default
     oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
     row_len = oh * ow if kh == kw == 1 else ow
+    if tier() != AVX512:  # rows of up to 8 pixels fill half a vector: 8 channels, as many registers
+        return replace(default, oc_block=8) if row_len <= LANES // 2 else default
+    if default != ConvKnobs():  # a stem's tile
+        return default
     pixel_use = row_len / (-(-row_len // LANES) * LANES)
     tiles = -(-o // LANES)
     vectors = min(4, tiles)
@@ -355,7 +360,15 @@ def default_conv_knobs(out_channels: int, taps: int, stride: tuple[int, int], gr
     270), and so do unstrided stems (3 -> 64 at 224x224: 497 against 602 us). At most 24
     channels a tile (conv2d_f32 takes the largest divisor of O up to that): 32 accumulators are
     all of AVX-512's registers, and around a calibrated stem's codes tail they spilled
-    (MobileNetV2 calibrated, Zen 5, alternating runs: 911 -> 884 us with tiles of 16)."""
+    (MobileNetV2 calibrated, Zen 5, alternating runs: 911 -> 884 us with tiles of 16).
+
+    Below AVX-512 (AVX2's 16 registers, NEON's 128-bit ones) every conv takes 4 channels x 16
+    pixels, 8 registers of sums where 8 x 32 wanted 32 and spilled: ``-mcpu=haswell`` on Zen 4,
+    2 threads, (8, 32) -> (4, 16): 128 -> 128 3x3 at 28x28 6,308 -> 2,725 us, 256 -> 256 at 14x14
+    13,650 -> 4,325, 128 -> 128 stride 2 from 28x28 3,543 -> 1,382, 3 -> 64 7x7 stride 2 at 224x224
+    2,454 -> 1,754, MobileNetV2's stem (24 x 16 before) 402 -> 229. (NEON not timed.)"""
+    if tier() != AVX512:
+        return ConvKnobs(oc_block=4, segment=LANES)
     if groups == 1 and max(stride) > 1 and taps <= 32 and out_channels <= 32:
         return ConvKnobs(oc_block=min(out_channels, 24), segment=LANES)
     return ConvKnobs()
