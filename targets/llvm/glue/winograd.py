@@ -4,7 +4,6 @@ multiplies per input channel instead of 36, as 16 independent matrix products ov
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import tirx
 from tvm.script.ir_builder import tirx as I
 
@@ -47,8 +46,9 @@ def winograd_geometry(input_shape, out_channels: int, padding, vectors: int) -> 
 # register tile (channels, vectors of tiles) or None for "by the tiles"). Zen 4, 2 threads,
 # against the direct forms: with AVX-512, 9.4 M multiply-adds (64 -> 64 at 16x16, 128 -> 128
 # at 8x8) run about even and 32 channels lose (32 -> 32 at 32x32 155 -> 185 us); with AVX2
-# (``-mcpu=haswell``: 16 registers, the direct form's rows of 14 or 28 pixels slow) Winograd
-# wins from 16 -> 16 at 32x32 (83 -> 52 us) and 64 -> 64 at 8x8 (47 -> 41).
+# (``-mcpu=haswell``: 16 registers, the direct form far below its peak) Winograd wins from
+# 16 -> 16 at 32x32 (52 us against the direct form's 83-124 across runs) and 64 -> 64 at 8x8
+# (41 against 47).
 WINOGRAD_WHERE = {AVX512: (64, 12_000_000, None), AVX2: (16, 2_000_000, (4, 1))}
 WINOGRAD_MAX_SCRATCH = 32 << 20  # bytes of transformed input and products a call may hold
 
@@ -61,9 +61,9 @@ def winograd_knobs(input_shape, weight_shape, stride, padding, dilation) -> Conv
     a tile per channel pair where the direct conv takes 36; measured (Zen 4, 2 threads, direct
     -> Winograd), AVX-512: 64 -> 64 at 56x56 1,060 -> 624 us, 128 -> 128 at 28x28 1,062 -> 602,
     256 -> 256 at 14x14 1,044 -> 651, 512 -> 512 at 7x7 1,072 -> 689, at 14x14 4,252 -> 2,879,
-    64 -> 64 at 32x32 349 -> 205, 256 -> 256 at 8x8 396 -> 259; AVX2: 64 -> 64 at 56x56 2,793 ->
-    1,142, 128 -> 128 at 28x28 6,930 -> 1,049, 256 -> 256 at 14x14 14,241 -> 1,301, 512 -> 512 at
-    7x7 2,760 -> 1,876. AVX-512's register tile: 2 vectors of tiles x 8 channels, or where the
+    64 -> 64 at 32x32 349 -> 205, 256 -> 256 at 8x8 396 -> 259; AVX2 (direct at its 4 x 16 tile):
+    64 -> 64 at 56x56 2,377 -> 1,142, 128 -> 128 at 28x28 2,725 -> 1,049, 256 -> 256 at 14x14
+    4,325 -> 1,301. AVX-512's register tile: 2 vectors of tiles x 8 channels, or where the
     tiles fill one vector up to 24 channels (the block that wastes fewest padding channels);
     AVX2's: 4 channels x 1 vector (8 of its 16 registers)."""
     where = WINOGRAD_WHERE.get(tier())
