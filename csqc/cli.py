@@ -331,6 +331,7 @@ def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
 
 # plan kernel names as ``csqc inspect`` prints them
 _KERNEL_NAMES = {"bitparallel": "bit-parallel", "bitserial": "bit-serial", "float": "float-input"}
+_FLOAT_LAYOUT_NAMES = {"winograd": "by Winograd F(2x2, 3x3)", "channel_lanes": "with output channels on the lanes"}
 
 
 def _print_artifact(info: dict, as_json: bool) -> None:
@@ -358,6 +359,10 @@ def _print_artifact(info: dict, as_json: bool) -> None:
         if info.get("saturated_epilogues"):
             console.print(f"saturated epilogues: {info['saturated_epilogues']} convs between two clips of dynamic "
                           "scales write the codes of the clips' scales where both scales reach them")
+        if info.get("float_layouts"):
+            forms = ", ".join(f"{count} {_FLOAT_LAYOUT_NAMES.get(layout, layout)}"
+                              for layout, count in info["float_layouts"].items())
+            console.print(f"float-input convs: {forms} (weights derived from the planes at load in that order)")
         memory = info["memory"]
         shared = (f" in {memory['pools']} shared pool{'s' if memory['pools'] != 1 else ''} "
                   f"({_human(memory['intermediates_unshared'])} unshared; calls are timed on private memory "

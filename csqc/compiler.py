@@ -166,7 +166,7 @@ def inspect_artifact(path) -> dict:
     or running a graph: its target, model name, size in bytes, inputs and outputs (name, shape,
     dtype), thread cap (where it has one), the calibration it records (``csqc.calibration``;
     None: dynamic scales); for a TVM artifact also the CPU it was built for, its layers by
-    kernel, kernel calls, and the memory a loaded model takes (weights, buffers derived at load,
+    kernel, its float-input convs by weight layout (``float_layouts``), kernel calls, and the memory a loaded model takes (weights, buffers derived at load,
     intermediates shared and unshared: ``targets.tvm.memory``); for ONNX its operators."""
     from .calibration import onnx_calibration, plan_calibration
 
@@ -198,18 +198,19 @@ def inspect_artifact(path) -> dict:
         inputs = [{k: spec[k] for k in ("name", "shape", "dtype")} for spec in plan["inputs"]]
         outputs = [{k: spec[k] for k in ("name", "shape", "dtype")} for spec in plan["outputs"]]
         buffers = plan["buffers"]
-        kernels: dict[str, int] = {}
-        for layer in plan["layers"].values():
-            kernels[layer["kernel"]] = kernels.get(layer["kernel"], 0) + 1
+        kernels = _counts(layer["kernel"] for layer in plan["layers"].values())
         temps = temp_memory(buffers, plan.get("pools", {}))
         details = {
             "cpu": plan["target"].get("mcpu") or plan["target"].get("arch") or "",
-            "layers": dict(sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "layers": kernels,
             "kernel_calls": len(plan["steps"]), "whole_model_function": "entry" in plan,
             # depthwise convs that try their codes at the ReLU6 bound first (saturated dynamic scales)
             "saturated_scales": sum("saturated" in layer for layer in plan["layers"].values()),
             # convs between two clips whose dynamic epilogue runs its codes at the bounds where both saturate
             "saturated_epilogues": sum("saturated_epilogue" in layer for layer in plan["layers"].values()),
+            # float-input quantized convs whose weights the runtime derives in a kernel form's order
+            "float_layouts": _counts(layer["float_layout"] for layer in plan["layers"].values()
+                                     if layer.get("float_layout")),
             "memory": {"weights": sum(int(w.nbytes) for w in contents.weights.values()),
                        "derived": pooled_bytes({n: b for n, b in buffers.items()
                                                 if b["kind"] == "derived" and "alias" not in b}, {}),
@@ -222,6 +223,14 @@ def inspect_artifact(path) -> dict:
         "source_sha256": calibration.source_sha256, "data_sha256": calibration.data_sha256,
         "quantizers": calibration.summary()}
     return info
+
+
+def _counts(names) -> dict[str, int]:
+    """How often each name occurs, the most frequent first (ties by name)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _onnx_tensors(values) -> list[dict]:

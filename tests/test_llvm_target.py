@@ -457,6 +457,7 @@ def test_weight_only_3x3_convs_of_many_channels_run_by_winograd(tmp_path):
     from test_artifact_integrity import _resealed, _split
 
     from csqc.artifact import PLAN, WEIGHTS
+    from csqc.compiler import inspect_artifact
     from csqc.targets.llvm import glue
 
     torch.manual_seed(7)
@@ -472,6 +473,10 @@ def test_weight_only_3x3_convs_of_many_channels_run_by_winograd(tmp_path):
     assert art.layers["3"]["float_layout"] == "winograd" and art.layers["3"]["float_block"] == block > 0
     assert art.layers["0"].get("float_layout") != "winograd"  # 8 input channels: a direct form
     assert "6.wl" in art._weights and art._weights["6.wl"].shape == (16, 64 // block, 64, block)  # the float conv's U
+    layouts = inspect_artifact(tmp_path / "wino.so")["float_layouts"]
+    assert layouts.get("winograd") == 1 and sum(layouts.values()) == 1 + ("float_layout" in art.layers["0"])
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "wino.so")])
+    assert shown.exit_code == 0 and "1 by Winograd F(2x2, 3x3)" in shown.output
     graph = csqc.optimize(model)
     x = np.random.default_rng(8).random((1, 8, 24, 24), dtype=np.float32)
     results = set()
