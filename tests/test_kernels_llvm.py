@@ -971,13 +971,18 @@ def test_pack_lut_weight_is_little_endian_bytes_with_load_slack():
 # ------------------------------------------------------------------------------------------
 # Weight-only, dequantized in registers (packed codes -> vpermps levels -> FMA)
 # ------------------------------------------------------------------------------------------
-def _dequant_case(m, n, k, bits):
-    q = random_q((n, k), bits, "offset")
-    planes, spec, zero_point = planes_from_q(q, bits, "offset")
-    _, tiles = kernels.dequant_blocking(m, -(-n // kernels.LUT_LANES))
-    w = kernels.pack_dequant_weight(planes, spec, tiles)
+# The two widths: AVX-512 (16 lanes) where this machine has it, AVX2 (8 lanes) everywhere.
+DEQUANT_WIDTHS = [pytest.param((None, 16), id="avx512", marks=needs_avx512), pytest.param((AVX2_CPU, 8), id="avx2")]
+
+
+def _dequant_case(m, n, k, bits, width=(None, 16), encoding="offset"):
+    cpu, lanes = width
+    q = random_q((n, k), bits, encoding)
+    planes, spec, zero_point = planes_from_q(q, bits, encoding)
+    _, tiles = kernels.dequant_blocking(m, -(-n // lanes), lanes)
+    w = kernels.pack_dequant_weight(planes, spec, tiles, lanes)
     x = RNG.standard_normal((m, k)).astype(np.float32)
-    return q, planes, spec, zero_point, w, x, built(kernels.dequant_dense, m, n, k, spec, True)
+    return q, planes, spec, zero_point, w, x, built(kernels.dequant_dense, m, n, k, spec, True, lanes, cpu=cpu)
 
 
 def _assert_float_close(y, reference):
@@ -986,25 +991,32 @@ def _assert_float_close(y, reference):
 
 
 @pytest.mark.parametrize("m, n, k, bits", [
-    (1, 64, 256, 3),  # nibble codes, whole tiles and words (x read in place), two tasks of 2 tiles
+    (1, 64, 256, 3),  # nibble codes, whole tiles and words (x read in place), two tasks
     (1, 37, 70, 2),  # ragged N (last tile), K not a multiple of 8 (zero-padded row copy)
-    (2, 20, 33, 4),  # 2 rows per pass, 16 levels
+    (2, 20, 33, 4),  # 2 rows per pass, 16 levels (AVX2: two permutes and a blend)
     (5, 33, 100, 3),  # 4 rows per pass and a padded second pass
-    (8, 48, 96, 5),  # byte codes (32 levels by vpermi2ps), x read in place
     (3, 17, 9, 1),  # one plane
 ])
-@needs_avx512
-def test_dequant_dense_matches_float_reference(m, n, k, bits):
-    q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, bits)
+@pytest.mark.parametrize("width", DEQUANT_WIDTHS)
+def test_dequant_dense_matches_float_reference(m, n, k, bits, width):
+    q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, bits, width)
     _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
 
 
-@pytest.mark.parametrize("bits", [3, 5])
 @needs_avx512
-def test_dequant_dense_runtime_plane_count_drops_low_planes(bits):
-    q, planes, spec, zero_point, w, x, kernel = _dequant_case(2, 40, 64, bits)
-    for kept in (1, bits - 1):
-        coarse = sum((1 << shift) * planes[p].astype(np.int64) for p, (shift, _) in enumerate(spec[:kept]))
+def test_dequant_dense_reads_five_plane_codes_as_bytes():
+    q, _, spec, zero_point, w, x, kernel = _dequant_case(8, 48, 96, 5)  # 32 levels by vpermi2ps, x read in place
+    _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
+
+
+@pytest.mark.parametrize("bits, encoding", [(3, "offset"), (2, "posneg"), (1, "posneg")])
+@pytest.mark.parametrize("width", DEQUANT_WIDTHS)
+def test_dequant_dense_runtime_plane_count_drops_low_planes(bits, encoding, width):
+    # signed planes (positive and negative parts of each bit) form codes too: the level table
+    # holds each plane's sign and power of two
+    q, planes, spec, zero_point, w, x, kernel = _dequant_case(2, 40, 64, bits, width, encoding)
+    for kept in range(1, len(spec) + 1):
+        coarse = sum(sign * (1 << shift) * planes[p].astype(np.int64) for p, (shift, sign) in enumerate(spec[:kept]))
         _assert_float_close(kernel(x, w, kept, zero_point), x @ (coarse - zero_point).astype(np.float32).T)
 
 
@@ -1021,23 +1033,34 @@ def test_dequant_dense_assembly_looks_up_levels_and_fmas():
     assert "vpermi2ps" in kernel.assembly() or "vpermt2ps" in kernel.assembly()
 
 
+def test_dequant_dense_assembly_on_avx2_uses_ymm_permutes_and_no_zmm():
+    *_, kernel = _dequant_case(1, 256, 256, 3, (AVX2_CPU, 8))
+    assembly = kernel.assembly()
+    lookups = len(re.findall(r"vperm(?:ps|d)\s+%ymm", assembly))
+    assert lookups >= 8 * 6  # 8 nibbles x 6 tiles of a word, unrolled
+    assert "%zmm" not in assembly and len(re.findall(r"vfmadd\w+\s+[^\n]*%ymm", assembly)) >= lookups
+    *_, kernel = _dequant_case(2, 64, 64, 4, (AVX2_CPU, 8))
+    assert "vblendvps" in kernel.assembly()  # 16 levels: two 8-entry permutes and a blend
+
+
 def test_pack_dequant_weight_puts_codes_in_nibbles_along_k():
     planes = RNG.integers(0, 2, (3, 40, 20)).astype(np.uint8)
     spec = [(2, 1), (1, 1), (0, 1)]
     flat = kernels.pack_dequant_weight(planes, spec, 2)
     assert flat.dtype == np.uint8 and flat.shape == (2 * 3 * 2 * 16 * 4 + 4,)  # [blocks, KW, tiles, 16] words
     words = flat[:-4].view("<u4").reshape(2, 3, 2, 16)
-    codes = 4 * planes[0] + 2 * planes[1] + planes[2]
+    codes = 4 * planes[0] + 2 * planes[1] + planes[2]  # one bit a plane, the first on top
     n, k = 37, 13  # output 37 = block 1, tile 0, lane 5; k 13 = word 1, nibble 5
     assert (words[1, 1, 0, 5] >> 20) & 15 == codes[n, k]
     assert not words[1, :, 1].any() and not words[:, 2, :, :][words[:, 2] >> 16 != 0].any()  # padding is 0
-    with pytest.raises(ValueError, match="unsigned codes"):
-        kernels.pack_dequant_weight(planes[:2], [(0, 1), (0, -1)], 2)
+    eight = kernels.pack_dequant_weight(planes, spec, 2, lanes=8)  # AVX2: [blocks, KW, tiles, 8] words
+    words = eight[:-4].view("<u4").reshape(3, 3, 2, 8)
+    assert (words[2, 1, 0, 5] >> 20) & 15 == codes[n, k]  # output 37 = block 2, tile 0, lane 5
+    with pytest.raises(ValueError, match="wider than the 8-lane"):
+        kernels.pack_dequant_weight(np.zeros((5, 8, 8), np.uint8), [(s, 1) for s in range(5)], 1, lanes=8)
 
 
-@pytest.mark.parametrize("shifts_signs, bits", [
-    ([(2, 1), (1, 1), (0, 1)], 4), ([(4, 1), (3, 1), (2, 1), (1, 1), (0, 1)], 8), ([(1, 1)], 4),
-    ([(0, 1), (0, -1)], 0), ([(1, 1), (1, 1)], 0), ([(5, 1), (0, 1)], 0),
-])
-def test_weight_code_bits(shifts_signs, bits):
-    assert packing.weight_code_bits(shifts_signs) == bits
+@pytest.mark.parametrize("planes, lanes, bits", [(1, 16, 4), (4, 16, 4), (5, 16, 8), (6, 16, 0), (3, 8, 4), (4, 8, 4),
+                                                 (5, 8, 0), (0, 16, 0)])
+def test_dequant_code_bits(planes, lanes, bits):
+    assert packing.dequant_code_bits(planes, lanes) == bits

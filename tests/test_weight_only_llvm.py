@@ -1,6 +1,6 @@
 """Weight-only models (float activations, low-bit weights) on the llvm target: the cost model
-picks the table-lookup kernel (one row, few planes) or the dequantizing one (more rows or planes)
-for large linear layers, and csqc verify passes as for fp32."""
+picks the table-lookup kernel (one row, few planes) or the dequantizing one (more rows or planes;
+on AVX2 the only one, 8 lanes wide) for large linear layers, and csqc verify passes as for fp32."""
 import json
 
 import numpy as np
@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import csqc
-from cpus import needs_avx512
+from cpus import AVX2_CPU, needs_avx512
 from csqc.ir import Node, QuantSpec, TensorType
 from csqc.targets.llvm.backend import choose_kernel
+from csqc.targets.llvm.isa import AVX2, GENERIC
 from csqc.verify import verify
 
 
@@ -60,12 +61,47 @@ def test_choose_kernel_for_float_input_linear_layers(rows, planes, kernel):
     assert choice.kernel == kernel and f"{rows} row(s) x {planes} planes" in choice.reason
 
 
-@pytest.mark.parametrize("rows, kernel", [(8, "lut"), (32, "float")])
-def test_choose_kernel_without_unsigned_codes_keeps_lookups(rows, kernel):
-    spec = QuantSpec(n_bits=2, active_bits=(1, 0), encoding="posneg", planes=((1, 1), (1, -1), (0, 1), (0, -1)))
-    layer = Node("fc", "qlinear", ("x", "fc.weight", "fc.mult"), TensorType((1, 4096)),
-                 {"weight_shape": (4096, 4096)}, quant=spec)
-    assert choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64)).kernel == kernel  # 4 planes x rows vs 80
+def _signed_planes_layer(bits):
+    """Positive and negative planes per bit (no unsigned code: the level table holds the signs)."""
+    planes = tuple(plane for bit in reversed(range(bits)) for plane in ((bit, 1), (bit, -1)))
+    spec = QuantSpec(n_bits=bits, active_bits=tuple(reversed(range(bits))), encoding="posneg", planes=planes)
+    return Node("fc", "qlinear", ("x", "fc.weight", "fc.mult"), TensorType((1, 4096)),
+                {"weight_shape": (4096, 4096)}, quant=spec)
+
+
+@pytest.mark.parametrize("bits, rows, kernel", [
+    (2, 8, "dequant"), (2, 32, "dequant"),  # 4 signed planes: 16 levels, one code
+    (3, 8, "lut"), (3, 16, "float"),  # 6 planes: no code; lookups up to 80 row-planes
+])
+def test_choose_kernel_for_signed_planes(bits, rows, kernel):
+    layer = _signed_planes_layer(bits)
+    assert choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64)).kernel == kernel
+
+
+@pytest.mark.parametrize("rows, planes, kernel", [
+    (1, 3, "dequant"), (1, 4, "dequant"), (8, 3, "dequant"), (64, 4, "dequant"),  # 8-lane permutes, 16 levels at most
+    (1, 5, "float"), (128, 3, "float"),  # wider codes, more rows than measured
+])
+def test_choose_kernel_for_float_input_linear_layers_on_avx2(rows, planes, kernel):
+    layer = _float_input_layer(4096, 4096, planes)
+    choice = choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64), tier=AVX2)
+    assert choice.kernel == kernel and f"{rows} row(s) x {planes} planes" in choice.reason
+    assert choose_kernel(layer, rows, np.zeros((4096, 4096), np.int64), tier=GENERIC).kernel == "float"
+    small = choose_kernel(_float_input_layer(256, 784, planes), rows, np.zeros((256, 784), np.int64), tier=AVX2)
+    assert small.kernel == "float" and "stay in cache" in small.reason
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_weight_only_mlp_built_for_avx2_dequantizes_and_verifies(tmp_path, batch):
+    model = _weight_only_mlp(tmp_path, batch)
+    out = tmp_path / "wo-avx2.so"
+    layers = csqc.compile(model, "llvm", out, mcpu=AVX2_CPU).report["layers"]
+    assert sorted(info["kernel"] for info in layers.values()) == ["dequant", "float"], layers
+    assert "AVX2" in next(info for info in layers.values() if info["kernel"] == "dequant")["reason"]
+    report = verify(model, samples=2 * batch, artifact=str(out), per_layer=True)
+    assert report.ok, json.dumps({k: v for k, v in report.to_json().items() if k != "layers"}, indent=1)
+    stats = [s for s in report.layers if s["runtime"] == f"artifact:{out.name}"]
+    assert stats and all(sum(s["mismatched"].values()) == 0 for s in stats)
 
 
 def test_choose_kernel_keeps_small_float_input_layers_in_fp32():

@@ -13,7 +13,7 @@ from csqc.targets.tvm.geometry import is_depthwise_layer
 from csqc.artifact import NIBBLE_K, VNNI_LANES, nibble_high_for_range
 
 from .isa import AVX2, AVX512, avx2_dot_exact, avx2_int16_groups
-from .packing import weight_code_bits
+from .packing import dequant_code_bits
 
 _LUT_MAX_ACT_BITS = 5  # kernels._LUT_MAX_ACT_BITS (kernels imports TVM; this module must not)
 
@@ -40,9 +40,8 @@ def choose_kernel(n: Node, rows: int, q: np.ndarray, table_lookup: bool = False,
     # are vpshufb nibble lookups there, and it lost to the AVX2 int8 kernel at every size tried:
     # 4096 x 4096 at one row w2a4 1390 against 779 us, w4a8 4653 against 563, 4 rows w2a4 3334
     # against 673; 1024 x 1024 at one row w2a4 100 against 43, w1a2 54 against 47.
-    if choice.kernel in ("lut", "dequant"):
-        return LayerChoice("float", f"the {choice.kernel} weight-only kernel needs AVX-512 permutes (an AVX-512 CPU "
-                                    f"would pick it: {choice.reason})")
+    if n.quant.act_bits is None:
+        return _choose_float_input_kernel(n, rows, q, tier)
     if choice.kernel == "bitparallel" and is_depthwise_layer(n.op, n.attr("weight_shape")):
         return choice  # the depthwise kernels are plain integer vector code (no dot product)
     if tier == AVX2 and n.quant.act_bits is not None and n.quant.acc_dtype == "int32" \
@@ -123,28 +122,43 @@ _LUT_MAX_ROW_PLANES = 80
 _LUT_MIN_WEIGHTS = 1 << 18  # 1 MiB of fp32 weights: below that they stay in cache
 _LUT_ONE_ROW_MAX_PLANES = 3  # one row: planes/4 lookups per 16 weights beat dequantizing's one
 _DEQUANT_MAX_ROWS = 64  # the largest batch measured against fp32
+# AVX2 takes the dequantizing kernel's 8-lane form (a table-lookup kernel would need 8-entry
+# tables: 3 activations a lookup, no fewer lookups than dequantizing's one per 8 weights).
+# Measured against the fp32 kernel (-mcpu=haswell on a Zen 4, 2 threads, alternating medians),
+# 4096 x 4096, 3 planes: 1 row 336 / 1484 us, 2 rows 553 / 1985, 8 rows 1728 / 5040, 64 rows
+# 12542 / 39160; 4 planes (two permutes and a blend) 1 row 614 / 1481, 64 rows 16901 / 37612;
+# 1024 x 1024, 3 planes: 1 row 25 / 33, 64 rows 781 / 1201; 512 x 512: 1 row 9 / 10, 8 rows 31 / 54.
 
 
-def _weight_code_bits(spec, q: np.ndarray) -> int:
-    """Bits of the dequantizing kernel's code for a layer (0: its planes form no unsigned code).
-    A layer still stored as integers is split into offset planes of ``q - min q`` when lowered."""
+def _plane_count(spec, q: np.ndarray) -> int:
+    """Planes the weight-only kernels read: a layer still stored as integers is split into
+    offset planes of ``q - min q`` when lowered."""
     if spec.encoding == "int":
         span = int(q.max(initial=0)) - int(q.min(initial=0))
-        return weight_code_bits([(shift, 1) for shift in range(max(1, span.bit_length()))])
-    return weight_code_bits(spec.planes)
+        return max(1, span.bit_length())
+    return max(1, spec.num_planes)
 
 
-def _choose_float_input_kernel(n: Node, rows: int, q: np.ndarray) -> LayerChoice:
+def _choose_float_input_kernel(n: Node, rows: int, q: np.ndarray, tier: str = AVX512) -> LayerChoice:
     """``lut``, ``dequant`` or ``float`` for a quantized layer whose input is not quantized."""
     if n.op != "qlinear":
         return LayerChoice("float", "input activations are not quantized (convolution: fp32 kernel)")
-    planes = max(1, n.quant.num_planes)
+    planes = _plane_count(n.quant, q)
     weights = int(np.prod(n.attr("weight_shape")))
+    if tier not in (AVX512, AVX2):
+        return LayerChoice("float", "float input: the weight-only kernels need AVX2 or AVX-512 permutes")
     if weights < _LUT_MIN_WEIGHTS:
         return LayerChoice("float", f"float input, {weights} weights: fp32 weights stay in cache, one FMA each is cheaper")
-    code_bits = _weight_code_bits(n.quant, q)
+    lanes = 16 if tier == AVX512 else 8
+    code_bits = dequant_code_bits(planes, lanes)
+    if tier == AVX2:
+        if not code_bits or rows > _DEQUANT_MAX_ROWS:
+            return LayerChoice("float", f"float input, {rows} row(s) x {planes} planes: AVX2's weight-only kernel "
+                                        "reads codes of up to 4 planes (16 levels), up to 64 rows")
+        return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {planes}-bit codes dequantized "
+                                      "in registers (AVX2: one 8-lane lookup per 8 weights, shared by up to 4 rows)")
     if code_bits and (rows > 1 or planes > _LUT_ONE_ROW_MAX_PLANES) and rows <= _DEQUANT_MAX_ROWS:
-        return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {code_bits}-bit codes "
+        return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {planes}-bit codes "
                                       "dequantized in registers, one lookup per 16 weights for up to 4 rows")
     if rows * planes > _LUT_MAX_ROW_PLANES:
         return LayerChoice("float", f"float input, {rows} row(s) x {planes} planes: fp32 FMAs are cheaper than lookups")
@@ -267,6 +281,7 @@ class CpuBackend:
 
         self.glue, self.kernels, self.packing = glue, kernels, packing
         self.tier = tier
+        self.dequant_lanes = kernels.LUT_LANES if tier == AVX512 else 8  # AVX2: ymm permutes
         if tier != AVX512:
             self.code_search = self.code_form = False
             table_lookup = amx = False  # (both are AVX-512 CPUs' only)

@@ -49,7 +49,7 @@ __all__ = [
     "pack_activation_planes",
     "pack_conv_weight_planes",
     "pack_depthwise_weight_planes",
-    "weight_code_bits",
+    "dequant_code_bits",
     "combine_planes",
     "bitparallel_weight_dtype",
     "pack_bitparallel_weight",
@@ -155,16 +155,15 @@ def pack_depthwise_weight_planes(planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planes.reshape(p, o, -1).transpose(1, 0, 2)).astype(np.uint8)
 
 
-def weight_code_bits(shifts_signs) -> int:
-    """Bits per weight when planes ``(shift, sign)`` are recombined into one unsigned code
-    ``sum_p bit_p << shift_p`` for the dequantizing weight-only kernel: 4 (nibbles, codes below
-    16) or 8 (bytes holding 5-bit codes: its permute reads 32 levels at most), or 0 when they do
-    not form one such code (a negative plane, two planes of one shift, a shift above 4)."""
-    shifts = [int(shift) for shift, _ in shifts_signs]
-    if not shifts or any(int(sign) != 1 for _, sign in shifts_signs) or len(set(shifts)) != len(shifts) \
-            or min(shifts) < 0 or max(shifts) > 4:
-        return 0
-    return 4 if max(shifts) <= 3 else 8
+def dequant_code_bits(planes: int, lanes: int = 16) -> int:
+    """Bits per weight of the dequantizing weight-only kernel's codes for ``planes`` weight
+    planes, one code bit a plane (signs and shifts live in its level table, so any planes form
+    one): 4 (nibbles, up to 4 planes) or 8 (bytes holding 5-plane codes, whose 32 levels one
+    AVX-512 ``vpermi2ps`` reads), or 0 when the kernel of ``lanes`` float lanes takes no code
+    that wide (AVX2's 8-lane permutes: 16 levels at most, two permutes and a blend)."""
+    if 1 <= planes <= 4:
+        return 4
+    return 8 if planes == 5 and lanes == 16 else 0
 
 
 def unpack_bitparallel_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The weight-only dense kernels of the LLVM (CPU) target: float activations x low-bit weight planes.
 
 Two forms, chosen per layer by ``backend.choose_kernel``: :func:`lut_dense` (table lookups of
-activation partial sums, below) and :func:`dequant_dense` (codes dequantized in registers, see
-its section further down).
+activation partial sums, below; AVX-512) and :func:`dequant_dense` (codes dequantized in
+registers, see its section further down; AVX-512, and AVX2 at 8 lanes).
 
 A quantized linear layer whose input is not quantized (``act_bits`` None) computes
 ``acc[m, n] = sum_k x[m, k] * float32(q[n, k])`` in float32 (the IR contract of a float-input
@@ -41,7 +41,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .packing import WORD_BITS, weight_code_bits, words_for
+from .packing import WORD_BITS, dequant_code_bits, words_for
 
 __all__ = ["LUT_LANES", "lut_tiles_per_task", "pack_lut_weight", "lut_dense", "dequant_blocking",
            "pack_dequant_weight", "dequant_dense"]
@@ -269,51 +269,72 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
 
 
 # --------------------------------------------------------------------------------------------
-# Dequantize in registers: packed codes -> float32 levels (one vpermps) -> FMA
+# Dequantize in registers: packed codes -> float32 levels (one permute) -> FMA
 # --------------------------------------------------------------------------------------------
-# The other weight-only form: the planes are recombined at compile time into one unsigned code
-# per weight, ``c = sum_p bit_p << shift_p`` (every plane positive: offset or unsigned encodings),
-# packed as nibbles (codes of up to 4 bits) or bytes (5 bits). In the kernel a code indexes a
-# level table ``level[c] = float32((c & mask) - z)`` built per call (``mask`` keeps the planes
-# before ``n_planes``), one vpermps (16 levels) or vpermi2ps (32 levels) per 16 weights, and
-# the levels meet each row's broadcast activation in one FMA. Levels are exact small integers,
-# so every product is exact and only the sum order differs from numpy (as in the fp32 kernel).
-# Work: one lookup per weight vector shared by all rows of a pass, one FMA per weight and row.
+# The other weight-only form: the planes are recombined at compile time into one code per
+# weight, one bit a plane (``c = sum_p bit_p << (P - 1 - p)``, planes most significant first),
+# packed as nibbles (up to 4 planes) or bytes (5). In the kernel a code indexes a level table
+# ``level[c] = sum_p bit_p(c) sign_p 2^shift_p - z`` built per call (planes at or after
+# ``n_planes`` count 0), and the levels meet each row's broadcast activation in one FMA. Signs,
+# repeated shifts and gaps in the mask live in the table, so any planes form a code. Levels are
+# exact small integers, so every product is exact and only the sum order differs from numpy (as
+# in the fp32 kernel). Work: one lookup per weight vector shared by all rows of a pass, one FMA
+# per weight and row.
+#
+# Two widths: AVX-512 (16 lanes: one vpermps reads 16 levels, vpermi2ps 32) and AVX2 (8 lanes:
+# one vpermps reads 8 levels; 16 take two and a blend on the code's top bit).
 _VPERMI2PS = "llvm.x86.avx512.vpermi2var.ps.512"
+_VPERMPS_256 = "llvm.x86.avx2.permps"  # reads the low 3 index bits
+_BLENDVPS_256 = "llvm.x86.avx.blendv.ps.256"  # the second operand where the mask's sign bit is set
 _DEQUANT_MAX_ROWS = 4  # rows per pass (sharing each lookup); 4 rows x 4 tiles measured best at 8 rows
 _DEQUANT_ACCUMULATORS = 8  # independent FMA chains at one row (FMA latency x 2 pipes)
+_AVX2_LANES = 8
 
 
-def dequant_blocking(rows: int, n_tiles: int) -> tuple[int, int]:
+def dequant_blocking(rows: int, n_tiles: int, lanes: int = LUT_LANES) -> tuple[int, int]:
     """``(rows_per_pass, tiles_per_task)``: rows sharing each lookup, and output tiles per task,
-    so that enough FMA chains run side by side without spilling (16 zmm accumulators at most)
-    and a narrow layer still splits into two tasks."""
-    rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
-    tiles = _DEQUANT_ACCUMULATORS if rows_per_pass == 1 else 4
+    so that enough FMA chains run side by side without spilling (16 zmm accumulators at most on
+    AVX-512; AVX2's 16 ymm registers hold 8 besides the table, index and broadcast rows) and a
+    narrow layer still splits into two tasks."""
+    if lanes == LUT_LANES:
+        rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
+        tiles = _DEQUANT_ACCUMULATORS if rows_per_pass == 1 else 4
+    else:  # AVX2 (measured -mcpu=haswell on a Zen 4, 4096 x 4096, 2 threads; see backend.py)
+        rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
+        tiles = {1: 6, 2: 4}.get(rows_per_pass, 2)
     # at least two tasks (both threads busy) where there are two tiles
     return rows_per_pass, max(1, min(tiles, n_tiles // 2))
 
 
-def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int) -> np.ndarray:
+def _dequant_codes(planes: np.ndarray) -> np.ndarray:
+    """One code per weight, one bit a plane: plane 0 (the most significant) in the top bit."""
+    count = planes.shape[0]
+    codes = np.zeros(planes.shape[1:], np.uint32)
+    for p, plane in enumerate(planes):
+        codes |= plane.astype(np.uint32) << (count - 1 - p)
+    return codes
+
+
+def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int, lanes: int = LUT_LANES) -> np.ndarray:
     """Weight planes ``[P, N, K]`` (0/1, most significant first) as the codes of
-    :func:`dequant_dense`: words ``[blocks, KW, tiles_per_task, 16]`` little-endian, whose code
-    ``s`` (nibble or byte) is ``k = codes_per_word * w + s`` of lane ``n``, then the load slack,
-    as flat bytes (N padded with zero tiles to whole blocks)."""
-    code_bits = weight_code_bits(shifts_signs)
-    if not code_bits:
-        raise ValueError("the planes do not form unsigned codes (negative or repeated plane)")
+    :func:`dequant_dense`: words ``[blocks, KW, tiles_per_task, lanes]`` little-endian, whose
+    code ``s`` (nibble or byte) is ``k = codes_per_word * w + s`` of lane ``n``, then the load
+    slack, as flat bytes (N padded with zero tiles to whole blocks)."""
     planes = np.asarray(planes)
-    _, n, k = planes.shape
-    codes = np.zeros((n, k), np.uint32)
-    for plane, (shift, _) in zip(planes, shifts_signs):
-        codes |= plane.astype(np.uint32) << shift
+    count, n, k = planes.shape
+    if count != len(shifts_signs):
+        raise ValueError(f"{count} weight planes but {len(shifts_signs)} plane specs")
+    code_bits = dequant_code_bits(count, lanes)
+    if not code_bits:
+        raise ValueError(f"{count} planes make codes wider than the {lanes}-lane dequantizing kernel reads")
+    codes = _dequant_codes(planes)
     per_word = WORD_BITS // code_bits
     kw = -(-k // per_word)
-    n_tiles = -(-n // LUT_LANES)
+    n_tiles = -(-n // lanes)
     blocks = -(-n_tiles // tiles_per_task)
-    padded = np.zeros((blocks * tiles_per_task * LUT_LANES, kw * per_word), np.uint32)
+    padded = np.zeros((blocks * tiles_per_task * lanes, kw * per_word), np.uint32)
     padded[:n, :k] = codes  # padding codes meet zero activations (the kernel's padded row copy)
-    grouped = padded.reshape(blocks, tiles_per_task, LUT_LANES, kw, per_word)
+    grouped = padded.reshape(blocks, tiles_per_task, lanes, kw, per_word)
     words = np.zeros(grouped.shape[:-1], np.uint32)
     for s in range(per_word):
         words |= grouped[..., s] << (code_bits * s)
@@ -321,54 +342,64 @@ def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int) -
     return np.concatenate([little_endian, np.zeros(_LOAD_SLACK, np.uint8)])
 
 
-def _code_index(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: tirx.PrimExpr, code_bits: int) -> tirx.PrimExpr:
-    """Code ``code`` of 16 consecutive words in the low bits of each int32 lane (the permutes
-    read only the low 4 or 5 bits): loaded ``code_bits * code // 8`` bytes further on, and a
-    shift by 4 for odd nibbles (bytes never shift)."""
-    load = tirx.BufferLoad(w_bytes, [tirx.Ramp(word_byte + code_bits * code // 8, 1, 4 * LUT_LANES)])
-    index = tirx.reinterpret(f"int32x{LUT_LANES}", load)
+def _code_load(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: int, code_bits: int, lanes: int) -> tirx.PrimExpr:
+    """``lanes`` consecutive words loaded ``code_bits * code // 8`` bytes further on (the code's
+    byte at the bottom of each int32 lane; a lane's top byte then comes from the next lane)."""
+    load = tirx.BufferLoad(w_bytes, [tirx.Ramp(word_byte + code_bits * code // 8, 1, 4 * lanes)])
+    return tirx.reinterpret(f"int32x{lanes}", load)
+
+
+def _code_index(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: int, code_bits: int, lanes: int = LUT_LANES) -> tirx.PrimExpr:
+    """Code ``code`` of ``lanes`` consecutive words in the low bits of each int32 lane (the
+    permutes read only the low 3, 4 or 5 bits): a shift by 4 for odd nibbles (bytes never shift)."""
     # a shift by 0 (even nibbles, bytes) folds away once the code loop is unrolled
-    return index >> tirx.Broadcast(code_bits * code % 8, LUT_LANES)
+    return _code_load(w_bytes, word_byte, code, code_bits, lanes) >> tirx.Broadcast(code_bits * code % 8, lanes)
 
 
-def _level_mask(n_planes, shifts_signs) -> tirx.PrimExpr:
-    """int32 mask of the code bits of the planes before ``n_planes`` (run-time plane skipping)."""
-    mask = tirx.const(0, "int32")
-    for index, (shift, _) in enumerate(shifts_signs):
-        mask = mask | tirx.Select(index < n_planes, tirx.const(1 << shift, "int32"), tirx.const(0, "int32"))
-    return mask
+def _level(c, n_planes, shifts_signs, zero_point) -> tirx.PrimExpr:
+    """float32 level of code ``c``: its planes' ``sign 2^shift`` (0 at or after ``n_planes``), less the zero point."""
+    count = len(shifts_signs)
+    total = tirx.const(0.0, "float32")
+    for p in range(count):
+        bit = tirx.Cast("float32", (c >> (count - 1 - p)) & 1)
+        total = total + bit * _plane_coefficient(p, n_planes, shifts_signs)
+    return total - tirx.Cast("float32", zero_point)
 
 
-def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], zero_point: bool) -> tirx.PrimFunc:
+def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], zero_point: bool,
+                  lanes: int = LUT_LANES) -> tirx.PrimFunc:
     """Weight-only dense kernel that dequantizes packed codes in registers (float32 accumulators).
 
     Signature of the returned PrimFunc (the same as :func:`lut_dense`'s)::
 
-        main(x: float32[M, K], w_bytes: uint8[blocks * KW * tiles * 64 + 4],
+        main(x: float32[M, K], w_bytes: uint8[blocks * KW * tiles * lanes * 4 + 4],
              n_planes: int32, zero_point: int32, y: float32[M, N])
 
-    ``w_bytes`` comes from ``pack_dequant_weight(planes, shifts_signs, tiles)`` with ``tiles``
-    from ``dequant_blocking(M, ceil(N/16))``; ``shifts_signs`` must pass
-    :func:`packing.weight_code_bits`. ``y = x @ float32(code(q) - zero_point).T`` (``zero_point`` used
-    when the flag is set), the codes keeping only the planes before ``n_planes``.
+    ``w_bytes`` comes from ``pack_dequant_weight(planes, shifts_signs, tiles, lanes)`` with
+    ``tiles`` from ``dequant_blocking(M, ceil(N/lanes), lanes)``; ``lanes`` is 16 (AVX-512) or 8
+    (AVX2), and the planes must form codes that width reads (:func:`packing.dequant_code_bits`).
+    ``y = x @ float32(q' - zero_point).T`` (``zero_point`` used when the flag is set), ``q'`` the
+    weights of the planes before ``n_planes``.
     """
     shifts_signs = _check(shifts_signs)
-    code_bits = weight_code_bits(shifts_signs)
+    if lanes not in (LUT_LANES, _AVX2_LANES):
+        raise ValueError(f"the dequantizing kernel runs 16 (AVX-512) or 8 (AVX2) lanes, not {lanes}")
+    code_bits = dequant_code_bits(len(shifts_signs), lanes)
     if not code_bits:
-        raise ValueError("the dequantizing kernel needs positive planes of distinct shifts up to 4")
+        raise ValueError(f"{len(shifts_signs)} planes make codes wider than the {lanes}-lane kernel reads")
     with_zero_point = bool(zero_point)
-    lanes = LUT_LANES
-    levels = 1 << (max(shift for shift, _ in shifts_signs) + 1)
+    levels = 1 << len(shifts_signs)
     per_word = WORD_BITS // code_bits
     kw = -(-K // per_word)
     k_padded = kw * per_word
     n_tiles = -(-N // lanes)
-    rows_per_pass, block = dequant_blocking(M, n_tiles)
+    rows_per_pass, block = dequant_blocking(M, n_tiles, lanes)
     blocks = -(-n_tiles // block)
     passes = -(-M // rows_per_pass)
     m_padded = passes * rows_per_pass
     last_tile_width = N - (n_tiles - 1) * lanes
     table_vectors = -(-levels // lanes)
+    vector = f"float32x{lanes}"
 
     padded = (m_padded, k_padded) != (M, K)
 
@@ -376,12 +407,23 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         return tirx.BufferLoad(rows if padded else x, [m, k])
 
     def level_vector(table, w_bytes, word_byte, code):
-        index = _code_index(w_bytes, word_byte, code, code_bits)
         low = tirx.BufferLoad(table, [tirx.Ramp(0, 1, lanes)])
-        if table_vectors == 1:
-            return tirx.call_llvm_pure_intrin(f"float32x{lanes}", _VPERMPS, low, index)
-        high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)])
-        return tirx.call_llvm_pure_intrin(f"float32x{lanes}", _VPERMI2PS, low, index, high)
+        high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)]) if table_vectors == 2 else None
+        if lanes == LUT_LANES:
+            index = _code_index(w_bytes, word_byte, code, code_bits)
+            if high is None:
+                return tirx.call_llvm_pure_intrin(vector, _VPERMPS, low, index)
+            return tirx.call_llvm_pure_intrin(vector, _VPERMI2PS, low, index, high)
+        raw = _code_load(w_bytes, word_byte, code, code_bits, lanes)
+        shift = code_bits * code % 8
+        index = raw >> tirx.Broadcast(shift, lanes)
+        picked = tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, low, index)
+        if high is None:
+            return picked
+        # bit 3 of the nibble into each lane's sign bit: the blend's selector
+        top = tirx.reinterpret(vector, raw << tirx.Broadcast(28 - shift, lanes))
+        return tirx.call_llvm_pure_intrin(vector, _BLENDVPS_256, picked,
+                                          tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, high, index), top)
 
     store_tile = _tile_store(lanes, n_tiles, last_tile_width)
 
@@ -401,8 +443,7 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         rows = T.alloc_buffer((m_padded, k_padded) if padded else (1, 1), "float32")
         table = T.alloc_buffer((table_vectors * lanes,), "float32")
         for c in range(table_vectors * lanes):
-            table[c] = T.Cast("float32", c & _level_mask(n_planes, shifts_signs)) - T.Cast(
-                "float32", zero_point * int(with_zero_point))
+            table[c] = _level(c, n_planes, shifts_signs, zero_point * int(with_zero_point))
         if padded:
             for m in T.parallel(m_padded):
                 for k in T.vectorized(k_padded):
@@ -412,17 +453,17 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
                         rows[m, k] = x[m, k]
         for task in T.parallel(blocks):
             for pass_ in range(passes):
-                acc = T.alloc_buffer((rows_per_pass, block), "float32x16", scope="local", annotations=_ON_STACK)
+                acc = T.alloc_buffer((rows_per_pass, block), vector, scope="local", annotations=_ON_STACK)
                 for r in T.unroll(rows_per_pass):
                     for b in T.unroll(block):
                         acc[r, b] = T.broadcast(T.float32(0), lanes)
                 for w in range(kw):
                     for s in T.unroll(per_word):
                         for b in T.unroll(block):
-                            # one lookup per 16 weights, shared by the rows of the pass
+                            # one lookup per weight vector, shared by the rows of the pass
                             for r in T.unroll(rows_per_pass):
                                 acc[r, b] = T.call_llvm_pure_intrin(
-                                    "float32x16", "llvm.fma",
+                                    vector, "llvm.fma",
                                     level_vector(table, w_bytes, (((task * kw + w) * block + b) * lanes) * 4, s),
                                     T.broadcast(activation(x, rows, pass_ * rows_per_pass + r, w * per_word + s), lanes),
                                     acc[r, b])

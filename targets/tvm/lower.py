@@ -158,6 +158,8 @@ class _Lowerer:
         # channel groups of a bit-parallel conv whose dot products add before widening (llvm's AVX2 tier)
         self.backend_conv_int16_groups = getattr(b, "conv_int16_groups", None)
         self.backend_bitserial_dense_knobs = getattr(b, "bitserial_dense_knobs", None)
+        # float lanes of the dequantizing weight-only kernel (the llvm one: 8 on AVX2)
+        self.dequant_lanes = getattr(b, "dequant_lanes", None) or getattr(self.kernels, "LUT_LANES", 16)
         self.g = g
         self.plan = Plan()
         self.force = force_kernel
@@ -1317,10 +1319,11 @@ class _Lowerer:
         n_tiles = -(-shape[0] // self.kernels.LUT_LANES)
         planes = planes.reshape(len(plane_spec), shape[0], k)
         if kernel == "dequant":
-            _, tiles = self.kernels.dequant_blocking(m, n_tiles)
-            packed = self.kernels.pack_dequant_weight(planes, plane_spec, tiles)
-            key = f"dequantdense({m},{shape[0]},{k},{plane_spec},{bool(z)})"
-            f = self.plan.func(key, lambda: self.kernels.dequant_dense(m, shape[0], k, plane_spec, bool(z)))
+            lanes = self.dequant_lanes
+            _, tiles = self.kernels.dequant_blocking(m, -(-shape[0] // lanes), lanes)
+            packed = self.kernels.pack_dequant_weight(planes, plane_spec, tiles, lanes)
+            key = f"dequantdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{lanes})"
+            f = self.plan.func(key, lambda: self.kernels.dequant_dense(m, shape[0], k, plane_spec, bool(z), lanes))
         else:
             tiles = self.kernels.lut_tiles_per_task(len(plane_spec), n_tiles)
             packed = self.kernels.pack_lut_weight(self.packing.pack_weight_planes(
