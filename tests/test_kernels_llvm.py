@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpus import AVX2_CPU, HOST_TIER, code_limit_of, needs_avx512
+from cpus import AVX2_CPU, GENERIC_CPU, HOST_TIER, code_limit_of, needs_avx512
 from csqc.targets.llvm import isa, kernels, packing, staging
 from csqc.targets.tvm.geometry import conv_geometry
 
@@ -315,21 +315,23 @@ def test_bitparallel_dense_int8(m, n, k, cpu):
 
 
 @pytest.mark.parametrize("m,n,k,row_block", [(1, 40, 64, 8), (2, 33, 100, 8), (5, 48, 4 * 255, 4)])
-@needs_avx512
-def test_bitparallel_dense_takes_both_sign_parts_in_one_pass(m, n, k, row_block):
+@pytest.mark.parametrize("cpu", DOT_CPUS)
+def test_bitparallel_dense_takes_both_sign_parts_in_one_pass(m, n, k, row_block, cpu):
     """``two_signs``: the sign parts of signed codes in one pass (their OR against weights
     complemented where the code is negative, from the row's negative sum): every negative code
-    and the int8 weight ends, a partial row tile and a K that is not whole 16-byte vectors."""
-    q = RNG.integers(-128, 128, (n, k))
-    q[0, :2] = -128, 127
+    and the weight ends, a partial row tile and a K that is not whole 16-byte vectors. AVX2 sums
+    pairs of products in int16: weights of magnitude up to 63 there (2 x 255 x 64 fits)."""
+    low, high = (-128, 127) if cpu is None else (-63, 63)
+    q = RNG.integers(low, high + 1, (n, k))
+    q[0, :2] = low, high
     signed = RNG.integers(-255, 256, (m, k))
     signed[m - 1, :255] = -np.arange(1, 256)[:k]
     pos, neg = np.maximum(signed, 0).astype(np.uint8), np.maximum(-signed, 0).astype(np.uint8)
-    kernel = built(kernels.bitparallel_dense, m, n, k, "int8",
+    kernel = built(kernels.bitparallel_dense, m, n, k, "int8", cpu=cpu,
                    knobs=kernels.BitparallelKnobs(row_block=row_block, col_vectors=2), two_signs=True)
     np.testing.assert_array_equal(kernel(pos, neg, packing.pack_bitparallel_weight(q)), dense_reference(signed, q))
-    with kernels.cpu_target(AVX2_CPU), pytest.raises(ValueError, match="AVX-512"):
-        kernels.bitparallel_dense(m, n, k, "int8", two_signs=True)  # AVX2 sums pairs in int16
+    with kernels.cpu_target(GENERIC_CPU), pytest.raises(ValueError, match="int8 dot product"):
+        kernels.bitparallel_dense(m, n, k, "int8", two_signs=True)
     with pytest.raises(ValueError, match="K % 4"):
         kernels.bitparallel_dense(m, n, 6, "int8", two_signs=True)
 

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import csqc
-from cpus import needs_avx512
+from cpus import AVX2_CPU, needs_avx512
 from csqc import runtime
 from csqc.cli import cli
 from csqc.errors import BadInput
@@ -771,15 +771,15 @@ def test_one_row_cost_model_with_table_lookups(active_bits, act_bits, lookup, ke
     assert choose_kernel(layer, 1, q, table_lookup=lookup).kernel == kernel
 
 
-def _a8_linear_and_bitserial(tmp_path, k: int, n: int, n_bits: int, x, act_symmetric: bool):
+def _a8_linear_and_bitserial(tmp_path, k: int, n: int, n_bits: int, x, act_symmetric: bool, mcpu=None):
     """A one-layer linear model with 8-bit activations, its default llvm build and one forced
     bit-serial: (loaded model, default artifact path, default and bit-serial loaded artifacts)."""
     model = csqc.convert(torch.nn.Sequential(torch.nn.Linear(k, n)).eval(), n_bits=n_bits, act_bits=8,
                          quantize_first_input=True, act_symmetric=act_symmetric)
     loaded = csqc.load(csqc.save(csqc.finalize(model).eval(), tmp_path / "m.pt", x))
     default, serial = tmp_path / "default.so", tmp_path / "serial.so"
-    csqc.compile(loaded, "llvm", default)
-    csqc.compile(loaded, "llvm", serial, force_kernel="bitserial")
+    csqc.compile(loaded, "llvm", default, mcpu=mcpu)
+    csqc.compile(loaded, "llvm", serial, force_kernel="bitserial", mcpu=mcpu)
     return loaded, default, runtime.load(default), runtime.load(serial)
 
 
@@ -803,6 +803,24 @@ def test_w7a8_linear_takes_both_sign_parts_in_one_pass_exactly(tmp_path, rows, o
     assert _splits_sign_parts(m) != one_pass
     _assert_artifact_exact(verify(loaded, artifact=str(dense), per_layer=True, samples=4), dense.name)
     for skip in (0, 2, 5):
+        np.testing.assert_array_equal(m(x.numpy(), skip_planes=skip), reference(x.numpy(), skip_planes=skip))
+
+
+@pytest.mark.parametrize("n_bits,rows,one_pass", [(4, 1, True), (4, 2, True), (4, 4, False), (6, 1, False)])
+def test_avx2_linear_takes_both_sign_parts_in_one_pass_where_int16_holds(tmp_path, n_bits, rows, one_pass):
+    """Built for AVX2, a linear layer with symmetric 8-bit codes takes both sign parts in one
+    pass at one or two rows where a pair of codes times the complemented weights fits
+    vpmaddubsw's int16 (4-bit weights: 2 x 255 x 17), else one call a part (6-bit weights reach
+    64 under some plane setting: 2 x 255 x 65 could saturate); exact either way, at every plane
+    setting."""
+    torch.manual_seed(6)
+    x = torch.rand(rows, 512) - 0.5
+    loaded, dense, m, reference = _a8_linear_and_bitserial(tmp_path, 512, 1024, n_bits, x, True, mcpu=AVX2_CPU)
+    (layer,) = m.layers.values()
+    assert (layer["kernel"], layer["pack"]) == ("bitparallel", "dense")
+    assert _splits_sign_parts(m) != one_pass
+    _assert_artifact_exact(verify(loaded, artifact=str(dense), per_layer=True, samples=4), dense.name)
+    for skip in (0, 2):
         np.testing.assert_array_equal(m(x.numpy(), skip_planes=skip), reference(x.numpy(), skip_planes=skip))
 
 

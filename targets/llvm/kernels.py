@@ -53,7 +53,7 @@ from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_
                   host_has_amx,
                   request_tile_permission, target_has_amx)
 from .host import host_mattr
-from .isa import AVX512, accumulator_budget, dot4, dot4_sum, missing_features, sign_flip_mask, sign_flipped, tier
+from .isa import AVX2, AVX512, accumulator_budget, dot4, dot4_sum, missing_features, sign_flip_mask, sign_flipped, tier
 from .nibble import nibble_dense
 from .codes_main import ConvCodes, codes_main
 from .staging import phase_pairs, phase_staging, staging_loop, task_rows_staging
@@ -634,10 +634,12 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
 
         main(x: uint8[M, K], w: int8[ceil(N/16), ceil(K/4), 64], y: int32[M, N])
 
-    ``two_signs`` (int8 weights, AVX-512, ``K % 4 == 0``): ``main(x_pos, x_neg, w, y)`` computes
+    ``two_signs`` (int8 weights, ``K % 4 == 0``): ``main(x_pos, x_neg, w, y)`` computes
     ``y = x_pos @ q.T - x_neg @ q.T`` for the sign parts of signed codes (at each position at most
-    one of them not 0) in one pass over the weights, one ``vpdpbusd`` a weight vector and row
-    (``isa.sign_flip_mask``; the accumulators start from the row's sum of negative parts).
+    one of them not 0) in one pass over the weights, one dot product a weight vector and row
+    (``isa.sign_flip_mask``; the accumulators start from the row's sum of negative parts). On
+    AVX2 it is exact only where pairs of codes times weights one larger in magnitude fit
+    ``vpmaddubsw``'s int16 (the caller's bound: ``CpuBackend.signed_dense``).
 
     ``weight_dtype="int16"`` (vectorized int32 multiply-add fallback for wider q)::
 
@@ -648,8 +650,9 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
     """
     if acc_dtype != "int32":
         raise ValueError("bit-parallel kernels accumulate in int32 (vpdpbusd); use bit-serial for int64")
-    if two_signs and (weight_dtype != "int8" or K % 4 or tier() != AVX512):
-        raise ValueError("both sign parts in one pass need int8 weights, K % 4 == 0 and AVX-512")
+    if two_signs and (weight_dtype != "int8" or K % 4 or tier() not in (AVX512, AVX2)):
+        raise ValueError("both sign parts in one pass need int8 weights, K % 4 == 0 and an int8 dot product "
+                         "(AVX-512, or AVX2 where the caller bounds its int16 pair sums)")
     knobs = knobs or BitparallelKnobs()
     n_tiles = -(-N // VNNI_LANES)
     row_block = max(1, min(knobs.row_block, M))

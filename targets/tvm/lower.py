@@ -145,6 +145,7 @@ class _Lowerer:
         self.backend_tile_dense = getattr(b, "tile_dense", None)
         # and take both sign parts of signed codes in one pass (the llvm one on AVX-512, few rows)
         self.backend_signed_dense = getattr(b, "signed_dense", None)
+        self.signed_dense_layers: dict[str, bool] = {}  # linear layer -> whether it takes both sign parts in one pass
         # and, in its small dense kernel, in one dot product (the llvm one: AVX-512, AVX2 within int16)
         self.backend_small_dense_one_product = getattr(b, "small_dense_one_product", None)
         self.backend_tile_conv = getattr(b, "tile_conv", None)
@@ -1261,8 +1262,11 @@ class _Lowerer:
         """Whether the int8 dense kernel takes bit-parallel linear layer ``n``'s two sign parts in one pass."""
         if n.op != "qlinear" or self.backend_signed_dense is None:
             return False
-        x_shape = self.g.type_of(n.inputs[0]).shape
-        return self.backend_signed_dense(int(np.prod(x_shape[:-1])), n.attr("weight_shape")[0], int(x_shape[-1]))
+        if n.name not in self.signed_dense_layers:
+            x_shape = self.g.type_of(n.inputs[0]).shape
+            self.signed_dense_layers[n.name] = bool(self.backend_signed_dense(
+                int(np.prod(x_shape[:-1])), n.attr("weight_shape")[0], int(x_shape[-1]), n, decode_weight(self.g, n)))
+        return self.signed_dense_layers[n.name]
 
     def _nibble_dense(self, n: Node, q, info: dict, codes: list[str], accs: list[str]) -> None:
         """A linear layer on nibble-packed weights, both sign parts in one call (one accumulator)."""
