@@ -1005,9 +1005,11 @@ def test_dequant_dense_matches_float_reference(m, n, k, bits, width):
     _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
 
 
-@needs_avx512
-def test_dequant_dense_reads_five_plane_codes_as_bytes():
-    q, _, spec, zero_point, w, x, kernel = _dequant_case(8, 48, 96, 5)  # 32 levels by vpermi2ps, x read in place
+@pytest.mark.parametrize("m, n, k", [(8, 48, 96), (1, 37, 33)])
+@pytest.mark.parametrize("width", DEQUANT_WIDTHS)
+def test_dequant_dense_reads_five_plane_codes_as_bytes(m, n, k, width):
+    # 32 levels: one vpermi2ps (AVX-512), two 8-entry lookups added (AVX2); x read in place, or copied
+    q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, 5, width)
     _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
 
 
@@ -1041,8 +1043,9 @@ def test_dequant_dense_assembly_on_avx2_uses_ymm_permutes_and_no_zmm():
     lookups = len(re.findall(r"vperm(?:ps|d)\s+%ymm", assembly))
     assert lookups >= 8 * 6  # 8 nibbles x 6 tiles of a word, unrolled
     assert "%zmm" not in assembly and len(re.findall(r"vfmadd\w+\s+[^\n]*%ymm", assembly)) >= lookups
-    *_, kernel = _dequant_case(2, 64, 64, 4, (AVX2_CPU, 8))
-    assert "vblendvps" in kernel.assembly()  # 16 levels: two 8-entry permutes and a blend
+    *_, kernel = _dequant_case(1, 256, 256, 4, (AVX2_CPU, 8))
+    assembly = kernel.assembly()  # 16 levels: two 8-entry lookups a weight vector, added
+    assert len(re.findall(r"vperm(?:ps|d)\s+%ymm", assembly)) >= 2 * lookups and "vblendv" not in assembly
 
 
 def test_pack_dequant_weight_puts_codes_in_nibbles_along_k():
@@ -1059,10 +1062,10 @@ def test_pack_dequant_weight_puts_codes_in_nibbles_along_k():
     words = eight[:-4].view("<u4").reshape(3, 3, 2, 8)
     assert (words[2, 1, 0, 5] >> 20) & 15 == codes[n, k]  # output 37 = block 2, tile 0, lane 5
     with pytest.raises(ValueError, match="wider than the 8-lane"):
-        kernels.pack_dequant_weight(np.zeros((5, 8, 8), np.uint8), [(s, 1) for s in range(5)], 1, lanes=8)
+        kernels.pack_dequant_weight(np.zeros((6, 8, 8), np.uint8), [(s, 1) for s in range(6)], 1, lanes=8)
 
 
 @pytest.mark.parametrize("planes, lanes, bits", [(1, 16, 4), (4, 16, 4), (5, 16, 8), (6, 16, 0), (3, 8, 4), (4, 8, 4),
-                                                 (5, 8, 0), (0, 16, 0)])
+                                                 (5, 8, 8), (6, 8, 0), (0, 16, 0)])
 def test_dequant_code_bits(planes, lanes, bits):
     assert packing.dequant_code_bits(planes, lanes) == bits

@@ -79,8 +79,8 @@ def test_choose_kernel_for_signed_planes(bits, rows, kernel):
 
 
 @pytest.mark.parametrize("rows, planes, kernel", [
-    (1, 3, "dequant"), (1, 4, "dequant"), (8, 3, "dequant"), (64, 4, "dequant"),  # 8-lane permutes, 16 levels at most
-    (1, 5, "float"), (128, 3, "float"),  # wider codes, more rows than measured
+    (1, 3, "dequant"), (1, 5, "dequant"), (8, 3, "dequant"), (64, 4, "dequant"),  # 8-lane permutes, 32 levels at most
+    (1, 6, "float"), (128, 3, "float"),  # wider codes, more rows than measured
 ])
 def test_choose_kernel_for_float_input_linear_layers_on_avx2(rows, planes, kernel):
     layer = _float_input_layer(4096, 4096, planes)

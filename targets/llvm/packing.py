@@ -159,11 +159,11 @@ def dequant_code_bits(planes: int, lanes: int = 16) -> int:
     """Bits per weight of the dequantizing weight-only kernel's codes for ``planes`` weight
     planes, one code bit a plane (signs and shifts live in its level table, so any planes form
     one): 4 (nibbles, up to 4 planes) or 8 (bytes holding 5-plane codes, whose 32 levels one
-    AVX-512 ``vpermi2ps`` reads), or 0 when the kernel of ``lanes`` float lanes takes no code
-    that wide (AVX2's 8-lane permutes: 16 levels at most, two permutes and a blend)."""
+    AVX-512 ``vpermi2ps`` reads, or two AVX2 8-lane lookups added), or 0 past 5 planes.
+    (``lanes``: the kernel's width, 16 or 8; both take the same codes.)"""
     if 1 <= planes <= 4:
         return 4
-    return 8 if planes == 5 and lanes == 16 else 0
+    return 8 if planes == 5 else 0
 
 
 def unpack_bitparallel_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -282,10 +282,10 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
 # per weight and row.
 #
 # Two widths: AVX-512 (16 lanes: one vpermps reads 16 levels, vpermi2ps 32) and AVX2 (8 lanes:
-# one vpermps reads 8 levels; 16 take two and a blend on the code's top bit).
+# one vpermps reads 8 levels; 16 or 32 take two 8-entry lookups added, the low 3 code bits'
+# planes and the top bits').
 _VPERMI2PS = "llvm.x86.avx512.vpermi2var.ps.512"
 _VPERMPS_256 = "llvm.x86.avx2.permps"  # reads the low 3 index bits
-_BLENDVPS_256 = "llvm.x86.avx.blendv.ps.256"  # the second operand where the mask's sign bit is set
 _DEQUANT_MAX_ROWS = 4  # rows per pass (sharing each lookup); 4 rows x 4 tiles measured best at 8 rows
 _DEQUANT_ACCUMULATORS = 8  # independent FMA chains at one row (FMA latency x 2 pipes)
 _AVX2_LANES = 8
@@ -342,27 +342,27 @@ def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int, l
     return np.concatenate([little_endian, np.zeros(_LOAD_SLACK, np.uint8)])
 
 
-def _code_load(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: int, code_bits: int, lanes: int) -> tirx.PrimExpr:
-    """``lanes`` consecutive words loaded ``code_bits * code // 8`` bytes further on (the code's
-    byte at the bottom of each int32 lane; a lane's top byte then comes from the next lane)."""
-    load = tirx.BufferLoad(w_bytes, [tirx.Ramp(word_byte + code_bits * code // 8, 1, 4 * lanes)])
-    return tirx.reinterpret(f"int32x{lanes}", load)
-
-
-def _code_index(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: int, code_bits: int, lanes: int = LUT_LANES) -> tirx.PrimExpr:
+def _code_index(w_bytes: tirx.Buffer, word_byte: tirx.PrimExpr, code: int, code_bits: int, lanes: int) -> tirx.PrimExpr:
     """Code ``code`` of ``lanes`` consecutive words in the low bits of each int32 lane (the
-    permutes read only the low 3, 4 or 5 bits): a shift by 4 for odd nibbles (bytes never shift)."""
+    permutes read only the low 3, 4 or 5 bits): the words loaded ``code_bits * code // 8`` bytes
+    further on (a lane's top byte then comes from the next lane), and a shift by 4 for odd
+    nibbles (bytes never shift)."""
+    load = tirx.BufferLoad(w_bytes, [tirx.Ramp(word_byte + code_bits * code // 8, 1, 4 * lanes)])
     # a shift by 0 (even nibbles, bytes) folds away once the code loop is unrolled
-    return _code_load(w_bytes, word_byte, code, code_bits, lanes) >> tirx.Broadcast(code_bits * code % 8, lanes)
+    return tirx.reinterpret(f"int32x{lanes}", load) >> tirx.Broadcast(code_bits * code % 8, lanes)
 
 
-def _level(c, n_planes, shifts_signs, zero_point) -> tirx.PrimExpr:
-    """float32 level of code ``c``: its planes' ``sign 2^shift`` (0 at or after ``n_planes``), less the zero point."""
+def _level(c, n_planes, shifts_signs, zero_point, code_bits: range | None = None) -> tirx.PrimExpr:
+    """float32 level of code ``c``: its planes' ``sign 2^shift`` (0 at or after ``n_planes``), less
+    ``zero_point``. ``code_bits``: only the planes whose code bit lies there, ``c`` holding the
+    first of them in its bit 0 (a part of a split table)."""
     count = len(shifts_signs)
+    code_bits = code_bits or range(count)
     total = tirx.const(0.0, "float32")
     for p in range(count):
-        bit = tirx.Cast("float32", (c >> (count - 1 - p)) & 1)
-        total = total + bit * _plane_coefficient(p, n_planes, shifts_signs)
+        if count - 1 - p in code_bits:
+            bit = tirx.Cast("float32", (c >> (count - 1 - p - code_bits.start)) & 1)
+            total = total + bit * _plane_coefficient(p, n_planes, shifts_signs)
     return total - tirx.Cast("float32", zero_point)
 
 
@@ -399,6 +399,13 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
     m_padded = passes * rows_per_pass
     last_tile_width = N - (n_tiles - 1) * lanes
     table_vectors = -(-levels // lanes)
+    # AVX2 past 8 levels: a level is the sum of two 8-entry lookups, its low 3 code bits' planes
+    # and its top bits' (with the zero point): levels are sums over planes, so they split (at 4
+    # planes faster than two lookups and a blend on the top bit: 860 against 1,172 us at one
+    # row of 4096 x 4096, 2,089 against 2,230 at 8; haswell code on a Zen 4, alternating)
+    split = lanes == _AVX2_LANES and levels > lanes
+    if split:
+        table_vectors = 2
     vector = f"float32x{lanes}"
 
     padded = (m_padded, k_padded) != (M, K)
@@ -407,23 +414,16 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         return tirx.BufferLoad(rows if padded else x, [m, k])
 
     def level_vector(table, w_bytes, word_byte, code):
+        index = _code_index(w_bytes, word_byte, code, code_bits, lanes)
         low = tirx.BufferLoad(table, [tirx.Ramp(0, 1, lanes)])
-        high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)]) if table_vectors == 2 else None
-        if lanes == LUT_LANES:
-            index = _code_index(w_bytes, word_byte, code, code_bits)
-            if high is None:
-                return tirx.call_llvm_pure_intrin(vector, _VPERMPS, low, index)
+        if table_vectors == 1:
+            return tirx.call_llvm_pure_intrin(vector, _VPERMPS if lanes == LUT_LANES else _VPERMPS_256, low, index)
+        high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)])
+        if not split:
             return tirx.call_llvm_pure_intrin(vector, _VPERMI2PS, low, index, high)
-        raw = _code_load(w_bytes, word_byte, code, code_bits, lanes)
-        shift = code_bits * code % 8
-        index = raw >> tirx.Broadcast(shift, lanes)
-        picked = tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, low, index)
-        if high is None:
-            return picked
-        # bit 3 of the nibble into each lane's sign bit: the blend's selector
-        top = tirx.reinterpret(vector, raw << tirx.Broadcast(28 - shift, lanes))
-        return tirx.call_llvm_pure_intrin(vector, _BLENDVPS_256, picked,
-                                          tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, high, index), top)
+        # (the top part's table repeats every 2^(P-3) entries: index bits past the code's are the next code's)
+        return (tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, low, index)
+                + tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, high, index >> tirx.Broadcast(3, lanes)))
 
     store_tile = _tile_store(lanes, n_tiles, last_tile_width)
 
@@ -442,8 +442,14 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         # shapes read x itself (no copy, no second parallel region)
         rows = T.alloc_buffer((m_padded, k_padded) if padded else (1, 1), "float32")
         table = T.alloc_buffer((table_vectors * lanes,), "float32")
-        for c in range(table_vectors * lanes):
-            table[c] = _level(c, n_planes, shifts_signs, zero_point * int(with_zero_point))
+        if split:
+            for c in range(lanes):
+                table[c] = _level(c, n_planes, shifts_signs, 0, range(3))
+                table[lanes + c] = _level(c % (levels // 8), n_planes, shifts_signs, zero_point * int(with_zero_point),
+                                          range(3, len(shifts_signs)))
+        else:
+            for c in range(table_vectors * lanes):
+                table[c] = _level(c, n_planes, shifts_signs, zero_point * int(with_zero_point))
         if padded:
             for m in T.parallel(m_padded):
                 for k in T.vectorized(k_padded):
