@@ -157,7 +157,7 @@ def _choose_float_input_kernel(n: Node, rows: int, q: np.ndarray, tier: str = AV
             return LayerChoice("float", f"float input, {rows} row(s) x {planes} planes: AVX2's weight-only kernel "
                                         "reads codes of up to 5 planes (32 levels), up to 64 rows")
         return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {planes}-bit codes dequantized "
-                                      "in registers (AVX2: one 8-lane lookup per 8 weights, shared by up to 4 rows)")
+                                      "in registers (AVX2: 8-lane lookups, two past 3 planes, shared by up to 4 rows)")
     if code_bits and (rows > 1 or planes > _LUT_ONE_ROW_MAX_PLANES) and rows <= _DEQUANT_MAX_ROWS:
         return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {planes}-bit codes "
                                       "dequantized in registers, one lookup per 16 weights for up to 4 rows")
