@@ -150,8 +150,7 @@ def _choose_float_input_kernel(n: Node, rows: int, q: np.ndarray, tier: str = AV
         return LayerChoice("float", "float input: the weight-only kernels need AVX2 or AVX-512 permutes")
     if weights < _LUT_MIN_WEIGHTS:
         return LayerChoice("float", f"float input, {weights} weights: fp32 weights stay in cache, one FMA each is cheaper")
-    lanes = 16 if tier == AVX512 else 8
-    code_bits = dequant_code_bits(planes, lanes)
+    code_bits = dequant_code_bits(planes)
     if tier == AVX2:
         if not code_bits or rows > _DEQUANT_MAX_ROWS:
             return LayerChoice("float", f"float input, {rows} row(s) x {planes} planes: AVX2's weight-only kernel "

@@ -155,12 +155,11 @@ def pack_depthwise_weight_planes(planes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planes.reshape(p, o, -1).transpose(1, 0, 2)).astype(np.uint8)
 
 
-def dequant_code_bits(planes: int, lanes: int = 16) -> int:
+def dequant_code_bits(planes: int) -> int:
     """Bits per weight of the dequantizing weight-only kernel's codes for ``planes`` weight
     planes, one code bit a plane (signs and shifts live in its level table, so any planes form
     one): 4 (nibbles, up to 4 planes) or 8 (bytes holding 5-plane codes, whose 32 levels one
-    AVX-512 ``vpermi2ps`` reads, or two AVX2 8-lane lookups added), or 0 past 5 planes.
-    (``lanes``: the kernel's width, 16 or 8; both take the same codes.)"""
+    AVX-512 ``vpermi2ps`` reads, or two AVX2 8-lane lookups added), or 0 past 5 planes."""
     if 1 <= planes <= 4:
         return 4
     return 8 if planes == 5 else 0

@@ -324,9 +324,9 @@ def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int, l
     count, n, k = planes.shape
     if count != len(shifts_signs):
         raise ValueError(f"{count} weight planes but {len(shifts_signs)} plane specs")
-    code_bits = dequant_code_bits(count, lanes)
+    code_bits = dequant_code_bits(count)
     if not code_bits:
-        raise ValueError(f"{count} planes make codes wider than the {lanes}-lane dequantizing kernel reads")
+        raise ValueError(f"{count} planes make codes wider than the dequantizing kernel reads (5 planes at most)")
     codes = _dequant_codes(planes)
     per_word = WORD_BITS // code_bits
     kw = -(-k // per_word)
@@ -384,9 +384,9 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
     shifts_signs = _check(shifts_signs)
     if lanes not in (LUT_LANES, _AVX2_LANES):
         raise ValueError(f"the dequantizing kernel runs 16 (AVX-512) or 8 (AVX2) lanes, not {lanes}")
-    code_bits = dequant_code_bits(len(shifts_signs), lanes)
+    code_bits = dequant_code_bits(len(shifts_signs))
     if not code_bits:
-        raise ValueError(f"{len(shifts_signs)} planes make codes wider than the {lanes}-lane kernel reads")
+        raise ValueError(f"{len(shifts_signs)} planes make codes wider than the dequantizing kernel reads (5 planes at most)")
     with_zero_point = bool(zero_point)
     levels = 1 << len(shifts_signs)
     per_word = WORD_BITS // code_bits

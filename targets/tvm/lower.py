@@ -143,7 +143,7 @@ class _Lowerer:
         self.nibble_highs: dict[str, int | None] = {}  # linear layer -> its nibble layout (None: int8)
         # a backend may run bit-parallel layers on matrix tiles (the llvm one: AMX, kernels.amx_dense / amx_conv2d)
         self.backend_tile_dense = getattr(b, "tile_dense", None)
-        # and take both sign parts of signed codes in one pass (the llvm one on AVX-512, few rows)
+        # and take both sign parts of signed codes in one pass (the llvm one at few rows: AVX-512, AVX2 within int16)
         self.backend_signed_dense = getattr(b, "signed_dense", None)
         self.signed_dense_layers: dict[str, bool] = {}  # linear layer -> whether it takes both sign parts in one pass
         # and, in its small dense kernel, in one dot product (the llvm one: AVX-512, AVX2 within int16)
@@ -1320,7 +1320,6 @@ class _Lowerer:
         shape = n.attr("weight_shape")
         x_shape = self.g.type_of(n.inputs[0]).shape
         m, k = int(np.prod(x_shape[:-1])), int(x_shape[-1])
-        n_tiles = -(-shape[0] // self.kernels.LUT_LANES)
         planes = planes.reshape(len(plane_spec), shape[0], k)
         if kernel == "dequant":
             lanes = self.dequant_lanes
@@ -1329,7 +1328,7 @@ class _Lowerer:
             key = f"dequantdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{lanes})"
             f = self.plan.func(key, lambda: self.kernels.dequant_dense(m, shape[0], k, plane_spec, bool(z), lanes))
         else:
-            tiles = self.kernels.lut_tiles_per_task(len(plane_spec), n_tiles)
+            tiles = self.kernels.lut_tiles_per_task(len(plane_spec), -(-shape[0] // self.kernels.LUT_LANES))
             packed = self.kernels.pack_lut_weight(self.packing.pack_weight_planes(
                 planes, lanes=self.kernels.LUT_LANES), tiles)
             key = f"lutdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{tiles})"
