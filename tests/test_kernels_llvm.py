@@ -1005,15 +1005,16 @@ def test_dequant_dense_matches_float_reference(m, n, k, bits, width):
     _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
 
 
-@pytest.mark.parametrize("m, n, k", [(8, 48, 96), (1, 37, 33)])
+@pytest.mark.parametrize("m, n, k, bits", [(8, 48, 96, 5), (1, 37, 33, 5), (3, 40, 70, 6), (1, 64, 256, 6)])
 @pytest.mark.parametrize("width", DEQUANT_WIDTHS)
-def test_dequant_dense_reads_five_plane_codes_as_bytes(m, n, k, width):
-    # 32 levels: one vpermi2ps (AVX-512), two 8-entry lookups added (AVX2); x read in place, or copied
-    q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, 5, width)
+def test_dequant_dense_reads_five_and_six_plane_codes_as_bytes(m, n, k, bits, width):
+    # 32 levels: one vpermi2ps (AVX-512), two 8-entry lookups added (AVX2); 64: two lookups
+    # added on both (16 + 4 or 8 + 8 entries); x read in place, or copied
+    q, _, spec, zero_point, w, x, kernel = _dequant_case(m, n, k, bits, width)
     _assert_float_close(kernel(x, w, len(spec), zero_point), x @ q.astype(np.float32).T)
 
 
-@pytest.mark.parametrize("bits, encoding", [(3, "offset"), (2, "posneg"), (1, "posneg")])
+@pytest.mark.parametrize("bits, encoding", [(3, "offset"), (2, "posneg"), (1, "posneg"), (3, "posneg")])
 @pytest.mark.parametrize("width", DEQUANT_WIDTHS)
 def test_dequant_dense_runtime_plane_count_drops_low_planes(bits, encoding, width):
     # signed planes (positive and negative parts of each bit) form codes too: the level table
@@ -1062,9 +1063,9 @@ def test_pack_dequant_weight_puts_codes_in_nibbles_along_k():
     words = eight[:-4].view("<u4").reshape(3, 3, 2, 8)
     assert (words[2, 1, 0, 5] >> 20) & 15 == codes[n, k]  # output 37 = block 2, tile 0, lane 5
     with pytest.raises(ValueError, match="5 planes at most"):
-        kernels.pack_dequant_weight(np.zeros((6, 8, 8), np.uint8), [(s, 1) for s in range(6)], 1, lanes=8)
+        kernels.pack_dequant_weight(np.zeros((7, 8, 8), np.uint8), [(s, 1) for s in range(7)], 1, lanes=8)
 
 
-@pytest.mark.parametrize("planes, bits", [(1, 4), (3, 4), (4, 4), (5, 8), (6, 0), (0, 0)])
+@pytest.mark.parametrize("planes, bits", [(1, 4), (3, 4), (4, 4), (5, 8), (6, 8), (7, 0), (0, 0)])
 def test_dequant_code_bits(planes, bits):
     assert packing.dequant_code_bits(planes) == bits

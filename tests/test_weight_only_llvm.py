@@ -70,8 +70,8 @@ def _signed_planes_layer(bits):
 
 
 @pytest.mark.parametrize("bits, rows, kernel", [
-    (2, 8, "dequant"), (2, 32, "dequant"),  # 4 signed planes: 16 levels, one code
-    (3, 8, "lut"), (3, 16, "float"),  # 6 planes: no code; lookups up to 80 row-planes
+    (2, 8, "dequant"), (3, 32, "dequant"),  # 4 and 6 signed planes: 16 and 64 levels, one code
+    (4, 8, "lut"), (4, 16, "float"),  # 8 planes: no code; lookups up to 80 row-planes
 ])
 def test_choose_kernel_for_signed_planes(bits, rows, kernel):
     layer = _signed_planes_layer(bits)
@@ -79,8 +79,8 @@ def test_choose_kernel_for_signed_planes(bits, rows, kernel):
 
 
 @pytest.mark.parametrize("rows, planes, kernel", [
-    (1, 3, "dequant"), (1, 5, "dequant"), (8, 3, "dequant"), (64, 4, "dequant"),  # 8-lane permutes, 32 levels at most
-    (1, 6, "float"), (128, 3, "float"),  # wider codes, more rows than measured
+    (1, 3, "dequant"), (1, 6, "dequant"), (8, 3, "dequant"), (64, 4, "dequant"),  # 8-lane permutes, 64 levels at most
+    (1, 7, "float"), (128, 3, "float"),  # wider codes, more rows than measured
 ])
 def test_choose_kernel_for_float_input_linear_layers_on_avx2(rows, planes, kernel):
     layer = _float_input_layer(4096, 4096, planes)

@@ -127,8 +127,10 @@ _DEQUANT_MAX_ROWS = 64  # the largest batch measured against fp32
 # Measured against the fp32 kernel (-mcpu=haswell on a Zen 4, 2 threads, alternating medians),
 # 4096 x 4096, 3 planes: 1 row 336 / 1484 us, 2 rows 553 / 1985, 8 rows 1728 / 5040, 64 rows
 # 12542 / 39160; 4 planes (two permutes) 1 row 614 / 1481, 64 rows 16901 / 37612; 5 planes (byte
-# codes) 1 row 823 / 2104, 8 rows 2904 / 5254, 64 rows 19926 / 41624; 1024 x 1024, 3 planes:
-# 1 row 25 / 33, 64 rows 781 / 1201; 512 x 512: 1 row 9 / 10, 8 rows 31 / 54.
+# codes) 1 row 823 / 2104, 8 rows 2904 / 5254, 64 rows 19926 / 41624; 6 planes 1 row 726 / 1820,
+# 64 rows 18615 / 40118; 1024 x 1024, 3 planes: 1 row 25 / 33, 64 rows 781 / 1201; 512 x 512:
+# 1 row 9 / 10, 8 rows 31 / 54. AVX-512 at 6 planes (two 16-entry lookups added) against lut and
+# fp32, 4096 x 4096: 1 row 497 / 738 / 1806 us, 4 rows 909 / 1642 / 2326, 16 rows 3608 / 5624 / 9938.
 
 
 def _plane_count(spec, q: np.ndarray) -> int:
@@ -154,7 +156,7 @@ def _choose_float_input_kernel(n: Node, rows: int, q: np.ndarray, tier: str = AV
     if tier == AVX2:
         if not code_bits or rows > _DEQUANT_MAX_ROWS:
             return LayerChoice("float", f"float input, {rows} row(s) x {planes} planes: AVX2's weight-only kernel "
-                                        "reads codes of up to 5 planes (32 levels), up to 64 rows")
+                                        "reads codes of up to 6 planes (64 levels), up to 64 rows")
         return LayerChoice("dequant", f"float input, {rows} row(s) x {planes} planes: {planes}-bit codes dequantized "
                                       "in registers (AVX2: 8-lane lookups, two past 3 planes, shared by up to 4 rows)")
     if code_bits and (rows > 1 or planes > _LUT_ONE_ROW_MAX_PLANES) and rows <= _DEQUANT_MAX_ROWS:

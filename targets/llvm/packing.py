@@ -158,11 +158,11 @@ def pack_depthwise_weight_planes(planes: np.ndarray) -> np.ndarray:
 def dequant_code_bits(planes: int) -> int:
     """Bits per weight of the dequantizing weight-only kernel's codes for ``planes`` weight
     planes, one code bit a plane (signs and shifts live in its level table, so any planes form
-    one): 4 (nibbles, up to 4 planes) or 8 (bytes holding 5-plane codes, whose 32 levels one
-    AVX-512 ``vpermi2ps`` reads, or two AVX2 8-lane lookups added), or 0 past 5 planes."""
+    one): 4 (nibbles, up to 4 planes) or 8 (bytes holding 5- or 6-plane codes, whose levels one
+    AVX-512 ``vpermi2ps`` or two lookups added read), or 0 past 6 planes."""
     if 1 <= planes <= 4:
         return 4
-    return 8 if planes == 5 else 0
+    return 8 if planes in (5, 6) else 0
 
 
 def unpack_bitparallel_weight(packed: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -281,9 +281,9 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
 # in the fp32 kernel). Work: one lookup per weight vector shared by all rows of a pass, one FMA
 # per weight and row.
 #
-# Two widths: AVX-512 (16 lanes: one vpermps reads 16 levels, vpermi2ps 32) and AVX2 (8 lanes:
-# one vpermps reads 8 levels; 16 or 32 take two 8-entry lookups added, the low 3 code bits'
-# planes and the top bits').
+# Two widths: AVX-512 (16 lanes: one vpermps reads 16 levels, vpermi2ps 32, 64 take two
+# 16-entry lookups added, the low 4 code bits' planes and the top bits') and AVX2 (8 lanes: one
+# vpermps reads 8 levels; 16 to 64 take two 8-entry lookups added, the low 3 bits' and the top).
 _VPERMI2PS = "llvm.x86.avx512.vpermi2var.ps.512"
 _VPERMPS_256 = "llvm.x86.avx2.permps"  # reads the low 3 index bits
 _DEQUANT_MAX_ROWS = 4  # rows per pass (sharing each lookup); 4 rows x 4 tiles measured best at 8 rows
@@ -399,11 +399,13 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
     m_padded = passes * rows_per_pass
     last_tile_width = N - (n_tiles - 1) * lanes
     table_vectors = -(-levels // lanes)
-    # AVX2 past 8 levels: a level is the sum of two 8-entry lookups, its low 3 code bits' planes
-    # and its top bits' (with the zero point): levels are sums over planes, so they split (at 4
-    # planes faster than two lookups and a blend on the top bit: 860 against 1,172 us at one
-    # row of 4096 x 4096, 2,089 against 2,230 at 8; haswell code on a Zen 4, alternating)
-    split = lanes == _AVX2_LANES and levels > lanes
+    # Past one permute's levels (AVX2: 8; AVX-512: 32 by vpermi2ps) a level is the sum of two
+    # lookups, its low code bits' planes (3 or 4 bits, a vector of entries) and its top bits'
+    # (with the zero point): levels are sums over planes, so they split (on AVX2 at 4 planes
+    # faster than two lookups and a blend on the top bit: 860 against 1,172 us at one row of
+    # 4096 x 4096, 2,089 against 2,230 at 8; haswell code on a Zen 4, alternating)
+    split = levels > (lanes if lanes == _AVX2_LANES else 2 * lanes)
+    low_bits = lanes.bit_length() - 1
     if split:
         table_vectors = 2
     vector = f"float32x{lanes}"
@@ -421,9 +423,11 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         high = tirx.BufferLoad(table, [tirx.Ramp(lanes, 1, lanes)])
         if not split:
             return tirx.call_llvm_pure_intrin(vector, _VPERMI2PS, low, index, high)
-        # (the top part's table repeats every 2^(P-3) entries: index bits past the code's are the next code's)
-        return (tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, low, index)
-                + tirx.call_llvm_pure_intrin(vector, _VPERMPS_256, high, index >> tirx.Broadcast(3, lanes)))
+        # (the top part's table repeats every 2^(P - low_bits) entries: index bits past the code's
+        # are the next code's, or zero)
+        permute = _VPERMPS if lanes == LUT_LANES else _VPERMPS_256
+        return (tirx.call_llvm_pure_intrin(vector, permute, low, index)
+                + tirx.call_llvm_pure_intrin(vector, permute, high, index >> tirx.Broadcast(low_bits, lanes)))
 
     store_tile = _tile_store(lanes, n_tiles, last_tile_width)
 
@@ -444,9 +448,9 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         table = T.alloc_buffer((table_vectors * lanes,), "float32")
         if split:
             for c in range(lanes):
-                table[c] = _level(c, n_planes, shifts_signs, 0, range(3))
-                table[lanes + c] = _level(c % (levels // 8), n_planes, shifts_signs, zero_point * int(with_zero_point),
-                                          range(3, len(shifts_signs)))
+                table[c] = _level(c, n_planes, shifts_signs, 0, range(low_bits))
+                table[lanes + c] = _level(c % (levels >> low_bits), n_planes, shifts_signs,
+                                          zero_point * int(with_zero_point), range(low_bits, len(shifts_signs)))
         else:
             for c in range(table_vectors * lanes):
                 table[c] = _level(c, n_planes, shifts_signs, zero_point * int(with_zero_point))
