@@ -1062,7 +1062,7 @@ def test_pack_dequant_weight_puts_codes_in_nibbles_along_k():
     eight = kernels.pack_dequant_weight(planes, spec, 2, lanes=8)  # AVX2: [blocks, KW, tiles, 8] words
     words = eight[:-4].view("<u4").reshape(3, 3, 2, 8)
     assert (words[2, 1, 0, 5] >> 20) & 15 == codes[n, k]  # output 37 = block 2, tile 0, lane 5
-    with pytest.raises(ValueError, match="5 planes at most"):
+    with pytest.raises(ValueError, match="6 planes at most"):
         kernels.pack_dequant_weight(np.zeros((7, 8, 8), np.uint8), [(s, 1) for s in range(7)], 1, lanes=8)
 
 

@@ -273,7 +273,7 @@ def lut_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]], z
 # --------------------------------------------------------------------------------------------
 # The other weight-only form: the planes are recombined at compile time into one code per
 # weight, one bit a plane (``c = sum_p bit_p << (P - 1 - p)``, planes most significant first),
-# packed as nibbles (up to 4 planes) or bytes (5). In the kernel a code indexes a level table
+# packed as nibbles (up to 4 planes) or bytes (5 or 6). In the kernel a code indexes a level table
 # ``level[c] = sum_p bit_p(c) sign_p 2^shift_p - z`` built per call (planes at or after
 # ``n_planes`` count 0), and the levels meet each row's broadcast activation in one FMA. Signs,
 # repeated shifts and gaps in the mask live in the table, so any planes form a code. Levels are
@@ -296,11 +296,10 @@ def dequant_blocking(rows: int, n_tiles: int, lanes: int = LUT_LANES) -> tuple[i
     so that enough FMA chains run side by side without spilling (16 zmm accumulators at most on
     AVX-512; AVX2's 16 ymm registers hold 8 besides the table, index and broadcast rows) and a
     narrow layer still splits into two tasks."""
+    rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
     if lanes == LUT_LANES:
-        rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
         tiles = _DEQUANT_ACCUMULATORS if rows_per_pass == 1 else 4
     else:  # AVX2 (measured -mcpu=haswell on a Zen 4, 4096 x 4096, 2 threads; see backend.py)
-        rows_per_pass = min(rows, _DEQUANT_MAX_ROWS)
         tiles = {1: 6, 2: 4}.get(rows_per_pass, 2)
     # at least two tasks (both threads busy) where there are two tiles
     return rows_per_pass, max(1, min(tiles, n_tiles // 2))
@@ -326,7 +325,7 @@ def pack_dequant_weight(planes: np.ndarray, shifts_signs, tiles_per_task: int, l
         raise ValueError(f"{count} weight planes but {len(shifts_signs)} plane specs")
     code_bits = dequant_code_bits(count)
     if not code_bits:
-        raise ValueError(f"{count} planes make codes wider than the dequantizing kernel reads (5 planes at most)")
+        raise ValueError(f"{count} planes make codes wider than the dequantizing kernel reads (6 planes at most)")
     codes = _dequant_codes(planes)
     per_word = WORD_BITS // code_bits
     kw = -(-k // per_word)
@@ -386,7 +385,7 @@ def dequant_dense(M: int, N: int, K: int, shifts_signs: Sequence[tuple[int, int]
         raise ValueError(f"the dequantizing kernel runs 16 (AVX-512) or 8 (AVX2) lanes, not {lanes}")
     code_bits = dequant_code_bits(len(shifts_signs))
     if not code_bits:
-        raise ValueError(f"{len(shifts_signs)} planes make codes wider than the dequantizing kernel reads (5 planes at most)")
+        raise ValueError(f"{len(shifts_signs)} planes make codes wider than the dequantizing kernel reads (6 planes at most)")
     with_zero_point = bool(zero_point)
     levels = 1 << len(shifts_signs)
     per_word = WORD_BITS // code_bits
