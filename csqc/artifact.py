@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .archive import read_npy_header, write_member
+from .bitplanes import kept_zero_point
 from .errors import UNREADABLE_ARCHIVE, BadInput
 
 __all__ = [
@@ -49,7 +50,7 @@ __all__ = [
     "FLOAT_LAYOUTS", "float_layout_shape", "float_layout_weight",
 ]
 
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 2
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "csqc-artifact", 3  # 3: zero points per plane setting
 PLAN, WEIGHTS, INTEGRITY = "plan.json", "weights.npz", "integrity.json"
 _MEMBERS = (PLAN, WEIGHTS, INTEGRITY)
 # generous for any model csqc compiles (the plan of a ResNet-50 is well under 1 MiB); weights
@@ -81,12 +82,17 @@ def _sha256(data: bytes) -> str:
 
 def whole_model_arguments(steps: list) -> list:
     """The arguments of a library's whole-model function, derived from the plan's steps: every
-    buffer the steps use (first use first), then each layer's count of planes to accumulate.
+    buffer the steps use (first use first), then each layer's count of planes to accumulate, then
+    the zero point of each layer whose zero point follows it (offset planes).
     The compiler declares the function with these parameters; the runtime refuses a plan whose
     ``entry`` says anything else (its steps and its function would disagree)."""
     buffers = dict.fromkeys(a for step in steps for a in step["args"] if isinstance(a, str))
-    layers = dict.fromkeys(a["planes"] for step in steps for a in step["args"] if isinstance(a, dict) and "planes" in a)
-    return [*buffers, *({"planes": layer} for layer in layers)]
+
+    def layers(kind: str) -> dict:
+        return dict.fromkeys(a[kind] for step in steps for a in step["args"] if isinstance(a, dict) and kind in a)
+
+    return [*buffers, *({"planes": layer} for layer in layers("planes")),
+            *({"zero_point": layer} for layer in layers("zero_point"))]
 
 
 def plan_document(meta: dict, *, inputs: list, outputs: list, buffers: dict, steps: list, layers: dict,
@@ -281,13 +287,14 @@ VNNI_LANES = 16  # int32 outputs per 512-bit vpdpbusd
 def combine_planes(planes: np.ndarray, shifts_signs, zero_point: int = 0,
                    n_planes: int | None = None) -> np.ndarray:
     """Integer weights ``q = sum_p sign_p 2^shift_p plane_p - zero_point`` (int64), using only
-    the first ``n_planes`` planes when given (most significant first)."""
+    the first ``n_planes`` planes when given (most significant first), with the zero point
+    that goes with them (``bitplanes.kept_zero_point``)."""
     planes = np.asarray(planes).astype(np.int64)
     used = len(shifts_signs) if n_planes is None else min(n_planes, len(shifts_signs))
     q = np.zeros(planes.shape[1:], dtype=np.int64)
     for (shift, sign), plane in zip(shifts_signs[:used], planes[:used]):
         q += sign * (plane << shift)
-    return q - zero_point
+    return q - kept_zero_point(zero_point, [shift for shift, _ in shifts_signs], used)
 
 
 def bitparallel_weight_dtype(q: np.ndarray) -> str:
@@ -370,11 +377,14 @@ def nibble_range(high: int) -> tuple[int, int]:
 
 def prefix_weight_range(planes: np.ndarray, shifts_signs, zero_point: int) -> tuple[int, int]:
     """Smallest and largest weight ``combine_planes(planes, shifts_signs, zero_point, n)`` takes
-    for any ``n >= 1`` (the run-time plane knob keeps a most significant prefix of the planes)."""
-    q = np.full(np.asarray(planes).shape[1:], -zero_point, dtype=np.int64)
+    for any ``n >= 1`` (the run-time plane knob keeps a most significant prefix of the planes,
+    with its zero point)."""
+    shifts = [shift for shift, _ in shifts_signs]
+    total = np.zeros(np.asarray(planes).shape[1:], dtype=np.int64)
     low, high = None, None
-    for (shift, sign), plane in zip(shifts_signs, planes):
-        q += sign * (np.asarray(plane).astype(np.int64) << shift)
+    for kept, ((shift, sign), plane) in enumerate(zip(shifts_signs, planes), 1):
+        total += sign * (np.asarray(plane).astype(np.int64) << shift)
+        q = total - kept_zero_point(zero_point, shifts, kept)  # (each prefix has its own zero point)
         low = int(q.min(initial=0)) if low is None else min(low, int(q.min(initial=0)))
         high = int(q.max(initial=0)) if high is None else max(high, int(q.max(initial=0)))
     return (low, high) if low is not None else (-zero_point, -zero_point)

@@ -7,6 +7,10 @@ A CSQ weight is ``q = sum_b d_b 2^b`` over the layer's active positions ``b`` wi
 * ``offset``: the bits of the unsigned ``q + z``, ``q = sum_b 2^b U_b - z``, with a correction
   term ``z * sum(x)`` in the accumulator.
 
+PrecisionBatching's run-time knob keeps a most significant prefix of the planes. Offset planes
+then pair with :func:`kept_zero_point`: ``z`` rounded down to the lowest kept position, as the
+unsigned ``q + z`` is, so a zero weight stays zero (``q + z`` and ``z`` lose the same bits).
+
 Planes are ``uint8`` 0/1 arrays ``[P, O, K]`` (K = the flattened reduction axis); packed planes
 hold bit ``k % W`` of word ``k // W`` (W = 32 or 64), padded with zero bits.
 """
@@ -20,7 +24,7 @@ from .errors import CsqcError
 
 __all__ = [
     "signed_digits", "posneg_planes", "offset_planes", "planes_to_q", "pack_planes", "unpack_planes",
-    "trailing_zero_bits", "plane_popcounts",
+    "trailing_zero_bits", "plane_popcounts", "kept_zero_point", "offset_base",
 ]
 
 
@@ -68,12 +72,27 @@ def posneg_planes(q2d: np.ndarray, active_bits, positions) -> tuple[np.ndarray, 
     return arr, spec
 
 
+def offset_base(lo: int, hi: int) -> int:
+    """The offset ``z`` whose ``q + z`` holds weights in ``[lo, hi]`` in the fewest bits ``t``:
+    ``2^(t-1)`` (offset binary) where that fits, else ``-lo``.
+
+    Offset binary makes dropping low planes (the run-time knob, with ``kept_zero_point``, which
+    leaves ``2^(t-1)`` as it is) round each weight down to the kept grid: zero stays zero and
+    the range stays ``[-2^(t-1), 2^(t-1))``, the layouts chosen for it (a CSQ layer's weights
+    in ``[-(2^n - 1), 2^n - 1]`` take ``t = n + 1`` bits either way). With ``-lo`` an odd zero
+    point would round zero up: ``q = 2^n - 1`` would become ``2^n``, past int8 or a nibble."""
+    bits = (hi - lo).bit_length()
+    half = 1 << (bits - 1) if bits else 0
+    return half if bits and -half <= lo and hi < half else -lo
+
+
 def offset_planes(q2d: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], int]:
-    """Planes of ``q + z`` (``z = -min q``), all-zero planes dropped, all-one planes folded into ``z``.
+    """Planes of ``q + z`` (``z``: :func:`offset_base`), all-zero planes dropped, all-one planes
+    folded into ``z``.
 
     Nonzero weights always keep at least one plane (all-equal weights: one all-one plane)."""
     q2d = np.asarray(q2d, dtype=np.int64)
-    z = int(-q2d.min()) if q2d.size else 0
+    z = offset_base(int(q2d.min()), int(q2d.max())) if q2d.size else 0
     u = q2d + z
     top = int(u.max()).bit_length() if u.size else 0
     planes, spec = [], []
@@ -93,6 +112,22 @@ def offset_planes(q2d: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]], i
         z += 1
     arr = np.stack(planes) if planes else np.zeros((0,) + q2d.shape, np.uint8)
     return arr, spec, z
+
+
+def kept_zero_point(zero_point: int, shifts, kept: int) -> int:
+    """The zero point of a layer's first ``kept`` planes (``shifts``: each plane's position, most
+    significant first): ``zero_point`` rounded down to a multiple of ``2^s``, ``s`` the lowest
+    kept position, when planes are dropped (all kept, or no zero point: ``zero_point``).
+
+    Dropping the low planes of the unsigned ``u = q + z`` rounds ``u`` down to that multiple;
+    subtracting ``z`` as it is would move every weight down (a zero weight, most of a CSQ
+    layer's, to minus the dropped positions' bits of ``z``). Rounding ``z`` alike keeps zero at
+    zero and moves any weight by less than ``2^s``, never across zero."""
+    zero_point, kept = int(zero_point), int(kept)
+    if not zero_point or kept >= len(shifts) or kept <= 0:
+        return zero_point
+    low = min(int(s) for s in shifts[:kept])
+    return (zero_point >> low) << low
 
 
 def planes_to_q(planes: np.ndarray, spec, zero_point: int = 0) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .bitplanes import unpack_planes
+from .bitplanes import kept_zero_point, unpack_planes
 from .errors import BadInput, CsqcError
 from . import numerics as num
 from .ir import Graph, Node, QUANT_LAYER_OPS
@@ -141,9 +141,11 @@ def _layer_tail(g: Graph, n: Node, y: np.ndarray, axis: int):
 
 
 def _truncated_weight(g: Graph, n: Node, keep: int) -> np.ndarray:
-    """PrecisionBatching's run-time knob: only the ``keep`` most significant planes count."""
+    """PrecisionBatching's run-time knob: only the ``keep`` most significant planes count, with
+    the zero point that goes with them (``bitplanes.kept_zero_point``)."""
     spec = n.quant
-    sub = n.replace(quant=spec.replace(planes=spec.planes[:keep]))
+    zero_point = kept_zero_point(spec.zero_point, [shift for shift, _ in spec.planes], keep)
+    sub = n.replace(quant=spec.replace(planes=spec.planes[:keep], zero_point=zero_point))
     weight = n.layer.weight
     tmp = g.with_params({weight + "#trunc": g.params[weight][:keep]})
     return decode_weight(tmp, sub.replace(inputs=tuple(weight + "#trunc" if i == weight else i for i in n.inputs)))

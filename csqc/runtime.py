@@ -33,6 +33,7 @@ from .artifact import (BITPARALLEL_LAYOUTS, FLOAT_LAYOUTS, NIBBLE_HIGH_VALUES, N
                        combine_planes, float_layout_shape, float_layout_weight, load_library,
                        nibble_block_bytes, nibble_range, pack_bitparallel_layout, physical_memory, prefix_weight_range,
                        read_artifact, whole_model_arguments)
+from .bitplanes import kept_zero_point
 from .calibration import Calibration, plan_calibration
 from .call_choice import CallChoice, CallSetting
 from .errors import BadInput, CsqcError
@@ -605,6 +606,11 @@ class CompiledModel:
                 args.append(self.buffers[a])
             elif "int" in a:
                 args.append(a["int"])
+            elif "zero_point" in a:  # {"zero_point": layer}: its weights' zero point for those planes
+                layer = a["zero_point"]
+                info = self.layers[layer]
+                args.append(kept_zero_point(info["zero_point"], info["plane_shifts"],
+                                            self._kept_planes(layer, by_layer.get(layer, 0))))
             else:  # {"planes": layer}: how many most significant planes to accumulate
                 args.append(self._kept_planes(a["planes"], by_layer.get(a["planes"], 0)))
         return args
@@ -612,9 +618,11 @@ class CompiledModel:
     def _kept_planes(self, layer: str, skip: int) -> int:
         """Planes (most significant first) left when ``skip`` bit positions are dropped.
 
-        A position is one power of two: with +/- planes both of its planes go together, so
-        the dropped weight bits round toward zero symmetrically. The most significant
-        position always stays: a layer is never switched off, only made coarser.
+        A position is one power of two: with +/- planes both of its planes go together (a
+        weight and its negation stay negations); offset planes take the zero point that goes
+        with them (``bitplanes.kept_zero_point``: zero weights stay zero). Either way no weight
+        changes sign, and each moves by less than the lowest kept power of two. The most
+        significant position always stays: a layer is never switched off, only made coarser.
         """
         info = self.layers[layer]
         shifts = info.get("plane_shifts")
@@ -664,7 +672,8 @@ class CompiledModel:
                 self._plane_sums[name] = np.stack([sign * (ones[i] << shift) for i, (shift, sign) in
                                                    enumerate(info["plane_spec"])]) if info["plane_spec"] else ones
             kept = self._kept_planes(name, skip)
-            weight_sum = self._plane_sums[name][:kept].sum(axis=0, dtype=np.int64) - info["zero_point"] * info["k"]
+            zero_point = kept_zero_point(info["zero_point"], [shift for shift, _ in info["plane_spec"]], kept)
+            weight_sum = self._plane_sums[name][:kept].sum(axis=0, dtype=np.int64) - zero_point * info["k"]
             buf = self.buffers[info["acc_offset"]]
             buf.copyfrom((weight_sum * info["code_offset"]).astype(buf.dtype))
             self._offsets_for[name] = skip
@@ -1166,10 +1175,16 @@ def _plan_problem(plan: dict, weights: Mapping[str, np.ndarray]) -> str | None:
                 ok = a in buffers
             elif isinstance(a, dict) and "int" in a:
                 ok = type(a["int"]) is int and -2**31 <= a["int"] < 2**31  # kernels take int32
+            elif isinstance(a, dict) and "zero_point" in a:  # a layer's zero point, for each plane setting
+                info = layers.get(a["zero_point"]) if isinstance(a["zero_point"], str) else None
+                ok = (info is not None and type(info.get("zero_point")) is int
+                      and isinstance(info.get("plane_shifts"), list) and len(info["plane_shifts"]) == info["planes"]
+                      and all(-2**31 <= kept_zero_point(info["zero_point"], info["plane_shifts"], kept) < 2**31
+                              for kept in range(1, info["planes"] + 1)))
             else:
                 ok = isinstance(a, dict) and isinstance(a.get("planes"), str) and a["planes"] in layers
             if not ok:
-                return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32 or layer"
+                return f"step {i} ({step['func']}) has an argument {a!r} that is no buffer, int32, layer or zero point"
         if "levels" in step:  # a dynamic quantization: args[scale_arg] (default 1) is its float32[1] scale
             at = step.get("scale_arg", 1)
             scale = buffers.get(step["args"][at]) if type(at) is int and 0 <= at < len(step["args"]) \

@@ -3,14 +3,15 @@
 For a layer with activation codes of magnitude at most ``L = 2^a - 1`` the accumulator of
 output ``o`` is bounded by ``L * sum_k |q[o, k]|``; bit-serial kernels also hold the partial
 sums of every plane (``L * sum_planes 2^shift * popcount``) and the offset correction
-``z * L * K``. The largest bound decides ``int32`` (below 2^31) or ``int64``. Float-input layers
-keep ``int32`` (they have no integer accumulator). ``changed``: a width changed.
+``z * L * K`` (their sum where ``z < 0``), for any prefix of the planes (the run-time plane
+knob) with its zero point. The largest bound decides ``int32`` (below 2^31) or ``int64``.
+Float-input layers keep ``int32`` (they have no integer accumulator). ``changed``: a width changed.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from csqc.bitplanes import plane_popcounts
+from csqc.bitplanes import kept_zero_point, plane_popcounts
 from csqc.interpreter import decode_weight_rows
 from csqc.ir import Graph, QUANT_LAYER_OPS
 
@@ -36,7 +37,15 @@ def accumulator_bound(g: Graph, n) -> int:
         else:
             counts = w.reshape(len(spec.planes), shape[0], k).sum(axis=2, dtype=np.int64)  # no -1: P may be 0
         plane_sum = sum((1 << s) * counts[i] for i, (s, _) in enumerate(spec.planes)) if spec.planes else 0
-        bound = max(bound, int(np.max(plane_sum, initial=0)) * levels, abs(spec.zero_point) * k * levels)
+        # any prefix of the planes (the run-time knob) with its zero point z': per pass the codes
+        # are >= 0, so the planes' sum and z' * sum(codes) are both >= 0 and a zero point >= 0
+        # subtracts (the larger of the two bounds it); a negative one (all weights > 0) adds
+        shifts = [s for s, _ in spec.planes]
+        kept_points = [kept_zero_point(spec.zero_point, shifts, kept) for kept in range(1, len(shifts) + 1)]
+        largest_plane_sum = int(np.max(plane_sum, initial=0))
+        zero_point = max(map(abs, kept_points), default=abs(spec.zero_point))
+        joined = largest_plane_sum + zero_point * k if min(kept_points, default=spec.zero_point) < 0 else 0
+        bound = max(bound, largest_plane_sum * levels, zero_point * k * levels, joined * levels)
     return bound
 
 

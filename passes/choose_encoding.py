@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from csqc.bitplanes import offset_base
 from csqc.interpreter import decode_weight_rows
 from csqc.ir import Graph, QUANT_LAYER_OPS
 
@@ -44,12 +45,12 @@ _BLOCK_ROWS = 1024  # output rows decoded at a time: int64 weights of a whole la
 def offset_plane_spec(rows: Callable[[int, int], np.ndarray], n_rows: int, block: int = _BLOCK_ROWS
                       ) -> tuple[list[tuple[int, int]], int, int]:
     """``offset_planes``' plane spec and zero point, from statistics of row blocks of ``q``
-    (``rows(start, end)`` gives int64 ``[end - start, K]``); also the offset ``base = -min q``
-    the planes hold the bits of (``q + base``)."""
+    (``rows(start, end)`` gives int64 ``[end - start, K]``); also the offset ``base``
+    (``bitplanes.offset_base``) the planes hold the bits of (``q + base``)."""
     blocks = [(s, min(n_rows, s + block)) for s in range(0, n_rows, block)]
     lo = min((int(rows(s, e).min()) for s, e in blocks), default=0)
     hi = max((int(rows(s, e).max()) for s, e in blocks), default=0)
-    base = -lo
+    base = offset_base(lo, hi)
     top = (hi + base).bit_length()
     ones = {b: False for b in range(top)}
     zeros = {b: False for b in range(top)}  # a 0 bit seen somewhere

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 import csqc
 from csqc import runtime
 from csqc.archive import npz_bytes
-from csqc.artifact import INTEGRITY, PLAN, WEIGHTS, read_artifact
+from csqc.artifact import ARTIFACT_VERSION, INTEGRITY, PLAN, WEIGHTS, read_artifact
 from csqc.cli import cli
 from csqc.errors import BadInput
 
@@ -52,7 +52,7 @@ def _split(path) -> tuple[bytes, dict[str, bytes]]:
 def _resealed(library: bytes, plan: bytes, weights: bytes, *, compress=zipfile.ZIP_STORED, extra=()) -> bytes:
     """An artifact with digests recomputed over edited members: only csqc's other checks stand."""
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
-    integrity = {"format": "csqc-artifact", "version": 2, "library_bytes": len(library),
+    integrity = {"format": "csqc-artifact", "version": ARTIFACT_VERSION, "library_bytes": len(library),
                  "sha256": {"library": sha(library), PLAN: sha(plan), WEIGHTS: sha(weights)}}
     members = [(PLAN, plan), (WEIGHTS, weights), (INTEGRITY, json.dumps(integrity).encode()), *extra]
     out = io.BytesIO()
@@ -117,7 +117,7 @@ def _cli(*args):
 
 def test_an_intact_artifact_loads_and_runs(artifact):
     contents = read_artifact(artifact)
-    assert contents.library.startswith(b"\x7fELF") and contents.plan["version"] == 2
+    assert contents.library.startswith(b"\x7fELF") and contents.plan["version"] == ARTIFACT_VERSION
     assert runtime.load(artifact)(_x()).shape == (BATCH, 4)
 
 

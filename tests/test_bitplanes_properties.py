@@ -3,7 +3,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csqc.bitplanes import offset_planes, pack_planes, planes_to_q, posneg_planes, signed_digits, unpack_planes
+from csqc.artifact import combine_planes, prefix_weight_range
+from csqc.bitplanes import (kept_zero_point, offset_planes, pack_planes, planes_to_q, posneg_planes, signed_digits,
+                             unpack_planes)
 from csqc.passes import get_pass, registered_passes
 from irbuild import Builder, random_q, run
 
@@ -55,6 +57,33 @@ def test_offset_split_pack_unpack_reproduces_q(w, word):
     assert len(planes) >= 1 or not q.any()  # targets need a plane for every nonzero layer
     back = unpack_planes(pack_planes(planes, word), q.shape[1], word)  # zero planes when q is constant
     assert np.array_equal(planes_to_q(back, spec, z), q)
+
+
+@SETTINGS
+@given(weights(), st.booleans())
+def test_dropping_low_planes_keeps_zero_and_signs_and_moves_weights_less_than_a_kept_step(w, offset):
+    """The run-time plane knob (a most significant prefix of the planes, with the zero point
+    ``kept_zero_point`` gives it): zero weights stay zero, no weight changes sign, each moves by
+    less than the lowest kept position's power of two, and ``prefix_weight_range`` bounds every
+    prefix."""
+    q, n_bits, active = w
+    if offset:
+        planes, spec, z = offset_planes(q)
+    else:
+        planes, spec = posneg_planes(q, active, list(reversed(range(n_bits))))
+        z = 0
+    low, high = prefix_weight_range(planes, spec, z)
+    # the knob keeps whole positions (a position's + and - planes go together)
+    for kept in [k for k in range(1, len(spec) + 1) if k == len(spec) or spec[k][0] != spec[k - 1][0]]:
+        got = combine_planes(planes, spec, z, kept)
+        step = 1 << min(shift for shift, _ in spec[:kept])
+        assert kept_zero_point(z, [s for s, _ in spec], kept) == (z if kept == len(spec) else z // step * step)
+        assert not got[q == 0].any()
+        assert np.all(got * np.sign(q) >= 0)
+        assert np.all(np.abs(got - q) < step)
+        assert low <= got.min() and got.max() <= high
+    if spec:
+        assert np.array_equal(combine_planes(planes, spec, z), q)
 
 
 @SETTINGS

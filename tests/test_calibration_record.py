@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 import csqc
 from csqc import runtime
-from csqc.artifact import INTEGRITY, PLAN, WEIGHTS
+from csqc.artifact import ARTIFACT_VERSION, INTEGRITY, PLAN, WEIGHTS
 from csqc.calibration import ONNX_KEY, artifact_calibration, scale_hex
 from csqc.capture import capture
 from csqc.cli import cli
@@ -70,7 +70,7 @@ def _resealed_so(path, edit, out):
     edit(plan["calibration"])
     plan_bytes = json.dumps(plan).encode()
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
-    integrity = {"format": "csqc-artifact", "version": 2, "library_bytes": len(library),
+    integrity = {"format": "csqc-artifact", "version": ARTIFACT_VERSION, "library_bytes": len(library),
                  "sha256": {"library": sha(library), PLAN: sha(plan_bytes), WEIGHTS: sha(members[WEIGHTS])}}
     data = io.BytesIO()
     data.write(library)

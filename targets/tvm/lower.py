@@ -1081,6 +1081,12 @@ class _Lowerer:
         planes = unpack_planes(w, k, spec.packed_word) if spec.packed_word else w
         return np.asarray(planes), list(spec.planes), spec.zero_point
 
+    @staticmethod
+    def _zero_point_argument(n: Node, z: int) -> dict:
+        """A kernel's weight zero point argument: the runtime's for the planes a call keeps
+        (``bitplanes.kept_zero_point``) where there is one."""
+        return {"zero_point": n.name} if z else {"int": 0}
+
     def _bitserial(self, n: Node, q, info, codes: list[str], accs: list[str], code_offset: int = 0) -> None:
         spec = n.quant
         # offset codes span [0, 2L]: one more activation bitplane than the magnitudes
@@ -1108,9 +1114,12 @@ class _Lowerer:
             key = f"bsdense({m},{shape[0]},{k},{plane_spec},{act_bits},{bool(z)},{spec.acc_dtype})"
             f = self.plan.func(key, lambda: self.kernels.bitserial_dense(m, shape[0], k, plane_spec, act_bits, bool(z), spec.acc_dtype, knobs))
         w = self.plan.weight(f"{n.name}.planes", packed)
-        info.update(encoding="offset" if z else spec.encoding, zero_point=int(z))
+        # (the planes the kernel reads: an int-encoded graph's are split here)
+        info.update(encoding="offset" if z else spec.encoding, zero_point=int(z), planes=len(plane_spec),
+                    plane_shifts=[int(shift) for shift, _ in plane_spec])
         for c, acc in zip(codes, accs):
-            self.plan.call(f, [self._as_2d(c, n), w, {"planes": n.name}, {"int": int(z)}, self._as_2d(acc, n)], n.name)
+            self.plan.call(f, [self._as_2d(c, n), w, {"planes": n.name}, self._zero_point_argument(n, z),
+                               self._as_2d(acc, n)], n.name)
 
     def _int16_conv_outputs(self, n: Node, code_offset: int) -> bool:
         """Whether bit-parallel conv ``n`` stores its accumulators as int16 (half the bytes the
@@ -1334,9 +1343,10 @@ class _Lowerer:
             key = f"lutdense({m},{shape[0]},{k},{plane_spec},{bool(z)},{tiles})"
             f = self.plan.func(key, lambda: self.kernels.lut_dense(m, shape[0], k, plane_spec, bool(z), tiles))
         w = self.plan.weight(f"{n.name}.{kernel}planes", packed)
-        info.update(encoding="offset" if z else n.quant.encoding, zero_point=int(z))
-        self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name}, {"int": int(z)},
-                           self._flat(out, m, shape[0])], n.name)
+        info.update(encoding="offset" if z else n.quant.encoding, zero_point=int(z), planes=len(plane_spec),
+                    plane_shifts=[int(shift) for shift, _ in plane_spec])
+        self.plan.call(f, [self._flat(self.ref(n.inputs[0]), m, k), w, {"planes": n.name},
+                           self._zero_point_argument(n, z), self._flat(out, m, shape[0])], n.name)
 
     def _defer_float_residual(self, n: Node, q: np.ndarray, info: dict, act: str, lo: float, hi: float, mult: str,
                               add: str | None) -> bool:

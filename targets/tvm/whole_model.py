@@ -21,16 +21,18 @@ WHOLE_MODEL_FUNC = "csqc_run"
 
 
 def add_whole_model_function(plan: Plan) -> None:
-    """Add ``csqc_run(buffers..., planes...)`` to ``plan.funcs`` and describe its arguments in
-    ``plan.entry``: every buffer the steps use (first use first), then each layer's count of
-    planes to accumulate (the run-time PrecisionBatching setting), as ``steps`` spell them."""
+    """Add ``csqc_run(buffers..., planes..., zero_points...)`` to ``plan.funcs`` and describe its
+    arguments in ``plan.entry``: every buffer the steps use (first use first), then each layer's
+    count of planes to accumulate (the run-time PrecisionBatching setting) and the zero points
+    that go with them, as ``steps`` spell them."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
 
     arguments = whole_model_arguments(plan.steps)
     buffer_names = [a for a in arguments if isinstance(a, str)]
-    plane_layers = [a["planes"] for a in arguments if isinstance(a, dict)]
+    plane_layers = [a["planes"] for a in arguments if isinstance(a, dict) and "planes" in a]
+    zero_point_layers = [a["zero_point"] for a in arguments if isinstance(a, dict) and "zero_point" in a]
     with IRBuilder() as builder:
         with I.prim_func():
             I.func_name(WHOLE_MODEL_FUNC)
@@ -39,17 +41,22 @@ def add_whole_model_function(plan: Plan) -> None:
             # ~150 buffers, triple the build time
             buffers = {name: I.arg(f"b{i}", tirx.Var(f"b{i}", "handle")) for i, name in enumerate(buffer_names)}
             planes = {layer: I.arg(f"planes{i}", tirx.Var(f"planes{i}", "int32")) for i, layer in enumerate(plane_layers)}
+            zero_points = {layer: I.arg(f"zero_point{i}", tirx.Var(f"zero_point{i}", "int32"))
+                           for i, layer in enumerate(zero_point_layers)}
             for step in plan.steps:
-                I.evaluate(tirx.call_cpacked(step["func"], *(_argument(a, buffers, planes) for a in step["args"])))
+                I.evaluate(tirx.call_cpacked(step["func"], *(_argument(a, buffers, planes, zero_points)
+                                                             for a in step["args"])))
     plan.funcs[WHOLE_MODEL_FUNC] = builder.get()
     plan.entry = {"func": WHOLE_MODEL_FUNC, "args": arguments}
 
 
-def _argument(arg, buffers: dict, planes: dict):
+def _argument(arg, buffers: dict, planes: dict, zero_points: dict):
     from tvm import tirx
 
     if isinstance(arg, str):
         return buffers[arg]
     if "int" in arg:
         return tirx.IntImm("int32", arg["int"])
+    if "zero_point" in arg:
+        return zero_points[arg["zero_point"]]
     return planes[arg["planes"]]
