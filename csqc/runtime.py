@@ -23,6 +23,7 @@ import platform
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -1032,8 +1033,13 @@ def _output_memory(nbytes: int) -> np.ndarray:
 
 def _flat_finite(x: np.ndarray) -> bool:
     """:func:`_all_finite` for a 1-D float array, in half its time (a small model's call makes
-    two such scans: see CompiledModel._call_small)."""
+    two such scans: see CompiledModel._call_small). ``dot`` warns where a square overflows (an
+    element beyond ~1.8e19, finite or not): the filter below keeps that out of the caller's
+    output (np.errstate would cost more than the scan)."""
     return math.isfinite(x.dot(x)) or _all_finite(x)
+
+
+warnings.filterwarnings("ignore", "overflow encountered in dot", RuntimeWarning, __name__)
 
 
 def _all_finite(x: np.ndarray) -> bool:

@@ -123,6 +123,35 @@ def test_overflow_bound_is_exact_in_the_interpreter_and_the_artifact(tmp_path):
             run()
 
 
+@pytest.mark.parametrize("activation, symmetric", [(torch.nn.ReLU, True), (torch.nn.ReLU6, True),
+                                                    (torch.nn.Identity, True), (torch.nn.ReLU, False)])
+def test_a_nan_from_an_overflowing_float_layer_is_refused_not_dropped(tmp_path, activation, symmetric):
+    """Inputs near float32's limit make a float-input layer's sums inf - inf = NaN. relu / clip
+    keep a NaN (LLVM's max of NaN and 0 is 0), and the dynamic scale's max-abs (or min / max)
+    keeps it too, so the call is refused as in the interpreter, not answered with the next
+    layer's bias."""
+    from csqc.capture import capture
+    from csqc.interpreter import run as interpret
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), activation(), torch.nn.Linear(32, 10))
+    q = csqc.finalize(csqc.convert(model, n_bits=4, act_bits=4, act_symmetric=symmetric))
+    x = torch.rand(1, 64)
+    path = csqc.save(q, tmp_path / "m.pt", x)
+    artifact = runtime.load(csqc.compile(csqc.load(path), "llvm", tmp_path / "m.so").output)
+    g = capture(csqc.load(path))
+    fine = x.numpy() * 1e3
+    np.testing.assert_allclose(artifact(fine), interpret(g, [fine])[0], rtol=1e-5, atol=1e-5)
+    huge = np.full((1, 64), 3e38, np.float32)
+    record = {}
+    with pytest.raises(csqc.BadInput):
+        interpret(g, [huge], record=record)
+    assert np.isnan(record["0.accf" if "0.accf" in record else "0"]).any()  # (integer weights: the sums overflow)
+    for run in (lambda: interpret(g, [huge]), lambda: artifact(huge)):
+        with pytest.raises(csqc.BadInput, match="overflows float32 inside the model"):
+            run()
+
+
 def test_an_output_its_input_scale_bounds_is_scanned_only_near_overflow(tmp_path, monkeypatch):
     """The compiler bounds a layer's float output by its input scale (``finite_below``: |y| <=
     15 * S * 1e30 / 15 here); the runtime skips the NaN/infinity scan of such an output while the

@@ -132,10 +132,11 @@ def _f32(value: float):
 
 
 def _activation(value, act: str, lo: float, hi: float):
+    """relu / clip, a NaN kept (as numpy and the CPU kernels do: an overflow reaches the checks)."""
     if act == "relu":
-        return tirx.max(value, _f32(0.0))
+        return tirx.Select(tirx.isnan(value), value, tirx.max(value, _f32(0.0)))
     if act == "clip":
-        return tirx.min(tirx.max(value, _f32(lo)), _f32(hi))
+        return tirx.Select(tirx.isnan(value), value, tirx.min(tirx.max(value, _f32(lo)), _f32(hi)))
     if act in ("none", None):
         return value
     raise ValueError(f"unknown activation {act!r}")

@@ -151,13 +151,33 @@ def _on_divisor_range(divisor, emit: Callable[[bool], None], enabled: bool = Tru
             emit(False)
 
 
-def _activation(value, act: str, clip_lo, clip_hi):
-    """The interpreter's ``_activation``: relu = max(y, 0); clip = min(max(y, lo), hi)."""
+def _activation(value, act: str, clip_lo, clip_hi, keep_nan: bool = True):
+    """The interpreter's ``_activation``: relu = max(y, 0); clip = min(max(y, lo), hi).
+
+    ``keep_nan``: a NaN stays NaN, as in numpy and PyTorch (LLVM's max of a NaN and 0 is 0, so a
+    float layer whose sums overflowed to inf - inf would pass finite values on and the call's
+    overflow checks would not see it); False where ``value`` cannot be NaN (an integer layer's)."""
     if act == "relu":
-        return tirx.Max(value, _f32(0.0))
-    if act == "clip":
-        return tirx.Min(tirx.Max(value, _f32(clip_lo)), _f32(clip_hi))
-    return value
+        result = tirx.Max(value, _f32(0.0))
+    elif act == "clip":
+        result = tirx.Min(tirx.Max(value, _f32(clip_lo)), _f32(clip_hi))
+    else:
+        return value
+    return _keeping_nan(value, result) if keep_nan else result
+
+
+def _keeping_nan(value, result):
+    """``result``, or ``value`` where it is NaN."""
+    return tirx.Select(tirx.isnan(value), value, result)
+
+
+def _nan_sticky_max(a, b):
+    """``max(a, b)`` of two floats >= 0 (or NaN), compared as int32 bit patterns: non-negative
+    floats order as their bits do and a NaN's lie above infinity's, so a NaN anywhere makes a
+    max-abs reduction NaN (a dynamic scale the runtime then refuses: the overflow it is) where
+    LLVM's float max would drop it. One integer max, as cheap as the float one."""
+    as_int = tirx.Max(tirx.reinterpret("int32", a), tirx.reinterpret("int32", b))
+    return tirx.reinterpret(F32, as_int)
 
 
 def _check_act(act: str):

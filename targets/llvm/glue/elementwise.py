@@ -10,7 +10,7 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as I
 
 from .common import (
-    _activation, _channel_view, F32, _f32, _flat, _fma, _for_each, _for_each_channel, _levels, prim_func, _prod,
+    _activation, _channel_view, F32, _f32, _flat, _fma, _for_each, _for_each_channel, _keeping_nan, _levels, prim_func, _prod,
     _round_to_int, _rounded)
 from .quantizers import _emit_quantize, _emit_quantize_asymmetric
 from .layout import _broadcast_index, _broadcast_strides, _coalesce, _row_major, _strided_index, _unravel
@@ -170,7 +170,7 @@ def _tanh(value):
 
 
 def _relu6(value):
-    return tirx.Min(tirx.Max(value, _f32(0.0)), _f32(6.0))
+    return _keeping_nan(value, tirx.Min(tirx.Max(value, _f32(0.0)), _f32(6.0)))
 
 
 _UNARY = {

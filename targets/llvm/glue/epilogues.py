@@ -38,7 +38,8 @@ def _layer_value(acc, c, named: dict, levels: int | None, act: str, clip_lo: flo
     value = value * named["mult"][c]
     if named.get("add") is not None:
         value = _rounded(value) + named["add"][c]
-    return _activation(value, act, clip_lo, clip_hi)
+    # (an integer layer's value is finite: its scale was checked)
+    return _activation(value, act, clip_lo, clip_hi, keep_nan=levels is None)
 
 
 @dataclass(frozen=True)

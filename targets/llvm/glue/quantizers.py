@@ -13,7 +13,7 @@ from tvm.script.ir_builder import tirx as I
 
 from ..reciprocal import code_form, reciprocal_parts
 from .common import (
-    _channel_view, _divided, F32, _f32, _flat, _fma, _for_each, LANES, _levels, _levels_reciprocal, _local,
+    _channel_view, _divided, F32, _f32, _flat, _fma, _for_each, LANES, _levels, _levels_reciprocal, _local, _nan_sticky_max,
     _on_divisor_range, _parallel_or_serial, prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _round_to_int, _rounded)
 
 
@@ -39,14 +39,14 @@ def _emit_abs_max(x_flat, n: int, scale):
             with I.serial(0, tirx.min(per_task, units - task * per_task)) as u:
                 with I.vectorized(0, unit) as lane:
                     value = tirx.abs(x_flat[(task * per_task + u) * unit + lane])
-                    I.buffer_store(running, tirx.Max(running[lane], value), [lane])
+                    I.buffer_store(running, _nan_sticky_max(running[lane], value), [lane])
             with I.vectorized(0, unit) as lane:
                 I.buffer_store(partial, running[lane], [task * unit + lane])
         with I.serial(0, tasks * unit) as i:
-            I.buffer_store(scale, tirx.Max(scale[0], partial[i]), [0])
+            I.buffer_store(scale, _nan_sticky_max(scale[0], partial[i]), [0])
     if remainder:
         with I.serial(0, remainder) as i:
-            I.buffer_store(scale, tirx.Max(scale[0], tirx.abs(x_flat[units * unit + i])), [0])
+            I.buffer_store(scale, _nan_sticky_max(scale[0], tirx.abs(x_flat[units * unit + i])), [0])
 
 
 def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
@@ -74,11 +74,11 @@ def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
             with I.serial(0, full) as v:
                 with I.vectorized(0, LANES) as lane:
                     value = tirx.abs(value_at(*index(row, v * LANES + lane)))
-                    I.buffer_store(running, tirx.Max(running[lane], value), [lane])
+                    I.buffer_store(running, _nan_sticky_max(running[lane], value), [lane])
         if tail:
             with I.vectorized(0, tail) as lane:
                 value = tirx.abs(value_at(*index(row, full * LANES + lane)))
-                I.buffer_store(running, tirx.Max(running[lane], value), [lane])
+                I.buffer_store(running, _nan_sticky_max(running[lane], value), [lane])
         with I.vectorized(0, LANES) as lane:
             I.buffer_store(partial, running[lane], [row * LANES + lane])
     # the rows' partial maxima a vector at a time, then the 16 lanes (a scalar max per partial
@@ -88,10 +88,10 @@ def _emit_channel_abs_max(shape, axis: int, value_at: Callable, scale) -> None:
         I.buffer_store(folded, _f32(0.0), [lane])
     with I.serial(0, rows) as r:
         with I.vectorized(0, LANES) as lane:
-            I.buffer_store(folded, tirx.Max(folded[lane], partial[r * LANES + lane]), [lane])
+            I.buffer_store(folded, _nan_sticky_max(folded[lane], partial[r * LANES + lane]), [lane])
     I.buffer_store(scale, _f32(0.0), [0])
     with I.serial(0, LANES) as lane:
-        I.buffer_store(scale, tirx.Max(scale[0], folded[lane]), [0])
+        I.buffer_store(scale, _nan_sticky_max(scale[0], folded[lane]), [0])
 
 
 def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at: Callable, acc_of: Callable,
@@ -144,8 +144,8 @@ def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at
     def fold(r, lane):
         c = r % channels if outer > 1 else r
         low, high = (tirx.Cast(scan_dtype, extremes[k * rows + r]) for k in (0, 1))
-        I.buffer_store(running, tirx.Max(running[lane], tirx.Max(tirx.abs(value_of(acc_of(low, c), c)),
-                                                                 tirx.abs(value_of(acc_of(high, c), c)))), [lane])
+        I.buffer_store(running, _nan_sticky_max(running[lane], _nan_sticky_max(tirx.abs(value_of(acc_of(low, c), c)),
+                                                                              tirx.abs(value_of(acc_of(high, c), c)))), [lane])
 
     full_rows, tail_rows = divmod(rows, LANES)
     if full_rows:
@@ -157,7 +157,7 @@ def _emit_channel_abs_max_of_monotone(shape, axis: int, scan_dtype: str, scan_at
             fold(full_rows * LANES + lane, lane)
     I.buffer_store(scale, _f32(0.0), [0])
     with I.serial(0, LANES) as lane:
-        I.buffer_store(scale, tirx.Max(scale[0], running[lane]), [0])
+        I.buffer_store(scale, _nan_sticky_max(scale[0], running[lane]), [0])
 
 
 def quantize(shape: Sequence[int], bits: int, static_scale: float, signed: bool,
@@ -211,6 +211,12 @@ def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: boo
             codes_by(divisor if fast else None)
 
     _on_divisor_range(scale[0], codes, n >= _QUOTIENT_MIN_ELEMENTS)
+
+
+def _nan_sticky(combine):
+    """``combine`` (float min or max) returning a NaN operand, so that a NaN in the tensor makes
+    the dynamic range NaN, which the runtime refuses (LLVM's float min / max may drop it)."""
+    return lambda a, b: tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, combine(a, b)))
 
 
 def _emit_fold(x_flat, n: int, out, combine) -> None:
@@ -274,8 +280,8 @@ def _emit_quantize_asymmetric(x_flat, n: int, levels: int, static_scale: float, 
         I.buffer_store(zp, _f32(static_zero_point), [0])
     else:
         lo, hi = _local((1,)), _local((1,))
-        _emit_fold(x_flat, n, lo, tirx.Min)
-        _emit_fold(x_flat, n, hi, tirx.Max)
+        _emit_fold(x_flat, n, lo, _nan_sticky(tirx.Min))
+        _emit_fold(x_flat, n, hi, _nan_sticky(tirx.Max))
         I.buffer_store(scale, hi[0] - lo[0], [0])
         # exactly the interpreter's (-lo * L) / R, rounded half to even; R read back from its buffer
         zp_value = tirx.round((-lo[0] * _f32(levels)) / scale[0])
