@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,9 @@ def calibration_arrays(model, calibrate, samples: int = 256) -> list:
 
     if isinstance(calibrate, (str, Path)):
         return load_calibration_samples(to_model(model), str(calibrate), samples)
-    arrays = [calibrate] if isinstance(calibrate, np.ndarray) else list(calibrate)
-    return [np.asarray(a, np.float32)[:samples] for a in arrays]
+    one_array = isinstance(calibrate, np.ndarray) or callable(getattr(calibrate, "detach", None))  # (a torch tensor)
+    arrays = [calibrate] if one_array else list(calibrate)
+    return [np.asarray(a.detach() if callable(getattr(a, "detach", None)) else a, np.float32)[:samples] for a in arrays]
 
 
 def capture_calibrated(model, *, batch: int | None = None, calibrate=None) -> tuple[Graph, dict | None]:
@@ -143,12 +145,14 @@ def inspect(model, *, batch: int | None = None, calibrate=None):
     graph, _ = run_passes(captured, "default")
     kernels = {}
     try:
-        from .targets.llvm.backend import choose_kernel
+        from .targets.llvm.kernels import cpu_target
+        from .targets.llvm.target import cpu_backend
         from .targets.tvm.lower import output_rows
         from .interpreter import decode_weight
 
+        backend = cpu_backend(cpu_target(None))  # this CPU's, as `csqc compile` without --mcpu
         for n in graph.quant_layers():
-            kernels[n.name] = choose_kernel(n, output_rows(n), decode_weight(graph, n)).kernel
+            kernels[n.name] = backend.choose_kernel(n, output_rows(n), decode_weight(graph, n)).kernel
     except ImportError:  # TVM missing: the report still stands without kernel choices
         pass
     report = inspect_graph(graph, kernels, captured)
@@ -302,8 +306,10 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
 
 def _batch_option(batch: int | str | None, target: str) -> tuple[int | None, bool]:
     """(batch size to capture at, symbolic batch dimension?) for ``compile``'s ``batch``."""
-    if batch != "dynamic":
+    if batch is None or (isinstance(batch, numbers.Integral) and not isinstance(batch, bool)):
         return batch, False
+    if batch != "dynamic":
+        raise BadInput(f"batch must be a whole number of samples, None (the model file's) or 'dynamic', got {batch!r}")
     if target != "onnx":  # TVM kernels are built for one batch size: their loops and buffers are fixed
         raise BadInput(f"--batch dynamic is for --target onnx; a {target} artifact runs one batch size, "
                        "compile it with --batch N")

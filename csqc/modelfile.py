@@ -76,7 +76,12 @@ class CsqcModel:
     @torch.no_grad()
     def __call__(self, *inputs):
         args = [torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in inputs]
-        return self.module(*args)
+        try:
+            return self.module(*args)
+        except AssertionError as e:  # torch.export's input guards (a shape other than the saved one's)
+            shapes = [list(t.shape) for t in self.example_inputs]
+            raise BadInput(f"the model does not take these inputs ({e}); it was saved with inputs of shapes "
+                           f"{shapes} (other batch sizes may be allowed)") from None
 
     @property
     def input_specs(self) -> list[dict]:
@@ -168,10 +173,17 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
         example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         if not all(isinstance(t, torch.Tensor) for t in example):
             raise BadInput("example_inputs must be tensors")
+        if any(t.numel() == 0 for t in example):
+            raise BadInput(f"example_inputs must hold at least one sample each, got shapes {[list(t.shape) for t in example]}")
         model = _finalized_copy(model)
         layer_rows, avg = layers.layer_report(model), layers.average_bits(model)
         with torch.no_grad():
-            out = model(*example)
+            try:
+                out = model(*example)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:  # the model's own error on this example
+                raise BadInput(f"the model does not run on example_inputs (shapes "
+                               f"{[list(t.shape) for t in example]}, dtypes {[str(t.dtype) for t in example]}): "
+                               f"{type(e).__name__}: {e}") from None
         names = [name for name, _ in _named_outputs(out)]
         flat = isinstance(out, torch.Tensor) or (isinstance(out, (list, tuple))
                                                  and all(isinstance(t, torch.Tensor) for t in out))

@@ -577,10 +577,8 @@ class CompiledModel:
             unknown = set(skip_planes) - set(self.layers)
             if unknown:
                 raise BadInput(f"skip_planes names unknown layers: {sorted(unknown)[:3]}")
-            return tuple(sorted((k, int(v)) for k, v in skip_planes.items()))
-        skip = int(skip_planes)
-        if skip < 0:
-            raise BadInput(f"skip_planes must be >= 0, got {skip}")
+            return tuple(sorted((k, _plane_skip(v, f"skip_planes[{k!r}]")) for k, v in skip_planes.items()))
+        skip = _plane_skip(skip_planes, "skip_planes")
         return tuple((k, skip) for k in sorted(self.layers)) if skip else ()
 
     def _calls(self, skips: tuple):
@@ -694,6 +692,8 @@ class CompiledModel:
     def _check_input(self, spec: dict, x, check_finite: bool = True) -> np.ndarray:
         """``x`` checked (and converted) for input ``spec``; ``check_finite`` False: the caller
         checks the float values itself."""
+        if not isinstance(x, np.ndarray) and callable(getattr(x, "detach", None)):
+            x = x.detach()  # a torch tensor that requires grad (np.asarray refuses it; the runtime imports no torch)
         x = np.asarray(x)
         dtype, shape = self._input_types[spec["name"]]
         if x.dtype == dtype and x.shape == shape and dtype.kind == "f":
@@ -875,6 +875,8 @@ class CompiledModel:
 
     def time_us(self, *inputs, repeat: int = 50, skip_planes=0) -> float:
         """Median wall time of one call in microseconds (inputs copied in each time)."""
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, np.integer)) or repeat < 1:
+            raise BadInput(f"repeat must be a whole number of calls >= 1, got {repeat!r}")
         self(*inputs, skip_planes=skip_planes)
         times = []
         for _ in range(repeat):
@@ -1029,6 +1031,16 @@ def _output_memory(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % _ALIGNMENT
     return raw[start:start + nbytes]
+
+
+def _plane_skip(value, what: str) -> int:
+    """A count of bit positions to drop: an integer >= 0 (a bool, float or string is refused,
+    not rounded or parsed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BadInput(f"{what} must be an integer >= 0 (or a dict of them per layer), got {value!r}")
+    if value < 0:
+        raise BadInput(f"{what} must be >= 0, got {value}")
+    return int(value)
 
 
 def _flat_finite(x: np.ndarray) -> bool:

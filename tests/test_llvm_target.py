@@ -576,6 +576,9 @@ def test_runtime_call_contract(compiled):
         m(bad)
     with pytest.raises(BadInput, match="takes 1 input"):
         m(x, x)
+    assert np.array_equal(m(torch.from_numpy(x).requires_grad_()), y)  # (np.asarray refuses such a tensor)
+    with pytest.raises(BadInput, match="repeat must be"):
+        m.time_us(x, repeat=0)
 
 
 def test_skip_planes_trades_exactness_without_recompiling(compiled):
@@ -600,6 +603,12 @@ def test_skip_planes_trades_exactness_without_recompiling(compiled):
         m(xs[0], skip_planes={"no_such_layer": 1})
     with pytest.raises(BadInput, match=">= 0"):
         m(xs[0], skip_planes=-1)
+    with pytest.raises(BadInput, match=rf"skip_planes\[{one_layer!r}\] must be >= 0"):
+        m(xs[0], skip_planes={one_layer: -1})
+    for bad in (None, 1.5, "1", True):  # refused, not rounded, parsed or taken as 1
+        with pytest.raises(BadInput, match="must be an integer"):
+            m(xs[0], skip_planes=bad)
+    assert np.array_equal(m(xs[0], skip_planes=np.int64(1)), skipped[:DIGITS_BATCH])
 
 
 def test_skip_planes_keeps_the_zero_weights_of_offset_planes(compiled):
@@ -626,6 +635,18 @@ def test_skip_planes_keeps_the_zero_weights_of_offset_planes(compiled):
     assert weights[0]
     for name, full in weights[0].items():
         assert not weights[1][name][full == 0].any() and (weights[1][name] != full).any(), name
+
+
+@pytest.mark.parametrize("recipe", ["digits-mlp", "digits-cnn"])
+def test_inspect_names_the_kernel_compile_chooses(compiled, recipe):
+    """`csqc inspect` asks the backend `csqc compile` lowers with (this CPU's tier, table
+    lookups, tiles), so each layer's kernel there is the artifact's (it named bit-parallel
+    where the VBMI table-lookup bit-serial kernel runs)."""
+    model, path, _ = compiled(recipe)
+    report = csqc.inspect(model, batch=DIGITS_BATCH)
+    built = {name: info["kernel"] for name, info in runtime.load(path).layers.items()}
+    shown = {row.name: row.kernel for row in report.layers if row.name in built}
+    assert shown and shown == {name: built[name] for name in shown}
 
 
 def test_runtime_needs_neither_torch_nor_the_compiler(compiled, tmp_path):

@@ -130,3 +130,39 @@ def test_failed_save_leaves_no_file(tmp_path):
     with pytest.raises(csqc.CsqcError, match="torch.export"):
         csqc.save(Unexportable(), target, torch.randn(1, 3))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("example, match", [(torch.rand(1, 2, 8, 8), r"does not run on example_inputs.*\[1, 2, 8, 8\]"),
+                                            (torch.rand(1, 1, 8, 8, dtype=torch.float64), r"does not run.*float64"),
+                                            (torch.rand(0, 1, 8, 8), "at least one sample")])
+def test_save_refuses_examples_the_model_cannot_run_clearly(tmp_path, example, match):
+    """A wrong shape, dtype or an empty batch is the caller's error, named as such (it was a raw
+    RuntimeError from inside the model, or torch's amax of an empty tensor)."""
+    with pytest.raises(csqc.BadInput, match=match):
+        csqc.save(_small_model(), tmp_path / "m.pt", example)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_loaded_model_called_with_another_shape_says_which_it_takes(tmp_path):
+    loaded = csqc.load(csqc.save(_small_model(), tmp_path / "m.pt", torch.randn(1, 1, 8, 8)))
+    with pytest.raises(csqc.BadInput, match=r"saved with inputs of shapes \[\[1, 1, 8, 8\]\]"):
+        loaded(torch.rand(1, 1, 8, 9))
+
+
+@pytest.mark.parametrize("batch", ["4", 2.5, True])
+def test_compile_refuses_a_batch_that_is_not_a_count(tmp_path, batch):
+    loaded = csqc.load(csqc.save(_small_model(), tmp_path / "m.pt", torch.randn(1, 1, 8, 8)))
+    with pytest.raises(csqc.BadInput, match="batch must be a whole number"):
+        csqc.compile(loaded, "llvm", tmp_path / "m.so", batch=batch)
+    assert not (tmp_path / "m.so").exists()
+
+
+def test_compile_calibrates_on_a_torch_tensor_as_on_the_same_array(tmp_path):
+    """A tensor is one array of samples (iterating it gave one array per sample: "takes 1 input(s), got 3")."""
+    from csqc import runtime
+
+    loaded = csqc.load(csqc.save(_small_model(), tmp_path / "m.pt", torch.randn(1, 1, 8, 8)))
+    samples = torch.rand(3, 1, 8, 8)
+    by_tensor = csqc.compile(loaded, "llvm", tmp_path / "t.so", calibrate=samples).output
+    by_array = csqc.compile(loaded, "llvm", tmp_path / "a.so", calibrate=samples.numpy()).output
+    assert runtime.load(by_tensor).calibration == runtime.load(by_array).calibration is not None

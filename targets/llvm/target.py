@@ -70,6 +70,15 @@ def check_tune(mcpu: str | None) -> None:
                        f"for --mcpu {mcpu}; leave --mcpu out, or tune on a {mcpu} machine")
 
 
+def cpu_backend(target, tuner=None) -> CpuBackend:
+    """The backend that lowers for LLVM ``target`` (``kernels.cpu_target``): its tier's kernels,
+    table lookups, AMX tiles. ``csqc inspect`` asks it for the kernel choices a compile makes."""
+    from .amx import target_has_amx
+    from .isa import tier
+
+    return CpuBackend(table_lookup=has_table_lookup(target), amx=target_has_amx(target), tuner=tuner, tier=tier(target))
+
+
 def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, force_kernel: str | None = None,
               on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm", calibration=None,
               tune: bool = False, on_tune: Callable[[str], None] | None = None) -> dict:
@@ -77,9 +86,8 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     ``calibration``: the ``csqc.calibration.Calibration`` the plan records. ``tune``: search the
     kernel schedules per shape on this machine (``tuning.py``; cached on disk), calling
     ``on_tune`` with each shape searched; the report's ``tuning`` says what was found."""
-    from .amx import target_has_amx
     from .host import isa_features
-    from .isa import missing_features, tier
+    from .isa import missing_features
     from .kernels import cpu_target
 
     try:
@@ -95,8 +103,8 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
 
         threads = pool_threads()  # what the artifact's calls will run on
         tuner = Tuner(target, TuningCache.load(cache_path(), cpu_key(target, threads)), threads, on_search=on_tune)
-    cpu_tier = tier(target)
-    backend = CpuBackend(table_lookup=has_table_lookup(target), amx=target_has_amx(target), tuner=tuner, tier=cpu_tier)
+    backend = cpu_backend(target, tuner)
+    cpu_tier = backend.tier
     with target:  # the kernels emit the instructions of this target's tier (isa.tier)
         plan = lower_graph(graph, backend=backend, force_kernel=force_kernel, on_layer=on_layer)
     if tuner is not None and tuner.report()["searched"]:
