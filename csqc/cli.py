@@ -76,7 +76,9 @@ class CsqcGroup(click.Group):
         except Exception as e:  # an unexpected failure: still one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            self._fail(ctx, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
+            # --debug is the group's option: after the command click would call it unknown
+            where = f"csqc --debug {ctx.invoked_subcommand} ..." if ctx.invoked_subcommand else "csqc --debug ..."
+            self._fail(ctx, f"internal error: {type(e).__name__}: {e} (rerun as `{where}` for the traceback)", 1)
 
     @staticmethod
     def _fail(ctx, message: str, code: int, details: dict | None = None):
@@ -146,6 +148,8 @@ def model_options(f):
     @functools.wraps(f)
     def wrapper(*args, model_factory=None, input_shape=None, **kwargs):
         shape = None
+        if input_shape and not model_factory:  # a csqc model file records its own input shape
+            raise BadInput("--input-shape is the input shape for --model-factory; give it with --model-factory")
         if input_shape:
             try:
                 shape = tuple(int(s) for s in input_shape.replace("x", ",").split(","))
@@ -163,6 +167,18 @@ def _load_model(path, *, model_factory, input_shape):
     from .modelfile import load
 
     return load(path, model_factory=model_factory, input_shape=input_shape)
+
+
+def _check_file_name(path: str, what: str) -> None:
+    """Refuse a file name ending in a slash: the user meant a folder, and ``Path`` drops the slash."""
+    if path.endswith(("/", os.sep)):
+        raise BadInput(f"{what} {path} ends with a slash, so names a folder; give a file name")
+
+
+def _given(name: str) -> bool:
+    """Whether the user gave option ``name`` (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT)
 
 
 class BatchSize(click.ParamType):
@@ -218,6 +234,13 @@ def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs,
 
     if (recipe is None) == (data_factory is None):
         raise BadInput("give a recipe (digits-mlp, digits-cnn) or --data MODULE:CALLABLE, not both")
+    _check_file_name(output, "-o")
+    if checkpoint:
+        _check_file_name(checkpoint, "--checkpoint")
+        if os.path.realpath(checkpoint) == os.path.realpath(output):  # the model would replace the training state
+            raise BadInput(f"--checkpoint and -o are both {output}; give the checkpoint another name")
+    elif _given("checkpoint_every"):
+        raise BadInput("--checkpoint-every sets how often --checkpoint is written; give --checkpoint FILE too")
     if resume:
         from .checkpoint import check_checkpoint_file
 
@@ -286,6 +309,7 @@ def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
         return
 
     if plot:
+        _check_file_name(plot, "--plot")
         check_output(plot, inputs=[model], what="--plot")
     loaded = load_model(model)
     report = inspect_model(loaded, batch=batch, calibrate=calibrate)
@@ -503,6 +527,7 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         raise BadInput(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
     if tune and not get_target(target).tunable:
         raise BadInput(f"--tune searches CPU kernel schedules on this machine; it is for --target llvm, not {target}")
+    _check_target_options(target, onnx_form)
     if dataset and calibration_file:
         raise BadInput("give --dataset or --calibration, not both")
     if output is None:  # the library's default too: the model's name, the target and the form
@@ -555,6 +580,31 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
                f"({_human(result.output.stat().st_size)})")
 
 
+# compile options that only some targets (or ONNX forms) read: given for another, they would do nothing
+_TARGET_OPTIONS = {
+    "mcpu": ("--target llvm or aarch64", {"llvm", "aarch64"}),
+    "force_kernel": ("--target llvm, aarch64 or cuda", {"llvm", "aarch64", "cuda"}),
+    "arch": ("--target cuda", {"cuda"}),
+    "emit_source": ("--target cuda", {"cuda"}),
+    "onnx_form": ("--target onnx", {"onnx reference", "onnx deploy"}),
+    "check_planes": ("--target onnx --onnx-form reference", {"onnx reference"}),
+    "dataset": ("--target onnx --onnx-form deploy", {"onnx deploy"}),
+    "calibration_file": ("--target onnx --onnx-form deploy", {"onnx deploy"}),
+}
+
+
+def _check_target_options(target: str, onnx_form: str) -> None:
+    """Refuse an option the user gave that the chosen target ignores (defaults pass: they were not asked for)."""
+    chosen = f"onnx {onnx_form}" if target == "onnx" else target
+    ours = f"--target onnx --onnx-form {onnx_form}" if target == "onnx" else f"--target {target}"
+    for param in click.get_current_context().command.params:
+        if param.name not in _TARGET_OPTIONS or not _given(param.name):
+            continue
+        where, targets = _TARGET_OPTIONS[param.name]
+        if chosen not in targets:
+            raise BadInput(f"{max(param.opts, key=len)} is for {where}; it does nothing with {ours}")
+
+
 _TIER_WORDS = {"avx512": "AVX-512 VNNI int8 dot products", "avx2": "AVX2 int8 dot products",
                "generic": "no int8 dot product: bit-serial kernels"}
 
@@ -575,6 +625,7 @@ def _print_tuning(tuning: dict) -> None:
 
 def _check_compile_outputs(model, output, calibration_file, emit_source, dump_ir) -> None:
     """Every path ``compile`` writes, checked before the model is even read."""
+    _check_file_name(output, "-o")
     check_output(output, inputs=[model, calibration_file])
     if emit_source is not None:
         check_output_folder(emit_source, what="--emit-source")
@@ -651,8 +702,10 @@ def verify(model, load_model, artifact, inputs_file, samples, dataset, batch, pe
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--input", "-i", "input_path", required=True, type=click.Path(), help=".npy (or .npz) input.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the output here (.npy).")
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(),
+              help=".npy input, or .npz with one array per input named after it (csqc inspect ARTIFACT names them).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the output here (.npy); .npz: every output by name (needed for several outputs).")
 @click.option("--skip-planes", default=0, show_default=True, type=int,
               help="Drop this many least significant weight planes per layer (faster, less exact).")
 @json_option
@@ -668,52 +721,45 @@ def run(artifact, input_path, output, skip_planes, as_json):
 
     from . import runtime
     from .outputs import atomic_write
+    from .verify import load_artifact_inputs
 
     if output:
+        _check_file_name(output, "-o")
         check_output(output, inputs=[artifact, input_path])
     model = runtime.load(artifact)
-    x = _read_array(input_path, model.inputs[0]["shape"], artifact)
-    y = model(x, skip_planes=skip_planes)
+    names = [o["name"] for o in model.outputs]
+    as_npz = bool(output) and output.endswith(".npz")
+    if output and len(names) > 1 and not as_npz:  # refused before running: an .npy holds one array
+        raise BadInput(f"{artifact} has {len(names)} outputs ({', '.join(names)}); give -o a .npz name to write "
+                       "them all by name")
+    xs = load_artifact_inputs(input_path, model.inputs, artifact)
+    ys = model(*xs, skip_planes=skip_planes)
+    ys = ys if isinstance(ys, list) else [ys]
     if output:
         def write(tmp):
             with open(tmp, "wb") as f:  # np.save(name) would append .npy to the temporary's name
-                np.save(f, y)
+                if as_npz:
+                    np.savez(f, **dict(zip(names, ys)))
+                else:
+                    np.save(f, ys[0])
 
         atomic_write(output, write, inputs=[artifact, input_path])
     if as_json:
-        _emit_json({"ok": True, "output": output, "shape": list(y.shape), "argmax": y.reshape(y.shape[0], -1).argmax(1).tolist()})
-    else:
+        results = [{"shape": list(y.shape), "argmax": y.reshape(y.shape[0], -1).argmax(1).tolist()} for y in ys]
+        if len(ys) == 1:
+            _emit_json({"ok": True, "output": output, **results[0]})
+        else:
+            _emit_json({"ok": True, "output": output,
+                        "outputs": [{"name": name, **r} for name, r in zip(names, results)]})
+    elif len(ys) == 1:
+        y = ys[0]
         click.echo(f"output {list(y.shape)}" + (f" -> {output}" if output else f": {np.array2string(y, precision=4, threshold=20)}"))
-
-
-def _read_array(path: str, shape: list[int], artifact: str):
-    """The first array of ``path``, once its header says it has the artifact's input ``shape``."""
-    import numpy as np
-
-    from .arrayfile import array_headers
-
-    def check(header, index: int) -> None:
-        if index == 0 and list(header.shape) != list(shape):
-            raise BadInput(f"{path}: expected shape {list(shape)}, the input {artifact} was compiled for (compile "
-                           f"with --batch N for another batch); the file holds an array of shape {list(header.shape)}")
-
-    array_headers(path, check)  # before np.load allocates what a header claims
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such file") from None
-    except (ValueError, OSError, EOFError):  # numpy reads a non-array file as a pickle, which it refuses
-        raise BadInput(f"cannot read {path}: not a numeric .npy/.npz array file (csqc never unpickles); "
-                       "write inputs with numpy.save or numpy.savez") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            if not data.files:
-                raise BadInput(f"{path}: the .npz holds no arrays")
-            try:
-                return data[data.files[0]]
-            except (ValueError, OSError, EOFError):
-                raise BadInput(f"cannot read {path}: its first array is not a numeric array (csqc never unpickles)") from None
-    return data
+    else:
+        for name, y in zip(names, ys):
+            values = "" if output else f": {np.array2string(y, precision=4, threshold=20)}"
+            click.echo(f"output {name} {list(y.shape)}{values}")
+        if output:
+            click.echo(f"{len(ys)} outputs -> {output}")
 
 
 @cli.command()
@@ -742,6 +788,14 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     """
     from .bench import bench as run_bench
 
+    if batch is not None and batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    if artifact and batch is not None:  # an artifact runs the batch it was compiled for: --batch would be ignored
+        from .compiler import inspect_artifact
+
+        compiled = inspect_artifact(artifact)["inputs"][0]["shape"][0]
+        if isinstance(compiled, int) and compiled != batch:
+            raise BadInput(f"the artifact runs batches of {compiled}; bench with batch {compiled}")
     loaded = load_model(model)
     with progress_bar("bench", enabled=progress_wanted(as_json)) as update:
         report = run_bench(loaded, batch=batch, threads=threads, rounds=rounds, artifact=artifact,

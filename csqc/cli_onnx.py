@@ -45,6 +45,8 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
     if calibration_samples < 1:
         raise BadInput(f"calibration samples must be at least 1, got {calibration_samples}")
     calib = load_calibration_samples(model, calibration, calibration_samples) if deploy else None
+    if calib is not None and len(calib[0]) == 0:  # scales from no data at all: refused, as --calibrate refuses it
+        raise BadInput(f"--calibration {calibration}: holds 0 samples; calibration needs at least one")
     result = compile_model(model, "onnx", output, batch=batch, onnx_form="deploy" if deploy else "reference",
                            check_planes=check_planes, calibration=calib, int4=int4, dump_ir=dump_ir, calibrate=calibrate)
     report = {k: v for k, v in result.report.items() if k != "onnx_form"}
@@ -57,6 +59,9 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
             reference = model(split.x_test).numpy()
             report = accuracy_cost(report, ours, reference, split.y_test)
         summary = {"ok": True, "output": str(output), "kind": "deploy", **report}
+        if calibration is None:  # scales fitted to noise: say so, the model looks fine otherwise
+            summary["notes"] = [f"calibrated on {len(calib[0])} random [0, 1) inputs, not real data; give "
+                                "--dataset digits or --calibration x.npz for scales that fit your inputs"]
     else:
         graph = result.graph
         summary = {"ok": True, "output": str(output), "kind": "reference", "check_planes": check_planes,
@@ -74,6 +79,8 @@ def compile_onnx(model: CsqcModel, output: str, *, deploy: bool = False, check_p
             click.echo(f"wrote {summary['kind']} ONNX model {output}: {size}{extra}{acc}")
             if summary.get("calibration"):
                 click.echo(f"note: {summary['calibration']['note']}")
+            for note in summary.get("notes", []):
+                click.echo(f"note: {note}")
     return summary
 
 

@@ -56,7 +56,7 @@ from .modelfile import CsqcModel
 __all__ = [
     "verify", "VerifyReport", "PairReport", "Runtime", "RunResult", "RUNTIMES", "DEFAULT_RUNTIMES",
     "ARTIFACT_RUNNERS", "register_artifact_runner", "tvm_artifact_runtime", "load_inputs", "LAYER_TENSORS", "MAX_RANDOM_SAMPLES",
-    "random_inputs",
+    "random_inputs", "load_artifact_inputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -412,30 +412,106 @@ def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
 
     headers = {h.name: h for h in array_headers(path)}  # before np.load allocates what a header claims
     names = [s["name"] for s in model.input_specs]
+    if list(headers) == [""]:  # an .npy file's one array has no name
+        raise BadInput(f"{path}: holds a single array; give an .npz of arrays named after the inputs (np.savez)")
+    if len(headers) < len(names):
+        raise BadInput(f"{path}: holds {len(headers)} array(s), the model takes {len(names)} input(s)")
     chosen = names if all(n in headers for n in names) else list(headers)[: len(names)]
     for name, spec in zip(chosen, model.input_specs):
         shape = headers[name].shape
         if shape[1:] != tuple(spec["shape"][1:]):
-            raise BadInput(f"{path}: array {name!r} has shape {list(shape)}; the model takes samples of shape "
-                           f"{spec['shape'][1:]} (write [samples, ...] arrays with np.savez)")
+            raise BadInput(f"{path}: array {name!r} has shape {list(shape)}; the model takes arrays of shape "
+                           f"{_batched(spec['shape'])}{_batch_axis_hint(shape, spec['shape'])}")
+    return _read_arrays(path, chosen)
+
+
+def load_artifact_inputs(path: str, specs: Sequence[dict], artifact: str) -> list[np.ndarray]:
+    """``csqc run``'s arrays for the inputs ``specs`` (a compiled artifact's: name, shape) from ``path``.
+
+    An ``.npz`` holds one array per input, named after it (as ``load_inputs`` reads them, by
+    name); a single-input artifact also takes an ``.npy`` or a one-array ``.npz``. Each array
+    must have exactly the shape the artifact was compiled for, checked from its header first.
+    """
+    from .arrayfile import array_headers
+
+    names = [s["name"] for s in specs]
+    named = {s["name"]: s for s in specs} | ({"": specs[0]} if len(specs) == 1 else {})  # "": an .npy's array
+
+    def check(header, index: int) -> None:  # the shape first: before the header's claim is compared with the file
+        if header.name in named:
+            _check_artifact_shape(path, header, named[header.name], artifact)
+
+    headers = {h.name: h for h in array_headers(path, check)}  # before np.load allocates what a header claims
+    if not headers:
+        raise BadInput(f"{path}: the .npz holds no arrays")
+    if all(n in headers for n in names):
+        chosen = names
+    elif len(names) == 1 and len(headers) == 1:  # nothing to confuse it with
+        chosen = list(headers)
+    else:  # taking the first arrays would run the wrong data without a word
+        held = "one unnamed array (.npy)" if list(headers) == [""] else "arrays " + ", ".join(map(repr, headers))
+        raise BadInput(f"{path}: {artifact} takes arrays named {', '.join(names)} (write them with np.savez(path, "
+                       f"{'=..., '.join(names)}=...)); the file holds {held}")
+    for name, spec in zip(chosen, specs):  # the one array of another name was not checked yet
+        _check_artifact_shape(path, headers[name], spec, artifact)
+    return _read_arrays(path, chosen)
+
+
+def _check_artifact_shape(path: str, header, spec: dict, artifact: str) -> None:
+    if list(header.shape) != list(spec["shape"]):
+        what = f"array {header.name!r}" if header.name else "the file"
+        raise BadInput(f"{path}: expected shape {list(spec['shape'])} for input {spec['name']}, the shape {artifact} "
+                       f"was compiled for (compile with --batch N for another batch); {what} has shape "
+                       f"{list(header.shape)}")
+
+
+def _batched(shape) -> str:
+    """An input's shape with its batch axis as N: ``[N, 64]``."""
+    return "[" + ", ".join(["N", *map(str, shape[1:])]) + "]"
+
+
+def _batch_axis_hint(shape, spec_shape) -> str:
+    if tuple(shape) == tuple(spec_shape[1:]):  # one sample without its batch axis
+        return " (a batch axis first: N samples; for one sample, x[None])"
+    return " (write [samples, ...] arrays with np.savez)"
+
+
+def _read_arrays(path: str, names: Sequence[str]) -> list[np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` file (``[""]``: an ``.npy`` file's one array), headers checked."""
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise BadInput(f"{path}: holds a single array; give an .npz of arrays named after the inputs (np.savez)")
+            return [loaded]
         with loaded as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            arrays = [npz[n] for n in names]
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
     except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as e:
-        raise BadInput(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-    if not all(isinstance(a, np.ndarray) for a in arrays.values()):  # members that are not .npy come back as bytes
+        raise BadInput(f"cannot read {path}: not a numeric .npy/.npz array file ({type(e).__name__}); csqc never "
+                       "unpickles, write inputs with numpy.save or numpy.savez") from None
+    if not all(isinstance(a, np.ndarray) for a in arrays):  # members that are not .npy come back as bytes
         raise BadInput(f"{path}: holds files other than arrays; write it with np.savez")
-    names = [s["name"] for s in model.input_specs]
-    if all(n in arrays for n in names):
-        return [arrays[n] for n in names]
-    if len(arrays) < len(names):
-        raise BadInput(f"{path}: holds {len(arrays)} array(s), the model takes {len(names)} input(s)")
-    return list(arrays.values())[: len(names)]
+    return arrays
+
+
+def _is_array(x) -> bool:
+    """One array (a torch tensor too), not a sequence of them: ``list(tensor)`` would be its rows."""
+    import torch
+
+    return isinstance(x, (np.ndarray, torch.Tensor))
+
+
+def _as_model_input(a, spec: dict) -> np.ndarray:
+    """``a`` (an array or a torch tensor) as input ``spec`` takes it: numbers become a float
+    input's float32, as the runtimes convert them (an int64 batch would reach PyTorch as int64)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise BadInput(f"input {spec['name']}: holds {a.dtype} values; give numbers")
+    return a.astype(np.float32, copy=False) if np.dtype(spec["dtype"]).kind == "f" else a
 
 
 def _as_input(x) -> np.ndarray:
@@ -493,9 +569,10 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
             raise BadInput(f"the digits data set has samples of shape {list(split.x_test.shape[1:])}, the model takes {list(shape)}")
         arrays, labels = [split.x_test], split.y_test
     elif inputs is not None:
-        arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+        arrays = [inputs] if _is_array(inputs) else list(inputs)
         if len(arrays) != len(specs):
             raise BadInput(f"the model takes {len(specs)} input(s), got {len(arrays)}")
+        arrays = [_as_model_input(a, s) for a, s in zip(arrays, specs)]
         for a, s in zip(arrays, specs):
             if tuple(a.shape[1:]) != tuple(s["shape"][1:]):
                 raise BadInput(f"input {s['name']}: samples must have shape {s['shape'][1:]}, got {list(a.shape[1:])}")
@@ -810,6 +887,8 @@ def verify(
     """
     if atol < 0 or rtol < 0 or math.isnan(atol) or math.isnan(rtol):
         raise BadInput("atol and rtol must be non-negative numbers")
+    if batch is not None and batch < 1:  # before the defaults below, which would take 0 for "not given"
+        raise BadInput(f"batch must be at least 1, got {batch}")
     from .compiler import to_model
 
     model = to_model(model)
@@ -831,8 +910,6 @@ def verify(
         arrays, labels = _samples(model, inputs, samples, dataset, seed, ctx)
         n = len(arrays[0])
         batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
-        if batch < 1:
-            raise BadInput(f"batch must be at least 1, got {batch}")
         if art and art.batch not in (None, batch):
             raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
         notes: list[str] = []
@@ -842,6 +919,8 @@ def verify(
         if calibrate is not None:
             from .compiler import calibration_arrays
 
+            if _is_array(calibrate):  # one array for a one-input model, as ``inputs`` takes it
+                calibrate = [_as_model_input(calibrate, model.input_specs[0])]
             calibration = calibration_arrays(model, calibrate)
             if stored is None:
                 notes.append(f"calibrated on {source} ({len(calibration[0])} samples): static activation scales, a "

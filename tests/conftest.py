@@ -79,3 +79,27 @@ def tiny_mlp_artifact(tiny_mlp, tmp_path_factory):
     import csqc
 
     return csqc.compile(csqc.load(tiny_mlp), "llvm", tmp_path_factory.mktemp("tiny-art") / "mlp.so").output
+
+
+class TwoInTwoOut(torch.nn.Module):
+    """Two inputs, two outputs, one of them exp of a layer's output (it overflows on large inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(12, 8)
+
+    def forward(self, x, h):
+        y = self.a(x) + self.b(h)
+        return y, torch.exp(y)
+
+
+@pytest.fixture(scope="session")
+def two_io_artifact(tmp_path_factory):
+    """A saved ``TwoInTwoOut`` CSQ model (4-bit, batch 1) compiled for this CPU (llvm)."""
+    import csqc
+
+    torch.manual_seed(3)
+    model = csqc.finalize(csqc.convert(TwoInTwoOut().eval(), n_bits=4, act_bits=4))
+    folder = tmp_path_factory.mktemp("twoio")
+    path = csqc.save(model, folder / "m.pt", (torch.zeros(1, 16), torch.zeros(1, 12)))
+    return csqc.compile(csqc.load(path), "llvm", folder / "m.so").output

@@ -219,27 +219,6 @@ def test_profiling_steps_times_them_on_the_callers_input(cnn_artifact):
     np.testing.assert_array_equal(model._in_views[0], x)
 
 
-class _TwoInTwoOut(torch.nn.Module):
-    """Two inputs, two outputs, one of them exp of a layer's output (it overflows on large inputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(16, 8), torch.nn.Linear(12, 8)
-
-    def forward(self, x, h):
-        y = self.a(x) + self.b(h)
-        return y, torch.exp(y)
-
-
-@pytest.fixture(scope="module")
-def two_io_artifact(tmp_path_factory):
-    torch.manual_seed(3)
-    model = csqc.finalize(csqc.convert(_TwoInTwoOut().eval(), n_bits=4, act_bits=4))
-    folder = tmp_path_factory.mktemp("twoio")
-    path = csqc.save(model, folder / "m.pt", (torch.zeros(1, 16), torch.zeros(1, 12)))
-    return csqc.compile(csqc.load(path), "llvm", folder / "m.so").output
-
-
 def test_small_inputs_and_outputs_are_checked_for_nan_in_one_block(two_io_artifact):
     """Small float inputs share one block of memory, as do small float outputs, so that one scan
     checks each side: a NaN or infinity anywhere in it is still refused, naming the input (or
