@@ -265,16 +265,23 @@ def _plan(model: nn.Module, skip: set[str]) -> tuple[list[tuple[str, nn.Module]]
                 else:
                     left.append(LeftFloat(name, kind, reason))
             else:
-                reason = _left_float_reason(child)
-                if reason is not None:
-                    left.append(LeftFloat(name, kind, reason))
-                visit(child, name)
+                visit_with_own_parameters(child, name, kind, _left_float_reason(child))
 
-    if _convertible(model) or _left_float_reason(model) is not None:
-        reason = ("the model itself is one layer: convert replaces submodules, wrap it (nn.Sequential(layer))"
-                  if _convertible(model) else _left_float_reason(model))
-        left.append(LeftFloat("<model>", type(model).__name__, reason))
-    visit(model, "")
+    def visit_with_own_parameters(m: nn.Module, name: str, kind: str, reason: str | None) -> None:
+        # a module's own float parameters stay float; the layers inside it are converted all the same
+        at, before = len(left), len(chosen)
+        visit(m, "" if name == "<model>" else name)
+        inside = len(chosen) - before
+        if reason is not None:
+            note = f" (they stay as they are; the {inside} layer(s) inside it are converted)" if inside else ""
+            left.insert(at, LeftFloat(name, kind, reason + note))
+
+    if _convertible(model):
+        left.append(LeftFloat("<model>", type(model).__name__,
+                              "the model itself is one layer: convert replaces submodules, wrap it (nn.Sequential(layer))"))
+        visit(model, "")
+    else:
+        visit_with_own_parameters(model, "<model>", type(model).__name__, _left_float_reason(model))
     return chosen, left
 
 

@@ -255,6 +255,29 @@ def test_every_module_left_float_is_reported_once_with_its_reason(caplog):
     assert report.to_json()["left_float"][0] == {"name": "embed", "kind": "Embedding", "reason": reasons["embed"]}
 
 
+class ScaledBlock(nn.Module):
+    """A layer with a float matrix of its own around a Linear (as ConvNeXt's CNBlock has its
+    ``layer_scale [C, 1, 1]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.layer_scale = nn.Parameter(torch.ones(4, 1))
+
+    def forward(self, x):
+        return self.fc(x) * self.layer_scale[:, 0]
+
+
+def test_a_module_with_float_parameters_says_the_layers_inside_it_are_converted():
+    model = nn.Sequential(ScaledBlock(), OwnMatrix())
+    csqc.convert(model, n_bits=4)
+    report = csqc.conversion_report(model)
+    assert report.converted == [("0.fc", "Linear", "CSQLinear")]
+    reasons = {f.name: f.reason for f in report.left_float}
+    assert reasons["0"].endswith("layer_scale [4, 1] (they stay as they are; the 1 layer(s) inside it are converted)")
+    assert reasons["1"].endswith("proj [4, 4]")  # (nothing inside it)
+
+
 def test_a_model_never_converted_has_no_report():
     with pytest.raises(BadInput, match="call csqc.convert"):
         csqc.conversion_report(nn.Linear(2, 2))
