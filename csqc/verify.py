@@ -919,9 +919,7 @@ def verify(
         if calibrate is not None:
             from .compiler import calibration_arrays
 
-            if _is_array(calibrate):  # one array for a one-input model, as ``inputs`` takes it
-                calibrate = [_as_model_input(calibrate, model.input_specs[0])]
-            calibration = calibration_arrays(model, calibrate)
+            calibration = calibration_arrays(model, calibrate)  # (an array or a tensor is one input's samples)
             if stored is None:
                 notes.append(f"calibrated on {source} ({len(calibration[0])} samples): static activation scales, a "
                              "different model from the trained one; PyTorch is compared on top-1 agreement, every "

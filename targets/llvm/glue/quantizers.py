@@ -13,8 +13,9 @@ from tvm.script.ir_builder import tirx as I
 
 from ..reciprocal import code_form, reciprocal_parts
 from .common import (
-    _channel_view, _divided, F32, _f32, _flat, _fma, _for_each, LANES, _levels, _levels_reciprocal, _local, _nan_sticky_max,
-    _on_divisor_range, _parallel_or_serial, prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _round_to_int, _rounded)
+    _channel_view, _divided, F32, _f32, _flat, _fma, _for_each, _keeping_nan, LANES, _levels, _levels_reciprocal, _local,
+    _nan_sticky_max, _on_divisor_range, _parallel_or_serial, prim_func, _prod, _QUOTIENT_MIN_ELEMENTS, _round_to_int,
+    _rounded)
 
 
 def _emit_abs_max(x_flat, n: int, scale):
@@ -216,7 +217,7 @@ def _emit_quantize(x_flat, n: int, levels: int, static_scale: float, offset: boo
 def _nan_sticky(combine):
     """``combine`` (float min or max) returning a NaN operand, so that a NaN in the tensor makes
     the dynamic range NaN, which the runtime refuses (LLVM's float min / max may drop it)."""
-    return lambda a, b: tirx.Select(tirx.isnan(a), a, tirx.Select(tirx.isnan(b), b, combine(a, b)))
+    return lambda a, b: _keeping_nan(a, _keeping_nan(b, combine(a, b)))
 
 
 def _emit_fold(x_flat, n: int, out, combine) -> None:
