@@ -631,7 +631,7 @@ def test_skip_planes_keeps_the_zero_weights_of_offset_planes(compiled):
         accuracy[skip] = (np.concatenate([m(x, skip_planes=skip) for x in xs]).argmax(1) == labels).mean()
         weights[skip] = {name: m.buffers[info["float_buffer"]].numpy() for name, info in offset.items()
                          if "float_buffer" in info}  # (the float-input layer's, combined for this setting)
-    assert accuracy[0] > 0.9 and accuracy[1] > 0.4, accuracy
+    assert accuracy[0] > 0.9 and accuracy[1] > 0.25, accuracy  # (55-89% on three trained models; 12.7% before)
     assert weights[0]
     for name, full in weights[0].items():
         assert not weights[1][name][full == 0].any() and (weights[1][name] != full).any(), name
