@@ -41,6 +41,7 @@ import numpy as np
 from .errors import BadInput, CsqcError
 from .ir import Graph, Node, QUANT_LAYER_OPS
 from .optable import OP_TABLE
+from .provenance import check_artifact_model
 from .logs import quiet_ort_quantizer
 
 __all__ = ["BenchResult", "BenchReport", "UNRELIABLE_SPREAD", "float_graph", "torch_runner", "integer_macs",
@@ -344,6 +345,8 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
 
     torch.set_num_threads(threads)
     model = to_model(model)
+    if artifact is not None:  # timing another model's artifact against this one's baselines says nothing
+        check_artifact_model(model, artifact)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if artifact is None:
@@ -458,6 +461,7 @@ def bench_remote(model, artifact: str | None, rpc: str | None, *, key: str | Non
         raise BadInput("--rpc times a compiled artifact on a remote device: give it with --artifact (compile it for "
                        "that device, e.g. `csqc compile MODEL --target aarch64` or `--target llvm --mcpu CPU`)")
     model = to_model(model)
+    check_artifact_model(model, artifact)
     step("connecting", 0, None)
     with remote.load(artifact, rpc, key=key) as art:
         shape = art.inputs[0]["shape"]

@@ -368,6 +368,8 @@ def _print_artifact(info: dict, as_json: bool) -> None:
     built_for = f", built for {info['cpu']}" if info.get("cpu") else ""
     console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}, "
                   f"{_human(info['bytes'])}{built_for}")
+    if info.get("model_digest"):  # what verify and bench compare with the model they are given
+        console.print(f"  model weights sha256 {info['model_digest'][:16]}...")
     for kind in ("inputs", "outputs"):
         for tensor in info[kind]:
             shape = ",".join(map(str, tensor["shape"]))

@@ -168,11 +168,12 @@ def is_artifact_path(path) -> bool:
 def inspect_artifact(path) -> dict:
     """What a compiled artifact says about itself, read and checked without loading its library
     or running a graph: its target, model name, size in bytes, inputs and outputs (name, shape,
-    dtype), thread cap (where it has one), the calibration it records (``csqc.calibration``;
+    dtype), the digest of the model's weights (``csqc.provenance``; None: not recorded), thread cap (where it has one), the calibration it records (``csqc.calibration``;
     None: dynamic scales); for a TVM artifact also the CPU it was built for, its layers by
     kernel, its float-input convs by weight layout (``float_layouts``), kernel calls, and the memory a loaded model takes (weights, buffers derived at load,
     intermediates shared and unshared: ``targets.tvm.memory``); for ONNX its operators."""
     from .calibration import onnx_calibration, plan_calibration
+    from .provenance import onnx_digest, plan_digest
 
     path = Path(path)
     info: dict = {"artifact": str(path)}
@@ -182,7 +183,7 @@ def inspect_artifact(path) -> dict:
         model = load_onnx(path)
         kind = {p.key: p.value for p in model.metadata_props}.get("csqc.kind", "not written by csqc")
         target, name = f"onnx ({kind})", model.graph.name
-        calibration, threads = onnx_calibration(model, path), None
+        calibration, threads, digest = onnx_calibration(model, path), None, onnx_digest(model, path)
         inputs, outputs = (_onnx_tensors(model.graph.input), _onnx_tensors(model.graph.output))
         operators: dict[str, int] = {}
         for node in model.graph.node:
@@ -197,7 +198,7 @@ def inspect_artifact(path) -> dict:
         plan = contents.plan
         check_plan(path, plan, contents.weights)
         target, name = plan["target"]["kind"], str(plan.get("model"))
-        calibration = plan_calibration(plan, path)
+        calibration, digest = plan_calibration(plan, path), plan_digest(plan, path)
         threads = plan.get("threads")
         inputs = [{k: spec[k] for k in ("name", "shape", "dtype")} for spec in plan["inputs"]]
         outputs = [{k: spec[k] for k in ("name", "shape", "dtype")} for spec in plan["outputs"]]
@@ -220,7 +221,7 @@ def inspect_artifact(path) -> dict:
                                                 if b["kind"] == "derived" and "alias" not in b}, {}),
                        "intermediates": temps["temp_bytes"], "intermediates_unshared": temps["temp_bytes_unshared"],
                        "pools": len(plan.get("pools", {}))}}
-    info.update({"target": target, "model": name, "bytes": path.stat().st_size, "inputs": inputs,
+    info.update({"target": target, "model": name, "model_digest": digest, "bytes": path.stat().st_size, "inputs": inputs,
                  "outputs": outputs, **details, **({"threads": threads} if threads else {})})
     info["calibration"] = None if calibration is None else {
         "scales": len(calibration), "samples": calibration.samples,
@@ -289,13 +290,15 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
         if folder is not None:
             check_output_folder(folder, what=what)
     from .passes import run_passes
+    from .provenance import model_digest
     from .report import activation_rows
 
     start = time.perf_counter()
     captured, calibrated, record = _capture_and_calibrate(model, batch, calibrate)
     graph, _ = run_passes(captured, pipeline or entry.pipeline, dump_dir=dump_ir)
     check_coverage(entry, graph)
-    options = dataclasses.replace(options, calibration_record=record)  # the artifact records its scales
+    # the artifact records its scales, and which model it was built from (verify and bench check it)
+    options = dataclasses.replace(options, calibration_record=record, model_digest=model_digest(model))
     # which quantizer feeds each layer (csqc's, a recognised idiom, one left float): from the
     # captured graph, where a left-float clip is not yet fused into its layer
     report = {**entry.emit(graph, output, options), "activations": [r.to_json() for r in activation_rows(captured)]}

@@ -47,6 +47,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .calibration import Calibration, apply_calibration, artifact_calibration, scale_differences
+from .provenance import check_artifact_model
 from .errors import BadInput, CsqcError
 from .forced_codes import ForcedInterpreter, ForcedRun
 from .interpreter import HANDLERS, QValue, run as interpret
@@ -900,6 +901,8 @@ def verify(
         names.insert(1 if names[:1] == ["pytorch"] else 0, GOLDEN)
     if rpc is not None and not artifact:
         raise BadInput("--rpc runs an artifact on a remote device: give the artifact with --artifact")
+    if artifact:
+        check_artifact_model(model, artifact)  # another model's artifact would read as runtimes that disagree
     art = _open_artifact(artifact, rpc, key) if artifact else None
     devices = {art.name: art.device} if art is not None and art.device else {}
     try:

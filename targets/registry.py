@@ -37,6 +37,7 @@ class CompileOptions:
     dynamic_batch: bool = False  # onnx: a symbolic batch dimension (compile --batch dynamic)
     on_layer: Callable[[str], None] | None = None  # progress callback, one call per lowered node
     calibration_record: object = None  # every target: the csqc.calibration.Calibration the artifact records
+    model_digest: str | None = None  # every target: the csqc.provenance digest of the model it was compiled from
     tune: bool = False  # targets that can (``Target.tunable``): search kernel schedules here, cached on disk
     on_tune: Callable[[str], None] | None = None  # progress callback, one call per kernel shape searched
 

@@ -21,7 +21,8 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     from .target import emit_aarch64
 
     return emit_aarch64(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer,
-                        calibration=options.calibration_record)
+                        calibration=options.calibration_record,
+                        model_digest=options.model_digest)
 
 
 TARGET = register(Target(

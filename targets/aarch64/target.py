@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from csqc.calibration import plan_entry
+from csqc.provenance import plan_entry as provenance_entry
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.targets.llvm.backend import CpuBackend, choose_kernel as choose_cpu_kernel
@@ -91,9 +92,11 @@ class Aarch64Backend(CpuBackend):
 
 
 def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel: str | None = None,
-                 on_layer: Callable[[str], None] | None = None, calibration=None) -> dict:
+                 on_layer: Callable[[str], None] | None = None, calibration=None,
+                 model_digest: str | None = None) -> dict:
     """Lower, cross-compile and write an aarch64 artifact; returns the report ``emit_llvm`` gives.
-    ``calibration``: the ``csqc.calibration.Calibration`` the plan records."""
+    ``calibration``: the ``csqc.calibration.Calibration`` the plan records; ``model_digest``: the
+    ``csqc.provenance`` digest of the model it comes from."""
     from tvm.support.cc import cross_compiler
 
     from csqc.targets.tvm.build import build_plan, write_artifact
@@ -110,7 +113,7 @@ def emit_aarch64(graph: Graph, output, *, mcpu: str | None = None, force_kernel:
     executable = build_plan(plan, target)
     t2 = time.perf_counter()
     meta = {"target": {"kind": "aarch64", "mcpu": str(target.attrs["mcpu"]), "triple": TRIPLE}, "model": graph.name,
-            **plan_entry(calibration)}
+            **plan_entry(calibration), **provenance_entry(model_digest)}
     try:
         write_artifact(plan, executable, output, meta, fcompile=cross_compiler(compiler))
     except RuntimeError as e:  # the cross linker failed (broken toolchain, missing libc for arm64)

@@ -21,7 +21,8 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     from .target import emit_cuda
 
     return emit_cuda(graph, output, arch=options.arch, emit_source=options.emit_source, on_layer=options.on_layer,
-                     force_kernel=options.force_kernel, calibration=options.calibration_record)
+                     force_kernel=options.force_kernel, calibration=options.calibration_record,
+                     model_digest=options.model_digest)
 
 
 TARGET = register(Target(

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from csqc.calibration import plan_entry
+from csqc.provenance import plan_entry as provenance_entry
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.outputs import atomic_write, make_output_folder
@@ -292,12 +293,13 @@ def _device_module(executable):
 # --------------------------------------------------------------------------------------------
 def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | os.PathLike | None = None,
               on_layer: Callable[[str], None] | None = None, force_kernel: str | None = None,
-              calibration=None) -> dict:
+              calibration=None, model_digest: str | None = None) -> dict:
     """Lower, build and compile ``graph`` for an NVIDIA GPU of ``arch``; write the artifact.
 
     ``emit_source`` (a directory) also receives the CUDA source (``kernels.cu``).  Returns a
     report: kernel per layer, timings, sizes and the device code entries. ``calibration``: the
-    ``csqc.calibration.Calibration`` the plan records.
+    ``csqc.calibration.Calibration`` the plan records; ``model_digest``: the ``csqc.provenance`` digest
+    of the model it comes from.
     """
     nvcc = check_toolchain(arch)
     target = cuda_target(arch)
@@ -314,7 +316,8 @@ def emit_cuda(graph: Graph, output, *, arch: str = "sm_80", emit_source: str | o
         atomic_write(folder / "kernels.cu", lambda tmp: Path(tmp).write_text(source))
     entries = describe_fatbin(binary)
     meta = {"target": {"kind": "cuda", "arch": arch, "device_code": _DEVICE_FORMAT,
-                       "entries": [list(e) for e in entries]}, "model": graph.name, **plan_entry(calibration)}
+                       "entries": [list(e) for e in entries]}, "model": graph.name, **plan_entry(calibration),
+            **provenance_entry(model_digest)}
     write_artifact(plan, _AheadOfTime(executable, source, binary), output, meta)
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {

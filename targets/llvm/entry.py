@@ -22,7 +22,8 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     from .target import emit_llvm
 
     return emit_llvm(graph, output, mcpu=options.mcpu, force_kernel=options.force_kernel, on_layer=options.on_layer,
-                     calibration=options.calibration_record, tune=options.tune, on_tune=options.on_tune)
+                     calibration=options.calibration_record, model_digest=options.model_digest, tune=options.tune,
+                     on_tune=options.on_tune)
 
 
 TARGET = register(Target(

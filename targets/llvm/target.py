@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from csqc.calibration import plan_entry
+from csqc.provenance import plan_entry as provenance_entry
 from csqc.errors import BadInput, CompileError
 from csqc.ir import Graph
 from csqc.targets.tvm.build import build_plan, write_artifact
@@ -81,9 +82,10 @@ def cpu_backend(target, tuner=None) -> CpuBackend:
 
 def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, force_kernel: str | None = None,
               on_layer: Callable[[str], None] | None = None, target_kind: str = "llvm", calibration=None,
-              tune: bool = False, on_tune: Callable[[str], None] | None = None) -> dict:
+              model_digest: str | None = None, tune: bool = False, on_tune: Callable[[str], None] | None = None) -> dict:
     """Lower, build and write an artifact; returns a report (kernels per layer, timings, sizes).
-    ``calibration``: the ``csqc.calibration.Calibration`` the plan records. ``tune``: search the
+    ``calibration``: the ``csqc.calibration.Calibration`` the plan records; ``model_digest``: the
+    ``csqc.provenance`` digest of the model it comes from. ``tune``: search the
     kernel schedules per shape on this machine (``tuning.py``; cached on disk), calling
     ``on_tune`` with each shape searched; the report's ``tuning`` says what was found."""
     from .host import isa_features
@@ -124,7 +126,7 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     # the instruction sets it needs: loading it on a CPU without one is refused (csqc.runtime)
     meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", "")),
                        "features": isa_features(target)}, "model": graph.name,
-            **plan_entry(calibration)}
+            **plan_entry(calibration), **provenance_entry(model_digest)}
     threads = thread_cap(graph, plan.funcs, cpu_tier)
     if threads is not None:
         meta["threads"] = threads

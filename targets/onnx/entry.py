@@ -20,6 +20,8 @@ def _check(options: CompileOptions) -> None:
 
 
 def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
+    from csqc.provenance import set_onnx_digest
+
     from .runner import save_onnx
 
     if options.onnx_form == "reference":
@@ -29,6 +31,7 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
 
         model = emit_reference(graph, check_planes=options.check_planes, dynamic_batch=options.dynamic_batch)
         set_onnx_calibration(model, options.calibration_record)  # the scales it bakes in, for verify
+        set_onnx_digest(model, options.model_digest)
         save_onnx(model, output)
         return {"onnx_form": "reference", "size_bytes": output.stat().st_size, "dynamic_batch": options.dynamic_batch}
     from .deploy import emit_deploy
@@ -36,6 +39,7 @@ def _emit(graph: Graph, output: Path, options: CompileOptions) -> dict:
     # without --batch dynamic the deploy form stays dynamic where it can (None), as it always was
     model, report = emit_deploy(graph, options.calibration, int4=options.int4,
                                 dynamic_batch=True if options.dynamic_batch else None)
+    set_onnx_digest(model, options.model_digest)
     save_onnx(model, output)
     return {"onnx_form": "deploy", **report}
 
