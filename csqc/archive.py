@@ -106,13 +106,15 @@ def plain_dtype_problem(dtype: np.dtype) -> str | None:
 
 
 def read_npz(data: bytes, what: str, *, limit_bytes: int,
-             expected: Mapping[str, TensorSpec] | None = None) -> dict[str, np.ndarray]:
+             expected: Mapping[str, TensorSpec] | None = None, stored_only: bool = False) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` read without pickle, each size checked before it is read.
 
     Every member must be an ``.npy`` whose header's shape times item size is exactly the
     member's declared size; the arrays together may hold at most ``limit_bytes``. With
     ``expected`` (name -> (shape, dtype)) every array must be one of them, with that shape and
-    dtype. Anything else is ``BadInput``; no array is allocated before its checks pass.
+    dtype. ``stored_only``: every member must be stored, not deflated (what ``np.savez`` and
+    ``npz_bytes`` write), so an ``.npz`` inside a deflated archive cannot nest one zip bomb in another.
+    Anything else is ``BadInput``; no array is allocated before its checks pass.
     """
     arrays: dict[str, np.ndarray] = {}
     total = 0
@@ -124,6 +126,9 @@ def read_npz(data: bytes, what: str, *, limit_bytes: int,
                     raise BadInput(f"{what}: member {info.filename!r} is not an .npy array")
                 if expected is not None and key not in expected:
                     raise BadInput(f"{what}: holds tensor {key!r}, which the model does not use")
+                if stored_only and info.compress_type != zipfile.ZIP_STORED:
+                    raise BadInput(f"{what}: tensor {key!r} is compressed; csqc writes tensors uncompressed "
+                                   "(the file is damaged or was edited)")
                 check_member_size(info, what, limit_bytes - total + 4096)
                 with z.open(info) as f:
                     shape, dtype, fortran = _npy_header(f, f"{what}: tensor {key!r}")
@@ -180,5 +185,5 @@ def _npy_header(f, what: str) -> tuple[tuple[int, ...], np.dtype, bool]:
         raise BadInput(f"{what} is not an .npy array csqc reads ({str(e).splitlines()[0][:120]})") from None
     problem = plain_dtype_problem(dtype)
     if problem:
-        raise BadInput(f"{what} has {problem}; the file is damaged")
+        raise BadInput(f"{what}: {problem}; the file is damaged")
     return shape, dtype, fortran

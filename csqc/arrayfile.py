@@ -19,7 +19,7 @@ import numpy as np
 from .archive import read_npy_header
 from .errors import BadInput
 
-__all__ = ["ArrayHeader", "array_headers"]
+__all__ = ["ArrayHeader", "array_headers", "read_arrays"]
 
 _DEFLATE_MAX_RATIO = 1032  # deflate cannot expand a stream by more than ~1032:1
 
@@ -55,11 +55,19 @@ def array_headers(path: str | Path, check: Check | None = None) -> list[ArrayHea
                        "write inputs with numpy.save or numpy.savez") from None
 
 
+def _array_name(member: str) -> str:
+    return member[:-4] if member.endswith(".npy") else member
+
+
 def _npz_headers(path: Path, check: Check | None) -> list[ArrayHeader]:
     out = []
     with zipfile.ZipFile(path) as z:
+        seen: set[str] = set()
         for info in z.infolist():
-            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            name = _array_name(info.filename)
+            if name in seen:  # "x" and "x.npy" (or one name twice): which one is read would be a guess
+                raise BadInput(f"{path}: holds two arrays named {name!r}; write it with np.savez")
+            seen.add(name)
             room = info.file_size
             if info.compress_type == zipfile.ZIP_DEFLATED:  # the declared size is only a claim
                 room = min(room, info.compress_size * _DEFLATE_MAX_RATIO)
@@ -87,3 +95,35 @@ def _header(f: BinaryIO, room: int, name: str, where: str, check: Check | None, 
         raise BadInput(f"{where}: the header claims an array of shape {list(shape)} ({need:,} bytes), more than "
                        f"the file holds; the file is damaged")
     return header
+
+
+def read_arrays(path: str | Path, names: list[str], rows: int | None = None) -> list[np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` file (``[""]``: an ``.npy`` file's one array), after
+    ``array_headers`` checked them; with ``rows``, only the first ``rows`` samples of each are read
+    (calibration takes a few hundred samples of a data set). Never unpickles."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if names == [""]:
+            return [_read_array(f, str(path), rows)]
+    with zipfile.ZipFile(path) as z:
+        members = {_array_name(info.filename): info for info in z.infolist()}
+        out = []
+        for name in names:
+            with z.open(members[name]) as f:
+                out.append(_read_array(f, f"{path}[{name}]", rows))
+        return out
+
+
+def _read_array(f: BinaryIO, where: str, rows: int | None) -> np.ndarray:
+    shape, dtype, fortran = read_npy_header(f)
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise BadInput(f"cannot read {where}: it holds {dtype} data (csqc reads numeric arrays only)")
+    prefix = rows is not None and len(shape) > 0 and rows < shape[0] and not fortran
+    if prefix:  # C order: the first rows are the first bytes
+        shape = (rows, *shape[1:])
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = bytearray(nbytes)  # writable, as np.load's arrays are
+    if f.readinto(buf) != nbytes:
+        raise BadInput(f"cannot read {where}: the file ends before the {nbytes:,} bytes its header declares")
+    array = np.frombuffer(buf, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return array[:rows] if rows is not None and not prefix else array

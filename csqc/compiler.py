@@ -85,7 +85,7 @@ def load_calibration_samples(model: CsqcModel, calibration: str | None, samples:
         if split.x_train.shape[1:] != shape:
             raise BadInput(f"the digits data set has samples of shape {list(split.x_train.shape[1:])}, the model takes {list(shape)}")
         return [split.x_train[:samples]]
-    return [a[:samples] for a in load_inputs(calibration, model)]
+    return load_inputs(calibration, model, max_samples=samples)
 
 
 def calibration_arrays(model, calibrate, samples: int = 256) -> list:

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .archive import unique_members
+from .archive import npz_bytes, read_member, read_npz, unique_members
 from .errors import UNREADABLE_ARCHIVE, BadInput, CsqcError
 from .optable import OP_TABLE, ShapeError, attr_problems, expected_shape
 
@@ -648,27 +648,30 @@ def save_graph(g: Graph, path) -> None:
     from .outputs import atomic_write
 
     def write(tmp):
-        buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in g.params.items()})
+        params = npz_bytes({k: np.asarray(v) for k, v in g.params.items()})  # stored members, any names
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             z.writestr("graph.json", json.dumps(graph_to_json(g), indent=1))
-            z.writestr("params.npz", buf.getvalue())
+            z.writestr("params.npz", params)
 
     atomic_write(path, write)
 
 
 # a missing member (KeyError) or an array claiming terabytes (MemoryError) is damage too
 _UNREADABLE = UNREADABLE_ARCHIVE + (KeyError, MemoryError)
+_MAX_IR_JSON_BYTES = 64 << 20  # as a model file's program: a ResNet-20 graph is ~100 KB
+_MAX_IR_TENSOR_BYTES = 8 << 30  # as a model file's tensors
 
 
 def load_graph(path) -> Graph:
     """Read a graph written by ``save_graph``; refuses anything else with ``BadInput``."""
     try:
         with zipfile.ZipFile(path) as z:
-            unique_members(z, str(path))  # zipfile would silently read the last of two same-named members
-            meta = json.loads(z.read("graph.json"))
-            with np.load(io.BytesIO(z.read("params.npz")), allow_pickle=False) as npz:
-                params = {k: npz[k] for k in npz.files}
+            # zipfile would silently read the last of two same-named members; sizes are checked before
+            # reading, and params.npz's members must be stored: no zip bomb nested in another
+            members = unique_members(z, str(path))
+            meta = json.loads(read_member(z, members["graph.json"], str(path), _MAX_IR_JSON_BYTES))
+            raw = read_member(z, members["params.npz"], str(path), _MAX_IR_TENSOR_BYTES + (1 << 20))
+        params = read_npz(raw, f"{path}: params.npz", limit_bytes=_MAX_IR_TENSOR_BYTES, stored_only=True)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
     except _UNREADABLE as e:
@@ -712,6 +715,8 @@ def graph_from_json(meta: dict, params: dict, where: str = "IR") -> Graph:
         raise BadInput(f"{where}: malformed IR ({type(e).__name__}: {e})") from None
     try:
         verify(g)
-    except IRError as e:
-        raise BadInput(f"{where}: {e}") from None
+    except IRError as e:  # one line: the first problem, and how many more
+        problems = [line.strip() for line in str(e).splitlines() if line.strip()]
+        more = f" (and {len(problems) - 2} more problems)" if len(problems) > 2 else ""
+        raise BadInput(f"{where}: {' '.join(problems[:2])}{more}") from None
     return g

@@ -290,19 +290,24 @@ class CSQConv2d(_CSQMixin, nn.Module):
         self.padding_mode = padding_mode
         self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias, weight, finalized)
 
+    def _spatial(self, name: str) -> tuple[int, int]:
+        """The 2-D form of ``stride``, ``padding``, ... (a 1-D layer keeps 1-D ones, as torch's do)."""
+        return getattr(self, name)
+
     def _padded(self, x: Tensor) -> Tensor:
         if self.padding_mode == "zeros":
             return x
-        (ph, pw) = self.padding
+        (ph, pw) = self._spatial("padding")
         return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
 
     def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
-        padding = self.padding if self.padding_mode == "zeros" else (0, 0)  # (padded by _padded)
+        stride, dilation = self._spatial("stride"), self._spatial("dilation")
+        padding = self._spatial("padding") if self.padding_mode == "zeros" else (0, 0)  # (padded by _padded)
         if soft_weight is not None:
-            return F.conv2d(x, soft_weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            return F.conv2d(x, soft_weight, self.bias, stride, padding, dilation, self.groups)
         return ops.quant_conv2d(
             x, self.q, self.scale, self.bias, self.n_bits, self.active_mask,
-            list(self.stride), list(padding), list(self.dilation), self.groups,
+            list(stride), list(padding), list(dilation), self.groups,
         )
 
     weight = property(lambda self: self.float_weight())
@@ -318,7 +323,20 @@ class CSQConv2d(_CSQMixin, nn.Module):
 
 class _OverHeightOne:
     """A 1-D layer as its 2-D base over a height of one: ``[N, C, L]`` (or ``[C, L]``) input gains
-    that height around the base's forward, and a 1-D weight gains it at axis 2."""
+    that height around the base's forward, and a 1-D weight gains it at axis 2. Its ``stride``,
+    ``padding``, ``kernel_size``, ... are 1-D tuples, as ``nn.Conv1d``'s (code around a layer reads
+    ``conv.stride[0]``); the base's forward takes their 2-D forms from ``_spatial``."""
+
+    _HEIGHT = {"kernel_size": 1, "stride": 1, "padding": 0, "output_padding": 0, "dilation": 1}
+
+    def _one_dimensional(self) -> None:
+        """After the 2-D base's ``__init__``: keep the 1-D attributes only."""
+        for name in self._HEIGHT:
+            if hasattr(self, name):
+                setattr(self, name, tuple(getattr(self, name)[1:]))
+
+    def _spatial(self, name: str) -> tuple[int, int]:
+        return (self._HEIGHT[name], *getattr(self, name))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3):
@@ -365,14 +383,15 @@ class CSQConv1d(_OverHeightOne, CSQConv2d):
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), groups, bias, n_bits,
                          weight=self._with_height(weight, "[O, C/groups, K]"), finalized=finalized,
                          padding_mode=padding_mode)
+        self._one_dimensional()
 
     weight = property(lambda self: self.float_weight().squeeze(2))
 
     def extra_repr(self) -> str:
         mode = f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else ""
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
-            f"padding={self.padding[1:]}, dilation={self.dilation[1:]}, groups={self.groups}{mode}, "
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}{mode}, "
             f"bias={self.bias is not None}, n_bits={self.n_bits}"
         )
 
@@ -420,13 +439,18 @@ class CSQConvTranspose2d(_CSQMixin, nn.Module):
             weight = ops.convolution_weight(weight, groups)
         self._init_csq((out_channels, in_channels // groups, *self.kernel_size), n_bits, bias, weight, finalized)
 
+    def _spatial(self, name: str) -> tuple[int, int]:
+        """The 2-D form of ``stride``, ``padding``, ... (a 1-D layer keeps 1-D ones, as torch's do)."""
+        return getattr(self, name)
+
     def _run(self, x: Tensor, soft_weight: Tensor | None) -> Tensor:
+        stride, padding, extra, dilation = (self._spatial(n) for n in ("stride", "padding", "output_padding", "dilation"))
         if soft_weight is not None:
-            return F.conv_transpose2d(x, ops.transposed_weight(soft_weight, self.groups), self.bias, self.stride,
-                                      self.padding, self.output_padding, self.groups, self.dilation)
+            return F.conv_transpose2d(x, ops.transposed_weight(soft_weight, self.groups), self.bias, stride,
+                                      padding, extra, self.groups, dilation)
         return ops.quant_conv_transpose2d(
-            x, self.q, self.scale, self.bias, self.n_bits, self.active_mask, list(self.stride), list(self.padding),
-            list(self.output_padding), list(self.dilation), self.groups,
+            x, self.q, self.scale, self.bias, self.n_bits, self.active_mask, list(stride), list(padding),
+            list(extra), list(dilation), self.groups,
         )
 
     weight = property(lambda self: ops.transposed_weight(self.float_weight(), self.groups))
@@ -464,13 +488,14 @@ class CSQConvTranspose1d(_OverHeightOne, CSQConvTranspose2d):
         (k,), (s,), (p,), (e,), (d,) = (single(v) for v in (kernel_size, stride, padding, output_padding, dilation))
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (0, e), groups, bias, (1, d), n_bits,
                          weight=self._with_height(weight, "[C_in, C_out/groups, K]"), finalized=finalized)
+        self._one_dimensional()
 
     weight = property(lambda self: ops.transposed_weight(self.float_weight(), self.groups).squeeze(2))
 
     def extra_repr(self) -> str:
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
-            f"padding={self.padding[1:]}, output_padding={self.output_padding[1:]}, dilation={self.dilation[1:]}, "
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
             f"groups={self.groups}, bias={self.bias is not None}, n_bits={self.n_bits}"
         )
 

@@ -470,7 +470,7 @@ def load(path: str | os.PathLike, *, model_factory: str | None = None,
             raise BadInput(f"{path}: the model declares {budget} bytes of tensors, more than csqc loads "
                            f"({_MAX_TENSOR_BYTES}); refusing")
         tensor_bytes = _read_member(z, members, _TENSORS, path, budget + _NPY_OVERHEAD * (len(expected) + 1))
-    arrays = read_npz(tensor_bytes, f"{path}: {_TENSORS}", limit_bytes=budget, expected=expected)
+    arrays = read_npz(tensor_bytes, f"{path}: {_TENSORS}", limit_bytes=budget, expected=expected, stored_only=True)
     _check_tensor_values(arrays, checked, path)
     state, consts, example = {}, {}, {}
     for key, arr in arrays.items():

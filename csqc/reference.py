@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from . import layers
+from .archive import unique_members
 from .errors import BadInput
 
 __all__ = [
@@ -353,7 +355,30 @@ def reference_view(manifest: dict) -> dict | None:
     return view
 
 
+_MAX_CHECKPOINT_BYTES = 8 << 30  # as a model file's tensors
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a zip checkpoint ``torch.load`` would inflate past what it holds: ``weights_only``
+    stops code, not a zip bomb. ``torch.save`` stores members uncompressed; a legacy (non-zip)
+    checkpoint holds no more than its own size."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip: torch.load says what it is
+    with z:
+        total = 0
+        for info in unique_members(z, str(path)).values():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise BadInput(f"{path}: member {info.filename!r} is compressed; torch.save stores checkpoint "
+                               "members uncompressed (the file was edited or rewritten); refusing")
+            total += info.file_size
+            if total > _MAX_CHECKPOINT_BYTES:
+                raise BadInput(f"{path}: the checkpoint claims more than {_MAX_CHECKPOINT_BYTES >> 30} GiB; refusing")
+
+
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

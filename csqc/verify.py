@@ -403,8 +403,9 @@ def _open_artifact(path: str, rpc: str | None = None, key: str | None = None) ->
 # -- inputs ------------------------------------------------------------------------------------
 
 
-def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
-    """Arrays from an ``.npz`` (by model input name, else the first arrays in order).
+def load_inputs(path: str, model: CsqcModel, max_samples: int | None = None) -> list[np.ndarray]:
+    """Arrays from an ``.npz`` (by model input name, else the first arrays in order); with
+    ``max_samples``, at most that many samples of each (the rest is not read).
 
     The headers are checked first: each array the model will read must hold samples of the
     model's input shape, and no header may claim more data than the file holds.
@@ -423,7 +424,7 @@ def load_inputs(path: str, model: CsqcModel) -> list[np.ndarray]:
         if shape[1:] != tuple(spec["shape"][1:]):
             raise BadInput(f"{path}: array {name!r} has shape {list(shape)}; the model takes arrays of shape "
                            f"{_batched(spec['shape'])}{_batch_axis_hint(shape, spec['shape'])}")
-    return _read_arrays(path, chosen)
+    return _read_arrays(path, chosen, max_samples)
 
 
 def load_artifact_inputs(path: str, specs: Sequence[dict], artifact: str) -> list[np.ndarray]:
@@ -477,14 +478,13 @@ def _batch_axis_hint(shape, spec_shape) -> str:
     return " (write [samples, ...] arrays with np.savez)"
 
 
-def _read_arrays(path: str, names: Sequence[str]) -> list[np.ndarray]:
-    """The arrays ``names`` of an ``.npz`` file (``[""]``: an ``.npy`` file's one array), headers checked."""
+def _read_arrays(path: str, names: Sequence[str], rows: int | None = None) -> list[np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` file (``[""]``: an ``.npy`` file's one array), headers
+    checked; with ``rows``, the first ``rows`` samples of each."""
+    from .arrayfile import read_arrays
+
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            return [loaded]
-        with loaded as npz:
-            arrays = [npz[n] for n in names]
+        arrays = read_arrays(path, list(names), rows)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
     except (ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as e:

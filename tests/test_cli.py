@@ -221,6 +221,39 @@ def test_run_prints_and_writes_every_output_of_a_multi_output_artifact(two_io_ar
     assert not (tmp_path / "y.npy").exists()
 
 
+class _NamedOutputs(torch.nn.Module):
+    """Outputs named like np.savez's own arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"allow_pickle": y, "file": torch.relu(y)}
+
+
+def test_run_writes_outputs_of_any_name_to_npz(tmp_path):
+    """np.savez(f, **outputs) wrote an empty .npz for an output named allow_pickle (exit 0) and
+    crashed on one named file."""
+    import csqc
+
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_NamedOutputs(), n_bits=4, act_bits=4))
+    path = csqc.save(model, tmp_path / "named.pt", torch.zeros(1, 8))
+    art = csqc.compile(csqc.load(path), "llvm", tmp_path / "named.so").output
+    x = np.random.default_rng(0).random((1, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = run("run", str(art), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npz"))
+    assert out.exit_code == 0, out.output
+    with np.load(tmp_path / "y.npz", allow_pickle=False) as y:
+        written = {k: y[k] for k in y.files}
+    names = [o["name"] for o in csqc.runtime.load(art).outputs]
+    assert sorted(written) == sorted(names) and len(names) == 2
+    for name, expected in zip(names, csqc.runtime.load(art)(x)):
+        assert np.array_equal(written[name], expected)
+
+
 def test_verify_converts_numeric_inputs_and_takes_torch_tensors(tiny_mlp, tmp_path):
     import csqc
 

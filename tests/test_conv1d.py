@@ -46,6 +46,21 @@ def _with_weight(conv: nn.Conv1d, weight: torch.Tensor) -> nn.Conv1d:
     return twin
 
 
+@pytest.mark.parametrize("float_layer", [
+    nn.Conv1d(4, 8, 3, stride=2, padding=1, dilation=2),
+    nn.ConvTranspose1d(4, 8, 3, stride=2, padding=1, output_padding=1),
+])
+def test_converted_1d_layers_keep_torchs_1d_attributes(float_layer):
+    """Code around a layer reads them (Whisper's encoder checks its input length by ``conv.stride[0]``):
+    the 2-D forms the layer runs on must not show."""
+    layer = csqc.convert(nn.Sequential(float_layer), n_bits=4, act_bits=None)[0]
+    names = ["kernel_size", "stride", "padding", "dilation"]
+    for name in names + (["output_padding"] if isinstance(float_layer, nn.ConvTranspose1d) else []):
+        assert getattr(layer, name) == getattr(float_layer, name), name
+    x = torch.randn(2, 4, 9)
+    assert layer(x).shape == float_layer(x).shape
+
+
 def test_conversion_reports_no_conv1d_left_float():
     model = csqc.convert(nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)), n_bits=3,
                          act_bits=4, example_inputs=(torch.randn(1, 2, 8),))

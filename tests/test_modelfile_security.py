@@ -268,10 +268,10 @@ def test_an_inflating_tensor_archive_is_refused_before_it_is_read(saved, tmp_pat
         csqc.load(path)
 
 
-def _npz_with_junk(saved, junk: bytes) -> bytes:
+def _npz_with_junk(saved, junk: bytes, compress=zipfile.ZIP_STORED) -> bytes:
     arrays = dict(np.load(io.BytesIO(dict(_members(saved))["tensors.npz"])))
     inner = io.BytesIO()
-    with zipfile.ZipFile(inner, "w", zipfile.ZIP_DEFLATED) as z:
+    with zipfile.ZipFile(inner, "w", compress) as z:
         for key, a in arrays.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, a)
@@ -281,9 +281,12 @@ def _npz_with_junk(saved, junk: bytes) -> bytes:
 
 
 def test_a_nested_bomb_in_the_arrays_is_refused(saved, tmp_path):
-    bomb = _npz_with_junk(saved, bytes(32 << 20))  # compressed twice: ~30 KB of file for 32 MiB
-    with pytest.raises(csqc.BadInput, match="claims .* bytes, more than"):
+    bomb = _npz_with_junk(saved, bytes(8 << 20), zipfile.ZIP_DEFLATED)  # compressed twice: ~8 KB inside for 8 MiB
+    with pytest.raises(csqc.BadInput, match="is compressed; csqc writes tensors uncompressed"):
         csqc.load(_tensors_member(saved, bomb, tmp_path / "nested.pt"))
+    stored = _npz_with_junk(saved, bytes(32 << 20))  # compressed once: ~30 KB of file for 32 MiB
+    with pytest.raises(csqc.BadInput, match="claims .* bytes, more than"):
+        csqc.load(_tensors_member(saved, stored, tmp_path / "once.pt"))
     small = _npz_with_junk(saved, bytes(100))  # within the size budget: refused by name before it is read
     with pytest.raises(csqc.BadInput, match="holds tensor 'state_dict/junk', which the model does not use"):
         csqc.load(_tensors_member(saved, small, tmp_path / "junk.pt"))
@@ -299,7 +302,8 @@ def test_an_array_declaring_more_than_its_member_holds_is_refused(saved, tmp_pat
              for n, d in members]
     assert lying != members
     with pytest.raises(csqc.BadInput, match=r"declares float32\[9, 8\] \(288 bytes\) but its member holds 32"):
-        csqc.load(_tensors_member(saved, _write(io.BytesIO(), lying).getvalue(), tmp_path / "lying.pt"))
+        csqc.load(_tensors_member(saved, _write(io.BytesIO(), lying, zipfile.ZIP_STORED).getvalue(),
+                                  tmp_path / "lying.pt"))
 
 
 def test_duplicate_members_are_refused(saved, tmp_path):

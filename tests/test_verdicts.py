@@ -256,6 +256,19 @@ def test_wrong_deploy_onnx_fails(trained, tmp_path):
                  echo=False)
     out = invoke("verify", path, "--artifact", tmp_path / "other.onnx", "--dataset", "digits",
                  "--batch", DIGITS_BATCH, "--json")
+    assert out.exit_code == 2 and "compiled from another model" in _json(out)["error"]  # its recorded digest
+    # without the digest (an older csqc, or edited away), the comparison itself must fail it
+    import onnx
+
+    from csqc.provenance import ONNX_KEY
+
+    model = onnx.load(str(tmp_path / "other.onnx"))
+    kept = [prop for prop in model.metadata_props if prop.key != ONNX_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    out = invoke("verify", path, "--artifact", tmp_path / "other.onnx", "--dataset", "digits",
+                 "--batch", DIGITS_BATCH, "--json")
     assert out.exit_code == 1, out.output
     pair = next(p for p in _json(out)["pairs"] if p["kind"] == "deploy")
     assert not pair["ok"] and pair["top1_agreement"] < 0.95

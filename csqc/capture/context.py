@@ -34,6 +34,7 @@ class _Ctx:
     integer_inputs: set[str] = field(default_factory=set)  # IR inputs holding token ids
     id_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # their shapes
     constant_derived: set[str] = field(default_factory=set)  # fx nodes computed from constants only
+    folded_bytes: int = 0  # what constant folding has allocated so far (capture.folding bounds it)
 
     def name(self, base: str) -> str:
         base = base.replace("/", ".") or "v"

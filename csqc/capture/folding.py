@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BadInput
 from .context import _aten, _base, _Ctx, _Unsupported
 
 # ops supported only on constants: evaluated at capture, an error where they read the model's input
@@ -68,14 +69,37 @@ def _constant_derived(graph: torch.fx.Graph, consts) -> set[str]:
     return derived
 
 
+# A model file is untrusted: ``ones(2**40)`` folded would take whatever memory its program asks
+# for. The sizes below come from the program's shapes, which capture's re-export recomputed.
+MAX_FOLDED_BYTES = 256 << 20  # all folded constants together; a real model's masks and positions are KBs to MBs
+
+
+def _claim(ctx: _Ctx, fx: torch.fx.Node, val) -> None:
+    """Count the bytes of ``val`` (a node's meta value or values) against ``MAX_FOLDED_BYTES``."""
+    nbytes = 0
+    for v in val if isinstance(val, (list, tuple)) else [val]:
+        if isinstance(v, torch.Tensor):
+            count = 1
+            for n in v.shape:
+                count *= int(n)
+            nbytes += count * v.element_size()
+    ctx.folded_bytes += nbytes
+    if ctx.folded_bytes > MAX_FOLDED_BYTES:
+        raise BadInput(f"the model's program builds constants of {ctx.folded_bytes:,} bytes by {fx.name} "
+                       f"({fx.target}), more than the {MAX_FOLDED_BYTES >> 20} MiB csqc evaluates at capture; "
+                       "refusing (register a constant this large as a buffer; in a model file: damaged or edited)")
+
+
 def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
     """Evaluate ``fx`` with torch now; its result is a constant (a parameter once a runtime op reads it)."""
     def constant(a: torch.fx.Node):
         if a.name in ctx.consts:
             return ctx.consts[a.name]
         val = a.meta["val"]  # (an op that reads only the shape and dtype of a runtime value)
+        _claim(ctx, fx, val)
         return torch.zeros(tuple(int(n) for n in val.shape), dtype=val.dtype)
 
+    _claim(ctx, fx, fx.meta.get("val"))  # before evaluating: the result's size, from the program's shapes
     args, kwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), constant)
     try:
         with torch.no_grad():
