@@ -149,7 +149,11 @@ def _read(path, where: str, expected: dict | None) -> tuple[dict, dict[str, np.n
         raise BadInput(f"{where}: not a csqc training checkpoint or a damaged one ({type(e).__name__}: {reason})") from None
     if not isinstance(meta, dict):
         raise BadInput(f"{where}: not a csqc training checkpoint")
-    return meta, (read_npz(data, where, limit_bytes=limit, expected=expected) if expected is not None else {})
+    arrays = read_npz(data, where, limit_bytes=limit, expected=expected) if expected is not None else {}
+    for key, array in arrays.items():  # a run resumed from these would only end in "training collapsed"
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadInput(f"{where}: tensor {key!r} holds NaN or infinite values; the checkpoint is damaged")
+    return meta, arrays
 
 
 def _check_meta(meta: dict, settings: dict, where: str) -> int:

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from . import __version__
 from .errors import BadInput, CsqcError, TrainingFailed
 from .outputs import Terminated, check_output, check_output_folder
-from .terminal import Column, fit_table, progress_bar, progress_wanted, stdout_console
+from .terminal import Column, fit_table, plain, progress_bar, progress_wanted, stdout_console
 
 MAX_RANDOM_SAMPLES = 10_000  # csqc.verify.MAX_RANDOM_SAMPLES, without importing numpy for --help
 
@@ -272,7 +272,7 @@ def train(recipe, output, target_bits, epochs, seed, data_factory, float_epochs,
         return
     columns = [Column("layer"), Column("op", drop=2), Column("shape", drop=3), Column("bits"),
                Column("active positions", drop=1), Column("act bits")]
-    rows = [(row["name"], row["op"], "x".join(map(str, row["shape"])), _bits_cell(row["active_bits"], row["n_bits"]),
+    rows = [(plain(row["name"]), row["op"], "x".join(map(str, row["shape"])), _bits_cell(row["active_bits"], row["n_bits"]),
              ",".join(map(str, row["active_bits"])) or "-", str(row["act_bits"] or "float")) for row in result.layers]
     console = stdout_console()
     console.print(fit_table(f"{result.recipe}: bit allocation (# = active bit position, MSB left)", columns, rows, console.width))
@@ -337,11 +337,11 @@ def inspect(model, load_model, batch, plot, dump_ir, calibrate, as_json):
     for r in report.layers:
         zero = " ".join(f"{100 * z:.0f}" for z in r.plane_zero_fraction[:5]) + (" .." if len(r.plane_zero_fraction) > 5 else "")
         weight = r.form or f"{r.op[1:]} " + "x".join(map(str, r.weight_shape))
-        rows.append((r.name, weight, _bits_cell(r.active_bits, r.n_bits),
+        rows.append((plain(r.name), weight, _bits_cell(r.active_bits, r.n_bits),
                      ",".join(map(str, r.active_bits)) or "-", f"{r.planes} {r.encoding}", zero,
                      _human(r.weight_bytes_packed), _human(r.weight_bytes_fp32), _act_cell(r), r.kernel))
     console = stdout_console()
-    console.print(fit_table(f"{report.model}: quantized layers", columns, rows, console.width))
+    console.print(fit_table(f"{plain(report.model)}: quantized layers", columns, rows, console.width))
     _print_activations(console, [r.to_json() for r in report.activations])
     console.print(f"average weight bits [bold]{report.avg_bits:.2f}[/], planes {report.avg_planes:.2f}; "
                   f"quantized weights {_human(report.weight_bytes_packed)} packed vs {_human(report.weight_bytes_fp32)} fp32 "
@@ -365,17 +365,17 @@ def _print_artifact(info: dict, as_json: bool) -> None:
         _emit_json({"ok": True, **info})
         return
     console = stdout_console()
-    built_for = f", built for {info['cpu']}" if info.get("cpu") else ""
-    console.print(f"{info['artifact']}: {info['target']} artifact of model {info['model']}, "
+    built_for = f", built for {plain(info['cpu'])}" if info.get("cpu") else ""  # (file contents: printed as they are)
+    console.print(f"{plain(info['artifact'])}: {plain(info['target'])} artifact of model {plain(info['model'])}, "
                   f"{_human(info['bytes'])}{built_for}")
     if info.get("model_digest"):  # what verify and bench compare with the model they are given
         console.print(f"  model weights sha256 {info['model_digest'][:16]}...")
     for kind in ("inputs", "outputs"):
         for tensor in info[kind]:
             shape = ",".join(map(str, tensor["shape"]))
-            console.print(f"  {kind[:-1]:6s} {tensor['name']}  {tensor['dtype']}[{shape}]")
+            console.print(f"  {kind[:-1]:6s} {plain(tensor['name'])}  {plain(tensor['dtype'])}[{shape}]")
     if "layers" in info:
-        kinds = ", ".join(f"{count} {_KERNEL_NAMES.get(kernel, kernel)}" for kernel, count in info["layers"].items())
+        kinds = ", ".join(f"{count} {plain(_KERNEL_NAMES.get(kernel, kernel))}" for kernel, count in info["layers"].items())
         runner = "one whole-model function" if info["whole_model_function"] else "the runtime, step by step"
         console.print(f"layers: {sum(info['layers'].values())} quantized ({kinds}); {info['kernel_calls']} kernel "
                       f"calls, run by {runner}")
@@ -396,7 +396,7 @@ def _print_artifact(info: dict, as_json: bool) -> None:
         console.print(f"memory: weights {_human(memory['weights'])}, derived at load {_human(memory['derived'])}, "
                       f"intermediates {_human(memory['intermediates'])}{shared}")
     if "operators" in info:
-        ops = ", ".join(f"{count} {op}" for op, count in list(info["operators"].items())[:8])
+        ops = ", ".join(f"{count} {plain(op)}" for op, count in list(info["operators"].items())[:8])
         more = len(info["operators"]) - 8
         console.print(f"operators: {ops}" + (f" and {more} more kinds" if more > 0 else ""))
     if info.get("threads"):
@@ -406,7 +406,7 @@ def _print_artifact(info: dict, as_json: bool) -> None:
     if calibration is None:
         console.print("calibration: none (dynamic activation scales)")
         return
-    rows = [(q["quantizer"], str(q["bits"]), f"{q['scale']:.6g}", q["scale_bits"], str(q["zero_point"]))
+    rows = [(plain(q["quantizer"]), str(q["bits"]), f"{q['scale']:.6g}", plain(q["scale_bits"]), str(q["zero_point"]))
             for q in calibration["quantizers"]]
     console.print(fit_table(f"calibration: {calibration['scales']} static scale(s), {calibration['samples']} samples",
                             [Column("quantizer"), Column("bits"), Column("scale", right=True),
@@ -416,7 +416,7 @@ def _print_artifact(info: dict, as_json: bool) -> None:
 
 def _print_calibration(console, calibration: dict) -> None:
     """Per quantizer: its mode before calibration and the static scale it got."""
-    rows = [(q["quantizer"], q["old_mode"], "kept dynamic" if q["scale"] is None else f"static {q['scale']:.6g}")
+    rows = [(plain(q["quantizer"]), q["old_mode"], "kept dynamic" if q["scale"] is None else f"static {q['scale']:.6g}")
             for q in calibration["quantizers"]]
     console.print(fit_table(f"calibrated on {calibration['source']} ({calibration['samples']} samples)",
                             [Column("quantizer"), Column("was"), Column("now")], rows, console.width))
@@ -427,7 +427,7 @@ def _print_reference_view(console, view: dict, csqc_avg_bits: float) -> None:
     """The bit counts as the CSQ reference's training log reports them, next to csqc's."""
     columns = [Column("layer"), Column("Nbits", right=True, drop=2), Column("kept", right=True), Column("mask", drop=1),
                Column("weights", right=True, drop=3), Column("in total_bit", wrap=True)]
-    rows = [(str(r["name"]), str(r["n_bits"]), str(r["kept_bits"]), str(r.get("mask", "")), str(r["params"]),
+    rows = [(plain(r["name"]), str(r["n_bits"]), str(r["kept_bits"]), plain(r.get("mask", "")), str(r["params"]),
              "yes" if r.get("counted", True) else "no (downsample)") for r in view["layers"]]
     console.print(fit_table("reference view: kept bits per layer (mask MSB first, as the reference logs it)",
                             columns, rows, console.width))
@@ -557,7 +557,7 @@ def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_sourc
         _emit_json(result.to_json())
         return
     if result.report.get("layers"):
-        rows = [(name, info["kernel"], info.get("reason", "")
+        rows = [(plain(name), info["kernel"], info.get("reason", "")
                  + (f"; codes: {info['codes']}" if "codes" in info else ""))
                 for name, info in result.report["layers"].items()]
         console = stdout_console()
@@ -849,7 +849,7 @@ def _profile_table(profile: list[dict]) -> tuple[str, list, list]:
     for p in profile:
         by_kind[p["kind"]] = by_kind.get(p["kind"], 0.0) + p["median_us"]
     slowest = sorted(profile, key=lambda p: -p["median_us"])[:PROFILE_ROWS]
-    rows = [(f"#{p['index']} {p['node'] or '-'}", p["kind"], f"{p['median_us']:,.1f} us", f"{p['median_us'] / total:.0%}")
+    rows = [(f"#{p['index']} {plain(p['node'] or '-')}", p["kind"], f"{p['median_us']:,.1f} us", f"{p['median_us'] / total:.0%}")
             for p in slowest]
     rows += [(f"all {kind}", kind, f"{us:,.1f} us", f"{us / total:.0%}")
              for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])]

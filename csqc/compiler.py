@@ -246,7 +246,10 @@ def _onnx_tensors(values) -> list[dict]:
     for value in values:
         tensor = value.type.tensor_type
         shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
+        except (KeyError, ValueError, TypeError):  # a type number ONNX does not define: the file says so
+            dtype = f"unknown ONNX type {tensor.elem_type}"
         tensors.append({"name": value.name, "shape": shape, "dtype": dtype})
     return tensors
 

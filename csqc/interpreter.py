@@ -300,7 +300,8 @@ def run(g: Graph, inputs, *, record: dict | None = None, planes_used: Mapping[st
         if x.dtype != np.float32:
             if x.dtype.kind not in "fiu":
                 raise BadInput(f"input {v.name}: expected float32 data, got {x.dtype}")
-            x = x.astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # past float32's range: refused just below
+                x = x.astype(np.float32)
         if not np.isfinite(x).all():
             raise BadInput(f"input {v.name} contains NaN or infinity")
         env[v.name] = x

@@ -27,6 +27,14 @@ def configure_logging(debug: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # torch logs a traceback at ERROR when a program fails at fake shapes; csqc says why in one line
+    # (a filter: torch sets its loggers' levels itself when it is imported)
+    fake_tensor = logging.getLogger("torch._subclasses.fake_tensor")
+    (fake_tensor.removeFilter if debug else fake_tensor.addFilter)(_drop_all)  # (adding twice keeps one)
+
+
+def _drop_all(record: logging.LogRecord) -> bool:
+    return False
 
 
 class _DropQuantizerRecords(logging.Filter):

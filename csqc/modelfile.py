@@ -88,6 +88,15 @@ class CsqcModel:
         return self.manifest["inputs"]
 
     @property
+    def batched_inputs(self) -> list[bool]:
+        """Per input: whether the program takes any batch size on its first axis (symbolic); an
+        input of fixed shape (an LSTM's state, a table; or a batch torch.export fixed) is not."""
+        names = set(self.program.graph_signature.user_inputs)
+        return [isinstance(val := node.meta.get("val"), torch.Tensor) and val.dim() > 0
+                and not isinstance(val.shape[0], int)
+                for node in self.program.graph.nodes if node.op == "placeholder" and node.name in names]
+
+    @property
     def layers(self) -> list[dict]:
         return self.manifest.get("layers", [])
 
@@ -138,14 +147,45 @@ def _flat_output_model(model: nn.Module) -> nn.Module:
 
 def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     # The batch dimension stays symbolic so the PyTorch reference runs any batch size; a batch
-    # of 1 would be specialised by torch.export, so capture with 2 rows.
-    wide = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() and t.shape[0] == 1 else t for t in example_inputs)
-    dynamic = tuple({0: torch.export.Dim.DYNAMIC} if t.dim() else {} for t in wide)
+    # of 1 would be specialised by torch.export, so capture with 2 rows. The batch is the first
+    # input's first axis; an input whose first axis is another size (an LSTM's [layers, N, H]
+    # state, a fixed table) keeps its shape.
+    batched = _batch_first(example_inputs)
+    wide = tuple(t.expand(2, *t.shape[1:]).contiguous() if b and t.shape[0] == 1 else t
+                 for t, b in zip(example_inputs, batched))
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} if b else {} for b in batched)
     try:
-        return torch.export.export(model, wide, dynamic_shapes=dynamic)
+        try:
+            program = torch.export.export(model, wide, dynamic_shapes=dynamic)
+        except Exception as dynamic_error:  # the model fixes its batch (x.reshape(2, ...)): keep it fixed
+            try:  # (clones: the failed export left its dynamic marks on the example tensors)
+                return torch.export.export(model, tuple(t.clone() for t in example_inputs))
+            except Exception:
+                raise dynamic_error from None
+        if any(w is not t for w, t in zip(wide, example_inputs)) and not _runs_at(program, example_inputs):
+            # its guards exclude the example's own batch of 1 (two batches multiplied: torch rules
+            # out the size 1 that would broadcast): keep the example's shapes, static
+            program = torch.export.export(model, tuple(t.clone() for t in example_inputs))
+        return program
     except Exception as e:  # torch raises many types; the user needs the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CsqcError(f"torch.export could not capture the model: {first}") from e
+
+
+def _batch_first(example: tuple) -> list[bool]:
+    """Per example input: whether its first axis is the batch (the first input's first axis)."""
+    batch = example[0].shape[0] if example and example[0].dim() else None
+    return [t.dim() > 0 and t.shape[0] == batch for t in example]
+
+
+def _runs_at(program: torch.export.ExportedProgram, example: tuple) -> bool:
+    """Whether the program's input guards accept ``example`` (its shapes, not its values)."""
+    try:
+        with torch.no_grad():
+            program.module()(*example)
+    except AssertionError:  # torch.export's guard failures
+        return False
+    return True
 
 
 def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=None, *,

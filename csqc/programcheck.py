@@ -67,6 +67,8 @@ _TYPE_NAME = re.compile(r"[A-Za-z_<][A-Za-z0-9_<>]*(\.[A-Za-z_<][A-Za-z0-9_<>]*)
 _SYMBOL = re.compile(r"s[0-9]{1,9}")
 _EXPR_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z]+)|(?P<int>-?[0-9]{1,18})|'(?P<symbol>[^']{0,20})'|(?P<punct>[(),=]))")
 _EXPR_FUNCTIONS = ("Add", "Mul", "Max", "Min")
+# torch's integer division of sizes (a batch split in halves: torch.chunk(x, 2, 0)); two terms each
+_BINARY_FUNCTIONS = ("FloorDiv",)
 _MAX_EXPR_DEPTH = 16
 
 
@@ -101,8 +103,9 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 def parse_size_expr(text: str) -> str:
     """Parse a symbolic size with csqc's grammar and return it re-written canonically.
 
-    Accepted: ``Symbol('s<N>', positive=True, integer=True)``, ``Integer(<n>)`` and ``Add`` /
-    ``Mul`` / ``Max`` / ``Min`` of two or more accepted expressions. Raises ``ProgramRefused``.
+    Accepted: ``Symbol('s<N>', positive=True, integer=True)``, ``Integer(<n>)``, ``Add`` /
+    ``Mul`` / ``Max`` / ``Min`` of two or more accepted expressions and ``FloorDiv`` of two.
+    Raises ``ProgramRefused``.
     """
     try:
         return _parse_size_expr(text)
@@ -147,14 +150,14 @@ def _parse_size_expr(text: str) -> str:
             value = int(take("int"))
             take("punct", ")")
             return f"Integer({value})"
-        if head in _EXPR_FUNCTIONS:
+        if head in _EXPR_FUNCTIONS or head in _BINARY_FUNCTIONS:
             args = [expr(depth + 1)]
             while pos < len(tokens) and tokens[pos] == ("punct", ","):
                 take("punct", ",")
                 args.append(expr(depth + 1))
             take("punct", ")")
-            if len(args) < 2:
-                raise _Refuse(f"{head} of one term in {text[:80]!r}")
+            if len(args) < 2 or (head in _BINARY_FUNCTIONS and len(args) != 2):
+                raise _Refuse(f"{head} of {len(args)} term(s) in {text[:80]!r}")
             return f"{head}({', '.join(args)})"
         raise _Refuse(f"symbolic size uses {head!r}, which csqc does not write")
 

@@ -708,7 +708,8 @@ class CompiledModel:
             if np.dtype(spec["dtype"]).kind in "iu" and x.dtype.kind == "f" and not (
                     _all_finite(x) and (x == np.round(x)).all()):
                 raise BadInput(f"input {spec['name']}: expected integer ids, got values that are not whole numbers")
-            x = x.astype(spec["dtype"])
+            with np.errstate(over="ignore", invalid="ignore"):  # float64 past float32's range: refused just below
+                x = x.astype(spec["dtype"])
         if check_finite and x.dtype.kind == "f" and not _all_finite(x):
             raise BadInput(f"input {spec['name']} contains NaN or infinity")
         limit = spec.get("index_limit")
@@ -1079,8 +1080,9 @@ def error_text(e: BaseException) -> str:
 def _csqc_bug(path: Path, what: str) -> CsqcError:
     """The file passed its SHA-256 checks, so it is what ``csqc compile`` wrote: a recompile gives the
     same file, and the fault is csqc's (exit code 1)."""
-    return CsqcError(f"{path}: {what}. The artifact's digests match, so it is not damaged: this is a csqc "
-                     "bug, please report it with the model (compiling again gives the same file)")
+    return CsqcError(f"{path}: {what}. The artifact's digests match, so it is not damaged: unless someone "
+                     "rebuilt and re-sealed it (digests say nothing of who wrote it), this is a csqc bug, please "
+                     "report it with the model (compiling again gives the same file)")
 
 
 def _is_shape(value) -> bool:
@@ -1242,6 +1244,8 @@ def _layer_problem(name: str, info: dict, buffers: dict, weights: Mapping[str, n
     shifts = info.get("plane_shifts")
     if shifts is not None and not (isinstance(shifts, list) and all(type(s) is int and 0 <= s < 63 for s in shifts)):
         return f"layer {name!r} has plane shifts {shifts!r}"
+    if info.get("float_layout") not in (None, *FLOAT_LAYOUTS):
+        return f"layer {name!r} has float layout {info['float_layout']!r}"
     if "acc_offset" in info:
         problem = _offset_problem(name, info, buffers, weights)
         if problem:

@@ -7,6 +7,8 @@ the report (or exactly one JSON document) and a log file never fills with bar re
 """
 from __future__ import annotations
 
+import re
+
 import os
 import shutil
 import sys
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["Column", "output_width", "stdout_console", "fit_table", "progress_wanted", "progress_bar"]
+__all__ = ["Column", "output_width", "stdout_console", "fit_table", "plain", "progress_wanted", "progress_bar"]
 
 DEFAULT_WIDTH = 100  # stdout is a file or a pipe and COLUMNS is unset
 
@@ -30,6 +32,18 @@ def output_width() -> int:
     if sys.stdout.isatty():
         return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
     return DEFAULT_WIDTH
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text) -> str:
+    """``text`` printed as it is: rich markup escaped (a layer named ``a[b]``, or ``[link=...]`` in an
+    untrusted file's names) and terminal control characters shown as ``?`` (escape sequences that
+    would retitle or clear the terminal)."""
+    from rich.markup import escape
+
+    return escape(_CONTROL.sub("?", str(text)))
 
 
 def stdout_console():

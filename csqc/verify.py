@@ -276,9 +276,17 @@ def _open_onnx_artifact(path: str, ctx_threads: int | None = None) -> Runtime:
 
     model = load_onnx(path)
     name = f"artifact:{Path(path).name}"
-    if {p.key: p.value for p in model.metadata_props}.get("csqc.kind") == "deploy":
-        return _deploy_runtime(name, model, ctx_threads)
-    return onnx_model_runtime(name, model, threads=ctx_threads)
+    try:
+        if {p.key: p.value for p in model.metadata_props}.get("csqc.kind") == "deploy":
+            return _deploy_runtime(name, model, ctx_threads)
+        return onnx_model_runtime(name, model, threads=ctx_threads)
+    except BadInput as e:
+        raise BadInput(f"{path}: {e}") from None
+    except Exception as e:  # ONNX Runtime refuses the graph (its own exception types): the file is at fault
+        if type(e).__module__.startswith("onnxruntime"):
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise BadInput(f"{path}: ONNX Runtime cannot load it ({reason})") from None
+        raise
 
 
 def _deploy_runtime(name: str, model, threads: int | None) -> Runtime:
@@ -512,7 +520,8 @@ def _as_model_input(a, spec: dict) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "biuf":
         raise BadInput(f"input {spec['name']}: holds {a.dtype} values; give numbers")
-    return a.astype(np.float32, copy=False) if np.dtype(spec["dtype"]).kind == "f" else a
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 past float32: refused as infinite by the caller
+        return a.astype(np.float32, copy=False) if np.dtype(spec["dtype"]).kind == "f" else a
 
 
 def _as_input(x) -> np.ndarray:
@@ -893,6 +902,13 @@ def verify(
     from .compiler import to_model
 
     model = to_model(model)
+    batched = model.batched_inputs
+    if any(batched) and not all(batched):  # samples are stacked on every input's first axis
+        fixed = [f"{s['name']} {s['shape']}" for s, b in zip(model.input_specs, batched) if not b]
+        raise BadInput(f"verify runs samples along every input's first axis, and input {', '.join(fixed)} has a "
+                       "fixed shape (its first axis is not the batch): verify a model whose inputs are all "
+                       "batch-first (pass such a state in as [N, ...] and transpose it inside the model); "
+                       "compile and run take it as it is")
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BadInput(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(RUNTIMES)}")

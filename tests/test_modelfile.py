@@ -2,6 +2,7 @@
 import pickle
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -166,3 +167,58 @@ def test_compile_calibrates_on_a_torch_tensor_as_on_the_same_array(tmp_path):
     by_tensor = csqc.compile(loaded, "llvm", tmp_path / "t.so", calibrate=samples).output
     by_array = csqc.compile(loaded, "llvm", tmp_path / "a.so", calibrate=samples.numpy()).output
     assert runtime.load(by_tensor).calibration == runtime.load(by_array).calibration is not None
+
+
+class _StackedHalves(nn.Module):
+    """Two images run through one conv stacked on the batch axis, then split back (RAFT's encoder):
+    torch.export writes the halves' size as FloorDiv, and the product of the halves rules out a batch
+    of 1 under a symbolic batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, a, b):
+        f1, f2 = torch.chunk(torch.relu(self.c(torch.cat([a, b], 0))), 2, 0)
+        return self.d(f1 * f2)
+
+
+def test_a_model_whose_symbolic_batch_excludes_its_example_saves_at_the_examples_shapes(tmp_path):
+    torch.manual_seed(0)
+    xs = (torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+    model = csqc.finalize(csqc.convert(_StackedHalves().eval(), n_bits=3, act_bits=4))
+    path = csqc.save(model, tmp_path / "halves.pt", xs)
+    loaded = csqc.load(path)
+    art = csqc.compile(loaded, "llvm", tmp_path / "halves.so").output
+    assert csqc.verify(loaded, artifact=str(art)).ok
+    xs2 = (torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))  # a batch of 2 takes the symbolic form
+    assert csqc.verify(csqc.load(csqc.save(model, tmp_path / "halves2.pt", xs2))).ok
+
+
+class _SideTable(nn.Module):
+    """A batch-first input and one of fixed shape (a table, an RNN's [layers, N, H] state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, table):
+        return self.fc(x) + table.sum(0)
+
+
+def test_an_input_whose_first_axis_is_not_the_batch_keeps_its_shape(tmp_path):
+    """It was made symbolic with the batch: a batch of 4 turned a [3, 8] table into [4, 8] without a word."""
+    from csqc import runtime
+
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_SideTable().eval(), n_bits=4, act_bits=4))
+    table = torch.rand(3, 8)
+    loaded = csqc.load(csqc.save(model, tmp_path / "side.pt", (torch.rand(1, 8), table)))
+    assert loaded.batched_inputs == [True, False]
+    art = runtime.load(csqc.compile(loaded, "llvm", tmp_path / "side.so", batch=4).output)
+    assert [i["shape"] for i in art.inputs] == [[4, 8], [3, 8]]
+    x = torch.rand(4, 8)
+    expected = loaded(x, table).numpy()
+    assert np.abs(art(x.numpy(), table.numpy()) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    with pytest.raises(csqc.BadInput, match=r"input input1 \[3, 8\] has a fixed shape"):
+        csqc.verify(loaded)

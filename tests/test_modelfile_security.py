@@ -210,6 +210,7 @@ def test_every_field_torch_evaluates_is_checked(saved, tmp_path):
     "Symbol('s77', positive=True, integer=True)", "Symbol('s3', integer=True, positive=True)",
     "Mul(Integer(32), Symbol('s77', positive=True, integer=True))",
     "Max(Integer(2), Add(Integer(-1), Symbol('s0', positive=True, integer=True)))",
+    "FloorDiv(Add(Symbol('s1', positive=True, integer=True), Integer(1)), Integer(2))",
 ])
 def test_size_grammar_accepts_what_csqc_writes(text):
     assert parse_size_expr(text).replace("integer=True, positive=True", "positive=True, integer=True") == \
@@ -220,6 +221,7 @@ def test_size_grammar_accepts_what_csqc_writes(text):
     "__import__('os').system('x')", "Symbol('s1')", "s1 + 1", "Symbol('x', positive=True, integer=True)",
     "Integer(1.5)", "Mul(Integer(2))", "Pow(Integer(2), Integer(3))", "Integer(1))", "Integer(" * 40,
     "Symbol('s1', positive=True, integer=True, real=True)", "Lambda(x, x)", "",
+    "FloorDiv(Integer(4))", "FloorDiv(Integer(4), Integer(2), Integer(1))",
 ])
 def test_size_grammar_refuses_everything_else(text):
     with pytest.raises(ProgramRefused):

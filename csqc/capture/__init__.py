@@ -42,8 +42,12 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
     if batch is not None:
         if batch < 1:
             raise BadInput(f"batch must be at least 1, got {batch}")
-        for s in shapes:
-            if s:
+        batched = model.batched_inputs
+        if not any(batched) and shapes and shapes[0] and batch != shapes[0][0]:
+            raise BadInput(f"the model's program takes a batch of {shapes[0][0]} only (torch.export fixed it when "
+                           f"it was saved): compile it at that batch, or save it with an example of batch {batch}")
+        for s, b in zip(shapes, batched):
+            if b:  # an input of fixed shape (its first axis is not the batch) keeps it
                 s[0] = batch
     try:
         examples = tuple(torch.zeros(s, dtype=getattr(torch, spec["dtype"])) for s, spec in zip(shapes, specs))
@@ -53,7 +57,11 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
     try:
         program = torch.export.export(model.module, examples)
     except Exception as e:
-        raise CsqcError(f"could not re-capture the model at input shapes {shapes}: {str(e).splitlines()[0]}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if model.source:  # a model file's program that does not run at these shapes: the input is at fault
+            raise BadInput(f"{model.source}: its program does not run at input shapes {shapes} ({first}); "
+                           "if these are the shapes it was saved with, the file is damaged or was edited") from e
+        raise CsqcError(f"could not re-capture the model at input shapes {shapes}: {first}") from e
     ctx = _Ctx(program)
     sig = program.graph_signature
     const_map = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from csqc import numerics as num
 from csqc.bitplanes import posneg_planes, unpack_planes
-from csqc.errors import CompileError
+from csqc.errors import BadInput, CompileError
 from csqc.interpreter import decode_weight
 from csqc.ir import Graph, Node
 
@@ -753,8 +753,23 @@ def emit_reference(graph: Graph, *, check_planes: bool = False, dynamic_batch: b
 
 
 def layer_table(model: onnx.ModelProto) -> list[dict]:
-    """The ``csqc.layers`` metadata of a model written by csqc (empty for other models)."""
+    """The ``csqc.layers`` metadata of a model written by csqc (empty for other models); the file is
+    untrusted, so every row is checked (``BadInput``)."""
     for prop in model.metadata_props:
         if prop.key == LAYERS_KEY:
-            return json.loads(prop.value)
+            try:
+                rows = json.loads(prop.value)
+            except (ValueError, RecursionError):
+                raise BadInput(f"the model's {LAYERS_KEY} metadata is not JSON; csqc writes it") from None
+            if not isinstance(rows, list) or not all(_layer_row_ok(r) for r in rows):
+                raise BadInput(f"the model's {LAYERS_KEY} metadata is not a table of layers csqc writes")
+            return rows
     return []
+
+
+def _layer_row_ok(row) -> bool:
+    names = ("name", "input", "out")
+    optional = ("xq", "scale", "acc", "quant_node", "op", "acc_dtype")
+    return (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in names)
+            and all(row.get(k) is None or isinstance(row[k], str) for k in optional)
+            and type(row.get("acc_shift", 0)) is int and 0 <= row.get("acc_shift", 0) < 63)

@@ -122,10 +122,24 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file; anything unreadable is ``BadInput``."""
+    """Read an ONNX file; anything unreadable is ``BadInput``. An ONNX file is data: csqc writes
+    self-contained ones, so tensors kept in other files (``external_data``, which onnx would read
+    from the file's folder) are refused, not followed."""
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
     except Exception as e:  # protobuf raises DecodeError and friends
         raise BadInput(f"{path}: not an ONNX model ({type(e).__name__})") from None
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        from onnx.external_data_helper import _get_all_tensors as all_tensors
+    except ImportError:  # (a private helper; without it, the main graph's tensors)
+        def all_tensors(m):
+            return list(m.graph.initializer)
+    external = [t.name for t in all_tensors(model) if uses_external_data(t)]
+    if external:
+        raise BadInput(f"{path}: tensor {external[0]!r} is stored in another file (ONNX external data); csqc "
+                       "reads only self-contained ONNX files, as it writes them")
+    return model
