@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import io
 import json
 import logging
@@ -153,7 +154,7 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     batched = _batch_first(example_inputs)
     wide = tuple(t.expand(2, *t.shape[1:]).contiguous() if b and t.shape[0] == 1 else t
                  for t, b in zip(example_inputs, batched))
-    dynamic = tuple({0: torch.export.Dim.DYNAMIC} if b else {} for b in batched)
+    dynamic = _by_signature(model, tuple({0: torch.export.Dim.DYNAMIC} if b else {} for b in batched))
     try:
         try:
             program = torch.export.export(model, wide, dynamic_shapes=dynamic)
@@ -170,6 +171,17 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     except Exception as e:  # torch raises many types; the user needs the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CsqcError(f"torch.export could not capture the model: {first}") from e
+
+
+def _by_signature(model: nn.Module, dynamic: tuple) -> tuple:
+    """``dynamic`` (one spec per example input) shaped as ``forward``'s parameters: the inputs a
+    ``*args`` parameter takes are one tuple (a wrapper's ``forward(self, *args)``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return dynamic
+    star = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    return dynamic if star is None else dynamic[:star] + (dynamic[star:],)
 
 
 def _batch_first(example: tuple) -> list[bool]:

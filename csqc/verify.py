@@ -902,11 +902,15 @@ def verify(
     from .compiler import to_model
 
     model = to_model(model)
-    batched = model.batched_inputs
-    if any(batched) and not all(batched):  # samples are stacked on every input's first axis
-        fixed = [f"{s['name']} {s['shape']}" for s, b in zip(model.input_specs, batched) if not b]
-        raise BadInput(f"verify runs samples along every input's first axis, and input {', '.join(fixed)} has a "
-                       "fixed shape (its first axis is not the batch): verify a model whose inputs are all "
+    batched, specs = model.batched_inputs, model.input_specs
+    leading = [s["shape"][0] if s["shape"] else None for s in specs]
+    if (any(batched) and not all(batched)) or len(set(leading)) > 1:  # samples stack on every input's first axis
+        fixed = [f"{s['name']} {s['shape']}" for s, b, n in zip(specs, batched, leading)
+                 if not b and (any(batched) or n != leading[0])]
+        which = f"input {fixed[0]} has a fixed shape" if len(fixed) == 1 else \
+            f"inputs {', '.join(fixed)} have fixed shapes"
+        raise BadInput(f"verify runs samples along every input's first axis, and {which} (the first axis is not "
+                       "the batch): verify a model whose inputs are all "
                        "batch-first (pass such a state in as [N, ...] and transpose it inside the model); "
                        "compile and run take it as it is")
     unknown = [r for r in runtimes if r not in RUNTIMES]

@@ -224,6 +224,42 @@ def test_float_causal_attention_masks_are_exact_in_every_runtime(tmp_path):
     _compiles_and_verifies(CausalAttention().eval(), torch.randn(1, 6, 8), tmp_path, "causal", targets=("llvm",))
 
 
+class MaskedFillAttention(nn.Module):
+    """nanoGPT's causal attention: ``att.masked_fill(self.bias[:, :, :T, :T] == 0, fill)`` on the
+    model's scores, the mask a sliced buffer."""
+
+    def __init__(self, fill: float, length: int = 8):
+        super().__init__()
+        self.qkv, self.out, self.fill = nn.Linear(D_MODEL, 3 * D_MODEL), nn.Linear(D_MODEL, D_MODEL), fill
+        self.register_buffer("bias", torch.tril(torch.ones(length, length)).view(1, 1, length, length))
+
+    def forward(self, x):
+        n, t, c = x.shape
+        q, k, v = (a.view(n, t, HEADS, c // HEADS).transpose(1, 2) for a in self.qkv(x).split(c, dim=2))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / (c // HEADS) ** 0.5)
+        att = F.softmax(att.masked_fill(self.bias[:, :, :t, :t] == 0, self.fill), dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(n, t, c))
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9])
+def test_masked_fill_of_scores_by_a_constant_mask_is_exact(fill, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, D_MODEL)
+    g = _matches_torch(MaskedFillAttention(fill).eval(), x, tmp_path)
+    assert not any(n.op == "where" for n in g.nodes)
+    model = csqc.finalize(csqc.convert(MaskedFillAttention(fill).eval(), n_bits=4, act_bits=8, example_inputs=x))
+    _compiles_and_verifies(model, x, tmp_path, "masked")
+
+
+def test_masked_fill_by_a_mask_the_model_computes_is_refused_by_name(tmp_path):
+    class Thresholded(nn.Module):
+        def forward(self, x):
+            return x.masked_fill(x > 0.5, 0.0)
+
+    with pytest.raises(UnsupportedOps, match=r"aten\.gt\.Scalar \[supported on constants only"):
+        csqc.save(Thresholded(), tmp_path / "t.pt", torch.rand(2, 4))
+
+
 def _converted(model: nn.Module, example: torch.Tensor) -> csqc.conversion.ConversionReport:
     csqc.finalize(csqc.convert(model, n_bits=4, act_bits=8, example_inputs=example))
     report = csqc.conversion_report(model)

@@ -222,3 +222,21 @@ def test_an_input_whose_first_axis_is_not_the_batch_keeps_its_shape(tmp_path):
     assert np.abs(art(x.numpy(), table.numpy()) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
     with pytest.raises(csqc.BadInput, match=r"input input1 \[3, 8\] has a fixed shape"):
         csqc.verify(loaded)
+
+
+class _VarArgs(nn.Module):
+    """A generic wrapper's ``forward(self, *args)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, *args):
+        return self.fc(args[0]) + args[1]
+
+
+def test_a_forward_of_star_args_keeps_its_batch_symbolic(tmp_path):
+    model = csqc.finalize(csqc.convert(_VarArgs().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "varargs.pt", (torch.rand(1, 8), torch.rand(1, 4))))
+    assert loaded.batched_inputs == [True, True]
+    assert csqc.verify(loaded, batch=3, samples=6).ok

@@ -324,3 +324,32 @@ def _abs_value(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, what: str) -> str:
 
 def _absolute(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return _abs_value(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), "abs")
+
+
+def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x.masked_fill(mask, v)`` with a constant mask (a causal attention mask) as
+    ``x * keep + fill``: ``keep`` 1 and ``fill`` 0 where the mask is false, ``keep`` 0 and ``fill``
+    v where it is true, which is v exactly for finite x (``x * 0`` is a signed zero) and x itself
+    elsewhere (a -0.0 becomes +0.0, which no later op tells apart). An infinite v becomes the
+    largest finite float32 of its sign, as attention masks do (``attention._MASKED``): a softmax
+    over it gives the same, unless a whole row is masked. A mask the model computes from its input
+    would need a select op."""
+    x, mask, value = fx.args[:3]
+    if not ctx.is_const(mask):
+        raise _Unsupported("masked_fill with a mask computed from the model's input (a constant mask, such as "
+                           "a causal one, is supported)")
+    if _type_of(x).dtype != "float32":
+        raise _Unsupported(f"masked_fill of {_type_of(x).dtype} values")
+    shape = _shape_of(x)
+    where = ctx.tensor(mask).detach().cpu().numpy().astype(bool)
+    if tuple(np.broadcast_shapes(shape, where.shape)) != tuple(shape):
+        raise _Unsupported(f"masked_fill with a mask of shape {list(where.shape)} for values of shape {list(shape)}")
+    value = float(value)
+    if value != value:
+        raise _Unsupported("masked_fill with NaN")
+    if abs(value) == float("inf"):  # as attention's masks: the largest finite value of that sign (parameters
+        value = float(np.copysign(np.finfo(np.float32).max, value))  # are finite; softmax gives the same)
+    keep = ctx.param(_base(fx, "masked_fill.keep"), np.where(where, 0.0, 1.0).astype(np.float32))
+    fill = ctx.param(_base(fx, "masked_fill.fill"), np.where(where, np.float32(value), 0.0).astype(np.float32))
+    kept = _typed(ctx, fx, "mul", [ctx.value(x), keep], shape, "masked_fill.kept")
+    return ctx.emit(fx, "add", [kept, fill], base=_base(fx, "masked_fill"))

@@ -11,8 +11,8 @@ import torch
 from .attention import _sdpa
 from .context import _arg, _aten, _base, _Ctx, _scalar
 from .elementwise import (
-    _absolute, _binary, _clip, _elu, _float_unary, _gelu, _glu, _leaky_relu, _log_sigmoid, _maximum, _mish,
-    _negated, _pow, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _shrink, _sign, _softplus, _squared, _threshold)
+    _absolute, _binary, _clip, _elu, _float_unary, _gelu, _glu, _leaky_relu, _log_sigmoid, _masked_fill, _maximum,
+    _mish, _negated, _pow, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _shrink, _sign, _softplus, _squared, _threshold)
 from .folding import _CONSTANT_ONLY, _constant_only
 from .layers import (
     _act_quant, _act_quant_asymmetric, _addmm, _batch_norm, _conv1d, _einsum, _embedding, _float_conv,
@@ -142,6 +142,7 @@ for _op in _CONSTANT_ONLY:
 
 
 HANDLERS.update({
+    _aten.masked_fill.Scalar: _masked_fill,  # on the model's values with a constant mask; folded on constants
     _aten.upsample_linear1d.vec: _upsample_linear,
     _aten.upsample_bilinear2d.vec: _upsample_linear,
     _aten.upsample_trilinear3d.vec: _upsample_linear,
