@@ -40,9 +40,9 @@ import numpy as np
 
 from .errors import BadInput, CsqcError
 from .ir import Graph, Node, QUANT_LAYER_OPS
+from .logs import quiet_ort_quantizer
 from .optable import OP_TABLE
 from .provenance import check_artifact_model
-from .logs import quiet_ort_quantizer
 
 __all__ = ["BenchResult", "BenchReport", "UNRELIABLE_SPREAD", "float_graph", "torch_runner", "integer_macs",
            "utilization", "bench", "bench_remote"]
@@ -345,6 +345,9 @@ def bench(model, *, batch: int | None = None, threads: int = 2, rounds: int = 15
 
     torch.set_num_threads(threads)
     model = to_model(model)
+    from .verify import check_batch_first
+
+    check_batch_first(model, "bench")
     if artifact is not None:  # timing another model's artifact against this one's baselines says nothing
         check_artifact_model(model, artifact)
     with tempfile.TemporaryDirectory() as d:

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from . import __version__
 from .errors import BadInput, CsqcError, TrainingFailed
 from .outputs import Terminated, check_output, check_output_folder
-from .terminal import Column, fit_table, plain, progress_bar, progress_wanted, stdout_console
+from .terminal import CONTROL_CHARACTERS, Column, fit_table, plain, progress_bar, progress_wanted, stdout_console
 
 MAX_RANDOM_SAMPLES = 10_000  # csqc.verify.MAX_RANDOM_SAMPLES, without importing numpy for --help
 
@@ -418,9 +418,9 @@ def _print_calibration(console, calibration: dict) -> None:
     """Per quantizer: its mode before calibration and the static scale it got."""
     rows = [(plain(q["quantizer"]), q["old_mode"], "kept dynamic" if q["scale"] is None else f"static {q['scale']:.6g}")
             for q in calibration["quantizers"]]
-    console.print(fit_table(f"calibrated on {calibration['source']} ({calibration['samples']} samples)",
+    console.print(fit_table(f"calibrated on {plain(calibration['source'])} ({calibration['samples']} samples)",
                             [Column("quantizer"), Column("was"), Column("now")], rows, console.width))
-    console.print(f"note: {calibration['note']}")
+    console.print(f"note: {plain(calibration['note'])}")
 
 
 def _print_reference_view(console, view: dict, csqc_avg_bits: float) -> None:
@@ -443,7 +443,7 @@ def _print_activations(console, rows) -> None:
 
     if all(r["idiom"] == CSQC_ACT_QUANT for r in rows):
         return
-    cells = [(r["name"], ", ".join(r["input_of"]) or "-", r["idiom"],
+    cells = [(plain(r["name"]), plain(", ".join(r["input_of"])) or "-", plain(r["idiom"]),
               "float" if r["bits"] is None else _codes_cell(r)) for r in rows]
     console.print(fit_table("activation quantizers", [Column("quantizer", drop=2), Column("input of"),
                                                       Column("idiom", wrap=True), Column("codes", drop=1)],
@@ -760,7 +760,7 @@ def run(artifact, input_path, output, skip_planes, as_json):
     else:
         for name, y in zip(names, ys):
             values = "" if output else f": {np.array2string(y, precision=4, threshold=20)}"
-            click.echo(f"output {name} {list(y.shape)}{values}")
+            click.echo(f"output {CONTROL_CHARACTERS.sub('?', name)} {list(y.shape)}{values}")  # (names from the file)
         if output:
             click.echo(f"{len(ys)} outputs -> {output}")
 
@@ -818,10 +818,10 @@ def bench(model, load_model, artifact, batch, threads, rounds, sweep_planes, dat
     columns = [Column("runtime"), Column("median", right=True), Column("spread", right=True, drop=2),
                Column("weights", right=True, drop=1), Column("csqc speed-up", right=True), Column("note", wrap=True)]
     rows = [(r.runtime, f"{r.median_us:,.1f} us", f"{r.spread:.0%}" + (" unreliable" if r.unreliable else ""),
-             _human(r.weight_bytes), "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", r.note)
+             _human(r.weight_bytes), "-" if r.runtime == "csqc" else f"{ratios[r.runtime]:.2f}x", plain(r.note))
             for r in sorted(report.results, key=lambda r: r.median_us)]
     console = stdout_console()
-    console.print(fit_table(f"{report.model}: batch {report.batch}, {where} (median)", columns, rows, console.width))
+    console.print(fit_table(f"{plain(report.model)}: batch {report.batch}, {where} (median)", columns, rows, console.width))
     for line in _limits_lines(report.limits):
         console.print(line)
     if report.profile:

@@ -16,7 +16,7 @@ from .errors import BadInput
 from .modelfile import CsqcModel
 from .outputs import check_output
 from .remote import describe_text
-from .terminal import Column, fit_table, progress_bar, stdout_console
+from .terminal import Column, fit_table, plain, progress_bar, stdout_console
 from .verify import VerifyReport, load_inputs, verify
 
 __all__ = ["compile_onnx", "verify_command", "print_verify_report"]
@@ -105,7 +105,7 @@ def print_verify_report(report: VerifyReport) -> None:
         console.print(f"per layer: all {n_layers} layers exact in every runtime")
     if report.first_divergence:
         d = report.first_divergence
-        console.print(f"first divergence: [bold]{d['tensor']}[/] in {d['runtime']} "
+        console.print(f"first divergence: [bold]{plain(d['tensor'])}[/] in {plain(d['runtime'])} "
                       f"({d['mismatched']} of {d['checked']} elements, {d['kind']} check)")
     for note in report.notes:
         console.print(f"note: {note}")

@@ -117,7 +117,9 @@ def _capture_and_calibrate(model, batch: int | None, calibrate):
         return graph, None, None
     from .calibration import record_calibration
     from .passes.calibrate_scales import calibrate as calibrate_graph, calibration_report
+    from .verify import check_batch_first
 
+    check_batch_first(model, "calibration")
     arrays = calibration_arrays(model, calibrate)
     result, quantizers = calibrate_graph(graph, arrays)
     source = str(calibrate) if isinstance(calibrate, (str, Path)) else "arrays"

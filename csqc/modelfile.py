@@ -158,7 +158,13 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     try:
         try:
             program = torch.export.export(model, wide, dynamic_shapes=dynamic)
-        except Exception as dynamic_error:  # the model fixes its batch (x.reshape(2, ...)): keep it fixed
+        except Exception as dynamic_error:
+            if "Constraints violated" not in str(dynamic_error):
+                raise
+            # the model fixes its batch (x.reshape(2, ...)): keep it fixed
+            log.warning("the model fixes its batch size: saved for batches of %d only (%s)",
+                        example_inputs[0].shape[0] if example_inputs[0].dim() else 1,
+                        str(dynamic_error).strip().splitlines()[0][:160])
             try:  # (clones: the failed export left its dynamic marks on the example tensors)
                 return torch.export.export(model, tuple(t.clone() for t in example_inputs))
             except Exception:
@@ -166,6 +172,8 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
         if any(w is not t for w, t in zip(wide, example_inputs)) and not _runs_at(program, example_inputs):
             # its guards exclude the example's own batch of 1 (two batches multiplied: torch rules
             # out the size 1 that would broadcast): keep the example's shapes, static
+            log.warning("the model's symbolic batch excludes a batch of 1 (torch.export's guards): saved for "
+                        "batches of 1 only; save it with an example of batch 2 or more for other batch sizes")
             program = torch.export.export(model, tuple(t.clone() for t in example_inputs))
         return program
     except Exception as e:  # torch raises many types; the user needs the first line
@@ -181,12 +189,13 @@ def _by_signature(model: nn.Module, dynamic: tuple) -> tuple:
     except (TypeError, ValueError):
         return dynamic
     star = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
-    return dynamic if star is None else dynamic[:star] + (dynamic[star:],)
+    return dynamic if star is None or star >= len(dynamic) else dynamic[:star] + (dynamic[star:],)
 
 
 def _batch_first(example: tuple) -> list[bool]:
-    """Per example input: whether its first axis is the batch (the first input's first axis)."""
-    batch = example[0].shape[0] if example and example[0].dim() else None
+    """Per example input: whether its first axis is the batch (the first axis of the first input
+    that has one)."""
+    batch = next((t.shape[0] for t in example if t.dim()), None)
     return [t.dim() > 0 and t.shape[0] == batch for t in example]
 
 

@@ -7,16 +7,16 @@ the report (or exactly one JSON document) and a log file never fills with bar re
 """
 from __future__ import annotations
 
-import re
-
 import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-__all__ = ["Column", "output_width", "stdout_console", "fit_table", "plain", "progress_wanted", "progress_bar"]
+__all__ = ["Column", "CONTROL_CHARACTERS", "output_width", "stdout_console", "fit_table", "plain", "progress_wanted",
+           "progress_bar"]
 
 DEFAULT_WIDTH = 100  # stdout is a file or a pipe and COLUMNS is unset
 
@@ -34,7 +34,7 @@ def output_width() -> int:
     return DEFAULT_WIDTH
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def plain(text) -> str:
@@ -43,7 +43,7 @@ def plain(text) -> str:
     would retitle or clear the terminal)."""
     from rich.markup import escape
 
-    return escape(_CONTROL.sub("?", str(text)))
+    return escape(CONTROL_CHARACTERS.sub("?", str(text)))
 
 
 def stdout_console():

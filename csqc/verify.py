@@ -47,12 +47,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .calibration import Calibration, apply_calibration, artifact_calibration, scale_differences
-from .provenance import check_artifact_model
 from .errors import BadInput, CsqcError
 from .forced_codes import ForcedInterpreter, ForcedRun
 from .interpreter import HANDLERS, QValue, run as interpret
 from .ir import Graph
 from .modelfile import CsqcModel
+from .provenance import check_artifact_model
 
 __all__ = [
     "verify", "VerifyReport", "PairReport", "Runtime", "RunResult", "RUNTIMES", "DEFAULT_RUNTIMES",
@@ -902,17 +902,7 @@ def verify(
     from .compiler import to_model
 
     model = to_model(model)
-    batched, specs = model.batched_inputs, model.input_specs
-    leading = [s["shape"][0] if s["shape"] else None for s in specs]
-    if (any(batched) and not all(batched)) or len(set(leading)) > 1:  # samples stack on every input's first axis
-        fixed = [f"{s['name']} {s['shape']}" for s, b, n in zip(specs, batched, leading)
-                 if not b and (any(batched) or n != leading[0])]
-        which = f"input {fixed[0]} has a fixed shape" if len(fixed) == 1 else \
-            f"inputs {', '.join(fixed)} have fixed shapes"
-        raise BadInput(f"verify runs samples along every input's first axis, and {which} (the first axis is not "
-                       "the batch): verify a model whose inputs are all "
-                       "batch-first (pass such a state in as [N, ...] and transpose it inside the model); "
-                       "compile and run take it as it is")
+    check_batch_first(model, "verify")
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BadInput(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(RUNTIMES)}")
@@ -1074,6 +1064,24 @@ def verify(
     finally:
         if art is not None and art.close is not None:
             art.close()  # a remote server serves one session at a time
+
+
+def check_batch_first(model: CsqcModel, what: str) -> None:
+    """``BadInput`` unless every input of ``model`` takes samples on its first axis, as ``what``
+    (verify, calibration, bench) stacks them: an input of fixed shape (an RNN's [layers, N, H]
+    state, a table) cannot be cut into batches."""
+    batched, specs = model.batched_inputs, model.input_specs
+    leading = [s["shape"][0] if s["shape"] else None for s in specs]
+    if not ((any(batched) and not all(batched)) or len(set(leading)) > 1):
+        return
+    fixed = [f"{s['name']} {s['shape']}" for s, b, n in zip(specs, batched, leading)
+             if (not b and any(batched)) or n != leading[0]]
+    which = f"input {fixed[0]} has a fixed shape" if len(fixed) == 1 else f"inputs {', '.join(fixed)} have fixed shapes"
+    raise BadInput(f"{what} runs samples along every input's first axis, and {which} (the first axis is not the "
+                   "batch): give the model inputs that are all batch-first (pass such a state in as [N, ...] and "
+                   "transpose it inside the model); compile without --calibrate and run take it as it is"
+                   + (" (this model file is from a csqc that made every first axis the batch: save it again)"
+                      if all(batched) else ""))
 
 
 def _stored_calibration(artifact: str) -> Calibration | None:

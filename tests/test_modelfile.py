@@ -220,8 +220,11 @@ def test_an_input_whose_first_axis_is_not_the_batch_keeps_its_shape(tmp_path):
     x = torch.rand(4, 8)
     expected = loaded(x, table).numpy()
     assert np.abs(art(x.numpy(), table.numpy()) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
-    with pytest.raises(csqc.BadInput, match=r"input input1 \[3, 8\] has a fixed shape"):
+    with pytest.raises(csqc.BadInput, match=r"verify runs samples .* input input1 \[3, 8\] has a fixed shape"):
         csqc.verify(loaded)
+    with pytest.raises(csqc.BadInput, match=r"calibration runs samples .* input input1 \[3, 8\] has a fixed shape"):
+        csqc.compile(loaded, "onnx", tmp_path / "side.onnx", calibrate=[np.zeros((4, 8), np.float32)] * 2)
+    assert not (tmp_path / "side.onnx").exists()
 
 
 class _VarArgs(nn.Module):
@@ -235,8 +238,21 @@ class _VarArgs(nn.Module):
         return self.fc(args[0]) + args[1]
 
 
-def test_a_forward_of_star_args_keeps_its_batch_symbolic(tmp_path):
-    model = csqc.finalize(csqc.convert(_VarArgs().eval(), n_bits=4, act_bits=4))
-    loaded = csqc.load(csqc.save(model, tmp_path / "varargs.pt", (torch.rand(1, 8), torch.rand(1, 4))))
-    assert loaded.batched_inputs == [True, True]
+class _OneThenVarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, *rest):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("module, examples", [
+    (_VarArgs, (torch.rand(1, 8), torch.rand(1, 4))),
+    (_OneThenVarArgs, (torch.rand(1, 8),)),  # nothing for *rest
+])
+def test_a_forward_of_star_args_keeps_its_batch_symbolic(tmp_path, module, examples):
+    model = csqc.finalize(csqc.convert(module().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "varargs.pt", examples))
+    assert loaded.batched_inputs == [True] * len(examples)
     assert csqc.verify(loaded, batch=3, samples=6).ok

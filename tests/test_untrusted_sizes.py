@@ -102,8 +102,31 @@ def test_folding_stops_at_its_budget(monkeypatch, tmp_path):
     loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.zeros(1, 8)))
     csqc.capture(loaded)  # within the budget: folded
     monkeypatch.setattr(folding, "MAX_FOLDED_BYTES", 64 * 64 * 4 - 1)
-    with pytest.raises(BadInput, match="builds constants of 16,384 bytes by ones"):
+    with pytest.raises(BadInput, match="builds constants of 16,384 bytes in one tensor at ones"):
         csqc.capture(loaded)
+    monkeypatch.setattr(folding, "MAX_FOLDED_BYTES", 1 << 20)
+    monkeypatch.setattr(folding, "MAX_FOLDED_TOTAL", 64 * 64 * 4 * 2 - 1)  # ones, then tril: the slice is a view
+    with pytest.raises(BadInput, match="builds constants of 32,768 bytes in all at tril"):
+        csqc.capture(loaded)
+
+
+def test_views_of_a_mask_buffer_cost_the_folding_budget_nothing(monkeypatch, tmp_path):
+    """nanoGPT slices its [1, 1, 2048, 2048] mask buffer in every layer: slices allocate nothing."""
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.register_buffer("mask", torch.ones(64, 64))
+
+        def forward(self, x):
+            for _ in range(20):
+                x = self.fc(x) * self.mask[:48][:1, :8]  # a 12 KB view, then a small one
+            return x
+
+    model = csqc.finalize(csqc.convert(Sliced(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.zeros(1, 8)))
+    monkeypatch.setattr(folding, "MAX_FOLDED_TOTAL", 64 * 64 * 4)  # less than 20 of the 12 KB slices
+    csqc.capture(loaded)
 
 
 def test_arrays_are_read_by_the_name_whose_header_was_checked(tmp_path):
@@ -127,11 +150,14 @@ def test_a_calibration_file_is_read_only_as_far_as_its_samples(tmp_path, order):
         assert np.array_equal(first, data[:5]) and first.flags.writeable
         (whole,) = read_arrays(path, names)
         assert np.array_equal(whole, data)
-    # a truncated file says so
+    # a truncated file says so when read whole; its first rows are all a calibration reads
     raw = (tmp_path / "x.npy").read_bytes()
     (tmp_path / "short.npy").write_bytes(raw[:-8])
     with pytest.raises(BadInput, match="ends before"):
         read_arrays(tmp_path / "short.npy", [""])
+    if order == "C":
+        (first,) = read_arrays(tmp_path / "short.npy", [""], rows=5)
+        assert np.array_equal(first, data[:5])
 
 
 def test_compile_calibrates_on_the_first_samples_of_a_larger_file(tiny_mlp, tmp_path):

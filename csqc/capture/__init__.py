@@ -43,9 +43,11 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
         if batch < 1:
             raise BadInput(f"batch must be at least 1, got {batch}")
         batched = model.batched_inputs
-        if not any(batched) and shapes and shapes[0] and batch != shapes[0][0]:
-            raise BadInput(f"the model's program takes a batch of {shapes[0][0]} only (torch.export fixed it when "
-                           f"it was saved): compile it at that batch, or save it with an example of batch {batch}")
+        leading = [s[0] for s in shapes if s]
+        if not any(batched) and (not leading or batch != leading[0]):
+            fixed = f"a batch of {leading[0]} only" if leading else "no batch axis"
+            raise BadInput(f"the model's program takes {fixed} (fixed when it was saved), not a batch of {batch}: "
+                           "use that batch, or save the model with an example of the batch you want")
         for s, b in zip(shapes, batched):
             if b:  # an input of fixed shape (its first axis is not the batch) keeps it
                 s[0] = batch

@@ -4,6 +4,7 @@ evaluated with torch and become parameters; some ops are supported only that way
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from ..errors import BadInput
 from .context import _aten, _base, _Ctx, _Unsupported
@@ -70,12 +71,14 @@ def _constant_derived(graph: torch.fx.Graph, consts) -> set[str]:
 
 
 # A model file is untrusted: ``ones(2**40)`` folded would take whatever memory its program asks
-# for. The sizes below come from the program's shapes, which capture's re-export recomputed.
-MAX_FOLDED_BYTES = 256 << 20  # all folded constants together; a real model's masks and positions are KBs to MBs
+# for. Each fold's result is checked before it is evaluated (its size comes from the program's
+# shapes, which capture's re-export recomputed), and what folding keeps alive is bounded in all;
+# views of what exists (slices of a mask buffer, one per layer) cost nothing and count nothing.
+MAX_FOLDED_BYTES = 256 << 20  # one folded constant; a real model's masks and positions are KBs to MBs
+MAX_FOLDED_TOTAL = 1 << 30  # all of them together
 
 
-def _claim(ctx: _Ctx, fx: torch.fx.Node, val) -> None:
-    """Count the bytes of ``val`` (a node's meta value or values) against ``MAX_FOLDED_BYTES``."""
+def _nbytes(val) -> int:
     nbytes = 0
     for v in val if isinstance(val, (list, tuple)) else [val]:
         if isinstance(v, torch.Tensor):
@@ -83,11 +86,12 @@ def _claim(ctx: _Ctx, fx: torch.fx.Node, val) -> None:
             for n in v.shape:
                 count *= int(n)
             nbytes += count * v.element_size()
-    ctx.folded_bytes += nbytes
-    if ctx.folded_bytes > MAX_FOLDED_BYTES:
-        raise BadInput(f"the model's program builds constants of {ctx.folded_bytes:,} bytes by {fx.name} "
-                       f"({fx.target}), more than the {MAX_FOLDED_BYTES >> 20} MiB csqc evaluates at capture; "
-                       "refusing (register a constant this large as a buffer; in a model file: damaged or edited)")
+    return nbytes
+
+
+def _refuse(fx: torch.fx.Node, nbytes: int, limit: int, what: str) -> BadInput:
+    return BadInput(f"the model's program builds constants of {nbytes:,} bytes {what} at {fx.name} ({fx.target}), "
+                    f"more than the {limit >> 20} MiB csqc evaluates at capture; refusing")
 
 
 def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
@@ -95,15 +99,22 @@ def _fold(ctx: _Ctx, fx: torch.fx.Node) -> None:
     def constant(a: torch.fx.Node):
         if a.name in ctx.consts:
             return ctx.consts[a.name]
-        val = a.meta["val"]  # (an op that reads only the shape and dtype of a runtime value)
-        _claim(ctx, fx, val)
-        return torch.zeros(tuple(int(n) for n in val.shape), dtype=val.dtype)
+        val = a.meta["val"]  # (an op that reads only the shape and dtype of a runtime value: no data)
+        return torch.zeros((), dtype=val.dtype).expand(tuple(int(n) for n in val.shape))
 
-    _claim(ctx, fx, fx.meta.get("val"))  # before evaluating: the result's size, from the program's shapes
+    size = _nbytes(fx.meta.get("val"))
+    if size > MAX_FOLDED_BYTES:
+        raise _refuse(fx, size, MAX_FOLDED_BYTES, "in one tensor")
     args, kwargs = torch.fx.node.map_arg((fx.args, fx.kwargs), constant)
     try:
         with torch.no_grad():
             ctx.consts[fx.name] = fx.target(*args, **kwargs)
     except Exception as e:  # torch raises many types; the op is then reported as unsupported
         raise _Unsupported(f"could not evaluate on constants ({type(e).__name__})") from None
+    storages = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    result = ctx.consts[fx.name]
+    if not (isinstance(result, torch.Tensor) and result.untyped_storage().data_ptr() in storages):  # a view: nothing new
+        ctx.folded_bytes += _nbytes(result)
+        if ctx.folded_bytes > MAX_FOLDED_TOTAL:
+            raise _refuse(fx, ctx.folded_bytes, MAX_FOLDED_TOTAL, "in all")
     ctx.folded[fx.name] = _base(fx, "const")
