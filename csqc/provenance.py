@@ -41,7 +41,8 @@ def model_digest(model) -> str:
             continue
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}\0{t.dtype}\0{list(tensors[name].shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # (the tensor's own bytes, not a copy)
     return h.hexdigest()
 
 
