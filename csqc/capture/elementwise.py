@@ -330,7 +330,7 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``x.masked_fill(mask, v)`` with a constant mask (a causal attention mask) as
     ``x * keep + fill``: ``keep`` 1 and ``fill`` 0 where the mask is false, ``keep`` 0 and ``fill``
     v where it is true, which is v exactly for finite x (``x * 0`` is a signed zero) and x itself
-    elsewhere (a -0.0 becomes +0.0, which no later op tells apart). An infinite v becomes the
+    elsewhere (a -0.0 becomes +0.0: only a division by it could tell). An infinite v becomes the
     largest finite float32 of its sign, as attention masks do (``attention._MASKED``): a softmax
     over it gives the same, unless a whole row is masked. A mask the model computes from its input
     would need a select op."""
