@@ -105,8 +105,8 @@ def _quant_layer(g: Graph, n: Node, x, record: dict | None, planes_used: Mapping
             raise CsqcError(f"{n.name}: accumulator bound {bound:.3g} exceeds the exact range of the interpreter")
         if is_conv:
             acc = conv2d_nchw(a, q.astype(np.float64), n.attr("stride"), n.attr("padding"), n.attr("dilation"), n.attr("groups"))
-        else:
-            acc = a @ q.astype(np.float64).T
+        else:  # one 2-D product: numpy runs a stacked [..., M, K] one as a BLAS call per matrix
+            acc = (a.reshape(-1, a.shape[-1]) @ q.astype(np.float64).T).reshape(*a.shape[:-1], q.shape[0])
         acc = acc.astype(np.int64)
         if record is not None:
             record[f"{n.name}.acc"] = acc << n.quant.low_shift  # comparable across plane-shift passes

@@ -967,17 +967,21 @@ def verify(
             if size not in by_size:
                 by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
             golden_graph = ctx.graph("integer", size)
-            results = {rt.name: rt.run(chunk) for rt in by_size[size]}
+            golden_run = next(rt for rt in by_size[size] if rt.name == GOLDEN).run(chunk)
             if can_force and forcing is None:
                 forcing = ForcedRun.for_model(getattr(ctx.model, "module", None), golden_graph, rtol)
                 can_force = forcing is not None
             if forcing is not None:
-                forced_outputs.append(forcing.run([_as_input(x) for x in chunk], results[GOLDEN].record))
-            golden = results[GOLDEN].tensors
+                forced_outputs.append(forcing.run([_as_input(x) for x in chunk], golden_run.record))
+            golden = golden_run.tensors
             for rt in by_size[size]:
-                outputs.setdefault(rt.name, []).append(results[rt.name].outputs)
-                if rt.name != GOLDEN and results[rt.name].tensors:
-                    tensors = results[rt.name].tensors
+                # each runtime is checked as soon as it ran and its tensors dropped: a large model's
+                # per-layer tensors are GBs a runtime (MaxViT-T: 0.5-0.7), so holding every
+                # runtime's at once multiplied the peak
+                result = golden_run if rt.name == GOLDEN else rt.run(chunk)
+                outputs.setdefault(rt.name, []).append(result.outputs)
+                if rt.name != GOLDEN and result.tensors:
+                    tensors = result.tensors
                     _check_layers(golden_graph, golden, rt, tensors, stats.setdefault(rt.name, {}), atol, rtol)
                     # the golden graph again with this runtime's codes (csqc.forced_codes), where they
                     # left the golden run's: what its outputs are judged on if they miss the tolerance
@@ -989,7 +993,9 @@ def verify(
                         if same:
                             forced_run.count_equal(golden_graph)
                         forced_outputs_of.setdefault(rt.name, []).append(
-                            results[GOLDEN].outputs if same else forced_run.run(golden_graph, chunk, tensors))
+                            golden_run.outputs if same else forced_run.run(golden_graph, chunk, tensors))
+                result = tensors = None
+            golden_run = golden = None  # (before the next batch's golden run)
             used += size
             if on_batch is not None:
                 on_batch(used, total)

@@ -1,10 +1,13 @@
-"""The interpreter's convolution (csqc.numerics.conv2d_nchw).
+"""The interpreter's convolution (csqc.numerics.conv2d_nchw) and erf.
 
 Rule under test: integer operands held in float64 (the interpreter's integer accumulators) give
 every output exactly, whatever the grouping and path: small depthwise planes as whole-tensor
 taps, the rest as a product per group, both equal a direct sum over the taps; float32 grouped
-convs keep each group's own product (their rounding order).
+convs keep each group's own product (their rounding order). Also gelu's erf: math.erf rounded
+once to float32, whichever way it is computed.
 """
+import math
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,3 +67,24 @@ def test_float32_grouped_convs_keep_their_per_group_products():
             one = conv2d_nchw(x[:, g * per_in:(g + 1) * per_in], w[g * per_out:(g + 1) * per_out], (1, 1), padding,
                               (1, 1), 1)
             np.testing.assert_array_equal(got[:, g * per_out:(g + 1) * per_out], one)
+
+
+_MATH_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=400))
+def test_erf_is_math_erf_rounded_once_on_any_float32(bits):
+    """The vectorized erf (SciPy's, with math.erf where the two could round apart) gives
+    exactly math.erf rounded to float32, NaN and infinities included."""
+    x = np.array(bits, np.uint32).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        expected = _MATH_ERF(x.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(numerics.erf(x).view(np.uint32), expected.view(np.uint32))
+
+
+def test_erf_agrees_with_math_erf_across_its_curved_range():
+    x = np.linspace(-6, 6, 2_000_001, dtype=np.float32)
+    x = np.concatenate([x, np.float32(1e-30) * x, np.nextafter(x, np.float32(np.inf))])
+    assert np.array_equal(numerics.erf(x), _MATH_ERF(x.astype(np.float64)).astype(np.float32))
+    assert numerics.erf(np.zeros((0, 3), np.float32)).shape == (0, 3)

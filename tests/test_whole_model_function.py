@@ -69,6 +69,27 @@ def test_an_artifact_without_the_function_runs_its_steps(cnn_artifact, tmp_path)
     np.testing.assert_array_equal(runtime.load(path)(x), runtime.load(cnn_artifact)(x))
 
 
+def test_a_plan_past_the_argument_limit_runs_its_steps_from_the_start(tmp_path, monkeypatch):
+    """LLVM's build time grows with the square of the function's parameters: past
+    ``MAX_ARGUMENTS`` the artifact has no whole-model function and its steps verify exactly."""
+    from csqc.targets.tvm import whole_model
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 5))
+    path = csqc.save(csqc.finalize(csqc.convert(net.eval(), n_bits=3, act_bits=4)), tmp_path / "m.pt",
+                     torch.zeros(1, 3, 8, 8))
+    full = csqc.compile(csqc.load(path), "llvm", tmp_path / "full.so").output
+    monkeypatch.setattr(whole_model, "MAX_ARGUMENTS", len(runtime.load(full).plan["entry"]["args"]) - 1)
+    result = csqc.compile(csqc.load(path), "llvm", tmp_path / "steps.so")
+    stepwise = runtime.load(result.output)
+    assert "entry" not in stepwise.plan and not any(WHOLE_MODEL_FUNC in s["func"] for s in stepwise.plan["steps"])
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(stepwise(x), runtime.load(full)(x))
+    np.testing.assert_array_equal(stepwise(x, skip_planes=1), runtime.load(full)(x, skip_planes=1))
+    assert csqc.verify(csqc.load(path), samples=2, artifact=str(result.output), per_layer=True).ok
+
+
 @pytest.mark.parametrize("edit, error, match", [
     (lambda e: e["args"].append("no-such-buffer"), BadInput, "entry.*no buffer"),
     (lambda e: e.update(func="k999_missing"), CsqcError, "lacks"),

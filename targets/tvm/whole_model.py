@@ -18,18 +18,24 @@ from .lower import Plan
 __all__ = ["WHOLE_MODEL_FUNC", "add_whole_model_function"]
 
 WHOLE_MODEL_FUNC = "csqc_run"
+# LLVM's time on the function grows with the square of its parameters (each is unpacked and
+# checked): 435 (MobileNetV2) ~1.5 s, ~1,000 ~7 s, MaxViT-T's 2,318 65 s and 2.1 GB. Past this
+# the runtime calls the steps one by one (~0.3 us a step, against such a model's milliseconds).
+MAX_ARGUMENTS = 1024
 
 
 def add_whole_model_function(plan: Plan) -> None:
     """Add ``csqc_run(buffers..., planes..., zero_points...)`` to ``plan.funcs`` and describe its
     arguments in ``plan.entry``: every buffer the steps use (first use first), then each layer's
     count of planes to accumulate (the run-time PrecisionBatching setting) and the zero points
-    that go with them, as ``steps`` spell them."""
+    that go with them, as ``steps`` spell them. None for a plan of more than ``MAX_ARGUMENTS``."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
 
     arguments = whole_model_arguments(plan.steps)
+    if len(arguments) > MAX_ARGUMENTS:
+        return
     buffer_names = [a for a in arguments if isinstance(a, str)]
     plane_layers = [a["planes"] for a in arguments if isinstance(a, dict) and "planes" in a]
     zero_point_layers = [a["zero_point"] for a in arguments if isinstance(a, dict) and "zero_point" in a]
