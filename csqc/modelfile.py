@@ -147,6 +147,17 @@ def _flat_output_model(model: nn.Module) -> nn.Module:
 
 
 def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``model`` exported with a symbolic batch where it allows one (below), without the values
+    its outputs do not depend on: torch.export keeps them (CLIP's text model computes a pooled
+    output by ``argmax`` whether or not it is returned), and an op csqc does not compile there
+    would refuse a model that never needs it."""
+    program = _exported(model, example_inputs)
+    program.graph_module.graph.eliminate_dead_code()  # (keeps side effects: asserts, mutations)
+    program.graph_module.recompile()
+    return program
+
+
+def _exported(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     # The batch dimension stays symbolic so the PyTorch reference runs any batch size; a batch
     # of 1 would be specialised by torch.export, so capture with 2 rows. The batch is the first
     # input's first axis; an input whose first axis is another size (an LSTM's [layers, N, H]

@@ -149,3 +149,27 @@ def test_it_verifies_exactly_on_llvm_and_onnx_runtime(trained_spotter, tmp_path,
     assert report.ok and report.accumulators_exact, report
     onnx = csqc.compile(model, "onnx", tmp_path / "kws.onnx", calibrate=calibrate).output
     assert csqc.verify(model, inputs=[data.x_test[:16]], artifact=str(onnx), calibrate=calibrate).ok
+
+
+class _RawAudioEncoder(nn.Module):
+    """Wav2Vec2's feature encoder in small: strided convs over a raw signal of thousands of samples,
+    whose staged rows (hundreds of columns, read at stride 2) are copied in runs of vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv1d(1, 16, 10, stride=5, bias=False)
+        self.c1 = nn.Conv1d(16, 16, 3, stride=2, padding=1, bias=False)
+        self.c2 = nn.Conv1d(16, 12, 3, stride=2, bias=False)
+
+    def forward(self, x):
+        return F.gelu(self.c2(F.gelu(self.c1(F.gelu(self.c0(x))))))
+
+
+def test_strided_convs_over_a_long_signal_verify_exactly(tmp_path):
+    torch.manual_seed(3)
+    x = torch.rand(1, 1, 3001) * 2 - 1  # staged rows of 300 and 150 columns: whole runs and an overlapping last one
+    model = csqc.finalize(csqc.convert(_RawAudioEncoder().eval(), n_bits=3, act_bits=4, example_inputs=(x,)))
+    path = csqc.save(model, tmp_path / "encoder.pt", x)
+    artifact = csqc.compile(csqc.load(path), "llvm", tmp_path / "encoder.so").output
+    report = csqc.verify(csqc.load(path), samples=3, artifact=str(artifact), per_layer=True)
+    assert report.ok and report.accumulators_exact

@@ -256,3 +256,55 @@ def test_a_forward_of_star_args_keeps_its_batch_symbolic(tmp_path, module, examp
     loaded = csqc.load(csqc.save(model, tmp_path / "varargs.pt", examples))
     assert loaded.batched_inputs == [True] * len(examples)
     assert csqc.verify(loaded, batch=3, samples=6).ok
+
+
+class _DeadPooling(nn.Module):
+    """CLIP's text model: a pooled output by ``argmax`` (which csqc does not compile), computed
+    whether or not it is returned, and read from a buffer only it uses."""
+
+    def __init__(self, returned: bool):
+        super().__init__()
+        self.emb, self.fc, self.returned = nn.Embedding(20, 8), nn.Linear(8, 8), returned
+        self.register_buffer("pool_bias", torch.ones(8))
+
+    def forward(self, ids):
+        h = self.fc(self.emb(ids))
+        pooled = h[torch.arange(h.shape[0]), ids.argmax(-1)] + self.pool_bias
+        return (h, pooled) if self.returned else h
+
+
+def test_values_no_output_depends_on_are_left_out_of_the_file(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (1, 6))
+    q = csqc.finalize(csqc.convert(_DeadPooling(returned=False).eval(), n_bits=3, act_bits=4, example_inputs=(ids,)))
+    path = csqc.save(q, tmp_path / "m.pt", (ids,), input_ranges={"input0": (0, 20)})
+    model = csqc.load(path)
+    assert not any("argmax" in str(n.target) for n in model.program.graph.nodes)
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(ids).numpy(), q(ids).numpy())
+    artifact = csqc.compile(model, "llvm", tmp_path / "m.so").output
+    assert csqc.verify(model, samples=3, artifact=str(artifact)).ok
+    with pytest.raises(UnsupportedOps, match="argmax"):  # where the model returns it, it is needed
+        live = csqc.finalize(csqc.convert(_DeadPooling(returned=True).eval(), n_bits=3, act_bits=4,
+                                          example_inputs=(ids,)))
+        csqc.save(live, tmp_path / "live.pt", (ids,), input_ranges={"input0": (0, 20)})
+
+
+class _PositionsFromIds(nn.Module):
+    """RoBERTa's position ids: ``cumsum(ids != pad).type_as(mask) * mask + pad``, from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.fc = nn.Embedding(20, 8), nn.Embedding(20, 8), nn.Linear(8, 4)
+
+    def forward(self, ids):
+        mask = ids.ne(1).int()
+        return self.fc(self.tok(ids) + self.pos(torch.cumsum(mask, dim=1).type_as(mask) * mask + 1))
+
+
+def test_a_refusal_names_the_op_that_needs_the_input_not_a_cast_beside_it(tmp_path):
+    ids = torch.randint(2, 20, (1, 6))
+    q = csqc.finalize(csqc.convert(_PositionsFromIds().eval(), n_bits=3, act_bits=4, example_inputs=(ids,)))
+    with pytest.raises(UnsupportedOps, match=r"aten\.ne\.Scalar \[supported on constants only") as refused:
+        csqc.save(q, tmp_path / "m.pt", (ids,), input_ranges={"input0": (0, 20)})
+    assert "type_as" not in str(refused.value)

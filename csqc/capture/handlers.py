@@ -131,6 +131,7 @@ HANDLERS.update({
     _aten.to.device: _same_dtype,
     _aten.to.dtype_layout: _same_dtype,
     _aten._to_copy.default: _same_dtype,
+    _aten.type_as.default: _same_dtype,  # (RoBERTa's position ids)
     _aten._assert_tensor_metadata.default: _no_op,
     _aten.detach_.default: _no_op,
     _aten.lift_fresh_copy.default: _no_op,

@@ -59,6 +59,28 @@ def _word_byte(load, cq, t: int, c_groups: int, cg: int):
     return value
 
 
+# Words a vectorized loop of the staging copies: a row of a 1-D signal is thousands of columns,
+# and one vector of them read at stride 2 took LLVM minutes to build (Wav2Vec2's feature
+# encoder, 399 columns: 109 s a conv; 1 s in runs of 64). Rows up to _WHOLE_ROW stay one loop.
+_RUN, _WHOLE_ROW = 64, 128
+
+
+def _vector_runs(n: int) -> int:
+    """Vectorized loops that copy ``n`` words (a static count): 1 up to ``_WHOLE_ROW``, else
+    runs of ``_RUN``, the last ending at ``n`` (overlapping the one before: the same words again)."""
+    return 1 if n <= _WHOLE_ROW else -(-n // _RUN)
+
+
+def _run_width(n: int) -> int:
+    """Words each of :func:`_vector_runs`' loops copies."""
+    return n if n <= _WHOLE_ROW else _RUN
+
+
+def _run_start(part, n: int):
+    """The first word of run ``part`` of ``n`` (:func:`_vector_runs`)."""
+    return 0 if n <= _WHOLE_ROW else T.min(part * _RUN, n - _RUN)
+
+
 def phase_staging(geo: ConvGeometry, rows: int, fill: int = 0):
     """A macro ``stage(x, xs)`` filling ``xs[B, G*ceil(Cg/4), sh, sw, rows, Wq]`` (uint32) from the
     codes ``x[B, C, H, W]``: word ``xs[b, g*cgroups + cq, a_h, a_w, i, j]`` holds channels
@@ -91,12 +113,13 @@ def phase_staging(geo: ConvGeometry, rows: int, fill: int = 0):
         # Words of 4 consecutive channels for the valid columns of one staged row (none: a
         # phase of a narrow input that holds no input column).
         if n > 0 and 0 <= hq * sh + a_h - ph and hq * sh + a_h - ph < H:
-            for j in T.vectorized(n):
-                xs[b, cq, a_h, a_w, hq, lo + j] = (
-                    channel_byte(x, b, cq, 0, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
-                    | channel_byte(x, b, cq, 1, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
-                    | channel_byte(x, b, cq, 2, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw)
-                    | channel_byte(x, b, cq, 3, hq * sh + a_h - ph, (lo + j) * sw + a_w - pw))
+            for part in range(_vector_runs(n)):
+                for j in T.vectorized(_run_width(n)):
+                    xs[b, cq, a_h, a_w, hq, lo + _run_start(part, n) + j] = (
+                        channel_byte(x, b, cq, 0, hq * sh + a_h - ph, (lo + _run_start(part, n) + j) * sw + a_w - pw)
+                        | channel_byte(x, b, cq, 1, hq * sh + a_h - ph, (lo + _run_start(part, n) + j) * sw + a_w - pw)
+                        | channel_byte(x, b, cq, 2, hq * sh + a_h - ph, (lo + _run_start(part, n) + j) * sw + a_w - pw)
+                        | channel_byte(x, b, cq, 3, hq * sh + a_h - ph, (lo + _run_start(part, n) + j) * sw + a_w - pw))
 
     @T.macro
     def copy_row(x, xs, b, cq, slot, hq, pair):
@@ -159,9 +182,11 @@ def task_rows_staging(geo: ConvGeometry, rows: int, fill: int = 0):
         for j in T.vectorized(Wq):
             xt[(((cq * sh + pair[0]) * sw + pair[1]) * rows + i) * Wq + j] = T.uint32(fill * 0x01010101)
         if pair[3] > 0 and 0 <= (first + i) * sh + pair[0] - ph and (first + i) * sh + pair[0] - ph < H:
-            for j in T.vectorized(pair[3]):
-                xt[(((cq * sh + pair[0]) * sw + pair[1]) * rows + i) * Wq + pair[2] + j] = word(
-                    x, b, g, cq, (first + i) * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw)
+            for part in range(_vector_runs(pair[3])):
+                for j in T.vectorized(_run_width(pair[3])):
+                    xt[(((cq * sh + pair[0]) * sw + pair[1]) * rows + i) * Wq + pair[2] + _run_start(part, pair[3]) + j] = word(
+                        x, b, g, cq, (first + i) * sh + pair[0] - ph,
+                        (pair[2] + _run_start(part, pair[3]) + j) * sw + pair[1] - pw)
 
     @T.macro
     def stage_rows(x, xt, b, g, first):
