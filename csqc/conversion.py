@@ -332,6 +332,11 @@ def execution_order(model: nn.Module, names: Iterable[str], example_inputs) -> l
     ``nn.TransformerEncoderLayer``'s) decline on a hooked module, so the layers inside it run
     and are seen.
     """
+    return _execution_order(model, names, example_inputs)[0]
+
+
+def _execution_order(model: nn.Module, names: Iterable[str], example_inputs) -> tuple[list[str], list[str]]:
+    """:func:`execution_order`, and the ``names`` the pass never called."""
     names = list(names)
     wanted = set(names)
     seen: dict[str, int] = {}
@@ -357,7 +362,7 @@ def execution_order(model: nn.Module, names: Iterable[str], example_inputs) -> l
         for m, training in modes.items():
             m.training = training
     position = {n: i for i, n in enumerate(names)}
-    return sorted(names, key=lambda n: seen.get(n, len(seen) + position[n]))
+    return sorted(names, key=lambda n: seen.get(n, len(seen) + position[n])), [n for n in names if n not in seen]
 
 
 def _build(name: str, m: nn.Module, quantize_input: bool, o: "_Options") -> nn.Module:
@@ -440,10 +445,16 @@ def convert(
     chosen, left = _plan(model, set(skip))
     names = [name for name, _ in chosen]
     by_execution = example_inputs is not None and bool(names)
+    never_called: list[str] = []
     if by_execution:
-        names = execution_order(model, names, example_inputs)
+        names, never_called = _execution_order(model, names, example_inputs)
     first = names[0] if names else None
     notes = _tied_weights(model, chosen)
+    # a layer whose weight the model reads itself (Hugging Face's reference Mamba scan:
+    # F.conv1d(x, conv1d.weight), dt_proj.weight @ ...) computes with the quantized weight, in float
+    notes += [f"{name}: the model never calls it on example_inputs (it reads the weight itself, or skips the "
+              "layer): its quantized weight is used as a float tensor, with no activation quantization or "
+              "quantized kernel" for name in never_called]
     # build every replacement before installing any, so a refused layer leaves the model as it was
     replacements = [_build(name, m, name != first or quantize_first_input, o) for name, m in chosen]
     converted = []

@@ -312,6 +312,25 @@ def test_first_layer_is_the_first_executed_with_example_inputs():
     assert model.body[0].num_batches_tracked == 0  # the probing pass ran in eval mode
 
 
+class _ReadsItsWeight(nn.Module):
+    """Hugging Face's reference Mamba scan: ``dt_proj.weight`` used by hand, the layer never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.dt_proj, self.unused = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.linear(self.fc(x), self.dt_proj.weight)
+
+
+def test_a_layer_the_model_never_calls_is_reported_as_used_in_float():
+    model = csqc.convert(_ReadsItsWeight(), n_bits=3, act_bits=4, example_inputs=torch.randn(2, 6))
+    notes = csqc.conversion_report(model).notes
+    assert [n.split(":")[0] for n in notes if "never calls it" in n] == ["dt_proj", "unused"]
+    assert not any("never calls" in n for n in csqc.conversion_report(
+        csqc.convert(HeadFirst(), n_bits=4, act_bits=4, example_inputs=torch.randn(2, 1, 6, 6))).notes)
+
+
 def test_without_example_inputs_module_order_is_used_and_said():
     model = csqc.convert(HeadFirst(), n_bits=4, act_bits=4)
     assert model.fc.input_quant is None and model.stem.input_quant is not None
