@@ -347,8 +347,19 @@ def _execution_order(model: nn.Module, names: Iterable[str], example_inputs) -> 
                 seen[name] = len(seen)
         return hook
 
+    def calling(name: str, forward):
+        def recorded(*args, **kwargs):
+            record(name)(None, args)
+            return forward(*args, **kwargs)
+        return recorded
+
     modes = {m: m.training for m in model.modules()}
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()]
+    # the layers' own forward too, for as long as the pass runs: a model may call layer.forward(x),
+    # which no hook sees (an attribute of the instance, deleted after, shadows the class's method)
+    wrapped = [(name, m) for name, m in model.named_modules() if name in wanted and "forward" not in vars(m)]
+    for name, m in wrapped:
+        m.forward = calling(name, m.forward)
     try:
         model.eval()
         _call(model, example_inputs)
@@ -359,6 +370,8 @@ def _execution_order(model: nn.Module, names: Iterable[str], example_inputs) -> 
     finally:
         for h in hooks:
             h.remove()
+        for _, m in wrapped:
+            del m.forward
         for m, training in modes.items():
             m.training = training
     position = {n: i for i, n in enumerate(names)}

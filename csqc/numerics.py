@@ -253,8 +253,8 @@ def erf(x: np.ndarray) -> np.ndarray:
 
     with np.errstate(invalid="ignore"):  # (a signaling NaN's cast)
         x64 = np.asarray(x, F32).astype(np.float64)
-        y = erf64(x64)
-        out = y.astype(F32)
+        y = np.asarray(erf64(x64))  # (SciPy gives a 0-d input back as a scalar)
+        out = np.array(y.astype(F32))
         margin = np.abs(y) * _ERF_BAND
         near = (y - margin).astype(F32) != (y + margin).astype(F32)
     if near.any():

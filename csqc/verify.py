@@ -967,18 +967,21 @@ def verify(
             if size not in by_size:
                 by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
             golden_graph = ctx.graph("integer", size)
-            golden_run = next(rt for rt in by_size[size] if rt.name == GOLDEN).run(chunk)
+            # every run gets the batch afresh: a model that writes its input in place (x.mul_(2))
+            # would otherwise hand the runtimes after it another input than the golden run's
+            golden_run = next(rt for rt in by_size[size] if rt.name == GOLDEN).run(_fresh(chunk))
             if can_force and forcing is None:
                 forcing = ForcedRun.for_model(getattr(ctx.model, "module", None), golden_graph, rtol)
                 can_force = forcing is not None
             if forcing is not None:
-                forced_outputs.append(forcing.run([_as_input(x) for x in chunk], golden_run.record))
+                forced_outputs.append(forcing.run([_as_input(x) for x in _fresh(chunk)], golden_run.record))
+            golden_run.record = None  # (every value of the model: only the forced run reads it)
             golden = golden_run.tensors
             for rt in by_size[size]:
                 # each runtime is checked as soon as it ran and its tensors dropped: a large model's
                 # per-layer tensors are GBs a runtime (MaxViT-T: 0.5-0.7), so holding every
                 # runtime's at once multiplied the peak
-                result = golden_run if rt.name == GOLDEN else rt.run(chunk)
+                result = golden_run if rt.name == GOLDEN else rt.run(_fresh(chunk))
                 outputs.setdefault(rt.name, []).append(result.outputs)
                 if rt.name != GOLDEN and result.tensors:
                     tensors = result.tensors
@@ -1070,6 +1073,11 @@ def verify(
     finally:
         if art is not None and art.close is not None:
             art.close()  # a remote server serves one session at a time
+
+
+def _fresh(chunk: list) -> list:
+    """A copy of a batch's arrays for one run."""
+    return [np.array(x, copy=True) for x in chunk]
 
 
 def check_batch_first(model: CsqcModel, what: str) -> None:

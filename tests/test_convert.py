@@ -318,15 +318,17 @@ class _ReadsItsWeight(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc, self.dt_proj, self.unused = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 6)
 
     def forward(self, x):
-        return F.linear(self.fc(x), self.dt_proj.weight)
+        return self.out.forward(F.linear(self.fc(x), self.dt_proj.weight))  # (.forward: no hook sees it)
 
 
 def test_a_layer_the_model_never_calls_is_reported_as_used_in_float():
     model = csqc.convert(_ReadsItsWeight(), n_bits=3, act_bits=4, example_inputs=torch.randn(2, 6))
     notes = csqc.conversion_report(model).notes
     assert [n.split(":")[0] for n in notes if "never calls it" in n] == ["dt_proj", "unused"]
+    assert "forward" not in vars(model.out) and isinstance(model.out.input_quant, nn.Module)
     assert not any("never calls" in n for n in csqc.conversion_report(
         csqc.convert(HeadFirst(), n_bits=4, act_bits=4, example_inputs=torch.randn(2, 1, 6, 6))).notes)
 

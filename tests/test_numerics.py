@@ -88,3 +88,5 @@ def test_erf_agrees_with_math_erf_across_its_curved_range():
     x = np.concatenate([x, np.float32(1e-30) * x, np.nextafter(x, np.float32(np.inf))])
     assert np.array_equal(numerics.erf(x), _MATH_ERF(x.astype(np.float64)).astype(np.float32))
     assert numerics.erf(np.zeros((0, 3), np.float32)).shape == (0, 3)
+    for scalar in (np.nan, 0.5, -np.inf):  # 0-d, NaN taking the one-by-one path
+        np.testing.assert_array_equal(numerics.erf(np.array(scalar, np.float32)), np.float32(math.erf(scalar)))

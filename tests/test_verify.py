@@ -212,3 +212,31 @@ def test_top1_counts_a_row_tied_within_the_exact_tolerance_as_agreeing():
     pair, = _compare_pairs(["pytorch", "interpreter:integer"], {"pytorch": [[tied]], "interpreter:integer": [[far]]},
                            1e-4, 1e-4, None)
     assert pair.top1_agreement == 0.5
+
+
+class _ScalesItsInputInPlace(torch.nn.Module):
+    """``x /= 255`` style preprocessing: the model writes the array it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_every_runtime_gets_the_batch_as_it_was_given(tmp_path):
+    """PyTorch (and the forced-code pass) run on the batch's own memory: a model that writes its
+    input must not hand the runtimes after it another input than the golden run had."""
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_ScalesItsInputInPlace().eval(), n_bits=3, act_bits=4))
+    path = csqc.save(model, tmp_path / "m.pt", torch.rand(1, 16))
+    artifact = csqc.compile(csqc.load(path), "llvm", tmp_path / "m.so").output
+    inputs = np.random.default_rng(0).random((6, 16), dtype=np.float32)
+    given = inputs.copy()
+    report = verify(csqc.load(path), inputs=[inputs], artifact=str(artifact), per_layer=True)
+    assert report.ok and report.accumulators_exact and not report.notes
+    same_order = next(p for p in report.pairs if p.b == "interpreter:default")  # the golden run's float order
+    assert same_order.max_abs_error == 0
+    np.testing.assert_array_equal(inputs, given)
