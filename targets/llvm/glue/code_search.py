@@ -195,24 +195,34 @@ def _emit_dynamic_code_search(shape, channel_axis, acc_flat, extremes, named, co
         proved = _local((blocks * LANES,), "int32")
         with I.vectorized(entries, lanes) as k:
             I.buffer_store(thresholds, tirx.const(NO_STEP, "int32"), [k])
+        # each entry's estimate, then the three codes that prove it, then its threshold: the
+        # codes in one loop over the probes (the chain written once, not three times an entry:
+        # TVM took seconds over the expressions, ~2 s of a MobileNetV2 layer's build)
+        estimates = _local((blocks * LANES,), "int32")
+        for block in range(blocks):
+            with I.vectorized(0, LANES) as lane:
+                level = lowest + 1 + block * LANES + lane
+                estimate = _fma(tirx.Cast(F32, level) - _f32(0.5), lines[c], lines[channels + c])
+                estimate = tirx.Select(flip != 0, _f32(-1.0) - estimate, estimate)
+                # kept in the row (a NaN or an overflow converts to some int32: still proved or refused)
+                I.buffer_store(estimates, tirx.max(tirx.min(_round_to_int(estimate), s_max), s_min),
+                               [block * LANES + lane])
+        codes = _local((3 * blocks * LANES,), "int32")  # code(t0 - 1), code(t0), code(t0 + 1) of each entry
+        with I.serial(0, 3 * blocks) as probe:
+            with I.vectorized(0, LANES) as lane:
+                # the code at s, taken as below every level left of the row and above right of it
+                s = estimates[tirx.floormod(probe, blocks) * LANES + lane] + tirx.floordiv(probe, blocks) - 1
+                inside = code_of(tirx.max(tirx.min(s, s_max), s_min), c)
+                I.buffer_store(codes, tirx.Select(s < s_min, zero - beyond, tirx.Select(s > s_max, beyond, inside)),
+                               [probe * LANES + lane])
         for block in range(blocks):
             with I.vectorized(0, LANES) as lane:
                 k = block * LANES + lane
                 level = lowest + 1 + k
-                estimate = _fma(tirx.Cast(F32, level) - _f32(0.5), lines[c], lines[channels + c])
-                estimate = tirx.Select(flip != 0, _f32(-1.0) - estimate, estimate)
-                # kept in the row (a NaN or an overflow converts to some int32: still proved or refused)
-                t0 = tirx.max(tirx.min(_round_to_int(estimate), s_max), s_min)
-
-                def code(s):
-                    """The code at s, taken as below every level left of the row and above right of it."""
-                    inside = code_of(tirx.max(tirx.min(s, s_max), s_min), c)
-                    return tirx.Select(s < s_min, zero - beyond, tirx.Select(s > s_max, beyond, inside))
-
-                below, middle, above = code(t0 - 1), code(t0), code(t0 + 1)
+                below, middle, above = (codes[d * blocks * LANES + k] for d in range(3))
                 in_use = k < entries
                 I.buffer_store(thresholds, tirx.Select(
-                    in_use, t0 - 1 + tirx.Cast("int32", middle < level), tirx.const(NO_STEP, "int32")), [k])
+                    in_use, estimates[k] - 1 + tirx.Cast("int32", middle < level), tirx.const(NO_STEP, "int32")), [k])
                 I.buffer_store(proved, tirx.Cast("int32", tirx.Or(tirx.Not(in_use),
                                                                    tirx.And(below < level, above >= level))), [k])
         ok = _local((1,), "int32")
@@ -325,6 +335,9 @@ def _row_line(thresholds, entries: int, s_min, s_max, slope, lowest: int):
     below, n = fields[0], fields[1]
     for k in range(2, 8):  # no step inside the row: g = 0 everywhere, the code (the base)
         I.buffer_store(fields, tirx.const(0, "int32"), [k])
+    # a try's M and its range of B, kept in locals: written out, TVM's buffer-region analysis took
+    # 0.7 s over them in each dynamic-search kernel
+    tries = _local((3,), "int32")
     kind = _local((1,), "int32")
     I.buffer_store(kind, tirx.Select(n == 0, tirx.const(_EXACT, "int32"), tirx.const(0, "int32")), [0])
     with I.If(n > 0):
@@ -371,15 +384,18 @@ def _row_line(thresholds, entries: int, s_min, s_max, slope, lowest: int):
                                         with I.Then():
                                             # the start, then one above, one below, two above, ...
                                             step = tirx.floordiv(k + 1, 2) * (2 * tirx.floormod(k, 2) - 1)
-                                            m = tirx.Max(tirx.Min(fields[8] + step, 2**15 - 1), 1)
+                                            I.buffer_store(tries, tirx.Max(tirx.Min(fields[8] + step, 2**15 - 1), 1),
+                                                           [0])
+                                            m = tries[0]
                                             h0 = tirx.shift_right(vectors[1] * splat(m), splat(16))
                                             h1 = tirx.shift_right(vectors[2] * splat(m), splat(16))
-                                            b_lo = tirx.Max(reduce("smax", tirx.Select(
-                                                inside, tirx.shift_left(reach, splat(r)) - h1, splat(-_FAR))), 0)
-                                            b_hi = tirx.Min(tirx.Min(reduce("smin", tirx.Select(
+                                            I.buffer_store(tries, tirx.Max(reduce("smax", tirx.Select(
+                                                inside, tirx.shift_left(reach, splat(r)) - h1, splat(-_FAR))), 0), [1])
+                                            I.buffer_store(tries, tirx.Min(tirx.Min(reduce("smin", tirx.Select(
                                                 inside, tirx.shift_left(j + splat(1), splat(r)) - h0, splat(_FAR))) - 1,
                                                 tirx.shift_left(1, r) - 1),
-                                                tirx.shift_left(n + 1, r) - tirx.shift_right(top * m, 16) - 1)
+                                                tirx.shift_left(n + 1, r) - tirx.shift_right(top * m, 16) - 1), [2])
+                                            b_lo, b_hi = tries[1], tries[2]
                                             with I.If(b_lo <= b_hi):
                                                 with I.Then():
                                                     I.buffer_store(fields, m, [6])
