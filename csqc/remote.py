@@ -235,9 +235,9 @@ class RemoteModel(CompiledModel):
                 raise
             raise BadInput(f"lost the session with {self.address} while {doing} ({error_text(e)})") from None
 
-    def __call__(self, *inputs, skip_planes=0, record: dict | None = None):
+    def __call__(self, *inputs, skip_planes=0, record: dict | None = None, record_names=None):
         with self._session_guard("running the model"):
-            return super().__call__(*inputs, skip_planes=skip_planes, record=record)
+            return super().__call__(*inputs, skip_planes=skip_planes, record=record, record_names=record_names)
 
     def time_us(self, *inputs, repeat: int = 50, skip_planes=0) -> float:
         """The run time in microseconds on the remote device: the sum over the plan's kernels of

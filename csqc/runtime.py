@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -718,20 +718,22 @@ class CompiledModel:
                            f"got {int(x.min())}..{int(x.max())}")
         return x
 
-    def __call__(self, *inputs, skip_planes: int | Mapping[str, int] = 0, record: dict | None = None):
+    def __call__(self, *inputs, skip_planes: int | Mapping[str, int] = 0, record: dict | None = None,
+                 record_names: Collection[str] | None = None):
         """Run the model; returns one array, or a list when the model has several outputs.
 
         ``skip_planes`` drops that many least significant weight planes per layer (or per
         named layer, with a dict): less work, less accuracy, no recompilation. With
-        ``record`` (a dict), every intermediate buffer is copied into it by name.
+        ``record`` (a dict), every intermediate buffer is copied into it by name, or only those
+        of ``record_names`` (a large model's buffers together can be gigabytes).
 
         Calls from several threads run one at a time (each returns arrays of its own); load
         the artifact once per thread to run them in parallel.
         """
         with self._lock:
-            return self._call(inputs, skip_planes, record)
+            return self._call(inputs, skip_planes, record, record_names)
 
-    def _call(self, inputs: tuple, skip_planes, record: dict | None):
+    def _call(self, inputs: tuple, skip_planes, record: dict | None, record_names: Collection[str] | None = None):
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
         small = self._small_call
@@ -779,7 +781,7 @@ class CompiledModel:
         if record is None:
             self._run_kernels(calls, threads, self.call_choice if timed else None)
         else:
-            self._run_recording(skips, threads, record)
+            self._run_recording(skips, threads, record, record_names)
         if fresh:
             pass  # the kernels wrote into the arrays returned
         elif self._host:
@@ -789,13 +791,16 @@ class CompiledModel:
         self._check_overflow(outs, in_block=not fresh and self._outputs_in_block)
         return outs[0] if len(outs) == 1 else outs
 
-    def _run_recording(self, skips: tuple, threads: int | None, record: dict) -> None:
-        """Run the steps one at a time and copy into ``record`` every buffer (less weights), with
-        the views of its memory, as the last step naming that memory leaves it: its final value,
-        though a later step may reuse the memory (a shared pool, see targets.tvm.memory)."""
+    def _run_recording(self, skips: tuple, threads: int | None, record: dict,
+                       names: Collection[str] | None = None) -> None:
+        """Run the steps one at a time and copy into ``record`` every buffer (less weights), or
+        those of ``names``, with the views of its memory, as the last step naming that memory
+        leaves it: its final value, though a later step may reuse the memory (a shared pool, see
+        targets.tvm.memory)."""
         specs = self.plan["buffers"]
-        kept = [name for name, spec in specs.items()
-                if spec["kind"] not in ("weight", "derived") or name in self._recorded_derived]
+        wanted = set(specs) if names is None else set(names)
+        kept = [name for name, spec in specs.items() if name in wanted
+                and (spec["kind"] not in ("weight", "derived") or name in self._recorded_derived)]
         memory: dict[str, list[str]] = {}  # root -> the recorded buffers on its memory
         for name in kept:
             memory.setdefault(self._root(name), []).append(name)
@@ -1000,7 +1005,7 @@ def profile_steps(model: CompiledModel, *inputs, repeat: int = 20) -> list[StepT
     with model._lock:
         # copies the inputs into the model's buffers, which the steps read (a recording run never
         # reads them where the caller keeps them), and prepares derived weights
-        model(*inputs, record={})
+        model(*inputs, record={}, record_names=())
         calls = model._calls(())
         samples = np.zeros((repeat, len(calls)))
         with model._thread_limit():  # on the threads a call runs on

@@ -128,6 +128,25 @@ def test_shared_memory_computes_and_records_what_memory_of_its_own_does(both_way
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_a_recording_of_named_buffers_holds_those_as_the_full_one_does(both_ways):
+    """``record_names``: only those buffers copied (verify reads a few of a large model's), each
+    as the full recording has it, pooled ones included; none with an empty list."""
+    shared, _ = both_ways
+    x = np.random.default_rng(2).random((1, 3, 16, 16), dtype=np.float32)
+    full = {}
+    shared(x, record=full)
+    pooled = [n for n, b in shared.plan["buffers"].items() if "pool" in b or "alias" in b]
+    names = sorted(full)[::3] + pooled[:2] + ["not a buffer"]
+    some = {}
+    np.testing.assert_array_equal(shared(x, record=some, record_names=names), shared(x))
+    assert set(some) == set(names) & set(full) and set(pooled[:2]) <= set(some)
+    for name in some:
+        np.testing.assert_array_equal(some[name], full[name], err_msg=name)
+    nothing = {}
+    shared(x, record=nothing, record_names=())
+    assert nothing == {}
+
+
 def test_calls_are_timed_on_the_pools_and_on_private_memory_with_the_same_results(both_ways, monkeypatch):
     """Which of shared pools and private memory is faster is the machine's state (csqc.call_choice):
     a trial runs the common call both ways. Private memory is other memory than the pools,

@@ -57,9 +57,10 @@ def main():
     while (request := read_message(sys.stdin.buffer)) is not None:
         try:
             with np.load(io.BytesIO(request), allow_pickle=False) as npz:
-                inputs = [npz[f"input{i}"] for i in range(len(npz.files))]
+                inputs = [npz[f"input{i}"] for i in range(sum(f.startswith("input") for f in npz.files))]
+                names = [str(n) for n in npz["record_names"]] if "record_names" in npz.files else None
             record = {}
-            outputs = model(*inputs, record=record)
+            outputs = model(*inputs, record=record, record_names=names)
             outputs = outputs if isinstance(outputs, list) else [outputs]
             arrays = {f"output{i}": y for i, y in enumerate(outputs)}
             arrays.update({f"record/{name}": v for name, v in record.items()})

@@ -78,7 +78,8 @@ class EmulatedModel:
     """An aarch64 artifact served by an emulated process, with ``CompiledModel``'s call API.
 
     ``model(*inputs, record=dict)`` returns the outputs (one array or a list) and fills
-    ``record`` with every intermediate buffer, like ``csqc.runtime.CompiledModel``.
+    ``record`` with every intermediate buffer (or those of ``record_names``), like
+    ``csqc.runtime.CompiledModel``.
     """
 
     def __init__(self, path: str | os.PathLike, *, sysroot: Path | None = None, threads: int = 1):
@@ -127,13 +128,16 @@ class EmulatedModel:
             raise (BadInput if kind in ("BadInput", "UnsupportedOps") else CsqcError)(f"under emulation: {message}")
         return payload
 
-    def __call__(self, *inputs, record: dict | None = None):
+    def __call__(self, *inputs, record: dict | None = None, record_names=None):
         if not self._shut_down.alive:
             raise CsqcError(f"{self.path}: the emulated model was closed; load it again")
         if len(inputs) == 1 and isinstance(inputs[0], (list, tuple)):
             inputs = tuple(inputs[0])
         request = io.BytesIO()
-        np.savez(request, **{f"input{i}": np.asarray(x) for i, x in enumerate(inputs)})
+        # what to record: none, the names given, or every buffer (no entry)
+        wanted = {} if record_names is None else {"record_names": np.array(sorted(record_names), dtype=str)}
+        np.savez(request, **{f"input{i}": np.asarray(x) for i, x in enumerate(inputs)},
+                 **(wanted if record is not None else {"record_names": np.array([], dtype=str)}))
         data = request.getvalue()
         try:
             self._process.stdin.write(struct.pack("<Q", len(data)) + data)
