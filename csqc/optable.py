@@ -415,7 +415,7 @@ _DEFS = [
                                            "n_bits": Attr("int", 0)},
         sign=_keeps_sign, evaluate=lambda n, a: np.array(np.broadcast_to(a[0], n.type.shape), dtype=F32),
         torch=lambda n, a: a[0].expand(n.type.shape).contiguous(), tvm="expand",
-        doc="broadcast to the node's shape (also a folded zero-plane layer's constant output)"),
+        doc="broadcast to the node's shape (also broadcast_to, a folded zero-plane layer's constant output)"),
     # pooling and reductions
     _op("max_pool2d", (1, 1), _pool, attrs={"kernel": _INTS2, "stride": _INTS2, "padding": _INTS2,
                                             "dilation": Attr("ints", (1, 1), length=2), "ceil_mode": Attr("bool", False)},
@@ -444,7 +444,7 @@ _DEFS = [
     _op("amax", (1, 1), _mean, attrs={"dims": Attr("ints"), "keepdim": Attr("bool", False)}, sign=_keeps_sign,
         evaluate=lambda n, a: np.asarray(a[0], F32).max(axis=tuple(n.attr("dims")), keepdims=n.attr("keepdim")),
         torch=lambda n, a: a[0].amax(dim=n.attr("dims"), keepdim=n.attr("keepdim")), tvm="amax",
-        doc="max over axes (also max(dim)'s values, log_softmax)"),
+        doc="max over axes (also max(dim)'s values, amin and min(dim)'s as -amax(-x), log_softmax, logsumexp)"),
     _op("softmax", (1, 1), _axis_of, attrs={"axis": Attr("int")}, sign=_always_nonneg,
         evaluate=lambda n, a: num.softmax(a[0], n.attr("axis")),
         torch=lambda n, a: T.softmax(a[0], n.attr("axis")), tvm="softmax", doc="softmax along one axis"),
@@ -463,18 +463,20 @@ _DEFS = [
     # data movement
     _op("reshape", (1, 1), _reshape, sign=_keeps_sign,
         evaluate=lambda n, a: np.ascontiguousarray(a[0]).reshape(n.type.shape),
-        torch=lambda n, a: a[0].reshape(n.type.shape), tvm="reshape", doc="view, flatten, (un)squeeze"),
+        torch=lambda n, a: a[0].reshape(n.type.shape), tvm="reshape",
+        doc="view, flatten, (un)squeeze, view_as, reshape_as"),
     _op("permute", (1, 1), _permute, attrs={"dims": Attr("ints")}, sign=_keeps_sign,
         evaluate=lambda n, a: np.ascontiguousarray(np.transpose(a[0], n.attr("dims"))),
         torch=lambda n, a: a[0].permute(n.attr("dims")), tvm="permute",
-        doc="permute, transpose, swapaxes (also einsum of one operand)"),
+        doc="permute, transpose, swapaxes, movedim, x.T, x.mT (also einsum of one operand)"),
     _op("cat", (1, 64), _cat, attrs={"axis": Attr("int")}, sign=_keeps_sign,
         evaluate=lambda n, a: np.concatenate(a, axis=n.attr("axis")),
         torch=lambda n, a: T.cat(a, n.attr("axis")), tvm="cat", doc="concatenate (also stack, roll, pad in every mode)"),
     _op("slice", (1, 1), _slice, attrs={"axis": Attr("int"), "start": Attr("int"), "end": Attr("int")},
         sign=_keeps_sign, evaluate=lambda n, a: num.slice_axis(a[0], n.attr("axis"), n.attr("start"), n.attr("end")),
         torch=lambda n, a: a[0].narrow(n.attr("axis"), n.attr("start"), n.attr("end") - n.attr("start")),
-        tvm="slice", doc="x[start:end] along one axis (also split, chunk, select, unbind, strided slices, roll)"),
+        tvm="slice",
+        doc="x[start:end] along one axis (also split, chunk, tensor_split, select, unbind, strided slices, roll, diff)"),
 ]
 
 OP_TABLE: Mapping[str, OpDef] = MappingProxyType({d.name: d for d in _DEFS})

@@ -508,6 +508,56 @@ def test_erf_sign_norms_and_cosine_similarity_match_pytorch(f, ops, tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7 * max(1.0, float(np.abs(expected).max())))
 
 
+@pytest.mark.parametrize("f", [
+    lambda x: x[0].T, lambda x: x.mT, lambda x: x.mH, lambda x: x.adjoint(), lambda x: x[1].H,
+    lambda x: x.movedim(2, 0), lambda x: x[:, None].movedim((1, 3), (3, 0)), lambda x: torch.moveaxis(x, 0, -1),
+    lambda x: x.view_as(x.mT.mT), lambda x: x[:, :1].reshape_as(torch.zeros(2, 7)), lambda x: x[:, :1].squeeze(),
+    lambda x: x[:, :1, None].squeeze((1, 2)), lambda x: x[:, :1].broadcast_to(2, 5, 7),
+    lambda x: x.tensor_split(3, 2)[0][..., :2] + x.tensor_split(3, 2)[2],
+    lambda x: torch.cat(x.tensor_split([1, -2], 1)[::-1], 1),
+    lambda x: x.triu(), lambda x: x.tril(-1), lambda x: x.triu(2),
+    lambda x: x.amin(1), lambda x: x.min(dim=2, keepdim=True).values - x, lambda x: x.amin((0, 2), keepdim=True),
+], ids=["T", "mT", "mH", "adjoint", "H", "movedim", "movedim_list", "moveaxis", "view_as", "reshape_as", "squeeze",
+        "squeeze_dims", "broadcast_to", "tensor_split", "tensor_split_indices", "triu", "tril_below", "triu_above",
+        "amin", "min_dim", "amin_keepdim"])
+def test_views_and_selections_torch_export_keeps_as_ops_are_exact(f, tmp_path):
+    """Views, triangles and minima torch.export keeps as their own ops: composed of the IR's
+    permutes, reshapes, slices, masks and maxima, bit for bit torch's."""
+    x = (np.random.default_rng(3).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    with torch.no_grad():
+        expected = f(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: torch.diff(x), lambda x: torch.diff(x, n=2, dim=1), lambda x: torch.outer(x[0, 0], x[1, 2]),
+    lambda x: torch.lerp(x, x.flip(2), 0.25), lambda x: torch.lerp(x, x * 3 - 1, 0.75),
+    lambda x: torch.addcmul(x, x, x.flip(1), value=0.5), lambda x: torch.addcdiv(x, x, x.abs() + 1, value=-2),
+    lambda x: torch.logsumexp(x, 2), lambda x: torch.logsumexp(x, (1, 2), keepdim=True),
+    lambda x: torch.var_mean(x, 2)[0] + torch.var_mean(x, 2)[1],
+    lambda x: torch.std_mean(x, (1, 2), keepdim=True, correction=0)[1] * torch.std_mean(x, 1, keepdim=True)[0],
+], ids=["diff", "diff2", "outer", "lerp", "lerp_past_half", "addcmul", "addcdiv", "logsumexp", "logsumexp_keepdim",
+        "var_mean", "std_mean"])
+def test_arithmetic_torch_export_keeps_as_ops_matches_pytorch(f, tmp_path):
+    """Differences, lerps, products and reductions as IR arithmetic: in torch's order (lerp's
+    two forms), sums as mean times count (one rounding more)."""
+    x = (np.random.default_rng(4).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    _compare(Lambda(f), g, x, rtol=3e-6)
+
+
+@pytest.mark.parametrize("f, why", [
+    (lambda x: x.min(dim=1).indices.float(), r"min\(dim\) indices are used \(argmin\)"),
+    (lambda x: x.tensor_split([2, 9], 1)[1], "tensor_split with an empty piece"),
+    (lambda x: torch.diff(x, dim=1, prepend=x[:, :1]), "diff with prepend or append"),
+], ids=["argmin", "empty_piece", "diff_prepend"])
+def test_forms_of_those_ops_it_does_not_translate_are_named(f, why, tmp_path):
+    with pytest.raises(UnsupportedOps, match=why):
+        _captured(Lambda(f), (2, 5, 7), tmp_path)
+
+
 def test_vector_norms_of_other_orders_are_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedOps, match=r"a vector norm of order 3 \(only 1, 2, inf and -inf\)"):
         _captured(Lambda(lambda x: x.norm(p=3, dim=1)), (2, 5), tmp_path)

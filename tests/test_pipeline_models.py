@@ -310,11 +310,32 @@ class TimestepDenoiser(torch.nn.Module):
         return self.head(self.body(x[:, 1:]) + t)
 
 
+class ExportedOpsNet(torch.nn.Module):
+    """Ops torch.export keeps as their own between CSQ linears: ``x.mT``, ``triu`` of computed
+    scores, ``movedim``, ``tensor_split``, ``diff``, ``min(dim)``, ``logsumexp``, ``var_mean``,
+    ``lerp`` and ``addcmul``."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.proj, self.mix, self.head = nn.Linear(8, 8), nn.Linear(6, 6), nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = self.proj(x)
+        h = self.mix(((h @ h.mT).triu() / 8).movedim(1, 2))
+        a, b = h.tensor_split(2, 2)
+        v, mu = torch.var_mean(h, 2)
+        mixed = torch.lerp(b.min(dim=1).values, torch.logsumexp(a, 1), 0.3)
+        return self.head(torch.cat([torch.diff(a, dim=1).flatten(1), mixed, torch.addcmul(v, mu, mu, value=0.5)], 1))
+
+
 @pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32)),
                                             (smooth_activation_net, (1, 3, 16, 16)),
                                             (MaxPooledClassifier, (1, 3, 12, 12)),
-                                            (PrototypeClassifier, (1, 3, 12, 12)), (TimestepDenoiser, (1, 9))],
-                         ids=["normalized", "sequence", "smooth", "max_pooled", "prototypes", "timesteps"])
+                                            (PrototypeClassifier, (1, 3, 12, 12)), (TimestepDenoiser, (1, 9)),
+                                            (ExportedOpsNet, (1, 6, 8))],
+                         ids=["normalized", "sequence", "smooth", "max_pooled", "prototypes", "timesteps",
+                              "exported_ops"])
 def test_composed_layers_compile_and_verify_exactly(factory, shape, tmp_path):
     torch.manual_seed(0)
     model = csqc.finalize(csqc.convert(factory().eval(), n_bits=4, act_bits=4))

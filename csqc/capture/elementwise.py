@@ -349,7 +349,76 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
         raise _Unsupported("masked_fill with NaN")
     if abs(value) == float("inf"):  # as attention's masks: the largest finite value of that sign (parameters
         value = float(np.copysign(np.finfo(np.float32).max, value))  # are finite; softmax gives the same)
-    keep = ctx.param(_base(fx, "masked_fill.keep"), np.where(where, 0.0, 1.0).astype(np.float32))
-    fill = ctx.param(_base(fx, "masked_fill.fill"), np.where(where, np.float32(value), 0.0).astype(np.float32))
-    kept = _typed(ctx, fx, "mul", [ctx.value(x), keep], shape, "masked_fill.kept")
-    return ctx.emit(fx, "add", [kept, fill], base=_base(fx, "masked_fill"))
+    return _filled_where(ctx, fx, ctx.value(x), shape, where, value, "masked_fill")
+
+
+def _filled_where(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, where: np.ndarray, value: float, what: str) -> str:
+    """``x`` with ``value`` where the constant ``where`` is true, as ``x * keep + fill`` (see :func:`_masked_fill`)."""
+    keep = ctx.param(_base(fx, f"{what}.keep"), np.where(where, 0.0, 1.0).astype(np.float32))
+    fill = ctx.param(_base(fx, f"{what}.fill"), np.where(where, np.float32(value), 0.0).astype(np.float32))
+    kept = _typed(ctx, fx, "mul", [xv, keep], shape, f"{what}.kept")
+    return ctx.emit(fx, "add", [kept, fill], base=_base(fx, what))
+
+
+def _triangle(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``triu(x, k)`` / ``tril(x, k)`` of the model's values: zero outside the triangle of the last
+    two axes, a constant mask applied as :func:`_masked_fill` applies one (exact for finite x)."""
+    x = fx.args[0]
+    if _type_of(x).dtype != "float32":
+        raise _Unsupported(f"{fx.target.__name__.split('.')[0]} of {_type_of(x).dtype} values")
+    shape, k = _shape_of(x), int(_arg(fx, 1, "diagonal", 0))
+    rows, cols = shape[-2:]
+    inside = np.triu(np.ones((rows, cols), bool), k) if fx.target == _aten.triu.default else \
+        np.tril(np.ones((rows, cols), bool), k)
+    return _filled_where(ctx, fx, ctx.value(x), shape, ~inside, 0.0, fx.target.__name__.split(".")[0])
+
+
+def _difference(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``diff(x, n, dim)``: ``x[1:] - x[:-1]`` along ``dim``, ``n`` times (torch's own order)."""
+    if _arg(fx, 3, "prepend", None) is not None or _arg(fx, 4, "append", None) is not None:
+        raise _Unsupported("diff with prepend or append (concatenate them first)")
+    shape = _shape_of(fx.args[0])
+    times, axis = int(_arg(fx, 1, "n", 1)), int(_arg(fx, 2, "dim", -1)) % len(shape)
+    if not 1 <= times < shape[axis]:
+        raise _Unsupported(f"diff {times} times along an axis of {shape[axis]}")
+    xv = ctx.value(fx.args[0])
+    for step in range(times):
+        size = shape[axis]
+        later, earlier = (_slice_value(ctx, fx, xv, shape, axis, start, start + size - 1) for start in (1, 0))
+        shape = shape[:axis] + (size - 1,) + shape[axis + 1:]
+        xv = ctx.emit(fx, "sub", [later, earlier], base=_base(fx, "diff")) if step == times - 1 else \
+            _typed(ctx, fx, "sub", [later, earlier], shape, f"diff{step}")
+    return xv
+
+
+def _outer(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``outer(a, b)``: ``a[:, None] * b[None, :]``."""
+    a, b = fx.args[:2]
+    (m,), (n,) = _shape_of(a), _shape_of(b)
+    column = _typed(ctx, fx, "reshape", [ctx.value(a)], (m, 1), "outer.column")
+    row = _typed(ctx, fx, "reshape", [ctx.value(b)], (1, n), "outer.row")
+    return ctx.emit(fx, "mul", [column, row], base=_base(fx, "outer"))
+
+
+def _interpolated(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``lerp(a, b, w)`` of a number ``w`` (``lerp.Scalar``), in torch's two forms: ``a + w * (b - a)`` for
+    ``|w| < 0.5``, else ``b - (b - a) * (1 - w)``."""
+    a, b, weight = fx.args[:3]
+    shape, weight = _type_of(fx).shape, float(weight)
+    av, bv = ctx.value(a), ctx.value(b)
+    step = _typed(ctx, fx, "sub", [bv, av], np.broadcast_shapes(_shape_of(a), _shape_of(b)), "lerp.step")
+    if abs(weight) < 0.5:
+        part = _typed(ctx, fx, "mul", [_scalar(ctx, fx, weight, "lerp.weight"), step], shape, "lerp.part")
+        return ctx.emit(fx, "add", [av, part], base=_base(fx, "lerp"))
+    part = _typed(ctx, fx, "mul", [step, _scalar(ctx, fx, 1.0 - weight, "lerp.rest")], shape, "lerp.part")
+    return ctx.emit(fx, "sub", [bv, part], base=_base(fx, "lerp"))
+
+
+def _add_product(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``addcmul(x, a, b, value=v)`` / ``addcdiv``: ``x + (v * a) * b`` (``/ b``), torch's order."""
+    x, a, b = fx.args[:3]
+    value = _arg(fx, 3, "value", 1)
+    op = "div" if fx.target == _aten.addcdiv.default else "mul"
+    scaled = _typed(ctx, fx, "mul", [_scalar(ctx, fx, float(value), "value"), ctx.value(a)], _shape_of(a), "scaled")
+    term = _typed(ctx, fx, op, [scaled, ctx.value(b)], np.broadcast_shapes(_shape_of(a), _shape_of(b)), "term")
+    return ctx.emit(fx, "add", [ctx.value(x), term], base=_base(fx, fx.target.__name__.split(".")[0]))

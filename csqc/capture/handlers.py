@@ -11,22 +11,23 @@ import torch
 from .attention import _sdpa
 from .context import _arg, _aten, _base, _Ctx, _scalar
 from .elementwise import (
-    _absolute, _binary, _clip, _elu, _float_unary, _gelu, _glu, _leaky_relu, _log_sigmoid, _masked_fill, _maximum,
-    _mish, _negated, _pow, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _shrink, _sign, _softplus, _squared, _threshold)
+    _absolute, _add_product, _binary, _clip, _difference, _elu, _float_unary, _gelu, _glu, _interpolated, _leaky_relu,
+    _log_sigmoid, _masked_fill, _maximum, _mish, _negated, _outer, _pow, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub,
+    _shrink, _sign, _softplus, _squared, _threshold, _triangle)
 from .folding import _CONSTANT_ONLY, _constant_only
 from .layers import (
     _act_quant, _act_quant_asymmetric, _addmm, _batch_norm, _conv1d, _einsum, _embedding, _float_conv,
     _float_conv_convolution, _float_linear, _matmul, _quant_layer)
 from .reductions import (
-    _amax, _cosine_similarity, _group_norm, _layer_norm, _log_softmax, _mean, _softmax, _sum, _variance,
-    _vector_norm)
+    _amax, _amin, _cosine_similarity, _group_norm, _layer_norm, _log_softmax, _logsumexp, _mean, _softmax, _sum,
+    _variance, _vector_norm)
 from .resampling import (
     _adaptive_avg, _adaptive_avg1d, _adaptive_max, _max_pool_with_indices, _pool, _pool1d, _upsample_linear,
     _upsample_nearest)
 from .tensors import (
-    _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _getitem, _index, _index_select, _narrow, _no_op, _pad,
-    _passthrough, _permute, _pixel_shuffle, _repeat, _repeat_interleave, _reshape, _roll, _same_dtype, _select,
-    _slice, _split, _stack, _transpose, _unbind)
+    _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _getitem, _index, _index_select, _matrix_transpose,
+    _movedim, _narrow, _no_op, _pad, _passthrough, _permute, _pixel_shuffle, _repeat, _repeat_interleave, _reshape,
+    _reversed_axes, _roll, _same_dtype, _select, _slice, _split, _stack, _tensor_split, _transpose, _unbind)
 from .transposed import _conv_transpose, _quant_conv_transpose
 
 
@@ -233,4 +234,40 @@ HANDLERS.update({
     _aten.expand_as.default: _expand,
     _aten.repeat.default: _repeat,
     _aten.unflatten.int: _reshape,  # nn.MultiheadAttention splits its packed projection with it
+})
+
+
+# views and reductions torch.export keeps as their own ops (x.T, x.mT, movedim, view_as,
+# tensor_split, ...), each as the IR ops above compose it
+HANDLERS.update({
+    _aten.numpy_T.default: _reversed_axes,
+    _aten.mT.default: _matrix_transpose,
+    _aten.mH.default: _matrix_transpose,
+    _aten.adjoint.default: _matrix_transpose,
+    _aten.matrix_H.default: _matrix_transpose,
+    _aten.movedim.int: _movedim,
+    _aten.movedim.intlist: _movedim,
+    _aten.moveaxis.int: _movedim,
+    _aten.moveaxis.intlist: _movedim,
+    _aten.view_as.default: _reshape,
+    _aten.reshape_as.default: _reshape,
+    _aten.squeeze.default: _reshape,
+    _aten.squeeze.dims: _reshape,
+    _aten.broadcast_to.default: _expand,
+    _aten.tensor_split.sections: _tensor_split,
+    _aten.tensor_split.indices: _tensor_split,
+    _aten.diff.default: _difference,
+    _aten.outer.default: _outer,
+    _aten.triu.default: _triangle,
+    _aten.tril.default: _triangle,
+    _aten.lerp.Scalar: _interpolated,
+    _aten.addcmul.default: _add_product,
+    _aten.addcdiv.default: _add_product,
+    _aten.amin.default: _amin,
+    _aten.min.dim: _amin,
+    _aten.logsumexp.default: _logsumexp,
+    _aten.var_mean.dim: _variance,
+    _aten.var_mean.correction: _variance,
+    _aten.std_mean.dim: _variance,
+    _aten.std_mean.correction: _variance,
 })

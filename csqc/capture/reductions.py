@@ -102,12 +102,18 @@ def _amax(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``amax(x, dims, keepdim)``, and ``max(x, dim, keepdim)``'s values (its indices unused)."""
     if fx.target == _aten.max.dim and any(u.args[1] != 0 and u.users for u in fx.users):
         raise _Unsupported("max(dim) indices are used (argmax)")
+    dims, keep, _, out = _extreme_shapes(fx)
+    return ctx.emit(fx, "amax", [ctx.value(fx.args[0])], TensorType(out), {"dims": dims, "keepdim": keep})
+
+
+def _extreme_shapes(fx: torch.fx.Node) -> tuple[tuple[int, ...], bool, tuple[int, ...], tuple[int, ...]]:
+    """An ``amax`` / ``amin`` / ``max(dim)`` / ``min(dim)``'s dims, keepdim, input and output shapes."""
     dims = _reduce_dims(fx, _arg(fx, 1, "dim", None))
     keep = bool(_arg(fx, 2, "keepdim", False))
     shape = _shape_of(fx.args[0])
     out = tuple(1 if d in dims else n for d, n in enumerate(shape)) if keep else tuple(
         n for d, n in enumerate(shape) if d not in dims)
-    return ctx.emit(fx, "amax", [ctx.value(fx.args[0])], TensorType(out), {"dims": dims, "keepdim": keep})
+    return dims, keep, shape, out
 
 
 def _log_softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -126,13 +132,20 @@ def _log_softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "sub", [shifted, _typed(ctx, fx, "log", [total], kept, "log")], base=_base(fx, "log_softmax"))
 
 
-def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str:
+_CORRECTION_FORMS = frozenset({_aten.var.correction, _aten.std.correction, _aten.var_mean.correction,
+                               _aten.std_mean.correction})
+_STANDARD_DEVIATIONS = frozenset({_aten.std.dim, _aten.std.correction, _aten.std_mean.dim, _aten.std_mean.correction})
+_WITH_MEAN = frozenset({_aten.var_mean.dim, _aten.var_mean.correction, _aten.std_mean.dim, _aten.std_mean.correction})
+
+
+def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str | tuple[str, str]:
     """``var`` / ``std`` over dims with a correction (``unbiased``: 1) in two passes:
     ``d = x - mean(x)``, ``mean(d * d) * (N / (N - correction))`` (``mean(d * d)`` where the
     correction is 0), then ``sqrt`` for std. torch accumulates otherwise (Welford's update):
-    float tolerance against it, the same bits on every runtime."""
+    float tolerance against it, the same bits on every runtime. ``var_mean`` / ``std_mean``: the
+    value and that mean."""
     shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
-    if fx.target in (_aten.var.correction, _aten.std.correction):
+    if fx.target in _CORRECTION_FORMS:
         dims, keep = _arg(fx, 1, "dim", None), bool(fx.kwargs.get("keepdim", False))
         correction = fx.kwargs.get("correction", 1)
         correction = 1.0 if correction is None else float(correction)
@@ -147,7 +160,7 @@ def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str:
         raise _Unsupported(f"a variance of {int(count)} element(s) with correction {correction:g}")
     kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
     out = kept if keep else tuple(n for d, n in enumerate(shape) if d not in dims)
-    what = "std" if fx.target in (_aten.std.dim, _aten.std.correction) else "var"
+    what = "std" if fx.target in _STANDARD_DEVIATIONS else "var"
     mean = _typed(ctx, fx, "mean", [xv], kept, "mean", {"dims": dims, "keepdim": True})
     centered = _typed(ctx, fx, "sub", [xv, mean], shape, "centered")
     squares = _typed(ctx, fx, "mul", [centered, centered], shape, "squares")
@@ -157,7 +170,38 @@ def _variance(ctx: _Ctx, fx: torch.fx.Node) -> str:
                        "var")
     if what == "std":
         value = _typed(ctx, fx, "sqrt", [value], out, "std")
+    if fx.target in _WITH_MEAN:
+        return value, mean if keep else _typed(ctx, fx, "reshape", [mean], out, "mean.squeezed")
     return value
+
+
+def _amin(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``amin(x, dims, keepdim)``, and ``min(x, dim, keepdim)``'s values (its indices unused), as
+    ``-amax(-x)`` (exact)."""
+    if fx.target == _aten.min.dim and any(u.args[1] != 0 and u.users for u in fx.users):
+        raise _Unsupported("min(dim) indices are used (argmin)")
+    dims, keep, shape, out = _extreme_shapes(fx)
+    negated = _negated_value(ctx, fx, ctx.value(fx.args[0]), shape, "negated")
+    top = _typed(ctx, fx, "amax", [negated], out, "amax", {"dims": dims, "keepdim": keep})
+    return ctx.emit(fx, "sub", [_scalar(ctx, fx, 0.0, "zero"), top], TensorType(out), base=_base(fx, "amin"))
+
+
+def _logsumexp(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``logsumexp(x, dims, keepdim)`` in torch's order: ``log(sum(exp(x - max))) + max``, the sum
+    as mean times count (one rounding more: float tolerance)."""
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    dims = _reduce_dims(fx, _arg(fx, 1, "dim", None))
+    keep = bool(_arg(fx, 2, "keepdim", False))
+    kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
+    out = kept if keep else tuple(n for d, n in enumerate(shape) if d not in dims)
+    top = _typed(ctx, fx, "amax", [xv], kept, "max", {"dims": dims, "keepdim": True})
+    grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "sub", [xv, top], shape, "shifted")], shape, "exp")
+    mean = _typed(ctx, fx, "mean", [grown], out, "mean", {"dims": dims, "keepdim": keep})
+    count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
+    total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, count, "count")], out, "sum")
+    logged = _typed(ctx, fx, "log", [total], out, "log")
+    top = top if keep else _typed(ctx, fx, "reshape", [top], out, "max.squeezed")
+    return ctx.emit(fx, "add", [logged, top], base=_base(fx, "logsumexp"))
 
 
 _NORM_ORDERS = (1.0, 2.0, math.inf, -math.inf)

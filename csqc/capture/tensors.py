@@ -37,6 +37,36 @@ def _transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return _permute(ctx, fx, dims)
 
 
+def _reversed_axes(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x.T``: every axis reversed (numpy's transpose)."""
+    return _permute(ctx, fx, list(reversed(range(len(_type_of(fx).shape)))))
+
+
+def _matrix_transpose(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x.mT`` (and ``mH``, ``adjoint``, ``H``: the same of real values): the last two axes swapped."""
+    if _type_of(fx.args[0]).dtype.startswith("complex"):
+        raise _Unsupported("the conjugate transpose of complex values")
+    nd = len(_type_of(fx).shape)
+    dims = list(range(nd))
+    dims[-2:] = dims[-1], dims[-2]
+    return _permute(ctx, fx, dims)
+
+
+def _movedim(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``movedim(x, source, destination)``: the axes of ``source`` at ``destination``, the others
+    in their order in the places left."""
+    nd = len(_type_of(fx).shape)
+    source, destination = fx.args[1], fx.args[2]
+    source = [int(source)] if isinstance(source, int) else [int(d) for d in source]
+    destination = [int(destination)] if isinstance(destination, int) else [int(d) for d in destination]
+    source, destination = [d % nd for d in source], [d % nd for d in destination]
+    dims: list[int | None] = [None] * nd
+    for src, dst in zip(source, destination):
+        dims[dst] = src
+    rest = iter(d for d in range(nd) if d not in source)
+    return _permute(ctx, fx, [next(rest) if d is None else d for d in dims])
+
+
 def _cat(ctx: _Ctx, fx: torch.fx.Node) -> str:
     vals = [ctx.value(v) for v in fx.args[0]]
     nd = len(_type_of(fx).shape)
@@ -256,6 +286,25 @@ def _chunk(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
     for start in range(0, shape[axis], size):
         out.append(_slice_value(ctx, fx, xv, shape, axis, start, min(start + size, shape[axis])))
     return tuple(out)
+
+
+def _tensor_split(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
+    """``tensor_split(x, sections | indices, dim)``: ``n`` sections (the first ``size % n`` one
+    longer), or pieces cut before each index."""
+    shape = _shape_of(fx.args[0])
+    axis = int(_arg(fx, 2, "dim", 0)) % len(shape)
+    size, cut = int(shape[axis]), fx.args[1]
+    if isinstance(cut, int):
+        if cut < 1:
+            raise _Unsupported(f"tensor_split into {cut} sections")
+        lengths = [size // cut + (i < size % cut) for i in range(cut)]
+        bounds = [sum(lengths[:i]) for i in range(cut + 1)]
+    else:
+        bounds = [0] + [min(max(int(i) + size if int(i) < 0 else int(i), 0), size) for i in cut] + [size]
+    if any(end <= start for start, end in zip(bounds[:-1], bounds[1:])):
+        raise _Unsupported(f"tensor_split with an empty piece (axis of {size})")
+    xv = ctx.value(fx.args[0])
+    return tuple(_slice_value(ctx, fx, xv, shape, axis, start, end) for start, end in zip(bounds[:-1], bounds[1:]))
 
 
 def _unbind(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
