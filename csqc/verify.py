@@ -547,9 +547,10 @@ def _id_range(ctx: "_Context", index: int) -> tuple[int, int]:
     return int(example.min()), int(example.max()) + 1
 
 
-def _random_input(rng: np.random.Generator, ctx: "_Context", index: int, samples: int) -> np.ndarray:
+def _random_input(rng: np.random.Generator, ctx: "_Context", index: int, samples: int | None) -> np.ndarray:
+    """``samples`` along the first axis, or (None) one value of the input's fixed shape."""
     spec = ctx.model.input_specs[index]
-    shape = (samples, *spec["shape"][1:])
+    shape = tuple(spec["shape"]) if samples is None else (samples, *spec["shape"][1:])
     if np.dtype(spec["dtype"]).kind in "iu":  # token ids: valid ones, not float noise
         low, high = _id_range(ctx, index)
         return rng.integers(low, high, shape, dtype=np.dtype(spec["dtype"]))
@@ -561,7 +562,28 @@ def random_inputs(model: CsqcModel, batch: int, seed: int = 0) -> list[np.ndarra
     valid token ids for integer inputs."""
     rng = np.random.default_rng(seed)
     ctx = _Context(model, None)
-    return [_as_input(_random_input(rng, ctx, i, batch)) for i in range(len(model.input_specs))]
+    return [_as_input(_random_input(rng, ctx, i, batch if takes else None))
+            for i, takes in enumerate(sample_inputs(model))]
+
+
+def sample_inputs(model: CsqcModel) -> list[bool]:
+    """Per input of ``model``: whether its first axis takes the samples (the batch), along which
+    verify and bench cut them; the others have a fixed shape (an RNN's [layers, N, H] state, a
+    table) and take one value of it a batch. An input takes samples if the program takes any
+    size there; in a program torch.export fixed whole, if its first axis is the first input's."""
+    batched, specs = model.batched_inputs, model.input_specs
+    if any(batched):
+        return list(batched)
+    leading = [s["shape"][0] if s["shape"] else None for s in specs]
+    return [n is not None and n == leading[0] for n in leading]
+
+
+def _fixed_batch(model: CsqcModel) -> int | None:
+    """The only batch a program torch.export fixed whole runs (its sample inputs' first axis); None
+    where it takes any."""
+    if any(model.batched_inputs):
+        return None
+    return int(model.input_specs[sample_inputs(model).index(True)]["shape"][0])
 
 
 def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: int, ctx: "_Context"):
@@ -585,8 +607,11 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
         if len(arrays) != len(specs):
             raise BadInput(f"the model takes {len(specs)} input(s), got {len(arrays)}")
         arrays = [_as_model_input(a, s) for a, s in zip(arrays, specs)]
-        for a, s in zip(arrays, specs):
-            if tuple(a.shape[1:]) != tuple(s["shape"][1:]):
+        for a, s, takes in zip(arrays, specs, sample_inputs(model)):
+            if not takes and tuple(a.shape) != tuple(s["shape"]):
+                raise BadInput(f"input {s['name']} has a fixed shape {s['shape']} (every batch reads this one "
+                               f"value), got {list(a.shape)}")
+            if takes and tuple(a.shape[1:]) != tuple(s["shape"][1:]):
                 raise BadInput(f"input {s['name']}: samples must have shape {s['shape'][1:]}, got {list(a.shape[1:])}")
             if not np.isfinite(a).all():
                 raise BadInput(f"input {s['name']} contains NaN or infinity")
@@ -595,8 +620,19 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
             raise BadInput(f"samples must be 1..{MAX_RANDOM_SAMPLES:,} random inputs, got {samples:,}; to check on "
                            "more, give your own inputs (csqc verify --inputs x.npz)")
         rng = np.random.default_rng(seed)
-        arrays = [_random_input(rng, ctx, i, samples) for i in range(len(specs))]
-    return [_as_input(a) for a in arrays], labels
+        # (inputs of fixed shape: a value of their own each batch, drawn there)
+        arrays = [_random_input(rng, ctx, i, samples) if takes else None
+                  for i, takes in enumerate(sample_inputs(model))]
+    return [None if a is None else _as_input(a) for a in arrays], labels
+
+
+def _batch_of(arrays: list, takes_samples: list[bool], start: int, batch: int, index: int, ctx: "_Context",
+              seed: int) -> list[np.ndarray]:
+    """Batch ``index`` (samples ``start`` on) of every input: the samples of those that take them;
+    of an input of fixed shape, the value given, else a random one of its own."""
+    return [a[start : start + batch] if takes else a if a is not None
+            else _as_input(_random_input(np.random.default_rng((seed, index, i)), ctx, i, None))
+            for i, (a, takes) in enumerate(zip(arrays, takes_samples))]
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -904,7 +940,8 @@ def verify(
     from .compiler import to_model
 
     model = to_model(model)
-    check_batch_first(model, "verify")
+    check_batch_first(model, "verify", fixed_ok=True)
+    takes_samples = sample_inputs(model)
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown:
         raise BadInput(f"unknown runtime(s) {', '.join(unknown)}; known: {', '.join(RUNTIMES)}")
@@ -923,10 +960,14 @@ def verify(
                            "nothing about it; verify it on that kind of data (--dataset digits or --inputs x.npz)")
         ctx = _Context(model, intra_op_num_threads)
         arrays, labels = _samples(model, inputs, samples, dataset, seed, ctx)
-        n = len(arrays[0])
-        batch = batch or (art.batch if art else None) or int(model.input_specs[0]["shape"][0]) or 1
+        n = len(arrays[takes_samples.index(True)])
+        fixed_batch = _fixed_batch(model)
+        batch = batch or (art.batch if art else None) or fixed_batch or int(model.input_specs[0]["shape"][0]) or 1
         if art and art.batch not in (None, batch):
             raise BadInput(f"the artifact runs batches of {art.batch}; verify with batch {art.batch}")
+        if fixed_batch not in (None, batch):
+            raise BadInput(f"the model runs batches of {fixed_batch} only (torch.export fixed its shapes); verify "
+                           f"with batch {fixed_batch}")
         notes: list[str] = []
         calibration = None
         stored = _stored_calibration(artifact) if artifact else None
@@ -945,7 +986,7 @@ def verify(
                          "runtime exactly")
         ctx = _Context(model, intra_op_num_threads, calibration, stored, str(artifact))
         starts = list(range(0, n, batch))
-        if n % batch and art is not None and art.batch is not None:
+        if n % batch and ((art is not None and art.batch is not None) or fixed_batch is not None):
             notes.append(f"the last {n % batch} sample(s) do not fill a batch of {batch} and were not run")
             starts = starts[:-1]
         if not starts:
@@ -963,9 +1004,9 @@ def verify(
         forced_outputs: list[list[np.ndarray]] = []
         interpreters: dict[str, ForcedInterpreter | None] = {}  # runtime -> the golden graph with its codes
         forced_outputs_of: dict[str, list[list[np.ndarray]]] = {}
-        for start in starts:
-            chunk = [a[start : start + batch] for a in arrays]
-            size = len(chunk[0])
+        for index, start in enumerate(starts):
+            chunk = _batch_of(arrays, takes_samples, start, batch, index, ctx, seed)
+            size = len(chunk[takes_samples.index(True)])
             if size not in by_size:
                 by_size[size] = [RUNTIMES[r](ctx, size) for r in names] + ([art] if art else [])
             golden_graph = ctx.graph("integer", size)
@@ -1082,22 +1123,26 @@ def _fresh(chunk: list) -> list:
     return [np.array(x, copy=True) for x in chunk]
 
 
-def check_batch_first(model: CsqcModel, what: str) -> None:
-    """``BadInput`` unless every input of ``model`` takes samples on its first axis, as ``what``
-    (verify, calibration, bench) stacks them: an input of fixed shape (an RNN's [layers, N, H]
-    state, a table) cannot be cut into batches."""
+def check_batch_first(model: CsqcModel, what: str, *, fixed_ok: bool = False) -> None:
+    """``BadInput`` unless the inputs of ``model`` take samples as ``what`` (verify, calibration,
+    bench) stacks them: on their first axis, or (``fixed_ok``: verify and bench) one value of a
+    fixed shape a batch for the others (:func:`sample_inputs`). Calibration stacks every input's."""
     batched, specs = model.batched_inputs, model.input_specs
     leading = [s["shape"][0] if s["shape"] else None for s in specs]
-    if not ((any(batched) and not all(batched)) or len(set(leading)) > 1):
+    if all(batched) and len(set(leading)) > 1:
+        shapes = ", ".join(f"{spec['name']} {spec['shape']}" for spec in specs)
+        raise BadInput(f"{what} runs samples along every input's first axis, and the inputs' first axes differ "
+                       f"({shapes}): this model file is from a csqc that made every first axis the batch: save it "
+                       "again")
+    takes = sample_inputs(model)
+    if all(takes) or (fixed_ok and any(takes)):
         return
-    fixed = [f"{s['name']} {s['shape']}" for s, b, n in zip(specs, batched, leading)
-             if (not b and any(batched)) or n != leading[0]]
+    fixed = [f"{s['name']} {s['shape']}" for s, t in zip(specs, takes) if not t]
     which = f"input {fixed[0]} has a fixed shape" if len(fixed) == 1 else f"inputs {', '.join(fixed)} have fixed shapes"
     raise BadInput(f"{what} runs samples along every input's first axis, and {which} (the first axis is not the "
                    "batch): give the model inputs that are all batch-first (pass such a state in as [N, ...] and "
                    "transpose it inside the model); compile without --calibrate and run take it as it is"
-                   + (" (this model file is from a csqc that made every first axis the batch: save it again)"
-                      if all(batched) else ""))
+                   + ("" if fixed_ok else "; verify and bench take it too"))
 
 
 def _stored_calibration(artifact: str) -> Calibration | None:

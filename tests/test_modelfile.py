@@ -220,11 +220,52 @@ def test_an_input_whose_first_axis_is_not_the_batch_keeps_its_shape(tmp_path):
     x = torch.rand(4, 8)
     expected = loaded(x, table).numpy()
     assert np.abs(art(x.numpy(), table.numpy()) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
-    with pytest.raises(csqc.BadInput, match=r"verify runs samples .* input input1 \[3, 8\] has a fixed shape"):
-        csqc.verify(loaded)
     with pytest.raises(csqc.BadInput, match=r"calibration runs samples .* input input1 \[3, 8\] has a fixed shape"):
         csqc.compile(loaded, "onnx", tmp_path / "side.onnx", calibrate=[np.zeros((4, 8), np.float32)] * 2)
     assert not (tmp_path / "side.onnx").exists()
+
+
+def test_verify_and_bench_give_an_input_of_fixed_shape_one_value_a_batch(tmp_path):
+    """Samples are cut along the batch-first inputs; the table takes a random value of its own
+    shape each batch (or the one given, every batch), in every runtime and the artifact."""
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_SideTable().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "side.pt", (torch.rand(1, 8), torch.rand(3, 8))))
+    artifact = str(csqc.compile(loaded, "llvm", tmp_path / "side.so", batch=2).output)
+    report = csqc.verify(loaded, samples=6, artifact=artifact, per_layer=True)
+    assert report.ok and report.accumulators_exact and report.samples == 6 and report.batch == 2
+    x = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    assert csqc.verify(loaded, inputs=[x, np.ones((3, 8), np.float32)], artifact=artifact).ok
+    with pytest.raises(csqc.BadInput, match=r"input input1 has a fixed shape \[3, 8\] .* got \[4, 8\]"):
+        csqc.verify(loaded, inputs=[x, x])
+    from csqc.bench import bench
+
+    timed = bench(loaded, artifact=artifact, rounds=1, baselines=False, limits=False)
+    assert {r.runtime for r in timed.results} == {"csqc"}
+
+
+class _FixedProgram(nn.Module):
+    """``x.reshape(2, 8)`` fixes the batch: torch.export fixes the whole program's shapes, and
+    the state's batch is its second axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, state):
+        return self.fc(x.reshape(2, 8)) + state.sum(0)
+
+
+def test_a_program_of_fixed_shapes_verifies_in_its_batches(tmp_path):
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_FixedProgram().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "fixed.pt", (torch.rand(2, 8), torch.rand(3, 2, 4))))
+    assert loaded.batched_inputs == [False, False]
+    report = csqc.verify(loaded, samples=5)
+    assert report.ok and report.samples == 4 and report.batch == 2
+    assert any("the last 1 sample(s) do not fill a batch of 2" in n for n in report.notes)
+    with pytest.raises(csqc.BadInput, match="the model runs batches of 2 only"):
+        csqc.verify(loaded, batch=4)
 
 
 class _VarArgs(nn.Module):
