@@ -146,6 +146,21 @@ def _flat_output_model(model: nn.Module) -> nn.Module:
     return flat
 
 
+def _layers_read(program: torch.export.ExportedProgram, rows: list[dict], avg: float) -> tuple[list[dict], float]:
+    """The layer rows (``layers.layer_report``) of the CSQ layers whose tensors the program still
+    reads, and their average bits: a layer whose output nothing depends on (CLIP's text
+    projection when only the hidden states are returned) went with the dead code and is no layer
+    of the model file."""
+    signature = program.graph_signature
+    owners = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    read = [owners[n.name] for n in program.graph.nodes if n.op == "placeholder" and n.users and n.name in owners]
+    kept = [row for row in rows if any(p.startswith(f"{row['name']}.") if row["name"] else True for p in read)]
+    if len(kept) == len(rows):
+        return rows, avg
+    total = sum(row["params"] for row in kept)
+    return kept, (sum(row["params"] * len(row["active_bits"]) for row in kept) / total if total else 0.0)
+
+
 def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``model`` exported with a symbolic batch where it allows one (below), without the values
     its outputs do not depend on: torch.export keeps them (CLIP's text model computes a pooled
@@ -260,6 +275,7 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
         flat = isinstance(out, torch.Tensor) or (isinstance(out, (list, tuple))
                                                  and all(isinstance(t, torch.Tensor) for t in out))
         program = export_program(model if flat else _flat_output_model(model), example)
+        layer_rows, avg = _layers_read(program, layer_rows, avg)
     from torch._export.serde import serialize as serde
 
     artifact = serde.serialize(program)

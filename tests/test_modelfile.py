@@ -331,6 +331,30 @@ def test_values_no_output_depends_on_are_left_out_of_the_file(tmp_path):
         csqc.save(live, tmp_path / "live.pt", (ids,), input_ranges={"input0": (0, 20)})
 
 
+class _DeadProjection(nn.Module):
+    """A quantized layer whose output nothing returned depends on (CLIP's text projection when
+    only the hidden states are returned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.projection = nn.Linear(8, 8), nn.Linear(8, 32)
+
+    def forward(self, x):
+        self.projection(x)
+        return self.fc(x)
+
+
+def test_a_layer_left_out_as_dead_code_is_no_layer_of_the_file(tmp_path):
+    torch.manual_seed(0)
+    q = csqc.convert(_DeadProjection().eval(), n_bits=4, act_bits=4)
+    with torch.no_grad():  # two bits (another width: the average would tell)
+        q.projection.mask_weight[2:] = -1.0
+    model = csqc.load(csqc.save(csqc.finalize(q), tmp_path / "m.pt", torch.rand(1, 8)))
+    assert [row["name"] for row in model.layers] == ["fc"] and model.avg_bits == 4.0
+    again = csqc.load(csqc.save(model, tmp_path / "again.pt"))
+    assert again.layers == model.layers and again.avg_bits == 4.0
+
+
 class _PositionsFromIds(nn.Module):
     """RoBERTa's position ids: ``cumsum(ids != pad).type_as(mask) * mask + pad``, from the input."""
 
