@@ -331,7 +331,8 @@ def _per_channel(offset: np.ndarray, acc: np.ndarray, names: Mapping) -> np.ndar
 def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Callable[[], None] | None = None
                          ) -> Runtime:
     """The runtime of a loaded TVM artifact (``csqc.runtime.CompiledModel`` or anything with its call
-    API and ``layers``: the emulated and the remote ones): outputs and the per-layer tensors."""
+    API, ``record_names`` included, and ``layers``: the emulated and the remote ones): outputs and
+    the per-layer tensors."""
     layers = {name: info["tensors"] for name, info in model.layers.items() if "tensors" in info}
     # the buffers read below, and no others (all of them: 655 MB of copies on MaxViT-T)
     wanted = {v for names in layers.values() for v in names.values() if isinstance(v, str)}
@@ -429,9 +430,12 @@ def load_inputs(path: str, model: CsqcModel, max_samples: int | None = None) -> 
     if len(headers) < len(names):
         raise BadInput(f"{path}: holds {len(headers)} array(s), the model takes {len(names)} input(s)")
     chosen = names if all(n in headers for n in names) else list(headers)[: len(names)]
-    for name, spec in zip(chosen, model.input_specs):
+    for name, spec, takes in zip(chosen, model.input_specs, sample_inputs(model)):
         shape = headers[name].shape
-        if shape[1:] != tuple(spec["shape"][1:]):
+        if not takes and shape != tuple(spec["shape"]):
+            raise BadInput(f"{path}: array {name!r} has shape {list(shape)}; the model's input {spec['name']} has "
+                           f"a fixed shape {spec['shape']} (every batch reads that one value)")
+        if takes and shape[1:] != tuple(spec["shape"][1:]):
             raise BadInput(f"{path}: array {name!r} has shape {list(shape)}; the model takes arrays of shape "
                            f"{_batched(spec['shape'])}{_batch_axis_hint(shape, spec['shape'])}")
     return _read_arrays(path, chosen, max_samples)
@@ -587,7 +591,9 @@ def _fixed_batch(model: CsqcModel) -> int | None:
 
 
 def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: int, ctx: "_Context"):
-    """``(arrays per input, labels or None)`` with the sample axis first."""
+    """``(arrays per input, labels or None)``: the samples of each input that takes them (the
+    sample axis first), the value of an input of fixed shape that the caller gave, or None (each
+    batch draws its own: :func:`_batch_of`)."""
     specs = model.input_specs
     if sum(x is not None for x in (inputs, dataset)) > 1:
         raise BadInput("give either inputs or a dataset, not both")
@@ -613,6 +619,10 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
                                f"value), got {list(a.shape)}")
             if takes and tuple(a.shape[1:]) != tuple(s["shape"][1:]):
                 raise BadInput(f"input {s['name']}: samples must have shape {s['shape'][1:]}, got {list(a.shape[1:])}")
+        counts = {s["name"]: len(a) for a, s, takes in zip(arrays, specs, sample_inputs(model)) if takes}
+        if len(set(counts.values())) > 1:
+            raise BadInput("the inputs that take samples must hold as many each: "
+                           + ", ".join(f"{name} {count}" for name, count in counts.items()))
             if not np.isfinite(a).all():
                 raise BadInput(f"input {s['name']} contains NaN or infinity")
     else:
@@ -630,9 +640,15 @@ def _batch_of(arrays: list, takes_samples: list[bool], start: int, batch: int, i
               seed: int) -> list[np.ndarray]:
     """Batch ``index`` (samples ``start`` on) of every input: the samples of those that take them;
     of an input of fixed shape, the value given, else a random one of its own."""
-    return [a[start : start + batch] if takes else a if a is not None
-            else _as_input(_random_input(np.random.default_rng((seed, index, i)), ctx, i, None))
-            for i, (a, takes) in enumerate(zip(arrays, takes_samples))]
+    chunk = []
+    for i, (a, takes) in enumerate(zip(arrays, takes_samples)):
+        if takes:
+            chunk.append(a[start : start + batch])
+        elif a is not None:
+            chunk.append(a)
+        else:
+            chunk.append(_as_input(_random_input(np.random.default_rng((seed, index, i)), ctx, i, None)))
+    return chunk
 
 
 # -- report --------------------------------------------------------------------------------------

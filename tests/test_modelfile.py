@@ -238,6 +238,11 @@ def test_verify_and_bench_give_an_input_of_fixed_shape_one_value_a_batch(tmp_pat
     assert csqc.verify(loaded, inputs=[x, np.ones((3, 8), np.float32)], artifact=artifact).ok
     with pytest.raises(csqc.BadInput, match=r"input input1 has a fixed shape \[3, 8\] .* got \[4, 8\]"):
         csqc.verify(loaded, inputs=[x, x])
+    from csqc.verify import load_inputs
+
+    np.savez(tmp_path / "x.npz", input0=x, input1=np.ones(8, np.float32))
+    with pytest.raises(csqc.BadInput, match=r"array 'input1' has shape \[8\]; .* a fixed shape \[3, 8\]"):
+        load_inputs(str(tmp_path / "x.npz"), loaded)  # (csqc verify --inputs x.npz)
     from csqc.bench import bench
 
     timed = bench(loaded, artifact=artifact, rounds=1, baselines=False, limits=False)
@@ -266,6 +271,14 @@ def test_a_program_of_fixed_shapes_verifies_in_its_batches(tmp_path):
     assert any("the last 1 sample(s) do not fill a batch of 2" in n for n in report.notes)
     with pytest.raises(csqc.BadInput, match="the model runs batches of 2 only"):
         csqc.verify(loaded, batch=4)
+
+
+def test_inputs_that_take_samples_must_hold_as_many_each(tmp_path):
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_VarArgs().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "two.pt", (torch.rand(2, 8), torch.rand(2, 4))))
+    with pytest.raises(csqc.BadInput, match="must hold as many each: input0 6, input1 4"):
+        csqc.verify(loaded, inputs=[np.zeros((6, 8), np.float32), np.zeros((4, 4), np.float32)])
 
 
 class _VarArgs(nn.Module):

@@ -362,7 +362,8 @@ def _filled_where(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, where: np.ndarra
 
 def _triangle(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``triu(x, k)`` / ``tril(x, k)`` of the model's values: zero outside the triangle of the last
-    two axes, a constant mask applied as :func:`_masked_fill` applies one (exact for finite x)."""
+    two axes, a constant mask applied as :func:`_masked_fill` applies one (exact for finite x, up to
+    the sign of a zero: a kept -0 becomes +0, as there)."""
     x = fx.args[0]
     if _type_of(x).dtype != "float32":
         raise _Unsupported(f"{fx.target.__name__.split('.')[0]} of {_type_of(x).dtype} values")

@@ -26,7 +26,8 @@ _SHAPE_ONLY = frozenset({_aten.new_zeros.default, _aten.new_ones.default, _aten.
                          _aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.default})
 
 # expanded float values that feed the model stay IR ops (see _foldable)
-_BROADCASTS = frozenset({_aten.expand.default, _aten.expand_as.default, _aten.repeat.default})
+_BROADCASTS = frozenset({_aten.expand.default, _aten.expand_as.default, _aten.broadcast_to.default,
+                         _aten.repeat.default})
 # csqc's own layer ops read their weights as constants and must stay layers
 _NEVER_FOLDED = frozenset({torch.ops.csqc.quant_conv2d.default, torch.ops.csqc.quant_linear.default,
                            torch.ops.csqc.quant_conv_transpose2d.default,

@@ -181,9 +181,16 @@ def _amin(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if fx.target == _aten.min.dim and any(u.args[1] != 0 and u.users for u in fx.users):
         raise _Unsupported("min(dim) indices are used (argmin)")
     dims, keep, shape, out = _extreme_shapes(fx)
-    negated = _negated_value(ctx, fx, ctx.value(fx.args[0]), shape, "negated")
-    top = _typed(ctx, fx, "amax", [negated], out, "amax", {"dims": dims, "keepdim": keep})
-    return ctx.emit(fx, "sub", [_scalar(ctx, fx, 0.0, "zero"), top], TensorType(out), base=_base(fx, "amin"))
+    kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
+    # negated by -1 (a zero keeps its sign, as torch's minimum does); reduced keeping the axes,
+    # then reshaped: the IR's scalar constants are [1], and a 0-d minimum would broadcast to it
+    minus_one = _scalar(ctx, fx, -1.0, "minus_one")
+    negated = _typed(ctx, fx, "mul", [ctx.value(fx.args[0]), minus_one], shape, "negated")
+    top = _typed(ctx, fx, "amax", [negated], kept, "amax", {"dims": dims, "keepdim": True})
+    if out == kept:
+        return ctx.emit(fx, "mul", [top, minus_one], TensorType(out), base=_base(fx, "amin"))
+    least = _typed(ctx, fx, "mul", [top, minus_one], kept, "amin.kept")
+    return ctx.emit(fx, "reshape", [least], TensorType(out), base=_base(fx, "amin"))
 
 
 def _logsumexp(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -196,12 +203,15 @@ def _logsumexp(ctx: _Ctx, fx: torch.fx.Node) -> str:
     out = kept if keep else tuple(n for d, n in enumerate(shape) if d not in dims)
     top = _typed(ctx, fx, "amax", [xv], kept, "max", {"dims": dims, "keepdim": True})
     grown = _typed(ctx, fx, "exp", [_typed(ctx, fx, "sub", [xv, top], shape, "shifted")], shape, "exp")
-    mean = _typed(ctx, fx, "mean", [grown], out, "mean", {"dims": dims, "keepdim": keep})
+    # at the kept shape, reshaped last (the count is a [1] constant: a 0-d sum would broadcast to it)
+    mean = _typed(ctx, fx, "mean", [grown], kept, "mean", {"dims": dims, "keepdim": True})
     count = float(np.prod([shape[d] for d in dims], dtype=np.int64))
-    total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, count, "count")], out, "sum")
-    logged = _typed(ctx, fx, "log", [total], out, "log")
-    top = top if keep else _typed(ctx, fx, "reshape", [top], out, "max.squeezed")
-    return ctx.emit(fx, "add", [logged, top], base=_base(fx, "logsumexp"))
+    total = _typed(ctx, fx, "mul", [mean, _scalar(ctx, fx, count, "count")], kept, "sum")
+    logged = _typed(ctx, fx, "log", [total], kept, "log")
+    if out == kept:
+        return ctx.emit(fx, "add", [logged, top], base=_base(fx, "logsumexp"))
+    return ctx.emit(fx, "reshape", [_typed(ctx, fx, "add", [logged, top], kept, "logsumexp.kept")],
+                    base=_base(fx, "logsumexp"))
 
 
 _NORM_ORDERS = (1.0, 2.0, math.inf, -math.inf)

@@ -301,10 +301,14 @@ def _tensor_split(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
         bounds = [sum(lengths[:i]) for i in range(cut + 1)]
     else:
         bounds = [0] + [min(max(int(i) + size if int(i) < 0 else int(i), 0), size) for i in cut] + [size]
-    if any(end <= start for start, end in zip(bounds[:-1], bounds[1:])):
-        raise _Unsupported(f"tensor_split with an empty piece (axis of {size})")
+    read = {u.args[1] for u in fx.users if u.users}  # the pieces some op reads
+    pieces = list(zip(bounds[:-1], bounds[1:]))
+    if any(end <= start for i, (start, end) in enumerate(pieces) if i in read):
+        raise _Unsupported(f"tensor_split with an empty piece (axis of {size}) the model reads")
     xv = ctx.value(fx.args[0])
-    return tuple(_slice_value(ctx, fx, xv, shape, axis, start, end) for start, end in zip(bounds[:-1], bounds[1:]))
+    # (an empty piece nothing reads has no value: the IR has no empty tensors)
+    return tuple(_slice_value(ctx, fx, xv, shape, axis, start, end) if end > start else None
+                 for start, end in pieces)
 
 
 def _unbind(ctx: _Ctx, fx: torch.fx.Node) -> tuple[str, ...]:
