@@ -49,6 +49,7 @@ def _masked(x):
     mask = x.new_zeros((4, 4))
     mask[1:3, :] = 2.0  # slice + fill_ on a constant: folded at capture
     mask[:, 3:].fill_(-1.0)
+    mask[2:, :1].zero_()  # (torchvision's SwinV2 zeroes a slice of its qkv bias's copy)
     return x + mask
 
 

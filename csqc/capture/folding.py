@@ -19,6 +19,7 @@ _CONSTANT_ONLY = (
     _aten.cumsum.default, _aten.diff.default, _aten.index.Tensor, _aten.new_ones.default, _aten.ones.default,
     _aten.ones_like.default, _aten.full_like.default, _aten.expand.default, _aten.masked_fill.Scalar,
     _aten.tril.default, _aten.triu.default, _aten.pow.Scalar, _aten.fill_.Scalar, _aten.fill_.Tensor,
+    _aten.zero_.default,
 )
 # ops whose result depends only on their first input's shape and dtype (x.new_zeros(...)): a
 # constant, folded, whatever that input is (Swin builds its window mask from one and fills it)
