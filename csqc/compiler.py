@@ -287,6 +287,11 @@ def compile(model, target: str = "llvm", output=None, *, batch: int | str | None
     from .outputs import check_output, check_output_folder
 
     model = to_model(model, model_factory=model_factory, input_shape=input_shape)
+    if dynamic_batch and not all(model.batched_inputs):
+        fixed = [f"{s['name']} {s['shape']}" for s, b in zip(model.input_specs, model.batched_inputs) if not b]
+        raise BadInput(f"--batch dynamic needs every input to take any batch on its first axis; "
+                       f"{', '.join(fixed)} {'has a' if len(fixed) == 1 else 'have'} fixed shape"
+                       f"{'' if len(fixed) == 1 else 's'}: compile for the batch the model takes (--batch N)")
     if output is None:
         output = default_output(model.source, target, arch=arch, onnx_form=onnx_form)
     # every output, before the work: `compile model.so` would otherwise replace its own input

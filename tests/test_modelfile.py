@@ -247,6 +247,10 @@ def test_verify_and_bench_give_an_input_of_fixed_shape_one_value_a_batch(tmp_pat
 
     timed = bench(loaded, artifact=artifact, rounds=1, baselines=False, limits=False)
     assert {r.runtime for r in timed.results} == {"csqc"}
+    # a symbolic batch would make the table's first axis symbolic too
+    with pytest.raises(csqc.BadInput, match=r"--batch dynamic needs .* input1 \[3, 8\] has a fixed shape"):
+        csqc.compile(loaded, "onnx", tmp_path / "side.onnx", batch="dynamic")
+    assert not (tmp_path / "side.onnx").exists()
 
 
 class _FixedProgram(nn.Module):
