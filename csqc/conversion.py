@@ -393,6 +393,8 @@ def _build(name: str, m: nn.Module, quantize_input: bool, o: "_Options") -> nn.M
         new = from_torch(m, o.n_bits, o.act_bits, act_clip=o.act_clip, act_mode=o.act_mode,
                          quantize_first_input=quantize_input)
     except BadInput as e:
+        if type(m) in (nn.LSTM, nn.GRU):  # a float one does not compile either (the message says what does)
+            raise BadInput(f"{name}: {e}") from None
         raise BadInput(f"{name}: {e}: list it in skip to keep it float") from None
     for quant in new.modules():  # attention and recurrent blocks build their own quantizers
         if isinstance(quant, ActQuant):

@@ -398,7 +398,7 @@ def flat_outputs(out) -> list[torch.Tensor]:
 
 def _checked_for_saving(program_json: bytes) -> bytes:
     """torch's program JSON as csqc stores it: without guard code, and passing ``load``'s checks."""
-    checked = check_program(strip_guards(program_json), "the model")
+    checked = check_program(strip_guards(program_json), "the model", saving=True)
     if checked.unsupported:  # the same list capture would give, before a file nobody can compile exists
         raise UnsupportedOps(checked.unsupported)
     return checked.json

@@ -406,6 +406,8 @@ def _check_arguments(node: dict, schema) -> None:
         allowed = _ARGUMENT_KINDS.get(str(params[name].type))
         if name == "dtype" and allowed:  # ScalarType prints as int in schemas: to(x, torch.float32)
             allowed = allowed + ("as_scalar_type",)
+        if name == "memory_format" and allowed:  # as dtype: x.contiguous(memory_format=torch.channels_last)
+            allowed = allowed + ("as_memory_format",)
         if name == schema.arguments[0].name and allowed and "as_tensor" in allowed:
             allowed = ("as_tensor",)  # scalars stand in for a second operand (x / 4.0), never for self
         if allowed and kind not in allowed:
@@ -592,7 +594,7 @@ def _program(value, walk: _Walk):
     }, required=("graph_module", "schema_version"))
 
 
-def check_program(raw: bytes, what: str) -> CheckedProgram:
+def check_program(raw: bytes, what: str, *, saving: bool = False) -> CheckedProgram:
     """Validate program JSON bytes; ``ProgramRefused`` (a ``BadInput``) names the first problem.
 
     Ops csqc cannot compile are collected in ``unsupported`` (aten ops only: anything else is
@@ -609,6 +611,9 @@ def check_program(raw: bytes, what: str) -> CheckedProgram:
         tensors = _stored_tensors(checked)
         layers = _quant_layers(walk.nodes, checked)
     except _Refuse as e:
+        if saving:  # torch.export's own program of the user's model: nothing was edited
+            raise ProgramRefused(f"{what}: the captured program {e}: csqc saves programs of the operators it "
+                                 "compiles, called as torch calls them") from None
         raise ProgramRefused(f"{what}: the captured program {e}; csqc model files hold only what csqc.save writes "
                              "(the file was edited or damaged)") from None
     except RecursionError:

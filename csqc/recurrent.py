@@ -169,12 +169,16 @@ def from_torch(module: nn.Module, n_bits: int = 8, act_bits: int | None = None, 
     if type(module) not in (nn.LSTM, nn.GRU):
         raise BadInput(f"expected nn.LSTM or nn.GRU, got {type(module).__name__}")
     kind = type(module).__name__
+    # (a float nn.LSTM / nn.GRU does not compile either: csqc runs recurrent layers as these
+    # twins, so each refusal says what to write instead of "skip it")
     if module.bidirectional:
-        raise BadInput(f"{kind}: bidirectional layers are not supported")
+        raise BadInput(f"{kind}: bidirectional layers are not supported, converted or float: run two layers, the "
+                       "second on x.flip(1), and concatenate its outputs flipped back with the first's")
     if module.proj_size if kind == "LSTM" else False:
-        raise BadInput("LSTM with proj_size is not supported")
+        raise BadInput("LSTM with proj_size is not supported, converted or float")
     if not module.batch_first:
-        raise BadInput(f"{kind}: only batch_first=True layers are supported (inputs [B, T, features])")
+        raise BadInput(f"{kind}: only batch_first=True layers are supported (inputs [B, T, features]), converted "
+                       "or float: transpose the input and set batch_first=True")
     cls = CSQLSTM if kind == "LSTM" else CSQGRU
     new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, True, n_bits, act_bits,
               act_clip=act_clip, act_mode=act_mode, quantize_first_input=quantize_first_input)

@@ -622,6 +622,31 @@ def test_sin_and_cos_of_computed_values_are_ops_and_of_constants_fold(tmp_path):
     _compare(Lambda(embed), g, x, rtol=1e-6)
 
 
+def _position_table(kind: str, length: int) -> torch.Tensor:
+    pos = torch.arange(length, dtype=torch.float32)
+    if kind == "log_buckets":  # DeBERTa-v2
+        return torch.ceil(pos / 3.0) - torch.floor(pos / 4.0) + torch.round(pos / 5.0) + torch.trunc(pos / 6.0)
+    if kind == "alibi":  # BLOOM's slopes: a power of two tensors
+        return torch.pow(torch.tensor(0.5), pos)
+    if kind == "relative_index":  # BEiT: meshgrid, copied into a table
+        a, b = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+        table = torch.zeros(length, length)
+        table.copy_(a - b)
+        return table[0] + torch.div(pos, 2, rounding_mode="floor") + torch.remainder(pos, 3) + pos.log2().clamp(0)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["log_buckets", "alibi", "relative_index"])
+def test_position_tables_a_model_computes_in_forward_fold(kind, tmp_path):
+    """Ops that only ever read constants there (rounding, powers, meshgrid, in-place copies,
+    integer division) fold at capture into the table: one add of a constant."""
+    f = Lambda(lambda x: x + _position_table(kind, x.shape[-1]))
+    x = np.random.default_rng(5).standard_normal((2, 3, 6)).astype(np.float32)
+    g = _captured(f, x.shape, tmp_path)
+    assert [n.op for n in g.nodes] == ["add"]
+    _compare(f, g, x, rtol=0)
+
+
 def test_unsupported_ops_are_bad_input():
     assert issubclass(UnsupportedOps, csqc.BadInput)
 

@@ -390,3 +390,51 @@ def test_a_refusal_names_the_op_that_needs_the_input_not_a_cast_beside_it(tmp_pa
     with pytest.raises(UnsupportedOps, match=r"aten\.ne\.Scalar \[supported on constants only") as refused:
         csqc.save(q, tmp_path / "m.pt", (ids,), input_ranges={"input0": (0, 20)})
     assert "type_as" not in str(refused.value)
+
+
+@torch.library.custom_op("csqc_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _CustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _twice(self.fc(x))
+
+
+def test_a_model_calling_an_op_of_its_own_is_refused_for_what_it_is(tmp_path):
+    """At save the program is torch.export's own of the user's model: the refusal names the op, not
+    a damaged file."""
+    model = csqc.finalize(csqc.convert(_CustomOp().eval(), n_bits=4, act_bits=4))
+    with pytest.raises(csqc.BadInput, match=r"calls 'torch.ops.csqc_test.twice.default', which is not an operator "
+                                            r"csqc compiles: csqc saves programs of the operators it compiles") as e:
+        csqc.save(model, tmp_path / "m.pt", torch.rand(1, 8))
+    assert "damaged" not in str(e.value) and not (tmp_path / "m.pt").exists()
+
+
+class _ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x.contiguous(memory_format=torch.channels_last))
+        return y.contiguous(memory_format=torch.contiguous_format)
+
+
+def test_a_memory_format_argument_is_taken(tmp_path):
+    """``x.contiguous(memory_format=torch.channels_last)``: a layout, no value changes (was refused
+    as a damaged file at save)."""
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_ChannelsLast().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(1, 3, 8, 8)))
+    assert csqc.verify(loaded, samples=2).ok

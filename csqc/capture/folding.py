@@ -20,6 +20,13 @@ _CONSTANT_ONLY = (
     _aten.ones_like.default, _aten.full_like.default, _aten.expand.default, _aten.masked_fill.Scalar,
     _aten.tril.default, _aten.triu.default, _aten.pow.Scalar, _aten.fill_.Scalar, _aten.fill_.Tensor,
     _aten.zero_.default,
+    # position tables computed in forward: DeBERTa-v2's log buckets (ceil), BLOOM's ALiBi slopes
+    # (pow of two tensors), BEiT's relative position index (meshgrid, copy_), index arithmetic
+    _aten.ceil.default, _aten.floor.default, _aten.round.default, _aten.round.decimals, _aten.trunc.default,
+    _aten.pow.Tensor_Tensor, _aten.meshgrid.default, _aten.meshgrid.indexing, _aten.copy_.default,
+    _aten.div.Tensor_mode, _aten.floor_divide.default, _aten.remainder.Scalar, _aten.remainder.Tensor,
+    _aten.fmod.Scalar, _aten.fmod.Tensor, _aten.log2.default, _aten.scalar_tensor.default, _aten.sum.default,
+    _aten.logical_and.default, _aten.logical_or.default, _aten.argsort.default, _aten.cumprod.default,
 )
 # ops whose result depends only on their first input's shape and dtype (x.new_zeros(...)): a
 # constant, folded, whatever that input is (Swin builds its window mask from one and fills it)
