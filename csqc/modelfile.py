@@ -112,8 +112,32 @@ def _finalized_copy(model: nn.Module) -> nn.Module:
         log.info("model has CSQ layers still in training form; saving a finalized copy")
         # each CSQ layer becomes its finalized twin in the copy; its bits are never copied
         memo = {id(m): m.finalized_copy() for m in training_form}
+        memo.update(_computed_tensors(model))
         model = copy.deepcopy(model, memo)
     return model.eval()
+
+
+def _computed_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Copies of the tensors a model's modules keep that autograd computed (a cache filled by a
+    forward run with gradients on: LeViT's ``attention_bias_cache``), which ``copy.deepcopy``
+    refuses to copy: detached, for the deepcopy memo."""
+    found: dict[int, torch.Tensor] = {}
+
+    def visit(value, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None:
+                found[id(value)] = value.detach().clone()
+        elif isinstance(value, Mapping) and depth < 2:
+            for v in value.values():
+                visit(v, depth + 1)
+        elif isinstance(value, (list, tuple)) and depth < 2:
+            for v in value:
+                visit(v, depth + 1)
+
+    for m in model.modules():
+        for value in vars(m).values():
+            visit(value)
+    return found
 
 
 def _named_outputs(out, prefix: str = "") -> list[tuple[str, torch.Tensor]]:

@@ -304,6 +304,7 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
     ("ij,jk->i", [(3, 4), (4, 5)], "sums over one operand's own subscripts"),
     ("...ij,...jk->...ik", [(2, 3, 4), (3, 2, 4, 5)], "ellipsis over operands of different ranks"),
     ("bij,bjk->bik", [(2, 3, 4), (1, 4, 5)], "broadcast"),
+    ("ij,jk,kl->il", [(3, 4), (4, 5), (5, 2)], "of 3 operands (one or two are translated"),
 ])
 def test_einsum_forms_it_does_not_translate_are_named(equation, shapes, why, tmp_path):
     class Einsum(nn.Module):

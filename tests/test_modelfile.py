@@ -438,3 +438,27 @@ def test_a_memory_format_argument_is_taken(tmp_path):
     model = csqc.finalize(csqc.convert(_ChannelsLast().eval(), n_bits=4, act_bits=4))
     loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(1, 3, 8, 8)))
     assert csqc.verify(loaded, samples=2).ok
+
+
+class _CachedBias(nn.Module):
+    """A module caching a tensor autograd computed (LeViT's ``attention_bias_cache``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bias, self.cache = nn.Linear(8, 8), nn.Parameter(torch.randn(8)), {}
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias * 2
+        return self.fc(x) + self.cache["bias"]
+
+
+def test_a_model_caching_a_computed_tensor_saves_from_its_training_form(tmp_path):
+    """Saving finalizes a copy of the model; ``copy.deepcopy`` refuses a tensor with a grad_fn."""
+    torch.manual_seed(0)
+    model = csqc.convert(_CachedBias().eval(), n_bits=4, act_bits=4)  # training form: saved as a finalized copy
+    x = torch.rand(1, 8)
+    model(x)
+    assert model.cache["bias"].grad_fn is not None
+    loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", x))
+    assert csqc.verify(loaded, samples=2).ok

@@ -231,6 +231,9 @@ def _einsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
         if set(terms[0]) != set(out):
             raise _Unsupported(f"einsum {equation!r} sums over one operand's own subscripts")
         return permute(values[0], terms[0], out, "permute")
+    if len(terms) != 2:
+        raise _Unsupported(f"einsum {equation!r} of {len(terms)} operands (one or two are translated: write it as "
+                           "a chain of two-operand einsums)")
     a, b = terms
     batch = "".join(c for c in out if c in a and c in b)
     contract = "".join(c for c in a if c in b and c not in out)
