@@ -190,7 +190,10 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     its outputs do not depend on: torch.export keeps them (CLIP's text model computes a pooled
     output by ``argmax`` whether or not it is returned), and an op csqc does not compile there
     would refuse a model that never needs it."""
-    program = _exported(model, example_inputs)
+    # under no_grad: a forward that turns gradients off itself (@torch.no_grad() on a position
+    # embedding) is exported with no grad-mode region, an op csqc does not compile
+    with torch.no_grad():
+        program = _exported(model, example_inputs)
     program.graph_module.graph.eliminate_dead_code()  # (keeps side effects: asserts, mutations)
     program.graph_module.recompile()
     return program
@@ -384,7 +387,7 @@ def capture_problems(model: nn.Module, example_inputs) -> list[str]:
         program = export_program(_flat_output_model(_finalized_copy(model)), example)
         from torch._export.serde import serialize as serde
 
-        checked = check_program(strip_guards(serde.serialize(program).exported_program), "the model")
+        checked = check_program(strip_guards(serde.serialize(program).exported_program), "the model", saving=True)
     except CsqcError as e:
         return [str(e)]
     problems = [f"unsupported operator {op} (at {where})" for op, where in checked.unsupported]

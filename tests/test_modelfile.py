@@ -462,3 +462,24 @@ def test_a_model_caching_a_computed_tensor_saves_from_its_training_form(tmp_path
     assert model.cache["bias"].grad_fn is not None
     loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", x))
     assert csqc.verify(loaded, samples=2).ok
+
+
+class _NoGradPositions(nn.Module):
+    """A position embedding whose forward turns gradients off itself (Speech2Text's sinusoids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            positions = torch.sin(torch.arange(8.0) * 0.5)
+        return self.fc(x) + positions
+
+
+def test_a_forward_that_turns_gradients_off_is_saved(tmp_path):
+    """Exported under no_grad, it has no grad-mode region (an op csqc does not compile)."""
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_NoGradPositions().eval(), n_bits=4, act_bits=4))
+    loaded = csqc.load(csqc.save(model, tmp_path / "m.pt", torch.rand(1, 8)))
+    assert csqc.verify(loaded, samples=2).ok
