@@ -619,12 +619,12 @@ def _samples(model: CsqcModel, inputs, samples: int, dataset: str | None, seed: 
                                f"value), got {list(a.shape)}")
             if takes and tuple(a.shape[1:]) != tuple(s["shape"][1:]):
                 raise BadInput(f"input {s['name']}: samples must have shape {s['shape'][1:]}, got {list(a.shape[1:])}")
+            if not np.isfinite(a).all():
+                raise BadInput(f"input {s['name']} contains NaN or infinity")
         counts = {s["name"]: len(a) for a, s, takes in zip(arrays, specs, sample_inputs(model)) if takes}
         if len(set(counts.values())) > 1:
             raise BadInput("the inputs that take samples must hold as many each: "
                            + ", ".join(f"{name} {count}" for name, count in counts.items()))
-            if not np.isfinite(a).all():
-                raise BadInput(f"input {s['name']} contains NaN or infinity")
     else:
         if not 1 <= samples <= MAX_RANDOM_SAMPLES:
             raise BadInput(f"samples must be 1..{MAX_RANDOM_SAMPLES:,} random inputs, got {samples:,}; to check on "
