@@ -495,9 +495,9 @@ def _inputs(model, specs: list[dict], dataset: str | None) -> tuple[list[np.ndar
     """``(one array per model input, calibration samples)``: seeded random batches as ``verify``
     draws them (uniform [0, 1) floats, valid token ids for integer inputs), or the digits test
     split's first batch (and the next batches for calibration)."""
-    from .verify import random_inputs
+    from .verify import random_inputs, sample_inputs
 
-    batch = specs[0]["shape"][0]
+    batch = specs[sample_inputs(model).index(True)]["shape"][0]  # (an input of fixed shape may come first)
     xs = random_inputs(model, batch, seed=0)
     calib = [tuple(random_inputs(model, batch, seed=seed)) for seed in range(1, 9)]
     if dataset == "digits":
