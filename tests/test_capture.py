@@ -274,16 +274,16 @@ class _Atan(nn.Module):  # (exp, log and erf are IR ops now; sin, cos and cumsum
         return torch.atan(x)
 
 
-class _Expm1(nn.Module):
+class _Asinh(nn.Module):  # (expm1 and log1p compose of exp and log now)
     def forward(self, x):
-        return torch.expm1(x)
+        return torch.asinh(x)
 
 
 class _Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(4, 4), _Atan())
-        self.head = nn.Sequential(nn.Linear(4, 4), _Expm1())
+        self.head = nn.Sequential(nn.Linear(4, 4), _Asinh())
 
     def forward(self, x):
         return self.head(self.encoder(x))
@@ -293,10 +293,10 @@ def test_unsupported_ops_are_all_listed_with_their_modules(tmp_path):
     with pytest.raises(UnsupportedOps) as e:
         _captured(_Unsupported(), (2, 4), tmp_path)
     found = dict((op, where) for op, where in e.value.unsupported)
-    assert found == {"aten.atan.default": "encoder.1", "aten.expm1.default": "head.1"}
+    assert found == {"aten.atan.default": "encoder.1", "aten.asinh.default": "head.1"}
     message = str(e.value)
     assert "2 unsupported operator(s)" in message
-    assert "aten.atan.default (at encoder.1)" in message and "aten.expm1.default (at head.1)" in message
+    assert "aten.atan.default (at encoder.1)" in message and "aten.asinh.default (at head.1)" in message
 
 
 @pytest.mark.parametrize("equation, shapes, why", [
@@ -665,3 +665,67 @@ def test_capture_rejects_a_batch_below_one(tmp_path):
     path = csqc.save(nn.Linear(2, 2), tmp_path / "m.pt", torch.randn(1, 2))
     with pytest.raises(csqc.BadInput, match="batch must be at least 1"):
         capture(csqc.load(path), batch=0)
+
+
+_CAUSAL = torch.tril(torch.ones(5, 7)).bool()
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: torch.max(x, torch.tensor(0.3)), lambda x: x.max(torch.linspace(-1, 1, 7)),
+    lambda x: F.adaptive_max_pool1d(x, 7), lambda x: F.adaptive_max_pool1d(x, 3),
+    lambda x: F.adaptive_max_pool1d(x, 1), lambda x: F.adaptive_max_pool2d(x[None], (2, 3)),
+    lambda x: F.adaptive_max_pool2d(x[None], (5, 3)), lambda x: F.adaptive_max_pool2d(x[None], (1, 7)),
+    lambda x: torch.where(_CAUSAL, x, torch.full([], -3.4e38)), lambda x: torch.where(_CAUSAL, 0.5, x),
+    lambda x: torch.where(_CAUSAL, x, x.flip(2) * 2), lambda x: torch.where(_CAUSAL[0], x, float("-inf")),
+    lambda x: x.masked_fill(~_CAUSAL, torch.tensor(-1.5)),
+], ids=["max_scalar_tensor", "max_tensor", "adaptive_max_1d_whole", "adaptive_max_1d_overlapping",
+        "adaptive_max_1d_global", "adaptive_max_2d_overlapping", "adaptive_max_2d_one_axis", "adaptive_max_2d_rows",
+        "where_causal", "where_scalar_self", "where_two_values", "where_minus_inf", "masked_fill_tensor"])
+def test_maxima_and_selections_over_constant_masks_are_exact(f, tmp_path):
+    """Maxima against constants, adaptive max pools whose windows overlap (separable: slices,
+    amax, cat) and ``where`` over a constant condition: bit for bit torch's (an infinite fill
+    as the largest finite float32, as attention masks are)."""
+    x = (np.random.default_rng(5).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    with torch.no_grad():
+        expected = f(torch.from_numpy(x)).numpy()
+    expected = np.where(np.isneginf(expected), -np.finfo(np.float32).max, expected)
+    (out,), _ = run(g, [x])
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: torch.baddbmm(x[:, :, :5], x, x.mT), lambda x: torch.baddbmm(x[:, :, :5], x, x.mT, beta=0.5, alpha=2),
+    lambda x: torch.baddbmm(x[:, :1, :5], x, x.mT, beta=0.0, alpha=0.125),
+    lambda x: torch.addmm(x[0, 0, :5], x[0], x[1].T, beta=2.0), lambda x: torch.exp2(x),
+    lambda x: torch.expm1(x), lambda x: torch.log1p(x.abs() * 10 - 0.9), lambda x: torch.log1p(x * 1e-9),
+], ids=["baddbmm", "baddbmm_scaled", "baddbmm_no_input", "addmm_scaled", "exp2", "expm1", "log1p", "log1p_tiny"])
+def test_scaled_products_and_exponentials_match_pytorch(f, tmp_path):
+    """baddbmm and addmm with their scales, exp2 / expm1 / log1p of computed values: composed of
+    matmul, mul, add, exp and log, within float tolerance of torch (log1p keeps tiny values'
+    relative precision)."""
+    x = (np.random.default_rng(6).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    _compare(Lambda(f), g, x, rtol=3e-6)
+
+
+def test_log1p_keeps_relative_precision_near_zero_and_minus_one(tmp_path):
+    x = np.array([[-1.0 + 2**-24, -1.0 + 2**-20, 0.0, -0.5, 1e-30, -3e-8, 2e-7, 1e30]], np.float32)
+    g = _captured(Lambda(torch.log1p), x.shape, tmp_path)
+    (out,), _ = run(g, [x])
+    np.testing.assert_allclose(out, torch.log1p(torch.from_numpy(x)).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, affine, eps", [(7, True, None), ((5, 7), False, 1e-3), (7, True, 1e-6)],
+                         ids=["last_axis", "two_axes_no_weight", "eps"])
+def test_rms_norm_matches_pytorch(shape, affine, eps, tmp_path):
+    """``nn.RMSNorm`` (torch's ``rms_norm``) as x * 1 / sqrt(mean(x * x) + eps) * weight."""
+    norm = nn.RMSNorm(shape, eps=eps, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+    x = (np.random.default_rng(7).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    x[0, 0] = 0.0  # a zero row: eps alone under the root
+    g = _captured(norm, x.shape, tmp_path)
+    assert {n.op for n in g.nodes} == {"mul", "mean", "add", "sqrt", "div"}
+    _compare(norm, g, x, rtol=3e-6)

@@ -313,20 +313,30 @@ class TimestepDenoiser(torch.nn.Module):
 class ExportedOpsNet(torch.nn.Module):
     """Ops torch.export keeps as their own between CSQ linears: ``x.mT``, ``triu`` of computed
     scores, ``movedim``, ``tensor_split``, ``diff``, ``min(dim)``, ``logsumexp``, ``var_mean``,
-    ``lerp`` and ``addcmul``."""
+    ``lerp`` and ``addcmul``; RMSNorm, ``baddbmm``, ``where`` over a causal mask, an adaptive max
+    pool of overlapping windows, ``max`` against a constant, ``exp2``, ``expm1``, ``log1p``."""
 
     def __init__(self):
         super().__init__()
         nn = torch.nn
         self.proj, self.mix, self.head = nn.Linear(8, 8), nn.Linear(6, 6), nn.Linear(24, 5)
+        self.norm = nn.RMSNorm(8)
+        self.register_buffer("bias", torch.randn(1, 6, 6))
+        self.register_buffer("causal", torch.tril(torch.ones(6, 6)).bool())
+        self.register_buffer("floor", torch.linspace(-1, 1, 6))
 
     def forward(self, x):
-        h = self.proj(x)
-        h = self.mix(((h @ h.mT).triu() / 8).movedim(1, 2))
+        h = self.norm(self.proj(x))
+        scores = torch.baddbmm(self.bias, h, h.mT, beta=0.5, alpha=0.125)
+        attention = torch.where(self.causal, scores, float("-inf")).softmax(-1)
+        h = self.mix((attention + (h @ h.mT).triu() / 8).movedim(1, 2))
         a, b = h.tensor_split(2, 2)
+        a = a + torch.nn.functional.adaptive_max_pool1d(h, 4)[..., 1:]
         v, mu = torch.var_mean(h, 2)
         mixed = torch.lerp(b.min(dim=1).values, torch.logsumexp(a, 1), 0.3)
-        return self.head(torch.cat([torch.diff(a, dim=1).flatten(1), mixed, torch.addcmul(v, mu, mu, value=0.5)], 1))
+        shaped = torch.expm1(torch.max(v, self.floor)) + torch.log1p(torch.exp2(-mu.abs()))
+        return self.head(torch.cat([torch.diff(a, dim=1).flatten(1), mixed,
+                                    torch.addcmul(v, mu, mu, value=0.5) + shaped], 1))
 
 
 @pytest.mark.parametrize("factory, shape", [(normalized_net, (1, 3, 16, 16)), (sequence_net, (1, 4, 32)),

@@ -60,8 +60,41 @@ def _float_unary(op: str):
 def _reciprocal_sqrt(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``rsqrt(x)`` as ``1 / sqrt(x)``, two correctly rounded steps, as torch's CPU kernel computes
     it (RMSNorm: Llama, Mistral, Qwen)."""
-    root = _typed(ctx, fx, "sqrt", [ctx.value(fx.args[0])], _shape_of(fx.args[0]), "sqrt")
-    return ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), root], base=_base(fx, "rsqrt"))
+    return _reciprocal_root(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), "rsqrt", final=True)
+
+
+def _reciprocal_root(ctx: _Ctx, fx: torch.fx.Node, v: str, shape, what: str, final: bool = False) -> str:
+    root = _typed(ctx, fx, "sqrt", [v], shape, f"{what}.sqrt" if not final else "sqrt")
+    if final:
+        return ctx.emit(fx, "div", [_scalar(ctx, fx, 1.0, "one"), root], base=_base(fx, what))
+    return _typed(ctx, fx, "div", [_scalar(ctx, fx, 1.0, f"{what}.one"), root], shape, what)
+
+
+_LN2 = 0.693147180559945309417232121458176568
+
+
+def _power_of_two(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``exp2(x)`` as ``exp(x * ln 2)``: the product's rounding (2^-24 relative) grows with |x|,
+    so a few ulps from torch's exp2 (float tolerance; the same bits on every runtime of the IR)."""
+    shape = _shape_of(fx.args[0])
+    scaled = _typed(ctx, fx, "mul", [ctx.value(fx.args[0]), _scalar(ctx, fx, _LN2, "ln2")], shape, "scaled")
+    return ctx.emit(fx, "exp", [scaled], base=_base(fx, "exp2"))
+
+
+def _exp_less_one(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``expm1(x)`` as ``exp(x) - 1``, as csqc's ELU computes it: within an ulp of 1 of torch's
+    for small |x| (absolute, not relative, precision there: float tolerance)."""
+    shape = _shape_of(fx.args[0])
+    grown = _typed(ctx, fx, "exp", [ctx.value(fx.args[0])], shape, "exp")
+    return ctx.emit(fx, "sub", [grown, _scalar(ctx, fx, 1.0, "one")], base=_base(fx, "expm1"))
+
+
+def _log_one_plus(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``log1p(u)`` of a computed value as :func:`_log1p_of_positive` computes it: for ``u`` above
+    -1 (the correction holds there too; tiny values keep their relative precision). At -1 and
+    below torch's result is not finite, which every runtime refuses."""
+    shape = _shape_of(fx.args[0])
+    return _log1p_of_positive(ctx, fx, ctx.value(fx.args[0]), shape, "log1p", final=True)
 
 
 def _rsub(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -157,16 +190,20 @@ def _elu(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "add", [positive, tail], base=_base(fx, "elu"))
 
 
-def _log1p_of_positive(ctx: _Ctx, fx: torch.fx.Node, u: str, shape, what: str) -> str:
+def _log1p_of_positive(ctx: _Ctx, fx: torch.fx.Node, u: str, shape, what: str, final: bool = False) -> str:
     """``log1p(u)`` for ``u >= 0`` as ``log(w) + (u - (w - 1)) / w``, ``w = 1 + u``: the
     correction restores what rounding ``1 + u`` lost (for ``u`` below an ulp of 1, all of it:
-    ``log1p(u) = u``), so small values keep their relative precision as torch's log1p does."""
+    ``log1p(u) = u``), so small values keep their relative precision as torch's log1p does.
+    ``final``: ``fx``'s own node, for any ``u`` (:func:`_log_one_plus`)."""
     one = _scalar(ctx, fx, 1.0, f"{what}.one")
     w = _typed(ctx, fx, "add", [u, one], shape, f"{what}.w")
     lost = _typed(ctx, fx, "sub", [u, _typed(ctx, fx, "sub", [w, one], shape, f"{what}.w_less_one")], shape,
                   f"{what}.lost")
-    return _typed(ctx, fx, "add", [_typed(ctx, fx, "log", [w], shape, f"{what}.log"),
-                                   _typed(ctx, fx, "div", [lost, w], shape, f"{what}.correction")], shape, what)
+    parts = [_typed(ctx, fx, "log", [w], shape, f"{what}.log"),
+             _typed(ctx, fx, "div", [lost, w], shape, f"{what}.correction")]
+    if final:
+        return ctx.emit(fx, "add", parts, base=_base(fx, what))
+    return _typed(ctx, fx, "add", parts, shape, what)
 
 
 def _at_least(ctx: _Ctx, fx: torch.fx.Node, v: str, floor: float, shape, what: str) -> str:
@@ -291,10 +328,13 @@ def _threshold(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 def _maximum(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``maximum(a, b)`` as ``0 - minimum(0 - a, 0 - b)`` (negation is exact)."""
-    a, b = fx.args[0], fx.args[1]
-    na = _negated_value(ctx, fx, ctx.value(a), _shape_of(a), "neg_a")
-    nb = _negated_value(ctx, fx, ctx.value(b), _shape_of(b), "neg_b")
-    low = _typed(ctx, fx, "minimum", [na, nb], _type_of(fx).shape, "minimum")
+    negated = []
+    for arg, what in ((fx.args[0], "neg_a"), (fx.args[1], "neg_b")):
+        if ctx.is_const(arg):  # (x.max(t) of a constant t: negated here)
+            negated.append(ctx.param(_base(fx, what), -ctx.tensor(arg).detach().cpu().numpy().astype(np.float32)))
+        else:
+            negated.append(_negated_value(ctx, fx, ctx.value(arg), _shape_of(arg), what))
+    low = _typed(ctx, fx, "minimum", negated, _type_of(fx).shape, "minimum")
     return ctx.emit(fx, "sub", [_scalar(ctx, fx, 0.0, "zero"), low], base=_base(fx, "maximum"))
 
 
@@ -335,6 +375,10 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
     over it gives the same, unless a whole row is masked. A mask the model computes from its input
     would need a select op."""
     x, mask, value = fx.args[:3]
+    if isinstance(value, torch.fx.Node):  # masked_fill.Tensor: a one-element tensor
+        if not ctx.is_const(value) or ctx.tensor(value).numel() != 1:
+            raise _Unsupported("masked_fill with a fill value computed from the model's input")
+        value = ctx.tensor(value).item()
     if not ctx.is_const(mask):
         raise _Unsupported("masked_fill with a mask computed from the model's input (a constant mask, such as "
                            "a causal one, is supported)")
@@ -344,12 +388,50 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
     where = ctx.tensor(mask).detach().cpu().numpy().astype(bool)
     if tuple(np.broadcast_shapes(shape, where.shape)) != tuple(shape):
         raise _Unsupported(f"masked_fill with a mask of shape {list(where.shape)} for values of shape {list(shape)}")
-    value = float(value)
-    if value != value:
-        raise _Unsupported("masked_fill with NaN")
-    if abs(value) == float("inf"):  # as attention's masks: the largest finite value of that sign (parameters
-        value = float(np.copysign(np.finfo(np.float32).max, value))  # are finite; softmax gives the same)
+    value = _finite_fill(float(value), "masked_fill")
     return _filled_where(ctx, fx, ctx.value(x), shape, where, value, "masked_fill")
+
+
+def _finite_fill(value, what: str):
+    """A fill value (a scalar or an array) with each infinity the largest finite float32 of its
+    sign, as attention's masks (``attention._MASKED``): parameters are finite, and a softmax over
+    it gives the same unless a whole row is filled. NaN is refused."""
+    if np.isnan(value).any():
+        raise _Unsupported(f"{what} with NaN")
+    finite = np.where(np.isinf(value), np.copysign(np.finfo(np.float32).max, value), value)
+    return float(finite) if np.ndim(finite) == 0 else finite
+
+
+def _selected(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``torch.where(cond, a, b)`` with a constant condition (GPT-2's causal mask) as
+    ``a * [cond] + b * [not cond]``: each computed branch multiplied by exactly 0 or 1, a constant
+    branch a parameter already 0 off its side; exact for finite values, as :func:`_masked_fill`
+    (a constant infinity becomes the largest finite float32 of its sign). A condition computed
+    from the model's input would need a select op."""
+    cond, a, b = fx.args[:3]
+    if not ctx.is_const(cond):
+        raise _Unsupported("where with a condition computed from the model's input (a constant condition, such as "
+                           "a causal mask, is supported)")
+    if _type_of(fx).dtype != "float32":
+        raise _Unsupported(f"where of {_type_of(fx).dtype} values")
+    mask = ctx.tensor(cond).detach().cpu().numpy().astype(bool)
+    parts = []
+    for side, branch, picked in (("true", a, mask), ("false", b, ~mask)):
+        if isinstance(branch, torch.fx.Node) and not ctx.is_const(branch):
+            if _type_of(branch).dtype != "float32":
+                raise _Unsupported(f"where of {_type_of(branch).dtype} values")
+            shape = np.broadcast_shapes(picked.shape, _shape_of(branch))
+            keep = ctx.param(_base(fx, f"where.{side}_keep"), picked.astype(np.float32))
+            parts.append(_typed(ctx, fx, "mul", [ctx.value(branch), keep], shape, f"where.{side}_kept"))
+            continue
+        value = ctx.tensor(branch).detach().cpu().double().numpy() if isinstance(branch, torch.fx.Node) else (
+            np.float64(branch))
+        value = _finite_fill(value, "where")
+        part = ctx.param(_base(fx, f"where.{side}_fill"), np.where(picked, value, 0.0).astype(np.float32))
+        if (ctx.params[part] >= 0).all():
+            ctx.nonneg.add(part)
+        parts.append(part)
+    return ctx.emit(fx, "add", parts, base=_base(fx, "where"))
 
 
 def _filled_where(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, where: np.ndarray, value: float, what: str) -> str:

@@ -27,6 +27,7 @@ _CONSTANT_ONLY = (
     _aten.div.Tensor_mode, _aten.floor_divide.default, _aten.remainder.Scalar, _aten.remainder.Tensor,
     _aten.fmod.Scalar, _aten.fmod.Tensor, _aten.log2.default, _aten.scalar_tensor.default, _aten.sum.default,
     _aten.logical_and.default, _aten.logical_or.default, _aten.argsort.default, _aten.cumprod.default,
+    _aten.linspace.default, _aten.logspace.default,
 )
 # ops whose result depends only on their first input's shape and dtype (x.new_zeros(...)): a
 # constant, folded, whatever that input is (Swin builds its window mask from one and fills it)

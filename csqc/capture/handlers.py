@@ -11,16 +11,17 @@ import torch
 from .attention import _sdpa
 from .context import _arg, _aten, _base, _Ctx, _scalar
 from .elementwise import (
-    _absolute, _add_product, _binary, _clip, _difference, _elu, _float_unary, _gelu, _glu, _interpolated, _leaky_relu,
-    _log_sigmoid, _masked_fill, _maximum, _mish, _negated, _outer, _pow, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub,
-    _shrink, _sign, _softplus, _squared, _threshold, _triangle)
+    _absolute, _add_product, _binary, _clip, _difference, _elu, _exp_less_one, _float_unary, _gelu, _glu,
+    _interpolated, _leaky_relu, _log_one_plus, _log_sigmoid, _masked_fill, _maximum, _mish, _negated, _outer, _pow,
+    _power_of_two, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _selected, _shrink, _sign, _softplus, _squared,
+    _threshold, _triangle)
 from .folding import _CONSTANT_ONLY, _constant_only
 from .layers import (
     _act_quant, _act_quant_asymmetric, _addmm, _batch_norm, _conv1d, _einsum, _embedding, _float_conv,
-    _float_conv_convolution, _float_linear, _matmul, _quant_layer)
+    _float_conv_convolution, _float_linear, _matmul, _quant_layer, _scaled_sum_of_product)
 from .reductions import (
-    _amax, _amin, _cosine_similarity, _group_norm, _layer_norm, _log_softmax, _logsumexp, _mean, _softmax, _sum,
-    _variance, _vector_norm)
+    _amax, _amin, _cosine_similarity, _group_norm, _layer_norm, _log_softmax, _logsumexp, _mean, _rms_norm, _softmax,
+    _sum, _variance, _vector_norm)
 from .resampling import (
     _adaptive_avg, _adaptive_avg1d, _adaptive_max, _max_pool_with_indices, _pool, _pool1d, _upsample_linear,
     _upsample_nearest)
@@ -270,4 +271,22 @@ HANDLERS.update({
     _aten.var_mean.correction: _variance,
     _aten.std_mean.dim: _variance,
     _aten.std_mean.correction: _variance,
+})
+
+
+# the sweep's gaps that compose exactly (or within float tolerance) of IR ops: RMSNorm, BLOOM's
+# baddbmm, GPT-2's where over a constant causal mask, max against a tensor, 1-D and overlapping
+# adaptive max pools, exp2 / expm1 / log1p of computed values
+HANDLERS.update({
+    _aten.rms_norm.default: _rms_norm,
+    _aten.baddbmm.default: _scaled_sum_of_product,
+    _aten.where.self: _selected,
+    _aten.where.ScalarOther: _selected,
+    _aten.where.ScalarSelf: _selected,
+    _aten.masked_fill.Tensor: _masked_fill,
+    _aten.max.other: _maximum,
+    _aten.adaptive_max_pool1d.default: _adaptive_max,
+    _aten.exp2.default: _power_of_two,
+    _aten.expm1.default: _exp_less_one,
+    _aten.log1p.default: _log_one_plus,
 })

@@ -11,7 +11,7 @@ import torch
 from ..errors import BadInput
 from ..idioms import IDIOM_META, idiom_attrs
 from ..ir import QuantSpec, TensorType
-from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _scalar, _shape_of, _type_of, _typed, _Unsupported
 
 
 def _active_bits(mask: int, n_bits: int) -> tuple[int, ...]:
@@ -272,16 +272,42 @@ def _embedding(ctx: _Ctx, fx: torch.fx.Node) -> str:
 def _addmm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # addmm(bias, x, w, beta=1, alpha=1) = bias + x @ w: transformers' Conv1D keeps w as [in, out]
     bias, x, w = fx.args[:3]
-    if _arg(fx, 3, "beta", 1) != 1 or _arg(fx, 4, "alpha", 1) != 1:
-        raise _Unsupported("addmm with beta or alpha != 1")
+    plain = float(_arg(fx, 3, "beta", 1)) == 1 and float(_arg(fx, 4, "alpha", 1)) == 1
     base = module_path(fx) or fx.name
-    if ctx.is_const(w) and ctx.is_const(bias) and ctx.tensor(bias).dim() == 1:
+    if plain and ctx.is_const(w) and ctx.is_const(bias) and ctx.tensor(bias).dim() == 1:
         weight = ctx.tensor(w).detach().float().numpy().T
         inputs = [ctx.value(x), ctx.param(f"{base}.weight", np.ascontiguousarray(weight)),
                   ctx.param(f"{base}.bias", ctx.tensor(bias).detach().float().numpy())]
         return ctx.emit(fx, "linear", inputs, attrs={"act": "none"})
-    product = ctx.emit(fx, "matmul", [ctx.value(x), ctx.value(w)], base=_base(fx, "matmul"))
-    return ctx.emit(fx, "add", [product, ctx.value(bias)], base=_base(fx, "add"))
+    return _scaled_sum_of_product(ctx, fx)
+
+
+def _scaled_sum_of_product(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``addmm`` / ``baddbmm(input, a, b, beta, alpha)`` = ``beta * input + alpha * (a @ b)``
+    (BLOOM's ALiBi attention scores): a matmul, times ``alpha`` where it is not 1, plus the
+    input times ``beta`` where that is not 1; ``beta`` 0 leaves the input out (torch does not
+    read it then: NaN there does not spread). torch accumulates the product into the scaled
+    input: float tolerance, the same bits on every runtime of the IR."""
+    addend, a, b = fx.args[:3]
+    beta, alpha = float(_arg(fx, 3, "beta", 1)), float(_arg(fx, 4, "alpha", 1))
+    if min(len(_shape_of(v)) for v in (a, b)) < 2:
+        raise _Unsupported("matmul of a vector (rank-1 operand)")
+    what = "baddbmm" if fx.target == _aten.baddbmm.default else "addmm"
+    out = _type_of(fx).shape
+    last = beta == 0 and alpha == 1
+    product = (ctx.emit(fx, "matmul", [ctx.value(a), ctx.value(b)], base=_base(fx, what)) if last else
+               _typed(ctx, fx, "matmul", [ctx.value(a), ctx.value(b)], out, "matmul"))
+    if alpha != 1:
+        scale = [product, _scalar(ctx, fx, alpha, "alpha")]
+        product = (ctx.emit(fx, "mul", scale, base=_base(fx, what)) if beta == 0 else
+                   _typed(ctx, fx, "mul", scale, out, "scaled_product"))
+    if beta == 0:
+        return product
+    addend_v = ctx.value(addend)
+    if beta != 1:
+        addend_v = _typed(ctx, fx, "mul", [addend_v, _scalar(ctx, fx, beta, "beta")], _shape_of(addend),
+                          "scaled_input")
+    return ctx.emit(fx, "add", [product, addend_v], base=_base(fx, what))
 
 
 def _float_conv_convolution(ctx: _Ctx, fx: torch.fx.Node) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from ..ir import TensorType
 from .context import _arg, _aten, _base, _Ctx, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
-from .elementwise import _abs_value, _negated_value
+from .elementwise import _abs_value, _negated_value, _reciprocal_root
 
 
 def _mean(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -58,6 +58,31 @@ def _layer_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     bias = (ctx.param(f"{base}.bias", ctx.tensor(b).detach().float().numpy()) if b is not None
             else ctx.param(f"{base}.bias", np.zeros(normalized, np.float32)))
     return ctx.emit(fx, "layer_norm", [ctx.value(x), weight, bias], t, {"axis": axis, "eps": eps}, base=base)
+
+
+def _rms_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``rms_norm(x, normalized_shape, weight, eps)`` (``nn.RMSNorm``) in torch's order:
+    ``x * rsqrt(mean(x * x) + eps)`` over the normalized axes, then times the weight; ``eps``
+    None is float32's machine epsilon, as torch takes it. The rsqrt as 1 / sqrt
+    (:func:`_reciprocal_sqrt`); the mean sums in another order than torch's: float tolerance,
+    the same bits on every runtime of the IR."""
+    x, normalized = fx.args[:2]
+    w, eps = _arg(fx, 2, "weight"), _arg(fx, 3, "eps")
+    eps = float(np.finfo(np.float32).eps) if eps is None else float(eps)
+    shape, xv = _shape_of(x), ctx.value(x)
+    if _type_of(x).dtype != "float32":
+        raise _Unsupported(f"rms_norm of {_type_of(x).dtype} values")
+    dims = tuple(range(len(shape) - len(normalized), len(shape)))
+    kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
+    squares = _typed(ctx, fx, "mul", [xv, xv], shape, "squares")
+    mean = _typed(ctx, fx, "mean", [squares], kept, "mean_square", {"dims": dims, "keepdim": True})
+    shifted = _typed(ctx, fx, "add", [mean, _scalar(ctx, fx, eps, "eps")], kept, "plus_eps")
+    scale = _reciprocal_root(ctx, fx, shifted, kept, "rsqrt")
+    if w is None:
+        return ctx.emit(fx, "mul", [xv, scale], base=module_path(fx) or fx.name)
+    normed = _typed(ctx, fx, "mul", [xv, scale], shape, "normalized")
+    weight = ctx.param(f"{module_path(fx) or fx.name}.weight", ctx.tensor(w).detach().float().numpy())
+    return ctx.emit(fx, "mul", [normed, weight], base=module_path(fx) or fx.name)
 
 
 def _group_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:

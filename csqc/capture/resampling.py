@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ir import TensorType
-from .context import _arg, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
 from .layers import _as_2d
 from .tensors import _gathered, _repeated_in_place
 
@@ -150,15 +150,42 @@ def _adaptive_avg1d(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _adaptive_max(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``adaptive_max_pool2d`` to sizes that divide the input's: a max pool whose kernel and
-    stride are the ratio (values only; the indices unused)."""
+    """``adaptive_max_pool2d`` / ``adaptive_max_pool1d`` (values; the indices unused) over
+    PyTorch's windows ``[floor(i * H / oh), ceil((i + 1) * H / oh))``. Where the sizes divide, one
+    max pool whose kernel and stride are the ratio; else, max being separable, each window's max
+    along the height (a slice and an amax), concatenated, then along the width: exact either way."""
+    one_d = fx.target == _aten.adaptive_max_pool1d.default
+    what = "adaptive_max_pool1d" if one_d else "adaptive_max_pool2d"
     if any(u.args[1] != 0 and u.users for u in fx.users):
-        raise _Unsupported("adaptive_max_pool2d indices are used")
-    h, w = _shape_of(fx.args[0])[2:]
-    oh, ow = _pair(fx.args[1])
-    oh, ow = h if oh is None else int(oh), w if ow is None else int(ow)
-    if h % oh or w % ow:
-        raise _Unsupported(f"adaptive_max_pool2d from {h}x{w} to {oh}x{ow} (not whole windows)")
-    kernel = (h // oh, w // ow)
-    attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0), "dilation": (1, 1), "ceil_mode": False}
-    return ctx.emit(fx, "max_pool2d", [ctx.value(fx.args[0])], TensorType(tuple(fx.meta["val"][0].shape)), attrs)
+        raise _Unsupported(f"{what} indices are used")
+    shape, xv = _shape_of(fx.args[0]), ctx.value(fx.args[0])
+    if len(shape) != (3 if one_d else 4):
+        raise _Unsupported(f"{what} of a {len(shape)}-D input (a batch of channels expected)")
+    out = TensorType(tuple(int(s) for s in fx.meta["val"][0].shape))
+    if one_d:
+        xv, shape = _as_2d(ctx, fx, xv, shape), (shape[0], shape[1], 1, shape[2])
+    sizes = (1, out.shape[2]) if one_d else out.shape[2:]
+    if all(n % k == 0 for n, k in zip(shape[2:], sizes)):
+        kernel = tuple(n // k for n, k in zip(shape[2:], sizes))
+        attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0), "dilation": (1, 1), "ceil_mode": False}
+        if not one_d:
+            return ctx.emit(fx, "max_pool2d", [xv], out, attrs)
+        pooled = _typed(ctx, fx, "max_pool2d", [xv], (*shape[:2], *sizes), "max_pool2d", attrs)
+        return ctx.emit(fx, "reshape", [pooled], out, base=_base(fx, what))
+    axes = [(axis, n) for axis, n in ((2, sizes[0]), (3, sizes[1])) if shape[axis] != n]
+    for axis, n_out in axes:
+        n_in = shape[axis]
+        if n_out > 64:
+            raise _Unsupported(f"{what} from {n_in} to {n_out} positions (windows that overlap: at most 64)")
+        pieces = []
+        for i in range(n_out):
+            start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+            window = _typed(ctx, fx, "slice", [xv], (*shape[:axis], end - start, *shape[axis + 1:]),
+                            f"window{axis}_{i}", {"axis": axis, "start": start, "end": end})
+            pieces.append(_typed(ctx, fx, "amax", [window], (*shape[:axis], 1, *shape[axis + 1:]),
+                                 f"window{axis}_{i}.max", {"dims": (axis,), "keepdim": True}))
+        shape = (*shape[:axis], n_out, *shape[axis + 1:])
+        if axis == axes[-1][0] and not one_d:
+            return ctx.emit(fx, "cat", pieces, out, {"axis": axis}, base=_base(fx, what))
+        xv = _typed(ctx, fx, "cat", pieces, shape, f"windows{axis}", {"axis": axis})
+    return ctx.emit(fx, "reshape", [xv], out, base=_base(fx, what))
