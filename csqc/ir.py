@@ -535,6 +535,21 @@ def nonfinite_params(g: Graph) -> list[str]:
     return [k for k, a in g.params.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
 
 
+def _take_index_problems(g: Graph, n: Node) -> list[str]:
+    """A take's index must be an int32 parameter inside the axis it picks from (the kernels read
+    the input at it)."""
+    index, x_t = g.params.get(n.inputs[1]), _safe_type(g, n.inputs[0])
+    axis = n.attrs.get("axis")
+    if index is None or x_t is None or not isinstance(axis, int) or not 0 <= axis < len(x_t.shape):
+        return []  # the parameter, type and attribute checks report these
+    if index.dtype != np.int32 or index.ndim == 0:
+        return [f"index must be an int32 array, is {index.dtype}{list(index.shape)}"]
+    size = x_t.shape[axis]
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= size):
+        return [f"index holds positions outside [0, {size}) of axis {axis}"]
+    return []
+
+
 def _check_node(g: Graph, n: Node) -> list[str]:
     out = []
     if n.op in QUANT_LAYER_OPS:
@@ -588,6 +603,8 @@ def _check_node(g: Graph, n: Node) -> list[str]:
             out.append("quantize output type must be asymmetric (aq) exactly when the quantizer is")
     elif n.type.quantized and n.op not in ("quantize", "qconv2d", "qlinear"):
         out.append("only quantize (or a quantized layer with fused output quantization) yields quantized values")
+    elif n.op == "take":
+        out += _take_index_problems(g, n)
     out += attr_problems(n)
     params_needed = OP_TABLE[n.op].param_inputs
     out += [f"input {i} (%{v}) must be a parameter" for i, v in enumerate(n.inputs)

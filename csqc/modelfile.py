@@ -316,7 +316,8 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
             tensors[f"{prefix}/{key}"] = value.detach().cpu().contiguous().numpy()
     for i, t in enumerate(example):
         tensors[f"example_inputs/{i}"] = t.detach().cpu().numpy()
-    flat = flat_outputs(program.module()(*example))
+    with torch.no_grad():  # (autograd refuses in-place writes to views of csqc's ops: Swin V2's position bias)
+        flat = flat_outputs(program.module()(*example))
     if names is None or len(names) != len(flat):
         names = [f"output{i}" for i in range(len(flat))]
     outputs = [tensor_spec(name, t) for name, t in zip(names, flat)]

@@ -264,6 +264,19 @@ def _embedding(shapes, n) -> tuple[int, ...]:
     return tuple(ids) + (table[1],)
 
 
+def _take(shapes, n) -> tuple[int, ...]:
+    x, index = shapes
+    axis = n.attr("axis")
+    if not 0 <= axis < len(x):
+        raise ShapeError(f"take axis {axis} outside rank {len(x)}")
+    return x[:axis] + tuple(index) + x[axis + 1:]
+
+
+def _torch_take(n, a):
+    index = a[1].to(T.int64)
+    return T.index_select(a[0], n.attr("axis"), index.reshape(-1)).reshape(n.type.shape)
+
+
 def _layer_norm(shapes, n) -> tuple[int, ...]:
     x, axis = shapes[0], n.attr("axis")
     if not 0 <= axis < len(x):
@@ -464,6 +477,11 @@ _DEFS = [
         torch=lambda n, a: _F().embedding(a[1].to(T.int64), a[0]), tvm="embedding", param_inputs=(0,),
         doc="rows of a float table (a parameter) picked by integer ids; ids outside the table are refused"),
     # data movement
+    _op("take", (2, 2), _take, attrs={"axis": Attr("int")}, sign=_keeps_sign,
+        evaluate=lambda n, a: np.take(np.asarray(a[0], F32), np.asarray(a[1], np.int64), axis=n.attr("axis")),
+        torch=_torch_take, tvm="take", param_inputs=(1,),
+        doc="x along one axis at the positions of a constant integer index of any shape (gathers and indexing of "
+            "many runs: relative position tables, long reversals)"),
     _op("reshape", (1, 1), _reshape, sign=_keeps_sign,
         evaluate=lambda n, a: np.ascontiguousarray(a[0]).reshape(n.type.shape),
         torch=lambda n, a: a[0].reshape(n.type.shape), tvm="reshape",

@@ -342,7 +342,6 @@ def test_pads_with_negative_widths_crop_first_as_torch_does(pad, mode, tmp_path)
 
 @pytest.mark.parametrize("pad, why", [
     (lambda x: F.pad(x, (-3, -2)), "crops axis 2 to nothing"),
-    (lambda x: x.flip(2).repeat(1, 1, 20).flip(2), "flip of 100 separate runs along an axis of 100 (at most 64"),
     (lambda x: x[:, [0, 1], [1, 0]], "advanced indexing on several axes"),
 ])
 def test_pads_it_cannot_translate_are_named(pad, why, tmp_path):
@@ -729,3 +728,40 @@ def test_rms_norm_matches_pytorch(shape, affine, eps, tmp_path):
     g = _captured(norm, x.shape, tmp_path)
     assert {n.op for n in g.nodes} == {"mul", "mean", "add", "sqrt", "div"}
     _compare(norm, g, x, rtol=3e-6)
+
+
+_POSITIONS = torch.from_numpy(np.random.default_rng(8).integers(0, 5, (6, 7)))
+
+
+@pytest.mark.parametrize("f, shape", [
+    (lambda x: x.flip(2).repeat(1, 1, 20).flip(2), (1, 2, 5)),
+    (lambda x: x[:, torch.tensor([[0, 4, 4], [3, 1, 2]])] * 2, (2, 5, 7)),
+    (lambda x: x.mean(0)[torch.tensor([4, 0, 3, 3, 1, 2, 0, 4, 2, 1, 3, 0])], (2, 5, 7)),
+    (lambda x: torch.gather(x, 2, _POSITIONS[None, :5].expand(2, 5, 7)), (2, 5, 7)),
+    (lambda x: torch.gather(x, 1, _POSITIONS[None, :4, :6].expand(2, 4, 6)), (2, 5, 7)),
+    (lambda x: torch.gather(x, 1, torch.stack([_POSITIONS[:4], _POSITIONS[2:]])), (2, 5, 7)),
+    (lambda x: torch.gather(x, 0, _POSITIONS[:2, :5].remainder(2)[..., None].expand(2, 5, 7)), (2, 5, 7)),
+], ids=["long_reversal", "index_of_two_dims", "table_lookup", "gather_rows", "gather_smaller_index",
+        "gather_per_sample", "gather_batch_axis"])
+def test_gathers_at_constant_positions_take_once_and_are_exact(f, shape, tmp_path):
+    """A gather of many runs, an index of several dimensions, ``torch.gather`` at a constant
+    index: one ``take`` each (the positions an int32 parameter), bit for bit torch's."""
+    x = (np.random.default_rng(9).standard_normal(shape) * 3).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    assert [n.op for n in g.nodes].count("take") == 1
+    with torch.no_grad():
+        expected = f(torch.from_numpy(x)).numpy()
+    (out,), _ = run(g, [x])
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_a_take_outside_its_axis_is_refused_by_the_verifier(tmp_path):
+    """An IR file is untrusted: a take's index must be int32 and inside the axis it reads."""
+    from csqc.ir import IRError, verify as verify_ir
+    g = _captured(Lambda(lambda x: x[:, torch.tensor([[0, 4, 4], [3, 1, 2]])]), (2, 5, 7), tmp_path)
+    take = next(n for n in g.nodes if n.op == "take")
+    for bad, why in ((np.array([[0, 5, 4], [3, 1, 2]], np.int32), r"outside \[0, 5\) of axis 1"),
+                     (np.array([[0, -1, 4], [3, 1, 2]], np.int32), "outside"),
+                     (np.array([[0, 4, 4], [3, 1, 2]], np.int64), "must be an int32 array")):
+        with pytest.raises(IRError, match=why):
+            verify_ir(g.with_params({take.inputs[1]: bad}))

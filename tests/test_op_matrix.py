@@ -142,6 +142,17 @@ def _embedding(b, p):
     return b.node(f"{p}y", "embedding", [table, b.input(f"{p}ids", (2, 3), "int64")], (2, 3, 5))
 
 
+def _take(x_shape, axis, index):
+    """``take`` of an input along ``axis`` at a constant int32 ``index`` (repeats, reversals)."""
+    index = np.asarray(index, np.int32)
+    out_shape = x_shape[:axis] + index.shape + x_shape[axis + 1:]
+
+    def build(b, p):
+        return b.node(f"{p}y", "take", [b.input(f"{p}x", x_shape), b.param(f"{p}index", index)], out_shape,
+                      attrs={"axis": axis})
+    return "take", build
+
+
 def _input_array(v) -> np.ndarray:
     """Float inputs uniform in [-2, 2); integer ones (token ids) valid rows of a 7-row table."""
     seed = zlib.crc32(v.name.encode())
@@ -205,6 +216,8 @@ CASES = {
     "cat": _two_inputs("cat", (2, 3), (2, 5), (2, 8), axis=1),
     "slice": _pool("slice", (2, 6, 3), (2, 3, 3), axis=1, start=2, end=5),
     "embedding": ("embedding", _embedding),
+    "take": _take((2, 5, 3), 1, [[4, 0, 0], [3, 1, 2]]),
+    "take[last axis]": _take((2, 3, 6), 2, [5, 4, 3, 2, 1, 0, 5]),
 }
 
 # (case, target) holes not filled yet: strict xfails, remove an entry once its hole is filled

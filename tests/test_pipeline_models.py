@@ -314,7 +314,8 @@ class ExportedOpsNet(torch.nn.Module):
     """Ops torch.export keeps as their own between CSQ linears: ``x.mT``, ``triu`` of computed
     scores, ``movedim``, ``tensor_split``, ``diff``, ``min(dim)``, ``logsumexp``, ``var_mean``,
     ``lerp`` and ``addcmul``; RMSNorm, ``baddbmm``, ``where`` over a causal mask, an adaptive max
-    pool of overlapping windows, ``max`` against a constant, ``exp2``, ``expm1``, ``log1p``."""
+    pool of overlapping windows, ``max`` against a constant, ``exp2``, ``expm1``, ``log1p``; a
+    ``torch.gather`` at constant positions and a long reversal (``take``)."""
 
     def __init__(self):
         super().__init__()
@@ -324,6 +325,7 @@ class ExportedOpsNet(torch.nn.Module):
         self.register_buffer("bias", torch.randn(1, 6, 6))
         self.register_buffer("causal", torch.tril(torch.ones(6, 6)).bool())
         self.register_buffer("floor", torch.linspace(-1, 1, 6))
+        self.register_buffer("order", torch.randint(0, 3, (1, 6, 3), generator=torch.Generator().manual_seed(3)))
 
     def forward(self, x):
         h = self.norm(self.proj(x))
@@ -332,6 +334,7 @@ class ExportedOpsNet(torch.nn.Module):
         h = self.mix((attention + (h @ h.mT).triu() / 8).movedim(1, 2))
         a, b = h.tensor_split(2, 2)
         a = a + torch.nn.functional.adaptive_max_pool1d(h, 4)[..., 1:]
+        a = torch.gather(a, 2, self.order.expand(a.shape[0], -1, -1)) + a.flatten(1).flip(1).view_as(a)
         v, mu = torch.var_mean(h, 2)
         mixed = torch.lerp(b.min(dim=1).values, torch.logsumexp(a, 1), 0.3)
         shaped = torch.expm1(torch.max(v, self.floor)) + torch.log1p(torch.exp2(-mu.abs()))

@@ -26,7 +26,7 @@ from .resampling import (
     _adaptive_avg, _adaptive_avg1d, _adaptive_max, _max_pool_with_indices, _pool, _pool1d, _upsample_linear,
     _upsample_nearest)
 from .tensors import (
-    _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _getitem, _index, _index_select, _matrix_transpose,
+    _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _gather, _getitem, _index, _index_select, _matrix_transpose,
     _movedim, _narrow, _no_op, _pad, _passthrough, _permute, _pixel_shuffle, _repeat, _repeat_interleave, _reshape,
     _reversed_axes, _roll, _same_dtype, _select, _slice, _split, _stack, _tensor_split, _transpose, _unbind)
 from .transposed import _conv_transpose, _quant_conv_transpose
@@ -289,4 +289,5 @@ HANDLERS.update({
     _aten.exp2.default: _power_of_two,
     _aten.expm1.default: _exp_less_one,
     _aten.log1p.default: _log_one_plus,
+    _aten.gather.default: _gather,  # at a constant index (DeBERTa's relative positions); one take
 })

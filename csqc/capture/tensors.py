@@ -452,23 +452,68 @@ def _feature_dropout(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.value(fx.args[0])
 
 
-_MAX_GATHER_RUNS = 64  # slices a constant-index gather may take along one axis
+_MAX_GATHER_RUNS = 8  # runs a constant-index gather takes as slices and a cat; more: one take
 
 
 def _index_runs(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index, what: str) -> str:
     """``x`` gathered along ``axis`` at constant positions ``index``: one slice per run of
-    consecutive positions, concatenated (a permutation of a few channels, a reversal of a
-    short axis); at most ``_MAX_GATHER_RUNS`` runs."""
+    consecutive positions, concatenated (a permutation of a few channels, a reversal of a short
+    axis: slices fuse into elementwise chains); past ``_MAX_GATHER_RUNS`` runs, or for an index
+    of several dimensions, one ``take`` (a relative position table, a long reversal)."""
     size = int(shape[axis])
-    index = np.asarray(index).astype(np.int64).reshape(-1)
+    index = np.asarray(index).astype(np.int64)
     index = np.where(index < 0, index + size, index)
     if index.size == 0 or (index < 0).any() or (index >= size).any():
         raise _Unsupported(f"{what}: an index outside the axis of {size}")
-    runs = 1 + int(np.count_nonzero(np.diff(index) != 1))
-    if runs > _MAX_GATHER_RUNS:
-        raise _Unsupported(f"{what} of {runs} separate runs along an axis of {size} (at most {_MAX_GATHER_RUNS} "
-                           "slices are translated)")
-    return _gathered(ctx, fx, xv, shape, axis, index, what)
+    flat = index.reshape(-1)
+    runs = 1 + int(np.count_nonzero(np.diff(flat) != 1))
+    if index.ndim != 1 or runs > _MAX_GATHER_RUNS:
+        return _taken(ctx, fx, xv, shape, axis, index, what)
+    return _gathered(ctx, fx, xv, shape, axis, flat, what)
+
+
+def _taken(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: np.ndarray, what: str,
+           final: bool = True) -> str:
+    """One ``take`` of ``x`` along ``axis`` at ``index`` (int32, checked inside the axis)."""
+    if index.size >= 2**31 or int(shape[axis]) >= 2**31:
+        raise _Unsupported(f"{what} of {index.size} positions (int32 indices)")
+    positions = ctx.param(_base(fx, f"{what}.index"), index.astype(np.int32))
+    out = tuple(shape[:axis]) + tuple(index.shape) + tuple(shape[axis + 1:])
+    if final:
+        return ctx.emit(fx, "take", [xv, positions], TensorType(out), {"axis": axis}, base=_base(fx, what))
+    return _typed(ctx, fx, "take", [xv, positions], out, what, {"axis": axis})
+
+
+def _gather(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``torch.gather(x, dim, index)`` of the model's values at a constant index (DeBERTa's
+    relative positions): each output element's flat position in ``x`` computed now, then one
+    ``take``. Leading axes the index does not vary along (and spans whole) stay axes of their
+    own, so a batch axis stays the batch (``x`` viewed as those axes and one flat axis)."""
+    x, dim, index = fx.args[:3]
+    if _arg(fx, 3, "sparse_grad", False):
+        raise _Unsupported("gather with sparse_grad")
+    if not ctx.is_const(index):
+        raise _Unsupported("gather by an index computed from the model's input (a constant index is supported)")
+    shape = _shape_of(x)
+    index = ctx.tensor(index).detach().cpu().numpy().astype(np.int64)
+    axis = int(dim) % len(shape)
+    if index.ndim != len(shape) or any(i > n for d, (i, n) in enumerate(zip(index.shape, shape)) if d != axis):
+        raise _Unsupported(f"gather by an index of shape {list(index.shape)} from values of shape {list(shape)}")
+    size = int(shape[axis])
+    index = np.where(index < 0, index + size, index)
+    if index.size == 0 or (index < 0).any() or (index >= size).any():
+        raise _Unsupported(f"gather: an index outside the axis of {size}")
+    kept = 0  # leading axes whole and uniform in the index: they stay axes (the batch among them)
+    while (kept < axis and index.shape[kept] == shape[kept]
+           and (index == np.take(index, [0], axis=kept)).all()):
+        kept += 1
+    sample = index[(0,) * kept]  # the index over the remaining axes
+    coords = list(np.indices(sample.shape))
+    coords[axis - kept] = sample
+    positions = np.ravel_multi_index(coords, shape[kept:])
+    flat = _typed(ctx, fx, "reshape", [ctx.value(x)], tuple(shape[:kept]) + (int(np.prod(shape[kept:])),),
+                  "gather.flat")
+    return _taken(ctx, fx, flat, tuple(shape[:kept]) + (int(np.prod(shape[kept:])),), kept, positions, "gather")
 
 
 def _index_select(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -478,14 +523,15 @@ def _index_select(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _index(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``x[..., idx, ...]`` with one constant 1-D index (the other axes whole): a gather."""
+    """``x[..., idx, ...]`` with one constant index (the other axes whole): a gather; an index of
+    several dimensions takes their place in the output."""
     indices = list(fx.args[1])
     axes = [i for i, t in enumerate(indices) if t is not None]
     if len(axes) != 1:
         raise _Unsupported("advanced indexing on several axes")
     index = ctx.tensor(indices[axes[0]]).numpy()
-    if index.ndim != 1 or index.dtype == np.bool_:
-        raise _Unsupported("indexing by a mask or a multi-dimensional index")
+    if index.dtype == np.bool_:
+        raise _Unsupported("indexing by a mask")
     return _index_runs(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), axes[0], index, "indexing")
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "layer_norm",
     "gelu",
     "embedding",
+    "take",
 ]
 
 log = logging.getLogger(__name__)
@@ -428,6 +429,25 @@ def embedding(rows: int, dim: int, ids_shape, ids_dtype: str):
 
     y = te.compute(ids_shape + (int(dim),), lambda *i: table[row(*i), i[-1]], name="y")
     return [table, ids, y]
+
+
+@_builder
+def take(shape, axis: int, index_shape):
+    """``main(x, index, y)``: ``y = take(x, index, axis)``, the positions of the int32 ``index``
+    (any shape) along ``axis``, clamped into it (memory safety; the IR verifier refuses an index
+    outside it first)."""
+    shape, index_shape = tuple(int(d) for d in shape), tuple(int(d) for d in index_shape)
+    axis = _normalize_axis(axis, len(shape))
+    x = te.placeholder(shape, _F32, name="x")
+    index = te.placeholder(index_shape, "int32", name="index")
+    r = len(index_shape)
+
+    def pick(*i):
+        at = tirx.Min(tirx.Max(index[i[axis:axis + r]], tirx.const(0, "int32")), tirx.const(shape[axis] - 1, "int32"))
+        return x[i[:axis] + (at,) + i[axis + r:]]
+
+    y = te.compute(shape[:axis] + index_shape + shape[axis + 1:], pick, name="y")
+    return [x, index, y]
 
 
 # --------------------------------------------------------------------------------------------

@@ -630,6 +630,14 @@ def _emit_slice(e: GraphEmitter, n: Node) -> str:
     return e.b.op("Slice", [e.float_of(n.inputs[0]), starts, ends, axes], _name(e, n), exact_name=True)
 
 
+def _emit_take(e: GraphEmitter, n: Node) -> str:
+    axis = int(n.attr("axis"))
+    if axis == 0 and e.dynamic_batch:
+        raise CompileError(f"{n.name}: a take along the batch dimension needs a fixed batch size")
+    index = e.b.const(n.inputs[1], e.g.params[n.inputs[1]].astype(np.int64))
+    return e.b.op("Gather", [e.float_of(n.inputs[0]), index], _name(e, n), exact_name=True, axis=axis)
+
+
 def _emit_layer_norm(e: GraphEmitter, n: Node) -> str:
     axis = int(n.attr("axis"))
     if axis == 0 and e.dynamic_batch:
@@ -710,6 +718,7 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "cos": _simple("Cos"),
     "sub": _simple("Sub"),
     "slice": _emit_slice,
+    "take": _emit_take,
     "matmul": _simple("MatMul"),
     "layer_norm": _emit_layer_norm,
     "gelu": lambda e, n: e.b.op("Gelu", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,

@@ -1565,6 +1565,13 @@ class _Lowerer:
         f = self.plan.func(f"slice_axis({s},{axis},{start},{end})", lambda: self.glue.slice_axis(s, axis, start, end))
         self.plan.call(f, [self.ref(n.inputs[0]), self.out(n)], n.name)
 
+    def lower_take(self, n: Node) -> None:
+        s, axis = tuple(self.g.type_of(n.inputs[0]).shape), int(n.attr("axis"))
+        index = self.ref(n.inputs[1])
+        index_shape = tuple(self.plan.buffers[index]["shape"])
+        f = self.plan.func(f"take({s},{axis},{index_shape})", lambda: self.glue.take(s, axis, index_shape))
+        self.plan.call(f, [self.ref(n.inputs[0]), index, self.out(n)], n.name)
+
     def lower_permute(self, n: Node) -> None:
         s = tuple(self.g.type_of(n.inputs[0]).shape)
         dims = n.attr("dims")

@@ -1,4 +1,4 @@
-"""Layout ops and the index helpers of broadcasting: copy, slice, concat, transpose, embedding."""
+"""Layout ops and the index helpers of broadcasting: copy, slice, concat, transpose, embedding, take."""
 
 from __future__ import annotations
 
@@ -76,6 +76,32 @@ def embedding(rows: int, dim: int, ids_shape, ids_dtype: str) -> tirx.PrimFunc:
 
     return prim_func([("table", (rows, dim), F32), ("ids", ids_shape, ids_dtype),
                        ("y", ids_shape + (dim,), F32)], body)
+
+
+def take(shape, axis: int, index_shape) -> tirx.PrimFunc:
+    """``y = take(x, index, axis)``: along ``axis``, the positions ``index`` holds (int32, any
+    shape), each copying its run of ``inner`` elements.
+
+    Parameters: ``x: f32[shape], index: int32[index_shape], y: f32[shape[:axis] + index_shape +
+    shape[axis + 1:]]``. Positions are clamped into the axis (memory safety); the IR verifier
+    refuses an index outside it first.
+    """
+    shape, index_shape = tuple(int(s) for s in shape), tuple(int(s) for s in index_shape)
+    axis, outer, size, inner = _channel_view(shape, axis)
+    picks = _prod(index_shape)
+
+    def body(x, index, y):
+        x_flat, index_flat, y_flat = _flat(x), _flat(index), _flat(y)
+
+        def emit(row, col):  # row: (outer position, pick); col: within the run
+            o, k = row // picks, row % picks
+            at = tirx.Min(tirx.Max(index_flat[k], tirx.const(0, "int32")), tirx.const(size - 1, "int32"))
+            I.buffer_store(y_flat, x_flat[(o * size + at) * inner + col], [row * inner + col])
+
+        _for_each(outer * picks, inner, emit)
+
+    out_shape = shape[:axis] + index_shape + shape[axis + 1:]
+    return prim_func([("x", shape, F32), ("index", index_shape, "int32"), ("y", out_shape, F32)], body)
 
 
 def _unravel(flat, shape) -> list:
