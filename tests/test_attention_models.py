@@ -251,13 +251,16 @@ def test_masked_fill_of_scores_by_a_constant_mask_is_exact(fill, tmp_path):
     _compiles_and_verifies(model, x, tmp_path, "masked")
 
 
-def test_masked_fill_by_a_mask_the_model_computes_is_refused_by_name(tmp_path):
+def test_masked_fill_by_a_mask_the_model_computes_selects_exactly(tmp_path):
     class Thresholded(nn.Module):
         def forward(self, x):
             return x.masked_fill(x > 0.5, 0.0)
 
-    with pytest.raises(UnsupportedOps, match=r"aten\.gt\.Scalar \[supported on constants only"):
-        csqc.save(Thresholded(), tmp_path / "t.pt", torch.rand(2, 4))
+    x = torch.rand(2, 4)
+    x[0, 0] = 0.5  # a tie: not masked
+    g = capture(csqc.load(csqc.save(Thresholded(), tmp_path / "t.pt", x)))
+    (out,), _ = run(g, [x.numpy()])
+    np.testing.assert_array_equal(out, Thresholded()(x).numpy())
 
 
 def _converted(model: nn.Module, example: torch.Tensor) -> csqc.conversion.ConversionReport:

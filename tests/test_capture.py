@@ -669,6 +669,17 @@ def test_capture_rejects_a_batch_below_one(tmp_path):
 _CAUSAL = torch.tril(torch.ones(5, 7)).bool()
 
 
+def _exact_with_finite_fills(f, x, tmp_path):
+    """``f`` captured and run by the interpreter equals torch bit for bit, an infinite fill
+    standing as the largest finite float32 of its sign (as attention masks do)."""
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    with torch.no_grad():
+        expected = f(torch.from_numpy(x)).numpy()
+    expected = np.where(np.isneginf(expected), -np.finfo(np.float32).max, expected)
+    (out,), _ = run(g, [x])
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("f", [
     lambda x: torch.max(x, torch.tensor(0.3)), lambda x: x.max(torch.linspace(-1, 1, 7)),
     lambda x: F.adaptive_max_pool1d(x, 7), lambda x: F.adaptive_max_pool1d(x, 3),
@@ -685,12 +696,7 @@ def test_maxima_and_selections_over_constant_masks_are_exact(f, tmp_path):
     amax, cat) and ``where`` over a constant condition: bit for bit torch's (an infinite fill
     as the largest finite float32, as attention masks are)."""
     x = (np.random.default_rng(5).standard_normal((2, 5, 7)) * 3).astype(np.float32)
-    g = _captured(Lambda(f), x.shape, tmp_path)
-    with torch.no_grad():
-        expected = f(torch.from_numpy(x)).numpy()
-    expected = np.where(np.isneginf(expected), -np.finfo(np.float32).max, expected)
-    (out,), _ = run(g, [x])
-    np.testing.assert_array_equal(out, expected)
+    _exact_with_finite_fills(f, x, tmp_path)
 
 
 @pytest.mark.parametrize("f", [
@@ -765,3 +771,48 @@ def test_a_take_outside_its_axis_is_refused_by_the_verifier(tmp_path):
                      (np.array([[0, 4, 4], [3, 1, 2]], np.int64), "must be an int32 array")):
         with pytest.raises(IRError, match=why):
             verify_ir(g.with_params({take.inputs[1]: bad}))
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: torch.where(x > 0, x, 0.1 * x), lambda x: x * (x.abs() < 1.5), lambda x: (x >= x.flip(2)).float(),
+    lambda x: (x <= 0.5).to(torch.float32) + (x == x.flip(2)) - (x != 0).float(),
+    lambda x: torch.where(x < x.mean(-1, keepdim=True), 1.0, x),
+    lambda x: torch.where((x > 0) & ~(x > 2) | (x < -2) ^ (x < -3), x, -x),
+    lambda x: torch.where(torch.logical_and(x > 0, _CAUSAL), x, torch.logical_or(x < 0, ~_CAUSAL).float()),
+    lambda x: torch.where(x > 0, x, float("-inf")).amax(-1),
+], ids=["leaky_where", "mask_product", "ge_float", "le_eq_ne", "where_scalar", "logic", "logic_with_constants",
+        "where_minus_inf"])
+def test_comparisons_and_conditions_of_computed_values_are_exact(f, tmp_path):
+    """Comparisons of the model's values (exact 0 / 1 indicators of a - b), logic of them, and
+    where / masked_fill / SDPA masks selecting by them: bit for bit torch's (infinite fills as
+    the largest finite float32); ties and subnormal differences included."""
+    x = np.round(np.random.default_rng(10).standard_normal((2, 5, 7)) * 3, 1).astype(np.float32)
+    x[0, 0, :4] = [0.0, 1e-45, -1e-45, 0.5]  # ties with the constants, subnormals either side of 0
+    x[1, 1] = x[1, 1, ::-1]  # a palindrome row: x == x.flip(2) at its middle
+    _exact_with_finite_fills(f, x, tmp_path)
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: x.masked_fill(x.abs() < 0.5, float("-inf")).softmax(-1),
+    lambda x: F.scaled_dot_product_attention(x, x, x, attn_mask=x[:, :, :5] > -1.0),
+], ids=["masked_fill_softmax", "sdpa_bool_mask"])
+def test_masks_the_model_computes_select_before_a_softmax(f, tmp_path):
+    """A computed boolean mask before a softmax (masked_fill by -inf, SDPA's attn_mask): the masked
+    weights exactly 0, the rest within softmax's float tolerance of torch's."""
+    x = (np.random.default_rng(11).standard_normal((2, 5, 7)) * 2).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    _compare(Lambda(f), g, x, rtol=1e-6)
+
+
+def test_a_boolean_model_input_is_refused_with_what_to_pass(tmp_path):
+    class Masked(nn.Module):
+        def forward(self, x, mask):
+            return x.masked_fill(mask, 0.0)
+
+    with pytest.raises(csqc.errors.BadInput, match="input 1 is boolean.*float 0.0 / 1.0"):
+        csqc.save(Masked(), tmp_path / "m.pt", (torch.randn(2, 3), torch.rand(2, 3) > 0.5))
+
+
+def test_logic_of_values_that_are_not_conditions_is_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedOps, match="logical and of values that are not boolean"):
+        _captured(Lambda(lambda x: torch.logical_and(x, x.flip(1)).float()), (2, 5), tmp_path)

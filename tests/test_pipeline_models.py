@@ -315,7 +315,8 @@ class ExportedOpsNet(torch.nn.Module):
     scores, ``movedim``, ``tensor_split``, ``diff``, ``min(dim)``, ``logsumexp``, ``var_mean``,
     ``lerp`` and ``addcmul``; RMSNorm, ``baddbmm``, ``where`` over a causal mask, an adaptive max
     pool of overlapping windows, ``max`` against a constant, ``exp2``, ``expm1``, ``log1p``; a
-    ``torch.gather`` at constant positions and a long reversal (``take``)."""
+    ``torch.gather`` at constant positions and a long reversal (``take``); comparisons of
+    computed values selecting by ``where`` and ``masked_fill``."""
 
     def __init__(self):
         super().__init__()
@@ -332,6 +333,7 @@ class ExportedOpsNet(torch.nn.Module):
         scores = torch.baddbmm(self.bias, h, h.mT, beta=0.5, alpha=0.125)
         attention = torch.where(self.causal, scores, float("-inf")).softmax(-1)
         h = self.mix((attention + (h @ h.mT).triu() / 8).movedim(1, 2))
+        h = torch.where(h > 0, h, 0.1 * h).masked_fill((h.abs() < 0.05) & (h != 0), 0.0)
         a, b = h.tensor_split(2, 2)
         a = a + torch.nn.functional.adaptive_max_pool1d(h, 4)[..., 1:]
         a = torch.gather(a, 2, self.order.expand(a.shape[0], -1, -1)) + a.flatten(1).flip(1).view_as(a)

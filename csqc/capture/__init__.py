@@ -24,7 +24,7 @@ from ..errors import BadInput, CsqcError, UnsupportedOps
 from ..idioms import rewrite_idioms
 from ..ir import Graph, Node, Value, nonfinite_params, verify
 from ..modelfile import CsqcModel
-from .context import _Ctx, module_path, _type_of, _Unsupported
+from .context import _Ctx, _is_condition, module_path, _type_of, _Unsupported
 from .folding import _constant_derived, _fold, _foldable
 from .handlers import HANDLERS
 
@@ -75,6 +75,9 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
             if fx.name in const_map:
                 ctx.consts[fx.name] = tables[const_map[fx.name]]
             else:
+                if _is_condition(fx):
+                    raise BadInput(f"input {len(inputs)} is boolean: csqc takes float and integer inputs (pass a "
+                                   "mask as float 0.0 / 1.0)")
                 name = ctx.name(f"input{len(inputs)}")
                 inputs.append(Value(name, _type_of(fx)))
                 ctx.env[fx.name] = name

@@ -69,7 +69,8 @@ class _Ctx:
                 return self._folded_param(arg.name)
             if arg.name in self.consts:
                 t = self.consts[arg.name].detach().cpu().numpy()
-                v = self.param(base, t.astype(np.float32) if t.dtype.kind == "f" else t)
+                # (a constant condition read as a runtime value: 0.0 / 1.0, as computed ones are)
+                v = self.param(base, t.astype(np.float32) if t.dtype.kind in "fb" else t)
                 self.env[arg.name] = v
                 if (t >= 0).all():
                     self.nonneg.add(v)
@@ -114,10 +115,21 @@ def module_path(fx: torch.fx.Node) -> str:
 
 
 def _type_of(fx: torch.fx.Node) -> TensorType:
+    """``fx``'s output type; a condition the model computes (bool) is float32 0.0 / 1.0 in the IR
+    (capture.elementwise composes comparisons, logic and selects of them exactly)."""
     val = fx.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise _Unsupported(f"output of {fx.name} is not a single tensor")
-    return TensorType(tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", ""))
+    dtype = str(val.dtype).replace("torch.", "")
+    if dtype == "bool":
+        dtype = "float32"
+    return TensorType(tuple(int(s) for s in val.shape), dtype)
+
+
+def _is_condition(arg) -> bool:
+    """Whether ``arg`` is a boolean tensor (a mask, a comparison's result)."""
+    val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool
 
 
 def _pair(v, default=None):

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from ..idioms import idiom_attrs
-from .context import _arg, _aten, _base, _Ctx, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported
+from .context import (
+    _arg, _aten, _base, _Ctx, _is_condition, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported)
 from .tensors import _slice_value
 
 
@@ -372,19 +373,23 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
     v where it is true, which is v exactly for finite x (``x * 0`` is a signed zero) and x itself
     elsewhere (a -0.0 becomes +0.0: only a division by it could tell). An infinite v becomes the
     largest finite float32 of its sign, as attention masks do (``attention._MASKED``): a softmax
-    over it gives the same, unless a whole row is masked. A mask the model computes from its input
-    would need a select op."""
+    over it gives the same, unless a whole row is masked. A mask the model computes (a comparison:
+    0.0 / 1.0 in the IR) selects at runtime, ``x * (1 - m) + v * m``: the same values for finite x."""
     x, mask, value = fx.args[:3]
     if isinstance(value, torch.fx.Node):  # masked_fill.Tensor: a one-element tensor
         if not ctx.is_const(value) or ctx.tensor(value).numel() != 1:
             raise _Unsupported("masked_fill with a fill value computed from the model's input")
         value = ctx.tensor(value).item()
-    if not ctx.is_const(mask):
-        raise _Unsupported("masked_fill with a mask computed from the model's input (a constant mask, such as "
-                           "a causal one, is supported)")
     if _type_of(x).dtype != "float32":
         raise _Unsupported(f"masked_fill of {_type_of(x).dtype} values")
     shape = _shape_of(x)
+    if not ctx.is_const(mask):  # a condition the model computes (0.0 / 1.0): x * (1 - m) + v * m
+        m, m_shape = ctx.value(mask), _shape_of(mask)
+        keep = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "masked_fill.one"), m], m_shape, "masked_fill.keep")
+        fill = _typed(ctx, fx, "mul", [m, _scalar(ctx, fx, _finite_fill(float(value), "masked_fill"),
+                                                  "masked_fill.value")], m_shape, "masked_fill.fill")
+        kept = _typed(ctx, fx, "mul", [ctx.value(x), keep], shape, "masked_fill.kept")
+        return ctx.emit(fx, "add", [kept, fill], base=_base(fx, "masked_fill"))
     where = ctx.tensor(mask).detach().cpu().numpy().astype(bool)
     if tuple(np.broadcast_shapes(shape, where.shape)) != tuple(shape):
         raise _Unsupported(f"masked_fill with a mask of shape {list(where.shape)} for values of shape {list(shape)}")
@@ -403,35 +408,132 @@ def _finite_fill(value, what: str):
 
 
 def _selected(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``torch.where(cond, a, b)`` with a constant condition (GPT-2's causal mask) as
-    ``a * [cond] + b * [not cond]``: each computed branch multiplied by exactly 0 or 1, a constant
-    branch a parameter already 0 off its side; exact for finite values, as :func:`_masked_fill`
-    (a constant infinity becomes the largest finite float32 of its sign). A condition computed
-    from the model's input would need a select op."""
+    """``torch.where(cond, a, b)`` as ``a * [cond] + b * [not cond]``: each branch multiplied by
+    exactly 0 or 1, so exact for finite values, as :func:`_masked_fill` (a constant infinity
+    becomes the largest finite float32 of its sign). A constant condition (GPT-2's causal mask)
+    is a parameter (a constant branch already 0 off its side); one the model computes (a
+    comparison, 0.0 / 1.0 in the IR) multiplies at runtime."""
     cond, a, b = fx.args[:3]
-    if not ctx.is_const(cond):
-        raise _Unsupported("where with a condition computed from the model's input (a constant condition, such as "
-                           "a causal mask, is supported)")
     if _type_of(fx).dtype != "float32":
         raise _Unsupported(f"where of {_type_of(fx).dtype} values")
-    mask = ctx.tensor(cond).detach().cpu().numpy().astype(bool)
+    if ctx.is_const(cond):
+        mask = ctx.tensor(cond).detach().cpu().numpy().astype(bool)
+        sides = (("true", a, mask), ("false", b, ~mask))
+    else:
+        if not _is_condition(cond):
+            raise _Unsupported("where with a condition that is not boolean")
+        c, c_shape = ctx.value(cond), _shape_of(cond)
+        not_c = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "where.one"), c], c_shape, "where.not")
+        sides = (("true", a, (c, c_shape)), ("false", b, (not_c, c_shape)))
     parts = []
-    for side, branch, picked in (("true", a, mask), ("false", b, ~mask)):
-        if isinstance(branch, torch.fx.Node) and not ctx.is_const(branch):
-            if _type_of(branch).dtype != "float32":
-                raise _Unsupported(f"where of {_type_of(branch).dtype} values")
-            shape = np.broadcast_shapes(picked.shape, _shape_of(branch))
-            keep = ctx.param(_base(fx, f"where.{side}_keep"), picked.astype(np.float32))
-            parts.append(_typed(ctx, fx, "mul", [ctx.value(branch), keep], shape, f"where.{side}_kept"))
-            continue
-        value = ctx.tensor(branch).detach().cpu().double().numpy() if isinstance(branch, torch.fx.Node) else (
-            np.float64(branch))
-        value = _finite_fill(value, "where")
-        part = ctx.param(_base(fx, f"where.{side}_fill"), np.where(picked, value, 0.0).astype(np.float32))
-        if (ctx.params[part] >= 0).all():
-            ctx.nonneg.add(part)
-        parts.append(part)
+    for side, branch, picked in sides:
+        computed = isinstance(branch, torch.fx.Node) and not ctx.is_const(branch)
+        if computed and _type_of(branch).dtype != "float32":
+            raise _Unsupported(f"where of {_type_of(branch).dtype} values")
+        if computed:
+            value, shape = ctx.value(branch), _shape_of(branch)
+        else:
+            constant = ctx.tensor(branch).detach().cpu().double().numpy() if isinstance(branch, torch.fx.Node) else (
+                np.float64(branch))
+            constant = np.asarray(_finite_fill(constant, "where"), np.float32)
+            if isinstance(picked, np.ndarray):  # both constant: the part itself
+                part = ctx.param(_base(fx, f"where.{side}_fill"), np.where(picked, constant, np.float32(0)))
+                if (ctx.params[part] >= 0).all():
+                    ctx.nonneg.add(part)
+                parts.append(part)
+                continue
+            value, shape = ctx.param(_base(fx, f"where.{side}_value"), constant), constant.shape
+            if (constant >= 0).all():
+                ctx.nonneg.add(value)
+        if isinstance(picked, np.ndarray):
+            keep, keep_shape = ctx.param(_base(fx, f"where.{side}_keep"), picked.astype(np.float32)), picked.shape
+        else:
+            keep, keep_shape = picked
+        parts.append(_typed(ctx, fx, "mul", [value, keep], np.broadcast_shapes(shape, keep_shape),
+                            f"where.{side}_kept"))
     return ctx.emit(fx, "add", parts, base=_base(fx, "where"))
+
+
+# -- comparisons and logic of values the model computes: float32 0.0 / 1.0 in the IR ------------
+_COMPARISONS = {
+    _aten.gt.Tensor: "gt", _aten.gt.Scalar: "gt", _aten.lt.Tensor: "lt", _aten.lt.Scalar: "lt",
+    _aten.ge.Tensor: "ge", _aten.ge.Scalar: "ge", _aten.le.Tensor: "le", _aten.le.Scalar: "le",
+    _aten.eq.Tensor: "eq", _aten.eq.Scalar: "eq", _aten.ne.Tensor: "ne", _aten.ne.Scalar: "ne",
+}
+
+
+def _compared_operand(ctx: _Ctx, fx: torch.fx.Node, v, what: str) -> tuple[str, tuple]:
+    """A comparison's operand as a float32 IR value and its shape: a constant rounded to float32,
+    as torch compares a float32 tensor with a Python number or an integer tensor."""
+    if isinstance(v, torch.fx.Node) and not ctx.is_const(v):
+        if _type_of(v).dtype != "float32":
+            raise _Unsupported(f"a comparison of {_type_of(v).dtype} values computed by the model (integer inputs "
+                               "feed only embeddings)")
+        return ctx.value(v), _shape_of(v)
+    constant = ctx.tensor(v).detach().cpu().numpy() if isinstance(v, torch.fx.Node) else np.asarray(v)
+    as_f32 = constant.astype(np.float32)
+    if not np.isfinite(as_f32).all():
+        raise _Unsupported("a comparison with a constant that is NaN or infinite in float32")
+    name = ctx.param(_base(fx, what), as_f32)
+    return name, as_f32.shape
+
+
+def _compared(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``a > b`` (and ``<``, ``>=``, ``<=``, ``==``, ``!=``) of values the model computes, as 0.0
+    / 1.0: ``[a > b]`` is :func:`_indicator` of ``a - b`` (for finite floats ``a - b > 0``
+    exactly when ``a > b``, subnormals included; an overflow to inf still counts), the others
+    composed of it (``a >= b`` is ``1 - [b > a]``, ``a != b`` is ``[a > b] + [b > a]``): exactly
+    torch's result, NaN aside."""
+    kind = _COMPARISONS[fx.target]
+    (av, a_shape), (bv, b_shape) = (_compared_operand(ctx, fx, v, f"{kind}.{side}")
+                                    for v, side in ((fx.args[0], "a"), (fx.args[1], "b")))
+    shape = tuple(np.broadcast_shapes(a_shape, b_shape))
+
+    def above(x, y, what):  # [x > y]
+        return _indicator(ctx, fx, _typed(ctx, fx, "sub", [x, y], shape, f"{what}.difference"), shape, what)
+
+    def complement(v, what):  # 1 - v
+        return _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, f"{what}.one"), v], shape, what)
+
+    if kind == "gt":
+        return above(av, bv, "gt")
+    if kind == "lt":
+        return above(bv, av, "lt")
+    if kind in ("ge", "le"):
+        return complement(above(bv, av, f"{kind}.below") if kind == "ge" else above(av, bv, f"{kind}.above"), kind)
+    differ = _typed(ctx, fx, "add", [above(av, bv, f"{kind}.above"), above(bv, av, f"{kind}.below")], shape,
+                    "ne" if kind == "ne" else "eq.differ")
+    return differ if kind == "ne" else complement(differ, "eq")
+
+
+_LOGIC = {
+    _aten.logical_not.default: "not", _aten.bitwise_not.default: "not",
+    _aten.logical_and.default: "and", _aten.__and__.Tensor: "and", _aten.bitwise_and.Tensor: "and",
+    _aten.logical_or.default: "or", _aten.__or__.Tensor: "or", _aten.bitwise_or.Tensor: "or",
+    _aten.logical_xor.default: "xor", _aten.__xor__.Tensor: "xor", _aten.bitwise_xor.Tensor: "xor",
+}
+
+
+def _logic(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``~c``, ``c & d``, ``c | d``, ``c ^ d`` of conditions (0.0 / 1.0): ``1 - c``, ``c * d``,
+    ``c + d - c * d``, ``c + d - 2 c d``, each exact on 0 and 1. Of other values they are refused
+    (bitwise integer logic; truthiness of floats)."""
+    kind = _LOGIC[fx.target]
+    args = fx.args[:1] if kind == "not" else fx.args[:2]
+    if not all(_is_condition(a) for a in args):
+        raise _Unsupported(f"logical {kind} of values that are not boolean")
+    values = [ctx.value(a, base=_base(fx, f"{kind}.mask")) for a in args]
+    shape = tuple(np.broadcast_shapes(*(_shape_of(a) for a in args)))
+    one = _scalar(ctx, fx, 1.0, f"{kind}.one")
+    if kind == "not":
+        return ctx.emit(fx, "sub", [one, values[0]], base=_base(fx, "not"))
+    both = _typed(ctx, fx, "mul", values, shape, f"{kind}.both")
+    if kind == "and":
+        return both
+    either = _typed(ctx, fx, "add", values, shape, f"{kind}.sum")
+    if kind == "xor":
+        both = _typed(ctx, fx, "add", [both, both], shape, f"{kind}.twice_both")
+    return ctx.emit(fx, "sub", [either, both], base=_base(fx, kind))
 
 
 def _filled_where(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, where: np.ndarray, value: float, what: str) -> str:

@@ -11,10 +11,10 @@ import torch
 from .attention import _sdpa
 from .context import _arg, _aten, _base, _Ctx, _scalar
 from .elementwise import (
-    _absolute, _add_product, _binary, _clip, _difference, _elu, _exp_less_one, _float_unary, _gelu, _glu,
-    _interpolated, _leaky_relu, _log_one_plus, _log_sigmoid, _masked_fill, _maximum, _mish, _negated, _outer, _pow,
-    _power_of_two, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _selected, _shrink, _sign, _softplus, _squared,
-    _threshold, _triangle)
+    _absolute, _add_product, _binary, _clip, _compared, _COMPARISONS, _difference, _elu, _exp_less_one, _float_unary,
+    _gelu, _glu, _interpolated, _leaky_relu, _log_one_plus, _log_sigmoid, _logic, _LOGIC, _masked_fill, _maximum,
+    _mish, _negated, _outer, _pow, _power_of_two, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _selected, _shrink,
+    _sign, _softplus, _squared, _threshold, _triangle)
 from .folding import _CONSTANT_ONLY, _constant_only
 from .layers import (
     _act_quant, _act_quant_asymmetric, _addmm, _batch_norm, _conv1d, _einsum, _embedding, _float_conv,
@@ -291,3 +291,9 @@ HANDLERS.update({
     _aten.log1p.default: _log_one_plus,
     _aten.gather.default: _gather,  # at a constant index (DeBERTa's relative positions); one take
 })
+
+
+# comparisons and logic of values the model computes (0.0 / 1.0 in the IR), read by where,
+# masked_fill, attention masks and products; of constants alone they still fold at capture
+HANDLERS.update({op: _compared for op in _COMPARISONS})
+HANDLERS.update({op: _logic for op in _LOGIC})
