@@ -816,3 +816,27 @@ def test_a_boolean_model_input_is_refused_with_what_to_pass(tmp_path):
 def test_logic_of_values_that_are_not_conditions_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedOps, match="logical and of values that are not boolean"):
         _captured(Lambda(lambda x: torch.logical_and(x, x.flip(1)).float()), (2, 5), tmp_path)
+
+
+@pytest.mark.parametrize("f, shape", [
+    (lambda x: x.unfold(2, 3, 2), (2, 3, 8)), (lambda x: x.unfold(1, 2, 1) * 2, (2, 3, 8)),
+    (lambda x: x.unfold(2, 4, 4), (2, 3, 8)), (lambda x: x.unfold(-1, 3, 3), (2, 3, 8)),
+    (lambda x: F.unfold(x, (2, 3), padding=1, stride=2), (2, 3, 5, 6)),
+    (lambda x: F.unfold(x, 2, dilation=(2, 1)), (1, 2, 5, 4)),
+    (lambda x: F.unfold(x, 2, stride=2), (2, 3, 4, 6)),
+    (lambda x: F.fold(F.unfold(x, 2, stride=2) * 3, (4, 6), 2, stride=2), (2, 3, 4, 6)),
+    (lambda x: F.fold(F.unfold(x, (2, 3), padding=1, stride=(2, 3)), (5, 6), (2, 3), padding=1, stride=(2, 3)),
+     (1, 2, 5, 6)),
+    (lambda x: F.fold(F.unfold(x, 2, stride=3), (6, 7), 2, stride=3), (1, 2, 6, 7)),
+], ids=["unfold", "unfold_step_one", "unfold_tiles", "unfold_last_tiles", "im2col_padded", "im2col_dilated",
+        "im2col_tiles", "fold_tiles", "fold_padded", "fold_with_gaps"])
+def test_sliding_windows_are_takes_and_exact(f, shape, tmp_path):
+    """Tensor.unfold, F.unfold (im2col) and F.fold (col2im) of patches that do not overlap: data
+    movement (takes, a reshape, a permute, zero padding), bit for bit torch's."""
+    x = np.random.default_rng(12).standard_normal(shape).astype(np.float32)
+    _exact_with_finite_fills(f, x, tmp_path)
+
+
+def test_folding_overlapping_patches_is_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedOps, match=r"col2im of overlapping patches \(they sum\)"):
+        _captured(Lambda(lambda x: F.fold(F.unfold(x, 3, padding=1), (4, 4), 3, padding=1)), (1, 2, 4, 4), tmp_path)

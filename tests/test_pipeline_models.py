@@ -316,7 +316,8 @@ class ExportedOpsNet(torch.nn.Module):
     ``lerp`` and ``addcmul``; RMSNorm, ``baddbmm``, ``where`` over a causal mask, an adaptive max
     pool of overlapping windows, ``max`` against a constant, ``exp2``, ``expm1``, ``log1p``; a
     ``torch.gather`` at constant positions and a long reversal (``take``); comparisons of
-    computed values selecting by ``where`` and ``masked_fill``."""
+    computed values selecting by ``where`` and ``masked_fill``; ``Tensor.unfold``, ``F.unfold``
+    and ``F.fold``."""
 
     def __init__(self):
         super().__init__()
@@ -334,7 +335,10 @@ class ExportedOpsNet(torch.nn.Module):
         attention = torch.where(self.causal, scores, float("-inf")).softmax(-1)
         h = self.mix((attention + (h @ h.mT).triu() / 8).movedim(1, 2))
         h = torch.where(h > 0, h, 0.1 * h).masked_fill((h.abs() < 0.05) & (h != 0), 0.0)
+        functional = torch.nn.functional
+        h = h + functional.fold(functional.unfold(h[:, None], 2, stride=2) * 0.5, (6, 6), 2, stride=2)[:, 0]
         a, b = h.tensor_split(2, 2)
+        a = a + h.unfold(2, 3, 1).amax(-1)[..., 1:]
         a = a + torch.nn.functional.adaptive_max_pool1d(h, 4)[..., 1:]
         a = torch.gather(a, 2, self.order.expand(a.shape[0], -1, -1)) + a.flatten(1).flip(1).view_as(a)
         v, mu = torch.var_mean(h, 2)

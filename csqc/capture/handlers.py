@@ -26,7 +26,7 @@ from .resampling import (
     _adaptive_avg, _adaptive_avg1d, _adaptive_max, _max_pool_with_indices, _pool, _pool1d, _upsample_linear,
     _upsample_nearest)
 from .tensors import (
-    _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _gather, _getitem, _index, _index_select, _matrix_transpose,
+    _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _folded_patches, _gather, _getitem, _patches, _windows, _index, _index_select, _matrix_transpose,
     _movedim, _narrow, _no_op, _pad, _passthrough, _permute, _pixel_shuffle, _repeat, _repeat_interleave, _reshape,
     _reversed_axes, _roll, _same_dtype, _select, _slice, _split, _stack, _tensor_split, _transpose, _unbind)
 from .transposed import _conv_transpose, _quant_conv_transpose
@@ -297,3 +297,12 @@ HANDLERS.update({
 # masked_fill, attention masks and products; of constants alone they still fold at capture
 HANDLERS.update({op: _compared for op in _COMPARISONS})
 HANDLERS.update({op: _logic for op in _LOGIC})
+
+
+# sliding windows (PatchTST, MobileViT-v2): Tensor.unfold, F.unfold and F.fold of patches that do
+# not overlap, as takes
+HANDLERS.update({
+    _aten.unfold.default: _windows,
+    _aten.im2col.default: _patches,
+    _aten.col2im.default: _folded_patches,
+})

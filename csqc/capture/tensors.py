@@ -541,3 +541,98 @@ def _flip(ctx: _Ctx, fx: torch.fx.Node) -> str:
         axis = int(dim) % len(shape)
         value = _index_runs(ctx, fx, value, shape, axis, np.arange(shape[axis])[::-1], "flip")
     return value
+
+
+# -- sliding windows: Tensor.unfold, F.unfold (im2col) and F.fold (col2im) ---------------------
+def _windows(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x.unfold(dim, size, step)`` (PatchTST's patches): the windows' positions along ``dim``
+    as one ``take`` (index ``[n, size]``), the window axis moved last as torch puts it; windows
+    that tile the axis exactly are a reshape."""
+    x, dim, size, step = fx.args[:4]
+    shape = _shape_of(x)
+    nd = len(shape)
+    axis, size, step = int(dim) % max(nd, 1), int(size), int(step)
+    if nd == 0 or size < 1 or step < 1 or size > shape[axis]:
+        raise _Unsupported(f"unfold of size {size}, step {step} on a shape of {list(shape)}")
+    count = (shape[axis] - size) // step + 1
+    split = tuple(shape[:axis]) + (count, size) + tuple(shape[axis + 1:])
+    if step == size and count * size == shape[axis]:
+        windows = _typed(ctx, fx, "reshape", [ctx.value(x)], split, "unfold.windows")
+    else:
+        index = np.arange(count)[:, None] * step + np.arange(size)[None, :]
+        windows = _taken(ctx, fx, ctx.value(x), shape, axis, index, "unfold", final=False)
+    if axis == nd - 1:
+        return windows
+    dims = tuple(range(axis + 1)) + tuple(range(axis + 2, nd + 1)) + (axis + 1,)
+    return ctx.emit(fx, "permute", [windows], attrs={"dims": dims}, base=_base(fx, "unfold"))
+
+
+def _window_geometry(fx: torch.fx.Node, first: int):
+    """``kernel, dilation, padding, stride`` of im2col / col2im (arguments from ``first`` on)."""
+    return [tuple(int(v) for v in (a if isinstance(a, (list, tuple)) else (a, a)))
+            for a in (fx.args[first + i] for i in range(4))]
+
+
+def _patch_positions(size, kernel, dilation, padding, stride):
+    """Per kernel offset and output position, the padded input position it reads along one axis."""
+    padded = size + 2 * padding
+    count = (padded - dilation * (kernel - 1) - 1) // stride + 1
+    if count < 1:
+        raise _Unsupported(f"a sliding window of {kernel} (dilation {dilation}) on {size} positions padded by "
+                           f"{padding}: no window fits")
+    return np.arange(kernel)[:, None] * dilation + np.arange(count)[None, :] * stride, padded, count
+
+
+def _patches(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.unfold`` (im2col; MobileViT-v2's patches): the input zero-padded as ``F.pad`` pads,
+    its spatial axes flattened, each patch's pixels picked by one ``take`` (index ``[kh * kw,
+    L]``), reshaped to torch's ``[N, C * kh * kw, L]`` (channel-major)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = _window_geometry(fx, 1)
+    shape = list(_shape_of(fx.args[0]))
+    if len(shape) not in (3, 4):
+        raise _Unsupported(f"im2col of a {len(shape)}-D input")
+    rows, height, oh = _patch_positions(shape[-2], kh, dh, ph, sh)
+    cols, width, ow = _patch_positions(shape[-1], kw, dw, pw, sw)
+    value = ctx.value(fx.args[0])
+    for axis, pad in ((len(shape) - 2, ph), (len(shape) - 1, pw)):
+        value = _padded_axis(ctx, fx, value, shape, axis, pad, pad)
+    lead = tuple(shape[:-2])
+    flat = _typed(ctx, fx, "reshape", [value], lead + (height * width,), "im2col.flat")
+    # index[ki * kw + kj, i * ow + j] = (i * sh + ki * dh) * W + (j * sw + kj * dw)
+    index = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(kh * kw, oh * ow)
+    taken = _taken(ctx, fx, flat, lead + (height * width,), len(lead), index, "im2col", final=False)
+    return ctx.emit(fx, "reshape", [taken], base=_base(fx, "im2col"))
+
+
+def _folded_patches(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.fold`` (col2im) of patches that do not overlap (MobileViT-v2 folds back what it
+    unfolded): each output pixel is the one patch element written there, or 0 where none is, as
+    one ``take`` from the patches (a zero appended for the uncovered). Overlapping patches sum,
+    which is refused by name."""
+    out_h, out_w = (int(v) for v in fx.args[1])
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = _window_geometry(fx, 2)
+    shape = tuple(_shape_of(fx.args[0]))
+    rows, _, oh = _patch_positions(out_h, kh, dh, ph, sh)
+    cols, _, ow = _patch_positions(out_w, kw, dw, pw, sw)
+    channels = shape[-2] // (kh * kw)
+    if len(shape) not in (2, 3) or shape[-2] != channels * kh * kw or shape[-1] != oh * ow:
+        raise _Unsupported(f"col2im of patches of shape {list(shape)} to {out_h}x{out_w}")
+    source = np.full((out_h + 2 * ph, out_w + 2 * pw), -1, np.int64)
+    for ki in range(kh):
+        for kj in range(kw):
+            at = np.ix_(rows[ki], cols[kj])
+            if (source[at] >= 0).any():
+                raise _Unsupported("col2im of overlapping patches (they sum)")
+            source[at] = (ki * kw + kj) * (oh * ow) + np.arange(oh)[:, None] * ow + np.arange(ow)[None, :]
+    source = source[ph:ph + out_h, pw:pw + out_w]
+    lead = tuple(shape[:-2]) + (channels,)
+    patches = size = kh * kw * oh * ow
+    value = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], lead + (patches,), "col2im.flat")
+    if (source < 0).any():  # pixels no patch covers: 0, from a zero appended to the patches
+        zero = ctx.param(_base(fx, "col2im.zero"), np.zeros((1,) * len(lead) + (1,), np.float32))
+        ctx.nonneg.add(zero)
+        block = _typed(ctx, fx, "expand", [zero], lead + (1,), "col2im.zero_block")
+        size = patches + 1
+        value = _typed(ctx, fx, "cat", [value, block], lead + (size,), "col2im.padded", {"axis": len(lead)})
+        source = np.where(source < 0, patches, source)
+    return _taken(ctx, fx, value, lead + (size,), len(lead), source, "col2im")
