@@ -10,12 +10,13 @@ Converted (in place, subclasses included):
   :class:`~csqc.layers.CSQConvTranspose1d`;
 * ``nn.MultiheadAttention`` -> :class:`~csqc.attention.CSQMultiheadAttention` (four CSQ
   projections; the packed ``in_proj_weight`` is split);
-* ``nn.LSTM`` / ``nn.GRU`` (batch_first) -> ``CSQLSTM`` / ``CSQGRU`` (:mod:`csqc.recurrent`).
+* ``nn.LSTM`` / ``nn.GRU`` (any form: stacked, bidirectional, time-first, ``proj_size``) ->
+  ``CSQLSTM`` / ``CSQGRU`` (:mod:`csqc.recurrent`).
 
 A subclass with a ``forward`` of its own is converted only if that forward computes what its
 base class computes (checked on a random input): e.g. timm's ``Linear`` is, a conv that pads
 itself ("same" padding at run time) is not and stays float. A convertible layer in a form csqc
-does not support (a bidirectional LSTM, ``add_bias_kv`` attention, an uneven ``padding='same'``) is refused
+does not support (``add_bias_kv`` attention, an uneven ``padding='same'``) is refused
 with :class:`~csqc.errors.BadInput`: list it in ``skip`` to keep it float.
 
 Everything else that holds a float weight (``Conv3d``, ``ConvTranspose3d``,

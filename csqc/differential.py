@@ -139,10 +139,11 @@ def _modules():
             return torch.cat([x, self.block(x)], 1)
 
     class Recurrent(nn.Module):
-        def __init__(self, kind: str, inputs: int, hidden: int, outputs: int):
+        def __init__(self, kind: str, inputs: int, hidden: int, outputs: int, **form):
             super().__init__()
-            self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(inputs, hidden, batch_first=True)
-            self.head = nn.Linear(hidden, outputs)
+            self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(inputs, hidden, batch_first=True, **form)
+            width = (form.get("proj_size") or hidden) * (2 if form.get("bidirectional") else 1)
+            self.head = nn.Linear(width, outputs)
 
         def forward(self, x):
             y, _ = self.rnn(x)
@@ -355,7 +356,12 @@ def _network(r: random.Random, kind: str):
         return nn.Sequential(*layers[:-1]).eval(), (dims[0],)
     if kind in ("lstm", "gru"):
         inputs = r.randint(1, 40)
-        return Recurrent(kind, inputs, r.randint(1, 64), r.randint(2, 10)).eval(), (r.randint(1, 6), inputs)
+        hidden, outputs, steps = r.randint(1, 64), r.randint(2, 10), r.randint(1, 6)
+        # stacks, both directions, projections: drawn after the sizes (earlier seeds keep theirs)
+        form = {"bidirectional": r.random() < 0.3, "num_layers": r.choice([1, 1, 2])}
+        if kind == "lstm" and hidden > 1 and r.random() < 0.25:
+            form["proj_size"] = r.randint(1, hidden - 1)
+        return Recurrent(kind, inputs, hidden, outputs, **form).eval(), (steps, inputs)
     if kind == "encoder":
         heads = r.choice([1, 2, 4])
         width = heads * r.randint(2, 12)

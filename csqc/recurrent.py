@@ -17,9 +17,15 @@ captures (``add``, ``sub``, ``mul``, ``sigmoid``, ``tanh``, slices of the gate v
         n = tanh(a_n + r * b_n)
         h' = n + z * (h - n)        (= (1 - z) * n + z * h)
 
+    LSTM with proj_size: h' = hr(sigmoid(o) * tanh(c')), hr a CSQ projection without bias
+
 The sequence form (``forward``) unrolls over the time steps of a fixed-length input (each
-step is a copy of the cell in the exported graph). :meth:`step` and :func:`one_step` give the
-single-step form ``(x_t, h, c) -> (h', c')`` that per-step, batch-1 deployment runs.
+step is a copy of the cell in the exported graph). Bidirectional layers run a second set of
+projections (``ih_reverse``, ``hh_reverse``) over the sequence backwards, each layer over the
+whole sequence before the next (which reads both directions' outputs, concatenated), states
+ordered as torch orders them (layer 0 forward, layer 0 backward, layer 1 forward, ...).
+:meth:`step` and :func:`one_step` give the single-step form ``(x_t, h, c) -> (h', c')`` that
+per-step, batch-1 deployment runs (unidirectional layers).
 """
 from __future__ import annotations
 
@@ -49,26 +55,44 @@ class _CSQRecurrent(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = True, n_bits: int = 8, act_bits: int | None = None, *,
-                 act_clip: str | None = None, act_mode: str = "dynamic", quantize_first_input: bool = True):
+                 act_clip: str | None = None, act_mode: str = "dynamic", quantize_first_input: bool = True,
+                 bidirectional: bool = False, proj_size: int = 0):
         super().__init__()
         if num_layers < 1:
             raise BadInput(f"num_layers must be at least 1, got {num_layers}")
+        if proj_size and not (self.has_cell and 0 < proj_size < hidden_size):
+            raise BadInput(f"proj_size {proj_size}: LSTM only, between 0 and hidden_size ({hidden_size})")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.batch_first = batch_first
+        self.batch_first, self.bidirectional, self.proj_size = batch_first, bidirectional, int(proj_size)
+        self.directions = 2 if bidirectional else 1
+        self.out_size = self.proj_size or hidden_size  # h's width
         g = self.gates * hidden_size
-        self.ih = nn.ModuleList()
-        self.hh = nn.ModuleList()
-        for layer in range(num_layers):
-            width = input_size if layer == 0 else hidden_size
-            quant_x = layer > 0 or quantize_first_input
-            self.ih.append(_proj(width, g, bias, n_bits, act_bits, act_clip, act_mode, quant_x))
-            self.hh.append(_proj(hidden_size, g, bias and self.hh_bias, n_bits, act_bits, act_clip, act_mode, True))
+        for suffix in ("", "_reverse")[:self.directions]:
+            ih, hh, hr = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+            for layer in range(num_layers):
+                width = input_size if layer == 0 else self.out_size * self.directions
+                quant_x = layer > 0 or quantize_first_input
+                ih.append(_proj(width, g, bias, n_bits, act_bits, act_clip, act_mode, quant_x))
+                hh.append(_proj(self.out_size, g, bias and self.hh_bias, n_bits, act_bits, act_clip, act_mode, True))
+                if self.proj_size:
+                    hr.append(_proj(hidden_size, self.proj_size, False, n_bits, act_bits, act_clip, act_mode, True))
+            setattr(self, f"ih{suffix}", ih)
+            setattr(self, f"hh{suffix}", hh)
+            if self.proj_size:
+                setattr(self, f"hr{suffix}", hr)
 
-    def _weights(self) -> list[tuple[Tensor | None, Tensor | None]]:
-        """Per layer, the (ih, hh) weights of the training form, computed once per call (the
-        soft weights are costly to rebuild every time step); None once finalized."""
-        return [(None if i.finalized else i.soft_weight(), None if h.finalized else h.soft_weight())
-                for i, h in zip(self.ih, self.hh)]
+    def _projections(self, layer: int, direction: int) -> tuple:
+        """``(ih, hh, hr)`` of one layer and direction (``hr`` None without proj_size)."""
+        suffix = "_reverse" if direction else ""
+        hr = getattr(self, f"hr{suffix}")[layer] if self.proj_size else None
+        return getattr(self, f"ih{suffix}")[layer], getattr(self, f"hh{suffix}")[layer], hr
+
+    def _weights(self) -> list[tuple[Tensor | None, ...]]:
+        """Per layer and direction (``layer * directions + direction``, torch's state order), the
+        (ih, hh, hr) weights of the training form, computed once per call (the soft weights are
+        costly to rebuild every time step); None once finalized."""
+        return [tuple(None if p is None or p.finalized else p.soft_weight() for p in self._projections(layer, d))
+                for layer in range(self.num_layers) for d in range(self.directions)]
 
     @staticmethod
     def _project(proj: CSQLinear, x: Tensor, weight: Tensor | None) -> Tensor:
@@ -83,28 +107,48 @@ class _CSQRecurrent(nn.Module):
         h = self.hidden_size
         return v[..., k * h:(k + 1) * h]
 
-    def _zeros(self, x: Tensor) -> Tensor:
-        return x.new_zeros((self.num_layers, x.shape[0], self.hidden_size))
+    def _zeros(self, x: Tensor, width: int) -> Tensor:
+        return x.new_zeros((self.num_layers * self.directions, x.shape[0], width))
 
     def forward(self, x: Tensor, state=None):
-        """``x: [B, T, input]`` (``batch_first``) -> ``(out [B, T, H], state)`` like ``nn.LSTM``/``nn.GRU``."""
+        """``x: [B, T, input]`` (``[T, B, input]`` unless ``batch_first``) -> ``(out, state)`` like
+        ``nn.LSTM`` / ``nn.GRU`` (``out``'s features: both directions' ``h``, concatenated)."""
         if not self.batch_first:
             x = x.transpose(0, 1)
         if self.has_cell:
-            h0, c0 = state if state is not None else (self._zeros(x), self._zeros(x))
+            h0, c0 = state if state is not None else (self._zeros(x, self.out_size), self._zeros(x, self.hidden_size))
         else:
-            h0, c0 = (state if state is not None else self._zeros(x)), None
-        hs = [h0[layer] for layer in range(self.num_layers)]
-        cs = [c0[layer] for layer in range(self.num_layers)] if self.has_cell else None
+            h0, c0 = (state if state is not None else self._zeros(x, self.out_size)), None
+        hs = [h0[k] for k in range(h0.shape[0])]
+        cs = [c0[k] for k in range(c0.shape[0])] if self.has_cell else None
         weights = self._weights()
-        outs = []
-        for t in range(x.shape[1]):
-            outs.append(self._through_layers(x[:, t], hs, cs, weights))
-        out = torch.stack(outs, 1)
+        if self.bidirectional:
+            out = self._layer_by_layer(x, hs, cs, weights)
+        else:
+            out = torch.stack([self._through_layers(x[:, t], hs, cs, weights) for t in range(x.shape[1])], 1)
         if not self.batch_first:
             out = out.transpose(0, 1)
         h_n = torch.stack(hs, 0)
         return (out, (h_n, torch.stack(cs, 0))) if self.has_cell else (out, h_n)
+
+    def _layer_by_layer(self, x: Tensor, hs: list, cs: list | None, weights) -> Tensor:
+        """Both directions of each layer over the whole sequence, then the next layer on their
+        concatenated outputs; updates ``hs`` (and ``cs``) in place, returns the top outputs."""
+        steps = [x[:, t] for t in range(x.shape[1])]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                k = layer * self.directions + direction
+                out = [None] * len(steps)
+                for t in (reversed(range(len(steps))) if direction else range(len(steps))):
+                    if self.has_cell:
+                        hs[k], cs[k] = self.cell(layer, steps[t], hs[k], cs[k], weights[k], direction)
+                    else:
+                        hs[k] = self.cell(layer, steps[t], hs[k], weights[k], direction)
+                    out[t] = hs[k]
+                outputs.append(out)
+            steps = [torch.cat(pair, -1) for pair in zip(*outputs)]
+        return torch.stack(steps, 1)
 
     def _through_layers(self, inp: Tensor, hs: list, cs: list | None, weights) -> Tensor:
         """One time step up the stack; updates ``hs`` (and ``cs``) in place, returns the top ``h``."""
@@ -119,6 +163,9 @@ class _CSQRecurrent(nn.Module):
     def step(self, x: Tensor, h: Tensor, c: Tensor | None = None):
         """One time step of the whole stack: ``x [B, input]``, ``h`` (and ``c``) ``[L, B, H]``
         (or ``[B, H]`` for one layer) -> the new ``h`` (and ``c``), same shapes."""
+        if self.bidirectional:
+            raise BadInput("a bidirectional layer has no single-step form (its backward direction reads the whole "
+                           "sequence)")
         flat = h.dim() == 2
         hs = [h] if flat else [h[layer] for layer in range(self.num_layers)]
         cs = ([c] if flat else [c[layer] for layer in range(self.num_layers)]) if self.has_cell else None
@@ -129,34 +176,40 @@ class _CSQRecurrent(nn.Module):
         return h_new, (cs[0] if flat else torch.stack(cs, 0))
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}"
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}"
+                + (", bidirectional=True" if self.bidirectional else "")
+                + (f", proj_size={self.proj_size}" if self.proj_size else ""))
 
 
 class CSQLSTM(_CSQRecurrent):
-    """``nn.LSTM`` (batch_first, unidirectional) with CSQ-quantized projections."""
+    """``nn.LSTM`` with CSQ-quantized projections (``proj_size``'s too)."""
 
     gates = 4
     has_cell = True
     hh_bias = False  # nn.LSTM's two biases are always summed: one bias, in ih
 
-    def cell(self, layer: int, x: Tensor, h: Tensor, c: Tensor, weights=(None, None)) -> tuple[Tensor, Tensor]:
-        gates = self._project(self.ih[layer], x, weights[0]) + self._project(self.hh[layer], h, weights[1])
+    def cell(self, layer: int, x: Tensor, h: Tensor, c: Tensor, weights=(None, None, None),
+             direction: int = 0) -> tuple[Tensor, Tensor]:
+        ih, hh, hr = self._projections(layer, direction)
+        gates = self._project(ih, x, weights[0]) + self._project(hh, h, weights[1])
         i = torch.sigmoid(self._gate(gates, 0))
         f = torch.sigmoid(self._gate(gates, 1))
         g = torch.tanh(self._gate(gates, 2))
         o = torch.sigmoid(self._gate(gates, 3))
         c_new = f * c + i * g
-        return o * torch.tanh(c_new), c_new
+        h_new = o * torch.tanh(c_new)
+        return (h_new if hr is None else self._project(hr, h_new, weights[2])), c_new
 
 
 class CSQGRU(_CSQRecurrent):
-    """``nn.GRU`` (batch_first, unidirectional) with CSQ-quantized projections."""
+    """``nn.GRU`` with CSQ-quantized projections."""
 
     gates = 3
 
-    def cell(self, layer: int, x: Tensor, h: Tensor, weights=(None, None)) -> Tensor:
-        a = self._project(self.ih[layer], x, weights[0])
-        b = self._project(self.hh[layer], h, weights[1])
+    def cell(self, layer: int, x: Tensor, h: Tensor, weights=(None, None, None), direction: int = 0) -> Tensor:
+        ih, hh, _ = self._projections(layer, direction)
+        a = self._project(ih, x, weights[0])
+        b = self._project(hh, h, weights[1])
         r = torch.sigmoid(self._gate(a, 0) + self._gate(b, 0))
         z = torch.sigmoid(self._gate(a, 1) + self._gate(b, 1))
         n = torch.tanh(self._gate(a, 2) + r * self._gate(b, 2))
@@ -169,32 +222,27 @@ def from_torch(module: nn.Module, n_bits: int = 8, act_bits: int | None = None, 
     if type(module) not in (nn.LSTM, nn.GRU):
         raise BadInput(f"expected nn.LSTM or nn.GRU, got {type(module).__name__}")
     kind = type(module).__name__
-    # (a float nn.LSTM / nn.GRU does not compile either: csqc runs recurrent layers as these
-    # twins, so each refusal says what to write instead of "skip it")
-    if module.bidirectional:
-        raise BadInput(f"{kind}: bidirectional layers are not supported, converted or float: run two layers, the "
-                       "second on x.flip(1), and concatenate its outputs flipped back with the first's")
-    if module.proj_size if kind == "LSTM" else False:
-        raise BadInput("LSTM with proj_size is not supported, converted or float")
-    if not module.batch_first:
-        raise BadInput(f"{kind}: only batch_first=True layers are supported (inputs [B, T, features]), converted "
-                       "or float: transpose the input and set batch_first=True")
     cls = CSQLSTM if kind == "LSTM" else CSQGRU
-    new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, True, n_bits, act_bits,
-              act_clip=act_clip, act_mode=act_mode, quantize_first_input=quantize_first_input)
+    proj = module.proj_size if kind == "LSTM" else 0
+    new = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first, n_bits,
+              act_bits, act_clip=act_clip, act_mode=act_mode, quantize_first_input=quantize_first_input,
+              bidirectional=module.bidirectional, proj_size=proj)
     for layer in range(module.num_layers):
-        ih, hh = new.ih[layer], new.hh[layer]
-        ih.load_float_weight(getattr(module, f"weight_ih_l{layer}").detach())
-        hh.load_float_weight(getattr(module, f"weight_hh_l{layer}").detach())
-        if module.bias:
-            b_ih = getattr(module, f"bias_ih_l{layer}").detach()
-            b_hh = getattr(module, f"bias_hh_l{layer}").detach()
-            with torch.no_grad():
-                if cls is CSQLSTM:
-                    ih.bias.copy_(b_ih + b_hh)
-                else:
-                    ih.bias.copy_(b_ih)
-                    hh.bias.copy_(b_hh)
+        for direction, suffix in enumerate(("", "_reverse")[:new.directions]):
+            ih, hh, hr = new._projections(layer, direction)
+            ih.load_float_weight(getattr(module, f"weight_ih_l{layer}{suffix}").detach())
+            hh.load_float_weight(getattr(module, f"weight_hh_l{layer}{suffix}").detach())
+            if hr is not None:
+                hr.load_float_weight(getattr(module, f"weight_hr_l{layer}{suffix}").detach())
+            if module.bias:
+                b_ih = getattr(module, f"bias_ih_l{layer}{suffix}").detach()
+                b_hh = getattr(module, f"bias_hh_l{layer}{suffix}").detach()
+                with torch.no_grad():
+                    if cls is CSQLSTM:
+                        ih.bias.copy_(b_ih + b_hh)
+                    else:
+                        ih.bias.copy_(b_ih)
+                        hh.bias.copy_(b_hh)
     return new
 
 

@@ -172,12 +172,55 @@ def test_convert_replaces_rnn_and_matches_float(kind):
     torch.testing.assert_close(state[0], seq_out[:, -1])
 
 
-def test_convert_rejects_unsupported_rnn():
-    with pytest.raises(csqc.BadInput, match="batch_first"):
-        csqc.convert(nn.Sequential(nn.LSTM(4, 8)), 4)
-    with pytest.raises(csqc.BadInput, match="bidirectional layers are not supported, converted or float: run two") as e:
-        csqc.convert(nn.Sequential(nn.GRU(4, 8, batch_first=True, bidirectional=True)), 4)
-    assert "skip" not in str(e.value)  # a float GRU would not compile either
+@pytest.mark.parametrize("kind, options", [
+    (nn.LSTM, dict(bidirectional=True, num_layers=2)), (nn.GRU, dict(bidirectional=True, num_layers=2)),
+    (nn.LSTM, dict(proj_size=5, num_layers=2)), (nn.LSTM, dict(proj_size=5, bidirectional=True)),
+    (nn.GRU, dict(batch_first=False)), (nn.LSTM, dict(batch_first=False, bidirectional=True)),
+], ids=["bi_lstm", "bi_gru", "lstm_proj", "bi_lstm_proj", "gru_time_first", "bi_lstm_time_first"])
+def test_every_form_of_torch_rnn_converts_and_matches_it(kind, options):
+    """Bidirectional stacks (each layer both ways over the sequence, the next reading both),
+    LSTM projections (``proj_size``: a CSQ ``hr`` per layer and direction) and time-first
+    inputs: outputs and final states as torch's, up to 12-bit weight rounding."""
+    torch.manual_seed(3)
+    options = dict(options)
+    rnn = kind(6, 12, batch_first=options.pop("batch_first", True), **options)
+    x = torch.randn(3, 4, 6)
+    want, want_state = rnn(x)
+    twin = csqc.finalize(csqc.recurrent.from_torch(rnn, n_bits=12))
+    got, state = twin(x)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    for a, b in zip(state if kind is nn.LSTM else (state,), want_state if kind is nn.LSTM else (want_state,)):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+    if options.get("bidirectional"):
+        with pytest.raises(csqc.BadInput, match="no single-step form"):
+            twin.step(x[:, 0], state[0] if kind is nn.LSTM else state)
+
+
+class _BothWays(nn.Module):
+    """A bidirectional two-layer LSTM with projections, then a time-first bidirectional GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 16, num_layers=2, batch_first=True, bidirectional=True, proj_size=8)
+        self.gru = nn.GRU(16, 8, bidirectional=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y, _ = self.gru(self.lstm(x)[0].transpose(0, 1))
+        return self.head(y.transpose(0, 1))
+
+
+def test_bidirectional_and_projected_rnns_verify_exactly(tmp_path):
+    torch.manual_seed(4)
+    model = csqc.convert(_BothWays().eval(), n_bits=4, act_bits=8)
+    names = {n for n, _ in csqc.layers.csq_layers(model)}
+    assert {"lstm.ih_reverse.1", "lstm.hr.0", "lstm.hr_reverse.1", "gru.hh_reverse.0"} <= names
+    loaded = csqc.load(csqc.save(model, tmp_path / "rnn.pt", torch.rand(2, 4, 6)))
+    art = tmp_path / "rnn.so"
+    csqc.compile(loaded, "llvm", art)
+    report = csqc.verify(loaded, samples=4, artifact=str(art), per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()
+    assert "onnxruntime" in report.runtimes
 
 
 def test_capture_handles_split_stack_rsub_and_zeros(tmp_path):
