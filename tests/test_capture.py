@@ -840,3 +840,18 @@ def test_sliding_windows_are_takes_and_exact(f, shape, tmp_path):
 def test_folding_overlapping_patches_is_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedOps, match=r"col2im of overlapping patches \(they sum\)"):
         _captured(Lambda(lambda x: F.fold(F.unfold(x, 3, padding=1), (4, 4), 3, padding=1)), (1, 2, 4, 4), tmp_path)
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: x - x.mean(), lambda x: x / x.abs().sum(), lambda x: x.mean([]) * x, lambda x: x.sum() - x.amax(),
+], ids=["mean", "sum", "mean_empty_dims", "sum_minus_max"])
+def test_reductions_to_a_single_number_match_pytorch(f, tmp_path):
+    x = (np.random.default_rng(13).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    _compare(Lambda(f), g, x, rtol=3e-6)
+
+
+def test_arithmetic_with_a_constant_on_a_single_number_is_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedOps, match=r"arithmetic on a value reduced to a single number \(reduce with "
+                                             r"keepdim=True\)"):
+        _captured(Lambda(lambda x: x * (x.amax() + 1)), (2, 5), tmp_path)

@@ -98,7 +98,11 @@ class _Ctx:
     def emit(self, fx: torch.fx.Node, op: str, inputs, ttype: TensorType | None = None, attrs=None,
              quant: QuantSpec | None = None, base: str | None = None) -> str:
         name = self.name(base or module_path(fx) or fx.name)
-        node = Node(name, op, tuple(inputs), ttype or _type_of(fx), attrs or {}, quant, module_path(fx))
+        ttype = ttype or _type_of(fx)
+        if not ttype.shape and any(self.params[i].shape == (1,) for i in inputs if i in self.params):
+            # a scalar the model reduced to, with a constant: csqc's scalar parameters are [1]
+            raise _Unsupported("arithmetic on a value reduced to a single number (reduce with keepdim=True)")
+        node = Node(name, op, tuple(inputs), ttype, attrs or {}, quant, module_path(fx))
         self.nodes.append(node)
         # the op table's sign rule: unsigned codes for quantizers of values known to be >= 0
         if output_nonneg(op, [i in self.nonneg for i in node.inputs], node.attrs):

@@ -290,6 +290,8 @@ HANDLERS.update({
     _aten.expm1.default: _exp_less_one,
     _aten.log1p.default: _log_one_plus,
     _aten.gather.default: _gather,  # at a constant index (DeBERTa's relative positions); one take
+    _aten.mean.default: _mean,  # x.mean() and x.sum() of the model's values: over every axis
+    _aten.sum.default: _sum,
 })
 
 

@@ -14,10 +14,12 @@ from .elementwise import _abs_value, _negated_value, _reciprocal_root
 
 
 def _mean(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    xv = ctx.value(fx.args[0])
-    nd = len(_type_of(fx.args[0]).shape)
-    dims = tuple(sorted(d % nd for d in fx.args[1]))
-    return ctx.emit(fx, "mean", [xv], attrs={"dims": dims, "keepdim": bool(_arg(fx, 2, "keepdim", False))})
+    """``x.mean(dims, keepdim)``; no dims (``x.mean()``, or an empty list): every axis."""
+    if _arg(fx, 3 if fx.target == _aten.mean.dim else 1, "dtype", None) not in (None, torch.float32):
+        raise _Unsupported("mean to another dtype")
+    dims = _reduce_dims(fx, _arg(fx, 1, "dim", None) if fx.target == _aten.mean.dim else None)
+    return ctx.emit(fx, "mean", [ctx.value(fx.args[0])],
+                    attrs={"dims": dims, "keepdim": bool(_arg(fx, 2, "keepdim", False))})
 
 
 def _sum(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -30,11 +32,18 @@ def _sum(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if _arg(fx, 3, "dtype", None) not in (None, torch.float32):
         raise _Unsupported("sum to another dtype")
     keep = bool(_arg(fx, 2, "keepdim", False))
-    out = tuple(1 if d in dims else n for d, n in enumerate(shape)) if keep else tuple(
-        n for d, n in enumerate(shape) if d not in dims)
-    mean = _typed(ctx, fx, "mean", [ctx.value(fx.args[0])], out, "mean", {"dims": dims, "keepdim": keep})
+    kept = tuple(1 if d in dims else n for d, n in enumerate(shape))
+    out = kept if keep else tuple(n for d, n in enumerate(shape) if d not in dims)
+    # to a single number: reduced keeping the axes, then reshaped (the count is a [1] parameter,
+    # which a 0-d mean would broadcast to; as amin)
+    keep_axes = keep or not out
+    mean = _typed(ctx, fx, "mean", [ctx.value(fx.args[0])], kept if keep_axes else out, "mean",
+                  {"dims": dims, "keepdim": keep_axes})
     count = _scalar(ctx, fx, float(np.prod([shape[d] for d in dims], dtype=np.int64)), "count")
-    return ctx.emit(fx, "mul", [mean, count], base=_base(fx, "sum"))
+    if out:
+        return ctx.emit(fx, "mul", [mean, count], base=_base(fx, "sum"))
+    total = _typed(ctx, fx, "mul", [mean, count], kept, "sum.kept")
+    return ctx.emit(fx, "reshape", [total], TensorType(()), base=_base(fx, "sum"))
 
 
 def _softmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
