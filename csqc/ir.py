@@ -547,6 +547,9 @@ def _take_index_problems(g: Graph, n: Node) -> list[str]:
     size = x_t.shape[axis]
     if index.size and (int(index.min()) < 0 or int(index.max()) >= size):
         return [f"index holds positions outside [0, {size}) of axis {axis}"]
+    elements = max(int(np.prod(x_t.shape, dtype=np.int64)), int(np.prod(n.type.shape, dtype=np.int64)))
+    if elements >= 2**31:
+        return ["a take of 2^31 elements or more (its kernels index in int32)"]
     return []
 
 

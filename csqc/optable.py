@@ -426,6 +426,11 @@ _DEFS = [
     _binary("div", np.divide, lambda a, b: a / b, _keeps_sign, "a / b"),
     _binary("minimum", np.minimum, lambda a, b: T.minimum(a, b), _keeps_sign,
             "min(a, b) (also maximum, max against a tensor, abs, leaky ReLU, PReLU, RReLU, shrinks)"),
+    _op("select", (3, 3), _broadcast, sign=lambda nonneg, attrs: bool(nonneg[1] and nonneg[2]),
+        evaluate=lambda n, a: np.where(np.asarray(a[0]) != 0, np.asarray(a[1], F32), np.asarray(a[2], F32)).astype(F32),
+        torch=lambda n, a: T.where(a[0] != 0, a[1], a[2]), tvm="select",
+        doc="c != 0 ? a : b, broadcasting (where and masked_fill by a condition the model computes: the other "
+            "branch is never read, inf or NaN there included)"),
     _op("expand", (1, 1), _expand, attrs={"folded_layer": Attr("str", ""), "weight_shape": Attr("ints", ()),
                                            "n_bits": Attr("int", 0)},
         sign=_keeps_sign, evaluate=lambda n, a: np.array(np.broadcast_to(a[0], n.type.shape), dtype=F32),

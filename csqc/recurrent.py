@@ -113,6 +113,9 @@ class _CSQRecurrent(nn.Module):
     def forward(self, x: Tensor, state=None):
         """``x: [B, T, input]`` (``[T, B, input]`` unless ``batch_first``) -> ``(out, state)`` like
         ``nn.LSTM`` / ``nn.GRU`` (``out``'s features: both directions' ``h``, concatenated)."""
+        if x.dim() != 3:
+            raise BadInput(f"a batch of sequences ({'[B, T, input]' if self.batch_first else '[T, B, input]'}) "
+                           f"expected, got shape {list(x.shape)} (unbatched: add the batch axis)")
         if not self.batch_first:
             x = x.transpose(0, 1)
         if self.has_cell:

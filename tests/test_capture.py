@@ -855,3 +855,41 @@ def test_arithmetic_with_a_constant_on_a_single_number_is_refused_by_name(tmp_pa
     with pytest.raises(UnsupportedOps, match=r"arithmetic on a value reduced to a single number \(reduce with "
                                              r"keepdim=True\)"):
         _captured(Lambda(lambda x: x * (x.amax() + 1)), (2, 5), tmp_path)
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: x * x.bool(), lambda x: x.masked_fill(x.to(torch.bool), 7.0),
+    lambda x: ((x > 0) + (x > 1)).float() * 3, lambda x: x * ((x > 0) + True),
+    lambda x: x.masked_fill(x > 0, -1.5)[:1] + x[:1].masked_fill(x > 1, 2.0),
+    lambda x: torch.index_select(x, 1, torch.tensor(2)), lambda x: x[:, torch.tensor(3)] * 2,
+], ids=["to_bool", "bool_mask", "bool_sum_is_or", "bool_plus_true", "masked_fill_broadcast", "index_select_0d",
+        "index_0d"])
+def test_conversions_to_bool_and_bool_arithmetic_follow_torch(f, tmp_path):
+    """``x.bool()`` is ``x != 0``; ``c + d`` of conditions is ``c or d``, as torch's bool arithmetic;
+    a computed mask broadcasts as torch broadcasts it; a 0-d index as torch reads it."""
+    x = np.array([[0.0, 0.5, -2.0, 3.0, -0.0], [1.0, 0.0, 2.0, -1e-45, 1.5]], np.float32)
+    _exact_with_finite_fills(f, x, tmp_path)
+
+
+@pytest.mark.parametrize("f, why", [
+    (lambda x: x > 0, "output 0 is boolean"),
+    (lambda x: (x > torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64)).float(), "a float64 constant not exact"),
+], ids=["bool_output", "float64_constant"])
+def test_boolean_outputs_and_float64_comparisons_are_refused_by_name(f, why, tmp_path):
+    with pytest.raises((UnsupportedOps, csqc.errors.BadInput), match=why):
+        _captured(Lambda(f), (2, 3), tmp_path)
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: torch.where(x > 0, torch.log(x), 0.0), lambda x: torch.where(x != 0, 1 / x, torch.zeros_like(x)),
+    lambda x: torch.sqrt(x).masked_fill(x <= 0, 0.0),
+], ids=["guarded_log", "guarded_reciprocal", "guarded_sqrt"])
+def test_a_computed_condition_never_reads_the_branch_it_does_not_take(f, tmp_path):
+    """The guard idioms: where the condition is false the other branch is -inf, inf or NaN, and
+    the result is still torch's (a select op, not a product by 0)."""
+    x = np.array([[-1.0, 0.0, 2.0, 1e-30, -0.0, 7.5]], np.float32)
+    g = _captured(Lambda(f), x.shape, tmp_path)
+    assert "select" in {n.op for n in g.nodes}
+    (out,), _ = run(g, [x])
+    with torch.no_grad():
+        np.testing.assert_array_equal(out, f(torch.from_numpy(x)).numpy())

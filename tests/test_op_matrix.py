@@ -153,6 +153,13 @@ def _take(x_shape, axis, index):
     return "take", build
 
 
+def _select(b, p):
+    """``select(relu(c), a, b)``: a condition of zeros and other values, broadcast over ``a``; ``b`` a scalar."""
+    condition = b.node(f"{p}condition", "relu", [b.input(f"{p}c", (2, 1, 5))], (2, 1, 5))
+    return b.node(f"{p}y", "select", [condition, b.input(f"{p}a", (2, 3, 5)),
+                                      b.param(f"{p}b", np.full(1, -0.75, np.float32))], (2, 3, 5))
+
+
 def _input_array(v) -> np.ndarray:
     """Float inputs uniform in [-2, 2); integer ones (token ids) valid rows of a 7-row table."""
     seed = zlib.crc32(v.name.encode())
@@ -218,6 +225,7 @@ CASES = {
     "embedding": ("embedding", _embedding),
     "take": _take((2, 5, 3), 1, [[4, 0, 0], [3, 1, 2]]),
     "take[last axis]": _take((2, 3, 6), 2, [5, 4, 3, 2, 1, 0, 5]),
+    "select": ("select", _select),
 }
 
 # (case, target) holes not filled yet: strict xfails, remove an entry once its hole is filled

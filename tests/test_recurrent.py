@@ -196,6 +196,12 @@ def test_every_form_of_torch_rnn_converts_and_matches_it(kind, options):
             twin.step(x[:, 0], state[0] if kind is nn.LSTM else state)
 
 
+def test_an_unbatched_sequence_is_refused_with_what_to_add():
+    twin = csqc.finalize(csqc.recurrent.from_torch(nn.GRU(3, 4), n_bits=4))
+    with pytest.raises(csqc.BadInput, match=r"\[T, B, input\]\) expected, got shape \[5, 3\]"):
+        twin(torch.randn(5, 3))
+
+
 class _BothWays(nn.Module):
     """A bidirectional two-layer LSTM with projections, then a time-first bidirectional GRU."""
 

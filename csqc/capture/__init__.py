@@ -107,6 +107,10 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                 unsupported.append((f"{_op_name(fx.target)} [{e}]", where))
         elif fx.op == "output":
             flat = fx.args[0] if isinstance(fx.args[0], (list, tuple)) else [fx.args[0]]
+            for i, a in enumerate(flat):
+                if _is_condition(a):
+                    raise BadInput(f"output {i} is boolean: csqc's runtimes return float32 (return it as "
+                                   "mask.float())")
             outputs = [ctx.env.get(a.name, "") for a in flat]
     if unsupported:
         raise UnsupportedOps(unsupported)

@@ -75,20 +75,15 @@ def _sdpa(ctx: _Ctx, fx: torch.fx.Node) -> str:
 def _add_mask(ctx: _Ctx, fx: torch.fx.Node, scores: str, shape, mask, causal: bool) -> tuple[str, tuple]:
     """``scores + mask`` and its shape: constant masks (and is_causal) folded into one float
     parameter; a float mask computed at runtime added; a boolean one computed at runtime (0.0 /
-    1.0 in the IR) selects: ``scores * m + lowest * (1 - m)``, exactly the score or ``_MASKED``."""
+    1.0 in the IR) selects the score or ``_MASKED`` (a ``select`` op)."""
     runtime_mask = mask is not None and not ctx.is_const(mask)
     if runtime_mask:
         if _type_of(mask).dtype != "float32":
             raise _Unsupported(f"a {_type_of(mask).dtype} attn_mask computed by the model (pass a float mask)")
         shape = tuple(np.broadcast_shapes(tuple(shape), _shape_of(mask)))
-        if _is_condition(mask):
-            m = ctx.value(mask)
-            kept = _typed(ctx, fx, "mul", [scores, m], shape, "sdpa.kept")
-            masked = _typed(ctx, fx, "mul", [_typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "sdpa.one"), m],
-                                                    _shape_of(mask), "sdpa.masked_out"),
-                                             _scalar(ctx, fx, _MASKED, "sdpa.lowest")], _shape_of(mask),
-                            "sdpa.fill")
-            scores = _typed(ctx, fx, "add", [kept, masked], shape, "sdpa.masked")
+        if _is_condition(mask):  # True = attend: the score, else the lowest value
+            scores = _typed(ctx, fx, "select", [ctx.value(mask), scores, _scalar(ctx, fx, _MASKED, "sdpa.lowest")],
+                            shape, "sdpa.masked")
         else:
             scores = _typed(ctx, fx, "add", [scores, ctx.value(mask)], shape, "sdpa.masked")
     bias = _constant_mask(None if runtime_mask or mask is None else ctx.tensor(mask), causal, shape[-2], shape[-1])

@@ -9,7 +9,7 @@ import torch
 from ..idioms import idiom_attrs
 from .context import (
     _arg, _aten, _base, _Ctx, _is_condition, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported)
-from .tensors import _slice_value
+from .tensors import _same_dtype, _slice_value
 
 
 def _clip(ctx: _Ctx, fx: torch.fx.Node, lo, hi) -> str:
@@ -25,6 +25,10 @@ def _binary(op: str):
         a, b = fx.args[:2]
         if fx.kwargs.get("alpha", 1) != 1:
             raise _Unsupported("add with alpha != 1")
+        if _is_condition(fx) and op != "mul":  # torch's bool arithmetic: c + d is c or d
+            if op != "add":
+                raise _Unsupported(f"{op} of boolean values")
+            return _either(ctx, fx, a, b)
         vals = []
         for i, v in enumerate((a, b)):
             if isinstance(v, (int, float)):
@@ -36,6 +40,15 @@ def _binary(op: str):
         return ctx.emit(fx, op, vals, base=f"{module_path(fx) or fx.name}.{op}")
 
     return handler
+
+
+def _either(ctx: _Ctx, fx: torch.fx.Node, a, b) -> str:
+    """``c + d`` of conditions (or a Python bool): ``c or d``, as ``c + d - c * d`` (exact on 0 and 1)."""
+    c, d = (_scalar(ctx, fx, float(bool(v)), f"or.{i}") if isinstance(v, (bool, int, float)) else ctx.value(v)
+            for i, v in enumerate((a, b)))
+    shape = _type_of(fx).shape
+    total = _typed(ctx, fx, "add", [c, d], shape, "or.sum")
+    return ctx.emit(fx, "sub", [total, _typed(ctx, fx, "mul", [c, d], shape, "or.both")], base=_base(fx, "or"))
 
 
 def _relu(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -75,8 +88,9 @@ _LN2 = 0.693147180559945309417232121458176568
 
 
 def _power_of_two(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``exp2(x)`` as ``exp(x * ln 2)``: the product's rounding (2^-24 relative) grows with |x|,
-    so a few ulps from torch's exp2 (float tolerance; the same bits on every runtime of the IR)."""
+    """``exp2(x)`` as ``exp(x * ln 2)``: the product's rounding (2^-24 relative) is amplified by
+    |x ln 2|, so up to ~20 ulps from torch's exp2 at |x| = 100 (float tolerance; the runtimes
+    of the IR within an ulp or two of each other, as their exp is)."""
     shape = _shape_of(fx.args[0])
     scaled = _typed(ctx, fx, "mul", [ctx.value(fx.args[0]), _scalar(ctx, fx, _LN2, "ln2")], shape, "scaled")
     return ctx.emit(fx, "exp", [scaled], base=_base(fx, "exp2"))
@@ -84,7 +98,8 @@ def _power_of_two(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 def _exp_less_one(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``expm1(x)`` as ``exp(x) - 1``, as csqc's ELU computes it: within an ulp of 1 of torch's
-    for small |x| (absolute, not relative, precision there: float tolerance)."""
+    for small |x| (absolute, not relative, precision: ``expm1(1e-8)`` is 0, so a model dividing
+    it by x loses that ratio there)."""
     shape = _shape_of(fx.args[0])
     grown = _typed(ctx, fx, "exp", [ctx.value(fx.args[0])], shape, "exp")
     return ctx.emit(fx, "sub", [grown, _scalar(ctx, fx, 1.0, "one")], base=_base(fx, "expm1"))
@@ -374,7 +389,7 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
     elsewhere (a -0.0 becomes +0.0: only a division by it could tell). An infinite v becomes the
     largest finite float32 of its sign, as attention masks do (``attention._MASKED``): a softmax
     over it gives the same, unless a whole row is masked. A mask the model computes (a comparison:
-    0.0 / 1.0 in the IR) selects at runtime, ``x * (1 - m) + v * m``: the same values for finite x."""
+    0.0 / 1.0 in the IR) is a ``select`` op: v where it is set, x itself elsewhere (any x)."""
     x, mask, value = fx.args[:3]
     if isinstance(value, torch.fx.Node):  # masked_fill.Tensor: a one-element tensor
         if not ctx.is_const(value) or ctx.tensor(value).numel() != 1:
@@ -383,13 +398,9 @@ def _masked_fill(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if _type_of(x).dtype != "float32":
         raise _Unsupported(f"masked_fill of {_type_of(x).dtype} values")
     shape = _shape_of(x)
-    if not ctx.is_const(mask):  # a condition the model computes (0.0 / 1.0): x * (1 - m) + v * m
-        m, m_shape = ctx.value(mask), _shape_of(mask)
-        keep = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "masked_fill.one"), m], m_shape, "masked_fill.keep")
-        fill = _typed(ctx, fx, "mul", [m, _scalar(ctx, fx, _finite_fill(float(value), "masked_fill"),
-                                                  "masked_fill.value")], m_shape, "masked_fill.fill")
-        kept = _typed(ctx, fx, "mul", [ctx.value(x), keep], shape, "masked_fill.kept")
-        return ctx.emit(fx, "add", [kept, fill], base=_base(fx, "masked_fill"))
+    if not ctx.is_const(mask):  # a condition the model computes (0.0 / 1.0): a select
+        fill = _scalar(ctx, fx, _finite_fill(float(value), "masked_fill"), "masked_fill.value")
+        return ctx.emit(fx, "select", [ctx.value(mask), fill, ctx.value(x)], base=_base(fx, "masked_fill"))
     where = ctx.tensor(mask).detach().cpu().numpy().astype(bool)
     if tuple(np.broadcast_shapes(shape, where.shape)) != tuple(shape):
         raise _Unsupported(f"masked_fill with a mask of shape {list(where.shape)} for values of shape {list(shape)}")
@@ -408,50 +419,47 @@ def _finite_fill(value, what: str):
 
 
 def _selected(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``torch.where(cond, a, b)`` as ``a * [cond] + b * [not cond]``: each branch multiplied by
-    exactly 0 or 1, so exact for finite values, as :func:`_masked_fill` (a constant infinity
-    becomes the largest finite float32 of its sign). A constant condition (GPT-2's causal mask)
-    is a parameter (a constant branch already 0 off its side); one the model computes (a
-    comparison, 0.0 / 1.0 in the IR) multiplies at runtime."""
+    """``torch.where(cond, a, b)``. A constant condition (GPT-2's causal mask) as ``a * [cond] + b *
+    [not cond]``: each branch multiplied by exactly 0 or 1 (a parameter; a constant branch already
+    0 off its side), exact for finite values, as :func:`_masked_fill` (a constant infinity becomes
+    the largest finite float32 of its sign). A condition the model computes (a comparison, 0.0 /
+    1.0 in the IR) is a ``select`` op: the branch not taken is never read, so the guard idioms
+    (``where(x > 0, log(x), 0)``) hold for any value there."""
     cond, a, b = fx.args[:3]
     if _type_of(fx).dtype != "float32":
         raise _Unsupported(f"where of {_type_of(fx).dtype} values")
-    if ctx.is_const(cond):
-        mask = ctx.tensor(cond).detach().cpu().numpy().astype(bool)
-        sides = (("true", a, mask), ("false", b, ~mask))
-    else:
-        if not _is_condition(cond):
-            raise _Unsupported("where with a condition that is not boolean")
-        c, c_shape = ctx.value(cond), _shape_of(cond)
-        not_c = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "where.one"), c], c_shape, "where.not")
-        sides = (("true", a, (c, c_shape)), ("false", b, (not_c, c_shape)))
-    parts = []
-    for side, branch, picked in sides:
+    branches = []
+    for side, branch in (("true", a), ("false", b)):
         computed = isinstance(branch, torch.fx.Node) and not ctx.is_const(branch)
         if computed and _type_of(branch).dtype != "float32":
             raise _Unsupported(f"where of {_type_of(branch).dtype} values")
-        if computed:
-            value, shape = ctx.value(branch), _shape_of(branch)
-        else:
-            constant = ctx.tensor(branch).detach().cpu().double().numpy() if isinstance(branch, torch.fx.Node) else (
-                np.float64(branch))
-            constant = np.asarray(_finite_fill(constant, "where"), np.float32)
-            if isinstance(picked, np.ndarray):  # both constant: the part itself
-                part = ctx.param(_base(fx, f"where.{side}_fill"), np.where(picked, constant, np.float32(0)))
-                if (ctx.params[part] >= 0).all():
-                    ctx.nonneg.add(part)
-                parts.append(part)
-                continue
-            value, shape = ctx.param(_base(fx, f"where.{side}_value"), constant), constant.shape
-            if (constant >= 0).all():
-                ctx.nonneg.add(value)
-        if isinstance(picked, np.ndarray):
-            keep, keep_shape = ctx.param(_base(fx, f"where.{side}_keep"), picked.astype(np.float32)), picked.shape
-        else:
-            keep, keep_shape = picked
-        parts.append(_typed(ctx, fx, "mul", [value, keep], np.broadcast_shapes(shape, keep_shape),
-                            f"where.{side}_kept"))
+        constant = None if computed else np.asarray(_finite_fill(
+            ctx.tensor(branch).detach().cpu().double().numpy() if isinstance(branch, torch.fx.Node) else
+            np.float64(branch), "where"), np.float32)
+        branches.append((side, branch, constant))
+    if not ctx.is_const(cond):
+        if not _is_condition(cond):
+            raise _Unsupported("where with a condition that is not boolean")
+        values = [ctx.value(branch) if constant is None else _constant_param(ctx, fx, constant, f"where.{side}")
+                  for side, branch, constant in branches]
+        return ctx.emit(fx, "select", [ctx.value(cond)] + values, base=_base(fx, "where"))
+    mask = ctx.tensor(cond).detach().cpu().numpy().astype(bool)
+    parts = []
+    for (side, branch, constant), picked in zip(branches, (mask, ~mask)):
+        if constant is not None:  # the part itself: the constant where picked, 0 elsewhere
+            parts.append(_constant_param(ctx, fx, np.where(picked, constant, np.float32(0)), f"where.{side}_fill"))
+            continue
+        keep = ctx.param(_base(fx, f"where.{side}_keep"), picked.astype(np.float32))
+        parts.append(_typed(ctx, fx, "mul", [ctx.value(branch), keep],
+                            np.broadcast_shapes(_shape_of(branch), picked.shape), f"where.{side}_kept"))
     return ctx.emit(fx, "add", parts, base=_base(fx, "where"))
+
+
+def _constant_param(ctx: _Ctx, fx: torch.fx.Node, array: np.ndarray, what: str) -> str:
+    name = ctx.param(_base(fx, what), np.asarray(array, np.float32))
+    if (ctx.params[name] >= 0).all():
+        ctx.nonneg.add(name)
+    return name
 
 
 # -- comparisons and logic of values the model computes: float32 0.0 / 1.0 in the IR ------------
@@ -472,6 +480,8 @@ def _compared_operand(ctx: _Ctx, fx: torch.fx.Node, v, what: str) -> tuple[str, 
         return ctx.value(v), _shape_of(v)
     constant = ctx.tensor(v).detach().cpu().numpy() if isinstance(v, torch.fx.Node) else np.asarray(v)
     as_f32 = constant.astype(np.float32)
+    if constant.dtype == np.float64 and constant.ndim and not (as_f32.astype(np.float64) == constant).all():
+        raise _Unsupported("a comparison with a float64 constant not exact in float32 (torch compares in float64)")
     if not np.isfinite(as_f32).all():
         raise _Unsupported("a comparison with a constant that is NaN or infinite in float32")
     name = ctx.param(_base(fx, what), as_f32)
@@ -504,6 +514,19 @@ def _compared(ctx: _Ctx, fx: torch.fx.Node) -> str:
     differ = _typed(ctx, fx, "add", [above(av, bv, f"{kind}.above"), above(bv, av, f"{kind}.below")], shape,
                     "ne" if kind == "ne" else "eq.differ")
     return differ if kind == "ne" else complement(differ, "eq")
+
+
+def _dtype_conversion(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``x.to(dtype)`` / ``x.type_as(y)`` of a runtime value: float32 to float32 (or a condition to
+    float) is the value itself; float to bool is ``[x != 0]`` (an exact indicator, as ``!=``)."""
+    src = fx.args[0]
+    if _is_condition(fx) and not _is_condition(src) and _type_of(src).dtype == "float32":
+        shape, xv = _shape_of(src), ctx.value(src)
+        zero = _scalar(ctx, fx, 0.0, "nonzero.zero")
+        ups = [_indicator(ctx, fx, _typed(ctx, fx, "sub", pair, shape, f"nonzero.{what}.difference"), shape,
+                          f"nonzero.{what}") for pair, what in (([xv, zero], "above"), ([zero, xv], "below"))]
+        return ctx.emit(fx, "add", ups, base=_base(fx, "nonzero"))
+    return _same_dtype(ctx, fx)
 
 
 _LOGIC = {

@@ -11,10 +11,10 @@ import torch
 from .attention import _sdpa
 from .context import _arg, _aten, _base, _Ctx, _scalar
 from .elementwise import (
-    _absolute, _add_product, _binary, _clip, _compared, _COMPARISONS, _difference, _elu, _exp_less_one, _float_unary,
-    _gelu, _glu, _interpolated, _leaky_relu, _log_one_plus, _log_sigmoid, _logic, _LOGIC, _masked_fill, _maximum,
-    _mish, _negated, _outer, _pow, _power_of_two, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub, _selected, _shrink,
-    _sign, _softplus, _squared, _threshold, _triangle)
+    _absolute, _add_product, _binary, _clip, _compared, _COMPARISONS, _difference, _dtype_conversion, _elu,
+    _exp_less_one, _float_unary, _gelu, _glu, _interpolated, _leaky_relu, _log_one_plus, _log_sigmoid, _logic, _LOGIC,
+    _masked_fill, _maximum, _mish, _negated, _outer, _pow, _power_of_two, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub,
+    _selected, _shrink, _sign, _softplus, _squared, _threshold, _triangle)
 from .folding import _CONSTANT_ONLY, _constant_only
 from .layers import (
     _act_quant, _act_quant_asymmetric, _addmm, _batch_norm, _conv1d, _einsum, _embedding, _float_conv,
@@ -28,7 +28,7 @@ from .resampling import (
 from .tensors import (
     _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _folded_patches, _gather, _getitem, _patches, _windows, _index, _index_select, _matrix_transpose,
     _movedim, _narrow, _no_op, _pad, _passthrough, _permute, _pixel_shuffle, _repeat, _repeat_interleave, _reshape,
-    _reversed_axes, _roll, _same_dtype, _select, _slice, _split, _stack, _tensor_split, _transpose, _unbind)
+    _reversed_axes, _roll, _select, _slice, _split, _stack, _tensor_split, _transpose, _unbind)
 from .transposed import _conv_transpose, _quant_conv_transpose
 
 
@@ -129,11 +129,11 @@ HANDLERS.update({
     _aten.addmm.default: _addmm,
     _aten.unflatten.int: _reshape,
     _aten.pow.Tensor_Scalar: _pow,
-    _aten.to.dtype: _same_dtype,
-    _aten.to.device: _same_dtype,
-    _aten.to.dtype_layout: _same_dtype,
-    _aten._to_copy.default: _same_dtype,
-    _aten.type_as.default: _same_dtype,  # (RoBERTa's position ids)
+    _aten.to.dtype: _dtype_conversion,
+    _aten.to.device: _dtype_conversion,
+    _aten.to.dtype_layout: _dtype_conversion,
+    _aten._to_copy.default: _dtype_conversion,
+    _aten.type_as.default: _dtype_conversion,  # (RoBERTa's position ids)
     _aten._assert_tensor_metadata.default: _no_op,
     _aten.detach_.default: _no_op,
     _aten.lift_fresh_copy.default: _no_op,

@@ -475,10 +475,10 @@ def _index_runs(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index, 
 def _taken(ctx: _Ctx, fx: torch.fx.Node, xv: str, shape, axis: int, index: np.ndarray, what: str,
            final: bool = True) -> str:
     """One ``take`` of ``x`` along ``axis`` at ``index`` (int32, checked inside the axis)."""
-    if index.size >= 2**31 or int(shape[axis]) >= 2**31:
-        raise _Unsupported(f"{what} of {index.size} positions (int32 indices)")
-    positions = ctx.param(_base(fx, f"{what}.index"), index.astype(np.int32))
     out = tuple(shape[:axis]) + tuple(index.shape) + tuple(shape[axis + 1:])
+    if max(int(np.prod(shape, dtype=np.int64)), int(np.prod(out, dtype=np.int64))) >= 2**31:
+        raise _Unsupported(f"{what} of a tensor of 2^31 elements or more (the kernels index in int32)")
+    positions = ctx.param(_base(fx, f"{what}.index"), index.astype(np.int32))
     if final:
         return ctx.emit(fx, "take", [xv, positions], TensorType(out), {"axis": axis}, base=_base(fx, what))
     return _typed(ctx, fx, "take", [xv, positions], out, what, {"axis": axis})
@@ -519,7 +519,8 @@ def _gather(ctx: _Ctx, fx: torch.fx.Node) -> str:
 def _index_select(ctx: _Ctx, fx: torch.fx.Node) -> str:
     shape = _shape_of(fx.args[0])
     axis = int(fx.args[1]) % len(shape)
-    return _index_runs(ctx, fx, ctx.value(fx.args[0]), shape, axis, ctx.tensor(fx.args[2]).numpy(), "index_select")
+    index = ctx.tensor(fx.args[2]).numpy().reshape(-1)  # (a 0-d index keeps the axis, of one)
+    return _index_runs(ctx, fx, ctx.value(fx.args[0]), shape, axis, index, "index_select")
 
 
 def _index(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -532,7 +533,11 @@ def _index(ctx: _Ctx, fx: torch.fx.Node) -> str:
     index = ctx.tensor(indices[axes[0]]).numpy()
     if index.dtype == np.bool_:
         raise _Unsupported("indexing by a mask")
-    return _index_runs(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), axes[0], index, "indexing")
+    picked = _index_runs(ctx, fx, ctx.value(fx.args[0]), _shape_of(fx.args[0]), axes[0], index.reshape(-1) if
+                         index.ndim == 0 else index, "indexing")
+    if index.ndim == 0:  # a 0-d index drops the axis, as select does
+        return ctx.emit(fx, "reshape", [picked], base=_base(fx, "indexing"))
+    return picked
 
 
 def _flip(ctx: _Ctx, fx: torch.fx.Node) -> str:

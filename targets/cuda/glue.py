@@ -36,6 +36,7 @@ __all__ = [
     "channel_affine",
     "unary",
     "binary",
+    "select",
     "broadcast",
     "max_pool2d",
     "avg_pool2d",
@@ -405,6 +406,19 @@ def binary(op: str, a_shape, b_shape, out_shape):
     y = te.compute(out_shape, lambda *i: fn(a[_broadcast_index(i, a_shape, out_shape)],
                                             b[_broadcast_index(i, b_shape, out_shape)]), name="y")
     return [a, b, y]
+
+
+@_builder
+def select(c_shape, a_shape, b_shape, out_shape):
+    """``main(c, a, b, y)``: ``y = c != 0 ? a : b`` with numpy broadcasting (the branch not taken
+    is not read into the result)."""
+    shapes = [tuple(int(d) for d in s) for s in (c_shape, a_shape, b_shape)]
+    out_shape = tuple(int(d) for d in out_shape)
+    c, a, b = (te.placeholder(shape, _F32, name=name) for shape, name in zip(shapes, "cab"))
+    y = te.compute(out_shape, lambda *i: tirx.Select(c[_broadcast_index(i, shapes[0], out_shape)] != 0.0,
+                                                     a[_broadcast_index(i, shapes[1], out_shape)],
+                                                     b[_broadcast_index(i, shapes[2], out_shape)]), name="y")
+    return [c, a, b, y]
 
 
 @_builder

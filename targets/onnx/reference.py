@@ -630,6 +630,12 @@ def _emit_slice(e: GraphEmitter, n: Node) -> str:
     return e.b.op("Slice", [e.float_of(n.inputs[0]), starts, ends, axes], _name(e, n), exact_name=True)
 
 
+def _emit_select(e: GraphEmitter, n: Node) -> str:
+    c, a, b = (e.float_of(i) for i in n.inputs)
+    condition = e.b.op("Cast", [c], f"{n.name}.condition", to=TensorProto.BOOL)  # nonzero: true
+    return e.b.op("Where", [condition, a, b], _name(e, n), exact_name=True)
+
+
 def _emit_take(e: GraphEmitter, n: Node) -> str:
     axis = int(n.attr("axis"))
     if axis == 0 and e.dynamic_batch:
@@ -719,6 +725,7 @@ EMITTERS: dict[str, Callable[[GraphEmitter, Node], object]] = {
     "sub": _simple("Sub"),
     "slice": _emit_slice,
     "take": _emit_take,
+    "select": _emit_select,
     "matmul": _simple("MatMul"),
     "layer_norm": _emit_layer_norm,
     "gelu": lambda e, n: e.b.op("Gelu", [e.float_of(n.inputs[0])], _name(e, n), exact_name=True,

@@ -1491,6 +1491,13 @@ class _Lowerer:
         f = self.plan.func(f"binary({n.op},{a_shape},{b_shape},{shape})", lambda: self.glue.binary(n.op, a_shape, b_shape, shape))
         self.plan.call(f, [a, b, self.out(n)], n.name)
 
+    def lower_select(self, n: Node) -> None:
+        ins = [self.ref(i) for i in n.inputs]
+        shapes = [tuple(self.plan.buffers[i]["shape"]) for i in ins]
+        shape = n.type.shape
+        f = self.plan.func(f"select({shapes},{shape})", lambda: self.glue.select(*shapes, shape))
+        self.plan.call(f, ins + [self.out(n)], n.name)
+
     def lower_expand(self, n: Node) -> None:
         x = self.ref(n.inputs[0])
         in_shape, shape = tuple(self.plan.buffers[x]["shape"]), n.type.shape

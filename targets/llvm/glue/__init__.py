@@ -54,7 +54,7 @@ from .float_layers import (
     conv2d_f32, conv_output_hw, ConvKnobs, default_conv_knobs, float_conv_knobs, FloatTail, linear_f32, LinearKnobs)
 from .layout import concat, copy, embedding, slice_axis, take, transpose
 from .elementwise import (
-    binary, broadcast, CHAIN_OPS, ChainOp, ChainQuantize, channel_affine, elementwise_chain, gelu, unary)
+    binary, broadcast, CHAIN_OPS, ChainOp, ChainQuantize, channel_affine, elementwise_chain, gelu, select, unary)
 from .reductions import adaptive_avg_pool2d, amax, avg_pool2d, max_pool2d, mean, softmax
 from .transformer import layer_norm, matmul
 
@@ -62,7 +62,7 @@ __all__ = [
     "ConvKnobs", "default_conv_knobs", "float_conv_knobs", "FloatTail", "conv_output_hw", "LinearKnobs", "quantize",
     "quantize_asymmetric", "dequantize", "epilogue", "TileEpilogue", "conv2d_f32", "linear_f32", "binary",
     "broadcast", "unary", "channel_affine", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean", "amax",
-    "softmax", "concat", "slice_axis", "transpose", "copy", "matmul", "layer_norm", "gelu", "embedding", "take",
+    "softmax", "concat", "slice_axis", "transpose", "copy", "matmul", "layer_norm", "gelu", "embedding", "take", "select",
     "CHAIN_OPS", "ChainOp", "ChainQuantize", "elementwise_chain", "F32", "LANES", "SEARCH_LANES",
     "DYNAMIC_SEARCH_MIN_ROW", "dynamic_search_steps", "dynamic_search_fits", "form_row", "form_codes",
     "saturated_search_value", "searched_codes", "store_searched_codes",

@@ -53,6 +53,29 @@ def binary(op: str, a_shape, b_shape, out_shape) -> tirx.PrimFunc:
     return prim_func(params, body)
 
 
+def select(c_shape, a_shape, b_shape, out_shape) -> tirx.PrimFunc:
+    """``y = c != 0 ? a : b`` with numpy broadcasting (the branch not taken is not read into the
+    result: inf or NaN there stays out).  Parameters: ``c, a, b: f32[...], y: f32[out_shape]``
+    (coalesced like :func:`binary`)."""
+    out_shape = tuple(int(s) for s in out_shape)
+    shapes = [tuple(int(s) for s in shape) for shape in (c_shape, a_shape, b_shape)]
+    dims, strides = _coalesce(out_shape, [_broadcast_strides(shape, out_shape) for shape in shapes])
+    rows, row_len = _prod(dims[:-1]), dims[-1]
+    params = [(name, shape, F32) for name, shape in zip("cab", shapes)] + [("y", out_shape, F32)]
+
+    def body(c, a, b, y):
+        c_flat, a_flat, b_flat, y_flat = _flat(c), _flat(a), _flat(b), _flat(y)
+
+        def emit(row, col):
+            c_v, a_v, b_v = (flat[_strided_index(row, col, dims, st)] for flat, st in
+                             zip((c_flat, a_flat, b_flat), strides))
+            I.buffer_store(y_flat, tirx.Select(c_v != tirx.const(0.0, F32), a_v, b_v), [row * row_len + col])
+
+        _for_each(rows, row_len, emit)
+
+    return prim_func(params, body)
+
+
 def broadcast(in_shape, out_shape) -> tirx.PrimFunc:
     """``y = x`` broadcast (numpy rules) to ``out_shape``, e.g. a folded layer's per-channel
     constant ``[1,C,1,1]`` to its output shape.  Parameters: ``x: f32[in_shape], y: f32[out_shape]``
