@@ -366,8 +366,8 @@ def tvm_artifact_runtime(name: str, model, device: dict | None = None, close: Ca
                 elif key == "scale":
                     v = np.float32(v.reshape(-1)[0])
                 tensors[f"{layer}.{key}"] = v
-            if names.get("residual"):  # the float residual a fused residual epilogue read
-                tensors[f"{layer}.residual"] = record[names["residual"]]
+            if names.get("residual") in record:  # the float residual a fused residual epilogue read (a
+                tensors[f"{layer}.residual"] = record[names["residual"]]  # constant one is not recorded)
             if names.get("xq_zero_point") and names.get("xq"):
                 tensors[f"{layer}.{ZERO_POINT}"] = np.int32(record[names["xq_zero_point"]].reshape(-1)[0])
         return RunResult(out if isinstance(out, list) else [out], tensors)

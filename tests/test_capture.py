@@ -893,3 +893,19 @@ def test_a_computed_condition_never_reads_the_branch_it_does_not_take(f, tmp_pat
     (out,), _ = run(g, [x])
     with torch.no_grad():
         np.testing.assert_array_equal(out, f(torch.from_numpy(x)).numpy())
+
+
+@pytest.mark.parametrize("f", [
+    lambda x: torch.cat([x[..., :7] * 2, x[..., 7:]], -1), lambda x: torch.cat([x[:, 5:], x, x[:, :0]], 1) + 1,
+    lambda x: torch.multiply(x, x.flip(1)) - torch.subtract(x, 1.5) + torch.divide(x, 4.0),
+], ids=["empty_rotary_rest", "empty_pieces", "aliases"])
+def test_empty_slices_concatenated_and_arithmetic_aliases(f, tmp_path):
+    """Phi-3's rotary split at the full width leaves an empty slice that cat leaves out;
+    ``torch.multiply`` / ``subtract`` / ``divide`` are ``*``, ``-``, ``/`` (ConvBERT)."""
+    x = (np.random.default_rng(14).standard_normal((2, 5, 7)) * 3).astype(np.float32)
+    _exact_with_finite_fills(f, x, tmp_path)
+
+
+def test_an_empty_slice_read_by_another_op_is_refused_by_name(tmp_path):
+    with pytest.raises(UnsupportedOps, match="a tensor of no elements read by an op other than cat"):
+        _captured(Lambda(lambda x: (x[:, :0].mT @ x).sum(0, keepdim=True) + x), (2, 5), tmp_path)

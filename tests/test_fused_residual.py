@@ -225,3 +225,27 @@ def test_a_projection_read_by_an_add_and_a_quantizer_writes_both_in_its_epilogue
     check = [np.random.default_rng(1).random((2, 3, 16, 16), dtype=np.float32)]
     report = verify(model, inputs=check, artifact=str(art), per_layer=True, calibrate=calib)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+class _PositionsPlusProjection(nn.Module):
+    """A learned position table plus a linear's output: the fused residual is a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 4, 16))
+        self.l0, self.l1 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.pos + self.l1(torch.relu(self.l0(x)))
+
+
+def test_a_constant_residual_verifies_per_layer(tmp_path):
+    """The residual a fused epilogue reads is a weight here, which the runtime does not record:
+    verify checks the layer against the constant itself (a KeyError before; Speech2Text's decoder)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16)
+    model = csqc.finalize(csqc.convert(_PositionsPlusProjection().eval(), n_bits=3, act_bits=4, example_inputs=x))
+    path = csqc.save(model, tmp_path / "m.pt", x)
+    csqc.compile(path, "llvm", tmp_path / "m.so")
+    report = verify(path, artifact=str(tmp_path / "m.so"), samples=2, batch=1, per_layer=True)
+    assert report.ok and report.accumulators_exact, report.to_json()

@@ -24,7 +24,7 @@ from ..errors import BadInput, CsqcError, UnsupportedOps
 from ..idioms import rewrite_idioms
 from ..ir import Graph, Node, Value, nonfinite_params, verify
 from ..modelfile import CsqcModel
-from .context import _Ctx, _is_condition, module_path, _type_of, _Unsupported
+from .context import _aten, _Ctx, _is_condition, module_path, _type_of, _Unsupported
 from .folding import _constant_derived, _fold, _foldable
 from .handlers import HANDLERS
 
@@ -98,6 +98,12 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
             if any(isinstance(a, torch.fx.Node) and a.op == "call_function" and a.name not in ctx.env
                    and a.name not in ctx.consts for a in fx.all_input_nodes):
                 continue  # depends on an unsupported op: reported there
+            val = fx.meta.get("val")
+            if fx.target == _aten.slice.Tensor and isinstance(val, torch.Tensor) and val.numel() == 0:
+                # an empty slice (Phi-3's rotary split at the full width): a constant of no elements,
+                # which cat leaves out; any other op that reads it folds or is refused
+                ctx.consts[fx.name] = torch.empty(tuple(val.shape), dtype=val.dtype)
+                continue
             try:
                 if _foldable(ctx, fx):  # every input is a constant: evaluate it now
                     _fold(ctx, fx)

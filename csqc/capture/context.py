@@ -65,6 +65,8 @@ class _Ctx:
         if isinstance(arg, torch.fx.Node):
             if arg.name in self.env:
                 return self.env[arg.name]
+            if arg.name in self.consts and getattr(self.consts[arg.name], "numel", lambda: 1)() == 0:
+                raise _Unsupported("a tensor of no elements read by an op other than cat")
             if arg.name in self.folded:
                 return self._folded_param(arg.name)
             if arg.name in self.consts:

@@ -475,7 +475,7 @@ def _compared_operand(ctx: _Ctx, fx: torch.fx.Node, v, what: str) -> tuple[str, 
     as torch compares a float32 tensor with a Python number or an integer tensor."""
     if isinstance(v, torch.fx.Node) and not ctx.is_const(v):
         if _type_of(v).dtype != "float32":
-            raise _Unsupported(f"a comparison of {_type_of(v).dtype} values computed by the model (integer inputs "
+            raise _Unsupported(f"a comparison of {_type_of(v).dtype} values (token ids: csqc's integer inputs "
                                "feed only embeddings)")
         return ctx.value(v), _shape_of(v)
     constant = ctx.tensor(v).detach().cpu().numpy() if isinstance(v, torch.fx.Node) else np.asarray(v)

@@ -292,6 +292,10 @@ HANDLERS.update({
     _aten.gather.default: _gather,  # at a constant index (DeBERTa's relative positions); one take
     _aten.mean.default: _mean,  # x.mean() and x.sum() of the model's values: over every axis
     _aten.sum.default: _sum,
+    _aten.multiply.Tensor: _binary("mul"),  # (ConvBERT: torch.multiply, an alias of *)
+    _aten.subtract.Tensor: _binary("sub"),
+    _aten.divide.Tensor: _binary("div"),
+    _aten.true_divide.Tensor: _binary("div"),
 })
 
 

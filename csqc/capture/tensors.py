@@ -68,9 +68,12 @@ def _movedim(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _cat(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    vals = [ctx.value(v) for v in fx.args[0]]
+    """``torch.cat``, leaving out pieces of no elements (an empty slice)."""
+    vals = [ctx.value(v) for v in fx.args[0] if not (ctx.is_const(v) and ctx.tensor(v).numel() == 0)]
     nd = len(_type_of(fx).shape)
     axis = int(_arg(fx, 1, "dim", 0)) % nd
+    if len(vals) == 1:
+        return vals[0]
     return ctx.emit(fx, "cat", vals, attrs={"axis": axis})
 
 
