@@ -499,8 +499,8 @@ def _compared(ctx: _Ctx, fx: torch.fx.Node) -> str:
                                     for v, side in ((fx.args[0], "a"), (fx.args[1], "b")))
     shape = tuple(np.broadcast_shapes(a_shape, b_shape))
 
-    def above(x, y, what):  # [x > y]
-        return _indicator(ctx, fx, _typed(ctx, fx, "sub", [x, y], shape, f"{what}.difference"), shape, what)
+    def above(x, y, what):
+        return _above(ctx, fx, x, y, shape, what)
 
     def complement(v, what):  # 1 - v
         return _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, f"{what}.one"), v], shape, what)
@@ -523,10 +523,14 @@ def _dtype_conversion(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if _is_condition(fx) and not _is_condition(src) and _type_of(src).dtype == "float32":
         shape, xv = _shape_of(src), ctx.value(src)
         zero = _scalar(ctx, fx, 0.0, "nonzero.zero")
-        ups = [_indicator(ctx, fx, _typed(ctx, fx, "sub", pair, shape, f"nonzero.{what}.difference"), shape,
-                          f"nonzero.{what}") for pair, what in (([xv, zero], "above"), ([zero, xv], "below"))]
-        return ctx.emit(fx, "add", ups, base=_base(fx, "nonzero"))
+        sides = [_above(ctx, fx, xv, zero, shape, "nonzero.above"), _above(ctx, fx, zero, xv, shape, "nonzero.below")]
+        return ctx.emit(fx, "add", sides, base=_base(fx, "nonzero"))
     return _same_dtype(ctx, fx)
+
+
+def _above(ctx: _Ctx, fx: torch.fx.Node, x: str, y: str, shape, what: str) -> str:
+    """``[x > y]``: :func:`_indicator` of ``x - y``."""
+    return _indicator(ctx, fx, _typed(ctx, fx, "sub", [x, y], shape, f"{what}.difference"), shape, what)
 
 
 _LOGIC = {

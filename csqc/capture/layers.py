@@ -287,7 +287,7 @@ def _scaled_sum_of_product(ctx: _Ctx, fx: torch.fx.Node) -> str:
     (BLOOM's ALiBi attention scores): a matmul, times ``alpha`` where it is not 1, plus the
     input times ``beta`` where that is not 1; ``beta`` 0 leaves the input out (torch does not
     read it then: NaN there does not spread). torch accumulates the product into the scaled
-    input: float tolerance, the same bits on every runtime of the IR."""
+    input: float tolerance against torch; the runtimes of the IR agree as their matmul does."""
     addend, a, b = fx.args[:3]
     beta, alpha = float(_arg(fx, 3, "beta", 1)), float(_arg(fx, 4, "alpha", 1))
     if min(len(_shape_of(v)) for v in (a, b)) < 2:

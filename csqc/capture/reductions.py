@@ -73,8 +73,8 @@ def _rms_norm(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``rms_norm(x, normalized_shape, weight, eps)`` (``nn.RMSNorm``) in torch's order:
     ``x * rsqrt(mean(x * x) + eps)`` over the normalized axes, then times the weight; ``eps``
     None is float32's machine epsilon, as torch takes it. The rsqrt as 1 / sqrt
-    (:func:`_reciprocal_sqrt`); the mean sums in another order than torch's: float tolerance,
-    the same bits on every runtime of the IR."""
+    (:func:`_reciprocal_sqrt`); the mean sums in another order than torch's: float tolerance
+    against torch; the runtimes of the IR agree as their mean does."""
     x, normalized = fx.args[:2]
     w, eps = _arg(fx, 2, "weight"), _arg(fx, 3, "eps")
     eps = float(np.finfo(np.float32).eps) if eps is None else float(eps)
