@@ -122,8 +122,9 @@ class _CSQRecurrent(nn.Module):
             h0, c0 = state if state is not None else (self._zeros(x, self.out_size), self._zeros(x, self.hidden_size))
         else:
             h0, c0 = (state if state is not None else self._zeros(x, self.out_size)), None
-        hs = [h0[k] for k in range(h0.shape[0])]
-        cs = [c0[k] for k in range(c0.shape[0])] if self.has_cell else None
+        states = range(self.num_layers * self.directions)  # (static: torch.export may make the state's axes symbolic)
+        hs = [h0[k] for k in states]
+        cs = [c0[k] for k in states] if self.has_cell else None
         weights = self._weights()
         if self.bidirectional:
             out = self._layer_by_layer(x, hs, cs, weights)
