@@ -464,24 +464,28 @@ def _csq_model(factory, shape, tmp_path, name):
     return _optimized(path)
 
 
-def test_resnet20_compiles_for_sm90(tmp_path):
-    """(ResNet-18 below builds for sm_80: both architectures, one compile each.)"""
+@pytest.fixture(scope="module")
+def resnet20_sm90(tmp_path_factory):
+    """ResNet-20 (4-bit) built for sm_90: its optimized graph, build report and artifact (one
+    compile for the tests below; ResNet-18 further down builds for sm_80: both architectures)."""
     from csqc.models.vision import resnet20
 
+    tmp_path = tmp_path_factory.mktemp("resnet20-cuda")
     graph = _csq_model(resnet20, (1, 3, 32, 32), tmp_path, "resnet20")
+    return graph, *emit_and_check(graph, tmp_path, "sm_90", "resnet20")
+
+
+def test_resnet20_compiles_for_sm90(resnet20_sm90):
+    graph, report, _ = resnet20_sm90
     verify_plan(graph)
-    report, _ = emit_and_check(graph, tmp_path, "sm_90", "resnet20")
     assert report["kernels"]["conv1"] == "float"
 
 
-def test_cuda_artifact_library_loads_in_tvms_cuda_loader(tmp_path, stub_driver):
+def test_cuda_artifact_library_loads_in_tvms_cuda_loader(resnet20_sm90, stub_driver):
     """TVM's CUDA module loader (on a stub driver: the fatbin is handed to the driver only at
     the first launch) reads the artifact's device module, and every step's function resolves;
     with TVM's compiler and with its runtime library alone."""
-    from csqc.models.vision import resnet20
-
-    graph = _csq_model(resnet20, (1, 3, 32, 32), tmp_path, "resnet20")
-    _, artifact = emit_and_check(graph, tmp_path, "sm_80", "resnet20")
+    *_, artifact = resnet20_sm90
     for runtime_only in (False, True):
         _with_stub_driver(stub_driver, _cuda_loader_reads(artifact), runtime_only)
 

@@ -66,13 +66,6 @@ def test_verify_resnet20_random_inputs_and_plane_check(tmp_path):
     assert report.batch == 2 and report.samples == 2 and "onnxruntime:planes" in report.runtimes
 
 
-def test_verify_resnet18(tmp_path):
-    from csqc.models.vision import resnet18
-
-    model = _converted(resnet18, tmp_path / "r18.pt", (1, 3, 224, 224))
-    _assert_ok(verify(model, samples=1))
-
-
 def test_verify_reference_checkpoint_import(tmp_path):
     spec = importlib.util.spec_from_file_location("_csqc_test_reference", Path(__file__).with_name("test_reference.py"))
     helpers = importlib.util.module_from_spec(spec)

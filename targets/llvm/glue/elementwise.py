@@ -110,15 +110,11 @@ def _exp(value):
     """float32 ``exp(value)`` without calls. ``value`` is clamped to [-104.5, 89], where 2^n
     itself gives 0 below exp's least subnormal and inf above its largest float; the clamp is two
     selects, which keep a NaN (``Min``/``Max`` would not; an ``isnan`` test stops TVM vectorizing
-    the expression), and a NaN makes every step after it NaN. The expression repeats ``value``
-    (and its reduction) a few dozen times for LLVM to share: give it a load or a variable (TVM
-    inlines ``Let`` bindings, and nested ones grow exponentially): ``elementwise_chain`` computes
-    an exp-based op inside another's operand into a buffer first."""
-    x = tirx.Select(value > _f32(89.0), _f32(89.0), value)
-    x = tirx.Select(x < _f32(-104.5), _f32(-104.5), x)
-    n = _round_to_int(x * _f32(1.4426950408889634))
-    nf = tirx.Cast(F32, n)
-    r = _fma(nf, _f32(-_LN2_LO), _fma(nf, _f32(-_LN2_HI), x))
+    the expression), and a NaN makes every step after it NaN. ``value``, its clamp, ``n`` and the
+    reduced argument are each bound once (``Let``): written out, the expression repeats ``value``
+    a few dozen times and TVM's passes walk every repeat (an LSTM's gates took seconds a kernel)."""
+    v, x, r = (tirx.Var(name, F32) for name in ("exp_in", "exp_x", "exp_r"))
+    n = tirx.Var("exp_n", "int32")
     poly = _f32(_EXP_COEFFICIENTS[0])
     for c in _EXP_COEFFICIENTS[1:]:
         poly = _fma(poly, r, _f32(c))
@@ -128,7 +124,13 @@ def _exp(value):
     def power_of_two(k):
         return tirx.reinterpret(F32, (k + 127) << 23)
 
-    return (u * power_of_two(half)) * power_of_two(n - half)
+    result = (u * power_of_two(half)) * power_of_two(n - half)
+    nf = tirx.Cast(F32, n)
+    result = tirx.Let(r, _fma(nf, _f32(-_LN2_LO), _fma(nf, _f32(-_LN2_HI), x)), result)
+    result = tirx.Let(n, _round_to_int(x * _f32(1.4426950408889634)), result)
+    high = tirx.Select(v > _f32(89.0), _f32(89.0), v)
+    result = tirx.Let(x, tirx.Select(high < _f32(-104.5), _f32(-104.5), high), result)
+    return tirx.Let(v, value, result)
 
 
 # log on the vector units, for the same reason as exp (libm's logf once per lane otherwise):
@@ -147,7 +149,11 @@ _FLT_MIN = 1.1754943508222875e-38  # the least normal float32: subnormals are sc
 
 def _log(value):
     """float32 ``log(value)`` without calls: -inf at +-0, NaN below 0 and at NaN, inf at inf.
-    Like :func:`_exp`, give it a load or a variable (the expression repeats ``value``)."""
+    ``value`` is bound once, as :func:`_exp`'s."""
+    return _bound(value, "log_in", _log_of)
+
+
+def _log_of(value):
     i32 = "int32"
     small = tirx.abs(value) < _f32(_FLT_MIN)
     x = tirx.Select(small, value * _f32(8388608.0), value)  # 2^23
@@ -186,10 +192,15 @@ def _tanh(value):
     in every lane; the second is exactly the negated first at ``-x`` (IEEE negation and rounding
     are symmetric), so ``exp(-2|x|)`` serves both: tanh is odd (``tests/test_step_fusion.py``
     checks). The exp is :func:`_exp`, not libm's, so values may differ from TVM's by an ulp."""
-    e = _exp(_f32(-2.0) * tirx.abs(value))
-    magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
-    # 0 - m, not -m: where exp(2x) rounds to 1 (tiny negative x) TVM's form gives +0
-    return tirx.Select(value >= _f32(0.0), magnitude, _f32(0.0) - magnitude)
+    def of(v):
+        def signed(e):
+            magnitude = (_f32(1.0) - e) / (_f32(1.0) + e)
+            # 0 - m, not -m: where exp(2x) rounds to 1 (tiny negative x) TVM's form gives +0
+            return tirx.Select(v >= _f32(0.0), magnitude, _f32(0.0) - magnitude)
+
+        return _bound(_exp(_f32(-2.0) * tirx.abs(v)), "tanh_exp", signed)
+
+    return _bound(value, "tanh_in", of)
 
 
 def _relu6(value):
@@ -203,8 +214,8 @@ _UNARY = {
     "tanh": lambda v, lo, hi: _tanh(v),  # TVM's exp-based tanh: within ~1e-7 of numpy's
     # vision activations, in csqc.numerics' float32 order (no multiply-add to contract)
     "hardsigmoid": lambda v, lo, hi: _relu6(v + _f32(3.0)) / _f32(6.0),
-    "hardswish": lambda v, lo, hi: (v * _relu6(v + _f32(3.0))) / _f32(6.0),
-    "silu": lambda v, lo, hi: v * _sigmoid(v),
+    "hardswish": lambda v, lo, hi: _bound(v, "hardswish_in", lambda x: (x * _relu6(x + _f32(3.0))) / _f32(6.0)),
+    "silu": lambda v, lo, hi: _bound(v, "silu_in", lambda x: x * _sigmoid(x)),
     "sqrt": lambda v, lo, hi: tirx.sqrt(v),  # llvm.sqrt: vsqrtps, correctly rounded
     "exp": lambda v, lo, hi: _exp(v),
     "log": lambda v, lo, hi: _log(v),
@@ -316,10 +327,10 @@ def elementwise_chain(inputs: Sequence[tuple[str, Sequence[int]]], ops: Sequence
             return {name}
         return set().union(*(exp_ops_under(a, stop) for a in op.args))
 
-    # An exp-based op inside another's operand is computed first into a buffer of its own: _exp
-    # repeats its operand dozens of times for LLVM to share, and TVM's passes walk those
-    # repeats as a tree, so nesting them grows exponentially (an LSTM cell's tanh of the three
-    # gates' sigmoid and tanh: minutes to build). In operand order, inner ones first.
+    # An exp-based op inside another's operand is computed first into a buffer of its own: each
+    # binds its operand once (Let), but TVM's passes still expand a Let nested in another's
+    # value, so nesting them grows exponentially (a GRU cell's chain: 0.2 s to build staged,
+    # 20 s not; minutes for an LSTM cell's tanh of its gates). In operand order, inner ones first.
     staged: list[str] = []
     for op in ops:
         if op.op in _EXP_OPS:
@@ -400,6 +411,14 @@ def channel_affine(shape, axis: int = 1) -> tirx.PrimFunc:
 # erf(x) rounds to +-1 in float32 beyond): vectorizes, where LLVM would call libm's scalar erff.
 _ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
               -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+
+
+def _bound(value, name: str, body):  # float32 values only
+    """``body(v)`` with ``v`` bound once to ``value`` (``Let``): the expressions below read their
+    operand many times, and TVM's passes walk every repeat of a written-out operand (nested
+    exp-based ops grew exponentially)."""
+    v = tirx.Var(name, F32)
+    return tirx.Let(v, value, body(v))
 
 
 _ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
