@@ -27,6 +27,7 @@ from ..modelfile import CsqcModel
 from .context import _aten, _Ctx, _is_condition, module_path, _type_of, _Unsupported
 from .folding import _constant_derived, _fold, _foldable
 from .handlers import HANDLERS
+from .integers import check_integer_result, is_integer_typed
 
 __all__ = ["capture", "HANDLERS"]
 
@@ -109,7 +110,10 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                     _fold(ctx, fx)
                     continue
                 ctx.env[fx.name] = handler(ctx, fx)
+                if is_integer_typed(fx) and fx.users:  # (the unread indices of max.dim and max pools pass)
+                    check_integer_result(ctx, fx, ctx.env[fx.name])
             except _Unsupported as e:
+                ctx.env.pop(fx.name, None)
                 unsupported.append((f"{_op_name(fx.target)} [{e}]", where))
         elif fx.op == "output":
             flat = fx.args[0] if isinstance(fx.args[0], (list, tuple)) else [fx.args[0]]

@@ -10,7 +10,7 @@ import torch
 
 from .. import ops  # noqa: F401  (registers the torch.ops.csqc operators the handlers name)
 from ..errors import BadInput
-from ..ir import Node, QuantSpec, TensorType
+from ..ir import INT_DTYPES, Node, QuantSpec, TensorType
 from ..optable import output_nonneg
 
 
@@ -34,6 +34,7 @@ class _Ctx:
     integer_inputs: set[str] = field(default_factory=set)  # IR inputs holding token ids
     id_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # their shapes
     constant_derived: set[str] = field(default_factory=set)  # fx nodes computed from constants only
+    int_bounds: dict[str, float] = field(default_factory=dict)  # IR values holding integers: |value| bound
     folded_bytes: int = 0  # what constant folding has allocated so far (capture.folding bounds it)
 
     def name(self, base: str) -> str:
@@ -101,6 +102,8 @@ class _Ctx:
              quant: QuantSpec | None = None, base: str | None = None) -> str:
         name = self.name(base or module_path(fx) or fx.name)
         ttype = ttype or _type_of(fx)
+        if ttype.dtype in INT_DTYPES and ttype.qbits is None:  # integers the model computes: exact float32
+            ttype = TensorType(ttype.shape)  # (capture.integers bounds them under 2^24)
         if not ttype.shape and any(self.params[i].shape == (1,) for i in inputs if i in self.params):
             # a scalar the model reduced to, with a constant: csqc's scalar parameters are [1]
             raise _Unsupported("arithmetic on a value reduced to a single number (reduce with keepdim=True)")

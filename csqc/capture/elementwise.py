@@ -9,6 +9,7 @@ import torch
 from ..idioms import idiom_attrs
 from .context import (
     _arg, _aten, _base, _Ctx, _is_condition, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported)
+from .integers import compared_ids
 from .tensors import _same_dtype, _slice_value
 
 
@@ -474,9 +475,9 @@ def _compared_operand(ctx: _Ctx, fx: torch.fx.Node, v, what: str) -> tuple[str, 
     """A comparison's operand as a float32 IR value and its shape: a constant rounded to float32,
     as torch compares a float32 tensor with a Python number or an integer tensor."""
     if isinstance(v, torch.fx.Node) and not ctx.is_const(v):
-        if _type_of(v).dtype != "float32":
+        if _type_of(v).dtype != "float32" and ctx.value(v) not in ctx.int_bounds:
             raise _Unsupported(f"a comparison of {_type_of(v).dtype} values (token ids: csqc's integer inputs "
-                               "feed only embeddings)")
+                               "feed embeddings and comparisons with a number)")
         return ctx.value(v), _shape_of(v)
     constant = ctx.tensor(v).detach().cpu().numpy() if isinstance(v, torch.fx.Node) else np.asarray(v)
     as_f32 = constant.astype(np.float32)
@@ -493,8 +494,11 @@ def _compared(ctx: _Ctx, fx: torch.fx.Node) -> str:
     / 1.0: ``[a > b]`` is :func:`_indicator` of ``a - b`` (for finite floats ``a - b > 0``
     exactly when ``a > b``, subnormals included; an overflow to inf still counts), the others
     composed of it (``a >= b`` is ``1 - [b > a]``, ``a != b`` is ``[a > b] + [b > a]``): exactly
-    torch's result, NaN aside."""
+    torch's result, NaN aside. Token ids against a number: ``capture.integers.compared_ids``."""
     kind = _COMPARISONS[fx.target]
+    looked_up = compared_ids(ctx, fx, kind)
+    if looked_up is not None:
+        return looked_up
     (av, a_shape), (bv, b_shape) = (_compared_operand(ctx, fx, v, f"{kind}.{side}")
                                     for v, side in ((fx.args[0], "a"), (fx.args[1], "b")))
     shape = tuple(np.broadcast_shapes(a_shape, b_shape))
@@ -520,7 +524,8 @@ def _dtype_conversion(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``x.to(dtype)`` / ``x.type_as(y)`` of a runtime value: float32 to float32 (or a condition to
     float) is the value itself; float to bool is ``[x != 0]`` (an exact indicator, as ``!=``)."""
     src = fx.args[0]
-    if _is_condition(fx) and not _is_condition(src) and _type_of(src).dtype == "float32":
+    if _is_condition(fx) and not _is_condition(src) and (_type_of(src).dtype == "float32"
+                                                         or ctx.value(src) in ctx.int_bounds):
         shape, xv = _shape_of(src), ctx.value(src)
         zero = _scalar(ctx, fx, 0.0, "nonzero.zero")
         sides = [_above(ctx, fx, xv, zero, shape, "nonzero.above"), _above(ctx, fx, zero, xv, shape, "nonzero.below")]

@@ -54,7 +54,22 @@ def _foldable(ctx: _Ctx, fx: torch.fx.Node) -> bool:
     if (fx.target in _BROADCASTS and _is_float(fx)
             and any(u.name not in ctx.constant_derived for u in fx.users)):
         return False  # a class token expanded to the batch: an IR expand, not a batch-sized constant
+    if _gathers_a_uniform_constant(ctx, fx):
+        return True
     return all(a.name in ctx.consts for a in _value_inputs(fx))
+
+
+def _gathers_a_uniform_constant(ctx: _Ctx, fx: torch.fx.Node) -> bool:
+    """``gather(x, dim, index)`` of a constant ``x`` whose values do not vary along ``dim``: the
+    same whatever the index (RoBERTa's zero token types at its computed positions), so it folds;
+    torch refuses an index outside ``dim``, so every valid one picks these values."""
+    if fx.target != _aten.gather.default or not ctx.is_const(fx.args[0]):
+        return False
+    x = ctx.tensor(fx.args[0])
+    if x.dim() == 0 or x.numel() == 0:
+        return False
+    dim = int(fx.args[1]) % x.dim()
+    return bool((x == x.narrow(dim, 0, 1)).all())
 
 
 def _is_float(fx: torch.fx.Node) -> bool:

@@ -12,6 +12,7 @@ from ..errors import BadInput
 from ..idioms import IDIOM_META, idiom_attrs
 from ..ir import QuantSpec, TensorType
 from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _scalar, _shape_of, _type_of, _typed, _Unsupported
+from .integers import embedding_at_positions
 
 
 def _active_bits(mask: int, n_bits: int) -> tuple[int, ...]:
@@ -257,10 +258,14 @@ def _embedding(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # IR op gives ids.shape + [dim]; a reshape restores a view of the ids taken on the way
     table, ids = fx.args[:2]
     base = module_path(fx) or fx.name
-    weight = ctx.param(f"{base}.weight", ctx.tensor(table).detach().float().numpy())
     ids_value = ctx.value(ids)
+    if ids_value in ctx.int_bounds:  # positions the model computed from its ids (capture.integers)
+        return embedding_at_positions(ctx, fx, ctx.tensor(table).detach().float().numpy(), ids_value,
+                                      _shape_of(ids))
     if ids_value not in ctx.integer_inputs:
-        raise _Unsupported("ids computed inside the model (only an integer model input may index an embedding)")
+        raise _Unsupported("ids computed inside the model from float values (an integer model input, or "
+                           "integers computed from one, may index an embedding)")
+    weight = ctx.param(f"{base}.weight", ctx.tensor(table).detach().float().numpy())
     t = _type_of(fx)
     rows_shape = ctx.id_shapes[ids_value] + (t.shape[-1],)
     out = ctx.emit(fx, "embedding", [weight, ids_value], TensorType(rows_shape), base=base)

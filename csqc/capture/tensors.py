@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..ir import TensorType
-from .context import _arg, _aten, _base, _Ctx, module_path, _shape_of, _type_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, _is_condition, module_path, _shape_of, _type_of, _typed, _Unsupported
 
 
 def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -351,9 +351,12 @@ def _filled(value_arg: int | None):
 
 
 def _same_dtype(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    # to.dtype / _to_copy of a runtime value: only a float32 -> float32 copy is a no-op
+    # to.dtype / _to_copy of a runtime value: a float32 -> float32 copy is a no-op, and so is any
+    # conversion of integers the model computed (capture.integers: exact float32 in the IR)
     src = fx.args[0]
-    if _type_of(fx).dtype != _type_of(src).dtype:
+    integers = isinstance(src, torch.fx.Node) and (ctx.env.get(src.name) in ctx.int_bounds or _is_condition(src))
+    to_condition = _is_condition(fx) and not _is_condition(src)  # (x != 0: capture.elementwise)
+    if _type_of(fx).dtype != _type_of(src).dtype and not (integers and not to_condition):
         raise _Unsupported(f"a dtype conversion of a runtime value to {_type_of(fx).dtype}")
     return ctx.value(src)
 

@@ -1,0 +1,114 @@
+"""Integers computed from token ids (``csqc.capture.integers``): comparisons of ids looked up,
+cumsum of masks, embeddings at computed positions (RoBERTa's position ids), each bounded under
+2^24 or refused; checked against torch, the interpreter and ONNX Runtime, with padding tokens."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csqc
+from csqc import interpreter, runtime
+from csqc.capture import capture
+from csqc.errors import UnsupportedOps
+
+VOCAB, SEQ, DIM, PAD = 13, 8, 6, 1
+# padding anywhere (RoBERTa counts positions over the real tokens only), and none at all
+IDS = [[0, 5, 7, PAD, PAD, 9, 2, PAD], [4, 4, 4, 4, 4, 4, 4, 4], [PAD] * SEQ]
+
+
+class PaddedPositions(nn.Module):
+    """RoBERTa's embeddings: positions counted over non-pad tokens, ``pad`` at padding."""
+
+    def __init__(self, max_positions=SEQ + 2):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(VOCAB, DIM), nn.Embedding(max_positions, DIM)
+        self.out = nn.Linear(DIM, 3)
+
+    def forward(self, ids):
+        mask = ids.ne(PAD).int()
+        positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + PAD
+        return self.out(self.tokens(ids) + self.positions(positions))
+
+
+class Counts(nn.Module):
+    """Comparisons of ids with numbers on either side, their logic, a cumsum along a leading
+    axis, a float mask from them and integers compared with integers."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, DIM)
+
+    def forward(self, ids):
+        small = (ids < 5) & (3 <= ids)  # (numbers on the right and on the left)
+        running = small.long().cumsum(0)  # along the batch: a permute on either side
+        seen = (running >= 1).float() + (ids == 7).float() * 2.0
+        return self.tokens(ids) * seen.unsqueeze(-1)
+
+
+def _saved(module, tmp_path, name):
+    torch.manual_seed(0)
+    return csqc.save(module.eval(), tmp_path / f"{name}.pt", torch.tensor(IDS[:1]))
+
+
+@pytest.mark.parametrize("module", [PaddedPositions, Counts], ids=["positions", "counts"])
+def test_integers_from_ids_match_torch_on_every_runtime(tmp_path, module):
+    model = module()
+    path = _saved(model, tmp_path, module.__name__)
+    loaded = csqc.load(path)
+    graph = capture(loaded)
+    assert all(v.type.dtype == "float32" for v in graph.nodes), "integers the model computes are float32 in the IR"
+    onnx_path, so_path = tmp_path / "m.onnx", tmp_path / "m.so"
+    csqc.compile(path, "onnx", onnx_path)
+    csqc.compile(path, "llvm", so_path)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path))
+    artifact = runtime.load(so_path)
+    for row in IDS:
+        x = torch.tensor([row])
+        expected = model(x).detach().numpy()
+        got = {"interpreter": interpreter.run(graph, [x.numpy()])[0],
+               "onnxruntime": session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
+               "llvm": artifact(x.numpy())}
+        for where, y in got.items():
+            np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6, err_msg=f"{where} at ids {row}")
+    report = csqc.verify(path, samples=3, artifact=str(so_path))
+    assert report.ok, report.notes
+
+
+def test_positions_read_only_the_rows_their_bound_allows(tmp_path):
+    """A table of 500 rows: positions of 8 tokens reach 1 + 8, so the one-hot row spans 10."""
+    graph = capture(csqc.load(_saved(PaddedPositions(max_positions=500), tmp_path, "wide")))
+    (weight,) = [k for k in graph.params if k.endswith("positions.weight")]
+    assert graph.params[weight].shape == (DIM, SEQ + 2)
+    lookups = [n for n in graph.nodes if n.op == "embedding"]
+    assert len(lookups) == 2 and graph.params[lookups[0].inputs[0]].shape == (VOCAB, 1)  # ids != pad, looked up
+
+
+class _Refused(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.tokens, self.positions = form, nn.Embedding(VOCAB, DIM), nn.Embedding(64, DIM)
+
+    def forward(self, ids):
+        h = self.tokens(ids)
+        if self.form == "huge":  # 2^22 per token, 8 tokens: past 2^24
+            return h + self.positions((ids.ne(PAD).long() * 4194304).cumsum(1) % 64)
+        if self.form == "float-cumsum":
+            return h.cumsum(1)
+        if self.form == "truncation":  # float to integer: a rounding capture does not do
+            return self.positions((h[..., 0] * 10).long().clamp(0, 63))
+        return h * (ids.float() > 3).unsqueeze(-1)  # "ids-as-float": a float view of the ids
+
+
+@pytest.mark.parametrize("form, message", [
+    ("huge", "past float32's exact 2^24"), ("float-cumsum", "cumsum of float values"),
+    ("truncation", "conversion of a runtime value to int64"), ("ids-as-float", "conversion of a runtime value to float32"),
+])
+def test_integers_capture_cannot_keep_exact_are_refused_by_name(tmp_path, form, message):
+    with pytest.raises(UnsupportedOps, match=re.escape(message)):  # (save captures the model to check it)
+        _saved(_Refused(form), tmp_path, form)
