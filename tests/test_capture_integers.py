@@ -8,6 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from torch import nn
 
 import csqc
@@ -34,6 +37,24 @@ class PaddedPositions(nn.Module):
         return self.out(self.tokens(ids) + self.positions(positions))
 
 
+class SinusoidalPositions(nn.Module):
+    """M2M100's positions: rows of a constant sinusoidal table by ``index_select`` at the
+    computed positions (and at the ids themselves)."""
+
+    def __init__(self):
+        super().__init__()
+        angles = torch.arange(SEQ + 2)[:, None] / 10.0 ** (torch.arange(DIM)[None, :] / DIM)
+        self.register_buffer("table", torch.sin(angles))
+        self.tokens = nn.Embedding(VOCAB, DIM)
+
+    def forward(self, ids):
+        mask = ids.ne(PAD).int()
+        positions = torch.cumsum(mask, dim=1).type_as(mask) * mask + PAD
+        rows = self.table.index_select(0, positions.view(-1)).view(ids.shape[0], ids.shape[1], DIM)
+        by_ids = self.tokens.weight.index_select(0, ids.view(-1)).view(ids.shape[0], ids.shape[1], DIM)
+        return rows + by_ids
+
+
 class Counts(nn.Module):
     """Comparisons of ids with numbers on either side, their logic, a cumsum along a leading
     axis, a float mask from them and integers compared with integers."""
@@ -54,7 +75,8 @@ def _saved(module, tmp_path, name):
     return csqc.save(module.eval(), tmp_path / f"{name}.pt", torch.tensor(IDS[:1]))
 
 
-@pytest.mark.parametrize("module", [PaddedPositions, Counts], ids=["positions", "counts"])
+@pytest.mark.parametrize("module", [PaddedPositions, SinusoidalPositions, Counts],
+                         ids=["positions", "index-select", "counts"])
 def test_integers_from_ids_match_torch_on_every_runtime(tmp_path, module):
     model = module()
     path = _saved(model, tmp_path, module.__name__)
@@ -112,3 +134,20 @@ class _Refused(nn.Module):
 def test_integers_capture_cannot_keep_exact_are_refused_by_name(tmp_path, form, message):
     with pytest.raises(UnsupportedOps, match=re.escape(message)):  # (save captures the model to check it)
         _saved(_Refused(form), tmp_path, form)
+
+
+@pytest.fixture(scope="module")
+def positions_graph(tmp_path_factory):
+    model = PaddedPositions().eval()
+    path = _saved(model, tmp_path_factory.mktemp("positions"), "positions")
+    return model, capture(csqc.load(path))
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.int64, (1, SEQ), elements=st.integers(0, VOCAB - 1)))
+def test_positions_of_any_ids_are_torchs(positions_graph, ids):
+    """Any id row (pads drawn often: ids 0..12 with pad 1): the interpreter's output is torch's,
+    so the positions looked up are torch's (a wrong position moves a row by a whole embedding)."""
+    model, graph = positions_graph
+    expected = model(torch.from_numpy(ids)).detach().numpy()
+    np.testing.assert_allclose(interpreter.run(graph, [ids])[0], expected, rtol=1e-5, atol=1e-6)

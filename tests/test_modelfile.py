@@ -40,8 +40,9 @@ def test_save_finalizes_a_copy_and_leaves_the_training_model(tmp_path):
 
 
 class _MaskOfItsOutput(nn.Module):
-    """``cumsum`` of a computed mask: an op save's allow-list admits (capture folds it on
-    constants: positions), here reading the model's input (the comparison and ``where`` run)."""
+    """``cumsum`` of computed float values: an op save's allow-list admits (capture folds it on
+    constants and computes it on integers: positions), here a float running sum, which rounds in
+    torch's order (the comparison and ``where`` run)."""
 
     def __init__(self):
         super().__init__()
@@ -54,7 +55,7 @@ class _MaskOfItsOutput(nn.Module):
 
 def test_save_refuses_what_capture_refuses_before_writing_a_file(tmp_path):
     model = csqc.convert(_MaskOfItsOutput().eval(), n_bits=3, act_bits=4)
-    with pytest.raises(UnsupportedOps, match=r"aten\.cumsum\.default \[supported on constants only"):
+    with pytest.raises(UnsupportedOps, match=r"aten\.cumsum\.default \[cumsum of float values"):
         csqc.save(model, tmp_path / "m.pt", torch.rand(2, 8))
     assert list(tmp_path.iterdir()) == []  # no file, no temporary left
 
@@ -384,12 +385,30 @@ class _PositionsFromIds(nn.Module):
         return self.fc(self.tok(ids) + self.pos(torch.cumsum(mask, dim=1).type_as(mask) * mask + 1))
 
 
-def test_a_refusal_names_the_op_that_needs_the_input_not_a_cast_beside_it(tmp_path):
+def test_positions_from_ids_save_compile_and_verify_exactly(tmp_path):
+    """(Refused by name until capture computed integers of token ids: ``capture.integers``.)"""
     ids = torch.randint(2, 20, (1, 6))
     q = csqc.finalize(csqc.convert(_PositionsFromIds().eval(), n_bits=3, act_bits=4, example_inputs=(ids,)))
-    with pytest.raises(UnsupportedOps, match=r"aten\.ne\.Scalar \[a comparison of int64 values") as refused:
+    path = csqc.save(q, tmp_path / "m.pt", (ids,), input_ranges={"input0": (0, 20)})
+    csqc.compile(path, "llvm", tmp_path / "m.so")
+    report = csqc.verify(path, samples=3, artifact=str(tmp_path / "m.so"))
+    assert report.ok and report.accumulators_exact, report.notes
+
+
+class _HashedIds(_PositionsFromIds):
+    """CANINE-style hashing of ids: integer arithmetic on the ids themselves, then a cast."""
+
+    def forward(self, ids):
+        mask = ids.ne(1).int()
+        return self.fc(self.tok(ids) + self.pos(torch.remainder(ids * 7, 20).type_as(mask)))
+
+
+def test_a_refusal_names_the_op_that_needs_the_input_not_a_cast_beside_it(tmp_path):
+    ids = torch.randint(2, 20, (1, 6))
+    q = csqc.finalize(csqc.convert(_HashedIds().eval(), n_bits=3, act_bits=4, example_inputs=(ids,)))
+    with pytest.raises(UnsupportedOps, match=r"aten\.mul\.Tensor \[torch\.int64 arithmetic on the token ids") as refused:
         csqc.save(q, tmp_path / "m.pt", (ids,), input_ranges={"input0": (0, 20)})
-    assert "type_as" not in str(refused.value)
+    assert "type_as" not in str(refused.value) and "remainder" not in str(refused.value)
 
 
 @torch.library.custom_op("csqc_test::twice", mutates_args=())

@@ -71,6 +71,9 @@ def check_integer_result(ctx: _Ctx, fx: torch.fx.Node, out: str) -> None:
         elif fx.target == _aten.neg.default:
             bound = bounds[0]
     if bound is None:
+        if any(isinstance(a, torch.fx.Node) and ctx.env.get(a.name) in ctx.integer_inputs for a in fx.args):
+            raise _Unsupported(f"{fx.meta['val'].dtype} arithmetic on the token ids themselves (csqc's integer "
+                               "inputs feed embeddings and comparisons with a number)")
         raise _Unsupported(f"{fx.meta['val'].dtype} arithmetic on values the model computes (csqc computes in "
                            "float32: integers from token ids by comparisons, cumsum, +, - and * are supported)")
     if bound >= EXACT_INTEGERS:
@@ -97,17 +100,23 @@ def _bound_of(ctx: _Ctx, a) -> float | None:
 
 
 def ids_limit(ctx: _Ctx, ids_input: str) -> int:
-    """The rows of the smallest embedding table the integer input ``ids_input`` indexes: the
-    runtime refuses ids outside it, so they lie in ``[0, limit)``."""
+    """The rows of the smallest table the integer input ``ids_input`` indexes (an embedding, an
+    ``index_select`` of rows): the runtime refuses ids outside it, so they lie in ``[0, limit)``."""
     placeholder = next(name for name, v in ctx.env.items() if v == ids_input)
     limits = []
     for fx in ctx.program.graph.nodes:
-        if fx.op == "call_function" and fx.target == _aten.embedding.default:
+        if fx.op != "call_function":
+            continue
+        if fx.target == _aten.embedding.default:
             ids = fx.args[1]
-            while isinstance(ids, torch.fx.Node) and ids.op == "call_function" and ids.target in _IDS_VIEWS:
-                ids = ids.args[0]
-            if isinstance(ids, torch.fx.Node) and ids.name == placeholder:
-                limits.append(int(fx.args[0].meta["val"].shape[0]))
+        elif fx.target == _aten.index_select.default and int(fx.args[1]) == 0:
+            ids = fx.args[2]
+        else:
+            continue
+        while isinstance(ids, torch.fx.Node) and ids.op == "call_function" and ids.target in _IDS_VIEWS:
+            ids = ids.args[0]
+        if isinstance(ids, torch.fx.Node) and ids.name == placeholder:
+            limits.append(int(fx.args[0].meta["val"].shape[0]))
     if not limits:
         raise _Unsupported("a comparison of token ids that index no embedding (csqc bounds ids by the "
                            "embedding table they index)")

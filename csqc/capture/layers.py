@@ -254,9 +254,14 @@ def _einsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
 
 
 def _embedding(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    # embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False): the
-    # IR op gives ids.shape + [dim]; a reshape restores a view of the ids taken on the way
-    table, ids = fx.args[:2]
+    # embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False)
+    return _table_rows(ctx, fx, *fx.args[:2])
+
+
+def _table_rows(ctx: _Ctx, fx: torch.fx.Node, table, ids) -> str:
+    """Rows of constant ``table`` at token ids or at positions computed from them (an embedding,
+    or ``table.index_select(0, ids)``): the IR op gives ids.shape + [dim]; a reshape restores a
+    view of the ids taken on the way."""
     base = module_path(fx) or fx.name
     ids_value = ctx.value(ids)
     if ids_value in ctx.int_bounds:  # positions the model computed from its ids (capture.integers)

@@ -8,6 +8,7 @@ import torch
 
 from ..ir import TensorType
 from .context import _arg, _aten, _base, _Ctx, _is_condition, module_path, _shape_of, _type_of, _typed, _Unsupported
+from .layers import _table_rows
 
 
 def _passthrough(ctx: _Ctx, fx: torch.fx.Node) -> str:
@@ -525,6 +526,10 @@ def _gather(ctx: _Ctx, fx: torch.fx.Node) -> str:
 def _index_select(ctx: _Ctx, fx: torch.fx.Node) -> str:
     shape = _shape_of(fx.args[0])
     axis = int(fx.args[1]) % len(shape)
+    if not ctx.is_const(fx.args[2]):  # rows of a constant table at ids or computed positions: an embedding
+        if axis != 0 or len(shape) != 2 or not ctx.is_const(fx.args[0]):
+            raise _Unsupported("index_select by a computed index of values other than a constant table's rows")
+        return _table_rows(ctx, fx, fx.args[0], fx.args[2])
     index = ctx.tensor(fx.args[2]).numpy().reshape(-1)  # (a 0-d index keeps the axis, of one)
     return _index_runs(ctx, fx, ctx.value(fx.args[0]), shape, axis, index, "index_select")
 
