@@ -195,8 +195,20 @@ def export_program(model: nn.Module, example_inputs: tuple) -> torch.export.Expo
     with torch.no_grad():
         program = _exported(model, example_inputs)
     program.graph_module.graph.eliminate_dead_code()  # (keeps side effects: asserts, mutations)
+    _views_as_reshapes(program.graph_module.graph)
     program.graph_module.recompile()
     return program
+
+
+def _views_as_reshapes(graph: torch.fx.Graph) -> None:
+    """Every ``view`` of the program as ``reshape`` (a view where the strides allow, else a
+    copy: the same values). torch.export drops a ``contiguous()`` that was a no-op at the traced
+    shapes, and a tensor's strides can differ at another batch: Data2VecVision's
+    ``permute(...).contiguous().view(...)`` after SDPA traced at 2 rows failed at 1. The program
+    is functional (mutations are its outputs), so no aliasing is lost."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
 
 
 def _exported(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:

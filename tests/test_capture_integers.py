@@ -16,7 +16,7 @@ from torch import nn
 import csqc
 from csqc import interpreter, runtime
 from csqc.capture import capture
-from csqc.errors import UnsupportedOps
+from csqc.errors import BadInput, UnsupportedOps
 
 VOCAB, SEQ, DIM, PAD = 13, 8, 6, 1
 # padding anywhere (RoBERTa counts positions over the real tokens only), and none at all
@@ -151,3 +151,19 @@ def test_positions_of_any_ids_are_torchs(positions_graph, ids):
     model, graph = positions_graph
     expected = model(torch.from_numpy(ids)).detach().numpy()
     np.testing.assert_allclose(interpreter.run(graph, [ids])[0], expected, rtol=1e-5, atol=1e-6)
+
+
+class _CountsOut(nn.Module):
+    """Returns the running count of non-pad tokens itself (int64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, 1)
+
+    def forward(self, ids):
+        return ids.ne(PAD).long().cumsum(1), self.tokens(ids)
+
+
+def test_an_integer_output_is_refused_as_a_boolean_one_is(tmp_path):
+    with pytest.raises(BadInput, match="output 0 is torch.int64: csqc's runtimes return float32"):
+        _saved(_CountsOut(), tmp_path, "int-out")

@@ -137,3 +137,29 @@ def test_sdpa_attention_captures_and_verifies_exactly(name, tmp_path):
     artifact = csqc.compile(loaded, "llvm", tmp_path / f"{name}.llvm.so").output
     report = csqc.verify(loaded, artifact=str(artifact), samples=4)
     assert report.ok and report.accumulators_exact, report.to_json()
+
+
+def test_a_view_export_traced_as_free_at_two_rows_runs_at_one(tmp_path):
+    """Data2VecVision's ``permute(...).contiguous().view(...)`` after SDPA: at the 2 rows save
+    traces with, the permuted tensor was contiguous and torch.export dropped ``contiguous()``; at
+    1 row its strides differ and the bare ``view`` failed (``csqc.save`` refused the model). Saved
+    programs read views as reshapes (``modelfile._views_as_reshapes``)."""
+    config = transformers.Data2VecVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=8,
+                                               use_relative_position_bias=True, use_mean_pooling=True)
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_Pixels(transformers.Data2VecVisionModel(config).eval()), n_bits=3,
+                                       act_bits=4)).eval()
+    path = csqc.save(model, tmp_path / "d2v.pt", torch.randn(1, 3, 32, 32))
+    assert not any(n.target == torch.ops.aten.view.default for n in csqc.load(path).program.graph.nodes)
+    report = csqc.verify(path, samples=2)
+    assert report.ok and report.accumulators_exact, report.notes
+
+
+class _Pixels(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state

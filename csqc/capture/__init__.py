@@ -121,6 +121,9 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                 if _is_condition(a):
                     raise BadInput(f"output {i} is boolean: csqc's runtimes return float32 (return it as "
                                    "mask.float())")
+                if isinstance(a, torch.fx.Node) and is_integer_typed(a):
+                    raise BadInput(f"output {i} is {a.meta['val'].dtype}: csqc's runtimes return float32 "
+                                   "(return it as .float())")
             outputs = [ctx.env.get(a.name, "") for a in flat]
     if unsupported:
         raise UnsupportedOps(unsupported)
