@@ -56,17 +56,18 @@ class SinusoidalPositions(nn.Module):
 
 
 class Counts(nn.Module):
-    """Comparisons of ids with numbers on either side, their logic, a cumsum along a leading
-    axis, a float mask from them and integers compared with integers."""
+    """Comparisons of ids with numbers on either side (a float one rounded to float32 as torch
+    compares it: ``ids < 3.0000001`` is ``ids < 3``), their logic, a cumsum along a leading axis
+    and a float mask from them."""
 
     def __init__(self):
         super().__init__()
         self.tokens = nn.Embedding(VOCAB, DIM)
 
     def forward(self, ids):
-        small = (ids < 5) & (3 <= ids)  # (numbers on the right and on the left)
+        small = (ids.int() < 5) & (3 <= ids)  # (numbers on the right and on the left; ids as int32)
         running = small.long().cumsum(0)  # along the batch: a permute on either side
-        seen = (running >= 1).float() + (ids == 7).float() * 2.0
+        seen = (running >= 1).float() + (ids == 7).float() * 2.0 + (ids < 3.0000001).float()
         return self.tokens(ids) * seen.unsqueeze(-1)
 
 
@@ -102,11 +103,11 @@ def test_integers_from_ids_match_torch_on_every_runtime(tmp_path, module):
     assert report.ok, report.notes
 
 
-def test_positions_read_only_the_rows_their_bound_allows(tmp_path):
-    """A table of 500 rows: positions of 8 tokens reach 1 + 8, so the one-hot row spans 10."""
+def test_positions_read_only_the_rows_their_range_spans(tmp_path):
+    """A table of 500 rows: positions of 8 tokens lie in [1, 1 + 8], so the one-hot row spans 9."""
     graph = capture(csqc.load(_saved(PaddedPositions(max_positions=500), tmp_path, "wide")))
     (weight,) = [k for k in graph.params if k.endswith("positions.weight")]
-    assert graph.params[weight].shape == (DIM, SEQ + 2)
+    assert graph.params[weight].shape == (DIM, SEQ + 1)
     lookups = [n for n in graph.nodes if n.op == "embedding"]
     assert len(lookups) == 2 and graph.params[lookups[0].inputs[0]].shape == (VOCAB, 1)  # ids != pad, looked up
 
@@ -124,12 +125,30 @@ class _Refused(nn.Module):
             return h.cumsum(1)
         if self.form == "truncation":  # float to integer: a rounding capture does not do
             return self.positions((h[..., 0] * 10).long().clamp(0, 63))
+        counts = ids.ne(PAD).long().cumsum(1)  # in [0, 8]
+        if self.form == "narrowing":  # torch wraps 800 to 32 in int8
+            return h * (counts * 100).to(torch.int8).float().unsqueeze(-1)
+        if self.form == "narrow-cumsum":  # torch.int8 holds 127
+            return h * (ids >= 0).long().mul(100).cumsum(1, dtype=torch.int8).float().unsqueeze(-1)
+        if self.form == "before-the-table":  # position -1 where the first token is a pad: torch raises
+            return h + self.positions(counts - 1)
+        if self.form == "past-the-table":
+            return h + self.positions(counts * 8)  # (8 at all 8 tokens: row 64 of 64)
+        if self.form == "half":
+            return h * counts.half().float().unsqueeze(-1)
+        if self.form == "float64-number":  # torch compares integers with a 0-d float64 tensor in float64
+            return h * (counts >= torch.tensor(2.00000001, dtype=torch.float64)).float().unsqueeze(-1)
         return h * (ids.float() > 3).unsqueeze(-1)  # "ids-as-float": a float view of the ids
 
 
 @pytest.mark.parametrize("form, message", [
     ("huge", "past float32's exact 2^24"), ("float-cumsum", "cumsum of float values"),
     ("truncation", "conversion of a runtime value to int64"), ("ids-as-float", "conversion of a runtime value to float32"),
+    ("narrowing", "[0, 800] converted to torch.int8, which wraps them"),
+    ("narrow-cumsum", "past float32's exact 2^24 or its torch.int8"),
+    ("before-the-table", "may reach [-1, 7], outside the table's 64 rows"),
+    ("past-the-table", "may reach [0, 64], outside the table's 64 rows"),
+    ("half", "float16 values"), ("float64-number", "float64 constant not exact in float32"),
 ])
 def test_integers_capture_cannot_keep_exact_are_refused_by_name(tmp_path, form, message):
     with pytest.raises(UnsupportedOps, match=re.escape(message)):  # (save captures the model to check it)

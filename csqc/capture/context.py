@@ -10,7 +10,7 @@ import torch
 
 from .. import ops  # noqa: F401  (registers the torch.ops.csqc operators the handlers name)
 from ..errors import BadInput
-from ..ir import INT_DTYPES, Node, QuantSpec, TensorType
+from ..ir import FLOAT_DTYPES, INT_DTYPES, Node, QuantSpec, TensorType
 from ..optable import output_nonneg
 
 
@@ -34,7 +34,7 @@ class _Ctx:
     integer_inputs: set[str] = field(default_factory=set)  # IR inputs holding token ids
     id_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # their shapes
     constant_derived: set[str] = field(default_factory=set)  # fx nodes computed from constants only
-    int_bounds: dict[str, float] = field(default_factory=dict)  # IR values holding integers: |value| bound
+    int_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # IR values holding integers: [lo, hi]
     folded_bytes: int = 0  # what constant folding has allocated so far (capture.folding bounds it)
 
     def name(self, base: str) -> str:
@@ -132,6 +132,8 @@ def _type_of(fx: torch.fx.Node) -> TensorType:
     dtype = str(val.dtype).replace("torch.", "")
     if dtype == "bool":
         dtype = "float32"
+    if dtype not in FLOAT_DTYPES + INT_DTYPES:
+        raise _Unsupported(f"{dtype} values (csqc computes in float32)")
     return TensorType(tuple(int(s) for s in val.shape), dtype)
 
 

@@ -9,7 +9,7 @@ import torch
 from ..idioms import idiom_attrs
 from .context import (
     _arg, _aten, _base, _Ctx, _is_condition, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported)
-from .integers import compared_ids
+from .integers import compared_ids, is_integer_typed
 from .tensors import _same_dtype, _slice_value
 
 
@@ -471,17 +471,18 @@ _COMPARISONS = {
 }
 
 
-def _compared_operand(ctx: _Ctx, fx: torch.fx.Node, v, what: str) -> tuple[str, tuple]:
+def _compared_operand(ctx: _Ctx, fx: torch.fx.Node, v, what: str, integers: bool = False) -> tuple[str, tuple]:
     """A comparison's operand as a float32 IR value and its shape: a constant rounded to float32,
-    as torch compares a float32 tensor with a Python number or an integer tensor."""
+    as torch compares a float32 tensor with a Python number or an integer tensor. Against
+    ``integers`` a 0-d float64 tensor is compared in float64 too (torch's promotion)."""
     if isinstance(v, torch.fx.Node) and not ctx.is_const(v):
-        if _type_of(v).dtype != "float32" and ctx.value(v) not in ctx.int_bounds:
+        if _type_of(v).dtype != "float32" and ctx.value(v) not in ctx.int_ranges:
             raise _Unsupported(f"a comparison of {_type_of(v).dtype} values (token ids: csqc's integer inputs "
                                "feed embeddings and comparisons with a number)")
         return ctx.value(v), _shape_of(v)
     constant = ctx.tensor(v).detach().cpu().numpy() if isinstance(v, torch.fx.Node) else np.asarray(v)
     as_f32 = constant.astype(np.float32)
-    if constant.dtype == np.float64 and constant.ndim and not (as_f32.astype(np.float64) == constant).all():
+    if constant.dtype == np.float64 and (constant.ndim or integers) and not (as_f32.astype(np.float64) == constant).all():
         raise _Unsupported("a comparison with a float64 constant not exact in float32 (torch compares in float64)")
     if not np.isfinite(as_f32).all():
         raise _Unsupported("a comparison with a constant that is NaN or infinite in float32")
@@ -499,7 +500,8 @@ def _compared(ctx: _Ctx, fx: torch.fx.Node) -> str:
     looked_up = compared_ids(ctx, fx, kind)
     if looked_up is not None:
         return looked_up
-    (av, a_shape), (bv, b_shape) = (_compared_operand(ctx, fx, v, f"{kind}.{side}")
+    integers = any(isinstance(v, torch.fx.Node) and is_integer_typed(v) for v in fx.args[:2])
+    (av, a_shape), (bv, b_shape) = (_compared_operand(ctx, fx, v, f"{kind}.{side}", integers)
                                     for v, side in ((fx.args[0], "a"), (fx.args[1], "b")))
     shape = tuple(np.broadcast_shapes(a_shape, b_shape))
 
@@ -525,7 +527,7 @@ def _dtype_conversion(ctx: _Ctx, fx: torch.fx.Node) -> str:
     float) is the value itself; float to bool is ``[x != 0]`` (an exact indicator, as ``!=``)."""
     src = fx.args[0]
     if _is_condition(fx) and not _is_condition(src) and (_type_of(src).dtype == "float32"
-                                                         or ctx.value(src) in ctx.int_bounds):
+                                                         or ctx.value(src) in ctx.int_ranges):
         shape, xv = _shape_of(src), ctx.value(src)
         zero = _scalar(ctx, fx, 0.0, "nonzero.zero")
         sides = [_above(ctx, fx, xv, zero, shape, "nonzero.above"), _above(ctx, fx, zero, xv, shape, "nonzero.below")]

@@ -8,6 +8,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import BadInput
 from .context import _aten, _base, _Ctx, _Unsupported
+from .integers import range_of
 
 # ops supported only on constants: evaluated at capture, an error where they read the model's input
 _CONSTANT_ONLY = (
@@ -69,6 +70,9 @@ def _gathers_a_uniform_constant(ctx: _Ctx, fx: torch.fx.Node) -> bool:
     if x.dim() == 0 or x.numel() == 0:
         return False
     dim = int(fx.args[1]) % x.dim()
+    span = range_of(ctx, fx.args[2])  # (torch raises for an index outside the axis: so must capture)
+    if span is None or span[0] < 0 or span[1] >= x.shape[dim]:
+        return False
     return bool((x == x.narrow(dim, 0, 1)).all())
 
 

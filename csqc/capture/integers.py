@@ -2,9 +2,11 @@
 cumulative sum, an embedding at those positions), held exactly as float32 in the IR.
 
 csqc's runtimes compute in float32, which holds every integer of magnitude up to 2^24 exactly.
-Each integer value capture builds gets a bound on its magnitude (``_Ctx.int_bounds``), derived op
-by op; an integer op whose result capture cannot bound, or bounds past 2^24, is refused, so no
-integer is ever rounded. Token ids themselves stay integer IR inputs that only embeddings read:
+Each integer value capture builds gets the range of values it may hold (``_Ctx.int_ranges``),
+derived op by op; an integer op whose result capture cannot range, a range past 2^24, a conversion
+to a type that would wrap it, or positions outside the table they index are refused, so no integer
+is ever rounded and no lookup returns a row where torch raises. Token ids themselves stay integer
+IR inputs that only embeddings read:
 
 - a comparison of ids with a constant is a lookup of its result for every id the model accepts
   (an ``embedding`` of a ``[V, 1]`` table: the runtime refuses ids past the smallest embedding
@@ -12,7 +14,7 @@ integer is ever rounded. Token ids themselves stay integer IR inputs that only e
 - ``cumsum`` of integers is a float linear layer of a triangular 0/1 matrix (each output a sum of
   integers under 2^24: exact in any order);
 - an embedding at computed positions is a one-hot row (``[p == k]``, exact on integers) times
-  the table's rows the bound allows: exactly the row picked, as a product by 1 and zeros.
+  the table's rows the range spans: exactly the row picked, as a product by 1 and zeros.
 """
 
 from __future__ import annotations
@@ -28,20 +30,21 @@ from .context import _aten, _base, _Ctx, _is_condition, _scalar, _shape_of, _typ
 EXACT_INTEGERS = 2.0**24  # float32 holds every integer of smaller magnitude
 MAX_CUMSUM_LENGTH = 4096  # its triangular matrix: 64 MiB of float32 at this length
 
-# value-preserving ops: the result's integers are the input's (views, copies, conversions)
+Range = tuple[float, float]  # the least and greatest value an integer tensor may hold
+
+# value-preserving ops: the result's integers are among the input's (views, copies, concatenations)
 _SAME_VALUES = frozenset({
     _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.unsqueeze.default,
     _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.expand.default, _aten.slice.Tensor,
     _aten.permute.default, _aten.transpose.int, _aten.t.default, _aten.clone.default, _aten.alias.default,
-    _aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.type_as.default, _aten.contiguous.default,
-    _aten.cat.default, _aten.flatten.using_ints, _aten.select.int, _aten.repeat.default,
+    _aten.contiguous.default, _aten.cat.default, _aten.flatten.using_ints, _aten.select.int, _aten.repeat.default,
 })
-_SUM_OF_BOUNDS = frozenset({_aten.add.Tensor, _aten.add.Scalar, _aten.sub.Tensor, _aten.sub.Scalar,
-                            _aten.rsub.Scalar})
-_PRODUCT_OF_BOUNDS = frozenset({_aten.mul.Tensor, _aten.mul.Scalar})
+# conversions: the values themselves where the target integer type holds the whole range
+_CONVERSIONS = frozenset({_aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.type_as.default})
+# what may stand between token ids and the table they index (conversions: see ids_as)
 _IDS_VIEWS = frozenset({_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default,
                         _aten.unsqueeze.default, _aten.squeeze.dim, _aten.flatten.using_ints,
-                        _aten.clone.default, _aten.alias.default, _aten.contiguous.default})
+                        _aten.clone.default, _aten.alias.default, _aten.contiguous.default}) | _CONVERSIONS
 
 
 def is_integer_typed(fx: torch.fx.Node) -> bool:
@@ -50,53 +53,102 @@ def is_integer_typed(fx: torch.fx.Node) -> bool:
         and val.dtype != torch.bool
 
 
+def holds(dtype: torch.dtype, span: Range) -> bool:
+    """Whether integer ``dtype`` holds every value of ``span`` (a narrowing conversion wraps)."""
+    info = torch.iinfo(dtype)
+    return info.min <= span[0] and span[1] <= info.max
+
+
 def check_integer_result(ctx: _Ctx, fx: torch.fx.Node, out: str) -> None:
-    """Record the bound of integer value ``out`` that ``fx`` computed, or refuse it: capture
-    computes integers only where it can bound them under 2^24."""
-    if out in ctx.integer_inputs or out in ctx.int_bounds:
-        return  # a view of the ids, or bounded by the handler that built it
-    bounds = [_bound_of(ctx, a) for a in fx.args if isinstance(a, (torch.fx.Node, int, bool))]
-    if fx.target in _SAME_VALUES:
-        bounds = bounds[:1] if fx.target not in (_aten.cat.default, _aten.type_as.default) else bounds
-    if fx.target == _aten.cat.default:
-        bounds = [_bound_of(ctx, a) for a in fx.args[0]]
-    bound = None
-    if bounds and all(b is not None for b in bounds):
-        if fx.target in _SAME_VALUES:
-            bound = max(bounds)
-        elif fx.target in _SUM_OF_BOUNDS and len(bounds) == 2:
-            bound = bounds[0] + bounds[1] * abs(float(fx.kwargs.get("alpha", 1)))
-        elif fx.target in _PRODUCT_OF_BOUNDS and len(bounds) == 2:
-            bound = bounds[0] * bounds[1]
-        elif fx.target == _aten.neg.default:
-            bound = bounds[0]
-    if bound is None:
+    """Record the range of integer value ``out`` that ``fx`` computed, or refuse it: capture
+    computes integers only where it can bound them under 2^24, and converts them only to types
+    that hold them."""
+    if out in ctx.integer_inputs or out in ctx.int_ranges:
+        if out in ctx.int_ranges and not holds(fx.meta["val"].dtype, ctx.int_ranges[out]):
+            raise _Unsupported(f"integers in {_shown(ctx.int_ranges[out])} converted to {fx.meta['val'].dtype}, "
+                               "which wraps them")
+        return  # a view of the ids, or a range its handler derived
+    span = _derived_range(ctx, fx)
+    if span is None:
         if any(isinstance(a, torch.fx.Node) and ctx.env.get(a.name) in ctx.integer_inputs for a in fx.args):
             raise _Unsupported(f"{fx.meta['val'].dtype} arithmetic on the token ids themselves (csqc's integer "
                                "inputs feed embeddings and comparisons with a number)")
         raise _Unsupported(f"{fx.meta['val'].dtype} arithmetic on values the model computes (csqc computes in "
                            "float32: integers from token ids by comparisons, cumsum, +, - and * are supported)")
-    if bound >= EXACT_INTEGERS:
-        raise _Unsupported(f"integers the model computes may reach {bound:.0f}, past float32's exact 2^24")
-    ctx.int_bounds[out] = bound
+    if not max(abs(span[0]), abs(span[1])) < EXACT_INTEGERS:
+        raise _Unsupported(f"integers the model computes may reach {_shown(span)}, past float32's exact 2^24")
+    if not holds(fx.meta["val"].dtype, span):
+        raise _Unsupported(f"integers in {_shown(span)} as {fx.meta['val'].dtype}, which wraps them")
+    ctx.int_ranges[out] = span
 
 
-def _bound_of(ctx: _Ctx, a) -> float | None:
-    """The magnitude bound of integer operand ``a``: a number, a constant, a condition (1), or
-    a bounded value; None where capture knows none (a float, or token ids themselves)."""
-    if isinstance(a, (bool, int)):
-        return float(abs(int(a)))
+def _shown(span: Range) -> str:
+    return f"[{span[0]:.0f}, {span[1]:.0f}]"
+
+
+def _derived_range(ctx: _Ctx, fx: torch.fx.Node) -> Range | None:
+    """The range of ``fx``'s integer result from its operands' ranges; None where capture knows
+    none (an operand of unknown range, or an op other than these)."""
+    target = fx.target
+    if target == _aten.cat.default:
+        spans = [range_of(ctx, a) for a in fx.args[0]]
+    elif target in _SAME_VALUES or target in _CONVERSIONS or target == _aten.neg.default:
+        spans = [range_of(ctx, fx.args[0])]
+    else:
+        spans = [range_of(ctx, a) for a in fx.args[:2]]
+    if not spans or any(s is None for s in spans):
+        return None
+    if target in _SAME_VALUES or target in _CONVERSIONS:
+        return min(s[0] for s in spans), max(s[1] for s in spans)
+    if target == _aten.neg.default:
+        return -spans[0][1], -spans[0][0]
+    if len(spans) != 2:
+        return None
+    (alo, ahi), (blo, bhi) = spans
+    alpha = fx.kwargs.get("alpha", 1)
+    if not isinstance(alpha, int):
+        return None
+    if target in (_aten.rsub.Scalar, _aten.rsub.Tensor):  # b - alpha * a
+        (alo, ahi), (blo, bhi) = spans[1], spans[0]
+        target = _aten.sub.Tensor
+    if target in (_aten.add.Tensor, _aten.add.Scalar, _aten.sub.Tensor, _aten.sub.Scalar):  # a +- alpha * b
+        blo, bhi = sorted((blo * alpha, bhi * alpha))
+        if target in (_aten.sub.Tensor, _aten.sub.Scalar):
+            return alo - bhi, ahi - blo
+        return alo + blo, ahi + bhi
+    if target in (_aten.mul.Tensor, _aten.mul.Scalar):
+        products = [alo * blo, alo * bhi, ahi * blo, ahi * bhi]
+        return min(products), max(products)
+    return None
+
+
+def range_of(ctx: _Ctx, a) -> Range | None:
+    """The range of integer operand ``a``: a number, an integer-valued constant, a condition
+    ([0, 1]), or a value capture ranged; None where it knows none (a float, the token ids)."""
+    if isinstance(a, bool):
+        return float(a), float(a)
+    if isinstance(a, int):
+        return float(a), float(a)
     if not isinstance(a, torch.fx.Node):
         return None
     if ctx.is_const(a):
-        t = ctx.tensor(a).detach().cpu()
-        if t.is_floating_point() and not bool((t == t.round()).all()):
+        t = ctx.tensor(a).detach().cpu().double()  # (float64: abs(-2^63) would wrap in int64)
+        if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
             return None
-        return float(t.abs().max()) if t.numel() else 0.0
+        return float(t.min()), float(t.max())
     if _is_condition(a):
-        return 1.0
+        return 0.0, 1.0
     value = ctx.env.get(a.name)
-    return ctx.int_bounds.get(value) if value is not None else None
+    return ctx.int_ranges.get(value) if value is not None else None
+
+
+def ids_as(ctx: _Ctx, fx: torch.fx.Node, ids_input: str) -> str:
+    """Token ids converted to another integer type (CLIP's ``input_ids.to(torch.int)``): the ids
+    themselves where the type holds every id their tables allow."""
+    dtype = fx.meta["val"].dtype
+    if not holds(dtype, (0, ids_limit(ctx, ids_input) - 1)):
+        raise _Unsupported(f"token ids converted to {dtype}, which wraps the ids their tables take")
+    return ids_input
 
 
 def ids_limit(ctx: _Ctx, ids_input: str) -> int:
@@ -118,8 +170,8 @@ def ids_limit(ctx: _Ctx, ids_input: str) -> int:
         if isinstance(ids, torch.fx.Node) and ids.name == placeholder:
             limits.append(int(fx.args[0].meta["val"].shape[0]))
     if not limits:
-        raise _Unsupported("a comparison of token ids that index no embedding (csqc bounds ids by the "
-                           "embedding table they index)")
+        raise _Unsupported("token ids compared or converted where they index no embedding (csqc bounds ids "
+                           "by the embedding table they index)")
     return min(limits)
 
 
@@ -142,19 +194,22 @@ def compared_ids(ctx: _Ctx, fx: torch.fx.Node, kind: str) -> str | None:
     if isinstance(other, torch.fx.Node):
         if not ctx.is_const(other) or ctx.tensor(other).numel() != 1:
             raise _Unsupported("a comparison of token ids with a value other than one number")
-        other = ctx.tensor(other).item()
-    ids_value = ctx.value(a if ids_side[0] else b)
+        other = ctx.tensor(other).detach().cpu().reshape(())
+    ids_fx = a if ids_side[0] else b
+    ids_value = ctx.value(ids_fx)
     limit = ids_limit(ctx, ids_value)
-    every_id = np.arange(limit, dtype=np.int64)
+    # torch itself compares every id (its type promotion: a Python float against int64 ids is
+    # compared in float32, a 0-d float64 tensor in float64)
+    every_id = torch.arange(limit, dtype=ids_fx.meta["val"].dtype)
     left, right = (every_id, other) if ids_side[0] else (other, every_id)
-    table = np.asarray(_COMPARE[kind](left, right), np.float32).reshape(limit, 1)
+    table = _COMPARE[kind](left, right).to(torch.float32).numpy().reshape(limit, 1)
     weight = ctx.param(_base(fx, f"{kind}.table"), table)
     ctx.nonneg.add(weight)
     id_shape = ctx.id_shapes[ids_value]
     looked_up = _typed(ctx, fx, "embedding", [weight, ids_value], id_shape + (1,), f"{kind}.lookup")
     out = ctx.emit(fx, "reshape", [looked_up], TensorType(_shape_of(fx)), base=_base(fx, kind))
     ctx.nonneg.add(out)
-    ctx.int_bounds[out] = 1.0
+    ctx.int_ranges[out] = (0.0, 1.0)
     return out
 
 
@@ -163,16 +218,21 @@ def cumsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
     layer of the lower-triangular 0/1 matrix along ``dim`` (moved last and back by permutes)."""
     x, dim = fx.args[:2]
     shape = _shape_of(x)
-    bound = _bound_of(ctx, x)
-    if bound is None:
+    span = range_of(ctx, x)
+    if span is None:
         raise _Unsupported("cumsum of float values (a running float sum rounds in torch's order; cumsum of "
                            "integers, such as a mask's, is supported)")
     axis = int(dim) % len(shape)
     length = int(shape[axis])
     if length > MAX_CUMSUM_LENGTH:
         raise _Unsupported(f"cumsum along an axis of {length} (up to {MAX_CUMSUM_LENGTH})")
-    if bound * length >= EXACT_INTEGERS:
-        raise _Unsupported(f"a cumsum that may reach {bound * length:.0f}, past float32's exact 2^24")
+    # a running sum of k terms lies in [k lo, k hi], k from 1 to the length
+    summed = (min(span[0], span[0] * length), max(span[1], span[1] * length))
+    dtype = fx.meta["val"].dtype
+    if dtype.is_floating_point:
+        raise _Unsupported(f"cumsum of integers to {dtype}")
+    if not max(abs(summed[0]), abs(summed[1])) < EXACT_INTEGERS or not holds(dtype, summed):
+        raise _Unsupported(f"a cumsum that may reach {_shown(summed)}: past float32's exact 2^24 or its {dtype}")
     order = [d for d in range(len(shape)) if d != axis] + [axis]
     moved_shape = tuple(shape[d] for d in order)
     xv = ctx.value(x)
@@ -180,26 +240,30 @@ def cumsum(ctx: _Ctx, fx: torch.fx.Node) -> str:
         xv = _typed(ctx, fx, "permute", [xv], moved_shape, "cumsum.moved", {"dims": tuple(order)})
     weight = ctx.param(_base(fx, "cumsum.triangle"), np.tril(np.ones((length, length), np.float32)))
     zero = ctx.param(_base(fx, "cumsum.bias"), np.zeros(length, np.float32))
-    last = axis == len(shape) - 1
     attrs = {"act": "none"}
-    if last:
+    if axis == len(shape) - 1:
         out = ctx.emit(fx, "linear", [xv, weight, zero], TensorType(shape), attrs, base=_base(fx, "cumsum"))
     else:
-        summed = _typed(ctx, fx, "linear", [xv, weight, zero], moved_shape, "cumsum.sums", attrs)
+        sums = _typed(ctx, fx, "linear", [xv, weight, zero], moved_shape, "cumsum.sums", attrs)
         back = tuple(int(i) for i in np.argsort(order))
-        out = ctx.emit(fx, "permute", [summed], TensorType(shape), {"dims": back}, base=_base(fx, "cumsum"))
-    ctx.int_bounds[out] = bound * length
+        out = ctx.emit(fx, "permute", [sums], TensorType(shape), {"dims": back}, base=_base(fx, "cumsum"))
+    ctx.int_ranges[out] = summed
     return out
 
 
 def embedding_at_positions(ctx: _Ctx, fx: torch.fx.Node, table: np.ndarray, ids_value: str, ids_shape) -> str:
     """``table[ids]`` at integer positions the model computed: ``[ids == k]`` (a one-hot row over
-    the ``k`` the positions' bound allows) times those rows, a float linear layer whose every
-    output is one row element times 1 plus zeros: exactly the element."""
+    the ``k`` the positions' range spans) times those rows, a float linear layer whose every
+    output is one row element times 1 plus zeros: exactly the element. Positions that may fall
+    outside the table (where torch raises) are refused."""
     ids_shape = tuple(int(s) for s in ids_shape)
-    rows = int(min(table.shape[0], ctx.int_bounds[ids_value] + 1))
+    lo, hi = ctx.int_ranges[ids_value]
+    if lo < 0 or hi >= table.shape[0]:
+        raise _Unsupported(f"positions the model computes may reach {_shown((lo, hi))}, outside the table's "
+                           f"{table.shape[0]} rows (torch raises there)")
+    first, rows = int(lo), int(hi) - int(lo) + 1
     column = _typed(ctx, fx, "reshape", [ids_value], ids_shape + (1,), "positions.column")
-    ks = ctx.param(_base(fx, "positions.rows"), np.arange(rows, dtype=np.float32))
+    ks = ctx.param(_base(fx, "positions.rows"), np.arange(first, first + rows, dtype=np.float32))
     ctx.nonneg.add(ks)
     from .elementwise import _above  # (elementwise imports this module's comparison of ids)
 
@@ -208,7 +272,7 @@ def embedding_at_positions(ctx: _Ctx, fx: torch.fx.Node, table: np.ndarray, ids_
     below = _above(ctx, fx, ks, column, hot_shape, "positions.below")
     differ = _typed(ctx, fx, "add", [above, below], hot_shape, "positions.differ")
     one_hot = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "positions.one"), differ], hot_shape, "positions.one_hot")
-    weight = ctx.param(_base(fx, "weight"), np.ascontiguousarray(table[:rows].T, dtype=np.float32))
+    weight = ctx.param(_base(fx, "weight"), np.ascontiguousarray(table[first:first + rows].T, dtype=np.float32))
     zero = ctx.param(_base(fx, "positions.bias"), np.zeros(table.shape[1], np.float32))
     return ctx.emit(fx, "linear", [one_hot, weight, zero], TensorType(ids_shape + (table.shape[1],)),
                     {"act": "none"}, base=_base(fx, "embedding"))

@@ -264,7 +264,7 @@ def _table_rows(ctx: _Ctx, fx: torch.fx.Node, table, ids) -> str:
     view of the ids taken on the way."""
     base = module_path(fx) or fx.name
     ids_value = ctx.value(ids)
-    if ids_value in ctx.int_bounds:  # positions the model computed from its ids (capture.integers)
+    if ids_value in ctx.int_ranges:  # positions the model computed from its ids (capture.integers)
         return embedding_at_positions(ctx, fx, ctx.tensor(table).detach().float().numpy(), ids_value,
                                       _shape_of(ids))
     if ids_value not in ctx.integer_inputs:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir import TensorType
+from ..ir import INT_DTYPES, TensorType
 from .context import _arg, _aten, _base, _Ctx, _is_condition, module_path, _shape_of, _type_of, _typed, _Unsupported
+from .integers import ids_as
 from .layers import _table_rows
 
 
@@ -355,7 +356,9 @@ def _same_dtype(ctx: _Ctx, fx: torch.fx.Node) -> str:
     # to.dtype / _to_copy of a runtime value: a float32 -> float32 copy is a no-op, and so is any
     # conversion of integers the model computed (capture.integers: exact float32 in the IR)
     src = fx.args[0]
-    integers = isinstance(src, torch.fx.Node) and (ctx.env.get(src.name) in ctx.int_bounds or _is_condition(src))
+    if ctx.value(src) in ctx.integer_inputs and _type_of(fx).dtype in INT_DTYPES:
+        return ids_as(ctx, fx, ctx.value(src))
+    integers = isinstance(src, torch.fx.Node) and (ctx.env.get(src.name) in ctx.int_ranges or _is_condition(src))
     to_condition = _is_condition(fx) and not _is_condition(src)  # (x != 0: capture.elementwise)
     if _type_of(fx).dtype != _type_of(src).dtype and not (integers and not to_condition):
         raise _Unsupported(f"a dtype conversion of a runtime value to {_type_of(fx).dtype}")
