@@ -319,7 +319,8 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
 
     artifact = serde.serialize(program)
     program_json = _checked_for_saving(artifact.exported_program)
-    _check_capture(program, example)  # before a file nobody can compile exists
+    input_specs = _input_specs(example, input_ranges if input_ranges is not None else _stored_ranges(model))
+    _check_capture(program, example, input_specs)  # before a file nobody can compile exists
     tensors: dict[str, np.ndarray] = {}
     for prefix, table in (("state_dict", program.state_dict), ("constants", program.constants)):
         for key, value in table.items():
@@ -337,7 +338,7 @@ def save(model: nn.Module | CsqcModel, path: str | os.PathLike, example_inputs=N
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
         "torch_version": torch.__version__.split("+")[0],
-        "inputs": _input_specs(example, input_ranges if input_ranges is not None else _stored_ranges(model)),
+        "inputs": input_specs,
         "outputs": outputs,
         "parameters": sorted(program.graph_signature.parameters),
         "avg_bits": avg,
@@ -407,13 +408,13 @@ def capture_problems(model: nn.Module, example_inputs) -> list[str]:
     return problems or _capture_problems(program, example)
 
 
-def _check_capture(program: torch.export.ExportedProgram, example: tuple) -> None:
+def _check_capture(program: torch.export.ExportedProgram, example: tuple, specs: list[dict] | None = None) -> None:
     """Raise what capture itself refuses: ops the program check's allow-list admits because
     capture folds them on constants (masks, positions, rotary tables), here reading the model's
-    input; shapes and arguments it cannot translate."""
+    input; shapes and arguments it cannot translate. ``specs``: the inputs' (declared ranges)."""
     from .capture import capture
 
-    specs = [tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
+    specs = specs or [tensor_spec(f"input{i}", t) for i, t in enumerate(example)]
     capture(CsqcModel(program, {"inputs": specs, "outputs": []}, example))
 
 

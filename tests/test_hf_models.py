@@ -163,3 +163,49 @@ class _Pixels(torch.nn.Module):
 
     def forward(self, pixel_values):
         return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+class _Masked(torch.nn.Module):
+    """A model called as deployments call it: token ids and an attention mask (1 keep, 0 pad)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _padded(seed):
+    """Two rows, the second padded on the right from a drawn position (the first from the other end)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, SEQ), generator=g)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, int(torch.randint(2, SEQ, (1,), generator=g)):] = 0
+    mask[0, :int(torch.randint(1, SEQ - 1, (1,), generator=g))] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("factory, attn", [(_bert, "sdpa"), (_gpt2, "eager")], ids=["bert-sdpa", "gpt2-eager"])
+def test_an_attention_mask_input_is_honoured_exactly(tmp_path, factory, attn):
+    """transformers builds the mask from the input (``mask.to(bool)``, then
+    ``mask[batch_idx, kv_idx]``): the input's declared range bounds it (a lookup of ``!= 0`` per
+    value), constant index arrays on leading axes are one ``take``. The artifact computes torch's
+    output for padded rows, and verify's random masks agree exactly across runtimes."""
+    torch.manual_seed(0)
+    model = csqc.finalize(csqc.convert(_Masked(factory(attn).eval()), n_bits=4, act_bits=8)).eval()
+    ids, mask = _padded(0)
+    with pytest.raises(csqc.errors.UnsupportedOps, match="declare their range"):
+        csqc.save(model, tmp_path / "undeclared.pt", (ids, mask))
+    path = csqc.save(model, tmp_path / "m.pt", (ids, mask), input_ranges={"input1": (0, 2)})
+    csqc.compile(path, "llvm", tmp_path / "m.so")
+    from csqc import runtime
+
+    artifact, reference = runtime.load(tmp_path / "m.so"), csqc.load(path)
+    for seed in range(3):
+        ids, mask = _padded(seed)
+        np.testing.assert_allclose(artifact(ids.numpy(), mask.numpy()), reference(ids, mask).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+    report = csqc.verify(path, samples=4, artifact=str(tmp_path / "m.so"))
+    assert report.ok and report.accumulators_exact, report.notes

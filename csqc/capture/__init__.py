@@ -85,6 +85,9 @@ def capture(model: CsqcModel, batch: int | None = None) -> Graph:
                 if _type_of(fx).dtype != "float32":
                     ctx.integer_inputs.add(name)
                     ctx.id_shapes[name] = _type_of(fx).shape
+                    declared = specs[len(inputs) - 1].get("range") if len(inputs) <= len(specs) else None
+                    if declared is not None:
+                        ctx.declared_ranges[name] = (int(declared[0]), int(declared[1]))
     rewrite_idioms(program.graph, ctx.consts)  # other code bases' quantizers -> csqc::act_quant
     ctx.constant_derived = _constant_derived(program.graph, ctx.consts)
     unsupported: list[tuple[str, str]] = []

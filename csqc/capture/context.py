@@ -35,6 +35,7 @@ class _Ctx:
     id_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # their shapes
     constant_derived: set[str] = field(default_factory=set)  # fx nodes computed from constants only
     int_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # IR values holding integers: [lo, hi]
+    declared_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs' [low, high)
     folded_bytes: int = 0  # what constant folding has allocated so far (capture.folding bounds it)
 
     def name(self, base: str) -> str:

@@ -9,7 +9,7 @@ import torch
 from ..idioms import idiom_attrs
 from .context import (
     _arg, _aten, _base, _Ctx, _is_condition, module_path, _scalar, _shape_of, _type_of, _typed, _Unsupported)
-from .integers import compared_ids, is_integer_typed
+from .integers import compared_ids, ids_condition, is_integer_typed
 from .tensors import _same_dtype, _slice_value
 
 
@@ -526,6 +526,8 @@ def _dtype_conversion(ctx: _Ctx, fx: torch.fx.Node) -> str:
     """``x.to(dtype)`` / ``x.type_as(y)`` of a runtime value: float32 to float32 (or a condition to
     float) is the value itself; float to bool is ``[x != 0]`` (an exact indicator, as ``!=``)."""
     src = fx.args[0]
+    if _is_condition(fx) and ctx.value(src) in ctx.integer_inputs:  # a mask input as bool: ids != 0, looked up
+        return ids_condition(ctx, fx, src, lambda every_id: every_id != 0, "nonzero")
     if _is_condition(fx) and not _is_condition(src) and (_type_of(src).dtype == "float32"
                                                          or ctx.value(src) in ctx.int_ranges):
         shape, xv = _shape_of(src), ctx.value(src)

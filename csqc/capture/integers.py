@@ -29,6 +29,7 @@ from .context import _aten, _base, _Ctx, _is_condition, _scalar, _shape_of, _typ
 
 EXACT_INTEGERS = 2.0**24  # float32 holds every integer of smaller magnitude
 MAX_CUMSUM_LENGTH = 4096  # its triangular matrix: 64 MiB of float32 at this length
+MAX_LOOKUP_ROWS = 1 << 22  # a lookup table of an integer input's every value: 16 MiB of float32
 
 Range = tuple[float, float]  # the least and greatest value an integer tensor may hold
 
@@ -153,7 +154,8 @@ def ids_as(ctx: _Ctx, fx: torch.fx.Node, ids_input: str) -> str:
 
 def ids_limit(ctx: _Ctx, ids_input: str) -> int:
     """The rows of the smallest table the integer input ``ids_input`` indexes (an embedding, an
-    ``index_select`` of rows): the runtime refuses ids outside it, so they lie in ``[0, limit)``."""
+    ``index_select`` of rows), or the end of its declared range (``input_ranges``; a mask input):
+    the runtime refuses ids outside the tables capture builds, so they lie in ``[0, limit)``."""
     placeholder = next(name for name, v in ctx.env.items() if v == ids_input)
     limits = []
     for fx in ctx.program.graph.nodes:
@@ -169,9 +171,14 @@ def ids_limit(ctx: _Ctx, ids_input: str) -> int:
             ids = ids.args[0]
         if isinstance(ids, torch.fx.Node) and ids.name == placeholder:
             limits.append(int(fx.args[0].meta["val"].shape[0]))
+    declared = ctx.declared_ranges.get(ids_input)
+    if declared is not None and declared[0] >= 0:  # csqc.save(..., input_ranges=): the runtime checks them
+        limits.append(int(declared[1]))
     if not limits:
-        raise _Unsupported("token ids compared or converted where they index no embedding (csqc bounds ids "
-                           "by the embedding table they index)")
+        raise _Unsupported("integer inputs compared or converted where they index no embedding (declare their "
+                           "range: csqc.save(..., input_ranges={name: (low, high)}))")
+    if min(limits) > MAX_LOOKUP_ROWS:
+        raise _Unsupported(f"integer inputs of {min(limits)} values compared or converted (up to {MAX_LOOKUP_ROWS})")
     return min(limits)
 
 
@@ -196,18 +203,23 @@ def compared_ids(ctx: _Ctx, fx: torch.fx.Node, kind: str) -> str | None:
             raise _Unsupported("a comparison of token ids with a value other than one number")
         other = ctx.tensor(other).detach().cpu().reshape(())
     ids_fx = a if ids_side[0] else b
-    ids_value = ctx.value(ids_fx)
-    limit = ids_limit(ctx, ids_value)
     # torch itself compares every id (its type promotion: a Python float against int64 ids is
     # compared in float32, a 0-d float64 tensor in float64)
-    every_id = torch.arange(limit, dtype=ids_fx.meta["val"].dtype)
-    left, right = (every_id, other) if ids_side[0] else (other, every_id)
-    table = _COMPARE[kind](left, right).to(torch.float32).numpy().reshape(limit, 1)
-    weight = ctx.param(_base(fx, f"{kind}.table"), table)
+    return ids_condition(ctx, fx, ids_fx, lambda every_id: _COMPARE[kind](every_id, other) if ids_side[0]
+                         else _COMPARE[kind](other, every_id), kind)
+
+
+def ids_condition(ctx: _Ctx, fx: torch.fx.Node, ids_fx: torch.fx.Node, condition, what: str) -> str:
+    """``condition(ids)`` (0.0 / 1.0) of token ids: torch's result for every id the model takes
+    (``[0, ids_limit)``), looked up by an ``embedding`` of that ``[limit, 1]`` table."""
+    ids_value = ctx.value(ids_fx)
+    limit = ids_limit(ctx, ids_value)
+    table = condition(torch.arange(limit, dtype=ids_fx.meta["val"].dtype)).to(torch.float32).numpy()
+    weight = ctx.param(_base(fx, f"{what}.table"), table.reshape(limit, 1))
     ctx.nonneg.add(weight)
     id_shape = ctx.id_shapes[ids_value]
-    looked_up = _typed(ctx, fx, "embedding", [weight, ids_value], id_shape + (1,), f"{kind}.lookup")
-    out = ctx.emit(fx, "reshape", [looked_up], TensorType(_shape_of(fx)), base=_base(fx, kind))
+    looked_up = _typed(ctx, fx, "embedding", [weight, ids_value], id_shape + (1,), f"{what}.lookup")
+    out = ctx.emit(fx, "reshape", [looked_up], TensorType(_shape_of(fx)), base=_base(fx, what))
     ctx.nonneg.add(out)
     ctx.int_ranges[out] = (0.0, 1.0)
     return out

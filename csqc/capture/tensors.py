@@ -542,8 +542,8 @@ def _index(ctx: _Ctx, fx: torch.fx.Node) -> str:
     several dimensions takes their place in the output."""
     indices = list(fx.args[1])
     axes = [i for i, t in enumerate(indices) if t is not None]
-    if len(axes) != 1:
-        raise _Unsupported("advanced indexing on several axes")
+    if len(axes) > 1:
+        return _index_leading_axes(ctx, fx, indices, axes)
     index = ctx.tensor(indices[axes[0]]).numpy()
     if index.dtype == np.bool_:
         raise _Unsupported("indexing by a mask")
@@ -552,6 +552,29 @@ def _index(ctx: _Ctx, fx: torch.fx.Node) -> str:
     if index.ndim == 0:  # a 0-d index drops the axis, as select does
         return ctx.emit(fx, "reshape", [picked], base=_base(fx, "indexing"))
     return picked
+
+
+def _index_leading_axes(ctx: _Ctx, fx: torch.fx.Node, indices: list, axes: list[int]) -> str:
+    """``x[i, j, ...]`` with constant index arrays on the leading axes (broadcast together):
+    the flat positions they pick among those axes, one ``take`` of ``x`` viewed with them as one
+    axis (transformers' padding masks: ``mask[batch_idx, kv_idx]``)."""
+    if axes != list(range(len(axes))) or not all(ctx.is_const(indices[a]) for a in axes):
+        raise _Unsupported("advanced indexing on several axes (constant indices on the leading axes are supported)")
+    shape = _shape_of(fx.args[0])
+    arrays = []
+    for a in axes:
+        index = ctx.tensor(indices[a]).detach().cpu().numpy()
+        if index.dtype == np.bool_:
+            raise _Unsupported("indexing by a mask")
+        index = np.where(index < 0, index + shape[a], index).astype(np.int64)
+        if index.size == 0 or (index < 0).any() or (index >= shape[a]).any():
+            raise _Unsupported(f"indexing: an index outside the axis of {shape[a]}")
+        arrays.append(index)
+    positions = np.ravel_multi_index(np.broadcast_arrays(*arrays), shape[:len(axes)])
+    lead = int(np.prod(shape[:len(axes)], dtype=np.int64))
+    flat_shape = (lead,) + tuple(shape[len(axes):])
+    flat = _typed(ctx, fx, "reshape", [ctx.value(fx.args[0])], flat_shape, "indexing.flat")
+    return _taken(ctx, fx, flat, flat_shape, 0, positions, "indexing")
 
 
 def _flip(ctx: _Ctx, fx: torch.fx.Node) -> str:
