@@ -20,7 +20,7 @@ from csqc.errors import BadInput, UnsupportedOps
 
 VOCAB, SEQ, DIM, PAD = 13, 8, 6, 1
 # padding anywhere (RoBERTa counts positions over the real tokens only), and none at all
-IDS = [[0, 5, 7, PAD, PAD, 9, 2, PAD], [4, 4, 4, 4, 4, 4, 4, 4], [PAD] * SEQ]
+IDS = [[0, 5, 7, PAD, PAD, 9, 2, PAD], [4, 4, 4, 4, 4, 4, 4, 4], [PAD] * SEQ, [7, 12, 3, 7, 12, 0, 7, 1]]
 
 
 class PaddedPositions(nn.Module):
@@ -55,6 +55,23 @@ class SinusoidalPositions(nn.Module):
         return rows + by_ids
 
 
+class Pooled(nn.Module):
+    """CLIP's pooled outputs: the row at the greatest id, and at the first id equal to 7 (ties:
+    torch's first maximum; none: position 0), ``argmax`` with ``keepdim`` along the batch too."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, DIM)
+
+    def forward(self, ids):
+        h = self.tokens(ids)
+        rows = torch.arange(ids.shape[0])
+        greatest = h[rows, ids.argmax(dim=-1)]
+        first_seven = h[rows, (ids.to(torch.int) == 7).int().argmax(dim=-1)]
+        along_batch = ids.argmax(dim=0, keepdim=True).float()  # [1, SEQ]
+        return torch.cat([greatest, first_seven, along_batch.expand(ids.shape[0], -1)], dim=1)
+
+
 class Counts(nn.Module):
     """Comparisons of ids with numbers on either side (a float one rounded to float32 as torch
     compares it: ``ids < 3.0000001`` is ``ids < 3``), their logic, a cumsum along a leading axis
@@ -71,16 +88,16 @@ class Counts(nn.Module):
         return self.tokens(ids) * seen.unsqueeze(-1)
 
 
-def _saved(module, tmp_path, name):
+def _saved(module, tmp_path, name, batch=1):
     torch.manual_seed(0)
-    return csqc.save(module.eval(), tmp_path / f"{name}.pt", torch.tensor(IDS[:1]))
+    return csqc.save(module.eval(), tmp_path / f"{name}.pt", torch.tensor(IDS[:batch]))
 
 
-@pytest.mark.parametrize("module", [PaddedPositions, SinusoidalPositions, Counts],
-                         ids=["positions", "index-select", "counts"])
+@pytest.mark.parametrize("module", [PaddedPositions, SinusoidalPositions, Counts, Pooled],
+                         ids=["positions", "index-select", "counts", "argmax"])
 def test_integers_from_ids_match_torch_on_every_runtime(tmp_path, module):
     model = module()
-    path = _saved(model, tmp_path, module.__name__)
+    path = _saved(model, tmp_path, module.__name__, batch=2)
     loaded = csqc.load(path)
     graph = capture(loaded)
     assert all(v.type.dtype == "float32" for v in graph.nodes), "integers the model computes are float32 in the IR"
@@ -91,14 +108,14 @@ def test_integers_from_ids_match_torch_on_every_runtime(tmp_path, module):
 
     session = ort.InferenceSession(str(onnx_path))
     artifact = runtime.load(so_path)
-    for row in IDS:
-        x = torch.tensor([row])
+    for i, row in enumerate(IDS):  # every row beside another (batch 2: argmax along the batch too)
+        x = torch.tensor([row, IDS[(i + 1) % len(IDS)]])
         expected = model(x).detach().numpy()
         got = {"interpreter": interpreter.run(graph, [x.numpy()])[0],
                "onnxruntime": session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
                "llvm": artifact(x.numpy())}
         for where, y in got.items():
-            np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6, err_msg=f"{where} at ids {row}")
+            np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6, err_msg=f"{where} at ids {x.tolist()}")
     report = csqc.verify(path, samples=3, artifact=str(so_path))
     assert report.ok, report.notes
 
@@ -134,6 +151,8 @@ class _Refused(nn.Module):
             return h + self.positions(counts - 1)
         if self.form == "past-the-table":
             return h + self.positions(counts * 8)  # (8 at all 8 tokens: row 64 of 64)
+        if self.form == "float-argmax":  # (NaN leads torch's order)
+            return self.positions(h[..., 0].argmax(dim=1))
         if self.form == "half":
             return h * counts.half().float().unsqueeze(-1)
         if self.form == "float64-number":  # torch compares integers with a 0-d float64 tensor in float64
@@ -149,6 +168,7 @@ class _Refused(nn.Module):
     ("before-the-table", "may reach [-1, 7], outside the table's 64 rows"),
     ("past-the-table", "may reach [0, 64], outside the table's 64 rows"),
     ("half", "float16 values"), ("float64-number", "float64 constant not exact in float32"),
+    ("float-argmax", "argmax of float values"),
 ])
 def test_integers_capture_cannot_keep_exact_are_refused_by_name(tmp_path, form, message):
     with pytest.raises(UnsupportedOps, match=re.escape(message)):  # (save captures the model to check it)

@@ -318,8 +318,9 @@ def test_a_forward_of_star_args_keeps_its_batch_symbolic(tmp_path, module, examp
 
 
 class _DeadPooling(nn.Module):
-    """CLIP's text model: a pooled output by ``argmax`` (which csqc does not compile), computed
-    whether or not it is returned, and read from a buffer only it uses."""
+    """As CLIP's text model: a pooled output by ``argmax`` (here of float values, which csqc does
+    not compile: NaN leads torch's order), computed whether or not it is returned, and read from a
+    buffer only it uses."""
 
     def __init__(self, returned: bool):
         super().__init__()
@@ -328,7 +329,7 @@ class _DeadPooling(nn.Module):
 
     def forward(self, ids):
         h = self.fc(self.emb(ids))
-        pooled = h[torch.arange(h.shape[0]), ids.argmax(-1)] + self.pool_bias
+        pooled = h[torch.arange(h.shape[0]), h[..., 0].argmax(-1)] + self.pool_bias
         return (h, pooled) if self.returned else h
 
 

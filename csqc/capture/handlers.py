@@ -16,7 +16,7 @@ from .elementwise import (
     _masked_fill, _maximum, _mish, _negated, _outer, _pow, _power_of_two, _reciprocal_sqrt, _relu, _rrelu_eval, _rsub,
     _selected, _shrink, _sign, _softplus, _squared, _threshold, _triangle)
 from .folding import _CONSTANT_ONLY, _constant_only
-from .integers import cumsum
+from .integers import argmax, cumsum
 from .layers import (
     _act_quant, _act_quant_asymmetric, _addmm, _batch_norm, _conv1d, _einsum, _embedding, _float_conv,
     _float_conv_convolution, _float_linear, _matmul, _quant_layer, _scaled_sum_of_product)
@@ -128,6 +128,7 @@ HANDLERS: dict[object, Callable[[_Ctx, torch.fx.Node], str]] = {
 HANDLERS.update({
     _aten.embedding.default: _embedding,
     _aten.cumsum.default: cumsum,  # of integers the model computes (RoBERTa's position ids)
+    _aten.argmax.default: argmax,  # of integers (CLIP's end-of-text position)
     _aten.addmm.default: _addmm,
     _aten.unflatten.int: _reshape,
     _aten.pow.Tensor_Scalar: _pow,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..ir import TensorType
-from .context import _aten, _base, _Ctx, _is_condition, _scalar, _shape_of, _typed, _Unsupported
+from .context import _arg, _aten, _base, _Ctx, _is_condition, _scalar, _shape_of, _typed, _Unsupported
 
 EXACT_INTEGERS = 2.0**24  # float32 holds every integer of smaller magnitude
 MAX_CUMSUM_LENGTH = 4096  # its triangular matrix: 64 MiB of float32 at this length
@@ -288,3 +288,94 @@ def embedding_at_positions(ctx: _Ctx, fx: torch.fx.Node, table: np.ndarray, ids_
     zero = ctx.param(_base(fx, "positions.bias"), np.zeros(table.shape[1], np.float32))
     return ctx.emit(fx, "linear", [one_hot, weight, zero], TensorType(ids_shape + (table.shape[1],)),
                     {"act": "none"}, base=_base(fx, "embedding"))
+
+
+def _integer_values(ctx: _Ctx, fx: torch.fx.Node, x) -> tuple[str, Range]:
+    """Integer operand ``x`` as a float32 IR value and its range: token ids looked up as
+    themselves (a ``[limit, 1]`` table of 0, 1, ...), a ranged value or a condition as it is."""
+    value = ctx.value(x)
+    if value in ctx.integer_inputs:
+        limit = ids_limit(ctx, value)
+        weight = ctx.param(_base(fx, "ids.table"), np.arange(limit, dtype=np.float32).reshape(limit, 1))
+        ctx.nonneg.add(weight)
+        looked_up = _typed(ctx, fx, "embedding", [weight, value], ctx.id_shapes[value] + (1,), "ids.lookup")
+        ids = _typed(ctx, fx, "reshape", [looked_up], _shape_of(x), "ids")
+        ctx.nonneg.add(ids)
+        return ids, (0.0, float(limit - 1))
+    span = range_of(ctx, x)
+    if span is None:
+        raise _Unsupported("argmax of float values (where NaN leads torch's order; argmax of integers, such as "
+                           "token ids or a mask, is supported)")
+    return value, span
+
+
+def argmax(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``argmax(x, dim, keepdim)`` of integers (CLIP's end-of-text position: the greatest token
+    id): ``hit = [x == max]`` (exact indicators), its running count (a triangular linear layer),
+    the first hit ``hit * [count <= 1]`` (torch returns the first maximum), and its position as
+    that one-hot row times ``0, 1, ...`` (a linear layer: one product by 1). An index in
+    ``[0, n)``, ranged for what reads it (a row picked by ``x[arange(b), index]``)."""
+    from .elementwise import _above  # (elementwise imports this module's comparison of ids)
+
+    x = fx.args[0]
+    dim, keep = _arg(fx, 1, "dim", None), bool(_arg(fx, 2, "keepdim", False))
+    if dim is None:
+        raise _Unsupported("argmax over every axis (give dim)")
+    shape = _shape_of(x)
+    axis = int(dim) % len(shape)
+    length = int(shape[axis])
+    if length > MAX_CUMSUM_LENGTH:
+        raise _Unsupported(f"argmax along an axis of {length} (up to {MAX_CUMSUM_LENGTH})")
+    xv, _ = _integer_values(ctx, fx, x)
+    order = [d for d in range(len(shape)) if d != axis] + [axis]
+    moved = tuple(shape[d] for d in order)
+    if axis != len(shape) - 1:
+        xv = _typed(ctx, fx, "permute", [xv], moved, "argmax.moved", {"dims": tuple(order)})
+    last, reduced = len(moved) - 1, moved[:-1] + (1,)
+    greatest = _typed(ctx, fx, "amax", [xv], reduced, "argmax.max", {"dims": (last,), "keepdim": True})
+    one = _scalar(ctx, fx, 1.0, "argmax.one")
+    hit = _typed(ctx, fx, "sub", [one, _above(ctx, fx, greatest, xv, moved, "argmax.below")], moved, "argmax.hit")
+    linear = {"act": "none"}
+    triangle = ctx.param(_base(fx, "argmax.triangle"), np.tril(np.ones((length, length), np.float32)))
+    zeros = ctx.param(_base(fx, "argmax.bias"), np.zeros(length, np.float32))
+    count = _typed(ctx, fx, "linear", [hit, triangle, zeros], moved, "argmax.count", linear)
+    later = _typed(ctx, fx, "sub", [one, _above(ctx, fx, count, one, moved, "argmax.repeat")], moved, "argmax.once")
+    first = _typed(ctx, fx, "mul", [hit, later], moved, "argmax.first")
+    positions = ctx.param(_base(fx, "argmax.positions"), np.arange(length, dtype=np.float32).reshape(1, length))
+    zero = ctx.param(_base(fx, "argmax.zero"), np.zeros(1, np.float32))
+    index = _typed(ctx, fx, "linear", [first, positions, zero], reduced, "argmax.index", linear)
+    out_shape = tuple(1 if d == axis else n for d, n in enumerate(shape)) if keep else tuple(
+        n for d, n in enumerate(shape) if d != axis)
+    out = ctx.emit(fx, "reshape", [index], TensorType(out_shape), base=_base(fx, "argmax"))
+    ctx.nonneg.add(out)
+    ctx.int_ranges[out] = (0.0, float(length - 1))
+    return out
+
+
+def rows_at(ctx: _Ctx, fx: torch.fx.Node, x, batch_index, index) -> str:
+    """``x[arange(b), index]`` (one row per batch element at a computed position: CLIP's pooled
+    output): ``[index == k]`` one-hot rows ``[b, 1, n]`` times ``x`` as ``[b, n, rest]`` (a
+    batched matmul: each output one element times 1 plus zeros, exactly the element)."""
+    from .elementwise import _above
+
+    shape = _shape_of(x)
+    if len(shape) < 2 or not ctx.is_const(batch_index):
+        raise _Unsupported("advanced indexing by a computed index (x[arange(batch), index] is supported)")
+    batch, length = int(shape[0]), int(shape[1])
+    rows = ctx.tensor(batch_index).detach().cpu().numpy()
+    span = range_of(ctx, index)
+    if not np.array_equal(rows.reshape(-1), np.arange(batch)) or tuple(_shape_of(index)) != (batch,):
+        raise _Unsupported("advanced indexing by a computed index (x[arange(batch), index] is supported)")
+    if span is None or span[0] < 0 or span[1] >= length:
+        raise _Unsupported(f"indexing at computed positions that may fall outside the axis of {length}")
+    rest = int(np.prod(shape[2:], dtype=np.int64))
+    column = _typed(ctx, fx, "reshape", [ctx.value(index)], (batch, 1, 1), "rows.column")
+    ks = ctx.param(_base(fx, "rows.positions"), np.arange(length, dtype=np.float32))
+    ctx.nonneg.add(ks)
+    hot = (batch, 1, length)
+    differ = _typed(ctx, fx, "add", [_above(ctx, fx, column, ks, hot, "rows.above"),
+                                     _above(ctx, fx, ks, column, hot, "rows.below")], hot, "rows.differ")
+    one_hot = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "rows.one"), differ], hot, "rows.one_hot")
+    values = _typed(ctx, fx, "reshape", [ctx.value(x)], (batch, length, rest), "rows.values")
+    picked = _typed(ctx, fx, "matmul", [one_hot, values], (batch, 1, rest), "rows.picked")
+    return ctx.emit(fx, "reshape", [picked], TensorType((batch,) + tuple(shape[2:])), base=_base(fx, "rows"))

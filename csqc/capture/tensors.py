@@ -8,7 +8,7 @@ import torch
 
 from ..ir import INT_DTYPES, TensorType
 from .context import _arg, _aten, _base, _Ctx, _is_condition, module_path, _shape_of, _type_of, _typed, _Unsupported
-from .integers import ids_as
+from .integers import ids_as, rows_at
 from .layers import _table_rows
 
 
@@ -558,6 +558,8 @@ def _index_leading_axes(ctx: _Ctx, fx: torch.fx.Node, indices: list, axes: list[
     """``x[i, j, ...]`` with constant index arrays on the leading axes (broadcast together):
     the flat positions they pick among those axes, one ``take`` of ``x`` viewed with them as one
     axis (transformers' padding masks: ``mask[batch_idx, kv_idx]``)."""
+    if len(axes) == 2 and axes == [0, 1] and not ctx.is_const(indices[1]):
+        return rows_at(ctx, fx, fx.args[0], indices[0], indices[1])
     if axes != list(range(len(axes))) or not all(ctx.is_const(indices[a]) for a in axes):
         raise _Unsupported("advanced indexing on several axes (constant indices on the leading axes are supported)")
     shape = _shape_of(fx.args[0])
