@@ -14,7 +14,13 @@ IR inputs that only embeddings read:
 - ``cumsum`` of integers is a float linear layer of a triangular 0/1 matrix (each output a sum of
   integers under 2^24: exact in any order);
 - an embedding at computed positions is a one-hot row (``[p == k]``, exact on integers) times
-  the table's rows the range spans: exactly the row picked, as a product by 1 and zeros.
+  the table's rows the range spans: exactly the row picked, as a product by 1 and zeros;
+- ``argmax`` is the first maximum's one-hot row and its position, and ``x[arange(b), index]``
+  a batched matmul by the one-hot row (CLIP's pooled output).
+
+An integer input that indexes no table (an attention mask) takes its range from
+``csqc.save(..., input_ranges=...)``; the lookups capture builds make the runtime refuse values
+outside it.
 """
 
 from __future__ import annotations
