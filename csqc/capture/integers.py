@@ -221,13 +221,20 @@ def ids_condition(ctx: _Ctx, fx: torch.fx.Node, ids_fx: torch.fx.Node, condition
     ids_value = ctx.value(ids_fx)
     limit = ids_limit(ctx, ids_value)
     table = condition(torch.arange(limit, dtype=ids_fx.meta["val"].dtype)).to(torch.float32).numpy()
-    weight = ctx.param(_base(fx, f"{what}.table"), table.reshape(limit, 1))
-    ctx.nonneg.add(weight)
-    id_shape = ctx.id_shapes[ids_value]
-    looked_up = _typed(ctx, fx, "embedding", [weight, ids_value], id_shape + (1,), f"{what}.lookup")
-    out = ctx.emit(fx, "reshape", [looked_up], TensorType(_shape_of(fx)), base=_base(fx, what))
-    ctx.nonneg.add(out)
+    out = _looked_up(ctx, fx, ids_value, table, _shape_of(fx), what, final=True)
     ctx.int_ranges[out] = (0.0, 1.0)
+    return out
+
+
+def _looked_up(ctx: _Ctx, fx: torch.fx.Node, ids_value: str, table: np.ndarray, shape, what: str,
+               final: bool = False) -> str:
+    """``table[ids]`` of a table of one value per id (non-negative), viewed as ``shape``."""
+    weight = ctx.param(_base(fx, f"{what}.table"), table.reshape(-1, 1))
+    ctx.nonneg.add(weight)
+    rows = _typed(ctx, fx, "embedding", [weight, ids_value], ctx.id_shapes[ids_value] + (1,), f"{what}.lookup")
+    out = (ctx.emit(fx, "reshape", [rows], TensorType(shape), base=_base(fx, what)) if final
+           else _typed(ctx, fx, "reshape", [rows], shape, what))
+    ctx.nonneg.add(out)
     return out
 
 
@@ -281,15 +288,7 @@ def embedding_at_positions(ctx: _Ctx, fx: torch.fx.Node, table: np.ndarray, ids_
                            f"{table.shape[0]} rows (torch raises there)")
     first, rows = int(lo), int(hi) - int(lo) + 1
     column = _typed(ctx, fx, "reshape", [ids_value], ids_shape + (1,), "positions.column")
-    ks = ctx.param(_base(fx, "positions.rows"), np.arange(first, first + rows, dtype=np.float32))
-    ctx.nonneg.add(ks)
-    from .elementwise import _above  # (elementwise imports this module's comparison of ids)
-
-    hot_shape = ids_shape + (rows,)
-    above = _above(ctx, fx, column, ks, hot_shape, "positions.above")
-    below = _above(ctx, fx, ks, column, hot_shape, "positions.below")
-    differ = _typed(ctx, fx, "add", [above, below], hot_shape, "positions.differ")
-    one_hot = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "positions.one"), differ], hot_shape, "positions.one_hot")
+    one_hot = _one_hot(ctx, fx, column, np.arange(first, first + rows), ids_shape + (rows,), "positions")
     weight = ctx.param(_base(fx, "weight"), np.ascontiguousarray(table[first:first + rows].T, dtype=np.float32))
     zero = ctx.param(_base(fx, "positions.bias"), np.zeros(table.shape[1], np.float32))
     return ctx.emit(fx, "linear", [one_hot, weight, zero], TensorType(ids_shape + (table.shape[1],)),
@@ -302,12 +301,7 @@ def _integer_values(ctx: _Ctx, fx: torch.fx.Node, x) -> tuple[str, Range]:
     value = ctx.value(x)
     if value in ctx.integer_inputs:
         limit = ids_limit(ctx, value)
-        weight = ctx.param(_base(fx, "ids.table"), np.arange(limit, dtype=np.float32).reshape(limit, 1))
-        ctx.nonneg.add(weight)
-        looked_up = _typed(ctx, fx, "embedding", [weight, value], ctx.id_shapes[value] + (1,), "ids.lookup")
-        ids = _typed(ctx, fx, "reshape", [looked_up], _shape_of(x), "ids")
-        ctx.nonneg.add(ids)
-        return ids, (0.0, float(limit - 1))
+        return _looked_up(ctx, fx, value, np.arange(limit, dtype=np.float32), _shape_of(x), "ids"), (0.0, limit - 1.0)
     span = range_of(ctx, x)
     if span is None:
         raise _Unsupported("argmax of float values (where NaN leads torch's order; argmax of integers, such as "
@@ -362,8 +356,6 @@ def rows_at(ctx: _Ctx, fx: torch.fx.Node, x, batch_index, index) -> str:
     """``x[arange(b), index]`` (one row per batch element at a computed position: CLIP's pooled
     output): ``[index == k]`` one-hot rows ``[b, 1, n]`` times ``x`` as ``[b, n, rest]`` (a
     batched matmul: each output one element times 1 plus zeros, exactly the element)."""
-    from .elementwise import _above
-
     shape = _shape_of(x)
     if len(shape) < 2 or not ctx.is_const(batch_index):
         raise _Unsupported("advanced indexing by a computed index (x[arange(batch), index] is supported)")
@@ -376,12 +368,20 @@ def rows_at(ctx: _Ctx, fx: torch.fx.Node, x, batch_index, index) -> str:
         raise _Unsupported(f"indexing at computed positions that may fall outside the axis of {length}")
     rest = int(np.prod(shape[2:], dtype=np.int64))
     column = _typed(ctx, fx, "reshape", [ctx.value(index)], (batch, 1, 1), "rows.column")
-    ks = ctx.param(_base(fx, "rows.positions"), np.arange(length, dtype=np.float32))
-    ctx.nonneg.add(ks)
-    hot = (batch, 1, length)
-    differ = _typed(ctx, fx, "add", [_above(ctx, fx, column, ks, hot, "rows.above"),
-                                     _above(ctx, fx, ks, column, hot, "rows.below")], hot, "rows.differ")
-    one_hot = _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, "rows.one"), differ], hot, "rows.one_hot")
+    one_hot = _one_hot(ctx, fx, column, np.arange(length), (batch, 1, length), "rows")
     values = _typed(ctx, fx, "reshape", [ctx.value(x)], (batch, length, rest), "rows.values")
     picked = _typed(ctx, fx, "matmul", [one_hot, values], (batch, 1, rest), "rows.picked")
     return ctx.emit(fx, "reshape", [picked], TensorType((batch,) + tuple(shape[2:])), base=_base(fx, "rows"))
+
+
+def _one_hot(ctx: _Ctx, fx: torch.fx.Node, column: str, ks: np.ndarray, shape, what: str) -> str:
+    """``[column == k]`` for each ``k`` of ``ks`` (the last axis of ``shape``): ``1 - ([c > k] +
+    [k > c])``, exact indicators of integers."""
+    from .elementwise import _above  # (elementwise imports this module's comparison of ids)
+
+    rows = ctx.param(_base(fx, f"{what}.rows"), ks.astype(np.float32))
+    if (ks >= 0).all():
+        ctx.nonneg.add(rows)
+    differ = _typed(ctx, fx, "add", [_above(ctx, fx, column, rows, shape, f"{what}.above"),
+                                     _above(ctx, fx, rows, column, shape, f"{what}.below")], shape, f"{what}.differ")
+    return _typed(ctx, fx, "sub", [_scalar(ctx, fx, 1.0, f"{what}.one"), differ], shape, f"{what}.one_hot")
