@@ -82,6 +82,9 @@ class Plan:
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     entry: dict | None = None  # the whole-model function's call, see whole_model.py
+    # call-site symbol -> the kernel it calls: the whole-model function calls each step through a
+    # symbol of its own, which the link defines as that kernel's (build.py)
+    calls: dict[str, str] = field(default_factory=dict)
     pools: dict[str, int] = field(default_factory=dict)  # shared memory of temporary buffers (memory.py): name -> bytes
     _by_key: dict[str, str] = field(default_factory=dict)
 

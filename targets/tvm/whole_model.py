@@ -8,6 +8,11 @@ exported one by one: ``csqc.runtime.profile_steps`` times them separately, and t
 
 CPU targets only: the call builds each argument's DLTensor on the host stack with a CPU
 device, which a CUDA kernel's device check would refuse.
+
+Each step is called through a symbol of its own (``csqc_step<i>``, recorded in ``plan.calls``),
+which the link defines as the kernel's entry (``build.py``): the kernels are compiled as
+separate modules, side by side, and TVM can call a function of another module by name only
+once per module (a second call declares the name again, and LLVM renames it).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from csqc.artifact import whole_model_arguments
 
 from .lower import Plan
 
-__all__ = ["WHOLE_MODEL_FUNC", "add_whole_model_function"]
+__all__ = ["WHOLE_MODEL_FUNC", "add_whole_model_function", "step_symbol"]
 
 WHOLE_MODEL_FUNC = "csqc_run"
 # LLVM's time on the function grows with the square of its parameters (each is unpacked and
@@ -24,11 +29,17 @@ WHOLE_MODEL_FUNC = "csqc_run"
 MAX_ARGUMENTS = 1024
 
 
+def step_symbol(index: int) -> str:
+    """The symbol the whole-model function calls step ``index`` through."""
+    return f"csqc_step{index}"
+
+
 def add_whole_model_function(plan: Plan) -> None:
     """Add ``csqc_run(buffers..., planes..., zero_points...)`` to ``plan.funcs`` and describe its
     arguments in ``plan.entry``: every buffer the steps use (first use first), then each layer's
     count of planes to accumulate (the run-time PrecisionBatching setting) and the zero points
-    that go with them, as ``steps`` spell them. None for a plan of more than ``MAX_ARGUMENTS``."""
+    that go with them, as ``steps`` spell them; ``plan.calls`` gets the symbol of each call. None
+    for a plan of more than ``MAX_ARGUMENTS``."""
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as I
@@ -49,10 +60,11 @@ def add_whole_model_function(plan: Plan) -> None:
             planes = {layer: I.arg(f"planes{i}", tirx.Var(f"planes{i}", "int32")) for i, layer in enumerate(plane_layers)}
             zero_points = {layer: I.arg(f"zero_point{i}", tirx.Var(f"zero_point{i}", "int32"))
                            for i, layer in enumerate(zero_point_layers)}
-            for step in plan.steps:
-                I.evaluate(tirx.call_cpacked(step["func"], *(_argument(a, buffers, planes, zero_points)
-                                                             for a in step["args"])))
+            for index, step in enumerate(plan.steps):
+                I.evaluate(tirx.call_cpacked(step_symbol(index), *(_argument(a, buffers, planes, zero_points)
+                                                                   for a in step["args"])))
     plan.funcs[WHOLE_MODEL_FUNC] = builder.get()
+    plan.calls = {step_symbol(index): step["func"] for index, step in enumerate(plan.steps)}
     plan.entry = {"func": WHOLE_MODEL_FUNC, "args": arguments}
 
 
