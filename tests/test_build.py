@@ -108,3 +108,21 @@ def test_a_call_to_a_kernel_the_plan_lacks_is_a_compile_error():
     plan = Plan(calls={"csqc_step0": "k7_missing"})
     with pytest.raises(CompileError, match="k7_missing"):
         build.build_plan(plan, "llvm", threads=1)
+
+
+def test_an_interrupt_while_building_leaves_nothing_behind(repeated_layers, tmp_path, monkeypatch):
+    """Ctrl-C reaching one module's build: the other builds stop or finish, no file is written."""
+    import tvm
+
+    real_compile = tvm.compile
+
+    def compile_or_interrupt(mod, *args, **kwargs):
+        if WHOLE_MODEL_FUNC in [gv.name_hint for gv in mod.get_global_vars()]:
+            raise KeyboardInterrupt
+        return real_compile(mod, *args, **kwargs)
+
+    monkeypatch.setattr(tvm, "compile", compile_or_interrupt)
+    monkeypatch.setenv(build.BUILD_THREADS_ENV, "2")
+    with pytest.raises(KeyboardInterrupt):
+        csqc.compile(csqc.load(repeated_layers), "llvm", tmp_path / "m.so")
+    assert list(tmp_path.iterdir()) == []
