@@ -122,7 +122,6 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
                            f"{', '.join(missing)}")
     t1 = time.perf_counter()
     executable = build_plan(plan, target)
-    t2 = time.perf_counter()
     # the instruction sets it needs: loading it on a CPU without one is refused (csqc.runtime)
     meta = {"target": {"kind": target_kind, "mcpu": str(target.attrs.get("mcpu", "")),
                        "features": isa_features(target)}, "model": graph.name,
@@ -130,7 +129,8 @@ def emit_llvm(graph: Graph, output, *, mcpu: str | None = None, mattr=None, forc
     threads = thread_cap(graph, plan.funcs, cpu_tier)
     if threads is not None:
         meta["threads"] = threads
-    write_artifact(plan, executable, output, meta)
+    write_artifact(plan, executable, output, meta)  # writes the objects and links them
+    t2 = time.perf_counter()
     weight_bytes = sum(int(a.nbytes) for a in plan.weights.values())  # stored in the artifact
     return {
         **({"tuning": tuner.report()} if tuner is not None else {}),
