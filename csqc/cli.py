@@ -521,7 +521,10 @@ def _human(n: int) -> str:
 @json_option
 def compile_cmd(model, load_model, target, output, batch, mcpu, arch, emit_source, force_kernel, onnx_form,
                 check_planes, dataset, calibration_file, dump_ir, calibrate, tune, as_json):
-    """Compile a model into a deployable artifact."""
+    """Compile a model into a deployable artifact.
+
+    The CPU targets build their kernels on every CPU this process may use; set
+    CSQC_BUILD_THREADS=N to use N (the artifact is the same either way)."""
     from .compiler import TARGETS, compile as compile_model, default_output
     from .targets.registry import get_target
 
