@@ -33,7 +33,7 @@ BUILD_THREADS_ENV = "CSQC_BUILD_THREADS"
 FFI_SYMBOL_PREFIX = "__tvm_ffi_"
 # Kernels per module. A module has a cost of its own (~50 ms: the pass pipeline, LLVM's setup), so
 # tiny kernels share one, and enough modules keep every thread busy to the end. A count of the
-# plan's, not of the threads: the library is the same bytes whatever machine builds it. Build and
+# plan's, not of the threads: the library is the same bytes on any thread count. Build and
 # link (Zen 4, two threads / one): MobileNetV2 (79 functions) 10-11 / 19 s, 27 s as one module;
 # a 4-layer Llama of 34 small ones 2.7 / 4.3 s, 4.1 s as one; ResNet-20 3.4 / 4.7 s.
 KERNELS_PER_MODULE = 2
