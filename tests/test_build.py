@@ -65,7 +65,7 @@ def test_a_bad_thread_count_is_refused_before_building(repeated_layers, tmp_path
     with pytest.raises(BadInput, match=build.BUILD_THREADS_ENV):
         build.build_threads()
     result = CliRunner().invoke(cli, ["compile", str(repeated_layers), "-o", str(tmp_path / "m.so")])
-    assert result.exit_code != 0 and build.BUILD_THREADS_ENV in result.output
+    assert result.exit_code == 2 and build.BUILD_THREADS_ENV in result.output
     assert not list(tmp_path.iterdir())
 
 
