@@ -42,6 +42,7 @@ from csqc.targets.tvm.backend import LayerChoice
 from csqc.targets.tvm.geometry import is_depthwise_layer
 from csqc.targets.tvm.build import write_artifact
 from csqc.targets.tvm.lower import Plan, lower_graph
+from csqc.targets.tvm.vector_lanes import check_vector_widths
 
 __all__ = [
     "SUPPORTED_ARCHS",
@@ -149,6 +150,7 @@ def build_plan(plan: Plan, target):
     """Compile every PrimFunc of the plan into one TVM executable (device code as CUDA source)."""
     import tvm
 
+    check_vector_widths(plan.funcs)
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in plan.funcs.items()})
     return tvm.compile(mod, target=target)
 

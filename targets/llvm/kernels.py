@@ -48,6 +48,7 @@ from tvm.script import tirx as T
 from csqc.errors import CompileError
 from csqc.targets.tvm import macro_lookup
 from csqc.targets.tvm.geometry import ConvGeometry, conv_geometry
+from csqc.targets.tvm.vector_lanes import vector_loop
 
 from .amx import (amx_conv2d, amx_conv_fits, amx_dense, amx_dense_epilogue, amx_dense_fits, amx_pointwise_codes,
                   host_has_amx,
@@ -783,9 +784,9 @@ def bitparallel_dense(M: int, N: int, K: int, weight_dtype: str = "int8", acc_dt
         # K is not a multiple of 4: copy rows into a zero-padded buffer (code 0 adds nothing).
         x_padded = T.alloc_buffer((M, 4 * k_groups), "uint8")
         for m in T.parallel(M):
-            for k in T.vectorized(4 * k_groups):
+            for k in vector_loop(4 * k_groups):
                 x_padded[m, k] = T.uint8(0)
-            for k in T.vectorized(K):
+            for k in vector_loop(K):
                 x_padded[m, k] = x[m, k]
         xw = T.decl_buffer((M, k_groups), "int32", data=x_padded.data)
         for task in T.parallel(col_blocks * row_blocks):
@@ -921,10 +922,10 @@ def _make_pad_copy(geo: ConvGeometry, fill: int = 0):
     def pad_copy(x, x_padded):
         for bc in T.parallel(geo.batch * geo.in_channels):
             for h in range(geo.padded_h):
-                for w in T.vectorized(geo.padded_w):
+                for w in vector_loop(geo.padded_w):
                     x_padded[bc // geo.in_channels, bc % geo.in_channels, h, w] = T.uint8(fill)
             for h in range(geo.height):
-                for w in T.vectorized(geo.width):
+                for w in vector_loop(geo.width):
                     x_padded[bc // geo.in_channels, bc % geo.in_channels, h + ph, w + pw] = \
                         x[bc // geo.in_channels, bc % geo.in_channels, h, w]
 
@@ -1025,24 +1026,24 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
             if 0 <= hq * sh + pair[0] - ph and hq * sh + pair[0] - ph < H:
                 # the columns left and right of the input's: padding, read by the edge taps
                 if pair[2] > 0:
-                    for j in T.vectorized(pair[2]):
+                    for j in vector_loop(pair[2]):
                         xp[at(b * C + c, pair[0], pair[1], hq, j)] = T.uint8(pad_code)
                 if Wq - pair[2] - pair[3] > 0:
-                    for j in T.vectorized(Wq - pair[2] - pair[3]):
+                    for j in vector_loop(Wq - pair[2] - pair[3]):
                         xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + pair[3] + j)] = T.uint8(pad_code)
                 # (a phase of a narrow input may hold no input column: its row is padding only)
                 if pair[3] > 0 and pairs16:
                     # input column 2 (lo + j) + d, d = a_w - pw: byte d % 2 of pair lo + j + d // 2
-                    for j in T.vectorized(pair[3]):
+                    for j in vector_loop(pair[3]):
                         xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + j)] = T.Cast("uint8", x16[
                             ((b * C + c) * H + hq * sh + pair[0] - ph) * (W // 2) + pair[2] + j + (pair[1] - pw) // 2]
                             >> T.uint16(8 * ((pair[1] - pw) % 2)))
                 if pair[3] > 0 and not pairs16:
-                    for j in T.vectorized(pair[3]):
+                    for j in vector_loop(pair[3]):
                         xp[at(b * C + c, pair[0], pair[1], hq, pair[2] + j)] = \
                             x[b, c, hq * sh + pair[0] - ph, (pair[2] + j) * sw + pair[1] - pw]
             else:
-                for j in T.vectorized(Wq):
+                for j in vector_loop(Wq):
                     xp[at(b * C + c, pair[0], pair[1], hq, j)] = T.uint8(pad_code)
 
     @T.macro
@@ -1088,7 +1089,7 @@ def _make_depthwise_fused(geo: ConvGeometry, weight_of: Callable, acc_dtype: str
         if flat_rows > 0:
             for i in range(flat_rows):
                 if oh + i < OH:
-                    for lane in T.vectorized(OW):
+                    for lane in vector_loop(OW):
                         y[b, o, oh + i, lane] = T.Cast(out_dtype, acc[i * pitch + lane])
         else:
             for lane in T.vectorized(size):
@@ -1534,11 +1535,11 @@ def bitserial_conv2d(input_shape, weight_shape, shifts_signs: Sequence[tuple[int
                                    word, full * width, tail)
             if with_zero_point:
                 # sum of the codes of each output pixel's patch, vectorized along the row.
-                for ow in T.vectorized(OW):
+                for ow in vector_loop(OW):
                     rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] = 0
                 for j in range(act_bits):
                     for word in range(kw):
-                        for ow in T.vectorized(OW):
+                        for ow in vector_loop(OW):
                             rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] = \
                                 rowsum[task // (B * OH), (task // OH % B * OH + task % OH) * OW + ow] + (
                                     T.reinterpret("int32", T.popcount(
@@ -1975,7 +1976,7 @@ def _bitparallel_conv2d_pixels(geo: ConvGeometry, knobs: BitparallelKnobs, out_d
                 if at[2] * OB + o < Og:
                     for rr in range(NR):
                         if at[3] * NR + rr < OH:
-                            for ow in T.vectorized(OW):
+                            for ow in vector_loop(OW):
                                 y[at[0],
                                   at[1] * Og + at[2] * OB + o,
                                   at[3] * NR + rr, ow] = T.Cast(out_dtype, tile[o, rr * pitch + ow])
@@ -2143,7 +2144,7 @@ def bitparallel_conv2d(input_shape, weight_shape, stride=1, padding=0, dilation=
         T.func_attr({"tir.noalias": True})
         x_nhwc = T.alloc_buffer((B, Hp, Wp, G, 4 * c_groups), "uint8")
         for bh in padding_loop(B * Hp):
-            for wc in T.vectorized(Wp * G * 4 * c_groups):
+            for wc in vector_loop(Wp * G * 4 * c_groups):
                 x_nhwc[bh // Hp, bh % Hp, wc // (G * 4 * c_groups), wc // (4 * c_groups) % G,
                        wc % (4 * c_groups)] = T.uint8(pad_code)
             if ph <= bh % Hp and bh % Hp < H + ph:

@@ -7,6 +7,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from csqc.targets.tvm.geometry import ConvGeometry
+from csqc.targets.tvm.vector_lanes import vector_loop
 
 __all__ = ["MIN_PARALLEL_STAGING", "phase_pairs", "phase_staging", "staging_loop", "task_rows_staging"]
 
@@ -124,7 +125,7 @@ def phase_staging(geo: ConvGeometry, rows: int, fill: int = 0):
     @T.macro
     def copy_row(x, xs, b, cq, slot, hq, pair):
         if slot == pair[4]:
-            for j in T.vectorized(Wq):
+            for j in vector_loop(Wq):
                 xs[b, cq, pair[0], pair[1], hq, j] = T.uint32(fill * 0x01010101)
             copy_segment(x, xs, b, cq, hq, pair[0], pair[1], pair[2], pair[3])
 
@@ -179,7 +180,7 @@ def task_rows_staging(geo: ConvGeometry, rows: int, fill: int = 0):
 
     @T.macro
     def stage_row(x, xt, b, g, cq, first, i, pair):
-        for j in T.vectorized(Wq):
+        for j in vector_loop(Wq):
             xt[(((cq * sh + pair[0]) * sw + pair[1]) * rows + i) * Wq + j] = T.uint32(fill * 0x01010101)
         if pair[3] > 0 and 0 <= (first + i) * sh + pair[0] - ph and (first + i) * sh + pair[0] - ph < H:
             for part in range(_vector_runs(pair[3])):
@@ -242,7 +243,7 @@ def _flat_staging(geo: ConvGeometry, rows: int):
                     | channel_byte(xf, task, 2, j) | channel_byte(xf, task, 3, j))
             if extra > 0:
                 if task % chunks == chunks - 1:
-                    for j in T.vectorized(extra):
+                    for j in vector_loop(extra):
                         xw[task // chunks * (rows * W) + plane + j] = T.uint32(0)
 
     return stage

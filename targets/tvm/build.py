@@ -24,6 +24,7 @@ from csqc.artifact import plan_document, write_artifact_file
 from csqc.errors import BadInput, CompileError
 
 from .lower import Plan
+from .vector_lanes import check_vector_widths
 from .whole_model import WHOLE_MODEL_FUNC
 
 __all__ = ["BUILD_THREADS_ENV", "PlanLibrary", "build_plan", "build_threads", "side_by_side", "write_artifact"]
@@ -87,6 +88,7 @@ def build_plan(plan: Plan, target, *, threads: int | None = None) -> PlanLibrary
     missing = sorted(set(plan.calls.values()) - set(funcs))
     if missing:
         raise CompileError(f"the whole-model function calls kernels the plan lacks: {', '.join(missing)}")
+    check_vector_widths(funcs)
 
     def compile_part(names: list[str]):
         # the pass context is per thread; see kernels._ON_STACK: storage rewrite would drop the
