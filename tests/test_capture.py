@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -380,11 +382,55 @@ def test_linear_upsampling_by_whole_factors_uses_torchs_weights(up, shape, tmp_p
     _compare(up, g, x, rtol=3e-7)
 
 
+@pytest.mark.parametrize("up, shape", [
+    (Lambda(lambda x: F.interpolate(x, size=(65, 33), mode="bilinear")), (1, 2, 33, 17)),  # LRASPP at 520
+    (Lambda(lambda x: F.interpolate(x, size=(13, 26), mode="bilinear", align_corners=True)), (1, 2, 4, 13)),
+    (Lambda(lambda x: F.interpolate(x, scale_factor=(0.6, 1.37), mode="bilinear")), (1, 3, 10, 7)),
+    (Lambda(lambda x: F.interpolate(x, scale_factor=100, mode="linear")), (1, 2, 3)),  # past the phases' cat
+    (Lambda(lambda x: F.interpolate(x, size=(5, 1, 9), mode="trilinear", align_corners=True)), (1, 2, 3, 4, 6)),
+], ids=["lraspp-520", "aligned", "scales", "100x", "3d-aligned"])
+def test_linear_resizing_to_any_size_uses_torchs_weights(up, shape, tmp_path):
+    g = _captured(up, shape, tmp_path)
+    assert {n.op for n in g.nodes} <= {"slice", "cat", "reshape", "mul", "add", "take"}
+    _compare(up, g, np.random.default_rng(4).standard_normal(shape).astype(np.float32), rtol=3e-7)
+
+
+@pytest.mark.parametrize("up, shape", [
+    (Lambda(lambda x: F.interpolate(x, scale_factor=1.5)), (1, 2, 4, 4)),
+    (Lambda(lambda x: F.interpolate(x, size=(3, 20), mode="nearest-exact")), (1, 2, 7, 6)),
+    (Lambda(lambda x: F.interpolate(x, scale_factor=(2.91, 1.11, 3.19))), (1, 2, 4, 7, 4)),  # moves a kept size
+], ids=["1.5x", "exact-down-and-up", "3d"])
+def test_nearest_resizing_to_any_size_reads_torchs_positions(up, shape, tmp_path):
+    g = _captured(up, shape, tmp_path)
+    assert {n.op for n in g.nodes} <= {"slice", "cat", "take"}
+    _compare(up, g, np.random.default_rng(5).standard_normal(shape).astype(np.float32), rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_resizing_matches_torch_on_any_sizes(data, tmp_path_factory):
+    rank = data.draw(st.integers(1, 3), "rank")
+    shape = (1, 2) + tuple(data.draw(st.lists(st.integers(1, 24), min_size=rank, max_size=rank), "shape"))
+    mode = data.draw(st.sampled_from(["nearest", "nearest-exact", ("linear", "bilinear", "trilinear")[rank - 1]]))
+    kwargs = {"align_corners": data.draw(st.booleans(), "align_corners")} if "linear" in mode else {}
+    if data.draw(st.booleans(), "by size"):
+        kwargs["size"] = tuple(data.draw(st.lists(st.integers(1, 60), min_size=rank, max_size=rank), "size"))
+    else:
+        kwargs["scale_factor"] = tuple(data.draw(st.lists(st.floats(0.3, 4.5).map(lambda f: round(f, 2)),
+                                                          min_size=rank, max_size=rank), "scales"))
+    up = Lambda(lambda x: F.interpolate(x, mode=mode, **kwargs))
+    try:
+        up(torch.zeros(shape))
+    except RuntimeError:  # torch refuses sizes that round to nothing
+        return
+    g = _captured(up, shape, tmp_path_factory.mktemp("resize"))
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    _compare(up, g, x, rtol=0 if "nearest" in mode else 3e-7)
+
+
 @pytest.mark.parametrize("up, why", [
-    (lambda x: F.interpolate(x, scale_factor=1.5), "nearest upsampling from 4 to 6 (not a whole factor)"),
-    (lambda x: F.interpolate(x, scale_factor=1.5, mode="bilinear"), "linear upsampling from 4 to 6 (not a whole factor)"),
-    (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True), "align_corners=True"),
     (lambda x: F.interpolate(x, scale_factor=2, mode="bicubic"), "aten.upsample_bicubic2d.vec"),
+    (lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), "upsample_bilinear2d_aa"),
 ])
 def test_upsampling_it_cannot_translate_is_named(up, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:

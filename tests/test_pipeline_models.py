@@ -148,6 +148,19 @@ class Segmenter(torch.nn.Module):
         return torch.nn.functional.interpolate(y + self.skip(shallow), size=x.shape[-2:], mode="bilinear")
 
 
+class ResizingSegmenter(Segmenter):
+    """The segmenter resizing to its maps' sizes as HRNet and DeepLab v1 do: corners aligned,
+    between sizes no factor joins (a 26-pixel input: maps of 13, 7 and 4), then a nearest resize
+    by 1.5 (26 -> 39)."""
+
+    def forward(self, x):
+        F = torch.nn.functional
+        shallow = self.stem(x)
+        y = F.interpolate(self.head(self.body(shallow)), size=shallow.shape[-2:], mode="bilinear", align_corners=True)
+        y = F.interpolate(y + self.skip(shallow), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return F.interpolate(y, scale_factor=1.5, mode="nearest")
+
+
 BUILDERS = {
     "digits-mlp": lambda tmp, trained: _digits("digits-mlp", trained),
     "digits-cnn": lambda tmp, trained: _digits("digits-cnn", trained),
@@ -216,14 +229,16 @@ def test_default_pipeline_leaves_packed_plane_layers_reading_codes_and_no_batch_
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("factory", [image_generator, Segmenter], ids=["generator", "segmenter"])
-def test_image_to_image_models_compile_and_verify_exactly(factory, seed, tmp_path):
-    # every padding mode, nearest and bilinear upsampling through the llvm and onnx targets
+@pytest.mark.parametrize("factory, size", [(image_generator, 24), (Segmenter, 24), (ResizingSegmenter, 26)],
+                         ids=["generator", "segmenter", "resizing-segmenter"])
+def test_image_to_image_models_compile_and_verify_exactly(factory, size, seed, tmp_path):
+    # every padding mode, nearest and linear resizing (by factors, to sizes, corners aligned)
+    # through the llvm and onnx targets
     torch.manual_seed(seed)
     model = factory()
-    recalibrate_batch_norm(model, torch.rand(2, 3, 24, 24))
+    recalibrate_batch_norm(model, torch.rand(2, 3, size, size))
     csqc.finalize(csqc.convert(model, n_bits=4, act_bits=4))
-    path = csqc.save(model, tmp_path / "model.pt", torch.rand(1, 3, 24, 24))
+    path = csqc.save(model, tmp_path / "model.pt", torch.rand(1, 3, size, size))
     for target, artifact in (("llvm", "model.so"), ("onnx", "model.onnx")):
         csqc.compile(path, target, tmp_path / artifact)
         report = csqc.verify(path, samples=2, artifact=str(tmp_path / artifact), per_layer=True)

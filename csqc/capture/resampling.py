@@ -1,5 +1,5 @@
 """Handlers that change spatial resolution: pooling (2-D and 1-D, adaptive) and nearest and
-linear upsampling."""
+linear resizing to any size (torch's ``upsample_*`` ops, which also shrink)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ..ir import TensorType
 from .context import _arg, _aten, _base, _Ctx, module_path, _pair, _shape_of, _type_of, _typed, _Unsupported
 from .layers import _as_2d
-from .tensors import _gathered, _repeated_in_place
+from .tensors import _gathered, _index_runs, _repeated_in_place
 
 
 def _pool(op: str):
@@ -48,36 +48,69 @@ def _max_pool_with_indices(ctx: _Ctx, fx: torch.fx.Node) -> str:
     return ctx.emit(fx, "max_pool2d", [xv], TensorType(tuple(val.shape)), attrs)
 
 
+def _nearest_sources(fx: torch.fx.Node, axis: int, size: int, grown: int, scale) -> np.ndarray:
+    """The input position torch's nearest (or nearest-exact) kernel reads for each output position
+    along one spatial axis: its own kernel run on a probe holding each position's index (float32
+    is exact below 2^24), the other spatial axes one long, so its special cases (same size, 2x)
+    and float32 index arithmetic are its own."""
+    rank = len(_shape_of(fx.args[0])) - 2
+    d = axis - 2
+    # (two channels: one would make the layout ambiguous, and torch might take its channels-last kernel)
+    probe = torch.arange(size, dtype=torch.float32).reshape([1, 1] + [size if a == d else 1 for a in range(rank)])
+    probe = probe.expand([1, 2] + list(probe.shape[2:])).contiguous()
+    scales = [float(scale) if a == d and scale else None for a in range(rank)]
+    out = fx.target.overloadpacket.default(probe, [grown if a == d else 1 for a in range(rank)], *scales)
+    return out[0, 0].reshape(-1).numpy().astype(np.int64)
+
+
 def _upsample_nearest(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``F.interpolate`` / ``nn.Upsample`` in ``nearest`` or ``nearest-exact`` mode by whole
-    factors (U-Nets, FPNs, generators): every input row, column... repeated, as ``_repeat``
-    does it (a size-1 axis after each spatial axis, expanded to the factor, merged back): data
-    movement, exact. Where torch's own index arithmetic (float32 scales, as its kernel computes
-    them) does not pick ``dst // factor`` for every output, or the sizes are not whole
-    multiples, the op is refused by name."""
+    """``F.interpolate`` / ``nn.Upsample`` in ``nearest`` or ``nearest-exact`` mode to any size
+    (U-Nets, FPNs, generators, a map resized to an input's size): each output position reads
+    the input position torch's own index arithmetic picks (``_nearest_sources``). Where every
+    axis picks ``dst // factor``, each element is repeated in place, as ``_repeat`` does it (a
+    size-1 axis after each spatial axis, expanded to the factor, merged back); otherwise each
+    resized axis is gathered at its positions (slices, or one ``take``). Data movement, exact."""
     shape, out = _shape_of(fx.args[0]), _type_of(fx).shape
     scales = _arg(fx, 2, "scale_factors", None)
-    exact = "exact" in str(fx.target)
-    factors = []
+    sources = {}
     for d, (size, grown) in enumerate(zip(shape[2:], out[2:])):
-        if grown % size:
-            raise _Unsupported(f"nearest upsampling from {size} to {grown} (not a whole factor)")
-        factor = grown // size
-        scale = np.float32(1.0 / scales[d]) if scales and scales[d] > 0 else np.float32(size) / np.float32(grown)
-        dst = np.arange(grown, dtype=np.float32)
-        src = np.minimum(np.floor((dst + np.float32(0.5 * exact)) * scale).astype(np.int64), size - 1)
-        if factor not in (1, 2) and not np.array_equal(src, np.arange(grown) // factor):  # (torch shifts for 2x)
-            raise _Unsupported(f"nearest upsampling by {factor}: torch's float32 indices are not whole repeats")
-        factors.append(factor)
-    return _repeated_in_place(ctx, fx, ctx.value(fx.args[0]), shape, (1, 1, *factors), "upsample")
+        scale = scales[d] if scales and scales[d] > 0 else None
+        index = _nearest_sources(fx, 2 + d, size, grown, scale)
+        if grown != size or not np.array_equal(index, np.arange(size)):  # (a 3-D kernel moves a kept size)
+            sources[2 + d] = index
+    repeats = all(grown % size == 0 and np.array_equal(sources[2 + d], np.arange(grown) // (grown // size))
+                  for d, (size, grown) in enumerate(zip(shape[2:], out[2:])) if 2 + d in sources)
+    value = ctx.value(fx.args[0])
+    if repeats:
+        return _repeated_in_place(ctx, fx, value, shape, (1, 1, *(g // s for s, g in zip(shape[2:], out[2:]))),
+                                  "upsample")
+    shape = list(shape)
+    for axis, index in sorted(sources.items(), reverse=True):
+        value = _index_runs(ctx, fx, value, shape, axis, index, "upsample")
+        shape[axis] = len(index)
+    return value
 
 
-def _linear_weights(size: int, grown: int, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """torch's source indices and weights of linear resampling without aligned corners, per
-    output position, in its float32 arithmetic (``compute_source_index_and_lambda``)."""
-    ratio = np.float32(1.0 / scale) if scale else np.float32(size) / np.float32(grown)
-    real = (np.arange(grown, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
-    real = np.maximum(real, np.float32(0))
+_MAX_PHASES = 16  # whole factors gathered phase by phase (a cat of that many); larger: one take
+
+
+def _linear_weights(size: int, grown: int, scale, align_corners: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """torch's source indices and weights of linear resampling, per output position, in its
+    float32 arithmetic (``area_pixel_compute_scale``, ``area_pixel_compute_source_index``,
+    ``guard_index_and_lambda``; tested against its kernel): with aligned corners the ends map
+    onto the ends, the ratio ``(size - 1) / (grown - 1)``; without, pixel centres, the ratio the
+    given scale's inverse or ``size / grown``, and positions before the first centre clamped to
+    it."""
+    if align_corners:
+        ratio = np.float32(size - 1) / np.float32(grown - 1) if grown > 1 else np.float32(0)
+        real = np.arange(grown, dtype=np.float32) * ratio
+    else:
+        ratio = np.float32(1.0 / scale) if scale else np.float32(size) / np.float32(grown)
+        # torch's x86 and arm builds contract ``ratio * (i + 0.5) - 0.5`` into one FMA: one
+        # rounding, which float64 (exact product, exact difference) then float32 repeats
+        real = (np.float64(ratio) * (np.arange(grown) + 0.5) - 0.5).astype(np.float32)
+        real = np.maximum(real, np.float32(0))
     first = np.minimum(np.floor(real).astype(np.int64), size - 1)
     second = first + (first < size - 1)
     lam = np.clip(real - first.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
@@ -85,34 +118,40 @@ def _linear_weights(size: int, grown: int, scale) -> tuple[np.ndarray, np.ndarra
 
 
 def _upsample_linear(ctx: _Ctx, fx: torch.fx.Node) -> str:
-    """``F.interpolate`` in ``linear`` / ``bilinear`` / ``trilinear`` mode (``align_corners``
-    False) by whole factors (segmentation heads, U-Nets): along each spatial axis, the last first
-    as torch nests them, ``x[i0] * w0 + x[i1] * w1`` with torch's own float32 indices and
-    weights. The gathers are per phase of the factor (output positions ``f*j + k``): a shifted
-    copy, a few slices; the phases interleave by a cat on a new axis. Every runtime runs the same
-    float32 multiplies and adds (PyTorch's kernel may fuse them: float tolerance there)."""
-    if _arg(fx, 2, "align_corners", False):
-        raise _Unsupported("linear upsampling with align_corners=True")
+    """``F.interpolate`` in ``linear`` / ``bilinear`` / ``trilinear`` mode to any size, corners
+    aligned or not (segmentation heads, U-Nets, a map resized to an input's size): along each
+    spatial axis, the last first as torch nests them, ``x[i0] * w0 + x[i1] * w1`` with torch's
+    own float32 indices and weights. By a whole factor without aligned corners the gathers are
+    per phase of the factor (output positions ``f*j + k``): a shifted copy, a few slices,
+    interleaved by a cat on a new axis; otherwise each is gathered at its positions (slices, or
+    one ``take``). Every runtime runs the same float32 multiplies and adds (PyTorch's kernel may
+    fuse them: float tolerance there)."""
+    align_corners = bool(_arg(fx, 2, "align_corners", False))
     shape, out = list(_shape_of(fx.args[0])), _type_of(fx).shape
     scales = _arg(fx, 3, "scale_factors", None)
     value = ctx.value(fx.args[0])
     for d in reversed(range(len(shape) - 2)):
         axis, size, grown = 2 + d, shape[2 + d], out[2 + d]
-        if grown == size:
+        if grown == size:  # torch copies an axis it does not resize, whatever the scale
             continue
-        if grown % size:
-            raise _Unsupported(f"linear upsampling from {size} to {grown} (not a whole factor)")
-        factor = grown // size
-        first, second, w0, w1 = _linear_weights(size, grown, scales[d] if scales and scales[d] > 0 else None)
+        scale = scales[d] if scales and scales[d] > 0 else None
+        first, second, w0, w1 = _linear_weights(size, grown, scale, align_corners)
+        phased = not align_corners and grown % size == 0 and grown // size <= _MAX_PHASES
         terms = []
         for index, weight, what in ((first, w0, "near"), (second, w1, "far")):
-            phases = [_gathered(ctx, fx, value, shape, axis, index[k::factor], f"upsample.{what}")
-                      for k in range(factor)]
-            split = shape[:axis + 1] + [1] + shape[axis + 1:]
-            stacked = _typed(ctx, fx, "cat", [_typed(ctx, fx, "reshape", [p], split, "upsample.phase") for p in phases],
-                             shape[:axis + 1] + [factor] + shape[axis + 1:], f"upsample.{what}s", {"axis": axis + 1})
             grown_shape = shape[:axis] + [grown] + shape[axis + 1:]
-            gathered = _typed(ctx, fx, "reshape", [stacked], grown_shape, f"upsample.{what}")
+            if phased:
+                factor = grown // size
+                phases = [_gathered(ctx, fx, value, shape, axis, index[k::factor], f"upsample.{what}")
+                          for k in range(factor)]
+                split = shape[:axis + 1] + [1] + shape[axis + 1:]
+                stacked = _typed(ctx, fx, "cat",
+                                 [_typed(ctx, fx, "reshape", [p], split, "upsample.phase") for p in phases],
+                                 shape[:axis + 1] + [factor] + shape[axis + 1:], f"upsample.{what}s",
+                                 {"axis": axis + 1})
+                gathered = _typed(ctx, fx, "reshape", [stacked], grown_shape, f"upsample.{what}")
+            else:
+                gathered = _index_runs(ctx, fx, value, shape, axis, index, f"upsample.{what}")
             w = ctx.param(_base(fx, f"upsample.{what}_weight"),
                           weight.reshape([grown if a == axis else 1 for a in range(len(shape))]))
             ctx.nonneg.add(w)
