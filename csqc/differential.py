@@ -3,12 +3,13 @@ tests were written around.
 
 Each case draws a small network from its seed: convolutions of any kernel, stride, padding,
 dilation and groups (depthwise with multipliers, one input column or row), residual and
-squeeze-excitation blocks, concatenated branches, pools (ceil mode too), upsampling and linear
-heads; image-to-image blocks (CSQ transposed convolutions, group / instance norms, pixel shuffles,
-U-Net skips); 1-D convolutions over sequences (padding modes, residual blocks, 1-D pools, a
-global average pool: keyword spotting); reference-style nets (the CSQ reference code's placement:
-an activation quantizer after each block's activation, ReLU6 or PACT clipping, max pools and
-flattens after the quantizer, residual blocks adding a quantized input); or an MLP, an LSTM /
+squeeze-excitation blocks, concatenated branches, pools (ceil mode too), resizing (nearest and
+linear, corners aligned or not, by whole and fractional factors) and linear heads; image-to-image
+blocks (CSQ transposed convolutions, group / instance norms, pixel shuffles, U-Net skips); 1-D
+convolutions over sequences (padding modes, residual blocks, 1-D pools, a global average pool:
+keyword spotting); reference-style nets (the CSQ reference code's placement: an activation
+quantizer after each block's activation, ReLU6 or PACT clipping, max pools and flattens after the
+quantizer, residual blocks adding a quantized input); or an MLP, an LSTM /
 GRU over a sequence, a Transformer encoder layer. It converts the
 network with random weight and activation bits, random non-contiguous bit masks, symmetric,
 zero-point or float activations and a quantized first input or not, finalizes and saves it,
@@ -121,12 +122,15 @@ def _modules():
             return torch.cat([self.a(x), self.b(x)], 1)
 
     class Upsample(nn.Module):
-        def __init__(self, mode: str):
+        """Resizing by a whole or fractional factor; ``bilinear-aligned``: corners aligned."""
+
+        def __init__(self, mode: str, factor: float):
             super().__init__()
-            self.mode = mode
+            self.mode, self.factor = mode, factor
 
         def forward(self, x):
-            return F.interpolate(x, scale_factor=2, mode=self.mode)
+            aligned = {"align_corners": self.mode.endswith("-aligned")} if "linear" in self.mode else {}
+            return F.interpolate(x, scale_factor=self.factor, mode=self.mode.removesuffix("-aligned"), **aligned)
 
     class Skip(nn.Module):
         """A U-Net's skip connection: the input beside what the block makes of it."""
@@ -226,7 +230,8 @@ def _conv_net(r: random.Random, channels: int, branches: bool):
             layers.append(Branches(c, a, b, _activation(r)))
             c = a + b
         elif branches and pick < 0.5:
-            layers.append(Upsample(r.choice(["nearest", "bilinear"])))
+            layers.append(Upsample(r.choice(["nearest", "nearest-exact", "bilinear", "bilinear-aligned"]),
+                                   r.choice([2, 2, 3, 1.5, 1.75])))
         elif branches and pick < 0.6:
             layers.append(r.choice([nn.MaxPool2d(3, 2, 1, ceil_mode=True),
                                     nn.AvgPool2d(3, 2, 1, ceil_mode=r.random() < 0.5,
