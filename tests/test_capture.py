@@ -428,6 +428,20 @@ def test_resizing_matches_torch_on_any_sizes(data, tmp_path_factory):
     _compare(up, g, x, rtol=0 if "nearest" in mode else 3e-7)
 
 
+def test_linear_resizing_rounds_the_half_pixel_position_as_this_torch_does(monkeypatch):
+    """torch builds with FMA kernels round ``ratio * (i + 0.5) - 0.5`` once, others twice;
+    capture reads which from torch's kernel (67 -> 40, position 38: 63.9875 fused)."""
+    from csqc.capture import resampling
+
+    one_hot = torch.zeros(1, 1, 67)
+    one_hot[0, 0, 64] = 1.0
+    torchs = F.interpolate(one_hot, size=40, mode="linear")[0, 0, 38].item()
+    assert resampling._linear_weights(67, 40, None)[3][38] == np.float32(torchs)
+    for fused, weight in ((True, 0.98749924), (False, 0.9874954)):
+        monkeypatch.setattr(resampling, "_torch_fuses_source_index", lambda fused=fused: fused)
+        assert resampling._linear_weights(67, 40, None)[3][38] == np.float32(weight)
+
+
 @pytest.mark.parametrize("up, why", [
     (lambda x: F.interpolate(x, scale_factor=2, mode="bicubic"), "aten.upsample_bicubic2d.vec"),
     (lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), "upsample_bilinear2d_aa"),

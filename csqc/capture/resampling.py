@@ -3,6 +3,8 @@ linear resizing to any size (torch's ``upsample_*`` ops, which also shrink)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -94,6 +96,18 @@ def _upsample_nearest(ctx: _Ctx, fx: torch.fx.Node) -> str:
 _MAX_PHASES = 16  # whole factors gathered phase by phase (a cat of that many); larger: one take
 
 
+@functools.cache
+def _torch_fuses_source_index() -> bool:
+    """Whether this torch's linear resize computes the half-pixel position ``ratio * (i + 0.5) -
+    0.5`` as one FMA (its x86 builds with AVX2 or AVX-512 kernels, and its arm builds, contract
+    it; a build without FMA rounds twice): read off its kernel at a position where the two
+    differ, 67 -> 40 positions, output 38 (input 64's weight 0.98749924 fused, 0.9874954 not)."""
+    one_hot = torch.zeros(1, 1, 67)
+    one_hot[0, 0, 64] = 1.0
+    weight = torch.nn.functional.interpolate(one_hot, size=40, mode="linear")[0, 0, 38].item()
+    return np.float32(weight) == np.float32(0.98749924)
+
+
 def _linear_weights(size: int, grown: int, scale, align_corners: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """torch's source indices and weights of linear resampling, per output position, in its
@@ -107,9 +121,10 @@ def _linear_weights(size: int, grown: int, scale, align_corners: bool = False
         real = np.arange(grown, dtype=np.float32) * ratio
     else:
         ratio = np.float32(1.0 / scale) if scale else np.float32(size) / np.float32(grown)
-        # torch's x86 and arm builds contract ``ratio * (i + 0.5) - 0.5`` into one FMA: one
-        # rounding, which float64 (exact product, exact difference) then float32 repeats
-        real = (np.float64(ratio) * (np.arange(grown) + 0.5) - 0.5).astype(np.float32)
+        if _torch_fuses_source_index():  # one rounding: float64 (exact product and difference), float32
+            real = (np.float64(ratio) * (np.arange(grown) + 0.5) - 0.5).astype(np.float32)
+        else:
+            real = (np.arange(grown, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
         real = np.maximum(real, np.float32(0))
     first = np.minimum(np.floor(real).astype(np.int64), size - 1)
     second = first + (first < size - 1)
