@@ -442,9 +442,41 @@ def test_linear_resizing_rounds_the_half_pixel_position_as_this_torch_does(monke
         assert resampling._linear_weights(67, 40, None)[3][38] == np.float32(weight)
 
 
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_bicubic_resizing_matches_torch_on_any_sizes(data, tmp_path_factory):
+    """torch's positions, and weights read off its kernel; its border taps clamped onto one
+    position summed into one (a rounding apart from its separate products at most)."""
+    shape = (1, 2) + tuple(data.draw(st.lists(st.integers(1, 20), min_size=2, max_size=2), "shape"))
+    kwargs = {"align_corners": data.draw(st.booleans(), "align_corners")}
+    if data.draw(st.booleans(), "by size"):
+        kwargs["size"] = tuple(data.draw(st.lists(st.integers(1, 50), min_size=2, max_size=2), "size"))
+    else:
+        kwargs["scale_factor"] = tuple(data.draw(st.lists(st.floats(0.3, 4.5).map(lambda f: round(f, 2)),
+                                                          min_size=2, max_size=2), "scales"))
+    up = Lambda(lambda x: F.interpolate(x, mode="bicubic", **kwargs))
+    try:
+        up(torch.zeros(shape))
+    except RuntimeError:  # torch refuses sizes that round to nothing
+        return
+    g = _captured(up, shape, tmp_path_factory.mktemp("bicubic"))
+    assert {n.op for n in g.nodes} <= {"slice", "cat", "mul", "add", "take"}
+    _compare(up, g, np.random.default_rng(7).standard_normal(shape).astype(np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("up, shape", [
+    (Lambda(lambda x: F.interpolate(x, scale_factor=4, mode="bicubic")), (1, 3, 6, 5)),  # an SR net's skip
+    (Lambda(lambda x: F.interpolate(x, scale_factor=(1.1, 1.0), mode="bicubic")), (1, 2, 7, 7)),  # kept sizes move
+    (Lambda(lambda x: F.interpolate(x, size=(3, 9), mode="bicubic", align_corners=True)), (2, 2, 8, 4)),
+], ids=["4x", "kept-size-scaled", "aligned-down-and-up"])
+def test_bicubic_resizing_uses_torchs_positions_and_weights(up, shape, tmp_path):
+    g = _captured(up, shape, tmp_path)
+    _compare(up, g, np.random.default_rng(8).standard_normal(shape).astype(np.float32), rtol=1e-6)
+
+
 @pytest.mark.parametrize("up, why", [
-    (lambda x: F.interpolate(x, scale_factor=2, mode="bicubic"), "aten.upsample_bicubic2d.vec"),
     (lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), "upsample_bilinear2d_aa"),
+    (lambda x: F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True), "upsample_bicubic2d_aa"),
 ])
 def test_upsampling_it_cannot_translate_is_named(up, why, tmp_path):
     with pytest.raises(UnsupportedOps) as e:

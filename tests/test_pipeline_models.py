@@ -161,6 +161,20 @@ class ResizingSegmenter(Segmenter):
         return F.interpolate(y, scale_factor=1.5, mode="nearest")
 
 
+class SuperResolver(torch.nn.Module):
+    """A super-resolution net in the VDSR / ESPCN style: convs, a 2x pixel shuffle, and the
+    bicubic-upsampled image added as the residual's base."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 12, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(self, x):
+        return self.body(x) + torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic")
+
+
 BUILDERS = {
     "digits-mlp": lambda tmp, trained: _digits("digits-mlp", trained),
     "digits-cnn": lambda tmp, trained: _digits("digits-cnn", trained),
@@ -229,11 +243,12 @@ def test_default_pipeline_leaves_packed_plane_layers_reading_codes_and_no_batch_
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("factory, size", [(image_generator, 24), (Segmenter, 24), (ResizingSegmenter, 26)],
-                         ids=["generator", "segmenter", "resizing-segmenter"])
+@pytest.mark.parametrize("factory, size", [(image_generator, 24), (Segmenter, 24), (ResizingSegmenter, 26),
+                                           (SuperResolver, 15)],
+                         ids=["generator", "segmenter", "resizing-segmenter", "super-resolver"])
 def test_image_to_image_models_compile_and_verify_exactly(factory, size, seed, tmp_path):
-    # every padding mode, nearest and linear resizing (by factors, to sizes, corners aligned)
-    # through the llvm and onnx targets
+    # every padding mode, nearest, linear and bicubic resizing (by factors, to sizes, corners
+    # aligned) through the llvm and onnx targets
     torch.manual_seed(seed)
     model = factory()
     recalibrate_batch_norm(model, torch.rand(2, 3, size, size))

@@ -24,8 +24,8 @@ from .reductions import (
     _amax, _amin, _cosine_similarity, _group_norm, _layer_norm, _log_softmax, _logsumexp, _mean, _rms_norm, _softmax,
     _sum, _variance, _vector_norm)
 from .resampling import (
-    _adaptive_avg, _adaptive_avg1d, _adaptive_max, _max_pool_with_indices, _pool, _pool1d, _upsample_linear,
-    _upsample_nearest)
+    _adaptive_avg, _adaptive_avg1d, _adaptive_max, _max_pool_with_indices, _pool, _pool1d, _upsample_bicubic,
+    _upsample_linear, _upsample_nearest)
 from .tensors import (
     _cat, _chunk, _expand, _feature_dropout, _filled, _flip, _folded_patches, _gather, _getitem, _patches, _windows, _index, _index_select, _matrix_transpose,
     _movedim, _narrow, _no_op, _pad, _passthrough, _permute, _pixel_shuffle, _repeat, _repeat_interleave, _reshape,
@@ -152,6 +152,7 @@ HANDLERS.update({
     _aten.upsample_linear1d.vec: _upsample_linear,
     _aten.upsample_bilinear2d.vec: _upsample_linear,
     _aten.upsample_trilinear3d.vec: _upsample_linear,
+    _aten.upsample_bicubic2d.vec: _upsample_bicubic,
     _aten.upsample_nearest1d.vec: _upsample_nearest,
     _aten.upsample_nearest2d.vec: _upsample_nearest,
     _aten.upsample_nearest3d.vec: _upsample_nearest,

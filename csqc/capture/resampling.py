@@ -1,5 +1,5 @@
-"""Handlers that change spatial resolution: pooling (2-D and 1-D, adaptive) and nearest and
-linear resizing to any size (torch's ``upsample_*`` ops, which also shrink)."""
+"""Handlers that change spatial resolution: pooling (2-D and 1-D, adaptive) and nearest, linear
+and bicubic resizing to any size (torch's ``upsample_*`` ops, which also shrink)."""
 
 from __future__ import annotations
 
@@ -108,23 +108,27 @@ def _torch_fuses_source_index() -> bool:
     return np.float32(weight) == np.float32(0.98749924)
 
 
+def _source_positions(size: int, grown: int, scale, align_corners: bool) -> np.ndarray:
+    """torch's float32 source position of each output position (``area_pixel_compute_scale``,
+    ``area_pixel_compute_source_index`` before the linear modes' clamp at 0): with aligned
+    corners the ends map onto the ends, the ratio ``(size - 1) / (grown - 1)``; without, pixel
+    centres, the ratio the given scale's inverse or ``size / grown``."""
+    if align_corners:
+        ratio = np.float32(size - 1) / np.float32(grown - 1) if grown > 1 else np.float32(0)
+        return np.arange(grown, dtype=np.float32) * ratio
+    ratio = np.float32(1.0 / scale) if scale else np.float32(size) / np.float32(grown)
+    if _torch_fuses_source_index():  # one rounding: float64 (exact product and difference), float32
+        return (np.float64(ratio) * (np.arange(grown) + 0.5) - 0.5).astype(np.float32)
+    return (np.arange(grown, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
+
+
 def _linear_weights(size: int, grown: int, scale, align_corners: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """torch's source indices and weights of linear resampling, per output position, in its
-    float32 arithmetic (``area_pixel_compute_scale``, ``area_pixel_compute_source_index``,
-    ``guard_index_and_lambda``; tested against its kernel): with aligned corners the ends map
-    onto the ends, the ratio ``(size - 1) / (grown - 1)``; without, pixel centres, the ratio the
-    given scale's inverse or ``size / grown``, and positions before the first centre clamped to
-    it."""
-    if align_corners:
-        ratio = np.float32(size - 1) / np.float32(grown - 1) if grown > 1 else np.float32(0)
-        real = np.arange(grown, dtype=np.float32) * ratio
-    else:
-        ratio = np.float32(1.0 / scale) if scale else np.float32(size) / np.float32(grown)
-        if _torch_fuses_source_index():  # one rounding: float64 (exact product and difference), float32
-            real = (np.float64(ratio) * (np.arange(grown) + 0.5) - 0.5).astype(np.float32)
-        else:
-            real = (np.arange(grown, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5)
+    float32 arithmetic (``_source_positions``, positions before the first pixel centre clamped
+    to it, then ``guard_index_and_lambda``; tested against its kernel)."""
+    real = _source_positions(size, grown, scale, align_corners)
+    if not align_corners:
         real = np.maximum(real, np.float32(0))
     first = np.minimum(np.floor(real).astype(np.int64), size - 1)
     second = first + (first < size - 1)
@@ -173,6 +177,60 @@ def _upsample_linear(ctx: _Ctx, fx: torch.fx.Node) -> str:
             terms.append(_typed(ctx, fx, "mul", [gathered, w], grown_shape, f"upsample.{what}_term"))
         shape[axis] = grown
         value = _typed(ctx, fx, "add", terms, shape, "upsample")
+    return value
+
+
+def _cubic_taps(fx: torch.fx.Node, axis: int, size: int, grown: int, scale, align_corners: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The four input positions and weights of torch's bicubic resampling (``A = -0.75``) per
+    output position along one spatial axis, ``[4, grown]`` each. Positions as its kernel computes
+    them (``area_pixel_compute_source_index`` without the clamp at 0, taps clamped into the
+    axis); weights read off its kernel: five probes, each 1 at the positions of one residue
+    modulo 5, so each output's four consecutive taps read one probe each (border taps clamped
+    onto one position come out summed, and capture takes them as one tap, the rest weight 0)."""
+    first = np.floor(_source_positions(size, grown, scale, align_corners)).astype(np.int64)
+    index = np.clip(first[None, :] - 1 + np.arange(4)[:, None], 0, size - 1)
+    d = axis - 2
+    combs = (np.arange(size)[None, :] % 5 == np.arange(5)[:, None]).astype(np.float32)
+    probe = torch.from_numpy(combs).reshape([5, 1] + [size if a == d else 1 for a in range(2)])
+    scales = [float(scale) if a == d and scale else None for a in range(2)]
+    out = fx.target.overloadpacket.default(probe, [grown if a == d else 1 for a in range(2)], align_corners, *scales)
+    probed = out.reshape(5, grown).numpy()
+    weight = probed[index % 5, np.arange(grown)[None, :]].astype(np.float32)
+    repeated = np.zeros_like(index, dtype=bool)
+    repeated[1:] = (index[1:] == index[:-1])  # (clamped taps are consecutive)
+    weight[repeated] = 0
+    return index, weight
+
+
+def _upsample_bicubic(ctx: _Ctx, fx: torch.fx.Node) -> str:
+    """``F.interpolate(mode="bicubic")`` to any size, corners aligned or not (super-resolution
+    nets add it to their output): along the width, then the height, as torch nests them,
+    ``((x[i0] w0 + x[i1] w1) + x[i2] w2) + x[i3] w3`` with torch's own positions and weights
+    (``_cubic_taps``), gathered by slices or a ``take``. Unlike the linear modes, torch's bicubic
+    kernel resamples an axis it keeps under a scale factor; an axis it leaves is skipped."""
+    align_corners = bool(_arg(fx, 2, "align_corners", False))
+    shape, out = list(_shape_of(fx.args[0])), _type_of(fx).shape
+    scales = _arg(fx, 3, "scale_factors", None)
+    value = ctx.value(fx.args[0])
+    for d in (1, 0):
+        axis, size, grown = 2 + d, shape[2 + d], out[2 + d]
+        index, weight = _cubic_taps(fx, axis, size, grown, scales[d] if scales and scales[d] > 0 else None,
+                                    align_corners)
+        if grown == size and np.array_equal(index[1], np.arange(size)) and (weight[1] == 1).all():
+            continue
+        grown_shape = shape[:axis] + [grown] + shape[axis + 1:]
+        total = None
+        for k in range(4):
+            if not weight[k].any():
+                continue
+            gathered = _index_runs(ctx, fx, value, shape, axis, index[k], f"bicubic.tap{k}")
+            w = ctx.param(_base(fx, f"bicubic.tap{k}_weight"),
+                          weight[k].reshape([grown if a == axis else 1 for a in range(len(shape))]))
+            term = _typed(ctx, fx, "mul", [gathered, w], grown_shape, f"bicubic.tap{k}_term")
+            total = term if total is None else _typed(ctx, fx, "add", [total, term], grown_shape, "bicubic")
+        shape[axis] = grown
+        value = total
     return value
 
 
